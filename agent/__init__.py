@@ -1,0 +1,1 @@
+"""The tuneqn agent daemon that runs candidates next to a device."""

@@ -1,0 +1,1 @@
+"""The tuneqn controller: analysis, candidates, dispatch, reports."""

@@ -1,0 +1,7 @@
+"""``python -m tuneqn.controller`` = ``tuneqn``."""
+
+import sys
+
+from tuneqn.controller.cli import main
+
+sys.exit(main())

@@ -1,0 +1,363 @@
+"""Layer activation analysis (paper section IV-C): rank layers by quantization error.
+
+Per quantizable layer, two errors are measured on a small analysis sample:
+
+* ``qdq_err`` — the error of quantizing the layer's output tensor alone.
+  Static mode: from ONNX Runtime's ``qdq_loss_debug`` matching of the fully
+  quantized QDQ model, ‖ref(pre_qdq) − post_qdq‖ / ‖ref(pre_qdq)‖. When the quantizer
+  fused the layer's Relu/Clip into it, ``pre_qdq`` is the *pre-activation* tensor while
+  ``post_qdq`` is already clipped; comparing those directly charges every Conv+Clip with
+  the activation itself (≈0.4–1.0). ``ref`` therefore applies the fused activation
+  (taken from the float model) before comparing, so like is compared with like.
+  Dynamic mode (activations quantized at run time, no QDQ tensors exist): the layer is
+  re-run in float on the float model's exact inputs with its activation inputs passed
+  through DynamicQuantizeLinear→DequantizeLinear and its weights fake-quantized as the
+  dynamic quantizer does; ``qdq_err`` is that local output error.
+* ``xmodel_err`` — ‖out_fp32 − out_quant‖ / ‖out_fp32‖ at the layer's output (after its
+  activation), float model vs fully quantized model, both run on the same inputs.
+
+Norms are L2 over all elements of the analysis sample. Each error is min-max normalized
+over the layers; score = w·norm_xmodel + (1−w)·norm_qdq; rank 1 = highest score.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import helper, numpy_helper
+from onnxruntime.quantization import qdq_loss_debug
+
+from tuneqn.controller.quantize import ArrayReader, QuantSettings, quantized_nodes, quiet_ort_python_logs
+
+log = logging.getLogger(__name__)
+
+_ACTIVATIONS = {"Relu", "Clip"}
+
+
+@dataclass
+class LayerError:
+    """One ranked layer."""
+
+    name: str
+    op_type: str
+    index: int
+    output: str
+    fused_activation: str | None
+    qdq_err: float
+    xmodel_err: float
+    norm_qdq: float = 0.0
+    norm_xmodel: float = 0.0
+    score: float = 0.0
+    rank: int = 0
+
+    def to_dict(self) -> dict[str, object]:
+        """Plain dict (JSON/SQLite)."""
+        return asdict(self)
+
+
+@dataclass
+class _Layer:
+    node: onnx.NodeProto
+    index: int
+    output: str  # effective output: after a following Relu/Clip if there is one
+    act: onnx.NodeProto | None
+
+
+class _RelErr:
+    """Accumulates ‖a − b‖² and ‖a‖² over chunks."""
+
+    def __init__(self) -> None:
+        self.num = 0.0
+        self.den = 0.0
+        self.seen = False
+
+    def add(self, ref: np.ndarray, other: np.ndarray) -> None:
+        ref64 = ref.astype(np.float64).ravel()
+        oth64 = other.astype(np.float64).ravel()
+        self.num += float(np.sum((ref64 - oth64) ** 2))
+        self.den += float(np.sum(ref64**2))
+        self.seen = True
+
+    def value(self) -> float:
+        if not self.seen:
+            return math.nan
+        if self.den == 0.0:
+            return 0.0 if self.num == 0.0 else math.inf
+        return math.sqrt(self.num / self.den)
+
+
+def _const_value(model: onnx.ModelProto, name: str) -> np.ndarray | None:
+    for init in model.graph.initializer:
+        if init.name == name:
+            return numpy_helper.to_array(init)
+    for node in model.graph.node:
+        if node.op_type == "Constant" and node.output[0] == name:
+            return numpy_helper.to_array(node.attribute[0].t)
+    return None
+
+
+def apply_activation(model: onnx.ModelProto, act: onnx.NodeProto, x: np.ndarray) -> np.ndarray:
+    """Evaluate a Relu/Clip node of ``model`` on ``x`` (the fused activation)."""
+    if act.op_type == "Relu":
+        return np.maximum(x, 0)
+    lo, hi = -np.inf, np.inf
+    attrs = {a.name: helper.get_attribute_value(a) for a in act.attribute}
+    if "min" in attrs:
+        lo = float(attrs["min"])
+    if "max" in attrs:
+        hi = float(attrs["max"])
+    if len(act.input) > 1 and act.input[1]:
+        v = _const_value(model, act.input[1])
+        lo = float(v) if v is not None else lo
+    if len(act.input) > 2 and act.input[2]:
+        v = _const_value(model, act.input[2])
+        hi = float(v) if v is not None else hi
+    return np.clip(x, lo, hi)
+
+
+def find_layers(model: onnx.ModelProto, op_types: list[str]) -> list[_Layer]:
+    """Layers of the given op types, in graph order, with their effective outputs."""
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in model.graph.node:
+        for i in node.input:
+            consumers.setdefault(i, []).append(node)
+    graph_outputs = {o.name for o in model.graph.output}
+    layers = []
+    for idx, node in enumerate(model.graph.node):
+        if node.op_type not in op_types:
+            continue
+        out = node.output[0]
+        cons = consumers.get(out, [])
+        act = cons[0] if len(cons) == 1 and cons[0].op_type in _ACTIVATIONS and out not in graph_outputs else None
+        layers.append(_Layer(node, idx, act.output[0] if act is not None else out, act))
+    return layers
+
+
+def _augment(model_path: Path, out: Path) -> Path:
+    with quiet_ort_python_logs():
+        qdq_loss_debug.modify_model_output_intermediate_tensors(str(model_path), str(out))
+    return out
+
+
+def _collect(aug: Path, input_name: str, data: np.ndarray, batch: int) -> dict[str, np.ndarray]:
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    opts.log_severity_level = 3
+    acts = qdq_loss_debug.collect_activations(str(aug), ArrayReader(input_name, data, batch), session_options=opts)
+    return {k: np.concatenate([a.ravel() for a in v]) for k, v in acts.items()}
+
+
+def _chunks(data: np.ndarray, size: int) -> list[np.ndarray]:
+    return [data[i : i + size] for i in range(0, len(data), size)]
+
+
+def _batch_of(model: onnx.ModelProto, input_name: str) -> int | None:
+    for inp in model.graph.input:
+        if inp.name == input_name:
+            d0 = inp.type.tensor_type.shape.dim[0]
+            return d0.dim_value if d0.HasField("dim_value") else None
+    return None
+
+
+def analyze_static(
+    float_path: Path, fq_path: Path, input_name: str, data: np.ndarray, op_types: list[str], chunk: int = 8
+) -> list[LayerError]:
+    """Errors of every quantized layer of a fully quantized static (QDQ) model."""
+    fmodel = onnx.load(str(float_path))
+    qmodel = onnx.load(str(fq_path))
+    qproducers = {o: n for n in qmodel.graph.node for o in n.output}
+    quantized = quantized_nodes(qmodel, "static")
+    layers = [layer for layer in find_layers(fmodel, op_types) if layer.node.name in quantized]
+    qdq = {layer.node.name: _RelErr() for layer in layers}
+    xm = {layer.node.name: _RelErr() for layer in layers}
+    batch = _batch_of(fmodel, input_name)
+    with tempfile.TemporaryDirectory(prefix="tuneqn-analysis-") as tmp:
+        aug_f = _augment(float_path, Path(tmp) / "float_aug.onnx")
+        aug_q = _augment(fq_path, Path(tmp) / "qdq_aug.onnx")
+        for part in _chunks(data, chunk):
+            b = batch or len(part)
+            f_acts = _collect(aug_f, input_name, part, b)
+            q_raw = qdq_loss_debug.collect_activations(
+                str(aug_q), ArrayReader(input_name, part, b), session_options=_no_opt()
+            )
+            f_raw = {k: [v] for k, v in f_acts.items()}
+            match = qdq_loss_debug.create_activation_matching(q_raw, f_raw)
+            for layer in layers:
+                key = layer.output if layer.output in match else layer.node.output[0]
+                entry = match.get(key)
+                if entry is None or entry.get("pre_qdq") is None or entry.get("post_qdq") is None:
+                    continue
+                pre = np.concatenate([a.ravel() for a in entry["pre_qdq"]])
+                post = np.concatenate([a.ravel() for a in entry["post_qdq"]])
+                producer = qproducers.get(key)
+                fused = layer.act is not None and (producer is None or producer.op_type not in _ACTIVATIONS)
+                ref = apply_activation(fmodel, layer.act, pre) if fused and layer.act is not None else pre
+                qdq[layer.node.name].add(ref, post)
+                xm[layer.node.name].add(f_acts[layer.output], post)
+    return _to_errors(layers, qdq, xm)
+
+
+def _no_opt() -> ort.SessionOptions:
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    opts.log_severity_level = 3
+    return opts
+
+
+def _fake_quant_weight(w: np.ndarray, settings: QuantSettings, axis: int | None) -> np.ndarray:
+    """Quantize-dequantize a weight as ORT's dynamic quantizer does (int8 symmetric / uint8 asymmetric)."""
+    w = w.astype(np.float32)
+    red = tuple(i for i in range(w.ndim) if i != axis) if axis is not None else None
+    if settings.weight_type == "int8":
+        amax = np.max(np.abs(w), axis=red, keepdims=True) if red is not None else np.max(np.abs(w))
+        scale = np.where(amax > 0, amax / 127.0, 1.0).astype(np.float32)
+        return (np.clip(np.round(w / scale), -127, 127) * scale).astype(np.float32)
+    lo = np.minimum(np.min(w, axis=red, keepdims=True) if red is not None else np.min(w), 0.0)
+    hi = np.maximum(np.max(w, axis=red, keepdims=True) if red is not None else np.max(w), 0.0)
+    scale = np.where(hi > lo, (hi - lo) / 255.0, 1.0).astype(np.float32)
+    zp = np.round(-lo / scale)
+    return ((np.clip(np.round(w / scale) + zp, 0, 255) - zp) * scale).astype(np.float32)
+
+
+def _weight_axis(node: onnx.NodeProto, settings: QuantSettings) -> int | None:
+    if not settings.per_channel:
+        return None
+    if node.op_type in ("Conv",):
+        return 0
+    if node.op_type == "ConvTranspose":
+        return 1
+    if node.op_type == "Gemm":
+        trans_b = next((helper.get_attribute_value(a) for a in node.attribute if a.name == "transB"), 0)
+        return 0 if trans_b else 1
+    return 1  # MatMul: per output column
+
+
+def _shadow_model(fmodel: onnx.ModelProto, layers: list[_Layer], settings: QuantSettings) -> onnx.ModelProto:
+    """The float model plus, per layer, a copy fed with dynamically quantized inputs."""
+    model = onnx.ModelProto()
+    model.CopyFrom(fmodel)
+    graph = model.graph
+    inits = {i.name: i for i in graph.initializer}
+    del graph.value_info[:]
+    for layer in layers:
+        node = layer.node
+        new_inputs = list(node.input)
+        for i in (0, 1):
+            if i >= len(node.input) or not node.input[i]:
+                continue
+            name = node.input[i]
+            sq = f"{node.name}__shadow_in{i}"
+            if name in inits:
+                w = numpy_helper.to_array(inits[name])
+                fq = _fake_quant_weight(w, settings, _weight_axis(node, settings) if i == 1 else None)
+                graph.initializer.append(numpy_helper.from_array(fq, sq))
+            else:
+                graph.node.extend(
+                    [
+                        helper.make_node("DynamicQuantizeLinear", [name], [sq + "_q", sq + "_s", sq + "_z"], name=sq + "_DQL"),
+                        helper.make_node("DequantizeLinear", [sq + "_q", sq + "_s", sq + "_z"], [sq], name=sq + "_DQ"),
+                    ]
+                )
+            new_inputs[i] = sq
+        shadow = helper.make_node(node.op_type, new_inputs, [node.output[0] + "__shadow"], name=node.name + "__shadow")
+        shadow.attribute.extend(node.attribute)
+        graph.node.append(shadow)
+        existing = {o.name for o in graph.output}
+        for out in (node.output[0], node.output[0] + "__shadow"):
+            if out not in existing:
+                graph.output.append(helper.make_tensor_value_info(out, onnx.TensorProto.FLOAT, None))
+    return model
+
+
+def analyze_dynamic(
+    float_path: Path,
+    fq_path: Path,
+    input_name: str,
+    data: np.ndarray,
+    op_types: list[str],
+    settings: QuantSettings,
+    chunk: int = 8,
+) -> list[LayerError]:
+    """Errors of every quantized layer of a fully dynamically quantized model."""
+    fmodel = onnx.load(str(float_path))
+    qmodel = onnx.load(str(fq_path))
+    quantized = quantized_nodes(qmodel, "dynamic")
+    layers = [layer for layer in find_layers(fmodel, op_types) if layer.node.name in quantized]
+    qdq = {layer.node.name: _RelErr() for layer in layers}
+    xm = {layer.node.name: _RelErr() for layer in layers}
+    batch = _batch_of(fmodel, input_name)
+    shadow = _shadow_model(fmodel, layers, settings)
+    opts = _no_opt()
+    with tempfile.TemporaryDirectory(prefix="tuneqn-analysis-") as tmp:
+        shadow_path = Path(tmp) / "shadow.onnx"
+        onnx.save_model(shadow, str(shadow_path))
+        sess = ort.InferenceSession(str(shadow_path), opts, providers=["CPUExecutionProvider"])
+        names = [o.name for o in sess.get_outputs()]
+        aug_f = _augment(float_path, Path(tmp) / "float_aug.onnx")
+        aug_q = _augment(fq_path, Path(tmp) / "dyn_aug.onnx")
+        for part in _chunks(data, chunk):
+            b = batch or len(part)
+            outs: dict[str, list[np.ndarray]] = {}
+            for sub in _chunks(part, b):
+                for n, v in zip(names, sess.run(names, {input_name: sub}), strict=True):
+                    outs.setdefault(n, []).append(v)
+            f_acts = _collect(aug_f, input_name, part, b)
+            q_acts = _collect(aug_q, input_name, part, b)
+            for layer in layers:
+                y = np.concatenate([a.ravel() for a in outs[layer.node.output[0]]])
+                ys = np.concatenate([a.ravel() for a in outs[layer.node.output[0] + "__shadow"]])
+                qdq[layer.node.name].add(y, ys)
+                if layer.output in f_acts and layer.output in q_acts:
+                    xm[layer.node.name].add(f_acts[layer.output], q_acts[layer.output])
+    return _to_errors(layers, qdq, xm)
+
+
+def _to_errors(layers: list[_Layer], qdq: dict[str, _RelErr], xm: dict[str, _RelErr]) -> list[LayerError]:
+    return [
+        LayerError(
+            name=layer.node.name,
+            op_type=layer.node.op_type,
+            index=layer.index,
+            output=layer.output,
+            fused_activation=layer.act.op_type if layer.act is not None else None,
+            qdq_err=qdq[layer.node.name].value(),
+            xmodel_err=xm[layer.node.name].value(),
+        )
+        for layer in layers
+    ]
+
+
+def _minmax(values: list[float]) -> list[float]:
+    finite = [v for v in values if math.isfinite(v)]
+    if not finite:
+        return [0.0 for _ in values]
+    lo, hi = min(finite), max(finite)
+    out = []
+    for v in values:
+        if math.isnan(v):
+            out.append(0.0)
+        elif math.isinf(v):
+            out.append(1.0)
+        else:
+            out.append((v - lo) / (hi - lo) if hi > lo else 0.0)
+    return out
+
+
+def rank_layers(errors: list[LayerError], xmodel_weight: float = 0.5) -> list[LayerError]:
+    """Min-max normalize both errors, score them and sort descending (rank 1 first)."""
+    nq = _minmax([e.qdq_err for e in errors])
+    nx = _minmax([e.xmodel_err for e in errors])
+    for e, q, x in zip(errors, nq, nx, strict=True):
+        e.norm_qdq, e.norm_xmodel = q, x
+        e.score = xmodel_weight * x + (1.0 - xmodel_weight) * q
+    ordered = sorted(errors, key=lambda e: (-e.score, e.index))
+    for r, e in enumerate(ordered, start=1):
+        e.rank = r
+    return ordered

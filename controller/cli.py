@@ -1,0 +1,231 @@
+"""The ``tuneqn`` command line (also ``python -m tuneqn.controller``)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+from tuneqn import __version__
+from tuneqn.controller.config import StudyConfig, load_config, parse_config
+from tuneqn.controller.errors import StudyFailed, UserError
+
+log = logging.getLogger(__name__)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (exit 2)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def setup_logging(verbose: int) -> None:
+    """Console logging for the CLI; ONNX Runtime's own logger is quieted unless -vv."""
+    import onnxruntime as ort
+    from rich.logging import RichHandler
+
+    level = logging.WARNING if verbose <= 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    logging.basicConfig(level=level, format="%(message)s", datefmt="[%X]",
+                        handlers=[RichHandler(show_path=False, rich_tracebacks=False, markup=False)], force=True)
+    ort.set_default_logger_severity(0 if verbose >= 3 else 3)
+
+
+def _quick_config(args: argparse.Namespace) -> StudyConfig:
+    """A study config from the quick-form flags (no TOML file)."""
+    if args.model is None or args.images is None or args.out is None:
+        raise UserError("give a STUDY.toml, or --model, --images and --out")
+    model_path = Path(args.model)
+    layout = "NCHW"
+    from tuneqn.controller.modelio import _load_bytes  # noqa: PLC0415 - only the quick form needs it
+
+    if model_path.is_file():
+        m = _load_bytes(model_path, "--model")
+        inits = {i.name for i in m.graph.initializer}
+        inp = [i for i in m.graph.input if i.name not in inits]
+        if inp:
+            dims = [d.dim_value for d in inp[0].type.tensor_type.shape.dim]
+            if len(dims) == 4 and dims[3] in (1, 3) and dims[1] not in (1, 3):
+                layout = "NHWC"
+    data: dict[str, Any] = {
+        "name": model_path.stem,
+        "out_dir": str(Path(args.out).resolve()),
+        "models": [{"path": str(model_path.resolve())}],
+        "dataset": {"images": str(Path(args.images).resolve()), "preprocess": {"layout": layout}},
+        "quantization": {"modes": args.mode or ["static"], "format": args.format or "qdq"},
+    }
+    if args.labels:
+        data["dataset"]["labels"] = {"csv": str(Path(args.labels).resolve())}
+    for key in ("eval", "calibration", "analysis"):
+        val = getattr(args, key, None)
+        if val is not None:
+            data["dataset"][key] = val
+    return parse_config(data, Path.cwd())
+
+
+def _study_config(args: argparse.Namespace) -> StudyConfig:
+    if args.study is not None:
+        if args.model or args.images:
+            raise UserError("give either STUDY.toml or --model/--images, not both")
+        cfg = load_config(Path(args.study))
+        update: dict[str, Any] = {}
+        if args.out:
+            update["out_dir"] = Path(args.out).resolve()
+        if args.mode:
+            update["quantization"] = cfg.quantization.model_copy(update={"modes": args.mode})
+        if args.format:
+            q = update.get("quantization", cfg.quantization)
+            update["quantization"] = q.model_copy(update={"format": args.format})
+        return cfg.model_copy(update=update) if update else cfg
+    return _quick_config(args)
+
+
+def _add_study_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("study", nargs="?", help="study TOML file (or use the quick form flags)")
+    p.add_argument("--model", help="quick form: ONNX model file")
+    p.add_argument("--images", help="quick form: image folder")
+    p.add_argument("--labels", help="quick form: labels CSV (file,label)")
+    p.add_argument("--out", help="output directory (overrides the config's out_dir)")
+    p.add_argument("--mode", action="append", choices=["static", "dynamic"], help="quantization mode (repeatable)")
+    p.add_argument("--format", choices=["qdq", "qoperator"], help="static quantization format")
+    p.add_argument("--eval", type=int, help="quick form: evaluation sample size")
+    p.add_argument("--calibration", type=int, help="quick form: calibration sample size")
+    p.add_argument("--analysis", type=int, help="quick form: analysis sample size")
+    p.add_argument("--fresh", action="store_true", help="ignore and replace what the study stored")
+
+
+def cmd_analyze(args: argparse.Namespace) -> int:
+    """Rank layers; print the table; write layers.json and layer_errors.png."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from tuneqn.controller.progress import Progress
+    from tuneqn.controller.study import Study
+
+    cfg = _study_config(args)
+    study = Study(cfg, fresh=args.fresh)
+    try:
+        with Progress() as progress:
+            progress.step("preparing models and data", study.prepare)
+            rows = []
+            for model in study.models:
+                for mode in study.modes():
+                    rows.extend(progress.step(f"analyzing {model} ({mode})", study.analyze, model, mode))
+            study.write_layer_outputs(rows)
+            if args.candidates:
+                plans = study.all_plans()
+                progress.each("building candidates", plans, study.build)
+    finally:
+        study.close()
+    console = Console()
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault((r["model"], r["mode"]), []).append(r)
+    for (model, mode), layer_rows in groups.items():
+        table = Table(title=f"{model} — {mode}: {len(layer_rows)} layers ranked (score = "
+                            f"{cfg.search.xmodel_weight:g}·xmodel + {1 - cfg.search.xmodel_weight:g}·qdq)")
+        for col in ("rank", "layer", "op", "qdq_err", "xmodel_err", "score"):
+            table.add_column(col, justify="right" if col not in ("layer", "op") else "left")
+        shown = layer_rows if args.all else layer_rows[:25]
+        for r in shown:
+            table.add_row(str(r["rank"]), r["name"], r["op_type"], f"{r['qdq_err']:.4f}", f"{r['xmodel_err']:.4f}",
+                          f"{r['score']:.3f}")
+        console.print(table)
+        if len(shown) < len(layer_rows):
+            console.print(f"… {len(layer_rows) - len(shown)} more in layers.json (use --all)")
+    out = Path(cfg.out_dir)
+    print(f"layers: {out / 'layers.json'}\nplot: {out / 'layer_errors.png'}\nstore: {out / 'tuneqn.db'}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """Regenerate one candidate bit-identically into a file."""
+    from tuneqn.controller.study import Study
+    from tuneqn.controller.store import DB_NAME, Store
+
+    out_dir = Path(args.study_dir)
+    if not (out_dir / DB_NAME).is_file():
+        raise UserError(f"{out_dir}: no study here (missing {DB_NAME}); run 'tuneqn analyze' first")
+    store = Store.open(out_dir)
+    raw = store.get_meta("config")
+    store.close()
+    if raw is None:
+        raise UserError(f"{out_dir}: the study store holds no config")
+    cfg = StudyConfig.model_validate_json(raw)
+    study = Study(cfg)
+    try:
+        study.prepare()
+        k: int | None = None
+        label: str | None = None
+        if args.candidate.isdigit():
+            k = int(args.candidate)
+        else:
+            label = args.candidate
+        model = args.model or (next(iter(study.models)) if len(study.models) == 1 else None)
+        if model is None:
+            raise UserError(f"--model: the study has several models ({', '.join(study.models)}); name one")
+        mode = args.mode or (study.modes()[0] if len(study.modes()) == 1 else None)
+        if mode is None:
+            raise UserError(f"--mode: the study has several modes ({', '.join(study.modes())}); name one")
+        plan = study.find_plan(model, mode, k=k, label=label)
+        out = Path(args.output)
+        row = study.build(plan, out=out)
+        stored = study.store.candidate(plan.id)
+    finally:
+        study.close()
+    print(f"{out}  sha256={row['sha256']}  size={row['size_bytes']}  excluded={len(row['excluded'])} layers")
+    if row["runtime"].get("ort_disabled_optimizers"):
+        print("run it with ONNX Runtime session option disabled_optimizers="
+              f"{row['runtime']['ort_disabled_optimizers']} so that excluded layers stay float")
+    if stored is not None and stored["sha256"] != row["sha256"]:
+        raise StudyFailed(f"exported file differs from the stored candidate {plan.id} (sha256 {stored['sha256'][:12]}…)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The CLI's argument parser."""
+    parser = _Parser(prog="tuneqn", description="Selective quantization tuning for ONNX models across real devices.")
+    parser.add_argument("--version", action="version", version=f"tuneqn {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv debug)")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("analyze", help="rank layers by quantization error")
+    _add_study_args(p)
+    p.add_argument("--all", action="store_true", help="print every layer, not the top 25")
+    p.add_argument("--candidates", action="store_true", help="also build every candidate")
+    p.set_defaults(func=cmd_analyze)
+
+    p = sub.add_parser("export", help="regenerate one candidate into an ONNX file")
+    p.add_argument("study_dir", help="the study's output directory")
+    p.add_argument("--model", help="model name (default: the study's only model)")
+    p.add_argument("--mode", choices=["static", "dynamic"], help="quantization mode (default: the only one)")
+    p.add_argument("--candidate", required=True, help="candidate number k, or an exclusion set's name")
+    p.add_argument("-o", "--output", required=True, help="output .onnx file")
+    p.set_defaults(func=cmd_export)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``tuneqn``."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    setup_logging(args.verbose)
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except UserError as exc:
+        print(f"tuneqn: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except StudyFailed as exc:
+        print(f"tuneqn: failed: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("tuneqn: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,379 @@
+"""Study configuration: one TOML file per study, validated with pydantic.
+
+Every relative path in the file is resolved against the file's folder. Validation
+errors become a single line naming the key path, e.g.
+``models[1].input_shape: expected list of int``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from tuneqn.controller.errors import UserError
+
+Mode = Literal["static", "dynamic"]
+QuantTypeName = Literal["int8", "uint8"]
+ObjectiveName = Literal["accuracy_loss", "accuracy", "accuracy_top5", "size", "latency"]
+
+#: Natural direction of every objective.
+OBJECTIVE_DIRECTIONS: dict[str, str] = {
+    "accuracy_loss": "min",
+    "accuracy": "max",
+    "accuracy_top5": "max",
+    "size": "min",
+    "latency": "min",
+}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSpec(_Strict):
+    """One model of the study: a local file or an ONNX Model Hub name."""
+
+    name: str | None = None
+    path: Path | None = None
+    hub: str | None = None
+    opset: Annotated[int, Field(ge=7)] | None = None
+    input_shape: list[Annotated[int, Field(ge=1)]] | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "ModelSpec":
+        if (self.path is None) == (self.hub is None):
+            raise ValueError("give exactly one of 'path' or 'hub'")
+        return self
+
+    @property
+    def display_name(self) -> str:
+        """Name used in the store, reports and `tuneqn export --model`."""
+        if self.name:
+            return self.name
+        if self.path is not None:
+            return self.path.stem
+        return str(self.hub)
+
+
+class LabelsSpec(_Strict):
+    """Where ground-truth labels come from (at most one source)."""
+
+    csv: Path | None = None
+    subfolders: bool = False
+    regex: str | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "LabelsSpec":
+        given = sum([self.csv is not None, self.subfolders, self.regex is not None])
+        if given > 1:
+            raise ValueError("give at most one of 'csv', 'subfolders', 'regex'")
+        return self
+
+    @property
+    def any(self) -> bool:
+        """True when a label source is configured."""
+        return self.csv is not None or self.subfolders or self.regex is not None
+
+
+class PreprocessSpec(_Strict):
+    """Image preprocessing. Without resize/crop, images are resized to the model's H×W."""
+
+    resize: Annotated[int, Field(ge=1)] | None = None
+    crop: Annotated[int, Field(ge=1)] | None = None
+    interpolation: Literal["bilinear", "bicubic", "nearest", "lanczos"] = "bilinear"
+    mean: list[float] | None = None
+    std: list[float] | None = None
+    scale: float | None = None
+    offset: float | None = None
+    color: Literal["RGB", "BGR"] = "RGB"
+    layout: Literal["NCHW", "NHWC"] = "NCHW"
+
+    @model_validator(mode="after")
+    def _norm(self) -> "PreprocessSpec":
+        if (self.mean is None) != (self.std is None):
+            raise ValueError("give both 'mean' and 'std' or neither")
+        if self.mean is not None and (self.scale is not None or self.offset is not None):
+            raise ValueError("give either mean/std or scale/offset, not both")
+        if self.std is not None and any(s == 0 for s in self.std):
+            raise ValueError("'std' must not contain 0")
+        return self
+
+
+class DatasetSpec(_Strict):
+    """Evaluation data: an image folder or a .npy/.npz tensor file."""
+
+    images: Path | None = None
+    tensors: Path | None = None
+    labels: LabelsSpec = LabelsSpec()
+    preprocess: PreprocessSpec = PreprocessSpec()
+    eval: Annotated[int, Field(ge=1)] = 300
+    calibration: Annotated[int, Field(ge=1)] = 50
+    analysis: Annotated[int, Field(ge=1)] = 16
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "DatasetSpec":
+        if (self.images is None) == (self.tensors is None):
+            raise ValueError("give exactly one of 'images' or 'tensors'")
+        return self
+
+
+class QuantizationSpec(_Strict):
+    """How candidates are quantized (ONNX Runtime quantizer settings)."""
+
+    modes: list[Mode] = ["static"]
+    format: Literal["qdq", "qoperator"] = "qdq"
+    per_channel: bool = False
+    reduce_range: bool = False
+    activation_type: QuantTypeName = "uint8"
+    weight_type: QuantTypeName = "int8"
+    calibration_method: Literal["minmax", "entropy", "percentile"] = "minmax"
+    op_types: list[str] | None = None
+
+    @field_validator("modes")
+    @classmethod
+    def _modes(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("needs at least one mode")
+        if len(set(v)) != len(v):
+            raise ValueError("modes must not repeat")
+        return v
+
+
+class ExclusionSet(_Strict):
+    """An explicit candidate: exactly these layers stay in float."""
+
+    name: str
+    layers: list[str]
+
+
+class SearchSpec(_Strict):
+    """Which candidates are built from the layer ranking."""
+
+    strategy: Literal["decremental"] = "decremental"
+    step: Annotated[int, Field(ge=1)] = 1
+    max_k: Annotated[int, Field(ge=0)] | None = None
+    layer_op_types: list[str] = ["Conv", "ConvTranspose", "Gemm", "MatMul"]
+    xmodel_weight: Annotated[float, Field(ge=0.0, le=1.0)] = 0.5
+    exclusion_sets: list[ExclusionSet] = []
+
+
+class ObjectiveSpec(_Strict):
+    """One objective of the Pareto analysis, with optional feasibility bounds."""
+
+    name: ObjectiveName
+    direction: Literal["min", "max"] | None = None
+    max: float | None = None
+    min: float | None = None
+
+    @property
+    def resolved_direction(self) -> str:
+        """The given direction, or the objective's natural one."""
+        return self.direction or OBJECTIVE_DIRECTIONS[self.name]
+
+
+class AgentSpec(_Strict):
+    """An agent the controller dispatches to."""
+
+    address: str
+    token_file: Path | None = None
+    tls_ca: Path | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+
+
+class EvaluationSpec(_Strict):
+    """How agents evaluate candidates."""
+
+    top_k: Annotated[int, Field(ge=1)] = 5
+    chunk_size: Annotated[int, Field(ge=1)] = 32
+    latency_warmup: Annotated[int, Field(ge=0)] = 3
+    latency_repeats: Annotated[int, Field(ge=1)] = 20
+    lease_timeout_s: Annotated[float, Field(gt=0)] = 600.0
+    max_attempts: Annotated[int, Field(ge=1)] = 3
+
+
+class StudyConfig(_Strict):
+    """A whole study."""
+
+    name: str | None = None
+    out_dir: Path = Path("out")
+    hub_cache_dir: Path | None = None
+    models: Annotated[list[ModelSpec], Field(min_length=1)]
+    dataset: DatasetSpec
+    quantization: QuantizationSpec = QuantizationSpec()
+    search: SearchSpec = SearchSpec()
+    objectives: list[ObjectiveSpec] = [ObjectiveSpec(name="accuracy_loss"), ObjectiveSpec(name="size")]
+    agents: list[AgentSpec] = []
+    evaluation: EvaluationSpec = EvaluationSpec()
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> "StudyConfig":
+        names = [m.display_name for m in self.models]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"model names must be unique (repeated: {', '.join(dup)}); set 'name'")
+        objs = [o.name for o in self.objectives]
+        if not objs or len(set(objs)) != len(objs):
+            raise ValueError("objectives must be a non-empty list without repeats")
+        return self
+
+    def fingerprint(self, *parts: str) -> str:
+        """Stable hash of selected top-level sections (for cache keys)."""
+        data = self.model_dump(mode="json")
+        chosen = {p: data[p] for p in parts} if parts else data
+        return hashlib.sha256(json.dumps(chosen, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def _loc_str(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + str(part)
+    return out or "(top level)"
+
+
+def _schema_at(schema: dict[str, Any], loc: tuple[Any, ...]) -> dict[str, Any] | None:
+    """Follow a pydantic error location through the JSON schema (best effort)."""
+    defs = schema.get("$defs", {})
+
+    def deref(node: dict[str, Any]) -> dict[str, Any]:
+        while "$ref" in node:
+            node = defs[node["$ref"].split("/")[-1]]
+        if "anyOf" in node:
+            options = [deref(o) for o in node["anyOf"] if o.get("type") != "null"]
+            if len(options) == 1:
+                return options[0]
+        return node
+
+    node = deref(schema)
+    for part in loc:
+        if isinstance(part, int):
+            if node.get("type") != "array":
+                return None
+            node = deref(node.get("items", {}))
+        else:
+            props = node.get("properties", {})
+            if part not in props:
+                return None
+            node = deref(props[part])
+    return node
+
+
+def _describe(node: dict[str, Any]) -> str:
+    t = node.get("type")
+    if t == "array":
+        return "list of " + _describe(node.get("items", {}))
+    if t == "integer":
+        return "int"
+    if t == "number":
+        return "float"
+    if t == "string":
+        if "enum" in node:
+            return "one of " + ", ".join(repr(v) for v in node["enum"])
+        return "string"
+    if t == "boolean":
+        return "bool"
+    if t == "object" or "properties" in node:
+        return "table"
+    if "enum" in node:
+        return "one of " + ", ".join(repr(v) for v in node["enum"])
+    return "a valid value"
+
+
+_TYPE_ERRORS = ("_type", "_parsing", "literal_error", "enum", "bool_", "int_from_float")
+
+
+def format_validation_error(exc: ValidationError, schema: dict[str, Any]) -> str:
+    """The first validation error as one line: ``key.path: what is wrong``."""
+    err = exc.errors()[0]
+    loc = tuple(err["loc"])
+    etype = err["type"]
+    if etype == "extra_forbidden":
+        return f"{_loc_str(loc)}: unknown key"
+    if etype == "missing":
+        return f"{_loc_str(loc)}: missing required key"
+    if any(t in etype for t in _TYPE_ERRORS):
+        # Report a bad list element as a bad list: `input_shape: expected list of int`.
+        trimmed = loc
+        while trimmed and isinstance(trimmed[-1], int):
+            trimmed = trimmed[:-1]
+        node = _schema_at(schema, trimmed)
+        if node is not None:
+            return f"{_loc_str(trimmed)}: expected {_describe(node)}"
+    msg = str(err["msg"]).removeprefix("Value error, ")
+    return f"{_loc_str(loc)}: {msg}"
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _resolve_paths(cfg: StudyConfig, base: Path) -> StudyConfig:
+    def rel(p: Path | None) -> Path | None:
+        if p is None:
+            return None
+        p = p.expanduser()
+        return p if p.is_absolute() else (base / p).resolve()
+
+    models = [m.model_copy(update={"path": rel(m.path)}) for m in cfg.models]
+    labels = cfg.dataset.labels.model_copy(update={"csv": rel(cfg.dataset.labels.csv)})
+    dataset = cfg.dataset.model_copy(
+        update={"images": rel(cfg.dataset.images), "tensors": rel(cfg.dataset.tensors), "labels": labels}
+    )
+    agents = [
+        a.model_copy(
+            update={
+                "token_file": rel(a.token_file),
+                "tls_ca": rel(a.tls_ca),
+                "tls_cert": rel(a.tls_cert),
+                "tls_key": rel(a.tls_key),
+            }
+        )
+        for a in cfg.agents
+    ]
+    return cfg.model_copy(
+        update={
+            "out_dir": rel(cfg.out_dir),
+            "hub_cache_dir": rel(cfg.hub_cache_dir),
+            "models": models,
+            "dataset": dataset,
+            "agents": agents,
+        }
+    )
+
+
+def parse_config(data: dict[str, Any], base_dir: Path) -> StudyConfig:
+    """Validate a config mapping; relative paths resolve against ``base_dir``."""
+    try:
+        cfg = StudyConfig.model_validate(data)
+    except ValidationError as exc:
+        raise UserError(format_validation_error(exc, StudyConfig.model_json_schema())) from None
+    return _resolve_paths(cfg, base_dir)
+
+
+def load_config(path: Path) -> StudyConfig:
+    """Read and validate a study TOML file."""
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise UserError(f"{path}: config file not found") from None
+    except IsADirectoryError:
+        raise UserError(f"{path}: is a folder, expected a TOML file") from None
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path}: not valid TOML ({exc})") from None
+    cfg = parse_config(data, path.resolve().parent)
+    if cfg.name is None:
+        cfg = cfg.model_copy(update={"name": path.stem})
+    return cfg

@@ -1,0 +1,1 @@
+"""Evaluation farm: dispatching jobs to agents over gRPC."""

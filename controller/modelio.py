@@ -1,0 +1,267 @@
+"""Model orchestrator: load local files or ONNX Model Hub models and prepare them.
+
+Preparation is deterministic: check the model, upgrade it to the opset the quantizer
+needs, fix dynamic dims from the config, give every node a name, and save it into
+the study's folder. Everything downstream works on the prepared file.
+
+The hub client follows the ONNX Model Hub protocol and cache layout of ``onnx.hub``
+(removed from onnx >= 1.20): a manifest ``ONNX_HUB_MANIFEST.json`` and model files
+under ``<cache>/<model_path with the sha prefix>``. Offline, only the cache is used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import urllib.error
+import urllib.request
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import onnx
+from google.protobuf.message import DecodeError
+from onnx import shape_inference, version_converter
+
+from tuneqn.controller.config import ModelSpec
+from tuneqn.controller.errors import UserError
+
+log = logging.getLogger(__name__)
+
+#: The ONNX Runtime quantizer needs opset >= 13 for per-channel QDQ; older models are upgraded.
+MIN_OPSET = 13
+HUB_REPO = "onnx/models:main"
+HUB_MANIFEST = "ONNX_HUB_MANIFEST.json"
+
+
+@dataclass
+class PreparedModel:
+    """A model ready for quantization, as stored in the study."""
+
+    name: str
+    source: str
+    path: Path
+    sha256: str
+    source_sha256: str
+    size_bytes: int
+    opset_original: int
+    opset_used: int
+    upgraded: bool
+    input_name: str
+    input_shape: list[int | str]
+    notes: list[str] = field(default_factory=list)
+
+    def to_row(self) -> dict[str, Any]:
+        """Row for the study store."""
+        row = asdict(self)
+        row["path"] = str(self.path)
+        row["input_shape"] = json.dumps(self.input_shape)
+        row["notes"] = json.dumps(self.notes)
+        return row
+
+
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file."""
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def default_hub_cache() -> Path:
+    """The hub cache: $TUNEQN_HUB_CACHE, else $XDG_CACHE_HOME/tuneqn/hub (~/.cache/tuneqn/hub)."""
+    env = os.environ.get("TUNEQN_HUB_CACHE")
+    if env:
+        return Path(env)
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "tuneqn" / "hub"
+
+
+def _hub_base_url(repo: str) -> str:
+    owner_name, _, ref = repo.partition(":")
+    return f"https://raw.githubusercontent.com/{owner_name}/{ref or 'main'}/"
+
+
+def _download(url: str, dest: Path) -> None:
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_suffix(dest.suffix + ".part")
+    with urllib.request.urlopen(url, timeout=60) as resp, tmp.open("wb") as f:  # noqa: S310 - https URL
+        while chunk := resp.read(1 << 20):
+            f.write(chunk)
+    os.replace(tmp, dest)
+
+
+def hub_manifest(cache: Path, repo: str = HUB_REPO) -> list[dict[str, Any]]:
+    """The hub manifest, from the cache or (when online) downloaded into it."""
+    path = cache / HUB_MANIFEST
+    if not path.is_file():
+        try:
+            _download(_hub_base_url(repo) + HUB_MANIFEST, path)
+        except (urllib.error.URLError, OSError) as exc:
+            raise UserError(
+                f"ONNX Model Hub manifest not cached in {cache} and the hub is unreachable ({exc.__class__.__name__})"
+            ) from None
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise UserError(f"{path}: corrupt ONNX Model Hub manifest") from None
+
+
+def hub_fetch(name: str, cache: Path, opset: int | None = None, repo: str = HUB_REPO) -> Path:
+    """Path of a hub model in the cache, downloading it when online; sha256-verified."""
+    items = [m for m in hub_manifest(cache, repo) if str(m.get("model", "")).lower() == name.lower()]
+    if opset is not None:
+        items = [m for m in items if m.get("opset_version") == opset]
+    if not items:
+        raise UserError(f"hub model '{name}'" + (f" (opset {opset})" if opset else "") + " is not in the hub manifest")
+    item = max(items, key=lambda m: m.get("opset_version", 0))
+    parts = str(item["model_path"]).split("/")
+    sha = (item.get("metadata") or {}).get("model_sha")
+    if sha:
+        parts[-1] = f"{sha}_{parts[-1]}"
+    local = cache.joinpath(*parts)
+    if not local.is_file():
+        try:
+            _download(_hub_base_url(repo) + str(item["model_path"]), local)
+        except (urllib.error.URLError, OSError) as exc:
+            raise UserError(
+                f"hub model '{name}' is not cached in {cache} and the hub is unreachable ({exc.__class__.__name__})"
+            ) from None
+    if sha and sha256_file(local) != sha:
+        raise UserError(f"hub model '{name}': cached file {local} does not match its sha256 {sha[:12]}…")
+    return local
+
+
+def _load_bytes(path: Path, label: str) -> onnx.ModelProto:
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise UserError(f"{label}: model file not found: {path}") from None
+    except IsADirectoryError:
+        raise UserError(f"{label}: {path} is a folder, expected an .onnx file") from None
+    if not data:
+        raise UserError(f"{label}: {path} is empty")
+    try:
+        model = onnx.load_model_from_string(data)
+    except (DecodeError, ValueError, RuntimeError):
+        raise UserError(f"{label}: {path} is not a valid ONNX model (corrupt, truncated or another format)") from None
+    if not model.graph.node or not model.opset_import:
+        raise UserError(f"{label}: {path} is not a valid ONNX model (no graph)")
+    return model
+
+
+def _opset(model: onnx.ModelProto) -> int:
+    for imp in model.opset_import:
+        if imp.domain in ("", "ai.onnx"):
+            return int(imp.version)
+    return 0
+
+
+def _fix_input_dims(model: onnx.ModelProto, shape: list[int] | None, label: str, notes: list[str]) -> None:
+    inits = {i.name for i in model.graph.initializer}
+    inputs = [i for i in model.graph.input if i.name not in inits]
+    if len(inputs) != 1:
+        raise UserError(f"{label}: expected one graph input, found {len(inputs)} ({', '.join(i.name for i in inputs)})")
+    dims = inputs[0].type.tensor_type.shape.dim
+    if shape is not None:
+        if len(shape) != len(dims):
+            raise UserError(f"{label}.input_shape: model input has rank {len(dims)}, got {len(shape)} dims")
+        changed = False
+        for d, want in zip(dims, shape, strict=True):
+            if d.HasField("dim_value") and d.dim_value != want:
+                raise UserError(f"{label}.input_shape: {list(shape)} contradicts the model's fixed input shape")
+            if not d.HasField("dim_value"):
+                d.Clear()
+                d.dim_value = want
+                changed = True
+        if changed:
+            notes.append(f"fixed dynamic input dims to {list(shape)}")
+            del model.graph.value_info[:]
+            for out in model.graph.output:
+                for od in out.type.tensor_type.shape.dim:
+                    if not od.HasField("dim_value"):
+                        od.Clear()
+    else:
+        dynamic = [i for i, d in enumerate(dims) if not d.HasField("dim_value")]
+        if any(i != 0 for i in dynamic):
+            raise UserError(
+                f"{label}: input '{inputs[0].name}' has dynamic dims at {dynamic}; set input_shape to fix them"
+            )
+
+
+def _name_nodes(model: onnx.ModelProto, notes: list[str]) -> None:
+    used = {n.name for n in model.graph.node if n.name}
+    unnamed = 0
+    for i, node in enumerate(model.graph.node):
+        if not node.name:
+            name = f"{node.op_type}_{i}"
+            while name in used:
+                name += "_"
+            node.name = name
+            used.add(name)
+            unnamed += 1
+    if unnamed:
+        notes.append(f"named {unnamed} unnamed nodes as <op_type>_<index>")
+
+
+def prepare_model(spec: ModelSpec, work_dir: Path, hub_cache: Path | None = None, label: str = "model") -> PreparedModel:
+    """Load, check, upgrade and fix a model; save it as ``work_dir/<name>.onnx``."""
+    name = spec.display_name
+    if spec.hub is not None:
+        cache = hub_cache or default_hub_cache()
+        src_path = hub_fetch(spec.hub, cache, opset=spec.opset)
+        source = f"hub:{spec.hub}"
+    else:
+        src_path = Path(spec.path)  # type: ignore[arg-type]
+        source = str(src_path)
+    model = _load_bytes(src_path, label)
+    try:
+        onnx.checker.check_model(model)
+    except onnx.checker.ValidationError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "invalid model"
+        raise UserError(f"{label}: {src_path} fails the ONNX checker: {first}") from None
+    notes: list[str] = []
+    opset_original = _opset(model)
+    # For hub models `opset` picks the hub variant; for files it is the opset to upgrade to.
+    target = MIN_OPSET if spec.hub is not None else max(spec.opset or 0, MIN_OPSET)
+    upgraded = False
+    if opset_original < target:
+        try:
+            model = version_converter.convert_version(model, target)
+        except (RuntimeError, ValueError) as exc:
+            raise UserError(f"{label}: cannot upgrade opset {opset_original} -> {target}: {exc}") from None
+        upgraded = True
+        notes.append(f"upgraded opset {opset_original} -> {target} with onnx.version_converter")
+    _fix_input_dims(model, spec.input_shape, label, notes)
+    _name_nodes(model, notes)
+    try:
+        model = shape_inference.infer_shapes(model, strict_mode=False)
+    except (onnx.shape_inference.InferenceError, RuntimeError) as exc:
+        raise UserError(f"{label}: shape inference failed: {exc}") from None
+    work_dir.mkdir(parents=True, exist_ok=True)
+    out = work_dir / f"{name}.onnx"
+    tmp = out.with_suffix(".onnx.part")
+    onnx.save_model(model, tmp)
+    os.replace(tmp, out)
+    inits = {i.name for i in model.graph.initializer}
+    inp = next(i for i in model.graph.input if i.name not in inits)
+    shape: list[int | str] = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in inp.type.tensor_type.shape.dim]
+    for n in notes:
+        log.info("%s: %s", name, n)
+    return PreparedModel(
+        name=name,
+        source=source,
+        path=out,
+        sha256=sha256_file(out),
+        source_sha256=sha256_file(src_path),
+        size_bytes=src_path.stat().st_size,
+        opset_original=opset_original,
+        opset_used=_opset(model),
+        upgraded=upgraded,
+        input_name=inp.name,
+        input_shape=shape,
+        notes=notes,
+    )

@@ -1,0 +1,52 @@
+"""Progress display for long steps (rich), quiet when output is not a terminal."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any, TypeVar
+
+from rich.progress import BarColumn, MofNCompleteColumn, SpinnerColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import Progress as RichProgress
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+class Progress:
+    """Spinner for single steps, bar with ETA for loops."""
+
+    def __init__(self) -> None:
+        self._p = RichProgress(
+            SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+            TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), transient=False,
+        )
+
+    def __enter__(self) -> "Progress":
+        self._p.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._p.__exit__(*exc)
+
+    def step(self, description: str, fn: Callable[..., R], *args: Any) -> R:
+        """Run one step under a spinner."""
+        task = self._p.add_task(description, total=1)
+        result = fn(*args)
+        self._p.update(task, completed=1)
+        return result
+
+    def each(self, description: str, items: Iterable[T], fn: Callable[[T], Any]) -> None:
+        """Run ``fn`` on every item with a progress bar."""
+        items = list(items)
+        task = self._p.add_task(description, total=len(items))
+        for item in items:
+            fn(item)
+            self._p.advance(task)
+
+    def add(self, description: str, total: int) -> int:
+        """A task to advance by hand; returns its id."""
+        return int(self._p.add_task(description, total=total))
+
+    def update(self, task: int, **kw: Any) -> None:
+        """Update a task (completed=, description=, total=)."""
+        self._p.update(task, **kw)  # type: ignore[arg-type]

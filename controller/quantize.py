@@ -1,0 +1,277 @@
+"""Selective quantization with the ONNX Runtime quantizer.
+
+* Static: calibration runs once per (model, calibration sample, settings); its ranges
+  are kept in ORT's JSON calibration cache and reused for every candidate.
+* Dynamic: weights are quantized ahead of time, activations at run time.
+* Candidate = the model quantized with ``nodes_to_exclude``. ORT's session-time
+  ``WeightBiasQuantization`` transformer re-quantizes the float weights of an excluded
+  Conv/Gemm/ConvTranspose that reads a DequantizeLinear output and feeds a
+  QuantizeLinear, so such a candidate carries ``ort_disabled_optimizers`` that every
+  evaluation must apply (see :func:`runtime_options`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+from onnxruntime.quantization import (
+    CalibrationDataReader,
+    CalibrationMethod,
+    QuantFormat,
+    QuantType,
+    quantize_dynamic,
+    quantize_static,
+)
+
+from tuneqn.controller.config import QuantizationSpec
+from tuneqn.controller.modelio import sha256_file
+
+log = logging.getLogger(__name__)
+
+_QTYPE = {"int8": QuantType.QInt8, "uint8": QuantType.QUInt8}
+_CALIB = {
+    "minmax": CalibrationMethod.MinMax,
+    "entropy": CalibrationMethod.Entropy,
+    "percentile": CalibrationMethod.Percentile,
+}
+#: Session transformer that would silently quantize the weights of excluded layers.
+WBQ = "WeightBiasQuantization"
+_WBQ_OPS = {"Conv", "ConvTranspose", "Gemm"}
+_WEIGHTED_OPS = {"Conv", "ConvTranspose", "Gemm", "MatMul"}
+
+
+@dataclass(frozen=True)
+class QuantSettings:
+    """Everything that determines a quantized candidate besides the exclusion list."""
+
+    mode: str
+    format: str
+    per_channel: bool
+    reduce_range: bool
+    activation_type: str
+    weight_type: str
+    calibration_method: str
+    op_types: tuple[str, ...] | None
+
+    @classmethod
+    def from_spec(cls, spec: QuantizationSpec, mode: str) -> "QuantSettings":
+        """Settings of one mode from the study config."""
+        return cls(
+            mode=mode,
+            format=spec.format,
+            per_channel=spec.per_channel,
+            reduce_range=spec.reduce_range,
+            activation_type=spec.activation_type,
+            weight_type=spec.weight_type,
+            calibration_method=spec.calibration_method,
+            op_types=tuple(spec.op_types) if spec.op_types else None,
+        )
+
+    def key(self) -> str:
+        """Stable short hash of the settings."""
+        return hashlib.sha256(json.dumps(self.__dict__, sort_keys=True, default=list).encode()).hexdigest()[:12]
+
+
+class ArrayReader(CalibrationDataReader):
+    """Feeds one sample at a time from an array to a single-input model."""
+
+    def __init__(self, input_name: str, data: np.ndarray, batch: int = 1) -> None:
+        self.input_name = input_name
+        self.data = data
+        self.batch = batch
+        self._i = 0
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        if self._i >= len(self.data):
+            return None
+        chunk = self.data[self._i : self._i + self.batch]
+        self._i += self.batch
+        return {self.input_name: chunk}
+
+    def __len__(self) -> int:
+        return (len(self.data) + self.batch - 1) // self.batch
+
+    def rewind(self) -> None:
+        """Start again from the first sample."""
+        self._i = 0
+
+
+@contextmanager
+def quiet_ort_python_logs() -> Iterator[None]:
+    """Silence the quantizer's root-logger advice ("consider pre-processing") while it runs."""
+    root = logging.getLogger()
+    flt = _OrtAdviceFilter()
+    root.addFilter(flt)
+    try:
+        yield
+    finally:
+        root.removeFilter(flt)
+
+
+class _OrtAdviceFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not ("onnxruntime" in record.pathname and record.levelno < logging.ERROR)
+
+
+def _calibration_reader(input_name: str, data: np.ndarray, model_batch: int | str) -> ArrayReader:
+    batch = model_batch if isinstance(model_batch, int) else 8
+    return ArrayReader(input_name, data, batch=batch)
+
+
+def calibrate(
+    model_path: Path,
+    input_name: str,
+    model_batch: int | str,
+    calib_data: np.ndarray,
+    settings: QuantSettings,
+    cache_path: Path,
+) -> Path:
+    """Run calibration once and keep ORT's JSON calibration cache at ``cache_path``."""
+    if cache_path.is_file():
+        return cache_path
+    cache_path.parent.mkdir(parents=True, exist_ok=True)
+    partial = cache_path.with_name(cache_path.name + ".part")
+    partial.unlink(missing_ok=True)
+    with tempfile.TemporaryDirectory(prefix="tuneqn-calib-") as tmp:
+        _quantize_static(model_path, Path(tmp) / "fq.onnx", settings, [], partial,
+                         _calibration_reader(input_name, calib_data, model_batch))
+    os.replace(partial, cache_path)
+    return cache_path
+
+
+def _quantize_static(
+    model_path: Path,
+    out: Path,
+    settings: QuantSettings,
+    exclude: list[str],
+    cache_path: Path,
+    reader: CalibrationDataReader | None = None,
+) -> None:
+    extra: dict[str, Any] = {}
+    with quiet_ort_python_logs():
+        quantize_static(
+            str(model_path),
+            str(out),
+            calibration_data_reader=reader,
+            quant_format=QuantFormat.QDQ if settings.format == "qdq" else QuantFormat.QOperator,
+            op_types_to_quantize=list(settings.op_types) if settings.op_types else None,
+            per_channel=settings.per_channel,
+            reduce_range=settings.reduce_range,
+            activation_type=_QTYPE[settings.activation_type],
+            weight_type=_QTYPE[settings.weight_type],
+            nodes_to_exclude=list(exclude),
+            calibrate_method=_CALIB[settings.calibration_method],
+            extra_options=extra,
+            calibration_cache_path=str(cache_path),
+        )
+
+
+def _restore_node_names(model: onnx.ModelProto, original: set[str]) -> None:
+    """The dynamic quantizer renames quantized nodes (``conv1`` → ``conv1_quant``); undo that."""
+    present = {n.name for n in model.graph.node}
+    for node in model.graph.node:
+        if node.name in original:
+            continue
+        for suffix in ("_MatMul_quant", "_quant", "_MatMul"):
+            base = node.name[: -len(suffix)] if node.name.endswith(suffix) else None
+            if base and base in original and base not in present:
+                present.discard(node.name)
+                node.name = base
+                present.add(base)
+                break
+
+
+def quantize_candidate(
+    model_path: Path,
+    out: Path,
+    settings: QuantSettings,
+    exclude: list[str],
+    calib_cache: Path | None,
+) -> None:
+    """Write the candidate that quantizes everything but ``exclude`` to ``out``."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".part")
+    if settings.mode == "static":
+        if calib_cache is None or not calib_cache.is_file():
+            raise FileNotFoundError(f"calibration cache missing: {calib_cache}")
+        _quantize_static(model_path, tmp, settings, exclude, calib_cache)
+    else:
+        # The dynamic quantizer first rewrites Gemm into "<name>_MatMul" + "<name>_Add" and
+        # matches nodes_to_exclude against the new names: exclude both spellings.
+        exclude = list(exclude) + [f"{name}_MatMul" for name in exclude]
+        with quiet_ort_python_logs():
+            quantize_dynamic(
+                str(model_path),
+                str(tmp),
+                op_types_to_quantize=list(settings.op_types) if settings.op_types else None,
+                per_channel=settings.per_channel,
+                reduce_range=settings.reduce_range,
+                weight_type=_QTYPE[settings.weight_type],
+                nodes_to_exclude=list(exclude),
+            )
+        model = onnx.load(str(tmp))
+        _restore_node_names(model, {n.name for n in onnx.load(str(model_path), load_external_data=False).graph.node})
+        onnx.save_model(model, str(tmp))
+    os.replace(tmp, out)
+
+
+def runtime_options(model: onnx.ModelProto, excluded: list[str]) -> dict[str, list[str]]:
+    """ORT session settings a candidate needs so that its excluded layers really run in float.
+
+    ``WeightBiasQuantization`` fires on a Conv/ConvTranspose/Gemm whose input 0 comes from a
+    DequantizeLinear and whose weight is a float initializer; when any excluded layer looks
+    like that, the candidate must be run with that transformer disabled.
+    """
+    producers = {o: n for n in model.graph.node for o in n.output}
+    inits = {i.name for i in model.graph.initializer}
+    wanted = set(excluded)
+    for node in model.graph.node:
+        if node.name not in wanted or node.op_type not in _WBQ_OPS or len(node.input) < 2:
+            continue
+        src = producers.get(node.input[0])
+        weight_src = producers.get(node.input[1])
+        if src is not None and src.op_type == "DequantizeLinear" and (
+            node.input[1] in inits or (weight_src is not None and weight_src.op_type != "DequantizeLinear")
+        ):
+            return {"ort_disabled_optimizers": [WBQ]}
+    return {"ort_disabled_optimizers": []}
+
+
+def quantized_nodes(model: onnx.ModelProto, mode: str) -> set[str]:
+    """Names of the nodes that run quantized in a candidate model file."""
+    if mode == "static":
+        producers = {o: n for n in model.graph.node for o in n.output}
+        out: set[str] = set()
+        for node in model.graph.node:
+            if node.op_type in ("QuantizeLinear", "DequantizeLinear"):
+                continue
+            if node.op_type.startswith("QLinear") or node.op_type in ("QGemm", "QAttention"):
+                out.add(node.name)
+                continue
+            fed = [(p := producers.get(i)) is not None and p.op_type == "DequantizeLinear" for i in node.input[:2] if i]
+            # A weighted layer runs quantized when its weight comes through a DequantizeLinear;
+            # any other node when all of its (first two) inputs do.
+            if node.op_type in _WEIGHTED_OPS and len(fed) >= 2:
+                if fed[1]:
+                    out.add(node.name)
+            elif fed and all(fed):
+                out.add(node.name)
+        return out
+    integer_ops = {"ConvInteger", "MatMulInteger", "DynamicQuantizeMatMul", "DynamicQuantizeLSTM", "QAttention"}
+    return {n.name for n in model.graph.node if n.op_type in integer_ops}
+
+
+def file_digest(path: Path) -> tuple[str, int]:
+    """(sha256, size in bytes) of a file."""
+    return sha256_file(path), path.stat().st_size

@@ -1,0 +1,1 @@
+"""Pareto fronts, JSON/HTML reports and plots."""

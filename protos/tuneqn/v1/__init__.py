@@ -1,0 +1,1 @@
+"""Generated gRPC contract ``tuneqn.v1`` (see agent.proto)."""

@@ -1,0 +1,46 @@
+"""Shared fixtures: small ONNX models, image folders and study configs in tmp dirs."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+import tomli_w
+
+from onnx_models import cnn, mlp, write_images
+
+
+@pytest.fixture(scope="session")
+def assets(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Models and images shared by many tests (read-only)."""
+    d = tmp_path_factory.mktemp("assets")
+    cnn(d / "cnn.onnx")
+    cnn(d / "wide.onnx", wide_layer="conv2")
+    mlp(d / "mlp.onnx")
+    write_images(d / "images", 40)
+    write_images(d / "labelled", 24, labelled=True)
+    return d
+
+
+def write_study(tmp: Path, **overrides: Any) -> Path:
+    """A study TOML in ``tmp`` (tables in ``overrides`` replace the defaults)."""
+    data: dict[str, Any] = {
+        "out_dir": str(tmp / "out"),
+        "models": [{"path": str(overrides.pop("model"))}],
+        "dataset": {"images": str(overrides.pop("images")), "eval": 12, "calibration": 12, "analysis": 6},
+    }
+    data.update(overrides)
+    path = tmp / "study.toml"
+    path.write_text(tomli_w.dumps(data))
+    return path
+
+
+@pytest.fixture
+def example_dir() -> Path:
+    """The prepared EfficientNet-Lite0 example (``make example``); skips when absent."""
+    d = Path(os.environ.get("TUNEQN_EXAMPLE_DIR", Path(__file__).parent.parent / "examples/lite0/work"))
+    if not (d / "model.onnx").is_file() or not (d / "images").is_dir():
+        pytest.skip(f"real example not prepared in {d} (run `make example`)")
+    return d

@@ -1,0 +1,123 @@
+"""Small ONNX models for the tests, built with onnx.helper (no torch)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+OPSET = 17
+
+
+def _conv(name: str, w: np.ndarray, b: np.ndarray, inp: str, out: str) -> tuple[onnx.NodeProto, list[onnx.TensorProto]]:
+    node = helper.make_node("Conv", [inp, f"{name}.W", f"{name}.B"], [out], name=name, pads=[1, 1, 1, 1])
+    return node, [numpy_helper.from_array(w.astype(np.float32), f"{name}.W"),
+                  numpy_helper.from_array(b.astype(np.float32), f"{name}.B")]
+
+
+def cnn(
+    path: Path, seed: int = 0, wide_layer: str | None = None, batch: int | str = "N", size: int = 16, opset: int = OPSET
+) -> Path:
+    """conv1+Relu → conv2+Relu → conv3+Clip(0,6) → conv4 → GlobalAveragePool → Flatten → fc (Gemm, 10 classes).
+
+    ``wide_layer="conv2"`` gives conv2 a far wider activation range than any other layer: its
+    channel 0 fires 30 (≈20× its other values) at one corner of every sample (a padding-aware kernel on a
+    constant channel) and is ignored downstream, so per-tensor quantization of conv2's
+    output crushes its other channels. conv3's large bias keeps the damage from
+    dominating later layers' relative errors.
+    """
+    rng = np.random.default_rng(seed)
+    c = 8
+    nodes: list[onnx.NodeProto] = []
+    inits: list[onnx.TensorProto] = []
+    w1 = rng.normal(0, 0.4, (c, 3, 3, 3))
+    b1 = rng.normal(0, 0.1, c)
+    w2 = rng.normal(0, 0.25, (c, c, 3, 3))
+    b2 = rng.normal(0, 0.1, c)
+    w3 = rng.normal(0, 0.25, (c, c, 3, 3))
+    b3 = rng.normal(0, 0.1, c)
+    if wide_layer == "conv2":
+        w1[0] = 0.0
+        b1[0] = 1.0  # channel 0 of conv1 = 1 everywhere
+        w2[0] = 0.0
+        a = 30.0
+        w2[0, 0] = [[a, -a, 0], [-a, a, 0], [0, 0, 0]]  # non-zero only at the top-left corner
+        b2[0] = 0.0
+        w2[1:, 0] = 0.0
+        w3[:, 0] = 0.0  # conv3 ignores the outlier channel
+        b3[:] = 3.0
+    n, i = _conv("conv1", w1, b1, "input", "c1")
+    nodes += [n, helper.make_node("Relu", ["c1"], ["r1"], name="relu1")]
+    inits += i
+    n, i = _conv("conv2", w2, b2, "r1", "c2")
+    nodes += [n, helper.make_node("Relu", ["c2"], ["r2"], name="relu2")]
+    inits += i
+    n, i = _conv("conv3", w3, b3, "r2", "c3")
+    inits += i
+    inits += [numpy_helper.from_array(np.array(0, np.float32), "zero"), numpy_helper.from_array(np.array(6, np.float32), "six")]
+    nodes += [n, helper.make_node("Clip", ["c3", "zero", "six"], ["r3"], name="clip3")]
+    n, i = _conv("conv4", rng.normal(0, 0.25, (c, c, 3, 3)), rng.normal(0, 0.1, c), "r3", "c4")
+    nodes.append(n)
+    inits += i
+    nodes += [
+        helper.make_node("GlobalAveragePool", ["c4"], ["gap"], name="gap"),
+        helper.make_node("Flatten", ["gap"], ["flat"], name="flatten"),
+        helper.make_node("Gemm", ["flat", "fc.W", "fc.B"], ["logits"], name="fc", transB=1),
+    ]
+    inits += [numpy_helper.from_array(rng.normal(0, 0.5, (10, c)).astype(np.float32), "fc.W"),
+              numpy_helper.from_array(rng.normal(0, 0.1, 10).astype(np.float32), "fc.B")]
+    graph = helper.make_graph(
+        nodes, "cnn",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [batch, 3, size, size])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [batch, 10])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    onnx.save_model(model, path)
+    return path
+
+
+def mlp(path: Path, seed: int = 1, features: int = 32, batch: int | str = "N") -> Path:
+    """A MatMul model: MatMul+Add+Relu → MatMul+Add+Relu → MatMul (10 classes)."""
+    rng = np.random.default_rng(seed)
+    dims = [features, 64, 64, 10]
+    nodes, inits = [], []
+    x = "input"
+    for li in range(3):
+        w = numpy_helper.from_array(rng.normal(0, 1 / np.sqrt(dims[li]), (dims[li], dims[li + 1])).astype(np.float32), f"W{li}")
+        b = numpy_helper.from_array(rng.normal(0, 0.1, dims[li + 1]).astype(np.float32), f"B{li}")
+        inits += [w, b]
+        nodes.append(helper.make_node("MatMul", [x, f"W{li}"], [f"mm{li}"], name=f"matmul{li}"))
+        out = "logits" if li == 2 else f"a{li}"
+        nodes.append(helper.make_node("Add", [f"mm{li}", f"B{li}"], [out if li == 2 else f"s{li}"], name=f"add{li}"))
+        if li < 2:
+            nodes.append(helper.make_node("Relu", [f"s{li}"], [out], name=f"relu{li}"))
+        x = out
+    graph = helper.make_graph(
+        nodes, "mlp",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [batch, features])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [batch, 10])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    onnx.save_model(model, path)
+    return path
+
+
+def write_images(folder: Path, n: int, size: int = 20, seed: int = 0, labelled: bool = False) -> Path:
+    """``n`` random RGB PNG images (names img_<i>_<label>.png when labelled)."""
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        arr = rng.integers(0, 256, (size, size + 4, 3), dtype=np.uint8)
+        name = f"img_{i:03d}_{i % 10}.png" if labelled else f"img_{i:03d}.png"
+        Image.fromarray(arr).save(folder / name)
+    return folder

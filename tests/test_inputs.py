@@ -1,0 +1,191 @@
+"""Bad input gives one line naming what is wrong and exit code 2; hub cache; datasets."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import write_study
+from tuneqn.controller.cli import main
+from tuneqn.controller.config import DatasetSpec
+from tuneqn.controller.dataset import prepare_data
+
+
+def _run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str]:
+    rc = main(list(argv))
+    err = capsys.readouterr().err.strip()
+    return rc, err
+
+
+def _one_line_error(rc: int, err: str, *needles: str) -> None:
+    assert rc == 2
+    assert len(err.splitlines()) == 1, err
+    assert "Traceback" not in err
+    for n in needles:
+        assert n in err, (n, err)
+
+
+def test_corrupt_model(tmp_path: Path, assets: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    data = (assets / "cnn.onnx").read_bytes()
+    bad = tmp_path / "truncated.onnx"
+    bad.write_bytes(data[: len(data) // 2])
+    rc, err = _run(capsys, "analyze", "--model", str(bad), "--images", str(assets / "images"), "--out", str(tmp_path / "o"))
+    _one_line_error(rc, err, "truncated.onnx", "not a valid ONNX model")
+
+
+def test_non_onnx_file(tmp_path: Path, assets: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bad = tmp_path / "photo.onnx"
+    bad.write_bytes((assets / "images" / "img_000.png").read_bytes())
+    rc, err = _run(capsys, "analyze", "--model", str(bad), "--images", str(assets / "images"), "--out", str(tmp_path / "o"))
+    _one_line_error(rc, err, "photo.onnx")
+
+
+def test_unknown_config_key(tmp_path: Path, assets: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    study = write_study(tmp_path, model=assets / "cnn.onnx", images=assets / "images", search={"stepp": 2})
+    rc, err = _run(capsys, "analyze", str(study))
+    _one_line_error(rc, err, "search.stepp: unknown key")
+    assert not (tmp_path / "out" / "tuneqn.db").exists()
+
+
+def test_wrong_type_names_key_path(tmp_path: Path, assets: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    study = tmp_path / "study.toml"
+    study.write_text(
+        f'[[models]]\npath = "{assets / "cnn.onnx"}"\n\n[[models]]\npath = "x.onnx"\ninput_shape = "abc"\n\n'
+        f'[dataset]\nimages = "{assets / "images"}"\n'
+    )
+    rc, err = _run(capsys, "analyze", str(study))
+    _one_line_error(rc, err, "models[1].input_shape: expected list of int")
+
+
+def test_empty_image_folder(tmp_path: Path, assets: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "empty").mkdir()
+    rc, err = _run(capsys, "analyze", "--model", str(assets / "cnn.onnx"), "--images", str(tmp_path / "empty"),
+                   "--out", str(tmp_path / "o"))
+    _one_line_error(rc, err, "dataset.images", "no images")
+
+
+def test_unknown_layer_in_exclusion_set(tmp_path: Path, assets: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    study = write_study(tmp_path, model=assets / "cnn.onnx", images=assets / "images",
+                        search={"exclusion_sets": [{"name": "x", "layers": ["conv1", "nope"]}]})
+    rc, err = _run(capsys, "analyze", str(study))
+    _one_line_error(rc, err, "search.exclusion_sets[0].layers", "'nope'")
+
+
+def test_hub_name_not_cached(tmp_path: Path, assets: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    cache = tmp_path / "hub"
+    cache.mkdir()
+    (cache / "ONNX_HUB_MANIFEST.json").write_text("[]")
+    study = write_study(tmp_path, model=assets / "cnn.onnx", images=assets / "images", hub_cache_dir=str(cache))
+    study.write_text(study.read_text().replace(f'path = "{assets / "cnn.onnx"}"', 'hub = "mobilenetv2-7"'))
+    rc, err = _run(capsys, "analyze", str(study))
+    _one_line_error(rc, err, "mobilenetv2-7")
+
+
+def _populate_hub(cache: Path, model: Path, name: str, with_file: bool = True) -> None:
+    sha = hashlib.sha256(model.read_bytes()).hexdigest()
+    rel = "vision/classification/tiny/model/tiny-7.onnx"
+    manifest = [{"model": name, "model_path": rel, "onnx_version": "1.14", "opset_version": 17,
+                 "metadata": {"model_sha": sha, "model_bytes": model.stat().st_size, "tags": ["vision"]}}]
+    cache.mkdir(parents=True, exist_ok=True)
+    (cache / "ONNX_HUB_MANIFEST.json").write_text(json.dumps(manifest))
+    if with_file:
+        dest = cache / "vision/classification/tiny/model" / f"{sha}_tiny-7.onnx"
+        dest.parent.mkdir(parents=True)
+        dest.write_bytes(model.read_bytes())
+
+
+def test_hub_model_from_local_cache(tmp_path: Path, assets: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    cache = tmp_path / "hub"
+    _populate_hub(cache, assets / "cnn.onnx", "TinyNet")
+    study = write_study(tmp_path, model=assets / "cnn.onnx", images=assets / "images", hub_cache_dir=str(cache))
+    study.write_text(study.read_text().replace(f'path = "{assets / "cnn.onnx"}"', 'hub = "tinynet"'))
+    assert main(["analyze", str(study)]) == 0
+    layers = json.loads((tmp_path / "out" / "layers.json").read_text())
+    assert {layer["model"] for layer in layers} == {"tinynet"}
+
+
+def test_hub_cached_file_corrupt(tmp_path: Path, assets: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    cache = tmp_path / "hub"
+    _populate_hub(cache, assets / "cnn.onnx", "TinyNet")
+    f = next(cache.rglob("*_tiny-7.onnx"))
+    f.write_bytes(b"garbage")
+    study = write_study(tmp_path, model=assets / "cnn.onnx", images=assets / "images", hub_cache_dir=str(cache))
+    study.write_text(study.read_text().replace(f'path = "{assets / "cnn.onnx"}"', 'hub = "TinyNet"'))
+    rc, err = _run(capsys, "analyze", str(study))
+    _one_line_error(rc, err, "TinyNet", "sha256")
+
+
+def test_old_opset_is_upgraded(tmp_path: Path, assets: Path) -> None:
+    from onnx_models import cnn
+
+    cnn(tmp_path / "old.onnx", opset=11)
+    rc = main(["analyze", "--model", str(tmp_path / "old.onnx"), "--images", str(assets / "images"),
+               "--out", str(tmp_path / "o"), "--calibration", "8", "--analysis", "4"])
+    assert rc == 0
+    import sqlite3
+
+    row = sqlite3.connect(tmp_path / "o" / "tuneqn.db").execute(
+        "select opset_original, opset_used, upgraded, notes from models").fetchone()
+    assert row[:3] == (11, 13, 1)
+    assert "upgraded opset 11 -> 13" in row[3]
+
+
+def test_cli_subprocess_has_no_traceback(tmp_path: Path) -> None:
+    bad = tmp_path / "x.onnx"
+    bad.write_text("not a model")
+    (tmp_path / "imgs").mkdir()
+    r = subprocess.run([sys.executable, "-m", "tuneqn.controller", "analyze", "--model", str(bad), "--images",
+                        str(tmp_path / "imgs"), "--out", str(tmp_path / "o")], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    assert r.stderr.strip().count("\n") == 0 and "Traceback" not in r.stderr
+    assert r.stderr.startswith("tuneqn: error:")
+
+
+def test_seeded_disjoint_samples_and_labels(tmp_path: Path, assets: Path) -> None:
+    spec = DatasetSpec(images=assets / "labelled", eval=10, calibration=8, analysis=3, seed=7,
+                       labels={"regex": r"img_\d+_(\d)\.png"})
+    a = prepare_data(spec, [1, 3, 16, 16], tmp_path / "a")
+    b = prepare_data(spec, [1, 3, 16, 16], tmp_path / "b")
+    assert a.eval.items == b.eval.items and a.calibration.items == b.calibration.items
+    assert not set(a.eval.items) & set(a.calibration.items)
+    assert set(a.analysis.items) <= set(a.calibration.items)
+    assert len(a.eval.items) == 10 and len(a.calibration.items) == 8 and len(a.analysis.items) == 3
+    assert a.eval.labels == [int(Path(i).stem.split("_")[2]) for i in a.eval.items]
+    arr = a.eval.load()
+    assert arr.shape == (10, 3, 16, 16) and arr.dtype == np.float32
+    assert 0.0 <= arr.min() and arr.max() <= 1.0  # default scale to [0, 1]
+    c = prepare_data(spec.model_copy(update={"seed": 8}), [1, 3, 16, 16], tmp_path / "c")
+    assert c.eval.items != a.eval.items
+
+
+def test_labels_from_csv_and_subfolders(tmp_path: Path) -> None:
+    from onnx_models import write_images
+
+    for cls in ("3", "5"):
+        write_images(tmp_path / "tree" / cls, 4, seed=int(cls))
+    spec = DatasetSpec(images=tmp_path / "tree", eval=4, calibration=4, labels={"subfolders": True})
+    d = prepare_data(spec, [1, 3, 8, 8], tmp_path / "o1")
+    assert sorted(set(d.eval.labels or [])) <= [3, 5]
+    assert all(lab == int(item.split("/")[0]) for item, lab in zip(d.eval.items, d.eval.labels or [], strict=True))
+    csv = tmp_path / "labels.csv"
+    csv.write_text("file,label\n" + "".join(f"3/img_{i:03d}.png,{100 + i}\n" for i in range(4)))
+    spec = DatasetSpec(images=tmp_path / "tree", eval=4, calibration=4, labels={"csv": csv})
+    d = prepare_data(spec, [1, 3, 8, 8], tmp_path / "o2")
+    for item, lab in zip(d.eval.items + d.calibration.items, (d.eval.labels or []) + (d.calibration.labels or []), strict=True):
+        assert lab == (100 + int(item[-7:-4]) if item.startswith("3/") else -1)
+
+
+def test_npz_tensors_with_labels(tmp_path: Path) -> None:
+    x = np.random.default_rng(0).normal(size=(30, 3, 8, 8)).astype(np.float32)
+    y = np.arange(30) % 4
+    np.savez(tmp_path / "d.npz", inputs=x, labels=y)
+    d = prepare_data(DatasetSpec(tensors=tmp_path / "d.npz", eval=20, calibration=10), [1, 3, 8, 8], tmp_path / "o")
+    idx = [int(i[1:]) for i in d.eval.items]
+    np.testing.assert_array_equal(d.eval.load(), x[idx])
+    assert d.eval.labels == [int(v) for v in y[idx]]

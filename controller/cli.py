@@ -185,6 +185,106 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tune(args: argparse.Namespace) -> int:
+    """Run the whole study on the agents; exit 0 when complete."""
+    from tuneqn.controller.farm.dispatcher import EvalSettings
+    from tuneqn.controller.farm.tune import endpoints_from, tune
+    from tuneqn.controller.progress import Progress
+    from tuneqn.controller.study import Study
+
+    cfg = _study_config(args)
+    study = Study(cfg, fresh=args.fresh)
+    e = cfg.evaluation
+    settings = EvalSettings(top_k=e.top_k, chunk_size=e.chunk_size, latency_warmup=e.latency_warmup,
+                            latency_repeats=e.latency_repeats, lease_timeout_s=args.lease_timeout or e.lease_timeout_s,
+                            max_attempts=e.max_attempts)
+    try:
+        endpoints = endpoints_from(study, args.agent or [], Path(args.token_file) if args.token_file else None)
+        with Progress() as progress:
+            task: list[int] = []
+
+            def show(counts: dict[str, int], total: int) -> None:
+                if not task:
+                    task.append(progress.add("evaluating candidates", total))
+                failed = counts.get("failed", 0)
+                progress.update(task[0], total=total, completed=counts.get("done", 0) + failed,
+                                description=f"evaluating candidates ({failed} failed)" if failed else
+                                "evaluating candidates")
+
+            outcome = tune(study, endpoints, settings, on_progress=show, agent_wait_s=args.agent_wait,
+                           local_agent_args=["--simulated-latency-ms", str(args.simulated_latency_ms)]
+                           if args.simulated_latency_ms else None)
+    finally:
+        study.close()
+    print(f"jobs: {outcome.done} done, {outcome.failed} failed of {outcome.total}")
+    print(f"report: {outcome.report.get('html')}\njson: {outcome.report.get('json')}")
+    if outcome.failed:
+        raise StudyFailed(f"{outcome.failed} jobs failed; see report.json (rerun retries them)")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    """Regenerate report.json, plots and report.html from the checkpoint."""
+    from tuneqn.controller.report.build import is_partial, write_full_report
+    from tuneqn.controller.store import DB_NAME, Store
+
+    out_dir = Path(args.study_dir)
+    if not (out_dir / DB_NAME).is_file():
+        raise UserError(f"{out_dir}: no study here (missing {DB_NAME})")
+    store = Store.open(out_dir)
+    try:
+        partial = is_partial(store)
+        paths = write_full_report(store, out_dir)
+    finally:
+        store.close()
+    print(f"report: {paths['html']}{' (partial: the study is unfinished)' if partial else ''}\njson: {paths['json']}")
+    return 0
+
+
+def cmd_agents(args: argparse.Namespace) -> int:
+    """List the configured agents with health, devices and queue length."""
+    from rich.console import Console
+    from rich.table import Table
+
+    import grpc
+
+    from tuneqn.controller.farm.client import ContractMismatch
+    from tuneqn.controller.farm.dispatcher import Endpoint
+    endpoints: list[Endpoint]
+    if args.study:
+        cfg = load_config(Path(args.study))
+        tok = Path(args.token_file).read_text().strip() if args.token_file else None
+        endpoints = [Endpoint(a, token=tok) for a in args.agent] if args.agent else [
+            Endpoint(a.address, token=(a.token_file.read_text().strip() if a.token_file else tok), tls_ca=a.tls_ca,
+                     tls_cert=a.tls_cert, tls_key=a.tls_key) for a in cfg.agents]
+    else:
+        tok = Path(args.token_file).read_text().strip() if args.token_file else None
+        endpoints = [Endpoint(a, token=tok) for a in args.agent or []]
+    if not endpoints:
+        raise UserError("no agents: give STUDY.toml with [[agents]] or --agent HOST:PORT")
+    table = Table(title="agents")
+    for col in ("agent", "health", "version", "device", "class", "backend", "cpu", "queue", "running"):
+        table.add_column(col)
+    unhealthy = 0
+    for ep in endpoints:
+        client = ep.client(timeout=5.0)
+        try:
+            healthy = client.health()
+            info = client.info()
+            for d in info.devices:
+                table.add_row(ep.address, "serving" if healthy else "not serving", info.agent_version, d.name,
+                              d.device_class, d.backend + (" (simulated)" if d.simulated else ""), d.cpu[:40],
+                              str(info.queue_length), info.running_job_id or "-")
+        except (grpc.RpcError, ContractMismatch) as exc:
+            unhealthy += 1
+            detail = exc.details() if isinstance(exc, grpc.RpcError) else str(exc)
+            table.add_row(ep.address, f"unreachable: {detail}"[:60], "", "", "", "", "", "", "")
+        finally:
+            client.close()
+    Console().print(table)
+    return 1 if unhealthy else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The CLI's argument parser."""
     parser = _Parser(prog="tuneqn", description="Selective quantization tuning for ONNX models across real devices.")
@@ -205,6 +305,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--candidate", required=True, help="candidate number k, or an exclusion set's name")
     p.add_argument("-o", "--output", required=True, help="output .onnx file")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("tune", help="run the whole study: analyze, build candidates, evaluate on agents, report")
+    _add_study_args(p)
+    p.add_argument("--agent", action="append", metavar="HOST:PORT", help="agent address (repeatable; overrides config)")
+    p.add_argument("--token-file", help="file holding the agents' bearer token")
+    p.add_argument("--lease-timeout", type=float, help="seconds before a silent agent's job is re-run elsewhere")
+    p.add_argument("--agent-wait", type=float, default=600.0, help="give up after no agent was reachable this long")
+    p.add_argument("--simulated-latency-ms", type=float, default=0.0,
+                   help="local agent only: add this simulated device latency per sample (benchmarks)")
+    p.set_defaults(func=cmd_tune)
+
+    p = sub.add_parser("report", help="regenerate report.json, plots and report.html from the checkpoint")
+    p.add_argument("study_dir", help="the study's output directory")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("agents", help="list agents with health, devices and queue length")
+    p.add_argument("study", nargs="?", help="study TOML file with [[agents]]")
+    p.add_argument("--agent", action="append", metavar="HOST:PORT", help="agent address (repeatable)")
+    p.add_argument("--token-file", help="file holding the agents' bearer token")
+    p.set_defaults(func=cmd_agents)
     return parser
 
 

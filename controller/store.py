@@ -7,15 +7,18 @@ records is acknowledged, so a killed controller resumes from it.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 import sqlite_utils
 
@@ -75,8 +78,17 @@ _TABLES: dict[str, tuple[dict[str, type], str | tuple[str, ...]]] = {
 }
 
 
+def _locked(fn: Callable[..., T]) -> Callable[..., T]:
+    @functools.wraps(fn)
+    def wrapper(self: "Store", *args: Any, **kwargs: Any) -> T:
+        with self.lock:
+            return fn(self, *args, **kwargs)
+
+    return wrapper
+
+
 class Store:
-    """Typed access to the study's SQLite checkpoint."""
+    """Typed access to the study's SQLite checkpoint (thread-safe: one lock, one connection)."""
 
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -110,15 +122,18 @@ class Store:
             yield
 
     # ------------------------------------------------------------------ meta
+    @_locked
     def get_meta(self, key: str) -> str | None:
         """A meta value."""
         rows = list(self.db.query("select value from meta where key = ?", [key]))
         return rows[0]["value"] if rows else None
 
+    @_locked
     def set_meta(self, key: str, value: str) -> None:
         """Set a meta value."""
         self.db["meta"].upsert({"key": key, "value": value}, pk="key")
 
+    @_locked
     def reset(self) -> None:
         """Delete every stored row (``--fresh``)."""
         with self.transaction():
@@ -127,12 +142,14 @@ class Store:
         self.set_meta("schema_version", str(SCHEMA_VERSION))
 
     # ------------------------------------------------------------------ models / data
+    @_locked
     def put_model(self, row: dict[str, Any]) -> None:
         """Insert or replace a prepared model."""
         row = dict(row)
         row["upgraded"] = int(bool(row["upgraded"]))
         self.db["models"].upsert(row, pk="name")
 
+    @_locked
     def models(self) -> list[dict[str, Any]]:
         """All models."""
         out = []
@@ -144,6 +161,7 @@ class Store:
             out.append(r)
         return out
 
+    @_locked
     def put_dataset(self, split: str, path: Path, sha256: str, items: list[str], labels: list[int] | None) -> None:
         """Record a preprocessed split."""
         self.db["datasets"].upsert(
@@ -154,6 +172,7 @@ class Store:
             pk="split",
         )
 
+    @_locked
     def dataset(self, split: str) -> dict[str, Any] | None:
         """A split's row (items and labels decoded)."""
         rows = list(self.db.query("select * from datasets where split = ?", [split]))
@@ -165,6 +184,7 @@ class Store:
         return r
 
     # ------------------------------------------------------------------ calibration / analysis
+    @_locked
     def put_calibration(self, key: str, model: str, settings: dict[str, Any], path: Path) -> None:
         """Record a calibration cache file."""
         self.db["calibrations"].upsert(
@@ -173,11 +193,13 @@ class Store:
             pk="key",
         )
 
+    @_locked
     def calibration(self, key: str) -> dict[str, Any] | None:
         """A calibration row."""
         rows = list(self.db.query("select * from calibrations where key = ?", [key]))
         return dict(rows[0]) if rows else None
 
+    @_locked
     def put_analysis(self, model: str, mode: str, key: str, fq_sha256: str, seconds: float,
                      layers: list[dict[str, Any]]) -> None:
         """Replace the ranking of (model, mode) atomically."""
@@ -196,11 +218,13 @@ class Store:
                 pk=("model", "mode"),
             )
 
+    @_locked
     def analysis(self, model: str, mode: str) -> dict[str, Any] | None:
         """The analysis row of (model, mode)."""
         rows = list(self.db.query("select * from analyses where model = ? and mode = ?", [model, mode]))
         return dict(rows[0]) if rows else None
 
+    @_locked
     def layers(self, model: str | None = None, mode: str | None = None) -> list[dict[str, Any]]:
         """Ranked layers, rank order within each (model, mode)."""
         where, args = [], []
@@ -214,6 +238,7 @@ class Store:
         return [dict(r) for r in self.db.query(sql, args)]
 
     # ------------------------------------------------------------------ candidates
+    @_locked
     def put_candidate(self, row: dict[str, Any]) -> None:
         """Insert or replace a candidate."""
         row = dict(row)
@@ -228,11 +253,13 @@ class Store:
         r["runtime"] = json.loads(r["runtime"] or "{}")
         return r
 
+    @_locked
     def candidate(self, cid: str) -> dict[str, Any] | None:
         """One candidate by id."""
         rows = list(self.db.query("select * from candidates where id = ?", [cid]))
         return self._decode_candidate(rows[0]) if rows else None
 
+    @_locked
     def candidates(self, model: str | None = None, mode: str | None = None) -> list[dict[str, Any]]:
         """Candidates, ordered by model, mode, kind, k."""
         where, args = [], []

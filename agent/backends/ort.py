@@ -1,0 +1,220 @@
+"""ONNX Runtime CPU backend."""
+
+from __future__ import annotations
+
+import logging
+import platform
+import threading
+import time
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from tuneqn.agent.backends.base import (
+    Backend,
+    DeviceDescription,
+    Interrupted,
+    LoadOptions,
+    PreparedModel,
+)
+
+log = logging.getLogger(__name__)
+
+# ORT tensor type strings -> numpy dtypes for the inputs we can feed from a float dataset.
+_ORT_DTYPES: dict[str, np.dtype] = {
+    "tensor(float)": np.dtype(np.float32),
+    "tensor(float16)": np.dtype(np.float16),
+    "tensor(double)": np.dtype(np.float64),
+    "tensor(uint8)": np.dtype(np.uint8),
+    "tensor(int8)": np.dtype(np.int8),
+    "tensor(int32)": np.dtype(np.int32),
+    "tensor(int64)": np.dtype(np.int64),
+}
+
+CAPABILITIES = ("ort", "cpu", "qdq", "qoperator", "dynamic", "static")
+
+
+def runtime_versions() -> dict[str, str]:
+    """Versions of the runtime stack that produced a result."""
+    versions = {"python": platform.python_version(), "onnxruntime": ort.__version__}
+    for dist in ("onnx", "numpy"):
+        try:
+            versions[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            versions[dist] = ""
+    return versions
+
+
+def cpu_model_name() -> str:
+    """The CPU model name from /proc/cpuinfo, else what :mod:`platform` knows."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() in ("model name", "Model", "Hardware") and value.strip():
+                    return value.strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+@dataclass
+class OrtModel(PreparedModel):
+    """An ORT session plus what is needed to feed it."""
+
+    session: ort.InferenceSession | None = None
+    input_dtype: np.dtype = _ORT_DTYPES["tensor(float)"]
+    output_name: str = ""
+
+
+class OrtBackend(Backend):
+    """Runs models with ONNX Runtime's CPU execution provider.
+
+    ``simulated_latency_ms_per_sample`` adds a fixed sleep per predicted sample to
+    emulate a slow device; it is always reported as simulated and never enters the
+    measured latency.
+    """
+
+    name = "ort"
+
+    def __init__(
+        self,
+        device_name: str,
+        device_class: str = "",
+        simulated_latency_ms_per_sample: float = 0.0,
+    ) -> None:
+        if simulated_latency_ms_per_sample < 0:
+            raise ValueError("simulated_latency_ms_per_sample must be >= 0")
+        self.device_name = device_name
+        self.device_class = device_class or device_name
+        self.simulated_latency_ms_per_sample = float(simulated_latency_ms_per_sample)
+        self._versions = runtime_versions()
+        self._cpu = cpu_model_name()
+
+    def describe(self) -> DeviceDescription:
+        """Describe the CPU device."""
+        return DeviceDescription(
+            name=self.device_name,
+            device_class=self.device_class,
+            backend=self.name,
+            runtime_versions=dict(self._versions),
+            cpu=self._cpu,
+            gpu="",
+            capabilities=CAPABILITIES,
+            simulated=self.simulated_latency_ms_per_sample > 0,
+            simulated_latency_ms_per_sample=self.simulated_latency_ms_per_sample,
+        )
+
+    def load(self, model_path: Path, options: LoadOptions) -> OrtModel:
+        """Create an ORT session for the model (quiet logging, optional disabled optimizers)."""
+        so = ort.SessionOptions()
+        so.log_severity_level = 3
+        if options.intra_op_threads:
+            so.intra_op_num_threads = options.intra_op_threads
+        session = ort.InferenceSession(
+            str(model_path),
+            so,
+            providers=["CPUExecutionProvider"],
+            disabled_optimizers=list(options.disabled_optimizers),
+        )
+        inputs = session.get_inputs()
+        if options.input_name:
+            matching = [i for i in inputs if i.name == options.input_name]
+            if not matching:
+                names = ", ".join(i.name for i in inputs)
+                raise ValueError(f"model has no input {options.input_name!r} (inputs: {names})")
+            model_input = matching[0]
+        else:
+            model_input = inputs[0]
+        if len(inputs) > 1:
+            raise ValueError(
+                f"model has {len(inputs)} inputs; only single-input models are supported"
+            )
+        dtype = _ORT_DTYPES.get(model_input.type)
+        if dtype is None:
+            raise ValueError(f"unsupported input type {model_input.type} of {model_input.name!r}")
+        shape = tuple(model_input.shape)
+        batch_dim = shape[0] if shape else None
+        fixed_batch = batch_dim if isinstance(batch_dim, int) and batch_dim > 0 else None
+        return OrtModel(
+            input_name=model_input.name,
+            fixed_batch=fixed_batch,
+            sample_shape=shape[1:],
+            session=session,
+            input_dtype=dtype,
+            output_name=session.get_outputs()[0].name,
+        )
+
+    @staticmethod
+    def _feed(handle: OrtModel, batch: np.ndarray) -> np.ndarray:
+        """``batch`` in the input's dtype, zero-padded to the fixed batch size if there is one."""
+        n = batch.shape[0]
+        x = np.ascontiguousarray(batch, dtype=handle.input_dtype)
+        if handle.fixed_batch is not None and n != handle.fixed_batch:
+            if n > handle.fixed_batch:
+                raise ValueError(
+                    f"chunk of {n} samples exceeds the model's batch size {handle.fixed_batch}"
+                )
+            pad = np.zeros((handle.fixed_batch - n, *x.shape[1:]), dtype=x.dtype)
+            x = np.concatenate([x, pad])
+        return x
+
+    @staticmethod
+    def _session_run(handle: OrtModel, x: np.ndarray) -> np.ndarray:
+        if handle.session is None:
+            raise ValueError("model handle has no session")
+        return np.asarray(handle.session.run([handle.output_name], {handle.input_name: x})[0])
+
+    def _scores(self, handle: OrtModel, batch: np.ndarray) -> np.ndarray:
+        """Output 0 flattened to ``[n, classes]`` for ``batch``, padded rows dropped."""
+        n = batch.shape[0]
+        x = self._feed(handle, batch)
+        out = self._session_run(handle, x)
+        if out.ndim == 0 or out.shape[0] != x.shape[0]:
+            raise ValueError(
+                f"output 0 has shape {list(out.shape)}; expected the batch of {x.shape[0]} on axis 0"
+            )
+        return out.reshape(out.shape[0], -1)[:n]
+
+    def predict(
+        self, handle: PreparedModel, batch: np.ndarray, stop: threading.Event | None = None
+    ) -> np.ndarray:
+        """Class scores for one chunk; sleeps the simulated latency per sample afterwards."""
+        if not isinstance(handle, OrtModel):
+            raise TypeError("handle was not prepared by the ORT backend")
+        scores = self._scores(handle, batch)
+        if self.simulated_latency_ms_per_sample > 0:
+            delay = self.simulated_latency_ms_per_sample * batch.shape[0] / 1000.0
+            if stop is None:
+                time.sleep(delay)
+            elif stop.wait(delay):
+                raise Interrupted()
+        return scores
+
+    def latency(
+        self,
+        handle: PreparedModel,
+        one_sample: np.ndarray,
+        warmup: int,
+        repeats: int,
+        stop: threading.Event | None = None,
+    ) -> list[float]:
+        """Real wall-clock milliseconds per run of one sample (``time.perf_counter``)."""
+        if not isinstance(handle, OrtModel):
+            raise TypeError("handle was not prepared by the ORT backend")
+        x = self._feed(handle, one_sample[:1])
+        for _ in range(warmup):
+            if stop is not None and stop.is_set():
+                raise Interrupted()
+            self._session_run(handle, x)
+        times: list[float] = []
+        for _ in range(repeats):
+            if stop is not None and stop.is_set():
+                raise Interrupted()
+            t0 = time.perf_counter()
+            self._session_run(handle, x)
+            times.append((time.perf_counter() - t0) * 1000.0)
+        return times

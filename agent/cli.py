@@ -1,0 +1,306 @@
+"""``tuneqn-agent``: the daemon that runs evaluation jobs next to a device.
+
+Every flag has an environment variable (``TUNEQN_AGENT_<FLAG>``) that provides its
+default. On start the agent prints exactly one line to stdout,
+``tuneqn-agent listening on HOST:PORT`` (the actual port, also with ``:0``); logs go
+to stderr. SIGTERM/SIGINT stop it gracefully: no new job starts, a running job is
+interrupted and stays queued for the next start.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import logging
+import os
+import re
+import signal
+import socket
+import sqlite3
+import sys
+import threading
+from pathlib import Path
+from types import FrameType
+from typing import NoReturn
+
+import tuneqn
+from tuneqn.agent.backends import BACKENDS
+from tuneqn.agent.config import AgentConfig
+
+log = logging.getLogger(__name__)
+
+PROG = "tuneqn-agent"
+DEFAULT_LISTEN = "127.0.0.1:50051"
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
+_SIZE_UNITS = {"": 1, "k": 1000, "m": 1000**2, "g": 1000**3, "t": 1000**4}
+_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+class UsageError(Exception):
+    """Bad command-line input; reported as one line on stderr with exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        """Report a usage error in one line (no usage dump) and exit 2."""
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def parse_size(text: str) -> int:
+    """Parse a byte size such as ``2147483648``, ``512MiB``, ``2G`` or ``1.5GiB``."""
+    m = _SIZE_RE.match(text)
+    if not m:
+        raise argparse.ArgumentTypeError(f"not a byte size (like 2GiB or 1048576): {text!r}")
+    number, unit = m.group(1), (m.group(2) or "").lower()
+    prefix = unit[:1] if unit[:1] in "kmgt" else ""
+    factor = _SIZE_UNITS[prefix]
+    if prefix and "i" in unit:
+        factor = 1024 ** ("kmgt".index(prefix) + 1)
+    value = int(float(number) * factor)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"byte size must be positive: {text!r}")
+    return value
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def default_state_dir() -> Path:
+    """``$XDG_STATE_HOME/tuneqn-agent`` or ``~/.local/state/tuneqn-agent``."""
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "tuneqn-agent"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser; defaults come from ``TUNEQN_AGENT_*`` environment variables."""
+    env = os.environ.get
+    p = _Parser(
+        prog=PROG,
+        description="Run tuneqn evaluation jobs for the devices attached to this host.",
+    )
+    p.add_argument(
+        "--listen",
+        default=env("TUNEQN_AGENT_LISTEN", DEFAULT_LISTEN),
+        metavar="HOST:PORT",
+        help="address to bind; port 0 picks a free port (env TUNEQN_AGENT_LISTEN, "
+        f"default {DEFAULT_LISTEN})",
+    )
+    p.add_argument(
+        "--token-file",
+        default=env("TUNEQN_AGENT_TOKEN_FILE"),
+        metavar="F",
+        help="file holding the bearer token clients must send (env TUNEQN_AGENT_TOKEN_FILE)",
+    )
+    p.add_argument(
+        "--backend",
+        default=env("TUNEQN_AGENT_BACKEND", "ort"),
+        help="execution backend: " + ", ".join(BACKENDS) + " (env TUNEQN_AGENT_BACKEND)",
+    )
+    p.add_argument(
+        "--device-name",
+        default=env("TUNEQN_AGENT_DEVICE_NAME"),
+        metavar="NAME",
+        help="device name (env TUNEQN_AGENT_DEVICE_NAME, default the hostname)",
+    )
+    p.add_argument(
+        "--device-class",
+        default=env("TUNEQN_AGENT_DEVICE_CLASS"),
+        metavar="NAME",
+        help="device class (env TUNEQN_AGENT_DEVICE_CLASS, default the device name)",
+    )
+    p.add_argument(
+        "--state-dir",
+        default=env("TUNEQN_AGENT_STATE_DIR"),
+        metavar="DIR",
+        help="state directory (env TUNEQN_AGENT_STATE_DIR, default "
+        "$XDG_STATE_HOME/tuneqn-agent or ~/.local/state/tuneqn-agent)",
+    )
+    p.add_argument("--tls-cert", default=env("TUNEQN_AGENT_TLS_CERT"), metavar="F",
+                   help="server certificate chain, PEM (env TUNEQN_AGENT_TLS_CERT)")
+    p.add_argument("--tls-key", default=env("TUNEQN_AGENT_TLS_KEY"), metavar="F",
+                   help="server private key, PEM (env TUNEQN_AGENT_TLS_KEY)")
+    p.add_argument("--tls-ca", default=env("TUNEQN_AGENT_TLS_CA"), metavar="F",
+                   help="CA that client certificates must chain to; enables mTLS "
+                   "(env TUNEQN_AGENT_TLS_CA)")
+    p.add_argument(
+        "--insecure",
+        action="store_true",
+        default=_env_flag("TUNEQN_AGENT_INSECURE"),
+        help="allow a non-loopback bind without token or TLS (env TUNEQN_AGENT_INSECURE=1)",
+    )
+    p.add_argument(
+        "--max-blob-bytes",
+        type=parse_size,
+        default=env("TUNEQN_AGENT_MAX_BLOB_BYTES", "2GiB"),
+        metavar="N",
+        help="largest blob accepted (env TUNEQN_AGENT_MAX_BLOB_BYTES, default 2GiB)",
+    )
+    p.add_argument(
+        "--blob-cache-bytes",
+        type=parse_size,
+        default=env("TUNEQN_AGENT_BLOB_CACHE_BYTES", "20GiB"),
+        metavar="N",
+        help="blob cache size before LRU eviction (env TUNEQN_AGENT_BLOB_CACHE_BYTES, "
+        "default 20GiB)",
+    )
+    p.add_argument(
+        "--simulated-latency-ms",
+        type=float,
+        default=env("TUNEQN_AGENT_SIMULATED_LATENCY_MS", "0"),
+        metavar="X",
+        help="sleep X ms per predicted sample to emulate a slow device; reported as "
+        "simulated (env TUNEQN_AGENT_SIMULATED_LATENCY_MS, default 0)",
+    )
+    p.add_argument(
+        "--log-level",
+        default=env("TUNEQN_AGENT_LOG_LEVEL", "INFO"),
+        metavar="LEVEL",
+        help="DEBUG, INFO, WARNING or ERROR (env TUNEQN_AGENT_LOG_LEVEL, default INFO)",
+    )
+    p.add_argument("--version", action="version", version=f"%(prog)s {tuneqn.__version__}")
+    return p
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    """Split ``HOST:PORT`` (``[v6]:PORT`` for IPv6) into host and port."""
+    host, sep, port_text = text.strip().rpartition(":")
+    if not sep or not host or not port_text.isdigit():
+        raise UsageError(f"--listen must be HOST:PORT, got {text!r}")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    port = int(port_text)
+    if port > 65535:
+        raise UsageError(f"--listen port out of range: {port}")
+    return host, port
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` only accepts connections from this machine."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _read_file(path: str, what: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise UsageError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
+
+
+def _on_signal(stop: threading.Event, received: list[int]) -> None:
+    def handler(signum: int, frame: FrameType | None) -> None:
+        received.append(signum)  # no logging here: the handler may interrupt a log call
+        stop.set()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the agent until SIGTERM/SIGINT; returns the exit code."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse exits for --help, --version and usage errors
+        return exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 2
+    try:
+        config, device_name, device_class = _validate(args)
+    except UsageError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 2
+
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    if not is_loopback(config.host) and config.token is None and config.tls_cert is None:
+        log.warning("--insecure: listening on %s without token or TLS", args.listen)
+    # Imported here so that argument errors are reported without loading a runtime.
+    from tuneqn.agent.backends import create_backend
+    from tuneqn.agent.server import AgentServer
+    from tuneqn.agent.state import StateDirInUse
+
+    backend = create_backend(
+        args.backend,
+        device_name=device_name,
+        device_class=device_class,
+        simulated_latency_ms_per_sample=args.simulated_latency_ms,
+    )
+    try:
+        server = AgentServer(config, [backend])
+    except StateDirInUse as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 1
+    except (OSError, sqlite3.Error) as exc:
+        print(f"{PROG}: error: cannot use state dir {config.state_dir}: {exc}", file=sys.stderr)
+        return 2
+    stop = threading.Event()
+    received: list[int] = []
+    _on_signal(stop, received)
+    try:
+        server.start()
+    except RuntimeError as exc:
+        print(f"{PROG}: error: cannot listen on {args.listen}: {exc}", file=sys.stderr)
+        return 1
+    print(f"{PROG} listening on {server.address}", flush=True)
+    while not stop.wait(1.0):
+        pass
+    log.info("received %s, stopping", signal.Signals(received[0]).name if received else "stop")
+    server.stop()
+    return 0
+
+
+def _validate(args: argparse.Namespace) -> tuple[AgentConfig, str, str]:
+    """Check the arguments; returns the server configuration, device name and class."""
+    host, port = parse_listen(args.listen)
+    if args.backend not in BACKENDS:
+        raise UsageError(
+            f"unknown backend {args.backend!r} (available: {', '.join(BACKENDS)})"
+        )
+    if args.log_level.upper() not in _LOG_LEVELS:
+        raise UsageError(f"unknown log level {args.log_level!r} (use {', '.join(_LOG_LEVELS)})")
+    if args.simulated_latency_ms < 0:
+        raise UsageError("--simulated-latency-ms must be >= 0")
+    token = None
+    if args.token_file:
+        token = _read_file(args.token_file, "token file").decode("utf-8", "replace").strip()
+        if not token:
+            raise UsageError(f"token file {args.token_file} is empty")
+        if any(c.isspace() for c in token):
+            raise UsageError(f"token in {args.token_file} contains whitespace")
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise UsageError("--tls-cert and --tls-key must be given together")
+    if args.tls_ca and not args.tls_cert:
+        raise UsageError("--tls-ca (client certificates) needs --tls-cert and --tls-key")
+    tls_cert = _read_file(args.tls_cert, "TLS certificate") if args.tls_cert else None
+    tls_key = _read_file(args.tls_key, "TLS key") if args.tls_key else None
+    tls_ca = _read_file(args.tls_ca, "TLS CA") if args.tls_ca else None
+    if not is_loopback(host) and token is None and tls_cert is None and not args.insecure:
+        raise UsageError(
+            f"refusing to listen on non-loopback {args.listen} without --token-file or "
+            "--tls-cert/--tls-key (pass --insecure to allow)"
+        )
+    device_name = args.device_name or socket.gethostname()
+    state_dir = Path(args.state_dir).expanduser() if args.state_dir else default_state_dir()
+    config = AgentConfig(
+        state_dir=state_dir,
+        host=host,
+        port=port,
+        token=token,
+        tls_cert=tls_cert,
+        tls_key=tls_key,
+        tls_ca=tls_ca,
+        max_blob_bytes=args.max_blob_bytes,
+        blob_cache_bytes=args.blob_cache_bytes,
+    )
+    return config, device_name, args.device_class or device_name
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,505 @@
+"""Job queue of the agent: one worker thread per device, one job at a time per device.
+
+Life cycle: QUEUED -> RUNNING -> SUCCEEDED | FAILED | CANCELLED, or QUEUED -> CANCELLED.
+Jobs are persisted in :class:`~tuneqn.agent.state.AgentState`; on start, jobs left
+QUEUED or RUNNING by a previous process are queued again (a RUNNING one then executes
+a second time), finished results are served from the database.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import cast
+
+import numpy as np
+
+from tuneqn.agent.backends.base import Backend, Interrupted, LoadOptions, topk_indices
+from tuneqn.agent.blobs import BlobStore, check_sha256
+from tuneqn.agent.state import AgentState
+from tuneqn.v1 import agent_pb2 as pb
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TOP_K = 5
+DEFAULT_CHUNK_SIZE = 32
+DEFAULT_LATENCY_WARMUP = 3
+DEFAULT_LATENCY_REPEATS = 20
+MAX_JOB_ID_LENGTH = 256
+
+TERMINAL_STATES = frozenset({pb.SUCCEEDED, pb.FAILED, pb.CANCELLED})
+
+
+class JobNotFound(LookupError):
+    """No job with this id is known."""
+
+
+class InvalidJob(ValueError):
+    """The job spec is malformed or names something this agent does not have."""
+
+
+class JobConflict(ValueError):
+    """The job id is known with a different spec."""
+
+
+class MissingBlobs(LookupError):
+    """Blobs the job needs are not in the cache."""
+
+    def __init__(self, missing: list[str]) -> None:
+        super().__init__("missing blobs: " + ", ".join(missing))
+        self.missing = missing
+
+
+class AgentStopping(RuntimeError):
+    """The agent is shutting down and takes no new work."""
+
+
+def state_name(state: pb.JobState) -> str:
+    """The JobState enum name of ``state``."""
+    return pb.JobState.Name(state)
+
+
+def state_value(name: str) -> pb.JobState:
+    """The JobState of an enum name such as ``"QUEUED"``."""
+    return cast(pb.JobState, pb.JobState.Value(name))
+
+
+def latency_stats(times_ms: list[float]) -> pb.LatencyStats:
+    """Summary statistics of latency samples in milliseconds."""
+    if not times_ms:
+        return pb.LatencyStats()
+    a = np.asarray(times_ms, dtype=np.float64)
+    p10, median, p90 = np.percentile(a, [10, 50, 90])
+    return pb.LatencyStats(
+        median_ms=float(median),
+        p90_ms=float(p90),
+        p10_ms=float(p10),
+        mean_ms=float(a.mean()),
+        std_ms=float(a.std()),
+        min_ms=float(a.min()),
+        max_ms=float(a.max()),
+        count=len(times_ms),
+    )
+
+
+@dataclass
+class _Job:
+    spec: pb.JobSpec
+    device: str
+    state: pb.JobState = pb.QUEUED
+    event: pb.JobEvent = field(default_factory=pb.JobEvent)
+    version: int = 0
+    interrupt: threading.Event = field(default_factory=threading.Event)
+    cancel_requested: bool = False
+
+
+class JobManager:
+    """Accepts, queues, runs, cancels and reports jobs."""
+
+    def __init__(
+        self,
+        state: AgentState,
+        blobs: BlobStore,
+        backends: dict[str, Backend],
+        agent_id: str,
+    ) -> None:
+        if not backends:
+            raise ValueError("at least one device backend is required")
+        self._state = state
+        self._blobs = blobs
+        self._backends = backends
+        self._descriptions = {name: b.describe() for name, b in backends.items()}
+        self._agent_id = agent_id
+        self._cond = threading.Condition()
+        self._active: dict[str, _Job] = {}  # queued or running
+        self._queues: dict[str, deque[str]] = {name: deque() for name in backends}
+        self._running: dict[str, str | None] = {name: None for name in backends}
+        self._threads: list[threading.Thread] = []
+        self._stopping = False
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self) -> None:
+        """Re-queue unfinished jobs of a previous run and start the device workers."""
+        dangling = self._state.close_dangling_executions()
+        if dangling:
+            log.warning("%d execution(s) were interrupted by an unclean stop", dangling)
+        for row in self._state.unfinished_jobs():
+            spec = pb.JobSpec.FromString(row.spec)
+            if row.device not in self._backends:
+                self._state.set_state(
+                    row.job_id,
+                    "FAILED",
+                    result=self._result(spec, row.device, pb.FAILED, "").SerializeToString(),
+                    error=f"device {row.device!r} is no longer served by this agent",
+                )
+                continue
+            if row.state != "QUEUED":
+                self._state.set_state(row.job_id, "QUEUED")
+            job = _Job(spec=spec, device=row.device)
+            self._blobs.pin([spec.model_sha256, spec.dataset_sha256])
+            with self._cond:
+                self._active[row.job_id] = job
+                self._queues[row.device].append(row.job_id)
+                self._publish(job, pb.QUEUED, "queued")
+            log.info("re-queued job %s left %s by the previous run", row.job_id, row.state)
+        for device in self._backends:
+            t = threading.Thread(
+                target=self._worker, args=(device,), name=f"tuneqn-worker-{device}", daemon=True
+            )
+            t.start()
+            self._threads.append(t)
+
+    def stop(self, timeout: float | None = 30.0) -> None:
+        """Take no new work, interrupt running jobs (they stay queued for the next start)."""
+        with self._cond:
+            self._stopping = True
+            for job_id in self._running.values():
+                if job_id is not None:
+                    self._active[job_id].interrupt.set()
+            self._cond.notify_all()
+        for t in self._threads:
+            t.join(timeout)
+
+    # ------------------------------------------------------------------ queries
+
+    def queue_length(self) -> int:
+        """Number of queued jobs over all devices."""
+        with self._cond:
+            return sum(len(q) for q in self._queues.values())
+
+    def running_job_ids(self) -> list[str]:
+        """Ids of the jobs running now."""
+        with self._cond:
+            return [j for j in self._running.values() if j is not None]
+
+    def execution_count(self, job_id: str) -> int:
+        """How many times the job started executing."""
+        return self._state.count_executions(job_id)
+
+    # ------------------------------------------------------------------ RPC entry points
+
+    def submit(self, spec: pb.JobSpec) -> pb.SubmitJobResponse:
+        """Queue a job, or report the state of an already known job id."""
+        self._validate(spec)
+        with self._cond:
+            if self._stopping:
+                raise AgentStopping("the agent is shutting down")
+            known_spec, known_state = self._known(spec.job_id)
+            if known_spec is not None:
+                if self._normalized(known_spec) != self._normalized(spec):
+                    raise JobConflict(f"job {spec.job_id!r} is already known with a different spec")
+                return pb.SubmitJobResponse(
+                    job_id=spec.job_id, state=known_state, already_known=True
+                )
+            device = self._resolve_device(spec.device)
+            stored = pb.JobSpec()
+            stored.CopyFrom(spec)
+            stored.device = device
+            missing = self._blobs.pin_if_present([spec.model_sha256, spec.dataset_sha256])
+            if missing:
+                raise MissingBlobs(sorted(set(missing)))
+            try:
+                self._state.insert_job(spec.job_id, stored.SerializeToString(), device)
+            except BaseException:
+                self._blobs.unpin([spec.model_sha256, spec.dataset_sha256])
+                raise
+            job = _Job(spec=stored, device=device)
+            self._active[spec.job_id] = job
+            self._queues[device].append(spec.job_id)
+            self._publish(job, pb.QUEUED, "queued")
+        log.info("job %s queued on %s", spec.job_id, device)
+        return pb.SubmitJobResponse(job_id=spec.job_id, state=pb.QUEUED, already_known=False)
+
+    def cancel(self, job_id: str) -> pb.JobState:
+        """Cancel a job; returns its state after the request (RUNNING = cancel pending)."""
+        with self._cond:
+            job = self._active.get(job_id)
+            if job is None:
+                row = self._state.get_job(job_id)
+                if row is None:
+                    raise JobNotFound(job_id)
+                return state_value(row.state)
+            if job.state == pb.QUEUED:
+                self._queues[job.device].remove(job_id)
+                del self._active[job_id]
+                now = time.time()
+                result = self._result(job.spec, job.device, pb.CANCELLED, "cancelled while queued")
+                result.finished_at = now
+                self._state.set_state(
+                    job_id, "CANCELLED", result=result.SerializeToString(), error=result.error
+                )
+                self._blobs.unpin([job.spec.model_sha256, job.spec.dataset_sha256])
+                self._publish(job, pb.CANCELLED, "done", final_result=result)
+                log.info("job %s cancelled while queued", job_id)
+                return pb.CANCELLED
+            job.cancel_requested = True
+            job.interrupt.set()
+            log.info("cancel requested for running job %s", job_id)
+            return job.state
+
+    def watch(self, job_id: str, is_active: Callable[[], bool]) -> Iterator[pb.JobEvent]:
+        """Events of a job until its final one; a finished job yields its final event at once.
+
+        Raises :class:`JobNotFound` for an unknown id and :class:`AgentStopping` when the
+        agent stops before the job finished. ``is_active`` tells whether the watcher
+        is still connected; call :meth:`wake_watchers` when that changes.
+        """
+        with self._cond:
+            job = self._active.get(job_id)
+            row = None if job is not None else self._state.get_job(job_id)
+        if job is None:
+            if row is None or row.result is None:
+                raise JobNotFound(job_id)
+            result = pb.JobResult.FromString(row.result)
+            yield pb.JobEvent(
+                job_id=job_id,
+                state=result.state,
+                stage="done",
+                done=result.num_samples,
+                total=result.num_samples,
+                final=True,
+                result=result,
+                timestamp=result.finished_at,
+            )
+            return
+        seen = -1
+        while True:
+            with self._cond:
+                while job.version == seen and not self._stopping and is_active():
+                    self._cond.wait(timeout=5.0)
+                if not is_active():
+                    return
+                if job.version == seen and self._stopping:
+                    raise AgentStopping("the agent is shutting down; watch again after restart")
+                event = job.event
+                seen = job.version
+            yield event
+            if event.final:
+                return
+
+    def wake_watchers(self) -> None:
+        """Wake watchers so they re-check whether their client is still there."""
+        with self._cond:
+            self._cond.notify_all()
+
+    # ------------------------------------------------------------------ internals
+
+    def _validate(self, spec: pb.JobSpec) -> None:
+        if not spec.job_id:
+            raise InvalidJob("job_id is empty")
+        if len(spec.job_id) > MAX_JOB_ID_LENGTH:
+            raise InvalidJob(f"job_id is longer than {MAX_JOB_ID_LENGTH} characters")
+        for name in ("model_sha256", "dataset_sha256"):
+            value = getattr(spec, name)
+            try:
+                check_sha256(value)
+            except ValueError as exc:
+                raise InvalidJob(f"{name}: {exc}") from None
+        for name in ("top_k", "chunk_size"):
+            if spec.HasField(name) and getattr(spec, name) == 0:
+                raise InvalidJob(f"{name} must be > 0")
+
+    def _known(self, job_id: str) -> tuple[pb.JobSpec | None, pb.JobState]:
+        job = self._active.get(job_id)
+        if job is not None:
+            return job.spec, job.state
+        row = self._state.get_job(job_id)
+        if row is None:
+            return None, pb.JOB_STATE_UNSPECIFIED
+        return pb.JobSpec.FromString(row.spec), state_value(row.state)
+
+    def _normalized(self, spec: pb.JobSpec) -> pb.JobSpec:
+        out = pb.JobSpec()
+        out.CopyFrom(spec)
+        if not out.device and len(self._backends) == 1:
+            out.device = next(iter(self._backends))
+        return out
+
+    def _resolve_device(self, name: str) -> str:
+        if not name:
+            if len(self._backends) == 1:
+                return next(iter(self._backends))
+            raise InvalidJob(
+                "this agent has several devices; name one of: " + ", ".join(self._backends)
+            )
+        if name not in self._backends:
+            raise InvalidJob(f"unknown device {name!r}; this agent has: " + ", ".join(self._backends))
+        return name
+
+    def _publish(
+        self,
+        job: _Job,
+        state: pb.JobState,
+        stage: str,
+        done: int = 0,
+        total: int = 0,
+        final_result: pb.JobResult | None = None,
+    ) -> None:
+        """Set the job's latest event and wake watchers (call with ``self._cond`` held)."""
+        job.state = state
+        event = pb.JobEvent(
+            job_id=job.spec.job_id,
+            state=state,
+            stage=stage,
+            done=done,
+            total=total,
+            timestamp=time.time(),
+        )
+        if final_result is not None:
+            event.final = True
+            event.result.CopyFrom(final_result)
+            event.done = final_result.num_samples
+            event.total = final_result.num_samples
+        job.event = event
+        job.version += 1
+        self._cond.notify_all()
+
+    def _result(
+        self, spec: pb.JobSpec, device: str, state: pb.JobState, error: str
+    ) -> pb.JobResult:
+        desc = self._descriptions.get(device)
+        result = pb.JobResult(
+            job_id=spec.job_id,
+            device=device,
+            device_class=desc.device_class if desc else "",
+            agent_id=self._agent_id,
+            state=state,
+            error=error,
+        )
+        if desc is not None:
+            result.runtime_versions.update(desc.runtime_versions)
+            result.simulated_latency_ms_per_sample = desc.simulated_latency_ms_per_sample
+        return result
+
+    def _worker(self, device: str) -> None:
+        queue = self._queues[device]
+        while True:
+            with self._cond:
+                while not queue and not self._stopping:
+                    self._cond.wait()
+                if self._stopping:
+                    return
+                job_id = queue.popleft()
+                job = self._active[job_id]
+                self._running[device] = job_id
+                self._state.set_state(job_id, "RUNNING")
+                execution_id = self._state.start_execution(job_id)
+                self._publish(job, pb.RUNNING, "loading")
+            log.info("job %s started on %s", job_id, device)
+            self._execute(job, execution_id)
+
+    def _execute(self, job: _Job, execution_id: int) -> None:
+        spec = job.spec
+        started = time.time()
+        try:
+            result = self._run(job, started)
+        except Interrupted:
+            if not job.cancel_requested:  # the agent is stopping: run it again after restart
+                self._state.finish_execution(execution_id, "interrupted")
+                self._state.set_state(spec.job_id, "QUEUED")
+                with self._cond:
+                    self._running[job.device] = None
+                log.info("job %s interrupted by shutdown; it stays queued", spec.job_id)
+                return
+            result = self._result(spec, job.device, pb.CANCELLED, "cancelled while running")
+        except Exception as exc:  # job-failure handler: any error of model, data or runtime
+            # must end as a FAILED job with its message instead of killing the device worker.
+            log.warning("job %s failed: %s", spec.job_id, exc)
+            message = str(exc) or type(exc).__name__
+            result = self._result(spec, job.device, pb.FAILED, f"{type(exc).__name__}: {message}")
+        result.started_at = started
+        result.finished_at = time.time()
+        self._state.set_state(
+            spec.job_id,
+            state_name(result.state),
+            result=result.SerializeToString(),
+            error=result.error,
+        )
+        self._state.finish_execution(execution_id, state_name(result.state))
+        self._blobs.unpin([spec.model_sha256, spec.dataset_sha256])
+        with self._cond:
+            self._running[job.device] = None
+            self._active.pop(spec.job_id, None)
+            self._publish(job, result.state, "done", final_result=result)
+        log.info("job %s finished: %s", spec.job_id, state_name(result.state))
+
+    def _run(self, job: _Job, started: float) -> pb.JobResult:
+        spec = job.spec
+        backend = self._backends[job.device]
+        top_k = spec.top_k if spec.HasField("top_k") else DEFAULT_TOP_K
+        chunk_size = spec.chunk_size if spec.HasField("chunk_size") else DEFAULT_CHUNK_SIZE
+        warmup = spec.latency_warmup if spec.HasField("latency_warmup") else DEFAULT_LATENCY_WARMUP
+        repeats = (
+            spec.latency_repeats if spec.HasField("latency_repeats") else DEFAULT_LATENCY_REPEATS
+        )
+        model_path = self._blobs.path(spec.model_sha256)
+        dataset_path = self._blobs.path(spec.dataset_sha256)
+        for sha, path in ((spec.model_sha256, model_path), (spec.dataset_sha256, dataset_path)):
+            if not path.exists():
+                raise FileNotFoundError(f"blob {sha} is no longer in the agent's cache")
+            self._blobs.touch(sha)
+        model_size = model_path.stat().st_size
+
+        handle = backend.load(
+            model_path,
+            LoadOptions(
+                input_name=spec.input_name,
+                disabled_optimizers=tuple(spec.ort_disabled_optimizers),
+                intra_op_threads=spec.intra_op_threads,
+            ),
+        )
+        data = np.load(dataset_path, mmap_mode="r", allow_pickle=False)
+        if not isinstance(data, np.ndarray) or data.ndim < 1 or data.shape[0] == 0:
+            raise ValueError("dataset must be a .npy array with at least one sample on axis 0")
+        n = int(data.shape[0])
+        chunk = handle.fixed_batch or chunk_size
+        with self._cond:
+            self._publish(job, pb.RUNNING, "predicting", done=0, total=n)
+
+        topk: np.ndarray | None = None
+        classes = 0
+        t0 = time.perf_counter()
+        for start in range(0, n, chunk):
+            if job.interrupt.is_set():
+                raise Interrupted()
+            batch = np.asarray(data[start : start + chunk])
+            scores = backend.predict(handle, batch, stop=job.interrupt)
+            if topk is None:
+                classes = int(scores.shape[1])
+                if classes == 0:
+                    raise ValueError("model output 0 is empty")
+                topk = np.empty((n, min(top_k, classes)), dtype="<i4")
+            elif scores.shape[1] != classes:
+                raise ValueError(f"output size changed from {classes} to {scores.shape[1]}")
+            topk[start : start + batch.shape[0]] = topk_indices(scores, topk.shape[1])
+            with self._cond:
+                self._publish(
+                    job, pb.RUNNING, "predicting", done=start + batch.shape[0], total=n
+                )
+        inference_seconds = time.perf_counter() - t0
+        if topk is None:  # unreachable: n > 0
+            raise ValueError("no samples were predicted")
+
+        stats = pb.LatencyStats()
+        if repeats > 0:
+            if job.interrupt.is_set():
+                raise Interrupted()
+            with self._cond:
+                self._publish(job, pb.RUNNING, "latency", done=n, total=n)
+            one = np.asarray(data[:1])
+            stats = latency_stats(backend.latency(handle, one, warmup, repeats, stop=job.interrupt))
+
+        result = self._result(spec, job.device, pb.SUCCEEDED, "")
+        result.num_samples = n
+        result.top_k = topk.shape[1]
+        result.topk_indices = topk.astype("<i4", copy=False).tobytes(order="C")
+        result.model_size_bytes = model_size
+        result.latency.CopyFrom(stats)
+        result.inference_seconds = inference_seconds
+        result.started_at = started
+        return result

@@ -1,0 +1,279 @@
+"""The agent's gRPC server: the ``tuneqn.v1.Agent`` servicer plus the health service."""
+
+from __future__ import annotations
+
+import logging
+import socket
+from collections.abc import Iterator
+from concurrent import futures
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+import tuneqn
+from tuneqn.agent.auth import BearerTokenInterceptor
+from tuneqn.agent.backends.base import Backend, DeviceDescription
+from tuneqn.agent.config import AgentConfig
+from tuneqn.agent.blobs import BlobStore, BlobTooLarge, InvalidBlob, check_sha256
+from tuneqn.agent.jobs import (
+    AgentStopping,
+    InvalidJob,
+    JobConflict,
+    JobManager,
+    JobNotFound,
+    MissingBlobs,
+)
+from tuneqn.agent.state import AgentState, StateDirLock
+from tuneqn.v1 import agent_pb2 as pb
+from tuneqn.v1 import agent_pb2_grpc
+from tuneqn.v1.contract import CONTRACT_REVISION, CONTRACT_VERSION
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = "tuneqn.v1.Agent"
+MAX_RECEIVE_MESSAGE_BYTES = 16 * 1024**2
+
+
+def device_proto(desc: DeviceDescription) -> pb.Device:
+    """``tuneqn.v1.Device`` for a backend's description."""
+    return pb.Device(
+        name=desc.name,
+        device_class=desc.device_class,
+        backend=desc.backend,
+        runtime_versions=desc.runtime_versions,
+        cpu=desc.cpu,
+        gpu=desc.gpu,
+        capabilities=list(desc.capabilities),
+        simulated=desc.simulated,
+        simulated_latency_ms_per_sample=desc.simulated_latency_ms_per_sample,
+    )
+
+
+class AgentServicer(agent_pb2_grpc.AgentServicer):
+    """Implements ``tuneqn.v1.Agent`` on top of the job manager and the blob store."""
+
+    def __init__(
+        self, jobs: JobManager, blobs: BlobStore, devices: list[pb.Device], agent_id: str
+    ) -> None:
+        self._jobs = jobs
+        self._blobs = blobs
+        self._devices = devices
+        self._agent_id = agent_id
+        self._hostname = socket.gethostname()
+
+    def GetInfo(self, request: pb.GetInfoRequest, context: grpc.ServicerContext) -> pb.AgentInfo:
+        """Handshake: refuse clients of another contract, describe the agent otherwise."""
+        if request.contract_version != CONTRACT_VERSION:
+            spoken = request.contract_version or "nothing"
+            context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"contract mismatch: client speaks {spoken!r}, this agent speaks "
+                f"{CONTRACT_VERSION!r} (revision {CONTRACT_REVISION}); "
+                "use a controller and agent of the same major contract",
+            )
+        if request.contract_revision > CONTRACT_REVISION:
+            log.info(
+                "client %s uses contract revision %d, newer than this agent's %d",
+                request.client_version,
+                request.contract_revision,
+                CONTRACT_REVISION,
+            )
+        running = self._jobs.running_job_ids()
+        return pb.AgentInfo(
+            agent_version=tuneqn.__version__,
+            contract_version=CONTRACT_VERSION,
+            contract_revision=CONTRACT_REVISION,
+            agent_id=self._agent_id,
+            hostname=self._hostname,
+            queue_length=self._jobs.queue_length(),
+            running_job_id=running[0] if running else "",
+            devices=self._devices,
+        )
+
+    def UploadBlob(
+        self, request_iterator: Iterator[pb.BlobChunk], context: grpc.ServicerContext
+    ) -> pb.BlobRef:
+        """Store a verified blob (temp file + atomic rename); nothing is kept on error."""
+        first = next(request_iterator, None)
+        if first is None:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "empty upload: no chunk received")
+        try:
+            check_sha256(first.sha256)
+            present_size = self._blobs.size(first.sha256)
+            if present_size is not None:
+                if present_size != first.total_size:
+                    raise InvalidBlob(
+                        f"blob {first.sha256} is {present_size} bytes, announced {first.total_size}"
+                    )
+                self._blobs.touch(first.sha256)
+                return pb.BlobRef(sha256=first.sha256, size=present_size, already_present=True)
+            upload = self._blobs.begin_upload(first.sha256, first.total_size)
+            try:
+                upload.write(first.data)
+                for chunk in request_iterator:
+                    upload.write(chunk.data)
+                upload.commit()
+            finally:
+                upload.abort()
+        except InvalidBlob as exc:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except BlobTooLarge as exc:
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+        except OSError as exc:
+            log.error("cannot store blob %s: %s", first.sha256, exc)
+            context.abort(grpc.StatusCode.INTERNAL, f"cannot store blob: {exc}")
+        log.info("stored blob %s (%d bytes)", first.sha256, first.total_size)
+        return pb.BlobRef(sha256=first.sha256, size=first.total_size, already_present=False)
+
+    def HasBlobs(
+        self, request: pb.HasBlobsRequest, context: grpc.ServicerContext
+    ) -> pb.HasBlobsResponse:
+        """Presence of each requested blob."""
+        try:
+            present = [self._blobs.has(s) for s in request.sha256]
+        except InvalidBlob as exc:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        return pb.HasBlobsResponse(present=present)
+
+    def SubmitJob(self, request: pb.JobSpec, context: grpc.ServicerContext) -> pb.SubmitJobResponse:
+        """Queue a job (idempotent by job_id)."""
+        try:
+            return self._jobs.submit(request)
+        except InvalidJob as exc:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except JobConflict as exc:
+            context.abort(grpc.StatusCode.ALREADY_EXISTS, str(exc))
+        except MissingBlobs as exc:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+        except AgentStopping as exc:
+            context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+
+    def WatchJob(
+        self, request: pb.WatchJobRequest, context: grpc.ServicerContext
+    ) -> Iterator[pb.JobEvent]:
+        """Stream a job's events until its final one."""
+        context.add_callback(self._jobs.wake_watchers)
+        try:
+            yield from self._jobs.watch(request.job_id, context.is_active)
+        except JobNotFound:
+            context.abort(grpc.StatusCode.NOT_FOUND, f"unknown job {request.job_id!r}")
+        except AgentStopping as exc:
+            context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+
+    def CancelJob(
+        self, request: pb.CancelJobRequest, context: grpc.ServicerContext
+    ) -> pb.CancelJobResponse:
+        """Cancel a queued job now or a running one at its next chunk boundary."""
+        try:
+            return pb.CancelJobResponse(state=self._jobs.cancel(request.job_id))
+        except JobNotFound:
+            context.abort(grpc.StatusCode.NOT_FOUND, f"unknown job {request.job_id!r}")
+
+
+class AgentServer:
+    """State, blob cache, job workers and gRPC server of one agent process."""
+
+    def __init__(self, config: AgentConfig, backends: list[Backend]) -> None:
+        if (config.tls_cert is None) != (config.tls_key is None):
+            raise ValueError("tls_cert and tls_key go together")
+        if config.tls_ca is not None and config.tls_cert is None:
+            raise ValueError("tls_ca (client certificates) needs tls_cert and tls_key")
+        self.config = config
+        self.state_dir = Path(config.state_dir)
+        self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._lock = StateDirLock(self.state_dir)
+        try:
+            self.state = AgentState(self.state_dir)
+        except BaseException:
+            self._lock.release()
+            raise
+        self.agent_id = self.state.agent_id()
+        self.blobs = BlobStore(
+            self.state_dir / "blobs",
+            cache_bytes=config.blob_cache_bytes,
+            max_blob_bytes=config.max_blob_bytes,
+        )
+        by_name: dict[str, Backend] = {}
+        for backend in backends:
+            name = backend.describe().name
+            if name in by_name:
+                raise ValueError(f"two backends for device {name!r}")
+            by_name[name] = backend
+        self.backends = by_name
+        self.jobs = JobManager(self.state, self.blobs, by_name, self.agent_id)
+        self.health = health.HealthServicer()
+        self._server: grpc.Server | None = None
+        self.port: int = 0
+
+    @property
+    def running(self) -> bool:
+        """Whether the server was started and not stopped yet."""
+        return self._server is not None
+
+    @property
+    def address(self) -> str:
+        """``host:port`` the server listens on (IPv6 hosts in brackets)."""
+        host = f"[{self.config.host}]" if ":" in self.config.host else self.config.host
+        return f"{host}:{self.port}"
+
+    def start(self) -> int:
+        """Recover jobs, start the workers and the server; returns the bound port."""
+        interceptors: list[grpc.ServerInterceptor] = (
+            [BearerTokenInterceptor(self.config.token)] if self.config.token else []
+        )
+        server = grpc.server(
+            futures.ThreadPoolExecutor(
+                max_workers=self.config.max_workers, thread_name_prefix="tuneqn-rpc"
+            ),
+            interceptors=interceptors,
+            options=[
+                ("grpc.so_reuseport", 0),
+                ("grpc.max_receive_message_length", MAX_RECEIVE_MESSAGE_BYTES),
+            ],
+        )
+        devices = [device_proto(b.describe()) for b in self.backends.values()]
+        agent_pb2_grpc.add_AgentServicer_to_server(
+            AgentServicer(self.jobs, self.blobs, devices, self.agent_id), server
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        host = f"[{self.config.host}]" if ":" in self.config.host else self.config.host
+        target = f"{host}:{self.config.port}"
+        if self.config.tls_cert is not None and self.config.tls_key is not None:
+            credentials = grpc.ssl_server_credentials(
+                [(self.config.tls_key, self.config.tls_cert)],
+                root_certificates=self.config.tls_ca,
+                require_client_auth=self.config.tls_ca is not None,
+            )
+            self.port = server.add_secure_port(target, credentials)
+        else:
+            self.port = server.add_insecure_port(target)
+        if self.port == 0:  # older grpc versions report a failed bind this way
+            raise RuntimeError(f"cannot bind {target}")
+        self.jobs.start()
+        server.start()
+        self._server = server
+        for service in ("", SERVICE_NAME):
+            self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        log.info("agent %s listening on %s", self.agent_id, self.address)
+        return self.port
+
+    def stop(self, grace: float = 2.0) -> None:
+        """Stop taking work, interrupt running jobs (kept queued), stop the server."""
+        self.health.enter_graceful_shutdown()
+        self.jobs.stop()
+        if self._server is not None:
+            self._server.stop(grace).wait()
+            self._server = None
+        for backend in self.backends.values():
+            backend.close()
+        self.state.close()
+        self._lock.release()
+        log.info("agent stopped")
+
+    def __enter__(self) -> AgentServer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

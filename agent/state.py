@@ -1,0 +1,216 @@
+"""The agent's own small SQLite database (``<state dir>/agent.db``, WAL mode).
+
+Tables:
+
+* ``meta(key, value)`` — the agent instance id.
+* ``jobs(job_id pk, spec, device, state, result, error, created, updated)`` — ``spec``
+  and ``result`` are serialized ``tuneqn.v1.JobSpec`` / ``tuneqn.v1.JobResult`` bytes,
+  ``state`` the JobState name (QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED).
+* ``executions(id pk, job_id, started, finished, outcome)`` — one row per time a job
+  actually started executing; ``outcome`` is the final state name, or
+  ``interrupted`` when the agent stopped or died during the run.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import sqlite_utils
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - non-POSIX hosts run without the lock
+    fcntl = None  # type: ignore[assignment]
+
+DB_NAME = "agent.db"
+LOCK_NAME = "agent.lock"
+UNFINISHED = ("QUEUED", "RUNNING")
+FINISHED = ("SUCCEEDED", "FAILED", "CANCELLED")
+
+
+class StateDirInUse(RuntimeError):
+    """Another agent process holds the state directory."""
+
+
+class StateDirLock:
+    """Exclusive lock on a state dir so that two agents never share one (released on exit)."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.path = Path(state_dir) / LOCK_NAME
+        self._fd: int | None = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        if fcntl is None:
+            return
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._fd)
+            self._fd = None
+            raise StateDirInUse(f"state dir {state_dir} is in use by another agent") from None
+        os.ftruncate(self._fd, 0)
+        os.write(self._fd, f"{os.getpid()}\n".encode())
+
+    def release(self) -> None:
+        """Release the lock (idempotent)."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+@dataclass(frozen=True)
+class JobRow:
+    """One row of the ``jobs`` table."""
+
+    job_id: str
+    spec: bytes
+    device: str
+    state: str
+    result: bytes | None
+    error: str | None
+    created: float
+    updated: float
+
+
+class AgentState:
+    """Thread-safe access to the agent database."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.path = Path(state_dir) / DB_NAME
+        self._lock = threading.Lock()
+        conn = sqlite3.connect(self.path, check_same_thread=False, timeout=30.0)
+        self.db = sqlite_utils.Database(conn, execute_plugins=False)
+        self.db.enable_wal()
+        with self._lock:
+            self.db["meta"].create({"key": str, "value": str}, pk="key", if_not_exists=True)
+            self.db["jobs"].create(
+                {
+                    "job_id": str,
+                    "spec": bytes,
+                    "device": str,
+                    "state": str,
+                    "result": bytes,
+                    "error": str,
+                    "created": float,
+                    "updated": float,
+                },
+                pk="job_id",
+                if_not_exists=True,
+            )
+            self.db["executions"].create(
+                {"id": int, "job_id": str, "started": float, "finished": float, "outcome": str},
+                pk="id",
+                if_not_exists=True,
+            )
+            self.db["executions"].create_index(["job_id"], if_not_exists=True)
+            self.db["jobs"].create_index(["state"], if_not_exists=True)
+
+    def agent_id(self) -> str:
+        """The instance id, created on first use and stable for this state dir."""
+        with self._lock:
+            rows = list(self.db["meta"].rows_where("key = ?", ["agent_id"]))
+            if rows:
+                return str(rows[0]["value"])
+            value = uuid.uuid4().hex
+            self.db["meta"].insert({"key": "agent_id", "value": value}, pk="key")
+            return value
+
+    def insert_job(self, job_id: str, spec: bytes, device: str, state: str = "QUEUED") -> None:
+        """Record a newly submitted job."""
+        now = time.time()
+        with self._lock:
+            self.db["jobs"].insert(
+                {
+                    "job_id": job_id,
+                    "spec": spec,
+                    "device": device,
+                    "state": state,
+                    "result": None,
+                    "error": None,
+                    "created": now,
+                    "updated": now,
+                },
+                pk="job_id",
+            )
+
+    def get_job(self, job_id: str) -> JobRow | None:
+        """The job's row, or None if unknown."""
+        with self._lock:
+            rows = list(self.db["jobs"].rows_where("job_id = ?", [job_id]))
+        return _row(rows[0]) if rows else None
+
+    def set_state(
+        self, job_id: str, state: str, result: bytes | None = None, error: str | None = None
+    ) -> None:
+        """Update a job's state (and, when finished, its result and error)."""
+        updates: dict[str, object] = {"state": state, "updated": time.time()}
+        if result is not None:
+            updates["result"] = result
+        if error is not None:
+            updates["error"] = error
+        with self._lock, self.db.conn:
+            self.db["jobs"].update(job_id, updates)
+
+    def unfinished_jobs(self) -> list[JobRow]:
+        """Jobs left queued or running, in submission order."""
+        with self._lock:
+            rows = list(
+                self.db["jobs"].rows_where(
+                    "state in (?, ?)", list(UNFINISHED), order_by="created, rowid"
+                )
+            )
+        return [_row(r) for r in rows]
+
+    def start_execution(self, job_id: str) -> int:
+        """Record that the job starts executing now; returns the execution id."""
+        with self._lock:
+            table = self.db["executions"].insert(
+                {"job_id": job_id, "started": time.time(), "finished": None, "outcome": None},
+                pk="id",
+            )
+            return int(table.last_pk)
+
+    def finish_execution(self, execution_id: int, outcome: str) -> None:
+        """Record how an execution ended."""
+        with self._lock, self.db.conn:
+            self.db["executions"].update(
+                execution_id, {"finished": time.time(), "outcome": outcome}
+            )
+
+    def close_dangling_executions(self) -> int:
+        """Mark executions left open by a crash as ``interrupted``; returns how many."""
+        with self._lock, self.db.conn:
+            cur = self.db.execute(
+                "UPDATE executions SET finished = ?, outcome = 'interrupted' "
+                "WHERE finished IS NULL",
+                [time.time()],
+            )
+            return cur.rowcount
+
+    def count_executions(self, job_id: str) -> int:
+        """How many times the job started executing."""
+        with self._lock:
+            return self.db["executions"].count_where("job_id = ?", [job_id])
+
+    def close(self) -> None:
+        """Close the database connection."""
+        with self._lock:
+            self.db.close()
+
+
+def _row(r: dict[str, Any]) -> JobRow:
+    return JobRow(
+        job_id=str(r["job_id"]),
+        spec=bytes(r["spec"]),
+        device=str(r["device"]),
+        state=str(r["state"]),
+        result=bytes(r["result"]) if r["result"] is not None else None,
+        error=str(r["error"]) if r["error"] is not None else None,
+        created=float(r["created"]),
+        updated=float(r["updated"]),
+    )

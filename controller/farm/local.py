@@ -1,0 +1,79 @@
+"""A local agent process on loopback, started when a study configures no agents."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from types import TracebackType
+
+from tuneqn.controller.errors import StudyFailed
+
+log = logging.getLogger(__name__)
+_LISTENING = re.compile(r"listening on (\S+:\d+)")
+
+
+class LocalAgent:
+    """``python -m tuneqn.agent --listen 127.0.0.1:0`` as a child process."""
+
+    def __init__(self, state_dir: Path, device_name: str = "local", extra_args: list[str] | None = None,
+                 start_timeout: float = 60.0) -> None:
+        self.state_dir = state_dir
+        self.device_name = device_name
+        self.extra_args = extra_args or []
+        self.start_timeout = start_timeout
+        self.proc: subprocess.Popen[str] | None = None
+        self.address = ""
+
+    def start(self) -> str:
+        """Start the agent and return its address once it listens."""
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        cmd = [sys.executable, "-m", "tuneqn.agent", "--listen", "127.0.0.1:0", "--state-dir", str(self.state_dir),
+               "--device-name", self.device_name, *self.extra_args]
+        log.info("starting local agent: %s", " ".join(cmd))
+        self.proc = subprocess.Popen(  # noqa: S603 - our own interpreter and module
+            cmd, stdout=subprocess.PIPE, stderr=open(self.state_dir / "agent.log", "ab"),  # noqa: SIM115
+            text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        found: list[str] = []
+        done = threading.Event()
+
+        stdout = self.proc.stdout
+
+        def read() -> None:
+            for line in stdout or ():
+                m = _LISTENING.search(line)
+                if m and not found:
+                    found.append(m.group(1))
+                    done.set()
+            done.set()
+
+        threading.Thread(target=read, daemon=True, name="local-agent-stdout").start()
+        if not done.wait(self.start_timeout) or not found:
+            self.stop()
+            raise StudyFailed(f"local agent did not start; see {self.state_dir / 'agent.log'}")
+        self.address = found[0]
+        return self.address
+
+    def stop(self) -> None:
+        """Terminate the agent (SIGTERM, then SIGKILL)."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+    def __enter__(self) -> "LocalAgent":
+        self.start()
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.stop()

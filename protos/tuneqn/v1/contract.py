@@ -1,0 +1,10 @@
+"""Identity of the ``tuneqn.v1`` contract (hand-written; the rest of this package is generated).
+
+``CONTRACT_VERSION`` is the major contract: it equals the proto package and only
+changes with a wire-incompatible ``tuneqn.v2``. ``CONTRACT_REVISION`` counts compatible
+additions within ``tuneqn.v1`` (new fields or RPCs); bump it whenever agent.proto
+grows, so that a client can tell whether an agent knows a feature it needs.
+"""
+
+CONTRACT_VERSION = "tuneqn.v1"
+CONTRACT_REVISION = 1

@@ -1,0 +1,135 @@
+"""Bearer token, health without token, TLS and mTLS on a real agent."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import subprocess
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from test_agent_fixtures import (  # noqa: F401  (fixtures are used by name)
+    agent_factory,
+    client_factory,
+    cnn_bytes,
+    dataset,
+    job_spec,
+    jobs_recorded,
+    npy_bytes,
+)
+from tuneqn.controller.farm.client import AgentClient
+from tuneqn.v1 import agent_pb2 as pb
+from tuneqn.v1 import agent_pb2_grpc
+
+TOKEN = "s3cret-token"
+
+
+def _calls(client: AgentClient, stub: agent_pb2_grpc.AgentStub, token: str | None, sha: str) -> dict[str, object]:
+    """One call of every kind: unary, client-streaming and server-streaming."""
+    metadata = [("authorization", f"Bearer {token}")] if token else []
+    return {
+        "GetInfo": client.info,
+        "HasBlobs": lambda: client.has_blobs([sha]),
+        "UploadBlob": lambda: stub.UploadBlob(  # the client would ask HasBlobs first
+            iter([pb.BlobChunk(sha256=sha, total_size=1, data=b"x")]), timeout=5, metadata=metadata
+        ),
+        "SubmitJob": lambda: client.submit(job_spec("intruder", sha, sha)),
+        "WatchJob": lambda: list(client.watch("intruder", timeout=5)),
+        "CancelJob": lambda: client.cancel("intruder"),
+    }
+
+
+@pytest.mark.parametrize("token", [None, "wrong-token", TOKEN + "x"])
+def test_wrong_or_missing_token_is_unauthenticated_and_runs_nothing(
+    agent_factory, client_factory, cnn_bytes, token
+) -> None:
+    server = agent_factory(token=TOKEN)
+    with client_factory(server, token=TOKEN) as good:  # the blob exists, so only auth can stop the job
+        sha = good.upload_bytes(cnn_bytes)
+    bad = client_factory(server, token=token)
+    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        for name, call in _calls(bad, agent_pb2_grpc.AgentStub(channel), token, sha).items():
+            with pytest.raises(grpc.RpcError) as err:
+                call()
+            assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED, name
+    assert jobs_recorded(server.state_dir) == 0
+    assert server.jobs.execution_count("intruder") == 0
+
+
+def test_right_token_works_and_health_needs_none(agent_factory, client_factory, cnn_bytes) -> None:
+    server = agent_factory(token=TOKEN)
+    client = client_factory(server, token=TOKEN)
+    m, d = client.upload_bytes(cnn_bytes), client.upload_bytes(npy_bytes(dataset(4)))
+    client.submit(job_spec("ok", m, d))
+    assert client.wait_result("ok", timeout=20).state == pb.SUCCEEDED
+
+    anonymous = client_factory(server)
+    assert anonymous.health()
+    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        for service in ("", "tuneqn.v1.Agent"):
+            status = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status
+            assert status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_health_reports_not_serving_for_a_stopped_agent(agent_factory, client_factory) -> None:
+    server = agent_factory()
+    client = client_factory(server, timeout=2.0)
+    assert client.health()
+    server.stop(grace=0.1)
+    assert not client.health()
+
+
+def _openssl(*args: str, cwd: Path) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=30)
+
+
+def _issue(cwd: Path, name: str, ext: str) -> None:
+    _openssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+             "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN={name}", cwd=cwd)
+    (cwd / f"{name}.ext").write_text(ext)
+    _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+             "-CAcreateserial", "-out", f"{name}.pem", "-days", "1", "-extfile", f"{name}.ext", cwd=cwd)
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A throw-away CA with a server (127.0.0.1) and a client certificate."""
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl CLI not available to make test certificates")
+    d = tmp_path_factory.mktemp("pki")
+    _openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+             "-keyout", "ca.key", "-out", "ca.pem", "-days", "1", "-subj", "/CN=tuneqn-test-ca", cwd=d)
+    _issue(d, "server", "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n")
+    _issue(d, "client", "extendedKeyUsage=clientAuth\n")
+    return d
+
+
+def test_tls_and_mtls(agent_factory, client_factory, pki: Path, tmp_path: Path) -> None:
+    def read(name: str) -> bytes:
+        return (pki / name).read_bytes()
+
+    tls = agent_factory(state_dir=tmp_path / "tls", tls_cert=read("server.pem"), tls_key=read("server.key"))
+    assert client_factory(tls, tls_ca=pki / "ca.pem").info().agent_id == tls.agent_id
+    with pytest.raises(grpc.RpcError):
+        client_factory(tls, timeout=2.0).info()  # plaintext client against a TLS agent
+
+    mtls = agent_factory(
+        state_dir=tmp_path / "mtls",
+        tls_cert=read("server.pem"),
+        tls_key=read("server.key"),
+        tls_ca=read("ca.pem"),
+        token=TOKEN,
+    )
+    with pytest.raises(grpc.RpcError) as err:
+        client_factory(mtls, tls_ca=pki / "ca.pem", token=TOKEN, timeout=2.0).info()  # no client cert
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    client = client_factory(
+        mtls, tls_ca=pki / "ca.pem", tls_cert=pki / "client.pem", tls_key=pki / "client.key", token=TOKEN
+    )
+    assert client.info().agent_id == mtls.agent_id
+    sha = client.upload_bytes(b"over mTLS")
+    assert sha == hashlib.sha256(b"over mTLS").hexdigest() and client.has_blobs([sha]) == [True]

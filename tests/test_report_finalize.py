@@ -1,0 +1,387 @@
+"""finalize_report on a small constructed study with a known answer, and write_report."""
+
+from __future__ import annotations
+
+import copy
+import json
+import struct
+from pathlib import Path
+from typing import Any
+
+import pytest
+from tuneqn.controller.report.finalize import finalize_report, write_report
+from tuneqn.controller.report.plots import plot_key
+
+MB = 1_000_000
+ORIGINAL_SIZE = 10 * MB
+
+# (k, size_bytes, cpu agreement, cpu latency, gpu result) for the ranked candidates.
+# With objectives accuracy_loss (min, max 0.30) and size (min), in (loss, size MB):
+#   cpu: k0 (.40, 2.5) infeasible, k1 (.25, 3), k2 (.26, 4), k3 (.10, 5), k4 (.08, 6), k5 (.08, 7), E (.28, 3.5)
+#        front 1 = k1 k3 k4; front 2 = k2 k5 E.  Compromise on front 1: k3.
+#   gpu: k0 (.20, 2.5), k1 failed, k2 (.15, 4), k3 (.05, 5), k4 (.05, 6), k5 (.06, 7), E pending
+#        front 1 = k0 k2 k3; front 2 = k4; front 3 = k5.  Compromise on front 1: k2.
+#   cross-device worst over {cpu, gpu}: k2 (.26, 4), k3 (.10, 5), k4 (.08, 6), k5 (.08, 7);
+#        k0, k1, E excluded.  front 1 = k2 k3 k4; front 2 = k5.  Compromise: k3.
+_RANKED: list[tuple[int, int, float, float, dict[str, Any]]] = [
+    (0, 2_500_000, 0.60, 5.0, {"status": "done", "agreement": 0.80}),
+    (1, 3_000_000, 0.75, 6.0, {"status": "failed", "agreement": None, "error": "TVM compile error: unsupported op"}),
+    (2, 4_000_000, 0.74, 6.5, {"status": "done", "agreement": 0.85}),
+    (3, 5_000_000, 0.90, 7.0, {"status": "done", "agreement": 0.95}),
+    (4, 6_000_000, 0.92, 8.0, {"status": "done", "agreement": 0.95}),
+    (5, 7_000_000, 0.92, 9.0, {"status": "done", "agreement": 0.94}),
+]
+LAYER_NAMES = [f"conv_{i}" for i in range(25)]
+
+
+def _result(device: str, **kw: Any) -> dict[str, Any]:
+    base = {
+        "device": device,
+        "status": "done",
+        "agreement": None,
+        "accuracy": None,
+        "accuracy_top5": None,
+        "latency_ms": None,
+        "error": None,
+    }
+    base.update(kw)
+    return base
+
+
+def make_study() -> dict[str, Any]:
+    """A base report: one model, static mode, cpu + gpu, ranked k = 0..5 and one explicit candidate."""
+    candidates: list[dict[str, Any]] = []
+    for k, size, cpu_agree, cpu_lat, gpu in _RANKED:
+        candidates.append(
+            {
+                "id": f"toynet/static/k{k}",
+                "model": "toynet",
+                "mode": "static",
+                "k": k,
+                "kind": "ranked",
+                "label": f"top-{k}",
+                "excluded": LAYER_NAMES[:k],
+                "size_bytes": size,
+                "sha256": f"{k:064x}",
+                "results": [_result("cpu", agreement=cpu_agree, latency_ms=cpu_lat), _result("gpu", **gpu)],
+            }
+        )
+    candidates.append(
+        {
+            "id": "toynet/static/keep-stem",
+            "model": "toynet",
+            "mode": "static",
+            "k": None,
+            "kind": "explicit",
+            "label": "keep <stem> & head",
+            "excluded": ["conv_0", "fc"],
+            "size_bytes": 3_500_000,
+            "sha256": "e" * 64,
+            "results": [_result("cpu", agreement=0.72, latency_ms=6.2), _result("gpu", status="pending")],
+        }
+    )
+    layers = [
+        {
+            "model": "toynet",
+            "mode": "static",
+            "name": name,
+            "op_type": "Conv",
+            "index": i,
+            "qdq_err": 0.5 - i * 0.01,
+            "xmodel_err": 0.3 - i * 0.01,
+            "score": 1.0 - i / 24,
+            "rank": i + 1,
+        }
+        for i, name in enumerate(LAYER_NAMES)
+    ]
+    return {
+        "tuneqn_version": "0.1.0",
+        "generated_at": "2025-01-01T00:00:00Z",
+        "partial": True,
+        "study": {"name": "toy <study>", "out_dir": "/tmp/toy", "settings": {"seed": 0}},
+        "objectives": [
+            {"name": "accuracy_loss", "direction": "min", "max": 0.30, "min": None},
+            {"name": "size", "direction": "min", "max": None, "min": None},
+        ],
+        "devices": [
+            {"name": "cpu", "device_class": "cpu", "info": {"cores": 8}},
+            {"name": "gpu", "device_class": "mali", "info": {}},
+        ],
+        "models": [
+            {
+                "name": "toynet",
+                "source": "local:toynet.onnx",
+                "size_bytes": ORIGINAL_SIZE,
+                "sha256": "f" * 64,
+                "opset_original": 11,
+                "opset_used": 13,
+                "upgraded": True,
+            }
+        ],
+        "layers": layers,
+        "baselines": [
+            {
+                "model": "toynet",
+                "device": "cpu",
+                "status": "done",
+                "accuracy": None,
+                "accuracy_top5": None,
+                "latency_ms": 10.0,
+                "size_bytes": ORIGINAL_SIZE,
+            },
+            {
+                "model": "toynet",
+                "device": "gpu",
+                "status": "done",
+                "accuracy": None,
+                "accuracy_top5": None,
+                "latency_ms": None,
+                "size_bytes": ORIGINAL_SIZE,
+            },
+        ],
+        "candidates": candidates,
+    }
+
+
+def _id(k: int | str) -> str:
+    return f"toynet/static/k{k}" if isinstance(k, int) else f"toynet/static/{k}"
+
+
+def _result_of(report: dict[str, Any], cid: str, device: str) -> dict[str, Any]:
+    cand = next(c for c in report["candidates"] if c["id"] == cid)
+    return next(r for r in cand["results"] if r["device"] == device)
+
+
+@pytest.fixture()
+def report() -> dict[str, Any]:
+    return finalize_report(make_study())
+
+
+def test_base_is_not_modified_and_kept() -> None:
+    base = make_study()
+    snapshot = copy.deepcopy(base)
+    out = finalize_report(base)
+    assert base == snapshot
+    for key, value in snapshot.items():
+        if key != "candidates":
+            assert out[key] == value
+    # Finalizing twice gives the same report.
+    assert finalize_report(out) == out
+
+
+def test_per_device_fronts(report: dict[str, Any]) -> None:
+    assert report["fronts"] == [
+        {
+            "model": "toynet",
+            "mode": "static",
+            "device": "cpu",
+            "fronts": [[_id(1), _id(3), _id(4)], [_id(2), _id(5), _id("keep-stem")]],
+        },
+        {
+            "model": "toynet",
+            "mode": "static",
+            "device": "gpu",
+            "fronts": [[_id(0), _id(2), _id(3)], [_id(4)], [_id(5)]],
+        },
+    ]
+    cpu_fronts = {k: _result_of(report, _id(k), "cpu")["front"] for k in range(6)}
+    gpu_fronts = {k: _result_of(report, _id(k), "gpu")["front"] for k in range(6)}
+    assert cpu_fronts == {0: None, 1: 1, 2: 2, 3: 1, 4: 1, 5: 2}
+    assert gpu_fronts == {0: 1, 1: None, 2: 1, 3: 1, 4: 2, 5: 3}
+    assert _result_of(report, _id("keep-stem"), "cpu")["front"] == 2
+    assert _result_of(report, _id("keep-stem"), "gpu")["front"] is None
+
+
+def test_result_objectives_and_feasibility(report: dict[str, Any]) -> None:
+    r = _result_of(report, _id(3), "cpu")
+    assert r["objectives"] == {"accuracy_loss": pytest.approx(0.10), "size": 5_000_000.0}
+    assert (r["feasible"], r["reason"]) == (True, None)
+    r = _result_of(report, _id(0), "cpu")
+    assert (r["feasible"], r["reason"]) == (False, "accuracy_loss 0.4 > max 0.3")
+    r = _result_of(report, _id(1), "gpu")
+    assert (r["feasible"], r["reason"]) == (False, "TVM compile error: unsupported op")
+    assert r["objectives"] == {"accuracy_loss": None, "size": 3_000_000.0}
+    r = _result_of(report, _id("keep-stem"), "gpu")
+    assert (r["feasible"], r["reason"]) == (None, "not evaluated (pending)")
+
+
+def test_infeasible_list(report: dict[str, Any]) -> None:
+    assert report["infeasible"] == [
+        {"candidate": _id(0), "device": "cpu", "reason": "accuracy_loss 0.4 > max 0.3"},
+        {"candidate": _id(1), "device": "gpu", "reason": "TVM compile error: unsupported op"},
+        {"candidate": _id("keep-stem"), "device": "gpu", "reason": "not evaluated (pending)"},
+    ]
+
+
+def test_cross_device_worst_case(report: dict[str, Any]) -> None:
+    (cross,) = report["cross_device"]
+    assert (cross["model"], cross["mode"], cross["devices"]) == ("toynet", "static", ["cpu", "gpu"])
+    assert cross["fronts"] == [[_id(2), _id(3), _id(4)], [_id(5)]]
+    assert cross["selected"] == _id(3)
+    worst = {c["id"]: (c["worst"]["accuracy_loss"], c["worst"]["size"], c["front"]) for c in cross["candidates"]}
+    assert worst == {
+        _id(2): (pytest.approx(0.26), 4_000_000.0, 1),  # cpu is worse
+        _id(3): (pytest.approx(0.10), 5_000_000.0, 1),  # cpu is worse
+        _id(4): (pytest.approx(0.08), 6_000_000.0, 1),  # cpu is worse
+        _id(5): (pytest.approx(0.08), 7_000_000.0, 2),  # cpu .08 vs gpu .06
+    }
+    assert cross["excluded"] == [
+        {"candidate": _id(0), "reason": "cpu: accuracy_loss 0.4 > max 0.3"},
+        {"candidate": _id(1), "reason": "gpu: TVM compile error: unsupported op"},
+        {"candidate": _id("keep-stem"), "reason": "gpu: not evaluated (pending)"},
+    ]
+
+
+def test_cross_device_worst_uses_min_for_max_objectives() -> None:
+    base = make_study()
+    base["objectives"] = [
+        {"name": "accuracy", "direction": "max", "max": None, "min": None},
+        {"name": "size", "direction": "min", "max": None, "min": None},
+    ]
+    accuracies = {"cpu": [0.5, 0.6, 0.7, 0.8, 0.9, 0.95], "gpu": [0.55, 0.0, 0.65, 0.85, 0.8, 0.99]}
+    for cand in base["candidates"][:6]:
+        for r in cand["results"]:
+            r["accuracy"] = accuracies[r["device"]][cand["k"]]
+    out = finalize_report(base)
+    worst = {c["id"]: c["worst"]["accuracy"] for c in out["cross_device"][0]["candidates"]}
+    assert worst == {_id(0): 0.5, _id(2): 0.65, _id(3): 0.8, _id(4): 0.8, _id(5): 0.95}
+    # explicit candidate has no accuracy on cpu (no labels) and is pending on gpu
+    (excl,) = [e for e in out["cross_device"][0]["excluded"] if e["candidate"] == _id("keep-stem")]
+    assert excl["reason"] == "cpu: accuracy not available (no labels); gpu: not evaluated (pending)"
+
+
+def test_summary_tables_i_ii(report: dict[str, Any]) -> None:
+    cpu, gpu = report["summary"]
+    assert cpu == {
+        "model": "toynet",
+        "mode": "static",
+        "device": "cpu",
+        "selected": _id(3),
+        "selected_k": 3,
+        "selected_label": "top-3",
+        "fq_candidate": _id(0),
+        "accuracy_loss": pytest.approx(0.10, abs=1e-12),
+        "fq_accuracy_loss": pytest.approx(0.40, abs=1e-12),
+        "accuracy_loss_decrease_pct": pytest.approx(75.0, abs=1e-9),  # 100 * (0.40 - 0.10) / 0.40
+        "size_bytes": 5_000_000,
+        "fq_size_bytes": 2_500_000,
+        "original_size_bytes": ORIGINAL_SIZE,
+        "size_decrease_pct": 50.0,  # 100 * (10 - 5) / 10
+        "latency_ms": 7.0,
+        "fq_latency_ms": 5.0,
+        "original_latency_ms": 10.0,
+        "latency_decrease_pct": pytest.approx(30.0),
+        "accuracy": None,
+        "fq_accuracy": None,
+        "original_accuracy": None,
+    }
+    assert gpu["selected"] == _id(2)
+    assert gpu["accuracy_loss"] == pytest.approx(0.15, abs=1e-12)
+    assert gpu["fq_accuracy_loss"] == pytest.approx(0.20, abs=1e-12)
+    assert gpu["accuracy_loss_decrease_pct"] == pytest.approx(25.0, abs=1e-9)  # 100 * (0.20 - 0.15) / 0.20
+    assert (gpu["size_bytes"], gpu["size_decrease_pct"]) == (4_000_000, 60.0)
+    assert gpu["latency_ms"] is None and gpu["latency_decrease_pct"] is None
+
+
+def test_summary_fq_zero_loss_gives_null_decrease() -> None:
+    base = make_study()
+    for cand in base["candidates"]:
+        for r in cand["results"]:
+            if r["device"] == "gpu" and r["status"] == "done":
+                r["agreement"] = 1.0
+    gpu = finalize_report(base)["summary"][1]
+    assert gpu["fq_accuracy_loss"] == 0.0
+    assert gpu["selected"] == _id(0)  # everything ties on loss: the smallest model dominates
+    assert gpu["accuracy_loss_decrease_pct"] is None
+
+
+def test_missing_metric_and_min_bound_reasons() -> None:
+    base = make_study()
+    base["objectives"] = [
+        {"name": "accuracy", "direction": "max", "max": None, "min": 0.5},
+        {"name": "size", "direction": "min", "max": None, "min": None},
+    ]
+    for cand in base["candidates"]:
+        for r in cand["results"]:
+            if r["device"] == "cpu":
+                r["accuracy"] = 0.4 if cand["k"] == 2 else 0.7
+    out = finalize_report(base)
+    reasons = {(i["candidate"], i["device"]): i["reason"] for i in out["infeasible"]}
+    assert reasons[(_id(2), "cpu")] == "accuracy 0.4 < min 0.5"
+    assert reasons[(_id(3), "gpu")] == "accuracy not available (no labels)"
+    gpu_entry = out["fronts"][1]
+    assert gpu_entry["device"] == "gpu" and gpu_entry["fronts"] == []
+    assert out["summary"][1]["selected"] is None
+    # cpu: accuracy 0.7 everywhere except k2 (and no loss bound now): the smallest model, k0, dominates.
+    assert out["fronts"][0]["fronts"][0] == [_id(0)]
+    assert out["summary"][0]["selected"] == _id(0)
+
+
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        (lambda b: b["objectives"].append({"name": "speed", "direction": "min"}), "unknown objective"),
+        (lambda b: b["objectives"][0].update(direction="up"), "direction"),
+        (lambda b: b["candidates"].append(copy.deepcopy(b["candidates"][0])), "duplicate candidate id"),
+        (lambda b: b["candidates"][0]["results"][0].update(status="lost"), "unknown status"),
+        (lambda b: b.update(objectives=[]), "non-empty"),
+    ],
+)
+def test_malformed_base_is_rejected(mutate: Any, message: str) -> None:
+    base = make_study()
+    mutate(base)
+    with pytest.raises(ValueError, match=message):
+        finalize_report(base)
+
+
+def _png_size(path: Path) -> tuple[int, int]:
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    return struct.unpack(">II", data[16:24])
+
+
+def test_write_report(tmp_path: Path, report: dict[str, Any]) -> None:
+    paths = write_report(report, tmp_path / "out")
+    assert paths["json"] == tmp_path / "out" / "report.json"
+    assert json.loads(paths["json"].read_text(encoding="utf-8")) == report
+    assert not list((tmp_path / "out").glob(".*.tmp"))  # temp files were renamed away
+    for device in ("cpu", "gpu"):
+        for kind in ("objectives", "tradeoff"):
+            png = paths[plot_key(kind, "toynet", "static", device)]
+            assert png.exists() and png.stat().st_size > 15_000, png
+            assert _png_size(png) == (880, 495)  # 8 x 4.5 in at 110 dpi
+    html_text = paths["html"].read_text(encoding="utf-8")
+    assert html_text.startswith("<!DOCTYPE html>") and "data:image/png;base64," in html_text
+    assert set(paths) == {"json", "html"} | {
+        plot_key(kind, "toynet", "static", d) for kind in ("objectives", "tradeoff") for d in ("cpu", "gpu")
+    }
+
+
+def test_write_report_requires_finalized(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="finalize"):
+        write_report(make_study(), tmp_path)
+
+
+def test_early_partial_report_with_nothing_evaluated(tmp_path: Path) -> None:
+    base = make_study()
+    for cand in base["candidates"]:
+        for r in cand["results"]:
+            r.update(status="pending", agreement=None, latency_ms=None)
+    out = finalize_report(base)
+    assert [e["fronts"] for e in out["fronts"]] == [[], []]
+    assert [s["selected"] for s in out["summary"]] == [None, None]
+    assert out["cross_device"][0]["fronts"] == [] and out["cross_device"][0]["selected"] is None
+    assert len(out["infeasible"]) == 14 and {i["reason"] for i in out["infeasible"]} == {"not evaluated (pending)"}
+    paths = write_report(out, tmp_path)
+    assert all(p.exists() and p.stat().st_size > 5_000 for k, p in paths.items() if k not in ("json", "html"))
+    assert "No done and feasible candidate on this device yet." in paths["html"].read_text(encoding="utf-8")
+
+
+def test_no_candidates_at_all(tmp_path: Path) -> None:
+    base = make_study()
+    base["candidates"] = []
+    out = finalize_report(base)
+    assert (out["fronts"], out["cross_device"], out["infeasible"], out["summary"]) == ([], [], [], [])
+    paths = write_report(out, tmp_path)
+    assert set(paths) == {"json", "html"}
+    assert json.loads(paths["json"].read_text(encoding="utf-8")) == out

@@ -196,7 +196,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
     study = Study(cfg, fresh=args.fresh)
     e = cfg.evaluation
     settings = EvalSettings(top_k=e.top_k, chunk_size=e.chunk_size, latency_warmup=e.latency_warmup,
-                            latency_repeats=e.latency_repeats, lease_timeout_s=args.lease_timeout or e.lease_timeout_s,
+                            latency_repeats=e.latency_repeats, intra_op_threads=e.intra_op_threads,
+                            lease_timeout_s=args.lease_timeout or e.lease_timeout_s,
                             max_attempts=e.max_attempts)
     try:
         endpoints = endpoints_from(study, args.agent or [], Path(args.token_file) if args.token_file else None)

@@ -193,7 +193,8 @@ class EvaluationSpec(_Strict):
     top_k: Annotated[int, Field(ge=1)] = 5
     chunk_size: Annotated[int, Field(ge=1)] = 32
     latency_warmup: Annotated[int, Field(ge=0)] = 3
-    latency_repeats: Annotated[int, Field(ge=1)] = 20
+    latency_repeats: Annotated[int, Field(ge=0)] = 20  # 0 = no latency measurement
+    intra_op_threads: Annotated[int, Field(ge=0)] = 0  # 0 = the runtime's default
     lease_timeout_s: Annotated[float, Field(gt=0)] = 600.0
     max_attempts: Annotated[int, Field(ge=1)] = 3
 

@@ -92,6 +92,7 @@ class EvalSettings:
     chunk_size: int = 32
     latency_warmup: int = 3
     latency_repeats: int = 20
+    intra_op_threads: int = 0
     lease_timeout_s: float = 600.0
     max_attempts: int = 3
     rpc_timeout_s: float = 30.0
@@ -383,7 +384,7 @@ class Worker(threading.Thread):
             job_id=plan.id, device=self.info.devices[0].name if self.info else "", model_sha256=plan.model_sha256,
             dataset_sha256=plan.dataset_sha256, input_name=plan.input_name, top_k=s.top_k, chunk_size=s.chunk_size,
             latency_warmup=s.latency_warmup, latency_repeats=s.latency_repeats,
-            ort_disabled_optimizers=list(plan.disabled_optimizers),
+            ort_disabled_optimizers=list(plan.disabled_optimizers), intra_op_threads=s.intra_op_threads,
         )
         try:
             events = client.watch(plan.id)

@@ -166,3 +166,34 @@ def test_local_agent_started_when_none_configured(tmp_path: Path, assets: Path) 
         assert res["status"] == "done" and 0.0 <= res["agreement"] <= 1.0 and res["latency_ms"] > 0
     top = np.array([c["results"][0]["agreement"] for c in report["candidates"]])
     assert top[-1] == pytest.approx(1.0)  # everything ranked back in float agrees with FP32
+
+
+def test_report_numbers_equal_the_database(tmp_path: Path, assets: Path) -> None:
+    import json
+
+    from tuneqn.controller.cli import main
+
+    study = write_study(tmp_path, model=assets / "cnn.onnx", images=assets / "labelled",
+                        dataset={"images": str(assets / "labelled"), "eval": 12, "calibration": 12, "analysis": 4,
+                                 "labels": {"regex": r"img_\d+_(\d)\.png"}},
+                        evaluation={"latency_repeats": 2, "latency_warmup": 1})
+    assert main(["tune", str(study)]) == 0
+    out = tmp_path / "out"
+    report = json.loads((out / "report.json").read_text())
+    con = sqlite3.connect(out / "tuneqn.db")
+    fp32 = np.frombuffer(con.execute("select topk from results where candidate_id = 'cnn:fp32'").fetchone()[0], "<i4")
+    labels = json.loads(con.execute("select labels from datasets where split = 'cnn/eval'").fetchone()[0])
+    for c in report["candidates"]:
+        size, sha = con.execute("select size_bytes, sha256 from candidates where id = ?", [c["id"]]).fetchone()
+        assert (c["size_bytes"], c["sha256"]) == (size, sha)
+        topk, k, lat = con.execute("select topk, top_k, latency_ms from results where candidate_id = ?", [c["id"]]).fetchone()
+        t = np.frombuffer(topk, "<i4").reshape(-1, k)
+        (res,) = c["results"]
+        assert res["agreement"] == pytest.approx(float((t[:, 0] == fp32.reshape(-1, k)[:, 0]).mean()))
+        assert res["accuracy"] == pytest.approx(float((t[:, 0] == np.array(labels)).mean()))
+        assert res["latency_ms"] == pytest.approx(lat)
+    assert (out / "report.html").stat().st_size > 20_000
+    # the report command regenerates the same numbers from the checkpoint
+    assert main(["report", str(out)]) == 0
+    again = json.loads((out / "report.json").read_text())
+    assert again["candidates"] == report["candidates"] and again["summary"] == report["summary"]

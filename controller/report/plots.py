@@ -199,7 +199,7 @@ def objectives_vs_candidate(report: dict[str, Any], model: str, mode: str, devic
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("candidate k (top-k ranked layers left in FP32; 0 = fully quantized)")
     ax.set_ylabel("objective, min-max normalized\nover these candidates (%)")
-    ax.set_title(f"{model} · {mode} quantization on {device}: objectives per candidate, top-3 Pareto fronts")
+    ax.set_title(f"{model} · {mode} quantization on {device}:\nobjectives per candidate, top-3 Pareto fronts", fontsize=10)
     ax.grid(True, alpha=0.3, zorder=0)
     if ax.get_legend_handles_labels()[0]:
         ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2, fontsize=7.5, frameon=False)

@@ -17,6 +17,7 @@ Latency measurement is off (latency_repeats = 0) in every timed run so all sides
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import shutil
 import sqlite3
@@ -114,14 +115,10 @@ def paper_loop(cfg: dict[str, Any], ranking_from: Path) -> float:
     return time.perf_counter() - t0
 
 
-def device_seconds(out: Path) -> tuple[float, float, float]:
-    """(sum of job device time, first job start, last job end) from the agents' results."""
+def device_seconds(out: Path) -> float:
+    """Total device time of the jobs (the agents' prediction passes) from the stored results."""
     con = sqlite3.connect(out / "tuneqn.db")
-    rows = con.execute("select info, finished_at from results").fetchall()
-    import json
-
-    total = sum(json.loads(info)["inference_seconds"] for info, _ in rows)
-    return total, 0.0, max(f for _, f in rows)
+    return sum(json.loads(info)["inference_seconds"] for (info,) in con.execute("select info from results"))
 
 
 def reset_evaluation(src: Path, dst: Path) -> None:
@@ -160,7 +157,7 @@ def main() -> int:
         # (b) device-bound jobs: analysis stored, candidates built while the agent evaluates
         reset_evaluation(tmp / "a-tune", tmp / "b1")
         t_b1 = run_tune(_config(ex, tmp / "b1", args.step), sim_ms=args.sim_ms, threads=1)
-        dev1, _, _ = device_seconds(tmp / "b1")
+        dev1 = device_seconds(tmp / "b1")
         print(f"(b) SIMULATED {args.sim_ms:g} ms/sample: 1 agent wall {t_b1:.1f} s vs total device time {dev1:.1f} s; "
               f"ratio {t_b1 / dev1:.3f} (target <= 1.1)")
         reset_evaluation(tmp / "a-tune", tmp / "b2")
@@ -175,7 +172,7 @@ def main() -> int:
         finally:
             for a in agents:
                 a.stop()
-        dev2, _, _ = device_seconds(tmp / "b2")
+        dev2 = device_seconds(tmp / "b2")
         per_agent = sqlite3.connect(tmp / "b2" / "tuneqn.db").execute(
             "select agent, count(*) from results group by agent").fetchall()
         print(f"    2 agents of one device class: wall {t_b2:.1f} s (device time {dev2:.1f} s, jobs per agent "

@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import onnx
 
 from tuneqn import __version__
@@ -255,8 +254,3 @@ class Study:
     def eval_split(self, model: str) -> Split:
         """The evaluation sample of a model."""
         return self.data[model].eval
-
-
-def load_eval_array(split: Split) -> np.ndarray:
-    """The evaluation array of a split."""
-    return split.load()

@@ -24,7 +24,7 @@ import sqlite_utils
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 DB_NAME = "tuneqn.db"
 
 _TABLES: dict[str, tuple[dict[str, type], str | tuple[str, ...]]] = {
@@ -37,7 +37,10 @@ _TABLES: dict[str, tuple[dict[str, type], str | tuple[str, ...]]] = {
         },
         "name",
     ),
-    "datasets": ({"split": str, "path": str, "sha256": str, "size": int, "items": str, "labels": str}, "split"),
+    "datasets": (
+        {"split": str, "path": str, "sha256": str, "size": int, "items": str, "labels": str, "skipped": str},
+        "split",
+    ),
     "calibrations": ({"key": str, "model": str, "settings": str, "path": str, "created_at": float}, "key"),
     "analyses": (
         {"model": str, "mode": str, "key": str, "fq_sha256": str, "seconds": float, "created_at": float},
@@ -54,7 +57,8 @@ _TABLES: dict[str, tuple[dict[str, type], str | tuple[str, ...]]] = {
     "candidates": (
         {
             "id": str, "model": str, "mode": str, "k": int, "kind": str, "label": str, "excluded": str,
-            "settings_key": str, "path": str, "size_bytes": int, "sha256": str, "runtime": str, "created_at": float,
+            "settings_key": str, "build_key": str, "path": str, "size_bytes": int, "sha256": str, "runtime": str,
+            "created_at": float,
         },
         "id",
     ),
@@ -71,7 +75,7 @@ _TABLES: dict[str, tuple[dict[str, type], str | tuple[str, ...]]] = {
             "job_id": str, "candidate_id": str, "device": str, "agent": str, "agent_id": str, "num_samples": int,
             "top_k": int, "topk": bytes, "agreement": float, "accuracy": float, "accuracy_top5": float,
             "latency_ms": float, "latency": str, "size_bytes": int, "simulated": float, "finished_at": float,
-            "info": str,
+            "info": str, "attempt": int,
         },
         "job_id",
     ),
@@ -103,6 +107,11 @@ class Store:
             table = self.db.table(name)
             if not table.exists():
                 table.create(columns, pk=pk)
+            else:  # a store of an older schema: add what is new (nothing is ever dropped)
+                have = table.columns_dict
+                for col, typ in columns.items():
+                    if col not in have:
+                        table.add_column(col, typ)
         if self.get_meta("schema_version") is None:
             self.set_meta("schema_version", str(SCHEMA_VERSION))
 
@@ -162,12 +171,13 @@ class Store:
         return out
 
     @_locked
-    def put_dataset(self, split: str, path: Path, sha256: str, items: list[str], labels: list[int] | None) -> None:
-        """Record a preprocessed split."""
+    def put_dataset(self, split: str, path: Path, sha256: str, items: list[str], labels: list[int] | None,
+                    skipped: list[dict[str, str]] | None = None) -> None:
+        """Record a preprocessed split (``skipped``: unreadable inputs left out, ``{"file", "reason"}``)."""
         self.db["datasets"].upsert(
             {
                 "split": split, "path": str(path), "sha256": sha256, "size": len(items),
-                "items": json.dumps(items), "labels": json.dumps(labels),
+                "items": json.dumps(items), "labels": json.dumps(labels), "skipped": json.dumps(skipped or []),
             },
             pk="split",
         )
@@ -181,6 +191,7 @@ class Store:
         r = dict(rows[0])
         r["items"] = json.loads(r["items"])
         r["labels"] = json.loads(r["labels"]) if r["labels"] else None
+        r["skipped"] = json.loads(r.get("skipped") or "[]")
         return r
 
     # ------------------------------------------------------------------ calibration / analysis
@@ -272,3 +283,126 @@ class Store:
         sql = ("select * from candidates" + (" where " + " and ".join(where) if where else "")
                + " order by model, mode, kind desc, k, label")
         return [self._decode_candidate(r) for r in self.db.query(sql, args)]
+
+    # ------------------------------------------------------------------ devices
+    @_locked
+    def put_device(self, name: str, device_class: str, info: dict[str, Any]) -> None:
+        """Insert or replace a device (a device class as the study schedules it)."""
+        self.db["devices"].upsert({"name": name, "device_class": device_class, "info": json.dumps(info, sort_keys=True),
+                                   "updated_at": time.time()}, pk="name")
+
+    @_locked
+    def devices(self) -> list[dict[str, Any]]:
+        """All devices by name (``info`` decoded)."""
+        out = []
+        for r in self.db.query("select * from devices order by name"):
+            r = dict(r)
+            r["info"] = json.loads(r["info"] or "{}")
+            out.append(r)
+        return out
+
+    # ------------------------------------------------------------------ jobs
+    @_locked
+    def job(self, job_id: str) -> dict[str, Any] | None:
+        """One job row."""
+        rows = list(self.db.query("select * from jobs where id = ?", [job_id]))
+        return dict(rows[0]) if rows else None
+
+    @_locked
+    def jobs(self, state: str | None = None, agent: str | None = None) -> list[dict[str, Any]]:
+        """Job rows, optionally of one state and/or held by one agent."""
+        where, args = [], []
+        if state is not None:
+            where.append("state = ?")
+            args.append(state)
+        if agent is not None:
+            where.append("agent = ?")
+            args.append(agent)
+        sql = "select * from jobs" + (" where " + " and ".join(where) if where else "") + " order by created_at, id"
+        return [dict(r) for r in self.db.query(sql, args)]
+
+    @_locked
+    def add_job(self, job_id: str, candidate_id: str, device: str) -> dict[str, Any]:
+        """Register a job as pending unless it is known; returns its row."""
+        row = self.job(job_id)
+        if row is None:
+            now = time.time()
+            self.db["jobs"].insert(
+                {"id": job_id, "candidate_id": candidate_id, "device": device, "state": "pending", "agent": None,
+                 "attempts": 0, "lease_until": 0.0, "error": None, "created_at": now, "updated_at": now},
+                pk="id",
+            )
+            row = self.job(job_id)
+        if row is None:  # pragma: no cover - just inserted under the lock
+            raise RuntimeError(f"job {job_id} vanished")
+        return row
+
+    @_locked
+    def update_job(self, job_id: str, **fields: Any) -> None:
+        """Change a job's fields (``updated_at`` is set)."""
+        fields["updated_at"] = time.time()
+        self.db["jobs"].update(job_id, fields)
+
+    @_locked
+    def renew_lease(self, job_id: str, agent: str, until: float) -> None:
+        """Extend the lease of a job that ``agent`` holds."""
+        self.db.execute(
+            "update jobs set lease_until = ?, updated_at = ? where id = ? and agent = ? and state = 'submitted'",
+            [until, time.time(), job_id, agent],
+        )
+
+    @_locked
+    def expired_leases(self, now: float) -> list[dict[str, Any]]:
+        """Submitted jobs whose lease ended before ``now``."""
+        return [dict(r) for r in self.db.query(
+            "select * from jobs where state = 'submitted' and lease_until < ?", [now])]
+
+    @_locked
+    def job_counts(self, ids: list[str] | None = None) -> dict[str, int]:
+        """Jobs per state (of ``ids`` only, when given)."""
+        out: dict[str, int] = {}
+        if ids is None:
+            rows = self.db.query("select state, count(*) c from jobs group by state")
+            return {r["state"]: r["c"] for r in rows}
+        for i in range(0, len(ids), 500):
+            chunk = ids[i : i + 500]
+            q = f"select state, count(*) c from jobs where id in ({','.join('?' * len(chunk))}) group by state"  # noqa: S608
+            for r in self.db.query(q, chunk):
+                out[r["state"]] = out.get(r["state"], 0) + r["c"]
+        return out
+
+    # ------------------------------------------------------------------ results
+    @_locked
+    def put_result(self, row: dict[str, Any]) -> bool:
+        """Store a job's result and mark the job done, atomically; False when it already had one."""
+        with self.transaction():
+            if list(self.db.query("select 1 from results where job_id = ?", [row["job_id"]])):
+                return False
+            self.db["results"].insert(row, pk="job_id")
+            self.db["jobs"].update(row["job_id"], {"state": "done", "agent": row.get("agent"), "error": None,
+                                                   "updated_at": time.time()})
+        return True
+
+    @_locked
+    def result(self, job_id: str) -> dict[str, Any] | None:
+        """One result row."""
+        rows = list(self.db.query("select * from results where job_id = ?", [job_id]))
+        return dict(rows[0]) if rows else None
+
+    @_locked
+    def results(self, candidate_id: str | None = None, device: str | None = None) -> list[dict[str, Any]]:
+        """Result rows, optionally of one candidate and/or device."""
+        where, args = [], []
+        if candidate_id is not None:
+            where.append("candidate_id = ?")
+            args.append(candidate_id)
+        if device is not None:
+            where.append("device = ?")
+            args.append(device)
+        sql = "select * from results" + (" where " + " and ".join(where) if where else "") + " order by finished_at"
+        return [dict(r) for r in self.db.query(sql, args)]
+
+    @_locked
+    def set_result_metrics(self, job_id: str, metrics: dict[str, float | None]) -> None:
+        """Store the metrics computed from a result (agreement, accuracy, accuracy_top5)."""
+        self.db["results"].update(job_id, {k: metrics.get(k) for k in ("agreement", "accuracy", "accuracy_top5")})

@@ -33,7 +33,7 @@ class GetInfoRequest(_message.Message):
     def __init__(self, client_version: _Optional[str] = ..., contract_version: _Optional[str] = ..., contract_revision: _Optional[int] = ...) -> None: ...
 
 class Device(_message.Message):
-    __slots__ = ("name", "device_class", "backend", "runtime_versions", "cpu", "gpu", "capabilities", "simulated", "simulated_latency_ms_per_sample")
+    __slots__ = ("name", "device_class", "backend", "runtime_versions", "cpu", "gpu", "capabilities", "simulated", "simulated_latency_ms_per_sample", "queue_length", "running_job_id", "healthy", "status")
     class RuntimeVersionsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -50,6 +50,10 @@ class Device(_message.Message):
     CAPABILITIES_FIELD_NUMBER: _ClassVar[int]
     SIMULATED_FIELD_NUMBER: _ClassVar[int]
     SIMULATED_LATENCY_MS_PER_SAMPLE_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    RUNNING_JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    HEALTHY_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
     name: str
     device_class: str
     backend: str
@@ -59,10 +63,14 @@ class Device(_message.Message):
     capabilities: _containers.RepeatedScalarFieldContainer[str]
     simulated: bool
     simulated_latency_ms_per_sample: float
-    def __init__(self, name: _Optional[str] = ..., device_class: _Optional[str] = ..., backend: _Optional[str] = ..., runtime_versions: _Optional[_Mapping[str, str]] = ..., cpu: _Optional[str] = ..., gpu: _Optional[str] = ..., capabilities: _Optional[_Iterable[str]] = ..., simulated: _Optional[bool] = ..., simulated_latency_ms_per_sample: _Optional[float] = ...) -> None: ...
+    queue_length: int
+    running_job_id: str
+    healthy: bool
+    status: str
+    def __init__(self, name: _Optional[str] = ..., device_class: _Optional[str] = ..., backend: _Optional[str] = ..., runtime_versions: _Optional[_Mapping[str, str]] = ..., cpu: _Optional[str] = ..., gpu: _Optional[str] = ..., capabilities: _Optional[_Iterable[str]] = ..., simulated: _Optional[bool] = ..., simulated_latency_ms_per_sample: _Optional[float] = ..., queue_length: _Optional[int] = ..., running_job_id: _Optional[str] = ..., healthy: _Optional[bool] = ..., status: _Optional[str] = ...) -> None: ...
 
 class AgentInfo(_message.Message):
-    __slots__ = ("agent_version", "contract_version", "contract_revision", "agent_id", "hostname", "queue_length", "running_job_id", "devices")
+    __slots__ = ("agent_version", "contract_version", "contract_revision", "agent_id", "hostname", "queue_length", "running_job_id", "devices", "running_job_ids")
     AGENT_VERSION_FIELD_NUMBER: _ClassVar[int]
     CONTRACT_VERSION_FIELD_NUMBER: _ClassVar[int]
     CONTRACT_REVISION_FIELD_NUMBER: _ClassVar[int]
@@ -71,6 +79,7 @@ class AgentInfo(_message.Message):
     QUEUE_LENGTH_FIELD_NUMBER: _ClassVar[int]
     RUNNING_JOB_ID_FIELD_NUMBER: _ClassVar[int]
     DEVICES_FIELD_NUMBER: _ClassVar[int]
+    RUNNING_JOB_IDS_FIELD_NUMBER: _ClassVar[int]
     agent_version: str
     contract_version: str
     contract_revision: int
@@ -79,7 +88,8 @@ class AgentInfo(_message.Message):
     queue_length: int
     running_job_id: str
     devices: _containers.RepeatedCompositeFieldContainer[Device]
-    def __init__(self, agent_version: _Optional[str] = ..., contract_version: _Optional[str] = ..., contract_revision: _Optional[int] = ..., agent_id: _Optional[str] = ..., hostname: _Optional[str] = ..., queue_length: _Optional[int] = ..., running_job_id: _Optional[str] = ..., devices: _Optional[_Iterable[_Union[Device, _Mapping]]] = ...) -> None: ...
+    running_job_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, agent_version: _Optional[str] = ..., contract_version: _Optional[str] = ..., contract_revision: _Optional[int] = ..., agent_id: _Optional[str] = ..., hostname: _Optional[str] = ..., queue_length: _Optional[int] = ..., running_job_id: _Optional[str] = ..., devices: _Optional[_Iterable[_Union[Device, _Mapping]]] = ..., running_job_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class BlobChunk(_message.Message):
     __slots__ = ("sha256", "total_size", "data")
@@ -113,8 +123,22 @@ class HasBlobsResponse(_message.Message):
     present: _containers.RepeatedScalarFieldContainer[bool]
     def __init__(self, present: _Optional[_Iterable[bool]] = ...) -> None: ...
 
+class OrtOptions(_message.Message):
+    __slots__ = ("disabled_optimizers", "intra_op_threads")
+    DISABLED_OPTIMIZERS_FIELD_NUMBER: _ClassVar[int]
+    INTRA_OP_THREADS_FIELD_NUMBER: _ClassVar[int]
+    disabled_optimizers: _containers.RepeatedScalarFieldContainer[str]
+    intra_op_threads: int
+    def __init__(self, disabled_optimizers: _Optional[_Iterable[str]] = ..., intra_op_threads: _Optional[int] = ...) -> None: ...
+
+class BackendOptions(_message.Message):
+    __slots__ = ("ort",)
+    ORT_FIELD_NUMBER: _ClassVar[int]
+    ort: OrtOptions
+    def __init__(self, ort: _Optional[_Union[OrtOptions, _Mapping]] = ...) -> None: ...
+
 class JobSpec(_message.Message):
-    __slots__ = ("job_id", "device", "model_sha256", "dataset_sha256", "input_name", "top_k", "chunk_size", "latency_warmup", "latency_repeats", "ort_disabled_optimizers", "intra_op_threads")
+    __slots__ = ("job_id", "device", "model_sha256", "dataset_sha256", "input_name", "top_k", "chunk_size", "latency_warmup", "latency_repeats", "backend_options", "attempt", "remeasure_token", "max_executions")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     MODEL_SHA256_FIELD_NUMBER: _ClassVar[int]
@@ -124,8 +148,10 @@ class JobSpec(_message.Message):
     CHUNK_SIZE_FIELD_NUMBER: _ClassVar[int]
     LATENCY_WARMUP_FIELD_NUMBER: _ClassVar[int]
     LATENCY_REPEATS_FIELD_NUMBER: _ClassVar[int]
-    ORT_DISABLED_OPTIMIZERS_FIELD_NUMBER: _ClassVar[int]
-    INTRA_OP_THREADS_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
+    REMEASURE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    MAX_EXECUTIONS_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     device: str
     model_sha256: str
@@ -135,9 +161,11 @@ class JobSpec(_message.Message):
     chunk_size: int
     latency_warmup: int
     latency_repeats: int
-    ort_disabled_optimizers: _containers.RepeatedScalarFieldContainer[str]
-    intra_op_threads: int
-    def __init__(self, job_id: _Optional[str] = ..., device: _Optional[str] = ..., model_sha256: _Optional[str] = ..., dataset_sha256: _Optional[str] = ..., input_name: _Optional[str] = ..., top_k: _Optional[int] = ..., chunk_size: _Optional[int] = ..., latency_warmup: _Optional[int] = ..., latency_repeats: _Optional[int] = ..., ort_disabled_optimizers: _Optional[_Iterable[str]] = ..., intra_op_threads: _Optional[int] = ...) -> None: ...
+    backend_options: BackendOptions
+    attempt: int
+    remeasure_token: str
+    max_executions: int
+    def __init__(self, job_id: _Optional[str] = ..., device: _Optional[str] = ..., model_sha256: _Optional[str] = ..., dataset_sha256: _Optional[str] = ..., input_name: _Optional[str] = ..., top_k: _Optional[int] = ..., chunk_size: _Optional[int] = ..., latency_warmup: _Optional[int] = ..., latency_repeats: _Optional[int] = ..., backend_options: _Optional[_Union[BackendOptions, _Mapping]] = ..., attempt: _Optional[int] = ..., remeasure_token: _Optional[str] = ..., max_executions: _Optional[int] = ...) -> None: ...
 
 class SubmitJobResponse(_message.Message):
     __slots__ = ("job_id", "state", "already_known")
@@ -170,7 +198,7 @@ class LatencyStats(_message.Message):
     def __init__(self, median_ms: _Optional[float] = ..., p90_ms: _Optional[float] = ..., p10_ms: _Optional[float] = ..., mean_ms: _Optional[float] = ..., std_ms: _Optional[float] = ..., min_ms: _Optional[float] = ..., max_ms: _Optional[float] = ..., count: _Optional[int] = ...) -> None: ...
 
 class JobResult(_message.Message):
-    __slots__ = ("job_id", "device", "device_class", "agent_id", "state", "error", "num_samples", "top_k", "topk_indices", "model_size_bytes", "latency", "simulated_latency_ms_per_sample", "inference_seconds", "started_at", "finished_at", "runtime_versions")
+    __slots__ = ("job_id", "device", "device_class", "agent_id", "state", "error", "num_samples", "top_k", "topk_indices", "model_size_bytes", "latency", "simulated_latency_ms_per_sample", "inference_seconds", "started_at", "finished_at", "runtime_versions", "attempt", "executions")
     class RuntimeVersionsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -194,6 +222,8 @@ class JobResult(_message.Message):
     STARTED_AT_FIELD_NUMBER: _ClassVar[int]
     FINISHED_AT_FIELD_NUMBER: _ClassVar[int]
     RUNTIME_VERSIONS_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
+    EXECUTIONS_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     device: str
     device_class: str
@@ -210,16 +240,20 @@ class JobResult(_message.Message):
     started_at: float
     finished_at: float
     runtime_versions: _containers.ScalarMap[str, str]
-    def __init__(self, job_id: _Optional[str] = ..., device: _Optional[str] = ..., device_class: _Optional[str] = ..., agent_id: _Optional[str] = ..., state: _Optional[_Union[JobState, str]] = ..., error: _Optional[str] = ..., num_samples: _Optional[int] = ..., top_k: _Optional[int] = ..., topk_indices: _Optional[bytes] = ..., model_size_bytes: _Optional[int] = ..., latency: _Optional[_Union[LatencyStats, _Mapping]] = ..., simulated_latency_ms_per_sample: _Optional[float] = ..., inference_seconds: _Optional[float] = ..., started_at: _Optional[float] = ..., finished_at: _Optional[float] = ..., runtime_versions: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    attempt: int
+    executions: int
+    def __init__(self, job_id: _Optional[str] = ..., device: _Optional[str] = ..., device_class: _Optional[str] = ..., agent_id: _Optional[str] = ..., state: _Optional[_Union[JobState, str]] = ..., error: _Optional[str] = ..., num_samples: _Optional[int] = ..., top_k: _Optional[int] = ..., topk_indices: _Optional[bytes] = ..., model_size_bytes: _Optional[int] = ..., latency: _Optional[_Union[LatencyStats, _Mapping]] = ..., simulated_latency_ms_per_sample: _Optional[float] = ..., inference_seconds: _Optional[float] = ..., started_at: _Optional[float] = ..., finished_at: _Optional[float] = ..., runtime_versions: _Optional[_Mapping[str, str]] = ..., attempt: _Optional[int] = ..., executions: _Optional[int] = ...) -> None: ...
 
 class WatchJobRequest(_message.Message):
-    __slots__ = ("job_id",)
+    __slots__ = ("job_id", "heartbeat_ms")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    HEARTBEAT_MS_FIELD_NUMBER: _ClassVar[int]
     job_id: str
-    def __init__(self, job_id: _Optional[str] = ...) -> None: ...
+    heartbeat_ms: int
+    def __init__(self, job_id: _Optional[str] = ..., heartbeat_ms: _Optional[int] = ...) -> None: ...
 
 class JobEvent(_message.Message):
-    __slots__ = ("job_id", "state", "stage", "done", "total", "final", "result", "timestamp")
+    __slots__ = ("job_id", "state", "stage", "done", "total", "final", "result", "timestamp", "heartbeat")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     STAGE_FIELD_NUMBER: _ClassVar[int]
@@ -228,6 +262,7 @@ class JobEvent(_message.Message):
     FINAL_FIELD_NUMBER: _ClassVar[int]
     RESULT_FIELD_NUMBER: _ClassVar[int]
     TIMESTAMP_FIELD_NUMBER: _ClassVar[int]
+    HEARTBEAT_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     state: JobState
     stage: str
@@ -236,7 +271,8 @@ class JobEvent(_message.Message):
     final: bool
     result: JobResult
     timestamp: float
-    def __init__(self, job_id: _Optional[str] = ..., state: _Optional[_Union[JobState, str]] = ..., stage: _Optional[str] = ..., done: _Optional[int] = ..., total: _Optional[int] = ..., final: _Optional[bool] = ..., result: _Optional[_Union[JobResult, _Mapping]] = ..., timestamp: _Optional[float] = ...) -> None: ...
+    heartbeat: bool
+    def __init__(self, job_id: _Optional[str] = ..., state: _Optional[_Union[JobState, str]] = ..., stage: _Optional[str] = ..., done: _Optional[int] = ..., total: _Optional[int] = ..., final: _Optional[bool] = ..., result: _Optional[_Union[JobResult, _Mapping]] = ..., timestamp: _Optional[float] = ..., heartbeat: _Optional[bool] = ...) -> None: ...
 
 class CancelJobRequest(_message.Message):
     __slots__ = ("job_id",)

@@ -73,7 +73,8 @@ class AgentServicer:
 
     def GetInfo(self, request, context):
         """Version handshake and description of the agent and its devices.
-        FAILED_PRECONDITION when the client speaks another contract (not "tuneqn.v1").
+        FAILED_PRECONDITION when the client speaks another contract (not "tuneqn.v1") or
+        a revision older than the agent's minimum client revision (field meanings changed).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -30,9 +30,9 @@ from typing import Any
 import onnxruntime as ort
 
 from tuneqn.controller.config import parse_config
-from tuneqn.controller.farm.dispatcher import Endpoint, EvalSettings
+from tuneqn.controller.farm.dispatcher import Endpoint, FarmSettings
 from tuneqn.controller.farm.local import LocalAgent
-from tuneqn.controller.farm.tune import tune
+from tuneqn.controller.orchestrator import tune
 from tuneqn.controller.quantize import _calibration_reader, _quantize_static
 from tuneqn.controller.study import Study
 
@@ -50,8 +50,8 @@ def _config(example: Path, out: Path, step: int) -> dict[str, Any]:
     }
 
 
-def _settings(threads: int = 0) -> EvalSettings:
-    return EvalSettings(latency_repeats=0, latency_warmup=0, intra_op_threads=threads)
+def _settings(threads: int = 0) -> FarmSettings:
+    return FarmSettings(latency_repeats=0, latency_warmup=0, intra_op_threads=threads)
 
 
 def _infer(path: str, x: Any, disabled: list[str]) -> None:

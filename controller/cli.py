@@ -186,20 +186,18 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
-    """Run the whole study on the agents; exit 0 when complete."""
-    from tuneqn.controller.farm.dispatcher import EvalSettings
-    from tuneqn.controller.farm.tune import endpoints_from, tune
+    """Run the whole study on the agents; exit 0 when every job finished."""
+    from tuneqn.controller.farm.dispatcher import FarmSettings
+    from tuneqn.controller.orchestrator import endpoints_from, remeasure_token, tune
     from tuneqn.controller.progress import Progress
     from tuneqn.controller.study import Study
 
     cfg = _study_config(args)
     study = Study(cfg, fresh=args.fresh)
-    e = cfg.evaluation
-    settings = EvalSettings(top_k=e.top_k, chunk_size=e.chunk_size, latency_warmup=e.latency_warmup,
-                            latency_repeats=e.latency_repeats, intra_op_threads=e.intra_op_threads,
-                            lease_timeout_s=args.lease_timeout or e.lease_timeout_s,
-                            max_attempts=e.max_attempts)
     try:
+        settings = FarmSettings.from_config(cfg.evaluation, lease_timeout_s=args.lease_timeout,
+                                            device_wait_s=args.device_wait,
+                                            remeasure_token=remeasure_token(study, args.fresh))
         endpoints = endpoints_from(study, args.agent or [], Path(args.token_file) if args.token_file else None)
         with Progress() as progress:
             task: list[int] = []
@@ -207,20 +205,23 @@ def cmd_tune(args: argparse.Namespace) -> int:
             def show(counts: dict[str, int], total: int) -> None:
                 if not task:
                     task.append(progress.add("evaluating candidates", total))
-                failed = counts.get("failed", 0)
-                progress.update(task[0], total=total, completed=counts.get("done", 0) + failed,
-                                description=f"evaluating candidates ({failed} failed)" if failed else
+                bad = counts.get("failed", 0) + counts.get("unreachable", 0)
+                progress.update(task[0], total=total, completed=counts.get("done", 0) + bad,
+                                description=f"evaluating candidates ({bad} failed)" if bad else
                                 "evaluating candidates")
 
-            outcome = tune(study, endpoints, settings, on_progress=show, agent_wait_s=args.agent_wait,
+            outcome = tune(study, endpoints, settings, on_progress=show,
                            local_agent_args=["--simulated-latency-ms", str(args.simulated_latency_ms)]
                            if args.simulated_latency_ms else None)
     finally:
         study.close()
-    print(f"jobs: {outcome.done} done, {outcome.failed} failed of {outcome.total}")
+    print(f"jobs: {outcome.done} done, {outcome.failed} failed, {outcome.unreachable} unreachable of {outcome.total}")
     print(f"report: {outcome.report.get('html')}\njson: {outcome.report.get('json')}")
+    problems = list(outcome.errors)
     if outcome.failed:
-        raise StudyFailed(f"{outcome.failed} jobs failed; see report.json (rerun retries them)")
+        problems.append(f"{outcome.failed} jobs failed (see report.json; a rerun retries them)")
+    if problems:
+        raise StudyFailed("; ".join(problems))
     return 0
 
 
@@ -311,8 +312,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_study_args(p)
     p.add_argument("--agent", action="append", metavar="HOST:PORT", help="agent address (repeatable; overrides config)")
     p.add_argument("--token-file", help="file holding the agents' bearer token")
-    p.add_argument("--lease-timeout", type=float, help="seconds before a silent agent's job is re-run elsewhere")
-    p.add_argument("--agent-wait", type=float, default=600.0, help="give up after no agent was reachable this long")
+    p.add_argument("--lease-timeout", type=float, help="seconds without any word from an agent before its job "
+                   "runs elsewhere (default: [evaluation] lease_timeout_s)")
+    p.add_argument("--device-wait", "--agent-wait", dest="device_wait", type=float,
+                   help="end a device class's jobs as unreachable after no agent of it answered this long "
+                        "(default: [evaluation] device_wait_s)")
     p.add_argument("--simulated-latency-ms", type=float, default=0.0,
                    help="local agent only: add this simulated device latency per sample (benchmarks)")
     p.set_defaults(func=cmd_tune)

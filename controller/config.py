@@ -155,7 +155,8 @@ class ExclusionSet(_Strict):
 class SearchSpec(_Strict):
     """Which candidates are built from the layer ranking."""
 
-    strategy: Literal["decremental"] = "decremental"
+    #: ``sweep`` (the paper's decremental sweep; ``decremental`` is its old name).
+    strategy: Literal["sweep", "decremental"] = "sweep"
     step: Annotated[int, Field(ge=1)] = 1
     max_k: Annotated[int, Field(ge=0)] | None = None
     layer_op_types: list[str] = ["Conv", "ConvTranspose", "Gemm", "MatMul"]
@@ -181,6 +182,9 @@ class AgentSpec(_Strict):
     """An agent the controller dispatches to."""
 
     address: str
+    #: The device class this agent serves, when known in advance: its jobs are planned from the
+    #: start and end as ``unreachable`` if no agent of the class answers within ``device_wait_s``.
+    device_class: str | None = None
     token_file: Path | None = None
     tls_ca: Path | None = None
     tls_cert: Path | None = None
@@ -195,7 +199,16 @@ class EvaluationSpec(_Strict):
     latency_warmup: Annotated[int, Field(ge=0)] = 3
     latency_repeats: Annotated[int, Field(ge=0)] = 20  # 0 = no latency measurement
     intra_op_threads: Annotated[int, Field(ge=0)] = 0  # 0 = the runtime's default
-    lease_timeout_s: Annotated[float, Field(gt=0)] = 600.0
+    #: Safety net for a job whose controller-side watcher died: renewed by every event of the job
+    #: (the agent sends a heartbeat every ``heartbeat_s``), so it only runs out when nothing is heard.
+    lease_timeout_s: Annotated[float, Field(gt=0)] = 60.0
+    heartbeat_s: Annotated[float, Field(gt=0)] = 2.0
+    #: An agent that sends nothing (not even a heartbeat or a keepalive answer) this long is unreachable.
+    silent_after_s: Annotated[float, Field(gt=0)] = 15.0
+    #: Jobs of an unreachable agent run elsewhere after this grace (taken back if it returns first).
+    unreachable_grace_s: Annotated[float, Field(ge=0)] = 20.0
+    #: A device class with no live agent this long ends its jobs as ``unreachable``.
+    device_wait_s: Annotated[float, Field(gt=0)] = 600.0
     max_attempts: Annotated[int, Field(ge=1)] = 3
 
 

@@ -2,131 +2,290 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
 from conftest import write_study
 from tuneqn.controller.config import load_config
-from tuneqn.controller.farm.dispatcher import Endpoint, EvalSettings
+from tuneqn.controller.farm.client import AgentClient
+from tuneqn.controller.farm.dispatcher import Endpoint, FarmSettings, make_job
 from tuneqn.controller.farm.local import LocalAgent
-from tuneqn.controller.farm.tune import tune
+from tuneqn.controller.orchestrator import TuneOutcome, remeasure_token, tune
 from tuneqn.controller.study import Study
+from tuneqn.v1 import agent_pb2 as pb
 
 SIM_MS = "15"  # simulated per-sample device latency: gives every job a window to be killed in
+FAST = {"latency_repeats": 3, "latency_warmup": 1, "heartbeat_s": 0.5, "silent_after_s": 3.0,
+        "unreachable_grace_s": 1.0, "lease_timeout_s": 10.0, "device_wait_s": 30.0}
 
 
-def _agent(tmp: Path, name: str, device_class: str | None = None, sim: str = SIM_MS) -> LocalAgent:
-    extra = ["--simulated-latency-ms", sim]
+def _agent(tmp: Path, name: str, device_class: str | None = None, sim: str = SIM_MS, *extra: str) -> LocalAgent:
+    args = ["--simulated-latency-ms", sim, *extra]
     if device_class:
-        extra += ["--device-class", device_class]
-    return LocalAgent(tmp / f"agent-{name}", device_name=name, extra_args=extra)
+        args += ["--device-class", device_class]
+    return LocalAgent(tmp / f"agent-{name}", device_name=name, extra_args=args)
 
 
-def _study(tmp: Path, assets: Path) -> Path:
-    return write_study(tmp, model=assets / "cnn.onnx", images=assets / "images",
-                       evaluation={"latency_repeats": 3, "latency_warmup": 1, "lease_timeout_s": 3.0})
+def _study(tmp: Path, assets: Path, **evaluation: Any) -> Path:
+    return write_study(tmp, model=assets / "cnn.onnx", images=assets / "images", evaluation={**FAST, **evaluation})
 
 
-def _predictions(out: Path) -> dict[str, bytes]:
+def _predictions(out: Path) -> dict[tuple[str, str], bytes]:
     con = sqlite3.connect(out / "tuneqn.db")
     rows = con.execute("select candidate_id, device, topk from results").fetchall()
     pairs = [(c, d) for c, d, _ in rows]
     assert len(pairs) == len(set(pairs)), "a (candidate, device) result was stored twice"
-    return {c: t for c, _, t in rows}
+    return {(c, d): t for c, d, t in rows}
 
 
 def _executions(agent: LocalAgent) -> list[str]:
-    db = next(agent.state_dir.glob("*.db"))
+    db = agent.state_dir / "agent.db"
     return [r[0] for r in sqlite3.connect(db).execute("select job_id from executions")]
 
 
-def _run(study_toml: Path, endpoints: list[Endpoint], on_progress=None) -> tuple[Study, object]:  # type: ignore[no-untyped-def]
+def _run(study_toml: Path, endpoints: list[Endpoint], on_progress: Any = None, fresh: bool = False,
+         **overrides: Any) -> TuneOutcome:
     cfg = load_config(study_toml)
-    study = Study(cfg)
-    e = cfg.evaluation
-    settings = EvalSettings(top_k=e.top_k, latency_warmup=e.latency_warmup, latency_repeats=e.latency_repeats,
-                            lease_timeout_s=e.lease_timeout_s)
+    study = Study(cfg, fresh=fresh)
     try:
-        outcome = tune(study, endpoints, settings, on_progress=on_progress, agent_wait_s=60)
+        settings = FarmSettings.from_config(cfg.evaluation, remeasure_token=remeasure_token(study, fresh), **overrides)
+        return tune(study, endpoints, settings, on_progress=on_progress)
     finally:
         study.close()
-    return study, outcome
+
+
+def _run_bounded(seconds: float, *args: Any, **kwargs: Any) -> TuneOutcome:
+    """``_run`` in a thread: a hang becomes a test failure instead of a stuck suite."""
+    box: list[Any] = []
+    t = threading.Thread(target=lambda: box.append(_run(*args, **kwargs)), daemon=True)
+    t.start()
+    t.join(seconds)
+    assert not t.is_alive(), f"tune did not end within {seconds}s"
+    assert box, "tune raised (see the log)"
+    return box[0]
+
+
+def _state(db: Path, sql: str, args: list[Any] | None = None) -> int:
+    if not db.exists():
+        return 0
+    try:
+        return int(sqlite3.connect(db).execute(sql, args or []).fetchone()[0])
+    except sqlite3.OperationalError:
+        return 0
 
 
 @pytest.fixture
 def reference(tmp_path_factory: pytest.TempPathFactory, assets: Path) -> dict[str, bytes]:
-    """Fault-free predictions of every candidate (one agent)."""
+    """Fault-free predictions of every candidate (one agent), by candidate id."""
     tmp = tmp_path_factory.mktemp("ref")
-    with _agent(tmp, "ref", sim="0") as agent:
-        _, outcome = _run(_study(tmp, assets), [Endpoint(agent.address)])
-    assert outcome.failed == 0  # type: ignore[attr-defined]
-    return _predictions(tmp / "out")
+    with _agent(tmp, "ref", "lab", "0") as agent:
+        outcome = _run(_study(tmp, assets), [Endpoint(agent.address)])
+    assert outcome.failed == 0
+    return {c: t for (c, _), t in _predictions(tmp / "out").items()}
 
 
 def test_two_agents_one_class_survive_sigkill(tmp_path: Path, assets: Path, reference: dict[str, bytes]) -> None:
     a, b = _agent(tmp_path, "a", "lab"), _agent(tmp_path, "b", "lab")
     with a, b:
-        killed: list[str] = []
+        killed: list[float] = []
         db = tmp_path / "out" / "tuneqn.db"
 
         def kill_a_mid_job(counts: dict[str, int], total: int) -> None:
-            if killed or not db.exists():
-                return
-            con = sqlite3.connect(db)
-            busy = con.execute("select count(*) from jobs where state = 'submitted' and agent = ?", [a.address]).fetchone()[0]
-            done = con.execute("select count(*) from jobs where state = 'done'").fetchone()[0]
-            if busy and done >= 1 and a.proc is not None:
+            busy = _state(db, "select count(*) from jobs where state = 'submitted' and agent like ?", [a.address + "#%"])
+            if not killed and busy and counts.get("done", 0) >= 1 and a.proc is not None:
                 os.kill(a.proc.pid, signal.SIGKILL)
-                killed.append(a.address)
+                killed.append(time.monotonic())
 
-        _, outcome = _run(_study(tmp_path, assets), [Endpoint(a.address), Endpoint(b.address)], kill_a_mid_job)
+        outcome = _run_bounded(120, _study(tmp_path, assets), [Endpoint(a.address), Endpoint(b.address)],
+                               kill_a_mid_job)
         assert killed, "agent a was never caught mid-job"
-        assert outcome.failed == 0 and outcome.done == outcome.total == 7  # type: ignore[attr-defined]
-        # both agents worked for the one device class
-        assert _executions(b) and _executions(a)
+        assert outcome.failed == 0 and outcome.done == outcome.total == 7
+        assert _executions(b) and _executions(a)  # both agents worked for the one device class
     preds = _predictions(tmp_path / "out")
-    assert preds == reference  # same predictions as the fault-free run, each stored once
-    con = sqlite3.connect(tmp_path / "out" / "tuneqn.db")
-    assert {r[0] for r in con.execute("select device from results")} == {"lab"}
+    assert {c: t for (c, _), t in preds.items()} == reference  # each stored once, same as fault-free
+    assert {d for _, d in preds} == {"lab"}
+
+
+def test_sigstopped_agent_is_detected_and_its_job_runs_elsewhere(tmp_path: Path, assets: Path,
+                                                                   reference: dict[str, bytes]) -> None:
+    a, b = _agent(tmp_path, "a", "lab", "40"), _agent(tmp_path, "b", "lab", "40")
+    stopped: list[int] = []
+    with a, b:
+        db = tmp_path / "out" / "tuneqn.db"
+
+        def stop_a_mid_job(counts: dict[str, int], total: int) -> None:
+            busy = _state(db, "select count(*) from jobs where state = 'submitted' and agent like ?", [a.address + "#%"])
+            if not stopped and busy and a.proc is not None:
+                os.kill(a.proc.pid, signal.SIGSTOP)
+                stopped.append(a.proc.pid)
+
+        try:
+            outcome = _run_bounded(120, _study(tmp_path, assets), [Endpoint(a.address), Endpoint(b.address)],
+                                   stop_a_mid_job)
+        finally:
+            for pid in stopped:
+                os.kill(pid, signal.SIGCONT)
+        assert stopped, "agent a was never caught mid-job"
+        assert outcome.failed == 0 and outcome.done == outcome.total == 7
+    assert {c: t for (c, _), t in _predictions(tmp_path / "out").items()} == reference
 
 
 def test_controller_killed_then_resumed_runs_only_missing_jobs(tmp_path: Path, assets: Path,
                                                                reference: dict[str, bytes]) -> None:
     study_toml = _study(tmp_path, assets)
     db = tmp_path / "out" / "tuneqn.db"
-    with _agent(tmp_path, "solo", sim="40") as agent:
+    with _agent(tmp_path, "solo", "lab", "40") as agent:
         proc = subprocess.Popen([sys.executable, "-m", "tuneqn.controller", "tune", str(study_toml), "--agent",
                                  agent.address], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 120
-        done = 0
         while time.monotonic() < deadline and proc.poll() is None:
-            if db.exists():
-                try:
-                    done = sqlite3.connect(db).execute("select count(*) from results").fetchone()[0]
-                except sqlite3.OperationalError:
-                    done = 0
-                if done >= 2:
-                    break
+            if _state(db, "select count(*) from results") >= 2:
+                break
             time.sleep(0.05)  # polling the checkpoint for a condition
         assert proc.poll() is None, "controller finished before it could be killed"
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-        before = sqlite3.connect(db).execute("select count(*) from results").fetchone()[0]
+        before = _state(db, "select count(*) from results")
         assert 2 <= before < 7
-        _, outcome = _run(study_toml, [Endpoint(agent.address)])
-        assert outcome.done == 7 and outcome.failed == 0  # type: ignore[attr-defined]
+        outcome = _run(study_toml, [Endpoint(agent.address)])
+        assert outcome.done == 7 and outcome.failed == 0
         runs = _executions(agent)
     # every job ran exactly once on the agent: the killed controller's in-flight job was re-collected
     assert len(runs) == len(set(runs)) == 7
-    assert _predictions(tmp_path / "out") == reference
+    assert {c: t for (c, _), t in _predictions(tmp_path / "out").items()} == reference
+
+
+def test_fresh_remeasures_and_other_studies_reuse_successes(tmp_path: Path, assets: Path) -> None:
+    study_toml = _study(tmp_path, assets)
+    with _agent(tmp_path, "solo", "lab", "0") as agent:
+        assert _run(study_toml, [Endpoint(agent.address)]).done == 7
+        assert len(_executions(agent)) == 7
+        assert _run(study_toml, [Endpoint(agent.address)]).done == 7  # nothing new: all stored
+        assert len(_executions(agent)) == 7
+        # --fresh measures everything again on the agent, not its stored results
+        assert _run(study_toml, [Endpoint(agent.address)], fresh=True).done == 7
+        runs = _executions(agent)
+        assert len(runs) == 14 and len(set(runs)) == 7
+        # another study of the same model and data reuses the agent's stored successes
+        other = tmp_path / "other"
+        other.mkdir()
+        assert _run(_study(other, assets), [Endpoint(agent.address)]).done == 7
+        assert len(_executions(agent)) == 14
+
+
+def test_a_retry_executes_again(tmp_path: Path, assets: Path) -> None:
+    """A job that failed on the agent (its blob vanished) is re-executed by the retry, not re-read."""
+    study_toml = _study(tmp_path, assets)
+    cfg = load_config(study_toml)
+    study = Study(cfg)
+    study.prepare()
+    pm, split = study.models["cnn"], study.eval_split("cnn")
+    settings = FarmSettings.from_config(cfg.evaluation)
+    study.close()
+    plan = make_job("cnn:fp32", "lab", pm.path, pm.sha256, split.path, split.sha256, pm.input_name, {}, settings)
+    with _agent(tmp_path, "solo", "lab", "0") as agent:
+        client = AgentClient(agent.address)
+        client.upload_file(pm.path)
+        client.upload_file(split.path)
+        (agent.state_dir / "blobs" / pm.sha256).unlink()  # the blob is gone when the job runs
+        spec = pb.JobSpec()
+        spec.CopyFrom(plan.spec)
+        spec.attempt = 1
+        try:
+            client.submit(spec)
+        except Exception:  # noqa: BLE001 - either refused at submit or failed at run: both are a failed attempt
+            pass
+        else:
+            assert client.wait_result(plan.id, timeout=30).state == pb.FAILED
+        client.close()
+        outcome = _run_bounded(120, study_toml, [Endpoint(agent.address)])
+        assert outcome.failed == 0 and outcome.done == 7
+        assert _executions(agent).count(plan.id) >= 1
+    con = sqlite3.connect(tmp_path / "out" / "tuneqn.db")
+    (attempt,) = con.execute("select attempt from results where job_id = ?", [plan.id]).fetchone()
+    assert attempt >= 1
+
+
+def test_controller_side_error_fails_the_attempt_and_the_run_goes_on(tmp_path: Path, assets: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """An OSError while uploading (disk trouble on the controller) fails that attempt; no hang."""
+    real = AgentClient.upload_file
+    broken: list[str] = []
+
+    def flaky_upload(self: AgentClient, path: Any, timeout: float | None = None) -> str:
+        if not broken and str(path).endswith(".onnx") and "candidates" in str(path):
+            broken.append(str(path))
+            raise OSError(28, "No space left on device")
+        return real(self, path, timeout)
+
+    monkeypatch.setattr(AgentClient, "upload_file", flaky_upload)
+    with _agent(tmp_path, "solo", "lab", "0") as agent:
+        outcome = _run_bounded(120, _study(tmp_path, assets), [Endpoint(agent.address)])
+    assert broken and outcome.failed == 0 and outcome.done == 7
+    con = sqlite3.connect(tmp_path / "out" / "tuneqn.db")
+    assert con.execute("select max(attempts) from jobs").fetchone()[0] == 2
+
+
+def test_a_dead_class_ends_unreachable_while_others_finish(tmp_path: Path, assets: Path,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """A class whose only agent hangs (SIGSTOP) ends as unreachable; tune exits 1 naming it."""
+    from tuneqn.controller.cli import main
+
+    a, b = _agent(tmp_path, "a", "phone", "40"), _agent(tmp_path, "b", "cpu", "0")
+    study_toml = _study(tmp_path, assets, device_wait_s=4.0, max_attempts=1)
+    db = tmp_path / "out" / "tuneqn.db"
+    with a, b:
+        assert a.proc is not None
+        os.kill(a.proc.pid, signal.SIGSTOP)
+        try:
+            rc = main(["tune", str(study_toml), "--agent", a.address, "--agent", b.address])
+        finally:
+            os.kill(a.proc.pid, signal.SIGCONT)
+    err = capsys.readouterr().err
+    assert rc == 1 and "phone" in err and "Traceback" not in err
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    statuses = {r["device"]: r["status"] for c in report["candidates"] for r in c["results"]}
+    assert statuses.get("cpu") == "done"
+    assert _state(db, "select count(*) from jobs where device = 'cpu' and state = 'done'") == 7
+
+
+def test_a_class_whose_agent_comes_up_late_gets_its_jobs(tmp_path: Path, assets: Path) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    late = LocalAgent(tmp_path / "agent-late", device_name="late", extra_args=["--device-class", "late"])
+    started: list[bool] = []
+    db = tmp_path / "out" / "tuneqn.db"
+
+    def start_late(counts: dict[str, int], total: int) -> None:
+        if not started and counts.get("done", 0) >= 2:
+            started.append(True)
+            cmd = [sys.executable, "-m", "tuneqn.agent", "--listen", f"127.0.0.1:{port}", "--state-dir",
+                   str(late.state_dir), "--device-name", "late", "--device-class", "late"]
+            late.state_dir.mkdir(parents=True, exist_ok=True)
+            late.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, text=True)
+
+    with _agent(tmp_path, "early", "early", "20") as early:
+        try:
+            outcome = _run_bounded(120, _study(tmp_path, assets), [Endpoint(early.address),
+                                                                   Endpoint(f"127.0.0.1:{port}")], start_late)
+        finally:
+            late.stop()
+    assert started and outcome.failed == 0
+    assert _state(db, "select count(*) from results where device = 'late'") == 7
+    assert _state(db, "select count(*) from results where device = 'early'") == 7
 
 
 def test_wrong_token_fails_cleanly(tmp_path: Path, assets: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -151,8 +310,6 @@ def test_wrong_token_fails_cleanly(tmp_path: Path, assets: Path, capsys: pytest.
 
 
 def test_local_agent_started_when_none_configured(tmp_path: Path, assets: Path) -> None:
-    import json
-
     from tuneqn.controller.cli import main
 
     study = _study(tmp_path, assets)
@@ -168,8 +325,36 @@ def test_local_agent_started_when_none_configured(tmp_path: Path, assets: Path) 
     assert top[-1] == pytest.approx(1.0)  # everything ranked back in float agrees with FP32
 
 
+def test_killed_controller_leaves_no_local_agent_behind(tmp_path: Path, assets: Path) -> None:
+    study_toml = _study(tmp_path, assets)
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "tuneqn.controller", "tune", str(study_toml),
+                             "--simulated-latency-ms", "30"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    lock = out / "agents" / "local" / "agent.lock"
+    deadline = time.monotonic() + 120
+    agent_pid = 0
+    while time.monotonic() < deadline and proc.poll() is None:
+        if _state(out / "tuneqn.db", "select count(*) from results") >= 1 and lock.exists():
+            agent_pid = int(lock.read_text().split()[0] or 0)
+            break
+        time.sleep(0.05)  # polling the checkpoint for a condition
+    assert agent_pid and proc.poll() is None
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and Path(f"/proc/{agent_pid}").exists():
+        if Path(f"/proc/{agent_pid}/stat").read_text().split()[2] == "Z":
+            break
+        time.sleep(0.05)  # waiting for the orphan to notice its closed stdin
+    alive = Path(f"/proc/{agent_pid}").exists() and Path(f"/proc/{agent_pid}/stat").read_text().split()[2] != "Z"
+    assert not alive, "the local agent outlived its controller"
+    from tuneqn.controller.cli import main
+
+    assert main(["tune", str(study_toml)]) == 0  # the next run gets the state dir
+
+
 def test_report_numbers_equal_the_database(tmp_path: Path, assets: Path) -> None:
-    import json
+
 
     from tuneqn.controller.cli import main
 

@@ -1,19 +1,23 @@
-"""The controller's dispatcher: jobs for every (candidate, device) over gRPC agents.
+"""The controller's dispatcher: jobs for every (candidate, device class) over gRPC agents.
 
-Life-cycle of a job (controller side, every change committed to SQLite first)::
+Life-cycle of a job (controller side; every change is committed to the store first)::
 
-    pending ──take──▶ submitted(agent, lease) ──result──▶ done
-       ▲                   │  agent vanished: lease kept; the same agent re-collects the
-       │                   │  job by id when it returns (agents keep finished results)
-       └── lease expired / agent reported failure (attempts < max) ──┘     └──▶ failed
+    pending ──take──▶ submitted(holder, lease) ──SUCCEEDED──▶ done
+       ▲                  │ agent unreachable: the lease shrinks to the grace; the same agent
+       │                  │ re-collects the job by id if it returns first (agents keep results)
+       └─ lease over / FAILED (attempts < max_attempts) ─┘   └──▶ failed | unreachable
 
-Agents of one ``device_class`` are interchangeable workers of one device; every other
-device gets every job. One job at a time per agent keeps latency undisturbed. The
-job id is derived from the candidate's and the dataset's content and the device, so
-resubmitting it anywhere is idempotent and a result is stored at most once.
+A *holder* is one device of one agent (``address#device``): an agent may serve several
+devices and runs one job per device at a time. Agents whose devices share a
+``device_class`` are interchangeable workers of that class; every class gets every job.
+Job ids are derived from the whole job spec and the class, so the same work always has
+the same id: submitting it again anywhere is idempotent and a result is stored once.
+Every submission carries its attempt number, so a retry really executes again.
 
-Agent liveness states: CONNECTING → READY ⇄ BUSY; any RPC failure → UNREACHABLE
-(reconnect with backoff) → READY; a contract mismatch → INCOMPATIBLE (never used).
+Agent liveness (:class:`AgentState`): CONNECTING → READY ⇄ BUSY; an RPC failure, a closed
+stream or silence (no event, heartbeat or keepalive answer for ``silent_after_s``) →
+UNREACHABLE (reconnect with backoff) → READY; a contract mismatch or a rejected token →
+INCOMPATIBLE (never used again); STOPPED at the end.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import json
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,15 +36,20 @@ from typing import Any
 
 import grpc
 
-from tuneqn.controller.farm.client import AgentClient, ContractMismatch, decode_topk
+from tuneqn.controller.farm.client import AgentClient, AgentSilent, ContractMismatch, decode_topk
 from tuneqn.controller.store import Store
 from tuneqn.v1 import agent_pb2 as pb
 
 log = logging.getLogger(__name__)
 
+#: Errors that no retry can fix: the agent is unusable for this controller.
+_FATAL = (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNIMPLEMENTED)
+#: Submission errors that say the job itself is wrong (retrying elsewhere gives the same answer).
+_JOB_REJECTED = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.ALREADY_EXISTS)
+
 
 class AgentLost(Exception):
-    """The agent's stream ended without a final event (connection lost or agent stopping)."""
+    """The agent's job stream ended without a final event."""
 
 
 class AgentState(enum.Enum):
@@ -53,15 +63,19 @@ class AgentState(enum.Enum):
     STOPPED = "stopped"
 
 
+LIVE_STATES = (AgentState.READY, AgentState.BUSY)
+
+
 @dataclass(frozen=True)
 class Endpoint:
-    """How to reach an agent."""
+    """How to reach an agent (and, optionally, the device class it is expected to serve)."""
 
     address: str
     token: str | None = None
     tls_ca: Path | None = None
     tls_cert: Path | None = None
     tls_key: Path | None = None
+    device_class: str | None = None
 
     def client(self, timeout: float = 30.0) -> AgentClient:
         """A new client of this agent."""
@@ -69,348 +83,468 @@ class Endpoint:
                            tls_key=self.tls_key, timeout=timeout)
 
 
-@dataclass(frozen=True)
-class JobPlan:
-    """One evaluation: a candidate (or the FP32 model) on one device class."""
-
-    id: str
-    candidate_id: str
-    device: str
-    model_path: Path
-    model_sha256: str
-    dataset_path: Path
-    dataset_sha256: str
-    input_name: str
-    disabled_optimizers: tuple[str, ...] = ()
-
-
 @dataclass
-class EvalSettings:
-    """Per-job evaluation settings and dispatcher timing."""
+class FarmSettings:
+    """What every job is evaluated with, and the dispatcher's timing (see ``[evaluation]``)."""
 
     top_k: int = 5
     chunk_size: int = 32
     latency_warmup: int = 3
     latency_repeats: int = 20
     intra_op_threads: int = 0
-    lease_timeout_s: float = 600.0
+    lease_timeout_s: float = 60.0
+    heartbeat_s: float = 2.0
+    silent_after_s: float = 15.0
+    unreachable_grace_s: float = 20.0
+    device_wait_s: float = 600.0
     max_attempts: int = 3
     rpc_timeout_s: float = 30.0
+    #: Non-empty after ``--fresh``: agents re-measure instead of answering with stored results.
+    remeasure_token: str = ""
+
+    @classmethod
+    def from_config(cls, evaluation: Any, **overrides: Any) -> FarmSettings:
+        """Settings from a study's ``[evaluation]`` section (``overrides`` win)."""
+        names = [f for f in cls.__dataclass_fields__ if hasattr(evaluation, f)]
+        values = {n: getattr(evaluation, n) for n in names}
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
 
 
-def job_id(candidate_sha256: str, dataset_sha256: str, device: str, settings: EvalSettings) -> str:
-    """Content-derived job id: the same work on the same device always has the same id."""
-    key = json.dumps([candidate_sha256, dataset_sha256, device, settings.top_k, settings.latency_warmup,
-                      settings.latency_repeats], sort_keys=True)
-    return f"tq-{hashlib.sha256(key.encode()).hexdigest()[:32]}"
+@dataclass(frozen=True)
+class JobPlan:
+    """One evaluation: a candidate (or the FP32 model) on one device class.
+
+    ``spec`` is complete except for what each submission adds (device name, attempt,
+    remeasure token, max executions); ``id`` is derived from it and the class.
+    """
+
+    id: str
+    candidate_id: str
+    device: str
+    model_path: Path
+    dataset_path: Path
+    spec: pb.JobSpec = field(compare=False)
 
 
-@dataclass
-class _Live:
-    jobs: dict[str, JobPlan] = field(default_factory=dict)
-    pending: dict[str, list[str]] = field(default_factory=dict)  # device class -> job ids (FIFO)
-    closed: bool = False
+def make_job(candidate_id: str, device_class: str, model_path: Path, model_sha256: str, dataset_path: Path,
+             dataset_sha256: str, input_name: str, runtime: dict[str, Any], settings: FarmSettings) -> JobPlan:
+    """The job of a candidate on a device class; its id covers everything that changes the result."""
+    spec = pb.JobSpec(
+        model_sha256=model_sha256, dataset_sha256=dataset_sha256, input_name=input_name, top_k=settings.top_k,
+        chunk_size=settings.chunk_size, latency_warmup=settings.latency_warmup,
+        latency_repeats=settings.latency_repeats,
+        backend_options=pb.BackendOptions(ort=pb.OrtOptions(
+            disabled_optimizers=list(runtime.get("ort_disabled_optimizers", [])),
+            intra_op_threads=settings.intra_op_threads)),
+    )
+    key = device_class.encode() + b"\0" + spec.SerializeToString(deterministic=True)
+    spec.job_id = f"tq-{hashlib.sha256(key).hexdigest()[:32]}"
+    return JobPlan(spec.job_id, candidate_id, device_class, Path(model_path), Path(dataset_path), spec)
+
+
+def result_row(plan: JobPlan, holder: str, result: pb.JobResult) -> dict[str, Any]:
+    """The ``results`` row of a successful job (raises ValueError on a malformed result)."""
+    topk = decode_topk(result)
+    lat = result.latency
+    return {
+        "job_id": plan.id, "candidate_id": plan.candidate_id, "device": plan.device, "agent": holder,
+        "agent_id": result.agent_id, "num_samples": int(result.num_samples), "top_k": int(result.top_k),
+        "topk": topk.astype("<i4").tobytes(), "agreement": None, "accuracy": None, "accuracy_top5": None,
+        "latency_ms": lat.median_ms if lat.count else None,
+        "latency": json.dumps({"median_ms": lat.median_ms, "p90_ms": lat.p90_ms, "p10_ms": lat.p10_ms,
+                               "mean_ms": lat.mean_ms, "std_ms": lat.std_ms, "min_ms": lat.min_ms,
+                               "max_ms": lat.max_ms, "count": lat.count}),
+        "size_bytes": int(result.model_size_bytes), "simulated": float(result.simulated_latency_ms_per_sample),
+        "finished_at": float(result.finished_at) or time.time(), "attempt": int(result.attempt),
+        "info": json.dumps({"device_name": result.device, "device_class": result.device_class,
+                            "inference_seconds": result.inference_seconds, "executions": result.executions,
+                            "runtime_versions": dict(result.runtime_versions)}),
+    }
 
 
 class JobBoard:
-    """Shared job table of the dispatcher; every transition is committed to the store first."""
+    """The dispatcher's job table: in-memory queues over the store's ``jobs`` rows."""
 
-    def __init__(self, store: Store, settings: EvalSettings,
-                 on_change: Callable[[str, str], None] | None = None) -> None:
+    def __init__(self, store: Store, settings: FarmSettings,
+                 on_result: Callable[[str], None] | None = None) -> None:
         self.store = store
         self.settings = settings
-        self.on_change = on_change
+        self.on_result = on_result
         self.cond = threading.Condition()
-        self.live = _Live()
+        self.plans: dict[str, JobPlan] = {}
+        self._pending: dict[str, deque[str]] = {}
+        self._base_attempts: dict[str, int] = {}  # attempts made before this run (they don't count again)
+        self._revoked: dict[str, set[str]] = {}  # agent address -> job ids re-leased away from it
+        self.closed = False
 
-    # -------------------------------------------------------------- bookkeeping
-    def _row(self, jid: str) -> dict[str, Any] | None:
-        rows = list(self.store.db.query("select * from jobs where id = ?", [jid]))
-        return dict(rows[0]) if rows else None
-
+    # -------------------------------------------------------------- registration
     def add(self, plan: JobPlan) -> str:
-        """Register a job (idempotent); returns its stored state."""
-        with self.cond, self.store.lock:
-            self.live.jobs[plan.id] = plan
-            row = self._row(plan.id)
-            now = time.time()
-            if row is None:
-                self.store.db["jobs"].insert(
-                    {"id": plan.id, "candidate_id": plan.candidate_id, "device": plan.device, "state": "pending",
-                     "agent": None, "attempts": 0, "lease_until": 0.0, "error": None, "created_at": now,
-                     "updated_at": now},
-                    pk="id",
-                )
+        """Register a job (idempotent); returns its state. A new run retries what failed before."""
+        with self.cond:
+            row = self.store.add_job(plan.id, plan.candidate_id, plan.device)
+            if plan.id not in self.plans:
+                self._base_attempts[plan.id] = row["attempts"]
+            self.plans[plan.id] = plan
+            state = row["state"]
+            if state in ("failed", "unreachable"):
+                self.store.update_job(plan.id, state="pending", error=None)
                 state = "pending"
-            else:
-                state = row["state"]
-                if state == "failed":  # a new run retries what failed before
-                    self.store.db["jobs"].update(plan.id, {"state": "pending", "attempts": 0, "error": None,
-                                                           "updated_at": now})
-                    state = "pending"
-            if state == "pending":
-                self.live.pending.setdefault(plan.device, []).append(plan.id)
+            if state == "pending" and plan.id not in self._pending.setdefault(plan.device, deque()):
+                self._pending[plan.device].append(plan.id)
             self.cond.notify_all()
             return state
 
     def close(self) -> None:
         """No more jobs will be added."""
         with self.cond:
-            self.live.closed = True
+            self.closed = True
             self.cond.notify_all()
 
+    # -------------------------------------------------------------- queries
     def counts(self) -> dict[str, int]:
-        """Jobs of this run per state."""
-        with self.store.lock:
-            ids = list(self.live.jobs)
-            out: dict[str, int] = {}
-            for i in range(0, len(ids), 500):
-                chunk = ids[i : i + 500]
-                q = f"select state, count(*) c from jobs where id in ({','.join('?' * len(chunk))}) group by state"  # noqa: S608
-                for r in self.store.db.query(q, chunk):
-                    out[r["state"]] = out.get(r["state"], 0) + r["c"]
-            return out
+        """This run's jobs per state."""
+        with self.cond:
+            return self.store.job_counts(list(self.plans))
 
-    def _unfinished(self) -> int:
-        c = self.counts()
-        return c.get("pending", 0) + c.get("submitted", 0)
+    def unfinished(self, device: str | None = None) -> list[str]:
+        """Ids of this run's pending or submitted jobs (of one class, when given)."""
+        with self.cond:
+            return [r["id"] for r in self.store.jobs() if r["id"] in self.plans and r["state"] in ("pending", "submitted")
+                    and (device is None or r["device"] == device)]
 
     def finished(self) -> bool:
-        """All registered jobs are done or failed and no more will come."""
+        """Closed, and every registered job is done, failed or unreachable."""
         with self.cond:
-            return self.live.closed and self._unfinished() == 0
+            if not self.closed:
+                return False
+            c = self.counts()
+            return c.get("pending", 0) + c.get("submitted", 0) == 0
+
+    def is_done(self, jid: str) -> bool:
+        """Whether the job already has its result."""
+        row = self.store.job(jid)
+        return row is not None and row["state"] == "done"
+
+    def attempts_used(self, row: dict[str, Any]) -> int:
+        """Attempts of this run (earlier runs' attempts are not counted again)."""
+        return row["attempts"] - self._base_attempts.get(row["id"], 0)
 
     # -------------------------------------------------------------- transitions
-    def in_flight_for(self, agent: str) -> list[JobPlan]:
-        """Jobs this agent holds (submitted to it and not finished): re-collect them first."""
-        with self.store.lock:
-            rows = list(self.store.db.query("select id from jobs where state = 'submitted' and agent = ?", [agent]))
-        return [self.live.jobs[r["id"]] for r in rows if r["id"] in self.live.jobs]
+    def held_by(self, holder: str) -> list[tuple[JobPlan, int]]:
+        """Jobs this holder has in flight (re-collect them first), with their attempt numbers."""
+        with self.cond:
+            return [(self.plans[r["id"]], r["attempts"]) for r in self.store.jobs(state="submitted", agent=holder)
+                    if r["id"] in self.plans]
 
-    def take(self, device: str, agent: str, timeout: float) -> JobPlan | None:
-        """The next job for ``device``, leased to ``agent``; None when nothing came in ``timeout``."""
+    def take(self, device: str, holder: str, timeout: float) -> tuple[JobPlan, int] | None:
+        """The next job of ``device`` leased to ``holder``, with its attempt; None if none came in time."""
         deadline = time.monotonic() + timeout
         with self.cond:
             while True:
-                self._expire_leases()
-                queue = self.live.pending.get(device, [])
+                self.expire()
+                queue = self._pending.get(device, deque())
                 while queue:
-                    jid = queue.pop(0)
-                    with self.store.lock:
-                        row = self._row(jid)
-                        if row is None or row["state"] != "pending":
-                            continue
-                        self.store.db["jobs"].update(jid, {
-                            "state": "submitted", "agent": agent, "attempts": row["attempts"] + 1,
-                            "lease_until": time.time() + self.settings.lease_timeout_s, "updated_at": time.time(),
-                        })
-                    self._changed(jid, "submitted")
-                    return self.live.jobs[jid]
-                if self.live.closed and self._unfinished() == 0:
-                    return None
+                    jid = queue.popleft()
+                    row = self.store.job(jid)
+                    if row is None or row["state"] != "pending":
+                        continue
+                    attempt = row["attempts"] + 1
+                    self.store.update_job(jid, state="submitted", agent=holder, attempts=attempt,
+                                          lease_until=time.time() + self.settings.lease_timeout_s)
+                    return self.plans[jid], attempt
                 remaining = deadline - time.monotonic()
-                if remaining <= 0:
+                if remaining <= 0 or (self.closed and not self.unfinished(device)):
                     return None
                 self.cond.wait(min(remaining, 1.0))
 
-    def renew(self, jid: str, agent: str) -> None:
-        """The agent is alive and working on the job: extend its lease."""
-        with self.store.lock:
-            self.store.db.execute(
-                "update jobs set lease_until = ?, updated_at = ? where id = ? and agent = ? and state = 'submitted'",
-                [time.time() + self.settings.lease_timeout_s, time.time(), jid, agent],
-            )
+    def renew(self, jid: str, holder: str) -> None:
+        """The holder is alive and working on the job: extend its lease."""
+        self.store.renew_lease(jid, holder, time.time() + self.settings.lease_timeout_s)
 
-    def _expire_leases(self) -> None:
+    def agent_lost(self, address: str) -> None:
+        """An agent became unreachable: its jobs may run elsewhere after the grace."""
+        until = time.time() + self.settings.unreachable_grace_s
+        with self.cond:
+            for row in self.store.jobs(state="submitted"):
+                if (row["agent"] or "").rsplit("#", 1)[0] == address and row["lease_until"] > until:
+                    self.store.update_job(row["id"], lease_until=until)
+            self.cond.notify_all()
+
+    def revoked(self, address: str) -> set[str]:
+        """Job ids that were re-leased away from an agent (cancel them there); clears the list."""
+        with self.cond:
+            return self._revoked.pop(address, set())
+
+    def expire(self) -> None:
+        """Leases that ran out: the job runs elsewhere, unless it used up its attempts."""
         now = time.time()
-        with self.store.lock:
-            rows = list(self.store.db.query(
-                "select id, device, agent, attempts from jobs where state = 'submitted' and lease_until < ?", [now]))
+        with self.cond:
+            rows = [r for r in self.store.expired_leases(now) if r["id"] in self.plans]
             for r in rows:
-                if r["id"] not in self.live.jobs:
-                    continue
-                log.warning("job %s: lease of %s expired; re-running it elsewhere", r["id"], r["agent"])
-                self.store.db["jobs"].update(r["id"], {"state": "pending", "updated_at": now,
-                                                       "error": f"lease of {r['agent']} expired"})
-                self.live.pending.setdefault(r["device"], []).insert(0, r["id"])
-        if rows:
+                address = (r["agent"] or "").rsplit("#", 1)[0]
+                self._revoked.setdefault(address, set()).add(r["id"])
+                if self.attempts_used(r) >= self.settings.max_attempts:
+                    log.warning("job %s: %s went silent on attempt %d; giving up", r["id"], r["agent"], r["attempts"])
+                    self.store.update_job(r["id"], state="failed",
+                                          error=f"{r['agent']} went silent (lease expired) on attempt "
+                                                f"{self.attempts_used(r)} of {self.settings.max_attempts}")
+                else:
+                    log.warning("job %s: %s went silent; running it elsewhere", r["id"], r["agent"])
+                    self.store.update_job(r["id"], state="pending", error=f"lease of {r['agent']} expired")
+                    self._pending.setdefault(r["device"], deque()).appendleft(r["id"])
+            if rows:
+                self.cond.notify_all()
+
+    def complete(self, plan: JobPlan, holder: str, result: pb.JobResult) -> bool:
+        """Store a result (once: the first result of a job wins, wherever it ran)."""
+        row = result_row(plan, holder, result)
+        with self.cond:
+            stored = self.store.put_result(row)
             self.cond.notify_all()
+        if stored and self.on_result is not None:
+            self.on_result(plan.id)
+        return stored
 
-    def complete(self, plan: JobPlan, agent: str, result: pb.JobResult) -> bool:
-        """Store a result and mark the job done (once: a second result for it is dropped)."""
-        topk = decode_topk(result)
-        lat = result.latency
-        with self.cond, self.store.lock:
-            row = self._row(plan.id)
-            if row is None or row["state"] == "done":
-                return False
-            with self.store.db.atomic():
-                self.store.db["results"].insert(
-                    {
-                        "job_id": plan.id, "candidate_id": plan.candidate_id, "device": plan.device, "agent": agent,
-                        "agent_id": result.agent_id, "num_samples": int(result.num_samples),
-                        "top_k": int(result.top_k), "topk": topk.astype("<i4").tobytes(), "agreement": None,
-                        "accuracy": None, "accuracy_top5": None,
-                        "latency_ms": lat.median_ms if lat.count else None,
-                        "latency": json.dumps({
-                            "median_ms": lat.median_ms, "p90_ms": lat.p90_ms, "p10_ms": lat.p10_ms,
-                            "mean_ms": lat.mean_ms, "std_ms": lat.std_ms, "min_ms": lat.min_ms, "max_ms": lat.max_ms,
-                            "count": lat.count,
-                        }),
-                        "size_bytes": int(result.model_size_bytes),
-                        "simulated": float(result.simulated_latency_ms_per_sample),
-                        "finished_at": float(result.finished_at) or time.time(),
-                        "info": json.dumps({"device_name": result.device, "device_class": result.device_class,
-                                            "inference_seconds": result.inference_seconds,
-                                            "runtime_versions": dict(result.runtime_versions)}),
-                    },
-                    pk="job_id", ignore=True,
-                )
-                self.store.db["jobs"].update(plan.id, {"state": "done", "agent": agent, "error": None,
-                                                       "updated_at": time.time()})
+    def fail(self, plan: JobPlan, holder: str, error: str, retry: bool = True) -> str:
+        """A failed attempt: back to pending for another attempt, or failed for good; returns the state."""
+        with self.cond:
+            row = self.store.job(plan.id)
+            if row is None or row["state"] != "submitted" or row["agent"] != holder:
+                return row["state"] if row else "unknown"  # done elsewhere, or re-leased meanwhile
+            final = not retry or self.attempts_used(row) >= self.settings.max_attempts
+            state = "failed" if final else "pending"
+            self.store.update_job(plan.id, state=state, error=error[:2000])
+            if not final:
+                self._pending.setdefault(plan.device, deque()).append(plan.id)
             self.cond.notify_all()
-        self._changed(plan.id, "done")
-        return True
+            log.warning("job %s on %s: attempt %d failed (%s)%s", plan.id, holder, row["attempts"], error[:200],
+                        "" if final else "; will retry")
+            return state
 
-    def fail(self, plan: JobPlan, agent: str, error: str) -> None:
-        """The agent reported a failure: retry (with another attempt) or give up."""
-        with self.cond, self.store.lock:
-            row = self._row(plan.id)
-            if row is None or row["state"] == "done":
-                return
-            state = "failed" if row["attempts"] >= self.settings.max_attempts else "pending"
-            self.store.db["jobs"].update(plan.id, {"state": state, "error": error[:2000], "updated_at": time.time()})
-            if state == "pending":
-                self.live.pending.setdefault(plan.device, []).append(plan.id)
+    def give_up(self, device: str, reason: str) -> int:
+        """End every unfinished job of a device class as ``unreachable``; returns how many."""
+        with self.cond:
+            ids = self.unfinished(device)
+            for jid in ids:
+                self.store.update_job(jid, state="unreachable", error=reason)
+            q = self._pending.get(device)
+            if q is not None:
+                q.clear()
             self.cond.notify_all()
-        self._changed(plan.id, state)
-
-    def _changed(self, jid: str, state: str) -> None:
-        if self.on_change is not None:
-            self.on_change(jid, state)
+            return len(ids)
 
 
-#: Errors that no retry can fix.
-_FATAL = (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNIMPLEMENTED)
+class AgentLink(threading.Thread):
+    """Connection and liveness of one agent; starts a :class:`DeviceSlot` per device it serves."""
 
-
-class Worker(threading.Thread):
-    """Drives one agent: uploads blobs by hash, submits, watches, re-collects."""
-
-    def __init__(self, endpoint: Endpoint, board: JobBoard, stop: threading.Event) -> None:
+    def __init__(self, endpoint: Endpoint, board: JobBoard, stop: threading.Event,
+                 on_device: Callable[[AgentLink, pb.Device], None]) -> None:
         super().__init__(name=f"agent-{endpoint.address}", daemon=True)
         self.endpoint = endpoint
         self.board = board
         self.stop_event = stop
+        self.on_device = on_device
         self.state = AgentState.CONNECTING
         self.info: pb.AgentInfo | None = None
-        self.client: AgentClient | None = None
         self.error: str | None = None
-        self.executed = 0
+        self.client: AgentClient | None = None
+        self.slots: dict[str, DeviceSlot] = {}
+        self.ever_connected = False
+        self.live = threading.Event()
+        self._lock = threading.Lock()
 
     @property
-    def device(self) -> str:
-        """The study's name for this agent's device (its class)."""
-        return self.info.devices[0].device_class if self.info and self.info.devices else self.endpoint.address
+    def address(self) -> str:
+        """The agent's address."""
+        return self.endpoint.address
+
+    def device_classes(self) -> set[str]:
+        """Classes of the devices this agent reported."""
+        return {s.device.device_class for s in self.slots.values()}
 
     def connect(self) -> bool:
-        """Handshake; False (state UNREACHABLE/INCOMPATIBLE) when it fails."""
+        """Handshake; on success the devices get slots. False (UNREACHABLE/INCOMPATIBLE) on failure."""
         if self.client is None:
             self.client = self.endpoint.client(self.board.settings.rpc_timeout_s)
         try:
-            self.info = self.client.info()
+            info = self.client.info()
         except ContractMismatch as exc:
-            self.state, self.error = AgentState.INCOMPATIBLE, str(exc)
+            self._set(AgentState.INCOMPATIBLE, str(exc))
             return False
         except grpc.RpcError as exc:
-            fatal = exc.code() in _FATAL
-            self.state = AgentState.INCOMPATIBLE if fatal else AgentState.UNREACHABLE
-            self.error = f"{exc.code().name}: {exc.details()}"
+            self._set(AgentState.INCOMPATIBLE if exc.code() in _FATAL else AgentState.UNREACHABLE,
+                      f"{exc.code().name}: {exc.details()}")
             return False
-        if not self.info.devices:
-            self.state, self.error = AgentState.INCOMPATIBLE, "agent reports no device"
+        if not info.devices:
+            self._set(AgentState.INCOMPATIBLE, "agent reports no device")
             return False
-        self.state, self.error = AgentState.READY, None
+        self.info = info
+        for jid in self.board.revoked(self.address):  # re-leased while it was away: don't let it run them
+            try:
+                self.client.cancel(jid)
+            except grpc.RpcError as exc:
+                log.debug("cancel %s on %s: %s", jid, self.address, exc.code().name)
+        self._set(AgentState.READY, None)
+        self.ever_connected = True
+        for device in info.devices:
+            if device.name not in self.slots:
+                self.on_device(self, device)
+                slot = DeviceSlot(self, device)
+                self.slots[device.name] = slot
+                slot.start()
         return True
+
+    def _set(self, state: AgentState, error: str | None) -> None:
+        with self._lock:
+            self.state, self.error = state, error
+            if state in LIVE_STATES:
+                self.live.set()
+            else:
+                self.live.clear()
+
+    def lost(self, error: str) -> None:
+        """A call failed or the agent went silent: mark it unreachable (once) and start the grace."""
+        with self._lock:
+            if self.state not in LIVE_STATES:
+                return
+        log.warning("agent %s unreachable: %s", self.address, error)
+        self._set(AgentState.UNREACHABLE, error)
+        self.board.agent_lost(self.address)
+
+    def incompatible(self, error: str) -> None:
+        """The agent refuses this controller for good."""
+        log.error("agent %s unusable: %s", self.address, error)
+        self._set(AgentState.INCOMPATIBLE, error)
+        self.board.agent_lost(self.address)
+
+    def busy(self, flag: bool) -> None:
+        """Liveness detail for display: READY ⇄ BUSY."""
+        with self._lock:
+            if self.state in LIVE_STATES:
+                busy = flag or any(s.running for s in self.slots.values())
+                self.state = AgentState.BUSY if busy else AgentState.READY
 
     def run(self) -> None:
         backoff = 0.2
         while not self.stop_event.is_set():
-            if self.state in (AgentState.INCOMPATIBLE, AgentState.STOPPED):
-                return
-            if self.state != AgentState.READY and not self.connect():
-                if self.state == AgentState.INCOMPATIBLE or self.board.finished():
-                    return
-                self.stop_event.wait(backoff)  # reconnect backoff
-                backoff = min(backoff * 2, 5.0)
+            if self.state == AgentState.INCOMPATIBLE:
+                break
+            if self.state in LIVE_STATES:
+                self.stop_event.wait(0.5)
                 continue
-            backoff = 0.2
-            try:
-                held = self.board.in_flight_for(self.endpoint.address)
-                plan = held[0] if held else self.board.take(self.device, self.endpoint.address, timeout=1.0)
-                if plan is None:
-                    if self.board.finished():
-                        break
-                    continue
-                self._run(plan)
-            except grpc.RpcError as exc:
-                if exc.code() in _FATAL:
-                    self.state, self.error = AgentState.INCOMPATIBLE, f"{exc.code().name}: {exc.details()}"
-                    return
-                log.warning("agent %s: %s (%s); reconnecting", self.endpoint.address, exc.code().name, exc.details())
-                self.state, self.error = AgentState.UNREACHABLE, f"{exc.code().name}: {exc.details()}"
-            except AgentLost as exc:
-                self.state, self.error = AgentState.UNREACHABLE, str(exc)
-        self.state = AgentState.STOPPED
+            if self.connect():
+                backoff = 0.2
+                continue
+            if self.state == AgentState.INCOMPATIBLE:
+                log.error("agent %s unusable: %s", self.address, self.error)
+                break
+            self.stop_event.wait(backoff)  # reconnect backoff
+            backoff = min(backoff * 2, 5.0)
+        for slot in list(self.slots.values()):
+            slot.join(timeout=10)
+        if self.state != AgentState.INCOMPATIBLE:
+            self._set(AgentState.STOPPED, self.error)
         if self.client is not None:
             self.client.close()
 
-    def _ensure_blobs(self, plan: JobPlan) -> None:
-        client = self.client
+
+class DeviceSlot(threading.Thread):
+    """Runs the jobs of one device of one agent, one at a time: upload by hash, submit, watch."""
+
+    def __init__(self, link: AgentLink, device: pb.Device) -> None:
+        super().__init__(name=f"slot-{link.address}#{device.name}", daemon=True)
+        self.link = link
+        self.device = device
+        self.board = link.board
+        self.holder = f"{link.address}#{device.name}"
+        self.running: str | None = None
+        self.executed = 0
+
+    def run(self) -> None:
+        stop = self.link.stop_event
+        while not stop.is_set():
+            if self.link.state == AgentState.INCOMPATIBLE:
+                return
+            if not self.link.live.wait(timeout=0.5):
+                continue
+            held = self.board.held_by(self.holder)
+            job = held[0] if held else self.board.take(self.device.device_class, self.holder, timeout=1.0)
+            if job is None:
+                if self.board.finished():
+                    return
+                continue
+            plan, attempt = job
+            self.running = plan.id
+            self.link.busy(True)
+            try:
+                self._run(plan, attempt)
+            except ContractMismatch as exc:
+                self.link.incompatible(str(exc))
+            except grpc.RpcError as exc:
+                if exc.code() in _FATAL:
+                    self.link.incompatible(f"{exc.code().name}: {exc.details()}")
+                elif exc.code() in _JOB_REJECTED:
+                    self.board.fail(plan, self.holder, f"agent rejected the job: {exc.details()}", retry=False)
+                else:
+                    self.link.lost(f"{exc.code().name}: {exc.details()}")
+            except (AgentSilent, AgentLost) as exc:
+                self.link.lost(str(exc))
+            except Exception as exc:  # noqa: BLE001 - thread boundary: a job that breaks on the controller
+                # side (bad result, OSError on upload, SQLite error) fails with its reason; the slot carries on.
+                log.exception("job %s on %s failed in the controller", plan.id, self.holder)
+                self.board.fail(plan, self.holder, f"controller: {type(exc).__name__}: {exc}")
+            finally:
+                self.running = None
+                self.link.busy(False)
+
+    def _client(self) -> AgentClient:
+        client = self.link.client
         if client is None:
-            raise RuntimeError("not connected")
-        have = client.has_blobs([plan.model_sha256, plan.dataset_sha256])
+            raise AgentLost(f"{self.link.address}: not connected")
+        return client
+
+    def _upload_missing(self, plan: JobPlan) -> None:
+        client = self._client()
+        spec = plan.spec
+        have = client.has_blobs([spec.model_sha256, spec.dataset_sha256])
         for present, path in zip(have, (plan.model_path, plan.dataset_path), strict=True):
             if not present:
                 client.upload_file(path)
 
-    def _run(self, plan: JobPlan) -> None:
-        client = self.client
-        if client is None:
-            raise RuntimeError("not connected")
-        self.state = AgentState.BUSY
+    def _run(self, plan: JobPlan, attempt: int) -> None:
+        client = self._client()
         s = self.board.settings
-        spec = pb.JobSpec(
-            job_id=plan.id, device=self.info.devices[0].name if self.info else "", model_sha256=plan.model_sha256,
-            dataset_sha256=plan.dataset_sha256, input_name=plan.input_name, top_k=s.top_k, chunk_size=s.chunk_size,
-            latency_warmup=s.latency_warmup, latency_repeats=s.latency_repeats,
-            ort_disabled_optimizers=list(plan.disabled_optimizers), intra_op_threads=s.intra_op_threads,
-        )
+        spec = pb.JobSpec()
+        spec.CopyFrom(plan.spec)
+        spec.device = self.device.name
+        spec.attempt = attempt
+        spec.remeasure_token = s.remeasure_token
+        spec.max_executions = s.max_attempts
+        self._upload_missing(plan)
         try:
-            events = client.watch(plan.id)
-            result = self._follow(plan, events)
+            response = client.submit(spec)
         except grpc.RpcError as exc:
-            if exc.code() != grpc.StatusCode.NOT_FOUND:
+            if exc.code() != grpc.StatusCode.FAILED_PRECONDITION:
                 raise
-            result = None
-        if result is None:  # unknown to the agent: upload what it lacks and submit
-            self._ensure_blobs(plan)
-            client.submit(spec)
+            self._upload_missing(plan)  # evicted between the check and the submit
+            response = client.submit(spec)
+        if not response.already_known:
             self.executed += 1
-            result = self._follow(plan, client.watch(plan.id))
-        if result is None:
-            raise AgentLost(f"{self.endpoint.address}: job {plan.id} stream ended without a result")
-        if result.state == pb.SUCCEEDED:
-            self.board.complete(plan, self.endpoint.address, result)
-        else:
-            self.board.fail(plan, self.endpoint.address, result.error or pb.JobState.Name(result.state))
-        self.state = AgentState.READY
-
-    def _follow(self, plan: JobPlan, events: Any) -> pb.JobResult | None:
-        for event in events:
-            self.board.renew(plan.id, self.endpoint.address)
+        result: pb.JobResult | None = None
+        for event in client.watch(plan.id, heartbeat_ms=int(s.heartbeat_s * 1000), idle_timeout=s.silent_after_s):
+            self.board.renew(plan.id, self.holder)
+            if self.board.is_done(plan.id):  # finished elsewhere meanwhile: don't spend the device on it
+                client.cancel(plan.id)
+                return
             if event.final:
-                return event.result
-            if self.stop_event.is_set():
-                return None
-        return None
+                result = event.result
+                break
+            if self.link.stop_event.is_set():
+                return
+        if result is None:
+            raise AgentLost(f"{self.link.address}: job {plan.id} stream ended without a result")
+        if result.state == pb.SUCCEEDED:
+            self.board.complete(plan, self.holder, result)
+        else:
+            self.board.fail(plan, self.holder, result.error or pb.JobState.Name(result.state))

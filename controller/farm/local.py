@@ -1,13 +1,24 @@
-"""A local agent process on loopback, started when a study configures no agents."""
+"""A local agent process on loopback, started when a study configures no agents.
+
+The agent is started with ``--stop-on-stdin-eof`` and a pipe as its stdin: when the
+controller ends in any way (even SIGKILL) the pipe closes and the agent stops, so it never
+outlives the controller holding its state-dir lock. It shares the controller's CPU, so it
+also gets ``--quiet-lock``: it holds that file's exclusive lock while timing latency, and
+the controller holds a shared lock around CPU-heavy work (candidate builds), so timing
+never competes with tuneqn's own work (:class:`QuietLock`).
+"""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
 import os
 import re
 import subprocess
 import sys
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
 
@@ -17,14 +28,34 @@ log = logging.getLogger(__name__)
 _LISTENING = re.compile(r"listening on (\S+:\d+)")
 
 
+class QuietLock:
+    """The controller's side of the agent's ``--quiet-lock``: shared while building."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+
+    @contextlib.contextmanager
+    def shared(self) -> Iterator[None]:
+        """Hold the shared lock (waits while the agent times latency)."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH)
+            yield
+        finally:
+            os.close(fd)  # closing releases the lock
+
+
 class LocalAgent:
     """``python -m tuneqn.agent --listen 127.0.0.1:0`` as a child process."""
 
     def __init__(self, state_dir: Path, device_name: str = "local", extra_args: list[str] | None = None,
-                 start_timeout: float = 60.0) -> None:
+                 start_timeout: float = 60.0, quiet_lock: Path | None = None) -> None:
         self.state_dir = state_dir
         self.device_name = device_name
-        self.extra_args = extra_args or []
+        self.extra_args = list(extra_args or [])
+        if quiet_lock is not None:
+            self.extra_args += ["--quiet-lock", str(quiet_lock)]
         self.start_timeout = start_timeout
         self.proc: subprocess.Popen[str] | None = None
         self.address = ""
@@ -33,10 +64,10 @@ class LocalAgent:
         """Start the agent and return its address once it listens."""
         self.state_dir.mkdir(parents=True, exist_ok=True)
         cmd = [sys.executable, "-m", "tuneqn.agent", "--listen", "127.0.0.1:0", "--state-dir", str(self.state_dir),
-               "--device-name", self.device_name, *self.extra_args]
+               "--device-name", self.device_name, "--stop-on-stdin-eof", *self.extra_args]
         log.info("starting local agent: %s", " ".join(cmd))
         self.proc = subprocess.Popen(  # noqa: S603 - our own interpreter and module
-            cmd, stdout=subprocess.PIPE, stderr=open(self.state_dir / "agent.log", "ab"),  # noqa: SIM115
+            cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=open(self.state_dir / "agent.log", "ab"),  # noqa: SIM115
             text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
         found: list[str] = []
@@ -63,6 +94,8 @@ class LocalAgent:
         """Terminate the agent (SIGTERM, then SIGKILL)."""
         if self.proc is None or self.proc.poll() is not None:
             return
+        if self.proc.stdin is not None:
+            self.proc.stdin.close()
         self.proc.terminate()
         try:
             self.proc.wait(timeout=15)

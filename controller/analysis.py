@@ -9,12 +9,17 @@ Per quantizable layer, two errors are measured on a small analysis sample:
   ``post_qdq`` is already clipped; comparing those directly charges every Conv+Clip with
   the activation itself (≈0.4–1.0). ``ref`` therefore applies the fused activation
   (taken from the float model) before comparing, so like is compared with like.
-  Dynamic mode (activations quantized at run time, no QDQ tensors exist): the layer is
+  Static QOperator: a QLinearConv never exposes its float result before requantization,
+  so ``qdq_err`` is measured on the QDQ form of the same model, quantized with the
+  identical settings and calibration cache (same scales and zero points: the same
+  quantity). Dynamic mode (activations quantized at run time, no QDQ tensors exist): the layer is
   re-run in float on the float model's exact inputs with its activation inputs passed
   through DynamicQuantizeLinear→DequantizeLinear and its weights fake-quantized as the
   dynamic quantizer does; ``qdq_err`` is that local output error.
 * ``xmodel_err`` — ‖out_fp32 − out_quant‖ / ‖out_fp32‖ at the layer's output (after its
-  activation), float model vs fully quantized model, both run on the same inputs.
+  activation), float model vs fully quantized model, both run on the same inputs. For
+  QOperator the quantized model is the real QOperator one (integer kernels): each quantized
+  layer keeps its float name, and its output is dequantized with its own scale/zero point.
 
 Norms are L2 over all elements of the analysis sample. Each error is min-max normalized
 over the layers; score = w·norm_xmodel + (1−w)·norm_qdq; rank 1 = highest score.
@@ -170,10 +175,94 @@ def analyze_static(
     float_path: Path, fq_path: Path, input_name: str, data: np.ndarray, op_types: list[str], chunk: int = 8
 ) -> list[LayerError]:
     """Errors of every quantized layer of a fully quantized static (QDQ) model."""
+    return _analyze_static(float_path, fq_path, None, input_name, data, op_types, chunk)
+
+
+def analyze_qoperator(
+    float_path: Path,
+    qdq_path: Path,
+    qop_path: Path,
+    input_name: str,
+    data: np.ndarray,
+    op_types: list[str],
+    chunk: int = 8,
+) -> list[LayerError]:
+    """Errors of every quantized layer of a fully quantized static QOperator model.
+
+    ``qdq_path`` is the same model quantized to QDQ with the identical settings and
+    calibration cache, so every tensor has the same scale and zero point in both files.
+    ``qdq_err`` (the error of quantizing one layer's output alone) needs the layer's
+    float result before requantization, which a QLinearConv never exposes: it is taken
+    from the QDQ form, where it is the same quantity. ``xmodel_err`` compares the float
+    model with the real QOperator model (integer kernels, requantization rounding), whose
+    layers carry the float layers' names: the output of each quantized layer is
+    dequantized with its own output scale and zero point and matched by name.
+    """
+    return _analyze_static(float_path, qdq_path, qop_path, input_name, data, op_types, chunk)
+
+
+#: Quantized operator → input positions of its output scale and zero point.
+_QOP_OUTPUT_QPARAMS = {"QLinearConv": (6, 7), "QLinearMatMul": (6, 7), "QGemm": (7, 8)}
+
+
+def _qoperator_probe(
+    qop: onnx.ModelProto, layers: list[_Layer]
+) -> tuple[onnx.ModelProto, dict[str, tuple[str, str]]]:
+    """The QOperator model with each layer's output dequantized and exposed as a graph output.
+
+    Returns the model and, per layer name, (probe output name, float-model tensor it
+    corresponds to): the layer's effective output when its Relu/Clip was folded into the
+    quantized operator (the usual case), its own output when the activation stayed a node.
+    """
+    model = onnx.ModelProto()
+    model.CopyFrom(qop)
+    graph = model.graph
+    by_name = {n.name: n for n in graph.node}
+    existing = {o.name for o in graph.output}
+    probes: dict[str, tuple[str, str]] = {}
+    for layer in layers:
+        node = by_name.get(layer.node.name)
+        if node is None:
+            continue
+        ref = layer.output if layer.act is None or layer.act.name not in by_name else layer.node.output[0]
+        idx = _QOP_OUTPUT_QPARAMS.get(node.op_type)
+        if idx is not None and len(node.input) > idx[0] and node.input[idx[0]]:
+            out = f"{node.name}__tuneqn_dq"
+            zp = node.input[idx[1]] if len(node.input) > idx[1] else ""
+            graph.node.append(
+                helper.make_node("DequantizeLinear", [node.output[0], node.input[idx[0]], zp], [out], name=out)
+            )
+        elif node.op_type == "QGemm":
+            out = node.output[0]  # a QGemm without an output scale writes float
+        else:
+            log.warning("layer %s: no output scale on its %s node (no xmodel_err)", node.name, node.op_type)
+            continue
+        if out not in existing:
+            graph.output.append(helper.make_tensor_value_info(out, onnx.TensorProto.FLOAT, None))
+            existing.add(out)
+        probes[layer.node.name] = (out, ref)
+    return model, probes
+
+
+def _analyze_static(
+    float_path: Path,
+    fq_path: Path,
+    qop_path: Path | None,
+    input_name: str,
+    data: np.ndarray,
+    op_types: list[str],
+    chunk: int,
+) -> list[LayerError]:
     fmodel = onnx.load(str(float_path))
     qmodel = onnx.load(str(fq_path))
     qproducers = {o: n for n in qmodel.graph.node for o in n.output}
     quantized = quantized_nodes(qmodel, "static")
+    if qop_path is not None:
+        qop_quantized = quantized_nodes(onnx.load(str(qop_path), load_external_data=False), "static")
+        missing = sorted(qop_quantized - quantized)
+        if missing:
+            log.warning("QOperator layers without a QDQ counterpart (no qdq_err): %s", ", ".join(missing))
+        quantized = qop_quantized
     layers = [layer for layer in find_layers(fmodel, op_types) if layer.node.name in quantized]
     qdq = {layer.node.name: _RelErr() for layer in layers}
     xm = {layer.node.name: _RelErr() for layer in layers}
@@ -181,6 +270,13 @@ def analyze_static(
     with tempfile.TemporaryDirectory(prefix="tuneqn-analysis-") as tmp:
         aug_f = _augment(float_path, Path(tmp) / "float_aug.onnx")
         aug_q = _augment(fq_path, Path(tmp) / "qdq_aug.onnx")
+        probe_sess = None
+        probes: dict[str, tuple[str, str]] = {}
+        if qop_path is not None:
+            probe, probes = _qoperator_probe(onnx.load(str(qop_path)), layers)
+            probe_path = Path(tmp) / "qop_probe.onnx"
+            onnx.save_model(probe, str(probe_path))
+            probe_sess = ort.InferenceSession(str(probe_path), _no_opt(), providers=["CPUExecutionProvider"])
         for part in _chunks(data, chunk):
             b = batch or len(part)
             f_acts = _collect(aug_f, input_name, part, b)
@@ -189,9 +285,17 @@ def analyze_static(
             )
             f_raw = {k: [v] for k, v in f_acts.items()}
             match = qdq_loss_debug.create_activation_matching(q_raw, f_raw)
+            qop_outs: dict[str, np.ndarray] = {}
+            if probe_sess is not None:
+                names = sorted({out for out, _ in probes.values()})
+                runs = [probe_sess.run(names, {input_name: sub}) for sub in _chunks(part, b)]
+                qop_outs = {n: np.concatenate([r[i].ravel() for r in runs]) for i, n in enumerate(names)}
             for layer in layers:
                 key = layer.output if layer.output in match else layer.node.output[0]
                 entry = match.get(key)
+                if probe_sess is not None and layer.node.name in probes:
+                    out, ref = probes[layer.node.name]
+                    xm[layer.node.name].add(f_acts[ref], qop_outs[out])
                 if entry is None or entry.get("pre_qdq") is None or entry.get("post_qdq") is None:
                     continue
                 pre = np.concatenate([a.ravel() for a in entry["pre_qdq"]])
@@ -200,7 +304,8 @@ def analyze_static(
                 fused = layer.act is not None and (producer is None or producer.op_type not in _ACTIVATIONS)
                 ref = apply_activation(fmodel, layer.act, pre) if fused and layer.act is not None else pre
                 qdq[layer.node.name].add(ref, post)
-                xm[layer.node.name].add(f_acts[layer.output], post)
+                if probe_sess is None:
+                    xm[layer.node.name].add(f_acts[layer.output], post)
     return _to_errors(layers, qdq, xm)
 
 

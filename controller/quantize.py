@@ -7,7 +7,13 @@
   ``WeightBiasQuantization`` transformer re-quantizes the float weights of an excluded
   Conv/Gemm/ConvTranspose that reads a DequantizeLinear output and feeds a
   QuantizeLinear, so such a candidate carries ``ort_disabled_optimizers`` that every
-  evaluation must apply (see :func:`runtime_options`).
+  evaluation must apply (see :func:`runtime_options`). This holds for both static
+  formats: in a QOperator candidate an excluded layer sits between the DequantizeLinear
+  of its quantized producer and a QuantizeLinear of its consumer just as in QDQ.
+* Node names: the QOperator and the dynamic quantizers rename the nodes they quantize
+  (``conv1`` → ``conv1_quant``); candidates get the float names back, so a quantized
+  layer (QLinearConv, QGemm, ConvInteger, …) is named as the float layer it replaces and
+  rankings, exclusion lists and reports use one set of names in every format.
 """
 
 from __future__ import annotations
@@ -35,7 +41,12 @@ from onnxruntime.quantization import (
 )
 
 from tuneqn.controller.config import QuantizationSpec
-from tuneqn.controller.modelio import sha256_file
+from tuneqn.controller.files import file_digest
+
+__all__ = [
+    "WBQ", "ArrayReader", "QuantSettings", "calibrate", "file_digest", "quantize_candidate",
+    "quantized_nodes", "quiet_ort_python_logs", "runtime_options",
+]
 
 log = logging.getLogger(__name__)
 
@@ -177,19 +188,38 @@ def _quantize_static(
         )
 
 
-def _restore_node_names(model: onnx.ModelProto, original: set[str]) -> None:
-    """The dynamic quantizer renames quantized nodes (``conv1`` → ``conv1_quant``); undo that."""
+#: Suffixes the quantizers append to the names of the nodes they replace, longest first.
+_RENAMED_SUFFIXES = {"qoperator": ("_quant",), "dynamic": ("_MatMul_quant", "_quant", "_MatMul")}
+
+
+def _restore_node_names(model: onnx.ModelProto, original: set[str], suffixes: tuple[str, ...]) -> int:
+    """Undo the quantizer's renaming (``conv1_quant`` → ``conv1``); returns how many nodes were renamed.
+
+    A node gets its base name back only when that base is a node of the float model and no
+    other node of the quantized model already carries it.
+    """
     present = {n.name for n in model.graph.node}
+    renamed = 0
     for node in model.graph.node:
         if node.name in original:
             continue
-        for suffix in ("_MatMul_quant", "_quant", "_MatMul"):
+        for suffix in suffixes:
             base = node.name[: -len(suffix)] if node.name.endswith(suffix) else None
             if base and base in original and base not in present:
                 present.discard(node.name)
                 node.name = base
                 present.add(base)
+                renamed += 1
                 break
+    return renamed
+
+
+def _restore_names_in_file(model_path: Path, quantized: Path, suffixes: tuple[str, ...]) -> None:
+    """Rewrite ``quantized`` with the float model's node names."""
+    model = onnx.load(str(quantized))
+    original = {n.name for n in onnx.load(str(model_path), load_external_data=False).graph.node}
+    _restore_node_names(model, original, suffixes)
+    onnx.save_model(model, str(quantized))
 
 
 def quantize_candidate(
@@ -206,6 +236,8 @@ def quantize_candidate(
         if calib_cache is None or not calib_cache.is_file():
             raise FileNotFoundError(f"calibration cache missing: {calib_cache}")
         _quantize_static(model_path, tmp, settings, exclude, calib_cache)
+        if settings.format == "qoperator":
+            _restore_names_in_file(model_path, tmp, _RENAMED_SUFFIXES["qoperator"])
     else:
         # The dynamic quantizer first rewrites Gemm into "<name>_MatMul" + "<name>_Add" and
         # matches nodes_to_exclude against the new names: exclude both spellings.
@@ -220,9 +252,7 @@ def quantize_candidate(
                 weight_type=_QTYPE[settings.weight_type],
                 nodes_to_exclude=list(exclude),
             )
-        model = onnx.load(str(tmp))
-        _restore_node_names(model, {n.name for n in onnx.load(str(model_path), load_external_data=False).graph.node})
-        onnx.save_model(model, str(tmp))
+        _restore_names_in_file(model_path, tmp, _RENAMED_SUFFIXES["dynamic"])
     os.replace(tmp, out)
 
 
@@ -231,7 +261,9 @@ def runtime_options(model: onnx.ModelProto, excluded: list[str]) -> dict[str, li
 
     ``WeightBiasQuantization`` fires on a Conv/ConvTranspose/Gemm whose input 0 comes from a
     DequantizeLinear and whose weight is a float initializer; when any excluded layer looks
-    like that, the candidate must be run with that transformer disabled.
+    like that, the candidate must be run with that transformer disabled. The rule is the same
+    for QDQ and QOperator candidates (in QOperator the DequantizeLinear is the one the
+    quantizer inserts after the excluded layer's quantized producer).
     """
     producers = {o: n for n in model.graph.node for o in n.output}
     inits = {i.name for i in model.graph.initializer}
@@ -270,8 +302,3 @@ def quantized_nodes(model: onnx.ModelProto, mode: str) -> set[str]:
         return out
     integer_ops = {"ConvInteger", "MatMulInteger", "DynamicQuantizeMatMul", "DynamicQuantizeLSTM", "QAttention"}
     return {n.name for n in model.graph.node if n.op_type in integer_ops}
-
-
-def file_digest(path: Path) -> tuple[str, int]:
-    """(sha256, size in bytes) of a file."""
-    return sha256_file(path), path.stat().st_size

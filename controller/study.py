@@ -13,14 +13,14 @@ import logging
 import os
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import onnx
 
 from tuneqn import __version__
-from tuneqn.controller.analysis import LayerError, analyze_dynamic, analyze_static, rank_layers
+from tuneqn.controller.analysis import LayerError, analyze_dynamic, analyze_qoperator, analyze_static, rank_layers
 from tuneqn.controller.config import StudyConfig
 from tuneqn.controller.dataset import PreparedData, Split, prepare_data
 from tuneqn.controller.errors import UserError
@@ -143,10 +143,18 @@ class Study:
         t0 = time.perf_counter()
         with tempfile.TemporaryDirectory(prefix="tuneqn-fq-") as tmp:
             fq = Path(tmp) / "fq.onnx"
-            quantize_candidate(pm.path, fq, self.settings(mode), [], self.calibration_cache(model, mode))
+            settings = self.settings(mode)
+            cache = self.calibration_cache(model, mode)
+            quantize_candidate(pm.path, fq, settings, [], cache)
             analysis_data = self.data[model].analysis.load()
             op_types = self.cfg.search.layer_op_types
-            if mode == "static":
+            if mode == "static" and settings.format == "qoperator":
+                # qdq_err from the QDQ form (same settings and calibration cache → same scales),
+                # xmodel_err from the real QOperator model (see analysis.analyze_qoperator).
+                fq_qdq = Path(tmp) / "fq-qdq.onnx"
+                quantize_candidate(pm.path, fq_qdq, replace(settings, format="qdq"), [], cache)
+                errors = analyze_qoperator(pm.path, fq_qdq, fq, pm.input_name, analysis_data, op_types)
+            elif mode == "static":
                 errors = analyze_static(pm.path, fq, pm.input_name, analysis_data, op_types)
             else:
                 errors = analyze_dynamic(pm.path, fq, pm.input_name, analysis_data, op_types, self.settings(mode))

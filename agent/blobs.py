@@ -3,7 +3,9 @@
 Uploads are written to a temporary file, verified (size and sha256) and only then
 renamed into place, so a blob file that exists is always complete and correct. The
 cache is bounded by ``cache_bytes`` with least-recently-used eviction; blobs pinned
-by queued or running jobs are never evicted.
+by queued or running jobs are never evicted. A blob whose file disappeared behind the
+cache's back (deleted by hand, a cleaned disk) counts as absent from then on, so a
+client uploads it again.
 """
 
 from __future__ import annotations
@@ -121,15 +123,30 @@ class BlobStore:
         return self.root / check_sha256(sha256)
 
     def has(self, sha256: str) -> bool:
-        """Whether the blob is in the cache."""
+        """Whether the blob is in the cache (and its file still exists)."""
         check_sha256(sha256)
         with self._lock:
-            return sha256 in self._lru
+            return self._present_locked(sha256)
 
     def size(self, sha256: str) -> int | None:
         """Size of a present blob, else None."""
         with self._lock:
-            return self._lru.get(sha256)
+            return self._lru[sha256] if self._present_locked(sha256) else None
+
+    def forget(self, sha256: str) -> None:
+        """Drop a blob whose file is gone from the cache's books."""
+        with self._lock:
+            if self._lru.pop(sha256, None) is not None:
+                log.warning("blob %s vanished from the cache directory", sha256)
+
+    def _present_locked(self, sha256: str) -> bool:
+        if sha256 not in self._lru:
+            return False
+        if (self.root / sha256).is_file():
+            return True
+        del self._lru[sha256]
+        log.warning("blob %s vanished from the cache directory", sha256)
+        return False
 
     @property
     def total_bytes(self) -> int:
@@ -150,7 +167,7 @@ class BlobStore:
         """Pin all of ``shas`` if they are all present; else pin nothing and return the missing."""
         shas = list(shas)
         with self._lock:
-            missing = [s for s in shas if s not in self._lru]
+            missing = [s for s in shas if not self._present_locked(s)]
             if not missing:
                 self._pins.update(shas)
                 for s in shas:

@@ -4,13 +4,19 @@ Every flag has an environment variable (``TUNEQN_AGENT_<FLAG>``) that provides i
 default. On start the agent prints exactly one line to stdout,
 ``tuneqn-agent listening on HOST:PORT`` (the actual port, also with ``:0``); logs go
 to stderr. SIGTERM/SIGINT stop it gracefully: no new job starts, a running job is
-interrupted and stays queued for the next start.
+interrupted and stays queued for the next start. With ``--stop-on-stdin-eof`` the end
+of stdin does the same, so a parent that starts the agent with a stdin pipe never
+leaves it behind, even when the parent is SIGKILLed.
+
+Security: on a loopback address anything goes. Off loopback the agent needs a bearer
+token over TLS (``--token-file`` + ``--tls-cert/--tls-key``) or mutual TLS (``--tls-ca``);
+it refuses to start (exit 2) with neither, with a token but no TLS, or with TLS but
+neither token nor client CA, unless ``--insecure`` is given (then it warns).
 """
 
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import logging
 import os
 import re
@@ -25,7 +31,9 @@ from typing import NoReturn
 
 import tuneqn
 from tuneqn.agent.backends import BACKENDS
-from tuneqn.agent.config import AgentConfig
+from tuneqn.agent.config import AgentConfig, is_loopback, security_problem
+
+__all__ = ["build_parser", "is_loopback", "main", "parse_listen", "parse_size"]
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog=PROG,
         description="Run tuneqn evaluation jobs for the devices attached to this host.",
+        epilog="Security: off loopback the agent needs a bearer token over TLS (--token-file "
+        "with --tls-cert/--tls-key) or mutual TLS (--tls-ca, with or without a token); "
+        "anything else is refused unless --insecure.",
     )
     p.add_argument(
         "--listen",
@@ -127,7 +138,25 @@ def build_parser() -> argparse.ArgumentParser:
         "--insecure",
         action="store_true",
         default=_env_flag("TUNEQN_AGENT_INSECURE"),
-        help="allow a non-loopback bind without token or TLS (env TUNEQN_AGENT_INSECURE=1)",
+        help="allow a non-loopback bind without a token over TLS or mTLS "
+        "(env TUNEQN_AGENT_INSECURE=1); off loopback the agent otherwise needs "
+        "--token-file with --tls-cert/--tls-key, or --tls-ca",
+    )
+    p.add_argument(
+        "--stop-on-stdin-eof",
+        action="store_true",
+        default=_env_flag("TUNEQN_AGENT_STOP_ON_STDIN_EOF"),
+        help="stop gracefully (like SIGTERM) when stdin reaches end of file, e.g. when the "
+        "process that started the agent with a stdin pipe dies "
+        "(env TUNEQN_AGENT_STOP_ON_STDIN_EOF=1)",
+    )
+    p.add_argument(
+        "--quiet-lock",
+        default=env("TUNEQN_AGENT_QUIET_LOCK"),
+        metavar="FILE",
+        help="hold an exclusive flock on FILE (created if missing) while timing latency, "
+        "so that co-located tuneqn work holding shared locks pauses "
+        "(env TUNEQN_AGENT_QUIET_LOCK; protocol in tuneqn.agent.quiet)",
     )
     p.add_argument(
         "--max-blob-bytes",
@@ -175,16 +204,6 @@ def parse_listen(text: str) -> tuple[str, int]:
     return host, port
 
 
-def is_loopback(host: str) -> bool:
-    """Whether ``host`` only accepts connections from this machine."""
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def _read_file(path: str, what: str) -> bytes:
     try:
         return Path(path).read_bytes()
@@ -199,6 +218,21 @@ def _on_signal(stop: threading.Event, received: list[int]) -> None:
 
     signal.signal(signal.SIGTERM, handler)
     signal.signal(signal.SIGINT, handler)
+
+
+def _stop_on_stdin_eof(stop: threading.Event, eof: threading.Event) -> None:
+    """Set ``stop`` (and ``eof``) once stdin reaches end of file; its data is discarded."""
+
+    def watch() -> None:
+        try:
+            while os.read(0, 65536):
+                pass
+        except OSError as exc:  # a closed or unreadable stdin counts as its end
+            log.debug("stdin unreadable: %s", exc)
+        eof.set()
+        stop.set()
+
+    threading.Thread(target=watch, name="tuneqn-stdin-eof", daemon=True).start()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -219,12 +253,24 @@ def main(argv: list[str] | None = None) -> int:
         stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    if not is_loopback(config.host) and config.token is None and config.tls_cert is None:
-        log.warning("--insecure: listening on %s without token or TLS", args.listen)
+    problem = security_problem(
+        config.host, config.token is not None, config.tls_cert is not None, config.tls_ca is not None
+    )
+    if problem is not None:
+        log.warning("--insecure: listening on non-loopback %s %s", args.listen, problem)
     # Imported here so that argument errors are reported without loading a runtime.
     from tuneqn.agent.backends import create_backend
+    from tuneqn.agent.quiet import QuietLock
     from tuneqn.agent.server import AgentServer
     from tuneqn.agent.state import StateDirInUse
+
+    if config.quiet_lock is not None:
+        try:
+            QuietLock(config.quiet_lock)
+        except OSError as exc:
+            print(f"{PROG}: error: cannot use --quiet-lock {config.quiet_lock}: "
+                  f"{exc.strerror or exc}", file=sys.stderr)
+            return 2
 
     backend = create_backend(
         args.backend,
@@ -241,8 +287,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{PROG}: error: cannot use state dir {config.state_dir}: {exc}", file=sys.stderr)
         return 2
     stop = threading.Event()
+    eof = threading.Event()
     received: list[int] = []
     _on_signal(stop, received)
+    if args.stop_on_stdin_eof:
+        _stop_on_stdin_eof(stop, eof)
     try:
         server.start()
     except RuntimeError as exc:
@@ -251,7 +300,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{PROG} listening on {server.address}", flush=True)
     while not stop.wait(1.0):
         pass
-    log.info("received %s, stopping", signal.Signals(received[0]).name if received else "stop")
+    if received:
+        log.info("received %s, stopping", signal.Signals(received[0]).name)
+    else:
+        log.info("stdin reached end of file, stopping" if eof.is_set() else "stopping")
     server.stop()
     return 0
 
@@ -281,11 +333,19 @@ def _validate(args: argparse.Namespace) -> tuple[AgentConfig, str, str]:
     tls_cert = _read_file(args.tls_cert, "TLS certificate") if args.tls_cert else None
     tls_key = _read_file(args.tls_key, "TLS key") if args.tls_key else None
     tls_ca = _read_file(args.tls_ca, "TLS CA") if args.tls_ca else None
-    if not is_loopback(host) and token is None and tls_cert is None and not args.insecure:
+    problem = security_problem(host, token is not None, tls_cert is not None, tls_ca is not None)
+    if problem is not None and not args.insecure:
         raise UsageError(
-            f"refusing to listen on non-loopback {args.listen} without --token-file or "
-            "--tls-cert/--tls-key (pass --insecure to allow)"
+            f"refusing to listen on non-loopback {args.listen} {problem}; off loopback use a "
+            "token over TLS or mTLS (--insecure to allow anyway)"
         )
+    quiet_lock = None
+    if args.quiet_lock:
+        quiet_lock = Path(args.quiet_lock).expanduser()
+        if not quiet_lock.parent.is_dir():
+            raise UsageError(f"--quiet-lock {args.quiet_lock}: folder {quiet_lock.parent} does not exist")
+        if quiet_lock.is_dir():
+            raise UsageError(f"--quiet-lock {args.quiet_lock} is a folder, not a file")
     device_name = args.device_name or socket.gethostname()
     state_dir = Path(args.state_dir).expanduser() if args.state_dir else default_state_dir()
     config = AgentConfig(
@@ -298,6 +358,8 @@ def _validate(args: argparse.Namespace) -> tuple[AgentConfig, str, str]:
         tls_ca=tls_ca,
         max_blob_bytes=args.max_blob_bytes,
         blob_cache_bytes=args.blob_cache_bytes,
+        insecure=args.insecure,
+        quiet_lock=quiet_lock,
     )
     return config, device_name, args.device_class or device_name
 

@@ -1,9 +1,25 @@
 """Job queue of the agent: one worker thread per device, one job at a time per device.
 
 Life cycle: QUEUED -> RUNNING -> SUCCEEDED | FAILED | CANCELLED, or QUEUED -> CANCELLED.
-Jobs are persisted in :class:`~tuneqn.agent.state.AgentState`; on start, jobs left
-QUEUED or RUNNING by a previous process are queued again (a RUNNING one then executes
-a second time), finished results are served from the database.
+Jobs are persisted in :class:`~tuneqn.agent.state.AgentState`; finished results are
+served from the database.
+
+Submitting a known job id (``SubmitJob`` is idempotent) answers its state, except:
+
+* FAILED or CANCELLED and ``spec.attempt`` higher than the attempt it last ran under:
+  a retry — the job executes again (a new execution series; its blobs must be present);
+* SUCCEEDED, ``spec.remeasure_token`` non-empty and different from the token its success
+  was measured under: the job executes again once (the same token then finds the new
+  execution or its result).
+
+``attempt``, ``remeasure_token`` and ``max_executions`` never make a spec "different"
+(ALREADY_EXISTS). On start, jobs left QUEUED or RUNNING by a previous process are
+queued again while the executions of their current series stay below
+``spec.max_executions`` (0 = :data:`DEFAULT_MAX_EXECUTIONS`); a job whose executions were
+all interrupted that often ends FAILED, so a job that crashes its agent cannot loop.
+
+With a quiet lock (:mod:`tuneqn.agent.quiet`) the latency measurement runs under an
+exclusive lock that co-located tuneqn processes respect.
 """
 
 from __future__ import annotations
@@ -13,6 +29,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import cast
 
@@ -20,7 +37,8 @@ import numpy as np
 
 from tuneqn.agent.backends.base import Backend, Interrupted, LoadOptions, topk_indices
 from tuneqn.agent.blobs import BlobStore, check_sha256
-from tuneqn.agent.state import AgentState
+from tuneqn.agent.quiet import QuietLock
+from tuneqn.agent.state import AgentState, JobRow
 from tuneqn.v1 import agent_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -30,6 +48,11 @@ DEFAULT_CHUNK_SIZE = 32
 DEFAULT_LATENCY_WARMUP = 3
 DEFAULT_LATENCY_REPEATS = 20
 MAX_JOB_ID_LENGTH = 256
+DEFAULT_MAX_EXECUTIONS = 3
+DEFAULT_HEARTBEAT_SECONDS = 5.0
+MIN_HEARTBEAT_SECONDS = 0.05
+#: JobSpec fields that never make two submissions of one job id "different".
+SUBMISSION_FIELDS = ("attempt", "remeasure_token", "max_executions")
 
 TERMINAL_STATES = frozenset({pb.SUCCEEDED, pb.FAILED, pb.CANCELLED})
 
@@ -88,13 +111,31 @@ def latency_stats(times_ms: list[float]) -> pb.LatencyStats:
 
 @dataclass
 class _Job:
-    spec: pb.JobSpec
+    spec: pb.JobSpec  # the latest submitted spec
     device: str
+    attempt: int = 0  # JobSpec.attempt of the submission that queued this execution series
+    token: str = ""  # remeasure token of that submission
     state: pb.JobState = pb.QUEUED
     event: pb.JobEvent = field(default_factory=pb.JobEvent)
     version: int = 0
     interrupt: threading.Event = field(default_factory=threading.Event)
     cancel_requested: bool = False
+
+
+@dataclass(frozen=True)
+class DeviceStatus:
+    """What a device is doing now (the dynamic part of ``tuneqn.v1.Device``)."""
+
+    queue_length: int
+    running_job_id: str
+    healthy: bool
+    status: str
+
+
+def interrupted_reason(count: int) -> str:
+    """Failure reason of a job given up after ``count`` interrupted executions."""
+    times = "once" if count == 1 else f"{count} times"
+    return f"interrupted {times} (the agent stopped or crashed while running it)"
 
 
 class JobManager:
@@ -106,6 +147,7 @@ class JobManager:
         blobs: BlobStore,
         backends: dict[str, Backend],
         agent_id: str,
+        quiet_lock: QuietLock | None = None,
     ) -> None:
         if not backends:
             raise ValueError("at least one device backend is required")
@@ -118,6 +160,8 @@ class JobManager:
         self._active: dict[str, _Job] = {}  # queued or running
         self._queues: dict[str, deque[str]] = {name: deque() for name in backends}
         self._running: dict[str, str | None] = {name: None for name in backends}
+        self._status: dict[str, str] = {name: "" for name in backends}
+        self._quiet_lock = quiet_lock
         self._threads: list[threading.Thread] = []
         self._stopping = False
 
@@ -130,17 +174,22 @@ class JobManager:
             log.warning("%d execution(s) were interrupted by an unclean stop", dangling)
         for row in self._state.unfinished_jobs():
             spec = pb.JobSpec.FromString(row.spec)
+            job = _Job(
+                spec=spec, device=row.device, attempt=row.attempt, token=row.remeasure_token
+            )
             if row.device not in self._backends:
-                self._state.set_state(
-                    row.job_id,
-                    "FAILED",
-                    result=self._result(spec, row.device, pb.FAILED, "").SerializeToString(),
-                    error=f"device {row.device!r} is no longer served by this agent",
+                self._finish_unstarted(
+                    job, f"device {row.device!r} is no longer served by this agent"
                 )
+                continue
+            interrupted = self._state.count_executions(row.job_id) - row.series_start
+            limit = spec.max_executions or DEFAULT_MAX_EXECUTIONS
+            if interrupted >= limit:
+                self._finish_unstarted(job, interrupted_reason(interrupted))
+                log.warning("job %s given up: %s", row.job_id, interrupted_reason(interrupted))
                 continue
             if row.state != "QUEUED":
                 self._state.set_state(row.job_id, "QUEUED")
-            job = _Job(spec=spec, device=row.device)
             self._blobs.pin([spec.model_sha256, spec.dataset_sha256])
             with self._cond:
                 self._active[row.job_id] = job
@@ -153,6 +202,14 @@ class JobManager:
             )
             t.start()
             self._threads.append(t)
+
+    def _finish_unstarted(self, job: _Job, reason: str) -> None:
+        """End a job left unfinished by a previous run as FAILED without running it."""
+        result = self._result(job, pb.FAILED, reason)
+        result.finished_at = time.time()
+        self._state.set_state(
+            job.spec.job_id, "FAILED", result=result.SerializeToString(), error=reason
+        )
 
     def stop(self, timeout: float | None = 30.0) -> None:
         """Take no new work, interrupt running jobs (they stay queued for the next start)."""
@@ -177,6 +234,20 @@ class JobManager:
         with self._cond:
             return [j for j in self._running.values() if j is not None]
 
+    def device_status(self, device: str) -> DeviceStatus:
+        """Queue length, running job, health and status text of one device."""
+        healthy, why = self._backends[device].health()
+        with self._cond:
+            running = self._running[device] or ""
+            status = self._status[device]
+            queued = len(self._queues[device])
+        return DeviceStatus(
+            queue_length=queued,
+            running_job_id=running,
+            healthy=healthy,
+            status=why if not healthy else status,
+        )
+
     def execution_count(self, job_id: str) -> int:
         """How many times the job started executing."""
         return self._state.count_executions(job_id)
@@ -184,36 +255,108 @@ class JobManager:
     # ------------------------------------------------------------------ RPC entry points
 
     def submit(self, spec: pb.JobSpec) -> pb.SubmitJobResponse:
-        """Queue a job, or report the state of an already known job id."""
+        """Queue a job, re-execute a retried or re-measured one, or report a known job's state."""
         self._validate(spec)
         with self._cond:
             if self._stopping:
                 raise AgentStopping("the agent is shutting down")
-            known_spec, known_state = self._known(spec.job_id)
-            if known_spec is not None:
-                if self._normalized(known_spec) != self._normalized(spec):
-                    raise JobConflict(f"job {spec.job_id!r} is already known with a different spec")
-                return pb.SubmitJobResponse(
-                    job_id=spec.job_id, state=known_state, already_known=True
+            job = self._active.get(spec.job_id)
+            if job is not None:
+                self._check_same(job.spec, spec)
+                return self._resubmit_active(job, spec)
+            row = self._state.get_job(spec.job_id)
+            if row is None:
+                return self._queue_new(spec)
+            self._check_same(pb.JobSpec.FromString(row.spec), spec)
+            reason = self._rerun_reason(row, spec)
+            if reason is None:
+                self._state.update_spec(
+                    spec.job_id, self._stored(spec, row.device).SerializeToString()
                 )
-            device = self._resolve_device(spec.device)
-            stored = pb.JobSpec()
-            stored.CopyFrom(spec)
-            stored.device = device
-            missing = self._blobs.pin_if_present([spec.model_sha256, spec.dataset_sha256])
-            if missing:
-                raise MissingBlobs(sorted(set(missing)))
-            try:
-                self._state.insert_job(spec.job_id, stored.SerializeToString(), device)
-            except BaseException:
-                self._blobs.unpin([spec.model_sha256, spec.dataset_sha256])
-                raise
-            job = _Job(spec=stored, device=device)
-            self._active[spec.job_id] = job
-            self._queues[device].append(spec.job_id)
-            self._publish(job, pb.QUEUED, "queued")
+                return pb.SubmitJobResponse(
+                    job_id=spec.job_id, state=state_value(row.state), already_known=True
+                )
+            return self._requeue(row, spec, reason)
+
+    def _check_same(self, known: pb.JobSpec, spec: pb.JobSpec) -> None:
+        if self._identity(known) != self._identity(spec):
+            raise JobConflict(f"job {spec.job_id!r} is already known with a different spec")
+
+    def _queue_new(self, spec: pb.JobSpec) -> pb.SubmitJobResponse:
+        """Queue a job id seen for the first time (call with ``self._cond`` held)."""
+        device = self._resolve_device(spec.device)
+        stored = self._stored(spec, device)
+        shas = [spec.model_sha256, spec.dataset_sha256]
+        missing = self._blobs.pin_if_present(shas)
+        if missing:
+            raise MissingBlobs(sorted(set(missing)))
+        try:
+            self._state.insert_job(
+                spec.job_id, stored.SerializeToString(), device, spec.attempt, spec.remeasure_token
+            )
+        except BaseException:
+            self._blobs.unpin(shas)
+            raise
+        job = _Job(spec=stored, device=device, attempt=spec.attempt, token=spec.remeasure_token)
+        self._enqueue(job)
         log.info("job %s queued on %s", spec.job_id, device)
         return pb.SubmitJobResponse(job_id=spec.job_id, state=pb.QUEUED, already_known=False)
+
+    def _resubmit_active(self, job: _Job, spec: pb.JobSpec) -> pb.SubmitJobResponse:
+        """A known queued or running job: keep it, store the latest spec (``_cond`` held).
+
+        A queued execution has not started, so it runs under the newest attempt and
+        remeasure token; a running one keeps those it started under.
+        """
+        job.spec = self._stored(spec, job.device)
+        if job.state == pb.QUEUED:
+            job.attempt = max(job.attempt, spec.attempt)
+            job.token = spec.remeasure_token or job.token
+            self._state.update_spec(
+                spec.job_id, job.spec.SerializeToString(), job.attempt, job.token
+            )
+        else:
+            self._state.update_spec(spec.job_id, job.spec.SerializeToString())
+        return pb.SubmitJobResponse(job_id=spec.job_id, state=job.state, already_known=True)
+
+    @staticmethod
+    def _rerun_reason(row: JobRow, spec: pb.JobSpec) -> str | None:
+        """Why a finished job executes again for this submission (None: it does not)."""
+        if row.state in ("FAILED", "CANCELLED") and spec.attempt > row.attempt:
+            return f"attempt {spec.attempt} after a {row.state} attempt {row.attempt}"
+        if (
+            row.state == "SUCCEEDED"
+            and spec.remeasure_token
+            and spec.remeasure_token != row.remeasure_token
+        ):
+            return f"re-measure (token {spec.remeasure_token!r})"
+        return None
+
+    def _requeue(self, row: JobRow, spec: pb.JobSpec, reason: str) -> pb.SubmitJobResponse:
+        """Queue a finished job for a new execution series (call with ``self._cond`` held)."""
+        device = self._resolve_device(row.device)
+        stored = self._stored(spec, device)
+        shas = [spec.model_sha256, spec.dataset_sha256]
+        missing = self._blobs.pin_if_present(shas)
+        if missing:
+            raise MissingBlobs(sorted(set(missing)))
+        try:
+            self._state.requeue_job(
+                spec.job_id, stored.SerializeToString(), spec.attempt, spec.remeasure_token
+            )
+        except BaseException:
+            self._blobs.unpin(shas)
+            raise
+        job = _Job(spec=stored, device=device, attempt=spec.attempt, token=spec.remeasure_token)
+        self._enqueue(job)
+        log.info("job %s queued again on %s: %s", spec.job_id, device, reason)
+        return pb.SubmitJobResponse(job_id=spec.job_id, state=pb.QUEUED, already_known=False)
+
+    def _enqueue(self, job: _Job) -> None:
+        """Make a job active and queue it on its device (call with ``self._cond`` held)."""
+        self._active[job.spec.job_id] = job
+        self._queues[job.device].append(job.spec.job_id)
+        self._publish(job, pb.QUEUED, "queued")
 
     def cancel(self, job_id: str) -> pb.JobState:
         """Cancel a job; returns its state after the request (RUNNING = cancel pending)."""
@@ -228,7 +371,7 @@ class JobManager:
                 self._queues[job.device].remove(job_id)
                 del self._active[job_id]
                 now = time.time()
-                result = self._result(job.spec, job.device, pb.CANCELLED, "cancelled while queued")
+                result = self._result(job, pb.CANCELLED, "cancelled while queued")
                 result.finished_at = now
                 self._state.set_state(
                     job_id, "CANCELLED", result=result.SerializeToString(), error=result.error
@@ -242,13 +385,21 @@ class JobManager:
             log.info("cancel requested for running job %s", job_id)
             return job.state
 
-    def watch(self, job_id: str, is_active: Callable[[], bool]) -> Iterator[pb.JobEvent]:
+    def watch(
+        self,
+        job_id: str,
+        is_active: Callable[[], bool],
+        heartbeat_s: float = DEFAULT_HEARTBEAT_SECONDS,
+    ) -> Iterator[pb.JobEvent]:
         """Events of a job until its final one; a finished job yields its final event at once.
 
-        Raises :class:`JobNotFound` for an unknown id and :class:`AgentStopping` when the
-        agent stops before the job finished. ``is_active`` tells whether the watcher
-        is still connected; call :meth:`wake_watchers` when that changes.
+        While nothing changes, the latest event is repeated with ``heartbeat = True`` every
+        ``heartbeat_s`` seconds. Raises :class:`JobNotFound` for an unknown id and
+        :class:`AgentStopping` when the agent stops before the job finished. ``is_active``
+        tells whether the watcher is still connected; call :meth:`wake_watchers` when that
+        changes.
         """
+        heartbeat_s = max(heartbeat_s, MIN_HEARTBEAT_SECONDS)
         with self._cond:
             job = self._active.get(job_id)
             row = None if job is not None else self._state.get_job(job_id)
@@ -268,16 +419,30 @@ class JobManager:
             )
             return
         seen = -1
+        sent_at = time.monotonic()
         while True:
             with self._cond:
-                while job.version == seen and not self._stopping and is_active():
-                    self._cond.wait(timeout=5.0)
+                beat = False
+                while job.version == seen:
+                    if not is_active():
+                        return
+                    if self._stopping:
+                        raise AgentStopping("the agent is shutting down; watch again after restart")
+                    remaining = sent_at + heartbeat_s - time.monotonic()
+                    if remaining <= 0:
+                        beat = True
+                        break
+                    self._cond.wait(timeout=remaining)
                 if not is_active():
                     return
-                if job.version == seen and self._stopping:
-                    raise AgentStopping("the agent is shutting down; watch again after restart")
                 event = job.event
                 seen = job.version
+            if beat:
+                repeat = pb.JobEvent()
+                repeat.CopyFrom(event)
+                repeat.heartbeat = True
+                event = repeat
+            sent_at = time.monotonic()
             yield event
             if event.final:
                 return
@@ -313,11 +478,22 @@ class JobManager:
             return None, pb.JOB_STATE_UNSPECIFIED
         return pb.JobSpec.FromString(row.spec), state_value(row.state)
 
-    def _normalized(self, spec: pb.JobSpec) -> pb.JobSpec:
+    def _identity(self, spec: pb.JobSpec) -> pb.JobSpec:
+        """What must match for two submissions to be the same job (device filled in)."""
         out = pb.JobSpec()
         out.CopyFrom(spec)
+        for name in SUBMISSION_FIELDS:
+            out.ClearField(name)
         if not out.device and len(self._backends) == 1:
             out.device = next(iter(self._backends))
+        return out
+
+    @staticmethod
+    def _stored(spec: pb.JobSpec, device: str) -> pb.JobSpec:
+        """The spec as stored: a copy with the resolved device."""
+        out = pb.JobSpec()
+        out.CopyFrom(spec)
+        out.device = device
         return out
 
     def _resolve_device(self, name: str) -> str:
@@ -359,17 +535,17 @@ class JobManager:
         job.version += 1
         self._cond.notify_all()
 
-    def _result(
-        self, spec: pb.JobSpec, device: str, state: pb.JobState, error: str
-    ) -> pb.JobResult:
-        desc = self._descriptions.get(device)
+    def _result(self, job: _Job, state: pb.JobState, error: str) -> pb.JobResult:
+        desc = self._descriptions.get(job.device)
         result = pb.JobResult(
-            job_id=spec.job_id,
-            device=device,
+            job_id=job.spec.job_id,
+            device=job.device,
             device_class=desc.device_class if desc else "",
             agent_id=self._agent_id,
             state=state,
             error=error,
+            attempt=job.attempt,
+            executions=self._state.count_executions(job.spec.job_id),
         )
         if desc is not None:
             result.runtime_versions.update(desc.runtime_versions)
@@ -388,7 +564,7 @@ class JobManager:
                 job = self._active[job_id]
                 self._running[device] = job_id
                 self._state.set_state(job_id, "RUNNING")
-                execution_id = self._state.start_execution(job_id)
+                execution_id = self._state.start_execution(job_id, job.attempt)
                 self._publish(job, pb.RUNNING, "loading")
             log.info("job %s started on %s", job_id, device)
             self._execute(job, execution_id)
@@ -404,14 +580,15 @@ class JobManager:
                 self._state.set_state(spec.job_id, "QUEUED")
                 with self._cond:
                     self._running[job.device] = None
+                    self._status[job.device] = ""
                 log.info("job %s interrupted by shutdown; it stays queued", spec.job_id)
                 return
-            result = self._result(spec, job.device, pb.CANCELLED, "cancelled while running")
+            result = self._result(job, pb.CANCELLED, "cancelled while running")
         except Exception as exc:  # job-failure handler: any error of model, data or runtime
             # must end as a FAILED job with its message instead of killing the device worker.
             log.warning("job %s failed: %s", spec.job_id, exc)
             message = str(exc) or type(exc).__name__
-            result = self._result(spec, job.device, pb.FAILED, f"{type(exc).__name__}: {message}")
+            result = self._result(job, pb.FAILED, f"{type(exc).__name__}: {message}")
         result.started_at = started
         result.finished_at = time.time()
         self._state.set_state(
@@ -424,6 +601,7 @@ class JobManager:
         self._blobs.unpin([spec.model_sha256, spec.dataset_sha256])
         with self._cond:
             self._running[job.device] = None
+            self._status[job.device] = ""
             self._active.pop(spec.job_id, None)
             self._publish(job, result.state, "done", final_result=result)
         log.info("job %s finished: %s", spec.job_id, state_name(result.state))
@@ -441,17 +619,14 @@ class JobManager:
         dataset_path = self._blobs.path(spec.dataset_sha256)
         for sha, path in ((spec.model_sha256, model_path), (spec.dataset_sha256, dataset_path)):
             if not path.exists():
+                self._blobs.forget(sha)  # HasBlobs now says absent: the client uploads it again
                 raise FileNotFoundError(f"blob {sha} is no longer in the agent's cache")
             self._blobs.touch(sha)
         model_size = model_path.stat().st_size
 
         handle = backend.load(
             model_path,
-            LoadOptions(
-                input_name=spec.input_name,
-                disabled_optimizers=tuple(spec.ort_disabled_optimizers),
-                intra_op_threads=spec.intra_op_threads,
-            ),
+            LoadOptions(input_name=spec.input_name, backend_options=spec.backend_options),
         )
         data = np.load(dataset_path, mmap_mode="r", allow_pickle=False)
         if not isinstance(data, np.ndarray) or data.ndim < 1 or data.shape[0] == 0:
@@ -492,9 +667,11 @@ class JobManager:
             with self._cond:
                 self._publish(job, pb.RUNNING, "latency", done=n, total=n)
             one = np.asarray(data[:1])
-            stats = latency_stats(backend.latency(handle, one, warmup, repeats, stop=job.interrupt))
+            with self._quiet(job):
+                times = backend.latency(handle, one, warmup, repeats, stop=job.interrupt)
+            stats = latency_stats(times)
 
-        result = self._result(spec, job.device, pb.SUCCEEDED, "")
+        result = self._result(job, pb.SUCCEEDED, "")
         result.num_samples = n
         result.top_k = topk.shape[1]
         result.topk_indices = topk.astype("<i4", copy=False).tobytes(order="C")
@@ -503,3 +680,26 @@ class JobManager:
         result.inference_seconds = inference_seconds
         result.started_at = started
         return result
+
+    @contextmanager
+    def _quiet(self, job: _Job) -> Iterator[None]:
+        """Hold the quiet lock (if configured) while the job's latency is measured."""
+        if self._quiet_lock is None:
+            yield
+            return
+        lock = self._quiet_lock
+
+        def blocked() -> None:
+            with self._cond:
+                self._status[job.device] = (
+                    f"waiting for the quiet lock {lock.path} before timing job {job.spec.job_id}"
+                )
+
+        try:
+            with lock.exclusive(stop=job.interrupt, on_blocked=blocked):
+                with self._cond:
+                    self._status[job.device] = ""
+                yield
+        finally:
+            with self._cond:
+                self._status[job.device] = ""

@@ -1,4 +1,9 @@
-"""The agent's gRPC server: the ``tuneqn.v1.Agent`` servicer plus the health service."""
+"""The agent's gRPC server: the ``tuneqn.v1.Agent`` servicer plus the health service.
+
+Keepalive: the server accepts client pings every :data:`MIN_CLIENT_PING_MS` or more
+(also without calls, never answering them with GOAWAY) and pings idle connections
+itself, so dead peers on either side are noticed; ``WatchJob`` streams carry heartbeats.
+"""
 
 from __future__ import annotations
 
@@ -14,30 +19,44 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 import tuneqn
 from tuneqn.agent.auth import BearerTokenInterceptor
 from tuneqn.agent.backends.base import Backend, DeviceDescription
-from tuneqn.agent.config import AgentConfig
+from tuneqn.agent.config import AgentConfig, security_problem
 from tuneqn.agent.blobs import BlobStore, BlobTooLarge, InvalidBlob, check_sha256
 from tuneqn.agent.jobs import (
+    DEFAULT_HEARTBEAT_SECONDS,
     AgentStopping,
+    DeviceStatus,
     InvalidJob,
     JobConflict,
     JobManager,
     JobNotFound,
     MissingBlobs,
 )
+from tuneqn.agent.quiet import QuietLock
 from tuneqn.agent.state import AgentState, StateDirLock
 from tuneqn.v1 import agent_pb2 as pb
 from tuneqn.v1 import agent_pb2_grpc
-from tuneqn.v1.contract import CONTRACT_REVISION, CONTRACT_VERSION
+from tuneqn.v1.contract import CONTRACT_REVISION, CONTRACT_VERSION, MIN_CLIENT_REVISION
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = "tuneqn.v1.Agent"
 MAX_RECEIVE_MESSAGE_BYTES = 16 * 1024**2
+MIN_CLIENT_PING_MS = 5_000  # clients may ping this often (the controller pings every 10 s)
+SERVER_PING_MS = 20_000  # the server pings idle connections this often ...
+SERVER_PING_TIMEOUT_MS = 10_000  # ... and drops them when no ack comes within this
+KEEPALIVE_OPTIONS: list[tuple[str, int]] = [
+    ("grpc.keepalive_time_ms", SERVER_PING_MS),
+    ("grpc.keepalive_timeout_ms", SERVER_PING_TIMEOUT_MS),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_recv_ping_interval_without_data_ms", MIN_CLIENT_PING_MS),
+    ("grpc.http2.max_ping_strikes", 0),  # 0 = never GOAWAY a client for pinging too often
+    ("grpc.http2.max_pings_without_data", 0),  # 0 = server pings need no data in between
+]
 
 
-def device_proto(desc: DeviceDescription) -> pb.Device:
-    """``tuneqn.v1.Device`` for a backend's description."""
-    return pb.Device(
+def device_proto(desc: DeviceDescription, status: DeviceStatus | None = None) -> pb.Device:
+    """``tuneqn.v1.Device`` for a backend's description and (optionally) its current status."""
+    device = pb.Device(
         name=desc.name,
         device_class=desc.device_class,
         backend=desc.backend,
@@ -48,13 +67,23 @@ def device_proto(desc: DeviceDescription) -> pb.Device:
         simulated=desc.simulated,
         simulated_latency_ms_per_sample=desc.simulated_latency_ms_per_sample,
     )
+    if status is not None:
+        device.queue_length = status.queue_length
+        device.running_job_id = status.running_job_id
+        device.healthy = status.healthy
+        device.status = status.status
+    return device
 
 
 class AgentServicer(agent_pb2_grpc.AgentServicer):
     """Implements ``tuneqn.v1.Agent`` on top of the job manager and the blob store."""
 
     def __init__(
-        self, jobs: JobManager, blobs: BlobStore, devices: list[pb.Device], agent_id: str
+        self,
+        jobs: JobManager,
+        blobs: BlobStore,
+        devices: list[DeviceDescription],
+        agent_id: str,
     ) -> None:
         self._jobs = jobs
         self._blobs = blobs
@@ -72,6 +101,14 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
                 f"{CONTRACT_VERSION!r} (revision {CONTRACT_REVISION}); "
                 "use a controller and agent of the same major contract",
             )
+        if request.contract_revision < MIN_CLIENT_REVISION:
+            context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"contract revision too old: client {request.client_version or '?'} speaks "
+                f"{CONTRACT_VERSION} revision {request.contract_revision}, this agent needs "
+                f"revision {MIN_CLIENT_REVISION} or newer (it implements {CONTRACT_REVISION}); "
+                "upgrade the controller",
+            )
         if request.contract_revision > CONTRACT_REVISION:
             log.info(
                 "client %s uses contract revision %d, newer than this agent's %d",
@@ -88,7 +125,8 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
             hostname=self._hostname,
             queue_length=self._jobs.queue_length(),
             running_job_id=running[0] if running else "",
-            devices=self._devices,
+            running_job_ids=running,
+            devices=[device_proto(d, self._jobs.device_status(d.name)) for d in self._devices],
         )
 
     def UploadBlob(
@@ -152,10 +190,13 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
     def WatchJob(
         self, request: pb.WatchJobRequest, context: grpc.ServicerContext
     ) -> Iterator[pb.JobEvent]:
-        """Stream a job's events until its final one."""
+        """Stream a job's events until its final one, with heartbeats while nothing changes."""
         context.add_callback(self._jobs.wake_watchers)
+        heartbeat_s = (
+            request.heartbeat_ms / 1000.0 if request.heartbeat_ms else DEFAULT_HEARTBEAT_SECONDS
+        )
         try:
-            yield from self._jobs.watch(request.job_id, context.is_active)
+            yield from self._jobs.watch(request.job_id, context.is_active, heartbeat_s)
         except JobNotFound:
             context.abort(grpc.StatusCode.NOT_FOUND, f"unknown job {request.job_id!r}")
         except AgentStopping as exc:
@@ -179,7 +220,13 @@ class AgentServer:
             raise ValueError("tls_cert and tls_key go together")
         if config.tls_ca is not None and config.tls_cert is None:
             raise ValueError("tls_ca (client certificates) needs tls_cert and tls_key")
+        problem = security_problem(
+            config.host, bool(config.token), config.tls_cert is not None, config.tls_ca is not None
+        )
+        if problem is not None and not config.insecure:
+            raise ValueError(f"refusing to serve on non-loopback {config.host} {problem}")
         self.config = config
+        self.quiet_lock = QuietLock(config.quiet_lock) if config.quiet_lock is not None else None
         self.state_dir = Path(config.state_dir)
         self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._lock = StateDirLock(self.state_dir)
@@ -201,7 +248,7 @@ class AgentServer:
                 raise ValueError(f"two backends for device {name!r}")
             by_name[name] = backend
         self.backends = by_name
-        self.jobs = JobManager(self.state, self.blobs, by_name, self.agent_id)
+        self.jobs = JobManager(self.state, self.blobs, by_name, self.agent_id, self.quiet_lock)
         self.health = health.HealthServicer()
         self._server: grpc.Server | None = None
         self.port: int = 0
@@ -230,9 +277,10 @@ class AgentServer:
             options=[
                 ("grpc.so_reuseport", 0),
                 ("grpc.max_receive_message_length", MAX_RECEIVE_MESSAGE_BYTES),
+                *KEEPALIVE_OPTIONS,
             ],
         )
-        devices = [device_proto(b.describe()) for b in self.backends.values()]
+        devices = [b.describe() for b in self.backends.values()]
         agent_pb2_grpc.add_AgentServicer_to_server(
             AgentServicer(self.jobs, self.blobs, devices, self.agent_id), server
         )

@@ -3,12 +3,18 @@
 Tables:
 
 * ``meta(key, value)`` — the agent instance id.
-* ``jobs(job_id pk, spec, device, state, result, error, created, updated)`` — ``spec``
-  and ``result`` are serialized ``tuneqn.v1.JobSpec`` / ``tuneqn.v1.JobResult`` bytes,
-  ``state`` the JobState name (QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED).
-* ``executions(id pk, job_id, started, finished, outcome)`` — one row per time a job
-  actually started executing; ``outcome`` is the final state name, or
+* ``jobs(job_id pk, spec, device, state, result, error, created, updated, attempt,
+  remeasure_token, series_start)`` — ``spec`` (the latest submitted spec) and ``result``
+  are serialized ``tuneqn.v1.JobSpec`` / ``tuneqn.v1.JobResult`` bytes, ``state`` the
+  JobState name (QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED). ``attempt`` and
+  ``remeasure_token`` are those of the submission that queued the current (or last)
+  execution series; ``series_start`` is the number of executions the job had before that
+  series, so the series' own executions bound the restart re-queue.
+* ``executions(id pk, job_id, started, finished, outcome, attempt)`` — one row per time a
+  job actually started executing; ``outcome`` is the final state name, or
   ``interrupted`` when the agent stopped or died during the run.
+
+Databases of older agents get the missing columns added (defaults 0 / empty).
 """
 
 from __future__ import annotations
@@ -75,6 +81,9 @@ class JobRow:
     error: str | None
     created: float
     updated: float
+    attempt: int = 0
+    remeasure_token: str = ""
+    series_start: int = 0
 
 
 class AgentState:
@@ -103,12 +112,32 @@ class AgentState:
                 if_not_exists=True,
             )
             self.db["executions"].create(
-                {"id": int, "job_id": str, "started": float, "finished": float, "outcome": str},
+                {
+                    "id": int,
+                    "job_id": str,
+                    "started": float,
+                    "finished": float,
+                    "outcome": str,
+                    "attempt": int,
+                },
                 pk="id",
                 if_not_exists=True,
             )
+            self._add_missing_columns()
             self.db["executions"].create_index(["job_id"], if_not_exists=True)
             self.db["jobs"].create_index(["state"], if_not_exists=True)
+
+    def _add_missing_columns(self) -> None:
+        """Columns added after the first release (older state dirs lack them)."""
+        wanted = {
+            "jobs": {"attempt": (int, 0), "remeasure_token": (str, ""), "series_start": (int, 0)},
+            "executions": {"attempt": (int, 0)},
+        }
+        for table, columns in wanted.items():
+            present = self.db[table].columns_dict
+            for name, (kind, default) in columns.items():
+                if name not in present:
+                    self.db[table].add_column(name, kind, not_null_default=default)
 
     def agent_id(self) -> str:
         """The instance id, created on first use and stable for this state dir."""
@@ -120,7 +149,15 @@ class AgentState:
             self.db["meta"].insert({"key": "agent_id", "value": value}, pk="key")
             return value
 
-    def insert_job(self, job_id: str, spec: bytes, device: str, state: str = "QUEUED") -> None:
+    def insert_job(
+        self,
+        job_id: str,
+        spec: bytes,
+        device: str,
+        attempt: int = 0,
+        remeasure_token: str = "",
+        state: str = "QUEUED",
+    ) -> None:
         """Record a newly submitted job."""
         now = time.time()
         with self._lock:
@@ -134,9 +171,46 @@ class AgentState:
                     "error": None,
                     "created": now,
                     "updated": now,
+                    "attempt": attempt,
+                    "remeasure_token": remeasure_token,
+                    "series_start": 0,
                 },
                 pk="job_id",
             )
+
+    def requeue_job(self, job_id: str, spec: bytes, attempt: int, remeasure_token: str) -> None:
+        """Queue a finished job for a new execution series (its old result is dropped)."""
+        with self._lock, self.db.conn:
+            count = self.db["executions"].count_where("job_id = ?", [job_id])
+            self.db["jobs"].update(
+                job_id,
+                {
+                    "spec": spec,
+                    "state": "QUEUED",
+                    "result": None,
+                    "error": None,
+                    "updated": time.time(),
+                    "attempt": attempt,
+                    "remeasure_token": remeasure_token,
+                    "series_start": count,
+                },
+            )
+
+    def update_spec(
+        self,
+        job_id: str,
+        spec: bytes,
+        attempt: int | None = None,
+        remeasure_token: str | None = None,
+    ) -> None:
+        """Store the latest spec of a known job (and the series' attempt/token when given)."""
+        updates: dict[str, object] = {"spec": spec}
+        if attempt is not None:
+            updates["attempt"] = attempt
+        if remeasure_token is not None:
+            updates["remeasure_token"] = remeasure_token
+        with self._lock, self.db.conn:
+            self.db["jobs"].update(job_id, updates)
 
     def get_job(self, job_id: str) -> JobRow | None:
         """The job's row, or None if unknown."""
@@ -166,11 +240,17 @@ class AgentState:
             )
         return [_row(r) for r in rows]
 
-    def start_execution(self, job_id: str) -> int:
+    def start_execution(self, job_id: str, attempt: int = 0) -> int:
         """Record that the job starts executing now; returns the execution id."""
         with self._lock:
             table = self.db["executions"].insert(
-                {"job_id": job_id, "started": time.time(), "finished": None, "outcome": None},
+                {
+                    "job_id": job_id,
+                    "started": time.time(),
+                    "finished": None,
+                    "outcome": None,
+                    "attempt": attempt,
+                },
                 pk="id",
             )
             return int(table.last_pk)
@@ -213,4 +293,7 @@ def _row(r: dict[str, Any]) -> JobRow:
         error=str(r["error"]) if r["error"] is not None else None,
         created=float(r["created"]),
         updated=float(r["updated"]),
+        attempt=int(r.get("attempt") or 0),
+        remeasure_token=str(r.get("remeasure_token") or ""),
+        series_start=int(r.get("series_start") or 0),
     )

@@ -36,11 +36,13 @@ def test_info_handshake(agent_factory, client_factory) -> None:
     with client_factory(server) as client:
         info = client.info()
     assert info.contract_version == CONTRACT_VERSION == "tuneqn.v1"
-    assert info.contract_revision == CONTRACT_REVISION == 1
+    assert info.contract_revision == CONTRACT_REVISION == 2
     assert info.agent_id == server.agent_id and info.hostname
-    assert info.queue_length == 0 and info.running_job_id == ""
+    assert info.queue_length == 0 and info.running_job_id == "" and list(info.running_job_ids) == []
     (device,) = info.devices
     assert (device.name, device.device_class, device.backend) == (DEVICE, "test-class", "ort")
+    assert device.healthy and device.status == ""
+    assert device.queue_length == 0 and device.running_job_id == ""
     assert {"onnxruntime", "onnx", "numpy", "python"} <= set(device.runtime_versions)
     assert {"ort", "qdq", "qoperator", "dynamic", "static"} <= set(device.capabilities)
     assert device.cpu and device.gpu == ""
@@ -202,7 +204,11 @@ def test_cancel_queued_at_once_and_running_at_chunk_boundary(agent_factory, clie
     for event in events:  # wait until the job is demonstrably running
         if event.stage == "predicting" and event.done > 0:
             break
-    assert client.info().running_job_id == "long" and client.info().queue_length == 1
+    info = client.info()
+    assert info.running_job_id == "long" and list(info.running_job_ids) == ["long"]
+    assert info.queue_length == 1
+    (device,) = info.devices
+    assert (device.running_job_id, device.queue_length, device.healthy) == ("long", 1, True)
 
     assert client.cancel("queued") == pb.CANCELLED
     queued = client.wait_result("queued", timeout=5)
@@ -252,8 +258,9 @@ def test_qdq_model_with_excluded_conv_and_disabled_optimizer(
         "qdq",
         client.upload_bytes(qdq),
         client.upload_bytes(npy_bytes(data)),
-        ort_disabled_optimizers=["WeightBiasQuantization"],
-        intra_op_threads=1,
+        backend_options=pb.BackendOptions(
+            ort=pb.OrtOptions(disabled_optimizers=["WeightBiasQuantization"], intra_op_threads=1)
+        ),
     )
     client.submit(spec)
     result = client.wait_result("qdq", timeout=RESULT_TIMEOUT)

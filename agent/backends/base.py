@@ -9,6 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
+from tuneqn.v1 import agent_pb2 as pb
+
 
 class Interrupted(Exception):
     """Raised by a backend when its ``stop`` event was set during a run."""
@@ -31,11 +33,14 @@ class DeviceDescription:
 
 @dataclass(frozen=True)
 class LoadOptions:
-    """Per-job options for preparing a model."""
+    """Per-job options for preparing a model.
+
+    ``backend_options`` is the job's ``tuneqn.v1.BackendOptions``: each backend reads
+    its own message (ORT: ``backend_options.ort``) and ignores the others.
+    """
 
     input_name: str = ""
-    disabled_optimizers: tuple[str, ...] = ()
-    intra_op_threads: int = 0
+    backend_options: pb.BackendOptions = field(default_factory=pb.BackendOptions)
 
 
 @dataclass
@@ -84,6 +89,10 @@ class Backend(abc.ABC):
         stop: threading.Event | None = None,
     ) -> list[float]:
         """Milliseconds of ``repeats`` timed runs on ``one_sample`` after ``warmup`` runs."""
+
+    def health(self) -> tuple[bool, str]:
+        """Whether the device can take jobs now, and why not (free text; empty when healthy)."""
+        return True, ""
 
     def close(self) -> None:  # noqa: B027 - optional hook, a no-op by default
         """Release resources held by the backend."""

@@ -109,16 +109,17 @@ class OrtBackend(Backend):
         )
 
     def load(self, model_path: Path, options: LoadOptions) -> OrtModel:
-        """Create an ORT session for the model (quiet logging, optional disabled optimizers)."""
+        """Create an ORT session for the model (quiet logging, ``backend_options.ort`` applied)."""
+        ort_options = options.backend_options.ort
         so = ort.SessionOptions()
         so.log_severity_level = 3
-        if options.intra_op_threads:
-            so.intra_op_num_threads = options.intra_op_threads
+        if ort_options.intra_op_threads:
+            so.intra_op_num_threads = ort_options.intra_op_threads
         session = ort.InferenceSession(
             str(model_path),
             so,
             providers=["CPUExecutionProvider"],
-            disabled_optimizers=list(options.disabled_optimizers),
+            disabled_optimizers=list(ort_options.disabled_optimizers),
         )
         inputs = session.get_inputs()
         if options.input_name:

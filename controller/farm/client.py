@@ -1,8 +1,14 @@
 """Client of a ``tuneqn-agent``; speaks only the ``tuneqn.v1`` gRPC contract.
 
 Errors of the agent surface as :class:`grpc.RpcError` (``.code()``, ``.details()``),
-except for the version handshake (:class:`ContractMismatch`) and timeouts of
+except for the version handshake (:class:`ContractMismatch`), a job stream that stays
+silent for longer than its ``idle_timeout`` (:class:`AgentSilent`) and timeouts of
 :meth:`AgentClient.wait_result` (:class:`TimeoutError`).
+
+Liveness: the channel pings the agent every ``keepalive_time`` seconds (also between
+calls) and fails its calls with UNAVAILABLE when no answer comes within
+``keepalive_timeout``; :meth:`AgentClient.watch` asks the agent for heartbeats every
+``heartbeat_ms`` and, with ``idle_timeout``, gives up on a stream that stays silent.
 """
 
 from __future__ import annotations
@@ -10,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -20,6 +27,7 @@ import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 import tuneqn
+from tuneqn.controller.files import file_sha256
 from tuneqn.v1 import agent_pb2 as pb
 from tuneqn.v1 import agent_pb2_grpc
 from tuneqn.v1.contract import CONTRACT_REVISION, CONTRACT_VERSION
@@ -28,6 +36,9 @@ log = logging.getLogger(__name__)
 
 CHUNK_BYTES = 1024 * 1024
 MAX_RECEIVE_MESSAGE_BYTES = 512 * 1024 * 1024
+DEFAULT_KEEPALIVE_SECONDS = 10.0
+DEFAULT_KEEPALIVE_TIMEOUT_SECONDS = 5.0
+DEFAULT_HEARTBEAT_MS = 2000
 
 PemSource = str | os.PathLike[str] | bytes
 
@@ -36,17 +47,61 @@ class ContractMismatch(RuntimeError):
     """The agent speaks another contract than this client."""
 
 
+class AgentSilent(Exception):
+    """A job stream brought no event (heartbeats included) for longer than its idle timeout."""
+
+
+class _IdleWatchdog:
+    """Cancels a streaming call when it is armed for longer than ``idle`` seconds.
+
+    Armed only while the client waits for the next message, so a slow consumer of the
+    stream is not mistaken for a silent agent.
+    """
+
+    def __init__(self, call: grpc.Future, idle: float) -> None:
+        self._call = call
+        self._idle = idle
+        self._cond = threading.Condition()
+        self._armed_at: float | None = None
+        self._stopped = False
+        self.fired = False
+        threading.Thread(target=self._run, name="tuneqn-watch-idle", daemon=True).start()
+
+    def arm(self) -> None:
+        with self._cond:
+            self._armed_at = time.monotonic()
+            self._cond.notify()
+
+    def disarm(self) -> None:
+        with self._cond:
+            self._armed_at = None
+            self._cond.notify()
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopped = True
+            self._cond.notify()
+
+    def _run(self) -> None:
+        with self._cond:
+            while not self._stopped:
+                if self._armed_at is None:
+                    self._cond.wait()
+                    continue
+                remaining = self._armed_at + self._idle - time.monotonic()
+                if remaining <= 0:
+                    self.fired = True
+                    break
+                self._cond.wait(remaining)
+        if self.fired:
+            self._call.cancel()
+
+
 def _pem(source: PemSource | None) -> bytes | None:
     """PEM bytes: ``bytes`` are taken as the content, anything else as a file path."""
     if source is None or isinstance(source, bytes):
         return source
     return Path(source).read_bytes()
-
-
-def sha256_file(path: str | os.PathLike[str]) -> str:
-    """Hex sha256 of a file's bytes."""
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def decode_topk(result: pb.JobResult) -> np.ndarray:
@@ -68,7 +123,8 @@ class AgentClient:
     ``tls_ca`` (the CA that signed the agent's certificate) or a client certificate is
     given; ``tls_cert``/``tls_key`` are the client's certificate for mTLS. PEM sources
     are file paths or ``bytes`` contents. ``timeout`` is the deadline of unary calls
-    in seconds.
+    in seconds. ``keepalive_time``/``keepalive_timeout`` (seconds) set the channel's
+    keepalive pings (the agent accepts one every 5 s or more).
     """
 
     def __init__(
@@ -79,15 +135,25 @@ class AgentClient:
         tls_cert: PemSource | None = None,
         tls_key: PemSource | None = None,
         timeout: float = 30.0,
+        keepalive_time: float = DEFAULT_KEEPALIVE_SECONDS,
+        keepalive_timeout: float = DEFAULT_KEEPALIVE_TIMEOUT_SECONDS,
     ) -> None:
         if (tls_cert is None) != (tls_key is None):
             raise ValueError("tls_cert and tls_key go together")
+        if keepalive_time <= 0 or keepalive_timeout <= 0:
+            raise ValueError("keepalive_time and keepalive_timeout must be positive")
         self.address = address
         self.timeout = timeout
         self._metadata: tuple[tuple[str, str], ...] = (
             (("authorization", f"Bearer {token}"),) if token else ()
         )
-        options = [("grpc.max_receive_message_length", MAX_RECEIVE_MESSAGE_BYTES)]
+        options = [
+            ("grpc.max_receive_message_length", MAX_RECEIVE_MESSAGE_BYTES),
+            ("grpc.keepalive_time_ms", int(keepalive_time * 1000)),
+            ("grpc.keepalive_timeout_ms", int(keepalive_timeout * 1000)),
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.max_pings_without_data", 0),
+        ]
         if tls_ca is not None or tls_cert is not None:
             credentials = grpc.ssl_channel_credentials(
                 root_certificates=_pem(tls_ca),
@@ -152,7 +218,7 @@ class AgentClient:
 
     def upload_file(self, path: str | os.PathLike[str], timeout: float | None = None) -> str:
         """Upload a file unless the agent has it; returns its sha256."""
-        sha = sha256_file(path)
+        sha = file_sha256(Path(path))
         if self.has_blobs([sha])[0]:
             return sha
         size = os.path.getsize(path)
@@ -185,24 +251,71 @@ class AgentClient:
     # ------------------------------------------------------------------ jobs
 
     def submit(self, spec: pb.JobSpec) -> pb.SubmitJobResponse:
-        """Submit a job; safe to repeat with the same job_id (never runs twice)."""
+        """Submit a job; idempotent by job_id.
+
+        A known id is not run again, except for a retry (``spec.attempt`` above the
+        attempt a FAILED/CANCELLED job last ran under) or a re-measure (a new non-empty
+        ``spec.remeasure_token`` for a SUCCEEDED job); ``already_known`` is then false.
+        """
         return self._stub.SubmitJob(spec, timeout=self.timeout, metadata=self._metadata)
 
-    def watch(self, job_id: str, timeout: float | None = None) -> Iterator[pb.JobEvent]:
-        """Events of a job until (and including) its final event."""
+    def watch(
+        self,
+        job_id: str,
+        timeout: float | None = None,
+        heartbeat_ms: int = DEFAULT_HEARTBEAT_MS,
+        idle_timeout: float | None = None,
+    ) -> Iterator[pb.JobEvent]:
+        """Events of a job until (and including) its final event.
+
+        The agent repeats the latest event (``heartbeat = True``) every ``heartbeat_ms``
+        while nothing changes. With ``idle_timeout`` (seconds, best well above the
+        heartbeat period) the call is cancelled and :class:`AgentSilent` raised when no
+        event arrives for that long (a stopped or cut-off agent). ``timeout`` is the
+        deadline of the whole stream.
+        """
+        if idle_timeout is not None and idle_timeout <= 0:
+            raise ValueError("idle_timeout must be positive")
         call = self._stub.WatchJob(
-            pb.WatchJobRequest(job_id=job_id), timeout=timeout, metadata=self._metadata
+            pb.WatchJobRequest(job_id=job_id, heartbeat_ms=max(int(heartbeat_ms), 0)),
+            timeout=timeout,
+            metadata=self._metadata,
         )
+        watchdog = None if idle_timeout is None else _IdleWatchdog(call, idle_timeout)
         try:
-            yield from call
+            while True:
+                if watchdog is not None:
+                    watchdog.arm()
+                try:
+                    event = next(call)
+                except StopIteration:
+                    return
+                except grpc.RpcError as exc:
+                    if watchdog is not None and watchdog.fired:
+                        raise AgentSilent(
+                            f"{self.address}: no event for job {job_id} in {idle_timeout:g} s "
+                            "(heartbeats included); the agent is stopped or unreachable"
+                        ) from exc
+                    raise
+                if watchdog is not None:
+                    watchdog.disarm()
+                yield event
         finally:
+            if watchdog is not None:
+                watchdog.stop()
             call.cancel()
 
-    def wait_result(self, job_id: str, timeout: float | None = None) -> pb.JobResult:
+    def wait_result(
+        self,
+        job_id: str,
+        timeout: float | None = None,
+        idle_timeout: float | None = None,
+    ) -> pb.JobResult:
         """Block until the job is finished and return its result.
 
         Re-watches while the agent is UNAVAILABLE (e.g. restarting) for up to the
-        client's ``timeout`` in a row. Raises :class:`TimeoutError` after ``timeout``.
+        client's ``timeout`` in a row. Raises :class:`TimeoutError` after ``timeout`` and
+        :class:`AgentSilent` when a stream stays silent for ``idle_timeout`` seconds.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         unavailable_since: float | None = None
@@ -212,7 +325,7 @@ class AgentClient:
             if remaining is not None and remaining <= 0:
                 raise TimeoutError(f"job {job_id} did not finish within {timeout} s")
             try:
-                for event in self.watch(job_id, timeout=remaining):
+                for event in self.watch(job_id, timeout=remaining, idle_timeout=idle_timeout):
                     unavailable_since = None
                     if event.final:
                         return event.result

@@ -166,6 +166,8 @@ class StudyRun:
         self.stop.set()
         self._builds.put(None)
         for link in self.links:
+            link.interrupt()  # cancels calls in flight (a hung agent's handshake, say)
+        for link in self.links:
             link.join(timeout=15)
         if self.local is not None:
             self.local.stop()
@@ -285,8 +287,8 @@ class StudyRun:
                 continue
             if time.monotonic() - started > self.settings.device_wait_s:
                 self._given_up.add(link.address)
-                self.errors.append(f"agent {link.address} never answered within {self.settings.device_wait_s:.0f}s "
-                                   f"({link.error})")
+                self.errors.append(f"agent {link.address} never answered within {self.settings.device_wait_s:.0f}s"
+                                   + (f" ({link.error})" if link.error else ""))
                 continue
             waiting = True
         return waiting

@@ -238,27 +238,62 @@ def test_controller_side_error_fails_the_attempt_and_the_run_goes_on(tmp_path: P
     assert con.execute("select max(attempts) from jobs").fetchone()[0] == 2
 
 
-def test_a_dead_class_ends_unreachable_while_others_finish(tmp_path: Path, assets: Path,
-                                                          capsys: pytest.CaptureFixture[str]) -> None:
-    """A class whose only agent hangs (SIGSTOP) ends as unreachable; tune exits 1 naming it."""
+def test_a_class_that_hangs_mid_study_ends_unreachable_while_others_finish(
+        tmp_path: Path, assets: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The only agent of a class hangs (SIGSTOP) mid-job: its job uses up its attempts, the class's
+    other jobs end as unreachable after device_wait_s, the other class finishes, tune exits 1 naming it."""
     from tuneqn.controller.cli import main
 
     a, b = _agent(tmp_path, "a", "phone", "40"), _agent(tmp_path, "b", "cpu", "0")
     study_toml = _study(tmp_path, assets, device_wait_s=4.0, max_attempts=1)
     db = tmp_path / "out" / "tuneqn.db"
+    stopped: list[int] = []
+
+    def stop_a_mid_job() -> None:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not stopped:
+            if _state(db, "select count(*) from jobs where state = 'submitted' and agent like ?", [a.address + "#%"]):
+                assert a.proc is not None
+                os.kill(a.proc.pid, signal.SIGSTOP)
+                stopped.append(a.proc.pid)
+            time.sleep(0.02)  # polling the checkpoint for a condition
+
     with a, b:
-        assert a.proc is not None
-        os.kill(a.proc.pid, signal.SIGSTOP)
+        watcher = threading.Thread(target=stop_a_mid_job, daemon=True)
+        watcher.start()
         try:
             rc = main(["tune", str(study_toml), "--agent", a.address, "--agent", b.address])
         finally:
-            os.kill(a.proc.pid, signal.SIGCONT)
+            watcher.join()
+            for pid in stopped:
+                os.kill(pid, signal.SIGCONT)
     err = capsys.readouterr().err
-    assert rc == 1 and "phone" in err and "Traceback" not in err
-    report = json.loads((tmp_path / "out" / "report.json").read_text())
-    statuses = {r["device"]: r["status"] for c in report["candidates"] for r in c["results"]}
-    assert statuses.get("cpu") == "done"
+    assert stopped and rc == 1 and "device class phone" in err and "Traceback" not in err
     assert _state(db, "select count(*) from jobs where device = 'cpu' and state = 'done'") == 7
+    assert _state(db, "select count(*) from jobs where device = 'phone' and state = 'failed'") == 1
+    assert _state(db, "select count(*) from jobs where device = 'phone' and state = 'unreachable'") >= 1
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    statuses = [r["status"] for c in report["candidates"] for r in c["results"] if r["device"] == "phone"]
+    assert "unreachable" in statuses
+
+
+def test_a_declared_class_whose_agent_never_answers_ends_unreachable(
+        tmp_path: Path, assets: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from tuneqn.controller.cli import main
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = f"127.0.0.1:{s.getsockname()[1]}"  # nothing listens here
+    with _agent(tmp_path, "b", "cpu", "0") as b:
+        study_toml = write_study(tmp_path, model=assets / "cnn.onnx", images=assets / "images",
+                                 evaluation={**FAST, "device_wait_s": 3.0},
+                                 agents=[{"address": b.address}, {"address": dead, "device_class": "phone"}])
+        rc = main(["tune", str(study_toml)])
+    err = capsys.readouterr().err
+    assert rc == 1 and "device class phone" in err and dead in err and "Traceback" not in err
+    db = tmp_path / "out" / "tuneqn.db"
+    assert _state(db, "select count(*) from jobs where device = 'cpu' and state = 'done'") == 7
+    assert _state(db, "select count(*) from jobs where device = 'phone' and state = 'unreachable'") == 7
 
 
 def test_a_class_whose_agent_comes_up_late_gets_its_jobs(tmp_path: Path, assets: Path) -> None:
@@ -382,3 +417,29 @@ def test_report_numbers_equal_the_database(tmp_path: Path, assets: Path) -> None
     assert main(["report", str(out)]) == 0
     again = json.loads((out / "report.json").read_text())
     assert again["candidates"] == report["candidates"] and again["summary"] == report["summary"]
+
+
+def test_an_agent_with_several_devices_runs_a_job_on_each(tmp_path: Path, assets: Path) -> None:
+    """The controller schedules per device: one agent fronting two devices of one class runs two jobs at once."""
+    from tuneqn.agent.backends.ort import OrtBackend
+    from tuneqn.agent.config import AgentConfig
+    from tuneqn.agent.server import AgentServer
+
+    backends = [OrtBackend(f"phone{i}", "phones", simulated_latency_ms_per_sample=20.0) for i in (1, 2)]
+    server = AgentServer(AgentConfig(state_dir=tmp_path / "agent"), backends)
+    server.start()
+    try:
+        outcome = _run_bounded(120, _study(tmp_path, assets), [Endpoint(server.address)])
+    finally:
+        server.stop()
+    assert outcome.failed == 0 and outcome.done == outcome.total == 7
+    con = sqlite3.connect(tmp_path / "out" / "tuneqn.db")
+    holders = {r[0] for r in con.execute("select agent from results")}
+    assert holders == {f"{server.address}#phone1", f"{server.address}#phone2"}
+    assert {r[0] for r in con.execute("select device from results")} == {"phones"}
+    # the two devices overlapped in time: some job started on one before a job of the other ended
+    with sqlite3.connect(tmp_path / "agent" / "agent.db") as adb:
+        runs = adb.execute("select j.device, e.started, e.finished from executions e join jobs j "
+                           "on j.job_id = e.job_id").fetchall()
+    spans = {d: [(s, f) for dd, s, f in runs if dd == d] for d in ("phone1", "phone2")}
+    assert any(s1 < f2 and s2 < f1 for s1, f1 in spans["phone1"] for s2, f2 in spans["phone2"])

@@ -98,7 +98,7 @@ class FarmSettings:
     unreachable_grace_s: float = 20.0
     device_wait_s: float = 600.0
     max_attempts: int = 3
-    rpc_timeout_s: float = 30.0
+    rpc_timeout_s: float = 10.0
     #: Non-empty after ``--fresh``: agents re-measure instead of answering with stored results.
     remeasure_token: str = ""
 
@@ -424,6 +424,11 @@ class AgentLink(threading.Thread):
             if self.state in LIVE_STATES:
                 busy = flag or any(s.running for s in self.slots.values())
                 self.state = AgentState.BUSY if busy else AgentState.READY
+
+    def interrupt(self) -> None:
+        """Cancel every call in flight (the run is stopping); the thread then ends."""
+        if self.client is not None:
+            self.client.close()
 
     def run(self) -> None:
         backoff = 0.2

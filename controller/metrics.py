@@ -103,8 +103,15 @@ def on_result(store: Store, job_id: str) -> None:
     """Compute and store the metrics of the result of ``job_id`` (call right after ``put_result``).
 
     When the result is an FP32 baseline, also fill in the agreement of every stored result
-    of that model on that device that lacks one.
+    of that model on that device that lacks one. Runs in one store transaction, so a result
+    and its baseline arriving on two threads at once cannot overwrite each other's metrics.
+    Raises ValueError when no result is stored for ``job_id`` or its predictions are malformed.
     """
+    with store.transaction():
+        _on_result(store, job_id)
+
+
+def _on_result(store: Store, job_id: str) -> None:
     row = store.result(job_id)
     if row is None:
         raise ValueError(f"no result stored for job {job_id!r}")
@@ -126,7 +133,11 @@ def on_result(store: Store, job_id: str) -> None:
         if other["job_id"] == job_id or other["agreement"] is not None or other["candidate_id"] not in of_model:
             continue
         metrics = {k: other[k] for k in METRIC_KEYS}
-        metrics["agreement"] = agreement(topk_of(other), base_topk)
+        try:
+            metrics["agreement"] = agreement(topk_of(other), base_topk)
+        except ValueError as exc:  # another result's malformed row must not cost the baseline its metrics
+            log.warning("result %s: agreement not computed: %s", other["job_id"], exc)
+            continue
         store.set_result_metrics(other["job_id"], metrics)
         n += 1
     if n:
@@ -140,6 +151,11 @@ def backfill(store: Store) -> int:
     not call it); a no-op on a store the live loop kept up to date except for rows whose
     metrics cannot exist (no baseline, no labels), which are checked cheaply and skipped.
     """
+    with store.transaction():
+        return _backfill(store)
+
+
+def _backfill(store: Store) -> int:
     changed = 0
     labels: dict[str, list[int] | None] = {}
     baselines: dict[tuple[str, str], dict[str, Any] | None] = {}
@@ -161,7 +177,11 @@ def backfill(store: Store) -> int:
         want_accuracy = row["accuracy"] is None and bool(labels[model])
         if not (want_agreement or want_accuracy):
             continue
-        metrics = compute(row, baseline, labels[model])
+        try:
+            metrics = compute(row, baseline, labels[model])
+        except ValueError as exc:  # a malformed stored row must not stop every report
+            log.warning("result %s: metrics not computed: %s", row["job_id"], exc)
+            continue
         if any(metrics[k] != row[k] for k in METRIC_KEYS):
             store.set_result_metrics(row["job_id"], metrics)
             changed += 1

@@ -169,3 +169,34 @@ def test_order_property_over_random_sequences(tmp_path: Path) -> None:
         seen.add(tuple(sorted(_stored(store).items())))
         store.close()
     assert len(seen) == 1
+
+
+def test_baseline_and_result_arriving_on_two_threads(tmp_path: Path) -> None:
+    """Whatever the interleaving, the candidate ends up with its agreement (on_result is one transaction)."""
+    import threading
+
+    labels, preds = _plan()
+    for n in range(20):
+        store = open_store(tmp_path / f"r{n}")
+        add_model(store)
+        add_candidate(store, CANDIDATES[0], k=0)
+        add_eval_split(store, labels)
+        barrier = threading.Barrier(2)
+        errors: list[BaseException] = []
+
+        def arrive(cid: str) -> None:
+            try:
+                barrier.wait(timeout=30)
+                metrics.on_result(store, add_result(store, cid, "cpu", preds[(cid, "cpu")]))
+            except BaseException as exc:  # noqa: BLE001 - thread boundary: handed to the test thread
+                errors.append(exc)
+
+        threads = [threading.Thread(target=arrive, args=(cid,)) for cid in (f"{MODEL}:fp32", CANDIDATES[0])]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+        assert not errors and not any(t.is_alive() for t in threads)
+        (row,) = store.results(candidate_id=CANDIDATES[0])
+        assert row["agreement"] is not None
+        store.close()

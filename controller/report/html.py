@@ -136,7 +136,10 @@ def _header(report: dict[str, Any]) -> dict[str, Any]:
         "out_dir": study.get("out_dir"),
         "partial": bool(report.get("partial")),
         "objectives": ", ".join(objectives) or "–",
-        "devices": ", ".join(f"{d.get('name')} ({d.get('device_class')})" for d in report.get("devices") or []) or "–",
+        "devices": ", ".join(
+            f"{d.get('name')} ({d.get('device_class')})" if d.get("device_class") else str(d.get("name"))
+            for d in report.get("devices") or []
+        ) or "–",
         "models": ", ".join(models) or "–",
     }
 

@@ -16,19 +16,10 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from tuneqn.controller.errors import UserError
+from tuneqn.controller.objectives import OBJECTIVES, objective
 
 Mode = Literal["static", "dynamic"]
 QuantTypeName = Literal["int8", "uint8"]
-ObjectiveName = Literal["accuracy_loss", "accuracy", "accuracy_top5", "size", "latency"]
-
-#: Natural direction of every objective.
-OBJECTIVE_DIRECTIONS: dict[str, str] = {
-    "accuracy_loss": "min",
-    "accuracy": "max",
-    "accuracy_top5": "max",
-    "size": "min",
-    "latency": "min",
-}
 
 
 class _Strict(BaseModel):
@@ -165,17 +156,23 @@ class SearchSpec(_Strict):
 
 
 class ObjectiveSpec(_Strict):
-    """One objective of the Pareto analysis, with optional feasibility bounds."""
+    """One objective of the Pareto analysis (a name of :data:`OBJECTIVES`), with optional feasibility bounds."""
 
-    name: ObjectiveName
+    name: str
     direction: Literal["min", "max"] | None = None
     max: float | None = None
     min: float | None = None
 
+    @field_validator("name")
+    @classmethod
+    def _known(cls, value: str) -> str:
+        objective(value)  # ValueError naming the known objectives
+        return value
+
     @property
     def resolved_direction(self) -> str:
         """The given direction, or the objective's natural one."""
-        return self.direction or OBJECTIVE_DIRECTIONS[self.name]
+        return self.direction or OBJECTIVES[self.name].direction
 
 
 class AgentSpec(_Strict):

@@ -406,3 +406,10 @@ class Store:
     def set_result_metrics(self, job_id: str, metrics: dict[str, float | None]) -> None:
         """Store the metrics computed from a result (agreement, accuracy, accuracy_top5)."""
         self.db["results"].update(job_id, {k: metrics.get(k) for k in ("agreement", "accuracy", "accuracy_top5")})
+
+    # --- report reads
+    @_locked
+    def datasets(self) -> list[dict[str, Any]]:
+        """Every split's row by split name (decoded as :meth:`dataset` does)."""
+        names = [r["split"] for r in self.db.query("select split from datasets order by split")]
+        return [d for d in (self.dataset(n) for n in names) if d is not None]

@@ -9,7 +9,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from tuneqn.controller.report.finalize import finalize_report, write_report
+from tuneqn.controller.report.finalize import finalize_report
+from tuneqn.controller.report.write import write_report
 from tuneqn.controller.report.plots import plot_key
 
 MB = 1_000_000
@@ -42,6 +43,8 @@ def _result(device: str, **kw: Any) -> dict[str, Any]:
         "accuracy": None,
         "accuracy_top5": None,
         "latency_ms": None,
+        "latency_p10_ms": None,
+        "latency_p90_ms": None,
         "error": None,
     }
     base.update(kw)
@@ -63,7 +66,11 @@ def make_study() -> dict[str, Any]:
                 "excluded": LAYER_NAMES[:k],
                 "size_bytes": size,
                 "sha256": f"{k:064x}",
-                "results": [_result("cpu", agreement=cpu_agree, latency_ms=cpu_lat), _result("gpu", **gpu)],
+                "results": [
+                    _result("cpu", agreement=cpu_agree, latency_ms=cpu_lat, latency_p10_ms=cpu_lat - 0.25,
+                            latency_p90_ms=cpu_lat + 0.5),
+                    _result("gpu", **gpu),
+                ],
             }
         )
     candidates.append(
@@ -385,3 +392,71 @@ def test_no_candidates_at_all(tmp_path: Path) -> None:
     paths = write_report(out, tmp_path)
     assert set(paths) == {"json", "html"}
     assert json.loads(paths["json"].read_text(encoding="utf-8")) == out
+
+
+# --------------------------------------------------------------------------- latency noise, unreachable
+
+
+def _two_candidates(lat_b: float, p90_a: float = 7.4) -> dict[str, Any]:
+    """k1 and k2 on one device, equal but for latency: k1 7.0 ms (p10 6.8, p90 ``p90_a``), k2 ``lat_b``."""
+    base = make_study()
+    base["objectives"] = [
+        {"name": "accuracy_loss", "direction": "min", "max": None, "min": None},
+        {"name": "latency", "direction": "min", "max": None, "min": None},
+    ]
+    base["devices"] = base["devices"][:1]
+    base["candidates"] = [c for c in base["candidates"] if c["k"] in (1, 2)]
+    for c, lat, lo, hi in zip(base["candidates"], (7.0, lat_b), (6.8, lat_b - 0.2), (p90_a, lat_b + 0.3), strict=True):
+        c["results"] = [_result("cpu", agreement=0.9, latency_ms=lat, latency_p10_ms=lo, latency_p90_ms=hi)]
+    return base
+
+
+def test_latency_difference_inside_the_noise_is_a_tie() -> None:
+    out = finalize_report(_two_candidates(7.3))  # 7.3 lies inside k1's [6.8, 7.4]
+    assert out["fronts"][0]["fronts"] == [[_id(1), _id(2)]]
+    r1, r2 = _result_of(out, _id(1), "cpu"), _result_of(out, _id(2), "cpu")
+    assert r2["objectives"]["latency"] == 7.3  # the measured median is still shown
+    assert (r1["latency_tied_ms"], r2["latency_tied_ms"]) == (7.0, 7.0)
+    (cross,) = out["cross_device"]
+    assert cross["fronts"] == [[_id(1), _id(2)]]
+    assert [c["latency_tied_ms"] for c in cross["candidates"]] == [7.0, 7.0]
+
+
+def test_latency_difference_outside_the_noise_still_counts() -> None:
+    out = finalize_report(_two_candidates(7.5))  # 7.5 is above k1's p90 7.4
+    assert out["fronts"][0]["fronts"] == [[_id(1)], [_id(2)]]
+    assert _result_of(out, _id(2), "cpu")["latency_tied_ms"] == 7.5
+    # without dispersion (old results) only equal medians tie
+    base = _two_candidates(7.3)
+    for c in base["candidates"]:
+        c["results"][0].update(latency_p10_ms=None, latency_p90_ms=None)
+    assert finalize_report(base)["fronts"][0]["fronts"] == [[_id(1)], [_id(2)]]
+
+
+def test_unreachable_is_listed_like_failed_and_never_in_a_front() -> None:
+    base = make_study()
+    msg = "no live agent of device class mali for 30 s"
+    for c in base["candidates"]:
+        for r in c["results"]:
+            if r["device"] == "gpu" and c["k"] in (2, 3):
+                r.update(status="unreachable", agreement=None, error=msg)
+    out = finalize_report(base)
+    gpu_fronts = out["fronts"][1]["fronts"]
+    assert _id(2) not in sum(gpu_fronts, []) and _id(3) not in sum(gpu_fronts, [])
+    r = _result_of(out, _id(2), "gpu")
+    assert (r["status"], r["feasible"], r["reason"], r["front"]) == ("unreachable", False, msg, None)
+    assert {"candidate": _id(3), "device": "gpu", "reason": msg} in out["infeasible"]
+    assert {"candidate": _id(2), "reason": f"gpu: {msg}"} in out["cross_device"][0]["excluded"]
+    # without an error message the reason still says what happened
+    base["candidates"][2]["results"][1]["error"] = None
+    assert _result_of(finalize_report(base), _id(2), "gpu")["reason"] == "device unreachable"
+
+
+def test_missing_baseline_reason_names_the_baseline_error() -> None:
+    base = make_study()
+    r = base["candidates"][3]["results"][0]  # k3 on cpu
+    r.update(agreement=None, error="FP32 baseline on this device failed: out of memory")
+    out = finalize_report(base)
+    assert _result_of(out, _id(3), "cpu")["reason"] == (
+        "accuracy_loss not available (no agreement with FP32 measured); FP32 baseline on this device failed: out of memory"
+    )

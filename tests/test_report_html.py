@@ -12,7 +12,8 @@ from typing import Any
 
 import pytest
 from PIL import Image
-from tuneqn.controller.report.finalize import finalize_report, write_report
+from tuneqn.controller.report.finalize import finalize_report
+from tuneqn.controller.report.write import write_report
 from tuneqn.controller.report.html import render_html
 from tuneqn.controller.report.plots import plot_key
 
@@ -178,10 +179,11 @@ def test_tables(written: tuple[dict[str, Any], dict[str, Path]]) -> None:
         [["1", "k=1"], ["1", "k=3"], ["1", "k=4"], ["2", "k=2"], ["2", "k=5"], ["2", "keep <stem> & head"]],
         [["1", "k=0"], ["1", "k=2"], ["1", "k=3"], ["2", "k=4"], ["3", "k=5"]],
     ]
-    # full candidate table: header rows + 7 candidates, 4 + 5 per device cells each
+    # full candidate table: header rows + 7 candidates, 4 + 6 per device cells each
     (cands,) = [t for t in page.tables if t["rows"] and t["rows"][0][:2] == ["k", "label"]]
     assert len(cands["rows"]) == 2 + 7
-    assert all(len(r) == 4 + 2 * 5 for r in cands["rows"][2:])
+    assert cands["rows"][1][:6] == ["agreement (%)", "accuracy (%)", "latency (ms)", "p10–p90 (ms)", "front", "status"]
+    assert all(len(r) == 4 + 2 * 6 for r in cands["rows"][2:])
     assert cands["rows"][3] == [
         "1",
         "top-1",
@@ -190,14 +192,22 @@ def test_tables(written: tuple[dict[str, Any], dict[str, Path]]) -> None:
         "75.00",
         "–",
         "6.00",
+        "5.75–6.50",
         "1",
         "done",
         "–",
         "–",
         "–",
         "–",
+        "–",
         "failed",
     ]
+    (baselines,) = [t for t in page.tables if t["class"] == "baselines"]
+    assert baselines["rows"][1:] == [
+        ["toynet", "cpu", "done", "–", "–", "10.00", "–", "10.00"],
+        ["toynet", "gpu", "done", "–", "–", "–", "–", "10.00"],
+    ]
+    assert not [t for t in page.tables if t["class"] == "skipped"]  # nothing skipped: no section
 
 
 def test_missing_and_extra_images(tmp_path: Path) -> None:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from tuneqn.controller.report.pareto import select_compromise, to_minimization, top_fronts
+from tuneqn.controller.report.pareto import latency_ties, select_compromise, to_minimization, top_fronts
 
 
 def _dominates(a: np.ndarray, b: np.ndarray) -> bool:
@@ -103,3 +103,56 @@ def test_select_compromise_known_case() -> None:
         select_compromise(F, [])
     with pytest.raises(ValueError, match="out of range"):
         select_compromise(F, [7])
+
+
+# --------------------------------------------------------------------------- latency within the noise
+
+
+def test_latency_ties_known_case() -> None:
+    # rows:      0     1     2     3     4
+    median = [10.0, 10.9, 11.5, 30.0, 9.0]
+    p10 = [9.5, 10.0, 11.0, 29.0, 8.9]
+    p90 = [11.0, 12.0, 12.5, 31.0, 9.1]
+    # by median: 4 (9.0, [8.9, 9.1]) leads; 0 (10.0) is outside 9.1 -> new group led by 0 ([9.5, 11.0]);
+    # 1 (10.9) joins 0; 2 (11.5) is outside 0's p90 11.0 although inside 1's interval -> new group; 3 alone.
+    assert latency_ties(median, p10, p90) == [10.0, 10.0, 11.5, 30.0, 9.0]
+
+
+def test_latency_ties_without_dispersion_only_equal_medians_tie() -> None:
+    assert latency_ties([5.0, 5.0, 5.1], [None, None, None], [None, None, None]) == [5.0, 5.0, 5.1]
+    assert latency_ties([], [], []) == []
+    with pytest.raises(ValueError, match="p10"):
+        latency_ties([1.0], [], [1.0])
+    with pytest.raises(ValueError, match="finite"):
+        latency_ties([float("nan")], [None], [None])
+
+
+@st.composite
+def latency_rows(draw: st.DrawFn) -> tuple[list[float], list[float | None], list[float | None]]:
+    n = draw(st.integers(min_value=0, max_value=12))
+    med = draw(st.lists(st.integers(min_value=0, max_value=20), min_size=n, max_size=n))
+    lo = draw(st.lists(st.one_of(st.none(), st.integers(min_value=0, max_value=4)), min_size=n, max_size=n))
+    hi = draw(st.lists(st.one_of(st.none(), st.integers(min_value=0, max_value=4)), min_size=n, max_size=n))
+    return (
+        [float(m) for m in med],
+        [None if d is None else float(m - d) for m, d in zip(med, lo, strict=True)],
+        [None if d is None else float(m + d) for m, d in zip(med, hi, strict=True)],
+    )
+
+
+@settings(max_examples=300, deadline=None)
+@given(rows=latency_rows())
+def test_latency_ties_properties(rows: tuple[list[float], list[float | None], list[float | None]]) -> None:
+    med, p10, p90 = rows
+    tied = latency_ties(med, p10, p90)
+    n = len(med)
+    for i in range(n):
+        assert tied[i] <= med[i] and tied[i] in med  # a group's value is its lowest measured median
+        lead = min(j for j in range(n) if med[j] == tied[i])  # the group's fastest member
+        hi = med[lead] if p90[lead] is None else p90[lead]
+        assert med[i] <= hi  # every member lies inside the leader's noise
+    # groups are contiguous in median order, and a faster median never gets a slower value
+    order = sorted(range(n), key=lambda j: med[j])
+    assert [tied[j] for j in order] == sorted(tied)
+    # without dispersion nothing changes
+    assert latency_ties(med, [None] * n, [None] * n) == med

@@ -1,49 +1,65 @@
 """Derived parts of the study report: objectives, feasibility, Pareto fronts, summary.
 
-The *base report* is assembled from the SQLite checkpoint elsewhere; this module
-never changes what is in it, it only adds keys.  Base shape::
+Pure: a base report (a dict) in, a finalized report (a new dict) out; no store, no files.
+The *base report* comes from :func:`tuneqn.controller.report.base.build_base`; this
+module never changes what is in it, it only adds keys.  Base shape::
 
     {"tuneqn_version": str, "generated_at": str, "partial": bool,
      "study": {"name": str, "out_dir": str, "settings": {...}},
-     "objectives": [{"name": "accuracy_loss"|"accuracy"|"accuracy_top5"|"size"|"latency",
-                     "direction": "min"|"max", "max": float|None, "min": float|None}],
+     "objectives": [{"name": a name of tuneqn.controller.objectives.OBJECTIVES,
+                     "direction": "min"|"max", "max": float|None, "min": float|None,
+                     "unit": str, "label": str}],
      "devices": [{"name": str, "device_class": str, "info": {...}}],
      "models": [{"name", "source", "size_bytes", "sha256", "opset_original", "opset_used",
                  "upgraded": bool, ...}],
+     "skipped_inputs": [{"file": str, "reason": str}],   # unreadable inputs left out
      "layers": [{"model", "mode", "name", "op_type", "index", "qdq_err", "xmodel_err",
                  "score", "rank"}],
      "baselines": [{"model", "device", "status", "accuracy": float|None,
                     "accuracy_top5": float|None, "latency_ms": float|None,
-                    "size_bytes": int}],                      # FP32 model on that device
+                    "latency_p10_ms": float|None, "latency_p90_ms": float|None,
+                    "size_bytes": int, "error": str|None}],   # FP32 model on that device
      "candidates": [{"id": str, "model", "mode", "k": int|None, "kind": "ranked"|"explicit",
                      "label": str, "excluded": [layer names], "size_bytes": int, "sha256": str,
-                     "results": [{"device", "status": "done"|"failed"|"pending"|"running",
+                     "results": [{"device", "status": "done"|"failed"|"unreachable"|"pending"|"running",
                                   "agreement": float|None, "accuracy": float|None,
                                   "accuracy_top5": float|None, "latency_ms": float|None,
+                                  "latency_p10_ms": float|None, "latency_p90_ms": float|None,
                                   "error": str|None}]}]}
 
-Objective values of a (candidate, device) result: ``accuracy_loss = 1 - agreement``
+Objective values of a (candidate, device) result come from the one objectives table
+(:data:`tuneqn.controller.objectives.OBJECTIVES`): ``accuracy_loss = 1 - agreement``
 (top-1 agreement with the FP32 model on that device, the paper's metric),
 ``accuracy`` = top-1 vs labels, ``accuracy_top5``, ``size = size_bytes`` and
-``latency = latency_ms``.  Non-finite values count as missing.
+``latency = latency_ms`` (the median).  Non-finite values count as missing.
+
+Latency within the measured noise is a tie.  Within one front computation (one
+(model, mode, device), or one cross-device (model, mode)), the sorted results are taken
+in order of median latency; a result whose median lies inside the [p10, p90] interval
+of the fastest member of the current group joins that group, otherwise it starts a new
+group; every member of a group gets the group's lowest median as its latency for
+dominance (:func:`tuneqn.controller.report.pareto.latency_ties`).  ``objectives.latency``
+stays the measured median.
 
 :func:`finalize_report` returns a deep copy of the base with these additions:
 
 * ``candidates[].results[]`` gain ``objectives`` ({objective name: value or None},
   for the study's objectives), ``feasible`` (True/False, or None when not evaluated),
-  ``reason`` (why infeasible or not evaluated, else None) and ``front``
-  (1, 2, 3, or None: the result's front among its (model, mode, device) group).
+  ``reason`` (why infeasible or not evaluated, else None), ``front``
+  (1, 2, 3, or None: the result's front among its (model, mode, device) group) and
+  ``latency_tied_ms`` (the latency the fronts used, see above; None when latency is no
+  objective or the result was not sorted).
 * ``fronts``: ``[{"model", "mode", "device", "fronts": [[candidate ids], ...]}]`` - up
   to three fronts per (model, mode, device), over results that are done and feasible.
 * ``cross_device``: ``[{"model", "mode", "devices": [names], "fronts": [[ids], ...],
   "selected": id|None, "candidates": [{"id", "k", "label", "worst": {objective: value},
-  "front": int|None}], "excluded": [{"candidate", "reason"}]}]`` - per (model, mode),
-  over candidates done and feasible on every device that has any result for the
-  model; each objective is the worst value over those devices (max for "min"
+  "latency_tied_ms", "front": int|None}], "excluded": [{"candidate", "reason"}]}]`` - per
+  (model, mode), over candidates done and feasible on every device that has any result
+  for the model; each objective is the worst value over those devices (max for "min"
   objectives, min for "max" objectives).
 * ``infeasible``: ``[{"candidate", "device", "reason"}]`` - every result that was not
-  sorted into fronts (bounds violated, metric missing, failed, not evaluated yet, or
-  no result at all).  Feasible results beyond front 3 are not listed here.
+  sorted into fronts (bounds violated, metric missing, failed, unreachable, not
+  evaluated yet, or no result at all).  Feasible results beyond front 3 are not listed.
 * ``summary``: per (model, mode, device), the paper's Tables I/II::
 
       {"model", "mode", "device", "selected": id|None, "selected_k": int|None,
@@ -70,52 +86,40 @@ candidates in report order; front member lists follow that order.
 from __future__ import annotations
 
 import copy
-import json
 import logging
-import math
-import os
-import re
-import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .pareto import select_compromise, to_minimization, top_fronts
+from tuneqn.controller.objectives import Objective, finite, objective
+
+from .pareto import latency_ties, select_compromise, to_minimization, top_fronts
 
 logger = logging.getLogger(__name__)
-
-#: Natural direction of every known objective (used when a direction is missing).
-NATURAL_DIRECTIONS: dict[str, str] = {
-    "accuracy_loss": "min",
-    "accuracy": "max",
-    "accuracy_top5": "max",
-    "size": "min",
-    "latency": "min",
-}
 
 #: How many fronts the report keeps (paper: the top three).
 N_FRONTS = 3
 
-_STATUSES = ("done", "failed", "pending", "running")
+#: Result statuses; "failed" and "unreachable" are final without a result.
+STATUSES = ("done", "failed", "unreachable", "pending", "running")
 
-_MISSING_REASONS: dict[str, str] = {
-    "accuracy_loss": "accuracy_loss not available (no agreement with FP32 measured)",
-    "accuracy": "accuracy not available (no labels)",
-    "accuracy_top5": "accuracy_top5 not available (no labels or top-5 not measured)",
-    "size": "size not available",
-    "latency": "latency not measured",
-}
+_NO_RESULT_REASON = {"failed": "evaluation failed (no error message)", "unreachable": "device unreachable"}
 
 
 @dataclass(frozen=True)
 class _Objective:
-    name: str
+    """An objective as the study uses it: the table entry, direction and feasibility bounds."""
+
+    spec: Objective
     direction: str
     max: float | None
     min: float | None
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
 
 
 def _fmt(value: float) -> str:
@@ -124,17 +128,6 @@ def _fmt(value: float) -> str:
     if v.is_integer() and abs(v) < 1e15:
         return str(int(v))
     return f"{v:.6g}"
-
-
-def _finite(value: Any) -> float | None:
-    """``value`` as a finite float, or None (missing, non-numeric or non-finite)."""
-    if value is None or isinstance(value, bool):
-        return None
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        return None
-    return v if math.isfinite(v) else None
 
 
 def _parse_objectives(raw: Any) -> list[_Objective]:
@@ -146,66 +139,57 @@ def _parse_objectives(raw: Any) -> list[_Objective]:
         if not isinstance(item, dict) or "name" not in item:
             raise ValueError(f"objective entry must be a dict with a 'name': {item!r}")
         name = item["name"]
-        if name not in NATURAL_DIRECTIONS:
-            raise ValueError(f"unknown objective {name!r}; known: {sorted(NATURAL_DIRECTIONS)}")
+        spec = objective(name)
         if name in seen:
             raise ValueError(f"objective {name!r} listed twice")
         seen.add(name)
-        direction = item.get("direction") or NATURAL_DIRECTIONS[name]
+        direction = item.get("direction") or spec.direction
         if direction not in ("min", "max"):
             raise ValueError(f"objective {name!r}: direction must be 'min' or 'max', got {direction!r}")
-        if direction != NATURAL_DIRECTIONS[name]:
+        if direction != spec.direction:
             logger.warning("objective %s is %s-imized against its natural direction", name, direction)
         bounds: dict[str, float | None] = {}
         for key in ("max", "min"):
             val = item.get(key)
-            if val is not None and _finite(val) is None:
+            if val is not None and finite(val) is None:
                 raise ValueError(f"objective {name!r}: bound {key!r} must be a finite number, got {val!r}")
-            bounds[key] = _finite(val)
-        out.append(_Objective(name, direction, bounds["max"], bounds["min"]))
+            bounds[key] = finite(val)
+        out.append(_Objective(spec, direction, bounds["max"], bounds["min"]))
     return out
 
 
 def objective_value(name: str, candidate: dict[str, Any], result: dict[str, Any]) -> float | None:
     """Value of objective ``name`` for one (candidate, device) result, or None if missing."""
-    if name == "accuracy_loss":
-        agreement = _finite(result.get("agreement"))
-        return None if agreement is None else 1.0 - agreement
-    if name == "accuracy":
-        return _finite(result.get("accuracy"))
-    if name == "accuracy_top5":
-        return _finite(result.get("accuracy_top5"))
-    if name == "size":
-        return _finite(candidate.get("size_bytes"))
-    if name == "latency":
-        return _finite(result.get("latency_ms"))
-    raise ValueError(f"unknown objective {name!r}")
+    return objective(name).value(candidate, result)
 
 
 def _assess(objectives: list[_Objective], candidate: dict[str, Any], result: dict[str, Any]) -> None:
     """Fill ``objectives``, ``feasible``, ``reason`` and reset ``front`` of one result in place."""
     status = result.get("status")
-    if status not in _STATUSES:
+    if status not in STATUSES:
         raise ValueError(f"candidate {candidate['id']!r} on {result.get('device')!r}: unknown status {status!r}")
-    values = {o.name: objective_value(o.name, candidate, result) for o in objectives}
+    values = {o.name: o.spec.value(candidate, result) for o in objectives}
     result["objectives"] = values
     result["front"] = None
+    result["latency_tied_ms"] = None
     if status == "done":
         reasons: list[str] = []
         for o in objectives:
             v = values[o.name]
             if v is None:
-                reasons.append(_MISSING_REASONS[o.name])
+                reasons.append(o.spec.missing)
                 continue
             if o.max is not None and v > o.max:
                 reasons.append(f"{o.name} {_fmt(v)} > max {_fmt(o.max)}")
             if o.min is not None and v < o.min:
                 reasons.append(f"{o.name} {_fmt(v)} < min {_fmt(o.min)}")
+        if reasons and any(values[o.name] is None for o in objectives) and result.get("error"):
+            reasons.append(str(result["error"]))  # why a metric is missing (e.g. the FP32 baseline failed)
         result["feasible"] = not reasons
         result["reason"] = "; ".join(reasons) if reasons else None
-    elif status == "failed":
+    elif status in _NO_RESULT_REASON:
         result["feasible"] = False
-        result["reason"] = result.get("error") or "evaluation failed (no error message)"
+        result["reason"] = result.get("error") or _NO_RESULT_REASON[status]
     else:
         result["feasible"] = None
         result["reason"] = f"not evaluated ({status})"
@@ -239,14 +223,26 @@ def _device_order(report: dict[str, Any], seen: Iterable[str]) -> list[str]:
 
 
 def _sort_fronts(
-    rows: list[dict[str, Any]], vectors: list[dict[str, float]], objectives: list[_Objective]
-) -> tuple[list[list[int]], np.ndarray]:
-    """Fronts (as row positions) and the minimization table of ``vectors``."""
-    if not rows:
-        return [], np.zeros((0, len(objectives)))
+    vectors: list[dict[str, float]], noise: list[tuple[float | None, float | None]], objectives: list[_Objective]
+) -> tuple[list[list[int]], np.ndarray, list[float] | None]:
+    """Fronts (as row positions), the minimization table and the tied latencies of ``vectors``.
+
+    ``noise`` is the (p10, p90) latency of each row; latencies within the noise of a faster
+    row are ties (:func:`latency_ties`).  The tied latencies are None without a latency objective.
+    """
+    if not vectors:
+        return [], np.zeros((0, len(objectives))), None
     values = {o.name: np.array([v[o.name] for v in vectors], dtype=float) for o in objectives}
+    tied: list[float] | None = None
+    if "latency" in values:
+        tied = latency_ties(list(values["latency"]), [n[0] for n in noise], [n[1] for n in noise])
+        values["latency"] = np.array(tied, dtype=float)
     F = to_minimization(values, {o.name: o.direction for o in objectives})
-    return top_fronts(F, N_FRONTS), F
+    return top_fronts(F, N_FRONTS), F, tied
+
+
+def _noise(result: dict[str, Any]) -> tuple[float | None, float | None]:
+    return finite(result.get("latency_p10_ms")), finite(result.get("latency_p90_ms"))
 
 
 def _pct_decrease(reference: float | None, value: float | None) -> float | None:
@@ -308,6 +304,7 @@ def finalize_report(base: dict[str, Any]) -> dict[str, Any]:
         for device in group_devices:
             rows: list[dict[str, Any]] = []
             vectors: list[dict[str, float]] = []
+            noise: list[tuple[float | None, float | None]] = []
             for c in ordered:
                 r = by_dev[c["id"]].get(device)
                 if r is None:
@@ -315,9 +312,13 @@ def finalize_report(base: dict[str, Any]) -> dict[str, Any]:
                 elif r["status"] == "done" and r["feasible"]:
                     rows.append(c)
                     vectors.append(r["objectives"])
+                    noise.append(_noise(r))
                 else:
                     infeasible.append({"candidate": c["id"], "device": device, "reason": r["reason"]})
-            fronts, F = _sort_fronts(rows, vectors, objectives)
+            fronts, F, tied = _sort_fronts(vectors, noise, objectives)
+            if tied is not None:
+                for i, c in enumerate(rows):
+                    by_dev[c["id"]][device]["latency_tied_ms"] = tied[i]
             for n, front in enumerate(fronts, start=1):
                 for i in front:
                     by_dev[rows[i]["id"]][device]["front"] = n
@@ -371,18 +372,18 @@ def _summary_entry(
             return None
         if key == "accuracy_loss":
             return objective_value("accuracy_loss", cand, r)
-        return _finite(r.get(key))
+        return finite(r.get(key))
 
     def size(cand: dict[str, Any] | None) -> int | None:
-        v = None if cand is None else _finite(cand.get("size_bytes"))
+        v = None if cand is None else finite(cand.get("size_bytes"))
         return None if v is None else int(v)
 
     model_info = models_by_name.get(model)
     if model_info is None:
         logger.warning("model %s is not in the report's models; original size unknown", model)
     original_size = size(model_info)
-    original_latency = None if baseline is None else _finite(baseline.get("latency_ms"))
-    original_accuracy = None if baseline is None else _finite(baseline.get("accuracy"))
+    original_latency = None if baseline is None else finite(baseline.get("latency_ms"))
+    original_accuracy = None if baseline is None else finite(baseline.get("accuracy"))
 
     sel_loss, fq_loss = metric(selected, "accuracy_loss"), metric(fq, "accuracy_loss")
     sel_size = size(selected)
@@ -424,6 +425,7 @@ def _cross_device(
 ) -> dict[str, Any]:
     rows: list[dict[str, Any]] = []
     worst: list[dict[str, float]] = []
+    noise: list[tuple[float | None, float | None]] = []
     excluded: list[dict[str, Any]] = []
     for c in ordered:
         reasons: list[str] = []
@@ -437,12 +439,18 @@ def _cross_device(
             excluded.append({"candidate": c["id"], "reason": "; ".join(reasons) or "no device results"})
             continue
         vec: dict[str, float] = {}
+        row_noise: tuple[float | None, float | None] = (None, None)
         for o in objectives:
             vals = [by_dev[c["id"]][d]["objectives"][o.name] for d in devices]
-            vec[o.name] = max(vals) if o.direction == "min" else min(vals)
+            pick = max if o.direction == "min" else min
+            at = pick(range(len(devices)), key=lambda i: vals[i])
+            vec[o.name] = vals[at]
+            if o.name == "latency":  # the noise of the device that gave the worst latency
+                row_noise = _noise(by_dev[c["id"]][devices[at]])
         rows.append(c)
         worst.append(vec)
-    fronts, F = _sort_fronts(rows, worst, objectives)
+        noise.append(row_noise)
+    fronts, F, tied = _sort_fronts(worst, noise, objectives)
     front_of = {i: n for n, front in enumerate(fronts, start=1) for i in front}
     return {
         "model": model,
@@ -451,110 +459,9 @@ def _cross_device(
         "fronts": [[rows[i]["id"] for i in front] for front in fronts],
         "selected": rows[select_compromise(F, fronts[0])]["id"] if fronts else None,
         "candidates": [
-            {"id": c["id"], "k": c.get("k"), "label": c.get("label"), "worst": worst[i], "front": front_of.get(i)}
+            {"id": c["id"], "k": c.get("k"), "label": c.get("label"), "worst": worst[i],
+             "latency_tied_ms": None if tied is None else tied[i], "front": front_of.get(i)}
             for i, c in enumerate(rows)
         ],
         "excluded": excluded,
     }
-
-
-# --------------------------------------------------------------------------- writing
-
-
-def _json_safe(obj: Any) -> Any:
-    """Copy of ``obj`` with non-finite floats as None and paths as strings (strict JSON)."""
-    if isinstance(obj, dict):
-        return {str(k): _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, np.generic):
-        return _json_safe(obj.item())
-    if isinstance(obj, Path):
-        return str(obj)
-    return obj
-
-
-def _file_mode() -> int:
-    """Mode a plain ``open()`` would give a new file (0o666 minus the umask), read without changing it."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return 0o666 & ~int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
-        pass
-    return 0o644
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary file in the same folder and ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            os.fchmod(fh.fileno(), _file_mode())  # mkstemp creates 0o600; give the usual permissions
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", str(text)).strip("._") or "x"
-
-
-def write_report(report: dict[str, Any], out_dir: Path) -> dict[str, Path]:
-    """Write ``report.json`` (atomically), the PNG plots and ``report.html`` under ``out_dir``.
-
-    ``report`` must come from :func:`finalize_report`.  Returns ``{"json": path,
-    "html": path, plot_key(...): png path, ...}`` (see
-    :func:`tuneqn.controller.report.plots.plot_key`).
-    """
-    from .html import render_html  # local: html/plots are only needed when writing
-    from .plots import PLOT_KINDS, plot_key, render_plot
-
-    if "fronts" not in report or "summary" not in report:
-        raise ValueError("report is not finalized; call finalize_report() first")
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-
-    paths: dict[str, Path] = {}
-    json_path = out_dir / "report.json"
-    text = json.dumps(_json_safe(report), indent=2, ensure_ascii=False, allow_nan=False)
-    atomic_write_bytes(json_path, (text + "\n").encode("utf-8"))
-    paths["json"] = json_path
-
-    images: dict[str, Path] = {}
-    used: set[str] = set()
-    for entry in report["fronts"]:
-        model, mode, device = entry["model"], entry["mode"], entry["device"]
-        stem = f"{_slug(model)}__{_slug(mode)}__{_slug(device)}"
-        n = 2
-        base_stem = stem
-        while stem in used:
-            stem = f"{base_stem}-{n}"
-            n += 1
-        used.add(stem)
-        for kind in PLOT_KINDS:
-            png = out_dir / "plots" / f"{stem}__{kind}.png"
-            try:
-                render_plot(kind, report, model, mode, device, png)
-            except ValueError as exc:
-                logger.warning("skipping %s plot for %s/%s/%s: %s", kind, model, mode, device, exc)
-                continue
-            images[plot_key(kind, model, mode, device)] = png
-    paths.update(images)
-    layer_png = out_dir / "layer_errors.png"  # paper Fig. 2, written by the analysis
-    if layer_png.is_file():
-        images["layer_errors"] = layer_png
-
-    html_path = out_dir / "report.html"
-    atomic_write_bytes(html_path, render_html(report, images).encode("utf-8"))
-    paths["html"] = html_path
-    logger.info("report written to %s (%d plots)", out_dir, len(images))
-    return paths

@@ -9,6 +9,9 @@ exact duplicate rows never dominate each other, so they always share a front.
 :func:`select_compromise`: every objective is min-max normalized over the members
 of front 1, and the member closest (Euclidean distance) to the ideal point (all
 zeros after normalization) wins; ties go to the lowest row index.
+
+Latency differences within the measured noise are ties: :func:`latency_ties` turns
+the measured medians into the values dominance compares (see its docstring).
 """
 
 from __future__ import annotations
@@ -120,3 +123,33 @@ def select_compromise(F: np.ndarray, front: Sequence[int]) -> int:
         if dist[pos] <= best * (1.0 + _TIE_RTOL) + _TIE_RTOL:
             return i
     return idx[int(np.argmin(dist))]  # unreachable; keeps type checkers content
+
+
+def latency_ties(
+    median: Sequence[float], p10: Sequence[float | None], p90: Sequence[float | None]
+) -> list[float]:
+    """Latency values for dominance, treating differences within the measured noise as ties.
+
+    Rows are taken in order of median latency (ties in the median by row index). A row
+    whose median lies inside the [p10, p90] interval of the fastest member of the current
+    group joins that group; otherwise it starts a new group. Every member of a group gets
+    the group's lowest median (the fastest member's). A missing p10/p90 counts as the
+    median itself, so only an equal median joins such a group. Returns one value per row.
+    """
+    n = len(median)
+    if len(p10) != n or len(p90) != n:
+        raise ValueError(f"latency_ties: {n} medians but {len(p10)} p10 and {len(p90)} p90 values")
+    med = [float(m) for m in median]
+    if any(not np.isfinite(m) for m in med):
+        raise ValueError("latency_ties: medians must be finite")
+    lo = [med[i] if p10[i] is None or not np.isfinite(float(p10[i])) else float(p10[i]) for i in range(n)]
+    hi = [med[i] if p90[i] is None or not np.isfinite(float(p90[i])) else float(p90[i]) for i in range(n)]
+    out = [0.0] * n
+    lead: int | None = None
+    for i in sorted(range(n), key=lambda j: (med[j], j)):
+        if lead is not None and lo[lead] <= med[i] <= hi[lead]:
+            out[i] = med[lead]
+        else:
+            lead = i
+            out[i] = med[i]
+    return out

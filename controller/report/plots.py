@@ -19,13 +19,13 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from .finalize import atomic_write_bytes
+from tuneqn.controller.files import atomic_write_bytes
+from tuneqn.controller.objectives import OBJECTIVES
 
 logger = logging.getLogger(__name__)
 
 FIGSIZE = (8.0, 4.5)
 DPI = 110
-MB = 1e6  # sizes are shown in decimal megabytes
 
 #: Line style of fronts 1, 2, 3 (colour, line style, width).
 FRONT_STYLES: dict[int, tuple[str, str, float]] = {
@@ -86,13 +86,8 @@ def _selected_id(report: dict[str, Any], model: str, mode: str, device: str) -> 
 
 
 def _fmt_objective(name: str, value: float) -> str:
-    if name in ("accuracy_loss", "accuracy", "accuracy_top5"):
-        return f"{100 * value:.1f}%"
-    if name == "size":
-        return f"{value / MB:.2f} MB"
-    if name == "latency":
-        return f"{value:.2f} ms"
-    return f"{value:.4g}"
+    o = OBJECTIVES[name]
+    return o.fmt(value, 1 if o.display_unit == "%" else 2)
 
 
 def _is_ranked(c: dict[str, Any]) -> bool:
@@ -145,8 +140,8 @@ def objectives_vs_candidate(report: dict[str, Any], model: str, mode: str, devic
     shaded: set[str] = set()
     for c, r in pairs:
         k = int(c["k"])
-        if r.get("status") == "failed":
-            kind, color = "failed", "#bbbbbb"
+        if r.get("status") in ("failed", "unreachable"):
+            kind, color = "failed / unreachable", "#bbbbbb"
         elif r.get("status") == "done" and r.get("feasible") is False:
             kind, color = "infeasible (bounds / missing metric)", "#f4c7c3"
         elif r.get("status") in ("pending", "running"):
@@ -226,7 +221,9 @@ def tradeoff_scatter(report: dict[str, Any], model: str, mode: str, device: str,
             continue
         if not (np.isfinite(float(agreement)) and np.isfinite(float(size))):
             continue
-        pts.append((c, r, float(size) / MB, 100.0 * (1.0 - float(agreement))))
+        x, y = OBJECTIVES["size"].display(size), OBJECTIVES["accuracy_loss"].display(1.0 - float(agreement))
+        if x is not None and y is not None:
+            pts.append((c, r, x, y))
 
     for c, r, x, y in pts:
         front = r.get("front")
@@ -296,7 +293,7 @@ def tradeoff_scatter(report: dict[str, Any], model: str, mode: str, device: str,
     orig = next((m.get("size_bytes") for m in report.get("models") or [] if m.get("name") == model), None)
     if orig is not None:
         ax.scatter(
-            [float(orig) / MB],
+            [OBJECTIVES["size"].display(orig)],
             [0.0],
             s=140,
             marker="*",
@@ -308,8 +305,9 @@ def tradeoff_scatter(report: dict[str, Any], model: str, mode: str, device: str,
 
     if not pts:
         ax.text(0.5, 0.5, "no evaluated candidates yet", ha="center", va="center", transform=ax.transAxes)
-    ax.set_xlabel("model size (MB)")
-    ax.set_ylabel("accuracy loss (%)\n1 − top-1 agreement with FP32")
+    ax.set_xlabel(f"model size ({OBJECTIVES['size'].display_unit})")
+    loss = OBJECTIVES["accuracy_loss"]
+    ax.set_ylabel(f"{loss.name} ({loss.display_unit})\n1 − top-1 agreement with FP32")
     ax.set_title(f"{model} · {mode} quantization on {device}: accuracy loss vs size")
     ax.grid(True, alpha=0.3, zorder=0)
     if ax.get_legend_handles_labels()[0]:

@@ -1,0 +1,190 @@
+"""Metrics of an evaluation result, computed once when the result arrives and stored with it.
+
+The live loop (the dispatcher calls :func:`on_result` right after ``store.put_result``)
+and the report share this module; the report only reads the stored values.
+
+* ``agreement``: top-1 agreement with the FP32 baseline result of the same model on the
+  same device (candidate ``f"{model}:fp32"``); the paper's accuracy loss is
+  ``1 - agreement``. None until that baseline is stored, or when the two results cover
+  different numbers of samples.
+* ``accuracy`` / ``accuracy_top5``: top-1 / top-5 hits against the labels of the
+  model's evaluation split (``store.dataset(f"{model}/eval")["labels"]``; samples with
+  a negative label are left out). None without labels.
+
+A baseline is itself a result: when it arrives, every stored result of that model on
+that device that lacked an agreement gets one.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from tuneqn.controller.store import Store
+
+log = logging.getLogger(__name__)
+
+METRIC_KEYS = ("agreement", "accuracy", "accuracy_top5")
+FP32_SUFFIX = ":fp32"
+
+
+def baseline_id(model: str) -> str:
+    """Candidate id of a model's FP32 baseline."""
+    return f"{model}{FP32_SUFFIX}"
+
+
+def topk_of(row: dict[str, Any]) -> np.ndarray:
+    """The ``(num_samples, top_k)`` class indices of a stored result row."""
+    data = np.frombuffer(row["topk"], dtype="<i4")
+    n, k = int(row["num_samples"]), int(row["top_k"])
+    if data.size != n * k:
+        raise ValueError(f"result {row.get('job_id')!r}: {data.size} class indices, expected {n} x {k}")
+    return data.reshape(n, k)
+
+
+def agreement(topk: np.ndarray, baseline_topk: np.ndarray) -> float | None:
+    """Fraction of samples whose top-1 class equals the baseline's; None if the sample counts differ."""
+    if len(topk) != len(baseline_topk) or len(topk) == 0:
+        return None
+    return float((topk[:, 0] == baseline_topk[:, 0]).mean())
+
+
+def accuracy(topk: np.ndarray, labels: Sequence[int] | None, k: int = 1) -> float | None:
+    """Top-``k`` accuracy against ``labels`` (negative = unlabelled, skipped); None without labels.
+
+    None also when the result has fewer than ``k`` classes per sample or another sample count.
+    """
+    if not labels or topk.ndim != 2 or topk.shape[1] < k:
+        return None
+    lab = np.asarray(labels)
+    if len(lab) != len(topk):
+        return None
+    mask = lab >= 0
+    if not mask.any():
+        return None
+    hit = (topk[mask, :k] == lab[mask, None]).any(axis=1)
+    return float(hit.mean())
+
+
+def compute(row: dict[str, Any], baseline: dict[str, Any] | None, labels: Sequence[int] | None) -> dict[str, float | None]:
+    """The metrics of result ``row`` given its baseline result row (or None) and the eval labels."""
+    t = topk_of(row)
+    return {
+        "agreement": agreement(t, topk_of(baseline)) if baseline is not None else None,
+        "accuracy": accuracy(t, labels, 1),
+        "accuracy_top5": accuracy(t, labels, 5),
+    }
+
+
+def model_of(store: Store, candidate_id: str) -> str | None:
+    """The model of a candidate (from its row; an FP32 baseline id names it too)."""
+    cand = store.candidate(candidate_id)
+    if cand is not None:
+        return str(cand["model"])
+    if candidate_id.endswith(FP32_SUFFIX):
+        return candidate_id[: -len(FP32_SUFFIX)]
+    return None
+
+
+def _baseline(store: Store, model: str, device: str) -> dict[str, Any] | None:
+    rows = store.results(candidate_id=baseline_id(model), device=device)
+    return rows[-1] if rows else None  # newest
+
+
+def _labels(store: Store, model: str) -> list[int] | None:
+    split = store.dataset(f"{model}/eval")
+    return None if split is None else split.get("labels")
+
+
+def on_result(store: Store, job_id: str) -> None:
+    """Compute and store the metrics of the result of ``job_id`` (call right after ``put_result``).
+
+    When the result is an FP32 baseline, also fill in the agreement of every stored result
+    of that model on that device that lacks one. Runs in one store transaction, so a result
+    and its baseline arriving on two threads at once cannot overwrite each other's metrics.
+    Raises ValueError when no result is stored for ``job_id`` or its predictions are malformed.
+    """
+    with store.transaction():
+        _on_result(store, job_id)
+
+
+def _on_result(store: Store, job_id: str) -> None:
+    row = store.result(job_id)
+    if row is None:
+        raise ValueError(f"no result stored for job {job_id!r}")
+    model = model_of(store, row["candidate_id"])
+    if model is None:
+        log.warning("result %s: candidate %s is unknown; metrics not computed", job_id, row["candidate_id"])
+        return
+    device = row["device"]
+    labels = _labels(store, model)
+    is_baseline = row["candidate_id"] == baseline_id(model)
+    baseline = row if is_baseline else _baseline(store, model, device)
+    store.set_result_metrics(job_id, compute(row, baseline, labels))
+    if not is_baseline:
+        return
+    base_topk = topk_of(row)
+    of_model = {c["id"] for c in store.candidates(model=model)}
+    n = 0
+    for other in store.results(device=device):
+        if other["job_id"] == job_id or other["agreement"] is not None or other["candidate_id"] not in of_model:
+            continue
+        metrics = {k: other[k] for k in METRIC_KEYS}
+        try:
+            metrics["agreement"] = agreement(topk_of(other), base_topk)
+        except ValueError as exc:  # another result's malformed row must not cost the baseline its metrics
+            log.warning("result %s: agreement not computed: %s", other["job_id"], exc)
+            continue
+        store.set_result_metrics(other["job_id"], metrics)
+        n += 1
+    if n:
+        log.debug("baseline %s on %s: agreement of %d earlier results computed", model, device, n)
+
+
+def backfill(store: Store) -> int:
+    """Compute metrics that stored results lack although they could have them; returns how many rows changed.
+
+    For results stored without :func:`on_result` (an older tuneqn, or a caller that did
+    not call it); a no-op on a store the live loop kept up to date except for rows whose
+    metrics cannot exist (no baseline, no labels), which are checked cheaply and skipped.
+    """
+    with store.transaction():
+        return _backfill(store)
+
+
+def _backfill(store: Store) -> int:
+    changed = 0
+    labels: dict[str, list[int] | None] = {}
+    baselines: dict[tuple[str, str], dict[str, Any] | None] = {}
+    models: dict[str, str | None] = {}
+    for row in store.results():
+        cid = row["candidate_id"]
+        if cid not in models:
+            models[cid] = model_of(store, cid)
+        model = models[cid]
+        if model is None:
+            continue
+        if model not in labels:
+            labels[model] = _labels(store, model)
+        key = (model, row["device"])
+        if key not in baselines:
+            baselines[key] = _baseline(store, model, row["device"])
+        baseline = row if cid == baseline_id(model) else baselines[key]
+        want_agreement = row["agreement"] is None and baseline is not None
+        want_accuracy = row["accuracy"] is None and bool(labels[model])
+        if not (want_agreement or want_accuracy):
+            continue
+        try:
+            metrics = compute(row, baseline, labels[model])
+        except ValueError as exc:  # a malformed stored row must not stop every report
+            log.warning("result %s: metrics not computed: %s", row["job_id"], exc)
+            continue
+        if any(metrics[k] != row[k] for k in METRIC_KEYS):
+            store.set_result_metrics(row["job_id"], metrics)
+            changed += 1
+    if changed:
+        log.info("computed the metrics of %d stored results that lacked them", changed)
+    return changed

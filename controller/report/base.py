@@ -1,0 +1,177 @@
+"""The base report: what the store holds, as one JSON-ready dict (no fronts yet).
+
+Only store read methods are used (no SQL here). Metrics are the ones stored with each
+result by :mod:`tuneqn.controller.metrics`; nothing is recomputed. The shape is
+documented in :mod:`tuneqn.controller.report.finalize`.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+from typing import Any
+
+from tuneqn import __version__
+from tuneqn.controller.config import StudyConfig
+from tuneqn.controller.metrics import baseline_id
+from tuneqn.controller.objectives import OBJECTIVES, finite
+from tuneqn.controller.store import Store
+
+log = logging.getLogger(__name__)
+
+#: Job states after which nothing more happens to a job.
+FINAL_JOB_STATES = frozenset({"done", "failed", "unreachable"})
+
+#: Result status shown for a job state without a result (unknown live states show as running).
+_STATUS_OF_JOB_STATE = {"pending": "pending", "failed": "failed", "unreachable": "unreachable", "done": "pending"}
+
+
+def _latency_fields(row: dict[str, Any] | None) -> dict[str, Any]:
+    """``latency_ms`` (median), ``latency_p10_ms``, ``latency_p90_ms`` of a result row (None when missing)."""
+    if row is None:
+        return {"latency_ms": None, "latency_p10_ms": None, "latency_p90_ms": None}
+    stats = json.loads(row.get("latency") or "{}")
+    count = stats.get("count")
+    measured = row.get("latency_ms") is not None and count != 0
+    return {
+        "latency_ms": finite(row.get("latency_ms")),
+        "latency_p10_ms": finite(stats.get("p10_ms")) if measured else None,
+        "latency_p90_ms": finite(stats.get("p90_ms")) if measured else None,
+    }
+
+
+def _job_status(job: dict[str, Any] | None) -> tuple[str, str | None]:
+    """(result status, error) of a (candidate, device) without a usable result."""
+    if job is None:
+        return "pending", None
+    state = str(job["state"])
+    status = _STATUS_OF_JOB_STATE.get(state, "running")
+    error = job.get("error") if status in ("failed", "unreachable") else None
+    if status == "unreachable" and not error:
+        error = "device unreachable"
+    return status, error
+
+
+class _Index:
+    """The newest job and the result of each (candidate, device)."""
+
+    def __init__(self, store: Store) -> None:
+        self.jobs: dict[tuple[str, str], dict[str, Any]] = {}
+        for j in store.jobs():  # ordered by created_at: the newest wins
+            self.jobs[(j["candidate_id"], j["device"])] = j
+        self.results: dict[tuple[str, str], dict[str, Any]] = {}
+        self.by_job: dict[str, dict[str, Any]] = {}
+        for r in store.results():  # ordered by finished_at: the newest wins
+            self.results[(r["candidate_id"], r["device"])] = r
+            self.by_job[r["job_id"]] = r
+
+    def current(self, cid: str, device: str) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+        """(result, job) of a (candidate, device): the result of its newest job, if that one has one.
+
+        Without any job the newest result counts (a store from before jobs were kept).
+        """
+        job = self.jobs.get((cid, device))
+        if job is None:
+            return self.results.get((cid, device)), None
+        result = self.by_job.get(job["id"])
+        if result is None and job["state"] == "done":
+            result = self.results.get((cid, device))
+        return result, job
+
+
+def _skipped_inputs(store: Store) -> list[dict[str, str]]:
+    """Unreadable inputs left out of any split, each (file, reason) once, in order of appearance."""
+    seen: dict[tuple[str, str], dict[str, str]] = {}
+    for split in store.datasets():
+        for item in split.get("skipped") or []:
+            entry = {"file": str(item.get("file")), "reason": str(item.get("reason"))}
+            seen.setdefault((entry["file"], entry["reason"]), entry)
+    return list(seen.values())
+
+
+def build_base(store: Store, *, partial: bool) -> dict[str, Any]:
+    """The base report of the study in ``store`` (see :mod:`tuneqn.controller.report.finalize`)."""
+    cfg = StudyConfig.model_validate_json(store.get_meta("config") or "{}")
+    models = store.models()
+    index = _Index(store)
+    devices = store.devices()
+    known = {d["name"] for d in devices}
+    for name in sorted({dev for _, dev in (*index.jobs, *index.results)} - known):
+        devices.append({"name": name, "device_class": None, "info": {}})  # a job's device not (yet) registered
+    dev_names = [d["name"] for d in devices]
+
+    baselines: list[dict[str, Any]] = []
+    baseline_state: dict[tuple[str, str], tuple[str, str | None]] = {}
+    for m in models:
+        for dev in dev_names:
+            r, job = index.current(baseline_id(m["name"]), dev)
+            status, error = ("done", None) if r is not None else _job_status(job)
+            baseline_state[(m["name"], dev)] = (status, error)
+            baselines.append({
+                "model": m["name"], "device": dev, "status": status,
+                "accuracy": finite(r["accuracy"]) if r else None,
+                "accuracy_top5": finite(r["accuracy_top5"]) if r else None,
+                **_latency_fields(r), "size_bytes": m["size_bytes"], "error": error,
+            })
+
+    cand_out = []
+    for c in store.candidates():
+        if c["kind"] == "fp32":
+            continue
+        res = []
+        for dev in dev_names:
+            r, job = index.current(c["id"], dev)
+            entry: dict[str, Any] = {"device": dev, "agreement": None, "accuracy": None, "accuracy_top5": None,
+                                     **_latency_fields(None), "error": None}
+            if r is None:
+                entry["status"], entry["error"] = _job_status(job)
+            else:
+                entry.update({
+                    "status": "done",
+                    "agreement": finite(r["agreement"]),
+                    "accuracy": finite(r["accuracy"]),
+                    "accuracy_top5": finite(r["accuracy_top5"]),
+                    **_latency_fields(r),
+                    "latency": json.loads(r["latency"] or "{}"),
+                    "simulated_latency_ms_per_sample": r["simulated"] or 0.0,
+                })
+                if entry["agreement"] is None:
+                    base_status, base_error = baseline_state.get((c["model"], dev), ("pending", None))
+                    if base_status in ("pending", "running"):
+                        entry["status"] = "pending"
+                        entry["error"] = "FP32 baseline on this device not measured yet"
+                    elif base_status != "done":
+                        entry["error"] = f"FP32 baseline on this device {base_status}: {base_error}"
+            res.append(entry)
+        cand_out.append({
+            "id": c["id"], "model": c["model"], "mode": c["mode"], "k": c["k"], "kind": c["kind"],
+            "label": c["label"], "excluded": c["excluded"], "size_bytes": c["size_bytes"], "sha256": c["sha256"],
+            "runtime": c["runtime"], "results": res,
+        })
+    return {
+        "tuneqn_version": __version__,
+        "generated_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "partial": partial,
+        "study": {"name": store.get_meta("name") or cfg.name or "study", "out_dir": str(store.path.parent),
+                  "settings": json.loads(cfg.model_dump_json())},
+        "objectives": [{"name": o.name, "direction": o.resolved_direction, "max": o.max, "min": o.min,
+                        "unit": OBJECTIVES[o.name].unit, "label": OBJECTIVES[o.name].label}
+                       for o in cfg.objectives],
+        "devices": [{"name": d["name"], "device_class": d["device_class"], "info": d["info"]} for d in devices],
+        "models": [{k: m[k] for k in ("name", "source", "size_bytes", "sha256", "opset_original", "opset_used",
+                                      "upgraded", "input_name", "input_shape", "notes")} for m in models],
+        "skipped_inputs": _skipped_inputs(store),
+        "layers": [{"model": r["model"], "mode": r["mode"], "name": r["name"], "op_type": r["op_type"],
+                    "index": r["idx"], "qdq_err": r["qdq_err"], "xmodel_err": r["xmodel_err"],
+                    "norm_qdq": r["norm_qdq"], "norm_xmodel": r["norm_xmodel"], "score": r["score"],
+                    "rank": r["rank"]} for r in store.layers()],
+        "baselines": baselines,
+        "candidates": cand_out,
+    }
+
+
+def is_partial(store: Store) -> bool:
+    """True while some job is not finished (or no job exists yet)."""
+    counts = store.job_counts()
+    return not counts or any(n > 0 for state, n in counts.items() if state not in FINAL_JOB_STATES)

@@ -1,0 +1,110 @@
+"""Write the report: ``report.json`` (atomically), the PNG plots and ``report.html``.
+
+Plots and HTML (matplotlib, Jinja2) are imported only when the full report is written;
+the cheap checkpoint view (:func:`write_json`) needs neither.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tuneqn.controller import metrics
+from tuneqn.controller.files import atomic_write_bytes
+from tuneqn.controller.store import Store
+
+from .compute import compute_report
+
+logger = logging.getLogger(__name__)
+
+JSON_NAME = "report.json"
+HTML_NAME = "report.html"
+
+
+def json_safe(obj: Any) -> Any:
+    """Copy of ``obj`` with non-finite floats as None and paths as strings (strict JSON)."""
+    if isinstance(obj, dict):
+        return {str(k): json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, np.generic):
+        return json_safe(obj.item())
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def _write_json_file(report: dict[str, Any], out_dir: Path) -> Path:
+    path = Path(out_dir) / JSON_NAME
+    text = json.dumps(json_safe(report), indent=2, ensure_ascii=False, allow_nan=False)
+    atomic_write_bytes(path, (text + "\n").encode("utf-8"))
+    return path
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", str(text)).strip("._") or "x"
+
+
+def write_report(report: dict[str, Any], out_dir: Path) -> dict[str, Path]:
+    """Write a finalized ``report`` under ``out_dir``: report.json, plots/*.png, report.html.
+
+    Returns ``{"json": path, "html": path, plot_key(...): png path, ...}`` (see
+    :func:`tuneqn.controller.report.plots.plot_key`).
+    """
+    from .html import render_html
+    from .plots import PLOT_KINDS, plot_key, render_plot
+
+    if "fronts" not in report or "summary" not in report:
+        raise ValueError("report is not finalized; call finalize_report() first")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths: dict[str, Path] = {"json": _write_json_file(report, out_dir)}
+
+    images: dict[str, Path] = {}
+    used: set[str] = set()
+    for entry in report["fronts"]:
+        model, mode, device = entry["model"], entry["mode"], entry["device"]
+        stem = base_stem = f"{_slug(model)}__{_slug(mode)}__{_slug(device)}"
+        n = 2
+        while stem in used:
+            stem = f"{base_stem}-{n}"
+            n += 1
+        used.add(stem)
+        for kind in PLOT_KINDS:
+            png = out_dir / "plots" / f"{stem}__{kind}.png"
+            try:
+                render_plot(kind, report, model, mode, device, png)
+            except ValueError as exc:
+                logger.warning("skipping %s plot for %s/%s/%s: %s", kind, model, mode, device, exc)
+                continue
+            images[plot_key(kind, model, mode, device)] = png
+    paths.update(images)
+    layer_png = out_dir / "layer_errors.png"  # paper Fig. 2, written by the analysis
+    if layer_png.is_file():
+        images["layer_errors"] = layer_png
+
+    html_path = out_dir / HTML_NAME
+    atomic_write_bytes(html_path, render_html(report, images).encode("utf-8"))
+    paths["html"] = html_path
+    logger.info("report written to %s (%d plots)", out_dir, len(images))
+    return paths
+
+
+def write_json(store: Store, out_dir: Path) -> Path:
+    """Rewrite ``report.json`` from the store (the cheap checkpoint view; no plots, no HTML)."""
+    metrics.backfill(store)
+    return _write_json_file(compute_report(store), Path(out_dir))
+
+
+def write_full_report(store: Store, out_dir: Path) -> dict[str, Path]:
+    """Write report.json, the plots and report.html from the store (see :func:`write_report`)."""
+    metrics.backfill(store)
+    return write_report(compute_report(store), Path(out_dir))

@@ -227,7 +227,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     """Regenerate report.json, plots and report.html from the checkpoint."""
-    from tuneqn.controller.report.build import is_partial, write_full_report
+    from tuneqn.controller.report import is_partial, write_full_report
     from tuneqn.controller.store import DB_NAME, Store
 
     out_dir = Path(args.study_dir)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import grpc
@@ -12,7 +14,9 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from test_agent_fixtures import (  # noqa: F401  (fixtures are used by name)
+    DEVICE,
     agent_factory,
+    agent_process,
     client_factory,
     cnn_bytes,
     dataset,
@@ -133,3 +137,74 @@ def test_tls_and_mtls(agent_factory, client_factory, pki: Path, tmp_path: Path) 
     assert client.info().agent_id == mtls.agent_id
     sha = client.upload_bytes(b"over mTLS")
     assert sha == hashlib.sha256(b"over mTLS").hexdigest() and client.has_blobs([sha]) == [True]
+
+
+# ---------------------------------------------------------------------- the off-loopback rule (CLI)
+
+
+def _security_args(kind: str, pki: Path, tmp_path: Path) -> list[str]:
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN + "\n")
+    tls = ["--tls-cert", str(pki / "server.pem"), "--tls-key", str(pki / "server.key")]
+    return {
+        "nothing": [],
+        "token": ["--token-file", str(token_file)],
+        "tls": tls,
+        "token+tls": [*tls, "--token-file", str(token_file)],
+        "mtls": [*tls, "--tls-ca", str(pki / "ca.pem")],
+        "insecure token": ["--token-file", str(token_file), "--insecure"],
+    }[kind]
+
+
+@pytest.mark.parametrize(
+    "kind, needle",
+    [
+        ("nothing", "without --token-file or TLS"),
+        ("token", "with a token but without TLS"),
+        ("tls", "with TLS but neither a token nor client certificates"),
+    ],
+)
+def test_off_loopback_bind_without_token_over_tls_or_mtls_is_refused(
+    kind: str, needle: str, pki: Path, tmp_path: Path
+) -> None:
+    state_dir = tmp_path / "state"
+    done = subprocess.run(
+        [sys.executable, "-m", "tuneqn.agent", "--listen", "0.0.0.0:0", "--state-dir", str(state_dir),
+         *_security_args(kind, pki, tmp_path)],
+        capture_output=True, text=True, timeout=30,
+        env={k: v for k, v in os.environ.items() if not k.startswith("TUNEQN_AGENT_")},
+    )
+    assert done.returncode == 2 and done.stdout == ""
+    (line,) = done.stderr.strip().splitlines()
+    assert line.startswith("tuneqn-agent: error: refusing to listen on non-loopback 0.0.0.0:0")
+    assert needle in line and "--insecure" in line and "Traceback" not in done.stderr
+    assert not state_dir.exists()
+
+
+@pytest.mark.parametrize("kind", ["token+tls", "mtls", "insecure token"])
+def test_off_loopback_bind_with_token_over_tls_or_mtls_is_served(
+    kind: str, agent_process, client_factory, pki: Path, tmp_path: Path
+) -> None:
+    agent = agent_process(tmp_path / "state", "--listen", "0.0.0.0:0", *_security_args(kind, pki, tmp_path))
+    port = agent.address.rsplit(":", 1)[1]
+    assert agent.address.startswith("0.0.0.0:")
+    tls = {} if kind == "insecure token" else {"tls_ca": pki / "ca.pem"}
+    if kind == "mtls":
+        tls.update(tls_cert=pki / "client.pem", tls_key=pki / "client.key")
+    token = None if kind == "mtls" else TOKEN
+    client = client_factory(f"127.0.0.1:{port}", token=token, **tls)
+    assert client.info().devices[0].name == DEVICE
+    assert agent.terminate() == 0
+    warned = "--insecure: listening on non-loopback" in agent.log_path.read_text()
+    assert warned == (kind == "insecure token")
+
+
+def test_agent_server_applies_the_rule_too(tmp_path: Path) -> None:
+    from tuneqn.agent.backends.ort import OrtBackend
+    from tuneqn.agent.config import AgentConfig
+    from tuneqn.agent.server import AgentServer
+
+    config = AgentConfig(state_dir=tmp_path / "state", host="0.0.0.0", token=TOKEN)
+    with pytest.raises(ValueError, match="token but without TLS"):
+        AgentServer(config, [OrtBackend(DEVICE)])
+    assert not (tmp_path / "state").exists()

@@ -254,7 +254,10 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     problem = security_problem(
-        config.host, config.token is not None, config.tls_cert is not None, config.tls_ca is not None
+        config.host,
+        token=config.token is not None,
+        tls=config.tls_cert is not None,
+        client_ca=config.tls_ca is not None,
     )
     if problem is not None:
         log.warning("--insecure: listening on non-loopback %s %s", args.listen, problem)
@@ -343,7 +346,9 @@ def _validate(args: argparse.Namespace) -> tuple[AgentConfig, str, str]:
     if args.quiet_lock:
         quiet_lock = Path(args.quiet_lock).expanduser()
         if not quiet_lock.parent.is_dir():
-            raise UsageError(f"--quiet-lock {args.quiet_lock}: folder {quiet_lock.parent} does not exist")
+            raise UsageError(
+                f"--quiet-lock {args.quiet_lock}: folder {quiet_lock.parent} does not exist"
+            )
         if quiet_lock.is_dir():
             raise UsageError(f"--quiet-lock {args.quiet_lock} is a folder, not a file")
     device_name = args.device_name or socket.gethostname()

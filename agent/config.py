@@ -52,5 +52,8 @@ def security_problem(host: str, token: bool, tls: bool, client_ca: bool) -> str 
     if not tls and not token:
         return "without --token-file or TLS"
     if not tls:
-        return "with a token but without TLS (the token would travel in clear text; add --tls-cert/--tls-key)"
+        return (
+            "with a token but without TLS (the token would travel in clear text; "
+            "add --tls-cert/--tls-key)"
+        )
     return "with TLS but neither a token nor client certificates (add --token-file or --tls-ca)"

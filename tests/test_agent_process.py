@@ -259,8 +259,7 @@ def test_non_loopback_bind_without_token_or_tls_is_refused(tmp_path: Path) -> No
         (["--max-blob-bytes", "lots"], {}, "--max-blob-bytes"),
         (["--token-file", "/nonexistent/token"], {}, "cannot read token file"),
         (["--tls-cert", "/x.pem"], {}, "--tls-cert and --tls-key"),
-        (["--quiet-lock", "/nonexistent/dir/quiet.lock"], {}, "--quiet-lock"),
-        ([], {"TUNEQN_AGENT_QUIET_LOCK": "/nonexistent/q.lock"}, "does not exist"),
+        (["--quiet-lock", "/nonexistent/dir/quiet.lock"], {}, "folder /nonexistent/dir does not exist"),
         (["--no-such-flag"], {}, "unrecognized arguments"),
     ],
 )

@@ -12,7 +12,7 @@ from google.protobuf import descriptor_pb2
 from grpc_tools import protoc
 
 from tuneqn.v1 import agent_pb2, agent_pb2_grpc
-from tuneqn.v1.contract import CONTRACT_REVISION, CONTRACT_VERSION
+from tuneqn.v1.contract import CONTRACT_REVISION, CONTRACT_VERSION, MIN_CLIENT_REVISION
 
 PROTOS = Path(__file__).resolve().parent.parent / "protos"
 GENERATED = ("agent_pb2.py", "agent_pb2_grpc.py", "agent_pb2.pyi")
@@ -57,7 +57,7 @@ def test_checked_in_stubs_are_regenerated_bytes(tmp_path: Path) -> None:
 
 def test_contract_identity() -> None:
     assert agent_pb2.DESCRIPTOR.package == CONTRACT_VERSION == "tuneqn.v1"
-    assert CONTRACT_REVISION >= 1
+    assert 1 <= MIN_CLIENT_REVISION <= CONTRACT_REVISION
     service = agent_pb2.DESCRIPTOR.services_by_name["Agent"]
     assert set(service.methods_by_name) == {
         "GetInfo", "UploadBlob", "HasBlobs", "SubmitJob", "WatchJob", "CancelJob"

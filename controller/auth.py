@@ -1,14 +1,33 @@
-"""TEMP (lead): replaced by the misc helper's read_token at merge."""
+"""Credentials the controller sends to agents."""
+
 from __future__ import annotations
+
 from pathlib import Path
+
 from tuneqn.controller.errors import UserError
 
 
-def read_token(path: Path | None, what: str) -> str | None:
-    """A bearer token from a file (None when no file is given)."""
+def read_token(path: Path | str | None, what: str = "token file") -> str | None:
+    """The bearer token in the file ``path`` (surrounding whitespace stripped); None when ``path`` is None.
+
+    A missing, unreadable or empty file is bad input: :class:`UserError` naming ``what`` (the flag
+    or config key, e.g. ``--token-file`` or ``agents[0].token_file``) and the path.
+    """
     if path is None:
         return None
+    path = Path(path)
     try:
-        return Path(path).read_text().strip() or None
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise UserError(f"{what}: file not found: {path}") from None
+    except IsADirectoryError:
+        raise UserError(f"{what}: {path} is a folder, expected a file holding the token") from None
     except OSError as exc:
-        raise UserError(f"{what}: {path}: {exc.strerror}") from None
+        raise UserError(f"{what}: cannot read {path} ({exc.strerror or exc.__class__.__name__})") from None
+    try:
+        token = raw.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        raise UserError(f"{what}: {path} is not a text file") from None
+    if not token:
+        raise UserError(f"{what}: {path} is empty")
+    return token

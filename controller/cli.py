@@ -83,6 +83,24 @@ def _study_config(args: argparse.Namespace) -> StudyConfig:
     return _quick_config(args)
 
 
+def _command_line(args: argparse.Namespace) -> str:
+    """The command as the user typed it, for the study lock (``tuneqn tune study.toml``)."""
+    argv = getattr(args, "argv", None)
+    return "tuneqn " + " ".join(argv) if argv is not None else f"tuneqn {args.command}"
+
+
+def _study_dir(arg: str) -> Path:
+    """The STUDY_DIR argument of report/export: an existing folder holding a study store."""
+    from tuneqn.controller.store import DB_NAME
+
+    out_dir = Path(arg)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"{out_dir}: is a file; give the study's output folder")
+    if not (out_dir / DB_NAME).is_file():
+        raise UserError(f"{out_dir}: no study here (missing {DB_NAME}); run 'tuneqn analyze' first")
+    return out_dir
+
+
 def _add_study_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("study", nargs="?", help="study TOML file (or use the quick form flags)")
     p.add_argument("--model", help="quick form: ONNX model file")
@@ -106,7 +124,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     from tuneqn.controller.study import Study
 
     cfg = _study_config(args)
-    study = Study(cfg, fresh=args.fresh)
+    study = Study(cfg, fresh=args.fresh, command=_command_line(args))
     try:
         with Progress() as progress:
             progress.step("preparing models and data", study.prepare)
@@ -144,18 +162,21 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     """Regenerate one candidate bit-identically into a file."""
     from tuneqn.controller.study import Study
-    from tuneqn.controller.store import DB_NAME, Store
+    from tuneqn.controller.store import Store
 
-    out_dir = Path(args.study_dir)
-    if not (out_dir / DB_NAME).is_file():
-        raise UserError(f"{out_dir}: no study here (missing {DB_NAME}); run 'tuneqn analyze' first")
+    out_dir = _study_dir(args.study_dir)
+    out = Path(args.output)
+    if out.is_dir():
+        raise UserError(f"-o/--output: {out} is a folder; give the .onnx file to write")
+    if out.parent.exists() and not out.parent.is_dir():
+        raise UserError(f"-o/--output: {out.parent} is a file, not a folder")
     store = Store.open(out_dir)
     raw = store.get_meta("config")
     store.close()
     if raw is None:
         raise UserError(f"{out_dir}: the study store holds no config")
     cfg = StudyConfig.model_validate_json(raw)
-    study = Study(cfg)
+    study = Study(cfg, command=_command_line(args))
     try:
         study.prepare()
         k: int | None = None
@@ -171,7 +192,6 @@ def cmd_export(args: argparse.Namespace) -> int:
         if mode is None:
             raise UserError(f"--mode: the study has several modes ({', '.join(study.modes())}); name one")
         plan = study.find_plan(model, mode, k=k, label=label)
-        out = Path(args.output)
         row = study.build(plan, out=out)
         stored = study.store.candidate(plan.id)
     finally:
@@ -180,6 +200,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     if row["runtime"].get("ort_disabled_optimizers"):
         print("run it with ONNX Runtime session option disabled_optimizers="
               f"{row['runtime']['ort_disabled_optimizers']} so that excluded layers stay float")
+    if stored is not None and stored.get("build_key") != row["build_key"]:
+        raise StudyFailed(f"the study's inputs (model, data, settings or tool versions) changed since candidate "
+                          f"{plan.id} was built; rerun 'tuneqn analyze --candidates' or 'tuneqn tune' to rebuild it")
     if stored is not None and stored["sha256"] != row["sha256"]:
         raise StudyFailed(f"exported file differs from the stored candidate {plan.id} (sha256 {stored['sha256'][:12]}…)")
     return 0
@@ -193,12 +216,12 @@ def cmd_tune(args: argparse.Namespace) -> int:
     from tuneqn.controller.study import Study
 
     cfg = _study_config(args)
-    study = Study(cfg, fresh=args.fresh)
+    study = Study(cfg, fresh=args.fresh, command=_command_line(args))
     try:
         settings = FarmSettings.from_config(cfg.evaluation, lease_timeout_s=args.lease_timeout,
                                             device_wait_s=args.device_wait,
                                             remeasure_token=remeasure_token(study, args.fresh))
-        endpoints = endpoints_from(study, args.agent or [], Path(args.token_file) if args.token_file else None)
+        endpoints = endpoints_from(cfg.agents, args.agent or [], Path(args.token_file) if args.token_file else None)
         with Progress() as progress:
             task: list[int] = []
 
@@ -228,11 +251,10 @@ def cmd_tune(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     """Regenerate report.json, plots and report.html from the checkpoint."""
     from tuneqn.controller.report import is_partial, write_full_report
-    from tuneqn.controller.store import DB_NAME, Store
+    from tuneqn.controller.store import Store
 
-    out_dir = Path(args.study_dir)
-    if not (out_dir / DB_NAME).is_file():
-        raise UserError(f"{out_dir}: no study here (missing {DB_NAME})")
+    # Read-only view of the checkpoint: no study lock, so it also works while a run holds it.
+    out_dir = _study_dir(args.study_dir)
     store = Store.open(out_dir)
     try:
         partial = is_partial(store)
@@ -251,17 +273,10 @@ def cmd_agents(args: argparse.Namespace) -> int:
     import grpc
 
     from tuneqn.controller.farm.client import ContractMismatch
-    from tuneqn.controller.farm.dispatcher import Endpoint
-    endpoints: list[Endpoint]
-    if args.study:
-        cfg = load_config(Path(args.study))
-        tok = Path(args.token_file).read_text().strip() if args.token_file else None
-        endpoints = [Endpoint(a, token=tok) for a in args.agent] if args.agent else [
-            Endpoint(a.address, token=(a.token_file.read_text().strip() if a.token_file else tok), tls_ca=a.tls_ca,
-                     tls_cert=a.tls_cert, tls_key=a.tls_key) for a in cfg.agents]
-    else:
-        tok = Path(args.token_file).read_text().strip() if args.token_file else None
-        endpoints = [Endpoint(a, token=tok) for a in args.agent or []]
+    from tuneqn.controller.orchestrator import endpoints_from
+
+    agents = load_config(Path(args.study)).agents if args.study else []
+    endpoints = endpoints_from(agents, args.agent or [], Path(args.token_file) if args.token_file else None)
     if not endpoints:
         raise UserError("no agents: give STUDY.toml with [[agents]] or --agent HOST:PORT")
     table = Table(title="agents")
@@ -336,7 +351,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``tuneqn``."""
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
+    args.argv = argv
     setup_logging(args.verbose)
     func: Callable[[argparse.Namespace], int] = args.func
     try:

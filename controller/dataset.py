@@ -10,18 +10,21 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import logging
-import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from tuneqn.controller.config import DatasetSpec, PreprocessSpec
 from tuneqn.controller.errors import UserError
+from tuneqn.controller.files import atomic_write_bytes, atomic_write_text, file_sha256
+from tuneqn.controller.versions import tool_versions
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +65,17 @@ class PreparedData:
     calibration: Split
     analysis: Split
     has_labels: bool
+    #: Images of the folder that could not be read and were left out: ``{"file", "reason"}``.
+    skipped: list[dict[str, str]] = field(default_factory=list)
+
+
+class UnreadableImage(UserError):
+    """An image file that cannot be decoded (``reason`` says why)."""
+
+    def __init__(self, path: Path, reason: str) -> None:
+        super().__init__(f"dataset.images: cannot read image {path} ({reason})")
+        self.path = path
+        self.reason = reason
 
 
 def _list_images(folder: Path) -> list[Path]:
@@ -119,8 +133,12 @@ def preprocess_image(path: Path, pp: PreprocessSpec, hw: tuple[int, int]) -> np.
     try:
         with Image.open(path) as im:
             img = im.convert("RGB")
-    except (UnidentifiedImageError, OSError) as exc:
-        raise UserError(f"dataset.images: cannot read image {path} ({exc.__class__.__name__})") from None
+    except UnidentifiedImageError:
+        raise UnreadableImage(path, "not an image format Pillow can read") from None
+    # Pillow reports damaged files as OSError (truncated), SyntaxError (broken PNG chunks),
+    # ValueError or DecompressionBombError, depending on the format.
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise UnreadableImage(path, f"{exc.__class__.__name__}: {exc}" if str(exc) else exc.__class__.__name__) from None
     resample = _RESAMPLE[pp.interpolation]
     h, w = hw
     if pp.resize is not None:
@@ -166,36 +184,77 @@ def _split_sizes(n: int, spec: DatasetSpec) -> tuple[int, int]:
 
 
 def _save(folder: Path, name: str, arr: np.ndarray) -> tuple[Path, str]:
-    folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{name}.npy"
-    tmp = folder / f".{name}.npy.part"
-    with tmp.open("wb") as f:
-        np.save(f, arr, allow_pickle=False)
-    os.replace(tmp, path)
-    return path, hashlib.sha256(path.read_bytes()).hexdigest()
+    buf = io.BytesIO()
+    np.save(buf, arr, allow_pickle=False)
+    data = buf.getvalue()
+    atomic_write_bytes(path, data)
+    return path, hashlib.sha256(data).hexdigest()
+
+
+def data_key(spec: DatasetSpec, input_shape: list[int | str]) -> str:
+    """What the prepared samples depend on: the settings, the input files' contents and the tool versions."""
+    parts: list[Any] = [spec.model_dump(mode="json"), input_shape, tool_versions()]
+    if spec.images is not None:
+        files = _list_images(spec.images)
+        parts.append([[p.relative_to(spec.images).as_posix(), file_sha256(p)] for p in files])
+    if spec.tensors is not None and spec.tensors.is_file():
+        parts.append(file_sha256(spec.tensors))
+    if spec.labels.csv is not None and spec.labels.csv.is_file():
+        parts.append(file_sha256(spec.labels.csv))
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+
+def _readable_images(
+    files: list[Path], root: Path, order: np.ndarray, need: int, pp: PreprocessSpec, hw: tuple[int, int]
+) -> tuple[list[int], dict[int, np.ndarray], list[dict[str, str]]]:
+    """The first ``need`` readable images in ``order`` (indices, arrays) and the unreadable ones met on the way."""
+    chosen: list[int] = []
+    arrays: dict[int, np.ndarray] = {}
+    skipped: list[dict[str, str]] = []
+    for i in (int(v) for v in order):
+        if len(chosen) == need:
+            break
+        try:
+            arrays[i] = preprocess_image(files[i], pp, hw)
+        except UnreadableImage as exc:
+            log.warning("dataset.images: skipping unreadable image %s (%s)", files[i], exc.reason)
+            skipped.append({"file": files[i].relative_to(root).as_posix(), "reason": exc.reason})
+            continue
+        chosen.append(i)
+    if not chosen:
+        first = skipped[0]
+        raise UserError(f"dataset.images: none of the {len(files)} images in {root} can be read "
+                        f"({first['file']}: {first['reason']})")
+    return chosen, arrays, skipped
 
 
 def prepare_data(spec: DatasetSpec, input_shape: list[int | str], out_dir: Path) -> PreparedData:
-    """Draw the seeded samples, preprocess them and save them under ``out_dir``."""
+    """Draw the seeded samples, preprocess them and save them under ``out_dir``.
+
+    Stored samples are reused while :func:`data_key` (settings, input file contents, tool
+    versions) is unchanged. Unreadable images are skipped with a warning and listed in
+    :attr:`PreparedData.skipped`; only a folder where none can be read is refused.
+    """
     manifest = out_dir / "manifest.json"
-    key = hashlib.sha256(
-        json.dumps([spec.model_dump(mode="json"), input_shape], sort_keys=True).encode()
-    ).hexdigest()
+    key = data_key(spec, input_shape)
     if manifest.is_file():
         try:
             m = json.loads(manifest.read_text())
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, UnicodeDecodeError):
             m = {}
         if m.get("key") == key and all((out_dir / f"{s}.npy").is_file() for s in ("eval", "calibration", "analysis")):
             splits = {
                 s: Split(s, out_dir / f"{s}.npy", m["splits"][s]["sha256"], m["splits"][s]["items"], m["splits"][s]["labels"])
                 for s in ("eval", "calibration", "analysis")
             }
-            if all(hashlib.sha256(sp.path.read_bytes()).hexdigest() == sp.sha256 for sp in splits.values()):
-                return PreparedData(splits["eval"], splits["calibration"], splits["analysis"], m["has_labels"])
+            if all(file_sha256(sp.path) == sp.sha256 for sp in splits.values()):
+                return PreparedData(splits["eval"], splits["calibration"], splits["analysis"], m["has_labels"],
+                                    m.get("skipped", []))
 
     rng = np.random.default_rng(spec.seed)
     labels_all: list[int] | None
+    skipped: list[dict[str, str]] = []
     if spec.images is not None:
         files = _list_images(spec.images)
         labels_all = _labels_for(files, spec.images, spec)
@@ -204,9 +263,14 @@ def prepare_data(spec: DatasetSpec, input_shape: list[int | str], out_dir: Path)
         calib_n, eval_n = _split_sizes(n, spec)
         order = rng.permutation(n)
         hw = _image_hw(input_shape, spec.preprocess.layout)
+        readable, arrays, skipped = _readable_images(files, spec.images, order, calib_n + eval_n, spec.preprocess, hw)
+        if len(readable) < calib_n + eval_n:  # unreadable images left too few: split what can be read
+            n = len(readable)
+            calib_n, eval_n = _split_sizes(n, spec)
+        order = np.asarray(readable, dtype=np.int64)
 
         def load(idx: np.ndarray) -> np.ndarray:
-            return np.stack([preprocess_image(files[i], spec.preprocess, hw) for i in idx])
+            return np.stack([arrays[int(i)] for i in idx])
     else:
         tensors = spec.tensors
         if tensors is None or not tensors.is_file():
@@ -246,5 +310,5 @@ def prepare_data(spec: DatasetSpec, input_shape: list[int | str], out_dir: Path)
         splits[name] = Split(name, path, sha, [items_all[i] for i in idx], labels)
         meta[name] = {"sha256": sha, "items": splits[name].items, "labels": labels}
     has_labels = labels_all is not None
-    manifest.write_text(json.dumps({"key": key, "splits": meta, "has_labels": has_labels}))
-    return PreparedData(splits["eval"], splits["calibration"], splits["analysis"], has_labels)
+    atomic_write_text(manifest, json.dumps({"key": key, "splits": meta, "has_labels": has_labels, "skipped": skipped}))
+    return PreparedData(splits["eval"], splits["calibration"], splits["analysis"], has_labels, skipped)

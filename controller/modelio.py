@@ -11,10 +11,10 @@ under ``<cache>/<model_path with the sha prefix>``. Offline, only the cache is u
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
+import tempfile
 import urllib.error
 import urllib.request
 from dataclasses import asdict, dataclass, field
@@ -27,6 +27,7 @@ from onnx import shape_inference, version_converter
 
 from tuneqn.controller.config import ModelSpec
 from tuneqn.controller.errors import UserError
+from tuneqn.controller.files import atomic_write_bytes, file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -62,13 +63,8 @@ class PreparedModel:
         return row
 
 
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file."""
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+#: Kept for callers that still import it from here; it is :func:`tuneqn.controller.files.file_sha256`.
+sha256_file = file_sha256
 
 
 def default_hub_cache() -> Path:
@@ -86,12 +82,17 @@ def _hub_base_url(repo: str) -> str:
 
 
 def _download(url: str, dest: Path) -> None:
+    """Stream ``url`` into a temporary file unique to this download, then rename it into place."""
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_suffix(dest.suffix + ".part")
-    with urllib.request.urlopen(url, timeout=60) as resp, tmp.open("wb") as f:  # noqa: S310 - https URL
-        while chunk := resp.read(1 << 20):
-            f.write(chunk)
-    os.replace(tmp, dest)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
+    try:
+        with urllib.request.urlopen(url, timeout=60) as resp, os.fdopen(fd, "wb") as f:  # noqa: S310 - https URL
+            while chunk := resp.read(1 << 20):
+                f.write(chunk)
+        os.replace(tmp, dest)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def hub_manifest(cache: Path, repo: str = HUB_REPO) -> list[dict[str, Any]]:
@@ -130,7 +131,7 @@ def hub_fetch(name: str, cache: Path, opset: int | None = None, repo: str = HUB_
             raise UserError(
                 f"hub model '{name}' is not cached in {cache} and the hub is unreachable ({exc.__class__.__name__})"
             ) from None
-    if sha and sha256_file(local) != sha:
+    if sha and file_sha256(local) != sha:
         raise UserError(f"hub model '{name}': cached file {local} does not match its sha256 {sha[:12]}…")
     return local
 
@@ -241,11 +242,12 @@ def prepare_model(spec: ModelSpec, work_dir: Path, hub_cache: Path | None = None
         model = shape_inference.infer_shapes(model, strict_mode=False)
     except (onnx.shape_inference.InferenceError, RuntimeError) as exc:
         raise UserError(f"{label}: shape inference failed: {exc}") from None
-    work_dir.mkdir(parents=True, exist_ok=True)
     out = work_dir / f"{name}.onnx"
-    tmp = out.with_suffix(".onnx.part")
-    onnx.save_model(model, tmp)
-    os.replace(tmp, out)
+    data = model.SerializeToString()
+    # Rewrite only when the bytes differ: a reader of the prepared model (another process quantizing
+    # it) never sees it replaced, and a change is written to a unique temporary file and renamed.
+    if not out.is_file() or out.read_bytes() != data:
+        atomic_write_bytes(out, data)
     inits = {i.name for i in model.graph.initializer}
     inp = next(i for i in model.graph.input if i.name not in inits)
     shape: list[int | str] = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in inp.type.tensor_type.shape.dim]
@@ -255,8 +257,8 @@ def prepare_model(spec: ModelSpec, work_dir: Path, hub_cache: Path | None = None
         name=name,
         source=source,
         path=out,
-        sha256=sha256_file(out),
-        source_sha256=sha256_file(src_path),
+        sha256=file_sha256(out),
+        source_sha256=file_sha256(src_path),
         size_bytes=src_path.stat().st_size,
         opset_original=opset_original,
         opset_used=_opset(model),

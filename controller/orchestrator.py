@@ -25,6 +25,7 @@ from typing import Any
 from tuneqn.controller import metrics
 from tuneqn.controller.errors import StudyFailed
 from tuneqn.controller.auth import read_token
+from tuneqn.controller.config import AgentSpec
 from tuneqn.controller.farm.dispatcher import AgentLink, AgentState, Endpoint, FarmSettings, JobBoard, make_job
 from tuneqn.controller.farm.local import LocalAgent, QuietLock
 from tuneqn.controller.report import write_full_report, write_json
@@ -312,11 +313,11 @@ def tune(study: Study, endpoints: list[Endpoint], settings: FarmSettings,
     return outcome
 
 
-def endpoints_from(study: Study, addresses: list[str], token_file: Path | None) -> list[Endpoint]:
+def endpoints_from(agents: list[AgentSpec], addresses: list[str], token_file: Path | None) -> list[Endpoint]:
     """Agents from the command line (they replace the study's) or the study's ``[[agents]]``."""
+    tok = read_token(token_file, "--token-file")
     if addresses:
-        tok = read_token(token_file, "--token-file")
         return [Endpoint(a, token=tok) for a in addresses]
-    return [Endpoint(a.address, token=read_token(a.token_file or token_file, f"agents[{i}].token_file"),
+    return [Endpoint(a.address, token=read_token(a.token_file, f"agents[{i}].token_file") if a.token_file else tok,
                      tls_ca=a.tls_ca, tls_cert=a.tls_cert, tls_key=a.tls_key, device_class=a.device_class)
-            for i, a in enumerate(study.cfg.agents)]
+            for i, a in enumerate(agents)]

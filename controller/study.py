@@ -3,18 +3,33 @@
 prepare (models + data) → calibrate once per (model, data, settings) → fully quantize
 → analyze and rank layers → plan candidates → build candidates (calibration reused).
 Everything is recorded in the study store and reused on re-runs unless ``fresh``.
+
+Reuse keys cover everything that determines the bytes of what is reused: the prepared
+model's sha256, the data samples' sha256 (and the calibration cache's content), every
+quantization setting, the exclusion list and the tool versions (:func:`tool_versions`).
+
+One process at a time works on an out dir: :class:`StudyLock` (an ``flock`` on
+``<out>/tuneqn.lock``, held for the Study's life and released by the kernel when its
+process dies) refuses a second one before it touches anything.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
 import json
 import logging
 import os
+import shutil
+import socket
+import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
+from types import TracebackType
 from typing import Any
 
 import onnx
@@ -24,10 +39,12 @@ from tuneqn.controller.analysis import LayerError, analyze_dynamic, analyze_qope
 from tuneqn.controller.config import StudyConfig
 from tuneqn.controller.dataset import PreparedData, Split, prepare_data
 from tuneqn.controller.errors import UserError
+from tuneqn.controller.files import atomic_write_text, file_digest, file_sha256
 from tuneqn.controller.modelio import PreparedModel, prepare_model
-from tuneqn.controller.quantize import QuantSettings, calibrate, file_digest, quantize_candidate, runtime_options
+from tuneqn.controller.quantize import QuantSettings, calibrate, quantize_candidate, runtime_options
 from tuneqn.controller.report.layer_plot import layer_errors_plot
 from tuneqn.controller.store import Store
+from tuneqn.controller.versions import tool_versions
 
 log = logging.getLogger(__name__)
 
@@ -54,26 +71,186 @@ def _hash(*parts: object) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-class Study:
-    """The controller side of one study (one out dir, one store)."""
+LOCK_NAME = "tuneqn.lock"
+SCRATCH_PREFIX = ".scratch-"
 
-    def __init__(self, cfg: StudyConfig, fresh: bool = False) -> None:
+
+class StudyBusy(UserError):
+    """Another process is working on the study's out dir (exit 2)."""
+
+
+@dataclass(frozen=True)
+class LockHolder:
+    """Who holds a study's lock, as it wrote itself into the lock file."""
+
+    pid: int | None
+    command: str
+    started_at: float | None
+    host: str
+
+    def describe(self) -> str:
+        """``pid 123 on host (tuneqn tune study.toml, started 2025-01-01 12:00:00)``."""
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self.started_at)) if self.started_at else "?"
+        pid = f"pid {self.pid}" if self.pid is not None else "a process that is still starting"
+        host = f" on {self.host}" if self.host and self.host != socket.gethostname() else ""
+        return f"{pid}{host} ({self.command or '?'}, started {when})"
+
+
+def default_command() -> str:
+    """This process's command line, for the lock file."""
+    return " ".join([Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "python", *sys.argv[1:]])
+
+
+def ensure_out_dir(path: Path, what: str = "out_dir") -> Path:
+    """Create the study folder ``path`` (with parents); one-line UserError when that is impossible."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{what}: {path} is an existing file, not a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"{what}: cannot create folder {path} ({exc.strerror or exc.__class__.__name__})") from None
+    return path
+
+
+class StudyLock:
+    """Exclusive lock on a study's out dir: an ``flock`` on ``<out>/tuneqn.lock``.
+
+    The holder writes its pid, command and start time into the file; a process that
+    cannot get the lock raises :class:`StudyBusy` naming the holder, having changed
+    nothing (the file is opened without truncation). The kernel releases the lock when
+    the holding process dies, so a lock left by a killed run never blocks the next one.
+    The file itself is never deleted (deleting an flock file races with its next opener).
+    """
+
+    def __init__(self, out_dir: Path, command: str | None = None) -> None:
+        self.path = Path(out_dir) / LOCK_NAME
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as exc:
+            raise UserError(f"{self.path}: cannot open the study lock ({exc.strerror})") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            holder = _read_holder(fd)
+            os.close(fd)
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise UserError(f"{self.path}: cannot lock the study ({exc.strerror})") from None
+            running = holder.describe() if holder else "another process"
+            raise StudyBusy(f"{out_dir}: the study is in use by {running}; wait for it to finish "
+                            "or use another --out") from None
+        self._fd: int | None = fd
+        info = {"pid": os.getpid(), "command": command or default_command(), "started_at": time.time(),
+                "host": socket.gethostname()}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(info).encode(), 0)
+
+    @property
+    def held(self) -> bool:
+        """Whether this object still holds the lock."""
+        return self._fd is not None
+
+    def release(self) -> None:
+        """Give the lock up (idempotent)."""
+        fd, self._fd = self._fd, None
+        if fd is None:
+            return
+        try:
+            os.ftruncate(fd, 0)
+        finally:
+            os.close(fd)  # closing the last descriptor releases the flock
+
+    def __enter__(self) -> "StudyLock":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def _read_holder(fd: int) -> LockHolder | None:
+    try:
+        raw = os.pread(fd, 4096, 0)
+        info = json.loads(raw.decode()) if raw else None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    if not isinstance(info, dict):
+        return None
+    pid = info.get("pid")
+    started = info.get("started_at")
+    return LockHolder(pid if isinstance(pid, int) else None, str(info.get("command") or ""),
+                      float(started) if isinstance(started, int | float) else None, str(info.get("host") or ""))
+
+
+class Study:
+    """The controller side of one study (one out dir, one store, one process at a time).
+
+    Opening a Study takes the out dir's :class:`StudyLock` before anything in it is read or
+    written (:class:`StudyBusy` when another process holds it); :meth:`close` releases it.
+    """
+
+    def __init__(self, cfg: StudyConfig, fresh: bool = False, command: str | None = None) -> None:
         self.cfg = cfg
-        self.out_dir = Path(cfg.out_dir)
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        self.store = Store.open(self.out_dir)
-        if fresh:
-            self.store.reset()
-        self.store.set_meta("config", cfg.model_dump_json())
-        self.store.set_meta("name", cfg.name or "study")
-        self.store.set_meta("tuneqn_version", __version__)
+        self.out_dir = ensure_out_dir(Path(cfg.out_dir))
+        self.lock = StudyLock(self.out_dir, command)
+        self._scratch: Path | None = None
+        self._scratch_lock = threading.Lock()
+        try:
+            for stale in self.out_dir.glob(f"{SCRATCH_PREFIX}*"):  # left by a killed run (we hold the lock)
+                shutil.rmtree(stale, ignore_errors=True)
+            self.store = Store.open(self.out_dir)
+            if fresh:
+                self.store.reset()
+            self.store.set_meta("config", cfg.model_dump_json())
+            self.store.set_meta("name", cfg.name or "study")
+            self.store.set_meta("tuneqn_version", __version__)
+        except BaseException:
+            self.lock.release()
+            raise
         self.models: dict[str, PreparedModel] = {}
         self.data: dict[str, PreparedData] = {}
         self._layers: dict[tuple[str, str], list[dict[str, Any]]] = {}
 
     def close(self) -> None:
-        """Close the store."""
-        self.store.close()
+        """Close the store, remove scratch files and release the out dir's lock."""
+        try:
+            self.store.close()
+        finally:
+            if self._scratch is not None:
+                shutil.rmtree(self._scratch, ignore_errors=True)
+                self._scratch = None
+            self.lock.release()
+
+    def __enter__(self) -> "Study":
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    def quantizer_input(self, model: str) -> Path:
+        """A private link (or copy) of the prepared model for the ORT quantizer and the analysis.
+
+        ORT writes ``<model stem>-inferred.onnx`` next to the file it is given and deletes it
+        afterwards: two runs (or two threads) given the shared ``models/<name>.onnx`` write and
+        delete the same file (FileNotFoundError). Each thread of this Study gets its own folder
+        under ``<out>/.scratch-*`` (removed by :meth:`close`, or by the next Study after a crash).
+        """
+        pm = self.models[model]
+        with self._scratch_lock:
+            if self._scratch is None:
+                self._scratch = Path(tempfile.mkdtemp(prefix=SCRATCH_PREFIX, dir=self.out_dir))
+            folder = self._scratch / f"t{threading.get_ident()}"
+        path = folder / f"{pm.name}-{pm.sha256[:16]}.onnx"
+        if not path.is_file():
+            folder.mkdir(exist_ok=True)
+            tmp = folder / f"{path.name}.part"
+            tmp.unlink(missing_ok=True)
+            try:
+                os.link(pm.path, tmp)
+            except OSError:  # a file system without hard links
+                shutil.copyfile(pm.path, tmp)
+            os.replace(tmp, path)
+        return path
 
     # ------------------------------------------------------------------ prepare
     def prepare(self) -> None:
@@ -85,7 +262,9 @@ class Study:
             data = prepare_data(self.cfg.dataset, pm.input_shape, self.out_dir / "data" / pm.name)
             self.data[pm.name] = data
             for split in (data.eval, data.calibration, data.analysis):
-                self.store.put_dataset(f"{pm.name}/{split.name}", split.path, split.sha256, split.items, split.labels)
+                # Every split of a model carries the same list of images skipped while preparing its data.
+                self.store.put_dataset(f"{pm.name}/{split.name}", split.path, split.sha256, split.items, split.labels,
+                                       skipped=data.skipped)
         self._check_exclusion_sets()
 
     def _check_exclusion_sets(self) -> None:
@@ -113,22 +292,29 @@ class Study:
             return None
         pm, data = self.models[model], self.data[model]
         settings = self.settings(mode)
-        key = _hash(pm.sha256, data.calibration.sha256, settings.key())
+        key = _hash("calibration", pm.sha256, data.calibration.sha256, settings.key(), tool_versions())
         path = self.out_dir / "calibration" / f"{model}-{key}.json"
         if not path.is_file():
             t0 = time.perf_counter()
-            calibrate(pm.path, pm.input_name, pm.input_shape[0], data.calibration.load(), settings, path)
+            calibrate(self.quantizer_input(model), pm.input_name, pm.input_shape[0], data.calibration.load(),
+                      settings, path)
             log.info("%s: calibrated on %d samples in %.1fs", model, data.calibration.size, time.perf_counter() - t0)
             self.store.put_calibration(key, model, settings.__dict__, path)
         return path
 
     # ------------------------------------------------------------------ analysis
+    def calibration_sha256(self, model: str, mode: str) -> str | None:
+        """sha256 of the calibration cache's content (static; calibrates first if needed), else None."""
+        cache = self.calibration_cache(model, mode)
+        return file_sha256(cache) if cache is not None else None
+
     def analysis_key(self, model: str, mode: str) -> str:
         """What the ranking of (model, mode) depends on."""
         pm, data = self.models[model], self.data[model]
         s = self.cfg.search
-        return _hash(pm.sha256, data.calibration.sha256, data.analysis.sha256, self.settings(mode).key(),
-                     s.layer_op_types, s.xmodel_weight, __version__)
+        return _hash("analysis", pm.sha256, data.calibration.sha256, self.calibration_sha256(model, mode),
+                     data.analysis.sha256, self.settings(mode).key(), s.layer_op_types, s.xmodel_weight,
+                     tool_versions())
 
     def analyze(self, model: str, mode: str) -> list[dict[str, Any]]:
         """Ranked layers of (model, mode): stored ones when still valid, else measured now."""
@@ -140,24 +326,25 @@ class Study:
                 self._layers[(model, mode)] = rows
                 return rows
         pm = self.models[model]
+        src = self.quantizer_input(model)
         t0 = time.perf_counter()
         with tempfile.TemporaryDirectory(prefix="tuneqn-fq-") as tmp:
             fq = Path(tmp) / "fq.onnx"
             settings = self.settings(mode)
             cache = self.calibration_cache(model, mode)
-            quantize_candidate(pm.path, fq, settings, [], cache)
+            quantize_candidate(src, fq, settings, [], cache)
             analysis_data = self.data[model].analysis.load()
             op_types = self.cfg.search.layer_op_types
             if mode == "static" and settings.format == "qoperator":
                 # qdq_err from the QDQ form (same settings and calibration cache → same scales),
                 # xmodel_err from the real QOperator model (see analysis.analyze_qoperator).
                 fq_qdq = Path(tmp) / "fq-qdq.onnx"
-                quantize_candidate(pm.path, fq_qdq, replace(settings, format="qdq"), [], cache)
-                errors = analyze_qoperator(pm.path, fq_qdq, fq, pm.input_name, analysis_data, op_types)
+                quantize_candidate(src, fq_qdq, replace(settings, format="qdq"), [], cache)
+                errors = analyze_qoperator(src, fq_qdq, fq, pm.input_name, analysis_data, op_types)
             elif mode == "static":
-                errors = analyze_static(pm.path, fq, pm.input_name, analysis_data, op_types)
+                errors = analyze_static(src, fq, pm.input_name, analysis_data, op_types)
             else:
-                errors = analyze_dynamic(pm.path, fq, pm.input_name, analysis_data, op_types, self.settings(mode))
+                errors = analyze_dynamic(src, fq, pm.input_name, analysis_data, op_types, self.settings(mode))
             fq_sha, _ = file_digest(fq)
         if not errors:
             raise UserError(
@@ -190,9 +377,7 @@ class Study:
             }
             for r in rows
         ]
-        tmp = self.out_dir / "layers.json.part"
-        tmp.write_text(json.dumps(out, indent=1, allow_nan=True))
-        os.replace(tmp, self.out_dir / "layers.json")
+        atomic_write_text(self.out_dir / "layers.json", json.dumps(out, indent=1, allow_nan=True))
         layer_errors_plot(out, self.out_dir / "layer_errors.png")
 
     # ------------------------------------------------------------------ candidates
@@ -223,25 +408,36 @@ class Study:
         stem = f"k{plan.k:03d}" if plan.k is not None else f"set-{plan.label}"
         return self.out_dir / "candidates" / plan.model / plan.mode / f"{stem}.onnx"
 
+    def build_key(self, plan: CandidatePlan) -> str:
+        """What a candidate's bytes depend on: the prepared model, the calibration cache's content,
+        every quantization setting, the exclusion list and the tool versions."""
+        pm = self.models[plan.model]
+        return _hash("candidate", pm.sha256, self.calibration_sha256(plan.model, plan.mode),
+                     self.settings(plan.mode).key(), list(plan.excluded), tool_versions())
+
     def build(self, plan: CandidatePlan, out: Path | None = None) -> dict[str, Any]:
-        """Build (or reuse) a candidate file and record it; returns its row."""
+        """Build (or reuse) a candidate file and record it; returns its row.
+
+        A stored candidate is reused only when its ``build_key`` is today's and its file still
+        has the stored sha256. With ``out`` the candidate is written there and not recorded.
+        """
         settings = self.settings(plan.mode)
+        key = self.build_key(plan)
         stored = self.store.candidate(plan.id)
         path = out or self.candidate_path(plan)
         if (
-            out is None and stored is not None and stored["settings_key"] == settings.key()
-            and stored["excluded"] == list(plan.excluded) and path.is_file()
-            and file_digest(path)[0] == stored["sha256"]
+            out is None and stored is not None and stored.get("build_key") == key
+            and Path(stored["path"]) == path and path.is_file() and file_sha256(path) == stored["sha256"]
         ):
             return stored
-        pm = self.models[plan.model]
-        quantize_candidate(pm.path, path, settings, list(plan.excluded), self.calibration_cache(plan.model, plan.mode))
+        quantize_candidate(self.quantizer_input(plan.model), path, settings, list(plan.excluded),
+                           self.calibration_cache(plan.model, plan.mode))
         sha, size = file_digest(path)
         runtime = runtime_options(onnx.load(str(path), load_external_data=False), list(plan.excluded))
         row = {
             "id": plan.id, "model": plan.model, "mode": plan.mode, "k": plan.k, "kind": plan.kind,
             "label": plan.label, "excluded": list(plan.excluded), "settings_key": settings.key(),
-            "path": str(path), "size_bytes": size, "sha256": sha, "runtime": runtime,
+            "build_key": key, "path": str(path), "size_bytes": size, "sha256": sha, "runtime": runtime,
         }
         if out is None:
             self.store.put_candidate(row)

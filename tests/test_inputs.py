@@ -189,3 +189,133 @@ def test_npz_tensors_with_labels(tmp_path: Path) -> None:
     idx = [int(i[1:]) for i in d.eval.items]
     np.testing.assert_array_equal(d.eval.load(), x[idx])
     assert d.eval.labels == [int(v) for v in y[idx]]
+
+
+# --------------------------------------------------------------------------- issue 7, defect 6
+
+
+@pytest.mark.parametrize("command", ["analyze", "tune"])
+def test_out_naming_a_file(tmp_path: Path, assets: Path, capsys: pytest.CaptureFixture[str], command: str) -> None:
+    afile = tmp_path / "taken"
+    afile.write_text("keep me")
+    study = write_study(tmp_path, model=assets / "cnn.onnx", images=assets / "images")
+    rc, err = _run(capsys, command, str(study), "--out", str(afile))
+    _one_line_error(rc, err, str(afile), "not a folder")
+    assert afile.read_text() == "keep me"
+
+
+def test_quick_form_out_naming_a_file(tmp_path: Path, assets: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    afile = tmp_path / "taken"
+    afile.write_text("keep me")
+    rc, err = _run(capsys, "analyze", "--model", str(assets / "cnn.onnx"), "--images", str(assets / "images"),
+                   "--out", str(afile))
+    _one_line_error(rc, err, str(afile))
+    assert afile.read_text() == "keep me"
+
+
+def test_out_below_a_file(tmp_path: Path, assets: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    afile = tmp_path / "taken"
+    afile.write_text("keep me")
+    study = write_study(tmp_path, model=assets / "cnn.onnx", images=assets / "images")
+    rc, err = _run(capsys, "analyze", str(study), "--out", str(afile / "sub"))
+    _one_line_error(rc, err, "cannot create folder")
+
+
+@pytest.mark.parametrize("command", ["report", "export"])
+def test_study_dir_naming_a_file(tmp_path: Path, capsys: pytest.CaptureFixture[str], command: str) -> None:
+    afile = tmp_path / "taken"
+    afile.write_text("keep me")
+    extra = ["--candidate", "0", "-o", str(tmp_path / "x.onnx")] if command == "export" else []
+    rc, err = _run(capsys, command, str(afile), *extra)
+    _one_line_error(rc, err, str(afile), "is a file")
+
+
+def test_export_output_naming_a_folder(tmp_path: Path, assets: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    study = write_study(tmp_path, model=assets / "cnn.onnx", images=assets / "images")
+    assert main(["analyze", str(study)]) == 0
+    capsys.readouterr()
+    (tmp_path / "dest").mkdir()
+    rc, err = _run(capsys, "export", str(tmp_path / "out"), "--candidate", "0", "-o", str(tmp_path / "dest"))
+    _one_line_error(rc, err, "-o/--output", "is a folder")
+
+
+def test_agents_token_file_missing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    missing = tmp_path / "no-such-token"
+    rc, err = _run(capsys, "agents", "--agent", "127.0.0.1:1", "--token-file", str(missing))
+    _one_line_error(rc, err, "--token-file", str(missing), "not found")
+
+
+def test_agents_token_file_in_study_missing(tmp_path: Path, assets: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    missing = tmp_path / "gone"
+    study = write_study(tmp_path, model=assets / "cnn.onnx", images=assets / "images",
+                        agents=[{"address": "127.0.0.1:1", "token_file": str(missing)}])
+    rc, err = _run(capsys, "agents", str(study))
+    _one_line_error(rc, err, "agents[0].token_file", str(missing))
+
+
+def test_read_token(tmp_path: Path) -> None:
+    from tuneqn.controller.auth import read_token
+    from tuneqn.controller.errors import UserError
+
+    assert read_token(None) is None
+    (tmp_path / "t").write_text("  s3cret\n")
+    assert read_token(tmp_path / "t") == "s3cret"
+    (tmp_path / "empty").write_text("\n")
+    for bad, needle in ((tmp_path / "empty", "is empty"), (tmp_path, "is a folder"), (tmp_path / "x", "not found")):
+        with pytest.raises(UserError, match=needle):
+            read_token(bad, "--token-file")
+
+
+def _damage(images: Path, *names: str) -> list[str]:
+    for name in names:
+        (images / name).write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    return list(names)
+
+
+def test_unreadable_image_is_skipped_and_recorded(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import sqlite3
+
+    from onnx_models import cnn, write_images
+
+    model = cnn(tmp_path / "net.onnx")
+    images = write_images(tmp_path / "images", 30)
+    bad = _damage(images, "img_004.png", "img_017.png")
+    # Sizes that draw every image, so both damaged ones are met.
+    rc = main(["analyze", "--model", str(model), "--images", str(images), "--out", str(tmp_path / "o"),
+               "--calibration", "14", "--eval", "16", "--analysis", "4"])
+    assert rc == 0
+    con = sqlite3.connect(tmp_path / "o" / "tuneqn.db")
+    rows = con.execute("select split, items, skipped from datasets").fetchall()
+    assert {r[0] for r in rows} == {"net/eval", "net/calibration", "net/analysis"}
+    for _split, items, skipped in rows:
+        recorded = json.loads(skipped)
+        assert sorted(s["file"] for s in recorded) == bad
+        assert all(s["reason"] for s in recorded)
+        assert not set(json.loads(items)) & set(bad)
+    sizes = dict(con.execute("select split, size from datasets").fetchall())
+    assert sizes["net/eval"] + sizes["net/calibration"] == 28
+
+
+def test_unreadable_image_warning_names_the_file(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from onnx_models import write_images
+
+    images = write_images(tmp_path / "images", 10)
+    _damage(images, "img_003.png")
+    spec = DatasetSpec(images=images, eval=5, calibration=5, analysis=2)
+    with caplog.at_level("WARNING", logger="tuneqn.controller.dataset"):
+        data = prepare_data(spec, [1, 3, 8, 8], tmp_path / "o")
+    assert [s["file"] for s in data.skipped] == ["img_003.png"]
+    assert any("img_003.png" in r.getMessage() and r.levelname == "WARNING" for r in caplog.records)
+    # Reused from the manifest with the same record.
+    assert prepare_data(spec, [1, 3, 8, 8], tmp_path / "o").skipped == data.skipped
+
+
+def test_no_readable_image_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from onnx_models import cnn
+
+    model = cnn(tmp_path / "net.onnx")
+    images = tmp_path / "images"
+    images.mkdir()
+    _damage(images, "a.png", "b.jpg", "c.png")
+    rc, err = _run(capsys, "analyze", "--model", str(model), "--images", str(images), "--out", str(tmp_path / "o"))
+    _one_line_error(rc, err, "none of the 3 images", "can be read")

@@ -29,21 +29,25 @@ _LISTENING = re.compile(r"listening on (\S+:\d+)")
 
 
 class QuietLock:
-    """The controller's side of the agent's ``--quiet-lock``: shared while building."""
+    """The controller's side of the agent's ``--quiet-lock`` (protocol: ``tuneqn.agent.quiet``)."""
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
 
     @contextlib.contextmanager
     def shared(self) -> Iterator[None]:
-        """Hold the shared lock (waits while the agent times latency)."""
+        """Hold the shared lock around one unit of CPU-heavy work (waits while the agent times)."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        gate_fd = os.open(f"{self.path}.gate", os.O_RDWR | os.O_CREAT, 0o600)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
+            fcntl.flock(gate_fd, fcntl.LOCK_SH)  # the turnstile: waits while the agent waits or times
             fcntl.flock(fd, fcntl.LOCK_SH)
+            fcntl.flock(gate_fd, fcntl.LOCK_UN)
             yield
         finally:
-            os.close(fd)  # closing releases the lock
+            os.close(fd)  # closing releases the locks
+            os.close(gate_fd)
 
 
 class LocalAgent:

@@ -91,6 +91,37 @@ def state_value(name: str) -> pb.JobState:
     return cast(pb.JobState, pb.JobState.Value(name))
 
 
+#: Warm-up continues in rounds until two consecutive rounds' medians agree within this ratio...
+WARMUP_STABLE_RATIO = 1.05
+#: ...or this many seconds have passed (a fresh process, a cold cache or a CPU clocking up
+#: can take seconds to reach its steady speed; measured on the example model).
+WARMUP_MAX_SECONDS = 3.0
+WARMUP_ROUND = 10
+
+
+def warm_up(measure: Callable[[int], list[float]], min_runs: int) -> int:
+    """Run ``measure(n)`` (timed runs, ms) until the device is at its steady speed; returns runs made.
+
+    At least ``min_runs`` runs; then rounds of :data:`WARMUP_ROUND` runs until the medians
+    of two consecutive rounds differ by less than :data:`WARMUP_STABLE_RATIO`, for at most
+    :data:`WARMUP_MAX_SECONDS`.
+    """
+    start = time.monotonic()
+    runs = 0
+    if min_runs > 0:
+        measure(min_runs)
+        runs += min_runs
+    previous = float(np.median(measure(WARMUP_ROUND)))
+    runs += WARMUP_ROUND
+    while time.monotonic() - start < WARMUP_MAX_SECONDS:
+        current = float(np.median(measure(WARMUP_ROUND)))
+        runs += WARMUP_ROUND
+        if max(current, previous) <= WARMUP_STABLE_RATIO * min(current, previous):
+            break
+        previous = current
+    return runs
+
+
 def latency_stats(times_ms: list[float]) -> pb.LatencyStats:
     """Summary statistics of latency samples in milliseconds."""
     if not times_ms:
@@ -286,21 +317,23 @@ class JobManager:
         """Queue a job id seen for the first time (call with ``self._cond`` held)."""
         device = self._resolve_device(spec.device)
         stored = self._stored(spec, device)
+        self._queue_pinned(spec, stored, device, lambda: self._state.insert_job(
+            spec.job_id, stored.SerializeToString(), device, spec.attempt, spec.remeasure_token))
+        log.info("job %s queued on %s", spec.job_id, device)
+        return pb.SubmitJobResponse(job_id=spec.job_id, state=pb.QUEUED, already_known=False)
+
+    def _queue_pinned(self, spec: pb.JobSpec, stored: pb.JobSpec, device: str, record: Callable[[], None]) -> None:
+        """Pin the job's blobs (MissingBlobs if gone), ``record`` it durably, then queue it (``_cond`` held)."""
         shas = [spec.model_sha256, spec.dataset_sha256]
         missing = self._blobs.pin_if_present(shas)
         if missing:
             raise MissingBlobs(sorted(set(missing)))
         try:
-            self._state.insert_job(
-                spec.job_id, stored.SerializeToString(), device, spec.attempt, spec.remeasure_token
-            )
+            record()
         except BaseException:
             self._blobs.unpin(shas)
             raise
-        job = _Job(spec=stored, device=device, attempt=spec.attempt, token=spec.remeasure_token)
-        self._enqueue(job)
-        log.info("job %s queued on %s", spec.job_id, device)
-        return pb.SubmitJobResponse(job_id=spec.job_id, state=pb.QUEUED, already_known=False)
+        self._enqueue(_Job(spec=stored, device=device, attempt=spec.attempt, token=spec.remeasure_token))
 
     def _resubmit_active(self, job: _Job, spec: pb.JobSpec) -> pb.SubmitJobResponse:
         """A known queued or running job: keep it, store the latest spec (``_cond`` held).
@@ -336,19 +369,8 @@ class JobManager:
         """Queue a finished job for a new execution series (call with ``self._cond`` held)."""
         device = self._resolve_device(row.device)
         stored = self._stored(spec, device)
-        shas = [spec.model_sha256, spec.dataset_sha256]
-        missing = self._blobs.pin_if_present(shas)
-        if missing:
-            raise MissingBlobs(sorted(set(missing)))
-        try:
-            self._state.requeue_job(
-                spec.job_id, stored.SerializeToString(), spec.attempt, spec.remeasure_token
-            )
-        except BaseException:
-            self._blobs.unpin(shas)
-            raise
-        job = _Job(spec=stored, device=device, attempt=spec.attempt, token=spec.remeasure_token)
-        self._enqueue(job)
+        self._queue_pinned(spec, stored, device, lambda: self._state.requeue_job(
+            spec.job_id, stored.SerializeToString(), spec.attempt, spec.remeasure_token))
         log.info("job %s queued again on %s: %s", spec.job_id, device, reason)
         return pb.SubmitJobResponse(job_id=spec.job_id, state=pb.QUEUED, already_known=False)
 
@@ -668,7 +690,8 @@ class JobManager:
                 self._publish(job, pb.RUNNING, "latency", done=n, total=n)
             one = np.asarray(data[:1])
             with self._quiet(job):
-                times = backend.latency(handle, one, warmup, repeats, stop=job.interrupt)
+                warm_up(lambda k: backend.latency(handle, one, 0, k, stop=job.interrupt), warmup)
+                times = backend.latency(handle, one, 0, repeats, stop=job.interrupt)
             stats = latency_stats(times)
 
         result = self._result(job, pb.SUCCEEDED, "")

@@ -81,9 +81,29 @@ def main() -> None:
         client.close()
         t.join()
         study.close()
+        idle = _idle_medians(Path(tmp), pm.path, buf.getvalue(), pm.input_name, args.samples)
     ratio = max(medians) / min(medians)
     mode = "builds NOT paused (--no-quiet)" if args.no_quiet else "builds pause while the agent times"
     print(f"{mode}: medians {', '.join(f'{m:.2f}' for m in medians)} ms; max/min = {ratio:.3f} (target <= 1.10)")
+    print(f"same candidate, idle machine, after the study: medians {', '.join(f'{m:.2f}' for m in idle)} ms; "
+          f"max/min = {max(idle) / min(idle):.3f} (the host's own noise floor)")
+
+
+def _idle_medians(tmp: Path, model: Path, data: bytes, input_name: str, samples: int) -> list[float]:
+    """The same latency job on a fresh agent with nothing else running."""
+    from tuneqn.controller.farm.local import LocalAgent
+
+    out: list[float] = []
+    with LocalAgent(tmp / "idle-agent") as agent:
+        client = AgentClient(agent.address)
+        model_sha, data_sha = client.upload_file(model), client.upload_bytes(data)
+        for i in range(samples):
+            jid = f"idle-{uuid.uuid4().hex[:8]}-{i}"
+            client.submit(pb.JobSpec(job_id=jid, device="local", model_sha256=model_sha, dataset_sha256=data_sha,
+                                     input_name=input_name, latency_warmup=5, latency_repeats=30, attempt=1))
+            out.append(client.wait_result(jid, timeout=600).latency.median_ms)
+        client.close()
+    return out
 
 
 if __name__ == "__main__":

@@ -115,6 +115,13 @@ class Store:
         if self.get_meta("schema_version") is None:
             self.set_meta("schema_version", str(SCHEMA_VERSION))
 
+    def _select(self, table: str, order: str, **filters: Any) -> list[dict[str, Any]]:
+        """Rows of ``table`` whose columns equal the given (non-None) filters, in ``order``."""
+        used = {k: v for k, v in filters.items() if v is not None}
+        where = " where " + " and ".join(f"[{k}] = ?" for k in used) if used else ""
+        sql = f"select * from [{table}]{where} order by {order}"  # noqa: S608 - fixed names from this module
+        return [dict(r) for r in self.db.query(sql, list(used.values()))]
+
     @classmethod
     def open(cls, out_dir: Path) -> "Store":
         """The store of the study in ``out_dir``."""
@@ -238,15 +245,7 @@ class Store:
     @_locked
     def layers(self, model: str | None = None, mode: str | None = None) -> list[dict[str, Any]]:
         """Ranked layers, rank order within each (model, mode)."""
-        where, args = [], []
-        if model is not None:
-            where.append("model = ?")
-            args.append(model)
-        if mode is not None:
-            where.append("mode = ?")
-            args.append(mode)
-        sql = "select * from layers" + (" where " + " and ".join(where) if where else "") + " order by model, mode, rank"
-        return [dict(r) for r in self.db.query(sql, args)]
+        return self._select("layers", "model, mode, rank", model=model, mode=mode)
 
     # ------------------------------------------------------------------ candidates
     @_locked
@@ -273,16 +272,8 @@ class Store:
     @_locked
     def candidates(self, model: str | None = None, mode: str | None = None) -> list[dict[str, Any]]:
         """Candidates, ordered by model, mode, kind, k."""
-        where, args = [], []
-        if model is not None:
-            where.append("model = ?")
-            args.append(model)
-        if mode is not None:
-            where.append("mode = ?")
-            args.append(mode)
-        sql = ("select * from candidates" + (" where " + " and ".join(where) if where else "")
-               + " order by model, mode, kind desc, k, label")
-        return [self._decode_candidate(r) for r in self.db.query(sql, args)]
+        rows = self._select("candidates", "model, mode, kind desc, k, label", model=model, mode=mode)
+        return [self._decode_candidate(r) for r in rows]
 
     # ------------------------------------------------------------------ devices
     @_locked
@@ -311,15 +302,7 @@ class Store:
     @_locked
     def jobs(self, state: str | None = None, agent: str | None = None) -> list[dict[str, Any]]:
         """Job rows, optionally of one state and/or held by one agent."""
-        where, args = [], []
-        if state is not None:
-            where.append("state = ?")
-            args.append(state)
-        if agent is not None:
-            where.append("agent = ?")
-            args.append(agent)
-        sql = "select * from jobs" + (" where " + " and ".join(where) if where else "") + " order by created_at, id"
-        return [dict(r) for r in self.db.query(sql, args)]
+        return self._select("jobs", "created_at, id", state=state, agent=agent)
 
     @_locked
     def add_job(self, job_id: str, candidate_id: str, device: str) -> dict[str, Any]:
@@ -392,15 +375,7 @@ class Store:
     @_locked
     def results(self, candidate_id: str | None = None, device: str | None = None) -> list[dict[str, Any]]:
         """Result rows, optionally of one candidate and/or device."""
-        where, args = [], []
-        if candidate_id is not None:
-            where.append("candidate_id = ?")
-            args.append(candidate_id)
-        if device is not None:
-            where.append("device = ?")
-            args.append(device)
-        sql = "select * from results" + (" where " + " and ".join(where) if where else "") + " order by finished_at"
-        return [dict(r) for r in self.db.query(sql, args)]
+        return self._select("results", "finished_at", candidate_id=candidate_id, device=device)
 
     @_locked
     def set_result_metrics(self, job_id: str, metrics: dict[str, float | None]) -> None:

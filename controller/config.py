@@ -125,6 +125,9 @@ class QuantizationSpec(_Strict):
     weight_type: QuantTypeName = "int8"
     calibration_method: Literal["minmax", "entropy", "percentile"] = "minmax"
     op_types: list[str] | None = None
+    #: Pre-process every model as ONNX Runtime advises before analysis and quantization (shape
+    #: inference, constant folding, Pad fused into Conv, …); layer names stay the original ones.
+    preprocess: bool = True
 
     @field_validator("modes")
     @classmethod

@@ -1,8 +1,10 @@
 """Model orchestrator: load local files or ONNX Model Hub models and prepare them.
 
 Preparation is deterministic: check the model, upgrade it to the opset the quantizer
-needs, fix dynamic dims from the config, give every node a name, and save it into
-the study's folder. Everything downstream works on the prepared file.
+needs, fix dynamic dims from the config, give every node a name, pre-process it as
+ONNX Runtime advises before quantization (:func:`preprocess`; ``quantization.preprocess``,
+on by default) and save it into the study's folder. Everything downstream (calibration,
+analysis, candidates and the FP32 baseline) works on the prepared file.
 
 The hub client follows the ONNX Model Hub protocol and cache layout of ``onnx.hub``
 (removed from onnx >= 1.20): a manifest ``ONNX_HUB_MANIFEST.json`` and model files
@@ -22,8 +24,11 @@ from pathlib import Path
 from typing import Any
 
 import onnx
+import onnxruntime as ort
 from google.protobuf.message import DecodeError
 from onnx import shape_inference, version_converter
+from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
+from onnxruntime.quantization.quant_utils import add_pre_process_metadata
 
 from tuneqn.controller.config import ModelSpec
 from tuneqn.controller.errors import UserError
@@ -35,6 +40,11 @@ log = logging.getLogger(__name__)
 MIN_OPSET = 13
 HUB_REPO = "onnx/models:main"
 HUB_MANIFEST = "ONNX_HUB_MANIFEST.json"
+#: ORT basic-level fusions pre-processing leaves out: MatMul+Add → Gemm would take MatMul layers
+#: away from the dynamic quantizer (it quantizes MatMul and Conv, not Gemm) and change their op type.
+PREPROCESS_DISABLED_OPTIMIZERS = ("MatMulAddFusion",)
+#: Layers whose names rankings, exclusion sets and reports use; pre-processing keeps (or gets back) them.
+_LAYER_OPS = {"Conv", "ConvTranspose", "Gemm", "MatMul"}
 
 
 @dataclass
@@ -53,10 +63,13 @@ class PreparedModel:
     input_name: str
     input_shape: list[int | str]
     notes: list[str] = field(default_factory=list)
+    #: Whether the prepared file went through :func:`preprocess` (not a store column: it is in the notes).
+    preprocessed: bool = False
 
     def to_row(self) -> dict[str, Any]:
         """Row for the study store."""
         row = asdict(self)
+        del row["preprocessed"]
         row["path"] = str(self.path)
         row["input_shape"] = json.dumps(self.input_shape)
         row["notes"] = json.dumps(self.notes)
@@ -208,8 +221,90 @@ def _name_nodes(model: onnx.ModelProto, notes: list[str]) -> None:
         notes.append(f"named {unnamed} unnamed nodes as <op_type>_<index>")
 
 
-def prepare_model(spec: ModelSpec, work_dir: Path, hub_cache: Path | None = None, label: str = "model") -> PreparedModel:
-    """Load, check, upgrade and fix a model; save it as ``work_dir/<name>.onnx``."""
+def _restore_layer_names(before: onnx.ModelProto, after: onnx.ModelProto) -> int:
+    """Give layers the optimizer renamed their original names back; the number renamed.
+
+    A Conv/ConvTranspose/Gemm/MatMul of ``after`` whose name is not an original layer's
+    gets the name of the original layer that wrote the same output tensor, else of the
+    original layer its name extends (``conv1/SomeFusion`` → ``conv1``), when that name is free.
+    """
+    orig = [n for n in before.graph.node if n.op_type in _LAYER_OPS]
+    by_output = {n.output[0]: n.name for n in orig if n.output}
+    orig_names = {n.name for n in orig}
+    used = {n.name for n in after.graph.node}
+    renamed = 0
+    for node in after.graph.node:
+        if node.op_type not in _LAYER_OPS or node.name in orig_names:
+            continue
+        want = by_output.get(node.output[0]) if node.output else None
+        if want is None:
+            prefixes = [o for o in orig_names if node.name.startswith(o + "/") or node.name.startswith(o + "_")]
+            want = max(prefixes, key=len) if prefixes else None
+        if want is not None and want not in used:
+            used.discard(node.name)
+            node.name = want
+            used.add(want)
+            renamed += 1
+    return renamed
+
+
+def preprocess(model: onnx.ModelProto, label: str = "model") -> tuple[onnx.ModelProto, str]:
+    """Pre-process a model for quantization as ONNX Runtime advises; (model, note saying what changed).
+
+    The steps of ``onnxruntime.quantization.shape_inference.quant_pre_process`` with
+    ``skip_symbolic_shape=True`` (symbolic shape inference is for transformer-style symbolic
+    dims; ONNX shape inference runs after optimization as there): ORT's basic graph
+    optimizations (constant folding, redundant-node elimination, Pad/BatchNorm/Mul/Add fused
+    into Conv, …) without :data:`PREPROCESS_DISABLED_OPTIMIZERS`, then ONNX shape inference,
+    and ORT's pre-process tag (so the quantizer no longer advises pre-processing). Layer
+    (Conv/ConvTranspose/Gemm/MatMul) names stay the original ones (:func:`_restore_layer_names`).
+    The result is numerically the float model (up to float rounding of folded constants).
+    """
+    before_bytes = model.ByteSize()
+    with tempfile.TemporaryDirectory(prefix="tuneqn-pre-") as tmp:
+        src, opt = Path(tmp) / "in.onnx", Path(tmp) / "optimized.onnx"
+        src.write_bytes(model.SerializeToString())
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        so.optimized_model_filepath = str(opt)
+        so.log_severity_level = 3
+        try:
+            ort.InferenceSession(str(src), so, providers=["CPUExecutionProvider"],
+                                 disabled_optimizers=list(PREPROCESS_DISABLED_OPTIMIZERS))
+        except (ort_state.Fail, ort_state.InvalidGraph, ort_state.InvalidArgument, ort_state.NotImplemented,
+                RuntimeError) as exc:
+            first = (str(exc).strip().splitlines() or ["?"])[0]
+            raise UserError(f"{label}: ONNX Runtime cannot pre-process the model ({first}); "
+                            "set quantization.preprocess = false to skip pre-processing") from None
+        out = onnx.load(str(opt))
+    try:
+        out = shape_inference.infer_shapes(out, strict_mode=False)
+    except (onnx.shape_inference.InferenceError, RuntimeError) as exc:
+        raise UserError(f"{label}: shape inference after pre-processing failed: {exc}") from None
+    renamed = _restore_layer_names(model, out)
+    _name_nodes(out, [])
+    add_pre_process_metadata(out)
+    after_names = {n.name for n in out.graph.node}
+    pads_fused = sum(1 for n in model.graph.node if n.op_type == "Pad" and n.name not in after_names)
+    n0, n1 = len(model.graph.node), len(out.graph.node)
+    other = n0 - n1 - pads_fused
+    parts = [f"Pad fused into Conv: {pads_fused}"] if pads_fused else []
+    parts.append(f"other nodes folded, fused or removed: {other}" if other >= 0 else f"nodes added: {-other}")
+    if renamed:
+        parts.append(f"{renamed} renamed layers given their original names back")
+    note = (f"pre-processed (ONNX Runtime shape inference + basic optimizations): {n0} nodes → {n1} nodes "
+            f"({'; '.join(parts)}), size {_mb(before_bytes)} → {_mb(out.ByteSize())}")
+    return out, note
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.2f} MB" if n >= 100_000 else f"{n / 1e3:.1f} kB"
+
+
+def prepare_model(spec: ModelSpec, work_dir: Path, hub_cache: Path | None = None, label: str = "model",
+                  preprocess_model: bool = True) -> PreparedModel:
+    """Load, check, upgrade, fix and (unless ``preprocess_model`` is false) pre-process a model;
+    save it as ``work_dir/<name>.onnx``."""
     name = spec.display_name
     if spec.hub is not None:
         cache = hub_cache or default_hub_cache()
@@ -242,6 +337,9 @@ def prepare_model(spec: ModelSpec, work_dir: Path, hub_cache: Path | None = None
         model = shape_inference.infer_shapes(model, strict_mode=False)
     except (onnx.shape_inference.InferenceError, RuntimeError) as exc:
         raise UserError(f"{label}: shape inference failed: {exc}") from None
+    if preprocess_model:
+        model, note = preprocess(model, label)
+        notes.append(note)
     out = work_dir / f"{name}.onnx"
     data = model.SerializeToString()
     # Rewrite only when the bytes differ: a reader of the prepared model (another process quantizing
@@ -266,4 +364,5 @@ def prepare_model(spec: ModelSpec, work_dir: Path, hub_cache: Path | None = None
         input_name=inp.name,
         input_shape=shape,
         notes=notes,
+        preprocessed=preprocess_model,
     )

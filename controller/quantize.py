@@ -120,7 +120,8 @@ class ArrayReader(CalibrationDataReader):
 
 @contextmanager
 def quiet_ort_python_logs() -> Iterator[None]:
-    """Silence the quantizer's root-logger advice ("consider pre-processing") while it runs."""
+    """Silence the quantizer's root-logger advice while it runs (none about pre-processing on a
+    pre-processed model)."""
     root = logging.getLogger()
     flt = _OrtAdviceFilter()
     root.addFilter(flt)

@@ -5,8 +5,9 @@ prepare (models + data) → calibrate once per (model, data, settings) → fully
 Everything is recorded in the study store and reused on re-runs unless ``fresh``.
 
 Reuse keys cover everything that determines the bytes of what is reused: the prepared
-model's sha256, the data samples' sha256 (and the calibration cache's content), every
-quantization setting, the exclusion list and the tool versions (:func:`tool_versions`).
+model's sha256 and whether it was pre-processed (``quantization.preprocess``), the data
+samples' sha256 (and the calibration cache's content), every quantization setting, the
+exclusion list and the tool versions (:func:`tool_versions`).
 
 One process at a time works on an out dir: :class:`StudyLock` (an ``flock`` on
 ``<out>/tuneqn.lock``, held for the Study's life and released by the kernel when its
@@ -256,7 +257,8 @@ class Study:
     def prepare(self) -> None:
         """Load and prepare every model and its data samples."""
         for i, spec in enumerate(self.cfg.models):
-            pm = prepare_model(spec, self.out_dir / "models", self.cfg.hub_cache_dir, label=f"models[{i}]")
+            pm = prepare_model(spec, self.out_dir / "models", self.cfg.hub_cache_dir, label=f"models[{i}]",
+                               preprocess_model=self.cfg.quantization.preprocess)
             self.models[pm.name] = pm
             self.store.put_model(pm.to_row())
             data = prepare_data(self.cfg.dataset, pm.input_shape, self.out_dir / "data" / pm.name)
@@ -292,7 +294,8 @@ class Study:
             return None
         pm, data = self.models[model], self.data[model]
         settings = self.settings(mode)
-        key = _hash("calibration", pm.sha256, data.calibration.sha256, settings.key(), tool_versions())
+        key = _hash("calibration", pm.sha256, pm.preprocessed, data.calibration.sha256, settings.key(),
+                    tool_versions())
         path = self.out_dir / "calibration" / f"{model}-{key}.json"
         if not path.is_file():
             t0 = time.perf_counter()
@@ -312,7 +315,8 @@ class Study:
         """What the ranking of (model, mode) depends on."""
         pm, data = self.models[model], self.data[model]
         s = self.cfg.search
-        return _hash("analysis", pm.sha256, data.calibration.sha256, self.calibration_sha256(model, mode),
+        return _hash("analysis", pm.sha256, pm.preprocessed, data.calibration.sha256,
+                     self.calibration_sha256(model, mode),
                      data.analysis.sha256, self.settings(mode).key(), s.layer_op_types, s.xmodel_weight,
                      tool_versions())
 
@@ -409,10 +413,11 @@ class Study:
         return self.out_dir / "candidates" / plan.model / plan.mode / f"{stem}.onnx"
 
     def build_key(self, plan: CandidatePlan) -> str:
-        """What a candidate's bytes depend on: the prepared model, the calibration cache's content,
-        every quantization setting, the exclusion list and the tool versions."""
+        """What a candidate's bytes depend on: the prepared model (and whether it was pre-processed),
+        the calibration cache's content, every quantization setting, the exclusion list and the
+        tool versions."""
         pm = self.models[plan.model]
-        return _hash("candidate", pm.sha256, self.calibration_sha256(plan.model, plan.mode),
+        return _hash("candidate", pm.sha256, pm.preprocessed, self.calibration_sha256(plan.model, plan.mode),
                      self.settings(plan.mode).key(), list(plan.excluded), tool_versions())
 
     def build(self, plan: CandidatePlan, out: Path | None = None) -> dict[str, Any]:

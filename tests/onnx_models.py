@@ -121,3 +121,54 @@ def write_images(folder: Path, n: int, size: int = 20, seed: int = 0, labelled: 
         name = f"img_{i:03d}_{i % 10}.png" if labelled else f"img_{i:03d}.png"
         Image.fromarray(arr).save(folder / name)
     return folder
+
+
+def padded_cnn(path: Path, seed: int = 2, batch: int | str = "N", size: int = 12) -> Path:
+    """What pre-processing changes: a separate Pad before a Conv and constant-foldable subgraphs.
+
+    input → conv1 (weights = Mul(raw, 0.5) of constants) + Relu → Pad (pads from a Constant
+    node) → conv2 (no pads of its own) + Relu → GlobalAveragePool → Reshape (shape from
+    Constant → Concat) → fc (Gemm, 10 classes).
+    """
+    rng = np.random.default_rng(seed)
+    c = 6
+    f32 = np.float32
+    nodes = [
+        helper.make_node("Constant", [], ["half"], name="half_const",
+                         value=numpy_helper.from_array(np.array(0.5, f32))),
+        helper.make_node("Mul", ["conv1.Wraw", "half"], ["conv1.W"], name="scale_w1"),
+        helper.make_node("Conv", ["input", "conv1.W", "conv1.B"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+        helper.make_node("Constant", [], ["pads"], name="pads_const",
+                         value=numpy_helper.from_array(np.array([0, 0, 1, 1, 0, 0, 1, 1], np.int64))),
+        helper.make_node("Pad", ["r1", "pads"], ["p1"], name="pad2", mode="constant"),
+        helper.make_node("Conv", ["p1", "conv2.W", "conv2.B"], ["c2"], name="conv2"),
+        helper.make_node("Relu", ["c2"], ["r2"], name="relu2"),
+        helper.make_node("GlobalAveragePool", ["r2"], ["gap"], name="gap"),
+        helper.make_node("Constant", [], ["minus1"], name="minus1_const",
+                         value=numpy_helper.from_array(np.array([-1], np.int64))),
+        helper.make_node("Constant", [], ["chan"], name="chan_const",
+                         value=numpy_helper.from_array(np.array([c], np.int64))),
+        helper.make_node("Concat", ["minus1", "chan"], ["shape"], name="shape_concat", axis=0),
+        helper.make_node("Reshape", ["gap", "shape"], ["flat"], name="flatten"),
+        helper.make_node("Gemm", ["flat", "fc.W", "fc.B"], ["logits"], name="fc", transB=1),
+    ]
+    inits = [
+        numpy_helper.from_array(rng.normal(0, 0.8, (c, 3, 3, 3)).astype(f32), "conv1.Wraw"),
+        numpy_helper.from_array(rng.normal(0, 0.1, c).astype(f32), "conv1.B"),
+        numpy_helper.from_array(rng.normal(0, 0.3, (c, c, 3, 3)).astype(f32), "conv2.W"),
+        numpy_helper.from_array(rng.normal(0, 0.1, c).astype(f32), "conv2.B"),
+        numpy_helper.from_array(rng.normal(0, 0.5, (10, c)).astype(f32), "fc.W"),
+        numpy_helper.from_array(rng.normal(0, 0.1, 10).astype(f32), "fc.B"),
+    ]
+    graph = helper.make_graph(
+        nodes, "padded_cnn",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [batch, 3, size, size])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [batch, 10])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    onnx.save_model(model, path)
+    return path

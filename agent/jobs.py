@@ -93,10 +93,10 @@ def state_value(name: str) -> pb.JobState:
 
 #: Warm-up continues in rounds until two consecutive rounds' medians agree within this ratio...
 WARMUP_STABLE_RATIO = 1.05
-#: ...or this many seconds have passed (a fresh process, a cold cache or a CPU clocking up
-#: can take seconds to reach its steady speed; measured on the example model).
-WARMUP_MAX_SECONDS = 3.0
-WARMUP_ROUND = 10
+#: ...or this many seconds of warm-up have passed (caches and clocks settle; a cap keeps slow
+#: candidates, e.g. 150 ms dynamic ConvInteger models, from spending seconds on warm-up).
+WARMUP_MAX_SECONDS = 1.0
+WARMUP_ROUND = 5
 
 
 def warm_up(measure: Callable[[int], list[float]], min_runs: int) -> int:

@@ -76,10 +76,6 @@ class PreparedModel:
         return row
 
 
-#: Kept for callers that still import it from here; it is :func:`tuneqn.controller.files.file_sha256`.
-sha256_file = file_sha256
-
-
 def default_hub_cache() -> Path:
     """The hub cache: $TUNEQN_HUB_CACHE, else $XDG_CACHE_HOME/tuneqn/hub (~/.cache/tuneqn/hub)."""
     env = os.environ.get("TUNEQN_HUB_CACHE")

@@ -139,7 +139,7 @@ class StudyRun:
             self._add_built(_Built(f"{model}:fp32", model, pm.path, pm.sha256, {}), fp32=True)
         started = time.monotonic()
         last_report = 0.0
-        dirty = True
+        self._results_changed.set()  # a first report.json right away
         while True:
             if self._build_errors:
                 raise self._build_errors[0]
@@ -149,14 +149,12 @@ class StudyRun:
             if strategy.done() and self._idle() and not self.board.closed:
                 self.board.close()
             self._watch_liveness()
-            if self._results_changed.is_set():
-                self._results_changed.clear()
-                dirty = True
             if self.on_progress is not None:
                 self.on_progress(self.board.counts(), self._total())
-            if dirty and time.monotonic() - last_report > 2.0:
+            if self._results_changed.is_set() and time.monotonic() - last_report > 2.0:
+                self._results_changed.clear()
                 write_json(self.store, self.study.out_dir)
-                last_report, dirty = time.monotonic(), False
+                last_report = time.monotonic()
             if self.board.finished() and not self._awaited(started):
                 break
             with self.board.cond:
@@ -306,11 +304,8 @@ class StudyRun:
 def tune(study: Study, endpoints: list[Endpoint], settings: FarmSettings,
          on_progress: Callable[[dict[str, int], int], None] | None = None,
          local_agent_args: list[str] | None = None) -> TuneOutcome:
-    """Run the whole study on the agents (a local one when none is given)."""
-    outcome = StudyRun(study, endpoints, settings, on_progress=on_progress, local_agent_args=local_agent_args).run()
-    for link_error in outcome.errors:
-        log.error(link_error)
-    return outcome
+    """Run the whole study on the agents (a local one when none is given); problems are in ``errors``."""
+    return StudyRun(study, endpoints, settings, on_progress=on_progress, local_agent_args=local_agent_args).run()
 
 
 def endpoints_from(agents: list[AgentSpec], addresses: list[str], token_file: Path | None) -> list[Endpoint]:

@@ -41,10 +41,8 @@ from onnxruntime.quantization import (
 )
 
 from tuneqn.controller.config import QuantizationSpec
-from tuneqn.controller.files import file_digest
-
 __all__ = [
-    "WBQ", "ArrayReader", "QuantSettings", "calibrate", "file_digest", "quantize_candidate",
+    "WBQ", "ArrayReader", "QuantSettings", "calibrate", "quantize_candidate",
     "quantized_nodes", "quiet_ort_python_logs", "runtime_options",
 ]
 

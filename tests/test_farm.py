@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
@@ -195,27 +196,32 @@ def test_a_retry_executes_again(tmp_path: Path, assets: Path) -> None:
     settings = FarmSettings.from_config(cfg.evaluation)
     study.close()
     plan = make_job("cnn:fp32", "lab", pm.path, pm.sha256, split.path, split.sha256, pm.input_name, {}, settings)
-    with _agent(tmp_path, "solo", "lab", "0") as agent:
+    with _agent(tmp_path, "solo", "lab", "40") as agent:
         client = AgentClient(agent.address)
         client.upload_file(pm.path)
         client.upload_file(split.path)
-        (agent.state_dir / "blobs" / pm.sha256).unlink()  # the blob is gone when the job runs
+        # a long job occupies the device, so the target job waits in the queue with its blobs present ...
+        blocker = io.BytesIO()
+        np.save(blocker, np.zeros((100, *np.load(split.path).shape[1:]), dtype=np.float32))
+        busy = pb.JobSpec(job_id="blocker", model_sha256=pm.sha256, dataset_sha256=client.upload_bytes(
+            blocker.getvalue()), input_name=pm.input_name, latency_repeats=0, attempt=1)
+        client.submit(busy)
+        next(e for e in client.watch("blocker", timeout=30) if e.state == pb.RUNNING)
         spec = pb.JobSpec()
         spec.CopyFrom(plan.spec)
         spec.attempt = 1
-        try:
-            client.submit(spec)
-        except Exception:  # noqa: BLE001 - either refused at submit or failed at run: both are a failed attempt
-            pass
-        else:
-            assert client.wait_result(plan.id, timeout=30).state == pb.FAILED
+        assert not client.submit(spec).already_known
+        # ... and its model blob is gone when it runs: attempt 1 fails on the agent
+        (agent.state_dir / "blobs" / pm.sha256).unlink()
+        failed = client.wait_result(plan.id, timeout=60)
+        assert failed.state == pb.FAILED and failed.attempt == 1
         client.close()
         outcome = _run_bounded(120, study_toml, [Endpoint(agent.address)])
         assert outcome.failed == 0 and outcome.done == 7
-        assert _executions(agent).count(plan.id) >= 1
+        assert _executions(agent).count(plan.id) == 2  # the retry ran it again instead of re-reading FAILED
     con = sqlite3.connect(tmp_path / "out" / "tuneqn.db")
     (attempt,) = con.execute("select attempt from results where job_id = ?", [plan.id]).fetchone()
-    assert attempt >= 1
+    assert attempt == 2
 
 
 def test_controller_side_error_fails_the_attempt_and_the_run_goes_on(tmp_path: Path, assets: Path,

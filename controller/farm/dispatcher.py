@@ -216,10 +216,7 @@ class JobBoard:
     def finished(self) -> bool:
         """Closed, and every registered job is done, failed or unreachable."""
         with self.cond:
-            if not self.closed:
-                return False
-            c = self.counts()
-            return c.get("pending", 0) + c.get("submitted", 0) == 0
+            return self.closed and not self.unfinished()
 
     def is_done(self, jid: str) -> bool:
         """Whether the job already has its result."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import tomllib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -114,8 +115,62 @@ class DatasetSpec(_Strict):
         return self
 
 
+#: Recipe names anyone can use with ``--recipe`` without defining them: each starts from the
+#: study's ``[quantization]`` settings and overrides these.
+RECIPE_PRESETS: dict[str, dict[str, Any]] = {
+    "static": {"mode": "static"},
+    "dynamic": {"mode": "dynamic"},
+    "per-tensor": {"mode": "static", "per_channel": False},
+    "per-channel": {"mode": "static", "per_channel": True},
+    "per-channel-symmetric": {"mode": "static", "per_channel": True, "activation_type": "int8",
+                              "activation_symmetric": True},
+    "per-channel-percentile": {"mode": "static", "per_channel": True, "calibration_method": "percentile"},
+    "per-channel-entropy": {"mode": "static", "per_channel": True, "calibration_method": "entropy"},
+    "per-tensor-percentile": {"mode": "static", "per_channel": False, "calibration_method": "percentile"},
+}
+
+_RECIPE_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+
+
+class RecipeSpec(_Strict):
+    """A named quantization recipe: the ``[quantization]`` settings with some of them overridden."""
+
+    name: Annotated[str, Field(pattern=_RECIPE_NAME)]
+    mode: Mode | None = None
+    format: Literal["qdq", "qoperator"] | None = None
+    per_channel: bool | None = None
+    reduce_range: bool | None = None
+    activation_type: QuantTypeName | None = None
+    weight_type: QuantTypeName | None = None
+    calibration_method: Literal["minmax", "entropy", "percentile"] | None = None
+    activation_symmetric: bool | None = None
+    weight_symmetric: bool | None = None
+    op_types: list[str] | None = None
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A resolved recipe: every quantizer setting of one search dimension value."""
+
+    name: str
+    mode: str
+    format: str
+    per_channel: bool
+    reduce_range: bool
+    activation_type: str
+    weight_type: str
+    calibration_method: str
+    activation_symmetric: bool
+    weight_symmetric: bool
+    op_types: tuple[str, ...] | None
+
+
 class QuantizationSpec(_Strict):
-    """How candidates are quantized (ONNX Runtime quantizer settings)."""
+    """How candidates are quantized (ONNX Runtime quantizer settings).
+
+    The study's recipes are ``recipes`` when given, else one per entry of ``modes`` (named
+    after the mode) with this section's settings. A recipe overrides any of them.
+    """
 
     modes: list[Mode] = ["static"]
     format: Literal["qdq", "qoperator"] = "qdq"
@@ -124,10 +179,15 @@ class QuantizationSpec(_Strict):
     activation_type: QuantTypeName = "uint8"
     weight_type: QuantTypeName = "int8"
     calibration_method: Literal["minmax", "entropy", "percentile"] = "minmax"
+    #: Symmetric activation ranges (ORT ``ActivationSymmetric``); weights are symmetric by default.
+    activation_symmetric: bool = False
+    weight_symmetric: bool = True
     op_types: list[str] | None = None
     #: Pre-process every model as ONNX Runtime advises before analysis and quantization (shape
     #: inference, constant folding, Pad fused into Conv, …); layer names stay the original ones.
     preprocess: bool = True
+    #: Named recipes (a search dimension): each gets its own calibration, ranking and candidates.
+    recipes: list[RecipeSpec] = []
 
     @field_validator("modes")
     @classmethod
@@ -138,6 +198,46 @@ class QuantizationSpec(_Strict):
             raise ValueError("modes must not repeat")
         return v
 
+    @field_validator("recipes")
+    @classmethod
+    def _recipes(cls, v: list[RecipeSpec]) -> list[RecipeSpec]:
+        names = [r.name for r in v]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"recipe names must be unique (repeated: {', '.join(dup)})")
+        return v
+
+    def recipe_names(self) -> list[str]:
+        """Names of the study's recipes, in order."""
+        return [r.name for r in self.recipes] if self.recipes else list(self.modes)
+
+    def resolve(self, name: str) -> Recipe:
+        """The recipe called ``name``: a study recipe, a mode of ``modes`` or a preset (ValueError if none)."""
+        spec = next((r for r in self.recipes if r.name == name), None)
+        if spec is not None:
+            over = spec.model_dump(exclude={"name"}, exclude_none=True)
+            over.setdefault("mode", "static")
+        elif name in RECIPE_PRESETS:
+            over = dict(RECIPE_PRESETS[name])
+        else:
+            known = sorted({*self.recipe_names(), *RECIPE_PRESETS})
+            raise ValueError(f"unknown recipe {name!r} (known: {', '.join(known)})")
+        base = {k: getattr(self, k) for k in ("format", "per_channel", "reduce_range", "activation_type",
+                                              "weight_type", "calibration_method", "activation_symmetric",
+                                              "weight_symmetric", "op_types")}
+        base.update(over)
+        ops = base.pop("op_types")
+        return Recipe(name=name, op_types=tuple(ops) if ops else None, **base)
+
+    def with_recipes(self, names: list[str]) -> "QuantizationSpec":
+        """This section restricted to (or extended by presets to) the recipes ``names`` (``--recipe``)."""
+        chosen: list[RecipeSpec] = []
+        for name in names:
+            r = self.resolve(name)  # ValueError naming the known recipes
+            chosen.append(RecipeSpec(**{k: v for k, v in r.__dict__.items() if k != "op_types"},
+                                     op_types=list(r.op_types) if r.op_types else None))
+        return self.model_copy(update={"recipes": chosen})
+
 
 class ExclusionSet(_Strict):
     """An explicit candidate: exactly these layers stay in float."""
@@ -146,16 +246,61 @@ class ExclusionSet(_Strict):
     layers: list[str]
 
 
-class SearchSpec(_Strict):
-    """Which candidates are built from the layer ranking."""
+Ranking = Literal["paper", "qdq", "xmodel", "measured"]
+StrategyName = Literal["sweep", "decremental", "greedy", "budget", "target"]
 
-    #: ``sweep`` (the paper's decremental sweep; ``decremental`` is its old name).
-    strategy: Literal["sweep", "decremental"] = "sweep"
+
+class SearchRun(_Strict):
+    """One search over the study's recipes: a layer ranking and a strategy (and their parameters)."""
+
+    ranking: Ranking = "measured"
+    strategy: StrategyName = "greedy"
+    #: ``budget``: full evaluations per (model, recipe, device); None = 30% of the sweep's.
+    budget: Annotated[int, Field(ge=1)] | None = None
+    #: ``target``: the largest accuracy loss (1 − agreement with FP32) allowed on every device.
+    max_loss: Annotated[float, Field(ge=0.0, lt=1.0)] | None = None
+
+    @model_validator(mode="after")
+    def _params(self) -> "SearchRun":
+        if self.strategy == "target" and self.max_loss is None:
+            raise ValueError("strategy 'target' needs 'max_loss' (e.g. 0.01)")
+        return self
+
+    @property
+    def name(self) -> str:
+        """``greedy/measured``, ``budget30/measured``, ``target1%/measured``, ``sweep/paper``."""
+        strategy = "sweep" if self.strategy == "decremental" else self.strategy
+        if self.strategy == "budget" and self.budget is not None:
+            strategy += str(self.budget)
+        if self.strategy == "target" and self.max_loss is not None:
+            strategy += f"{self.max_loss * 100:g}%"
+        return f"{strategy}/{self.ranking}"
+
+
+class SearchSpec(SearchRun):
+    """Which candidates are evaluated: the main search, searches to compare it with, and their settings."""
+
     step: Annotated[int, Field(ge=1)] = 1
     max_k: Annotated[int, Field(ge=0)] | None = None
     layer_op_types: list[str] = ["Conv", "ConvTranspose", "Gemm", "MatMul"]
     xmodel_weight: Annotated[float, Field(ge=0.0, le=1.0)] = 0.5
     exclusion_sets: list[ExclusionSet] = []
+    #: Samples of the evaluation sample (its first N) used for screening: the measured ranking
+    #: and the cheap first look at a candidate before it is evaluated in full.
+    screen_samples: Annotated[int, Field(ge=1)] = 32
+    #: ``greedy``: re-measure the remaining layers' gains on the current set every this many steps.
+    regain_every: Annotated[int, Field(ge=1)] = 4
+    #: More searches over the same recipes, shown beside the main one (ranking ablation).
+    compare: list[SearchRun] = []
+
+    def runs(self) -> list[SearchRun]:
+        """The main search, then the compared ones (without repeats)."""
+        out: list[SearchRun] = []
+        for run in [SearchRun(ranking=self.ranking, strategy=self.strategy, budget=self.budget,
+                              max_loss=self.max_loss), *self.compare]:
+            if run.name not in {r.name for r in out}:
+                out.append(run)
+        return out
 
 
 class ObjectiveSpec(_Strict):

@@ -183,7 +183,8 @@ def _split_sizes(n: int, spec: DatasetSpec) -> tuple[int, int]:
     return calib, ev
 
 
-def _save(folder: Path, name: str, arr: np.ndarray) -> tuple[Path, str]:
+def save_split(folder: Path, name: str, arr: np.ndarray) -> tuple[Path, str]:
+    """Write ``arr`` to ``folder/name.npy`` atomically; returns (path, sha256 of the bytes)."""
     path = folder / f"{name}.npy"
     buf = io.BytesIO()
     np.save(buf, arr, allow_pickle=False)
@@ -305,7 +306,7 @@ def prepare_data(spec: DatasetSpec, input_shape: list[int | str], out_dir: Path)
     splits: dict[str, Split] = {}
     for name, idx in (("calibration", calib_idx), ("eval", eval_idx), ("analysis", analysis_idx)):
         arr = load(idx)
-        path, sha = _save(out_dir, name, arr)
+        path, sha = save_split(out_dir, name, arr)
         labels = [labels_all[i] for i in idx] if labels_all is not None else None
         splits[name] = Split(name, path, sha, [items_all[i] for i in idx], labels)
         meta[name] = {"sha256": sha, "items": splits[name].items, "labels": labels}

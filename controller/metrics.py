@@ -89,13 +89,13 @@ def model_of(store: Store, candidate_id: str) -> str | None:
     return None
 
 
-def _baseline(store: Store, model: str, device: str) -> dict[str, Any] | None:
-    rows = store.results(candidate_id=baseline_id(model), device=device)
+def _baseline(store: Store, model: str, device: str, level: str = "full") -> dict[str, Any] | None:
+    rows = store.results(candidate_id=baseline_id(model), device=device, level=level)
     return rows[-1] if rows else None  # newest
 
 
-def _labels(store: Store, model: str) -> list[int] | None:
-    split = store.dataset(f"{model}/eval")
+def _labels(store: Store, model: str, level: str = "full") -> list[int] | None:
+    split = store.dataset(f"{model}/{'screen' if level == 'screen' else 'eval'}")
     return None if split is None else split.get("labels")
 
 
@@ -119,17 +119,17 @@ def _on_result(store: Store, job_id: str) -> None:
     if model is None:
         log.warning("result %s: candidate %s is unknown; metrics not computed", job_id, row["candidate_id"])
         return
-    device = row["device"]
-    labels = _labels(store, model)
+    device, level = row["device"], row["level"]
+    labels = _labels(store, model, level)
     is_baseline = row["candidate_id"] == baseline_id(model)
-    baseline = row if is_baseline else _baseline(store, model, device)
+    baseline = row if is_baseline else _baseline(store, model, device, level)
     store.set_result_metrics(job_id, compute(row, baseline, labels))
     if not is_baseline:
         return
     base_topk = topk_of(row)
     of_model = {c["id"] for c in store.candidates(model=model)}
     n = 0
-    for other in store.results(device=device):
+    for other in store.results(device=device, level=level):
         if other["job_id"] == job_id or other["agreement"] is not None or other["candidate_id"] not in of_model:
             continue
         metrics = {k: other[k] for k in METRIC_KEYS}
@@ -157,8 +157,8 @@ def backfill(store: Store) -> int:
 
 def _backfill(store: Store) -> int:
     changed = 0
-    labels: dict[str, list[int] | None] = {}
-    baselines: dict[tuple[str, str], dict[str, Any] | None] = {}
+    labels: dict[tuple[str, str], list[int] | None] = {}
+    baselines: dict[tuple[str, str, str], dict[str, Any] | None] = {}
     models: dict[str, str | None] = {}
     for row in store.results():
         cid = row["candidate_id"]
@@ -167,18 +167,19 @@ def _backfill(store: Store) -> int:
         model = models[cid]
         if model is None:
             continue
-        if model not in labels:
-            labels[model] = _labels(store, model)
-        key = (model, row["device"])
+        level = row["level"]
+        if (model, level) not in labels:
+            labels[(model, level)] = _labels(store, model, level)
+        key = (model, row["device"], level)
         if key not in baselines:
-            baselines[key] = _baseline(store, model, row["device"])
+            baselines[key] = _baseline(store, model, row["device"], level)
         baseline = row if cid == baseline_id(model) else baselines[key]
         want_agreement = row["agreement"] is None and baseline is not None
-        want_accuracy = row["accuracy"] is None and bool(labels[model])
+        want_accuracy = row["accuracy"] is None and bool(labels[(model, level)])
         if not (want_agreement or want_accuracy):
             continue
         try:
-            metrics = compute(row, baseline, labels[model])
+            metrics = compute(row, baseline, labels[(model, level)])
         except ValueError as exc:  # a malformed stored row must not stop every report
             log.warning("result %s: metrics not computed: %s", row["job_id"], exc)
             continue

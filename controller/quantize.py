@@ -40,7 +40,7 @@ from onnxruntime.quantization import (
     quantize_static,
 )
 
-from tuneqn.controller.config import QuantizationSpec
+from tuneqn.controller.config import QuantizationSpec, Recipe
 __all__ = [
     "WBQ", "ArrayReader", "QuantSettings", "calibrate", "quantize_candidate",
     "quantized_nodes", "quiet_ort_python_logs", "runtime_options",
@@ -72,20 +72,21 @@ class QuantSettings:
     weight_type: str
     calibration_method: str
     op_types: tuple[str, ...] | None
+    activation_symmetric: bool = False
+    weight_symmetric: bool = True
 
     @classmethod
-    def from_spec(cls, spec: QuantizationSpec, mode: str) -> "QuantSettings":
-        """Settings of one mode from the study config."""
-        return cls(
-            mode=mode,
-            format=spec.format,
-            per_channel=spec.per_channel,
-            reduce_range=spec.reduce_range,
-            activation_type=spec.activation_type,
-            weight_type=spec.weight_type,
-            calibration_method=spec.calibration_method,
-            op_types=tuple(spec.op_types) if spec.op_types else None,
-        )
+    def from_spec(cls, spec: QuantizationSpec, recipe: str) -> "QuantSettings":
+        """Settings of one recipe (a mode name, a study recipe or a preset) of the study config."""
+        return cls.from_recipe(spec.resolve(recipe))
+
+    @classmethod
+    def from_recipe(cls, r: Recipe) -> "QuantSettings":
+        """Settings of a resolved recipe."""
+        return cls(mode=r.mode, format=r.format, per_channel=r.per_channel, reduce_range=r.reduce_range,
+                   activation_type=r.activation_type, weight_type=r.weight_type,
+                   calibration_method=r.calibration_method, op_types=r.op_types,
+                   activation_symmetric=r.activation_symmetric, weight_symmetric=r.weight_symmetric)
 
     def key(self) -> str:
         """Stable short hash of the settings."""
@@ -168,7 +169,8 @@ def _quantize_static(
     cache_path: Path,
     reader: CalibrationDataReader | None = None,
 ) -> None:
-    extra: dict[str, Any] = {}
+    extra: dict[str, Any] = {"ActivationSymmetric": settings.activation_symmetric,
+                             "WeightSymmetric": settings.weight_symmetric}
     with quiet_ort_python_logs():
         quantize_static(
             str(model_path),
@@ -250,6 +252,7 @@ def quantize_candidate(
                 reduce_range=settings.reduce_range,
                 weight_type=_QTYPE[settings.weight_type],
                 nodes_to_exclude=list(exclude),
+                extra_options={"WeightSymmetric": settings.weight_symmetric},
             )
         _restore_names_in_file(model_path, tmp, _RENAMED_SUFFIXES["dynamic"])
     os.replace(tmp, out)

@@ -24,7 +24,7 @@ import sqlite_utils
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 DB_NAME = "tuneqn.db"
 
 _TABLES: dict[str, tuple[dict[str, type], str | tuple[str, ...]]] = {
@@ -66,7 +66,7 @@ _TABLES: dict[str, tuple[dict[str, type], str | tuple[str, ...]]] = {
     "jobs": (
         {
             "id": str, "candidate_id": str, "device": str, "state": str, "agent": str, "attempts": int,
-            "lease_until": float, "error": str, "created_at": float, "updated_at": float,
+            "lease_until": float, "error": str, "created_at": float, "updated_at": float, "level": str,
         },
         "id",
     ),
@@ -75,9 +75,21 @@ _TABLES: dict[str, tuple[dict[str, type], str | tuple[str, ...]]] = {
             "job_id": str, "candidate_id": str, "device": str, "agent": str, "agent_id": str, "num_samples": int,
             "top_k": int, "topk": bytes, "agreement": float, "accuracy": float, "accuracy_top5": float,
             "latency_ms": float, "latency": str, "size_bytes": int, "simulated": float, "finished_at": float,
-            "info": str, "attempt": int,
+            "info": str, "attempt": int, "level": str,
         },
         "job_id",
+    ),
+    # What each search asked for: (search, candidate, level) with the label it gave the candidate.
+    "proposals": (
+        {"search": str, "candidate_id": str, "level": str, "model": str, "mode": str, "label": str, "seq": int,
+         "created_at": float},
+        ("search", "candidate_id", "level"),
+    ),
+    "searches": ({"name": str, "params": str, "started_at": float, "finished_at": float}, "name"),
+    # Rankings computed from evaluations (``measured``): per layer its gain and bytes, rank order.
+    "rankings": (
+        {"model": str, "mode": str, "name": str, "key": str, "layers": str, "created_at": float},
+        ("model", "mode", "name"),
     ),
 }
 
@@ -300,19 +312,24 @@ class Store:
         return dict(rows[0]) if rows else None
 
     @_locked
-    def jobs(self, state: str | None = None, agent: str | None = None) -> list[dict[str, Any]]:
-        """Job rows, optionally of one state and/or held by one agent."""
-        return self._select("jobs", "created_at, id", state=state, agent=agent)
+    def jobs(self, state: str | None = None, agent: str | None = None, level: str | None = None,
+             candidate_id: str | None = None) -> list[dict[str, Any]]:
+        """Job rows, optionally of one state, agent, level and/or candidate (older rows count as full)."""
+        rows = self._select("jobs", "created_at, id", state=state, agent=agent, candidate_id=candidate_id)
+        for r in rows:
+            r["level"] = r.get("level") or "full"
+        return [r for r in rows if level is None or r["level"] == level]
 
     @_locked
-    def add_job(self, job_id: str, candidate_id: str, device: str) -> dict[str, Any]:
-        """Register a job as pending unless it is known; returns its row."""
+    def add_job(self, job_id: str, candidate_id: str, device: str, level: str = "full") -> dict[str, Any]:
+        """Register a job as pending unless it is known; returns its row (``level``: full or screen)."""
         row = self.job(job_id)
         if row is None:
             now = time.time()
             self.db["jobs"].insert(
                 {"id": job_id, "candidate_id": candidate_id, "device": device, "state": "pending", "agent": None,
-                 "attempts": 0, "lease_until": 0.0, "error": None, "created_at": now, "updated_at": now},
+                 "attempts": 0, "lease_until": 0.0, "error": None, "created_at": now, "updated_at": now,
+                 "level": level},
                 pk="id",
             )
             row = self.job(job_id)
@@ -373,9 +390,69 @@ class Store:
         return dict(rows[0]) if rows else None
 
     @_locked
-    def results(self, candidate_id: str | None = None, device: str | None = None) -> list[dict[str, Any]]:
-        """Result rows, optionally of one candidate and/or device."""
-        return self._select("results", "finished_at", candidate_id=candidate_id, device=device)
+    def results(self, candidate_id: str | None = None, device: str | None = None,
+                level: str | None = None) -> list[dict[str, Any]]:
+        """Result rows, optionally of one candidate, device and/or level (older rows count as full)."""
+        rows = self._select("results", "finished_at", candidate_id=candidate_id, device=device)
+        for r in rows:
+            r["level"] = r.get("level") or "full"
+        return [r for r in rows if level is None or r["level"] == level]
+
+    # ------------------------------------------------------------------ searches
+    @_locked
+    def put_search(self, name: str, params: dict[str, Any]) -> None:
+        """Record a search of the study (its start time is kept across runs)."""
+        rows = list(self.db.query("select started_at from searches where name = ?", [name]))
+        started = rows[0]["started_at"] if rows else time.time()
+        self.db["searches"].upsert({"name": name, "params": json.dumps(params, sort_keys=True),
+                                    "started_at": started, "finished_at": None}, pk="name")
+
+    @_locked
+    def finish_search(self, name: str) -> None:
+        """Mark a search as done proposing."""
+        self.db.execute("update searches set finished_at = ? where name = ? and finished_at is null",
+                        [time.time(), name])
+
+    @_locked
+    def searches(self) -> list[dict[str, Any]]:
+        """Searches in the order they were first started (``params`` decoded)."""
+        out = self._select("searches", "started_at, name")
+        for r in out:
+            r["params"] = json.loads(r["params"] or "{}")
+        return out
+
+    @_locked
+    def put_proposal(self, search: str, candidate_id: str, level: str, model: str, mode: str, label: str) -> bool:
+        """Record that ``search`` asked for a candidate at a level; False when it had before."""
+        if list(self.db.query("select 1 from proposals where search = ? and candidate_id = ? and level = ?",
+                              [search, candidate_id, level])):
+            return False
+        seq = next(iter(self.db.query("select count(*) c from proposals where search = ?", [search])))["c"]
+        self.db["proposals"].insert({"search": search, "candidate_id": candidate_id, "level": level, "model": model,
+                                     "mode": mode, "label": label, "seq": seq, "created_at": time.time()},
+                                    pk=("search", "candidate_id", "level"))
+        return True
+
+    @_locked
+    def proposals(self, search: str | None = None, model: str | None = None,
+                  mode: str | None = None) -> list[dict[str, Any]]:
+        """What the searches asked for, in order."""
+        return self._select("proposals", "search, seq", search=search, model=model, mode=mode)
+
+    @_locked
+    def put_ranking(self, model: str, mode: str, name: str, key: str, layers: list[dict[str, Any]]) -> None:
+        """Store a ranking computed from evaluations (layers in rank order)."""
+        self.db["rankings"].upsert({"model": model, "mode": mode, "name": name, "key": key,
+                                    "layers": json.dumps(layers), "created_at": time.time()},
+                                   pk=("model", "mode", "name"))
+
+    @_locked
+    def rankings(self, model: str | None = None, mode: str | None = None) -> list[dict[str, Any]]:
+        """Stored computed rankings (``layers`` decoded)."""
+        out = self._select("rankings", "model, mode, name", model=model, mode=mode)
+        for r in out:
+            r["layers"] = json.loads(r["layers"] or "[]")
+        return out
 
     @_locked
     def set_result_metrics(self, job_id: str, metrics: dict[str, float | None]) -> None:

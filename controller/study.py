@@ -38,7 +38,7 @@ import onnx
 from tuneqn import __version__
 from tuneqn.controller.analysis import LayerError, analyze_dynamic, analyze_qoperator, analyze_static, rank_layers
 from tuneqn.controller.config import StudyConfig
-from tuneqn.controller.dataset import PreparedData, Split, prepare_data
+from tuneqn.controller.dataset import PreparedData, Split, prepare_data, save_split
 from tuneqn.controller.errors import UserError
 from tuneqn.controller.files import atomic_write_text, file_digest, file_sha256
 from tuneqn.controller.modelio import PreparedModel, prepare_model
@@ -56,16 +56,31 @@ class CandidatePlan:
 
     id: str
     model: str
-    mode: str
-    k: int | None
-    kind: str  # "ranked" | "explicit"
+    mode: str  # the recipe's name (default recipes are named after their mode)
+    k: int  # how many layers stay in float
+    kind: str  # "set" (proposed by a search) | "explicit" (search.exclusion_sets)
     label: str
-    excluded: tuple[str, ...]
+    excluded: tuple[str, ...]  # sorted
 
 
-def candidate_id(model: str, mode: str, k: int | None = None, label: str | None = None) -> str:
-    """Stable candidate id: ``model:mode:k3`` or ``model:mode:set:NAME``."""
-    return f"{model}:{mode}:k{k}" if k is not None else f"{model}:{mode}:set:{label}"
+def set_tag(excluded: tuple[str, ...] | list[str]) -> str:
+    """``fq`` for the fully quantized model, else ``x`` + 10 hex digits of the sorted set's sha256."""
+    if not excluded:
+        return "fq"
+    return "x" + hashlib.sha256("\n".join(sorted(excluded)).encode()).hexdigest()[:10]
+
+
+def candidate_id(model: str, recipe: str, excluded: tuple[str, ...] | list[str]) -> str:
+    """Stable candidate id from its content: ``model:recipe:fq`` or ``model:recipe:x1a2b3c4d5e``.
+
+    One exclusion set of one recipe is one candidate, whichever search (or how many)
+    proposed it, so it is built and evaluated once.
+    """
+    return f"{model}:{recipe}:{set_tag(excluded)}"
+
+
+def _finite(x: float | None) -> float:
+    return float(x) if x is not None and x == x else float("-inf")
 
 
 def _hash(*parts: object) -> str:
@@ -210,6 +225,7 @@ class Study:
         self.models: dict[str, PreparedModel] = {}
         self.data: dict[str, PreparedData] = {}
         self._layers: dict[tuple[str, str], list[dict[str, Any]]] = {}
+        self._screens: dict[str, Split] = {}
 
     def close(self) -> None:
         """Close the store, remove scratch files and release the out dir's lock."""
@@ -279,18 +295,22 @@ class Study:
                         f"search.exclusion_sets[{i}].layers: unknown layer '{unknown[0]}' in model '{pm.name}'"
                     )
 
-    def modes(self) -> list[str]:
-        """Quantization modes of the study."""
-        return list(self.cfg.quantization.modes)
+    def recipes(self) -> list[str]:
+        """Names of the study's quantization recipes (``[[quantization.recipes]]``, else its modes)."""
+        return self.cfg.quantization.recipe_names()
 
-    def settings(self, mode: str) -> QuantSettings:
-        """Quantizer settings for a mode."""
-        return QuantSettings.from_spec(self.cfg.quantization, mode)
+    def modes(self) -> list[str]:
+        """The study's recipes (older name: a default recipe is named after its mode)."""
+        return self.recipes()
+
+    def settings(self, recipe: str) -> QuantSettings:
+        """Quantizer settings of a recipe."""
+        return QuantSettings.from_spec(self.cfg.quantization, recipe)
 
     # ------------------------------------------------------------------ calibration
     def calibration_cache(self, model: str, mode: str) -> Path | None:
         """ORT calibration cache of (model, calibration sample, settings); created once."""
-        if mode != "static":
+        if self.settings(mode).mode != "static":
             return None
         pm, data = self.models[model], self.data[model]
         settings = self.settings(mode)
@@ -339,13 +359,13 @@ class Study:
             quantize_candidate(src, fq, settings, [], cache)
             analysis_data = self.data[model].analysis.load()
             op_types = self.cfg.search.layer_op_types
-            if mode == "static" and settings.format == "qoperator":
+            if settings.mode == "static" and settings.format == "qoperator":
                 # qdq_err from the QDQ form (same settings and calibration cache → same scales),
                 # xmodel_err from the real QOperator model (see analysis.analyze_qoperator).
                 fq_qdq = Path(tmp) / "fq-qdq.onnx"
                 quantize_candidate(src, fq_qdq, replace(settings, format="qdq"), [], cache)
                 errors = analyze_qoperator(src, fq_qdq, fq, pm.input_name, analysis_data, op_types)
-            elif mode == "static":
+            elif settings.mode == "static":
                 errors = analyze_static(src, fq, pm.input_name, analysis_data, op_types)
             else:
                 errors = analyze_dynamic(src, fq, pm.input_name, analysis_data, op_types, self.settings(mode))
@@ -385,32 +405,55 @@ class Study:
         layer_errors_plot(out, self.out_dir / "layer_errors.png")
 
     # ------------------------------------------------------------------ candidates
-    def plan(self, model: str, mode: str) -> list[CandidatePlan]:
-        """Candidates of (model, mode): k = 0, step, … ≤ max_k over the ranking, then explicit sets."""
-        ranking = self._layers.get((model, mode)) or self.analyze(model, mode)
-        names = [r["name"] for r in ranking]
+    def layer_names(self, model: str, recipe: str) -> list[str]:
+        """The quantizable layers of (model, recipe) in graph order."""
+        rows = self._layers.get((model, recipe)) or self.analyze(model, recipe)
+        return [r["name"] for r in sorted(rows, key=lambda r: r["idx"])]
+
+    def ranking(self, model: str, recipe: str, name: str = "paper") -> list[str]:
+        """Layers of (model, recipe), most sensitive first, by an error ranking.
+
+        ``paper``: the score (``xmodel_weight``·norm_xmodel + the rest·norm_qdq), as analyzed;
+        ``qdq``: the local error alone; ``xmodel``: the error seen at the fully quantized model's
+        layer output. Ties keep graph order. (``measured`` needs evaluations: see ``search/``.)
+        """
+        rows = self._layers.get((model, recipe)) or self.analyze(model, recipe)
+        key = {"paper": "score", "qdq": "qdq_err", "xmodel": "xmodel_err"}.get(name)
+        if key is None:
+            raise ValueError(f"ranking {name!r} is not an error ranking (paper, qdq, xmodel)")
+        if key == "score":
+            return [r["name"] for r in sorted(rows, key=lambda r: r["rank"])]
+        return [r["name"] for r in sorted(rows, key=lambda r: (-_finite(r[key]), r["idx"]))]
+
+    def make_plan(self, model: str, recipe: str, excluded: tuple[str, ...] | list[str], label: str = "",
+                  kind: str = "set") -> CandidatePlan:
+        """The candidate of (model, recipe) that keeps ``excluded`` in float."""
+        ex = tuple(sorted(set(excluded)))
+        return CandidatePlan(candidate_id(model, recipe, ex), model, recipe, len(ex), kind,
+                             label or (f"k={len(ex)}" if ex else "fq"), ex)
+
+    def prefix_plans(self, model: str, recipe: str, order: list[str], label: str = "k=") -> list[CandidatePlan]:
+        """The paper's candidates over ``order``: k = 0, step, … ≤ max_k (every k with step 1)."""
         s = self.cfg.search
-        top = len(names) if s.max_k is None else min(s.max_k, len(names))
-        ks = list(range(0, top + 1, s.step))
-        plans = [
-            CandidatePlan(candidate_id(model, mode, k), model, mode, k, "ranked", f"k={k}", tuple(names[:k]))
-            for k in ks
-        ]
-        for ex in s.exclusion_sets:
-            plans.append(
-                CandidatePlan(candidate_id(model, mode, label=ex.name), model, mode, None, "explicit", ex.name,
-                              tuple(ex.layers))
-            )
-        return plans
+        top = len(order) if s.max_k is None else min(s.max_k, len(order))
+        return [self.make_plan(model, recipe, order[:k], f"{label}{k}") for k in range(0, top + 1, s.step)]
+
+    def explicit_plans(self, model: str, recipe: str) -> list[CandidatePlan]:
+        """The study's ``search.exclusion_sets`` as candidates of (model, recipe)."""
+        return [self.make_plan(model, recipe, ex.layers, ex.name, kind="explicit")
+                for ex in self.cfg.search.exclusion_sets]
+
+    def plan(self, model: str, mode: str) -> list[CandidatePlan]:
+        """The paper's candidates of (model, recipe) over its error ranking, then the explicit sets."""
+        return self.prefix_plans(model, mode, self.ranking(model, mode)) + self.explicit_plans(model, mode)
 
     def all_plans(self) -> list[CandidatePlan]:
-        """Every candidate of the study."""
+        """The paper's candidates of every (model, recipe)."""
         return [p for model in self.models for mode in self.modes() for p in self.plan(model, mode)]
 
     def candidate_path(self, plan: CandidatePlan) -> Path:
         """Where a candidate's file lives in the study."""
-        stem = f"k{plan.k:03d}" if plan.k is not None else f"set-{plan.label}"
-        return self.out_dir / "candidates" / plan.model / plan.mode / f"{stem}.onnx"
+        return self.out_dir / "candidates" / plan.model / plan.mode / f"{set_tag(plan.excluded)}.onnx"
 
     def build_key(self, plan: CandidatePlan) -> str:
         """What a candidate's bytes depend on: the prepared model (and whether it was pre-processed),
@@ -418,7 +461,7 @@ class Study:
         tool versions."""
         pm = self.models[plan.model]
         return _hash("candidate", pm.sha256, pm.preprocessed, self.calibration_sha256(plan.model, plan.mode),
-                     self.settings(plan.mode).key(), list(plan.excluded), tool_versions())
+                     self.settings(plan.mode).key(), sorted(plan.excluded), tool_versions())
 
     def build(self, plan: CandidatePlan, out: Path | None = None) -> dict[str, Any]:
         """Build (or reuse) a candidate file and record it; returns its row.
@@ -448,18 +491,44 @@ class Study:
             self.store.put_candidate(row)
         return row
 
-    def find_plan(self, model: str, mode: str, k: int | None = None, label: str | None = None) -> CandidatePlan:
-        """The plan of ``--candidate K`` (a number or an exclusion set's name)."""
+    def find_plan(self, model: str, mode: str, which: str) -> CandidatePlan:
+        """The plan of ``export --candidate WHICH``: a candidate id (or its ``fq``/``x…`` tag), an
+        exclusion set's name, a label a search gave it (``greedy/measured step 3``), or a number k
+        (the top-k layers of the paper's ranking)."""
         if model not in self.models:
             raise UserError(f"--model: unknown model '{model}' (known: {', '.join(self.models)})")
         if mode not in self.modes():
-            raise UserError(f"--mode: mode '{mode}' is not part of this study ({', '.join(self.modes())})")
-        for p in self.plan(model, mode):
-            if (k is not None and p.k == k) or (label is not None and p.label == label):
+            raise UserError(f"--recipe: recipe '{mode}' is not part of this study ({', '.join(self.modes())})")
+        if which.isdigit():
+            order = self.ranking(model, mode)
+            if int(which) > len(order):
+                raise UserError(f"--candidate: k={which} but {model}/{mode} has {len(order)} layers")
+            return self.make_plan(model, mode, order[: int(which)])
+        for p in self.explicit_plans(model, mode):
+            if which == p.label:
                 return p
-        n = len(self.plan(model, mode))
-        raise UserError(f"--candidate: no candidate {k if k is not None else label!r} for {model}/{mode} ({n} candidates)")
+        for row in self.store.candidates(model=model, mode=mode):
+            if which in (row["id"], row["id"].rsplit(":", 1)[-1]):
+                return self.make_plan(model, mode, row["excluded"], row["label"], row["kind"])
+        for prop in self.store.proposals(model=model, mode=mode):
+            if which == prop["label"] or which == f"{prop['search']} {prop['label']}":
+                row = self.store.candidate(prop["candidate_id"])
+                if row is not None:
+                    return self.make_plan(model, mode, row["excluded"], row["label"], row["kind"])
+        raise UserError(f"--candidate: no candidate {which!r} in {model}/{mode} (give a number k, a candidate id, "
+                        "an exclusion set's name or a label from the report)")
 
-    def eval_split(self, model: str) -> Split:
-        """The evaluation sample of a model."""
-        return self.data[model].eval
+    def eval_split(self, model: str, level: str = "full") -> Split:
+        """The evaluation sample of a model (``level="screen"``: its first ``search.screen_samples``)."""
+        full = self.data[model].eval
+        if level != "screen":
+            return full
+        n = min(self.cfg.search.screen_samples, full.size)
+        cached = self._screens.get(model)
+        if cached is not None and cached.size == n:
+            return cached
+        path, sha = save_split(self.out_dir / "data" / model, f"screen-{n}", full.load()[:n])
+        split = Split(f"screen-{n}", path, sha, full.items[:n], full.labels[:n] if full.labels else None)
+        self.store.put_dataset(f"{model}/screen", split.path, split.sha256, split.items, split.labels)
+        self._screens[model] = split
+        return split

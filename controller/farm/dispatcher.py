@@ -125,22 +125,29 @@ class JobPlan:
     model_path: Path
     dataset_path: Path
     spec: pb.JobSpec = field(compare=False)
+    level: str = "full"  # "screen": a subset of the evaluation sample, no latency
 
 
 def make_job(candidate_id: str, device_class: str, model_path: Path, model_sha256: str, dataset_path: Path,
-             dataset_sha256: str, input_name: str, runtime: dict[str, Any], settings: FarmSettings) -> JobPlan:
-    """The job of a candidate on a device class; its id covers everything that changes the result."""
+             dataset_sha256: str, input_name: str, runtime: dict[str, Any], settings: FarmSettings,
+             level: str = "full") -> JobPlan:
+    """The job of a candidate on a device class; its id covers everything that changes the result.
+
+    A ``screen`` job predicts a subset of the evaluation sample (``dataset_path``) and
+    measures no latency: the cheap first look a search takes at a candidate.
+    """
+    screen = level == "screen"
     spec = pb.JobSpec(
         model_sha256=model_sha256, dataset_sha256=dataset_sha256, input_name=input_name, top_k=settings.top_k,
-        chunk_size=settings.chunk_size, latency_warmup=settings.latency_warmup,
-        latency_repeats=settings.latency_repeats,
+        chunk_size=settings.chunk_size, latency_warmup=0 if screen else settings.latency_warmup,
+        latency_repeats=0 if screen else settings.latency_repeats,
         backend_options=pb.BackendOptions(ort=pb.OrtOptions(
             disabled_optimizers=list(runtime.get("ort_disabled_optimizers", [])),
             intra_op_threads=settings.intra_op_threads)),
     )
     key = device_class.encode() + b"\0" + spec.SerializeToString(deterministic=True)
     spec.job_id = f"tq-{hashlib.sha256(key).hexdigest()[:32]}"
-    return JobPlan(spec.job_id, candidate_id, device_class, Path(model_path), Path(dataset_path), spec)
+    return JobPlan(spec.job_id, candidate_id, device_class, Path(model_path), Path(dataset_path), spec, level)
 
 
 def result_row(plan: JobPlan, holder: str, result: pb.JobResult) -> dict[str, Any]:
@@ -157,8 +164,11 @@ def result_row(plan: JobPlan, holder: str, result: pb.JobResult) -> dict[str, An
                                "max_ms": lat.max_ms, "count": lat.count}),
         "size_bytes": int(result.model_size_bytes), "simulated": float(result.simulated_latency_ms_per_sample),
         "finished_at": float(result.finished_at) or time.time(), "attempt": int(result.attempt),
+        "level": plan.level,
         "info": json.dumps({"device_name": result.device, "device_class": result.device_class,
-                            "inference_seconds": result.inference_seconds, "executions": result.executions,
+                            "inference_seconds": result.inference_seconds,
+                            "seconds": max(0.0, float(result.finished_at) - float(result.started_at))
+                            if result.started_at else None, "executions": result.executions,
                             "runtime_versions": dict(result.runtime_versions)}),
     }
 
@@ -182,7 +192,7 @@ class JobBoard:
     def add(self, plan: JobPlan) -> str:
         """Register a job (idempotent); returns its state. A new run retries what failed before."""
         with self.cond:
-            row = self.store.add_job(plan.id, plan.candidate_id, plan.device)
+            row = self.store.add_job(plan.id, plan.candidate_id, plan.device, plan.level)
             if plan.id not in self.plans:
                 self._base_attempts[plan.id] = row["attempts"]
             self.plans[plan.id] = plan

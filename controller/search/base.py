@@ -1,60 +1,204 @@
-"""The strategy interface: a strategy proposes candidates; the orchestrator builds and evaluates them.
+"""The strategy interface: a strategy asks for evaluations; the orchestrator builds and runs them.
 
-The orchestrator asks :meth:`Strategy.propose` at the start and again whenever results
-arrive, builds what it proposes (in the background, overlapping evaluation) and hands the
-jobs to the dispatcher; the study ends when :meth:`Strategy.done` says so and every job is
-final. A strategy sees the study only through :class:`SearchView`, so it can be replayed
-from the checkpoint: given the same stored results it must propose the same candidates.
+A search is a (ranking, strategy) pair over every (model, recipe) of the study. The
+orchestrator asks each search's :meth:`Strategy.propose` at the start and again whenever
+results arrive, builds what it asks for (in the background, overlapping evaluation) and
+hands the jobs to the dispatcher; the study ends when every strategy is :meth:`done` and
+every job is final. A strategy sees the study only through :class:`SearchView`, so it can
+be replayed from the checkpoint: given the same stored results it asks for the same
+candidates (a resumed study ends with the same outcome).
+
+Levels of a request (cheap first, exact last):
+
+* ``build``: only build the candidate (its size is then known; no device is involved);
+* ``screen``: evaluate it on the first ``search.screen_samples`` of the evaluation sample,
+  without latency, on every device class (a screening result; never on a front);
+* ``full``: evaluate it on the whole evaluation sample with latency (the results fronts use).
 """
 
 from __future__ import annotations
 
 import abc
-from typing import TYPE_CHECKING, Any
+import math
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
-    from tuneqn.controller.study import CandidatePlan, Study
+    from tuneqn.controller.config import SearchRun, SearchSpec
+    from tuneqn.controller.study import CandidatePlan
+
+LEVELS = ("build", "screen", "full")
+
+
+@dataclass(frozen=True)
+class Request:
+    """Evaluate ``plan`` at ``level``; ``label`` is how the search names it (shown in the report)."""
+
+    plan: CandidatePlan
+    level: str
+    label: str = ""
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """A candidate's results at one level on every device class of the study.
+
+    ``per_device[device]`` has ``agreement``, ``overlap`` (mean share of the FP32 top-k found
+    in the candidate's top-k), ``accuracy``, ``latency_ms`` (None where not measured).
+    ``failed`` lists the devices where the evaluation failed or was unreachable.
+    """
+
+    candidate_id: str
+    size_bytes: int
+    per_device: dict[str, dict[str, float | None]]
+    failed: tuple[str, ...] = ()
+
+    def worst(self, metric: str) -> float | None:
+        """The lowest value of ``metric`` over the devices (None if any device lacks it)."""
+        values = [m.get(metric) for d, m in self.per_device.items() if d not in self.failed]
+        if not values or any(v is None or (isinstance(v, float) and math.isnan(v)) for v in values):
+            return None
+        return float(min(v for v in values if v is not None))
+
+    @property
+    def loss(self) -> float | None:
+        """Accuracy loss vs FP32 on the worst device: 1 − agreement (None if unknown)."""
+        a = self.worst("agreement")
+        return None if a is None else 1.0 - a
+
+
+class ViewSource(Protocol):
+    """What a :class:`SearchView` reads (implemented by the orchestrator over the study)."""
+
+    def view_devices(self) -> list[str]: ...
+    def view_concurrency(self) -> int: ...
+    def view_size(self, plan: CandidatePlan) -> int | None: ...
+    def view_outcome(self, plan: CandidatePlan, level: str) -> Outcome | None: ...
 
 
 class SearchView:
-    """What a strategy may look at: the study's plans and rankings, and the results so far."""
+    """What a strategy may look at: the study's layers, rankings and sizes, and the results so far."""
 
-    def __init__(self, study: Study) -> None:
+    def __init__(self, study: Any, source: ViewSource) -> None:
         self._study = study
+        self._source = source
+
+    # ---------------------------------------------------------------- the study
+    @property
+    def search(self) -> SearchSpec:
+        """The study's ``[search]`` settings (step, max_k, screen_samples, regain_every, …)."""
+        return self._study.cfg.search
 
     def models(self) -> list[str]:
         """Model names of the study."""
         return list(self._study.models)
 
-    def modes(self) -> list[str]:
-        """Quantization modes of the study."""
-        return self._study.modes()
+    def recipes(self) -> list[str]:
+        """Recipe names of the study."""
+        return self._study.recipes()
 
-    def ranking(self, model: str, mode: str) -> list[str]:
-        """Layer names of (model, mode), most sensitive first."""
-        return [r["name"] for r in self._study.analyze(model, mode)]
+    def objectives(self) -> list[tuple[str, str]]:
+        """(name, direction) of the study's objectives."""
+        return [(o.name, o.resolved_direction) for o in self._study.cfg.objectives]
 
-    def planned(self, model: str, mode: str) -> list[CandidatePlan]:
-        """The study's configured candidates of (model, mode): every k with the step, then exclusion sets."""
-        return self._study.plan(model, mode)
+    def layers(self, model: str, recipe: str) -> list[str]:
+        """Quantizable layers of (model, recipe) in graph order."""
+        return self._study.layer_names(model, recipe)
 
-    def results(self, candidate_id: str) -> list[dict[str, Any]]:
-        """Stored results of a candidate (one per device class it finished on)."""
-        return self._study.store.results(candidate_id=candidate_id)
+    def ranking(self, model: str, recipe: str, name: str) -> list[str]:
+        """An error ranking (``paper``, ``qdq``, ``xmodel``) of (model, recipe), most sensitive first."""
+        return self._study.ranking(model, recipe, name)
+
+    def plan(self, model: str, recipe: str, excluded: tuple[str, ...] | list[str], label: str = "") -> CandidatePlan:
+        """The candidate of (model, recipe) keeping ``excluded`` in float (id from its content)."""
+        return self._study.make_plan(model, recipe, excluded, label)
+
+    def prefix_plans(self, model: str, recipe: str, order: list[str], label: str = "k=") -> list[CandidatePlan]:
+        """The paper's candidates over ``order`` (k = 0, step, … ≤ max_k)."""
+        return self._study.prefix_plans(model, recipe, order, label)
+
+    def explicit_plans(self, model: str, recipe: str) -> list[CandidatePlan]:
+        """The study's explicit exclusion sets as candidates of (model, recipe)."""
+        return self._study.explicit_plans(model, recipe)
+
+    def fp32_size(self, model: str) -> int:
+        """Size in bytes of the (prepared) FP32 model."""
+        return int(self._study.models[model].path.stat().st_size)
+
+    def put_ranking(self, model: str, recipe: str, name: str, layers: list[dict[str, Any]]) -> None:
+        """Keep a computed ranking (layers in rank order, each a dict with at least ``name``) in the store."""
+        self._study.store.put_ranking(model, recipe, name, "", layers)
+
+    # ---------------------------------------------------------------- results so far
+    def devices(self) -> list[str]:
+        """Device classes of the study so far."""
+        return self._source.view_devices()
+
+    def concurrency(self) -> int:
+        """How many evaluations the farm can run at once (at least 1)."""
+        return max(1, self._source.view_concurrency())
+
+    def size(self, plan: CandidatePlan) -> int | None:
+        """The built candidate's size in bytes (None until built)."""
+        return self._source.view_size(plan)
+
+    def outcome(self, plan: CandidatePlan, level: str) -> Outcome | None:
+        """Results of ``plan`` at ``level`` on every device class (None while any is unfinished)."""
+        return self._source.view_outcome(plan, level)
 
 
 class Strategy(abc.ABC):
-    """Proposes candidates to evaluate from the ranking and the results so far."""
+    """Asks for evaluations of one search (a ranking and a strategy) over every (model, recipe)."""
 
-    name: str = ""
-
-    def __init__(self, view: SearchView) -> None:
+    def __init__(self, view: SearchView, run: SearchRun) -> None:
         self.view = view
+        self.run = run
+        self.name = run.name
 
     @abc.abstractmethod
-    def propose(self) -> list[CandidatePlan]:
-        """Candidates to evaluate next (never one proposed before); [] = nothing new right now."""
+    def propose(self) -> list[Request]:
+        """What to evaluate next ([] = nothing new right now). Repeating a request is harmless."""
 
     @abc.abstractmethod
     def done(self) -> bool:
-        """True once the strategy will propose nothing more, whatever results still arrive."""
+        """True once the strategy will ask for nothing more, whatever results still arrive."""
+
+
+class PairStrategy(abc.ABC):
+    """A strategy's work on one (model, recipe)."""
+
+    def __init__(self, view: SearchView, run: SearchRun, model: str, recipe: str) -> None:
+        self.view = view
+        self.run = run
+        self.model = model
+        self.recipe = recipe
+
+    @abc.abstractmethod
+    def propose(self) -> list[Request]:
+        """What to evaluate next."""
+
+    @abc.abstractmethod
+    def done(self) -> bool:
+        """Nothing more to ask for."""
+
+
+@dataclass
+class PerPair(Strategy):
+    """A strategy that runs one :class:`PairStrategy` per (model, recipe)."""
+
+    view: SearchView
+    run: SearchRun
+    pair_cls: type[PairStrategy]
+    pairs: list[PairStrategy] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.name = self.run.name
+        self.pairs = [self.pair_cls(self.view, self.run, m, r) for m in self.view.models() for r in self.view.recipes()]
+
+    def propose(self) -> list[Request]:
+        """Every pair's requests."""
+        return [req for p in self.pairs if not p.done() for req in p.propose()]
+
+    def done(self) -> bool:
+        """All pairs done."""
+        return all(p.done() for p in self.pairs)

@@ -1,27 +1,37 @@
-"""The paper's decremental sweep: candidate k excludes the top-k layers of the ranking, k = 0, step, …"""
+"""The paper's sweep: candidate k excludes the top-k layers of a ranking, k = 0, step, … (section IV-B)."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Any
 
-from tuneqn.controller.search.base import Strategy
-
-if TYPE_CHECKING:
-    from tuneqn.controller.study import CandidatePlan
+from tuneqn.controller.search.base import PairStrategy, Request
+from tuneqn.controller.search.measured import MeasuredRanking
 
 
-class Sweep(Strategy):
-    """Every configured candidate of every (model, mode), proposed at once (paper, section IV-B)."""
+class SweepPair(PairStrategy):
+    """Every k of the chosen ranking with the configured step, plus the explicit sets, all in full.
 
-    name = "sweep"
-    _proposed = False
+    With the ``measured`` ranking the ranking is measured first (screening), then swept.
+    """
 
-    def propose(self) -> list[CandidatePlan]:
-        """All candidates the first time, nothing after."""
-        if self._proposed:
-            return []
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self._measured = MeasuredRanking(self.view, self.model, self.recipe) if self.run.ranking == "measured" else None
+        self._proposed = False
+
+    def propose(self) -> list[Request]:
+        """The measured ranking's screens until it is known, then every candidate."""
+        if self._measured is None:
+            order: list[str] | None = self.view.ranking(self.model, self.recipe, self.run.ranking)
+        else:
+            order = self._measured.order()
+            if order is None:
+                return self._measured.requests()
+        label = f"{self.run.ranking} k="
+        reqs = [Request(p, "full", p.label) for p in self.view.prefix_plans(self.model, self.recipe, order, label)]
+        reqs += [Request(p, "full", p.label) for p in self.view.explicit_plans(self.model, self.recipe)]
         self._proposed = True
-        return [p for model in self.view.models() for mode in self.view.modes() for p in self.view.planned(model, mode)]
+        return reqs
 
     def done(self) -> bool:
         """Done once everything was proposed."""

@@ -79,8 +79,42 @@ def _study_config(args: argparse.Namespace) -> StudyConfig:
         if args.format:
             q = update.get("quantization", cfg.quantization)
             update["quantization"] = q.model_copy(update={"format": args.format})
-        return cfg.model_copy(update=update) if update else cfg
-    return _quick_config(args)
+        cfg = cfg.model_copy(update=update) if update else cfg
+    else:
+        cfg = _quick_config(args)
+    return _search_overrides(cfg, args)
+
+
+def _search_overrides(cfg: StudyConfig, args: argparse.Namespace) -> StudyConfig:
+    """Apply ``--recipe``, ``--ranking``, ``--strategy``, ``--budget``, ``--max-loss`` (validated like the TOML)."""
+    from pydantic import ValidationError
+
+    from tuneqn.controller.config import SearchSpec, format_validation_error
+
+    data: dict[str, Any] = {}
+    quant = cfg.quantization
+    if getattr(args, "recipe", None):
+        try:
+            quant = quant.with_recipes(args.recipe)
+        except ValueError as exc:
+            raise UserError(f"--recipe: {exc}") from None
+    for flag in ("ranking", "strategy", "budget", "max_loss"):
+        value = getattr(args, flag, None)
+        if value is not None:
+            data[flag] = value
+    if data.get("strategy") not in (None, "target") and "max_loss" not in data:
+        data["max_loss"] = None  # the TOML's target parameter does not apply to another strategy
+    if data.get("strategy") not in (None, "budget") and "budget" not in data:
+        data["budget"] = None
+    search = cfg.search
+    if data:
+        try:
+            search = SearchSpec.model_validate({**cfg.search.model_dump(), **data})
+        except ValidationError as exc:
+            line = format_validation_error(exc, SearchSpec.model_json_schema())
+            flag = next((f"--{k.replace('_', '-')}" for k in data if line.startswith(k)), "--strategy")
+            raise UserError(f"{flag}: {line.split(': ', 1)[-1]}") from None
+    return cfg.model_copy(update={"quantization": quant, "search": search})
 
 
 def _command_line(args: argparse.Namespace) -> str:
@@ -113,6 +147,16 @@ def _add_study_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calibration", type=int, help="quick form: calibration sample size")
     p.add_argument("--analysis", type=int, help="quick form: analysis sample size")
     p.add_argument("--fresh", action="store_true", help="ignore and replace what the study stored")
+    p.add_argument("--recipe", action="append", metavar="NAME",
+                   help="quantization recipe to search (repeatable): one of the study's or a preset "
+                        "(per-tensor, per-channel, per-channel-percentile, dynamic, …)")
+    p.add_argument("--ranking", choices=["paper", "qdq", "xmodel", "measured"], help="layer ranking")
+    p.add_argument("--strategy", choices=["sweep", "greedy", "budget", "target"],
+                   help="search strategy (sweep = the paper's)")
+    p.add_argument("--budget", type=int, help="budget strategy: full evaluations per (model, recipe, device) "
+                   "(default 30%% of the sweep's)")
+    p.add_argument("--max-loss", type=float, help="target strategy: largest accuracy loss vs FP32 allowed on every "
+                   "device (0.01 = 1%%)")
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
@@ -179,19 +223,13 @@ def cmd_export(args: argparse.Namespace) -> int:
     study = Study(cfg, command=_command_line(args))
     try:
         study.prepare()
-        k: int | None = None
-        label: str | None = None
-        if args.candidate.isdigit():
-            k = int(args.candidate)
-        else:
-            label = args.candidate
         model = args.model or (next(iter(study.models)) if len(study.models) == 1 else None)
         if model is None:
             raise UserError(f"--model: the study has several models ({', '.join(study.models)}); name one")
         mode = args.mode or (study.modes()[0] if len(study.modes()) == 1 else None)
         if mode is None:
-            raise UserError(f"--mode: the study has several modes ({', '.join(study.modes())}); name one")
-        plan = study.find_plan(model, mode, k=k, label=label)
+            raise UserError(f"--recipe: the study has several recipes ({', '.join(study.modes())}); name one")
+        plan = study.find_plan(model, mode, args.candidate)
         row = study.build(plan, out=out)
         stored = study.store.candidate(plan.id)
     finally:
@@ -318,8 +356,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="regenerate one candidate into an ONNX file")
     p.add_argument("study_dir", help="the study's output directory")
     p.add_argument("--model", help="model name (default: the study's only model)")
-    p.add_argument("--mode", choices=["static", "dynamic"], help="quantization mode (default: the only one)")
-    p.add_argument("--candidate", required=True, help="candidate number k, or an exclusion set's name")
+    p.add_argument("--recipe", "--mode", dest="mode", help="recipe (default: the study's only one)")
+    p.add_argument("--candidate", required=True,
+                   help="candidate id (or its fq/x… tag), exclusion set name, label from the report, or a number k "
+                        "(top-k layers of the paper's ranking)")
     p.add_argument("-o", "--output", required=True, help="output .onnx file")
     p.set_defaults(func=cmd_export)
 

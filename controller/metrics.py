@@ -52,6 +52,22 @@ def agreement(topk: np.ndarray, baseline_topk: np.ndarray) -> float | None:
     return float((topk[:, 0] == baseline_topk[:, 0]).mean())
 
 
+def overlap(topk: np.ndarray, baseline_topk: np.ndarray) -> float | None:
+    """Mean share of the baseline's top-k classes that are also in the candidate's top-k."""
+    if topk.shape != baseline_topk.shape or len(topk) == 0:
+        return None
+    k = topk.shape[1]
+    hits = (topk[:, :, None] == baseline_topk[:, None, :]).any(axis=2).sum(axis=1)
+    return float(hits.mean() / k)
+
+
+def overlap_of(store: Store, row: dict[str, Any]) -> float | None:
+    """:func:`overlap` of a stored result with its model's FP32 result on the same device and level."""
+    model = model_of(store, row["candidate_id"])
+    base = _baseline(store, model, row["device"], row.get("level") or "full") if model else None
+    return None if base is None else overlap(topk_of(row), topk_of(base))
+
+
 def accuracy(topk: np.ndarray, labels: Sequence[int] | None, k: int = 1) -> float | None:
     """Top-``k`` accuracy against ``labels`` (negative = unlabelled, skipped); None without labels.
 

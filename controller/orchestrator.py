@@ -29,7 +29,9 @@ from tuneqn.controller.config import AgentSpec
 from tuneqn.controller.farm.dispatcher import AgentLink, AgentState, Endpoint, FarmSettings, JobBoard, make_job
 from tuneqn.controller.farm.local import LocalAgent, QuietLock
 from tuneqn.controller.report import write_full_report, write_json
-from tuneqn.controller.search import SearchView, make_strategy
+from tuneqn.controller.metrics import baseline_id
+from tuneqn.controller.report.base import FINAL_JOB_STATES
+from tuneqn.controller.search import Outcome, Request, SearchView, make_strategy
 from tuneqn.controller.study import CandidatePlan, Study
 from tuneqn.v1 import agent_pb2 as pb
 
@@ -60,6 +62,7 @@ class _Built:
     path: Path
     sha256: str
     runtime: dict[str, Any]
+    size_bytes: int = 0
 
 
 def remeasure_token(study: Study, fresh: bool) -> str:
@@ -89,11 +92,16 @@ class StudyRun:
         self.errors: list[str] = []
         self._lock = threading.Lock()
         self._classes: dict[str, float] = {}  # device class -> last time a live agent served it
-        self._built: list[_Built] = []
+        self._built: dict[str, _Built] = {}  # candidate id -> built candidate
+        self._levels: dict[str, set[str]] = {}  # candidate id -> levels asked for ("screen", "full")
+        self._queued: set[str] = set()  # candidate ids handed to the builder
+        self._job_ids: dict[tuple[str, str, str], str] = {}  # (candidate, device class, level) -> job id
+        self._outcomes: dict[tuple[str, str, tuple[str, ...]], Outcome] = {}  # complete outcomes
         self._builds: queue.Queue[CandidatePlan | None] = queue.Queue()
         self._building = 0
         self._build_errors: list[BaseException] = []
         self._results_changed = threading.Event()
+        self._changed = threading.Event()  # a result or a build arrived: ask the strategies again
         self._given_up: set[str] = set()  # agents that never answered within device_wait_s
 
     # ------------------------------------------------------------------ steps
@@ -133,20 +141,33 @@ class StudyRun:
         threading.Thread(target=self._builder, name="candidate-builder", daemon=True).start()
 
     def dispatch(self) -> None:
-        """Feed the strategy's candidates to the dispatcher until it is done and every job is final."""
-        strategy = make_strategy(self.study.cfg.search.strategy, SearchView(self.study))
+        """Feed the searches' requests to the builder and the dispatcher until every search is done
+        and every job is final; the strategies are asked again whenever a result or a build arrives."""
+        view = SearchView(self.study, self)
+        strategies = [make_strategy(run, view) for run in self.study.cfg.search.runs()]
+        for st in strategies:
+            self.store.put_search(st.name, st.run.model_dump(mode="json"))
         for model, pm in self.study.models.items():
-            self._add_built(_Built(f"{model}:fp32", model, pm.path, pm.sha256, {}), fp32=True)
+            self._add_built(_Built(baseline_id(model), model, pm.path, pm.sha256, {}, pm.path.stat().st_size),
+                            fp32=True)
+            self._want(baseline_id(model), "full", model)
         started = time.monotonic()
         last_report = 0.0
         self._results_changed.set()  # a first report.json right away
+        self._changed.set()
         while True:
             if self._build_errors:
                 raise self._build_errors[0]
             self.board.expire()
-            if self._idle() and not strategy.done():
-                self._enqueue(strategy.propose())
-            if strategy.done() and self._idle() and not self.board.closed:
+            if self._changed.is_set():
+                self._changed.clear()
+                for st in strategies:
+                    if not st.done():
+                        self._request(st.name, st.propose())
+                    if st.done():
+                        self.store.finish_search(st.name)
+            searching = not all(st.done() for st in strategies)
+            if not searching and self._idle() and not self.board.closed:
                 self.board.close()
             self._watch_liveness()
             if self.on_progress is not None:
@@ -155,10 +176,11 @@ class StudyRun:
                 self._results_changed.clear()
                 write_json(self.store, self.study.out_dir)
                 last_report = time.monotonic()
-            if self.board.finished() and not self._awaited(started):
+            if self.board.finished() and not searching and self._idle() and not self._awaited(started):
                 break
             with self.board.cond:
-                self.board.cond.wait(0.5)
+                if not self._changed.is_set():
+                    self.board.cond.wait(0.5)
 
     def stop_farm(self) -> None:
         """Stop the links, their slots and the local agent."""
@@ -186,12 +208,34 @@ class StudyRun:
         outcome.report = write_full_report(self.store, self.study.out_dir)
         return outcome
 
-    # ------------------------------------------------------------------ building
-    def _enqueue(self, plans: list[CandidatePlan]) -> None:
+    # ------------------------------------------------------------------ requests and building
+    def _request(self, search: str, requests: list[Request]) -> None:
+        """Record a search's requests; build what is not built; add the jobs of what is."""
+        for req in requests:
+            plan = req.plan
+            self.store.put_proposal(search, plan.id, req.level, plan.model, plan.mode, req.label or plan.label)
+            if req.level != "build":
+                self._want(plan.id, req.level, plan.model)
+            with self._lock:
+                queued = plan.id in self._queued
+                self._queued.add(plan.id)
+            if not queued:
+                with self._lock:
+                    self._building += 1
+                self._builds.put(plan)
+
+    def _want(self, cid: str, level: str, model: str) -> None:
+        """Evaluate candidate ``cid`` at ``level`` on every device class (once it is built)."""
         with self._lock:
-            self._building += len(plans)
-        for p in plans:
-            self._builds.put(p)
+            new = level not in self._levels.setdefault(cid, set())
+            self._levels[cid].add(level)
+            built = self._built.get(cid)
+            classes = list(self._classes)
+        if level == "screen" and cid != baseline_id(model):
+            self._want(baseline_id(model), "screen", model)  # the FP32 reference of every screen
+        if new and built is not None:
+            for cls in classes:
+                self._add_jobs(built, cls, level)
 
     def _idle(self) -> bool:
         with self._lock:
@@ -208,7 +252,8 @@ class StudyRun:
                         row = self.study.build(plan)
                 else:
                     row = self.study.build(plan)
-                self._add_built(_Built(plan.id, plan.model, Path(row["path"]), row["sha256"], row["runtime"]))
+                self._add_built(_Built(plan.id, plan.model, Path(row["path"]), row["sha256"], row["runtime"],
+                                       int(row["size_bytes"])))
             except BaseException as exc:  # noqa: BLE001 - handed to the main thread, which raises it
                 self._build_errors.append(exc)
                 with self.board.cond:
@@ -217,6 +262,9 @@ class StudyRun:
             finally:
                 with self._lock:
                     self._building -= 1
+                self._changed.set()
+                with self.board.cond:
+                    self.board.cond.notify_all()
 
     def _add_built(self, built: _Built, fp32: bool = False) -> None:
         if fp32:
@@ -224,30 +272,85 @@ class StudyRun:
             self.store.put_candidate({"id": built.candidate_id, "model": built.model, "mode": "fp32", "k": None,
                                       "kind": "fp32", "label": "fp32", "excluded": [], "settings_key": "",
                                       "build_key": pm.sha256, "path": str(built.path),
-                                      "size_bytes": built.path.stat().st_size, "sha256": built.sha256,
+                                      "size_bytes": built.size_bytes, "sha256": built.sha256,
                                       "runtime": {}})
         with self._lock:
-            self._built.append(built)
+            self._built[built.candidate_id] = built
             classes = list(self._classes)
+            levels = sorted(self._levels.get(built.candidate_id, ()))
         for cls in classes:
-            self._add_jobs(built, cls)
+            for level in levels:
+                self._add_jobs(built, cls, level)
 
-    def _add_jobs(self, built: _Built, device_class: str) -> None:
-        split = self.study.eval_split(built.model)
+    def _add_jobs(self, built: _Built, device_class: str, level: str) -> None:
+        split = self.study.eval_split(built.model, level)
         pm = self.study.models[built.model]
-        self.board.add(make_job(built.candidate_id, device_class, built.path, built.sha256, split.path,
-                                split.sha256, pm.input_name, built.runtime, self.settings))
+        plan = make_job(built.candidate_id, device_class, built.path, built.sha256, split.path, split.sha256,
+                        pm.input_name, built.runtime, self.settings, level)
+        with self._lock:
+            self._job_ids[(built.candidate_id, device_class, level)] = plan.id
+        self.board.add(plan)
+
+    # ------------------------------------------------------------------ what the strategies see (ViewSource)
+    def view_devices(self) -> list[str]:
+        """Device classes so far."""
+        with self._lock:
+            return sorted(self._classes)
+
+    def view_concurrency(self) -> int:
+        """Devices that can evaluate at once (one per device of every agent)."""
+        return sum(max(1, len(link.slots)) for link in self.links) or 1
+
+    def view_size(self, plan: CandidatePlan) -> int | None:
+        """Size of a built candidate."""
+        with self._lock:
+            built = self._built.get(plan.id)
+        return built.size_bytes if built is not None else None
+
+    def view_outcome(self, plan: CandidatePlan, level: str) -> Outcome | None:
+        """A candidate's results at a level on every device class; None while any is unfinished."""
+        with self._lock:
+            classes = tuple(sorted(self._classes))
+            built = self._built.get(plan.id)
+            jobs = [self._job_ids.get((plan.id, cls, level)) for cls in classes]
+        if built is None or not classes or None in jobs:
+            return None
+        key = (plan.id, level, classes)
+        if key in self._outcomes:
+            return self._outcomes[key]
+        per_device: dict[str, dict[str, float | None]] = {}
+        failed: list[str] = []
+        for cls, jid in zip(classes, jobs, strict=True):
+            row = self.store.job(str(jid))
+            if row is None or row["state"] not in FINAL_JOB_STATES:
+                return None
+            result = self.store.result(str(jid)) if row["state"] == "done" else None
+            if result is None:
+                failed.append(cls)
+                per_device[cls] = {}
+                continue
+            if result["agreement"] is None:
+                return None  # its FP32 reference is not in yet
+            per_device[cls] = {"agreement": result["agreement"], "accuracy": result["accuracy"],
+                               "accuracy_top5": result["accuracy_top5"], "latency_ms": result["latency_ms"],
+                               "overlap": metrics.overlap_of(self.store, result)}
+        out = Outcome(plan.id, built.size_bytes, per_device, tuple(failed))
+        self._outcomes[key] = out
+        return out
 
     # ------------------------------------------------------------------ devices and liveness
     def _register_class(self, device_class: str, info: dict[str, Any], now: float) -> bool:
         with self._lock:
             new = device_class not in self._classes
             self._classes[device_class] = now
-            built = list(self._built) if new else []
+            todo = [(b, sorted(self._levels.get(cid, ()))) for cid, b in self._built.items()] if new else []
         if new or info.get("backend"):
             self.store.put_device(device_class, device_class, info)
-        for b in built:
-            self._add_jobs(b, device_class)
+        for b, levels in todo:
+            for level in levels:
+                self._add_jobs(b, device_class, level)
+        if new:
+            self._changed.set()
         return new
 
     def _on_device(self, link: AgentLink, device: pb.Device) -> None:
@@ -294,11 +397,12 @@ class StudyRun:
 
     def _total(self) -> int:
         with self._lock:
-            return len(self._built) * max(len(self._classes), 1)
+            return len(self._job_ids)
 
     def _on_result(self, job_id: str) -> None:
         metrics.on_result(self.store, job_id)
         self._results_changed.set()
+        self._changed.set()
 
 
 def tune(study: Study, endpoints: list[Endpoint], settings: FarmSettings,

@@ -177,6 +177,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
                 for mode in study.modes():
                     rows.extend(progress.step(f"analyzing {model} ({mode})", study.analyze, model, mode))
             study.write_layer_outputs(rows)
+            study.forget_stale_candidates()
             if args.candidates:
                 plans = study.all_plans()
                 progress.each("building candidates", plans, study.build)

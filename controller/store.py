@@ -282,6 +282,11 @@ class Store:
         return self._decode_candidate(rows[0]) if rows else None
 
     @_locked
+    def delete_candidate(self, cid: str) -> None:
+        """Forget a candidate (its jobs and results stay: nothing measured is deleted)."""
+        self.db.execute("delete from candidates where id = ?", [cid])
+
+    @_locked
     def candidates(self, model: str | None = None, mode: str | None = None) -> list[dict[str, Any]]:
         """Candidates, ordered by model, mode, kind, k."""
         rows = self._select("candidates", "model, mode, kind desc, k, label", model=model, mode=mode)

@@ -382,13 +382,31 @@ class Study:
         return rows
 
     def analyze_all(self) -> list[dict[str, Any]]:
-        """Analyze every (model, mode); write layers.json and layer_errors.png."""
+        """Analyze every (model, recipe); write layers.json and layer_errors.png; forget stale candidates."""
         rows: list[dict[str, Any]] = []
         for model in self.models:
             for mode in self.modes():
                 rows.extend(self.analyze(model, mode))
         self.write_layer_outputs(rows)
+        self.forget_stale_candidates()
         return rows
+
+    def forget_stale_candidates(self) -> int:
+        """Drop the stored candidates of this study's recipes whose inputs changed (new weights, data,
+        settings or tools: their ``build_key`` is no longer today's) and delete their files; their
+        results stay in the store. Returns how many were dropped."""
+        n = 0
+        for row in self.store.candidates():
+            if row["kind"] == "fp32" or row["model"] not in self.models or row["mode"] not in self.recipes():
+                continue
+            plan = self.make_plan(row["model"], row["mode"], row["excluded"], row["label"], row["kind"])
+            if plan.id != row["id"] or self.build_key(plan) != row.get("build_key"):
+                self.store.delete_candidate(row["id"])
+                Path(row["path"]).unlink(missing_ok=True)
+                n += 1
+        if n:
+            log.info("forgot %d candidates built from earlier inputs", n)
+        return n
 
     def write_layer_outputs(self, rows: list[dict[str, Any]]) -> None:
         """``layers.json`` (rank order within each (model, mode)) and ``layer_errors.png``."""

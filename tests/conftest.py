@@ -31,6 +31,8 @@ def write_study(tmp: Path, **overrides: Any) -> Path:
         "models": [{"path": str(overrides.pop("model"))}],
         "dataset": {"images": str(overrides.pop("images")), "eval": 12, "calibration": 12, "analysis": 6},
     }
+    # The farm/report tests run the paper's sweep (every k): their job counts are known.
+    data["search"] = {"strategy": "sweep", "ranking": "paper", **overrides.pop("search", {})}
     data.update(overrides)
     path = tmp / "study.toml"
     path.write_text(tomli_w.dumps(data))

@@ -139,7 +139,7 @@ def _counts(model: onnx.ModelProto) -> dict[str, int]:
 def test_candidate_k_leaves_exactly_top_k_float(built: Path, tmp_path: Path) -> None:
     ranking = [layer["name"] for layer in json.loads((built / "layers.json").read_text())]
     assert ranking[0] == "conv2"
-    cands = [c for c in _candidates(built) if c["kind"] == "ranked"]
+    cands = [c for c in _candidates(built) if c["kind"] == "set"]
     assert [c["k"] for c in cands] == list(range(len(ranking) + 1))
     for c in cands:
         top = set(ranking[: c["k"]])
@@ -164,7 +164,7 @@ def test_candidate_k_leaves_exactly_top_k_float(built: Path, tmp_path: Path) -> 
 
 def test_weight_bias_quantization_disabled_where_needed(built: Path, tmp_path: Path) -> None:
     """An excluded Conv between a DequantizeLinear and a QuantizeLinear needs WeightBiasQuantization off."""
-    cands = {c["k"]: c for c in _candidates(built) if c["kind"] == "ranked"}
+    cands = {c["k"]: c for c in _candidates(built) if c["kind"] == "set"}
     assert json.loads(cands[1]["excluded"]) == ["conv2"]
     assert json.loads(cands[1]["runtime"])["ort_disabled_optimizers"] == [WBQ]
     assert json.loads(cands[0]["runtime"])["ort_disabled_optimizers"] == []
@@ -180,7 +180,7 @@ def test_excluding_the_wide_layer_moves_outputs_towards_float(built: Path, asset
     so = ort.SessionOptions()
     so.log_severity_level = 3
     ref = ort.InferenceSession(str(assets / "wide.onnx"), so).run(None, {"input": x})[0]
-    cands = {c["k"]: c for c in _candidates(built) if c["kind"] == "ranked"}
+    cands = {c["k"]: c for c in _candidates(built) if c["kind"] == "set"}
 
     def err(c: dict) -> float:
         rt = json.loads(c["runtime"])["ort_disabled_optimizers"]

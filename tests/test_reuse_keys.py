@@ -65,9 +65,13 @@ def test_changed_weights_rebuild_candidates(tmp_path: Path, inputs: tuple[Path, 
     cnn(model, seed=1)  # other weights, the same node names
     assert main(["analyze", str(study), "--candidates"]) == 0
     after = _candidates(out)
-    assert after.keys() == before.keys()
-    for cid in before:
-        assert after[cid]["sha256"] != before[cid]["sha256"], f"{cid} kept the old model's file"
+    # Candidates are named by content (model, recipe, exclusion set): one per k before and after,
+    # and none of the old files survives (stale rows are forgotten, their files deleted).
+    by_k_before = {c["k"]: c for c in before.values()}
+    by_k_after = {c["k"]: c for c in after.values()}
+    assert by_k_after.keys() == by_k_before.keys() and len(by_k_after) == len(after)
+    for k, c in by_k_before.items():
+        assert by_k_after[k]["sha256"] != c["sha256"], f"k={k} kept the old model's file"
     _files_match_store(out)
     for k in (0, 2):
         _export_matches(out, tmp_path, k)

@@ -10,10 +10,10 @@
 
 from __future__ import annotations
 
+import importlib
 from typing import TYPE_CHECKING
 
 from tuneqn.controller.search.base import LEVELS, Outcome, PairStrategy, PerPair, Request, SearchView, Strategy
-from tuneqn.controller.search.sweep import SweepPair
 
 if TYPE_CHECKING:
     from tuneqn.controller.config import SearchRun
@@ -21,18 +21,17 @@ if TYPE_CHECKING:
 __all__ = ["LEVELS", "Outcome", "PairStrategy", "PerPair", "Request", "SearchView", "Strategy", "make_strategy"]
 
 
-def _pair_classes() -> dict[str, type[PairStrategy]]:
-    from tuneqn.controller.search.budget import BudgetPair  # noqa: PLC0415 - keeps imports acyclic
-    from tuneqn.controller.search.greedy import GreedyPair  # noqa: PLC0415
-    from tuneqn.controller.search.target import TargetPair  # noqa: PLC0415
-
-    return {"sweep": SweepPair, "decremental": SweepPair, "greedy": GreedyPair, "budget": BudgetPair,
-            "target": TargetPair}
+#: strategy name -> "module:class" of its per-(model, recipe) part
+_PAIRS = {
+    "sweep": "sweep:SweepPair", "decremental": "sweep:SweepPair", "greedy": "greedy:GreedyPair",
+    "budget": "budget:BudgetPair", "target": "target:TargetPair",
+}
 
 
 def make_strategy(run: SearchRun, view: SearchView) -> Strategy:
     """The strategy of one search over every (model, recipe) of the study."""
-    classes = _pair_classes()
-    if run.strategy not in classes:
+    if run.strategy not in _PAIRS:
         raise ValueError(f"unknown search strategy {run.strategy!r}")
-    return PerPair(view, run, classes[run.strategy])
+    module, _, cls = _PAIRS[run.strategy].partition(":")
+    pair_cls = getattr(importlib.import_module(f"tuneqn.controller.search.{module}"), cls)
+    return PerPair(view, run, pair_cls)

@@ -106,6 +106,8 @@ def _search_overrides(cfg: StudyConfig, args: argparse.Namespace) -> StudyConfig
         data["max_loss"] = None  # the TOML's target parameter does not apply to another strategy
     if data.get("strategy") not in (None, "budget") and "budget" not in data:
         data["budget"] = None
+    if getattr(args, "no_compare", False):
+        data["compare"] = []
     search = cfg.search
     if data:
         try:
@@ -155,6 +157,7 @@ def _add_study_args(p: argparse.ArgumentParser) -> None:
                    help="search strategy (sweep = the paper's)")
     p.add_argument("--budget", type=int, help="budget strategy: full evaluations per (model, recipe, device) "
                    "(default 30%% of the sweep's)")
+    p.add_argument("--no-compare", action="store_true", help="run only the main search, not [[search.compare]]")
     p.add_argument("--max-loss", type=float, help="target strategy: largest accuracy loss vs FP32 allowed on every "
                    "device (0.01 = 1%%)")
 

@@ -135,8 +135,17 @@ class _OrtAdviceFilter(logging.Filter):
         return not ("onnxruntime" in record.pathname and record.levelno < logging.ERROR)
 
 
-def _calibration_reader(input_name: str, data: np.ndarray, model_batch: int | str) -> ArrayReader:
-    batch = model_batch if isinstance(model_batch, int) else 8
+def _calibration_reader(input_name: str, data: np.ndarray, model_batch: int | str,
+                        settings: QuantSettings) -> ArrayReader:
+    """Batches of the model's fixed batch size; with a dynamic batch 8 at a time, except for the
+    histogram calibrators (entropy, percentile), which stack every batch of a tensor into one
+    array and fail on a shorter last batch: they get equal batches (of 1)."""
+    if isinstance(model_batch, int):
+        batch = model_batch
+    elif settings.calibration_method == "minmax" or len(data) % 8 == 0:
+        batch = 8
+    else:
+        batch = 1
     return ArrayReader(input_name, data, batch=batch)
 
 
@@ -156,7 +165,7 @@ def calibrate(
     partial.unlink(missing_ok=True)
     with tempfile.TemporaryDirectory(prefix="tuneqn-calib-") as tmp:
         _quantize_static(model_path, Path(tmp) / "fq.onnx", settings, [], partial,
-                         _calibration_reader(input_name, calib_data, model_batch))
+                         _calibration_reader(input_name, calib_data, model_batch, settings))
     os.replace(partial, cache_path)
     return cache_path
 

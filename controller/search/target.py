@@ -19,9 +19,9 @@ a 1e-9 tolerance: 99 of 100 samples meets X = 0.01). Screening (``screen``: the 
    full, smallest first (the all-together one, then the largest layer removed first), w at a
    time as above; the smallest that meets X in full is the new answer. Repeat until no
    reduction meets X in full; then the search is done. A later round only tries the layers
-   whose removal met X in screening in the round before (assumption, as in ``budget``:
-   quantizing more layers does not lower the loss, so a layer that could not go from a
-   larger set cannot go from a smaller one). The all-together reduction drops every layer
+   whose removal met X in screening in the round before and, if evaluated in full there,
+   met it in full too (assumption, as in ``budget``: quantizing more layers does not lower
+   the loss, so a layer that could not go from a larger set cannot go from a smaller one). The all-together reduction drops every layer
    that does not matter in one round instead of one round each. Shrinking is a local search:
    it does not swap a layer for another (a cheaper one with the same effect).
 
@@ -62,6 +62,7 @@ class TargetPair(PairStrategy):
         self.max_loss = float(self.run.max_loss)
         self._rankings: dict[tuple[str, ...], MeasuredRanking] = {}
         self._fulls: list[CandidatePlan] = []
+        self._plans: dict[tuple[str, ...], CandidatePlan] = {}
         self._done = False
 
     def propose(self) -> list[Request]:
@@ -85,6 +86,13 @@ class TargetPair(PairStrategy):
 
     def _meets(self, out: Outcome | None) -> bool:
         return out is not None and not out.failed and out.loss is not None and out.loss <= self.max_loss + _TOLERANCE
+
+    def _plan(self, excluded: list[str], label: str) -> CandidatePlan:
+        """The candidate keeping ``excluded`` in float (the first label it was asked with)."""
+        key = tuple(sorted(excluded))
+        if key not in self._plans:
+            self._plans[key] = self.view.plan(self.model, self.recipe, key, label)
+        return self._plans[key]
 
     def _ranking(self, base: tuple[str, ...], label: str) -> MeasuredRanking:
         if base not in self._rankings:
@@ -115,7 +123,7 @@ class TargetPair(PairStrategy):
         lo = 0
         while True:
             hi = min(lo + SCREEN_PREFIXES, cap)
-            prefixes = [self.view.plan(self.model, self.recipe, order[:k], f"target k={k}") for k in range(lo, hi + 1)]
+            prefixes = [self._plan(order[:k], f"target k={k}") for k in range(lo, hi + 1)]
             best = self._confirm_smallest(self._screen(prefixes, reqs), reqs)
             if best is not None or hi >= cap:
                 return best
@@ -125,16 +133,18 @@ class TargetPair(PairStrategy):
     def _shrink(self, best: CandidatePlan, removable: set[str],
                 reqs: list[Request]) -> tuple[CandidatePlan | None, set[str]]:
         """One round of shrinking: the smallest reduction of ``best`` that meets X in full (None if
-        none does), and the layers whose removal met X in screening."""
-        singles = {name: self.view.plan(self.model, self.recipe, [x for x in best.excluded if x != name],
-                                        f"target -{name}") for name in best.excluded if name in removable}
+        none does), and the layers that may still go (their removal met X so far)."""
+        singles = {name: self._plan([x for x in best.excluded if x != name], f"target -{name}")
+                   for name in best.excluded if name in removable}
         passing = self._screen(list(singles.values()), reqs)
         names = [name for name, p in singles.items() if p in passing]
         if len(names) > 1:
-            together = self.view.plan(self.model, self.recipe, [x for x in best.excluded if x not in names],
-                                      f"target -{len(names)} layers")
+            together = self._plan([x for x in best.excluded if x not in names], f"target -{len(names)} layers")
             passing += self._screen([together], reqs)
-        return self._confirm_smallest(passing, reqs), set(names)
+        smaller = self._confirm_smallest(passing, reqs)
+        asked = {p.id for p in self._fulls}  # only results this search waited for: replayable
+        return smaller, {name for name in names
+                         if singles[name].id not in asked or self._meets(self.view.outcome(singles[name], "full"))}
 
     def _measured_order(self, base: tuple[str, ...], label: str, reqs: list[Request]) -> list[str]:
         ranking = self._ranking(base, label)

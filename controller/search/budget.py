@@ -1,0 +1,175 @@
+"""The ``budget`` strategy: at most N full evaluations per (model, recipe), spent where the front can change.
+
+Candidates are the sweep's: the prefixes of the run's ranking (k = 0, step, … ≤ max_k).
+N = ``budget``, else 30 % of their number rounded down (so that it stays within 30 %), but at
+least 2 (the first and the last). With the ``measured`` ranking the ranking is measured
+first (one screen per layer on the screening subset); those screens do not count against N:
+they are not full evaluations and are on no front. Size is known without a device (builds
+cost no evaluation), so only full evaluations (device metrics) are counted.
+
+1. Every candidate is built right away (its exact size is then known), and the first and
+   the last are evaluated in full.
+2. The rule. An unevaluated candidate c lies between its nearest evaluated neighbours a
+   (lower k) and b (higher k). Its *optimistic point* on a device is its exact size and, for
+   every device-measured objective (accuracy_loss, accuracy, accuracy_top5, latency), the
+   better of a's and b's values on that device. c *can enter the top front* if, on some
+   device, no evaluated candidate of this (model, recipe) is at least as good as that point
+   in every objective. An objective unknown for the optimistic point (not measured, or a
+   neighbour failed there) is left out of the comparison; a known one that an evaluated
+   candidate lacks keeps that candidate from covering c.
+   Assumption: along one ranking a candidate's device metrics lie between those of its
+   evaluated neighbours (accuracy improves, latency worsens, monotonically with k); size is
+   exact. Under it no point of a segment can beat its optimistic point, and later results
+   only let fewer candidates enter.
+3. The unevaluated candidates are cut into segments by the evaluated and the pending ones;
+   the next candidate is the middle enterable one of a segment that has one: preferring the
+   interval between evaluated neighbours with the fewest pending candidates (independent
+   work first), then the longest segment, then the lowest k. A segment whose ends differ is
+   bisected until the step is pinned down; one whose ends agree (or whose points are
+   covered) is never touched.
+4. Stop when N full evaluations were asked for or no unevaluated candidate can enter. Done =
+   stopped and every full result in.
+
+Keeping agents busy, deterministically: with w = ``view.concurrency()``, the r-th choice
+reads the results of the choices 0 … r−w only (it waits for those) and treats the w−1 later
+ones as pending, so w evaluations run at once while the choices do not depend on the order
+in which results arrive. When that window shows nothing enterable, it waits for every pending
+result and looks again before it stops. A resumed study (a fresh object seeing the stored
+results) thus makes the same choices, provided ``view.concurrency()`` is the same.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from tuneqn.controller.objectives import Objective, objective
+from tuneqn.controller.search.base import Outcome, PairStrategy, Request
+from tuneqn.controller.search.measured import MeasuredRanking, unanswered
+
+if TYPE_CHECKING:
+    from tuneqn.controller.study import CandidatePlan
+
+_WAIT = -1  # a choice that needs results not in yet
+
+
+class BudgetPair(PairStrategy):
+    """Bisects the ranking's prefixes where the front can still change, within N full evaluations."""
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self._measured = (MeasuredRanking(self.view, self.model, self.recipe)
+                          if self.run.ranking == "measured" else None)
+        self._objectives = [(objective(name), direction) for name, direction in self.view.objectives()]
+        self._cache: dict[tuple[str, ...], dict[str, list[float | None]]] = {}  # (id, devices) -> values
+        self._width = 0
+        self._chosen: list[int] = []  # indices of the prefixes chosen so far, for ``_width``
+        self._done = False
+        #: The candidates chosen for a full evaluation so far, in the order they were chosen.
+        self.chosen: list[CandidatePlan] = []
+
+    def propose(self) -> list[Request]:
+        """The requests of the search so far whose results are not in yet."""
+        reqs, self._done = self._walk()
+        return unanswered(self.view, reqs)
+
+    def done(self) -> bool:
+        """Stopped, and every full result in."""
+        if not self._done:
+            self._done = self._walk()[1]
+        return self._done
+
+    def _walk(self) -> tuple[list[Request], bool]:
+        """Every request from the start as far as the results allow, and whether the search is done."""
+        view = self.view
+        reqs = [Request(p, "full", p.label) for p in view.explicit_plans(self.model, self.recipe)]
+        if self._measured is None:
+            order: list[str] | None = view.ranking(self.model, self.recipe, self.run.ranking)
+        else:
+            order = self._measured.order()
+            if order is None:
+                return reqs + self._measured.requests(), False
+        cands = view.prefix_plans(self.model, self.recipe, order, f"{self.run.ranking} k=")
+        budget = self.run.budget or max(min(2, len(cands)), 3 * len(cands) // 10)
+        reqs += [Request(p, "build", p.label) for p in cands]
+        chosen, stopped = self._choose(cands, budget)
+        self.chosen = [cands[i] for i in chosen]
+        reqs += [Request(p, "full", p.label) for p in self.chosen]
+        return reqs, stopped and all(view.outcome(p, "full") is not None for p in self.chosen)
+
+    def _choose(self, cands: list[CandidatePlan], budget: int) -> tuple[list[int], bool]:
+        """The indices chosen for a full evaluation so far, and whether the choosing stopped."""
+        width = self.view.concurrency()
+        if width != self._width:  # a choice is a function of the results and the width only: keep them
+            self._width, self._chosen = width, sorted({0, len(cands) - 1})[:budget]
+        chosen = self._chosen
+        sizes = [self.view.size(p) for p in cands]
+        while len(chosen) < budget:
+            if any(s is None for s in sizes):
+                return chosen, False
+            known = max(2, len(chosen) - width + 1)
+            pick = self._next(cands, sizes, chosen[:known], chosen[known:])
+            if pick is None and known < len(chosen):
+                pick = self._next(cands, sizes, chosen, [])
+            if pick == _WAIT:
+                return chosen, False
+            if pick is None:
+                return chosen, True
+            chosen.append(pick)
+        return chosen, True
+
+    def _next(self, cands: list[CandidatePlan], sizes: list[Any], known: list[int], pending: list[int]) -> int | None:
+        """The next candidate to evaluate from the results of ``known`` (None: none can enter)."""
+        outs = {i: self.view.outcome(cands[i], "full") for i in known}
+        if any(o is None for o in outs.values()):
+            return _WAIT
+        vectors = {i: self._vectors(o) for i, o in outs.items() if o is not None}
+        evaluated = sorted(vectors)
+        bounds = sorted(set(evaluated) | set(pending))
+        best: tuple[tuple[int, int, int], int] | None = None
+        for lo, hi in zip(bounds, bounds[1:], strict=False):
+            if hi - lo < 2:
+                continue
+            a = max(e for e in evaluated if e <= lo)
+            b = min(e for e in evaluated if e >= hi)
+            enterable = [i for i in range(lo + 1, hi)
+                         if self._can_enter(sizes[i], vectors[a], vectors[b], list(vectors.values()))]
+            key = (sum(a < p < b for p in pending), -(hi - lo), lo)
+            if enterable and (best is None or key < best[0]):
+                best = (key, enterable[(len(enterable) - 1) // 2])
+        return None if best is None else best[1]
+
+    def _vectors(self, out: Outcome) -> dict[str, list[float | None]]:
+        """Per device where it did not fail, the objectives' values of an evaluated candidate."""
+        key = (out.candidate_id, *sorted(out.per_device))
+        if key not in self._cache:
+            self._cache[key] = {d: [obj.value({"size_bytes": out.size_bytes}, m) for obj, _ in self._objectives]
+                                for d, m in sorted(out.per_device.items()) if d not in out.failed}
+        return self._cache[key]
+
+    def _can_enter(self, size: int, a: dict[str, list[float | None]], b: dict[str, list[float | None]],
+                   evaluated: list[dict[str, list[float | None]]]) -> bool:
+        """On some device, no evaluated candidate is at least as good as c's optimistic point there."""
+        exact = [obj.value({"size_bytes": size}, {}) for obj, _ in self._objectives]
+        for d in sorted({d for v in evaluated for d in v}):
+            point = []
+            for j, (_, direction) in enumerate(self._objectives):
+                va, vb = a[d][j] if d in a else None, b[d][j] if d in b else None
+                if exact[j] is not None:
+                    point.append(exact[j])
+                elif va is None or vb is None:
+                    point.append(None)
+                else:
+                    point.append(min(va, vb) if direction == "min" else max(va, vb))
+            if not any(_covers(v[d], point, self._objectives) for v in evaluated if d in v):
+                return True
+        return False
+
+
+def _covers(have: list[float | None], want: list[float | None], objectives: list[tuple[Objective, str]]) -> bool:
+    """``have`` is at least as good as ``want`` in every objective ``want`` knows."""
+    for h, w, (_, direction) in zip(have, want, objectives, strict=True):
+        if w is None:
+            continue
+        if h is None or (h > w if direction == "min" else h < w):
+            return False
+    return True

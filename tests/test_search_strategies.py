@@ -1,0 +1,472 @@
+"""Search strategies (greedy, budget, target) on constructed problems whose answers are known.
+
+A study-like object gives the real config, candidate plans (real ``Study.make_plan`` /
+``prefix_plans``) and a real SQLite store; a farm answers the strategies' requests from a
+known function of the excluded set (per-layer "damage" with interactions; size = base + the
+bytes of the layers kept in float), a few at a time and out of order, like agents would.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tuneqn.controller.config import StudyConfig, parse_config
+from tuneqn.controller.search import Outcome, Request, SearchView, Strategy, make_strategy
+from tuneqn.controller.store import Store
+from tuneqn.controller.study import CandidatePlan, Study, candidate_id
+
+SCREEN = 32  # screening sample: agreement is known to 1/32 only
+
+
+# --------------------------------------------------------------------------- the constructed problems
+@dataclass
+class Problem:
+    """Agreement with FP32 of any exclusion set, per device: 1 − the damage of the quantized layers."""
+
+    layers: list[str]
+    error_ranking: list[str]
+    nbytes: dict[str, int]
+    damage: dict[str, dict[str, float]]  # device -> layer -> agreement lost while it is quantized
+    pairs: dict[str, list[tuple[str, str, float]]] = field(default_factory=dict)  # lost while both are
+    base: int = 10_000
+
+    def loss(self, device: str, excluded: tuple[str, ...]) -> float:
+        quantized = set(self.layers) - set(excluded)
+        total = sum(v for name, v in self.damage[device].items() if name in quantized)
+        total += sum(v for a, b, v in self.pairs.get(device, []) if a in quantized and b in quantized)
+        return round(min(1.0, total), 9)
+
+    def size(self, excluded: tuple[str, ...]) -> int:
+        return self.base + sum(self.nbytes[name] for name in excluded)
+
+    def outcome(self, plan: CandidatePlan, level: str) -> Outcome:
+        per: dict[str, dict[str, float | None]] = {}
+        for device in sorted(self.damage):
+            loss = self.loss(device, plan.excluded)
+            agreement = 1.0 - loss if level == "full" else round((1.0 - loss) * SCREEN) / SCREEN
+            per[device] = {"agreement": agreement, "overlap": 1.0 - loss / 2, "accuracy": None,
+                           "accuracy_top5": None,
+                           "latency_ms": 10.0 + 0.5 * len(plan.excluded) if level == "full" else None}
+        return Outcome(plan.id, self.size(plan.excluded), per)
+
+
+def interaction_problem() -> Problem:
+    """12 layers. The smallest set with loss ≤ 1 % on both devices is {t1, big, c, d}: t1 and t2
+    (tiny) cost 6 % only when both are quantized (t1 has fewer bytes), big and c cost on both
+    devices, d only on the npu; s1 and s2 cost 0.4 % each (together within 1 %). The error
+    ranking puts what matters last."""
+    layers = ["z1", "t1", "s1", "big", "z2", "c", "t2", "z3", "d", "s2", "z4", "z5"]
+    nbytes = {name: 100 for name in layers} | {"t1": 10, "t2": 20, "big": 400}
+    common = {"big": 0.04, "c": 0.03, "s1": 0.004, "s2": 0.004}
+    return Problem(
+        layers=layers,
+        error_ranking=["s1", "z1", "s2", "z2", "z3", "z4", "z5", "c", "big", "d", "t2", "t1"],
+        nbytes=nbytes,
+        damage={"cpu": dict(common), "npu": common | {"d": 0.02}},
+        pairs={dev: [("t1", "t2", 0.06)] for dev in ("cpu", "npu")},
+    )
+
+
+def monotone_problem(n: int = 60) -> Problem:
+    """n layers of varied size; along the error ranking the loss drops at three places (two on the
+    cpu, three on the npu)."""
+    layers = [f"L{i:02d}" for i in range(n)]
+    ranking = layers[:]
+    random.Random(7).shuffle(ranking)
+    nbytes = {name: 60 + (i * 37) % 90 for i, name in enumerate(layers)}
+    r = ranking
+    return Problem(layers, ranking, nbytes,
+                   damage={"cpu": {r[2]: 0.05, r[n // 3]: 0.03},
+                           "npu": {r[2]: 0.05, r[n // 3]: 0.03, r[3 * n // 4]: 0.02}})
+
+
+# --------------------------------------------------------------------------- study, farm and driver
+class FakeStudy:
+    """What :class:`SearchView` reads of a study: the real config, plans and store; layers from a problem."""
+
+    make_plan = Study.make_plan
+    prefix_plans = Study.prefix_plans
+    explicit_plans = Study.explicit_plans
+
+    def __init__(self, cfg: StudyConfig, problem: Problem, store: Store) -> None:
+        self.cfg = cfg
+        self.problem = problem
+        self.store = store
+        self.models = {"m": None}
+
+    def recipes(self) -> list[str]:
+        return ["static"]
+
+    def layer_names(self, model: str, recipe: str) -> list[str]:
+        return list(self.problem.layers)
+
+    def ranking(self, model: str, recipe: str, name: str = "paper") -> list[str]:
+        return list(self.problem.error_ranking)
+
+
+class Farm:
+    """The :class:`ViewSource` of the tests: answers requests from the problem, one at a time, choosing
+    at random among the ``width`` oldest (the ones "running"); builds are answered first (no device)."""
+
+    def __init__(self, problem: Problem, width: int = 2, seed: int = 0) -> None:
+        self.problem = problem
+        self.width = width
+        self.rng = random.Random(seed)
+        self.results: dict[tuple[str, str], Outcome] = {}
+        self.sizes: dict[str, int] = {}
+        self.asked: set[tuple[str, str]] = set()
+        self.queue: list[Request] = []
+        self.answered: Counter[str] = Counter()
+        self.batches: list[list[Request]] = []  # what each ask added
+        #: A resumed study's checkpoint, as the orchestrator shows it: a stored result is seen
+        #: only once its candidate is asked for again at that level (then at once).
+        self.stored: dict[tuple[str, str], Outcome] = {}
+        self.stored_sizes: dict[str, int] = {}
+        self.revealed = False  # the last ask was answered from the checkpoint: ask again
+
+    def view_devices(self) -> list[str]:
+        return sorted(self.problem.damage)
+
+    def view_concurrency(self) -> int:
+        return self.width
+
+    def view_size(self, plan: CandidatePlan) -> int | None:
+        return self.sizes.get(plan.id)
+
+    def view_outcome(self, plan: CandidatePlan, level: str) -> Outcome | None:
+        return self.results.get((plan.id, level))
+
+    def ask(self, requests: list[Request]) -> list[Request]:
+        """Queue what is new (the orchestrator dedupes by (candidate, level)); returns the new ones."""
+        new = []
+        self.revealed = False
+        for req in requests:
+            key = (req.plan.id, req.level)
+            if key in self.stored:
+                self.results[key] = self.stored.pop(key)
+                self.revealed = True
+            if req.plan.id in self.stored_sizes:
+                self.sizes[req.plan.id] = self.stored_sizes.pop(req.plan.id)
+                self.revealed = True
+            if key not in self.asked:
+                self.asked.add(key)
+                self.queue.append(req)
+                new.append(req)
+        self.batches.append(new)
+        return new
+
+    def answer_one(self) -> None:
+        builds = [r for r in self.queue if r.level == "build"]
+        if builds:
+            for req in builds:
+                self.sizes[req.plan.id] = self.problem.size(req.plan.excluded)
+                self.answered["build"] += 1
+            self.queue = [r for r in self.queue if r.level != "build"]
+            return
+        req = self.queue.pop(self.rng.randrange(min(self.width, len(self.queue))))
+        self.results[(req.plan.id, req.level)] = self.problem.outcome(req.plan, req.level)
+        self.sizes[req.plan.id] = self.problem.size(req.plan.excluded)
+        self.answered[req.level] += 1
+
+    def evaluations(self) -> int:
+        return self.answered["screen"] + self.answered["full"]
+
+    def resumed(self, seed: int, *, hidden: bool) -> Farm:
+        """A farm with this one's answers only (what a killed study's checkpoint holds): visible at
+        once, or (``hidden``) each only once asked for again."""
+        other = Farm(self.problem, self.width, seed)
+        if hidden:
+            other.stored, other.stored_sizes = dict(self.results), dict(self.sizes)
+        else:
+            other.results, other.sizes = dict(self.results), dict(self.sizes)
+        other.asked = set(self.results) | {(cid, "build") for cid in self.sizes}
+        other.answered = Counter(self.answered)
+        return other
+
+
+def drive(strategy: Strategy, farm: Farm, stop_after: int | None = None) -> None:
+    """Ask, answer one, ask again … until the strategy is done and nothing is queued."""
+    for _ in range(100_000):
+        farm.ask(strategy.propose())
+        if stop_after is not None and farm.evaluations() >= stop_after:
+            return
+        if farm.revealed:
+            continue
+        if not farm.queue:
+            if not strategy.done():
+                raise RuntimeError("the strategy waits for nothing but is not done")
+            return
+        farm.answer_one()
+    raise RuntimeError("the strategy never ended")
+
+
+def setup(tmp_path: Path, problem: Problem, width: int = 2, seed: int = 0, objectives: tuple[str, ...] = (),
+          **search: Any) -> tuple[Strategy, Farm, FakeStudy]:
+    data: dict[str, Any] = {"models": [{"path": "m.onnx", "name": "m"}], "dataset": {"images": "images"},
+                            "search": search}
+    if objectives:
+        data["objectives"] = [{"name": name} for name in objectives]
+    cfg = parse_config(data, tmp_path)
+    study = FakeStudy(cfg, problem, Store(tmp_path / "tuneqn.db"))
+    farm = Farm(problem, width, seed)
+    return make_strategy(cfg.search.runs()[0], SearchView(study, farm)), farm, study
+
+
+def fresh(study: FakeStudy, farm: Farm) -> Strategy:
+    """A new strategy object over ``farm``'s results (a resumed study)."""
+    return make_strategy(study.cfg.search.runs()[0], SearchView(study, farm))
+
+
+def plan_of(excluded: set[str]) -> str:
+    return candidate_id("m", "static", tuple(sorted(excluded)))
+
+
+def final_state(strategy: Strategy) -> Any:
+    pair = strategy.pairs[0]  # type: ignore[attr-defined]
+    if hasattr(pair, "found"):
+        found = pair.found()
+        return None if found is None else found.id
+    if hasattr(pair, "chosen"):
+        return [p.id for p in pair.chosen]
+    return pair.current_set()
+
+
+def front(points: dict[str, tuple[float, ...]]) -> set[str]:
+    """Ids of the points no other point is at least as good as in every objective (all minimised)."""
+    def covers(p: tuple[float, ...], q: tuple[float, ...]) -> bool:
+        return all(a <= b for a, b in zip(p, q, strict=True)) and p != q
+
+    return {i for i, q in points.items() if not any(covers(p, q) for j, p in points.items() if j != i)}
+
+
+def full_front(problem: Problem, farm: Farm, ids: set[str]) -> set[str]:
+    """The union over devices of the fronts (accuracy loss, size, latency) of ``ids``' full results."""
+    out: set[str] = set()
+    for device in sorted(problem.damage):
+        pts = {cid: (1.0 - farm.results[(cid, "full")].per_device[device]["agreement"],  # type: ignore[operator]
+                     float(farm.results[(cid, "full")].size_bytes),
+                     farm.results[(cid, "full")].per_device[device]["latency_ms"]) for cid in ids}
+        out |= front(pts)  # type: ignore[arg-type]
+    return out
+
+
+def fulls(farm: Farm) -> set[str]:
+    return {cid for cid, level in farm.results if level == "full"}
+
+
+# --------------------------------------------------------------------------- budget
+@pytest.mark.parametrize("width", [1, 4])
+def test_budget_finds_the_sweeps_front_with_30_percent_of_its_evaluations(tmp_path: Path, width: int) -> None:
+    problem = monotone_problem(80)
+    objectives = ("accuracy_loss", "size", "latency")
+    sweep, sweep_farm, _ = setup(tmp_path / "sweep", problem, width, objectives=objectives,
+                                 strategy="sweep", ranking="paper")
+    drive(sweep, sweep_farm)
+    budget, farm, _ = setup(tmp_path / "budget", problem, width, objectives=objectives,
+                            strategy="budget", ranking="paper")
+    drive(budget, farm)
+
+    assert sweep_farm.answered["full"] == len(problem.layers) + 1
+    known = full_front(problem, sweep_farm, fulls(sweep_farm))
+    assert known <= fulls(farm), "the budget missed points of the sweep's front"
+    assert full_front(problem, farm, fulls(farm)) == known
+    assert farm.answered["full"] <= 0.3 * sweep_farm.answered["full"]
+    assert farm.answered["screen"] == 0
+    assert farm.answered["build"] == sweep_farm.answered["full"]  # every size is known without a device
+
+
+def test_budget_asks_for_concurrency_evaluations_at_once(tmp_path: Path) -> None:
+    budget, farm, _ = setup(tmp_path, monotone_problem(), 4, strategy="budget", ranking="paper")
+    first = farm.ask(budget.propose())
+    assert sorted(r.level for r in first if r.level != "build") == ["full", "full"]  # first and last
+    drive(budget, farm, stop_after=2)  # both in (and every size)
+    assert [r.level for r in farm.batches[-1]] == ["full"] * 4
+
+
+def test_budget_with_measured_ranking_counts_only_full_evaluations(tmp_path: Path) -> None:
+    problem = monotone_problem(20)
+    budget, farm, _ = setup(tmp_path, problem, 2, strategy="budget", ranking="measured", budget=5)
+    drive(budget, farm)
+    assert farm.answered["screen"] == len(problem.layers) + 1  # the ranking: base + one per layer
+    assert farm.answered["full"] <= 5
+    assert budget.done()
+
+
+def test_budget_stops_when_nothing_can_enter(tmp_path: Path) -> None:
+    """One step of loss: once it is pinned down no other candidate can enter, whatever the budget."""
+    problem = monotone_problem(30)
+    r = problem.error_ranking
+    problem.damage = {"cpu": {r[9]: 0.1}}
+    budget, farm, _ = setup(tmp_path, problem, 1, strategy="budget", ranking="paper", budget=31)
+    drive(budget, farm)
+    assert plan_of(set(r[:10])) in fulls(farm) and plan_of(set(r[:9])) in fulls(farm)
+    assert farm.answered["full"] <= 2 + 6  # first, last and a bisection of 30
+
+
+# --------------------------------------------------------------------------- target
+def test_target_finds_the_smallest_set_and_confirms_it_in_full(tmp_path: Path) -> None:
+    problem = interaction_problem()
+    target, farm, _ = setup(tmp_path, problem, 3, strategy="target", ranking="measured", max_loss=0.01)
+    drive(target, farm)
+    answer = target.pairs[0].found()  # type: ignore[attr-defined]
+    assert answer is not None and set(answer.excluded) == {"t1", "big", "c", "d"}
+    confirmed = farm.results[(answer.id, "full")]
+    assert confirmed.loss is not None and confirmed.loss <= 0.01 + 1e-9
+    # it is the smallest of all sets that meet 1 % on both devices (exhaustively over 2^12 sets)
+    best = min(problem.size(tuple(s)) for s in _subsets(problem.layers)
+               if all(problem.loss(d, tuple(s)) <= 0.01 for d in problem.damage))
+    assert confirmed.size_bytes == best
+    assert set(answer.excluded) not in [set(problem.error_ranking[:k]) for k in range(13)]
+    assert farm.answered["full"] < 10
+
+
+def test_target_from_an_error_ranking_shrinks_to_a_local_minimum(tmp_path: Path) -> None:
+    """The paper ranking puts t2 before t1: the first prefix that meets 1 % holds t2 and not t1, and
+    removing one layer at a time cannot swap t2 for the cheaper t1."""
+    problem = interaction_problem()
+    target, farm, _ = setup(tmp_path, problem, 3, strategy="target", ranking="paper", max_loss=0.01)
+    drive(target, farm)
+    answer = target.pairs[0].found()  # type: ignore[attr-defined]
+    assert answer is not None and set(answer.excluded) == {"t2", "big", "c", "d"}
+    assert (answer.id, "full") in farm.results
+    for name in answer.excluded:  # no layer of it can go
+        assert max(problem.loss(d, tuple(x for x in answer.excluded if x != name)) for d in problem.damage) > 0.01
+
+
+@pytest.mark.parametrize("ranking", ["measured", "paper"])
+def test_target_on_many_small_losses_ends_in_a_set_no_layer_can_leave(tmp_path: Path, ranking: str) -> None:
+    """40 layers, a third harmless, the others costing 0.2 % to 3 % (the error ranking is reversed):
+    the answer meets 1 % in full, and removing any one of its layers would break 1 %."""
+    layers = [f"L{i:02d}" for i in range(40)]
+    rng = random.Random(1)
+    damage = {name: rng.choice([0.0, 0.0, 0.0, 0.002, 0.004, 0.01, 0.03]) for name in layers}
+    problem = Problem(layers, layers[::-1], {name: rng.randint(50, 5000) for name in layers},
+                      damage={"cpu": damage, "npu": damage})
+    target, farm, _ = setup(tmp_path, problem, 4, strategy="target", ranking=ranking, max_loss=0.01)
+    drive(target, farm)
+    answer = target.pairs[0].found()  # type: ignore[attr-defined]
+    assert answer is not None and problem.loss("cpu", answer.excluded) <= 0.01
+    for name in answer.excluded:
+        assert problem.loss("cpu", tuple(x for x in answer.excluded if x != name)) > 0.01, name
+    meeting = [out.size_bytes for (cid, level), out in farm.results.items()
+               if level == "full" and out.loss is not None and out.loss <= 0.01 + 1e-9]
+    assert farm.results[(answer.id, "full")].size_bytes == min(meeting)
+    assert farm.answered["full"] <= 1.5 * len(layers)  # a layer that could not leave is not tried again
+
+
+def test_target_extends_a_misleading_order_by_measured_gains(tmp_path: Path) -> None:
+    """The error ranking puts the one damaging layer 29th of 30: no screened prefix of 24 meets X."""
+    layers = [f"L{i:02d}" for i in range(30)]
+    problem = Problem(layers, layers, {name: 100 for name in layers}, damage={"cpu": {"L28": 0.2}})
+    target, farm, _ = setup(tmp_path, problem, 2, strategy="target", ranking="paper", max_loss=0.01)
+    drive(target, farm)
+    answer = target.pairs[0].found()  # type: ignore[attr-defined]
+    assert answer is not None and answer.excluded == ("L28",)
+
+
+def test_target_without_an_answer_is_done_with_none(tmp_path: Path) -> None:
+    target, farm, _ = setup(tmp_path, interaction_problem(), 2, strategy="target", ranking="paper",
+                            max_loss=0.01, max_k=2)
+    drive(target, farm)
+    assert target.done() and target.pairs[0].found() is None  # type: ignore[attr-defined]
+
+
+def _subsets(items: list[str]) -> list[list[str]]:
+    return [[x for i, x in enumerate(items) if mask >> i & 1] for mask in range(1 << len(items))]
+
+
+# --------------------------------------------------------------------------- greedy
+def test_greedy_reaches_a_set_no_prefix_of_the_error_ranking_holds(tmp_path: Path) -> None:
+    problem = interaction_problem()
+    greedy, farm, study = setup(tmp_path, problem, 3, strategy="greedy", ranking="measured", regain_every=2)
+    drive(greedy, farm)
+    final = set(greedy.pairs[0].current_set())  # type: ignore[attr-defined]
+    prefixes = [set(problem.error_ranking[:k]) for k in range(len(problem.layers) + 1)]
+    assert final not in prefixes
+    assert max(problem.loss(d, tuple(final)) for d in problem.damage) == 0.0  # it stopped at loss 0
+    assert plan_of(final) in fulls(farm)
+    assert not final & {"z1", "z2", "z3", "z4", "z5"}  # layers that gain nothing are never added
+    # every step was evaluated in full; the ranking of the fully quantized model was stored
+    steps = [r.label for batch in farm.batches for r in batch if r.label.startswith("step ")]
+    assert len(steps) == len(final)
+    assert [r["name"] for r in study.store.rankings("m", "static")] == ["measured"]
+
+
+def test_greedy_from_an_error_ranking_starts_with_its_first_layers(tmp_path: Path) -> None:
+    problem = interaction_problem()
+    greedy, farm, _ = setup(tmp_path, problem, 2, strategy="greedy", ranking="paper", regain_every=2, max_k=5)
+    drive(greedy, farm)
+    final = greedy.pairs[0].current_set()  # type: ignore[attr-defined]
+    assert final[:2] == tuple(problem.error_ranking[:2]) and len(final) <= 5
+    assert plan_of(set(problem.error_ranking[:1])) in fulls(farm)
+
+
+# --------------------------------------------------------------------------- every strategy
+STRATEGIES = {
+    "greedy": (interaction_problem, {"strategy": "greedy", "ranking": "measured", "regain_every": 2}),
+    "budget": (monotone_problem, {"strategy": "budget", "ranking": "paper"}),
+    "target": (interaction_problem, {"strategy": "target", "ranking": "measured", "max_loss": 0.01}),
+}
+
+
+@pytest.mark.parametrize("hidden", [False, True], ids=["stored-visible", "stored-on-ask"])
+@pytest.mark.parametrize("name", sorted(STRATEGIES))
+def test_resumed_search_ends_where_the_uninterrupted_one_does(tmp_path: Path, name: str, hidden: bool) -> None:
+    make_problem, search = STRATEGIES[name]
+    problem = make_problem()
+    reference, ref_farm, _ = setup(tmp_path / "ref", problem, 3, seed=1, **search)
+    drive(reference, ref_farm)
+    first, farm_a, study = setup(tmp_path / "a", problem, 3, seed=2, **search)
+    drive(first, farm_a, stop_after=ref_farm.evaluations() // 2)
+    farm_b = farm_a.resumed(seed=3, hidden=hidden)  # killed: what was running is lost
+    second = fresh(study, farm_b)
+    drive(first, farm_a)
+    drive(second, farm_b)
+    assert not farm_b.stored  # everything stored was asked for again
+    assert set(farm_a.results) == set(farm_b.results) == set(ref_farm.results)
+    assert final_state(first) == final_state(second) == final_state(reference)
+
+
+@pytest.mark.parametrize("name", sorted(STRATEGIES))
+def test_strategies_are_deterministic(tmp_path: Path, name: str) -> None:
+    make_problem, search = STRATEGIES[name]
+    runs = []
+    for i in range(2):
+        strategy, farm, _ = setup(tmp_path / str(i), make_problem(), 3, seed=5, **search)
+        asked = []
+        for _ in range(100_000):
+            asked.append([(r.plan.id, r.level, r.label) for r in farm.ask(strategy.propose())])
+            if not farm.queue:
+                break
+            farm.answer_one()
+        runs.append(asked)
+    assert runs[0] == runs[1]
+
+
+@pytest.mark.parametrize("name", sorted(STRATEGIES))
+def test_strategies_keep_every_agent_busy(tmp_path: Path, name: str) -> None:
+    """A strategy asks for independent evaluations together (at least ``concurrency`` at once when
+    it has them), and never stops asking while it is not done (``drive`` checks that)."""
+    make_problem, search = STRATEGIES[name]
+    width = 4
+    strategy, farm, _ = setup(tmp_path, make_problem(), width, seed=0, **search)
+    drive(strategy, farm)
+    together = [sum(r.level != "build" for r in batch) for batch in farm.batches]
+    assert max(together) >= width
+    assert sum(n >= width for n in together) >= 2  # not only once
+
+
+@pytest.mark.parametrize("name", sorted(STRATEGIES))
+def test_strategies_evaluate_the_studys_exclusion_sets(tmp_path: Path, name: str) -> None:
+    make_problem, search = STRATEGIES[name]
+    problem = make_problem()
+    mine = problem.layers[:2]
+    strategy, farm, _ = setup(tmp_path, problem, 2, exclusion_sets=[{"name": "mine", "layers": mine}], **search)
+    drive(strategy, farm)
+    assert (plan_of(set(mine)), "full") in farm.results

@@ -38,6 +38,7 @@ from tuneqn.v1 import agent_pb2 as pb
 log = logging.getLogger(__name__)
 
 REMEASURE_META = "remeasure_token"
+CONCURRENCY_META = "search_concurrency"
 
 
 @dataclass
@@ -102,6 +103,8 @@ class StudyRun:
         self._build_errors: list[BaseException] = []
         self._results_changed = threading.Event()
         self._changed = threading.Event()  # a result or a build arrived: ask the strategies again
+        self._concurrency = 1
+        self._asked: set[tuple[str, str, str]] = set()  # (search, candidate id, level) recorded
         self._given_up: set[str] = set()  # agents that never answered within device_wait_s
 
     # ------------------------------------------------------------------ steps
@@ -143,6 +146,9 @@ class StudyRun:
     def dispatch(self) -> None:
         """Feed the searches' requests to the builder and the dispatcher until every search is done
         and every job is final; the strategies are asked again whenever a result or a build arrives."""
+        stored = self.store.get_meta(CONCURRENCY_META)
+        self._concurrency = int(stored) if stored and stored.isdigit() else max(1, len(self.endpoints))
+        self.store.set_meta(CONCURRENCY_META, str(self._concurrency))
         view = SearchView(self.study, self)
         strategies = [make_strategy(run, view) for run in self.study.cfg.search.runs()]
         for st in strategies:
@@ -213,6 +219,9 @@ class StudyRun:
         """Record a search's requests; build what is not built; add the jobs of what is."""
         for req in requests:
             plan = req.plan
+            if (search, plan.id, req.level) in self._asked:
+                continue  # strategies hand back everything they asked for so far
+            self._asked.add((search, plan.id, req.level))
             self.store.put_proposal(search, plan.id, req.level, plan.model, plan.mode, req.label or plan.label)
             if req.level != "build":
                 self._want(plan.id, req.level, plan.model)
@@ -298,8 +307,9 @@ class StudyRun:
             return sorted(self._classes)
 
     def view_concurrency(self) -> int:
-        """Devices that can evaluate at once (one per device of every agent)."""
-        return sum(max(1, len(link.slots)) for link in self.links) or 1
+        """How many evaluations the strategies keep in flight: one per configured agent, fixed when the
+        study first searched (kept in the store), so a resumed search decides exactly as before."""
+        return self._concurrency
 
     def view_size(self, plan: CandidatePlan) -> int | None:
         """Size of a built candidate."""

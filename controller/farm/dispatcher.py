@@ -131,7 +131,8 @@ class JobPlan:
 def make_job(candidate_id: str, device_class: str, model_path: Path, model_sha256: str, dataset_path: Path,
              dataset_sha256: str, input_name: str, runtime: dict[str, Any], settings: FarmSettings,
              level: str = "full") -> JobPlan:
-    """The job of a candidate on a device class; its id covers everything that changes the result.
+    """The job of a candidate on a device class; its id covers everything that changes the result
+    (and the candidate it is for).
 
     A ``screen`` job predicts a subset of the evaluation sample (``dataset_path``) and
     measures no latency: the cheap first look a search takes at a candidate.
@@ -145,7 +146,9 @@ def make_job(candidate_id: str, device_class: str, model_path: Path, model_sha25
             disabled_optimizers=list(runtime.get("ort_disabled_optimizers", [])),
             intra_op_threads=settings.intra_op_threads)),
     )
-    key = device_class.encode() + b"\0" + spec.SerializeToString(deterministic=True)
+    # The candidate id is part of the key: two candidates can have identical bytes (every layer
+    # excluded under two recipes), and each must get its own job and result row.
+    key = device_class.encode() + b"\0" + candidate_id.encode() + b"\0" + spec.SerializeToString(deterministic=True)
     spec.job_id = f"tq-{hashlib.sha256(key).hexdigest()[:32]}"
     return JobPlan(spec.job_id, candidate_id, device_class, Path(model_path), Path(dataset_path), spec, level)
 

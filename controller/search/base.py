@@ -157,7 +157,9 @@ class Strategy(abc.ABC):
 
     @abc.abstractmethod
     def propose(self) -> list[Request]:
-        """What to evaluate next ([] = nothing new right now). Repeating a request is harmless."""
+        """Everything the strategy asks for, given the results so far (the same request again is
+        ignored; a request whose result is in, maybe from another search, still counts as this
+        search's: it is recorded as its proposal)."""
 
     @abc.abstractmethod
     def done(self) -> bool:

@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING, Any
 
 from tuneqn.controller.objectives import Objective, objective
 from tuneqn.controller.search.base import Outcome, PairStrategy, Request
-from tuneqn.controller.search.measured import MeasuredRanking, unanswered
+from tuneqn.controller.search.measured import MeasuredRanking
 
 if TYPE_CHECKING:
     from tuneqn.controller.study import CandidatePlan
@@ -70,7 +70,7 @@ class BudgetPair(PairStrategy):
     def propose(self) -> list[Request]:
         """The requests of the search so far whose results are not in yet."""
         reqs, self._done = self._walk()
-        return unanswered(self.view, reqs)
+        return reqs
 
     def done(self) -> bool:
         """Stopped, and every full result in."""

@@ -33,7 +33,7 @@ from __future__ import annotations
 from typing import Any
 
 from tuneqn.controller.search.base import Outcome, PairStrategy, Request
-from tuneqn.controller.search.measured import MeasuredRanking, unanswered
+from tuneqn.controller.search.measured import MeasuredRanking
 
 
 class GreedyPair(PairStrategy):
@@ -48,7 +48,7 @@ class GreedyPair(PairStrategy):
     def propose(self) -> list[Request]:
         """The requests of the search so far whose results are not in yet."""
         reqs, self._done = self._walk()
-        return unanswered(self.view, reqs)
+        return reqs
 
     def done(self) -> bool:
         """The search stopped (its last full evaluations may still be running)."""

@@ -84,20 +84,6 @@ class MeasuredRanking:
         return self.view.outcome(self.base_plan, "screen")
 
 
-def unanswered(view: SearchView, requests: list[Request]) -> list[Request]:
-    """The requests whose result is not in yet: a build's size, an evaluation's outcome at its level.
-
-    Strategies recompute their whole search from the results at every call and hand back only
-    these, so that the orchestrator is not asked again for what it already answered.
-    """
-    out = []
-    for req in requests:
-        known = view.size(req.plan) if req.level == "build" else view.outcome(req.plan, req.level)
-        if known is None:
-            out.append(req)
-    return out
-
-
 def _rank_key(r: dict[str, Any]) -> tuple[int, float, float]:
     gain, over, size = r["gain"], r["overlap_gain"], r["bytes"]
     if gain is None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from tuneqn.controller.search.base import PairStrategy, Request
-from tuneqn.controller.search.measured import MeasuredRanking, unanswered
+from tuneqn.controller.search.measured import MeasuredRanking
 
 
 class SweepPair(PairStrategy):
@@ -26,7 +26,7 @@ class SweepPair(PairStrategy):
         else:
             order = self._measured.order()
             if order is None:
-                return unanswered(self.view, self._measured.requests())
+                return self._measured.requests()
         label = f"{self.run.ranking} k="
         reqs = [Request(p, "full", p.label) for p in self.view.prefix_plans(self.model, self.recipe, order, label)]
         reqs += [Request(p, "full", p.label) for p in self.view.explicit_plans(self.model, self.recipe)]

@@ -38,7 +38,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from tuneqn.controller.search.base import Outcome, PairStrategy, Request
-from tuneqn.controller.search.measured import MeasuredRanking, unanswered
+from tuneqn.controller.search.measured import MeasuredRanking
 
 if TYPE_CHECKING:
     from tuneqn.controller.study import CandidatePlan
@@ -69,7 +69,7 @@ class TargetPair(PairStrategy):
         """The requests of the search so far whose results are not in yet."""
         reqs: list[Request] = []
         self._done = self._walk(reqs)
-        return unanswered(self.view, reqs)
+        return reqs
 
     def done(self) -> bool:
         """No reduction of the answer meets X (or no set does); the last full results may still run."""

@@ -18,13 +18,14 @@ CLASSES = 10
 _clock = itertools.count(1)
 
 
-def open_store(tmp: Path, *, objectives: list[dict[str, Any]] | None = None, name: str = "unit") -> Store:
-    """An empty store with a study config (objectives as given) and a name."""
-    cfg = parse_config(
-        {"name": name, "models": [{"path": "net.onnx"}], "dataset": {"images": "images"},
-         "objectives": objectives or [{"name": "accuracy_loss"}, {"name": "size"}]},
-        tmp,
-    )
+def open_store(tmp: Path, *, objectives: list[dict[str, Any]] | None = None, name: str = "unit",
+               recipes: list[str] | None = None) -> Store:
+    """An empty store with a study config (objectives and recipe presets as given) and a name."""
+    raw: dict[str, Any] = {"name": name, "models": [{"path": "net.onnx"}], "dataset": {"images": "images"},
+                           "objectives": objectives or [{"name": "accuracy_loss"}, {"name": "size"}]}
+    cfg = parse_config(raw, tmp)
+    if recipes:
+        cfg = cfg.model_copy(update={"quantization": cfg.quantization.with_recipes(recipes)})
     store = Store.open(tmp / "out")
     store.set_meta("config", cfg.model_dump_json())
     store.set_meta("name", name)
@@ -78,10 +79,11 @@ def add_search(store: Store, name: str, *, strategy: str, ranking: str, budget: 
     return float(next(s["started_at"] for s in store.searches() if s["name"] == name))
 
 
-def add_proposal(store: Store, search: str, cid: str, level: str, *, model: str = MODEL, mode: str = "static",
-                 label: str = "") -> None:
-    """A search's request for a candidate at a level."""
-    store.put_proposal(search, cid, level, model, mode, label or cid)
+def add_proposal(store: Store, search: str, cid: str, level: str, *, label: str = "") -> None:
+    """A search's request for a (stored) candidate at a level (label: the candidate's unless given)."""
+    row = store.candidate(cid)
+    assert row is not None, cid
+    store.put_proposal(search, cid, level, row["model"], row["mode"], label or row["label"])
 
 
 def add_eval_split(store: Store, labels: list[int] | None, *, model: str = MODEL,

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from report_store import MODEL, add_candidate, cand_id, add_eval_split, add_model, add_result, open_store, predictions
+from report_store import MODEL, add_candidate, add_eval_split, add_model, add_result, cand_id, open_store, predictions
 from tuneqn.controller import metrics
 from tuneqn.controller.report import compute_report
 from tuneqn.controller.store import Store

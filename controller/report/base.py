@@ -129,6 +129,16 @@ def _level(cid: str, full: _Index, screen: _Index, proposed: dict[str, set[str]]
     return "build"
 
 
+def _study_order(cands: list[dict[str, Any]], models: list[str], recipes: list[str]) -> list[dict[str, Any]]:
+    """Candidates by model and recipe in the study's order (unknown ones after, by name), else as given."""
+    def key(c: dict[str, Any]) -> tuple[int, str, int, str]:
+        m = models.index(c["model"]) if c["model"] in models else len(models)
+        r = recipes.index(c["mode"]) if c["mode"] in recipes else len(recipes)
+        return (m, c["model"], r, c["mode"])
+
+    return sorted(cands, key=key)
+
+
 def _searches(store: Store) -> list[dict[str, Any]]:
     """The study's searches with their parameters and what they asked for, in order."""
     by_search: dict[str, list[dict[str, Any]]] = {}
@@ -200,7 +210,7 @@ def build_base(store: Store, *, partial: bool) -> dict[str, Any]:
             })
 
     cand_out = []
-    for c in store.candidates():
+    for c in _study_order(store.candidates(), [m["name"] for m in models], cfg.quantization.recipe_names()):
         if c["kind"] == "fp32":
             continue
         level = _level(c["id"], index, screen, proposed, any_proposals)

@@ -151,7 +151,8 @@ the measured median.
   ``max_loss`` (within :data:`LOSS_TOLERANCE`) on every device of the model (ties: higher
   worst agreement), ``id`` None when there is none; ``found_after_s`` is when its last
   device's full result arrived.  ``target`` is that entry when the search has one model
-  and found one, else None; a target search's ``found_after_s`` is its latest target's.
+  and found one, else None.  A target search's ``found_after_s`` is its latest target's
+  (None while a model has none); other searches' is the latest of their rows'.
 
 Within a group, rows are ordered search-proposed candidates by ``k`` first, then explicit
 candidates in report order; front member lists follow that order.
@@ -685,15 +686,15 @@ class _SearchWork:
 
     def __init__(self, search: dict[str, Any], cands: dict[str, dict[str, Any]]) -> None:
         self.search = search
-        self.groups: dict[tuple[str, str], dict[str, list[str]]] = {}
+        # (model, recipe) -> level -> candidate ids (a dict as an ordered set)
+        self.groups: dict[tuple[str, str], dict[str, dict[str, None]]] = {}
         for p in search.get("proposals") or []:
             c = cands.get(p.get("candidate_id"))
             model = p.get("model") or (c or {}).get("model")
             recipe = p.get("recipe") or p.get("mode") or (c or {}).get("mode")
-            level = p.get("level")
-            ids = self.groups.setdefault((model, recipe), {"build": [], "screen": [], "full": []})
-            if level in ids and p.get("candidate_id") not in ids[level]:
-                ids[level].append(p.get("candidate_id"))
+            ids = self.groups.setdefault((model, recipe), {"build": {}, "screen": {}, "full": {}})
+            if p.get("level") in ids:
+                ids[p["level"]][p.get("candidate_id")] = None
         self.cands = cands
 
     def ids(self, level: str, key: tuple[str, str] | None = None) -> list[str]:

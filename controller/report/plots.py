@@ -64,7 +64,9 @@ def recipe_plot_key(model: str, device: str) -> str:
     return plot_key("recipes", model, "", device)
 
 
-def _group(report: dict[str, Any], model: str, mode: str | None, device: str) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+def _group(
+    report: dict[str, Any], model: str, mode: str | None, device: str
+) -> list[tuple[dict[str, Any], dict[str, Any]]]:
     """(candidate, full result on device) pairs of one (model, recipe) (every recipe: ``mode`` None),
     search-proposed candidates by k first."""
     pairs: list[tuple[dict[str, Any], dict[str, Any]]] = []

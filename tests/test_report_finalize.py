@@ -12,6 +12,7 @@ import pytest
 from tuneqn.controller.report.finalize import finalize_report
 from tuneqn.controller.report.write import write_report
 from tuneqn.controller.report.plots import plot_key
+from tuneqn.controller.study import candidate_id
 
 MB = 1_000_000
 ORIGINAL_SIZE = 10 * MB
@@ -33,6 +34,12 @@ _RANKED: list[tuple[int, int, float, float, dict[str, Any]]] = [
     (5, 7_000_000, 0.92, 9.0, {"status": "done", "agreement": 0.94}),
 ]
 LAYER_NAMES = [f"conv_{i}" for i in range(25)]
+EXPLICIT = ["conv_0", "fc"]
+
+
+def _id(k: int | str, recipe: str = "static") -> str:
+    """The content-addressed id of ranked candidate k (the first k layers) or of the explicit set."""
+    return candidate_id("toynet", recipe, LAYER_NAMES[:k] if isinstance(k, int) else EXPLICIT)
 
 
 def _result(device: str, **kw: Any) -> dict[str, Any]:
@@ -57,12 +64,13 @@ def make_study() -> dict[str, Any]:
     for k, size, cpu_agree, cpu_lat, gpu in _RANKED:
         candidates.append(
             {
-                "id": f"toynet/static/k{k}",
+                "id": _id(k),
                 "model": "toynet",
                 "mode": "static",
+                "recipe": "static",
                 "k": k,
-                "kind": "ranked",
-                "label": f"top-{k}",
+                "kind": "set",
+                "label": f"paper k={k}",
                 "excluded": LAYER_NAMES[:k],
                 "size_bytes": size,
                 "sha256": f"{k:064x}",
@@ -75,13 +83,14 @@ def make_study() -> dict[str, Any]:
         )
     candidates.append(
         {
-            "id": "toynet/static/keep-stem",
+            "id": _id("keep-stem"),
             "model": "toynet",
             "mode": "static",
-            "k": None,
+            "recipe": "static",
+            "k": 2,
             "kind": "explicit",
             "label": "keep <stem> & head",
-            "excluded": ["conv_0", "fc"],
+            "excluded": EXPLICIT,
             "size_bytes": 3_500_000,
             "sha256": "e" * 64,
             "results": [_result("cpu", agreement=0.72, latency_ms=6.2), _result("gpu", status="pending")],
@@ -150,10 +159,6 @@ def make_study() -> dict[str, Any]:
     }
 
 
-def _id(k: int | str) -> str:
-    return f"toynet/static/k{k}" if isinstance(k, int) else f"toynet/static/{k}"
-
-
 def _result_of(report: dict[str, Any], cid: str, device: str) -> dict[str, Any]:
     cand = next(c for c in report["candidates"] if c["id"] == cid)
     return next(r for r in cand["results"] if r["device"] == device)
@@ -181,12 +186,14 @@ def test_per_device_fronts(report: dict[str, Any]) -> None:
         {
             "model": "toynet",
             "mode": "static",
+            "recipe": "static",
             "device": "cpu",
             "fronts": [[_id(1), _id(3), _id(4)], [_id(2), _id(5), _id("keep-stem")]],
         },
         {
             "model": "toynet",
             "mode": "static",
+            "recipe": "static",
             "device": "gpu",
             "fronts": [[_id(0), _id(2), _id(3)], [_id(4)], [_id(5)]],
         },
@@ -262,10 +269,11 @@ def test_summary_tables_i_ii(report: dict[str, Any]) -> None:
     assert cpu == {
         "model": "toynet",
         "mode": "static",
+        "recipe": "static",
         "device": "cpu",
         "selected": _id(3),
         "selected_k": 3,
-        "selected_label": "top-3",
+        "selected_label": "paper k=3",
         "fq_candidate": _id(0),
         "accuracy_loss": pytest.approx(0.10, abs=1e-12),
         "fq_accuracy_loss": pytest.approx(0.40, abs=1e-12),
@@ -311,7 +319,7 @@ def test_missing_metric_and_min_bound_reasons() -> None:
     for cand in base["candidates"]:
         for r in cand["results"]:
             if r["device"] == "cpu":
-                r["accuracy"] = 0.4 if cand["k"] == 2 else 0.7
+                r["accuracy"] = 0.4 if cand["id"] == _id(2) else 0.7
     out = finalize_report(base)
     reasons = {(i["candidate"], i["device"]): i["reason"] for i in out["infeasible"]}
     assert reasons[(_id(2), "cpu")] == "accuracy 0.4 < min 0.5"
@@ -405,7 +413,7 @@ def _two_candidates(lat_b: float, p90_a: float = 7.4) -> dict[str, Any]:
         {"name": "latency", "direction": "min", "max": None, "min": None},
     ]
     base["devices"] = base["devices"][:1]
-    base["candidates"] = [c for c in base["candidates"] if c["k"] in (1, 2)]
+    base["candidates"] = [c for c in base["candidates"] if c["kind"] == "set" and c["k"] in (1, 2)]
     for c, lat, lo, hi in zip(base["candidates"], (7.0, lat_b), (6.8, lat_b - 0.2), (p90_a, lat_b + 0.3), strict=True):
         c["results"] = [_result("cpu", agreement=0.9, latency_ms=lat, latency_p10_ms=lo, latency_p90_ms=hi)]
     return base
@@ -438,7 +446,7 @@ def test_unreachable_is_listed_like_failed_and_never_in_a_front() -> None:
     msg = "no live agent of device class mali for 30 s"
     for c in base["candidates"]:
         for r in c["results"]:
-            if r["device"] == "gpu" and c["k"] in (2, 3):
+            if r["device"] == "gpu" and c["id"] in (_id(2), _id(3)):
                 r.update(status="unreachable", agreement=None, error=msg)
     out = finalize_report(base)
     gpu_fronts = out["fronts"][1]["fronts"]

@@ -8,14 +8,14 @@ from typing import Any
 
 import numpy as np
 import pytest
-from report_store import MODEL, add_candidate, add_eval_split, add_model, add_result, open_store, predictions
+from report_store import MODEL, add_candidate, add_eval_split, add_model, add_result, cand_id, open_store, predictions
 from tuneqn.controller import metrics
 from tuneqn.controller.report import compute_report
 from tuneqn.controller.store import Store
 
 N = 40
 DEVICES = ("cpu", "phone")
-CANDIDATES = (f"{MODEL}:static:k0", f"{MODEL}:static:k1", f"{MODEL}:static:k2")
+CANDIDATES = (cand_id(0), cand_id(1), cand_id(2))
 
 
 def _plan(seed: int = 0) -> tuple[list[int], dict[tuple[str, str], np.ndarray]]:

@@ -12,7 +12,17 @@ from typing import Any
 
 import numpy as np
 import pytest
-from report_store import MODEL, add_candidate, add_device, add_eval_split, add_model, add_result, open_store, predictions
+from report_store import (
+    MODEL,
+    add_candidate,
+    add_device,
+    add_eval_split,
+    add_model,
+    add_result,
+    cand_id,
+    open_store,
+    predictions,
+)
 from tuneqn.controller import metrics
 from tuneqn.controller.config import parse_config
 from tuneqn.controller.errors import UserError
@@ -38,15 +48,15 @@ def _study(tmp: Path) -> Store:
     add_eval_split(store, labels, skipped=SKIPPED)
     store.put_dataset(f"{MODEL}/calibration", Path("/data/cal.npy"), "c" * 64, ["a.png"], None, SKIPPED[:1])
     for k in range(3):
-        add_candidate(store, f"{MODEL}:static:k{k}", k=k, size=1_000_000 * (k + 1))
+        add_candidate(store, k=k, size=1_000_000 * (k + 1))
     base = predictions(N, rng)
     k0 = base.copy()
     k0[: N // 2, 0] = (k0[: N // 2, 0] + 1) % 10  # half the samples change class
-    runs = [(f"{MODEL}:fp32", base, (9.0, 8.8, 9.4)), (f"{MODEL}:static:k0", k0, (5.0, 4.9, 5.2)),
-            (f"{MODEL}:static:k1", base, (6.0, 5.8, 6.4)), (f"{MODEL}:static:k2", base, (6.3, 6.1, 6.6))]
+    runs = [(f"{MODEL}:fp32", base, (9.0, 8.8, 9.4)), (cand_id(0), k0, (5.0, 4.9, 5.2)),
+            (cand_id(1), base, (6.0, 5.8, 6.4)), (cand_id(2), base, (6.3, 6.1, 6.6))]
     for cid, topk, lat in runs:
         metrics.on_result(store, add_result(store, cid, "cpu", topk, latency=lat))
-    for cid in [f"{MODEL}:fp32"] + [f"{MODEL}:static:k{k}" for k in range(3)]:
+    for cid in [f"{MODEL}:fp32"] + [cand_id(k) for k in range(3)]:
         job = f"tq-{cid}-phone"
         store.add_job(job, cid, "phone")
         store.update_job(job, state="unreachable", error=UNREACHABLE)
@@ -69,23 +79,26 @@ def test_report_json_from_the_store(store: Store, tmp_path: Path) -> None:
     assert path == tmp_path / "out" / "report.json"
     report = json.loads(path.read_text(encoding="utf-8"))
     # README's stable keys
-    for key in ("candidates", "summary", "fronts", "cross_device", "infeasible", "baselines", "layers"):
+    for key in ("candidates", "summary", "fronts", "cross_device", "infeasible", "baselines", "layers",
+                "recipe_fronts", "searches", "ablation", "rankings"):
         assert key in report, key
     for c in report["candidates"]:
-        assert {"model", "mode", "k", "excluded", "size_bytes", "sha256", "results"} <= set(c)
+        assert {"model", "mode", "recipe", "k", "kind", "excluded", "size_bytes", "sha256", "results", "screening",
+                "proposed_by", "level"} <= set(c)
+        assert c["recipe"] == c["mode"] == "static" and c["kind"] == "set" and c["level"] == "full"
         for r in c["results"]:
             assert {"device", "agreement", "accuracy", "latency_ms", "front", "status",
                     "latency_p10_ms", "latency_p90_ms"} <= set(r)
     assert report["skipped_inputs"] == SKIPPED  # each (file, reason) once, whatever the splits
     assert [(o["name"], o["unit"]) for o in report["objectives"]] == [("accuracy_loss", "fraction"), ("latency", "ms")]
 
-    k1 = _result(report, f"{MODEL}:static:k1", "cpu")
+    k1 = _result(report, cand_id(1), "cpu")
     assert (k1["latency_ms"], k1["latency_p10_ms"], k1["latency_p90_ms"]) == (6.0, 5.8, 6.4)
     assert k1["agreement"] == 1.0 and k1["status"] == "done"
     # k2's 6.3 ms lies inside k1's [5.8, 6.4]: a tie, both on front 1 with k0 (faster, worse loss)
     assert report["fronts"][0]["device"] == "cpu"
-    assert report["fronts"][0]["fronts"] == [[f"{MODEL}:static:k0", f"{MODEL}:static:k1", f"{MODEL}:static:k2"]]
-    assert _result(report, f"{MODEL}:static:k2", "cpu")["latency_tied_ms"] == 6.0
+    assert report["fronts"][0]["fronts"] == [[cand_id(0), cand_id(1), cand_id(2)]]
+    assert _result(report, cand_id(2), "cpu")["latency_tied_ms"] == 6.0
     (cpu_base,) = [b for b in report["baselines"] if b["device"] == "cpu"]
     assert (cpu_base["latency_ms"], cpu_base["latency_p10_ms"], cpu_base["latency_p90_ms"]) == (9.0, 8.8, 9.4)
 
@@ -93,10 +106,11 @@ def test_report_json_from_the_store(store: Store, tmp_path: Path) -> None:
     (phone_base,) = [b for b in report["baselines"] if b["device"] == "phone"]
     assert (phone_base["status"], phone_base["error"]) == ("unreachable", UNREACHABLE)
     for k in range(3):
-        r = _result(report, f"{MODEL}:static:k{k}", "phone")
+        r = _result(report, cand_id(k), "phone")
         assert (r["status"], r["reason"], r["front"], r["feasible"]) == ("unreachable", UNREACHABLE, None, False)
-        assert {"candidate": f"{MODEL}:static:k{k}", "device": "phone", "reason": UNREACHABLE} in report["infeasible"]
-    assert report["fronts"][1] == {"model": MODEL, "mode": "static", "device": "phone", "fronts": []}
+        assert {"candidate": cand_id(k), "device": "phone", "reason": UNREACHABLE} in report["infeasible"]
+    assert report["fronts"][1] == {"model": MODEL, "mode": "static", "recipe": "static", "device": "phone",
+                                   "fronts": []}
 
 
 def test_full_report_shows_skipped_inputs_unreachable_and_dispersion(store: Store, tmp_path: Path) -> None:
@@ -129,15 +143,15 @@ def test_a_candidate_waits_for_its_baseline(tmp_path: Path) -> None:
     store = open_store(tmp_path)
     add_model(store)
     add_device(store, "cpu")
-    add_candidate(store, f"{MODEL}:static:k0", k=0)
+    add_candidate(store, k=0)
     store.add_job("tq-base", f"{MODEL}:fp32", "cpu")
-    metrics.on_result(store, add_result(store, f"{MODEL}:static:k0", "cpu", predictions(4, np.random.default_rng(0))))
+    metrics.on_result(store, add_result(store, cand_id(0), "cpu", predictions(4, np.random.default_rng(0))))
     report = json.loads(write_json(store, tmp_path / "out").read_text(encoding="utf-8"))
-    r = _result(report, f"{MODEL}:static:k0", "cpu")
+    r = _result(report, cand_id(0), "cpu")
     assert (r["status"], r["error"]) == ("pending", "FP32 baseline on this device not measured yet")
     store.update_job("tq-base", state="failed", error="out of memory")
     report = json.loads(write_json(store, tmp_path / "out").read_text(encoding="utf-8"))
-    r = _result(report, f"{MODEL}:static:k0", "cpu")
+    r = _result(report, cand_id(0), "cpu")
     assert r["status"] == "done" and r["feasible"] is False
     assert r["reason"].endswith("FP32 baseline on this device failed: out of memory")
 

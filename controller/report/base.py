@@ -54,17 +54,18 @@ def _job_status(job: dict[str, Any] | None) -> tuple[str, str | None]:
 
 
 class _Index:
-    """The newest job and the result of each (candidate, device)."""
+    """The newest job and the result of each (candidate, device) at one level (``full`` or ``screen``)."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, level: str = "full") -> None:
         self.jobs: dict[tuple[str, str], dict[str, Any]] = {}
-        for j in store.jobs():  # ordered by created_at: the newest wins
+        for j in store.jobs(level=level):  # ordered by created_at: the newest wins
             self.jobs[(j["candidate_id"], j["device"])] = j
         self.results: dict[tuple[str, str], dict[str, Any]] = {}
         self.by_job: dict[str, dict[str, Any]] = {}
-        for r in store.results():  # ordered by finished_at: the newest wins
+        for r in store.results(level=level):  # ordered by finished_at: the newest wins
             self.results[(r["candidate_id"], r["device"])] = r
             self.by_job[r["job_id"]] = r
+        self.candidates = {cid for cid, _ in (*self.jobs, *self.results)}
 
     def current(self, cid: str, device: str) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
         """(result, job) of a (candidate, device): the result of its newest job, if that one has one.
@@ -79,6 +80,85 @@ class _Index:
             result = self.results.get((cid, device))
         return result, job
 
+    def devices(self) -> set[str]:
+        """Devices with a job or a result at this level."""
+        return {dev for _, dev in (*self.jobs, *self.results)}
+
+
+def _info(row: dict[str, Any] | None) -> dict[str, Any]:
+    """A result row's decoded ``info`` (empty when missing or malformed)."""
+    try:
+        info = json.loads((row or {}).get("info") or "{}")
+    except ValueError:
+        return {}
+    return info if isinstance(info, dict) else {}
+
+
+def _timing(row: dict[str, Any] | None) -> dict[str, Any]:
+    """``seconds`` (job wall time on the agent), ``finished_at`` and ``num_samples`` of a result row."""
+    if row is None:
+        return {"seconds": None, "finished_at": None, "num_samples": None}
+    return {"seconds": finite(_info(row).get("seconds")), "finished_at": finite(row.get("finished_at")),
+            "num_samples": row.get("num_samples")}
+
+
+def _screening(index: _Index, cid: str, dev_names: list[str]) -> list[dict[str, Any]]:
+    """A candidate's screening results (first ``search.screen_samples`` samples, no latency), per device."""
+    out = []
+    for dev in dev_names:
+        if (cid, dev) not in index.jobs and (cid, dev) not in index.results:
+            continue
+        r, job = index.current(cid, dev)
+        status, error = ("done", None) if r is not None else _job_status(job)
+        out.append({"device": dev, "status": status,
+                    "agreement": finite(r["agreement"]) if r else None,
+                    "accuracy": finite(r["accuracy"]) if r else None,
+                    **_timing(r), "error": error})
+    return out
+
+
+def _level(cid: str, full: _Index, screen: _Index, proposed: dict[str, set[str]], any_proposals: bool) -> str:
+    """How far a candidate got: ``full`` (a full job, result or request), ``screen`` (screened only) or
+    ``build`` (only built). A study without any search records (before searches existed) evaluated
+    every candidate in full."""
+    levels = proposed.get(cid, set())
+    if cid in full.candidates or "full" in levels or not any_proposals:
+        return "full"
+    if cid in screen.candidates or "screen" in levels:
+        return "screen"
+    return "build"
+
+
+def _study_order(cands: list[dict[str, Any]], models: list[str], recipes: list[str]) -> list[dict[str, Any]]:
+    """Candidates by model and recipe in the study's order (unknown ones after, by name), else as given."""
+    def key(c: dict[str, Any]) -> tuple[int, str, int, str]:
+        m = models.index(c["model"]) if c["model"] in models else len(models)
+        r = recipes.index(c["mode"]) if c["mode"] in recipes else len(recipes)
+        return (m, c["model"], r, c["mode"])
+
+    return sorted(cands, key=key)
+
+
+def _searches(store: Store) -> list[dict[str, Any]]:
+    """The study's searches with their parameters and what they asked for, in order."""
+    by_search: dict[str, list[dict[str, Any]]] = {}
+    for p in store.proposals():
+        by_search.setdefault(p["search"], []).append({
+            "candidate_id": p["candidate_id"], "level": p["level"], "model": p["model"], "mode": p["mode"],
+            "recipe": p["mode"], "label": p["label"], "seq": p["seq"], "created_at": p["created_at"]})
+    out = []
+    for s in store.searches():
+        params = s.get("params") or {}
+        out.append({"name": s["name"], "strategy": params.get("strategy"), "ranking": params.get("ranking"),
+                    "budget": params.get("budget"), "max_loss": params.get("max_loss"), "params": params,
+                    "started_at": s.get("started_at"), "finished_at": s.get("finished_at"),
+                    "proposals": by_search.pop(s["name"], [])})
+    for name, props in by_search.items():  # proposals of a search without its row (should not happen)
+        log.warning("proposals of search %s, which is not recorded", name)
+        out.append({"name": name, "strategy": None, "ranking": None, "budget": None, "max_loss": None,
+                    "params": {}, "started_at": None, "finished_at": None, "proposals": props})
+    return out
+
 
 def _skipped_inputs(store: Store) -> list[dict[str, str]]:
     """Unreadable inputs left out of any split, each (file, reason) once, in order of appearance."""
@@ -91,15 +171,29 @@ def _skipped_inputs(store: Store) -> list[dict[str, str]]:
 
 
 def build_base(store: Store, *, partial: bool) -> dict[str, Any]:
-    """The base report of the study in ``store`` (see :mod:`tuneqn.controller.report.finalize`)."""
+    """The base report of the study in ``store`` (see :mod:`tuneqn.controller.report.finalize`).
+
+    Fronts, summary and candidates' ``results`` use full-level jobs and results only; screening
+    results (a subset of the evaluation sample, no latency) go to ``candidates[].screening``.
+    """
     cfg = StudyConfig.model_validate_json(store.get_meta("config") or "{}")
     models = store.models()
-    index = _Index(store)
+    index = _Index(store, "full")
+    screen = _Index(store, "screen")
     devices = store.devices()
     known = {d["name"] for d in devices}
-    for name in sorted({dev for _, dev in (*index.jobs, *index.results)} - known):
+    for name in sorted((index.devices() | screen.devices()) - known):
         devices.append({"name": name, "device_class": None, "info": {}})  # a job's device not (yet) registered
     dev_names = [d["name"] for d in devices]
+    searches = _searches(store)
+    proposed: dict[str, set[str]] = {}
+    proposed_by: dict[str, list[dict[str, Any]]] = {}
+    for s in searches:
+        for p in s["proposals"]:
+            proposed.setdefault(p["candidate_id"], set()).add(p["level"])
+            proposed_by.setdefault(p["candidate_id"], []).append(
+                {"search": s["name"], "label": p["label"], "level": p["level"]})
+    any_proposals = bool(proposed)
 
     baselines: list[dict[str, Any]] = []
     baseline_state: dict[tuple[str, str], tuple[str, str | None]] = {}
@@ -116,14 +210,15 @@ def build_base(store: Store, *, partial: bool) -> dict[str, Any]:
             })
 
     cand_out = []
-    for c in store.candidates():
+    for c in _study_order(store.candidates(), [m["name"] for m in models], cfg.quantization.recipe_names()):
         if c["kind"] == "fp32":
             continue
+        level = _level(c["id"], index, screen, proposed, any_proposals)
         res = []
-        for dev in dev_names:
+        for dev in dev_names if level == "full" else []:
             r, job = index.current(c["id"], dev)
             entry: dict[str, Any] = {"device": dev, "agreement": None, "accuracy": None, "accuracy_top5": None,
-                                     **_latency_fields(None), "error": None}
+                                     **_latency_fields(None), **_timing(None), "error": None}
             if r is None:
                 entry["status"], entry["error"] = _job_status(job)
             else:
@@ -133,6 +228,7 @@ def build_base(store: Store, *, partial: bool) -> dict[str, Any]:
                     "accuracy": finite(r["accuracy"]),
                     "accuracy_top5": finite(r["accuracy_top5"]),
                     **_latency_fields(r),
+                    **_timing(r),
                     "latency": json.loads(r["latency"] or "{}"),
                     "simulated_latency_ms_per_sample": r["simulated"] or 0.0,
                 })
@@ -145,9 +241,10 @@ def build_base(store: Store, *, partial: bool) -> dict[str, Any]:
                         entry["error"] = f"FP32 baseline on this device {base_status}: {base_error}"
             res.append(entry)
         cand_out.append({
-            "id": c["id"], "model": c["model"], "mode": c["mode"], "k": c["k"], "kind": c["kind"],
-            "label": c["label"], "excluded": c["excluded"], "size_bytes": c["size_bytes"], "sha256": c["sha256"],
-            "runtime": c["runtime"], "results": res,
+            "id": c["id"], "model": c["model"], "mode": c["mode"], "recipe": c["mode"], "k": c["k"],
+            "kind": c["kind"], "label": c["label"], "excluded": c["excluded"], "size_bytes": c["size_bytes"],
+            "sha256": c["sha256"], "runtime": c["runtime"], "level": level, "results": res,
+            "screening": _screening(screen, c["id"], dev_names), "proposed_by": proposed_by.get(c["id"], []),
         })
     return {
         "tuneqn_version": __version__,
@@ -162,10 +259,13 @@ def build_base(store: Store, *, partial: bool) -> dict[str, Any]:
         "models": [{k: m[k] for k in ("name", "source", "size_bytes", "sha256", "opset_original", "opset_used",
                                       "upgraded", "input_name", "input_shape", "notes")} for m in models],
         "skipped_inputs": _skipped_inputs(store),
-        "layers": [{"model": r["model"], "mode": r["mode"], "name": r["name"], "op_type": r["op_type"],
-                    "index": r["idx"], "qdq_err": r["qdq_err"], "xmodel_err": r["xmodel_err"],
-                    "norm_qdq": r["norm_qdq"], "norm_xmodel": r["norm_xmodel"], "score": r["score"],
-                    "rank": r["rank"]} for r in store.layers()],
+        "layers": [{"model": r["model"], "mode": r["mode"], "recipe": r["mode"], "name": r["name"],
+                    "op_type": r["op_type"], "index": r["idx"], "qdq_err": r["qdq_err"],
+                    "xmodel_err": r["xmodel_err"], "norm_qdq": r["norm_qdq"], "norm_xmodel": r["norm_xmodel"],
+                    "score": r["score"], "rank": r["rank"]} for r in store.layers()],
+        "rankings": [{"model": r["model"], "mode": r["mode"], "recipe": r["mode"], "name": r["name"],
+                      "layers": r["layers"], "created_at": r["created_at"]} for r in store.rankings()],
+        "searches": searches,
         "baselines": baselines,
         "candidates": cand_out,
     }

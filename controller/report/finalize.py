@@ -1,4 +1,4 @@
-"""Derived parts of the study report: objectives, feasibility, Pareto fronts, summary.
+"""Derived parts of the study report: objectives, feasibility, Pareto fronts, summary, ablation.
 
 Pure: a base report (a dict) in, a finalized report (a new dict) out; no store, no files.
 The *base report* comes from :func:`tuneqn.controller.report.base.build_base`; this
@@ -13,19 +13,43 @@ module never changes what is in it, it only adds keys.  Base shape::
      "models": [{"name", "source", "size_bytes", "sha256", "opset_original", "opset_used",
                  "upgraded": bool, ...}],
      "skipped_inputs": [{"file": str, "reason": str}],   # unreadable inputs left out
-     "layers": [{"model", "mode", "name", "op_type", "index", "qdq_err", "xmodel_err",
-                 "score", "rank"}],
+     "layers": [{"model", "mode", "recipe", "name", "op_type", "index", "qdq_err", "xmodel_err",
+                 "score", "rank"}],                      # the error analysis (paper ranking)
+     "rankings": [{"model", "mode", "recipe", "name": "measured", "created_at",
+                   "layers": [{"name", "gain", "overlap_gain", "bytes", "rank"}]}],
+     "searches": [{"name": "sweep/paper"|"greedy/measured"|"budget30/measured"|"target1%/measured"|...,
+                   "strategy", "ranking", "budget", "max_loss", "params": {...},
+                   "started_at": float|None, "finished_at": float|None,   # unix seconds
+                   "proposals": [{"candidate_id", "level": "build"|"screen"|"full", "model",
+                                  "mode", "recipe", "label", "seq", "created_at"}]}],
      "baselines": [{"model", "device", "status", "accuracy": float|None,
                     "accuracy_top5": float|None, "latency_ms": float|None,
                     "latency_p10_ms": float|None, "latency_p90_ms": float|None,
                     "size_bytes": int, "error": str|None}],   # FP32 model on that device
-     "candidates": [{"id": str, "model", "mode", "k": int|None, "kind": "ranked"|"explicit",
+     "candidates": [{"id": "model:recipe:fq" | "model:recipe:x<10 hex>", "model",
+                     "mode": recipe name (kept for older readers), "recipe": the same,
+                     "k": int (layers kept in float), "kind": "set"|"explicit",
                      "label": str, "excluded": [layer names], "size_bytes": int, "sha256": str,
+                     "level": "full"|"screen"|"build",   # how far it got (see below)
+                     "proposed_by": [{"search", "label", "level"}],
                      "results": [{"device", "status": "done"|"failed"|"unreachable"|"pending"|"running",
                                   "agreement": float|None, "accuracy": float|None,
                                   "accuracy_top5": float|None, "latency_ms": float|None,
                                   "latency_p10_ms": float|None, "latency_p90_ms": float|None,
-                                  "error": str|None}]}]}
+                                  "seconds": float|None, "finished_at": float|None,
+                                  "num_samples": int|None, "error": str|None}],
+                     "screening": [{"device", "status", "agreement", "accuracy", "num_samples",
+                                    "seconds", "finished_at", "error"}]}]}
+
+Levels: a *full* result is an evaluation on the whole evaluation sample with latency; a
+*screening* result uses only the first ``search.screen_samples`` samples and no latency
+(its agreement is against the FP32 screening result on the same device).  ``results``
+hold full results only, ``screening`` the screening results.  A candidate's ``level`` is
+``full`` when it has a full job or result or a search asked for it in full (then it has a
+``results`` entry for every device), ``screen`` when it was only screened and ``build``
+when it was only built (both with empty ``results``).  Only ``full`` candidates take part
+in fronts, the summary, ``cross_device``, ``recipe_fronts`` and ``infeasible``: screening
+results are never on a front.  A base without ``level`` counts as full.
 
 Objective values of a (candidate, device) result come from the one objectives table
 (:data:`tuneqn.controller.objectives.OBJECTIVES`): ``accuracy_loss = 1 - agreement``
@@ -34,35 +58,41 @@ Objective values of a (candidate, device) result come from the one objectives ta
 ``latency = latency_ms`` (the median).  Non-finite values count as missing.
 
 Latency within the measured noise is a tie.  Within one front computation (one
-(model, mode, device), or one cross-device (model, mode)), the sorted results are taken
-in order of median latency; a result whose median lies inside the [p10, p90] interval
-of the fastest member of the current group joins that group, otherwise it starts a new
-group; every member of a group gets the group's lowest median as its latency for
-dominance (:func:`tuneqn.controller.report.pareto.latency_ties`).  ``objectives.latency``
-stays the measured median.
+(model, recipe, device), one (model, device) over all recipes, or one cross-device
+(model, recipe)), the sorted results are taken in order of median latency; a result
+whose median lies inside the [p10, p90] interval of the fastest member of the current
+group joins that group, otherwise it starts a new group; every member of a group gets
+the group's lowest median as its latency for dominance
+(:func:`tuneqn.controller.report.pareto.latency_ties`).  ``objectives.latency`` stays
+the measured median.
 
 :func:`finalize_report` returns a deep copy of the base with these additions:
 
 * ``candidates[].results[]`` gain ``objectives`` ({objective name: value or None},
   for the study's objectives), ``feasible`` (True/False, or None when not evaluated),
   ``reason`` (why infeasible or not evaluated, else None), ``front``
-  (1, 2, 3, or None: the result's front among its (model, mode, device) group) and
+  (1, 2, 3, or None: the result's front among its (model, recipe, device) group),
+  ``recipe_front`` (the same among every recipe's results of (model, device)) and
   ``latency_tied_ms`` (the latency the fronts used, see above; None when latency is no
   objective or the result was not sorted).
-* ``fronts``: ``[{"model", "mode", "device", "fronts": [[candidate ids], ...]}]`` - up
-  to three fronts per (model, mode, device), over results that are done and feasible.
-* ``cross_device``: ``[{"model", "mode", "devices": [names], "fronts": [[ids], ...],
+* ``fronts``: ``[{"model", "mode", "recipe", "device", "fronts": [[candidate ids], ...]}]``
+  - up to three fronts per (model, recipe, device), over full results that are done and
+  feasible.
+* ``recipe_fronts``: ``[{"model", "device", "recipes": [names], "fronts": [[ids], ...],
+  "selected": id|None}]`` - the same over every recipe of the model at once, so the
+  recipe and the exclusion set that win on each device show side by side.
+* ``cross_device``: ``[{"model", "mode", "recipe", "devices": [names], "fronts": [[ids], ...],
   "selected": id|None, "candidates": [{"id", "k", "label", "worst": {objective: value},
   "latency_tied_ms", "front": int|None}], "excluded": [{"candidate", "reason"}]}]`` - per
-  (model, mode), over candidates done and feasible on every device that has any result
+  (model, recipe), over candidates done and feasible on every device that has any result
   for the model; each objective is the worst value over those devices (max for "min"
   objectives, min for "max" objectives).
-* ``infeasible``: ``[{"candidate", "device", "reason"}]`` - every result that was not
-  sorted into fronts (bounds violated, metric missing, failed, unreachable, not
+* ``infeasible``: ``[{"candidate", "device", "reason"}]`` - every full-level result that
+  was not sorted into fronts (bounds violated, metric missing, failed, unreachable, not
   evaluated yet, or no result at all).  Feasible results beyond front 3 are not listed.
-* ``summary``: per (model, mode, device), the paper's Tables I/II::
+* ``summary``: per (model, recipe, device), the paper's Tables I/II::
 
-      {"model", "mode", "device", "selected": id|None, "selected_k": int|None,
+      {"model", "mode", "recipe", "device", "selected": id|None, "selected_k": int|None,
        "selected_label": str|None, "fq_candidate": id|None,
        "accuracy_loss", "fq_accuracy_loss", "accuracy_loss_decrease_pct",
        "size_bytes", "fq_size_bytes", "original_size_bytes", "size_decrease_pct",
@@ -72,14 +102,59 @@ stays the measured median.
   ``selected`` is the compromise member of front 1 (see
   :func:`tuneqn.controller.report.pareto.select_compromise`: closest to the ideal
   point after min-max normalizing each objective over front 1, ties to the lowest
-  k).  The fully-quantized (FQ) candidate is the ranked candidate with ``k == 0``;
-  "original" values are the FP32 model's (``models[].size_bytes`` and the FP32
-  baseline on that device).  ``*_decrease_pct = 100 * (reference - selected) /
+  k).  The fully-quantized (FQ) candidate is the candidate with ``k == 0`` of that
+  (model, recipe); "original" values are the FP32 model's (``models[].size_bytes`` and
+  the FP32 baseline on that device).  ``*_decrease_pct = 100 * (reference - selected) /
   reference`` with the FQ model as reference for accuracy loss and the original
   model for size and latency; None when a value is missing or the reference is 0.
   Accuracy losses are fractions (0.25 = 25 %), sizes bytes, latencies milliseconds.
+* ``ablation``: the ranking/strategy ablation, one row per (search, model, recipe, device)
+  where the search asked for anything, then one total row per search (``model``,
+  ``recipe``, ``mode``, ``device`` and ``front`` None)::
 
-Within a group, rows are ordered ranked candidates by ``k`` first, then explicit
+      {"search", "model", "recipe", "mode", "device", "front": [ids]|None,
+       "hypervolume": float, "hv_vs_sweep": float|None,
+       "evaluations": int, "screenings": int, "builds": int, "seconds": float,
+       "found_after_s": float|None, "front_done_after_s": float|None}
+
+  ``front`` is the search's own top front: the non-dominated set of the done and feasible
+  full results, on that device, of the candidates the search asked for in full (measured
+  values, no latency ties: the hypervolume needs one point per result).  ``hypervolume``
+  is that front's hypervolume (pymoo ``HV``) after min-max normalizing every objective
+  (as minimized: "max" objectives negated) over ALL done full results of that (model,
+  device) - every recipe, every search, feasible or not - so that numbers compare across
+  searches and recipes; a constant objective normalizes to 0; the reference point is
+  :data:`HV_REFERENCE` (1.1) in every normalized dimension, so an empty front has 0 and
+  the best possible value is 1.1 ** (number of objectives).  ``hv_vs_sweep`` is the
+  hypervolume divided by the one of :data:`SWEEP_SEARCH` (``sweep/paper``) on the same
+  (model, recipe, device) (None without that search or when its hypervolume is 0).
+  ``evaluations``/``screenings`` count the distinct candidates the search asked for in
+  full / for screening in that (model, recipe) (a full evaluation runs on every device);
+  ``builds`` the distinct candidates it asked for at any level (each one is built).
+  ``seconds`` is the agent time it cost: the sum of the results' ``seconds`` (job wall
+  time on the agent) of its full and screening requests on that device; a candidate
+  several searches asked for counts for each of them (what the search would cost alone).
+  ``found_after_s`` is when the last member of ``front`` got its full result and
+  ``front_done_after_s`` when the last result (full or screening) of anything the search
+  asked for arrived, both in seconds since the search's ``started_at`` (agents' clocks;
+  a resumed study keeps its first start, so its pause counts).  A total row sums
+  ``hypervolume`` and ``seconds`` over the search's rows, counts distinct candidates over
+  all of them, takes the latest times, and its ``hv_vs_sweep`` is the ratio of the sums
+  over the (model, recipe, device) the sweep also has.
+* ``searches``: the base's searches, each with the totals of its ablation row
+  (``hypervolume``, ``hv_vs_sweep``, ``evaluations``, ``screenings``, ``builds``,
+  ``seconds``, ``found_after_s``, ``front_done_after_s``), ``recipes`` (those it asked for
+  candidates of), ``recipe`` (the one of them when there is exactly one, else None) and,
+  for ``target`` searches (None for others), ``targets``: per model ``{"model", "id",
+  "recipe", "label", "size_bytes", "worst_agreement", "found_after_s"}`` - the smallest
+  candidate the search evaluated in full whose accuracy loss ``1 - agreement`` is at most
+  ``max_loss`` (within :data:`LOSS_TOLERANCE`) on every device of the model (ties: higher
+  worst agreement), ``id`` None when there is none; ``found_after_s`` is when its last
+  device's full result arrived.  ``target`` is that entry when the search has one model
+  and found one, else None.  A target search's ``found_after_s`` is its latest target's
+  (None while a model has none); other searches' is the latest of their rows'.
+
+Within a group, rows are ordered search-proposed candidates by ``k`` first, then explicit
 candidates in report order; front member lists follow that order.
 """
 
@@ -92,6 +167,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from pymoo.indicators.hv import HV
 
 from tuneqn.controller.objectives import Objective, finite, objective
 
@@ -171,6 +247,7 @@ def _assess(objectives: list[_Objective], candidate: dict[str, Any], result: dic
     values = {o.name: o.spec.value(candidate, result) for o in objectives}
     result["objectives"] = values
     result["front"] = None
+    result["recipe_front"] = None
     result["latency_tied_ms"] = None
     if status == "done":
         reasons: list[str] = []
@@ -195,12 +272,22 @@ def _assess(objectives: list[_Objective], candidate: dict[str, Any], result: dic
         result["reason"] = f"not evaluated ({status})"
 
 
+def _is_set(c: dict[str, Any]) -> bool:
+    """A candidate with a k: proposed by a search (``set``; ``ranked`` in reports before searches)."""
+    return c.get("kind") in ("set", "ranked") and c.get("k") is not None
+
+
 def _ordered(cands: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Ranked candidates by k, then explicit ones in their given order."""
+    """Search-proposed candidates by k (ties keep report order), then explicit ones in their given order."""
     cands = list(cands)
-    ranked = [c for c in cands if c.get("kind") == "ranked" and c.get("k") is not None]
-    others = [c for c in cands if not (c.get("kind") == "ranked" and c.get("k") is not None)]
-    return sorted(ranked, key=lambda c: int(c["k"])) + others
+    sets = [c for c in cands if _is_set(c)]
+    others = [c for c in cands if not _is_set(c)]
+    return sorted(sets, key=lambda c: int(c["k"])) + others
+
+
+def _evaluated(c: dict[str, Any]) -> bool:
+    """True for a candidate evaluated (or to be evaluated) in full; screened-only ones are never on fronts."""
+    return c.get("level", "full") == "full"
 
 
 def _results_by_device(candidate: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -276,12 +363,16 @@ def finalize_report(base: dict[str, Any]) -> dict[str, Any]:
         for r in c.get("results") or []:
             _assess(objectives, c, r)
 
-    # Groups (model, mode) in order of first appearance.
+    # Groups (model, recipe) in order of first appearance; screened-only candidates stay out of them.
+    evaluated = [c for c in candidates if _evaluated(c)]
     groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
-    for c in candidates:
+    for c in evaluated:
         groups.setdefault((c["model"], c["mode"]), []).append(c)
-    model_devices: dict[str, list[str]] = {}
+    all_of_group: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for c in candidates:
+        all_of_group.setdefault((c["model"], c["mode"]), []).append(c)
+    model_devices: dict[str, list[str]] = {}
+    for c in evaluated:
         model_devices.setdefault(c["model"], []).extend(r.get("device") for r in c.get("results") or [])
 
     models_by_name = {m.get("name"): m for m in report.get("models") or []}
@@ -296,10 +387,12 @@ def finalize_report(base: dict[str, Any]) -> dict[str, Any]:
         ordered = _ordered(members)
         by_dev = {c["id"]: _results_by_device(c) for c in ordered}
         group_devices = _device_order(report, (d for c in ordered for d in by_dev[c["id"]]))
-        fq_list = [c for c in ordered if c.get("kind") == "ranked" and c.get("k") == 0]
+        fq_list = _ordered(c for c in all_of_group[(model, mode)] if c.get("k") == 0)
         if len(fq_list) > 1:
             logger.warning("%s/%s: %d candidates with k == 0; using %s", model, mode, len(fq_list), fq_list[0]["id"])
         fq = fq_list[0] if fq_list else None
+        if fq is not None and fq["id"] not in by_dev:
+            by_dev[fq["id"]] = _results_by_device(fq)
 
         for device in group_devices:
             rows: list[dict[str, Any]] = []
@@ -326,6 +419,7 @@ def finalize_report(base: dict[str, Any]) -> dict[str, Any]:
                 {
                     "model": model,
                     "mode": mode,
+                    "recipe": mode,
                     "device": device,
                     "fronts": [[rows[i]["id"] for i in front] for front in fronts],
                 }
@@ -343,13 +437,18 @@ def finalize_report(base: dict[str, Any]) -> dict[str, Any]:
 
     report["fronts"] = fronts_out
     report["cross_device"] = cross
+    report["recipe_fronts"] = _recipe_fronts(report, evaluated, model_devices, objectives)
     report["infeasible"] = infeasible
     report["summary"] = summary
+    ablation, searches = _ablation(report, candidates, model_devices, objectives)
+    report["ablation"] = ablation
+    report["searches"] = searches
     logger.info(
-        "finalized report: %d candidates, %d groups, %d results outside fronts",
+        "finalized report: %d candidates, %d groups, %d results outside fronts, %d searches",
         len(candidates),
         len(fronts_out),
         len(infeasible),
+        len(searches),
     )
     return report
 
@@ -391,6 +490,7 @@ def _summary_entry(
     return {
         "model": model,
         "mode": mode,
+        "recipe": mode,
         "device": device,
         "selected": None if selected is None else selected["id"],
         "selected_k": None if selected is None else selected.get("k"),
@@ -455,6 +555,7 @@ def _cross_device(
     return {
         "model": model,
         "mode": mode,
+        "recipe": mode,
         "devices": devices,
         "fronts": [[rows[i]["id"] for i in front] for front in fronts],
         "selected": rows[select_compromise(F, fronts[0])]["id"] if fronts else None,
@@ -465,3 +566,281 @@ def _cross_device(
         ],
         "excluded": excluded,
     }
+
+
+def _recipe_fronts(
+    report: dict[str, Any],
+    evaluated: list[dict[str, Any]],
+    model_devices: dict[str, list[str]],
+    objectives: list[_Objective],
+) -> list[dict[str, Any]]:
+    """Per (model, device), the top fronts over every recipe's done and feasible full results.
+
+    Sets ``results[].recipe_front`` of the members (1, 2, 3).
+    """
+    out: list[dict[str, Any]] = []
+    by_model: dict[str, list[dict[str, Any]]] = {}
+    for c in evaluated:
+        by_model.setdefault(c["model"], []).append(c)
+    for model, members in by_model.items():
+        recipes = list(dict.fromkeys(c["mode"] for c in members))
+        ordered = [c for recipe in recipes for c in _ordered(m for m in members if m["mode"] == recipe)]
+        by_dev = {c["id"]: _results_by_device(c) for c in ordered}
+        for device in _device_order(report, model_devices.get(model, [])):
+            rows: list[dict[str, Any]] = []
+            vectors: list[dict[str, float]] = []
+            noise: list[tuple[float | None, float | None]] = []
+            for c in ordered:
+                r = by_dev[c["id"]].get(device)
+                if r is not None and r["status"] == "done" and r["feasible"]:
+                    rows.append(c)
+                    vectors.append(r["objectives"])
+                    noise.append(_noise(r))
+            fronts, F, _ = _sort_fronts(vectors, noise, objectives)
+            for n, front in enumerate(fronts, start=1):
+                for i in front:
+                    by_dev[rows[i]["id"]][device]["recipe_front"] = n
+            out.append({
+                "model": model,
+                "device": device,
+                "recipes": recipes,
+                "fronts": [[rows[i]["id"] for i in front] for front in fronts],
+                "selected": rows[select_compromise(F, fronts[0])]["id"] if fronts else None,
+            })
+    return out
+
+
+# --------------------------------------------------------------------------- ranking ablation
+
+#: The search other searches' hypervolumes are compared with (the paper's method).
+SWEEP_SEARCH = "sweep/paper"
+
+#: Reference point of the hypervolume in every normalized objective (1 = the worst value seen).
+HV_REFERENCE = 1.1
+
+#: Tolerance of ``accuracy_loss <= max_loss`` (1 - 0.99 is 0.010000000000000009 in floating point).
+LOSS_TOLERANCE = 1e-9
+
+
+def _minimized(objectives: list[_Objective], values: dict[str, float | None]) -> list[float] | None:
+    """A result's objective values as one row to minimize (None if any is missing)."""
+    row = []
+    for o in objectives:
+        v = values.get(o.name)
+        if v is None:
+            return None
+        row.append(-float(v) if o.direction == "max" else float(v))
+    return row
+
+
+def _normalizers(
+    candidates: list[dict[str, Any]], objectives: list[_Objective]
+) -> dict[tuple[str, str], tuple[np.ndarray, np.ndarray]]:
+    """(lowest value, span) per objective over every done full result of each (model, device), all recipes."""
+    rows: dict[tuple[str, str], list[list[float]]] = {}
+    for c in candidates:
+        if not _evaluated(c):
+            continue
+        for r in c.get("results") or []:
+            if r.get("status") != "done":
+                continue
+            row = _minimized(objectives, r.get("objectives") or {})
+            if row is not None:
+                rows.setdefault((c["model"], r.get("device")), []).append(row)
+    out = {}
+    for key, vals in rows.items():
+        arr = np.array(vals, dtype=float)
+        lo = arr.min(axis=0)
+        out[key] = (lo, arr.max(axis=0) - lo)
+    return out
+
+
+def hypervolume(points: np.ndarray, lo: np.ndarray, span: np.ndarray) -> float:
+    """Hypervolume of minimization ``points`` after normalizing each objective to (v - lo) / span
+    (0 where the span is 0), with reference point :data:`HV_REFERENCE` in every dimension."""
+    pts = np.asarray(points, dtype=float)
+    if pts.size == 0:
+        return 0.0
+    norm = np.where(span > 0, (pts - lo) / np.where(span > 0, span, 1.0), 0.0)
+    return float(HV(ref_point=np.full(pts.shape[1], HV_REFERENCE))(norm))
+
+
+def _since(t: float | None, start: float | None) -> float | None:
+    """Seconds from ``start`` to ``t`` (never negative; None if either is unknown)."""
+    if t is None or start is None:
+        return None
+    return max(0.0, float(t) - float(start))
+
+
+def _latest(values: Iterable[float | None]) -> float | None:
+    vals = [float(v) for v in values if v is not None]
+    return max(vals) if vals else None
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None or b <= 0 else a / b
+
+
+class _SearchWork:
+    """What one search asked for, per (model, recipe) and level, with the results it got."""
+
+    def __init__(self, search: dict[str, Any], cands: dict[str, dict[str, Any]]) -> None:
+        self.search = search
+        # (model, recipe) -> level -> candidate ids (a dict as an ordered set)
+        self.groups: dict[tuple[str, str], dict[str, dict[str, None]]] = {}
+        for p in search.get("proposals") or []:
+            c = cands.get(p.get("candidate_id"))
+            model = p.get("model") or (c or {}).get("model")
+            recipe = p.get("recipe") or p.get("mode") or (c or {}).get("mode")
+            ids = self.groups.setdefault((model, recipe), {"build": {}, "screen": {}, "full": {}})
+            if p.get("level") in ids:
+                ids[p["level"]][p.get("candidate_id")] = None
+        self.cands = cands
+
+    def ids(self, level: str, key: tuple[str, str] | None = None) -> list[str]:
+        """Distinct candidates asked for at ``level`` (in one (model, recipe), or in all)."""
+        groups = [self.groups[key]] if key is not None else list(self.groups.values())
+        return list(dict.fromkeys(cid for g in groups for cid in g[level]))
+
+    def all_ids(self, key: tuple[str, str] | None = None) -> list[str]:
+        """Distinct candidates asked for at any level (each one is built)."""
+        return list(dict.fromkeys(cid for level in ("build", "screen", "full") for cid in self.ids(level, key)))
+
+    def runs(self, device: str | None, key: tuple[str, str] | None = None) -> list[dict[str, Any]]:
+        """Results (full and screening) of what it asked for (on one device, or on all)."""
+        out = []
+        for level, field in (("full", "results"), ("screen", "screening")):
+            for cid in self.ids(level, key):
+                for r in (self.cands.get(cid) or {}).get(field) or []:
+                    if (device is None or r.get("device") == device) and r.get("status") == "done":
+                        out.append(r)
+        return out
+
+
+def _ablation(
+    report: dict[str, Any],
+    candidates: list[dict[str, Any]],
+    model_devices: dict[str, list[str]],
+    objectives: list[_Objective],
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The ranking ablation rows and the searches with their totals (see the module docstring)."""
+    cands = {c["id"]: c for c in candidates}
+    norms = _normalizers(candidates, objectives)
+    rows: list[dict[str, Any]] = []
+    searches: list[dict[str, Any]] = []
+    hv_of: dict[tuple[str, str, str, str], float] = {}
+    works = [(s, _SearchWork(s, cands)) for s in report.get("searches") or []]
+    for s, work in works:
+        started = finite(s.get("started_at"))
+        for (model, recipe) in work.groups:
+            full_ids = work.ids("full", (model, recipe))
+            for device in _device_order(report, model_devices.get(model, [])):
+                ids: list[str] = []
+                points: list[list[float]] = []
+                for cid in full_ids:
+                    r = next((x for x in (cands.get(cid) or {}).get("results") or [] if x.get("device") == device),
+                             None)
+                    if r is None or r.get("status") != "done" or not r.get("feasible"):
+                        continue
+                    row = _minimized(objectives, r.get("objectives") or {})
+                    if row is not None:
+                        ids.append(cid)
+                        points.append(row)
+                front = top_fronts(np.array(points, dtype=float).reshape(len(points), len(objectives)), 1)
+                members = [ids[i] for i in front[0]] if front else []
+                lo, span = norms.get((model, device), (np.zeros(len(objectives)), np.zeros(len(objectives))))
+                hv = hypervolume(np.array([points[i] for i in front[0]]) if front else np.zeros((0, 0)), lo, span)
+                hv_of[(s["name"], model, recipe, device)] = hv
+                runs = work.runs(device, (model, recipe))
+                found = _latest(next((x.get("finished_at") for x in cands[cid]["results"]
+                                      if x.get("device") == device), None) for cid in members)
+                rows.append({
+                    "search": s["name"], "model": model, "recipe": recipe, "mode": recipe, "device": device,
+                    "front": members, "hypervolume": hv, "hv_vs_sweep": None,
+                    "evaluations": len(full_ids), "screenings": len(work.ids("screen", (model, recipe))),
+                    "builds": len(work.all_ids((model, recipe))),
+                    "seconds": float(sum(finite(r.get("seconds")) or 0.0 for r in runs)),
+                    "found_after_s": _since(found, started),
+                    "front_done_after_s": _since(_latest(r.get("finished_at") for r in runs), started),
+                })
+    for row in rows:
+        ref = hv_of.get((SWEEP_SEARCH, row["model"], row["recipe"], row["device"]))
+        row["hv_vs_sweep"] = _ratio(row["hypervolume"], ref)
+
+    totals: list[dict[str, Any]] = []
+    for s, work in works:
+        started = finite(s.get("started_at"))
+        mine = [r for r in rows if r["search"] == s["name"]]
+        shared = [r for r in mine if (SWEEP_SEARCH, r["model"], r["recipe"], r["device"]) in hv_of]
+        runs = work.runs(None)
+        recipes = list(dict.fromkeys(recipe for _, recipe in work.groups))
+        target = _targets(s, work, cands, model_devices) if _is_target(s) else None
+        total = {
+            "search": s["name"], "model": None, "recipe": None, "mode": None, "device": None, "front": None,
+            "hypervolume": float(sum(r["hypervolume"] for r in mine)),
+            "hv_vs_sweep": _ratio(sum(r["hypervolume"] for r in shared),
+                                  sum(hv_of[(SWEEP_SEARCH, r["model"], r["recipe"], r["device"])] for r in shared))
+            if shared else None,
+            "evaluations": len(work.ids("full")), "screenings": len(work.ids("screen")),
+            "builds": len(work.all_ids()),
+            "seconds": float(sum(finite(r.get("seconds")) or 0.0 for r in runs)),
+            "found_after_s": _latest(r["found_after_s"] for r in mine),
+            "front_done_after_s": _since(_latest(r.get("finished_at") for r in runs), started),
+        }
+        if target is not None:
+            found = [t for t in target if t["id"] is not None]
+            total["found_after_s"] = _latest(t["found_after_s"] for t in found) if len(found) == len(target) else None
+        totals.append(total)
+        entry = dict(s)
+        entry.update({
+            "recipe": recipes[0] if len(recipes) == 1 else None,
+            "recipes": recipes,
+            **{k: total[k] for k in ("hypervolume", "hv_vs_sweep", "evaluations", "screenings", "builds", "seconds",
+                                     "found_after_s", "front_done_after_s")},
+            "targets": target,
+            "target": target[0] if target is not None and len(target) == 1 and target[0]["id"] is not None else None,
+        })
+        searches.append(entry)
+    return rows + totals, searches
+
+
+def _is_target(search: dict[str, Any]) -> bool:
+    return search.get("strategy") == "target" or str(search.get("name", "")).startswith("target")
+
+
+def _targets(
+    search: dict[str, Any],
+    work: _SearchWork,
+    cands: dict[str, dict[str, Any]],
+    model_devices: dict[str, list[str]],
+) -> list[dict[str, Any]]:
+    """Per model of a ``target`` search: its smallest full-evaluated candidate whose accuracy loss
+    (1 - agreement) is at most ``max_loss`` on every device of the model (``id`` None if none)."""
+    max_loss = finite(search.get("max_loss"))
+    if max_loss is None:
+        max_loss = finite((search.get("params") or {}).get("max_loss"))
+    started = finite(search.get("started_at"))
+    out: list[dict[str, Any]] = []
+    for model in dict.fromkeys(m for m, _ in work.groups):
+        devices = list(dict.fromkeys(model_devices.get(model, [])))
+        best: tuple[tuple[float, float, str], dict[str, Any]] | None = None
+        for cid in dict.fromkeys(c for (m, r) in work.groups if m == model for c in work.ids("full", (m, r))):
+            c = cands.get(cid)
+            if c is None or max_loss is None or not devices or c.get("size_bytes") is None:
+                continue
+            by_dev = {r.get("device"): r for r in c.get("results") or []}
+            agreements = [finite((by_dev.get(d) or {}).get("agreement")) if (by_dev.get(d) or {}).get("status")
+                          == "done" else None for d in devices]
+            if any(a is None or 1.0 - a > max_loss + LOSS_TOLERANCE for a in agreements):
+                continue
+            worst = min(a for a in agreements if a is not None)
+            key = (float(c["size_bytes"]), -worst, cid)
+            if best is None or key < best[0]:
+                found = _latest(by_dev[d].get("finished_at") for d in devices)
+                best = (key, {"model": model, "id": cid, "recipe": c.get("mode"), "label": c.get("label"),
+                              "size_bytes": c["size_bytes"], "worst_agreement": worst,
+                              "found_after_s": _since(found, started)})
+        out.append(best[1] if best is not None else
+                   {"model": model, "id": None, "recipe": None, "label": None, "size_bytes": None,
+                    "worst_agreement": None, "found_after_s": None})
+    return out

@@ -20,11 +20,14 @@ from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescap
 
 from tuneqn.controller.objectives import OBJECTIVES, Objective
 
-from .plots import PLOT_KINDS, plot_key
+from .finalize import HV_REFERENCE, SWEEP_SEARCH
+from .plots import PLOT_KINDS, plot_key, recipe_plot_key
 
 logger = logging.getLogger(__name__)
 
 LAYERS_TOP = 20
+#: Screened-candidate tables longer than this start collapsed.
+SCREENED_OPEN = 30
 TEMPLATE = "report.html.j2"
 
 _MIME = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".svg": "image/svg+xml", ".gif": "image/gif"}
@@ -90,11 +93,30 @@ def _front(front: Any, *, sel: bool = False) -> Cell:
 
 
 def _cand_name(c: dict[str, Any] | None) -> str:
+    """How tables name a candidate: a search's label (``paper k=3``), an exclusion set's name, or k."""
     if c is None:
         return "–"
-    if c.get("kind") == "ranked" and c.get("k") is not None:
+    if c.get("kind") == "ranked" and c.get("k") is not None:  # reports from before searches
         return f"k={c['k']}"
-    return str(c.get("label") or c.get("id"))
+    if c.get("label"):
+        return str(c["label"])
+    if c.get("k") is not None:
+        return f"k={c['k']}"
+    return str(c.get("id"))
+
+
+def _searches_of(c: dict[str, Any]) -> str:
+    """The searches that asked for a candidate (each once)."""
+    names = list(dict.fromkeys(str(p.get("search")) for p in c.get("proposed_by") or []))
+    return ", ".join(names) or "–"
+
+
+def _is_full(c: dict[str, Any]) -> bool:
+    return c.get("level", "full") == "full"
+
+
+def _seconds(value: Any) -> Cell:
+    return _num(value, "{:.1f}")
 
 
 def _data_uri(path: Path | None) -> str | None:
@@ -152,7 +174,7 @@ def _summary(report: dict[str, Any], cands: dict[str, dict[str, Any]]) -> dict[s
         sel = cands.get(s.get("selected")) if s.get("selected") else None
         row = [
             Cell(str(s.get("model")), left=True),
-            Cell(str(s.get("mode")), left=True),
+            Cell(str(s.get("recipe") or s.get("mode")), left=True),
             Cell(str(s.get("device")), left=True),
             Cell(_cand_name(sel), left=True, title=s.get("selected"))
             if sel
@@ -186,7 +208,8 @@ def _cross_device(report: dict[str, Any], cands: dict[str, dict[str, Any]], objs
                 *(_obj(o, (c.get("worst") or {}).get(o.name), sel=sel) for o in objs),
             ])
         out.append({
-            "title": f"{x.get('model')} · {x.get('mode')} · devices: {', '.join(x.get('devices') or [])}",
+            "title": f"{x.get('model')} · {x.get('recipe') or x.get('mode')} · devices: "
+                     f"{', '.join(x.get('devices') or [])}",
             "headers": ["front", "candidate", *(f"worst {o.heading}" for o in objs)],
             "rows": rows,
             "selected": _cand_name(cands.get(x.get("selected"))) if x.get("selected") else "–",
@@ -225,6 +248,7 @@ def _groups(report: dict[str, Any], images: dict[str, Path], cands: dict[str, di
                 ])
         out.append({
             "title": f"{model} · {mode} · {device}",
+            "recipe": mode,
             "figures": figures,
             "headers": ["front", "candidate", "#excluded", *(o.heading for o in objs)],
             "rows": rows,
@@ -250,25 +274,31 @@ def _baselines(report: dict[str, Any]) -> list[list[Cell]]:
 
 
 def _candidates(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """The candidates evaluated in full, per (model, recipe), with every device's full result."""
     groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for c in report.get("candidates") or []:
-        groups.setdefault((c.get("model"), c.get("mode")), []).append(c)
+        if _is_full(c):
+            groups.setdefault((c.get("model"), c.get("mode")), []).append(c)
     dev_order = [d.get("name") for d in report.get("devices") or []]
     out = []
     for (model, mode), members in groups.items():
         seen = [r.get("device") for c in members for r in c.get("results") or []]
         devices = [d for d in dev_order if d in seen] + [d for d in dict.fromkeys(seen) if d not in dev_order]
-        members = sorted(
-            members,
-            key=lambda c: (0, int(c["k"])) if c.get("kind") == "ranked" and c.get("k") is not None else (1, 0),
-        )
+        members = sorted(members, key=lambda c: (0, int(c["k"])) if c.get("kind") != "explicit"
+                         and c.get("k") is not None else (1, 0))
         rows = []
         for c in members:
+            screened = [x for x in c.get("screening") or [] if x.get("status") == "done"]
             row = [
                 Cell(str(c["k"])) if c.get("k") is not None else _missing(),
-                Cell(str(c.get("label")), left=True, title=c.get("id")),
+                Cell(_cand_name(c), left=True, title=c.get("id")),
                 Cell(str(len(c.get("excluded") or []))),
                 _obj(_SIZE, c.get("size_bytes")),
+                Cell(_searches_of(c), left=True),
+                Cell("screened", left=True, span="badge scr",
+                     title="; ".join(f"{x.get('device')}: agreement {_pct(x.get('agreement')).text} % on "
+                                     f"{x.get('num_samples')} samples" for x in screened))
+                if screened else _missing(),
             ]
             by_dev = {r.get("device"): r for r in c.get("results") or []}
             for d in devices:
@@ -291,13 +321,125 @@ def _candidates(report: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
+def _screened(report: dict[str, Any]) -> dict[str, Any]:
+    """Candidates with screening results, per (model, recipe): compact, never on a front."""
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    built_only = 0
+    for c in report.get("candidates") or []:
+        if c.get("screening"):
+            groups.setdefault((c.get("model"), c.get("mode")), []).append(c)
+        elif c.get("level") == "build":
+            built_only += 1
+    dev_order = [d.get("name") for d in report.get("devices") or []]
+    out = []
+    n_only = 0
+    for (model, mode), members in groups.items():
+        seen = [x.get("device") for c in members for x in c.get("screening") or []]
+        devices = [d for d in dev_order if d in seen] + [d for d in dict.fromkeys(seen) if d not in dev_order]
+        rows = []
+        for c in sorted(members, key=lambda c: (not _is_full(c), c.get("k") if c.get("k") is not None else 10**9)):
+            only = not _is_full(c)
+            n_only += only
+            by_dev = {x.get("device"): x for x in c.get("screening") or []}
+            row = [
+                Cell("screened only" if only else "also full", left=True, span="badge scr" if only else "muted"),
+                Cell(str(c["k"])) if c.get("k") is not None else _missing(),
+                Cell(_cand_name(c), left=True, title=c.get("id")),
+                _obj(_SIZE, c.get("size_bytes")),
+                Cell(_searches_of(c), left=True),
+            ]
+            for d in devices:
+                x = by_dev.get(d)
+                if x is None:
+                    row += [_missing(), _missing()]
+                    continue
+                status = str(x.get("status"))
+                row += [_pct(x.get("agreement")) if status == "done" else
+                        Cell(status, left=True, span=f"st-{status}", title=x.get("error")),
+                        Cell(str(x.get("num_samples"))) if x.get("num_samples") is not None else _missing()]
+            rows.append(row)
+        out.append({"title": f"{model} · {mode}", "devices": devices, "rows": rows,
+                    "collapsed": len(rows) > SCREENED_OPEN})
+    return {"groups": out, "screened_only": n_only, "built_only": built_only}
+
+
+def _searches(report: dict[str, Any]) -> dict[str, Any]:
+    """The ranking ablation table (per search and (model, recipe, device), then per-search totals)."""
+    rows = []
+    n_models = len({r.get("model") for r in report.get("ablation") or [] if r.get("model") is not None})
+    order = {s.get("name"): i for i, s in enumerate(report.get("searches") or [])}
+    for a in sorted(report.get("ablation") or [], key=lambda a: (order.get(a.get("search"), len(order)),
+                                                                  a.get("model") is None)):
+        total = a.get("model") is None
+        where = [Cell("all", left=True, sel=total, span="muted")] * 2 if total else [
+            Cell(f"{a.get('model')} · {a.get('recipe')}" if n_models > 1 else str(a.get("recipe")), left=True),
+            Cell(str(a.get("device")), left=True)]
+        rows.append([
+            Cell(str(a.get("search")), left=True, sel=total), *where,
+            _num(a.get("hypervolume"), "{:.4f}", sel=total),
+            _num(a.get("hv_vs_sweep"), "{:.3f}", sel=total),
+            Cell(str(len(a.get("front") or [])), sel=total) if not total else _missing(sel=total),
+            Cell(str(a.get("evaluations")), sel=total),
+            Cell(str(a.get("screenings")), sel=total),
+            Cell(str(a.get("builds")), sel=total),
+            _num(a.get("seconds"), "{:.1f}", sel=total),
+            _num(a.get("found_after_s"), "{:.1f}", sel=total),
+            _num(a.get("front_done_after_s"), "{:.1f}", sel=total),
+        ])
+    targets = []
+    for s in report.get("searches") or []:
+        for t in s.get("targets") or []:
+            loss = f"{100.0 * float(s['max_loss']):g} %" if s.get("max_loss") is not None else "?"
+            if t.get("id") is None:
+                targets.append(f"{s.get('name')} ({t.get('model')}): no candidate with accuracy loss ≤ {loss} on "
+                               "every device")
+            else:
+                targets.append(
+                    f"{s.get('name')} ({t.get('model')}): {t.get('label') or t.get('id')} [{t.get('recipe')}], "
+                    f"{_SIZE.fmt(t.get('size_bytes'))}, worst agreement {_pct(t.get('worst_agreement')).text} %, "
+                    f"loss ≤ {loss} on every device; found after {_seconds(t.get('found_after_s')).text} s")
+    return {"rows": rows, "targets": targets,
+            "sweep": any(s.get("name") == SWEEP_SEARCH for s in report.get("searches") or [])}
+
+
+def _recipe_fronts(report: dict[str, Any], images: dict[str, Path], cands: dict[str, dict[str, Any]],
+                   objs: list[Objective]) -> list[dict[str, Any]]:
+    """Per (model, device) with several recipes: the top fronts over all of them."""
+    out = []
+    for entry in report.get("recipe_fronts") or []:
+        if len(entry.get("recipes") or []) < 2:  # one recipe: the per-device fronts say it all
+            continue
+        model, device = entry.get("model"), entry.get("device")
+        rows = []
+        for n, front in enumerate(entry.get("fronts") or [], start=1):
+            for cid in front:
+                c = cands.get(cid, {})
+                r: dict[str, Any] = next((x for x in c.get("results") or [] if x.get("device") == device), {})
+                sel = cid == entry.get("selected")
+                rows.append([
+                    _front(n, sel=sel),
+                    Cell(str(c.get("recipe") or c.get("mode")), left=True, sel=sel),
+                    Cell(_cand_name(c or {"id": cid}), left=True, sel=sel, title=cid),
+                    Cell(str(len(c.get("excluded") or [])), sel=sel),
+                    *(_obj(o, (r.get("objectives") or {}).get(o.name), sel=sel) for o in objs),
+                ])
+        out.append({
+            "title": f"{model} · {device} · recipes: {', '.join(entry.get('recipes') or [])}",
+            "uri": _data_uri(images.get(recipe_plot_key(model, device))),
+            "alt": f"recipes plot for {model} {device}",
+            "headers": ["front", "recipe", "candidate", "#excluded", *(o.heading for o in objs)],
+            "rows": rows,
+        })
+    return out
+
+
 def _infeasible(report: dict[str, Any], cands: dict[str, dict[str, Any]]) -> list[list[Cell]]:
     rows = []
     for it in report.get("infeasible") or []:
         c = cands.get(it.get("candidate")) or {}
         rows.append([
             Cell(str(c.get("model")), left=True),
-            Cell(str(c.get("mode")), left=True),
+            Cell(str(c.get("recipe") or c.get("mode")), left=True),
             Cell(_cand_name(c or {"id": it.get("candidate")}), left=True, title=it.get("candidate")),
             Cell(str(it.get("device")), left=True),
             Cell(str(it.get("reason")), left=True),
@@ -339,12 +481,35 @@ def _layers(report: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
+def _rankings(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """Rankings computed from evaluations (``measured``): per layer its gain per byte."""
+    def row(layer: dict[str, Any]) -> list[Cell]:
+        return [
+            Cell(str(layer.get("rank"))),
+            Cell(str(layer.get("name")), left=True),
+            _pct(layer.get("gain")),
+            _pct(layer.get("overlap_gain")),
+            _num(layer.get("bytes"), "{:,}"),
+        ]
+
+    out = []
+    for r in report.get("rankings") or []:
+        layers = sorted(r.get("layers") or [], key=lambda L: (L.get("rank") is None, L.get("rank") or 0))
+        out.append({
+            "title": f"{r.get('model')} · {r.get('recipe') or r.get('mode')} · {r.get('name')}: "
+                     f"top {min(LAYERS_TOP, len(layers))} of {len(layers)}",
+            "top": [row(L) for L in layers[:LAYERS_TOP]],
+            "all": [row(L) for L in layers],
+        })
+    return out
+
+
 def _other_images(images: dict[str, Path], report: dict[str, Any]) -> list[dict[str, str]]:
     known = {
         plot_key(kind, e.get("model"), e.get("mode"), e.get("device"))
         for e in report.get("fronts") or []
         for kind in PLOT_KINDS
-    }
+    } | {recipe_plot_key(e.get("model"), e.get("device")) for e in report.get("recipe_fronts") or []}
     out = []
     for key, path in images.items():
         if key in known:
@@ -389,6 +554,11 @@ def render_html(report: dict[str, Any], images: dict[str, Path]) -> str:
         "latency_ties": any(o.name == "latency" for o in objs),
         "baselines": _baselines(report),
         "candidates": _candidates(report),
+        "screened": _screened(report),
+        "searches": _searches(report),
+        "recipe_fronts": _recipe_fronts(report, images, cands, objs),
+        "rankings": _rankings(report),
+        "ranking_headers": ["rank", "layer", "gain (agreement, %)", "gain (top-k overlap, %)", "bytes added"],
         "infeasible": _infeasible(report, cands),
         "layers": _layers(report),
         "layer_headers": ["rank", "layer", "op type", "index", "qdq_err", "xmodel_err", "score"],
@@ -397,5 +567,7 @@ def render_html(report: dict[str, Any], images: dict[str, Path]) -> str:
         "acc": _ACC,
         "size": _SIZE,
         "latency": _LAT,
+        "hv_reference": HV_REFERENCE,
+        "sweep_search": SWEEP_SEARCH,
     }
     return _environment().get_template(TEMPLATE).render(**context)

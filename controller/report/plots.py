@@ -59,22 +59,29 @@ def _save(fig: Figure, path: Path) -> Path:
     return Path(path)
 
 
-def _group(report: dict[str, Any], model: str, mode: str, device: str) -> list[tuple[dict[str, Any], dict[str, Any]]]:
-    """(candidate, result on device) pairs of one (model, mode), ranked by k first."""
+def recipe_plot_key(model: str, device: str) -> str:
+    """Key of the plot of every recipe's results of (model, device) (:func:`recipes_scatter`)."""
+    return plot_key("recipes", model, "", device)
+
+
+def _group(
+    report: dict[str, Any], model: str, mode: str | None, device: str
+) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    """(candidate, full result on device) pairs of one (model, recipe) (every recipe: ``mode`` None),
+    search-proposed candidates by k first."""
     pairs: list[tuple[dict[str, Any], dict[str, Any]]] = []
     for c in report.get("candidates") or []:
-        if c.get("model") != model or c.get("mode") != mode:
+        if c.get("model") != model or (mode is not None and c.get("mode") != mode):
+            continue
+        if c.get("level", "full") != "full":  # screening results are never plotted
             continue
         for r in c.get("results") or []:
             if r.get("device") == device:
                 if "objectives" not in r:
                     raise ValueError("report is not finalized; call finalize_report() first")
                 pairs.append((c, r))
-    ranked = sorted(
-        (p for p in pairs if p[0].get("kind") == "ranked" and p[0].get("k") is not None),
-        key=lambda p: int(p[0]["k"]),
-    )
-    return ranked + [p for p in pairs if not (p[0].get("kind") == "ranked" and p[0].get("k") is not None)]
+    ranked = sorted((p for p in pairs if _is_ranked(p[0])), key=lambda p: int(p[0]["k"]))
+    return ranked + [p for p in pairs if not _is_ranked(p[0])]
 
 
 def _selected_id(report: dict[str, Any], model: str, mode: str, device: str) -> str | None:
@@ -91,14 +98,17 @@ def _fmt_objective(name: str, value: float) -> str:
 
 
 def _is_ranked(c: dict[str, Any]) -> bool:
-    return c.get("kind") == "ranked" and c.get("k") is not None
+    """A candidate with a place on the k axis: proposed by a search (``set``; ``ranked`` before searches)."""
+    return c.get("kind") in ("set", "ranked") and c.get("k") is not None
 
 
 def objectives_vs_candidate(report: dict[str, Any], model: str, mode: str, device: str, path: Path) -> Path:
     """Paper Fig. 3: every objective (min-max normalized to 0-100 %) against candidate k.
 
-    Only ranked candidates are drawn; the top-3 fronts are vertical lines, failed,
-    infeasible and not yet evaluated candidates are shaded.  Returns ``path``.
+    Only search-proposed candidates are drawn (explicit sets have no place on the k axis);
+    the top-3 fronts are vertical lines, failed, infeasible and not yet evaluated candidates
+    are shaded.  When several candidates share a k (sets of different searches), points are
+    not joined by lines.  Returns ``path``.
     """
     fig = _new_figure()
     ax = fig.add_subplot(1, 1, 1)
@@ -106,6 +116,7 @@ def objectives_vs_candidate(report: dict[str, Any], model: str, mode: str, devic
     objectives = [o["name"] for o in report.get("objectives") or []]
     # One slot per ranked candidate; not-done ones stay NaN so that lines break there.
     ks = np.array([int(c["k"]) for c, _ in pairs], dtype=float)
+    joined = len(set(ks.tolist())) == len(ks)
 
     plotted = False
     for i, name in enumerate(objectives):
@@ -131,7 +142,8 @@ def objectives_vs_candidate(report: dict[str, Any], model: str, mode: str, devic
             color=_OBJECTIVE_COLORS[i % len(_OBJECTIVE_COLORS)],
             marker=_OBJECTIVE_MARKERS[i % len(_OBJECTIVE_MARKERS)],
             markersize=4,
-            linewidth=1.4,
+            linewidth=1.4 if joined else 0.0,
+            linestyle="-" if joined else "none",
             label=label,
             zorder=3,
         )
@@ -186,15 +198,15 @@ def objectives_vs_candidate(report: dict[str, Any], model: str, mode: str, devic
         )
 
     if not plotted:
-        ax.text(0.5, 0.5, "no evaluated ranked candidates yet", ha="center", va="center", transform=ax.transAxes)
+        ax.text(0.5, 0.5, "no evaluated candidates with a k yet", ha="center", va="center", transform=ax.transAxes)
     all_ks = [int(c["k"]) for c, _ in pairs]
     if all_ks:
         ax.set_xlim(min(all_ks) - 0.6, max(all_ks) + 0.6)
     ax.set_ylim(-5, 105)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlabel("candidate k (top-k ranked layers left in FP32; 0 = fully quantized)")
+    ax.set_xlabel("candidate k (layers left in FP32; 0 = fully quantized)")
     ax.set_ylabel("objective, min-max normalized\nover these candidates (%)")
-    ax.set_title(f"{model} · {mode} quantization on {device}:\nobjectives per candidate, top-3 Pareto fronts", fontsize=10)
+    ax.set_title(f"{model} · recipe {mode} on {device}:\nobjectives per candidate, top-3 Pareto fronts", fontsize=10)
     ax.grid(True, alpha=0.3, zorder=0)
     if ax.get_legend_handles_labels()[0]:
         ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2, fontsize=7.5, frameon=False)
@@ -308,7 +320,65 @@ def tradeoff_scatter(report: dict[str, Any], model: str, mode: str, device: str,
     ax.set_xlabel(f"model size ({OBJECTIVES['size'].display_unit})")
     loss = OBJECTIVES["accuracy_loss"]
     ax.set_ylabel(f"{loss.name} ({loss.display_unit})\n1 − top-1 agreement with FP32")
-    ax.set_title(f"{model} · {mode} quantization on {device}: accuracy loss vs size")
+    ax.set_title(f"{model} · recipe {mode} on {device}: accuracy loss vs size")
+    ax.grid(True, alpha=0.3, zorder=0)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(loc="best", fontsize=7.5)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+_RECIPE_COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22"]
+_RECIPE_MARKERS = ["o", "s", "^", "D", "v", "P", "X", "<"]
+
+
+def recipes_scatter(report: dict[str, Any], model: str, device: str, path: Path) -> Path:
+    """Accuracy loss vs size of every full result of every recipe of ``model`` on ``device``.
+
+    Colour and marker by recipe; front 1 over all recipes (``results[].recipe_front``)
+    is drawn larger and connected; the FP32 model is a star.  Returns ``path``.
+    """
+    fig = _new_figure()
+    ax = fig.add_subplot(1, 1, 1)
+    recipes: list[str] = []
+    pts: list[tuple[str, float, float, bool]] = []
+    for c, r in _group(report, model, None, device):
+        recipe = str(c.get("recipe") or c.get("mode"))
+        if recipe not in recipes:
+            recipes.append(recipe)
+        agreement, size = r.get("agreement"), c.get("size_bytes")
+        if r.get("status") != "done" or agreement is None or size is None:
+            continue
+        x, y = OBJECTIVES["size"].display(size), OBJECTIVES["accuracy_loss"].display(1.0 - float(agreement))
+        if x is None or y is None or not (np.isfinite(x) and np.isfinite(y)):
+            continue
+        pts.append((recipe, x, y, r.get("recipe_front") == 1))
+    for i, recipe in enumerate(recipes):
+        mine = [(x, y, f1) for rc, x, y, f1 in pts if rc == recipe]
+        if not mine:
+            continue
+        color, marker = _RECIPE_COLORS[i % len(_RECIPE_COLORS)], _RECIPE_MARKERS[i % len(_RECIPE_MARKERS)]
+        ax.scatter([x for x, _, f1 in mine if not f1], [y for _, y, f1 in mine if not f1], s=18, marker=marker,
+                   color=color, alpha=0.55, zorder=3, label=recipe)
+        front = [(x, y) for x, y, f1 in mine if f1]
+        if front:
+            ax.scatter(*zip(*front, strict=True), s=60, marker=marker, color=color, edgecolors="black",
+                       linewidths=1.0, zorder=5, label=f"{recipe}: on front 1")
+    front = sorted((x, y) for _, x, y, f1 in pts if f1)
+    if front:
+        color, style, width = FRONT_STYLES[1]
+        ax.plot(*zip(*front, strict=True), color=color, linestyle=style, linewidth=width, zorder=4,
+                label="front 1 over all recipes")
+    orig = next((m.get("size_bytes") for m in report.get("models") or [] if m.get("name") == model), None)
+    if orig is not None:
+        ax.scatter([OBJECTIVES["size"].display(orig)], [0.0], s=140, marker="*", color="gold", edgecolors="black",
+                   zorder=6, label="FP32 original (loss 0)")
+    if not pts:
+        ax.text(0.5, 0.5, "no evaluated candidates yet", ha="center", va="center", transform=ax.transAxes)
+    loss = OBJECTIVES["accuracy_loss"]
+    ax.set_xlabel(f"model size ({OBJECTIVES['size'].display_unit})")
+    ax.set_ylabel(f"{loss.name} ({loss.display_unit})\n1 − top-1 agreement with FP32")
+    ax.set_title(f"{model} on {device}: every recipe, accuracy loss vs size")
     ax.grid(True, alpha=0.3, zorder=0)
     if ax.get_legend_handles_labels()[0]:
         ax.legend(loc="best", fontsize=7.5)

@@ -57,10 +57,11 @@ def write_report(report: dict[str, Any], out_dir: Path) -> dict[str, Path]:
     """Write a finalized ``report`` under ``out_dir``: report.json, plots/*.png, report.html.
 
     Returns ``{"json": path, "html": path, plot_key(...): png path, ...}`` (see
-    :func:`tuneqn.controller.report.plots.plot_key`).
+    :func:`tuneqn.controller.report.plots.plot_key`; with several recipes also one
+    :func:`~tuneqn.controller.report.plots.recipe_plot_key` plot per (model, device)).
     """
     from .html import render_html
-    from .plots import PLOT_KINDS, plot_key, render_plot
+    from .plots import PLOT_KINDS, plot_key, recipe_plot_key, recipes_scatter, render_plot
 
     if "fronts" not in report or "summary" not in report:
         raise ValueError("report is not finalized; call finalize_report() first")
@@ -86,6 +87,18 @@ def write_report(report: dict[str, Any], out_dir: Path) -> dict[str, Path]:
                 logger.warning("skipping %s plot for %s/%s/%s: %s", kind, model, mode, device, exc)
                 continue
             images[plot_key(kind, model, mode, device)] = png
+    for entry in report.get("recipe_fronts") or []:
+        if len(entry.get("recipes") or []) < 2:  # one recipe: the tradeoff plot shows it
+            continue
+        model, device = entry["model"], entry["device"]
+        stem = base_stem = f"{_slug(model)}__recipes__{_slug(device)}"
+        n = 2
+        while stem in used:
+            stem = f"{base_stem}-{n}"
+            n += 1
+        used.add(stem)
+        png = out_dir / "plots" / f"{stem}.png"
+        images[recipe_plot_key(model, device)] = recipes_scatter(report, model, device, png)
     paths.update(images)
     layer_png = out_dir / "layer_errors.png"  # paper Fig. 2, written by the analysis
     if layer_png.is_file():

@@ -62,9 +62,9 @@ def overlap(topk: np.ndarray, baseline_topk: np.ndarray) -> float | None:
 
 
 def overlap_of(store: Store, row: dict[str, Any]) -> float | None:
-    """:func:`overlap` of a stored result with its model's FP32 result on the same device and level."""
+    """:func:`overlap` of a stored result with its model's FP32 result on the same device and samples."""
     model = model_of(store, row["candidate_id"])
-    base = _baseline(store, model, row["device"], row.get("level") or "full") if model else None
+    base = _reference(store, model, row) if model else None
     return None if base is None else overlap(topk_of(row), topk_of(base))
 
 
@@ -105,14 +105,43 @@ def model_of(store: Store, candidate_id: str) -> str | None:
     return None
 
 
-def _baseline(store: Store, model: str, device: str, level: str = "full") -> dict[str, Any] | None:
-    rows = store.results(candidate_id=baseline_id(model), device=device, level=level)
+def _baseline(store: Store, model: str, device: str) -> dict[str, Any] | None:
+    rows = store.results(candidate_id=baseline_id(model), device=device, level="full")
     return rows[-1] if rows else None  # newest
 
 
-def _labels(store: Store, model: str, level: str = "full") -> list[int] | None:
-    split = store.dataset(f"{model}/{'screen' if level == 'screen' else 'eval'}")
-    return None if split is None else split.get("labels")
+def _split(row: dict[str, Any]) -> str:
+    """The split a result predicted: ``eval`` (full) or ``screen/<recipe>`` (a screening subset)."""
+    return row.get("split") or "eval"
+
+
+def _screen_indices(store: Store, model: str, split: str) -> list[int] | None:
+    """Positions in the evaluation sample of the samples of a screening split."""
+    sub, ev = store.dataset(f"{model}/{split}"), store.dataset(f"{model}/eval")
+    if sub is None or ev is None:
+        return None
+    pos = {name: i for i, name in enumerate(ev["items"])}
+    if any(name not in pos for name in sub["items"]):
+        return None
+    return [pos[name] for name in sub["items"]]
+
+
+def _reference(store: Store, model: str, row: dict[str, Any]) -> dict[str, Any] | None:
+    """The FP32 result a result is compared with: the model's full FP32 result on the same device,
+    restricted to the screening split's samples for a screening result (no FP32 screen is run)."""
+    base = _baseline(store, model, row["device"])
+    if base is None or _split(row) == "eval":
+        return base
+    idx = _screen_indices(store, model, _split(row))
+    if idx is None:
+        return None
+    t = topk_of(base)[idx]
+    return {"job_id": base["job_id"], "topk": t.astype("<i4").tobytes(), "num_samples": len(idx), "top_k": t.shape[1]}
+
+
+def _labels(store: Store, model: str, split: str = "eval") -> list[int] | None:
+    row = store.dataset(f"{model}/{split}")
+    return None if row is None else row.get("labels")
 
 
 def on_result(store: Store, job_id: str) -> None:
@@ -135,22 +164,24 @@ def _on_result(store: Store, job_id: str) -> None:
     if model is None:
         log.warning("result %s: candidate %s is unknown; metrics not computed", job_id, row["candidate_id"])
         return
-    device, level = row["device"], row["level"]
-    labels = _labels(store, model, level)
-    is_baseline = row["candidate_id"] == baseline_id(model)
-    baseline = row if is_baseline else _baseline(store, model, device, level)
+    device = row["device"]
+    labels = _labels(store, model, _split(row))
+    is_baseline = row["candidate_id"] == baseline_id(model) and _split(row) == "eval"
+    baseline = row if is_baseline else _reference(store, model, row)
     store.set_result_metrics(job_id, compute(row, baseline, labels))
     if not is_baseline:
         return
-    base_topk = topk_of(row)
     of_model = {c["id"] for c in store.candidates(model=model)}
     n = 0
-    for other in store.results(device=device, level=level):
+    for other in store.results(device=device):
         if other["job_id"] == job_id or other["agreement"] is not None or other["candidate_id"] not in of_model:
             continue
         metrics = {k: other[k] for k in METRIC_KEYS}
         try:
-            metrics["agreement"] = agreement(topk_of(other), base_topk)
+            ref = _reference(store, model, other)
+            if ref is None:
+                continue
+            metrics["agreement"] = agreement(topk_of(other), topk_of(ref))
         except ValueError as exc:  # another result's malformed row must not cost the baseline its metrics
             log.warning("result %s: agreement not computed: %s", other["job_id"], exc)
             continue
@@ -183,19 +214,19 @@ def _backfill(store: Store) -> int:
         model = models[cid]
         if model is None:
             continue
-        level = row["level"]
-        if (model, level) not in labels:
-            labels[(model, level)] = _labels(store, model, level)
-        key = (model, row["device"], level)
+        split = _split(row)
+        if (model, split) not in labels:
+            labels[(model, split)] = _labels(store, model, split)
+        key = (model, row["device"], split)
         if key not in baselines:
-            baselines[key] = _baseline(store, model, row["device"], level)
-        baseline = row if cid == baseline_id(model) else baselines[key]
+            baselines[key] = _reference(store, model, row)
+        baseline = row if cid == baseline_id(model) and split == "eval" else baselines[key]
         want_agreement = row["agreement"] is None and baseline is not None
-        want_accuracy = row["accuracy"] is None and bool(labels[(model, level)])
+        want_accuracy = row["accuracy"] is None and bool(labels[(model, split)])
         if not (want_agreement or want_accuracy):
             continue
         try:
-            metrics = compute(row, baseline, labels[(model, level)])
+            metrics = compute(row, baseline, labels[(model, split)])
         except ValueError as exc:  # a malformed stored row must not stop every report
             log.warning("result %s: metrics not computed: %s", row["job_id"], exc)
             continue

@@ -32,6 +32,7 @@ from tuneqn.controller.report import write_full_report, write_json
 from tuneqn.controller.metrics import baseline_id
 from tuneqn.controller.report.base import FINAL_JOB_STATES
 from tuneqn.controller.search import Outcome, Request, SearchView, make_strategy
+from tuneqn.controller.dataset import Split
 from tuneqn.controller.study import CandidatePlan, Study
 from tuneqn.v1 import agent_pb2 as pb
 
@@ -64,6 +65,7 @@ class _Built:
     sha256: str
     runtime: dict[str, Any]
     size_bytes: int = 0
+    recipe: str = "fp32"
 
 
 def remeasure_token(study: Study, fresh: bool) -> str:
@@ -105,6 +107,8 @@ class StudyRun:
         self._changed = threading.Event()  # a result or a build arrived: ask the strategies again
         self._concurrency = 1
         self._asked: set[tuple[str, str, str]] = set()  # (search, candidate id, level) recorded
+        self._screen_recipes: set[tuple[str, str]] = set()  # (model, recipe) with screens asked for
+        self._screens: dict[tuple[str, str], Split] = {}  # their screening samples, once chosen
         self._given_up: set[str] = set()  # agents that never answered within device_wait_s
 
     # ------------------------------------------------------------------ steps
@@ -156,7 +160,7 @@ class StudyRun:
         for model, pm in self.study.models.items():
             self._add_built(_Built(baseline_id(model), model, pm.path, pm.sha256, {}, pm.path.stat().st_size),
                             fp32=True)
-            self._want(baseline_id(model), "full", model)
+            self._want(baseline_id(model), "full", model, "fp32")
         started = time.monotonic()
         last_report = 0.0
         self._results_changed.set()  # a first report.json right away
@@ -167,6 +171,7 @@ class StudyRun:
             self.board.expire()
             if self._changed.is_set():
                 self._changed.clear()
+                self._screen_splits_ready()
                 for st in strategies:
                     if not st.done():
                         self._request(st.name, st.propose())
@@ -223,8 +228,11 @@ class StudyRun:
                 continue  # strategies hand back everything they asked for so far
             self._asked.add((search, plan.id, req.level))
             self.store.put_proposal(search, plan.id, req.level, plan.model, plan.mode, req.label or plan.label)
+            if req.level == "screen":  # screens are chosen from the fully quantized model's full results
+                fq = self.study.make_plan(plan.model, plan.mode, ())
+                self._request(search, [Request(fq, "full", fq.label)])
             if req.level != "build":
-                self._want(plan.id, req.level, plan.model)
+                self._want(plan.id, req.level, plan.model, plan.mode)
             with self._lock:
                 queued = plan.id in self._queued
                 self._queued.add(plan.id)
@@ -233,18 +241,48 @@ class StudyRun:
                     self._building += 1
                 self._builds.put(plan)
 
-    def _want(self, cid: str, level: str, model: str) -> None:
-        """Evaluate candidate ``cid`` at ``level`` on every device class (once it is built)."""
+    def _want(self, cid: str, level: str, model: str, recipe: str) -> None:
+        """Evaluate candidate ``cid`` at ``level`` on every device class (once it is built).
+
+        Screens of a recipe wait for its fully quantized model's full results: the screening
+        sample is chosen from them (:meth:`Study.screen_split`; :meth:`_request` asks for it).
+        """
         with self._lock:
             new = level not in self._levels.setdefault(cid, set())
             self._levels[cid].add(level)
             built = self._built.get(cid)
             classes = list(self._classes)
-        if level == "screen" and cid != baseline_id(model):
-            self._want(baseline_id(model), "screen", model)  # the FP32 reference of every screen
+        if level == "screen":
+            self._screen_recipes.add((model, recipe))
         if new and built is not None:
             for cls in classes:
                 self._add_jobs(built, cls, level)
+
+    def _screen_splits_ready(self) -> None:
+        """Choose the screening sample of every recipe whose fully quantized model is measured; add its screens."""
+        for model, recipe in sorted(self._screen_recipes):
+            if (model, recipe) in self._screens:
+                continue
+            fq = self.study.make_plan(model, recipe, ())
+            if self.view_outcome(fq, "full") is None:
+                continue
+            fq_topk, fp32_topk = [], []
+            for cls in self.view_devices():
+                fq_row = self.store.result(self._job_ids[(fq.id, cls, "full")])
+                fp32_row = self.store.result(self._job_ids.get((baseline_id(model), cls, "full"), ""))
+                if fq_row is None or fp32_row is None:
+                    continue  # failed on that class: choose from the others
+                fq_topk.append(metrics.topk_of(fq_row))
+                fp32_topk.append(metrics.topk_of(fp32_row))
+            if not fq_topk:
+                continue
+            self._screens[(model, recipe)] = self.study.screen_split(model, recipe, fq_topk, fp32_topk)
+            with self._lock:
+                todo = [(b, list(self._classes)) for cid, b in self._built.items()
+                        if b.model == model and b.recipe == recipe and "screen" in self._levels.get(cid, ())]
+            for b, classes in todo:
+                for cls in classes:
+                    self._add_jobs(b, cls, "screen")
 
     def _idle(self) -> bool:
         with self._lock:
@@ -262,7 +300,7 @@ class StudyRun:
                 else:
                     row = self.study.build(plan)
                 self._add_built(_Built(plan.id, plan.model, Path(row["path"]), row["sha256"], row["runtime"],
-                                       int(row["size_bytes"])))
+                                       int(row["size_bytes"]), plan.mode))
             except BaseException as exc:  # noqa: BLE001 - handed to the main thread, which raises it
                 self._build_errors.append(exc)
                 with self.board.cond:
@@ -292,10 +330,15 @@ class StudyRun:
                 self._add_jobs(built, cls, level)
 
     def _add_jobs(self, built: _Built, device_class: str, level: str) -> None:
-        split = self.study.eval_split(built.model, level)
+        if level == "screen":
+            split = self._screens.get((built.model, built.recipe))
+            if split is None:
+                return  # added once the recipe's screening sample is chosen
+        else:
+            split = self.study.eval_split(built.model)
         pm = self.study.models[built.model]
         plan = make_job(built.candidate_id, device_class, built.path, built.sha256, split.path, split.sha256,
-                        pm.input_name, built.runtime, self.settings, level)
+                        pm.input_name, built.runtime, self.settings, level, split.name)
         with self._lock:
             self._job_ids[(built.candidate_id, device_class, level)] = plan.id
         self.board.add(plan)

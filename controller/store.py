@@ -75,7 +75,7 @@ _TABLES: dict[str, tuple[dict[str, type], str | tuple[str, ...]]] = {
             "job_id": str, "candidate_id": str, "device": str, "agent": str, "agent_id": str, "num_samples": int,
             "top_k": int, "topk": bytes, "agreement": float, "accuracy": float, "accuracy_top5": float,
             "latency_ms": float, "latency": str, "size_bytes": int, "simulated": float, "finished_at": float,
-            "info": str, "attempt": int, "level": str,
+            "info": str, "attempt": int, "level": str, "split": str,
         },
         "job_id",
     ),

@@ -33,6 +33,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+import numpy as np
 import onnx
 
 from tuneqn import __version__
@@ -225,7 +226,6 @@ class Study:
         self.models: dict[str, PreparedModel] = {}
         self.data: dict[str, PreparedData] = {}
         self._layers: dict[tuple[str, str], list[dict[str, Any]]] = {}
-        self._screens: dict[str, Split] = {}
 
     def close(self) -> None:
         """Close the store, remove scratch files and release the out dir's lock."""
@@ -536,17 +536,34 @@ class Study:
         raise UserError(f"--candidate: no candidate {which!r} in {model}/{mode} (give a number k, a candidate id, "
                         "an exclusion set's name or a label from the report)")
 
-    def eval_split(self, model: str, level: str = "full") -> Split:
-        """The evaluation sample of a model (``level="screen"``: its first ``search.screen_samples``)."""
+    def eval_split(self, model: str) -> Split:
+        """The evaluation sample of a model."""
+        return self.data[model].eval
+
+    def screen_split(self, model: str, recipe: str, fq_topk: list[np.ndarray], fp32_topk: list[np.ndarray]) -> Split:
+        """The screening sample of (model, recipe): ``search.screen_samples`` samples of the evaluation
+        sample where the recipe's fully quantized model is weakest.
+
+        Given the fully quantized model's and FP32's top-k on the evaluation sample (one array per
+        device), samples are taken first where the top-1 classes differ on the most devices, then
+        by the lowest top-k overlap with FP32 (the least sure agreements), then in order. That is
+        where excluding a layer can win agreement back (or lose it), so a screen on 32 samples
+        tells what a full evaluation would, at a fraction of its cost. Stored as the split
+        ``<model>/screen/<recipe>`` (its items name the chosen samples).
+        """
         full = self.data[model].eval
-        if level != "screen":
-            return full
         n = min(self.cfg.search.screen_samples, full.size)
-        cached = self._screens.get(model)
-        if cached is not None and cached.size == n:
-            return cached
-        path, sha = save_split(self.out_dir / "data" / model, f"screen-{n}", full.load()[:n])
-        split = Split(f"screen-{n}", path, sha, full.items[:n], full.labels[:n] if full.labels else None)
-        self.store.put_dataset(f"{model}/screen", split.path, split.sha256, split.items, split.labels)
-        self._screens[model] = split
+        differs = np.zeros(full.size)
+        overlap = np.zeros(full.size)
+        for q, f in zip(fq_topk, fp32_topk, strict=True):
+            differs += q[:, 0] != f[:, 0]
+            overlap += (q[:, :, None] == f[:, None, :]).any(axis=2).mean(axis=1)
+        order = sorted(range(full.size), key=lambda i: (-differs[i], overlap[i], i))
+        chosen = sorted(order[:n])
+        arr = full.load()[chosen]
+        path, sha = save_split(self.out_dir / "data" / model, f"screen-{recipe}-{n}", arr)
+        items = [full.items[i] for i in chosen]
+        labels = [full.labels[i] for i in chosen] if full.labels else None
+        split = Split(f"screen/{recipe}", path, sha, items, labels)
+        self.store.put_dataset(f"{model}/screen/{recipe}", split.path, split.sha256, split.items, split.labels)
         return split

@@ -93,8 +93,7 @@ def test_searches_resume_mid_search_to_the_same_outcome(tmp_path: Path, assets: 
 def test_every_evaluated_set_exports_bit_identically(tmp_path: Path, assets: Path) -> None:
     """Any candidate a search evaluated is reproduced by `tuneqn export` from its id or its label."""
     study_toml = write_study(tmp_path, model=assets / "wide.onnx", images=assets / "images", evaluation=FAST,
-                             search={"strategy": "greedy", "ranking": "measured", "regain_every": 2,
-                                     "screen_samples": 8})
+                             search={"strategy": "sweep", "ranking": "measured", "screen_samples": 8})
     assert main(["tune", str(study_toml)]) == 0
     out = tmp_path / "out"
     report = json.loads((out / "report.json").read_text())

@@ -126,11 +126,12 @@ class JobPlan:
     dataset_path: Path
     spec: pb.JobSpec = field(compare=False)
     level: str = "full"  # "screen": a subset of the evaluation sample, no latency
+    split: str = "eval"  # the split predicted: "eval" or "screen/<recipe>"
 
 
 def make_job(candidate_id: str, device_class: str, model_path: Path, model_sha256: str, dataset_path: Path,
              dataset_sha256: str, input_name: str, runtime: dict[str, Any], settings: FarmSettings,
-             level: str = "full") -> JobPlan:
+             level: str = "full", split: str = "eval") -> JobPlan:
     """The job of a candidate on a device class; its id covers everything that changes the result
     (and the candidate it is for).
 
@@ -150,7 +151,7 @@ def make_job(candidate_id: str, device_class: str, model_path: Path, model_sha25
     # excluded under two recipes), and each must get its own job and result row.
     key = device_class.encode() + b"\0" + candidate_id.encode() + b"\0" + spec.SerializeToString(deterministic=True)
     spec.job_id = f"tq-{hashlib.sha256(key).hexdigest()[:32]}"
-    return JobPlan(spec.job_id, candidate_id, device_class, Path(model_path), Path(dataset_path), spec, level)
+    return JobPlan(spec.job_id, candidate_id, device_class, Path(model_path), Path(dataset_path), spec, level, split)
 
 
 def result_row(plan: JobPlan, holder: str, result: pb.JobResult) -> dict[str, Any]:
@@ -167,7 +168,7 @@ def result_row(plan: JobPlan, holder: str, result: pb.JobResult) -> dict[str, An
                                "max_ms": lat.max_ms, "count": lat.count}),
         "size_bytes": int(result.model_size_bytes), "simulated": float(result.simulated_latency_ms_per_sample),
         "finished_at": float(result.finished_at) or time.time(), "attempt": int(result.attempt),
-        "level": plan.level,
+        "level": plan.level, "split": plan.split,
         "info": json.dumps({"device_name": result.device, "device_class": result.device_class,
                             "inference_seconds": result.inference_seconds,
                             "seconds": max(0.0, float(result.finished_at) - float(result.started_at))

@@ -5,8 +5,8 @@ S = ∅ first: the fully quantized model is evaluated in full (label ``greedy fq
 1. measure the gain of every layer not in S *on S*: a :class:`MeasuredRanking` with base S
    (label ``round i``), one screen per remaining layer, all requested at once;
 2. once every screen is in, take the next layers of its order that gain agreement, at most
-   ``search.regain_every`` of them (when none gains agreement: those that gain only top-k
-   overlap), and add them one at a time: S₁ = S ∪ {l₁}, S₂ = S₁ ∪ {l₂}, …; each Sⱼ is
+   ``search.regain_every`` of them (when none gains agreement and S still disagrees with FP32 on
+   the screening sample: those that gain only top-k overlap), and add them one at a time: S₁ = S ∪ {l₁}, S₂ = S₁ ∪ {l₂}, …; each Sⱼ is
    evaluated in full (label ``step j``, j counted over the whole search) and the last one is
    the next round's S.
 
@@ -93,7 +93,7 @@ class GreedyPair(PairStrategy):
                 if gains is None or any(o is None for o in outs):
                     return reqs, False
                 unchecked = []
-                picks = qualifying(gains)[: spec.regain_every]
+                picks = qualifying(gains, ranking.base_outcome())[: spec.regain_every]
             picks = picks[: cap - len(s)]
             if not picks:
                 return reqs, True
@@ -105,11 +105,14 @@ class GreedyPair(PairStrategy):
                 unchecked.append(plan)
 
 
-def qualifying(gains: list[dict[str, Any]]) -> list[str]:
-    """Layers (in rank order) that gain agreement; when none does, those that gain only overlap."""
+def qualifying(gains: list[dict[str, Any]], base: Outcome | None = None) -> list[str]:
+    """Layers (in rank order) that gain agreement; when none does and the base set still disagrees
+    with FP32 on the screening sample, those that gain only top-k overlap (a step towards fixing it)."""
     agree = [g["name"] for g in gains if g["gain"] is not None and g["gain"] > 0]
     if agree:
         return agree
+    if base is not None and base.loss is not None and base.loss <= 0.0:
+        return []
     return [g["name"] for g in gains if g["gain"] == 0 and (g["overlap_gain"] or 0) > 0]
 
 

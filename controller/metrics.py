@@ -68,6 +68,18 @@ def overlap_of(store: Store, row: dict[str, Any]) -> float | None:
     return None if base is None else overlap(topk_of(row), topk_of(base))
 
 
+def disagreeing_of(store: Store, row: dict[str, Any]) -> tuple[int, ...]:
+    """Positions of the samples where a stored result's top-1 differs from its FP32 reference's."""
+    model = model_of(store, row["candidate_id"])
+    base = _reference(store, model, row) if model else None
+    if base is None:
+        return ()
+    t, b = topk_of(row), topk_of(base)
+    if t.shape != b.shape:
+        return ()
+    return tuple(int(i) for i in np.flatnonzero(t[:, 0] != b[:, 0]))
+
+
 def accuracy(topk: np.ndarray, labels: Sequence[int] | None, k: int = 1) -> float | None:
     """Top-``k`` accuracy against ``labels`` (negative = unlabelled, skipped); None without labels.
 

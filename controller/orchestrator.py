@@ -372,6 +372,7 @@ class StudyRun:
         if key in self._outcomes:
             return self._outcomes[key]
         per_device: dict[str, dict[str, float | None]] = {}
+        wrong: dict[str, tuple[int, ...]] = {}
         failed: list[str] = []
         for cls, jid in zip(classes, jobs, strict=True):
             row = self.store.job(str(jid))
@@ -387,7 +388,8 @@ class StudyRun:
             per_device[cls] = {"agreement": result["agreement"], "accuracy": result["accuracy"],
                                "accuracy_top5": result["accuracy_top5"], "latency_ms": result["latency_ms"],
                                "overlap": metrics.overlap_of(self.store, result)}
-        out = Outcome(plan.id, built.size_bytes, per_device, tuple(failed))
+            wrong[cls] = metrics.disagreeing_of(self.store, result)
+        out = Outcome(plan.id, built.size_bytes, per_device, tuple(failed), wrong)
         self._outcomes[key] = out
         return out
 

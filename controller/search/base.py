@@ -52,6 +52,12 @@ class Outcome:
     size_bytes: int
     per_device: dict[str, dict[str, float | None]]
     failed: tuple[str, ...] = ()
+    #: Per device, the positions (in the evaluated sample) where top-1 differs from FP32.
+    wrong: dict[str, tuple[int, ...]] = field(default_factory=dict)
+
+    def disagreeing(self) -> frozenset[tuple[str, int]]:
+        """(device, sample position) pairs where the candidate's top-1 differs from FP32's."""
+        return frozenset((d, i) for d, idx in self.wrong.items() for i in idx)
 
     def worst(self, metric: str) -> float | None:
         """The lowest value of ``metric`` over the devices (None if any device lacks it)."""

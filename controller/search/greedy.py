@@ -106,8 +106,12 @@ class GreedyPair(PairStrategy):
 
 
 def qualifying(gains: list[dict[str, Any]], base: Outcome | None = None) -> list[str]:
-    """Layers (in rank order) that gain agreement; when none does and the base set still disagrees
+    """Layers (in rank order) that gain agreement — only those of the ranking's set cover when it has
+    one (they fix different samples); when none does and the base set still disagrees
     with FP32 on the screening sample, those that gain only top-k overlap (a step towards fixing it)."""
+    cover = [g["name"] for g in gains if g.get("cover")]
+    if cover:  # each fixes samples the ones before it do not
+        return cover
     agree = [g["name"] for g in gains if g["gain"] is not None and g["gain"] > 0]
     if agree:
         return agree

@@ -11,7 +11,10 @@ Gain = top-1 agreement with FP32 (worst device) of S ∪ {l} minus that of S; on
 screening sample most gains are 0 or one sample, so ties are broken by the gain in top-k
 overlap with FP32 (how much of FP32's top-k the candidate also ranks in its top-k). Layers
 are ordered by gain per byte added (the candidate's size minus the base's): first the
-layers that gain agreement, then those that gain only overlap, then the rest.
+layers that gain agreement, then those that gain only overlap, then the rest; the ones that
+gain agreement are put first as a greedy set cover of the samples S gets wrong, so that the
+top of the order fixes different samples rather than one fragile sample many times over
+(:func:`_cover_order`).
 """
 
 from __future__ import annotations
@@ -56,17 +59,21 @@ class MeasuredRanking:
                 return None
             outs[name] = out
         b_agree, b_over = base.worst("agreement"), base.worst("overlap")
+        b_wrong = base.disagreeing()
         rows = []
+        fixed: dict[str, frozenset[tuple[str, int]]] = {}
         for name, out in outs.items():
             agree, over = out.worst("agreement"), out.worst("overlap")
             ok = None not in (agree, over, b_agree, b_over)
+            fixed[name] = b_wrong - out.disagreeing()
             rows.append({
                 "name": name,
                 "gain": (agree - b_agree) if ok else None,  # type: ignore[operator]
                 "overlap_gain": (over - b_over) if ok else None,  # type: ignore[operator]
                 "bytes": max(1, out.size_bytes - base.size_bytes),
+                "fixes": len(fixed[name]),
             })
-        rows.sort(key=_rank_key)
+        rows = _cover_order(sorted(rows, key=_rank_key), fixed)
         for i, r in enumerate(rows, 1):
             r["rank"] = i
         self._gains = rows
@@ -82,6 +89,32 @@ class MeasuredRanking:
     def base_outcome(self) -> Any:
         """The screening outcome of the base set (None until in)."""
         return self.view.outcome(self.base_plan, "screen")
+
+
+def _cover_order(rows: list[dict[str, Any]], fixed: dict[str, frozenset[tuple[str, int]]]) -> list[dict[str, Any]]:
+    """Rows (in :func:`_rank_key` order) reordered so that the first ones fix *different* samples.
+
+    Many layers each win back the same fragile sample; taking several of them buys nothing
+    after the first. So the order starts with a greedy set cover of the base set's
+    disagreements (sample, device): repeatedly the layer with a positive net gain that fixes
+    the most not-yet-fixed disagreements per byte added (ties: the earlier row); the other
+    layers follow in their order. Marked with ``cover: true``.
+    """
+    covered: set[tuple[str, int]] = set()
+    first: list[dict[str, Any]] = []
+    rest = list(rows)
+    while True:
+        best, best_score = None, 0.0
+        for r in rest:
+            new = len(fixed[r["name"]] - covered)
+            if new and (r["gain"] or 0) > 0 and new / r["bytes"] > best_score:
+                best, best_score = r, new / r["bytes"]
+        if best is None:
+            break
+        covered |= fixed[best["name"]]
+        rest.remove(best)
+        first.append({**best, "cover": True})
+    return first + [{**r, "cover": False} for r in rest]
 
 
 def _rank_key(r: dict[str, Any]) -> tuple[int, float, float]:

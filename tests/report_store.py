@@ -87,14 +87,15 @@ def add_proposal(store: Store, search: str, cid: str, level: str, *, label: str 
 
 
 def add_eval_split(store: Store, labels: list[int] | None, *, model: str = MODEL,
-                   skipped: list[dict[str, str]] | None = None, screen: int | None = None) -> None:
+                   skipped: list[dict[str, str]] | None = None, screen: int | None = None,
+                   recipes: tuple[str, ...] | list[str] = ("static",)) -> None:
     """The eval split of ``model`` (labels may be None; ``skipped``: unreadable inputs) and, with
-    ``screen``, its screening split (the first ``screen`` samples)."""
+    ``screen``, each recipe's screening split (here: the first ``screen`` samples)."""
     n = len(labels) if labels is not None else 0
     store.put_dataset(f"{model}/eval", Path(f"/data/{model}/eval.npy"), "d" * 64, [f"img_{i}.png" for i in range(n)],
                       labels, skipped)
-    if screen is not None:
-        store.put_dataset(f"{model}/screen", Path(f"/data/{model}/screen-{screen}.npy"), "e" * 64,
+    for recipe in recipes if screen is not None else ():
+        store.put_dataset(f"{model}/screen/{recipe}", Path(f"/data/{model}/screen-{recipe}-{screen}.npy"), "e" * 64,
                           [f"img_{i}.png" for i in range(screen)], labels[:screen] if labels else labels)
 
 
@@ -105,8 +106,14 @@ def predictions(n: int, rng: np.random.Generator, k: int = 5) -> np.ndarray:
 
 def add_result(store: Store, cid: str, device: str, topk: np.ndarray, *,
                latency: tuple[float, float, float] | None = (5.0, 4.8, 5.4), level: str = "full",
-               seconds: float | None = None, finished_at: float | None = None) -> str:
-    """A job for (cid, device) at ``level`` and its result, as the dispatcher stores them; returns the job id."""
+               seconds: float | None = None, finished_at: float | None = None, split: str | None = None) -> str:
+    """A job for (cid, device) at ``level`` and its result, as the dispatcher stores them; returns the job id.
+
+    A screening result predicts its recipe's screening split (``screen/<recipe>``, the recipe
+    read from the candidate's row)."""
+    if split is None:
+        cand = store.candidate(cid)
+        split = f"screen/{cand['mode'] if cand else 'static'}" if level == "screen" else "eval"
     job_id = f"tq-{cid}-{device}-{level}-{next(_clock)}"
     store.add_job(job_id, cid, device, level)
     median, p10, p90 = latency if latency is not None else (None, None, None)
@@ -119,6 +126,7 @@ def add_result(store: Store, cid: str, device: str, topk: np.ndarray, *,
         "latency": json.dumps(stats), "size_bytes": 1, "simulated": 0.0,
         "finished_at": float(next(_clock)) if finished_at is None else finished_at,
         "info": json.dumps({"seconds": seconds} if seconds is not None else {}), "attempt": 1, "level": level,
+        "split": split,
     })
     assert stored
     return job_id

@@ -204,7 +204,8 @@ def test_tune_qoperator_quick_form(tmp_path: Path, assets: Path) -> None:
     """The whole study in QOperator format on a local agent (the CLI starts it)."""
     out = tmp_path / "out"
     assert main(["tune", "--model", str(assets / "cnn.onnx"), "--images", str(assets / "images"), "--out", str(out),
-                 "--format", "qoperator", "--eval", "12", "--calibration", "12", "--analysis", "6"]) == 0
+                 "--format", "qoperator", "--eval", "12", "--calibration", "12", "--analysis", "6",
+                 "--strategy", "sweep", "--ranking", "paper"]) == 0
     report = json.loads((out / "report.json").read_text())
     cands = [c for c in report["candidates"] if c["mode"] == "static"]
     assert len(cands) == 6

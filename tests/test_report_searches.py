@@ -41,13 +41,12 @@ class _Study:
         self.rng = np.random.default_rng(0)
         self.store = open_store(tmp, recipes=recipes)
         add_model(self.store, size=10 * MB)
-        add_eval_split(self.store, [int(x) for x in self.rng.integers(0, 10, n)], screen=screen)
+        add_eval_split(self.store, [int(x) for x in self.rng.integers(0, 10, n)], screen=screen,
+                       recipes=recipes or ["static"])
         self.base = predictions(n, self.rng)
         for dev in devices:
             add_device(self.store, dev)
             metrics.on_result(self.store, add_result(self.store, f"{MODEL}:fp32", dev, self.base, seconds=9.0))
-            metrics.on_result(self.store, add_result(self.store, f"{MODEL}:fp32", dev, self.base[:screen],
-                                                     level="screen", latency=None, seconds=9.0))
 
     def _topk(self, agreement: float, n: int) -> np.ndarray:
         t = self.base[:n].copy()

@@ -59,10 +59,16 @@ ROOT = Path(__file__).resolve().parent.parent
 MAX_DROP = 0.0101  # NNCF: drop <= max_drop, in floating point; 1 - 0.99 > 0.01
 MAX_LOSS = 0.01  # tuneqn --max-loss
 CHUNK = 20  # images per ONNX Runtime call (the model's batch axis is free)
+# NNCF ranks each group of quantizers on the evaluation images where the quantized model is
+# furthest from FP32. Its default size (300: all 100 images here) gave a 14.2 MB model on the
+# example (37 of 60 ops reverted, stuck at a 0.02 drop) in several times the time; 20 gave
+# 5.13 MB. The stronger, faster setting is the default so that tuneqn is compared with NNCF at
+# its best; the table says which one ran.
+RANKING_SUBSET = 20
 
 
 # ---------------------------------------------------------------------------------------------
-# ONNX Runtime helpers (both sides' models are judged the same way)
+# ONNX Runtime helpers (NNCF's validation, the FP32 reference and the final check of NNCF's model)
 
 
 def _session(model: onnx.ModelProto | Path) -> ort.InferenceSession:
@@ -110,8 +116,8 @@ def nncf_side(model_path: Path, calib: np.ndarray, evals: np.ndarray, workdir: P
               ranking_subset: int | None = None) -> dict[str, Any]:
     """Run ``quantize_with_accuracy_control`` once (NNCF's defaults but ``max_drop``) and measure it.
 
-    ``ranking_subset``: NNCF's ``ranking_subset_size`` (images each layer group is ranked on);
-    None keeps NNCF's default (``subset_size``, 300: all evaluation images here).
+    ``ranking_subset``: NNCF's ``ranking_subset_size`` (images each group of quantizers is ranked
+    on); None keeps NNCF's default (``subset_size``, 300: all evaluation images here).
     """
     import nncf  # optional requirement: bench/requirements-peers.txt
     from nncf.quantization.advanced_parameters import AdvancedAccuracyRestorerParameters
@@ -140,6 +146,7 @@ def nncf_side(model_path: Path, calib: np.ndarray, evals: np.ndarray, workdir: P
     catcher = _RevertedOps()
     nncf_log = logging.getLogger("nncf")
     nncf_log.addHandler(catcher)
+    load_before = os.getloadavg()[0]
     try:
         t0 = time.perf_counter()
         quantized = nncf.quantize_with_accuracy_control(
@@ -149,6 +156,7 @@ def nncf_side(model_path: Path, calib: np.ndarray, evals: np.ndarray, workdir: P
                 ranking_subset_size=ranking_subset),
         )
         seconds = time.perf_counter() - t0
+        load_after = os.getloadavg()[0]
     finally:
         nncf_log.removeHandler(catcher)
 
@@ -163,9 +171,10 @@ def nncf_side(model_path: Path, calib: np.ndarray, evals: np.ndarray, workdir: P
         "size_bytes": out.stat().st_size,
         "fp32_size_bytes": model_path.stat().st_size,
         "agreement": agreement,
-        "ranking_subset": ranking_subset if ranking_subset is not None else min(300, len(evals)),
+        "ranking_subset": min(ranking_subset if ranking_subset is not None else 300, len(evals)),
         "quantized_ops": catcher.quantized_ops,
         "reverted_ops": catcher.reverted if catcher.reverted is not None else [],
+        "load": [load_before, load_after],  # 1-minute load average before and after (other work skews times)
     }
 
 
@@ -183,9 +192,11 @@ def tuneqn_side(study: Path, out: Path, tuneqn: list[str], max_loss: float) -> d
     """
     cmd = [*tuneqn, "tune", str(study), "--out", str(out), "--strategy", "target", "--max-loss", str(max_loss)]
     print("running:", " ".join(cmd), flush=True)
+    load_before = os.getloadavg()[0]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     seconds = time.perf_counter() - t0
+    load = [load_before, os.getloadavg()[0]]
     if proc.returncode == 2:
         print("tuneqn's side is not available yet (tuneqn refused the command):", file=sys.stderr)
         print("  " + "\n  ".join(proc.stdout.strip().splitlines()[-3:]), file=sys.stderr)
@@ -209,6 +220,7 @@ def tuneqn_side(study: Path, out: Path, tuneqn: list[str], max_loss: float) -> d
         "agreement": best["target"]["agreement"] if best else None,
         "found_after_s": best["target"]["found_after_s"] if best else None,
         "front_done_after_s": max(fronts) if fronts else None,
+        "load": load,
     }
 
 
@@ -238,6 +250,8 @@ def summary(nncf_runs: list[dict[str, Any]], tq: dict[str, Any] | None) -> dict[
          "–" if not t else f"{t['evaluations']} (+{t['screenings']} screenings)"),
         ("size (MB)", _fmt(mb(n["size_bytes"]), ".2f"), _fmt(mb(t.get("size_bytes")), ".2f")),
         ("agreement", _fmt(n["agreement"], ".2f"), _fmt(t.get("agreement"), ".2f")),
+        ("load before/after", "/".join(f"{x:.1f}" for x in n["load"]),
+         "/".join(f"{x:.1f}" for x in t["load"]) if t else "–"),
     ]
     w = max(len(r[0]) for r in rows)
     print(f"\n{'':{w}}  {'NNCF ' + n['nncf_version']:>28}  {'tuneqn target ' + str(MAX_LOSS):>28}")
@@ -247,7 +261,8 @@ def summary(nncf_runs: list[dict[str, Any]], tq: dict[str, Any] | None) -> dict[
         each = ", ".join(f"{r['seconds']:.1f} s / {r['validation_calls']} calls" for r in nncf_runs)
         print(f"NNCF runs: {each} (median time used)")
     reverted = n["reverted_ops"]
-    print(f"NNCF reverted {len(reverted)} of {n['quantized_ops']} quantized ops: {', '.join(reverted) or '–'}")
+    print(f"NNCF (ranking subset {n['ranking_subset']} images) reverted {len(reverted)} of {n['quantized_ops']} "
+          f"quantized ops: {', '.join(reverted) or '–'}")
     ratios = {
         "size": _ratio(t.get("size_bytes"), n["size_bytes"]),
         "time_to_model": _ratio(t.get("found_after_s"), nncf_s),
@@ -262,7 +277,7 @@ def summary(nncf_runs: list[dict[str, Any]], tq: dict[str, Any] | None) -> dict[
             r = ratios[key]
             verdict = "–" if r is None else ("met" if r <= limit else "MISSED")
             print(f"{label:38} {_fmt(r, '.2f'):>6}  (target <= {limit}: {verdict})")
-        ok = t.get("agreement") is not None and t["agreement"] >= 1 - MAX_LOSS
+        ok = t.get("agreement") is not None and t["agreement"] >= 1 - MAX_LOSS - 1e-9  # 0.99 meets 1 - 0.01
         print(f"{'tuneqn agreement >= ' + str(1 - MAX_LOSS):38} {_fmt(t.get('agreement'), '.2f'):>6}  "
               f"({'met' if ok else 'MISSED'})")
     return {"nncf": nncf_runs, "nncf_seconds_median": nncf_s, "tuneqn": tq, "ratios": ratios,
@@ -275,8 +290,9 @@ def main() -> int:
     ap.add_argument("--study", type=Path, default=ROOT / "examples/lite0/study.toml", help="study TOML")
     ap.add_argument("--json", type=Path, help="also write the figures to this JSON file")
     ap.add_argument("--runs", type=int, default=1, help="NNCF runs (the table uses the median time)")
-    ap.add_argument("--ranking-subset", type=int, help="NNCF's ranking_subset_size (default: NNCF's own, "
-                    "300, i.e. all evaluation images)")
+    ap.add_argument("--ranking-subset", type=int, default=RANKING_SUBSET,
+                    help=f"NNCF's ranking_subset_size (default {RANKING_SUBSET}; NNCF's own default, 300, "
+                    "ranks on all evaluation images: --ranking-subset 100 here)")
     ap.add_argument("--skip-tuneqn", action="store_true", help="NNCF side only")
     ap.add_argument("--tuneqn", nargs="+", default=[sys.executable, "-m", "tuneqn.controller"],
                     help="command that runs tuneqn (default: this Python's tuneqn.controller)")

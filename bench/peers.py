@@ -185,12 +185,13 @@ def nncf_side(model_path: Path, calib: np.ndarray, evals: np.ndarray, workdir: P
 def tuneqn_side(study: Path, out: Path, tuneqn: list[str], max_loss: float) -> dict[str, Any] | None:
     """Run ``tuneqn tune --strategy target`` and read its report; None if the flags are rejected.
 
-    Expected ``report.json``: ``"searches"``, a list of ``{"name", "strategy", "ranking", "recipe",
-    "evaluations", "screenings", "seconds", "target": {"candidate_id", "size_bytes", "agreement",
+    ``report.json``: ``"searches"``, a list of ``{"name", "strategy", "ranking", "recipe",
+    "evaluations", "screenings", "seconds", "target": {"id", "size_bytes", "worst_agreement",
     "found_after_s"} | null, "front_done_after_s"}``. Of the ``target`` searches, the smallest
     target model is tuneqn's answer; evaluations and screenings are summed over all searches.
     """
-    cmd = [*tuneqn, "tune", str(study), "--out", str(out), "--strategy", "target", "--max-loss", str(max_loss)]
+    cmd = [*tuneqn, "tune", str(study), "--out", str(out), "--no-compare", "--ranking", "measured",
+           "--strategy", "target", "--max-loss", str(max_loss)]
     print("running:", " ".join(cmd), flush=True)
     load_before = os.getloadavg()[0]
     t0 = time.perf_counter()
@@ -215,9 +216,9 @@ def tuneqn_side(study: Path, out: Path, tuneqn: list[str], max_loss: float) -> d
         "screenings": sum(int(s.get("screenings", 0)) for s in searches),
         "search": best["name"] if best else None,
         "recipe": best.get("recipe") if best else None,
-        "candidate_id": best["target"]["candidate_id"] if best else None,
+        "candidate_id": best["target"]["id"] if best else None,
         "size_bytes": best["target"]["size_bytes"] if best else None,
-        "agreement": best["target"]["agreement"] if best else None,
+        "agreement": best["target"]["worst_agreement"] if best else None,
         "found_after_s": best["target"]["found_after_s"] if best else None,
         "front_done_after_s": max(fronts) if fronts else None,
         "load": load,

@@ -36,8 +36,7 @@ import numpy as np
 from pymoo.indicators.hv import HV
 from pymoo.util.nds.non_dominated_sorting import NonDominatedSorting
 
-DEFAULT_SEARCHES = ["sweep/paper", "sweep/measured", "greedy/measured", "greedy/paper", "budget/measured",
-                    "budget/paper", "target1%/measured"]
+DEFAULT_SEARCHES = ["sweep/paper", "greedy/measured", "budget/measured", "budget/paper", "target1%/measured"]
 
 
 def _flags(search: str) -> list[str]:

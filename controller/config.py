@@ -285,8 +285,9 @@ class SearchSpec(SearchRun):
     layer_op_types: list[str] = ["Conv", "ConvTranspose", "Gemm", "MatMul"]
     xmodel_weight: Annotated[float, Field(ge=0.0, le=1.0)] = 0.5
     exclusion_sets: list[ExclusionSet] = []
-    #: Samples of the evaluation sample (its first N) used for screening: the measured ranking
-    #: and the cheap first look at a candidate before it is evaluated in full.
+    #: Samples of the evaluation sample used for screening (the measured ranking and the cheap
+    #: first look at a candidate): per recipe, where its fully quantized model disagrees with
+    #: FP32, then where it is least sure (see ``Study.screen_split``).
     screen_samples: Annotated[int, Field(ge=1)] = 32
     #: ``greedy``: re-measure the remaining layers' gains on the current set every this many steps.
     regain_every: Annotated[int, Field(ge=1)] = 4

@@ -106,6 +106,7 @@ class StudyRun:
         self._results_changed = threading.Event()
         self._changed = threading.Event()  # a result or a build arrived: ask the strategies again
         self._concurrency = 1
+        self._builder_thread: threading.Thread | None = None
         self._asked: set[tuple[str, str, str]] = set()  # (search, candidate id, level) recorded
         self._screen_recipes: set[tuple[str, str]] = set()  # (model, recipe) with screens asked for
         self._screens: dict[tuple[str, str], Split] = {}  # their screening samples, once chosen
@@ -145,7 +146,8 @@ class StudyRun:
         self.links = [AgentLink(ep, self.board, self.stop, self._on_device) for ep in self.endpoints]
         for link in self.links:
             link.start()
-        threading.Thread(target=self._builder, name="candidate-builder", daemon=True).start()
+        self._builder_thread = threading.Thread(target=self._builder, name="candidate-builder", daemon=True)
+        self._builder_thread.start()
 
     def dispatch(self) -> None:
         """Feed the searches' requests to the builder and the dispatcher until every search is done
@@ -201,6 +203,8 @@ class StudyRun:
             link.interrupt()  # cancels calls in flight (a hung agent's handshake, say)
         for link in self.links:
             link.join(timeout=15)
+        if self._builder_thread is not None:
+            self._builder_thread.join()  # it finishes the build in hand (the store must outlive it)
         if self.local is not None:
             self.local.stop()
 

@@ -140,8 +140,9 @@ class Store:
         return cls(out_dir / DB_NAME)
 
     def close(self) -> None:
-        """Close the connection."""
-        self.db.conn.close()
+        """Close the connection (after any query in flight on another thread)."""
+        with self.lock:
+            self.db.conn.close()
 
     @contextmanager
     def transaction(self) -> Iterator[None]:

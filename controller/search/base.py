@@ -11,7 +11,8 @@ candidates (a resumed study ends with the same outcome).
 Levels of a request (cheap first, exact last):
 
 * ``build``: only build the candidate (its size is then known; no device is involved);
-* ``screen``: evaluate it on the first ``search.screen_samples`` of the evaluation sample,
+* ``screen``: evaluate it on the recipe's screening sample (``search.screen_samples`` samples of
+  the evaluation sample where its fully quantized model disagrees with FP32 or is least sure),
   without latency, on every device class (a screening result; never on a front);
 * ``full``: evaluate it on the whole evaluation sample with latency (the results fronts use).
 """

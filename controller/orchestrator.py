@@ -393,7 +393,8 @@ class StudyRun:
                                "accuracy_top5": result["accuracy_top5"], "latency_ms": result["latency_ms"],
                                "overlap": metrics.overlap_of(self.store, result)}
             wrong[cls] = metrics.disagreeing_of(self.store, result)
-        out = Outcome(plan.id, built.size_bytes, per_device, tuple(failed), wrong)
+        out = Outcome(plan.id, built.size_bytes, per_device, tuple(failed), wrong,
+                      self.study.eval_split(built.model).size if level == "screen" else 0)
         self._outcomes[key] = out
         return out
 

@@ -55,6 +55,21 @@ class Outcome:
     failed: tuple[str, ...] = ()
     #: Per device, the positions (in the evaluated sample) where top-1 differs from FP32.
     wrong: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    #: For a screening outcome: the size of the whole evaluation sample it was chosen from.
+    full_samples: int = 0
+
+    @property
+    def estimated_loss(self) -> float | None:
+        """The accuracy loss a full evaluation would show (worst device).
+
+        A full outcome's own loss. A screening sample holds every sample where the recipe's
+        fully quantized model disagrees with FP32 plus its least sure agreements, so a
+        candidate's disagreements on the whole sample are (nearly) all inside it: its full loss
+        is estimated as its disagreements on the screen over the whole sample's size.
+        """
+        if not self.full_samples or not self.wrong or self.failed:
+            return self.loss
+        return max(len(w) for w in self.wrong.values()) / self.full_samples
 
     def disagreeing(self) -> frozenset[tuple[str, int]]:
         """(device, sample position) pairs where the candidate's top-1 differs from FP32's."""
@@ -189,6 +204,28 @@ class PairStrategy(abc.ABC):
     @abc.abstractmethod
     def done(self) -> bool:
         """Nothing more to ask for."""
+
+
+class ReplayPair(PairStrategy):
+    """A pair strategy that recomputes its whole search from the results at every call (so a fresh
+    object on a resumed study's stored results decides exactly as the first one did)."""
+
+    _done = False
+
+    @abc.abstractmethod
+    def _walk(self) -> tuple[list[Request], bool]:
+        """Every request from the start as far as the results allow, and whether the search is done."""
+
+    def propose(self) -> list[Request]:
+        """Everything the search asked for so far."""
+        reqs, self._done = self._walk()
+        return reqs
+
+    def done(self) -> bool:
+        """The search is over (see the strategy's docstring for when)."""
+        if not self._done:
+            self._done = self._walk()[1]
+        return self._done
 
 
 @dataclass

@@ -43,7 +43,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from tuneqn.controller.objectives import Objective, objective
-from tuneqn.controller.search.base import Outcome, PairStrategy, Request
+from tuneqn.controller.search.base import Outcome, ReplayPair, Request
 from tuneqn.controller.search.measured import MeasuredRanking
 
 if TYPE_CHECKING:
@@ -52,7 +52,7 @@ if TYPE_CHECKING:
 _WAIT = -1  # a choice that needs results not in yet
 
 
-class BudgetPair(PairStrategy):
+class BudgetPair(ReplayPair):
     """Bisects the ranking's prefixes where the front can still change, within N full evaluations."""
 
     def __init__(self, *args: Any) -> None:
@@ -63,20 +63,8 @@ class BudgetPair(PairStrategy):
         self._cache: dict[tuple[str, ...], dict[str, list[float | None]]] = {}  # (id, devices) -> values
         self._width = 0
         self._chosen: list[int] = []  # indices of the prefixes chosen so far, for ``_width``
-        self._done = False
         #: The candidates chosen for a full evaluation so far, in the order they were chosen.
         self.chosen: list[CandidatePlan] = []
-
-    def propose(self) -> list[Request]:
-        """The requests of the search so far whose results are not in yet."""
-        reqs, self._done = self._walk()
-        return reqs
-
-    def done(self) -> bool:
-        """Stopped, and every full result in."""
-        if not self._done:
-            self._done = self._walk()[1]
-        return self._done
 
     def _walk(self) -> tuple[list[Request], bool]:
         """Every request from the start as far as the results allow, and whether the search is done."""

@@ -32,29 +32,17 @@ from __future__ import annotations
 
 from typing import Any
 
-from tuneqn.controller.search.base import Outcome, PairStrategy, Request
+from tuneqn.controller.search.base import Outcome, ReplayPair, Request
 from tuneqn.controller.search.measured import MeasuredRanking
 
 
-class GreedyPair(PairStrategy):
+class GreedyPair(ReplayPair):
     """Grows an exclusion set of one (model, recipe) by the gains measured on it."""
 
     def __init__(self, *args: Any) -> None:
         super().__init__(*args)
         self._rankings: dict[tuple[str, ...], MeasuredRanking] = {}
-        self._done = False
         self._set: tuple[str, ...] = ()
-
-    def propose(self) -> list[Request]:
-        """The requests of the search so far whose results are not in yet."""
-        reqs, self._done = self._walk()
-        return reqs
-
-    def done(self) -> bool:
-        """The search stopped (its last full evaluations may still be running)."""
-        if not self._done:
-            self._done = self._walk()[1]
-        return self._done
 
     def current_set(self) -> tuple[str, ...]:
         """The set S reached so far (layers in the order they were added)."""

@@ -2,8 +2,10 @@
 
 X = ``max_loss`` (accuracy loss = 1 − top-1 agreement with FP32). A set *meets X* at a level
 when it was evaluated on every device (none failed) and its worst device's loss is ≤ X (with
-a 1e-9 tolerance: 99 of 100 samples meets X = 0.01). Screening (``screen``: the first
-``search.screen_samples`` samples, no latency) is the cheap look; only ``full`` confirms.
+a 1e-9 tolerance: 99 of 100 samples meets X = 0.01). Screening (``screen``: the recipe's
+screening sample, no latency) is the cheap look — there a set meets X when its *estimated*
+full loss does (its disagreements on the screen over the whole sample's size, see
+:attr:`Outcome.estimated_loss`); only ``full`` confirms.
 
 1. Order: the measured ranking (its screens first), or the run's error ranking.
 2. Prefixes: screen the prefixes k = 0 … 24 of the order (capped by ``max_k`` and the number
@@ -37,7 +39,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from tuneqn.controller.search.base import Outcome, PairStrategy, Request
+from tuneqn.controller.search.base import Outcome, ReplayPair, Request
 from tuneqn.controller.search.measured import MeasuredRanking
 
 if TYPE_CHECKING:
@@ -52,7 +54,7 @@ class _Wait(Exception):
     """A decision needs results that are not in yet."""
 
 
-class TargetPair(PairStrategy):
+class TargetPair(ReplayPair):
     """Finds the smallest set of one (model, recipe) that meets ``max_loss`` in full on every device."""
 
     def __init__(self, *args: Any) -> None:
@@ -65,27 +67,22 @@ class TargetPair(PairStrategy):
         self._plans: dict[tuple[str, ...], CandidatePlan] = {}
         self._done = False
 
-    def propose(self) -> list[Request]:
-        """The requests of the search so far whose results are not in yet."""
+    def _walk(self) -> tuple[list[Request], bool]:
+        """Done when no reduction of the answer meets X (or no set does); the last full results may still run."""
         reqs: list[Request] = []
-        self._done = self._walk(reqs)
-        return reqs
-
-    def done(self) -> bool:
-        """No reduction of the answer meets X (or no set does); the last full results may still run."""
-        if not self._done:
-            self._done = self._walk([])
-        return self._done
+        return reqs, self._search(reqs)
 
     def found(self) -> CandidatePlan | None:
         """The smallest set evaluated in full that meets X on every device (None if none yet)."""
-        self._walk([])
+        self._search([])
         ok = [(o.size_bytes, p.id, p) for p in self._fulls
               if (o := self.view.outcome(p, "full")) is not None and self._meets(o)]
         return min(ok, key=lambda t: t[:2])[2] if ok else None
 
     def _meets(self, out: Outcome | None) -> bool:
-        return out is not None and not out.failed and out.loss is not None and out.loss <= self.max_loss + _TOLERANCE
+        """Meets X: in full its loss, in screening its estimated full loss (:attr:`Outcome.estimated_loss`)."""
+        loss = out.estimated_loss if out is not None else None
+        return out is not None and not out.failed and loss is not None and loss <= self.max_loss + _TOLERANCE
 
     def _plan(self, excluded: list[str], label: str) -> CandidatePlan:
         """The candidate keeping ``excluded`` in float (the first label it was asked with)."""
@@ -99,7 +96,7 @@ class TargetPair(PairStrategy):
             self._rankings[base] = MeasuredRanking(self.view, self.model, self.recipe, base, label)
         return self._rankings[base]
 
-    def _walk(self, reqs: list[Request]) -> bool:
+    def _search(self, reqs: list[Request]) -> bool:
         """Append every request from the start as far as the results allow; True once the search ended."""
         self._fulls = []
         try:

@@ -254,7 +254,8 @@ class SearchRun(_Strict):
     """One search over the study's recipes: a layer ranking and a strategy (and their parameters)."""
 
     ranking: Ranking = "measured"
-    strategy: StrategyName = "greedy"
+    #: The default: the best front per unit of work in ``bench/search.py`` (see the README).
+    strategy: StrategyName = "budget"
     #: ``budget``: full evaluations per (model, recipe, device); None = 30% of the sweep's.
     budget: Annotated[int, Field(ge=1)] | None = None
     #: ``target``: the largest accuracy loss (1 − agreement with FP32) allowed on every device.

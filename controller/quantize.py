@@ -18,7 +18,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
 import logging
 import os
@@ -163,7 +165,8 @@ def calibrate(
     cache_path.parent.mkdir(parents=True, exist_ok=True)
     partial = cache_path.with_name(cache_path.name + ".part")
     partial.unlink(missing_ok=True)
-    with tempfile.TemporaryDirectory(prefix="tuneqn-calib-") as tmp:
+    # The histogram calibrators print their progress to stdout: keep the CLI's output clean.
+    with tempfile.TemporaryDirectory(prefix="tuneqn-calib-") as tmp, contextlib.redirect_stdout(io.StringIO()):
         _quantize_static(model_path, Path(tmp) / "fq.onnx", settings, [], partial,
                          _calibration_reader(input_name, calib_data, model_batch, settings))
     os.replace(partial, cache_path)

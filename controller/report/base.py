@@ -103,7 +103,7 @@ def _timing(row: dict[str, Any] | None) -> dict[str, Any]:
 
 
 def _screening(index: _Index, cid: str, dev_names: list[str]) -> list[dict[str, Any]]:
-    """A candidate's screening results (first ``search.screen_samples`` samples, no latency), per device."""
+    """A candidate's screening results (its recipe's screening sample, no latency), per device."""
     out = []
     for dev in dev_names:
         if (cid, dev) not in index.jobs and (cid, dev) not in index.results:

@@ -42,8 +42,9 @@ module never changes what is in it, it only adds keys.  Base shape::
                                     "seconds", "finished_at", "error"}]}]}
 
 Levels: a *full* result is an evaluation on the whole evaluation sample with latency; a
-*screening* result uses only the first ``search.screen_samples`` samples and no latency
-(its agreement is against the FP32 screening result on the same device).  ``results``
+*screening* result uses only its recipe's screening sample (``search.screen_samples`` samples
+where the fully quantized model is weakest) and no latency (its agreement is against the FP32
+full result's predictions on those samples, same device).  ``results``
 hold full results only, ``screening`` the screening results.  A candidate's ``level`` is
 ``full`` when it has a full job or result or a search asked for it in full (then it has a
 ``results`` entry for every device), ``screen`` when it was only screened and ``build``

@@ -315,17 +315,8 @@ def tradeoff_scatter(report: dict[str, Any], model: str, mode: str, device: str,
             label="FP32 original (loss 0)",
         )
 
-    if not pts:
-        ax.text(0.5, 0.5, "no evaluated candidates yet", ha="center", va="center", transform=ax.transAxes)
-    ax.set_xlabel(f"model size ({OBJECTIVES['size'].display_unit})")
-    loss = OBJECTIVES["accuracy_loss"]
-    ax.set_ylabel(f"{loss.name} ({loss.display_unit})\n1 − top-1 agreement with FP32")
-    ax.set_title(f"{model} · recipe {mode} on {device}: accuracy loss vs size")
-    ax.grid(True, alpha=0.3, zorder=0)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(loc="best", fontsize=7.5)
-    fig.tight_layout()
-    return _save(fig, path)
+    return _finish_loss_vs_size(fig, ax, bool(pts), f"{model} · recipe {mode} on {device}: accuracy loss vs size",
+                                path)
 
 
 _RECIPE_COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22"]
@@ -373,12 +364,17 @@ def recipes_scatter(report: dict[str, Any], model: str, device: str, path: Path)
     if orig is not None:
         ax.scatter([OBJECTIVES["size"].display(orig)], [0.0], s=140, marker="*", color="gold", edgecolors="black",
                    zorder=6, label="FP32 original (loss 0)")
-    if not pts:
+    return _finish_loss_vs_size(fig, ax, bool(pts), f"{model} on {device}: every recipe, accuracy loss vs size", path)
+
+
+def _finish_loss_vs_size(fig: Any, ax: Any, any_points: bool, title: str, path: Path) -> Path:
+    """Labels, grid and legend of an accuracy-loss-vs-size plot; saves it."""
+    if not any_points:
         ax.text(0.5, 0.5, "no evaluated candidates yet", ha="center", va="center", transform=ax.transAxes)
     loss = OBJECTIVES["accuracy_loss"]
     ax.set_xlabel(f"model size ({OBJECTIVES['size'].display_unit})")
     ax.set_ylabel(f"{loss.name} ({loss.display_unit})\n1 − top-1 agreement with FP32")
-    ax.set_title(f"{model} on {device}: every recipe, accuracy loss vs size")
+    ax.set_title(title)
     ax.grid(True, alpha=0.3, zorder=0)
     if ax.get_legend_handles_labels()[0]:
         ax.legend(loc="best", fontsize=7.5)

@@ -73,12 +73,7 @@ def write_report(report: dict[str, Any], out_dir: Path) -> dict[str, Path]:
     used: set[str] = set()
     for entry in report["fronts"]:
         model, mode, device = entry["model"], entry["mode"], entry["device"]
-        stem = base_stem = f"{_slug(model)}__{_slug(mode)}__{_slug(device)}"
-        n = 2
-        while stem in used:
-            stem = f"{base_stem}-{n}"
-            n += 1
-        used.add(stem)
+        stem = _unique(f"{_slug(model)}__{_slug(mode)}__{_slug(device)}", used)
         for kind in PLOT_KINDS:
             png = out_dir / "plots" / f"{stem}__{kind}.png"
             try:
@@ -91,12 +86,7 @@ def write_report(report: dict[str, Any], out_dir: Path) -> dict[str, Path]:
         if len(entry.get("recipes") or []) < 2:  # one recipe: the tradeoff plot shows it
             continue
         model, device = entry["model"], entry["device"]
-        stem = base_stem = f"{_slug(model)}__recipes__{_slug(device)}"
-        n = 2
-        while stem in used:
-            stem = f"{base_stem}-{n}"
-            n += 1
-        used.add(stem)
+        stem = _unique(f"{_slug(model)}__recipes__{_slug(device)}", used)
         png = out_dir / "plots" / f"{stem}.png"
         images[recipe_plot_key(model, device)] = recipes_scatter(report, model, device, png)
     paths.update(images)
@@ -121,3 +111,13 @@ def write_full_report(store: Store, out_dir: Path) -> dict[str, Path]:
     """Write report.json, the plots and report.html from the store (see :func:`write_report`)."""
     metrics.backfill(store)
     return write_report(compute_report(store), Path(out_dir))
+
+
+def _unique(stem: str, used: set[str]) -> str:
+    """``stem``, or ``stem-2``, ``stem-3``, … if taken; marks it as used."""
+    out, n = stem, 2
+    while out in used:
+        out = f"{stem}-{n}"
+        n += 1
+    used.add(out)
+    return out

@@ -239,10 +239,10 @@ class StudyRun:
                 self._want(plan.id, req.level, plan.model, plan.mode)
             with self._lock:
                 queued = plan.id in self._queued
-                self._queued.add(plan.id)
-            if not queued:
-                with self._lock:
+                if not queued:
+                    self._queued.add(plan.id)
                     self._building += 1
+            if not queued:
                 self._builds.put(plan)
 
     def _want(self, cid: str, level: str, model: str, recipe: str) -> None:

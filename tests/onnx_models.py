@@ -68,17 +68,7 @@ def cnn(
     ]
     inits += [numpy_helper.from_array(rng.normal(0, 0.5, (10, c)).astype(np.float32), "fc.W"),
               numpy_helper.from_array(rng.normal(0, 0.1, 10).astype(np.float32), "fc.B")]
-    graph = helper.make_graph(
-        nodes, "cnn",
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [batch, 3, size, size])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [batch, 10])],
-        inits,
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    onnx.save_model(model, path)
-    return path
+    return _save_classifier(path, "cnn", nodes, inits, batch, size, opset)
 
 
 def mlp(path: Path, seed: int = 1, features: int = 32, batch: int | str = "N") -> Path:
@@ -161,13 +151,19 @@ def padded_cnn(path: Path, seed: int = 2, batch: int | str = "N", size: int = 12
         numpy_helper.from_array(rng.normal(0, 0.5, (10, c)).astype(f32), "fc.W"),
         numpy_helper.from_array(rng.normal(0, 0.1, 10).astype(f32), "fc.B"),
     ]
+    return _save_classifier(path, "padded_cnn", nodes, inits, batch, size, OPSET)
+
+
+def _save_classifier(path: Path, name: str, nodes: list[onnx.NodeProto], inits: list[onnx.TensorProto],
+                     batch: int | str, size: int, opset: int) -> Path:
+    """Check and save a graph ``input [batch, 3, size, size]`` → ``logits [batch, 10]``."""
     graph = helper.make_graph(
-        nodes, "padded_cnn",
+        nodes, name,
         [helper.make_tensor_value_info("input", TensorProto.FLOAT, [batch, 3, size, size])],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [batch, 10])],
         inits,
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
     model.ir_version = 8
     onnx.checker.check_model(model)
     onnx.save_model(model, path)

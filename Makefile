@@ -16,7 +16,7 @@ $(PY):
 	$(PIP) install -q --upgrade pip
 
 $(STAMP): pyproject.toml | $(PY)
-	$(PIP) install -q -e '.[test,example]'
+	$(PIP) install -q -e '.[test,example,tvm]'
 	touch $(STAMP)
 
 venv: $(STAMP)

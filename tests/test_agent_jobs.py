@@ -36,7 +36,7 @@ def test_info_handshake(agent_factory, client_factory) -> None:
     with client_factory(server) as client:
         info = client.info()
     assert info.contract_version == CONTRACT_VERSION == "tuneqn.v1"
-    assert info.contract_revision == CONTRACT_REVISION == 2
+    assert info.contract_revision == CONTRACT_REVISION == 3
     assert info.agent_id == server.agent_id and info.hostname
     assert info.queue_length == 0 and info.running_job_id == "" and list(info.running_job_ids) == []
     (device,) = info.devices

@@ -33,7 +33,7 @@ class GetInfoRequest(_message.Message):
     def __init__(self, client_version: _Optional[str] = ..., contract_version: _Optional[str] = ..., contract_revision: _Optional[int] = ...) -> None: ...
 
 class Device(_message.Message):
-    __slots__ = ("name", "device_class", "backend", "runtime_versions", "cpu", "gpu", "capabilities", "simulated", "simulated_latency_ms_per_sample", "queue_length", "running_job_id", "healthy", "status")
+    __slots__ = ("name", "device_class", "backend", "runtime_versions", "cpu", "gpu", "capabilities", "simulated", "simulated_latency_ms_per_sample", "queue_length", "running_job_id", "healthy", "status", "target", "rpc_key", "remote", "supported_ops", "remote_servers")
     class RuntimeVersionsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -54,6 +54,11 @@ class Device(_message.Message):
     RUNNING_JOB_ID_FIELD_NUMBER: _ClassVar[int]
     HEALTHY_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
+    TARGET_FIELD_NUMBER: _ClassVar[int]
+    RPC_KEY_FIELD_NUMBER: _ClassVar[int]
+    REMOTE_FIELD_NUMBER: _ClassVar[int]
+    SUPPORTED_OPS_FIELD_NUMBER: _ClassVar[int]
+    REMOTE_SERVERS_FIELD_NUMBER: _ClassVar[int]
     name: str
     device_class: str
     backend: str
@@ -67,7 +72,12 @@ class Device(_message.Message):
     running_job_id: str
     healthy: bool
     status: str
-    def __init__(self, name: _Optional[str] = ..., device_class: _Optional[str] = ..., backend: _Optional[str] = ..., runtime_versions: _Optional[_Mapping[str, str]] = ..., cpu: _Optional[str] = ..., gpu: _Optional[str] = ..., capabilities: _Optional[_Iterable[str]] = ..., simulated: _Optional[bool] = ..., simulated_latency_ms_per_sample: _Optional[float] = ..., queue_length: _Optional[int] = ..., running_job_id: _Optional[str] = ..., healthy: _Optional[bool] = ..., status: _Optional[str] = ...) -> None: ...
+    target: str
+    rpc_key: str
+    remote: str
+    supported_ops: _containers.RepeatedScalarFieldContainer[str]
+    remote_servers: int
+    def __init__(self, name: _Optional[str] = ..., device_class: _Optional[str] = ..., backend: _Optional[str] = ..., runtime_versions: _Optional[_Mapping[str, str]] = ..., cpu: _Optional[str] = ..., gpu: _Optional[str] = ..., capabilities: _Optional[_Iterable[str]] = ..., simulated: _Optional[bool] = ..., simulated_latency_ms_per_sample: _Optional[float] = ..., queue_length: _Optional[int] = ..., running_job_id: _Optional[str] = ..., healthy: _Optional[bool] = ..., status: _Optional[str] = ..., target: _Optional[str] = ..., rpc_key: _Optional[str] = ..., remote: _Optional[str] = ..., supported_ops: _Optional[_Iterable[str]] = ..., remote_servers: _Optional[int] = ...) -> None: ...
 
 class AgentInfo(_message.Message):
     __slots__ = ("agent_version", "contract_version", "contract_revision", "agent_id", "hostname", "queue_length", "running_job_id", "devices", "running_job_ids")
@@ -132,10 +142,26 @@ class OrtOptions(_message.Message):
     def __init__(self, disabled_optimizers: _Optional[_Iterable[str]] = ..., intra_op_threads: _Optional[int] = ...) -> None: ...
 
 class BackendOptions(_message.Message):
-    __slots__ = ("ort",)
+    __slots__ = ("ort", "tvm")
     ORT_FIELD_NUMBER: _ClassVar[int]
+    TVM_FIELD_NUMBER: _ClassVar[int]
     ort: OrtOptions
-    def __init__(self, ort: _Optional[_Union[OrtOptions, _Mapping]] = ...) -> None: ...
+    tvm: TvmOptions
+    def __init__(self, ort: _Optional[_Union[OrtOptions, _Mapping]] = ..., tvm: _Optional[_Union[TvmOptions, _Mapping]] = ...) -> None: ...
+
+class TvmOptions(_message.Message):
+    __slots__ = ("tuning_trials", "tuning_group", "latency_number", "latency_min_repeat_ms", "latency_cooldown_ms")
+    TUNING_TRIALS_FIELD_NUMBER: _ClassVar[int]
+    TUNING_GROUP_FIELD_NUMBER: _ClassVar[int]
+    LATENCY_NUMBER_FIELD_NUMBER: _ClassVar[int]
+    LATENCY_MIN_REPEAT_MS_FIELD_NUMBER: _ClassVar[int]
+    LATENCY_COOLDOWN_MS_FIELD_NUMBER: _ClassVar[int]
+    tuning_trials: int
+    tuning_group: str
+    latency_number: int
+    latency_min_repeat_ms: int
+    latency_cooldown_ms: int
+    def __init__(self, tuning_trials: _Optional[int] = ..., tuning_group: _Optional[str] = ..., latency_number: _Optional[int] = ..., latency_min_repeat_ms: _Optional[int] = ..., latency_cooldown_ms: _Optional[int] = ...) -> None: ...
 
 class JobSpec(_message.Message):
     __slots__ = ("job_id", "device", "model_sha256", "dataset_sha256", "input_name", "top_k", "chunk_size", "latency_warmup", "latency_repeats", "backend_options", "attempt", "remeasure_token", "max_executions")
@@ -198,7 +224,7 @@ class LatencyStats(_message.Message):
     def __init__(self, median_ms: _Optional[float] = ..., p90_ms: _Optional[float] = ..., p10_ms: _Optional[float] = ..., mean_ms: _Optional[float] = ..., std_ms: _Optional[float] = ..., min_ms: _Optional[float] = ..., max_ms: _Optional[float] = ..., count: _Optional[int] = ...) -> None: ...
 
 class JobResult(_message.Message):
-    __slots__ = ("job_id", "device", "device_class", "agent_id", "state", "error", "num_samples", "top_k", "topk_indices", "model_size_bytes", "latency", "simulated_latency_ms_per_sample", "inference_seconds", "started_at", "finished_at", "runtime_versions", "attempt", "executions")
+    __slots__ = ("job_id", "device", "device_class", "agent_id", "state", "error", "num_samples", "top_k", "topk_indices", "model_size_bytes", "latency", "simulated_latency_ms_per_sample", "inference_seconds", "started_at", "finished_at", "runtime_versions", "attempt", "executions", "infeasible", "unsupported_ops", "compile_seconds", "tuning_seconds", "tuned", "compile_cache_hit", "executed_on")
     class RuntimeVersionsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -224,6 +250,13 @@ class JobResult(_message.Message):
     RUNTIME_VERSIONS_FIELD_NUMBER: _ClassVar[int]
     ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     EXECUTIONS_FIELD_NUMBER: _ClassVar[int]
+    INFEASIBLE_FIELD_NUMBER: _ClassVar[int]
+    UNSUPPORTED_OPS_FIELD_NUMBER: _ClassVar[int]
+    COMPILE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    TUNING_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    TUNED_FIELD_NUMBER: _ClassVar[int]
+    COMPILE_CACHE_HIT_FIELD_NUMBER: _ClassVar[int]
+    EXECUTED_ON_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     device: str
     device_class: str
@@ -242,7 +275,14 @@ class JobResult(_message.Message):
     runtime_versions: _containers.ScalarMap[str, str]
     attempt: int
     executions: int
-    def __init__(self, job_id: _Optional[str] = ..., device: _Optional[str] = ..., device_class: _Optional[str] = ..., agent_id: _Optional[str] = ..., state: _Optional[_Union[JobState, str]] = ..., error: _Optional[str] = ..., num_samples: _Optional[int] = ..., top_k: _Optional[int] = ..., topk_indices: _Optional[bytes] = ..., model_size_bytes: _Optional[int] = ..., latency: _Optional[_Union[LatencyStats, _Mapping]] = ..., simulated_latency_ms_per_sample: _Optional[float] = ..., inference_seconds: _Optional[float] = ..., started_at: _Optional[float] = ..., finished_at: _Optional[float] = ..., runtime_versions: _Optional[_Mapping[str, str]] = ..., attempt: _Optional[int] = ..., executions: _Optional[int] = ...) -> None: ...
+    infeasible: bool
+    unsupported_ops: _containers.RepeatedScalarFieldContainer[str]
+    compile_seconds: float
+    tuning_seconds: float
+    tuned: bool
+    compile_cache_hit: bool
+    executed_on: str
+    def __init__(self, job_id: _Optional[str] = ..., device: _Optional[str] = ..., device_class: _Optional[str] = ..., agent_id: _Optional[str] = ..., state: _Optional[_Union[JobState, str]] = ..., error: _Optional[str] = ..., num_samples: _Optional[int] = ..., top_k: _Optional[int] = ..., topk_indices: _Optional[bytes] = ..., model_size_bytes: _Optional[int] = ..., latency: _Optional[_Union[LatencyStats, _Mapping]] = ..., simulated_latency_ms_per_sample: _Optional[float] = ..., inference_seconds: _Optional[float] = ..., started_at: _Optional[float] = ..., finished_at: _Optional[float] = ..., runtime_versions: _Optional[_Mapping[str, str]] = ..., attempt: _Optional[int] = ..., executions: _Optional[int] = ..., infeasible: _Optional[bool] = ..., unsupported_ops: _Optional[_Iterable[str]] = ..., compile_seconds: _Optional[float] = ..., tuning_seconds: _Optional[float] = ..., tuned: _Optional[bool] = ..., compile_cache_hit: _Optional[bool] = ..., executed_on: _Optional[str] = ...) -> None: ...
 
 class WatchJobRequest(_message.Message):
     __slots__ = ("job_id", "heartbeat_ms")

@@ -7,7 +7,7 @@ grows, so that a client can tell whether an agent knows a feature it needs.
 """
 
 CONTRACT_VERSION = "tuneqn.v1"
-CONTRACT_REVISION = 2
+CONTRACT_REVISION = 3
 #: Oldest client revision an agent serves: revision 2 moved the ORT fields of JobSpec into
 #: ``backend_options`` and added attempts, so a revision-1 controller would be misread.
 MIN_CLIENT_REVISION = 2

@@ -36,6 +36,9 @@ FRONT_STYLES: dict[int, tuple[str, str, float]] = {
 _OBJECTIVE_COLORS = ["#1f77b4", "#2ca02c", "#ff7f0e", "#17becf", "#bcbd22"]
 _OBJECTIVE_MARKERS = ["o", "s", "^", "D", "v"]
 
+#: How a latency legend entry says that (some of) its values come from untuned TVM builds.
+UNTUNED_LABEL = "untuned TVM build"
+
 #: The plots :func:`render_plot` knows, in the order the HTML shows them.
 PLOT_KINDS = ("objectives", "tradeoff")
 
@@ -136,6 +139,8 @@ def objectives_vs_candidate(report: dict[str, Any], model: str, mode: str, devic
         norm = (vals - lo) / (hi - lo) * 100.0 if hi > lo else np.where(ok, 0.0, np.nan)
         direction = next((o.get("direction") for o in report["objectives"] if o["name"] == name), "min")
         label = f"{name} ({direction}): {_fmt_objective(name, lo)} = 0%, {_fmt_objective(name, hi)} = 100%"
+        if name == "latency" and any(r.get("untuned") for _, r in pairs if r.get("status") == "done"):
+            label += f" [{UNTUNED_LABEL}]"
         ax.plot(
             ks,
             norm,
@@ -152,8 +157,8 @@ def objectives_vs_candidate(report: dict[str, Any], model: str, mode: str, devic
     shaded: set[str] = set()
     for c, r in pairs:
         k = int(c["k"])
-        if r.get("status") in ("failed", "unreachable"):
-            kind, color = "failed / unreachable", "#bbbbbb"
+        if r.get("status") in ("failed", "unreachable", "infeasible"):
+            kind, color = "failed / unreachable / infeasible on device", "#bbbbbb"
         elif r.get("status") == "done" and r.get("feasible") is False:
             kind, color = "infeasible (bounds / missing metric)", "#f4c7c3"
         elif r.get("status") in ("pending", "running"):

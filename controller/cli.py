@@ -358,7 +358,10 @@ def cmd_agents(args: argparse.Namespace) -> int:
             table.add_row(ep.address, f"unreachable: {detail}"[:60], *[""] * (len(columns) - 2))
         finally:
             client.close()
-    Console(width=max(160, Console().width)).print(table)
+    console = Console()
+    if not console.is_terminal:  # piped or captured: one line per device, nothing folded
+        console = Console(width=400)
+    console.print(table)
     return 1 if unhealthy else 0
 
 

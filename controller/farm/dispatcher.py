@@ -291,12 +291,16 @@ class JobBoard:
             return self.plans[jid], attempt
         return None
 
-    def take(self, device: str, holder: str, timeout: float) -> tuple[JobPlan, int] | None:
-        """The next job of ``device`` leased to ``holder``, with its attempt; None if none came in time."""
+    def take(self, device: str, holder: str, timeout: float,
+             ready: Callable[[], bool] | None = None) -> tuple[JobPlan, int] | None:
+        """The next job of ``device`` leased to ``holder``, with its attempt; None if none came in time
+        (or once ``ready()``, checked under the board's lock, says the holder takes no job now)."""
         deadline = time.monotonic() + timeout
         with self.cond:
             while True:
                 self.expire()
+                if ready is not None and not ready():
+                    return None
                 job = self._lease_next(device, holder)
                 if job is not None:
                     return job
@@ -323,6 +327,11 @@ class JobBoard:
                 if n >= at_least:
                     break
             return n
+
+    def waiting(self, device: str) -> int:
+        """How many slots of ``device`` wait in :meth:`take` for a job now."""
+        with self.cond:
+            return self._waiting.get(device, 0)
 
     def take_ahead(self, device: str, holder: str) -> tuple[JobPlan, int] | None:
         """A second job for a holder that compiles ahead (its current job still runs): leased only when
@@ -535,11 +544,13 @@ class AgentLink(threading.Thread):
                 if self.ever_connected and len(self.slots) > 1:
                     log.info("agent %s: device %s appeared (class %s)", self.address, device.name, device.device_class)
             else:
-                slot.update(device, present=True)
+                with self.board.cond:  # a slot checks availability under this lock right before it leases
+                    slot.update(device, present=True)
         for name, slot in self.slots.items():
             if name not in listed and slot.present:
                 log.warning("agent %s: device %s is gone; it takes no more jobs", self.address, name)
-                slot.update(slot.device, present=False)
+                with self.board.cond:
+                    slot.update(slot.device, present=False)
 
     def _set(self, state: AgentState, error: str | None) -> None:
         with self._lock:
@@ -666,7 +677,8 @@ class DeviceSlot(threading.Thread):
                     return
                 stop.wait(0.5)
                 continue
-            job = held[0] if held else self.board.take(self.device.device_class, self.holder, timeout=1.0)
+            job = held[0] if held else self.board.take(self.device.device_class, self.holder, timeout=1.0,
+                                                       ready=self.available)
             if job is None:
                 if self.board.finished():
                     return

@@ -83,6 +83,14 @@ def test_adapt_plans_a_variant_per_device_and_sweeps_it_completely(tmp_path: Pat
         ("qop", "cpu"), ("dyn", "cpu"), ("qop.qdq", "phone"), ("dyn.float-Conv", "phone")}
     html = (tmp_path / "out" / "report.html").read_text()
     assert "Feasibility planning" in html and "qop → qop.qdq" in html
+    # a variant's candidates export like any recipe's (bit-identical to the stored one)
+    from tuneqn.controller.cli import main
+    from tuneqn.controller.files import file_sha256
+
+    out = tmp_path / "variant-fq.onnx"
+    assert main(["export", str(tmp_path / "out"), "--recipe", "dyn.float-Conv", "--candidate", "1", "-o", str(out)]) == 0
+    stored = _rows(db, "select sha256 from candidates where mode = 'dyn.float-Conv' and k = 1")
+    assert stored == [(file_sha256(out),)]
 
 
 def test_report_mode_dispatches_everything(tmp_path: Path, assets: Path) -> None:

@@ -225,7 +225,7 @@ def test_report_lists_infeasible_candidates_per_device_and_keeps_them_off_fronts
 
     import numpy as np
 
-    store = open_store(tmp_path)
+    store = open_store(tmp_path, objectives=[{"name": "accuracy_loss"}, {"name": "size"}, {"name": "latency"}])
     add_model(store)
     add_eval_split(store, [1, 2, 3, 4])
     add_device(store, "cpu")
@@ -239,7 +239,9 @@ def test_report_lists_infeasible_candidates_per_device_and_keeps_them_off_fronts
         add_result(store, "net:fp32", dev, base)
     add_result(store, fq, "cpu", base)
     add_result(store, k1, "cpu", base)
-    add_result(store, k1, "phone", base)
+    tvm = {"backend": "tvm", "tuned": False, "compile_seconds": 4.25, "tuning_seconds": 0.0,
+           "compile_cache_hit": False, "executed_on": "127.0.0.1:9091"}
+    add_result(store, k1, "phone", base, latency=(230.0, 229.0, 235.0), seconds=10.0, info=tvm)
     board = JobBoard(store, FarmSettings())
     plan = make_job(fq, "phone", tmp_path / "c.onnx", "c" * 64, tmp_path / "d.npy", "d" * 64, "x", {}, FarmSettings())
     board.add(plan)
@@ -260,8 +262,24 @@ def test_report_lists_infeasible_candidates_per_device_and_keeps_them_off_fronts
     on_fronts = {cid for f in report["fronts"] for front in f["fronts"] for cid in front}
     on_phone = {cid for f in report["fronts"] if f["device"] == "phone" for front in f["fronts"] for cid in front}
     assert fq in on_fronts and fq not in on_phone  # on the cpu front, never on the phone's
+    # how the TVM result was produced: compile time apart from device time, untuned latency
+    tvm_res = next(r for c in report["candidates"] if c["id"] == k1 for r in c["results"] if r["device"] == "phone")
+    assert (tvm_res["backend"], tvm_res["untuned"], tvm_res["compile_seconds"], tvm_res["device_seconds"],
+            tvm_res["executed_on"]) == ("tvm", True, 4.25, 5.75, "127.0.0.1:9091")
+    cpu_res = next(r for c in report["candidates"] if c["id"] == k1 for r in c["results"] if r["device"] == "cpu")
+    assert cpu_res["untuned"] is False
     paths = write_full_report(store, tmp_path / "out")
     html = paths["html"].read_text()
     assert "Infeasible on a device" in html and "QGemm, QLinearConv" in html
     assert "tracker 127.0.0.1:9190" in html and "pixel" in html and "0.27.0" in html  # the devices table
+    assert "230.00 (untuned)" in html and "5.00 (untuned)" not in html  # only the TVM latency is marked
+    assert "<th>compile (s)</th>" in html and "4.2" in html
+    from tuneqn.controller.report.plots import UNTUNED_LABEL, objectives_figure
+
+    def legend(device: str) -> list[str]:
+        return [t.get_text() for t in objectives_figure(report, "net", "static", device).axes[0].get_legend().get_texts()]
+
+    assert any(t.startswith("latency") and UNTUNED_LABEL in t for t in legend("phone"))
+    cpu_labels = legend("cpu")
+    assert not any(UNTUNED_LABEL in t for t in cpu_labels)
     store.close()

@@ -111,8 +111,14 @@ def objectives_vs_candidate(report: dict[str, Any], model: str, mode: str, devic
     Only search-proposed candidates are drawn (explicit sets have no place on the k axis);
     the top-3 fronts are vertical lines, failed, infeasible and not yet evaluated candidates
     are shaded.  When several candidates share a k (sets of different searches), points are
-    not joined by lines.  Returns ``path``.
+    not joined by lines.  A latency from untuned TVM builds says so in its legend entry.
+    Returns ``path``.
     """
+    return _save(objectives_figure(report, model, mode, device), path)
+
+
+def objectives_figure(report: dict[str, Any], model: str, mode: str, device: str) -> Figure:
+    """The figure of :func:`objectives_vs_candidate` (not saved)."""
     fig = _new_figure()
     ax = fig.add_subplot(1, 1, 1)
     pairs = [p for p in _group(report, model, mode, device) if _is_ranked(p[0])]
@@ -218,7 +224,7 @@ def objectives_vs_candidate(report: dict[str, Any], model: str, mode: str, devic
     if off_axis:
         fig.text(0.01, 0.01, "explicit candidates on fronts (not on the k axis): " + ", ".join(off_axis), fontsize=7)
     fig.tight_layout()
-    return _save(fig, path)
+    return fig
 
 
 def tradeoff_scatter(report: dict[str, Any], model: str, mode: str, device: str, path: Path) -> Path:

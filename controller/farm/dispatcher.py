@@ -493,8 +493,9 @@ class AgentLink(threading.Thread):
             except grpc.RpcError as exc:
                 log.debug("cancel %s on %s: %s", jid, self.address, exc.code().name)
         self._set(AgentState.READY, None)
+        first = not self.ever_connected
         self.ever_connected = True
-        self.sync_devices(info)
+        self.sync_devices(info, announce=not first)
         return True
 
     def _ask_info(self) -> pb.AgentInfo | None:
@@ -529,7 +530,7 @@ class AgentLink(threading.Thread):
         self.sync_devices(info)
         return True
 
-    def sync_devices(self, info: pb.AgentInfo) -> None:
+    def sync_devices(self, info: pb.AgentInfo, announce: bool = True) -> None:
         """Follow the agent's devices: a new one gets a slot, a known one's description (health, status,
         queue) is updated, one that is no longer listed stops taking jobs (it resumes if it comes back)."""
         self.info = info
@@ -541,7 +542,7 @@ class AgentLink(threading.Thread):
                 slot = DeviceSlot(self, device)
                 self.slots[device.name] = slot
                 slot.start()
-                if self.ever_connected and len(self.slots) > 1:
+                if announce:
                     log.info("agent %s: device %s appeared (class %s)", self.address, device.name, device.device_class)
             else:
                 with self.board.cond:  # a slot checks availability under this lock right before it leases

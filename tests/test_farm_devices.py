@@ -93,6 +93,43 @@ def test_adapt_plans_a_variant_per_device_and_sweeps_it_completely(tmp_path: Pat
     assert stored == [(file_sha256(out),)]
 
 
+def test_the_default_search_screens_and_evaluates_variants_on_their_device_only(tmp_path: Path, assets: Path) -> None:
+    """budget/measured: screens (whose sample is chosen from the fully quantized model's results on the classes
+    the recipe runs on) and full evaluations of a variant run on its device; the base recipe's on the other."""
+    study = write_study(tmp_path, model=assets / "cnn.onnx", images=assets / "images", evaluation=FAST,
+                        quantization={"recipes": RECIPES}, search={"strategy": "budget", "ranking": "measured"})
+    with _agent(tmp_path, "cpu", "cpu", "0") as cpu, _agent(tmp_path, "phone", "phone", "0") as phone, \
+            DeviceProxy(phone.address, _restricted) as proxy:
+        outcome = _run_bounded(240, study, [Endpoint(cpu.address), Endpoint(proxy.address)])
+    assert outcome.failed == 0 and outcome.done == outcome.total
+    db = tmp_path / "out" / "tuneqn.db"
+    where = {(r[0], r[1]): r[2] for r in _rows(db, "select c.mode, j.level, group_concat(distinct j.device) from jobs j "
+                                                   "join candidates c on c.id = j.candidate_id group by 1, 2")}
+    assert where == {("fp32", "full"): "cpu,phone" if where[("fp32", "full")].startswith("cpu") else "phone,cpu",
+                     ("qop", "full"): "cpu", ("qop", "screen"): "cpu", ("dyn", "full"): "cpu",
+                     ("dyn", "screen"): "cpu", ("qop.qdq", "full"): "phone", ("qop.qdq", "screen"): "phone",
+                     ("dyn.float-Conv", "full"): "phone", ("dyn.float-Conv", "screen"): "phone"}
+    assert {r[0] for r in _rows(db, "select split from datasets")} >= {"cnn/screen/qop.qdq", "cnn/screen/dyn.float-Conv"}
+
+
+def test_a_recipe_no_variant_fixes_is_kept_and_the_report_says_so(tmp_path: Path, assets: Path) -> None:
+    """No DynamicQuantizeLinear on the device: nothing can be left in float to avoid it, so the dynamic
+    recipe stays planned there (a TVM agent then answers infeasible; this ORT agent runs it)."""
+    def no_dql(devices: list[pb.Device]) -> list[pb.Device]:
+        return [with_fields(d, supported_ops=STANDARD_OPS - {"DynamicQuantizeLinear"}) for d in devices]
+
+    study = write_study(tmp_path, model=assets / "cnn.onnx", images=assets / "images", evaluation=FAST,
+                        quantization={"recipes": RECIPES[1:]})
+    with _agent(tmp_path, "phone", "phone", "0") as phone, DeviceProxy(phone.address, no_dql) as proxy:
+        outcome = _run_bounded(240, study, [Endpoint(proxy.address)])
+    assert outcome.failed == 0 and outcome.done == outcome.total == 7
+    db = tmp_path / "out" / "tuneqn.db"
+    assert _rows(db, "select recipe, planned, status, unsupported from feasibility") == [
+        ("dyn", "dyn", "gave-up", '["DynamicQuantizeLinear"]')]
+    (entry,) = json.loads((tmp_path / "out" / "report.json").read_text())["feasibility"]
+    assert entry["text"].startswith("phone: dyn kept, no variant runs there") and "DynamicQuantizeLinear" in entry["text"]
+
+
 def test_report_mode_dispatches_everything(tmp_path: Path, assets: Path) -> None:
     study = write_study(tmp_path, model=assets / "cnn.onnx", images=assets / "images",
                         evaluation={**FAST, "feasibility": "report"}, quantization={"recipes": RECIPES[:1]})

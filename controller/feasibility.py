@@ -144,7 +144,8 @@ def describe(device: str, recipe: str, planned: str, status: str, unsupported_op
         return f"{device}: {recipe} → {planned}: {ops} unsupported"
     if status == GAVE_UP:
         chain = " → ".join(str(t.get("recipe")) for t in tried or []) or recipe
-        last = ", ".join(str(o) for o in ((tried or [{}])[-1].get("unsupported") or unsupported_ops))  # type: ignore[union-attr]
-        return (f"{device}: {recipe} kept, no variant runs there ({chain}; {last or ops} unsupported): "
-                "its candidates are infeasible on this device")
+        last = (tried or [{}])[-1]
+        why = (f"{last.get('recipe')} does not build: {last['error']}" if last.get("error") else
+               f"{', '.join(str(o) for o in (last.get('unsupported') or unsupported_ops))} unsupported")  # type: ignore[union-attr]
+        return f"{device}: {recipe} kept, no variant runs there ({chain}; {why}): its candidates are infeasible on this device"
     return f"{device}: {recipe} runs as is"

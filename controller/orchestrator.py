@@ -122,6 +122,8 @@ class StudyRun:
         self._trying: dict[tuple[str, str, str], str] = {}  # the recipe whose fully quantized model is checked next
         self._variant_base: dict[tuple[str, str], str] = {}  # (model, variant recipe) -> its base recipe
         self._op_types: dict[str, frozenset[str]] = {}  # built candidate id -> its op types
+        self._probes: set[str] = set()  # fully quantized candidates of variants, built to check them
+        self._probe_errors: dict[str, str] = {}  # ... and why one did not build
 
     # ------------------------------------------------------------------ steps
     def run(self) -> TuneOutcome:
@@ -323,6 +325,14 @@ class StudyRun:
                     row = self.study.build(plan)
                 self._add_built(_Built(plan.id, plan.model, Path(row["path"]), row["sha256"], row["runtime"],
                                        int(row["size_bytes"]), plan.mode))
+            except Exception as exc:  # noqa: BLE001 - a variant checked for a device may not build: give it up
+                if plan.id not in self._probes:
+                    self._build_errors.append(exc)  # handed to the main thread, which raises it
+                    with self.board.cond:
+                        self.board.cond.notify_all()
+                    return
+                log.warning("variant %s does not build: %s", plan.mode, exc)
+                self._probe_errors[plan.id] = f"{type(exc).__name__}: {exc}"
             except BaseException as exc:  # noqa: BLE001 - handed to the main thread, which raises it
                 self._build_errors.append(exc)
                 with self.board.cond:
@@ -432,7 +442,13 @@ class StudyRun:
             fq = self.study.make_plan(model, current, ())
             with self._lock:
                 built = self._built.get(fq.id)
+            if built is None and fq.id in self._probe_errors:
+                tried.append({"recipe": current, "unsupported": [], "error": self._probe_errors[fq.id]})
+                self._settle(key, recipe, GAVE_UP, tried[0]["unsupported"], tried, digest)
+                return
             if built is None:
+                if current != recipe:
+                    self._probes.add(fq.id)
                 self._ensure_built(fq)  # checked when it is built
                 return
             bad = unsupported(self._ops_of(built), ops)

@@ -81,6 +81,8 @@ def test_adapt_plans_a_variant_per_device_and_sweeps_it_completely(tmp_path: Pat
         assert {r["device"] for r in c["results"]} == ({"phone"} if "." in c["recipe"] else {"cpu"})
     assert {(f["recipe"], f["device"]) for f in report["fronts"] if f["fronts"]} == {
         ("qop", "cpu"), ("dyn", "cpu"), ("qop.qdq", "phone"), ("dyn.float-Conv", "phone")}
+    assert {(a["recipe"], a["device"]) for a in report["ablation"] if a["model"]} == {
+        ("qop", "cpu"), ("dyn", "cpu"), ("qop.qdq", "phone"), ("dyn.float-Conv", "phone")}
     html = (tmp_path / "out" / "report.html").read_text()
     assert "Feasibility planning" in html and "qop → qop.qdq" in html
     # a variant's candidates export like any recipe's (bit-identical to the stored one)

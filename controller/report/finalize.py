@@ -126,7 +126,8 @@ the measured median.
   model for size and latency; None when a value is missing or the reference is 0.
   Accuracy losses are fractions (0.25 = 25 %), sizes bytes, latencies milliseconds.
 * ``ablation``: the ranking/strategy ablation, one row per (search, model, recipe, device)
-  where the search asked for anything, then one total row per search (``model``,
+  where the search asked for anything (the devices the recipe has results entries on), then one
+  total row per search (``model``,
   ``recipe``, ``mode``, ``device`` and ``front`` None)::
 
       {"search", "model", "recipe", "mode", "device", "front": [ids]|None,
@@ -745,6 +746,12 @@ def _ablation(
     """The ranking ablation rows and the searches with their totals (see the module docstring)."""
     cands = {c["id"]: c for c in candidates}
     norms = _normalizers(candidates, objectives)
+    # A recipe's rows cover the devices it has full results entries on (feasibility planning may run a
+    # variant instead on some); a recipe without any yet, every device of the model.
+    recipe_devices: dict[tuple[str, str], list[str]] = {}
+    for c in candidates:
+        if _evaluated(c):
+            recipe_devices.setdefault((c["model"], c["mode"]), []).extend(r.get("device") for r in c.get("results") or [])
     rows: list[dict[str, Any]] = []
     searches: list[dict[str, Any]] = []
     hv_of: dict[tuple[str, str, str, str], float] = {}
@@ -753,7 +760,7 @@ def _ablation(
         started = finite(s.get("started_at"))
         for (model, recipe) in work.groups:
             full_ids = work.ids("full", (model, recipe))
-            for device in _device_order(report, model_devices.get(model, [])):
+            for device in _device_order(report, recipe_devices.get((model, recipe)) or model_devices.get(model, [])):
                 ids: list[str] = []
                 points: list[list[float]] = []
                 for cid in full_ids:

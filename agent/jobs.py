@@ -721,7 +721,11 @@ class JobManager:
         job.handle = None
         handle = backend.load(
             model_path,
-            LoadOptions(input_name=spec.input_name, backend_options=spec.backend_options),
+            LoadOptions(
+                input_name=spec.input_name,
+                backend_options=spec.backend_options,
+                stop=job.interrupt,
+            ),
         )
         job.handle = handle
         try:

@@ -55,11 +55,14 @@ class LoadOptions:
     """Per-job options for preparing a model.
 
     ``backend_options`` is the job's ``tuneqn.v1.BackendOptions``: each backend reads
-    its own message (ORT: ``backend_options.ort``) and ignores the others.
+    its own message (ORT: ``backend_options.ort``) and ignores the others. ``stop`` is
+    the job's interrupt event (set on cancel or agent stop) for loads that may wait long,
+    e.g. for a free remote device; a backend raises :class:`Interrupted` when it is set.
     """
 
     input_name: str = ""
     backend_options: pb.BackendOptions = field(default_factory=pb.BackendOptions)
+    stop: threading.Event | None = field(default=None, compare=False)
 
 
 @dataclass

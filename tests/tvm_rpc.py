@@ -15,7 +15,10 @@ only for the example model's export), which costs ~9 s per process on this machi
 (TVM's RPC does not use it). Everything else is the installed TVM.
 
 Usage: the ``tvm_lab`` fixture (one tracker per test session, servers per test), e.g.
-``servers = tvm_lab.start_servers(key, 2)`` then ``tvm_lab.wait_servers(key, 2)``.
+``servers = tvm_lab.start_servers(key, 2)`` then ``tvm_lab.wait_servers(key, 2)``;
+``tvm_agent(settings)`` starts an in-process agent with TVM lanes (gRPC on 127.0.0.1:0);
+``tvm_models`` are the test CNN pre-processed as the controller does and quantized (QDQ,
+QOperator) with ONNX Runtime.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 tvm = pytest.importorskip("tvm", reason="Apache TVM (the tuneqn[tvm] extra) is not installed")
@@ -307,3 +311,88 @@ def tvm_lab(tvm_session_lab: TvmLab) -> Iterator[TvmLab]:
     left = [pid for pgid in pgids for pid in group_members(pgid)]
     assert not left, f"TVM server processes left behind: {left}"
     assert not tvm_session_lab.leftovers(), tvm_session_lab.leftovers()
+
+
+# ---------------------------------------------------------------------- models and agents
+
+
+def quantized_models(folder: Path, seed: int = 0) -> dict[str, Path]:
+    """The test CNN (``onnx_models.cnn``, 3x16x16, dynamic batch) as candidates.
+
+    ``fp32``: pre-processed as the controller does (``quant_pre_process``: ORT basic
+    optimizations + shape inference); ``qdq`` and ``qoperator``: that model statically
+    quantized by ONNX Runtime (uint8 activations, int8 weights).
+    """
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    from onnx_models import cnn
+
+    folder.mkdir(parents=True, exist_ok=True)
+    raw = cnn(folder / "raw.onnx", seed=seed)
+    fp32 = folder / "fp32.onnx"
+    quant_pre_process(str(raw), str(fp32), skip_symbolic_shape=True)
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self._it = iter(cnn_samples(16, seed=99))
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            x = next(self._it, None)
+            return None if x is None else {"input": x[None]}
+
+    out = {"fp32": fp32}
+    for name, fmt in (("qdq", QuantFormat.QDQ), ("qoperator", QuantFormat.QOperator)):
+        out[name] = folder / f"{name}.onnx"
+        quantize_static(str(fp32), str(out[name]), Reader(), quant_format=fmt,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    return out
+
+
+def cnn_samples(n: int, seed: int = 1) -> np.ndarray:
+    """``n`` float32 inputs of the test CNN (3x16x16)."""
+    return np.random.default_rng(seed).normal(0, 1, (n, 3, 16, 16)).astype(np.float32)
+
+
+def ort_scores(model: Path, data: np.ndarray) -> np.ndarray:
+    """ONNX Runtime's class scores of ``data``."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    sess = ort.InferenceSession(str(model), so, providers=["CPUExecutionProvider"])
+    return np.asarray(sess.run(None, {sess.get_inputs()[0].name: data})[0])
+
+
+@pytest.fixture(scope="session")
+def tvm_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """:func:`quantized_models` built once per test session (read-only)."""
+    return quantized_models(tmp_path_factory.mktemp("tvm-models"))
+
+
+@pytest.fixture
+def tvm_agent(tmp_path: Path) -> Iterator[Callable[..., Any]]:
+    """Start in-process agents with TVM lanes: ``tvm_agent(settings, state_dir=None, name="phone")``.
+
+    Returns the started ``AgentServer`` (its lanes: ``server.backends``; the shared pool:
+    ``lane.pool``). All are stopped at teardown.
+    """
+    from tuneqn.agent.backends.tvm import create_lanes
+    from tuneqn.agent.config import AgentConfig, TvmSettings
+    from tuneqn.agent.server import AgentServer
+
+    started: list[AgentServer] = []
+
+    def start(settings: TvmSettings | None = None, state_dir: Path | None = None,
+              name: str = "phone", device_class: str = "phone-class") -> AgentServer:
+        state = state_dir or tmp_path / f"tvm-agent-{len(started)}"
+        lanes = create_lanes(name, device_class, settings or TvmSettings(), state)
+        server = AgentServer(AgentConfig(state_dir=state, host=HOST, port=0), lanes)
+        server.start()
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        if server.running:
+            server.stop(grace=0.5)

@@ -37,6 +37,7 @@ import hashlib
 import importlib.util
 import json
 import logging
+import os
 import platform
 import queue
 import re
@@ -47,7 +48,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import CancelledError, Future
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from importlib import metadata
 from pathlib import Path
 from typing import Any, TypeVar
@@ -94,7 +95,11 @@ class NoFreeDevice(RuntimeError):
 
 
 class _Lost(Exception):
-    """The remote session is gone (connection error or a hung call)."""
+    """The remote session is gone (connection error or a hung call) at ``where``."""
+
+    def __init__(self, message: str, where: str = "") -> None:
+        super().__init__(message)
+        self.where = where
 
 
 def _is_connection_error(exc: BaseException) -> bool:
@@ -109,38 +114,69 @@ def _is_connection_error(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and ("socket" in text or "connection" in text)
 
 
-def _shutdown_sockets_to(host: str, port: int) -> int:
-    """Shut down this process's TCP connections to ``host:port``; returns how many.
+def _sockets_to(host: str, port: int) -> list[socket.socket]:
+    """This process's TCP connections to ``host:port``, as sockets on duplicated fds.
 
-    Unblocks a thread stuck in a remote call on a hung server (the fd stays open and is
-    closed by its owner; only the connection is shut down).
+    The RPC client's sockets belong to TVM's C++ side; options set and shutdowns made on a
+    duplicate act on the same connection, and closing the duplicate leaves TVM's fd open.
+    The caller closes the returned sockets.
     """
     try:
         import psutil
     except ImportError:
-        return 0
+        return []
     try:
         ips = {info[4][0] for info in socket.getaddrinfo(host, port, proto=socket.IPPROTO_TCP)}
     except OSError:
         ips = {host}
-    count = 0
+    found = []
     for conn in psutil.Process().net_connections(kind="inet"):
         if conn.fd < 0 or not conn.raddr or conn.raddr.port != port or conn.raddr.ip not in ips:
             continue
         try:
-            import os
-
-            dup = os.dup(conn.fd)
+            found.append(socket.socket(fileno=os.dup(conn.fd)))
         except OSError:
             continue
-        s = socket.socket(fileno=dup)
+    return found
+
+
+def _limit_socket_waits(address: str, seconds: float) -> None:
+    """Bound every blocking send/recv on the connections to ``address`` ("HOST:PORT").
+
+    TVM frees remote objects with a blocking round trip while holding the GIL; on a hung
+    server that would stall all of the agent's threads for good. With SO_RCVTIMEO and
+    SO_SNDTIMEO such a wait ends after ``seconds`` (the call timeout) with an error.
+    """
+    host, _, port = address.rpartition(":")
+    timeval = struct.pack("ll", int(seconds), int((seconds % 1) * 1e6))
+    for sock in _sockets_to(host.strip("[]"), int(port)):
         try:
-            s.shutdown(socket.SHUT_RDWR)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
+        except OSError as exc:
+            log.debug("cannot set timeouts on the connection to %s: %s", address, exc)
+        finally:
+            sock.close()
+
+
+def _cut(address: str) -> int:
+    """Shut down the connections to ``address`` ("HOST:PORT"); returns how many.
+
+    A thread stuck in a remote call on a hung server gets an error at once, and so does
+    every later use of the abandoned session (freeing its remote objects included).
+    """
+    if not address:
+        return 0
+    host, _, port = address.rpartition(":")
+    count = 0
+    for sock in _sockets_to(host.strip("[]"), int(port)):
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
             count += 1
         except OSError:
             pass
         finally:
-            s.close()
+            sock.close()
     return count
 
 
@@ -220,17 +256,32 @@ class _TrackerLink:
 
 @dataclass
 class _Runtime:
-    """An open device: (remote) session, device, loaded library and VM."""
+    """An open device: (remote) session, device, loaded library, VM and its entry function."""
 
     executed_on: str
     session: Any
     device: Any
     library: Any
     vm: Any
+    main: Any = None
+    inputs: dict[tuple[int, ...], Any] = field(default_factory=dict)  # reused input tensors
+
+    def input(self, x: np.ndarray) -> Any:
+        """A device tensor holding ``x`` (one per shape, reused: fewer remote frees)."""
+        import tvm
+
+        tensor = self.inputs.get(x.shape)
+        if tensor is None or str(tensor.dtype) != str(x.dtype):
+            tensor = tvm.runtime.tensor(x, self.device)
+            self.inputs[x.shape] = tensor
+        else:
+            tensor.copyfrom(x)
+        return tensor
 
     def close(self) -> None:
         """Drop every reference (the RPC session closes when the last one goes)."""
-        self.vm = self.library = self.device = self.session = None
+        self.inputs = {}
+        self.main = self.vm = self.library = self.device = self.session = None
 
 
 @dataclass
@@ -664,9 +715,7 @@ class TvmBackend(Backend):
         x = self._feed(model, batch)
 
         def run(rt: _Runtime) -> np.ndarray:
-            import tvm
-
-            out = rt.vm["main"](tvm.runtime.tensor(x, rt.device))
+            out = rt.main(rt.input(x))
             if not hasattr(out, "numpy"):
                 out = out[0]
             return np.asarray(out.numpy())
@@ -696,9 +745,7 @@ class TvmBackend(Backend):
             return []
 
         def measure(rt: _Runtime) -> list[float]:
-            import tvm
-
-            rt.vm.set_input("main", tvm.runtime.tensor(x, rt.device))
+            rt.vm.set_input("main", rt.input(x))
             timer = rt.vm.time_evaluator(
                 "invoke_stateful",
                 rt.device,
@@ -760,11 +807,15 @@ class TvmBackend(Backend):
                     model.executed_on = runtime.executed_on
                     if runtime.executed_on:
                         self._set_activity(f"running on {runtime.executed_on}")
-                result = self._call(runtime, what, lambda: fn(runtime), stop)
+                opened = runtime
+                result = self._call(opened.executed_on, what, lambda: fn(opened), stop)
             except _Lost as exc:
+                where = exc.where or "the device"
                 model.runtime = None
                 if runtime is not None:
+                    _cut(runtime.executed_on)  # its remote objects now free without waiting
                     runtime.close()
+                    runtime = None
                 failures += 1
                 if failures > s.max_reconnects:
                     self._set_trouble("")
@@ -772,7 +823,6 @@ class TvmBackend(Backend):
                         f"{what}: lost the device {failures} times, giving up; last: {exc}"
                     ) from None
                 backoff = min(s.reconnect_backoff * 2 ** (failures - 1), 10.0)
-                where = runtime.executed_on if runtime is not None else "the device"
                 self._set_trouble(
                     f"lost {where} while {what} ({exc}); reconnecting in {backoff:g} s "
                     f"(attempt {failures} of {s.max_reconnects})"
@@ -785,17 +835,18 @@ class TvmBackend(Backend):
                     time.sleep(backoff)
                 continue
             if failures:
-                log.info("%s: continuing on %s", self.device_name, runtime.executed_on)
+                log.info("%s: continuing on %s", self.device_name, opened.executed_on)
                 self._set_trouble("")
             return result
 
     def _call(
-        self, runtime: _Runtime | None, what: str, fn: Callable[[], T], stop: threading.Event | None
+        self, address: str, what: str, fn: Callable[[], T], stop: threading.Event | None
     ) -> T:
         """Run one remote call under the watchdog (local calls run directly).
 
         A connection error or a call exceeding ``call_timeout`` raises :class:`_Lost`; a hung
-        call is abandoned and its connection shut down so that its thread ends.
+        call's connection is shut down so that its thread ends. A stop request abandons the
+        call (:class:`Interrupted`; the session is released by the job's end).
         """
         if self.settings.mode == "local":
             return fn()
@@ -813,16 +864,19 @@ class TvmBackend(Backend):
         thread = threading.Thread(target=run, name=f"tuneqn-tvm-call-{self.device_name}", daemon=True)
         thread.start()
         limit = self.settings.call_timeout
-        if not done.wait(limit):
-            where = runtime.executed_on if runtime is not None else "the device"
-            if runtime is not None and runtime.executed_on:
-                host, _, port = runtime.executed_on.rpartition(":")
-                _shutdown_sockets_to(host.strip("[]"), int(port))
-            raise _Lost(f"{what} on {where} took longer than {limit:g} s (hung server)")
+        deadline = time.monotonic() + limit
+        while not done.wait(min(0.25, max(deadline - time.monotonic(), 0.0))):
+            if stop is not None and stop.is_set():
+                raise Interrupted()
+            if time.monotonic() >= deadline:
+                where = address or "the device"
+                _cut(address)
+                raise _Lost(f"{what} on {where} took longer than {limit:g} s (hung server)", address)
         if "error" in box:
             exc = box["error"]
             if _is_connection_error(exc):
-                raise _Lost(str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__) from exc
+                text = str(exc).strip()
+                raise _Lost(text.splitlines()[-1] if text else type(exc).__name__, address) from exc
             raise exc
         return box["value"]
 
@@ -837,35 +891,43 @@ class TvmBackend(Backend):
         if s.mode == "local":
             device = tvm.device(self.pool.device_type, 0)
             library = tvm.runtime.load_module(str(model.built.path))
-            return _Runtime("", None, device, library, relax.VirtualMachine(library, device))
+            vm = relax.VirtualMachine(library, device)
+            return _Runtime("", None, device, library, vm, vm["main"])
         if s.mode == "tracker":
             url, port, matchkey = self._request(stop)
-            executed_on = hostport((url, port))
         else:
             url, port = s.rpc[self.index]
             matchkey = s.key
-            executed_on = hostport((url, port))
+        address = hostport((url, port))
         from tvm import rpc
 
         timeout = int(s.session_timeout) if s.session_timeout > 0 else 0
-        probe = _Runtime(executed_on, None, None, None, None)
+
+        def connect() -> Any:
+            session = rpc.connect(url, port, matchkey, session_timeout=timeout)
+            _limit_socket_waits(address, s.call_timeout)
+            return session
+
         try:
-            session = self._call(
-                probe, f"connecting to {executed_on}",
-                lambda: rpc.connect(url, port, matchkey, session_timeout=timeout), stop,
-            )
+            session = self._call(address, f"connecting to {address}", connect, stop)
         except (RuntimeError, OSError) as exc:  # any failure to connect is a lost device
-            raise _Lost(f"cannot connect to {executed_on}: {exc}") from exc
+            raise _Lost(f"cannot connect to {address}: {exc}", address) from exc
         name = f"tuneqn-{model.built.key[:16]}.so"
 
         def upload_and_load() -> _Runtime:
             session.upload(bytearray(model.library), name)
             library = session.load_module(name)
             device = session.device(self.pool.device_type, 0)
-            return _Runtime(executed_on, session, device, library, relax.VirtualMachine(library, device))
+            vm = relax.VirtualMachine(library, device)
+            return _Runtime(address, session, device, library, vm, vm["main"])
 
-        runtime = self._call(probe, f"loading the library on {executed_on}", upload_and_load, stop)
-        log.info("%s: session on %s", self.device_name, executed_on)
+        try:
+            runtime = self._call(address, f"loading the library on {address}", upload_and_load, stop)
+        except BaseException:
+            _cut(address)  # nothing of this session is used again
+            session = None
+            raise
+        log.info("%s: session on %s", self.device_name, address)
         return runtime
 
     def _request(self, stop: threading.Event | None) -> tuple[str, int, str]:
@@ -895,12 +957,9 @@ class TvmBackend(Backend):
                 if stop is not None and stop.is_set():
                     raise Interrupted()
                 if elapsed >= s.request_timeout:
-                    raise NoFreeDevice(
-                        f"no free device of {where} within {s.request_timeout:g} s"
-                    )
+                    raise NoFreeDevice(f"no free device of {where} within {s.request_timeout:g} s")
                 self._set_activity(
-                    f"waiting for a free device of {where} "
-                    f"({int(elapsed)} s of {s.request_timeout:g} s)"
+                    f"waiting for a free device of {where} ({int(elapsed)} s of {s.request_timeout:g} s)"
                 )
 
             self._set_activity(f"waiting for a free device of {where} (0 s of {s.request_timeout:g} s)")

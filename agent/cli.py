@@ -225,7 +225,8 @@ def _add_tvm_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--tvm-tracker", default=env("TUNEQN_AGENT_TVM_TRACKER"), metavar="HOST:PORT",
                    help="reach the devices through this TVM RPC tracker (env TUNEQN_AGENT_TVM_TRACKER)")
     g.add_argument("--tvm-key", default=env("TUNEQN_AGENT_TVM_KEY"), metavar="KEY",
-                   help="device key at the tracker, required with --tvm-tracker "
+                   help="device key at the tracker, required with --tvm-tracker; with "
+                   "--tvm-rpc the key the servers were started with, if any "
                    "(env TUNEQN_AGENT_TVM_KEY)")
     g.add_argument("--tvm-priority", type=int,
                    default=env("TUNEQN_AGENT_TVM_PRIORITY", str(DEFAULT_TVM_PRIORITY)), metavar="N",

@@ -13,7 +13,6 @@ import threading
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from test_agent_fixtures import (  # noqa: F401  (fixtures are used by name)
     agent_process,
@@ -187,10 +186,8 @@ def test_hung_server_is_abandoned_and_the_job_continues_on_another(
     assert devices(client)["phone.0"].healthy
 
 
-@pytest.mark.parametrize("count", [2])
-def test_direct_rpc_servers_are_one_lane_each(
-    count: int, tvm_lab: TvmLab, tvm_agent, client_factory, tvm_models
-) -> None:
+def test_direct_rpc_servers_are_one_lane_each(tvm_lab: TvmLab, tvm_agent, client_factory, tvm_models) -> None:
+    count = 2
     servers = tvm_lab.start_servers("direct", count, tracker=False)
     rpc = tuple((HOST, s.port) for s in servers)
     server = tvm_agent(TvmSettings(rpc=rpc, key="direct", request_timeout=10), name="board")

@@ -102,6 +102,11 @@ class _Lost(Exception):
         self.where = where
 
 
+#: Words of TVM's errors when a session's connection fails: socket errors, and the endpoint
+#: reading the channel's end as the server's shutdown ("code=kShutdown").
+_CONNECTION_MARKERS = ("socket", "connection", "broken pipe", "kshutdown", "rpccode")
+
+
 def _is_connection_error(exc: BaseException) -> bool:
     """Whether ``exc`` means the session's connection failed (not an error of the call)."""
     import tvm
@@ -111,7 +116,7 @@ def _is_connection_error(exc: BaseException) -> bool:
     if isinstance(exc, tvm.error.RPCError):  # raised by the remote function itself
         return False
     text = str(exc).lower()
-    return isinstance(exc, RuntimeError) and ("socket" in text or "connection" in text)
+    return isinstance(exc, RuntimeError) and any(m in text for m in _CONNECTION_MARKERS)
 
 
 def _sockets_to(host: str, port: int) -> list[socket.socket]:
@@ -330,6 +335,21 @@ class TvmPool:
         self.device_type = int(self.target.get_target_device_type())
         self.versions = runtime_versions()
         self.supported = tuple(sorted(supported_ops()))
+        is_gpu = self.device_type != _CPU_DEVICE_TYPE
+        caps = ["tvm", "qdq", "static", "compile-ahead", "gpu" if is_gpu else "cpu"]
+        if settings.mode != "local":
+            caps.append("remote")
+        if importlib.util.find_spec("tuneqn.agent.backends.tvm_tuning") is not None:
+            caps.append("tuning")
+        self.capabilities = tuple(caps)
+        self.gpu = ""
+        if is_gpu:
+            self.gpu = " ".join(str(settings.target[k]) for k in ("kind", "device") if settings.target.get(k))
+        self.cpu = ""
+        if settings.mode == "local" and not is_gpu:
+            from tuneqn.agent.backends.ort import cpu_model_name
+
+            self.cpu = cpu_model_name()
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -337,7 +357,7 @@ class TvmPool:
         self._closed = False
         self._add_backend: Callable[[Backend], None] | None = None
         self._ahead: dict[tuple[str, str], Future[Built]] = {}
-        self._compile_queue: queue.Queue[tuple[Future[Built], Path, str, BuildSpec]] = queue.Queue()
+        self._compile_queue: queue.Queue[tuple[Future[Built], Path, str, LoadOptions]] = queue.Queue()
         self._builds: deque[BuildRecord] = deque(maxlen=1000)
         self._servers: list[str] = []  # tracker: servers registered under the key
         self._tracker_error = ""
@@ -481,7 +501,7 @@ class TvmPool:
         return sha, f"{tvm_options.tuning_trials}:{tvm_options.tuning_group}"
 
     def compile_ahead(self, model_path: Path, options: LoadOptions) -> None:
-        """Queue a background build of the model (no-op when one is queued or done)."""
+        """Queue a background build of the model (no-op when one is queued); never blocks."""
         sha = self.model_sha256(model_path)
         key = self._ahead_key(sha, options)
         with self._lock:
@@ -492,23 +512,18 @@ class TvmPool:
             while len(self._ahead) > 256:  # forget the oldest (a job cancelled before it ran)
                 oldest = next(iter(self._ahead))
                 self._ahead.pop(oldest).cancel()
-        try:
-            spec = self.build_spec(options, sha)
-        except (OSError, ValueError, ImportError) as exc:
-            future.set_exception(exc)
-            return
-        self._compile_queue.put((future, Path(model_path), sha, spec))
+        self._compile_queue.put((future, Path(model_path), sha, options))
 
     def _compile_loop(self) -> None:
         while not self._stop.is_set():
             try:
-                future, path, sha, spec = self._compile_queue.get(timeout=0.5)
+                future, path, sha, options = self._compile_queue.get(timeout=0.5)
             except queue.Empty:
                 continue
             if not future.set_running_or_notify_cancel():
                 continue  # its job loaded it itself
             try:
-                future.set_result(self._build(path, sha, spec, "ahead"))
+                future.set_result(self._build(path, sha, self.build_spec(options, sha), "ahead"))
             except BaseException as exc:  # thread boundary: the job that loads it re-raises it
                 future.set_exception(exc)
 
@@ -586,30 +601,14 @@ class TvmBackend(Backend):
         """Backend "tvm" with its target, key, remote, supported ops and server count."""
         s = self.settings
         pool = self.pool
-        is_gpu = pool.device_type != _CPU_DEVICE_TYPE
-        caps = ["tvm", "qdq", "static", "compile-ahead", "gpu" if is_gpu else "cpu"]
-        if s.mode != "local":
-            caps.append("remote")
-        if importlib.util.find_spec("tuneqn.agent.backends.tvm_tuning") is not None:
-            caps.append("tuning")
-        gpu = ""
-        if is_gpu:
-            gpu = str(s.target.get("kind", ""))
-            if s.target.get("device"):
-                gpu += f" {s.target['device']}"
-        cpu = ""
-        if s.mode == "local" and not is_gpu:
-            from tuneqn.agent.backends.ort import cpu_model_name
-
-            cpu = cpu_model_name()
         return DeviceDescription(
             name=self.device_name,
             device_class=pool.device_class,
             backend=self.name,
             runtime_versions=dict(pool.versions),
-            cpu=cpu,
-            gpu=gpu,
-            capabilities=tuple(caps),
+            cpu=pool.cpu,
+            gpu=pool.gpu,
+            capabilities=pool.capabilities,
             target=pool.target_json,
             rpc_key=s.key if s.mode != "local" else "",
             remote=self._remote(),
@@ -629,7 +628,7 @@ class TvmBackend(Backend):
             if problem:
                 return False, problem
             count = self.pool.server_count
-            if self.index >= count:
+            if self.index >= count and not waiting.startswith("running on "):
                 return False, (
                     f"no server for this lane: {count} server(s) registered under key "
                     f"{s.key!r} on tracker {hostport(s.tracker)}"

@@ -58,7 +58,7 @@ def test_tracker_runs_candidates_releases_sessions_and_bounds_the_wait(
     key = tvm_lab.new_key("android")
     (server,) = tvm_lab.start_servers(key, 1)
     tvm_lab.wait_servers(key, 1)
-    monkeypatch.setenv("PYTHONPATH", str(tvm_lab.shim))  # the agent process imports TVM without torch
+    monkeypatch.setenv("PYTHONPATH", tvm_lab.agent_env()["PYTHONPATH"])  # TVM imported without torch
     agent = agent_process(
         tmp_path / "state", "--backend", "tvm", "--device-class", "phone",
         "--tvm-tracker", tvm_lab.address, "--tvm-key", key,

@@ -17,21 +17,34 @@ neither token nor client CA, unless ``--insecure`` is given (then it warns).
 from __future__ import annotations
 
 import argparse
+import importlib
+import json
 import logging
 import os
 import re
 import signal
 import socket
 import sqlite3
+import shlex
+import shutil
 import sys
 import threading
 from pathlib import Path
 from types import FrameType
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import tuneqn
-from tuneqn.agent.backends import BACKENDS
-from tuneqn.agent.config import AgentConfig, is_loopback, security_problem
+from tuneqn.agent.backends import BACKENDS, RUNTIME_MODULES
+from tuneqn.agent.config import (
+    DEFAULT_TVM_CALL_TIMEOUT,
+    DEFAULT_TVM_PRIORITY,
+    DEFAULT_TVM_REQUEST_TIMEOUT,
+    DEFAULT_TVM_SESSION_TIMEOUT,
+    AgentConfig,
+    TvmSettings,
+    is_loopback,
+    security_problem,
+)
 
 __all__ = ["build_parser", "is_loopback", "main", "parse_listen", "parse_size"]
 
@@ -187,8 +200,60 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="LEVEL",
         help="DEBUG, INFO, WARNING or ERROR (env TUNEQN_AGENT_LOG_LEVEL, default INFO)",
     )
+    _add_tvm_arguments(p)
     p.add_argument("--version", action="version", version=f"%(prog)s {tuneqn.__version__}")
     return p
+
+
+def _add_tvm_arguments(p: argparse.ArgumentParser) -> None:
+    """The ``--tvm-*`` flags of ``--backend tvm``."""
+    env = os.environ.get
+    g = p.add_argument_group(
+        "TVM backend (--backend tvm, needs the tuneqn[tvm] extra)",
+        "Without --tvm-tracker or --tvm-rpc the models run on this host's CPU/GPU.",
+    )
+    g.add_argument("--tvm-target", default=env("TUNEQN_AGENT_TVM_TARGET", '{"kind": "llvm"}'),
+                   metavar="JSON", help='TVM target as a JSON dict, e.g. \'{"kind": "llvm", '
+                   '"mtriple": "aarch64-linux-android", "mattr": ["+neon"]}\' (env '
+                   'TUNEQN_AGENT_TVM_TARGET, default {"kind": "llvm"})')
+    g.add_argument("--tvm-host", default=env("TUNEQN_AGENT_TVM_HOST"), metavar="JSON",
+                   help="host target for cross-compilation, a JSON dict; may also be the "
+                   'target\'s "host" (env TUNEQN_AGENT_TVM_HOST)')
+    g.add_argument("--tvm-cc", default=env("TUNEQN_AGENT_TVM_CC"), metavar="CMD",
+                   help="compiler command export_library links with, e.g. the NDK's "
+                   "aarch64-linux-android33-clang++ (env TUNEQN_AGENT_TVM_CC, default TVM's)")
+    g.add_argument("--tvm-tracker", default=env("TUNEQN_AGENT_TVM_TRACKER"), metavar="HOST:PORT",
+                   help="reach the devices through this TVM RPC tracker (env TUNEQN_AGENT_TVM_TRACKER)")
+    g.add_argument("--tvm-key", default=env("TUNEQN_AGENT_TVM_KEY"), metavar="KEY",
+                   help="device key at the tracker, required with --tvm-tracker; with "
+                   "--tvm-rpc the key the servers were started with, if any "
+                   "(env TUNEQN_AGENT_TVM_KEY)")
+    g.add_argument("--tvm-priority", type=int,
+                   default=env("TUNEQN_AGENT_TVM_PRIORITY", str(DEFAULT_TVM_PRIORITY)), metavar="N",
+                   help=f"tracker request priority (env TUNEQN_AGENT_TVM_PRIORITY, default "
+                   f"{DEFAULT_TVM_PRIORITY})")
+    g.add_argument("--tvm-session-timeout", type=float, metavar="S",
+                   default=env("TUNEQN_AGENT_TVM_SESSION_TIMEOUT", f"{DEFAULT_TVM_SESSION_TIMEOUT:g}"),
+                   help="remote session timeout the server enforces, 0 = none (env "
+                   f"TUNEQN_AGENT_TVM_SESSION_TIMEOUT, default {DEFAULT_TVM_SESSION_TIMEOUT:g})")
+    g.add_argument("--tvm-request-timeout", type=float, metavar="S",
+                   default=env("TUNEQN_AGENT_TVM_REQUEST_TIMEOUT", f"{DEFAULT_TVM_REQUEST_TIMEOUT:g}"),
+                   help="how long a job waits for a free device of the key; shown in the "
+                   "device status (env TUNEQN_AGENT_TVM_REQUEST_TIMEOUT, default "
+                   f"{DEFAULT_TVM_REQUEST_TIMEOUT:g})")
+    g.add_argument("--tvm-rpc", action="append", metavar="HOST:PORT",
+                   default=None,
+                   help="a direct TVM RPC server instead of a tracker; repeat for more devices "
+                   "(env TUNEQN_AGENT_TVM_RPC, comma-separated)")
+    g.add_argument("--tvm-call-timeout", type=float, metavar="S",
+                   default=env("TUNEQN_AGENT_TVM_CALL_TIMEOUT", f"{DEFAULT_TVM_CALL_TIMEOUT:g}"),
+                   help="a remote call (a chunk, a latency measurement) taking longer means a "
+                   "hung server (env TUNEQN_AGENT_TVM_CALL_TIMEOUT, default "
+                   f"{DEFAULT_TVM_CALL_TIMEOUT:g})")
+    g.add_argument("--tvm-cache-bytes", type=parse_size, metavar="N",
+                   default=env("TUNEQN_AGENT_TVM_CACHE_BYTES", "10GiB"),
+                   help="compiled-library cache size before LRU eviction "
+                   "(env TUNEQN_AGENT_TVM_CACHE_BYTES, default 10GiB)")
 
 
 def parse_listen(text: str) -> tuple[str, int]:
@@ -262,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
     if problem is not None:
         log.warning("--insecure: listening on non-loopback %s %s", args.listen, problem)
     # Imported here so that argument errors are reported without loading a runtime.
-    from tuneqn.agent.backends import create_backend
+    from tuneqn.agent.backends import create_backends
     from tuneqn.agent.quiet import QuietLock
     from tuneqn.agent.server import AgentServer
     from tuneqn.agent.state import StateDirInUse
@@ -275,18 +340,34 @@ def main(argv: list[str] | None = None) -> int:
                   f"{exc.strerror or exc}", file=sys.stderr)
             return 2
 
-    backend = create_backend(
-        args.backend,
-        device_name=device_name,
-        device_class=device_class,
-        simulated_latency_ms_per_sample=args.simulated_latency_ms,
-    )
+    if args.backend == "tvm":
+        try:
+            settings = _tvm_settings(args)
+        except UsageError as exc:
+            print(f"{PROG}: error: {exc}", file=sys.stderr)
+            return 2
+        backends = create_backends(
+            "tvm",
+            device_name=device_name,
+            device_class=device_class,
+            settings=settings,
+            state_dir=config.state_dir,
+        )
+    else:
+        backends = create_backends(
+            args.backend,
+            device_name=device_name,
+            device_class=device_class,
+            simulated_latency_ms_per_sample=args.simulated_latency_ms,
+        )
     try:
-        server = AgentServer(config, [backend])
+        server = AgentServer(config, backends)
     except StateDirInUse as exc:
+        _close(backends)
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 1
     except (OSError, sqlite3.Error) as exc:
+        _close(backends)
         print(f"{PROG}: error: cannot use state dir {config.state_dir}: {exc}", file=sys.stderr)
         return 2
     stop = threading.Event()
@@ -311,6 +392,120 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _close(backends: list[Any]) -> None:
+    for backend in backends:
+        backend.close()
+
+
+def parse_hostport(text: str, flag: str) -> tuple[str, int]:
+    """``HOST:PORT`` of a ``--tvm-*`` flag (``[v6]:PORT`` for IPv6); UsageError otherwise."""
+    host, sep, port_text = text.strip().rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not sep or not host or not port_text.isdigit() or not 0 < int(port_text) <= 65535:
+        raise UsageError(f"{flag} must be HOST:PORT with a port in 1-65535, got {text!r}")
+    return host, int(port_text)
+
+
+def _json_target(text: str, flag: str) -> dict[str, Any]:
+    """A target JSON dict with a string "kind"; UsageError otherwise."""
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise UsageError(f"{flag} is not valid JSON ({exc}): {text!r}") from None
+    if not isinstance(value, dict) or not isinstance(value.get("kind"), str):
+        raise UsageError(f'{flag} must be a JSON object with a "kind", e.g. {{"kind": "llvm"}}; got {text!r}')
+    return value
+
+
+def _tvm_rpc_list(args: argparse.Namespace) -> list[str]:
+    if args.tvm_rpc is not None:
+        return list(args.tvm_rpc)
+    env = os.environ.get("TUNEQN_AGENT_TVM_RPC", "")
+    return [part for part in env.replace(" ", ",").split(",") if part]
+
+
+def _validate_tvm(args: argparse.Namespace) -> None:
+    """Cheap checks of the --tvm-* flags (before TVM is imported)."""
+    rpcs = _tvm_rpc_list(args)
+    if args.backend != "tvm":
+        given = [flag for flag, value in (("--tvm-tracker", args.tvm_tracker), ("--tvm-rpc", rpcs),
+                                          ("--tvm-key", args.tvm_key), ("--tvm-cc", args.tvm_cc),
+                                          ("--tvm-host", args.tvm_host)) if value]
+        if given:
+            raise UsageError(f"{', '.join(given)}: only for --backend tvm (the backend is {args.backend!r})")
+        return
+    if args.simulated_latency_ms:
+        raise UsageError("--simulated-latency-ms is for the ort backend only")
+    target = _json_target(args.tvm_target, "--tvm-target")
+    if args.tvm_host:
+        _json_target(args.tvm_host, "--tvm-host")
+        if "host" in target:
+            raise UsageError('give the host target either in --tvm-target ("host") or as --tvm-host, not both')
+    if args.tvm_tracker:
+        parse_hostport(args.tvm_tracker, "--tvm-tracker")
+        if rpcs:
+            raise UsageError("--tvm-tracker and --tvm-rpc exclude each other (a tracker or direct servers)")
+        if not args.tvm_key:
+            raise UsageError("--tvm-tracker needs --tvm-key (the key the devices registered under)")
+    for text in rpcs:
+        parse_hostport(text, "--tvm-rpc")
+    if len(set(rpcs)) != len(rpcs):
+        raise UsageError("--tvm-rpc names a server twice")
+    if args.tvm_cc and not shlex.split(args.tvm_cc):
+        raise UsageError("--tvm-cc is empty")
+    for flag, value, allow_zero in (("--tvm-session-timeout", args.tvm_session_timeout, True),
+                                    ("--tvm-request-timeout", args.tvm_request_timeout, False),
+                                    ("--tvm-call-timeout", args.tvm_call_timeout, False)):
+        if value < 0 or (value == 0 and not allow_zero):
+            raise UsageError(f"{flag} must be {'>= 0' if allow_zero else '> 0'} seconds, got {value:g}")
+
+
+def _tvm_settings(args: argparse.Namespace) -> TvmSettings:
+    """The TVM settings of validated arguments; checks TVM itself (needs it importable)."""
+    target = _json_target(args.tvm_target, "--tvm-target")
+    host = _json_target(args.tvm_host, "--tvm-host") if args.tvm_host else None
+    try:
+        import tvm
+    except ImportError as exc:  # checked in _validate already; kept for callers of this function
+        raise UsageError(f"--backend tvm needs Apache TVM (pip install 'tuneqn[tvm]'): {exc}") from None
+    try:
+        tvm.target.Target(dict(target), host=dict(host)) if host else tvm.target.Target(dict(target))
+    except (ValueError, RuntimeError, TypeError) as exc:
+        lines = [line for line in str(exc).strip().splitlines() if line.strip()]
+        raise UsageError(f"--tvm-target: TVM rejects it: {lines[-1] if lines else exc}") from None
+    if args.tvm_cc:
+        compiler = shlex.split(args.tvm_cc)[0]
+        if shutil.which(compiler) is None:
+            raise UsageError(f"--tvm-cc: compiler {compiler!r} not found")
+    tracker = parse_hostport(args.tvm_tracker, "--tvm-tracker") if args.tvm_tracker else None
+    return TvmSettings(
+        target=target,
+        host=host,
+        compiler=args.tvm_cc or "",
+        tracker=tracker,
+        key=args.tvm_key or "",
+        priority=args.tvm_priority,
+        session_timeout=args.tvm_session_timeout,
+        request_timeout=args.tvm_request_timeout,
+        rpc=tuple(parse_hostport(t, "--tvm-rpc") for t in _tvm_rpc_list(args)),
+        call_timeout=args.tvm_call_timeout,
+        cache_bytes=args.tvm_cache_bytes,
+    )
+
+
+def _runtime_missing(backend: str) -> str | None:
+    """Why the backend's runtime cannot be imported (None: it can)."""
+    module = RUNTIME_MODULES.get(backend)
+    if module is None:
+        return None
+    try:
+        importlib.import_module(module)
+    except ImportError as exc:
+        return str(exc) or f"No module named {module!r}"
+    return None
+
+
 def _validate(args: argparse.Namespace) -> tuple[AgentConfig, str, str]:
     """Check the arguments; returns the server configuration, device name and class."""
     host, port = parse_listen(args.listen)
@@ -322,6 +517,7 @@ def _validate(args: argparse.Namespace) -> tuple[AgentConfig, str, str]:
         raise UsageError(f"unknown log level {args.log_level!r} (use {', '.join(_LOG_LEVELS)})")
     if args.simulated_latency_ms < 0:
         raise UsageError("--simulated-latency-ms must be >= 0")
+    _validate_tvm(args)
     token = None
     if args.token_file:
         token = _read_file(args.token_file, "token file").decode("utf-8", "replace").strip()
@@ -351,6 +547,10 @@ def _validate(args: argparse.Namespace) -> tuple[AgentConfig, str, str]:
             )
         if quiet_lock.is_dir():
             raise UsageError(f"--quiet-lock {args.quiet_lock} is a folder, not a file")
+    if args.backend == "tvm":  # last: importing TVM takes seconds
+        missing = _runtime_missing("tvm")
+        if missing is not None:
+            raise UsageError(f"--backend tvm needs Apache TVM (pip install 'tuneqn[tvm]'): {missing}")
     device_name = args.device_name or socket.gethostname()
     state_dir = Path(args.state_dir).expanduser() if args.state_dir else default_state_dir()
     config = AgentConfig(

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 DEFAULT_MAX_BLOB_BYTES = 2 * 1024**3
 DEFAULT_BLOB_CACHE_BYTES = 20 * 1024**3
@@ -57,3 +58,49 @@ def security_problem(host: str, token: bool, tls: bool, client_ca: bool) -> str 
             "add --tls-cert/--tls-key)"
         )
     return "with TLS but neither a token nor client certificates (add --token-file or --tls-ca)"
+
+
+# ---------------------------------------------------------------------- TVM backend
+
+DEFAULT_TVM_TARGET: dict[str, Any] = {"kind": "llvm"}
+DEFAULT_TVM_PRIORITY = 1
+DEFAULT_TVM_SESSION_TIMEOUT = 900.0
+DEFAULT_TVM_REQUEST_TIMEOUT = 300.0
+DEFAULT_TVM_CALL_TIMEOUT = 120.0
+DEFAULT_TVM_CACHE_BYTES = 10 * 1024**3
+TVM_POLL_SECONDS = 2.0
+TVM_MAX_RECONNECTS = 3
+TVM_RECONNECT_BACKOFF = 1.0  # seconds before the first reconnect; doubles, at most 10 s
+
+
+def hostport(addr: tuple[str, int]) -> str:
+    """``HOST:PORT`` (IPv6 hosts in brackets)."""
+    host, port = addr
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+@dataclass(frozen=True)
+class TvmSettings:
+    """The agent's TVM configuration (the ``--tvm-*`` flags, see ``tuneqn.agent.backends.tvm``)."""
+
+    target: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_TVM_TARGET))
+    host: dict[str, Any] | None = None  # host target when cross-compiling
+    compiler: str = ""  # export_library compiler command ("" = TVM's default)
+    tracker: tuple[str, int] | None = None
+    key: str = ""  # device key at the tracker (or the key a direct RPC server expects)
+    priority: int = DEFAULT_TVM_PRIORITY
+    session_timeout: float = DEFAULT_TVM_SESSION_TIMEOUT
+    request_timeout: float = DEFAULT_TVM_REQUEST_TIMEOUT
+    rpc: tuple[tuple[str, int], ...] = ()  # direct RPC servers, one device each
+    call_timeout: float = DEFAULT_TVM_CALL_TIMEOUT
+    cache_bytes: int = DEFAULT_TVM_CACHE_BYTES
+    poll_seconds: float = TVM_POLL_SECONDS
+    max_reconnects: int = TVM_MAX_RECONNECTS
+    reconnect_backoff: float = TVM_RECONNECT_BACKOFF
+
+    @property
+    def mode(self) -> str:
+        """``"tracker"``, ``"rpc"`` or ``"local"``."""
+        if self.tracker is not None:
+            return "tracker"
+        return "rpc" if self.rpc else "local"

@@ -20,6 +20,13 @@ all interrupted that often ends FAILED, so a job that crashes its agent cannot l
 
 With a quiet lock (:mod:`tuneqn.agent.quiet`) the latency measurement runs under an
 exclusive lock that co-located tuneqn processes respect.
+
+Backends may join while the agent runs (:meth:`JobManager.add_backend`, e.g. a phone
+registering at a TVM tracker); each gets its own worker. Per job the manager calls the
+backend's hooks: ``prepare_ahead`` when the job is queued (compile-ahead), ``release``
+when it ends, success or not. A backend raising
+:class:`~tuneqn.agent.backends.base.Infeasible` ends the job FAILED with
+``JobResult.infeasible`` (final: a retry gives the same answer).
 """
 
 from __future__ import annotations
@@ -35,7 +42,15 @@ from typing import cast
 
 import numpy as np
 
-from tuneqn.agent.backends.base import Backend, Interrupted, LoadOptions, topk_indices
+from tuneqn.agent.backends.base import (
+    Backend,
+    DeviceDescription,
+    Infeasible,
+    Interrupted,
+    LoadOptions,
+    PreparedModel,
+    topk_indices,
+)
 from tuneqn.agent.blobs import BlobStore, check_sha256
 from tuneqn.agent.quiet import QuietLock
 from tuneqn.agent.state import AgentState, JobRow
@@ -151,6 +166,7 @@ class _Job:
     version: int = 0
     interrupt: threading.Event = field(default_factory=threading.Event)
     cancel_requested: bool = False
+    handle: PreparedModel | None = None  # the running execution's prepared model
 
 
 @dataclass(frozen=True)
@@ -184,7 +200,7 @@ class JobManager:
             raise ValueError("at least one device backend is required")
         self._state = state
         self._blobs = blobs
-        self._backends = backends
+        self._backends = dict(backends)
         self._descriptions = {name: b.describe() for name, b in backends.items()}
         self._agent_id = agent_id
         self._cond = threading.Condition()
@@ -194,6 +210,7 @@ class JobManager:
         self._status: dict[str, str] = {name: "" for name in backends}
         self._quiet_lock = quiet_lock
         self._threads: list[threading.Thread] = []
+        self._started = False
         self._stopping = False
 
     # ------------------------------------------------------------------ lifecycle
@@ -223,16 +240,43 @@ class JobManager:
                 self._state.set_state(row.job_id, "QUEUED")
             self._blobs.pin([spec.model_sha256, spec.dataset_sha256])
             with self._cond:
-                self._active[row.job_id] = job
-                self._queues[row.device].append(row.job_id)
-                self._publish(job, pb.QUEUED, "queued")
+                self._enqueue(job)
             log.info("re-queued job %s left %s by the previous run", row.job_id, row.state)
-        for device in self._backends:
-            t = threading.Thread(
-                target=self._worker, args=(device,), name=f"tuneqn-worker-{device}", daemon=True
-            )
-            t.start()
-            self._threads.append(t)
+        with self._cond:
+            self._started = True
+            devices = list(self._backends)
+        for device in devices:
+            self._start_worker(device)
+        for backend in self.backends():
+            backend.start(self.add_backend)
+
+    def _start_worker(self, device: str) -> None:
+        t = threading.Thread(
+            target=self._worker, args=(device,), name=f"tuneqn-worker-{device}", daemon=True
+        )
+        t.start()
+        self._threads.append(t)
+
+    def add_backend(self, backend: Backend) -> None:
+        """Serve one more device from now on (its own queue and worker).
+
+        Called by backends that discover devices at run time; a name already served is
+        ignored. Must not be called with a lock held that the backend's methods take.
+        """
+        desc = backend.describe()
+        with self._cond:
+            if desc.name in self._backends or self._stopping:
+                return
+            self._backends[desc.name] = backend
+            self._descriptions[desc.name] = desc
+            self._queues[desc.name] = deque()
+            self._running[desc.name] = None
+            self._status[desc.name] = ""
+            started = self._started
+        log.info("device %s added", desc.name)
+        if started:
+            self._start_worker(desc.name)
+            backend.start(self.add_backend)
 
     def _finish_unstarted(self, job: _Job, reason: str) -> None:
         """End a job left unfinished by a previous run as FAILED without running it."""
@@ -255,6 +299,15 @@ class JobManager:
 
     # ------------------------------------------------------------------ queries
 
+    def backends(self) -> list[Backend]:
+        """The device backends served now, in the order they were added."""
+        with self._cond:
+            return list(self._backends.values())
+
+    def devices(self) -> list[DeviceDescription]:
+        """Fresh descriptions of the devices served now (a backend's description may change)."""
+        return [b.describe() for b in self.backends()]
+
     def queue_length(self) -> int:
         """Number of queued jobs over all devices."""
         with self._cond:
@@ -267,7 +320,9 @@ class JobManager:
 
     def device_status(self, device: str) -> DeviceStatus:
         """Queue length, running job, health and status text of one device."""
-        healthy, why = self._backends[device].health()
+        with self._cond:
+            backend = self._backends[device]
+        healthy, why = backend.health()
         with self._cond:
             running = self._running[device] or ""
             status = self._status[device]
@@ -276,7 +331,7 @@ class JobManager:
             queue_length=queued,
             running_job_id=running,
             healthy=healthy,
-            status=why if not healthy else status,
+            status=why if not healthy else status or why,
         )
 
     def execution_count(self, job_id: str) -> int:
@@ -310,6 +365,8 @@ class JobManager:
             return self._requeue(row, spec, reason)
 
     def _check_same(self, known: pb.JobSpec, spec: pb.JobSpec) -> None:
+        if not spec.device and known.device:  # "the only device" named the known job's device
+            spec = self._stored(spec, known.device)
         if self._identity(known) != self._identity(spec):
             raise JobConflict(f"job {spec.job_id!r} is already known with a different spec")
 
@@ -379,6 +436,15 @@ class JobManager:
         self._active[job.spec.job_id] = job
         self._queues[job.device].append(job.spec.job_id)
         self._publish(job, pb.QUEUED, "queued")
+        self._prepare_ahead(job)
+
+    def _prepare_ahead(self, job: _Job) -> None:
+        """Let the job's backend start preparing its model (the hook must not block)."""
+        spec = job.spec
+        self._backends[job.device].prepare_ahead(
+            self._blobs.path(spec.model_sha256),
+            LoadOptions(input_name=spec.input_name, backend_options=spec.backend_options),
+        )
 
     def cancel(self, job_id: str) -> pb.JobState:
         """Cancel a job; returns its state after the request (RUNNING = cancel pending)."""
@@ -572,6 +638,13 @@ class JobManager:
         if desc is not None:
             result.runtime_versions.update(desc.runtime_versions)
             result.simulated_latency_ms_per_sample = desc.simulated_latency_ms_per_sample
+        handle = job.handle
+        if handle is not None:
+            result.compile_seconds = handle.compile_seconds
+            result.tuning_seconds = handle.tuning_seconds
+            result.tuned = handle.tuned
+            result.compile_cache_hit = handle.compile_cache_hit
+            result.executed_on = handle.executed_on
         return result
 
     def _worker(self, device: str) -> None:
@@ -606,6 +679,11 @@ class JobManager:
                 log.info("job %s interrupted by shutdown; it stays queued", spec.job_id)
                 return
             result = self._result(job, pb.CANCELLED, "cancelled while running")
+        except Infeasible as exc:
+            log.warning("job %s is infeasible on %s: %s", spec.job_id, job.device, exc)
+            result = self._result(job, pb.FAILED, f"infeasible on {job.device}: {exc}")
+            result.infeasible = True
+            result.unsupported_ops.extend(exc.ops)
         except Exception as exc:  # job-failure handler: any error of model, data or runtime
             # must end as a FAILED job with its message instead of killing the device worker.
             log.warning("job %s failed: %s", spec.job_id, exc)
@@ -629,14 +707,10 @@ class JobManager:
         log.info("job %s finished: %s", spec.job_id, state_name(result.state))
 
     def _run(self, job: _Job, started: float) -> pb.JobResult:
+        """Load the job's model, run it, and release it (also when the run fails)."""
         spec = job.spec
-        backend = self._backends[job.device]
-        top_k = spec.top_k if spec.HasField("top_k") else DEFAULT_TOP_K
-        chunk_size = spec.chunk_size if spec.HasField("chunk_size") else DEFAULT_CHUNK_SIZE
-        warmup = spec.latency_warmup if spec.HasField("latency_warmup") else DEFAULT_LATENCY_WARMUP
-        repeats = (
-            spec.latency_repeats if spec.HasField("latency_repeats") else DEFAULT_LATENCY_REPEATS
-        )
+        with self._cond:
+            backend = self._backends[job.device]
         model_path = self._blobs.path(spec.model_sha256)
         dataset_path = self._blobs.path(spec.dataset_sha256)
         for sha, path in ((spec.model_sha256, model_path), (spec.dataset_sha256, dataset_path)):
@@ -644,12 +718,34 @@ class JobManager:
                 self._blobs.forget(sha)  # HasBlobs now says absent: the client uploads it again
                 raise FileNotFoundError(f"blob {sha} is no longer in the agent's cache")
             self._blobs.touch(sha)
-        model_size = model_path.stat().st_size
-
+        job.handle = None
         handle = backend.load(
             model_path,
-            LoadOptions(input_name=spec.input_name, backend_options=spec.backend_options),
+            LoadOptions(
+                input_name=spec.input_name,
+                backend_options=spec.backend_options,
+                stop=job.interrupt,
+            ),
         )
+        job.handle = handle
+        try:
+            return self._run_loaded(job, backend, handle, started)
+        finally:
+            backend.release(handle)
+
+    def _run_loaded(
+        self, job: _Job, backend: Backend, handle: PreparedModel, started: float
+    ) -> pb.JobResult:
+        """Predictions and latency of a loaded model (see :meth:`_run`)."""
+        spec = job.spec
+        top_k = spec.top_k if spec.HasField("top_k") else DEFAULT_TOP_K
+        chunk_size = spec.chunk_size if spec.HasField("chunk_size") else DEFAULT_CHUNK_SIZE
+        warmup = spec.latency_warmup if spec.HasField("latency_warmup") else DEFAULT_LATENCY_WARMUP
+        repeats = (
+            spec.latency_repeats if spec.HasField("latency_repeats") else DEFAULT_LATENCY_REPEATS
+        )
+        model_size = self._blobs.path(spec.model_sha256).stat().st_size
+        dataset_path = self._blobs.path(spec.dataset_sha256)
         data = np.load(dataset_path, mmap_mode="r", allow_pickle=False)
         if not isinstance(data, np.ndarray) or data.ndim < 1 or data.shape[0] == 0:
             raise ValueError("dataset must be a .npy array with at least one sample on axis 0")

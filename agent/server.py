@@ -66,6 +66,11 @@ def device_proto(desc: DeviceDescription, status: DeviceStatus | None = None) ->
         capabilities=list(desc.capabilities),
         simulated=desc.simulated,
         simulated_latency_ms_per_sample=desc.simulated_latency_ms_per_sample,
+        target=desc.target,
+        rpc_key=desc.rpc_key,
+        remote=desc.remote,
+        supported_ops=list(desc.supported_ops),
+        remote_servers=desc.remote_servers,
     )
     if status is not None:
         device.queue_length = status.queue_length
@@ -76,18 +81,15 @@ def device_proto(desc: DeviceDescription, status: DeviceStatus | None = None) ->
 
 
 class AgentServicer(agent_pb2_grpc.AgentServicer):
-    """Implements ``tuneqn.v1.Agent`` on top of the job manager and the blob store."""
+    """Implements ``tuneqn.v1.Agent`` on top of the job manager and the blob store.
 
-    def __init__(
-        self,
-        jobs: JobManager,
-        blobs: BlobStore,
-        devices: list[DeviceDescription],
-        agent_id: str,
-    ) -> None:
+    The devices are read from the job manager at each ``GetInfo``: backends may add
+    devices while the agent runs, and a device's description may change (remote servers).
+    """
+
+    def __init__(self, jobs: JobManager, blobs: BlobStore, agent_id: str) -> None:
         self._jobs = jobs
         self._blobs = blobs
-        self._devices = devices
         self._agent_id = agent_id
         self._hostname = socket.gethostname()
 
@@ -126,7 +128,7 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
             queue_length=self._jobs.queue_length(),
             running_job_id=running[0] if running else "",
             running_job_ids=running,
-            devices=[device_proto(d, self._jobs.device_status(d.name)) for d in self._devices],
+            devices=[device_proto(d, self._jobs.device_status(d.name)) for d in self._jobs.devices()],
         )
 
     def UploadBlob(
@@ -247,11 +249,15 @@ class AgentServer:
             if name in by_name:
                 raise ValueError(f"two backends for device {name!r}")
             by_name[name] = backend
-        self.backends = by_name
         self.jobs = JobManager(self.state, self.blobs, by_name, self.agent_id, self.quiet_lock)
         self.health = health.HealthServicer()
         self._server: grpc.Server | None = None
         self.port: int = 0
+
+    @property
+    def backends(self) -> dict[str, Backend]:
+        """The device backends served now, by device name (devices may join while it runs)."""
+        return {b.describe().name: b for b in self.jobs.backends()}
 
     @property
     def running(self) -> bool:
@@ -280,9 +286,8 @@ class AgentServer:
                 *KEEPALIVE_OPTIONS,
             ],
         )
-        devices = [b.describe() for b in self.backends.values()]
         agent_pb2_grpc.add_AgentServicer_to_server(
-            AgentServicer(self.jobs, self.blobs, devices, self.agent_id), server
+            AgentServicer(self.jobs, self.blobs, self.agent_id), server
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         host = f"[{self.config.host}]" if ":" in self.config.host else self.config.host
@@ -313,7 +318,7 @@ class AgentServer:
         if self._server is not None:
             self._server.stop(grace).wait()
             self._server = None
-        for backend in self.backends.values():
+        for backend in self.jobs.backends():
             backend.close()
         self.state.close()
         self._lock.release()

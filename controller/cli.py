@@ -271,16 +271,20 @@ def cmd_tune(args: argparse.Namespace) -> int:
                 if not task:
                     task.append(progress.add("evaluating candidates", total))
                 bad = counts.get("failed", 0) + counts.get("unreachable", 0)
-                progress.update(task[0], total=total, completed=counts.get("done", 0) + bad,
-                                description=f"evaluating candidates ({bad} failed)" if bad else
-                                "evaluating candidates")
+                infeasible = counts.get("infeasible", 0)
+                notes = [f"{bad} failed"] if bad else []
+                notes += [f"{infeasible} infeasible on their device"] if infeasible else []
+                progress.update(task[0], total=total, completed=counts.get("done", 0) + bad + infeasible,
+                                description="evaluating candidates" + (f" ({', '.join(notes)})" if notes else ""))
 
             outcome = tune(study, endpoints, settings, on_progress=show,
                            local_agent_args=["--simulated-latency-ms", str(args.simulated_latency_ms)]
                            if args.simulated_latency_ms else None)
     finally:
         study.close()
-    print(f"jobs: {outcome.done} done, {outcome.failed} failed, {outcome.unreachable} unreachable of {outcome.total}")
+    print(f"jobs: {outcome.done} done, {outcome.failed} failed, {outcome.unreachable} unreachable"
+          + (f", {outcome.infeasible} infeasible on their device" if outcome.infeasible else "")
+          + f" of {outcome.total}")
     print(f"report: {outcome.report.get('html')}\njson: {outcome.report.get('json')}")
     problems = list(outcome.errors)
     if outcome.failed:
@@ -307,8 +311,22 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _device_rows(address: str, healthy: bool, info: Any) -> list[list[str]]:
+    """Rows of ``tuneqn agents`` for one agent's devices."""
+    rows = []
+    for d in info.devices:
+        remote = d.remote or ("agent host" if d.backend == "tvm" else "-")
+        health = ("healthy" if d.healthy else "UNHEALTHY") + (f": {d.status}" if d.status else "")
+        running = d.running_job_id or "-"
+        rows.append([address, "serving" if healthy else "not serving", info.agent_version, d.name, d.device_class,
+                     d.backend + (" (simulated)" if d.simulated else ""), d.target or "-", d.rpc_key or "-", remote,
+                     str(d.remote_servers) if d.remote_servers else "-", health[:80], str(d.queue_length), running])
+    return rows
+
+
 def cmd_agents(args: argparse.Namespace) -> int:
-    """List the configured agents with health, devices and queue length."""
+    """List the configured agents with health, devices (backend, target, RPC key, remote, servers, device
+    health and status), queue length and running job per device."""
     from rich.console import Console
     from rich.table import Table
 
@@ -321,26 +339,29 @@ def cmd_agents(args: argparse.Namespace) -> int:
     endpoints = endpoints_from(agents, args.agent or [], Path(args.token_file) if args.token_file else None)
     if not endpoints:
         raise UserError("no agents: give STUDY.toml with [[agents]] or --agent HOST:PORT")
+    columns = ("agent", "health", "version", "device", "class", "backend", "target", "rpc key", "remote", "servers",
+               "device health / status", "queue", "running")
     table = Table(title="agents")
-    for col in ("agent", "health", "version", "device", "class", "backend", "cpu", "queue", "running"):
-        table.add_column(col)
+    for col in columns:
+        table.add_column(col, overflow="fold")
     unhealthy = 0
     for ep in endpoints:
         client = ep.client(timeout=5.0)
         try:
             healthy = client.health()
             info = client.info()
-            for d in info.devices:
-                table.add_row(ep.address, "serving" if healthy else "not serving", info.agent_version, d.name,
-                              d.device_class, d.backend + (" (simulated)" if d.simulated else ""), d.cpu[:40],
-                              str(info.queue_length), info.running_job_id or "-")
+            for row in _device_rows(ep.address, healthy, info):
+                table.add_row(*row)
         except (grpc.RpcError, ContractMismatch) as exc:
             unhealthy += 1
             detail = exc.details() if isinstance(exc, grpc.RpcError) else str(exc)
-            table.add_row(ep.address, f"unreachable: {detail}"[:60], "", "", "", "", "", "", "")
+            table.add_row(ep.address, f"unreachable: {detail}"[:60], *[""] * (len(columns) - 2))
         finally:
             client.close()
-    Console().print(table)
+    console = Console()
+    if not console.is_terminal:  # piped or captured: one line per device, nothing folded
+        console = Console(width=400)
+    console.print(table)
     return 1 if unhealthy else 0
 
 

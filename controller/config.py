@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -146,6 +146,23 @@ class RecipeSpec(_Strict):
     activation_symmetric: bool | None = None
     weight_symmetric: bool | None = None
     op_types: list[str] | None = None
+    #: Op types left in float (taken out of ``op_types``, or of the quantizer's defaults).
+    exclude_op_types: list[Annotated[str, Field(pattern=r"^[A-Za-z0-9_]+$")]] | None = None
+
+
+#: Suffix of a variant recipe that switches a QOperator recipe to QDQ (``<recipe>.qdq``).
+VARIANT_QDQ = "qdq"
+#: Prefix of the suffix of a variant recipe that leaves op types in float (``<recipe>.float-Conv-Gemm``).
+VARIANT_FLOAT = "float-"
+
+
+def variant_name(base: str, *, qdq: bool = False, float_ops: tuple[str, ...] | list[str] = ()) -> str:
+    """The name of a variant of recipe ``base``: ``<base>.qdq`` or ``<base>.float-<Op>-<Op>`` (sorted)."""
+    if qdq:
+        return f"{base}.{VARIANT_QDQ}"
+    if not float_ops:
+        raise ValueError("a variant changes the format or leaves op types in float")
+    return f"{base}.{VARIANT_FLOAT}{'-'.join(sorted(set(float_ops)))}"
 
 
 @dataclass(frozen=True)
@@ -163,6 +180,8 @@ class Recipe:
     activation_symmetric: bool
     weight_symmetric: bool
     op_types: tuple[str, ...] | None
+    #: Op types left in float (a variant recipe's ``.float-…``, or a recipe's ``exclude_op_types``).
+    exclude_op_types: tuple[str, ...] = ()
 
 
 class QuantizationSpec(_Strict):
@@ -212,13 +231,16 @@ class QuantizationSpec(_Strict):
         return [r.name for r in self.recipes] if self.recipes else list(self.modes)
 
     def resolve(self, name: str) -> Recipe:
-        """The recipe called ``name``: a study recipe, a mode of ``modes`` or a preset (ValueError if none)."""
+        """The recipe called ``name``: a study recipe, a mode of ``modes``, a preset, or a variant of one of
+        them (``<recipe>.qdq``, ``<recipe>.float-Conv``; see :func:`variant_name`) (ValueError if none)."""
         spec = next((r for r in self.recipes if r.name == name), None)
         if spec is not None:
             over = spec.model_dump(exclude={"name"}, exclude_none=True)
             over.setdefault("mode", "static")
         elif name in RECIPE_PRESETS:
             over = dict(RECIPE_PRESETS[name])
+        elif "." in name:
+            return self._resolve_variant(name)
         else:
             known = sorted({*self.recipe_names(), *RECIPE_PRESETS})
             raise ValueError(f"unknown recipe {name!r} (known: {', '.join(known)})")
@@ -227,15 +249,34 @@ class QuantizationSpec(_Strict):
                                               "weight_symmetric", "op_types")}
         base.update(over)
         ops = base.pop("op_types")
-        return Recipe(name=name, op_types=tuple(ops) if ops else None, **base)
+        excluded = tuple(sorted(set(base.pop("exclude_op_types", None) or ())))
+        return Recipe(name=name, op_types=tuple(ops) if ops else None, exclude_op_types=excluded, **base)
+
+    def _resolve_variant(self, name: str) -> Recipe:
+        """A variant recipe planned for a device (``<base>.qdq`` or ``<base>.float-<Op>-…``)."""
+        base_name, _, suffix = name.rpartition(".")
+        base = self.resolve(base_name)
+        if suffix == VARIANT_QDQ:
+            if base.mode != "static":
+                raise ValueError(f"recipe {name!r}: {base_name!r} is {base.mode}, only static recipes have a QDQ form")
+            return replace(base, name=name, format="qdq")
+        if suffix.startswith(VARIANT_FLOAT) and len(suffix) > len(VARIANT_FLOAT):
+            ops = suffix[len(VARIANT_FLOAT):].split("-")
+            if not all(op and op.replace("_", "").isalnum() for op in ops):
+                raise ValueError(f"recipe {name!r}: bad op type list {suffix[len(VARIANT_FLOAT):]!r}")
+            return replace(base, name=name, exclude_op_types=tuple(sorted({*base.exclude_op_types, *ops})))
+        known = sorted({*self.recipe_names(), *RECIPE_PRESETS})
+        raise ValueError(f"unknown recipe {name!r} (known: {', '.join(known)}; variants end in "
+                         f"'.{VARIANT_QDQ}' or '.{VARIANT_FLOAT}<OpType>')")
 
     def with_recipes(self, names: list[str]) -> "QuantizationSpec":
         """This section restricted to (or extended by presets to) the recipes ``names`` (``--recipe``)."""
         chosen: list[RecipeSpec] = []
         for name in names:
             r = self.resolve(name)  # ValueError naming the known recipes
-            chosen.append(RecipeSpec(**{k: v for k, v in r.__dict__.items() if k != "op_types"},
-                                     op_types=list(r.op_types) if r.op_types else None))
+            chosen.append(RecipeSpec(**{k: v for k, v in r.__dict__.items() if k not in ("op_types", "exclude_op_types")},
+                                     op_types=list(r.op_types) if r.op_types else None,
+                                     exclude_op_types=list(r.exclude_op_types) or None))
         return self.model_copy(update={"recipes": chosen})
 
 
@@ -357,6 +398,16 @@ class EvaluationSpec(_Strict):
     #: A device class with no live agent this long ends its jobs as ``unreachable``.
     device_wait_s: Annotated[float, Field(gt=0)] = 600.0
     max_attempts: Annotated[int, Field(ge=1)] = 3
+    #: Devices that cannot run every op type (``Device.supported_ops``, e.g. a TVM agent): ``adapt`` plans on
+    #: each device only recipes it can run (a QDQ or partly-float variant where needed); ``report``
+    #: dispatches everything and reports what the device could not run as infeasible.
+    feasibility: Literal["adapt", "report"] = "adapt"
+    #: TVM agents: MetaSchedule trials per candidate (0 = untuned builds; latency is then marked untuned).
+    tvm_tuning_trials: Annotated[int, Field(ge=0)] = 0
+    #: TVM ``time_evaluator``: runs per timed repeat, its minimum duration and the pause between repeats.
+    tvm_latency_number: Annotated[int, Field(ge=1)] = 1
+    tvm_min_repeat_ms: Annotated[int, Field(ge=0)] = 0
+    tvm_cooldown_ms: Annotated[int, Field(ge=0)] = 0
 
 
 class StudyConfig(_Strict):

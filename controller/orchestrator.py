@@ -24,6 +24,8 @@ from typing import Any
 
 from tuneqn.controller import metrics
 from tuneqn.controller.errors import StudyFailed
+from tuneqn.controller.feasibility import (ADAPTED, FEASIBLE, GAVE_UP, describe, model_op_types, next_recipe,
+                                           ops_digest, unsupported)
 from tuneqn.controller.auth import read_token
 from tuneqn.controller.config import AgentSpec
 from tuneqn.controller.farm.dispatcher import AgentLink, AgentState, Endpoint, FarmSettings, JobBoard, make_job
@@ -51,6 +53,7 @@ class TuneOutcome:
     failed: int
     unreachable: int
     submitted_here: int
+    infeasible: int = 0
     report: dict[str, Path] = field(default_factory=dict)
     errors: list[str] = field(default_factory=list)
 
@@ -87,7 +90,7 @@ class StudyRun:
         self.settings = settings
         self.on_progress = on_progress
         self.local_agent_args = local_agent_args
-        self.board = JobBoard(self.store, settings, on_result=self._on_result)
+        self.board = JobBoard(self.store, settings, on_result=self._on_result, on_final=self._on_final)
         self.stop = threading.Event()
         self.links: list[AgentLink] = []
         self.local: LocalAgent | None = None
@@ -111,6 +114,16 @@ class StudyRun:
         self._screen_recipes: set[tuple[str, str]] = set()  # (model, recipe) with screens asked for
         self._screens: dict[tuple[str, str], Split] = {}  # their screening samples, once chosen
         self._given_up: set[str] = set()  # agents that never answered within device_wait_s
+        # Feasibility planning (``[evaluation] feasibility``; see controller/feasibility.py).
+        self.feasibility = study.cfg.evaluation.feasibility
+        self._class_ops: dict[str, frozenset[str] | None] = {}  # supported op types (None: not known yet)
+        self._planned: dict[tuple[str, str, str], str] = {}  # (model, recipe, class) -> recipe that runs there
+        self._tried: dict[tuple[str, str, str], list[dict[str, Any]]] = {}  # recipes checked so far
+        self._trying: dict[tuple[str, str, str], str] = {}  # the recipe whose fully quantized model is checked next
+        self._variant_base: dict[tuple[str, str], str] = {}  # (model, variant recipe) -> its base recipe
+        self._op_types: dict[str, frozenset[str]] = {}  # built candidate id -> its op types
+        self._probes: set[str] = set()  # fully quantized candidates of variants, built to check them
+        self._probe_errors: dict[str, str] = {}  # ... and why one did not build
 
     # ------------------------------------------------------------------ steps
     def run(self) -> TuneOutcome:
@@ -173,6 +186,7 @@ class StudyRun:
             self.board.expire()
             if self._changed.is_set():
                 self._changed.clear()
+                self._plan_feasibility()
                 self._screen_splits_ready()
                 for st in strategies:
                     if not st.done():
@@ -189,7 +203,8 @@ class StudyRun:
                 self._results_changed.clear()
                 write_json(self.store, self.study.out_dir)
                 last_report = time.monotonic()
-            if self.board.finished() and not searching and self._idle() and not self._awaited(started):
+            if (self.board.finished() and not searching and self._idle() and not self._awaited(started)
+                    and not self._deciding()):
                 break
             with self.board.cond:
                 if not self._changed.is_set():
@@ -213,7 +228,7 @@ class StudyRun:
         counts = self.board.counts()
         outcome = TuneOutcome(
             total=self._total(), done=counts.get("done", 0), failed=counts.get("failed", 0),
-            unreachable=counts.get("unreachable", 0),
+            unreachable=counts.get("unreachable", 0), infeasible=counts.get("infeasible", 0),
             submitted_here=sum(s.executed for link in self.links for s in link.slots.values()),
             errors=list(self.errors) + [f"agent {link.address} unusable: {link.error}" for link in self.links
                                         if link.state == AgentState.INCOMPATIBLE],
@@ -237,13 +252,17 @@ class StudyRun:
                 self._request(search, [Request(fq, "full", fq.label)])
             if req.level != "build":
                 self._want(plan.id, req.level, plan.model, plan.mode)
-            with self._lock:
-                queued = plan.id in self._queued
-                if not queued:
-                    self._queued.add(plan.id)
-                    self._building += 1
+            self._ensure_built(plan)
+
+    def _ensure_built(self, plan: CandidatePlan) -> None:
+        """Hand a candidate to the builder unless it was (it then becomes jobs at the levels wanted)."""
+        with self._lock:
+            queued = plan.id in self._queued
             if not queued:
-                self._builds.put(plan)
+                self._queued.add(plan.id)
+                self._building += 1
+        if not queued:
+            self._builds.put(plan)
 
     def _want(self, cid: str, level: str, model: str, recipe: str) -> None:
         """Evaluate candidate ``cid`` at ``level`` on every device class (once it is built).
@@ -271,7 +290,7 @@ class StudyRun:
             if self.view_outcome(fq, "full") is None:
                 continue
             fq_topk, fp32_topk = [], []
-            for cls in self.view_devices():
+            for cls in self._classes_of(model, recipe):
                 fq_row = self.store.result(self._job_ids[(fq.id, cls, "full")])
                 fp32_row = self.store.result(self._job_ids.get((baseline_id(model), cls, "full"), ""))
                 if fq_row is None or fp32_row is None:
@@ -284,6 +303,7 @@ class StudyRun:
             with self._lock:
                 todo = [(b, list(self._classes)) for cid, b in self._built.items()
                         if b.model == model and b.recipe == recipe and "screen" in self._levels.get(cid, ())]
+            # (_add_jobs adds them only on the classes the recipe is planned on)
             for b, classes in todo:
                 for cls in classes:
                     self._add_jobs(b, cls, "screen")
@@ -305,6 +325,14 @@ class StudyRun:
                     row = self.study.build(plan)
                 self._add_built(_Built(plan.id, plan.model, Path(row["path"]), row["sha256"], row["runtime"],
                                        int(row["size_bytes"]), plan.mode))
+            except Exception as exc:  # noqa: BLE001 - a variant checked for a device may not build: give it up
+                if plan.id not in self._probes:
+                    self._build_errors.append(exc)  # handed to the main thread, which raises it
+                    with self.board.cond:
+                        self.board.cond.notify_all()
+                    return
+                log.warning("variant %s does not build: %s", plan.mode, exc)
+                self._probe_errors[plan.id] = f"{type(exc).__name__}: {exc}"
             except BaseException as exc:  # noqa: BLE001 - handed to the main thread, which raises it
                 self._build_errors.append(exc)
                 with self.board.cond:
@@ -334,6 +362,8 @@ class StudyRun:
                 self._add_jobs(built, cls, level)
 
     def _add_jobs(self, built: _Built, device_class: str, level: str) -> None:
+        if not self._planned_on(built.model, built.recipe, device_class):
+            return  # another recipe runs there, or not decided yet (added by _settle)
         if level == "screen":
             split = self._screens.get((built.model, built.recipe))
             if split is None:
@@ -342,10 +372,129 @@ class StudyRun:
             split = self.study.eval_split(built.model)
         pm = self.study.models[built.model]
         plan = make_job(built.candidate_id, device_class, built.path, built.sha256, split.path, split.sha256,
-                        pm.input_name, built.runtime, self.settings, level, split.name)
+                        pm.input_name, built.runtime, self.settings, level, split.name, tuning_group=pm.sha256)
         with self._lock:
             self._job_ids[(built.candidate_id, device_class, level)] = plan.id
         self.board.add(plan)
+
+    # ------------------------------------------------------------------ feasibility planning
+    def _planned_on(self, model: str, recipe: str, device_class: str) -> bool:
+        """Whether candidates of (model, recipe) run on a device class (False while that is undecided)."""
+        if recipe == "fp32":
+            return True
+        with self._lock:
+            base = self._variant_base.get((model, recipe))
+            if base is not None:
+                return self._planned.get((model, base, device_class)) == recipe
+            if self.feasibility != "adapt":
+                return True
+            ops = self._class_ops.get(device_class)
+            if ops is None:
+                return False  # its devices have not said what they run yet
+            return not ops or self._planned.get((model, recipe, device_class)) == recipe
+
+    def _classes_of(self, model: str, recipe: str) -> list[str]:
+        """The device classes a recipe's results come from: where it is planned, or may still be (undecided)."""
+        with self._lock:
+            classes = sorted(self._classes)
+            if recipe == "fp32":
+                return classes
+            base = self._variant_base.get((model, recipe))
+            if base is not None:
+                return [c for c in classes if self._planned.get((model, base, c)) == recipe]
+            return [c for c in classes if self._planned.get((model, recipe, c), recipe) == recipe]
+
+    def _restricted(self) -> list[tuple[str, frozenset[str]]]:
+        with self._lock:
+            return [(c, ops) for c, ops in sorted(self._class_ops.items()) if ops]
+
+    def _deciding(self) -> bool:
+        """Some (model, recipe) of a restricted device class is not planned yet."""
+        if self.feasibility != "adapt":
+            return False
+        return any((m, r, c) not in self._planned for c, _ in self._restricted()
+                   for m in self.study.models for r in self.study.recipes())
+
+    def _plan_feasibility(self) -> None:
+        """``feasibility = "adapt"``: decide, for every restricted device class, which recipe runs there
+        instead of each study recipe (building fully quantized candidates to check, as needed)."""
+        if self.feasibility != "adapt":
+            return
+        for cls, ops in self._restricted():
+            for model in self.study.models:
+                for recipe in self.study.recipes():
+                    if (model, recipe, cls) not in self._planned:
+                        self._decide((model, recipe, cls), ops)
+
+    def _decide(self, key: tuple[str, str, str], ops: frozenset[str]) -> None:
+        model, recipe, cls = key
+        digest = ops_digest(ops)
+        if key not in self._tried:
+            stored = self.store.feasibility(model, recipe, cls)
+            if stored and stored[0]["ops_digest"] == digest:  # decided before on the same op types
+                row = stored[0]
+                self._settle(key, row["planned"], row["status"], row["unsupported"], row["tried"], digest,
+                             persist=False)
+                return
+        tried = self._tried.setdefault(key, [])
+        while True:
+            current = self._trying.setdefault(key, recipe)
+            fq = self.study.make_plan(model, current, ())
+            with self._lock:
+                built = self._built.get(fq.id)
+            if built is None and fq.id in self._probe_errors:
+                tried.append({"recipe": current, "unsupported": [], "error": self._probe_errors[fq.id]})
+                self._settle(key, recipe, GAVE_UP, tried[0]["unsupported"], tried, digest)
+                return
+            if built is None:
+                if current != recipe:
+                    self._probes.add(fq.id)
+                self._ensure_built(fq)  # checked when it is built
+                return
+            bad = unsupported(self._ops_of(built), ops)
+            tried.append({"recipe": current, "unsupported": bad})
+            first = tried[0]["unsupported"]
+            if not bad:
+                self._settle(key, current, FEASIBLE if current == recipe else ADAPTED, first, tried, digest)
+                return
+            nxt = next_recipe(self.study.cfg.quantization, current, bad, ops, built.path,
+                              self.study.models[model].path)
+            if nxt is None or any(t["recipe"] == nxt for t in tried):
+                self._settle(key, recipe, GAVE_UP, first, tried, digest)
+                return
+            self._trying[key] = nxt
+
+    def _ops_of(self, built: _Built) -> frozenset[str]:
+        ops = self._op_types.get(built.candidate_id)
+        if ops is None:
+            ops = self._op_types[built.candidate_id] = model_op_types(built.path)
+        return ops
+
+    def _settle(self, key: tuple[str, str, str], planned: str, status: str, unsupported_ops: list[str],
+                tried: list[dict[str, Any]], digest: str, persist: bool = True) -> None:
+        """Plan ``planned`` for (model, recipe) on the class; add the jobs that were held for it."""
+        model, recipe, cls = key
+        if planned != recipe:
+            # The variant's layers are ranked before its search starts (it was calibrated by its build).
+            if self.quiet is not None:
+                with self.quiet.shared():
+                    self.study.analyze(model, planned)
+            else:
+                self.study.analyze(model, planned)
+        with self._lock:
+            self._planned[key] = planned
+            if planned != recipe:
+                self._variant_base[(model, planned)] = recipe
+            todo = [(b, sorted(self._levels.get(cid, ()))) for cid, b in self._built.items()
+                    if b.model == model and b.recipe == planned]
+        if persist:
+            self.store.put_feasibility(model, recipe, cls, planned, status, unsupported_ops, tried, digest)
+        line = describe(cls, recipe, planned, status, unsupported_ops, tried)
+        (log.warning if status == GAVE_UP else log.info)("feasibility: %s", line)
+        for b, levels in todo:
+            for level in levels:
+                self._add_jobs(b, cls, level)
+        self._changed.set()
 
     # ------------------------------------------------------------------ what the strategies see (ViewSource)
     def view_devices(self) -> list[str]:
@@ -364,13 +513,31 @@ class StudyRun:
             built = self._built.get(plan.id)
         return built.size_bytes if built is not None else None
 
-    def view_outcome(self, plan: CandidatePlan, level: str) -> Outcome | None:
-        """A candidate's results at a level on every device class; None while any is unfinished."""
+    def view_pairs(self) -> list[tuple[str, str]]:
+        """The (model, recipe) pairs to search: the study's recipes where they run (or may still run),
+        each followed by the variants planned for devices that cannot run it."""
+        out = []
         with self._lock:
-            classes = tuple(sorted(self._classes))
+            any_class = bool(self._classes)
+            variants = sorted(self._variant_base.items())
+        for model in self.study.models:
+            for recipe in self.study.recipes():
+                if not any_class or self._classes_of(model, recipe):
+                    out.append((model, recipe))
+                out += [(m, v) for (m, v), base in variants if m == model and base == recipe]
+        return out
+
+    def view_outcome(self, plan: CandidatePlan, level: str) -> Outcome | None:
+        """A candidate's results at a level on every device class its recipe runs on; None while any is
+        unfinished (or while it is undecided whether the recipe runs on a class)."""
+        with self._lock:
             built = self._built.get(plan.id)
+        if built is None:
+            return None
+        classes = tuple(self._classes_of(built.model, built.recipe))
+        with self._lock:
             jobs = [self._job_ids.get((plan.id, cls, level)) for cls in classes]
-        if built is None or not classes or None in jobs:
+        if not classes or None in jobs:
             return None
         key = (plan.id, level, classes)
         if key in self._outcomes:
@@ -399,26 +566,44 @@ class StudyRun:
         return out
 
     # ------------------------------------------------------------------ devices and liveness
-    def _register_class(self, device_class: str, info: dict[str, Any], now: float) -> bool:
+    def _register_class(self, device_class: str, info: dict[str, Any], now: float,
+                        supported: frozenset[str] | None = None) -> bool:
+        """A device class appears (declared, or a device of it connected with ``supported`` op types:
+        empty = no known restriction); it gets every job built so far that may run there."""
         with self._lock:
             new = device_class not in self._classes
             self._classes[device_class] = now
-            todo = [(b, sorted(self._levels.get(cid, ()))) for cid, b in self._built.items()] if new else []
+            known = self._class_ops.get(device_class)
+            if supported is not None:
+                # Devices of one class are interchangeable: the class runs what all of its restricted ones run.
+                ops = known & supported if known and supported else (known or supported)
+                self._class_ops[device_class] = ops
+                if known is not None and ops != known:
+                    log.warning("device class %s: devices differ in supported op types; planning kept", device_class)
+            else:
+                self._class_ops.setdefault(device_class, None)
+            first_ops = known is None and supported is not None
+            todo = [(b, sorted(self._levels.get(cid, ()))) for cid, b in self._built.items()] if new or first_ops else []
         if new or info.get("backend"):
             self.store.put_device(device_class, device_class, info)
         for b, levels in todo:
             for level in levels:
                 self._add_jobs(b, device_class, level)
-        if new:
+        if new or first_ops:
             self._changed.set()
         return new
 
     def _on_device(self, link: AgentLink, device: pb.Device) -> None:
+        versions = dict(device.runtime_versions)
         info = {"backend": device.backend, "cpu": device.cpu, "gpu": device.gpu,
                 "hostname": link.info.hostname if link.info else "", "agent": link.address,
-                "runtime_versions": dict(device.runtime_versions), "simulated": device.simulated,
-                "simulated_latency_ms_per_sample": device.simulated_latency_ms_per_sample}
-        if self._register_class(device.device_class, info, time.monotonic()):
+                "runtime_versions": versions, "simulated": device.simulated,
+                "simulated_latency_ms_per_sample": device.simulated_latency_ms_per_sample,
+                "device_name": device.name, "target": device.target, "rpc_key": device.rpc_key,
+                "remote": device.remote, "remote_servers": device.remote_servers,
+                "tvm_version": versions.get("tvm", ""), "supported_ops": len(device.supported_ops),
+                "capabilities": list(device.capabilities)}
+        if self._register_class(device.device_class, info, time.monotonic(), frozenset(device.supported_ops)):
             log.info("device class %s: first served by %s (%s)", device.device_class, link.address, device.name)
 
     def _watch_liveness(self) -> None:
@@ -430,16 +615,30 @@ class StudyRun:
         with self._lock:
             classes = dict(self._classes)
         for cls, last in classes.items():
-            if any(link.live.is_set() and cls in link.device_classes() for link in self.links):
+            if any(link.live.is_set() and cls in link.device_classes(available=True) for link in self.links):
                 with self._lock:
                     self._classes[cls] = now
                 continue
+            if now - last > self.settings.device_wait_s:
+                self._release_unknown(cls)
             if now - last > self.settings.device_wait_s and self.board.unfinished(cls):
                 n = self.board.give_up(cls, f"no agent of device class {cls} was reachable for "
                                             f"{self.settings.device_wait_s:.0f}s")
                 msg = f"device class {cls}: no live agent for {self.settings.device_wait_s:.0f}s; {n} jobs unreachable"
                 log.error(msg)
                 self.errors.append(msg)
+                self._changed.set()
+
+    def _release_unknown(self, device_class: str) -> None:
+        """A declared class no device of which ever connected: its held jobs are added (to end unreachable)."""
+        with self._lock:
+            if device_class not in self._class_ops or self._class_ops[device_class] is not None:
+                return
+            self._class_ops[device_class] = frozenset()
+            todo = [(b, sorted(self._levels.get(cid, ()))) for cid, b in self._built.items()]
+        for b, levels in todo:
+            for level in levels:
+                self._add_jobs(b, device_class, level)
 
     def _awaited(self, started: float) -> bool:
         """Whether some configured agent never answered yet and may still bring a new device class."""
@@ -461,6 +660,11 @@ class StudyRun:
 
     def _on_result(self, job_id: str) -> None:
         metrics.on_result(self.store, job_id)
+        self._results_changed.set()
+        self._changed.set()
+
+    def _on_final(self, job_id: str) -> None:
+        """A job ended without a result (failed for good, infeasible): the searches may go on."""
         self._results_changed.set()
         self._changed.set()
 

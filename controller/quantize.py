@@ -42,9 +42,12 @@ from onnxruntime.quantization import (
     quantize_static,
 )
 
+from onnxruntime.quantization.registry import IntegerOpsRegistry, QDQRegistry, QLinearOpsRegistry
+
 from tuneqn.controller.config import QuantizationSpec, Recipe
+
 __all__ = [
-    "WBQ", "ArrayReader", "QuantSettings", "calibrate", "quantize_candidate",
+    "WBQ", "ArrayReader", "QuantSettings", "calibrate", "default_op_types", "quantize_candidate",
     "quantized_nodes", "quiet_ort_python_logs", "runtime_options",
 ]
 
@@ -84,15 +87,29 @@ class QuantSettings:
 
     @classmethod
     def from_recipe(cls, r: Recipe) -> "QuantSettings":
-        """Settings of a resolved recipe."""
+        """Settings of a resolved recipe (op types it leaves in float are taken out of its op types, or
+        out of the quantizer's defaults for its mode: :func:`default_op_types`)."""
+        op_types = r.op_types
+        if r.exclude_op_types:
+            op_types = tuple(sorted(set(op_types or default_op_types(r.mode)) - set(r.exclude_op_types)))
+            if not op_types:
+                raise ValueError(f"recipe {r.name!r} leaves every op type in float")
         return cls(mode=r.mode, format=r.format, per_channel=r.per_channel, reduce_range=r.reduce_range,
                    activation_type=r.activation_type, weight_type=r.weight_type,
-                   calibration_method=r.calibration_method, op_types=r.op_types,
+                   calibration_method=r.calibration_method, op_types=op_types,
                    activation_symmetric=r.activation_symmetric, weight_symmetric=r.weight_symmetric)
 
     def key(self) -> str:
         """Stable short hash of the settings."""
         return hashlib.sha256(json.dumps(self.__dict__, sort_keys=True, default=list).encode()).hexdigest()[:12]
+
+
+def default_op_types(mode: str) -> tuple[str, ...]:
+    """The op types ONNX Runtime's quantizer quantizes when given none: its QOperator and QDQ registries
+    (static) or its integer-ops registry (dynamic), as ``quantize_static``/``quantize_dynamic`` do."""
+    if mode == "static":
+        return tuple(sorted({*QLinearOpsRegistry, *QDQRegistry}))
+    return tuple(sorted(IntegerOpsRegistry))
 
 
 class ArrayReader(CalibrationDataReader):

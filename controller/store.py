@@ -67,6 +67,8 @@ _TABLES: dict[str, tuple[dict[str, type], str | tuple[str, ...]]] = {
         {
             "id": str, "candidate_id": str, "device": str, "state": str, "agent": str, "attempts": int,
             "lease_until": float, "error": str, "created_at": float, "updated_at": float, "level": str,
+            # An ``infeasible`` job: the op types the device cannot run (JSON list), as the agent said.
+            "unsupported_ops": str,
         },
         "id",
     ),
@@ -86,6 +88,14 @@ _TABLES: dict[str, tuple[dict[str, type], str | tuple[str, ...]]] = {
         ("search", "candidate_id", "level"),
     ),
     "searches": ({"name": str, "params": str, "started_at": float, "finished_at": float}, "name"),
+    # Feasibility planning (``[evaluation] feasibility = "adapt"``): per (model, recipe, device class)
+    # the recipe planned there instead (itself, a variant, or itself after giving up), decided from
+    # the op types of fully quantized candidates and the class's supported op types (``ops_digest``).
+    "feasibility": (
+        {"model": str, "recipe": str, "device_class": str, "planned": str, "status": str, "unsupported": str,
+         "tried": str, "ops_digest": str, "created_at": float},
+        ("model", "recipe", "device_class"),
+    ),
     # Rankings computed from evaluations (``measured``): per layer its gain and bytes, rank order.
     "rankings": (
         {"model": str, "mode": str, "name": str, "key": str, "layers": str, "created_at": float},
@@ -377,6 +387,11 @@ class Store:
                 out[r["state"]] = out.get(r["state"], 0) + r["c"]
         return out
 
+    @_locked
+    def set_infeasible(self, job_id: str, error: str, unsupported_ops: list[str]) -> None:
+        """End a job as ``infeasible``: its device cannot run the model (never retried)."""
+        self.update_job(job_id, state="infeasible", error=error, unsupported_ops=json.dumps(sorted(unsupported_ops)))
+
     # ------------------------------------------------------------------ results
     @_locked
     def put_result(self, row: dict[str, Any]) -> bool:
@@ -444,6 +459,28 @@ class Store:
                   mode: str | None = None) -> list[dict[str, Any]]:
         """What the searches asked for, in order."""
         return self._select("proposals", "search, seq", search=search, model=model, mode=mode)
+
+    @_locked
+    def put_feasibility(self, model: str, recipe: str, device_class: str, planned: str, status: str,
+                        unsupported: list[str], tried: list[dict[str, Any]], ops_digest: str) -> None:
+        """Record what runs of (model, recipe) on a device class: ``planned`` (the recipe or a variant),
+        ``status`` (``feasible``, ``adapted``, ``gave-up``), the base recipe's unsupported op types and
+        the recipes tried on the way (``[{"recipe", "unsupported"}]``)."""
+        self.db["feasibility"].upsert({
+            "model": model, "recipe": recipe, "device_class": device_class, "planned": planned, "status": status,
+            "unsupported": json.dumps(sorted(unsupported)), "tried": json.dumps(tried), "ops_digest": ops_digest,
+            "created_at": time.time()}, pk=("model", "recipe", "device_class"))
+
+    @_locked
+    def feasibility(self, model: str | None = None, recipe: str | None = None,
+                    device_class: str | None = None) -> list[dict[str, Any]]:
+        """Feasibility decisions (``unsupported`` and ``tried`` decoded)."""
+        out = self._select("feasibility", "model, recipe, device_class", model=model, recipe=recipe,
+                           device_class=device_class)
+        for r in out:
+            r["unsupported"] = json.loads(r["unsupported"] or "[]")
+            r["tried"] = json.loads(r["tried"] or "[]")
+        return out
 
     @_locked
     def put_ranking(self, model: str, mode: str, name: str, key: str, layers: list[dict[str, Any]]) -> None:

@@ -304,8 +304,28 @@ class Study:
         return self.recipes()
 
     def settings(self, recipe: str) -> QuantSettings:
-        """Quantizer settings of a recipe."""
+        """Quantizer settings of a recipe (a study recipe, a preset or a variant such as ``static.qdq``)."""
         return QuantSettings.from_spec(self.cfg.quantization, recipe)
+
+    def variant_base(self, recipe: str) -> str | None:
+        """The study recipe a variant recipe (``<recipe>.qdq``, ``<recipe>.float-Conv``) derives from; None
+        for a study recipe or a name that is no variant of one."""
+        if recipe in self.recipes():
+            return None
+        name = recipe
+        while "." in name:
+            name = name.rpartition(".")[0]
+            if name in self.recipes():
+                try:
+                    self.cfg.quantization.resolve(recipe)
+                except ValueError:
+                    return None
+                return name
+        return None
+
+    def is_recipe(self, recipe: str) -> bool:
+        """A study recipe or a variant of one."""
+        return recipe in self.recipes() or self.variant_base(recipe) is not None
 
     # ------------------------------------------------------------------ calibration
     def calibration_cache(self, model: str, mode: str) -> Path | None:
@@ -371,6 +391,11 @@ class Study:
                 errors = analyze_dynamic(src, fq, pm.input_name, analysis_data, op_types, self.settings(mode))
             fq_sha, _ = file_digest(fq)
         if not errors:
+            if self.variant_base(mode) is not None:  # a variant that leaves every searched layer in float
+                log.warning("model %s: variant recipe %s quantizes no layer of types %s", model, mode,
+                            ", ".join(self.cfg.search.layer_op_types))
+                self._layers[(model, mode)] = []
+                return []
             raise UserError(
                 f"model '{model}': no quantized layer of types {', '.join(self.cfg.search.layer_op_types)} in {mode} mode"
             )
@@ -397,7 +422,7 @@ class Study:
         results stay in the store. Returns how many were dropped."""
         n = 0
         for row in self.store.candidates():
-            if row["kind"] == "fp32" or row["model"] not in self.models or row["mode"] not in self.recipes():
+            if row["kind"] == "fp32" or row["model"] not in self.models or not self.is_recipe(row["mode"]):
                 continue
             plan = self.make_plan(row["model"], row["mode"], row["excluded"], row["label"], row["kind"])
             if plan.id != row["id"] or self.build_key(plan) != row.get("build_key"):
@@ -423,9 +448,13 @@ class Study:
         layer_errors_plot(out, self.out_dir / "layer_errors.png")
 
     # ------------------------------------------------------------------ candidates
+    def _layer_rows(self, model: str, recipe: str) -> list[dict[str, Any]]:
+        rows = self._layers.get((model, recipe))
+        return rows if rows is not None else self.analyze(model, recipe)
+
     def layer_names(self, model: str, recipe: str) -> list[str]:
         """The quantizable layers of (model, recipe) in graph order."""
-        rows = self._layers.get((model, recipe)) or self.analyze(model, recipe)
+        rows = self._layer_rows(model, recipe)
         return [r["name"] for r in sorted(rows, key=lambda r: r["idx"])]
 
     def ranking(self, model: str, recipe: str, name: str = "paper") -> list[str]:
@@ -435,7 +464,7 @@ class Study:
         ``qdq``: the local error alone; ``xmodel``: the error seen at the fully quantized model's
         layer output. Ties keep graph order. (``measured`` needs evaluations: see ``search/``.)
         """
-        rows = self._layers.get((model, recipe)) or self.analyze(model, recipe)
+        rows = self._layer_rows(model, recipe)
         key = {"paper": "score", "qdq": "qdq_err", "xmodel": "xmodel_err"}.get(name)
         if key is None:
             raise ValueError(f"ranking {name!r} is not an error ranking (paper, qdq, xmodel)")
@@ -515,8 +544,9 @@ class Study:
         (the top-k layers of the paper's ranking)."""
         if model not in self.models:
             raise UserError(f"--model: unknown model '{model}' (known: {', '.join(self.models)})")
-        if mode not in self.modes():
-            raise UserError(f"--recipe: recipe '{mode}' is not part of this study ({', '.join(self.modes())})")
+        if not self.is_recipe(mode):
+            raise UserError(f"--recipe: recipe '{mode}' is not part of this study ({', '.join(self.modes())}, "
+                            "or a variant of one planned for a device)")
         if which.isdigit():
             order = self.ranking(model, mode)
             if int(which) > len(order):

@@ -106,8 +106,10 @@ def predictions(n: int, rng: np.random.Generator, k: int = 5) -> np.ndarray:
 
 def add_result(store: Store, cid: str, device: str, topk: np.ndarray, *,
                latency: tuple[float, float, float] | None = (5.0, 4.8, 5.4), level: str = "full",
-               seconds: float | None = None, finished_at: float | None = None, split: str | None = None) -> str:
+               seconds: float | None = None, finished_at: float | None = None, split: str | None = None,
+               info: dict[str, Any] | None = None) -> str:
     """A job for (cid, device) at ``level`` and its result, as the dispatcher stores them; returns the job id.
+    ``info`` adds to the result's info (e.g. ``backend``, ``tuned``, ``compile_seconds``).
 
     A screening result predicts its recipe's screening split (``screen/<recipe>``, the recipe
     read from the candidate's row)."""
@@ -125,7 +127,8 @@ def add_result(store: Store, cid: str, device: str, topk: np.ndarray, *,
         "agreement": None, "accuracy": None, "accuracy_top5": None, "latency_ms": median,
         "latency": json.dumps(stats), "size_bytes": 1, "simulated": 0.0,
         "finished_at": float(next(_clock)) if finished_at is None else finished_at,
-        "info": json.dumps({"seconds": seconds} if seconds is not None else {}), "attempt": 1, "level": level,
+        "info": json.dumps({**({"seconds": seconds} if seconds is not None else {}), **(info or {})}),
+        "attempt": 1, "level": level,
         "split": split,
     })
     assert stored

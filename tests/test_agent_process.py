@@ -253,7 +253,7 @@ def test_non_loopback_bind_without_token_or_tls_is_refused(tmp_path: Path) -> No
 @pytest.mark.parametrize(
     "argv, env, needle",
     [
-        (["--backend", "tvm"], {}, "unknown backend 'tvm'"),
+        (["--backend", "tflite"], {}, "unknown backend 'tflite'"),
         ([], {"TUNEQN_AGENT_BACKEND": "nope"}, "unknown backend 'nope'"),
         (["--listen", "localhost"], {}, "--listen must be HOST:PORT"),
         (["--max-blob-bytes", "lots"], {}, "--max-blob-bytes"),

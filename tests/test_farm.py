@@ -195,7 +195,8 @@ def test_a_retry_executes_again(tmp_path: Path, assets: Path) -> None:
     pm, split = study.models["cnn"], study.eval_split("cnn")
     settings = FarmSettings.from_config(cfg.evaluation)
     study.close()
-    plan = make_job("cnn:fp32", "lab", pm.path, pm.sha256, split.path, split.sha256, pm.input_name, {}, settings)
+    plan = make_job("cnn:fp32", "lab", pm.path, pm.sha256, split.path, split.sha256, pm.input_name, {}, settings,
+                    tuning_group=pm.sha256)
     with _agent(tmp_path, "solo", "lab", "40") as agent:
         client = AgentClient(agent.address)
         client.upload_file(pm.path)

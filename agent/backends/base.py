@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import abc
 import threading
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,6 +15,19 @@ from tuneqn.v1 import agent_pb2 as pb
 
 class Interrupted(Exception):
     """Raised by a backend when its ``stop`` event was set during a run."""
+
+
+class Infeasible(Exception):
+    """The device cannot run this model at all (e.g. op types its runtime cannot import).
+
+    Deterministic: the job ends FAILED with ``JobResult.infeasible`` and a retry gives the
+    same answer. ``ops`` are the unsupported op types (sorted; empty when the failure is
+    elsewhere, e.g. in a frontend's import of a supported op).
+    """
+
+    def __init__(self, message: str, ops: Iterable[str] = ()) -> None:
+        super().__init__(message)
+        self.ops: list[str] = sorted(set(ops))
 
 
 @dataclass(frozen=True)
@@ -29,6 +43,11 @@ class DeviceDescription:
     capabilities: tuple[str, ...] = ()
     simulated: bool = False
     simulated_latency_ms_per_sample: float = 0.0
+    target: str = ""  # TVM: the target as a JSON dict
+    rpc_key: str = ""  # TVM: the device key on the RPC tracker
+    remote: str = ""  # "tracker HOST:PORT", "rpc HOST:PORT"; empty = the agent's host
+    supported_ops: tuple[str, ...] = ()  # ONNX op types it can import; empty = no known restriction
+    remote_servers: int = 0  # TVM tracker: servers registered under rpc_key now
 
 
 @dataclass(frozen=True)
@@ -36,11 +55,14 @@ class LoadOptions:
     """Per-job options for preparing a model.
 
     ``backend_options`` is the job's ``tuneqn.v1.BackendOptions``: each backend reads
-    its own message (ORT: ``backend_options.ort``) and ignores the others.
+    its own message (ORT: ``backend_options.ort``) and ignores the others. ``stop`` is
+    the job's interrupt event (set on cancel or agent stop) for loads that may wait long,
+    e.g. for a free remote device; a backend raises :class:`Interrupted` when it is set.
     """
 
     input_name: str = ""
     backend_options: pb.BackendOptions = field(default_factory=pb.BackendOptions)
+    stop: threading.Event | None = field(default=None, compare=False)
 
 
 @dataclass
@@ -49,15 +71,29 @@ class PreparedModel:
 
     ``fixed_batch`` is the model's batch size when its first input axis is a fixed
     integer (each run then takes exactly that many rows) and ``None`` when dynamic.
+    The build fields describe how a compiling backend (TVM) produced what runs; they go
+    into the ``JobResult`` as they are when the job ends (``executed_on`` may change while
+    it runs, when a remote device is replaced).
     """
 
     input_name: str
     fixed_batch: int | None
     sample_shape: tuple[int | str | None, ...]
+    compile_seconds: float = 0.0  # compiling for the device (0 when cached or not compiled)
+    tuning_seconds: float = 0.0  # tuning before compiling (0 when untuned or cached)
+    tuned: bool = False  # the latency comes from a tuned build
+    compile_cache_hit: bool = False  # the compiled artefact came from the backend's cache
+    executed_on: str = ""  # the remote server running it ("HOST:PORT"), empty = this host
 
 
 class Backend(abc.ABC):
-    """Runs prepared models on one device."""
+    """Runs prepared models on one device.
+
+    The job manager calls, per job: :meth:`prepare_ahead` when the job is queued,
+    :meth:`load`, :meth:`predict` per chunk, :meth:`latency`, and :meth:`release` when
+    the job ends (success or not). :meth:`start` is called once when the agent runs.
+    Only the abstract methods are required; the hooks are no-ops by default.
+    """
 
     name: str = ""
 
@@ -91,8 +127,25 @@ class Backend(abc.ABC):
         """Milliseconds of ``repeats`` timed runs on ``one_sample`` after ``warmup`` runs."""
 
     def health(self) -> tuple[bool, str]:
-        """Whether the device can take jobs now, and why not (free text; empty when healthy)."""
+        """Whether the device can take jobs now, and a status text.
+
+        Unhealthy: why not. Healthy: what the device waits for now (e.g. a free remote
+        device), or empty.
+        """
         return True, ""
+
+    def start(self, add_backend: Callable[[Backend], None]) -> None:  # noqa: B027 - optional hook
+        """Called once when the agent starts its workers.
+
+        A backend that discovers devices while the agent runs (a TVM tracker where phones
+        join) passes each new device's backend to ``add_backend``.
+        """
+
+    def prepare_ahead(self, model_path: Path, options: LoadOptions) -> None:  # noqa: B027
+        """A job with this model was queued: start preparing it in the background (must not block)."""
+
+    def release(self, handle: PreparedModel) -> None:  # noqa: B027 - optional hook
+        """The job using ``handle`` ended (success or not): free what it holds (remote sessions)."""
 
     def close(self) -> None:  # noqa: B027 - optional hook, a no-op by default
         """Release resources held by the backend."""

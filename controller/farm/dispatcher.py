@@ -101,6 +101,14 @@ class FarmSettings:
     rpc_timeout_s: float = 10.0
     #: Non-empty after ``--fresh``: agents re-measure instead of answering with stored results.
     remeasure_token: str = ""
+    #: While an agent is live its ``GetInfo`` is asked again this often: devices that appear get slots
+    #: (phones joining a tracker), unhealthy ones take no job, vanished ones stop taking jobs.
+    info_poll_s: float = 2.0
+    #: TVM agents (``JobSpec.backend_options.tvm``; see ``[evaluation] tvm_*``).
+    tvm_tuning_trials: int = 0
+    tvm_latency_number: int = 1
+    tvm_min_repeat_ms: int = 0
+    tvm_cooldown_ms: int = 0
 
     @classmethod
     def from_config(cls, evaluation: Any, **overrides: Any) -> FarmSettings:
@@ -131,21 +139,28 @@ class JobPlan:
 
 def make_job(candidate_id: str, device_class: str, model_path: Path, model_sha256: str, dataset_path: Path,
              dataset_sha256: str, input_name: str, runtime: dict[str, Any], settings: FarmSettings,
-             level: str = "full", split: str = "eval") -> JobPlan:
+             level: str = "full", split: str = "eval", tuning_group: str = "") -> JobPlan:
     """The job of a candidate on a device class; its id covers everything that changes the result
     (and the candidate it is for).
 
     A ``screen`` job predicts a subset of the evaluation sample (``dataset_path``) and
-    measures no latency: the cheap first look a search takes at a candidate.
+    measures no latency: the cheap first look a search takes at a candidate. Every backend
+    reads its own options: ORT's disabled optimizers and threads, TVM's tuning trials (its
+    tuning records are shared per ``tuning_group``, the model's FP32 sha256) and
+    ``time_evaluator`` settings.
     """
     screen = level == "screen"
     spec = pb.JobSpec(
         model_sha256=model_sha256, dataset_sha256=dataset_sha256, input_name=input_name, top_k=settings.top_k,
         chunk_size=settings.chunk_size, latency_warmup=0 if screen else settings.latency_warmup,
         latency_repeats=0 if screen else settings.latency_repeats,
-        backend_options=pb.BackendOptions(ort=pb.OrtOptions(
-            disabled_optimizers=list(runtime.get("ort_disabled_optimizers", [])),
-            intra_op_threads=settings.intra_op_threads)),
+        backend_options=pb.BackendOptions(
+            ort=pb.OrtOptions(disabled_optimizers=list(runtime.get("ort_disabled_optimizers", [])),
+                              intra_op_threads=settings.intra_op_threads),
+            tvm=pb.TvmOptions(tuning_trials=settings.tvm_tuning_trials, tuning_group=tuning_group,
+                              latency_number=settings.tvm_latency_number,
+                              latency_min_repeat_ms=settings.tvm_min_repeat_ms,
+                              latency_cooldown_ms=settings.tvm_cooldown_ms)),
     )
     # The candidate id is part of the key: two candidates can have identical bytes (every layer
     # excluded under two recipes), and each must get its own job and result row.
@@ -154,8 +169,14 @@ def make_job(candidate_id: str, device_class: str, model_path: Path, model_sha25
     return JobPlan(spec.job_id, candidate_id, device_class, Path(model_path), Path(dataset_path), spec, level, split)
 
 
-def result_row(plan: JobPlan, holder: str, result: pb.JobResult) -> dict[str, Any]:
-    """The ``results`` row of a successful job (raises ValueError on a malformed result)."""
+def result_row(plan: JobPlan, holder: str, result: pb.JobResult, backend: str = "") -> dict[str, Any]:
+    """The ``results`` row of a successful job (raises ValueError on a malformed result).
+
+    ``info`` keeps what the agent said about how it ran: the device and class, the backend,
+    wall times (``seconds`` the whole job, ``inference_seconds`` the prediction pass,
+    ``compile_seconds`` and ``tuning_seconds`` before it), whether latency comes from a tuned
+    build (``tuned``), a compile-cache hit and the remote server that ran it (``executed_on``).
+    """
     topk = decode_topk(result)
     lat = result.latency
     return {
@@ -173,7 +194,11 @@ def result_row(plan: JobPlan, holder: str, result: pb.JobResult) -> dict[str, An
                             "inference_seconds": result.inference_seconds,
                             "seconds": max(0.0, float(result.finished_at) - float(result.started_at))
                             if result.started_at else None, "executions": result.executions,
-                            "runtime_versions": dict(result.runtime_versions)}),
+                            "runtime_versions": dict(result.runtime_versions), "backend": backend,
+                            "compile_seconds": float(result.compile_seconds),
+                            "tuning_seconds": float(result.tuning_seconds), "tuned": bool(result.tuned),
+                            "compile_cache_hit": bool(result.compile_cache_hit),
+                            "executed_on": result.executed_on}),
     }
 
 
@@ -181,15 +206,19 @@ class JobBoard:
     """The dispatcher's job table: in-memory queues over the store's ``jobs`` rows."""
 
     def __init__(self, store: Store, settings: FarmSettings,
-                 on_result: Callable[[str], None] | None = None) -> None:
+                 on_result: Callable[[str], None] | None = None,
+                 on_final: Callable[[str], None] | None = None) -> None:
         self.store = store
         self.settings = settings
         self.on_result = on_result
+        #: Called (outside the lock) when a job ends without a result: failed for good or infeasible.
+        self.on_final = on_final
         self.cond = threading.Condition()
         self.plans: dict[str, JobPlan] = {}
         self._pending: dict[str, deque[str]] = {}
         self._base_attempts: dict[str, int] = {}  # attempts made before this run (they don't count again)
         self._revoked: dict[str, set[str]] = {}  # agent address -> job ids re-leased away from it
+        self._waiting: dict[str, int] = {}  # device class -> slots waiting in take() for a job
         self.closed = False
 
     # -------------------------------------------------------------- registration
@@ -248,26 +277,71 @@ class JobBoard:
             return [(self.plans[r["id"]], r["attempts"]) for r in self.store.jobs(state="submitted", agent=holder)
                     if r["id"] in self.plans]
 
-    def take(self, device: str, holder: str, timeout: float) -> tuple[JobPlan, int] | None:
-        """The next job of ``device`` leased to ``holder``, with its attempt; None if none came in time."""
+    def _lease_next(self, device: str, holder: str) -> tuple[JobPlan, int] | None:
+        """Lease the first pending job of ``device`` to ``holder`` (stale queue entries are dropped)."""
+        queue = self._pending.get(device, deque())
+        while queue:
+            jid = queue.popleft()
+            row = self.store.job(jid)
+            if row is None or row["state"] != "pending":
+                continue
+            attempt = row["attempts"] + 1
+            self.store.update_job(jid, state="submitted", agent=holder, attempts=attempt,
+                                  lease_until=time.time() + self.settings.lease_timeout_s)
+            return self.plans[jid], attempt
+        return None
+
+    def take(self, device: str, holder: str, timeout: float,
+             ready: Callable[[], bool] | None = None) -> tuple[JobPlan, int] | None:
+        """The next job of ``device`` leased to ``holder``, with its attempt; None if none came in time
+        (or once ``ready()``, checked under the board's lock, says the holder takes no job now)."""
         deadline = time.monotonic() + timeout
         with self.cond:
             while True:
                 self.expire()
-                queue = self._pending.get(device, deque())
-                while queue:
-                    jid = queue.popleft()
-                    row = self.store.job(jid)
-                    if row is None or row["state"] != "pending":
-                        continue
-                    attempt = row["attempts"] + 1
-                    self.store.update_job(jid, state="submitted", agent=holder, attempts=attempt,
-                                          lease_until=time.time() + self.settings.lease_timeout_s)
-                    return self.plans[jid], attempt
+                if ready is not None and not ready():
+                    return None
+                job = self._lease_next(device, holder)
+                if job is not None:
+                    return job
                 remaining = deadline - time.monotonic()
                 if remaining <= 0 or (self.closed and not self.unfinished(device)):
                     return None
-                self.cond.wait(min(remaining, 1.0))
+                self._waiting[device] = self._waiting.get(device, 0) + 1
+                try:
+                    self.cond.wait(min(remaining, 1.0))
+                finally:
+                    self._waiting[device] -= 1
+
+    def pending_count(self, device: str, at_least: int) -> int:
+        """Pending jobs queued for ``device``, counted up to ``at_least`` (stale entries are dropped)."""
+        with self.cond:
+            queue = self._pending.get(device, deque())
+            n = 0
+            for jid in list(queue):
+                row = self.store.job(jid)
+                if row is None or row["state"] != "pending":
+                    queue.remove(jid)
+                    continue
+                n += 1
+                if n >= at_least:
+                    break
+            return n
+
+    def waiting(self, device: str) -> int:
+        """How many slots of ``device`` wait in :meth:`take` for a job now."""
+        with self.cond:
+            return self._waiting.get(device, 0)
+
+    def take_ahead(self, device: str, holder: str) -> tuple[JobPlan, int] | None:
+        """A second job for a holder that compiles ahead (its current job still runs): leased only when
+        ``device`` has more pending jobs than slots waiting for one, so no idle device waits for it."""
+        with self.cond:
+            self.expire()
+            waiting = self._waiting.get(device, 0)
+            if self.pending_count(device, waiting + 1) <= waiting:
+                return None
+            return self._lease_next(device, holder)
 
     def renew(self, jid: str, holder: str) -> None:
         """The holder is alive and working on the job: extend its lease."""
@@ -307,9 +381,20 @@ class JobBoard:
             if rows:
                 self.cond.notify_all()
 
-    def complete(self, plan: JobPlan, holder: str, result: pb.JobResult) -> bool:
+    def record(self, plan: JobPlan, holder: str, result: pb.JobResult, backend: str = "") -> str:
+        """What a device slot does with a job's final result: store a success, end an infeasible job,
+        or count a failed attempt. Returns the job's state afterwards."""
+        if result.state == pb.SUCCEEDED:
+            self.complete(plan, holder, result, backend)
+            row = self.store.job(plan.id)
+            return row["state"] if row else "unknown"
+        if result.state == pb.FAILED and result.infeasible:
+            return self.infeasible(plan, holder, result)
+        return self.fail(plan, holder, result.error or pb.JobState.Name(result.state))
+
+    def complete(self, plan: JobPlan, holder: str, result: pb.JobResult, backend: str = "") -> bool:
         """Store a result (once: the first result of a job wins, wherever it ran)."""
-        row = result_row(plan, holder, result)
+        row = result_row(plan, holder, result, backend)
         with self.cond:
             stored = self.store.put_result(row)
             self.cond.notify_all()
@@ -331,7 +416,25 @@ class JobBoard:
             self.cond.notify_all()
             log.warning("job %s on %s: attempt %d failed (%s)%s", plan.id, holder, row["attempts"], error[:200],
                         "" if final else "; will retry")
-            return state
+        if final and self.on_final is not None:
+            self.on_final(plan.id)
+        return state
+
+    def infeasible(self, plan: JobPlan, holder: str, result: pb.JobResult) -> str:
+        """The device cannot run this model at all (e.g. op types it cannot import): the job ends
+        ``infeasible`` with the unsupported op types and the agent's error; no retry, here or on a rerun."""
+        ops = sorted(set(result.unsupported_ops))
+        with self.cond:
+            row = self.store.job(plan.id)
+            if row is None or row["state"] != "submitted" or row["agent"] != holder:
+                return row["state"] if row else "unknown"  # done elsewhere, or re-leased meanwhile
+            error = result.error or (f"unsupported op types: {', '.join(ops)}" if ops else "infeasible on this device")
+            self.store.set_infeasible(plan.id, error[:2000], ops)
+            self.cond.notify_all()
+        log.warning("job %s on %s: infeasible (%s)", plan.id, holder, ", ".join(ops) or error[:200])
+        if self.on_final is not None:
+            self.on_final(plan.id)
+        return "infeasible"
 
     def give_up(self, device: str, reason: str) -> int:
         """End every unfinished job of a device class as ``unreachable``; returns how many."""
@@ -370,41 +473,85 @@ class AgentLink(threading.Thread):
         """The agent's address."""
         return self.endpoint.address
 
-    def device_classes(self) -> set[str]:
-        """Classes of the devices this agent reported."""
-        return {s.device.device_class for s in self.slots.values()}
+    def device_classes(self, available: bool = False) -> set[str]:
+        """Classes of the devices this agent reported (``available``: of those listed and healthy now)."""
+        return {s.device.device_class for s in list(self.slots.values()) if not available or s.available()}
 
     def connect(self) -> bool:
         """Handshake; on success the devices get slots. False (UNREACHABLE/INCOMPATIBLE) on failure."""
         if self.client is None:
             self.client = self.endpoint.client(self.board.settings.rpc_timeout_s)
-        try:
-            info = self.client.info()
-        except ContractMismatch as exc:
-            self._set(AgentState.INCOMPATIBLE, str(exc))
-            return False
-        except grpc.RpcError as exc:
-            self._set(AgentState.INCOMPATIBLE if exc.code() in _FATAL else AgentState.UNREACHABLE,
-                      f"{exc.code().name}: {exc.details()}")
+        info = self._ask_info()
+        if info is None:
             return False
         if not info.devices:
             self._set(AgentState.INCOMPATIBLE, "agent reports no device")
             return False
-        self.info = info
         for jid in self.board.revoked(self.address):  # re-leased while it was away: don't let it run them
             try:
                 self.client.cancel(jid)
             except grpc.RpcError as exc:
                 log.debug("cancel %s on %s: %s", jid, self.address, exc.code().name)
         self._set(AgentState.READY, None)
+        first = not self.ever_connected
         self.ever_connected = True
+        self.sync_devices(info, announce=not first)
+        return True
+
+    def _ask_info(self) -> pb.AgentInfo | None:
+        """``GetInfo``; None after marking the agent INCOMPATIBLE or (first call) UNREACHABLE."""
+        if self.client is None:
+            return None
+        try:
+            return self.client.info()
+        except ContractMismatch as exc:
+            self._set(AgentState.INCOMPATIBLE, str(exc))
+        except grpc.RpcError as exc:
+            self._set(AgentState.INCOMPATIBLE if exc.code() in _FATAL else AgentState.UNREACHABLE,
+                      f"{exc.code().name}: {exc.details()}")
+        return None
+
+    def refresh(self) -> bool:
+        """Ask a live agent's ``GetInfo`` again and follow its devices (:meth:`sync_devices`); a failure
+        makes it unreachable (its jobs may then run elsewhere after the grace)."""
+        if self.client is None:
+            return False
+        try:
+            info = self.client.info()
+        except ContractMismatch as exc:
+            self.incompatible(str(exc))
+            return False
+        except grpc.RpcError as exc:
+            if exc.code() in _FATAL:
+                self.incompatible(f"{exc.code().name}: {exc.details()}")
+            else:
+                self.lost(f"GetInfo: {exc.code().name}: {exc.details()}")
+            return False
+        self.sync_devices(info)
+        return True
+
+    def sync_devices(self, info: pb.AgentInfo, announce: bool = True) -> None:
+        """Follow the agent's devices: a new one gets a slot, a known one's description (health, status,
+        queue) is updated, one that is no longer listed stops taking jobs (it resumes if it comes back)."""
+        self.info = info
+        listed = {d.name for d in info.devices}
         for device in info.devices:
-            if device.name not in self.slots:
+            slot = self.slots.get(device.name)
+            if slot is None:
                 self.on_device(self, device)
                 slot = DeviceSlot(self, device)
                 self.slots[device.name] = slot
                 slot.start()
-        return True
+                if announce:
+                    log.info("agent %s: device %s appeared (class %s)", self.address, device.name, device.device_class)
+            else:
+                with self.board.cond:  # a slot checks availability under this lock right before it leases
+                    slot.update(device, present=True)
+        for name, slot in self.slots.items():
+            if name not in listed and slot.present:
+                log.warning("agent %s: device %s is gone; it takes no more jobs", self.address, name)
+                with self.board.cond:
+                    slot.update(slot.device, present=False)
 
     def _set(self, state: AgentState, error: str | None) -> None:
         with self._lock:
@@ -443,14 +590,20 @@ class AgentLink(threading.Thread):
 
     def run(self) -> None:
         backoff = 0.2
+        polled = time.monotonic()
         while not self.stop_event.is_set():
             if self.state == AgentState.INCOMPATIBLE:
                 break
             if self.state in LIVE_STATES:
-                self.stop_event.wait(0.5)
+                poll = self.board.settings.info_poll_s
+                self.stop_event.wait(max(0.05, min(0.5, poll - (time.monotonic() - polled))))
+                if not self.stop_event.is_set() and self.state in LIVE_STATES and time.monotonic() - polled >= poll:
+                    self.refresh()
+                    polled = time.monotonic()
                 continue
             if self.connect():
                 backoff = 0.2
+                polled = time.monotonic()
                 continue
             if self.state == AgentState.INCOMPATIBLE:
                 log.error("agent %s unusable: %s", self.address, self.error)
@@ -465,8 +618,29 @@ class AgentLink(threading.Thread):
             self.client.close()
 
 
+#: The capability of a device whose agent compiles a queued job while another one runs (TVM).
+COMPILE_AHEAD = "compile-ahead"
+
+
+def compiles_ahead(device: pb.Device) -> bool:
+    """Whether a device's agent prepares (compiles) its next job while the current one runs, so the
+    controller hands it the next job early (see :meth:`JobBoard.take_ahead`)."""
+    return COMPILE_AHEAD in device.capabilities
+
+
+def device_available(device: pb.Device) -> bool:
+    """Whether a listed device takes jobs now (its agent says it is healthy)."""
+    return device.healthy
+
+
 class DeviceSlot(threading.Thread):
-    """Runs the jobs of one device of one agent, one at a time: upload by hash, submit, watch."""
+    """Runs the jobs of one device of one agent, one at a time: upload by hash, submit, watch.
+
+    A device that compiles ahead (:func:`compiles_ahead`) is also handed the next job of its class
+    while its current one runs (when more jobs wait than idle devices), so the agent compiles job
+    N+1 while N runs; both leases are renewed, and the next job is then watched as usual. A device
+    its agent reports unhealthy, or no longer lists, takes no new job.
+    """
 
     def __init__(self, link: AgentLink, device: pb.Device) -> None:
         super().__init__(name=f"slot-{link.address}#{device.name}", daemon=True)
@@ -476,6 +650,20 @@ class DeviceSlot(threading.Thread):
         self.holder = f"{link.address}#{device.name}"
         self.running: str | None = None
         self.executed = 0
+        self.present = True
+        self.ahead: list[str] = []  # job ids submitted ahead (compile-ahead), in order
+
+    def update(self, device: pb.Device, present: bool) -> None:
+        """The agent's latest description of the device (and whether it still lists it)."""
+        if device_available(device) != device_available(self.device) and present:
+            log.info("device %s: %s", self.holder, "healthy again" if device_available(device)
+                     else f"unhealthy ({device.status or 'no reason given'}); it takes no new job")
+        self.device = device
+        self.present = present
+
+    def available(self) -> bool:
+        """Listed by its agent and healthy: it may take a job."""
+        return self.present and device_available(self.device)
 
     def run(self) -> None:
         stop = self.link.stop_event
@@ -485,7 +673,13 @@ class DeviceSlot(threading.Thread):
             if not self.link.live.wait(timeout=0.5):
                 continue
             held = self.board.held_by(self.holder)
-            job = held[0] if held else self.board.take(self.device.device_class, self.holder, timeout=1.0)
+            if not held and not self.available():
+                if self.board.finished():
+                    return
+                stop.wait(0.5)
+                continue
+            job = held[0] if held else self.board.take(self.device.device_class, self.holder, timeout=1.0,
+                                                       ready=self.available)
             if job is None:
                 if self.board.finished():
                     return
@@ -528,7 +722,8 @@ class DeviceSlot(threading.Thread):
             if not present:
                 client.upload_file(path)
 
-    def _run(self, plan: JobPlan, attempt: int) -> None:
+    def _submit(self, plan: JobPlan, attempt: int) -> None:
+        """Upload what the agent lacks and submit the job to this device."""
         client = self._client()
         s = self.board.settings
         spec = pb.JobSpec()
@@ -547,9 +742,38 @@ class DeviceSlot(threading.Thread):
             response = client.submit(spec)
         if not response.already_known:
             self.executed += 1
+
+    def _submit_ahead(self) -> None:
+        """Compile-ahead: lease and submit the next job of the class while the current one runs."""
+        if not compiles_ahead(self.device) or not self.available():
+            return
+        if self.ahead:  # still leased here (not re-leased away meanwhile)? then one is enough
+            held = {p.id for p, _ in self.board.held_by(self.holder)}
+            self.ahead = [jid for jid in self.ahead if jid in held]
+            if self.ahead:
+                return
+        job = self.board.take_ahead(self.device.device_class, self.holder)
+        if job is None:
+            return
+        plan, attempt = job
+        self.ahead.append(plan.id)
+        try:
+            self._submit(plan, attempt)
+            log.debug("job %s submitted ahead to %s", plan.id, self.holder)
+        except (grpc.RpcError, OSError) as exc:  # it stays leased here: submitted again when its turn comes
+            log.warning("submitting job %s ahead to %s: %s", plan.id, self.holder, exc)
+
+    def _run(self, plan: JobPlan, attempt: int) -> None:
+        client = self._client()
+        s = self.board.settings
+        if plan.id in self.ahead:
+            self.ahead.remove(plan.id)
+        self._submit(plan, attempt)
         result: pb.JobResult | None = None
         for event in client.watch(plan.id, heartbeat_ms=int(s.heartbeat_s * 1000), idle_timeout=s.silent_after_s):
             self.board.renew(plan.id, self.holder)
+            for jid in self.ahead:
+                self.board.renew(jid, self.holder)
             if self.board.is_done(plan.id):  # finished elsewhere meanwhile: don't spend the device on it
                 client.cancel(plan.id)
                 return
@@ -558,9 +782,8 @@ class DeviceSlot(threading.Thread):
                 break
             if self.link.stop_event.is_set():
                 return
+            if event.state == pb.RUNNING:
+                self._submit_ahead()
         if result is None:
             raise AgentLost(f"{self.link.address}: job {plan.id} stream ended without a result")
-        if result.state == pb.SUCCEEDED:
-            self.board.complete(plan, self.holder, result)
-        else:
-            self.board.fail(plan, self.holder, result.error or pb.JobState.Name(result.state))
+        self.board.record(plan, self.holder, result, self.device.backend)

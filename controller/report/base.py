@@ -20,11 +20,12 @@ from tuneqn.controller.store import Store
 
 log = logging.getLogger(__name__)
 
-#: Job states after which nothing more happens to a job.
-FINAL_JOB_STATES = frozenset({"done", "failed", "unreachable"})
+#: Job states after which nothing more happens to a job (``infeasible``: the device cannot run the model).
+FINAL_JOB_STATES = frozenset({"done", "failed", "unreachable", "infeasible"})
 
 #: Result status shown for a job state without a result (unknown live states show as running).
-_STATUS_OF_JOB_STATE = {"pending": "pending", "failed": "failed", "unreachable": "unreachable", "done": "pending"}
+_STATUS_OF_JOB_STATE = {"pending": "pending", "failed": "failed", "unreachable": "unreachable", "done": "pending",
+                        "infeasible": "infeasible"}
 
 
 def _latency_fields(row: dict[str, Any] | None) -> dict[str, Any]:
@@ -47,10 +48,21 @@ def _job_status(job: dict[str, Any] | None) -> tuple[str, str | None]:
         return "pending", None
     state = str(job["state"])
     status = _STATUS_OF_JOB_STATE.get(state, "running")
-    error = job.get("error") if status in ("failed", "unreachable") else None
+    error = job.get("error") if status in ("failed", "unreachable", "infeasible") else None
     if status == "unreachable" and not error:
         error = "device unreachable"
+    if status == "infeasible" and not error:
+        error = "infeasible on this device"
     return status, error
+
+
+def _unsupported_ops(job: dict[str, Any] | None) -> list[str]:
+    """The op types an ``infeasible`` job's device could not run."""
+    try:
+        ops = json.loads((job or {}).get("unsupported_ops") or "[]")
+    except ValueError:
+        return []
+    return [str(o) for o in ops] if isinstance(ops, list) else []
 
 
 class _Index:
@@ -102,6 +114,22 @@ def _timing(row: dict[str, Any] | None) -> dict[str, Any]:
             "num_samples": row.get("num_samples")}
 
 
+def _details(row: dict[str, Any] | None) -> dict[str, Any]:
+    """How a result was produced: backend, compile and tuning seconds (separate from the device's
+    ``device_seconds``), whether its latency comes from a tuned build (``untuned``: a TVM build without
+    tuning, whose latency says little), a compile-cache hit and the remote server that ran it."""
+    info = _info(row)
+    backend = str(info.get("backend") or "")
+    compile_s, tuning_s = finite(info.get("compile_seconds")), finite(info.get("tuning_seconds"))
+    seconds = finite(info.get("seconds"))
+    device_s = None if seconds is None else max(0.0, seconds - (compile_s or 0.0) - (tuning_s or 0.0))
+    tuned = info.get("tuned")
+    return {"backend": backend or None, "compile_seconds": compile_s, "tuning_seconds": tuning_s,
+            "device_seconds": device_s, "tuned": bool(tuned) if tuned is not None else None,
+            "untuned": backend == "tvm" and not tuned,
+            "compile_cache_hit": info.get("compile_cache_hit"), "executed_on": info.get("executed_on") or None}
+
+
 def _screening(index: _Index, cid: str, dev_names: list[str]) -> list[dict[str, Any]]:
     """A candidate's screening results (its recipe's screening sample, no latency), per device."""
     out = []
@@ -110,6 +138,8 @@ def _screening(index: _Index, cid: str, dev_names: list[str]) -> list[dict[str, 
             continue
         r, job = index.current(cid, dev)
         status, error = ("done", None) if r is not None else _job_status(job)
+        if status == "infeasible":
+            error = f"{error} ({', '.join(_unsupported_ops(job))})" if _unsupported_ops(job) else error
         out.append({"device": dev, "status": status,
                     "agreement": finite(r["agreement"]) if r else None,
                     "accuracy": finite(r["accuracy"]) if r else None,
@@ -130,13 +160,49 @@ def _level(cid: str, full: _Index, screen: _Index, proposed: dict[str, set[str]]
 
 
 def _study_order(cands: list[dict[str, Any]], models: list[str], recipes: list[str]) -> list[dict[str, Any]]:
-    """Candidates by model and recipe in the study's order (unknown ones after, by name), else as given."""
+    """Candidates by model and recipe in the study's order (a variant recipe ``<recipe>.…`` right after its
+    recipe; unknown ones after, by name), else as given."""
+    def recipe_rank(name: str) -> int:
+        while name not in recipes and "." in name:
+            name = name.rpartition(".")[0]
+        return recipes.index(name) if name in recipes else len(recipes)
+
     def key(c: dict[str, Any]) -> tuple[int, str, int, str]:
         m = models.index(c["model"]) if c["model"] in models else len(models)
-        r = recipes.index(c["mode"]) if c["mode"] in recipes else len(recipes)
-        return (m, c["model"], r, c["mode"])
+        return (m, c["model"], recipe_rank(c["mode"]), c["mode"])
 
     return sorted(cands, key=key)
+
+
+class _Planning:
+    """Where each recipe runs, from the store's feasibility decisions (no decision: everywhere)."""
+
+    def __init__(self, store: Store) -> None:
+        self.rows = store.feasibility()
+        self.away: dict[tuple[str, str], set[str]] = {}  # (model, recipe) -> classes running another recipe
+        self.only: dict[tuple[str, str], set[str]] = {}  # (model, variant) -> classes it is planned on
+        for r in self.rows:
+            if r["planned"] != r["recipe"]:
+                self.away.setdefault((r["model"], r["recipe"]), set()).add(r["device_class"])
+                self.only.setdefault((r["model"], r["planned"]), set()).add(r["device_class"])
+
+    def devices(self, model: str, recipe: str, dev_names: list[str], classes: dict[str, str | None]) -> list[str]:
+        """The devices a (model, recipe)'s candidates are planned on, in report order."""
+        only = self.only.get((model, recipe))
+        if only is not None:
+            return [d for d in dev_names if (classes.get(d) or d) in only]
+        away = self.away.get((model, recipe), set())
+        return [d for d in dev_names if (classes.get(d) or d) not in away]
+
+    def entries(self) -> list[dict[str, Any]]:
+        """The report's ``feasibility`` section."""
+        from tuneqn.controller.feasibility import describe  # noqa: PLC0415 - onnx only when writing reports
+
+        return [{"model": r["model"], "recipe": r["recipe"], "device": r["device_class"], "planned": r["planned"],
+                 "status": r["status"], "unsupported": r["unsupported"], "tried": r["tried"],
+                 "text": describe(r["device_class"], r["recipe"], r["planned"], r["status"], r["unsupported"],
+                                  r["tried"])}
+                for r in self.rows]
 
 
 def _searches(store: Store) -> list[dict[str, Any]]:
@@ -197,6 +263,7 @@ def build_base(store: Store, *, partial: bool) -> dict[str, Any]:
 
     baselines: list[dict[str, Any]] = []
     baseline_state: dict[tuple[str, str], tuple[str, str | None]] = {}
+    infeasible: dict[str, list[dict[str, Any]]] = {}  # device -> what it could not run
     for m in models:
         for dev in dev_names:
             r, job = index.current(baseline_id(m["name"]), dev)
@@ -207,20 +274,38 @@ def build_base(store: Store, *, partial: bool) -> dict[str, Any]:
                 "accuracy": finite(r["accuracy"]) if r else None,
                 "accuracy_top5": finite(r["accuracy_top5"]) if r else None,
                 **_latency_fields(r), "size_bytes": m["size_bytes"], "error": error,
+                "unsupported_ops": _unsupported_ops(job) if status == "infeasible" else [],
+                **_details(r),
             })
+            if status == "infeasible":
+                infeasible.setdefault(dev, []).append({
+                    "candidate": baseline_id(m["name"]), "model": m["name"], "recipe": "fp32", "label": "fp32",
+                    "unsupported_ops": _unsupported_ops(job), "error": error})
 
+    planning = _Planning(store)
+    classes = {d["name"]: d.get("device_class") for d in devices}
     cand_out = []
-    for c in _study_order(store.candidates(), [m["name"] for m in models], cfg.quantization.recipe_names()):
+    recipe_names = cfg.quantization.recipe_names()
+    for c in _study_order(store.candidates(), [m["name"] for m in models], recipe_names):
         if c["kind"] == "fp32":
             continue
         level = _level(c["id"], index, screen, proposed, any_proposals)
         res = []
+        planned = planning.devices(c["model"], c["mode"], dev_names, classes)
         for dev in dev_names if level == "full" else []:
             r, job = index.current(c["id"], dev)
+            if dev not in planned and r is None and job is None:
+                continue  # another recipe runs on that device (feasibility planning)
             entry: dict[str, Any] = {"device": dev, "agreement": None, "accuracy": None, "accuracy_top5": None,
-                                     **_latency_fields(None), **_timing(None), "error": None}
+                                     **_latency_fields(None), **_timing(None), **_details(None), "error": None,
+                                     "unsupported_ops": []}
             if r is None:
                 entry["status"], entry["error"] = _job_status(job)
+                if entry["status"] == "infeasible":
+                    entry["unsupported_ops"] = _unsupported_ops(job)
+                    infeasible.setdefault(dev, []).append({
+                        "candidate": c["id"], "model": c["model"], "recipe": c["mode"], "label": c["label"],
+                        "unsupported_ops": entry["unsupported_ops"], "error": entry["error"]})
             else:
                 entry.update({
                     "status": "done",
@@ -229,6 +314,7 @@ def build_base(store: Store, *, partial: bool) -> dict[str, Any]:
                     "accuracy_top5": finite(r["accuracy_top5"]),
                     **_latency_fields(r),
                     **_timing(r),
+                    **_details(r),
                     "latency": json.loads(r["latency"] or "{}"),
                     "simulated_latency_ms_per_sample": r["simulated"] or 0.0,
                 })
@@ -268,6 +354,9 @@ def build_base(store: Store, *, partial: bool) -> dict[str, Any]:
         "searches": searches,
         "baselines": baselines,
         "candidates": cand_out,
+        "feasibility": planning.entries(),
+        "infeasible_by_device": [{"device": dev, "candidates": infeasible[dev]} for dev in dev_names
+                                 if dev in infeasible],
     }
 
 

@@ -32,14 +32,30 @@ module never changes what is in it, it only adds keys.  Base shape::
                      "label": str, "excluded": [layer names], "size_bytes": int, "sha256": str,
                      "level": "full"|"screen"|"build",   # how far it got (see below)
                      "proposed_by": [{"search", "label", "level"}],
-                     "results": [{"device", "status": "done"|"failed"|"unreachable"|"pending"|"running",
+                     "results": [{"device", "status": "done"|"failed"|"unreachable"|"infeasible"|"pending"|"running",
                                   "agreement": float|None, "accuracy": float|None,
                                   "accuracy_top5": float|None, "latency_ms": float|None,
                                   "latency_p10_ms": float|None, "latency_p90_ms": float|None,
                                   "seconds": float|None, "finished_at": float|None,
-                                  "num_samples": int|None, "error": str|None}],
+                                  "num_samples": int|None, "error": str|None,
+                                  "unsupported_ops": [op types] (infeasible: what the device cannot run),
+                                  "backend": str|None, "compile_seconds": float|None,
+                                  "tuning_seconds": float|None, "device_seconds": float|None,
+                                  "tuned": bool|None, "untuned": bool (a TVM build without tuning),
+                                  "compile_cache_hit": bool|None, "executed_on": str|None}],
                      "screening": [{"device", "status", "agreement", "accuracy", "num_samples",
-                                    "seconds", "finished_at", "error"}]}]}
+                                    "seconds", "finished_at", "error"}]}],
+     "feasibility": [{"model", "recipe", "device", "planned": recipe run there instead (or itself),
+                      "status": "feasible"|"adapted"|"gave-up", "unsupported": [op types of the
+                      recipe's fully quantized model the device lacks], "tried": [{"recipe",
+                      "unsupported"}], "text": one line}],   # feasibility planning per device class
+     "infeasible_by_device": [{"device", "candidates": [{"candidate", "model", "recipe", "label",
+                               "unsupported_ops", "error"}]}]}   # what a device could not run
+
+A candidate has ``results`` only on the devices its recipe is planned on (feasibility planning
+runs a variant recipe instead on devices that cannot run it); without planning, on every device.
+An ``infeasible`` result (the device cannot run the model, e.g. op types it cannot import) is
+final, never retried and never on a front.
 
 Levels: a *full* result is an evaluation on the whole evaluation sample with latency; a
 *screening* result uses only its recipe's screening sample (``search.screen_samples`` samples
@@ -85,8 +101,8 @@ the measured median.
 * ``cross_device``: ``[{"model", "mode", "recipe", "devices": [names], "fronts": [[ids], ...],
   "selected": id|None, "candidates": [{"id", "k", "label", "worst": {objective: value},
   "latency_tied_ms", "front": int|None}], "excluded": [{"candidate", "reason"}]}]`` - per
-  (model, recipe), over candidates done and feasible on every device that has any result
-  for the model; each objective is the worst value over those devices (max for "min"
+  (model, recipe), over candidates done and feasible on every device that has a result entry
+  for the recipe (every device, unless feasibility planning runs another recipe on some); each objective is the worst value over those devices (max for "min"
   objectives, min for "max" objectives).
 * ``infeasible``: ``[{"candidate", "device", "reason"}]`` - every full-level result that
   was not sorted into fronts (bounds violated, metric missing, failed, unreachable, not
@@ -110,7 +126,8 @@ the measured median.
   model for size and latency; None when a value is missing or the reference is 0.
   Accuracy losses are fractions (0.25 = 25 %), sizes bytes, latencies milliseconds.
 * ``ablation``: the ranking/strategy ablation, one row per (search, model, recipe, device)
-  where the search asked for anything, then one total row per search (``model``,
+  where the search asked for anything (the devices the recipe has results entries on), then one
+  total row per search (``model``,
   ``recipe``, ``mode``, ``device`` and ``front`` None)::
 
       {"search", "model", "recipe", "mode", "device", "front": [ids]|None,
@@ -179,10 +196,11 @@ logger = logging.getLogger(__name__)
 #: How many fronts the report keeps (paper: the top three).
 N_FRONTS = 3
 
-#: Result statuses; "failed" and "unreachable" are final without a result.
-STATUSES = ("done", "failed", "unreachable", "pending", "running")
+#: Result statuses; "failed", "unreachable" and "infeasible" are final without a result.
+STATUSES = ("done", "failed", "unreachable", "infeasible", "pending", "running")
 
-_NO_RESULT_REASON = {"failed": "evaluation failed (no error message)", "unreachable": "device unreachable"}
+_NO_RESULT_REASON = {"failed": "evaluation failed (no error message)", "unreachable": "device unreachable",
+                     "infeasible": "infeasible on this device"}
 
 
 @dataclass(frozen=True)
@@ -268,6 +286,8 @@ def _assess(objectives: list[_Objective], candidate: dict[str, Any], result: dic
     elif status in _NO_RESULT_REASON:
         result["feasible"] = False
         result["reason"] = result.get("error") or _NO_RESULT_REASON[status]
+        if status == "infeasible" and result.get("unsupported_ops"):
+            result["reason"] = f"infeasible on this device: unsupported {', '.join(result['unsupported_ops'])}"
     else:
         result["feasible"] = None
         result["reason"] = f"not evaluated ({status})"
@@ -432,9 +452,8 @@ def finalize_report(base: dict[str, Any]) -> dict[str, Any]:
                 )
             )
 
-        cross.append(
-            _cross_device(model, mode, ordered, by_dev, _device_order(report, model_devices[model]), objectives)
-        )
+        # Across the devices the recipe runs on (a variant recipe planned for some devices: across those).
+        cross.append(_cross_device(model, mode, ordered, by_dev, group_devices, objectives))
 
     report["fronts"] = fronts_out
     report["cross_device"] = cross
@@ -727,6 +746,12 @@ def _ablation(
     """The ranking ablation rows and the searches with their totals (see the module docstring)."""
     cands = {c["id"]: c for c in candidates}
     norms = _normalizers(candidates, objectives)
+    # A recipe's rows cover the devices it has full results entries on (feasibility planning may run a
+    # variant instead on some); a recipe without any yet, every device of the model.
+    recipe_devices: dict[tuple[str, str], list[str]] = {}
+    for c in candidates:
+        if _evaluated(c):
+            recipe_devices.setdefault((c["model"], c["mode"]), []).extend(r.get("device") for r in c.get("results") or [])
     rows: list[dict[str, Any]] = []
     searches: list[dict[str, Any]] = []
     hv_of: dict[tuple[str, str, str, str], float] = {}
@@ -735,7 +760,7 @@ def _ablation(
         started = finite(s.get("started_at"))
         for (model, recipe) in work.groups:
             full_ids = work.ids("full", (model, recipe))
-            for device in _device_order(report, model_devices.get(model, [])):
+            for device in _device_order(report, recipe_devices.get((model, recipe)) or model_devices.get(model, [])):
                 ids: list[str] = []
                 points: list[list[float]] = []
                 for cid in full_ids:

@@ -78,6 +78,18 @@ def _obj(o: Objective, value: Any, *, sel: bool = False) -> Cell:
     return _missing(sel) if text == "–" else Cell(text, sel=sel)
 
 
+#: How an untuned TVM latency is marked (its build had no tuning: it says little about the device).
+UNTUNED = "untuned"
+
+
+def _latency(r: dict[str, Any], value: Any, *, sel: bool = False) -> Cell:
+    """A latency value, marked when it comes from an untuned TVM build."""
+    cell = _obj(_LAT, value, sel=sel)
+    if r.get("untuned") and cell.text != "–":
+        return Cell(f"{cell.text} ({UNTUNED})", sel=sel, title="latency of a TVM build without tuning")
+    return cell
+
+
 def _spread(r: dict[str, Any]) -> Cell:
     """The p10–p90 interval of a latency, or a muted dash."""
     lo, hi = r.get("latency_p10_ms"), r.get("latency_p90_ms")
@@ -244,7 +256,8 @@ def _groups(report: dict[str, Any], images: dict[str, Path], cands: dict[str, di
                     _front(n, sel=sel),
                     Cell(_cand_name(c or {"id": cid}), left=True, sel=sel, title=cid),
                     Cell(str(len(c.get("excluded") or [])), sel=sel),
-                    *(_obj(o, (r.get("objectives") or {}).get(o.name), sel=sel) for o in objs),
+                    *(_latency(r, (r.get("objectives") or {}).get(o.name), sel=sel) if o.name == "latency"
+                      else _obj(o, (r.get("objectives") or {}).get(o.name), sel=sel) for o in objs),
                 ])
         out.append({
             "title": f"{model} · {mode} · {device}",
@@ -266,7 +279,7 @@ def _baselines(report: dict[str, Any]) -> list[list[Cell]]:
             Cell(status, left=True, span=f"st-{status}", title=b.get("error")),
             _obj(_ACC, b.get("accuracy")),
             _obj(OBJECTIVES["accuracy_top5"], b.get("accuracy_top5")),
-            _obj(_LAT, b.get("latency_ms")),
+            _latency(b, b.get("latency_ms")),
             _spread(b),
             _obj(_SIZE, b.get("size_bytes")),
         ])
@@ -286,6 +299,10 @@ def _candidates(report: dict[str, Any]) -> list[dict[str, Any]]:
         devices = [d for d in dev_order if d in seen] + [d for d in dict.fromkeys(seen) if d not in dev_order]
         members = sorted(members, key=lambda c: (0, int(c["k"])) if c.get("kind") != "explicit"
                          and c.get("k") is not None else (1, 0))
+        # Compile and tuning time apart from the device's own time, where a backend compiles (TVM).
+        times = any(r.get("compile_seconds") or r.get("tuning_seconds") or r.get("backend") == "tvm"
+                    for c in members for r in c.get("results") or [])
+        per_device = 6 + (3 if times else 0)
         rows = []
         for c in members:
             screened = [x for x in c.get("screening") or [] if x.get("status") == "done"]
@@ -304,20 +321,26 @@ def _candidates(report: dict[str, Any]) -> list[dict[str, Any]]:
             for d in devices:
                 r = by_dev.get(d)
                 if r is None:
-                    row += [_missing()] * 5 + [Cell("no result", left=True, span="muted")]
+                    row += [_missing()] * (per_device - 1) + [Cell("not planned here", left=True, span="muted")]
                     continue
                 status = str(r.get("status"))
                 shown = status if r.get("feasible") is not False or status != "done" else "done, infeasible"
+                if status == "infeasible" and r.get("unsupported_ops"):
+                    shown = f"infeasible: {', '.join(r['unsupported_ops'])}"
                 row += [
                     _pct(r.get("agreement")),
                     _obj(_ACC, r.get("accuracy")),
-                    _obj(_LAT, r.get("latency_ms")),
+                    _latency(r, r.get("latency_ms")),
                     _spread(r),
                     _front(r.get("front")),
-                    Cell(shown, left=True, span=f"st-{status}", title=r.get("reason")),
                 ]
+                if times:
+                    row += [_seconds(r.get("device_seconds")), _seconds(r.get("compile_seconds")),
+                            _seconds(r.get("tuning_seconds"))]
+                row.append(Cell(shown, left=True, span=f"st-{status}", title=r.get("reason")))
             rows.append(row)
-        out.append({"title": f"{model} · {mode}", "devices": devices, "rows": rows})
+        out.append({"title": f"{model} · {mode}", "devices": devices, "rows": rows, "times": times,
+                    "per_device": per_device})
     return out
 
 
@@ -430,6 +453,52 @@ def _recipe_fronts(report: dict[str, Any], images: dict[str, Path], cands: dict[
             "headers": ["front", "recipe", "candidate", "#excluded", *(o.heading for o in objs)],
             "rows": rows,
         })
+    return out
+
+
+def _devices(report: dict[str, Any]) -> list[list[Cell]]:
+    """The devices table: backend, TVM target, RPC key and where the device is reached."""
+    rows = []
+    for d in report.get("devices") or []:
+        info = d.get("info") or {}
+        remote = str(info.get("remote") or "")
+        servers = info.get("remote_servers")
+        rows.append([
+            Cell(str(d.get("name")), left=True),
+            Cell(str(d.get("device_class") or "–"), left=True),
+            Cell(str(info.get("backend") or "–") + (" (simulated)" if info.get("simulated") else ""), left=True),
+            Cell(str(info.get("target") or "–"), left=True),
+            Cell(str(info.get("rpc_key") or "–"), left=True),
+            Cell(remote or ("agent host" if info.get("backend") else "–"), left=True),
+            Cell(str(servers)) if servers else _missing(),
+            Cell(str(info.get("tvm_version") or "–"), left=True),
+            Cell(str(info.get("supported_ops"))) if info.get("supported_ops") else Cell("any", span="muted"),
+            Cell(str(info.get("agent") or info.get("declared_by") or "–"), left=True),
+            Cell(str(info.get("cpu") or "–")[:48], left=True),
+        ])
+    return rows
+
+
+def _feasibility(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """What feasibility planning did per device (one line each)."""
+    return [{"text": str(f.get("text")), "status": str(f.get("status"))} for f in report.get("feasibility") or []]
+
+
+def _infeasible_by_device(report: dict[str, Any], cands: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per device, the candidates it cannot run, with the exact op types."""
+    out = []
+    for entry in report.get("infeasible_by_device") or []:
+        rows = []
+        for it in entry.get("candidates") or []:
+            c = cands.get(it.get("candidate")) or {"id": it.get("candidate"), "label": it.get("label")}
+            rows.append([
+                Cell(str(it.get("model")), left=True),
+                Cell(str(it.get("recipe")), left=True),
+                Cell(_cand_name(c), left=True, title=it.get("candidate")),
+                Cell(", ".join(it.get("unsupported_ops") or []) or "–", left=True),
+                Cell(str(it.get("error") or ""), left=True),
+            ])
+        out.append({"device": entry.get("device"), "rows": rows})
     return out
 
 
@@ -560,6 +629,9 @@ def render_html(report: dict[str, Any], images: dict[str, Path]) -> str:
         "rankings": _rankings(report),
         "ranking_headers": ["rank", "layer", "gain (agreement, %)", "gain (top-k overlap, %)", "bytes added"],
         "infeasible": _infeasible(report, cands),
+        "devices": _devices(report),
+        "feasibility": _feasibility(report),
+        "infeasible_by_device": _infeasible_by_device(report, cands),
         "layers": _layers(report),
         "layer_headers": ["rank", "layer", "op type", "index", "qdq_err", "xmodel_err", "score"],
         "others": _other_images(images, report),

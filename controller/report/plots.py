@@ -36,6 +36,9 @@ FRONT_STYLES: dict[int, tuple[str, str, float]] = {
 _OBJECTIVE_COLORS = ["#1f77b4", "#2ca02c", "#ff7f0e", "#17becf", "#bcbd22"]
 _OBJECTIVE_MARKERS = ["o", "s", "^", "D", "v"]
 
+#: How a latency legend entry says that (some of) its values come from untuned TVM builds.
+UNTUNED_LABEL = "untuned TVM build"
+
 #: The plots :func:`render_plot` knows, in the order the HTML shows them.
 PLOT_KINDS = ("objectives", "tradeoff")
 
@@ -108,8 +111,14 @@ def objectives_vs_candidate(report: dict[str, Any], model: str, mode: str, devic
     Only search-proposed candidates are drawn (explicit sets have no place on the k axis);
     the top-3 fronts are vertical lines, failed, infeasible and not yet evaluated candidates
     are shaded.  When several candidates share a k (sets of different searches), points are
-    not joined by lines.  Returns ``path``.
+    not joined by lines.  A latency from untuned TVM builds says so in its legend entry.
+    Returns ``path``.
     """
+    return _save(objectives_figure(report, model, mode, device), path)
+
+
+def objectives_figure(report: dict[str, Any], model: str, mode: str, device: str) -> Figure:
+    """The figure of :func:`objectives_vs_candidate` (not saved)."""
     fig = _new_figure()
     ax = fig.add_subplot(1, 1, 1)
     pairs = [p for p in _group(report, model, mode, device) if _is_ranked(p[0])]
@@ -136,6 +145,8 @@ def objectives_vs_candidate(report: dict[str, Any], model: str, mode: str, devic
         norm = (vals - lo) / (hi - lo) * 100.0 if hi > lo else np.where(ok, 0.0, np.nan)
         direction = next((o.get("direction") for o in report["objectives"] if o["name"] == name), "min")
         label = f"{name} ({direction}): {_fmt_objective(name, lo)} = 0%, {_fmt_objective(name, hi)} = 100%"
+        if name == "latency" and any(r.get("untuned") for _, r in pairs if r.get("status") == "done"):
+            label += f" [{UNTUNED_LABEL}]"
         ax.plot(
             ks,
             norm,
@@ -152,8 +163,8 @@ def objectives_vs_candidate(report: dict[str, Any], model: str, mode: str, devic
     shaded: set[str] = set()
     for c, r in pairs:
         k = int(c["k"])
-        if r.get("status") in ("failed", "unreachable"):
-            kind, color = "failed / unreachable", "#bbbbbb"
+        if r.get("status") in ("failed", "unreachable", "infeasible"):
+            kind, color = "failed / unreachable / infeasible on device", "#bbbbbb"
         elif r.get("status") == "done" and r.get("feasible") is False:
             kind, color = "infeasible (bounds / missing metric)", "#f4c7c3"
         elif r.get("status") in ("pending", "running"):
@@ -213,7 +224,7 @@ def objectives_vs_candidate(report: dict[str, Any], model: str, mode: str, devic
     if off_axis:
         fig.text(0.01, 0.01, "explicit candidates on fronts (not on the k axis): " + ", ".join(off_axis), fontsize=7)
     fig.tight_layout()
-    return _save(fig, path)
+    return fig
 
 
 def tradeoff_scatter(report: dict[str, Any], model: str, mode: str, device: str, path: Path) -> Path:

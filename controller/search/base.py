@@ -119,6 +119,15 @@ class SearchView:
         """Recipe names of the study."""
         return self._study.recipes()
 
+    def pairs(self) -> list[tuple[str, str]]:
+        """The (model, recipe) pairs to search now: every model × recipe, or what the source plans
+        (``view_pairs``: variant recipes planned for devices that cannot run a recipe appear later,
+        a recipe no device runs any more drops out)."""
+        planned = getattr(self._source, "view_pairs", None)  # optional in a ViewSource
+        if planned is not None:
+            return list(planned())
+        return [(m, r) for m in self.models() for r in self.recipes()]
+
     def objectives(self) -> list[tuple[str, str]]:
         """(name, direction) of the study's objectives."""
         return [(o.name, o.resolved_direction) for o in self._study.cfg.objectives]
@@ -230,7 +239,9 @@ class ReplayPair(PairStrategy):
 
 @dataclass
 class PerPair(Strategy):
-    """A strategy that runs one :class:`PairStrategy` per (model, recipe)."""
+    """A strategy that runs one :class:`PairStrategy` per (model, recipe) of :meth:`SearchView.pairs`;
+    pairs that appear later (a variant recipe planned for a device) get their own search then, and a
+    pair that drops out (no device runs its recipe) is no longer waited for."""
 
     view: SearchView
     run: SearchRun
@@ -239,12 +250,22 @@ class PerPair(Strategy):
 
     def __post_init__(self) -> None:
         self.name = self.run.name
-        self.pairs = [self.pair_cls(self.view, self.run, m, r) for m in self.view.models() for r in self.view.recipes()]
+        self._all: dict[tuple[str, str], PairStrategy] = {}
+        self._sync()
+
+    def _sync(self) -> None:
+        keys = self.view.pairs()
+        for m, r in keys:
+            if (m, r) not in self._all:
+                self._all[(m, r)] = self.pair_cls(self.view, self.run, m, r)
+        self.pairs = [self._all[k] for k in keys]
 
     def propose(self) -> list[Request]:
         """Every pair's requests."""
+        self._sync()
         return [req for p in self.pairs if not p.done() for req in p.propose()]
 
     def done(self) -> bool:
         """All pairs done."""
+        self._sync()
         return all(p.done() for p in self.pairs)

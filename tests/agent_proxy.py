@@ -1,0 +1,148 @@
+"""A real gRPC hop in front of a real agent that rewrites what its ``GetInfo`` says about its devices.
+
+ORT agents cannot report what a TVM agent reports (devices joining a tracker, unhealthy devices,
+supported op types, the compile-ahead capability). Tests put this proxy (gRPC on 127.0.0.1, port
+0) between the controller and a real ORT agent: every RPC is forwarded byte for byte to the agent,
+which really runs the jobs; only the device list of ``GetInfo`` is passed through ``rewrite``.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from concurrent import futures
+from typing import Any
+
+import grpc
+
+from tuneqn.v1 import agent_pb2 as pb
+
+_SERVICE = "tuneqn.v1.Agent"
+_PASS = {"UploadBlob": "stream_unary", "HasBlobs": "unary_unary", "SubmitJob": "unary_unary",
+         "WatchJob": "unary_stream", "CancelJob": "unary_unary"}
+_SERVER_OPTIONS = [
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_recv_ping_interval_without_data_ms", 5000),
+    ("grpc.http2.max_ping_strikes", 0),
+    ("grpc.so_reuseport", 0),
+]
+
+
+def _identity(x: bytes) -> bytes:
+    return x
+
+
+def _deadline(context: grpc.ServicerContext) -> float | None:
+    """The caller's remaining time (None when the call has no deadline)."""
+    remaining = context.time_remaining()
+    return remaining if remaining is not None and remaining < 86_400 else None
+
+
+class DeviceProxy:
+    """Forwards ``tuneqn.v1.Agent`` (and the health check) to ``upstream``; ``GetInfo``'s devices go through
+    ``rewrite(list of Device) -> list of Device`` (change it at any time: the next GetInfo uses it)."""
+
+    def __init__(self, upstream: str, rewrite: Callable[[list[pb.Device]], list[pb.Device]] | None = None) -> None:
+        self.upstream = upstream
+        self.rewrite = rewrite or (lambda devices: devices)
+        self.info_calls = 0
+        self._calls = threading.Condition()
+        self._channel = grpc.insecure_channel(upstream)
+        self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=16), options=_SERVER_OPTIONS)
+        handlers: dict[str, grpc.RpcMethodHandler] = {
+            "GetInfo": grpc.unary_unary_rpc_method_handler(
+                self._get_info, request_deserializer=pb.GetInfoRequest.FromString,
+                response_serializer=pb.AgentInfo.SerializeToString)}
+        for method, kind in _PASS.items():
+            handlers[method] = self._forwarder(method, kind)
+        health = {"Check": self._forwarder("Check", "unary_unary", "grpc.health.v1.Health")}
+        self._server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(_SERVICE, handlers),
+                                               grpc.method_handlers_generic_handler("grpc.health.v1.Health", health)])
+        self.port = self._server.add_insecure_port("127.0.0.1:0")
+        self.address = f"127.0.0.1:{self.port}"
+
+    def start(self) -> DeviceProxy:
+        """Start serving."""
+        self._server.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop serving and close the upstream channel."""
+        self._server.stop(0).wait()
+        self._channel.close()
+
+    def __enter__(self) -> DeviceProxy:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def wait_info_calls(self, n: int, timeout: float = 30.0) -> None:
+        """Block until ``GetInfo`` was answered ``n`` times in all (a condition with a deadline)."""
+        with self._calls:
+            if not self._calls.wait_for(lambda: self.info_calls >= n, timeout):
+                raise TimeoutError(f"GetInfo answered {self.info_calls} times, waited for {n}")
+
+    @staticmethod
+    def _metadata(context: grpc.ServicerContext) -> tuple[tuple[str, str], ...]:
+        return tuple((k, v) for k, v in context.invocation_metadata() if k == "authorization")
+
+    def _get_info(self, request: pb.GetInfoRequest, context: grpc.ServicerContext) -> pb.AgentInfo:
+        call = self._channel.unary_unary(f"/{_SERVICE}/GetInfo", request_serializer=pb.GetInfoRequest.SerializeToString,
+                                         response_deserializer=pb.AgentInfo.FromString)
+        try:
+            info = call(request, metadata=self._metadata(context), timeout=10)
+        except grpc.RpcError as exc:
+            context.abort(exc.code(), exc.details() or "")
+        devices = self.rewrite([pb.Device.FromString(d.SerializeToString()) for d in info.devices])
+        del info.devices[:]
+        info.devices.extend(devices)
+        with self._calls:
+            self.info_calls += 1
+            self._calls.notify_all()
+        return info
+
+    def _forwarder(self, method: str, kind: str, service: str = _SERVICE) -> grpc.RpcMethodHandler:
+        path = f"/{service}/{method}"
+        upstream = getattr(self._channel, kind)(path, request_serializer=_identity, response_deserializer=_identity)
+
+        def unary_unary(request: bytes, context: grpc.ServicerContext) -> Any:
+            try:
+                return upstream(request, metadata=self._metadata(context), timeout=_deadline(context))
+            except grpc.RpcError as exc:
+                context.abort(exc.code(), exc.details() or "")
+
+        def stream_unary(requests: Iterator[bytes], context: grpc.ServicerContext) -> Any:
+            try:
+                return upstream(requests, metadata=self._metadata(context), timeout=_deadline(context))
+            except grpc.RpcError as exc:
+                context.abort(exc.code(), exc.details() or "")
+
+        def unary_stream(request: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
+            call = upstream(request, metadata=self._metadata(context), timeout=_deadline(context))
+            context.add_callback(call.cancel)
+            try:
+                yield from call
+            except grpc.RpcError as exc:
+                if exc.code() != grpc.StatusCode.CANCELLED:
+                    context.abort(exc.code(), exc.details() or "")
+
+        handler = {"unary_unary": grpc.unary_unary_rpc_method_handler,
+                   "stream_unary": grpc.stream_unary_rpc_method_handler,
+                   "unary_stream": grpc.unary_stream_rpc_method_handler}[kind]
+        fn = {"unary_unary": unary_unary, "stream_unary": stream_unary, "unary_stream": unary_stream}[kind]
+        return handler(fn, request_deserializer=_identity, response_serializer=_identity)
+
+
+def with_fields(device: pb.Device, **fields: Any) -> pb.Device:
+    """A copy of ``device`` with some fields changed (lists replace the device's)."""
+    out = pb.Device()
+    out.CopyFrom(device)
+    for name, value in fields.items():
+        if isinstance(value, (list, tuple, set, frozenset)):
+            field = getattr(out, name)
+            del field[:]
+            field.extend(sorted(value) if isinstance(value, (set, frozenset)) else value)
+        else:
+            setattr(out, name, value)
+    return out

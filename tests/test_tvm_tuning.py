@@ -72,8 +72,13 @@ def test_tuning_writes_records_reuses_them_and_matches_ort(tmp_path: Path) -> No
         np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4)
 
 
-def test_remote_cpu_target_needs_its_core_count() -> None:
+def test_remote_cpu_target_needs_its_core_count(tmp_path: Path) -> None:
     phone = tvm.target.Target({"kind": "llvm", "mtriple": "aarch64-linux-android", "mattr": ["+neon"]})
+    mod = from_onnx(onnx.load(str(_conv_relu(tmp_path / "m.onnx"))), shape_dict={"x": SHAPE},
+                    keep_params_in_input=False)
+    with pytest.raises(ValueError, match="RPC runner"):  # no local runner can run phone code
+        tvm_tuning.tune(mod, phone, tmp_path / "db", trials=2)
+    assert tvm_tuning.database_digest(tmp_path / "db") == ""
     with pytest.raises(ValueError, match="num-cores"):
         tvm_tuning.tuning_target(phone, local=False)
     with_cores = tvm.target.Target({**phone.export(), "num-cores": 4})

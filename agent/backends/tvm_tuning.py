@@ -26,6 +26,7 @@ import inspect
 import logging
 import math
 import os
+import platform
 import re
 import shutil
 import sys
@@ -41,7 +42,9 @@ from tvm import relax
 from tvm.ir.utils import derived_object
 from tvm.s_tir import meta_schedule as ms
 from tvm.s_tir.meta_schedule.builder import BuilderInput, BuilderResult, PyBuilder
-from tvm.s_tir.meta_schedule.builder import local_builder as _local_builder
+from tvm.s_tir.meta_schedule.builder.local_builder import default_export
+from tvm.s_tir.meta_schedule.runner import PyRunner, RunnerFuture, RunnerInput
+from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock
 
 log = logging.getLogger(__name__)
 
@@ -131,6 +134,19 @@ def _physical_cores() -> int:
     return psutil.cpu_count(logical=False) or os.cpu_count() or 1
 
 
+def runs_here(target: tvm.target.Target) -> bool:
+    """Whether code for ``target`` runs on this machine (a local runner can measure it): a CPU
+    target for this machine's architecture, or a GPU kind with a device present."""
+    kind = target.kind.name
+    if kind in ("llvm", "c"):
+        triple = str(target.attrs.get("mtriple", "") or "")
+        return not triple or triple.split("-")[0] in (platform.machine(), {"arm64": "aarch64"}.get(platform.machine()))
+    try:
+        return bool(tvm.device(kind, 0).exist)
+    except ValueError:  # a kind with no device type (e.g. "hexagon" on this build)
+        return False
+
+
 def tuning_target(target: tvm.target.Target, local: bool) -> tvm.target.Target:
     """``target`` with the ``num-cores`` MetaSchedule needs for CPU targets: this machine's physical
     cores when tuning locally; a remote CPU must say it in the target dict (ValueError otherwise)."""
@@ -213,9 +229,10 @@ class ThreadBuilder(PyBuilder):
         self.artifacts: list[str] = []
 
     def _build_one(self, b: BuilderInput) -> BuilderResult:
-        try:
-            path = _local_builder._worker_func(None, self.f_export, b.mod, b.target,
-                                               _local_builder._serialize_params(b.params))
+        try:  # MetaSchedule's default_build (without its deprecated tvm.build), then the export
+            mod = RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(b.mod)
+            rt_mod = tvm.tirx.build(mod, target=b.target)
+            path = self.f_export(rt_mod) if self.f_export is not None else default_export(rt_mod)
         except (tvm.TVMError, RuntimeError, ValueError, OSError) as e:  # the candidate fails, tuning goes on
             return BuilderResult(None, f"build failed: {e}")
         self.artifacts.append(path)
@@ -276,6 +293,9 @@ def tune(mod: tvm.IRModule, target: tvm.target.Target, work_dir: Path, trials: i
         raise RuntimeError(problem)
     work_dir = Path(work_dir)
     t0 = time.perf_counter()
+    if runner is None and trials > 0 and not runs_here(target):
+        raise ValueError(f"tuning for {target.kind.name} target {target} measures on the device: it needs an "
+                         "RPC runner (a tracker); this machine cannot run that code")
     target = tuning_target(target, local=runner is None)
     mod = prepare(mod, target)
     with _locked(work_dir, exclusive=True), _quiet_meta_schedule():
@@ -328,20 +348,53 @@ def _tune_tasks(tasks: list[Any], target: tvm.target.Target, work_dir: Path, db:
         builder.close()
         if starting is not None and starting.exception() is None:  # a failed start raised above
             starting.result().pool.shutdown()
+        elif isinstance(runner, TrackerRunner):
+            runner.close()
+
+
+@derived_object
+class TrackerRunner(PyRunner):
+    """MetaSchedule's ``RPCRunner`` (devices behind a TVM RPC tracker), started on first use.
+
+    ``RPCRunner`` starts a worker process when it is made and keeps it until its pool is shut
+    down; this one makes it at the first measurement and :meth:`close` (called by :func:`tune`
+    when tuning ends) shuts it down, so a runner made for a job that finds its library in the
+    cache costs nothing and none outlives its tuning.
+    """
+
+    def __init__(self, rpc_config: ms.runner.RPCConfig, evaluator_config: ms.runner.EvaluatorConfig) -> None:
+        super().__init__()
+        self.rpc_config = rpc_config
+        self.evaluator_config = evaluator_config
+        self._inner: Any | None = None
+        self._lock = threading.Lock()
+
+    def run(self, runner_inputs: list[RunnerInput]) -> list[RunnerFuture]:
+        """Measure on a device of the key (one RPC session per candidate)."""
+        with self._lock:
+            if self._inner is None:
+                self._inner = ms.runner.RPCRunner(rpc_config=self.rpc_config,
+                                                  evaluator_config=self.evaluator_config, max_workers=1)
+            inner = self._inner
+        return inner.run(runner_inputs)
+
+    def close(self) -> None:
+        """End the worker process, if one was started (a later measurement starts another)."""
+        with self._lock:
+            inner, self._inner = self._inner, None
+        if inner is not None:
+            inner.pool.shutdown()
 
 
 def rpc_runner(tracker_host: str, tracker_port: int, key: str, session_timeout: float) -> Any:
     """A MetaSchedule runner that measures on devices behind a TVM RPC tracker.
 
-    One RPC session per measured candidate (requested under ``key`` with priority 1 and
-    ``session_timeout`` seconds), as MetaSchedule's ``RPCRunner`` does; its worker pool lives as
-    long as the runner (``runner.pool.shutdown()`` ends it).
+    A :class:`TrackerRunner`: one RPC session per measured candidate, requested under ``key``
+    with priority 1 and ``session_timeout`` seconds (number 3, repeat 1, min_repeat_ms 100 per
+    candidate, MetaSchedule's defaults); :func:`tune` ends its worker process when tuning ends.
     """
-    return ms.runner.RPCRunner(
-        rpc_config=ms.runner.RPCConfig(
-            tracker_host=tracker_host, tracker_port=int(tracker_port), tracker_key=key,
-            session_priority=1, session_timeout_sec=max(1, int(math.ceil(session_timeout))),
-        ),
-        evaluator_config=ms.runner.EvaluatorConfig(number=3, repeat=1, min_repeat_ms=100),
-        max_workers=1,
+    return TrackerRunner(
+        ms.runner.RPCConfig(tracker_host=tracker_host, tracker_port=int(tracker_port), tracker_key=key,
+                            session_priority=1, session_timeout_sec=max(1, int(math.ceil(session_timeout)))),
+        ms.runner.EvaluatorConfig(number=3, repeat=1, min_repeat_ms=100),
     )

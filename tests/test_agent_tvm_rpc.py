@@ -58,7 +58,7 @@ def test_tracker_runs_candidates_releases_sessions_and_bounds_the_wait(
     key = tvm_lab.new_key("android")
     (server,) = tvm_lab.start_servers(key, 1)
     tvm_lab.wait_servers(key, 1)
-    monkeypatch.setenv("PYTHONPATH", str(tvm_lab.shim))  # the agent process imports TVM without torch
+    monkeypatch.setenv("PYTHONPATH", tvm_lab.agent_env()["PYTHONPATH"])  # TVM imported without torch
     agent = agent_process(
         tmp_path / "state", "--backend", "tvm", "--device-class", "phone",
         "--tvm-tracker", tvm_lab.address, "--tvm-key", key,
@@ -204,3 +204,21 @@ def test_direct_rpc_servers_are_one_lane_each(tvm_lab: TvmLab, tvm_agent, client
         result = client.wait_result(f"d{i}", timeout=60)
         assert result.state == pb.SUCCEEDED and result.executed_on == servers[i].address, result.error
         assert np.array_equal(decode_topk(result), topk(ort_scores(tvm_models["fp32"], data), 2))
+
+
+def test_unreachable_server_fails_the_job_after_bounded_reconnects(
+    tvm_agent, client_factory, tvm_models
+) -> None:
+    from tvm_rpc import free_port
+
+    address = f"{HOST}:{free_port()}"  # nothing listens there
+    server = tvm_agent(TvmSettings(rpc=((HOST, int(address.rsplit(":", 1)[1])),), max_reconnects=2,
+                                   reconnect_backoff=0.01), name="gone")
+    client = client_factory(server)
+    spec = job_spec("g", client.upload_bytes(tvm_models["fp32"].read_bytes()),
+                    client.upload_bytes(npy_bytes(cnn_samples(2))))
+    client.submit(spec)
+    result = client.wait_result("g", timeout=60)
+    assert result.state == pb.FAILED and not result.infeasible
+    assert "lost the device 3 times, giving up" in result.error and f"cannot connect to {address}" in result.error
+    assert devices(client)["gone.0"].healthy  # the job ended: nothing is being reconnected

@@ -208,6 +208,12 @@ class TvmLab:
         self.tracker_pid = int(self.tracker.proc._proc.pid)
         self.servers: list[RpcServer] = []
 
+    def agent_env(self, base: dict[str, str] | None = None) -> dict[str, str]:
+        """Environment for an agent process with ``--backend tvm`` (TVM imported without torch)."""
+        env = dict(os.environ if base is None else base)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(self.shim), env.get("PYTHONPATH")) if p)
+        return env
+
     @staticmethod
     def new_key(prefix: str = "test") -> str:
         """A key no other test uses."""

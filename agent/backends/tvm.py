@@ -468,6 +468,11 @@ class TvmPool:
         tvm_options = options.backend_options.tvm
         if tvm_options.tuning_trials <= 0:
             return spec
+        if self.settings.mode == "rpc":
+            raise ValueError(
+                "tuning (tuning_trials > 0) measures through a tracker or on this host; "
+                "it is not available with --tvm-rpc (use --tvm-tracker)"
+            )
         group = tvm_options.tuning_group or model_sha256
         ident = hashlib.sha256(f"{group}\n{self.target_json}".encode()).hexdigest()[:32]
         runner = None
@@ -683,7 +688,7 @@ class TvmBackend(Backend):
             compile_cache_hit=built.cache_hit,
             built=built,
             model_input=inp,
-            library=built.path.read_bytes(),
+            library=built.path.read_bytes() if self.settings.mode != "local" else b"",  # uploads
             timing=(
                 max(1, tvm_options.latency_number),
                 tvm_options.latency_min_repeat_ms,

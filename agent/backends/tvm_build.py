@@ -65,6 +65,11 @@ log = logging.getLogger(__name__)
 
 LIBRARY_NAME = "lib.so"
 META_NAME = "meta.json"
+#: TVM's Python frontend and Relax builder keep process-wide state (``BlockBuilder.current()``
+#: is a class attribute): two imports or compiles in two threads corrupt each other (measured:
+#: a spurious ``AssertionError`` in ``from_onnx`` with two lanes compiling at once, which would
+#: be recorded as "infeasible"). Every import, tuning and compile in the process runs under it.
+_TVM_LOCK = threading.RLock()
 
 
 @dataclass(frozen=True)
@@ -432,6 +437,18 @@ class CompileCache:
 
     @staticmethod
     def _compile_as(
+        model: onnx.ModelProto,
+        shape_dict: dict[str, list[int]] | None,
+        batch: int | None,
+        target: Any,
+        spec: BuildSpec,
+        lib: Path,
+    ) -> tuple[int | None, float, float]:
+        with _TVM_LOCK:
+            return CompileCache._compile_locked(model, shape_dict, batch, target, spec, lib)
+
+    @staticmethod
+    def _compile_locked(
         model: onnx.ModelProto,
         shape_dict: dict[str, list[int]] | None,
         batch: int | None,

@@ -469,7 +469,7 @@ class CompileCache:
                 raise ValueError("a tuned build (tuning_trials > 0) needs a tuning_dir")
             spec.tuning_dir.mkdir(parents=True, exist_ok=True)
             mod, tuning_seconds = tvm_tuning.tune(
-                mod, target, spec.tuning_dir, spec.tuning_trials, spec.runner
+                mod, target, spec.tuning_dir, spec.tuning_trials, spec.runner, compiler=spec.compiler
             )
         t1 = time.perf_counter()
         executable = tvm.compile(mod, target=target)

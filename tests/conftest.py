@@ -11,6 +11,13 @@ import tomli_w
 
 from onnx_models import cnn, mlp, write_images
 
+try:  # TVM tests: one tracker for the whole session, shared by every module (tests/tvm_rpc.py)
+    import tvm  # noqa: F401
+except ImportError:  # the tuneqn[tvm] extra is not installed: the TVM test modules skip themselves
+    pass
+else:
+    from tvm_rpc import tvm_agent, tvm_lab, tvm_models, tvm_session_lab  # noqa: F401
+
 
 @pytest.fixture(scope="session")
 def assets(tmp_path_factory: pytest.TempPathFactory) -> Path:

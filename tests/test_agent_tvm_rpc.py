@@ -20,17 +20,7 @@ from test_agent_fixtures import (  # noqa: F401  (fixtures are used by name)
     job_spec,
     npy_bytes,
 )
-from tvm_rpc import (  # noqa: F401
-    HOST,
-    TvmLab,
-    cnn_samples,
-    ort_scores,
-    tvm_agent,
-    tvm_lab,
-    tvm_models,
-    tvm_session_lab,
-    wait_for,
-)
+from tvm_rpc import HOST, TvmLab, cnn_samples, ort_scores, wait_for
 from tuneqn.agent.config import TvmSettings
 from tuneqn.controller.farm.client import AgentClient, decode_topk
 from tuneqn.v1 import agent_pb2 as pb

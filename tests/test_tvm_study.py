@@ -18,13 +18,7 @@ from typing import Any
 import numpy as np
 
 from conftest import write_study
-from tvm_rpc import (  # noqa: F401  (fixtures are used by name)
-    TvmLab,
-    tvm_agent,
-    tvm_lab,
-    tvm_session_lab,
-    wait_for,
-)
+from tvm_rpc import TvmLab, wait_for
 from tuneqn.agent.config import TvmSettings
 from tuneqn.controller.config import load_config
 from tuneqn.controller.farm.dispatcher import Endpoint, FarmSettings

@@ -84,3 +84,28 @@ def test_remote_cpu_target_needs_its_core_count(tmp_path: Path) -> None:
     with_cores = tvm.target.Target({**phone.export(), "num-cores": 4})
     assert tvm_tuning.tuning_target(with_cores, local=False).attrs["num-cores"] == 4
     assert tvm_tuning.tuning_target(tvm.target.Target({"kind": "llvm"}), local=True).attrs["num-cores"] >= 1
+
+
+def test_tuned_build_through_the_compile_cache(tmp_path: Path) -> None:
+    """The agent's path: a tuned build is cached (separately from the untuned one), marked tuned,
+    and its tuning time is reported apart from its compile time; a repeat is a cache hit."""
+    import hashlib
+
+    from tuneqn.agent.backends.tvm_build import BuildSpec, CompileCache
+
+    model_path = _conv_relu(tmp_path / "m.onnx")
+    sha = hashlib.sha256(model_path.read_bytes()).hexdigest()
+    cache = CompileCache(tmp_path / "cache", 2**30)
+    untuned = cache.get_or_build(model_path, sha, BuildSpec({"kind": "llvm"}))
+    spec = BuildSpec({"kind": "llvm"}, tuning_trials=2, tuning_dir=tmp_path / "db")
+    tuned = cache.get_or_build(model_path, sha, spec)
+    assert not untuned.tuned and tuned.tuned and not tuned.cache_hit
+    assert tuned.key != untuned.key and tuned.tuning_seconds > 0 and tuned.compile_seconds > 0
+    again = cache.get_or_build(model_path, sha, spec)
+    assert again.cache_hit and again.tuned  # filed under the database digest tuning left
+
+    x = np.random.default_rng(3).normal(0, 1, SHAPE).astype(np.float32)
+    vm = relax.VirtualMachine(tvm.runtime.load_module(str(tuned.path)), tvm.cpu())
+    got = vm["main"](tvm.runtime.tensor(x, tvm.cpu())).numpy()
+    ref = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)

@@ -318,6 +318,25 @@ def tune(mod: tvm.IRModule, target: tvm.target.Target, work_dir: Path, trials: i
     return mod, time.perf_counter() - t0
 
 
+@contextlib.contextmanager
+def _named_handlers() -> Iterator[None]:
+    """Hide unnamed handlers of MetaSchedule's logger while it configures its loggers.
+
+    MetaSchedule rebuilds its logging config from the names of the handlers already on its
+    logger and fails on a handler without a name (e.g. one a host application or pytest's log
+    capture attached); they are put back afterwards.
+    """
+    logger = logging.getLogger("tvm.s_tir.meta_schedule")
+    hidden = [h for h in logger.handlers if h.get_name() is None]
+    for h in hidden:
+        logger.removeHandler(h)
+    try:
+        yield
+    finally:
+        for h in hidden:
+            logger.addHandler(h)
+
+
 def _tune_tasks(tasks: list[Any], target: tvm.target.Target, work_dir: Path, db: ms.database.JSONDatabase,
                 trials: int, per_task: int, runner: Any | None, compiler: str) -> None:
     own_runner = runner is None
@@ -334,8 +353,9 @@ def _tune_tasks(tasks: list[Any], target: tvm.target.Target, work_dir: Path, db:
         strategy = ms.search_strategy.EvolutionarySearch(
             population_size=min(512, max(32, 16 * per_task)), init_min_unmeasured=min(50, max(8, 4 * per_task)),
             genetic_num_iters=4 if per_task >= 16 else 2)
-        contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
-            tasks, str(work_dir), space="post-order-apply", strategy=strategy, seed=0)
+        with _named_handlers():
+            contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
+                tasks, str(work_dir), space="post-order-apply", strategy=strategy, seed=0)
         if starting is not None:
             runner = starting.result()
         ms.tune.tune_tasks(

@@ -7,10 +7,14 @@ import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 
 from tuneqn.v1 import agent_pb2 as pb
+
+
+T = TypeVar("T")
 
 
 class Interrupted(Exception):
@@ -149,6 +153,41 @@ class Backend(abc.ABC):
 
     def close(self) -> None:  # noqa: B027 - optional hook, a no-op by default
         """Release resources held by the backend."""
+
+
+def pick_input(inputs: list[T], wanted: str, name_of: Callable[[T], str]) -> T:
+    """The model input called ``wanted`` (the first when empty); ValueError naming the inputs
+    when it is missing or when the model has several (only single-input models are supported)."""
+    if not inputs:
+        raise ValueError("model has no input")
+    chosen = inputs[0]
+    if wanted:
+        matching = [i for i in inputs if name_of(i) == wanted]
+        if not matching:
+            names = ", ".join(name_of(i) for i in inputs)
+            raise ValueError(f"model has no input {wanted!r} (inputs: {names})")
+        chosen = matching[0]
+    if len(inputs) > 1:
+        raise ValueError(f"model has {len(inputs)} inputs; only single-input models are supported")
+    return chosen
+
+
+def pad_to_batch(batch: np.ndarray, dtype: np.dtype, fixed_batch: int | None) -> np.ndarray:
+    """``batch`` as a contiguous array of ``dtype``, zero-padded to ``fixed_batch`` rows if set."""
+    x = np.ascontiguousarray(batch, dtype=dtype)
+    n = x.shape[0]
+    if fixed_batch is not None and n != fixed_batch:
+        if n > fixed_batch:
+            raise ValueError(f"chunk of {n} samples exceeds the model's batch size {fixed_batch}")
+        x = np.concatenate([x, np.zeros((fixed_batch - n, *x.shape[1:]), dtype=x.dtype)])
+    return x
+
+
+def scores_of(out: np.ndarray, rows: int, n: int) -> np.ndarray:
+    """Output 0 of a run on ``rows`` fed rows as ``[n, classes]`` (padded rows dropped)."""
+    if out.ndim == 0 or out.shape[0] != rows:
+        raise ValueError(f"output 0 has shape {list(out.shape)}; expected the batch of {rows} on axis 0")
+    return out.reshape(out.shape[0], -1)[:n]
 
 
 def topk_indices(scores: np.ndarray, k: int) -> np.ndarray:

@@ -19,6 +19,9 @@ from tuneqn.agent.backends.base import (
     Interrupted,
     LoadOptions,
     PreparedModel,
+    pad_to_batch,
+    pick_input,
+    scores_of,
 )
 
 log = logging.getLogger(__name__)
@@ -121,19 +124,7 @@ class OrtBackend(Backend):
             providers=["CPUExecutionProvider"],
             disabled_optimizers=list(ort_options.disabled_optimizers),
         )
-        inputs = session.get_inputs()
-        if options.input_name:
-            matching = [i for i in inputs if i.name == options.input_name]
-            if not matching:
-                names = ", ".join(i.name for i in inputs)
-                raise ValueError(f"model has no input {options.input_name!r} (inputs: {names})")
-            model_input = matching[0]
-        else:
-            model_input = inputs[0]
-        if len(inputs) > 1:
-            raise ValueError(
-                f"model has {len(inputs)} inputs; only single-input models are supported"
-            )
+        model_input = pick_input(list(session.get_inputs()), options.input_name, lambda i: i.name)
         dtype = _ORT_DTYPES.get(model_input.type)
         if dtype is None:
             raise ValueError(f"unsupported input type {model_input.type} of {model_input.name!r}")
@@ -152,16 +143,7 @@ class OrtBackend(Backend):
     @staticmethod
     def _feed(handle: OrtModel, batch: np.ndarray) -> np.ndarray:
         """``batch`` in the input's dtype, zero-padded to the fixed batch size if there is one."""
-        n = batch.shape[0]
-        x = np.ascontiguousarray(batch, dtype=handle.input_dtype)
-        if handle.fixed_batch is not None and n != handle.fixed_batch:
-            if n > handle.fixed_batch:
-                raise ValueError(
-                    f"chunk of {n} samples exceeds the model's batch size {handle.fixed_batch}"
-                )
-            pad = np.zeros((handle.fixed_batch - n, *x.shape[1:]), dtype=x.dtype)
-            x = np.concatenate([x, pad])
-        return x
+        return pad_to_batch(batch, handle.input_dtype, handle.fixed_batch)
 
     @staticmethod
     def _session_run(handle: OrtModel, x: np.ndarray) -> np.ndarray:
@@ -173,12 +155,7 @@ class OrtBackend(Backend):
         """Output 0 flattened to ``[n, classes]`` for ``batch``, padded rows dropped."""
         n = batch.shape[0]
         x = self._feed(handle, batch)
-        out = self._session_run(handle, x)
-        if out.ndim == 0 or out.shape[0] != x.shape[0]:
-            raise ValueError(
-                f"output 0 has shape {list(out.shape)}; expected the batch of {x.shape[0]} on axis 0"
-            )
-        return out.reshape(out.shape[0], -1)[:n]
+        return scores_of(self._session_run(handle, x), x.shape[0], n)
 
     def predict(
         self, handle: PreparedModel, batch: np.ndarray, stop: threading.Event | None = None

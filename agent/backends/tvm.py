@@ -62,6 +62,8 @@ from tuneqn.agent.backends.base import (
     Interrupted,
     LoadOptions,
     PreparedModel,
+    pad_to_batch,
+    scores_of,
 )
 from tuneqn.agent.backends.tvm_build import (
     BuildSpec,
@@ -725,11 +727,7 @@ class TvmBackend(Backend):
             return np.asarray(out.numpy())
 
         out = self._with_device(model, f"predicting {n} sample(s)", run, stop)
-        if out.ndim == 0 or out.shape[0] != x.shape[0]:
-            raise ValueError(
-                f"output 0 has shape {list(out.shape)}; expected the batch of {x.shape[0]} on axis 0"
-            )
-        return out.reshape(out.shape[0], -1)[:n]
+        return scores_of(out, x.shape[0], n)
 
     def latency(
         self,
@@ -773,17 +771,8 @@ class TvmBackend(Backend):
     @staticmethod
     def _feed(model: TvmModel, batch: np.ndarray) -> np.ndarray:
         """``batch`` in the input's dtype, zero-padded to the fixed batch size if there is one."""
-        dtype = model.model_input.dtype if model.model_input is not None else np.float32
-        x = np.ascontiguousarray(batch, dtype=dtype)
-        n = x.shape[0]
-        if model.fixed_batch is not None and n != model.fixed_batch:
-            if n > model.fixed_batch:
-                raise ValueError(
-                    f"chunk of {n} samples exceeds the model's batch size {model.fixed_batch}"
-                )
-            pad = np.zeros((model.fixed_batch - n, *x.shape[1:]), dtype=x.dtype)
-            x = np.concatenate([x, pad])
-        return x
+        dtype = model.model_input.dtype if model.model_input is not None else np.dtype(np.float32)
+        return pad_to_batch(batch, dtype, model.fixed_batch)
 
     def _with_device(
         self,

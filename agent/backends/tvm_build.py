@@ -44,7 +44,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from tuneqn.agent.backends.base import Infeasible
+from tuneqn.agent.backends.base import Infeasible, pick_input
 
 __all__ = [
     "BuildSpec",
@@ -148,18 +148,7 @@ def model_input(model: onnx.ModelProto, name: str = "") -> ModelInput:
     """The input ``name`` (default: the first graph input that is not an initializer)."""
     initializers = {i.name for i in model.graph.initializer}
     inputs = [i for i in model.graph.input if i.name not in initializers]
-    if not inputs:
-        raise ValueError("model has no input")
-    if name:
-        matching = [i for i in inputs if i.name == name]
-        if not matching:
-            names = ", ".join(i.name for i in inputs)
-            raise ValueError(f"model has no input {name!r} (inputs: {names})")
-        chosen = matching[0]
-    else:
-        chosen = inputs[0]
-    if len(inputs) > 1:
-        raise ValueError(f"model has {len(inputs)} inputs; only single-input models are supported")
+    chosen = pick_input(inputs, name, lambda i: i.name)
     tensor_type = chosen.type.tensor_type
     try:
         dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type))
@@ -415,40 +404,31 @@ class CompileCache:
     def _compile(
         self, model: onnx.ModelProto, target: Any, spec: BuildSpec, lib: Path
     ) -> tuple[int | None, float, float]:
-        """Import, (tune,) compile and export to ``lib``; returns (batch, compile s, tuning s)."""
-        inp = model_input(model)
-        rest = inp.dims[1:]
-        static_one = (
-            {inp.name: [1, *rest]} if all(isinstance(d, int) for d in rest) else None
-        )
-        fixed = inp.fixed_batch
-        if fixed is not None or not inp.dims:  # a fixed batch (or a scalar input): as it is
-            return self._compile_as(model, None, fixed, target, spec, lib)
-        if spec.tuning_trials > 0 and static_one is not None:
-            return self._compile_as(model, static_one, 1, target, spec, lib)
-        try:
-            return self._compile_as(model, None, None, target, spec, lib)
-        except Exception as exc:  # any import or compile failure of the dynamic build: fall back
-            # to a batch-1 build (logged); that build's own errors propagate.
-            if static_one is None:
-                raise
-            log.info("dynamic-batch build failed (%s); compiling with batch 1", _first_line(exc))
-            return self._compile_as(model, static_one, 1, target, spec, lib)
+        """Import, (tune,) compile and export to ``lib``; returns (batch, compile s, tuning s).
+
+        Runs under :data:`_TVM_LOCK` (TVM's frontend and builder are not thread-safe)."""
+        with _TVM_LOCK:
+            inp = model_input(model)
+            rest = inp.dims[1:]
+            static_one = (
+                {inp.name: [1, *rest]} if all(isinstance(d, int) for d in rest) else None
+            )
+            fixed = inp.fixed_batch
+            if fixed is not None or not inp.dims:  # a fixed batch (or a scalar input): as it is
+                return self._compile_as(model, None, fixed, target, spec, lib)
+            if spec.tuning_trials > 0 and static_one is not None:
+                return self._compile_as(model, static_one, 1, target, spec, lib)
+            try:
+                return self._compile_as(model, None, None, target, spec, lib)
+            except Exception as exc:  # any import or compile failure of the dynamic build: fall back
+                # to a batch-1 build (logged); that build's own errors propagate.
+                if static_one is None:
+                    raise
+                log.info("dynamic-batch build failed (%s); compiling with batch 1", _first_line(exc))
+                return self._compile_as(model, static_one, 1, target, spec, lib)
 
     @staticmethod
     def _compile_as(
-        model: onnx.ModelProto,
-        shape_dict: dict[str, list[int]] | None,
-        batch: int | None,
-        target: Any,
-        spec: BuildSpec,
-        lib: Path,
-    ) -> tuple[int | None, float, float]:
-        with _TVM_LOCK:
-            return CompileCache._compile_locked(model, shape_dict, batch, target, spec, lib)
-
-    @staticmethod
-    def _compile_locked(
         model: onnx.ModelProto,
         shape_dict: dict[str, list[int]] | None,
         batch: int | None,

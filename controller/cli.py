@@ -365,6 +365,32 @@ def cmd_agents(args: argparse.Namespace) -> int:
     return 1 if unhealthy else 0
 
 
+def cmd_certs(args: argparse.Namespace) -> int:
+    """Create a lab CA, an agent server certificate and a controller client certificate for mTLS."""
+    from tuneqn.controller.certs import DEFAULT_AGENT_HOSTS, write_lab_certs
+
+    hosts = args.agent_host or list(DEFAULT_AGENT_HOSTS)
+    c = write_lab_certs(Path(args.out_dir), hosts, days=args.days, force=args.force)
+    print(f"wrote {c.ca_cert}, {c.agent_cert}, {c.controller_cert} and their keys (mode 0600) "
+          f"for agent hosts {', '.join(hosts)}; valid {args.days} days")
+    print(f"agent:      tuneqn-agent --tls-cert {c.agent_cert} --tls-key {c.agent_key} --tls-ca {c.ca_cert} ...")
+    print(f"controller: [[agents]] tls_ca = \"{c.ca_cert.resolve()}\"  tls_cert = \"{c.controller_cert.resolve()}\"  "
+          f"tls_key = \"{c.controller_key.resolve()}\"")
+    print(f"keep {c.ca_key} off the agents (it signs certificates); copy only ca.pem, agent.pem, agent.key there")
+    return 0
+
+
+def _days(value: str) -> int:
+    """``--days``: a whole number of days, at least 1."""
+    try:
+        days = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number of days: {value!r}") from None
+    if days < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {days}")
+    return days
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The CLI's argument parser."""
     parser = _Parser(prog="tuneqn", description="Selective quantization tuning for ONNX models across real devices.")
@@ -410,6 +436,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--agent", action="append", metavar="HOST:PORT", help="agent address (repeatable)")
     p.add_argument("--token-file", help="file holding the agents' bearer token")
     p.set_defaults(func=cmd_agents)
+
+    p = sub.add_parser("certs", help="create a CA, an agent and a controller certificate for mutual TLS in a lab")
+    p.add_argument("out_dir", metavar="OUT_DIR", help="folder for ca.pem/.key, agent.pem/.key, controller.pem/.key")
+    p.add_argument("--agent-host", action="append", metavar="NAME_OR_IP",
+                   help="a host name or IP address the agents are reached by (repeatable; "
+                        "default: 127.0.0.1 and localhost)")
+    p.add_argument("--days", type=_days, default=365, help="validity in days (default 365)")
+    p.add_argument("--force", action="store_true", help="replace certificates already in OUT_DIR")
+    p.set_defaults(func=cmd_certs)
     return parser
 
 

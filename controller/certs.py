@@ -61,7 +61,8 @@ def _san_entries(hosts: Sequence[str]) -> list[x509.GeneralName]:
             continue
         except ValueError:
             pass
-        if not h or len(h) > 253 or not _DNS_NAME.match(h):
+        if not h or len(h) > 253 or not _DNS_NAME.match(h) or h.rstrip(".").rsplit(".", 1)[-1].isdigit():
+            # (an all-digit last label is a mistyped IP address, not a host name)
             raise UserError(f"--agent-host: {host!r} is neither an IP address nor a DNS name")
         entries.append(x509.DNSName(h.rstrip(".").lower()))
     if not entries:

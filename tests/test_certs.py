@@ -141,6 +141,7 @@ def _exit_code(argv: list[str]) -> int:
 @pytest.mark.parametrize("argv, message", [
     (["--agent-host", "not a host"], "--agent-host: 'not a host' is neither an IP address nor a DNS name"),
     (["--agent-host", "ok.example", "--agent-host=-bad-.example"], "'-bad-.example' is neither"),
+    (["--agent-host", "300.1.2.3"], "'300.1.2.3' is neither"),
     (["--days", "0"], "--days: must be at least 1"),
     (["--days", "soon"], "--days: not a whole number of days"),
 ])

@@ -276,7 +276,7 @@ class AgentServer:
             "running": {
                 d.name for d in self.jobs.devices() if self.jobs.device_status(d.name).running_job_id
             },
-            "blob_bytes": self.blobs.total_bytes(),
+            "blob_bytes": self.blobs.total_bytes,
             "blob_limit": self.blobs.cache_bytes,
             "compile_caches": compile_caches(self.jobs.backends()),
         }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import sqlite3
 import urllib.request
 from pathlib import Path
@@ -146,8 +147,6 @@ def test_a_job_past_the_drain_is_requeued_and_runs_after_restart(
 def test_startup_log_names_the_host(agent_process, tmp_path: Path) -> None:
     agent = agent_process(tmp_path / "state")
     assert agent.terminate() == 0
-    import socket
-
     assert f"on host {socket.gethostname()} listening on {agent.address}" in agent.log_path.read_text()
 
 

@@ -3,10 +3,13 @@
 Every flag has an environment variable (``TUNEQN_AGENT_<FLAG>``) that provides its
 default. On start the agent prints exactly one line to stdout,
 ``tuneqn-agent listening on HOST:PORT`` (the actual port, also with ``:0``); logs go
-to stderr. SIGTERM/SIGINT stop it gracefully: no new job starts, a running job is
-interrupted and stays queued for the next start. With ``--stop-on-stdin-eof`` the end
-of stdin does the same, so a parent that starts the agent with a stdin pipe never
-leaves it behind, even when the parent is SIGKILLed.
+to stderr. SIGTERM/SIGINT stop it gracefully: no new job starts (submissions get
+UNAVAILABLE), a running job gets ``--drain-seconds`` to finish (its result is stored),
+and one still running then is interrupted and stays queued for the next start; stored
+results are kept. With ``--stop-on-stdin-eof`` the end of stdin does the same, so a
+parent that starts the agent with a stdin pipe never leaves it behind, even when the
+parent is SIGKILLed. ``--metrics-listen HOST:PORT`` serves Prometheus metrics
+(:mod:`tuneqn.agent.metrics`) at ``/metrics``.
 
 Security: on a loopback address anything goes. Off loopback the agent needs a bearer
 token over TLS (``--token-file`` + ``--tls-cert/--tls-key``) or mutual TLS (``--tls-ca``);
@@ -52,6 +55,7 @@ log = logging.getLogger(__name__)
 
 PROG = "tuneqn-agent"
 DEFAULT_LISTEN = "127.0.0.1:50051"
+DEFAULT_DRAIN_SECONDS = 30.0
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
 _SIZE_UNITS = {"": 1, "k": 1000, "m": 1000**2, "g": 1000**3, "t": 1000**4}
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
@@ -200,6 +204,23 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="LEVEL",
         help="DEBUG, INFO, WARNING or ERROR (env TUNEQN_AGENT_LOG_LEVEL, default INFO)",
     )
+    p.add_argument(
+        "--drain-seconds",
+        type=float,
+        default=env("TUNEQN_AGENT_DRAIN_SECONDS", f"{DEFAULT_DRAIN_SECONDS:g}"),
+        metavar="S",
+        help="on SIGTERM/SIGINT a running job gets S seconds to finish before it is "
+        "interrupted and kept queued; 0 = interrupt at once (env TUNEQN_AGENT_DRAIN_SECONDS, "
+        f"default {DEFAULT_DRAIN_SECONDS:g}; keep a service manager's stop timeout above it)",
+    )
+    p.add_argument(
+        "--metrics-listen",
+        default=env("TUNEQN_AGENT_METRICS_LISTEN"),
+        metavar="HOST:PORT",
+        help="serve Prometheus metrics at http://HOST:PORT/metrics (jobs by state and "
+        "device, queue lengths, cache bytes, job durations); off unless given "
+        "(env TUNEQN_AGENT_METRICS_LISTEN)",
+    )
     _add_tvm_arguments(p)
     p.add_argument("--version", action="version", version=f"%(prog)s {tuneqn.__version__}")
     return p
@@ -256,16 +277,16 @@ def _add_tvm_arguments(p: argparse.ArgumentParser) -> None:
                    "(env TUNEQN_AGENT_TVM_CACHE_BYTES, default 10GiB)")
 
 
-def parse_listen(text: str) -> tuple[str, int]:
+def parse_listen(text: str, flag: str = "--listen") -> tuple[str, int]:
     """Split ``HOST:PORT`` (``[v6]:PORT`` for IPv6) into host and port."""
     host, sep, port_text = text.strip().rpartition(":")
     if not sep or not host or not port_text.isdigit():
-        raise UsageError(f"--listen must be HOST:PORT, got {text!r}")
+        raise UsageError(f"{flag} must be HOST:PORT, got {text!r}")
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
     port = int(port_text)
     if port > 65535:
-        raise UsageError(f"--listen port out of range: {port}")
+        raise UsageError(f"{flag} port out of range: {port}")
     return host, port
 
 
@@ -517,6 +538,11 @@ def _validate(args: argparse.Namespace) -> tuple[AgentConfig, str, str]:
         raise UsageError(f"unknown log level {args.log_level!r} (use {', '.join(_LOG_LEVELS)})")
     if args.simulated_latency_ms < 0:
         raise UsageError("--simulated-latency-ms must be >= 0")
+    if not args.drain_seconds >= 0 or args.drain_seconds == float("inf"):  # also NaN
+        raise UsageError(f"--drain-seconds must be a finite number >= 0, got {args.drain_seconds:g}")
+    metrics_host, metrics_port = (
+        parse_listen(args.metrics_listen, "--metrics-listen") if args.metrics_listen else (None, 0)
+    )
     _validate_tvm(args)
     token = None
     if args.token_file:
@@ -565,6 +591,9 @@ def _validate(args: argparse.Namespace) -> tuple[AgentConfig, str, str]:
         blob_cache_bytes=args.blob_cache_bytes,
         insecure=args.insecure,
         quiet_lock=quiet_lock,
+        metrics_host=metrics_host,
+        metrics_port=metrics_port,
+        drain_seconds=args.drain_seconds,
     )
     return config, device_name, args.device_class or device_name
 

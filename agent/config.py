@@ -27,6 +27,9 @@ class AgentConfig:
     max_workers: int = 64
     insecure: bool = False  # allow a non-loopback bind that breaks the security rule
     quiet_lock: Path | None = None  # see tuneqn.agent.quiet
+    metrics_host: str | None = None  # set: serve Prometheus metrics on metrics_host:metrics_port
+    metrics_port: int = 0  # 0 = a free port (AgentServer.metrics_port tells which)
+    drain_seconds: float = 0.0  # on stop, running jobs get this long to finish
 
 
 def is_loopback(host: str) -> bool:

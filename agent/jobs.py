@@ -195,7 +195,11 @@ class JobManager:
         backends: dict[str, Backend],
         agent_id: str,
         quiet_lock: QuietLock | None = None,
+        on_finished: Callable[[str, str, float], None] | None = None,
     ) -> None:
+        """``on_finished(device, state, seconds)`` is called when an execution ends, before
+        its final event is published: ``state`` is SUCCEEDED, FAILED or CANCELLED, or
+        INTERRUPTED when a stop interrupted it (the job stays queued)."""
         if not backends:
             raise ValueError("at least one device backend is required")
         self._state = state
@@ -211,7 +215,9 @@ class JobManager:
         self._quiet_lock = quiet_lock
         self._threads: list[threading.Thread] = []
         self._started = False
-        self._stopping = False
+        self._stopping = False  # no new work: submissions refused, idle workers end
+        self._interrupting = False  # running jobs are being interrupted (the drain is over)
+        self._on_finished = on_finished
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -286,12 +292,38 @@ class JobManager:
             job.spec.job_id, "FAILED", result=result.SerializeToString(), error=reason
         )
 
-    def stop(self, timeout: float | None = 30.0) -> None:
-        """Take no new work, interrupt running jobs (they stay queued for the next start)."""
+    def stop(self, timeout: float | None = 30.0, drain_seconds: float = 0.0) -> None:
+        """Take no new work, let running jobs finish, interrupt what still runs, end the workers.
+
+        Submissions are refused from now on and no queued job starts. Running jobs get
+        ``drain_seconds`` to finish (their results are stored as usual); those still
+        running then are interrupted and stay queued for the next start. ``timeout``
+        bounds the wait for each worker thread after that.
+        """
+        deadline = time.monotonic() + max(drain_seconds, 0.0)
         with self._cond:
             self._stopping = True
-            for job_id in self._running.values():
+            self._cond.notify_all()
+            running = {d: j for d, j in self._running.items() if j is not None}
+            if running and drain_seconds > 0:
+                log.info(
+                    "draining: waiting up to %g s for %s",
+                    drain_seconds,
+                    ", ".join(f"job {j} on {d}" for d, j in running.items()),
+                )
+            while any(j is not None for j in self._running.values()):
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._cond.wait(timeout=remaining)
+            self._interrupting = True
+            for device, job_id in self._running.items():
                 if job_id is not None:
+                    if drain_seconds > 0:
+                        log.warning(
+                            "job %s on %s still running after the %g s drain: interrupting it",
+                            job_id, device, drain_seconds,
+                        )
                     self._active[job_id].interrupt.set()
             self._cond.notify_all()
         for t in self._threads:
@@ -307,6 +339,11 @@ class JobManager:
     def devices(self) -> list[DeviceDescription]:
         """Fresh descriptions of the devices served now (a backend's description may change)."""
         return [b.describe() for b in self.backends()]
+
+    def queue_lengths(self) -> dict[str, int]:
+        """Number of queued jobs per device."""
+        with self._cond:
+            return {device: len(q) for device, q in self._queues.items()}
 
     def queue_length(self) -> int:
         """Number of queued jobs over all devices."""
@@ -514,7 +551,8 @@ class JobManager:
                 while job.version == seen:
                     if not is_active():
                         return
-                    if self._stopping:
+                    # while the agent drains, watchers of a running job see it finish
+                    if self._interrupting or (self._stopping and job.state != pb.RUNNING):
                         raise AgentStopping("the agent is shutting down; watch again after restart")
                     remaining = sent_at + heartbeat_s - time.monotonic()
                     if remaining <= 0:
@@ -667,16 +705,20 @@ class JobManager:
     def _execute(self, job: _Job, execution_id: int) -> None:
         spec = job.spec
         started = time.time()
+        clock = time.monotonic()
         try:
             result = self._run(job, started)
         except Interrupted:
             if not job.cancel_requested:  # the agent is stopping: run it again after restart
                 self._state.finish_execution(execution_id, "interrupted")
                 self._state.set_state(spec.job_id, "QUEUED")
+                self._report_finished(job.device, "INTERRUPTED", time.monotonic() - clock)
                 with self._cond:
                     self._running[job.device] = None
                     self._status[job.device] = ""
-                log.info("job %s interrupted by shutdown; it stays queued", spec.job_id)
+                    self._cond.notify_all()
+                log.info("job %s on %s interrupted by shutdown; it stays queued",
+                         spec.job_id, job.device)
                 return
             result = self._result(job, pb.CANCELLED, "cancelled while running")
         except Infeasible as exc:
@@ -686,7 +728,7 @@ class JobManager:
             result.unsupported_ops.extend(exc.ops)
         except Exception as exc:  # job-failure handler: any error of model, data or runtime
             # must end as a FAILED job with its message instead of killing the device worker.
-            log.warning("job %s failed: %s", spec.job_id, exc)
+            log.warning("job %s on %s failed: %s", spec.job_id, job.device, exc)
             message = str(exc) or type(exc).__name__
             result = self._result(job, pb.FAILED, f"{type(exc).__name__}: {message}")
         result.started_at = started
@@ -699,12 +741,17 @@ class JobManager:
         )
         self._state.finish_execution(execution_id, state_name(result.state))
         self._blobs.unpin([spec.model_sha256, spec.dataset_sha256])
+        self._report_finished(job.device, state_name(result.state), time.monotonic() - clock)
         with self._cond:
             self._running[job.device] = None
             self._status[job.device] = ""
             self._active.pop(spec.job_id, None)
             self._publish(job, result.state, "done", final_result=result)
-        log.info("job %s finished: %s", spec.job_id, state_name(result.state))
+        log.info("job %s on %s finished: %s", spec.job_id, job.device, state_name(result.state))
+
+    def _report_finished(self, device: str, state: str, seconds: float) -> None:
+        if self._on_finished is not None:
+            self._on_finished(device, state, seconds)
 
     def _run(self, job: _Job, started: float) -> pb.JobResult:
         """Load the job's model, run it, and release it (also when the run fails)."""

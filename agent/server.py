@@ -31,6 +31,7 @@ from tuneqn.agent.jobs import (
     JobNotFound,
     MissingBlobs,
 )
+from tuneqn.agent.metrics import AgentMetrics, compile_caches
 from tuneqn.agent.quiet import QuietLock
 from tuneqn.agent.state import AgentState, StateDirLock
 from tuneqn.v1 import agent_pb2 as pb
@@ -249,7 +250,16 @@ class AgentServer:
             if name in by_name:
                 raise ValueError(f"two backends for device {name!r}")
             by_name[name] = backend
-        self.jobs = JobManager(self.state, self.blobs, by_name, self.agent_id, self.quiet_lock)
+        self.metrics = AgentMetrics(self._live_metrics)
+        self.jobs = JobManager(
+            self.state,
+            self.blobs,
+            by_name,
+            self.agent_id,
+            self.quiet_lock,
+            on_finished=self.metrics.job_finished,
+        )
+        self.hostname = socket.gethostname()
         self.health = health.HealthServicer()
         self._server: grpc.Server | None = None
         self.port: int = 0
@@ -258,6 +268,23 @@ class AgentServer:
     def backends(self) -> dict[str, Backend]:
         """The device backends served now, by device name (devices may join while it runs)."""
         return {b.describe().name: b for b in self.jobs.backends()}
+
+    def _live_metrics(self) -> dict[str, object]:
+        """What the metrics endpoint reads at each scrape (see :class:`AgentMetrics`)."""
+        return {
+            "queues": self.jobs.queue_lengths(),
+            "running": {
+                d.name for d in self.jobs.devices() if self.jobs.device_status(d.name).running_job_id
+            },
+            "blob_bytes": self.blobs.total_bytes,
+            "blob_limit": self.blobs.cache_bytes,
+            "compile_caches": compile_caches(self.jobs.backends()),
+        }
+
+    @property
+    def metrics_port(self) -> int:
+        """Port of the metrics endpoint (0: not serving)."""
+        return self.metrics.port
 
     @property
     def running(self) -> bool:
@@ -303,26 +330,47 @@ class AgentServer:
             self.port = server.add_insecure_port(target)
         if self.port == 0:  # older grpc versions report a failed bind this way
             raise RuntimeError(f"cannot bind {target}")
+        if self.config.metrics_host is not None:
+            try:
+                self.metrics.serve(self.config.metrics_host, self.config.metrics_port)
+            except OSError as exc:
+                server.stop(None)
+                raise RuntimeError(
+                    f"cannot serve metrics on {self.config.metrics_host}:{self.config.metrics_port}: "
+                    f"{exc.strerror or exc}"
+                ) from None
         self.jobs.start()
         server.start()
         self._server = server
         for service in ("", SERVICE_NAME):
             self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
-        log.info("agent %s listening on %s", self.agent_id, self.address)
+        log.info(
+            "agent %s on host %s listening on %s", self.agent_id, self.hostname, self.address
+        )
+        if self.metrics.port:
+            mhost = self.config.metrics_host or ""
+            mhost = f"[{mhost}]" if ":" in mhost else mhost
+            log.info("metrics on http://%s:%d/metrics", mhost, self.metrics.port)
         return self.port
 
-    def stop(self, grace: float = 2.0) -> None:
-        """Stop taking work, interrupt running jobs (kept queued), stop the server."""
+    def stop(self, grace: float = 2.0, drain_seconds: float | None = None) -> None:
+        """Stop taking work, let running jobs finish within the drain time, stop the server.
+
+        ``drain_seconds`` (default ``config.drain_seconds``): how long running jobs may
+        take to finish; those still running then are interrupted and stay queued.
+        """
+        drain = self.config.drain_seconds if drain_seconds is None else drain_seconds
         self.health.enter_graceful_shutdown()
-        self.jobs.stop()
+        self.jobs.stop(drain_seconds=drain)
         if self._server is not None:
             self._server.stop(grace).wait()
             self._server = None
         for backend in self.jobs.backends():
             backend.close()
+        self.metrics.close()
         self.state.close()
         self._lock.release()
-        log.info("agent stopped")
+        log.info("agent stopped (%s on host %s)", self.agent_id, self.hostname)
 
     def __enter__(self) -> AgentServer:
         self.start()

@@ -68,7 +68,9 @@ class LocalAgent:
         """Start the agent and return its address once it listens."""
         self.state_dir.mkdir(parents=True, exist_ok=True)
         cmd = [sys.executable, "-m", "tuneqn.agent", "--listen", "127.0.0.1:0", "--state-dir", str(self.state_dir),
-               "--device-name", self.device_name, "--stop-on-stdin-eof", *self.extra_args]
+               "--device-name", self.device_name, "--stop-on-stdin-eof",
+               "--drain-seconds", "0",  # a stopped study interrupts its jobs at once
+               *self.extra_args]
         log.info("starting local agent: %s", " ".join(cmd))
         self.proc = subprocess.Popen(  # noqa: S603 - our own interpreter and module
             cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=open(self.state_dir / "agent.log", "ab"),  # noqa: SIM115

@@ -13,15 +13,14 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import logging
-import os
 import re
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tuneqn.controller.errors import UserError
+from tuneqn.controller.files import atomic_write_bytes
 
 if TYPE_CHECKING:
     from cryptography import x509
@@ -148,21 +147,6 @@ def build_lab_certs(agent_hosts: Sequence[str] = DEFAULT_AGENT_HOSTS, days: int 
     }
 
 
-def _write(path: Path, data: bytes, mode: int) -> None:
-    """Write ``data`` to ``path`` with ``mode`` through a temporary file (never a partly written file)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")  # mkstemp: mode 0600
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_lab_certs(out_dir: Path, agent_hosts: Sequence[str] = DEFAULT_AGENT_HOSTS, days: int = DEFAULT_DAYS,
                     force: bool = False) -> LabCerts:
     """Create the CA, agent and controller certificates in ``out_dir`` (keys mode 0600).
@@ -182,6 +166,6 @@ def write_lab_certs(out_dir: Path, agent_hosts: Sequence[str] = DEFAULT_AGENT_HO
     out_dir.mkdir(parents=True, exist_ok=True)
     for fname in FILES:
         path = out_dir / fname  # os.replace swaps a symlink itself, never writes through it
-        _write(path, contents[fname], 0o600 if fname.endswith(".key") else 0o644)
+        atomic_write_bytes(path, contents[fname], 0o600 if fname.endswith(".key") else 0o644)
     log.info("wrote %s in %s", ", ".join(FILES), out_dir)
     return LabCerts(*(out_dir / f for f in FILES))

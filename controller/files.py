@@ -19,17 +19,18 @@ def _file_mode() -> int:
     return 0o644
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
+def atomic_write_bytes(path: Path, data: bytes, mode: int | None = None) -> None:
     """Write ``data`` to ``path`` via a temporary file in the same folder, fsync and ``os.replace``.
 
-    Readers see the old file or the new one, never a half-written one.
+    Readers see the old file or the new one, never a half-written one. ``mode`` (default: the
+    usual permissions under the umask) is set before any byte is written (keys: 0o600).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
-            os.fchmod(fh.fileno(), _file_mode())  # mkstemp creates 0o600; give the usual permissions
+            os.fchmod(fh.fileno(), _file_mode() if mode is None else mode)  # mkstemp creates 0o600
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())

@@ -104,8 +104,8 @@ def test_ort_and_tvm_agents_give_per_device_and_cross_device_fronts(
     assert qdq
     data = np.load(out / "data" / "cnn" / "eval.npy")
     for cid in qdq:
-        reference = _unfused_ort_top1(Path(cands[cid]["path"]) if "path" in cands[cid]
-                                      else out / "candidates" / "cnn" / "qdq" / f"{cid.rsplit(':', 1)[1]}.onnx", data)
+        tag = cid.rsplit(":", 1)[1]  # candidate files are candidates/<model>/<recipe>/<tag>.onnx
+        reference = _unfused_ort_top1(out / "candidates" / "cnn" / "qdq" / f"{tag}.onnx", data)
         same = np.mean(topk[(cid, "phone")][:, 0] == reference)
         assert same >= 0.9, (cid, same)
 

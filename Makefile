@@ -27,7 +27,7 @@ example: $(STAMP)
 
 ## Run the whole example study end to end and print where the report is.
 demo: example
-	$(VENV)/bin/tuneqn tune $(EXAMPLE_DIR)/study.toml --out $(EXAMPLE_OUT)
+	$(VENV)/bin/tuneqn tune $(EXAMPLE_DIR)/study.toml --out $(EXAMPLE_OUT) --no-lab
 
 ## The full test suite, slow real-model tests included (they use the prepared example).
 test: example

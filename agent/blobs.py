@@ -154,6 +154,12 @@ class BlobStore:
         with self._lock:
             return sum(self._lru.values())
 
+    @property
+    def count(self) -> int:
+        """Blobs currently held by the cache."""
+        with self._lock:
+            return len(self._lru)
+
     def begin_upload(self, sha256: str, total_size: int) -> BlobUpload:
         """Start an upload after checking the address format and the size cap."""
         check_sha256(sha256)

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import logging
 import socket
-from collections.abc import Iterator
+import time
+from collections.abc import Iterable, Iterator
 from concurrent import futures
 from pathlib import Path
 
@@ -81,6 +82,34 @@ def device_proto(desc: DeviceDescription, status: DeviceStatus | None = None) ->
     return device
 
 
+def cache_usage(blobs: BlobStore, backends: Iterable[Backend]) -> list[pb.CacheUsage]:
+    """The agent's disk caches: the blob cache, and the TVM compile cache(s) if any."""
+    usage = [
+        pb.CacheUsage(
+            name="blobs", used_bytes=blobs.total_bytes, limit_bytes=blobs.cache_bytes, entries=blobs.count
+        )
+    ]
+    for cache in compile_caches(backends):
+        usage.append(
+            pb.CacheUsage(
+                name="tvm-compile",
+                used_bytes=cache.total_bytes(),
+                limit_bytes=cache.max_bytes,
+                entries=cache.entry_count(),
+            )
+        )
+    return usage
+
+
+def last_failure(state: AgentState) -> pb.JobFailure | None:
+    """The latest FAILED job of the state dir, infeasible ones aside (they are an answer, not an error)."""
+    for row in state.recent_failures():
+        if row.result is not None and pb.JobResult.FromString(row.result).infeasible:
+            continue
+        return pb.JobFailure(job_id=row.job_id, device=row.device, error=row.error or "", at=row.updated)
+    return None
+
+
 class AgentServicer(agent_pb2_grpc.AgentServicer):
     """Implements ``tuneqn.v1.Agent`` on top of the job manager and the blob store.
 
@@ -88,10 +117,19 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
     devices while the agent runs, and a device's description may change (remote servers).
     """
 
-    def __init__(self, jobs: JobManager, blobs: BlobStore, agent_id: str) -> None:
+    def __init__(
+        self,
+        jobs: JobManager,
+        blobs: BlobStore,
+        agent_id: str,
+        state: AgentState | None = None,
+        started_at: float | None = None,
+    ) -> None:
         self._jobs = jobs
         self._blobs = blobs
         self._agent_id = agent_id
+        self._state = state
+        self._started_at = time.time() if started_at is None else started_at
         self._hostname = socket.gethostname()
 
     def GetInfo(self, request: pb.GetInfoRequest, context: grpc.ServicerContext) -> pb.AgentInfo:
@@ -120,7 +158,7 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
                 CONTRACT_REVISION,
             )
         running = self._jobs.running_job_ids()
-        return pb.AgentInfo(
+        info = pb.AgentInfo(
             agent_version=tuneqn.__version__,
             contract_version=CONTRACT_VERSION,
             contract_revision=CONTRACT_REVISION,
@@ -130,7 +168,15 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
             running_job_id=running[0] if running else "",
             running_job_ids=running,
             devices=[device_proto(d, self._jobs.device_status(d.name)) for d in self._jobs.devices()],
+            caches=cache_usage(self._blobs, self._jobs.backends()),
+            started_at=self._started_at,
         )
+        if self._state is not None:
+            info.jobs_by_state.update(self._state.job_counts())
+            failure = last_failure(self._state)
+            if failure is not None:
+                info.last_failure.CopyFrom(failure)
+        return info
 
     def UploadBlob(
         self, request_iterator: Iterator[pb.BlobChunk], context: grpc.ServicerContext
@@ -260,6 +306,7 @@ class AgentServer:
             on_finished=self.metrics.job_finished,
         )
         self.hostname = socket.gethostname()
+        self.started_at = time.time()
         self.health = health.HealthServicer()
         self._server: grpc.Server | None = None
         self.port: int = 0
@@ -314,7 +361,7 @@ class AgentServer:
             ],
         )
         agent_pb2_grpc.add_AgentServicer_to_server(
-            AgentServicer(self.jobs, self.blobs, self.agent_id), server
+            AgentServicer(self.jobs, self.blobs, self.agent_id, self.state, self.started_at), server
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         host = f"[{self.config.host}]" if ":" in self.config.host else self.config.host

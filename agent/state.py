@@ -240,6 +240,22 @@ class AgentState:
             )
         return [_row(r) for r in rows]
 
+    def job_counts(self) -> dict[str, int]:
+        """How many jobs the database holds in each state."""
+        with self._lock:
+            rows = self.db.execute("SELECT state, count(*) FROM jobs GROUP BY state").fetchall()
+        return {str(state): int(n) for state, n in rows}
+
+    def recent_failures(self, limit: int = 20) -> list[JobRow]:
+        """The latest FAILED jobs, newest first."""
+        with self._lock:
+            rows = list(
+                self.db["jobs"].rows_where(
+                    "state = 'FAILED'", order_by="updated desc, rowid desc", limit=limit
+                )
+            )
+        return [_row(r) for r in rows]
+
     def start_execution(self, job_id: str, attempt: int = 0) -> int:
         """Record that the job starts executing now; returns the execution id."""
         with self._lock:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
@@ -253,7 +254,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_tune(args: argparse.Namespace) -> int:
     """Run the whole study on the agents; exit 0 when every job finished."""
     from tuneqn.controller.farm.dispatcher import FarmSettings
-    from tuneqn.controller.orchestrator import endpoints_from, remeasure_token, tune
+    from tuneqn.controller.orchestrator import remeasure_token, tune
     from tuneqn.controller.progress import Progress
     from tuneqn.controller.study import Study
 
@@ -263,7 +264,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
         settings = FarmSettings.from_config(cfg.evaluation, lease_timeout_s=args.lease_timeout,
                                             device_wait_s=args.device_wait,
                                             remeasure_token=remeasure_token(study, args.fresh))
-        endpoints = endpoints_from(cfg.agents, args.agent or [], Path(args.token_file) if args.token_file else None)
+        endpoints, origin = _agent_source(args, cfg.agents, args.study or "the study")
+        print(f"agents: {len(endpoints)} from {origin}" if endpoints else "agents: none given; starting a local agent")
         with Progress() as progress:
             task: list[int] = []
 
@@ -311,58 +313,109 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
-def _device_rows(address: str, healthy: bool, info: Any) -> list[list[str]]:
-    """Rows of ``tuneqn agents`` for one agent's devices."""
+def _agent_source(args: argparse.Namespace, study_agents: list[Any] | None = None,
+                  study_label: str = "the study") -> tuple[list[Any], str]:
+    """Endpoints of the agents a command uses (``--agent``, ``--lab``, the study's, the default lab file)
+    and where they came from."""
+    from tuneqn.controller.lab import choose_agents
+    from tuneqn.controller.orchestrator import endpoints_from
+
+    source = choose_agents(study_agents or [], args.agent, args.lab, args.no_lab, study_label)
+    endpoints = endpoints_from(source.agents, [], Path(args.token_file) if args.token_file else None,
+                               where=source.where)
+    return endpoints, source.origin
+
+
+def _when(at: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(at)) if at else ""
+
+
+def _agent_row(r: Any) -> list[str]:
+    """A row of the ``agents`` table of ``tuneqn agents``."""
+    from rich.filesize import decimal
+
+    label = r.address if r.name == r.address else f"{r.name} ({r.address})"
+    if not r.reachable:
+        state = "UNREACHABLE"
+    elif r.problem:
+        state = "MISMATCH"
+    else:
+        state = "serving" if r.serving else "draining"
+    version = f"{r.agent_version} {r.contract}".strip() if r.contract else "-"
+    classes = sorted({d["device_class"] for d in r.devices}) or ([f"{r.declared_class} (lab)"] if r.declared_class
+                                                                  else [])
+    running = len(r.running_job_ids)
+    queue = f"{r.queue_length} queued, {running} running" if r.reachable and not r.problem else "-"
+    caches = "; ".join(f"{c['name']} {decimal(c['used_bytes'])} of {decimal(c['limit_bytes'])} ({c['entries']})"
+                       for c in r.caches) or "-"
+    jobs = ", ".join(f"{n} {state.lower()}" for state, n in sorted(r.jobs_by_state.items())) or "-"
+    if r.problem:
+        last = r.problem
+    elif r.last_failure:
+        f = r.last_failure
+        last = f"{_when(f['at'])} job {f['job_id'][:12]} on {f['device']}: {f['error']}"
+    else:
+        last = "-"
+    if r.notes:
+        last += "".join(f"\nnote: {n}" for n in r.notes)
+    return [label, state, version, r.hostname or "-", ", ".join(classes) or "-", queue, caches, jobs, last]
+
+
+def _device_rows(r: Any) -> list[list[str]]:
+    """Rows of the ``devices`` table of ``tuneqn agents`` for one agent."""
     rows = []
-    for d in info.devices:
-        remote = d.remote or ("agent host" if d.backend == "tvm" else "-")
-        health = ("healthy" if d.healthy else "UNHEALTHY") + (f": {d.status}" if d.status else "")
-        running = d.running_job_id or "-"
-        rows.append([address, "serving" if healthy else "not serving", info.agent_version, d.name, d.device_class,
-                     d.backend + (" (simulated)" if d.simulated else ""), d.target or "-", d.rpc_key or "-", remote,
-                     str(d.remote_servers) if d.remote_servers else "-", health[:80], str(d.queue_length), running])
+    for d in r.devices:
+        remote = d["remote"] or ("agent host" if d["backend"] == "tvm" else "-")
+        health = ("healthy" if d["healthy"] else "UNHEALTHY") + (f": {d['status']}" if d["status"] else "")
+        rows.append([r.name, d["name"], d["device_class"], d["backend"] + (" (simulated)" if d["simulated"] else ""),
+                     d["target"] or "-", d["rpc_key"] or "-", remote,
+                     str(d["remote_servers"]) if d["remote_servers"] else "-", health[:120],
+                     str(d["queue_length"]), d["running_job_id"] or "-"])
     return rows
 
 
 def cmd_agents(args: argparse.Namespace) -> int:
-    """List the configured agents with health, devices (backend, target, RPC key, remote, servers, device
-    health and status), queue length and running job per device."""
+    """Probe the lab's agents: reachable or not, contract, devices (backend, target, RPC key, remote servers,
+    health), queue, cache use, job counts and last error. Exit 1 when an agent is unreachable or unusable."""
+    import json
+
     from rich.console import Console
     from rich.table import Table
 
-    import grpc
+    from tuneqn.controller.lab import probe_all
 
-    from tuneqn.controller.farm.client import ContractMismatch
-    from tuneqn.controller.orchestrator import endpoints_from
-
-    agents = load_config(Path(args.study)).agents if args.study else []
-    endpoints = endpoints_from(agents, args.agent or [], Path(args.token_file) if args.token_file else None)
+    study_agents = load_config(Path(args.study)).agents if args.study else []
+    endpoints, origin = _agent_source(args, study_agents, args.study or "the study")
     if not endpoints:
-        raise UserError("no agents: give STUDY.toml with [[agents]] or --agent HOST:PORT")
-    columns = ("agent", "health", "version", "device", "class", "backend", "target", "rpc key", "remote", "servers",
-               "device health / status", "queue", "running")
-    table = Table(title="agents")
-    for col in columns:
-        table.add_column(col, overflow="fold")
-    unhealthy = 0
-    for ep in endpoints:
-        client = ep.client(timeout=5.0)
-        try:
-            healthy = client.health()
-            info = client.info()
-            for row in _device_rows(ep.address, healthy, info):
-                table.add_row(*row)
-        except (grpc.RpcError, ContractMismatch) as exc:
-            unhealthy += 1
-            detail = exc.details() if isinstance(exc, grpc.RpcError) else str(exc)
-            table.add_row(ep.address, f"unreachable: {detail}"[:60], *[""] * (len(columns) - 2))
-        finally:
-            client.close()
+        raise UserError("no agents: give --lab LAB.toml, STUDY.toml with [[agents]], or --agent HOST:PORT "
+                        "(or write a default lab file, see docs/lab.md)")
+    reports = probe_all(endpoints, timeout=args.timeout)
+    bad = sum(1 for r in reports if r.problem)
+    if args.json:
+        print(json.dumps({"source": origin, "agents": [r.as_dict() for r in reports]}, indent=2))
+        return 1 if bad else 0
     console = Console()
-    if not console.is_terminal:  # piped or captured: one line per device, nothing folded
+    if not console.is_terminal:  # piped or captured: one line per row, nothing folded
         console = Console(width=400)
-    console.print(table)
-    return 1 if unhealthy else 0
+    agents = Table(title=f"agents ({origin})")
+    for col in ("agent", "state", "version", "host", "device classes", "queue", "caches (used of limit, entries)",
+                "jobs", "last error"):
+        agents.add_column(col, overflow="fold")
+    devices = Table(title="devices")
+    for col in ("agent", "device", "class", "backend", "target", "rpc key", "remote", "servers",
+                "device health / status", "queue", "running"):
+        devices.add_column(col, overflow="fold")
+    for r in reports:
+        agents.add_row(*_agent_row(r))
+        for row in _device_rows(r):
+            devices.add_row(*row)
+    console.print(agents)
+    if devices.row_count:
+        console.print(devices)
+    if bad:
+        console.print(f"{bad} of {len(reports)} agents unreachable or unusable; see docs/lab.md "
+                      "('When an agent is unreachable')")
+    return 1 if bad else 0
 
 
 def cmd_certs(args: argparse.Namespace) -> int:
@@ -391,6 +444,12 @@ def _days(value: str) -> int:
     return days
 
 
+def _add_lab_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--lab", metavar="LAB.toml", help="lab file listing the agents (replaces the study's "
+                   "[[agents]]; default: $TUNEQN_LAB, else ~/.config/tuneqn/lab.toml when the study lists none)")
+    p.add_argument("--no-lab", action="store_true", help="ignore the default lab file")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The CLI's argument parser."""
     parser = _Parser(prog="tuneqn", description="Selective quantization tuning for ONNX models across real devices.")
@@ -417,6 +476,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("tune", help="run the whole study: analyze, build candidates, evaluate on agents, report")
     _add_study_args(p)
     p.add_argument("--agent", action="append", metavar="HOST:PORT", help="agent address (repeatable; overrides config)")
+    _add_lab_args(p)
     p.add_argument("--token-file", help="file holding the agents' bearer token")
     p.add_argument("--lease-timeout", type=float, help="seconds without any word from an agent before its job "
                    "runs elsewhere (default: [evaluation] lease_timeout_s)")
@@ -431,10 +491,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("study_dir", help="the study's output directory")
     p.set_defaults(func=cmd_report)
 
-    p = sub.add_parser("agents", help="list agents with health, devices and queue length")
+    p = sub.add_parser("agents", help="probe the lab's agents: reachability, contract, devices, queues, caches, "
+                                      "last error")
     p.add_argument("study", nargs="?", help="study TOML file with [[agents]]")
     p.add_argument("--agent", action="append", metavar="HOST:PORT", help="agent address (repeatable)")
+    _add_lab_args(p)
     p.add_argument("--token-file", help="file holding the agents' bearer token")
+    p.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for each agent (default 5)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of tables")
     p.set_defaults(func=cmd_agents)
 
     p = sub.add_parser("certs", help="create a CA, an agent and a controller certificate for mutual TLS in a lab")

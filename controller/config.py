@@ -370,6 +370,8 @@ class AgentSpec(_Strict):
     """An agent the controller dispatches to."""
 
     address: str
+    #: A label for messages and ``tuneqn agents`` (default: the address).
+    name: str | None = None
     #: The device class this agent serves, when known in advance: its jobs are planned from the
     #: start and end as ``unreachable`` if no agent of the class answers within ``device_wait_s``.
     device_class: str | None = None
@@ -507,8 +509,10 @@ _TYPE_ERRORS = ("_type", "_parsing", "literal_error", "enum", "bool_", "int_from
 
 
 def format_validation_error(exc: ValidationError, schema: dict[str, Any]) -> str:
-    """The first validation error as one line: ``key.path: what is wrong``."""
-    err = exc.errors()[0]
+    """The first validation error as one line: ``key.path: what is wrong`` (an unknown key first: a
+    misspelt key also makes the key it meant missing, and the misspelling is the one to name)."""
+    errors = exc.errors()
+    err = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
     loc = tuple(err["loc"])
     etype = err["type"]
     if etype == "extra_forbidden":

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from tuneqn.controller import metrics
-from tuneqn.controller.errors import StudyFailed
+from tuneqn.controller.errors import StudyFailed, UserError
 from tuneqn.controller.feasibility import (ADAPTED, FEASIBLE, GAVE_UP, describe, model_op_types, next_recipe,
                                            ops_digest, unsupported)
 from tuneqn.controller.auth import read_token
@@ -676,11 +676,23 @@ def tune(study: Study, endpoints: list[Endpoint], settings: FarmSettings,
     return StudyRun(study, endpoints, settings, on_progress=on_progress, local_agent_args=local_agent_args).run()
 
 
-def endpoints_from(agents: list[AgentSpec], addresses: list[str], token_file: Path | None) -> list[Endpoint]:
-    """Agents from the command line (they replace the study's) or the study's ``[[agents]]``."""
+def endpoints_from(agents: list[AgentSpec], addresses: list[str], token_file: Path | None,
+                   where: str = "agents") -> list[Endpoint]:
+    """Agents from the command line (they replace the given ones) or ``agents`` (a study's or a lab file's
+    ``[[agents]]``, named ``where`` in errors); ``token_file`` serves the agents without their own."""
     tok = read_token(token_file, "--token-file")
     if addresses:
         return [Endpoint(a, token=tok) for a in addresses]
-    return [Endpoint(a.address, token=read_token(a.token_file, f"agents[{i}].token_file") if a.token_file else tok,
-                     tls_ca=a.tls_ca, tls_cert=a.tls_cert, tls_key=a.tls_key, device_class=a.device_class)
-            for i, a in enumerate(agents)]
+    endpoints = []
+    for i, a in enumerate(agents):
+        for key in ("tls_ca", "tls_cert", "tls_key"):
+            path = getattr(a, key)
+            if path is not None and not Path(path).is_file():
+                problem = "is a folder, expected a PEM file" if Path(path).is_dir() else "file not found"
+                raise UserError(f"{where}[{i}].{key}: {problem}: {path}")
+        if (a.tls_cert is None) != (a.tls_key is None):
+            raise UserError(f"{where}[{i}]: tls_cert and tls_key go together (mutual TLS needs both)")
+        token = read_token(a.token_file, f"{where}[{i}].token_file") if a.token_file else tok
+        endpoints.append(Endpoint(a.address, token=token, tls_ca=a.tls_ca, tls_cert=a.tls_cert, tls_key=a.tls_key,
+                                  device_class=a.device_class, name=a.name))
+    return endpoints

@@ -45,6 +45,8 @@ class DeviceProxy:
     def __init__(self, upstream: str, rewrite: Callable[[list[pb.Device]], list[pb.Device]] | None = None) -> None:
         self.upstream = upstream
         self.rewrite = rewrite or (lambda devices: devices)
+        #: The whole ``AgentInfo`` goes through this last (e.g. to play an agent of an older contract revision).
+        self.rewrite_info: Callable[[pb.AgentInfo], pb.AgentInfo] = lambda info: info
         self.info_calls = 0
         self._calls = threading.Condition()
         self._channel = grpc.insecure_channel(upstream)
@@ -97,6 +99,7 @@ class DeviceProxy:
         devices = self.rewrite([pb.Device.FromString(d.SerializeToString()) for d in info.devices])
         del info.devices[:]
         info.devices.extend(devices)
+        info = self.rewrite_info(info)
         with self._calls:
             self.info_calls += 1
             self._calls.notify_all()

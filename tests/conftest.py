@@ -19,6 +19,20 @@ else:
     from tvm_rpc import tvm_agent, tvm_lab, tvm_models, tvm_session_lab  # noqa: F401
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _no_user_lab_file(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """Tests never pick up the user's default lab file (``$TUNEQN_LAB``, ``~/.config/tuneqn/lab.toml``)."""
+    saved = {k: os.environ.get(k) for k in ("TUNEQN_LAB", "XDG_CONFIG_HOME")}
+    os.environ.pop("TUNEQN_LAB", None)
+    os.environ["XDG_CONFIG_HOME"] = str(tmp_path_factory.mktemp("xdg-config"))
+    yield
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
 @pytest.fixture(scope="session")
 def assets(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Models and images shared by many tests (read-only)."""

@@ -36,7 +36,7 @@ def test_info_handshake(agent_factory, client_factory) -> None:
     with client_factory(server) as client:
         info = client.info()
     assert info.contract_version == CONTRACT_VERSION == "tuneqn.v1"
-    assert info.contract_revision == CONTRACT_REVISION == 3
+    assert info.contract_revision == CONTRACT_REVISION == 4
     assert info.agent_id == server.agent_id and info.hostname
     assert info.queue_length == 0 and info.running_job_id == "" and list(info.running_job_ids) == []
     (device,) = info.devices
@@ -47,6 +47,10 @@ def test_info_handshake(agent_factory, client_factory) -> None:
     assert {"ort", "qdq", "qoperator", "dynamic", "static"} <= set(device.capabilities)
     assert device.cpu and device.gpu == ""
     assert not device.simulated and device.simulated_latency_ms_per_sample == 0
+    (blobs,) = info.caches  # an ORT agent has no compile cache
+    assert (blobs.name, blobs.used_bytes, blobs.entries) == ("blobs", 0, 0) and blobs.limit_bytes > 0
+    assert dict(info.jobs_by_state) == {} and not info.HasField("last_failure")
+    assert info.started_at > 0
 
 
 def test_other_major_contract_is_refused(agent_factory) -> None:
@@ -172,6 +176,12 @@ def test_failed_job_reports_its_error_and_worker_goes_on(agent_factory, client_f
     assert client.wait_result("good", timeout=RESULT_TIMEOUT).state == pb.SUCCEEDED
     assert client.submit(job_spec("bad", model_sha, wrong)).state == pb.FAILED  # not re-run
     assert executions(server.state_dir, "bad") == 1
+    info = client.info()  # what `tuneqn agents` shows: the failure, job counts, blob cache use
+    assert (info.last_failure.job_id, info.last_failure.device) == ("bad", DEVICE)
+    assert info.last_failure.error == bad.error and info.last_failure.at >= bad.finished_at - 1
+    assert dict(info.jobs_by_state) == {"FAILED": 1, "SUCCEEDED": 1}
+    (blobs,) = info.caches
+    assert blobs.entries == 3 and blobs.used_bytes == server.blobs.total_bytes > len(cnn_bytes)
 
 
 def test_jobs_run_one_at_a_time_in_fifo_order(agent_factory, client_factory, cnn_bytes) -> None:

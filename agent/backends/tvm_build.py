@@ -263,6 +263,10 @@ class CompileCache:
         """Bytes used by the cached entries."""
         return sum(size for _, size, _ in self._entries())
 
+    def entry_count(self) -> int:
+        """How many built libraries the cache holds."""
+        return len(self._entries())
+
     # ------------------------------------------------------------------ internals
 
     @staticmethod

@@ -30,7 +30,7 @@ import tuneqn
 from tuneqn.controller.files import file_sha256
 from tuneqn.v1 import agent_pb2 as pb
 from tuneqn.v1 import agent_pb2_grpc
-from tuneqn.v1.contract import CONTRACT_REVISION, CONTRACT_VERSION
+from tuneqn.v1.contract import CONTRACT_REVISION, CONTRACT_VERSION, MIN_AGENT_REVISION
 
 log = logging.getLogger(__name__)
 
@@ -168,11 +168,12 @@ class AgentClient:
 
     # ------------------------------------------------------------------ agent
 
-    def info(self) -> pb.AgentInfo:
+    def info(self, check_revision: bool = True) -> pb.AgentInfo:
         """Version handshake; returns the agent's description.
 
-        Raises :class:`ContractMismatch` when the agent speaks another contract or an
-        older revision than this client needs.
+        Raises :class:`ContractMismatch` when the agent speaks another contract or refuses
+        this client, or (``check_revision``) implements a revision older than
+        ``MIN_AGENT_REVISION``.
         """
         request = pb.GetInfoRequest(
             client_version=tuneqn.__version__,
@@ -189,10 +190,10 @@ class AgentClient:
             raise ContractMismatch(
                 f"{self.address} speaks {info.contract_version!r}, this client {CONTRACT_VERSION!r}"
             )
-        if info.contract_revision < CONTRACT_REVISION:
+        if check_revision and info.contract_revision < MIN_AGENT_REVISION:
             raise ContractMismatch(
                 f"{self.address} implements {CONTRACT_VERSION} revision {info.contract_revision}, "
-                f"this client needs revision {CONTRACT_REVISION}; upgrade the agent"
+                f"this client needs revision {MIN_AGENT_REVISION} or newer; upgrade the agent"
             )
         return info
 

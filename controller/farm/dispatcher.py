@@ -76,6 +76,7 @@ class Endpoint:
     tls_cert: Path | None = None
     tls_key: Path | None = None
     device_class: str | None = None
+    name: str | None = None  # a label for messages (lab file ``name``)
 
     def client(self, timeout: float = 30.0) -> AgentClient:
         """A new client of this agent."""

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15tuneqn/v1/agent.proto\x12\ttuneqn.v1\"]\n\x0eGetInfoRequest\x12\x16\n\x0e\x63lient_version\x18\x01 \x01(\t\x12\x18\n\x10\x63ontract_version\x18\x02 \x01(\t\x12\x19\n\x11\x63ontract_revision\x18\x03 \x01(\r\"\xd2\x03\n\x06\x44\x65vice\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0c\x64\x65vice_class\x18\x02 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x03 \x01(\t\x12@\n\x10runtime_versions\x18\x04 \x03(\x0b\x32&.tuneqn.v1.Device.RuntimeVersionsEntry\x12\x0b\n\x03\x63pu\x18\x05 \x01(\t\x12\x0b\n\x03gpu\x18\x06 \x01(\t\x12\x14\n\x0c\x63\x61pabilities\x18\x07 \x03(\t\x12\x11\n\tsimulated\x18\x08 \x01(\x08\x12\'\n\x1fsimulated_latency_ms_per_sample\x18\t \x01(\x01\x12\x14\n\x0cqueue_length\x18\n \x01(\r\x12\x16\n\x0erunning_job_id\x18\x0b \x01(\t\x12\x0f\n\x07healthy\x18\x0c \x01(\x08\x12\x0e\n\x06status\x18\r \x01(\t\x12\x0e\n\x06target\x18\x0e \x01(\t\x12\x0f\n\x07rpc_key\x18\x0f \x01(\t\x12\x0e\n\x06remote\x18\x10 \x01(\t\x12\x15\n\rsupported_ops\x18\x11 \x03(\t\x12\x16\n\x0eremote_servers\x18\x12 \x01(\r\x1a\x36\n\x14RuntimeVersionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xe6\x01\n\tAgentInfo\x12\x15\n\ragent_version\x18\x01 \x01(\t\x12\x18\n\x10\x63ontract_version\x18\x02 \x01(\t\x12\x19\n\x11\x63ontract_revision\x18\x03 \x01(\r\x12\x10\n\x08\x61gent_id\x18\x04 \x01(\t\x12\x10\n\x08hostname\x18\x05 \x01(\t\x12\x14\n\x0cqueue_length\x18\x06 \x01(\r\x12\x16\n\x0erunning_job_id\x18\x07 \x01(\t\x12\"\n\x07\x64\x65vices\x18\x08 \x03(\x0b\x32\x11.tuneqn.v1.Device\x12\x17\n\x0frunning_job_ids\x18\t \x03(\t\"=\n\tBlobChunk\x12\x0e\n\x06sha256\x18\x01 \x01(\t\x12\x12\n\ntotal_size\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"@\n\x07\x42lobRef\x12\x0e\n\x06sha256\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x04\x12\x17\n\x0f\x61lready_present\x18\x03 \x01(\x08\"!\n\x0fHasBlobsRequest\x12\x0e\n\x06sha256\x18\x01 \x03(\t\"#\n\x10HasBlobsResponse\x12\x0f\n\x07present\x18\x01 \x03(\x08\"C\n\nOrtOptions\x12\x1b\n\x13\x64isabled_optimizers\x18\x01 \x03(\t\x12\x18\n\x10intra_op_threads\x18\x02 \x01(\r\"X\n\x0e\x42\x61\x63kendOptions\x12\"\n\x03ort\x18\x01 \x01(\x0b\x32\x15.tuneqn.v1.OrtOptions\x12\"\n\x03tvm\x18\x02 \x01(\x0b\x32\x15.tuneqn.v1.TvmOptions\"\x8d\x01\n\nTvmOptions\x12\x15\n\rtuning_trials\x18\x01 \x01(\r\x12\x14\n\x0ctuning_group\x18\x02 \x01(\t\x12\x16\n\x0elatency_number\x18\x03 \x01(\r\x12\x1d\n\x15latency_min_repeat_ms\x18\x04 \x01(\r\x12\x1b\n\x13latency_cooldown_ms\x18\x05 \x01(\r\"\xc0\x03\n\x07JobSpec\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x02 \x01(\t\x12\x14\n\x0cmodel_sha256\x18\x03 \x01(\t\x12\x16\n\x0e\x64\x61taset_sha256\x18\x04 \x01(\t\x12\x12\n\ninput_name\x18\x05 \x01(\t\x12\x12\n\x05top_k\x18\x06 \x01(\rH\x00\x88\x01\x01\x12\x17\n\nchunk_size\x18\x07 \x01(\rH\x01\x88\x01\x01\x12\x1b\n\x0elatency_warmup\x18\x08 \x01(\rH\x02\x88\x01\x01\x12\x1c\n\x0flatency_repeats\x18\t \x01(\rH\x03\x88\x01\x01\x12\x32\n\x0f\x62\x61\x63kend_options\x18\x0c \x01(\x0b\x32\x19.tuneqn.v1.BackendOptions\x12\x0f\n\x07\x61ttempt\x18\r \x01(\r\x12\x17\n\x0fremeasure_token\x18\x0e \x01(\t\x12\x16\n\x0emax_executions\x18\x0f \x01(\rB\x08\n\x06_top_kB\r\n\x0b_chunk_sizeB\x11\n\x0f_latency_warmupB\x12\n\x10_latency_repeatsJ\x04\x08\n\x10\x0bJ\x04\x08\x0b\x10\x0cR\x17ort_disabled_optimizersR\x10intra_op_threads\"^\n\x11SubmitJobResponse\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\"\n\x05state\x18\x02 \x01(\x0e\x32\x13.tuneqn.v1.JobState\x12\x15\n\ralready_known\x18\x03 \x01(\x08\"\x91\x01\n\x0cLatencyStats\x12\x11\n\tmedian_ms\x18\x01 \x01(\x01\x12\x0e\n\x06p90_ms\x18\x02 \x01(\x01\x12\x0e\n\x06p10_ms\x18\x03 \x01(\x01\x12\x0f\n\x07mean_ms\x18\x04 \x01(\x01\x12\x0e\n\x06std_ms\x18\x05 \x01(\x01\x12\x0e\n\x06min_ms\x18\x06 \x01(\x01\x12\x0e\n\x06max_ms\x18\x07 \x01(\x01\x12\r\n\x05\x63ount\x18\x08 \x01(\r\"\xb0\x05\n\tJobResult\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x02 \x01(\t\x12\x14\n\x0c\x64\x65vice_class\x18\x03 \x01(\t\x12\x10\n\x08\x61gent_id\x18\x04 \x01(\t\x12\"\n\x05state\x18\x05 \x01(\x0e\x32\x13.tuneqn.v1.JobState\x12\r\n\x05\x65rror\x18\x06 \x01(\t\x12\x13\n\x0bnum_samples\x18\x07 \x01(\r\x12\r\n\x05top_k\x18\x08 \x01(\r\x12\x14\n\x0ctopk_indices\x18\t \x01(\x0c\x12\x18\n\x10model_size_bytes\x18\n \x01(\x04\x12(\n\x07latency\x18\x0b \x01(\x0b\x32\x17.tuneqn.v1.LatencyStats\x12\'\n\x1fsimulated_latency_ms_per_sample\x18\x0c \x01(\x01\x12\x19\n\x11inference_seconds\x18\r \x01(\x01\x12\x12\n\nstarted_at\x18\x0e \x01(\x01\x12\x13\n\x0b\x66inished_at\x18\x0f \x01(\x01\x12\x43\n\x10runtime_versions\x18\x10 \x03(\x0b\x32).tuneqn.v1.JobResult.RuntimeVersionsEntry\x12\x0f\n\x07\x61ttempt\x18\x11 \x01(\r\x12\x12\n\nexecutions\x18\x12 \x01(\r\x12\x12\n\ninfeasible\x18\x13 \x01(\x08\x12\x17\n\x0funsupported_ops\x18\x14 \x03(\t\x12\x17\n\x0f\x63ompile_seconds\x18\x15 \x01(\x01\x12\x16\n\x0etuning_seconds\x18\x16 \x01(\x01\x12\r\n\x05tuned\x18\x17 \x01(\x08\x12\x19\n\x11\x63ompile_cache_hit\x18\x18 \x01(\x08\x12\x13\n\x0b\x65xecuted_on\x18\x19 \x01(\t\x1a\x36\n\x14RuntimeVersionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"7\n\x0fWatchJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x14\n\x0cheartbeat_ms\x18\x02 \x01(\r\"\xc5\x01\n\x08JobEvent\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\"\n\x05state\x18\x02 \x01(\x0e\x32\x13.tuneqn.v1.JobState\x12\r\n\x05stage\x18\x03 \x01(\t\x12\x0c\n\x04\x64one\x18\x04 \x01(\r\x12\r\n\x05total\x18\x05 \x01(\r\x12\r\n\x05\x66inal\x18\x06 \x01(\x08\x12$\n\x06result\x18\x07 \x01(\x0b\x32\x14.tuneqn.v1.JobResult\x12\x11\n\ttimestamp\x18\x08 \x01(\x01\x12\x11\n\theartbeat\x18\t \x01(\x08\"\"\n\x10\x43\x61ncelJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"7\n\x11\x43\x61ncelJobResponse\x12\"\n\x05state\x18\x01 \x01(\x0e\x32\x13.tuneqn.v1.JobState*h\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\n\n\x06QUEUED\x10\x01\x12\x0b\n\x07RUNNING\x10\x02\x12\r\n\tSUCCEEDED\x10\x03\x12\n\n\x06\x46\x41ILED\x10\x04\x12\r\n\tCANCELLED\x10\x05\x32\x88\x03\n\x05\x41gent\x12:\n\x07GetInfo\x12\x19.tuneqn.v1.GetInfoRequest\x1a\x14.tuneqn.v1.AgentInfo\x12\x38\n\nUploadBlob\x12\x14.tuneqn.v1.BlobChunk\x1a\x12.tuneqn.v1.BlobRef(\x01\x12\x43\n\x08HasBlobs\x12\x1a.tuneqn.v1.HasBlobsRequest\x1a\x1b.tuneqn.v1.HasBlobsResponse\x12=\n\tSubmitJob\x12\x12.tuneqn.v1.JobSpec\x1a\x1c.tuneqn.v1.SubmitJobResponse\x12=\n\x08WatchJob\x12\x1a.tuneqn.v1.WatchJobRequest\x1a\x13.tuneqn.v1.JobEvent0\x01\x12\x46\n\tCancelJob\x12\x1b.tuneqn.v1.CancelJobRequest\x1a\x1c.tuneqn.v1.CancelJobResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15tuneqn/v1/agent.proto\x12\ttuneqn.v1\"]\n\x0eGetInfoRequest\x12\x16\n\x0e\x63lient_version\x18\x01 \x01(\t\x12\x18\n\x10\x63ontract_version\x18\x02 \x01(\t\x12\x19\n\x11\x63ontract_revision\x18\x03 \x01(\r\"\xd2\x03\n\x06\x44\x65vice\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0c\x64\x65vice_class\x18\x02 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x03 \x01(\t\x12@\n\x10runtime_versions\x18\x04 \x03(\x0b\x32&.tuneqn.v1.Device.RuntimeVersionsEntry\x12\x0b\n\x03\x63pu\x18\x05 \x01(\t\x12\x0b\n\x03gpu\x18\x06 \x01(\t\x12\x14\n\x0c\x63\x61pabilities\x18\x07 \x03(\t\x12\x11\n\tsimulated\x18\x08 \x01(\x08\x12\'\n\x1fsimulated_latency_ms_per_sample\x18\t \x01(\x01\x12\x14\n\x0cqueue_length\x18\n \x01(\r\x12\x16\n\x0erunning_job_id\x18\x0b \x01(\t\x12\x0f\n\x07healthy\x18\x0c \x01(\x08\x12\x0e\n\x06status\x18\r \x01(\t\x12\x0e\n\x06target\x18\x0e \x01(\t\x12\x0f\n\x07rpc_key\x18\x0f \x01(\t\x12\x0e\n\x06remote\x18\x10 \x01(\t\x12\x15\n\rsupported_ops\x18\x11 \x03(\t\x12\x16\n\x0eremote_servers\x18\x12 \x01(\r\x1a\x36\n\x14RuntimeVersionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xc0\x03\n\tAgentInfo\x12\x15\n\ragent_version\x18\x01 \x01(\t\x12\x18\n\x10\x63ontract_version\x18\x02 \x01(\t\x12\x19\n\x11\x63ontract_revision\x18\x03 \x01(\r\x12\x10\n\x08\x61gent_id\x18\x04 \x01(\t\x12\x10\n\x08hostname\x18\x05 \x01(\t\x12\x14\n\x0cqueue_length\x18\x06 \x01(\r\x12\x16\n\x0erunning_job_id\x18\x07 \x01(\t\x12\"\n\x07\x64\x65vices\x18\x08 \x03(\x0b\x32\x11.tuneqn.v1.Device\x12\x17\n\x0frunning_job_ids\x18\t \x03(\t\x12%\n\x06\x63\x61\x63hes\x18\n \x03(\x0b\x32\x15.tuneqn.v1.CacheUsage\x12+\n\x0clast_failure\x18\x0b \x01(\x0b\x32\x15.tuneqn.v1.JobFailure\x12<\n\rjobs_by_state\x18\x0c \x03(\x0b\x32%.tuneqn.v1.AgentInfo.JobsByStateEntry\x12\x12\n\nstarted_at\x18\r \x01(\x01\x1a\x32\n\x10JobsByStateEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\"T\n\nCacheUsage\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nused_bytes\x18\x02 \x01(\x04\x12\x13\n\x0blimit_bytes\x18\x03 \x01(\x04\x12\x0f\n\x07\x65ntries\x18\x04 \x01(\r\"G\n\nJobFailure\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x02 \x01(\t\x12\r\n\x05\x65rror\x18\x03 \x01(\t\x12\n\n\x02\x61t\x18\x04 \x01(\x01\"=\n\tBlobChunk\x12\x0e\n\x06sha256\x18\x01 \x01(\t\x12\x12\n\ntotal_size\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"@\n\x07\x42lobRef\x12\x0e\n\x06sha256\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x04\x12\x17\n\x0f\x61lready_present\x18\x03 \x01(\x08\"!\n\x0fHasBlobsRequest\x12\x0e\n\x06sha256\x18\x01 \x03(\t\"#\n\x10HasBlobsResponse\x12\x0f\n\x07present\x18\x01 \x03(\x08\"C\n\nOrtOptions\x12\x1b\n\x13\x64isabled_optimizers\x18\x01 \x03(\t\x12\x18\n\x10intra_op_threads\x18\x02 \x01(\r\"X\n\x0e\x42\x61\x63kendOptions\x12\"\n\x03ort\x18\x01 \x01(\x0b\x32\x15.tuneqn.v1.OrtOptions\x12\"\n\x03tvm\x18\x02 \x01(\x0b\x32\x15.tuneqn.v1.TvmOptions\"\x8d\x01\n\nTvmOptions\x12\x15\n\rtuning_trials\x18\x01 \x01(\r\x12\x14\n\x0ctuning_group\x18\x02 \x01(\t\x12\x16\n\x0elatency_number\x18\x03 \x01(\r\x12\x1d\n\x15latency_min_repeat_ms\x18\x04 \x01(\r\x12\x1b\n\x13latency_cooldown_ms\x18\x05 \x01(\r\"\xc0\x03\n\x07JobSpec\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x02 \x01(\t\x12\x14\n\x0cmodel_sha256\x18\x03 \x01(\t\x12\x16\n\x0e\x64\x61taset_sha256\x18\x04 \x01(\t\x12\x12\n\ninput_name\x18\x05 \x01(\t\x12\x12\n\x05top_k\x18\x06 \x01(\rH\x00\x88\x01\x01\x12\x17\n\nchunk_size\x18\x07 \x01(\rH\x01\x88\x01\x01\x12\x1b\n\x0elatency_warmup\x18\x08 \x01(\rH\x02\x88\x01\x01\x12\x1c\n\x0flatency_repeats\x18\t \x01(\rH\x03\x88\x01\x01\x12\x32\n\x0f\x62\x61\x63kend_options\x18\x0c \x01(\x0b\x32\x19.tuneqn.v1.BackendOptions\x12\x0f\n\x07\x61ttempt\x18\r \x01(\r\x12\x17\n\x0fremeasure_token\x18\x0e \x01(\t\x12\x16\n\x0emax_executions\x18\x0f \x01(\rB\x08\n\x06_top_kB\r\n\x0b_chunk_sizeB\x11\n\x0f_latency_warmupB\x12\n\x10_latency_repeatsJ\x04\x08\n\x10\x0bJ\x04\x08\x0b\x10\x0cR\x17ort_disabled_optimizersR\x10intra_op_threads\"^\n\x11SubmitJobResponse\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\"\n\x05state\x18\x02 \x01(\x0e\x32\x13.tuneqn.v1.JobState\x12\x15\n\ralready_known\x18\x03 \x01(\x08\"\x91\x01\n\x0cLatencyStats\x12\x11\n\tmedian_ms\x18\x01 \x01(\x01\x12\x0e\n\x06p90_ms\x18\x02 \x01(\x01\x12\x0e\n\x06p10_ms\x18\x03 \x01(\x01\x12\x0f\n\x07mean_ms\x18\x04 \x01(\x01\x12\x0e\n\x06std_ms\x18\x05 \x01(\x01\x12\x0e\n\x06min_ms\x18\x06 \x01(\x01\x12\x0e\n\x06max_ms\x18\x07 \x01(\x01\x12\r\n\x05\x63ount\x18\x08 \x01(\r\"\xb0\x05\n\tJobResult\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x02 \x01(\t\x12\x14\n\x0c\x64\x65vice_class\x18\x03 \x01(\t\x12\x10\n\x08\x61gent_id\x18\x04 \x01(\t\x12\"\n\x05state\x18\x05 \x01(\x0e\x32\x13.tuneqn.v1.JobState\x12\r\n\x05\x65rror\x18\x06 \x01(\t\x12\x13\n\x0bnum_samples\x18\x07 \x01(\r\x12\r\n\x05top_k\x18\x08 \x01(\r\x12\x14\n\x0ctopk_indices\x18\t \x01(\x0c\x12\x18\n\x10model_size_bytes\x18\n \x01(\x04\x12(\n\x07latency\x18\x0b \x01(\x0b\x32\x17.tuneqn.v1.LatencyStats\x12\'\n\x1fsimulated_latency_ms_per_sample\x18\x0c \x01(\x01\x12\x19\n\x11inference_seconds\x18\r \x01(\x01\x12\x12\n\nstarted_at\x18\x0e \x01(\x01\x12\x13\n\x0b\x66inished_at\x18\x0f \x01(\x01\x12\x43\n\x10runtime_versions\x18\x10 \x03(\x0b\x32).tuneqn.v1.JobResult.RuntimeVersionsEntry\x12\x0f\n\x07\x61ttempt\x18\x11 \x01(\r\x12\x12\n\nexecutions\x18\x12 \x01(\r\x12\x12\n\ninfeasible\x18\x13 \x01(\x08\x12\x17\n\x0funsupported_ops\x18\x14 \x03(\t\x12\x17\n\x0f\x63ompile_seconds\x18\x15 \x01(\x01\x12\x16\n\x0etuning_seconds\x18\x16 \x01(\x01\x12\r\n\x05tuned\x18\x17 \x01(\x08\x12\x19\n\x11\x63ompile_cache_hit\x18\x18 \x01(\x08\x12\x13\n\x0b\x65xecuted_on\x18\x19 \x01(\t\x1a\x36\n\x14RuntimeVersionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"7\n\x0fWatchJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x14\n\x0cheartbeat_ms\x18\x02 \x01(\r\"\xc5\x01\n\x08JobEvent\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\"\n\x05state\x18\x02 \x01(\x0e\x32\x13.tuneqn.v1.JobState\x12\r\n\x05stage\x18\x03 \x01(\t\x12\x0c\n\x04\x64one\x18\x04 \x01(\r\x12\r\n\x05total\x18\x05 \x01(\r\x12\r\n\x05\x66inal\x18\x06 \x01(\x08\x12$\n\x06result\x18\x07 \x01(\x0b\x32\x14.tuneqn.v1.JobResult\x12\x11\n\ttimestamp\x18\x08 \x01(\x01\x12\x11\n\theartbeat\x18\t \x01(\x08\"\"\n\x10\x43\x61ncelJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"7\n\x11\x43\x61ncelJobResponse\x12\"\n\x05state\x18\x01 \x01(\x0e\x32\x13.tuneqn.v1.JobState*h\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\n\n\x06QUEUED\x10\x01\x12\x0b\n\x07RUNNING\x10\x02\x12\r\n\tSUCCEEDED\x10\x03\x12\n\n\x06\x46\x41ILED\x10\x04\x12\r\n\tCANCELLED\x10\x05\x32\x88\x03\n\x05\x41gent\x12:\n\x07GetInfo\x12\x19.tuneqn.v1.GetInfoRequest\x1a\x14.tuneqn.v1.AgentInfo\x12\x38\n\nUploadBlob\x12\x14.tuneqn.v1.BlobChunk\x1a\x12.tuneqn.v1.BlobRef(\x01\x12\x43\n\x08HasBlobs\x12\x1a.tuneqn.v1.HasBlobsRequest\x1a\x1b.tuneqn.v1.HasBlobsResponse\x12=\n\tSubmitJob\x12\x12.tuneqn.v1.JobSpec\x1a\x1c.tuneqn.v1.SubmitJobResponse\x12=\n\x08WatchJob\x12\x1a.tuneqn.v1.WatchJobRequest\x1a\x13.tuneqn.v1.JobEvent0\x01\x12\x46\n\tCancelJob\x12\x1b.tuneqn.v1.CancelJobRequest\x1a\x1c.tuneqn.v1.CancelJobResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,10 +33,12 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_DEVICE_RUNTIMEVERSIONSENTRY']._loaded_options = None
   _globals['_DEVICE_RUNTIMEVERSIONSENTRY']._serialized_options = b'8\001'
+  _globals['_AGENTINFO_JOBSBYSTATEENTRY']._loaded_options = None
+  _globals['_AGENTINFO_JOBSBYSTATEENTRY']._serialized_options = b'8\001'
   _globals['_JOBRESULT_RUNTIMEVERSIONSENTRY']._loaded_options = None
   _globals['_JOBRESULT_RUNTIMEVERSIONSENTRY']._serialized_options = b'8\001'
-  _globals['_JOBSTATE']._serialized_start=3073
-  _globals['_JOBSTATE']._serialized_end=3177
+  _globals['_JOBSTATE']._serialized_start=3450
+  _globals['_JOBSTATE']._serialized_end=3554
   _globals['_GETINFOREQUEST']._serialized_start=36
   _globals['_GETINFOREQUEST']._serialized_end=129
   _globals['_DEVICE']._serialized_start=132
@@ -44,39 +46,45 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DEVICE_RUNTIMEVERSIONSENTRY']._serialized_start=544
   _globals['_DEVICE_RUNTIMEVERSIONSENTRY']._serialized_end=598
   _globals['_AGENTINFO']._serialized_start=601
-  _globals['_AGENTINFO']._serialized_end=831
-  _globals['_BLOBCHUNK']._serialized_start=833
-  _globals['_BLOBCHUNK']._serialized_end=894
-  _globals['_BLOBREF']._serialized_start=896
-  _globals['_BLOBREF']._serialized_end=960
-  _globals['_HASBLOBSREQUEST']._serialized_start=962
-  _globals['_HASBLOBSREQUEST']._serialized_end=995
-  _globals['_HASBLOBSRESPONSE']._serialized_start=997
-  _globals['_HASBLOBSRESPONSE']._serialized_end=1032
-  _globals['_ORTOPTIONS']._serialized_start=1034
-  _globals['_ORTOPTIONS']._serialized_end=1101
-  _globals['_BACKENDOPTIONS']._serialized_start=1103
-  _globals['_BACKENDOPTIONS']._serialized_end=1191
-  _globals['_TVMOPTIONS']._serialized_start=1194
-  _globals['_TVMOPTIONS']._serialized_end=1335
-  _globals['_JOBSPEC']._serialized_start=1338
-  _globals['_JOBSPEC']._serialized_end=1786
-  _globals['_SUBMITJOBRESPONSE']._serialized_start=1788
-  _globals['_SUBMITJOBRESPONSE']._serialized_end=1882
-  _globals['_LATENCYSTATS']._serialized_start=1885
-  _globals['_LATENCYSTATS']._serialized_end=2030
-  _globals['_JOBRESULT']._serialized_start=2033
-  _globals['_JOBRESULT']._serialized_end=2721
+  _globals['_AGENTINFO']._serialized_end=1049
+  _globals['_AGENTINFO_JOBSBYSTATEENTRY']._serialized_start=999
+  _globals['_AGENTINFO_JOBSBYSTATEENTRY']._serialized_end=1049
+  _globals['_CACHEUSAGE']._serialized_start=1051
+  _globals['_CACHEUSAGE']._serialized_end=1135
+  _globals['_JOBFAILURE']._serialized_start=1137
+  _globals['_JOBFAILURE']._serialized_end=1208
+  _globals['_BLOBCHUNK']._serialized_start=1210
+  _globals['_BLOBCHUNK']._serialized_end=1271
+  _globals['_BLOBREF']._serialized_start=1273
+  _globals['_BLOBREF']._serialized_end=1337
+  _globals['_HASBLOBSREQUEST']._serialized_start=1339
+  _globals['_HASBLOBSREQUEST']._serialized_end=1372
+  _globals['_HASBLOBSRESPONSE']._serialized_start=1374
+  _globals['_HASBLOBSRESPONSE']._serialized_end=1409
+  _globals['_ORTOPTIONS']._serialized_start=1411
+  _globals['_ORTOPTIONS']._serialized_end=1478
+  _globals['_BACKENDOPTIONS']._serialized_start=1480
+  _globals['_BACKENDOPTIONS']._serialized_end=1568
+  _globals['_TVMOPTIONS']._serialized_start=1571
+  _globals['_TVMOPTIONS']._serialized_end=1712
+  _globals['_JOBSPEC']._serialized_start=1715
+  _globals['_JOBSPEC']._serialized_end=2163
+  _globals['_SUBMITJOBRESPONSE']._serialized_start=2165
+  _globals['_SUBMITJOBRESPONSE']._serialized_end=2259
+  _globals['_LATENCYSTATS']._serialized_start=2262
+  _globals['_LATENCYSTATS']._serialized_end=2407
+  _globals['_JOBRESULT']._serialized_start=2410
+  _globals['_JOBRESULT']._serialized_end=3098
   _globals['_JOBRESULT_RUNTIMEVERSIONSENTRY']._serialized_start=544
   _globals['_JOBRESULT_RUNTIMEVERSIONSENTRY']._serialized_end=598
-  _globals['_WATCHJOBREQUEST']._serialized_start=2723
-  _globals['_WATCHJOBREQUEST']._serialized_end=2778
-  _globals['_JOBEVENT']._serialized_start=2781
-  _globals['_JOBEVENT']._serialized_end=2978
-  _globals['_CANCELJOBREQUEST']._serialized_start=2980
-  _globals['_CANCELJOBREQUEST']._serialized_end=3014
-  _globals['_CANCELJOBRESPONSE']._serialized_start=3016
-  _globals['_CANCELJOBRESPONSE']._serialized_end=3071
-  _globals['_AGENT']._serialized_start=3180
-  _globals['_AGENT']._serialized_end=3572
+  _globals['_WATCHJOBREQUEST']._serialized_start=3100
+  _globals['_WATCHJOBREQUEST']._serialized_end=3155
+  _globals['_JOBEVENT']._serialized_start=3158
+  _globals['_JOBEVENT']._serialized_end=3355
+  _globals['_CANCELJOBREQUEST']._serialized_start=3357
+  _globals['_CANCELJOBREQUEST']._serialized_end=3391
+  _globals['_CANCELJOBRESPONSE']._serialized_start=3393
+  _globals['_CANCELJOBRESPONSE']._serialized_end=3448
+  _globals['_AGENT']._serialized_start=3557
+  _globals['_AGENT']._serialized_end=3949
 # @@protoc_insertion_point(module_scope)

@@ -80,7 +80,14 @@ class Device(_message.Message):
     def __init__(self, name: _Optional[str] = ..., device_class: _Optional[str] = ..., backend: _Optional[str] = ..., runtime_versions: _Optional[_Mapping[str, str]] = ..., cpu: _Optional[str] = ..., gpu: _Optional[str] = ..., capabilities: _Optional[_Iterable[str]] = ..., simulated: _Optional[bool] = ..., simulated_latency_ms_per_sample: _Optional[float] = ..., queue_length: _Optional[int] = ..., running_job_id: _Optional[str] = ..., healthy: _Optional[bool] = ..., status: _Optional[str] = ..., target: _Optional[str] = ..., rpc_key: _Optional[str] = ..., remote: _Optional[str] = ..., supported_ops: _Optional[_Iterable[str]] = ..., remote_servers: _Optional[int] = ...) -> None: ...
 
 class AgentInfo(_message.Message):
-    __slots__ = ("agent_version", "contract_version", "contract_revision", "agent_id", "hostname", "queue_length", "running_job_id", "devices", "running_job_ids")
+    __slots__ = ("agent_version", "contract_version", "contract_revision", "agent_id", "hostname", "queue_length", "running_job_id", "devices", "running_job_ids", "caches", "last_failure", "jobs_by_state", "started_at")
+    class JobsByStateEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
     AGENT_VERSION_FIELD_NUMBER: _ClassVar[int]
     CONTRACT_VERSION_FIELD_NUMBER: _ClassVar[int]
     CONTRACT_REVISION_FIELD_NUMBER: _ClassVar[int]
@@ -90,6 +97,10 @@ class AgentInfo(_message.Message):
     RUNNING_JOB_ID_FIELD_NUMBER: _ClassVar[int]
     DEVICES_FIELD_NUMBER: _ClassVar[int]
     RUNNING_JOB_IDS_FIELD_NUMBER: _ClassVar[int]
+    CACHES_FIELD_NUMBER: _ClassVar[int]
+    LAST_FAILURE_FIELD_NUMBER: _ClassVar[int]
+    JOBS_BY_STATE_FIELD_NUMBER: _ClassVar[int]
+    STARTED_AT_FIELD_NUMBER: _ClassVar[int]
     agent_version: str
     contract_version: str
     contract_revision: int
@@ -99,7 +110,35 @@ class AgentInfo(_message.Message):
     running_job_id: str
     devices: _containers.RepeatedCompositeFieldContainer[Device]
     running_job_ids: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, agent_version: _Optional[str] = ..., contract_version: _Optional[str] = ..., contract_revision: _Optional[int] = ..., agent_id: _Optional[str] = ..., hostname: _Optional[str] = ..., queue_length: _Optional[int] = ..., running_job_id: _Optional[str] = ..., devices: _Optional[_Iterable[_Union[Device, _Mapping]]] = ..., running_job_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+    caches: _containers.RepeatedCompositeFieldContainer[CacheUsage]
+    last_failure: JobFailure
+    jobs_by_state: _containers.ScalarMap[str, int]
+    started_at: float
+    def __init__(self, agent_version: _Optional[str] = ..., contract_version: _Optional[str] = ..., contract_revision: _Optional[int] = ..., agent_id: _Optional[str] = ..., hostname: _Optional[str] = ..., queue_length: _Optional[int] = ..., running_job_id: _Optional[str] = ..., devices: _Optional[_Iterable[_Union[Device, _Mapping]]] = ..., running_job_ids: _Optional[_Iterable[str]] = ..., caches: _Optional[_Iterable[_Union[CacheUsage, _Mapping]]] = ..., last_failure: _Optional[_Union[JobFailure, _Mapping]] = ..., jobs_by_state: _Optional[_Mapping[str, int]] = ..., started_at: _Optional[float] = ...) -> None: ...
+
+class CacheUsage(_message.Message):
+    __slots__ = ("name", "used_bytes", "limit_bytes", "entries")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    USED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    used_bytes: int
+    limit_bytes: int
+    entries: int
+    def __init__(self, name: _Optional[str] = ..., used_bytes: _Optional[int] = ..., limit_bytes: _Optional[int] = ..., entries: _Optional[int] = ...) -> None: ...
+
+class JobFailure(_message.Message):
+    __slots__ = ("job_id", "device", "error", "at")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    AT_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    device: str
+    error: str
+    at: float
+    def __init__(self, job_id: _Optional[str] = ..., device: _Optional[str] = ..., error: _Optional[str] = ..., at: _Optional[float] = ...) -> None: ...
 
 class BlobChunk(_message.Message):
     __slots__ = ("sha256", "total_size", "data")

@@ -259,12 +259,16 @@ def cmd_tune(args: argparse.Namespace) -> int:
     from tuneqn.controller.study import Study
 
     cfg = _study_config(args)
+    if args.device_class:
+        cfg = cfg.model_copy(update={"evaluation": cfg.evaluation.model_copy(
+            update={"device_classes": list(dict.fromkeys(args.device_class))})})
+    endpoints, origin = _agent_source(args, cfg.agents, args.study or "the study")
+    _check_device_classes(cfg.evaluation.device_classes, endpoints, origin)
     study = Study(cfg, fresh=args.fresh, command=_command_line(args))
     try:
         settings = FarmSettings.from_config(cfg.evaluation, lease_timeout_s=args.lease_timeout,
                                             device_wait_s=args.device_wait,
                                             remeasure_token=remeasure_token(study, args.fresh))
-        endpoints, origin = _agent_source(args, cfg.agents, args.study or "the study")
         print(f"agents: {len(endpoints)} from {origin}" if endpoints else "agents: none given; starting a local agent")
         with Progress() as progress:
             task: list[int] = []
@@ -324,6 +328,18 @@ def _agent_source(args: argparse.Namespace, study_agents: list[Any] | None = Non
     endpoints = endpoints_from(source.agents, [], Path(args.token_file) if args.token_file else None,
                                where=source.where)
     return endpoints, source.origin
+
+
+def _check_device_classes(wanted: list[str], endpoints: list[Any], origin: str) -> None:
+    """A study's device classes that no agent can serve are a typo, not a 10-minute wait: when every agent
+    declares its class, each wanted class must be among them."""
+    if not wanted or not endpoints or any(not ep.device_class for ep in endpoints):
+        return
+    declared = sorted({ep.device_class for ep in endpoints})
+    missing = [c for c in wanted if c not in declared]
+    if missing:
+        raise UserError(f"--device-class/evaluation.device_classes: no agent of {origin} serves "
+                        f"{', '.join(missing)} (its classes: {', '.join(declared)})")
 
 
 def _when(at: float) -> str:
@@ -483,6 +499,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device-wait", "--agent-wait", dest="device_wait", type=float,
                    help="end a device class's jobs as unreachable after no agent of it answered this long "
                         "(default: [evaluation] device_wait_s)")
+    p.add_argument("--device-class", action="append", metavar="CLASS",
+                   help="measure only on this device class (repeatable; default: [evaluation] device_classes, "
+                        "else every class the agents serve)")
     p.add_argument("--simulated-latency-ms", type=float, default=0.0,
                    help="local agent only: add this simulated device latency per sample (benchmarks)")
     p.set_defaults(func=cmd_tune)

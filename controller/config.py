@@ -400,6 +400,8 @@ class EvaluationSpec(_Strict):
     #: A device class with no live agent this long ends its jobs as ``unreachable``.
     device_wait_s: Annotated[float, Field(gt=0)] = 600.0
     max_attempts: Annotated[int, Field(ge=1)] = 3
+    #: Measure only on these device classes (empty = every class the agents serve): one lab file, many studies.
+    device_classes: list[str] = []
     #: Devices that cannot run every op type (``Device.supported_ops``, e.g. a TVM agent): ``adapt`` plans on
     #: each device only recipes it can run (a QDQ or partly-float variant where needed); ``report``
     #: dispatches everything and reports what the device could not run as infeasible.

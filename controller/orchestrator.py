@@ -153,6 +153,15 @@ class StudyRun:
             self.local = LocalAgent(state_dir, extra_args=self.local_agent_args, quiet_lock=self.quiet.path)
             self.endpoints = [Endpoint(self.local.start())]
         now = time.monotonic()
+        wanted = set(self.settings.device_classes)
+        if wanted:
+            skipped = [ep for ep in self.endpoints if ep.device_class and ep.device_class not in wanted]
+            for ep in skipped:
+                log.info("agent %s (class %s) not used: the study measures on %s", ep.address, ep.device_class,
+                         ", ".join(sorted(wanted)))
+            self.endpoints = [ep for ep in self.endpoints if ep not in skipped]
+            for cls in sorted(wanted):  # planned from the start: a class no agent serves ends as unreachable
+                self._register_class(cls, {"declared_by": "evaluation.device_classes"}, now)
         for ep in self.endpoints:
             if ep.device_class:
                 self._register_class(ep.device_class, {"declared_by": ep.address}, now)
@@ -594,6 +603,8 @@ class StudyRun:
         return new
 
     def _on_device(self, link: AgentLink, device: pb.Device) -> None:
+        if self.settings.device_classes and device.device_class not in self.settings.device_classes:
+            return  # the study does not measure on this class: no jobs are planned for it
         versions = dict(device.runtime_versions)
         info = {"backend": device.backend, "cpu": device.cpu, "gpu": device.gpu,
                 "hostname": link.info.hostname if link.info else "", "agent": link.address,

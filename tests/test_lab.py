@@ -199,3 +199,22 @@ def test_a_study_and_agents_share_one_lab_file_over_mtls(tmp_path: Path, assets:
     blobs = shown["caches"][0]
     assert blobs["entries"] >= 2 and blobs["used_bytes"] > 0
     assert not (tmp_path / "out" / "agents").exists()  # no local agent was started
+
+
+def test_a_study_measures_only_on_the_device_classes_it_names(tmp_path: Path, assets: Path,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    """One lab, many studies: --device-class picks the lab's devices; a class nobody serves is exit 2 at once."""
+    with LocalAgent(tmp_path / "a", device_name="cpu-1", extra_args=["--device-class", "x86"]) as x86, \
+            LocalAgent(tmp_path / "b", device_name="arm-1", extra_args=["--device-class", "arm"]) as arm:
+        lab = _write_lab(tmp_path / "lab.toml", [{"address": x86.address, "device_class": "x86"},
+                                                 {"address": arm.address, "device_class": "arm"}])
+        study = write_study(tmp_path, model=assets / "cnn.onnx", images=assets / "images", evaluation=FAST)
+        rc = main(["tune", str(study), "--lab", str(lab), "--device-class", "amr"])
+        _one_line_error(rc, capsys.readouterr().err, "--device-class", "amr", "its classes: arm, x86")
+        assert not (tmp_path / "out" / "tuneqn.db").exists()  # nothing half-written
+        assert main(["tune", str(study), "--lab", str(lab), "--device-class", "arm"]) == 0
+        x86_jobs = sqlite3.connect(x86.state_dir / "agent.db").execute("select count(*) from jobs").fetchone()[0]
+        arm_jobs = sqlite3.connect(arm.state_dir / "agent.db").execute("select count(*) from jobs").fetchone()[0]
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert [d["name"] for d in report["devices"]] == ["arm"]
+    assert x86_jobs == 0 and arm_jobs > 0

@@ -105,6 +105,8 @@ class FarmSettings:
     #: While an agent is live its ``GetInfo`` is asked again this often: devices that appear get slots
     #: (phones joining a tracker), unhealthy ones take no job, vanished ones stop taking jobs.
     info_poll_s: float = 2.0
+    #: Only these device classes get jobs (empty: every class the agents serve).
+    device_classes: tuple[str, ...] = ()
     #: TVM agents (``JobSpec.backend_options.tvm``; see ``[evaluation] tvm_*``).
     tvm_tuning_trials: int = 0
     tvm_latency_number: int = 1
@@ -117,6 +119,8 @@ class FarmSettings:
         names = [f for f in cls.__dataclass_fields__ if hasattr(evaluation, f)]
         values = {n: getattr(evaluation, n) for n in names}
         values.update({k: v for k, v in overrides.items() if v is not None})
+        if "device_classes" in values:
+            values["device_classes"] = tuple(values["device_classes"])
         return cls(**values)
 
 

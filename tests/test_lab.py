@@ -218,3 +218,20 @@ def test_a_study_measures_only_on_the_device_classes_it_names(tmp_path: Path, as
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert [d["name"] for d in report["devices"]] == ["arm"]
     assert x86_jobs == 0 and arm_jobs > 0
+
+
+def test_the_loopback_walkthrough_of_docs_lab_md_matches_examples_lab() -> None:
+    """docs/lab.md's "Try it on loopback" starts the agents that examples/lab/lab.toml lists, with its classes."""
+    import re
+
+    from tuneqn.controller.config import load_config
+
+    root = Path(__file__).resolve().parent.parent
+    agents = load_lab(root / "examples" / "lab" / "lab.toml")
+    doc = (root / "docs" / "lab.md").read_text()
+    walk = doc[doc.index("## Try it on loopback"):]
+    started = dict(re.findall(r"tuneqn-agent --listen (\S+) .*?--device-class (\S+)", walk, flags=re.S))
+    assert {a.address: a.device_class for a in agents} == started
+    assert {a.tls_cert.name for a in agents} == {"controller.pem"} and "tuneqn certs certs" in walk
+    cfg = load_config(root / "examples" / "lab" / "study.toml")
+    assert cfg.models[0].path.resolve() == (root / "examples" / "lite0" / "work" / "model.onnx").resolve()

@@ -6,7 +6,8 @@ default. On start the agent prints exactly one line to stdout,
 to stderr. SIGTERM/SIGINT stop it gracefully: no new job starts (submissions get
 UNAVAILABLE), a running job gets ``--drain-seconds`` to finish (its result is stored),
 and one still running then is interrupted and stays queued for the next start; stored
-results are kept. With ``--stop-on-stdin-eof`` the end of stdin does the same, so a
+results are kept. A second SIGTERM/SIGINT during the drain interrupts running jobs at
+once (they stay queued the same way) and the agent exits as after a normal stop. With ``--stop-on-stdin-eof`` the end of stdin does the same, so a
 parent that starts the agent with a stdin pipe never leaves it behind, even when the
 parent is SIGKILLed. ``--metrics-listen HOST:PORT`` serves Prometheus metrics
 (:mod:`tuneqn.agent.metrics`) at ``/metrics``.
@@ -409,8 +410,30 @@ def main(argv: list[str] | None = None) -> int:
         log.info("received %s, stopping", signal.Signals(received[0]).name)
     else:
         log.info("stdin reached end of file, stopping" if eof.is_set() else "stopping")
-    server.stop()
+    _stop_server(server, received, first_by_signal=bool(received))
     return 0
+
+
+def _stop_server(server: Any, received: list[int], first_by_signal: bool) -> None:
+    """Stop ``server`` (drain included) in a thread; a further SIGTERM/SIGINT cuts the drain.
+
+    The signal handler only appends to ``received`` (no locks in a handler); this thread
+    polls it while the stop runs and calls ``server.cut_drain()`` on the next signal.
+    """
+    already = 1 if first_by_signal else 0  # signals that asked for the stop itself
+    stopper = threading.Thread(target=server.stop, name="tuneqn-stop")
+    stopper.start()
+    cut = False
+    while stopper.is_alive():
+        stopper.join(0.2)
+        if not cut and len(received) > already:
+            cut = True
+            log.warning(
+                "received %s again: cutting the drain short, running jobs are interrupted "
+                "now and stay queued for the next start",
+                signal.Signals(received[already]).name,
+            )
+            server.cut_drain()
 
 
 def _close(backends: list[Any]) -> None:

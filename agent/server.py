@@ -372,6 +372,11 @@ class AgentServer:
         self._lock.release()
         log.info("agent stopped (%s on host %s)", self.agent_id, self.hostname)
 
+    def cut_drain(self) -> None:
+        """Cut a running (or coming) drain of :meth:`stop` short: running jobs are
+        interrupted now and stay queued. Thread-safe; not for signal handlers."""
+        self.jobs.cut_drain()
+
     def __enter__(self) -> AgentServer:
         self.start()
         return self

@@ -351,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
     # Imported here so that argument errors are reported without loading a runtime.
     from tuneqn.agent.backends import create_backends
     from tuneqn.agent.quiet import QuietLock
-    from tuneqn.agent.server import AgentServer
+    from tuneqn.agent.server import AgentServer, MetricsBindError
     from tuneqn.agent.state import StateDirInUse
 
     if config.quiet_lock is not None:
@@ -400,6 +400,11 @@ def main(argv: list[str] | None = None) -> int:
         _stop_on_stdin_eof(stop, eof)
     try:
         server.start()
+    except MetricsBindError as exc:
+        server.stop(grace=0)
+        print(f"{PROG}: error: cannot serve metrics: --metrics-listen {exc.address}: {exc.reason}",
+              file=sys.stderr)
+        return 2
     except RuntimeError as exc:
         print(f"{PROG}: error: cannot listen on {args.listen}: {exc}", file=sys.stderr)
         return 1

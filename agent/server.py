@@ -81,6 +81,16 @@ def device_proto(desc: DeviceDescription, status: DeviceStatus | None = None) ->
     return device
 
 
+class MetricsBindError(RuntimeError):
+    """The metrics endpoint (``--metrics-listen``) cannot bind its address."""
+
+    def __init__(self, host: str, port: int, reason: str) -> None:
+        shown = f"[{host}]" if ":" in host else host
+        self.address = f"{shown}:{port}"
+        self.reason = reason
+        super().__init__(f"cannot serve metrics on {self.address}: {reason}")
+
+
 class AgentServicer(agent_pb2_grpc.AgentServicer):
     """Implements ``tuneqn.v1.Agent`` on top of the job manager and the blob store.
 
@@ -335,9 +345,8 @@ class AgentServer:
                 self.metrics.serve(self.config.metrics_host, self.config.metrics_port)
             except OSError as exc:
                 server.stop(None)
-                raise RuntimeError(
-                    f"cannot serve metrics on {self.config.metrics_host}:{self.config.metrics_port}: "
-                    f"{exc.strerror or exc}"
+                raise MetricsBindError(
+                    self.config.metrics_host, self.config.metrics_port, str(exc.strerror or exc)
                 ) from None
         self.jobs.start()
         server.start()
@@ -360,6 +369,7 @@ class AgentServer:
         take to finish; those still running then are interrupted and stay queued.
         """
         drain = self.config.drain_seconds if drain_seconds is None else drain_seconds
+        started = self._server is not None
         self.health.enter_graceful_shutdown()
         self.jobs.stop(drain_seconds=drain)
         if self._server is not None:
@@ -370,7 +380,8 @@ class AgentServer:
         self.metrics.close()
         self.state.close()
         self._lock.release()
-        log.info("agent stopped (%s on host %s)", self.agent_id, self.hostname)
+        if started:  # after a failed start() this only releases what __init__ took
+            log.info("agent stopped (%s on host %s)", self.agent_id, self.hostname)
 
     def cut_drain(self) -> None:
         """Cut a running (or coming) drain of :meth:`stop` short: running jobs are

@@ -5,6 +5,8 @@ from __future__ import annotations
 import signal
 import socket
 import sqlite3
+import subprocess
+import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -225,3 +227,22 @@ def test_a_second_sigterm_cuts_the_drain_short_and_the_job_reruns_after_restart(
     assert result.state == pb.SUCCEEDED and result.num_samples == 2000
     assert executions(state_dir, "long") == 2
 
+
+def test_a_metrics_port_in_use_is_one_line_naming_the_flag_exit_2(tmp_path: Path) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        proc = subprocess.run(
+            [sys.executable, "-m", "tuneqn.agent", "--listen", "127.0.0.1:0",
+             "--state-dir", str(tmp_path / "state"), "--device-name", DEVICE,
+             "--metrics-listen", f"127.0.0.1:{port}"],
+            capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL,
+        )
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stdout == ""  # never announced itself as listening
+    lines = proc.stderr.splitlines()
+    assert lines == [
+        f"tuneqn-agent: error: cannot serve metrics: --metrics-listen 127.0.0.1:{port}: "
+        "Address already in use"
+    ], proc.stderr

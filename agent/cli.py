@@ -415,28 +415,29 @@ def main(argv: list[str] | None = None) -> int:
         log.info("received %s, stopping", signal.Signals(received[0]).name)
     else:
         log.info("stdin reached end of file, stopping" if eof.is_set() else "stopping")
-    _stop_server(server, received, first_by_signal=bool(received))
+    _stop_server(server, received)
     return 0
 
 
-def _stop_server(server: Any, received: list[int], first_by_signal: bool) -> None:
-    """Stop ``server`` (drain included) in a thread; a further SIGTERM/SIGINT cuts the drain.
+def _stop_server(server: Any, received: list[int]) -> None:
+    """Stop ``server`` (drain included) in a thread; a second SIGTERM/SIGINT cuts the drain.
 
-    The signal handler only appends to ``received`` (no locks in a handler); this thread
-    polls it while the stop runs and calls ``server.cut_drain()`` on the next signal.
+    The signal handler only appends to ``received`` (no locks in a handler); the calling
+    (main) thread polls it while the stop runs and calls ``server.cut_drain()`` once two
+    signals came. The end of stdin does not count: a parent that closes the pipe and then
+    sends SIGTERM asks only once.
     """
-    already = 1 if first_by_signal else 0  # signals that asked for the stop itself
     stopper = threading.Thread(target=server.stop, name="tuneqn-stop")
     stopper.start()
     cut = False
     while stopper.is_alive():
         stopper.join(0.2)
-        if not cut and len(received) > already:
+        if not cut and len(received) >= 2:
             cut = True
             log.warning(
                 "received %s again: cutting the drain short, running jobs are interrupted "
                 "now and stay queued for the next start",
-                signal.Signals(received[already]).name,
+                signal.Signals(received[1]).name,
             )
             server.cut_drain()
 

@@ -6,7 +6,8 @@ default. On start the agent prints exactly one line to stdout,
 to stderr. SIGTERM/SIGINT stop it gracefully: no new job starts (submissions get
 UNAVAILABLE), a running job gets ``--drain-seconds`` to finish (its result is stored),
 and one still running then is interrupted and stays queued for the next start; stored
-results are kept. With ``--stop-on-stdin-eof`` the end of stdin does the same, so a
+results are kept. A second SIGTERM/SIGINT during the drain interrupts running jobs at
+once (they stay queued the same way) and the agent exits as after a normal stop. With ``--stop-on-stdin-eof`` the end of stdin does the same, so a
 parent that starts the agent with a stdin pipe never leaves it behind, even when the
 parent is SIGKILLed. ``--metrics-listen HOST:PORT`` serves Prometheus metrics
 (:mod:`tuneqn.agent.metrics`) at ``/metrics``.
@@ -350,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
     # Imported here so that argument errors are reported without loading a runtime.
     from tuneqn.agent.backends import create_backends
     from tuneqn.agent.quiet import QuietLock
-    from tuneqn.agent.server import AgentServer
+    from tuneqn.agent.server import AgentServer, MetricsBindError
     from tuneqn.agent.state import StateDirInUse
 
     if config.quiet_lock is not None:
@@ -399,6 +400,11 @@ def main(argv: list[str] | None = None) -> int:
         _stop_on_stdin_eof(stop, eof)
     try:
         server.start()
+    except MetricsBindError as exc:
+        server.stop(grace=0)
+        print(f"{PROG}: error: cannot serve metrics: --metrics-listen {exc.address}: {exc.reason}",
+              file=sys.stderr)
+        return 2
     except RuntimeError as exc:
         print(f"{PROG}: error: cannot listen on {args.listen}: {exc}", file=sys.stderr)
         return 1
@@ -409,8 +415,31 @@ def main(argv: list[str] | None = None) -> int:
         log.info("received %s, stopping", signal.Signals(received[0]).name)
     else:
         log.info("stdin reached end of file, stopping" if eof.is_set() else "stopping")
-    server.stop()
+    _stop_server(server, received)
     return 0
+
+
+def _stop_server(server: Any, received: list[int]) -> None:
+    """Stop ``server`` (drain included) in a thread; a second SIGTERM/SIGINT cuts the drain.
+
+    The signal handler only appends to ``received`` (no locks in a handler); the calling
+    (main) thread polls it while the stop runs and calls ``server.cut_drain()`` once two
+    signals came. The end of stdin does not count: a parent that closes the pipe and then
+    sends SIGTERM asks only once.
+    """
+    stopper = threading.Thread(target=server.stop, name="tuneqn-stop")
+    stopper.start()
+    cut = False
+    while stopper.is_alive():
+        stopper.join(0.2)
+        if not cut and len(received) >= 2:
+            cut = True
+            log.warning(
+                "received %s again: cutting the drain short, running jobs are interrupted "
+                "now and stay queued for the next start",
+                signal.Signals(received[1]).name,
+            )
+            server.cut_drain()
 
 
 def _close(backends: list[Any]) -> None:

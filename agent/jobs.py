@@ -217,6 +217,7 @@ class JobManager:
         self._started = False
         self._stopping = False  # no new work: submissions refused, idle workers end
         self._interrupting = False  # running jobs are being interrupted (the drain is over)
+        self._drain_cut = False  # cut_drain() was called: the drain ends at once
         self._on_finished = on_finished
 
     # ------------------------------------------------------------------ lifecycle
@@ -311,7 +312,7 @@ class JobManager:
                     drain_seconds,
                     ", ".join(f"job {j} on {d}" for d, j in running.items()),
                 )
-            while any(j is not None for j in self._running.values()):
+            while any(j is not None for j in self._running.values()) and not self._drain_cut:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     break
@@ -319,7 +320,7 @@ class JobManager:
             self._interrupting = True
             for device, job_id in self._running.items():
                 if job_id is not None:
-                    if drain_seconds > 0:
+                    if drain_seconds > 0 and not self._drain_cut:
                         log.warning(
                             "job %s on %s still running after the %g s drain: interrupting it",
                             job_id, device, drain_seconds,
@@ -328,6 +329,16 @@ class JobManager:
             self._cond.notify_all()
         for t in self._threads:
             t.join(timeout)
+
+    def cut_drain(self) -> None:
+        """End a drain of :meth:`stop` now (or the next one at its start): running jobs are
+        interrupted at once and stay queued for the next start, as when the drain runs out.
+
+        Call it from a thread, not a signal handler (it takes the manager's lock).
+        """
+        with self._cond:
+            self._drain_cut = True
+            self._cond.notify_all()
 
     # ------------------------------------------------------------------ queries
 

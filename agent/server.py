@@ -110,6 +110,16 @@ def last_failure(state: AgentState) -> pb.JobFailure | None:
     return None
 
 
+class MetricsBindError(RuntimeError):
+    """The metrics endpoint (``--metrics-listen``) cannot bind its address."""
+
+    def __init__(self, host: str, port: int, reason: str) -> None:
+        shown = f"[{host}]" if ":" in host else host
+        self.address = f"{shown}:{port}"
+        self.reason = reason
+        super().__init__(f"cannot serve metrics on {self.address}: {reason}")
+
+
 class AgentServicer(agent_pb2_grpc.AgentServicer):
     """Implements ``tuneqn.v1.Agent`` on top of the job manager and the blob store.
 
@@ -382,9 +392,8 @@ class AgentServer:
                 self.metrics.serve(self.config.metrics_host, self.config.metrics_port)
             except OSError as exc:
                 server.stop(None)
-                raise RuntimeError(
-                    f"cannot serve metrics on {self.config.metrics_host}:{self.config.metrics_port}: "
-                    f"{exc.strerror or exc}"
+                raise MetricsBindError(
+                    self.config.metrics_host, self.config.metrics_port, str(exc.strerror or exc)
                 ) from None
         self.jobs.start()
         server.start()
@@ -407,6 +416,7 @@ class AgentServer:
         take to finish; those still running then are interrupted and stay queued.
         """
         drain = self.config.drain_seconds if drain_seconds is None else drain_seconds
+        started = self._server is not None
         self.health.enter_graceful_shutdown()
         self.jobs.stop(drain_seconds=drain)
         if self._server is not None:
@@ -417,7 +427,13 @@ class AgentServer:
         self.metrics.close()
         self.state.close()
         self._lock.release()
-        log.info("agent stopped (%s on host %s)", self.agent_id, self.hostname)
+        if started:  # after a failed start() this only releases what __init__ took
+            log.info("agent stopped (%s on host %s)", self.agent_id, self.hostname)
+
+    def cut_drain(self) -> None:
+        """Cut a running (or coming) drain of :meth:`stop` short: running jobs are
+        interrupted now and stay queued. Thread-safe; not for signal handlers."""
+        self.jobs.cut_drain()
 
     def __enter__(self) -> AgentServer:
         self.start()

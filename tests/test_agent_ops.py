@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import signal
 import socket
 import sqlite3
+import subprocess
+import sys
+import time
 import urllib.request
 from pathlib import Path
 
@@ -174,3 +178,71 @@ def test_metrics_listen_from_the_environment(monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setenv("TUNEQN_AGENT_DRAIN_SECONDS", "5")
     args = cli.build_parser().parse_args([])
     assert args.metrics_listen == "127.0.0.1:9108" and args.drain_seconds == 5.0
+
+
+def wait_for_log(agent: object, text: str, timeout: float = 60.0) -> str:
+    """Wait (with a deadline) until the agent's log contains ``text``; returns the log."""
+    deadline = time.monotonic() + timeout
+    while True:
+        log = agent.log_path.read_text()  # type: ignore[attr-defined]
+        if text in log:
+            return log
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{text!r} not logged within {timeout} s:\n{log}")
+        if agent.proc.poll() is not None:  # type: ignore[attr-defined]
+            raise AssertionError(f"agent exited before logging {text!r}:\n{log}")
+        time.sleep(0.05)  # polling a file for a condition, not synchronising by sleeping
+
+
+def test_a_second_sigterm_cuts_the_drain_short_and_the_job_reruns_after_restart(
+    agent_process, client_factory, cnn_bytes, tmp_path: Path
+) -> None:
+    state_dir = tmp_path / "state"
+    agent = agent_process(state_dir, "--simulated-latency-ms", "25", "--drain-seconds", "600")
+    client = client_factory(agent.address)
+    spec = job_spec(
+        "long", client.upload_bytes(cnn_bytes), client.upload_bytes(npy_bytes(dataset(2000))),
+        chunk_size=4,
+    )
+    client.submit(spec)
+    for event in client.watch("long", timeout=60):
+        if event.done > 0:
+            break
+    agent.proc.send_signal(signal.SIGTERM)
+    wait_for_log(agent, f"draining: waiting up to 600 s for job long on {DEVICE}")
+    agent.proc.send_signal(signal.SIGTERM)
+    # the job needs ~50 s and the drain allows 600: only the second signal can end it now
+    assert agent.proc.wait(timeout=60) == 0
+    agent.terminate()  # reaps and closes the pipes (the process is gone already)
+    log = agent.log_path.read_text()
+    assert log.count("received SIGTERM again: cutting the drain short") == 1, log
+    assert f"job long on {DEVICE} interrupted by shutdown; it stays queued" in log
+    assert "still running after the 600 s drain" not in log
+    assert "agent stopped" in log
+    assert stored_job(state_dir, "long") == ("QUEUED", None)
+    assert executions(state_dir, "long") == 1
+
+    again = agent_process(state_dir)  # no simulated latency now: it finishes quickly
+    result = client_factory(again.address).wait_result("long", timeout=60)
+    assert result.state == pb.SUCCEEDED and result.num_samples == 2000
+    assert executions(state_dir, "long") == 2
+
+
+def test_a_metrics_port_in_use_is_one_line_naming_the_flag_exit_2(tmp_path: Path) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        proc = subprocess.run(
+            [sys.executable, "-m", "tuneqn.agent", "--listen", "127.0.0.1:0",
+             "--state-dir", str(tmp_path / "state"), "--device-name", DEVICE,
+             "--metrics-listen", f"127.0.0.1:{port}"],
+            capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL,
+        )
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stdout == ""  # never announced itself as listening
+    lines = proc.stderr.splitlines()
+    assert lines == [
+        f"tuneqn-agent: error: cannot serve metrics: --metrics-listen 127.0.0.1:{port}: "
+        "Address already in use"
+    ], proc.stderr

@@ -4,6 +4,9 @@ The agent is started exactly as the unit's ExecStart / the image's ENTRYPOINT wo
 arguments, same environment, systemd specifiers expanded to tmp dirs); only the install
 location of the program (``/opt/tuneqn/bin`` in the unit, PATH in the image) points at this
 checkout's venv, and the listen address is ``127.0.0.1:0`` through ``TUNEQN_AGENT_LISTEN``.
+The compose lab's agent runs with mTLS from certificates made as its ``certs`` service makes
+them (the ``/certs`` volume moved to a tmp dir), and the image's HEALTHCHECK probe runs with the
+container's environment.
 """
 
 from __future__ import annotations
@@ -256,9 +259,18 @@ def compose_file() -> dict:
     return yaml.safe_load((CONTAINER / "compose.yaml").read_text())
 
 
+def healthcheck(path: Path) -> list[str]:
+    """The exec-form command of the image's HEALTHCHECK (options before CMD skipped)."""
+    (rest,) = [rest for word, rest in dockerfile(path) if word == "HEALTHCHECK"]
+    options, sep, command = rest.partition("CMD ")
+    assert sep and all(o.startswith("--") for o in options.split()), rest
+    return json.loads(command)
+
+
 def test_dockerfiles_parse() -> None:
     entrypoint, cmd, env = image_config(CONTAINER / "Dockerfile.agent")
     assert entrypoint == ["tuneqn-agent"] and cmd == []
+    assert healthcheck(CONTAINER / "Dockerfile.agent") == ["python", "-m", "tuneqn.agent.probe"]
     assert env["TUNEQN_AGENT_BACKEND"] == "ort"  # the default build arg
     assert image_config(CONTAINER / "Dockerfile.controller")[0] == ["tuneqn"]
     for name in ("Dockerfile.agent", "Dockerfile.controller"):
@@ -277,18 +289,101 @@ def test_compose_file_parses() -> None:
     assert services["agent-phone"]["environment"]["TUNEQN_AGENT_TVM_TRACKER"] == "tracker:9190"
 
 
+AGENT_SERVICES = ("agent-cpu", "agent-phone")
+TLS_ENV = {"TUNEQN_AGENT_TLS_CERT": "/certs/agent.pem", "TUNEQN_AGENT_TLS_KEY": "/certs/agent.key",
+           "TUNEQN_AGENT_TLS_CA": "/certs/ca.pem", "TUNEQN_PROBE_TLS_CA": "/certs/ca.pem",
+           "TUNEQN_PROBE_TLS_CERT": "/certs/controller.pem", "TUNEQN_PROBE_TLS_KEY": "/certs/controller.key"}
+
+
+def certs_hosts(compose: dict) -> list[str]:
+    """The --agent-host names of the certs service's ``tuneqn certs`` command."""
+    (script,) = compose["services"]["certs"]["command"]
+    (line,) = [line for line in script.splitlines() if line.strip().startswith("tuneqn certs ")]
+    words = shlex.split(line)
+    assert words[:3] == ["tuneqn", "certs", "/certs"] and "--force" not in words, line
+    return [words[i + 1] for i, word in enumerate(words) if word == "--agent-host"]
+
+
+def test_compose_lab_runs_mtls_from_a_one_shot_certs_service() -> None:
+    compose = compose_file()
+    services = compose["services"]
+    certs = services["certs"]
+    assert certs["build"]["dockerfile"] == "deploy/container/Dockerfile.controller"
+    assert certs["volumes"] == ["certs:/certs"] and "certs" in compose["volumes"]
+    (script,) = certs["command"]
+    assert "if [ -f /certs/ca.pem ]; then" in script  # idempotent: later runs keep the certificates
+    assert set(certs_hosts(compose)) >= {*AGENT_SERVICES, "localhost"}  # localhost: the health probe
+    for name in AGENT_SERVICES:
+        service = services[name]
+        env = {k: str(v) for k, v in service["environment"].items()}
+        assert not any(k == "TUNEQN_AGENT_INSECURE" for k in env), name
+        assert {k: env.get(k) for k in TLS_ENV} == TLS_ENV, name
+        assert "certs:/certs:ro" in service["volumes"], name
+        assert service["depends_on"]["certs"] == {"condition": "service_completed_successfully"}, name
+    assert not any("TUNEQN_AGENT_INSECURE" in (s.get("environment") or {}) for s in services.values())
+    for name in ("tracker", "phone"):  # the agent image's HEALTHCHECK does not fit these
+        assert services[name]["healthcheck"] == {"disable": True}, name
+    controller = services["controller"]
+    assert controller["command"] == ["agents", "--lab", "/etc/tuneqn/lab.toml"]
+    assert "./lab.toml:/etc/tuneqn/lab.toml:ro" in controller["volumes"]
+    assert "certs:/certs:ro" in controller["volumes"]
+    assert controller["depends_on"]["certs"] == {"condition": "service_completed_successfully"}
+
+
+def test_compose_lab_file_names_the_compose_agents() -> None:
+    import tomllib
+
+    from tuneqn.controller.certs import FILES
+
+    compose = compose_file()
+    lab = tomllib.loads((CONTAINER / "lab.toml").read_text())
+    agents = lab["agents"]
+    _, _, image_env = image_config(CONTAINER / "Dockerfile.agent")
+    agent_port = image_env["TUNEQN_AGENT_LISTEN"].rpartition(":")[2]
+    assert sorted(a["address"] for a in agents) == sorted(f"{s}:{agent_port}" for s in AGENT_SERVICES)
+    for agent in agents:
+        service = compose["services"][agent["address"].rpartition(":")[0]]
+        env = service["environment"]
+        assert agent["name"] == env["TUNEQN_AGENT_DEVICE_NAME"]
+        assert agent["device_class"] == env["TUNEQN_AGENT_DEVICE_CLASS"]
+        assert (agent["tls_ca"], agent["tls_cert"], agent["tls_key"]) == (
+            "/certs/ca.pem", "/certs/controller.pem", "/certs/controller.key")
+        assert {Path(agent[k]).name for k in ("tls_ca", "tls_cert", "tls_key")} <= set(FILES)
+
+
 @pytest.mark.parametrize("service", [None, "agent-cpu"])
 def test_agent_image_entrypoint_answers_health(service: str | None, tmp_path: Path) -> None:
     entrypoint, cmd, image_env = image_config(CONTAINER / "Dockerfile.agent")
     env = {"PATH": f"{VENV_BIN}:/usr/local/bin:/usr/bin:/bin", "HOME": str(tmp_path), "LANG": "C.UTF-8",
            **image_env}
     if service is not None:  # the compose service's environment on top of the image's
-        env.update({k: str(v) for k, v in compose_file()["services"][service]["environment"].items()})
+        compose = compose_file()
+        env.update({k: str(v) for k, v in compose["services"][service]["environment"].items()})
+        # the certs volume: made as the certs service makes it, mounted at a tmp dir instead of /certs
+        from tuneqn.controller.certs import write_lab_certs
+
+        write_lab_certs(tmp_path / "certs", agent_hosts=certs_hosts(compose))
+        env = {k: v.replace("/certs/", f"{tmp_path / 'certs'}/") if v.startswith("/certs/") else v
+               for k, v in env.items()}
     # the image's state volume and listen address, moved to tmp and loopback
     env["TUNEQN_AGENT_STATE_DIR"] = str(tmp_path / "state")
     env["TUNEQN_AGENT_LISTEN"] = LOOPBACK_ANY
     agent = start([*entrypoint, *cmd], env, str(tmp_path), tmp_path / "image-agent.log")
-    assert_serving(agent)
+    if service is None:
+        assert_serving(agent)
+    # the image's HEALTHCHECK, with the container's environment (and its agent's real port)
+    probe = healthcheck(CONTAINER / "Dockerfile.agent")
+    assert probe[0] == "python"
+    port = agent.address.rpartition(":")[2]
+    check = subprocess.run([sys.executable, *probe[1:]], env={**env, "TUNEQN_AGENT_LISTEN": f"0.0.0.0:{port}"},
+                           capture_output=True, text=True, timeout=READY_TIMEOUT, stdin=subprocess.DEVNULL)
+    assert check.returncode == 0, check.stderr
+    if service is not None:  # mTLS: a plaintext client is refused, the probe without a client cert too
+        refused = subprocess.run([sys.executable, *probe[1:], "--timeout", "10"],
+                                 env={k: v for k, v in env.items() if not k.startswith("TUNEQN_PROBE_")}
+                                 | {"TUNEQN_AGENT_LISTEN": f"0.0.0.0:{port}"},
+                                 capture_output=True, text=True, timeout=READY_TIMEOUT, stdin=subprocess.DEVNULL)
+        assert refused.returncode == 1, refused.stderr
     assert (tmp_path / "state" / "agent.db").is_file()
     assert stop(agent) == 0  # STOPSIGNAL SIGTERM
 

@@ -1,0 +1,132 @@
+"""``python -m tuneqn.agent.probe [HOST:PORT]``: is an agent serving? (a container HEALTHCHECK)
+
+Asks the agent's standard gRPC health service about ``tuneqn.v1.Agent``. Exit 0 when it
+answers SERVING; 1 otherwise, with one line on stderr saying why (not serving, refused,
+TLS failure, timeout); 2 for bad arguments or unreadable TLS files.
+
+Without an address it probes the agent of this host as configured by
+``TUNEQN_AGENT_LISTEN`` (``localhost`` for a wildcard host; port 50051 by default). TLS
+files default to ``TUNEQN_PROBE_TLS_CA`` / ``_CERT`` / ``_KEY``: ``--tls-ca`` verifies the
+agent's certificate (the address's host must be one of its names), ``--tls-cert`` and
+``--tls-key`` are the client certificate an mTLS agent asks for (one its CA signed for
+client use, such as the controller's). Health checks need no bearer token.
+This module imports neither the controller nor the agent's runtime.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import NoReturn
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+__all__ = ["default_address", "main", "probe"]
+
+PROG = "python -m tuneqn.agent.probe"
+SERVICE = "tuneqn.v1.Agent"
+DEFAULT_PORT = 50051
+DEFAULT_TIMEOUT = 5.0
+_WILDCARD_HOSTS = ("", "0.0.0.0", "::", "[::]")
+
+
+class ProbeError(Exception):
+    """Bad arguments or unreadable files; reported in one line with exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        """One line, exit 2 (no usage dump)."""
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def default_address(listen: str | None = None) -> str:
+    """``HOST:PORT`` to probe for an agent listening on ``listen`` (``TUNEQN_AGENT_LISTEN``)."""
+    text = (listen if listen is not None else os.environ.get("TUNEQN_AGENT_LISTEN", "")).strip()
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit():
+        return f"localhost:{DEFAULT_PORT}"
+    return f"{'localhost' if host in _WILDCARD_HOSTS else host}:{port}"
+
+
+def _read(path: str | None, what: str) -> bytes | None:
+    if not path:
+        return None
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise ProbeError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
+
+
+def probe(address: str, tls_ca: bytes | None = None, tls_cert: bytes | None = None,
+          tls_key: bytes | None = None, timeout: float = DEFAULT_TIMEOUT) -> str | None:
+    """None when the agent at ``address`` serves; otherwise why not, in one line."""
+    if tls_ca is not None or tls_cert is not None:
+        credentials = grpc.ssl_channel_credentials(
+            root_certificates=tls_ca, private_key=tls_key, certificate_chain=tls_cert
+        )
+        channel = grpc.secure_channel(address, credentials)
+    else:
+        channel = grpc.insecure_channel(address)
+    with channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        try:
+            reply = stub.Check(health_pb2.HealthCheckRequest(service=SERVICE), timeout=timeout,
+                               wait_for_ready=False)
+        except grpc.RpcError as exc:
+            code = exc.code() if hasattr(exc, "code") else None
+            details = (exc.details() if hasattr(exc, "details") else "") or str(exc)
+            first = details.strip().splitlines()[0] if details.strip() else ""
+            return f"{address}: {code.name if code else 'error'}: {first}"
+    if reply.status != health_pb2.HealthCheckResponse.SERVING:
+        return f"{address}: {SERVICE} is {health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)}"
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Probe once; the exit code (0 serving, 1 not, 2 bad arguments)."""
+    env = os.environ.get
+    p = _Parser(prog=PROG, description="Exit 0 if the tuneqn agent at HOST:PORT is serving, 1 if not.")
+    p.add_argument("address", nargs="?", default=None, metavar="HOST:PORT",
+                   help="the agent (default: from TUNEQN_AGENT_LISTEN, localhost for 0.0.0.0)")
+    p.add_argument("--tls-ca", default=env("TUNEQN_PROBE_TLS_CA"), metavar="F",
+                   help="CA that signed the agent's certificate; enables TLS (env TUNEQN_PROBE_TLS_CA)")
+    p.add_argument("--tls-cert", default=env("TUNEQN_PROBE_TLS_CERT"), metavar="F",
+                   help="client certificate for an mTLS agent (env TUNEQN_PROBE_TLS_CERT)")
+    p.add_argument("--tls-key", default=env("TUNEQN_PROBE_TLS_KEY"), metavar="F",
+                   help="client key for an mTLS agent (env TUNEQN_PROBE_TLS_KEY)")
+    p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, metavar="S",
+                   help=f"seconds to wait for the answer (default {DEFAULT_TIMEOUT:g})")
+    try:
+        args = p.parse_args(argv)
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 2
+    try:
+        if bool(args.tls_cert) != bool(args.tls_key):
+            raise ProbeError("--tls-cert and --tls-key must be given together")
+        if args.tls_cert and not args.tls_ca:
+            raise ProbeError("--tls-cert needs --tls-ca (the CA that signed the agent's certificate)")
+        if not args.timeout > 0:
+            raise ProbeError(f"--timeout must be > 0, got {args.timeout:g}")
+        address = args.address or default_address()
+        host, sep, port = address.rpartition(":")
+        if not sep or not host or not port.isdigit():
+            raise ProbeError(f"address must be HOST:PORT, got {address!r}")
+        ca = _read(args.tls_ca, "TLS CA")
+        cert = _read(args.tls_cert, "TLS certificate")
+        key = _read(args.tls_key, "TLS key")
+    except ProbeError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 2
+    problem = probe(address, ca, cert, key, args.timeout)
+    if problem is not None:
+        print(f"{PROG}: not serving: {problem}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -335,9 +335,12 @@ def test_compose_lab_file_names_the_compose_agents() -> None:
 
     from tuneqn.controller.certs import FILES
 
+    from tuneqn.controller.lab import load_lab
+
     compose = compose_file()
     lab = tomllib.loads((CONTAINER / "lab.toml").read_text())
     agents = lab["agents"]
+    assert [a.address for a in load_lab(CONTAINER / "lab.toml")] == [a["address"] for a in agents]  # the real reader
     _, _, image_env = image_config(CONTAINER / "Dockerfile.agent")
     agent_port = image_env["TUNEQN_AGENT_LISTEN"].rpartition(":")[2]
     assert sorted(a["address"] for a in agents) == sorted(f"{s}:{agent_port}" for s in AGENT_SERVICES)

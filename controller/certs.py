@@ -82,9 +82,59 @@ def _key_pem(key: EllipticCurvePrivateKey) -> bytes:
                              serialization.NoEncryption())
 
 
+def _self_signed(key: EllipticCurvePrivateKey, name: x509.Name, start: dt.datetime,
+                 end: dt.datetime) -> x509.Certificate:
+    """A self-signed CA certificate that signs leaf certificates only (path length 0)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+
+    return (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name)
+        .public_key(key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(start).not_valid_after(end)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
+                                     content_commitment=False, key_encipherment=False, data_encipherment=False,
+                                     key_agreement=False, encipher_only=False, decipher_only=False), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+
+
+def load_ca(ca_dir: Path) -> tuple[x509.Certificate, EllipticCurvePrivateKey]:
+    """The CA certificate and key of an earlier ``tuneqn certs`` folder (``--ca-from``); UserError if unusable."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ec import EllipticCurvePrivateKey
+
+    ca_dir = Path(ca_dir)
+    try:
+        cert = x509.load_pem_x509_certificate((ca_dir / "ca.pem").read_bytes())
+        key = serialization.load_pem_private_key((ca_dir / "ca.key").read_bytes(), password=None)
+    except FileNotFoundError as exc:
+        raise UserError(f"--ca-from: {exc.filename}: file not found (the folder of an earlier "
+                        "'tuneqn certs', with ca.pem and ca.key)") from None
+    except (ValueError, TypeError) as exc:
+        raise UserError(f"--ca-from: {ca_dir}: ca.pem/ca.key are not a PEM certificate and unencrypted key "
+                        f"({exc})") from None
+    if not isinstance(key, EllipticCurvePrivateKey) or key.public_key() != cert.public_key():
+        raise UserError(f"--ca-from: {ca_dir}: ca.key is not the key of ca.pem")
+    try:
+        is_ca = cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    except x509.ExtensionNotFound:
+        is_ca = False
+    if not is_ca:
+        raise UserError(f"--ca-from: {ca_dir}: ca.pem is not a CA certificate")
+    if cert.not_valid_after_utc <= dt.datetime.now(dt.timezone.utc):
+        raise UserError(f"--ca-from: {ca_dir}: the CA expired on {cert.not_valid_after_utc:%Y-%m-%d}")
+    return cert, key
+
+
 def build_lab_certs(agent_hosts: Sequence[str] = DEFAULT_AGENT_HOSTS, days: int = DEFAULT_DAYS,
-                    name: str = "tuneqn lab") -> dict[str, bytes]:
-    """The PEM contents of :data:`FILES` (a fresh CA, agent server and controller client certificate)."""
+                    name: str = "tuneqn lab",
+                    ca: tuple[x509.Certificate, EllipticCurvePrivateKey] | None = None) -> dict[str, bytes]:
+    """The PEM contents of :data:`FILES`: a CA (``ca``, an existing one, when given: then no
+    ``ca.key`` is returned), an agent server and a controller client certificate."""
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes
     from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -99,19 +149,14 @@ def build_lab_certs(agent_hosts: Sequence[str] = DEFAULT_AGENT_HOSTS, days: int 
         return x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, name),
                           x509.NameAttribute(NameOID.COMMON_NAME, cn)])
 
-    ca_key = _key()
-    ca_name = subject(f"{name} CA")
-    ca_cert = (
-        x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)
-        .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
-        .not_valid_before(start).not_valid_after(end)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
-                                     content_commitment=False, key_encipherment=False, data_encipherment=False,
-                                     key_agreement=False, encipher_only=False, decipher_only=False), critical=True)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
-        .sign(ca_key, hashes.SHA256())
-    )
+    if ca is not None:
+        ca_cert, ca_key = ca
+        ca_name = ca_cert.subject
+        end = min(end, ca_cert.not_valid_after_utc)  # a leaf never outlives its CA
+    else:
+        ca_key = _key()
+        ca_name = subject(f"{name} CA")
+        ca_cert = _self_signed(ca_key, ca_name, start, end)
 
     def leaf(cn: str, usage: x509.ObjectIdentifier,
              san: list[x509.GeneralName] | None) -> tuple[EllipticCurvePrivateKey, x509.Certificate]:
@@ -139,7 +184,7 @@ def build_lab_certs(agent_hosts: Sequence[str] = DEFAULT_AGENT_HOSTS, days: int 
     ctl_key, ctl_cert = leaf(f"{name} controller", ExtendedKeyUsageOID.CLIENT_AUTH, None)
     return {
         "ca.pem": ca_cert.public_bytes(Encoding.PEM),
-        "ca.key": _key_pem(ca_key),
+        **({} if ca is not None else {"ca.key": _key_pem(ca_key)}),
         "agent.pem": agent_cert.public_bytes(Encoding.PEM),
         "agent.key": _key_pem(agent_key),
         "controller.pem": ctl_cert.public_bytes(Encoding.PEM),
@@ -148,24 +193,35 @@ def build_lab_certs(agent_hosts: Sequence[str] = DEFAULT_AGENT_HOSTS, days: int 
 
 
 def write_lab_certs(out_dir: Path, agent_hosts: Sequence[str] = DEFAULT_AGENT_HOSTS, days: int = DEFAULT_DAYS,
-                    force: bool = False) -> LabCerts:
+                    force: bool = False, ca_from: Path | None = None) -> LabCerts:
     """Create the CA, agent and controller certificates in ``out_dir`` (keys mode 0600).
 
+    With ``ca_from`` (the folder of an earlier run) its CA signs the new certificates, so a host
+    added to the lab joins without touching the others; ``out_dir`` then gets a copy of ``ca.pem``
+    but no ``ca.key`` (``LabCerts.ca_key`` points into ``ca_from``).
     Raises :class:`UserError` (before writing anything) when ``out_dir`` is a file, a host is
-    invalid, ``days`` < 1, or one of :data:`FILES` exists and ``force`` is false.
+    invalid, ``days`` < 1, the CA of ``ca_from`` is unusable, or a file to write exists and
+    ``force`` is false.
     """
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"{out_dir}: is a file; give a folder for the certificates")
+    if ca_from is not None and Path(ca_from).resolve() == out_dir.resolve():
+        raise UserError(f"--ca-from: {ca_from} is OUT_DIR itself; give a new folder for the added host's files")
+    ca = load_ca(Path(ca_from)) if ca_from is not None else None
+    names = [f for f in FILES if not (ca is not None and f == "ca.key")]
     if not force:
-        existing = [f for f in FILES if (out_dir / f).exists() or (out_dir / f).is_symlink()]
+        existing = [f for f in names if (out_dir / f).exists() or (out_dir / f).is_symlink()]
         if existing:
             raise UserError(f"{out_dir / existing[0]} exists ({len(existing)} of the files); "
                             "give another folder or --force to replace them")
-    contents = build_lab_certs(agent_hosts, days)
+    contents = build_lab_certs(agent_hosts, days, ca=ca)
     out_dir.mkdir(parents=True, exist_ok=True)
-    for fname in FILES:
+    for fname in names:
         path = out_dir / fname  # os.replace swaps a symlink itself, never writes through it
         atomic_write_bytes(path, contents[fname], 0o600 if fname.endswith(".key") else 0o644)
-    log.info("wrote %s in %s", ", ".join(FILES), out_dir)
-    return LabCerts(*(out_dir / f for f in FILES))
+    log.info("wrote %s in %s", ", ".join(names), out_dir)
+    paths = [out_dir / f for f in FILES]
+    if ca_from is not None:
+        paths[1] = Path(ca_from) / "ca.key"
+    return LabCerts(*paths)

@@ -439,9 +439,15 @@ def cmd_certs(args: argparse.Namespace) -> int:
     from tuneqn.controller.certs import DEFAULT_AGENT_HOSTS, write_lab_certs
 
     hosts = args.agent_host or list(DEFAULT_AGENT_HOSTS)
-    c = write_lab_certs(Path(args.out_dir), hosts, days=args.days, force=args.force)
-    print(f"wrote {c.ca_cert}, {c.agent_cert}, {c.controller_cert} and their keys (mode 0600) "
-          f"for agent hosts {', '.join(hosts)}; valid {args.days} days")
+    ca_from = Path(args.ca_from) if args.ca_from else None
+    c = write_lab_certs(Path(args.out_dir), hosts, days=args.days, force=args.force, ca_from=ca_from)
+    if ca_from is not None:
+        print(f"wrote {c.agent_cert}, {c.controller_cert} and their keys (mode 0600) for agent hosts "
+              f"{', '.join(hosts)}, signed by the CA of {ca_from} (copied to {c.ca_cert}); valid {args.days} days "
+              "or until the CA expires")
+    else:
+        print(f"wrote {c.ca_cert}, {c.agent_cert}, {c.controller_cert} and their keys (mode 0600) "
+              f"for agent hosts {', '.join(hosts)}; valid {args.days} days")
     print(f"agent:      tuneqn-agent --tls-cert {c.agent_cert} --tls-key {c.agent_key} --tls-ca {c.ca_cert} ...")
     print(f"controller: [[agents]] tls_ca = \"{c.ca_cert.resolve()}\"  tls_cert = \"{c.controller_cert.resolve()}\"  "
           f"tls_key = \"{c.controller_key.resolve()}\"")
@@ -527,6 +533,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "default: 127.0.0.1 and localhost)")
     p.add_argument("--days", type=_days, default=365, help="validity in days (default 365)")
     p.add_argument("--force", action="store_true", help="replace certificates already in OUT_DIR")
+    p.add_argument("--ca-from", metavar="DIR", help="sign with the CA of an earlier 'tuneqn certs' folder (adding a "
+                   "host to a lab: the other agents and the controller keep their certificates)")
     p.set_defaults(func=cmd_certs)
     return parser
 

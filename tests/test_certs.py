@@ -160,3 +160,52 @@ def test_out_dir_that_is_a_file_is_refused(tmp_path: Path, capsys: pytest.Captur
     assert main(["certs", str(f)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "is a file" in err
+
+
+def test_a_host_added_with_ca_from_joins_the_lab_without_new_certificates_elsewhere(
+        tmp_path: Path, pki: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--ca-from: the new agent's certificate is signed by the lab's CA, so the controller's existing
+    certificate reaches it and the first agent still accepts the controller; no CA key is copied."""
+    added = tmp_path / "added"
+    assert main(["certs", str(added), "--agent-host", "localhost", "--ca-from", str(pki)]) == 0
+    assert "signed by the CA of" in capsys.readouterr().out
+    assert sorted(p.name for p in added.iterdir()) == sorted(f for f in FILES if f != "ca.key")
+    assert (added / "ca.pem").read_bytes() == (pki / "ca.pem").read_bytes()
+    with _tls_agent(tmp_path / "old", pki) as old, _tls_agent(tmp_path / "new", added) as new:
+        port = new.address.rpartition(":")[2]
+        for address, ctl in ((old.address, pki), (f"localhost:{port}", pki), (f"localhost:{port}", added),
+                             (old.address, added)):
+            client = AgentClient(address, tls_ca=pki / "ca.pem", tls_cert=ctl / "controller.pem",
+                                 tls_key=ctl / "controller.key", timeout=10.0)
+            try:
+                assert client.info().devices[0].name == "lab", (address, ctl)
+            finally:
+                client.close()
+
+
+@pytest.mark.parametrize("case", ["missing", "itself", "wrong-key", "not-a-ca"])
+def test_ca_from_that_cannot_sign_is_one_line_exit_2(tmp_path: Path, pki: Path, case: str,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    out = tmp_path / "out"
+    if case == "missing":
+        expected = "ca.pem: file not found"
+    elif case == "itself":
+        src, out = pki, pki
+        expected = "is OUT_DIR itself"
+    elif case == "wrong-key":
+        other = tmp_path / "other"
+        assert main(["certs", str(other)]) == 0
+        (src / "ca.pem").write_bytes((pki / "ca.pem").read_bytes())
+        (src / "ca.key").write_bytes((other / "ca.key").read_bytes())
+        expected = "ca.key is not the key of ca.pem"
+    else:
+        (src / "ca.pem").write_bytes((pki / "agent.pem").read_bytes())
+        (src / "ca.key").write_bytes((pki / "agent.key").read_bytes())
+        expected = "not a CA certificate"
+    capsys.readouterr()
+    assert main(["certs", str(out), "--ca-from", str(src)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "--ca-from" in err and expected in err, err
+    assert case == "itself" or not out.exists()

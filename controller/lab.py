@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import grpc
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, ValidationError
 
 from tuneqn.controller.config import AgentSpec, _Strict, format_validation_error
 from tuneqn.controller.errors import UserError
@@ -48,14 +48,18 @@ class LabFile(_Strict):
 
     agents: Annotated[list[AgentSpec], Field(min_length=1)]
 
-    @model_validator(mode="after")
-    def _unique(self) -> "LabFile":
+    def repeated(self) -> str | None:
+        """``agents[j].KEY: VALUE is listed twice (agents[i])`` for a repeated address or name, else None."""
         for key in ("address", "name"):
-            values = [getattr(a, key) for a in self.agents if getattr(a, key) is not None]
-            dup = sorted({v for v in values if values.count(v) > 1})
-            if dup:
-                raise ValueError(f"agents: {key} listed twice: {', '.join(dup)}")
-        return self
+            seen: dict[str, int] = {}
+            for j, agent in enumerate(self.agents):
+                value = getattr(agent, key)
+                if value is None:
+                    continue
+                if value in seen:
+                    return f"agents[{j}].{key}: {value} is listed twice (agents[{seen[value]}])"
+                seen[value] = j
+        return None
 
 
 @dataclass(frozen=True)
@@ -104,6 +108,9 @@ def load_lab(path: Path, what: str = "--lab") -> list[AgentSpec]:
         lab = LabFile.model_validate(data)
     except ValidationError as exc:
         raise UserError(f"{path}: {format_validation_error(exc, LabFile.model_json_schema())}") from None
+    repeated = lab.repeated()
+    if repeated:
+        raise UserError(f"{path}: {repeated}")
     base = path.resolve().parent
 
     def rel(p: Path | None) -> Path | None:
@@ -169,16 +176,23 @@ class AgentReport:
         return asdict(self)
 
 
-def _rpc_problem(exc: grpc.RpcError, timeout: float) -> str:
+def _rpc_problem(exc: grpc.RpcError, timeout: float, tls: bool) -> str:
+    """One line saying why an agent did not answer, with the likely fix."""
     code = exc.code()
     details = (exc.details() or "").strip()
+    low = details.lower()
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-        return f"unreachable: no answer within {timeout:g} s"
+        return f"unreachable: no answer within {timeout:g} s (host down, firewall, or the agent hangs)"
     if code == grpc.StatusCode.UNAUTHENTICATED:
         return f"refused: {details or 'bad or missing token'} (check token_file)"
     if code == grpc.StatusCode.UNAVAILABLE:
-        if "handshake" in details.lower() or "ssl" in details.lower() or "certificate" in details.lower():
+        if "handshake" in low or "ssl" in low or "certificate" in low:
             return f"unreachable: TLS handshake failed (check tls_ca/tls_cert/tls_key): {details}"
+        if "socket closed" in low or "connection reset" in low:
+            hint = ("the agent closed the connection at the TLS handshake: it wants a client certificate of its "
+                    "CA (tls_cert/tls_key from the lab's `tuneqn certs`)" if tls else
+                    "the agent closed the connection: if it serves TLS, give tls_ca (and tls_cert/tls_key)")
+            return f"unreachable: {hint}"
         return f"unreachable: {details or 'connection failed'}"
     return f"{code.name.lower()}: {details}"
 
@@ -196,7 +210,7 @@ def probe(endpoint: Endpoint, timeout: float = 5.0) -> AgentReport:
             report.problem = f"contract mismatch: {exc}"
             return report
         except grpc.RpcError as exc:
-            report.problem = _rpc_problem(exc, timeout)
+            report.problem = _rpc_problem(exc, timeout, endpoint.tls_ca is not None or endpoint.tls_cert is not None)
             return report
         report.reachable = True
         report.serving = client.health(timeout=timeout)

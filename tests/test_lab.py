@@ -71,7 +71,7 @@ def test_lab_paths_resolve_against_the_lab_files_folder(tmp_path: Path) -> None:
     ("agents = []\n", ("agents", "at least 1")),
     ('[[agents]]\nadress = "h:1"\n', ("agents[0].adress", "unknown key")),
     ('[[agents]]\nname = "x"\n', ("agents[0].address", "missing")),
-    ('[[agents]]\naddress = "h:1"\n[[agents]]\naddress = "h:1"\n', ("address listed twice", "h:1")),
+    ('[[agents]]\naddress = "h:1"\n[[agents]]\naddress = "h:1"\n', ("agents[1].address: h:1 is listed twice (agents[0])",)),
 ])
 def test_bad_lab_file_is_one_line_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str], content: str | None,
                                          parts: tuple[str, ...]) -> None:
@@ -235,3 +235,33 @@ def test_the_loopback_walkthrough_of_docs_lab_md_matches_examples_lab() -> None:
     assert {a.tls_cert.name for a in agents} == {"controller.pem"} and "tuneqn certs certs" in walk
     cfg = load_config(root / "examples" / "lab" / "study.toml")
     assert cfg.models[0].path.resolve() == (root / "examples" / "lite0" / "work" / "model.onnx").resolve()
+
+
+def test_agents_names_the_likely_fix_when_tls_or_the_token_is_wrong(tmp_path: Path,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["certs", str(tmp_path / "pki")]) == 0
+    assert main(["certs", str(tmp_path / "other")]) == 0
+    (tmp_path / "token").write_text("right\n")
+    (tmp_path / "wrong").write_text("wrong\n")
+    capsys.readouterr()
+    pki, other = tmp_path / "pki", tmp_path / "other"
+    mtls_args = ["--tls-cert", str(pki / "agent.pem"), "--tls-key", str(pki / "agent.key"), "--tls-ca",
+                 str(pki / "ca.pem")]
+    with LocalAgent(tmp_path / "mtls", device_name="m", extra_args=mtls_args) as mtls, \
+            LocalAgent(tmp_path / "mtls2", device_name="m2", extra_args=mtls_args) as mtls2, \
+            LocalAgent(tmp_path / "tok", device_name="t", extra_args=["--token-file", str(tmp_path / "token")]) as tok:
+        port = mtls.address.rpartition(":")[2]
+        cases = {
+            "no client certificate": ({"address": mtls.address, "tls_ca": str(pki / "ca.pem")},
+                                      "wants a client certificate"),
+            "another lab's CA": ({"address": f"localhost:{port}", "tls_ca": str(other / "ca.pem"),
+                                  "tls_cert": str(pki / "controller.pem"), "tls_key": str(pki / "controller.key")},
+                                 "TLS handshake failed"),
+            "plaintext to TLS": ({"address": mtls2.address}, "if it serves TLS, give tls_ca"),
+            "wrong token": ({"address": tok.address, "token_file": str(tmp_path / "wrong")}, "check token_file"),
+        }
+        lab = _write_lab(tmp_path / "lab.toml", [{"name": name, **agent} for name, (agent, _) in cases.items()])
+        assert main(["agents", "--lab", str(lab), "--json"]) == 1
+        shown = {a["name"]: a["problem"] for a in json.loads(capsys.readouterr().out)["agents"]}
+    for name, (_, fix) in cases.items():
+        assert fix in shown[name], (name, shown[name])

@@ -397,6 +397,8 @@ class JobManager:
             job = self._active.get(spec.job_id)
             if job is not None:
                 self._check_same(job.spec, spec)
+                if job.state == pb.QUEUED and spec.device and spec.device != job.device:
+                    self._move_queued(job, spec.device)
                 return self._resubmit_active(job, spec)
             row = self._state.get_job(spec.job_id)
             if row is None:
@@ -412,11 +414,40 @@ class JobManager:
                 )
             return self._requeue(row, spec, reason)
 
+    def _class_of(self, device: str) -> str | None:
+        desc = self._descriptions.get(device)
+        return desc.device_class if desc is not None else None
+
     def _check_same(self, known: pb.JobSpec, spec: pb.JobSpec) -> None:
+        """The submission is the known job: the same spec, on the same device or another device of its class.
+
+        Devices of a class are interchangeable, so a controller that re-leased a job to another
+        device of the class (e.g. after this agent restarted) submits the same job.
+        """
         if not spec.device and known.device:  # "the only device" named the known job's device
+            spec = self._stored(spec, known.device)
+        if spec.device != known.device:
+            cls = self._class_of(known.device)
+            if cls is None or cls != self._class_of(spec.device):
+                raise JobConflict(
+                    f"job {spec.job_id!r} is already known on device {known.device!r} "
+                    f"(class {cls or 'no longer served'}), not on {spec.device!r} of another class"
+                )
             spec = self._stored(spec, known.device)
         if self._identity(known) != self._identity(spec):
             raise JobConflict(f"job {spec.job_id!r} is already known with a different spec")
+
+    def _move_queued(self, job: _Job, device: str) -> None:
+        """Move a queued job to another device of its class (``_cond`` held)."""
+        device = self._resolve_device(device)
+        queue = self._queues[job.device]
+        if job.spec.job_id in queue:
+            queue.remove(job.spec.job_id)
+        log.info("job %s moves from %s to %s (same class)", job.spec.job_id, job.device, device)
+        job.device = device
+        job.spec = self._stored(job.spec, device)
+        self._state.update_spec(job.spec.job_id, job.spec.SerializeToString(), device=device)
+        self._enqueue(job)
 
     def _queue_new(self, spec: pb.JobSpec) -> pb.SubmitJobResponse:
         """Queue a job id seen for the first time (call with ``self._cond`` held)."""
@@ -471,11 +502,17 @@ class JobManager:
         return None
 
     def _requeue(self, row: JobRow, spec: pb.JobSpec, reason: str) -> pb.SubmitJobResponse:
-        """Queue a finished job for a new execution series (call with ``self._cond`` held)."""
-        device = self._resolve_device(row.device)
+        """Queue a finished job for a new execution series, on the device the submission names
+        (of the same class: see :meth:`_check_same`) (call with ``self._cond`` held)."""
+        device = self._resolve_device(spec.device or row.device)
         stored = self._stored(spec, device)
-        self._queue_pinned(spec, stored, device, lambda: self._state.requeue_job(
-            spec.job_id, stored.SerializeToString(), spec.attempt, spec.remeasure_token))
+
+        def record() -> None:
+            self._state.requeue_job(spec.job_id, stored.SerializeToString(), spec.attempt, spec.remeasure_token)
+            if device != row.device:
+                self._state.update_spec(spec.job_id, stored.SerializeToString(), device=device)
+
+        self._queue_pinned(spec, stored, device, record)
         log.info("job %s queued again on %s: %s", spec.job_id, device, reason)
         return pb.SubmitJobResponse(job_id=spec.job_id, state=pb.QUEUED, already_known=False)
 

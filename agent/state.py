@@ -202,9 +202,12 @@ class AgentState:
         spec: bytes,
         attempt: int | None = None,
         remeasure_token: str | None = None,
+        device: str | None = None,
     ) -> None:
-        """Store the latest spec of a known job (and the series' attempt/token when given)."""
+        """Store the latest spec of a known job (and the series' attempt/token, its device, when given)."""
         updates: dict[str, object] = {"spec": spec}
+        if device is not None:
+            updates["device"] = device
         if attempt is not None:
             updates["attempt"] = attempt
         if remeasure_token is not None:

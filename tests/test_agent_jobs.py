@@ -277,3 +277,40 @@ def test_qdq_model_with_excluded_conv_and_disabled_optimizer(
     assert result.state == pb.SUCCEEDED, result.error
     expected = direct_topk(qdq, data, k=5, disabled_optimizers=("WeightBiasQuantization",))
     assert np.array_equal(decode_topk(result), expected)
+
+
+def test_a_job_resubmitted_for_another_device_of_its_class_is_the_same_job(tmp_path, client_factory,
+                                                                          cnn_bytes) -> None:
+    """A controller re-leases a job to another device of the class (e.g. after the agent restarted and
+    re-queued it): the agent takes it as the known job, moving it there while it waits; another class is a conflict."""
+    from tuneqn.agent.backends.ort import OrtBackend
+    from tuneqn.agent.config import AgentConfig
+    from tuneqn.agent.server import AgentServer
+
+    backends = [OrtBackend("a1", "a", simulated_latency_ms_per_sample=25.0), OrtBackend("a2", "a"),
+                OrtBackend("b1", "b")]
+    server = AgentServer(AgentConfig(state_dir=tmp_path / "agent", host="127.0.0.1", port=0), backends)
+    server.start()
+    try:
+        client = client_factory(server)
+        model, data = client.upload_bytes(cnn_bytes), client.upload_bytes(npy_bytes(dataset(8)))
+        long_data = client.upload_bytes(npy_bytes(dataset(400)))
+        client.submit(job_spec("blocker", model, long_data, device="a1", chunk_size=4))
+        assert client.submit(job_spec("x", model, data, device="a1")).state == pb.QUEUED  # behind the blocker
+        moved = client.submit(job_spec("x", model, data, device="a2"))
+        assert (moved.state, moved.already_known) == (pb.QUEUED, True)
+        done = client.wait_result("x", timeout=RESULT_TIMEOUT)
+        assert (done.state, done.device) == (pb.SUCCEEDED, "a2")  # it ran on a2 while a1 was busy
+        assert executions(server.state_dir, "x") == 1
+        again = client.submit(job_spec("blocker", model, long_data, device="a2", chunk_size=4))
+        assert again.already_known and again.state in (pb.QUEUED, pb.RUNNING)  # not a conflict, not a second run
+        with pytest.raises(grpc.RpcError) as err:
+            client.submit(job_spec("x", model, data, device="b1"))
+        assert err.value.code() == grpc.StatusCode.ALREADY_EXISTS
+        assert "on device 'a2' (class a)" in err.value.details() and "another class" in err.value.details()
+        assert client.submit(job_spec("x", model, data, device="a1")).state == pb.SUCCEEDED  # finished: stored result
+        client.cancel("blocker")
+        assert client.wait_result("blocker", timeout=RESULT_TIMEOUT).state == pb.CANCELLED
+        assert executions(server.state_dir, "blocker") == 1
+    finally:
+        server.stop(grace=0.5)

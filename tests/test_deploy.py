@@ -21,6 +21,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import grpc
@@ -189,15 +190,21 @@ def test_tracker_unit_starts_a_tvm_tracker(tmp_path: Path) -> None:
     )
     assert argv[1:3] == ["-m", "tvm.exec.rpc_tracker"] and f"{port}" in argv
     log = tmp_path / "tracker.log"
-    with open(log, "wb") as out:
+    with open(log, "wb") as out:  # its own process group, as systemd gives the unit its own cgroup
         proc = subprocess.Popen(local_program(argv), env=env, cwd=workdir, stdin=subprocess.DEVNULL,
-                                stdout=out, stderr=subprocess.STDOUT)
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         summary = wait_for(lambda: tracker_summary(rpc, port), f"tracker on port {port}", proc, log)
         assert "queue_info" in summary
     finally:
-        proc.send_signal(signal.SIGTERM)
+        # systemd stops every process of the unit (KillMode=control-group): the tracker runs in a TVM
+        # popen worker that outlives a SIGTERM to its parent alone.
+        os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=READY_TIMEOUT)
+        deadline = time.monotonic() + READY_TIMEOUT
+        while group_alive(proc.pid) and time.monotonic() < deadline:
+            time.sleep(0.05)  # waiting for processes to exit (a condition with a deadline)
+        assert not group_alive(proc.pid), "a tracker process outlived the stop"
 
 
 # ------------------------------------------------------------------------------ containers
@@ -410,6 +417,21 @@ class Started:
 
     def __init__(self, proc: subprocess.Popen[bytes], address: str, log: Path) -> None:
         self.proc, self.address, self.log = proc, address, log
+
+
+def group_alive(pgid: int) -> bool:
+    """Whether a process group still has running members (zombies aside), from /proc."""
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            raw = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        fields = raw[raw.rindex(")") + 2:].split()
+        if int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
+            return True
+    return False
 
 
 def start(argv: list[str], env: dict[str, str], cwd: str | None, log: Path) -> Started:

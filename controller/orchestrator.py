@@ -564,7 +564,11 @@ class StudyRun:
                 per_device[cls] = {}
                 continue
             if result["agreement"] is None:
-                return None  # its FP32 reference is not in yet
+                if not self._reference_lost(built.model, cls, level):
+                    return None  # its FP32 reference is not in yet
+                failed.append(cls)  # FP32 failed there for good: nothing to compare with on this class
+                per_device[cls] = {}
+                continue
             per_device[cls] = {"agreement": result["agreement"], "accuracy": result["accuracy"],
                                "accuracy_top5": result["accuracy_top5"], "latency_ms": result["latency_ms"],
                                "overlap": metrics.overlap_of(self.store, result)}
@@ -573,6 +577,17 @@ class StudyRun:
                       self.study.eval_split(built.model).size if level == "screen" else 0)
         self._outcomes[key] = out
         return out
+
+    def _reference_lost(self, model: str, device_class: str, level: str) -> bool:
+        """Whether the FP32 reference of ``model`` on a class ended without a result (failed, unreachable,
+        infeasible): its candidates' agreement there can never be computed."""
+        with self._lock:
+            ids = {self._job_ids.get((baseline_id(model), device_class, lv)) for lv in (level, "full")}
+        for jid in ids - {None}:
+            row = self.store.job(str(jid))
+            if row is not None and row["state"] in FINAL_JOB_STATES and row["state"] != "done":
+                return True
+        return False
 
     # ------------------------------------------------------------------ devices and liveness
     def _register_class(self, device_class: str, info: dict[str, Any], now: float,

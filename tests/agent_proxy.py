@@ -47,6 +47,8 @@ class DeviceProxy:
         self.rewrite = rewrite or (lambda devices: devices)
         #: The whole ``AgentInfo`` goes through this last (e.g. to play an agent of an older contract revision).
         self.rewrite_info: Callable[[pb.AgentInfo], pb.AgentInfo] = lambda info: info
+        #: ``SubmitJob`` requests go through this first: a (code, details) it returns is the answer instead.
+        self.refuse_submit: Callable[[pb.JobSpec], tuple[grpc.StatusCode, str] | None] = lambda spec: None
         self.info_calls = 0
         self._calls = threading.Condition()
         self._channel = grpc.insecure_channel(upstream)
@@ -110,6 +112,10 @@ class DeviceProxy:
         upstream = getattr(self._channel, kind)(path, request_serializer=_identity, response_deserializer=_identity)
 
         def unary_unary(request: bytes, context: grpc.ServicerContext) -> Any:
+            if method == "SubmitJob":
+                refusal = self.refuse_submit(pb.JobSpec.FromString(request))
+                if refusal is not None:
+                    context.abort(*refusal)
             try:
                 return upstream(request, metadata=self._metadata(context), timeout=_deadline(context))
             except grpc.RpcError as exc:

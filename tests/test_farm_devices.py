@@ -242,3 +242,33 @@ def test_agents_command_shows_device_backend_target_key_remote_and_status(
     assert rc == 0
     for text in ("phone", "tvm", "llvm", "pixel", "tracker", "9190", "UNHEALTHY", "waiting for a free", "serving"):
         assert text in out, text
+
+
+@pytest.mark.parametrize("strategy", ["budget", "greedy", "target"])
+def test_a_class_whose_fp32_reference_failed_for_good_does_not_stall_a_search(
+        tmp_path: Path, assets: Path, strategy: str) -> None:
+    """The FP32 job of one class ends failed (the agent refuses it): its candidates can never get an agreement
+    there, so the searches treat that class as failed for them and the study ends instead of waiting."""
+    import grpc
+
+    from tuneqn.controller.config import load_config
+    from tuneqn.controller.study import Study
+
+    search: dict[str, Any] = {"strategy": strategy, "ranking": "paper"}
+    search.update({"budget": {"budget": 3}, "target": {"max_loss": 0.05}}.get(strategy, {}))
+    study = write_study(tmp_path, model=assets / "cnn.onnx", images=assets / "images", evaluation=FAST,
+                        search=search)
+    prepared = Study(load_config(study))
+    try:
+        prepared.prepare()
+        fp32 = next(iter(prepared.models.values())).sha256
+    finally:
+        prepared.close()
+    with _agent(tmp_path, "cpu", "cpu", "0") as cpu, _agent(tmp_path, "phone", "phone", "0") as phone, \
+            DeviceProxy(phone.address) as proxy:
+        proxy.refuse_submit = lambda spec: ((grpc.StatusCode.INVALID_ARGUMENT, "refused by the test")
+                                            if spec.model_sha256 == fp32 else None)
+        outcome = _run_bounded(120, study, [Endpoint(cpu.address), Endpoint(proxy.address)])
+    assert outcome.failed == 1 and outcome.done >= 3  # FP32 on the phone only; the cpu's search ran
+    searches = {s["name"]: s for s in json.loads((tmp_path / "out" / "report.json").read_text())["searches"]}
+    assert searches and all(s["finished_at"] is not None for s in searches.values())

@@ -536,29 +536,33 @@ def format_validation_error(exc: ValidationError, schema: dict[str, Any]) -> str
 # --------------------------------------------------------------------------- loading
 
 
+def _under(base: Path, p: Path | None) -> Path | None:
+    """``p`` with ``~`` expanded, resolved against ``base`` when relative (None stays None)."""
+    if p is None:
+        return None
+    p = p.expanduser()
+    return p if p.is_absolute() else (base / p).resolve()
+
+
+def resolve_agent_paths(agents: list[AgentSpec], base: Path) -> list[AgentSpec]:
+    """``[[agents]]`` with their token and TLS file paths resolved against ``base`` (a study's or lab file's folder)."""
+    return [
+        a.model_copy(update={key: _under(base, getattr(a, key))
+                             for key in ("token_file", "tls_ca", "tls_cert", "tls_key")})
+        for a in agents
+    ]
+
+
 def _resolve_paths(cfg: StudyConfig, base: Path) -> StudyConfig:
     def rel(p: Path | None) -> Path | None:
-        if p is None:
-            return None
-        p = p.expanduser()
-        return p if p.is_absolute() else (base / p).resolve()
+        return _under(base, p)
 
     models = [m.model_copy(update={"path": rel(m.path)}) for m in cfg.models]
     labels = cfg.dataset.labels.model_copy(update={"csv": rel(cfg.dataset.labels.csv)})
     dataset = cfg.dataset.model_copy(
         update={"images": rel(cfg.dataset.images), "tensors": rel(cfg.dataset.tensors), "labels": labels}
     )
-    agents = [
-        a.model_copy(
-            update={
-                "token_file": rel(a.token_file),
-                "tls_ca": rel(a.tls_ca),
-                "tls_cert": rel(a.tls_cert),
-                "tls_key": rel(a.tls_key),
-            }
-        )
-        for a in cfg.agents
-    ]
+    agents = resolve_agent_paths(cfg.agents, base)
     return cfg.model_copy(
         update={
             "out_dir": rel(cfg.out_dir),

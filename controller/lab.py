@@ -31,7 +31,7 @@ from typing import Annotated, Any
 import grpc
 from pydantic import Field, ValidationError
 
-from tuneqn.controller.config import AgentSpec, _Strict, format_validation_error
+from tuneqn.controller.config import AgentSpec, _Strict, format_validation_error, resolve_agent_paths
 from tuneqn.controller.errors import UserError
 from tuneqn.controller.farm.client import ContractMismatch
 from tuneqn.controller.farm.dispatcher import Endpoint
@@ -111,19 +111,7 @@ def load_lab(path: Path, what: str = "--lab") -> list[AgentSpec]:
     repeated = lab.repeated()
     if repeated:
         raise UserError(f"{path}: {repeated}")
-    base = path.resolve().parent
-
-    def rel(p: Path | None) -> Path | None:
-        if p is None:
-            return None
-        p = p.expanduser()
-        return p if p.is_absolute() else (base / p).resolve()
-
-    return [
-        a.model_copy(update={"token_file": rel(a.token_file), "tls_ca": rel(a.tls_ca),
-                             "tls_cert": rel(a.tls_cert), "tls_key": rel(a.tls_key)})
-        for a in lab.agents
-    ]
+    return resolve_agent_paths(lab.agents, path.resolve().parent)
 
 
 def choose_agents(study_agents: list[AgentSpec], addresses: list[str] | None, lab: str | None,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,13 @@ def assets(tmp_path_factory: pytest.TempPathFactory) -> Path:
     write_images(d / "images", 40)
     write_images(d / "labelled", 24, labelled=True)
     return d
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now (bound, then released)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def write_study(tmp: Path, **overrides: Any) -> Path:

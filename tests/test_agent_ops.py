@@ -9,7 +9,9 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -121,11 +123,10 @@ def test_sigterm_lets_a_running_job_finish_within_the_drain(
     assert executions(state_dir, "short") == 1
 
 
-def test_a_job_past_the_drain_is_requeued_and_runs_after_restart(
-    agent_process, client_factory, cnn_bytes, tmp_path: Path
-) -> None:
-    state_dir = tmp_path / "state"
-    agent = agent_process(state_dir, "--simulated-latency-ms", "25", "--drain-seconds", "0.2")
+def start_long_job(agent_process: Callable[..., Any], client_factory: Callable[..., Any], cnn_bytes: bytes,
+                   state_dir: Path, drain_seconds: str) -> Any:
+    """An agent process (``--drain-seconds``) running job "long" (2000 samples at 25 ms each), past its first chunk."""
+    agent = agent_process(state_dir, "--simulated-latency-ms", "25", "--drain-seconds", drain_seconds)
     client = client_factory(agent.address)
     spec = job_spec(
         "long", client.upload_bytes(cnn_bytes), client.upload_bytes(npy_bytes(dataset(2000))),
@@ -135,10 +136,12 @@ def test_a_job_past_the_drain_is_requeued_and_runs_after_restart(
     for event in client.watch("long", timeout=60):
         if event.done > 0:
             break
-    assert agent.terminate() == 0
-    log = agent.log_path.read_text()
-    assert f"job long on {DEVICE} still running after the 0.2 s drain" in log
-    assert f"job long on {DEVICE} interrupted by shutdown; it stays queued" in log
+    return agent
+
+
+def assert_requeued_and_runs_after_restart(agent_process: Callable[..., Any], client_factory: Callable[..., Any],
+                                           state_dir: Path) -> None:
+    """Job "long" was interrupted once and stays queued; a restarted agent runs it to the end."""
     assert stored_job(state_dir, "long") == ("QUEUED", None)
     assert executions(state_dir, "long") == 1
 
@@ -146,6 +149,18 @@ def test_a_job_past_the_drain_is_requeued_and_runs_after_restart(
     result = client_factory(again.address).wait_result("long", timeout=60)
     assert result.state == pb.SUCCEEDED and result.num_samples == 2000
     assert executions(state_dir, "long") == 2
+
+
+def test_a_job_past_the_drain_is_requeued_and_runs_after_restart(
+    agent_process, client_factory, cnn_bytes, tmp_path: Path
+) -> None:
+    state_dir = tmp_path / "state"
+    agent = start_long_job(agent_process, client_factory, cnn_bytes, state_dir, drain_seconds="0.2")
+    assert agent.terminate() == 0
+    log = agent.log_path.read_text()
+    assert f"job long on {DEVICE} still running after the 0.2 s drain" in log
+    assert f"job long on {DEVICE} interrupted by shutdown; it stays queued" in log
+    assert_requeued_and_runs_after_restart(agent_process, client_factory, state_dir)
 
 
 def test_startup_log_names_the_host(agent_process, tmp_path: Path) -> None:
@@ -198,16 +213,7 @@ def test_a_second_sigterm_cuts_the_drain_short_and_the_job_reruns_after_restart(
     agent_process, client_factory, cnn_bytes, tmp_path: Path
 ) -> None:
     state_dir = tmp_path / "state"
-    agent = agent_process(state_dir, "--simulated-latency-ms", "25", "--drain-seconds", "600")
-    client = client_factory(agent.address)
-    spec = job_spec(
-        "long", client.upload_bytes(cnn_bytes), client.upload_bytes(npy_bytes(dataset(2000))),
-        chunk_size=4,
-    )
-    client.submit(spec)
-    for event in client.watch("long", timeout=60):
-        if event.done > 0:
-            break
+    agent = start_long_job(agent_process, client_factory, cnn_bytes, state_dir, drain_seconds="600")
     agent.proc.send_signal(signal.SIGTERM)
     wait_for_log(agent, f"draining: waiting up to 600 s for job long on {DEVICE}")
     agent.proc.send_signal(signal.SIGTERM)
@@ -219,13 +225,7 @@ def test_a_second_sigterm_cuts_the_drain_short_and_the_job_reruns_after_restart(
     assert f"job long on {DEVICE} interrupted by shutdown; it stays queued" in log
     assert "still running after the 600 s drain" not in log
     assert "agent stopped" in log
-    assert stored_job(state_dir, "long") == ("QUEUED", None)
-    assert executions(state_dir, "long") == 1
-
-    again = agent_process(state_dir)  # no simulated latency now: it finishes quickly
-    result = client_factory(again.address).wait_result("long", timeout=60)
-    assert result.state == pb.SUCCEEDED and result.num_samples == 2000
-    assert executions(state_dir, "long") == 2
+    assert_requeued_and_runs_after_restart(agent_process, client_factory, state_dir)
 
 
 def test_a_metrics_port_in_use_is_one_line_naming_the_flag_exit_2(tmp_path: Path) -> None:

@@ -27,6 +27,16 @@ def _tls_agent(state_dir: Path, pki: Path, server: str = "agent") -> LocalAgent:
         "--tls-ca", str(pki / "ca.pem")])
 
 
+def _assert_refused(client: AgentClient) -> None:
+    """The agent turns the client away at the TLS handshake (UNAVAILABLE); the client is closed."""
+    try:
+        with pytest.raises(grpc.RpcError) as err:
+            client.info()
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        client.close()
+
+
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Certificates made by ``tuneqn certs`` with its defaults (127.0.0.1 and localhost)."""
@@ -58,12 +68,7 @@ def test_a_client_without_the_labs_certificate_is_refused(tmp_path: Path, pki: P
             AgentClient(agent.address, timeout=5.0),  # plaintext
         ]
         for client in refused:
-            try:
-                with pytest.raises(grpc.RpcError) as err:
-                    client.info()
-                assert err.value.code() == grpc.StatusCode.UNAVAILABLE
-            finally:
-                client.close()
+            _assert_refused(client)
         good = AgentClient(agent.address, tls_ca=pki / "ca.pem", tls_cert=pki / "controller.pem",
                            tls_key=pki / "controller.key", timeout=10.0)
         try:
@@ -88,14 +93,8 @@ def test_agent_certificate_names_the_given_hosts(tmp_path: Path, pki: Path) -> N
     assert san.get_values_for_type(x509.DNSName) == ["lab-a.example"]
     assert 1 < (cert.not_valid_after_utc - cert.not_valid_before_utc).days <= 2
     with _tls_agent(tmp_path / "agent", elsewhere) as agent:
-        client = AgentClient(agent.address, tls_ca=elsewhere / "ca.pem", tls_cert=elsewhere / "controller.pem",
-                             tls_key=elsewhere / "controller.key", timeout=5.0)
-        try:
-            with pytest.raises(grpc.RpcError) as err:
-                client.info()
-            assert err.value.code() == grpc.StatusCode.UNAVAILABLE
-        finally:
-            client.close()
+        _assert_refused(AgentClient(agent.address, tls_ca=elsewhere / "ca.pem", tls_cert=elsewhere / "controller.pem",
+                                    tls_key=elsewhere / "controller.key", timeout=5.0))
 
 
 def test_keys_are_private_and_certificates_readable(pki: Path) -> None:

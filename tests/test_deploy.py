@@ -28,6 +28,8 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from conftest import free_port
+
 ROOT = Path(__file__).resolve().parent.parent
 SYSTEMD = ROOT / "deploy" / "systemd"
 CONTAINER = ROOT / "deploy" / "container"
@@ -478,14 +480,6 @@ def assert_serving(agent: Started) -> None:
         agent.proc.kill()
         agent.proc.wait()
         raise
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def tracker_summary(rpc: object, port: int) -> dict | None:

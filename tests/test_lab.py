@@ -7,7 +7,6 @@ a real study through a lab file, and a real gRPC proxy that plays an agent of an
 from __future__ import annotations
 
 import json
-import socket
 import sqlite3
 from pathlib import Path
 from typing import Any
@@ -16,7 +15,8 @@ import pytest
 import tomli_w
 
 from agent_proxy import DeviceProxy
-from conftest import write_study
+from conftest import free_port, write_study
+from test_inputs import _one_line_error
 from tuneqn.controller.cli import main
 from tuneqn.controller.config import AgentSpec
 from tuneqn.controller.errors import UserError
@@ -33,21 +33,6 @@ def _write_lab(path: Path, agents: list[dict[str, Any]]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(tomli_w.dumps({"agents": agents}).encode())
     return path
-
-
-def _closed_port() -> str:
-    """An address on loopback where nothing listens (the port was bound, then released)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return f"127.0.0.1:{s.getsockname()[1]}"
-
-
-def _one_line_error(rc: int, err: str, *parts: str) -> None:
-    assert rc == 2, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in err, err
-    for part in parts:
-        assert part in lines[0], (part, lines[0])
 
 
 # ----------------------------------------------------------------------------- the file
@@ -123,7 +108,7 @@ def test_which_agents_a_command_uses(tmp_path: Path, monkeypatch: pytest.MonkeyP
 
 def test_agents_shows_each_agent_of_the_lab(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """Reachable or not, contract, devices, queue, blob cache use, job counts, last error (table and JSON)."""
-    down = _closed_port()
+    down = f"127.0.0.1:{free_port()}"
     with LocalAgent(tmp_path / "agent", device_name="cpu-1",
                     extra_args=["--device-class", "x86", "--simulated-latency-ms", "0"]) as agent:
         lab = _write_lab(tmp_path / "lab.toml", [

@@ -55,17 +55,20 @@ class _LiveCollector(Collector):
         for device in sorted(now["queues"]):
             running.add_metric([device], 1 if device in now["running"] else 0)
         yield running
+        caches = now["caches"]  # the agent's CacheUsage list, as GetInfo reports it
+        blobs = next(c for c in caches if c.name == "blobs")
         yield GaugeMetricFamily(
             "tuneqn_agent_blob_cache_bytes", "Bytes held by the blob cache",
-            value=now["blob_bytes"],
+            value=blobs.used_bytes,
         )
         yield GaugeMetricFamily(
             "tuneqn_agent_blob_cache_limit_bytes", "Blob cache size before LRU eviction",
-            value=now["blob_limit"],
+            value=blobs.limit_bytes,
         )
-        if now["compile_caches"]:
-            used = sum(c.total_bytes() for c in now["compile_caches"])
-            limit = sum(c.max_bytes for c in now["compile_caches"])
+        compiled = [c for c in caches if c.name == "tvm-compile"]
+        if compiled:
+            used = sum(c.used_bytes for c in compiled)
+            limit = sum(c.limit_bytes for c in compiled)
             yield GaugeMetricFamily(
                 "tuneqn_agent_compile_cache_bytes", "Bytes held by the TVM compile cache",
                 value=used,
@@ -81,7 +84,7 @@ def compile_caches(backends: Iterable[Any]) -> list[Any]:
     caches: dict[int, Any] = {}
     for backend in backends:
         cache = getattr(getattr(backend, "pool", None), "cache", None)
-        if cache is not None and hasattr(cache, "total_bytes"):
+        if cache is not None and hasattr(cache, "usage"):
             caches[id(cache)] = cache
     return list(caches.values())
 
@@ -91,7 +94,8 @@ class AgentMetrics:
 
     def __init__(self, read_live: Callable[[], dict[str, Any]]) -> None:
         """``read_live()`` returns ``queues`` (device -> queued jobs), ``running`` (devices
-        running a job), ``blob_bytes``, ``blob_limit`` and ``compile_caches``."""
+        running a job) and ``caches`` (the ``tuneqn.v1.CacheUsage`` list of ``GetInfo``:
+        "blobs", and "tvm-compile" on TVM agents)."""
         self.registry = CollectorRegistry()
         self.finished = Counter(
             "tuneqn_agent_jobs_finished",

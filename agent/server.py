@@ -90,12 +90,10 @@ def cache_usage(blobs: BlobStore, backends: Iterable[Backend]) -> list[pb.CacheU
         )
     ]
     for cache in compile_caches(backends):
+        used, entries = cache.usage()
         usage.append(
             pb.CacheUsage(
-                name="tvm-compile",
-                used_bytes=cache.total_bytes(),
-                limit_bytes=cache.max_bytes,
-                entries=cache.entry_count(),
+                name="tvm-compile", used_bytes=used, limit_bytes=cache.max_bytes, entries=entries
             )
         )
     return usage
@@ -333,9 +331,7 @@ class AgentServer:
             "running": {
                 d.name for d in self.jobs.devices() if self.jobs.device_status(d.name).running_job_id
             },
-            "blob_bytes": self.blobs.total_bytes,
-            "blob_limit": self.blobs.cache_bytes,
-            "compile_caches": compile_caches(self.jobs.backends()),
+            "caches": cache_usage(self.blobs, self.jobs.backends()),
         }
 
     @property

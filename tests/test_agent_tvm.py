@@ -74,6 +74,12 @@ def test_local_predictions_cache_hit_and_compile_ahead(
     assert builds[0].reason == "ahead" and not builds[0].cache_hit
     assert builds[0].started < results["second"].started_at
     assert not results["second"].compile_cache_hit and results["second"].compile_seconds > 0
+    # GetInfo (tuneqn agents) and the metrics endpoint report the two libraries from one reading
+    compiled = {c.name: c for c in client.info().caches}["tvm-compile"]
+    assert compiled.entries == 2 and compiled.used_bytes > 0 and compiled.limit_bytes == lane.pool.cache.max_bytes
+    registry = server.metrics.registry
+    assert registry.get_sample_value("tuneqn_agent_compile_cache_bytes") == compiled.used_bytes
+    assert registry.get_sample_value("tuneqn_agent_compile_cache_limit_bytes") == compiled.limit_bytes
 
 
 def test_device_description_and_infeasible_qoperator(
@@ -146,6 +152,7 @@ def test_compiler_command_cache_key_and_lru_eviction(tvm_models, tmp_path: Path)
     small = CompileCache(tmp_path / "cache", first.path.stat().st_size + 4096)
     other = small.get_or_build(qdq, sha256(qdq), custom)
     assert other.path.is_file() and not first.path.exists()
+    assert small.usage() == (sum(f.stat().st_size for f in other.path.parent.iterdir() if f.is_file()), 1)
     assert small.lookup(sha256(fp32), custom) is None
 
 

@@ -259,13 +259,10 @@ class CompileCache:
         with self._key_lock(key):
             return self._lookup(key)
 
-    def total_bytes(self) -> int:
-        """Bytes used by the cached entries."""
-        return sum(size for _, size, _ in self._entries())
-
-    def entry_count(self) -> int:
-        """How many built libraries the cache holds."""
-        return len(self._entries())
+    def usage(self) -> tuple[int, int]:
+        """Bytes used by the cached entries, and how many built libraries they are (one scan)."""
+        entries = self._entries()
+        return sum(size for _, size, _ in entries), len(entries)
 
     # ------------------------------------------------------------------ internals
 

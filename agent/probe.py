@@ -10,19 +10,19 @@ files default to ``TUNEQN_PROBE_TLS_CA`` / ``_CERT`` / ``_KEY``: ``--tls-ca`` ve
 agent's certificate (the address's host must be one of its names), ``--tls-cert`` and
 ``--tls-key`` are the client certificate an mTLS agent asks for (one its CA signed for
 client use, such as the controller's). Health checks need no bearer token.
-This module imports neither the controller nor the agent's runtime.
+This module imports neither the controller nor the agent's runtime (only the argument
+helpers of :mod:`tuneqn.agent.cli`).
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
-from pathlib import Path
-from typing import NoReturn
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from tuneqn.agent.cli import UsageError, _Parser, _read_file, parse_listen
 
 __all__ = ["default_address", "main", "probe"]
 
@@ -33,16 +33,6 @@ DEFAULT_TIMEOUT = 5.0
 _WILDCARD_HOSTS = ("", "0.0.0.0", "::", "[::]")
 
 
-class ProbeError(Exception):
-    """Bad arguments or unreadable files; reported in one line with exit code 2."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        """One line, exit 2 (no usage dump)."""
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
 def default_address(listen: str | None = None) -> str:
     """``HOST:PORT`` to probe for an agent listening on ``listen`` (``TUNEQN_AGENT_LISTEN``)."""
     text = (listen if listen is not None else os.environ.get("TUNEQN_AGENT_LISTEN", "")).strip()
@@ -50,15 +40,6 @@ def default_address(listen: str | None = None) -> str:
     if not sep or not port.isdigit():
         return f"localhost:{DEFAULT_PORT}"
     return f"{'localhost' if host in _WILDCARD_HOSTS else host}:{port}"
-
-
-def _read(path: str | None, what: str) -> bytes | None:
-    if not path:
-        return None
-    try:
-        return Path(path).read_bytes()
-    except OSError as exc:
-        raise ProbeError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
 
 
 def probe(address: str, tls_ca: bytes | None = None, tls_cert: bytes | None = None,
@@ -106,19 +87,17 @@ def main(argv: list[str] | None = None) -> int:
         return exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 2
     try:
         if bool(args.tls_cert) != bool(args.tls_key):
-            raise ProbeError("--tls-cert and --tls-key must be given together")
+            raise UsageError("--tls-cert and --tls-key must be given together")
         if args.tls_cert and not args.tls_ca:
-            raise ProbeError("--tls-cert needs --tls-ca (the CA that signed the agent's certificate)")
+            raise UsageError("--tls-cert needs --tls-ca (the CA that signed the agent's certificate)")
         if not args.timeout > 0:
-            raise ProbeError(f"--timeout must be > 0, got {args.timeout:g}")
+            raise UsageError(f"--timeout must be > 0, got {args.timeout:g}")
         address = args.address or default_address()
-        host, sep, port = address.rpartition(":")
-        if not sep or not host or not port.isdigit():
-            raise ProbeError(f"address must be HOST:PORT, got {address!r}")
-        ca = _read(args.tls_ca, "TLS CA")
-        cert = _read(args.tls_cert, "TLS certificate")
-        key = _read(args.tls_key, "TLS key")
-    except ProbeError as exc:
+        parse_listen(address, "address")
+        ca = _read_file(args.tls_ca, "TLS CA") if args.tls_ca else None
+        cert = _read_file(args.tls_cert, "TLS certificate") if args.tls_cert else None
+        key = _read_file(args.tls_key, "TLS key") if args.tls_key else None
+    except UsageError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
     problem = probe(address, ca, cert, key, args.timeout)

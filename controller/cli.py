@@ -90,7 +90,7 @@ def _search_overrides(cfg: StudyConfig, args: argparse.Namespace) -> StudyConfig
     """Apply ``--recipe``, ``--ranking``, ``--strategy``, ``--budget``, ``--max-loss`` (validated like the TOML)."""
     from pydantic import ValidationError
 
-    from tuneqn.controller.config import SearchSpec, format_validation_error
+    from tuneqn.controller.config import AnswerSpec, SearchSpec, format_validation_error
 
     data: dict[str, Any] = {}
     quant = cfg.quantization
@@ -109,6 +109,14 @@ def _search_overrides(cfg: StudyConfig, args: argparse.Namespace) -> StudyConfig
         data["budget"] = None
     if getattr(args, "no_compare", False):
         data["compare"] = []
+    answer = {k: getattr(args, k) for k in ("max_loss", "max_size_mb", "max_latency_ms")
+              if getattr(args, k, None) is not None}
+    if answer:
+        try:
+            cfg = cfg.model_copy(update={"answer": AnswerSpec.model_validate({**cfg.answer.model_dump(), **answer})})
+        except ValidationError as exc:
+            line = format_validation_error(exc, AnswerSpec.model_json_schema())
+            raise UserError(f"--{line.split(':', 1)[0].replace('_', '-')}: {line.split(': ', 1)[-1]}") from None
     search = cfg.search
     if data:
         try:
@@ -138,6 +146,36 @@ def _study_dir(arg: str) -> Path:
     return out_dir
 
 
+def _loss(value: str) -> float:
+    """``--max-loss``: a fraction in [0, 1)."""
+    try:
+        v = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {value!r}") from None
+    if not 0.0 <= v < 1.0:
+        raise argparse.ArgumentTypeError(f"must be a fraction in [0, 1) (0.01 = 1%), got {value}")
+    return v
+
+
+def _positive(value: str) -> float:
+    try:
+        v = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {value!r}") from None
+    if not v > 0.0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
+    return v
+
+
+def _add_answer_args(p: argparse.ArgumentParser, prefix: str, max_loss: bool = True) -> None:
+    """The answer's constraint flags (``--max-loss`` only where the study flags do not define it)."""
+    if max_loss:
+        p.add_argument("--max-loss", type=_loss, help=f"{prefix}largest accuracy loss vs FP32 of the answer "
+                       "(0.01 = 1%%; default: the study's [answer] max_loss)")
+    p.add_argument("--max-size-mb", type=_positive, help=f"{prefix}largest file size of the answer in MB")
+    p.add_argument("--max-latency-ms", type=_positive, help=f"{prefix}largest median latency of the answer in ms")
+
+
 def _add_study_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("study", nargs="?", help="study TOML file (or use the quick form flags)")
     p.add_argument("--model", help="quick form: ONNX model file")
@@ -159,8 +197,9 @@ def _add_study_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--budget", type=int, help="budget strategy: full evaluations per (model, recipe, device) "
                    "(default 30%% of the sweep's)")
     p.add_argument("--no-compare", action="store_true", help="run only the main search, not [[search.compare]]")
-    p.add_argument("--max-loss", type=float, help="target strategy: largest accuracy loss vs FP32 allowed on every "
-                   "device (0.01 = 1%%)")
+    p.add_argument("--max-loss", type=float, help="largest accuracy loss vs FP32 (0.01 = 1%%) of the answer "
+                   "(default [answer] max_loss, else [search] max_loss, else 1%%); also the target strategy's limit")
+    _add_answer_args(p, "", max_loss=False)
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
@@ -208,10 +247,66 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     return 0
 
 
+def _answer_constraint(args: argparse.Namespace, settings: dict[str, Any] | None) -> Any:
+    """The answer's constraint: the study's (``[answer]``), with ``--max-loss``/``--max-size-mb``/
+    ``--max-latency-ms`` replacing its values; None when no flag is given."""
+    from tuneqn.controller.report.answer import Constraint
+
+    values = {k: getattr(args, k, None) for k in ("max_loss", "max_size_mb", "max_latency_ms")}
+    if all(v is None for v in values.values()):
+        return None
+    return Constraint.from_settings(settings).override(**values)
+
+
+def _print_answer(report: dict[str, Any]) -> None:
+    from tuneqn.controller.report.answer import format_answer
+
+    print("\n".join(format_answer(report.get("answer"))))
+
+
+def _best_pick(report: dict[str, Any], model: str | None, device: str | None, cross: bool) -> dict[str, Any]:
+    """The answer's pick ``export --best`` exports (one-line UserError when it is not determined)."""
+    picks = (report.get("answer") or {}).get("picks") or []
+    models = list(dict.fromkeys(p["model"] for p in picks))
+    if not picks:
+        raise UserError("--best: the study has no answer yet (no candidate was evaluated in full)")
+    if model is None:
+        if len(models) > 1:
+            raise UserError(f"--best: the study has several models ({', '.join(models)}); add --model M")
+        model = models[0]
+    elif model not in models:
+        raise UserError(f"--model: no answer for model '{model}' (models: {', '.join(models)})")
+    mine = [p for p in picks if p["model"] == model]
+    devices = [p["device"] for p in mine if p["scope"] == "device"]
+    if cross and device is not None:
+        raise UserError("--cross-device: give either --device D or --cross-device, not both")
+    if cross:
+        pick = next((p for p in mine if p["scope"] == "cross-device"), None)
+        if pick is None:
+            raise UserError(f"--cross-device: {model} was measured on one device only ({', '.join(devices)}); "
+                            "use --best alone")
+    elif device is None:
+        if len(devices) > 1:
+            raise UserError(f"--best: {model} was measured on several devices ({', '.join(devices)}); add --device D "
+                            "for that device's pick, or --cross-device for the pick that holds on every one")
+        pick = mine[0]
+    else:
+        pick = next((p for p in mine if p["scope"] == "device" and p["device"] == device), None)
+        if pick is None:
+            raise UserError(f"--device: no device '{device}' in the answer of {model} ({', '.join(devices)})")
+    if pick.get("candidate") is None:
+        raise UserError(f"--best: no pick for {model} on {', '.join(pick['devices'])}: {pick.get('reason')}")
+    return pick
+
+
 def cmd_export(args: argparse.Namespace) -> int:
-    """Regenerate one candidate bit-identically into a file."""
-    from tuneqn.controller.study import Study
+    """Write one evaluated candidate (or the answer's pick) with its facts; reads the study folder only."""
+    import json
+
+    from tuneqn.controller.export import describe, export_candidate
+    from tuneqn.controller.report import compute_report
     from tuneqn.controller.store import Store
+    from tuneqn.controller.study import find_candidate
 
     out_dir = _study_dir(args.study_dir)
     out = Path(args.output)
@@ -219,35 +314,33 @@ def cmd_export(args: argparse.Namespace) -> int:
         raise UserError(f"-o/--output: {out} is a folder; give the .onnx file to write")
     if out.parent.exists() and not out.parent.is_dir():
         raise UserError(f"-o/--output: {out.parent} is a file, not a folder")
-    store = Store.open(out_dir)
-    raw = store.get_meta("config")
-    store.close()
-    if raw is None:
-        raise UserError(f"{out_dir}: the study store holds no config")
-    cfg = StudyConfig.model_validate_json(raw)
-    study = Study(cfg, command=_command_line(args))
+    if args.best == (args.candidate is not None):
+        raise UserError("give --candidate WHICH or --best (the report's answer), not both" if args.best else
+                        "give --candidate WHICH, or --best for the report's answer")
+    if not args.best and (args.device or args.cross_device):
+        raise UserError("--device/--cross-device: only with --best")
+    store = Store.open_readonly(out_dir)
     try:
-        study.prepare()
-        model = args.model or (next(iter(study.models)) if len(study.models) == 1 else None)
-        if model is None:
-            raise UserError(f"--model: the study has several models ({', '.join(study.models)}); name one")
-        mode = args.mode or (study.modes()[0] if len(study.modes()) == 1 else None)
-        if mode is None:
-            raise UserError(f"--recipe: the study has several recipes ({', '.join(study.modes())}); name one")
-        plan = study.find_plan(model, mode, args.candidate)
-        row = study.build(plan, out=out)
-        stored = study.store.candidate(plan.id)
+        raw = store.get_meta("config")
+        if raw is None:
+            raise UserError(f"{out_dir}: the study store holds no config")
+        settings = json.loads(raw)
+        report = compute_report(store, _answer_constraint(args, settings))
+        pick = None
+        if args.best:
+            pick = _best_pick(report, args.model, args.device, args.cross_device)
+            cand = store.candidate(pick["candidate"])
+            if cand is None:
+                raise StudyFailed(f"{out_dir}: the answer's candidate {pick['candidate']} is not in the store")
+        else:
+            cand = find_candidate(store, args.candidate, args.model, args.mode)
     finally:
-        study.close()
-    print(f"{out}  sha256={row['sha256']}  size={row['size_bytes']}  excluded={len(row['excluded'])} layers")
-    if row["runtime"].get("ort_disabled_optimizers"):
-        print("run it with ONNX Runtime session option disabled_optimizers="
-              f"{row['runtime']['ort_disabled_optimizers']} so that excluded layers stay float")
-    if stored is not None and stored.get("build_key") != row["build_key"]:
-        raise StudyFailed(f"the study's inputs (model, data, settings or tool versions) changed since candidate "
-                          f"{plan.id} was built; rerun 'tuneqn analyze --candidates' or 'tuneqn tune' to rebuild it")
-    if stored is not None and stored["sha256"] != row["sha256"]:
-        raise StudyFailed(f"exported file differs from the stored candidate {plan.id} (sha256 {stored['sha256'][:12]}…)")
+        store.close()
+    exported = export_candidate(out_dir, cand, report, out, pick)
+    if pick is not None:
+        where = pick["device"] or "every device (" + ", ".join(pick["devices"]) + ")"
+        print(f"the answer for {pick['model']} on {where}" + ("" if pick["met"] else " (constraint NOT met)"))
+    print("\n".join(describe(exported)))
     return 0
 
 
@@ -292,6 +385,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
           + (f", {outcome.infeasible} infeasible on their device" if outcome.infeasible else "")
           + f" of {outcome.total}")
     print(f"report: {outcome.report.get('html')}\njson: {outcome.report.get('json')}")
+    _print_tune_answer(outcome.report.get("json"))
     problems = list(outcome.errors)
     if outcome.failed:
         problems.append(f"{outcome.failed} jobs failed (see report.json; a rerun retries them)")
@@ -300,8 +394,25 @@ def cmd_tune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_tune_answer(json_path: Any) -> None:
+    """The answer of the report ``tune`` just wrote, as its last lines."""
+    import json
+
+    if json_path is None:
+        return
+    try:
+        report = json.loads(Path(json_path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        log.warning("cannot read %s for the answer: %s", json_path, exc)
+        return
+    _print_answer(report)
+
+
 def cmd_report(args: argparse.Namespace) -> int:
-    """Regenerate report.json, plots and report.html from the checkpoint."""
+    """Regenerate report.json, plots and report.html from the checkpoint (``--max-loss`` etc.: the answer for
+    another constraint, without a rerun); print the answer."""
+    import json
+
     from tuneqn.controller.report import is_partial, write_full_report
     from tuneqn.controller.store import Store
 
@@ -310,10 +421,12 @@ def cmd_report(args: argparse.Namespace) -> int:
     store = Store.open(out_dir)
     try:
         partial = is_partial(store)
-        paths = write_full_report(store, out_dir)
+        constraint = _answer_constraint(args, json.loads(store.get_meta("config") or "{}"))
+        paths = write_full_report(store, out_dir, constraint)
     finally:
         store.close()
     print(f"report: {paths['html']}{' (partial: the study is unfinished)' if partial else ''}\njson: {paths['json']}")
+    _print_tune_answer(paths["json"])
     return 0
 
 
@@ -489,10 +602,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("study_dir", help="the study's output directory")
     p.add_argument("--model", help="model name (default: the study's only model)")
     p.add_argument("--recipe", "--mode", dest="mode", help="recipe (default: the study's only one)")
-    p.add_argument("--candidate", required=True,
+    p.add_argument("--candidate",
                    help="candidate id (or its fq/x… tag), exclusion set name, label from the report, or a number k "
-                        "(top-k layers of the paper's ranking)")
-    p.add_argument("-o", "--output", required=True, help="output .onnx file")
+                        "(top-k layers of the paper's ranking, or a search's 'k=<k>'; refused when several match)")
+    p.add_argument("--best", action="store_true", help="export the report's answer (the pick for --device)")
+    p.add_argument("--device", help="--best: the device whose pick to export (needed when there are several)")
+    p.add_argument("--cross-device", action="store_true",
+                   help="--best: the pick that meets the constraint on every device (worst value over the devices)")
+    _add_answer_args(p, "--best: ")
+    p.add_argument("-o", "--output", required=True, help="output .onnx file (its facts go to OUTPUT.json)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("tune", help="run the whole study: analyze, build candidates, evaluate on agents, report")
@@ -514,6 +632,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("report", help="regenerate report.json, plots and report.html from the checkpoint")
     p.add_argument("study_dir", help="the study's output directory")
+    _add_answer_args(p, "", max_loss=True)
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("agents", help="probe the lab's agents: reachability, contract, devices, queues, caches, "

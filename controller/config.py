@@ -346,6 +346,23 @@ class SearchSpec(SearchRun):
         return out
 
 
+#: The answer's default accuracy-loss limit when neither ``[answer]`` nor ``[search]`` sets one (1 %).
+DEFAULT_MAX_LOSS = 0.01
+
+
+class AnswerSpec(_Strict):
+    """The constraint of the report's answer (the file to ship per device): the smallest file whose
+    accuracy loss is at most ``max_loss`` and whose size and latency stay under the optional caps."""
+
+    #: Largest accuracy loss (1 − top-1 agreement with FP32 on the device); None: ``[search] max_loss``
+    #: when set, else :data:`DEFAULT_MAX_LOSS`.
+    max_loss: Annotated[float, Field(ge=0.0, lt=1.0)] | None = None
+    #: Largest file size in MB (10**6 bytes); None: no cap.
+    max_size_mb: Annotated[float, Field(gt=0.0)] | None = None
+    #: Largest median latency in ms on the device; None: no cap.
+    max_latency_ms: Annotated[float, Field(gt=0.0)] | None = None
+
+
 class ObjectiveSpec(_Strict):
     """One objective of the Pareto analysis (a name of :data:`OBJECTIVES`), with optional feasibility bounds."""
 
@@ -427,6 +444,14 @@ class StudyConfig(_Strict):
     objectives: list[ObjectiveSpec] = [ObjectiveSpec(name="accuracy_loss"), ObjectiveSpec(name="size")]
     agents: list[AgentSpec] = []
     evaluation: EvaluationSpec = EvaluationSpec()
+    answer: AnswerSpec = AnswerSpec()
+
+    def answer_max_loss(self) -> float:
+        """The answer's accuracy-loss limit: ``[answer] max_loss``, else ``[search] max_loss``, else 1 %."""
+        for value in (self.answer.max_loss, self.search.max_loss):
+            if value is not None:
+                return float(value)
+        return DEFAULT_MAX_LOSS
 
     @model_validator(mode="after")
     def _unique_names(self) -> "StudyConfig":

@@ -116,13 +116,16 @@ def _locked(fn: Callable[..., T]) -> Callable[..., T]:
 class Store:
     """Typed access to the study's SQLite checkpoint (thread-safe: one lock, one connection)."""
 
-    def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
+    def __init__(self, path: Path, conn: sqlite3.Connection | None = None) -> None:
         self.path = path
-        conn = sqlite3.connect(str(path), timeout=30.0, check_same_thread=False, isolation_level=None)
-        self.db = sqlite_utils.Database(conn)
         #: Serializes use of the one connection by the dispatcher's threads.
         self.lock = threading.RLock()
+        if conn is not None:  # a read-only view (:meth:`open_readonly`): the schema is the file's
+            self.db = sqlite_utils.Database(conn)
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        conn = sqlite3.connect(str(path), timeout=30.0, check_same_thread=False, isolation_level=None)
+        self.db = sqlite_utils.Database(conn)
         self.db.enable_wal()
         self.db.execute("PRAGMA synchronous=NORMAL")
         for name, (columns, pk) in _TABLES.items():
@@ -148,6 +151,28 @@ class Store:
     def open(cls, out_dir: Path) -> "Store":
         """The store of the study in ``out_dir``."""
         return cls(out_dir / DB_NAME)
+
+    @classmethod
+    def open_readonly(cls, out_dir: Path) -> "Store":
+        """A read-only view of the study in ``out_dir`` that writes nothing there: no lock, no schema upgrade.
+
+        A store closed cleanly has no ``-wal`` file and is read as an immutable file (SQLite then creates no
+        ``-wal``/``-shm`` beside it, so a read-only or copied folder works); while a writer has it open
+        (a ``-wal`` file exists) it is read through SQLite's read-only mode, which sees the writer's commits.
+        """
+        path = Path(out_dir) / DB_NAME
+        uri = path.resolve().as_uri()
+        live = path.with_name(path.name + "-wal").exists()
+        try:
+            conn = sqlite3.connect(f"{uri}?{'mode=ro' if live else 'immutable=1'}", uri=True, timeout=30.0,
+                                   check_same_thread=False, isolation_level=None)
+            conn.execute("select count(*) from sqlite_master").fetchone()
+        except sqlite3.OperationalError:
+            if not live:
+                raise
+            # no -shm and a folder we cannot write: read the file as it is (the writer's last checkpoint)
+            conn = sqlite3.connect(f"{uri}?immutable=1", uri=True, check_same_thread=False, isolation_level=None)
+        return cls(path, conn)
 
     def close(self) -> None:
         """Close the connection (after any query in flight on another thread)."""

@@ -538,34 +538,6 @@ class Study:
             self.store.put_candidate(row)
         return row
 
-    def find_plan(self, model: str, mode: str, which: str) -> CandidatePlan:
-        """The plan of ``export --candidate WHICH``: a candidate id (or its ``fq``/``x…`` tag), an
-        exclusion set's name, a label a search gave it (``greedy/measured step 3``), or a number k
-        (the top-k layers of the paper's ranking)."""
-        if model not in self.models:
-            raise UserError(f"--model: unknown model '{model}' (known: {', '.join(self.models)})")
-        if not self.is_recipe(mode):
-            raise UserError(f"--recipe: recipe '{mode}' is not part of this study ({', '.join(self.modes())}, "
-                            "or a variant of one planned for a device)")
-        if which.isdigit():
-            order = self.ranking(model, mode)
-            if int(which) > len(order):
-                raise UserError(f"--candidate: k={which} but {model}/{mode} has {len(order)} layers")
-            return self.make_plan(model, mode, order[: int(which)])
-        for p in self.explicit_plans(model, mode):
-            if which == p.label:
-                return p
-        for row in self.store.candidates(model=model, mode=mode):
-            if which in (row["id"], row["id"].rsplit(":", 1)[-1]):
-                return self.make_plan(model, mode, row["excluded"], row["label"], row["kind"])
-        for prop in self.store.proposals(model=model, mode=mode):
-            if which == prop["label"] or which == f"{prop['search']} {prop['label']}":
-                row = self.store.candidate(prop["candidate_id"])
-                if row is not None:
-                    return self.make_plan(model, mode, row["excluded"], row["label"], row["kind"])
-        raise UserError(f"--candidate: no candidate {which!r} in {model}/{mode} (give a number k, a candidate id, "
-                        "an exclusion set's name or a label from the report)")
-
     def eval_split(self, model: str) -> Split:
         """The evaluation sample of a model."""
         return self.data[model].eval
@@ -597,3 +569,69 @@ class Study:
         split = Split(f"screen/{recipe}", path, sha, items, labels)
         self.store.put_dataset(f"{model}/screen/{recipe}", split.path, split.sha256, split.items, split.labels)
         return split
+
+
+def _mb(n: Any) -> str:
+    return f"{n / 1e6:.3g} MB" if isinstance(n, int | float) else "? MB"
+
+
+def find_candidate(store: Store, which: str, model: str | None = None, recipe: str | None = None) -> dict[str, Any]:
+    """The stored candidate ``export --candidate WHICH`` names, from the store alone (nothing is built).
+
+    WHICH is a candidate id, its ``fq``/``x…`` tag, an exclusion set's name or a candidate's label, a label a
+    search gave it (``greedy/measured step 3``, ``measured k=18``) or a bare number k: the top-k layers of
+    the paper's ranking *and* any candidate a search labelled ``k=<k>``.  ``model``/``recipe`` narrow the
+    search (default: every model and recipe of the study).  More than one candidate matching is refused
+    with the choices listed (:class:`UserError`, one line), as is none.
+    """
+    rows = [c for c in store.candidates() if c["kind"] != "fp32"]
+    models = list(dict.fromkeys(c["model"] for c in rows))
+    if model is not None and model not in models:
+        raise UserError(f"--model: unknown model '{model}' (known: {', '.join(models) or 'none'})")
+    rows = [c for c in rows if model is None or c["model"] == model]
+    recipes = list(dict.fromkeys(c["mode"] for c in rows))
+    if recipe is not None and recipe not in recipes:
+        raise UserError(f"--recipe: no candidate of recipe '{recipe}' in the study (recipes: "
+                        f"{', '.join(recipes) or 'none'})")
+    rows = [c for c in rows if recipe is None or c["mode"] == recipe]
+    by_id = {c["id"]: c for c in rows}
+    if which in by_id:
+        return by_id[which]
+    matches: dict[str, list[str]] = {}  # candidate id -> how it matched
+
+    def hit(cid: str, how: str) -> None:
+        if cid in by_id and how not in matches.setdefault(cid, []):
+            matches[cid].append(how)
+
+    number = which.isdigit()
+    for c in rows:
+        if which == c["id"].rsplit(":", 1)[-1]:
+            hit(c["id"], f"tag {which}")
+        if which == c["label"] or (number and c["label"].split()[-1:] == [f"k={which}"]):
+            hit(c["id"], f"label '{c['label']}'")
+    for p in store.proposals(model=model, mode=recipe):
+        label, full = p["label"], f"{p['search']} {p['label']}"
+        if which in (label, full) or (number and label.split()[-1:] == [f"k={which}"]):
+            hit(p["candidate_id"], f"'{full}'")
+    unbuilt: list[str] = []
+    if number:
+        for m, r in dict.fromkeys((c["model"], c["mode"]) for c in rows):
+            order = [layer["name"] for layer in store.layers(m, r)]  # rank order
+            if int(which) > len(order):
+                continue
+            cid = candidate_id(m, r, order[: int(which)])
+            if cid in by_id:
+                hit(cid, f"the paper's k={which}")
+            else:
+                unbuilt.append(f"{m}/{r}")
+    if len(matches) == 1:
+        return by_id[next(iter(matches))]
+    if len(matches) > 1:
+        choices = "; ".join(f"{cid} ({', '.join(how)}, {_mb(by_id[cid]['size_bytes'])})" for cid, how in matches.items())
+        raise UserError(f"--candidate: {which!r} matches {len(matches)} candidates: {choices}; give one of these ids")
+    if unbuilt:
+        raise UserError(f"--candidate: the paper's k={which} of {', '.join(unbuilt)} was never built or evaluated "
+                        "(give a candidate id or a label from the report)")
+    where = "/".join(x for x in (model, recipe) if x) or "the study"
+    raise UserError(f"--candidate: no candidate {which!r} in {where} (give a candidate id, its tag, an exclusion "
+                    "set's name, a label from the report or a number k)")

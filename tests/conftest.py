@@ -53,6 +53,17 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def exported_sha256(path: Path) -> str:
+    """The sha256 of the evaluated candidate that ``tuneqn export`` wrote to ``path`` (from its facts file,
+    whose own sha256 is checked against the written file)."""
+    import hashlib
+    import json
+
+    facts = json.loads(path.with_name(path.name + ".json").read_text())
+    assert facts["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    return str(facts["evaluated_sha256"])
+
+
 def write_study(tmp: Path, **overrides: Any) -> Path:
     """A study TOML in ``tmp`` (tables in ``overrides`` replace the defaults)."""
     data: dict[str, Any] = {

@@ -11,7 +11,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from conftest import write_study
+from conftest import exported_sha256, write_study
 from tuneqn.controller.cli import main
 
 WEIGHTED = {"Conv", "Gemm", "MatMul", "ConvTranspose"}
@@ -115,9 +115,7 @@ def test_export_reproduces_sha256(built: Path, tmp_path: Path, capsys: pytest.Ca
     for k in (0, 2):
         out = tmp_path / f"exported-{k}.onnx"
         assert main(["export", str(built), "--model", "wide", "--mode", "static", "--candidate", str(k), "-o", str(out)]) == 0
-        import hashlib
-
-        assert hashlib.sha256(out.read_bytes()).hexdigest() == stored[k]["sha256"]
+        assert exported_sha256(out) == stored[k]["sha256"]
     out = tmp_path / "head.onnx"
     assert main(["export", str(built), "--candidate", "head", "-o", str(out)]) == 0
     assert "sha256=" in capsys.readouterr().out

@@ -17,7 +17,7 @@ import onnx
 import pytest
 
 from agent_proxy import DeviceProxy, with_fields
-from conftest import write_study
+from conftest import exported_sha256, write_study
 from test_farm import FAST, _agent, _executions, _run_bounded
 from tuneqn.controller.farm.dispatcher import Endpoint
 from tuneqn.v1 import agent_pb2 as pb
@@ -87,12 +87,11 @@ def test_adapt_plans_a_variant_per_device_and_sweeps_it_completely(tmp_path: Pat
     assert "Feasibility planning" in html and "qop → qop.qdq" in html
     # a variant's candidates export like any recipe's (bit-identical to the stored one)
     from tuneqn.controller.cli import main
-    from tuneqn.controller.files import file_sha256
 
     out = tmp_path / "variant-fq.onnx"
     assert main(["export", str(tmp_path / "out"), "--recipe", "dyn.float-Conv", "--candidate", "1", "-o", str(out)]) == 0
     stored = _rows(db, "select sha256 from candidates where mode = 'dyn.float-Conv' and k = 1")
-    assert stored == [(file_sha256(out),)]
+    assert stored == [(exported_sha256(out),)]
 
 
 def test_the_default_search_screens_and_evaluates_variants_on_their_device_only(tmp_path: Path, assets: Path) -> None:

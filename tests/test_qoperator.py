@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import sqlite3
 from dataclasses import replace
@@ -14,7 +13,7 @@ import onnxruntime as ort
 import pytest
 from onnx import numpy_helper
 
-from conftest import write_study
+from conftest import exported_sha256, write_study
 from tuneqn.controller.cli import main
 from tuneqn.controller.quantize import WBQ, QuantSettings, quantize_candidate
 
@@ -197,7 +196,7 @@ def test_export_reproduces_sha256(built: Path, tmp_path: Path) -> None:
         assert main(["export", str(built), "--model", "wide", "--mode", "static", "--candidate", cand,
                      "-o", str(out)]) == 0
         label = cand if cand == "head" else f"k={cand}"
-        assert hashlib.sha256(out.read_bytes()).hexdigest() == stored[label]["sha256"]
+        assert exported_sha256(out) == stored[label]["sha256"]
 
 
 def test_tune_qoperator_quick_form(tmp_path: Path, assets: Path) -> None:

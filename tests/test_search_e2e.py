@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import signal
 import sqlite3
@@ -14,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from conftest import write_study
+from conftest import exported_sha256, write_study
 from tuneqn.controller.cli import main
 from tuneqn.controller.config import load_config
 from tuneqn.controller.farm.dispatcher import Endpoint, FarmSettings
@@ -105,7 +104,7 @@ def test_every_evaluated_set_exports_bit_identically(tmp_path: Path, assets: Pat
         which = c["id"] if i % 2 == 0 else labels[c["id"]]
         dest = tmp_path / f"export-{i}.onnx"
         assert main(["export", str(out), "--candidate", which, "-o", str(dest)]) == 0
-        assert hashlib.sha256(dest.read_bytes()).hexdigest() == c["sha256"], which
+        assert exported_sha256(dest) == c["sha256"], which
 
 
 def test_unknown_recipe_and_missing_target_are_one_line_errors(tmp_path: Path, assets: Path,

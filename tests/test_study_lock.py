@@ -111,10 +111,13 @@ def test_second_run_is_refused_before_touching_anything(
     holder = Holder(study)
     holder_factory.append(holder)
     before = _snapshot(out)
-    for argv in (["analyze", str(study), "--fresh", "--candidates"], ["tune", str(study), "--fresh"],
-                 ["export", str(out), "--candidate", "0", "-o", str(tmp_path / "x.onnx")]):
+    for argv in (["analyze", str(study), "--fresh", "--candidates"], ["tune", str(study), "--fresh"]):
         _refused(capsys, argv, holder)
         assert _snapshot(out) == before, argv
+    # export only reads (no lock): it answers while the study is in use (here: nothing was built yet)
+    assert main(["export", str(out), "--candidate", "0", "-o", str(tmp_path / "x.onnx")]) == 2
+    err = capsys.readouterr().err
+    assert "--candidate" in err and "in use" not in err, err
     assert not (out / "agents").exists()  # tune started no local agent
     assert not (tmp_path / "x.onnx").exists()
     assert holder.finish() == 0

@@ -236,6 +236,40 @@ def _skipped_inputs(store: Store) -> list[dict[str, str]]:
     return list(seen.values())
 
 
+def _describe_preprocess(preprocess: Any) -> str | None:
+    """One line describing the preprocessing (``dataset.describe_preprocess``, when this version has it)."""
+    from tuneqn.controller import dataset  # noqa: PLC0415 - Pillow only when writing reports
+
+    describe = getattr(dataset, "describe_preprocess", None)
+    return str(describe(preprocess)) if describe is not None else None
+
+
+def _dataset(store: Store, cfg: StudyConfig, models: list[dict[str, Any]]) -> dict[str, Any]:
+    """The report's ``dataset``: sample sizes (of the first model's splits; every model uses the same images)
+    and the preprocessing. ``labelled_eval_samples`` counts the evaluation samples with a label (the n of
+    every accuracy: :func:`tuneqn.controller.metrics.accuracy` leaves out negative labels)."""
+    def split(name: str) -> dict[str, Any] | None:
+        return store.dataset(f"{models[0]['name']}/{name}") if models else None
+
+    def size(name: str) -> int | None:
+        row = split(name)
+        return None if row is None else len(row["items"])
+
+    ev = split("eval")
+    labels = (ev or {}).get("labels") or []
+    eval_n = None if ev is None else len(ev["items"])
+    screen = cfg.search.screen_samples if eval_n is None else min(cfg.search.screen_samples, eval_n)
+    return {
+        "eval_samples": eval_n,
+        "labelled_eval_samples": sum(1 for label in labels if label is not None and label >= 0),
+        "calibration_samples": size("calibration"),
+        "analysis_samples": size("analysis"),
+        "screen_samples": screen,
+        "preprocess": json.loads(cfg.dataset.preprocess.model_dump_json()),
+        "preprocess_description": _describe_preprocess(cfg.dataset.preprocess),
+    }
+
+
 def build_base(store: Store, *, partial: bool) -> dict[str, Any]:
     """The base report of the study in ``store`` (see :mod:`tuneqn.controller.report.finalize`).
 
@@ -345,6 +379,7 @@ def build_base(store: Store, *, partial: bool) -> dict[str, Any]:
         "models": [{k: m[k] for k in ("name", "source", "size_bytes", "sha256", "opset_original", "opset_used",
                                       "upgraded", "input_name", "input_shape", "notes")} for m in models],
         "skipped_inputs": _skipped_inputs(store),
+        "dataset": _dataset(store, cfg, models),
         "layers": [{"model": r["model"], "mode": r["mode"], "recipe": r["mode"], "name": r["name"],
                     "op_type": r["op_type"], "index": r["idx"], "qdq_err": r["qdq_err"],
                     "xmodel_err": r["xmodel_err"], "norm_qdq": r["norm_qdq"], "norm_xmodel": r["norm_xmodel"],

@@ -9,12 +9,14 @@ from typing import Any
 
 from tuneqn.controller.store import Store
 
+from .answer import Constraint
 from .base import build_base, is_partial
 from .finalize import finalize_report
 
 __all__ = ["compute_report", "is_partial"]
 
 
-def compute_report(store: Store) -> dict[str, Any]:
-    """The finalized report of the study in ``store`` (keys: see :mod:`.finalize`)."""
-    return finalize_report(build_base(store, partial=is_partial(store)))
+def compute_report(store: Store, answer_constraint: Constraint | None = None) -> dict[str, Any]:
+    """The finalized report of the study in ``store`` (keys: see :mod:`.finalize`); ``answer_constraint``
+    replaces the study's constraint of the answer."""
+    return finalize_report(build_base(store, partial=is_partial(store)), answer_constraint)

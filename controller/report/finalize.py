@@ -13,6 +13,8 @@ module never changes what is in it, it only adds keys.  Base shape::
      "models": [{"name", "source", "size_bytes", "sha256", "opset_original", "opset_used",
                  "upgraded": bool, ...}],
      "skipped_inputs": [{"file": str, "reason": str}],   # unreadable inputs left out
+     "dataset": {"eval_samples", "labelled_eval_samples", "calibration_samples", "analysis_samples",
+                 "screen_samples", "preprocess": {...}, "preprocess_description": str|None},
      "layers": [{"model", "mode", "recipe", "name", "op_type", "index", "qdq_err", "xmodel_err",
                  "score", "rank"}],                      # the error analysis (paper ranking)
      "rankings": [{"model", "mode", "recipe", "name": "measured", "created_at",
@@ -125,6 +127,8 @@ the measured median.
   reference`` with the FQ model as reference for accuracy loss and the original
   model for size and latency; None when a value is missing or the reference is 0.
   Accuracy losses are fractions (0.25 = 25 %), sizes bytes, latencies milliseconds.
+* ``answer``: which file to ship per (model, device) and across devices, under the study's
+  constraint (``[answer]``): see :mod:`tuneqn.controller.report.answer`.
 * ``ablation``: the ranking/strategy ablation, one row per (search, model, recipe, device)
   where the search asked for anything (the devices the recipe has results entries on), then one
   total row per search (``model``,
@@ -189,6 +193,7 @@ from pymoo.indicators.hv import HV
 
 from tuneqn.controller.objectives import Objective, finite, objective
 
+from .answer import Constraint, build_answer
 from .pareto import latency_ties, select_compromise, to_minimization, top_fronts
 
 logger = logging.getLogger(__name__)
@@ -359,10 +364,11 @@ def _pct_decrease(reference: float | None, value: float | None) -> float | None:
     return 100.0 * (reference - value) / reference
 
 
-def finalize_report(base: dict[str, Any]) -> dict[str, Any]:
-    """Return a copy of the base report with objectives, feasibility, fronts and summary added.
+def finalize_report(base: dict[str, Any], answer_constraint: Constraint | None = None) -> dict[str, Any]:
+    """Return a copy of the base report with objectives, feasibility, fronts, summary and answer added.
 
-    See the module docstring for the exact keys.  Raises ``ValueError`` on a base
+    See the module docstring for the exact keys; ``answer_constraint`` replaces the study's constraint
+    of the ``answer`` (:func:`tuneqn.controller.report.answer.build_answer`).  Raises ``ValueError`` on a base
     report that is malformed (unknown objective, duplicate ids, unknown status...).
     """
     if not isinstance(base, dict):
@@ -463,6 +469,7 @@ def finalize_report(base: dict[str, Any]) -> dict[str, Any]:
     ablation, searches = _ablation(report, candidates, model_devices, objectives)
     report["ablation"] = ablation
     report["searches"] = searches
+    report["answer"] = build_answer(report, answer_constraint)
     logger.info(
         "finalized report: %d candidates, %d groups, %d results outside fronts, %d searches",
         len(candidates),

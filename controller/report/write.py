@@ -19,6 +19,7 @@ from tuneqn.controller import metrics
 from tuneqn.controller.files import atomic_write_bytes
 from tuneqn.controller.store import Store
 
+from .answer import Constraint
 from .compute import compute_report
 
 logger = logging.getLogger(__name__)
@@ -107,10 +108,11 @@ def write_json(store: Store, out_dir: Path) -> Path:
     return _write_json_file(compute_report(store), Path(out_dir))
 
 
-def write_full_report(store: Store, out_dir: Path) -> dict[str, Path]:
-    """Write report.json, the plots and report.html from the store (see :func:`write_report`)."""
+def write_full_report(store: Store, out_dir: Path, answer_constraint: Constraint | None = None) -> dict[str, Path]:
+    """Write report.json, the plots and report.html from the store (see :func:`write_report`);
+    ``answer_constraint`` replaces the study's constraint of the answer."""
     metrics.backfill(store)
-    return write_report(compute_report(store), Path(out_dir))
+    return write_report(compute_report(store, answer_constraint), Path(out_dir))
 
 
 def _unique(stem: str, used: set[str]) -> str:

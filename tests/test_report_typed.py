@@ -13,6 +13,7 @@ from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from PIL import Image
 from tuneqn.controller.report.finalize import finalize_report
@@ -335,6 +336,51 @@ def test_answer_box_is_the_first_thing_a_browser_shows(tmp_path: Path) -> None:
     assert proc.returncode == 0 and shot.is_file(), proc.stderr[-2000:]
     with Image.open(shot) as im:
         assert im.size == WINDOW
-        rgb = im.convert("RGB")
-        green = sum(1 for px in rgb.getdata() if px == (0x2E, 0x7D, 0x32))
+        pixels = np.asarray(im.convert("RGB"))
+        green = int(np.all(pixels == (0x2E, 0x7D, 0x32), axis=-1).sum())
     assert green > 500, f"no answer box border on the first screen ({green} pixels)"
+
+
+# --------------------------------------------------------------------------- plots
+
+
+def _two_rankings() -> dict[str, Any]:
+    """make_study's paper candidates plus measured ones of the same k, each a hair away (crowded labels)."""
+    base = make_study()
+    base["devices"] = base["devices"][:1]
+    measured = []
+    for c in base["candidates"]:
+        c["results"] = c["results"][:1]
+        if c["kind"] != "set":
+            continue
+        c["proposed_by"] = [{"search": "sweep/paper", "label": c["label"], "level": "full"}]
+        m = json.loads(json.dumps(c))
+        m.update(id=c["id"].replace("static:", "static:m"), label=f"measured k={c['k']}",
+                 size_bytes=c["size_bytes"] + 30_000,
+                 proposed_by=[{"search": "budget3/measured", "label": f"measured k={c['k']}", "level": "full"}])
+        m["results"][0]["agreement"] = (c["results"][0]["agreement"] or 0) + 0.002
+        measured.append(m)
+    base["candidates"] += measured
+    return finalize_report(base)
+
+
+def test_tradeoff_plot_tells_the_rankings_apart_and_its_labels_do_not_overlap() -> None:
+    from tuneqn.controller.report.plots import objectives_figure, tradeoff_figure
+
+    report = Report.model_validate(_two_rankings()).model_dump(mode="json")
+    fig = tradeoff_figure(report, "toynet", "static", "cpu")
+    ax = fig.axes[0]
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert "measured ranking (budget3/measured): labels mk" in legend
+    assert "paper ranking (sweep/paper): labels pk" in legend
+    renderer = fig.canvas.get_renderer()
+    labels = [t for t in ax.texts if t.get_text()]
+    assert {t.get_text() for t in labels} & {"p3", "m3", "p1", "m1"}  # labels name the ranking
+    boxes = [t.get_window_extent(renderer) for t in labels]
+    for i, a in enumerate(boxes):
+        assert all(not a.overlaps(b) for b in boxes[i + 1:]), labels[i].get_text()
+    frame, legend_box = ax.get_window_extent(renderer), ax.get_legend().get_window_extent(renderer)
+    assert not frame.overlaps(legend_box)  # the legend covers no point
+    objectives_legend = [t.get_text() for t in objectives_figure(report, "toynet", "static", "cpu").axes[0]
+                         .get_legend().get_texts()]
+    assert {"paper ranking (sweep/paper)", "measured ranking (budget3/measured)"} <= set(objectives_legend)

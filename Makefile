@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed-stamp
 EXAMPLE_DIR := examples/lite0
 EXAMPLE_OUT ?= out/lite0
 
-.PHONY: demo test test-fast venv example protos clean
+.PHONY: demo test test-fast venv example protos schema clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +41,10 @@ test-fast: $(STAMP)
 protos: $(STAMP)
 	$(PY) -m grpc_tools.protoc -I protos --python_out=protos --pyi_out=protos \
 		--grpc_python_out=protos protos/tuneqn/v1/*.proto
+
+## Regenerate the checked-in JSON Schema of report.json from the pydantic models (controller/report/schema.py).
+schema: $(STAMP)
+	$(PY) -c "from tuneqn.controller.report.schema import main; main()" > docs/report.schema.json
 
 clean:
 	rm -rf $(VENV) out .pytest_cache

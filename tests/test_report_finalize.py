@@ -12,6 +12,7 @@ import pytest
 from tuneqn.controller.report.finalize import finalize_report
 from tuneqn.controller.report.write import write_report
 from tuneqn.controller.report.plots import plot_key
+from tuneqn.controller.report.schema import SCHEMA_VERSION, Report
 from tuneqn.controller.study import candidate_id
 
 MB = 1_000_000
@@ -355,10 +356,28 @@ def _png_size(path: Path) -> tuple[int, int]:
     return struct.unpack(">II", data[16:24])
 
 
+def _contains(written: Any, given: Any) -> bool:
+    """Every key of ``given`` is in ``written`` with the same value (the schema may add keys with defaults)."""
+    if isinstance(given, dict):
+        return isinstance(written, dict) and all(k in written and _contains(written[k], v) for k, v in given.items())
+    if isinstance(given, list):
+        return isinstance(written, list) and len(written) == len(given) and all(
+            _contains(w, g) for w, g in zip(written, given, strict=True))
+    return written == given
+
+
+def _written_as(path: Path, report: dict[str, Any]) -> None:
+    """report.json holds the report as the schema writes it: every given key and value, and the schema version."""
+    written = json.loads(path.read_text(encoding="utf-8"))
+    assert written["schema_version"] == SCHEMA_VERSION
+    assert _contains(written, report)
+    assert written == Report.model_validate(report).model_dump(mode="json")
+
+
 def test_write_report(tmp_path: Path, report: dict[str, Any]) -> None:
     paths = write_report(report, tmp_path / "out")
     assert paths["json"] == tmp_path / "out" / "report.json"
-    assert json.loads(paths["json"].read_text(encoding="utf-8")) == report
+    _written_as(paths["json"], report)
     assert not list((tmp_path / "out").glob(".*.tmp"))  # temp files were renamed away
     for device in ("cpu", "gpu"):
         for kind in ("objectives", "tradeoff"):
@@ -399,7 +418,7 @@ def test_no_candidates_at_all(tmp_path: Path) -> None:
     assert (out["fronts"], out["cross_device"], out["infeasible"], out["summary"]) == ([], [], [], [])
     paths = write_report(out, tmp_path)
     assert set(paths) == {"json", "html"}
-    assert json.loads(paths["json"].read_text(encoding="utf-8")) == out
+    _written_as(paths["json"], out)
 
 
 # --------------------------------------------------------------------------- latency noise, unreachable

@@ -22,6 +22,8 @@ from tuneqn.controller.objectives import OBJECTIVES, Objective
 
 from .finalize import HV_REFERENCE, SWEEP_SEARCH
 from .plots import PLOT_KINDS, plot_key, recipe_plot_key
+from .schema import Device, Pick, Report
+from .write import report_dict, validate_report
 
 logger = logging.getLogger(__name__)
 
@@ -148,37 +150,208 @@ def _study_objectives(report: dict[str, Any]) -> list[Objective]:
     return [OBJECTIVES[o["name"]] for o in report.get("objectives") or [] if o.get("name") in OBJECTIVES]
 
 
-def _header(report: dict[str, Any]) -> dict[str, Any]:
-    study = report.get("study") or {}
+def _runtime_text(d: Device) -> str:
+    """A device's runtime versions as one phrase ("ONNX Runtime 1.23.0", "TVM 0.20.0"), or "–"."""
+    names = {"onnxruntime": "ONNX Runtime", "tvm": "TVM"}
+    return ", ".join(f"{names.get(k, k)} {v}" for k, v in d.versions.items()) or "–"
+
+
+def _header(rep: Report) -> dict[str, Any]:
     objectives = []
-    for o in report.get("objectives") or []:
+    for o in rep.objectives:
         bounds = []
-        if o.get("max") is not None:
-            bounds.append(f"≤ {o['max']}")
-        if o.get("min") is not None:
-            bounds.append(f"≥ {o['min']}")
-        objectives.append(f"{o.get('name')} ({o.get('direction')}{', ' + ' and '.join(bounds) if bounds else ''})")
+        if o.max is not None:
+            bounds.append(f"≤ {o.max}")
+        if o.min is not None:
+            bounds.append(f"≥ {o.min}")
+        objectives.append(f"{o.name} ({o.direction}{', ' + ' and '.join(bounds) if bounds else ''})")
     models = [
-        f"{m.get('name')} ({_SIZE.fmt(m.get('size_bytes'))}, opset {m.get('opset_used')}"
-        f"{' upgraded from ' + str(m.get('opset_original')) if m.get('upgraded') else ''})"
-        for m in report.get("models") or []
+        f"{m.name} ({_SIZE.fmt(m.size_bytes)}, opset {m.opset_used}"
+        f"{' upgraded from ' + str(m.opset_original) if m.upgraded else ''})"
+        for m in rep.models
     ]
+
+    def device(d: Device) -> str:
+        text = f"{d.name} ({d.device_class})" if d.device_class else d.name
+        runtime = _runtime_text(d)
+        return text if runtime == "–" else f"{text}: {runtime}"
+
     return {
-        "name": study.get("name", "study"),
-        "generated_at": report.get("generated_at"),
-        "version": report.get("tuneqn_version"),
-        "out_dir": study.get("out_dir"),
-        "partial": bool(report.get("partial")),
+        "name": rep.study.name,
+        "generated_at": rep.generated_at,
+        "version": rep.tuneqn_version,
+        "schema_version": rep.schema_version,
+        "out_dir": rep.study.out_dir,
+        "partial": rep.partial,
         "objectives": ", ".join(objectives) or "–",
-        "devices": ", ".join(
-            f"{d.get('name')} ({d.get('device_class')})" if d.get("device_class") else str(d.get("name"))
-            for d in report.get("devices") or []
-        ) or "–",
+        "devices": ", ".join(device(d) for d in rep.devices) or "–",
         "models": ", ".join(models) or "–",
     }
 
 
-def _summary(report: dict[str, Any], cands: dict[str, dict[str, Any]]) -> dict[str, Any]:
+@dataclass(frozen=True)
+class SampleSizes:
+    """The n behind the page's agreements and accuracies (None: unknown)."""
+
+    eval: int | None
+    labelled: int | None
+    screen: int | None
+
+    @classmethod
+    def of(cls, rep: Report) -> SampleSizes:
+        """From ``dataset``, else from the results' ``num_samples`` when they agree."""
+        d = rep.dataset
+        full = {r.num_samples for c in rep.candidates for r in c.results if r.num_samples is not None}
+        screen = {x.num_samples for c in rep.candidates for x in c.screening if x.num_samples is not None}
+        n_eval = d.eval_samples if d and d.eval_samples is not None else (full.pop() if len(full) == 1 else None)
+        n_screen = d.screen_samples if d and d.screen_samples is not None else (
+            screen.pop() if len(screen) == 1 else None)
+        return cls(n_eval, d.labelled_eval_samples if d else None, n_screen)
+
+    @property
+    def agreement(self) -> str:
+        """``n = 100`` (or ``n = ?``)."""
+        return f"n = {self.eval if self.eval is not None else '?'}"
+
+    @property
+    def accuracy(self) -> str:
+        """``n = 14 labelled`` (or ``labelled samples only``)."""
+        return f"n = {self.labelled} labelled" if self.labelled is not None else "labelled samples only"
+
+    @property
+    def screening(self) -> str:
+        return f"n = {self.screen if self.screen is not None else '?'}"
+
+    def heading(self, o: Objective) -> str:
+        """An objective's column heading with the n of its values."""
+        if o.name == "accuracy_loss":
+            return f"{o.name} ({o.display_unit}, {self.agreement})"
+        if o.name in ("accuracy", "accuracy_top5"):
+            return f"{o.name} ({o.display_unit}, {self.accuracy})"
+        return o.heading
+
+
+def _loss_text(loss: float | None, ci: tuple[float, float] | None, n: int | None) -> str:
+    """``1.00 % (95 % interval 0.18–5.45 %, n = 100)``."""
+    if loss is None:
+        return "–"
+    text = _LOSS.fmt(loss)
+    parts = []
+    if ci is not None:
+        parts.append(f"95 % interval {_LOSS.fmt(ci[0], unit=False)}–{_LOSS.fmt(ci[1])}")
+    parts.append(f"n = {n if n is not None else '?'}")
+    return f"{text} ({', '.join(parts)})"
+
+
+def _latency_text(median: float | None, p10: float | None, p90: float | None) -> str:
+    if median is None:
+        return "–"
+    spread = f" (p10–p90 {_LAT.fmt(p10, unit=False)}–{_LAT.fmt(p90)})" if p10 is not None and p90 is not None else ""
+    return f"{_LAT.fmt(median)}{spread}"
+
+
+def _pick(rep: Report, p: Pick, several_models: bool) -> dict[str, Any]:
+    """One pick of the answer box: what to ship and everything needed to trust and load it."""
+    where = p.device if p.scope == "device" else f"every device ({', '.join(p.devices)}): worst values"
+    title = f"{p.model} · {where}" if several_models else str(where)
+    rows: list[tuple[str, str]] = []
+    if p.candidate is not None:
+        size = _SIZE.fmt(p.size_bytes)
+        if p.size_bytes and p.fp32_size_bytes:
+            size += f" ({100.0 * p.size_bytes / p.fp32_size_bytes:.1f} % of FP32 {_SIZE.fmt(p.fp32_size_bytes)})"
+        if p.fq_size_bytes:
+            size += f"; fully quantized: {_SIZE.fmt(p.fq_size_bytes)}"
+        rows.append(("size", size))
+        rows.append(("accuracy loss (1 − top-1 agreement with FP32)", _loss_text(p.accuracy_loss, p.loss_ci95, p.n)))
+        if p.accuracy is not None:
+            acc = f"{_ACC.fmt(p.accuracy)} (n = {p.accuracy_n} labelled"
+            acc += f"; FP32 {_ACC.fmt(p.fp32_accuracy)})" if p.fp32_accuracy is not None else ")"
+            rows.append(("accuracy vs labels", acc))
+        lat = _latency_text(p.latency_ms, p.latency_p10_ms, p.latency_p90_ms)
+        if p.fp32_latency_ms is not None:
+            lat += f" vs FP32 {_latency_text(p.fp32_latency_ms, p.fp32_latency_p10_ms, p.fp32_latency_p90_ms)}"
+        rows.append(("latency (median)", lat))
+        rows.append(("recipe", f"{p.recipe} · {p.label or p.candidate}"))
+        rows.append(("runtime option", p.runtime_note or (
+            "session option disabled_optimizers=" + json.dumps(p.runtime.ort_disabled_optimizers)
+            if p.runtime.ort_disabled_optimizers else "none: a plain onnxruntime.InferenceSession(path)")))
+    return {
+        "title": title, "scope": p.scope, "met": p.met, "candidate": p.candidate, "file": p.file,
+        "sha256": p.sha256, "rows": rows, "float_layers": p.float_layers, "warnings": p.warnings,
+        "export_command": p.export_command, "reason": p.reason,
+    }
+
+
+def _answer(rep: Report) -> dict[str, Any] | None:
+    """The answer box: one pick per device (and across devices), constraint and rule."""
+    a = rep.answer
+    if a is None:
+        return None
+    c = a.constraint
+    bounds = []
+    if c.max_loss is not None:
+        bounds.append(f"accuracy loss ≤ {_LOSS.fmt(c.max_loss)}")
+    if c.max_size_bytes is not None:
+        bounds.append(f"size ≤ {_SIZE.fmt(c.max_size_bytes)}")
+    if c.max_latency_ms is not None:
+        bounds.append(f"latency ≤ {_LAT.fmt(c.max_latency_ms)}")
+    several = len({p.model for p in a.picks}) > 1
+    picks = [p for p in a.picks if p.scope == "device"] + [p for p in a.picks if p.scope != "device"]
+    return {"constraint": ", ".join(bounds) or "none", "rule": a.rule,
+            "picks": [_pick(rep, p, several) for p in picks]}
+
+
+def _dataset(rep: Report, ns: SampleSizes) -> dict[str, Any] | None:
+    """The samples behind the numbers (n of every agreement and accuracy) and the preprocessing."""
+    d = rep.dataset
+    if d is None:
+        return None
+    rows = [
+        ("evaluation sample (n of every agreement)", d.eval_samples),
+        ("of those labelled (n of every accuracy)", d.labelled_eval_samples),
+        ("screening sample (n of screening agreements)", d.screen_samples),
+        ("calibration sample", d.calibration_samples),
+        ("analysis sample", d.analysis_samples),
+    ]
+    one = f"one image is {100.0 / d.eval_samples:.2g} % of the agreement" if d.eval_samples else None
+    return {"rows": [(k, "–" if v is None else str(v)) for k, v in rows], "one_image": one,
+            "preprocess": d.preprocess_description or (json.dumps(d.preprocess, sort_keys=True) if d.preprocess
+                                                       else None)}
+
+
+def _recipe_selection(rep: Report, ns: SampleSizes) -> list[dict[str, Any]]:
+    """Per model: which recipes went on to the search and why the others stopped."""
+    out = []
+    for sel in rep.recipe_selection:
+        devices = list(dict.fromkeys(d.device for r in sel.recipes for d in r.devices))
+        rows = []
+        for r in sel.recipes:
+            by_dev = {d.device: d for d in r.devices}
+            row = [Cell(r.recipe, left=True), Cell(r.status, left=True, span=f"rs-{r.status}"),
+                   Cell(r.reason or "–", left=True)]
+            for dev in devices:
+                d = by_dev.get(dev)
+                row += [_obj(_LOSS, d.accuracy_loss if d else None), _obj(_SIZE, d.size_bytes if d else None)]
+            rows.append(row)
+        out.append({"model": sel.model, "rule": sel.rule, "devices": devices, "rows": rows})
+    return out
+
+
+def _runtime_options(rep: Report) -> list[dict[str, Any]]:
+    """Per (model, recipe): the candidates that need ONNX Runtime session options, and which."""
+    groups: dict[tuple[str, str, tuple[str, ...]], list[str]] = {}
+    totals: dict[tuple[str, str], int] = {}
+    for c in rep.candidates:
+        totals[(c.model, c.mode)] = totals.get((c.model, c.mode), 0) + 1
+        opts = tuple(c.runtime.ort_disabled_optimizers)
+        if opts:
+            groups.setdefault((c.model, c.mode, opts), []).append(c.name)
+    return [{"model": model, "recipe": recipe, "option": json.dumps(list(opts)), "count": len(names),
+             "total": totals[(model, recipe)], "names": names}
+            for (model, recipe, opts), names in groups.items()]
+
+
+def _summary(report: dict[str, Any], cands: dict[str, dict[str, Any]], ns: SampleSizes) -> dict[str, Any]:
     entries = report.get("summary") or []
     has_latency = any(s.get("latency_ms") is not None or s.get("original_latency_ms") is not None for s in entries)
     rows = []
@@ -203,12 +376,17 @@ def _summary(report: dict[str, Any], cands: dict[str, dict[str, Any]]) -> dict[s
             row += [_obj(_LAT, s.get("latency_ms")), _obj(_LAT, s.get("original_latency_ms")),
                     _num(s.get("latency_decrease_pct"))]
         rows.append(row)
-    return {"rows": rows, "has_latency": has_latency, "loss": _LOSS, "size": _SIZE, "latency": _LAT}
+    return {"rows": rows, "has_latency": has_latency, "loss": _LOSS, "size": _SIZE, "latency": _LAT,
+            "n": ns.agreement}
 
 
-def _cross_device(report: dict[str, Any], cands: dict[str, dict[str, Any]], objs: list[Objective]) -> list[dict[str, Any]]:
+def _cross_device(report: dict[str, Any], cands: dict[str, dict[str, Any]], objs: list[Objective],
+                  ns: SampleSizes) -> list[dict[str, Any]]:
+    """Cross-device fronts of the (model, recipe)s that ran on several devices (one device: none)."""
     out = []
     for x in report.get("cross_device") or []:
+        if len(x.get("devices") or []) < 2:
+            continue
         members = [c for c in x.get("candidates") or [] if c.get("front") is not None]
         members.sort(key=lambda c: (c["front"], c.get("k") if c.get("k") is not None else 10**9))
         rows = []
@@ -222,7 +400,7 @@ def _cross_device(report: dict[str, Any], cands: dict[str, dict[str, Any]], objs
         out.append({
             "title": f"{x.get('model')} · {x.get('recipe') or x.get('mode')} · devices: "
                      f"{', '.join(x.get('devices') or [])}",
-            "headers": ["front", "candidate", *(f"worst {o.heading}" for o in objs)],
+            "headers": ["front", "candidate", *(f"worst {ns.heading(o)}" for o in objs)],
             "rows": rows,
             "selected": _cand_name(cands.get(x.get("selected"))) if x.get("selected") else "–",
             "excluded": [f"{_cand_name(cands.get(e.get('candidate')))}: {e.get('reason')}"
@@ -232,7 +410,7 @@ def _cross_device(report: dict[str, Any], cands: dict[str, dict[str, Any]], objs
 
 
 def _groups(report: dict[str, Any], images: dict[str, Path], cands: dict[str, dict[str, Any]],
-            objs: list[Objective]) -> list[dict[str, Any]]:
+            objs: list[Objective], ns: SampleSizes) -> list[dict[str, Any]]:
     summary = {(s.get("model"), s.get("mode"), s.get("device")): s for s in report.get("summary") or []}
     out = []
     for entry in report.get("fronts") or []:
@@ -263,7 +441,7 @@ def _groups(report: dict[str, Any], images: dict[str, Path], cands: dict[str, di
             "title": f"{model} · {mode} · {device}",
             "recipe": mode,
             "figures": figures,
-            "headers": ["front", "candidate", "#excluded", *(o.heading for o in objs)],
+            "headers": ["front", "candidate", "#excluded", *(ns.heading(o) for o in objs)],
             "rows": rows,
         })
     return out
@@ -386,7 +564,7 @@ def _screened(report: dict[str, Any]) -> dict[str, Any]:
     return {"groups": out, "screened_only": n_only, "built_only": built_only}
 
 
-def _searches(report: dict[str, Any]) -> dict[str, Any]:
+def _searches(report: dict[str, Any], ns: SampleSizes) -> dict[str, Any]:
     """The ranking ablation table (per search and (model, recipe, device), then per-search totals)."""
     rows = []
     n_models = len({r.get("model") for r in report.get("ablation") or [] if r.get("model") is not None})
@@ -419,14 +597,15 @@ def _searches(report: dict[str, Any]) -> dict[str, Any]:
             else:
                 targets.append(
                     f"{s.get('name')} ({t.get('model')}): {t.get('label') or t.get('id')} [{t.get('recipe')}], "
-                    f"{_SIZE.fmt(t.get('size_bytes'))}, worst agreement {_pct(t.get('worst_agreement')).text} %, "
+                    f"{_SIZE.fmt(t.get('size_bytes'))}, worst agreement {_pct(t.get('worst_agreement')).text} % "
+                    f"({ns.agreement}), "
                     f"loss ≤ {loss} on every device; found after {_seconds(t.get('found_after_s')).text} s")
     return {"rows": rows, "targets": targets,
             "sweep": any(s.get("name") == SWEEP_SEARCH for s in report.get("searches") or [])}
 
 
 def _recipe_fronts(report: dict[str, Any], images: dict[str, Path], cands: dict[str, dict[str, Any]],
-                   objs: list[Objective]) -> list[dict[str, Any]]:
+                   objs: list[Objective], ns: SampleSizes) -> list[dict[str, Any]]:
     """Per (model, device) with several recipes: the top fronts over all of them."""
     out = []
     for entry in report.get("recipe_fronts") or []:
@@ -450,31 +629,30 @@ def _recipe_fronts(report: dict[str, Any], images: dict[str, Path], cands: dict[
             "title": f"{model} · {device} · recipes: {', '.join(entry.get('recipes') or [])}",
             "uri": _data_uri(images.get(recipe_plot_key(model, device))),
             "alt": f"recipes plot for {model} {device}",
-            "headers": ["front", "recipe", "candidate", "#excluded", *(o.heading for o in objs)],
+            "headers": ["front", "recipe", "candidate", "#excluded", *(ns.heading(o) for o in objs)],
             "rows": rows,
         })
     return out
 
 
-def _devices(report: dict[str, Any]) -> list[list[Cell]]:
-    """The devices table: backend, TVM target, RPC key and where the device is reached."""
+def _devices(rep: Report) -> list[list[Cell]]:
+    """The devices table: backend, runtime versions, TVM target, RPC key and where the device is reached."""
     rows = []
-    for d in report.get("devices") or []:
-        info = d.get("info") or {}
-        remote = str(info.get("remote") or "")
-        servers = info.get("remote_servers")
+    for d in rep.devices:
+        info = d.details
+        extra = info.model_extra or {}
         rows.append([
-            Cell(str(d.get("name")), left=True),
-            Cell(str(d.get("device_class") or "–"), left=True),
-            Cell(str(info.get("backend") or "–") + (" (simulated)" if info.get("simulated") else ""), left=True),
-            Cell(str(info.get("target") or "–"), left=True),
-            Cell(str(info.get("rpc_key") or "–"), left=True),
-            Cell(remote or ("agent host" if info.get("backend") else "–"), left=True),
-            Cell(str(servers)) if servers else _missing(),
-            Cell(str(info.get("tvm_version") or "–"), left=True),
-            Cell(str(info.get("supported_ops"))) if info.get("supported_ops") else Cell("any", span="muted"),
-            Cell(str(info.get("agent") or info.get("declared_by") or "–"), left=True),
-            Cell(str(info.get("cpu") or "–")[:48], left=True),
+            Cell(d.name, left=True),
+            Cell(d.device_class or "–", left=True),
+            Cell((info.backend or "–") + (" (simulated)" if info.simulated else ""), left=True),
+            Cell(_runtime_text(d), left=True),
+            Cell(info.target or "–", left=True),
+            Cell(info.rpc_key or "–", left=True),
+            Cell(info.remote or ("agent host" if info.backend else "–"), left=True),
+            Cell(str(info.remote_servers)) if info.remote_servers else _missing(),
+            Cell(str(info.supported_ops)) if info.supported_ops else Cell("any", span="muted"),
+            Cell(str(info.agent or extra.get("declared_by") or "–"), left=True),
+            Cell((info.cpu or "–")[:48], left=True),
         ])
     return rows
 
@@ -605,31 +783,68 @@ def _environment() -> Environment:
     )
 
 
-def render_html(report: dict[str, Any], images: dict[str, Path]) -> str:
+def _toc(context: dict[str, Any]) -> list[tuple[str, str]]:
+    """The table of contents: (anchor, title) of each section the page has, in page order."""
+    entries = [
+        ("answer", "The answer: what to ship", True),
+        ("dataset", "Samples and preprocessing", context["dataset"] is not None),
+        ("recipe-selection", "Recipes chosen", bool(context["recipe_selection"])),
+        ("runtime-options", "Runtime options the candidates need", bool(context["runtime_options"])),
+        ("summary", "Summary per recipe and device", True),
+        ("cross-device", "Cross-device fronts", bool(context["cross_device"])),
+        ("searches", "Searches", bool(context["searches"]["rows"])),
+        ("recipes", "Recipes compared", bool(context["recipe_fronts"])),
+        ("per-device", "Per device: plots and Pareto fronts", True),
+        ("baselines", "FP32 baselines", True),
+        ("candidates", "All candidates evaluated in full", True),
+        ("screening", "Screening results", bool(context["screened"]["groups"] or context["screened"]["built_only"])),
+        ("not-on-front", "Not in any front", True),
+        ("layers", "Layer ranking", True),
+        ("rankings", "Measured rankings", bool(context["rankings"])),
+        ("devices", "Devices and runtimes", bool(context["devices"])),
+        ("feasibility", "Feasibility planning", bool(context["feasibility"])),
+        ("infeasible-by-device", "Infeasible on a device", bool(context["infeasible_by_device"])),
+        ("skipped", "Skipped inputs", bool(context["skipped"])),
+        ("others", "Other figures", bool(context["others"])),
+    ]
+    return [(anchor, title) for anchor, title, shown in entries if shown]
+
+
+def render_html(report: dict[str, Any] | Report, images: dict[str, Path]) -> str:
     """Render a finalized report as one self-contained HTML page.
 
-    ``images`` maps :func:`tuneqn.controller.report.plots.plot_key` keys to image
-    files, which are embedded as data URIs; images under other keys are shown in
-    an "Other figures" section.
+    ``report`` is validated into :class:`~tuneqn.controller.report.schema.Report` (a dict
+    that does not match the schema raises ``ValueError``). ``images`` maps
+    :func:`tuneqn.controller.report.plots.plot_key` keys to image files, which are embedded
+    as data URIs; images under other keys are shown in an "Other figures" section.
     """
+    rep = validate_report(report)
+    report = report_dict(rep)
     cands = {c.get("id"): c for c in report.get("candidates") or []}
     objs = _study_objectives(report)
+    ns = SampleSizes.of(rep)
     context = {
-        "header": _header(report),
+        "header": _header(rep),
+        "warnings": rep.warnings(),
+        "answer": _answer(rep),
+        "dataset": _dataset(rep, ns),
+        "recipe_selection": _recipe_selection(rep, ns),
+        "runtime_options": _runtime_options(rep),
+        "ns": ns,
         "skipped": report.get("skipped_inputs") or [],
-        "summary": _summary(report, cands),
-        "cross_device": _cross_device(report, cands, objs),
-        "groups": _groups(report, images, cands, objs),
+        "summary": _summary(report, cands, ns),
+        "cross_device": _cross_device(report, cands, objs, ns),
+        "groups": _groups(report, images, cands, objs, ns),
         "latency_ties": any(o.name == "latency" for o in objs),
         "baselines": _baselines(report),
         "candidates": _candidates(report),
         "screened": _screened(report),
-        "searches": _searches(report),
-        "recipe_fronts": _recipe_fronts(report, images, cands, objs),
+        "searches": _searches(report, ns),
+        "recipe_fronts": _recipe_fronts(report, images, cands, objs, ns),
         "rankings": _rankings(report),
         "ranking_headers": ["rank", "layer", "gain (agreement, %)", "gain (top-k overlap, %)", "bytes added"],
         "infeasible": _infeasible(report, cands),
-        "devices": _devices(report),
+        "devices": _devices(rep),
         "feasibility": _feasibility(report),
         "infeasible_by_device": _infeasible_by_device(report, cands),
         "layers": _layers(report),
@@ -642,4 +857,5 @@ def render_html(report: dict[str, Any], images: dict[str, Path]) -> str:
         "hv_reference": HV_REFERENCE,
         "sweep_search": SWEEP_SEARCH,
     }
+    context["toc"] = _toc(context)
     return _environment().get_template(TEMPLATE).render(**context)

@@ -105,6 +105,90 @@ def _is_ranked(c: dict[str, Any]) -> bool:
     return c.get("kind") in ("set", "ranked") and c.get("k") is not None
 
 
+#: Marker of each ranking's candidates (the label's word before " k=": the searches' ranking).
+_FAMILY_MARKERS = {"paper": "^", "measured": "o", "qdq": "v", "xmodel": "D"}
+_OTHER_MARKERS = ["P", "X", "<", ">", "h"]
+
+
+def _family(c: dict[str, Any]) -> str | None:
+    """The ranking that ordered a search-proposed candidate (``paper k=3`` → ``paper``; None if none says)."""
+    label = str(c.get("label") or "")
+    if _is_ranked(c) and " k=" in label:
+        return label.rsplit(" k=", 1)[0].strip() or None
+    return None
+
+
+def _families(pairs: list[tuple[dict[str, Any], dict[str, Any]]]) -> dict[str, tuple[str, list[str]]]:
+    """Ranking → (marker, the searches that proposed its candidates), in order of appearance."""
+    out: dict[str, tuple[str, list[str]]] = {}
+    for c, _ in pairs:
+        fam = _family(c)
+        if fam is None:
+            continue
+        marker = _FAMILY_MARKERS.get(fam) or _OTHER_MARKERS[len(out) % len(_OTHER_MARKERS)]
+        searches = out.setdefault(fam, (marker, []))[1]
+        for p in c.get("proposed_by") or []:
+            if p.get("search") and p["search"] not in searches:
+                searches.append(str(p["search"]))
+    return out
+
+
+def _family_label(fam: str, searches: list[str]) -> str:
+    """Legend text of a ranking: ``paper ranking (sweep/paper)``."""
+    return f"{fam} ranking" + (f" ({', '.join(searches)})" if searches else "")
+
+
+def _point_label(c: dict[str, Any], several: bool) -> str:
+    """A point's label: k, prefixed with the ranking's initial when several rankings share the plot (``p18``)."""
+    if not _is_ranked(c):
+        return str(c.get("label") or c["id"])
+    fam = _family(c)
+    return f"{fam[0]}{c['k']}" if several and fam else str(c["k"])
+
+
+def _boxes_overlap(a: tuple[float, float, float, float], b: tuple[float, float, float, float]) -> bool:
+    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+
+
+def _place_labels(fig: Figure, ax: Any, labels: list[tuple[float, float, str]],
+                  points: list[tuple[float, float]], fontsize: float = 7.0,
+                  big: list[tuple[float, float]] = ()) -> int:
+    """Annotate ``labels`` (x, y, text) next to their points where the text overlaps no other label, no
+    point and stays inside the axes (tried around the point in turn); a label without such a place is left
+    out.  ``big``: points drawn with a large marker (selected, fully quantized, FP32).  Call after the layout is
+    final.  Returns how many were left out."""
+    fig.canvas.draw()
+    px = fig.dpi / 72.0
+    to_px = ax.transData.transform
+    frame = ax.get_window_extent()
+    r = 4.5  # half a marker, pixels
+    marks = [(float(x) - r, float(y) - r, float(x) + r, float(y) + r) for x, y in (to_px(p) for p in points)]
+    R = 9.0  # half a large marker
+    marks += [(float(x) - R, float(y) - R, float(x) + R, float(y) + R) for x, y in (to_px(p) for p in big)]
+    taken: list[tuple[float, float, float, float]] = []
+    left_out = 0
+    for x, y, text in labels:
+        cx, cy = (float(v) for v in to_px((x, y)))
+        w, h = len(text) * fontsize * 0.62 * px, fontsize * 1.2 * px
+        own = (cx - r, cy - r, cx + r, cy + r)
+        hp = fontsize * 1.2  # text height, points
+        for dx, dy in ((3, 2), (3, -2 - hp), (-3, 2), (-3, -2 - hp), (7, 6), (7, -6 - hp), (-7, 6), (-7, -6 - hp),
+                       (3, 9), (3, -9 - hp)):
+            x0 = cx + dx * px - (w if dx < 0 else 0.0)
+            y0 = cy + dy * px
+            box = (x0, y0, x0 + w, y0 + h)
+            inside = frame.x0 <= box[0] and box[2] <= frame.x1 and frame.y0 <= box[1] and box[3] <= frame.y1
+            if inside and not any(_boxes_overlap(box, m) for m in marks if m != own) \
+                    and not any(_boxes_overlap(box, t) for t in taken):
+                taken.append(box)
+                ax.annotate(text, (x, y), xytext=(x0 - cx, y0 - cy), textcoords="offset pixels", fontsize=fontsize,
+                            color="#333333", ha="left", va="bottom", annotation_clip=False)
+                break
+        else:
+            left_out += 1
+    return left_out
+
+
 def objectives_vs_candidate(report: dict[str, Any], model: str, mode: str, device: str, path: Path) -> Path:
     """Paper Fig. 3: every objective (min-max normalized to 0-100 %) against candidate k.
 
@@ -126,6 +210,8 @@ def objectives_figure(report: dict[str, Any], model: str, mode: str, device: str
     # One slot per ranked candidate; not-done ones stay NaN so that lines break there.
     ks = np.array([int(c["k"]) for c, _ in pairs], dtype=float)
     joined = len(set(ks.tolist())) == len(ks)
+    families = _families(pairs)
+    by_family = len(families) > 1  # paper and measured candidates: the marker says which ranking
 
     plotted = False
     for i, name in enumerate(objectives):
@@ -147,18 +233,28 @@ def objectives_figure(report: dict[str, Any], model: str, mode: str, device: str
         label = f"{name} ({direction}): {_fmt_objective(name, lo)} = 0%, {_fmt_objective(name, hi)} = 100%"
         if name == "latency" and any(r.get("untuned") for _, r in pairs if r.get("status") == "done"):
             label += f" [{UNTUNED_LABEL}]"
+        color = _OBJECTIVE_COLORS[i % len(_OBJECTIVE_COLORS)]
         ax.plot(
             ks,
             norm,
-            color=_OBJECTIVE_COLORS[i % len(_OBJECTIVE_COLORS)],
-            marker=_OBJECTIVE_MARKERS[i % len(_OBJECTIVE_MARKERS)],
+            color=color,
+            marker="none" if by_family else _OBJECTIVE_MARKERS[i % len(_OBJECTIVE_MARKERS)],
             markersize=4,
             linewidth=1.4 if joined else 0.0,
             linestyle="-" if joined else "none",
-            label=label,
+            label=None if by_family and not joined else label,
             zorder=3,
         )
+        if by_family and not joined:  # the legend needs a mark of the colour: the points' shapes are the rankings'
+            ax.plot([], [], color=color, linewidth=3.0, label=label)
+        if by_family:
+            for fam, (marker, _) in families.items():
+                sel = np.array([_family(c) == fam for c, _ in pairs]) & ok
+                ax.scatter(ks[sel], norm[sel], marker=marker, s=22, color=color, zorder=4)
         plotted = True
+    if by_family:
+        for fam, (marker, searches) in families.items():
+            ax.scatter([], [], marker=marker, s=22, color="#555555", label=_family_label(fam, searches))
 
     shaded: set[str] = set()
     for c, r in pairs:
@@ -228,16 +324,28 @@ def objectives_figure(report: dict[str, Any], model: str, mode: str, device: str
 
 
 def tradeoff_scatter(report: dict[str, Any], model: str, mode: str, device: str, path: Path) -> Path:
-    """Accuracy loss vs size (MB) of every evaluated candidate, fronts connected.
+    """Accuracy loss vs size (MB) of every evaluated candidate, fronts connected (:func:`tradeoff_figure`).
 
-    Points are labelled with k (explicit candidates with their label); the FP32
-    model (size from ``models[]``, loss 0 by definition) and the fully quantized
-    model (k = 0) are marked.  Returns ``path``.
+    Returns ``path``.
+    """
+    return _save(tradeoff_figure(report, model, mode, device), path)
+
+
+def tradeoff_figure(report: dict[str, Any], model: str, mode: str, device: str) -> Figure:
+    """The figure of :func:`tradeoff_scatter` (not saved).
+
+    Colour: the candidate's front; marker: the ranking that proposed it (``paper`` triangles,
+    ``measured`` circles, one legend entry each, naming the searches); hollow: infeasible.
+    Points are labelled with k (``p18`` / ``m18`` when several rankings share the plot; explicit
+    candidates with their label) where the label overlaps nothing; the legend sits outside the
+    axes.  The FP32 model (size from ``models[]``, loss 0 by definition) and the fully quantized
+    model (k = 0) are marked.
     """
     fig = _new_figure()
     ax = fig.add_subplot(1, 1, 1)
     pts: list[tuple[dict[str, Any], dict[str, Any], float, float]] = []
-    for c, r in _group(report, model, mode, device):
+    group = _group(report, model, mode, device)
+    for c, r in group:
         agreement = r.get("agreement")
         size = c.get("size_bytes")
         if r.get("status") != "done" or agreement is None or size is None:
@@ -247,87 +355,64 @@ def tradeoff_scatter(report: dict[str, Any], model: str, mode: str, device: str,
         x, y = OBJECTIVES["size"].display(size), OBJECTIVES["accuracy_loss"].display(1.0 - float(agreement))
         if x is not None and y is not None:
             pts.append((c, r, x, y))
+    families = _families([(c, r) for c, r, _, _ in pts])
+    several = len(families) > 1
 
     for c, r, x, y in pts:
         front = r.get("front")
         color = FRONT_STYLES[front][0] if front in FRONT_STYLES else "#7f7f7f"
         hollow = r.get("feasible") is False
+        fam = _family(c)
         ax.scatter(
             [x],
             [y],
             s=28,
             zorder=3,
-            marker="o",
+            marker=families[fam][0] if fam in families else "s",
             facecolors="none" if hollow else color,
             edgecolors=color,
             linewidths=1.2,
         )
-        text = str(c["k"]) if _is_ranked(c) else str(c.get("label") or c["id"])
-        ax.annotate(text, (x, y), xytext=(3, 3), textcoords="offset points", fontsize=7, color="#333333")
 
     for n in sorted(FRONT_STYLES):
         color, style, width = FRONT_STYLES[n]
         members = sorted(((x, y) for c, r, x, y in pts if r.get("front") == n))
         if members:
             xs, ys = zip(*members, strict=False)
-            ax.plot(
-                xs,
-                ys,
-                color=color,
-                linestyle=style,
-                linewidth=width,
-                marker="o",
-                markersize=5,
-                label=f"front {n}",
-                zorder=2,
-            )
+            ax.plot(xs, ys, color=color, linestyle=style, linewidth=width, label=f"front {n}", zorder=2)
 
     if any(r.get("front") not in FRONT_STYLES and r.get("feasible") is not False for _, r, _, _ in pts):
         ax.scatter([], [], s=28, color="#7f7f7f", label="other evaluated")
     if any(r.get("feasible") is False for _, r, _, _ in pts):
         ax.scatter([], [], s=28, facecolors="none", edgecolors="#7f7f7f", label="infeasible (bounds)")
+    for fam, (marker, searches) in families.items():
+        text = _family_label(fam, searches) + (f": labels {fam[0]}k" if several else "")
+        ax.scatter([], [], s=28, marker=marker, color="#555555", label=text)
+    if any(_family(c) is None for c, _, _, _ in pts):
+        ax.scatter([], [], s=28, marker="s", color="#555555", label="fully quantized / explicit")
 
     selected = _selected_id(report, model, mode, device)
     sel = [(x, y) for c, _, x, y in pts if c["id"] == selected]
     if sel:
-        ax.scatter(
-            [sel[0][0]],
-            [sel[0][1]],
-            s=150,
-            marker="s",
-            facecolors="none",
-            edgecolors="#2e7d32",
-            linewidths=1.8,
-            zorder=4,
-            label="selected (compromise on front 1)",
-        )
+        ax.scatter([sel[0][0]], [sel[0][1]], s=150, marker="s", facecolors="none", edgecolors="#2e7d32",
+                   linewidths=1.8, zorder=4, label="selected (compromise on front 1)")
     fq = [(x, y) for c, _, x, y in pts if _is_ranked(c) and int(c["k"]) == 0]
     if fq:
-        ax.scatter(
-            [fq[0][0]],
-            [fq[0][1]],
-            s=160,
-            facecolors="none",
-            edgecolors="black",
-            linewidths=1.5,
-            zorder=4,
-            label="fully quantized (k=0)",
-        )
+        ax.scatter([fq[0][0]], [fq[0][1]], s=160, facecolors="none", edgecolors="black", linewidths=1.5, zorder=4,
+                   label="fully quantized (k=0)")
     orig = next((m.get("size_bytes") for m in report.get("models") or [] if m.get("name") == model), None)
+    points = [(x, y) for _, _, x, y in pts]
+    big = sel[:1] + fq[:1]
     if orig is not None:
-        ax.scatter(
-            [OBJECTIVES["size"].display(orig)],
-            [0.0],
-            s=140,
-            marker="*",
-            color="gold",
-            edgecolors="black",
-            zorder=5,
-            label="FP32 original (loss 0)",
-        )
+        ax.scatter([OBJECTIVES["size"].display(orig)], [0.0], s=140, marker="*", color="gold", edgecolors="black",
+                   zorder=5, label="FP32 original (loss 0)")
+        big.append((float(OBJECTIVES["size"].display(orig) or 0.0), 0.0))
 
-    return _finish_loss_vs_size(fig, ax, bool(pts), f"{model} · recipe {mode} on {device}: accuracy loss vs size",
-                                path)
+    _finish_loss_vs_size(fig, ax, bool(pts), f"{model} · recipe {mode} on {device}: accuracy loss vs size")
+    # front members first: when space is short, their labels are the ones kept
+    order = sorted(pts, key=lambda p: (p[1].get("front") or 9, p[2]))
+    _place_labels(fig, ax, [(x, y, _point_label(c, several)) for c, _, x, y in order], points, big=big)
+    return fig
 
 
 _RECIPE_COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22"]
@@ -375,22 +460,22 @@ def recipes_scatter(report: dict[str, Any], model: str, device: str, path: Path)
     if orig is not None:
         ax.scatter([OBJECTIVES["size"].display(orig)], [0.0], s=140, marker="*", color="gold", edgecolors="black",
                    zorder=6, label="FP32 original (loss 0)")
-    return _finish_loss_vs_size(fig, ax, bool(pts), f"{model} on {device}: every recipe, accuracy loss vs size", path)
+    _finish_loss_vs_size(fig, ax, bool(pts), f"{model} on {device}: every recipe, accuracy loss vs size")
+    return _save(fig, path)
 
 
-def _finish_loss_vs_size(fig: Any, ax: Any, any_points: bool, title: str, path: Path) -> Path:
-    """Labels, grid and legend of an accuracy-loss-vs-size plot; saves it."""
+def _finish_loss_vs_size(fig: Any, ax: Any, any_points: bool, title: str) -> None:
+    """Labels, grid and legend (outside the axes, so that it covers no point) of an accuracy-loss-vs-size plot."""
     if not any_points:
         ax.text(0.5, 0.5, "no evaluated candidates yet", ha="center", va="center", transform=ax.transAxes)
     loss = OBJECTIVES["accuracy_loss"]
     ax.set_xlabel(f"model size ({OBJECTIVES['size'].display_unit})")
     ax.set_ylabel(f"{loss.name} ({loss.display_unit})\n1 − top-1 agreement with FP32")
-    ax.set_title(title)
+    ax.set_title(title, fontsize=10)
     ax.grid(True, alpha=0.3, zorder=0)
     if ax.get_legend_handles_labels()[0]:
-        ax.legend(loc="best", fontsize=7.5)
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=7, frameon=False, borderaxespad=0.0)
     fig.tight_layout()
-    return _save(fig, path)
 
 
 def render_plot(kind: str, report: dict[str, Any], model: str, mode: str, device: str, path: Path) -> Path:

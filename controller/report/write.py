@@ -1,7 +1,10 @@
 """Write the report: ``report.json`` (atomically), the PNG plots and ``report.html``.
 
-Plots and HTML (matplotlib, Jinja2) are imported only when the full report is written;
-the cheap checkpoint view (:func:`write_json`) needs neither.
+The report dict is validated into :class:`~tuneqn.controller.report.schema.Report` first
+(a report that does not match the schema raises ``ValueError`` and nothing is written);
+report.json is written from the model. Plots and HTML (matplotlib, Jinja2) are imported
+only when the full report is written; the cheap checkpoint view (:func:`write_json`)
+needs neither.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from pydantic import ValidationError
 
 from tuneqn.controller import metrics
 from tuneqn.controller.files import atomic_write_bytes
@@ -21,6 +25,7 @@ from tuneqn.controller.store import Store
 
 from .answer import Constraint
 from .compute import compute_report
+from .schema import Report
 
 logger = logging.getLogger(__name__)
 
@@ -43,9 +48,24 @@ def json_safe(obj: Any) -> Any:
     return obj
 
 
-def _write_json_file(report: dict[str, Any], out_dir: Path) -> Path:
+def validate_report(report: dict[str, Any] | Report) -> Report:
+    """``report`` as a :class:`Report` (raises ``ValueError`` naming what does not match the schema)."""
+    if isinstance(report, Report):
+        return report
+    try:
+        return Report.model_validate(json_safe(report))
+    except ValidationError as exc:
+        raise ValueError(f"the report does not match the report schema: {exc}") from exc
+
+
+def report_dict(report: Report) -> dict[str, Any]:
+    """The JSON form of a report (what report.json holds)."""
+    return report.model_dump(mode="json")
+
+
+def _write_json_file(report: dict[str, Any] | Report, out_dir: Path) -> Path:
     path = Path(out_dir) / JSON_NAME
-    text = json.dumps(json_safe(report), indent=2, ensure_ascii=False, allow_nan=False)
+    text = json.dumps(report_dict(validate_report(report)), indent=2, ensure_ascii=False, allow_nan=False)
     atomic_write_bytes(path, (text + "\n").encode("utf-8"))
     return path
 
@@ -54,8 +74,10 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", str(text)).strip("._") or "x"
 
 
-def write_report(report: dict[str, Any], out_dir: Path) -> dict[str, Path]:
+def write_report(report: dict[str, Any] | Report, out_dir: Path) -> dict[str, Path]:
     """Write a finalized ``report`` under ``out_dir``: report.json, plots/*.png, report.html.
+
+    Raises ``ValueError`` when the report is not finalized or does not match the schema.
 
     Returns ``{"json": path, "html": path, plot_key(...): png path, ...}`` (see
     :func:`tuneqn.controller.report.plots.plot_key`; with several recipes also one
@@ -64,11 +86,13 @@ def write_report(report: dict[str, Any], out_dir: Path) -> dict[str, Path]:
     from .html import render_html
     from .plots import PLOT_KINDS, plot_key, recipe_plot_key, recipes_scatter, render_plot
 
-    if "fronts" not in report or "summary" not in report:
+    if isinstance(report, dict) and ("fronts" not in report or "summary" not in report):
         raise ValueError("report is not finalized; call finalize_report() first")
+    typed = validate_report(report)
+    report = report_dict(typed)  # the plots read the JSON form
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths: dict[str, Path] = {"json": _write_json_file(report, out_dir)}
+    paths: dict[str, Path] = {"json": _write_json_file(typed, out_dir)}
 
     images: dict[str, Path] = {}
     used: set[str] = set()
@@ -96,7 +120,7 @@ def write_report(report: dict[str, Any], out_dir: Path) -> dict[str, Path]:
         images["layer_errors"] = layer_png
 
     html_path = out_dir / HTML_NAME
-    atomic_write_bytes(html_path, render_html(report, images).encode("utf-8"))
+    atomic_write_bytes(html_path, render_html(typed, images).encode("utf-8"))
     paths["html"] = html_path
     logger.info("report written to %s (%d plots)", out_dir, len(images))
     return paths

@@ -132,8 +132,8 @@ def mb(n: float | None) -> str:
 
 def rule_text(constraint: Constraint) -> str:
     """The rule of the answer in one sentence."""
-    return (f"the smallest file whose accuracy loss (1 − top-1 agreement with FP32 on the device) is "
-            f"{constraint.describe()}, over every recipe's fully evaluated candidates; equal sizes go to the "
+    return (f"the smallest file meeting {constraint.describe()} (accuracy loss = 1 − top-1 agreement with FP32 on "
+            "the device), over every recipe's fully evaluated candidates; equal sizes go to the "
             "lower loss, then the lower latency (within p10–p90 a tie); when nothing meets it, the lowest-loss "
             "result. Across devices the worst value over the devices counts. The loss's 95 % interval is "
             "Wilson's for the evaluation sample's size.")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -108,8 +109,8 @@ def _preprocess_spec(base: dict[str, Any], args: argparse.Namespace) -> Any:
     except ValidationError as exc:
         err = exc.errors()[0]
         msg = str(err["msg"]).removeprefix("Value error, ")
-        key = str(err["loc"][0]) if err["loc"] else next(
-            (k for k in flags if f"'{k}'" in msg), next(iter(flags), "preset"))
+        quoted = [k for k in re.findall(r"'(\w+)'", msg) if k in flags]  # a rule between keys: the first given
+        key = str(err["loc"][0]) if err["loc"] else quoted[0] if quoted else next(iter(flags), "preset")
         flag = next((d for d, k in _PREPROCESS_FLAGS.items() if k == key), key)
         where = "" if key in flags else " (in [dataset.preprocess])"
         raise UserError(f"--{flag.replace('_', '-')}{where}: {msg}") from None

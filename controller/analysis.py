@@ -466,3 +466,73 @@ def rank_layers(errors: list[LayerError], xmodel_weight: float = 0.5) -> list[La
     for r, e in enumerate(ordered, start=1):
         e.rank = r
     return ordered
+
+
+# --------------------------------------------------------------------------- FP32 confidence check
+
+#: Below this (normalized) mean top-1 probability the FP32 model looks confused on the sample.
+#: EfficientNet-Lite0 on the example's 120 photos: 0.72 with the right preprocessing (lite), 0.65–0.71 with
+#: x/255, ImageNet mean/std, BGR or no crop, 0.22 with raw 0–255 pixels (docs/ARCHITECTURE.md).
+MIN_MEAN_TOP1 = 0.35
+#: ... or when this share of the images (at least 8, of a model with at least 10 classes) get one class.
+MAX_ONE_CLASS = 0.75
+#: Images the check runs the FP32 model on (the first of the calibration sample).
+CONFIDENCE_SAMPLES = 32
+
+
+@dataclass
+class ConfidenceCheck:
+    """How sure the FP32 model is of its top-1 class on a few preprocessed samples."""
+
+    samples: int
+    classes: int
+    #: The model's outputs already are probabilities (else softmax was applied to them).
+    probabilities: bool
+    #: Mean top-1 probability, rescaled so that chance (1/classes) is 0 and certainty 1.
+    mean_top1: float
+    #: The share of the samples whose top-1 is the most frequent class.
+    one_class: float
+    top_class: int
+
+    def problem(self) -> str | None:
+        """What looks wrong (one sentence naming the check and the value), None when nothing does."""
+        if not math.isfinite(self.mean_top1):
+            return f"the FP32 model gives non-finite outputs (NaN or inf) on {self.samples} sample images"
+        if self.mean_top1 < MIN_MEAN_TOP1:
+            return (f"the FP32 model looks confused on the sample: mean top-1 probability {self.mean_top1:.2f} over "
+                    f"{self.samples} images (below {MIN_MEAN_TOP1:g}; rescaled: 0 = chance, 1 = sure)")
+        if self.classes >= 10 and self.samples >= 8 and self.one_class >= MAX_ONE_CLASS:
+            return (f"the FP32 model gives {self.one_class:.0%} of {self.samples} sample images the same class "
+                    f"({self.top_class}; at most {MAX_ONE_CLASS:.0%} expected unless the images are of one class)")
+        return None
+
+
+def _looks_like_probabilities(out: np.ndarray) -> bool:
+    return bool(np.all(out >= -1e-6) and np.all(out <= 1 + 1e-6) and np.allclose(out.sum(axis=1), 1.0, atol=1e-3))
+
+
+def fp32_confidence(model_path: Path, input_name: str, data: np.ndarray,
+                    max_samples: int = CONFIDENCE_SAMPLES) -> ConfidenceCheck | None:
+    """Run the float model on the first ``max_samples`` samples; None unless its first output is classifier-like
+    (2-D [batch, classes], classes ≥ 2). Softmax is applied unless the outputs already are probabilities."""
+    data = data[:max_samples]
+    if len(data) == 0:
+        return None
+    sess = ort.InferenceSession(str(model_path), _no_opt(), providers=["CPUExecutionProvider"])
+    model = onnx.load(str(model_path), load_external_data=False)
+    batch = _batch_of(model, input_name) or len(data)
+    out_name = sess.get_outputs()[0].name
+    outs = [sess.run([out_name], {input_name: part})[0] for part in _chunks(data, batch)]
+    if any(o.ndim != 2 for o in outs) or outs[0].shape[1] < 2:
+        return None
+    y = np.concatenate(outs).astype(np.float64)
+    probs = _looks_like_probabilities(y)
+    if not probs:
+        z = np.exp(y - y.max(axis=1, keepdims=True))
+        y = z / z.sum(axis=1, keepdims=True)
+    classes = y.shape[1]
+    top1 = float(np.mean(y.max(axis=1)))
+    counts = np.bincount(y.argmax(axis=1), minlength=classes)
+    return ConfidenceCheck(samples=len(y), classes=classes, probabilities=probs,
+                           mean_top1=(top1 - 1 / classes) / (1 - 1 / classes),
+                           one_class=float(counts.max() / len(y)), top_class=int(counts.argmax()))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -41,21 +42,16 @@ def _quick_config(args: argparse.Namespace) -> StudyConfig:
         raise UserError("give a STUDY.toml, or --model, --images and --out")
     model_path = Path(args.model)
     layout = "NCHW"
-    from tuneqn.controller.modelio import _load_bytes  # noqa: PLC0415 - only the quick form needs it
-
-    if model_path.is_file():
-        m = _load_bytes(model_path, "--model")
-        inits = {i.name for i in m.graph.initializer}
-        inp = [i for i in m.graph.input if i.name not in inits]
-        if inp:
-            dims = [d.dim_value for d in inp[0].type.tensor_type.shape.dim]
-            if len(dims) == 4 and dims[3] in (1, 3) and dims[1] not in (1, 3):
-                layout = "NHWC"
+    dims = _input_dims(model_path, "--model") if model_path.is_file() else None
+    if dims is not None and len(dims) == 4 and dims[3] in (1, 3) and dims[1] not in (1, 3):
+        layout = "NHWC"
+    preprocess = _preprocess_spec({"layout": layout}, args)
     data: dict[str, Any] = {
         "name": model_path.stem,
         "out_dir": str(Path(args.out).resolve()),
         "models": [{"path": str(model_path.resolve())}],
-        "dataset": {"images": str(Path(args.images).resolve()), "preprocess": {"layout": layout}},
+        "dataset": {"images": str(Path(args.images).resolve()),
+                    "preprocess": preprocess.model_dump(mode="json", exclude_defaults=True)},
         "quantization": {"modes": args.mode or ["static"], "format": args.format or "qdq"},
     }
     if args.labels:
@@ -80,10 +76,84 @@ def _study_config(args: argparse.Namespace) -> StudyConfig:
         if args.format:
             q = update.get("quantization", cfg.quantization)
             update["quantization"] = q.model_copy(update={"format": args.format})
+        if _preprocess_flags(args):
+            pp = _preprocess_spec(cfg.dataset.preprocess.model_dump(exclude_defaults=True), args)
+            update["dataset"] = cfg.dataset.model_copy(update={"preprocess": pp})
         cfg = cfg.model_copy(update=update) if update else cfg
     else:
         cfg = _quick_config(args)
     return _search_overrides(cfg, args)
+
+
+#: Preprocessing flags → their [dataset.preprocess] keys.
+_PREPROCESS_FLAGS = {"preprocess": "preset", "resize": "resize", "crop": "crop", "crop_fraction": "crop_fraction",
+                     "interpolation": "interpolation", "scale": "scale", "offset": "offset", "mean": "mean",
+                     "std": "std", "layout": "layout", "color": "color"}
+
+
+def _preprocess_flags(args: argparse.Namespace) -> dict[str, Any]:
+    """The [dataset.preprocess] keys given as flags."""
+    return {key: getattr(args, dest) for dest, key in _PREPROCESS_FLAGS.items() if getattr(args, dest, None) is not None}
+
+
+def _preprocess_spec(base: dict[str, Any], args: argparse.Namespace) -> Any:
+    """``base`` (the study's [dataset.preprocess] keys) with the preprocessing flags applied, validated;
+    a bad value is a one-line error naming its flag."""
+    from pydantic import ValidationError
+
+    from tuneqn.controller.config import PreprocessSpec
+
+    flags = _preprocess_flags(args)
+    try:
+        return PreprocessSpec.model_validate({**base, **flags})
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        msg = str(err["msg"]).removeprefix("Value error, ")
+        quoted = [k for k in re.findall(r"'(\w+)'", msg) if k in flags]  # a rule between keys: the first given
+        key = str(err["loc"][0]) if err["loc"] else quoted[0] if quoted else next(iter(flags), "preset")
+        flag = next((d for d, k in _PREPROCESS_FLAGS.items() if k == key), key)
+        where = "" if key in flags else " (in [dataset.preprocess])"
+        raise UserError(f"--{flag.replace('_', '-')}{where}: {msg}") from None
+
+
+def _floats(value: str) -> list[float]:
+    """``--mean``/``--std``: comma-separated numbers."""
+    try:
+        return [float(v) for v in value.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers such as 0.485,0.456,0.406, "
+                                         f"got {value!r}") from None
+
+
+def _input_dims(path: Path, label: str) -> list[int | str] | None:
+    """The first graph input's dims of an ONNX file (names for dynamic dims); None without an input."""
+    from tuneqn.controller.modelio import _load_bytes  # noqa: PLC0415 - only for the quick form and the printed line
+
+    m = _load_bytes(path, label)
+    inits = {i.name for i in m.graph.initializer}
+    inp = [i for i in m.graph.input if i.name not in inits]
+    if not inp:
+        return None
+    return [d.dim_value if d.HasField("dim_value") else d.dim_param for d in inp[0].type.tensor_type.shape.dim]
+
+
+def preprocessing_lines(cfg: StudyConfig) -> list[str]:
+    """``preprocessing: …`` — what the study's images go through (one line per model when their sizes differ)."""
+    from tuneqn.controller.dataset import describe_preprocess, model_hw
+
+    if cfg.dataset.images is None:
+        return [f"preprocessing: none (the arrays of {cfg.dataset.tensors} are fed as they are)"]
+    pp = cfg.dataset.preprocess
+    lines: dict[str, list[str]] = {}
+    for i, m in enumerate(cfg.models):
+        dims = m.input_shape
+        if dims is None and m.path is not None and m.path.is_file():
+            dims = _input_dims(m.path, f"models[{i}]")
+        hw = model_hw(dims, pp) if dims is not None else None
+        lines.setdefault(describe_preprocess(pp, hw), []).append(m.display_name)
+    if len(lines) == 1:
+        return [f"preprocessing: {next(iter(lines))}"]
+    return [f"preprocessing ({', '.join(names)}): {line}" for line, names in lines.items()]
 
 
 def _search_overrides(cfg: StudyConfig, args: argparse.Namespace) -> StudyConfig:
@@ -188,6 +258,7 @@ def _add_study_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calibration", type=int, help="quick form: calibration sample size")
     p.add_argument("--analysis", type=int, help="quick form: analysis sample size")
     p.add_argument("--fresh", action="store_true", help="ignore and replace what the study stored")
+    _add_preprocess_args(p)
     p.add_argument("--recipe", action="append", metavar="NAME",
                    help="quantization recipe to search (repeatable): one of the study's or a preset "
                         "(per-tensor, per-channel, per-channel-percentile, dynamic, …)")
@@ -202,6 +273,29 @@ def _add_study_args(p: argparse.ArgumentParser) -> None:
     _add_answer_args(p, "", max_loss=False)
 
 
+def _add_preprocess_args(p: argparse.ArgumentParser) -> None:
+    from tuneqn.controller.config import PREPROCESS_PRESETS
+
+    g = p.add_argument_group("image preprocessing (quick form, or over the study's [dataset.preprocess]); "
+                             "pixels 0-255 → resize/crop → (x·scale + offset − mean)/std")
+    g.add_argument("--preprocess", choices=list(PREPROCESS_PRESETS), metavar="PRESET",
+                   help="preset: lite (x−127)/128, inception (x−127.5)/127.5, imagenet x/255 then ImageNet "
+                        "mean/std, raw 0-255 (these four: short side → crop/0.875, centre crop), unit x/255 "
+                        "stretched to the model's size (the default); the flags below override its values")
+    g.add_argument("--resize", type=int, metavar="N", help="resize the short side to N pixels")
+    g.add_argument("--crop", type=int, metavar="N", help="centre crop N×N (then resized to the model's size)")
+    g.add_argument("--crop-fraction", type=float, metavar="F",
+                   help="short side → crop/F, centre crop (the crop, else the model's H×W); presets: 0.875")
+    g.add_argument("--interpolation", choices=["bilinear", "bicubic", "nearest", "lanczos"],
+                   help="resampling filter (default bilinear)")
+    g.add_argument("--scale", type=float, metavar="S", help="multiply pixels by S (default 1/255; 1 with --mean/--std)")
+    g.add_argument("--offset", type=float, metavar="O", help="then add O (default 0)")
+    g.add_argument("--mean", type=_floats, metavar="A,B,C", help="then subtract the per-channel mean")
+    g.add_argument("--std", type=_floats, metavar="A,B,C", help="then divide by the per-channel std")
+    g.add_argument("--layout", choices=["NCHW", "NHWC"], help="input layout (quick form: detected from the model)")
+    g.add_argument("--color", choices=["RGB", "BGR"], help="channel order (default RGB)")
+
+
 def cmd_analyze(args: argparse.Namespace) -> int:
     """Rank layers; print the table; write layers.json and layer_errors.png."""
     from rich.console import Console
@@ -211,6 +305,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     from tuneqn.controller.study import Study
 
     cfg = _study_config(args)
+    print("\n".join(preprocessing_lines(cfg)))
     study = Study(cfg, fresh=args.fresh, command=_command_line(args))
     try:
         with Progress() as progress:
@@ -357,6 +452,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
             update={"device_classes": list(dict.fromkeys(args.device_class))})})
     endpoints, origin = _agent_source(args, cfg.agents, args.study or "the study")
     _check_device_classes(cfg.evaluation.device_classes, endpoints, origin)
+    print("\n".join(preprocessing_lines(cfg)))
     study = Study(cfg, fresh=args.fresh, command=_command_line(args))
     try:
         settings = FarmSettings.from_config(cfg.evaluation, lease_timeout_s=args.lease_timeout,

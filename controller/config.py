@@ -72,11 +72,37 @@ class LabelsSpec(_Strict):
         return self.csv is not None or self.subfolders or self.regex is not None
 
 
-class PreprocessSpec(_Strict):
-    """Image preprocessing. Without resize/crop, images are resized to the model's H×W."""
+PresetName = Literal["imagenet", "inception", "lite", "raw", "unit"]
 
+#: Image preprocessing presets (``[dataset.preprocess] preset``, ``--preprocess``): the values each sets
+#: unless the study gives the key itself. ``crop_fraction = 0.875``: the short side is resized to
+#: crop / 0.875 (256 for 224) and the centre crop is the model's H×W. Normalization is
+#: ``((x · scale + offset) − mean) / std`` on 0–255 pixel values.
+PREPROCESS_PRESETS: dict[str, dict[str, Any]] = {
+    "imagenet": {"crop_fraction": 0.875, "scale": 1 / 255, "mean": [0.485, 0.456, 0.406],
+                 "std": [0.229, 0.224, 0.225]},
+    "inception": {"crop_fraction": 0.875, "scale": 1 / 127.5, "offset": -1.0},
+    "lite": {"crop_fraction": 0.875, "scale": 1 / 128, "offset": -127 / 128},
+    "raw": {"crop_fraction": 0.875, "scale": 1.0},
+    "unit": {"scale": 1 / 255},  # what a study without preset (and the quick form) always did
+}
+#: The keys a preset sets (an explicit key overrides the preset's value).
+PRESET_KEYS = ("crop_fraction", "scale", "offset", "mean", "std")
+
+
+class PreprocessSpec(_Strict):
+    """Image preprocessing: RGB/BGR pixels 0–255 → resize/crop → ``((x · scale + offset) − mean) / std``.
+
+    ``preset`` fills the keys of :data:`PREPROCESS_PRESETS` that are not given. Geometry: ``crop_fraction``
+    resizes the short side to crop / fraction and centre-crops (``crop``, else the model's H×W);
+    otherwise ``resize`` (short side) and ``crop`` as given; without either the image is resized to the
+    model's H×W. Without ``scale``: 1/255, or 1 (pixel units) when mean/std are given.
+    """
+
+    preset: PresetName | None = None
     resize: Annotated[int, Field(ge=1)] | None = None
     crop: Annotated[int, Field(ge=1)] | None = None
+    crop_fraction: Annotated[float, Field(gt=0, le=1)] | None = None
     interpolation: Literal["bilinear", "bicubic", "nearest", "lanczos"] = "bilinear"
     mean: list[float] | None = None
     std: list[float] | None = None
@@ -85,15 +111,42 @@ class PreprocessSpec(_Strict):
     color: Literal["RGB", "BGR"] = "RGB"
     layout: Literal["NCHW", "NHWC"] = "NCHW"
 
+    @field_validator("mean", "std")
+    @classmethod
+    def _per_channel(cls, v: list[float] | None) -> list[float] | None:
+        if v is not None and len(v) not in (1, 3):
+            raise ValueError(f"needs 1 or 3 values (one per colour channel), got {len(v)}")
+        return v
+
+    @field_validator("std")
+    @classmethod
+    def _no_zero_std(cls, v: list[float] | None) -> list[float] | None:
+        if v is not None and any(s == 0 for s in v):
+            raise ValueError("must not contain 0")
+        return v
+
+    @field_validator("scale")
+    @classmethod
+    def _no_zero_scale(cls, v: float | None) -> float | None:
+        if v is not None and v == 0:
+            raise ValueError("must not be 0 (every pixel would become the same value)")
+        return v
+
     @model_validator(mode="after")
     def _norm(self) -> "PreprocessSpec":
-        if (self.mean is None) != (self.std is None):
+        r = self.resolved()
+        if (r.mean is None) != (r.std is None):
             raise ValueError("give both 'mean' and 'std' or neither")
-        if self.mean is not None and (self.scale is not None or self.offset is not None):
-            raise ValueError("give either mean/std or scale/offset, not both")
-        if self.std is not None and any(s == 0 for s in self.std):
-            raise ValueError("'std' must not contain 0")
+        if r.resize is not None and r.crop is not None and r.crop > r.resize:
+            raise ValueError(f"'crop' ({r.crop}) is larger than 'resize' ({r.resize})")
         return self
+
+    def resolved(self) -> "PreprocessSpec":
+        """This spec with the preset's values filled in where no key was given (``preset`` kept)."""
+        if self.preset is None:
+            return self
+        fill = {k: v for k, v in PREPROCESS_PRESETS[self.preset].items() if getattr(self, k) is None}
+        return self.model_copy(update=fill) if fill else self
 
 
 class DatasetSpec(_Strict):

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from tuneqn.controller.config import DatasetSpec, PreprocessSpec
+from tuneqn.controller.config import PREPROCESS_PRESETS, PRESET_KEYS, DatasetSpec, PreprocessSpec
 from tuneqn.controller.errors import UserError
 from tuneqn.controller.files import atomic_write_bytes, atomic_write_text, file_sha256
 from tuneqn.controller.versions import tool_versions
@@ -128,8 +128,33 @@ def _labels_for(files: list[Path], root: Path, spec: DatasetSpec) -> list[int] |
     return out
 
 
+def _geometry(pp: PreprocessSpec, hw: tuple[int, int]) -> tuple[int | None, tuple[int, int] | None]:
+    """(short side to resize to, centre crop (w, h)) of a resolved spec for a model input of ``hw``."""
+    h, w = hw
+    if pp.crop_fraction is not None:
+        crop = (pp.crop, pp.crop) if pp.crop is not None else (w, h)
+        resize = pp.resize if pp.resize is not None else max(1, round(min(crop) / pp.crop_fraction))
+    else:
+        resize, crop = pp.resize, (pp.crop, pp.crop) if pp.crop is not None else None
+    if resize is not None and crop is not None and min(crop) > resize:
+        raise UserError(f"dataset.preprocess.resize: the short side ({resize}) is smaller than the centre crop "
+                        f"({crop[0]}×{crop[1]})")
+    return resize, crop
+
+
+def _normalization(pp: PreprocessSpec) -> tuple[float, float]:
+    """(scale, offset) of a resolved spec: default scale 1/255, or 1 (pixel units) with mean/std."""
+    scale = pp.scale if pp.scale is not None else (1.0 if pp.mean is not None else 1.0 / 255.0)
+    return scale, pp.offset or 0.0
+
+
 def preprocess_image(path: Path, pp: PreprocessSpec, hw: tuple[int, int]) -> np.ndarray:
-    """One image → float32 array in the model's layout (C,H,W) or (H,W,C)."""
+    """One image → float32 array in the model's layout (C,H,W) or (H,W,C).
+
+    RGB (or BGR) pixels 0–255 → resize/centre crop (:func:`_geometry`) → ``x · scale + offset`` →
+    ``(x − mean) / std`` when mean/std are given.
+    """
+    pp = pp.resolved()
     try:
         with Image.open(path) as im:
             img = im.convert("RGB")
@@ -141,13 +166,14 @@ def preprocess_image(path: Path, pp: PreprocessSpec, hw: tuple[int, int]) -> np.
         raise UnreadableImage(path, f"{exc.__class__.__name__}: {exc}" if str(exc) else exc.__class__.__name__) from None
     resample = _RESAMPLE[pp.interpolation]
     h, w = hw
-    if pp.resize is not None:
-        scale = pp.resize / min(img.size)
+    resize, crop = _geometry(pp, hw)
+    if resize is not None:
+        scale = resize / min(img.size)
         img = img.resize((max(1, round(img.size[0] * scale)), max(1, round(img.size[1] * scale))), resample)
-    elif pp.crop is None:
+    elif crop is None:
         img = img.resize((w, h), resample)
-    if pp.crop is not None:
-        cw = ch = pp.crop
+    if crop is not None:
+        cw, ch = crop
         left = int(round((img.size[0] - cw) / 2.0))
         top = int(round((img.size[1] - ch) / 2.0))
         img = img.crop((left, top, left + cw, top + ch))
@@ -156,14 +182,97 @@ def preprocess_image(path: Path, pp: PreprocessSpec, hw: tuple[int, int]) -> np.
     arr = np.asarray(img, dtype=np.float32)
     if pp.color == "BGR":
         arr = arr[..., ::-1]
+    scale, offset = _normalization(pp)
+    arr = arr * np.float32(scale) + np.float32(offset)
     if pp.mean is not None and pp.std is not None:
         arr = (arr - np.asarray(pp.mean, np.float32)) / np.asarray(pp.std, np.float32)
-    else:
-        scale = pp.scale if pp.scale is not None else 1.0 / 255.0
-        arr = arr * np.float32(scale) + np.float32(pp.offset or 0.0)
     if pp.layout == "NCHW":
         arr = arr.transpose(2, 0, 1)
     return np.ascontiguousarray(arr, dtype=np.float32)
+
+
+def _num(v: float) -> str:
+    return f"{v:.6g}"
+
+
+def _formula(pp: PreprocessSpec) -> str:
+    """``x/255``, ``(x − 127)/128``, ``(x/255 − [0.485, 0.456, 0.406])/[0.229, 0.224, 0.225]`` …"""
+    scale, offset = _normalization(pp)
+    if offset == 0:
+        base = "x" if scale == 1 else f"x/{_num(1 / scale)}" if abs(1 / scale) >= 1 else f"{_num(scale)}·x"
+    else:
+        shift, div = -offset / scale, 1 / scale
+        sign = "−" if shift >= 0 else "+"
+        base = f"(x {sign} {_num(abs(shift))})" + ("" if div == 1 else f"/{_num(div)}")
+    if pp.mean is None or pp.std is None:
+        lo, hi = sorted((offset, 255 * scale + offset))
+        return f"{base} ∈ [{lo:.4g}, {hi:.4g}]"
+
+    def vec(v: list[float]) -> str:
+        return _num(v[0]) if len(v) == 1 else "[" + ", ".join(_num(x) for x in v) + "]"
+
+    inner = base[1:-1] if base.startswith("(") and base.endswith(")") else base
+    return f"({inner} − {vec(pp.mean)})/{vec(pp.std)}"
+
+
+def _preset_label(pp: PreprocessSpec) -> str:
+    """The preset's name (``+ your scale`` for keys that change it), ``unit (default)`` or ``custom``."""
+    if pp.preset is None:
+        given = [k for k in (*PRESET_KEYS, "resize", "crop") if getattr(pp, k) is not None]
+        return "custom" if given else "unit (default)"
+    preset = PREPROCESS_PRESETS[pp.preset]
+    changed = [k for k in (*PRESET_KEYS, "resize", "crop")
+               if getattr(pp, k) is not None and getattr(pp, k) != preset.get(k)]
+    return pp.preset + (f" with your {', '.join(changed)}" if changed else "")
+
+
+def describe_preprocess(spec: PreprocessSpec, hw: tuple[int, int] | None) -> str:
+    """One line saying what the images go through, e.g.
+    ``lite: RGB, short side → 256 (bilinear), centre crop 224, (x − 127)/128 ∈ [-0.992188, 1], NCHW``.
+
+    ``hw``: the model input's (H, W); None when not known yet (the crop is then "the model's H×W").
+    """
+    pp = spec.resolved()
+    parts = [pp.color]
+    if hw is None and pp.crop_fraction is not None and pp.crop is None:
+        geo = f"short side → crop/{_num(pp.crop_fraction)} ({pp.interpolation}), centre crop to the model's H×W"
+        if pp.resize is not None:
+            geo = f"short side → {pp.resize} ({pp.interpolation}), centre crop to the model's H×W"
+        parts.append(geo)
+    else:
+        size = f"{hw[0]}×{hw[1]}" if hw is not None else "the model's H×W"
+        resize, crop = _geometry(pp, hw) if hw is not None else (pp.resize, (pp.crop, pp.crop) if pp.crop else None)
+        if resize is not None:
+            parts.append(f"short side → {resize} ({pp.interpolation})")
+        if crop is not None:
+            cw, ch = crop
+            parts.append(f"centre crop {cw}" if cw == ch else f"centre crop {ch}×{cw}")
+        if resize is None and crop is None:
+            parts.append(f"resized to {size} ({pp.interpolation}, aspect ratio not kept)")
+        elif (crop is None or hw is not None) and (hw is None or crop != (hw[1], hw[0])):
+            parts.append(f"resized to {size}")
+    parts += [_formula(pp), pp.layout]
+    return f"{_preset_label(spec)}: " + ", ".join(parts)
+
+
+def preprocess_settings(spec: PreprocessSpec, hw: tuple[int, int] | None) -> dict[str, Any]:
+    """The resolved settings as a dict (the preset's values filled in; ``resize``/``crop`` as used for ``hw``)."""
+    pp = spec.resolved()
+    out = pp.model_dump(mode="json")
+    out["scale"], out["offset"] = _normalization(pp)
+    if hw is not None:
+        resize, crop = _geometry(pp, hw)
+        out["resize"] = resize
+        out["crop"] = None if crop is None else crop[0] if crop[0] == crop[1] else [crop[1], crop[0]]
+    return out
+
+
+def model_hw(input_shape: list[int | str], pp: PreprocessSpec) -> tuple[int, int] | None:
+    """The (H, W) images are prepared for, from a model's input shape in ``pp``'s layout; None if not 4-D and fixed."""
+    if len(input_shape) != 4:
+        return None
+    h, w = (input_shape[2], input_shape[3]) if pp.layout == "NCHW" else (input_shape[1], input_shape[2])
+    return (h, w) if isinstance(h, int) and isinstance(w, int) else None
 
 
 def _image_hw(input_shape: list[int | str], layout: str) -> tuple[int, int]:
@@ -195,7 +304,13 @@ def save_split(folder: Path, name: str, arr: np.ndarray) -> tuple[Path, str]:
 
 def data_key(spec: DatasetSpec, input_shape: list[int | str]) -> str:
     """What the prepared samples depend on: the settings, the input files' contents and the tool versions."""
-    parts: list[Any] = [spec.model_dump(mode="json"), input_shape, tool_versions()]
+    settings = spec.model_dump(mode="json")
+    # The resolved preprocessing decides the pixels; a study without preset or crop_fraction keeps its old key.
+    pp = spec.preprocess.resolved().model_dump(mode="json", exclude={"preset"})
+    if pp["crop_fraction"] is None:
+        del pp["crop_fraction"]
+    settings["preprocess"] = pp
+    parts: list[Any] = [settings, input_shape, tool_versions()]
     if spec.images is not None:
         files = _list_images(spec.images)
         parts.append([[p.relative_to(spec.images).as_posix(), file_sha256(p)] for p in files])

@@ -28,7 +28,7 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -37,9 +37,18 @@ import numpy as np
 import onnx
 
 from tuneqn import __version__
-from tuneqn.controller.analysis import LayerError, analyze_dynamic, analyze_qoperator, analyze_static, rank_layers
-from tuneqn.controller.config import StudyConfig
-from tuneqn.controller.dataset import PreparedData, Split, prepare_data, save_split
+from tuneqn.controller.analysis import (
+    CONFIDENCE_SAMPLES,
+    ConfidenceCheck,
+    LayerError,
+    analyze_dynamic,
+    analyze_qoperator,
+    analyze_static,
+    fp32_confidence,
+    rank_layers,
+)
+from tuneqn.controller.config import PREPROCESS_PRESETS, StudyConfig
+from tuneqn.controller.dataset import PreparedData, Split, describe_preprocess, model_hw, prepare_data, save_split
 from tuneqn.controller.errors import UserError
 from tuneqn.controller.files import atomic_write_text, file_digest, file_sha256
 from tuneqn.controller.modelio import PreparedModel, prepare_model
@@ -276,14 +285,40 @@ class Study:
             pm = prepare_model(spec, self.out_dir / "models", self.cfg.hub_cache_dir, label=f"models[{i}]",
                                preprocess_model=self.cfg.quantization.preprocess)
             self.models[pm.name] = pm
-            self.store.put_model(pm.to_row())
             data = prepare_data(self.cfg.dataset, pm.input_shape, self.out_dir / "data" / pm.name)
             self.data[pm.name] = data
+            warning = self.confidence_warning(pm, data)
+            if warning is not None:
+                pm.notes.append(f"WARNING: {warning}")
+            self.store.put_model(pm.to_row())
             for split in (data.eval, data.calibration, data.analysis):
                 # Every split of a model carries the same list of images skipped while preparing its data.
                 self.store.put_dataset(f"{pm.name}/{split.name}", split.path, split.sha256, split.items, split.labels,
                                        skipped=data.skipped)
         self._check_exclusion_sets()
+
+    def confidence_warning(self, pm: PreparedModel, data: PreparedData) -> str | None:
+        """Whether the FP32 model looks confused on the first images of the calibration sample (the usual sign
+        of wrong preprocessing): the warning, also logged, or None. Classifier-like outputs only; the
+        measurement is stored and reused while the prepared model and the sample are unchanged."""
+        key = _hash("confidence", pm.sha256, data.calibration.sha256, CONFIDENCE_SAMPLES, __version__)
+        meta = f"fp32_confidence/{pm.name}"
+        stored = json.loads(self.store.get_meta(meta) or "{}")
+        if stored.get("key") == key:
+            check = ConfidenceCheck(**stored["check"]) if stored["check"] else None
+        else:
+            check = fp32_confidence(self.quantizer_input(pm.name), pm.input_name, data.calibration.load())
+            self.store.set_meta(meta, json.dumps({"key": key, "check": asdict(check) if check else None}))
+        problem = check.problem() if check is not None else None
+        if problem is None:
+            return None
+        pp = self.cfg.dataset.preprocess
+        fix = (f"(now {describe_preprocess(pp, model_hw(pm.input_shape, pp))}); give the model's with --preprocess "
+               f"({', '.join(PREPROCESS_PRESETS)}) or --scale/--offset/--mean/--std ([dataset.preprocess])"
+               if self.cfg.dataset.images is not None else "(check how dataset.tensors were prepared)")
+        warning = f"{problem}, the usual sign of wrong preprocessing {fix}"
+        log.warning("%s: %s", pm.name, warning)
+        return warning
 
     def _check_exclusion_sets(self) -> None:
         for i, ex in enumerate(self.cfg.search.exclusion_sets):

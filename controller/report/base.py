@@ -236,14 +236,6 @@ def _skipped_inputs(store: Store) -> list[dict[str, str]]:
     return list(seen.values())
 
 
-def _describe_preprocess(preprocess: Any) -> str | None:
-    """One line describing the preprocessing (``dataset.describe_preprocess``, when this version has it)."""
-    from tuneqn.controller import dataset  # noqa: PLC0415 - Pillow only when writing reports
-
-    describe = getattr(dataset, "describe_preprocess", None)
-    return str(describe(preprocess)) if describe is not None else None
-
-
 def _dataset(store: Store, cfg: StudyConfig, models: list[dict[str, Any]]) -> dict[str, Any]:
     """The report's ``dataset``: sample sizes (of the first model's splits; every model uses the same images)
     and the preprocessing. ``labelled_eval_samples`` counts the evaluation samples with a label (the n of
@@ -255,6 +247,10 @@ def _dataset(store: Store, cfg: StudyConfig, models: list[dict[str, Any]]) -> di
         row = split(name)
         return None if row is None else len(row["items"])
 
+    from tuneqn.controller.dataset import describe_preprocess, model_hw, preprocess_settings  # noqa: PLC0415 - Pillow
+
+    pp = cfg.dataset.preprocess
+    hw = model_hw(models[0]["input_shape"], pp) if models and models[0].get("input_shape") else None
     ev = split("eval")
     labels = (ev or {}).get("labels") or []
     eval_n = None if ev is None else len(ev["items"])
@@ -265,8 +261,8 @@ def _dataset(store: Store, cfg: StudyConfig, models: list[dict[str, Any]]) -> di
         "calibration_samples": size("calibration"),
         "analysis_samples": size("analysis"),
         "screen_samples": screen,
-        "preprocess": json.loads(cfg.dataset.preprocess.model_dump_json()),
-        "preprocess_description": _describe_preprocess(cfg.dataset.preprocess),
+        "preprocess": preprocess_settings(pp, hw),
+        "preprocess_description": describe_preprocess(pp, hw),
     }
 
 

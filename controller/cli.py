@@ -52,8 +52,10 @@ def _quick_config(args: argparse.Namespace) -> StudyConfig:
         "models": [{"path": str(model_path.resolve())}],
         "dataset": {"images": str(Path(args.images).resolve()),
                     "preprocess": preprocess.model_dump(mode="json", exclude_defaults=True)},
-        "quantization": {"modes": args.mode or ["static"], "format": args.format or "qdq"},
+        "quantization": {"format": args.format or "qdq"},
     }
+    if args.mode:  # else the recipes are chosen automatically
+        data["quantization"]["modes"] = args.mode
     if args.labels:
         data["dataset"]["labels"] = {"csv": str(Path(args.labels).resolve())}
     for key in ("eval", "calibration", "analysis"):
@@ -71,8 +73,10 @@ def _study_config(args: argparse.Namespace) -> StudyConfig:
         update: dict[str, Any] = {}
         if args.out:
             update["out_dir"] = Path(args.out).resolve()
-        if args.mode:
-            update["quantization"] = cfg.quantization.model_copy(update={"modes": args.mode})
+        if args.mode:  # --mode wins over recipes = "auto" (not over the file's named recipes)
+            q = cfg.quantization
+            update["quantization"] = q.model_copy(update={"modes": args.mode,
+                                                          "recipes": [] if q.recipes == "auto" else q.recipes})
         if args.format:
             q = update.get("quantization", cfg.quantization)
             update["quantization"] = q.model_copy(update={"format": args.format})
@@ -261,7 +265,8 @@ def _add_study_args(p: argparse.ArgumentParser) -> None:
     _add_preprocess_args(p)
     p.add_argument("--recipe", action="append", metavar="NAME",
                    help="quantization recipe to search (repeatable): one of the study's or a preset "
-                        "(per-tensor, per-channel, per-channel-percentile, dynamic, …)")
+                        "(per-tensor, per-channel, per-channel-percentile, dynamic, …); without --recipe, "
+                        "--mode or recipes in the study, they are chosen automatically (recipes = \"auto\")")
     p.add_argument("--ranking", choices=["paper", "qdq", "xmodel", "measured"], help="layer ranking")
     p.add_argument("--strategy", choices=["sweep", "greedy", "budget", "target"],
                    help="search strategy (sweep = the paper's)")

@@ -180,7 +180,20 @@ RECIPE_PRESETS: dict[str, dict[str, Any]] = {
     "per-channel-percentile": {"mode": "static", "per_channel": True, "calibration_method": "percentile"},
     "per-channel-entropy": {"mode": "static", "per_channel": True, "calibration_method": "entropy"},
     "per-tensor-percentile": {"mode": "static", "per_channel": False, "calibration_method": "percentile"},
+    "per-tensor-entropy": {"mode": "static", "per_channel": False, "calibration_method": "entropy"},
 }
+
+#: The recipes ``recipes = "auto"`` (the default when no recipe is given) tries on every model: static
+#: per-tensor and per-channel weights (symmetric), min/max and percentile activation ranges. Left out,
+#: by measurement on EfficientNet-Lite0 (see docs/ARCHITECTURE.md): ``*-entropy`` (ONNX Runtime's entropy
+#: calibrator with its default 128 histogram bins has one candidate threshold, the min/max range: the
+#: same model as min/max at 4x its calibration time) and ``per-channel-symmetric`` (symmetric int8
+#: activations: 17 % loss where per-channel has 6 %).
+AUTO_RECIPES: tuple[str, ...] = ("per-tensor", "per-channel", "per-tensor-percentile", "per-channel-percentile")
+#: Added to :data:`AUTO_RECIPES` for a model whose quantizable layers are MatMul/Gemm-heavy
+#: (see :func:`tuneqn.controller.search.gate.auto_recipes`).
+AUTO_DYNAMIC = "dynamic"
+AUTO = "auto"
 
 _RECIPE_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
 
@@ -240,11 +253,13 @@ class Recipe:
 class QuantizationSpec(_Strict):
     """How candidates are quantized (ONNX Runtime quantizer settings).
 
-    The study's recipes are ``recipes`` when given, else one per entry of ``modes`` (named
-    after the mode) with this section's settings. A recipe overrides any of them.
+    The study's recipes are ``recipes`` when it is a list, else one per entry of ``modes`` (named
+    after the mode) with this section's settings, else — ``recipes = "auto"``, the default when
+    neither is given — :data:`AUTO_RECIPES` (plus ``dynamic`` for MatMul/Gemm-heavy models), which
+    the recipe gate narrows per model (``controller/search/gate.py``). A recipe overrides any setting.
     """
 
-    modes: list[Mode] = ["static"]
+    modes: list[Mode] | None = None
     format: Literal["qdq", "qoperator"] = "qdq"
     per_channel: bool = False
     reduce_range: bool = False
@@ -258,12 +273,15 @@ class QuantizationSpec(_Strict):
     #: Pre-process every model as ONNX Runtime advises before analysis and quantization (shape
     #: inference, constant folding, Pad fused into Conv, …); layer names stay the original ones.
     preprocess: bool = True
-    #: Named recipes (a search dimension): each gets its own calibration, ranking and candidates.
-    recipes: list[RecipeSpec] = []
+    #: Named recipes (a search dimension): each gets its own calibration, ranking and candidates;
+    #: ``"auto"``: chosen per model by the recipe gate (the default without ``recipes`` and ``modes``).
+    recipes: list[RecipeSpec] | Literal["auto"] = []
 
     @field_validator("modes")
     @classmethod
-    def _modes(cls, v: list[str]) -> list[str]:
+    def _modes(cls, v: list[str] | None) -> list[str] | None:
+        if v is None:
+            return v
         if not v:
             raise ValueError("needs at least one mode")
         if len(set(v)) != len(v):
@@ -272,21 +290,38 @@ class QuantizationSpec(_Strict):
 
     @field_validator("recipes")
     @classmethod
-    def _recipes(cls, v: list[RecipeSpec]) -> list[RecipeSpec]:
+    def _recipes(cls, v: list[RecipeSpec] | str) -> list[RecipeSpec] | str:
+        if isinstance(v, str):
+            return v
         names = [r.name for r in v]
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
             raise ValueError(f"recipe names must be unique (repeated: {', '.join(dup)})")
         return v
 
+    @property
+    def auto(self) -> bool:
+        """Whether the recipes are chosen automatically: ``recipes = "auto"``, or neither recipes nor modes given."""
+        return self.recipes == AUTO or (not self.recipes and self.modes is None)
+
+    @property
+    def recipe_specs(self) -> list[RecipeSpec]:
+        """The ``[[quantization.recipes]]`` tables (none with ``recipes = "auto"``)."""
+        return [] if isinstance(self.recipes, str) else list(self.recipes)
+
     def recipe_names(self) -> list[str]:
-        """Names of the study's recipes, in order."""
-        return [r.name for r in self.recipes] if self.recipes else list(self.modes)
+        """Names of the study's recipes, in order (with auto: every recipe auto may choose, ``dynamic`` last;
+        :meth:`tuneqn.controller.study.Study.recipes` gives a model's)."""
+        if self.recipe_specs:
+            return [r.name for r in self.recipe_specs]
+        if self.auto:
+            return [*AUTO_RECIPES, AUTO_DYNAMIC]
+        return list(self.modes or [])
 
     def resolve(self, name: str) -> Recipe:
         """The recipe called ``name``: a study recipe, a mode of ``modes``, a preset, or a variant of one of
         them (``<recipe>.qdq``, ``<recipe>.float-Conv``; see :func:`variant_name`) (ValueError if none)."""
-        spec = next((r for r in self.recipes if r.name == name), None)
+        spec = next((r for r in self.recipe_specs if r.name == name), None)
         if spec is not None:
             over = spec.model_dump(exclude={"name"}, exclude_none=True)
             over.setdefault("mode", "static")

@@ -34,6 +34,7 @@ from tuneqn.controller.report import write_full_report, write_json
 from tuneqn.controller.metrics import baseline_id
 from tuneqn.controller.report.base import FINAL_JOB_STATES
 from tuneqn.controller.search import Outcome, Request, SearchView, make_strategy
+from tuneqn.controller.search import gate
 from tuneqn.controller.dataset import Split
 from tuneqn.controller.study import CandidatePlan, Study
 from tuneqn.v1 import agent_pb2 as pb
@@ -124,6 +125,9 @@ class StudyRun:
         self._op_types: dict[str, frozenset[str]] = {}  # built candidate id -> its op types
         self._probes: set[str] = set()  # fully quantized candidates of variants, built to check them
         self._probe_errors: dict[str, str] = {}  # ... and why one did not build
+        # The recipe gate (``recipes = "auto"``; see controller/search/gate.py).
+        self._gated: dict[tuple[str, tuple[str, ...]], list[gate.Decision]] = {}  # (model, classes) -> decided
+        self._analyzed: set[tuple[str, str]] = set()  # (model, recipe) the gate passed and that were analyzed
 
     # ------------------------------------------------------------------ steps
     def run(self) -> TuneOutcome:
@@ -196,6 +200,7 @@ class StudyRun:
             if self._changed.is_set():
                 self._changed.clear()
                 self._plan_feasibility()
+                self._gate_requests()
                 self._screen_splits_ready()
                 for st in strategies:
                     if not st.done():
@@ -317,6 +322,60 @@ class StudyRun:
                 for cls in classes:
                     self._add_jobs(b, cls, "screen")
 
+    # ------------------------------------------------------------------ the recipe gate (recipes = "auto")
+    def _gate_requests(self) -> None:
+        """With auto recipes: every recipe's fully quantized model (or the variant planned instead on a
+        device class) is evaluated in full everywhere it runs, before the gate decides."""
+        if not self.study.auto:
+            return
+        with self._lock:
+            variants = sorted({(m, v) for (m, _, _), v in self._planned.items()} | set(self._variant_base))
+        fqs = [(m, r) for m in self.study.models for r in self.study.recipes(m)] + variants
+        for model, recipe in fqs:
+            fq = self.study.make_plan(model, recipe, ())
+            self._want(fq.id, "full", model, recipe)
+            self._ensure_built(fq)
+
+    def gate_decisions(self, model: str) -> list[gate.Decision] | None:
+        """The gate's decisions for a model's auto recipes (None without auto); see :mod:`..search.gate`.
+
+        A pure function of the stored results (the report takes the same ones): the decisions of a
+        model are kept once none is pending on the current device classes."""
+        if not self.study.auto:
+            return None
+        classes = tuple(self.view_devices())
+        key = (model, classes)
+        if key in self._gated:
+            return self._gated[key]
+        out = gate.decisions(self.store, model, self.study.recipes(model), classes)
+        if all(d.status != gate.PENDING for d in out):
+            self._gated[key] = out
+            for d in out:
+                log.info("recipe gate: %s/%s %s (%s)", model, d.recipe, d.status, d.reason)
+        return out
+
+    def _searched(self, model: str, recipe: str) -> bool:
+        """Whether (model, recipe) is searched: always with explicit recipes, else when the gate passed it
+        (analyzed then, before its search starts)."""
+        decisions = self.gate_decisions(model)
+        if decisions is None:
+            return True
+        if not any(d.recipe == recipe and d.status == gate.SEARCHED for d in decisions):
+            return False
+        if (model, recipe) not in self._analyzed:
+            if self.quiet is not None:
+                with self.quiet.shared():
+                    self.study.analyze(model, recipe)
+            else:
+                self.study.analyze(model, recipe)
+            self._analyzed.add((model, recipe))
+            self.study.write_layer_outputs(self.study.analyzed_rows())
+        return True
+
+    def view_pairs_settled(self) -> bool:
+        """False while the gate has not decided (some model's auto recipes are pending): more pairs may come."""
+        return all(d.status != gate.PENDING for m in self.study.models for d in (self.gate_decisions(m) or []))
+
     def _idle(self) -> bool:
         with self._lock:
             return self._building == 0
@@ -422,7 +481,7 @@ class StudyRun:
         if self.feasibility != "adapt":
             return False
         return any((m, r, c) not in self._planned for c, _ in self._restricted()
-                   for m in self.study.models for r in self.study.recipes())
+                   for m in self.study.models for r in self.study.recipes(m))
 
     def _plan_feasibility(self) -> None:
         """``feasibility = "adapt"``: decide, for every restricted device class, which recipe runs there
@@ -431,7 +490,7 @@ class StudyRun:
             return
         for cls, ops in self._restricted():
             for model in self.study.models:
-                for recipe in self.study.recipes():
+                for recipe in self.study.recipes(model):
                     if (model, recipe, cls) not in self._planned:
                         self._decide((model, recipe, cls), ops)
 
@@ -530,7 +589,9 @@ class StudyRun:
             any_class = bool(self._classes)
             variants = sorted(self._variant_base.items())
         for model in self.study.models:
-            for recipe in self.study.recipes():
+            for recipe in self.study.recipes(model):
+                if not self._searched(model, recipe):
+                    continue  # the recipe gate stopped it (or has not decided yet)
                 if not any_class or self._classes_of(model, recipe):
                     out.append((model, recipe))
                 out += [(m, v) for (m, v), base in variants if m == model and base == recipe]

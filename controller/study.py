@@ -54,6 +54,8 @@ from tuneqn.controller.files import atomic_write_text, file_digest, file_sha256
 from tuneqn.controller.modelio import PreparedModel, prepare_model
 from tuneqn.controller.quantize import QuantSettings, calibrate, quantize_candidate, runtime_options
 from tuneqn.controller.report.layer_plot import layer_errors_plot
+from tuneqn.controller.search.gate import META as GATE_META
+from tuneqn.controller.search.gate import auto_recipes
 from tuneqn.controller.store import Store
 from tuneqn.controller.versions import tool_versions
 
@@ -234,6 +236,7 @@ class Study:
             raise
         self.models: dict[str, PreparedModel] = {}
         self.data: dict[str, PreparedData] = {}
+        self._auto: dict[str, list[str]] = {}  # model -> the recipes auto tries on it (recipes = "auto")
         self._layers: dict[tuple[str, str], list[dict[str, Any]]] = {}
 
     def close(self) -> None:
@@ -295,6 +298,7 @@ class Study:
                 # Every split of a model carries the same list of images skipped while preparing its data.
                 self.store.put_dataset(f"{pm.name}/{split.name}", split.path, split.sha256, split.items, split.labels,
                                        skipped=data.skipped)
+        self._choose_recipes()
         self._check_exclusion_sets()
 
     def confidence_warning(self, pm: PreparedModel, data: PreparedData) -> str | None:
@@ -320,6 +324,16 @@ class Study:
         log.warning("%s: %s", pm.name, warning)
         return warning
 
+    def _choose_recipes(self) -> None:
+        """With ``recipes = "auto"``: the recipes each model tries (``gate.auto_recipes``), kept in the store."""
+        notes: dict[str, str] = {}
+        if self.cfg.quantization.auto:
+            for name, pm in self.models.items():
+                self._auto[name], notes[name] = auto_recipes(pm.path, self.cfg.search.layer_op_types)
+                log.info("%s: recipes chosen automatically: %s (%s)", name, ", ".join(self._auto[name]), notes[name])
+        self.store.set_meta(GATE_META, json.dumps({"auto": self.cfg.quantization.auto, "models": self._auto,
+                                                   "notes": notes}))
+
     def _check_exclusion_sets(self) -> None:
         for i, ex in enumerate(self.cfg.search.exclusion_sets):
             for pm in self.models.values():
@@ -330,9 +344,19 @@ class Study:
                         f"search.exclusion_sets[{i}].layers: unknown layer '{unknown[0]}' in model '{pm.name}'"
                     )
 
-    def recipes(self) -> list[str]:
-        """Names of the study's quantization recipes (``[[quantization.recipes]]``, else its modes)."""
-        return self.cfg.quantization.recipe_names()
+    def recipes(self, model: str | None = None) -> list[str]:
+        """Names of the study's quantization recipes (``[[quantization.recipes]]``, else its modes); with
+        ``recipes = "auto"`` those auto tries on ``model`` (on any model: in :data:`AUTO_RECIPES`' order)."""
+        names = self.cfg.quantization.recipe_names()
+        if not self._auto:
+            return names
+        chosen = self._auto.get(model, []) if model is not None else {r for rs in self._auto.values() for r in rs}
+        return [r for r in names if r in chosen]
+
+    @property
+    def auto(self) -> bool:
+        """Whether the recipes were chosen automatically (the recipe gate decides which are searched)."""
+        return bool(self._auto)
 
     def modes(self) -> list[str]:
         """The study's recipes (older name: a default recipe is named after its mode)."""
@@ -445,7 +469,7 @@ class Study:
         """Analyze every (model, recipe); write layers.json and layer_errors.png; forget stale candidates."""
         rows: list[dict[str, Any]] = []
         for model in self.models:
-            for mode in self.modes():
+            for mode in ([] if self.auto else self.recipes(model)):  # auto: once the gate passes them
                 rows.extend(self.analyze(model, mode))
         self.write_layer_outputs(rows)
         self.forget_stale_candidates()
@@ -467,6 +491,11 @@ class Study:
         if n:
             log.info("forgot %d candidates built from earlier inputs", n)
         return n
+
+    def analyzed_rows(self) -> list[dict[str, Any]]:
+        """The ranked layers of every (model, recipe) analyzed so far by this Study, in the study's order."""
+        return [r for model in self.models for recipe in self.recipes(model)
+                for r in self._layers.get((model, recipe), [])]
 
     def write_layer_outputs(self, rows: list[dict[str, Any]]) -> None:
         """``layers.json`` (rank order within each (model, mode)) and ``layer_errors.png``."""
@@ -531,7 +560,7 @@ class Study:
 
     def all_plans(self) -> list[CandidatePlan]:
         """The paper's candidates of every (model, recipe)."""
-        return [p for model in self.models for mode in self.modes() for p in self.plan(model, mode)]
+        return [p for model in self.models for mode in self.recipes(model) for p in self.plan(model, mode)]
 
     def candidate_path(self, plan: CandidatePlan) -> Path:
         """Where a candidate's file lives in the study."""

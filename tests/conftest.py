@@ -74,6 +74,10 @@ def write_study(tmp: Path, **overrides: Any) -> Path:
     # The farm/report tests run the paper's sweep (every k): their job counts are known.
     data["search"] = {"strategy": "sweep", "ranking": "paper", **overrides.pop("search", {})}
     data.update(overrides)
+    # Recipes chosen automatically (the default) try several: these tests name the one they need.
+    quant = data.setdefault("quantization", {})
+    if "recipes" not in quant and "modes" not in quant:
+        quant["modes"] = ["static"]
     path = tmp / "study.toml"
     path.write_text(tomli_w.dumps(data))
     return path

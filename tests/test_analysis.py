@@ -14,7 +14,8 @@ from tuneqn.controller.cli import main
 def _analyze(tmp: Path, model: Path, images: Path, *extra: str) -> list[dict]:
     out = tmp / "out"
     rc = main(["analyze", "--model", str(model), "--images", str(images), "--out", str(out),
-               "--calibration", "12", "--eval", "12", "--analysis", "6", *extra])
+               "--calibration", "12", "--eval", "12", "--analysis", "6",
+               *(() if "--mode" in extra else ("--mode", "static")), *extra])
     assert rc == 0
     return json.loads((out / "layers.json").read_text())
 

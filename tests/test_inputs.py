@@ -126,7 +126,7 @@ def test_old_opset_is_upgraded(tmp_path: Path, assets: Path) -> None:
 
     cnn(tmp_path / "old.onnx", opset=11)
     rc = main(["analyze", "--model", str(tmp_path / "old.onnx"), "--images", str(assets / "images"),
-               "--out", str(tmp_path / "o"), "--calibration", "8", "--analysis", "4"])
+               "--out", str(tmp_path / "o"), "--calibration", "8", "--analysis", "4", "--mode", "static"])
     assert rc == 0
     import sqlite3
 
@@ -282,7 +282,7 @@ def test_unreadable_image_is_skipped_and_recorded(tmp_path: Path, capsys: pytest
     bad = _damage(images, "img_004.png", "img_017.png")
     # Sizes that draw every image, so both damaged ones are met.
     rc = main(["analyze", "--model", str(model), "--images", str(images), "--out", str(tmp_path / "o"),
-               "--calibration", "14", "--eval", "16", "--analysis", "4"])
+               "--calibration", "14", "--eval", "16", "--analysis", "4", "--mode", "static"])
     assert rc == 0
     con = sqlite3.connect(tmp_path / "o" / "tuneqn.db")
     rows = con.execute("select split, items, skipped from datasets").fetchall()

@@ -24,7 +24,8 @@ QOPS = {"QLinearConv", "QGemm", "QLinearMatMul"}
 def _analyze(tmp: Path, model: Path, images: Path, *extra: str) -> list[dict]:
     out = tmp / "out"
     rc = main(["analyze", "--model", str(model), "--images", str(images), "--out", str(out),
-               "--calibration", "12", "--eval", "12", "--analysis", "6", *extra])
+               "--calibration", "12", "--eval", "12", "--analysis", "6",
+               *(() if "--mode" in extra else ("--mode", "static")), *extra])
     assert rc == 0
     return json.loads((out / "layers.json").read_text())
 
@@ -203,7 +204,7 @@ def test_tune_qoperator_quick_form(tmp_path: Path, assets: Path) -> None:
     """The whole study in QOperator format on a local agent (the CLI starts it)."""
     out = tmp_path / "out"
     assert main(["tune", "--model", str(assets / "cnn.onnx"), "--images", str(assets / "images"), "--out", str(out),
-                 "--format", "qoperator", "--eval", "12", "--calibration", "12", "--analysis", "6",
+                 "--format", "qoperator", "--mode", "static", "--eval", "12", "--calibration", "12", "--analysis", "6",
                  "--strategy", "sweep", "--ranking", "paper"]) == 0
     report = json.loads((out / "report.json").read_text())
     cands = [c for c in report["candidates"] if c["mode"] == "static"]

@@ -209,7 +209,7 @@ def drive(strategy: Strategy, farm: Farm, stop_after: int | None = None) -> None
 def setup(tmp_path: Path, problem: Problem, width: int = 2, seed: int = 0, objectives: tuple[str, ...] = (),
           **search: Any) -> tuple[Strategy, Farm, FakeStudy]:
     data: dict[str, Any] = {"models": [{"path": "m.onnx", "name": "m"}], "dataset": {"images": "images"},
-                            "search": search}
+                            "quantization": {"modes": ["static"]}, "search": search}
     if objectives:
         data["objectives"] = [{"name": name} for name in objectives]
     cfg = parse_config(data, tmp_path)

@@ -226,6 +226,22 @@ def _searches(store: Store) -> list[dict[str, Any]]:
     return out
 
 
+def _recipe_order(store: Store, cfg: StudyConfig) -> list[str]:
+    """The study's recipes in order (with auto recipes: those chosen for any model)."""
+    from tuneqn.controller.search.gate import auto_models  # noqa: PLC0415 - keeps report imports light
+
+    chosen = {r for rs in auto_models(store).values() for r in rs}
+    names = cfg.quantization.recipe_names()
+    return [r for r in names if r in chosen] if chosen else names
+
+
+def _recipe_selection(store: Store) -> list[dict[str, Any]]:
+    """``recipe_selection``: the recipe gate's decision per model and auto recipe (empty with explicit recipes)."""
+    from tuneqn.controller.search.gate import selection  # noqa: PLC0415 - keeps report imports light
+
+    return selection(store)
+
+
 def _skipped_inputs(store: Store) -> list[dict[str, str]]:
     """Unreadable inputs left out of any split, each (file, reason) once, in order of appearance."""
     seen: dict[tuple[str, str], dict[str, str]] = {}
@@ -315,7 +331,7 @@ def build_base(store: Store, *, partial: bool) -> dict[str, Any]:
     planning = _Planning(store)
     classes = {d["name"]: d.get("device_class") for d in devices}
     cand_out = []
-    recipe_names = cfg.quantization.recipe_names()
+    recipe_names = _recipe_order(store, cfg)
     for c in _study_order(store.candidates(), [m["name"] for m in models], recipe_names):
         if c["kind"] == "fp32":
             continue
@@ -386,6 +402,7 @@ def build_base(store: Store, *, partial: bool) -> dict[str, Any]:
         "baselines": baselines,
         "candidates": cand_out,
         "feasibility": planning.entries(),
+        "recipe_selection": _recipe_selection(store),
         "infeasible_by_device": [{"device": dev, "candidates": infeasible[dev]} for dev in dev_names
                                  if dev in infeasible],
     }

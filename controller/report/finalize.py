@@ -52,7 +52,11 @@ module never changes what is in it, it only adds keys.  Base shape::
                       recipe's fully quantized model the device lacks], "tried": [{"recipe",
                       "unsupported"}], "text": one line}],   # feasibility planning per device class
      "infeasible_by_device": [{"device", "candidates": [{"candidate", "model", "recipe", "label",
-                               "unsupported_ops", "error"}]}]}   # what a device could not run
+                               "unsupported_ops", "error"}]}],   # what a device could not run
+     "recipe_selection": [{"model", "rule": str, "recipes": [{"recipe", "status": "searched"|"stopped"|"pending",
+                           "reason": str, "fq_candidate": id, "devices": [{"device", "accuracy_loss",
+                           "size_bytes", "n", "candidate", "error"}]}]}]}   # the recipe gate (recipes = "auto");
+                                                                            # [] with explicit recipes
 
 A candidate has ``results`` only on the devices its recipe is planned on (feasibility planning
 runs a variant recipe instead on devices that cannot run it); without planning, on every device.

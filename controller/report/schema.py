@@ -538,6 +538,10 @@ class RecipeDevicePoint(_Strict):
     device: str
     accuracy_loss: float | None = None
     size_bytes: int | None = None
+    n: int | None = Field(None, description="evaluation samples behind accuracy_loss")
+    candidate: str | None = Field(None, description="the fully quantized candidate measured on this device "
+                                                    "(a variant recipe's where feasibility planning chose one)")
+    error: str | None = Field(None, description="why this device has no point (its evaluation failed)")
 
 
 class RecipeChoice(_Strict):

@@ -128,6 +128,12 @@ class SearchView:
             return list(planned())
         return [(m, r) for m in self.models() for r in self.recipes()]
 
+    def pairs_settled(self) -> bool:
+        """False while more pairs may still come (the recipe gate has not decided which auto recipes go on
+        to the search: ``view_pairs_settled``, optional in a ViewSource)."""
+        settled = getattr(self._source, "view_pairs_settled", None)
+        return True if settled is None else bool(settled())
+
     def objectives(self) -> list[tuple[str, str]]:
         """(name, direction) of the study's objectives."""
         return [(o.name, o.resolved_direction) for o in self._study.cfg.objectives]
@@ -266,6 +272,6 @@ class PerPair(Strategy):
         return [req for p in self.pairs if not p.done() for req in p.propose()]
 
     def done(self) -> bool:
-        """All pairs done."""
+        """All pairs done, and no pair can still come (the recipe gate decided)."""
         self._sync()
-        return all(p.done() for p in self.pairs)
+        return all(p.done() for p in self.pairs) and self.view.pairs_settled()

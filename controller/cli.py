@@ -292,7 +292,7 @@ def _add_preprocess_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--crop-fraction", type=float, metavar="F",
                    help="short side → crop/F, centre crop (the crop, else the model's H×W); presets: 0.875")
     g.add_argument("--interpolation", choices=["bilinear", "bicubic", "nearest", "lanczos"],
-                   help="resampling filter (default bilinear)")
+                   help="resampling filter (default: the preset's, else bilinear; lite: bicubic)")
     g.add_argument("--scale", type=float, metavar="S", help="multiply pixels by S (default 1/255; 1 with --mean/--std)")
     g.add_argument("--offset", type=float, metavar="O", help="then add O (default 0)")
     g.add_argument("--mean", type=_floats, metavar="A,B,C", help="then subtract the per-channel mean")

@@ -228,7 +228,7 @@ def _preset_label(pp: PreprocessSpec) -> str:
 
 def describe_preprocess(spec: PreprocessSpec, hw: tuple[int, int] | None) -> str:
     """One line saying what the images go through, e.g.
-    ``lite: RGB, short side → 256 (bilinear), centre crop 224, (x − 127)/128 ∈ [-0.992188, 1], NCHW``.
+    ``lite: RGB, short side → 256 (bicubic), centre crop 224, (x − 127)/128 ∈ [-0.992188, 1], NCHW``.
 
     ``hw``: the model input's (H, W); None when not known yet (the crop is then "the model's H×W").
     """

@@ -133,9 +133,9 @@ def test_scale_offset_then_mean_std(tmp_path: Path) -> None:
 
 def test_describe_preprocess() -> None:
     assert describe_preprocess(PreprocessSpec(preset="lite"), (224, 224)) == (
-        "lite: RGB, short side → 256 (bilinear), centre crop 224, (x − 127)/128 ∈ [-0.9922, 1], NCHW")
+        "lite: RGB, short side → 256 (bicubic), centre crop 224, (x − 127)/128 ∈ [-0.9922, 1], NCHW")
     assert describe_preprocess(PreprocessSpec(preset="imagenet", interpolation="bicubic"), (240, 240)) == (
-        "imagenet: RGB, short side → 274 (bicubic), centre crop 240, "
+        "imagenet with your interpolation: RGB, short side → 274 (bicubic), centre crop 240, "
         "(x/255 − [0.485, 0.456, 0.406])/[0.229, 0.224, 0.225], NCHW")
     assert describe_preprocess(PreprocessSpec(), (224, 224)) == (
         "unit (default): RGB, resized to 224×224 (bilinear, aspect ratio not kept), x/255 ∈ [0, 1], NCHW")
@@ -148,6 +148,7 @@ def _legacy_key(spec: DatasetSpec, shape: list[int | str]) -> str:
     """dataset.data_key as it was before presets (the settings' plain dump)."""
     dump = spec.model_dump(mode="json")
     dump["preprocess"] = {k: v for k, v in dump["preprocess"].items() if k not in ("preset", "crop_fraction")}
+    dump["preprocess"]["interpolation"] = dump["preprocess"]["interpolation"] or "bilinear"  # the old default
     assert spec.images is not None
     files = sorted(p for p in spec.images.rglob("*.png"))
     parts = [dump, shape, tool_versions(), [[p.relative_to(spec.images).as_posix(),
@@ -167,9 +168,9 @@ def test_resolved_settings_feed_the_data_key(tmp_path: Path) -> None:
         spec = DatasetSpec(images=images, preprocess=PreprocessSpec.model_validate(pp))
         assert data_key(spec, shape) == _legacy_key(spec, shape)
     assert len({key(), key(preset="lite"), key(preset="imagenet"), key(preset="raw"), key(preset="inception"),
-                key(preset="lite", interpolation="bicubic"), key(preset="lite", offset=0.0)}) == 7
+                key(preset="lite", interpolation="bilinear"), key(preset="lite", offset=0.0)}) == 7
     # the same pixels, however they are spelt, are the same data
-    assert key(preset="lite") == key(crop_fraction=0.875, scale=1 / 128, offset=-127 / 128)
+    assert key(preset="lite") == key(crop_fraction=0.875, interpolation="bicubic", scale=1 / 128, offset=-127 / 128)
     assert key(preset="unit") == key(scale=1 / 255)
 
 

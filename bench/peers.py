@@ -39,9 +39,6 @@ reuses an existing tuneqn environment; pip then installs only what NNCF adds.)
 ``--skip-tuneqn`` runs the NNCF (and ONNX Runtime) half only; ``--runs N`` repeats each NNCF setting
 N times; ``--ranking-subset 20 0`` (the default) runs NNCF with both ranking subsets (see
 :data:`RANKING_SUBSETS`).
-While tuneqn's quick form has no ``--preprocess`` flag (before issue 16 is merged), the samples
-are drawn with this script's copy of the presets (:data:`_FALLBACK_PRESETS`) and the tuneqn half
-reports that tuneqn refused the command.
 """
 
 from __future__ import annotations
@@ -67,7 +64,7 @@ import onnxruntime as ort
 
 from tuneqn.controller.cli import _study_config, build_parser
 from tuneqn.controller.config import StudyConfig
-from tuneqn.controller.dataset import PreparedData, prepare_data
+from tuneqn.controller.dataset import PreparedData, describe_preprocess, model_hw, prepare_data
 from tuneqn.controller.errors import UserError
 from tuneqn.controller.modelio import prepare_model
 
@@ -84,19 +81,6 @@ CHUNK = 20  # images per ONNX Runtime call (the model's batch axis is free)
 # stands for NNCF, so that tuneqn is compared with NNCF at its best; the table lists every run.
 RANKING_SUBSETS = [20, 0]  # 0: NNCF's own default
 
-#: The presets of issue 16 (CONTRACTS.md §5), used only to draw the samples while tuneqn's quick
-#: form does not know ``--preprocess`` yet. ``ratio``: resize the short side to crop / ratio, then
-#: centre-crop the model's input size. Delete once every tuneqn this runs with has the flag.
-_FALLBACK_PRESETS: dict[str, dict[str, Any]] = {
-    "imagenet": {"ratio": 0.875, "interpolation": "bilinear",
-                 "mean": [123.675, 116.28, 103.53], "std": [58.395, 57.12, 57.375]},
-    "inception": {"ratio": 0.875, "interpolation": "bilinear", "scale": 1 / 127.5, "offset": -1.0},
-    "lite": {"ratio": 0.875, "interpolation": "bicubic", "scale": 1 / 128, "offset": -127 / 128},
-    "raw": {"scale": 1.0, "offset": 0.0},
-    "unit": {"scale": 1 / 255, "offset": 0.0},
-}
-
-
 # ---------------------------------------------------------------------------------------------
 # The samples: tuneqn's own config for the command, tuneqn's own prepare_data
 
@@ -106,41 +90,21 @@ def tuneqn_command(quick: list[str], out: Path) -> list[str]:
     return ["tune", *quick, "--out", str(out), "--no-lab"]
 
 
-def samples(quick: list[str], out: Path, work: Path) -> tuple[StudyConfig, PreparedData, str]:
+def samples(quick: list[str], out: Path, work: Path) -> tuple[StudyConfig, PreparedData]:
     """The config tuneqn builds for the command and the samples it draws from it.
 
-    Returns (config, prepared data, where the preprocessing came from). The config comes from
+    Returns (config, prepared data). The config comes from
     tuneqn's parser and ``_study_config`` (the quick form's defaults: sample sizes, seed,
     preprocessing); the samples from ``prepare_data`` with the model's input shape as tuneqn
     prepares it.
     """
     parser = build_parser()
-    tune = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices["tune"]
-    source = "tuneqn"
-    preset = None
-    if "--preprocess" in quick and "--preprocess" not in tune._option_string_actions:  # tuneqn before issue 16
-        i = quick.index("--preprocess")
-        preset, quick = quick[i + 1], quick[:i] + quick[i + 2 :]
-        if preset not in _FALLBACK_PRESETS:
-            raise UserError(f"--preprocess: unknown preset {preset!r} (one of {', '.join(_FALLBACK_PRESETS)})")
-        source = "bench/peers.py's copy of the preset (tuneqn has no --preprocess yet)"
     args = parser.parse_args(tuneqn_command(quick, out))
     cfg = _study_config(args)
     spec = cfg.models[0]
     pm = prepare_model(spec, work / "models", cfg.hub_cache_dir, label="models[0]", preprocess_model=False)
-    dataset = cfg.dataset
-    if preset is not None:
-        values = dict(_FALLBACK_PRESETS[preset])
-        ratio = values.pop("ratio", None)
-        layout = dataset.preprocess.layout
-        crop = pm.input_shape[2] if layout == "NCHW" else pm.input_shape[1]
-        if ratio is not None and isinstance(crop, int):
-            values.update(crop=crop, resize=round(crop / ratio))
-        pp = dataset.preprocess.model_validate({**dataset.preprocess.model_dump(), **values})
-        dataset = dataset.model_copy(update={"preprocess": pp})
-        cfg = cfg.model_copy(update={"dataset": dataset})
-    data = prepare_data(dataset, pm.input_shape, work / "data")
-    return cfg, data, source
+    data = prepare_data(cfg.dataset, pm.input_shape, work / "data")
+    return cfg, data
 
 
 def same_samples(data: PreparedData, tuneqn_out: Path) -> bool | None:
@@ -389,6 +353,19 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return None if a is None or not b else a / b
 
 
+def _earlier_nncf_runs(files: list[Path], data: PreparedData) -> list[dict[str, Any]]:
+    """NNCF's runs from earlier ``--json`` outputs on exactly these samples (UserError otherwise)."""
+    runs: list[dict[str, Any]] = []
+    for f in files:
+        earlier = json.loads(f.read_text())
+        got = earlier.get("samples", {})
+        if (got.get("eval_sha256"), got.get("calibration_sha256")) != (data.eval.sha256, data.calibration.sha256):
+            raise UserError(f"--nncf-from: {f} was measured on other samples (sha256 differs)")
+        runs.extend(earlier["nncf"])
+        print(f"NNCF: {len(earlier['nncf'])} runs from {f} (same samples)", flush=True)
+    return runs
+
+
 def summary(model: str, nncf_runs: list[dict[str, Any]], tq: dict[str, Any] | None,
             ort_rows: list[dict[str, Any]]) -> dict[str, Any]:
     """Print the side-by-side table and return the figures (JSON-ready)."""
@@ -468,6 +445,9 @@ def main() -> int:
     ap.add_argument("--ranking-subset", type=int, nargs="+", default=RANKING_SUBSETS,
                     help="NNCF's ranking_subset_size, one run each (default: 20 and 0, NNCF's own default, "
                     "300, i.e. all evaluation images); the smallest model within the drop is NNCF's")
+    ap.add_argument("--nncf-from", type=Path, nargs="+", metavar="JSON",
+                    help="take NNCF's runs from earlier --json outputs instead of running NNCF again (their samples' "
+                         "sha256 must equal this command's)")
     ap.add_argument("--skip-tuneqn", action="store_true", help="NNCF (and ONNX Runtime) side only")
     ap.add_argument("--no-ort", action="store_true", help="leave out ONNX Runtime's fully quantized models")
     ap.add_argument("--keep", type=Path, metavar="DIR", help="keep tuneqn's study and the models here "
@@ -503,19 +483,20 @@ def main() -> int:
         tmp.mkdir(parents=True, exist_ok=True)
         tq_out = tmp / "tuneqn"
         try:
-            cfg, data, source = samples(quick, tq_out, tmp / "bench")
+            cfg, data = samples(quick, tq_out, tmp / "bench")
         except UserError as exc:
             print(exc, file=sys.stderr)
             return 2
         model_path = Path(cfg.models[0].path)
         name = cfg.models[0].display_name
         calib, evals = data.calibration.load(), data.eval.load()
-        pp = cfg.dataset.preprocess.model_dump(exclude_none=True)
+        pp = describe_preprocess(cfg.dataset.preprocess, model_hw(list(evals.shape), cfg.dataset.preprocess))
         print(f"{name} ({model_path}): {len(calib)} calibration and {len(evals)} evaluation images "
-              f"(tuneqn's samples, seed {cfg.dataset.seed}); preprocessing from {source}: {pp}; "
+              f"(tuneqn's samples, seed {cfg.dataset.seed}); preprocessing: {pp}; "
               f"load {os.getloadavg()[0]:.2f}", flush=True)
-        runs = []
-        for i, subset in enumerate(k for k in args.ranking_subset for _ in range(args.runs)):
+        runs = _earlier_nncf_runs(args.nncf_from, data) if args.nncf_from else []
+        for i, subset in enumerate([] if args.nncf_from else
+                                   [k for k in args.ranking_subset for _ in range(args.runs)]):
             r = nncf_side(model_path, calib, evals, tmp, subset or None)
             print(f"NNCF run {i + 1}: {r['seconds']:.1f} s, {r['validation_calls']} validation calls, "
                   f"{r['size_bytes'] / 1e6:.2f} MB, agreement {r['agreement']:.3f} (n {r['n']}), "
@@ -530,7 +511,7 @@ def main() -> int:
         figures = summary(f"{name} ({args.model or args.study})", runs, tq, ort_rows)
         figures.update(samples={"eval": len(evals), "calibration": len(calib), "seed": cfg.dataset.seed,
                                 "eval_sha256": data.eval.sha256, "calibration_sha256": data.calibration.sha256,
-                                "preprocess": pp, "preprocess_source": source},
+                                "preprocess": pp},
                        command=["tuneqn", *tuneqn_command(quick, Path("OUT"))])
     if args.json:
         args.json.write_text(json.dumps(figures, indent=2) + "\n")

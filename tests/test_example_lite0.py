@@ -14,7 +14,8 @@ pytestmark = pytest.mark.slow
 
 def test_lite0_static_ranking(example_dir: Path, tmp_path: Path) -> None:
     rc = main(["analyze", "--model", str(example_dir / "model.onnx"), "--images", str(example_dir / "images"),
-               "--out", str(tmp_path / "out"), "--calibration", "16", "--eval", "40", "--analysis", "4"])
+               "--out", str(tmp_path / "out"), "--calibration", "16", "--eval", "40", "--analysis", "4",
+               "--mode", "static"])
     assert rc == 0
     layers = json.loads((tmp_path / "out" / "layers.json").read_text())
     assert len(layers) == 50  # 49 Conv + 1 Gemm

@@ -389,7 +389,7 @@ class SearchRun(_Strict):
     """One search over the study's recipes: a layer ranking and a strategy (and their parameters)."""
 
     ranking: Ranking = "measured"
-    #: The default: the best front per unit of work in ``bench/search.py`` (see the README).
+    #: The default: the best front per unit of work in ``bench/search.py`` (see docs/reference.md, Search).
     strategy: StrategyName = "budget"
     #: ``budget``: full evaluations per (model, recipe, device); None = 30% of the sweep's.
     budget: Annotated[int, Field(ge=1)] | None = None

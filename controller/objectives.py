@@ -76,7 +76,7 @@ def _loss(candidate: Mapping[str, Any], result: Mapping[str, Any]) -> float | No
     return None if agreement is None else 1.0 - agreement
 
 
-#: Every objective a study may name, in the order documented in the README.
+#: Every objective a study may name, in the order documented in docs/reference.md (Report).
 OBJECTIVES: dict[str, Objective] = {
     o.name: o
     for o in (

@@ -699,7 +699,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--candidates", action="store_true", help="also build every candidate")
     p.set_defaults(func=cmd_analyze)
 
-    p = sub.add_parser("export", help="regenerate one candidate into an ONNX file")
+    p = sub.add_parser("export", help="write the answer's pick (--best) or any evaluated candidate to an ONNX file "
+                                      "(read-only; facts in FILE.json)")
     p.add_argument("study_dir", help="the study's output directory")
     p.add_argument("--model", help="model name (default: the study's only model)")
     p.add_argument("--recipe", "--mode", dest="mode", help="recipe (default: the study's only one)")

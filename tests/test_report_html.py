@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import base64
 import importlib.util
-import shutil
-import subprocess
 from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
 
 import pytest
+from browser import SKIP_REASON, chromium, run_chromium
 from PIL import Image
 from tuneqn.controller.report.finalize import finalize_report
 from tuneqn.controller.report.write import write_report
@@ -227,31 +226,11 @@ def test_missing_and_extra_images(tmp_path: Path) -> None:
     assert "Other figures" in page_text and "layer_errors · toynet · static" in page_text
 
 
-def _chromium() -> str | None:
-    for name in ("chromium", "chromium-browser"):
-        found = shutil.which(name)
-        if found:
-            return found
-    return None
-
-
-@pytest.mark.skipif(
-    _chromium() is None, reason="no chromium/chromium-browser binary on PATH (apt-get install chromium)"
-)
+@pytest.mark.skipif(chromium() is None, reason=SKIP_REASON)
 def test_renders_in_headless_chromium(written: tuple[dict[str, Any], dict[str, Path]], tmp_path: Path) -> None:
     _, paths = written
     shot = tmp_path / "shot.png"
-    cmd = [
-        str(_chromium()),
-        "--headless",
-        "--disable-gpu",
-        "--no-sandbox",
-        f"--user-data-dir={tmp_path / 'profile'}",
-        f"--screenshot={shot}",
-        "--window-size=1280,2400",
-        paths["html"].resolve().as_uri(),
-    ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, check=False)
+    proc = run_chromium(tmp_path, (1280, 2400), [f"--screenshot={shot}", paths["html"].resolve().as_uri()])
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert shot.exists() and shot.stat().st_size > 20_000
     with Image.open(shot) as im:

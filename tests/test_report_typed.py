@@ -7,14 +7,13 @@ from __future__ import annotations
 import importlib.util
 import json
 import re
-import shutil
-import subprocess
 from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+from browser import SKIP_REASON, chromium, run_chromium
 from PIL import Image
 from tuneqn.controller.report.finalize import finalize_report
 from tuneqn.controller.report.html import render_html
@@ -277,17 +276,6 @@ def test_recipe_selection_table() -> None:
 
 # --------------------------------------------------------------------------- a real browser
 
-
-def _chromium() -> str | None:
-    for name in ("chromium", "chromium-browser"):
-        found = shutil.which(name)
-        if found:
-            return found
-    return None
-
-
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
-                  "--disable-component-update", "--disable-sync", "--hide-scrollbars"]
 WINDOW = (1280, 800)
 
 #: Added to a copy of the page only (the report itself has no scripts): where the answer box is drawn.
@@ -310,19 +298,13 @@ addEventListener("load", () => {
 </script>"""
 
 
-def _run_chromium(tmp: Path, args: list[str]) -> subprocess.CompletedProcess[str]:
-    cmd = [str(_chromium()), *CHROMIUM_FLAGS, f"--user-data-dir={tmp / 'profile'}",
-           f"--window-size={WINDOW[0]},{WINDOW[1]}", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=180, check=False)
-
-
-@pytest.mark.skipif(_chromium() is None, reason="no chromium binary on PATH (apt-get install -y chromium)")
+@pytest.mark.skipif(chromium() is None, reason=SKIP_REASON)
 def test_answer_box_is_the_first_thing_a_browser_shows(tmp_path: Path) -> None:
     paths = write_report(full_report(), tmp_path / "out")
     probe_page = tmp_path / "probe.html"
     probe_page.write_text(paths["html"].read_text(encoding="utf-8").replace("</body>", PROBE + "</body>"),
                           encoding="utf-8")
-    proc = _run_chromium(tmp_path, ["--dump-dom", probe_page.as_uri()])
+    proc = run_chromium(tmp_path, WINDOW, ["--dump-dom", probe_page.as_uri()])
     assert proc.returncode == 0, proc.stderr[-2000:]
     found = re.search(r'<pre id="probe">(.*?)</pre>', proc.stdout, re.S)
     assert found, proc.stdout[-2000:]
@@ -335,7 +317,7 @@ def test_answer_box_is_the_first_thing_a_browser_shows(tmp_path: Path) -> None:
     assert "95 % interval 5.52–17.44 %, n = 100" in box["text"]
     # and it is drawn: a screenshot of the first screen has the answer box's green border
     shot = tmp_path / "top.png"
-    proc = _run_chromium(tmp_path, [f"--screenshot={shot}", paths["html"].as_uri()])
+    proc = run_chromium(tmp_path, WINDOW, [f"--screenshot={shot}", paths["html"].as_uri()])
     assert proc.returncode == 0 and shot.is_file(), proc.stderr[-2000:]
     with Image.open(shot) as im:
         assert im.size == WINDOW

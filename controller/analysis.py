@@ -471,7 +471,7 @@ def rank_layers(errors: list[LayerError], xmodel_weight: float = 0.5) -> list[La
 # --------------------------------------------------------------------------- FP32 confidence check
 
 #: Below this (normalized) mean top-1 probability the FP32 model looks confused on the sample.
-#: EfficientNet-Lite0 on the example's 120 photos: 0.72 with the right preprocessing (lite), 0.65–0.71 with
+#: EfficientNet-Lite0 on the example's 120 photos: 0.74 with the right preprocessing (lite), 0.65–0.71 with
 #: x/255, ImageNet mean/std, BGR or no crop, 0.22 with raw 0–255 pixels (docs/reference.md, Image preprocessing).
 MIN_MEAN_TOP1 = 0.35
 #: ... or when this share of the images (at least 8, of a model with at least 10 classes) get one class.

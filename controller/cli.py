@@ -220,22 +220,25 @@ def _study_dir(arg: str) -> Path:
     return out_dir
 
 
-def _loss(value: str) -> float:
-    """``--max-loss``: a fraction in [0, 1)."""
+def _number(value: str) -> float:
+    """A flag's value as a float (argparse turns the error into one line, exit 2)."""
     try:
-        v = float(value)
+        return float(value)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number: {value!r}") from None
+
+
+def _loss(value: str) -> float:
+    """``--max-loss``: a fraction in [0, 1)."""
+    v = _number(value)
     if not 0.0 <= v < 1.0:
         raise argparse.ArgumentTypeError(f"must be a fraction in [0, 1) (0.01 = 1%), got {value}")
     return v
 
 
 def _positive(value: str) -> float:
-    try:
-        v = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {value!r}") from None
+    """``--max-size-mb``, ``--max-latency-ms``: a positive number."""
+    v = _number(value)
     if not v > 0.0:
         raise argparse.ArgumentTypeError(f"must be positive, got {value}")
     return v

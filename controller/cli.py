@@ -276,7 +276,7 @@ def _add_study_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--budget", type=int, help="budget strategy: full evaluations per (model, recipe, device) "
                    "(default 30%% of the sweep's)")
     p.add_argument("--no-compare", action="store_true", help="run only the main search, not [[search.compare]]")
-    p.add_argument("--max-loss", type=float, help="largest accuracy loss vs FP32 (0.01 = 1%%) of the answer "
+    p.add_argument("--max-loss", type=_loss, help="largest accuracy loss vs FP32 (0.01 = 1%%) of the answer "
                    "(default [answer] max_loss, else [search] max_loss, else 1%%); also the target strategy's limit")
     _add_answer_args(p, "", max_loss=False)
 

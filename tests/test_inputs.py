@@ -319,3 +319,23 @@ def test_no_readable_image_is_refused(tmp_path: Path, capsys: pytest.CaptureFixt
     _damage(images, "a.png", "b.jpg", "c.png")
     rc, err = _run(capsys, "analyze", "--model", str(model), "--images", str(images), "--out", str(tmp_path / "o"))
     _one_line_error(rc, err, "none of the 3 images", "can be read")
+
+
+@pytest.mark.parametrize(("command", "flag", "value", "needle"), [
+    ("report", "--max-loss", "abc", "not a number: 'abc'"),
+    ("report", "--max-loss", "1.5", "must be a fraction in [0, 1)"),
+    ("report", "--max-size-mb", "-1", "must be positive"),
+    ("export", "--max-latency-ms", "0", "must be positive"),
+    ("tune", "--max-loss", "-0.1", "must be a fraction in [0, 1)"),
+])
+def test_bad_answer_constraint(tmp_path: Path, capsys: pytest.CaptureFixture[str], command: str, flag: str,
+                               value: str, needle: str) -> None:
+    """The answer's constraint flags: one line naming the flag, exit 2, nothing written."""
+    args = [str(tmp_path / "study")] if command in ("report", "export") else ["--model", "m.onnx", "--images", "i",
+                                                                              "--out", str(tmp_path / "o")]
+    if command == "export":
+        args += ["--best", "-o", str(tmp_path / "x.onnx")]
+    with pytest.raises(SystemExit) as exc:
+        main([command, *args, flag, value])
+    _one_line_error(int(str(exc.value.code)), capsys.readouterr().err, flag, needle)
+    assert list(tmp_path.iterdir()) == []

@@ -298,6 +298,37 @@ def _read_file(path: str, what: str) -> bytes:
         raise UsageError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
 
 
+def _read_pem_certificates(path: str, flag: str) -> bytes:
+    """The bytes of ``path``, checked to hold PEM certificates (else one line naming ``flag``, exit 2)."""
+    from cryptography import x509  # noqa: PLC0415 - only with TLS
+
+    data = _read_file(path, flag)
+    try:
+        x509.load_pem_x509_certificates(data)
+    except ValueError:
+        raise UsageError(f"{flag}: {path} is not a PEM certificate") from None
+    return data
+
+
+def _read_tls_pair(cert_path: str, key_path: str) -> tuple[bytes, bytes]:
+    """``--tls-cert``/``--tls-key``: a PEM certificate and the unencrypted PEM private key of its public key."""
+    from cryptography import x509  # noqa: PLC0415 - only with TLS
+    from cryptography.hazmat.primitives import serialization  # noqa: PLC0415
+
+    cert = _read_pem_certificates(cert_path, "--tls-cert")
+    key = _read_file(key_path, "--tls-key")
+    try:
+        private = serialization.load_pem_private_key(key, password=None)
+    except (ValueError, TypeError):
+        raise UsageError(f"--tls-key: {key_path} is not an unencrypted PEM private key") from None
+
+    raw = serialization.PublicFormat.SubjectPublicKeyInfo
+    if (x509.load_pem_x509_certificates(cert)[0].public_key().public_bytes(serialization.Encoding.PEM, raw)
+            != private.public_key().public_bytes(serialization.Encoding.PEM, raw)):
+        raise UsageError(f"--tls-key: {key_path} is not the key of the certificate {cert_path} (--tls-cert)")
+    return cert, key
+
+
 def _on_signal(stop: threading.Event, received: list[int]) -> None:
     def handler(signum: int, frame: FrameType | None) -> None:
         received.append(signum)  # no logging here: the handler may interrupt a log call
@@ -584,9 +615,10 @@ def _validate(args: argparse.Namespace) -> tuple[AgentConfig, str, str]:
         raise UsageError("--tls-cert and --tls-key must be given together")
     if args.tls_ca and not args.tls_cert:
         raise UsageError("--tls-ca (client certificates) needs --tls-cert and --tls-key")
-    tls_cert = _read_file(args.tls_cert, "TLS certificate") if args.tls_cert else None
-    tls_key = _read_file(args.tls_key, "TLS key") if args.tls_key else None
-    tls_ca = _read_file(args.tls_ca, "TLS CA") if args.tls_ca else None
+    tls_cert = tls_key = tls_ca = None
+    if args.tls_cert:
+        tls_cert, tls_key = _read_tls_pair(args.tls_cert, args.tls_key)
+    tls_ca = _read_pem_certificates(args.tls_ca, "--tls-ca") if args.tls_ca else None
     problem = security_problem(host, token is not None, tls_cert is not None, tls_ca is not None)
     if problem is not None and not args.insecure:
         raise UsageError(

@@ -86,7 +86,18 @@ def _study_config(args: argparse.Namespace) -> StudyConfig:
         cfg = cfg.model_copy(update=update) if update else cfg
     else:
         cfg = _quick_config(args)
+    _check_model_files(cfg, "--model" if args.study is None else None)
     return _search_overrides(cfg, args)
+
+
+def _check_model_files(cfg: StudyConfig, label: str | None) -> None:
+    """Every model file of the study is a readable ONNX model that passes the checker, before any out dir is
+    created or agent started (hub models are fetched and checked later)."""
+    from tuneqn.controller.modelio import load_checked  # noqa: PLC0415 - onnx only where a study is read
+
+    for i, m in enumerate(cfg.models):
+        if m.path is not None:
+            load_checked(Path(m.path), label or f"models[{i}]")
 
 
 #: Preprocessing flags → their [dataset.preprocess] keys.
@@ -237,7 +248,7 @@ def _loss(value: str) -> float:
 
 
 def _positive(value: str) -> float:
-    """``--max-size-mb``, ``--max-latency-ms``: a positive number."""
+    """``--max-size-mb``, ``--max-latency-ms``, ``--lease-timeout``, ``--device-wait``: a positive number."""
     v = _number(value)
     if not v > 0.0:
         raise argparse.ArgumentTypeError(f"must be positive, got {value}")
@@ -723,9 +734,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--agent", action="append", metavar="HOST:PORT", help="agent address (repeatable; overrides config)")
     _add_lab_args(p)
     p.add_argument("--token-file", help="file holding the agents' bearer token")
-    p.add_argument("--lease-timeout", type=float, help="seconds without any word from an agent before its job "
+    p.add_argument("--lease-timeout", type=_positive, help="seconds without any word from an agent before its job "
                    "runs elsewhere (default: [evaluation] lease_timeout_s)")
-    p.add_argument("--device-wait", "--agent-wait", dest="device_wait", type=float,
+    p.add_argument("--device-wait", "--agent-wait", dest="device_wait", type=_positive,
                    help="end a device class's jobs as unreachable after no agent of it answered this long "
                         "(default: [evaluation] device_wait_s)")
     p.add_argument("--device-class", action="append", metavar="CLASS",

@@ -163,6 +163,17 @@ def _load_bytes(path: Path, label: str) -> onnx.ModelProto:
     return model
 
 
+def load_checked(path: Path, label: str) -> onnx.ModelProto:
+    """The ONNX model in ``path``, readable and passing the ONNX checker (else a one-line :class:`UserError`)."""
+    model = _load_bytes(path, label)
+    try:
+        onnx.checker.check_model(model)
+    except onnx.checker.ValidationError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "invalid model"
+        raise UserError(f"{label}: {path} fails the ONNX checker: {first}") from None
+    return model
+
+
 def _opset(model: onnx.ModelProto) -> int:
     for imp in model.opset_import:
         if imp.domain in ("", "ai.onnx"):
@@ -309,12 +320,7 @@ def prepare_model(spec: ModelSpec, work_dir: Path, hub_cache: Path | None = None
     else:
         src_path = Path(spec.path)  # type: ignore[arg-type]
         source = str(src_path)
-    model = _load_bytes(src_path, label)
-    try:
-        onnx.checker.check_model(model)
-    except onnx.checker.ValidationError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "invalid model"
-        raise UserError(f"{label}: {src_path} fails the ONNX checker: {first}") from None
+    model = load_checked(src_path, label)
     notes: list[str] = []
     opset_original = _opset(model)
     # For hub models `opset` picks the hub variant; for files it is the opset to upgrade to.

@@ -22,6 +22,8 @@ T = TypeVar("T")
 
 import sqlite_utils
 
+from tuneqn.controller.errors import UserError
+
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 3
@@ -113,6 +115,17 @@ def _locked(fn: Callable[..., T]) -> Callable[..., T]:
     return wrapper
 
 
+@contextmanager
+def _not_a_store(path: Path) -> Iterator[None]:
+    """A corrupt or foreign ``tuneqn.db`` (SQLite cannot read it) as one line naming the file (exit 2)."""
+    try:
+        yield
+    except sqlite3.OperationalError:  # locked, unwritable, …: not the file's content
+        raise
+    except sqlite3.DatabaseError as exc:
+        raise UserError(f"{path}: not a readable tuneqn study store ({exc})") from None
+
+
 class Store:
     """Typed access to the study's SQLite checkpoint (thread-safe: one lock, one connection)."""
 
@@ -149,8 +162,10 @@ class Store:
 
     @classmethod
     def open(cls, out_dir: Path) -> "Store":
-        """The store of the study in ``out_dir``."""
-        return cls(out_dir / DB_NAME)
+        """The store of the study in ``out_dir`` (:class:`UserError` when the file is not an SQLite store)."""
+        path = out_dir / DB_NAME
+        with _not_a_store(path):
+            return cls(path)
 
     @classmethod
     def open_readonly(cls, out_dir: Path) -> "Store":
@@ -163,15 +178,18 @@ class Store:
         path = Path(out_dir) / DB_NAME
         uri = path.resolve().as_uri()
         live = path.with_name(path.name + "-wal").exists()
-        try:
-            conn = sqlite3.connect(f"{uri}?{'mode=ro' if live else 'immutable=1'}", uri=True, timeout=30.0,
-                                   check_same_thread=False, isolation_level=None)
-            conn.execute("select count(*) from sqlite_master").fetchone()
-        except sqlite3.OperationalError:
-            if not live:
-                raise
-            # no -shm and a folder we cannot write: read the file as it is (the writer's last checkpoint)
-            conn = sqlite3.connect(f"{uri}?immutable=1", uri=True, check_same_thread=False, isolation_level=None)
+        with _not_a_store(path):
+            try:
+                conn = sqlite3.connect(f"{uri}?{'mode=ro' if live else 'immutable=1'}", uri=True, timeout=30.0,
+                                       check_same_thread=False, isolation_level=None)
+                conn.execute("select count(*) from sqlite_master").fetchone()
+            except sqlite3.OperationalError:
+                if not live:
+                    raise
+                # no -shm and a folder we cannot write: read the file as it is (the writer's last checkpoint)
+                conn = sqlite3.connect(f"{uri}?immutable=1", uri=True, check_same_thread=False,
+                                       isolation_level=None)
+                conn.execute("select count(*) from sqlite_master").fetchone()
         return cls(path, conn)
 
     def close(self) -> None:

@@ -208,3 +208,35 @@ def test_agent_server_applies_the_rule_too(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="token but without TLS"):
         AgentServer(config, [OrtBackend(DEVICE)])
     assert not (tmp_path / "state").exists()
+
+
+@pytest.mark.parametrize(("flags", "needle"), [
+    (["--tls-cert", "{bad}", "--tls-key", "{pki}/server.key"], "--tls-cert: {bad} is not a PEM certificate"),
+    (["--tls-cert", "{pki}/server.pem", "--tls-key", "{bad}"], "--tls-key: {bad} is not an unencrypted PEM"),
+    (["--tls-cert", "{pki}/server.pem", "--tls-key", "{pki}/client.key"], "is not the key of the certificate"),
+    (["--tls-cert", "{pki}/server.pem", "--tls-key", "{pki}/server.key", "--tls-ca", "{bad}"],
+     "--tls-ca: {bad} is not a PEM certificate"),
+    (["--tls-cert", "{pki}/missing.pem", "--tls-key", "{pki}/server.key"], "cannot read --tls-cert"),
+])
+def test_bad_tls_files_are_refused_before_binding(flags: list[str], needle: str, pki: Path, tmp_path: Path) -> None:
+    bad = tmp_path / "notpem"
+    bad.write_text("not a certificate\n")
+    argv = [f.format(bad=bad, pki=pki) for f in flags]
+    state_dir = tmp_path / "state"
+    done = subprocess.run(
+        [sys.executable, "-m", "tuneqn.agent", "--listen", "127.0.0.1:0", "--state-dir", str(state_dir),
+         "--tls-ca" if "--tls-ca" not in flags else "--token-file", *([str(pki / "ca.pem")]
+         if "--tls-ca" not in flags else [str(_token(tmp_path))]), *argv],
+        capture_output=True, text=True, timeout=30,
+        env={k: v for k, v in os.environ.items() if not k.startswith("TUNEQN_AGENT_")},
+    )
+    assert done.returncode == 2, done.stderr
+    (line,) = done.stderr.strip().splitlines()
+    assert needle.format(bad=bad) in line and "Traceback" not in done.stderr
+    assert not state_dir.exists()
+
+
+def _token(tmp_path: Path) -> Path:
+    t = tmp_path / "token"
+    t.write_text("s3cret-token\n")
+    return t

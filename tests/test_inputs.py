@@ -339,3 +339,42 @@ def test_bad_answer_constraint(tmp_path: Path, capsys: pytest.CaptureFixture[str
         main([command, *args, flag, value])
     _one_line_error(int(str(exc.value.code)), capsys.readouterr().err, flag, needle)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("command", [["report"], ["export", "--best", "-o", "x.onnx"]])
+def test_corrupt_study_store(command: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "tuneqn.db").write_bytes(b"SQLite format 3\0" + bytes(range(256)) * 8)
+    rc, err = _run(capsys, command[0], str(out), *command[1:])
+    _one_line_error(rc, err, "tuneqn.db", "not a readable tuneqn study store")
+    assert sorted(p.name for p in out.iterdir()) == ["tuneqn.db"]
+
+
+@pytest.mark.parametrize("flag", ["--lease-timeout", "--device-wait"])
+@pytest.mark.parametrize("value", ["-1", "0"])
+def test_tune_waits_must_be_positive(flag: str, value: str, tmp_path: Path, assets: Path,
+                                     capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "o"
+    with pytest.raises(SystemExit) as exc:
+        main(["tune", "--model", str(assets / "cnn.onnx"), "--images", str(assets / "images"), "--out", str(out),
+              f"{flag}={value}"])
+    _one_line_error(exc.value.code, capsys.readouterr().err.strip(), flag, "must be positive")
+    assert not out.exists()
+
+
+def test_tune_quick_form_checks_the_model_before_anything(tmp_path: Path, assets: Path,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    import onnx
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, 8, 8])
+    bad = tmp_path / "model.onnx"
+    onnx.save(helper.make_model(helper.make_graph([helper.make_node("NoSuchOp", ["x"], ["y"])], "g", [x], [y])),
+              str(bad))
+    for model in (bad, tmp_path / "missing.onnx"):
+        out = tmp_path / "o"
+        rc, err = _run(capsys, "tune", "--model", str(model), "--images", str(assets / "images"), "--out", str(out))
+        _one_line_error(rc, err, "--model", model.name)
+        assert not out.exists()

@@ -254,3 +254,29 @@ def test_points_come_from_the_store_and_failures_are_final(tmp_path: Path) -> No
         assert status == {"a": "searched", "b": "stopped"}
     finally:
         store.close()
+
+
+class _GateSettlingView:
+    """A search view whose recipe gate settles while the search reads its pairs (a result arriving
+    between the two reads, as in a loaded CI run): before, no pair; after, one that must be searched."""
+
+    def __init__(self) -> None:
+        self.settled = False
+
+    def pairs(self) -> list[tuple[str, str]]:
+        out = [("mlp", "dynamic")] if self.settled else []
+        self.settled = True  # the last fully quantized result lands right after this read
+        return out
+
+    def pairs_settled(self) -> bool:
+        return self.settled
+
+
+def test_a_search_is_not_done_when_the_gate_settles_while_it_reads_its_pairs() -> None:
+    from tuneqn.controller.config import SearchRun
+    from tuneqn.controller.search import PairStrategy, PerPair
+
+    view = _GateSettlingView()
+    search = PerPair(view, SearchRun(), PairStrategy)  # type: ignore[arg-type]
+    view.settled = False  # construction read the pairs; the gate is still pending
+    assert not search.done()  # the pair the gate allows has not started: the search goes on

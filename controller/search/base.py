@@ -272,6 +272,10 @@ class PerPair(Strategy):
         return [req for p in self.pairs if not p.done() for req in p.propose()]
 
     def done(self) -> bool:
-        """All pairs done, and no pair can still come (the recipe gate decided)."""
+        """All pairs done, and no pair can still come (the recipe gate decided).
+
+        Settled is read before the pairs: a result that settles the gate between the two reads would
+        otherwise end the search with the pairs it just allowed never started."""
+        settled = self.view.pairs_settled()
         self._sync()
-        return all(p.done() for p in self.pairs) and self.view.pairs_settled()
+        return settled and all(p.done() for p in self.pairs)

@@ -37,6 +37,7 @@ from tuneqn.controller.search import Outcome, Request, SearchView, make_strategy
 from tuneqn.controller.search import gate
 from tuneqn.controller.dataset import Split
 from tuneqn.controller.study import CandidatePlan, Study
+from tuneqn.controller.ties import result_latency
 from tuneqn.v1 import agent_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -631,7 +632,7 @@ class StudyRun:
                 per_device[cls] = {}
                 continue
             per_device[cls] = {"agreement": result["agreement"], "accuracy": result["accuracy"],
-                               "accuracy_top5": result["accuracy_top5"], "latency_ms": result["latency_ms"],
+                               "accuracy_top5": result["accuracy_top5"], **result_latency(result),
                                "overlap": metrics.overlap_of(self.store, result)}
             wrong[cls] = metrics.disagreeing_of(self.store, result)
         out = Outcome(plan.id, built.size_bytes, per_device, tuple(failed), wrong,

@@ -102,6 +102,19 @@ def test_ties_in_size_go_to_lower_loss_then_latency_within_noise() -> None:
     assert _picks(_report(cands))[0]["k"] == 2
 
 
+def test_latency_ties_in_the_pick_are_the_fronts_rule() -> None:
+    """Equal size and loss: k1 (12.0, p10–p90 11.9–12.1, first in report order) and k2 (11.0, 10.0–11.95)
+    overlap, so they tie and report order picks k1, as the fronts tie them (main took k2: its median is
+    faster and k1's median lies outside k2's interval, k1's own spread ignored)."""
+    stable, noisy = (12.0, 11.9, 12.1), (11.0, 10.0, 11.95)
+    cands = [_cand("a", 1, 5_000_000, [_res("cpu", 0.0, stable)]), _cand("a", 2, 5_000_000, [_res("cpu", 0.0, noisy)])]
+    assert _picks(_report(cands))[0]["k"] == 1
+    # beyond the tie the faster one wins, whatever the order
+    cands[1]["results"][0].update(latency_ms=11.0, latency_p10_ms=10.0, latency_p90_ms=11.8)
+    assert _picks(_report(cands))[0]["k"] == 2
+    assert _picks(_report(cands[::-1]))[0]["k"] == 2
+
+
 def test_nothing_meets_the_constraint_gives_the_lowest_loss_with_a_warning() -> None:
     cands = [_cand("a", 0, 5_000_000, [_res("cpu", 0.09)]), _cand("a", 5, 9_000_000, [_res("cpu", 0.03)]),
              _cand("a", 6, 8_000_000, [_res("cpu", 0.03)])]

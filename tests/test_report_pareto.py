@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from tuneqn.controller.report.pareto import latency_ties, select_compromise, to_minimization, top_fronts
+from tuneqn.controller.report.pareto import select_compromise, to_minimization, top_fronts
+from tuneqn.controller.ties import Latency, TieDominator, compare, dominates, faster, ties
 
 
 def _dominates(a: np.ndarray, b: np.ndarray) -> bool:
@@ -108,51 +109,70 @@ def test_select_compromise_known_case() -> None:
 # --------------------------------------------------------------------------- latency within the noise
 
 
-def test_latency_ties_known_case() -> None:
-    # rows:      0     1     2     3     4
-    median = [10.0, 10.9, 11.5, 30.0, 9.0]
-    p10 = [9.5, 10.0, 11.0, 29.0, 8.9]
-    p90 = [11.0, 12.0, 12.5, 31.0, 9.1]
-    # by median: 4 (9.0, [8.9, 9.1]) leads; 0 (10.0) is outside 9.1 -> new group led by 0 ([9.5, 11.0]);
-    # 1 (10.9) joins 0; 2 (11.5) is outside 0's p90 11.0 although inside 1's interval -> new group; 3 alone.
-    assert latency_ties(median, p10, p90) == [10.0, 10.0, 11.5, 30.0, 9.0]
-
-
-def test_latency_ties_without_dispersion_only_equal_medians_tie() -> None:
-    assert latency_ties([5.0, 5.0, 5.1], [None, None, None], [None, None, None]) == [5.0, 5.0, 5.1]
-    assert latency_ties([], [], []) == []
-    with pytest.raises(ValueError, match="p10"):
-        latency_ties([1.0], [], [1.0])
-    with pytest.raises(ValueError, match="finite"):
-        latency_ties([float("nan")], [None], [None])
+def test_tie_rule_overlapping_intervals_tie_disjoint_ones_order() -> None:
+    a, b = Latency.of(10.0, 9.5, 11.0), Latency.of(10.9, 10.0, 12.0)
+    assert a is not None and b is not None
+    assert ties(a, b) and ties(b, a) and compare(a, b) == compare(b, a) == 0
+    c = Latency.of(11.5, 11.1, 12.5)  # overlaps b, not a
+    assert c is not None and ties(b, c) and faster(a, c) and compare(c, a) == 1
+    touching = Latency.of(12.0, 11.0, 13.0)
+    assert touching is not None and ties(a, touching)  # closed intervals: touching is a tie
+    # no spread: only equal medians tie; a median outside its own p10–p90 widens the interval
+    assert ties(Latency.of(5.0), Latency.of(5.0)) and faster(Latency.of(5.0), Latency.of(5.1))  # type: ignore[arg-type]
+    assert Latency.of(5.0, 6.0, 7.0) == Latency(5.0, 5.0, 7.0)
+    assert Latency.of(None, 1.0, 2.0) is None and Latency.of(float("nan")) is None
 
 
 @st.composite
-def latency_rows(draw: st.DrawFn) -> tuple[list[float], list[float | None], list[float | None]]:
-    n = draw(st.integers(min_value=0, max_value=12))
-    med = draw(st.lists(st.integers(min_value=0, max_value=20), min_size=n, max_size=n))
-    lo = draw(st.lists(st.one_of(st.none(), st.integers(min_value=0, max_value=4)), min_size=n, max_size=n))
-    hi = draw(st.lists(st.one_of(st.none(), st.integers(min_value=0, max_value=4)), min_size=n, max_size=n))
-    return (
-        [float(m) for m in med],
-        [None if d is None else float(m - d) for m, d in zip(med, lo, strict=True)],
-        [None if d is None else float(m + d) for m, d in zip(med, hi, strict=True)],
-    )
+def latency_table(draw: st.DrawFn) -> tuple[np.ndarray, list[Latency | None]]:
+    """Rows (size, latency median) with a p10–p90 interval per latency, on a small grid (many ties)."""
+    n = draw(st.integers(min_value=0, max_value=9))
+    size = draw(st.lists(st.integers(min_value=0, max_value=4), min_size=n, max_size=n))
+    med = draw(st.lists(st.integers(min_value=0, max_value=12), min_size=n, max_size=n))
+    lo = draw(st.lists(st.integers(min_value=0, max_value=4), min_size=n, max_size=n))
+    hi = draw(st.lists(st.integers(min_value=0, max_value=4), min_size=n, max_size=n))
+    F = np.array([[float(s), float(m)] for s, m in zip(size, med, strict=True)]).reshape(n, 2)
+    return F, [Latency.of(m, m - a, m + b) for m, a, b in zip(med, lo, hi, strict=True)]
+
+
+def _tie_fronts_by_brute_force(F: np.ndarray, lat: list[Latency | None]) -> list[set[int]]:
+    remaining, fronts = set(range(len(F))), []
+    while remaining and len(fronts) < 3:
+        front = {i for i in remaining
+                 if not any(dominates(F[j], F[i], 1, lat[j], lat[i]) for j in remaining if j != i)}
+        fronts.append(front)
+        remaining -= front
+    return fronts
 
 
 @settings(max_examples=300, deadline=None)
-@given(rows=latency_rows())
-def test_latency_ties_properties(rows: tuple[list[float], list[float | None], list[float | None]]) -> None:
-    med, p10, p90 = rows
-    tied = latency_ties(med, p10, p90)
-    n = len(med)
+@given(table=latency_table(), seed=st.integers(min_value=0, max_value=2**16))
+def test_fronts_with_latency_ties_are_pairwise_and_order_independent(
+    table: tuple[np.ndarray, list[Latency | None]], seed: int
+) -> None:
+    F, lat = table
+    n = len(F)
+    fronts = top_fronts(F, 3, (1, lat))
+    assert [set(f) for f in fronts] == _tie_fronts_by_brute_force(F, lat)
+    # dominance is never both ways (ties are symmetric), and a shuffled table gives the same fronts
     for i in range(n):
-        assert tied[i] <= med[i] and tied[i] in med  # a group's value is its lowest measured median
-        lead = min(j for j in range(n) if med[j] == tied[i])  # the group's fastest member
-        hi = med[lead] if p90[lead] is None else p90[lead]
-        assert med[i] <= hi  # every member lies inside the leader's noise
-    # groups are contiguous in median order, and a faster median never gets a slower value
-    order = sorted(range(n), key=lambda j: med[j])
-    assert [tied[j] for j in order] == sorted(tied)
-    # without dispersion nothing changes
-    assert latency_ties(med, [None] * n, [None] * n) == med
+        for j in range(n):
+            assert not (dominates(F[i], F[j], 1, lat[i], lat[j]) and dominates(F[j], F[i], 1, lat[j], lat[i]))
+    perm = np.random.default_rng(seed).permutation(n)
+    shuffled = top_fronts(F[perm], 3, (1, [lat[i] for i in perm]))
+    assert [sorted(int(perm[i]) for i in f) for f in shuffled] == fronts
+    # a third row changes no pair's relation: the matrix of the first rows is the same with one more
+    if n >= 2:
+        M = TieDominator(1, lat).calc_domination_matrix(F)
+        assert np.array_equal(TieDominator(1, lat[:-1]).calc_domination_matrix(F[:-1]), M[:-1, :-1])
+    # without spread the fronts are the exact ones
+    points = [Latency.of(float(m)) for m in F[:, 1]] if n else []
+    assert top_fronts(F, 3, (1, points)) == top_fronts(F, 3)
+
+
+def test_latency_measurements_must_match_the_table() -> None:
+    F = np.array([[1.0, 2.0]])
+    with pytest.raises(ValueError, match="latency column"):
+        top_fronts(F, 3, (1, []))
+    with pytest.raises(ValueError, match="latency column"):
+        top_fronts(F, 3, (2, [None]))

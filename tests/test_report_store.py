@@ -95,10 +95,9 @@ def test_report_json_from_the_store(store: Store, tmp_path: Path) -> None:
     k1 = _result(report, cand_id(1), "cpu")
     assert (k1["latency_ms"], k1["latency_p10_ms"], k1["latency_p90_ms"]) == (6.0, 5.8, 6.4)
     assert k1["agreement"] == 1.0 and k1["status"] == "done"
-    # k2's 6.3 ms lies inside k1's [5.8, 6.4]: a tie, both on front 1 with k0 (faster, worse loss)
+    # k2's 6.3 ms (with its p10–p90) overlaps k1's [5.8, 6.4]: a tie, both on front 1 with k0 (faster, worse loss)
     assert report["fronts"][0]["device"] == "cpu"
     assert report["fronts"][0]["fronts"] == [[cand_id(0), cand_id(1), cand_id(2)]]
-    assert _result(report, cand_id(2), "cpu")["latency_tied_ms"] == 6.0
     (cpu_base,) = [b for b in report["baselines"] if b["device"] == "cpu"]
     assert (cpu_base["latency_ms"], cpu_base["latency_p10_ms"], cpu_base["latency_p90_ms"]) == (9.0, 8.8, 9.4)
 

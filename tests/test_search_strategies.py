@@ -261,6 +261,41 @@ def fulls(farm: Farm) -> set[str]:
 
 
 # --------------------------------------------------------------------------- budget
+class FlatLatencyProblem(Problem):
+    """Latency flat in k (10 ms) measured with noise: the median off by up to ± ``noise`` ms (seeded by
+    the candidate), the p10–p90 interval ± ``spread`` ms around it."""
+
+    noise = 0.0
+    spread = 0.0
+
+    def outcome(self, plan: CandidatePlan, level: str) -> Outcome:
+        out = super().outcome(plan, level)
+        if level == "full":
+            rng = random.Random(plan.id)
+            for m in out.per_device.values():
+                med = 10.0 + rng.uniform(-self.noise, self.noise)
+                m.update(latency_ms=med, latency_p10_ms=med - self.spread, latency_p90_ms=med + self.spread)
+        return out
+
+
+def _flat_budget(tmp_path: Path, noise: float, spread: float) -> int:
+    base = monotone_problem(80)
+    problem = FlatLatencyProblem(base.layers, base.error_ranking, base.nbytes, base.damage)
+    problem.noise, problem.spread = noise, spread
+    budget, farm, _ = setup(tmp_path, problem, 2, objectives=("accuracy_loss", "size", "latency"),
+                            strategy="budget", ranking="paper", budget=len(problem.layers) + 1)
+    drive(budget, farm)
+    return farm.answered["full"]
+
+
+def test_budget_does_not_bisect_a_segment_flat_within_the_noise(tmp_path: Path) -> None:
+    """Latency the same for every k, measured ± 0.3 ms: noise alone must not make budget bisect a flat
+    segment (main compared raw medians: 17 evaluations without noise, 36 with it)."""
+    quiet = _flat_budget(tmp_path / "quiet", 0.0, 0.0)
+    noisy = _flat_budget(tmp_path / "noisy", 0.3, 0.3)
+    assert quiet == 17 and noisy == quiet
+
+
 @pytest.mark.parametrize("width", [1, 4])
 def test_budget_finds_the_sweeps_front_with_30_percent_of_its_evaluations(tmp_path: Path, width: int) -> None:
     problem = monotone_problem(80)

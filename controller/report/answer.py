@@ -14,8 +14,9 @@ no store, no files.  :func:`build_answer` gives::
 The rule: per (model, device) one pick over every recipe of the model, among its full results that are
 done and feasible: of the results meeting the constraint (accuracy loss ``1 − agreement`` ≤ ``max_loss``,
 size ≤ ``max_size_bytes``, median latency ≤ ``max_latency_ms``), the smallest file; equal sizes go to the
-lower loss, then to the lower latency, where latencies within the measured noise (p10–p90) tie as in the
-fronts (:func:`~tuneqn.controller.report.pareto.latency_ties`), then to report order.  When nothing
+lower loss, then to the lower latency by the fronts' tie rule (:mod:`tuneqn.controller.ties`: latencies
+whose p10–p90 intervals overlap tie; of the options no other one is faster than, the first in report
+order).  When nothing
 meets it, ``met`` is false and the pick is the lowest-loss result (then smallest, then fastest).  A model
 measured on several devices also gets a ``cross-device`` pick over the candidates with such a result on
 every one of its devices, each value being the worst over the devices (highest loss and latency, lowest
@@ -32,8 +33,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from tuneqn.controller.objectives import finite
+from tuneqn.controller.ties import Latency, faster
 
-from .pareto import latency_ties
 
 #: z of a two-sided 95 % normal interval.
 Z95 = 1.959963984540054
@@ -192,11 +193,14 @@ def _meets(o: _Option, c: Constraint) -> bool:
 
 
 def _fastest(group: list[_Option]) -> _Option:
-    """The fastest of equally good options, latencies within the noise of a faster one tying (then order)."""
-    if len(group) == 1 or any(o.latency is None for o in group):
+    """The fastest of equally good options: the first in report order of those no other option is faster
+    than beyond the tie (:func:`tuneqn.controller.ties.faster`)."""
+    lat = [Latency.of(o.latency, o.p10, o.p90) for o in group]
+    if len(group) == 1 or any(x is None for x in lat):
         return min(group, key=lambda o: o.order)
-    tied = latency_ties([float(o.latency or 0.0) for o in group], [o.p10 for o in group], [o.p90 for o in group])
-    return min(zip(tied, group, strict=True), key=lambda t: (t[0], t[1].order))[1]
+    unbeaten = [o for o, x in zip(group, lat, strict=True)
+                if not any(y is not None and x is not None and faster(y, x) for y in lat)]
+    return min(unbeaten, key=lambda o: o.order)
 
 
 def choose(options: list[_Option], constraint: Constraint) -> tuple[_Option | None, bool]:
@@ -263,10 +267,6 @@ def export_command(out_dir: str, model: str, device: str | None, several_models:
     return shlex.join(parts)
 
 
-def _overlap(lo1: float, hi1: float, lo2: float, hi2: float) -> bool:
-    return lo1 <= hi2 and lo2 <= hi1
-
-
 def _ms(v: float | None) -> str:
     return "?" if v is None else f"{v:.3g} ms"
 
@@ -290,9 +290,8 @@ def _warnings(pick: _Option, met: bool, constraint: Constraint, fq: _Option | No
             continue
         lo, hi = finite(r.get("latency_p10_ms")), finite(r.get("latency_p90_ms"))
         blo, bhi = finite(b.get("latency_p10_ms")), finite(b.get("latency_p90_ms"))
-        overlap = None not in (lo, hi, blo, bhi) and _overlap(float(lo or 0), float(hi or 0), float(blo or 0),
-                                                              float(bhi or 0))
-        if lat >= base or overlap:
+        mine, fp32 = Latency.of(lat, lo, hi), Latency.of(base, blo, bhi)
+        if lat >= base or (mine is not None and fp32 is not None and not faster(mine, fp32)):
             out.append(f"no faster than FP32 on {dev}: {_ms(lat)}{_spread(lo, hi)} vs FP32 {_ms(base)}"
                        f"{_spread(blo, bhi)}")
     if ci is not None and fq is not None and fq.cand.get("id") != c.get("id") and ci[0] <= fq.loss <= ci[1]:

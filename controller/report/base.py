@@ -17,6 +17,7 @@ from tuneqn.controller.config import StudyConfig
 from tuneqn.controller.metrics import baseline_id
 from tuneqn.controller.objectives import OBJECTIVES, finite
 from tuneqn.controller.store import Store
+from tuneqn.controller.ties import result_latency
 
 log = logging.getLogger(__name__)
 
@@ -26,20 +27,6 @@ FINAL_JOB_STATES = frozenset({"done", "failed", "unreachable", "infeasible"})
 #: Result status shown for a job state without a result (unknown live states show as running).
 _STATUS_OF_JOB_STATE = {"pending": "pending", "failed": "failed", "unreachable": "unreachable", "done": "pending",
                         "infeasible": "infeasible"}
-
-
-def _latency_fields(row: dict[str, Any] | None) -> dict[str, Any]:
-    """``latency_ms`` (median), ``latency_p10_ms``, ``latency_p90_ms`` of a result row (None when missing)."""
-    if row is None:
-        return {"latency_ms": None, "latency_p10_ms": None, "latency_p90_ms": None}
-    stats = json.loads(row.get("latency") or "{}")
-    count = stats.get("count")
-    measured = row.get("latency_ms") is not None and count != 0
-    return {
-        "latency_ms": finite(row.get("latency_ms")),
-        "latency_p10_ms": finite(stats.get("p10_ms")) if measured else None,
-        "latency_p90_ms": finite(stats.get("p90_ms")) if measured else None,
-    }
 
 
 def _job_status(job: dict[str, Any] | None) -> tuple[str, str | None]:
@@ -319,7 +306,7 @@ def build_base(store: Store, *, partial: bool) -> dict[str, Any]:
                 "model": m["name"], "device": dev, "status": status,
                 "accuracy": finite(r["accuracy"]) if r else None,
                 "accuracy_top5": finite(r["accuracy_top5"]) if r else None,
-                **_latency_fields(r), "size_bytes": m["size_bytes"], "error": error,
+                **result_latency(r), "size_bytes": m["size_bytes"], "error": error,
                 "unsupported_ops": _unsupported_ops(job) if status == "infeasible" else [],
                 **_details(r),
             })
@@ -343,7 +330,7 @@ def build_base(store: Store, *, partial: bool) -> dict[str, Any]:
             if dev not in planned and r is None and job is None:
                 continue  # another recipe runs on that device (feasibility planning)
             entry: dict[str, Any] = {"device": dev, "agreement": None, "accuracy": None, "accuracy_top5": None,
-                                     **_latency_fields(None), **_timing(None), **_details(None), "error": None,
+                                     **result_latency(None), **_timing(None), **_details(None), "error": None,
                                      "unsupported_ops": []}
             if r is None:
                 entry["status"], entry["error"] = _job_status(job)
@@ -358,7 +345,7 @@ def build_base(store: Store, *, partial: bool) -> dict[str, Any]:
                     "agreement": finite(r["agreement"]),
                     "accuracy": finite(r["accuracy"]),
                     "accuracy_top5": finite(r["accuracy_top5"]),
-                    **_latency_fields(r),
+                    **result_latency(r),
                     **_timing(r),
                     **_details(r),
                     "latency": json.loads(r["latency"] or "{}"),

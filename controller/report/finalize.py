@@ -80,24 +80,19 @@ Objective values of a (candidate, device) result come from the one objectives ta
 ``accuracy`` = top-1 vs labels, ``accuracy_top5``, ``size = size_bytes`` and
 ``latency = latency_ms`` (the median).  Non-finite values count as missing.
 
-Latency within the measured noise is a tie.  Within one front computation (one
-(model, recipe, device), one (model, device) over all recipes, or one cross-device
-(model, recipe)), the sorted results are taken in order of median latency; a result
-whose median lies inside the [p10, p90] interval of the fastest member of the current
-group joins that group, otherwise it starts a new group; every member of a group gets
-the group's lowest median as its latency for dominance
-(:func:`tuneqn.controller.report.pareto.latency_ties`).  ``objectives.latency`` stays
-the measured median.
+Latency within the measured noise is a tie (:mod:`tuneqn.controller.ties`): two results' latencies
+tie when their [p10, p90] intervals overlap, and one is better in latency only when its p90 is below
+the other's p10.  Dominance is pairwise with that comparison (every other objective compares
+exactly), so whether one result dominates another never depends on a third result or on the
+order of the rows.  ``objectives.latency`` stays the measured median.
 
 :func:`finalize_report` returns a deep copy of the base with these additions:
 
 * ``candidates[].results[]`` gain ``objectives`` ({objective name: value or None},
   for the study's objectives), ``feasible`` (True/False, or None when not evaluated),
   ``reason`` (why infeasible or not evaluated, else None), ``front``
-  (1, 2, 3, or None: the result's front among its (model, recipe, device) group),
-  ``recipe_front`` (the same among every recipe's results of (model, device)) and
-  ``latency_tied_ms`` (the latency the fronts used, see above; None when latency is no
-  objective or the result was not sorted).
+  (1, 2, 3, or None: the result's front among its (model, recipe, device) group) and
+  ``recipe_front`` (the same among every recipe's results of (model, device)).
 * ``fronts``: ``[{"model", "mode", "recipe", "device", "fronts": [[candidate ids], ...]}]``
   - up to three fronts per (model, recipe, device), over full results that are done and
   feasible.
@@ -106,10 +101,11 @@ the measured median.
   recipe and the exclusion set that win on each device show side by side.
 * ``cross_device``: ``[{"model", "mode", "recipe", "devices": [names], "fronts": [[ids], ...],
   "selected": id|None, "candidates": [{"id", "k", "label", "worst": {objective: value},
-  "latency_tied_ms", "front": int|None}], "excluded": [{"candidate", "reason"}]}]`` - per
+  "front": int|None}], "excluded": [{"candidate", "reason"}]}]`` - per
   (model, recipe), over candidates done and feasible on every device that has a result entry
   for the recipe (every device, unless feasibility planning runs another recipe on some); each objective is the worst value over those devices (max for "min"
-  objectives, min for "max" objectives).
+  objectives, min for "max" objectives; the latency's p10–p90 is the one of the device with the
+  worst median).
 * ``infeasible``: ``[{"candidate", "device", "reason"}]`` - every full-level result that
   was not sorted into fronts (bounds violated, metric missing, failed, unreachable, not
   evaluated yet, or no result at all).  Feasible results beyond front 3 are not listed.
@@ -198,7 +194,9 @@ from pymoo.indicators.hv import HV
 from tuneqn.controller.objectives import Objective, finite, objective
 
 from .answer import Constraint, build_answer
-from .pareto import latency_ties, select_compromise, to_minimization, top_fronts
+from tuneqn.controller.ties import Latency
+
+from .pareto import select_compromise, to_minimization, top_fronts
 
 logger = logging.getLogger(__name__)
 
@@ -276,7 +274,6 @@ def _assess(objectives: list[_Objective], candidate: dict[str, Any], result: dic
     result["objectives"] = values
     result["front"] = None
     result["recipe_front"] = None
-    result["latency_tied_ms"] = None
     if status == "done":
         reasons: list[str] = []
         for o in objectives:
@@ -340,26 +337,24 @@ def _device_order(report: dict[str, Any], seen: Iterable[str]) -> list[str]:
 
 
 def _sort_fronts(
-    vectors: list[dict[str, float]], noise: list[tuple[float | None, float | None]], objectives: list[_Objective]
-) -> tuple[list[list[int]], np.ndarray, list[float] | None]:
-    """Fronts (as row positions), the minimization table and the tied latencies of ``vectors``.
+    vectors: list[dict[str, float]], noise: list[Latency | None], objectives: list[_Objective]
+) -> tuple[list[list[int]], np.ndarray]:
+    """Fronts (as row positions) and the minimization table of ``vectors``.
 
-    ``noise`` is the (p10, p90) latency of each row; latencies within the noise of a faster
-    row are ties (:func:`latency_ties`).  The tied latencies are None without a latency objective.
+    ``noise`` is each row's latency measurement (median and p10–p90); with a latency objective the
+    fronts compare latencies by the tie rule of :mod:`tuneqn.controller.ties`.
     """
     if not vectors:
-        return [], np.zeros((0, len(objectives))), None
+        return [], np.zeros((0, len(objectives)))
     values = {o.name: np.array([v[o.name] for v in vectors], dtype=float) for o in objectives}
-    tied: list[float] | None = None
-    if "latency" in values:
-        tied = latency_ties(list(values["latency"]), [n[0] for n in noise], [n[1] for n in noise])
-        values["latency"] = np.array(tied, dtype=float)
     F = to_minimization(values, {o.name: o.direction for o in objectives})
-    return top_fronts(F, N_FRONTS), F, tied
+    names = [o.name for o in objectives]
+    latency = (names.index("latency"), noise) if "latency" in names else None
+    return top_fronts(F, N_FRONTS, latency), F
 
 
-def _noise(result: dict[str, Any]) -> tuple[float | None, float | None]:
-    return finite(result.get("latency_p10_ms")), finite(result.get("latency_p90_ms"))
+def _noise(result: dict[str, Any]) -> Latency | None:
+    return Latency.of_result(result)
 
 
 def _pct_decrease(reference: float | None, value: float | None) -> float | None:
@@ -428,7 +423,7 @@ def finalize_report(base: dict[str, Any], answer_constraint: Constraint | None =
         for device in group_devices:
             rows: list[dict[str, Any]] = []
             vectors: list[dict[str, float]] = []
-            noise: list[tuple[float | None, float | None]] = []
+            noise: list[Latency | None] = []
             for c in ordered:
                 r = by_dev[c["id"]].get(device)
                 if r is None:
@@ -439,10 +434,7 @@ def finalize_report(base: dict[str, Any], answer_constraint: Constraint | None =
                     noise.append(_noise(r))
                 else:
                     infeasible.append({"candidate": c["id"], "device": device, "reason": r["reason"]})
-            fronts, F, tied = _sort_fronts(vectors, noise, objectives)
-            if tied is not None:
-                for i, c in enumerate(rows):
-                    by_dev[c["id"]][device]["latency_tied_ms"] = tied[i]
+            fronts, F = _sort_fronts(vectors, noise, objectives)
             for n, front in enumerate(fronts, start=1):
                 for i in front:
                     by_dev[rows[i]["id"]][device]["front"] = n
@@ -556,7 +548,7 @@ def _cross_device(
 ) -> dict[str, Any]:
     rows: list[dict[str, Any]] = []
     worst: list[dict[str, float]] = []
-    noise: list[tuple[float | None, float | None]] = []
+    noise: list[Latency | None] = []
     excluded: list[dict[str, Any]] = []
     for c in ordered:
         reasons: list[str] = []
@@ -570,7 +562,7 @@ def _cross_device(
             excluded.append({"candidate": c["id"], "reason": "; ".join(reasons) or "no device results"})
             continue
         vec: dict[str, float] = {}
-        row_noise: tuple[float | None, float | None] = (None, None)
+        row_noise: Latency | None = None
         for o in objectives:
             vals = [by_dev[c["id"]][d]["objectives"][o.name] for d in devices]
             pick = max if o.direction == "min" else min
@@ -581,7 +573,7 @@ def _cross_device(
         rows.append(c)
         worst.append(vec)
         noise.append(row_noise)
-    fronts, F, tied = _sort_fronts(worst, noise, objectives)
+    fronts, F = _sort_fronts(worst, noise, objectives)
     front_of = {i: n for n, front in enumerate(fronts, start=1) for i in front}
     return {
         "model": model,
@@ -592,7 +584,7 @@ def _cross_device(
         "selected": rows[select_compromise(F, fronts[0])]["id"] if fronts else None,
         "candidates": [
             {"id": c["id"], "k": c.get("k"), "label": c.get("label"), "worst": worst[i],
-             "latency_tied_ms": None if tied is None else tied[i], "front": front_of.get(i)}
+             "front": front_of.get(i)}
             for i, c in enumerate(rows)
         ],
         "excluded": excluded,
@@ -620,14 +612,14 @@ def _recipe_fronts(
         for device in _device_order(report, model_devices.get(model, [])):
             rows: list[dict[str, Any]] = []
             vectors: list[dict[str, float]] = []
-            noise: list[tuple[float | None, float | None]] = []
+            noise: list[Latency | None] = []
             for c in ordered:
                 r = by_dev[c["id"]].get(device)
                 if r is not None and r["status"] == "done" and r["feasible"]:
                     rows.append(c)
                     vectors.append(r["objectives"])
                     noise.append(_noise(r))
-            fronts, F, _ = _sort_fronts(vectors, noise, objectives)
+            fronts, F = _sort_fronts(vectors, noise, objectives)
             for n, front in enumerate(fronts, start=1):
                 for i in front:
                     by_dev[rows[i]["id"]][device]["recipe_front"] = n

@@ -10,8 +10,10 @@ exact duplicate rows never dominate each other, so they always share a front.
 of front 1, and the member closest (Euclidean distance) to the ideal point (all
 zeros after normalization) wins; ties go to the lowest row index.
 
-Latency differences within the measured noise are ties: :func:`latency_ties` turns
-the measured medians into the values dominance compares (see its docstring).
+Latency differences within the measured noise are ties: given each row's latency measurement,
+:func:`top_fronts` sorts with the pairwise dominance of :mod:`tuneqn.controller.ties` (two latencies
+tie when their p10–p90 intervals overlap), through pymoo's ``NonDominatedSorting`` with a custom
+dominator (its fast non-dominated sort over that domination matrix).
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 from pymoo.util.nds.non_dominated_sorting import NonDominatedSorting
+
+from tuneqn.controller.ties import Latency, TieDominator
 
 logger = logging.getLogger(__name__)
 
@@ -40,12 +44,15 @@ def _as_objective_table(F: np.ndarray, *, allow_inf: bool = True) -> np.ndarray:
     return arr
 
 
-def top_fronts(F: np.ndarray, n_fronts: int = 3) -> list[list[int]]:
+def top_fronts(F: np.ndarray, n_fronts: int = 3,
+               latency: tuple[int, Sequence[Latency | None]] | None = None) -> list[list[int]]:
     """Return the first ``n_fronts`` non-dominated fronts of ``F`` (all objectives minimized).
 
     Each front is a sorted list of row indices; front 1 is the Pareto front,
     front 2 the Pareto front once front 1 is removed, and so on.  Exact duplicate
-    rows share a front.  An empty table gives ``[]``.
+    rows share a front.  An empty table gives ``[]``.  ``latency`` = (column, one measurement
+    per row): that column compares by the tie rule of :mod:`tuneqn.controller.ties` (a row
+    without a measurement compares its value exactly).
     """
     if isinstance(n_fronts, bool) or not isinstance(n_fronts, (int, np.integer)) or n_fronts < 1:
         raise ValueError(f"n_fronts must be a positive integer, got {n_fronts!r}")
@@ -55,6 +62,14 @@ def top_fronts(F: np.ndarray, n_fronts: int = 3) -> list[list[int]]:
         return []
     if m == 0:
         return [list(range(n))]
+    if latency is not None:
+        col, measured = latency
+        if not 0 <= col < m or len(measured) != n:
+            raise ValueError(f"latency column {col} and {len(measured)} measurements for a {n} x {m} table")
+        raw = NonDominatedSorting(dominator=TieDominator(col, measured)).do(arr, n_fronts=int(n_fronts))
+        fronts = [sorted(int(i) for i in f) for f in list(raw)[: int(n_fronts)] if len(f)]
+        logger.debug("top_fronts (latency ties): %d rows -> front sizes %s", n, [len(f) for f in fronts])
+        return fronts
     # Sort the distinct rows only, then map every row back to its distinct row: this
     # guarantees that exact duplicates share a front whatever the sorter's tie rules.
     uniq, inverse = np.unique(arr, axis=0, return_inverse=True)
@@ -123,33 +138,3 @@ def select_compromise(F: np.ndarray, front: Sequence[int]) -> int:
         if dist[pos] <= best * (1.0 + _TIE_RTOL) + _TIE_RTOL:
             return i
     return idx[int(np.argmin(dist))]  # unreachable; keeps type checkers content
-
-
-def latency_ties(
-    median: Sequence[float], p10: Sequence[float | None], p90: Sequence[float | None]
-) -> list[float]:
-    """Latency values for dominance, treating differences within the measured noise as ties.
-
-    Rows are taken in order of median latency (ties in the median by row index). A row
-    whose median lies inside the [p10, p90] interval of the fastest member of the current
-    group joins that group; otherwise it starts a new group. Every member of a group gets
-    the group's lowest median (the fastest member's). A missing p10/p90 counts as the
-    median itself, so only an equal median joins such a group. Returns one value per row.
-    """
-    n = len(median)
-    if len(p10) != n or len(p90) != n:
-        raise ValueError(f"latency_ties: {n} medians but {len(p10)} p10 and {len(p90)} p90 values")
-    med = [float(m) for m in median]
-    if any(not np.isfinite(m) for m in med):
-        raise ValueError("latency_ties: medians must be finite")
-    lo = [med[i] if p10[i] is None or not np.isfinite(float(p10[i])) else float(p10[i]) for i in range(n)]
-    hi = [med[i] if p90[i] is None or not np.isfinite(float(p90[i])) else float(p90[i]) for i in range(n)]
-    out = [0.0] * n
-    lead: int | None = None
-    for i in sorted(range(n), key=lambda j: (med[j], j)):
-        if lead is not None and lo[lead] <= med[i] <= hi[lead]:
-            out[i] = med[lead]
-        else:
-            lead = i
-            out[i] = med[i]
-    return out

@@ -26,7 +26,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 
 #: The report's schema version, ``"MAJOR.MINOR"`` (see the module docstring for when to bump).
-SCHEMA_VERSION = "1.0"
+SCHEMA_VERSION = "2.0"
 
 #: A model note starting with this is a warning the page shows at the top.
 WARNING_PREFIX = "WARNING: "
@@ -274,7 +274,6 @@ class Result(_RunDetails):
     reason: str | None = None
     front: int | None = None
     recipe_front: int | None = None
-    latency_tied_ms: float | None = None
 
 
 class Screening(_Strict):
@@ -391,7 +390,6 @@ class CrossDeviceCandidate(_Strict):
     k: int | None = None
     label: str | None = None
     worst: dict[str, float | None] = Field(default_factory=dict)
-    latency_tied_ms: float | None = None
     front: int | None = None
 
 

@@ -14,7 +14,11 @@ cost no evaluation), so only full evaluations (device metrics) are counted.
    every device-measured objective (accuracy_loss, accuracy, accuracy_top5, latency), the
    better of a's and b's values on that device. c *can enter the top front* if, on some
    device, no evaluated candidate of this (model, recipe) is at least as good as that point
-   in every objective. An objective unknown for the optimistic point (not measured, or a
+   in every objective. Latency compares by the report's tie rule (:mod:`tuneqn.controller.ties`):
+   the optimistic latency is the better of the neighbours' medians and p10–p90 intervals, and an
+   evaluated candidate is at least as good there unless that point is faster beyond the tie
+   (its p90 below the candidate's p10), so measurement noise alone never makes a flat segment
+   look worth bisecting. An objective unknown for the optimistic point (not measured, or a
    neighbour failed there) is left out of the comparison; a known one that an evaluated
    candidate lacks keeps that candidate from covering c.
    Assumption: along one ranking a candidate's device metrics lie between those of its
@@ -43,6 +47,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from tuneqn.controller.objectives import Objective, objective
+from tuneqn.controller.ties import Latency, compare
 from tuneqn.controller.search.base import Outcome, ReplayPair, Request
 from tuneqn.controller.search.measured import MeasuredRanking
 
@@ -50,6 +55,9 @@ if TYPE_CHECKING:
     from tuneqn.controller.study import CandidatePlan
 
 _WAIT = -1  # a choice that needs results not in yet
+
+#: One objective's value of an evaluated candidate on a device (latency: the measurement with its spread).
+Value = float | Latency | None
 
 
 class BudgetPair(ReplayPair):
@@ -60,7 +68,7 @@ class BudgetPair(ReplayPair):
         self._measured = (MeasuredRanking(self.view, self.model, self.recipe)
                           if self.run.ranking == "measured" else None)
         self._objectives = [(objective(name), direction) for name, direction in self.view.objectives()]
-        self._cache: dict[tuple[str, ...], dict[str, list[float | None]]] = {}  # (id, devices) -> values
+        self._cache: dict[tuple[str, ...], dict[str, list[Value]]] = {}  # (id, devices) -> values
         self._width = 0
         self._chosen: list[int] = []  # indices of the prefixes chosen so far, for ``_width``
         #: The candidates chosen for a full evaluation so far, in the order they were chosen.
@@ -126,38 +134,54 @@ class BudgetPair(ReplayPair):
                 best = (key, enterable[(len(enterable) - 1) // 2])
         return None if best is None else best[1]
 
-    def _vectors(self, out: Outcome) -> dict[str, list[float | None]]:
-        """Per device where it did not fail, the objectives' values of an evaluated candidate."""
+    def _vectors(self, out: Outcome) -> dict[str, list[Value]]:
+        """Per device where it did not fail, the objectives' values of an evaluated candidate (latency as
+        a :class:`Latency` with its p10–p90)."""
         key = (out.candidate_id, *sorted(out.per_device))
         if key not in self._cache:
-            self._cache[key] = {d: [obj.value({"size_bytes": out.size_bytes}, m) for obj, _ in self._objectives]
+            self._cache[key] = {d: [_value(obj, direction, out.size_bytes, m) for obj, direction in self._objectives]
                                 for d, m in sorted(out.per_device.items()) if d not in out.failed}
         return self._cache[key]
 
-    def _can_enter(self, size: int, a: dict[str, list[float | None]], b: dict[str, list[float | None]],
-                   evaluated: list[dict[str, list[float | None]]]) -> bool:
+    def _can_enter(self, size: int, a: dict[str, list[Value]], b: dict[str, list[Value]],
+                   evaluated: list[dict[str, list[Value]]]) -> bool:
         """On some device, no evaluated candidate is at least as good as c's optimistic point there."""
         exact = [obj.value({"size_bytes": size}, {}) for obj, _ in self._objectives]
         for d in sorted({d for v in evaluated for d in v}):
-            point = []
+            point: list[Value] = []
             for j, (_, direction) in enumerate(self._objectives):
                 va, vb = a[d][j] if d in a else None, b[d][j] if d in b else None
                 if exact[j] is not None:
                     point.append(exact[j])
                 elif va is None or vb is None:
                     point.append(None)
+                elif isinstance(va, Latency) and isinstance(vb, Latency):
+                    point.append(va.optimistic(vb))
                 else:
-                    point.append(min(va, vb) if direction == "min" else max(va, vb))
+                    point.append(min(va, vb) if direction == "min" else max(va, vb))  # type: ignore[type-var]
             if not any(_covers(v[d], point, self._objectives) for v in evaluated if d in v):
                 return True
         return False
 
 
-def _covers(have: list[float | None], want: list[float | None], objectives: list[tuple[Objective, str]]) -> bool:
-    """``have`` is at least as good as ``want`` in every objective ``want`` knows."""
+def _value(obj: Objective, direction: str, size: int, metrics: dict[str, float | None]) -> Value:
+    """An evaluated candidate's value of ``obj`` on one device (latency, minimized: with its spread)."""
+    if obj.name == "latency" and direction == "min":
+        return Latency.of(metrics.get("latency_ms"), metrics.get("latency_p10_ms"), metrics.get("latency_p90_ms"))
+    return obj.value({"size_bytes": size}, metrics)
+
+
+def _covers(have: list[Value], want: list[Value], objectives: list[tuple[Objective, str]]) -> bool:
+    """``have`` is at least as good as ``want`` in every objective ``want`` knows (latency: ``want`` is not
+    faster beyond the tie)."""
     for h, w, (_, direction) in zip(have, want, objectives, strict=True):
         if w is None:
             continue
-        if h is None or (h > w if direction == "min" else h < w):
+        if h is None:
+            return False
+        if isinstance(h, Latency) and isinstance(w, Latency):  # latency, minimized
+            if compare(h, w) > 0:
+                return False
+        elif h > w if direction == "min" else h < w:  # type: ignore[operator]
             return False
     return True

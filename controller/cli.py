@@ -410,6 +410,10 @@ def _best_pick(report: dict[str, Any], model: str | None, device: str | None, cr
             raise UserError(f"--device: no device '{device}' in the answer of {model} ({', '.join(devices)})")
     if pick.get("candidate") is None:
         raise UserError(f"--best: no pick for {model} on {', '.join(pick['devices'])}: {pick.get('reason')}")
+    if len(pick.get("parts") or []) > 1:
+        files = "; ".join(f"{', '.join(p['devices'])}: --candidate {p['candidate']}" for p in pick["parts"])
+        raise UserError(f"--cross-device: {model}'s pick is one file per device group (a recipe split by feasibility "
+                        f"planning); export each: {files}")
     return pick
 
 

@@ -183,3 +183,34 @@ def test_printed_answer_names_everything() -> None:
     assert "float layers (12): conv_0, conv_1, conv_2, conv_3, conv_4, conv_5, conv_6, conv_7, … (4 more" in text
     assert "runtime: the evaluated file needs ONNX Runtime session option" in text
     assert lines[-1] == "    export: tuneqn export '/studies/my out' --best --device cpu -o net-cpu.onnx"
+
+
+def test_cross_device_pick_of_a_recipe_split_across_devices() -> None:
+    """Feasibility planning runs `qop` on the cpu and its variant `qop.qdq` on the phone: no candidate has
+    results on both, yet the cross-device pick is the split recipe, one file per part (main: no pick)."""
+    cands = [
+        _cand("qop", 0, 4_000_000, [_res("cpu", 0.03)]),
+        _cand("qop", 2, 4_500_000, [_res("cpu", 0.01)]),
+        _cand("qop", 4, 6_000_000, [_res("cpu", 0.0)]),
+        _cand("qop.qdq", 0, 4_200_000, [_res("phone", 0.0, (40.0, 39.0, 41.0))]),
+        _cand("qop.qdq", 3, 4_800_000, [_res("phone", 0.0)]),
+    ]
+    report = _report(cands, devices=("cpu", "phone"), fp32_latency=(60.0, 59.0, 61.0))
+    report["feasibility"] = [{"model": "net", "recipe": "qop", "device": "phone", "planned": "qop.qdq",
+                              "status": "adapted"},
+                             {"model": "net", "recipe": "qop", "device": "cpu", "planned": "qop", "status": "feasible"}]
+    picks = _picks(report)
+    assert [(p["scope"], p["device"], p["k"]) for p in picks] == [
+        ("device", "cpu", 2), ("device", "phone", 0), ("cross-device", None, 2)]
+    cross = picks[2]
+    assert cross["met"] is True and cross["candidate"] == "net:qop:xqop2"  # the part with the larger file
+    assert [(p["recipe"], p["devices"], p["candidate"]) for p in cross["parts"]] == [
+        ("qop", ["cpu"], "net:qop:xqop2"), ("qop.qdq", ["phone"], "net:qop.qdq:fq")]
+    assert cross["size_bytes"] == 4_500_000 and cross["accuracy_loss"] == pytest.approx(0.01)
+    assert cross["latency_ms"] == 40.0  # the slower part's
+    assert cross["export_command"] is None and "--candidate net:qop.qdq:fq" in cross["parts"][1]["export_command"]
+    text = "\n".join(format_answer(build_answer(report)))
+    assert "on phone: candidates/net/qop.qdq/fq.onnx" in text
+    # a candidate with results everywhere still competes: a smaller one wins over the split
+    cands.append(_cand("other", 1, 4_400_000, [_res("cpu", 0.0), _res("phone", 0.0)]))
+    assert _picks(report)[2]["candidate"] == "net:other:xother1" and _picks(report)[2]["parts"] == []

@@ -300,7 +300,12 @@ def test_target_is_the_smallest_candidate_within_the_loss_on_every_device(tmp_pa
     assert target["max_loss"] == 0.01 and target["strategy"] == "target"
     assert target["target"] == {"model": MODEL, "id": found, "recipe": "static", "label": "target step 2",
                                 "size_bytes": 3_500_000, "worst_agreement": pytest.approx(0.99),
-                                "found_after_s": pytest.approx(7.0)}
+                                "found_after_s": pytest.approx(7.0), "parts": [], "devices": [
+                                    {"device": "cpu", "id": fails, "recipe": "static", "label": "target step 1",
+                                     "size_bytes": 3 * MB, "worst_agreement": 1.0, "found_after_s": pytest.approx(3.0)},
+                                    {"device": "phone", "id": found, "recipe": "static", "label": "target step 2",
+                                     "size_bytes": 3_500_000, "worst_agreement": 1.0,
+                                     "found_after_s": pytest.approx(7.0)}]}
     assert target["targets"] == [target["target"]]
     assert target["found_after_s"] == pytest.approx(7.0)
     assert target["front_done_after_s"] == pytest.approx(9.0)

@@ -170,3 +170,44 @@ def test_adapted_tvm_device_gets_a_full_sweep_and_a_killed_server_loses_no_job(
     for c in cands:
         if c["recipe"] != "qop":
             assert [r["status"] for r in c["results"]] == ["done"], (c["id"], c["results"])
+
+
+def test_target_answer_across_a_recipe_split_between_ort_and_tvm(
+    tvm_lab: TvmLab, tvm_agent: Any, assets: Path, tmp_path: Path
+) -> None:
+    """feasibility = "adapt" splits the QOperator recipe: `qop` on the ORT agent's cpu, `qop.qdq` on the TVM
+    phone, so no candidate has results on both. The target search's answer and the cross-device pick are
+    then one candidate per part, each meeting the loss on its devices (main: ``id: None``, no pick)."""
+    agent, _ = _tvm_agent(tvm_lab, tvm_agent, 1)
+    ort_agent = LocalAgent(tmp_path / "ort-agent", device_name="cpu", extra_args=["--device-class", "cpu"])
+    study = write_study(tmp_path, model=assets / "cnn.onnx", images=assets / "images",
+                        quantization={"recipes": [{"name": "qop", "format": "qoperator"}]},
+                        search={"strategy": "target", "ranking": "paper", "max_loss": 0.25},
+                        evaluation={**FAST, "feasibility": "adapt"})
+    try:
+        outcome = _tune(study, [Endpoint(ort_agent.start()), Endpoint(agent.address)])
+    finally:
+        ort_agent.stop()
+    assert outcome.failed == 0 and outcome.unreachable == 0 and outcome.infeasible == 0, outcome.errors
+    report = _report(tmp_path / "out")
+    (decision,) = [d for d in report["feasibility"] if d["device"] == "phone"]
+    assert (decision["recipe"], decision["planned"]) == ("qop", "qop.qdq")
+    cands = {c["id"]: c for c in report["candidates"]}
+    assert not any({r["device"] for r in c["results"]} == {"cpu", "phone"} for c in cands.values())
+
+    (search,) = [s for s in report["searches"] if s["strategy"] == "target"]
+    target = search["target"]
+    assert target is not None and target["id"] is not None
+    parts = {p["recipe"]: p for p in target["parts"]}
+    assert set(parts) == {"qop", "qop.qdq"}
+    assert parts["qop"]["devices"] == ["cpu"] and parts["qop.qdq"]["devices"] == ["phone"]
+    for p in parts.values():
+        (r,) = cands[p["id"]]["results"]
+        assert r["device"] == p["devices"][0] and 1.0 - r["agreement"] <= 0.25 + 1e-9
+    assert target["size_bytes"] == max(p["size_bytes"] for p in parts.values())
+    by_device = {d["device"]: d for d in target["devices"]}
+    assert by_device["cpu"]["recipe"] == "qop" and by_device["phone"]["recipe"] == "qop.qdq"
+
+    (cross,) = [p for p in report["answer"]["picks"] if p["scope"] == "cross-device"]
+    assert cross["candidate"] is not None and cross["met"] is True
+    assert {p["recipe"]: p["devices"] for p in cross["parts"]} == {"qop": ["cpu"], "qop.qdq": ["phone"]}

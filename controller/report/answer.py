@@ -9,7 +9,8 @@ no store, no files.  :func:`build_answer` gives::
                 "agreement", "accuracy_loss", "n", "loss_ci95", "accuracy", "accuracy_n", "fp32_accuracy",
                 "latency_ms", "latency_p10_ms", "latency_p90_ms", "fp32_latency_ms", "fp32_latency_p10_ms",
                 "fp32_latency_p90_ms", "float_layers", "runtime", "runtime_note", "export_command",
-                "warnings", "reason"}]}
+                "parts": [{"recipe", "devices", "candidate", "label", "k", "file", "sha256", "size_bytes",
+                           "accuracy_loss", "float_layers", "export_command"}], "warnings", "reason"}]}
 
 The rule: per (model, device) one pick over every recipe of the model, among its full results that are
 done and feasible: of the results meeting the constraint (accuracy loss ``1 − agreement`` ≤ ``max_loss``,
@@ -20,7 +21,12 @@ order).  When nothing
 meets it, ``met`` is false and the pick is the lowest-loss result (then smallest, then fastest).  A model
 measured on several devices also gets a ``cross-device`` pick over the candidates with such a result on
 every one of its devices, each value being the worst over the devices (highest loss and latency, lowest
-agreement and accuracy).  The loss's 95 % interval is Wilson's score interval for ``n`` samples.
+agreement and accuracy).  When feasibility planning runs a recipe as a variant on some devices (its ``.qdq``
+or ``.float-Op`` form), no candidate of it has results everywhere: such a *split* recipe is one cross-device
+option made of one pick per part (the devices running the same recipe: each part's pick by the rule above,
+over that recipe's candidates on those devices), valued at the worst over the parts; the pick then lists
+the ``parts`` (one file each, ``export_command`` per part) and its top-level candidate and file are the
+part's with the largest file.  The loss's 95 % interval is Wilson's score interval for ``n`` samples.
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ import math
 import re
 import shlex
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from tuneqn.controller.objectives import finite
@@ -136,7 +142,8 @@ def rule_text(constraint: Constraint) -> str:
     return (f"the smallest file meeting {constraint.describe()} (accuracy loss = 1 − top-1 agreement with FP32 on "
             "the device), over every recipe's fully evaluated candidates; equal sizes go to the "
             "lower loss, then the lower latency (within p10–p90 a tie); when nothing meets it, the lowest-loss "
-            "result. Across devices the worst value over the devices counts. The loss's 95 % interval is "
+            "result. Across devices the worst value over the devices counts; a recipe that runs as a variant on some "
+            "devices (feasibility planning) counts as one option with one file per part. The loss's 95 % interval is "
             "Wilson's for the evaluation sample's size.")
 
 
@@ -155,6 +162,8 @@ class _Option:
     latency_device: str | None
     accuracy: float | None
     n: int | None
+    #: A recipe split across the devices (feasibility planning): per part its devices and its own pick.
+    parts: list[tuple[list[str], "_Option"]] = field(default_factory=list)
 
     @property
     def loss(self) -> float:
@@ -182,6 +191,65 @@ def _option(cand: dict[str, Any], order: int, devices: list[str]) -> _Option | N
     return _Option(cand, order, results, agreement, None if size is None else int(size), latency, p10, p90, lat_dev,
                    None if any(a is None for a in accs) else min(a for a in accs if a is not None),
                    min(ns) if ns else None)
+
+
+def split_parts(report: dict[str, Any], model: str, devices: list[str]) -> list[list[tuple[str, list[str]]]]:
+    """The recipe splits of ``model`` over ``devices``: for every recipe that feasibility planning runs as a
+    variant on some devices (the report's ``feasibility`` rows, keyed by device class), its parts — (the
+    recipe that runs there: the recipe itself or its variant, those devices), in device order; only
+    recipes split into two parts or more."""
+    cls = {d.get("name"): d.get("device_class") or d.get("name") for d in report.get("devices") or []}
+    planned: dict[tuple[str, str], str] = {}
+    for row in report.get("feasibility") or []:
+        if row.get("model") == model and row.get("planned") and row.get("planned") != row.get("recipe"):
+            planned[(str(row.get("recipe")), str(row.get("device")))] = str(row["planned"])
+    out: list[list[tuple[str, list[str]]]] = []
+    for base in dict.fromkeys(r for r, _ in planned):
+        parts: dict[str, list[str]] = {}
+        for d in devices:
+            recipe = planned.get((base, cls.get(d) or d)) or planned.get((base, d)) or base
+            parts.setdefault(recipe, []).append(d)
+        if len(parts) >= 2:
+            out.append(list(parts.items()))
+    return out
+
+
+def _combined(parts: list[tuple[list[str], _Option]]) -> _Option:
+    """One cross-device option from each part's pick: the worst values over the parts (its file and
+    candidate: the part's with the largest file)."""
+    largest = max((o for _, o in parts), key=lambda o: o.size if o.size is not None else math.inf)
+    slowest = max((o for _, o in parts if o.latency is not None), key=lambda o: float(o.latency or 0.0),
+                  default=None)
+    lat_known = all(o.latency is not None for _, o in parts)
+    accs = [o.accuracy for _, o in parts]
+    ns = [o.n for _, o in parts if o.n is not None]
+    sizes = [o.size for _, o in parts]
+    return _Option(largest.cand, min(o.order for _, o in parts), {d: r for _, o in parts for d, r in o.results.items()},
+                   min(o.agreement for _, o in parts), None if None in sizes else max(s for s in sizes if s is not None),
+                   slowest.latency if lat_known and slowest else None, slowest.p10 if lat_known and slowest else None,
+                   slowest.p90 if lat_known and slowest else None,
+                   slowest.latency_device if lat_known and slowest else None,
+                   None if None in accs else min(a for a in accs if a is not None), min(ns) if ns else None,
+                   parts=list(parts))
+
+
+def split_options(report: dict[str, Any], model: str, cands: list[dict[str, Any]], devices: list[str],
+                  constraint: Constraint) -> list[_Option]:
+    """Cross-device options of the recipes split across ``devices``: per split, each part's pick (by the
+    answer's rule, over the part recipe's candidates on the part's devices) combined into one option."""
+    out: list[_Option] = []
+    for parts in split_parts(report, model, devices):
+        picked: list[tuple[list[str], _Option]] = []
+        for recipe, devs in parts:
+            options = [o for i, c in enumerate(cands) if (c.get("recipe") or c.get("mode")) == recipe
+                       and (o := _option(c, i, devs)) is not None]
+            pick, _ = choose(options, constraint)
+            if pick is None:
+                break
+            picked.append((devs, pick))
+        else:
+            out.append(_combined(picked))
+    return out
 
 
 def _meets(o: _Option, c: Constraint) -> bool:
@@ -252,6 +320,16 @@ def runtime_of(cand: dict[str, Any]) -> tuple[dict[str, Any], str | None]:
             "layers in float, and says so")
 
 
+def part_export_command(out_dir: str, model: str, cand: dict[str, Any], devices: list[str],
+                        several_models: bool) -> str:
+    """The ``tuneqn export … --candidate ID`` command that writes one part of a split cross-device pick."""
+    parts = ["tuneqn", "export", out_dir]
+    if several_models:
+        parts += ["--model", model]
+    parts += ["--candidate", str(cand.get("id")), "-o", f"{_slug(model)}-{'-'.join(_slug(d) for d in devices)}.onnx"]
+    return shlex.join(parts)
+
+
 def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", str(text)).strip("._") or "x"
 
@@ -316,7 +394,7 @@ def _empty_pick(scope: str, model: str, devices: list[str], reason: str, fp32_si
             "runtime_note", "export_command")
     return {"scope": scope, "model": model, "device": devices[0] if scope == "device" else None, "devices": devices,
             "met": False, **dict.fromkeys(keys), "fp32_size_bytes": fp32_size, "float_layers": [], "runtime": {},
-            "warnings": [], "reason": reason}
+            "parts": [], "warnings": [], "reason": reason}
 
 
 def candidate_file(cand: dict[str, Any]) -> str:
@@ -353,6 +431,8 @@ def build_answer(report: dict[str, Any], constraint: Constraint | None = None) -
         scopes = [("device", [d]) for d in devices] + ([("cross-device", devices)] if len(devices) >= 2 else [])
         for scope, devs in scopes:
             options = [o for i, c in enumerate(cands) if (o := _option(c, i, devs)) is not None]
+            if scope == "cross-device":  # a recipe split across the devices: one file per part
+                options += split_options(report, model, cands, devs, constraint)
             pick, met = choose(options, constraint)
             if pick is None:
                 reason = ("no candidate is done and feasible on " + ", ".join(devs) if scope == "device" else
@@ -382,6 +462,12 @@ def _pick_entry(pick: _Option, met: bool, scope: str, model: str, devs: list[str
     fp32_acc = [finite((baselines.get((model, d)) or {}).get("accuracy")) for d in devs]
     runtime, note = runtime_of(c)
     has_labels = labelled is not None and labelled > 0 and pick.accuracy is not None
+    parts = [{"recipe": o.cand.get("recipe") or o.cand.get("mode"), "devices": pdevs, "candidate": o.cand.get("id"),
+              "label": o.cand.get("label"), "k": o.cand.get("k"), "file": candidate_file(o.cand),
+              "sha256": o.cand.get("sha256"), "size_bytes": o.size, "accuracy_loss": o.loss,
+              "float_layers": float_layers(o.cand, order),
+              "export_command": part_export_command(out_dir, model, o.cand, pdevs, several_models)}
+             for pdevs, o in pick.parts]
     return {
         "scope": scope, "model": model, "device": devs[0] if scope == "device" else None, "devices": devs,
         "met": met, "candidate": c.get("id"), "recipe": recipe, "label": c.get("label"), "k": c.get("k"),
@@ -395,8 +481,9 @@ def _pick_entry(pick: _Option, met: bool, scope: str, model: str, devs: list[str
         "fp32_latency_ms": finite(base.get("latency_ms")), "fp32_latency_p10_ms": finite(base.get("latency_p10_ms")),
         "fp32_latency_p90_ms": finite(base.get("latency_p90_ms")),
         "float_layers": float_layers(c, order), "runtime": runtime, "runtime_note": note,
-        "export_command": export_command(out_dir, model, devs[0] if scope == "device" else None, several_models,
-                                         flags),
+        "export_command": None if parts else export_command(out_dir, model, devs[0] if scope == "device" else None,
+                                                            several_models, flags),
+        "parts": parts,
         "warnings": _warnings(pick, met, constraint, fq, baselines, n, labelled if has_labels else None, ci),
         "reason": None,
     }
@@ -439,7 +526,13 @@ def format_answer(answer: dict[str, Any] | None) -> list[str]:
         lines.append(f"    float layers ({len(layers)}): {_names(layers) if layers else 'none'}")
         if p.get("runtime_note"):
             lines.append(f"    runtime: {p['runtime_note']}")
+        for part in p.get("parts") or []:
+            lines.append(f"    on {', '.join(part['devices'])}: {part['file']} ({part['recipe']}, {part.get('label')}; "
+                         f"size {mb(part['size_bytes'])}, loss {pct(part['accuracy_loss'])})")
         for w in p.get("warnings") or []:
             lines.append(f"    warning: {w}")
-        lines.append(f"    export: {p['export_command']}")
+        if p.get("export_command"):
+            lines.append(f"    export: {p['export_command']}")
+        for part in p.get("parts") or []:
+            lines.append(f"    export ({', '.join(part['devices'])}): {part['export_command']}")
     return lines

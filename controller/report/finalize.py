@@ -168,11 +168,20 @@ order of the rows.  ``objectives.latency`` stays the measured median.
   ``seconds``, ``found_after_s``, ``front_done_after_s``), ``recipes`` (those it asked for
   candidates of), ``recipe`` (the one of them when there is exactly one, else None) and,
   for ``target`` searches (None for others), ``targets``: per model ``{"model", "id",
-  "recipe", "label", "size_bytes", "worst_agreement", "found_after_s"}`` - the smallest
-  candidate the search evaluated in full whose accuracy loss ``1 - agreement`` is at most
-  ``max_loss`` (within :data:`LOSS_TOLERANCE`) on every device of the model (ties: higher
+  "recipe", "label", "size_bytes", "worst_agreement", "found_after_s", "parts", "devices"}`` -
+  the smallest candidate the search evaluated in full whose accuracy loss ``1 - agreement`` is
+  at most ``max_loss`` (within :data:`LOSS_TOLERANCE`) on every device of the model (ties: higher
   worst agreement), ``id`` None when there is none; ``found_after_s`` is when its last
-  device's full result arrived.  ``target`` is that entry when the search has one model
+  device's full result arrived.  A recipe that feasibility planning splits across the devices
+  (its variant on some, :func:`tuneqn.controller.report.answer.split_parts`) has no candidate
+  with results everywhere: there the target is one candidate per part (``parts``: ``[{"devices",
+  "id", "recipe", "label", "size_bytes", "worst_agreement", "found_after_s"}]``, each the smallest
+  of the part's recipe meeting ``max_loss`` on the part's devices), ``size_bytes`` the largest
+  and ``worst_agreement`` the lowest over the parts, ``id``, ``recipe`` and ``label`` the part's
+  with the largest file.
+  ``devices``: per device ``{"device", "id", "recipe", "label", "size_bytes", "worst_agreement",
+  "found_after_s"}``, the smallest candidate meeting ``max_loss``
+  on that device alone.  ``target`` is that entry when the search has one model
   and found one, else None.  A target search's ``found_after_s`` is its latest target's
   (None while a model has none); other searches' is the latest of their rows'.
 
@@ -193,7 +202,7 @@ from pymoo.indicators.hv import HV
 
 from tuneqn.controller.objectives import Objective, finite, objective
 
-from .answer import Constraint, build_answer
+from .answer import Constraint, build_answer, split_parts
 from tuneqn.controller.ties import Latency
 
 from .pareto import select_compromise, to_minimization, top_fronts
@@ -803,7 +812,7 @@ def _ablation(
         shared = [r for r in mine if (SWEEP_SEARCH, r["model"], r["recipe"], r["device"]) in hv_of]
         runs = work.runs(None)
         recipes = list(dict.fromkeys(recipe for _, recipe in work.groups))
-        target = _targets(s, work, cands, model_devices) if _is_target(s) else None
+        target = _targets(s, work, cands, model_devices, report) if _is_target(s) else None
         total = {
             "search": s["name"], "model": None, "recipe": None, "mode": None, "device": None, "front": None,
             "hypervolume": float(sum(r["hypervolume"] for r in mine)),
@@ -842,9 +851,12 @@ def _targets(
     work: _SearchWork,
     cands: dict[str, dict[str, Any]],
     model_devices: dict[str, list[str]],
+    report: dict[str, Any],
 ) -> list[dict[str, Any]]:
-    """Per model of a ``target`` search: its smallest full-evaluated candidate whose accuracy loss
-    (1 - agreement) is at most ``max_loss`` on every device of the model (``id`` None if none)."""
+    """Per model of a ``target`` search: per device the smallest candidate it evaluated in full whose accuracy
+    loss (1 - agreement) is at most ``max_loss`` there (``devices``), and across devices the smallest that
+    meets it on every device: one candidate, or for a recipe that feasibility planning splits across the
+    devices, one per part (``parts``; ``id`` None if none)."""
     max_loss = finite(search.get("max_loss"))
     if max_loss is None:
         max_loss = finite((search.get("params") or {}).get("max_loss"))
@@ -852,24 +864,54 @@ def _targets(
     out: list[dict[str, Any]] = []
     for model in dict.fromkeys(m for m, _ in work.groups):
         devices = list(dict.fromkeys(model_devices.get(model, [])))
-        best: tuple[tuple[float, float, str], dict[str, Any]] | None = None
-        for cid in dict.fromkeys(c for (m, r) in work.groups if m == model for c in work.ids("full", (m, r))):
-            c = cands.get(cid)
-            if c is None or max_loss is None or not devices or c.get("size_bytes") is None:
-                continue
-            by_dev = {r.get("device"): r for r in c.get("results") or []}
-            agreements = [finite((by_dev.get(d) or {}).get("agreement")) if (by_dev.get(d) or {}).get("status")
-                          == "done" else None for d in devices]
-            if any(a is None or 1.0 - a > max_loss + LOSS_TOLERANCE for a in agreements):
-                continue
-            worst = min(a for a in agreements if a is not None)
-            key = (float(c["size_bytes"]), -worst, cid)
-            if best is None or key < best[0]:
-                found = _latest(by_dev[d].get("finished_at") for d in devices)
-                best = (key, {"model": model, "id": cid, "recipe": c.get("mode"), "label": c.get("label"),
-                              "size_bytes": c["size_bytes"], "worst_agreement": worst,
-                              "found_after_s": _since(found, started)})
-        out.append(best[1] if best is not None else
-                   {"model": model, "id": None, "recipe": None, "label": None, "size_bytes": None,
-                    "worst_agreement": None, "found_after_s": None})
+        ids = list(dict.fromkeys(c for (m, r) in work.groups if m == model for c in work.ids("full", (m, r))))
+
+        def best(devs: list[str], recipe: str | None = None) -> dict[str, Any] | None:
+            """The smallest of ``ids`` (of ``recipe``) meeting max_loss on every one of ``devs``."""
+            found: tuple[tuple[float, float, str], dict[str, Any]] | None = None
+            for cid in ids:
+                c = cands.get(cid)
+                if c is None or max_loss is None or not devs or c.get("size_bytes") is None:
+                    continue
+                if recipe is not None and c.get("mode") != recipe:
+                    continue
+                by_dev = {r.get("device"): r for r in c.get("results") or []}
+                agreements = [finite((by_dev.get(d) or {}).get("agreement")) if (by_dev.get(d) or {}).get("status")
+                              == "done" else None for d in devs]
+                if any(a is None or 1.0 - a > max_loss + LOSS_TOLERANCE for a in agreements):
+                    continue
+                worst = min(a for a in agreements if a is not None)
+                key = (float(c["size_bytes"]), -worst, cid)
+                if found is None or key < found[0]:
+                    done = _latest(by_dev[d].get("finished_at") for d in devs)
+                    found = (key, {"id": cid, "recipe": c.get("mode"), "label": c.get("label"),
+                                   "size_bytes": c["size_bytes"], "worst_agreement": worst,
+                                   "found_after_s": _since(done, started), "_done": done})
+            return None if found is None else found[1]
+
+        options = [o for o in [best(devices)] if o is not None]
+        for parts in split_parts(report, model, devices):
+            picked = [(devs, best(devs, recipe)) for recipe, devs in parts]
+            if all(o is not None for _, o in picked):
+                largest = max((o for _, o in picked if o is not None), key=lambda o: float(o["size_bytes"]))
+                done = _latest(o["_done"] for _, o in picked if o is not None)
+                options.append({**largest, "size_bytes": max(o["size_bytes"] for _, o in picked if o is not None),
+                                "worst_agreement": min(o["worst_agreement"] for _, o in picked if o is not None),
+                                "found_after_s": _since(done, started), "_done": done,
+                                "parts": [{"devices": devs, **_public(o)} for devs, o in picked if o is not None]})
+        per_device = []
+        for d in devices:
+            o = best([d])
+            per_device.append({"device": d, **(_public(o) if o is not None else dict.fromkeys(_TARGET_KEYS))})
+        chosen = min(options, key=lambda o: (float(o["size_bytes"]), -o["worst_agreement"], o["id"]), default=None)
+        entry = {"model": model, **(_public(chosen) if chosen is not None else dict.fromkeys(_TARGET_KEYS)),
+                 "parts": (chosen or {}).get("parts") or [], "devices": per_device}
+        out.append(entry)
     return out
+
+
+_TARGET_KEYS = ("id", "recipe", "label", "size_bytes", "worst_agreement", "found_after_s")
+
+
+def _public(o: dict[str, Any]) -> dict[str, Any]:
+    return {k: o[k] for k in _TARGET_KEYS}

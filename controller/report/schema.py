@@ -181,8 +181,33 @@ class Proposal(_Strict):
     created_at: float | None = None
 
 
+class TargetPart(_Strict):
+    """One part of a target across a recipe split: the smallest candidate meeting ``max_loss`` on its devices."""
+
+    devices: list[str] = Field(default_factory=list)
+    id: str | None = None
+    recipe: str | None = None
+    label: str | None = None
+    size_bytes: int | None = None
+    worst_agreement: float | None = None
+    found_after_s: float | None = None
+
+
+class TargetDevice(_Strict):
+    """A target search's smallest candidate meeting ``max_loss`` on one device (``id`` None: none)."""
+
+    device: str
+    id: str | None = None
+    recipe: str | None = None
+    label: str | None = None
+    size_bytes: int | None = None
+    worst_agreement: float | None = None
+    found_after_s: float | None = None
+
+
 class Target(_Strict):
-    """A target search's answer for one model (``id`` None: nothing met ``max_loss``)."""
+    """A target search's answer for one model (``id`` None: nothing met ``max_loss``); across a recipe split
+    (a variant planned on some devices) one candidate per part (``parts``)."""
 
     model: str
     id: str | None = None
@@ -191,6 +216,8 @@ class Target(_Strict):
     size_bytes: int | None = None
     worst_agreement: float | None = None
     found_after_s: float | None = None
+    parts: list[TargetPart] = Field(default_factory=list)
+    devices: list[TargetDevice] = Field(default_factory=list)
 
 
 class Search(_Strict):
@@ -488,6 +515,22 @@ class PickRuntime(_Open):
     ort_disabled_optimizers: list[str] = Field(default_factory=list)
 
 
+class PickPart(_Strict):
+    """One part of a cross-device pick whose recipe is split across devices: the file those devices run."""
+
+    recipe: str | None = None
+    devices: list[str] = Field(default_factory=list)
+    candidate: str | None = None
+    label: str | None = None
+    k: int | None = None
+    file: str | None = Field(None, description="relative to the out dir")
+    sha256: str | None = None
+    size_bytes: int | None = None
+    accuracy_loss: float | None = None
+    float_layers: list[str] = Field(default_factory=list)
+    export_command: str | None = None
+
+
 class Pick(_Strict):
     """What to ship on one device (``scope`` device) or on all of a model's devices (cross-device)."""
 
@@ -522,6 +565,7 @@ class Pick(_Strict):
     runtime: PickRuntime = Field(default_factory=PickRuntime)
     runtime_note: str | None = None
     export_command: str | None = None
+    parts: list[PickPart] = Field(default_factory=list, description="a recipe split across the devices: one file each")
     warnings: list[str] = Field(default_factory=list)
     reason: str | None = None
 

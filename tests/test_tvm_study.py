@@ -16,10 +16,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 
 from conftest import write_study
 from tvm_rpc import TvmLab, wait_for
 from tuneqn.agent.config import TvmSettings
+from tuneqn.controller.cli import main
 from tuneqn.controller.config import load_config
 from tuneqn.controller.farm.dispatcher import Endpoint, FarmSettings
 from tuneqn.controller.farm.local import LocalAgent
@@ -173,7 +175,7 @@ def test_adapted_tvm_device_gets_a_full_sweep_and_a_killed_server_loses_no_job(
 
 
 def test_target_answer_across_a_recipe_split_between_ort_and_tvm(
-    tvm_lab: TvmLab, tvm_agent: Any, assets: Path, tmp_path: Path
+    tvm_lab: TvmLab, tvm_agent: Any, assets: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """feasibility = "adapt" splits the QOperator recipe: `qop` on the ORT agent's cpu, `qop.qdq` on the TVM
     phone, so no candidate has results on both. The target search's answer and the cross-device pick are
@@ -211,3 +213,11 @@ def test_target_answer_across_a_recipe_split_between_ort_and_tvm(
     (cross,) = [p for p in report["answer"]["picks"] if p["scope"] == "cross-device"]
     assert cross["candidate"] is not None and cross["met"] is True
     assert {p["recipe"]: p["devices"] for p in cross["parts"]} == {"qop": ["cpu"], "qop.qdq": ["phone"]}
+    html = (tmp_path / "out" / "report.html").read_text(encoding="utf-8")
+    assert all(p["file"] in html and p["export_command"] in html for p in cross["parts"])
+    # one file per part: export names them instead of writing one; each part's command writes its file
+    assert main(["export", str(tmp_path / "out"), "--best", "--cross-device", "-o", str(tmp_path / "x.onnx")]) == 2
+    assert "one file per device group" in capsys.readouterr().err and not (tmp_path / "x.onnx").exists()
+    part = parts["qop.qdq"]["id"]
+    assert main(["export", str(tmp_path / "out"), "--candidate", part, "-o", str(tmp_path / "phone.onnx")]) == 0
+    assert (tmp_path / "phone.onnx").exists()

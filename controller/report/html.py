@@ -272,6 +272,10 @@ def _pick(rep: Report, p: Pick, several_models: bool) -> dict[str, Any]:
             lat += f" vs FP32 {_latency_text(p.fp32_latency_ms, p.fp32_latency_p10_ms, p.fp32_latency_p90_ms)}"
         rows.append(("latency (median)", lat))
         rows.append(("recipe", f"{p.recipe} · {p.label or p.candidate}"))
+        for part in p.parts:  # a recipe split across the devices: one file per part
+            rows.append((f"on {', '.join(part.devices)}",
+                         f"{part.file} · {part.recipe} · {part.label or part.candidate}, {_SIZE.fmt(part.size_bytes)}, "
+                         f"loss {_LOSS.fmt(part.accuracy_loss)}; export: {part.export_command}"))
         rows.append(("runtime option", p.runtime_note or (
             "session option disabled_optimizers=" + json.dumps(p.runtime.ort_disabled_optimizers)
             if p.runtime.ort_disabled_optimizers else "none: a plain onnxruntime.InferenceSession(path)")))

@@ -215,6 +215,7 @@ def test_target_answer_across_a_recipe_split_between_ort_and_tvm(
     assert {p["recipe"]: p["devices"] for p in cross["parts"]} == {"qop": ["cpu"], "qop.qdq": ["phone"]}
     html = (tmp_path / "out" / "report.html").read_text(encoding="utf-8")
     assert all(p["file"] in html and p["export_command"] in html for p in cross["parts"])
+    assert f"cpu: {parts['qop']['label']} [qop]" in html and f"phone: {parts['qop.qdq']['label']} [qop.qdq]" in html
     # one file per part: export names them instead of writing one; each part's command writes its file
     assert main(["export", str(tmp_path / "out"), "--best", "--cross-device", "-o", str(tmp_path / "x.onnx")]) == 2
     assert "one file per device group" in capsys.readouterr().err and not (tmp_path / "x.onnx").exists()

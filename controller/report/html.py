@@ -598,6 +598,13 @@ def _searches(report: dict[str, Any], ns: SampleSizes) -> dict[str, Any]:
             if t.get("id") is None:
                 targets.append(f"{s.get('name')} ({t.get('model')}): no candidate with accuracy loss ≤ {loss} on "
                                "every device")
+            elif len(t.get("parts") or []) > 1:  # a recipe split across the devices: one candidate per part
+                per_part = "; ".join(f"{', '.join(p.get('devices') or [])}: {p.get('label') or p.get('id')} "
+                                     f"[{p.get('recipe')}], {_SIZE.fmt(p.get('size_bytes'))}" for p in t["parts"])
+                targets.append(
+                    f"{s.get('name')} ({t.get('model')}): {per_part}; worst agreement "
+                    f"{_pct(t.get('worst_agreement')).text} % ({ns.agreement}), loss ≤ {loss} on every device; "
+                    f"found after {_seconds(t.get('found_after_s')).text} s")
             else:
                 targets.append(
                     f"{s.get('name')} ({t.get('model')}): {t.get('label') or t.get('id')} [{t.get('recipe')}], "

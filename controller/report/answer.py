@@ -217,18 +217,16 @@ def split_parts(report: dict[str, Any], model: str, devices: list[str]) -> list[
 def _combined(parts: list[tuple[list[str], _Option]]) -> _Option:
     """One cross-device option from each part's pick: the worst values over the parts (its file and
     candidate: the part's with the largest file)."""
-    largest = max((o for _, o in parts), key=lambda o: o.size if o.size is not None else math.inf)
-    slowest = max((o for _, o in parts if o.latency is not None), key=lambda o: float(o.latency or 0.0),
-                  default=None)
-    lat_known = all(o.latency is not None for _, o in parts)
-    accs = [o.accuracy for _, o in parts]
-    ns = [o.n for _, o in parts if o.n is not None]
-    sizes = [o.size for _, o in parts]
-    return _Option(largest.cand, min(o.order for _, o in parts), {d: r for _, o in parts for d, r in o.results.items()},
-                   min(o.agreement for _, o in parts), None if None in sizes else max(s for s in sizes if s is not None),
-                   slowest.latency if lat_known and slowest else None, slowest.p10 if lat_known and slowest else None,
-                   slowest.p90 if lat_known and slowest else None,
-                   slowest.latency_device if lat_known and slowest else None,
+    options = [o for _, o in parts]
+    largest = max(options, key=lambda o: o.size if o.size is not None else math.inf)
+    slowest = None if any(o.latency is None for o in options) else max(options, key=lambda o: float(o.latency or 0.0))
+    sizes = [o.size for o in options]
+    accs = [o.accuracy for o in options]
+    ns = [o.n for o in options if o.n is not None]
+    return _Option(largest.cand, min(o.order for o in options), {d: r for o in options for d, r in o.results.items()},
+                   min(o.agreement for o in options), None if None in sizes else max(s for s in sizes if s is not None),
+                   *((slowest.latency, slowest.p10, slowest.p90, slowest.latency_device) if slowest is not None
+                     else (None, None, None, None)),
                    None if None in accs else min(a for a in accs if a is not None), min(ns) if ns else None,
                    parts=list(parts))
 

@@ -430,6 +430,12 @@ class AgentServer:
             options=[("grpc.so_reuseport", 0)],
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        try:  # a plain bind first: its error says why in words (gRPC's bind only logs it)
+            with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as trial:
+                trial.bind((host, port))
+        except OSError as exc:
+            main.stop(None)
+            raise MetricsBindError(host, port, str(exc.strerror or exc), "--health-listen", "health") from None
         try:
             bound = server.add_insecure_port(hostport((host, port)))
         except RuntimeError as exc:  # grpc raises RuntimeError for a failed bind

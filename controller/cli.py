@@ -9,11 +9,14 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from tuneqn import __version__
 from tuneqn.controller.config import StudyConfig, load_config, parse_config
 from tuneqn.controller.errors import StudyFailed, UserError
+
+if TYPE_CHECKING:
+    from tuneqn.controller.certs import LabHosts
 
 log = logging.getLogger(__name__)
 
@@ -691,7 +694,7 @@ def cmd_certs(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_host_certs(lab: Any, days: int) -> int:
+def _print_host_certs(lab: LabHosts, days: int) -> int:
     """What ``tuneqn certs --host`` wrote and how each side uses it."""
     made = {p for p in lab.created}
     kept = [p.name for p in (lab.ca_cert, lab.controller_cert) if p not in made]

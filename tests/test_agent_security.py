@@ -328,3 +328,16 @@ def test_agent_server_refuses_side_listeners_off_loopback_too(tmp_path: Path) ->
         with pytest.raises(ValueError, match=needle):
             AgentServer(AgentConfig(state_dir=tmp_path / "state", **fields), [OrtBackend(DEVICE)])
     assert not (tmp_path / "state").exists()
+
+
+def test_a_health_port_in_use_is_one_line_naming_the_flag_exit_2(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        done = _agent_cli(tmp_path, "--health-listen", f"127.0.0.1:{port}")
+    assert done.returncode == 2 and done.stdout == "", done.stderr  # never announced itself as listening
+    (line,) = done.stderr.strip().splitlines()
+    assert line == f"tuneqn-agent: error: cannot serve health: --health-listen 127.0.0.1:{port}: Address already in use"

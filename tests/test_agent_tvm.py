@@ -159,7 +159,8 @@ def test_compiler_command_cache_key_and_lru_eviction(tvm_models, tmp_path: Path)
 def test_compile_cache_pins_the_libraries_jobs_hold(tvm_models, tmp_path: Path) -> None:
     """A cache too small for any library (1 byte) and two jobs: the first job's library, compiled
     ahead while it was queued, is not evicted by the second job's build before the first loads
-    it; both stay while their jobs hold them, and each goes once its job releases it."""
+    it; both stay while their jobs hold them, and each goes once its job releases it (or, for a
+    job cancelled while queued, once the agent forgets its compile-ahead build)."""
     from tuneqn.agent.backends.base import LoadOptions
     from tuneqn.agent.backends.tvm import create_lanes
 
@@ -185,6 +186,13 @@ def test_compile_cache_pins_the_libraries_jobs_hold(tvm_models, tmp_path: Path) 
         lane.release(held_second)  # a second release changes nothing
         assert cache.pinned() == {held_first.built.key: 1}
         lane.release(held_first)
+        assert cache.pinned() == {} and cache.usage() == (0, 0)
+
+        # a queued job cancelled before it ran: its compile-ahead library is unpinned (and evicted)
+        lane.prepare_ahead(first, options)
+        ahead = lane.pool._ahead[lane.pool._ahead_key(sha256(first), options)].result(timeout=120)
+        assert cache.pinned() == {ahead.key: 1} and ahead.path.is_file()
+        lane.forget_ahead(first, options)
         assert cache.pinned() == {} and cache.usage() == (0, 0)
     finally:
         lane.close()

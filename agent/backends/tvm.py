@@ -535,6 +535,15 @@ class TvmPool:
             except BaseException as exc:  # thread boundary: the job that loads it re-raises it
                 future.set_exception(exc)
 
+    def forget_ahead(self, model_path: Path, options: LoadOptions) -> None:
+        """The queued job of this model was cancelled: its compile-ahead build (if any) is not
+        waited for by anyone, and its library is unpinned once built."""
+        key = self._ahead_key(self.model_sha256(model_path), options)
+        with self._lock:
+            future = self._ahead.pop(key, None)
+        if future is not None:
+            self._drop_ahead(future)
+
     def _drop_ahead(self, future: Future[Built]) -> None:
         """Forget a compile-ahead build nobody will load: its pin goes once it is done."""
         if future.cancel():
@@ -676,6 +685,10 @@ class TvmBackend(Backend):
     def prepare_ahead(self, model_path: Path, options: LoadOptions) -> None:
         """Queue the model's build on the pool's compile thread."""
         self.pool.compile_ahead(model_path, options)
+
+    def forget_ahead(self, model_path: Path, options: LoadOptions) -> None:
+        """Drop the cancelled job's compile-ahead build (its library's pin)."""
+        self.pool.forget_ahead(model_path, options)
 
     def close(self) -> None:
         """Stop the pool's threads (once per agent)."""

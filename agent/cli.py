@@ -10,7 +10,9 @@ results are kept. A second SIGTERM/SIGINT during the drain interrupts running jo
 once (they stay queued the same way) and the agent exits as after a normal stop. With ``--stop-on-stdin-eof`` the end of stdin does the same, so a
 parent that starts the agent with a stdin pipe never leaves it behind, even when the
 parent is SIGKILLed. ``--metrics-listen HOST:PORT`` serves Prometheus metrics
-(:mod:`tuneqn.agent.metrics`) at ``/metrics``.
+(:mod:`tuneqn.agent.metrics`) at ``/metrics``; off loopback only with ``--metrics-public``.
+``--health-listen 127.0.0.1:PORT`` serves the standard gRPC health service alone, plaintext,
+on loopback (a container's HEALTHCHECK needs no client key then; see :mod:`tuneqn.agent.probe`).
 
 Security: on a loopback address anything goes. Off loopback the agent needs a bearer
 token over TLS (``--token-file`` + ``--tls-cert/--tls-key``) or mutual TLS (``--tls-ca``);
@@ -47,6 +49,7 @@ from tuneqn.agent.config import (
     AgentConfig,
     TvmSettings,
     is_loopback,
+    listen_problem,
     security_problem,
 )
 
@@ -220,7 +223,22 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="HOST:PORT",
         help="serve Prometheus metrics at http://HOST:PORT/metrics (jobs by state and "
         "device, queue lengths, cache bytes, job durations); off unless given "
-        "(env TUNEQN_AGENT_METRICS_LISTEN)",
+        "(env TUNEQN_AGENT_METRICS_LISTEN); off loopback only with --metrics-public",
+    )
+    p.add_argument(
+        "--metrics-public",
+        action="store_true",
+        default=_env_flag("TUNEQN_AGENT_METRICS_PUBLIC"),
+        help="allow --metrics-listen off loopback; the endpoint has no authentication, so keep it "
+        "behind a firewall (env TUNEQN_AGENT_METRICS_PUBLIC=1)",
+    )
+    p.add_argument(
+        "--health-listen",
+        default=env("TUNEQN_AGENT_HEALTH_LISTEN"),
+        metavar="HOST:PORT",
+        help="also serve the standard gRPC health service (and nothing else) in plaintext on this "
+        "loopback address, for local health checks that hold no client key "
+        "(python -m tuneqn.agent.probe uses it); off unless given (env TUNEQN_AGENT_HEALTH_LISTEN)",
     )
     _add_tvm_arguments(p)
     p.add_argument("--version", action="version", version=f"%(prog)s {tuneqn.__version__}")
@@ -433,7 +451,7 @@ def main(argv: list[str] | None = None) -> int:
         server.start()
     except MetricsBindError as exc:
         server.stop(grace=0)
-        print(f"{PROG}: error: cannot serve metrics: --metrics-listen {exc.address}: {exc.reason}",
+        print(f"{PROG}: error: cannot serve {exc.what}: {exc.flag} {exc.address}: {exc.reason}",
               file=sys.stderr)
         return 2
     except RuntimeError as exc:
@@ -603,6 +621,12 @@ def _validate(args: argparse.Namespace) -> tuple[AgentConfig, str, str]:
     metrics_host, metrics_port = (
         parse_listen(args.metrics_listen, "--metrics-listen") if args.metrics_listen else (None, 0)
     )
+    health_host, health_port = (
+        parse_listen(args.health_listen, "--health-listen") if args.health_listen else (None, 0)
+    )
+    problem = listen_problem(health_host, health_port, metrics_host, metrics_port, args.metrics_public)
+    if problem is not None:
+        raise UsageError(problem)
     _validate_tvm(args)
     token = None
     if args.token_file:
@@ -654,6 +678,9 @@ def _validate(args: argparse.Namespace) -> tuple[AgentConfig, str, str]:
         quiet_lock=quiet_lock,
         metrics_host=metrics_host,
         metrics_port=metrics_port,
+        metrics_public=args.metrics_public,
+        health_host=health_host,
+        health_port=health_port,
         drain_seconds=args.drain_seconds,
     )
     return config, device_name, args.device_class or device_name

@@ -29,6 +29,9 @@ class AgentConfig:
     quiet_lock: Path | None = None  # see tuneqn.agent.quiet
     metrics_host: str | None = None  # set: serve Prometheus metrics on metrics_host:metrics_port
     metrics_port: int = 0  # 0 = a free port (AgentServer.metrics_port tells which)
+    metrics_public: bool = False  # allow a metrics_host off loopback (the endpoint has no auth)
+    health_host: str | None = None  # set: plaintext gRPC health only, on a loopback address
+    health_port: int = 0  # 0 = a free port (AgentServer.health_port tells which)
     drain_seconds: float = 0.0  # on stop, running jobs get this long to finish
 
 
@@ -40,6 +43,23 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def listen_problem(health_host: str | None, health_port: int, metrics_host: str | None, metrics_port: int,
+                   metrics_public: bool) -> str | None:
+    """Why these side listeners are refused (None: allowed).
+
+    The health listener is plaintext without auth and must stay on loopback (a container's
+    HEALTHCHECK, a local supervisor); the metrics endpoint has no auth either and goes off
+    loopback only with ``metrics_public`` (``--metrics-public``).
+    """
+    if health_host is not None and not is_loopback(health_host):
+        return (f"--health-listen {hostport((health_host, health_port))}: not a loopback address (the health "
+                "listener is plaintext for local checks only; use 127.0.0.1 or ::1)")
+    if metrics_host is not None and not metrics_public and not is_loopback(metrics_host):
+        return (f"--metrics-listen {hostport((metrics_host, metrics_port))}: not a loopback address and the "
+                "metrics have no authentication; add --metrics-public to serve them off loopback")
+    return None
 
 
 def security_problem(host: str, token: bool, tls: bool, client_ca: bool) -> str | None:

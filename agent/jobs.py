@@ -23,7 +23,8 @@ exclusive lock that co-located tuneqn processes respect.
 
 Backends may join while the agent runs (:meth:`JobManager.add_backend`, e.g. a phone
 registering at a TVM tracker); each gets its own worker. Per job the manager calls the
-backend's hooks: ``prepare_ahead`` when the job is queued (compile-ahead), ``release``
+backend's hooks: ``prepare_ahead`` when the job is queued (compile-ahead; ``forget_ahead`` when
+it is cancelled before it ran), ``release``
 when it ends, success or not. A backend raising
 :class:`~tuneqn.agent.backends.base.Infeasible` ends the job FAILED with
 ``JobResult.infeasible`` (final: a retry gives the same answer).
@@ -550,6 +551,10 @@ class JobManager:
                     job_id, "CANCELLED", result=result.SerializeToString(), error=result.error
                 )
                 self._blobs.unpin([job.spec.model_sha256, job.spec.dataset_sha256])
+                self._backends[job.device].forget_ahead(
+                    self._blobs.path(job.spec.model_sha256),
+                    LoadOptions(input_name=job.spec.input_name, backend_options=job.spec.backend_options),
+                )
                 self._publish(job, pb.CANCELLED, "done", final_result=result)
                 log.info("job %s cancelled while queued", job_id)
                 return pb.CANCELLED

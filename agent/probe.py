@@ -4,7 +4,9 @@ Asks the agent's standard gRPC health service about ``tuneqn.v1.Agent``. Exit 0 
 answers SERVING; 1 otherwise, with one line on stderr saying why (not serving, refused,
 TLS failure, timeout); 2 for bad arguments or unreadable TLS files.
 
-Without an address it probes the agent of this host as configured by
+Without an address it probes the agent of this host: its plaintext loopback health listener
+when ``TUNEQN_AGENT_HEALTH_LISTEN`` is set (``tuneqn-agent --health-listen``; no TLS, no key:
+the TLS settings below are not used), else the agent's address as configured by
 ``TUNEQN_AGENT_LISTEN`` (``localhost`` for a wildcard host; port 50051 by default). TLS
 files default to ``TUNEQN_PROBE_TLS_CA`` / ``_CERT`` / ``_KEY``: ``--tls-ca`` verifies the
 agent's certificate (the address's host must be one of its names), ``--tls-cert`` and
@@ -24,7 +26,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tuneqn.agent.cli import UsageError, _Parser, _read_file, parse_listen
 
-__all__ = ["default_address", "main", "probe"]
+__all__ = ["default_address", "default_target", "main", "probe"]
 
 PROG = "python -m tuneqn.agent.probe"
 SERVICE = "tuneqn.v1.Agent"
@@ -40,6 +42,15 @@ def default_address(listen: str | None = None) -> str:
     if not sep or not port.isdigit():
         return f"localhost:{DEFAULT_PORT}"
     return f"{'localhost' if host in _WILDCARD_HOSTS else host}:{port}"
+
+
+def default_target() -> tuple[str, bool]:
+    """``HOST:PORT`` to probe without an address, and whether it is the plaintext health listener
+    (``TUNEQN_AGENT_HEALTH_LISTEN``, preferred) rather than the agent's own port."""
+    health = os.environ.get("TUNEQN_AGENT_HEALTH_LISTEN", "").strip()
+    if health:
+        return default_address(health), True
+    return default_address(), False
 
 
 def probe(address: str, tls_ca: bytes | None = None, tls_cert: bytes | None = None,
@@ -72,7 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     env = os.environ.get
     p = _Parser(prog=PROG, description="Exit 0 if the tuneqn agent at HOST:PORT is serving, 1 if not.")
     p.add_argument("address", nargs="?", default=None, metavar="HOST:PORT",
-                   help="the agent (default: from TUNEQN_AGENT_LISTEN, localhost for 0.0.0.0)")
+                   help="the agent (default: its loopback health listener TUNEQN_AGENT_HEALTH_LISTEN, "
+                   "plaintext; else TUNEQN_AGENT_LISTEN, localhost for 0.0.0.0)")
     p.add_argument("--tls-ca", default=env("TUNEQN_PROBE_TLS_CA"), metavar="F",
                    help="CA that signed the agent's certificate; enables TLS (env TUNEQN_PROBE_TLS_CA)")
     p.add_argument("--tls-cert", default=env("TUNEQN_PROBE_TLS_CERT"), metavar="F",
@@ -92,11 +104,11 @@ def main(argv: list[str] | None = None) -> int:
             raise UsageError("--tls-cert needs --tls-ca (the CA that signed the agent's certificate)")
         if not args.timeout > 0:
             raise UsageError(f"--timeout must be > 0, got {args.timeout:g}")
-        address = args.address or default_address()
+        address, plaintext = (args.address, False) if args.address else default_target()
         parse_listen(address, "address")
-        ca = _read_file(args.tls_ca, "TLS CA") if args.tls_ca else None
-        cert = _read_file(args.tls_cert, "TLS certificate") if args.tls_cert else None
-        key = _read_file(args.tls_key, "TLS key") if args.tls_key else None
+        ca = _read_file(args.tls_ca, "TLS CA") if args.tls_ca and not plaintext else None
+        cert = _read_file(args.tls_cert, "TLS certificate") if args.tls_cert and not plaintext else None
+        key = _read_file(args.tls_key, "TLS key") if args.tls_key and not plaintext else None
     except UsageError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2

@@ -20,7 +20,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 import tuneqn
 from tuneqn.agent.auth import BearerTokenInterceptor
 from tuneqn.agent.backends.base import Backend, DeviceDescription
-from tuneqn.agent.config import AgentConfig, security_problem
+from tuneqn.agent.config import AgentConfig, hostport, listen_problem, security_problem
 from tuneqn.agent.blobs import BlobStore, BlobTooLarge, InvalidBlob, check_sha256
 from tuneqn.agent.jobs import (
     DEFAULT_HEARTBEAT_SECONDS,
@@ -109,13 +109,15 @@ def last_failure(state: AgentState) -> pb.JobFailure | None:
 
 
 class MetricsBindError(RuntimeError):
-    """The metrics endpoint (``--metrics-listen``) cannot bind its address."""
+    """A side listener (``--metrics-listen``, ``--health-listen``: ``flag``) cannot bind its address."""
 
-    def __init__(self, host: str, port: int, reason: str) -> None:
-        shown = f"[{host}]" if ":" in host else host
-        self.address = f"{shown}:{port}"
+    def __init__(self, host: str, port: int, reason: str, flag: str = "--metrics-listen",
+                 what: str = "metrics") -> None:
+        self.address = hostport((host, port))
         self.reason = reason
-        super().__init__(f"cannot serve metrics on {self.address}: {reason}")
+        self.flag = flag
+        self.what = what
+        super().__init__(f"cannot serve {what} on {self.address}: {reason}")
 
 
 class AgentServicer(agent_pb2_grpc.AgentServicer):
@@ -282,6 +284,10 @@ class AgentServer:
         )
         if problem is not None and not config.insecure:
             raise ValueError(f"refusing to serve on non-loopback {config.host} {problem}")
+        side = listen_problem(config.health_host, config.health_port, config.metrics_host, config.metrics_port,
+                              config.metrics_public)
+        if side is not None:
+            raise ValueError(side)
         self.config = config
         self.quiet_lock = QuietLock(config.quiet_lock) if config.quiet_lock is not None else None
         self.state_dir = Path(config.state_dir)
@@ -317,7 +323,9 @@ class AgentServer:
         self.started_at = time.time()
         self.health = health.HealthServicer()
         self._server: grpc.Server | None = None
+        self._health_server: grpc.Server | None = None
         self.port: int = 0
+        self.health_port: int = 0  # of the plaintext loopback health listener (0: none)
 
     @property
     def backends(self) -> dict[str, Backend]:
@@ -383,17 +391,23 @@ class AgentServer:
             self.port = server.add_insecure_port(target)
         if self.port == 0:  # older grpc versions report a failed bind this way
             raise RuntimeError(f"cannot bind {target}")
+        health_server = self._health_listener(server) if self.config.health_host is not None else None
         if self.config.metrics_host is not None:
             try:
                 self.metrics.serve(self.config.metrics_host, self.config.metrics_port)
             except OSError as exc:
                 server.stop(None)
+                if health_server is not None:
+                    health_server.stop(None)
                 raise MetricsBindError(
                     self.config.metrics_host, self.config.metrics_port, str(exc.strerror or exc)
                 ) from None
         self.jobs.start()
         server.start()
         self._server = server
+        if health_server is not None:
+            health_server.start()
+            self._health_server = health_server
         for service in ("", SERVICE_NAME):
             self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
         log.info(
@@ -403,7 +417,36 @@ class AgentServer:
             mhost = self.config.metrics_host or ""
             mhost = f"[{mhost}]" if ":" in mhost else mhost
             log.info("metrics on http://%s:%d/metrics", mhost, self.metrics.port)
+        if self.health_port:
+            log.info("plaintext gRPC health on %s", hostport((self.config.health_host or "", self.health_port)))
         return self.port
+
+    def _health_listener(self, main: grpc.Server) -> grpc.Server:
+        """The plaintext loopback server of ``--health-listen``: the health service and nothing
+        else (no token, no TLS: it says SERVING or not, and drives nothing)."""
+        host, port = self.config.health_host or "", self.config.health_port
+        server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="tuneqn-health"),
+            options=[("grpc.so_reuseport", 0)],
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        try:  # a plain bind first: its error says why in words (gRPC's bind only logs it)
+            with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as trial:
+                trial.bind((host, port))
+        except OSError as exc:
+            main.stop(None)
+            raise MetricsBindError(host, port, str(exc.strerror or exc), "--health-listen", "health") from None
+        try:
+            bound = server.add_insecure_port(hostport((host, port)))
+        except RuntimeError as exc:  # grpc raises RuntimeError for a failed bind
+            bound, reason = 0, str(exc)
+        else:
+            reason = "address in use or not available"
+        if bound == 0:
+            main.stop(None)
+            raise MetricsBindError(host, port, reason, "--health-listen", "health")
+        self.health_port = bound
+        return server
 
     def stop(self, grace: float = 2.0, drain_seconds: float | None = None) -> None:
         """Stop taking work, let running jobs finish within the drain time, stop the server.
@@ -418,6 +461,9 @@ class AgentServer:
         if self._server is not None:
             self._server.stop(grace).wait()
             self._server = None
+        if self._health_server is not None:
+            self._health_server.stop(None).wait()
+            self._health_server = None
         for backend in self.jobs.backends():
             backend.close()
         self.metrics.close()

@@ -9,11 +9,14 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from tuneqn import __version__
 from tuneqn.controller.config import StudyConfig, load_config, parse_config
 from tuneqn.controller.errors import StudyFailed, UserError
+
+if TYPE_CHECKING:
+    from tuneqn.controller.certs import LabHosts
 
 log = logging.getLogger(__name__)
 
@@ -667,9 +670,16 @@ def cmd_agents(args: argparse.Namespace) -> int:
 
 
 def cmd_certs(args: argparse.Namespace) -> int:
-    """Create a lab CA, an agent server certificate and a controller client certificate for mTLS."""
-    from tuneqn.controller.certs import DEFAULT_AGENT_HOSTS, write_lab_certs
+    """Create the lab's mTLS certificates: one key pair per agent host (``--host``), or the older
+    layout with one agent certificate for every ``--agent-host``."""
+    from tuneqn.controller.certs import DEFAULT_AGENT_HOSTS, write_host_certs, write_lab_certs
 
+    if args.host:
+        if args.agent_host or args.ca_from:
+            flag = "--agent-host" if args.agent_host else "--ca-from"
+            raise UserError(f"{flag}: not with --host (--host adds hosts to OUT_DIR's own CA, one key pair each)")
+        return _print_host_certs(write_host_certs(Path(args.out_dir), args.host, days=args.days, force=args.force),
+                                 args.days)
     hosts = args.agent_host or list(DEFAULT_AGENT_HOSTS)
     ca_from = Path(args.ca_from) if args.ca_from else None
     c = write_lab_certs(Path(args.out_dir), hosts, days=args.days, force=args.force, ca_from=ca_from)
@@ -684,6 +694,23 @@ def cmd_certs(args: argparse.Namespace) -> int:
     print(f"controller: [[agents]] tls_ca = \"{c.ca_cert.resolve()}\"  tls_cert = \"{c.controller_cert.resolve()}\"  "
           f"tls_key = \"{c.controller_key.resolve()}\"")
     print(f"keep {c.ca_key} off the agents (it signs certificates); copy only ca.pem, agent.pem, agent.key there")
+    print("one key pair per host instead: tuneqn certs OUT_DIR --host NAME [--host NAME]...")
+    return 0
+
+
+def _print_host_certs(lab: LabHosts, days: int) -> int:
+    """What ``tuneqn certs --host`` wrote and how each side uses it."""
+    made = {p for p in lab.created}
+    kept = [p.name for p in (lab.ca_cert, lab.controller_cert) if p not in made]
+    if kept:
+        print(f"kept {' and '.join(kept)} (and their keys) in {lab.ca_cert.parent}")
+    for host in lab.hosts:
+        print(f"host {host.name}: wrote {host.folder}/ (agent.pem, agent.key mode 0600, ca.pem) for "
+              f"{', '.join(host.names)}; valid {days} days or until the CA expires; copy only this folder there")
+        print(f"  agent: tuneqn-agent --tls-cert {host.cert} --tls-key {host.key} --tls-ca {host.ca_cert} ...")
+    print(f"controller: [[agents]] tls_ca = \"{lab.ca_cert.resolve()}\"  tls_cert = \"{lab.controller_cert.resolve()}\"  "
+          f"tls_key = \"{lab.controller_key.resolve()}\"")
+    print(f"keep {lab.ca_key} and {lab.controller_key} off the agents")
     return 0
 
 
@@ -765,13 +792,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
     p.set_defaults(func=cmd_agents)
 
-    p = sub.add_parser("certs", help="create a CA, an agent and a controller certificate for mutual TLS in a lab")
-    p.add_argument("out_dir", metavar="OUT_DIR", help="folder for ca.pem/.key, agent.pem/.key, controller.pem/.key")
+    p = sub.add_parser("certs", help="create a lab CA, a controller certificate and one key pair per agent host "
+                                     "(--host) for mutual TLS")
+    p.add_argument("out_dir", metavar="OUT_DIR", help="the lab's folder: ca.pem/.key, controller.pem/.key and, per "
+                   "--host, hosts/NAME/ (agent.pem/.key, ca.pem); without --host: agent.pem/.key for every --agent-host")
+    p.add_argument("--host", action="append", metavar="NAME[,ALIAS...]",
+                   help="an agent host: its own key pair in OUT_DIR/hosts/NAME/ (subjectAltNames: NAME and the "
+                        "aliases, host names or IP addresses); repeatable; on an existing OUT_DIR its CA and "
+                        "controller certificate are kept and only the new hosts' files are written")
     p.add_argument("--agent-host", action="append", metavar="NAME_OR_IP",
-                   help="a host name or IP address the agents are reached by (repeatable; "
+                   help="older layout: one agent.pem/agent.key shared by the agents of these names (repeatable; "
                         "default: 127.0.0.1 and localhost)")
     p.add_argument("--days", type=_days, default=365, help="validity in days (default 365)")
-    p.add_argument("--force", action="store_true", help="replace certificates already in OUT_DIR")
+    p.add_argument("--force", action="store_true", help="replace certificates already in OUT_DIR (with --host: "
+                   "only the named hosts' files)")
     p.add_argument("--ca-from", metavar="DIR", help="sign with the CA of an earlier 'tuneqn certs' folder (adding a "
                    "host to a lab: the other agents and the controller keep their certificates)")
     p.set_defaults(func=cmd_certs)

@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from conftest import free_port
 from tuneqn.agent.probe import default_address
-from tuneqn.controller.certs import write_lab_certs  # the test makes certificates; the probe never imports this
+from tuneqn.controller.certs import write_host_certs, write_lab_certs  # the test makes certificates; the probe never imports this
 from tuneqn.controller.farm.local import LocalAgent
 
 
@@ -63,6 +64,30 @@ def test_an_mtls_agent_is_serving_to_a_client_certificate_and_refuses_none(tmp_p
     for refused in (no_client_cert, plaintext):
         assert refused.returncode == 1
         assert refused.stderr.count("\n") == 1 and "not serving: " in refused.stderr, refused.stderr
+
+
+def test_the_loopback_health_listener_is_probed_without_any_key(tmp_path: Path) -> None:
+    """An mTLS agent with its own host key and ``--health-listen``: the probe (as a HEALTHCHECK runs
+    it, from the environment) needs no client certificate; the main port still refuses plaintext."""
+    lab = write_host_certs(tmp_path / "lab", ["localhost,127.0.0.1"])
+    (host,) = lab.hosts
+    health = f"127.0.0.1:{free_port()}"
+    agent = LocalAgent(tmp_path / "agent", device_name="cpu-1", extra_args=[
+        "--tls-cert", str(host.cert), "--tls-key", str(host.key), "--tls-ca", str(host.ca_cert),
+        "--health-listen", health])
+    with agent:
+        port = agent.address.rpartition(":")[2]
+        env = {**_base_env(), "TUNEQN_AGENT_LISTEN": f"0.0.0.0:{port}", "TUNEQN_AGENT_HEALTH_LISTEN": health}
+        ok = run_probe(env=env)
+        # stale client-key settings are not used for the plaintext listener
+        ok_stale = run_probe(env={**env, "TUNEQN_PROBE_TLS_CA": "/nonexistent/ca.pem"})
+        main_port = run_probe("--timeout", "10", env={k: v for k, v in env.items() if k != "TUNEQN_AGENT_HEALTH_LISTEN"}
+                              | {"TUNEQN_PROBE_TLS_CA": str(host.ca_cert)})
+    assert ok.returncode == 0 and ok.stderr == "", ok.stderr
+    assert ok_stale.returncode == 0 and ok_stale.stderr == "", ok_stale.stderr
+    assert main_port.returncode == 1 and "not serving" in main_port.stderr  # no client key: refused
+    after = run_probe("--timeout", "10", env=env)
+    assert after.returncode == 1 and after.stderr.count("\n") == 1 and f"{health}: UNAVAILABLE" in after.stderr
 
 
 @pytest.mark.parametrize("args, message", [

@@ -240,3 +240,104 @@ def _token(tmp_path: Path) -> Path:
     t = tmp_path / "token"
     t.write_text("s3cret-token\n")
     return t
+
+
+# ---------------------------------------------------------------------- side listeners: health, metrics
+
+
+def test_loopback_health_listener_needs_no_key_while_the_main_port_demands_mtls(
+        agent_factory, client_factory, pki: Path, tmp_path: Path) -> None:
+    def read(name: str) -> bytes:
+        return (pki / name).read_bytes()
+
+    server = agent_factory(tls_cert=read("server.pem"), tls_key=read("server.key"), tls_ca=read("ca.pem"),
+                           health_host="127.0.0.1", health_port=0)
+    assert server.health_port and server.health_port != server.port
+    with grpc.insecure_channel(f"127.0.0.1:{server.health_port}") as channel:  # no TLS, no key, no token
+        health = health_pb2_grpc.HealthStub(channel)
+        for service in ("", "tuneqn.v1.Agent"):
+            reply = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=10)
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING, service
+        with pytest.raises(grpc.RpcError) as err:  # the health service and nothing else
+            agent_pb2_grpc.AgentStub(channel).GetInfo(pb.GetInfoRequest(), timeout=10)
+        assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:  # the main port: mTLS only
+        with pytest.raises(grpc.RpcError) as err:
+            health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    with pytest.raises(grpc.RpcError):
+        client_factory(server, tls_ca=pki / "ca.pem", timeout=5.0).info()  # TLS without a client certificate
+    client = client_factory(server, tls_ca=pki / "ca.pem", tls_cert=pki / "client.pem", tls_key=pki / "client.key")
+    assert client.info().agent_id == server.agent_id
+    port = server.health_port
+    server.stop(grace=0.1)
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:  # gone with the agent
+        with pytest.raises(grpc.RpcError):
+            health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+
+
+def _agent_cli(tmp_path: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "tuneqn.agent", "--listen", "127.0.0.1:0", "--state-dir", str(tmp_path / "state"),
+         *args], capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL,
+        env={**{k: v for k, v in os.environ.items() if not k.startswith("TUNEQN_AGENT_")}, **(env or {})})
+
+
+@pytest.mark.parametrize(("args", "env", "needle"), [
+    (["--metrics-listen", "0.0.0.0:9100"], {}, "--metrics-listen 0.0.0.0:9100: not a loopback address"),
+    ([], {"TUNEQN_AGENT_METRICS_LISTEN": "192.0.2.7:9100"}, "--metrics-listen 192.0.2.7:9100: not a loopback"),
+    (["--metrics-listen", "[::]:9100"], {}, "--metrics-listen [::]:9100: not a loopback address"),
+    (["--health-listen", "0.0.0.0:9101"], {}, "--health-listen 0.0.0.0:9101: not a loopback address"),
+    (["--health-listen", "0.0.0.0:9101", "--insecure"], {}, "--health-listen 0.0.0.0:9101: not a loopback"),
+])
+def test_side_listeners_off_loopback_are_refused_in_one_line(
+        args: list[str], env: dict[str, str], needle: str, tmp_path: Path) -> None:
+    done = _agent_cli(tmp_path, *args, env=env)
+    assert done.returncode == 2 and done.stdout == "", done.stderr
+    (line,) = done.stderr.strip().splitlines()
+    assert line.startswith("tuneqn-agent: error: ") and needle in line, line
+    if "metrics" in needle:
+        assert "--metrics-public" in line
+    assert not (tmp_path / "state").exists()
+
+
+def test_metrics_off_loopback_with_the_explicit_flag_and_on_loopback_without(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from tuneqn.agent import cli
+
+    for name in [k for k in os.environ if k.startswith("TUNEQN_AGENT_")]:
+        monkeypatch.delenv(name)
+    for argv, env in ((["--metrics-listen", "0.0.0.0:9100", "--metrics-public"], "0"),
+                      (["--metrics-listen", "0.0.0.0:9100"], "1")):
+        monkeypatch.setenv("TUNEQN_AGENT_METRICS_PUBLIC", env)
+        config, _, _ = cli._validate(cli.build_parser().parse_args(argv))
+        assert (config.metrics_host, config.metrics_port, config.metrics_public) == ("0.0.0.0", 9100, True)
+    monkeypatch.delenv("TUNEQN_AGENT_METRICS_PUBLIC")
+    for host in ("127.0.0.1", "localhost", "[::1]"):
+        config, _, _ = cli._validate(cli.build_parser().parse_args(["--metrics-listen", f"{host}:0"]))
+        assert not config.metrics_public and config.metrics_host == host.strip("[]")
+
+
+def test_agent_server_refuses_side_listeners_off_loopback_too(tmp_path: Path) -> None:
+    from tuneqn.agent.backends.ort import OrtBackend
+    from tuneqn.agent.config import AgentConfig
+    from tuneqn.agent.server import AgentServer
+
+    for fields, needle in (({"metrics_host": "0.0.0.0"}, "--metrics-public"),
+                           ({"health_host": "0.0.0.0"}, "--health-listen")):
+        with pytest.raises(ValueError, match=needle):
+            AgentServer(AgentConfig(state_dir=tmp_path / "state", **fields), [OrtBackend(DEVICE)])
+    assert not (tmp_path / "state").exists()
+
+
+def test_a_health_port_in_use_is_one_line_naming_the_flag_exit_2(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        done = _agent_cli(tmp_path, "--health-listen", f"127.0.0.1:{port}")
+    assert done.returncode == 2 and done.stdout == "", done.stderr  # never announced itself as listening
+    (line,) = done.stderr.strip().splitlines()
+    assert line == f"tuneqn-agent: error: cannot serve health: --health-listen 127.0.0.1:{port}: Address already in use"

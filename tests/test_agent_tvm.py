@@ -156,6 +156,65 @@ def test_compiler_command_cache_key_and_lru_eviction(tvm_models, tmp_path: Path)
     assert small.lookup(sha256(fp32), custom) is None
 
 
+def test_compile_cache_pins_the_libraries_jobs_hold(tvm_models, tmp_path: Path) -> None:
+    """A cache too small for any library (1 byte) and two jobs: the first job's library, compiled
+    ahead while it was queued, is not evicted by the second job's build before the first loads
+    it; both stay while their jobs hold them, and each goes once its job releases it (or, for a
+    job cancelled while queued, once the agent forgets its compile-ahead build)."""
+    from tuneqn.agent.backends.base import LoadOptions
+    from tuneqn.agent.backends.tvm import create_lanes
+
+    (lane,) = create_lanes("cpu", "cpu-class", TvmSettings(cache_bytes=1), tmp_path / "state")
+    lane.start(lambda backend: None)
+    try:
+        cache, options = lane.pool.cache, LoadOptions()
+        first, second = tvm_models["fp32"], tvm_models["qdq"]
+        lane.prepare_ahead(first, options)  # queued: compiled ahead, held for the job
+        lane.pool._ahead[lane.pool._ahead_key(sha256(first), options)].result(timeout=120)
+        held_second = lane.load(second, options)  # another job builds meanwhile: eviction runs
+        held_first = lane.load(first, options)  # the first job loads its library now
+        assert held_first.built is not None and held_second.built is not None
+        assert not held_second.compile_cache_hit and held_first.compile_seconds > 0  # the ahead build
+        assert held_first.built.path.is_file() and held_second.built.path.is_file()
+        assert cache.pinned() == {held_first.built.key: 1, held_second.built.key: 1}
+        data = cnn_samples(4)
+        for handle, model in ((held_first, first), (held_second, second)):
+            np.testing.assert_array_equal(topk(lane.predict(handle, data), 3), topk(ort_scores(model, data), 3))
+
+        lane.release(held_second)  # unpinned and over the limit: evicted now
+        assert not held_second.built.path.exists() and held_first.built.path.is_file()
+        lane.release(held_second)  # a second release changes nothing
+        assert cache.pinned() == {held_first.built.key: 1}
+        lane.release(held_first)
+        assert cache.pinned() == {} and cache.usage() == (0, 0)
+
+        # a queued job cancelled before it ran: its compile-ahead library is unpinned (and evicted)
+        lane.prepare_ahead(first, options)
+        ahead = lane.pool._ahead[lane.pool._ahead_key(sha256(first), options)].result(timeout=120)
+        assert cache.pinned() == {ahead.key: 1} and ahead.path.is_file()
+        lane.forget_ahead(first, options)
+        assert cache.pinned() == {} and cache.usage() == (0, 0)
+    finally:
+        lane.close()
+
+
+def test_a_failed_load_leaves_no_pin(tvm_models, tmp_path: Path) -> None:
+    """A job whose library cannot be opened ends without a handle (so no release): its pin goes."""
+    from tuneqn.agent.backends.base import LoadOptions
+    from tuneqn.agent.backends.tvm import create_lanes
+
+    path = tvm_models["fp32"]
+    (lane,) = create_lanes("cpu", "cpu-class", TvmSettings(), tmp_path / "state")
+    try:
+        built = lane.pool.cache.get_or_build(path, sha256(path), lane.pool.build_spec(LoadOptions(), sha256(path)))
+        built.path.write_bytes(b"not a library")  # the cached entry is broken
+        with pytest.raises(RuntimeError):  # TVM's error for a file that is no shared library
+            lane.load(path, LoadOptions())
+        assert lane.pool.cache.pinned() == {}
+    finally:
+        lane.close()
+
+
 def test_fixed_batch_model_runs_padded_chunks(tvm_agent, client_factory, tmp_path: Path) -> None:
     from onnx_models import cnn
 

@@ -208,3 +208,132 @@ def test_ca_from_that_cannot_sign_is_one_line_exit_2(tmp_path: Path, pki: Path, 
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "--ca-from" in err and expected in err, err
     assert case == "itself" or not out.exists()
+
+
+# ------------------------------------------------------------------------- one key pair per host (--host)
+
+
+def _tree(d: Path) -> dict[str, bytes]:
+    """Every file under ``d`` (relative path -> bytes)."""
+    return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+def _public(path: Path) -> bytes:
+    from cryptography.hazmat.primitives import serialization
+
+    return x509.load_pem_x509_certificate(path.read_bytes()).public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+def test_each_host_gets_its_own_key_pair_and_adding_one_touches_nothing_else(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    lab = tmp_path / "lab"
+    assert main(["certs", str(lab), "--host", "localhost", "--host", "lab-b.example,10.1.2.3"]) == 0
+    out = capsys.readouterr().out
+    assert "hosts/localhost" in out and "hosts/lab-b.example" in out
+    assert sorted(_tree(lab)) == sorted(["ca.pem", "ca.key", "controller.pem", "controller.key",
+                                         *(f"hosts/{h}/{f}" for h in ("localhost", "lab-b.example")
+                                           for f in ("agent.pem", "agent.key", "ca.pem"))])
+    hosts = lab / "hosts"
+    assert (hosts / "localhost" / "agent.key").read_bytes() != (hosts / "lab-b.example" / "agent.key").read_bytes()
+    assert _public(hosts / "localhost" / "agent.pem") != _public(hosts / "lab-b.example" / "agent.pem")
+    san = x509.load_pem_x509_certificate((hosts / "lab-b.example" / "agent.pem").read_bytes()).extensions \
+        .get_extension_for_class(x509.SubjectAlternativeName).value
+    assert san.get_values_for_type(x509.DNSName) == ["lab-b.example"]
+    assert [str(ip) for ip in san.get_values_for_type(x509.IPAddress)] == ["10.1.2.3"]
+    for name in ("ca.key", "controller.key", "hosts/localhost/agent.key"):
+        assert stat.S_IMODE((lab / name).stat().st_mode) == 0o600, name
+
+    before = _tree(lab)
+    mtimes = {p: (lab / p).stat().st_mtime_ns for p in before}
+    assert main(["certs", str(lab), "--host", "127.0.0.1"]) == 0  # a host added later
+    after = _tree(lab)
+    assert {p: after[p] for p in before} == before  # CA, controller and the other hosts: byte-identical
+    assert {p: (lab / p).stat().st_mtime_ns for p in before} == mtimes  # not even rewritten
+    assert sorted(set(after) - set(before)) == ["hosts/127.0.0.1/agent.key", "hosts/127.0.0.1/agent.pem",
+                                                "hosts/127.0.0.1/ca.pem"]
+    assert after["hosts/127.0.0.1/ca.pem"] == before["ca.pem"]
+    assert len({after[f"hosts/{h}/agent.key"] for h in ("localhost", "lab-b.example", "127.0.0.1")}) == 3
+
+    # an existing host is never overwritten silently; --force replaces that host's files only
+    capsys.readouterr()
+    assert main(["certs", str(lab), "--host", "localhost"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "hosts/localhost/agent.pem exists" in err and "--force" in err
+    assert _tree(lab) == after
+    assert main(["certs", str(lab), "--host", "localhost", "--force"]) == 0
+    forced = _tree(lab)
+    assert forced["hosts/localhost/agent.key"] != after["hosts/localhost/agent.key"]
+    assert {p: v for p, v in forced.items() if not p.startswith("hosts/localhost/")} == \
+        {p: v for p, v in after.items() if not p.startswith("hosts/localhost/")}
+
+
+def test_host_keys_carry_mtls_and_one_hosts_key_cannot_pass_for_another(tmp_path: Path) -> None:
+    """Both agents serve their own key; the one controller certificate reaches both; a host's
+    certificate names only that host, so it is refused when dialled under another host's name."""
+    lab = tmp_path / "lab"
+    assert main(["certs", str(lab), "--host", "localhost", "--host", "127.0.0.1"]) == 0
+    hosts = lab / "hosts"
+    with _tls_agent(tmp_path / "a", hosts / "localhost") as a, _tls_agent(tmp_path / "b", hosts / "127.0.0.1") as b:
+        a_port, b_port = a.address.rpartition(":")[2], b.address.rpartition(":")[2]
+        for address in (f"localhost:{a_port}", f"127.0.0.1:{b_port}"):
+            client = AgentClient(address, tls_ca=lab / "ca.pem", tls_cert=lab / "controller.pem",
+                                 tls_key=lab / "controller.key", timeout=10.0)
+            try:
+                assert client.info().devices[0].name == "lab", address
+            finally:
+                client.close()
+        for address in (f"127.0.0.1:{a_port}", f"localhost:{b_port}"):  # the other host's name
+            _assert_refused(AgentClient(address, tls_ca=lab / "ca.pem", tls_cert=lab / "controller.pem",
+                                        tls_key=lab / "controller.key", timeout=5.0))
+        # a host's own key is no client key: the agents turn it away
+        _assert_refused(AgentClient(f"localhost:{a_port}", tls_ca=lab / "ca.pem",
+                                    tls_cert=hosts / "127.0.0.1" / "agent.pem",
+                                    tls_key=hosts / "127.0.0.1" / "agent.key", timeout=5.0))
+
+
+def test_host_added_to_an_older_lab_folder_keeps_its_ca_and_controller(tmp_path: Path, pki: Path) -> None:
+    lab = tmp_path / "lab"
+    lab.mkdir()
+    for name in FILES:
+        (lab / name).write_bytes((pki / name).read_bytes())
+    before = _tree(lab)
+    assert main(["certs", str(lab), "--host", "localhost"]) == 0
+    after = _tree(lab)
+    assert {p: after[p] for p in before} == before
+    issuer = x509.load_pem_x509_certificate(after["hosts/localhost/agent.pem"]).issuer
+    assert issuer == x509.load_pem_x509_certificate(before["ca.pem"]).subject
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--host", "a.example", "--host", "A.example"], "--host: 'a.example' is given twice"),
+    (["--host", "bad name"], "--host: 'bad name' is neither an IP address nor a DNS name"),
+    (["--host", ",alias.example"], "has no host name before its aliases"),
+    (["--host", "a.example", "--agent-host", "b.example"], "--agent-host: not with --host"),
+    (["--host", "a.example", "--ca-from", "elsewhere"], "--ca-from: not with --host"),
+    (["--host", "a.example", "--days", "0"], "--days: must be at least 1"),
+])
+def test_bad_host_input_is_one_line_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: list[str],
+                                           message: str) -> None:
+    d = tmp_path / "certs"
+    assert _exit_code(["certs", str(d), *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err, err
+    assert not d.exists()
+
+
+@pytest.mark.parametrize("case", ["controller-without-ca", "controller-key-missing", "ca-key-missing"])
+def test_a_broken_lab_folder_is_refused_before_writing(tmp_path: Path, pki: Path, case: str,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    lab = tmp_path / "lab"
+    lab.mkdir()
+    keep = {"controller-without-ca": ["controller.pem", "controller.key"],
+            "controller-key-missing": ["ca.pem", "ca.key", "controller.pem"],
+            "ca-key-missing": ["ca.pem", "controller.pem", "controller.key"]}[case]
+    for name in keep:
+        (lab / name).write_bytes((pki / name).read_bytes())
+    before = _tree(lab)
+    assert main(["certs", str(lab), "--host", "localhost"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert _tree(lab) == before and not (lab / "hosts").exists()

@@ -18,6 +18,7 @@ import re
 import shlex
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import threading
@@ -299,18 +300,43 @@ def test_compose_file_parses() -> None:
 
 
 AGENT_SERVICES = ("agent-cpu", "agent-phone")
-TLS_ENV = {"TUNEQN_AGENT_TLS_CERT": "/certs/agent.pem", "TUNEQN_AGENT_TLS_KEY": "/certs/agent.key",
-           "TUNEQN_AGENT_TLS_CA": "/certs/ca.pem", "TUNEQN_PROBE_TLS_CA": "/certs/ca.pem",
-           "TUNEQN_PROBE_TLS_CERT": "/certs/controller.pem", "TUNEQN_PROBE_TLS_KEY": "/certs/controller.key"}
+TLS_ENV = {"TUNEQN_AGENT_TLS_CERT": "/tls/agent.pem", "TUNEQN_AGENT_TLS_KEY": "/tls/agent.key",
+           "TUNEQN_AGENT_TLS_CA": "/tls/ca.pem"}
+HOST_FILES = ["agent.key", "agent.pem", "ca.pem"]
 
 
-def certs_hosts(compose: dict) -> list[str]:
-    """The --agent-host names of the certs service's ``tuneqn certs`` command."""
-    (script,) = compose["services"]["certs"]["command"]
-    (line,) = [line for line in script.splitlines() if line.strip().startswith("tuneqn certs ")]
-    words = shlex.split(line)
-    assert words[:3] == ["tuneqn", "certs", "/certs"] and "--force" not in words, line
-    return [words[i + 1] for i, word in enumerate(words) if word == "--agent-host"]
+def named_mounts(service: dict) -> dict[str, str]:
+    """Container path -> named volume of a compose service (bind mounts such as ./lab.toml left out)."""
+    mounts: dict[str, str] = {}
+    for entry in service.get("volumes", []):
+        source, target = entry.split(":")[:2]
+        if not source.startswith((".", "/")):
+            mounts[target] = source
+    return mounts
+
+
+def run_certs_service(compose: dict, root: Path) -> dict[str, Path]:
+    """Run the certs service's script as compose would, each named volume a folder under ``root``
+    (volume name -> folder). Only its last line, the chown to the images' user (root only), is
+    checked and left out."""
+    certs = compose["services"]["certs"]
+    mounts = named_mounts(certs)
+    (script,) = certs["command"]
+    lines = script.strip().splitlines()
+    assert lines[-1] == "chown -R 10001:10001 /tls", lines[-1]
+    pattern = re.compile("|".join(re.escape(p) for p in sorted(mounts, key=len, reverse=True)) + r"(?=/|\s|$)")
+    body = pattern.sub(lambda m: str(root / mounts[m.group(0)]), "\n".join(lines[:-1]))
+    volumes = {name: root / name for name in mounts.values()}
+    for folder in volumes.values():
+        folder.mkdir(parents=True, exist_ok=True)
+    done = subprocess.run(["sh", "-c", body], capture_output=True, text=True, timeout=READY_TIMEOUT,
+                          stdin=subprocess.DEVNULL, env={"PATH": f"{VENV_BIN}:/usr/bin:/bin", "HOME": str(root)})
+    assert done.returncode == 0, done.stderr
+    return volumes
+
+
+def tree(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 def test_compose_lab_runs_mtls_from_a_one_shot_certs_service() -> None:
@@ -318,16 +344,18 @@ def test_compose_lab_runs_mtls_from_a_one_shot_certs_service() -> None:
     services = compose["services"]
     certs = services["certs"]
     assert certs["build"]["dockerfile"] == "deploy/container/Dockerfile.controller"
-    assert certs["volumes"] == ["certs:/certs"] and "certs" in compose["volumes"]
+    assert set(named_mounts(certs).values()) <= set(compose["volumes"])
     (script,) = certs["command"]
-    assert "if [ -f /certs/ca.pem ]; then" in script  # idempotent: later runs keep the certificates
-    assert set(certs_hosts(compose)) >= {*AGENT_SERVICES, "localhost"}  # localhost: the health probe
+    made = [shlex.split(line.partition("||")[2]) for line in script.splitlines() if "tuneqn certs" in line]
+    # one key pair per agent, each made only when missing (later runs keep every file)
+    assert sorted(words[words.index("--host") + 1] for words in made) == sorted(AGENT_SERVICES)
+    assert all("--force" not in words for words in made)
     for name in AGENT_SERVICES:
         service = services[name]
         env = {k: str(v) for k, v in service["environment"].items()}
         assert not any(k == "TUNEQN_AGENT_INSECURE" for k in env), name
         assert {k: env.get(k) for k in TLS_ENV} == TLS_ENV, name
-        assert "certs:/certs:ro" in service["volumes"], name
+        assert f"{name}-tls:/tls:ro" in service["volumes"], name
         assert service["depends_on"]["certs"] == {"condition": "service_completed_successfully"}, name
     assert not any("TUNEQN_AGENT_INSECURE" in (s.get("environment") or {}) for s in services.values())
     for name in ("tracker", "phone"):  # the agent image's HEALTHCHECK does not fit these
@@ -335,15 +363,52 @@ def test_compose_lab_runs_mtls_from_a_one_shot_certs_service() -> None:
     controller = services["controller"]
     assert controller["command"] == ["agents", "--lab", "/etc/tuneqn/lab.toml"]
     assert "./lab.toml:/etc/tuneqn/lab.toml:ro" in controller["volumes"]
-    assert "certs:/certs:ro" in controller["volumes"]
+    assert "controller-tls:/tls:ro" in controller["volumes"]
     assert controller["depends_on"]["certs"] == {"condition": "service_completed_successfully"}
+
+
+def test_compose_agents_hold_their_own_key_only_never_the_controllers(tmp_path: Path) -> None:
+    """The certs service runs for real (volumes as tmp folders); each agent container then sees
+    exactly its own agent.pem/agent.key (a certificate for its service name) and ca.pem: no
+    controller key, no CA key, no other agent's key, and no probe setting that names a client key."""
+    from cryptography import x509
+
+    compose = compose_file()
+    services = compose["services"]
+    volumes = run_certs_service(compose, tmp_path / "volumes")
+    pki = volumes["pki"]
+    secret = {"controller.key": (pki / "controller.key").read_bytes(), "ca.key": (pki / "ca.key").read_bytes()}
+    controller_mounts = named_mounts(services["controller"])
+    assert sorted(tree(volumes[controller_mounts["/tls"]])) == ["ca.pem", "controller.key", "controller.pem"]
+    keys: dict[str, bytes] = {}
+    for name in AGENT_SERVICES:
+        service = services[name]
+        env = {k: str(v) for k, v in service["environment"].items()}
+        assert not [k for k in env if k.startswith("TUNEQN_PROBE_")], name
+        assert not [v for v in env.values() if "controller" in v or "ca.key" in v], name
+        mounts = named_mounts(service)
+        assert "pki" not in mounts.values() and not set(mounts.values()) & set(controller_mounts.values()), name
+        seen = {f"{target}/{rel}": data for target, volume in mounts.items() if volume in volumes
+                for rel, data in tree(volumes[volume]).items()}
+        assert sorted(seen) == [f"/tls/{f}" for f in HOST_FILES], name
+        assert not set(seen.values()) & set(secret.values()), name
+        assert stat.S_IMODE((volumes[mounts["/tls"]] / "agent.key").stat().st_mode) == 0o600
+        cert = x509.load_pem_x509_certificate(seen["/tls/agent.pem"])
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        assert san.get_values_for_type(x509.DNSName) == [name]
+        assert seen["/tls/ca.pem"] == (pki / "ca.pem").read_bytes()
+        keys[name] = seen["/tls/agent.key"]
+    assert len(set(keys.values())) == len(AGENT_SERVICES)  # one key pair per agent
+
+    before = {name: tree(folder) for name, folder in volumes.items()}
+    run_certs_service(compose, tmp_path / "volumes")  # a later `docker compose up`: nothing changes
+    assert {name: tree(folder) for name, folder in volumes.items()} == before
 
 
 def test_compose_lab_file_names_the_compose_agents() -> None:
     import tomllib
 
-    from tuneqn.controller.certs import FILES
-
+    from tuneqn.controller.certs import LAB_FILES
     from tuneqn.controller.lab import load_lab
 
     compose = compose_file()
@@ -353,51 +418,57 @@ def test_compose_lab_file_names_the_compose_agents() -> None:
     _, _, image_env = image_config(CONTAINER / "Dockerfile.agent")
     agent_port = image_env["TUNEQN_AGENT_LISTEN"].rpartition(":")[2]
     assert sorted(a["address"] for a in agents) == sorted(f"{s}:{agent_port}" for s in AGENT_SERVICES)
+    assert named_mounts(compose["services"]["controller"])["/tls"] == "controller-tls"
     for agent in agents:
         service = compose["services"][agent["address"].rpartition(":")[0]]
         env = service["environment"]
         assert agent["name"] == env["TUNEQN_AGENT_DEVICE_NAME"]
         assert agent["device_class"] == env["TUNEQN_AGENT_DEVICE_CLASS"]
         assert (agent["tls_ca"], agent["tls_cert"], agent["tls_key"]) == (
-            "/certs/ca.pem", "/certs/controller.pem", "/certs/controller.key")
-        assert {Path(agent[k]).name for k in ("tls_ca", "tls_cert", "tls_key")} <= set(FILES)
+            "/tls/ca.pem", "/tls/controller.pem", "/tls/controller.key")
+        assert {Path(agent[k]).name for k in ("tls_ca", "tls_cert", "tls_key")} <= set(LAB_FILES)
 
 
 @pytest.mark.parametrize("service", [None, "agent-cpu"])
 def test_agent_image_entrypoint_answers_health(service: str | None, tmp_path: Path) -> None:
     entrypoint, cmd, image_env = image_config(CONTAINER / "Dockerfile.agent")
+    assert is_loopback_listen(image_env["TUNEQN_AGENT_HEALTH_LISTEN"])
     env = {"PATH": f"{VENV_BIN}:/usr/local/bin:/usr/bin:/bin", "HOME": str(tmp_path), "LANG": "C.UTF-8",
            **image_env}
     if service is not None:  # the compose service's environment on top of the image's
         compose = compose_file()
         env.update({k: str(v) for k, v in compose["services"][service]["environment"].items()})
-        # the certs volume: made as the certs service makes it, mounted at a tmp dir instead of /certs
-        from tuneqn.controller.certs import write_lab_certs
-
-        write_lab_certs(tmp_path / "certs", agent_hosts=certs_hosts(compose))
-        env = {k: v.replace("/certs/", f"{tmp_path / 'certs'}/") if v.startswith("/certs/") else v
-               for k, v in env.items()}
-    # the image's state volume and listen address, moved to tmp and loopback
+        # its /tls volume, filled by the certs service as compose runs it, mounted at a tmp dir
+        volumes = run_certs_service(compose, tmp_path / "volumes")
+        tls = volumes[named_mounts(compose["services"][service])["/tls"]]
+        env = {k: v.replace("/tls/", f"{tls}/") if v.startswith("/tls/") else v for k, v in env.items()}
+    # the image's state volume, listen and health addresses, moved to tmp and free loopback ports
     env["TUNEQN_AGENT_STATE_DIR"] = str(tmp_path / "state")
     env["TUNEQN_AGENT_LISTEN"] = LOOPBACK_ANY
+    env["TUNEQN_AGENT_HEALTH_LISTEN"] = f"127.0.0.1:{free_port()}"
     agent = start([*entrypoint, *cmd], env, str(tmp_path), tmp_path / "image-agent.log")
     if service is None:
         assert_serving(agent)
-    # the image's HEALTHCHECK, with the container's environment (and its agent's real port)
+    # the image's HEALTHCHECK, with the container's environment: no client key anywhere
     probe = healthcheck(CONTAINER / "Dockerfile.agent")
     assert probe[0] == "python"
+    assert not [k for k in env if k.startswith("TUNEQN_PROBE_")]
     port = agent.address.rpartition(":")[2]
     check = subprocess.run([sys.executable, *probe[1:]], env={**env, "TUNEQN_AGENT_LISTEN": f"0.0.0.0:{port}"},
                            capture_output=True, text=True, timeout=READY_TIMEOUT, stdin=subprocess.DEVNULL)
     assert check.returncode == 0, check.stderr
-    if service is not None:  # mTLS: a plaintext client is refused, the probe without a client cert too
-        refused = subprocess.run([sys.executable, *probe[1:], "--timeout", "10"],
-                                 env={k: v for k, v in env.items() if not k.startswith("TUNEQN_PROBE_")}
-                                 | {"TUNEQN_AGENT_LISTEN": f"0.0.0.0:{port}"},
+    if service is not None:  # mTLS on the agent's port: a plaintext probe there is refused
+        refused = subprocess.run([sys.executable, *probe[1:], "--timeout", "10", f"127.0.0.1:{port}"], env=env,
                                  capture_output=True, text=True, timeout=READY_TIMEOUT, stdin=subprocess.DEVNULL)
         assert refused.returncode == 1, refused.stderr
     assert (tmp_path / "state" / "agent.db").is_file()
     assert stop(agent) == 0  # STOPSIGNAL SIGTERM
+
+
+def is_loopback_listen(text: str) -> bool:
+    from tuneqn.agent.config import is_loopback
+
+    return is_loopback(text.rpartition(":")[0].strip("[]"))
 
 
 def test_agent_image_refuses_to_listen_off_loopback_without_tls(tmp_path: Path) -> None:

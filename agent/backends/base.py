@@ -148,6 +148,9 @@ class Backend(abc.ABC):
     def prepare_ahead(self, model_path: Path, options: LoadOptions) -> None:  # noqa: B027
         """A job with this model was queued: start preparing it in the background (must not block)."""
 
+    def forget_ahead(self, model_path: Path, options: LoadOptions) -> None:  # noqa: B027
+        """A queued job was cancelled before it ran: drop what ``prepare_ahead`` holds for it (must not block)."""
+
     def release(self, handle: PreparedModel) -> None:  # noqa: B027 - optional hook
         """The job using ``handle`` ended (success or not): free what it holds (remote sessions)."""
 

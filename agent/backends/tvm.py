@@ -300,6 +300,7 @@ class TvmModel(PreparedModel):
     library: bytes = b""
     timing: tuple[int, int, int] = (1, 0, 0)  # time_evaluator number, min_repeat_ms, cooldown ms
     runtime: _Runtime | None = None
+    pinned: str = ""  # the compile-cache key this job pins until release ("" = none)
 
 
 @dataclass
@@ -518,7 +519,7 @@ class TvmPool:
             self._ahead[key] = future
             while len(self._ahead) > 256:  # forget the oldest (a job cancelled before it ran)
                 oldest = next(iter(self._ahead))
-                self._ahead.pop(oldest).cancel()
+                self._drop_ahead(self._ahead.pop(oldest))
         self._compile_queue.put((future, Path(model_path), sha, options))
 
     def _compile_loop(self) -> None:
@@ -534,12 +535,33 @@ class TvmPool:
             except BaseException as exc:  # thread boundary: the job that loads it re-raises it
                 future.set_exception(exc)
 
+    def forget_ahead(self, model_path: Path, options: LoadOptions) -> None:
+        """The queued job of this model was cancelled: its compile-ahead build (if any) is not
+        waited for by anyone, and its library is unpinned once built."""
+        key = self._ahead_key(self.model_sha256(model_path), options)
+        with self._lock:
+            future = self._ahead.pop(key, None)
+        if future is not None:
+            self._drop_ahead(future)
+
+    def _drop_ahead(self, future: Future[Built]) -> None:
+        """Forget a compile-ahead build nobody will load: its pin goes once it is done."""
+        if future.cancel():
+            return
+
+        def unpin(done: Future[Built]) -> None:
+            if not done.cancelled() and done.exception() is None:
+                self.cache.unpin(done.result().key)
+
+        future.add_done_callback(unpin)
+
     def _build(self, path: Path, sha: str, spec: BuildSpec, reason: str) -> Built:
+        """The library, pinned in the cache for the job that loads it (see :meth:`TvmBackend.release`)."""
         record = BuildRecord(model_sha256=sha, reason=reason, started=time.time())
         with self._lock:
             self._builds.append(record)
         try:
-            built = self.cache.get_or_build(path, sha, spec)
+            built = self.cache.get_or_build(path, sha, spec, pin=True)
         except BaseException as exc:
             record.error = f"{type(exc).__name__}: {exc}"
             raise
@@ -556,7 +578,10 @@ class TvmPool:
     def built_for(
         self, model_path: Path, options: LoadOptions, stop: threading.Event | None
     ) -> Built:
-        """The library for a job: its compile-ahead build, the cache, or a build now."""
+        """The library for a job: its compile-ahead build, the cache, or a build now.
+
+        The entry comes pinned in the cache (the compile-ahead build's pin passes to the job);
+        the caller drops it with ``cache.unpin(built.key)`` when the job ends."""
         sha = self.model_sha256(model_path)
         key = self._ahead_key(sha, options)
         with self._lock:
@@ -567,6 +592,7 @@ class TvmPool:
                     return future.result(timeout=0.25)
                 except TimeoutError:
                     if stop is not None and stop.is_set():
+                        self._drop_ahead(future)
                         raise Interrupted() from None
                 except CancelledError:
                     break
@@ -660,6 +686,10 @@ class TvmBackend(Backend):
         """Queue the model's build on the pool's compile thread."""
         self.pool.compile_ahead(model_path, options)
 
+    def forget_ahead(self, model_path: Path, options: LoadOptions) -> None:
+        """Drop the cancelled job's compile-ahead build (its library's pin)."""
+        self.pool.forget_ahead(model_path, options)
+
     def close(self) -> None:
         """Stop the pool's threads (once per agent)."""
         self.pool.close()
@@ -678,6 +708,15 @@ class TvmBackend(Backend):
             built = self.pool.built_for(model_path, options, stop)
         finally:
             self._set_activity("")
+        try:
+            return self._load_built(built, inp, options)
+        except BaseException:
+            self.pool.cache.unpin(built.key)  # no handle, so no release(): the job ends here
+            raise
+
+    def _load_built(self, built: Built, inp: ModelInput, options: LoadOptions) -> TvmModel:
+        """The job's handle for a pinned library, the library opened on the device."""
+        stop = options.stop
         fixed = built.batch if built.batch is not None else inp.fixed_batch
         tvm_options = options.backend_options.tvm
         handle = TvmModel(
@@ -698,12 +737,17 @@ class TvmBackend(Backend):
             ),
         )
         self._with_device(handle, "loading the library", lambda rt: None, stop)
+        handle.pinned = built.key  # from here on release() unpins it (before: load() does)
         return handle
 
     def release(self, handle: PreparedModel) -> None:
-        """Close the job's session (the tracker hands the server to the next request)."""
+        """Close the job's session (the tracker hands the server to the next request) and
+        unpin its library in the compile cache (it may be evicted from now on)."""
         if not isinstance(handle, TvmModel):
             return
+        pinned, handle.pinned = handle.pinned, ""
+        if pinned:
+            self.pool.cache.unpin(pinned)
         runtime, handle.runtime = handle.runtime, None
         if runtime is not None:
             runtime.close()

@@ -235,29 +235,53 @@ class CompileCache:
         self._guard = threading.Lock()
         self._locks: dict[str, threading.Lock] = {}
         self._busy: set[str] = set()  # keys being looked up or built in this process
+        self._pins: dict[str, int] = {}  # key -> how many holders (jobs, compile-ahead results)
 
     # ------------------------------------------------------------------ public
 
-    def get_or_build(self, model_path: Path, model_sha256: str, spec: BuildSpec) -> Built:
+    def get_or_build(self, model_path: Path, model_sha256: str, spec: BuildSpec, pin: bool = False) -> Built:
         """The library for this model and spec: from the cache, or built now (and cached).
 
-        Raises :class:`Infeasible` when the model has op types the frontend cannot convert
-        (checked before importing) or the frontend fails on it; other errors (compiler,
-        toolchain, tuning) propagate as they are.
+        With ``pin`` the entry is pinned before it is returned (no eviction in between) until
+        :meth:`unpin` with its key. Raises :class:`Infeasible` when the model has op types the
+        frontend cannot convert (checked before importing) or the frontend fails on it; other
+        errors (compiler, toolchain, tuning) propagate as they are.
         """
         digest = self._tuning_digest(spec)
         key = cache_key(model_sha256, spec, digest)
         with self._key_lock(key):
-            hit = self._lookup(key)
-            if hit is not None:
-                return hit
-            return self._build(key, Path(model_path), model_sha256, spec)
+            built = self._lookup(key)
+            if built is None:
+                built = self._build(key, Path(model_path), model_sha256, spec)
+            if pin:
+                self._pin(key)
+            return built
 
-    def lookup(self, model_sha256: str, spec: BuildSpec) -> Built | None:
-        """The cached library for this model and spec, or None (never builds)."""
+    def lookup(self, model_sha256: str, spec: BuildSpec, pin: bool = False) -> Built | None:
+        """The cached library for this model and spec, or None (never builds); ``pin`` as in
+        :meth:`get_or_build` (only when found)."""
         key = cache_key(model_sha256, spec, self._tuning_digest(spec))
         with self._key_lock(key):
-            return self._lookup(key)
+            built = self._lookup(key)
+            if built is not None and pin:
+                self._pin(key)
+            return built
+
+    def unpin(self, key: str) -> None:
+        """Drop one pin of ``key`` (from ``get_or_build``/``lookup`` with ``pin``); once no pin is
+        left, entries over ``max_bytes`` that eviction had to keep are evicted now."""
+        with self._guard:
+            count = self._pins.get(key, 0) - 1
+            if count > 0:
+                self._pins[key] = count
+                return
+            self._pins.pop(key, None)
+        self._evict(protect=None)
+
+    def pinned(self) -> dict[str, int]:
+        """Pinned keys and their holder counts (a copy)."""
+        with self._guard:
+            return dict(self._pins)
 
     def usage(self) -> tuple[int, int]:
         """Bytes used by the cached entries, and how many built libraries they are (one scan)."""
@@ -300,6 +324,10 @@ class CompileCache:
                         self._busy.discard(key)
             finally:
                 os.close(fd)  # also drops the flock
+
+    def _pin(self, key: str) -> None:
+        with self._guard:
+            self._pins[key] = self._pins.get(key, 0) + 1
 
     def _lookup(self, key: str) -> Built | None:
         entry = self._entries_dir / key
@@ -478,22 +506,28 @@ class CompileCache:
             out.append((folder, size, used))
         return out
 
-    def _evict(self, protect: str) -> None:
-        """Remove least recently used entries until the cache fits ``max_bytes``."""
+    def _evict(self, protect: str | None) -> None:
+        """Remove least recently used entries until the cache fits ``max_bytes``.
+
+        Never the entry ``protect``, one being looked up or built, or a pinned one (a job
+        holds it from its compile or lookup until it releases it): the cache may stay over
+        its limit until those are unpinned."""
         entries = sorted(self._entries(), key=lambda e: e[2])
         total = sum(size for _, size, _ in entries)
         for folder, size, _ in entries:
             if total <= self.max_bytes:
                 break
-            with self._guard:
-                busy = folder.name in self._busy and folder.name != protect
-            if folder.name == protect or busy:
+            if folder.name == protect:
                 continue
             doomed = self.root / "tmp" / f"evicted.{folder.name}.{os.getpid()}"
-            try:
-                os.rename(folder, doomed)  # gone from the cache at once, then deleted
-            except OSError:
-                continue
+            with self._guard:  # checked and renamed at once: a pin comes before or after, never between
+                if folder.name in self._busy or folder.name in self._pins:
+                    continue
+                try:
+                    (self.root / "tmp").mkdir(parents=True, exist_ok=True)
+                    os.rename(folder, doomed)  # gone from the cache at once, then deleted
+                except OSError:
+                    continue
             shutil.rmtree(doomed, ignore_errors=True)
             total -= size
             log.info("evicted compiled library %s (%d bytes)", folder.name[:12], size)

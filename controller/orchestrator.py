@@ -42,6 +42,7 @@ from tuneqn.v1 import agent_pb2 as pb
 log = logging.getLogger(__name__)
 
 REMEASURE_META = "remeasure_token"
+#: A store of a study started before search widths followed the devices: its one fixed width.
 CONCURRENCY_META = "search_concurrency"
 
 
@@ -109,7 +110,7 @@ class StudyRun:
         self._build_errors: list[BaseException] = []
         self._results_changed = threading.Event()
         self._changed = threading.Event()  # a result or a build arrived: ask the strategies again
-        self._concurrency = 1
+        self._fixed_width: int | None = None  # a study started with a fixed search width keeps it
         self._builder_thread: threading.Thread | None = None
         self._asked: set[tuple[str, str, str]] = set()  # (search, candidate id, level) recorded
         self._screen_recipes: set[tuple[str, str]] = set()  # (model, recipe) with screens asked for
@@ -179,8 +180,7 @@ class StudyRun:
         """Feed the searches' requests to the builder and the dispatcher until every search is done
         and every job is final; the strategies are asked again whenever a result or a build arrives."""
         stored = self.store.get_meta(CONCURRENCY_META)
-        self._concurrency = int(stored) if stored and stored.isdigit() else max(1, len(self.endpoints))
-        self.store.set_meta(CONCURRENCY_META, str(self._concurrency))
+        self._fixed_width = int(stored) if stored and stored.isdigit() else None
         view = SearchView(self.study, self)
         strategies = [make_strategy(run, view) for run in self.study.cfg.search.runs()]
         for st in strategies:
@@ -570,10 +570,20 @@ class StudyRun:
         with self._lock:
             return sorted(self._classes)
 
-    def view_concurrency(self) -> int:
-        """How many evaluations the strategies keep in flight: one per configured agent, fixed when the
-        study first searched (kept in the store), so a resumed search decides exactly as before."""
-        return self._concurrency
+    def view_concurrency(self, model: str, recipe: str) -> int:
+        """The live search width of (model, recipe): the fewest devices taking jobs now among the device
+        classes its recipe runs on that have any (each evaluation needs every one of them), at least 1.
+
+        Strategies record the width each decision was taken with (:meth:`SearchView.took`), so this may
+        change as devices come and go. A study started when the width was fixed keeps that width."""
+        if self._fixed_width is not None:
+            return self._fixed_width
+        live: dict[str, int] = {}
+        for link in self.links:
+            for cls, n in link.available_devices().items():
+                live[cls] = live.get(cls, 0) + n
+        counts = [live[cls] for cls in self._classes_of(model, recipe) if live.get(cls)]
+        return max(1, min(counts, default=1))
 
     def view_size(self, plan: CandidatePlan) -> int | None:
         """Size of a built candidate."""

@@ -296,24 +296,15 @@ class StudyRun:
                 self._add_jobs(built, cls, level)
 
     def _screen_splits_ready(self) -> None:
-        """Choose the screening sample of every recipe whose fully quantized model is measured; add its screens."""
+        """Choose the screening sample of every recipe whose fully quantized model is measured (or take the one
+        chosen before: kept in the store, whatever classes are connected now); add its screens."""
         for model, recipe in sorted(self._screen_recipes):
             if (model, recipe) in self._screens:
                 continue
-            fq = self.study.make_plan(model, recipe, ())
-            if self.view_outcome(fq, "full") is None:
+            split = self.study.kept_screen_split(model, recipe) or self._choose_screen(model, recipe)
+            if split is None:
                 continue
-            fq_topk, fp32_topk = [], []
-            for cls in self._classes_of(model, recipe):
-                fq_row = self.store.result(self._job_ids[(fq.id, cls, "full")])
-                fp32_row = self.store.result(self._job_ids.get((baseline_id(model), cls, "full"), ""))
-                if fq_row is None or fp32_row is None:
-                    continue  # failed on that class: choose from the others
-                fq_topk.append(metrics.topk_of(fq_row))
-                fp32_topk.append(metrics.topk_of(fp32_row))
-            if not fq_topk:
-                continue
-            self._screens[(model, recipe)] = self.study.screen_split(model, recipe, fq_topk, fp32_topk)
+            self._screens[(model, recipe)] = split
             with self._lock:
                 todo = [(b, list(self._classes)) for cid, b in self._built.items()
                         if b.model == model and b.recipe == recipe and "screen" in self._levels.get(cid, ())]
@@ -321,6 +312,25 @@ class StudyRun:
             for b, classes in todo:
                 for cls in classes:
                     self._add_jobs(b, cls, "screen")
+
+    def _choose_screen(self, model: str, recipe: str) -> Split | None:
+        """The screening sample from the fully quantized model's and FP32's full results on the classes that
+        have both (None while the fully quantized model is not measured on every class)."""
+        fq = self.study.make_plan(model, recipe, ())
+        if self.view_outcome(fq, "full") is None:
+            return None
+        fq_topk, fp32_topk, used = [], [], []
+        for cls in self._classes_of(model, recipe):
+            fq_row = self.store.result(self._job_ids[(fq.id, cls, "full")])
+            fp32_row = self.store.result(self._job_ids.get((baseline_id(model), cls, "full"), ""))
+            if fq_row is None or fp32_row is None:
+                continue  # failed on that class: choose from the others
+            fq_topk.append(metrics.topk_of(fq_row))
+            fp32_topk.append(metrics.topk_of(fp32_row))
+            used.append(cls)
+        if not fq_topk:
+            return None
+        return self.study.screen_split(model, recipe, fq_topk, fp32_topk, used)
 
     # ------------------------------------------------------------------ the recipe gate (recipes = "auto")
     def _gate_requests(self) -> None:

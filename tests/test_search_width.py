@@ -157,3 +157,20 @@ def test_the_screening_sample_is_kept_when_a_class_is_gone_on_resume(tmp_path: P
     assert _rows(db, "select items from datasets where split like '%/screen/%'") == items
     # A's screens are those of the kept sample (the same job ids): nothing was screened again
     assert _rows(db, "select id, state from jobs where level = 'screen' and device = 'A' order by id") == screens_a
+
+
+def test_a_study_started_with_a_fixed_width_keeps_it(tmp_path: Path, assets: Path) -> None:
+    """A store from before the width followed the devices (meta ``search_concurrency``): its searches keep
+    deciding with that width, so a resumed study replays them as they were."""
+    from tuneqn.controller.store import Store
+
+    study = write_study(tmp_path, model=assets / "cnn.onnx", images=assets / "images", evaluation=FAST,
+                        search=SEARCH, objectives=OBJECTIVES)
+    db = tmp_path / "out" / "tuneqn.db"
+    old = Store(db)
+    old.set_meta("search_concurrency", "2")
+    old.close()
+    with _agent(tmp_path, "phone", "phones", 3, 0.0) as server:
+        outcome = _run_bounded(240, study, [Endpoint(server.address)])
+    assert outcome.failed == 0
+    assert {w for (w,) in _rows(db, "select width from search_widths")} == {2}

@@ -174,3 +174,46 @@ def test_a_study_started_with_a_fixed_width_keeps_it(tmp_path: Path, assets: Pat
         outcome = _run_bounded(240, study, [Endpoint(server.address)])
     assert outcome.failed == 0
     assert {w for (w,) in _rows(db, "select width from search_widths")} == {2}
+
+
+def test_a_search_killed_three_wide_resumes_one_wide_and_replays_with_any_width(tmp_path: Path, assets: Path) -> None:
+    """SIGKILLed while three devices search, resumed with one device left (the steps not taken yet go one
+    wide), then rerun with three again: the widths taken before the kill are kept, and the last rerun,
+    replaying a history of mixed widths with another live width, asks for nothing new."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    study = write_study(tmp_path, model=assets / "cnn.onnx", images=assets / "images", evaluation=FAST,
+                        search=SEARCH, objectives=OBJECTIVES)
+    db = tmp_path / "out" / "tuneqn.db"
+
+    def widths() -> list[tuple[Any, ...]]:
+        try:
+            return _rows(db, "select search, model, mode, step, width from search_widths order by step")
+        except sqlite3.OperationalError:  # not created yet
+            return []
+
+    with _agent(tmp_path, "phone", "phones", 3, 150.0) as server:
+        proc = subprocess.Popen([sys.executable, "-m", "tuneqn.controller", "tune", str(study), "--agent",
+                                 server.address], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None and not widths():
+            time.sleep(0.05)  # polling the checkpoint for a condition
+        assert proc.poll() is None and widths(), "the search ended (or never decided) before the kill"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        before = widths()
+        assert {w for *_, w in before} == {3}
+        with DeviceProxy(server.address, lambda devices: [d for d in devices if d.name == "phone1"]) as proxy:
+            resumed = _run_bounded(240, study, [Endpoint(proxy.address)], info_poll_s=0.2)
+        assert resumed.failed == 0 and resumed.done == resumed.total
+        after = widths()
+        assert after[:len(before)] == before and len(after) > len(before)
+        assert {w for *_, w in after[len(before):]} == {1}
+        proposals = _rows(db, "select search, candidate_id, level from proposals order by search, seq")
+        again = _run_bounded(120, study, [Endpoint(server.address)], info_poll_s=0.2)
+    assert again.submitted_here == 0 and again.done == again.total == resumed.total
+    assert widths() == after
+    assert _rows(db, "select search, candidate_id, level from proposals order by search, seq") == proposals

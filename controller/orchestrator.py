@@ -43,6 +43,7 @@ from tuneqn.v1 import agent_pb2 as pb
 log = logging.getLogger(__name__)
 
 REMEASURE_META = "remeasure_token"
+#: A store of a study started before search widths followed the devices: its one fixed width.
 CONCURRENCY_META = "search_concurrency"
 
 
@@ -110,7 +111,7 @@ class StudyRun:
         self._build_errors: list[BaseException] = []
         self._results_changed = threading.Event()
         self._changed = threading.Event()  # a result or a build arrived: ask the strategies again
-        self._concurrency = 1
+        self._fixed_width: int | None = None  # a study started with a fixed search width keeps it
         self._builder_thread: threading.Thread | None = None
         self._asked: set[tuple[str, str, str]] = set()  # (search, candidate id, level) recorded
         self._screen_recipes: set[tuple[str, str]] = set()  # (model, recipe) with screens asked for
@@ -180,8 +181,7 @@ class StudyRun:
         """Feed the searches' requests to the builder and the dispatcher until every search is done
         and every job is final; the strategies are asked again whenever a result or a build arrives."""
         stored = self.store.get_meta(CONCURRENCY_META)
-        self._concurrency = int(stored) if stored and stored.isdigit() else max(1, len(self.endpoints))
-        self.store.set_meta(CONCURRENCY_META, str(self._concurrency))
+        self._fixed_width = int(stored) if stored and stored.isdigit() else None
         view = SearchView(self.study, self)
         strategies = [make_strategy(run, view) for run in self.study.cfg.search.runs()]
         for st in strategies:
@@ -297,24 +297,15 @@ class StudyRun:
                 self._add_jobs(built, cls, level)
 
     def _screen_splits_ready(self) -> None:
-        """Choose the screening sample of every recipe whose fully quantized model is measured; add its screens."""
+        """Choose the screening sample of every recipe whose fully quantized model is measured (or take the one
+        chosen before: kept in the store, whatever classes are connected now); add its screens."""
         for model, recipe in sorted(self._screen_recipes):
             if (model, recipe) in self._screens:
                 continue
-            fq = self.study.make_plan(model, recipe, ())
-            if self.view_outcome(fq, "full") is None:
+            split = self.study.kept_screen_split(model, recipe) or self._choose_screen(model, recipe)
+            if split is None:
                 continue
-            fq_topk, fp32_topk = [], []
-            for cls in self._classes_of(model, recipe):
-                fq_row = self.store.result(self._job_ids[(fq.id, cls, "full")])
-                fp32_row = self.store.result(self._job_ids.get((baseline_id(model), cls, "full"), ""))
-                if fq_row is None or fp32_row is None:
-                    continue  # failed on that class: choose from the others
-                fq_topk.append(metrics.topk_of(fq_row))
-                fp32_topk.append(metrics.topk_of(fp32_row))
-            if not fq_topk:
-                continue
-            self._screens[(model, recipe)] = self.study.screen_split(model, recipe, fq_topk, fp32_topk)
+            self._screens[(model, recipe)] = split
             with self._lock:
                 todo = [(b, list(self._classes)) for cid, b in self._built.items()
                         if b.model == model and b.recipe == recipe and "screen" in self._levels.get(cid, ())]
@@ -322,6 +313,25 @@ class StudyRun:
             for b, classes in todo:
                 for cls in classes:
                     self._add_jobs(b, cls, "screen")
+
+    def _choose_screen(self, model: str, recipe: str) -> Split | None:
+        """The screening sample from the fully quantized model's and FP32's full results on the classes that
+        have both (None while the fully quantized model is not measured on every class)."""
+        fq = self.study.make_plan(model, recipe, ())
+        if self.view_outcome(fq, "full") is None:
+            return None
+        fq_topk, fp32_topk, used = [], [], []
+        for cls in self._classes_of(model, recipe):
+            fq_row = self.store.result(self._job_ids[(fq.id, cls, "full")])
+            fp32_row = self.store.result(self._job_ids.get((baseline_id(model), cls, "full"), ""))
+            if fq_row is None or fp32_row is None:
+                continue  # failed on that class: choose from the others
+            fq_topk.append(metrics.topk_of(fq_row))
+            fp32_topk.append(metrics.topk_of(fp32_row))
+            used.append(cls)
+        if not fq_topk:
+            return None
+        return self.study.screen_split(model, recipe, fq_topk, fp32_topk, used)
 
     # ------------------------------------------------------------------ the recipe gate (recipes = "auto")
     def _gate_requests(self) -> None:
@@ -571,10 +581,21 @@ class StudyRun:
         with self._lock:
             return sorted(self._classes)
 
-    def view_concurrency(self) -> int:
-        """How many evaluations the strategies keep in flight: one per configured agent, fixed when the
-        study first searched (kept in the store), so a resumed search decides exactly as before."""
-        return self._concurrency
+    def view_concurrency(self, model: str, recipe: str) -> int:
+        """The live search width of (model, recipe): the most devices taking jobs now in any device class
+        its recipe runs on, at least 1. Every device of the largest class is kept busy; a class with
+        fewer devices queues its share (on a lab of one CPU and four phones the phones all work).
+
+        Strategies record the width each decision was taken with (:meth:`SearchView.took`), so this may
+        change as devices come and go. A study started when the width was fixed keeps that width."""
+        if self._fixed_width is not None:
+            return self._fixed_width
+        live: dict[str, int] = {}
+        for link in self.links:
+            for cls, n in link.available_devices().items():
+                live[cls] = live.get(cls, 0) + n
+        counts = [live[cls] for cls in self._classes_of(model, recipe) if live.get(cls)]
+        return max(1, max(counts, default=1))
 
     def view_size(self, plan: CandidatePlan) -> int | None:
         """Size of a built candidate."""

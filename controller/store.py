@@ -103,6 +103,18 @@ _TABLES: dict[str, tuple[dict[str, type], str | tuple[str, ...]]] = {
         {"model": str, "mode": str, "name": str, "key": str, "layers": str, "created_at": float},
         ("model", "mode", "name"),
     ),
+    # The search width in force when a search took decision ``step`` on (model, recipe): a resumed
+    # search replays its decisions with these, the live width serves only steps not yet taken.
+    "search_widths": (
+        {"search": str, "model": str, "mode": str, "step": int, "width": int, "created_at": float},
+        ("search", "model", "mode", "step"),
+    ),
+    # The screening sample of (model, recipe), kept once chosen: positions in the evaluation sample
+    # (whose sha256 it was chosen from) and the device classes whose results chose it.
+    "screens": (
+        {"model": str, "mode": str, "eval_sha256": str, "positions": str, "classes": str, "created_at": float},
+        ("model", "mode"),
+    ),
 }
 
 
@@ -539,6 +551,44 @@ class Store:
         for r in out:
             r["layers"] = json.loads(r["layers"] or "[]")
         return out
+
+    @_locked
+    def put_search_width(self, search: str, model: str, mode: str, step: int, width: int) -> bool:
+        """Record the width ``search`` took decision ``step`` of (model, recipe) with; False (and the first
+        record kept) when that step was recorded before."""
+        if list(self.db.query("select 1 from search_widths where search = ? and model = ? and mode = ? and step = ?",
+                              [search, model, mode, step])):
+            return False
+        self.db["search_widths"].insert({"search": search, "model": model, "mode": mode, "step": step,
+                                         "width": width, "created_at": time.time()},
+                                        pk=("search", "model", "mode", "step"))
+        return True
+
+    @_locked
+    def search_widths(self, search: str | None = None, model: str | None = None,
+                      mode: str | None = None) -> list[dict[str, Any]]:
+        """Recorded search widths, by search, model, recipe and step."""
+        return self._select("search_widths", "search, model, mode, step", search=search, model=model, mode=mode)
+
+    @_locked
+    def put_screen(self, model: str, mode: str, eval_sha256: str, positions: list[int], classes: list[str]) -> None:
+        """Keep the screening sample chosen for (model, recipe): ``positions`` in the evaluation sample
+        whose sha256 is ``eval_sha256``, chosen from the results of ``classes``."""
+        self.db["screens"].upsert({"model": model, "mode": mode, "eval_sha256": eval_sha256,
+                                   "positions": json.dumps([int(i) for i in positions]),
+                                   "classes": json.dumps(sorted(classes)), "created_at": time.time()},
+                                  pk=("model", "mode"))
+
+    @_locked
+    def screen(self, model: str, mode: str) -> dict[str, Any] | None:
+        """The kept screening sample of (model, recipe) (``positions`` and ``classes`` decoded), or None."""
+        rows = self._select("screens", "model", model=model, mode=mode)
+        if not rows:
+            return None
+        r = rows[0]
+        r["positions"] = json.loads(r["positions"] or "[]")
+        r["classes"] = json.loads(r["classes"] or "[]")
+        return r
 
     @_locked
     def set_result_metrics(self, job_id: str, metrics: dict[str, float | None]) -> None:

@@ -606,26 +606,38 @@ class Study:
         """The evaluation sample of a model."""
         return self.data[model].eval
 
-    def screen_split(self, model: str, recipe: str, fq_topk: list[np.ndarray], fp32_topk: list[np.ndarray]) -> Split:
+    def screen_split(self, model: str, recipe: str, fq_topk: list[np.ndarray], fp32_topk: list[np.ndarray],
+                     classes: list[str] | None = None) -> Split:
         """The screening sample of (model, recipe): ``search.screen_samples`` samples of the evaluation
         sample where the recipe's fully quantized model is weakest.
 
         Given the fully quantized model's and FP32's top-k on the evaluation sample (one array per
-        device), samples are taken first where the top-1 classes differ on the most devices, then
-        by the lowest top-k overlap with FP32 (the least sure agreements), then in order. That is
-        where excluding a layer can win agreement back (or lose it), so a screen on 32 samples
-        tells what a full evaluation would, at a fraction of its cost. Stored as the split
-        ``<model>/screen/<recipe>`` (its items name the chosen samples).
+        device, of ``classes``), samples are taken first where the top-1 classes differ on the most
+        devices, then by the lowest top-k overlap with FP32 (the least sure agreements), then in order.
+        That is where excluding a layer can win agreement back (or lose it), so a screen on 32 samples
+        tells what a full evaluation would, at a fraction of its cost. The choice is kept in the store
+        (:meth:`kept_screen_split` gives it back on a resume, whatever classes are connected then) and
+        the split stored as ``<model>/screen/<recipe>`` (its items name the chosen samples).
         """
         full = self.data[model].eval
+        chosen = screen_positions(fq_topk, fp32_topk, min(self.cfg.search.screen_samples, full.size))
+        self.store.put_screen(model, recipe, full.sha256, chosen, list(classes or []))
+        return self._screen_of(model, recipe, chosen)
+
+    def kept_screen_split(self, model: str, recipe: str) -> Split | None:
+        """The screening sample chosen for (model, recipe) before (by :meth:`screen_split`, maybe in an earlier
+        run), or None when none was or it was chosen from another evaluation sample or size."""
+        row = self.store.screen(model, recipe)
+        full = self.data[model].eval
         n = min(self.cfg.search.screen_samples, full.size)
-        differs = np.zeros(full.size)
-        overlap = np.zeros(full.size)
-        for q, f in zip(fq_topk, fp32_topk, strict=True):
-            differs += q[:, 0] != f[:, 0]
-            overlap += (q[:, :, None] == f[:, None, :]).any(axis=2).mean(axis=1)
-        order = sorted(range(full.size), key=lambda i: (-differs[i], overlap[i], i))
-        chosen = sorted(order[:n])
+        if row is None or row["eval_sha256"] != full.sha256 or len(row["positions"]) != n:
+            return None
+        return self._screen_of(model, recipe, [int(i) for i in row["positions"]])
+
+    def _screen_of(self, model: str, recipe: str, chosen: list[int]) -> Split:
+        """The split of the evaluation sample's samples at positions ``chosen`` (saved and recorded)."""
+        full = self.data[model].eval
+        n = len(chosen)
         arr = full.load()[chosen]
         path, sha = save_split(self.out_dir / "data" / model, f"screen-{recipe}-{n}", arr)
         items = [full.items[i] for i in chosen]
@@ -633,6 +645,20 @@ class Study:
         split = Split(f"screen/{recipe}", path, sha, items, labels)
         self.store.put_dataset(f"{model}/screen/{recipe}", split.path, split.sha256, split.items, split.labels)
         return split
+
+
+def screen_positions(fq_topk: list[np.ndarray], fp32_topk: list[np.ndarray], n: int) -> list[int]:
+    """The ``n`` positions of the evaluation sample to screen on (sorted), from the fully quantized model's and
+    FP32's top-k there (one array per device): where the top-1 classes differ on the most devices, then the
+    lowest top-k overlap with FP32 summed over the devices, then the earliest."""
+    size = len(fq_topk[0])
+    differs = np.zeros(size)
+    overlap = np.zeros(size)
+    for q, f in zip(fq_topk, fp32_topk, strict=True):
+        differs += q[:, 0] != f[:, 0]
+        overlap += (q[:, :, None] == f[:, None, :]).any(axis=2).mean(axis=1)
+    order = sorted(range(size), key=lambda i: (-differs[i], overlap[i], i))
+    return sorted(order[:n])
 
 
 def _mb(n: Any) -> str:

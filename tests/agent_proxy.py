@@ -3,7 +3,8 @@
 ORT agents cannot report what a TVM agent reports (devices joining a tracker, unhealthy devices,
 supported op types, the compile-ahead capability). Tests put this proxy (gRPC on 127.0.0.1, port
 0) between the controller and a real ORT agent: every RPC is forwarded byte for byte to the agent,
-which really runs the jobs; only the device list of ``GetInfo`` is passed through ``rewrite``.
+which really runs the jobs; only the device list of ``GetInfo`` is passed through ``rewrite`` (and,
+when a test sets ``rewrite_result``, the final result of ``WatchJob``: a device whose arithmetic differs).
 """
 
 from __future__ import annotations
@@ -49,6 +50,9 @@ class DeviceProxy:
         self.rewrite_info: Callable[[pb.AgentInfo], pb.AgentInfo] = lambda info: info
         #: ``SubmitJob`` requests go through this first: a (code, details) it returns is the answer instead.
         self.refuse_submit: Callable[[pb.JobSpec], tuple[grpc.StatusCode, str] | None] = lambda spec: None
+        #: Final ``JobResult``s of ``WatchJob`` go through this (changed in place), with the job's spec.
+        self.rewrite_result: Callable[[pb.JobResult, pb.JobSpec | None], None] | None = None
+        self.specs: dict[str, pb.JobSpec] = {}  # job id -> the spec it was last submitted with
         self.info_calls = 0
         self._calls = threading.Condition()
         self._channel = grpc.insecure_channel(upstream)
@@ -107,13 +111,24 @@ class DeviceProxy:
             self._calls.notify_all()
         return info
 
+    def _rewritten(self, method: str, data: bytes) -> bytes:
+        if method != "WatchJob" or self.rewrite_result is None:
+            return data
+        event = pb.JobEvent.FromString(data)
+        if not event.final or not event.HasField("result") or event.result.state != pb.SUCCEEDED:
+            return data
+        self.rewrite_result(event.result, self.specs.get(event.job_id))
+        return event.SerializeToString()
+
     def _forwarder(self, method: str, kind: str, service: str = _SERVICE) -> grpc.RpcMethodHandler:
         path = f"/{service}/{method}"
         upstream = getattr(self._channel, kind)(path, request_serializer=_identity, response_deserializer=_identity)
 
         def unary_unary(request: bytes, context: grpc.ServicerContext) -> Any:
             if method == "SubmitJob":
-                refusal = self.refuse_submit(pb.JobSpec.FromString(request))
+                spec = pb.JobSpec.FromString(request)
+                self.specs[spec.job_id] = spec
+                refusal = self.refuse_submit(spec)
                 if refusal is not None:
                     context.abort(*refusal)
             try:
@@ -131,7 +146,8 @@ class DeviceProxy:
             call = upstream(request, metadata=self._metadata(context), timeout=_deadline(context))
             context.add_callback(call.cancel)
             try:
-                yield from call
+                for event in call:
+                    yield self._rewritten(method, event)
             except grpc.RpcError as exc:
                 if exc.code() != grpc.StatusCode.CANCELLED:
                     context.abort(exc.code(), exc.details() or "")
@@ -141,6 +157,18 @@ class DeviceProxy:
                    "unary_stream": grpc.unary_stream_rpc_method_handler}[kind]
         fn = {"unary_unary": unary_unary, "stream_unary": stream_unary, "unary_stream": unary_stream}[kind]
         return handler(fn, request_deserializer=_identity, response_serializer=_identity)
+
+
+def swap_top2(result: pb.JobResult, rows: set[int]) -> None:
+    """Swap the first two classes of ``result``'s top-k in ``rows`` (a device whose numerics differ there)."""
+    import numpy as np
+
+    k = int(result.top_k)
+    topk = np.frombuffer(result.topk_indices, dtype="<i4").reshape(int(result.num_samples), k).copy()
+    for i in sorted(rows):
+        if i < len(topk) and k > 1:
+            topk[i, [0, 1]] = topk[i, [1, 0]]
+    result.topk_indices = topk.astype("<i4").tobytes()
 
 
 def with_fields(device: pb.Device, **fields: Any) -> pb.Device:

@@ -133,7 +133,7 @@ class Farm:
     def view_devices(self) -> list[str]:
         return sorted(self.problem.damage)
 
-    def view_concurrency(self) -> int:
+    def view_concurrency(self, model: str, recipe: str) -> int:
         return self.width
 
     def view_size(self, plan: CandidatePlan) -> int | None:
@@ -505,3 +505,69 @@ def test_strategies_evaluate_the_studys_exclusion_sets(tmp_path: Path, name: str
     strategy, farm, _ = setup(tmp_path, problem, 2, exclusion_sets=[{"name": "mine", "layers": mine}], **search)
     drive(strategy, farm)
     assert (plan_of(set(mine)), "full") in farm.results
+
+
+# --------------------------------------------------------------------------- the width follows the devices
+WIDTH_STRATEGIES = {name: STRATEGIES[name] for name in ("budget", "target")}  # the ones whose decisions use it
+
+
+def _fulls_asked(strategy: Strategy) -> list[str]:
+    """The candidates the (only) pair's walk asks for in full so far, in order."""
+    pair = strategy.pairs[0]  # type: ignore[attr-defined]
+    return list(dict.fromkeys(r.plan.id for r in pair.propose() if r.level == "full"))
+
+
+@pytest.mark.parametrize("later", [1, 5])
+@pytest.mark.parametrize("name", sorted(WIDTH_STRATEGIES))
+def test_a_resumed_search_takes_its_past_decisions_with_their_widths(tmp_path: Path, name: str, later: int) -> None:
+    """Killed with 3 devices live, resumed with ``later``: every decision taken before the kill is taken again
+    (the widths it was taken with are in the store); only the steps not taken yet use the new width."""
+    make_problem, search = WIDTH_STRATEGIES[name]
+    problem = make_problem()
+    reference, ref_farm, _ = setup(tmp_path / "ref", problem, 3, seed=1, **search)
+    drive(reference, ref_farm)
+    first, farm_a, study = setup(tmp_path / "a", problem, 3, seed=2, **search)
+    stop = ref_farm.evaluations() // 2
+    while not study.store.search_widths():  # killed once some decision used the width
+        stop += 1
+        drive(first, farm_a, stop_after=stop)
+    before = _fulls_asked(first)
+    widths = study.store.search_widths()
+    assert widths and {r["width"] for r in widths} == {3}
+    farm_b = farm_a.resumed(seed=3, hidden=True)
+    farm_b.width = later
+    second = fresh(study, farm_b)
+    drive(second, farm_b)
+    assert not farm_b.stored  # everything stored was asked for again
+    assert _fulls_asked(second)[:len(before)] == before
+    assert [(r["step"], r["width"]) for r in study.store.search_widths()][:len(widths)] == \
+        [(r["step"], r["width"]) for r in widths]
+    # the record matters: the same results replayed without it at another width (1) decide otherwise
+    blank, _, _ = setup(tmp_path / "blank", problem, 1, **search)
+    other = Farm(problem, 1)
+    other.results, other.sizes = dict(farm_a.results), dict(farm_a.sizes)
+    blank = make_strategy(blank.run, SearchView(blank.view._study, other))  # type: ignore[attr-defined]
+    assert _fulls_asked(blank)[:len(before)] != before
+
+
+@pytest.mark.parametrize("name", sorted(WIDTH_STRATEGIES))
+def test_the_width_follows_the_devices_during_a_search(tmp_path: Path, name: str) -> None:
+    """Devices leave (3 → 1) and join (→ 4) while the search runs: each decision is taken with the width of
+    its time, recorded per step; a fresh object over the results (any live width) asks for the same."""
+    make_problem, search = WIDTH_STRATEGIES[name]
+    strategy, farm, study = setup(tmp_path, make_problem(), 3, seed=4, **search)
+    for _ in range(100_000):
+        taken = len(study.store.search_widths())
+        farm.width = 3 if taken < 1 else 1 if taken < 3 else 4  # the live devices after each decision
+        farm.ask(strategy.propose())
+        if not farm.queue:
+            break
+        farm.answer_one()
+    assert strategy.done()
+    recorded = [r["width"] for r in study.store.search_widths()]
+    assert len(set(recorded)) >= 2, recorded  # decisions were taken at several widths
+    if name == "budget":
+        together = [sum(r.level == "full" for r in batch) for batch in farm.batches]
+        assert 4 in together  # once 4 devices are live, 4 evaluations are asked for at once
+    farm.width = 2
+    assert _fulls_asked(fresh(study, farm)) == _fulls_asked(strategy)

@@ -482,6 +482,15 @@ class AgentLink(threading.Thread):
         """Classes of the devices this agent reported (``available``: of those listed and healthy now)."""
         return {s.device.device_class for s in list(self.slots.values()) if not available or s.available()}
 
+    def available_devices(self) -> dict[str, int]:
+        """Per device class, how many of this agent's devices take jobs now (none while it is not live)."""
+        counts: dict[str, int] = {}
+        if self.live.is_set():
+            for s in list(self.slots.values()):
+                if s.available():
+                    counts[s.device.device_class] = counts.get(s.device.device_class, 0) + 1
+        return counts
+
     def connect(self) -> bool:
         """Handshake; on success the devices get slots. False (UNREACHABLE/INCOMPATIBLE) on failure."""
         if self.client is None:

@@ -93,7 +93,7 @@ class ViewSource(Protocol):
     """What a :class:`SearchView` reads (implemented by the orchestrator over the study)."""
 
     def view_devices(self) -> list[str]: ...
-    def view_concurrency(self) -> int: ...
+    def view_concurrency(self, model: str, recipe: str) -> int: ...
     def view_size(self, plan: CandidatePlan) -> int | None: ...
     def view_outcome(self, plan: CandidatePlan, level: str) -> Outcome | None: ...
 
@@ -104,6 +104,7 @@ class SearchView:
     def __init__(self, study: Any, source: ViewSource) -> None:
         self._study = study
         self._source = source
+        self._widths: dict[tuple[str, str, str], dict[int, int]] = {}  # (search, model, recipe) -> step -> width
 
     # ---------------------------------------------------------------- the study
     @property
@@ -171,9 +172,31 @@ class SearchView:
         """Device classes of the study so far."""
         return self._source.view_devices()
 
-    def concurrency(self) -> int:
-        """How many evaluations the farm can run at once (at least 1)."""
-        return max(1, self._source.view_concurrency())
+    def concurrency(self, model: str, recipe: str) -> int:
+        """How many evaluations of (model, recipe) the farm can run at once now (at least 1): the live width,
+        which follows the devices as they come and go. Strategies decide with :meth:`width`."""
+        return max(1, self._source.view_concurrency(model, recipe))
+
+    def width(self, search: str, model: str, recipe: str, step: int) -> int:
+        """The width of decision ``step`` of ``search`` on (model, recipe): the one it was taken with (kept in
+        the store by :meth:`took`), else the live :meth:`concurrency` (a step not taken yet)."""
+        taken = self._taken(search, model, recipe).get(step)
+        return taken if taken is not None else self.concurrency(model, recipe)
+
+    def took(self, search: str, model: str, recipe: str, step: int, width: int) -> None:
+        """Decision ``step`` was taken with ``width``: keep it, so that a replay (a resumed study) decides it
+        the same way whatever devices are live then. The first record of a step stays."""
+        taken = self._taken(search, model, recipe)
+        if step not in taken:
+            taken[step] = width
+            self._study.store.put_search_width(search, model, recipe, step, width)
+
+    def _taken(self, search: str, model: str, recipe: str) -> dict[int, int]:
+        key = (search, model, recipe)
+        if key not in self._widths:
+            rows = self._study.store.search_widths(search, model, recipe)
+            self._widths[key] = {int(r["step"]): int(r["width"]) for r in rows}
+        return self._widths[key]
 
     def size(self, plan: CandidatePlan) -> int | None:
         """The built candidate's size in bytes (None until built)."""
@@ -223,9 +246,22 @@ class PairStrategy(abc.ABC):
 
 class ReplayPair(PairStrategy):
     """A pair strategy that recomputes its whole search from the results at every call (so a fresh
-    object on a resumed study's stored results decides exactly as the first one did)."""
+    object on a resumed study's stored results decides exactly as the first one did).
+
+    How many evaluations it keeps in flight (its width) may change as devices come and go. A decision
+    that depends on it is a numbered step of the walk: :meth:`_width` gives the width the step was
+    taken with, or the live one for a step not taken yet, and :meth:`_took` records it when the step
+    is taken (the store keeps it), so a replay takes every past step with its own width."""
 
     _done = False
+
+    def _width(self, step: int) -> int:
+        """The width of decision ``step``: as taken, else the live width."""
+        return self.view.width(self.run.name, self.model, self.recipe, step)
+
+    def _took(self, step: int, width: int) -> None:
+        """Decision ``step`` is taken with ``width``."""
+        self.view.took(self.run.name, self.model, self.recipe, step, width)
 
     @abc.abstractmethod
     def _walk(self) -> tuple[list[Request], bool]:

@@ -34,12 +34,14 @@ cost no evaluation), so only full evaluations (device metrics) are counted.
 4. Stop when N full evaluations were asked for or no unevaluated candidate can enter. Done =
    stopped and every full result in.
 
-Keeping agents busy, deterministically: with w = ``view.concurrency()``, the r-th choice
-reads the results of the choices 0 … r−w only (it waits for those) and treats the w−1 later
-ones as pending, so w evaluations run at once while the choices do not depend on the order
-in which results arrive. When that window shows nothing enterable, it waits for every pending
-result and looks again before it stops. A resumed study (a fresh object seeing the stored
-results) thus makes the same choices, provided ``view.concurrency()`` is the same.
+Keeping agents busy, deterministically: with w the width of choice r (the live devices,
+see below), the r-th choice reads the results of the choices 0 … r−w only (it waits for
+those) and treats the w−1 later ones as pending, so w evaluations run at once while the
+choices do not depend on the order in which results arrive. When that window shows nothing
+enterable, it waits for every pending result and looks again before it stops. The width of
+each choice r ≥ 2 (and of the stop) is the live width when it is taken, recorded in the store
+(:meth:`ReplayPair._took`); a resumed study (a fresh object seeing the stored results) replays
+every choice with its recorded width, so it makes the same choices whatever devices are live.
 """
 
 from __future__ import annotations
@@ -69,8 +71,7 @@ class BudgetPair(ReplayPair):
                           if self.run.ranking == "measured" else None)
         self._objectives = [(objective(name), direction) for name, direction in self.view.objectives()]
         self._cache: dict[tuple[str, ...], dict[str, list[Value]]] = {}  # (id, devices) -> values
-        self._width = 0
-        self._chosen: list[int] = []  # indices of the prefixes chosen so far, for ``_width``
+        self._chosen: list[int] = []  # indices of the prefixes chosen so far (each a function of the results)
         #: The candidates chosen for a full evaluation so far, in the order they were chosen.
         self.chosen: list[CandidatePlan] = []
 
@@ -94,20 +95,22 @@ class BudgetPair(ReplayPair):
 
     def _choose(self, cands: list[CandidatePlan], budget: int) -> tuple[list[int], bool]:
         """The indices chosen for a full evaluation so far, and whether the choosing stopped."""
-        width = self.view.concurrency()
-        if width != self._width:  # a choice is a function of the results and the width only: keep them
-            self._width, self._chosen = width, sorted({0, len(cands) - 1})[:budget]
+        if not self._chosen:  # a choice is a function of the results and its recorded width: keep them
+            self._chosen = sorted({0, len(cands) - 1})[:budget]
         chosen = self._chosen
         sizes = [self.view.size(p) for p in cands]
         while len(chosen) < budget:
             if any(s is None for s in sizes):
                 return chosen, False
-            known = max(2, len(chosen) - width + 1)
+            step = len(chosen)
+            width = self._width(step)
+            known = max(2, step - width + 1)
             pick = self._next(cands, sizes, chosen[:known], chosen[known:])
             if pick is None and known < len(chosen):
                 pick = self._next(cands, sizes, chosen, [])
             if pick == _WAIT:
                 return chosen, False
+            self._took(step, width)  # the choice (or the stop) is taken with this width
             if pick is None:
                 return chosen, True
             chosen.append(pick)

@@ -10,7 +10,7 @@ full loss does (its disagreements on the screen over the whole sample's size, se
 1. Order: the measured ranking (its screens first), or the run's error ranking.
 2. Prefixes: screen the prefixes k = 0 … 24 of the order (capped by ``max_k`` and the number
    of layers), all at once. Those that meet X in screening are evaluated in full in size
-   order, w = ``view.concurrency()`` at a time (one batch after the other, until a batch has
+   order, w at a time (w: the width, see Replay below; one batch after the other, until a batch has
    one that meets X in full: the smallest of that batch is the first answer). If none does,
    the gains of the remaining layers are measured on the largest screened prefix as the base
    (a :class:`MeasuredRanking`, greedy style), the order continues with that ranking, the
@@ -31,8 +31,10 @@ full loss does (its disagreements on the screen over the whole sample's size, se
 shows with the front). Sets found by shrinking are not prefixes of any one order.
 
 Replay: the whole search is recomputed from the results at every call and every decision
-waits for the results it reads, so a resumed study ends with the same set, provided
-``view.concurrency()`` is the same (it sets the batch width).
+waits for the results it reads. Each batch of full evaluations is a numbered step of the walk
+whose width is the live width when it is asked for, recorded in the store
+(:meth:`ReplayPair._took`); a replay takes every batch with its recorded width, so a resumed
+study ends with the same set whatever devices are live.
 """
 
 from __future__ import annotations
@@ -64,6 +66,7 @@ class TargetPair(ReplayPair):
         self.max_loss = float(self.run.max_loss)
         self._rankings: dict[tuple[str, ...], MeasuredRanking] = {}
         self._fulls: list[CandidatePlan] = []
+        self._step = 0  # batches of full evaluations asked for so far in the walk (its decision steps)
         self._plans: dict[tuple[str, ...], CandidatePlan] = {}
         self._done = False
 
@@ -99,6 +102,7 @@ class TargetPair(ReplayPair):
     def _search(self, reqs: list[Request]) -> bool:
         """Append every request from the start as far as the results allow; True once the search ended."""
         self._fulls = []
+        self._step = 0
         try:
             best = self._first_answer(reqs)
             removable = set(best.excluded) if best is not None else set()
@@ -160,12 +164,16 @@ class TargetPair(ReplayPair):
         return [p for p, o in zip(plans, screens, strict=True) if self._meets(o)]
 
     def _confirm_smallest(self, plans: list[CandidatePlan], reqs: list[Request]) -> CandidatePlan | None:
-        """Evaluate screened ``plans`` in full, smallest first, a batch of ``concurrency`` at a time: the
+        """Evaluate screened ``plans`` in full, smallest first, a batch of the step's width at a time: the
         smallest of the first batch with a set that meets X in full (None if none does)."""
         ordered = sorted(plans, key=lambda p: (self._screened_size(p), p.id))
-        width = self.view.concurrency()
-        for start in range(0, len(ordered), width):
+        start = 0
+        while start < len(ordered):
+            step, self._step = self._step, self._step + 1
+            width = self._width(step)
+            self._took(step, width)
             batch = ordered[start:start + width]
+            start += width
             reqs += [Request(p, "full", p.label) for p in batch]
             self._fulls += batch
             fulls = [self.view.outcome(p, "full") for p in batch]

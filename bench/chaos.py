@@ -358,8 +358,8 @@ class Run:
     """One study run on the lab, with faults when ``rng`` is given."""
 
     def __init__(self, lab: Lab, folder: Path, study: Path, flags: list[str], index: int, rng: random.Random | None,
-                 fault_every: float, max_faults: int, run_timeout: float, stall: float) -> None:
-        self.lab, self.folder, self.study, self.flags, self.rng = lab, folder, study, flags, rng
+                 kinds: list[str], fault_every: float, max_faults: int, run_timeout: float, stall: float) -> None:
+        self.lab, self.folder, self.study, self.flags, self.rng, self.kinds = lab, folder, study, flags, rng, kinds
         self.fault_every, self.max_faults = fault_every, max_faults
         self.run_timeout, self.stall = run_timeout, stall
         self.db = folder / "out" / "tuneqn.db"
@@ -383,7 +383,7 @@ class Run:
     def _inject(self, now: float) -> None:
         rng = self.rng
         assert rng is not None
-        kind = rng.choice(KINDS)
+        kind = rng.choice(self.kinds)
         agents = [a for a in self.lab.agents if a.up and not a.stopped]
         servers = [s for s in self.lab.live_servers() if s.pid not in self.stopped_servers]
         if kind.startswith("agent") and not agents or kind.startswith("rpc") and not servers:
@@ -444,9 +444,10 @@ class Run:
         self.heals = keep
 
     def _recovered(self, now: float) -> None:
-        for when, what in self.open_faults:
+        for i, (when, what) in enumerate(self.open_faults):
             if now - when > self.result.slowest[0]:
-                self.result.slowest = (now - when, what)
+                later = len(self.open_faults) - i - 1
+                self.result.slowest = (now - when, what + (f", {later} more fault(s) meanwhile" if later else ""))
         self.open_faults = []
 
     # -- the loop
@@ -521,7 +522,7 @@ def one_run(lab: Lab, root: Path, assets: Path, index: int, rng: random.Random |
     study = write_study(folder, assets, agents)
     timeout = args.run_timeout if reference is None else max(args.run_timeout, 4 * reference.wall + 60)
     flags = [] if args.recipe == ["auto"] else [f for r in args.recipe for f in ("--recipe", r)]
-    res = Run(lab, folder, study, flags, index, rng, args.fault_every, args.faults, timeout, args.stall).go()
+    res = Run(lab, folder, study, flags, index, rng, args.kinds, args.fault_every, args.faults, timeout, args.stall).go()
     agent_dbs = [a.state / "agent.db" for a in lab.agents]
     lab.stop_agents()
     db = folder / "out" / "tuneqn.db"
@@ -576,7 +577,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--recipe", action="append",
                     help="recipe to search (repeatable; default per-tensor; 'auto': the four automatic ones, "
                          "about 4x the jobs)")
-    ap.add_argument("--sim-ms", type=float, default=5.0, help="agents' simulated latency per sample (default 5)")
+    ap.add_argument("--kinds", default=",".join(KINDS),
+                    help=f"comma-separated fault kinds to draw from (default all: {','.join(KINDS)})")
+    ap.add_argument("--sim-ms", type=float, default=40.0,
+                    help="ORT agents' simulated latency per sample (default 40: a job lasts about a second)")
     ap.add_argument("--run-timeout", type=float, default=240.0,
                     help="a run not ended after this many seconds is a hang (at least 4x the reference + 60)")
     ap.add_argument("--stall", type=float, default=90.0, help="a run storing no result this long is a hang")
@@ -586,6 +590,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.runs < 0 or args.fault_every <= 0 or args.faults < 0:
         print("chaos: --runs and --faults must be ≥ 0 and --fault-every > 0", file=sys.stderr)
         return 2
+    args.kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
+    unknown = sorted(set(args.kinds) - set(KINDS))
+    if unknown or not args.kinds:
+        print(f"chaos: --kinds: unknown fault kind(s) {', '.join(unknown) or '(none given)'}; known: {', '.join(KINDS)}",
+              file=sys.stderr)
+        return 2
     logging.basicConfig(level=logging.WARNING)
     root = args.workdir.resolve() if args.workdir else Path(tempfile.mkdtemp(prefix="tuneqn-chaos-"))
     root.mkdir(parents=True, exist_ok=True)
@@ -593,8 +603,10 @@ def main(argv: list[str] | None = None) -> int:
     assets.mkdir(exist_ok=True)
     cnn(assets / "cnn.onnx")
     write_images(assets / "images", 40)
+    started = time.monotonic()
     print(f"chaos: 3 agents (cpu-a, cpu-b: ORT class cpu; phone: TVM class phone, tracker + 2 RPC servers), "
-          f"search budget/measured, recipes {'+'.join(args.recipe)}, faults every ~{args.fault_every:g} s, seed {args.seed}, folder {root}")
+          f"search budget/measured, recipes {'+'.join(args.recipe)}, faults ({','.join(args.kinds)}) every "
+          f"~{args.fault_every:g} s (at most {args.faults or 'unlimited'} per run), seed {args.seed}, folder {root}")
     print(f"shortened timeouts: {EVALUATION}; TVM agent {' '.join(TVM_FLAGS)}; simulated latency {args.sim_ms:g} ms")
     rng = random.Random(args.seed)
     lab = Lab(root, args.sim_ms)
@@ -622,7 +634,14 @@ def main(argv: list[str] | None = None) -> int:
           f"results lost {sum(len(r.lost) for r in runs)}, duplicated {sum(len(r.dups) for r in runs)}; "
           f"hangs {sum(1 for r in runs if r.hang)}, failed runs {sum(1 for r in runs if not r.hang and r.exit_code)}; "
           f"runs whose fronts or answer differ {sum(1 for r in runs if r.diffs)}; slowest recovery "
-          + (f"{slowest.slowest[0]:.1f} s (run {slowest.index}, {slowest.slowest[1]})" if slowest else "-"))
+          + (f"{slowest.slowest[0]:.1f} s (run {slowest.index}, {slowest.slowest[1]})" if slowest else "-")
+          + f"; bench wall {time.monotonic() - started:.0f} s")
+    summary = [{"run": r.index, "wall_s": round(r.wall, 1), "exit": r.exit_code, "faults": dict(r.faults),
+                "fault_log": r.fault_log, "controller_starts": r.controller_runs, "results": r.results,
+                "lost": r.lost, "duplicated": [list(d) for d in r.dups], "extra": r.extra,
+                "reexecuted_jobs": r.reexecuted, "slowest_recovery_s": round(r.slowest[0], 1),
+                "slowest_recovery_after": r.slowest[1], "hang": r.hang, "differences": r.diffs} for r in runs]
+    (root / "chaos.json").write_text(json.dumps(summary, indent=1))
     bad = any(r.bad for r in runs)
     if not bad and not args.workdir:
         import shutil

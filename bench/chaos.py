@@ -5,8 +5,9 @@ class ``phone`` = one TVM agent (``--backend tvm``) in front of a real TVM RPC t
 RPC servers under one key (``tests/tvm_rpc.py``). The controller is ``python -m tuneqn.controller
 tune study.toml`` as a subprocess, so it can be SIGKILLed and rerun with the same command.
 
-First a fault-free reference run, then ``--runs`` runs with a random fault every
-``--fault-every`` seconds (±50 %, ``--seed``): SIGKILL of an agent (restarted 0.5–3 s later on
+First a fault-free reference run, then ``--runs`` runs (default 10), each with ``--faults``
+random faults (default 10; then the run ends undisturbed) one every ``--fault-every`` seconds
+(default 2.5, ±50 %; ``--seed``, ``--kinds``): SIGKILL of an agent (restarted 0.5–3 s later on
 the same port and state dir), SIGSTOP of an agent (SIGCONT 1–8 s later, either side of the
 silence limit), restart of an agent (SIGTERM, started again at once), SIGKILL of an RPC server
 (a new one registers 0.5–3 s later), SIGSTOP of an RPC server (SIGCONT 1–8 s later), SIGKILL of
@@ -27,19 +28,23 @@ comparison is of candidate identities: for every ``fronts``, ``cross_device`` an
 measured for every full evaluation but is not an objective here; it could only decide the answer
 between two candidates of equal size and equal loss (reported as such if it ever happens).
 
-A run that does not end within ``--run-timeout`` seconds, or stores no result for ``--stall``
-seconds, is a hang: the bench prints what the store held (jobs by state, unfinished jobs with
-holder, lease and the agents' own state of that job id), keeps its folder and goes on.
+A run that does not end within ``--run-timeout`` seconds (240, at least 4× the reference + 60),
+or stores no result for ``--stall`` seconds (90) after its last result and its last fault, is a
+hang: the bench prints what the store held (jobs by state, unfinished jobs with holder, lease and
+the agents' own state of that job id), kills the controller, keeps the run's folder and goes on.
 Exit status 1 when any run lost or duplicated results, hung, failed, or differed.
 
-Shortened timeouts, in the study file (all other settings are the defaults; the search is the
-default ``budget``/``measured`` with ``recipes = "auto"``): ``lease_timeout_s`` 10,
-``heartbeat_s`` 1, ``silent_after_s`` 4, ``unreachable_grace_s`` 2, ``device_wait_s`` 60; the TVM
-agent: ``--tvm-request-timeout 30 --tvm-call-timeout 10 --tvm-session-timeout 300``; the agents
-use ``--drain-seconds 0`` and ``--simulated-latency-ms`` (``--sim-ms``, default 5) so a job lasts
-long enough to be hit.
+Settings, in the study file: the default search (``budget``/``measured``) and objectives, on
+the recipe ``per-tensor`` (``--recipe``; ``--recipe auto`` = the four automatic recipes, about 4×
+the jobs: a TVM compile per job makes that ~140 s per run); shortened timeouts
+``lease_timeout_s`` 10, ``heartbeat_s`` 1, ``silent_after_s`` 4, ``unreachable_grace_s`` 2,
+``device_wait_s`` 60; the TVM agent ``--tvm-request-timeout 30 --tvm-call-timeout 10
+--tvm-session-timeout 300``; every agent ``--drain-seconds 0``, the ORT agents
+``--simulated-latency-ms 40`` (``--sim-ms``: a job lasts about a second, long enough to be hit).
+The model is the tests' small CNN (``tests/onnx_models.py``, 5 layers), 24 evaluation images.
 
-    python bench/chaos.py --runs 10 --fault-every 3 --seed 1
+    python bench/chaos.py                      # 10 runs × 10 faults, seed 1
+    python bench/chaos.py --runs 3 --faults 0 --kinds controller-kill --sim-ms 200   # hunt resume hangs
 """
 
 from __future__ import annotations
@@ -341,6 +346,7 @@ class RunResult:
     results: int = 0
     done: set[str] = field(default_factory=set)
     lost: list[str] = field(default_factory=list)
+    unfinished: int = 0  # a hung run: jobs of the reference not done when it was stopped
     dups: list[tuple[Any, ...]] = field(default_factory=list)
     extra: int = 0
     reexecuted: int = 0
@@ -472,7 +478,7 @@ class Run:
                     break
                 if now - self.t0 > self.run_timeout or now - last_progress > self.stall:
                     why = (f"no end after {self.run_timeout:g} s" if now - self.t0 > self.run_timeout
-                           else f"no result for {self.stall:g} s")
+                           else f"no result and no fault for {self.stall:g} s")
                     self.result.hang = [why, *self.result.fault_log[-3:],
                                         *store_snapshot(self.db, {a.name: a.state / "agent.db" for a in self.lab.agents})]
                     self.controller.kill()
@@ -484,6 +490,7 @@ class Run:
                         and (not self.max_faults or sum(self.result.faults.values()) < self.max_faults)):
                     self._inject(now)
                     next_fault = now + self._interval()
+                    last_progress = max(last_progress, now)  # a stall is counted from the last fault too
                 time.sleep(0.1)
         finally:
             self._heal(time.monotonic(), everything=True)
@@ -535,7 +542,11 @@ def one_run(lab: Lab, root: Path, assets: Path, index: int, rng: random.Random |
     report = json.loads(report_path.read_text()) if report_path.exists() else {}
     res.outcome = outcome(report)
     if reference is not None:
-        res.lost = sorted(reference.done - res.done)
+        missing = sorted(reference.done - res.done)
+        if res.hang:
+            res.unfinished = len(missing)
+        else:
+            res.lost = missing
         res.extra = len(res.done - reference.done)
         if not res.hang:
             res.diffs = differences(reference.outcome, res.outcome)
@@ -557,7 +568,8 @@ def describe(res: RunResult, with_faults: bool = True) -> list[str]:
                  f"{'equal' if not res.diffs and not res.hang else 'DIFFER' if res.diffs else 'not compared'}")
     lines = [head]
     if res.hang:
-        lines.append(f"  HANG: {res.hang[0]}; last faults and the store:")
+        lines.append(f"  HANG: {res.hang[0]}; {res.unfinished} job(s) of the reference not done; last faults and the "
+                     "store:")
         lines += [f"    {line}" for line in res.hang[1:]]
     lines += [f"  lost: {job}" for job in res.lost[:10]]
     lines += [f"  duplicated: {d}" for d in res.dups[:10]]
@@ -572,8 +584,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", type=int, default=10, help="runs with faults (default 10)")
     ap.add_argument("--seed", type=int, default=1, help="seed of the fault schedule (default 1)")
-    ap.add_argument("--fault-every", type=float, default=3.0, help="mean seconds between faults (default 3)")
-    ap.add_argument("--faults", type=int, default=0, help="at most this many faults per run (default 0: no cap)")
+    ap.add_argument("--fault-every", type=float, default=2.5, help="mean seconds between faults (default 2.5)")
+    ap.add_argument("--faults", type=int, default=10,
+                    help="faults per run, after which the run ends undisturbed (default 10; 0: faults until it ends)")
     ap.add_argument("--recipe", action="append",
                     help="recipe to search (repeatable; default per-tensor; 'auto': the four automatic ones, "
                          "about 4x the jobs)")
@@ -583,7 +596,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="ORT agents' simulated latency per sample (default 40: a job lasts about a second)")
     ap.add_argument("--run-timeout", type=float, default=240.0,
                     help="a run not ended after this many seconds is a hang (at least 4x the reference + 60)")
-    ap.add_argument("--stall", type=float, default=90.0, help="a run storing no result this long is a hang")
+    ap.add_argument("--stall", type=float, default=90.0,
+                    help="a run storing no result this long after its last result and fault is a hang (default 90)")
     ap.add_argument("--workdir", type=Path, help="keep everything here (default: a temp dir, kept when a run fails)")
     args = ap.parse_args(argv)
     args.recipe = args.recipe or ["per-tensor"]
@@ -639,7 +653,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = [{"run": r.index, "wall_s": round(r.wall, 1), "exit": r.exit_code, "faults": dict(r.faults),
                 "fault_log": r.fault_log, "controller_starts": r.controller_runs, "results": r.results,
                 "lost": r.lost, "duplicated": [list(d) for d in r.dups], "extra": r.extra,
-                "reexecuted_jobs": r.reexecuted, "slowest_recovery_s": round(r.slowest[0], 1),
+                "reexecuted_jobs": r.reexecuted, "unfinished_at_hang": r.unfinished, "slowest_recovery_s": round(r.slowest[0], 1),
                 "slowest_recovery_after": r.slowest[1], "hang": r.hang, "differences": r.diffs} for r in runs]
     (root / "chaos.json").write_text(json.dumps(summary, indent=1))
     bad = any(r.bad for r in runs)

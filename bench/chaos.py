@@ -7,12 +7,13 @@ tune study.toml`` as a subprocess, so it can be SIGKILLed and rerun with the sam
 
 First a fault-free reference run, then ``--runs`` runs (default 10), each with ``--faults``
 random faults (default 10; then the run ends undisturbed) one every ``--fault-every`` seconds
-(default 2.5, ±50 %; ``--seed``, ``--kinds``): SIGKILL of an agent (restarted 0.5–3 s later on
+(default 2, ±50 %; ``--seed``, ``--kinds``): SIGKILL of an agent (restarted 0.5–3 s later on
 the same port and state dir), SIGSTOP of an agent (SIGCONT 1–8 s later, either side of the
 silence limit), restart of an agent (SIGTERM, started again at once), SIGKILL of an RPC server
 (a new one registers 0.5–3 s later), SIGSTOP of an RPC server (SIGCONT 1–8 s later), SIGKILL of
 the controller (the same command run again at once). Each run starts with fresh agent state
-and a fresh out dir.
+and a fresh out dir (the TVM agent with the reference's compiled libraries, unless
+``--cold-tvm-cache``: a TVM compile takes 3–8 s here, and jobs still upload, load and run).
 
 Per run and in total it prints: faults by kind; results lost (a job done in the reference that
 is not done in the run) or duplicated (a (candidate, device class, level, split) stored more
@@ -56,6 +57,7 @@ import json
 import logging
 import os
 import random
+import shutil
 import signal
 import socket
 import sqlite3
@@ -182,8 +184,9 @@ class Lab:
         self.tvm.wait_servers(self.key, 2)
         self.agents: list[Agent] = []
 
-    def start_agents(self, folder: Path) -> list[Agent]:
-        """Fresh agents (new state dirs under ``folder``): two ORT of class cpu, one TVM of class phone."""
+    def start_agents(self, folder: Path, warm_from: Path | None = None) -> list[Agent]:
+        """Fresh agents (new state dirs under ``folder``): two ORT of class cpu, one TVM of class phone
+        (with the compile cache of the run in ``warm_from``, when given)."""
         self.stop_agents()
         sim = ["--simulated-latency-ms", str(self.sim_ms)]
         base = dict(os.environ)
@@ -194,6 +197,10 @@ class Lab:
                              folder / f"agent-{name}.log") for name, cls, extra, env in specs]
         for agent in self.agents:
             agent.state.mkdir(parents=True, exist_ok=True)
+        if warm_from is not None:  # the TVM agent's compiled libraries (only: no jobs, no blobs)
+            shutil.copytree(warm_from / "agents" / "phone" / "tvm" / "cache" / "entries",
+                            self.agents[2].state / "tvm" / "cache" / "entries")
+        for agent in self.agents:
             agent.start()
         return self.agents
 
@@ -525,7 +532,8 @@ def one_run(lab: Lab, root: Path, assets: Path, index: int, rng: random.Random |
     folder = root / ("reference" if reference is None else f"run-{index:02d}")
     folder.mkdir(parents=True)
     lab.heal()
-    agents = lab.start_agents(folder)
+    warm = None if reference is None or args.cold_tvm_cache else reference.folder
+    agents = lab.start_agents(folder, warm)
     study = write_study(folder, assets, agents)
     timeout = args.run_timeout if reference is None else max(args.run_timeout, 4 * reference.wall + 60)
     flags = [] if args.recipe == ["auto"] else [f for r in args.recipe for f in ("--recipe", r)]
@@ -584,7 +592,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", type=int, default=10, help="runs with faults (default 10)")
     ap.add_argument("--seed", type=int, default=1, help="seed of the fault schedule (default 1)")
-    ap.add_argument("--fault-every", type=float, default=2.5, help="mean seconds between faults (default 2.5)")
+    ap.add_argument("--fault-every", type=float, default=2.0, help="mean seconds between faults (default 2)")
     ap.add_argument("--faults", type=int, default=10,
                     help="faults per run, after which the run ends undisturbed (default 10; 0: faults until it ends)")
     ap.add_argument("--recipe", action="append",
@@ -594,6 +602,9 @@ def main(argv: list[str] | None = None) -> int:
                     help=f"comma-separated fault kinds to draw from (default all: {','.join(KINDS)})")
     ap.add_argument("--sim-ms", type=float, default=40.0,
                     help="ORT agents' simulated latency per sample (default 40: a job lasts about a second)")
+    ap.add_argument("--cold-tvm-cache", action="store_true",
+                    help="every run compiles on the TVM agent (default: runs start with the reference's compile "
+                         "cache; a compile takes 3-8 s here and would make each run ~50 s longer)")
     ap.add_argument("--run-timeout", type=float, default=240.0,
                     help="a run not ended after this many seconds is a hang (at least 4x the reference + 60)")
     ap.add_argument("--stall", type=float, default=90.0,
@@ -658,8 +669,6 @@ def main(argv: list[str] | None = None) -> int:
     (root / "chaos.json").write_text(json.dumps(summary, indent=1))
     bad = any(r.bad for r in runs)
     if not bad and not args.workdir:
-        import shutil
-
         shutil.rmtree(root, ignore_errors=True)
     return 1 if bad else 0
 

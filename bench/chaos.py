@@ -218,7 +218,11 @@ class Lab:
         self.servers = self.live_servers()
         while len(self.servers) < 2:
             self.servers += self.tvm.start_servers(self.key, 1)
-        self.tvm.wait_servers(self.key, 2)
+        try:
+            self.tvm.wait_servers(self.key, 2)
+        except AssertionError as exc:  # tvm_rpc.wait_for's timeout: go on, the run shows what follows
+            log.warning("RPC servers not ready before the run: %s (registered: %s)", exc,
+                        self.tvm.registered(self.key))
 
     def close(self) -> None:
         self.stop_agents()
@@ -446,7 +450,11 @@ class Run:
                 keep.append((when, action, target))
                 continue
             if action == "agent-start":
-                target.start()
+                try:
+                    target.start()
+                except RuntimeError as exc:  # e.g. its port taken meanwhile: try again in a second
+                    self.result.fault_log.append(f"{now - self.t0:6.1f} s restart failed: {exc}")
+                    keep.append((now + 1.0, action, target))
             elif action == "agent-cont":
                 target.send(signal.SIGCONT)
             elif action == "rpc-start":

@@ -5,7 +5,7 @@ class ``phone`` = one TVM agent (``--backend tvm``) in front of a real TVM RPC t
 RPC servers under one key (``tests/tvm_rpc.py``). The controller is ``python -m tuneqn.controller
 tune study.toml`` as a subprocess, so it can be SIGKILLed and rerun with the same command.
 
-First a fault-free reference run, then ``--runs`` runs (default 10), each with ``--faults``
+First a fault-free reference run, then ``--runs`` runs (default 12), each with ``--faults``
 random faults (default 10; then the run ends undisturbed) one every ``--fault-every`` seconds
 (default 2, ±50 %; ``--seed``, ``--kinds``): SIGKILL of an agent (restarted 0.5–3 s later on
 the same port and state dir), SIGSTOP of an agent (SIGCONT 1–8 s later, either side of the
@@ -44,7 +44,7 @@ the jobs: a TVM compile per job makes that ~140 s per run); shortened timeouts
 ``--simulated-latency-ms 40`` (``--sim-ms``: a job lasts about a second, long enough to be hit).
 The model is the tests' small CNN (``tests/onnx_models.py``, 5 layers), 24 evaluation images.
 
-    python bench/chaos.py                      # 10 runs × 10 faults, seed 1
+    python bench/chaos.py                      # 12 runs × ≤ 10 faults (a run may end first), seed 1
     python bench/chaos.py --runs 3 --faults 0 --kinds controller-kill --sim-ms 200   # hunt resume hangs
 """
 
@@ -598,7 +598,7 @@ def describe(res: RunResult, with_faults: bool = True) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     """Reference run, then ``--runs`` runs with faults; print the figures; 1 when anything went wrong."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--runs", type=int, default=10, help="runs with faults (default 10)")
+    ap.add_argument("--runs", type=int, default=12, help="runs with faults (default 12)")
     ap.add_argument("--seed", type=int, default=1, help="seed of the fault schedule (default 1)")
     ap.add_argument("--fault-every", type=float, default=2.0, help="mean seconds between faults (default 2)")
     ap.add_argument("--faults", type=int, default=10,

@@ -3,6 +3,8 @@ run with faults on the real lab (slow: a TVM tracker, two RPC servers, three age
 
 from __future__ import annotations
 
+import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -93,10 +95,21 @@ def test_lost_duplicated_and_unfinished_jobs_are_read_from_real_stores(tmp_path:
 
 
 @pytest.mark.slow
-def test_a_short_run_with_faults_finds_nothing_lost(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_short_run_with_faults_is_measured_and_compared(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The bench's pieces on the real lab: a reference, one run with two faults, the figures and chaos.json.
+
+    Whether the run loses nothing is what the bench measures (not asserted here: the code under test
+    decides); a non-zero exit must come with its reason printed.
+    """
     pytest.importorskip("tvm", reason="Apache TVM (the tuneqn[tvm] extra) is not installed")
-    code = chaos.main(["--runs", "1", "--faults", "2", "--fault-every", "2", "--seed", "3",
-                       "--workdir", str(tmp_path / "chaos")])
+    work = tmp_path / "chaos"
+    code = chaos.main(["--runs", "1", "--faults", "2", "--fault-every", "2", "--seed", "3", "--workdir", str(work)])
     out = capsys.readouterr().out
-    assert "reference: " in out and "run 1: " in out and "total: 1 runs, 2 faults" in out, out
-    assert code == 0, out
+    assert re.search(r"^reference: [\d.]+ s, exit 0, controller started 1x, [1-9]\d* results$", out, re.M), out
+    assert "run 1: " in out and "total: 1 runs, 2 faults" in out, out
+    (run,) = json.loads((work / "chaos.json").read_text())
+    assert sum(run["faults"].values()) == 2 and len(run["fault_log"]) == 2
+    if code == 0:
+        assert "fronts and answer equal" in out and not run["lost"] and not run["hang"], out
+    else:
+        assert code == 1 and ("lost: " in out or "HANG" in out or "differs: " in out or run["exit"] != 0), out

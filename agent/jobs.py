@@ -404,7 +404,7 @@ class JobManager:
             row = self._state.get_job(spec.job_id)
             if row is None:
                 return self._queue_new(spec)
-            self._check_same(pb.JobSpec.FromString(row.spec), spec)
+            self._check_same(pb.JobSpec.FromString(row.spec), spec, row.device_class)
             reason = self._rerun_reason(row, spec)
             if reason is None:
                 self._state.update_spec(
@@ -419,16 +419,18 @@ class JobManager:
         desc = self._descriptions.get(device)
         return desc.device_class if desc is not None else None
 
-    def _check_same(self, known: pb.JobSpec, spec: pb.JobSpec) -> None:
+    def _check_same(self, known: pb.JobSpec, spec: pb.JobSpec, known_class: str = "") -> None:
         """The submission is the known job: the same spec, on the same device or another device of its class.
 
         Devices of a class are interchangeable, so a controller that re-leased a job to another
-        device of the class (e.g. after this agent restarted) submits the same job.
+        device of the class (e.g. after this agent restarted) submits the same job. The known
+        device's class is the recorded one (``known_class``) when that device is gone (a TVM lane
+        whose RPC server left before this agent restarted).
         """
         if not spec.device and known.device:  # "the only device" named the known job's device
             spec = self._stored(spec, known.device)
         if spec.device != known.device:
-            cls = self._class_of(known.device)
+            cls = self._class_of(known.device) or known_class or None
             if cls is None or cls != self._class_of(spec.device):
                 raise JobConflict(
                     f"job {spec.job_id!r} is already known on device {known.device!r} "
@@ -447,7 +449,8 @@ class JobManager:
         log.info("job %s moves from %s to %s (same class)", job.spec.job_id, job.device, device)
         job.device = device
         job.spec = self._stored(job.spec, device)
-        self._state.update_spec(job.spec.job_id, job.spec.SerializeToString(), device=device)
+        self._state.update_spec(job.spec.job_id, job.spec.SerializeToString(), device=device,
+                                device_class=self._class_of(device) or "")
         self._enqueue(job)
 
     def _queue_new(self, spec: pb.JobSpec) -> pb.SubmitJobResponse:
@@ -455,7 +458,8 @@ class JobManager:
         device = self._resolve_device(spec.device)
         stored = self._stored(spec, device)
         self._queue_pinned(spec, stored, device, lambda: self._state.insert_job(
-            spec.job_id, stored.SerializeToString(), device, spec.attempt, spec.remeasure_token))
+            spec.job_id, stored.SerializeToString(), device, spec.attempt, spec.remeasure_token,
+            device_class=self._class_of(device) or ""))
         log.info("job %s queued on %s", spec.job_id, device)
         return pb.SubmitJobResponse(job_id=spec.job_id, state=pb.QUEUED, already_known=False)
 
@@ -511,7 +515,8 @@ class JobManager:
         def record() -> None:
             self._state.requeue_job(spec.job_id, stored.SerializeToString(), spec.attempt, spec.remeasure_token)
             if device != row.device:
-                self._state.update_spec(spec.job_id, stored.SerializeToString(), device=device)
+                self._state.update_spec(spec.job_id, stored.SerializeToString(), device=device,
+                                        device_class=self._class_of(device) or "")
 
         self._queue_pinned(spec, stored, device, record)
         log.info("job %s queued again on %s: %s", spec.job_id, device, reason)

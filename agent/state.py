@@ -4,12 +4,15 @@ Tables:
 
 * ``meta(key, value)`` — the agent instance id.
 * ``jobs(job_id pk, spec, device, state, result, error, created, updated, attempt,
-  remeasure_token, series_start)`` — ``spec`` (the latest submitted spec) and ``result``
+  remeasure_token, series_start, device_class)`` — ``spec`` (the latest submitted spec) and ``result``
   are serialized ``tuneqn.v1.JobSpec`` / ``tuneqn.v1.JobResult`` bytes, ``state`` the
   JobState name (QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED). ``attempt`` and
   ``remeasure_token`` are those of the submission that queued the current (or last)
   execution series; ``series_start`` is the number of executions the job had before that
-  series, so the series' own executions bound the restart re-queue.
+  series, so the series' own executions bound the restart re-queue. ``device_class`` is the
+  class of ``device`` when it was recorded: a device may be gone after a restart (a TVM lane
+  whose RPC server left), and a resubmission of the job for another device of that class is
+  still the same job.
 * ``executions(id pk, job_id, started, finished, outcome, attempt)`` — one row per time a
   job actually started executing; ``outcome`` is the final state name, or
   ``interrupted`` when the agent stopped or died during the run.
@@ -84,6 +87,7 @@ class JobRow:
     attempt: int = 0
     remeasure_token: str = ""
     series_start: int = 0
+    device_class: str = ""
 
 
 class AgentState:
@@ -130,7 +134,8 @@ class AgentState:
     def _add_missing_columns(self) -> None:
         """Columns added after the first release (older state dirs lack them)."""
         wanted = {
-            "jobs": {"attempt": (int, 0), "remeasure_token": (str, ""), "series_start": (int, 0)},
+            "jobs": {"attempt": (int, 0), "remeasure_token": (str, ""), "series_start": (int, 0),
+                     "device_class": (str, "")},
             "executions": {"attempt": (int, 0)},
         }
         for table, columns in wanted.items():
@@ -157,6 +162,7 @@ class AgentState:
         attempt: int = 0,
         remeasure_token: str = "",
         state: str = "QUEUED",
+        device_class: str = "",
     ) -> None:
         """Record a newly submitted job."""
         now = time.time()
@@ -174,6 +180,7 @@ class AgentState:
                     "attempt": attempt,
                     "remeasure_token": remeasure_token,
                     "series_start": 0,
+                    "device_class": device_class,
                 },
                 pk="job_id",
             )
@@ -203,11 +210,15 @@ class AgentState:
         attempt: int | None = None,
         remeasure_token: str | None = None,
         device: str | None = None,
+        device_class: str | None = None,
     ) -> None:
-        """Store the latest spec of a known job (and the series' attempt/token, its device, when given)."""
+        """Store the latest spec of a known job (and the series' attempt/token, its device and the
+        device's class, when given)."""
         updates: dict[str, object] = {"spec": spec}
         if device is not None:
             updates["device"] = device
+        if device_class is not None:
+            updates["device_class"] = device_class
         if attempt is not None:
             updates["attempt"] = attempt
         if remeasure_token is not None:
@@ -315,4 +326,5 @@ def _row(r: dict[str, Any]) -> JobRow:
         attempt=int(r.get("attempt") or 0),
         remeasure_token=str(r.get("remeasure_token") or ""),
         series_start=int(r.get("series_start") or 0),
+        device_class=str(r.get("device_class") or ""),
     )

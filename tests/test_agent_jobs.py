@@ -314,3 +314,38 @@ def test_a_job_resubmitted_for_another_device_of_its_class_is_the_same_job(tmp_p
         assert executions(server.state_dir, "blocker") == 1
     finally:
         server.stop(grace=0.5)
+
+
+def test_a_job_of_a_device_gone_after_a_restart_is_still_its_class(tmp_path, client_factory, cnn_bytes) -> None:
+    """A job finished on device a2; the agent restarts with a1 only (a TVM lane whose RPC server left).
+    The controller, which lost track, submits the job for a1: the same job of the same class, answered
+    with the stored result (found by bench/chaos.py: it was refused as "another class", a lost result)."""
+    from tuneqn.agent.backends.ort import OrtBackend
+    from tuneqn.agent.config import AgentConfig
+    from tuneqn.agent.server import AgentServer
+
+    state = tmp_path / "agent"
+    first = AgentServer(AgentConfig(state_dir=state, host="127.0.0.1", port=0),
+                        [OrtBackend("a1", "a"), OrtBackend("a2", "a")])
+    first.start()
+    try:
+        client = client_factory(first)
+        model, data = client.upload_bytes(cnn_bytes), client.upload_bytes(npy_bytes(dataset(8)))
+        client.submit(job_spec("x", model, data, device="a2"))
+        assert client.wait_result("x", timeout=RESULT_TIMEOUT).state == pb.SUCCEEDED
+    finally:
+        first.stop(grace=0.5)
+    second = AgentServer(AgentConfig(state_dir=state, host="127.0.0.1", port=0),
+                         [OrtBackend("a1", "a"), OrtBackend("b1", "b")])
+    second.start()
+    try:
+        client = client_factory(second)
+        again = client.submit(job_spec("x", model, data, device="a1", attempt=2))
+        assert (again.state, again.already_known) == (pb.SUCCEEDED, True)
+        assert client.wait_result("x", timeout=RESULT_TIMEOUT).state == pb.SUCCEEDED
+        assert executions(state, "x") == 1
+        with pytest.raises(grpc.RpcError) as err:
+            client.submit(job_spec("x", model, data, device="b1"))
+        assert err.value.code() == grpc.StatusCode.ALREADY_EXISTS and "(class a)" in err.value.details()
+    finally:
+        second.stop(grace=0.5)

@@ -123,6 +123,16 @@ def test_nothing_meets_the_constraint_gives_the_lowest_loss_with_a_warning() -> 
     assert any(w.startswith("nothing meets the constraint") for w in pick["warnings"])
 
 
+def test_a_pick_no_smaller_than_fp32_says_so() -> None:
+    """On a tiny model every layer left float can be the only candidate within the loss, and its QDQ file is
+    larger than the FP32 model's (seen by bench/chaos.py): the answer says to ship FP32 instead."""
+    cands = [_cand("a", 0, 5_000_000, [_res("cpu", 0.09)]), _cand("a", 5, 23_000_000, [_res("cpu", 0.0)])]
+    (pick,) = _picks(_report(cands))
+    assert pick["k"] == 5 and any(w.startswith("no smaller than the FP32 model") for w in pick["warnings"])
+    cands[1]["size_bytes"] = 6_000_000
+    assert not any("FP32 model" in w for w in _picks(_report(cands))[0]["warnings"])
+
+
 def test_no_pick_when_nothing_is_done() -> None:
     cands = [_cand("a", 0, 5_000_000, [_res("cpu", 0.0, status="failed", feasible=False)])]
     (pick,) = _picks(_report(cands))

@@ -353,12 +353,15 @@ def _spread(p10: float | None, p90: float | None) -> str:
 
 def _warnings(pick: _Option, met: bool, constraint: Constraint, fq: _Option | None,
               baselines: dict[tuple[str, str], dict[str, Any]], n: int | None, labelled: int | None,
-              ci: tuple[float, float] | None) -> list[str]:
+              ci: tuple[float, float] | None, fp32_size: int | None = None) -> list[str]:
     c = pick.cand
     out: list[str] = []
     if not met:
         out.append(f"nothing meets the constraint ({constraint.describe()}); this is the lowest-loss result "
                    f"({pct(pick.loss)} loss)")
+    if fp32_size and pick.size is not None and pick.size >= fp32_size:
+        out.append(f"no smaller than the FP32 model ({mb(pick.size)} vs {mb(fp32_size)}): no quantized file "
+                   f"found here saves space; ship the FP32 model unless this one is faster")
     for dev, r in pick.results.items():
         b = baselines.get((c.get("model"), dev)) or {}
         lat, base = finite(r.get("latency_ms")), finite(b.get("latency_ms"))
@@ -482,7 +485,8 @@ def _pick_entry(pick: _Option, met: bool, scope: str, model: str, devs: list[str
         "export_command": None if parts else export_command(out_dir, model, devs[0] if scope == "device" else None,
                                                             several_models, flags),
         "parts": parts,
-        "warnings": _warnings(pick, met, constraint, fq, baselines, n, labelled if has_labels else None, ci),
+        "warnings": _warnings(pick, met, constraint, fq, baselines, n, labelled if has_labels else None, ci,
+                              fp32_size),
         "reason": None,
     }
 

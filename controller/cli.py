@@ -549,8 +549,7 @@ def _agent_source(args: argparse.Namespace, study_agents: list[Any] | None = Non
                   study_label: str = "the study") -> tuple[list[Any], str]:
     """Endpoints of the agents a command uses (``--agent``, ``--lab``, the study's, the default lab file)
     and where they came from."""
-    from tuneqn.controller.lab import choose_agents
-    from tuneqn.controller.orchestrator import endpoints_from
+    from tuneqn.controller.lab import choose_agents, endpoints_from
 
     source = choose_agents(study_agents or [], args.agent, args.lab, args.no_lab, study_label)
     endpoints = endpoints_from(source.agents, [], Path(args.token_file) if args.token_file else None,

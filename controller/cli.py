@@ -476,6 +476,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     try:
         settings = FarmSettings.from_config(cfg.evaluation, lease_timeout_s=args.lease_timeout,
                                             device_wait_s=args.device_wait,
+                                            agent_connect_timeout_s=args.connect_timeout,
                                             remeasure_token=remeasure_token(study, args.fresh))
         print(f"agents: {len(endpoints)} from {origin}" if endpoints else "agents: none given; starting a local agent")
         with Progress() as progress:
@@ -491,9 +492,21 @@ def cmd_tune(args: argparse.Namespace) -> int:
                 progress.update(task[0], total=total, completed=counts.get("done", 0) + bad + infeasible,
                                 description="evaluating candidates" + (f" ({', '.join(notes)})" if notes else ""))
 
+            shown: dict[str, str] = {}
+
+            def status(lines: list[Any]) -> None:
+                """Agents and waits: live under the bar on a terminal, else one line per change on stderr."""
+                if progress.is_terminal:
+                    progress.status([line.text for line in lines])
+                    return
+                for line in lines:
+                    if shown.get(line.key) != line.state:
+                        shown[line.key] = line.state
+                        print(line.text, file=sys.stderr, flush=True)
+
             outcome = tune(study, endpoints, settings, on_progress=show,
                            local_agent_args=["--simulated-latency-ms", str(args.simulated_latency_ms)]
-                           if args.simulated_latency_ms else None)
+                           if args.simulated_latency_ms else None, on_status=status)
     finally:
         study.close()
     print(f"jobs: {outcome.done} done, {outcome.failed} failed, {outcome.unreachable} unreachable"
@@ -738,6 +751,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device-wait", "--agent-wait", dest="device_wait", type=_positive,
                    help="end a device class's jobs as unreachable after no agent of it answered this long "
                         "(default: [evaluation] device_wait_s)")
+    p.add_argument("--connect-timeout", dest="connect_timeout", type=_positive,
+                   help="give up an agent that has not answered once since the study started after this many "
+                        "seconds (default: [evaluation] agent_connect_timeout_s, 60)")
     p.add_argument("--device-class", action="append", metavar="CLASS",
                    help="measure only on this device class (repeatable; default: [evaluation] device_classes, "
                         "else every class the agents serve)")

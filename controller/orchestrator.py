@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from tuneqn.controller import metrics
-from tuneqn.controller.liveness import GiveUp, Liveness, Release, Seen
+from tuneqn.controller.liveness import GiveUp, Liveness, Release, Seen, StatusLine
 from tuneqn.controller.planning import Planner, Probe, Settle
 from tuneqn.controller.feasibility import GAVE_UP, describe
 from tuneqn.controller.farm.dispatcher import AgentLink, AgentState, Endpoint, FarmSettings, JobBoard, make_job
@@ -82,12 +82,14 @@ class StudyRun:
 
     def __init__(self, study: Study, endpoints: list[Endpoint], settings: FarmSettings,
                  on_progress: Callable[[dict[str, int], int], None] | None = None,
-                 local_agent_args: list[str] | None = None) -> None:
+                 local_agent_args: list[str] | None = None,
+                 on_status: Callable[[list[StatusLine]], None] | None = None) -> None:
         self.study = study
         self.store = study.store
         self.endpoints = endpoints
         self.settings = settings
         self.on_progress = on_progress
+        self.on_status = on_status
         self.local_agent_args = local_agent_args
         self.board = JobBoard(self.store, settings, on_result=self._on_result, on_final=self._on_final)
         self.stop = threading.Event()
@@ -116,6 +118,7 @@ class StudyRun:
         # (``[evaluation] feasibility``, controller/planning.py): both return decisions applied here.
         self.liveness = Liveness(settings)
         self.planner = Planner(study, study.cfg.evaluation.feasibility)
+        self._gone: set[str] = set()  # classes given up (one error line each, until one comes back)
         # The recipe gate (``recipes = "auto"``; see controller/search/gate.py).
         self._gated: dict[tuple[str, tuple[str, ...]], list[gate.Decision]] = {}  # (model, classes) -> decided
         self._analyzed: set[tuple[str, str]] = set()  # (model, recipe) the gate passed and that were analyzed
@@ -184,6 +187,7 @@ class StudyRun:
         last_report = 0.0
         self._results_changed.set()  # a first report.json right away
         self._changed.set()
+        stuck_once = False
         while True:
             if self._build_errors:
                 raise self._build_errors[0]
@@ -201,19 +205,109 @@ class StudyRun:
             searching = not all(st.done() for st in strategies)
             if not searching and self._idle() and not self.board.closed:
                 self.board.close()
+            awaited = self._awaited(started)
             self._watch_liveness()
             if self.on_progress is not None:
                 self.on_progress(self.board.counts(), self._total())
+            self._show_status()
             if self._results_changed.is_set() and time.monotonic() - last_report > 2.0:
                 self._results_changed.clear()
                 write_json(self.store, self.study.out_dir)
                 last_report = time.monotonic()
-            if (self.board.finished() and not searching and self._idle() and not self._awaited(started)
-                    and not self.planner.deciding()):
+            if self.board.finished() and not searching and self._idle() and not awaited and not self.planner.deciding():
                 break
+            if searching and not awaited and self._nothing_can_arrive():
+                if stuck_once:  # the searches were asked once more since it looked so: nothing will change
+                    self._stuck([st.name for st in strategies if not st.done()])
+                    break
+                stuck_once = True
+                self._changed.set()
+                continue
+            stuck_once = False
             with self.board.cond:
                 if not self._changed.is_set():
                     self.board.cond.wait(0.5)
+
+    def _nothing_can_arrive(self) -> bool:
+        """No device class and no live agent to bring one, or: no job unfinished, no build running, nothing
+        being planned and nothing changed since the searches were last asked (they wait for results that
+        can no longer arrive)."""
+        with self._lock:
+            no_class = not self._classes
+        if no_class and not any(link.live.is_set() for link in self.links):
+            return True
+        return (not self.board.unfinished() and self._idle() and not self.planner.deciding()
+                and not self._changed.is_set())
+
+    def _stuck(self, searches: list[str]) -> None:
+        """The searches cannot go on: say why (the reasons already found, else what they wait for)."""
+        for line in self._lost_lines():
+            if line not in self.errors:
+                self.errors.append(line)
+        if not self.errors and not self.liveness.errors:
+            self.errors.append(f"searches {', '.join(searches)} wait for results that can no longer arrive "
+                               f"(device classes: {', '.join(self.view_devices()) or 'none'})")
+        log.error("the searches %s cannot go on; ending the run", ", ".join(searches))
+
+    def _show_status(self) -> None:
+        """Each agent's state and what the run waits for, to the live display."""
+        if self.on_status is None:
+            return
+        with self._lock:
+            classes = dict(self._classes)
+        waiting = [cls for cls in classes if cls not in self._gone and self.board.unfinished(cls)]
+        self.on_status(self.liveness.status(self.links, classes, waiting, time.monotonic()))
+
+    # ------------------------------------------------------------------ results that can no longer arrive
+    def _lost(self, cid: str, device_class: str) -> str | None:
+        """Why candidate ``cid``'s full job on a class ended without a result (None: it did not, or has none)."""
+        with self._lock:
+            jid = self._job_ids.get((cid, device_class, "full"))
+        row = self.store.job(jid) if jid is not None else None
+        if row is None or row["state"] not in FINAL_JOB_STATES or row["state"] == "done":
+            return None
+        error = str(row.get("error") or "no result").removeprefix(f"infeasible on {device_class}: ")
+        how = {"failed": "failed for good", "infeasible": "cannot run there", "unreachable": "got no result"}
+        return f"{how.get(row['state'], 'ended ' + row['state'])} ({error})"
+
+    def view_blocked(self, model: str, recipe: str) -> str | None:
+        """Why the search of (model, recipe) cannot go on, or None: on every device class it runs on, the
+        FP32 model or the recipe's fully quantized model ended without a result (one reason per class)."""
+        reasons = self._blocked(model, recipe)
+        return "; ".join(reasons) if reasons else None
+
+    def _blocked(self, model: str, recipe: str) -> list[str]:
+        """:meth:`view_blocked`'s reasons, one per class (empty: the search can go on)."""
+        classes = self._classes_of(model, recipe)
+        if not classes:
+            return []
+        fq = self.study.make_plan(model, recipe, ()).id
+        reasons = []
+        for cls in classes:
+            why = self._lost(baseline_id(model), cls)
+            if why is not None:
+                reasons.append(f"device class {cls}: the FP32 model of {model} {why}; "
+                               "nothing to compare candidates with")
+                continue
+            why = self._lost(fq, cls)
+            if why is None:
+                return []
+            reasons.append(f"device class {cls}: the fully quantized model of {recipe} {why}; "
+                           "nothing to search from")
+        return reasons
+
+    def _lost_lines(self) -> list[str]:
+        """Every reason a search could not go on (FP32 lost on every class of a model, a blocked pair)."""
+        out: list[str] = []
+        classes = self.view_devices()
+        for model in self.study.models:
+            lost = [(cls, why) for cls in classes if (why := self._lost(baseline_id(model), cls)) is not None]
+            if classes and len(lost) == len(classes):
+                out += [f"device class {cls}: the FP32 model of {model} {why}; nothing to compare candidates with"
+                        for cls, why in lost]
+        for model, recipe in self.view_pairs():
+            out += [line for line in self._blocked(model, recipe) if line not in out]
+        return out
 
     def stop_farm(self) -> None:
         """Stop the links, their slots and the local agent."""
@@ -231,6 +325,9 @@ class StudyRun:
     def report(self) -> TuneOutcome:
         """Counts, errors and the full report."""
         counts = self.board.counts()
+        for line in self._lost_lines():
+            if line not in self.errors:
+                self.errors.append(line)
         outcome = TuneOutcome(
             total=self._total(), done=counts.get("done", 0), failed=counts.get("failed", 0),
             unreachable=counts.get("unreachable", 0), infeasible=counts.get("infeasible", 0),
@@ -606,13 +703,16 @@ class StudyRun:
             if isinstance(d, Seen):
                 with self._lock:
                     self._classes[d.device_class] = d.at
+                self._gone.discard(d.device_class)
             elif isinstance(d, Release):
                 self._release_unknown(d.device_class)
             elif isinstance(d, GiveUp) and self.board.unfinished(d.device_class):
                 n = self.board.give_up(d.device_class, d.reason)
-                msg = d.message.replace("{n}", str(n))
-                log.error(msg)
-                self.errors.append(msg)
+                if d.device_class not in self._gone:  # later jobs of a class already given up end quietly
+                    self._gone.add(d.device_class)
+                    msg = d.message.replace("{n}", str(n))
+                    log.error(msg)
+                    self.errors.append(msg)
                 self._changed.set()
 
     def _release_unknown(self, device_class: str) -> None:
@@ -646,6 +746,9 @@ class StudyRun:
 
 def tune(study: Study, endpoints: list[Endpoint], settings: FarmSettings,
          on_progress: Callable[[dict[str, int], int], None] | None = None,
-         local_agent_args: list[str] | None = None) -> TuneOutcome:
-    """Run the whole study on the agents (a local one when none is given); problems are in ``errors``."""
-    return StudyRun(study, endpoints, settings, on_progress=on_progress, local_agent_args=local_agent_args).run()
+         local_agent_args: list[str] | None = None,
+         on_status: Callable[[list[StatusLine]], None] | None = None) -> TuneOutcome:
+    """Run the whole study on the agents (a local one when none is given); problems are in ``errors``;
+    ``on_status`` gets each agent's state and what the run waits for, every half second."""
+    return StudyRun(study, endpoints, settings, on_progress=on_progress, local_agent_args=local_agent_args,
+                    on_status=on_status).run()

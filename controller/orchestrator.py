@@ -12,12 +12,13 @@ what is missing and re-collects what was in flight.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -118,6 +119,8 @@ class StudyRun:
         # (``[evaluation] feasibility``, controller/planning.py): both return decisions applied here.
         self.liveness = Liveness(settings)
         self.planner = Planner(study, study.cfg.evaluation.feasibility)
+        self._links_started = time.monotonic()
+        self._links_up = False
         self._gone: set[str] = set()  # classes given up (one error line each, until one comes back)
         # The recipe gate (``recipes = "auto"``; see controller/search/gate.py).
         self._gated: dict[tuple[str, tuple[str, ...]], list[gate.Decision]] = {}  # (model, classes) -> decided
@@ -125,15 +128,36 @@ class StudyRun:
 
     # ------------------------------------------------------------------ steps
     def run(self) -> TuneOutcome:
-        """prepare → analyze → dispatch (plan as results arrive) → report."""
-        self.prepare()
-        self.analyze()
+        """prepare → analyze → dispatch (plan as results arrive) → report. Configured agents are dialled
+        first, while the models are prepared, so their state shows (and their wait counts) from the start."""
         try:
+            if self.endpoints:
+                self.start_links()
+            with self._status_ticker():
+                self.prepare()
+                self.analyze()
             self.start_farm()
             self.dispatch()
         finally:
             self.stop_farm()
         return self.report()
+
+    @contextlib.contextmanager
+    def _status_ticker(self) -> Iterator[None]:
+        """Show the agents' state every half second while the main thread is busy elsewhere."""
+        done = threading.Event()
+
+        def tick() -> None:
+            while not done.wait(0.5):
+                self._show_status()
+
+        t = threading.Thread(target=tick, name="status", daemon=True)
+        t.start()
+        try:
+            yield
+        finally:
+            done.set()
+            t.join()
 
     def prepare(self) -> None:
         """Models and data samples."""
@@ -150,7 +174,16 @@ class StudyRun:
             self.quiet = QuietLock(state_dir / "quiet.lock")
             self.local = LocalAgent(state_dir, extra_args=self.local_agent_args, quiet_lock=self.quiet.path)
             self.endpoints = [Endpoint(self.local.start())]
-        now = time.monotonic()
+        if not self._links_up:
+            self.start_links()
+        self._builder_thread = threading.Thread(target=self._builder, name="candidate-builder", daemon=True)
+        self._builder_thread.start()
+
+    def start_links(self) -> None:
+        """One link per agent (the device classes they declare are planned from now on)."""
+        now = self._links_started = time.monotonic()
+        self.liveness.started = now
+        self._links_up = True
         wanted = set(self.settings.device_classes)
         if wanted:
             skipped = [ep for ep in self.endpoints if ep.device_class and ep.device_class not in wanted]
@@ -166,8 +199,6 @@ class StudyRun:
         self.links = [AgentLink(ep, self.board, self.stop, self._on_device) for ep in self.endpoints]
         for link in self.links:
             link.start()
-        self._builder_thread = threading.Thread(target=self._builder, name="candidate-builder", daemon=True)
-        self._builder_thread.start()
 
     def dispatch(self) -> None:
         """Feed the searches' requests to the builder and the dispatcher until every search is done
@@ -183,7 +214,7 @@ class StudyRun:
             self._add_built(_Built(baseline_id(model), model, pm.path, pm.sha256, {}, pm.path.stat().st_size),
                             fp32=True)
             self._want(baseline_id(model), "full", model, "fp32")
-        started = time.monotonic()
+        started = self._links_started  # an agent that never answered is waited for from when it was dialled
         last_report = 0.0
         self._results_changed.set()  # a first report.json right away
         self._changed.set()

@@ -54,7 +54,6 @@ def _failure_line(err: str) -> str:
     lines = [line for line in err.splitlines() if line.startswith("tuneqn: failed:")]
     assert len(lines) == 1, err
     assert "Traceback" not in err, err
-    print("FAILURE LINE:", lines[0], file=sys.__stdout__)
     return lines[0]
 
 

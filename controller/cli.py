@@ -495,14 +495,15 @@ def cmd_tune(args: argparse.Namespace) -> int:
             shown: dict[str, str] = {}
 
             def status(lines: list[Any]) -> None:
-                """Agents and waits: live under the bar on a terminal, else one line per change on stderr."""
+                """Agents and waits: live under the bar on a terminal, else one line per change (stdout, with
+                the log; stderr keeps the one-line error)."""
                 if progress.is_terminal:
                     progress.status([line.text for line in lines])
                     return
                 for line in lines:
                     if shown.get(line.key) != line.state:
                         shown[line.key] = line.state
-                        print(line.text, file=sys.stderr, flush=True)
+                        print(line.text, flush=True)
 
             outcome = tune(study, endpoints, settings, on_progress=show,
                            local_agent_args=["--simulated-latency-ms", str(args.simulated_latency_ms)]

@@ -110,6 +110,7 @@ class StudyRun:
         self._build_errors: list[BaseException] = []
         self._results_changed = threading.Event()
         self._changed = threading.Event()  # a result or a build arrived: ask the strategies again
+        self._class_known = threading.Event()  # some device class is known: builds may start
         self._concurrency = 1
         self._builder_thread: threading.Thread | None = None
         self._asked: set[tuple[str, str, str]] = set()  # (search, candidate id, level) recorded
@@ -499,6 +500,11 @@ class StudyRun:
             return self._building == 0
 
     def _builder(self) -> None:
+        # Builds start once some device class is known (agents are dialled while the models are prepared,
+        # so that is at once as a rule): a run whose agents never answer ends without a build to finish.
+        while not self._class_known.wait(0.5):
+            if self.stop.is_set():
+                return
         while True:
             plan = self._builds.get()
             if plan is None or self.stop.is_set():
@@ -699,6 +705,7 @@ class StudyRun:
         empty = no known restriction); it gets every job built so far that may run there."""
         with self._lock:
             new = device_class not in self._classes
+            self._class_known.set()
             self._classes[device_class] = now
             first_ops = self.planner.register(device_class, supported)
             todo = [(b, sorted(self._levels.get(cid, ()))) for cid, b in self._built.items()] if new or first_ops else []

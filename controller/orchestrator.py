@@ -71,6 +71,10 @@ class _Built:
     recipe: str = "fp32"
 
 
+def _fp32_lost(model: str, device_class: str, why: str) -> str:
+    return f"device class {device_class}: the FP32 model of {model} {why}; nothing to compare candidates with"
+
+
 def remeasure_token(study: Study, fresh: bool) -> str:
     """The study's re-measure token: new on ``--fresh``, kept in the store until the next one."""
     if fresh:
@@ -248,7 +252,7 @@ class StudyRun:
                 last_report = time.monotonic()
             if self.board.finished() and not searching and self._idle() and not awaited and not self.planner.deciding():
                 break
-            if searching and not awaited and self._nothing_can_arrive():
+            if (searching or not self._idle()) and not awaited and self._nothing_can_arrive():
                 if stuck_once:  # the searches were asked once more since it looked so: nothing will change
                     self._stuck([st.name for st in strategies if not st.done()])
                     break
@@ -277,9 +281,10 @@ class StudyRun:
             if line not in self.errors:
                 self.errors.append(line)
         if not self.errors and not self.liveness.errors:
-            self.errors.append(f"searches {', '.join(searches)} wait for results that can no longer arrive "
+            self.errors.append(f"searches {', '.join(searches) or '(done)'} wait for results that can no longer arrive "
                                f"(device classes: {', '.join(self.view_devices()) or 'none'})")
-        log.error("the searches %s cannot go on; ending the run", ", ".join(searches))
+        log.error("%s; ending the run", f"the searches {', '.join(searches)} cannot go on" if searches
+                  else "no device class can run the builds")
 
     def _show_status(self) -> None:
         """Each agent's state and what the run waits for, to the live display."""
@@ -318,8 +323,7 @@ class StudyRun:
         for cls in classes:
             why = self._lost(baseline_id(model), cls)
             if why is not None:
-                reasons.append(f"device class {cls}: the FP32 model of {model} {why}; "
-                               "nothing to compare candidates with")
+                reasons.append(_fp32_lost(model, cls, why))
                 continue
             why = self._lost(fq, cls)
             if why is None:
@@ -335,8 +339,7 @@ class StudyRun:
         for model in self.study.models:
             lost = [(cls, why) for cls in classes if (why := self._lost(baseline_id(model), cls)) is not None]
             if classes and len(lost) == len(classes):
-                out += [f"device class {cls}: the FP32 model of {model} {why}; nothing to compare candidates with"
-                        for cls, why in lost]
+                out += [_fp32_lost(model, cls, why) for cls, why in lost]
         for model, recipe in self.view_pairs():
             out += [line for line in self._blocked(model, recipe) if line not in out]
         return out

@@ -483,6 +483,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     try:
         settings = FarmSettings.from_config(cfg.evaluation, lease_timeout_s=args.lease_timeout,
                                             device_wait_s=args.device_wait,
+                                            agent_connect_timeout_s=args.connect_timeout,
                                             remeasure_token=remeasure_token(study, args.fresh))
         print(f"agents: {len(endpoints)} from {origin}" if endpoints else "agents: none given; starting a local agent")
         with Progress() as progress:
@@ -498,9 +499,22 @@ def cmd_tune(args: argparse.Namespace) -> int:
                 progress.update(task[0], total=total, completed=counts.get("done", 0) + bad + infeasible,
                                 description="evaluating candidates" + (f" ({', '.join(notes)})" if notes else ""))
 
+            shown: dict[str, str] = {}
+
+            def status(lines: list[Any]) -> None:
+                """Agents and waits: live under the bar on a terminal, else one line per change (stdout, with
+                the log; stderr keeps the one-line error)."""
+                if progress.is_terminal:
+                    progress.status([line.text for line in lines])
+                    return
+                for line in lines:
+                    if shown.get(line.key) != line.state:
+                        shown[line.key] = line.state
+                        print(line.text, flush=True)
+
             outcome = tune(study, endpoints, settings, on_progress=show,
                            local_agent_args=["--simulated-latency-ms", str(args.simulated_latency_ms)]
-                           if args.simulated_latency_ms else None)
+                           if args.simulated_latency_ms else None, on_status=status)
     finally:
         study.close()
     print(f"jobs: {outcome.done} done, {outcome.failed} failed, {outcome.unreachable} unreachable"
@@ -556,8 +570,7 @@ def _agent_source(args: argparse.Namespace, study_agents: list[Any] | None = Non
                   study_label: str = "the study") -> tuple[list[Any], str]:
     """Endpoints of the agents a command uses (``--agent``, ``--lab``, the study's, the default lab file)
     and where they came from."""
-    from tuneqn.controller.lab import choose_agents
-    from tuneqn.controller.orchestrator import endpoints_from
+    from tuneqn.controller.lab import choose_agents, endpoints_from
 
     source = choose_agents(study_agents or [], args.agent, args.lab, args.no_lab, study_label)
     endpoints = endpoints_from(source.agents, [], Path(args.token_file) if args.token_file else None,
@@ -770,6 +783,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device-wait", "--agent-wait", dest="device_wait", type=_positive,
                    help="end a device class's jobs as unreachable after no agent of it answered this long "
                         "(default: [evaluation] device_wait_s)")
+    p.add_argument("--connect-timeout", dest="connect_timeout", type=_positive,
+                   help="give up an agent that has not answered once since the study started after this many "
+                        "seconds (default: [evaluation] agent_connect_timeout_s, 60)")
     p.add_argument("--device-class", action="append", metavar="CLASS",
                    help="measure only on this device class (repeatable; default: [evaluation] device_classes, "
                         "else every class the agents serve)")

@@ -510,6 +510,9 @@ class EvaluationSpec(_Strict):
     unreachable_grace_s: Annotated[float, Field(ge=0)] = 20.0
     #: A device class with no live agent this long ends its jobs as ``unreachable``.
     device_wait_s: Annotated[float, Field(gt=0)] = 600.0
+    #: An agent that has not answered once since the study started is given up after this long (a wrong
+    #: address should not cost ``device_wait_s``); a class it declared then ends its jobs as ``unreachable``.
+    agent_connect_timeout_s: Annotated[float, Field(gt=0)] = 60.0
     max_attempts: Annotated[int, Field(ge=1)] = 3
     #: Measure only on these device classes (empty = every class the agents serve): one lab file, many studies.
     device_classes: list[str] = []

@@ -31,6 +31,7 @@ from typing import Annotated, Any
 import grpc
 from pydantic import Field, ValidationError
 
+from tuneqn.controller.auth import read_token
 from tuneqn.controller.config import AgentSpec, _Strict, format_validation_error, resolve_agent_paths
 from tuneqn.controller.errors import UserError
 from tuneqn.controller.farm.client import ContractMismatch
@@ -249,3 +250,25 @@ def probe_all(endpoints: list[Endpoint], timeout: float = 5.0) -> list[AgentRepo
         return []
     with ThreadPoolExecutor(max_workers=min(16, len(endpoints)), thread_name_prefix="tuneqn-probe") as pool:
         return list(pool.map(lambda ep: probe(ep, timeout), endpoints))
+
+
+def endpoints_from(agents: list[AgentSpec], addresses: list[str], token_file: Path | None,
+                   where: str = "agents") -> list[Endpoint]:
+    """Agents from the command line (they replace the given ones) or ``agents`` (a study's or a lab file's
+    ``[[agents]]``, named ``where`` in errors); ``token_file`` serves the agents without their own."""
+    tok = read_token(token_file, "--token-file")
+    if addresses:
+        return [Endpoint(a, token=tok) for a in addresses]
+    endpoints = []
+    for i, a in enumerate(agents):
+        for key in ("tls_ca", "tls_cert", "tls_key"):
+            path = getattr(a, key)
+            if path is not None and not Path(path).is_file():
+                problem = "is a folder, expected a PEM file" if Path(path).is_dir() else "file not found"
+                raise UserError(f"{where}[{i}].{key}: {problem}: {path}")
+        if (a.tls_cert is None) != (a.tls_key is None):
+            raise UserError(f"{where}[{i}]: tls_cert and tls_key go together (mutual TLS needs both)")
+        token = read_token(a.token_file, f"{where}[{i}].token_file") if a.token_file else tok
+        endpoints.append(Endpoint(a.address, token=token, tls_ca=a.tls_ca, tls_cert=a.tls_cert, tls_key=a.tls_key,
+                                  device_class=a.device_class, name=a.name))
+    return endpoints

@@ -12,22 +12,21 @@ what is missing and re-collects what was in flight.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from tuneqn.controller import metrics
-from tuneqn.controller.errors import StudyFailed, UserError
-from tuneqn.controller.feasibility import (ADAPTED, FEASIBLE, GAVE_UP, describe, model_op_types, next_recipe,
-                                           ops_digest, unsupported)
-from tuneqn.controller.auth import read_token
-from tuneqn.controller.config import AgentSpec
+from tuneqn.controller.liveness import GiveUp, Liveness, Release, Seen, StatusLine
+from tuneqn.controller.planning import Planner, Probe, Settle
+from tuneqn.controller.feasibility import GAVE_UP, describe
 from tuneqn.controller.farm.dispatcher import AgentLink, AgentState, Endpoint, FarmSettings, JobBoard, make_job
 from tuneqn.controller.farm.local import LocalAgent, QuietLock
 from tuneqn.controller.report import write_full_report, write_json
@@ -74,6 +73,10 @@ class _Built:
     recipe: str = "fp32"
 
 
+def _fp32_lost(model: str, device_class: str, why: str) -> str:
+    return f"device class {device_class}: the FP32 model of {model} {why}; nothing to compare candidates with"
+
+
 def remeasure_token(study: Study, fresh: bool) -> str:
     """The study's re-measure token: new on ``--fresh``, kept in the store until the next one."""
     if fresh:
@@ -86,12 +89,14 @@ class StudyRun:
 
     def __init__(self, study: Study, endpoints: list[Endpoint], settings: FarmSettings,
                  on_progress: Callable[[dict[str, int], int], None] | None = None,
-                 local_agent_args: list[str] | None = None) -> None:
+                 local_agent_args: list[str] | None = None,
+                 on_status: Callable[[list[StatusLine]], None] | None = None) -> None:
         self.study = study
         self.store = study.store
         self.endpoints = endpoints
         self.settings = settings
         self.on_progress = on_progress
+        self.on_status = on_status
         self.local_agent_args = local_agent_args
         self.board = JobBoard(self.store, settings, on_result=self._on_result, on_final=self._on_final)
         self.stop = threading.Event()
@@ -112,36 +117,54 @@ class StudyRun:
         self._results_changed = threading.Event()
         self._changed = threading.Event()  # a result or a build arrived: ask the strategies again
         self._fixed_width: int | None = None  # a study started with a fixed search width keeps it
+        self._class_known = threading.Event()  # some device class is known: builds may start
         self._builder_thread: threading.Thread | None = None
         self._asked: set[tuple[str, str, str]] = set()  # (search, candidate id, level) recorded
         self._screen_recipes: set[tuple[str, str]] = set()  # (model, recipe) with screens asked for
         self._screens: dict[tuple[str, str], Split] = {}  # their screening samples, once chosen
-        self._given_up: set[str] = set()  # agents that never answered within device_wait_s
-        # Feasibility planning (``[evaluation] feasibility``; see controller/feasibility.py).
-        self.feasibility = study.cfg.evaluation.feasibility
-        self._class_ops: dict[str, frozenset[str] | None] = {}  # supported op types (None: not known yet)
-        self._planned: dict[tuple[str, str, str], str] = {}  # (model, recipe, class) -> recipe that runs there
-        self._tried: dict[tuple[str, str, str], list[dict[str, Any]]] = {}  # recipes checked so far
-        self._trying: dict[tuple[str, str, str], str] = {}  # the recipe whose fully quantized model is checked next
-        self._variant_base: dict[tuple[str, str], str] = {}  # (model, variant recipe) -> its base recipe
-        self._op_types: dict[str, frozenset[str]] = {}  # built candidate id -> its op types
-        self._probes: set[str] = set()  # fully quantized candidates of variants, built to check them
-        self._probe_errors: dict[str, str] = {}  # ... and why one did not build
+        # Liveness of agents and classes (controller/liveness.py) and device-class planning
+        # (``[evaluation] feasibility``, controller/planning.py): both return decisions applied here.
+        self.liveness = Liveness(settings)
+        self.planner = Planner(study, study.cfg.evaluation.feasibility)
+        self._links_started = time.monotonic()
+        self._links_up = False
+        self._gone: set[str] = set()  # classes given up (one error line each, until one comes back)
         # The recipe gate (``recipes = "auto"``; see controller/search/gate.py).
         self._gated: dict[tuple[str, tuple[str, ...]], list[gate.Decision]] = {}  # (model, classes) -> decided
         self._analyzed: set[tuple[str, str]] = set()  # (model, recipe) the gate passed and that were analyzed
 
     # ------------------------------------------------------------------ steps
     def run(self) -> TuneOutcome:
-        """prepare → analyze → dispatch (plan as results arrive) → report."""
-        self.prepare()
-        self.analyze()
+        """prepare → analyze → dispatch (plan as results arrive) → report. Configured agents are dialled
+        first, while the models are prepared, so their state shows (and their wait counts) from the start."""
         try:
+            if self.endpoints:
+                self.start_links()
+            with self._status_ticker():
+                self.prepare()
+                self.analyze()
             self.start_farm()
             self.dispatch()
         finally:
             self.stop_farm()
         return self.report()
+
+    @contextlib.contextmanager
+    def _status_ticker(self) -> Iterator[None]:
+        """Show the agents' state every half second while the main thread is busy elsewhere."""
+        done = threading.Event()
+
+        def tick() -> None:
+            while not done.wait(0.5):
+                self._show_status()
+
+        t = threading.Thread(target=tick, name="status", daemon=True)
+        t.start()
+        try:
+            yield
+        finally:
+            done.set()
+            t.join()
 
     def prepare(self) -> None:
         """Models and data samples."""
@@ -158,7 +181,16 @@ class StudyRun:
             self.quiet = QuietLock(state_dir / "quiet.lock")
             self.local = LocalAgent(state_dir, extra_args=self.local_agent_args, quiet_lock=self.quiet.path)
             self.endpoints = [Endpoint(self.local.start())]
-        now = time.monotonic()
+        if not self._links_up:
+            self.start_links()
+        self._builder_thread = threading.Thread(target=self._builder, name="candidate-builder", daemon=True)
+        self._builder_thread.start()
+
+    def start_links(self) -> None:
+        """One link per agent (the device classes they declare are planned from now on)."""
+        now = self._links_started = time.monotonic()
+        self.liveness.started = now
+        self._links_up = True
         wanted = set(self.settings.device_classes)
         if wanted:
             skipped = [ep for ep in self.endpoints if ep.device_class and ep.device_class not in wanted]
@@ -174,8 +206,6 @@ class StudyRun:
         self.links = [AgentLink(ep, self.board, self.stop, self._on_device) for ep in self.endpoints]
         for link in self.links:
             link.start()
-        self._builder_thread = threading.Thread(target=self._builder, name="candidate-builder", daemon=True)
-        self._builder_thread.start()
 
     def dispatch(self) -> None:
         """Feed the searches' requests to the builder and the dispatcher until every search is done
@@ -190,10 +220,11 @@ class StudyRun:
             self._add_built(_Built(baseline_id(model), model, pm.path, pm.sha256, {}, pm.path.stat().st_size),
                             fp32=True)
             self._want(baseline_id(model), "full", model, "fp32")
-        started = time.monotonic()
+        started = self._links_started  # an agent that never answered is waited for from when it was dialled
         last_report = 0.0
         self._results_changed.set()  # a first report.json right away
         self._changed.set()
+        stuck_once = False
         while True:
             if self._build_errors:
                 raise self._build_errors[0]
@@ -211,19 +242,108 @@ class StudyRun:
             searching = not all(st.done() for st in strategies)
             if not searching and self._idle() and not self.board.closed:
                 self.board.close()
+            awaited = self._awaited(started)
             self._watch_liveness()
             if self.on_progress is not None:
                 self.on_progress(self.board.counts(), self._total())
+            self._show_status()
             if self._results_changed.is_set() and time.monotonic() - last_report > 2.0:
                 self._results_changed.clear()
                 write_json(self.store, self.study.out_dir)
                 last_report = time.monotonic()
-            if (self.board.finished() and not searching and self._idle() and not self._awaited(started)
-                    and not self._deciding()):
+            if self.board.finished() and not searching and self._idle() and not awaited and not self.planner.deciding():
                 break
+            if (searching or not self._idle()) and not awaited and self._nothing_can_arrive():
+                if stuck_once:  # the searches were asked once more since it looked so: nothing will change
+                    self._stuck([st.name for st in strategies if not st.done()])
+                    break
+                stuck_once = True
+                self._changed.set()
+                continue
+            stuck_once = False
             with self.board.cond:
                 if not self._changed.is_set():
                     self.board.cond.wait(0.5)
+
+    def _nothing_can_arrive(self) -> bool:
+        """No device class and no live agent to bring one, or: no job unfinished, no build running, nothing
+        being planned and nothing changed since the searches were last asked (they wait for results that
+        can no longer arrive)."""
+        with self._lock:
+            no_class = not self._classes
+        if no_class and not any(link.live.is_set() for link in self.links):
+            return True
+        return (not self.board.unfinished() and self._idle() and not self.planner.deciding()
+                and not self._changed.is_set())
+
+    def _stuck(self, searches: list[str]) -> None:
+        """The searches cannot go on: say why (the reasons already found, else what they wait for)."""
+        for line in self._lost_lines():
+            if line not in self.errors:
+                self.errors.append(line)
+        if not self.errors and not self.liveness.errors:
+            self.errors.append(f"searches {', '.join(searches) or '(done)'} wait for results that can no longer arrive "
+                               f"(device classes: {', '.join(self.view_devices()) or 'none'})")
+        log.error("%s; ending the run", f"the searches {', '.join(searches)} cannot go on" if searches
+                  else "no device class can run the builds")
+
+    def _show_status(self) -> None:
+        """Each agent's state and what the run waits for, to the live display."""
+        if self.on_status is None:
+            return
+        with self._lock:
+            classes = dict(self._classes)
+        waiting = [cls for cls in classes if cls not in self._gone and self.board.unfinished(cls)]
+        self.on_status(self.liveness.status(self.links, classes, waiting, time.monotonic()))
+
+    # ------------------------------------------------------------------ results that can no longer arrive
+    def _lost(self, cid: str, device_class: str) -> str | None:
+        """Why candidate ``cid``'s full job on a class ended without a result (None: it did not, or has none)."""
+        with self._lock:
+            jid = self._job_ids.get((cid, device_class, "full"))
+        row = self.store.job(jid) if jid is not None else None
+        if row is None or row["state"] not in FINAL_JOB_STATES or row["state"] == "done":
+            return None
+        error = str(row.get("error") or "no result").removeprefix(f"infeasible on {device_class}: ")
+        how = {"failed": "failed for good", "infeasible": "cannot run there", "unreachable": "got no result"}
+        return f"{how.get(row['state'], 'ended ' + row['state'])} ({error})"
+
+    def view_blocked(self, model: str, recipe: str) -> str | None:
+        """Why the search of (model, recipe) cannot go on, or None: on every device class it runs on, the
+        FP32 model or the recipe's fully quantized model ended without a result (one reason per class)."""
+        reasons = self._blocked(model, recipe)
+        return "; ".join(reasons) if reasons else None
+
+    def _blocked(self, model: str, recipe: str) -> list[str]:
+        """:meth:`view_blocked`'s reasons, one per class (empty: the search can go on)."""
+        classes = self._classes_of(model, recipe)
+        if not classes:
+            return []
+        fq = self.study.make_plan(model, recipe, ()).id
+        reasons = []
+        for cls in classes:
+            why = self._lost(baseline_id(model), cls)
+            if why is not None:
+                reasons.append(_fp32_lost(model, cls, why))
+                continue
+            why = self._lost(fq, cls)
+            if why is None:
+                return []
+            reasons.append(f"device class {cls}: the fully quantized model of {recipe} {why}; "
+                           "nothing to search from")
+        return reasons
+
+    def _lost_lines(self) -> list[str]:
+        """Every reason a search could not go on (FP32 lost on every class of a model, a blocked pair)."""
+        out: list[str] = []
+        classes = self.view_devices()
+        for model in self.study.models:
+            lost = [(cls, why) for cls in classes if (why := self._lost(baseline_id(model), cls)) is not None]
+            if classes and len(lost) == len(classes):
+                out += [_fp32_lost(model, cls, why) for cls, why in lost]
+        for model, recipe in self.view_pairs():
+            out += [line for line in self._blocked(model, recipe) if line not in out]
+        return out
 
     def stop_farm(self) -> None:
         """Stop the links, their slots and the local agent."""
@@ -241,11 +361,14 @@ class StudyRun:
     def report(self) -> TuneOutcome:
         """Counts, errors and the full report."""
         counts = self.board.counts()
+        for line in self._lost_lines():
+            if line not in self.errors:
+                self.errors.append(line)
         outcome = TuneOutcome(
             total=self._total(), done=counts.get("done", 0), failed=counts.get("failed", 0),
             unreachable=counts.get("unreachable", 0), infeasible=counts.get("infeasible", 0),
             submitted_here=sum(s.executed for link in self.links for s in link.slots.values()),
-            errors=list(self.errors) + [f"agent {link.address} unusable: {link.error}" for link in self.links
+            errors=list(self.errors) + list(self.liveness.errors) + [f"agent {link.address} unusable: {link.error}" for link in self.links
                                         if link.state == AgentState.INCOMPATIBLE],
         )
         if self.on_progress is not None:
@@ -339,8 +462,7 @@ class StudyRun:
         device class) is evaluated in full everywhere it runs, before the gate decides."""
         if not self.study.auto:
             return
-        with self._lock:
-            variants = sorted({(m, v) for (m, _, _), v in self._planned.items()} | set(self._variant_base))
+        variants = sorted(self.planner.planned_recipes())
         fqs = [(m, r) for m in self.study.models for r in self.study.recipes(m)] + variants
         for model, recipe in fqs:
             fq = self.study.make_plan(model, recipe, ())
@@ -392,6 +514,11 @@ class StudyRun:
             return self._building == 0
 
     def _builder(self) -> None:
+        # Builds start once some device class is known (agents are dialled while the models are prepared,
+        # so that is at once as a rule): a run whose agents never answer ends without a build to finish.
+        while not self._class_known.wait(0.5):
+            if self.stop.is_set():
+                return
         while True:
             plan = self._builds.get()
             if plan is None or self.stop.is_set():
@@ -405,13 +532,13 @@ class StudyRun:
                 self._add_built(_Built(plan.id, plan.model, Path(row["path"]), row["sha256"], row["runtime"],
                                        int(row["size_bytes"]), plan.mode))
             except Exception as exc:  # noqa: BLE001 - a variant checked for a device may not build: give it up
-                if plan.id not in self._probes:
+                if not self.planner.is_probe(plan.id):
                     self._build_errors.append(exc)  # handed to the main thread, which raises it
                     with self.board.cond:
                         self.board.cond.notify_all()
                     return
                 log.warning("variant %s does not build: %s", plan.mode, exc)
-                self._probe_errors[plan.id] = f"{type(exc).__name__}: {exc}"
+                self.planner.probe_failed(plan.id, f"{type(exc).__name__}: {exc}")
             except BaseException as exc:  # noqa: BLE001 - handed to the main thread, which raises it
                 self._build_errors.append(exc)
                 with self.board.cond:
@@ -441,7 +568,7 @@ class StudyRun:
                 self._add_jobs(built, cls, level)
 
     def _add_jobs(self, built: _Built, device_class: str, level: str) -> None:
-        if not self._planned_on(built.model, built.recipe, device_class):
+        if not self.planner.planned_on(built.model, built.recipe, device_class):
             return  # another recipe runs there, or not decided yet (added by _settle)
         if level == "screen":
             split = self._screens.get((built.model, built.recipe))
@@ -456,120 +583,44 @@ class StudyRun:
             self._job_ids[(built.candidate_id, device_class, level)] = plan.id
         self.board.add(plan)
 
-    # ------------------------------------------------------------------ feasibility planning
-    def _planned_on(self, model: str, recipe: str, device_class: str) -> bool:
-        """Whether candidates of (model, recipe) run on a device class (False while that is undecided)."""
-        if recipe == "fp32":
-            return True
-        with self._lock:
-            base = self._variant_base.get((model, recipe))
-            if base is not None:
-                return self._planned.get((model, base, device_class)) == recipe
-            if self.feasibility != "adapt":
-                return True
-            ops = self._class_ops.get(device_class)
-            if ops is None:
-                return False  # its devices have not said what they run yet
-            return not ops or self._planned.get((model, recipe, device_class)) == recipe
-
+    # ------------------------------------------------------------------ device-class planning (controller/planning.py)
     def _classes_of(self, model: str, recipe: str) -> list[str]:
         """The device classes a recipe's results come from: where it is planned, or may still be (undecided)."""
         with self._lock:
-            classes = sorted(self._classes)
-            if recipe == "fp32":
-                return classes
-            base = self._variant_base.get((model, recipe))
-            if base is not None:
-                return [c for c in classes if self._planned.get((model, base, c)) == recipe]
-            return [c for c in classes if self._planned.get((model, recipe, c), recipe) == recipe]
-
-    def _restricted(self) -> list[tuple[str, frozenset[str]]]:
-        with self._lock:
-            return [(c, ops) for c, ops in sorted(self._class_ops.items()) if ops]
-
-    def _deciding(self) -> bool:
-        """Some (model, recipe) of a restricted device class is not planned yet."""
-        if self.feasibility != "adapt":
-            return False
-        return any((m, r, c) not in self._planned for c, _ in self._restricted()
-                   for m in self.study.models for r in self.study.recipes(m))
+            classes = list(self._classes)
+        return self.planner.classes_of(model, recipe, classes)
 
     def _plan_feasibility(self) -> None:
-        """``feasibility = "adapt"``: decide, for every restricted device class, which recipe runs there
-        instead of each study recipe (building fully quantized candidates to check, as needed)."""
-        if self.feasibility != "adapt":
-            return
-        for cls, ops in self._restricted():
-            for model in self.study.models:
-                for recipe in self.study.recipes(model):
-                    if (model, recipe, cls) not in self._planned:
-                        self._decide((model, recipe, cls), ops)
+        """Apply the planner's decisions: build what it checks, settle what it decided."""
+        for decision in self.planner.plan(self._built_path):
+            if isinstance(decision, Probe):
+                self._ensure_built(decision.plan)  # checked when it is built
+            else:
+                self._settle(decision)
 
-    def _decide(self, key: tuple[str, str, str], ops: frozenset[str]) -> None:
-        model, recipe, cls = key
-        digest = ops_digest(ops)
-        if key not in self._tried:
-            stored = self.store.feasibility(model, recipe, cls)
-            if stored and stored[0]["ops_digest"] == digest:  # decided before on the same op types
-                row = stored[0]
-                self._settle(key, row["planned"], row["status"], row["unsupported"], row["tried"], digest,
-                             persist=False)
-                return
-        tried = self._tried.setdefault(key, [])
-        while True:
-            current = self._trying.setdefault(key, recipe)
-            fq = self.study.make_plan(model, current, ())
-            with self._lock:
-                built = self._built.get(fq.id)
-            if built is None and fq.id in self._probe_errors:
-                tried.append({"recipe": current, "unsupported": [], "error": self._probe_errors[fq.id]})
-                self._settle(key, recipe, GAVE_UP, tried[0]["unsupported"], tried, digest)
-                return
-            if built is None:
-                if current != recipe:
-                    self._probes.add(fq.id)
-                self._ensure_built(fq)  # checked when it is built
-                return
-            bad = unsupported(self._ops_of(built), ops)
-            tried.append({"recipe": current, "unsupported": bad})
-            first = tried[0]["unsupported"]
-            if not bad:
-                self._settle(key, current, FEASIBLE if current == recipe else ADAPTED, first, tried, digest)
-                return
-            nxt = next_recipe(self.study.cfg.quantization, current, bad, ops, built.path,
-                              self.study.models[model].path)
-            if nxt is None or any(t["recipe"] == nxt for t in tried):
-                self._settle(key, recipe, GAVE_UP, first, tried, digest)
-                return
-            self._trying[key] = nxt
+    def _built_path(self, cid: str) -> Path | None:
+        with self._lock:
+            built = self._built.get(cid)
+        return built.path if built is not None else None
 
-    def _ops_of(self, built: _Built) -> frozenset[str]:
-        ops = self._op_types.get(built.candidate_id)
-        if ops is None:
-            ops = self._op_types[built.candidate_id] = model_op_types(built.path)
-        return ops
-
-    def _settle(self, key: tuple[str, str, str], planned: str, status: str, unsupported_ops: list[str],
-                tried: list[dict[str, Any]], digest: str, persist: bool = True) -> None:
-        """Plan ``planned`` for (model, recipe) on the class; add the jobs that were held for it."""
-        model, recipe, cls = key
-        if planned != recipe:
+    def _settle(self, d: Settle) -> None:
+        """Plan ``d.planned`` for (model, recipe) on the class; add the jobs that were held for it."""
+        model, recipe, cls = d.key
+        if d.planned != recipe:
             # The variant's layers are ranked before its search starts (it was calibrated by its build).
             if self.quiet is not None:
                 with self.quiet.shared():
-                    self.study.analyze(model, planned)
+                    self.study.analyze(model, d.planned)
             else:
-                self.study.analyze(model, planned)
+                self.study.analyze(model, d.planned)
+        self.planner.settle(d)
         with self._lock:
-            self._planned[key] = planned
-            if planned != recipe:
-                self._variant_base[(model, planned)] = recipe
             todo = [(b, sorted(self._levels.get(cid, ()))) for cid, b in self._built.items()
-                    if b.model == model and b.recipe == planned]
-        if persist:
-            self.store.put_feasibility(model, recipe, cls, planned, status, unsupported_ops, tried, digest)
-        line = describe(cls, recipe, planned, status, unsupported_ops, tried)
-        (log.warning if status == GAVE_UP else log.info)("feasibility: %s", line)
+                    if b.model == model and b.recipe == d.planned]
+        if d.persist:
+            self.store.put_feasibility(model, recipe, cls, d.planned, d.status, d.unsupported, d.tried, d.digest)
+        line = describe(cls, recipe, d.planned, d.status, d.unsupported, d.tried)
+        (log.warning if d.status == GAVE_UP else log.info)("feasibility: %s", line)
         for b, levels in todo:
             for level in levels:
                 self._add_jobs(b, cls, level)
@@ -609,7 +660,7 @@ class StudyRun:
         out = []
         with self._lock:
             any_class = bool(self._classes)
-            variants = sorted(self._variant_base.items())
+        variants = self.planner.variants()
         for model in self.study.models:
             for recipe in self.study.recipes(model):
                 if not self._searched(model, recipe):
@@ -679,17 +730,9 @@ class StudyRun:
         empty = no known restriction); it gets every job built so far that may run there."""
         with self._lock:
             new = device_class not in self._classes
+            self._class_known.set()
             self._classes[device_class] = now
-            known = self._class_ops.get(device_class)
-            if supported is not None:
-                # Devices of one class are interchangeable: the class runs what all of its restricted ones run.
-                ops = known & supported if known and supported else (known or supported)
-                self._class_ops[device_class] = ops
-                if known is not None and ops != known:
-                    log.warning("device class %s: devices differ in supported op types; planning kept", device_class)
-            else:
-                self._class_ops.setdefault(device_class, None)
-            first_ops = known is None and supported is not None
+            first_ops = self.planner.register(device_class, supported)
             todo = [(b, sorted(self._levels.get(cid, ()))) for cid, b in self._built.items()] if new or first_ops else []
         if new or info.get("backend"):
             self.store.put_device(device_class, device_class, info)
@@ -716,34 +759,30 @@ class StudyRun:
             log.info("device class %s: first served by %s (%s)", device.device_class, link.address, device.name)
 
     def _watch_liveness(self) -> None:
-        """A class without a live agent for ``device_wait_s`` ends its jobs as unreachable."""
-        now = time.monotonic()
-        if self.links and all(link.state == AgentState.INCOMPATIBLE for link in self.links):
-            reasons = "; ".join(f"{link.address}: {link.error}" for link in self.links)
-            raise StudyFailed(f"no usable agent ({reasons})")
+        """Apply the liveness decisions (controller/liveness.py): classes seen, released, given up."""
         with self._lock:
             classes = dict(self._classes)
-        for cls, last in classes.items():
-            if any(link.live.is_set() and cls in link.device_classes(available=True) for link in self.links):
+        for d in self.liveness.watch(self.links, classes, time.monotonic()):
+            if isinstance(d, Seen):
                 with self._lock:
-                    self._classes[cls] = now
-                continue
-            if now - last > self.settings.device_wait_s:
-                self._release_unknown(cls)
-            if now - last > self.settings.device_wait_s and self.board.unfinished(cls):
-                n = self.board.give_up(cls, f"no agent of device class {cls} was reachable for "
-                                            f"{self.settings.device_wait_s:.0f}s")
-                msg = f"device class {cls}: no live agent for {self.settings.device_wait_s:.0f}s; {n} jobs unreachable"
-                log.error(msg)
-                self.errors.append(msg)
+                    self._classes[d.device_class] = d.at
+                self._gone.discard(d.device_class)
+            elif isinstance(d, Release):
+                self._release_unknown(d.device_class)
+            elif isinstance(d, GiveUp) and self.board.unfinished(d.device_class):
+                n = self.board.give_up(d.device_class, d.reason)
+                if d.device_class not in self._gone:  # later jobs of a class already given up end quietly
+                    self._gone.add(d.device_class)
+                    msg = d.message.replace("{n}", str(n))
+                    log.error(msg)
+                    self.errors.append(msg)
                 self._changed.set()
 
     def _release_unknown(self, device_class: str) -> None:
         """A declared class no device of which ever connected: its held jobs are added (to end unreachable)."""
+        if not self.planner.release(device_class):
+            return
         with self._lock:
-            if device_class not in self._class_ops or self._class_ops[device_class] is not None:
-                return
-            self._class_ops[device_class] = frozenset()
             todo = [(b, sorted(self._levels.get(cid, ()))) for cid, b in self._built.items()]
         for b, levels in todo:
             for level in levels:
@@ -751,17 +790,7 @@ class StudyRun:
 
     def _awaited(self, started: float) -> bool:
         """Whether some configured agent never answered yet and may still bring a new device class."""
-        waiting = False
-        for link in self.links:
-            if link.ever_connected or link.state == AgentState.INCOMPATIBLE or link.address in self._given_up:
-                continue
-            if time.monotonic() - started > self.settings.device_wait_s:
-                self._given_up.add(link.address)
-                self.errors.append(f"agent {link.address} never answered within {self.settings.device_wait_s:.0f}s"
-                                   + (f" ({link.error})" if link.error else ""))
-                continue
-            waiting = True
-        return waiting
+        return self.liveness.awaited(self.links, started, time.monotonic())
 
     def _total(self) -> int:
         with self._lock:
@@ -780,28 +809,9 @@ class StudyRun:
 
 def tune(study: Study, endpoints: list[Endpoint], settings: FarmSettings,
          on_progress: Callable[[dict[str, int], int], None] | None = None,
-         local_agent_args: list[str] | None = None) -> TuneOutcome:
-    """Run the whole study on the agents (a local one when none is given); problems are in ``errors``."""
-    return StudyRun(study, endpoints, settings, on_progress=on_progress, local_agent_args=local_agent_args).run()
-
-
-def endpoints_from(agents: list[AgentSpec], addresses: list[str], token_file: Path | None,
-                   where: str = "agents") -> list[Endpoint]:
-    """Agents from the command line (they replace the given ones) or ``agents`` (a study's or a lab file's
-    ``[[agents]]``, named ``where`` in errors); ``token_file`` serves the agents without their own."""
-    tok = read_token(token_file, "--token-file")
-    if addresses:
-        return [Endpoint(a, token=tok) for a in addresses]
-    endpoints = []
-    for i, a in enumerate(agents):
-        for key in ("tls_ca", "tls_cert", "tls_key"):
-            path = getattr(a, key)
-            if path is not None and not Path(path).is_file():
-                problem = "is a folder, expected a PEM file" if Path(path).is_dir() else "file not found"
-                raise UserError(f"{where}[{i}].{key}: {problem}: {path}")
-        if (a.tls_cert is None) != (a.tls_key is None):
-            raise UserError(f"{where}[{i}]: tls_cert and tls_key go together (mutual TLS needs both)")
-        token = read_token(a.token_file, f"{where}[{i}].token_file") if a.token_file else tok
-        endpoints.append(Endpoint(a.address, token=token, tls_ca=a.tls_ca, tls_cert=a.tls_cert, tls_key=a.tls_key,
-                                  device_class=a.device_class, name=a.name))
-    return endpoints
+         local_agent_args: list[str] | None = None,
+         on_status: Callable[[list[StatusLine]], None] | None = None) -> TuneOutcome:
+    """Run the whole study on the agents (a local one when none is given); problems are in ``errors``;
+    ``on_status`` gets each agent's state and what the run waits for, every half second."""
+    return StudyRun(study, endpoints, settings, on_progress=on_progress, local_agent_args=local_agent_args,
+                    on_status=on_status).run()

@@ -1,9 +1,13 @@
-"""Progress display for long steps (rich), quiet when output is not a terminal."""
+"""Progress display for long steps (rich), quiet when output is not a terminal; status lines (agents, what a
+run waits for) under the bars."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TypeVar
+
+from rich.console import RenderableType
+from rich.text import Text
 
 from rich.progress import BarColumn, MofNCompleteColumn, SpinnerColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.progress import Progress as RichProgress
@@ -12,11 +16,22 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 
+class _WithStatus(RichProgress):
+    """Rich progress bars followed by free status lines."""
+
+    status_lines: tuple[str, ...] = ()
+
+    def get_renderables(self) -> Iterator[RenderableType]:
+        yield self.make_tasks_table(self.tasks)
+        for line in self.status_lines:
+            yield Text(line, style="dim")
+
+
 class Progress:
-    """Spinner for single steps, bar with ETA for loops."""
+    """Spinner for single steps, bar with ETA for loops, status lines below them."""
 
     def __init__(self) -> None:
-        self._p = RichProgress(
+        self._p = _WithStatus(
             SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
             TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), transient=False,
         )
@@ -50,3 +65,13 @@ class Progress:
     def update(self, task: int, **kw: Any) -> None:
         """Update a task (completed=, description=, total=)."""
         self._p.update(task, **kw)  # type: ignore[arg-type]
+
+    @property
+    def is_terminal(self) -> bool:
+        """Whether the display is live (a terminal); else the caller logs what changed."""
+        return bool(self._p.console.is_terminal)
+
+    def status(self, lines: Iterable[str]) -> None:
+        """Replace the status lines shown under the bars."""
+        self._p.status_lines = tuple(lines)
+        self._p.refresh()

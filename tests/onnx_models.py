@@ -18,7 +18,8 @@ def _conv(name: str, w: np.ndarray, b: np.ndarray, inp: str, out: str) -> tuple[
 
 
 def cnn(
-    path: Path, seed: int = 0, wide_layer: str | None = None, batch: int | str = "N", size: int = 16, opset: int = OPSET
+    path: Path, seed: int = 0, wide_layer: str | None = None, batch: int | str = "N", size: int = 16, opset: int = OPSET,
+    activation: str = "Relu",
 ) -> Path:
     """conv1+Relu → conv2+Relu → conv3+Clip(0,6) → conv4 → GlobalAveragePool → Flatten → fc (Gemm, 10 classes).
 
@@ -26,7 +27,8 @@ def cnn(
     channel 0 fires 30 (≈20× its other values) at one corner of every sample (a padding-aware kernel on a
     constant channel) and is ignored downstream, so per-tensor quantization of conv2's
     output crushes its other channels. conv3's large bias keeps the damage from
-    dominating later layers' relative errors.
+    dominating later layers' relative errors. ``activation`` replaces relu1 (e.g. ``Celu``, which ONNX
+    Runtime runs and TVM's ONNX frontend cannot import).
     """
     rng = np.random.default_rng(seed)
     c = 8
@@ -49,7 +51,7 @@ def cnn(
         w3[:, 0] = 0.0  # conv3 ignores the outlier channel
         b3[:] = 3.0
     n, i = _conv("conv1", w1, b1, "input", "c1")
-    nodes += [n, helper.make_node("Relu", ["c1"], ["r1"], name="relu1")]
+    nodes += [n, helper.make_node(activation, ["c1"], ["r1"], name="relu1")]
     inits += i
     n, i = _conv("conv2", w2, b2, "r1", "c2")
     nodes += [n, helper.make_node("Relu", ["c2"], ["r2"], name="relu2")]

@@ -98,6 +98,8 @@ class FarmSettings:
     silent_after_s: float = 15.0
     unreachable_grace_s: float = 20.0
     device_wait_s: float = 600.0
+    #: An agent that never answered since the run started is given up after this long.
+    agent_connect_timeout_s: float = 60.0
     max_attempts: int = 3
     rpc_timeout_s: float = 10.0
     #: Non-empty after ``--fresh``: agents re-measure instead of answering with stored results.
@@ -471,6 +473,8 @@ class AgentLink(threading.Thread):
         self.slots: dict[str, DeviceSlot] = {}
         self.ever_connected = False
         self.live = threading.Event()
+        #: When the next connection attempt starts (time.monotonic()), while unreachable; shown to the user.
+        self.retry_at: float | None = None
         self._lock = threading.Lock()
 
     @property
@@ -622,7 +626,9 @@ class AgentLink(threading.Thread):
             if self.state == AgentState.INCOMPATIBLE:
                 log.error("agent %s unusable: %s", self.address, self.error)
                 break
+            self.retry_at = time.monotonic() + backoff
             self.stop_event.wait(backoff)  # reconnect backoff
+            self.retry_at = None
             backoff = min(backoff * 2, 5.0)
         for slot in list(self.slots.values()):
             slot.join(timeout=10)

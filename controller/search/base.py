@@ -206,6 +206,13 @@ class SearchView:
         """Results of ``plan`` at ``level`` on every device class (None while any is unfinished)."""
         return self._source.view_outcome(plan, level)
 
+    def blocked(self, model: str, recipe: str) -> str | None:
+        """Why the search of (model, recipe) cannot go on (None: it can): on every device class the recipe
+        runs on, the FP32 model or its fully quantized model ended without a result, so nothing can be
+        compared or screened there (``view_blocked``, optional in a ViewSource)."""
+        blocked = getattr(self._source, "view_blocked", None)
+        return None if blocked is None else blocked(model, recipe)
+
 
 class Strategy(abc.ABC):
     """Asks for evaluations of one search (a ranking and a strategy) over every (model, recipe)."""
@@ -283,7 +290,9 @@ class ReplayPair(PairStrategy):
 class PerPair(Strategy):
     """A strategy that runs one :class:`PairStrategy` per (model, recipe) of :meth:`SearchView.pairs`;
     pairs that appear later (a variant recipe planned for a device) get their own search then, and a
-    pair that drops out (no device runs its recipe) is no longer waited for."""
+    pair that drops out (no device runs its recipe) is no longer waited for. A pair whose search cannot
+    go on (:meth:`SearchView.blocked`: FP32 or the fully quantized model ended without a result on every
+    class) is over, whatever its strategy waits for: the one rule that ends every strategy."""
 
     view: SearchView
     run: SearchRun
@@ -305,7 +314,10 @@ class PerPair(Strategy):
     def propose(self) -> list[Request]:
         """Every pair's requests."""
         self._sync()
-        return [req for p in self.pairs if not p.done() for req in p.propose()]
+        return [req for p in self.pairs if not self._over(p) for req in p.propose()]
+
+    def _over(self, pair: PairStrategy) -> bool:
+        return pair.done() or self.view.blocked(pair.model, pair.recipe) is not None
 
     def done(self) -> bool:
         """All pairs done, and no pair can still come (the recipe gate decided).
@@ -314,4 +326,4 @@ class PerPair(Strategy):
         otherwise end the search with the pairs it just allowed never started."""
         settled = self.view.pairs_settled()
         self._sync()
-        return settled and all(p.done() for p in self.pairs)
+        return settled and all(self._over(p) for p in self.pairs)

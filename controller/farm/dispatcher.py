@@ -377,10 +377,20 @@ class JobBoard:
             return self._revoked.pop(address, set())
 
     def expire(self) -> None:
-        """Leases that ran out: the job runs elsewhere, unless it used up its attempts."""
+        """Leases that ran out: the job runs elsewhere, unless it used up its attempts.
+
+        A job an earlier run of the study had in flight that this run has not asked for (yet) has no
+        holder either: it goes back to ``pending`` in the store (queued when this run adds it), so the
+        store never keeps a dead lease as ``submitted``."""
         now = time.time()
         with self.cond:
-            rows = [r for r in self.store.expired_leases(now) if r["id"] in self.plans]
+            rows = []
+            for r in self.store.expired_leases(now):
+                if r["id"] in self.plans:
+                    rows.append(r)
+                else:
+                    log.info("job %s: the lease of %s from an earlier run expired; pending", r["id"], r["agent"])
+                    self.store.update_job(r["id"], state="pending", error=f"lease of {r['agent']} expired")
             for r in rows:
                 address = (r["agent"] or "").rsplit("#", 1)[0]
                 self._revoked.setdefault(address, set()).add(r["id"])

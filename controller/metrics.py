@@ -210,8 +210,8 @@ def _on_result(store: Store, job_id: str) -> None:
     baselines = _baselines(store, model, device)
     n = 0
     for other in store.results(device=device):
-        if other["candidate_id"] not in of_model or _is_baseline(other, model):
-            continue
+        if other["candidate_id"] not in of_model or _is_baseline(other, model) or not _matches(row, other):
+            continue  # not a candidate of the model, or measured on another model or sample: not its baseline
         metrics = {k: other[k] for k in METRIC_KEYS}
         try:
             ref = _reference(store, model, other, baselines)

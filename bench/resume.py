@@ -15,8 +15,9 @@ Measured on a 2-core machine shared with other work (default settings, every rer
 done once, none left ``submitted``): the small CNN killed after 2, 3, 4, 6, 9, 10, 13, 17, 21 and 25
 results ended 3-25 s after its last result (the full report); the jobs in flight at the kill were
 collected 15-20 s after the rerun started (34 s with ``--rerun-delay 65``). EfficientNet-Lite0 killed
-after 8 results and after 108 (mid-search, a job on each agent): the reruns went on to 190 and 257
-results; the second ended 4.7 s after its last result.
+after 8 results (rerun still storing results, 190, when the 600 s timeout stopped it: a long study,
+not a hang) and after 108 (mid-search, a job on each agent): that rerun ended with 257 results,
+4.7 s after its last one (1395 s in all).
 """
 
 from __future__ import annotations

@@ -3,16 +3,20 @@
 The live loop (the dispatcher calls :func:`on_result` right after ``store.put_result``)
 and the report share this module; the report only reads the stored values.
 
-* ``agreement``: top-1 agreement with the FP32 baseline result of the same model on the
-  same device (candidate ``f"{model}:fp32"``); the paper's accuracy loss is
-  ``1 - agreement``. None until that baseline is stored, or when the two results cover
-  different numbers of samples.
+* ``agreement``: top-1 agreement with the FP32 baseline result (candidate ``f"{model}:fp32"``)
+  of the same prepared model (``model_sha256``: the file the candidate was built from), on
+  the same evaluation sample (``sample_sha256``) and the same device class; the newest such
+  result when there are several. The paper's accuracy loss is ``1 - agreement``. None until
+  that baseline is stored, or when the two results cover different numbers of samples. The
+  job id of the FP32 result used is stored with the result (``baseline_job``). Results stored
+  without the two hashes (an older tuneqn) match any FP32 result of their model and device.
 * ``accuracy`` / ``accuracy_top5``: top-1 / top-5 hits against the labels of the
   model's evaluation split (``store.dataset(f"{model}/eval")["labels"]``; samples with
   a negative label are left out). None without labels.
 
 A baseline is itself a result: when it arrives, every stored result of that model on
-that device that lacked an agreement gets one.
+that device whose baseline it now is (it lacked one, or the baseline it was scored against
+is no longer the newest of its model and sample) is scored again.
 """
 
 from __future__ import annotations
@@ -117,8 +121,23 @@ def model_of(store: Store, candidate_id: str) -> str | None:
     return None
 
 
-def _baseline(store: Store, model: str, device: str) -> dict[str, Any] | None:
-    rows = store.results(candidate_id=baseline_id(model), device=device, level="full")
+def _matches(base: dict[str, Any], row: dict[str, Any]) -> bool:
+    """Whether the FP32 result ``base`` was measured on what ``row`` is compared with: the same prepared
+    model and the same evaluation sample (a hash unknown on either side, an older store's, matches)."""
+    return all(not base.get(k) or not row.get(k) or base[k] == row[k] for k in ("model_sha256", "sample_sha256"))
+
+
+def _baselines(store: Store, model: str, device: str) -> list[dict[str, Any]]:
+    """The model's full FP32 results on a device class, oldest first."""
+    return [b for b in store.results(candidate_id=baseline_id(model), device=device, level="full")
+            if _split(b) == "eval"]
+
+
+def _baseline(store: Store, model: str, row: dict[str, Any],
+              baselines: list[dict[str, Any]] | None = None) -> dict[str, Any] | None:
+    """The FP32 result a result's agreement is computed against (see the module docstring), or None."""
+    rows = [b for b in (_baselines(store, model, row["device"]) if baselines is None else baselines)
+            if _matches(b, row)]
     return rows[-1] if rows else None  # newest
 
 
@@ -138,12 +157,16 @@ def _screen_indices(store: Store, model: str, split: str) -> list[int] | None:
     return [pos[name] for name in sub["items"]]
 
 
-def _reference(store: Store, model: str, row: dict[str, Any]) -> dict[str, Any] | None:
-    """The FP32 result a result is compared with: the model's full FP32 result on the same device,
-    restricted to the screening split's samples for a screening result (no FP32 screen is run)."""
-    base = _baseline(store, model, row["device"])
+def _reference(store: Store, model: str, row: dict[str, Any],
+               baselines: list[dict[str, Any]] | None = None) -> dict[str, Any] | None:
+    """The FP32 result a result is compared with (:func:`_baseline`), restricted to the screening split's
+    samples for a screening result (no FP32 screen is run); ``baselines``: :func:`_baselines`, if read."""
+    base = _baseline(store, model, row, baselines)
     if base is None or _split(row) == "eval":
         return base
+    ev = store.dataset(f"{model}/eval")
+    if ev is None or (row.get("sample_sha256") and ev["sha256"] != row["sample_sha256"]):
+        return None  # the screen's positions are known only in the current evaluation sample
     idx = _screen_indices(store, model, _split(row))
     if idx is None:
         return None
@@ -178,29 +201,39 @@ def _on_result(store: Store, job_id: str) -> None:
         return
     device = row["device"]
     labels = _labels(store, model, _split(row))
-    is_baseline = row["candidate_id"] == baseline_id(model) and _split(row) == "eval"
+    is_baseline = _is_baseline(row, model)
     baseline = row if is_baseline else _reference(store, model, row)
-    store.set_result_metrics(job_id, compute(row, baseline, labels))
+    store.set_result_metrics(job_id, compute(row, baseline, labels), _job_of(baseline))
     if not is_baseline:
         return
     of_model = {c["id"] for c in store.candidates(model=model)}
+    baselines = _baselines(store, model, device)
     n = 0
     for other in store.results(device=device):
-        if other["job_id"] == job_id or other["agreement"] is not None or other["candidate_id"] not in of_model:
-            continue
+        if other["candidate_id"] not in of_model or _is_baseline(other, model) or not _matches(row, other):
+            continue  # not a candidate of the model, or measured on another model or sample: not its baseline
         metrics = {k: other[k] for k in METRIC_KEYS}
         try:
-            ref = _reference(store, model, other)
-            if ref is None:
-                continue
+            ref = _reference(store, model, other, baselines)
+            if ref is None or (ref["job_id"] == other["baseline_job"] and other["agreement"] is not None):
+                continue  # no baseline of its own sample and model, or scored against the right one already
             metrics["agreement"] = agreement(topk_of(other), topk_of(ref))
         except ValueError as exc:  # another result's malformed row must not cost the baseline its metrics
             log.warning("result %s: agreement not computed: %s", other["job_id"], exc)
             continue
-        store.set_result_metrics(other["job_id"], metrics)
+        store.set_result_metrics(other["job_id"], metrics, ref["job_id"])
         n += 1
     if n:
-        log.debug("baseline %s on %s: agreement of %d earlier results computed", model, device, n)
+        log.info("baseline %s on %s: %d results scored against FP32 result %s", model, device, n, job_id)
+
+
+def _is_baseline(row: dict[str, Any], model: str) -> bool:
+    """Whether a result is one of the model's full FP32 results (its own baseline)."""
+    return row["candidate_id"] == baseline_id(model) and _split(row) == "eval"
+
+
+def _job_of(baseline: dict[str, Any] | None) -> str | None:
+    return None if baseline is None else str(baseline["job_id"])
 
 
 def backfill(store: Store) -> int:
@@ -217,7 +250,8 @@ def backfill(store: Store) -> int:
 def _backfill(store: Store) -> int:
     changed = 0
     labels: dict[tuple[str, str], list[int] | None] = {}
-    baselines: dict[tuple[str, str, str], dict[str, Any] | None] = {}
+    fp32: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    baselines: dict[tuple[str, ...], dict[str, Any] | None] = {}
     models: dict[str, str | None] = {}
     for row in store.results():
         cid = row["candidate_id"]
@@ -229,11 +263,14 @@ def _backfill(store: Store) -> int:
         split = _split(row)
         if (model, split) not in labels:
             labels[(model, split)] = _labels(store, model, split)
-        key = (model, row["device"], split)
+        if (model, row["device"]) not in fp32:
+            fp32[(model, row["device"])] = _baselines(store, model, row["device"])
+        key = (model, row["device"], split, row.get("model_sha256") or "", row.get("sample_sha256") or "")
         if key not in baselines:
-            baselines[key] = _reference(store, model, row)
-        baseline = row if cid == baseline_id(model) and split == "eval" else baselines[key]
-        want_agreement = row["agreement"] is None and baseline is not None
+            baselines[key] = _reference(store, model, row, fp32[(model, row["device"])])
+        baseline = row if _is_baseline(row, model) else baselines[key]
+        base_job = _job_of(baseline)
+        want_agreement = baseline is not None and (row["agreement"] is None or row.get("baseline_job") != base_job)
         want_accuracy = row["accuracy"] is None and bool(labels[(model, split)])
         if not (want_agreement or want_accuracy):
             continue
@@ -242,8 +279,8 @@ def _backfill(store: Store) -> int:
         except ValueError as exc:  # a malformed stored row must not stop every report
             log.warning("result %s: metrics not computed: %s", row["job_id"], exc)
             continue
-        if any(metrics[k] != row[k] for k in METRIC_KEYS):
-            store.set_result_metrics(row["job_id"], metrics)
+        if any(metrics[k] != row[k] for k in METRIC_KEYS) or row.get("baseline_job") != base_job:
+            store.set_result_metrics(row["job_id"], metrics, base_job)
             changed += 1
     if changed:
         log.info("computed the metrics of %d stored results that lacked them", changed)

@@ -578,7 +578,8 @@ class StudyRun:
             split = self.study.eval_split(built.model)
         pm = self.study.models[built.model]
         plan = make_job(built.candidate_id, device_class, built.path, built.sha256, split.path, split.sha256,
-                        pm.input_name, built.runtime, self.settings, level, split.name, tuning_group=pm.sha256)
+                        pm.input_name, built.runtime, self.settings, level, split.name, tuning_group=pm.sha256,
+                        sample_sha256=self.study.eval_split(built.model).sha256)
         with self._lock:
             self._job_ids[(built.candidate_id, device_class, level)] = plan.id
         self.board.add(plan)

@@ -80,6 +80,10 @@ _TABLES: dict[str, tuple[dict[str, type], str | tuple[str, ...]]] = {
             "top_k": int, "topk": bytes, "agreement": float, "accuracy": float, "accuracy_top5": float,
             "latency_ms": float, "latency": str, "size_bytes": int, "simulated": float, "finished_at": float,
             "info": str, "attempt": int, "level": str, "split": str,
+            # What the result is compared with: the prepared model its candidate was built from and
+            # the evaluation sample (sha256s; a screen's is the sample it is a subset of), and the FP32
+            # result (job id) its agreement was last computed against (see controller/metrics.py).
+            "model_sha256": str, "sample_sha256": str, "baseline_job": str,
         },
         "job_id",
     ),
@@ -591,9 +595,12 @@ class Store:
         return r
 
     @_locked
-    def set_result_metrics(self, job_id: str, metrics: dict[str, float | None]) -> None:
-        """Store the metrics computed from a result (agreement, accuracy, accuracy_top5)."""
-        self.db["results"].update(job_id, {k: metrics.get(k) for k in ("agreement", "accuracy", "accuracy_top5")})
+    def set_result_metrics(self, job_id: str, metrics: dict[str, float | None], baseline_job: str | None = None) -> None:
+        """Store the metrics computed from a result (agreement, accuracy, accuracy_top5) and the FP32 result
+        (job id) its agreement was computed against (None: none)."""
+        row: dict[str, Any] = {k: metrics.get(k) for k in ("agreement", "accuracy", "accuracy_top5")}
+        row["baseline_job"] = baseline_job
+        self.db["results"].update(job_id, row)
 
     # --- report reads
     @_locked

@@ -142,11 +142,16 @@ class JobPlan:
     spec: pb.JobSpec = field(compare=False)
     level: str = "full"  # "screen": a subset of the evaluation sample, no latency
     split: str = "eval"  # the split predicted: "eval" or "screen/<recipe>"
+    #: What the result is compared with (stored with it): the sha256 of the prepared model the candidate
+    #: was built from and of the evaluation sample (a screen's split is a subset of it); "" = unknown.
+    source_sha256: str = ""
+    sample_sha256: str = ""
 
 
 def make_job(candidate_id: str, device_class: str, model_path: Path, model_sha256: str, dataset_path: Path,
              dataset_sha256: str, input_name: str, runtime: dict[str, Any], settings: FarmSettings,
-             level: str = "full", split: str = "eval", tuning_group: str = "") -> JobPlan:
+             level: str = "full", split: str = "eval", tuning_group: str = "",
+             sample_sha256: str | None = None) -> JobPlan:
     """The job of a candidate on a device class; its id covers everything that changes the result
     (and the candidate it is for).
 
@@ -154,7 +159,9 @@ def make_job(candidate_id: str, device_class: str, model_path: Path, model_sha25
     measures no latency: the cheap first look a search takes at a candidate. Every backend
     reads its own options: ORT's disabled optimizers and threads, TVM's tuning trials (its
     tuning records are shared per ``tuning_group``, the model's FP32 sha256) and
-    ``time_evaluator`` settings.
+    ``time_evaluator`` settings. The result is compared with the FP32 result of the same prepared
+    model (``tuning_group``) on the same evaluation sample (``sample_sha256``, default
+    ``dataset_sha256``); neither is part of the id (the spec's hashes already cover them).
     """
     screen = level == "screen"
     spec = pb.JobSpec(
@@ -173,7 +180,9 @@ def make_job(candidate_id: str, device_class: str, model_path: Path, model_sha25
     # excluded under two recipes), and each must get its own job and result row.
     key = device_class.encode() + b"\0" + candidate_id.encode() + b"\0" + spec.SerializeToString(deterministic=True)
     spec.job_id = f"tq-{hashlib.sha256(key).hexdigest()[:32]}"
-    return JobPlan(spec.job_id, candidate_id, device_class, Path(model_path), Path(dataset_path), spec, level, split)
+    return JobPlan(spec.job_id, candidate_id, device_class, Path(model_path), Path(dataset_path), spec, level, split,
+                   source_sha256=tuning_group,
+                   sample_sha256=dataset_sha256 if sample_sha256 is None else sample_sha256)
 
 
 def result_row(plan: JobPlan, holder: str, result: pb.JobResult, backend: str = "") -> dict[str, Any]:
@@ -197,6 +206,7 @@ def result_row(plan: JobPlan, holder: str, result: pb.JobResult, backend: str = 
         "size_bytes": int(result.model_size_bytes), "simulated": float(result.simulated_latency_ms_per_sample),
         "finished_at": float(result.finished_at) or time.time(), "attempt": int(result.attempt),
         "level": plan.level, "split": plan.split,
+        "model_sha256": plan.source_sha256 or None, "sample_sha256": plan.sample_sha256 or None, "baseline_job": None,
         "info": json.dumps({"device_name": result.device, "device_class": result.device_class,
                             "inference_seconds": result.inference_seconds,
                             "seconds": max(0.0, float(result.finished_at) - float(result.started_at))
@@ -369,10 +379,20 @@ class JobBoard:
             return self._revoked.pop(address, set())
 
     def expire(self) -> None:
-        """Leases that ran out: the job runs elsewhere, unless it used up its attempts."""
+        """Leases that ran out: the job runs elsewhere, unless it used up its attempts.
+
+        A job an earlier run of the study had in flight that this run has not asked for (yet) has no
+        holder either: it goes back to ``pending`` in the store (queued when this run adds it), so the
+        store never keeps a dead lease as ``submitted``."""
         now = time.time()
         with self.cond:
-            rows = [r for r in self.store.expired_leases(now) if r["id"] in self.plans]
+            rows = []
+            for r in self.store.expired_leases(now):
+                if r["id"] in self.plans:
+                    rows.append(r)
+                else:
+                    log.info("job %s: the lease of %s from an earlier run expired; pending", r["id"], r["agent"])
+                    self.store.update_job(r["id"], state="pending", error=f"lease of {r['agent']} expired")
             for r in rows:
                 address = (r["agent"] or "").rsplit("#", 1)[0]
                 self._revoked.setdefault(address, set()).add(r["id"])

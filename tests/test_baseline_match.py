@@ -2,7 +2,7 @@
 class (controller/metrics.py), and results are scored again when that baseline changes.
 
 Results go the way the dispatcher stores them (``JobBoard.complete``: ``result_row`` → ``put_result`` →
-``metrics.on_result``) into a real SQLite store.
+``metrics.on_result``) into a real SQLite store. Also: a rerun leaves an earlier run's job in flight to its holder.
 """
 
 from __future__ import annotations
@@ -107,3 +107,26 @@ def test_candidates_are_rescored_when_their_fp32_baseline_is_measured_again(tmp_
     # A result of another sample is not touched by this baseline.
     other = _deliver(board, _job(tmp_path, f"{MODEL}:fp32", "3" * 64), predictions(N, rng))
     assert _stored(store, jobs[0])[1] == new and _stored(store, other)[1] == other
+
+
+def test_a_job_in_flight_when_the_run_ended_stays_with_its_holder_though_its_lease_ran_out(tmp_path: Path) -> None:
+    """A rerun after the controller was down longer than the lease: the job an agent held is not re-leased
+    to another device at once (its holder may have the result: found by bench/chaos.py as jobs executed
+    twice), but gets a fresh lease for the holder to be re-collected; a later expiry still moves it."""
+    store = open_store(tmp_path)
+    add_model(store)
+    plan = _job(tmp_path, add_candidate(store, k=0, size=100), "e" * 64)
+    first = _board(store)
+    first.add(plan)
+    assert first.take(CLASS, "127.0.0.1:1#cpu", timeout=1.0) is not None
+    store.update_job(plan.id, lease_until=time.time() - 600)  # the lease ran out while no controller ran
+    rerun = _board(store)
+    rerun.add(plan)
+    rerun.expire()
+    row = store.job(plan.id)
+    assert row is not None and (row["state"], row["agent"]) == ("submitted", "127.0.0.1:1#cpu")
+    assert [p.id for p, _ in rerun.held_by("127.0.0.1:1#cpu")] == [plan.id]
+    assert rerun.take(CLASS, "127.0.0.1:2#cpu", timeout=0.01) is None  # not handed to another device
+    store.update_job(plan.id, lease_until=time.time() - 1)  # the holder never came back: the lease ends
+    leased = rerun.take(CLASS, "127.0.0.1:2#cpu", timeout=1.0)
+    assert leased is not None and leased[0].id == plan.id

@@ -245,6 +245,13 @@ class JobBoard:
             row = self.store.add_job(plan.id, plan.candidate_id, plan.device, plan.level)
             if plan.id not in self.plans:
                 self._base_attempts[plan.id] = row["attempts"]
+                if row["state"] == "submitted":
+                    # In flight when an earlier run ended: its lease may have run out while no controller
+                    # ran, yet its holder may have the result. The holder gets a fresh lease to be
+                    # re-collected (shortened to the grace when its agent is found unreachable), so a
+                    # finished job is not run again elsewhere.
+                    self.store.update_job(plan.id, lease_until=max(float(row["lease_until"] or 0.0),
+                                                                   time.time() + self.settings.lease_timeout_s))
             self.plans[plan.id] = plan
             state = row["state"]
             if state in ("failed", "unreachable"):

@@ -20,6 +20,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+#: Piped output repeats a line saying what the run waits for this often (seconds), with the time left.
+WAIT_REPEAT_S = 15.0
+
 
 class _Parser(argparse.ArgumentParser):
     """argparse with one-line errors (exit 2)."""
@@ -499,17 +502,21 @@ def cmd_tune(args: argparse.Namespace) -> int:
                 progress.update(task[0], total=total, completed=counts.get("done", 0) + bad + infeasible,
                                 description="evaluating candidates" + (f" ({', '.join(notes)})" if notes else ""))
 
-            shown: dict[str, str] = {}
+            shown: dict[str, tuple[str, float]] = {}
 
             def status(lines: list[Any]) -> None:
-                """Agents and waits: live under the bar on a terminal, else one line per change (stdout, with
-                the log; stderr keeps the one-line error)."""
+                """Agents and waits: live under the bar on a terminal, else one line per change, and a wait
+                again every WAIT_REPEAT_S with its time left (stdout, with the log; stderr keeps the one-line
+                error)."""
                 if progress.is_terminal:
                     progress.status([line.text for line in lines])
                     return
+                now = time.monotonic()
                 for line in lines:
-                    if shown.get(line.key) != line.state:
-                        shown[line.key] = line.state
+                    state, at = shown.get(line.key, ("", 0.0))
+                    waiting = line.state.startswith(("waiting", "unreachable"))
+                    if state != line.state or (waiting and now - at >= WAIT_REPEAT_S):
+                        shown[line.key] = (line.state, now)
                         print(line.text, flush=True)
 
             outcome = tune(study, endpoints, settings, on_progress=show,

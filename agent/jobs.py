@@ -431,7 +431,10 @@ class JobManager:
             spec = self._stored(spec, known.device)
         if spec.device != known.device:
             cls = self._class_of(known.device) or known_class or None
-            if cls is None or cls != self._class_of(spec.device):
+            other = self._class_of(spec.device)
+            # A device this agent does not list now (a lane gone with its RPC server) has no class to
+            # differ: the job id is the same work. Only two known, different classes conflict.
+            if (cls is None and other is None) or (cls is not None and other is not None and cls != other):
                 raise JobConflict(
                     f"job {spec.job_id!r} is already known on device {known.device!r} "
                     f"(class {cls or 'no longer served'}), not on {spec.device!r} of another class"

@@ -343,6 +343,9 @@ def test_a_job_of_a_device_gone_after_a_restart_is_still_its_class(tmp_path, cli
         again = client.submit(job_spec("x", model, data, device="a1", attempt=2))
         assert (again.state, again.already_known) == (pb.SUCCEEDED, True)
         assert client.wait_result("x", timeout=RESULT_TIMEOUT).state == pb.SUCCEEDED
+        # named for a device this agent does not list now (the controller still knew the gone lane)
+        gone = client.submit(job_spec("x", model, data, device="a3", attempt=3))
+        assert (gone.state, gone.already_known) == (pb.SUCCEEDED, True)
         assert executions(state, "x") == 1
         with pytest.raises(grpc.RpcError) as err:
             client.submit(job_spec("x", model, data, device="b1"))

@@ -352,3 +352,26 @@ def test_a_job_of_a_device_gone_after_a_restart_is_still_its_class(tmp_path, cli
         assert err.value.code() == grpc.StatusCode.ALREADY_EXISTS and "(class a)" in err.value.details()
     finally:
         second.stop(grace=0.5)
+
+
+def test_a_job_for_a_device_the_agent_does_not_list_is_a_gone_device_to_the_controller(tmp_path, client_factory,
+                                                                                       cnn_bytes) -> None:
+    """The controller retries elsewhere (not a final rejection) when the agent answers that it does not list the
+    device (a TVM lane gone with its RPC server after a restart: a lost result in bench/chaos.py); the agent's
+    wording is what the controller reads."""
+    from tuneqn.agent.backends.ort import OrtBackend
+    from tuneqn.agent.config import AgentConfig
+    from tuneqn.agent.server import AgentServer
+    from tuneqn.controller.farm.dispatcher import _gone_device
+
+    server = AgentServer(AgentConfig(state_dir=tmp_path / "agent", host="127.0.0.1", port=0), [OrtBackend("a1", "a")])
+    server.start()
+    try:
+        client = client_factory(server)
+        model, data = client.upload_bytes(cnn_bytes), client.upload_bytes(npy_bytes(dataset(8)))
+        with pytest.raises(grpc.RpcError) as err:
+            client.submit(job_spec("x", model, data, device="a2"))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and _gone_device(err.value.details())
+        assert not _gone_device("job 'x' is already known with a different spec")
+    finally:
+        server.stop(grace=0.5)

@@ -103,6 +103,22 @@ class QuantSettings:
         """Stable short hash of the settings."""
         return hashlib.sha256(json.dumps(self.__dict__, sort_keys=True, default=list).encode()).hexdigest()[:12]
 
+    def calibration_key(self) -> str:
+        """Stable short hash of the settings the calibration ranges depend on.
+
+        ORT's calibrator records the ranges of the tensors of the op types to quantize, by the calibration
+        method, on the model as :func:`quantize_static` updates it for the activation and weight types;
+        weight granularity (``per_channel``), ``reduce_range``, the symmetry flags (tuneqn passes none of the
+        ``Calib*`` options) and the format are applied later, to those ranges. So per-tensor and per-channel
+        recipes of one method share one calibration (one calibration run instead of two).
+        """
+        fields = {k: getattr(self, k) for k in _CALIBRATION_FIELDS}
+        return hashlib.sha256(json.dumps(fields, sort_keys=True, default=list).encode()).hexdigest()[:12]
+
+
+#: The settings that decide a static recipe's calibration cache (see :meth:`QuantSettings.calibration_key`).
+_CALIBRATION_FIELDS = ("mode", "activation_type", "weight_type", "calibration_method", "op_types")
+
 
 def default_op_types(mode: str) -> tuple[str, ...]:
     """The op types ONNX Runtime's quantizer quantizes when given none: its QOperator and QDQ registries

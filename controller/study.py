@@ -388,12 +388,13 @@ class Study:
 
     # ------------------------------------------------------------------ calibration
     def calibration_cache(self, model: str, mode: str) -> Path | None:
-        """ORT calibration cache of (model, calibration sample, settings); created once."""
+        """ORT calibration cache of (model, calibration sample, the settings it depends on); created once and
+        shared by the recipes that differ only in how the ranges are applied (per-tensor and per-channel)."""
         if self.settings(mode).mode != "static":
             return None
         pm, data = self.models[model], self.data[model]
         settings = self.settings(mode)
-        key = _hash("calibration", pm.sha256, pm.preprocessed, data.calibration.sha256, settings.key(),
+        key = _hash("calibration", pm.sha256, pm.preprocessed, data.calibration.sha256, settings.calibration_key(),
                     tool_versions())
         path = self.out_dir / "calibration" / f"{model}-{key}.json"
         if not path.is_file():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import sqlite3
 from pathlib import Path
@@ -122,9 +123,7 @@ def test_export_reproduces_sha256(built: Path, tmp_path: Path, capsys: pytest.Ca
 
 
 def test_calibration_runs_once_for_all_candidates(tmp_path: Path, assets: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import sys
-
-    q = sys.modules["onnxruntime.quantization.quantize"]
+    q = importlib.import_module("onnxruntime.quantization.quantize")  # the module, not the function it exports
 
     calls = []
     real = q.create_calibrator
@@ -152,3 +151,37 @@ def test_dynamic_candidates_keep_node_names(tmp_path: Path, assets: Path) -> Non
         excluded = set(json.loads(c["excluded"]))
         assert not (integer & excluded)
         assert len(integer) + len(excluded & {"conv1", "conv2", "conv3", "conv4", "fc"}) == 5
+
+
+def test_per_tensor_and_per_channel_share_one_calibration(tmp_path: Path, assets: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """The ranges do not depend on the weights' granularity: one calibration serves both recipes, and its
+    content is what calibrating for the per-channel recipe alone gives."""
+    from tuneqn.controller.quantize import QuantSettings, calibrate
+
+    q = importlib.import_module("onnxruntime.quantization.quantize")
+    calls = []
+    real = q.create_calibrator
+
+    def counting(*args, **kwargs):  # type: ignore[no-untyped-def]
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(q, "create_calibrator", counting)
+    study = write_study(tmp_path, model=assets / "cnn.onnx", images=assets / "images",
+                        quantization={"recipes": [{"name": "pt", "mode": "static", "per_channel": False},
+                                                  {"name": "pc", "mode": "static", "per_channel": True}]})
+    assert main(["analyze", str(study), "--candidates"]) == 0
+    assert len(calls) == 1
+    caches = list((tmp_path / "out" / "calibration").glob("*.json"))
+    assert len(caches) == 1
+    cands = _candidates(tmp_path / "out")
+    assert {c["mode"] for c in cands} == {"pt", "pc"}
+
+    base = dict(mode="static", format="qdq", reduce_range=False, activation_type="uint8", weight_type="int8",
+                calibration_method="minmax", op_types=None)
+    pt, pc = QuantSettings(per_channel=False, **base), QuantSettings(per_channel=True, **base)
+    assert pt.calibration_key() == pc.calibration_key() and pt.key() != pc.key()
+    data = np.load(tmp_path / "out" / "data" / "cnn" / "calibration.npy")
+    alone = calibrate(assets / "cnn.onnx", "input", 1, data, pc, tmp_path / "alone.json")
+    assert json.loads(alone.read_text()) == json.loads(caches[0].read_text())

@@ -26,12 +26,13 @@ editor checks itself once: with nothing excluded it must reproduce ``fq`` byte f
 from __future__ import annotations
 
 import logging
-from collections.abc import Collection, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import onnx
+from google.protobuf.message import Message
 from onnx import TensorProto, helper
 from onnxruntime.quantization.calibrate import load_tensors_data
 from onnxruntime.quantization.quant_utils import compute_scale_zp, get_qmin_qmax_for_qType
@@ -44,6 +45,9 @@ __all__ = ["QOperatorEditor", "UnsupportedEdit", "derive_qoperator"]
 log = logging.getLogger(__name__)
 
 _MS = "com.microsoft"
+#: Keys of the length-delimited fields the candidate's bytes are joined from (field number << 3 | 2).
+_NODE, _INITIALIZER, _INPUT, _GRAPH = b"\x0a", b"\x2a", b"\x5a", b"\x3a"
+_GRAPH_NAME, _GRAPH_INITIALIZER, _GRAPH_INPUT, _MODEL_GRAPH = 2, 5, 11, 7
 _Q = "_quantized"
 #: Quantized operators: the order in which ONNX Runtime creates their initializers ("out": output
 #: scale/zero point, an int: that input (its QuantizeLinear parameters, or the quantized initializer
@@ -141,23 +145,32 @@ class QOperatorEditor:
         shared = sorted(t for t in quantized_inits if len(self._consumers.get(t, [])) > 1)
         if shared:
             raise UnsupportedEdit(f"initializer shared by several nodes and quantized: {shared[0]}")
-        # The model around the graph: fq without its nodes, initializers and inputs.
-        self._shell = onnx.ModelProto()
-        self._shell.CopyFrom(fq)
-        for field in ("node", "initializer", "input"):
-            self._shell.graph.ClearField(field)
-        # ORT adds the com.microsoft opset (at the end) only when the float model has none and it emits such a node.
+        # The pieces of the candidate's bytes that do not depend on the exclusions, serialized once.
+        self._init_bytes = {t.name: (t, _field(_INITIALIZER, t.SerializeToString()))
+                            for t in (*self._float_inits, *fq.graph.initializer)}
+        self._input_bytes = {i.name: _field(_INPUT, i.SerializeToString()) for i in self._float_inputs}
+        graph = fq.graph
+        self._graph_name = _only(graph, lambda f: f == _GRAPH_NAME)
+        self._graph_doc = _only(graph, lambda f: _GRAPH_INITIALIZER < f < _GRAPH_INPUT)
+        self._graph_tail = _only(graph, lambda f: f > _GRAPH_INPUT)
+        if any(_GRAPH_NAME < f.number < _GRAPH_INITIALIZER for f, _ in graph.ListFields()):
+            raise UnsupportedEdit("graph fields between name and initializer")
+        self._model_head = _only(fq, lambda f: f < _MODEL_GRAPH)
+        # ORT adds the com.microsoft opset (at the end) only when the float model has none and emits such a node.
         self._ms_added = (not any(o.domain == _MS for o in float_model.opset_import)
                           and bool(fq.opset_import) and fq.opset_import[-1].domain == _MS)
+        self._model_tail_ms = _only(fq, lambda f: f > _MODEL_GRAPH)
+        tail = onnx.ModelProto()
+        tail.CopyFrom(fq)
+        tail.ClearField("graph")
         if self._ms_added:
-            del self._shell.opset_import[-1]
-            self._ms_opset = onnx.OperatorSetIdProto(domain=_MS, version=fq.opset_import[-1].version)
+            del tail.opset_import[-1]
+        self._model_tail = _only(tail, lambda f: f > _MODEL_GRAPH)
         self._ranges: dict[str, tuple[float, float]] | None = None
         if calib_cache is not None and settings is not None:
             self._load_ranges(calib_cache, settings)
         # Check: nothing excluded must give fq itself (this also learns which conditional ops never quantize).
-        got = self.derive((), _learn=True)
-        if got.SerializeToString(deterministic=True) != fq.SerializeToString(deterministic=True):
+        if self._derive((), learn=True) != fq.SerializeToString():
             raise UnsupportedEdit("the replay does not reproduce the fully quantized model")
 
     # ------------------------------------------------------------------ index
@@ -216,8 +229,15 @@ class QOperatorEditor:
         return zp, sc
 
     # ------------------------------------------------------------------ replay
-    def derive(self, exclude: Collection[str], _learn: bool = False) -> onnx.ModelProto:
+    def derive(self, exclude: Collection[str]) -> onnx.ModelProto:
         """The candidate that keeps ``exclude`` (float node names) in float."""
+        return onnx.ModelProto.FromString(self._derive(exclude))
+
+    def derive_bytes(self, exclude: Collection[str]) -> bytes:
+        """The candidate's file contents (what ``onnx.save_model`` writes for :meth:`derive`'s model)."""
+        return self._derive(exclude)
+
+    def _derive(self, exclude: Collection[str], learn: bool = False) -> bytes:
         excluded = set(exclude)
         unknown = excluded - self.names
         if unknown:
@@ -250,7 +270,7 @@ class QOperatorEditor:
                     self._append(run, [new])
             else:  # a conditional op the fully quantized model left float
                 if node.input and node.input[0] in run.qmap:
-                    if not _learn:
+                    if not learn:
                         raise UnsupportedEdit(f"{node.name}: would ONNX Runtime quantize this {node.op_type}?")
                     n.never = True
                 self._emit_float(run, node, dq=True)
@@ -397,20 +417,58 @@ class QOperatorEditor:
         raise UnsupportedEdit(f"no scale for {tensor} in the quantized model")
 
     # ------------------------------------------------------------------ output
-    def _assemble(self, run: _Run) -> onnx.ModelProto:
+    def _assemble(self, run: _Run) -> bytes:
+        """The candidate's serialized bytes, as ``SerializeToString`` writes them (fields in number order),
+        joined from pieces serialized once: no weight is copied into a new message."""
         used = {i for n in run.nodes for i in n.input}
         used.update(self._outputs)
-        model = onnx.ModelProto()
-        model.CopyFrom(self._shell)
-        if self._ms_added and any(n.domain == _MS for n in run.nodes):
-            model.opset_import.append(self._ms_opset)
-        graph = model.graph
-        graph.input.extend(i for i in self._float_inputs if i.name not in self._float_init_names or i.name in used)
+        inputs = [i for i in self._float_inputs if i.name not in self._float_init_names or i.name in used]
         inits = [t for t in self._float_inits if t.name in used]
         inits += [t for name, t in run.created.items() if name in used]
-        graph.node.extend(_topological_sort(run.nodes, [t.name for t in inits] + [i.name for i in graph.input]))
-        graph.initializer.extend(inits)
-        return model
+        nodes = _topological_sort(run.nodes, [t.name for t in inits] + [i.name for i in inputs])
+        parts = [_field(_NODE, n.SerializeToString()) for n in nodes]
+        parts.append(self._graph_name)
+        for t in inits:
+            cached = self._init_bytes.get(t.name)
+            parts.append(cached[1] if cached is not None and cached[0] is t
+                         else _field(_INITIALIZER, t.SerializeToString()))
+        parts.append(self._graph_doc)
+        parts += [self._input_bytes[i.name] for i in inputs]
+        parts.append(self._graph_tail)
+        ms = self._ms_added and any(n.domain == _MS for n in run.nodes)
+        return b"".join((self._model_head, _field(_GRAPH, b"".join(parts)),
+                         self._model_tail_ms if ms else self._model_tail))
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        b = n & 0x7F
+        n >>= 7
+        if n:
+            out.append(b | 0x80)
+        else:
+            out.append(b)
+            return bytes(out)
+
+
+def _field(tag: bytes, payload: bytes) -> bytes:
+    """A length-delimited protobuf field."""
+    return tag + _varint(len(payload)) + payload
+
+
+def _only(message: Message, keep: Callable[[int], bool]) -> bytes:
+    """``message`` serialized with only the fields whose number passes ``keep``."""
+    part = type(message)()
+    for field, value in message.ListFields():
+        if keep(field.number):
+            if isinstance(value, Message):
+                getattr(part, field.name).CopyFrom(value)
+            elif hasattr(value, "extend"):  # a repeated field
+                getattr(part, field.name).extend(value)
+            else:
+                setattr(part, field.name, value)
+    return part.SerializeToString()
 
 
 def _topological_sort(nodes: list[onnx.NodeProto], input_names: list[str]) -> list[onnx.NodeProto]:

@@ -87,11 +87,12 @@ def zoo(tmp_path_factory: pytest.TempPathFactory) -> dict:
     return out
 
 
-def _ort_candidate(zoo: dict, per_channel: bool, exclude: list[str], tmp: Path) -> onnx.ModelProto:
+def _ort_candidate(zoo: dict, per_channel: bool, exclude: list[str], tmp: Path) -> bytes:
+    """The file ONNX Runtime's quantizer writes for this candidate (tuneqn's names restored)."""
     settings, cache, _ = zoo["recipes"][per_channel]
     out = tmp / "ort.onnx"
     quantize_candidate(zoo["path"], out, settings, exclude, cache)
-    return onnx.load(str(out))
+    return out.read_bytes()
 
 
 def _bytes(model: onnx.ModelProto) -> bytes:
@@ -119,10 +120,10 @@ def test_random_exclusions_are_bit_identical(zoo: dict, per_channel: bool, tmp_p
     sets += [rng.sample(LAYERS, rng.randint(1, len(LAYERS))) for _ in range(14)]
     sets += [rng.sample(LAYERS + OTHERS, rng.randint(1, 8)) for _ in range(10)]
     for exclude in sets:
-        derived = editor.derive(exclude)
-        assert _bytes(derived) == _bytes(_ort_candidate(zoo, per_channel, exclude, tmp_path)), exclude
-        assert _bytes(editor.derive(exclude)) == _bytes(derived)  # run to run
-    assert _bytes(derive_qoperator(fq, float_model, ["conv5"])) == _bytes(editor.derive(["conv5"]))
+        derived = editor.derive_bytes(exclude)
+        assert derived == _ort_candidate(zoo, per_channel, exclude, tmp_path), exclude
+        assert editor.derive_bytes(exclude) == derived  # run to run
+    assert _bytes(derive_qoperator(fq, float_model, ["conv5"])) == editor.derive_bytes(["conv5"])
 
 
 def test_scale_missing_from_the_quantized_model_needs_the_calibration_cache(zoo: dict, tmp_path: Path) -> None:
@@ -134,7 +135,7 @@ def test_scale_missing_from_the_quantized_model_needs_the_calibration_cache(zoo:
         derive_qoperator(fq, float_model, ["conv1"])
     derived = QOperatorEditor(fq, float_model, cache, settings).derive(["conv1"])
     assert "p1_scale" in {t.name for t in derived.graph.initializer}
-    assert _bytes(derived) == _bytes(_ort_candidate(zoo, False, ["conv1"], tmp_path))
+    assert _bytes(derived) == _ort_candidate(zoo, False, ["conv1"], tmp_path)
 
 
 def test_excluded_fused_activation_is_refused_not_guessed(zoo: dict, tmp_path: Path) -> None:
@@ -145,7 +146,7 @@ def test_excluded_fused_activation_is_refused_not_guessed(zoo: dict, tmp_path: P
     with pytest.raises(UnsupportedEdit, match="conv2: its fused Clip is excluded"):
         editor.derive(["clip2"])
     exclude = ["conv2", "clip2"]
-    assert _bytes(editor.derive(exclude)) == _bytes(_ort_candidate(zoo, False, exclude, tmp_path))
+    assert editor.derive_bytes(exclude) == _ort_candidate(zoo, False, exclude, tmp_path)
     with pytest.raises(UnsupportedEdit, match="not a node"):
         editor.derive(["no-such-layer"])
 
@@ -170,7 +171,7 @@ def test_excluded_layers_run_in_float(zoo: dict, tmp_path: Path) -> None:
     onnx.save(derived, str(path))
     ran = _counts(_ran_graph(str(path), tmp_path, runtime_options(derived, exclude)["ort_disabled_optimizers"]))
     assert ran == {"float_conv": 2, "float_gemm": 1, "QLinearConv": 3, "QGemm": 0}
-    ref = _ort_candidate(zoo, True, exclude, tmp_path)
+    ref = onnx.load_from_string(_ort_candidate(zoo, True, exclude, tmp_path))
     np.testing.assert_array_equal(_run(derived, zoo["data"], exclude), _run(ref, zoo["data"], exclude))
 
 
@@ -187,7 +188,7 @@ def test_lite0_derived_candidates_match_the_quantizer(example_dir: Path, tmp_pat
     layers = [n.name for n in float_model.graph.node if n.op_type in ("Conv", "Gemm")]
     assert len(layers) == 50
     rng = random.Random(18)
-    for per_channel, n_sets in ((False, 6), (True, 3)):
+    for per_channel, n_sets in ((False, 5), (True, 2)):
         settings = replace(PER_TENSOR, per_channel=per_channel)
         cache = calibrate(pm.path, pm.input_name, pm.input_shape[0], data.calibration.load(), settings,
                           tmp_path / f"calib-{per_channel}.json")
@@ -195,10 +196,9 @@ def test_lite0_derived_candidates_match_the_quantizer(example_dir: Path, tmp_pat
         editor = QOperatorEditor(onnx.load(str(tmp_path / "fq.onnx")), float_model, cache, settings)
         sets = [["/_conv_head/Conv", "/_fc/Gemm"]] + [rng.sample(layers, rng.randint(1, 12)) for _ in range(n_sets)]
         for exclude in sets:
-            derived = editor.derive(exclude)
             quantize_candidate(pm.path, tmp_path / "ort.onnx", settings, exclude, cache)
-            ref = onnx.load(str(tmp_path / "ort.onnx"))
-            assert _bytes(derived) == _bytes(ref), exclude
+            assert editor.derive_bytes(exclude) == (tmp_path / "ort.onnx").read_bytes(), exclude
+            derived, ref = editor.derive(exclude), onnx.load(str(tmp_path / "ort.onnx"))
             top1 = [np.concatenate([_run(m, x[i : i + 1], exclude) for i in range(len(x))]).argmax(1)
                     for m in (derived, ref)]
             np.testing.assert_array_equal(top1[0], top1[1])

@@ -8,7 +8,7 @@ from the fully quantized model ``fq`` of the same recipe, so it never quantizes 
 * an excluded node (and any node ONNX Runtime would not quantize) is emitted as in the float model,
   after a ``<x>_DequantizeLinear`` (output ``x``) for each input that is quantized and not yet float;
 * a quantized operator (QLinearConv, QGemm, QLinearMatMul, QLinearAdd/Mul, QLinearConcat,
-  QLinearSigmoid/LeakyRelu) reading a float tensor ``x`` gets ``<x>_QuantizeLinear`` (output
+  QLinearSigmoid/LeakyRelu, QLinearAveragePool) reading a float tensor ``x`` gets ``<x>_QuantizeLinear`` (output
   ``x_quantized``, ``x_scale``/``x_zero_point``) in front of it;
 * Relu/Clip fused into a quantized producer come back when the producer is float; MaxPool, Reshape,
   Flatten, (Un)Squeeze, Transpose and GlobalAveragePool stay quantized only while their input is;
@@ -68,6 +68,7 @@ _TEMPLATES = {
     "Mul": _Template(("out", 0, 1), 0, 6),
     "Sigmoid": _Template(("out", 0), 0, 3),
     "LeakyRelu": _Template(("out", 0), 0, 3),
+    "AveragePool": _Template(("out", 0), 0, 3),
     "Concat": _Template(("out", "all"), 2, 0),
     "GlobalAveragePool": _Template(("out",), 0, 3),
 }
@@ -238,10 +239,7 @@ class QOperatorEditor:
         return self._derive(exclude)
 
     def _derive(self, exclude: Collection[str], learn: bool = False) -> bytes:
-        excluded = set(exclude)
-        unknown = excluded - self.names
-        if unknown:
-            raise UnsupportedEdit(f"not a node of the model: {sorted(unknown)[0]}")
+        excluded = set(exclude) & self.names  # ORT ignores names that are not nodes
         run = _Run(i.name for i in self._float_inputs if i.name not in self._float_init_names)
         for n in self._nodes:
             node = n.node

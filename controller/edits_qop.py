@@ -500,10 +500,11 @@ def _topological_sort(nodes: list[onnx.NodeProto], input_names: list[str]) -> li
     return ordered
 
 
-def derive_qoperator(fq: onnx.ModelProto, float_model: onnx.ModelProto, exclude: Collection[str]) -> onnx.ModelProto:
+def derive_qoperator(fq: onnx.ModelProto, float_model: onnx.ModelProto, exclude: Collection[str], *,
+                     calib_cache: Path | None = None, settings: QuantSettings | None = None) -> onnx.ModelProto:
     """The QOperator candidate that keeps ``exclude`` (float node names) in float, derived from the fully
     quantized QOperator model ``fq`` of the same recipe by graph edits (bit-identical to ONNX Runtime's
     ``quantize_static(..., quant_format=QOperator, nodes_to_exclude=exclude)`` after tuneqn's name
     restoration); raises :class:`UnsupportedEdit` where that cannot be made exact. Build a
     :class:`QOperatorEditor` once to derive many candidates of one recipe."""
-    return QOperatorEditor(fq, float_model).derive(exclude)
+    return QOperatorEditor(fq, float_model, calib_cache, settings).derive(exclude)

@@ -18,7 +18,7 @@ from tuneqn.controller.config import DatasetSpec, ModelSpec
 from tuneqn.controller.dataset import prepare_data
 from tuneqn.controller.edits_qop import QOperatorEditor, UnsupportedEdit, derive_qoperator
 from tuneqn.controller.modelio import prepare_model
-from tuneqn.controller.quantize import QuantSettings, calibrate, quantize_candidate, runtime_options
+from tuneqn.controller.quantize import QuantSettings, calibrate, default_op_types, quantize_candidate, runtime_options
 
 PER_TENSOR = QuantSettings(mode="static", format="qoperator", per_channel=False, reduce_range=False,
                            activation_type="uint8", weight_type="int8", calibration_method="minmax", op_types=None)
@@ -130,6 +130,24 @@ def test_random_exclusions_are_bit_identical(zoo: dict, per_channel: bool, tmp_p
         assert derived == _ort_candidate(zoo, per_channel, exclude, tmp_path), exclude
         assert editor.derive_bytes(exclude) == derived  # run to run
     assert _bytes(derive_qoperator(fq, float_model, ["conv5"])) == editor.derive_bytes(["conv5"])
+
+
+@pytest.mark.parametrize("op_types", [
+    sorted(set(default_op_types("static")) - {"Conv"}),  # feasibility's `<recipe>.float-Conv` variant
+    ["Conv", "Gemm", "MatMul"],
+], ids=["float-Conv", "layers-only"])
+def test_recipes_with_fewer_op_types(zoo: dict, op_types: list[str], tmp_path: Path) -> None:
+    """Op types a recipe leaves in float stay float in every candidate, as in ONNX Runtime's own output."""
+    settings = replace(PER_TENSOR, op_types=tuple(op_types))
+    calib = np.random.default_rng(1).uniform(-1, 1, (16, 3, 8, 8)).astype(np.float32)
+    cache = calibrate(zoo["path"], "input", "N", calib, settings, tmp_path / "calib.json")
+    quantize_candidate(zoo["path"], tmp_path / "fq.onnx", settings, [], cache)
+    editor = QOperatorEditor(onnx.load(str(tmp_path / "fq.onnx")), onnx.load(str(zoo["path"])), cache, settings)
+    rng = random.Random(7)
+    for _ in range(8):
+        exclude = rng.sample(LAYERS, rng.randint(1, 4)) + rng.sample(OTHERS, rng.randint(0, 2))
+        quantize_candidate(zoo["path"], tmp_path / "ort.onnx", settings, exclude, cache)
+        assert editor.derive_bytes(exclude) == (tmp_path / "ort.onnx").read_bytes(), exclude
 
 
 def test_scale_missing_from_the_quantized_model_needs_the_calibration_cache(zoo: dict, tmp_path: Path) -> None:

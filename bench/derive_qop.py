@@ -1,0 +1,83 @@
+"""Milliseconds per QOperator candidate: graph edits (controller/edits_qop.py) vs ONNX Runtime's quantizer.
+
+Usage: python bench/derive_qop.py [--example examples/lite0/work] [--candidates 50] [--check 3]
+For the per-tensor and per-channel QOperator recipes of the example: the one-off index time, the median
+(and 90th percentile) time to derive a candidate's file bytes for random exclusion sets of 1-25 layers,
+and for ``--check`` of them the quantizer's time and whether both files are byte-identical.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import random
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import onnx
+import onnxruntime as ort
+
+from tuneqn.controller.config import DatasetSpec, ModelSpec, PreprocessSpec
+from tuneqn.controller.dataset import prepare_data
+from tuneqn.controller.edits_qop import QOperatorEditor
+from tuneqn.controller.modelio import prepare_model
+from tuneqn.controller.quantize import QuantSettings, calibrate, quantize_candidate
+
+
+def main() -> int:
+    """Run the benchmark."""
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--example", default="examples/lite0/work")
+    ap.add_argument("--candidates", type=int, default=50)
+    ap.add_argument("--check", type=int, default=3)
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.ERROR)
+    ort.set_default_logger_severity(3)
+    ex = Path(args.example)
+    if not (ex / "model.onnx").is_file():
+        print(f"example not prepared in {ex}: run `make example`", file=sys.stderr)
+        return 2
+    with tempfile.TemporaryDirectory() as tmp_s:
+        tmp = Path(tmp_s)
+        pm = prepare_model(ModelSpec(path=ex / "model.onnx", input_shape=[1, 3, 224, 224]), tmp / "models")
+        spec = DatasetSpec(images=ex / "images", eval=1, calibration=20, analysis=1,
+                           preprocess=PreprocessSpec(resize=256, crop=224, interpolation="bicubic",
+                                                     scale=1 / 128, offset=-127 / 128))
+        calib = prepare_data(spec, pm.input_shape, tmp / "data").calibration.load()
+        float_model = onnx.load(str(pm.path))
+        layers = [n.name for n in float_model.graph.node if n.op_type in ("Conv", "Gemm")]
+        rng = random.Random(0)
+        sets = [rng.sample(layers, rng.randint(1, 25)) for _ in range(args.candidates)]
+        base = QuantSettings(mode="static", format="qoperator", per_channel=False, reduce_range=False,
+                             activation_type="uint8", weight_type="int8", calibration_method="minmax", op_types=None)
+        print(f"model: {ex / 'model.onnx'} ({len(layers)} layers)  candidates: {len(sets)} random sets of 1-25 layers")
+        for name, settings in (("per-tensor", base), ("per-channel", replace(base, per_channel=True))):
+            cache = calibrate(pm.path, pm.input_name, pm.input_shape[0], calib, settings, tmp / f"{name}.json")
+            quantize_candidate(pm.path, tmp / "fq.onnx", settings, [], cache)
+            t0 = time.perf_counter()
+            editor = QOperatorEditor(onnx.load(str(tmp / "fq.onnx")), float_model, cache, settings)
+            index_ms = (time.perf_counter() - t0) * 1e3
+            times = []
+            for exclude in sets:
+                t0 = time.perf_counter()
+                editor.derive_bytes(exclude)
+                times.append((time.perf_counter() - t0) * 1e3)
+            q_times, same = [], 0
+            for exclude in sets[: args.check]:
+                t0 = time.perf_counter()
+                quantize_candidate(pm.path, tmp / "ort.onnx", settings, exclude, cache)
+                q_times.append(time.perf_counter() - t0)
+                same += (tmp / "ort.onnx").read_bytes() == editor.derive_bytes(exclude)
+            p90 = statistics.quantiles(times, n=10)[-1] if len(times) > 1 else times[0]
+            print(f"{name:12s}: index {index_ms:6.1f} ms   derive median {statistics.median(times):5.1f} ms "
+                  f"(p90 {p90:5.1f})   quantizer median {statistics.median(q_times) if q_times else float('nan'):5.2f} s"
+                  f"   byte-identical {same}/{len(q_times)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

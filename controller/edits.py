@@ -35,6 +35,7 @@ by adding the pieces' lengths (plus the graph field's own tag and varint length)
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import threading
@@ -45,6 +46,9 @@ from pathlib import Path
 import onnx
 from onnx import TensorProto
 from onnxruntime.quantization.calibrate import load_tensors_data
+from onnxruntime.quantization.operators.gemm import get_beta
+from onnxruntime.quantization.qdq_quantizer import QDQQuantizer
+from onnxruntime.quantization.quant_utils import tensor_proto_to_array
 from onnxruntime.quantization.operators.activation import QDQRemovableActivation
 from onnxruntime.quantization.operators.conv import QDQConv
 from onnxruntime.quantization.operators.direct_q8 import QDQDirect8BitOp
@@ -54,9 +58,15 @@ from onnxruntime.quantization.operators.maxpool import QDQMaxPool
 from onnxruntime.quantization.operators.qdq_base_operator import QDQOperatorBase
 from onnxruntime.quantization.registry import QDQRegistry
 
-from tuneqn.controller.quantize import QuantSettings, default_op_types
+from tuneqn.controller.quantize import (
+    QTYPE,
+    QuantSettings,
+    default_op_types,
+    quiet_ort_python_logs,
+    static_extra_options,
+)
 
-__all__ = ["Derived", "QdqIndex", "Unsupported", "varint_size"]
+__all__ = ["Derivations", "Derived", "QdqIndex", "Unsupported", "unsupported_settings", "varint_size"]
 
 log = logging.getLogger(__name__)
 
@@ -148,6 +158,13 @@ class Derived:
         """The whole file's bytes."""
         return b"".join(self.pieces)
 
+    def sha256(self) -> str:
+        """sha256 of the file's bytes (hex)."""
+        h = hashlib.sha256()
+        for piece in self.pieces:
+            h.update(piece)
+        return h.hexdigest()
+
 
 class QdqIndex:
     """The float and fully quantized QDQ models of one (model, recipe), indexed once; candidates derived from
@@ -156,16 +173,19 @@ class QdqIndex:
     Thread-safe for concurrent :meth:`derive` calls (its caches only grow, under a lock)."""
 
     def __init__(self, float_model: onnx.ModelProto, fq_model: onnx.ModelProto, fq_bytes: bytes,
-                 calibrated: Iterable[str], settings: QuantSettings) -> None:
-        if settings.mode != "static" or settings.format != "qdq":
-            raise Unsupported(f"{settings.mode}/{settings.format} is not static QDQ")
-        if settings.activation_type not in ("int8", "uint8") or settings.weight_type not in ("int8", "uint8"):
-            raise Unsupported("only 8-bit types are modelled")
+                 calib_cache: Path, settings: QuantSettings) -> None:
+        why = unsupported_settings(settings)
+        if why is not None:
+            raise Unsupported(why)
         self.settings = settings
         self._lock = threading.Lock()
         g, fg = float_model.graph, fq_model.graph
         self._op_types = set(settings.op_types or default_op_types("static"))
-        self._calibrated = set(calibrated)
+        self._calib_cache = Path(calib_cache)
+        self._calibrated = set(load_tensors_data(calib_cache).keys())
+        self._float_model = float_model
+        self._ort: QDQQuantizer | None = None  # ORT's own numerics, for artifacts the fully quantized model lacks
+        self._own: dict[tuple[str, tuple[object, ...]], onnx.TensorProto] = {}
         self._opset = next((o.version for o in fq_model.opset_import if o.domain in ("", "ai.onnx")), 0)
         self._check_float(float_model)
         # the float graph as ORT's quantizer sees it
@@ -200,7 +220,7 @@ class QdqIndex:
         """Index the float model, its fully quantized model and the calibration cache they came from."""
         fq_bytes = Path(fq_path).read_bytes()
         fq = onnx.load_from_string(fq_bytes)
-        return cls(onnx.load(str(float_path)), fq, fq_bytes, load_tensors_data(calib_cache).keys(), settings)
+        return cls(onnx.load(str(float_path)), fq, fq_bytes, calib_cache, settings)
 
     def _check_float(self, model: onnx.ModelProto) -> None:
         g = model.graph
@@ -398,7 +418,7 @@ class QdqIndex:
     def derive(self, exclude: Iterable[str]) -> Derived:
         """The candidate that keeps ``exclude`` in float, as ORT's quantizer would write it."""
         r = self._replay(frozenset(exclude))
-        self._check_artifacts(r)
+        own = self._artifacts(r)
         entries: list[tuple[tuple[str, ...], tuple[str, ...], tuple[object, ...]]] = []
         for i, base, ins, outs in r.nodes:
             entries.append((ins, outs, ("node", i, base, ins, outs)))
@@ -414,7 +434,7 @@ class QdqIndex:
         order = _topological_order([(ins, outs) for ins, outs, _ in entries], sorted(inits + self._graph_inputs))
         with self._lock:
             node_pieces = [self._node_piece(entries[j][2]) for j in order]
-            init_pieces = [self._init_piece(n) for n in inits]
+            init_pieces = [self._init_piece(n, own.get(n)) for n in inits]
         graph_len = (sum(len(p) for p, _ in node_pieces) + len(self._graph_head)
                      + sum(len(p) for p in init_pieces) + len(self._graph_tail))
         graph_tag = _varint(_MODEL_GRAPH << 3 | 2) + _varint(graph_len)
@@ -427,17 +447,75 @@ class QdqIndex:
         """The candidate's file size in bytes (exact), without building it."""
         return self.derive(exclude).size
 
-    def _check_artifacts(self, r: _Replay) -> None:
-        """Every artifact taken from the fully quantized model depends on what it depended on there."""
+    def _artifacts(self, r: _Replay) -> dict[str, tuple[object, ...]]:
+        """The initializers this candidate cannot take from the fully quantized model, each with what its bytes
+        depend on (they are computed by ORT's own code: :meth:`_own_piece`). Every other quantization artifact
+        is taken from the fully quantized model, where it depended on the same things."""
+        own: dict[str, tuple[object, ...]] = {}
         for w, deps in r.weights.items():
             if self._fq.weights.get(w) != deps:
-                raise Unsupported(f"weight {w} is quantized differently than in the fully quantized model")
+                raise Unsupported(f"weight {w} is quantized differently than in the fully quantized model "
+                                  "(shared by an excluded layer)")
+        for t, scale in r.scales.items():
+            if scale == t + "_scale" and scale not in self._fq_inits:  # quantized with its own scale only here
+                own[t + "_scale"] = own[t + "_zero_point"] = ("activation", t)
         for b, deps in r.biases.items():
-            if self._fq.biases.get(b) != deps:
-                raise Unsupported(f"bias {b} is quantized with other scales than in the fully quantized model")
+            if self._fq.biases.get(b) != deps:  # its input is quantized with another scale than there
+                for suffix in ("_quantized", "_quantized_scale", "_quantized_zero_point"):
+                    own[b + suffix] = ("bias", b, *deps)
         for name in r.inits:
-            if name not in self._float_inits and name not in self._fq_inits:
-                raise Unsupported(f"{name} is not in the fully quantized model (its own scale there)")
+            if name not in own and name not in self._float_inits and name not in self._fq_inits:
+                raise Unsupported(f"{name} is not in the fully quantized model")
+        return own
+
+    def _numerics(self) -> QDQQuantizer:
+        """ORT's QDQ quantizer on the float model with the recipe's settings and ranges (nothing quantized
+        with it: its methods compute the artifacts the fully quantized model lacks). Built on first use."""
+        if self._ort is None:
+            s = self.settings
+            model = onnx.ModelProto()
+            model.CopyFrom(self._float_model)
+            with quiet_ort_python_logs():
+                self._ort = QDQQuantizer(model, s.per_channel, s.reduce_range, QTYPE[s.weight_type],
+                                         QTYPE[s.activation_type], load_tensors_data(self._calib_cache), [], [],
+                                         sorted(self._op_types), static_extra_options(s))
+        return self._ort
+
+    def _own_tensor(self, name: str, key: tuple[object, ...]) -> onnx.TensorProto:
+        """An artifact computed by ORT's code (``_make_scale_zp_initializers``, ``quantize_bias_static_impl``)."""
+        got = self._own.get((name, key))
+        if got is not None:
+            return got
+        q = self._numerics()
+        made: list[onnx.TensorProto]
+        if key[0] == "activation":
+            t = str(key[1])
+            inits = q._make_scale_zp_initializers(t, q.quantization_params[t].original)
+            made = [inits.scale, inits.zero_point]
+        else:
+            b, node_name, input_scale, weight_scale = (str(k) for k in key[1:])
+            node = next(n for n in self._float_nodes if n.name == node_name)
+            beta = get_beta(node) if node.op_type == "Gemm" else 1.0
+            x_scale = tensor_proto_to_array(self._tensor(input_scale, ("activation", input_scale[: -len("_scale")])))
+            w_scale = tensor_proto_to_array(self._fq_inits[weight_scale])
+            graph = q.model.model.graph
+            q.quantize_bias_static_impl(b, x_scale, w_scale, beta)
+            made = [copy for copy in (onnx.TensorProto() for _ in range(3))]
+            for dst, src in zip(made, graph.initializer[-3:], strict=True):
+                dst.CopyFrom(src)
+            del graph.initializer[-3:]
+        for tensor in made:
+            self._own[(tensor.name, key)] = tensor
+        return self._own[(name, key)]
+
+    def _tensor(self, name: str, own_key: tuple[object, ...] | None) -> onnx.TensorProto:
+        if name in self._float_inits:
+            return self._float_inits[name]
+        if name in self._fq_inits:
+            return self._fq_inits[name]
+        if own_key is None:
+            raise Unsupported(f"{name} is not in the fully quantized model")
+        return self._own_tensor(name, own_key)
 
     def _node_piece(self, key: tuple[object, ...]) -> tuple[bytes, onnx.NodeProto]:
         got = self._piece.get(key)
@@ -469,14 +547,14 @@ class QdqIndex:
         node.output.extend(outs)  # type: ignore[arg-type]
         return node
 
-    def _init_piece(self, name: str) -> bytes:
-        key = ("init", name)
+    def _init_piece(self, name: str, own_key: tuple[object, ...] | None) -> bytes:
+        key = ("init", name, own_key)
         got = self._piece.get(key)
         if got is None:
-            src = self._fq_inits.get(name) if name not in self._float_inits else self._float_inits[name]
-            got = _field(_GRAPH_INIT, src.SerializeToString())  # type: ignore[union-attr]
+            src = self._own_tensor(name, own_key) if own_key is not None else self._tensor(name, None)
+            got = _field(_GRAPH_INIT, src.SerializeToString())
             self._piece[key] = got
-        return got
+        return got  # type: ignore[return-value]
 
 
 def _model_frame(model: onnx.ModelProto) -> tuple[bytes, bytes]:
@@ -549,3 +627,45 @@ def _topological_order(nodes: list[tuple[tuple[str, ...], tuple[str, ...]]], sor
     if len(order) != len(nodes):
         raise Unsupported("the graph is not a DAG")
     return order
+
+
+def unsupported_settings(settings: QuantSettings) -> str | None:
+    """Why candidates of a recipe are not derived by :class:`QdqIndex` (None: they are)."""
+    if settings.mode != "static":
+        return "dynamic quantization: the quantizer builds its candidates"
+    if settings.format != "qdq":
+        return f"{settings.format} format: not derived by the QDQ rules"
+    if settings.activation_type not in ("int8", "uint8") or settings.weight_type not in ("int8", "uint8"):
+        return "only 8-bit types are modelled"
+    return None
+
+
+class Derivations:
+    """The :class:`QdqIndex` of each (model, recipe) of a study, built once from its fully quantized model and
+    kept while that model's build key holds (a study owns one; thread-safe)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._indexes: dict[tuple[str, str], tuple[str, QdqIndex | str]] = {}  # -> (fq build key, index | why not)
+
+    def index(self, model: str, recipe: str, fq_key: str, settings: QuantSettings, float_path: Path, fq_path: Path,
+              calib_cache: Path) -> QdqIndex | None:
+        """The index of (model, recipe) for the fully quantized model with build key ``fq_key`` (None: the rules
+        cannot reproduce that model; the reason is logged once)."""
+        with self._lock:
+            held = self._indexes.get((model, recipe))
+            if held is None or held[0] != fq_key:
+                try:
+                    got: QdqIndex | str = QdqIndex.load(float_path, fq_path, calib_cache, settings)
+                except Unsupported as exc:
+                    got = str(exc)
+                    log.info("%s/%s: candidates built by the quantizer (%s)", model, recipe, got)
+                held = (fq_key, got)
+                self._indexes[(model, recipe)] = held
+        return held[1] if isinstance(held[1], QdqIndex) else None
+
+    def ready(self, model: str, recipe: str, fq_key: str) -> QdqIndex | str | None:
+        """The index if it was built for ``fq_key``; the reason if it cannot be; None if not built yet."""
+        with self._lock:
+            held = self._indexes.get((model, recipe))
+        return None if held is None or held[0] != fq_key else held[1]

@@ -52,7 +52,8 @@ from tuneqn.controller.dataset import PreparedData, Split, describe_preprocess, 
 from tuneqn.controller.errors import UserError
 from tuneqn.controller.files import atomic_write_text, file_digest, file_sha256
 from tuneqn.controller.modelio import PreparedModel, prepare_model
-from tuneqn.controller.quantize import QuantSettings, calibrate, quantize_candidate, runtime_options
+from tuneqn.controller.edits import Derivations, Derived, QdqIndex, Unsupported, unsupported_settings
+from tuneqn.controller.quantize import QuantSettings, calibrate, quantize_candidate, runtime_options, runtime_options_of
 from tuneqn.controller.report.layer_plot import layer_errors_plot
 from tuneqn.controller.search.gate import META as GATE_META
 from tuneqn.controller.search.gate import auto_recipes
@@ -238,6 +239,8 @@ class Study:
         self.data: dict[str, PreparedData] = {}
         self._auto: dict[str, list[str]] = {}  # model -> the recipes auto tries on it (recipes = "auto")
         self._layers: dict[tuple[str, str], list[dict[str, Any]]] = {}
+        self._derivations = Derivations()
+        self._sizes: dict[tuple[str, str], int | None] = {}  # (candidate id, fq build key) -> predicted size
 
     def close(self) -> None:
         """Close the store, remove scratch files and release the out dir's lock."""
@@ -589,10 +592,16 @@ class Study:
             and Path(stored["path"]) == path and path.is_file() and file_sha256(path) == stored["sha256"]
         ):
             return stored
-        quantize_candidate(self.quantizer_input(plan.model), path, settings, list(plan.excluded),
-                           self.calibration_cache(plan.model, plan.mode))
-        sha, size = file_digest(path)
-        runtime = runtime_options(onnx.load(str(path), load_external_data=False), list(plan.excluded))
+        derived = self.derive(plan) if plan.excluded else None
+        if derived is None:
+            quantize_candidate(self.quantizer_input(plan.model), path, settings, list(plan.excluded),
+                               self.calibration_cache(plan.model, plan.mode))
+            sha, size = file_digest(path)
+            runtime = runtime_options(onnx.load(str(path), load_external_data=False), list(plan.excluded))
+        else:
+            derived.write(path)
+            sha, size = derived.sha256(), derived.size
+            runtime = runtime_options_of(derived.nodes, derived.initializer_names, list(plan.excluded))
         row = {
             "id": plan.id, "model": plan.model, "mode": plan.mode, "k": plan.k, "kind": plan.kind,
             "label": plan.label, "excluded": list(plan.excluded), "settings_key": settings.key(),
@@ -601,6 +610,73 @@ class Study:
         if out is None:
             self.store.put_candidate(row)
         return row
+
+    # ------------------------------------------------------------------ candidates by graph edits
+    def _edit_index(self, model: str, recipe: str, build_fq: bool) -> QdqIndex | str | None:
+        """The graph-edit index of (model, recipe) (:mod:`tuneqn.controller.edits`): built from its fully
+        quantized candidate (built first when ``build_fq``); a string says why there is none; None while
+        the fully quantized candidate is not built."""
+        settings = self.settings(recipe)
+        why = unsupported_settings(settings)
+        if why is not None:
+            return why
+        fq = self.make_plan(model, recipe, ())
+        key = self.build_key(fq)
+        ready = self._derivations.ready(model, recipe, key)
+        if ready is not None:
+            return ready
+        row = self.store.candidate(fq.id)
+        if row is None or row.get("build_key") != key or not Path(row["path"]).is_file():
+            if not build_fq:
+                return None
+            row = self.build(fq)
+        index = self._derivations.index(model, recipe, key, settings, self.quantizer_input(model), Path(row["path"]),
+                                        self.calibration_cache(model, recipe) or Path())
+        return index if index is not None else self._derivations.ready(model, recipe, key)
+
+    def derive(self, plan: CandidatePlan) -> Derived | None:
+        """The candidate derived by graph edits from its recipe's fully quantized model (built first if need be),
+        or None: the quantizer builds it (the reason logged at debug).
+
+        Static QDQ recipes: :class:`tuneqn.controller.edits.QdqIndex` (the same bytes as the quantizer's).
+        QOperator recipes: the place for ``edits_qop.derive_qoperator`` (the quantizer builds them meanwhile).
+        """
+        index = self._edit_index(plan.model, plan.mode, build_fq=True)
+        if not isinstance(index, QdqIndex):
+            log.debug("%s: built by the quantizer (%s)", plan.id, index)
+            return None
+        try:
+            return index.derive(plan.excluded)
+        except Unsupported as exc:
+            log.debug("%s: built by the quantizer (%s)", plan.id, exc)
+            return None
+
+    def predicted_size(self, plan: CandidatePlan) -> int | None:
+        """A candidate's exact file size without building it (None: not predictable now, see
+        :meth:`size_needs_build`). Never runs the quantizer."""
+        size = self._predict(plan)
+        return size if isinstance(size, int) else None
+
+    def size_needs_build(self, plan: CandidatePlan) -> bool:
+        """Whether a candidate's size is known only once it is built (its recipe's candidates are not derived, or
+        this one is not); False while a prediction is pending (its fully quantized model not built yet)."""
+        return self._predict(plan) == "build"
+
+    def _predict(self, plan: CandidatePlan) -> int | str:
+        """The predicted size, or "build" (only a build tells) or "pending" (the fully quantized model first)."""
+        index = self._edit_index(plan.model, plan.mode, build_fq=False)
+        if index is None:
+            return "pending"
+        if not isinstance(index, QdqIndex):
+            return "build"
+        key = (plan.id, self.build_key(self.make_plan(plan.model, plan.mode, ())))
+        if key not in self._sizes:
+            try:
+                self._sizes[key] = index.size(plan.excluded)
+            except Unsupported:
+                self._sizes[key] = None
+        size = self._sizes[key]
+        return "build" if size is None else size
 
     def eval_split(self, model: str) -> Split:
         """The evaluation sample of a model."""

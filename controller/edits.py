@@ -199,6 +199,10 @@ class QdqIndex:
         # value_info of the shape-inferred float model: the fully quantized model keeps it unchanged
         self._value_types = {v.name: v.type.tensor_type.elem_type for v in (*fg.value_info, *fg.output, *fg.input)
                              if v.type.HasField("tensor_type")}
+        self._producers: dict[str, list[int]] = {}
+        for i, outs in enumerate(self._outputs):
+            for name in outs:
+                self._producers.setdefault(name, []).append(i)
         self._consumers: dict[str, int] = {}
         for ins in self._inputs:
             for name in ins:
@@ -249,6 +253,7 @@ class QdqIndex:
             if node.name in exclude and node.op_type in ("Clip", "Relu", "Softmax") and node.op_type in self._op_types:
                 raise Unsupported(f"excluding {node.op_type} {node.name} changes calibrated ranges")
         outputs = [list(o) for o in self._outputs]
+        renamed: dict[str, list[int]] = {}  # output name -> nodes renamed to write it
         marks: dict[str, _Mark] = {}
         biases: dict[str, tuple[str, str, str]] = {}  # bias -> (node, input, weight)
         removed: set[int] = set()
@@ -313,7 +318,7 @@ class QdqIndex:
                 if not marked(ins[0]):
                     continue
                 up, out = ins[0], outs[0]
-                if not symmetric and self._replace_upstream(up, out, outputs):
+                if not symmetric and self._replace_upstream(up, out, outputs, renamed):
                     marks.pop(up, None)
                     removed.add(i)
                 else:
@@ -326,17 +331,19 @@ class QdqIndex:
                     marks[outs[0]] = _Mark("act", provider=ins[0])
         return self._emit(marks, biases, removed, handled, outputs)
 
-    def _replace_upstream(self, up: str, out: str, outputs: list[list[str]]) -> bool:
+    def _replace_upstream(self, up: str, out: str, outputs: list[list[str]], renamed: dict[str, list[int]]) -> bool:
         """``QDQQuantizer.try_replacing_upstream_output``: the producer of ``up`` writes ``out`` instead."""
         if up not in self._calibrated:
             raise Unsupported(f"{up} has no calibrated range")
         if (out not in self._calibrated or self._consumers.get(up, 0) != 1 or up in self._graph_outputs
                 or up in self._graph_inputs):
             return False
-        for outs in outputs:
+        for i in (*self._producers.get(up, ()), *renamed.get(up, ())):  # the nodes that write ``up`` now
+            outs = outputs[i]
             for j, name in enumerate(outs):
                 if name == up:
                     outs[j] = out
+                    renamed.setdefault(out, []).append(i)
         return True
 
     def _emit(self, marks: dict[str, _Mark], biases: dict[str, tuple[str, str, str]], removed: set[int],

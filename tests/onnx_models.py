@@ -177,7 +177,7 @@ def qdq_zoo(path: Path, seed: int = 3, batch: int | str = "N", size: int = 16, g
 
     conv1+Relu → MaxPool → conv2+Clip(0,6) → conv3 + residual Add (with the MaxPool's output) → swish
     (Sigmoid, Mul) → AveragePool → [conv4+Relu (its output also read by an Add) | conv5 (1×1)] → Concat →
-    GlobalAveragePool → Flatten → Gemm (transB, beta 0.5) + Relu → Reshape → MatMul + Add (bias initializer) →
+    GlobalAveragePool → Flatten → Gemm (transB, beta 0.5) + Relu + Clip → Reshape → MatMul + Add (bias initializer) →
     logits. conv6 shares conv5's weights (not its bias). ``graph_output_conv``: conv5's output is also a
     graph output.
     """
@@ -219,7 +219,8 @@ def qdq_zoo(path: Path, seed: int = 3, batch: int | str = "N", size: int = 16, g
     init("fc1.B", rng.normal(0, 0.1, 16).astype(np.float32))
     nodes.append(helper.make_node("Gemm", ["flat", "fc1.W", "fc1.B"], ["h"], name="fc1", transB=1, beta=0.5))
     nodes.append(helper.make_node("Relu", ["h"], ["hr"], name="relu_fc"))
-    nodes.append(helper.make_node("Reshape", ["hr", init("shape", np.array([-1, 16], dtype=np.int64))], ["rs"],
+    nodes.append(helper.make_node("Clip", ["hr", "zero", "six"], ["hc"], name="clip_fc"))
+    nodes.append(helper.make_node("Reshape", ["hc", init("shape", np.array([-1, 16], dtype=np.int64))], ["rs"],
                                   name="reshape"))
     nodes.append(helper.make_node("MatMul", ["rs", init("fc2.W", rng.normal(0, 0.25, (16, 10)).astype(np.float32))],
                                   ["mm"], name="fc2"))

@@ -74,7 +74,7 @@ def test_derived_candidates_are_the_quantizers_bytes(zoo: dict, tmp_path: Path, 
         assert cand.to_bytes() == ref.read_bytes(), exclude
         assert index.size(exclude) == cand.size == ref.stat().st_size
         derived += 1
-    assert derived >= 6
+    assert derived >= 5
     # every set of weighted layers that leaves the shared weight alone is derived
     layers = ["conv1", "conv2", "conv3", "conv4", "fc1", "fc2"]
     for trial in range(6):

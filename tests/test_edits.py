@@ -9,6 +9,7 @@ settings (per tensor, per channel, percentile calibration) and symmetric activat
 from __future__ import annotations
 
 import random
+import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,7 +20,7 @@ import pytest
 
 from conftest import write_study
 from onnx_models import cnn, qdq_zoo
-from tuneqn.controller.config import QuantizationSpec, load_config
+from tuneqn.controller.config import RECIPE_PRESETS, QuantizationSpec, load_config, parse_config
 from tuneqn.controller.edits import QdqIndex, Unsupported, varint_size
 from tuneqn.controller.quantize import WBQ, QuantSettings, calibrate, quantize_candidate, runtime_options
 from tuneqn.controller.study import Study
@@ -171,3 +172,49 @@ def test_dynamic_and_qoperator_recipes_are_built_by_the_quantizer(tmp_path: Path
             plan = s.make_plan("cnn", recipe, ["conv1"])
             assert s.derive(plan) is None
             assert s.size_needs_build(plan)
+
+
+def _float_layers(path: Path, disabled: list[str], tmp: Path) -> set[str]:
+    """The Conv/Gemm nodes ONNX Runtime runs with float weights (its optimized graph, ``disabled`` optimizers off)."""
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    so.optimized_model_filepath = str(tmp / "optimized.onnx")
+    ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"], disabled_optimizers=disabled)
+    ran = onnx.load(str(tmp / "optimized.onnx"))
+    floats = {i.name for i in ran.graph.initializer if i.data_type == onnx.TensorProto.FLOAT}
+    return {n.name for n in ran.graph.node
+            if n.op_type in ("Conv", "FusedConv", "Gemm", "FusedGemm") and len(n.input) > 1 and n.input[1] in floats}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", ["per-tensor", "per-channel"])
+def test_lite0_derived_candidates_are_the_quantizers(example_dir: Path, tmp_path: Path, recipe: str) -> None:
+    """EfficientNet-Lite0: every k-prefix of the paper's ranking has the predicted size of the file the quantizer
+    writes, 8 random exclusion sets derive the quantizer's bytes, and their excluded layers run in float."""
+    data = tomllib.loads((Path(__file__).parent.parent / "examples/lite0/study.toml").read_text())
+    data["out_dir"] = str(tmp_path / "out")
+    data["models"][0]["path"] = str(example_dir / "model.onnx")
+    data["dataset"].update(images=str(example_dir / "images"), labels={"csv": str(example_dir / "labels.csv")})
+    data["quantization"]["recipes"] = [{"name": recipe, **RECIPE_PRESETS[recipe]}]
+    with Study(parse_config(data, example_dir)) as study:
+        study.prepare()
+        model = next(iter(study.models))
+        src, settings, cache = study.quantizer_input(model), study.settings(recipe), study.calibration_cache(model, recipe)
+        order = study.ranking(model, recipe)
+        study.build(study.make_plan(model, recipe, ()))
+        ref = tmp_path / "ref.onnx"
+        for k in range(1, len(order) + 1):
+            plan = study.make_plan(model, recipe, order[:k])
+            predicted = study.predicted_size(plan)
+            quantize_candidate(src, ref, settings, order[:k], cache)
+            assert predicted == ref.stat().st_size, k
+        rng = random.Random(recipe)
+        for i in range(8):
+            plan = study.make_plan(model, recipe, rng.sample(order, rng.randint(1, len(order))), f"random {i}")
+            assert study.derive(plan) is not None
+            row = study.build(plan)
+            quantize_candidate(src, ref, settings, list(plan.excluded), cache)
+            assert Path(row["path"]).read_bytes() == ref.read_bytes(), plan.excluded
+            if i < 2:
+                ran_float = _float_layers(Path(row["path"]), row["runtime"]["ort_disabled_optimizers"], tmp_path)
+                assert len(ran_float) == len(plan.excluded)  # (ORT renames the Conv it fuses with its Clip)

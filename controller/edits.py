@@ -146,6 +146,13 @@ class Derived:
     nodes: list[onnx.NodeProto] = field(repr=False)
     initializer_names: set[str] = field(repr=False)
 
+    @classmethod
+    def of_model(cls, model: onnx.ModelProto) -> "Derived":
+        """A candidate derived as a whole model (a QOperator derivation, say): written as ``onnx.save_model``
+        would (its size without serializing it: ``ByteSize``)."""
+        return cls([model.SerializeToString()], model.ByteSize(), list(model.graph.node),
+                   {i.name for i in model.graph.initializer})
+
     def write(self, path: Path) -> None:
         """Write the candidate file atomically (``path`` + ``.part``, then renamed)."""
         path.parent.mkdir(parents=True, exist_ok=True)

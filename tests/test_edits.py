@@ -21,7 +21,7 @@ import pytest
 from conftest import write_study
 from onnx_models import cnn, qdq_zoo
 from tuneqn.controller.config import RECIPE_PRESETS, QuantizationSpec, load_config, parse_config
-from tuneqn.controller.edits import QdqIndex, Unsupported, varint_size
+from tuneqn.controller.edits import Derived, QdqIndex, Unsupported, varint_size
 from tuneqn.controller.quantize import WBQ, QuantSettings, calibrate, quantize_candidate, runtime_options
 from tuneqn.controller.study import Study
 
@@ -218,3 +218,14 @@ def test_lite0_derived_candidates_are_the_quantizers(example_dir: Path, tmp_path
             if i < 2:
                 ran_float = _float_layers(Path(row["path"]), row["runtime"]["ort_disabled_optimizers"], tmp_path)
                 assert len(ran_float) == len(plan.excluded)  # (ORT renames the Conv it fuses with its Clip)
+
+
+def test_a_whole_model_derivation_knows_its_size(tmp_path: Path, assets: Path) -> None:
+    """``Derived.of_model`` (a QOperator derivation hands back a ModelProto): the size without serializing twice,
+    the file ``onnx.save_model`` writes."""
+    model = onnx.load(str(assets / "cnn.onnx"))
+    derived = Derived.of_model(model)
+    derived.write(tmp_path / "m.onnx")
+    onnx.save_model(model, tmp_path / "ref.onnx")
+    assert derived.size == (tmp_path / "m.onnx").stat().st_size
+    assert (tmp_path / "m.onnx").read_bytes() == (tmp_path / "ref.onnx").read_bytes()

@@ -11,8 +11,8 @@ model — by replaying the structural rules of ORT's QDQ quantizer for the exclu
   ``QDQConv``/``QDQGemm``/``QDQMatMul`` (input, output, weight per tensor or per channel, bias),
   ``QDQRemovableActivation`` (Relu/Clip: only when its input is already marked; then it is removed and its
   producer writes its output, when that producer's output has no other consumer), ``QDQDirect8BitOp`` and
-  ``QDQMaxPool`` (Reshape, Flatten, AveragePool, …: the output shares its input's scale, only when the
-  input is already marked). Marking order matters: a conditional op sees only what earlier nodes marked;
+  ``QDQMaxPool``/``QDQResize`` (Reshape, Flatten, AveragePool, …: the output shares its input's scale,
+  only when the input is already marked), ``QDQSplit``, ``QDQGather``, ``QDQWhere``. Marking order matters: a conditional op sees only what earlier nodes marked;
 * the emission passes: weights (DequantizeLinear of the quantized initializer), activations
   (QuantizeLinear + DequantizeLinear, consumers — excluded ones too — read the DequantizeLinear's output;
   a graph output keeps its name on the DequantizeLinear), shared-scale tensors, then biases; removed
@@ -22,7 +22,7 @@ Exactness: an artifact is taken from the fully quantized model only when everyth
 is what it was there (a weight's marking and per-channel axis and the biases that adjust its scale; a
 bias's input and weight scales; an activation's own scale). Anything else — an artifact the fully
 quantized model lacks (an activation that only a candidate quantizes with its own scale), a rule not
-modelled (Resize, Pad, Split, Gather, Where, normalizations; shared biases; excluded Relu/Clip/Softmax,
+modelled (Pad, normalizations, …; shared biases; excluded Relu/Clip/Softmax,
 which change calibration ranges; float16; pre-quantized inputs) — raises :class:`Unsupported`: the caller
 then runs the quantizer for that candidate. When the index is built, the empty exclusion set is derived
 and compared byte for byte with the fully quantized file: a mismatch (another ORT version, say) turns the
@@ -52,10 +52,14 @@ from onnxruntime.quantization.quant_utils import tensor_proto_to_array
 from onnxruntime.quantization.operators.activation import QDQRemovableActivation
 from onnxruntime.quantization.operators.conv import QDQConv
 from onnxruntime.quantization.operators.direct_q8 import QDQDirect8BitOp
+from onnxruntime.quantization.operators.gather import QDQGather
 from onnxruntime.quantization.operators.gemm import QDQGemm
 from onnxruntime.quantization.operators.matmul import QDQMatMul
 from onnxruntime.quantization.operators.maxpool import QDQMaxPool
 from onnxruntime.quantization.operators.qdq_base_operator import QDQOperatorBase
+from onnxruntime.quantization.operators.resize import QDQResize
+from onnxruntime.quantization.operators.split import QDQSplit
+from onnxruntime.quantization.operators.where import QDQWhere
 from onnxruntime.quantization.registry import QDQRegistry
 
 from tuneqn.controller.quantize import (
@@ -78,7 +82,8 @@ _Q_IN = "_QuantizeLinear_Input"
 _GRAPH_NODE, _GRAPH_NAME, _GRAPH_INIT, _MODEL_GRAPH = 1, 2, 5, 7
 #: Which handler of ORT's QDQ registry a node gets (classes not listed here are not modelled).
 _HANDLERS = {QDQOperatorBase: "base", QDQConv: "conv", QDQGemm: "gemm", QDQMatMul: "matmul",
-             QDQRemovableActivation: "removable", QDQDirect8BitOp: "direct", QDQMaxPool: "maxpool"}
+             QDQRemovableActivation: "removable", QDQDirect8BitOp: "direct", QDQMaxPool: "maxpool",
+             QDQResize: "resize", QDQSplit: "split", QDQGather: "gather", QDQWhere: "where"}
 
 
 class Unsupported(Exception):
@@ -291,6 +296,10 @@ class QdqIndex:
                 raise Unsupported(f"bias {name} is shared")
             biases[name] = (node.name, inp, w)
 
+        def shared(name: str, provider: str) -> None:
+            if self._quantizable(name):
+                marks[name] = _Mark("act", provider=provider)
+
         def marked(name: str) -> bool:
             return name in marks or name in biases
 
@@ -331,11 +340,27 @@ class QdqIndex:
                 else:
                     act(up)
                 act(out)
-            elif kind in ("direct", "maxpool"):
-                if kind == "maxpool" and self._opset < 12:
+            elif kind in ("direct", "maxpool", "resize"):
+                if (kind == "maxpool" and self._opset < 12) or (kind == "resize" and self._opset < 11):
                     continue
-                if marked(ins[0]) and self._quantizable(outs[0]):
-                    marks[outs[0]] = _Mark("act", provider=ins[0])
+                if marked(ins[0]):
+                    shared(outs[0], ins[0])
+            elif kind == "split":
+                if not marked(ins[0]):
+                    act(ins[0])
+                for name in outs:
+                    shared(name, ins[0])
+            elif kind == "gather":
+                init = self._float_inits.get(ins[0])
+                if init is not None and init.data_type in _FLOATS:
+                    act(ins[0])
+                    shared(outs[0], ins[0])
+                elif marked(ins[0]):
+                    shared(outs[0], ins[0])
+            elif kind == "where":
+                if marked(ins[1]) and marked(ins[2]):
+                    for name in outs:
+                        act(name)
         return self._emit(marks, biases, removed, handled, outputs)
 
     def _replace_upstream(self, up: str, out: str, outputs: list[list[str]], renamed: dict[str, list[int]]) -> bool:

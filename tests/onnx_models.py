@@ -176,9 +176,9 @@ def qdq_zoo(path: Path, seed: int = 3, batch: int | str = "N", size: int = 16, g
     """Every op kind ONNX Runtime's QDQ quantizer treats differently, for the graph-edit candidates' proof.
 
     conv1+Relu → MaxPool → conv2+Clip(0,6) → conv3 + residual Add (with the MaxPool's output) → swish
-    (Sigmoid, Mul) → AveragePool → [conv4+Relu (its output also read by an Add) | conv5 (1×1)] → Concat →
-    GlobalAveragePool → Flatten → Gemm (transB, beta 0.5) + Relu + Clip → Reshape → MatMul + Add (bias initializer) →
-    logits. conv6 shares conv5's weights (not its bias). ``graph_output_conv``: conv5's output is also a
+    (Sigmoid, Mul) → [AveragePool → conv4+Relu (its output also read by an Add) | conv5 (1×1)] and
+    [Split → Where → Resize | MaxPool] → Concat → GlobalAveragePool → Flatten → Gemm (transB, beta 0.5) + Relu, + Gather
+    (of an initializer), Clip → Reshape → MatMul + Add (bias initializer) → logits. conv6 shares conv5's weights (not its bias). ``graph_output_conv``: conv5's output is also a
     graph output.
     """
     rng = np.random.default_rng(seed)
@@ -212,14 +212,25 @@ def qdq_zoo(path: Path, seed: int = 3, batch: int | str = "N", size: int = 16, g
     nodes.append(helper.make_node("Add", ["r4", "y4"], ["a4"], name="add4"))
     conv("conv5", "ap", c, 4, 1, "y5")
     conv("conv6", "ap", c, 4, 1, "y6", weight="conv5.W")
-    nodes.append(helper.make_node("Concat", ["a4", "y5", "y6"], ["cat"], name="concat", axis=1))
+    # Split → Where → Resize | MaxPool (shared scales, conditional on their inputs)
+    nodes.append(helper.make_node("Split", ["m3", init("halves", np.array([4, 4], dtype=np.int64))], ["sa", "sb"],
+                                  name="split", axis=1))
+    nodes.append(helper.make_node("Where", [init("cond", rng.random((1, 4, 1, 1)) > 0.5), "sa", "sb"], ["wsel"],
+                                  name="where"))
+    nodes.append(helper.make_node("Resize", ["wsel", "", init("scales", np.array([1, 1, 0.5, 0.5], dtype=np.float32))],
+                                  ["rz"], name="resize", mode="nearest"))
+    nodes.append(helper.make_node("MaxPool", ["sb"], ["sbp"], name="pool2", kernel_shape=[2, 2], strides=[2, 2]))
+    nodes.append(helper.make_node("Concat", ["a4", "y5", "y6", "rz", "sbp"], ["cat"], name="concat", axis=1))
     nodes.append(helper.make_node("GlobalAveragePool", ["cat"], ["gap"], name="gap"))
     nodes.append(helper.make_node("Flatten", ["gap"], ["flat"], name="flatten"))
-    init("fc1.W", rng.normal(0, 0.3, (16, 2 * c)).astype(np.float32))
+    init("fc1.W", rng.normal(0, 0.3, (16, 3 * c)).astype(np.float32))
     init("fc1.B", rng.normal(0, 0.1, 16).astype(np.float32))
     nodes.append(helper.make_node("Gemm", ["flat", "fc1.W", "fc1.B"], ["h"], name="fc1", transB=1, beta=0.5))
     nodes.append(helper.make_node("Relu", ["h"], ["hr"], name="relu_fc"))
-    nodes.append(helper.make_node("Clip", ["hr", "zero", "six"], ["hc"], name="clip_fc"))
+    nodes.append(helper.make_node("Gather", [init("table", rng.normal(0, 1, (3, 16)).astype(np.float32)),
+                                             init("row", np.array([1], dtype=np.int64))], ["emb"], name="gather", axis=0))
+    nodes.append(helper.make_node("Add", ["hr", "emb"], ["he"], name="add_emb"))
+    nodes.append(helper.make_node("Clip", ["he", "zero", "six"], ["hc"], name="clip_fc"))
     nodes.append(helper.make_node("Reshape", ["hc", init("shape", np.array([-1, 16], dtype=np.int64))], ["rs"],
                                   name="reshape"))
     nodes.append(helper.make_node("MatMul", ["rs", init("fc2.W", rng.normal(0, 0.25, (16, 10)).astype(np.float32))],

@@ -39,9 +39,10 @@ import hashlib
 import logging
 import os
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import onnx
 from onnx import TensorProto
@@ -70,7 +71,7 @@ from tuneqn.controller.quantize import (
     static_extra_options,
 )
 
-__all__ = ["Derivations", "Derived", "QdqIndex", "Unsupported", "unsupported_settings", "varint_size"]
+__all__ = ["CandidateIndex", "Derivations", "Derived", "QdqIndex", "Unsupported", "unsupported_settings", "varint_size"]
 
 log = logging.getLogger(__name__)
 
@@ -679,31 +680,39 @@ def unsupported_settings(settings: QuantSettings) -> str | None:
     return None
 
 
+class CandidateIndex(Protocol):
+    """What :class:`Derivations` keeps per (model, recipe): candidates and their sizes from one fully quantized
+    model (:class:`QdqIndex`; a QOperator index is the same two methods over ``edits_qop``), each raising
+    :class:`Unsupported` where it cannot be exact."""
+
+    def derive(self, exclude: Iterable[str]) -> Derived: ...
+    def size(self, exclude: Iterable[str]) -> int: ...
+
+
 class Derivations:
-    """The :class:`QdqIndex` of each (model, recipe) of a study, built once from its fully quantized model and
-    kept while that model's build key holds (a study owns one; thread-safe)."""
+    """The :class:`CandidateIndex` of each (model, recipe) of a study, built once from its fully quantized model
+    and kept while that model's build key holds (a study owns one; thread-safe)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._indexes: dict[tuple[str, str], tuple[str, QdqIndex | str]] = {}  # -> (fq build key, index | why not)
+        self._indexes: dict[tuple[str, str], tuple[str, CandidateIndex | str]] = {}  # -> (fq key, index | why not)
 
-    def index(self, model: str, recipe: str, fq_key: str, settings: QuantSettings, float_path: Path, fq_path: Path,
-              calib_cache: Path) -> QdqIndex | None:
-        """The index of (model, recipe) for the fully quantized model with build key ``fq_key`` (None: the rules
-        cannot reproduce that model; the reason is logged once)."""
+    def index(self, model: str, recipe: str, fq_key: str, load: Callable[[], CandidateIndex]) -> CandidateIndex | None:
+        """The index of (model, recipe) for the fully quantized model with build key ``fq_key``, made by ``load``
+        the first time (None: ``load`` raised :class:`Unsupported`; the reason is logged once)."""
         with self._lock:
             held = self._indexes.get((model, recipe))
             if held is None or held[0] != fq_key:
                 try:
-                    got: QdqIndex | str = QdqIndex.load(float_path, fq_path, calib_cache, settings)
+                    got: CandidateIndex | str = load()
                 except Unsupported as exc:
                     got = str(exc)
                     log.info("%s/%s: candidates built by the quantizer (%s)", model, recipe, got)
                 held = (fq_key, got)
                 self._indexes[(model, recipe)] = held
-        return held[1] if isinstance(held[1], QdqIndex) else None
+        return None if isinstance(held[1], str) else held[1]
 
-    def ready(self, model: str, recipe: str, fq_key: str) -> QdqIndex | str | None:
+    def ready(self, model: str, recipe: str, fq_key: str) -> CandidateIndex | str | None:
         """The index if it was built for ``fq_key``; the reason if it cannot be; None if not built yet."""
         with self._lock:
             held = self._indexes.get((model, recipe))

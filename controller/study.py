@@ -52,7 +52,7 @@ from tuneqn.controller.dataset import PreparedData, Split, describe_preprocess, 
 from tuneqn.controller.errors import UserError
 from tuneqn.controller.files import atomic_write_text, file_digest, file_sha256
 from tuneqn.controller.modelio import PreparedModel, prepare_model
-from tuneqn.controller.edits import Derivations, Derived, QdqIndex, Unsupported, unsupported_settings
+from tuneqn.controller.edits import CandidateIndex, Derivations, Derived, QdqIndex, Unsupported, unsupported_settings
 from tuneqn.controller.quantize import QuantSettings, calibrate, quantize_candidate, runtime_options, runtime_options_of
 from tuneqn.controller.report.layer_plot import layer_errors_plot
 from tuneqn.controller.search.gate import META as GATE_META
@@ -612,12 +612,12 @@ class Study:
         return row
 
     # ------------------------------------------------------------------ candidates by graph edits
-    def _edit_index(self, model: str, recipe: str, build_fq: bool) -> QdqIndex | str | None:
+    def _edit_index(self, model: str, recipe: str, build_fq: bool) -> CandidateIndex | str | None:
         """The graph-edit index of (model, recipe) (:mod:`tuneqn.controller.edits`): built from its fully
         quantized candidate (built first when ``build_fq``); a string says why there is none; None while
         the fully quantized candidate is not built."""
         settings = self.settings(recipe)
-        why = unsupported_settings(settings)
+        why = self._no_edits(settings)
         if why is not None:
             return why
         fq = self.make_plan(model, recipe, ())
@@ -630,9 +630,20 @@ class Study:
             if not build_fq:
                 return None
             row = self.build(fq)
-        index = self._derivations.index(model, recipe, key, settings, self.quantizer_input(model), Path(row["path"]),
-                                        self.calibration_cache(model, recipe) or Path())
+        fq_path, cache = Path(row["path"]), self.calibration_cache(model, recipe) or Path()
+        index = self._derivations.index(model, recipe, key,
+                                        lambda: QdqIndex.load(self.quantizer_input(model), fq_path, cache, settings))
         return index if index is not None else self._derivations.ready(model, recipe, key)
+
+    @staticmethod
+    def _no_edits(settings: QuantSettings) -> str | None:
+        """Why a recipe's candidates are not derived by graph edits (None: they are).
+
+        QOperator: ``controller/edits_qop.py`` plugs in here and in :meth:`_edit_index`'s loader (an object with
+        ``derive(exclude) -> Derived`` and ``size(exclude) -> int``, see :class:`edits.CandidateIndex`)."""
+        if settings.mode == "static" and settings.format == "qoperator":
+            return "QOperator candidates are not derived here yet"
+        return unsupported_settings(settings)
 
     def derive(self, plan: CandidatePlan) -> Derived | None:
         """The candidate derived by graph edits from its recipe's fully quantized model (built first if need be),
@@ -642,7 +653,7 @@ class Study:
         QOperator recipes: the place for ``edits_qop.derive_qoperator`` (the quantizer builds them meanwhile).
         """
         index = self._edit_index(plan.model, plan.mode, build_fq=True)
-        if not isinstance(index, QdqIndex):
+        if index is None or isinstance(index, str):
             log.debug("%s: built by the quantizer (%s)", plan.id, index)
             return None
         try:
@@ -667,7 +678,7 @@ class Study:
         index = self._edit_index(plan.model, plan.mode, build_fq=False)
         if index is None:
             return "pending"
-        if not isinstance(index, QdqIndex):
+        if isinstance(index, str):
             return "build"
         key = (plan.id, self.build_key(self.make_plan(plan.model, plan.mode, ())))
         if key not in self._sizes:

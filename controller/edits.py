@@ -246,8 +246,9 @@ class QdqIndex:
             raise Unsupported("node names are not unique")
         if any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in g.node):
             raise Unsupported("the float model has Q/DQ nodes")
-        if any(i.data_type != TensorProto.FLOAT and i.data_type in _FLOATS for i in g.initializer):
-            raise Unsupported("float16 initializers")
+        if any(i.data_type != TensorProto.FLOAT and i.data_type in _FLOATS for i in g.initializer) or any(
+                v.type.tensor_type.elem_type == TensorProto.FLOAT16 for v in (*g.value_info, *g.input, *g.output)):
+            raise Unsupported("float16 tensors")
         if {i.name for i in g.initializer} & {i.name for i in g.input}:
             raise Unsupported("initializers listed as graph inputs")
         if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in g.node for a in n.attribute):
@@ -409,7 +410,7 @@ class QdqIndex:
 
         bias_of_weight: dict[str, list[tuple[str, str]]] = {}
         for b, (node_name, inp, w) in biases.items():
-            if inp in marks:  # ORT adjusts a weight's scale for the biases whose input is marked
+            if inp in marks and inp in self._calibrated:  # ORT adjusts a weight's scale for these biases
                 bias_of_weight.setdefault(w, []).append((b, inp))
         for t, m in list(marks.items()):
             if m.provider is not None:
@@ -430,6 +431,8 @@ class QdqIndex:
             progress = False
             for t, m in list(marks.items()):
                 if m.provider in scale_of:
+                    if t in self._float_inits:
+                        raise Unsupported(f"{t}: an initializer sharing a scale (ORT refuses)")
                     del marks[t]
                     pair(t, *scale_of[m.provider])
                     progress = True

@@ -71,7 +71,7 @@ from tuneqn.controller.quantize import (
     static_extra_options,
 )
 
-__all__ = ["CandidateIndex", "Derivations", "Derived", "QdqIndex", "Unsupported", "unsupported_settings", "varint_size"]
+__all__ = ["CandidateIndex", "Derivations", "Derived", "ModelIndex", "QdqIndex", "Unsupported", "unsupported_settings", "varint_size"]
 
 log = logging.getLogger(__name__)
 
@@ -690,6 +690,36 @@ class CandidateIndex(Protocol):
 
     def derive(self, exclude: Iterable[str]) -> Derived: ...
     def size(self, exclude: Iterable[str]) -> int: ...
+
+
+class ModelIndex:
+    """A :class:`CandidateIndex` over a function that derives whole candidate models (QOperator:
+    ``edits_qop.QOperatorEditor(...).derive``); its own refusals (``refusals``) become :class:`Unsupported`."""
+
+    def __init__(self, derive_model: Callable[[list[str]], onnx.ModelProto],
+                 refusals: tuple[type[Exception], ...] = ()) -> None:
+        self._derive_model = derive_model
+        self._refusals = refusals
+
+    @classmethod
+    def build(cls, make: Callable[[], Callable[[list[str]], onnx.ModelProto]],
+              refusals: tuple[type[Exception], ...] = ()) -> "ModelIndex":
+        """``make()`` gives the derive function (an editor indexing its fully quantized model may refuse it)."""
+        try:
+            return cls(make(), refusals)
+        except refusals as exc:
+            raise Unsupported(str(exc)) from exc
+
+    def derive(self, exclude: Iterable[str]) -> Derived:
+        """The candidate keeping ``exclude`` in float."""
+        try:
+            return Derived.of_model(self._derive_model(sorted(exclude)))
+        except self._refusals as exc:
+            raise Unsupported(str(exc)) from exc
+
+    def size(self, exclude: Iterable[str]) -> int:
+        """Its exact file size."""
+        return self.derive(exclude).size
 
 
 class Derivations:

@@ -639,8 +639,9 @@ class Study:
     def _no_edits(settings: QuantSettings) -> str | None:
         """Why a recipe's candidates are not derived by graph edits (None: they are).
 
-        QOperator: ``controller/edits_qop.py`` plugs in here and in :meth:`_edit_index`'s loader (an object with
-        ``derive(exclude) -> Derived`` and ``size(exclude) -> int``, see :class:`edits.CandidateIndex`)."""
+        QOperator: ``controller/edits_qop.py`` plugs in here and in :meth:`_edit_index`'s loader, e.g.
+        ``ModelIndex.build(lambda: QOperatorEditor(fq_model, float_model, cache, settings).derive, (UnsupportedEdit,))``
+        (:class:`edits.ModelIndex`: any :class:`edits.CandidateIndex` will do)."""
         if settings.mode == "static" and settings.format == "qoperator":
             return "QOperator candidates are not derived here yet"
         return unsupported_settings(settings)

@@ -240,7 +240,7 @@ class Study:
         self._auto: dict[str, list[str]] = {}  # model -> the recipes auto tries on it (recipes = "auto")
         self._layers: dict[tuple[str, str], list[dict[str, Any]]] = {}
         self._derivations = Derivations()
-        self._sizes: dict[tuple[str, str], int | None] = {}  # (candidate id, fq build key) -> predicted size
+        self._sizes: dict[str, int | str] = {}  # candidate id -> predicted size, or "build" (see _predict)
 
     def close(self) -> None:
         """Close the store, remove scratch files and release the out dir's lock."""
@@ -675,20 +675,23 @@ class Study:
         return self._predict(plan) == "build"
 
     def _predict(self, plan: CandidatePlan) -> int | str:
-        """The predicted size, or "build" (only a build tells) or "pending" (the fully quantized model first)."""
+        """The predicted size, or "build" (only a build tells) or "pending" (the fully quantized model first).
+        Kept per candidate for the Study's life (its inputs do not change while it runs)."""
+        known = self._sizes.get(plan.id)
+        if known is not None:
+            return known
         index = self._edit_index(plan.model, plan.mode, build_fq=False)
         if index is None:
             return "pending"
         if isinstance(index, str):
-            return "build"
-        key = (plan.id, self.build_key(self.make_plan(plan.model, plan.mode, ())))
-        if key not in self._sizes:
+            answer: int | str = "build"
+        else:
             try:
-                self._sizes[key] = index.size(plan.excluded)
+                answer = index.size(plan.excluded)
             except Unsupported:
-                self._sizes[key] = None
-        size = self._sizes[key]
-        return "build" if size is None else size
+                answer = "build"
+        self._sizes[plan.id] = answer
+        return answer
 
     def eval_split(self, model: str) -> Split:
         """The evaluation sample of a model."""

@@ -25,7 +25,7 @@ import json
 import logging
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,13 +47,14 @@ from onnxruntime.quantization.registry import IntegerOpsRegistry, QDQRegistry, Q
 from tuneqn.controller.config import QuantizationSpec, Recipe
 
 __all__ = [
-    "WBQ", "ArrayReader", "QuantSettings", "calibrate", "default_op_types", "quantize_candidate",
-    "quantized_nodes", "quiet_ort_python_logs", "runtime_options",
+    "QTYPE", "WBQ", "ArrayReader", "QuantSettings", "calibrate", "default_op_types", "quantize_candidate",
+    "quantized_nodes", "quiet_ort_python_logs", "runtime_options", "runtime_options_of",
+    "static_extra_options",
 ]
 
 log = logging.getLogger(__name__)
 
-_QTYPE = {"int8": QuantType.QInt8, "uint8": QuantType.QUInt8}
+QTYPE = {"int8": QuantType.QInt8, "uint8": QuantType.QUInt8}
 _CALIB = {
     "minmax": CalibrationMethod.MinMax,
     "entropy": CalibrationMethod.Entropy,
@@ -206,6 +207,11 @@ def calibrate(
     return cache_path
 
 
+def static_extra_options(settings: QuantSettings) -> dict[str, Any]:
+    """The ``extra_options`` tuneqn gives ``quantize_static`` for a recipe."""
+    return {"ActivationSymmetric": settings.activation_symmetric, "WeightSymmetric": settings.weight_symmetric}
+
+
 def _quantize_static(
     model_path: Path,
     out: Path,
@@ -214,8 +220,7 @@ def _quantize_static(
     cache_path: Path,
     reader: CalibrationDataReader | None = None,
 ) -> None:
-    extra: dict[str, Any] = {"ActivationSymmetric": settings.activation_symmetric,
-                             "WeightSymmetric": settings.weight_symmetric}
+    extra = static_extra_options(settings)
     with quiet_ort_python_logs():
         quantize_static(
             str(model_path),
@@ -225,8 +230,8 @@ def _quantize_static(
             op_types_to_quantize=list(settings.op_types) if settings.op_types else None,
             per_channel=settings.per_channel,
             reduce_range=settings.reduce_range,
-            activation_type=_QTYPE[settings.activation_type],
-            weight_type=_QTYPE[settings.weight_type],
+            activation_type=QTYPE[settings.activation_type],
+            weight_type=QTYPE[settings.weight_type],
             nodes_to_exclude=list(exclude),
             calibrate_method=_CALIB[settings.calibration_method],
             extra_options=extra,
@@ -295,7 +300,7 @@ def quantize_candidate(
                 op_types_to_quantize=list(settings.op_types) if settings.op_types else None,
                 per_channel=settings.per_channel,
                 reduce_range=settings.reduce_range,
-                weight_type=_QTYPE[settings.weight_type],
+                weight_type=QTYPE[settings.weight_type],
                 nodes_to_exclude=list(exclude),
                 extra_options={"WeightSymmetric": settings.weight_symmetric},
             )
@@ -312,16 +317,22 @@ def runtime_options(model: onnx.ModelProto, excluded: list[str]) -> dict[str, li
     for QDQ and QOperator candidates (in QOperator the DequantizeLinear is the one the
     quantizer inserts after the excluded layer's quantized producer).
     """
-    producers = {o: n for n in model.graph.node for o in n.output}
-    inits = {i.name for i in model.graph.initializer}
+    return runtime_options_of(model.graph.node, {i.name for i in model.graph.initializer}, excluded)
+
+
+def runtime_options_of(nodes: Iterable[onnx.NodeProto], initializers: set[str] | frozenset[str],
+                       excluded: list[str]) -> dict[str, list[str]]:
+    """:func:`runtime_options` of a graph given as its nodes and its initializers' names."""
+    nodes = list(nodes)
+    producers = {o: n for n in nodes for o in n.output}
     wanted = set(excluded)
-    for node in model.graph.node:
+    for node in nodes:
         if node.name not in wanted or node.op_type not in _WBQ_OPS or len(node.input) < 2:
             continue
         src = producers.get(node.input[0])
         weight_src = producers.get(node.input[1])
         if src is not None and src.op_type == "DequantizeLinear" and (
-            node.input[1] in inits or (weight_src is not None and weight_src.op_type != "DequantizeLinear")
+            node.input[1] in initializers or (weight_src is not None and weight_src.op_type != "DequantizeLinear")
         ):
             return {"ort_disabled_optimizers": [WBQ]}
     return {"ort_disabled_optimizers": []}

@@ -52,7 +52,8 @@ from tuneqn.controller.dataset import PreparedData, Split, describe_preprocess, 
 from tuneqn.controller.errors import UserError
 from tuneqn.controller.files import atomic_write_text, file_digest, file_sha256
 from tuneqn.controller.modelio import PreparedModel, prepare_model
-from tuneqn.controller.quantize import QuantSettings, calibrate, quantize_candidate, runtime_options
+from tuneqn.controller.edits import CandidateIndex, Derivations, Derived, QdqIndex, Unsupported, unsupported_settings
+from tuneqn.controller.quantize import QuantSettings, calibrate, quantize_candidate, runtime_options, runtime_options_of
 from tuneqn.controller.report.layer_plot import layer_errors_plot
 from tuneqn.controller.search.gate import META as GATE_META
 from tuneqn.controller.search.gate import auto_recipes
@@ -238,6 +239,8 @@ class Study:
         self.data: dict[str, PreparedData] = {}
         self._auto: dict[str, list[str]] = {}  # model -> the recipes auto tries on it (recipes = "auto")
         self._layers: dict[tuple[str, str], list[dict[str, Any]]] = {}
+        self._derivations = Derivations()
+        self._sizes: dict[str, int | str] = {}  # candidate id -> predicted size, or "build" (see _predict)
 
     def close(self) -> None:
         """Close the store, remove scratch files and release the out dir's lock."""
@@ -590,10 +593,16 @@ class Study:
             and Path(stored["path"]) == path and path.is_file() and file_sha256(path) == stored["sha256"]
         ):
             return stored
-        quantize_candidate(self.quantizer_input(plan.model), path, settings, list(plan.excluded),
-                           self.calibration_cache(plan.model, plan.mode))
-        sha, size = file_digest(path)
-        runtime = runtime_options(onnx.load(str(path), load_external_data=False), list(plan.excluded))
+        derived = self.derive(plan) if plan.excluded else None
+        if derived is None:
+            quantize_candidate(self.quantizer_input(plan.model), path, settings, list(plan.excluded),
+                               self.calibration_cache(plan.model, plan.mode))
+            sha, size = file_digest(path)
+            runtime = runtime_options(onnx.load(str(path), load_external_data=False), list(plan.excluded))
+        else:
+            derived.write(path)
+            sha, size = derived.sha256(), derived.size
+            runtime = runtime_options_of(derived.nodes, derived.initializer_names, list(plan.excluded))
         row = {
             "id": plan.id, "model": plan.model, "mode": plan.mode, "k": plan.k, "kind": plan.kind,
             "label": plan.label, "excluded": list(plan.excluded), "settings_key": settings.key(),
@@ -602,6 +611,88 @@ class Study:
         if out is None:
             self.store.put_candidate(row)
         return row
+
+    # ------------------------------------------------------------------ candidates by graph edits
+    def _edit_index(self, model: str, recipe: str, build_fq: bool) -> CandidateIndex | str | None:
+        """The graph-edit index of (model, recipe) (:mod:`tuneqn.controller.edits`): built from its fully
+        quantized candidate (built first when ``build_fq``); a string says why there is none; None while
+        the fully quantized candidate is not built."""
+        settings = self.settings(recipe)
+        why = self._no_edits(settings)
+        if why is not None:
+            return why
+        fq = self.make_plan(model, recipe, ())
+        key = self.build_key(fq)
+        ready = self._derivations.ready(model, recipe, key)
+        if ready is not None:
+            return ready
+        row = self.store.candidate(fq.id)
+        if row is None or row.get("build_key") != key or not Path(row["path"]).is_file():
+            if not build_fq:
+                return None
+            row = self.build(fq)
+        fq_path, cache = Path(row["path"]), self.calibration_cache(model, recipe) or Path()
+        index = self._derivations.index(model, recipe, key,
+                                        lambda: QdqIndex.load(self.quantizer_input(model), fq_path, cache, settings))
+        return index if index is not None else self._derivations.ready(model, recipe, key)
+
+    @staticmethod
+    def _no_edits(settings: QuantSettings) -> str | None:
+        """Why a recipe's candidates are not derived by graph edits (None: they are).
+
+        QOperator: ``controller/edits_qop.py`` plugs in here and in :meth:`_edit_index`'s loader, e.g.
+        ``ModelIndex.build(lambda: QOperatorEditor(fq_model, float_model, cache, settings).derive, (UnsupportedEdit,))``
+        (:class:`edits.ModelIndex`: any :class:`edits.CandidateIndex` will do)."""
+        if settings.mode == "static" and settings.format == "qoperator":
+            return "QOperator candidates are not derived here yet"
+        return unsupported_settings(settings)
+
+    def derive(self, plan: CandidatePlan) -> Derived | None:
+        """The candidate derived by graph edits from its recipe's fully quantized model (built first if need be),
+        or None: the quantizer builds it (the reason logged at debug).
+
+        Static QDQ recipes: :class:`tuneqn.controller.edits.QdqIndex` (the same bytes as the quantizer's).
+        QOperator recipes: the place for ``edits_qop.derive_qoperator`` (the quantizer builds them meanwhile).
+        """
+        index = self._edit_index(plan.model, plan.mode, build_fq=True)
+        if index is None or isinstance(index, str):
+            log.debug("%s: built by the quantizer (%s)", plan.id, index)
+            return None
+        try:
+            return index.derive(plan.excluded)
+        except Unsupported as exc:
+            log.debug("%s: built by the quantizer (%s)", plan.id, exc)
+            return None
+
+    def predicted_size(self, plan: CandidatePlan) -> int | None:
+        """A candidate's exact file size without building it (None: not predictable now, see
+        :meth:`size_needs_build`). Never runs the quantizer."""
+        size = self._predict(plan)
+        return size if isinstance(size, int) else None
+
+    def size_needs_build(self, plan: CandidatePlan) -> bool:
+        """Whether a candidate's size is known only once it is built (its recipe's candidates are not derived, or
+        this one is not); False while a prediction is pending (its fully quantized model not built yet)."""
+        return self._predict(plan) == "build"
+
+    def _predict(self, plan: CandidatePlan) -> int | str:
+        """The predicted size, or "build" (only a build tells) or "pending" (the fully quantized model first).
+        Kept per candidate for the Study's life (its inputs do not change while it runs)."""
+        known = self._sizes.get(plan.id)
+        if known is not None:
+            return known
+        index = self._edit_index(plan.model, plan.mode, build_fq=False)
+        if index is None:
+            return "pending"
+        if isinstance(index, str):
+            answer: int | str = "build"
+        else:
+            try:
+                answer = index.size(plan.excluded)
+            except Unsupported:
+                answer = "build"
+        self._sizes[plan.id] = answer
+        return answer
 
     def eval_split(self, model: str) -> Split:
         """The evaluation sample of a model."""

@@ -170,3 +170,81 @@ def _save_classifier(path: Path, name: str, nodes: list[onnx.NodeProto], inits: 
     onnx.checker.check_model(model)
     onnx.save_model(model, path)
     return path
+
+
+def qdq_zoo(path: Path, seed: int = 3, batch: int | str = "N", size: int = 16, graph_output_conv: bool = False) -> Path:
+    """Every op kind ONNX Runtime's QDQ quantizer treats differently, for the graph-edit candidates' proof.
+
+    conv1+Relu → MaxPool → conv2+Clip(0,6) → conv3 + residual Add (with the MaxPool's output) → swish
+    (Sigmoid, Mul) → [AveragePool → conv4+Relu (its output also read by an Add) | conv5 (1×1)] and
+    [Split → Where → Resize | MaxPool] → Concat → GlobalAveragePool → Flatten → Gemm (transB, beta 0.5) + Relu, + Gather
+    (of an initializer), Clip → Reshape → MatMul + Add (bias initializer) → logits. conv6 shares conv5's weights (not its bias). ``graph_output_conv``: conv5's output is also a
+    graph output.
+    """
+    rng = np.random.default_rng(seed)
+    nodes: list[onnx.NodeProto] = []
+    inits: list[onnx.TensorProto] = []
+
+    def init(name: str, arr: np.ndarray) -> str:
+        inits.append(numpy_helper.from_array(np.asarray(arr), name))
+        return name
+
+    def conv(name: str, inp: str, cin: int, cout: int, k: int, out: str, weight: str | None = None) -> None:
+        w = weight or init(f"{name}.W", rng.normal(0, 0.5 / np.sqrt(cin * k * k), (cout, cin, k, k)).astype(np.float32))
+        b = init(f"{name}.B", rng.normal(0, 0.1, cout).astype(np.float32))
+        pads = [k // 2] * 4
+        nodes.append(helper.make_node("Conv", [inp, w, b], [out], name=name, pads=pads))
+
+    c = 8
+    conv("conv1", "input", 3, c, 3, "y1")
+    nodes.append(helper.make_node("Relu", ["y1"], ["r1"], name="relu1"))
+    nodes.append(helper.make_node("MaxPool", ["r1"], ["p1"], name="pool1", kernel_shape=[2, 2], strides=[2, 2]))
+    conv("conv2", "p1", c, c, 3, "y2")
+    nodes.append(helper.make_node("Clip", ["y2", init("zero", np.float32(0)), init("six", np.float32(6))], ["r2"],
+                                  name="clip2"))
+    conv("conv3", "r2", c, c, 3, "y3")
+    nodes.append(helper.make_node("Add", ["y3", "p1"], ["a3"], name="residual"))
+    nodes.append(helper.make_node("Sigmoid", ["a3"], ["s3"], name="sigmoid"))
+    nodes.append(helper.make_node("Mul", ["a3", "s3"], ["m3"], name="swish"))
+    nodes.append(helper.make_node("AveragePool", ["m3"], ["ap"], name="avgpool", kernel_shape=[2, 2], strides=[2, 2]))
+    conv("conv4", "ap", c, c, 3, "y4")
+    nodes.append(helper.make_node("Relu", ["y4"], ["r4"], name="relu4"))
+    nodes.append(helper.make_node("Add", ["r4", "y4"], ["a4"], name="add4"))
+    conv("conv5", "ap", c, 4, 1, "y5")
+    conv("conv6", "ap", c, 4, 1, "y6", weight="conv5.W")
+    # Split → Where → Resize | MaxPool (shared scales, conditional on their inputs)
+    nodes.append(helper.make_node("Split", ["m3", init("halves", np.array([4, 4], dtype=np.int64))], ["sa", "sb"],
+                                  name="split", axis=1))
+    nodes.append(helper.make_node("Where", [init("cond", rng.random((1, 4, 1, 1)) > 0.5), "sa", "sb"], ["wsel"],
+                                  name="where"))
+    nodes.append(helper.make_node("Resize", ["wsel", "", init("scales", np.array([1, 1, 0.5, 0.5], dtype=np.float32))],
+                                  ["rz"], name="resize", mode="nearest"))
+    nodes.append(helper.make_node("MaxPool", ["sb"], ["sbp"], name="pool2", kernel_shape=[2, 2], strides=[2, 2]))
+    nodes.append(helper.make_node("Concat", ["a4", "y5", "y6", "rz", "sbp"], ["cat"], name="concat", axis=1))
+    nodes.append(helper.make_node("GlobalAveragePool", ["cat"], ["gap"], name="gap"))
+    nodes.append(helper.make_node("Flatten", ["gap"], ["flat"], name="flatten"))
+    init("fc1.W", rng.normal(0, 0.3, (16, 3 * c)).astype(np.float32))
+    init("fc1.B", rng.normal(0, 0.1, 16).astype(np.float32))
+    nodes.append(helper.make_node("Gemm", ["flat", "fc1.W", "fc1.B"], ["h"], name="fc1", transB=1, beta=0.5))
+    nodes.append(helper.make_node("Relu", ["h"], ["hr"], name="relu_fc"))
+    nodes.append(helper.make_node("Gather", [init("table", rng.normal(0, 1, (3, 16)).astype(np.float32)),
+                                             init("row", np.array([1], dtype=np.int64))], ["emb"], name="gather", axis=0))
+    nodes.append(helper.make_node("Add", ["hr", "emb"], ["he"], name="add_emb"))
+    nodes.append(helper.make_node("Clip", ["he", "zero", "six"], ["hc"], name="clip_fc"))
+    nodes.append(helper.make_node("Reshape", ["hc", init("shape", np.array([-1, 16], dtype=np.int64))], ["rs"],
+                                  name="reshape"))
+    nodes.append(helper.make_node("MatMul", ["rs", init("fc2.W", rng.normal(0, 0.25, (16, 10)).astype(np.float32))],
+                                  ["mm"], name="fc2"))
+    nodes.append(helper.make_node("Add", ["mm", init("fc2.B", rng.normal(0, 0.1, 10).astype(np.float32))], ["logits"],
+                                  name="fc2_bias"))
+    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [batch, 10])]
+    if graph_output_conv:
+        outputs.append(helper.make_tensor_value_info("y5", TensorProto.FLOAT, [batch, 4, size // 4, size // 4]))
+    graph = helper.make_graph(nodes, "qdq_zoo",
+                              [helper.make_tensor_value_info("input", TensorProto.FLOAT, [batch, 3, size, size])],
+                              outputs, inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    onnx.save_model(model, path)
+    return path

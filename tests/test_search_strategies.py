@@ -207,13 +207,13 @@ def drive(strategy: Strategy, farm: Farm, stop_after: int | None = None) -> None
 
 
 def setup(tmp_path: Path, problem: Problem, width: int = 2, seed: int = 0, objectives: tuple[str, ...] = (),
-          **search: Any) -> tuple[Strategy, Farm, FakeStudy]:
+          study_cls: type[FakeStudy] = FakeStudy, **search: Any) -> tuple[Strategy, Farm, FakeStudy]:
     data: dict[str, Any] = {"models": [{"path": "m.onnx", "name": "m"}], "dataset": {"images": "images"},
                             "quantization": {"modes": ["static"]}, "search": search}
     if objectives:
         data["objectives"] = [{"name": name} for name in objectives]
     cfg = parse_config(data, tmp_path)
-    study = FakeStudy(cfg, problem, Store(tmp_path / "tuneqn.db"))
+    study = study_cls(cfg, problem, Store(tmp_path / "tuneqn.db"))
     farm = Farm(problem, width, seed)
     return make_strategy(cfg.search.runs()[0], SearchView(study, farm)), farm, study
 
@@ -322,6 +322,31 @@ def test_budget_asks_for_concurrency_evaluations_at_once(tmp_path: Path) -> None
     assert sorted(r.level for r in first if r.level != "build") == ["full", "full"]  # first and last
     drive(budget, farm, stop_after=2)  # both in (and every size)
     assert [r.level for r in farm.batches[-1]] == ["full"] * 4
+
+
+class PredictingStudy(FakeStudy):
+    """A study that knows every candidate's exact size without a build (static QDQ recipes: Study.predicted_size)."""
+
+    def predicted_size(self, plan: CandidatePlan) -> int:
+        return self.problem.size(plan.excluded)
+
+    def size_needs_build(self, plan: CandidatePlan) -> bool:
+        return False
+
+
+@pytest.mark.parametrize("ranking", ["paper", "measured"])
+def test_budget_builds_nothing_for_the_sizes_it_can_predict(tmp_path: Path, ranking: str) -> None:
+    """Predicted sizes: no prefix is built "so sizes are known", and the same candidates are evaluated."""
+    problem = monotone_problem(30)
+    built, built_farm, _ = setup(tmp_path / "built", problem, 2, strategy="budget", ranking=ranking)
+    drive(built, built_farm)
+    assert built_farm.answered["build"] > 0
+    predicted, farm, _ = setup(tmp_path / "predicted", problem, 2, study_cls=PredictingStudy, strategy="budget",
+                               ranking=ranking)
+    drive(predicted, farm)
+    assert farm.answered["build"] == 0
+    assert fulls(farm) == fulls(built_farm)
+    assert predicted.done()
 
 
 def test_budget_with_measured_ranking_counts_only_full_evaluations(tmp_path: Path) -> None:

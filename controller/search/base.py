@@ -10,7 +10,9 @@ candidates (a resumed study ends with the same outcome).
 
 Levels of a request (cheap first, exact last):
 
-* ``build``: only build the candidate (its size is then known; no device is involved);
+* ``build``: only build the candidate (its size is then known; no device is involved). Sizes of
+  static QDQ candidates are predicted exactly without a build (:meth:`SearchView.size`), so a strategy
+  asks for builds only where :meth:`SearchView.size_needs_build` says so;
 * ``screen``: evaluate it on the recipe's screening sample (``search.screen_samples`` samples of
   the evaluation sample where its fully quantized model disagrees with FP32 or is least sure),
   without latency, on every device class (a screening result; never on a front);
@@ -199,8 +201,22 @@ class SearchView:
         return self._widths[key]
 
     def size(self, plan: CandidatePlan) -> int | None:
-        """The built candidate's size in bytes (None until built)."""
-        return self._source.view_size(plan)
+        """The candidate's exact size in bytes: the built file's, else predicted without a build from its
+        recipe's fully quantized model (:meth:`Study.predicted_size`); None while unknown."""
+        built = self._source.view_size(plan)
+        if built is not None:
+            return built
+        predict = getattr(self._study, "predicted_size", None)
+        return None if predict is None else predict(plan)
+
+    def size_needs_build(self, plan: CandidatePlan) -> bool:
+        """Whether only a build tells the candidate's size (its recipe's candidates are not derived by graph
+        edits, or this one is not): a strategy that needs the size then asks for a ``build``. False once the
+        size is known and while a prediction waits for the recipe's fully quantized model."""
+        if self._source.view_size(plan) is not None:
+            return False
+        needs = getattr(self._study, "size_needs_build", None)
+        return True if needs is None else bool(needs(plan))
 
     def outcome(self, plan: CandidatePlan, level: str) -> Outcome | None:
         """Results of ``plan`` at ``level`` on every device class (None while any is unfinished)."""

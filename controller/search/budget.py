@@ -4,10 +4,11 @@ Candidates are the sweep's: the prefixes of the run's ranking (k = 0, step, … 
 N = ``budget``, else 30 % of their number rounded down (so that it stays within 30 %), but at
 least 2 (the first and the last). With the ``measured`` ranking the ranking is measured
 first (one screen per layer on the screening subset); those screens do not count against N:
-they are not full evaluations and are on no front. Size is known without a device (builds
-cost no evaluation), so only full evaluations (device metrics) are counted.
+they are not full evaluations and are on no front. Size is known without a device, so only full
+evaluations (device metrics) are counted.
 
-1. Every candidate is built right away (its exact size is then known), and the first and
+1. Every candidate's exact size is known right away: predicted from the recipe's fully quantized
+   model (static QDQ recipes, :mod:`tuneqn.controller.edits`), else by building it; the first and
    the last are evaluated in full.
 2. The rule. An unevaluated candidate c lies between its nearest evaluated neighbours a
    (lower k) and b (higher k). Its *optimistic point* on a device is its exact size and, for
@@ -87,7 +88,8 @@ class BudgetPair(ReplayPair):
                 return reqs + self._measured.requests(), False
         cands = view.prefix_plans(self.model, self.recipe, order, f"{self.run.ranking} k=")
         budget = self.run.budget or max(min(2, len(cands)), 3 * len(cands) // 10)
-        reqs += [Request(p, "build", p.label) for p in cands]
+        # sizes are predicted without a build where the recipe's candidates are derived by graph edits
+        reqs += [Request(p, "build", p.label) for p in cands if self.view.size_needs_build(p)]
         chosen, stopped = self._choose(cands, budget)
         self.chosen = [cands[i] for i in chosen]
         reqs += [Request(p, "full", p.label) for p in self.chosen]

@@ -52,7 +52,16 @@ from tuneqn.controller.dataset import PreparedData, Split, describe_preprocess, 
 from tuneqn.controller.errors import UserError
 from tuneqn.controller.files import atomic_write_text, file_digest, file_sha256
 from tuneqn.controller.modelio import PreparedModel, prepare_model
-from tuneqn.controller.edits import CandidateIndex, Derivations, Derived, QdqIndex, Unsupported, unsupported_settings
+from tuneqn.controller.edits import (
+    CandidateIndex,
+    Derivations,
+    Derived,
+    ModelIndex,
+    QdqIndex,
+    Unsupported,
+    unsupported_settings,
+)
+from tuneqn.controller.edits_qop import QOperatorEditor, UnsupportedEdit
 from tuneqn.controller.quantize import QuantSettings, calibrate, quantize_candidate, runtime_options, runtime_options_of
 from tuneqn.controller.report.layer_plot import layer_errors_plot
 from tuneqn.controller.search.gate import META as GATE_META
@@ -632,19 +641,24 @@ class Study:
                 return None
             row = self.build(fq)
         fq_path, cache = Path(row["path"]), self.calibration_cache(model, recipe) or Path()
-        index = self._derivations.index(model, recipe, key,
-                                        lambda: QdqIndex.load(self.quantizer_input(model), fq_path, cache, settings))
+        def load() -> CandidateIndex:
+            if settings.format == "qoperator":
+                def editor() -> Any:
+                    return QOperatorEditor(onnx.load(str(fq_path)), onnx.load(str(self.quantizer_input(model))),
+                                           cache if cache.is_file() else None, settings).derive
+                return ModelIndex.build(editor, (UnsupportedEdit,))
+            return QdqIndex.load(self.quantizer_input(model), fq_path, cache, settings)
+
+        index = self._derivations.index(model, recipe, key, load)
         return index if index is not None else self._derivations.ready(model, recipe, key)
 
     @staticmethod
     def _no_edits(settings: QuantSettings) -> str | None:
-        """Why a recipe's candidates are not derived by graph edits (None: they are).
-
-        QOperator: ``controller/edits_qop.py`` plugs in here and in :meth:`_edit_index`'s loader, e.g.
-        ``ModelIndex.build(lambda: QOperatorEditor(fq_model, float_model, cache, settings).derive, (UnsupportedEdit,))``
-        (:class:`edits.ModelIndex`: any :class:`edits.CandidateIndex` will do)."""
+        """Why a recipe's candidates are not derived by graph edits (None: they are): static QDQ recipes by
+        :class:`edits.QdqIndex`, static QOperator recipes by ``edits_qop.QOperatorEditor`` (through
+        :class:`edits.ModelIndex`)."""
         if settings.mode == "static" and settings.format == "qoperator":
-            return "QOperator candidates are not derived here yet"
+            return unsupported_settings(replace(settings, format="qdq"))  # the same type limits
         return unsupported_settings(settings)
 
     def derive(self, plan: CandidatePlan) -> Derived | None:
@@ -652,7 +666,7 @@ class Study:
         or None: the quantizer builds it (the reason logged at debug).
 
         Static QDQ recipes: :class:`tuneqn.controller.edits.QdqIndex` (the same bytes as the quantizer's).
-        QOperator recipes: the place for ``edits_qop.derive_qoperator`` (the quantizer builds them meanwhile).
+        QOperator recipes: :class:`tuneqn.controller.edits_qop.QOperatorEditor` (the same bytes as the quantizer's).
         """
         index = self._edit_index(plan.model, plan.mode, build_fq=True)
         if index is None or isinstance(index, str):

@@ -162,16 +162,22 @@ def test_a_refused_candidate_is_built_by_the_quantizer(study: Study) -> None:
     assert row["size_bytes"] == Path(row["path"]).stat().st_size
 
 
-def test_dynamic_and_qoperator_recipes_are_built_by_the_quantizer(tmp_path: Path, assets: Path) -> None:
+def test_qoperator_recipes_are_derived_and_dynamic_ones_built_by_the_quantizer(tmp_path: Path, assets: Path) -> None:
     cfg = load_config(write_study(tmp_path, model=assets / "cnn.onnx", images=assets / "images",
                                   quantization={"recipes": [{"name": "qop", "format": "qoperator"},
                                                             {"name": "dyn", "mode": "dynamic"}]}))
     with Study(cfg) as s:
         s.prepare()
-        for recipe in ("qop", "dyn"):
-            plan = s.make_plan("cnn", recipe, ["conv1"])
-            assert s.derive(plan) is None
-            assert s.size_needs_build(plan)
+        plan = s.make_plan("cnn", "qop", ["conv1"])
+        derived = s.derive(plan)
+        assert derived is not None and s.predicted_size(plan) == derived.size
+        row = s.build(plan)
+        ref = tmp_path / "ref.onnx"
+        quantize_candidate(s.quantizer_input("cnn"), ref, s.settings("qop"), ["conv1"], s.calibration_cache("cnn", "qop"))
+        assert Path(row["path"]).read_bytes() == ref.read_bytes()
+        plan = s.make_plan("cnn", "dyn", ["conv1"])
+        assert s.derive(plan) is None
+        assert s.size_needs_build(plan)
 
 
 def _float_layers(path: Path, disabled: list[str], tmp: Path) -> set[str]:
@@ -203,11 +209,14 @@ def test_lite0_derived_candidates_are_the_quantizers(example_dir: Path, tmp_path
         order = study.ranking(model, recipe)
         study.build(study.make_plan(model, recipe, ()))
         ref = tmp_path / "ref.onnx"
-        for k in range(1, len(order) + 1):
+        for k in range(1, len(order) + 1):  # every prefix: the prediction is the built file's size ...
             plan = study.make_plan(model, recipe, order[:k])
             predicted = study.predicted_size(plan)
-            quantize_candidate(src, ref, settings, order[:k], cache)
-            assert predicted == ref.stat().st_size, k
+            row = study.build(plan)
+            assert predicted == row["size_bytes"] == Path(row["path"]).stat().st_size, k
+            if k % 10 == 1 or k == len(order):  # ... and that file is the quantizer's (each k of them, below too)
+                quantize_candidate(src, ref, settings, order[:k], cache)
+                assert Path(row["path"]).read_bytes() == ref.read_bytes(), k
         rng = random.Random(recipe)
         for i in range(8):
             plan = study.make_plan(model, recipe, rng.sample(order, rng.randint(1, len(order))), f"random {i}")

@@ -9,6 +9,7 @@ needs neither.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -84,7 +85,6 @@ def write_report(report: dict[str, Any] | Report, out_dir: Path) -> dict[str, Pa
     :func:`~tuneqn.controller.report.plots.recipe_plot_key` plot per (model, device)).
     """
     from .html import render_html
-    from .plots import PLOT_KINDS, plot_key, recipe_plot_key, recipes_scatter, render_plot
 
     if isinstance(report, dict) and ("fronts" not in report or "summary" not in report):
         raise ValueError("report is not finalized; call finalize_report() first")
@@ -94,26 +94,7 @@ def write_report(report: dict[str, Any] | Report, out_dir: Path) -> dict[str, Pa
     out_dir.mkdir(parents=True, exist_ok=True)
     paths: dict[str, Path] = {"json": _write_json_file(typed, out_dir)}
 
-    images: dict[str, Path] = {}
-    used: set[str] = set()
-    for entry in report["fronts"]:
-        model, mode, device = entry["model"], entry["mode"], entry["device"]
-        stem = _unique(f"{_slug(model)}__{_slug(mode)}__{_slug(device)}", used)
-        for kind in PLOT_KINDS:
-            png = out_dir / "plots" / f"{stem}__{kind}.png"
-            try:
-                render_plot(kind, report, model, mode, device, png)
-            except ValueError as exc:
-                logger.warning("skipping %s plot for %s/%s/%s: %s", kind, model, mode, device, exc)
-                continue
-            images[plot_key(kind, model, mode, device)] = png
-    for entry in report.get("recipe_fronts") or []:
-        if len(entry.get("recipes") or []) < 2:  # one recipe: the tradeoff plot shows it
-            continue
-        model, device = entry["model"], entry["device"]
-        stem = _unique(f"{_slug(model)}__recipes__{_slug(device)}", used)
-        png = out_dir / "plots" / f"{stem}.png"
-        images[recipe_plot_key(model, device)] = recipes_scatter(report, model, device, png)
+    images = render_plots(report, out_dir)
     paths.update(images)
     layer_png = out_dir / "layer_errors.png"  # paper Fig. 2, written by the analysis
     if layer_png.is_file():
@@ -124,6 +105,92 @@ def write_report(report: dict[str, Any] | Report, out_dir: Path) -> dict[str, Pa
     paths["html"] = html_path
     logger.info("report written to %s (%d plots)", out_dir, len(images))
     return paths
+
+
+PLOT_KEYS = ".plot-keys.json"
+
+
+def plot_input(report: dict[str, Any], model: str) -> dict[str, Any]:
+    """What the plots of ``model`` read from a report (its JSON form): its candidates, its summary rows, its
+    ``models`` entry and the objectives. A plot is rendered from this part alone, so it is the same picture
+    whenever this part is the same (what :func:`render_plots` keys its cache by)."""
+    return {"candidates": [c for c in report.get("candidates") or [] if c.get("model") == model],
+            "summary": [s for s in report.get("summary") or [] if s.get("model") == model],
+            "models": [m for m in report.get("models") or [] if m.get("name") == model],
+            "objectives": report.get("objectives") or []}
+
+
+def render_plots(report: dict[str, Any], out_dir: Path, models: set[str] | None = None) -> dict[str, Path]:
+    """The plots of a finalized report (its JSON form) under ``out_dir/plots``: per (model, recipe, device)
+    each of ``PLOT_KINDS``, per (model, device) with several recipes the recipes plot; only those of
+    ``models`` when given. A plot whose input (:func:`plot_input`, the tuneqn and matplotlib versions) is
+    the one it was last rendered from, and whose file is still there, is not rendered again
+    (``plots/.plot-keys.json``): a run renders a finished model's plots while others still run, and the
+    final report redraws only what changed. Returns {plot key: png path}."""
+    import matplotlib
+
+    from tuneqn import __version__
+
+    from .plots import PLOT_KINDS, plot_key, recipe_plot_key, recipes_scatter, render_plot
+
+    out_dir = Path(out_dir)
+    index_path = out_dir / "plots" / PLOT_KEYS
+    try:
+        index = json.loads(index_path.read_text(encoding="utf-8")) if index_path.is_file() else {}
+    except (OSError, ValueError):
+        index = {}
+    inputs: dict[str, dict[str, Any]] = {}
+    changed = False
+
+    def draw(png: Path, what: list[str], model: str, render: Any) -> Path | None:
+        nonlocal changed
+        sub = inputs.setdefault(model, plot_input(report, model))
+        key = hashlib.sha256(json.dumps([what, sub, __version__, matplotlib.__version__], sort_keys=True,
+                                        default=str).encode()).hexdigest()
+        if index.get(png.name) == key and png.is_file():
+            return png
+        try:
+            render(sub, png)
+        except ValueError as exc:
+            logger.warning("skipping plot %s: %s", png.name, exc)
+            return None
+        index[png.name] = key
+        changed = True
+        return png
+
+    images: dict[str, Path] = {}
+    used: set[str] = set()
+    for entry in report["fronts"]:
+        model, mode, device = entry["model"], entry["mode"], entry["device"]
+        stem = _unique(f"{_slug(model)}__{_slug(mode)}__{_slug(device)}", used)
+        if models is not None and model not in models:
+            continue
+        for kind in PLOT_KINDS:
+            png = draw(out_dir / "plots" / f"{stem}__{kind}.png", [kind, model, mode, device], model,
+                       lambda sub, png, kind=kind, model=model, mode=mode, device=device:
+                       render_plot(kind, sub, model, mode, device, png))
+            if png is not None:
+                images[plot_key(kind, model, mode, device)] = png
+    for entry in report.get("recipe_fronts") or []:
+        if len(entry.get("recipes") or []) < 2:  # one recipe: the tradeoff plot shows it
+            continue
+        model, device = entry["model"], entry["device"]
+        stem = _unique(f"{_slug(model)}__recipes__{_slug(device)}", used)
+        if models is not None and model not in models:
+            continue
+        png = draw(out_dir / "plots" / f"{stem}.png", ["recipes", model, device], model,
+                   lambda sub, png, model=model, device=device: recipes_scatter(sub, model, device, png))
+        if png is not None:
+            images[recipe_plot_key(model, device)] = png
+    if changed:
+        atomic_write_bytes(index_path, json.dumps(index, indent=0, sort_keys=True).encode("utf-8"))
+    return images
+
+
+def write_plots(store: Store, out_dir: Path, models: set[str]) -> dict[str, Path]:
+    """Render the plots of ``models`` from the store now (:func:`render_plots`), ahead of the full report."""
+    metrics.backfill(store)
+    return render_plots(report_dict(validate_report(compute_report(store))), Path(out_dir), models)
 
 
 def write_json(store: Store, out_dir: Path) -> Path:

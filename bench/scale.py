@@ -242,7 +242,7 @@ def main() -> int:
             after = resource.getrusage(resource.RUSAGE_CHILDREN)
             row.agent_cpu = (after.ru_utime + after.ru_stime) - (mid.ru_utime + mid.ru_stime)
             results.append(row)
-            print(f"[{name}] rc {row.rc}: wall {row.wall:.1f} s vs ideal {row.ideal:.1f} s → {row.wall / row.ideal:.2f} ×; "
+            print(f"[{name}] rc {row.rc}: wall {row.wall:.1f} s vs ideal {row.ideal:.1f} s → {row.wall / max(row.ideal, 1e-9):.2f} ×; "
                   f"{row.jobs} jobs; controller CPU {row.cpu:.1f} s = {1000 * row.cpu / max(row.jobs, 1):.0f} ms/job, "
                   f"peak RSS {row.rss_mb:.0f} MB; agents' CPU {row.agent_cpu:.1f} s "
                   f"(device time {row.device_s:.1f} s)")

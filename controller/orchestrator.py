@@ -29,8 +29,8 @@ from tuneqn.controller.planning import Planner, Probe, Settle
 from tuneqn.controller.feasibility import GAVE_UP, describe
 from tuneqn.controller.farm.dispatcher import AgentLink, AgentState, Endpoint, FarmSettings, JobBoard, make_job
 from tuneqn.controller.farm.local import LocalAgent, QuietLock
-from tuneqn.controller.report import write_full_report, write_json
-from tuneqn.controller.report.write import write_plots
+from tuneqn.controller.report import write_full_report
+from tuneqn.controller.report.write import write_checkpoint
 from tuneqn.controller.metrics import baseline_id
 from tuneqn.controller.report.base import FINAL_JOB_STATES
 from tuneqn.controller.search import Outcome, Request, SearchView, make_strategy
@@ -145,8 +145,13 @@ class StudyRun:
         self._analysis_done: set[tuple[str, str]] = set()  # (model, recipe) whose layers are ranked
         self._layers_written = -1  # analyses done when layers.json was last written
         self._preparer_thread: threading.Thread | None = None
+        # The reporter: report.json, plots of finished models and layers.json off the main thread.
         self._plotted: set[str] = set()  # models whose plots were rendered ahead of the report
-        self._plot_thread: threading.Thread | None = None
+        self._report_tasks: queue.Queue[Callable[[], None] | None] = queue.Queue()
+        self._reporter_thread: threading.Thread | None = None
+        self._reporting = False
+        self._reported_at = 0.0
+        self._report_took = 0.0
 
     # ------------------------------------------------------------------ steps
     def run(self) -> TuneOutcome:
@@ -236,13 +241,61 @@ class StudyRun:
         self._prep_task(_ANALYZE, (model, recipe))
 
     def _analyzed_now(self) -> None:
-        """layers.json and the layer plot once every analysis is done (not after each one; the report writes
-        them at the end if more came since)."""
+        """layers.json and the layer plot (on the reporter thread) once every analysis is done, not after each
+        one; the report writes them at the end if more came since."""
         with self._lock:
             done = len(self._analysis_done)
-        if done != self._layers_written and self.view_pairs_settled():
-            self.study.write_layer_outputs(self.study.analyzed_rows())
+        if done != self._layers_written and self.view_pairs_settled() and self._reporter_free():
             self._layers_written = done
+            self._report_soon(lambda: self.study.write_layer_outputs(self.study.analyzed_rows()))
+
+    # ------------------------------------------------------------------ the reporter (report.json, plots ahead)
+    def _reporter_free(self) -> bool:
+        """Nothing on the reporter, and it rested at least as long as its last task took (at most half of a
+        core goes to the checkpoint view while devices wait for the controller)."""
+        with self._lock:
+            return not self._reporting and time.monotonic() - self._reported_at >= self._report_took
+
+    def _report_soon(self, task: Callable[[], None]) -> None:
+        """Run ``task`` on the reporter thread (started on first use)."""
+        with self._lock:
+            self._reporting = True
+        if self._reporter_thread is None:
+            self._reporter_thread = threading.Thread(target=self._reporter, name="reporter", daemon=True)
+            self._reporter_thread.start()
+        self._report_tasks.put(task)
+
+    def _reporter(self) -> None:
+        while True:
+            task = self._report_tasks.get()
+            if task is None:
+                return
+            t0 = time.monotonic()
+            try:
+                task()
+            except BaseException as exc:  # noqa: BLE001 - handed to the main thread, which raises it
+                self._build_errors.append(exc)
+                return
+            finally:
+                with self._lock:
+                    self._reporting = False
+                    self._reported_at = time.monotonic()
+                    self._report_took = self._reported_at - t0
+                with self.board.cond:
+                    self.board.cond.notify_all()
+
+    def _checkpoint(self, strategies: list[Any]) -> None:
+        """report.json (the checkpoint view) and the plots of the models just finished, on the reporter."""
+        models = self._finished_models(strategies) - self._plotted
+        self._plotted |= models
+        self._report_soon(lambda: write_checkpoint(self.store, self.study.out_dir, models))
+
+    def _stop_reporter(self) -> None:
+        """Let the reporter finish what it has (the final report follows it)."""
+        if self._reporter_thread is not None:
+            self._report_tasks.put(None)
+            self._reporter_thread.join()
+            self._reporter_thread = None
 
     def start_farm(self) -> None:
         """Start the local agent when none is configured, and one link per agent."""
@@ -315,10 +368,9 @@ class StudyRun:
             if self.on_progress is not None:
                 self.on_progress(self.board.counts(), self._total())
             self._show_status()
-            if self._results_changed.is_set() and time.monotonic() - last_report > 2.0:
+            if self._results_changed.is_set() and time.monotonic() - last_report > 2.0 and self._reporter_free():
                 self._results_changed.clear()
-                write_json(self.store, self.study.out_dir)
-                self._plot_ahead(strategies)
+                self._checkpoint(strategies)
                 last_report = time.monotonic()
             if self.board.finished() and not searching and self._idle() and not awaited and not self.planner.deciding():
                 break
@@ -333,25 +385,6 @@ class StudyRun:
             with self.board.cond:
                 if not self._changed.is_set():
                     self.board.cond.wait(0.5)
-
-    def _plot_ahead(self, strategies: list[Any]) -> None:
-        """Render the plots of the models that are finished (searches over, every job final) on a background
-        thread while the others still run; the full report then redraws only what changed since."""
-        if self._plot_thread is not None and self._plot_thread.is_alive():
-            return
-        models = self._finished_models(strategies) - self._plotted
-        if not models:
-            return
-        self._plotted |= models
-
-        def render() -> None:
-            try:
-                write_plots(self.store, self.study.out_dir, models)
-            except (OSError, ValueError) as exc:  # the full report at the end draws them again
-                log.warning("plots of %s ahead of the report: %s", ", ".join(sorted(models)), exc)
-
-        self._plot_thread = threading.Thread(target=render, name="plots", daemon=True)
-        self._plot_thread.start()
 
     def _finished_models(self, strategies: list[Any]) -> set[str]:
         """Models whose results can no longer change in this run: admitted, the gate decided and every
@@ -473,8 +506,7 @@ class StudyRun:
             self._builder_thread.join()  # it finishes the build in hand (the store must outlive it)
         if self._preparer_thread is not None:
             self._preparer_thread.join()  # likewise the model or analysis in hand
-        if self._plot_thread is not None:
-            self._plot_thread.join()  # the report redraws what it did not finish
+        self._stop_reporter()  # the report redraws what it did not finish
         if self.local is not None:
             self.local.stop()
 

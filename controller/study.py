@@ -53,7 +53,6 @@ from tuneqn.controller.errors import UserError
 from tuneqn.controller.files import atomic_write_text, file_digest, file_sha256
 from tuneqn.controller.modelio import PreparedModel, prepare_model
 from tuneqn.controller.quantize import QuantSettings, calibrate, quantize_candidate, runtime_options
-from tuneqn.controller.report.layer_plot import layer_errors_plot
 from tuneqn.controller.search.gate import META as GATE_META
 from tuneqn.controller.search.gate import auto_recipes
 from tuneqn.controller.store import Store
@@ -548,6 +547,8 @@ class Study:
             for r in rows
         ]
         atomic_write_text(self.out_dir / "layers.json", json.dumps(out, indent=1, allow_nan=True))
+        from tuneqn.controller.report.layer_plot import layer_errors_plot  # matplotlib: not at start-up
+
         layer_errors_plot(out, self.out_dir / "layer_errors.png")
 
     # ------------------------------------------------------------------ candidates

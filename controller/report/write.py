@@ -187,10 +187,15 @@ def render_plots(report: dict[str, Any], out_dir: Path, models: set[str] | None 
     return images
 
 
-def write_plots(store: Store, out_dir: Path, models: set[str]) -> dict[str, Path]:
-    """Render the plots of ``models`` from the store now (:func:`render_plots`), ahead of the full report."""
+def write_checkpoint(store: Store, out_dir: Path, plot_models: set[str] | None = None) -> Path:
+    """:func:`write_json`, and the plots of ``plot_models`` from the same report (:func:`render_plots`), ahead of
+    the full report."""
     metrics.backfill(store)
-    return render_plots(report_dict(validate_report(compute_report(store))), Path(out_dir), models)
+    typed = validate_report(compute_report(store))
+    path = _write_json_file(typed, Path(out_dir))
+    if plot_models:
+        render_plots(report_dict(typed), Path(out_dir), plot_models)
+    return path
 
 
 def write_json(store: Store, out_dir: Path) -> Path:

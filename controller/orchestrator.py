@@ -147,7 +147,7 @@ class StudyRun:
         self._preparer_thread: threading.Thread | None = None
         # The reporter: report.json, plots of finished models and layers.json off the main thread.
         self._plotted: set[str] = set()  # models whose plots were rendered ahead of the report
-        self._report_tasks: queue.Queue[Callable[[], None] | None] = queue.Queue()
+        self._report_tasks: queue.Queue[Callable[[], float | None] | None] = queue.Queue()
         self._reporter_thread: threading.Thread | None = None
         self._reporting = False
         self._reported_at = 0.0
@@ -247,17 +247,21 @@ class StudyRun:
             done = len(self._analysis_done)
         if done != self._layers_written and self.view_pairs_settled() and self._reporter_free():
             self._layers_written = done
-            self._report_soon(lambda: self.study.write_layer_outputs(self.study.analyzed_rows()))
+            self._report_soon(self._write_layers)
+
+    def _write_layers(self) -> None:
+        self.study.write_layer_outputs(self.study.analyzed_rows())
 
     # ------------------------------------------------------------------ the reporter (report.json, plots ahead)
     def _reporter_free(self) -> bool:
-        """Nothing on the reporter, and it rested at least as long as its last task took (at most half of a
-        core goes to the checkpoint view while devices wait for the controller)."""
+        """Nothing on the reporter, and it rested three times as long as its last report.json took (at most a
+        quarter of a core goes to rewriting it while the devices wait for the controller's jobs)."""
         with self._lock:
-            return not self._reporting and time.monotonic() - self._reported_at >= self._report_took
+            return not self._reporting and time.monotonic() - self._reported_at >= 3 * self._report_took
 
-    def _report_soon(self, task: Callable[[], None]) -> None:
-        """Run ``task`` on the reporter thread (started on first use)."""
+    def _report_soon(self, task: Callable[[], float | None]) -> None:
+        """Run ``task`` on the reporter thread (started on first use); it returns the seconds its report.json took
+        (None: none written)."""
         with self._lock:
             self._reporting = True
         if self._reporter_thread is None:
@@ -270,9 +274,9 @@ class StudyRun:
             task = self._report_tasks.get()
             if task is None:
                 return
-            t0 = time.monotonic()
+            took: float | None = None
             try:
-                task()
+                took = task()
             except BaseException as exc:  # noqa: BLE001 - handed to the main thread, which raises it
                 self._build_errors.append(exc)
                 return
@@ -280,7 +284,8 @@ class StudyRun:
                 with self._lock:
                     self._reporting = False
                     self._reported_at = time.monotonic()
-                    self._report_took = self._reported_at - t0
+                    if took is not None:
+                        self._report_took = took
                 with self.board.cond:
                     self.board.cond.notify_all()
 

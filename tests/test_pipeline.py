@@ -9,11 +9,14 @@ import sqlite3
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from conftest import write_study
 from tuneqn.controller.config import load_config
 from tuneqn.controller.farm.dispatcher import Endpoint, FarmSettings
 from tuneqn.controller.farm.local import LocalAgent
 from tuneqn.controller.orchestrator import tune
+from tuneqn.controller.report import write
 from tuneqn.controller.report.finalize import finalize_report
 from tuneqn.controller.report.plots import render_plot
 from tuneqn.controller.report.write import PLOT_KEYS, plot_input, render_plots, report_dict, validate_report
@@ -66,9 +69,11 @@ def _make_study() -> dict[str, Any]:
     return report
 
 
-def test_a_plot_drawn_from_its_models_part_is_the_same_and_is_not_drawn_again(tmp_path: Path) -> None:
+def test_a_plot_drawn_from_its_models_part_is_the_same_and_is_not_drawn_again(tmp_path: Path,
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     """A plot drawn from :func:`plot_input` (what the cache keys) is byte for byte the one drawn from the whole
-    report; a second :func:`render_plots` draws nothing; a changed model's plots alone are drawn again."""
+    report; a second :func:`render_plots` draws nothing; a changed model's plots alone are drawn again; a pool
+    of processes draws the same bytes."""
     report = _make_study()
     entry = report["fronts"][0]
     model, mode, device = entry["model"], entry["mode"], entry["device"]
@@ -92,3 +97,8 @@ def test_a_plot_drawn_from_its_models_part_is_the_same_and_is_not_drawn_again(tm
     render_plots(report, out)
     redrawn = {json.loads(k)[1] for k, p in images.items() if (p.stat().st_ino, p.stat().st_mtime_ns) != stamps[p]}
     assert redrawn == {changed}
+
+    monkeypatch.setattr(write, "POOL_MIN_PLOTS", 2)  # the test's few plots are enough to start the pool
+    pooled = render_plots(report, tmp_path / "pooled", workers=2)
+    assert list(pooled) == list(images)
+    assert [p.read_bytes() for p in pooled.values()] == [p.read_bytes() for p in images.values()]

@@ -150,6 +150,7 @@ class StudyRun:
         self._report_tasks: queue.Queue[Callable[[], float | None] | None] = queue.Queue()
         self._reporter_thread: threading.Thread | None = None
         self._reporting = False
+        self._reporter_ending = threading.Event()
         self._reported_at = 0.0
         self._report_took = 0.0
 
@@ -293,10 +294,12 @@ class StudyRun:
         """report.json (the checkpoint view) and the plots of the models just finished, on the reporter."""
         models = self._finished_models(strategies) - self._plotted
         self._plotted |= models
-        self._report_soon(lambda: write_checkpoint(self.store, self.study.out_dir, models))
+        self._report_soon(lambda: write_checkpoint(self.store, self.study.out_dir, models,
+                                                   cancel=self._reporter_ending.is_set))
 
     def _stop_reporter(self) -> None:
-        """Let the reporter finish what it has (the final report follows it)."""
+        """Let the reporter finish what it has, but no more plots ahead (the final report draws them)."""
+        self._reporter_ending.set()
         if self._reporter_thread is not None:
             self._report_tasks.put(None)
             self._reporter_thread.join()

@@ -73,7 +73,7 @@ def test_a_plot_drawn_from_its_models_part_is_the_same_and_is_not_drawn_again(tm
                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
     """A plot drawn from :func:`plot_input` (what the cache keys) is byte for byte the one drawn from the whole
     report; a second :func:`render_plots` draws nothing; a changed model's plots alone are drawn again; a pool
-    of processes draws the same bytes."""
+    of processes draws the same bytes; a cancelled call leaves the rest to the next one."""
     report = _make_study()
     entry = report["fronts"][0]
     model, mode, device = entry["model"], entry["mode"], entry["device"]
@@ -102,3 +102,10 @@ def test_a_plot_drawn_from_its_models_part_is_the_same_and_is_not_drawn_again(tm
     pooled = render_plots(report, tmp_path / "pooled", workers=2)
     assert list(pooled) == list(images)
     assert [p.read_bytes() for p in pooled.values()] == [p.read_bytes() for p in images.values()]
+
+    # cancelled after one plot (the run ends): the next call draws the rest
+    answers = iter([False])
+    cut = render_plots(report, tmp_path / "cut", cancel=lambda: next(answers, True))
+    assert len(cut) == 1
+    rest = render_plots(report, tmp_path / "cut")
+    assert [p.read_bytes() for p in rest.values()] == [p.read_bytes() for p in images.values()]

@@ -19,6 +19,7 @@ import os
 import re
 import time
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -145,14 +146,15 @@ def _draw(what: tuple[str, ...], sub: dict[str, Any], png: Path) -> str | None:
 
 
 def render_plots(report: dict[str, Any], out_dir: Path, models: set[str] | None = None,
-                 workers: int = 1) -> dict[str, Path]:
+                 workers: int = 1, cancel: Callable[[], bool] | None = None) -> dict[str, Path]:
     """The plots of a finalized report (its JSON form) under ``out_dir/plots``: per (model, recipe, device)
     each of ``PLOT_KINDS``, per (model, device) with several recipes the recipes plot; only those of
     ``models`` when given. A plot whose input (:func:`plot_input`, the tuneqn and matplotlib versions) is
     the one it was last rendered from, and whose file is still there, is not rendered again
     (``plots/.plot-keys.json``): a run renders a finished model's plots while others still run, and the
     final report redraws only what changed. With ``workers`` > 1 and enough plots to draw, they are drawn
-    by a pool of that many processes. Returns {plot key: png path}."""
+    by a pool of that many processes. Drawing in this process stops early when ``cancel()`` says so (what
+    was not drawn is drawn by the next call). Returns {plot key: png path}."""
     import matplotlib
 
     from tuneqn import __version__
@@ -194,9 +196,13 @@ def render_plots(report: dict[str, Any], out_dir: Path, models: set[str] | None 
                                                     mp_context=multiprocessing.get_context("spawn")) as pool:
             problems = list(pool.map(_draw, *zip(*[(w, sub, png) for w, sub, png, _ in todo], strict=True)))
     else:
-        problems = [_draw(w, sub, png) for w, sub, png, _ in todo]
-    failed: set[Path] = set()
-    for (what, _, png, key), problem in zip(todo, problems, strict=True):
+        problems = []
+        for w, sub, png, _ in todo:
+            if cancel is not None and cancel():
+                break
+            problems.append(_draw(w, sub, png))
+    failed = {png for _, _, png, _ in todo[len(problems):]}  # not drawn (cancelled)
+    for (_, _, png, key), problem in zip(todo, problems):  # noqa: B905 - a cancelled call drew fewer
         if problem is None:
             index[png.name] = key
         else:
@@ -207,7 +213,8 @@ def render_plots(report: dict[str, Any], out_dir: Path, models: set[str] | None 
     return {key: png for key, _, png in wanted if png not in failed}
 
 
-def write_checkpoint(store: Store, out_dir: Path, plot_models: set[str] | None = None) -> float:
+def write_checkpoint(store: Store, out_dir: Path, plot_models: set[str] | None = None,
+                     cancel: Callable[[], bool] | None = None) -> float:
     """:func:`write_json`, and the plots of ``plot_models`` from the same report (:func:`render_plots`), ahead of
     the full report. Returns the seconds report.json took (the plots aside)."""
     t0 = time.monotonic()
@@ -216,7 +223,7 @@ def write_checkpoint(store: Store, out_dir: Path, plot_models: set[str] | None =
     _write_json_file(typed, Path(out_dir))
     took = time.monotonic() - t0
     if plot_models:
-        render_plots(report_dict(typed), Path(out_dir), plot_models)
+        render_plots(report_dict(typed), Path(out_dir), plot_models, cancel=cancel)
     return took
 
 

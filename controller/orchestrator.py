@@ -429,8 +429,8 @@ class StudyRun:
             no_class = not self._classes
         if no_class and not any(link.live.is_set() for link in self.links):
             return True
-        return (not self.board.unfinished() and self._idle() and not self.planner.deciding()
-                and not self._changed.is_set())
+        return (not self.board.unfinished() and not self.board.settling() and self._idle()
+                and not self.planner.deciding() and not self._changed.is_set())
 
     def _stuck(self, searches: list[str]) -> None:
         """The searches cannot go on: say why (the reasons already found, else what they wait for)."""

@@ -18,7 +18,7 @@ import queue
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,13 +29,14 @@ from tuneqn.controller.planning import Planner, Probe, Settle
 from tuneqn.controller.feasibility import GAVE_UP, describe
 from tuneqn.controller.farm.dispatcher import AgentLink, AgentState, Endpoint, FarmSettings, JobBoard, make_job
 from tuneqn.controller.farm.local import LocalAgent, QuietLock
-from tuneqn.controller.report import write_full_report, write_json
+from tuneqn.controller.report import write_full_report
+from tuneqn.controller.report.write import write_checkpoint
 from tuneqn.controller.metrics import baseline_id
 from tuneqn.controller.report.base import FINAL_JOB_STATES
 from tuneqn.controller.search import Outcome, Request, SearchView, make_strategy
 from tuneqn.controller.search import gate
 from tuneqn.controller.dataset import Split
-from tuneqn.controller.study import CandidatePlan, Study
+from tuneqn.controller.study import CandidatePlan, PreparedInput, Study
 from tuneqn.controller.ties import result_latency
 from tuneqn.v1 import agent_pb2 as pb
 
@@ -44,6 +45,8 @@ log = logging.getLogger(__name__)
 REMEASURE_META = "remeasure_token"
 #: A store of a study started before search widths followed the devices: its one fixed width.
 CONCURRENCY_META = "search_concurrency"
+#: Preparer priorities: a model's analyses go before preparing the next model.
+_ANALYZE, _PREPARE = 0, 1
 
 
 @dataclass
@@ -109,6 +112,7 @@ class StudyRun:
         self._built: dict[str, _Built] = {}  # candidate id -> built candidate
         self._levels: dict[str, set[str]] = {}  # candidate id -> levels asked for ("screen", "full")
         self._queued: set[str] = set()  # candidate ids handed to the builder
+        self._queued_models: dict[str, str] = {}  # their models
         self._job_ids: dict[tuple[str, str, str], str] = {}  # (candidate, device class, level) -> job id
         self._outcomes: dict[tuple[str, str, tuple[str, ...]], Outcome] = {}  # complete outcomes
         self._builds: queue.Queue[CandidatePlan | None] = queue.Queue()
@@ -131,48 +135,175 @@ class StudyRun:
         self._gone: set[str] = set()  # classes given up (one error line each, until one comes back)
         # The recipe gate (``recipes = "auto"``; see controller/search/gate.py).
         self._gated: dict[tuple[str, tuple[str, ...]], list[gate.Decision]] = {}  # (model, classes) -> decided
-        self._analyzed: set[tuple[str, str]] = set()  # (model, recipe) the gate passed and that were analyzed
+        # The preparer: models prepared one by one, layers ranked, off the main thread (see start_preparer).
+        self._prep_tasks: queue.PriorityQueue[tuple[int, int, int | tuple[str, str] | None]] = queue.PriorityQueue()
+        self._prep_seq = 0
+        self._preparing = 0  # preparer tasks queued or running
+        self._prepared: queue.Queue[PreparedInput] = queue.Queue()  # ready to be admitted by the main thread
+        self._admitted = 0
+        self._analysis_asked: set[tuple[str, str]] = set()  # (model, recipe) handed to the preparer
+        self._analysis_done: set[tuple[str, str]] = set()  # (model, recipe) whose layers are ranked
+        self._layers_written = -1  # analyses done when layers.json was last written
+        self._preparer_thread: threading.Thread | None = None
+        # The reporter: report.json, plots of finished models and layers.json off the main thread.
+        self._plotted: set[str] = set()  # models whose plots were rendered ahead of the report
+        self._report_tasks: queue.Queue[Callable[[], float | None] | None] = queue.Queue()
+        self._reporter_thread: threading.Thread | None = None
+        self._reporting = False
+        self._reporter_ending = threading.Event()
+        self._reported_at = 0.0
+        self._report_took = 0.0
 
     # ------------------------------------------------------------------ steps
     def run(self) -> TuneOutcome:
-        """prepare → analyze → dispatch (plan as results arrive) → report. Configured agents are dialled
-        first, while the models are prepared, so their state shows (and their wait counts) from the start."""
+        """prepare and analyze (model by model, on a worker thread) while dispatching (plan as results arrive)
+        → report. Configured agents are dialled first, so their state shows (and their wait counts) from the
+        start; the jobs of a model go out as soon as it is prepared, while the next one is."""
         try:
             if self.endpoints:
                 self.start_links()
-            with self._status_ticker():
-                self.prepare()
-                self.analyze()
+            self.start_preparer()
             self.start_farm()
             self.dispatch()
         finally:
             self.stop_farm()
         return self.report()
 
-    @contextlib.contextmanager
-    def _status_ticker(self) -> Iterator[None]:
-        """Show the agents' state every half second while the main thread is busy elsewhere."""
-        done = threading.Event()
+    # ------------------------------------------------------------------ the preparer (models, analyses)
+    def start_preparer(self) -> None:
+        """Prepare the study's models one after another on a worker thread; each is admitted to the run (its
+        FP32 job, its recipes' jobs) by the main thread as soon as it is ready. The same thread ranks layers
+        (:meth:`_analyze_soon`), before preparing the next model."""
+        for i in range(len(self.study.cfg.models)):
+            self._prep_task(_PREPARE, i)
+        self._preparer_thread = threading.Thread(target=self._preparer, name="preparer", daemon=True)
+        self._preparer_thread.start()
 
-        def tick() -> None:
-            while not done.wait(0.5):
-                self._show_status()
+    def _prep_task(self, priority: int, item: int | tuple[str, str]) -> None:
+        with self._lock:
+            self._preparing += 1
+            self._prep_seq += 1
+            seq = self._prep_seq
+        self._prep_tasks.put((priority, seq, item))
 
-        t = threading.Thread(target=tick, name="status", daemon=True)
-        t.start()
-        try:
-            yield
-        finally:
-            done.set()
-            t.join()
+    def _preparer(self) -> None:
+        while True:
+            _, _, item = self._prep_tasks.get()
+            if item is None or self.stop.is_set():
+                return
+            try:
+                with self.quiet.shared() if self.quiet is not None else contextlib.nullcontext():
+                    if isinstance(item, int):
+                        self._prepared.put(self.study.prepare_model(item))
+                    else:
+                        self.study.analyze(*item)
+                        with self._lock:
+                            self._analysis_done.add(item)
+            except BaseException as exc:  # noqa: BLE001 - handed to the main thread, which raises it
+                self._build_errors.append(exc)
+                return
+            finally:
+                with self._lock:
+                    self._preparing -= 1
+                self._changed.set()
+                with self.board.cond:
+                    self.board.cond.notify_all()
 
-    def prepare(self) -> None:
-        """Models and data samples."""
-        self.study.prepare()
+    def _admit(self) -> None:
+        """Models the preparer finished (in the study's order): registered, their FP32 baselines wanted; with
+        explicit recipes their layers are ranked next."""
+        while True:
+            try:
+                prepared = self._prepared.get_nowait()
+            except queue.Empty:
+                return
+            self.study.add_model(prepared)
+            model = prepared.model.name
+            with self._lock:
+                self._admitted += 1
+                everything = self._admitted == len(self.study.cfg.models)
+            if everything:
+                self.study.finish_prepare()
+            self.study.forget_stale_candidates(model)
+            pm = prepared.model
+            self._add_built(_Built(baseline_id(model), model, pm.path, pm.sha256, {}, pm.path.stat().st_size),
+                            fp32=True)
+            self._want(baseline_id(model), "full", model, "fp32")
+            if not self.study.auto:
+                for recipe in self.study.recipes(model):
+                    self._analyze_soon(model, recipe)
+            self._changed.set()
 
-    def analyze(self) -> None:
-        """Layer rankings (reused when stored), layers.json and the layer plot."""
-        self.study.analyze_all()
+    def _analyze_soon(self, model: str, recipe: str) -> None:
+        """Rank the layers of (model, recipe) on the preparer (before it prepares another model)."""
+        if (model, recipe) in self._analysis_asked:
+            return
+        self._analysis_asked.add((model, recipe))
+        self._prep_task(_ANALYZE, (model, recipe))
+
+    def _analyzed_now(self) -> None:
+        """layers.json and the layer plot (on the reporter thread) once every analysis is done, not after each
+        one; the report writes them at the end if more came since."""
+        with self._lock:
+            done = len(self._analysis_done)
+        if done != self._layers_written and self.view_pairs_settled() and self._reporter_free():
+            self._layers_written = done
+            self._report_soon(self._write_layers)
+
+    def _write_layers(self) -> None:
+        self.study.write_layer_outputs(self.study.analyzed_rows())
+
+    # ------------------------------------------------------------------ the reporter (report.json, plots ahead)
+    def _reporter_free(self) -> bool:
+        """Nothing on the reporter, and it rested three times as long as its last report.json took (at most a
+        quarter of a core goes to rewriting it while the devices wait for the controller's jobs)."""
+        with self._lock:
+            return not self._reporting and time.monotonic() - self._reported_at >= 3 * self._report_took
+
+    def _report_soon(self, task: Callable[[], float | None]) -> None:
+        """Run ``task`` on the reporter thread (started on first use); it returns the seconds its report.json took
+        (None: none written)."""
+        with self._lock:
+            self._reporting = True
+        if self._reporter_thread is None:
+            self._reporter_thread = threading.Thread(target=self._reporter, name="reporter", daemon=True)
+            self._reporter_thread.start()
+        self._report_tasks.put(task)
+
+    def _reporter(self) -> None:
+        while True:
+            task = self._report_tasks.get()
+            if task is None:
+                return
+            took: float | None = None
+            try:
+                took = task()
+            except BaseException as exc:  # noqa: BLE001 - handed to the main thread, which raises it
+                self._build_errors.append(exc)
+                return
+            finally:
+                with self._lock:
+                    self._reporting = False
+                    self._reported_at = time.monotonic()
+                    if took is not None:
+                        self._report_took = took
+                with self.board.cond:
+                    self.board.cond.notify_all()
+
+    def _checkpoint(self, strategies: list[Any]) -> None:
+        """report.json (the checkpoint view) and the plots of the models just finished, on the reporter."""
+        models = self._finished_models(strategies) - self._plotted
+        self._plotted |= models
+        self._report_soon(lambda: write_checkpoint(self.store, self.study.out_dir, models,
+                                                   cancel=self._reporter_ending.is_set))
+
+    def _stop_reporter(self) -> None:
+        """Let the reporter finish what it has, but no more plots ahead (the final report draws them)."""
+        self._reporter_ending.set()
+        if self._reporter_thread is not None:
+            self._report_tasks.put(None)
+            self._reporter_thread.join()
+            self._reporter_thread = None
 
     def start_farm(self) -> None:
         """Start the local agent when none is configured, and one link per agent."""
@@ -216,10 +347,6 @@ class StudyRun:
         strategies = [make_strategy(run, view) for run in self.study.cfg.search.runs()]
         for st in strategies:
             self.store.put_search(st.name, st.run.model_dump(mode="json"))
-        for model, pm in self.study.models.items():
-            self._add_built(_Built(baseline_id(model), model, pm.path, pm.sha256, {}, pm.path.stat().st_size),
-                            fp32=True)
-            self._want(baseline_id(model), "full", model, "fp32")
         started = self._links_started  # an agent that never answered is waited for from when it was dialled
         last_report = 0.0
         self._results_changed.set()  # a first report.json right away
@@ -231,6 +358,7 @@ class StudyRun:
             self.board.expire()
             if self._changed.is_set():
                 self._changed.clear()
+                self._admit()
                 self._plan_feasibility()
                 self._gate_requests()
                 self._screen_splits_ready()
@@ -239,6 +367,7 @@ class StudyRun:
                         self._request(st.name, st.propose())
                     if st.done():
                         self.store.finish_search(st.name)
+                self._analyzed_now()
             searching = not all(st.done() for st in strategies)
             if not searching and self._idle() and not self.board.closed:
                 self.board.close()
@@ -247,9 +376,9 @@ class StudyRun:
             if self.on_progress is not None:
                 self.on_progress(self.board.counts(), self._total())
             self._show_status()
-            if self._results_changed.is_set() and time.monotonic() - last_report > 2.0:
+            if self._results_changed.is_set() and time.monotonic() - last_report > 2.0 and self._reporter_free():
                 self._results_changed.clear()
-                write_json(self.store, self.study.out_dir)
+                self._checkpoint(strategies)
                 last_report = time.monotonic()
             if self.board.finished() and not searching and self._idle() and not awaited and not self.planner.deciding():
                 break
@@ -265,6 +394,33 @@ class StudyRun:
                 if not self._changed.is_set():
                     self.board.cond.wait(0.5)
 
+    def _finished_models(self, strategies: list[Any]) -> set[str]:
+        """Models whose results can no longer change in this run: admitted, the gate decided and every
+        recipe to search is ranked, no search of theirs open, no build or job of theirs unfinished."""
+        with self._lock:
+            done = set(self._analysis_done)
+            building = {self._queued_models[cid] for cid in self._queued if cid not in self._built}
+        busy = set(building)
+        for st in strategies:
+            busy |= st.open_models() if hasattr(st, "open_models") else set(self.study.models)
+        for jid in self.board.unfinished():
+            cid = self.board.plans[jid].candidate_id
+            with self._lock:
+                built = self._built.get(cid)
+            busy.add(built.model if built is not None else cid.split(":", 1)[0])
+        out = set()
+        for m in self.study.models:
+            if m in busy:
+                continue
+            decisions = self.gate_decisions(m)
+            if decisions is not None and any(d.status == gate.PENDING for d in decisions):
+                continue
+            searched = self.study.recipes(m) if decisions is None else \
+                [d.recipe for d in decisions if d.status == gate.SEARCHED]
+            if all((m, r) in done for r in searched):
+                out.add(m)
+        return out
+
     def _nothing_can_arrive(self) -> bool:
         """No device class and no live agent to bring one, or: no job unfinished, no build running, nothing
         being planned and nothing changed since the searches were last asked (they wait for results that
@@ -273,8 +429,8 @@ class StudyRun:
             no_class = not self._classes
         if no_class and not any(link.live.is_set() for link in self.links):
             return True
-        return (not self.board.unfinished() and self._idle() and not self.planner.deciding()
-                and not self._changed.is_set())
+        return (not self.board.unfinished() and not self.board.settling() and self._idle()
+                and not self.planner.deciding() and not self._changed.is_set())
 
     def _stuck(self, searches: list[str]) -> None:
         """The searches cannot go on: say why (the reasons already found, else what they wait for)."""
@@ -349,17 +505,23 @@ class StudyRun:
         """Stop the links, their slots and the local agent."""
         self.stop.set()
         self._builds.put(None)
+        self._prep_tasks.put((-1, 0, None))
         for link in self.links:
             link.interrupt()  # cancels calls in flight (a hung agent's handshake, say)
         for link in self.links:
             link.join(timeout=15)
         if self._builder_thread is not None:
             self._builder_thread.join()  # it finishes the build in hand (the store must outlive it)
+        if self._preparer_thread is not None:
+            self._preparer_thread.join()  # likewise the model or analysis in hand
+        self._stop_reporter()  # the report redraws what it did not finish
         if self.local is not None:
             self.local.stop()
 
     def report(self) -> TuneOutcome:
         """Counts, errors and the full report."""
+        if self._layers_written != len(self._analysis_done):
+            self.study.write_layer_outputs(self.study.analyzed_rows())
         counts = self.board.counts()
         for line in self._lost_lines():
             if line not in self.errors:
@@ -398,6 +560,7 @@ class StudyRun:
             queued = plan.id in self._queued
             if not queued:
                 self._queued.add(plan.id)
+                self._queued_models[plan.id] = plan.model
                 self._building += 1
         if not queued:
             self._builds.put(plan)
@@ -488,30 +651,36 @@ class StudyRun:
         return out
 
     def _searched(self, model: str, recipe: str) -> bool:
-        """Whether (model, recipe) is searched: always with explicit recipes, else when the gate passed it
-        (analyzed then, before its search starts)."""
+        """Whether (model, recipe) is searched now: its layers are ranked (asked for when the model is admitted
+        with explicit recipes, else when the recipe gate passes it)."""
         decisions = self.gate_decisions(model)
-        if decisions is None:
-            return True
-        if not any(d.recipe == recipe and d.status == gate.SEARCHED for d in decisions):
+        if decisions is not None and not any(d.recipe == recipe and d.status == gate.SEARCHED for d in decisions):
             return False
-        if (model, recipe) not in self._analyzed:
-            if self.quiet is not None:
-                with self.quiet.shared():
-                    self.study.analyze(model, recipe)
-            else:
-                self.study.analyze(model, recipe)
-            self._analyzed.add((model, recipe))
-            self.study.write_layer_outputs(self.study.analyzed_rows())
-        return True
+        self._analyze_soon(model, recipe)
+        with self._lock:
+            return (model, recipe) in self._analysis_done
 
     def view_pairs_settled(self) -> bool:
-        """False while the gate has not decided (some model's auto recipes are pending): more pairs may come."""
-        return all(d.status != gate.PENDING for m in self.study.models for d in (self.gate_decisions(m) or []))
+        """False while more pairs may come: a model is still being prepared, the gate has not decided (some
+        model's auto recipes are pending), or a recipe to search is still being analyzed."""
+        with self._lock:
+            if self._admitted < len(self.study.cfg.models):
+                return False
+            done = set(self._analysis_done)
+        for m in self.study.models:
+            decisions = self.gate_decisions(m)
+            if decisions is not None and any(d.status == gate.PENDING for d in decisions):
+                return False
+            searched = self.study.recipes(m) if decisions is None else \
+                [d.recipe for d in decisions if d.status == gate.SEARCHED]
+            if any((m, r) not in done for r in searched):
+                return False
+        return True
 
     def _idle(self) -> bool:
+        """No build and no preparer task queued or running."""
         with self._lock:
-            return self._building == 0
+            return self._building == 0 and self._preparing == 0
 
     def _builder(self) -> None:
         # Builds start once some device class is known (agents are dialled while the models are prepared,

@@ -63,7 +63,6 @@ from tuneqn.controller.edits import (
 )
 from tuneqn.controller.edits_qop import QOperatorEditor, UnsupportedEdit
 from tuneqn.controller.quantize import QuantSettings, calibrate, quantize_candidate, runtime_options, runtime_options_of
-from tuneqn.controller.report.layer_plot import layer_errors_plot
 from tuneqn.controller.search.gate import META as GATE_META
 from tuneqn.controller.search.gate import auto_recipes
 from tuneqn.controller.store import Store
@@ -111,6 +110,15 @@ def _hash(*parts: object) -> str:
 
 LOCK_NAME = "tuneqn.lock"
 SCRATCH_PREFIX = ".scratch-"
+
+
+@dataclass(frozen=True)
+class PreparedInput:
+    """Model ``index`` of the study, prepared with its data samples, not registered yet (:meth:`Study.add_model`)."""
+
+    index: int
+    model: PreparedModel
+    data: PreparedData
 
 
 class StudyBusy(UserError):
@@ -247,6 +255,8 @@ class Study:
         self.models: dict[str, PreparedModel] = {}
         self.data: dict[str, PreparedData] = {}
         self._auto: dict[str, list[str]] = {}  # model -> the recipes auto tries on it (recipes = "auto")
+        self._auto_notes: dict[str, str] = {}
+        self._calibrating: dict[Path, threading.Lock] = {}  # one calibration per cache file at a time
         self._layers: dict[tuple[str, str], list[dict[str, Any]]] = {}
         self._derivations = Derivations()
         self._sizes: dict[str, int | str] = {}  # candidate id -> predicted size, or "build" (see _predict)
@@ -268,7 +278,7 @@ class Study:
                  tb: TracebackType | None) -> None:
         self.close()
 
-    def quantizer_input(self, model: str) -> Path:
+    def quantizer_input(self, model: str, pm: PreparedModel | None = None) -> Path:
         """A private link (or copy) of the prepared model for the ORT quantizer and the analysis.
 
         ORT writes ``<model stem>-inferred.onnx`` next to the file it is given and deletes it
@@ -276,7 +286,7 @@ class Study:
         delete the same file (FileNotFoundError). Each thread of this Study gets its own folder
         under ``<out>/.scratch-*`` (removed by :meth:`close`, or by the next Study after a crash).
         """
-        pm = self.models[model]
+        pm = pm or self.models[model]
         with self._scratch_lock:
             if self._scratch is None:
                 self._scratch = Path(tempfile.mkdtemp(prefix=SCRATCH_PREFIX, dir=self.out_dir))
@@ -296,22 +306,40 @@ class Study:
     # ------------------------------------------------------------------ prepare
     def prepare(self) -> None:
         """Load and prepare every model and its data samples."""
-        for i, spec in enumerate(self.cfg.models):
-            pm = prepare_model(spec, self.out_dir / "models", self.cfg.hub_cache_dir, label=f"models[{i}]",
-                               preprocess_model=self.cfg.quantization.preprocess)
-            self.models[pm.name] = pm
-            data = prepare_data(self.cfg.dataset, pm.input_shape, self.out_dir / "data" / pm.name)
-            self.data[pm.name] = data
-            warning = self.confidence_warning(pm, data)
-            if warning is not None:
-                pm.notes.append(f"WARNING: {warning}")
-            self.store.put_model(pm.to_row())
-            for split in (data.eval, data.calibration, data.analysis):
-                # Every split of a model carries the same list of images skipped while preparing its data.
-                self.store.put_dataset(f"{pm.name}/{split.name}", split.path, split.sha256, split.items, split.labels,
-                                       skipped=data.skipped)
+        for i in range(len(self.cfg.models)):
+            self.add_model(self.prepare_model(i))
+        self.finish_prepare()
+
+    def prepare_model(self, i: int) -> PreparedInput:
+        """Prepare model ``i`` of the study and its data samples (with the FP32 confidence check) without
+        registering it: safe on a worker thread while other models are in use; :meth:`add_model` registers it."""
+        spec = self.cfg.models[i]
+        pm = prepare_model(spec, self.out_dir / "models", self.cfg.hub_cache_dir, label=f"models[{i}]",
+                           preprocess_model=self.cfg.quantization.preprocess)
+        data = prepare_data(self.cfg.dataset, pm.input_shape, self.out_dir / "data" / pm.name)
+        warning = self.confidence_warning(pm, data)
+        if warning is not None:
+            pm.notes.append(f"WARNING: {warning}")
+        return PreparedInput(i, pm, data)
+
+    def add_model(self, prepared: PreparedInput) -> None:
+        """Register a prepared model (in the store too): its recipes, its exclusion sets checked, its stale
+        candidates forgotten. The model maps are replaced, not changed in place, so a thread iterating the
+        models seen so far is never disturbed."""
+        pm, data = prepared.model, prepared.data
+        self.models = {**self.models, pm.name: pm}
+        self.data = {**self.data, pm.name: data}
+        self.store.put_model(pm.to_row())
+        for split in (data.eval, data.calibration, data.analysis):
+            # Every split of a model carries the same list of images skipped while preparing its data.
+            self.store.put_dataset(f"{pm.name}/{split.name}", split.path, split.sha256, split.items, split.labels,
+                                   skipped=data.skipped)
+        self._choose_recipes(pm.name)
+        self._check_exclusion_sets(pm)
+
+    def finish_prepare(self) -> None:
+        """Every model is registered: the recipes chosen for all of them are kept in the store."""
         self._choose_recipes()
-        self._check_exclusion_sets()
 
     def confidence_warning(self, pm: PreparedModel, data: PreparedData) -> str | None:
         """Whether the FP32 model looks confused on the first images of the calibration sample (the usual sign
@@ -323,7 +351,7 @@ class Study:
         if stored.get("key") == key:
             check = ConfidenceCheck(**stored["check"]) if stored["check"] else None
         else:
-            check = fp32_confidence(self.quantizer_input(pm.name), pm.input_name, data.calibration.load())
+            check = fp32_confidence(self.quantizer_input(pm.name, pm), pm.input_name, data.calibration.load())
             self.store.set_meta(meta, json.dumps({"key": key, "check": asdict(check) if check else None}))
         problem = check.problem() if check is not None else None
         if problem is None:
@@ -336,25 +364,26 @@ class Study:
         log.warning("%s: %s", pm.name, warning)
         return warning
 
-    def _choose_recipes(self) -> None:
-        """With ``recipes = "auto"``: the recipes each model tries (``gate.auto_recipes``), kept in the store."""
-        notes: dict[str, str] = {}
-        if self.cfg.quantization.auto:
-            for name, pm in self.models.items():
-                self._auto[name], notes[name] = auto_recipes(pm.path, self.cfg.search.layer_op_types)
-                log.info("%s: recipes chosen automatically: %s (%s)", name, ", ".join(self._auto[name]), notes[name])
+    def _choose_recipes(self, model: str | None = None) -> None:
+        """With ``recipes = "auto"``: the recipes ``model`` tries (``gate.auto_recipes``); the choices of every
+        model registered so far are kept in the store."""
+        if model is not None and self.cfg.quantization.auto:
+            chosen, self._auto_notes[model] = auto_recipes(self.models[model].path, self.cfg.search.layer_op_types)
+            self._auto = {**self._auto, model: chosen}
+            log.info("%s: recipes chosen automatically: %s (%s)", model, ", ".join(chosen), self._auto_notes[model])
         self.store.set_meta(GATE_META, json.dumps({"auto": self.cfg.quantization.auto, "models": self._auto,
-                                                   "notes": notes}))
+                                                   "notes": self._auto_notes}))
 
-    def _check_exclusion_sets(self) -> None:
+    def _check_exclusion_sets(self, pm: PreparedModel) -> None:
+        if not self.cfg.search.exclusion_sets:
+            return
+        names = {n.name for n in onnx.load(str(pm.path), load_external_data=False).graph.node}
         for i, ex in enumerate(self.cfg.search.exclusion_sets):
-            for pm in self.models.values():
-                names = {n.name for n in onnx.load(str(pm.path), load_external_data=False).graph.node}
-                unknown = [layer for layer in ex.layers if layer not in names]
-                if unknown:
-                    raise UserError(
-                        f"search.exclusion_sets[{i}].layers: unknown layer '{unknown[0]}' in model '{pm.name}'"
-                    )
+            unknown = [layer for layer in ex.layers if layer not in names]
+            if unknown:
+                raise UserError(
+                    f"search.exclusion_sets[{i}].layers: unknown layer '{unknown[0]}' in model '{pm.name}'"
+                )
 
     def recipes(self, model: str | None = None) -> list[str]:
         """Names of the study's quantization recipes (``[[quantization.recipes]]``, else its modes); with
@@ -409,13 +438,20 @@ class Study:
         key = _hash("calibration", pm.sha256, pm.preprocessed, data.calibration.sha256, settings.calibration_key(),
                     tool_versions())
         path = self.out_dir / "calibration" / f"{model}-{key}.json"
-        if not path.is_file():
-            t0 = time.perf_counter()
-            calibrate(self.quantizer_input(model), pm.input_name, pm.input_shape[0], data.calibration.load(),
-                      settings, path)
-            log.info("%s: calibrated on %d samples in %.1fs", model, data.calibration.size, time.perf_counter() - t0)
-            self.store.put_calibration(key, model, settings.__dict__, path)
+        with self._scratch_lock:
+            lock = self._calibrating.setdefault(path, threading.Lock())
+        with lock:  # a candidate's build and an analysis on another thread may need it at once
+            if not path.is_file():
+                self._calibrate(model, settings, key, path)
         return path
+
+    def _calibrate(self, model: str, settings: QuantSettings, key: str, path: Path) -> None:
+        pm, data = self.models[model], self.data[model]
+        t0 = time.perf_counter()
+        calibrate(self.quantizer_input(model), pm.input_name, pm.input_shape[0], data.calibration.load(),
+                  settings, path)
+        log.info("%s: calibrated on %d samples in %.1fs", model, data.calibration.size, time.perf_counter() - t0)
+        self.store.put_calibration(key, model, settings.__dict__, path)
 
     # ------------------------------------------------------------------ analysis
     def calibration_sha256(self, model: str, mode: str) -> str | None:
@@ -488,13 +524,15 @@ class Study:
         self.forget_stale_candidates()
         return rows
 
-    def forget_stale_candidates(self) -> int:
-        """Drop the stored candidates of this study's recipes whose inputs changed (new weights, data,
-        settings or tools: their ``build_key`` is no longer today's) and delete their files; their
-        results stay in the store. Returns how many were dropped."""
+    def forget_stale_candidates(self, model: str | None = None) -> int:
+        """Drop the stored candidates of this study's recipes (of ``model``, when given) whose inputs changed
+        (new weights, data, settings or tools: their ``build_key`` is no longer today's) and delete their
+        files; their results stay in the store. Returns how many were dropped."""
         n = 0
         for row in self.store.candidates():
             if row["kind"] == "fp32" or row["model"] not in self.models or not self.is_recipe(row["mode"]):
+                continue
+            if model is not None and row["model"] != model:
                 continue
             plan = self.make_plan(row["model"], row["mode"], row["excluded"], row["label"], row["kind"])
             if plan.id != row["id"] or self.build_key(plan) != row.get("build_key"):
@@ -522,6 +560,8 @@ class Study:
             for r in rows
         ]
         atomic_write_text(self.out_dir / "layers.json", json.dumps(out, indent=1, allow_nan=True))
+        from tuneqn.controller.report.layer_plot import layer_errors_plot  # matplotlib: not at start-up
+
         layer_errors_plot(out, self.out_dir / "layer_errors.png")
 
     # ------------------------------------------------------------------ candidates

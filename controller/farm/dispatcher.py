@@ -242,6 +242,7 @@ class JobBoard:
         self._base_attempts: dict[str, int] = {}  # attempts made before this run (they don't count again)
         self._revoked: dict[str, set[str]] = {}  # agent address -> job ids re-leased away from it
         self._waiting: dict[str, int] = {}  # device class -> slots waiting in take() for a job
+        self._settling = 0  # results stored whose on_result has not finished
         self.closed = False
 
     # -------------------------------------------------------------- registration
@@ -433,14 +434,28 @@ class JobBoard:
         return self.fail(plan, holder, result.error or pb.JobState.Name(result.state))
 
     def complete(self, plan: JobPlan, holder: str, result: pb.JobResult, backend: str = "") -> bool:
-        """Store a result (once: the first result of a job wins, wherever it ran)."""
+        """Store a result (once: the first result of a job wins, wherever it ran). The job is ``done`` in the
+        store before ``on_result`` (its metrics) has run: :meth:`settling` counts it meanwhile."""
         row = result_row(plan, holder, result, backend)
         with self.cond:
             stored = self.store.put_result(row)
+            if stored:
+                self._settling += 1
             self.cond.notify_all()
-        if stored and self.on_result is not None:
-            self.on_result(plan.id)
+        if stored:
+            try:
+                if self.on_result is not None:
+                    self.on_result(plan.id)
+            finally:
+                with self.cond:
+                    self._settling -= 1
+                    self.cond.notify_all()
         return stored
+
+    def settling(self) -> bool:
+        """Some result is stored but ``on_result`` has not finished with it: what waits for it may still go on."""
+        with self.cond:
+            return self._settling > 0
 
     def fail(self, plan: JobPlan, holder: str, error: str, retry: bool = True) -> str:
         """A failed attempt: back to pending for another attempt, or failed for good; returns the state."""

@@ -335,6 +335,10 @@ class PerPair(Strategy):
     def _over(self, pair: PairStrategy) -> bool:
         return pair.done() or self.view.blocked(pair.model, pair.recipe) is not None
 
+    def open_models(self) -> set[str]:
+        """Models with a pair whose search is not over (pairs that may still come are not counted)."""
+        return {p.model for p in self.pairs if not self._over(p)}
+
     def done(self) -> bool:
         """All pairs done, and no pair can still come (the recipe gate decided).
 

@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import queue
 import threading
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -135,6 +136,7 @@ class StudyRun:
         self._gone: set[str] = set()  # classes given up (one error line each, until one comes back)
         # The recipe gate (``recipes = "auto"``; see controller/search/gate.py).
         self._gated: dict[tuple[str, tuple[str, ...]], list[gate.Decision]] = {}  # (model, classes) -> decided
+        self._recipe_rank: dict[str, dict[str, int]] = {}  # model -> recipe -> rank, once its gate decided
         # The preparer: models prepared one by one, layers ranked, off the main thread (see start_preparer).
         self._prep_tasks: queue.PriorityQueue[tuple[int, int, int | tuple[str, str] | None]] = queue.PriorityQueue()
         self._prep_seq = 0
@@ -646,9 +648,42 @@ class StudyRun:
         out = gate.decisions(self.store, model, self.study.recipes(model), classes)
         if all(d.status != gate.PENDING for d in out):
             self._gated[key] = out
+            self._rank_recipes(model, classes)
             for d in out:
                 log.info("recipe gate: %s/%s %s (%s)", model, d.recipe, d.status, d.reason)
         return out
+
+    def _priority(self, model: str, recipe: str) -> tuple[int, int]:
+        """Which pending jobs a device takes first: model by model (in the order they were admitted), and within
+        a model FP32 first, then recipe by recipe, so that one recipe's search ends (and its candidates reach the
+        answer) before the next one's starts, instead of every search advancing at the pace of all of them.
+        Recipes go in the study's order; with auto recipes, once the gate has decided, the lowest loss of the
+        fully quantized model first (on its worst device; then the smaller file): the recipe that needs the
+        fewest float layers to reach the answer's loss is searched first. Devices are never left idle by this:
+        it only orders what is pending."""
+        models = list(self.study.models)
+        first = models.index(model) if model in models else len(models)
+        if recipe == "fp32":
+            return (first, -1)
+        recipes = self.study.recipes(model)
+        base = recipe if recipe in recipes else (self.study.variant_base(recipe) or recipe)
+        rank = self._recipe_rank.get(model) or {r: i for i, r in enumerate(recipes)}
+        return (first, rank.get(base, len(recipes)))
+
+    def _rank_recipes(self, model: str, classes: tuple[str, ...]) -> None:
+        """The gate has decided for ``model``: order its recipes by their fully quantized points."""
+        points = gate.fq_points(self.store, model, self.study.recipes(model), classes)
+
+        def key(item: tuple[int, str]) -> tuple[float, int, int]:
+            i, recipe = item
+            per = [p for p in points.get(recipe, {}).values() if isinstance(p, gate.FqPoint)]
+            if not per:
+                return (math.inf, 0, i)
+            return (max(p.loss for p in per), max(p.size_bytes for p in per), i)
+
+        order = sorted(enumerate(self.study.recipes(model)), key=key)
+        self._recipe_rank[model] = {r: rank for rank, (_, r) in enumerate(order)}
+        log.info("%s: recipes searched in this order: %s", model, ", ".join(r for _, r in order))
 
     def _searched(self, model: str, recipe: str) -> bool:
         """Whether (model, recipe) is searched now: its layers are ranked (asked for when the model is admitted
@@ -749,6 +784,7 @@ class StudyRun:
         plan = make_job(built.candidate_id, device_class, built.path, built.sha256, split.path, split.sha256,
                         pm.input_name, built.runtime, self.settings, level, split.name, tuning_group=pm.sha256,
                         sample_sha256=self.study.eval_split(built.model).sha256)
+        plan = replace(plan, priority=self._priority(built.model, built.recipe))
         with self._lock:
             self._job_ids[(built.candidate_id, device_class, level)] = plan.id
         self.board.add(plan)

@@ -152,6 +152,8 @@ class JobPlan:
     #: was built from and of the evaluation sample (a screen's split is a subset of it); "" = unknown.
     source_sha256: str = ""
     sample_sha256: str = ""
+    #: Lower goes first among a class's pending jobs (equal: in the order added); not part of the job's identity.
+    priority: tuple[int, ...] = field(default=(), compare=False)
 
 
 def make_job(candidate_id: str, device_class: str, model_path: Path, model_sha256: str, dataset_path: Path,
@@ -265,9 +267,21 @@ class JobBoard:
                 self.store.update_job(plan.id, state="pending", error=None)
                 state = "pending"
             if state == "pending" and plan.id not in self._pending.setdefault(plan.device, deque()):
-                self._pending[plan.device].append(plan.id)
+                self._enqueue(plan)
             self.cond.notify_all()
             return state
+
+    def _enqueue(self, plan: JobPlan) -> None:
+        """Queue a pending job behind every queued job of its class with the same or a lower priority (a job
+        re-queued at the front, its lease expired, stays there)."""
+        queue = self._pending.setdefault(plan.device, deque())
+        at = len(queue)
+        while at > 0:
+            ahead = self.plans.get(queue[at - 1])
+            if ahead is None or ahead.priority <= plan.priority:
+                break
+            at -= 1
+        queue.insert(at, plan.id)
 
     def close(self) -> None:
         """No more jobs will be added."""
@@ -467,7 +481,7 @@ class JobBoard:
             state = "failed" if final else "pending"
             self.store.update_job(plan.id, state=state, error=error[:2000])
             if not final:
-                self._pending.setdefault(plan.device, deque()).append(plan.id)
+                self._enqueue(plan)
             self.cond.notify_all()
             log.warning("job %s on %s: attempt %d failed (%s)%s", plan.id, holder, row["attempts"], error[:200],
                         "" if final else "; will retry")

@@ -185,7 +185,7 @@ def nncf_side(model_path: Path, calib: np.ndarray, evals: np.ndarray, workdir: P
         if not items:
             return 0.0, []
         pred = top1(_session(model), np.concatenate([x for x, _ in items]))
-        hits = [float(p == ref) for p, (_, ref) in zip(pred, items)]
+        hits = [float(p == ref) for p, (_, ref) in zip(pred, items, strict=False)]
         return float(np.mean(hits)), hits
 
     calibration = nncf.Dataset([calib[i : i + 1] for i in range(len(calib))], lambda x: {input_name: x})
@@ -398,7 +398,8 @@ def summary(model: str, nncf_runs: list[dict[str, Any]], tq: dict[str, Any] | No
               f"agreement {r['agreement']:.3f} (n {r['n']}), {r['seconds']:.1f} s")
     if len(nncf_runs) > 1:
         each = ", ".join(f"ranking subset {r['ranking_subset']}: {r['size_bytes'] / 1e6:.2f} MB, agreement "
-                         f"{r['agreement']:.3f}, {r['seconds']:.1f} s / {r['validation_calls']} calls" for r in nncf_runs)
+                         f"{r['agreement']:.3f}, {r['seconds']:.1f} s / {r['validation_calls']} calls"
+                         for r in nncf_runs)
         print(f"NNCF runs: {each} (the smallest within the drop is NNCF's column; median time of its setting)")
     reverted = n["reverted_ops"]
     print(f"NNCF (ranking subset {n['ranking_subset']} images) reverted {len(reverted)} of {n['quantized_ops']} "

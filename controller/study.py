@@ -188,7 +188,7 @@ class StudyLock:
         finally:
             os.close(fd)  # closing the last descriptor releases the flock
 
-    def __enter__(self) -> "StudyLock":
+    def __enter__(self) -> StudyLock:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -249,7 +249,7 @@ class Study:
                 self._scratch = None
             self.lock.release()
 
-    def __enter__(self) -> "Study":
+    def __enter__(self) -> Study:
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
@@ -456,7 +456,8 @@ class Study:
                 self._layers[(model, mode)] = []
                 return []
             raise UserError(
-                f"model '{model}': no quantized layer of types {', '.join(self.cfg.search.layer_op_types)} in {mode} mode"
+                f"model '{model}': no quantized layer of types {', '.join(self.cfg.search.layer_op_types)} "
+                f"in {mode} mode"
             )
         ranked: list[LayerError] = rank_layers(errors, self.cfg.search.xmodel_weight)
         rows = [e.to_dict() for e in ranked]
@@ -717,7 +718,8 @@ def find_candidate(store: Store, which: str, model: str | None = None, recipe: s
     if len(matches) == 1:
         return by_id[next(iter(matches))]
     if len(matches) > 1:
-        choices = "; ".join(f"{cid} ({', '.join(how)}, {_mb(by_id[cid]['size_bytes'])})" for cid, how in matches.items())
+        choices = "; ".join(f"{cid} ({', '.join(how)}, {_mb(by_id[cid]['size_bytes'])})"
+                            for cid, how in matches.items())
         raise UserError(f"--candidate: {which!r} matches {len(matches)} candidates: {choices}; give one of these ids")
     if unbuilt:
         raise UserError(f"--candidate: the paper's k={which} of {', '.join(unbuilt)} was never built or evaluated "

@@ -9,7 +9,6 @@ from typing import Any
 
 import pytest
 import tomli_w
-
 from onnx_models import cnn, mlp, write_images
 
 try:  # TVM tests: one tracker for the whole session, shared by every module (tests/tvm_rpc.py)

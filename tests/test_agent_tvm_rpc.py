@@ -13,7 +13,6 @@ import threading
 from pathlib import Path
 
 import numpy as np
-
 from test_agent_fixtures import (  # noqa: F401  (fixtures are used by name)
     agent_process,
     client_factory,
@@ -21,6 +20,7 @@ from test_agent_fixtures import (  # noqa: F401  (fixtures are used by name)
     npy_bytes,
 )
 from tvm_rpc import HOST, TvmLab, cnn_samples, ort_scores, wait_for
+
 from tuneqn.agent.config import TvmSettings
 from tuneqn.controller.farm.client import AgentClient, decode_topk
 from tuneqn.v1 import agent_pb2 as pb

@@ -10,8 +10,8 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-
 from conftest import exported_sha256, write_study
+
 from tuneqn.controller.cli import main
 
 WEIGHTED = {"Conv", "Gemm", "MatMul", "ConvTranspose"}
@@ -114,14 +114,17 @@ def test_export_reproduces_sha256(built: Path, tmp_path: Path, capsys: pytest.Ca
     stored = {c["k"]: c for c in _candidates(built) if c["kind"] == "set"}
     for k in (0, 2):
         out = tmp_path / f"exported-{k}.onnx"
-        assert main(["export", str(built), "--model", "wide", "--mode", "static", "--candidate", str(k), "-o", str(out)]) == 0
+        args = ["export", str(built), "--model", "wide", "--mode", "static", "--candidate", str(k), "-o", str(out)]
+        assert main(args) == 0
         assert exported_sha256(out) == stored[k]["sha256"]
     out = tmp_path / "head.onnx"
     assert main(["export", str(built), "--candidate", "head", "-o", str(out)]) == 0
     assert "sha256=" in capsys.readouterr().out
 
 
-def test_calibration_runs_once_for_all_candidates(tmp_path: Path, assets: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_calibration_runs_once_for_all_candidates(
+    tmp_path: Path, assets: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import sys
 
     q = sys.modules["onnxruntime.quantization.quantize"]
@@ -141,7 +144,8 @@ def test_calibration_runs_once_for_all_candidates(tmp_path: Path, assets: Path, 
 
 
 def test_dynamic_candidates_keep_node_names(tmp_path: Path, assets: Path) -> None:
-    study = write_study(tmp_path, model=assets / "cnn.onnx", images=assets / "images", quantization={"modes": ["dynamic"]})
+    study = write_study(tmp_path, model=assets / "cnn.onnx", images=assets / "images",
+                        quantization={"modes": ["dynamic"]})
     assert main(["analyze", str(study), "--candidates"]) == 0
     cands = [c for c in _candidates(tmp_path / "out") if c["mode"] == "dynamic"]
     for c in cands:

@@ -17,8 +17,8 @@ from typing import Any
 
 import numpy as np
 import pytest
-
 from conftest import write_study
+
 from tuneqn.controller.config import load_config
 from tuneqn.controller.farm.client import AgentClient
 from tuneqn.controller.farm.dispatcher import Endpoint, FarmSettings, make_job
@@ -30,6 +30,9 @@ from tuneqn.v1 import agent_pb2 as pb
 SIM_MS = "15"  # simulated per-sample device latency: gives every job a window to be killed in
 FAST = {"latency_repeats": 3, "latency_warmup": 1, "heartbeat_s": 0.5, "silent_after_s": 3.0,
         "unreachable_grace_s": 1.0, "lease_timeout_s": 10.0, "device_wait_s": 30.0}
+
+
+BUSY_SQL = "select count(*) from jobs where state = 'submitted' and agent like ?"
 
 
 def _agent(tmp: Path, name: str, device_class: str | None = None, sim: str = SIM_MS, *extra: str) -> LocalAgent:
@@ -104,7 +107,7 @@ def test_two_agents_one_class_survive_sigkill(tmp_path: Path, assets: Path, refe
         db = tmp_path / "out" / "tuneqn.db"
 
         def kill_a_mid_job(counts: dict[str, int], total: int) -> None:
-            busy = _state(db, "select count(*) from jobs where state = 'submitted' and agent like ?", [a.address + "#%"])
+            busy = _state(db, BUSY_SQL, [a.address + "#%"])
             if not killed and busy and counts.get("done", 0) >= 1 and a.proc is not None:
                 os.kill(a.proc.pid, signal.SIGKILL)
                 killed.append(time.monotonic())
@@ -127,7 +130,7 @@ def test_sigstopped_agent_is_detected_and_its_job_runs_elsewhere(tmp_path: Path,
         db = tmp_path / "out" / "tuneqn.db"
 
         def stop_a_mid_job(counts: dict[str, int], total: int) -> None:
-            busy = _state(db, "select count(*) from jobs where state = 'submitted' and agent like ?", [a.address + "#%"])
+            busy = _state(db, BUSY_SQL, [a.address + "#%"])
             if not stopped and busy and a.proc is not None:
                 os.kill(a.proc.pid, signal.SIGSTOP)
                 stopped.append(a.proc.pid)
@@ -413,7 +416,8 @@ def test_report_numbers_equal_the_database(tmp_path: Path, assets: Path) -> None
     for c in report["candidates"]:
         size, sha = con.execute("select size_bytes, sha256 from candidates where id = ?", [c["id"]]).fetchone()
         assert (c["size_bytes"], c["sha256"]) == (size, sha)
-        topk, k, lat = con.execute("select topk, top_k, latency_ms from results where candidate_id = ?", [c["id"]]).fetchone()
+        topk, k, lat = con.execute("select topk, top_k, latency_ms from results where candidate_id = ?",
+                                   [c["id"]]).fetchone()
         t = np.frombuffer(topk, "<i4").reshape(-1, k)
         (res,) = c["results"]
         assert res["agreement"] == pytest.approx(float((t[:, 0] == fp32.reshape(-1, k)[:, 0]).mean()))

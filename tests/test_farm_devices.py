@@ -15,10 +15,10 @@ from typing import Any
 
 import onnx
 import pytest
-
 from agent_proxy import DeviceProxy, with_fields
 from conftest import exported_sha256, write_study
 from test_farm import FAST, _agent, _executions, _run_bounded
+
 from tuneqn.controller.farm.dispatcher import Endpoint
 from tuneqn.v1 import agent_pb2 as pb
 
@@ -89,7 +89,8 @@ def test_adapt_plans_a_variant_per_device_and_sweeps_it_completely(tmp_path: Pat
     from tuneqn.controller.cli import main
 
     out = tmp_path / "variant-fq.onnx"
-    assert main(["export", str(tmp_path / "out"), "--recipe", "dyn.float-Conv", "--candidate", "1", "-o", str(out)]) == 0
+    assert main(["export", str(tmp_path / "out"), "--recipe", "dyn.float-Conv", "--candidate", "1",
+                 "-o", str(out)]) == 0
     stored = _rows(db, "select sha256 from candidates where mode = 'dyn.float-Conv' and k = 1")
     assert stored == [(exported_sha256(out),)]
 
@@ -104,13 +105,15 @@ def test_the_default_search_screens_and_evaluates_variants_on_their_device_only(
         outcome = _run_bounded(240, study, [Endpoint(cpu.address), Endpoint(proxy.address)])
     assert outcome.failed == 0 and outcome.done == outcome.total
     db = tmp_path / "out" / "tuneqn.db"
-    where = {(r[0], r[1]): r[2] for r in _rows(db, "select c.mode, j.level, group_concat(distinct j.device) from jobs j "
-                                                   "join candidates c on c.id = j.candidate_id group by 1, 2")}
+    rows = _rows(db, "select c.mode, j.level, group_concat(distinct j.device) from jobs j "
+                     "join candidates c on c.id = j.candidate_id group by 1, 2")
+    where = {(r[0], r[1]): r[2] for r in rows}
     assert where == {("fp32", "full"): "cpu,phone" if where[("fp32", "full")].startswith("cpu") else "phone,cpu",
                      ("qop", "full"): "cpu", ("qop", "screen"): "cpu", ("dyn", "full"): "cpu",
                      ("dyn", "screen"): "cpu", ("qop.qdq", "full"): "phone", ("qop.qdq", "screen"): "phone",
                      ("dyn.float-Conv", "full"): "phone", ("dyn.float-Conv", "screen"): "phone"}
-    assert {r[0] for r in _rows(db, "select split from datasets")} >= {"cnn/screen/qop.qdq", "cnn/screen/dyn.float-Conv"}
+    splits = {r[0] for r in _rows(db, "select split from datasets")}
+    assert splits >= {"cnn/screen/qop.qdq", "cnn/screen/dyn.float-Conv"}
 
 
 def test_a_recipe_no_variant_fixes_is_kept_and_the_report_says_so(tmp_path: Path, assets: Path) -> None:
@@ -128,7 +131,8 @@ def test_a_recipe_no_variant_fixes_is_kept_and_the_report_says_so(tmp_path: Path
     assert _rows(db, "select recipe, planned, status, unsupported from feasibility") == [
         ("dyn", "dyn", "gave-up", '["DynamicQuantizeLinear"]')]
     (entry,) = json.loads((tmp_path / "out" / "report.json").read_text())["feasibility"]
-    assert entry["text"].startswith("phone: dyn kept, no variant runs there") and "DynamicQuantizeLinear" in entry["text"]
+    assert entry["text"].startswith("phone: dyn kept, no variant runs there")
+    assert "DynamicQuantizeLinear" in entry["text"]
 
 
 def test_report_mode_dispatches_everything(tmp_path: Path, assets: Path) -> None:

@@ -11,9 +11,9 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from conftest import exported_sha256, write_study
 from onnx import numpy_helper
 
-from conftest import exported_sha256, write_study
 from tuneqn.controller.cli import main
 from tuneqn.controller.quantize import WBQ, QuantSettings, quantize_candidate
 

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from test_agent_fixtures import executions
+
 from tuneqn.controller.farm.local import LocalAgent
 
 KILL_TIMEOUT = 180.0
@@ -90,7 +91,8 @@ def test_a_study_killed_with_jobs_on_both_agents_resumes_and_collects_them(tmp_p
             agent = by_name[holder.split("#")[0]]
             assert executions(agent.state_dir, job_id) == 1
         assert _rows(db, "select count(*) from jobs where state != 'done'") == [(0,)]
-        dup = _rows(db, "select candidate_id, device, level, count(*) from results group by 1, 2, 3 having count(*) > 1")
+        dup = _rows(db, "select candidate_id, device, level, count(*) from results group by 1, 2, 3 "
+                        "having count(*) > 1")
         assert dup == []
     finally:
         for a in agents:

@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from conftest import exported_sha256, write_study
 from onnx_models import cnn, write_images
+
 from tuneqn.controller import dataset as dataset_mod
 from tuneqn.controller import study as study_mod
 from tuneqn.controller.cli import main

@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from conftest import exported_sha256, write_study
+
 from tuneqn.controller.cli import main
 from tuneqn.controller.config import load_config
 from tuneqn.controller.farm.dispatcher import Endpoint, FarmSettings

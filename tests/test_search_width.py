@@ -15,10 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
 from agent_proxy import DeviceProxy, swap_top2
 from conftest import write_study
 from test_farm import FAST, _run_bounded
+
 from tuneqn.controller.config import load_config
 from tuneqn.controller.farm.dispatcher import Endpoint
 from tuneqn.controller.study import Study, screen_positions

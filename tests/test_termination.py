@@ -21,9 +21,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from conftest import free_port, write_study
 from onnx_models import cnn
+
 from tuneqn.controller.cli import main
 from tuneqn.controller.farm.local import LocalAgent
 

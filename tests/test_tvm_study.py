@@ -17,9 +17,9 @@ from typing import Any
 
 import numpy as np
 import pytest
-
 from conftest import write_study
 from tvm_rpc import TvmLab, wait_for
+
 from tuneqn.agent.config import TvmSettings
 from tuneqn.controller.cli import main
 from tuneqn.controller.config import load_config

@@ -34,8 +34,10 @@ def _candidates(out: Path) -> list[dict]:
     return [dict(r) for r in con.execute("select * from candidates order by kind desc, k")]
 
 
-@pytest.fixture
-def built(tmp_path: Path, assets: Path) -> Path:
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory, assets: Path) -> Path:
+    """One study's candidates, built once for the module's tests (read-only: they write to their own tmp_path)."""
+    tmp_path = tmp_path_factory.mktemp("built-candidates")
     study = write_study(
         tmp_path, model=assets / "wide.onnx", images=assets / "images",
         search={"exclusion_sets": [{"name": "head", "layers": ["fc", "conv4"]}]},

@@ -90,7 +90,7 @@ def _state(db: Path, sql: str, args: list[Any] | None = None) -> int:
         return 0
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def reference(tmp_path_factory: pytest.TempPathFactory, assets: Path) -> dict[str, bytes]:
     """Fault-free predictions of every candidate (one agent), by candidate id."""
     tmp = tmp_path_factory.mktemp("ref")
@@ -100,6 +100,7 @@ def reference(tmp_path_factory: pytest.TempPathFactory, assets: Path) -> dict[st
     return {c: t for (c, _), t in _predictions(tmp / "out").items()}
 
 
+@pytest.mark.heavy
 def test_two_agents_one_class_survive_sigkill(tmp_path: Path, assets: Path, reference: dict[str, bytes]) -> None:
     a, b = _agent(tmp_path, "a", "lab"), _agent(tmp_path, "b", "lab")
     with a, b:
@@ -122,6 +123,7 @@ def test_two_agents_one_class_survive_sigkill(tmp_path: Path, assets: Path, refe
     assert {d for _, d in preds} == {"lab"}
 
 
+@pytest.mark.heavy
 def test_sigstopped_agent_is_detected_and_its_job_runs_elsewhere(tmp_path: Path, assets: Path,
                                                                    reference: dict[str, bytes]) -> None:
     a, b = _agent(tmp_path, "a", "lab", "40"), _agent(tmp_path, "b", "lab", "40")
@@ -146,6 +148,7 @@ def test_sigstopped_agent_is_detected_and_its_job_runs_elsewhere(tmp_path: Path,
     assert {c: t for (c, _), t in _predictions(tmp_path / "out").items()} == reference
 
 
+@pytest.mark.heavy
 def test_controller_killed_then_resumed_runs_only_missing_jobs(tmp_path: Path, assets: Path,
                                                                reference: dict[str, bytes]) -> None:
     study_toml = _study(tmp_path, assets)
@@ -171,6 +174,7 @@ def test_controller_killed_then_resumed_runs_only_missing_jobs(tmp_path: Path, a
     assert {c: t for (c, _), t in _predictions(tmp_path / "out").items()} == reference
 
 
+@pytest.mark.heavy
 def test_fresh_remeasures_and_other_studies_reuse_successes(tmp_path: Path, assets: Path) -> None:
     study_toml = _study(tmp_path, assets)
     with _agent(tmp_path, "solo", "lab", "0") as agent:
@@ -189,6 +193,7 @@ def test_fresh_remeasures_and_other_studies_reuse_successes(tmp_path: Path, asse
         assert len(_executions(agent)) == 14
 
 
+@pytest.mark.heavy
 def test_a_retry_executes_again(tmp_path: Path, assets: Path) -> None:
     """A job that failed on the agent (its blob vanished) is re-executed by the retry, not re-read."""
     study_toml = _study(tmp_path, assets)
@@ -228,6 +233,7 @@ def test_a_retry_executes_again(tmp_path: Path, assets: Path) -> None:
     assert attempt == 2
 
 
+@pytest.mark.heavy
 def test_controller_side_error_fails_the_attempt_and_the_run_goes_on(tmp_path: Path, assets: Path,
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     """An OSError while uploading (disk trouble on the controller) fails that attempt; no hang."""
@@ -248,6 +254,7 @@ def test_controller_side_error_fails_the_attempt_and_the_run_goes_on(tmp_path: P
     assert con.execute("select max(attempts) from jobs").fetchone()[0] == 2
 
 
+@pytest.mark.heavy
 def test_a_class_that_hangs_mid_study_ends_unreachable_while_others_finish(
         tmp_path: Path, assets: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """The only agent of a class hangs (SIGSTOP) mid-job: its job uses up its attempts, the class's
@@ -287,6 +294,7 @@ def test_a_class_that_hangs_mid_study_ends_unreachable_while_others_finish(
     assert "unreachable" in statuses
 
 
+@pytest.mark.heavy
 def test_a_declared_class_whose_agent_never_answers_ends_unreachable(
         tmp_path: Path, assets: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from tuneqn.controller.cli import main
@@ -306,6 +314,7 @@ def test_a_declared_class_whose_agent_never_answers_ends_unreachable(
     assert _state(db, "select count(*) from jobs where device = 'phone' and state = 'unreachable'") == 7
 
 
+@pytest.mark.heavy
 def test_a_class_whose_agent_comes_up_late_gets_its_jobs(tmp_path: Path, assets: Path) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -333,6 +342,7 @@ def test_a_class_whose_agent_comes_up_late_gets_its_jobs(tmp_path: Path, assets:
     assert _state(db, "select count(*) from results where device = 'early'") == 7
 
 
+@pytest.mark.heavy
 def test_wrong_token_fails_cleanly(tmp_path: Path, assets: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from tuneqn.controller.cli import main
 
@@ -370,6 +380,7 @@ def test_local_agent_started_when_none_configured(tmp_path: Path, assets: Path) 
     assert top[-1] == pytest.approx(1.0)  # everything ranked back in float agrees with FP32
 
 
+@pytest.mark.heavy
 def test_killed_controller_leaves_no_local_agent_behind(tmp_path: Path, assets: Path) -> None:
     study_toml = _study(tmp_path, assets)
     out = tmp_path / "out"

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 import tomli_w
 from conftest import write_study
 
@@ -152,6 +153,7 @@ def _selection(out: Path) -> list[dict[str, Any]]:
     return json.loads((out / "report.json").read_text())["recipe_selection"]
 
 
+@pytest.mark.heavy
 def test_auto_study_stops_dominated_recipes_and_resumes_to_the_same_decisions(tmp_path: Path, assets: Path) -> None:
     """One local agent, a MatMul model (so dynamic is tried) and a few loud samples that blow the static
     activation ranges: every auto recipe's fully quantized model is measured, the static ones are larger and

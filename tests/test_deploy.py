@@ -176,6 +176,7 @@ def test_agent_unit_runs_the_agent_from_its_env_file(tmp_path: Path) -> None:
     assert stop(agent) == 0  # KillSignal=SIGTERM: graceful
 
 
+@pytest.mark.heavy
 def test_tracker_unit_starts_a_tvm_tracker(tmp_path: Path) -> None:
     pytest.importorskip("tvm", reason="the TVM tracker needs the tuneqn[tvm] extra")
     from tvm import rpc

@@ -37,6 +37,7 @@ def _restricted(devices: list[pb.Device]) -> list[pb.Device]:
     return [with_fields(d, supported_ops=NO_QLINEARCONV_NO_CONVINTEGER) for d in devices]
 
 
+@pytest.mark.heavy
 def test_adapt_plans_a_variant_per_device_and_sweeps_it_completely(tmp_path: Path, assets: Path) -> None:
     """A device without QLinearConv gets the QOperator recipe as QDQ, one without ConvInteger the dynamic
     recipe with Conv left in float; the other device runs the recipes themselves; the sweep over each
@@ -95,6 +96,7 @@ def test_adapt_plans_a_variant_per_device_and_sweeps_it_completely(tmp_path: Pat
     assert stored == [(exported_sha256(out),)]
 
 
+@pytest.mark.heavy
 def test_the_default_search_screens_and_evaluates_variants_on_their_device_only(tmp_path: Path, assets: Path) -> None:
     """budget/measured: screens (whose sample is chosen from the fully quantized model's results on the classes
     the recipe runs on) and full evaluations of a variant run on its device; the base recipe's on the other."""
@@ -208,6 +210,7 @@ def test_devices_that_appear_get_slots_and_vanished_ones_take_no_more_jobs(tmp_p
     assert by_holder["phone1"] <= seen_gone[0]  # nothing leased to phone1 once it was gone
 
 
+@pytest.mark.heavy
 def test_compile_ahead_submits_the_next_job_while_one_runs(tmp_path: Path, assets: Path) -> None:
     """A device with the compile-ahead capability is handed its next job while the current one runs; the
     queued job's lease is renewed meanwhile (a lease shorter than a job), and every job runs once."""
@@ -247,6 +250,7 @@ def test_agents_command_shows_device_backend_target_key_remote_and_status(
         assert text in out, text
 
 
+@pytest.mark.heavy
 @pytest.mark.parametrize("strategy", ["budget", "greedy", "target"])
 def test_a_class_whose_fp32_reference_failed_for_good_does_not_stall_a_search(
         tmp_path: Path, assets: Path, strategy: str) -> None:

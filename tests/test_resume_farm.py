@@ -14,12 +14,15 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from test_agent_fixtures import executions
 
 from tuneqn.controller.farm.local import LocalAgent
 
 KILL_TIMEOUT = 180.0
 RERUN_TIMEOUT = 300.0
+
+pytestmark = pytest.mark.heavy  # a controller process SIGKILLed mid-study, then run again
 
 
 def _rows(db: Path, sql: str, args: tuple[object, ...] = ()) -> list[tuple[object, ...]]:

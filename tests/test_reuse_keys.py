@@ -55,6 +55,7 @@ def inputs(tmp_path: Path) -> tuple[Path, Path]:
     return model, images
 
 
+@pytest.mark.heavy
 def test_changed_weights_rebuild_candidates(tmp_path: Path, inputs: tuple[Path, Path]) -> None:
     model, images = inputs
     study = write_study(tmp_path, model=model, images=images)
@@ -77,6 +78,7 @@ def test_changed_weights_rebuild_candidates(tmp_path: Path, inputs: tuple[Path, 
         _export_matches(out, tmp_path, k)
 
 
+@pytest.mark.heavy
 def test_changed_calibration_images_rebuild(tmp_path: Path, inputs: tuple[Path, Path]) -> None:
     model, images = inputs
     study = write_study(tmp_path, model=model, images=images)

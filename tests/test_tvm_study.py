@@ -32,6 +32,8 @@ FAST = {"latency_repeats": 3, "latency_warmup": 1, "heartbeat_s": 0.5, "silent_a
         "unreachable_grace_s": 1.0, "lease_timeout_s": 20.0, "device_wait_s": 60.0}
 RECIPES = [{"name": "qdq", "format": "qdq"}, {"name": "qop", "format": "qoperator"}]
 
+pytestmark = pytest.mark.heavy  # whole studies on ORT and TVM agents, servers killed mid-study
+
 
 def _study(tmp: Path, assets: Path, feasibility: str) -> Path:
     return write_study(tmp, model=assets / "cnn.onnx", images=assets / "images",

@@ -6,10 +6,13 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed-stamp
+# pytest-xdist: one worker per core by default (TEST_WORKERS=0 runs the tests in this process, in file order).
+TEST_WORKERS ?= auto
+PYTEST := $(PY) -m pytest -q -ra -n $(TEST_WORKERS) --dist worksteal
 EXAMPLE_DIR := examples/lite0
 EXAMPLE_OUT ?= out/lite0
 
-.PHONY: demo test test-fast venv example protos schema clean
+.PHONY: demo test test-fast check venv example protos schema clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -31,11 +34,16 @@ demo: example
 
 ## The full test suite, slow real-model tests included (they use the prepared example).
 test: example
-	TUNEQN_EXAMPLE_DIR=$(EXAMPLE_DIR)/work $(PY) -m pytest -q -ra
+	TUNEQN_EXAMPLE_DIR=$(EXAMPLE_DIR)/work $(PYTEST)
 
 ## Tests without the real-model ones.
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -ra -m "not slow"
+	$(PYTEST) -m "not slow"
+
+## The inner loop: lint, then the tests without the real model and without the heavy end-to-end runs.
+check: $(STAMP)
+	$(VENV)/bin/ruff check controller agent tests bench examples
+	$(PYTEST) -m "not slow and not heavy"
 
 ## Regenerate the checked-in gRPC stubs from protos/tuneqn/v1/*.proto.
 protos: $(STAMP)

@@ -7,7 +7,8 @@ to stderr. SIGTERM/SIGINT stop it gracefully: no new job starts (submissions get
 UNAVAILABLE), a running job gets ``--drain-seconds`` to finish (its result is stored),
 and one still running then is interrupted and stays queued for the next start; stored
 results are kept. A second SIGTERM/SIGINT during the drain interrupts running jobs at
-once (they stay queued the same way) and the agent exits as after a normal stop. With ``--stop-on-stdin-eof`` the end of stdin does the same, so a
+once (they stay queued the same way) and the agent exits as after a normal stop. With
+``--stop-on-stdin-eof`` the end of stdin does the same, so a
 parent that starts the agent with a stdin pipe never leaves it behind, even when the
 parent is SIGKILLed. ``--metrics-listen HOST:PORT`` serves Prometheus metrics
 (:mod:`tuneqn.agent.metrics`) at ``/metrics``; off loopback only with ``--metrics-public``.
@@ -28,11 +29,11 @@ import json
 import logging
 import os
 import re
+import shlex
+import shutil
 import signal
 import socket
 import sqlite3
-import shlex
-import shutil
 import sys
 import threading
 from pathlib import Path

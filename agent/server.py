@@ -20,8 +20,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 import tuneqn
 from tuneqn.agent.auth import BearerTokenInterceptor
 from tuneqn.agent.backends.base import Backend, DeviceDescription
-from tuneqn.agent.config import AgentConfig, hostport, listen_problem, security_problem
 from tuneqn.agent.blobs import BlobStore, BlobTooLarge, InvalidBlob, check_sha256
+from tuneqn.agent.config import AgentConfig, hostport, listen_problem, security_problem
 from tuneqn.agent.jobs import (
     DEFAULT_HEARTBEAT_SECONDS,
     AgentStopping,

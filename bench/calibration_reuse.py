@@ -19,7 +19,13 @@ from tuneqn.controller.analysis import find_layers
 from tuneqn.controller.config import DatasetSpec, ModelSpec, PreprocessSpec, QuantizationSpec
 from tuneqn.controller.dataset import prepare_data
 from tuneqn.controller.modelio import prepare_model
-from tuneqn.controller.quantize import QuantSettings, _calibration_reader, _quantize_static, calibrate, quantize_candidate
+from tuneqn.controller.quantize import (
+    QuantSettings,
+    _calibration_reader,
+    _quantize_static,
+    calibrate,
+    quantize_candidate,
+)
 
 
 def main() -> int:

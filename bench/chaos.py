@@ -497,8 +497,8 @@ class Run:
                 if now - self.t0 > self.run_timeout or now - last_progress > self.stall:
                     why = (f"no end after {self.run_timeout:g} s" if now - self.t0 > self.run_timeout
                            else f"no result and no fault for {self.stall:g} s")
-                    self.result.hang = [why, *self.result.fault_log[-3:],
-                                        *store_snapshot(self.db, {a.name: a.state / "agent.db" for a in self.lab.agents})]
+                    dbs = {a.name: a.state / "agent.db" for a in self.lab.agents}
+                    self.result.hang = [why, *self.result.fault_log[-3:], *store_snapshot(self.db, dbs)]
                     self.controller.kill()
                     self.controller.wait(timeout=10)
                     self._recovered(now)
@@ -548,7 +548,8 @@ def one_run(lab: Lab, root: Path, assets: Path, index: int, rng: random.Random |
     study = write_study(folder, assets, agents)
     timeout = args.run_timeout if reference is None else max(args.run_timeout, 4 * reference.wall + 60)
     flags = [] if args.recipe == ["auto"] else [f for r in args.recipe for f in ("--recipe", r)]
-    res = Run(lab, folder, study, flags, index, rng, args.kinds, args.fault_every, args.faults, timeout, args.stall).go()
+    res = Run(lab, folder, study, flags, index, rng, args.kinds, args.fault_every, args.faults, timeout,
+              args.stall).go()
     agent_dbs = [a.state / "agent.db" for a in lab.agents]
     lab.stop_agents()
     db = folder / "out" / "tuneqn.db"
@@ -629,7 +630,8 @@ def main(argv: list[str] | None = None) -> int:
     args.kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
     unknown = sorted(set(args.kinds) - set(KINDS))
     if unknown or not args.kinds:
-        print(f"chaos: --kinds: unknown fault kind(s) {', '.join(unknown) or '(none given)'}; known: {', '.join(KINDS)}",
+        print(f"chaos: --kinds: unknown fault kind(s) {', '.join(unknown) or '(none given)'}; "
+              f"known: {', '.join(KINDS)}",
               file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.WARNING)
@@ -675,7 +677,8 @@ def main(argv: list[str] | None = None) -> int:
     summary = [{"run": r.index, "wall_s": round(r.wall, 1), "exit": r.exit_code, "faults": dict(r.faults),
                 "fault_log": r.fault_log, "controller_starts": r.controller_runs, "results": r.results,
                 "lost": r.lost, "duplicated": [list(d) for d in r.dups], "extra": r.extra,
-                "reexecuted_jobs": r.reexecuted, "unfinished_at_hang": r.unfinished, "slowest_recovery_s": round(r.slowest[0], 1),
+                "reexecuted_jobs": r.reexecuted, "unfinished_at_hang": r.unfinished,
+                "slowest_recovery_s": round(r.slowest[0], 1),
                 "slowest_recovery_after": r.slowest[1], "hang": r.hang, "differences": r.diffs} for r in runs]
     (root / "chaos.json").write_text(json.dumps(summary, indent=1))
     bad = any(r.bad for r in runs)

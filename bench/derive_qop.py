@@ -44,16 +44,28 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp_s:
         tmp = Path(tmp_s)
         pm = prepare_model(ModelSpec(path=ex / "model.onnx", input_shape=[1, 3, 224, 224]), tmp / "models")
-        spec = DatasetSpec(images=ex / "images", eval=1, calibration=20, analysis=1,
-                           preprocess=PreprocessSpec(resize=256, crop=224, interpolation="bicubic",
-                                                     scale=1 / 128, offset=-127 / 128))
+        spec = DatasetSpec(
+            images=ex / "images",
+            eval=1,
+            calibration=20,
+            analysis=1,
+            preprocess=PreprocessSpec(resize=256, crop=224, interpolation="bicubic", scale=1 / 128, offset=-127 / 128),
+        )
         calib = prepare_data(spec, pm.input_shape, tmp / "data").calibration.load()
         float_model = onnx.load(str(pm.path))
         layers = [n.name for n in float_model.graph.node if n.op_type in ("Conv", "Gemm")]
         rng = random.Random(0)
         sets = [rng.sample(layers, rng.randint(1, 25)) for _ in range(args.candidates)]
-        base = QuantSettings(mode="static", format="qoperator", per_channel=False, reduce_range=False,
-                             activation_type="uint8", weight_type="int8", calibration_method="minmax", op_types=None)
+        base = QuantSettings(
+            mode="static",
+            format="qoperator",
+            per_channel=False,
+            reduce_range=False,
+            activation_type="uint8",
+            weight_type="int8",
+            calibration_method="minmax",
+            op_types=None,
+        )
         print(f"model: {ex / 'model.onnx'} ({len(layers)} layers)  candidates: {len(sets)} random sets of 1-25 layers")
         for name, settings in (("per-tensor", base), ("per-channel", replace(base, per_channel=True))):
             cache = calibrate(pm.path, pm.input_name, pm.input_shape[0], calib, settings, tmp / f"{name}.json")
@@ -73,9 +85,11 @@ def main() -> int:
                 q_times.append(time.perf_counter() - t0)
                 same += (tmp / "ort.onnx").read_bytes() == editor.derive_bytes(exclude)
             p90 = statistics.quantiles(times, n=10)[-1] if len(times) > 1 else times[0]
-            print(f"{name:12s}: index {index_ms:6.1f} ms   derive median {statistics.median(times):5.1f} ms "
-                  f"(p90 {p90:5.1f})   quantizer median {statistics.median(q_times) if q_times else float('nan'):5.2f} s"
-                  f"   byte-identical {same}/{len(q_times)}")
+            print(
+                f"{name:12s}: index {index_ms:6.1f} ms   derive median {statistics.median(times):5.1f} ms "
+                f"(p90 {p90:5.1f})   quantizer median {statistics.median(q_times) if q_times else float('nan'):5.2f} s"
+                f"   byte-identical {same}/{len(q_times)}"
+            )
     return 0
 
 

@@ -69,7 +69,8 @@ def run_tune(cfg: dict[str, Any], endpoints: list[Endpoint] | None = None, sim_m
     study = Study(parse_config(cfg, Path.cwd()))
     t0 = time.perf_counter()
     try:
-        tune(study, endpoints or [], _settings(threads), local_agent_args=["--simulated-latency-ms", str(sim_ms)] if sim_ms else None)
+        tune(study, endpoints or [], _settings(threads),
+             local_agent_args=["--simulated-latency-ms", str(sim_ms)] if sim_ms else None)
     finally:
         study.close()
     return time.perf_counter() - t0

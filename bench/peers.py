@@ -19,7 +19,8 @@ One run, same model, same photos, same preprocessed arrays (issue 16, "Done when
   activations, int8 weights, min-max), per-tensor and per-channel, fully quantized, same arrays.
 
 Prints one table and the ratios the issue targets: tuneqn size / NNCF size (<= 1.02), tuneqn
-time to its model / NNCF time (<= 0.5, when the report says when the pick was found; counted from the command's start, so preparing and calibrating count), tuneqn
+time to its model / NNCF time (<= 0.5, when the report says when the pick was found; counted from the
+command's start, so preparing and calibrating count), tuneqn
 whole-run time / NNCF time (<= 1), and whether tuneqn's pick is within the 1 % loss.
 
 Not part of ``make test``: NNCF is an optional requirement, installed in its own environment.
@@ -185,7 +186,7 @@ def nncf_side(model_path: Path, calib: np.ndarray, evals: np.ndarray, workdir: P
         if not items:
             return 0.0, []
         pred = top1(_session(model), np.concatenate([x for x, _ in items]))
-        hits = [float(p == ref) for p, (_, ref) in zip(pred, items)]
+        hits = [float(p == ref) for p, (_, ref) in zip(pred, items, strict=False)]
         return float(np.mean(hits)), hits
 
     calibration = nncf.Dataset([calib[i : i + 1] for i in range(len(calib))], lambda x: {input_name: x})
@@ -410,7 +411,8 @@ def summary(model: str, nncf_runs: list[dict[str, Any]], tq: dict[str, Any] | No
               f"agreement {r['agreement']:.3f} (n {r['n']}), {r['seconds']:.1f} s")
     if len(nncf_runs) > 1:
         each = ", ".join(f"ranking subset {r['ranking_subset']}: {r['size_bytes'] / 1e6:.2f} MB, agreement "
-                         f"{r['agreement']:.3f}, {r['seconds']:.1f} s / {r['validation_calls']} calls" for r in nncf_runs)
+                         f"{r['agreement']:.3f}, {r['seconds']:.1f} s / {r['validation_calls']} calls"
+                         for r in nncf_runs)
         print(f"NNCF runs: {each} (the smallest within the drop is NNCF's column; median time of its setting)")
     reverted = n["reverted_ops"]
     print(f"NNCF (ranking subset {n['ranking_subset']} images) reverted {len(reverted)} of {n['quantized_ops']} "

@@ -20,6 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from onnx_models import cnn, write_images  # noqa: E402
+
 from tuneqn.controller.config import parse_config  # noqa: E402
 from tuneqn.controller.farm.dispatcher import Endpoint, FarmSettings  # noqa: E402
 from tuneqn.controller.farm.local import LocalAgent  # noqa: E402

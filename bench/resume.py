@@ -34,6 +34,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from onnx_models import cnn, write_images  # noqa: E402
+
 from tuneqn.controller.farm.local import LocalAgent  # noqa: E402
 
 
@@ -120,7 +121,8 @@ def one(tmp: Path, cmd_args: list[str], kill_after: int, timeout: float, sim_ms:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--example", type=Path, help="folder with model.onnx, images/, labels.csv (e.g. the Lite0 example)")
-    ap.add_argument("--study", type=Path, help="a study TOML to run instead of the quick form (its out_dir is replaced)")
+    ap.add_argument("--study", type=Path,
+                    help="a study TOML to run instead of the quick form (its out_dir is replaced)")
     ap.add_argument("--kill-after", type=int, nargs="+", default=[4, 8, 14], help="results stored before the kill")
     ap.add_argument("--timeout", type=float, default=300.0, help="seconds the rerun may take before it counts as hung")
     ap.add_argument("--sim-ms", type=float, default=20.0, help="simulated device latency per sample")

@@ -66,32 +66,57 @@ def chain_cnn(path: Path, seed: int, layers: int, channels: int, size: int) -> P
         w = rng.normal(0, (2.0 / (9 * cin)) ** 0.5, (channels, cin, 3, 3)).astype(np.float32)
         b = rng.normal(0, 0.05, channels).astype(np.float32)
         stride = 2 if i % 3 == 2 else 1
-        nodes += [helper.make_node("Conv", [prev, f"{name}.W", f"{name}.B"], [f"c{i}"], name=name,
-                                   pads=[1, 1, 1, 1], strides=[stride, stride]),
-                  helper.make_node("Relu", [f"c{i}"], [f"r{i}"], name=f"relu{i}")]
+        nodes += [
+            helper.make_node(
+                "Conv",
+                [prev, f"{name}.W", f"{name}.B"],
+                [f"c{i}"],
+                name=name,
+                pads=[1, 1, 1, 1],
+                strides=[stride, stride],
+            ),
+            helper.make_node("Relu", [f"c{i}"], [f"r{i}"], name=f"relu{i}"),
+        ]
         inits += [numpy_helper.from_array(w, f"{name}.W"), numpy_helper.from_array(b, f"{name}.B")]
         prev, cin = f"r{i}", channels
-    nodes += [helper.make_node("GlobalAveragePool", [prev], ["gap"], name="gap"),
-              helper.make_node("Flatten", ["gap"], ["flat"], name="flatten"),
-              helper.make_node("Gemm", ["flat", "fc.W", "fc.B"], ["logits"], name="fc", transB=1)]
-    inits += [numpy_helper.from_array(rng.normal(0, 0.5, (10, channels)).astype(np.float32), "fc.W"),
-              numpy_helper.from_array(rng.normal(0, 0.1, 10).astype(np.float32), "fc.B")]
+    nodes += [
+        helper.make_node("GlobalAveragePool", [prev], ["gap"], name="gap"),
+        helper.make_node("Flatten", ["gap"], ["flat"], name="flatten"),
+        helper.make_node("Gemm", ["flat", "fc.W", "fc.B"], ["logits"], name="fc", transB=1),
+    ]
+    inits += [
+        numpy_helper.from_array(rng.normal(0, 0.5, (10, channels)).astype(np.float32), "fc.W"),
+        numpy_helper.from_array(rng.normal(0, 0.1, 10).astype(np.float32), "fc.B"),
+    ]
     return _save_classifier(path, f"chain{seed}", nodes, inits, "N", size, 17)
 
 
 def make_models(folder: Path, m: int) -> list[Path]:
     """M different small models (depth, width and input size vary with the index)."""
     folder.mkdir(parents=True, exist_ok=True)
-    return [chain_cnn(folder / f"m{i:02d}.onnx", seed=i, layers=6 + (i * 5) % 7, channels=(16, 24, 32, 40)[i % 4],
-                      size=(16, 20, 24, 28)[(i // 2) % 4]) for i in range(m)]
+    return [
+        chain_cnn(
+            folder / f"m{i:02d}.onnx",
+            seed=i,
+            layers=6 + (i * 5) % 7,
+            channels=(16, 24, 32, 40)[i % 4],
+            size=(16, 20, 24, 28)[(i // 2) % 4],
+        )
+        for i in range(m)
+    ]
 
 
 def start_agents(root: Path, n: int, classes: int, sim_ms: float) -> list[LocalAgent]:
     """N agents, started in parallel; class ``sim<i % classes>``."""
-    agents = [LocalAgent(root / f"agent-{i:02d}", device_name=f"d{i:02d}",
-                         extra_args=["--device-class", f"sim{i % classes}", "--simulated-latency-ms", str(sim_ms)],
-                         start_timeout=300.0)
-              for i in range(n)]
+    agents = [
+        LocalAgent(
+            root / f"agent-{i:02d}",
+            device_name=f"d{i:02d}",
+            extra_args=["--device-class", f"sim{i % classes}", "--simulated-latency-ms", str(sim_ms)],
+            start_timeout=300.0,
+        )
+        for i in range(n)
+    ]
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
         list(pool.map(LocalAgent.start, agents))
     return agents
@@ -119,7 +144,8 @@ class Row:
 def write_study(folder: Path, models: list[Path], images: Path, agents: list[LocalAgent], eval_n: int) -> Path:
     """The study file: every model, one shared image folder, the agents, latency off."""
     data: dict[str, Any] = {
-        "name": "scale", "out_dir": str(folder / "out"),
+        "name": "scale",
+        "out_dir": str(folder / "out"),
         "models": [{"name": p.stem, "path": str(p)} for p in models],
         "dataset": {"images": str(images), "eval": eval_n, "calibration": 16, "analysis": 8},
         "search": {"screen_samples": max(1, eval_n // 3)},
@@ -131,13 +157,23 @@ def write_study(folder: Path, models: list[Path], images: Path, agents: list[Loc
     return path
 
 
-def run_row(name: str, folder: Path, study: Path, agents: list[LocalAgent], recipes: list[str],
-            profile: Path | None) -> Row:
+def run_row(
+    name: str, folder: Path, study: Path, agents: list[LocalAgent], recipes: list[str], profile: Path | None
+) -> Row:
     """One ``tune`` run; the agents keep running (their results of an earlier row are not reused: new out dir,
     but identical jobs would be answered from the agents' stores, so each row gets fresh agents)."""
     strategy, ranking = ROWS[name]
-    cmd = [sys.executable, *([__file__, PROFILED, str(profile)] if profile else ["-m", "tuneqn.controller"]),
-           "tune", str(study), "--strategy", strategy, "--ranking", ranking, "--no-lab"]
+    cmd = [
+        sys.executable,
+        *([__file__, PROFILED, str(profile)] if profile else ["-m", "tuneqn.controller"]),
+        "tune",
+        str(study),
+        "--strategy",
+        strategy,
+        "--ranking",
+        ranking,
+        "--no-lab",
+    ]
     if recipes != ["auto"]:
         cmd += [f for r in recipes for f in ("--recipe", r)]
     t0 = time.time()
@@ -156,9 +192,21 @@ def run_row(name: str, folder: Path, study: Path, agents: list[LocalAgent], reci
     first_result = min((f for _, _, f, _ in rows), default=t0)
     last_analysis = con.execute("select max(created_at) from analyses").fetchone()[0] or t0
     con.close()
-    return Row(name, wall, sim / len(agents), len(rows), ru.ru_utime + ru.ru_stime, ru.ru_maxrss / 1024, 0.0,
-               first_job - t0, first_result - t0, last_analysis - t0, t0 + wall - last_result, device_s,
-               proc.returncode)
+    return Row(
+        name,
+        wall,
+        sim / len(agents),
+        len(rows),
+        ru.ru_utime + ru.ru_stime,
+        ru.ru_maxrss / 1024,
+        0.0,
+        first_job - t0,
+        first_result - t0,
+        last_analysis - t0,
+        t0 + wall - last_result,
+        device_s,
+        proc.returncode,
+    )
 
 
 PROFILED = "_profiled"
@@ -219,9 +267,11 @@ def main() -> int:
         args.profile.mkdir(parents=True, exist_ok=True)
     recipes = args.recipe or ["auto"]
     names = list(ROWS) if args.strategy == "both" else [args.strategy]
-    print(f"uptime: {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f} {os.getloadavg()[2]:.2f} (1/5/15 min load), "
-          f"{os.cpu_count()} cores; {args.agents} agents × {args.models} models, SIMULATED {args.sim_ms:g} ms/sample, "
-          f"{args.eval} eval samples, recipes {', '.join(recipes)}")
+    print(
+        f"uptime: {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f} {os.getloadavg()[2]:.2f} (1/5/15 min load), "
+        f"{os.cpu_count()} cores; {args.agents} agents × {args.models} models, SIMULATED {args.sim_ms:g} ms/sample, "
+        f"{args.eval} eval samples, recipes {', '.join(recipes)}"
+    )
     with tempfile.TemporaryDirectory(prefix="tuneqn-scale-") as tmp_s:
         root = args.keep or Path(tmp_s)
         root.mkdir(parents=True, exist_ok=True)
@@ -238,8 +288,9 @@ def main() -> int:
             print(f"[{name}] {len(agents)} agents up in {time.time() - t:.1f} s")
             study = write_study(folder, models, images, agents, args.eval)
             try:
-                row = run_row(name, folder, study, agents, recipes,
-                              args.profile / f"{name}.prof" if args.profile else None)
+                row = run_row(
+                    name, folder, study, agents, recipes, args.profile / f"{name}.prof" if args.profile else None
+                )
             finally:
                 mid = resource.getrusage(resource.RUSAGE_CHILDREN)
                 for a in agents:
@@ -247,13 +298,18 @@ def main() -> int:
             after = resource.getrusage(resource.RUSAGE_CHILDREN)
             row.agent_cpu = (after.ru_utime + after.ru_stime) - (mid.ru_utime + mid.ru_stime)
             results.append(row)
-            print(f"[{name}] rc {row.rc}: wall {row.wall:.1f} s vs ideal {row.ideal:.1f} s → {row.wall / max(row.ideal, 1e-9):.2f} ×; "
-                  f"{row.jobs} jobs; controller CPU {row.cpu:.1f} s = {1000 * row.cpu / max(row.jobs, 1):.0f} ms/job, "
-                  f"peak RSS {row.rss_mb:.0f} MB; agents' CPU {row.agent_cpu:.1f} s "
-                  f"(device time {row.device_s:.1f} s)")
-            print(f"[{name}]   from start: first job registered {row.first_job:.1f} s, first result "
-                  f"{row.first_result:.1f} s, last analysis {row.last_analysis:.1f} s; tail after the last result "
-                  f"{row.tail:.1f} s")
+            print(
+                f"[{name}] rc {row.rc}: wall {row.wall:.1f} s vs ideal {row.ideal:.1f} s → "
+                f"{row.wall / max(row.ideal, 1e-9):.2f} ×; "
+                f"{row.jobs} jobs; controller CPU {row.cpu:.1f} s = {1000 * row.cpu / max(row.jobs, 1):.0f} ms/job, "
+                f"peak RSS {row.rss_mb:.0f} MB; agents' CPU {row.agent_cpu:.1f} s "
+                f"(device time {row.device_s:.1f} s)"
+            )
+            print(
+                f"[{name}]   from start: first job registered {row.first_job:.1f} s, first result "
+                f"{row.first_result:.1f} s, last analysis {row.last_analysis:.1f} s; tail after the last result "
+                f"{row.tail:.1f} s"
+            )
         print("load after:", " ".join(f"{x:.2f}" for x in os.getloadavg()))
     return 0 if all(r.rc == 0 for r in results) else 1
 

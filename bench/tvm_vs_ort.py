@@ -123,7 +123,8 @@ def _read_inputs(folder: Path) -> tuple[list[dict[str, Any]], np.ndarray, str]:
         x = np.load(folder / "eval.npy")
     except (OSError, ValueError) as e:
         raise BadInput(f"--inputs: {folder} has no readable inputs.json/eval.npy ({e})") from None
-    cands = [{"name": c["name"], "path": folder / c["file"], "disabled": list(c["disabled"])} for c in meta["candidates"]]
+    cands = [{"name": c["name"], "path": folder / c["file"], "disabled": list(c["disabled"])}
+             for c in meta["candidates"]]
     return cands, np.asarray(x, dtype=np.float32), str(meta["model"])
 
 

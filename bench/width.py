@@ -41,8 +41,8 @@ def deep_mlp(path: Path, layers: int, features: int = 32, seed: int = 0) -> Path
     nodes, inits, x = [], [], "input"
     for i in range(layers):
         out_dim = 10 if i == layers - 1 else features
-        inits += [numpy_helper.from_array(rng.normal(0, 1.4 / np.sqrt(features), (features, out_dim)).astype(np.float32),
-                                          f"W{i}"),
+        weights = rng.normal(0, 1.4 / np.sqrt(features), (features, out_dim)).astype(np.float32)
+        inits += [numpy_helper.from_array(weights, f"W{i}"),
                   numpy_helper.from_array(rng.normal(0, 0.1, out_dim).astype(np.float32), f"B{i}")]
         last = i == layers - 1
         nodes.append(helper.make_node("Gemm", [x, f"W{i}", f"B{i}"], ["logits" if last else f"s{i}"], name=f"gemm{i}"))

@@ -366,7 +366,9 @@ def _shadow_model(fmodel: onnx.ModelProto, layers: list[_Layer], settings: Quant
             else:
                 graph.node.extend(
                     [
-                        helper.make_node("DynamicQuantizeLinear", [name], [sq + "_q", sq + "_s", sq + "_z"], name=sq + "_DQL"),
+                        helper.make_node(
+                            "DynamicQuantizeLinear", [name], [sq + "_q", sq + "_s", sq + "_z"], name=sq + "_DQL"
+                        ),
                         helper.make_node("DequantizeLinear", [sq + "_q", sq + "_s", sq + "_z"], [sq], name=sq + "_DQ"),
                     ]
                 )

@@ -42,7 +42,9 @@ LAB_FILES = ("ca.pem", "ca.key", "controller.pem", "controller.key")
 HOST_FILES = ("agent.pem", "agent.key", "ca.pem")
 HOSTS_DIR = "hosts"
 DEFAULT_ORG = "tuneqn lab"
-_DNS_NAME = re.compile(r"^(\*\.)?([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?$")
+_DNS_NAME = re.compile(
+    r"^(\*\.)?([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?$"
+)
 _CLOCK_SKEW = dt.timedelta(minutes=5)  # certificates are valid from a little before now
 
 
@@ -136,7 +138,7 @@ def load_ca(ca_dir: Path, flag: str = "--ca-from") -> tuple[x509.Certificate, El
         is_ca = False
     if not is_ca:
         raise UserError(f"{flag}: {ca_dir}: ca.pem is not a CA certificate")
-    if cert.not_valid_after_utc <= dt.datetime.now(dt.timezone.utc):
+    if cert.not_valid_after_utc <= dt.datetime.now(dt.UTC):
         raise UserError(f"{flag}: {ca_dir}: the CA expired on {cert.not_valid_after_utc:%Y-%m-%d}")
     return cert, key
 
@@ -185,7 +187,7 @@ def build_lab_certs(agent_hosts: Sequence[str] = DEFAULT_AGENT_HOSTS, days: int 
     if days < 1:
         raise UserError(f"--days: must be at least 1, got {days}")
     sans = _san_entries(agent_hosts)
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     start, end = now - _CLOCK_SKEW, now + dt.timedelta(days=days)
 
     if ca is not None:
@@ -312,7 +314,7 @@ def write_host_certs(out_dir: Path, hosts: Sequence[str], days: int = DEFAULT_DA
     def present(path: Path) -> bool:
         return path.exists() or path.is_symlink()
 
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     start, end = now - _CLOCK_SKEW, now + dt.timedelta(days=days)
     writes: dict[Path, bytes] = {}
     if present(out_dir / "ca.pem") or present(out_dir / "ca.key"):

@@ -114,7 +114,8 @@ _PREPROCESS_FLAGS = {"preprocess": "preset", "resize": "resize", "crop": "crop",
 
 def _preprocess_flags(args: argparse.Namespace) -> dict[str, Any]:
     """The [dataset.preprocess] keys given as flags."""
-    return {key: getattr(args, dest) for dest, key in _PREPROCESS_FLAGS.items() if getattr(args, dest, None) is not None}
+    return {key: getattr(args, dest) for dest, key in _PREPROCESS_FLAGS.items()
+            if getattr(args, dest, None) is not None}
 
 
 def _preprocess_spec(base: dict[str, Any], args: argparse.Namespace) -> Any:
@@ -728,7 +729,8 @@ def _print_host_certs(lab: LabHosts, days: int) -> int:
         print(f"host {host.name}: wrote {host.folder}/ (agent.pem, agent.key mode 0600, ca.pem) for "
               f"{', '.join(host.names)}; valid {days} days or until the CA expires; copy only this folder there")
         print(f"  agent: tuneqn-agent --tls-cert {host.cert} --tls-key {host.key} --tls-ca {host.ca_cert} ...")
-    print(f"controller: [[agents]] tls_ca = \"{lab.ca_cert.resolve()}\"  tls_cert = \"{lab.controller_cert.resolve()}\"  "
+    print(f"controller: [[agents]] tls_ca = \"{lab.ca_cert.resolve()}\"  "
+          f"tls_cert = \"{lab.controller_cert.resolve()}\"  "
           f"tls_key = \"{lab.controller_key.resolve()}\"")
     print(f"keep {lab.ca_key} and {lab.controller_key} off the agents")
     return 0
@@ -818,7 +820,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("certs", help="create a lab CA, a controller certificate and one key pair per agent host "
                                      "(--host) for mutual TLS")
     p.add_argument("out_dir", metavar="OUT_DIR", help="the lab's folder: ca.pem/.key, controller.pem/.key and, per "
-                   "--host, hosts/NAME/ (agent.pem/.key, ca.pem); without --host: agent.pem/.key for every --agent-host")
+                   "--host, hosts/NAME/ (agent.pem/.key, ca.pem); without --host: agent.pem/.key for every "
+                   "--agent-host")
     p.add_argument("--host", action="append", metavar="NAME[,ALIAS...]",
                    help="an agent host: its own key pair in OUT_DIR/hosts/NAME/ (subjectAltNames: NAME and the "
                         "aliases, host names or IP addresses); repeatable; on an existing OUT_DIR its CA and "

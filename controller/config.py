@@ -37,7 +37,7 @@ class ModelSpec(_Strict):
     input_shape: list[Annotated[int, Field(ge=1)]] | None = None
 
     @model_validator(mode="after")
-    def _one_source(self) -> "ModelSpec":
+    def _one_source(self) -> ModelSpec:
         if (self.path is None) == (self.hub is None):
             raise ValueError("give exactly one of 'path' or 'hub'")
         return self
@@ -60,7 +60,7 @@ class LabelsSpec(_Strict):
     regex: str | None = None
 
     @model_validator(mode="after")
-    def _one_source(self) -> "LabelsSpec":
+    def _one_source(self) -> LabelsSpec:
         given = sum([self.csv is not None, self.subfolders, self.regex is not None])
         if given > 1:
             raise ValueError("give at most one of 'csv', 'subfolders', 'regex'")
@@ -137,7 +137,7 @@ class PreprocessSpec(_Strict):
         return v
 
     @model_validator(mode="after")
-    def _norm(self) -> "PreprocessSpec":
+    def _norm(self) -> PreprocessSpec:
         r = self.resolved()
         if (r.mean is None) != (r.std is None):
             raise ValueError("give both 'mean' and 'std' or neither")
@@ -145,7 +145,7 @@ class PreprocessSpec(_Strict):
             raise ValueError(f"'crop' ({r.crop}) is larger than 'resize' ({r.resize})")
         return self
 
-    def resolved(self) -> "PreprocessSpec":
+    def resolved(self) -> PreprocessSpec:
         """This spec with the preset's values filled in where no key was given (``preset`` kept), and the
         default interpolation where neither gives one."""
         fill = {} if self.preset is None else {k: v for k, v in PREPROCESS_PRESETS[self.preset].items()
@@ -168,7 +168,7 @@ class DatasetSpec(_Strict):
     seed: int = 0
 
     @model_validator(mode="after")
-    def _one_source(self) -> "DatasetSpec":
+    def _one_source(self) -> DatasetSpec:
         if (self.images is None) == (self.tensors is None):
             raise ValueError("give exactly one of 'images' or 'tensors'")
         return self
@@ -363,12 +363,13 @@ class QuantizationSpec(_Strict):
         raise ValueError(f"unknown recipe {name!r} (known: {', '.join(known)}; variants end in "
                          f"'.{VARIANT_QDQ}' or '.{VARIANT_FLOAT}<OpType>')")
 
-    def with_recipes(self, names: list[str]) -> "QuantizationSpec":
+    def with_recipes(self, names: list[str]) -> QuantizationSpec:
         """This section restricted to (or extended by presets to) the recipes ``names`` (``--recipe``)."""
         chosen: list[RecipeSpec] = []
         for name in names:
             r = self.resolve(name)  # ValueError naming the known recipes
-            chosen.append(RecipeSpec(**{k: v for k, v in r.__dict__.items() if k not in ("op_types", "exclude_op_types")},
+            kept = {k: v for k, v in r.__dict__.items() if k not in ("op_types", "exclude_op_types")}
+            chosen.append(RecipeSpec(**kept,
                                      op_types=list(r.op_types) if r.op_types else None,
                                      exclude_op_types=list(r.exclude_op_types) or None))
         return self.model_copy(update={"recipes": chosen})
@@ -397,7 +398,7 @@ class SearchRun(_Strict):
     max_loss: Annotated[float, Field(ge=0.0, lt=1.0)] | None = None
 
     @model_validator(mode="after")
-    def _params(self) -> "SearchRun":
+    def _params(self) -> SearchRun:
         if self.strategy == "target" and self.max_loss is None:
             raise ValueError("strategy 'target' needs 'max_loss' (e.g. 0.01)")
         return self
@@ -551,7 +552,7 @@ class StudyConfig(_Strict):
         return DEFAULT_MAX_LOSS
 
     @model_validator(mode="after")
-    def _unique_names(self) -> "StudyConfig":
+    def _unique_names(self) -> StudyConfig:
         names = [m.display_name for m in self.models]
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:

@@ -163,7 +163,8 @@ def preprocess_image(path: Path, pp: PreprocessSpec, hw: tuple[int, int]) -> np.
     # Pillow reports damaged files as OSError (truncated), SyntaxError (broken PNG chunks),
     # ValueError or DecompressionBombError, depending on the format.
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        raise UnreadableImage(path, f"{exc.__class__.__name__}: {exc}" if str(exc) else exc.__class__.__name__) from None
+        why = f"{exc.__class__.__name__}: {exc}" if str(exc) else exc.__class__.__name__
+        raise UnreadableImage(path, why) from None
     resample = _RESAMPLE[pp.interpolation]
     h, w = hw
     resize, crop = _geometry(pp, hw)
@@ -361,7 +362,8 @@ def prepare_data(spec: DatasetSpec, input_shape: list[int | str], out_dir: Path)
             m = {}
         if m.get("key") == key and all((out_dir / f"{s}.npy").is_file() for s in ("eval", "calibration", "analysis")):
             splits = {
-                s: Split(s, out_dir / f"{s}.npy", m["splits"][s]["sha256"], m["splits"][s]["items"], m["splits"][s]["labels"])
+                s: Split(s, out_dir / f"{s}.npy", m["splits"][s]["sha256"], m["splits"][s]["items"],
+                         m["splits"][s]["labels"])
                 for s in ("eval", "calibration", "analysis")
             }
             if all(file_sha256(sp.path) == sp.sha256 for sp in splits.values()):

@@ -12,7 +12,8 @@ model — by replaying the structural rules of ORT's QDQ quantizer for the exclu
   ``QDQRemovableActivation`` (Relu/Clip: only when its input is already marked; then it is removed and its
   producer writes its output, when that producer's output has no other consumer), ``QDQDirect8BitOp`` and
   ``QDQMaxPool``/``QDQResize`` (Reshape, Flatten, AveragePool, …: the output shares its input's scale,
-  only when the input is already marked), ``QDQSplit``, ``QDQGather``, ``QDQWhere``. Marking order matters: a conditional op sees only what earlier nodes marked;
+  only when the input is already marked), ``QDQSplit``, ``QDQGather``, ``QDQWhere``.
+  Marking order matters: a conditional op sees only what earlier nodes marked;
 * the emission passes: weights (DequantizeLinear of the quantized initializer), activations
   (QuantizeLinear + DequantizeLinear, consumers — excluded ones too — read the DequantizeLinear's output;
   a graph output keeps its name on the DequantizeLinear), shared-scale tensors, then biases; removed
@@ -47,20 +48,19 @@ from typing import Protocol
 import onnx
 from onnx import TensorProto
 from onnxruntime.quantization.calibrate import load_tensors_data
-from onnxruntime.quantization.operators.gemm import get_beta
-from onnxruntime.quantization.qdq_quantizer import QDQQuantizer
-from onnxruntime.quantization.quant_utils import tensor_proto_to_array
 from onnxruntime.quantization.operators.activation import QDQRemovableActivation
 from onnxruntime.quantization.operators.conv import QDQConv
 from onnxruntime.quantization.operators.direct_q8 import QDQDirect8BitOp
 from onnxruntime.quantization.operators.gather import QDQGather
-from onnxruntime.quantization.operators.gemm import QDQGemm
+from onnxruntime.quantization.operators.gemm import QDQGemm, get_beta
 from onnxruntime.quantization.operators.matmul import QDQMatMul
 from onnxruntime.quantization.operators.maxpool import QDQMaxPool
 from onnxruntime.quantization.operators.qdq_base_operator import QDQOperatorBase
 from onnxruntime.quantization.operators.resize import QDQResize
 from onnxruntime.quantization.operators.split import QDQSplit
 from onnxruntime.quantization.operators.where import QDQWhere
+from onnxruntime.quantization.qdq_quantizer import QDQQuantizer
+from onnxruntime.quantization.quant_utils import tensor_proto_to_array
 from onnxruntime.quantization.registry import QDQRegistry
 
 from tuneqn.controller.quantize import (
@@ -71,7 +71,16 @@ from tuneqn.controller.quantize import (
     static_extra_options,
 )
 
-__all__ = ["CandidateIndex", "Derivations", "Derived", "ModelIndex", "QdqIndex", "Unsupported", "unsupported_settings", "varint_size"]
+__all__ = [
+    "CandidateIndex",
+    "Derivations",
+    "Derived",
+    "ModelIndex",
+    "QdqIndex",
+    "Unsupported",
+    "unsupported_settings",
+    "varint_size",
+]
 
 log = logging.getLogger(__name__)
 
@@ -82,9 +91,19 @@ _Q_IN = "_QuantizeLinear_Input"
 #: Field numbers in onnx.proto.
 _GRAPH_NODE, _GRAPH_NAME, _GRAPH_INIT, _MODEL_GRAPH = 1, 2, 5, 7
 #: Which handler of ORT's QDQ registry a node gets (classes not listed here are not modelled).
-_HANDLERS = {QDQOperatorBase: "base", QDQConv: "conv", QDQGemm: "gemm", QDQMatMul: "matmul",
-             QDQRemovableActivation: "removable", QDQDirect8BitOp: "direct", QDQMaxPool: "maxpool",
-             QDQResize: "resize", QDQSplit: "split", QDQGather: "gather", QDQWhere: "where"}
+_HANDLERS = {
+    QDQOperatorBase: "base",
+    QDQConv: "conv",
+    QDQGemm: "gemm",
+    QDQMatMul: "matmul",
+    QDQRemovableActivation: "removable",
+    QDQDirect8BitOp: "direct",
+    QDQMaxPool: "maxpool",
+    QDQResize: "resize",
+    QDQSplit: "split",
+    QDQGather: "gather",
+    QDQWhere: "where",
+}
 
 
 class Unsupported(Exception):
@@ -153,11 +172,15 @@ class Derived:
     initializer_names: set[str] = field(repr=False)
 
     @classmethod
-    def of_model(cls, model: onnx.ModelProto) -> "Derived":
+    def of_model(cls, model: onnx.ModelProto) -> Derived:
         """A candidate derived as a whole model (a QOperator derivation, say): written as ``onnx.save_model``
         would (its size without serializing it: ``ByteSize``)."""
-        return cls([model.SerializeToString()], model.ByteSize(), list(model.graph.node),
-                   {i.name for i in model.graph.initializer})
+        return cls(
+            [model.SerializeToString()],
+            model.ByteSize(),
+            list(model.graph.node),
+            {i.name for i in model.graph.initializer},
+        )
 
     def write(self, path: Path) -> None:
         """Write the candidate file atomically (``path`` + ``.part``, then renamed)."""
@@ -185,8 +208,14 @@ class QdqIndex:
 
     Thread-safe for concurrent :meth:`derive` calls (its caches only grow, under a lock)."""
 
-    def __init__(self, float_model: onnx.ModelProto, fq_model: onnx.ModelProto, fq_bytes: bytes,
-                 calib_cache: Path, settings: QuantSettings) -> None:
+    def __init__(
+        self,
+        float_model: onnx.ModelProto,
+        fq_model: onnx.ModelProto,
+        fq_bytes: bytes,
+        calib_cache: Path,
+        settings: QuantSettings,
+    ) -> None:
         why = unsupported_settings(settings)
         if why is not None:
             raise Unsupported(why)
@@ -210,8 +239,11 @@ class QdqIndex:
         self._graph_inputs = [i.name for i in g.input]
         self._graph_outputs = {o.name for o in g.output}
         # value_info of the shape-inferred float model: the fully quantized model keeps it unchanged
-        self._value_types = {v.name: v.type.tensor_type.elem_type for v in (*fg.value_info, *fg.output, *fg.input)
-                             if v.type.HasField("tensor_type")}
+        self._value_types = {
+            v.name: v.type.tensor_type.elem_type
+            for v in (*fg.value_info, *fg.output, *fg.input)
+            if v.type.HasField("tensor_type")
+        }
         self._producers: dict[str, list[int]] = {}
         for i, outs in enumerate(self._outputs):
             for name in outs:
@@ -233,7 +265,7 @@ class QdqIndex:
             raise Unsupported("the rules do not reproduce this fully quantized model byte for byte")
 
     @classmethod
-    def load(cls, float_path: Path, fq_path: Path, calib_cache: Path, settings: QuantSettings) -> "QdqIndex":
+    def load(cls, float_path: Path, fq_path: Path, calib_cache: Path, settings: QuantSettings) -> QdqIndex:
         """Index the float model, its fully quantized model and the calibration cache they came from."""
         fq_bytes = Path(fq_path).read_bytes()
         fq = onnx.load_from_string(fq_bytes)
@@ -247,7 +279,8 @@ class QdqIndex:
         if any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in g.node):
             raise Unsupported("the float model has Q/DQ nodes")
         if any(i.data_type != TensorProto.FLOAT and i.data_type in _FLOATS for i in g.initializer) or any(
-                v.type.tensor_type.elem_type == TensorProto.FLOAT16 for v in (*g.value_info, *g.input, *g.output)):
+            v.type.tensor_type.elem_type == TensorProto.FLOAT16 for v in (*g.value_info, *g.input, *g.output)
+        ):
             raise Unsupported("float16 tensors")
         if {i.name for i in g.initializer} & {i.name for i in g.input}:
             raise Unsupported("initializers listed as graph inputs")
@@ -263,7 +296,7 @@ class QdqIndex:
 
     def _replay(self, exclude: frozenset[str]) -> _Replay:
         """ORT's ``QDQQuantizer.quantize_model`` on the float graph, structure only."""
-        for i, node in enumerate(self._float_nodes):
+        for node in self._float_nodes:
             if node.name in exclude and node.op_type in ("Clip", "Relu", "Softmax") and node.op_type in self._op_types:
                 raise Unsupported(f"excluding {node.op_type} {node.name} changes calibrated ranges")
         outputs = [list(o) for o in self._outputs]
@@ -369,8 +402,12 @@ class QdqIndex:
         """``QDQQuantizer.try_replacing_upstream_output``: the producer of ``up`` writes ``out`` instead."""
         if up not in self._calibrated:
             raise Unsupported(f"{up} has no calibrated range")
-        if (out not in self._calibrated or self._consumers.get(up, 0) != 1 or up in self._graph_outputs
-                or up in self._graph_inputs):
+        if (
+            out not in self._calibrated
+            or self._consumers.get(up, 0) != 1
+            or up in self._graph_outputs
+            or up in self._graph_inputs
+        ):
             return False
         for i in (*self._producers.get(up, ()), *renamed.get(up, ())):  # the nodes that write ``up`` now
             outs = outputs[i]
@@ -380,8 +417,14 @@ class QdqIndex:
                     renamed.setdefault(out, []).append(i)
         return True
 
-    def _emit(self, marks: dict[str, _Mark], biases: dict[str, tuple[str, str, str]], removed: set[int],
-              handled: set[int], outputs: list[list[str]]) -> _Replay:
+    def _emit(
+        self,
+        marks: dict[str, _Mark],
+        biases: dict[str, tuple[str, str, str]],
+        removed: set[int],
+        handled: set[int],
+        outputs: list[list[str]],
+    ) -> _Replay:
         """ORT's emission passes: normal tensors, shared-scale tensors, biases."""
         rename_in: dict[str, str] = {}
         rename_out: dict[str, str] = {}
@@ -409,7 +452,7 @@ class QdqIndex:
             scale_of[t] = (scale, zp)
 
         bias_of_weight: dict[str, list[tuple[str, str]]] = {}
-        for b, (node_name, inp, w) in biases.items():
+        for b, (_node_name, inp, w) in biases.items():
             if inp in marks and inp in self._calibrated:  # ORT adjusts a weight's scale for these biases
                 bias_of_weight.setdefault(w, []).append((b, inp))
         for t, m in list(marks.items()):
@@ -454,8 +497,14 @@ class QdqIndex:
             ins = tuple(rename_in.get(x, x) for x in self._inputs[i])
             outs = tuple(rename_out.get(x, x) for x in outputs[i])
             nodes.append((i, "gemm" if i in handled else "float", ins, outs))
-        return _Replay(nodes, qdq, inits, weights, bias_deps,
-                       {t: s for t, (s, _) in scale_of.items() if t not in self._float_inits})
+        return _Replay(
+            nodes,
+            qdq,
+            inits,
+            weights,
+            bias_deps,
+            {t: s for t, (s, _) in scale_of.items() if t not in self._float_inits},
+        )
 
     # ------------------------------------------------------------------ candidates
     def derive(self, exclude: Iterable[str]) -> Derived:
@@ -478,11 +527,22 @@ class QdqIndex:
         with self._lock:
             node_pieces = [self._node_piece(entries[j][2]) for j in order]
             init_pieces = [self._init_piece(n, own.get(n)) for n in inits]
-        graph_len = (sum(len(p) for p, _ in node_pieces) + len(self._graph_head)
-                     + sum(len(p) for p in init_pieces) + len(self._graph_tail))
+        graph_len = (
+            sum(len(p) for p, _ in node_pieces)
+            + len(self._graph_head)
+            + sum(len(p) for p in init_pieces)
+            + len(self._graph_tail)
+        )
         graph_tag = _varint(_MODEL_GRAPH << 3 | 2) + _varint(graph_len)
-        pieces = [self._head, graph_tag, *(p for p, _ in node_pieces), self._graph_head, *init_pieces,
-                  self._graph_tail, self._tail]
+        pieces = [
+            self._head,
+            graph_tag,
+            *(p for p, _ in node_pieces),
+            self._graph_head,
+            *init_pieces,
+            self._graph_tail,
+            self._tail,
+        ]
         size = len(self._head) + len(graph_tag) + graph_len + len(self._tail)
         return Derived(pieces, size, [n for _, n in node_pieces], set(inits))
 
@@ -497,8 +557,10 @@ class QdqIndex:
         own: dict[str, tuple[object, ...]] = {}
         for w, deps in r.weights.items():
             if self._fq.weights.get(w) != deps:
-                raise Unsupported(f"weight {w} is quantized differently than in the fully quantized model "
-                                  "(shared by an excluded layer)")
+                raise Unsupported(
+                    f"weight {w} is quantized differently than in the fully quantized model "
+                    "(shared by an excluded layer)"
+                )
         for t, scale in r.scales.items():
             if scale == t + "_scale" and scale not in self._fq_inits:  # quantized with its own scale only here
                 own[t + "_scale"] = own[t + "_zero_point"] = ("activation", t)
@@ -519,9 +581,18 @@ class QdqIndex:
             model = onnx.ModelProto()
             model.CopyFrom(self._float_model)
             with quiet_ort_python_logs():
-                self._ort = QDQQuantizer(model, s.per_channel, s.reduce_range, QTYPE[s.weight_type],
-                                         QTYPE[s.activation_type], load_tensors_data(self._calib_cache), [], [],
-                                         sorted(self._op_types), static_extra_options(s))
+                self._ort = QDQQuantizer(
+                    model,
+                    s.per_channel,
+                    s.reduce_range,
+                    QTYPE[s.weight_type],
+                    QTYPE[s.activation_type],
+                    load_tensors_data(self._calib_cache),
+                    [],
+                    [],
+                    sorted(self._op_types),
+                    static_extra_options(s),
+                )
         return self._ort
 
     def _own_tensor(self, name: str, key: tuple[object, ...]) -> onnx.TensorProto:
@@ -696,14 +767,16 @@ class ModelIndex:
     """A :class:`CandidateIndex` over a function that derives whole candidate models (QOperator:
     ``edits_qop.QOperatorEditor(...).derive``); its own refusals (``refusals``) become :class:`Unsupported`."""
 
-    def __init__(self, derive_model: Callable[[list[str]], onnx.ModelProto],
-                 refusals: tuple[type[Exception], ...] = ()) -> None:
+    def __init__(
+        self, derive_model: Callable[[list[str]], onnx.ModelProto], refusals: tuple[type[Exception], ...] = ()
+    ) -> None:
         self._derive_model = derive_model
         self._refusals = refusals
 
     @classmethod
-    def build(cls, make: Callable[[], Callable[[list[str]], onnx.ModelProto]],
-              refusals: tuple[type[Exception], ...] = ()) -> "ModelIndex":
+    def build(
+        cls, make: Callable[[], Callable[[list[str]], onnx.ModelProto]], refusals: tuple[type[Exception], ...] = ()
+    ) -> ModelIndex:
         """``make()`` gives the derive function (an editor indexing its fully quantized model may refuse it)."""
         try:
             return cls(make(), refusals)

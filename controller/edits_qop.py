@@ -49,6 +49,8 @@ _MS = "com.microsoft"
 _NODE, _INITIALIZER, _INPUT, _GRAPH = b"\x0a", b"\x2a", b"\x5a", b"\x3a"
 _GRAPH_NAME, _GRAPH_INITIALIZER, _GRAPH_INPUT, _MODEL_GRAPH = 2, 5, 11, 7
 _Q = "_quantized"
+
+
 #: Quantized operators: the order in which ONNX Runtime creates their initializers ("out": output
 #: scale/zero point, an int: that input (its QuantizeLinear parameters, or the quantized initializer
 #: group "w" for an initializer input), "all": every input in order), where input i's
@@ -115,8 +117,13 @@ class _Run:
 class QOperatorEditor:
     """Index of one (float model, fully quantized QOperator model) pair; :meth:`derive` builds candidates."""
 
-    def __init__(self, fq: onnx.ModelProto, float_model: onnx.ModelProto, calib_cache: Path | None = None,
-                 settings: QuantSettings | None = None) -> None:
+    def __init__(
+        self,
+        fq: onnx.ModelProto,
+        float_model: onnx.ModelProto,
+        calib_cache: Path | None = None,
+        settings: QuantSettings | None = None,
+    ) -> None:
         """Index ``fq`` (the fully quantized model of ``float_model``). With the recipe's ``settings`` and
         calibration cache, a tensor whose scale ``fq`` does not hold (a MaxPool's output after a float
         layer) gets it computed from its calibrated range as ONNX Runtime does; otherwise such a
@@ -141,14 +148,17 @@ class QOperatorEditor:
         for n in fq.graph.node:
             fq_by_name.setdefault(n.name, n)
         self._nodes = [self._classify(n, fq_by_name.get(n.name)) for n in fnodes]
-        quantized_inits = {t for n in self._nodes if n.kind == "qop" for t in n.node.input
-                           if t in self._float_init_names}
+        quantized_inits = {
+            t for n in self._nodes if n.kind == "qop" for t in n.node.input if t in self._float_init_names
+        }
         shared = sorted(t for t in quantized_inits if len(self._consumers.get(t, [])) > 1)
         if shared:
             raise UnsupportedEdit(f"initializer shared by several nodes and quantized: {shared[0]}")
         # The pieces of the candidate's bytes that do not depend on the exclusions, serialized once.
-        self._init_bytes = {t.name: (t, _field(_INITIALIZER, t.SerializeToString()))
-                            for t in (*self._float_inits, *fq.graph.initializer)}
+        self._init_bytes = {
+            t.name: (t, _field(_INITIALIZER, t.SerializeToString()))
+            for t in (*self._float_inits, *fq.graph.initializer)
+        }
         self._input_bytes = {i.name: _field(_INPUT, i.SerializeToString()) for i in self._float_inputs}
         graph = fq.graph
         self._graph_name = _only(graph, lambda f: f == _GRAPH_NAME)
@@ -158,8 +168,11 @@ class QOperatorEditor:
             raise UnsupportedEdit("graph fields between name and initializer")
         self._model_head = _only(fq, lambda f: f < _MODEL_GRAPH)
         # ORT adds the com.microsoft opset (at the end) only when the float model has none and emits such a node.
-        self._ms_added = (not any(o.domain == _MS for o in float_model.opset_import)
-                          and bool(fq.opset_import) and fq.opset_import[-1].domain == _MS)
+        self._ms_added = (
+            not any(o.domain == _MS for o in float_model.opset_import)
+            and bool(fq.opset_import)
+            and fq.opset_import[-1].domain == _MS
+        )
         self._model_tail_ms = _only(fq, lambda f: f > _MODEL_GRAPH)
         tail = onnx.ModelProto()
         tail.CopyFrom(fq)
@@ -187,11 +200,18 @@ class QOperatorEditor:
         tmpl = _TEMPLATES.get(node.op_type)
         if tmpl is None or not q.op_type.startswith(("QLinear", "QGemm")):
             raise UnsupportedEdit(f"{node.name}: {node.op_type} → {q.op_type} has no edit rule")
-        act = {tmpl.base + 3 * i + k for i, t in enumerate(node.input) if t and t not in self._float_init_names
-               for k in range(3)}
+        act = {
+            tmpl.base + 3 * i + k
+            for i, t in enumerate(node.input)
+            if t and t not in self._float_init_names
+            for k in range(3)
+        }
         out = {tmpl.out, tmpl.out + 1}
-        own = [t for s, t in enumerate(q.input) if t and s not in act and s not in out and t in self._fq_inits
-               and t not in self._float_init_names]
+        own = [
+            t
+            for s, t in enumerate(q.input)
+            if t and s not in act and s not in out and t in self._fq_inits and t not in self._float_init_names
+        ]
         own.sort(key=self._fq_pos.__getitem__)
         return _Node(node, "qop", q, tuple(own))
 
@@ -217,8 +237,13 @@ class QOperatorEditor:
         assert self._ranges is not None
         source = tensor
         consumers = self._consumers.get(tensor, [])
-        if (len(consumers) == 1 and consumers[0].op_type in _FUSED and consumers[0].name not in excluded
-                and tensor in self._ranges and consumers[0].output[0] in self._ranges):
+        if (
+            len(consumers) == 1
+            and consumers[0].op_type in _FUSED
+            and consumers[0].name not in excluded
+            and tensor in self._ranges
+            and consumers[0].output[0] in self._ranges
+        ):
             source = consumers[0].output[0]
         if source not in self._ranges:
             return None
@@ -284,8 +309,9 @@ class QOperatorEditor:
     def _dequantize(self, run: _Run, name: str) -> None:
         qv = run.qmap.get(name)
         if qv is not None and name not in run.generated:
-            self._append(run, [helper.make_node("DequantizeLinear", [qv.q, qv.scale, qv.zp], [name],
-                                                name + "_DequantizeLinear")])
+            self._append(
+                run, [helper.make_node("DequantizeLinear", [qv.q, qv.scale, qv.zp], [name], name + "_DequantizeLinear")]
+            )
 
     def _emit_float(self, run: _Run, node: onnx.NodeProto, dq: bool) -> None:
         if dq:
@@ -320,7 +346,9 @@ class QOperatorEditor:
             if qv is None:
                 zp, scale = self._params(run, name, excluded)
                 qv = _QV(name + _Q, scale, zp)
-                new_nodes.append(helper.make_node("QuantizeLinear", [name, scale, zp], [qv.q], name + "_QuantizeLinear"))
+                new_nodes.append(
+                    helper.make_node("QuantizeLinear", [name, scale, zp], [qv.q], name + "_QuantizeLinear")
+                )
                 run.qmap[name] = qv
             triples[i] = qv
 
@@ -330,8 +358,9 @@ class QOperatorEditor:
             if step == "out":
                 consumers = self._consumers.get(node.output[0], [])
                 if len(consumers) == 1 and consumers[0].op_type in _FUSED and consumers[0].name in excluded:
-                    raise UnsupportedEdit(f"{node.name}: its fused {consumers[0].op_type} is excluded "
-                                          "(the output range changes)")
+                    raise UnsupportedEdit(
+                        f"{node.name}: its fused {consumers[0].op_type} is excluded (the output range changes)"
+                    )
                 self._create(run, sorted(q.input[tmpl.out : tmpl.out + 2], key=self._fq_pos.__getitem__))
             elif step == "all":
                 for i in range(len(node.input)):
@@ -347,7 +376,8 @@ class QOperatorEditor:
         for i, qv in triples.items():
             s = tmpl.base + 3 * i
             if (q.input[s + 1], q.input[s + 2]) != (qv.scale, qv.zp) and not self._same(
-                    run, (q.input[s + 1], q.input[s + 2]), (qv.scale, qv.zp)):
+                run, (q.input[s + 1], q.input[s + 2]), (qv.scale, qv.zp)
+            ):
                 raise UnsupportedEdit(f"{node.name}: input {node.input[i]} would get another scale")
             new.input[s], new.input[s + 1], new.input[s + 2] = qv.q, qv.scale, qv.zp
         if node.op_type == "GlobalAveragePool" and 0 in triples and q.input[3] == q.input[1]:
@@ -368,7 +398,7 @@ class QOperatorEditor:
             c.ClearField("name")
             return c.SerializeToString(deterministic=True)
 
-        return all(strip(data(x)) == strip(data(y)) for x, y in zip(a, b))
+        return all(strip(data(x)) == strip(data(y)) for x, y in zip(a, b, strict=False))
 
     def _params(self, run: _Run, tensor: str, excluded: set[str]) -> tuple[str, str]:
         """Create ``tensor``'s zero point and scale (in ORT's order) as ORT computes them from its range."""
@@ -428,14 +458,16 @@ class QOperatorEditor:
         parts.append(self._graph_name)
         for t in inits:
             cached = self._init_bytes.get(t.name)
-            parts.append(cached[1] if cached is not None and cached[0] is t
-                         else _field(_INITIALIZER, t.SerializeToString()))
+            parts.append(
+                cached[1] if cached is not None and cached[0] is t else _field(_INITIALIZER, t.SerializeToString())
+            )
         parts.append(self._graph_doc)
         parts += [self._input_bytes[i.name] for i in inputs]
         parts.append(self._graph_tail)
         ms = self._ms_added and any(n.domain == _MS for n in run.nodes)
-        return b"".join((self._model_head, _field(_GRAPH, b"".join(parts)),
-                         self._model_tail_ms if ms else self._model_tail))
+        return b"".join(
+            (self._model_head, _field(_GRAPH, b"".join(parts)), self._model_tail_ms if ms else self._model_tail)
+        )
 
 
 def _varint(n: int) -> bytes:
@@ -500,8 +532,14 @@ def _topological_sort(nodes: list[onnx.NodeProto], input_names: list[str]) -> li
     return ordered
 
 
-def derive_qoperator(fq: onnx.ModelProto, float_model: onnx.ModelProto, exclude: Collection[str], *,
-                     calib_cache: Path | None = None, settings: QuantSettings | None = None) -> onnx.ModelProto:
+def derive_qoperator(
+    fq: onnx.ModelProto,
+    float_model: onnx.ModelProto,
+    exclude: Collection[str],
+    *,
+    calib_cache: Path | None = None,
+    settings: QuantSettings | None = None,
+) -> onnx.ModelProto:
     """The QOperator candidate that keeps ``exclude`` (float node names) in float, derived from the fully
     quantized QOperator model ``fq`` of the same recipe by graph edits (bit-identical to ONNX Runtime's
     ``quantize_static(..., quant_format=QOperator, nodes_to_exclude=exclude)`` after tuneqn's name

@@ -147,5 +147,6 @@ def describe(device: str, recipe: str, planned: str, status: str, unsupported_op
         last = (tried or [{}])[-1]
         why = (f"{last.get('recipe')} does not build: {last['error']}" if last.get("error") else
                f"{', '.join(str(o) for o in (last.get('unsupported') or unsupported_ops))} unsupported")  # type: ignore[union-attr]
-        return f"{device}: {recipe} kept, no variant runs there ({chain}; {why}): its candidates are infeasible on this device"
+        return (f"{device}: {recipe} kept, no variant runs there ({chain}; {why}): "
+                "its candidates are infeasible on this device")
     return f"{device}: {recipe} runs as is"

@@ -101,7 +101,9 @@ def accuracy(topk: np.ndarray, labels: Sequence[int] | None, k: int = 1) -> floa
     return float(hit.mean())
 
 
-def compute(row: dict[str, Any], baseline: dict[str, Any] | None, labels: Sequence[int] | None) -> dict[str, float | None]:
+def compute(
+    row: dict[str, Any], baseline: dict[str, Any] | None, labels: Sequence[int] | None
+) -> dict[str, float | None]:
     """The metrics of result ``row`` given its baseline result row (or None) and the eval labels."""
     t = topk_of(row)
     return {

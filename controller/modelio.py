@@ -350,7 +350,8 @@ def prepare_model(spec: ModelSpec, work_dir: Path, hub_cache: Path | None = None
         atomic_write_bytes(out, data)
     inits = {i.name for i in model.graph.initializer}
     inp = next(i for i in model.graph.input if i.name not in inits)
-    shape: list[int | str] = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in inp.type.tensor_type.shape.dim]
+    shape: list[int | str] = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?")
+                              for d in inp.type.tensor_type.shape.dim]
     for n in notes:
         log.info("%s: %s", name, n)
     return PreparedModel(

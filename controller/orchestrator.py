@@ -25,18 +25,17 @@ from pathlib import Path
 from typing import Any
 
 from tuneqn.controller import metrics
-from tuneqn.controller.liveness import GiveUp, Liveness, Release, Seen, StatusLine
-from tuneqn.controller.planning import Planner, Probe, Settle
-from tuneqn.controller.feasibility import GAVE_UP, describe
+from tuneqn.controller.dataset import Split
 from tuneqn.controller.farm.dispatcher import AgentLink, AgentState, Endpoint, FarmSettings, JobBoard, make_job
 from tuneqn.controller.farm.local import LocalAgent, QuietLock
-from tuneqn.controller.report import write_full_report
-from tuneqn.controller.report.write import write_checkpoint
+from tuneqn.controller.feasibility import GAVE_UP, describe
+from tuneqn.controller.liveness import GiveUp, Liveness, Release, Seen, StatusLine
 from tuneqn.controller.metrics import baseline_id
+from tuneqn.controller.planning import Planner, Probe, Settle
+from tuneqn.controller.report import write_full_report
 from tuneqn.controller.report.base import FINAL_JOB_STATES
-from tuneqn.controller.search import Outcome, Request, SearchView, make_strategy
-from tuneqn.controller.search import gate
-from tuneqn.controller.dataset import Split
+from tuneqn.controller.report.write import write_checkpoint
+from tuneqn.controller.search import Outcome, Request, SearchView, gate, make_strategy
 from tuneqn.controller.study import CandidatePlan, PreparedInput, Study
 from tuneqn.controller.ties import result_latency
 from tuneqn.v1 import agent_pb2 as pb
@@ -532,8 +531,9 @@ class StudyRun:
             total=self._total(), done=counts.get("done", 0), failed=counts.get("failed", 0),
             unreachable=counts.get("unreachable", 0), infeasible=counts.get("infeasible", 0),
             submitted_here=sum(s.executed for link in self.links for s in link.slots.values()),
-            errors=list(self.errors) + list(self.liveness.errors) + [f"agent {link.address} unusable: {link.error}" for link in self.links
-                                        if link.state == AgentState.INCOMPATIBLE],
+            errors=list(self.errors) + list(self.liveness.errors)
+            + [f"agent {link.address} unusable: {link.error}" for link in self.links
+               if link.state == AgentState.INCOMPATIBLE],
         )
         if self.on_progress is not None:
             self.on_progress(counts, outcome.total)
@@ -939,7 +939,8 @@ class StudyRun:
             self._class_known.set()
             self._classes[device_class] = now
             first_ops = self.planner.register(device_class, supported)
-            todo = [(b, sorted(self._levels.get(cid, ()))) for cid, b in self._built.items()] if new or first_ops else []
+            todo = ([(b, sorted(self._levels.get(cid, ()))) for cid, b in self._built.items()]
+                    if new or first_ops else [])
         if new or info.get("backend"):
             self.store.put_device(device_class, device_class, info)
         for b, levels in todo:

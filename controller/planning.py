@@ -17,8 +17,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tuneqn.controller.feasibility import (ADAPTED, FEASIBLE, GAVE_UP, model_op_types, next_recipe, ops_digest,
-                                           unsupported)
+from tuneqn.controller.feasibility import (
+    ADAPTED,
+    FEASIBLE,
+    GAVE_UP,
+    model_op_types,
+    next_recipe,
+    ops_digest,
+    unsupported,
+)
 
 if TYPE_CHECKING:
     from tuneqn.controller.study import CandidatePlan, Study

@@ -7,10 +7,16 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TypeVar
 
 from rich.console import RenderableType
-from rich.text import Text
-
-from rich.progress import BarColumn, MofNCompleteColumn, SpinnerColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    SpinnerColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.progress import Progress as RichProgress
+from rich.text import Text
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -36,7 +42,7 @@ class Progress:
             TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), transient=False,
         )
 
-    def __enter__(self) -> "Progress":
+    def __enter__(self) -> Progress:
         self._p.__enter__()
         return self
 

@@ -41,7 +41,6 @@ from onnxruntime.quantization import (
     quantize_dynamic,
     quantize_static,
 )
-
 from onnxruntime.quantization.registry import IntegerOpsRegistry, QDQRegistry, QLinearOpsRegistry
 
 from tuneqn.controller.config import QuantizationSpec, Recipe
@@ -82,12 +81,12 @@ class QuantSettings:
     weight_symmetric: bool = True
 
     @classmethod
-    def from_spec(cls, spec: QuantizationSpec, recipe: str) -> "QuantSettings":
+    def from_spec(cls, spec: QuantizationSpec, recipe: str) -> QuantSettings:
         """Settings of one recipe (a mode name, a study recipe or a preset) of the study config."""
         return cls.from_recipe(spec.resolve(recipe))
 
     @classmethod
-    def from_recipe(cls, r: Recipe) -> "QuantSettings":
+    def from_recipe(cls, r: Recipe) -> QuantSettings:
         """Settings of a resolved recipe (op types it leaves in float are taken out of its op types, or
         out of the quantizer's defaults for its mode: :func:`default_op_types`)."""
         op_types = r.op_types

@@ -18,11 +18,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
-T = TypeVar("T")
-
 import sqlite_utils
 
 from tuneqn.controller.errors import UserError
+
+T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +124,7 @@ _TABLES: dict[str, tuple[dict[str, type], str | tuple[str, ...]]] = {
 
 def _locked(fn: Callable[..., T]) -> Callable[..., T]:
     @functools.wraps(fn)
-    def wrapper(self: "Store", *args: Any, **kwargs: Any) -> T:
+    def wrapper(self: Store, *args: Any, **kwargs: Any) -> T:
         with self.lock:
             return fn(self, *args, **kwargs)
 
@@ -177,14 +177,14 @@ class Store:
         return [dict(r) for r in self.db.query(sql, list(used.values()))]
 
     @classmethod
-    def open(cls, out_dir: Path) -> "Store":
+    def open(cls, out_dir: Path) -> Store:
         """The store of the study in ``out_dir`` (:class:`UserError` when the file is not an SQLite store)."""
         path = out_dir / DB_NAME
         with _not_a_store(path):
             return cls(path)
 
     @classmethod
-    def open_readonly(cls, out_dir: Path) -> "Store":
+    def open_readonly(cls, out_dir: Path) -> Store:
         """A read-only view of the study in ``out_dir`` that writes nothing there: no lock, no schema upgrade.
 
         A store closed cleanly has no ``-wal`` file and is read as an immutable file (SQLite then creates no
@@ -595,7 +595,9 @@ class Store:
         return r
 
     @_locked
-    def set_result_metrics(self, job_id: str, metrics: dict[str, float | None], baseline_job: str | None = None) -> None:
+    def set_result_metrics(
+        self, job_id: str, metrics: dict[str, float | None], baseline_job: str | None = None
+    ) -> None:
         """Store the metrics computed from a result (agreement, accuracy, accuracy_top5) and the FP32 result
         (job id) its agreement was computed against (None: none)."""
         row: dict[str, Any] = {k: metrics.get(k) for k in ("agreement", "accuracy", "accuracy_top5")}

@@ -49,9 +49,6 @@ from tuneqn.controller.analysis import (
 )
 from tuneqn.controller.config import PREPROCESS_PRESETS, StudyConfig
 from tuneqn.controller.dataset import PreparedData, Split, describe_preprocess, model_hw, prepare_data, save_split
-from tuneqn.controller.errors import UserError
-from tuneqn.controller.files import atomic_write_text, file_digest, file_sha256
-from tuneqn.controller.modelio import PreparedModel, prepare_model
 from tuneqn.controller.edits import (
     CandidateIndex,
     Derivations,
@@ -62,6 +59,9 @@ from tuneqn.controller.edits import (
     unsupported_settings,
 )
 from tuneqn.controller.edits_qop import QOperatorEditor, UnsupportedEdit
+from tuneqn.controller.errors import UserError
+from tuneqn.controller.files import atomic_write_text, file_digest, file_sha256
+from tuneqn.controller.modelio import PreparedModel, prepare_model
 from tuneqn.controller.quantize import QuantSettings, calibrate, quantize_candidate, runtime_options, runtime_options_of
 from tuneqn.controller.search.gate import META as GATE_META
 from tuneqn.controller.search.gate import auto_recipes
@@ -206,7 +206,7 @@ class StudyLock:
         finally:
             os.close(fd)  # closing the last descriptor releases the flock
 
-    def __enter__(self) -> "StudyLock":
+    def __enter__(self) -> StudyLock:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -271,7 +271,7 @@ class Study:
                 self._scratch = None
             self.lock.release()
 
-    def __enter__(self) -> "Study":
+    def __enter__(self) -> Study:
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
@@ -505,7 +505,8 @@ class Study:
                 self._layers[(model, mode)] = []
                 return []
             raise UserError(
-                f"model '{model}': no quantized layer of types {', '.join(self.cfg.search.layer_op_types)} in {mode} mode"
+                f"model '{model}': no quantized layer of types {', '.join(self.cfg.search.layer_op_types)} "
+                f"in {mode} mode"
             )
         ranked: list[LayerError] = rank_layers(errors, self.cfg.search.xmodel_weight)
         rows = [e.to_dict() for e in ranked]
@@ -863,7 +864,8 @@ def find_candidate(store: Store, which: str, model: str | None = None, recipe: s
     if len(matches) == 1:
         return by_id[next(iter(matches))]
     if len(matches) > 1:
-        choices = "; ".join(f"{cid} ({', '.join(how)}, {_mb(by_id[cid]['size_bytes'])})" for cid, how in matches.items())
+        choices = "; ".join(f"{cid} ({', '.join(how)}, {_mb(by_id[cid]['size_bytes'])})"
+                            for cid, how in matches.items())
         raise UserError(f"--candidate: {which!r} matches {len(matches)} candidates: {choices}; give one of these ids")
     if unbuilt:
         raise UserError(f"--candidate: the paper's k={which} of {', '.join(unbuilt)} was never built or evaluated "

@@ -40,7 +40,7 @@ class Latency:
     hi: float
 
     @classmethod
-    def of(cls, median: Any, p10: Any = None, p90: Any = None) -> "Latency | None":
+    def of(cls, median: Any, p10: Any = None, p90: Any = None) -> Latency | None:
         """The measurement from a median and its p10/p90 (None when the median is missing or not finite).
 
         A missing or non-finite p10/p90 counts as the median; the interval always contains the median."""
@@ -51,11 +51,11 @@ class Latency:
         return cls(m, m if lo is None else min(lo, m), m if hi is None else max(hi, m))
 
     @classmethod
-    def of_result(cls, result: Mapping[str, Any]) -> "Latency | None":
+    def of_result(cls, result: Mapping[str, Any]) -> Latency | None:
         """The measurement of a report result (``latency_ms``, ``latency_p10_ms``, ``latency_p90_ms``)."""
         return cls.of(result.get("latency_ms"), result.get("latency_p10_ms"), result.get("latency_p90_ms"))
 
-    def optimistic(self, other: "Latency") -> "Latency":
+    def optimistic(self, other: Latency) -> Latency:
         """The best of both (lowest median, lo and hi): what a result between two measured ones could reach."""
         return Latency(min(self.median, other.median), min(self.lo, other.lo), min(self.hi, other.hi))
 

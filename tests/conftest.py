@@ -9,7 +9,6 @@ from typing import Any
 
 import pytest
 import tomli_w
-
 from onnx_models import cnn, mlp, write_images
 
 try:  # TVM tests: one tracker for the whole session, shared by every module (tests/tvm_rpc.py)
@@ -90,3 +89,11 @@ def example_dir() -> Path:
     if not (d / "model.onnx").is_file() or not (d / "images").is_dir():
         pytest.skip(f"real example not prepared in {d} (run `make example`)")
     return d
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Under pytest-xdist the real-model tests start first, then the heavy ones: the longest must not be the
+    last to begin (each worker collects the same order; a run without workers keeps the file order)."""
+    if not hasattr(config, "workerinput"):
+        return
+    items.sort(key=lambda item: 0 if item.get_closest_marker("slow") else 1 if item.get_closest_marker("heavy") else 2)

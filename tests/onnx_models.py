@@ -18,8 +18,8 @@ def _conv(name: str, w: np.ndarray, b: np.ndarray, inp: str, out: str) -> tuple[
 
 
 def cnn(
-    path: Path, seed: int = 0, wide_layer: str | None = None, batch: int | str = "N", size: int = 16, opset: int = OPSET,
-    activation: str = "Relu",
+    path: Path, seed: int = 0, wide_layer: str | None = None, batch: int | str = "N", size: int = 16,
+    opset: int = OPSET, activation: str = "Relu",
 ) -> Path:
     """conv1+Relu → conv2+Relu → conv3+Clip(0,6) → conv4 → GlobalAveragePool → Flatten → fc (Gemm, 10 classes).
 
@@ -58,7 +58,8 @@ def cnn(
     inits += i
     n, i = _conv("conv3", w3, b3, "r2", "c3")
     inits += i
-    inits += [numpy_helper.from_array(np.array(0, np.float32), "zero"), numpy_helper.from_array(np.array(6, np.float32), "six")]
+    inits += [numpy_helper.from_array(np.array(0, np.float32), "zero"),
+              numpy_helper.from_array(np.array(6, np.float32), "six")]
     nodes += [n, helper.make_node("Clip", ["c3", "zero", "six"], ["r3"], name="clip3")]
     n, i = _conv("conv4", rng.normal(0, 0.25, (c, c, 3, 3)), rng.normal(0, 0.1, c), "r3", "c4")
     nodes.append(n)
@@ -80,7 +81,9 @@ def mlp(path: Path, seed: int = 1, features: int = 32, batch: int | str = "N") -
     nodes, inits = [], []
     x = "input"
     for li in range(3):
-        w = numpy_helper.from_array(rng.normal(0, 1 / np.sqrt(dims[li]), (dims[li], dims[li + 1])).astype(np.float32), f"W{li}")
+        w = numpy_helper.from_array(
+            rng.normal(0, 1 / np.sqrt(dims[li]), (dims[li], dims[li + 1])).astype(np.float32), f"W{li}"
+        )
         b = numpy_helper.from_array(rng.normal(0, 0.1, dims[li + 1]).astype(np.float32), f"B{li}")
         inits += [w, b]
         nodes.append(helper.make_node("MatMul", [x, f"W{li}"], [f"mm{li}"], name=f"matmul{li}"))
@@ -178,7 +181,9 @@ def qdq_zoo(path: Path, seed: int = 3, batch: int | str = "N", size: int = 16, g
     conv1+Relu → MaxPool → conv2+Clip(0,6) → conv3 + residual Add (with the MaxPool's output) → swish
     (Sigmoid, Mul) → [AveragePool → conv4+Relu (its output also read by an Add) | conv5 (1×1)] and
     [Split → Where → Resize | MaxPool] → Concat → GlobalAveragePool → Flatten → Gemm (transB, beta 0.5) + Relu, + Gather
-    (of an initializer), Clip → Reshape → MatMul + Add (bias initializer) → logits. conv6 shares conv5's weights (not its bias). ``graph_output_conv``: conv5's output is also a
+    (of an initializer), Clip → Reshape → MatMul + Add (bias initializer) → logits.
+    conv6 shares conv5's weights (not its bias).
+    ``graph_output_conv``: conv5's output is also a
     graph output.
     """
     rng = np.random.default_rng(seed)
@@ -228,7 +233,8 @@ def qdq_zoo(path: Path, seed: int = 3, batch: int | str = "N", size: int = 16, g
     nodes.append(helper.make_node("Gemm", ["flat", "fc1.W", "fc1.B"], ["h"], name="fc1", transB=1, beta=0.5))
     nodes.append(helper.make_node("Relu", ["h"], ["hr"], name="relu_fc"))
     nodes.append(helper.make_node("Gather", [init("table", rng.normal(0, 1, (3, 16)).astype(np.float32)),
-                                             init("row", np.array([1], dtype=np.int64))], ["emb"], name="gather", axis=0))
+                                             init("row", np.array([1], dtype=np.int64))],
+                                  ["emb"], name="gather", axis=0))
     nodes.append(helper.make_node("Add", ["hr", "emb"], ["he"], name="add_emb"))
     nodes.append(helper.make_node("Clip", ["he", "zero", "six"], ["hc"], name="clip_fc"))
     nodes.append(helper.make_node("Reshape", ["hc", init("shape", np.array([-1, 16], dtype=np.int64))], ["rs"],

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from tuneqn.controller.config import parse_config
 from tuneqn.controller.store import Store
 from tuneqn.controller.study import candidate_id

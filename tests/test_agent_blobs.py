@@ -9,7 +9,6 @@ from pathlib import Path
 
 import grpc
 import pytest
-
 from test_agent_fixtures import (  # noqa: F401  (fixtures are used by name)
     agent_factory,
     client_factory,
@@ -18,6 +17,7 @@ from test_agent_fixtures import (  # noqa: F401  (fixtures are used by name)
     job_spec,
     npy_bytes,
 )
+
 from tuneqn.agent.blobs import BlobStore, InvalidBlob
 from tuneqn.v1 import agent_pb2 as pb
 from tuneqn.v1 import agent_pb2_grpc

@@ -8,7 +8,6 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-
 from test_agent_fixtures import (  # noqa: F401  (fixtures are used by name)
     DEVICE,
     NUM_CLASSES,
@@ -23,6 +22,7 @@ from test_agent_fixtures import (  # noqa: F401  (fixtures are used by name)
     job_spec,
     npy_bytes,
 )
+
 from tuneqn.controller.farm.client import decode_topk
 from tuneqn.v1 import agent_pb2 as pb
 from tuneqn.v1 import agent_pb2_grpc

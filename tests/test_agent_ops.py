@@ -16,7 +16,6 @@ from typing import Any
 import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-
 from test_agent_fixtures import (  # noqa: F401  (fixtures are used by name)
     DEVICE,
     agent_factory,
@@ -28,6 +27,7 @@ from test_agent_fixtures import (  # noqa: F401  (fixtures are used by name)
     job_spec,
     npy_bytes,
 )
+
 from tuneqn.agent import cli
 from tuneqn.v1 import agent_pb2 as pb
 

@@ -9,10 +9,13 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import free_port
+
 from tuneqn.agent.probe import default_address
-from tuneqn.controller.certs import write_host_certs, write_lab_certs  # the test makes certificates; the probe never imports this
+from tuneqn.controller.certs import (  # the test makes certificates; the probe never imports this
+    write_host_certs,
+    write_lab_certs,
+)
 from tuneqn.controller.farm.local import LocalAgent
 
 

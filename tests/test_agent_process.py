@@ -13,7 +13,6 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-
 from test_agent_fixtures import (  # noqa: F401  (fixtures are used by name)
     DEVICE,
     READY_TIMEOUT,
@@ -26,6 +25,7 @@ from test_agent_fixtures import (  # noqa: F401  (fixtures are used by name)
     job_spec,
     npy_bytes,
 )
+
 from tuneqn.agent import cli
 from tuneqn.controller.farm.client import AgentSilent, decode_topk
 from tuneqn.v1 import agent_pb2 as pb

@@ -10,7 +10,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-
 from test_agent_fixtures import (  # noqa: F401  (fixtures are used by name)
     agent_factory,
     client_factory,
@@ -19,6 +18,7 @@ from test_agent_fixtures import (  # noqa: F401  (fixtures are used by name)
     job_spec,
     npy_bytes,
 )
+
 from tuneqn.agent import cli
 from tuneqn.agent.quiet import gate_path
 from tuneqn.v1 import agent_pb2 as pb

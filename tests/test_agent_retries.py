@@ -6,7 +6,6 @@ from __future__ import annotations
 import grpc
 import numpy as np
 import pytest
-
 from test_agent_fixtures import (  # noqa: F401  (fixtures are used by name)
     agent_factory,
     build_cnn,
@@ -18,6 +17,7 @@ from test_agent_fixtures import (  # noqa: F401  (fixtures are used by name)
     job_spec,
     npy_bytes,
 )
+
 from tuneqn.controller.farm.client import ContractMismatch, decode_topk
 from tuneqn.v1 import agent_pb2 as pb
 from tuneqn.v1 import agent_pb2_grpc

@@ -12,7 +12,6 @@ from pathlib import Path
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-
 from test_agent_fixtures import (  # noqa: F401  (fixtures are used by name)
     DEVICE,
     agent_factory,
@@ -24,6 +23,7 @@ from test_agent_fixtures import (  # noqa: F401  (fixtures are used by name)
     jobs_recorded,
     npy_bytes,
 )
+
 from tuneqn.controller.farm.client import AgentClient
 from tuneqn.v1 import agent_pb2 as pb
 from tuneqn.v1 import agent_pb2_grpc

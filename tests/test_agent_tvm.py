@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-
 from test_agent_fixtures import client_factory, job_spec, npy_bytes  # noqa: F401  (fixtures by name)
 from tvm_rpc import cnn_samples, ort_scores
+
 from tuneqn.agent import cli
 from tuneqn.agent.backends import tvm_build
 from tuneqn.agent.backends.tvm_build import BuildSpec, CompileCache, Infeasible

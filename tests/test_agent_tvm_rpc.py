@@ -13,7 +13,7 @@ import threading
 from pathlib import Path
 
 import numpy as np
-
+import pytest
 from test_agent_fixtures import (  # noqa: F401  (fixtures are used by name)
     agent_process,
     client_factory,
@@ -21,6 +21,7 @@ from test_agent_fixtures import (  # noqa: F401  (fixtures are used by name)
     npy_bytes,
 )
 from tvm_rpc import HOST, TvmLab, cnn_samples, ort_scores, wait_for
+
 from tuneqn.agent.config import TvmSettings
 from tuneqn.controller.farm.client import AgentClient, decode_topk
 from tuneqn.v1 import agent_pb2 as pb
@@ -42,6 +43,7 @@ def running_on(client: AgentClient, name: str) -> str:
     return status.removeprefix("running on ") if status.startswith("running on ") else ""
 
 
+@pytest.mark.heavy
 def test_tracker_runs_candidates_releases_sessions_and_bounds_the_wait(
     tvm_lab: TvmLab, agent_process, client_factory, tvm_models, monkeypatch, tmp_path: Path
 ) -> None:
@@ -99,6 +101,7 @@ def test_tracker_runs_candidates_releases_sessions_and_bounds_the_wait(
     assert after.state == pb.SUCCEEDED and after.compile_cache_hit, after.error
 
 
+@pytest.mark.heavy
 def test_joining_servers_add_lanes_that_run_at_once_and_a_killed_server_loses_no_job(
     tvm_lab: TvmLab, tvm_agent, client_factory, tvm_models
 ) -> None:
@@ -152,6 +155,7 @@ def test_joining_servers_add_lanes_that_run_at_once_and_a_killed_server_loses_no
     assert client.wait_result("c", timeout=60).state == pb.CANCELLED
 
 
+@pytest.mark.heavy
 def test_hung_server_is_abandoned_and_the_job_continues_on_another(
     tvm_lab: TvmLab, tvm_agent, client_factory, tvm_models
 ) -> None:
@@ -176,6 +180,7 @@ def test_hung_server_is_abandoned_and_the_job_continues_on_another(
     assert devices(client)["phone.0"].healthy
 
 
+@pytest.mark.heavy
 def test_direct_rpc_servers_are_one_lane_each(tvm_lab: TvmLab, tvm_agent, client_factory, tvm_models) -> None:
     count = 2
     servers = tvm_lab.start_servers("direct", count, tracker=False)

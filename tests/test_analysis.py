@@ -6,8 +6,8 @@ import json
 from pathlib import Path
 
 import pytest
-
 from conftest import write_study
+
 from tuneqn.controller.cli import main
 
 
@@ -64,7 +64,8 @@ def test_matmul_model_both_modes(tmp_path: Path, assets: Path) -> None:
 
     x = np.random.default_rng(0).normal(size=(40, 32)).astype(np.float32)
     np.save(tmp_path / "x.npy", x)
-    study = write_study(tmp_path, model=assets / "mlp.onnx", images=tmp_path, quantization={"modes": ["static", "dynamic"]})
+    study = write_study(tmp_path, model=assets / "mlp.onnx", images=tmp_path,
+                        quantization={"modes": ["static", "dynamic"]})
     text = study.read_text().replace(f'images = "{tmp_path}"', f'tensors = "{tmp_path / "x.npy"}"')
     study.write_text(text)
     assert main(["analyze", str(study)]) == 0

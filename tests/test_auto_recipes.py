@@ -17,8 +17,8 @@ from typing import Any
 import numpy as np
 import pytest
 import tomli_w
-
 from conftest import write_study
+
 from tuneqn.controller.cli import _quick_config, _study_config, main
 from tuneqn.controller.config import AUTO_RECIPES, QuantizationSpec, load_config
 from tuneqn.controller.search import gate
@@ -153,6 +153,7 @@ def _selection(out: Path) -> list[dict[str, Any]]:
     return json.loads((out / "report.json").read_text())["recipe_selection"]
 
 
+@pytest.mark.heavy
 def test_auto_study_stops_dominated_recipes_and_resumes_to_the_same_decisions(tmp_path: Path, assets: Path) -> None:
     """One local agent, a MatMul model (so dynamic is tried) and a few loud samples that blow the static
     activation ranges: every auto recipe's fully quantized model is measured, the static ones are larger and
@@ -222,6 +223,7 @@ def test_points_come_from_the_store_and_failures_are_final(tmp_path: Path) -> No
     """The store adapter: a result is a point (its disagreeing images), a job failed for good is final, a
     missing or running one is pending; an FP32 failure on a device fails every recipe there."""
     from report_store import MODEL, add_candidate, add_device, add_model, add_result, open_store, predictions
+
     from tuneqn.controller import metrics
 
     store = open_store(tmp_path)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 from report_store import MODEL, add_candidate, add_model, cand_id, open_store, predictions
+
 from tuneqn.controller import metrics
 from tuneqn.controller.farm.dispatcher import FarmSettings, JobBoard, JobPlan, make_job
 from tuneqn.controller.store import Store

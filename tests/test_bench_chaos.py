@@ -15,6 +15,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 
 import chaos  # noqa: E402
+
 from tuneqn.agent.state import AgentState  # noqa: E402
 from tuneqn.controller.store import Store  # noqa: E402
 

@@ -11,8 +11,8 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-
 from conftest import exported_sha256, write_study
+
 from tuneqn.controller.cli import main
 
 WEIGHTED = {"Conv", "Gemm", "MatMul", "ConvTranspose"}
@@ -35,8 +35,10 @@ def _candidates(out: Path) -> list[dict]:
     return [dict(r) for r in con.execute("select * from candidates order by kind desc, k")]
 
 
-@pytest.fixture
-def built(tmp_path: Path, assets: Path) -> Path:
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory, assets: Path) -> Path:
+    """One study's candidates, built once for the module's tests (read-only: they write to their own tmp_path)."""
+    tmp_path = tmp_path_factory.mktemp("built-candidates")
     study = write_study(
         tmp_path, model=assets / "wide.onnx", images=assets / "images",
         search={"exclusion_sets": [{"name": "head", "layers": ["fc", "conv4"]}]},
@@ -115,14 +117,17 @@ def test_export_reproduces_sha256(built: Path, tmp_path: Path, capsys: pytest.Ca
     stored = {c["k"]: c for c in _candidates(built) if c["kind"] == "set"}
     for k in (0, 2):
         out = tmp_path / f"exported-{k}.onnx"
-        assert main(["export", str(built), "--model", "wide", "--mode", "static", "--candidate", str(k), "-o", str(out)]) == 0
+        args = ["export", str(built), "--model", "wide", "--mode", "static", "--candidate", str(k), "-o", str(out)]
+        assert main(args) == 0
         assert exported_sha256(out) == stored[k]["sha256"]
     out = tmp_path / "head.onnx"
     assert main(["export", str(built), "--candidate", "head", "-o", str(out)]) == 0
     assert "sha256=" in capsys.readouterr().out
 
 
-def test_calibration_runs_once_for_all_candidates(tmp_path: Path, assets: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_calibration_runs_once_for_all_candidates(
+    tmp_path: Path, assets: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     q = importlib.import_module("onnxruntime.quantization.quantize")  # the module, not the function it exports
 
     calls = []
@@ -140,7 +145,8 @@ def test_calibration_runs_once_for_all_candidates(tmp_path: Path, assets: Path, 
 
 
 def test_dynamic_candidates_keep_node_names(tmp_path: Path, assets: Path) -> None:
-    study = write_study(tmp_path, model=assets / "cnn.onnx", images=assets / "images", quantization={"modes": ["dynamic"]})
+    study = write_study(tmp_path, model=assets / "cnn.onnx", images=assets / "images",
+                        quantization={"modes": ["dynamic"]})
     assert main(["analyze", str(study), "--candidates"]) == 0
     cands = [c for c in _candidates(tmp_path / "out") if c["mode"] == "dynamic"]
     for c in cands:

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import grpc
 import pytest
+from conftest import write_study
 from cryptography import x509
 
-from conftest import write_study
 from tuneqn.controller.cli import main
 from tuneqn.controller.farm.client import AgentClient
 from tuneqn.controller.farm.local import LocalAgent

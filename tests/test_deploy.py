@@ -27,9 +27,8 @@ from pathlib import Path
 
 import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-
 from conftest import free_port
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 ROOT = Path(__file__).resolve().parent.parent
 SYSTEMD = ROOT / "deploy" / "systemd"
@@ -177,6 +176,7 @@ def test_agent_unit_runs_the_agent_from_its_env_file(tmp_path: Path) -> None:
     assert stop(agent) == 0  # KillSignal=SIGTERM: graceful
 
 
+@pytest.mark.heavy
 def test_tracker_unit_starts_a_tvm_tracker(tmp_path: Path) -> None:
     pytest.importorskip("tvm", reason="the TVM tracker needs the tuneqn[tvm] extra")
     from tvm import rpc

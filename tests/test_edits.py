@@ -17,9 +17,9 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-
 from conftest import write_study
 from onnx_models import cnn, qdq_zoo
+
 from tuneqn.controller.config import RECIPE_PRESETS, QuantizationSpec, load_config, parse_config
 from tuneqn.controller.edits import Derived, ModelIndex, QdqIndex, Unsupported, varint_size
 from tuneqn.controller.quantize import WBQ, QuantSettings, calibrate, quantize_candidate, runtime_options
@@ -54,8 +54,9 @@ def _node_names(model: Path) -> list[str]:
 
 @pytest.mark.parametrize("graph_output", [False, True])
 @pytest.mark.parametrize("recipe", RECIPES)
-def test_derived_candidates_are_the_quantizers_bytes(zoo: dict, tmp_path: Path, recipe: str,
-                                                     graph_output: bool) -> None:
+def test_derived_candidates_are_the_quantizers_bytes(
+    zoo: dict, tmp_path: Path, recipe: str, graph_output: bool
+) -> None:
     model, cache, fq, settings = zoo[(graph_output, recipe)]
     index = QdqIndex.load(model, fq, cache, settings)
     names = _node_names(model)
@@ -121,9 +122,16 @@ def test_varint_sizes() -> None:
 @pytest.fixture
 def study(tmp_path: Path, assets: Path) -> Iterator[Study]:
     model = cnn(tmp_path / "cnn.onnx", wide_layer="conv2")
-    cfg = load_config(write_study(tmp_path, model=model, images=assets / "images",
-                                  quantization={"recipes": [{"name": "per-tensor", "per_channel": False},
-                                                            {"name": "per-channel", "per_channel": True}]}))
+    cfg = load_config(
+        write_study(
+            tmp_path,
+            model=model,
+            images=assets / "images",
+            quantization={
+                "recipes": [{"name": "per-tensor", "per_channel": False}, {"name": "per-channel", "per_channel": True}]
+            },
+        )
+    )
     s = Study(cfg)
     s.prepare()
     s.analyze_all()
@@ -145,8 +153,13 @@ def test_study_builds_derived_candidates_with_predicted_sizes(study: Study, tmp_
             row = study.build(plan)
             assert row["size_bytes"] == predicted == Path(row["path"]).stat().st_size
             ref = tmp_path / "ref.onnx"
-            quantize_candidate(study.quantizer_input("cnn"), ref, study.settings(recipe), list(plan.excluded),
-                               study.calibration_cache("cnn", recipe))
+            quantize_candidate(
+                study.quantizer_input("cnn"),
+                ref,
+                study.settings(recipe),
+                list(plan.excluded),
+                study.calibration_cache("cnn", recipe),
+            )
             assert Path(row["path"]).read_bytes() == ref.read_bytes(), plan.id
             assert row["build_key"] != fq["build_key"]
             assert row["runtime"] == runtime_options(onnx.load(row["path"]), list(plan.excluded))
@@ -163,9 +176,14 @@ def test_a_refused_candidate_is_built_by_the_quantizer(study: Study) -> None:
 
 
 def test_qoperator_recipes_are_derived_and_dynamic_ones_built_by_the_quantizer(tmp_path: Path, assets: Path) -> None:
-    cfg = load_config(write_study(tmp_path, model=assets / "cnn.onnx", images=assets / "images",
-                                  quantization={"recipes": [{"name": "qop", "format": "qoperator"},
-                                                            {"name": "dyn", "mode": "dynamic"}]}))
+    cfg = load_config(
+        write_study(
+            tmp_path,
+            model=assets / "cnn.onnx",
+            images=assets / "images",
+            quantization={"recipes": [{"name": "qop", "format": "qoperator"}, {"name": "dyn", "mode": "dynamic"}]},
+        )
+    )
     with Study(cfg) as s:
         s.prepare()
         plan = s.make_plan("cnn", "qop", ["conv1"])
@@ -173,7 +191,9 @@ def test_qoperator_recipes_are_derived_and_dynamic_ones_built_by_the_quantizer(t
         assert derived is not None and s.predicted_size(plan) == derived.size
         row = s.build(plan)
         ref = tmp_path / "ref.onnx"
-        quantize_candidate(s.quantizer_input("cnn"), ref, s.settings("qop"), ["conv1"], s.calibration_cache("cnn", "qop"))
+        quantize_candidate(
+            s.quantizer_input("cnn"), ref, s.settings("qop"), ["conv1"], s.calibration_cache("cnn", "qop")
+        )
         assert Path(row["path"]).read_bytes() == ref.read_bytes()
         plan = s.make_plan("cnn", "dyn", ["conv1"])
         assert s.derive(plan) is None
@@ -188,8 +208,11 @@ def _float_layers(path: Path, disabled: list[str], tmp: Path) -> set[str]:
     ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"], disabled_optimizers=disabled)
     ran = onnx.load(str(tmp / "optimized.onnx"))
     floats = {i.name for i in ran.graph.initializer if i.data_type == onnx.TensorProto.FLOAT}
-    return {n.name for n in ran.graph.node
-            if n.op_type in ("Conv", "FusedConv", "Gemm", "FusedGemm") and len(n.input) > 1 and n.input[1] in floats}
+    return {
+        n.name
+        for n in ran.graph.node
+        if n.op_type in ("Conv", "FusedConv", "Gemm", "FusedGemm") and len(n.input) > 1 and n.input[1] in floats
+    }
 
 
 @pytest.mark.slow
@@ -205,7 +228,11 @@ def test_lite0_derived_candidates_are_the_quantizers(example_dir: Path, tmp_path
     with Study(parse_config(data, example_dir)) as study:
         study.prepare()
         model = next(iter(study.models))
-        src, settings, cache = study.quantizer_input(model), study.settings(recipe), study.calibration_cache(model, recipe)
+        src, settings, cache = (
+            study.quantizer_input(model),
+            study.settings(recipe),
+            study.calibration_cache(model, recipe),
+        )
         order = study.ranking(model, recipe)
         study.build(study.make_plan(model, recipe, ()))
         ref = tmp_path / "ref.onnx"

@@ -12,8 +12,8 @@ import onnx
 import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
-
 from test_qoperator import _counts, _ran_graph
+
 from tuneqn.controller.config import DatasetSpec, ModelSpec
 from tuneqn.controller.dataset import prepare_data
 from tuneqn.controller.edits_qop import QOperatorEditor, UnsupportedEdit, derive_qoperator

@@ -13,9 +13,9 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-
 from conftest import write_study
 from report_store import add_candidate, add_model, add_proposal, add_search, layers, open_store
+
 from tuneqn.controller.cli import main
 
 FAST = {"latency_repeats": 2, "latency_warmup": 1}

@@ -17,8 +17,8 @@ from typing import Any
 
 import numpy as np
 import pytest
-
 from conftest import write_study
+
 from tuneqn.controller.config import load_config
 from tuneqn.controller.farm.client import AgentClient
 from tuneqn.controller.farm.dispatcher import Endpoint, FarmSettings, make_job
@@ -30,6 +30,9 @@ from tuneqn.v1 import agent_pb2 as pb
 SIM_MS = "15"  # simulated per-sample device latency: gives every job a window to be killed in
 FAST = {"latency_repeats": 3, "latency_warmup": 1, "heartbeat_s": 0.5, "silent_after_s": 3.0,
         "unreachable_grace_s": 1.0, "lease_timeout_s": 10.0, "device_wait_s": 30.0}
+
+
+BUSY_SQL = "select count(*) from jobs where state = 'submitted' and agent like ?"
 
 
 def _agent(tmp: Path, name: str, device_class: str | None = None, sim: str = SIM_MS, *extra: str) -> LocalAgent:
@@ -87,7 +90,7 @@ def _state(db: Path, sql: str, args: list[Any] | None = None) -> int:
         return 0
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def reference(tmp_path_factory: pytest.TempPathFactory, assets: Path) -> dict[str, bytes]:
     """Fault-free predictions of every candidate (one agent), by candidate id."""
     tmp = tmp_path_factory.mktemp("ref")
@@ -97,6 +100,7 @@ def reference(tmp_path_factory: pytest.TempPathFactory, assets: Path) -> dict[st
     return {c: t for (c, _), t in _predictions(tmp / "out").items()}
 
 
+@pytest.mark.heavy
 def test_two_agents_one_class_survive_sigkill(tmp_path: Path, assets: Path, reference: dict[str, bytes]) -> None:
     a, b = _agent(tmp_path, "a", "lab"), _agent(tmp_path, "b", "lab")
     with a, b:
@@ -104,7 +108,7 @@ def test_two_agents_one_class_survive_sigkill(tmp_path: Path, assets: Path, refe
         db = tmp_path / "out" / "tuneqn.db"
 
         def kill_a_mid_job(counts: dict[str, int], total: int) -> None:
-            busy = _state(db, "select count(*) from jobs where state = 'submitted' and agent like ?", [a.address + "#%"])
+            busy = _state(db, BUSY_SQL, [a.address + "#%"])
             if not killed and busy and counts.get("done", 0) >= 1 and a.proc is not None:
                 os.kill(a.proc.pid, signal.SIGKILL)
                 killed.append(time.monotonic())
@@ -119,6 +123,7 @@ def test_two_agents_one_class_survive_sigkill(tmp_path: Path, assets: Path, refe
     assert {d for _, d in preds} == {"lab"}
 
 
+@pytest.mark.heavy
 def test_sigstopped_agent_is_detected_and_its_job_runs_elsewhere(tmp_path: Path, assets: Path,
                                                                    reference: dict[str, bytes]) -> None:
     a, b = _agent(tmp_path, "a", "lab", "40"), _agent(tmp_path, "b", "lab", "40")
@@ -127,7 +132,7 @@ def test_sigstopped_agent_is_detected_and_its_job_runs_elsewhere(tmp_path: Path,
         db = tmp_path / "out" / "tuneqn.db"
 
         def stop_a_mid_job(counts: dict[str, int], total: int) -> None:
-            busy = _state(db, "select count(*) from jobs where state = 'submitted' and agent like ?", [a.address + "#%"])
+            busy = _state(db, BUSY_SQL, [a.address + "#%"])
             if not stopped and busy and a.proc is not None:
                 os.kill(a.proc.pid, signal.SIGSTOP)
                 stopped.append(a.proc.pid)
@@ -143,6 +148,7 @@ def test_sigstopped_agent_is_detected_and_its_job_runs_elsewhere(tmp_path: Path,
     assert {c: t for (c, _), t in _predictions(tmp_path / "out").items()} == reference
 
 
+@pytest.mark.heavy
 def test_controller_killed_then_resumed_runs_only_missing_jobs(tmp_path: Path, assets: Path,
                                                                reference: dict[str, bytes]) -> None:
     study_toml = _study(tmp_path, assets)
@@ -168,6 +174,7 @@ def test_controller_killed_then_resumed_runs_only_missing_jobs(tmp_path: Path, a
     assert {c: t for (c, _), t in _predictions(tmp_path / "out").items()} == reference
 
 
+@pytest.mark.heavy
 def test_fresh_remeasures_and_other_studies_reuse_successes(tmp_path: Path, assets: Path) -> None:
     study_toml = _study(tmp_path, assets)
     with _agent(tmp_path, "solo", "lab", "0") as agent:
@@ -186,6 +193,7 @@ def test_fresh_remeasures_and_other_studies_reuse_successes(tmp_path: Path, asse
         assert len(_executions(agent)) == 14
 
 
+@pytest.mark.heavy
 def test_a_retry_executes_again(tmp_path: Path, assets: Path) -> None:
     """A job that failed on the agent (its blob vanished) is re-executed by the retry, not re-read."""
     study_toml = _study(tmp_path, assets)
@@ -225,6 +233,7 @@ def test_a_retry_executes_again(tmp_path: Path, assets: Path) -> None:
     assert attempt == 2
 
 
+@pytest.mark.heavy
 def test_controller_side_error_fails_the_attempt_and_the_run_goes_on(tmp_path: Path, assets: Path,
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     """An OSError while uploading (disk trouble on the controller) fails that attempt; no hang."""
@@ -245,6 +254,7 @@ def test_controller_side_error_fails_the_attempt_and_the_run_goes_on(tmp_path: P
     assert con.execute("select max(attempts) from jobs").fetchone()[0] == 2
 
 
+@pytest.mark.heavy
 def test_a_class_that_hangs_mid_study_ends_unreachable_while_others_finish(
         tmp_path: Path, assets: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """The only agent of a class hangs (SIGSTOP) mid-job: its job uses up its attempts, the class's
@@ -284,6 +294,7 @@ def test_a_class_that_hangs_mid_study_ends_unreachable_while_others_finish(
     assert "unreachable" in statuses
 
 
+@pytest.mark.heavy
 def test_a_declared_class_whose_agent_never_answers_ends_unreachable(
         tmp_path: Path, assets: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from tuneqn.controller.cli import main
@@ -303,6 +314,7 @@ def test_a_declared_class_whose_agent_never_answers_ends_unreachable(
     assert _state(db, "select count(*) from jobs where device = 'phone' and state = 'unreachable'") == 7
 
 
+@pytest.mark.heavy
 def test_a_class_whose_agent_comes_up_late_gets_its_jobs(tmp_path: Path, assets: Path) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -330,6 +342,7 @@ def test_a_class_whose_agent_comes_up_late_gets_its_jobs(tmp_path: Path, assets:
     assert _state(db, "select count(*) from results where device = 'early'") == 7
 
 
+@pytest.mark.heavy
 def test_wrong_token_fails_cleanly(tmp_path: Path, assets: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from tuneqn.controller.cli import main
 
@@ -367,6 +380,7 @@ def test_local_agent_started_when_none_configured(tmp_path: Path, assets: Path) 
     assert top[-1] == pytest.approx(1.0)  # everything ranked back in float agrees with FP32
 
 
+@pytest.mark.heavy
 def test_killed_controller_leaves_no_local_agent_behind(tmp_path: Path, assets: Path) -> None:
     study_toml = _study(tmp_path, assets)
     out = tmp_path / "out"
@@ -413,7 +427,8 @@ def test_report_numbers_equal_the_database(tmp_path: Path, assets: Path) -> None
     for c in report["candidates"]:
         size, sha = con.execute("select size_bytes, sha256 from candidates where id = ?", [c["id"]]).fetchone()
         assert (c["size_bytes"], c["sha256"]) == (size, sha)
-        topk, k, lat = con.execute("select topk, top_k, latency_ms from results where candidate_id = ?", [c["id"]]).fetchone()
+        topk, k, lat = con.execute("select topk, top_k, latency_ms from results where candidate_id = ?",
+                                   [c["id"]]).fetchone()
         t = np.frombuffer(topk, "<i4").reshape(-1, k)
         (res,) = c["results"]
         assert res["agreement"] == pytest.approx(float((t[:, 0] == fp32.reshape(-1, k)[:, 0]).mean()))

@@ -15,10 +15,10 @@ from typing import Any
 
 import onnx
 import pytest
-
 from agent_proxy import DeviceProxy, with_fields
 from conftest import exported_sha256, write_study
 from test_farm import FAST, _agent, _executions, _run_bounded
+
 from tuneqn.controller.farm.dispatcher import Endpoint
 from tuneqn.v1 import agent_pb2 as pb
 
@@ -37,6 +37,7 @@ def _restricted(devices: list[pb.Device]) -> list[pb.Device]:
     return [with_fields(d, supported_ops=NO_QLINEARCONV_NO_CONVINTEGER) for d in devices]
 
 
+@pytest.mark.heavy
 def test_adapt_plans_a_variant_per_device_and_sweeps_it_completely(tmp_path: Path, assets: Path) -> None:
     """A device without QLinearConv gets the QOperator recipe as QDQ, one without ConvInteger the dynamic
     recipe with Conv left in float; the other device runs the recipes themselves; the sweep over each
@@ -89,11 +90,13 @@ def test_adapt_plans_a_variant_per_device_and_sweeps_it_completely(tmp_path: Pat
     from tuneqn.controller.cli import main
 
     out = tmp_path / "variant-fq.onnx"
-    assert main(["export", str(tmp_path / "out"), "--recipe", "dyn.float-Conv", "--candidate", "1", "-o", str(out)]) == 0
+    assert main(["export", str(tmp_path / "out"), "--recipe", "dyn.float-Conv", "--candidate", "1",
+                 "-o", str(out)]) == 0
     stored = _rows(db, "select sha256 from candidates where mode = 'dyn.float-Conv' and k = 1")
     assert stored == [(exported_sha256(out),)]
 
 
+@pytest.mark.heavy
 def test_the_default_search_screens_and_evaluates_variants_on_their_device_only(tmp_path: Path, assets: Path) -> None:
     """budget/measured: screens (whose sample is chosen from the fully quantized model's results on the classes
     the recipe runs on) and full evaluations of a variant run on its device; the base recipe's on the other."""
@@ -104,13 +107,15 @@ def test_the_default_search_screens_and_evaluates_variants_on_their_device_only(
         outcome = _run_bounded(240, study, [Endpoint(cpu.address), Endpoint(proxy.address)])
     assert outcome.failed == 0 and outcome.done == outcome.total
     db = tmp_path / "out" / "tuneqn.db"
-    where = {(r[0], r[1]): r[2] for r in _rows(db, "select c.mode, j.level, group_concat(distinct j.device) from jobs j "
-                                                   "join candidates c on c.id = j.candidate_id group by 1, 2")}
+    rows = _rows(db, "select c.mode, j.level, group_concat(distinct j.device) from jobs j "
+                     "join candidates c on c.id = j.candidate_id group by 1, 2")
+    where = {(r[0], r[1]): r[2] for r in rows}
     assert where == {("fp32", "full"): "cpu,phone" if where[("fp32", "full")].startswith("cpu") else "phone,cpu",
                      ("qop", "full"): "cpu", ("qop", "screen"): "cpu", ("dyn", "full"): "cpu",
                      ("dyn", "screen"): "cpu", ("qop.qdq", "full"): "phone", ("qop.qdq", "screen"): "phone",
                      ("dyn.float-Conv", "full"): "phone", ("dyn.float-Conv", "screen"): "phone"}
-    assert {r[0] for r in _rows(db, "select split from datasets")} >= {"cnn/screen/qop.qdq", "cnn/screen/dyn.float-Conv"}
+    splits = {r[0] for r in _rows(db, "select split from datasets")}
+    assert splits >= {"cnn/screen/qop.qdq", "cnn/screen/dyn.float-Conv"}
 
 
 def test_a_recipe_no_variant_fixes_is_kept_and_the_report_says_so(tmp_path: Path, assets: Path) -> None:
@@ -128,7 +133,8 @@ def test_a_recipe_no_variant_fixes_is_kept_and_the_report_says_so(tmp_path: Path
     assert _rows(db, "select recipe, planned, status, unsupported from feasibility") == [
         ("dyn", "dyn", "gave-up", '["DynamicQuantizeLinear"]')]
     (entry,) = json.loads((tmp_path / "out" / "report.json").read_text())["feasibility"]
-    assert entry["text"].startswith("phone: dyn kept, no variant runs there") and "DynamicQuantizeLinear" in entry["text"]
+    assert entry["text"].startswith("phone: dyn kept, no variant runs there")
+    assert "DynamicQuantizeLinear" in entry["text"]
 
 
 def test_report_mode_dispatches_everything(tmp_path: Path, assets: Path) -> None:
@@ -204,6 +210,7 @@ def test_devices_that_appear_get_slots_and_vanished_ones_take_no_more_jobs(tmp_p
     assert by_holder["phone1"] <= seen_gone[0]  # nothing leased to phone1 once it was gone
 
 
+@pytest.mark.heavy
 def test_compile_ahead_submits_the_next_job_while_one_runs(tmp_path: Path, assets: Path) -> None:
     """A device with the compile-ahead capability is handed its next job while the current one runs; the
     queued job's lease is renewed meanwhile (a lease shorter than a job), and every job runs once."""
@@ -243,6 +250,7 @@ def test_agents_command_shows_device_backend_target_key_remote_and_status(
         assert text in out, text
 
 
+@pytest.mark.heavy
 @pytest.mark.parametrize("strategy", ["budget", "greedy", "target"])
 def test_a_class_whose_fp32_reference_failed_for_good_does_not_stall_a_search(
         tmp_path: Path, assets: Path, strategy: str) -> None:

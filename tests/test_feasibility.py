@@ -11,13 +11,12 @@ from typing import Any
 
 import onnx
 import pytest
-
 from conftest import write_study
+
 from tuneqn.controller.config import QuantizationSpec, load_config, variant_name
 from tuneqn.controller.errors import UserError
 from tuneqn.controller.farm.dispatcher import FarmSettings, JobBoard, JobPlan, make_job
-from tuneqn.controller.feasibility import (QUANTIZED_TO_FLOAT, float_ops_of, model_op_types, next_recipe,
-                                           unsupported)
+from tuneqn.controller.feasibility import QUANTIZED_TO_FLOAT, float_ops_of, model_op_types, next_recipe, unsupported
 from tuneqn.controller.quantize import QuantSettings, default_op_types
 from tuneqn.controller.report import compute_report, write_full_report
 from tuneqn.controller.report.base import FINAL_JOB_STATES, is_partial
@@ -221,9 +220,8 @@ def test_take_ahead_only_when_more_jobs_wait_than_idle_slots(tmp_path: Path) -> 
 
 
 def test_report_lists_infeasible_candidates_per_device_and_keeps_them_off_fronts(tmp_path: Path) -> None:
-    from report_store import add_candidate, add_device, add_eval_split, add_model, add_result, open_store, predictions
-
     import numpy as np
+    from report_store import add_candidate, add_device, add_eval_split, add_model, add_result, open_store, predictions
 
     store = open_store(tmp_path, objectives=[{"name": "accuracy_loss"}, {"name": "size"}, {"name": "latency"}])
     add_model(store)
@@ -277,7 +275,8 @@ def test_report_lists_infeasible_candidates_per_device_and_keeps_them_off_fronts
     from tuneqn.controller.report.plots import UNTUNED_LABEL, objectives_figure
 
     def legend(device: str) -> list[str]:
-        return [t.get_text() for t in objectives_figure(report, "net", "static", device).axes[0].get_legend().get_texts()]
+        figure = objectives_figure(report, "net", "static", device)
+        return [t.get_text() for t in figure.axes[0].get_legend().get_texts()]
 
     assert any(t.startswith("latency") and UNTUNED_LABEL in t for t in legend("phone"))
     cpu_labels = legend("cpu")

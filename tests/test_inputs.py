@@ -10,8 +10,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import write_study
+
 from tuneqn.controller.cli import main
 from tuneqn.controller.config import DatasetSpec
 from tuneqn.controller.dataset import prepare_data
@@ -35,14 +35,16 @@ def test_corrupt_model(tmp_path: Path, assets: Path, capsys: pytest.CaptureFixtu
     data = (assets / "cnn.onnx").read_bytes()
     bad = tmp_path / "truncated.onnx"
     bad.write_bytes(data[: len(data) // 2])
-    rc, err = _run(capsys, "analyze", "--model", str(bad), "--images", str(assets / "images"), "--out", str(tmp_path / "o"))
+    rc, err = _run(capsys, "analyze", "--model", str(bad), "--images", str(assets / "images"),
+                   "--out", str(tmp_path / "o"))
     _one_line_error(rc, err, "truncated.onnx", "not a valid ONNX model")
 
 
 def test_non_onnx_file(tmp_path: Path, assets: Path, capsys: pytest.CaptureFixture[str]) -> None:
     bad = tmp_path / "photo.onnx"
     bad.write_bytes((assets / "images" / "img_000.png").read_bytes())
-    rc, err = _run(capsys, "analyze", "--model", str(bad), "--images", str(assets / "images"), "--out", str(tmp_path / "o"))
+    rc, err = _run(capsys, "analyze", "--model", str(bad), "--images", str(assets / "images"),
+                   "--out", str(tmp_path / "o"))
     _one_line_error(rc, err, "photo.onnx")
 
 
@@ -141,7 +143,8 @@ def test_cli_subprocess_has_no_traceback(tmp_path: Path) -> None:
     bad.write_text("not a model")
     (tmp_path / "imgs").mkdir()
     r = subprocess.run([sys.executable, "-m", "tuneqn.controller", "analyze", "--model", str(bad), "--images",
-                        str(tmp_path / "imgs"), "--out", str(tmp_path / "o")], capture_output=True, text=True, timeout=120)
+                        str(tmp_path / "imgs"), "--out", str(tmp_path / "o")],
+                       capture_output=True, text=True, timeout=120)
     assert r.returncode == 2
     assert r.stderr.strip().count("\n") == 0 and "Traceback" not in r.stderr
     assert r.stderr.startswith("tuneqn: error:")
@@ -177,7 +180,8 @@ def test_labels_from_csv_and_subfolders(tmp_path: Path) -> None:
     csv.write_text("file,label\n" + "".join(f"3/img_{i:03d}.png,{100 + i}\n" for i in range(4)))
     spec = DatasetSpec(images=tmp_path / "tree", eval=4, calibration=4, labels={"csv": csv})
     d = prepare_data(spec, [1, 3, 8, 8], tmp_path / "o2")
-    for item, lab in zip(d.eval.items + d.calibration.items, (d.eval.labels or []) + (d.calibration.labels or []), strict=True):
+    labels = (d.eval.labels or []) + (d.calibration.labels or [])
+    for item, lab in zip(d.eval.items + d.calibration.items, labels, strict=True):
         assert lab == (100 + int(item[-7:-4]) if item.startswith("3/") else -1)
 
 

@@ -8,6 +8,7 @@ import dataclasses
 from pathlib import Path
 
 from report_store import add_candidate, add_model, open_store
+
 from tuneqn.controller.farm.dispatcher import FarmSettings, JobBoard, JobPlan, make_job
 
 CLASS = "lab"
@@ -15,8 +16,9 @@ HOLDER = "127.0.0.1:1#cpu"
 
 
 def _job(tmp: Path, cid: str, priority: tuple[int, ...]) -> JobPlan:
-    plan = make_job(cid, CLASS, tmp / "m.onnx", "a" * 64, tmp / "eval.npy", "e" * 64, "x", {}, FarmSettings(),
-                    tuning_group="t")
+    plan = make_job(
+        cid, CLASS, tmp / "m.onnx", "a" * 64, tmp / "eval.npy", "e" * 64, "x", {}, FarmSettings(), tuning_group="t"
+    )
     return dataclasses.replace(plan, priority=priority)
 
 
@@ -25,9 +27,10 @@ def test_a_device_takes_the_lowest_priority_first_and_equal_ones_in_order(tmp_pa
     add_model(store)
     board = JobBoard(store, FarmSettings(max_attempts=3))
     # Added as a search would: recipe 2's screens first, then FP32, then recipe 1's (the first-ranked recipe).
-    wanted = [("r2a", (0, 2)), ("r2b", (0, 2)), ("fp32", (0, -1)), ("r1a", (0, 1)), ("r1b", (0, 1)),
-              ("m2", (1, -1))]
-    plans = {name: _job(tmp_path, add_candidate(store, k=i, size=100 + i), prio) for i, (name, prio) in enumerate(wanted)}
+    wanted = [("r2a", (0, 2)), ("r2b", (0, 2)), ("fp32", (0, -1)), ("r1a", (0, 1)), ("r1b", (0, 1)), ("m2", (1, -1))]
+    plans = {
+        name: _job(tmp_path, add_candidate(store, k=i, size=100 + i), prio) for i, (name, prio) in enumerate(wanted)
+    }
     for plan in plans.values():
         assert board.add(plan) == "pending"
     names = {p.id: n for n, p in plans.items()}

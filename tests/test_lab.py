@@ -13,10 +13,10 @@ from typing import Any
 
 import pytest
 import tomli_w
-
 from agent_proxy import DeviceProxy
 from conftest import free_port, write_study
 from test_inputs import _one_line_error
+
 from tuneqn.controller.cli import main
 from tuneqn.controller.config import AgentSpec
 from tuneqn.controller.errors import UserError
@@ -56,7 +56,8 @@ def test_lab_paths_resolve_against_the_lab_files_folder(tmp_path: Path) -> None:
     ("agents = []\n", ("agents", "at least 1")),
     ('[[agents]]\nadress = "h:1"\n', ("agents[0].adress", "unknown key")),
     ('[[agents]]\nname = "x"\n', ("agents[0].address", "missing")),
-    ('[[agents]]\naddress = "h:1"\n[[agents]]\naddress = "h:1"\n', ("agents[1].address: h:1 is listed twice (agents[0])",)),
+    ('[[agents]]\naddress = "h:1"\n[[agents]]\naddress = "h:1"\n',
+     ("agents[1].address: h:1 is listed twice (agents[0])",)),
 ])
 def test_bad_lab_file_is_one_line_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str], content: str | None,
                                          parts: tuple[str, ...]) -> None:

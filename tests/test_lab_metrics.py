@@ -7,9 +7,9 @@ import time
 import urllib.request
 from pathlib import Path
 
+from conftest import write_study
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import write_study
 from tuneqn.controller.config import load_config
 from tuneqn.controller.farm.dispatcher import Endpoint, FarmSettings
 from tuneqn.controller.farm.local import LocalAgent

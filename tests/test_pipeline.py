@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from conftest import write_study
+
 from tuneqn.controller.config import load_config
 from tuneqn.controller.farm.dispatcher import Endpoint, FarmSettings
 from tuneqn.controller.farm.local import LocalAgent
@@ -22,30 +22,49 @@ from tuneqn.controller.report.plots import render_plot
 from tuneqn.controller.report.write import PLOT_KEYS, plot_input, render_plots, report_dict, validate_report
 from tuneqn.controller.study import Study
 
-FAST = {"latency_repeats": 2, "latency_warmup": 0, "heartbeat_s": 0.5, "silent_after_s": 3.0,
-        "unreachable_grace_s": 1.0, "lease_timeout_s": 10.0, "device_wait_s": 30.0}
+FAST = {
+    "latency_repeats": 2,
+    "latency_warmup": 0,
+    "heartbeat_s": 0.5,
+    "silent_after_s": 3.0,
+    "unreachable_grace_s": 1.0,
+    "lease_timeout_s": 10.0,
+    "device_wait_s": 30.0,
+}
 
 
 def test_a_models_jobs_are_registered_before_the_next_model_is_analysed(tmp_path: Path, assets: Path) -> None:
     """Two models, one recipe: the first model's FP32 job is in the store (registered for the agents) before
     the second model's layers are ranked; before, every model was prepared and analysed before any job."""
-    with LocalAgent(tmp_path / "agent", device_name="a0", extra_args=["--device-class", "lab",
-                                                                       "--simulated-latency-ms", "5"]) as agent:
-        study_toml = write_study(tmp_path, model=assets / "cnn.onnx", images=assets / "images", evaluation=FAST,
-                                 models=[{"name": "first", "path": str(assets / "cnn.onnx")},
-                                         {"name": "second", "path": str(assets / "wide.onnx")}],
-                                 search={"strategy": "sweep", "ranking": "paper", "step": 2})
+    with LocalAgent(
+        tmp_path / "agent", device_name="a0", extra_args=["--device-class", "lab", "--simulated-latency-ms", "5"]
+    ) as agent:
+        study_toml = write_study(
+            tmp_path,
+            model=assets / "cnn.onnx",
+            images=assets / "images",
+            evaluation=FAST,
+            models=[
+                {"name": "first", "path": str(assets / "cnn.onnx")},
+                {"name": "second", "path": str(assets / "wide.onnx")},
+            ],
+            search={"strategy": "sweep", "ranking": "paper", "step": 2},
+        )
         cfg = load_config(study_toml)
         study = Study(cfg)
         try:
-            outcome = tune(study, [Endpoint(agent.address, device_class="lab")], FarmSettings.from_config(cfg.evaluation))
+            outcome = tune(
+                study, [Endpoint(agent.address, device_class="lab")], FarmSettings.from_config(cfg.evaluation)
+            )
         finally:
             study.close()
     assert outcome.errors == [] and outcome.failed == 0 and outcome.done == outcome.total > 4
     con = sqlite3.connect(tmp_path / "out" / "tuneqn.db")
     analysed = dict(con.execute("select model, created_at from analyses").fetchall())
-    first_jobs = con.execute("select min(j.created_at), count(*) from jobs j join candidates c on c.id = j.candidate_id "
-                             "where c.model = 'first'").fetchone()
+    first_jobs = con.execute(
+        "select min(j.created_at), count(*) from jobs j join candidates c on c.id = j.candidate_id "
+        "where c.model = 'first'"
+    ).fetchone()
     assert set(analysed) == {"first", "second"}
     assert first_jobs[1] > 1
     assert first_jobs[0] < analysed["second"], "the first model's jobs waited for the second model's analysis"
@@ -69,8 +88,9 @@ def _make_study() -> dict[str, Any]:
     return report
 
 
-def test_a_plot_drawn_from_its_models_part_is_the_same_and_is_not_drawn_again(tmp_path: Path,
-                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_plot_drawn_from_its_models_part_is_the_same_and_is_not_drawn_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A plot drawn from :func:`plot_input` (what the cache keys) is byte for byte the one drawn from the whole
     report; a second :func:`render_plots` draws nothing; a changed model's plots alone are drawn again; a pool
     of processes draws the same bytes; a cancelled call leaves the rest to the next one."""

@@ -16,11 +16,11 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from conftest import write_study
 from onnx import helper
+from onnx_models import mlp, padded_cnn, write_images
 from onnxruntime.quantization import QuantFormat, quantize_static
 
-from conftest import write_study
-from onnx_models import mlp, padded_cnn, write_images
 from tuneqn.controller.cli import main
 from tuneqn.controller.config import ModelSpec
 from tuneqn.controller.modelio import _restore_layer_names, prepare_model

@@ -16,10 +16,10 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from conftest import write_study
 from onnx import TensorProto, helper, numpy_helper
 from PIL import Image
 
-from conftest import write_study
 from tuneqn.controller.analysis import MIN_MEAN_TOP1, fp32_confidence
 from tuneqn.controller.cli import build_parser, main
 from tuneqn.controller.config import DatasetSpec, PreprocessSpec

@@ -11,9 +11,9 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from conftest import exported_sha256, write_study
 from onnx import numpy_helper
 
-from conftest import exported_sha256, write_study
 from tuneqn.controller.cli import main
 from tuneqn.controller.quantize import WBQ, QuantSettings, quantize_candidate
 
@@ -102,8 +102,10 @@ def test_qoperator_errors_are_the_qdq_quantities(tmp_path: Path, assets: Path) -
     assert qop["fc"]["xmodel_err"] == pytest.approx(expected, rel=1e-4)
 
 
-@pytest.fixture
-def built(tmp_path: Path, assets: Path) -> Path:
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory, assets: Path) -> Path:
+    """One study's candidates, built once for the module's tests (read-only: they write to their own tmp_path)."""
+    tmp_path = tmp_path_factory.mktemp("built-qoperator")
     study = write_study(
         tmp_path, model=assets / "wide.onnx", images=assets / "images",
         quantization={"format": "qoperator"},

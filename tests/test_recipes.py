@@ -7,12 +7,11 @@ from pathlib import Path
 
 import onnx
 import pytest
-
 from conftest import write_study
+
 from tuneqn.controller.cli import main
-from tuneqn.controller.config import QuantizationSpec, load_config
+from tuneqn.controller.config import QuantizationSpec, load_config, parse_config
 from tuneqn.controller.errors import UserError
-from tuneqn.controller.config import parse_config
 
 
 def test_recipes_inherit_the_section_and_override_it() -> None:

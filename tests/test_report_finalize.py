@@ -9,10 +9,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from tuneqn.controller.report.finalize import finalize_report
-from tuneqn.controller.report.write import write_report
 from tuneqn.controller.report.plots import plot_key
 from tuneqn.controller.report.schema import SCHEMA_VERSION, Report
+from tuneqn.controller.report.write import write_report
 from tuneqn.controller.study import candidate_id
 
 MB = 1_000_000
@@ -527,5 +528,6 @@ def test_missing_baseline_reason_names_the_baseline_error() -> None:
     r.update(agreement=None, error="FP32 baseline on this device failed: out of memory")
     out = finalize_report(base)
     assert _result_of(out, _id(3), "cpu")["reason"] == (
-        "accuracy_loss not available (no agreement with FP32 measured); FP32 baseline on this device failed: out of memory"
+        "accuracy_loss not available (no agreement with FP32 measured); "
+        "FP32 baseline on this device failed: out of memory"
     )

@@ -11,10 +11,11 @@ from typing import Any
 import pytest
 from browser import SKIP_REASON, chromium, run_chromium
 from PIL import Image
+
 from tuneqn.controller.report.finalize import finalize_report
-from tuneqn.controller.report.write import write_report
 from tuneqn.controller.report.html import render_html
 from tuneqn.controller.report.plots import plot_key
+from tuneqn.controller.report.write import write_report
 
 
 def _load_study_module() -> Any:
@@ -159,7 +160,8 @@ def test_tables(written: tuple[dict[str, Any], dict[str, Path]]) -> None:
             "10.00",
             "30.00",
         ],
-        ["toynet", "static", "gpu", "paper k=2", "15.00", "20.00", "25.00", "4.00", "2.50", "10.00", "60.00", "–", "–", "–"],
+        ["toynet", "static", "gpu", "paper k=2", "15.00", "20.00", "25.00", "4.00", "2.50", "10.00", "60.00",
+         "–", "–", "–"],
     ]
     (infeasible,) = [t for t in page.tables if t["class"] == "infeasible"]
     assert infeasible["rows"][1:] == [

@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 import pytest
 from report_store import MODEL, add_candidate, add_eval_split, add_model, add_result, cand_id, open_store, predictions
+
 from tuneqn.controller import metrics
 from tuneqn.controller.report import compute_report
 from tuneqn.controller.store import Store
@@ -55,7 +56,9 @@ def _stored(store: Store) -> dict[tuple[str, str], tuple[Any, Any, Any]]:
             for r in store.results()}
 
 
-def _independent(labels: list[int], preds: dict[tuple[str, str], np.ndarray]) -> dict[tuple[str, str], tuple[float, ...]]:
+def _independent(
+    labels: list[int], preds: dict[tuple[str, str], np.ndarray]
+) -> dict[tuple[str, str], tuple[float, ...]]:
     """The metrics written out by hand with plain loops (not through metrics.py)."""
     out = {}
     for (cid, dev), t in preds.items():
@@ -184,14 +187,15 @@ def test_baseline_and_result_arriving_on_two_threads(tmp_path: Path) -> None:
         barrier = threading.Barrier(2)
         errors: list[BaseException] = []
 
-        def arrive(cid: str) -> None:
+        def arrive(cid: str, barrier: threading.Barrier, store: Any, errors: list[BaseException]) -> None:
             try:
                 barrier.wait(timeout=30)
                 metrics.on_result(store, add_result(store, cid, "cpu", preds[(cid, "cpu")]))
             except BaseException as exc:  # noqa: BLE001 - thread boundary: handed to the test thread
                 errors.append(exc)
 
-        threads = [threading.Thread(target=arrive, args=(cid,)) for cid in (f"{MODEL}:fp32", CANDIDATES[0])]
+        threads = [threading.Thread(target=arrive, args=(cid, barrier, store, errors))
+                   for cid in (f"{MODEL}:fp32", CANDIDATES[0])]
         for t in threads:
             t.start()
         for t in threads:

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from tuneqn.controller.report.pareto import select_compromise, to_minimization, top_fronts
 from tuneqn.controller.ties import Latency, TieDominator, compare, dominates, faster, ties
 

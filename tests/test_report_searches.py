@@ -22,11 +22,11 @@ from report_store import (
     open_store,
     predictions,
 )
+
 from tuneqn.controller import metrics
 from tuneqn.controller.report import compute_report, write_full_report
 from tuneqn.controller.report.finalize import HV_REFERENCE, finalize_report, hypervolume
 from tuneqn.controller.report.plots import recipe_plot_key
-from tuneqn.controller.store import Store
 
 MB = 1_000_000
 SWEEP, GREEDY, TARGET = "sweep/paper", "greedy/measured", "target1%/measured"

@@ -23,6 +23,7 @@ from report_store import (
     open_store,
     predictions,
 )
+
 from tuneqn.controller import metrics
 from tuneqn.controller.config import parse_config
 from tuneqn.controller.errors import UserError

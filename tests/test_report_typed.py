@@ -15,10 +15,11 @@ import numpy as np
 import pytest
 from browser import SKIP_REASON, chromium, run_chromium
 from PIL import Image
+
 from tuneqn.controller.report.finalize import finalize_report
 from tuneqn.controller.report.html import render_html
 from tuneqn.controller.report.schema import SCHEMA_VERSION, Report, json_schema_text
-from tuneqn.controller.report.write import JSON_NAME, write_report
+from tuneqn.controller.report.write import write_report
 
 ROOT = Path(__file__).parent.parent
 SCHEMA_FILE = ROOT / "docs" / "report.schema.json"

@@ -14,11 +14,15 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from test_agent_fixtures import executions
+
 from tuneqn.controller.farm.local import LocalAgent
 
 KILL_TIMEOUT = 180.0
 RERUN_TIMEOUT = 300.0
+
+pytestmark = pytest.mark.heavy  # a controller process SIGKILLed mid-study, then run again
 
 
 def _rows(db: Path, sql: str, args: tuple[object, ...] = ()) -> list[tuple[object, ...]]:
@@ -90,7 +94,8 @@ def test_a_study_killed_with_jobs_on_both_agents_resumes_and_collects_them(tmp_p
             agent = by_name[holder.split("#")[0]]
             assert executions(agent.state_dir, job_id) == 1
         assert _rows(db, "select count(*) from jobs where state != 'done'") == [(0,)]
-        dup = _rows(db, "select candidate_id, device, level, count(*) from results group by 1, 2, 3 having count(*) > 1")
+        dup = _rows(db, "select candidate_id, device, level, count(*) from results group by 1, 2, 3 "
+                        "having count(*) > 1")
         assert dup == []
     finally:
         for a in agents:

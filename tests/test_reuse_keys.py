@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from conftest import exported_sha256, write_study
 from onnx_models import cnn, write_images
+
 from tuneqn.controller import dataset as dataset_mod
 from tuneqn.controller import study as study_mod
 from tuneqn.controller.cli import main
@@ -55,6 +55,7 @@ def inputs(tmp_path: Path) -> tuple[Path, Path]:
     return model, images
 
 
+@pytest.mark.heavy
 def test_changed_weights_rebuild_candidates(tmp_path: Path, inputs: tuple[Path, Path]) -> None:
     model, images = inputs
     study = write_study(tmp_path, model=model, images=images)
@@ -77,6 +78,7 @@ def test_changed_weights_rebuild_candidates(tmp_path: Path, inputs: tuple[Path, 
         _export_matches(out, tmp_path, k)
 
 
+@pytest.mark.heavy
 def test_changed_calibration_images_rebuild(tmp_path: Path, inputs: tuple[Path, Path]) -> None:
     model, images = inputs
     study = write_study(tmp_path, model=model, images=images)

@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from conftest import exported_sha256, write_study
+
 from tuneqn.controller.cli import main
 from tuneqn.controller.config import load_config
 from tuneqn.controller.farm.dispatcher import Endpoint, FarmSettings
@@ -55,6 +55,7 @@ def _run(study_toml: Path, endpoints: list[Endpoint]) -> Any:
         study.close()
 
 
+@pytest.mark.heavy
 def test_searches_resume_mid_search_to_the_same_outcome(tmp_path: Path, assets: Path) -> None:
     """A study SIGKILLed mid-search and resumed asks for exactly what an uninterrupted one asks for."""
     ref_dir, cut_dir = tmp_path / "ref", tmp_path / "cut"

@@ -15,10 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
+import pytest
 from agent_proxy import DeviceProxy, swap_top2
 from conftest import write_study
 from test_farm import FAST, _run_bounded
+
 from tuneqn.controller.config import load_config
 from tuneqn.controller.farm.dispatcher import Endpoint
 from tuneqn.controller.study import Study, screen_positions
@@ -91,6 +92,7 @@ def test_an_agent_with_three_devices_of_a_class_gets_three_evaluations_at_once(t
     assert _chosen_in_flight(db) == 3  # at width 1 one at a time (and fewer: each choice knew more)
 
 
+@pytest.mark.heavy
 def test_a_rerun_with_fewer_devices_takes_every_decision_as_before(tmp_path: Path, assets: Path) -> None:
     """A study searched three wide, rerun when only one of the devices is left: every decision is replayed
     with the width it was taken with, so nothing new is asked for and nothing runs again."""
@@ -110,6 +112,7 @@ def test_a_rerun_with_fewer_devices_takes_every_decision_as_before(tmp_path: Pat
     assert _rows(db, "select id, state, attempts from jobs order by id") == jobs
 
 
+@pytest.mark.heavy
 def test_the_screening_sample_is_kept_when_a_class_is_gone_on_resume(tmp_path: Path, assets: Path) -> None:
     """The screening sample is chosen from classes A and B (B's arithmetic differs from A's on some samples);
     rerun with only A connected, the study screens on the same sample (recomputing it from A alone would
@@ -176,6 +179,7 @@ def test_a_study_started_with_a_fixed_width_keeps_it(tmp_path: Path, assets: Pat
     assert {w for (w,) in _rows(db, "select width from search_widths")} == {2}
 
 
+@pytest.mark.heavy
 def test_a_search_killed_three_wide_resumes_one_wide_and_replays_with_any_width(tmp_path: Path, assets: Path) -> None:
     """SIGKILLed while three devices search, resumed with one device left (the steps not taken yet go one
     wide), then rerun with three again: the widths taken before the kill are kept, and the last rerun,

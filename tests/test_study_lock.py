@@ -19,8 +19,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
 from conftest import write_study
+
 from tuneqn.controller.cli import main
 
 HOLDER = """
@@ -198,5 +198,6 @@ def test_scratch_of_a_killed_run_is_removed(tmp_path: Path, assets: Path) -> Non
         assert not stale.exists()
         study.prepare()
         a = study.quantizer_input("cnn")
-        assert a.read_bytes() == study.models["cnn"].path.read_bytes() and a.parent.parent.name.startswith(SCRATCH_PREFIX)
+        assert a.read_bytes() == study.models["cnn"].path.read_bytes()
+        assert a.parent.parent.name.startswith(SCRATCH_PREFIX)
     assert not a.exists() and not list((tmp_path / "out").glob(f"{SCRATCH_PREFIX}*"))

@@ -21,9 +21,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from conftest import free_port, write_study
 from onnx_models import cnn
+
 from tuneqn.controller.cli import main
 from tuneqn.controller.farm.local import LocalAgent
 
@@ -159,6 +159,7 @@ def test_the_only_class_dies_mid_ranking(tmp_path: Path, assets: Path, strategy:
     assert killed and rc == 1 and "device class cpu" in line and "unreachable" in line, line
 
 
+@pytest.mark.heavy
 def test_quick_form_with_a_wrong_address_says_what_it_waits_for_and_ends(tmp_path: Path, assets: Path) -> None:
     """The default search (auto recipes, budget on the measured ranking) with an address nothing listens on:
     status lines while it waits (output is not a terminal: one line per change, on stdout with the log), then

@@ -11,6 +11,7 @@ import pytest
 pytest.importorskip("tvm", reason="Apache TVM (the tuneqn[tvm] extra) is not installed")
 
 from onnx_models import cnn, mlp  # noqa: E402
+
 from tuneqn.agent.backends.tvm_build import BuildSpec, CompileCache  # noqa: E402
 
 

@@ -17,9 +17,9 @@ from typing import Any
 
 import numpy as np
 import pytest
-
 from conftest import write_study
 from tvm_rpc import TvmLab, wait_for
+
 from tuneqn.agent.config import TvmSettings
 from tuneqn.controller.cli import main
 from tuneqn.controller.config import load_config
@@ -31,6 +31,8 @@ from tuneqn.controller.study import Study
 FAST = {"latency_repeats": 3, "latency_warmup": 1, "heartbeat_s": 0.5, "silent_after_s": 5.0,
         "unreachable_grace_s": 1.0, "lease_timeout_s": 20.0, "device_wait_s": 60.0}
 RECIPES = [{"name": "qdq", "format": "qdq"}, {"name": "qop", "format": "qoperator"}]
+
+pytestmark = pytest.mark.heavy  # whole studies on ORT and TVM agents, servers killed mid-study
 
 
 def _study(tmp: Path, assets: Path, feasibility: str) -> Path:

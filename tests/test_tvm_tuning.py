@@ -46,6 +46,7 @@ def _records(work_dir: Path) -> int:
     return sum(1 for line in path.read_text().splitlines() if line.strip()) if path.is_file() else 0
 
 
+@pytest.mark.heavy
 def test_tuning_writes_records_reuses_them_and_matches_ort(tmp_path: Path) -> None:
     model_path = _conv_relu(tmp_path / "m.onnx")
     mod = from_onnx(onnx.load(str(model_path)), shape_dict={"x": SHAPE}, keep_params_in_input=False)
@@ -86,6 +87,7 @@ def test_remote_cpu_target_needs_its_core_count(tmp_path: Path) -> None:
     assert tvm_tuning.tuning_target(tvm.target.Target({"kind": "llvm"}), local=True).attrs["num-cores"] >= 1
 
 
+@pytest.mark.heavy
 def test_tuned_build_through_the_compile_cache(tmp_path: Path) -> None:
     """The agent's path: a tuned build is cached (separately from the untuned one), marked tuned,
     and its tuning time is reported apart from its compile time; a repeat is a cache hit."""

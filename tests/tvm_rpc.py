@@ -333,10 +333,9 @@ def quantized_models(folder: Path, seed: int = 0) -> dict[str, Path]:
     optimizations + shape inference); ``qdq`` and ``qoperator``: that model statically
     quantized by ONNX Runtime (uint8 activations, int8 weights).
     """
+    from onnx_models import cnn
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    from onnx_models import cnn
 
     folder.mkdir(parents=True, exist_ok=True)
     raw = cnn(folder / "raw.onnx", seed=seed)

@@ -13,7 +13,6 @@ import numpy as np
 
 from tuneqn.v1 import agent_pb2 as pb
 
-
 T = TypeVar("T")
 
 

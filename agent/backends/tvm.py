@@ -845,7 +845,7 @@ class TvmBackend(Backend):
                     if runtime.executed_on:
                         self._set_activity(f"running on {runtime.executed_on}")
                 opened = runtime
-                result = self._call(opened.executed_on, what, lambda: fn(opened), stop)
+                result = self._call(opened.executed_on, what, lambda: fn(opened), stop)  # noqa: B023 - called here
             except _Lost as exc:
                 where = exc.where or "the device"
                 model.runtime = None

@@ -298,7 +298,8 @@ class JobBoard:
     def unfinished(self, device: str | None = None) -> list[str]:
         """Ids of this run's pending or submitted jobs (of one class, when given)."""
         with self.cond:
-            return [r["id"] for r in self.store.jobs() if r["id"] in self.plans and r["state"] in ("pending", "submitted")
+            return [r["id"] for r in self.store.jobs()
+                    if r["id"] in self.plans and r["state"] in ("pending", "submitted")
                     and (device is None or r["device"] == device)]
 
     def finished(self) -> bool:

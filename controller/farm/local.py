@@ -109,7 +109,7 @@ class LocalAgent:
             self.proc.kill()
             self.proc.wait()
 
-    def __enter__(self) -> "LocalAgent":
+    def __enter__(self) -> LocalAgent:
         self.start()
         return self
 

@@ -41,7 +41,6 @@ from typing import Any
 from tuneqn.controller.objectives import finite
 from tuneqn.controller.ties import Latency, faster
 
-
 #: z of a two-sided 95 % normal interval.
 Z95 = 1.959963984540054
 
@@ -78,7 +77,7 @@ class Constraint:
     max_latency_ms: float | None = None
 
     @classmethod
-    def from_settings(cls, settings: dict[str, Any] | None) -> "Constraint":
+    def from_settings(cls, settings: dict[str, Any] | None) -> Constraint:
         """The study's constraint from its settings (``report["study"]["settings"]``): ``[answer]``, with
         ``max_loss`` falling back to ``[search] max_loss`` and then 1 %."""
         from tuneqn.controller.config import DEFAULT_MAX_LOSS  # noqa: PLC0415 - config imports nothing of ours
@@ -93,7 +92,7 @@ class Constraint:
                    None if size_mb is None else int(round(size_mb * 1e6)), finite(answer.get("max_latency_ms")))
 
     def override(self, max_loss: float | None = None, max_size_mb: float | None = None,
-                 max_latency_ms: float | None = None) -> "Constraint":
+                 max_latency_ms: float | None = None) -> Constraint:
         """This constraint with the given values replaced (None keeps the value)."""
         return Constraint(self.max_loss if max_loss is None else float(max_loss),
                           self.max_size_bytes if max_size_mb is None else int(round(max_size_mb * 1e6)),
@@ -113,7 +112,7 @@ class Constraint:
             parts.append(f"latency ≤ {self.max_latency_ms:g} ms")
         return ", ".join(parts)
 
-    def flags(self, configured: "Constraint") -> list[str]:
+    def flags(self, configured: Constraint) -> list[str]:
         """Command-line flags that turn ``configured`` into this constraint (none when they are equal)."""
         out: list[str] = []
         if self.max_loss != configured.max_loss:
@@ -163,7 +162,7 @@ class _Option:
     accuracy: float | None
     n: int | None
     #: A recipe split across the devices (feasibility planning): per part its devices and its own pick.
-    parts: list[tuple[list[str], "_Option"]] = field(default_factory=list)
+    parts: list[tuple[list[str], _Option]] = field(default_factory=list)
 
     @property
     def loss(self) -> float:
@@ -520,8 +519,8 @@ def format_answer(answer: dict[str, Any] | None) -> list[str]:
                      + (f" (95 % interval {pct(ci[0])}–{pct(ci[1])}, n = {p['n']})" if ci else ""))
         if p.get("latency_ms") is not None:
             fp32 = f"; FP32 {_ms(p.get('fp32_latency_ms'))}" if p.get("fp32_latency_ms") is not None else ""
-            lines.append(f"    latency {_ms(p['latency_ms'])}{_spread(p.get('latency_p10_ms'), p.get('latency_p90_ms'))}"
-                         f"{fp32}")
+            spread = _spread(p.get('latency_p10_ms'), p.get('latency_p90_ms'))
+            lines.append(f"    latency {_ms(p['latency_ms'])}{spread}{fp32}")
         if p.get("accuracy") is not None:
             lines.append(f"    accuracy {pct(p['accuracy'], 1)} on {p.get('accuracy_n')} labelled images")
         layers = p.get("float_layers") or []

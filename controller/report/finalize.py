@@ -103,7 +103,8 @@ order of the rows.  ``objectives.latency`` stays the measured median.
   "selected": id|None, "candidates": [{"id", "k", "label", "worst": {objective: value},
   "front": int|None}], "excluded": [{"candidate", "reason"}]}]`` - per
   (model, recipe), over candidates done and feasible on every device that has a result entry
-  for the recipe (every device, unless feasibility planning runs another recipe on some); each objective is the worst value over those devices (max for "min"
+  for the recipe (every device, unless feasibility planning runs another recipe on some); each
+  objective is the worst value over those devices (max for "min"
   objectives, min for "max" objectives; the latency's p10–p90 is the one of the device with the
   worst median).
 * ``infeasible``: ``[{"candidate", "device", "reason"}]`` - every full-level result that
@@ -201,10 +202,9 @@ import numpy as np
 from pymoo.indicators.hv import HV
 
 from tuneqn.controller.objectives import Objective, finite, objective
-
-from .answer import Constraint, build_answer, split_parts
 from tuneqn.controller.ties import Latency
 
+from .answer import Constraint, build_answer, split_parts
 from .pareto import select_compromise, to_minimization, top_fronts
 
 logger = logging.getLogger(__name__)
@@ -763,7 +763,8 @@ def _ablation(
     recipe_devices: dict[tuple[str, str], list[str]] = {}
     for c in candidates:
         if _evaluated(c):
-            recipe_devices.setdefault((c["model"], c["mode"]), []).extend(r.get("device") for r in c.get("results") or [])
+            on = (r.get("device") for r in c.get("results") or [])
+            recipe_devices.setdefault((c["model"], c["mode"]), []).extend(on)
     rows: list[dict[str, Any]] = []
     searches: list[dict[str, Any]] = []
     hv_of: dict[tuple[str, str, str, str], float] = {}
@@ -869,7 +870,7 @@ def _targets(
         def best(devs: list[str], recipe: str | None = None) -> dict[str, Any] | None:
             """The smallest of ``ids`` (of ``recipe``) meeting max_loss on every one of ``devs``."""
             found: tuple[tuple[float, float, str], dict[str, Any]] | None = None
-            for cid in ids:
+            for cid in ids:  # noqa: B023 - best() is called within this iteration
                 c = cands.get(cid)
                 if c is None or max_loss is None or not devs or c.get("size_bytes") is None:
                     continue

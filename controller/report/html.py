@@ -38,7 +38,8 @@ _PLOT_CAPTIONS = {
     "vertical lines: top-3 Pareto fronts (paper Fig. 3).",
     "tradeoff": "Accuracy loss vs model size of every evaluated candidate (labels: k); fronts connected.",
 }
-_LOSS, _ACC, _SIZE, _LAT = OBJECTIVES["accuracy_loss"], OBJECTIVES["accuracy"], OBJECTIVES["size"], OBJECTIVES["latency"]
+_LOSS, _ACC = OBJECTIVES["accuracy_loss"], OBJECTIVES["accuracy"]
+_SIZE, _LAT = OBJECTIVES["size"], OBJECTIVES["latency"]
 
 
 @dataclass(frozen=True)

@@ -18,8 +18,8 @@ import multiprocessing
 import os
 import re
 import time
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -182,7 +182,8 @@ def render_plots(report: dict[str, Any], out_dir: Path, models: set[str] | None 
         model, device = entry["model"], entry["device"]
         stem = _unique(f"{_slug(model)}__recipes__{_slug(device)}", used)
         if models is None or model in models:
-            wanted.append((recipe_plot_key(model, device), ("recipes", model, device), out_dir / "plots" / f"{stem}.png"))
+            wanted.append((recipe_plot_key(model, device), ("recipes", model, device),
+                           out_dir / "plots" / f"{stem}.png"))
     todo: list[tuple[tuple[str, ...], dict[str, Any], Path, str]] = []  # (what, its input, png, cache key)
     for _, what, png in wanted:
         sub = inputs.setdefault(what[1], plot_input(report, what[1]))

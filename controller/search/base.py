@@ -47,7 +47,8 @@ class Outcome:
     """A candidate's results at one level on every device class of the study.
 
     ``per_device[device]`` has ``agreement``, ``overlap`` (mean share of the FP32 top-k found
-    in the candidate's top-k), ``accuracy``, ``latency_ms``, ``latency_p10_ms``, ``latency_p90_ms`` (None where not measured).
+    in the candidate's top-k), ``accuracy``, ``latency_ms``, ``latency_p10_ms``, ``latency_p90_ms``
+    (None where not measured).
     ``failed`` lists the devices where the evaluation failed or was unreachable.
     """
 

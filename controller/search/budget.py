@@ -50,9 +50,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from tuneqn.controller.objectives import Objective, objective
-from tuneqn.controller.ties import Latency, compare
 from tuneqn.controller.search.base import Outcome, ReplayPair, Request
 from tuneqn.controller.search.measured import MeasuredRanking
+from tuneqn.controller.ties import Latency, compare
 
 if TYPE_CHECKING:
     from tuneqn.controller.study import CandidatePlan

@@ -194,8 +194,8 @@ def decide(points: dict[str, dict[str, Point]]) -> list[Decision]:
         mine = {d: p for d, p in points[r].items() if isinstance(p, FqPoint)}
         if not mine:
             fails = "; ".join(f"{d}: {p.reason}" for d, p in points[r].items() if isinstance(p, FqFailed))
-            out.append(Decision(r, STOPPED, f"its fully quantized model has no result on any device ({fails or 'no device'})",
-                                points[r]))
+            why = f"its fully quantized model has no result on any device ({fails or 'no device'})"
+            out.append(Decision(r, STOPPED, why, points[r]))
             continue
         kept, why = [], []
         for d, p in mine.items():

@@ -6,7 +6,8 @@ S = ∅ first: the fully quantized model is evaluated in full (label ``greedy fq
    (label ``round i``), one screen per remaining layer, all requested at once;
 2. once every screen is in, take the next layers of its order that gain agreement, at most
    ``search.regain_every`` of them (when none gains agreement and S still disagrees with FP32 on
-   the screening sample: those that gain only top-k overlap), and add them one at a time: S₁ = S ∪ {l₁}, S₂ = S₁ ∪ {l₂}, …; each Sⱼ is
+   the screening sample: those that gain only top-k overlap), and add them one at a time:
+   S₁ = S ∪ {l₁}, S₂ = S₁ ∪ {l₂}, …; each Sⱼ is
    evaluated in full (label ``step j``, j counted over the whole search) and the last one is
    the next round's S.
 

@@ -23,7 +23,8 @@ full loss does (its disagreements on the screen over the whole sample's size, se
    reduction meets X in full; then the search is done. A later round only tries the layers
    whose removal met X in screening in the round before and, if evaluated in full there,
    met it in full too (assumption, as in ``budget``: quantizing more layers does not lower
-   the loss, so a layer that could not go from a larger set cannot go from a smaller one). The all-together reduction drops every layer
+   the loss, so a layer that could not go from a larger set cannot go from a smaller one). The
+   all-together reduction drops every layer
    that does not matter in one round instead of one round each. Shrinking is a local search:
    it does not swap a layer for another (a cheaper one with the same effect).
 

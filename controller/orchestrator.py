@@ -655,7 +655,7 @@ class StudyRun:
 
     def _priority(self, model: str, recipe: str) -> tuple[int, int]:
         """Which pending jobs a device takes first: model by model (in the order they were admitted), and within
-        a model FP32 first, then recipe by recipe, so that one recipe's search ends (and its candidates reach the
+        a model recipe by recipe (FP32 with the first; it is added first), so that one recipe's search ends (and its candidates reach the
         answer) before the next one's starts, instead of every search advancing at the pace of all of them.
         Recipes go in the study's order; with auto recipes, once the gate has decided, the lowest loss of the
         fully quantized model first (on its worst device; then the smaller file): the recipe that needs the
@@ -664,7 +664,7 @@ class StudyRun:
         models = list(self.study.models)
         first = models.index(model) if model in models else len(models)
         if recipe == "fp32":
-            return (first, -1)
+            return (first, 0)
         recipes = self.study.recipes(model)
         base = recipe if recipe in recipes else (self.study.variant_base(recipe) or recipe)
         rank = self._recipe_rank.get(model) or {r: i for i, r in enumerate(recipes)}

@@ -225,7 +225,7 @@ def test_lite0_derived_candidates_are_the_quantizers(example_dir: Path, tmp_path
     data["models"][0]["path"] = str(example_dir / "model.onnx")
     data["dataset"].update(images=str(example_dir / "images"), labels={"csv": str(example_dir / "labels.csv")})
     data["quantization"]["recipes"] = [{"name": recipe, **RECIPE_PRESETS[recipe]}]
-    with Study(parse_config(data, example_dir)) as study:
+    with Study(parse_config(data, example_dir.resolve())) as study:
         study.prepare()
         model = next(iter(study.models))
         src, settings, cache = (

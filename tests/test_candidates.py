@@ -125,12 +125,11 @@ def test_export_reproduces_sha256(built: Path, tmp_path: Path, capsys: pytest.Ca
     assert "sha256=" in capsys.readouterr().out
 
 
-def test_calibration_runs_once_for_all_candidates(
-    tmp_path: Path, assets: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+@pytest.fixture
+def calibrations(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """One entry per calibrator ONNX Runtime's quantizer creates from now on."""
     q = importlib.import_module("onnxruntime.quantization.quantize")  # the module, not the function it exports
-
-    calls = []
+    calls: list[int] = []
     real = q.create_calibrator
 
     def counting(*args, **kwargs):  # type: ignore[no-untyped-def]
@@ -138,10 +137,14 @@ def test_calibration_runs_once_for_all_candidates(
         return real(*args, **kwargs)
 
     monkeypatch.setattr(q, "create_calibrator", counting)
+    return calls
+
+
+def test_calibration_runs_once_for_all_candidates(tmp_path: Path, assets: Path, calibrations: list[int]) -> None:
     study = write_study(tmp_path, model=assets / "cnn.onnx", images=assets / "images")
     assert main(["analyze", str(study), "--candidates"]) == 0
     assert len(_candidates(tmp_path / "out")) == 6
-    assert len(calls) == 1
+    assert len(calibrations) == 1
 
 
 def test_dynamic_candidates_keep_node_names(tmp_path: Path, assets: Path) -> None:
@@ -160,25 +163,16 @@ def test_dynamic_candidates_keep_node_names(tmp_path: Path, assets: Path) -> Non
 
 
 def test_per_tensor_and_per_channel_share_one_calibration(tmp_path: Path, assets: Path,
-                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+                                                          calibrations: list[int]) -> None:
     """The ranges do not depend on the weights' granularity: one calibration serves both recipes, and its
     content is what calibrating for the per-channel recipe alone gives."""
     from tuneqn.controller.quantize import QuantSettings, calibrate
 
-    q = importlib.import_module("onnxruntime.quantization.quantize")
-    calls = []
-    real = q.create_calibrator
-
-    def counting(*args, **kwargs):  # type: ignore[no-untyped-def]
-        calls.append(1)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(q, "create_calibrator", counting)
     study = write_study(tmp_path, model=assets / "cnn.onnx", images=assets / "images",
                         quantization={"recipes": [{"name": "pt", "mode": "static", "per_channel": False},
                                                   {"name": "pc", "mode": "static", "per_channel": True}]})
     assert main(["analyze", str(study), "--candidates"]) == 0
-    assert len(calls) == 1
+    assert len(calibrations) == 1
     caches = list((tmp_path / "out" / "calibration").glob("*.json"))
     assert len(caches) == 1
     cands = _candidates(tmp_path / "out")

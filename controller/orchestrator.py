@@ -655,8 +655,9 @@ class StudyRun:
 
     def _priority(self, model: str, recipe: str) -> tuple[int, int]:
         """Which pending jobs a device takes first: model by model (in the order they were admitted), and within
-        a model recipe by recipe (FP32 with the first; it is added first), so that one recipe's search ends (and its candidates reach the
-        answer) before the next one's starts, instead of every search advancing at the pace of all of them.
+        a model recipe by recipe (FP32 with the first; it is added first), so that one recipe's search ends
+        (and its candidates reach the answer) before the next one's starts, instead of every search advancing
+        at the pace of all of them.
         Recipes go in the study's order; with auto recipes, once the gate has decided, the lowest loss of the
         fully quantized model first (on its worst device; then the smaller file): the recipe that needs the
         fewest float layers to reach the answer's loss is searched first. Devices are never left idle by this:

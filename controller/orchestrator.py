@@ -353,6 +353,7 @@ class StudyRun:
         self._results_changed.set()  # a first report.json right away
         self._changed.set()
         stuck_once = False
+        finished: set[str] = set()  # searches done, their last requests recorded
         while True:
             if self._build_errors:
                 raise self._build_errors[0]
@@ -364,10 +365,11 @@ class StudyRun:
                 self._gate_requests()
                 self._screen_splits_ready()
                 for st in strategies:
-                    if not st.done():
+                    if st.name not in finished:  # a search's last requests are recorded even if it is done
                         self._request(st.name, st.propose())
-                    if st.done():
-                        self.store.finish_search(st.name)
+                        if st.done():
+                            self.store.finish_search(st.name)
+                            finished.add(st.name)
                 self._analyzed_now()
             searching = not all(st.done() for st in strategies)
             if not searching and self._idle() and not self.board.closed:

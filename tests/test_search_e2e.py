@@ -56,8 +56,6 @@ def _run(study_toml: Path, endpoints: list[Endpoint]) -> Any:
 
 
 @pytest.mark.heavy
-@pytest.mark.xfail(strict=False, reason="open defect (issue 18 note): since models are pipelined and jobs ordered, a "
-                   "resumed search can ask for other candidates than an uninterrupted one depending on timing")
 def test_searches_resume_mid_search_to_the_same_outcome(tmp_path: Path, assets: Path) -> None:
     """A study SIGKILLed mid-search and resumed asks for exactly what an uninterrupted one asks for."""
     ref_dir, cut_dir = tmp_path / "ref", tmp_path / "cut"

@@ -494,6 +494,21 @@ def test_resumed_search_ends_where_the_uninterrupted_one_does(tmp_path: Path, na
 
 
 @pytest.mark.parametrize("name", sorted(STRATEGIES))
+def test_a_search_over_from_the_start_hands_out_all_it_asked_for(tmp_path: Path, name: str) -> None:
+    """A study resumed after a search ended records that search's proposals as the uninterrupted study did: the
+    fresh strategy is done at once, yet hands out every request of the search once (it used to hand out
+    nothing, so the resumed checkpoint lacked the proposals of the search's last walk)."""
+    make_problem, search = STRATEGIES[name]
+    strategy, farm, study = setup(tmp_path, make_problem(), 3, seed=1, **search)
+    drive(strategy, farm)
+    again = fresh(study, farm.resumed(seed=2, hidden=False))
+    assert not again.done()  # over, but its requests are not handed out yet
+    evaluations = {(cid, level) for cid, level in farm.asked if level != "build"}  # builds: only while a size is unknown
+    assert {(r.plan.id, r.level) for r in again.propose() if r.level != "build"} == evaluations
+    assert again.done() and again.propose() == []
+
+
+@pytest.mark.parametrize("name", sorted(STRATEGIES))
 def test_strategies_are_deterministic(tmp_path: Path, name: str) -> None:
     make_problem, search = STRATEGIES[name]
     runs = []

@@ -278,6 +278,7 @@ class ReplayPair(PairStrategy):
     is taken (the store keeps it), so a replay takes every past step with its own width."""
 
     _done = False
+    _final: list[Request] | None = None  # every request of the walk that found the search done
 
     def _width(self, step: int) -> int:
         """The width of decision ``step``: as taken, else the live width."""
@@ -292,15 +293,24 @@ class ReplayPair(PairStrategy):
         """Every request from the start as far as the results allow, and whether the search is done."""
 
     def propose(self) -> list[Request]:
-        """Everything the search asked for so far."""
-        reqs, self._done = self._walk()
-        return reqs
+        """Everything the search asked for so far (once it is done: everything it asked for in all)."""
+        if self._final is None:
+            self._step_walk()
+        return self._final if self._final is not None else self._last
 
     def done(self) -> bool:
         """The search is over (see the strategy's docstring for when)."""
-        if not self._done:
-            self._done = self._walk()[1]
-        return self._done
+        if self._final is None:
+            self._step_walk()
+        return self._final is not None
+
+    def _step_walk(self) -> None:
+        """Walk once; a walk that ends the search keeps its requests: they are the search's proposals, whether
+        the search ended while it ran or was over from the start (a resumed study), and they never change."""
+        self._last, done = self._walk()
+        if done:
+            self._final = self._last
+        self._done = done
 
 
 @dataclass
@@ -319,6 +329,7 @@ class PerPair(Strategy):
     def __post_init__(self) -> None:
         self.name = self.run.name
         self._all: dict[tuple[str, str], PairStrategy] = {}
+        self._handed: set[tuple[str, str]] = set()  # done pairs whose every request was handed out
         self._sync()
 
     def _sync(self) -> None:
@@ -329,9 +340,20 @@ class PerPair(Strategy):
         self.pairs = [self._all[k] for k in keys]
 
     def propose(self) -> list[Request]:
-        """Every pair's requests."""
+        """Every pair's requests. A pair that is done hands its requests once more, all of them: what it asked
+        for in its last walk is recorded as its proposals even when that walk found it done (so a study
+        resumed after the search ended records what an uninterrupted one does); a blocked pair asks for
+        nothing."""
         self._sync()
-        return [req for p in self.pairs if not self._over(p) for req in p.propose()]
+        reqs: list[Request] = []
+        for p in self.pairs:
+            key = (p.model, p.recipe)
+            if key in self._handed or self.view.blocked(p.model, p.recipe) is not None:
+                continue
+            reqs += p.propose()
+            if p.done():
+                self._handed.add(key)
+        return reqs
 
     def _over(self, pair: PairStrategy) -> bool:
         return pair.done() or self.view.blocked(pair.model, pair.recipe) is not None
@@ -341,10 +363,13 @@ class PerPair(Strategy):
         return {p.model for p in self.pairs if not self._over(p)}
 
     def done(self) -> bool:
-        """All pairs done, and no pair can still come (the recipe gate decided).
+        """All pairs done and their last requests handed out (:meth:`propose`), and no pair can still come
+        (the recipe gate decided).
 
         Settled is read before the pairs: a result that settles the gate between the two reads would
         otherwise end the search with the pairs it just allowed never started."""
         settled = self.view.pairs_settled()
         self._sync()
-        return settled and all(self._over(p) for p in self.pairs)
+        return settled and all(self._over(p) for p in self.pairs) and all(
+            (p.model, p.recipe) in self._handed or self.view.blocked(p.model, p.recipe) is not None
+            for p in self.pairs)

@@ -503,7 +503,8 @@ def test_a_search_over_from_the_start_hands_out_all_it_asked_for(tmp_path: Path,
     drive(strategy, farm)
     again = fresh(study, farm.resumed(seed=2, hidden=False))
     assert not again.done()  # over, but its requests are not handed out yet
-    evaluations = {(cid, level) for cid, level in farm.asked if level != "build"}  # builds: only while a size is unknown
+    # builds are asked for only while a size is unknown
+    evaluations = {(cid, level) for cid, level in farm.asked if level != "build"}
     assert {(r.plan.id, r.level) for r in again.propose() if r.level != "build"} == evaluations
     assert again.done() and again.propose() == []
 

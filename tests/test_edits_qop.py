@@ -100,13 +100,15 @@ def _bytes(model: onnx.ModelProto) -> bytes:
     return model.SerializeToString()
 
 
-def _run(model: onnx.ModelProto, x: np.ndarray, exclude: list[str]) -> np.ndarray:
+def _run(model: onnx.ModelProto, x: np.ndarray, exclude: list[str], batch: int | None = None) -> np.ndarray:
+    """The model's first output on ``x``, ``batch`` rows per run (all at once by default), in one session."""
     so = ort.SessionOptions()
     so.log_severity_level = 3
     disabled = runtime_options(model, exclude)["ort_disabled_optimizers"]
     sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"],
                                 disabled_optimizers=disabled)
-    return sess.run(None, {sess.get_inputs()[0].name: x})[0]
+    name, step = sess.get_inputs()[0].name, batch or len(x)
+    return np.concatenate([sess.run(None, {name: x[i : i + step]})[0] for i in range(0, len(x), step)])
 
 
 @pytest.mark.parametrize("per_channel", [False, True], ids=["per-tensor", "per-channel"])
@@ -211,10 +213,11 @@ def test_lite0_derived_candidates_match_the_quantizer(example_dir: Path, tmp_pat
     layers = [n.name for n in float_model.graph.node if n.op_type in ("Conv", "Gemm")]
     assert len(layers) == 50
     rng = random.Random(18)
+    # per-tensor and per-channel share their calibration (QuantSettings.calibration_key)
+    cache = calibrate(pm.path, pm.input_name, pm.input_shape[0], data.calibration.load(), PER_TENSOR,
+                      tmp_path / "calib.json")
     for per_channel, n_sets in ((False, 5), (True, 2)):
         settings = replace(PER_TENSOR, per_channel=per_channel)
-        cache = calibrate(pm.path, pm.input_name, pm.input_shape[0], data.calibration.load(), settings,
-                          tmp_path / f"calib-{per_channel}.json")
         quantize_candidate(pm.path, tmp_path / "fq.onnx", settings, [], cache)
         editor = QOperatorEditor(onnx.load(str(tmp_path / "fq.onnx")), float_model, cache, settings)
         sets = [["/_conv_head/Conv", "/_fc/Gemm"]] + [rng.sample(layers, rng.randint(1, 12)) for _ in range(n_sets)]
@@ -222,6 +225,5 @@ def test_lite0_derived_candidates_match_the_quantizer(example_dir: Path, tmp_pat
             quantize_candidate(pm.path, tmp_path / "ort.onnx", settings, exclude, cache)
             assert editor.derive_bytes(exclude) == (tmp_path / "ort.onnx").read_bytes(), exclude
             derived, ref = editor.derive(exclude), onnx.load(str(tmp_path / "ort.onnx"))
-            top1 = [np.concatenate([_run(m, x[i : i + 1], exclude) for i in range(len(x))]).argmax(1)
-                    for m in (derived, ref)]
+            top1 = [_run(m, x, exclude, batch=1).argmax(1) for m in (derived, ref)]
             np.testing.assert_array_equal(top1[0], top1[1])

@@ -38,9 +38,11 @@ def _rows(db: Path, sql: str, args: tuple[object, ...] = ()) -> list[tuple[objec
         con.close()
 
 
-def _start_agents(tmp: Path) -> list[LocalAgent]:
+def _start_agents(tmp: Path, latency_ms: int = 40) -> list[LocalAgent]:
+    """Two agents of one class; ``latency_ms`` per sample keeps jobs in flight long enough to be caught."""
     agents = [LocalAgent(tmp / f"agent-{n}", device_name=n,
-                         extra_args=["--device-class", "lab", "--simulated-latency-ms", "120"]) for n in "ab"]
+                         extra_args=["--device-class", "lab", "--simulated-latency-ms", str(latency_ms)])
+              for n in "ab"]
     for a in agents:
         a.start()
     return agents
@@ -107,7 +109,7 @@ def test_jobs_of_a_killed_run_that_the_rerun_does_not_ask_for_do_not_stay_submit
     """A rerun asks for other work (here: one recipe instead of the automatic ones): the jobs the killed run had in
     flight have no holder any more. Once their lease runs out they are pending again in the store (before, they
     stayed ``submitted`` with a dead lease, for ever: nothing reported or retried them)."""
-    agents = _start_agents(tmp_path)
+    agents = _start_agents(tmp_path, latency_ms=120)  # the rerun must outlast the killed run's 6 s leases
     db = tmp_path / "out" / "tuneqn.db"
     try:
         lease = ["--lease-timeout", "6"]

@@ -6,8 +6,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed-stamp
-# pytest-xdist workers (TEST_WORKERS=auto: one per core). Default 0, in this process, in file order: under
-# parallel load a resumed target search can ask for other candidates (test_search_e2e resume test, open in issue 18).
+# pytest-xdist workers: one per core by default; TEST_WORKERS=0 runs in this process, in file order.
 TEST_WORKERS ?= auto
 PYTEST := $(PY) -m pytest -q -ra -n $(TEST_WORKERS) --dist worksteal
 EXAMPLE_DIR := examples/lite0

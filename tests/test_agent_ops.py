@@ -92,6 +92,7 @@ def test_metrics_endpoint_counts_jobs_by_state_and_device(
         scrape(port)
 
 
+@pytest.mark.heavy
 def test_sigterm_lets_a_running_job_finish_within_the_drain(
     agent_process, client_factory, cnn_bytes, tmp_path: Path
 ) -> None:
@@ -151,6 +152,7 @@ def assert_requeued_and_runs_after_restart(agent_process: Callable[..., Any], cl
     assert executions(state_dir, "long") == 2
 
 
+@pytest.mark.heavy
 def test_a_job_past_the_drain_is_requeued_and_runs_after_restart(
     agent_process, client_factory, cnn_bytes, tmp_path: Path
 ) -> None:
@@ -209,6 +211,7 @@ def wait_for_log(agent: object, text: str, timeout: float = 60.0) -> str:
         time.sleep(0.05)  # polling a file for a condition, not synchronising by sleeping
 
 
+@pytest.mark.heavy
 def test_a_second_sigterm_cuts_the_drain_short_and_the_job_reruns_after_restart(
     agent_process, client_factory, cnn_bytes, tmp_path: Path
 ) -> None:

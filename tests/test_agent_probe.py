@@ -48,6 +48,7 @@ def test_nothing_listening_is_one_line_exit_1() -> None:
         f"python -m tuneqn.agent.probe: not serving: 127.0.0.1:{port}: UNAVAILABLE"), proc.stderr
 
 
+@pytest.mark.heavy
 def test_an_mtls_agent_is_serving_to_a_client_certificate_and_refuses_none(tmp_path: Path, pki: Path) -> None:
     agent = LocalAgent(tmp_path / "agent", device_name="cpu-1", extra_args=[
         "--tls-cert", str(pki / "agent.pem"), "--tls-key", str(pki / "agent.key"), "--tls-ca", str(pki / "ca.pem")])
@@ -69,6 +70,7 @@ def test_an_mtls_agent_is_serving_to_a_client_certificate_and_refuses_none(tmp_p
         assert refused.stderr.count("\n") == 1 and "not serving: " in refused.stderr, refused.stderr
 
 
+@pytest.mark.heavy
 def test_the_loopback_health_listener_is_probed_without_any_key(tmp_path: Path) -> None:
     """An mTLS agent with its own host key and ``--health-listen``: the probe (as a HEALTHCHECK runs
     it, from the environment) needs no client certificate; the main port still refuses plaintext."""

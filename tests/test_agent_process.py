@@ -96,6 +96,7 @@ def _wait_until_running(client, job_id: str) -> None:
     raise AssertionError(f"job {job_id} finished before it was seen running")
 
 
+@pytest.mark.heavy
 def test_job_that_keeps_crashing_its_agent_ends_failed_and_a_retry_runs_it(
     agent_process, client_factory, cnn_bytes, tmp_path: Path
 ) -> None:
@@ -143,6 +144,7 @@ def test_max_executions_of_the_spec_bounds_the_requeue(
     assert executions(state_dir, "once") == 1
 
 
+@pytest.mark.heavy
 def test_sigstopped_agent_is_noticed_by_the_watching_client(
     agent_process, client_factory, cnn_bytes, tmp_path: Path
 ) -> None:

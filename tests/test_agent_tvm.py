@@ -38,6 +38,7 @@ def topk(scores: np.ndarray, k: int) -> np.ndarray:
     return np.argsort(-scores, axis=1, kind="stable")[:, :k].astype(np.int32)
 
 
+@pytest.mark.heavy
 def test_local_predictions_cache_hit_and_compile_ahead(
     tvm_agent, client_factory, tvm_models, tmp_path: Path
 ) -> None:
@@ -131,6 +132,7 @@ def test_frontend_failure_is_infeasible_without_ops(tmp_path: Path) -> None:
     assert info.value.ops == [] and "Dynamic pads are not supported" in str(info.value)
 
 
+@pytest.mark.heavy
 def test_compiler_command_cache_key_and_lru_eviction(tvm_models, tmp_path: Path) -> None:
     log = tmp_path / "cc.log"
     cc = tmp_path / "my-cc"
@@ -156,6 +158,7 @@ def test_compiler_command_cache_key_and_lru_eviction(tvm_models, tmp_path: Path)
     assert small.lookup(sha256(fp32), custom) is None
 
 
+@pytest.mark.heavy
 def test_compile_cache_pins_the_libraries_jobs_hold(tvm_models, tmp_path: Path) -> None:
     """A cache too small for any library (1 byte) and two jobs: the first job's library, compiled
     ahead while it was queued, is not evicted by the second job's build before the first loads

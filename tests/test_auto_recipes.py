@@ -209,6 +209,7 @@ def test_auto_study_stops_dominated_recipes_and_resumes_to_the_same_decisions(tm
         store.close()
 
 
+@pytest.mark.heavy
 def test_explicit_recipes_have_no_selection(tmp_path: Path, assets: Path) -> None:
     out = tmp_path / "out"
     assert main(["tune", "--model", str(assets / "cnn.onnx"), "--images", str(assets / "images"), "--out", str(out),

@@ -45,6 +45,7 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return d
 
 
+@pytest.mark.heavy
 def test_generated_certificates_carry_an_mtls_study(tmp_path: Path, assets: Path, pki: Path) -> None:
     with _tls_agent(tmp_path / "agent", pki) as agent:
         agents = [{"address": agent.address, "tls_ca": str(pki / "ca.pem"),
@@ -268,6 +269,7 @@ def test_each_host_gets_its_own_key_pair_and_adding_one_touches_nothing_else(
         {p: v for p, v in after.items() if not p.startswith("hosts/localhost/")}
 
 
+@pytest.mark.heavy
 def test_host_keys_carry_mtls_and_one_hosts_key_cannot_pass_for_another(tmp_path: Path) -> None:
     """Both agents serve their own key; the one controller certificate reaches both; a host's
     certificate names only that host, so it is refused when dialled under another host's name."""

@@ -429,6 +429,7 @@ def test_compose_lab_file_names_the_compose_agents() -> None:
         assert {Path(agent[k]).name for k in ("tls_ca", "tls_cert", "tls_key")} <= set(LAB_FILES)
 
 
+@pytest.mark.heavy
 @pytest.mark.parametrize("service", [None, "agent-cpu"])
 def test_agent_image_entrypoint_answers_health(service: str | None, tmp_path: Path) -> None:
     entrypoint, cmd, image_env = image_config(CONTAINER / "Dockerfile.agent")

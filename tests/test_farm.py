@@ -364,6 +364,7 @@ def test_wrong_token_fails_cleanly(tmp_path: Path, assets: Path, capsys: pytest.
     assert '"candidates"' in report
 
 
+@pytest.mark.heavy
 def test_local_agent_started_when_none_configured(tmp_path: Path, assets: Path) -> None:
     from tuneqn.controller.cli import main
 
@@ -409,6 +410,7 @@ def test_killed_controller_leaves_no_local_agent_behind(tmp_path: Path, assets: 
     assert main(["tune", str(study_toml)]) == 0  # the next run gets the state dir
 
 
+@pytest.mark.heavy
 def test_report_numbers_equal_the_database(tmp_path: Path, assets: Path) -> None:
 
 
@@ -441,6 +443,7 @@ def test_report_numbers_equal_the_database(tmp_path: Path, assets: Path) -> None
     assert again["candidates"] == report["candidates"] and again["summary"] == report["summary"]
 
 
+@pytest.mark.heavy
 def test_an_agent_with_several_devices_runs_a_job_on_each(tmp_path: Path, assets: Path) -> None:
     """The controller schedules per device: one agent fronting two devices of one class runs two jobs at once."""
     from tuneqn.agent.backends.ort import OrtBackend

@@ -118,6 +118,7 @@ def test_the_default_search_screens_and_evaluates_variants_on_their_device_only(
     assert splits >= {"cnn/screen/qop.qdq", "cnn/screen/dyn.float-Conv"}
 
 
+@pytest.mark.heavy
 def test_a_recipe_no_variant_fixes_is_kept_and_the_report_says_so(tmp_path: Path, assets: Path) -> None:
     """No DynamicQuantizeLinear on the device: nothing can be left in float to avoid it, so the dynamic
     recipe stays planned there (a TVM agent then answers infeasible; this ORT agent runs it)."""
@@ -137,6 +138,7 @@ def test_a_recipe_no_variant_fixes_is_kept_and_the_report_says_so(tmp_path: Path
     assert "DynamicQuantizeLinear" in entry["text"]
 
 
+@pytest.mark.heavy
 def test_report_mode_dispatches_everything(tmp_path: Path, assets: Path) -> None:
     study = write_study(tmp_path, model=assets / "cnn.onnx", images=assets / "images",
                         evaluation={**FAST, "feasibility": "report"}, quantization={"recipes": RECIPES[:1]})
@@ -161,6 +163,7 @@ def _two_device_agent(tmp: Path, sim_ms: float) -> Any:
     return server
 
 
+@pytest.mark.heavy
 def test_unhealthy_device_takes_no_job(tmp_path: Path, assets: Path) -> None:
     def phone1_unhealthy(devices: list[pb.Device]) -> list[pb.Device]:
         return [with_fields(d, healthy=False, status="waiting for a free device of key pixel")
@@ -178,6 +181,7 @@ def test_unhealthy_device_takes_no_job(tmp_path: Path, assets: Path) -> None:
     assert holders == {f"{proxy.address}#phone2"}
 
 
+@pytest.mark.heavy
 def test_devices_that_appear_get_slots_and_vanished_ones_take_no_more_jobs(tmp_path: Path, assets: Path) -> None:
     """Phones joining and leaving a tracker: GetInfo (polled) first lists phone1 only; after the first result
     phone2 appears and phone1 is gone: phone2 gets a slot, phone1 takes no job after the controller saw it."""

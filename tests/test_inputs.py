@@ -138,6 +138,7 @@ def test_old_opset_is_upgraded(tmp_path: Path, assets: Path) -> None:
     assert "upgraded opset 11 -> 13" in row[3]
 
 
+@pytest.mark.heavy
 def test_cli_subprocess_has_no_traceback(tmp_path: Path) -> None:
     bad = tmp_path / "x.onnx"
     bad.write_text("not a model")

@@ -158,6 +158,7 @@ def test_agents_tells_an_older_agent_from_an_unusable_one(tmp_path: Path,
         assert "upgrade the agent" in old["problem"] and f"needs {MIN_AGENT_REVISION}" in old["problem"]
 
 
+@pytest.mark.heavy
 def test_a_study_and_agents_share_one_lab_file_over_mtls(tmp_path: Path, assets: Path,
                                                            capsys: pytest.CaptureFixture[str]) -> None:
     """The lab file (relative TLS and token paths) carries a whole study; `tuneqn agents` then shows its jobs."""
@@ -187,6 +188,7 @@ def test_a_study_and_agents_share_one_lab_file_over_mtls(tmp_path: Path, assets:
     assert not (tmp_path / "out" / "agents").exists()  # no local agent was started
 
 
+@pytest.mark.heavy
 def test_a_study_measures_only_on_the_device_classes_it_names(tmp_path: Path, assets: Path,
                                                               capsys: pytest.CaptureFixture[str]) -> None:
     """One lab, many studies: --device-class picks the lab's devices; a class nobody serves is exit 2 at once."""
@@ -223,6 +225,7 @@ def test_the_loopback_walkthrough_of_docs_lab_md_matches_examples_lab() -> None:
     assert cfg.models[0].path.resolve() == (root / "examples" / "lite0" / "work" / "model.onnx").resolve()
 
 
+@pytest.mark.heavy
 def test_agents_names_the_likely_fix_when_tls_or_the_token_is_wrong(tmp_path: Path,
                                                                     capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["certs", str(tmp_path / "pki")]) == 0

@@ -7,6 +7,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import pytest
 from conftest import write_study
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -43,6 +44,7 @@ def scrape(port: int) -> dict[str, list[tuple[dict[str, str], float]]]:
     return samples
 
 
+@pytest.mark.heavy
 def test_metrics_after_a_study_match_the_jobs_it_reports_done(tmp_path: Path, assets: Path) -> None:
     agent = LocalAgent(tmp_path / "agent", device_name="cpu-1",
                        extra_args=["--metrics-listen", "127.0.0.1:0", "--device-class", "lab"])

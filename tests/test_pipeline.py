@@ -33,6 +33,7 @@ FAST = {
 }
 
 
+@pytest.mark.heavy
 def test_a_models_jobs_are_registered_before_the_next_model_is_analysed(tmp_path: Path, assets: Path) -> None:
     """Two models, one recipe: the first model's FP32 job is in the store (registered for the agents) before
     the second model's layers are ranked; before, every model was prepared and analysed before any job."""
@@ -88,6 +89,7 @@ def _make_study() -> dict[str, Any]:
     return report
 
 
+@pytest.mark.heavy
 def test_a_plot_drawn_from_its_models_part_is_the_same_and_is_not_drawn_again(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

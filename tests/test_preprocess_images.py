@@ -268,6 +268,7 @@ def _notes(out: Path) -> list[str]:
         con.close()
 
 
+@pytest.mark.heavy
 def test_analyze_prints_the_line_and_warns_when_the_model_looks_confused(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     argv = _study_args(tmp_path)

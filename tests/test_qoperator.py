@@ -202,6 +202,7 @@ def test_export_reproduces_sha256(built: Path, tmp_path: Path) -> None:
         assert exported_sha256(out) == stored[label]["sha256"]
 
 
+@pytest.mark.heavy
 def test_tune_qoperator_quick_form(tmp_path: Path, assets: Path) -> None:
     """The whole study in QOperator format on a local agent (the CLI starts it)."""
     out = tmp_path / "out"

@@ -133,6 +133,7 @@ def test_screening_results_are_never_on_a_front(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- fronts across recipes
 
 
+@pytest.mark.heavy
 def test_fronts_compare_across_recipes(tmp_path: Path) -> None:
     s = _Study(tmp_path, devices=("cpu", "phone"), recipes=["per-tensor", "per-channel"])  # the study's order
     add_search(s.store, SWEEP, strategy="sweep", ranking="paper")

@@ -173,6 +173,7 @@ def test_objectives_come_from_one_table(tmp_path: Path) -> None:
         assert "Literal[\"accuracy_loss\"" not in text, path
 
 
+@pytest.mark.heavy
 def test_report_package_has_no_sql_and_no_import_cycle() -> None:
     for path in [*REPORT_DIR.glob("*.py"), REPORT_DIR.parent / "metrics.py"]:
         text = path.read_text(encoding="utf-8")

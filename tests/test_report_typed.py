@@ -299,6 +299,7 @@ addEventListener("load", () => {
 </script>"""
 
 
+@pytest.mark.heavy
 @pytest.mark.skipif(chromium() is None, reason=SKIP_REASON)
 def test_answer_box_is_the_first_thing_a_browser_shows(tmp_path: Path) -> None:
     paths = write_report(full_report(), tmp_path / "out")

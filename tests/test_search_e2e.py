@@ -90,6 +90,7 @@ def test_searches_resume_mid_search_to_the_same_outcome(tmp_path: Path, assets: 
     assert searches == {"greedy/measured", "budget3/measured", "target0%/measured", "sweep/paper"}
 
 
+@pytest.mark.heavy
 def test_every_evaluated_set_exports_bit_identically(tmp_path: Path, assets: Path) -> None:
     """Any candidate a search evaluated is reproduced by `tuneqn export` from its id or its label."""
     study_toml = write_study(tmp_path, model=assets / "wide.onnx", images=assets / "images", evaluation=FAST,

@@ -78,6 +78,7 @@ def _chosen_in_flight(db: Path) -> int:
     return _most_at_once(spans)
 
 
+@pytest.mark.heavy
 def test_an_agent_with_three_devices_of_a_class_gets_three_evaluations_at_once(tmp_path: Path, assets: Path) -> None:
     """One agent fronting three devices of one class (a TVM agent with three phones): width 3, recorded per
     decision, and the budget's choices run together (one endpoint gave width 1 before: one at a time)."""
@@ -162,6 +163,7 @@ def test_the_screening_sample_is_kept_when_a_class_is_gone_on_resume(tmp_path: P
     assert _rows(db, "select id, state from jobs where level = 'screen' and device = 'A' order by id") == screens_a
 
 
+@pytest.mark.heavy
 def test_a_study_started_with_a_fixed_width_keeps_it(tmp_path: Path, assets: Path) -> None:
     """A store from before the width followed the devices (meta ``search_concurrency``): its searches keep
     deciding with that width, so a resumed study replays them as they were."""

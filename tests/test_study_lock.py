@@ -102,6 +102,7 @@ def _refused(capsys: pytest.CaptureFixture[str], argv: list[str], holder: Holder
     return err
 
 
+@pytest.mark.heavy
 def test_second_run_is_refused_before_touching_anything(
     tmp_path: Path, assets: Path, capsys: pytest.CaptureFixture[str], holder_factory: list[Holder]
 ) -> None:
@@ -124,6 +125,7 @@ def test_second_run_is_refused_before_touching_anything(
     assert main(["analyze", str(study), "--candidates"]) == 0
 
 
+@pytest.mark.heavy
 def test_first_run_finishes_unharmed(
     tmp_path: Path, assets: Path, capsys: pytest.CaptureFixture[str], holder_factory: list[Holder]
 ) -> None:
@@ -136,6 +138,7 @@ def test_first_run_finishes_unharmed(
     assert main(["report", str(tmp_path / "out")]) == 0
 
 
+@pytest.mark.heavy
 def test_lock_of_a_killed_process_is_recovered(
     tmp_path: Path, assets: Path, capsys: pytest.CaptureFixture[str], holder_factory: list[Holder]
 ) -> None:
@@ -149,6 +152,7 @@ def test_lock_of_a_killed_process_is_recovered(
     assert main(["analyze", str(study)]) == 0
 
 
+@pytest.mark.heavy
 def test_report_works_while_a_run_holds_the_lock(
     tmp_path: Path, assets: Path, capsys: pytest.CaptureFixture[str], holder_factory: list[Holder]
 ) -> None:

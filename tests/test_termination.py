@@ -63,6 +63,7 @@ def _study(tmp: Path, model: Path, images: Path, strategy: str, recipes: list[di
                        search=STRATEGIES[strategy], quantization={"recipes": recipes or [{"name": "static"}]})
 
 
+@pytest.mark.heavy
 @pytest.mark.parametrize("strategy", list(STRATEGIES))
 def test_no_agent_reachable(tmp_path: Path, assets: Path, strategy: str, capsys: pytest.CaptureFixture[str]) -> None:
     """An agent that never answers is given up after agent_connect_timeout_s (not device_wait_s, 600 s)."""
@@ -102,6 +103,7 @@ def test_fp32_refused_for_good_on_the_only_class(tmp_path: Path, assets: Path, s
     assert rc == 1 and "device class phone" in line and "FP32 model" in line and "Celu" in line, line
 
 
+@pytest.mark.heavy
 @pytest.mark.parametrize("strategy", list(STRATEGIES))
 def test_fully_quantized_infeasible_everywhere(tmp_path: Path, assets: Path, strategy: str, tvm_state: Path,
                                               request: pytest.FixtureRequest,
@@ -130,6 +132,7 @@ def _state(db: Path, sql: str, args: list[Any]) -> int:
         return 0
 
 
+@pytest.mark.heavy
 @pytest.mark.parametrize("strategy", list(STRATEGIES))
 def test_the_only_class_dies_mid_ranking(tmp_path: Path, assets: Path, strategy: str,
                                          capsys: pytest.CaptureFixture[str]) -> None:

@@ -15,6 +15,7 @@ from onnx_models import cnn, mlp  # noqa: E402
 from tuneqn.agent.backends.tvm_build import BuildSpec, CompileCache  # noqa: E402
 
 
+@pytest.mark.heavy
 def test_concurrent_builds_of_different_models_all_succeed(tmp_path: Path) -> None:
     models = [cnn(tmp_path / f"cnn{i}.onnx", seed=i) for i in range(3)] + [mlp(tmp_path / "mlp.onnx")]
     cache = CompileCache(tmp_path / "cache", 2**30)

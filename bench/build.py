@@ -13,7 +13,6 @@ size predicted without a build equals the size of the file the quantizer writes.
 from __future__ import annotations
 
 import argparse
-import logging
 import random
 import statistics
 import sys
@@ -22,7 +21,7 @@ import time
 import tomllib
 from pathlib import Path
 
-import onnxruntime as ort
+import benchlib
 
 from tuneqn.controller.config import RECIPE_PRESETS, parse_config
 from tuneqn.controller.quantize import quantize_candidate
@@ -38,16 +37,13 @@ def _ms(xs: list[float]) -> str:
 def main() -> int:
     """Run the benchmark."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--example", default="examples/lite0/work")
+    benchlib.add_example_argument(ap)
     ap.add_argument("--sets", type=int, default=20)
     ap.add_argument("--recipes", nargs="+", default=["per-tensor", "per-channel"])
     ap.add_argument("--no-prefixes", action="store_true", help="skip the size check over every k-prefix")
     args = ap.parse_args()
-    logging.basicConfig(level=logging.ERROR)
-    ort.set_default_logger_severity(3)
-    ex = Path(args.example).resolve()
-    if not (ex / "model.onnx").is_file():
-        print(f"example not prepared in {ex}: run `make example`", file=sys.stderr)
+    ex = benchlib.open_example(args)
+    if ex is None:
         return 2
     with tempfile.TemporaryDirectory() as tmp_s:
         tmp = Path(tmp_s)

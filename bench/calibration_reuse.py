@@ -7,18 +7,15 @@ Prints both times and their ratio, measured in one run on the example model.
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import onnxruntime as ort
+import benchlib
 
 from tuneqn.controller.analysis import find_layers
-from tuneqn.controller.config import DatasetSpec, ModelSpec, PreprocessSpec, QuantizationSpec
-from tuneqn.controller.dataset import prepare_data
-from tuneqn.controller.modelio import prepare_model
+from tuneqn.controller.config import QuantizationSpec
 from tuneqn.controller.quantize import (
     QuantSettings,
     _calibration_reader,
@@ -31,23 +28,16 @@ from tuneqn.controller.quantize import (
 def main() -> int:
     """Run the benchmark."""
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--example", default="examples/lite0/work")
+    benchlib.add_example_argument(ap)
     ap.add_argument("--candidates", type=int, default=10)
     ap.add_argument("--calibration", type=int, default=20)
     args = ap.parse_args()
-    logging.basicConfig(level=logging.ERROR)
-    ort.set_default_logger_severity(3)
-    ex = Path(args.example)
-    if not (ex / "model.onnx").is_file():
-        print(f"example not prepared in {ex}: run `make example`", file=sys.stderr)
+    ex = benchlib.open_example(args)
+    if ex is None:
         return 2
     with tempfile.TemporaryDirectory() as tmp_s:
         tmp = Path(tmp_s)
-        pm = prepare_model(ModelSpec(path=ex / "model.onnx", input_shape=[1, 3, 224, 224]), tmp / "models")
-        spec = DatasetSpec(images=ex / "images", eval=1, calibration=args.calibration, analysis=1,
-                           preprocess=PreprocessSpec(resize=256, crop=224, interpolation="bicubic",
-                                                     scale=1 / 128, offset=-127 / 128))
-        calib = prepare_data(spec, pm.input_shape, tmp / "data").calibration.load()
+        pm, calib = benchlib.calibration_sample(ex, tmp, args.calibration)
         settings = QuantSettings.from_spec(QuantizationSpec(), "static")
         import onnx
 
@@ -64,7 +54,7 @@ def main() -> int:
         for i, ex_list in enumerate(excludes):
             fresh = tmp / f"fresh-{i}.json"
             _quantize_static(pm.path, tmp / f"fresh-{i}.onnx", settings, ex_list, fresh,
-                             _calibration_reader(pm.input_name, calib, pm.input_shape[0]))
+                             _calibration_reader(pm.input_name, calib, pm.input_shape[0], settings))
         recal = time.perf_counter() - t0
         same = all((tmp / f"reuse-{i}.onnx").read_bytes() == (tmp / f"fresh-{i}.onnx").read_bytes()
                    for i in range(len(excludes)))

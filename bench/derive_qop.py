@@ -9,7 +9,6 @@ and for ``--check`` of them the quantizer's time and whether both files are byte
 from __future__ import annotations
 
 import argparse
-import logging
 import random
 import statistics
 import sys
@@ -18,40 +17,26 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+import benchlib
 import onnx
-import onnxruntime as ort
 
-from tuneqn.controller.config import DatasetSpec, ModelSpec, PreprocessSpec
-from tuneqn.controller.dataset import prepare_data
 from tuneqn.controller.edits_qop import QOperatorEditor
-from tuneqn.controller.modelio import prepare_model
 from tuneqn.controller.quantize import QuantSettings, calibrate, quantize_candidate
 
 
 def main() -> int:
     """Run the benchmark."""
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--example", default="examples/lite0/work")
+    benchlib.add_example_argument(ap)
     ap.add_argument("--candidates", type=int, default=50)
     ap.add_argument("--check", type=int, default=3)
     args = ap.parse_args()
-    logging.basicConfig(level=logging.ERROR)
-    ort.set_default_logger_severity(3)
-    ex = Path(args.example)
-    if not (ex / "model.onnx").is_file():
-        print(f"example not prepared in {ex}: run `make example`", file=sys.stderr)
+    ex = benchlib.open_example(args)
+    if ex is None:
         return 2
     with tempfile.TemporaryDirectory() as tmp_s:
         tmp = Path(tmp_s)
-        pm = prepare_model(ModelSpec(path=ex / "model.onnx", input_shape=[1, 3, 224, 224]), tmp / "models")
-        spec = DatasetSpec(
-            images=ex / "images",
-            eval=1,
-            calibration=20,
-            analysis=1,
-            preprocess=PreprocessSpec(resize=256, crop=224, interpolation="bicubic", scale=1 / 128, offset=-127 / 128),
-        )
-        calib = prepare_data(spec, pm.input_shape, tmp / "data").calibration.load()
+        pm, calib = benchlib.calibration_sample(ex, tmp)
         float_model = onnx.load(str(pm.path))
         layers = [n.name for n in float_model.graph.node if n.op_type in ("Conv", "Gemm")]
         rng = random.Random(0)

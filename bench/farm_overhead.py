@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import shutil
 import sqlite3
 import sys
@@ -27,6 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import benchlib
 import onnxruntime as ort
 
 from tuneqn.controller.config import parse_config
@@ -137,15 +137,12 @@ def reset_evaluation(src: Path, dst: Path) -> None:
 def main() -> int:
     """Run all three measurements and print the ratios."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--example", default="examples/lite0/work")
+    benchlib.add_example_argument(ap)
     ap.add_argument("--step", type=int, default=5)
     ap.add_argument("--sim-ms", type=float, default=80.0, help="simulated device latency per sample (ms)")
     args = ap.parse_args()
-    logging.basicConfig(level=logging.ERROR)
-    ort.set_default_logger_severity(3)
-    ex = Path(args.example).resolve()
-    if not (ex / "model.onnx").is_file():
-        print(f"example not prepared in {ex}: run `make example`", file=sys.stderr)
+    ex = benchlib.open_example(args)
+    if ex is None:
         return 2
     with tempfile.TemporaryDirectory(prefix="tuneqn-bench-") as tmp_s:
         tmp = Path(tmp_s)

@@ -1,0 +1,49 @@
+"""What the benches over the prepared example share: the ``--example`` argument, opening it, its calibration sample.
+
+Imported by the bench scripts as ``import benchlib`` (a script's own folder is on ``sys.path``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import onnxruntime as ort
+
+from tuneqn.controller.config import DatasetSpec, ModelSpec, PreprocessSpec
+from tuneqn.controller.dataset import prepare_data
+from tuneqn.controller.modelio import prepare_model
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from tuneqn.controller.modelio import PreparedModel
+
+#: How EfficientNet-Lite was trained (examples/lite0/study.toml): short side 256, centre crop 224, (x − 127)/128.
+LITE_PREPROCESS = PreprocessSpec(resize=256, crop=224, interpolation="bicubic", scale=1 / 128, offset=-127 / 128)
+
+
+def add_example_argument(ap: argparse.ArgumentParser) -> None:
+    """``--example DIR``: the prepared example (``make example``)."""
+    ap.add_argument("--example", default="examples/lite0/work", help="the prepared example (make example)")
+
+
+def open_example(args: argparse.Namespace) -> Path | None:
+    """The example folder (absolute), with quiet logging; None (after one line on stderr) if it is not prepared."""
+    logging.basicConfig(level=logging.ERROR)
+    ort.set_default_logger_severity(3)
+    ex = Path(args.example).resolve()
+    if not (ex / "model.onnx").is_file():
+        print(f"example not prepared in {ex}: run `make example`", file=sys.stderr)
+        return None
+    return ex
+
+
+def calibration_sample(ex: Path, tmp: Path, images: int = 20) -> tuple[PreparedModel, np.ndarray]:
+    """The example's prepared model (in ``tmp``) and ``images`` calibration inputs, preprocessed as it was trained."""
+    pm = prepare_model(ModelSpec(path=ex / "model.onnx", input_shape=[1, 3, 224, 224]), tmp / "models")
+    spec = DatasetSpec(images=ex / "images", eval=1, calibration=images, analysis=1, preprocess=LITE_PREPROCESS)
+    return pm, prepare_data(spec, pm.input_shape, tmp / "data").calibration.load()

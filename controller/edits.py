@@ -75,7 +75,6 @@ __all__ = [
     "CandidateIndex",
     "Derivations",
     "Derived",
-    "ModelIndex",
     "QdqIndex",
     "Unsupported",
     "unsupported_settings",
@@ -170,17 +169,6 @@ class Derived:
     size: int
     nodes: list[onnx.NodeProto] = field(repr=False)
     initializer_names: set[str] = field(repr=False)
-
-    @classmethod
-    def of_model(cls, model: onnx.ModelProto) -> Derived:
-        """A candidate derived as a whole model (a QOperator derivation, say): written as ``onnx.save_model``
-        would (its size without serializing it: ``ByteSize``)."""
-        return cls(
-            [model.SerializeToString()],
-            model.ByteSize(),
-            list(model.graph.node),
-            {i.name for i in model.graph.initializer},
-        )
 
     def write(self, path: Path) -> None:
         """Write the candidate file atomically (``path`` + ``.part``, then renamed)."""
@@ -756,43 +744,11 @@ def unsupported_settings(settings: QuantSettings) -> str | None:
 
 class CandidateIndex(Protocol):
     """What :class:`Derivations` keeps per (model, recipe): candidates and their sizes from one fully quantized
-    model (:class:`QdqIndex`; a QOperator index is the same two methods over ``edits_qop``), each raising
+    model (:class:`QdqIndex`; for QOperator recipes ``edits_qop.QOperatorEditor``), each raising
     :class:`Unsupported` where it cannot be exact."""
 
     def derive(self, exclude: Iterable[str]) -> Derived: ...
     def size(self, exclude: Iterable[str]) -> int: ...
-
-
-class ModelIndex:
-    """A :class:`CandidateIndex` over a function that derives whole candidate models (QOperator:
-    ``edits_qop.QOperatorEditor(...).derive``); its own refusals (``refusals``) become :class:`Unsupported`."""
-
-    def __init__(
-        self, derive_model: Callable[[list[str]], onnx.ModelProto], refusals: tuple[type[Exception], ...] = ()
-    ) -> None:
-        self._derive_model = derive_model
-        self._refusals = refusals
-
-    @classmethod
-    def build(
-        cls, make: Callable[[], Callable[[list[str]], onnx.ModelProto]], refusals: tuple[type[Exception], ...] = ()
-    ) -> ModelIndex:
-        """``make()`` gives the derive function (an editor indexing its fully quantized model may refuse it)."""
-        try:
-            return cls(make(), refusals)
-        except refusals as exc:
-            raise Unsupported(str(exc)) from exc
-
-    def derive(self, exclude: Iterable[str]) -> Derived:
-        """The candidate keeping ``exclude`` in float."""
-        try:
-            return Derived.of_model(self._derive_model(sorted(exclude)))
-        except self._refusals as exc:
-            raise Unsupported(str(exc)) from exc
-
-    def size(self, exclude: Iterable[str]) -> int:
-        """Its exact file size."""
-        return self.derive(exclude).size
 
 
 class Derivations:

@@ -19,7 +19,7 @@ from the fully quantized model ``fq`` of the same recipe, so it never quantizes 
 
 The scale of a newly quantized tensor comes from ``fq`` (its own, or the one ONNX Runtime computed from
 the same calibrated range: a fused Relu/Clip's input, a Reshape-like op's input). Whatever cannot be
-derived exactly raises :class:`UnsupportedEdit`, and the caller runs the quantizer instead. The
+derived exactly raises :class:`Unsupported`, and the caller runs the quantizer instead. The
 editor checks itself once: with nothing excluded it must reproduce ``fq`` byte for byte.
 """
 
@@ -38,9 +38,10 @@ from onnxruntime.quantization.calibrate import load_tensors_data
 from onnxruntime.quantization.quant_utils import compute_scale_zp, get_qmin_qmax_for_qType
 from onnxruntime.quantization.registry import QLinearOpsRegistry
 
+from tuneqn.controller.edits import Derived, Unsupported
 from tuneqn.controller.quantize import QuantSettings
 
-__all__ = ["QOperatorEditor", "UnsupportedEdit", "derive_qoperator"]
+__all__ = ["QOperatorEditor", "derive_qoperator"]
 
 log = logging.getLogger(__name__)
 
@@ -80,10 +81,6 @@ _FUSED = {"Relu", "Clip"}
 _DIRECT8 = {"Reshape", "Squeeze", "Unsqueeze", "Flatten", "Transpose", "MaxPool"}
 #: Ops whose output holds the same values as their input (so the same calibrated range).
 _SAME_VALUES = {"Reshape", "Squeeze", "Unsqueeze", "Flatten", "Transpose"}
-
-
-class UnsupportedEdit(Exception):
-    """This candidate cannot be derived exactly by graph edits; run the quantizer instead."""
 
 
 @dataclass(frozen=True)
@@ -127,7 +124,7 @@ class QOperatorEditor:
         """Index ``fq`` (the fully quantized model of ``float_model``). With the recipe's ``settings`` and
         calibration cache, a tensor whose scale ``fq`` does not hold (a MaxPool's output after a float
         layer) gets it computed from its calibrated range as ONNX Runtime does; otherwise such a
-        candidate raises :class:`UnsupportedEdit`."""
+        candidate raises :class:`Unsupported`."""
         self._fq_inits = {t.name: t for t in fq.graph.initializer}
         self._fq_pos = {t.name: i for i, t in enumerate(fq.graph.initializer)}
         self._float_inits = list(float_model.graph.initializer)
@@ -137,7 +134,7 @@ class QOperatorEditor:
         fnodes = list(float_model.graph.node)
         names = [n.name for n in fnodes]
         if not all(names) or len(set(names)) != len(names):
-            raise UnsupportedEdit("float model nodes without a name or with a duplicate name")
+            raise Unsupported("float model nodes without a name or with a duplicate name")
         self.names = set(names)
         self._producer = {o: n for n in fnodes for o in n.output}
         self._consumers: dict[str, list[onnx.NodeProto]] = {}
@@ -153,7 +150,7 @@ class QOperatorEditor:
         }
         shared = sorted(t for t in quantized_inits if len(self._consumers.get(t, [])) > 1)
         if shared:
-            raise UnsupportedEdit(f"initializer shared by several nodes and quantized: {shared[0]}")
+            raise Unsupported(f"initializer shared by several nodes and quantized: {shared[0]}")
         # The pieces of the candidate's bytes that do not depend on the exclusions, serialized once.
         self._init_bytes = {
             t.name: (t, _field(_INITIALIZER, t.SerializeToString()))
@@ -165,7 +162,7 @@ class QOperatorEditor:
         self._graph_doc = _only(graph, lambda f: _GRAPH_INITIALIZER < f < _GRAPH_INPUT)
         self._graph_tail = _only(graph, lambda f: f > _GRAPH_INPUT)
         if any(_GRAPH_NAME < f.number < _GRAPH_INITIALIZER for f, _ in graph.ListFields()):
-            raise UnsupportedEdit("graph fields between name and initializer")
+            raise Unsupported("graph fields between name and initializer")
         self._model_head = _only(fq, lambda f: f < _MODEL_GRAPH)
         # ORT adds the com.microsoft opset (at the end) only when the float model has none and emits such a node.
         self._ms_added = (
@@ -184,22 +181,22 @@ class QOperatorEditor:
         if calib_cache is not None and settings is not None:
             self._load_ranges(calib_cache, settings)
         # Check: nothing excluded must give fq itself (this also learns which conditional ops never quantize).
-        if self._derive((), learn=True) != fq.SerializeToString():
-            raise UnsupportedEdit("the replay does not reproduce the fully quantized model")
+        if self._derive((), learn=True).to_bytes() != fq.SerializeToString():
+            raise Unsupported("the replay does not reproduce the fully quantized model")
 
     # ------------------------------------------------------------------ index
     def _classify(self, node: onnx.NodeProto, q: onnx.NodeProto | None) -> _Node:
         if q is None:
             if node.op_type in _FUSED:
                 return _Node(node, "fused")
-            raise UnsupportedEdit(f"{node.name}: {node.op_type} missing from the quantized model")
+            raise Unsupported(f"{node.name}: {node.op_type} missing from the quantized model")
         if q.op_type == node.op_type and list(q.output) == list(node.output):
             return _Node(node, "float")
         if node.op_type in _DIRECT8 and q.op_type == node.op_type and q.output[0] == node.output[0] + _Q:
             return _Node(node, "direct8", q)
         tmpl = _TEMPLATES.get(node.op_type)
         if tmpl is None or not q.op_type.startswith(("QLinear", "QGemm")):
-            raise UnsupportedEdit(f"{node.name}: {node.op_type} → {q.op_type} has no edit rule")
+            raise Unsupported(f"{node.name}: {node.op_type} → {q.op_type} has no edit rule")
         act = {
             tmpl.base + 3 * i + k
             for i, t in enumerate(node.input)
@@ -255,15 +252,24 @@ class QOperatorEditor:
         return zp, sc
 
     # ------------------------------------------------------------------ replay
-    def derive(self, exclude: Collection[str]) -> onnx.ModelProto:
-        """The candidate that keeps ``exclude`` (float node names) in float."""
-        return onnx.ModelProto.FromString(self._derive(exclude))
-
-    def derive_bytes(self, exclude: Collection[str]) -> bytes:
-        """The candidate's file contents (what ``onnx.save_model`` writes for :meth:`derive`'s model)."""
+    def derive(self, exclude: Collection[str]) -> Derived:
+        """The candidate that keeps ``exclude`` (float node names) in float, as the Study writes it
+        (:class:`edits.Derived`: its bytes, serialized once, with its nodes and initializer names)."""
         return self._derive(exclude)
 
-    def _derive(self, exclude: Collection[str], learn: bool = False) -> bytes:
+    def derive_model(self, exclude: Collection[str]) -> onnx.ModelProto:
+        """The candidate as a model."""
+        return onnx.ModelProto.FromString(self.derive_bytes(exclude))
+
+    def derive_bytes(self, exclude: Collection[str]) -> bytes:
+        """The candidate's file contents (what ``onnx.save_model`` writes for :meth:`derive_model`'s model)."""
+        return self._derive(exclude).to_bytes()
+
+    def size(self, exclude: Collection[str]) -> int:
+        """The candidate's exact file size."""
+        return self._derive(exclude).size
+
+    def _derive(self, exclude: Collection[str], learn: bool = False) -> Derived:
         excluded = set(exclude) & self.names  # ORT ignores names that are not nodes
         run = _Run(i.name for i in self._float_inputs if i.name not in self._float_init_names)
         for n in self._nodes:
@@ -294,7 +300,7 @@ class QOperatorEditor:
             else:  # a conditional op the fully quantized model left float
                 if node.input and node.input[0] in run.qmap:
                     if not learn:
-                        raise UnsupportedEdit(f"{node.name}: would ONNX Runtime quantize this {node.op_type}?")
+                        raise Unsupported(f"{node.name}: would ONNX Runtime quantize this {node.op_type}?")
                     n.never = True
                 self._emit_float(run, node, dq=True)
         for name in self._outputs:
@@ -358,7 +364,7 @@ class QOperatorEditor:
             if step == "out":
                 consumers = self._consumers.get(node.output[0], [])
                 if len(consumers) == 1 and consumers[0].op_type in _FUSED and consumers[0].name in excluded:
-                    raise UnsupportedEdit(
+                    raise Unsupported(
                         f"{node.name}: its fused {consumers[0].op_type} is excluded (the output range changes)"
                     )
                 self._create(run, sorted(q.input[tmpl.out : tmpl.out + 2], key=self._fq_pos.__getitem__))
@@ -378,7 +384,7 @@ class QOperatorEditor:
             if (q.input[s + 1], q.input[s + 2]) != (qv.scale, qv.zp) and not self._same(
                 run, (q.input[s + 1], q.input[s + 2]), (qv.scale, qv.zp)
             ):
-                raise UnsupportedEdit(f"{node.name}: input {node.input[i]} would get another scale")
+                raise Unsupported(f"{node.name}: input {node.input[i]} would get another scale")
             new.input[s], new.input[s + 1], new.input[s + 2] = qv.q, qv.scale, qv.zp
         if node.op_type == "GlobalAveragePool" and 0 in triples and q.input[3] == q.input[1]:
             new.input[3], new.input[4] = triples[0].scale, triples[0].zp  # no output range: the input's
@@ -389,7 +395,7 @@ class QOperatorEditor:
         def data(name: str) -> onnx.TensorProto:
             t = run.created.get(name) or self._fq_inits.get(name)
             if t is None:
-                raise UnsupportedEdit(f"no initializer {name}")
+                raise Unsupported(f"no initializer {name}")
             return t
 
         def strip(t: onnx.TensorProto) -> bytes:
@@ -405,7 +411,7 @@ class QOperatorEditor:
         zp, scale = tensor + "_zero_point", tensor + "_scale"
         try:
             src = self._param_source(tensor, excluded, depth=0)
-        except UnsupportedEdit:
+        except Unsupported:
             computed = self._computed(tensor, excluded) if self._ranges is not None else None
             if computed is None:
                 raise
@@ -428,12 +434,12 @@ class QOperatorEditor:
     def _param_source(self, tensor: str, excluded: set[str], depth: int) -> str:
         """A tensor of ``fq`` whose scale and zero point ORT computed from the same range as ``tensor``'s."""
         if depth > 64:
-            raise UnsupportedEdit(f"no scale for {tensor}")
+            raise Unsupported(f"no scale for {tensor}")
         consumers = self._consumers.get(tensor, [])
         adjusted_in_fq = len(consumers) == 1 and consumers[0].op_type in _FUSED
         if tensor + "_scale" in self._fq_inits and tensor + "_zero_point" in self._fq_inits:
             if adjusted_in_fq and consumers[0].name in excluded:
-                raise UnsupportedEdit(f"{tensor}: its Relu/Clip is excluded (the range changes)")
+                raise Unsupported(f"{tensor}: its Relu/Clip is excluded (the range changes)")
             return tensor
         producer = self._producer.get(tensor)
         if producer is not None and producer.op_type in _FUSED:
@@ -442,12 +448,13 @@ class QOperatorEditor:
                 return src  # ORT gave the Relu/Clip's range to its input
         if producer is not None and producer.op_type in _SAME_VALUES:
             return self._param_source(producer.input[0], excluded, depth + 1)
-        raise UnsupportedEdit(f"no scale for {tensor} in the quantized model")
+        raise Unsupported(f"no scale for {tensor} in the quantized model")
 
     # ------------------------------------------------------------------ output
-    def _assemble(self, run: _Run) -> bytes:
+    def _assemble(self, run: _Run) -> Derived:
         """The candidate's serialized bytes, as ``SerializeToString`` writes them (fields in number order),
-        joined from pieces serialized once: no weight is copied into a new message."""
+        joined from pieces serialized once (no weight is copied into a new message), with its nodes and
+        initializer names."""
         used = {i for n in run.nodes for i in n.input}
         used.update(self._outputs)
         inputs = [i for i in self._float_inputs if i.name not in self._float_init_names or i.name in used]
@@ -465,9 +472,10 @@ class QOperatorEditor:
         parts += [self._input_bytes[i.name] for i in inputs]
         parts.append(self._graph_tail)
         ms = self._ms_added and any(n.domain == _MS for n in run.nodes)
-        return b"".join(
+        data = b"".join(
             (self._model_head, _field(_GRAPH, b"".join(parts)), self._model_tail_ms if ms else self._model_tail)
         )
+        return Derived([data], len(data), nodes, {t.name for t in inits})
 
 
 def _varint(n: int) -> bytes:
@@ -528,7 +536,7 @@ def _topological_sort(nodes: list[onnx.NodeProto], input_names: list[str]) -> li
                     ordered.append(nodes[idx])
         start += 1
     if len(ordered) != len(nodes):
-        raise UnsupportedEdit("the candidate graph is not a DAG")
+        raise Unsupported("the candidate graph is not a DAG")
     return ordered
 
 
@@ -543,6 +551,6 @@ def derive_qoperator(
     """The QOperator candidate that keeps ``exclude`` (float node names) in float, derived from the fully
     quantized QOperator model ``fq`` of the same recipe by graph edits (bit-identical to ONNX Runtime's
     ``quantize_static(..., quant_format=QOperator, nodes_to_exclude=exclude)`` after tuneqn's name
-    restoration); raises :class:`UnsupportedEdit` where that cannot be made exact. Build a
+    restoration); raises :class:`Unsupported` where that cannot be made exact. Build a
     :class:`QOperatorEditor` once to derive many candidates of one recipe."""
-    return QOperatorEditor(fq, float_model, calib_cache, settings).derive(exclude)
+    return QOperatorEditor(fq, float_model, calib_cache, settings).derive_model(exclude)

@@ -53,12 +53,11 @@ from tuneqn.controller.edits import (
     CandidateIndex,
     Derivations,
     Derived,
-    ModelIndex,
     QdqIndex,
     Unsupported,
     unsupported_settings,
 )
-from tuneqn.controller.edits_qop import QOperatorEditor, UnsupportedEdit
+from tuneqn.controller.edits_qop import QOperatorEditor
 from tuneqn.controller.errors import UserError
 from tuneqn.controller.files import atomic_write_text, file_digest, file_sha256
 from tuneqn.controller.modelio import PreparedModel, prepare_model
@@ -684,10 +683,8 @@ class Study:
         fq_path, cache = Path(row["path"]), self.calibration_cache(model, recipe) or Path()
         def load() -> CandidateIndex:
             if settings.format == "qoperator":
-                def editor() -> Any:
-                    return QOperatorEditor(onnx.load(str(fq_path)), onnx.load(str(self.quantizer_input(model))),
-                                           cache if cache.is_file() else None, settings).derive
-                return ModelIndex.build(editor, (UnsupportedEdit,))
+                return QOperatorEditor(onnx.load(str(fq_path)), onnx.load(str(self.quantizer_input(model))),
+                                       cache if cache.is_file() else None, settings)
             return QdqIndex.load(self.quantizer_input(model), fq_path, cache, settings)
 
         index = self._derivations.index(model, recipe, key, load)
@@ -696,8 +693,7 @@ class Study:
     @staticmethod
     def _no_edits(settings: QuantSettings) -> str | None:
         """Why a recipe's candidates are not derived by graph edits (None: they are): static QDQ recipes by
-        :class:`edits.QdqIndex`, static QOperator recipes by ``edits_qop.QOperatorEditor`` (through
-        :class:`edits.ModelIndex`)."""
+        :class:`edits.QdqIndex`, static QOperator recipes by ``edits_qop.QOperatorEditor``."""
         if settings.mode == "static" and settings.format == "qoperator":
             return unsupported_settings(replace(settings, format="qdq"))  # the same type limits
         return unsupported_settings(settings)

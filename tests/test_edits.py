@@ -21,7 +21,7 @@ from conftest import write_study
 from onnx_models import cnn, qdq_zoo
 
 from tuneqn.controller.config import RECIPE_PRESETS, QuantizationSpec, load_config, parse_config
-from tuneqn.controller.edits import Derived, ModelIndex, QdqIndex, Unsupported, varint_size
+from tuneqn.controller.edits import QdqIndex, Unsupported, varint_size
 from tuneqn.controller.quantize import WBQ, QuantSettings, calibrate, quantize_candidate, runtime_options
 from tuneqn.controller.study import Study
 
@@ -257,30 +257,3 @@ def test_lite0_derived_candidates_are_the_quantizers(example_dir: Path, tmp_path
                 assert len(ran_float) == len(plan.excluded)  # (ORT renames the Conv it fuses with its Clip)
 
 
-def test_a_whole_model_derivation_knows_its_size(tmp_path: Path, assets: Path) -> None:
-    """``Derived.of_model`` (a QOperator derivation hands back a ModelProto): the size without serializing twice,
-    the file ``onnx.save_model`` writes."""
-    model = onnx.load(str(assets / "cnn.onnx"))
-    derived = Derived.of_model(model)
-    derived.write(tmp_path / "m.onnx")
-    onnx.save_model(model, tmp_path / "ref.onnx")
-    assert derived.size == (tmp_path / "m.onnx").stat().st_size
-    assert (tmp_path / "m.onnx").read_bytes() == (tmp_path / "ref.onnx").read_bytes()
-
-
-def test_a_model_index_turns_its_refusals_into_the_quantizers_turn(assets: Path) -> None:
-    """``ModelIndex`` (how a whole-model derivation such as QOperator's plugs into the Study): its refusals are
-    :class:`Unsupported` (the quantizer then builds the candidate), its sizes those of the files it writes."""
-    model = onnx.load(str(assets / "cnn.onnx"))
-
-    def derive(exclude: list[str]) -> onnx.ModelProto:
-        if "conv1" in exclude:
-            raise KeyError("not exact")
-        return model
-
-    index = ModelIndex.build(lambda: derive, (KeyError,))
-    assert index.size(["conv2"]) == len(model.SerializeToString())
-    with pytest.raises(Unsupported, match="not exact"):
-        index.derive(["conv1"])
-    with pytest.raises(Unsupported):
-        ModelIndex.build(lambda: {}["no fully quantized model"], (KeyError,))

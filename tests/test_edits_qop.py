@@ -16,7 +16,8 @@ from test_qoperator import _counts, _ran_graph
 
 from tuneqn.controller.config import DatasetSpec, ModelSpec
 from tuneqn.controller.dataset import prepare_data
-from tuneqn.controller.edits_qop import QOperatorEditor, UnsupportedEdit, derive_qoperator
+from tuneqn.controller.edits import Unsupported
+from tuneqn.controller.edits_qop import QOperatorEditor, derive_qoperator
 from tuneqn.controller.modelio import prepare_model
 from tuneqn.controller.quantize import QuantSettings, calibrate, default_op_types, quantize_candidate, runtime_options
 
@@ -132,6 +133,11 @@ def test_random_exclusions_are_bit_identical(zoo: dict, per_channel: bool, tmp_p
         assert derived == _ort_candidate(zoo, per_channel, exclude, tmp_path), exclude
         assert editor.derive_bytes(exclude) == derived  # run to run
     assert _bytes(derive_qoperator(fq, float_model, ["conv5"])) == editor.derive_bytes(["conv5"])
+    # what the Study writes: serialized once, its size and graph known without parsing the file back
+    candidate, model = editor.derive(["conv5", "fc"]), editor.derive_model(["conv5", "fc"])
+    assert candidate.to_bytes() == _bytes(model) and candidate.size == model.ByteSize()
+    assert [n.name for n in candidate.nodes] == [n.name for n in model.graph.node]
+    assert candidate.initializer_names == {t.name for t in model.graph.initializer}
 
 
 @pytest.mark.parametrize("op_types", [
@@ -157,9 +163,9 @@ def test_scale_missing_from_the_quantized_model_needs_the_calibration_cache(zoo:
     from its calibrated range and the fully quantized model does not hold: refused without the cache, exact with it."""
     settings, cache, fq = zoo["recipes"][False]
     float_model = onnx.load(str(zoo["path"]))
-    with pytest.raises(UnsupportedEdit, match="no scale for p1"):
+    with pytest.raises(Unsupported, match="no scale for p1"):
         derive_qoperator(fq, float_model, ["conv1"])
-    derived = QOperatorEditor(fq, float_model, cache, settings).derive(["conv1"])
+    derived = QOperatorEditor(fq, float_model, cache, settings).derive_model(["conv1"])
     assert "p1_scale" in {t.name for t in derived.graph.initializer}
     assert _bytes(derived) == _ort_candidate(zoo, False, ["conv1"], tmp_path)
 
@@ -169,8 +175,8 @@ def test_excluded_fused_activation_is_refused_not_guessed(zoo: dict, tmp_path: P
     which the fully quantized model does not hold: the edit refuses; with the Conv float too it is exact."""
     settings, cache, fq = zoo["recipes"][False]
     editor = QOperatorEditor(fq, onnx.load(str(zoo["path"])), cache, settings)
-    with pytest.raises(UnsupportedEdit, match="conv2: its fused Clip is excluded"):
-        editor.derive(["clip2"])
+    with pytest.raises(Unsupported, match="conv2: its fused Clip is excluded"):
+        editor.derive_bytes(["clip2"])
     exclude = ["conv2", "clip2"]
     assert editor.derive_bytes(exclude) == _ort_candidate(zoo, False, exclude, tmp_path)
     assert editor.derive_bytes(["no-such-layer"]) == _bytes(fq)  # ORT ignores names that are not nodes
@@ -181,7 +187,7 @@ def test_editor_refuses_a_model_it_cannot_replay(zoo: dict) -> None:
     _, _, fq = zoo["recipes"][False]
     other = onnx.load(str(zoo["path"]))
     other.graph.node[0].name = "renamed"
-    with pytest.raises(UnsupportedEdit):
+    with pytest.raises(Unsupported):
         QOperatorEditor(fq, other)
 
 
@@ -191,7 +197,7 @@ def test_excluded_layers_run_in_float(zoo: dict, tmp_path: Path) -> None:
     settings, cache, fq = zoo["recipes"][True]
     editor = QOperatorEditor(fq, onnx.load(str(zoo["path"])), cache, settings)
     exclude = ["conv2", "conv4", "fc"]
-    derived = editor.derive(exclude)
+    derived = editor.derive_model(exclude)
     path = tmp_path / "derived.onnx"
     onnx.save(derived, str(path))
     ran = _counts(_ran_graph(str(path), tmp_path, runtime_options(derived, exclude)["ort_disabled_optimizers"]))
@@ -224,6 +230,6 @@ def test_lite0_derived_candidates_match_the_quantizer(example_dir: Path, tmp_pat
         for exclude in sets:
             quantize_candidate(pm.path, tmp_path / "ort.onnx", settings, exclude, cache)
             assert editor.derive_bytes(exclude) == (tmp_path / "ort.onnx").read_bytes(), exclude
-            derived, ref = editor.derive(exclude), onnx.load(str(tmp_path / "ort.onnx"))
+            derived, ref = editor.derive_model(exclude), onnx.load(str(tmp_path / "ort.onnx"))
             top1 = [_run(m, x, exclude, batch=1).argmax(1) for m in (derived, ref)]
             np.testing.assert_array_equal(top1[0], top1[1])

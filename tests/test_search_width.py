@@ -201,7 +201,7 @@ def test_a_search_killed_three_wide_resumes_one_wide_and_replays_with_any_width(
         except sqlite3.OperationalError:  # not created yet
             return []
 
-    with _agent(tmp_path, "phone", "phones", 3, 150.0) as server:
+    with _agent(tmp_path, "phone", "phones", 3, 50.0) as server:
         proc = subprocess.Popen([sys.executable, "-m", "tuneqn.controller", "tune", str(study), "--agent",
                                  server.address], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 120

@@ -219,7 +219,8 @@ def _float_layers(path: Path, disabled: list[str], tmp: Path) -> set[str]:
 @pytest.mark.parametrize("recipe", ["per-tensor", "per-channel"])
 def test_lite0_derived_candidates_are_the_quantizers(example_dir: Path, tmp_path: Path, recipe: str) -> None:
     """EfficientNet-Lite0: every k-prefix of the paper's ranking has the predicted size of the file the quantizer
-    writes, 8 random exclusion sets derive the quantizer's bytes, and their excluded layers run in float."""
+    writes; two prefixes and 4 random exclusion sets derive the quantizer's bytes, and their excluded layers run
+    in float (the small zoo above covers every rule on many more sets)."""
     example_dir = example_dir.resolve()  # TUNEQN_EXAMPLE_DIR may be relative (make test)
     data = tomllib.loads((Path(__file__).parent.parent / "examples/lite0/study.toml").read_text())
     data["out_dir"] = str(tmp_path / "out")
@@ -242,11 +243,11 @@ def test_lite0_derived_candidates_are_the_quantizers(example_dir: Path, tmp_path
             predicted = study.predicted_size(plan)
             row = study.build(plan)
             assert predicted == row["size_bytes"] == Path(row["path"]).stat().st_size, k
-            if k % 10 == 1 or k == len(order):  # ... and that file is the quantizer's (each k of them, below too)
+            if k in (1, len(order)):  # ... and that file is the quantizer's (these k, and the random sets below)
                 quantize_candidate(src, ref, settings, order[:k], cache)
                 assert Path(row["path"]).read_bytes() == ref.read_bytes(), k
         rng = random.Random(recipe)
-        for i in range(8):
+        for i in range(4):
             plan = study.make_plan(model, recipe, rng.sample(order, rng.randint(1, len(order))), f"random {i}")
             assert study.derive(plan) is not None
             row = study.build(plan)

@@ -396,6 +396,9 @@ class SearchRun(_Strict):
     budget: Annotated[int, Field(ge=1)] | None = None
     #: ``target``: the largest accuracy loss (1 − agreement with FP32) allowed on every device.
     max_loss: Annotated[float, Field(ge=0.0, lt=1.0)] | None = None
+    #: Only these of the study's recipes (and the variants planned from them for a device); None: every recipe.
+    #: E.g. the paper's sweep beside the main search on the paper's recipe only.
+    recipes: Annotated[list[str], Field(min_length=1)] | None = None
 
     @model_validator(mode="after")
     def _params(self) -> SearchRun:
@@ -405,13 +408,15 @@ class SearchRun(_Strict):
 
     @property
     def name(self) -> str:
-        """``greedy/measured``, ``budget30/measured``, ``target1%/measured``, ``sweep/paper``."""
+        """``greedy/measured``, ``budget30/measured``, ``target1%/measured``, ``sweep/paper``; a search of some
+        recipes only names them: ``sweep/paper[per-tensor]``."""
         strategy = "sweep" if self.strategy == "decremental" else self.strategy
         if self.strategy == "budget" and self.budget is not None:
             strategy += str(self.budget)
         if self.strategy == "target" and self.max_loss is not None:
             strategy += f"{self.max_loss * 100:g}%"
-        return f"{strategy}/{self.ranking}"
+        only = f"[{','.join(self.recipes)}]" if self.recipes else ""
+        return f"{strategy}/{self.ranking}{only}"
 
 
 class SearchSpec(SearchRun):
@@ -435,7 +440,7 @@ class SearchSpec(SearchRun):
         """The main search, then the compared ones (without repeats)."""
         out: list[SearchRun] = []
         for run in [SearchRun(ranking=self.ranking, strategy=self.strategy, budget=self.budget,
-                              max_loss=self.max_loss), *self.compare]:
+                              max_loss=self.max_loss, recipes=self.recipes), *self.compare]:
             if run.name not in {r.name for r in out}:
                 out.append(run)
         return out
@@ -560,6 +565,14 @@ class StudyConfig(_Strict):
         objs = [o.name for o in self.objectives]
         if not objs or len(set(objs)) != len(objs):
             raise ValueError("objectives must be a non-empty list without repeats")
+        # a recipe name that is no recipe at all (a typo); a preset the study does not run leaves the search idle
+        known = [*self.quantization.recipe_names(),
+                 *(r for r in RECIPE_PRESETS if r not in self.quantization.recipe_names())]
+        for run in self.search.runs():
+            unknown = [r for r in run.recipes or [] if r not in known]
+            if unknown:
+                raise ValueError(f"search {run.name}: unknown recipe {unknown[0]!r} in 'recipes' "
+                                 f"(known: {', '.join(known)})")
         return self
 
     def fingerprint(self, *parts: str) -> str:

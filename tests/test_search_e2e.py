@@ -119,3 +119,36 @@ def test_unknown_recipe_and_missing_target_are_one_line_errors(tmp_path: Path, a
     err = capsys.readouterr().err.strip()
     assert "--strategy" in err and "max_loss" in err and "\n" not in err, err
     assert not (tmp_path / "out" / "tuneqn.db").exists()
+
+
+@pytest.mark.heavy
+def test_a_compared_search_of_one_recipe_searches_only_that_recipe(tmp_path: Path, assets: Path) -> None:
+    """``recipes`` on a search: the paper's sweep beside the default search on the paper's recipe only (the
+    demo's setting). Its proposals are of that recipe alone, every k of it; the main search covers both."""
+    compare = [{"strategy": "sweep", "ranking": "paper", "recipes": ["per-tensor"]}]
+    study_toml = write_study(tmp_path, model=assets / "cnn.onnx", images=assets / "images", evaluation=FAST,
+                             search={"strategy": "budget", "ranking": "measured", "screen_samples": 8,
+                                     "compare": compare},
+                             quantization={"recipes": RECIPES})
+    assert main(["tune", str(study_toml)]) == 0
+    con = sqlite3.connect(tmp_path / "out" / "tuneqn.db")
+    modes: dict[str, set[str]] = {}
+    for search, mode in con.execute("select distinct search, mode from proposals"):
+        modes.setdefault(search, set()).add(mode)
+    assert modes == {"budget/measured": {"per-tensor", "per-channel"}, "sweep/paper[per-tensor]": {"per-tensor"}}
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    layers = len(report["rankings"][0]["layers"])  # the same layers in both recipes of this model
+    swept = con.execute("select count(*) from proposals where search = 'sweep/paper[per-tensor]' and level = 'full'")
+    assert swept.fetchone()[0] == layers + 1  # k = 0 … every layer
+    assert {s["name"] for s in report["searches"]} == {"budget/measured", "sweep/paper[per-tensor]"}
+
+
+def test_a_search_naming_an_unknown_recipe_is_a_one_line_error(tmp_path: Path, assets: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    compare = [{"strategy": "sweep", "ranking": "paper", "recipes": ["per-tensr"]}]
+    study_toml = write_study(tmp_path, model=assets / "cnn.onnx", images=assets / "images",
+                             search={"compare": compare}, quantization={"recipes": RECIPES})
+    assert main(["tune", str(study_toml)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "per-tensr" in err and "sweep/paper[per-tensr]" in err and "\n" not in err, err
+    assert not (tmp_path / "out" / "tuneqn.db").exists()

@@ -612,3 +612,32 @@ def test_the_width_follows_the_devices_during_a_search(tmp_path: Path, name: str
         assert 4 in together  # once 4 devices are live, 4 evaluations are asked for at once
     farm.width = 2
     assert _fulls_asked(fresh(study, farm)) == _fulls_asked(strategy)
+
+
+def test_a_search_of_some_recipes_takes_their_device_variants_and_nothing_else() -> None:
+    """``recipes = ["a"]``: the search has the pairs of recipe a and of the variants planned from it for a device
+    (``a.float-Conv``), not those of b; without ``recipes`` it has them all."""
+    from tuneqn.controller.config import SearchRun
+    from tuneqn.controller.search import PairStrategy, PerPair
+
+    class Study:
+        def variant_base(self, recipe: str) -> str | None:
+            return recipe.partition(".")[0] if "." in recipe else None
+
+    class Source:
+        def view_pairs(self) -> list[tuple[str, str]]:
+            return [("m", "a"), ("m", "b"), ("m", "a.float-Conv"), ("m", "b.qdq")]
+
+    class Idle(PairStrategy):
+        def propose(self) -> list[Request]:
+            return []
+
+        def done(self) -> bool:
+            return True
+
+    view = SearchView(Study(), Source())  # type: ignore[arg-type]
+    only_a = PerPair(view, SearchRun(recipes=["a"]), Idle)
+    assert [(p.model, p.recipe) for p in only_a.pairs] == [("m", "a"), ("m", "a.float-Conv")]
+    assert only_a.name == "budget/measured[a]"
+    every = PerPair(view, SearchRun(), Idle)
+    assert len(every.pairs) == 4 and every.name == "budget/measured"

@@ -132,6 +132,11 @@ class SearchView:
             return list(planned())
         return [(m, r) for m in self.models() for r in self.recipes()]
 
+    def base_recipe(self, recipe: str) -> str:
+        """The study recipe that ``recipe`` is (a variant planned for a device names the recipe it derives from)."""
+        base = getattr(self._study, "variant_base", None)
+        return (base(recipe) if base is not None else None) or recipe
+
     def pairs_settled(self) -> bool:
         """False while more pairs may still come (the recipe gate has not decided which auto recipes go on
         to the search: ``view_pairs_settled``, optional in a ViewSource)."""
@@ -315,11 +320,12 @@ class ReplayPair(PairStrategy):
 
 @dataclass
 class PerPair(Strategy):
-    """A strategy that runs one :class:`PairStrategy` per (model, recipe) of :meth:`SearchView.pairs`;
-    pairs that appear later (a variant recipe planned for a device) get their own search then, and a
-    pair that drops out (no device runs its recipe) is no longer waited for. A pair whose search cannot
-    go on (:meth:`SearchView.blocked`: FP32 or the fully quantized model ended without a result on every
-    class) is over, whatever its strategy waits for: the one rule that ends every strategy."""
+    """A strategy that runs one :class:`PairStrategy` per (model, recipe) of :meth:`SearchView.pairs` (of the
+    run's ``recipes`` only, when it names some); pairs that appear later (a variant recipe planned for a
+    device) get their own search then, and a pair that drops out (no device runs its recipe) is no longer
+    waited for. A pair whose search cannot go on (:meth:`SearchView.blocked`: FP32 or the fully quantized
+    model ended without a result on every class) is over, whatever its strategy waits for: the one rule
+    that ends every strategy."""
 
     view: SearchView
     run: SearchRun
@@ -333,7 +339,8 @@ class PerPair(Strategy):
         self._sync()
 
     def _sync(self) -> None:
-        keys = self.view.pairs()
+        only = self.run.recipes
+        keys = [(m, r) for m, r in self.view.pairs() if only is None or self.view.base_recipe(r) in only]
         for m, r in keys:
             if (m, r) not in self._all:
                 self._all[(m, r)] = self.pair_cls(self.view, self.run, m, r)

@@ -197,7 +197,7 @@ class StudyRun:
                     if isinstance(item, int):
                         self._prepared.put(self.study.prepare_model(item))
                     else:
-                        self.study.analyze(*item)
+                        self.study.search_layers(*item)
                         with self._lock:
                             self._analysis_done.add(item)
             except BaseException as exc:  # noqa: BLE001 - handed to the main thread, which raises it
@@ -819,9 +819,9 @@ class StudyRun:
             # The variant's layers are ranked before its search starts (it was calibrated by its build).
             if self.quiet is not None:
                 with self.quiet.shared():
-                    self.study.analyze(model, d.planned)
+                    self.study.search_layers(model, d.planned)
             else:
-                self.study.analyze(model, d.planned)
+                self.study.search_layers(model, d.planned)
         self.planner.settle(d)
         with self._lock:
             todo = [(b, sorted(self._levels.get(cid, ()))) for cid, b in self._built.items()

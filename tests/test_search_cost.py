@@ -8,9 +8,10 @@ from pathlib import Path
 from conftest import write_study
 
 from tuneqn.controller.cli import main
-from tuneqn.controller.config import load_config
+from tuneqn.controller.config import AUTO_RECIPES, SearchSpec, load_config
 from tuneqn.controller.search import gate
 from tuneqn.controller.search.gate import FqPoint
+from tuneqn.controller.store import Store
 from tuneqn.controller.study import Study, candidate_id
 
 FAST = {"latency_repeats": 2, "latency_warmup": 1, "heartbeat_s": 0.5, "silent_after_s": 5.0,
@@ -95,7 +96,7 @@ def test_auto_recipes_are_ordered_by_their_best_case_before_any_screen(tmp_path:
     """With auto recipes every static recipe's best case (every searched layer in float, the last prefix the
     search would evaluate anyway) is evaluated in full before the first screen of the model, and the search
     asks for that same candidate (no second evaluation)."""
-    toml = write_study(tmp_path, model=assets / "cnn.onnx", images=assets / "images", evaluation=FAST,
+    toml = write_study(tmp_path, model=assets / "wide.onnx", images=assets / "images", evaluation=FAST,
                        search=MEASURED, quantization={"recipes": "auto"})
     out = tmp_path / "out"
     assert main(["tune", str(toml), "--no-lab"]) == 0
@@ -107,8 +108,30 @@ def test_auto_recipes_are_ordered_by_their_best_case_before_any_screen(tmp_path:
         layers = sorted(str(r[0]).removeprefix("ranking +") for r in _rows(
             out, f"select label from proposals where level = 'screen' and mode = '{recipe}' "
                  "and label like 'ranking +%'"))
-        best = candidate_id("cnn", recipe, layers)
+        best = candidate_id("wide", recipe, layers)
         jobs = _rows(out, f"select created_at, state from jobs where candidate_id = '{best}' and level = 'full'")
         assert len(jobs) == 1 and jobs[0][1] == "done"
         assert float(jobs[0][0]) < float(first_screen)  # type: ignore[arg-type]
         assert _rows(out, f"select count(*) from proposals where candidate_id = '{best}' and level = 'full'") == [(1,)]
+    # the first recipe of the search order has its screens built (and run) before any other recipe's
+    store = Store(out / "tuneqn.db")
+    try:
+        recipes = list(AUTO_RECIPES)
+        devices = [d["name"] for d in store.devices()]
+        bests = {r: candidate_id("wide", r, sorted(str(x[0]).removeprefix("ranking +") for x in _rows(
+            out, f"select label from proposals where level = 'screen' and mode = '{r}' and label like 'ranking +%'")))
+            for r in searched}
+        order = gate.search_order(recipes, gate.fq_points(store, "wide", recipes, devices),
+                                  gate.fq_points(store, "wide", list(bests), devices, candidate_of=bests.get))
+    finally:
+        store.close()
+    first = [r for r in order if r in searched][0]
+    built = dict(_rows(out, "select c.mode, min(c.created_at) from candidates c join jobs j on j.candidate_id = c.id "
+                            "where j.level = 'screen' group by c.mode"))
+    assert built[first] == min(built.values())
+
+
+def test_the_default_screening_sample_is_16() -> None:
+    """A screen costs a model load plus its samples: 16 keeps every disagreement of a fully quantized
+    EfficientNet-Lite (4–6 of 70 images) and its least sure agreements."""
+    assert SearchSpec().screen_samples == 16

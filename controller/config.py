@@ -424,10 +424,8 @@ class SearchSpec(SearchRun):
     exclusion_sets: list[ExclusionSet] = []
     #: Samples of the evaluation sample used for screening (the measured ranking and the cheap
     #: first look at a candidate): per recipe, where its fully quantized model disagrees with
-    #: FP32, then where it is least sure (see ``Study.screen_split``). 16: every disagreement of a fully
-    #: quantized EfficientNet-Lite (4–6 of 70) plus its least sure agreements, at about 2/3 of a 32-sample
-    #: screen's cost.
-    screen_samples: Annotated[int, Field(ge=1)] = 16
+    #: FP32, then where it is least sure (see ``Study.screen_split``).
+    screen_samples: Annotated[int, Field(ge=1)] = 32
     #: ``greedy``: re-measure the remaining layers' gains on the current set every this many steps.
     regain_every: Annotated[int, Field(ge=1)] = 4
     #: More searches over the same recipes, shown beside the main one (ranking ablation).

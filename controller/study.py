@@ -806,7 +806,7 @@ class Study:
         Given the fully quantized model's and FP32's top-k on the evaluation sample (one array per
         device, of ``classes``), samples are taken first where the top-1 classes differ on the most
         devices, then by the lowest top-k overlap with FP32 (the least sure agreements), then in order.
-        That is where excluding a layer can win agreement back (or lose it), so a screen on 16 samples
+        That is where excluding a layer can win agreement back (or lose it), so a screen on 32 samples
         tells what a full evaluation would, at a fraction of its cost. The choice is kept in the store
         (:meth:`kept_screen_split` gives it back on a resume, whatever classes are connected then) and
         the split stored as ``<model>/screen/<recipe>`` (its items name the chosen samples).

@@ -8,7 +8,7 @@ from pathlib import Path
 from conftest import write_study
 
 from tuneqn.controller.cli import main
-from tuneqn.controller.config import AUTO_RECIPES, SearchSpec, load_config
+from tuneqn.controller.config import AUTO_RECIPES, load_config
 from tuneqn.controller.search import gate
 from tuneqn.controller.search.gate import FqPoint
 from tuneqn.controller.store import Store
@@ -130,8 +130,3 @@ def test_auto_recipes_are_ordered_by_their_best_case_before_any_screen(tmp_path:
                             "where j.level = 'screen' group by c.mode"))
     assert built[first] == min(built.values())
 
-
-def test_the_default_screening_sample_is_16() -> None:
-    """A screen costs a model load plus its samples: 16 keeps every disagreement of a fully quantized
-    EfficientNet-Lite (4–6 of 70 images) and its least sure agreements."""
-    assert SearchSpec().screen_samples == 16

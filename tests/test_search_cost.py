@@ -5,6 +5,7 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
+import pytest
 from conftest import write_study
 
 from tuneqn.controller.cli import main
@@ -27,6 +28,7 @@ def _rows(out: Path, sql: str) -> list[tuple[object, ...]]:
         con.close()
 
 
+@pytest.mark.heavy
 def test_a_measured_search_needs_no_layer_analysis(tmp_path: Path, assets: Path) -> None:
     """Every search measures its own ranking: the layers are read from the fully quantized model and no error
     analysis runs (no row in ``analyses``, no layers.json); the screens cover exactly the layers the analysis
@@ -60,6 +62,7 @@ def test_a_measured_search_needs_no_layer_analysis(tmp_path: Path, assets: Path)
     assert _rows(out, "select model, mode from analyses") == []
 
 
+@pytest.mark.heavy
 def test_an_error_ranked_search_still_analyzes(tmp_path: Path, assets: Path) -> None:
     """The paper's method (``sweep`` on the ``paper`` ranking) ranks layers by the analysis, as before."""
     toml = write_study(tmp_path, model=assets / "cnn.onnx", images=assets / "images", evaluation=FAST,
@@ -92,6 +95,7 @@ def test_the_recipe_whose_best_case_loses_least_is_searched_first() -> None:
     assert gate.search_order(["a", "b", "c"], fq2, {}) == ["b", "a", "c"]
 
 
+@pytest.mark.heavy
 def test_auto_recipes_are_ordered_by_their_best_case_before_any_screen(tmp_path: Path, assets: Path) -> None:
     """With auto recipes every static recipe's best case (every searched layer in float, the last prefix the
     search would evaluate anyway) is evaluated in full before the first screen of the model, and the search

@@ -114,10 +114,7 @@ class StudyRun:
         self._queued_models: dict[str, str] = {}  # their models
         self._job_ids: dict[tuple[str, str, str], str] = {}  # (candidate, device class, level) -> job id
         self._outcomes: dict[tuple[str, str, tuple[str, ...]], Outcome] = {}  # complete outcomes
-        #: Candidates to build, in the order their jobs will run (:meth:`_priority`, then as asked): the first
-        #: searched recipe's screens are not built behind every other recipe's.
-        self._builds: queue.PriorityQueue[tuple[tuple[int, int], int, CandidatePlan | None]] = queue.PriorityQueue()
-        self._build_seq = 0
+        self._builds: queue.Queue[CandidatePlan | None] = queue.Queue()
         self._building = 0
         self._build_errors: list[BaseException] = []
         self._results_changed = threading.Event()
@@ -510,7 +507,7 @@ class StudyRun:
     def stop_farm(self) -> None:
         """Stop the links, their slots and the local agent."""
         self.stop.set()
-        self._builds.put(((-1, -1), -1, None))
+        self._builds.put(None)
         self._prep_tasks.put((-1, 0, None))
         for link in self.links:
             link.interrupt()  # cancels calls in flight (a hung agent's handshake, say)
@@ -570,10 +567,7 @@ class StudyRun:
                 self._queued_models[plan.id] = plan.model
                 self._building += 1
         if not queued:
-            with self._lock:
-                self._build_seq += 1
-                seq = self._build_seq
-            self._builds.put((self._priority(plan.model, plan.mode), seq, plan))
+            self._builds.put(plan)
 
     def _want(self, cid: str, level: str, model: str, recipe: str) -> None:
         """Evaluate candidate ``cid`` at ``level`` on every device class (once it is built).
@@ -760,7 +754,7 @@ class StudyRun:
             if self.stop.is_set():
                 return
         while True:
-            _, _, plan = self._builds.get()
+            plan = self._builds.get()
             if plan is None or self.stop.is_set():
                 return
             try:

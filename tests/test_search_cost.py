@@ -9,10 +9,9 @@ import pytest
 from conftest import write_study
 
 from tuneqn.controller.cli import main
-from tuneqn.controller.config import AUTO_RECIPES, load_config
+from tuneqn.controller.config import load_config
 from tuneqn.controller.search import gate
 from tuneqn.controller.search.gate import FqPoint
-from tuneqn.controller.store import Store
 from tuneqn.controller.study import Study, candidate_id
 
 FAST = {"latency_repeats": 2, "latency_warmup": 1, "heartbeat_s": 0.5, "silent_after_s": 5.0,
@@ -117,20 +116,4 @@ def test_auto_recipes_are_ordered_by_their_best_case_before_any_screen(tmp_path:
         assert len(jobs) == 1 and jobs[0][1] == "done"
         assert float(jobs[0][0]) < float(first_screen)  # type: ignore[arg-type]
         assert _rows(out, f"select count(*) from proposals where candidate_id = '{best}' and level = 'full'") == [(1,)]
-    # the first recipe of the search order has its screens built (and run) before any other recipe's
-    store = Store(out / "tuneqn.db")
-    try:
-        recipes = list(AUTO_RECIPES)
-        devices = [d["name"] for d in store.devices()]
-        bests = {r: candidate_id("wide", r, sorted(str(x[0]).removeprefix("ranking +") for x in _rows(
-            out, f"select label from proposals where level = 'screen' and mode = '{r}' and label like 'ranking +%'")))
-            for r in searched}
-        order = gate.search_order(recipes, gate.fq_points(store, "wide", recipes, devices),
-                                  gate.fq_points(store, "wide", list(bests), devices, candidate_of=bests.get))
-    finally:
-        store.close()
-    first = [r for r in order if r in searched][0]
-    built = dict(_rows(out, "select c.mode, min(c.created_at) from candidates c join jobs j on j.candidate_id = c.id "
-                            "where j.level = 'screen' group by c.mode"))
-    assert built[first] == min(built.values())
 

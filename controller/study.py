@@ -562,8 +562,9 @@ class Study:
     def quantized_layers(self, model: str, mode: str) -> list[dict[str, Any]]:
         """The layers of ``search.layer_op_types`` that the fully quantized model of a static recipe runs
         quantized (``name``, ``op_type``, ``idx``, ``output``, ``fused_activation``; graph order), read from
-        that model (built first if need be) without measuring errors: the layers :meth:`analyze` would rank.
-        Stored analysis rows when valid; other recipes (dynamic) are analyzed."""
+        that model (the built one, else quantized in a scratch dir: the builder may be writing its own file)
+        without measuring errors: the layers :meth:`analyze` would rank. Stored analysis rows when valid; other
+        recipes (dynamic) are analyzed."""
         known = self._layers.get((model, mode))
         if known is not None:
             return known
@@ -576,10 +577,15 @@ class Study:
         if listed is None:
             fq = self.make_plan(model, mode, ())
             row = self.store.candidate(fq.id)
-            if row is None or row.get("build_key") != self.build_key(fq) or not Path(row["path"]).is_file():
-                row = self.build(fq)
-            layers = static_layers(onnx.load(str(self.quantizer_input(model))), onnx.load(row["path"]),
-                                   self.cfg.search.layer_op_types)
+            src = onnx.load(str(self.quantizer_input(model)))
+            if row is not None and row.get("build_key") == self.build_key(fq) and Path(row["path"]).is_file():
+                layers = static_layers(src, onnx.load(row["path"]), self.cfg.search.layer_op_types)
+            else:  # not built yet: quantized here, as the analysis does
+                with tempfile.TemporaryDirectory(prefix="tuneqn-fq-") as tmp:
+                    fq_path = Path(tmp) / "fq.onnx"
+                    quantize_candidate(self.quantizer_input(model), fq_path, self.settings(mode), [],
+                                       self.calibration_cache(model, mode))
+                    layers = static_layers(src, onnx.load(str(fq_path)), self.cfg.search.layer_op_types)
             if not layers:
                 return self.analyze(model, mode)  # says why (no quantized layer), as without this shortcut
             listed = [{"model": model, "mode": mode, **la} for la in layers]

@@ -145,6 +145,16 @@ def find_layers(model: onnx.ModelProto, op_types: list[str]) -> list[_Layer]:
     return layers
 
 
+def static_layers(fmodel: onnx.ModelProto, qmodel: onnx.ModelProto, op_types: list[str]) -> list[dict[str, object]]:
+    """The layers a static analysis ranks, without measuring them: those of ``op_types`` that the fully
+    quantized model ``qmodel`` runs quantized, in graph order (``name``, ``op_type``, ``idx``, ``output``,
+    ``fused_activation``)."""
+    quantized = quantized_nodes(qmodel, "static")
+    return [{"name": la.node.name, "op_type": la.node.op_type, "idx": la.index, "output": la.output,
+             "fused_activation": la.act.op_type if la.act is not None else None}
+            for la in find_layers(fmodel, op_types) if la.node.name in quantized]
+
+
 def _augment(model_path: Path, out: Path) -> Path:
     with quiet_ort_python_logs():
         qdq_loss_debug.modify_model_output_intermediate_tensors(str(model_path), str(out))

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import queue
 import threading
 import time
@@ -136,6 +135,7 @@ class StudyRun:
         # The recipe gate (``recipes = "auto"``; see controller/search/gate.py).
         self._gated: dict[tuple[str, tuple[str, ...]], list[gate.Decision]] = {}  # (model, classes) -> decided
         self._recipe_rank: dict[str, dict[str, int]] = {}  # model -> recipe -> rank, once its gate decided
+        self._best_cases: dict[tuple[str, str], CandidatePlan | None] = {}  # (model, recipe) -> all layers float
         # The preparer: models prepared one by one, layers ranked, off the main thread (see start_preparer).
         self._prep_tasks: queue.PriorityQueue[tuple[int, int, int | tuple[str, str] | None]] = queue.PriorityQueue()
         self._prep_seq = 0
@@ -197,7 +197,7 @@ class StudyRun:
                     if isinstance(item, int):
                         self._prepared.put(self.study.prepare_model(item))
                     else:
-                        self.study.analyze(*item)
+                        self.study.search_layers(*item)
                         with self._lock:
                             self._analysis_done.add(item)
             except BaseException as exc:  # noqa: BLE001 - handed to the main thread, which raises it
@@ -635,6 +635,30 @@ class StudyRun:
             fq = self.study.make_plan(model, recipe, ())
             self._want(fq.id, "full", model, recipe)
             self._ensure_built(fq)
+            best = self._best_case(model, recipe)
+            if best is not None:
+                self._want(best.id, "full", model, recipe)
+                self._ensure_built(best)
+
+    def _best_case(self, model: str, recipe: str) -> CandidatePlan | None:
+        """With auto recipes, a recipe's *best case*: every searched layer in float (the last prefix of any
+        ranking, so every search that reaches it asks for this very candidate), evaluated in full with the
+        fully quantized model to order the searches (:func:`gate.search_order`). Static recipes of a study
+        without ``max_k`` (the layers are read from the built fully quantized model); None otherwise or while
+        that model is not built."""
+        if (model, recipe) in self._best_cases:
+            return self._best_cases[(model, recipe)]
+        if self.study.cfg.search.max_k is not None or self.study.settings(recipe).mode != "static":
+            self._best_cases[(model, recipe)] = None
+            return None
+        with self._lock:
+            built = self.study.make_plan(model, recipe, ()).id in self._built
+        if not built:
+            return None
+        layers = [r["name"] for r in self.study.quantized_layers(model, recipe)]
+        plan = self.study.make_plan(model, recipe, layers) if layers else None
+        self._best_cases[(model, recipe)] = plan
+        return plan
 
     def gate_decisions(self, model: str) -> list[gate.Decision] | None:
         """The gate's decisions for a model's auto recipes (None without auto); see :mod:`..search.gate`.
@@ -650,20 +674,36 @@ class StudyRun:
         out = gate.decisions(self.store, model, self.study.recipes(model), classes)
         if all(d.status != gate.PENDING for d in out):
             self._gated[key] = out
-            self._rank_recipes(model, classes)
             for d in out:
                 log.info("recipe gate: %s/%s %s (%s)", model, d.recipe, d.status, d.reason)
         return out
+
+    def _ranked(self, model: str) -> bool:
+        """With auto recipes, whether the order of the model's searches is decided (its searches wait for it):
+        once the gate decided and every recipe's best case (:meth:`_best_case`) is measured or failed."""
+        if model in self._recipe_rank:
+            return True
+        classes = tuple(self.view_devices())
+        recipes = self.study.recipes(model)
+        best = {r: p.id for r in recipes if (p := self._best_case(model, r)) is not None}
+        points = gate.fq_points(self.store, model, list(best), classes, candidate_of=best.get)
+        if any(p is None for per in points.values() for p in per.values()):
+            return False
+        fq = gate.fq_points(self.store, model, recipes, classes)
+        order = gate.search_order(recipes, fq, points)
+        self._recipe_rank[model] = {r: i for i, r in enumerate(order)}
+        log.info("%s: recipes searched in this order: %s", model, ", ".join(order))
+        return True
 
     def _priority(self, model: str, recipe: str) -> tuple[int, int]:
         """Which pending jobs a device takes first: model by model (in the order they were admitted), and within
         a model recipe by recipe (FP32 with the first; it is added first), so that one recipe's search ends
         (and its candidates reach the answer) before the next one's starts, instead of every search advancing
         at the pace of all of them.
-        Recipes go in the study's order; with auto recipes, once the gate has decided, the lowest loss of the
-        fully quantized model first (on its worst device; then the smaller file): the recipe that needs the
-        fewest float layers to reach the answer's loss is searched first. Devices are never left idle by this:
-        it only orders what is pending."""
+        Recipes go in the study's order; with auto recipes, once the gate has decided, in
+        :func:`gate.search_order` (the lowest loss of the recipe's best case, every searched layer in float,
+        first; then of its fully quantized model; then the smaller file): the recipe likeliest to hold the
+        answer is searched first. Devices are never left idle by this: it only orders what is pending."""
         models = list(self.study.models)
         first = models.index(model) if model in models else len(models)
         if recipe == "fp32":
@@ -673,27 +713,14 @@ class StudyRun:
         rank = self._recipe_rank.get(model) or {r: i for i, r in enumerate(recipes)}
         return (first, rank.get(base, len(recipes)))
 
-    def _rank_recipes(self, model: str, classes: tuple[str, ...]) -> None:
-        """The gate has decided for ``model``: order its recipes by their fully quantized points."""
-        points = gate.fq_points(self.store, model, self.study.recipes(model), classes)
-
-        def key(item: tuple[int, str]) -> tuple[float, int, int]:
-            i, recipe = item
-            per = [p for p in points.get(recipe, {}).values() if isinstance(p, gate.FqPoint)]
-            if not per:
-                return (math.inf, 0, i)
-            return (max(p.loss for p in per), max(p.size_bytes for p in per), i)
-
-        order = sorted(enumerate(self.study.recipes(model)), key=key)
-        self._recipe_rank[model] = {r: rank for rank, (_, r) in enumerate(order)}
-        log.info("%s: recipes searched in this order: %s", model, ", ".join(r for _, r in order))
-
     def _searched(self, model: str, recipe: str) -> bool:
         """Whether (model, recipe) is searched now: its layers are ranked (asked for when the model is admitted
         with explicit recipes, else when the recipe gate passes it)."""
         decisions = self.gate_decisions(model)
         if decisions is not None and not any(d.recipe == recipe and d.status == gate.SEARCHED for d in decisions):
             return False
+        if decisions is not None and not self._ranked(model):
+            return False  # the searches' order is not decided yet
         self._analyze_soon(model, recipe)
         with self._lock:
             return (model, recipe) in self._analysis_done
@@ -707,7 +734,7 @@ class StudyRun:
             done = set(self._analysis_done)
         for m in self.study.models:
             decisions = self.gate_decisions(m)
-            if decisions is not None and any(d.status == gate.PENDING for d in decisions):
+            if decisions is not None and (any(d.status == gate.PENDING for d in decisions) or not self._ranked(m)):
                 return False
             searched = self.study.recipes(m) if decisions is None else \
                 [d.recipe for d in decisions if d.status == gate.SEARCHED]
@@ -819,9 +846,9 @@ class StudyRun:
             # The variant's layers are ranked before its search starts (it was calibrated by its build).
             if self.quiet is not None:
                 with self.quiet.shared():
-                    self.study.analyze(model, d.planned)
+                    self.study.search_layers(model, d.planned)
             else:
-                self.study.analyze(model, d.planned)
+                self.study.search_layers(model, d.planned)
         self.planner.settle(d)
         with self._lock:
             todo = [(b, sorted(self._levels.get(cid, ()))) for cid, b in self._built.items()

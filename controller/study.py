@@ -46,6 +46,7 @@ from tuneqn.controller.analysis import (
     analyze_static,
     fp32_confidence,
     rank_layers,
+    static_layers,
 )
 from tuneqn.controller.config import PREPROCESS_PRESETS, StudyConfig
 from tuneqn.controller.dataset import PreparedData, Split, describe_preprocess, model_hw, prepare_data, save_split
@@ -257,6 +258,7 @@ class Study:
         self._auto_notes: dict[str, str] = {}
         self._calibrating: dict[Path, threading.Lock] = {}  # one calibration per cache file at a time
         self._layers: dict[tuple[str, str], list[dict[str, Any]]] = {}
+        self._listed: dict[tuple[str, str], list[dict[str, Any]]] = {}  # quantized_layers (not analyzed)
         self._derivations = Derivations()
         self._sizes: dict[str, int | str] = {}  # candidate id -> predicted size, or "build" (see _predict)
 
@@ -543,13 +545,62 @@ class Study:
             log.info("forgot %d candidates built from earlier inputs", n)
         return n
 
+    @property
+    def error_ranked(self) -> bool:
+        """Whether a search of the study orders layers by the error analysis (``paper``, ``qdq``, ``xmodel``).
+        A study whose every search measures its own ranking (``measured``, the default) needs only the list of
+        quantized layers: :meth:`search_layers` takes it from the fully quantized model, without the analysis
+        (on EfficientNet-Lite1 25–65 s of CPU per recipe, before the first screen)."""
+        return any(run.ranking != "measured" for run in self.cfg.search.runs())
+
+    def search_layers(self, model: str, mode: str) -> list[dict[str, Any]]:
+        """What the searches of (model, mode) need before they start: the ranked layers (:meth:`analyze`) when
+        :attr:`error_ranked`, else only the quantized layers (:meth:`quantized_layers`)."""
+        return self.analyze(model, mode) if self.error_ranked else self.quantized_layers(model, mode)
+
+    def quantized_layers(self, model: str, mode: str) -> list[dict[str, Any]]:
+        """The layers of ``search.layer_op_types`` that the fully quantized model of a static recipe runs
+        quantized (``name``, ``op_type``, ``idx``, ``output``, ``fused_activation``; graph order), read from
+        that model (the built one, else quantized in a scratch dir: the builder may be writing its own file)
+        without measuring errors: the layers :meth:`analyze` would rank. Stored analysis rows when valid; other
+        recipes (dynamic) are analyzed."""
+        known = self._layers.get((model, mode))
+        if known is not None:
+            return known
+        if self.settings(mode).mode != "static":
+            return self.analyze(model, mode)
+        stored = self.store.analysis(model, mode)
+        if stored is not None and stored["key"] == self.analysis_key(model, mode):
+            return self.analyze(model, mode)  # the stored ranking (nothing measured)
+        listed = self._listed.get((model, mode))
+        if listed is None:
+            fq = self.make_plan(model, mode, ())
+            row = self.store.candidate(fq.id)
+            src = onnx.load(str(self.quantizer_input(model)))
+            if row is not None and row.get("build_key") == self.build_key(fq) and Path(row["path"]).is_file():
+                layers = static_layers(src, onnx.load(row["path"]), self.cfg.search.layer_op_types)
+            else:  # not built yet: quantized here, as the analysis does
+                with tempfile.TemporaryDirectory(prefix="tuneqn-fq-") as tmp:
+                    fq_path = Path(tmp) / "fq.onnx"
+                    quantize_candidate(self.quantizer_input(model), fq_path, self.settings(mode), [],
+                                       self.calibration_cache(model, mode))
+                    layers = static_layers(src, onnx.load(str(fq_path)), self.cfg.search.layer_op_types)
+            if not layers:
+                return self.analyze(model, mode)  # says why (no quantized layer), as without this shortcut
+            listed = [{"model": model, "mode": mode, **la} for la in layers]
+            self._listed[(model, mode)] = listed
+        return listed
+
     def analyzed_rows(self) -> list[dict[str, Any]]:
         """The ranked layers of every (model, recipe) analyzed so far by this Study, in the study's order."""
         return [r for model in self.models for recipe in self.recipes(model)
                 for r in self._layers.get((model, recipe), [])]
 
     def write_layer_outputs(self, rows: list[dict[str, Any]]) -> None:
-        """``layers.json`` (rank order within each (model, mode)) and ``layer_errors.png``."""
+        """``layers.json`` (rank order within each (model, mode)) and ``layer_errors.png``; nothing without an
+        analysis (a study whose searches all measure their ranking analyzes no layer, see :attr:`error_ranked`)."""
+        if not rows:
+            return
         out = [
             {
                 "model": r["model"], "mode": r["mode"], "name": r["name"], "op_type": r["op_type"],
@@ -571,7 +622,7 @@ class Study:
 
     def layer_names(self, model: str, recipe: str) -> list[str]:
         """The quantizable layers of (model, recipe) in graph order."""
-        rows = self._layer_rows(model, recipe)
+        rows = self._layer_rows(model, recipe) if self.error_ranked else self.quantized_layers(model, recipe)
         return [r["name"] for r in sorted(rows, key=lambda r: r["idx"])]
 
     def ranking(self, model: str, recipe: str, name: str = "paper") -> list[str]:

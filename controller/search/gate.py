@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -230,8 +230,10 @@ def _final_states() -> frozenset[str]:
     return FINAL_JOB_STATES
 
 
-def fq_points(store: Store, model: str, recipes: Sequence[str], devices: Sequence[str]) -> dict[str, dict[str, Point]]:
-    """Each recipe's fully quantized point on each device class, from the store.
+def fq_points(store: Store, model: str, recipes: Sequence[str], devices: Sequence[str],
+              candidate_of: Callable[[str], str | None] | None = None) -> dict[str, dict[str, Point]]:
+    """Each recipe's fully quantized point on each device class, from the store (``candidate_of``: the
+    candidate id of another point of each recipe, e.g. its best case, instead of its fully quantized model).
 
     On a class where feasibility planning runs a variant instead (``<recipe>.float-Conv``), the
     variant's fully quantized model stands for the recipe. The newest full job of the candidate on
@@ -247,7 +249,9 @@ def fq_points(store: Store, model: str, recipes: Sequence[str], devices: Sequenc
     for recipe in recipes:
         per: dict[str, Point] = {}
         for dev in devices:
-            cid = f"{model}:{planned.get((recipe, dev), recipe)}:fq"
+            planned_recipe = planned.get((recipe, dev), recipe)
+            other = candidate_of(planned_recipe) if candidate_of is not None else None
+            cid = other or f"{model}:{planned_recipe}:fq"
             job = _newest(store.jobs(level="full", candidate_id=cid)).get(dev)
             if job is None or job["state"] not in final:
                 per[dev] = None
@@ -269,6 +273,29 @@ def fq_points(store: Store, model: str, recipes: Sequence[str], devices: Sequenc
                                frozenset(metrics.disagreeing_of(store, result)), cid)
         out[recipe] = per
     return out
+
+
+def search_order(recipes: Sequence[str], fq: dict[str, dict[str, Point]],
+                 best: dict[str, dict[str, Point]]) -> list[str]:
+    """The order in which a model's recipes are searched: the recipe whose *best case* loses least first
+    (worst device; the best case is the candidate with every searched layer in float, the lowest loss its
+    candidates can be expected to reach; without one, the fully quantized point stands for it), then the
+    lowest loss of its fully quantized model, then the smaller fully quantized file, then the given order.
+    The answer is the smallest file within the loss limit: the recipe that can come closest to FP32 is the
+    likeliest to hold it, whatever its fully quantized model loses."""
+    def worst(points: dict[str, Point]) -> tuple[float, int]:
+        per = [p for p in points.values() if isinstance(p, FqPoint)]
+        if not per:
+            return (math.inf, 0)
+        return (max(p.loss for p in per), max(p.size_bytes for p in per))
+
+    def key(item: tuple[int, str]) -> tuple[float, float, int, int]:
+        i, recipe = item
+        fq_loss, fq_size = worst(fq.get(recipe, {}))
+        best_loss, _ = worst(best.get(recipe, {}))
+        return (fq_loss if best_loss == math.inf else best_loss, fq_loss, fq_size, i)
+
+    return [r for _, r in sorted(enumerate(recipes), key=key)]
 
 
 def _newest(jobs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:

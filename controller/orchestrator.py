@@ -353,7 +353,6 @@ class StudyRun:
         self._results_changed.set()  # a first report.json right away
         self._changed.set()
         stuck_once = False
-        finished: set[str] = set()  # searches done, their last requests recorded
         while True:
             if self._build_errors:
                 raise self._build_errors[0]
@@ -365,11 +364,12 @@ class StudyRun:
                 self._gate_requests()
                 self._screen_splits_ready()
                 for st in strategies:
-                    if st.name not in finished:  # a search's last requests are recorded even if it is done
+                    # a strategy is done only once its pairs handed out their last requests (PerPair.done), and it
+                    # is not done again when a pair appears later (a variant planned for a device)
+                    if not st.done():
                         self._request(st.name, st.propose())
-                        if st.done():
-                            self.store.finish_search(st.name)
-                            finished.add(st.name)
+                    if st.done():
+                        self.store.finish_search(st.name)
                 self._analyzed_now()
             searching = not all(st.done() for st in strategies)
             if not searching and self._idle() and not self.board.closed:

@@ -641,3 +641,32 @@ def test_a_search_of_some_recipes_takes_their_device_variants_and_nothing_else()
     assert only_a.name == "budget/measured[a]"
     every = PerPair(view, SearchRun(), Idle)
     assert len(every.pairs) == 4 and every.name == "budget/measured"
+
+
+def test_a_search_that_was_done_asks_again_for_a_pair_that_appears_later() -> None:
+    """A variant recipe planned for a device after every pair of a search was over: the search is not done any
+    more, and its next proposal holds the new pair's requests (the orchestrator asks a search while it is not
+    done; a run once ended here, stuck, when a finished search was never asked again)."""
+    from tuneqn.controller.config import SearchRun
+    from tuneqn.controller.search import PairStrategy, PerPair
+
+    pairs = [("m", "a")]
+
+    class Source:
+        def view_pairs(self) -> list[tuple[str, str]]:
+            return list(pairs)
+
+    class Once(PairStrategy):
+        def propose(self) -> list[Request]:
+            fq = CandidatePlan(f"{self.model}:{self.recipe}:fq", self.model, self.recipe, 0, "set", "fq", ())
+            return [Request(fq, "full")]
+
+        def done(self) -> bool:
+            return True
+
+    search = PerPair(SearchView(object(), Source()), SearchRun(), Once)  # type: ignore[arg-type]
+    assert not search.done()  # over, its requests not handed out yet
+    assert [r.plan.mode for r in search.propose()] == ["a"] and search.done()
+    pairs.append(("m", "a.qdq"))
+    assert not search.done()
+    assert [r.plan.mode for r in search.propose()] == ["a.qdq"] and search.done()

@@ -1,4 +1,4 @@
-"""What the benches over the prepared example share: the ``--example`` argument, opening it, its calibration sample.
+"""What the benches over the prepared example share: its ``--example`` argument and check, its calibration sample.
 
 Imported by the bench scripts as ``import benchlib`` (a script's own folder is on ``sys.path``).
 """
@@ -26,20 +26,19 @@ if TYPE_CHECKING:
 LITE_PREPROCESS = PreprocessSpec(resize=256, crop=224, interpolation="bicubic", scale=1 / 128, offset=-127 / 128)
 
 
-def add_example_argument(ap: argparse.ArgumentParser) -> None:
-    """``--example DIR``: the prepared example (``make example``)."""
+def parse_example(ap: argparse.ArgumentParser) -> tuple[argparse.Namespace, Path | None]:
+    """Parse the command line with ``--example DIR`` (the prepared example, ``make example``) added; quiet
+    logging. The arguments and the example folder (absolute), or None after one line on stderr when the example
+    is not prepared (the bench then exits 2)."""
     ap.add_argument("--example", default="examples/lite0/work", help="the prepared example (make example)")
-
-
-def open_example(args: argparse.Namespace) -> Path | None:
-    """The example folder (absolute), with quiet logging; None (after one line on stderr) if it is not prepared."""
+    args = ap.parse_args()
     logging.basicConfig(level=logging.ERROR)
     ort.set_default_logger_severity(3)
     ex = Path(args.example).resolve()
     if not (ex / "model.onnx").is_file():
         print(f"example not prepared in {ex}: run `make example`", file=sys.stderr)
-        return None
-    return ex
+        return args, None
+    return args, ex
 
 
 def calibration_sample(ex: Path, tmp: Path, images: int = 20) -> tuple[PreparedModel, np.ndarray]:

@@ -37,12 +37,10 @@ def _ms(xs: list[float]) -> str:
 def main() -> int:
     """Run the benchmark."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    benchlib.add_example_argument(ap)
     ap.add_argument("--sets", type=int, default=20)
     ap.add_argument("--recipes", nargs="+", default=["per-tensor", "per-channel"])
     ap.add_argument("--no-prefixes", action="store_true", help="skip the size check over every k-prefix")
-    args = ap.parse_args()
-    ex = benchlib.open_example(args)
+    args, ex = benchlib.parse_example(ap)
     if ex is None:
         return 2
     with tempfile.TemporaryDirectory() as tmp_s:

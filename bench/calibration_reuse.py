@@ -28,11 +28,9 @@ from tuneqn.controller.quantize import (
 def main() -> int:
     """Run the benchmark."""
     ap = argparse.ArgumentParser(description=__doc__)
-    benchlib.add_example_argument(ap)
     ap.add_argument("--candidates", type=int, default=10)
     ap.add_argument("--calibration", type=int, default=20)
-    args = ap.parse_args()
-    ex = benchlib.open_example(args)
+    args, ex = benchlib.parse_example(ap)
     if ex is None:
         return 2
     with tempfile.TemporaryDirectory() as tmp_s:

@@ -27,11 +27,9 @@ from tuneqn.controller.quantize import QuantSettings, calibrate, quantize_candid
 def main() -> int:
     """Run the benchmark."""
     ap = argparse.ArgumentParser(description=__doc__)
-    benchlib.add_example_argument(ap)
     ap.add_argument("--candidates", type=int, default=50)
     ap.add_argument("--check", type=int, default=3)
-    args = ap.parse_args()
-    ex = benchlib.open_example(args)
+    args, ex = benchlib.parse_example(ap)
     if ex is None:
         return 2
     with tempfile.TemporaryDirectory() as tmp_s:

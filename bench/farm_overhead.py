@@ -137,11 +137,9 @@ def reset_evaluation(src: Path, dst: Path) -> None:
 def main() -> int:
     """Run all three measurements and print the ratios."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    benchlib.add_example_argument(ap)
     ap.add_argument("--step", type=int, default=5)
     ap.add_argument("--sim-ms", type=float, default=80.0, help="simulated device latency per sample (ms)")
-    args = ap.parse_args()
-    ex = benchlib.open_example(args)
+    args, ex = benchlib.parse_example(ap)
     if ex is None:
         return 2
     with tempfile.TemporaryDirectory(prefix="tuneqn-bench-") as tmp_s:

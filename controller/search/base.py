@@ -282,8 +282,8 @@ class ReplayPair(PairStrategy):
     taken with, or the live one for a step not taken yet, and :meth:`_took` records it when the step
     is taken (the store keeps it), so a replay takes every past step with its own width."""
 
-    _done = False
-    _final: list[Request] | None = None  # every request of the walk that found the search done
+    _final: list[Request] | None = None  # every request of the walk that found the search done (then it is done)
+    _last: list[Request]  # every request of the latest walk (set by _step_walk)
 
     def _width(self, step: int) -> int:
         """The width of decision ``step``: as taken, else the live width."""
@@ -315,7 +315,6 @@ class ReplayPair(PairStrategy):
         self._last, done = self._walk()
         if done:
             self._final = self._last
-        self._done = done
 
 
 @dataclass
@@ -377,6 +376,6 @@ class PerPair(Strategy):
         otherwise end the search with the pairs it just allowed never started."""
         settled = self.view.pairs_settled()
         self._sync()
-        return settled and all(self._over(p) for p in self.pairs) and all(
-            (p.model, p.recipe) in self._handed or self.view.blocked(p.model, p.recipe) is not None
-            for p in self.pairs)
+        # a handed pair is done (propose hands a pair's requests once it is)
+        return settled and all((p.model, p.recipe) in self._handed or self.view.blocked(p.model, p.recipe) is not None
+                               for p in self.pairs)

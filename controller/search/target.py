@@ -69,7 +69,6 @@ class TargetPair(ReplayPair):
         self._fulls: list[CandidatePlan] = []
         self._step = 0  # batches of full evaluations asked for so far in the walk (its decision steps)
         self._plans: dict[tuple[str, ...], CandidatePlan] = {}
-        self._done = False
 
     def _walk(self) -> tuple[list[Request], bool]:
         """Done when no reduction of the answer meets X (or no set does); the last full results may still run."""

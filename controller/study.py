@@ -257,6 +257,7 @@ class Study:
         self._auto: dict[str, list[str]] = {}  # model -> the recipes auto tries on it (recipes = "auto")
         self._auto_notes: dict[str, str] = {}
         self._calibrating: dict[Path, threading.Lock] = {}  # one calibration per cache file at a time
+        self._building: dict[str, threading.Lock] = {}  # one build per candidate at a time
         self._layers: dict[tuple[str, str], list[dict[str, Any]]] = {}
         self._listed: dict[tuple[str, str], list[dict[str, Any]]] = {}  # quantized_layers (not analyzed)
         self._derivations = Derivations()
@@ -561,9 +562,8 @@ class Study:
     def quantized_layers(self, model: str, mode: str) -> list[dict[str, Any]]:
         """The layers of ``search.layer_op_types`` that the fully quantized model of a static recipe runs
         quantized (``name``, ``op_type``, ``idx``, ``output``, ``fused_activation``; graph order), read from
-        that model (the built one, else quantized in a scratch dir: the builder may be writing its own file)
-        without measuring errors: the layers :meth:`analyze` would rank. Stored analysis rows when valid; other
-        recipes (dynamic) are analyzed."""
+        that model (built first if need be) without measuring errors: the layers :meth:`analyze` would rank.
+        Stored analysis rows when valid; other recipes (dynamic) are analyzed."""
         known = self._layers.get((model, mode))
         if known is not None:
             return known
@@ -574,17 +574,9 @@ class Study:
             return self.analyze(model, mode)  # the stored ranking (nothing measured)
         listed = self._listed.get((model, mode))
         if listed is None:
-            fq = self.make_plan(model, mode, ())
-            row = self.store.candidate(fq.id)
-            src = onnx.load(str(self.quantizer_input(model)))
-            if row is not None and row.get("build_key") == self.build_key(fq) and Path(row["path"]).is_file():
-                layers = static_layers(src, onnx.load(row["path"]), self.cfg.search.layer_op_types)
-            else:  # not built yet: quantized here, as the analysis does
-                with tempfile.TemporaryDirectory(prefix="tuneqn-fq-") as tmp:
-                    fq_path = Path(tmp) / "fq.onnx"
-                    quantize_candidate(self.quantizer_input(model), fq_path, self.settings(mode), [],
-                                       self.calibration_cache(model, mode))
-                    layers = static_layers(src, onnx.load(str(fq_path)), self.cfg.search.layer_op_types)
+            row = self.build(self.make_plan(model, mode, ()))  # the builder's own build when it has one
+            layers = static_layers(onnx.load(str(self.quantizer_input(model))), onnx.load(row["path"]),
+                                   self.cfg.search.layer_op_types)
             if not layers:
                 return self.analyze(model, mode)  # says why (no quantized layer), as without this shortcut
             listed = [{"model": model, "mode": mode, **la} for la in layers]
@@ -683,7 +675,16 @@ class Study:
 
         A stored candidate is reused only when its ``build_key`` is today's and its file still
         has the stored sha256. With ``out`` the candidate is written there and not recorded.
+        One build of a candidate at a time: a thread that asks while another builds it gets that build.
         """
+        if out is not None:
+            return self._build(plan, out)
+        with self._scratch_lock:
+            lock = self._building.setdefault(plan.id, threading.Lock())
+        with lock:
+            return self._build(plan, None)
+
+    def _build(self, plan: CandidatePlan, out: Path | None) -> dict[str, Any]:
         settings = self.settings(plan.mode)
         key = self.build_key(plan)
         stored = self.store.candidate(plan.id)

@@ -193,7 +193,7 @@ class StudyRun:
             if item is None or self.stop.is_set():
                 return
             try:
-                with self.quiet.shared() if self.quiet is not None else contextlib.nullcontext():
+                with self._heavy_work():
                     if isinstance(item, int):
                         self._prepared.put(self.study.prepare_model(item))
                     else:
@@ -709,7 +709,7 @@ class StudyRun:
         if recipe == "fp32":
             return (first, 0)
         recipes = self.study.recipes(model)
-        base = recipe if recipe in recipes else (self.study.variant_base(recipe) or recipe)
+        base = self.study.variant_base(recipe) or recipe
         rank = self._recipe_rank.get(model) or {r: i for i, r in enumerate(recipes)}
         return (first, rank.get(base, len(recipes)))
 
@@ -758,10 +758,7 @@ class StudyRun:
             if plan is None or self.stop.is_set():
                 return
             try:
-                if self.quiet is not None:  # the local agent times on these cores: not while we build
-                    with self.quiet.shared():
-                        row = self.study.build(plan)
-                else:
+                with self._heavy_work():
                     row = self.study.build(plan)
                 self._add_built(_Built(plan.id, plan.model, Path(row["path"]), row["sha256"], row["runtime"],
                                        int(row["size_bytes"]), plan.mode))
@@ -839,15 +836,17 @@ class StudyRun:
             built = self._built.get(cid)
         return built.path if built is not None else None
 
+    def _heavy_work(self) -> contextlib.AbstractContextManager[Any]:
+        """Around a unit of CPU-heavy work (preparing, ranking, building): the local agent, which times on these
+        cores, does not time meanwhile (the quiet lock, shared); nothing without a local agent."""
+        return self.quiet.shared() if self.quiet is not None else contextlib.nullcontext()
+
     def _settle(self, d: Settle) -> None:
         """Plan ``d.planned`` for (model, recipe) on the class; add the jobs that were held for it."""
         model, recipe, cls = d.key
         if d.planned != recipe:
             # The variant's layers are ranked before its search starts (it was calibrated by its build).
-            if self.quiet is not None:
-                with self.quiet.shared():
-                    self.study.search_layers(model, d.planned)
-            else:
+            with self._heavy_work():
                 self.study.search_layers(model, d.planned)
         self.planner.settle(d)
         with self._lock:

@@ -566,8 +566,7 @@ class StudyConfig(_Strict):
         if not objs or len(set(objs)) != len(objs):
             raise ValueError("objectives must be a non-empty list without repeats")
         # a recipe name that is no recipe at all (a typo); a preset the study does not run leaves the search idle
-        known = [*self.quantization.recipe_names(),
-                 *(r for r in RECIPE_PRESETS if r not in self.quantization.recipe_names())]
+        known = list(dict.fromkeys([*self.quantization.recipe_names(), *RECIPE_PRESETS]))
         for run in self.search.runs():
             unknown = [r for r in run.recipes or [] if r not in known]
             if unknown:

@@ -46,6 +46,8 @@ REMEASURE_META = "remeasure_token"
 CONCURRENCY_META = "search_concurrency"
 #: Preparer priorities: a model's analyses go before preparing the next model.
 _ANALYZE, _PREPARE = 0, 1
+#: Calibrations that run at once (Orchestrator._calibrator), each in a child process with a local agent.
+_CALIBRATORS = 2
 
 
 @dataclass
@@ -122,6 +124,13 @@ class StudyRun:
         self._fixed_width: int | None = None  # a study started with a fixed search width keeps it
         self._class_known = threading.Event()  # some device class is known: builds may start
         self._builder_thread: threading.Thread | None = None
+        # Calibrations run on their own thread, ahead of the builds that need them (a build waits in _deferred
+        # meanwhile and the builder goes on with others): a percentile calibration takes tens of seconds.
+        self._calibrations: queue.Queue[tuple[str, str, Path] | None] = queue.Queue()
+        self._calibration_asked: set[Path] = set()
+        self._calibrated: set[Path] = set()
+        self._deferred: dict[Path, list[CandidatePlan]] = {}
+        self._calibrator_threads: list[threading.Thread] = []
         self._asked: set[tuple[str, str, str]] = set()  # (search, candidate id, level) recorded
         self._screen_recipes: set[tuple[str, str]] = set()  # (model, recipe) with screens asked for
         self._screens: dict[tuple[str, str], Split] = {}  # their screening samples, once chosen
@@ -317,6 +326,12 @@ class StudyRun:
             self.start_links()
         self._builder_thread = threading.Thread(target=self._builder, name="candidate-builder", daemon=True)
         self._builder_thread.start()
+        # two at once: a model's min/max and percentile calibrations overlap (the percentile one, the longer, is
+        # then in about as soon as it would be alone; its recipes' fully quantized models gate the searches)
+        self._calibrator_threads = [threading.Thread(target=self._calibrator, name=f"calibrator-{i}", daemon=True)
+                                    for i in range(_CALIBRATORS)]
+        for thread in self._calibrator_threads:
+            thread.start()
 
     def start_links(self) -> None:
         """One link per agent (the device classes they declare are planned from now on)."""
@@ -508,6 +523,8 @@ class StudyRun:
         """Stop the links, their slots and the local agent."""
         self.stop.set()
         self._builds.put(None)
+        for _ in self._calibrator_threads:
+            self._calibrations.put(None)
         self._prep_tasks.put((-1, 0, None))
         for link in self.links:
             link.interrupt()  # cancels calls in flight (a hung agent's handshake, say)
@@ -515,6 +532,8 @@ class StudyRun:
             link.join(timeout=15)
         if self._builder_thread is not None:
             self._builder_thread.join()  # it finishes the build in hand (the store must outlive it)
+        for thread in self._calibrator_threads:
+            thread.join()  # likewise the calibrations in hand
         if self._preparer_thread is not None:
             self._preparer_thread.join()  # likewise the model or analysis in hand
         self._stop_reporter()  # the report redraws what it did not finish
@@ -725,6 +744,10 @@ class StudyRun:
         with self._lock:
             return (model, recipe) in self._analysis_done
 
+    def view_recipe_rank(self, model: str, recipe: str) -> int:
+        """Where (model, recipe)'s search comes in its model's order: the order its jobs go in (:meth:`_priority`)."""
+        return self._priority(model, recipe)[1]
+
     def view_pairs_settled(self) -> bool:
         """False while more pairs may come: a model is still being prepared, the gate has not decided (some
         model's auto recipes are pending), or a recipe to search is still being analyzed."""
@@ -757,6 +780,8 @@ class StudyRun:
             plan = self._builds.get()
             if plan is None or self.stop.is_set():
                 return
+            if self._calibration_pending(plan):
+                continue  # back in the queue once calibrated
             try:
                 with self._heavy_work():
                     row = self.study.build(plan)
@@ -781,6 +806,44 @@ class StudyRun:
                 self._changed.set()
                 with self.board.cond:
                     self.board.cond.notify_all()
+
+    def _calibration_pending(self, plan: CandidatePlan) -> bool:
+        """Whether ``plan`` needs a calibration not made yet: then it waits (deferred) for the calibrator, which is
+        asked for it, and the builder goes on with the next plan."""
+        path = self.study.calibration_path(plan.model, plan.mode)
+        if path is None or path.is_file():
+            return False
+        with self._lock:
+            if path in self._calibrated:
+                return False
+            self._deferred.setdefault(path, []).append(plan)
+            asked = path in self._calibration_asked
+            self._calibration_asked.add(path)
+        if not asked:
+            self._calibrations.put((plan.model, plan.mode, path))
+        return True
+
+    def _calibrator(self) -> None:
+        """Make the calibrations builds wait for, one at a time; then hand their builds back to the builder.
+
+        A calibration that fails hands them back too: the build calibrates again and fails as it would have
+        without this thread (a device's variant that cannot be quantized is given up, anything else ends
+        the run)."""
+        while True:
+            item = self._calibrations.get()
+            if item is None or self.stop.is_set():
+                return
+            model, mode, path = item
+            try:
+                with self._heavy_work():
+                    self.study.calibration_cache(model, mode)
+            except Exception as exc:  # noqa: BLE001 - the build that needs it reports it (see above)
+                log.info("calibration of %s/%s failed: %s", model, mode, exc)
+            with self._lock:
+                self._calibrated.add(path)
+                plans = self._deferred.pop(path, [])
+            for plan in plans:
+                self._builds.put(plan)
 
     def _add_built(self, built: _Built, fp32: bool = False) -> None:
         if fp32:

@@ -28,15 +28,17 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import onnx
 
 from tuneqn import __version__
+from tuneqn.controller import yielding
 from tuneqn.controller.analysis import (
     CONFIDENCE_SAMPLES,
     ConfidenceCheck,
@@ -69,6 +71,13 @@ from tuneqn.controller.store import Store
 from tuneqn.controller.versions import tool_versions
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+#: Calibration sample bytes × model bytes from which a calibration runs in a child process that gives way to a
+#: local agent's timing (:mod:`.yielding`): EfficientNet-Lite0 on 50 images is 5e14 (calibrating takes 8–25 s),
+#: the test suite's models 1e10 (milliseconds; a child's start would take a second).
+_YIELDING_WORK = 1e12
 
 
 @dataclass(frozen=True)
@@ -433,27 +442,38 @@ class Study:
     def calibration_cache(self, model: str, mode: str) -> Path | None:
         """ORT calibration cache of (model, calibration sample, the settings it depends on); created once and
         shared by the recipes that differ only in how the ranges are applied (per-tensor and per-channel)."""
-        if self.settings(mode).mode != "static":
+        path = self.calibration_path(model, mode)
+        if path is None:
             return None
-        pm, data = self.models[model], self.data[model]
-        settings = self.settings(mode)
-        key = _hash("calibration", pm.sha256, pm.preprocessed, data.calibration.sha256, settings.calibration_key(),
-                    tool_versions())
-        path = self.out_dir / "calibration" / f"{model}-{key}.json"
         with self._scratch_lock:
             lock = self._calibrating.setdefault(path, threading.Lock())
         with lock:  # a candidate's build and an analysis on another thread may need it at once
             if not path.is_file():
-                self._calibrate(model, settings, key, path)
+                self._calibrate(model, self.settings(mode), path)
         return path
 
-    def _calibrate(self, model: str, settings: QuantSettings, key: str, path: Path) -> None:
+    def calibration_path(self, model: str, mode: str) -> Path | None:
+        """Where (model, mode)'s calibration cache is or will be (:meth:`calibration_cache`); None when the recipe
+        is not calibrated (dynamic). Nothing is calibrated."""
+        settings = self.settings(mode)
+        if settings.mode != "static":
+            return None
+        pm, data = self.models[model], self.data[model]
+        key = _hash("calibration", pm.sha256, pm.preprocessed, data.calibration.sha256, settings.calibration_key(),
+                    tool_versions())
+        return self.out_dir / "calibration" / f"{model}-{key}.json"
+
+    def _calibrate(self, model: str, settings: QuantSettings, path: Path) -> None:
         pm, data = self.models[model], self.data[model]
         t0 = time.perf_counter()
-        calibrate(self.quantizer_input(model), pm.input_name, pm.input_shape[0], data.calibration.load(),
-                  settings, path)
+        samples = data.calibration.load()
+        source = self.quantizer_input(model)
+        # a long call (Lite1's percentile calibration: ~25 s) runs in a child process that pauses while a local
+        # agent times (yielding.run); a small one here, where starting a child would cost more than the call
+        run = yielding.run if samples.nbytes * source.stat().st_size >= _YIELDING_WORK else _call
+        run(calibrate, source, pm.input_name, pm.input_shape[0], samples, settings, path)
         log.info("%s: calibrated on %d samples in %.1fs", model, data.calibration.size, time.perf_counter() - t0)
-        self.store.put_calibration(key, model, settings.__dict__, path)
+        self.store.put_calibration(path.stem.removeprefix(f"{model}-"), model, settings.__dict__, path)
 
     # ------------------------------------------------------------------ analysis
     def calibration_sha256(self, model: str, mode: str) -> str | None:
@@ -921,3 +941,8 @@ def find_candidate(store: Store, which: str, model: str | None = None, recipe: s
     where = "/".join(x for x in (model, recipe) if x) or "the study"
     raise UserError(f"--candidate: no candidate {which!r} in {where} (give a candidate id, its tag, an exclusion "
                     "set's name, a label from the report or a number k)")
+
+
+def _call(fn: Callable[..., T], *args: Any) -> T:
+    """``fn(*args)`` (in this thread)."""
+    return fn(*args)

@@ -247,7 +247,8 @@ def test_points_come_from_the_store_and_failures_are_final(tmp_path: Path) -> No
         store.update_job("fp32-npu", state="unreachable", error="gone")
         metrics.on_result(store, add_result(store, fq["a"], "npu", ref))
         pts = gate.fq_points(store, MODEL, ["a", "b"], ["cpu", "npu"])
-        assert pts["a"]["cpu"] == FqPoint(1000, 10, frozenset({2, 5}), fq["a"])
+        # two images wrong, each with 4 of FP32's top 5: overlap (8 + 2 × 0.8) / 10
+        assert pts["a"]["cpu"] == FqPoint(1000, 10, frozenset({2, 5}), fq["a"], pytest.approx(0.96))
         assert isinstance(pts["b"]["cpu"], FqFailed) and "boom" in pts["b"]["cpu"].reason
         assert isinstance(pts["a"]["npu"], FqFailed) and "FP32 unreachable" in pts["a"]["npu"].reason
         assert pts["b"]["npu"] is None  # no job yet

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import random
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -670,3 +670,69 @@ def test_a_search_that_was_done_asks_again_for_a_pair_that_appears_later() -> No
     pairs.append(("m", "a.qdq"))
     assert not search.done()
     assert [r.plan.mode for r in search.propose()] == ["a.qdq"] and search.done()
+
+
+class TwoRecipeStudy(FakeStudy):
+    """Recipes ``a`` then ``b``."""
+
+    def recipes(self) -> list[str]:
+        return ["a", "b"]
+
+
+class WorseB(Problem):
+    """:func:`monotone_problem`, where every candidate of recipe ``b`` agrees with FP32 on 10 % fewer samples."""
+
+    def outcome(self, plan: CandidatePlan, level: str) -> Outcome:
+        out = super().outcome(plan, level)
+        if plan.mode != "b":
+            return out
+        per = {d: {**m, "agreement": m["agreement"] - 0.1} for d, m in out.per_device.items()}  # type: ignore[operator]
+        return replace(out, per_device=per)
+
+
+class RankedFarm(Farm):
+    """A farm whose source ranks the recipes' searches (``a`` first), as the orchestrator does."""
+
+    ranks: dict[str, int] | None = None
+
+    def view_recipe_rank(self, model: str, recipe: str) -> int:
+        return (self.ranks or {}).get(recipe, 0)
+
+
+def _two_recipe_budget(tmp_path: Path, ranked: bool, ranking: str = "paper",
+                       seed: int = 0) -> tuple[Strategy, RankedFarm, FakeStudy]:
+    base = monotone_problem()
+    problem = WorseB(base.layers, base.error_ranking, base.nbytes, base.damage)
+    cfg = parse_config({"models": [{"path": "m.onnx", "name": "m"}], "dataset": {"images": "images"},
+                        "quantization": {"modes": ["static"]},
+                        "search": {"strategy": "budget", "ranking": ranking}}, tmp_path)
+    study = TwoRecipeStudy(cfg, problem, Store(tmp_path / "tuneqn.db"))
+    farm = RankedFarm(problem, 2, seed)
+    farm.ranks = {"a": 0, "b": 1} if ranked else None
+    strategy = make_strategy(cfg.search.runs()[0], SearchView(study, farm))
+    drive(strategy, farm)
+    return strategy, farm, study
+
+
+def _recipe_fulls(farm: Farm, recipe: str, level: str = "full") -> list[str]:
+    return sorted(cid for cid, lv in farm.results if lv == level and cid.split(":")[1] == recipe)
+
+
+@pytest.mark.parametrize("ranking", ["paper", "measured"])
+def test_budget_does_not_evaluate_what_an_earlier_recipes_results_cover(tmp_path: Path, ranking: str) -> None:
+    """The top front is the model's, across recipes: a later recipe's segments that the earlier recipe's results
+    already cover are not bisected. Here a's fully quantized model is smaller, faster and agrees as well as b's
+    best, so b evaluates only its two ends (searched alone, as many as a). With the measured ranking, b's
+    layers are not even screened: the two ends, evaluated before the ranking, already show that nothing between
+    can enter. Its choices wait for a's search to be over, so a resumed study takes them the same way."""
+    _, alone, _ = _two_recipe_budget(tmp_path / "alone", ranked=False, ranking=ranking)
+    strategy, farm, study = _two_recipe_budget(tmp_path / "ranked", ranked=True, ranking=ranking)
+    assert len(_recipe_fulls(alone, "b")) == len(_recipe_fulls(alone, "a")) > 2
+    assert _recipe_fulls(farm, "a") == _recipe_fulls(alone, "a")
+    assert len(_recipe_fulls(farm, "b")) == 2  # k = 0 and every layer in float
+    if ranking == "measured":
+        assert len(_recipe_fulls(alone, "b", "screen")) > 10 and _recipe_fulls(farm, "b", "screen") == []
+    resumed = farm.resumed(5, hidden=True)
+    again = make_strategy(study.cfg.search.runs()[0], SearchView(study, resumed))
+    drive(again, resumed)
+    assert _fulls_asked(again) == _fulls_asked(strategy)

@@ -22,6 +22,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
 
+from tuneqn.controller import yielding
 from tuneqn.controller.errors import StudyFailed
 
 log = logging.getLogger(__name__)
@@ -36,18 +37,49 @@ class QuietLock:
 
     @contextlib.contextmanager
     def shared(self) -> Iterator[None]:
-        """Hold the shared lock around one unit of CPU-heavy work (waits while the agent times)."""
+        """Hold the shared lock around one unit of CPU-heavy work (waits while the agent times).
+
+        A long unit in the body can give way to the agent's timing (:func:`tuneqn.controller.yielding.run`)."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        gate_fd = os.open(f"{self.path}.gate", os.O_RDWR | os.O_CREAT, 0o600)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        hold = _SharedHold(self.path)
         try:
-            fcntl.flock(gate_fd, fcntl.LOCK_SH)  # the turnstile: waits while the agent waits or times
-            fcntl.flock(fd, fcntl.LOCK_SH)
-            fcntl.flock(gate_fd, fcntl.LOCK_UN)
-            yield
+            hold.take()
+            with yielding.holding(hold):
+                yield
         finally:
-            os.close(fd)  # closing releases the locks
-            os.close(gate_fd)
+            hold.close()  # closing releases the locks
+
+
+class _SharedHold:
+    """One unit's shared quiet lock: taken through the gate, given way to an agent that waits to time."""
+
+    def __init__(self, path: Path) -> None:
+        self.gate_fd = os.open(f"{path}.gate", os.O_RDWR | os.O_CREAT, 0o600)
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+
+    def take(self) -> None:
+        """The turnstile, then the lock: waits while the agent waits or times."""
+        fcntl.flock(self.gate_fd, fcntl.LOCK_SH)
+        fcntl.flock(self.fd, fcntl.LOCK_SH)
+        fcntl.flock(self.gate_fd, fcntl.LOCK_UN)
+
+    def agent_waiting(self) -> bool:
+        """An agent holds the gate (it takes it before it waits for the lock and keeps it while it times)."""
+        try:
+            fcntl.flock(self.gate_fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(self.gate_fd, fcntl.LOCK_UN)
+        return False
+
+    def give_way(self) -> None:
+        """Let the waiting agent time: release the lock, and take it back through the gate once it is done."""
+        fcntl.flock(self.fd, fcntl.LOCK_UN)
+        self.take()
+
+    def close(self) -> None:
+        os.close(self.fd)
+        os.close(self.gate_fd)
 
 
 class LocalAgent:

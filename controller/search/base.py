@@ -228,6 +228,13 @@ class SearchView:
         """Results of ``plan`` at ``level`` on every device class (None while any is unfinished)."""
         return self._source.view_outcome(plan, level)
 
+    def recipe_rank(self, model: str, recipe: str) -> int:
+        """Where (model, recipe)'s search comes in the model's order (lower first: the order devices take its jobs
+        in; a variant shares its recipe's), a function of stored results (``view_recipe_rank``, optional in a
+        ViewSource; without it every recipe ranks the same)."""
+        rank = getattr(self._source, "view_recipe_rank", None)
+        return 0 if rank is None else int(rank(model, recipe))
+
     def blocked(self, model: str, recipe: str) -> str | None:
         """Why the search of (model, recipe) cannot go on (None: it can): on every device class the recipe
         runs on, the FP32 model or its fully quantized model ended without a result, so nothing can be
@@ -263,6 +270,8 @@ class PairStrategy(abc.ABC):
         self.run = run
         self.model = model
         self.recipe = recipe
+        #: The search this pair belongs to (set by :class:`PerPair`): a pair may read its siblings' results.
+        self.search: PerPair | None = None
 
     @abc.abstractmethod
     def propose(self) -> list[Request]:
@@ -342,7 +351,8 @@ class PerPair(Strategy):
         keys = [(m, r) for m, r in self.view.pairs() if only is None or self.view.base_recipe(r) in only]
         for m, r in keys:
             if (m, r) not in self._all:
-                self._all[(m, r)] = self.pair_cls(self.view, self.run, m, r)
+                self._all[(m, r)] = pair = self.pair_cls(self.view, self.run, m, r)
+                pair.search = self
         self.pairs = [self._all[k] for k in keys]
 
     def propose(self) -> list[Request]:
@@ -361,12 +371,25 @@ class PerPair(Strategy):
                 self._handed.add(key)
         return reqs
 
-    def _over(self, pair: PairStrategy) -> bool:
+    def over(self, pair: PairStrategy) -> bool:
+        """The pair's search is done or cannot go on (blocked)."""
         return pair.done() or self.view.blocked(pair.model, pair.recipe) is not None
+
+    def earlier(self, pair: PairStrategy) -> list[PairStrategy] | None:
+        """The pairs of ``pair``'s model whose recipes are searched before its recipe (:meth:`SearchView.recipe_rank`;
+        study recipes only, not device variants), once no pair can still come (None before: the answer could
+        change)."""
+        if not self.view.pairs_settled():
+            return None
+        self._sync()
+        rank = self.view.recipe_rank(pair.model, pair.recipe)
+        return [p for p in self.pairs if p.model == pair.model and p is not pair
+                and self.view.base_recipe(p.recipe) == p.recipe
+                and self.view.recipe_rank(p.model, p.recipe) < rank]
 
     def open_models(self) -> set[str]:
         """Models with a pair whose search is not over (pairs that may still come are not counted)."""
-        return {p.model for p in self.pairs if not self._over(p)}
+        return {p.model for p in self.pairs if not self.over(p)}
 
     def done(self) -> bool:
         """All pairs done and their last requests handed out (:meth:`propose`), and no pair can still come

@@ -22,6 +22,15 @@ evaluations (device metrics) are counted.
    look worth bisecting. An objective unknown for the optimistic point (not measured, or a
    neighbour failed there) is left out of the comparison; a known one that an evaluated
    candidate lacks keeps that candidate from covering c.
+   The evaluated candidates include those the same search chose for the model's recipes searched
+   before this one (:meth:`SearchView.recipe_rank`: the gate's order with auto recipes, else the
+   study's): the top front is the model's, across recipes, so a segment that an earlier recipe's
+   results already cover is not bisected. Choices that need them wait until those searches are over
+   (then they are the same whenever they are taken, and in a resumed study); on one device they are
+   over by then anyway, as their jobs go first. Before a later recipe's layers are ranked (its
+   screens), the rule is applied to its whole segment, from the fully quantized model to every layer
+   in float, both evaluated in the recipe gate anyway, with the smallest size a candidate between can
+   have: if none can enter, the recipe is not screened and its search is those two.
    Assumption: along one ranking a candidate's device metrics lie between those of its
    evaluated neighbours (accuracy improves, latency worsens, monotonically with k); size is
    exact. Under it no point of a segment can beat its optimistic point, and later results
@@ -85,6 +94,14 @@ class BudgetPair(ReplayPair):
         else:
             order = self._measured.order()
             if order is None:
+                ends = self._ends()
+                covered = None if ends is None else self._covered_ends(ends)
+                if ends is not None and covered is not False:
+                    fulls = [Request(p, "full", p.label) for p in ends]
+                    if covered is None:  # waiting for the ends or for the earlier recipes' searches
+                        return reqs + fulls, False
+                    self.chosen = list(ends)  # no candidate can enter: nothing to rank, nothing more to evaluate
+                    return reqs + fulls, True
                 return reqs + self._measured.requests(), False
         cands = view.prefix_plans(self.model, self.recipe, order, f"{self.run.ranking} k=")
         budget = self.run.budget or max(min(2, len(cands)), 3 * len(cands) // 10)
@@ -121,7 +138,8 @@ class BudgetPair(ReplayPair):
     def _next(self, cands: list[CandidatePlan], sizes: list[Any], known: list[int], pending: list[int]) -> int | None:
         """The next candidate to evaluate from the results of ``known`` (None: none can enter)."""
         outs = {i: self.view.outcome(cands[i], "full") for i in known}
-        if any(o is None for o in outs.values()):
+        others = self._earlier_results()
+        if others is None or any(o is None for o in outs.values()):
             return _WAIT
         vectors = {i: self._vectors(o) for i, o in outs.items() if o is not None}
         evaluated = sorted(vectors)
@@ -133,11 +151,54 @@ class BudgetPair(ReplayPair):
             a = max(e for e in evaluated if e <= lo)
             b = min(e for e in evaluated if e >= hi)
             enterable = [i for i in range(lo + 1, hi)
-                         if self._can_enter(sizes[i], vectors[a], vectors[b], list(vectors.values()))]
+                         if self._can_enter(sizes[i], vectors[a], vectors[b], list(vectors.values()), others)]
             key = (sum(a < p < b for p in pending), -(hi - lo), lo)
             if enterable and (best is None or key < best[0]):
                 best = (key, enterable[(len(enterable) - 1) // 2])
         return None if best is None else best[1]
+
+    def _ends(self) -> tuple[CandidatePlan, CandidatePlan] | None:
+        """The first and the last candidate of any ranking (the fully quantized model, every layer in float), known
+        before the ranking; None where the last depends on it (``max_k``)."""
+        if self.view.search.max_k is not None:
+            return None
+        layers = self.view.layers(self.model, self.recipe)
+        return self.view.plan(self.model, self.recipe, ()), self.view.plan(self.model, self.recipe, layers)
+
+    def _covered_ends(self, ends: tuple[CandidatePlan, CandidatePlan]) -> bool | None:
+        """Whether no candidate between the two ends can enter the top front (rule 2, with the smallest size any of
+        them can have) once both are evaluated: then the recipe's layers are not even ranked. None while that is
+        not known (the ends' results, the earlier recipes' searches); False at once without earlier recipes."""
+        others = self._earlier_results()
+        if others is None:
+            return None
+        if not others:
+            return False
+        outs = [self.view.outcome(p, "full") for p in ends]
+        if outs[0] is None or outs[1] is None:
+            return None
+        a, b = self._vectors(outs[0]), self._vectors(outs[1])
+        smallest = outs[0].size_bytes + 1  # every layer left in float adds bytes
+        return not self._can_enter(smallest, a, b, [a, b], others)
+
+    def _earlier_results(self) -> list[dict[str, list[Value]]] | None:
+        """The full results of the candidates the searches of this model's earlier recipes chose (the same search,
+        :meth:`PerPair.earlier`), once every one of them is over; None while one is not (the choice waits: it is
+        then the same whenever it is taken, and in a resumed study)."""
+        if self.search is None:
+            return []
+        earlier = self.search.earlier(self)
+        if earlier is None:
+            return None
+        out: list[dict[str, list[Value]]] = []
+        for pair in earlier:
+            if not self.search.over(pair):
+                return None
+            for plan in getattr(pair, "chosen", []):
+                found = self.view.outcome(plan, "full")
+                if found is not None:
+                    out.append(self._vectors(found))
+        return out
 
     def _vectors(self, out: Outcome) -> dict[str, list[Value]]:
         """Per device where it did not fail, the objectives' values of an evaluated candidate (latency as
@@ -149,8 +210,9 @@ class BudgetPair(ReplayPair):
         return self._cache[key]
 
     def _can_enter(self, size: int, a: dict[str, list[Value]], b: dict[str, list[Value]],
-                   evaluated: list[dict[str, list[Value]]]) -> bool:
-        """On some device, no evaluated candidate is at least as good as c's optimistic point there."""
+                   evaluated: list[dict[str, list[Value]]], others: list[dict[str, list[Value]]]) -> bool:
+        """On some device, no evaluated candidate (of this recipe or of an earlier one: ``others``) is at least as
+        good as c's optimistic point there."""
         exact = [obj.value({"size_bytes": size}, {}) for obj, _ in self._objectives]
         for d in sorted({d for v in evaluated for d in v}):
             point: list[Value] = []
@@ -164,7 +226,7 @@ class BudgetPair(ReplayPair):
                     point.append(va.optimistic(vb))
                 else:
                     point.append(min(va, vb) if direction == "min" else max(va, vb))  # type: ignore[type-var]
-            if not any(_covers(v[d], point, self._objectives) for v in evaluated if d in v):
+            if not any(_covers(v[d], point, self._objectives) for v in (*evaluated, *others) if d in v):
                 return True
         return False
 

@@ -25,6 +25,7 @@ import logging
 import multiprocessing
 import multiprocessing.connection
 import os
+import pickle
 import signal
 import threading
 import time
@@ -124,7 +125,10 @@ def _child(send: multiprocessing.connection.Connection, fn: Callable[..., Any], 
         result: tuple[bool, Any] = (True, fn(*args))
     except Exception as exc:  # noqa: BLE001 - every failure of the unit is the parent's to raise
         result = (False, exc)
-    send.send(result)
+    try:
+        send.send(result)
+    except (pickle.PicklingError, TypeError, AttributeError):  # an exception that does not pickle: its text does
+        send.send((False, RuntimeError(f"{type(result[1]).__name__}: {result[1]}")))
     send.close()
 
 

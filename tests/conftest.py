@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -11,12 +12,17 @@ import pytest
 import tomli_w
 from onnx_models import cnn, mlp, write_images
 
+# Without torch, here and in every process the tests start (tests/no_torch/sitecustomize.py says why).
+sys.modules.setdefault("torch", None)
+_NO_TORCH = str(Path(__file__).parent / "no_torch")
+os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (_NO_TORCH, os.environ.get("PYTHONPATH")) if p)
+
 try:  # TVM tests: one tracker for the whole session, shared by every module (tests/tvm_rpc.py)
     import tvm  # noqa: F401
 except ImportError:  # the tuneqn[tvm] extra is not installed: the TVM test modules skip themselves
     pass
 else:
-    from tvm_rpc import tvm_agent, tvm_lab, tvm_models, tvm_session_lab  # noqa: F401
+    from tvm_rpc import tvm_agent, tvm_lab, tvm_models, tvm_session_lab, tvm_shared_cache  # noqa: F401
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -92,8 +98,20 @@ def example_dir() -> Path:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Under pytest-xdist the real-model tests start first, then the heavy ones: the longest must not be the
-    last to begin (each worker collects the same order; a run without workers keeps the file order)."""
+    """Under pytest-xdist the longest tests start first on every worker: the real-model ones, then the heavy ones,
+    then the rest, dealt round-robin into one contiguous run per worker (``--dist worksteal`` hands each worker
+    one such run and steals from the tails, where the short tests are). Each worker collects the same order; a
+    run without workers keeps the file order."""
     if not hasattr(config, "workerinput"):
         return
+    workers = max(1, int(config.workerinput.get("workercount", 1)))
     items.sort(key=lambda item: 0 if item.get_closest_marker("slow") else 1 if item.get_closest_marker("heavy") else 2)
+    sizes, left = [], len(items)
+    for w in range(workers):  # the chunks worksteal cuts: len(pending) // workers left, the larger ones last
+        sizes.append(left // (workers - w))
+        left -= sizes[-1]
+    chunks: list[list[pytest.Item]] = [[] for _ in sizes]
+    for i, item in enumerate(items):
+        free = [c for c, size in zip(chunks, sizes, strict=True) if len(c) < size]
+        free[i % len(free)].append(item)
+    items[:] = [item for chunk in chunks for item in chunk]

@@ -109,7 +109,7 @@ def test_joining_servers_add_lanes_that_run_at_once_and_a_killed_server_loses_no
     first = tvm_lab.start_servers(key, 1)
     tvm_lab.wait_servers(key, 1)
     server = tvm_agent(TvmSettings(tracker=(HOST, tvm_lab.port), key=key, request_timeout=60,
-                                   poll_seconds=0.2))
+                                   poll_seconds=0.2), shared_cache=True)
     client = client_factory(server)
     assert list(devices(client)) == ["phone.0"]
 
@@ -163,7 +163,7 @@ def test_hung_server_is_abandoned_and_the_job_continues_on_another(
     servers = {s.address: s for s in tvm_lab.start_servers(key, 2)}
     tvm_lab.wait_servers(key, 2)
     server = tvm_agent(TvmSettings(tracker=(HOST, tvm_lab.port), key=key, request_timeout=60,
-                                   call_timeout=2.0))
+                                   call_timeout=2.0), shared_cache=True)
     client = client_factory(server)
     data_sha = client.upload_bytes(npy_bytes(cnn_samples(LONG)))
     client.submit(job_spec("h", client.upload_bytes(tvm_models["fp32"].read_bytes()), data_sha,
@@ -185,7 +185,8 @@ def test_direct_rpc_servers_are_one_lane_each(tvm_lab: TvmLab, tvm_agent, client
     count = 2
     servers = tvm_lab.start_servers("direct", count, tracker=False)
     rpc = tuple((HOST, s.port) for s in servers)
-    server = tvm_agent(TvmSettings(rpc=rpc, key="direct", request_timeout=10), name="board")
+    server = tvm_agent(TvmSettings(rpc=rpc, key="direct", request_timeout=10), name="board",
+                       shared_cache=True)
     client = client_factory(server)
     info = devices(client)
     assert sorted(info) == ["board.0", "board.1"]

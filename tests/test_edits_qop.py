@@ -105,6 +105,7 @@ def _run(model: onnx.ModelProto, x: np.ndarray, exclude: list[str], batch: int |
     """The model's first output on ``x``, ``batch`` rows per run (all at once by default), in one session."""
     so = ort.SessionOptions()
     so.log_severity_level = 3
+    so.intra_op_num_threads = 1  # the same outputs; a second thread only spins on a busy two-core machine
     disabled = runtime_options(model, exclude)["ort_disabled_optimizers"]
     sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"],
                                 disabled_optimizers=disabled)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -37,11 +38,15 @@ def test_lite0_measured_search_beats_the_paper_ranking(example_dir: Path, tmp_pa
     """
     study = tmp_path / "study.toml"
     example_dir = example_dir.resolve()
+    # Greedy reaches >= 0.98 agreement at its third step (measured: 0.93, 0.95, 0.97, 0.98, 0.99 at k = 0 … 4;
+    # without a cap it stops after a fourth round): three rounds say all this test asserts, a fourth adds 47 screens.
+    text = re.sub(r"^\[search\].*$", "[search]\nmax_k = 3", (example_dir.parent / "study.toml").read_text(), flags=re.M)
     study.write_text(
-        (example_dir.parent / "study.toml").read_text().replace('"work/', f'"{example_dir}/')
+        text.replace('"work/', f'"{example_dir}/')
         .replace('out_dir = "../../out/lite0"', f'out_dir = "{tmp_path / "out"}"')
-        # latency is not what this test checks: one timed run per evaluation instead of 3 + 20
-        + "\n[evaluation]\nlatency_warmup = 0\nlatency_repeats = 1\n"
+        # latency is not what this test checks: one timed run per evaluation instead of 3 + 20, on one
+        # ONNX Runtime thread (a second one only spins on a two-core machine running two tests)
+        + "\n[evaluation]\nlatency_warmup = 0\nlatency_repeats = 1\nintra_op_threads = 1\n"
     )
     assert main(["tune", str(study), "--recipe", "per-tensor", "--strategy", "greedy", "--ranking", "measured",
                  "--no-compare"]) == 0

@@ -379,12 +379,26 @@ def tvm_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return quantized_models(tmp_path_factory.mktemp("tvm-models"))
 
 
+@pytest.fixture(scope="session")
+def tvm_shared_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A TVM compile cache shared by the agents of the tests that are not about compiling, in every pytest-xdist
+    worker of the run (the cache is safe across threads and processes: a file lock per key, atomic renames)."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # <run's base>/popen-gwN: the run's base is shared by its workers
+        root = root.parent
+    cache = root / "tvm-compile-cache"
+    cache.mkdir(exist_ok=True)
+    return cache
+
+
 @pytest.fixture
-def tvm_agent(tmp_path: Path) -> Iterator[Callable[..., Any]]:
+def tvm_agent(tmp_path: Path, tvm_shared_cache: Path) -> Iterator[Callable[..., Any]]:
     """Start in-process agents with TVM lanes: ``tvm_agent(settings, state_dir=None, name="phone")``.
 
     Returns the started ``AgentServer`` (its lanes: ``server.backends``; the shared pool:
-    ``lane.pool``). All are stopped at teardown.
+    ``lane.pool``). All are stopped at teardown. ``shared_cache=True``: the agent's compile cache is
+    :func:`tvm_shared_cache` (libraries another test built are hits), for tests whose claims do not
+    depend on whether a library is compiled or found.
     """
     from tuneqn.agent.backends.tvm import create_lanes
     from tuneqn.agent.config import AgentConfig, TvmSettings
@@ -393,8 +407,11 @@ def tvm_agent(tmp_path: Path) -> Iterator[Callable[..., Any]]:
     started: list[AgentServer] = []
 
     def start(settings: TvmSettings | None = None, state_dir: Path | None = None,
-              name: str = "phone", device_class: str = "phone-class") -> AgentServer:
+              name: str = "phone", device_class: str = "phone-class", shared_cache: bool = False) -> AgentServer:
         state = state_dir or tmp_path / f"tvm-agent-{len(started)}"
+        if shared_cache:  # the agent keeps its cache in <state>/tvm/cache (TvmPool)
+            (state / "tvm").mkdir(parents=True, exist_ok=True)
+            (state / "tvm" / "cache").symlink_to(tvm_shared_cache, target_is_directory=True)
         lanes = create_lanes(name, device_class, settings or TvmSettings(), state)
         server = AgentServer(AgentConfig(state_dir=state, host=HOST, port=0), lanes)
         server.start()

@@ -37,7 +37,8 @@ _ORT_DTYPES: dict[str, np.dtype] = {
     "tensor(int64)": np.dtype(np.int64),
 }
 
-CAPABILITIES = ("ort", "cpu", "qdq", "qoperator", "dynamic", "static")
+#: ``queue-ahead``: the controller may submit the next job while one runs (it starts when the current one ends).
+CAPABILITIES = ("ort", "cpu", "qdq", "qoperator", "dynamic", "static", "queue-ahead")
 
 
 def runtime_versions() -> dict[str, str]:

@@ -701,14 +701,16 @@ class AgentLink(threading.Thread):
             self.client.close()
 
 
-#: The capability of a device whose agent compiles a queued job while another one runs (TVM).
-COMPILE_AHEAD = "compile-ahead"
+#: The capabilities of a device whose agent takes its next job while the current one runs: ``compile-ahead``
+#: (TVM: it compiles the queued job meanwhile) and ``queue-ahead`` (ONNX Runtime: it starts the queued job the
+#: moment the current one ends, instead of after the controller has seen the result, uploaded and submitted).
+AHEAD_CAPABILITIES = frozenset({"compile-ahead", "queue-ahead"})
 
 
-def compiles_ahead(device: pb.Device) -> bool:
-    """Whether a device's agent prepares (compiles) its next job while the current one runs, so the
-    controller hands it the next job early (see :meth:`JobBoard.take_ahead`)."""
-    return COMPILE_AHEAD in device.capabilities
+def takes_ahead(device: pb.Device) -> bool:
+    """Whether a device's agent takes its next job while the current one runs, so the controller hands it the
+    next job early (see :meth:`JobBoard.take_ahead`)."""
+    return not AHEAD_CAPABILITIES.isdisjoint(device.capabilities)
 
 
 def device_available(device: pb.Device) -> bool:
@@ -719,7 +721,7 @@ def device_available(device: pb.Device) -> bool:
 class DeviceSlot(threading.Thread):
     """Runs the jobs of one device of one agent, one at a time: upload by hash, submit, watch.
 
-    A device that compiles ahead (:func:`compiles_ahead`) is also handed the next job of its class
+    A device that takes jobs ahead (:func:`takes_ahead`) is also handed the next job of its class
     while its current one runs (when more jobs wait than idle devices), so the agent compiles job
     N+1 while N runs; both leases are renewed, and the next job is then watched as usual. A device
     its agent reports unhealthy, or no longer lists, takes no new job.
@@ -834,7 +836,7 @@ class DeviceSlot(threading.Thread):
 
     def _submit_ahead(self) -> None:
         """Compile-ahead: lease and submit the next job of the class while the current one runs."""
-        if not compiles_ahead(self.device) or not self.available():
+        if not takes_ahead(self.device) or not self.available():
             return
         if self.ahead:  # still leased here (not re-leased away meanwhile)? then one is enough
             held = {p.id for p, _ in self.board.held_by(self.holder)}

@@ -166,9 +166,10 @@ class BudgetPair(ReplayPair):
         return self.view.plan(self.model, self.recipe, ()), self.view.plan(self.model, self.recipe, layers)
 
     def _covered_ends(self, ends: tuple[CandidatePlan, CandidatePlan]) -> bool | None:
-        """Whether no candidate between the two ends can enter the top front (rule 2, with the smallest size any of
-        them can have) once both are evaluated: then the recipe's layers are not even ranked. None while that is
-        not known (the ends' results, the earlier recipes' searches); False at once without earlier recipes."""
+        """Whether the earlier recipes' results show that no candidate between the two ends can enter the top front
+        (rule 2, with the smallest size any of them can have) once both are evaluated: then the recipe's layers are
+        not even ranked. None while that is not known (the ends' results, the earlier recipes' searches); False at
+        once without earlier recipes (the recipe's own ends alone never skip its ranking)."""
         others = self._earlier_results()
         if others is None:
             return None
@@ -179,7 +180,7 @@ class BudgetPair(ReplayPair):
             return None
         a, b = self._vectors(outs[0]), self._vectors(outs[1])
         smallest = outs[0].size_bytes + 1  # every layer left in float adds bytes
-        return not self._can_enter(smallest, a, b, [a, b], others)
+        return not self._can_enter(smallest, a, b, [a, b], others, own=False)
 
     def _earlier_results(self) -> list[dict[str, list[Value]]] | None:
         """The full results of the candidates the searches of this model's earlier recipes chose (the same search,
@@ -210,10 +211,12 @@ class BudgetPair(ReplayPair):
         return self._cache[key]
 
     def _can_enter(self, size: int, a: dict[str, list[Value]], b: dict[str, list[Value]],
-                   evaluated: list[dict[str, list[Value]]], others: list[dict[str, list[Value]]]) -> bool:
-        """On some device, no evaluated candidate (of this recipe or of an earlier one: ``others``) is at least as
-        good as c's optimistic point there."""
+                   evaluated: list[dict[str, list[Value]]], others: list[dict[str, list[Value]]],
+                   own: bool = True) -> bool:
+        """On some device (of ``evaluated``), no evaluated candidate (of this recipe, unless not ``own``, or of an
+        earlier one: ``others``) is at least as good as c's optimistic point there."""
         exact = [obj.value({"size_bytes": size}, {}) for obj, _ in self._objectives]
+        cover = [*evaluated, *others] if own else others
         for d in sorted({d for v in evaluated for d in v}):
             point: list[Value] = []
             for j, (_, direction) in enumerate(self._objectives):
@@ -226,7 +229,7 @@ class BudgetPair(ReplayPair):
                     point.append(va.optimistic(vb))
                 else:
                     point.append(min(va, vb) if direction == "min" else max(va, vb))  # type: ignore[type-var]
-            if not any(_covers(v[d], point, self._objectives) for v in (*evaluated, *others) if d in v):
+            if not any(_covers(v[d], point, self._objectives) for v in cover if d in v):
                 return True
         return False
 

@@ -127,7 +127,6 @@ class StudyRun:
         # Calibrations run on their own thread, ahead of the builds that need them (a build waits in _deferred
         # meanwhile and the builder goes on with others): a percentile calibration takes tens of seconds.
         self._calibrations: queue.Queue[tuple[str, str, Path] | None] = queue.Queue()
-        self._calibration_asked: set[Path] = set()
         self._calibrated: set[Path] = set()
         self._deferred: dict[Path, list[CandidatePlan]] = {}
         self._calibrator_threads: list[threading.Thread] = []
@@ -816,15 +815,14 @@ class StudyRun:
         with self._lock:
             if path in self._calibrated:
                 return False
+            asked = path in self._deferred  # plans wait there from the ask until it is calibrated
             self._deferred.setdefault(path, []).append(plan)
-            asked = path in self._calibration_asked
-            self._calibration_asked.add(path)
         if not asked:
             self._calibrations.put((plan.model, plan.mode, path))
         return True
 
     def _calibrator(self) -> None:
-        """Make the calibrations builds wait for, one at a time; then hand their builds back to the builder.
+        """Make the calibrations that builds wait for (one at a time per thread); then hand the builds back.
 
         A calibration that fails hands them back too: the build calibrates again and fails as it would have
         without this thread (a device's variant that cannot be quantized is given up, anything else ends

@@ -28,11 +28,10 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 import onnx
@@ -71,8 +70,6 @@ from tuneqn.controller.store import Store
 from tuneqn.controller.versions import tool_versions
 
 log = logging.getLogger(__name__)
-
-T = TypeVar("T")
 
 #: Calibration sample bytes × model bytes from which a calibration runs in a child process that gives way to a
 #: local agent's timing (:mod:`.yielding`): EfficientNet-Lite0 on 50 images is 5e14 (calibrating takes 8–25 s),
@@ -470,8 +467,11 @@ class Study:
         source = self.quantizer_input(model)
         # a long call (Lite1's percentile calibration: ~25 s) runs in a child process that pauses while a local
         # agent times (yielding.run); a small one here, where starting a child would cost more than the call
-        run = yielding.run if samples.nbytes * source.stat().st_size >= _YIELDING_WORK else _call
-        run(calibrate, source, pm.input_name, pm.input_shape[0], samples, settings, path)
+        args = (source, pm.input_name, pm.input_shape[0], samples, settings, path)
+        if samples.nbytes * source.stat().st_size >= _YIELDING_WORK:
+            yielding.run(calibrate, *args)
+        else:
+            calibrate(*args)
         log.info("%s: calibrated on %d samples in %.1fs", model, data.calibration.size, time.perf_counter() - t0)
         self.store.put_calibration(path.stem.removeprefix(f"{model}-"), model, settings.__dict__, path)
 
@@ -941,8 +941,3 @@ def find_candidate(store: Store, which: str, model: str | None = None, recipe: s
     where = "/".join(x for x in (model, recipe) if x) or "the study"
     raise UserError(f"--candidate: no candidate {which!r} in {where} (give a candidate id, its tag, an exclusion "
                     "set's name, a label from the report or a number k)")
-
-
-def _call(fn: Callable[..., T], *args: Any) -> T:
-    """``fn(*args)`` (in this thread)."""
-    return fn(*args)

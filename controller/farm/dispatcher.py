@@ -723,8 +723,8 @@ class DeviceSlot(threading.Thread):
 
     A device that takes jobs ahead (:func:`takes_ahead`) is also handed the next job of its class
     while its current one runs (when more jobs wait than idle devices), so the agent compiles job
-    N+1 while N runs; both leases are renewed, and the next job is then watched as usual. A device
-    its agent reports unhealthy, or no longer lists, takes no new job.
+    N+1 while N runs or starts it the moment N ends; both leases are renewed, and the next job is then
+    watched as usual. A device its agent reports unhealthy, or no longer lists, takes no new job.
     """
 
     def __init__(self, link: AgentLink, device: pb.Device) -> None:
@@ -835,7 +835,7 @@ class DeviceSlot(threading.Thread):
             self.executed += 1
 
     def _submit_ahead(self) -> None:
-        """Compile-ahead: lease and submit the next job of the class while the current one runs."""
+        """Compile- or queue-ahead: lease and submit the next job of the class while the current one runs."""
         if not takes_ahead(self.device) or not self.available():
             return
         if self.ahead:  # still leased here (not re-leased away meanwhile)? then one is enough

@@ -118,15 +118,16 @@ class BudgetPair(ReplayPair):
             self._chosen = sorted({0, len(cands) - 1})[:budget]
         chosen = self._chosen
         sizes = [self.view.size(p) for p in cands]
+        others = self._earlier_results() if len(chosen) < budget else []  # read once per walk
         while len(chosen) < budget:
-            if any(s is None for s in sizes):
+            if others is None or any(s is None for s in sizes):
                 return chosen, False
             step = len(chosen)
             width = self._width(step)
             known = max(2, step - width + 1)
-            pick = self._next(cands, sizes, chosen[:known], chosen[known:])
+            pick = self._next(cands, sizes, chosen[:known], chosen[known:], others)
             if pick is None and known < len(chosen):
-                pick = self._next(cands, sizes, chosen, [])
+                pick = self._next(cands, sizes, chosen, [], others)
             if pick == _WAIT:
                 return chosen, False
             self._took(step, width)  # the choice (or the stop) is taken with this width
@@ -135,11 +136,12 @@ class BudgetPair(ReplayPair):
             chosen.append(pick)
         return chosen, True
 
-    def _next(self, cands: list[CandidatePlan], sizes: list[Any], known: list[int], pending: list[int]) -> int | None:
-        """The next candidate to evaluate from the results of ``known`` (None: none can enter)."""
+    def _next(self, cands: list[CandidatePlan], sizes: list[Any], known: list[int], pending: list[int],
+              others: list[dict[str, list[Value]]]) -> int | None:
+        """The next candidate to evaluate from the results of ``known`` and of the earlier recipes (``others``;
+        None: none can enter)."""
         outs = {i: self.view.outcome(cands[i], "full") for i in known}
-        others = self._earlier_results()
-        if others is None or any(o is None for o in outs.values()):
+        if any(o is None for o in outs.values()):
             return _WAIT
         vectors = {i: self._vectors(o) for i, o in outs.items() if o is not None}
         evaluated = sorted(vectors)

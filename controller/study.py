@@ -71,6 +71,8 @@ from tuneqn.controller.versions import tool_versions
 
 log = logging.getLogger(__name__)
 
+#: CPU priority (``os.nice``) of a min/max calibration in its child process, below the histogram calibrations'.
+_SHORT_NICE = 10
 #: Calibration sample bytes × model bytes from which a calibration runs in a child process that gives way to a
 #: local agent's timing (:mod:`.yielding`): EfficientNet-Lite0 on 50 images is 5e14 (calibrating takes 8–25 s),
 #: the test suite's models 1e10 (milliseconds; a child's start would take a second).
@@ -469,7 +471,9 @@ class Study:
         # agent times (yielding.run); a small one here, where starting a child would cost more than the call
         args = (source, pm.input_name, pm.input_shape[0], samples, settings, path)
         if samples.nbytes * source.stat().st_size >= _YIELDING_WORK:
-            yielding.run(calibrate, *args)
+            # min/max is the short one (Lite1: 5 s vs 20-30 s for percentile): it leaves the long one, which the
+            # recipe gate waits for, its core
+            yielding.run(calibrate, *args, nice=0 if settings.calibration_method != "minmax" else _SHORT_NICE)
         else:
             calibrate(*args)
         log.info("%s: calibrated on %d samples in %.1fs", model, data.calibration.size, time.perf_counter() - t0)

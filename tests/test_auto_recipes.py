@@ -195,6 +195,19 @@ def test_auto_study_stops_dominated_recipes_and_resumes_to_the_same_decisions(tm
     assert {r[0] for r in con.execute("select distinct mode from layers")} == {"dynamic"}
     assert {r["mode"] for r in json.loads((out / "layers.json").read_text())} == {"dynamic"}
     jobs = con.execute("select count(*) from jobs").fetchone()[0]
+    # Byte-identical candidates (every searched layer in float under per-tensor and per-channel: the same file)
+    # are measured once; the twin takes that result and is never sent to the agent.
+    by_file: dict[str, list[tuple[str, dict[str, Any], bytes, int]]] = {}
+    for sha, jid, info, topk, attempts in con.execute(
+            "select c.sha256, r.job_id, r.info, r.topk, j.attempts from results r join candidates c "
+            "on c.id = r.candidate_id join jobs j on j.id = r.job_id where r.level = 'full'"):
+        by_file.setdefault(sha, []).append((jid, json.loads(info), topk, attempts))
+    twins = [rows for rows in by_file.values() if len(rows) > 1]
+    assert len(twins) == 2  # the best cases of the min/max pair and of the percentile pair
+    for rows in twins:
+        (ran,) = [r for r in rows if "same_file_as" not in r[1]]
+        assert ran[3] == 1
+        assert all(r[1]["same_file_as"] == ran[0] and r[2] == ran[2] and r[3] == 0 for r in rows if r is not ran)
     con.close()
     # Resumed: the same decisions from the same stored results, no new job.
     assert main(["tune", str(toml), "--no-lab"]) == 0

@@ -109,3 +109,31 @@ def test_a_unit_stopped_for_timing_dies_with_a_killed_controller(tmp_path: Path)
     finally:
         if controller.poll() is None:
             controller.kill()
+
+
+def _priority_and_trim() -> tuple[int, int]:
+    """This process's niceness, and how many bytes of a freed 64 MiB block glibc kept (RSS not given back)."""
+    import ctypes
+
+    def rss() -> int:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    libc = ctypes.CDLL(None)
+    libc.malloc.restype = ctypes.c_void_p
+    block = libc.malloc(64 << 20)
+    ctypes.memset(block, 1, 64 << 20)
+    before = rss()
+    libc.free(ctypes.c_void_p(block))
+    return os.nice(0), max(0, (64 << 20) - (before - rss()))
+
+
+def test_a_unit_runs_at_the_priority_asked_and_keeps_the_memory_it_frees(tmp_path: Path) -> None:
+    """A unit that is not the one the study waits for runs niced; a child keeps freed memory for reuse (the
+    histogram calibrators free GBs, and faulting them back in cost seconds of system time)."""
+    parent_nice, parent_kept = _priority_and_trim()
+    with QuietLock(tmp_path / "quiet.lock").shared():
+        child_nice, kept = yielding.run(_priority_and_trim, nice=10)
+        same, _ = yielding.run(_priority_and_trim)
+    assert child_nice == min(parent_nice + 10, 19) and same == parent_nice
+    assert parent_kept < 8 << 20  # by default glibc gives a freed large block back at once...
+    assert kept == 64 << 20  # ...in the child it stays for the next allocation

@@ -30,7 +30,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -193,6 +193,17 @@ def make_job(candidate_id: str, device_class: str, model_path: Path, model_sha25
                    sample_sha256=dataset_sha256 if sample_sha256 is None else sample_sha256)
 
 
+def twin_key(plan: JobPlan) -> str:
+    """Jobs with the same key measure the same thing: the same file on the same sample with the same options, on one
+    device class, compared with the same FP32 result. Two candidates can be such twins (every searched layer in
+    float under two recipes that differ only in how weights are quantized): :class:`JobBoard` runs one of them."""
+    spec = pb.JobSpec()
+    spec.CopyFrom(plan.spec)
+    spec.ClearField("job_id")
+    parts = (plan.device, plan.level, plan.source_sha256, plan.sample_sha256)
+    return hashlib.sha256("\0".join(parts).encode() + b"\0" + spec.SerializeToString(deterministic=True)).hexdigest()
+
+
 def result_row(plan: JobPlan, holder: str, result: pb.JobResult, backend: str = "") -> dict[str, Any]:
     """The ``results`` row of a successful job (raises ValueError on a malformed result).
 
@@ -245,6 +256,8 @@ class JobBoard:
         self._revoked: dict[str, set[str]] = {}  # agent address -> job ids re-leased away from it
         self._waiting: dict[str, int] = {}  # device class -> slots waiting in take() for a job
         self._settling = 0  # results stored whose on_result has not finished
+        self._first: dict[str, str] = {}  # twin_key -> the job of this run that measures it
+        self._twins: dict[str, list[str]] = {}  # that job -> its twins, waiting for its result
         self.closed = False
 
     # -------------------------------------------------------------- registration
@@ -266,10 +279,66 @@ class JobBoard:
             if state in ("failed", "unreachable"):
                 self.store.update_job(plan.id, state="pending", error=None)
                 state = "pending"
-            if state == "pending" and plan.id not in self._pending.setdefault(plan.device, deque()):
+            first = self._first_of(plan, state)
+            if first is None and state == "pending" and plan.id not in self._pending.setdefault(plan.device, deque()):
                 self._enqueue(plan)
+            elif first is not None and self.store.job(first)["state"] != "done":
+                self._follow(first, plan)
             self.cond.notify_all()
-            return state
+        if first is not None and state == "pending" and self.store.job(first)["state"] == "done":
+            self._copy(first, plan)
+        return state
+
+    def _first_of(self, plan: JobPlan, state: str) -> str | None:
+        """The job of this run whose result ``plan`` (pending) takes as its own, a twin measured or being measured
+        (:func:`twin_key`); None: ``plan`` runs itself (and is the one its later twins wait for)."""
+        if state not in ("pending", "submitted", "done"):
+            return None
+        key = twin_key(plan)
+        first = self._first.setdefault(key, plan.id)
+        if first == plan.id or state != "pending":
+            return None
+        row = self.store.job(first)
+        if row is None or row["state"] not in ("pending", "submitted", "done"):
+            self._first[key] = plan.id  # the first one failed: this one runs
+            return None
+        return first
+
+    def _follow(self, first: str, plan: JobPlan) -> None:
+        """``plan`` waits for ``first``'s result; ``first`` is queued as early as the earlier of the two would be."""
+        twins = self._twins.setdefault(first, [])
+        if plan.id in twins:
+            return
+        twins.append(plan.id)
+        lead = self.plans[first]
+        queue = self._pending.setdefault(plan.device, deque())
+        if plan.priority < lead.priority and first in queue:
+            queue.remove(first)
+            self.plans[first] = replace(lead, priority=plan.priority)
+            self._enqueue(self.plans[first])
+
+    def _copy(self, first: str, plan: JobPlan) -> None:
+        """Store ``first``'s result as ``plan``'s too (the same file measured on the same sample and device class)."""
+        row = self.store.result(first)
+        if row is None:
+            return
+        info = json.loads(row.get("info") or "{}")
+        info["same_file_as"] = first
+        copy = {**row, "job_id": plan.id, "candidate_id": plan.candidate_id, "split": plan.split,
+                "info": json.dumps(info)}
+        self._store_result(plan.id, copy)
+
+    def _release_twins(self, first: str) -> None:
+        """``first`` ended without a result: its first twin runs itself, the others wait for it (lock held)."""
+        twins = self._twins.pop(first, [])
+        if not twins:
+            return
+        lead = self.plans[twins[0]]
+        self._first[twin_key(lead)] = lead.id
+        if twins[1:]:
+            self._twins[lead.id] = twins[1:]
+        if self.store.job(lead.id)["state"] == "pending":
+            self._enqueue(lead)
 
     def _enqueue(self, plan: JobPlan) -> None:
         """Queue a pending job behind every queued job of its class with the same or a lower priority (a job
@@ -430,6 +499,7 @@ class JobBoard:
                     self.store.update_job(r["id"], state="failed",
                                           error=f"{r['agent']} went silent (lease expired) on attempt "
                                                 f"{self.attempts_used(r)} of {self.settings.max_attempts}")
+                    self._release_twins(r["id"])
                 else:
                     log.warning("job %s: %s went silent; running it elsewhere", r["id"], r["agent"])
                     self.store.update_job(r["id"], state="pending", error=f"lease of {r['agent']} expired")
@@ -451,7 +521,16 @@ class JobBoard:
     def complete(self, plan: JobPlan, holder: str, result: pb.JobResult, backend: str = "") -> bool:
         """Store a result (once: the first result of a job wins, wherever it ran). The job is ``done`` in the
         store before ``on_result`` (its metrics) has run: :meth:`settling` counts it meanwhile."""
-        row = result_row(plan, holder, result, backend)
+        stored = self._store_result(plan.id, result_row(plan, holder, result, backend))
+        if stored:
+            with self.cond:
+                twins = self._twins.pop(plan.id, [])
+            for jid in twins:
+                self._copy(plan.id, self.plans[jid])
+        return stored
+
+    def _store_result(self, jid: str, row: dict[str, Any]) -> bool:
+        """Store a job's result row (once) and run ``on_result`` for it; False when the job already had one."""
         with self.cond:
             stored = self.store.put_result(row)
             if stored:
@@ -460,7 +539,7 @@ class JobBoard:
         if stored:
             try:
                 if self.on_result is not None:
-                    self.on_result(plan.id)
+                    self.on_result(jid)
             finally:
                 with self.cond:
                     self._settling -= 1
@@ -483,6 +562,8 @@ class JobBoard:
             self.store.update_job(plan.id, state=state, error=error[:2000])
             if not final:
                 self._enqueue(plan)
+            else:
+                self._release_twins(plan.id)
             self.cond.notify_all()
             log.warning("job %s on %s: attempt %d failed (%s)%s", plan.id, holder, row["attempts"], error[:200],
                         "" if final else "; will retry")
@@ -500,6 +581,7 @@ class JobBoard:
                 return row["state"] if row else "unknown"  # done elsewhere, or re-leased meanwhile
             error = result.error or (f"unsupported op types: {', '.join(ops)}" if ops else "infeasible on this device")
             self.store.set_infeasible(plan.id, error[:2000], ops)
+            self._release_twins(plan.id)  # each is found infeasible where it runs, with its own reason
             self.cond.notify_all()
         log.warning("job %s on %s: infeasible (%s)", plan.id, holder, ", ".join(ops) or error[:200])
         if self.on_final is not None:

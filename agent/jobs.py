@@ -180,6 +180,12 @@ class DeviceStatus:
     status: str
 
 
+def predicts_only(spec: pb.JobSpec) -> bool:
+    """Whether a job only predicts (a screen: ``latency_repeats`` set to 0), so it may share its device with others
+    like it (:meth:`Backend.prediction_slots`); a job that times latency always has the device to itself."""
+    return spec.HasField("latency_repeats") and spec.latency_repeats == 0
+
+
 def interrupted_reason(count: int) -> str:
     """Failure reason of a job given up after ``count`` interrupted executions."""
     times = "once" if count == 1 else f"{count} times"
@@ -211,7 +217,7 @@ class JobManager:
         self._cond = threading.Condition()
         self._active: dict[str, _Job] = {}  # queued or running
         self._queues: dict[str, deque[str]] = {name: deque() for name in backends}
-        self._running: dict[str, str | None] = {name: None for name in backends}
+        self._running: dict[str, list[str]] = {name: [] for name in backends}  # started first, first
         self._status: dict[str, str] = {name: "" for name in backends}
         self._quiet_lock = quiet_lock
         self._threads: list[threading.Thread] = []
@@ -259,11 +265,13 @@ class JobManager:
             backend.start(self.add_backend)
 
     def _start_worker(self, device: str) -> None:
-        t = threading.Thread(
-            target=self._worker, args=(device,), name=f"tuneqn-worker-{device}", daemon=True
-        )
-        t.start()
-        self._threads.append(t)
+        """The device's workers: one per job it runs at once (:meth:`Backend.prediction_slots`)."""
+        for i in range(max(1, self._backends[device].prediction_slots())):
+            t = threading.Thread(
+                target=self._worker, args=(device,), name=f"tuneqn-worker-{device}-{i}", daemon=True
+            )
+            t.start()
+            self._threads.append(t)
 
     def add_backend(self, backend: Backend) -> None:
         """Serve one more device from now on (its own queue and worker).
@@ -278,7 +286,7 @@ class JobManager:
             self._backends[desc.name] = backend
             self._descriptions[desc.name] = desc
             self._queues[desc.name] = deque()
-            self._running[desc.name] = None
+            self._running[desc.name] = []
             self._status[desc.name] = ""
             started = self._started
         log.info("device %s added", desc.name)
@@ -306,21 +314,21 @@ class JobManager:
         with self._cond:
             self._stopping = True
             self._cond.notify_all()
-            running = {d: j for d, j in self._running.items() if j is not None}
+            running = [(d, j) for d, jobs in self._running.items() for j in jobs]
             if running and drain_seconds > 0:
                 log.info(
                     "draining: waiting up to %g s for %s",
                     drain_seconds,
-                    ", ".join(f"job {j} on {d}" for d, j in running.items()),
+                    ", ".join(f"job {j} on {d}" for d, j in running),
                 )
-            while any(j is not None for j in self._running.values()) and not self._drain_cut:
+            while any(self._running.values()) and not self._drain_cut:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     break
                 self._cond.wait(timeout=remaining)
             self._interrupting = True
-            for device, job_id in self._running.items():
-                if job_id is not None:
+            for device, jobs in self._running.items():
+                for job_id in jobs:
                     if drain_seconds > 0 and not self._drain_cut:
                         log.warning(
                             "job %s on %s still running after the %g s drain: interrupting it",
@@ -365,7 +373,7 @@ class JobManager:
     def running_job_ids(self) -> list[str]:
         """Ids of the jobs running now."""
         with self._cond:
-            return [j for j in self._running.values() if j is not None]
+            return [j for jobs in self._running.values() for j in jobs]
 
     def device_status(self, device: str) -> DeviceStatus:
         """Queue length, running job, health and status text of one device."""
@@ -373,7 +381,7 @@ class JobManager:
             backend = self._backends[device]
         healthy, why = backend.health()
         with self._cond:
-            running = self._running[device] or ""
+            running = self._running[device][0] if self._running[device] else ""
             status = self._status[device]
             queued = len(self._queues[device])
         return DeviceStatus(
@@ -746,17 +754,30 @@ class JobManager:
             result.executed_on = handle.executed_on
         return result
 
+    def _startable(self, device: str) -> bool:
+        """Whether the first queued job of ``device`` may start now (lock held): on an idle device, or beside
+        running jobs when it and they only predict (no latency measured) and the device runs that many at once."""
+        queue, running = self._queues[device], self._running[device]
+        if not queue:
+            return False
+        if not running:
+            return True
+        jobs = [self._active[j] for j in (*running, queue[0])]
+        return len(running) < self._backends[device].prediction_slots() and all(
+            predicts_only(j.spec) for j in jobs
+        )
+
     def _worker(self, device: str) -> None:
         queue = self._queues[device]
         while True:
             with self._cond:
-                while not queue and not self._stopping:
+                while not self._startable(device) and not self._stopping:
                     self._cond.wait()
                 if self._stopping:
                     return
                 job_id = queue.popleft()
                 job = self._active[job_id]
-                self._running[device] = job_id
+                self._running[device].append(job_id)
                 self._state.set_state(job_id, "RUNNING")
                 execution_id = self._state.start_execution(job_id, job.attempt)
                 self._publish(job, pb.RUNNING, "loading")
@@ -775,7 +796,7 @@ class JobManager:
                 self._state.set_state(spec.job_id, "QUEUED")
                 self._report_finished(job.device, "INTERRUPTED", time.monotonic() - clock)
                 with self._cond:
-                    self._running[job.device] = None
+                    self._running[job.device].remove(spec.job_id)
                     self._status[job.device] = ""
                     self._cond.notify_all()
                 log.info("job %s on %s interrupted by shutdown; it stays queued",
@@ -804,9 +825,10 @@ class JobManager:
         self._blobs.unpin([spec.model_sha256, spec.dataset_sha256])
         self._report_finished(job.device, state_name(result.state), time.monotonic() - clock)
         with self._cond:
-            self._running[job.device] = None
+            self._running[job.device].remove(spec.job_id)
             self._status[job.device] = ""
             self._active.pop(spec.job_id, None)
+            self._cond.notify_all()  # a job queued behind it may start now
             self._publish(job, result.state, "done", final_result=result)
         log.info("job %s on %s finished: %s", spec.job_id, job.device, state_name(result.state))
 
@@ -833,6 +855,7 @@ class JobManager:
                 input_name=spec.input_name,
                 backend_options=spec.backend_options,
                 stop=job.interrupt,
+                predicts_only=predicts_only(spec),
             ),
         )
         job.handle = handle

@@ -73,6 +73,7 @@ def device_proto(desc: DeviceDescription, status: DeviceStatus | None = None) ->
         remote=desc.remote,
         supported_ops=list(desc.supported_ops),
         remote_servers=desc.remote_servers,
+        prediction_slots=desc.prediction_slots,
     )
     if status is not None:
         device.queue_length = status.queue_length

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import itertools
+import os
+import sqlite3
 from pathlib import Path
 
 import grpc
@@ -36,7 +38,7 @@ def test_info_handshake(agent_factory, client_factory) -> None:
     with client_factory(server) as client:
         info = client.info()
     assert info.contract_version == CONTRACT_VERSION == "tuneqn.v1"
-    assert info.contract_revision == CONTRACT_REVISION == 4
+    assert info.contract_revision == CONTRACT_REVISION == 5
     assert info.agent_id == server.agent_id and info.hostname
     assert info.queue_length == 0 and info.running_job_id == "" and list(info.running_job_ids) == []
     (device,) = info.devices
@@ -47,6 +49,7 @@ def test_info_handshake(agent_factory, client_factory) -> None:
     assert {"ort", "qdq", "qoperator", "dynamic", "static"} <= set(device.capabilities)
     assert device.cpu and device.gpu == ""
     assert not device.simulated and device.simulated_latency_ms_per_sample == 0
+    assert device.prediction_slots == min(2, len(os.sched_getaffinity(0)))  # screens two at a time on 2+ cores
     (blobs,) = info.caches  # an ORT agent has no compile cache
     assert (blobs.name, blobs.used_bytes, blobs.entries) == ("blobs", 0, 0) and blobs.limit_bytes > 0
     assert dict(info.jobs_by_state) == {} and not info.HasField("last_failure")
@@ -375,3 +378,34 @@ def test_a_job_for_a_device_the_agent_does_not_list_is_a_gone_device_to_the_cont
         assert not _gone_device("job 'x' is already known with a different spec")
     finally:
         server.stop(grace=0.5)
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="an ORT device runs two screens at once on 2+ cores")
+def test_screens_share_the_device_and_a_timed_job_has_it_alone(agent_factory, client_factory, cnn_bytes, tmp_path):
+    """Two jobs that only predict (screens: latency_repeats = 0) run at once, each on half the cores, with the
+    predictions of a run alone; a job that times latency never runs beside another one."""
+    server = agent_factory()
+    client = client_factory(server)
+    data = dataset(12000)
+    model_sha = client.upload_bytes(cnn_bytes)
+    data_sha = client.upload_bytes(npy_bytes(data))
+    # The timed job goes first: both screens queue behind it and start together when it ends; the last timed
+    # job queues behind both screens.
+    specs = [job_spec("timed-1", model_sha, data_sha, chunk_size=64),
+             job_spec("screen-a", model_sha, data_sha, chunk_size=64, latency_repeats=0),
+             job_spec("screen-b", model_sha, data_sha, chunk_size=64, latency_repeats=0),
+             job_spec("timed-2", model_sha, data_sha, chunk_size=64)]
+    for spec in specs:
+        client.submit(spec)
+    results = {s.job_id: list(client.watch(s.job_id, timeout=RESULT_TIMEOUT))[-1].result for s in specs}
+    assert all(r.state == pb.SUCCEEDED for r in results.values())
+    expected = direct_topk(cnn_bytes, data, k=results["screen-a"].top_k)
+    for job_id in ("screen-a", "screen-b"):
+        got = np.frombuffer(results[job_id].topk_indices, dtype="<i4").reshape(len(data), -1)
+        assert np.array_equal(got, expected)  # one thread each: the same predictions
+    with sqlite3.connect(server.config.state_dir / "agent.db") as conn:
+        rows = conn.execute("SELECT job_id, started, finished FROM executions").fetchall()
+    span = {job: (start, end) for job, start, end in rows}
+    (a0, a1), (b0, b1) = span["screen-a"], span["screen-b"]
+    assert a0 < b1 and b0 < a1  # the screens overlapped
+    assert span["timed-1"][1] <= min(a0, b0) and span["timed-2"][0] >= max(a1, b1)  # the timed jobs ran alone

@@ -51,6 +51,7 @@ class DeviceDescription:
     remote: str = ""  # "tracker HOST:PORT", "rpc HOST:PORT"; empty = the agent's host
     supported_ops: tuple[str, ...] = ()  # ONNX op types it can import; empty = no known restriction
     remote_servers: int = 0  # TVM tracker: servers registered under rpc_key now
+    prediction_slots: int = 1  # jobs that only predict run at once (Backend.prediction_slots)
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,8 @@ class LoadOptions:
     input_name: str = ""
     backend_options: pb.BackendOptions = field(default_factory=pb.BackendOptions)
     stop: threading.Event | None = field(default=None, compare=False)
+    #: The job only predicts (no latency): it may run beside others like it (:meth:`Backend.prediction_slots`).
+    predicts_only: bool = False
 
 
 @dataclass
@@ -143,6 +146,11 @@ class Backend(abc.ABC):
         A backend that discovers devices while the agent runs (a TVM tracker where phones
         join) passes each new device's backend to ``add_backend``.
         """
+
+    def prediction_slots(self) -> int:
+        """How many jobs that only predict (screens, no latency) the device runs at once; 1 by default. A job that
+        times latency always has the device to itself."""
+        return 1
 
     def prepare_ahead(self, model_path: Path, options: LoadOptions) -> None:  # noqa: B027
         """A job with this model was queued: start preparing it in the background (must not block)."""

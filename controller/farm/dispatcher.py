@@ -917,24 +917,26 @@ class DeviceSlot(threading.Thread):
             self.executed += 1
 
     def _submit_ahead(self) -> None:
-        """Compile- or queue-ahead: lease and submit the next job of the class while the current one runs."""
+        """Compile- or queue-ahead: lease and submit the next jobs of the class while the current one runs: one, or
+        as many as the device runs screens at once (``Device.prediction_slots``), so a screen that ends while
+        another runs is followed at once."""
         if not takes_ahead(self.device) or not self.available():
             return
-        if self.ahead:  # still leased here (not re-leased away meanwhile)? then one is enough
+        if self.ahead:  # those still leased here (not re-leased away meanwhile)
             held = {p.id for p, _ in self.board.held_by(self.holder)}
             self.ahead = [jid for jid in self.ahead if jid in held]
-            if self.ahead:
+        while len(self.ahead) < max(1, self.device.prediction_slots):
+            job = self.board.take_ahead(self.device.device_class, self.holder)
+            if job is None:
                 return
-        job = self.board.take_ahead(self.device.device_class, self.holder)
-        if job is None:
-            return
-        plan, attempt = job
-        self.ahead.append(plan.id)
-        try:
-            self._submit(plan, attempt)
-            log.debug("job %s submitted ahead to %s", plan.id, self.holder)
-        except (grpc.RpcError, OSError) as exc:  # it stays leased here: submitted again when its turn comes
-            log.warning("submitting job %s ahead to %s: %s", plan.id, self.holder, exc)
+            plan, attempt = job
+            self.ahead.append(plan.id)
+            try:
+                self._submit(plan, attempt)
+                log.debug("job %s submitted ahead to %s", plan.id, self.holder)
+            except (grpc.RpcError, OSError) as exc:  # it stays leased here: submitted again when its turn comes
+                log.warning("submitting job %s ahead to %s: %s", plan.id, self.holder, exc)
+                return
 
     def _run(self, plan: JobPlan, attempt: int) -> None:
         client = self._client()

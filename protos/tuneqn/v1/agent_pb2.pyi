@@ -33,7 +33,7 @@ class GetInfoRequest(_message.Message):
     def __init__(self, client_version: _Optional[str] = ..., contract_version: _Optional[str] = ..., contract_revision: _Optional[int] = ...) -> None: ...
 
 class Device(_message.Message):
-    __slots__ = ("name", "device_class", "backend", "runtime_versions", "cpu", "gpu", "capabilities", "simulated", "simulated_latency_ms_per_sample", "queue_length", "running_job_id", "healthy", "status", "target", "rpc_key", "remote", "supported_ops", "remote_servers")
+    __slots__ = ("name", "device_class", "backend", "runtime_versions", "cpu", "gpu", "capabilities", "simulated", "simulated_latency_ms_per_sample", "queue_length", "running_job_id", "healthy", "status", "target", "rpc_key", "remote", "supported_ops", "remote_servers", "prediction_slots")
     class RuntimeVersionsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -59,6 +59,7 @@ class Device(_message.Message):
     REMOTE_FIELD_NUMBER: _ClassVar[int]
     SUPPORTED_OPS_FIELD_NUMBER: _ClassVar[int]
     REMOTE_SERVERS_FIELD_NUMBER: _ClassVar[int]
+    PREDICTION_SLOTS_FIELD_NUMBER: _ClassVar[int]
     name: str
     device_class: str
     backend: str
@@ -77,7 +78,8 @@ class Device(_message.Message):
     remote: str
     supported_ops: _containers.RepeatedScalarFieldContainer[str]
     remote_servers: int
-    def __init__(self, name: _Optional[str] = ..., device_class: _Optional[str] = ..., backend: _Optional[str] = ..., runtime_versions: _Optional[_Mapping[str, str]] = ..., cpu: _Optional[str] = ..., gpu: _Optional[str] = ..., capabilities: _Optional[_Iterable[str]] = ..., simulated: _Optional[bool] = ..., simulated_latency_ms_per_sample: _Optional[float] = ..., queue_length: _Optional[int] = ..., running_job_id: _Optional[str] = ..., healthy: _Optional[bool] = ..., status: _Optional[str] = ..., target: _Optional[str] = ..., rpc_key: _Optional[str] = ..., remote: _Optional[str] = ..., supported_ops: _Optional[_Iterable[str]] = ..., remote_servers: _Optional[int] = ...) -> None: ...
+    prediction_slots: int
+    def __init__(self, name: _Optional[str] = ..., device_class: _Optional[str] = ..., backend: _Optional[str] = ..., runtime_versions: _Optional[_Mapping[str, str]] = ..., cpu: _Optional[str] = ..., gpu: _Optional[str] = ..., capabilities: _Optional[_Iterable[str]] = ..., simulated: _Optional[bool] = ..., simulated_latency_ms_per_sample: _Optional[float] = ..., queue_length: _Optional[int] = ..., running_job_id: _Optional[str] = ..., healthy: _Optional[bool] = ..., status: _Optional[str] = ..., target: _Optional[str] = ..., rpc_key: _Optional[str] = ..., remote: _Optional[str] = ..., supported_ops: _Optional[_Iterable[str]] = ..., remote_servers: _Optional[int] = ..., prediction_slots: _Optional[int] = ...) -> None: ...
 
 class AgentInfo(_message.Message):
     __slots__ = ("agent_version", "contract_version", "contract_revision", "agent_id", "hostname", "queue_length", "running_job_id", "devices", "running_job_ids", "caches", "last_failure", "jobs_by_state", "started_at")

@@ -7,10 +7,11 @@ grows, so that a client can tell whether an agent knows a feature it needs.
 """
 
 CONTRACT_VERSION = "tuneqn.v1"
-CONTRACT_REVISION = 4
+CONTRACT_REVISION = 5
 #: Oldest agent revision a controller runs studies on: revision 3 brought the TVM fields
 #: that job specs and results need; revision 4 only added the cache and failure fields of
-#: ``AgentInfo`` that ``tuneqn agents`` shows (empty from an older agent).
+#: ``AgentInfo`` that ``tuneqn agents`` shows (empty from an older agent); revision 5
+#: ``Device.prediction_slots`` (0 from an older agent: one job at a time).
 MIN_AGENT_REVISION = 3
 #: Oldest client revision an agent serves: revision 2 moved the ORT fields of JobSpec into
 #: ``backend_options`` and added attempts, so a revision-1 controller would be misread.

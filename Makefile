@@ -8,7 +8,9 @@ PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed-stamp
 # pytest-xdist workers: one per core by default; TEST_WORKERS=0 runs in this process, in file order.
 TEST_WORKERS ?= auto
-PYTEST := $(PY) -m pytest -q -ra -n $(TEST_WORKERS) --dist worksteal
+# Bytecode is written even where PYTHONDONTWRITEBYTECODE is set: without it every worker rewrites and compiles
+# each test module again (~4 s of CPU per worker) and every controller process the tests start compiles tuneqn.
+PYTEST := env -u PYTHONDONTWRITEBYTECODE $(PY) -m pytest -q -ra -n $(TEST_WORKERS) --dist worksteal
 EXAMPLE_DIR := examples/lite0
 EXAMPLE_OUT ?= out/lite0
 

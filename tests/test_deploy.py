@@ -189,7 +189,9 @@ def test_tracker_unit_starts_a_tvm_tracker(tmp_path: Path) -> None:
         SYSTEMD / "tvm-rpc-tracker.service",
         {"C": str(cache)},
         {"/etc/tuneqn/tracker.env": tracker_env},
-        {"PATH": SYSTEMD_PATH, "HOME": str(tmp_path), "LANG": "C.UTF-8"},
+        # + the tests' PYTHONPATH (tests/no_torch): TVM without torch, as in /opt/tuneqn (tuneqn[tvm] installs none);
+        # here torch is installed for the example only, and tvm_ffi would import it in the tracker and its worker
+        {"PATH": SYSTEMD_PATH, "HOME": str(tmp_path), "LANG": "C.UTF-8", "PYTHONPATH": os.environ["PYTHONPATH"]},
     )
     assert argv[1:3] == ["-m", "tvm.exec.rpc_tracker"] and f"{port}" in argv
     log = tmp_path / "tracker.log"

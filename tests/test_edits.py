@@ -216,45 +216,46 @@ def _float_layers(path: Path, disabled: list[str], tmp: Path) -> set[str]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("recipe", ["per-tensor", "per-channel"])
-def test_lite0_derived_candidates_are_the_quantizers(example_dir: Path, tmp_path: Path, recipe: str) -> None:
-    """EfficientNet-Lite0: every k-prefix of the paper's ranking has the predicted size of the file the quantizer
-    writes; two prefixes and 4 random exclusion sets derive the quantizer's bytes, and their excluded layers run
-    in float (the small zoo above covers every rule on many more sets)."""
+def test_lite0_derived_candidates_are_the_quantizers(example_dir: Path, tmp_path: Path) -> None:
+    """EfficientNet-Lite0, per-tensor and per-channel: every k-prefix of the paper's ranking has the predicted size
+    of the file the quantizer writes; two prefixes and 4 random exclusion sets derive the quantizer's bytes, and
+    their excluded layers run in float (the small zoo above covers every rule on many more sets). Both recipes in
+    one study: they share its prepared model, data and calibration (QuantSettings.calibration_key), as in a real
+    study; each recipe is checked on its own ranking, fully quantized model and candidates."""
     example_dir = example_dir.resolve()  # TUNEQN_EXAMPLE_DIR may be relative (make test)
     data = tomllib.loads((Path(__file__).parent.parent / "examples/lite0/study.toml").read_text())
     data["out_dir"] = str(tmp_path / "out")
     data["models"][0]["path"] = str(example_dir / "model.onnx")
     data["dataset"].update(images=str(example_dir / "images"), labels={"csv": str(example_dir / "labels.csv")})
-    data["quantization"]["recipes"] = [{"name": recipe, **RECIPE_PRESETS[recipe]}]
+    recipes = ["per-tensor", "per-channel"]
+    data["quantization"]["recipes"] = [{"name": recipe, **RECIPE_PRESETS[recipe]} for recipe in recipes]
     with Study(parse_config(data, example_dir)) as study:
         study.prepare()
         model = next(iter(study.models))
-        src, settings, cache = (
-            study.quantizer_input(model),
-            study.settings(recipe),
-            study.calibration_cache(model, recipe),
-        )
-        order = study.ranking(model, recipe)
-        study.build(study.make_plan(model, recipe, ()))
-        ref = tmp_path / "ref.onnx"
-        for k in range(1, len(order) + 1):  # every prefix: the prediction is the built file's size ...
-            plan = study.make_plan(model, recipe, order[:k])
-            predicted = study.predicted_size(plan)
-            row = study.build(plan)
-            assert predicted == row["size_bytes"] == Path(row["path"]).stat().st_size, k
-            if k in (1, len(order)):  # ... and that file is the quantizer's (these k, and the random sets below)
-                quantize_candidate(src, ref, settings, order[:k], cache)
-                assert Path(row["path"]).read_bytes() == ref.read_bytes(), k
-        rng = random.Random(recipe)
-        for i in range(4):
-            plan = study.make_plan(model, recipe, rng.sample(order, rng.randint(1, len(order))), f"random {i}")
-            assert study.derive(plan) is not None
-            row = study.build(plan)
-            quantize_candidate(src, ref, settings, list(plan.excluded), cache)
-            assert Path(row["path"]).read_bytes() == ref.read_bytes(), plan.excluded
-            if i < 2:
-                ran_float = _float_layers(Path(row["path"]), row["runtime"]["ort_disabled_optimizers"], tmp_path)
-                assert len(ran_float) == len(plan.excluded)  # (ORT renames the Conv it fuses with its Clip)
-
-
+        for recipe in recipes:
+            src, settings, cache = (
+                study.quantizer_input(model),
+                study.settings(recipe),
+                study.calibration_cache(model, recipe),
+            )
+            order = study.ranking(model, recipe)
+            study.build(study.make_plan(model, recipe, ()))
+            ref = tmp_path / f"ref-{recipe}.onnx"
+            for k in range(1, len(order) + 1):  # every prefix: the prediction is the built file's size ...
+                plan = study.make_plan(model, recipe, order[:k])
+                predicted = study.predicted_size(plan)
+                row = study.build(plan)
+                assert predicted == row["size_bytes"] == Path(row["path"]).stat().st_size, (recipe, k)
+                if k in (1, len(order)):  # ... and that file is the quantizer's (these k, and the random sets below)
+                    quantize_candidate(src, ref, settings, order[:k], cache)
+                    assert Path(row["path"]).read_bytes() == ref.read_bytes(), (recipe, k)
+            rng = random.Random(recipe)
+            for i in range(4):
+                plan = study.make_plan(model, recipe, rng.sample(order, rng.randint(1, len(order))), f"random {i}")
+                assert study.derive(plan) is not None
+                row = study.build(plan)
+                quantize_candidate(src, ref, settings, list(plan.excluded), cache)
+                assert Path(row["path"]).read_bytes() == ref.read_bytes(), (recipe, plan.excluded)
+                if i < 2:
+                    ran_float = _float_layers(Path(row["path"]), row["runtime"]["ort_disabled_optimizers"], tmp_path)
+                    assert len(ran_float) == len(plan.excluded)  # (ORT renames the Conv it fuses with its Clip)

@@ -79,6 +79,13 @@ _SHORT_NICE = 10
 _YIELDING_WORK = 1e12
 
 
+def _calibrate_from(model_path: Path, input_name: str, model_batch: int | str, samples: Path,
+                    settings: QuantSettings, cache_path: Path) -> Path:
+    """:func:`calibrate` on the samples stored at ``samples`` (read where it runs: a yielding child gets the path,
+    not 35 MB of pickled samples)."""
+    return calibrate(model_path, input_name, model_batch, np.load(samples, allow_pickle=False), settings, cache_path)
+
+
 @dataclass(frozen=True)
 class CandidatePlan:
     """A candidate to build: which layers of (model, mode) stay in float."""
@@ -465,17 +472,16 @@ class Study:
     def _calibrate(self, model: str, settings: QuantSettings, path: Path) -> None:
         pm, data = self.models[model], self.data[model]
         t0 = time.perf_counter()
-        samples = data.calibration.load()
         source = self.quantizer_input(model)
+        args = (source, pm.input_name, pm.input_shape[0], data.calibration.path, settings, path)
         # a long call (Lite1's percentile calibration: ~25 s) runs in a child process that pauses while a local
         # agent times (yielding.run); a small one here, where starting a child would cost more than the call
-        args = (source, pm.input_name, pm.input_shape[0], samples, settings, path)
-        if samples.nbytes * source.stat().st_size >= _YIELDING_WORK:
+        if data.calibration.path.stat().st_size * source.stat().st_size >= _YIELDING_WORK:
             # min/max is the short one (Lite1: 5 s vs 20-30 s for percentile): it leaves the long one, which the
             # recipe gate waits for, its core
-            yielding.run(calibrate, *args, nice=0 if settings.calibration_method != "minmax" else _SHORT_NICE)
+            yielding.run(_calibrate_from, *args, nice=0 if settings.calibration_method != "minmax" else _SHORT_NICE)
         else:
-            calibrate(*args)
+            _calibrate_from(*args)
         log.info("%s: calibrated on %d samples in %.1fs", model, data.calibration.size, time.perf_counter() - t0)
         self.store.put_calibration(path.stem.removeprefix(f"{model}-"), model, settings.__dict__, path)
 

@@ -1,8 +1,17 @@
-"""Versions of the tools whose output the study reuses: part of every reuse key."""
+"""Versions of the tools whose output the study reuses: part of every reuse key; and this machine's cores."""
 
 from __future__ import annotations
 
 import functools
+import os
+
+
+def cpu_cores() -> int:
+    """CPU cores this process may use."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 @functools.cache

@@ -15,7 +15,6 @@ import json
 import logging
 import math
 import multiprocessing
-import os
 import re
 import time
 from collections.abc import Callable
@@ -28,6 +27,7 @@ from pydantic import ValidationError
 from tuneqn.controller import metrics
 from tuneqn.controller.files import atomic_write_bytes
 from tuneqn.controller.store import Store
+from tuneqn.controller.versions import cpu_cores
 
 from .answer import Constraint
 from .compute import compute_report
@@ -238,15 +238,7 @@ def write_full_report(store: Store, out_dir: Path, answer_constraint: Constraint
     """Write report.json, the plots and report.html from the store (see :func:`write_report`);
     ``answer_constraint`` replaces the study's constraint of the answer."""
     metrics.backfill(store)
-    return write_report(compute_report(store, answer_constraint), Path(out_dir), plot_workers=_cores())
-
-
-def _cores() -> int:
-    """CPU cores this process may use (the plots of the full report are drawn on all of them)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
+    return write_report(compute_report(store, answer_constraint), Path(out_dir), plot_workers=cpu_cores())
 
 
 def _unique(stem: str, used: set[str]) -> str:

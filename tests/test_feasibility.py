@@ -3,6 +3,7 @@ compile-ahead leasing. Real SQLite stores, real quantizer builds, real JobResult
 
 from __future__ import annotations
 
+import hashlib
 import json
 import threading
 import time
@@ -139,7 +140,8 @@ def test_variants_for_devices_without_qlinearconv_or_convinteger(tmp_path: Path,
 
 
 def _plan(tmp: Path, cid: str = "net:static:fq", device: str = "phone") -> JobPlan:
-    return make_job(cid, device, tmp / "c.onnx", "c" * 64, tmp / "d.npy", "d" * 64, "x", {}, FarmSettings())
+    sha = hashlib.sha256(cid.encode()).hexdigest()  # each candidate its own file
+    return make_job(cid, device, tmp / "c.onnx", sha, tmp / "d.npy", "d" * 64, "x", {}, FarmSettings())
 
 
 def _infeasible_result(plan: JobPlan) -> pb.JobResult:

@@ -329,9 +329,9 @@ def _readable_images(
 ) -> tuple[list[int], dict[int, np.ndarray], list[dict[str, str]]]:
     """The first ``need`` readable images in ``order`` (indices, arrays) and the unreadable ones met on the way.
 
-    Decoded on a thread per core (Pillow's decode and resize release the GIL: 120 Lite1 photos in 0.6 s instead
-    of 1.2 s, before any calibration can start), as many at a time as are still needed, so the images read and
-    skipped are those of a walk in ``order``."""
+    Decoded on a thread per core (Pillow's decode and resize release the GIL: 120 Lite1 photos in 0.4 s instead
+    of 0.75 s on 2 cores, before any calibration can start), as many at a time as are still needed, so the images
+    read and skipped are those of a walk in ``order``."""
     chosen: list[int] = []
     arrays: dict[int, np.ndarray] = {}
     skipped: list[dict[str, str]] = []

@@ -128,9 +128,9 @@ class OrtBackend(Backend):
         )
 
     def prediction_slots(self) -> int:
-        """Two screens at once on a CPU with two cores or more, each on half of them: one inference per core pair
-        scales worse than two (Lite1 screens, 32 images: 0.27 s on 2 threads vs 0.49 s on 1, so 16 % more
-        throughput) and one screen's session build overlaps the other's inference. A simulated device stays one."""
+        """Two screens at once on a CPU with two cores or more, each on half of them: two inferences on one core each
+        scale better than one on both, and one screen's session build overlaps the other's inference (20 Lite1
+        screens of 32 images on 2 cores: 5.3-5.7 s instead of 6.5-7.4 s). A simulated device stays one."""
         return 1 if self.simulated_latency_ms_per_sample > 0 else min(_SCREEN_SLOTS, self._cores)
 
     def load(self, model_path: Path, options: LoadOptions) -> OrtModel:

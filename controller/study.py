@@ -448,28 +448,36 @@ class Study:
     def calibration_cache(self, model: str, mode: str) -> Path | None:
         """ORT calibration cache of (model, calibration sample, the settings it depends on); created once and
         shared by the recipes that differ only in how the ranges are applied (per-tensor and per-channel)."""
-        path = self.calibration_path(model, mode)
-        if path is None:
+        key = self._calibration_key(model, mode)
+        if key is None:
             return None
+        path = self._calibration_file(model, key)
         with self._scratch_lock:
             lock = self._calibrating.setdefault(path, threading.Lock())
         with lock:  # a candidate's build and an analysis on another thread may need it at once
             if not path.is_file():
-                self._calibrate(model, self.settings(mode), path)
+                self._calibrate(model, self.settings(mode), key, path)
         return path
 
     def calibration_path(self, model: str, mode: str) -> Path | None:
         """Where (model, mode)'s calibration cache is or will be (:meth:`calibration_cache`); None when the recipe
         is not calibrated (dynamic). Nothing is calibrated."""
+        key = self._calibration_key(model, mode)
+        return None if key is None else self._calibration_file(model, key)
+
+    def _calibration_key(self, model: str, mode: str) -> str | None:
+        """What (model, mode)'s calibration depends on; None when the recipe is not calibrated (dynamic)."""
         settings = self.settings(mode)
         if settings.mode != "static":
             return None
         pm, data = self.models[model], self.data[model]
-        key = _hash("calibration", pm.sha256, pm.preprocessed, data.calibration.sha256, settings.calibration_key(),
-                    tool_versions())
+        return _hash("calibration", pm.sha256, pm.preprocessed, data.calibration.sha256, settings.calibration_key(),
+                     tool_versions())
+
+    def _calibration_file(self, model: str, key: str) -> Path:
         return self.out_dir / "calibration" / f"{model}-{key}.json"
 
-    def _calibrate(self, model: str, settings: QuantSettings, path: Path) -> None:
+    def _calibrate(self, model: str, settings: QuantSettings, key: str, path: Path) -> None:
         pm, data = self.models[model], self.data[model]
         t0 = time.perf_counter()
         source = self.quantizer_input(model)
@@ -479,11 +487,11 @@ class Study:
         if data.calibration.path.stat().st_size * source.stat().st_size >= _YIELDING_WORK:
             # min/max is the short one (Lite1: 5 s vs 20-30 s for percentile): it leaves the long one, which the
             # recipe gate waits for, its core
-            yielding.run(_calibrate_from, *args, nice=0 if settings.calibration_method != "minmax" else _SHORT_NICE)
+            yielding.run(_calibrate_from, *args, nice=_SHORT_NICE if settings.calibration_method == "minmax" else 0)
         else:
             _calibrate_from(*args)
         log.info("%s: calibrated on %d samples in %.1fs", model, data.calibration.size, time.perf_counter() - t0)
-        self.store.put_calibration(path.stem.removeprefix(f"{model}-"), model, settings.__dict__, path)
+        self.store.put_calibration(key, model, settings.__dict__, path)
 
     # ------------------------------------------------------------------ analysis
     def calibration_sha256(self, model: str, mode: str) -> str | None:

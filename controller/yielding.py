@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import ctypes.util
 import logging
 import multiprocessing
 import multiprocessing.connection
@@ -152,15 +151,12 @@ def _keep_freed_memory() -> None:
     unmaps it when freed, and the kernel zeroes each page again on first touch: 9–19 s of system time of a
     20–40 s calibration. Without glibc (``mallopt`` missing) nothing changes.
     """
-    name = ctypes.util.find_library("c")
     try:
-        libc = ctypes.CDLL(name) if name else None
-        mallopt = libc.mallopt if libc is not None else None
-    except (OSError, AttributeError):
+        mallopt = ctypes.CDLL(None).mallopt  # the process's own C library
+    except AttributeError:  # not glibc
         return
-    if mallopt is not None:
-        mallopt(_M_MMAP_MAX, 0)  # large blocks from the heap, which is reused...
-        mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)  # ...and not given back to the kernel while the child runs
+    mallopt(_M_MMAP_MAX, 0)  # large blocks from the heap, which is reused...
+    mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)  # ...and not given back to the kernel while the child runs
 
 
 def _exit_with(sentinel: int) -> None:

@@ -279,30 +279,33 @@ class JobBoard:
             if state in ("failed", "unreachable"):
                 self.store.update_job(plan.id, state="pending", error=None)
                 state = "pending"
-            first = self._first_of(plan, state)
+            first, measured = self._first_of(plan, state)
             if first is None and state == "pending" and plan.id not in self._pending.setdefault(plan.device, deque()):
                 self._enqueue(plan)
-            elif first is not None and self.store.job(first)["state"] != "done":
+            elif first is not None and not measured:
                 self._follow(first, plan)
             self.cond.notify_all()
-        if first is not None and state == "pending" and self.store.job(first)["state"] == "done":
-            self._copy(first, plan)
+        if first is not None and measured:
+            row = self.store.result(first)
+            if row is not None:
+                self._copy(row, plan)
         return state
 
-    def _first_of(self, plan: JobPlan, state: str) -> str | None:
+    def _first_of(self, plan: JobPlan, state: str) -> tuple[str | None, bool]:
         """The job of this run whose result ``plan`` (pending) takes as its own, a twin measured or being measured
-        (:func:`twin_key`); None: ``plan`` runs itself (and is the one its later twins wait for)."""
+        (:func:`twin_key`), and whether it is measured; None: ``plan`` runs itself (and is the one its later twins
+        wait for)."""
         if state not in ("pending", "submitted", "done"):
-            return None
+            return None, False
         key = twin_key(plan)
         first = self._first.setdefault(key, plan.id)
         if first == plan.id or state != "pending":
-            return None
+            return None, False
         row = self.store.job(first)
         if row is None or row["state"] not in ("pending", "submitted", "done"):
             self._first[key] = plan.id  # the first one failed: this one runs
-            return None
-        return first
+            return None, False
+        return first, row["state"] == "done"
 
     def _follow(self, first: str, plan: JobPlan) -> None:
         """``plan`` waits for ``first``'s result; ``first`` is queued as early as the earlier of the two would be."""
@@ -317,13 +320,10 @@ class JobBoard:
             self.plans[first] = replace(lead, priority=plan.priority)
             self._enqueue(self.plans[first])
 
-    def _copy(self, first: str, plan: JobPlan) -> None:
-        """Store ``first``'s result as ``plan``'s too (the same file measured on the same sample and device class)."""
-        row = self.store.result(first)
-        if row is None:
-            return
+    def _copy(self, row: dict[str, Any], plan: JobPlan) -> None:
+        """Store a twin's result ``row`` as ``plan``'s too (the same file measured on the same sample and class)."""
         info = json.loads(row.get("info") or "{}")
-        info["same_file_as"] = first
+        info["same_file_as"] = row["job_id"]
         copy = {**row, "job_id": plan.id, "candidate_id": plan.candidate_id, "split": plan.split,
                 "info": json.dumps(info)}
         self._store_result(plan.id, copy)
@@ -521,12 +521,13 @@ class JobBoard:
     def complete(self, plan: JobPlan, holder: str, result: pb.JobResult, backend: str = "") -> bool:
         """Store a result (once: the first result of a job wins, wherever it ran). The job is ``done`` in the
         store before ``on_result`` (its metrics) has run: :meth:`settling` counts it meanwhile."""
-        stored = self._store_result(plan.id, result_row(plan, holder, result, backend))
+        row = result_row(plan, holder, result, backend)
+        stored = self._store_result(plan.id, row)
         if stored:
             with self.cond:
                 twins = self._twins.pop(plan.id, [])
             for jid in twins:
-                self._copy(plan.id, self.plans[jid])
+                self._copy(row, self.plans[jid])
         return stored
 
     def _store_result(self, jid: str, row: dict[str, Any]) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import io
 import json
 import os
@@ -234,14 +235,19 @@ def test_a_retry_executes_again(tmp_path: Path, assets: Path) -> None:
 
 
 @pytest.mark.heavy
+@pytest.mark.parametrize("when", ["its turn", "ahead"])
 def test_controller_side_error_fails_the_attempt_and_the_run_goes_on(tmp_path: Path, assets: Path,
-                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    """An OSError while uploading (disk trouble on the controller) fails that attempt; no hang."""
+                                                                     monkeypatch: pytest.MonkeyPatch,
+                                                                     when: str) -> None:
+    """An OSError while uploading (disk trouble on the controller) fails that attempt; no hang. The same whether
+    the job is submitted at its turn or ahead, while the device runs the one before it."""
     real = AgentClient.upload_file
     broken: list[str] = []
 
     def flaky_upload(self: AgentClient, path: Any, timeout: float | None = None) -> str:
-        if not broken and str(path).endswith(".onnx") and "candidates" in str(path):
+        ahead = any(frame.function == "_submit_ahead" for frame in inspect.stack(0))
+        if (not broken and str(path).endswith(".onnx") and "candidates" in str(path)
+                and ahead == (when == "ahead")):
             broken.append(str(path))
             raise OSError(28, "No space left on device")
         return real(self, path, timeout)

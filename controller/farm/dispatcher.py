@@ -935,8 +935,13 @@ class DeviceSlot(threading.Thread):
             try:
                 self._submit(plan, attempt)
                 log.debug("job %s submitted ahead to %s", plan.id, self.holder)
-            except (grpc.RpcError, OSError) as exc:  # it stays leased here: submitted again when its turn comes
+            except grpc.RpcError as exc:  # it stays leased here: submitted again when its turn comes
                 log.warning("submitting job %s ahead to %s: %s", plan.id, self.holder, exc)
+                return
+            except OSError as exc:  # the controller's side (disk trouble): the attempt fails, as in _run
+                log.warning("submitting job %s ahead to %s: %s", plan.id, self.holder, exc)
+                self.ahead.remove(plan.id)
+                self.board.fail(plan, self.holder, f"controller: {type(exc).__name__}: {exc}")
                 return
 
     def _run(self, plan: JobPlan, attempt: int) -> None:

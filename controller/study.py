@@ -80,10 +80,24 @@ _YIELDING_WORK = 1e12
 
 
 def _calibrate_from(model_path: Path, input_name: str, model_batch: int | str, samples: Path,
-                    settings: QuantSettings, cache_path: Path) -> Path:
+                    settings: QuantSettings, cache_path: Path,
+                    fully_quantized: tuple[tuple[Path, QuantSettings], ...] = ()) -> list[tuple[Path, str, int, Any]]:
     """:func:`calibrate` on the samples stored at ``samples`` (read where it runs: a yielding child gets the path,
-    not 35 MB of pickled samples)."""
-    return calibrate(model_path, input_name, model_batch, np.load(samples, allow_pickle=False), settings, cache_path)
+    not 35 MB of pickled samples); then the fully quantized models ``(out, settings)`` of the recipes that share the
+    calibration, each as the builder would write it (ORT's quantizer: 3 s for a per-channel Lite1), here where the
+    calibration runs: in a child process, in parallel with the study's other calibration and its builder.
+    Returns (out, sha256, size, runtime options) per model built; one that fails is left to the builder, which
+    builds it again and reports why."""
+    calibrate(model_path, input_name, model_batch, np.load(samples, allow_pickle=False), settings, cache_path)
+    built = []
+    for out, recipe in fully_quantized:
+        try:
+            quantize_candidate(model_path, out, recipe, [], cache_path)
+            sha, size = file_digest(out)
+            built.append((out, sha, size, runtime_options(onnx.load(str(out), load_external_data=False), [])))
+        except Exception as exc:  # noqa: BLE001 - the builder builds it again and reports the error
+            log.info("building %s with the calibration: %s: %s", out, type(exc).__name__, exc)
+    return built
 
 
 @dataclass(frozen=True)
@@ -481,17 +495,27 @@ class Study:
         pm, data = self.models[model], self.data[model]
         t0 = time.perf_counter()
         source = self.quantizer_input(model)
-        args = (source, pm.input_name, pm.input_shape[0], data.calibration.path, settings, path)
+        fq = [self.make_plan(model, r, ()) for r in self.recipes(model) if self._calibration_key(model, r) == key]
+        args = (source, pm.input_name, pm.input_shape[0], data.calibration.path, settings, path,
+                tuple((self.candidate_path(p), self.settings(p.mode)) for p in fq))
         # a long call (Lite1's percentile calibration: ~25 s) runs in a child process that pauses while a local
         # agent times (yielding.run); a small one here, where starting a child would cost more than the call
         if data.calibration.path.stat().st_size * source.stat().st_size >= _YIELDING_WORK:
             # min/max is the short one (Lite1: 5 s vs 20-30 s for percentile): it leaves the long one, which the
             # recipe gate waits for, its core
-            yielding.run(_calibrate_from, *args, nice=_SHORT_NICE if settings.calibration_method == "minmax" else 0)
+            built = yielding.run(_calibrate_from, *args,
+                                 nice=_SHORT_NICE if settings.calibration_method == "minmax" else 0)
         else:
-            _calibrate_from(*args)
+            built = _calibrate_from(*args)
         log.info("%s: calibrated on %d samples in %.1fs", model, data.calibration.size, time.perf_counter() - t0)
         self.store.put_calibration(key, model, settings.__dict__, path)
+        calibration_sha = file_sha256(path)
+        files = {out: (sha, size, runtime) for out, sha, size, runtime in built}
+        for plan in fq:
+            if self.candidate_path(plan) in files:
+                sha, size, runtime = files[self.candidate_path(plan)]
+                self.store.put_candidate(self._row(plan, self._build_key(plan, calibration_sha),
+                                                   self.candidate_path(plan), size, sha, runtime))
 
     # ------------------------------------------------------------------ analysis
     def calibration_sha256(self, model: str, mode: str) -> str | None:
@@ -704,9 +728,12 @@ class Study:
         """What a candidate's bytes depend on: the prepared model (and whether it was pre-processed),
         the calibration cache's content, every quantization setting, the exclusion list and the
         tool versions."""
+        return self._build_key(plan, self.calibration_sha256(plan.model, plan.mode))
+
+    def _build_key(self, plan: CandidatePlan, calibration_sha: str | None) -> str:
         pm = self.models[plan.model]
-        return _hash("candidate", pm.sha256, pm.preprocessed, self.calibration_sha256(plan.model, plan.mode),
-                     self.settings(plan.mode).key(), sorted(plan.excluded), tool_versions())
+        return _hash("candidate", pm.sha256, pm.preprocessed, calibration_sha, self.settings(plan.mode).key(),
+                     sorted(plan.excluded), tool_versions())
 
     def build(self, plan: CandidatePlan, out: Path | None = None) -> dict[str, Any]:
         """Build (or reuse) a candidate file and record it; returns its row.
@@ -742,14 +769,19 @@ class Study:
             derived.write(path)
             sha, size = derived.sha256(), derived.size
             runtime = runtime_options_of(derived.nodes, derived.initializer_names, list(plan.excluded))
-        row = {
-            "id": plan.id, "model": plan.model, "mode": plan.mode, "k": plan.k, "kind": plan.kind,
-            "label": plan.label, "excluded": list(plan.excluded), "settings_key": settings.key(),
-            "build_key": key, "path": str(path), "size_bytes": size, "sha256": sha, "runtime": runtime,
-        }
+        row = self._row(plan, key, path, size, sha, runtime)
         if out is None:
             self.store.put_candidate(row)
         return row
+
+    def _row(self, plan: CandidatePlan, key: str, path: Path, size: int, sha: str,
+             runtime: dict[str, list[str]]) -> dict[str, Any]:
+        """A built candidate's row in the store."""
+        return {
+            "id": plan.id, "model": plan.model, "mode": plan.mode, "k": plan.k, "kind": plan.kind,
+            "label": plan.label, "excluded": list(plan.excluded), "settings_key": self.settings(plan.mode).key(),
+            "build_key": key, "path": str(path), "size_bytes": size, "sha256": sha, "runtime": runtime,
+        }
 
     # ------------------------------------------------------------------ candidates by graph edits
     def _edit_index(self, model: str, recipe: str, build_fq: bool) -> CandidateIndex | str | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import sqlite3
@@ -14,6 +15,8 @@ import pytest
 from conftest import exported_sha256, write_study
 
 from tuneqn.controller.cli import main
+from tuneqn.controller.files import file_sha256
+from tuneqn.controller.study import Study
 
 WEIGHTED = {"Conv", "Gemm", "MatMul", "ConvTranspose"}
 
@@ -145,6 +148,43 @@ def test_calibration_runs_once_for_all_candidates(tmp_path: Path, assets: Path, 
     assert main(["analyze", str(study), "--candidates"]) == 0
     assert len(_candidates(tmp_path / "out")) == 6
     assert len(calibrations) == 1
+
+
+@pytest.mark.parametrize("child", [False, True], ids=["in-process", "in a yielding child"])
+def test_a_calibration_builds_the_fully_quantized_models_of_the_recipes_sharing_it(
+        tmp_path: Path, assets: Path, monkeypatch: pytest.MonkeyPatch, child: bool) -> None:
+    """Where the calibration runs (a child process for a large model), it also builds the fully quantized model of
+    every recipe that shares it: the builder then reuses them, and they are the files it would have built."""
+    from tuneqn.controller import study as study_module
+    from tuneqn.controller.config import load_config
+    from tuneqn.controller.farm.local import QuietLock
+
+    toml = write_study(tmp_path, model=assets / "cnn.onnx", images=assets / "images",
+                       quantization={"recipes": [{"name": "pt", "mode": "static", "per_channel": False},
+                                                 {"name": "pc", "mode": "static", "per_channel": True},
+                                                 {"name": "pct", "mode": "static", "calibration_method": "percentile"}]})
+    study = Study(load_config(toml))
+    study.prepare()
+    if child:
+        monkeypatch.setattr(study_module, "_YIELDING_WORK", 0)
+    with QuietLock(tmp_path / "quiet.lock").shared() if child else contextlib.nullcontext():
+        study.calibration_cache("cnn", "pc")
+    plans = {r: study.make_plan("cnn", r, ()) for r in ("pt", "pc", "pct")}
+    stored = {r: study.store.candidate(p.id) for r, p in plans.items()}
+    assert stored["pct"] is None  # another calibration: built with that one
+    for recipe in ("pt", "pc"):
+        row = stored[recipe]
+        assert row is not None and row["build_key"] == study.build_key(plans[recipe])
+        alone = study.build(plans[recipe], out=tmp_path / f"{recipe}.onnx")  # what the builder writes
+        assert row["sha256"] == alone["sha256"] == file_sha256(Path(row["path"]))
+        assert (row["size_bytes"], row["runtime"]) == (alone["size_bytes"], alone["runtime"])
+
+    def no_quantizer(*args: object) -> None:
+        raise AssertionError("built again")
+
+    monkeypatch.setattr(study_module, "quantize_candidate", no_quantizer)
+    assert study.build(plans["pc"])["sha256"] == stored["pc"]["sha256"]
+    study.close()
 
 
 def test_dynamic_candidates_keep_node_names(tmp_path: Path, assets: Path) -> None:

@@ -287,6 +287,8 @@ class Study:
         self._auto_notes: dict[str, str] = {}
         self._calibrating: dict[Path, threading.Lock] = {}  # one calibration per cache file at a time
         self._building: dict[str, threading.Lock] = {}  # one build per candidate at a time
+        #: fully quantized models a calibration built (:meth:`_calibrate`): path -> (build key, sha256, size, runtime)
+        self._prebuilt: dict[Path, tuple[str, str, int, dict[str, list[str]]]] = {}
         self._layers: dict[tuple[str, str], list[dict[str, Any]]] = {}
         self._listed: dict[tuple[str, str], list[dict[str, Any]]] = {}  # quantized_layers (not analyzed)
         self._derivations = Derivations()
@@ -510,12 +512,9 @@ class Study:
         log.info("%s: calibrated on %d samples in %.1fs", model, data.calibration.size, time.perf_counter() - t0)
         self.store.put_calibration(key, model, settings.__dict__, path)
         calibration_sha = file_sha256(path)
-        files = {out: (sha, size, runtime) for out, sha, size, runtime in built}
-        for plan in fq:
-            if self.candidate_path(plan) in files:
-                sha, size, runtime = files[self.candidate_path(plan)]
-                self.store.put_candidate(self._row(plan, self._build_key(plan, calibration_sha),
-                                                   self.candidate_path(plan), size, sha, runtime))
+        keys = {self.candidate_path(plan): self._build_key(plan, calibration_sha) for plan in fq}
+        with self._scratch_lock:  # the builder records them with its plan's label when it gets to them
+            self._prebuilt.update({out: (keys[out], sha, size, runtime) for out, sha, size, runtime in built})
 
     # ------------------------------------------------------------------ analysis
     def calibration_sha256(self, model: str, mode: str) -> str | None:
@@ -760,7 +759,12 @@ class Study:
         ):
             return stored
         derived = self.derive(plan) if plan.excluded else None
-        if derived is None:
+        with self._scratch_lock:
+            prebuilt = self._prebuilt.pop(path, None) if out is None else None
+        if (derived is None and prebuilt is not None and prebuilt[0] == key and path.is_file()
+                and file_sha256(path) == prebuilt[1]):
+            _, sha, size, runtime = prebuilt  # built with the calibration
+        elif derived is None:
             quantize_candidate(self.quantizer_input(plan.model), path, settings, list(plan.excluded),
                                self.calibration_cache(plan.model, plan.mode))
             sha, size = file_digest(path)

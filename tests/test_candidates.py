@@ -162,28 +162,29 @@ def test_a_calibration_builds_the_fully_quantized_models_of_the_recipes_sharing_
     toml = write_study(tmp_path, model=assets / "cnn.onnx", images=assets / "images",
                        quantization={"recipes": [{"name": "pt", "mode": "static", "per_channel": False},
                                                  {"name": "pc", "mode": "static", "per_channel": True},
-                                                 {"name": "pct", "mode": "static", "calibration_method": "percentile"}]})
+                                                 {"name": "pct", "mode": "static",
+                                                  "calibration_method": "percentile"}]})
     study = Study(load_config(toml))
     study.prepare()
     if child:
         monkeypatch.setattr(study_module, "_YIELDING_WORK", 0)
     with QuietLock(tmp_path / "quiet.lock").shared() if child else contextlib.nullcontext():
         study.calibration_cache("cnn", "pc")
-    plans = {r: study.make_plan("cnn", r, ()) for r in ("pt", "pc", "pct")}
-    stored = {r: study.store.candidate(p.id) for r, p in plans.items()}
-    assert stored["pct"] is None  # another calibration: built with that one
-    for recipe in ("pt", "pc"):
-        row = stored[recipe]
-        assert row is not None and row["build_key"] == study.build_key(plans[recipe])
-        alone = study.build(plans[recipe], out=tmp_path / f"{recipe}.onnx")  # what the builder writes
-        assert row["sha256"] == alone["sha256"] == file_sha256(Path(row["path"]))
-        assert (row["size_bytes"], row["runtime"]) == (alone["size_bytes"], alone["runtime"])
+    plans = {r: study.make_plan("cnn", r, (), label="k=0") for r in ("pt", "pc", "pct")}
+    assert {study.candidate_path(p) for p in plans.values()} - set(study._prebuilt) == {
+        study.candidate_path(plans["pct"])}  # another calibration: built with that one
+    alone = {r: study.build(plans[r], out=tmp_path / f"{r}.onnx") for r in ("pt", "pc")}  # what the builder writes
 
     def no_quantizer(*args: object) -> None:
         raise AssertionError("built again")
 
     monkeypatch.setattr(study_module, "quantize_candidate", no_quantizer)
-    assert study.build(plans["pc"])["sha256"] == stored["pc"]["sha256"]
+    for recipe in ("pt", "pc"):
+        row = study.build(plans[recipe])
+        assert study.store.candidate(plans[recipe].id)["label"] == row["label"] == "k=0"  # the builder's plan's
+        assert row["build_key"] == study.build_key(plans[recipe])
+        assert row["sha256"] == alone[recipe]["sha256"] == file_sha256(Path(row["path"]))
+        assert (row["size_bytes"], row["runtime"]) == (alone[recipe]["size_bytes"], alone[recipe]["runtime"])
     study.close()
 
 

@@ -54,7 +54,10 @@ from tuneqn.agent.config import (
     security_problem,
 )
 
-__all__ = ["build_parser", "is_loopback", "main", "parse_listen", "parse_size"]
+__all__ = [
+    "OneLineParser", "UsageError", "build_parser", "is_loopback", "main", "parse_listen", "parse_size",
+    "read_user_file",
+]
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +73,9 @@ class UsageError(Exception):
     """Bad command-line input; reported as one line on stderr with exit code 2."""
 
 
-class _Parser(argparse.ArgumentParser):
+class OneLineParser(argparse.ArgumentParser):
+    """An argument parser whose usage errors are one line and exit code 2 (the agent's commands)."""
+
     def error(self, message: str) -> NoReturn:
         """Report a usage error in one line (no usage dump) and exit 2."""
         self.exit(2, f"{self.prog}: error: {message}\n")
@@ -105,7 +110,7 @@ def default_state_dir() -> Path:
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser; defaults come from ``TUNEQN_AGENT_*`` environment variables."""
     env = os.environ.get
-    p = _Parser(
+    p = OneLineParser(
         prog=PROG,
         description="Run tuneqn evaluation jobs for the devices attached to this host.",
         epilog="Security: off loopback the agent needs a bearer token over TLS (--token-file "
@@ -310,7 +315,8 @@ def parse_listen(text: str, flag: str = "--listen") -> tuple[str, int]:
     return host, port
 
 
-def _read_file(path: str, what: str) -> bytes:
+def read_user_file(path: str, what: str) -> bytes:
+    """The bytes of a file the user named, else a one-line :class:`UsageError` naming ``what``."""
     try:
         return Path(path).read_bytes()
     except OSError as exc:
@@ -321,7 +327,7 @@ def _read_pem_certificates(path: str, flag: str) -> bytes:
     """The bytes of ``path``, checked to hold PEM certificates (else one line naming ``flag``, exit 2)."""
     from cryptography import x509  # noqa: PLC0415 - only with TLS
 
-    data = _read_file(path, flag)
+    data = read_user_file(path, flag)
     try:
         x509.load_pem_x509_certificates(data)
     except ValueError:
@@ -335,7 +341,7 @@ def _read_tls_pair(cert_path: str, key_path: str) -> tuple[bytes, bytes]:
     from cryptography.hazmat.primitives import serialization  # noqa: PLC0415
 
     cert = _read_pem_certificates(cert_path, "--tls-cert")
-    key = _read_file(key_path, "--tls-key")
+    key = read_user_file(key_path, "--tls-key")
     try:
         private = serialization.load_pem_private_key(key, password=None)
     except (ValueError, TypeError):
@@ -631,7 +637,7 @@ def _validate(args: argparse.Namespace) -> tuple[AgentConfig, str, str]:
     _validate_tvm(args)
     token = None
     if args.token_file:
-        token = _read_file(args.token_file, "token file").decode("utf-8", "replace").strip()
+        token = read_user_file(args.token_file, "token file").decode("utf-8", "replace").strip()
         if not token:
             raise UsageError(f"token file {args.token_file} is empty")
         if any(c.isspace() for c in token):

@@ -24,7 +24,7 @@ import sys
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tuneqn.agent.cli import UsageError, _Parser, _read_file, parse_listen
+from tuneqn.agent.cli import OneLineParser, UsageError, parse_listen, read_user_file
 
 __all__ = ["default_address", "default_target", "main", "probe"]
 
@@ -81,7 +81,7 @@ def probe(address: str, tls_ca: bytes | None = None, tls_cert: bytes | None = No
 def main(argv: list[str] | None = None) -> int:
     """Probe once; the exit code (0 serving, 1 not, 2 bad arguments)."""
     env = os.environ.get
-    p = _Parser(prog=PROG, description="Exit 0 if the tuneqn agent at HOST:PORT is serving, 1 if not.")
+    p = OneLineParser(prog=PROG, description="Exit 0 if the tuneqn agent at HOST:PORT is serving, 1 if not.")
     p.add_argument("address", nargs="?", default=None, metavar="HOST:PORT",
                    help="the agent (default: its loopback health listener TUNEQN_AGENT_HEALTH_LISTEN, "
                    "plaintext; else TUNEQN_AGENT_LISTEN, localhost for 0.0.0.0)")
@@ -106,9 +106,9 @@ def main(argv: list[str] | None = None) -> int:
             raise UsageError(f"--timeout must be > 0, got {args.timeout:g}")
         address, plaintext = (args.address, False) if args.address else default_target()
         parse_listen(address, "address")
-        ca = _read_file(args.tls_ca, "TLS CA") if args.tls_ca and not plaintext else None
-        cert = _read_file(args.tls_cert, "TLS certificate") if args.tls_cert and not plaintext else None
-        key = _read_file(args.tls_key, "TLS key") if args.tls_key and not plaintext else None
+        ca = read_user_file(args.tls_ca, "TLS CA") if args.tls_ca and not plaintext else None
+        cert = read_user_file(args.tls_cert, "TLS certificate") if args.tls_cert and not plaintext else None
+        key = read_user_file(args.tls_key, "TLS key") if args.tls_key and not plaintext else None
     except UsageError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2

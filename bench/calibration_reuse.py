@@ -18,10 +18,10 @@ from tuneqn.controller.analysis import find_layers
 from tuneqn.controller.config import QuantizationSpec
 from tuneqn.controller.quantize import (
     QuantSettings,
-    _calibration_reader,
-    _quantize_static,
     calibrate,
+    calibration_reader,
     quantize_candidate,
+    quantize_static_file,
 )
 
 
@@ -51,8 +51,8 @@ def main() -> int:
         t0 = time.perf_counter()
         for i, ex_list in enumerate(excludes):
             fresh = tmp / f"fresh-{i}.json"
-            _quantize_static(pm.path, tmp / f"fresh-{i}.onnx", settings, ex_list, fresh,
-                             _calibration_reader(pm.input_name, calib, pm.input_shape[0], settings))
+            quantize_static_file(pm.path, tmp / f"fresh-{i}.onnx", settings, ex_list, fresh,
+                             calibration_reader(pm.input_name, calib, pm.input_shape[0], settings))
         recal = time.perf_counter() - t0
         same = all((tmp / f"reuse-{i}.onnx").read_bytes() == (tmp / f"fresh-{i}.onnx").read_bytes()
                    for i in range(len(excludes)))

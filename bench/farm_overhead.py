@@ -33,7 +33,7 @@ from tuneqn.controller.config import parse_config
 from tuneqn.controller.farm.dispatcher import Endpoint, FarmSettings
 from tuneqn.controller.farm.local import LocalAgent
 from tuneqn.controller.orchestrator import tune
-from tuneqn.controller.quantize import _calibration_reader, _quantize_static
+from tuneqn.controller.quantize import calibration_reader, quantize_static_file
 from tuneqn.controller.study import Study
 
 
@@ -108,8 +108,8 @@ def paper_loop(cfg: dict[str, Any], ranking_from: Path) -> float:
         with tempfile.TemporaryDirectory() as tmp:
             for i, plan in enumerate(study.all_plans()):
                 out = Path(tmp) / f"c{i}.onnx"
-                _quantize_static(pm.path, out, settings, list(plan.excluded), Path(tmp) / f"cal{i}.json",
-                                 _calibration_reader(pm.input_name, calib, pm.input_shape[0]))
+                quantize_static_file(pm.path, out, settings, list(plan.excluded), Path(tmp) / f"cal{i}.json",
+                                 calibration_reader(pm.input_name, calib, pm.input_shape[0]))
                 _infer(str(out), x, ["WeightBiasQuantization"] if plan.excluded else [])
     finally:
         study.close()

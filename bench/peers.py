@@ -63,7 +63,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from tuneqn.controller.cli import _study_config, build_parser
+from tuneqn.controller.cli import build_parser, study_config
 from tuneqn.controller.config import StudyConfig
 from tuneqn.controller.dataset import PreparedData, describe_preprocess, model_hw, prepare_data
 from tuneqn.controller.errors import UserError
@@ -95,13 +95,13 @@ def samples(quick: list[str], out: Path, work: Path) -> tuple[StudyConfig, Prepa
     """The config tuneqn builds for the command and the samples it draws from it.
 
     Returns (config, prepared data). The config comes from
-    tuneqn's parser and ``_study_config`` (the quick form's defaults: sample sizes, seed,
+    tuneqn's parser and ``study_config`` (the quick form's defaults: sample sizes, seed,
     preprocessing); the samples from ``prepare_data`` with the model's input shape as tuneqn
     prepares it.
     """
     parser = build_parser()
     args = parser.parse_args(tuneqn_command(quick, out))
-    cfg = _study_config(args)
+    cfg = study_config(args)
     spec = cfg.models[0]
     pm = prepare_model(spec, work / "models", cfg.hub_cache_dir, label="models[0]", preprocess_model=False)
     data = prepare_data(cfg.dataset, pm.input_shape, work / "data")

@@ -71,7 +71,8 @@ def _quick_config(args: argparse.Namespace) -> StudyConfig:
     return parse_config(data, Path.cwd())
 
 
-def _study_config(args: argparse.Namespace) -> StudyConfig:
+def study_config(args: argparse.Namespace) -> StudyConfig:
+    """The study ``tune``/``analyze`` run: the TOML given, else the quick form's flags (bench/peers.py uses it too)."""
     if args.study is not None:
         if args.model or args.images:
             raise UserError("give either STUDY.toml or --model/--images, not both")
@@ -330,7 +331,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     from tuneqn.controller.progress import Progress
     from tuneqn.controller.study import Study
 
-    cfg = _study_config(args)
+    cfg = study_config(args)
     print("\n".join(preprocessing_lines(cfg)))
     study = Study(cfg, fresh=args.fresh, command=_command_line(args))
     try:
@@ -476,7 +477,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     from tuneqn.controller.progress import Progress
     from tuneqn.controller.study import Study
 
-    cfg = _study_config(args)
+    cfg = study_config(args)
     if args.device_class:
         cfg = cfg.model_copy(update={"evaluation": cfg.evaluation.model_copy(
             update={"device_classes": list(dict.fromkeys(args.device_class))})})

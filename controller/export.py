@@ -38,8 +38,7 @@ from onnx import helper, numpy_helper
 from tuneqn.controller.errors import StudyFailed, UserError
 from tuneqn.controller.files import atomic_write_bytes, file_digest
 from tuneqn.controller.quantize import WBQ, runtime_options
-from tuneqn.controller.report.answer import _layer_order as layer_order
-from tuneqn.controller.report.answer import candidate_file, float_layers, wilson_interval
+from tuneqn.controller.report.answer import candidate_file, float_layers, layer_order, wilson_interval
 from tuneqn.controller.versions import tool_versions
 
 log = logging.getLogger(__name__)

@@ -47,9 +47,9 @@ from tuneqn.controller import histograms
 from tuneqn.controller.config import QuantizationSpec, Recipe
 
 __all__ = [
-    "QTYPE", "WBQ", "ArrayReader", "QuantSettings", "calibrate", "default_op_types", "quantize_candidate",
-    "quantized_nodes", "quiet_ort_python_logs", "runtime_options", "runtime_options_of",
-    "static_extra_options",
+    "QTYPE", "WBQ", "ArrayReader", "QuantSettings", "calibrate", "calibration_reader", "default_op_types",
+    "quantize_candidate", "quantize_static_file", "quantized_nodes", "quiet_ort_python_logs", "runtime_options",
+    "runtime_options_of", "static_extra_options",
 ]
 
 log = logging.getLogger(__name__)
@@ -171,7 +171,7 @@ class _OrtAdviceFilter(logging.Filter):
         return not ("onnxruntime" in record.pathname and record.levelno < logging.ERROR)
 
 
-def _calibration_reader(input_name: str, data: np.ndarray, model_batch: int | str,
+def calibration_reader(input_name: str, data: np.ndarray, model_batch: int | str,
                         settings: QuantSettings) -> ArrayReader:
     """Batches of the model's fixed batch size; with a dynamic batch 8 at a time, except for the
     histogram calibrators (entropy, percentile), which stack every batch of a tensor into one
@@ -203,8 +203,8 @@ def calibrate(
     partial.unlink(missing_ok=True)
     # The histogram calibrators print their progress to stdout: keep the CLI's output clean.
     with tempfile.TemporaryDirectory(prefix="tuneqn-calib-") as tmp, contextlib.redirect_stdout(io.StringIO()):
-        _quantize_static(model_path, Path(tmp) / "fq.onnx", settings, [], partial,
-                         _calibration_reader(input_name, calib_data, model_batch, settings))
+        quantize_static_file(model_path, Path(tmp) / "fq.onnx", settings, [], partial,
+                         calibration_reader(input_name, calib_data, model_batch, settings))
     os.replace(partial, cache_path)
     return cache_path
 
@@ -214,7 +214,7 @@ def static_extra_options(settings: QuantSettings) -> dict[str, Any]:
     return {"ActivationSymmetric": settings.activation_symmetric, "WeightSymmetric": settings.weight_symmetric}
 
 
-def _quantize_static(
+def quantize_static_file(
     model_path: Path,
     out: Path,
     settings: QuantSettings,
@@ -222,6 +222,8 @@ def _quantize_static(
     cache_path: Path,
     reader: CalibrationDataReader | None = None,
 ) -> None:
+    """ORT's ``quantize_static`` of ``model_path`` to ``out`` with a recipe's settings, everything but ``exclude``
+    quantized; ranges from ``cache_path`` (written there first from ``reader`` when one is given)."""
     extra = static_extra_options(settings)
     with quiet_ort_python_logs():
         quantize_static(
@@ -288,7 +290,7 @@ def quantize_candidate(
     if settings.mode == "static":
         if calib_cache is None or not calib_cache.is_file():
             raise FileNotFoundError(f"calibration cache missing: {calib_cache}")
-        _quantize_static(model_path, tmp, settings, exclude, calib_cache)
+        quantize_static_file(model_path, tmp, settings, exclude, calib_cache)
         if settings.format == "qoperator":
             _restore_names_in_file(model_path, tmp, _RENAMED_SUFFIXES["qoperator"])
     else:

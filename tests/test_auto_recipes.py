@@ -19,7 +19,7 @@ import pytest
 import tomli_w
 from conftest import write_study
 
-from tuneqn.controller.cli import _quick_config, _study_config, main
+from tuneqn.controller.cli import _quick_config, main, study_config
 from tuneqn.controller.config import AUTO_RECIPES, QuantizationSpec, load_config
 from tuneqn.controller.search import gate
 from tuneqn.controller.search.gate import FqFailed, FqPoint, decide
@@ -114,13 +114,13 @@ def test_auto_is_the_default_and_explicit_recipes_win(tmp_path: Path, assets: Pa
 
     # The quick form: auto unless --mode or --recipe says otherwise (issue 16: it searched per-tensor only).
     assert _quick_config(args()).quantization.auto
-    assert _study_config(args(mode=["static"])).quantization.recipe_names() == ["static"]
-    assert _study_config(args(recipe=["per-channel"])).quantization.recipe_names() == ["per-channel"]
+    assert study_config(args(mode=["static"])).quantization.recipe_names() == ["static"]
+    assert study_config(args(recipe=["per-channel"])).quantization.recipe_names() == ["per-channel"]
     # A study file: auto without recipes/modes or with recipes = "auto"; --mode and --recipe win.
     toml = write_study(tmp_path, model=assets / "cnn.onnx", images=assets / "images", quantization={"recipes": "auto"})
 
     def from_file(**kw: Any) -> QuantizationSpec:
-        return _study_config(args(study=str(toml), model=None, images=None, out=None, **kw)).quantization
+        return study_config(args(study=str(toml), model=None, images=None, out=None, **kw)).quantization
 
     assert load_config(toml).quantization.auto and from_file().auto
     assert from_file(mode=["dynamic"]).recipe_names() == ["dynamic"]

@@ -182,9 +182,9 @@ def _study_args(tmp_path: Path, *flags: str) -> list[str]:
 
 
 def _config(argv: list[str]) -> PreprocessSpec:
-    from tuneqn.controller.cli import _study_config
+    from tuneqn.controller.cli import study_config
 
-    return _study_config(build_parser().parse_args(argv)).dataset.preprocess
+    return study_config(build_parser().parse_args(argv)).dataset.preprocess
 
 
 def test_quick_form_flags_override_the_preset(tmp_path: Path) -> None:

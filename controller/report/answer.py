@@ -284,7 +284,7 @@ def choose(options: list[_Option], constraint: Constraint) -> tuple[_Option | No
     return _fastest([o for o in same if (o.size if o.size is not None else math.inf) == size]), False
 
 
-def _layer_order(report: dict[str, Any]) -> dict[tuple[str, str], dict[str, int]]:
+def layer_order(report: dict[str, Any]) -> dict[tuple[str, str], dict[str, int]]:
     """Per (model, recipe), each analyzed layer's position in the graph."""
     out: dict[tuple[str, str], dict[str, int]] = {}
     for layer in report.get("layers") or []:
@@ -418,7 +418,7 @@ def build_answer(report: dict[str, Any], constraint: Constraint | None = None) -
     out_dir = str((report.get("study") or {}).get("out_dir") or "OUT_DIR")
     dataset = report.get("dataset") or {}
     labelled = dataset.get("labelled_eval_samples")
-    order = _layer_order(report)
+    order = layer_order(report)
     models = {m.get("name"): m for m in report.get("models") or []}
     baselines = {(b.get("model"), b.get("device")): b for b in report.get("baselines") or []}
     full = [c for c in report.get("candidates") or [] if c.get("level", "full") == "full"]

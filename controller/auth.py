@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from tuneqn.controller.errors import UserError
+from tuneqn.controller.files import read_user_file
 
 
 def read_token(path: Path | str | None, what: str = "token file") -> str | None:
@@ -16,14 +17,7 @@ def read_token(path: Path | str | None, what: str = "token file") -> str | None:
     if path is None:
         return None
     path = Path(path)
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise UserError(f"{what}: file not found: {path}") from None
-    except IsADirectoryError:
-        raise UserError(f"{what}: {path} is a folder, expected a file holding the token") from None
-    except OSError as exc:
-        raise UserError(f"{what}: cannot read {path} ({exc.strerror or exc.__class__.__name__})") from None
+    raw = read_user_file(path, "file", "a file holding the token", what)
     try:
         token = raw.decode("utf-8").strip()
     except UnicodeDecodeError:

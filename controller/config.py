@@ -17,6 +17,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from tuneqn.controller.errors import UserError
+from tuneqn.controller.files import read_user_file
 from tuneqn.controller.objectives import OBJECTIVES, objective
 
 Mode = Literal["static", "dynamic"]
@@ -720,12 +721,7 @@ def parse_config(data: dict[str, Any], base_dir: Path) -> StudyConfig:
 
 def load_config(path: Path) -> StudyConfig:
     """Read and validate a study TOML file."""
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise UserError(f"{path}: config file not found") from None
-    except IsADirectoryError:
-        raise UserError(f"{path}: is a folder, expected a TOML file") from None
+    raw = read_user_file(path, "config file", "a study TOML file")
     try:
         data = tomllib.loads(raw.decode("utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:

@@ -7,6 +7,8 @@ import os
 import tempfile
 from pathlib import Path
 
+from tuneqn.controller.errors import UserError
+
 
 def _file_mode() -> int:
     """Mode a plain ``open()`` would give a new file (0o666 minus the umask), read without changing it."""
@@ -55,3 +57,17 @@ def file_digest(path: Path) -> tuple[str, int]:
 def file_sha256(path: Path) -> str:
     """Hex sha256 of a file's bytes."""
     return file_digest(path)[0]
+
+
+def read_user_file(path: Path, kind: str, expected: str, what: str | None = None) -> bytes:
+    """The bytes of a file the user named; a missing file, a folder or an unreadable file is a one-line
+    :class:`UserError` naming ``what`` (the flag or config key, e.g. ``--lab``), the ``kind`` of file and the path."""
+    prefix = f"{what}: " if what else ""
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise UserError(f"{prefix}{kind} not found: {path}") from None
+    except IsADirectoryError:
+        raise UserError(f"{prefix}{path} is a folder, expected {expected}") from None
+    except OSError as exc:
+        raise UserError(f"{prefix}cannot read {path} ({exc.strerror or exc.__class__.__name__})") from None

@@ -36,6 +36,7 @@ from tuneqn.controller.config import AgentSpec, _Strict, format_validation_error
 from tuneqn.controller.errors import UserError
 from tuneqn.controller.farm.client import ContractMismatch
 from tuneqn.controller.farm.dispatcher import Endpoint
+from tuneqn.controller.files import read_user_file
 from tuneqn.v1 import agent_pb2 as pb
 from tuneqn.v1.contract import CONTRACT_REVISION, MIN_AGENT_REVISION
 
@@ -93,14 +94,7 @@ def load_lab(path: Path, what: str = "--lab") -> list[AgentSpec]:
 
     Bad input is a :class:`UserError` naming ``what`` (the flag or variable) and the file.
     """
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise UserError(f"{what}: lab file not found: {path}") from None
-    except IsADirectoryError:
-        raise UserError(f"{what}: {path} is a folder, expected a lab TOML file") from None
-    except OSError as exc:
-        raise UserError(f"{what}: cannot read {path} ({exc.strerror or exc.__class__.__name__})") from None
+    raw = read_user_file(path, "lab file", "a lab TOML file", what)
     try:
         data = tomllib.loads(raw.decode("utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:

@@ -32,7 +32,7 @@ from onnxruntime.quantization.quant_utils import add_pre_process_metadata
 
 from tuneqn.controller.config import ModelSpec
 from tuneqn.controller.errors import UserError
-from tuneqn.controller.files import atomic_write_bytes, file_sha256
+from tuneqn.controller.files import atomic_write_bytes, file_sha256, read_user_file
 
 log = logging.getLogger(__name__)
 
@@ -146,12 +146,7 @@ def hub_fetch(name: str, cache: Path, opset: int | None = None, repo: str = HUB_
 
 
 def _load_bytes(path: Path, label: str) -> onnx.ModelProto:
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise UserError(f"{label}: model file not found: {path}") from None
-    except IsADirectoryError:
-        raise UserError(f"{label}: {path} is a folder, expected an .onnx file") from None
+    data = read_user_file(path, "model file", "an .onnx file", label)
     if not data:
         raise UserError(f"{label}: {path} is empty")
     try:

@@ -15,6 +15,7 @@ from conftest import write_study
 from tuneqn.controller.cli import main
 from tuneqn.controller.config import DatasetSpec
 from tuneqn.controller.dataset import prepare_data
+from tuneqn.controller.errors import UserError
 
 
 def _run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str]:
@@ -383,3 +384,20 @@ def test_tune_quick_form_checks_the_model_before_anything(tmp_path: Path, assets
         rc, err = _run(capsys, "tune", "--model", str(model), "--images", str(assets / "images"), "--out", str(out))
         _one_line_error(rc, err, "--model", model.name)
         assert not out.exists()
+
+
+def test_a_file_the_user_names_fails_in_one_line(tmp_path: Path) -> None:
+    """files.read_user_file (token, lab, study and model files): missing, a folder, unreadable."""
+    from tuneqn.controller.files import read_user_file
+
+    plain = tmp_path / "plain.txt"
+    plain.write_bytes(b"x")
+    assert read_user_file(plain, "lab file", "a lab TOML file", "--lab") == b"x"
+    for path, message in ((tmp_path / "nope.toml", f"--lab: lab file not found: {tmp_path / 'nope.toml'}"),
+                          (tmp_path, f"--lab: {tmp_path} is a folder, expected a lab TOML file"),
+                          (plain / "below", f"--lab: cannot read {plain / 'below'} (Not a directory)")):
+        with pytest.raises(UserError) as err:
+            read_user_file(path, "lab file", "a lab TOML file", "--lab")
+        assert str(err.value) == message
+    with pytest.raises(UserError, match=r"^config file not found: "):
+        read_user_file(tmp_path / "study.toml", "config file", "a study TOML file")

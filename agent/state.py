@@ -100,8 +100,8 @@ class AgentState:
         self.db = sqlite_utils.Database(conn, execute_plugins=False)
         self.db.enable_wal()
         with self._lock:
-            self.db["meta"].create({"key": str, "value": str}, pk="key", if_not_exists=True)
-            self.db["jobs"].create(
+            self.db.table("meta").create({"key": str, "value": str}, pk="key", if_not_exists=True)
+            self.db.table("jobs").create(
                 {
                     "job_id": str,
                     "spec": bytes,
@@ -115,7 +115,7 @@ class AgentState:
                 pk="job_id",
                 if_not_exists=True,
             )
-            self.db["executions"].create(
+            self.db.table("executions").create(
                 {
                     "id": int,
                     "job_id": str,
@@ -128,8 +128,8 @@ class AgentState:
                 if_not_exists=True,
             )
             self._add_missing_columns()
-            self.db["executions"].create_index(["job_id"], if_not_exists=True)
-            self.db["jobs"].create_index(["state"], if_not_exists=True)
+            self.db.table("executions").create_index(["job_id"], if_not_exists=True)
+            self.db.table("jobs").create_index(["state"], if_not_exists=True)
 
     def _add_missing_columns(self) -> None:
         """Columns added after the first release (older state dirs lack them)."""
@@ -139,19 +139,19 @@ class AgentState:
             "executions": {"attempt": (int, 0)},
         }
         for table, columns in wanted.items():
-            present = self.db[table].columns_dict
+            present = self.db.table(table).columns_dict
             for name, (kind, default) in columns.items():
                 if name not in present:
-                    self.db[table].add_column(name, kind, not_null_default=default)
+                    self.db.table(table).add_column(name, kind, not_null_default=default)
 
     def agent_id(self) -> str:
         """The instance id, created on first use and stable for this state dir."""
         with self._lock:
-            rows = list(self.db["meta"].rows_where("key = ?", ["agent_id"]))
+            rows = list(self.db.table("meta").rows_where("key = ?", ["agent_id"]))
             if rows:
                 return str(rows[0]["value"])
             value = uuid.uuid4().hex
-            self.db["meta"].insert({"key": "agent_id", "value": value}, pk="key")
+            self.db.table("meta").insert({"key": "agent_id", "value": value}, pk="key")
             return value
 
     def insert_job(
@@ -167,7 +167,7 @@ class AgentState:
         """Record a newly submitted job."""
         now = time.time()
         with self._lock:
-            self.db["jobs"].insert(
+            self.db.table("jobs").insert(
                 {
                     "job_id": job_id,
                     "spec": spec,
@@ -188,8 +188,8 @@ class AgentState:
     def requeue_job(self, job_id: str, spec: bytes, attempt: int, remeasure_token: str) -> None:
         """Queue a finished job for a new execution series (its old result is dropped)."""
         with self._lock, self.db.conn:
-            count = self.db["executions"].count_where("job_id = ?", [job_id])
-            self.db["jobs"].update(
+            count = self.db.table("executions").count_where("job_id = ?", [job_id])
+            self.db.table("jobs").update(
                 job_id,
                 {
                     "spec": spec,
@@ -224,12 +224,12 @@ class AgentState:
         if remeasure_token is not None:
             updates["remeasure_token"] = remeasure_token
         with self._lock, self.db.conn:
-            self.db["jobs"].update(job_id, updates)
+            self.db.table("jobs").update(job_id, updates)
 
     def get_job(self, job_id: str) -> JobRow | None:
         """The job's row, or None if unknown."""
         with self._lock:
-            rows = list(self.db["jobs"].rows_where("job_id = ?", [job_id]))
+            rows = list(self.db.table("jobs").rows_where("job_id = ?", [job_id]))
         return _row(rows[0]) if rows else None
 
     def set_state(
@@ -242,13 +242,13 @@ class AgentState:
         if error is not None:
             updates["error"] = error
         with self._lock, self.db.conn:
-            self.db["jobs"].update(job_id, updates)
+            self.db.table("jobs").update(job_id, updates)
 
     def unfinished_jobs(self) -> list[JobRow]:
         """Jobs left queued or running, in submission order."""
         with self._lock:
             rows = list(
-                self.db["jobs"].rows_where(
+                self.db.table("jobs").rows_where(
                     "state in (?, ?)", list(UNFINISHED), order_by="created, rowid"
                 )
             )
@@ -264,7 +264,7 @@ class AgentState:
         """The latest FAILED jobs, newest first."""
         with self._lock:
             rows = list(
-                self.db["jobs"].rows_where(
+                self.db.table("jobs").rows_where(
                     "state = 'FAILED'", order_by="updated desc, rowid desc", limit=limit
                 )
             )
@@ -273,7 +273,7 @@ class AgentState:
     def start_execution(self, job_id: str, attempt: int = 0) -> int:
         """Record that the job starts executing now; returns the execution id."""
         with self._lock:
-            table = self.db["executions"].insert(
+            table = self.db.table("executions").insert(
                 {
                     "job_id": job_id,
                     "started": time.time(),
@@ -288,7 +288,7 @@ class AgentState:
     def finish_execution(self, execution_id: int, outcome: str) -> None:
         """Record how an execution ended."""
         with self._lock, self.db.conn:
-            self.db["executions"].update(
+            self.db.table("executions").update(
                 execution_id, {"finished": time.time(), "outcome": outcome}
             )
 
@@ -305,7 +305,7 @@ class AgentState:
     def count_executions(self, job_id: str) -> int:
         """How many times the job started executing."""
         with self._lock:
-            return self.db["executions"].count_where("job_id = ?", [job_id])
+            return self.db.table("executions").count_where("job_id = ?", [job_id])
 
     def close(self) -> None:
         """Close the database connection."""

@@ -229,7 +229,7 @@ class Store:
     @_locked
     def set_meta(self, key: str, value: str) -> None:
         """Set a meta value."""
-        self.db["meta"].upsert({"key": key, "value": value}, pk="key")
+        self.db.table("meta").upsert({"key": key, "value": value}, pk="key")
 
     @_locked
     def reset(self) -> None:
@@ -245,13 +245,13 @@ class Store:
         """Insert or replace a prepared model."""
         row = dict(row)
         row["upgraded"] = int(bool(row["upgraded"]))
-        self.db["models"].upsert(row, pk="name")
+        self.db.table("models").upsert(row, pk="name")
 
     @_locked
     def models(self) -> list[dict[str, Any]]:
         """All models."""
         out = []
-        for r in self.db["models"].rows:
+        for r in self.db.table("models").rows:
             r = dict(r)
             r["input_shape"] = json.loads(r["input_shape"])
             r["notes"] = json.loads(r["notes"] or "[]")
@@ -263,7 +263,7 @@ class Store:
     def put_dataset(self, split: str, path: Path, sha256: str, items: list[str], labels: list[int] | None,
                     skipped: list[dict[str, str]] | None = None) -> None:
         """Record a preprocessed split (``skipped``: unreadable inputs left out, ``{"file", "reason"}``)."""
-        self.db["datasets"].upsert(
+        self.db.table("datasets").upsert(
             {
                 "split": split, "path": str(path), "sha256": sha256, "size": len(items),
                 "items": json.dumps(items), "labels": json.dumps(labels), "skipped": json.dumps(skipped or []),
@@ -287,7 +287,7 @@ class Store:
     @_locked
     def put_calibration(self, key: str, model: str, settings: dict[str, Any], path: Path) -> None:
         """Record a calibration cache file."""
-        self.db["calibrations"].upsert(
+        self.db.table("calibrations").upsert(
             {"key": key, "model": model, "settings": json.dumps(settings, sort_keys=True, default=list),
              "path": str(path), "created_at": time.time()},
             pk="key",
@@ -311,8 +311,8 @@ class Store:
                 row.update({"model": model, "mode": mode, "idx": layer["index"]})
                 rows.append(row)
             if rows:
-                self.db["layers"].insert_all(rows, pk=("model", "mode", "name"))
-            self.db["analyses"].upsert(
+                self.db.table("layers").insert_all(rows, pk=("model", "mode", "name"))
+            self.db.table("analyses").upsert(
                 {"model": model, "mode": mode, "key": key, "fq_sha256": fq_sha256, "seconds": seconds,
                  "created_at": time.time()},
                 pk=("model", "mode"),
@@ -337,7 +337,7 @@ class Store:
         row["excluded"] = json.dumps(row["excluded"])
         row["runtime"] = json.dumps(row.get("runtime") or {})
         row.setdefault("created_at", time.time())
-        self.db["candidates"].upsert(row, pk="id")
+        self.db.table("candidates").upsert(row, pk="id")
 
     def _decode_candidate(self, r: dict[str, Any]) -> dict[str, Any]:
         r = dict(r)
@@ -366,8 +366,9 @@ class Store:
     @_locked
     def put_device(self, name: str, device_class: str, info: dict[str, Any]) -> None:
         """Insert or replace a device (a device class as the study schedules it)."""
-        self.db["devices"].upsert({"name": name, "device_class": device_class, "info": json.dumps(info, sort_keys=True),
-                                   "updated_at": time.time()}, pk="name")
+        self.db.table("devices").upsert({"name": name, "device_class": device_class,
+                                         "info": json.dumps(info, sort_keys=True), "updated_at": time.time()},
+                                        pk="name")
 
     @_locked
     def devices(self) -> list[dict[str, Any]]:
@@ -401,7 +402,7 @@ class Store:
         row = self.job(job_id)
         if row is None:
             now = time.time()
-            self.db["jobs"].insert(
+            self.db.table("jobs").insert(
                 {"id": job_id, "candidate_id": candidate_id, "device": device, "state": "pending", "agent": None,
                  "attempts": 0, "lease_until": 0.0, "error": None, "created_at": now, "updated_at": now,
                  "level": level},
@@ -416,7 +417,7 @@ class Store:
     def update_job(self, job_id: str, **fields: Any) -> None:
         """Change a job's fields (``updated_at`` is set)."""
         fields["updated_at"] = time.time()
-        self.db["jobs"].update(job_id, fields)
+        self.db.table("jobs").update(job_id, fields)
 
     @_locked
     def renew_lease(self, job_id: str, agent: str, until: float) -> None:
@@ -458,8 +459,8 @@ class Store:
         with self.transaction():
             if list(self.db.query("select 1 from results where job_id = ?", [row["job_id"]])):
                 return False
-            self.db["results"].insert(row, pk="job_id")
-            self.db["jobs"].update(row["job_id"], {"state": "done", "agent": row.get("agent"), "error": None,
+            self.db.table("results").insert(row, pk="job_id")
+            self.db.table("jobs").update(row["job_id"], {"state": "done", "agent": row.get("agent"), "error": None,
                                                    "updated_at": time.time()})
         return True
 
@@ -484,7 +485,7 @@ class Store:
         """Record a search of the study (its start time is kept across runs)."""
         rows = list(self.db.query("select started_at from searches where name = ?", [name]))
         started = rows[0]["started_at"] if rows else time.time()
-        self.db["searches"].upsert({"name": name, "params": json.dumps(params, sort_keys=True),
+        self.db.table("searches").upsert({"name": name, "params": json.dumps(params, sort_keys=True),
                                     "started_at": started, "finished_at": None}, pk="name")
 
     @_locked
@@ -508,9 +509,10 @@ class Store:
                               [search, candidate_id, level])):
             return False
         seq = next(iter(self.db.query("select count(*) c from proposals where search = ?", [search])))["c"]
-        self.db["proposals"].insert({"search": search, "candidate_id": candidate_id, "level": level, "model": model,
-                                     "mode": mode, "label": label, "seq": seq, "created_at": time.time()},
-                                    pk=("search", "candidate_id", "level"))
+        self.db.table("proposals").insert({"search": search, "candidate_id": candidate_id, "level": level,
+                                           "model": model, "mode": mode, "label": label, "seq": seq,
+                                           "created_at": time.time()},
+                                          pk=("search", "candidate_id", "level"))
         return True
 
     @_locked
@@ -525,7 +527,7 @@ class Store:
         """Record what runs of (model, recipe) on a device class: ``planned`` (the recipe or a variant),
         ``status`` (``feasible``, ``adapted``, ``gave-up``), the base recipe's unsupported op types and
         the recipes tried on the way (``[{"recipe", "unsupported"}]``)."""
-        self.db["feasibility"].upsert({
+        self.db.table("feasibility").upsert({
             "model": model, "recipe": recipe, "device_class": device_class, "planned": planned, "status": status,
             "unsupported": json.dumps(sorted(unsupported)), "tried": json.dumps(tried), "ops_digest": ops_digest,
             "created_at": time.time()}, pk=("model", "recipe", "device_class"))
@@ -544,7 +546,7 @@ class Store:
     @_locked
     def put_ranking(self, model: str, mode: str, name: str, key: str, layers: list[dict[str, Any]]) -> None:
         """Store a ranking computed from evaluations (layers in rank order)."""
-        self.db["rankings"].upsert({"model": model, "mode": mode, "name": name, "key": key,
+        self.db.table("rankings").upsert({"model": model, "mode": mode, "name": name, "key": key,
                                     "layers": json.dumps(layers), "created_at": time.time()},
                                    pk=("model", "mode", "name"))
 
@@ -563,7 +565,7 @@ class Store:
         if list(self.db.query("select 1 from search_widths where search = ? and model = ? and mode = ? and step = ?",
                               [search, model, mode, step])):
             return False
-        self.db["search_widths"].insert({"search": search, "model": model, "mode": mode, "step": step,
+        self.db.table("search_widths").insert({"search": search, "model": model, "mode": mode, "step": step,
                                          "width": width, "created_at": time.time()},
                                         pk=("search", "model", "mode", "step"))
         return True
@@ -578,7 +580,7 @@ class Store:
     def put_screen(self, model: str, mode: str, eval_sha256: str, positions: list[int], classes: list[str]) -> None:
         """Keep the screening sample chosen for (model, recipe): ``positions`` in the evaluation sample
         whose sha256 is ``eval_sha256``, chosen from the results of ``classes``."""
-        self.db["screens"].upsert({"model": model, "mode": mode, "eval_sha256": eval_sha256,
+        self.db.table("screens").upsert({"model": model, "mode": mode, "eval_sha256": eval_sha256,
                                    "positions": json.dumps([int(i) for i in positions]),
                                    "classes": json.dumps(sorted(classes)), "created_at": time.time()},
                                   pk=("model", "mode"))
@@ -602,7 +604,7 @@ class Store:
         (job id) its agreement was computed against (None: none)."""
         row: dict[str, Any] = {k: metrics.get(k) for k in ("agreement", "accuracy", "accuracy_top5")}
         row["baseline_job"] = baseline_job
-        self.db["results"].update(job_id, row)
+        self.db.table("results").update(job_id, row)
 
     # --- report reads
     @_locked

@@ -109,7 +109,7 @@ def paper_loop(cfg: dict[str, Any], ranking_from: Path) -> float:
             for i, plan in enumerate(study.all_plans()):
                 out = Path(tmp) / f"c{i}.onnx"
                 quantize_static_file(pm.path, out, settings, list(plan.excluded), Path(tmp) / f"cal{i}.json",
-                                 calibration_reader(pm.input_name, calib, pm.input_shape[0]))
+                                     calibration_reader(pm.input_name, calib, pm.input_shape[0], settings))
                 _infer(str(out), x, ["WeightBiasQuantization"] if plan.excluded else [])
     finally:
         study.close()

@@ -52,7 +52,7 @@ def main() -> int:
         for i, ex_list in enumerate(excludes):
             fresh = tmp / f"fresh-{i}.json"
             quantize_static_file(pm.path, tmp / f"fresh-{i}.onnx", settings, ex_list, fresh,
-                             calibration_reader(pm.input_name, calib, pm.input_shape[0], settings))
+                                 calibration_reader(pm.input_name, calib, pm.input_shape[0], settings))
         recal = time.perf_counter() - t0
         same = all((tmp / f"reuse-{i}.onnx").read_bytes() == (tmp / f"fresh-{i}.onnx").read_bytes()
                    for i in range(len(excludes)))

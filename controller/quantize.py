@@ -172,7 +172,7 @@ class _OrtAdviceFilter(logging.Filter):
 
 
 def calibration_reader(input_name: str, data: np.ndarray, model_batch: int | str,
-                        settings: QuantSettings) -> ArrayReader:
+                       settings: QuantSettings) -> ArrayReader:
     """Batches of the model's fixed batch size; with a dynamic batch 8 at a time, except for the
     histogram calibrators (entropy, percentile), which stack every batch of a tensor into one
     array and fail on a shorter last batch: they get equal batches (of 1)."""
@@ -204,7 +204,7 @@ def calibrate(
     # The histogram calibrators print their progress to stdout: keep the CLI's output clean.
     with tempfile.TemporaryDirectory(prefix="tuneqn-calib-") as tmp, contextlib.redirect_stdout(io.StringIO()):
         quantize_static_file(model_path, Path(tmp) / "fq.onnx", settings, [], partial,
-                         calibration_reader(input_name, calib_data, model_batch, settings))
+                             calibration_reader(input_name, calib_data, model_batch, settings))
     os.replace(partial, cache_path)
     return cache_path
 

@@ -461,7 +461,7 @@ class Store:
                 return False
             self.db.table("results").insert(row, pk="job_id")
             self.db.table("jobs").update(row["job_id"], {"state": "done", "agent": row.get("agent"), "error": None,
-                                                   "updated_at": time.time()})
+                                                         "updated_at": time.time()})
         return True
 
     @_locked
@@ -486,7 +486,7 @@ class Store:
         rows = list(self.db.query("select started_at from searches where name = ?", [name]))
         started = rows[0]["started_at"] if rows else time.time()
         self.db.table("searches").upsert({"name": name, "params": json.dumps(params, sort_keys=True),
-                                    "started_at": started, "finished_at": None}, pk="name")
+                                          "started_at": started, "finished_at": None}, pk="name")
 
     @_locked
     def finish_search(self, name: str) -> None:
@@ -547,8 +547,8 @@ class Store:
     def put_ranking(self, model: str, mode: str, name: str, key: str, layers: list[dict[str, Any]]) -> None:
         """Store a ranking computed from evaluations (layers in rank order)."""
         self.db.table("rankings").upsert({"model": model, "mode": mode, "name": name, "key": key,
-                                    "layers": json.dumps(layers), "created_at": time.time()},
-                                   pk=("model", "mode", "name"))
+                                          "layers": json.dumps(layers), "created_at": time.time()},
+                                         pk=("model", "mode", "name"))
 
     @_locked
     def rankings(self, model: str | None = None, mode: str | None = None) -> list[dict[str, Any]]:
@@ -566,8 +566,8 @@ class Store:
                               [search, model, mode, step])):
             return False
         self.db.table("search_widths").insert({"search": search, "model": model, "mode": mode, "step": step,
-                                         "width": width, "created_at": time.time()},
-                                        pk=("search", "model", "mode", "step"))
+                                               "width": width, "created_at": time.time()},
+                                              pk=("search", "model", "mode", "step"))
         return True
 
     @_locked
@@ -581,9 +581,9 @@ class Store:
         """Keep the screening sample chosen for (model, recipe): ``positions`` in the evaluation sample
         whose sha256 is ``eval_sha256``, chosen from the results of ``classes``."""
         self.db.table("screens").upsert({"model": model, "mode": mode, "eval_sha256": eval_sha256,
-                                   "positions": json.dumps([int(i) for i in positions]),
-                                   "classes": json.dumps(sorted(classes)), "created_at": time.time()},
-                                  pk=("model", "mode"))
+                                         "positions": json.dumps([int(i) for i in positions]),
+                                         "classes": json.dumps(sorted(classes)), "created_at": time.time()},
+                                        pk=("model", "mode"))
 
     @_locked
     def screen(self, model: str, mode: str) -> dict[str, Any] | None:

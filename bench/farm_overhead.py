@@ -163,7 +163,7 @@ def main() -> int:
         for a in agents:
             a.start()
         try:
-            t_b2 = run_tune(_config(ex, tmp / "b2", args.step), endpoints=[Endpoint(a.address) for a in agents],
+            t_b2 = run_tune(_config(ex, tmp / "b2", args.step), endpoints=[Endpoint(address=a.address) for a in agents],
                             threads=1)
         finally:
             for a in agents:

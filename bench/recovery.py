@@ -53,7 +53,7 @@ def one(tmp: Path, sig: signal.Signals, sim_ms: float) -> tuple[float, int, int]
 
     study = Study(cfg)
     try:
-        outcome = tune(study, [Endpoint(a.address) for a in agents], FarmSettings.from_config(cfg.evaluation),
+        outcome = tune(study, [Endpoint(address=a.address) for a in agents], FarmSettings.from_config(cfg.evaluation),
                        on_progress=inject)
         end = time.monotonic()
     finally:

@@ -77,7 +77,7 @@ def one(tmp: Path, devices: int, sim_ms: float, layers: int, budget: int) -> dic
     server.start()
     study = Study(cfg)
     try:
-        outcome = tune(study, [Endpoint(server.address)], FarmSettings.from_config(cfg.evaluation))
+        outcome = tune(study, [Endpoint(address=server.address)], FarmSettings.from_config(cfg.evaluation))
     finally:
         study.close()
         server.stop()

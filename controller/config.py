@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import tomllib
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -238,11 +238,10 @@ def variant_name(base: str, *, qdq: bool = False, float_ops: tuple[str, ...] | l
     return f"{base}.{VARIANT_FLOAT}{'-'.join(sorted(set(float_ops)))}"
 
 
-@dataclass(frozen=True)
-class Recipe:
-    """A resolved recipe: every quantizer setting of one search dimension value."""
+@dataclass(frozen=True, kw_only=True)
+class QuantizerSettings:
+    """Every setting of ONNX Runtime's quantizer that a recipe decides (its name and exclusions aside)."""
 
-    name: str
     mode: str
     format: str
     per_channel: bool
@@ -250,9 +249,16 @@ class Recipe:
     activation_type: str
     weight_type: str
     calibration_method: str
-    activation_symmetric: bool
-    weight_symmetric: bool
     op_types: tuple[str, ...] | None
+    activation_symmetric: bool = False
+    weight_symmetric: bool = True
+
+
+@dataclass(frozen=True, kw_only=True)
+class Recipe(QuantizerSettings):
+    """A resolved recipe: every quantizer setting of one search dimension value."""
+
+    name: str
     #: Op types left in float (a variant recipe's ``.float-…``, or a recipe's ``exclude_op_types``).
     exclude_op_types: tuple[str, ...] = ()
 
@@ -339,9 +345,7 @@ class QuantizationSpec(_Strict):
         else:
             known = sorted({*self.recipe_names(), *RECIPE_PRESETS})
             raise ValueError(f"unknown recipe {name!r} (known: {', '.join(known)})")
-        base = {k: getattr(self, k) for k in ("format", "per_channel", "reduce_range", "activation_type",
-                                              "weight_type", "calibration_method", "activation_symmetric",
-                                              "weight_symmetric", "op_types")}
+        base = {f.name: getattr(self, f.name) for f in fields(QuantizerSettings) if f.name != "mode"}
         base.update(over)
         ops = base.pop("op_types")
         excluded = tuple(sorted(set(base.pop("exclude_op_types", None) or ())))

@@ -252,7 +252,7 @@ def endpoints_from(agents: list[AgentSpec], addresses: list[str], token_file: Pa
     ``[[agents]]``, named ``where`` in errors); ``token_file`` serves the agents without their own."""
     tok = read_token(token_file, "--token-file")
     if addresses:
-        return [Endpoint(a, token=tok) for a in addresses]
+        return [Endpoint(address=a, token=tok) for a in addresses]
     endpoints = []
     for i, a in enumerate(agents):
         for key in ("tls_ca", "tls_cert", "tls_key"):
@@ -263,6 +263,5 @@ def endpoints_from(agents: list[AgentSpec], addresses: list[str], token_file: Pa
         if (a.tls_cert is None) != (a.tls_key is None):
             raise UserError(f"{where}[{i}]: tls_cert and tls_key go together (mutual TLS needs both)")
         token = read_token(a.token_file, f"{where}[{i}].token_file") if a.token_file else tok
-        endpoints.append(Endpoint(a.address, token=token, tls_ca=a.tls_ca, tls_cert=a.tls_cert, tls_key=a.tls_key,
-                                  device_class=a.device_class, name=a.name))
+        endpoints.append(Endpoint(**a.model_dump(), token=token))
     return endpoints

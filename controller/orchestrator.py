@@ -320,7 +320,7 @@ class StudyRun:
             state_dir = self.study.out_dir / "agents" / "local"
             self.quiet = QuietLock(state_dir / "quiet.lock")
             self.local = LocalAgent(state_dir, extra_args=self.local_agent_args, quiet_lock=self.quiet.path)
-            self.endpoints = [Endpoint(self.local.start())]
+            self.endpoints = [Endpoint(address=self.local.start())]
         if not self._links_up:
             self.start_links()
         self._builder_thread = threading.Thread(target=self._builder, name="candidate-builder", daemon=True)

@@ -27,7 +27,7 @@ import os
 import tempfile
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +44,7 @@ from onnxruntime.quantization import (
 from onnxruntime.quantization.registry import IntegerOpsRegistry, QDQRegistry, QLinearOpsRegistry
 
 from tuneqn.controller import histograms
-from tuneqn.controller.config import QuantizationSpec, Recipe
+from tuneqn.controller.config import QuantizationSpec, QuantizerSettings, Recipe
 
 __all__ = [
     "QTYPE", "WBQ", "ArrayReader", "QuantSettings", "calibrate", "calibration_reader", "default_op_types",
@@ -66,20 +66,11 @@ _WBQ_OPS = {"Conv", "ConvTranspose", "Gemm"}
 _WEIGHTED_OPS = {"Conv", "ConvTranspose", "Gemm", "MatMul"}
 
 
-@dataclass(frozen=True)
-class QuantSettings:
-    """Everything that determines a quantized candidate besides the exclusion list."""
-
-    mode: str
-    format: str
-    per_channel: bool
-    reduce_range: bool
-    activation_type: str
-    weight_type: str
-    calibration_method: str
-    op_types: tuple[str, ...] | None
-    activation_symmetric: bool = False
-    weight_symmetric: bool = True
+@dataclass(frozen=True, kw_only=True)
+class QuantSettings(QuantizerSettings):
+    """Everything that determines a quantized candidate besides the exclusion list: a recipe's quantizer
+    settings (:class:`~tuneqn.controller.config.QuantizerSettings`), with its float op types taken out of
+    its op types."""
 
     @classmethod
     def from_spec(cls, spec: QuantizationSpec, recipe: str) -> QuantSettings:
@@ -95,10 +86,8 @@ class QuantSettings:
             op_types = tuple(sorted(set(op_types or default_op_types(r.mode)) - set(r.exclude_op_types)))
             if not op_types:
                 raise ValueError(f"recipe {r.name!r} leaves every op type in float")
-        return cls(mode=r.mode, format=r.format, per_channel=r.per_channel, reduce_range=r.reduce_range,
-                   activation_type=r.activation_type, weight_type=r.weight_type,
-                   calibration_method=r.calibration_method, op_types=op_types,
-                   activation_symmetric=r.activation_symmetric, weight_symmetric=r.weight_symmetric)
+        values = {f.name: getattr(r, f.name) for f in fields(QuantizerSettings)}
+        return cls(**{**values, "op_types": op_types})
 
     def key(self) -> str:
         """Stable short hash of the settings."""

@@ -210,7 +210,7 @@ def test_excluded_layers_run_in_float(zoo: dict, tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_lite0_derived_candidates_match_the_quantizer(example_dir: Path, tmp_path: Path) -> None:
     """EfficientNet-Lite0, per-tensor and per-channel QOperator: random exclusion sets of its 50 layers give
-    ORT's own candidate byte for byte, and the same top-1 on 32 preprocessed photos."""
+    ORT's own candidate byte for byte, and a derived candidate runs (top-1 mostly FP32's on 32 photos)."""
     cfg = tomllib.loads((example_dir.parent / "study.toml").read_text())
     pm = prepare_model(ModelSpec(path=example_dir / "model.onnx", input_shape=[1, 3, 224, 224]), tmp_path / "models")
     spec = DatasetSpec(**{**cfg["dataset"], "images": example_dir / "images", "labels": {}, "eval": 32})
@@ -219,6 +219,7 @@ def test_lite0_derived_candidates_match_the_quantizer(example_dir: Path, tmp_pat
     float_model = onnx.load(str(pm.path))
     layers = [n.name for n in float_model.graph.node if n.op_type in ("Conv", "Gemm")]
     assert len(layers) == 50
+    fp32_top1 = _run(float_model, x, [], batch=1).argmax(1)
     rng = random.Random(18)
     # per-tensor and per-channel share their calibration (QuantSettings.calibration_key)
     cache = calibrate(pm.path, pm.input_name, pm.input_shape[0], data.calibration.load(), PER_TENSOR,
@@ -231,6 +232,9 @@ def test_lite0_derived_candidates_match_the_quantizer(example_dir: Path, tmp_pat
         for exclude in sets:
             quantize_candidate(pm.path, tmp_path / "ort.onnx", settings, exclude, cache)
             assert editor.derive_bytes(exclude) == (tmp_path / "ort.onnx").read_bytes(), exclude
-            derived, ref = editor.derive_model(exclude), onnx.load(str(tmp_path / "ort.onnx"))
-            top1 = [_run(m, x, exclude, batch=1).argmax(1) for m in (derived, ref)]
-            np.testing.assert_array_equal(top1[0], top1[1])
+        # the same bytes predict the same (running ORT's candidate too would show nothing more): the last set's
+        # derived model runs, and as a quantized Lite0 does
+        derived = editor.derive_model(exclude)
+        assert derived.SerializeToString() == (tmp_path / "ort.onnx").read_bytes()
+        top1 = _run(derived, x, exclude, batch=1).argmax(1)
+        assert np.mean(top1 == fp32_top1) >= 0.75, (per_channel, np.mean(top1 == fp32_top1))

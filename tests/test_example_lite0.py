@@ -40,7 +40,9 @@ def test_lite0_measured_search_beats_the_paper_ranking(example_dir: Path, tmp_pa
     example_dir = example_dir.resolve()
     # Greedy reaches >= 0.98 agreement at its third step (measured: 0.93, 0.95, 0.97, 0.98, 0.99 at k = 0 … 4;
     # without a cap it stops after a fourth round): three rounds say all this test asserts, a fourth adds 47 screens.
-    text = re.sub(r"^\[search\].*$", "[search]\nmax_k = 3", (example_dir.parent / "study.toml").read_text(), flags=re.M)
+    # Screens on 16 photos instead of 32 (a third less CPU): the same ranking's top and the same steps (measured).
+    text = re.sub(r"^\[search\].*$", "[search]\nmax_k = 3\nscreen_samples = 16",
+                  (example_dir.parent / "study.toml").read_text(), flags=re.M)
     study.write_text(
         text.replace('"work/', f'"{example_dir}/')
         .replace('out_dir = "../../out/lite0"', f'out_dir = "{tmp_path / "out"}"')

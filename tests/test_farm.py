@@ -56,8 +56,14 @@ def _predictions(out: Path) -> dict[tuple[str, str], bytes]:
 
 
 def _executions(agent: LocalAgent) -> list[str]:
+    """The jobs ``agent`` started executing (its own state database; none before it made one)."""
     db = agent.state_dir / "agent.db"
-    return [r[0] for r in sqlite3.connect(db).execute("select job_id from executions")]
+    if not db.exists():
+        return []
+    try:
+        return [r[0] for r in sqlite3.connect(db).execute("select job_id from executions")]
+    except sqlite3.OperationalError:  # its tables are not made yet
+        return []
 
 
 def _run(study_toml: Path, endpoints: list[Endpoint], on_progress: Any = None, fresh: bool = False,
@@ -96,7 +102,7 @@ def reference(tmp_path_factory: pytest.TempPathFactory, assets: Path) -> dict[st
     """Fault-free predictions of every candidate (one agent), by candidate id."""
     tmp = tmp_path_factory.mktemp("ref")
     with _agent(tmp, "ref", "lab", "0") as agent:
-        outcome = _run(_study(tmp, assets), [Endpoint(agent.address)])
+        outcome = _run(_study(tmp, assets), [Endpoint(address=agent.address)])
     assert outcome.failed == 0
     return {c: t for (c, _), t in _predictions(tmp / "out").items()}
 
@@ -110,12 +116,13 @@ def test_two_agents_one_class_survive_sigkill(tmp_path: Path, assets: Path, refe
 
         def kill_a_mid_job(counts: dict[str, int], total: int) -> None:
             busy = _state(db, BUSY_SQL, [a.address + "#%"])
-            if not killed and busy and counts.get("done", 0) >= 1 and a.proc is not None:
+            # a job held by a is not yet one it runs (it may wait there, submitted ahead): killed once it ran one
+            if not killed and busy and counts.get("done", 0) >= 1 and _executions(a) and a.proc is not None:
                 os.kill(a.proc.pid, signal.SIGKILL)
                 killed.append(time.monotonic())
 
-        outcome = _run_bounded(120, _study(tmp_path, assets), [Endpoint(a.address), Endpoint(b.address)],
-                               kill_a_mid_job)
+        endpoints = [Endpoint(address=a.address), Endpoint(address=b.address)]
+        outcome = _run_bounded(120, _study(tmp_path, assets), endpoints, kill_a_mid_job)
         assert killed, "agent a was never caught mid-job"
         assert outcome.failed == 0 and outcome.done == outcome.total == 7
         assert _executions(b) and _executions(a)  # both agents worked for the one device class
@@ -139,8 +146,8 @@ def test_sigstopped_agent_is_detected_and_its_job_runs_elsewhere(tmp_path: Path,
                 stopped.append(a.proc.pid)
 
         try:
-            outcome = _run_bounded(120, _study(tmp_path, assets), [Endpoint(a.address), Endpoint(b.address)],
-                                   stop_a_mid_job)
+            endpoints = [Endpoint(address=a.address), Endpoint(address=b.address)]
+            outcome = _run_bounded(120, _study(tmp_path, assets), endpoints, stop_a_mid_job)
         finally:
             for pid in stopped:
                 os.kill(pid, signal.SIGCONT)
@@ -167,7 +174,7 @@ def test_controller_killed_then_resumed_runs_only_missing_jobs(tmp_path: Path, a
         proc.wait()
         before = _state(db, "select count(*) from results")
         assert 2 <= before < 7
-        outcome = _run(study_toml, [Endpoint(agent.address)])
+        outcome = _run(study_toml, [Endpoint(address=agent.address)])
         assert outcome.done == 7 and outcome.failed == 0
         runs = _executions(agent)
     # every job ran exactly once on the agent: the killed controller's in-flight job was re-collected
@@ -179,18 +186,18 @@ def test_controller_killed_then_resumed_runs_only_missing_jobs(tmp_path: Path, a
 def test_fresh_remeasures_and_other_studies_reuse_successes(tmp_path: Path, assets: Path) -> None:
     study_toml = _study(tmp_path, assets)
     with _agent(tmp_path, "solo", "lab", "0") as agent:
-        assert _run(study_toml, [Endpoint(agent.address)]).done == 7
+        assert _run(study_toml, [Endpoint(address=agent.address)]).done == 7
         assert len(_executions(agent)) == 7
-        assert _run(study_toml, [Endpoint(agent.address)]).done == 7  # nothing new: all stored
+        assert _run(study_toml, [Endpoint(address=agent.address)]).done == 7  # nothing new: all stored
         assert len(_executions(agent)) == 7
         # --fresh measures everything again on the agent, not its stored results
-        assert _run(study_toml, [Endpoint(agent.address)], fresh=True).done == 7
+        assert _run(study_toml, [Endpoint(address=agent.address)], fresh=True).done == 7
         runs = _executions(agent)
         assert len(runs) == 14 and len(set(runs)) == 7
         # another study of the same model and data reuses the agent's stored successes
         other = tmp_path / "other"
         other.mkdir()
-        assert _run(_study(other, assets), [Endpoint(agent.address)]).done == 7
+        assert _run(_study(other, assets), [Endpoint(address=agent.address)]).done == 7
         assert len(_executions(agent)) == 14
 
 
@@ -226,7 +233,7 @@ def test_a_retry_executes_again(tmp_path: Path, assets: Path) -> None:
         failed = client.wait_result(plan.id, timeout=60)
         assert failed.state == pb.FAILED and failed.attempt == 1
         client.close()
-        outcome = _run_bounded(120, study_toml, [Endpoint(agent.address)])
+        outcome = _run_bounded(120, study_toml, [Endpoint(address=agent.address)])
         assert outcome.failed == 0 and outcome.done == 7
         assert _executions(agent).count(plan.id) == 2  # the retry ran it again instead of re-reading FAILED
     con = sqlite3.connect(tmp_path / "out" / "tuneqn.db")
@@ -254,7 +261,7 @@ def test_controller_side_error_fails_the_attempt_and_the_run_goes_on(tmp_path: P
 
     monkeypatch.setattr(AgentClient, "upload_file", flaky_upload)
     with _agent(tmp_path, "solo", "lab", "0") as agent:
-        outcome = _run_bounded(120, _study(tmp_path, assets), [Endpoint(agent.address)])
+        outcome = _run_bounded(120, _study(tmp_path, assets), [Endpoint(address=agent.address)])
     assert broken and outcome.failed == 0 and outcome.done == 7
     con = sqlite3.connect(tmp_path / "out" / "tuneqn.db")
     assert con.execute("select max(attempts) from jobs").fetchone()[0] == 2
@@ -339,8 +346,8 @@ def test_a_class_whose_agent_comes_up_late_gets_its_jobs(tmp_path: Path, assets:
 
     with _agent(tmp_path, "early", "early", "20") as early:
         try:
-            outcome = _run_bounded(120, _study(tmp_path, assets), [Endpoint(early.address),
-                                                                   Endpoint(f"127.0.0.1:{port}")], start_late)
+            outcome = _run_bounded(120, _study(tmp_path, assets), [Endpoint(address=early.address),
+                                                                   Endpoint(address=f"127.0.0.1:{port}")], start_late)
         finally:
             late.stop()
     assert started and outcome.failed == 0
@@ -460,7 +467,7 @@ def test_an_agent_with_several_devices_runs_a_job_on_each(tmp_path: Path, assets
     server = AgentServer(AgentConfig(state_dir=tmp_path / "agent"), backends)
     server.start()
     try:
-        outcome = _run_bounded(120, _study(tmp_path, assets), [Endpoint(server.address)])
+        outcome = _run_bounded(120, _study(tmp_path, assets), [Endpoint(address=server.address)])
     finally:
         server.stop()
     assert outcome.failed == 0 and outcome.done == outcome.total == 7

@@ -47,7 +47,7 @@ def test_adapt_plans_a_variant_per_device_and_sweeps_it_completely(tmp_path: Pat
     db = tmp_path / "out" / "tuneqn.db"
     with _agent(tmp_path, "cpu", "cpu", "0") as cpu, _agent(tmp_path, "phone", "phone", "0") as phone, \
             DeviceProxy(phone.address, _restricted) as proxy:
-        endpoints = [Endpoint(cpu.address), Endpoint(proxy.address)]
+        endpoints = [Endpoint(address=cpu.address), Endpoint(address=proxy.address)]
         outcome = _run_bounded(240, study, endpoints)
         assert outcome.failed == outcome.infeasible == outcome.unreachable == 0
         assert outcome.done == outcome.total
@@ -104,7 +104,7 @@ def test_the_default_search_screens_and_evaluates_variants_on_their_device_only(
                         quantization={"recipes": RECIPES}, search={"strategy": "budget", "ranking": "measured"})
     with _agent(tmp_path, "cpu", "cpu", "0") as cpu, _agent(tmp_path, "phone", "phone", "0") as phone, \
             DeviceProxy(phone.address, _restricted) as proxy:
-        outcome = _run_bounded(240, study, [Endpoint(cpu.address), Endpoint(proxy.address)])
+        outcome = _run_bounded(240, study, [Endpoint(address=cpu.address), Endpoint(address=proxy.address)])
     assert outcome.failed == 0 and outcome.done == outcome.total
     db = tmp_path / "out" / "tuneqn.db"
     rows = _rows(db, "select c.mode, j.level, group_concat(distinct j.device) from jobs j "
@@ -128,7 +128,7 @@ def test_a_recipe_no_variant_fixes_is_kept_and_the_report_says_so(tmp_path: Path
     study = write_study(tmp_path, model=assets / "cnn.onnx", images=assets / "images", evaluation=FAST,
                         quantization={"recipes": RECIPES[1:]})
     with _agent(tmp_path, "phone", "phone", "0") as phone, DeviceProxy(phone.address, no_dql) as proxy:
-        outcome = _run_bounded(240, study, [Endpoint(proxy.address)])
+        outcome = _run_bounded(240, study, [Endpoint(address=proxy.address)])
     assert outcome.failed == 0 and outcome.done == outcome.total == 7
     db = tmp_path / "out" / "tuneqn.db"
     assert _rows(db, "select recipe, planned, status, unsupported from feasibility") == [
@@ -144,7 +144,7 @@ def test_report_mode_dispatches_everything(tmp_path: Path, assets: Path) -> None
                         evaluation={**FAST, "feasibility": "report"}, quantization={"recipes": RECIPES[:1]})
     db = tmp_path / "out" / "tuneqn.db"
     with _agent(tmp_path, "phone", "phone", "0") as phone, DeviceProxy(phone.address, _restricted) as proxy:
-        outcome = _run_bounded(240, study, [Endpoint(proxy.address)])
+        outcome = _run_bounded(240, study, [Endpoint(address=proxy.address)])
     # an ORT agent runs QLinearConv fine; a TVM agent would have answered infeasible (the lead's test)
     assert outcome.failed == 0 and outcome.done == outcome.total == 7
     assert _rows(db, "select count(*) from feasibility") == [(0,)]
@@ -172,8 +172,8 @@ def test_unhealthy_device_takes_no_job(tmp_path: Path, assets: Path) -> None:
     server = _two_device_agent(tmp_path, 0.0)
     try:
         with DeviceProxy(server.address, phone1_unhealthy) as proxy:
-            outcome = _run_bounded(120, write_study(tmp_path, model=assets / "cnn.onnx", images=assets / "images",
-                                                    evaluation=FAST), [Endpoint(proxy.address)], info_poll_s=0.2)
+            study = write_study(tmp_path, model=assets / "cnn.onnx", images=assets / "images", evaluation=FAST)
+            outcome = _run_bounded(120, study, [Endpoint(address=proxy.address)], info_poll_s=0.2)
     finally:
         server.stop()
     assert outcome.failed == 0 and outcome.done == outcome.total == 7
@@ -202,7 +202,7 @@ def test_devices_that_appear_get_slots_and_vanished_ones_take_no_more_jobs(tmp_p
     try:
         with DeviceProxy(server.address, lambda devices: [d for d in devices if d.name in shown]) as proxy:
             outcome = _run_bounded(120, write_study(tmp_path, model=assets / "cnn.onnx", images=assets / "images",
-                                                    evaluation=FAST), [Endpoint(proxy.address)], switch,
+                                                    evaluation=FAST), [Endpoint(address=proxy.address)], switch,
                                    info_poll_s=0.2)
     finally:
         server.stop()
@@ -224,7 +224,7 @@ def test_compile_ahead_submits_the_next_job_while_one_runs(tmp_path: Path, asset
     study = write_study(tmp_path, model=assets / "cnn.onnx", images=assets / "images",
                         evaluation={**FAST, "lease_timeout_s": 1.0, "heartbeat_s": 0.25})
     with _agent(tmp_path, "phone", "phone", "120") as agent, DeviceProxy(agent.address, compile_ahead) as proxy:
-        outcome = _run_bounded(180, study, [Endpoint(proxy.address)])
+        outcome = _run_bounded(180, study, [Endpoint(address=proxy.address)])
         runs = _executions(agent)
     assert outcome.failed == 0 and outcome.done == outcome.total == 7
     assert len(runs) == len(set(runs)) == 7  # each job executed once
@@ -279,7 +279,7 @@ def test_a_class_whose_fp32_reference_failed_for_good_does_not_stall_a_search(
             DeviceProxy(phone.address) as proxy:
         proxy.refuse_submit = lambda spec: ((grpc.StatusCode.INVALID_ARGUMENT, "refused by the test")
                                             if spec.model_sha256 == fp32 else None)
-        outcome = _run_bounded(120, study, [Endpoint(cpu.address), Endpoint(proxy.address)])
+        outcome = _run_bounded(120, study, [Endpoint(address=cpu.address), Endpoint(address=proxy.address)])
     assert outcome.failed == 1 and outcome.done >= 3  # FP32 on the phone only; the cpu's search ran
     searches = {s["name"]: s for s in json.loads((tmp_path / "out" / "report.json").read_text())["searches"]}
     assert searches and all(s["finished_at"] is not None for s in searches.values())

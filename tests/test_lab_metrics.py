@@ -56,7 +56,7 @@ def test_metrics_after_a_study_match_the_jobs_it_reports_done(tmp_path: Path, as
         study = Study(cfg, fresh=False)
         try:
             settings = FarmSettings.from_config(cfg.evaluation, remeasure_token=remeasure_token(study, False))
-            outcome = tune(study, [Endpoint(agent.address)], settings)
+            outcome = tune(study, [Endpoint(address=agent.address)], settings)
         finally:
             study.close()
         assert outcome.failed == 0 and outcome.done == outcome.total > 0

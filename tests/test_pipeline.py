@@ -55,7 +55,7 @@ def test_a_models_jobs_are_registered_before_the_next_model_is_analysed(tmp_path
         study = Study(cfg)
         try:
             outcome = tune(
-                study, [Endpoint(agent.address, device_class="lab")], FarmSettings.from_config(cfg.evaluation)
+                study, [Endpoint(address=agent.address, device_class="lab")], FarmSettings.from_config(cfg.evaluation)
             )
         finally:
             study.close()

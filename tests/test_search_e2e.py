@@ -62,7 +62,7 @@ def test_searches_resume_mid_search_to_the_same_outcome(tmp_path: Path, assets: 
     ref_dir.mkdir()
     cut_dir.mkdir()
     with LocalAgent(tmp_path / "agent", device_name="cpu0", extra_args=["--device-class", "lab"]) as agent:
-        reference = _run(_study(ref_dir, assets), [Endpoint(agent.address)])
+        reference = _run(_study(ref_dir, assets), [Endpoint(address=agent.address)])
         assert reference.failed == 0 and reference.done == reference.total
         cut_toml = _study(cut_dir, assets)
         db = cut_dir / "out" / "tuneqn.db"
@@ -82,7 +82,7 @@ def test_searches_resume_mid_search_to_the_same_outcome(tmp_path: Path, assets: 
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         assert len(_full_results(cut_dir / "out")) < len(_full_results(ref_dir / "out"))
-        resumed = _run(cut_toml, [Endpoint(agent.address)])
+        resumed = _run(cut_toml, [Endpoint(address=agent.address)])
         assert resumed.failed == 0
     assert _proposals(cut_dir / "out") == _proposals(ref_dir / "out")
     assert _full_results(cut_dir / "out") == _full_results(ref_dir / "out")

@@ -86,7 +86,7 @@ def test_an_agent_with_three_devices_of_a_class_gets_three_evaluations_at_once(t
                         search=SEARCH, objectives=OBJECTIVES)
     db = tmp_path / "out" / "tuneqn.db"
     with _agent(tmp_path, "phone", "phones", 3, 60.0) as server:
-        outcome = _run_bounded(240, study, [Endpoint(server.address)], info_poll_s=0.2)
+        outcome = _run_bounded(240, study, [Endpoint(address=server.address)], info_poll_s=0.2)
     assert outcome.failed == 0 and outcome.done == outcome.total
     widths = [w for (w,) in _rows(db, "select width from search_widths")]
     assert widths and set(widths) == {3}
@@ -100,12 +100,12 @@ def test_a_rerun_with_fewer_devices_takes_every_decision_as_before(tmp_path: Pat
     study = write_study(tmp_path, model=assets / "cnn.onnx", images=assets / "images", evaluation=FAST, search=SEARCH)
     db = tmp_path / "out" / "tuneqn.db"
     with _agent(tmp_path, "phone", "phones", 3, 30.0) as server:
-        first = _run_bounded(240, study, [Endpoint(server.address)], info_poll_s=0.2)
+        first = _run_bounded(240, study, [Endpoint(address=server.address)], info_poll_s=0.2)
         proposals = _rows(db, "select search, candidate_id, level from proposals order by search, seq")
         widths = _rows(db, "select * from search_widths order by search, model, mode, step")
         jobs = _rows(db, "select id, state, attempts from jobs order by id")
         with DeviceProxy(server.address, lambda devices: [d for d in devices if d.name == "phone1"]) as proxy:
-            second = _run_bounded(120, study, [Endpoint(proxy.address)], info_poll_s=0.2)
+            second = _run_bounded(120, study, [Endpoint(address=proxy.address)], info_poll_s=0.2)
     assert first.failed == second.failed == 0 and second.done == second.total == first.total
     assert second.submitted_here == 0  # every result was in the store
     assert _rows(db, "select search, candidate_id, level from proposals order by search, seq") == proposals
@@ -138,7 +138,7 @@ def test_the_screening_sample_is_kept_when_a_class_is_gone_on_resume(tmp_path: P
     with _agent(tmp_path, "a", "A", 1, 0.0) as a, _agent(tmp_path, "b", "B", 1, 0.0) as b, \
             DeviceProxy(b.address) as proxy_b:
         proxy_b.rewrite_result = device_b
-        first = _run_bounded(240, study_toml, [Endpoint(a.address), Endpoint(proxy_b.address)])
+        first = _run_bounded(240, study_toml, [Endpoint(address=a.address), Endpoint(address=proxy_b.address)])
         assert first.failed == 0
         ((recipe, kept, classes),) = _rows(db, "select mode, positions, classes from screens")
         assert classes == '["A", "B"]'
@@ -155,7 +155,7 @@ def test_the_screening_sample_is_kept_when_a_class_is_gone_on_resume(tmp_path: P
         alone = screen_positions([arrays[("A", 0)]], [arrays[("A", 1)]], 4)
         assert json.loads(kept) == both and alone != both
         screens_a = _rows(db, "select id, state from jobs where level = 'screen' and device = 'A' order by id")
-        second = _run_bounded(240, study_toml, [Endpoint(a.address)])
+        second = _run_bounded(240, study_toml, [Endpoint(address=a.address)])
     assert second.failed == 0
     assert _rows(db, "select mode, positions, classes from screens") == [(recipe, kept, classes)]
     assert _rows(db, "select items from datasets where split like '%/screen/%'") == items
@@ -176,7 +176,7 @@ def test_a_study_started_with_a_fixed_width_keeps_it(tmp_path: Path, assets: Pat
     old.set_meta("search_concurrency", "2")
     old.close()
     with _agent(tmp_path, "phone", "phones", 3, 0.0) as server:
-        outcome = _run_bounded(240, study, [Endpoint(server.address)])
+        outcome = _run_bounded(240, study, [Endpoint(address=server.address)])
     assert outcome.failed == 0
     assert {w for (w,) in _rows(db, "select width from search_widths")} == {2}
 
@@ -213,13 +213,13 @@ def test_a_search_killed_three_wide_resumes_one_wide_and_replays_with_any_width(
         before = widths()
         assert {w for *_, w in before} == {3}
         with DeviceProxy(server.address, lambda devices: [d for d in devices if d.name == "phone1"]) as proxy:
-            resumed = _run_bounded(240, study, [Endpoint(proxy.address)], info_poll_s=0.2)
+            resumed = _run_bounded(240, study, [Endpoint(address=proxy.address)], info_poll_s=0.2)
         assert resumed.failed == 0 and resumed.done == resumed.total
         after = widths()
         assert after[:len(before)] == before and len(after) > len(before)
         assert {w for *_, w in after[len(before):]} == {1}
         proposals = _rows(db, "select search, candidate_id, level from proposals order by search, seq")
-        again = _run_bounded(120, study, [Endpoint(server.address)], info_poll_s=0.2)
+        again = _run_bounded(120, study, [Endpoint(address=server.address)], info_poll_s=0.2)
     assert again.submitted_here == 0 and again.done == again.total == resumed.total
     assert widths() == after
     assert _rows(db, "select search, candidate_id, level from proposals order by search, seq") == proposals

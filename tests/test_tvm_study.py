@@ -94,7 +94,7 @@ def test_ort_and_tvm_agents_give_per_device_and_cross_device_fronts(
         # every other k of the sweep: each candidate is compiled for TVM (seconds each), and no claim here
         # needs every k (the adapted study below sweeps every k)
         outcome = _tune(_study(tmp_path, assets, "report", step=2),
-                        [Endpoint(ort_agent.start()), Endpoint(agent.address)])
+                        [Endpoint(address=ort_agent.start()), Endpoint(address=agent.address)])
     finally:
         ort_agent.stop()
     out = tmp_path / "out"
@@ -161,7 +161,7 @@ def test_adapted_tvm_device_gets_a_full_sweep_and_a_killed_server_loses_no_job(
             killed.append(1)
             servers[0].kill(signal.SIGKILL)  # the phone's RPC app dies mid-study
 
-    outcome = _tune(_study(tmp_path, assets, "adapt"), [Endpoint(agent.address)], on_progress=progress)
+    outcome = _tune(_study(tmp_path, assets, "adapt"), [Endpoint(address=agent.address)], on_progress=progress)
     assert killed
     assert outcome.failed == 0 and outcome.unreachable == 0 and outcome.infeasible == 0, outcome.errors
     report = _report(tmp_path / "out")
@@ -194,7 +194,7 @@ def test_target_answer_across_a_recipe_split_between_ort_and_tvm(
                         search={"strategy": "target", "ranking": "paper", "max_loss": 0.25},
                         evaluation={**FAST, "feasibility": "adapt"})
     try:
-        outcome = _tune(study, [Endpoint(ort_agent.start()), Endpoint(agent.address)])
+        outcome = _tune(study, [Endpoint(address=ort_agent.start()), Endpoint(address=agent.address)])
     finally:
         ort_agent.stop()
     assert outcome.failed == 0 and outcome.unreachable == 0 and outcome.infeasible == 0, outcome.errors

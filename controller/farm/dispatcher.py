@@ -36,6 +36,7 @@ from typing import Any
 
 import grpc
 
+from tuneqn.controller.config import AgentSpec, EvaluationSpec
 from tuneqn.controller.farm.client import AgentClient, AgentSilent, ContractMismatch, decode_topk
 from tuneqn.controller.store import Store
 from tuneqn.v1 import agent_pb2 as pb
@@ -72,17 +73,11 @@ class AgentState(enum.Enum):
 LIVE_STATES = (AgentState.READY, AgentState.BUSY)
 
 
-@dataclass(frozen=True)
-class Endpoint:
-    """How to reach an agent (and, optionally, the device class it is expected to serve)."""
+class Endpoint(AgentSpec):
+    """An agent of the lab (:class:`~tuneqn.controller.config.AgentSpec`) with its token read: how to reach it."""
 
-    address: str
+    #: The bearer token (read from ``token_file``, a lab file or ``--token-file``); None: no token.
     token: str | None = None
-    tls_ca: Path | None = None
-    tls_cert: Path | None = None
-    tls_key: Path | None = None
-    device_class: str | None = None
-    name: str | None = None  # a label for messages (lab file ``name``)
 
     def client(self, timeout: float = 30.0) -> AgentClient:
         """A new client of this agent."""
@@ -90,45 +85,23 @@ class Endpoint:
                            tls_key=self.tls_key, timeout=timeout)
 
 
-@dataclass
-class FarmSettings:
-    """What every job is evaluated with, and the dispatcher's timing (see ``[evaluation]``)."""
+class FarmSettings(EvaluationSpec):
+    """A study's ``[evaluation]`` (every field of :class:`~tuneqn.controller.config.EvaluationSpec`) and what
+    only a run decides."""
 
-    top_k: int = 5
-    chunk_size: int = 32
-    latency_warmup: int = 3
-    latency_repeats: int = 20
-    intra_op_threads: int = 0
-    lease_timeout_s: float = 60.0
-    heartbeat_s: float = 2.0
-    silent_after_s: float = 15.0
-    unreachable_grace_s: float = 20.0
-    device_wait_s: float = 600.0
-    #: An agent that never answered since the run started is given up after this long.
-    agent_connect_timeout_s: float = 60.0
-    max_attempts: int = 3
+    #: Deadline of one unary call to an agent.
     rpc_timeout_s: float = 10.0
     #: Non-empty after ``--fresh``: agents re-measure instead of answering with stored results.
     remeasure_token: str = ""
     #: While an agent is live its ``GetInfo`` is asked again this often: devices that appear get slots
     #: (phones joining a tracker), unhealthy ones take no job, vanished ones stop taking jobs.
     info_poll_s: float = 2.0
-    #: Only these device classes get jobs (empty: every class the agents serve).
-    device_classes: tuple[str, ...] = ()
-    #: TVM agents (``JobSpec.backend_options.tvm``; see ``[evaluation] tvm_*``).
-    tvm_tuning_trials: int = 0
-    tvm_latency_number: int = 1
-    tvm_min_repeat_ms: int = 0
-    tvm_cooldown_ms: int = 0
 
     @classmethod
-    def from_config(cls, evaluation: Any, **overrides: Any) -> FarmSettings:
-        """Settings from a study's ``[evaluation]`` section (``overrides`` win)."""
-        names = [f for f in cls.__dataclass_fields__ if hasattr(evaluation, f)]
-        values = {n: getattr(evaluation, n) for n in names}
+    def from_config(cls, evaluation: EvaluationSpec, **overrides: Any) -> FarmSettings:
+        """Settings from a study's ``[evaluation]`` section (``overrides`` that are not None win)."""
+        values = evaluation.model_dump()
         values.update({k: v for k, v in overrides.items() if v is not None})
-        if "device_classes" in values:
-            values["device_classes"] = tuple(values["device_classes"])
         return cls(**values)
 
 

@@ -14,13 +14,13 @@ from typing import TYPE_CHECKING
 import onnxruntime as ort
 
 from tuneqn.controller.config import DatasetSpec, ModelSpec, PreprocessSpec
-from tuneqn.controller.dataset import prepare_data
-from tuneqn.controller.modelio import prepare_model
+from tuneqn.controller.prepare.dataset import prepare_data
+from tuneqn.controller.prepare.modelio import prepare_model
 
 if TYPE_CHECKING:
     import numpy as np
 
-    from tuneqn.controller.modelio import PreparedModel
+    from tuneqn.controller.prepare.modelio import PreparedModel
 
 #: How EfficientNet-Lite was trained (examples/lite0/study.toml): short side 256, centre crop 224, (x − 127)/128.
 LITE_PREPROCESS = PreprocessSpec(resize=256, crop=224, interpolation="bicubic", scale=1 / 128, offset=-127 / 128)

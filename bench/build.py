@@ -1,4 +1,4 @@
-"""Candidate builds on the example: graph edits (controller/edits.py) vs ONNX Runtime's quantizer.
+"""Candidate builds on the example: graph edits (controller/quantize/edits.py) vs ONNX Runtime's quantizer.
 
 Usage: python bench/build.py [--example examples/lite0/work] [--sets 20] [--recipes per-tensor per-channel]
                              [--no-prefixes]
@@ -24,7 +24,7 @@ from pathlib import Path
 import benchlib
 
 from tuneqn.controller.config import RECIPE_PRESETS, parse_config
-from tuneqn.controller.quantize import quantize_candidate
+from tuneqn.controller.quantize.quantizer import quantize_candidate
 from tuneqn.controller.study import Study
 
 

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import benchlib
 
-from tuneqn.controller.analysis import find_layers
 from tuneqn.controller.config import QuantizationSpec
-from tuneqn.controller.quantize import (
+from tuneqn.controller.quantize.analysis import find_layers
+from tuneqn.controller.quantize.quantizer import (
     QuantSettings,
     calibrate,
     calibration_reader,

@@ -1,4 +1,4 @@
-"""Milliseconds per QOperator candidate: graph edits (controller/edits_qop.py) vs ONNX Runtime's quantizer.
+"""Milliseconds per QOperator candidate: graph edits (controller/quantize/edits_qop.py) vs ONNX Runtime's quantizer.
 
 Usage: python bench/derive_qop.py [--example examples/lite0/work] [--candidates 50] [--check 3]
 For the per-tensor and per-channel QOperator recipes of the example: the one-off index time, the median
@@ -20,8 +20,8 @@ from pathlib import Path
 import benchlib
 import onnx
 
-from tuneqn.controller.edits_qop import QOperatorEditor
-from tuneqn.controller.quantize import QuantSettings, calibrate, quantize_candidate
+from tuneqn.controller.quantize.edits_qop import QOperatorEditor
+from tuneqn.controller.quantize.quantizer import QuantSettings, calibrate, quantize_candidate
 
 
 def main() -> int:

@@ -8,7 +8,7 @@ One run, same model, same photos, same preprocessed arrays (issue 16, "Done when
   ``--study STUDY.toml`` runs ``tuneqn tune STUDY --out TMP --no-lab`` instead.
 * NNCF: ``nncf.quantize_with_accuracy_control`` with its ONNX backend (no OpenVINO needed) on the
   same FP32 model, calibrated on tuneqn's calibration sample and validated on tuneqn's evaluation
-  sample: both drawn by ``tuneqn.controller.dataset.prepare_data`` from the config tuneqn's own
+  sample: both drawn by ``tuneqn.controller.prepare.dataset.prepare_data`` from the config tuneqn's own
   command-line parser builds for the command above, so they are the same arrays (checked against
   the sha256 of the samples tuneqn stores in ``TMP/data``). Validation metric: top-1 agreement with
   the FP32 model, all run with ONNX Runtime; ``max_drop`` 0.0101 (NNCF tests ``drop <= max_drop``
@@ -64,10 +64,10 @@ import onnx
 import onnxruntime as ort
 
 from tuneqn.controller.cli import build_parser, study_config
+from tuneqn.controller.common.errors import UserError
 from tuneqn.controller.config import StudyConfig
-from tuneqn.controller.dataset import PreparedData, describe_preprocess, model_hw, prepare_data
-from tuneqn.controller.errors import UserError
-from tuneqn.controller.modelio import prepare_model
+from tuneqn.controller.prepare.dataset import PreparedData, describe_preprocess, model_hw, prepare_data
+from tuneqn.controller.prepare.modelio import prepare_model
 
 log = logging.getLogger(__name__)
 

@@ -12,11 +12,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from tuneqn import __version__
+from tuneqn.controller.common.errors import StudyFailed, UserError
 from tuneqn.controller.config import StudyConfig, load_config, parse_config
-from tuneqn.controller.errors import StudyFailed, UserError
 
 if TYPE_CHECKING:
-    from tuneqn.controller.certs import LabHosts
+    from tuneqn.controller.farm.certs import LabHosts
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +100,7 @@ def study_config(args: argparse.Namespace) -> StudyConfig:
 def _check_model_files(cfg: StudyConfig, label: str | None) -> None:
     """Every model file of the study is a readable ONNX model that passes the checker, before any out dir is
     created or agent started (hub models are fetched and checked later)."""
-    from tuneqn.controller.modelio import load_checked  # noqa: PLC0415 - onnx only where a study is read
+    from tuneqn.controller.prepare.modelio import load_checked  # noqa: PLC0415 - onnx only where a study is read
 
     for i, m in enumerate(cfg.models):
         if m.path is not None:
@@ -150,7 +150,7 @@ def _floats(value: str) -> list[float]:
 
 def _input_dims(path: Path, label: str) -> list[int | str] | None:
     """The first graph input's dims of an ONNX file (names for dynamic dims); None without an input."""
-    from tuneqn.controller.modelio import _load_bytes  # noqa: PLC0415 - only for the quick form and the printed line
+    from tuneqn.controller.prepare.modelio import _load_bytes  # noqa: PLC0415 - only for the quick form and the printed line
 
     m = _load_bytes(path, label)
     inits = {i.name for i in m.graph.initializer}
@@ -162,7 +162,7 @@ def _input_dims(path: Path, label: str) -> list[int | str] | None:
 
 def preprocessing_lines(cfg: StudyConfig) -> list[str]:
     """``preprocessing: …`` — what the study's images go through (one line per model when their sizes differ)."""
-    from tuneqn.controller.dataset import describe_preprocess, model_hw
+    from tuneqn.controller.prepare.dataset import describe_preprocess, model_hw
 
     if cfg.dataset.images is None:
         return [f"preprocessing: none (the arrays of {cfg.dataset.tensors} are fed as they are)"]
@@ -328,7 +328,8 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from tuneqn.controller.progress import Progress
+    from tuneqn.controller.common.progress import Progress
+    from tuneqn.controller.report.layer_plot import write_layer_plot
     from tuneqn.controller.study import Study
 
     cfg = study_config(args)
@@ -341,7 +342,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
             for model in study.models:
                 for mode in study.modes():
                     rows.extend(progress.step(f"analyzing {model} ({mode})", study.analyze, model, mode))
-            study.write_layer_outputs(rows)
+            write_layer_plot(study.write_layer_outputs(rows), study.out_dir)
             study.forget_stale_candidates()
             if args.candidates:
                 plans = study.all_plans()
@@ -429,8 +430,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     """Write one evaluated candidate (or the answer's pick) with its facts; reads the study folder only."""
     import json
 
-    from tuneqn.controller.export import describe, export_candidate
     from tuneqn.controller.report import compute_report
+    from tuneqn.controller.report.export import describe, export_candidate
     from tuneqn.controller.store import Store
     from tuneqn.controller.study import find_candidate
 
@@ -472,9 +473,9 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_tune(args: argparse.Namespace) -> int:
     """Run the whole study on the agents; exit 0 when every job finished."""
+    from tuneqn.controller.common.progress import Progress
     from tuneqn.controller.farm.dispatcher import FarmSettings
     from tuneqn.controller.orchestrator import remeasure_token, tune
-    from tuneqn.controller.progress import Progress
     from tuneqn.controller.study import Study
 
     cfg = study_config(args)
@@ -579,7 +580,7 @@ def _agent_source(args: argparse.Namespace, study_agents: list[Any] | None = Non
                   study_label: str = "the study") -> tuple[list[Any], str]:
     """Endpoints of the agents a command uses (``--agent``, ``--lab``, the study's, the default lab file)
     and where they came from."""
-    from tuneqn.controller.lab import choose_agents, endpoints_from
+    from tuneqn.controller.farm.lab import choose_agents, endpoints_from
 
     source = choose_agents(study_agents or [], args.agent, args.lab, args.no_lab, study_label)
     endpoints = endpoints_from(source.agents, [], Path(args.token_file) if args.token_file else None,
@@ -655,7 +656,7 @@ def cmd_agents(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from tuneqn.controller.lab import probe_all
+    from tuneqn.controller.farm.lab import probe_all
 
     study_agents = load_config(Path(args.study)).agents if args.study else []
     endpoints, origin = _agent_source(args, study_agents, args.study or "the study")
@@ -694,7 +695,7 @@ def cmd_agents(args: argparse.Namespace) -> int:
 def cmd_certs(args: argparse.Namespace) -> int:
     """Create the lab's mTLS certificates: one key pair per agent host (``--host``), or the older
     layout with one agent certificate for every ``--agent-host``."""
-    from tuneqn.controller.certs import DEFAULT_AGENT_HOSTS, write_host_certs, write_lab_certs
+    from tuneqn.controller.farm.certs import DEFAULT_AGENT_HOSTS, write_host_certs, write_lab_certs
 
     if args.host:
         if args.agent_host or args.ca_from:

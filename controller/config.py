@@ -16,8 +16,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from tuneqn.controller.errors import UserError
-from tuneqn.controller.files import read_user_file
+from tuneqn.controller.common.errors import UserError
+from tuneqn.controller.common.files import read_user_file
 from tuneqn.controller.objectives import OBJECTIVES, objective
 
 Mode = Literal["static", "dynamic"]
@@ -198,7 +198,7 @@ RECIPE_PRESETS: dict[str, dict[str, Any]] = {
 #: activations: 17 % loss where per-channel has 6 %).
 AUTO_RECIPES: tuple[str, ...] = ("per-tensor", "per-channel", "per-tensor-percentile", "per-channel-percentile")
 #: Added to :data:`AUTO_RECIPES` for a model whose quantizable layers are MatMul/Gemm-heavy
-#: (see :func:`tuneqn.controller.search.gate.auto_recipes`).
+#: (see :func:`tuneqn.controller.quantize.auto.auto_recipes`).
 AUTO_DYNAMIC = "dynamic"
 AUTO = "auto"
 

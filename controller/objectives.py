@@ -6,7 +6,7 @@ read :data:`OBJECTIVES`; no other list of objective names exists in the controll
 Values are read from one (candidate, device result) pair of the report: the candidate
 dict gives ``size_bytes``, the result dict gives ``agreement``, ``accuracy``,
 ``accuracy_top5`` and ``latency_ms`` (metrics stored with the result, see
-:mod:`tuneqn.controller.metrics`). A missing or non-finite value reads as None.
+:mod:`tuneqn.controller.accuracy`). A missing or non-finite value reads as None.
 """
 
 from __future__ import annotations

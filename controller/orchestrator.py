@@ -23,20 +23,20 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from tuneqn.controller import metrics
-from tuneqn.controller.dataset import Split
+from tuneqn.controller import accuracy
+from tuneqn.controller.accuracy import baseline_id
 from tuneqn.controller.farm.dispatcher import AgentLink, AgentState, Endpoint, FarmSettings, JobBoard, make_job
-from tuneqn.controller.farm.local import LocalAgent, QuietLock
-from tuneqn.controller.feasibility import GAVE_UP, describe
-from tuneqn.controller.liveness import GiveUp, Liveness, Release, Seen, StatusLine
-from tuneqn.controller.metrics import baseline_id
-from tuneqn.controller.planning import Planner, Probe, Settle
+from tuneqn.controller.farm.liveness import GiveUp, Liveness, Release, Seen, StatusLine
+from tuneqn.controller.farm.local import LocalAgent, SharedQuietLock
+from tuneqn.controller.prepare.dataset import Split
+from tuneqn.controller.quantize.feasibility import GAVE_UP, describe
 from tuneqn.controller.report import write_full_report
-from tuneqn.controller.report.base import FINAL_JOB_STATES
 from tuneqn.controller.report.write import write_checkpoint
 from tuneqn.controller.search import Outcome, Request, SearchView, gate, make_strategy
+from tuneqn.controller.search.planning import Planner, Probe, Settle
+from tuneqn.controller.search.ties import result_latency
+from tuneqn.controller.store import FINAL_JOB_STATES
 from tuneqn.controller.study import CandidatePlan, PreparedInput, Study
-from tuneqn.controller.ties import result_latency
 from tuneqn.v1 import agent_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -106,7 +106,7 @@ class StudyRun:
         self.stop = threading.Event()
         self.links: list[AgentLink] = []
         self.local: LocalAgent | None = None
-        self.quiet: QuietLock | None = None
+        self.quiet: SharedQuietLock | None = None
         self.errors: list[str] = []
         self._lock = threading.Lock()
         self._classes: dict[str, float] = {}  # device class -> last time a live agent served it
@@ -133,8 +133,8 @@ class StudyRun:
         self._asked: set[tuple[str, str, str]] = set()  # (search, candidate id, level) recorded
         self._screen_recipes: set[tuple[str, str]] = set()  # (model, recipe) with screens asked for
         self._screens: dict[tuple[str, str], Split] = {}  # their screening samples, once chosen
-        # Liveness of agents and classes (controller/liveness.py) and device-class planning
-        # (``[evaluation] feasibility``, controller/planning.py): both return decisions applied here.
+        # Liveness of agents and classes (controller/farm/liveness.py) and device-class planning
+        # (``[evaluation] feasibility``, controller/search/planning.py): both return decisions applied here.
         self.liveness = Liveness(settings)
         self.planner = Planner(study, study.cfg.evaluation.feasibility)
         self._links_started = time.monotonic()
@@ -260,7 +260,10 @@ class StudyRun:
             self._report_soon(self._write_layers)
 
     def _write_layers(self) -> None:
-        self.study.write_layer_outputs(self.study.analyzed_rows())
+        """layers.json and the layer plot of every analysis so far."""
+        from tuneqn.controller.report.layer_plot import write_layer_plot  # matplotlib: not at start-up
+
+        write_layer_plot(self.study.write_layer_outputs(self.study.analyzed_rows()), self.study.out_dir)
 
     # ------------------------------------------------------------------ the reporter (report.json, plots ahead)
     def _reporter_free(self) -> bool:
@@ -318,7 +321,7 @@ class StudyRun:
         """Start the local agent when none is configured, and one link per agent."""
         if not self.endpoints:
             state_dir = self.study.out_dir / "agents" / "local"
-            self.quiet = QuietLock(state_dir / "quiet.lock")
+            self.quiet = SharedQuietLock(state_dir / "quiet.lock")
             self.local = LocalAgent(state_dir, extra_args=self.local_agent_args, quiet_lock=self.quiet.path)
             self.endpoints = [Endpoint(address=self.local.start())]
         if not self._links_up:
@@ -542,7 +545,7 @@ class StudyRun:
     def report(self) -> TuneOutcome:
         """Counts, errors and the full report."""
         if self._layers_written != len(self._analysis_done):
-            self.study.write_layer_outputs(self.study.analyzed_rows())
+            self._write_layers()
         counts = self.board.counts()
         for line in self._lost_lines():
             if line not in self.errors:
@@ -634,8 +637,8 @@ class StudyRun:
             fp32_row = self.store.result(self._job_ids.get((baseline_id(model), cls, "full"), ""))
             if fq_row is None or fp32_row is None:
                 continue  # failed on that class: choose from the others
-            fq_topk.append(metrics.topk_of(fq_row))
-            fp32_topk.append(metrics.topk_of(fp32_row))
+            fq_topk.append(accuracy.topk_of(fq_row))
+            fp32_topk.append(accuracy.topk_of(fp32_row))
             used.append(cls)
         if not fq_topk:
             return None
@@ -877,7 +880,7 @@ class StudyRun:
             self._job_ids[(built.candidate_id, device_class, level)] = plan.id
         self.board.add(plan)
 
-    # ------------------------------------------------------------------ device-class planning (controller/planning.py)
+    # ------------------------------------------------------------------ device-class planning (search/planning.py)
     def _classes_of(self, model: str, recipe: str) -> list[str]:
         """The device classes a recipe's results come from: where it is planned, or may still be (undecided)."""
         with self._lock:
@@ -1001,8 +1004,8 @@ class StudyRun:
                 continue
             per_device[cls] = {"agreement": result["agreement"], "accuracy": result["accuracy"],
                                "accuracy_top5": result["accuracy_top5"], **result_latency(result),
-                               "overlap": metrics.overlap_of(self.store, result)}
-            wrong[cls] = metrics.disagreeing_of(self.store, result)
+                               "overlap": accuracy.overlap_of(self.store, result)}
+            wrong[cls] = accuracy.disagreeing_of(self.store, result)
         out = Outcome(plan.id, built.size_bytes, per_device, tuple(failed), wrong,
                       self.study.eval_split(built.model).size if level == "screen" else 0)
         self._outcomes[key] = out
@@ -1056,7 +1059,7 @@ class StudyRun:
             log.info("device class %s: first served by %s (%s)", device.device_class, link.address, device.name)
 
     def _watch_liveness(self) -> None:
-        """Apply the liveness decisions (controller/liveness.py): classes seen, released, given up."""
+        """Apply the liveness decisions (controller/farm/liveness.py): classes seen, released, given up."""
         with self._lock:
             classes = dict(self._classes)
         for d in self.liveness.watch(self.links, classes, time.monotonic()):
@@ -1094,7 +1097,7 @@ class StudyRun:
             return len(self._job_ids)
 
     def _on_result(self, job_id: str) -> None:
-        metrics.on_result(self.store, job_id)
+        accuracy.on_result(self.store, job_id)
         self._results_changed.set()
         self._changed.set()
 

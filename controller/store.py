@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 
 import sqlite_utils
 
-from tuneqn.controller.errors import UserError
+from tuneqn.controller.common.errors import UserError
 
 T = TypeVar("T")
 
@@ -28,6 +28,8 @@ log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 3
 DB_NAME = "tuneqn.db"
+#: Job states after which nothing more happens to a job (``infeasible``: the device cannot run the model).
+FINAL_JOB_STATES = frozenset({"done", "failed", "unreachable", "infeasible"})
 
 _TABLES: dict[str, tuple[dict[str, type], str | tuple[str, ...]]] = {
     "meta": ({"key": str, "value": str}, "key"),
@@ -82,7 +84,7 @@ _TABLES: dict[str, tuple[dict[str, type], str | tuple[str, ...]]] = {
             "info": str, "attempt": int, "level": str, "split": str,
             # What the result is compared with: the prepared model its candidate was built from and
             # the evaluation sample (sha256s; a screen's is the sample it is a subset of), and the FP32
-            # result (job id) its agreement was last computed against (see controller/metrics.py).
+            # result (job id) its agreement was last computed against (see controller/accuracy.py).
             "model_sha256": str, "sample_sha256": str, "baseline_job": str,
         },
         "job_id",

@@ -37,8 +37,21 @@ import numpy as np
 import onnx
 
 from tuneqn import __version__
-from tuneqn.controller import yielding
-from tuneqn.controller.analysis import (
+from tuneqn.controller.common import yielding
+from tuneqn.controller.common.errors import UserError
+from tuneqn.controller.common.files import atomic_write_text, file_digest, file_sha256
+from tuneqn.controller.common.versions import tool_versions
+from tuneqn.controller.config import PREPROCESS_PRESETS, StudyConfig
+from tuneqn.controller.prepare.dataset import (
+    PreparedData,
+    Split,
+    describe_preprocess,
+    model_hw,
+    prepare_data,
+    save_split,
+)
+from tuneqn.controller.prepare.modelio import PreparedModel, prepare_model
+from tuneqn.controller.quantize.analysis import (
     CONFIDENCE_SAMPLES,
     ConfidenceCheck,
     LayerError,
@@ -49,9 +62,9 @@ from tuneqn.controller.analysis import (
     rank_layers,
     static_layers,
 )
-from tuneqn.controller.config import PREPROCESS_PRESETS, StudyConfig
-from tuneqn.controller.dataset import PreparedData, Split, describe_preprocess, model_hw, prepare_data, save_split
-from tuneqn.controller.edits import (
+from tuneqn.controller.quantize.auto import META as GATE_META
+from tuneqn.controller.quantize.auto import auto_recipes
+from tuneqn.controller.quantize.edits import (
     CandidateIndex,
     Derivations,
     Derived,
@@ -59,15 +72,15 @@ from tuneqn.controller.edits import (
     Unsupported,
     unsupported_settings,
 )
-from tuneqn.controller.edits_qop import QOperatorEditor
-from tuneqn.controller.errors import UserError
-from tuneqn.controller.files import atomic_write_text, file_digest, file_sha256
-from tuneqn.controller.modelio import PreparedModel, prepare_model
-from tuneqn.controller.quantize import QuantSettings, calibrate, quantize_candidate, runtime_options, runtime_options_of
-from tuneqn.controller.search.gate import META as GATE_META
-from tuneqn.controller.search.gate import auto_recipes
+from tuneqn.controller.quantize.edits_qop import QOperatorEditor
+from tuneqn.controller.quantize.quantizer import (
+    QuantSettings,
+    calibrate,
+    quantize_candidate,
+    runtime_options,
+    runtime_options_of,
+)
 from tuneqn.controller.store import Store
-from tuneqn.controller.versions import tool_versions
 
 log = logging.getLogger(__name__)
 
@@ -398,7 +411,7 @@ class Study:
         return warning
 
     def _choose_recipes(self, model: str | None = None) -> None:
-        """With ``recipes = "auto"``: the recipes ``model`` tries (``gate.auto_recipes``); the choices of every
+        """With ``recipes = "auto"``: the recipes ``model`` tries (``quantize.auto.auto_recipes``); the choices of every
         model registered so far are kept in the store."""
         if model is not None and self.cfg.quantization.auto:
             chosen, self._auto_notes[model] = auto_recipes(self.models[model].path, self.cfg.search.layer_op_types)
@@ -579,7 +592,7 @@ class Study:
         return rows
 
     def analyze_all(self) -> list[dict[str, Any]]:
-        """Analyze every (model, recipe); write layers.json and layer_errors.png; forget stale candidates."""
+        """Analyze every (model, recipe); write layers.json; forget stale candidates."""
         rows: list[dict[str, Any]] = []
         for model in self.models:
             for mode in ([] if self.auto else self.recipes(model)):  # auto: once the gate passes them
@@ -649,11 +662,12 @@ class Study:
         return [r for model in self.models for recipe in self.recipes(model)
                 for r in self._layers.get((model, recipe), [])]
 
-    def write_layer_outputs(self, rows: list[dict[str, Any]]) -> None:
-        """``layers.json`` (rank order within each (model, mode)) and ``layer_errors.png``; nothing without an
-        analysis (a study whose searches all measure their ranking analyzes no layer, see :attr:`error_ranked`)."""
+    def write_layer_outputs(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """``layers.json`` (rank order within each (model, mode)); returns its entries, which the report draws
+        (:func:`tuneqn.controller.report.layer_plot.write_layer_plot`). Nothing without an analysis (a study
+        whose searches all measure their ranking analyzes no layer, see :attr:`error_ranked`)."""
         if not rows:
-            return
+            return []
         out = [
             {
                 "model": r["model"], "mode": r["mode"], "name": r["name"], "op_type": r["op_type"],
@@ -664,9 +678,7 @@ class Study:
             for r in rows
         ]
         atomic_write_text(self.out_dir / "layers.json", json.dumps(out, indent=1, allow_nan=True))
-        from tuneqn.controller.report.layer_plot import layer_errors_plot  # matplotlib: not at start-up
-
-        layer_errors_plot(out, self.out_dir / "layer_errors.png")
+        return out
 
     # ------------------------------------------------------------------ candidates
     def _layer_rows(self, model: str, recipe: str) -> list[dict[str, Any]]:
@@ -789,7 +801,7 @@ class Study:
 
     # ------------------------------------------------------------------ candidates by graph edits
     def _edit_index(self, model: str, recipe: str, build_fq: bool) -> CandidateIndex | str | None:
-        """The graph-edit index of (model, recipe) (:mod:`tuneqn.controller.edits`): built from its fully
+        """The graph-edit index of (model, recipe) (:mod:`tuneqn.controller.quantize.edits`): built from its fully
         quantized candidate (built first when ``build_fq``); a string says why there is none; None while
         the fully quantized candidate is not built."""
         settings = self.settings(recipe)
@@ -828,8 +840,8 @@ class Study:
         """The candidate derived by graph edits from its recipe's fully quantized model (built first if need be),
         or None: the quantizer builds it (the reason logged at debug).
 
-        Static QDQ recipes: :class:`tuneqn.controller.edits.QdqIndex` (the same bytes as the quantizer's).
-        QOperator recipes: :class:`tuneqn.controller.edits_qop.QOperatorEditor` (the same bytes as the quantizer's).
+        Static QDQ recipes: :class:`tuneqn.controller.quantize.edits.QdqIndex` (the same bytes as the quantizer's).
+        QOperator recipes: :class:`tuneqn.controller.quantize.edits_qop.QOperatorEditor` (the same bytes too).
         """
         index = self._edit_index(plan.model, plan.mode, build_fq=True)
         if index is None or isinstance(index, str):

@@ -12,7 +12,7 @@ import pytest
 from conftest import free_port
 
 from tuneqn.agent.probe import default_address
-from tuneqn.controller.certs import (  # the test makes certificates; the probe never imports this
+from tuneqn.controller.farm.certs import (  # the test makes certificates; the probe never imports this
     write_host_certs,
     write_lab_certs,
 )

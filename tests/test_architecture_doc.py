@@ -115,6 +115,6 @@ def test_the_check_catches_a_wrong_name() -> None:
     for wrong in ("Orchestrator._priority", "StudyRun._no_such_method", "metrics.no_such_function",
                   "farm.dispatcher.no_such_name", "search.no_such_key", "JobSpec.no_such_field", "no_such_module.py"):
         assert _missing(wrong, mods, classes), wrong
-    for right in ("StudyRun._priority", "metrics.on_result", "search.layer_op_types", "JobSpec.backend_options",
+    for right in ("StudyRun._priority", "accuracy.on_result", "search.layer_op_types", "JobSpec.backend_options",
                   "study.py", "store.put_result"):
         assert not _missing(right, mods, classes), right

@@ -21,6 +21,7 @@ from conftest import write_study
 
 from tuneqn.controller.cli import _quick_config, main, study_config
 from tuneqn.controller.config import AUTO_RECIPES, QuantizationSpec, load_config
+from tuneqn.controller.quantize import auto
 from tuneqn.controller.search import gate
 from tuneqn.controller.search.gate import FqFailed, FqPoint, decide
 from tuneqn.controller.store import Store
@@ -133,8 +134,8 @@ def test_auto_is_the_default_and_explicit_recipes_win(tmp_path: Path, assets: Pa
 
 
 def test_dynamic_is_tried_only_on_matmul_heavy_models(tmp_path: Path, assets: Path) -> None:
-    conv, conv_note = gate.auto_recipes(assets / "cnn.onnx", ["Conv", "ConvTranspose", "Gemm", "MatMul"])
-    mm, mm_note = gate.auto_recipes(assets / "mlp.onnx", ["Conv", "ConvTranspose", "Gemm", "MatMul"])
+    conv, conv_note = auto.auto_recipes(assets / "cnn.onnx", ["Conv", "ConvTranspose", "Gemm", "MatMul"])
+    mm, mm_note = auto.auto_recipes(assets / "mlp.onnx", ["Conv", "ConvTranspose", "Gemm", "MatMul"])
     assert conv == list(AUTO_RECIPES) and "left out" in conv_note
     assert mm == [*AUTO_RECIPES, "dynamic"] and "100%" in mm_note
     # In a study: per model, kept in the store for the report.
@@ -238,7 +239,7 @@ def test_points_come_from_the_store_and_failures_are_final(tmp_path: Path) -> No
     missing or running one is pending; an FP32 failure on a device fails every recipe there."""
     from report_store import MODEL, add_candidate, add_device, add_model, add_result, open_store, predictions
 
-    from tuneqn.controller import metrics
+    from tuneqn.controller import accuracy
 
     store = open_store(tmp_path)
     try:
@@ -249,16 +250,16 @@ def test_points_come_from_the_store_and_failures_are_final(tmp_path: Path) -> No
         assert fq["a"] == f"{MODEL}:a:fq"
         assert gate.fq_points(store, MODEL, ["a", "b"], ["cpu"]) == {"a": {"cpu": None}, "b": {"cpu": None}}
         ref = predictions(10, np.random.default_rng(0))
-        metrics.on_result(store, add_result(store, metrics.baseline_id(MODEL), "cpu", ref))
+        accuracy.on_result(store, add_result(store, accuracy.baseline_id(MODEL), "cpu", ref))
         other = ref.copy()
         other[[2, 5], 0] = (other[[2, 5], 0] + 1) % 10
         other[[2, 5], 1:] = ref[[2, 5], :-1]
-        metrics.on_result(store, add_result(store, fq["a"], "cpu", other))
+        accuracy.on_result(store, add_result(store, fq["a"], "cpu", other))
         store.add_job("j-b", fq["b"], "cpu")
         store.update_job("j-b", state="failed", error="boom")
-        store.add_job("fp32-npu", metrics.baseline_id(MODEL), "npu")
+        store.add_job("fp32-npu", accuracy.baseline_id(MODEL), "npu")
         store.update_job("fp32-npu", state="unreachable", error="gone")
-        metrics.on_result(store, add_result(store, fq["a"], "npu", ref))
+        accuracy.on_result(store, add_result(store, fq["a"], "npu", ref))
         pts = gate.fq_points(store, MODEL, ["a", "b"], ["cpu", "npu"])
         # two images wrong, each with 4 of FP32's top 5: overlap (8 + 2 × 0.8) / 10
         assert pts["a"]["cpu"] == FqPoint(1000, 10, frozenset({2, 5}), fq["a"], pytest.approx(0.96))

@@ -1,8 +1,8 @@
 """Agreement is computed against the FP32 result of the same prepared model, evaluation sample and device
-class (controller/metrics.py), and results are scored again when that baseline changes.
+class (controller/accuracy.py), and results are scored again when that baseline changes.
 
 Results go the way the dispatcher stores them (``JobBoard.complete``: ``result_row`` → ``put_result`` →
-``metrics.on_result``) into a real SQLite store. Also: a rerun leaves an earlier run's job in flight to its holder.
+``accuracy.on_result``) into a real SQLite store. Also: a rerun leaves an earlier run's job in flight to its holder.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from report_store import MODEL, add_candidate, add_model, cand_id, open_store, predictions
 
-from tuneqn.controller import metrics
+from tuneqn.controller import accuracy
 from tuneqn.controller.farm.dispatcher import FarmSettings, JobBoard, JobPlan, make_job
 from tuneqn.controller.store import Store
 from tuneqn.v1 import agent_pb2 as pb
@@ -24,7 +24,7 @@ CLASS = "lab"
 
 
 def _board(store: Store) -> JobBoard:
-    return JobBoard(store, FarmSettings(), on_result=lambda job_id: metrics.on_result(store, job_id))
+    return JobBoard(store, FarmSettings(), on_result=lambda job_id: accuracy.on_result(store, job_id))
 
 
 def _job(tmp: Path, cid: str, sample_sha: str, settings: FarmSettings | None = None) -> JobPlan:
@@ -80,7 +80,7 @@ def test_each_candidate_is_scored_against_the_fp32_result_of_its_own_sample(tmp_
     assert _stored(store, job_a) == (_agreement(cand_a, fp32_a), base_a) == (0.9, base_a)
     assert _stored(store, job_b) == (_agreement(cand_b, fp32_b), base_b) == (0.8, base_b)
     # The report's backfill keeps them (it re-derives the same baselines).
-    assert metrics.backfill(store) == 0
+    assert accuracy.backfill(store) == 0
     assert _stored(store, job_a) == (0.9, base_a)
 
 

@@ -15,7 +15,7 @@ import pytest
 from conftest import exported_sha256, write_study
 
 from tuneqn.controller.cli import main
-from tuneqn.controller.files import file_sha256
+from tuneqn.controller.common.files import file_sha256
 from tuneqn.controller.study import Study
 
 WEIGHTED = {"Conv", "Gemm", "MatMul", "ConvTranspose"}
@@ -157,7 +157,7 @@ def test_a_calibration_builds_the_fully_quantized_models_of_the_recipes_sharing_
     every recipe that shares it: the builder then reuses them, and they are the files it would have built."""
     from tuneqn.controller import study as study_module
     from tuneqn.controller.config import load_config
-    from tuneqn.controller.farm.local import QuietLock
+    from tuneqn.controller.farm.local import SharedQuietLock
 
     toml = write_study(tmp_path, model=assets / "cnn.onnx", images=assets / "images",
                        quantization={"recipes": [{"name": "pt", "mode": "static", "per_channel": False},
@@ -168,7 +168,7 @@ def test_a_calibration_builds_the_fully_quantized_models_of_the_recipes_sharing_
     study.prepare()
     if child:
         monkeypatch.setattr(study_module, "_YIELDING_WORK", 0)
-    with QuietLock(tmp_path / "quiet.lock").shared() if child else contextlib.nullcontext():
+    with SharedQuietLock(tmp_path / "quiet.lock").shared() if child else contextlib.nullcontext():
         study.calibration_cache("cnn", "pc")
     plans = {r: study.make_plan("cnn", r, (), label="k=0") for r in ("pt", "pc", "pct")}
     assert {study.candidate_path(p) for p in plans.values()} - set(study._prebuilt) == {
@@ -207,7 +207,7 @@ def test_per_tensor_and_per_channel_share_one_calibration(tmp_path: Path, assets
                                                           calibrations: list[int]) -> None:
     """The ranges do not depend on the weights' granularity: one calibration serves both recipes, and its
     content is what calibrating for the per-channel recipe alone gives."""
-    from tuneqn.controller.quantize import QuantSettings, calibrate
+    from tuneqn.controller.quantize.quantizer import QuantSettings, calibrate
 
     study = write_study(tmp_path, model=assets / "cnn.onnx", images=assets / "images",
                         quantization={"recipes": [{"name": "pt", "mode": "static", "per_channel": False},

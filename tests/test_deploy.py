@@ -410,8 +410,8 @@ def test_compose_agents_hold_their_own_key_only_never_the_controllers(tmp_path: 
 def test_compose_lab_file_names_the_compose_agents() -> None:
     import tomllib
 
-    from tuneqn.controller.certs import LAB_FILES
-    from tuneqn.controller.lab import load_lab
+    from tuneqn.controller.farm.certs import LAB_FILES
+    from tuneqn.controller.farm.lab import load_lab
 
     compose = compose_file()
     lab = tomllib.loads((CONTAINER / "lab.toml").read_text())

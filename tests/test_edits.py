@@ -1,4 +1,4 @@
-"""Candidates by graph edits (controller/edits.py): the same bytes as ONNX Runtime's quantizer, exact sizes.
+"""Candidates by graph edits (controller/quantize/edits.py): the same bytes as ONNX Runtime's quantizer, exact sizes.
 
 The proof: for many random exclusion sets, the derived candidate is byte for byte what
 ``quantize_static(..., nodes_to_exclude=...)`` writes with the same calibration cache, on a model with every
@@ -21,8 +21,8 @@ from conftest import write_study
 from onnx_models import cnn, qdq_zoo
 
 from tuneqn.controller.config import RECIPE_PRESETS, QuantizationSpec, load_config, parse_config
-from tuneqn.controller.edits import QdqIndex, Unsupported, varint_size
-from tuneqn.controller.quantize import WBQ, QuantSettings, calibrate, quantize_candidate, runtime_options
+from tuneqn.controller.quantize.edits import QdqIndex, Unsupported, varint_size
+from tuneqn.controller.quantize.quantizer import WBQ, QuantSettings, calibrate, quantize_candidate, runtime_options
 from tuneqn.controller.study import Study
 
 RECIPES = ["per-tensor", "per-channel", "per-tensor-percentile", "per-channel-symmetric"]

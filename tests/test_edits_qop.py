@@ -15,11 +15,17 @@ from onnx import TensorProto, helper, numpy_helper
 from test_qoperator import _counts, _ran_graph
 
 from tuneqn.controller.config import DatasetSpec, ModelSpec
-from tuneqn.controller.dataset import prepare_data
-from tuneqn.controller.edits import Unsupported
-from tuneqn.controller.edits_qop import QOperatorEditor, derive_qoperator
-from tuneqn.controller.modelio import prepare_model
-from tuneqn.controller.quantize import QuantSettings, calibrate, default_op_types, quantize_candidate, runtime_options
+from tuneqn.controller.prepare.dataset import prepare_data
+from tuneqn.controller.prepare.modelio import prepare_model
+from tuneqn.controller.quantize.edits import Unsupported
+from tuneqn.controller.quantize.edits_qop import QOperatorEditor, derive_qoperator
+from tuneqn.controller.quantize.quantizer import (
+    QuantSettings,
+    calibrate,
+    default_op_types,
+    quantize_candidate,
+    runtime_options,
+)
 
 PER_TENSOR = QuantSettings(mode="static", format="qoperator", per_channel=False, reduce_range=False,
                            activation_type="uint8", weight_type="int8", calibration_method="minmax", op_types=None)

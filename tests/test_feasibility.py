@@ -14,14 +14,20 @@ import onnx
 import pytest
 from conftest import write_study
 
+from tuneqn.controller.common.errors import UserError
 from tuneqn.controller.config import QuantizationSpec, load_config, variant_name
-from tuneqn.controller.errors import UserError
 from tuneqn.controller.farm.dispatcher import FarmSettings, JobBoard, JobPlan, make_job
-from tuneqn.controller.feasibility import QUANTIZED_TO_FLOAT, float_ops_of, model_op_types, next_recipe, unsupported
-from tuneqn.controller.quantize import QuantSettings, default_op_types
+from tuneqn.controller.quantize.feasibility import (
+    QUANTIZED_TO_FLOAT,
+    float_ops_of,
+    model_op_types,
+    next_recipe,
+    unsupported,
+)
+from tuneqn.controller.quantize.quantizer import QuantSettings, default_op_types
 from tuneqn.controller.report import compute_report, write_full_report
-from tuneqn.controller.report.base import FINAL_JOB_STATES, is_partial
-from tuneqn.controller.store import Store
+from tuneqn.controller.report.base import is_partial
+from tuneqn.controller.store import FINAL_JOB_STATES, Store
 from tuneqn.controller.study import Study
 from tuneqn.v1 import agent_pb2 as pb
 
@@ -247,9 +253,9 @@ def test_report_lists_infeasible_candidates_per_device_and_keeps_them_off_fronts
     board.add(plan)
     board.take("phone", "a#phone.0", timeout=0)
     board.record(plan, "a#phone.0", _infeasible_result(plan), "tvm")
-    from tuneqn.controller import metrics
+    from tuneqn.controller import accuracy
 
-    metrics.backfill(store)
+    accuracy.backfill(store)
     report = compute_report(store)
     (entry,) = report["infeasible_by_device"]
     assert entry["device"] == "phone"

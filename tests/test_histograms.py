@@ -1,4 +1,4 @@
-"""The streamed percentile calibration gives ORT's own histograms and ranges (controller/histograms.py)."""
+"""The streamed percentile calibration gives ORT's own histograms and ranges (controller/quantize/histograms.py)."""
 
 from __future__ import annotations
 
@@ -13,8 +13,7 @@ from onnx import TensorProto, helper
 from onnx_models import qdq_zoo
 from onnxruntime.quantization.calibrate import CalibrationMethod, PercentileCalibrater, create_calibrator
 
-from tuneqn.controller import histograms
-from tuneqn.controller.quantize import ArrayReader, QuantSettings, calibrate
+from tuneqn.controller.quantize.quantizer import ArrayReader, QuantSettings, calibrate, histograms
 
 
 def _calibrator(model: Path, tmp: Path, name: str) -> PercentileCalibrater:

@@ -13,9 +13,9 @@ import pytest
 from conftest import write_study
 
 from tuneqn.controller.cli import main
+from tuneqn.controller.common.errors import UserError
 from tuneqn.controller.config import DatasetSpec
-from tuneqn.controller.dataset import prepare_data
-from tuneqn.controller.errors import UserError
+from tuneqn.controller.prepare.dataset import prepare_data
 
 
 def _run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str]:
@@ -260,8 +260,8 @@ def test_agents_token_file_in_study_missing(tmp_path: Path, assets: Path, capsys
 
 
 def test_read_token(tmp_path: Path) -> None:
-    from tuneqn.controller.auth import read_token
-    from tuneqn.controller.errors import UserError
+    from tuneqn.controller.common.errors import UserError
+    from tuneqn.controller.farm.auth import read_token
 
     assert read_token(None) is None
     (tmp_path / "t").write_text("  s3cret\n")
@@ -308,7 +308,7 @@ def test_unreadable_image_warning_names_the_file(tmp_path: Path, caplog: pytest.
     images = write_images(tmp_path / "images", 10)
     _damage(images, "img_003.png")
     spec = DatasetSpec(images=images, eval=5, calibration=5, analysis=2)
-    with caplog.at_level("WARNING", logger="tuneqn.controller.dataset"):
+    with caplog.at_level("WARNING", logger="tuneqn.controller.prepare.dataset"):
         data = prepare_data(spec, [1, 3, 8, 8], tmp_path / "o")
     assert [s["file"] for s in data.skipped] == ["img_003.png"]
     assert any("img_003.png" in r.getMessage() and r.levelname == "WARNING" for r in caplog.records)
@@ -388,7 +388,7 @@ def test_tune_quick_form_checks_the_model_before_anything(tmp_path: Path, assets
 
 def test_a_file_the_user_names_fails_in_one_line(tmp_path: Path) -> None:
     """files.read_user_file (token, lab, study and model files): missing, a folder, unreadable."""
-    from tuneqn.controller.files import read_user_file
+    from tuneqn.controller.common.files import read_user_file
 
     plain = tmp_path / "plain.txt"
     plain.write_bytes(b"x")

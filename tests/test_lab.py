@@ -18,10 +18,10 @@ from conftest import free_port, write_study
 from test_inputs import _one_line_error
 
 from tuneqn.controller.cli import main
+from tuneqn.controller.common.errors import UserError
 from tuneqn.controller.config import AgentSpec
-from tuneqn.controller.errors import UserError
+from tuneqn.controller.farm.lab import choose_agents, load_lab
 from tuneqn.controller.farm.local import LocalAgent
-from tuneqn.controller.lab import choose_agents, load_lab
 from tuneqn.v1 import agent_pb2 as pb
 from tuneqn.v1.contract import MIN_AGENT_REVISION
 

@@ -23,8 +23,8 @@ from onnxruntime.quantization import QuantFormat, quantize_static
 
 from tuneqn.controller.cli import main
 from tuneqn.controller.config import ModelSpec
-from tuneqn.controller.modelio import _restore_layer_names, prepare_model
-from tuneqn.controller.quantize import ArrayReader
+from tuneqn.controller.prepare.modelio import _restore_layer_names, prepare_model
+from tuneqn.controller.quantize.quantizer import ArrayReader
 
 
 def _ops(path: Path) -> list[tuple[str, str]]:

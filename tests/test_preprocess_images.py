@@ -20,11 +20,11 @@ from conftest import write_study
 from onnx import TensorProto, helper, numpy_helper
 from PIL import Image
 
-from tuneqn.controller.analysis import MIN_MEAN_TOP1, fp32_confidence
 from tuneqn.controller.cli import build_parser, main
+from tuneqn.controller.common.versions import tool_versions
 from tuneqn.controller.config import DatasetSpec, PreprocessSpec
-from tuneqn.controller.dataset import data_key, describe_preprocess, preprocess_image
-from tuneqn.controller.versions import tool_versions
+from tuneqn.controller.prepare.dataset import data_key, describe_preprocess, preprocess_image
+from tuneqn.controller.quantize.analysis import MIN_MEAN_TOP1, fp32_confidence
 
 SIZE = 8  # the toy models' input H = W
 

@@ -15,7 +15,7 @@ from conftest import exported_sha256, write_study
 from onnx import numpy_helper
 
 from tuneqn.controller.cli import main
-from tuneqn.controller.quantize import WBQ, QuantSettings, quantize_candidate
+from tuneqn.controller.quantize.quantizer import WBQ, QuantSettings, quantize_candidate
 
 LAYERS = {"conv1", "conv2", "conv3", "conv4", "fc"}
 QOPS = {"QLinearConv", "QGemm", "QLinearMatMul"}

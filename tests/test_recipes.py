@@ -10,8 +10,8 @@ import pytest
 from conftest import write_study
 
 from tuneqn.controller.cli import main
+from tuneqn.controller.common.errors import UserError
 from tuneqn.controller.config import QuantizationSpec, load_config, parse_config
-from tuneqn.controller.errors import UserError
 
 
 def test_recipes_inherit_the_section_and_override_it() -> None:

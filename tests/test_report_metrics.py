@@ -1,4 +1,4 @@
-"""Metrics are computed once when a result arrives (controller/metrics.py), stored, and read by the report."""
+"""Metrics are computed once when a result arrives (controller/accuracy.py), stored, and read by the report."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from report_store import MODEL, add_candidate, add_eval_split, add_model, add_result, cand_id, open_store, predictions
 
-from tuneqn.controller import metrics
+from tuneqn.controller import accuracy
 from tuneqn.controller.report import compute_report
 from tuneqn.controller.store import Store
 
@@ -47,7 +47,7 @@ def _fill(tmp: Path, order: list[tuple[str, str]], call_on_result: bool = True) 
     for key in order:
         job = add_result(store, key[0], key[1], preds[key])
         if call_on_result:
-            metrics.on_result(store, job)
+            accuracy.on_result(store, job)
     return store
 
 
@@ -59,7 +59,7 @@ def _stored(store: Store) -> dict[tuple[str, str], tuple[Any, Any, Any]]:
 def _independent(
     labels: list[int], preds: dict[tuple[str, str], np.ndarray]
 ) -> dict[tuple[str, str], tuple[float, ...]]:
-    """The metrics written out by hand with plain loops (not through metrics.py)."""
+    """The metrics written out by hand with plain loops (not through accuracy.py)."""
     out = {}
     for (cid, dev), t in preds.items():
         base = preds[(f"{MODEL}:fp32", dev)]
@@ -86,11 +86,11 @@ def test_stored_metrics_equal_a_recomputation_from_stored_predictions(tmp_path: 
     split = store.dataset(f"{MODEL}/eval")
     assert split is not None
     for r in store.results():
-        t = metrics.topk_of(r)
+        t = accuracy.topk_of(r)
         (base,) = store.results(candidate_id=f"{MODEL}:fp32", device=r["device"])
-        assert r["agreement"] == metrics.agreement(t, metrics.topk_of(base))
-        assert r["accuracy"] == metrics.accuracy(t, split["labels"], 1)
-        assert r["accuracy_top5"] == metrics.accuracy(t, split["labels"], 5)
+        assert r["agreement"] == accuracy.agreement(t, accuracy.topk_of(base))
+        assert r["accuracy"] == accuracy.accuracy(t, split["labels"], 1)
+        assert r["accuracy_top5"] == accuracy.accuracy(t, split["labels"], 5)
     assert {v[0] for k, v in got.items() if k[0].endswith(":fp32")} == {1.0}
 
 
@@ -116,7 +116,7 @@ def test_results_without_a_baseline_wait_for_it(tmp_path: Path) -> None:
     assert {k: v[0] for k, v in got.items()} == dict.fromkeys(got, None)  # no agreement yet
     assert all(v[1] is not None and v[2] is not None for v in got.values())  # accuracy needs no baseline
     labels, preds = _plan()
-    metrics.on_result(store, add_result(store, f"{MODEL}:fp32", "cpu", preds[(f"{MODEL}:fp32", "cpu")]))
+    accuracy.on_result(store, add_result(store, f"{MODEL}:fp32", "cpu", preds[(f"{MODEL}:fp32", "cpu")]))
     got = _stored(store)
     assert got[(CANDIDATES[0], "cpu")][0] is not None and got[(CANDIDATES[1], "cpu")][0] is not None
     assert got[(CANDIDATES[0], "phone")][0] is None  # another device's baseline is not this one's
@@ -126,9 +126,9 @@ def test_backfill_fills_results_stored_without_metrics(tmp_path: Path) -> None:
     reference = _stored(_fill(tmp_path / "ref", ALL))
     store = _fill(tmp_path / "old", ALL, call_on_result=False)
     assert all(v == (None, None, None) for v in _stored(store).values())
-    assert metrics.backfill(store) == len(ALL)
+    assert accuracy.backfill(store) == len(ALL)
     assert _stored(store) == reference
-    assert metrics.backfill(store) == 0  # nothing left to compute
+    assert accuracy.backfill(store) == 0  # nothing left to compute
 
 
 def test_report_reads_the_stored_metrics(tmp_path: Path) -> None:
@@ -145,22 +145,22 @@ def test_report_reads_the_stored_metrics(tmp_path: Path) -> None:
 
 def test_metrics_helpers_edge_cases() -> None:
     t = np.array([[1, 2, 3], [4, 5, 6]], dtype="<i4")
-    assert metrics.agreement(t, t) == 1.0
-    assert metrics.agreement(t, t[:1]) is None  # different sample counts
-    assert metrics.accuracy(t, None) is None and metrics.accuracy(t, []) is None
-    assert metrics.accuracy(t, [-1, -1]) is None  # nothing labelled
-    assert metrics.accuracy(t, [2, 4], 1) == 0.5 and metrics.accuracy(t, [2, 4], 3) == 1.0
-    assert metrics.accuracy(t, [2, 4], 5) is None  # only 3 classes kept per sample
-    assert metrics.accuracy(t, [1, 2, 3], 1) is None  # another sample count
+    assert accuracy.agreement(t, t) == 1.0
+    assert accuracy.agreement(t, t[:1]) is None  # different sample counts
+    assert accuracy.accuracy(t, None) is None and accuracy.accuracy(t, []) is None
+    assert accuracy.accuracy(t, [-1, -1]) is None  # nothing labelled
+    assert accuracy.accuracy(t, [2, 4], 1) == 0.5 and accuracy.accuracy(t, [2, 4], 3) == 1.0
+    assert accuracy.accuracy(t, [2, 4], 5) is None  # only 3 classes kept per sample
+    assert accuracy.accuracy(t, [1, 2, 3], 1) is None  # another sample count
     row = {"job_id": "j", "topk": t.tobytes(), "num_samples": 4, "top_k": 2}
     with pytest.raises(ValueError, match="expected 4 x 2"):
-        metrics.topk_of(row)
+        accuracy.topk_of(row)
 
 
 def test_on_result_of_an_unknown_job_is_an_error(tmp_path: Path) -> None:
     store = open_store(tmp_path)
     with pytest.raises(ValueError, match="no result stored"):
-        metrics.on_result(store, "tq-missing")
+        accuracy.on_result(store, "tq-missing")
 
 
 def test_order_property_over_random_sequences(tmp_path: Path) -> None:
@@ -190,7 +190,7 @@ def test_baseline_and_result_arriving_on_two_threads(tmp_path: Path) -> None:
         def arrive(cid: str, barrier: threading.Barrier, store: Any, errors: list[BaseException]) -> None:
             try:
                 barrier.wait(timeout=30)
-                metrics.on_result(store, add_result(store, cid, "cpu", preds[(cid, "cpu")]))
+                accuracy.on_result(store, add_result(store, cid, "cpu", preds[(cid, "cpu")]))
             except BaseException as exc:  # noqa: BLE001 - thread boundary: handed to the test thread
                 errors.append(exc)
 

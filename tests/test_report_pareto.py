@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tuneqn.controller.report.pareto import select_compromise, to_minimization, top_fronts
-from tuneqn.controller.ties import Latency, TieDominator, compare, dominates, faster, ties
+from tuneqn.controller.search.ties import Latency, TieDominator, compare, dominates, faster, ties
 
 
 def _dominates(a: np.ndarray, b: np.ndarray) -> bool:

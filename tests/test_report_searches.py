@@ -23,7 +23,7 @@ from report_store import (
     predictions,
 )
 
-from tuneqn.controller import metrics
+from tuneqn.controller import accuracy
 from tuneqn.controller.report import compute_report, write_full_report
 from tuneqn.controller.report.finalize import HV_REFERENCE, finalize_report, hypervolume
 from tuneqn.controller.report.plots import recipe_plot_key
@@ -46,7 +46,7 @@ class _Study:
         self.base = predictions(n, self.rng)
         for dev in devices:
             add_device(self.store, dev)
-            metrics.on_result(self.store, add_result(self.store, f"{MODEL}:fp32", dev, self.base, seconds=9.0))
+            accuracy.on_result(self.store, add_result(self.store, f"{MODEL}:fp32", dev, self.base, seconds=9.0))
 
     def _topk(self, agreement: float, n: int) -> np.ndarray:
         t = self.base[:n].copy()
@@ -55,12 +55,12 @@ class _Study:
         return t
 
     def full(self, cid: str, device: str, agreement: float, *, seconds: float = 2.0, at: float | None = None) -> None:
-        metrics.on_result(self.store, add_result(self.store, cid, device, self._topk(agreement, self.n),
+        accuracy.on_result(self.store, add_result(self.store, cid, device, self._topk(agreement, self.n),
                                                  seconds=seconds, finished_at=at))
 
     def screened(self, cid: str, device: str, agreement: float, *, seconds: float = 0.5,
                  at: float | None = None) -> None:
-        metrics.on_result(self.store, add_result(self.store, cid, device, self._topk(agreement, self.screen),
+        accuracy.on_result(self.store, add_result(self.store, cid, device, self._topk(agreement, self.screen),
                                                  level="screen", latency=None, seconds=seconds, finished_at=at))
 
 

@@ -24,9 +24,9 @@ from report_store import (
     predictions,
 )
 
-from tuneqn.controller import metrics
+from tuneqn.controller import accuracy
+from tuneqn.controller.common.errors import UserError
 from tuneqn.controller.config import parse_config
-from tuneqn.controller.errors import UserError
 from tuneqn.controller.objectives import OBJECTIVES
 from tuneqn.controller.report import is_partial, write_full_report, write_json
 from tuneqn.controller.store import Store
@@ -56,7 +56,7 @@ def _study(tmp: Path) -> Store:
     runs = [(f"{MODEL}:fp32", base, (9.0, 8.8, 9.4)), (cand_id(0), k0, (5.0, 4.9, 5.2)),
             (cand_id(1), base, (6.0, 5.8, 6.4)), (cand_id(2), base, (6.3, 6.1, 6.6))]
     for cid, topk, lat in runs:
-        metrics.on_result(store, add_result(store, cid, "cpu", topk, latency=lat))
+        accuracy.on_result(store, add_result(store, cid, "cpu", topk, latency=lat))
     for cid in [f"{MODEL}:fp32"] + [cand_id(k) for k in range(3)]:
         job = f"tq-{cid}-phone"
         store.add_job(job, cid, "phone")
@@ -145,7 +145,7 @@ def test_a_candidate_waits_for_its_baseline(tmp_path: Path) -> None:
     add_device(store, "cpu")
     add_candidate(store, k=0)
     store.add_job("tq-base", f"{MODEL}:fp32", "cpu")
-    metrics.on_result(store, add_result(store, cand_id(0), "cpu", predictions(4, np.random.default_rng(0))))
+    accuracy.on_result(store, add_result(store, cand_id(0), "cpu", predictions(4, np.random.default_rng(0))))
     report = json.loads(write_json(store, tmp_path / "out").read_text(encoding="utf-8"))
     r = _result(report, cand_id(0), "cpu")
     assert (r["status"], r["error"]) == ("pending", "FP32 baseline on this device not measured yet")
@@ -175,7 +175,7 @@ def test_objectives_come_from_one_table(tmp_path: Path) -> None:
 
 @pytest.mark.heavy
 def test_report_package_has_no_sql_and_no_import_cycle() -> None:
-    for path in [*REPORT_DIR.glob("*.py"), REPORT_DIR.parent / "metrics.py"]:
+    for path in [*REPORT_DIR.glob("*.py"), REPORT_DIR.parent / "accuracy.py"]:
         text = path.read_text(encoding="utf-8")
         assert not re.search(r"\.db\b|\bselect\s+\*|\.execute\(|\.query\(", text), path
     modules = sorted(p.stem for p in REPORT_DIR.glob("*.py") if p.stem != "__init__")

@@ -16,10 +16,10 @@ import pytest
 from conftest import exported_sha256, write_study
 from onnx_models import cnn, write_images
 
-from tuneqn.controller import dataset as dataset_mod
 from tuneqn.controller import study as study_mod
 from tuneqn.controller.cli import main
 from tuneqn.controller.config import DatasetSpec
+from tuneqn.controller.prepare import dataset as dataset_mod
 
 
 def _candidates(out: Path) -> dict[str, dict[str, Any]]:

@@ -168,8 +168,8 @@ def test_report_works_while_a_run_holds_the_lock(
 
 def test_lock_in_process(tmp_path: Path, assets: Path) -> None:
     """A second Study on the same out dir is refused in the same process too; close() releases."""
+    from tuneqn.controller.common.errors import UserError
     from tuneqn.controller.config import load_config
-    from tuneqn.controller.errors import UserError
     from tuneqn.controller.study import Study, StudyBusy
 
     cfg = load_config(write_study(tmp_path, model=assets / "cnn.onnx", images=assets / "images"))

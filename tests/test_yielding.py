@@ -1,4 +1,4 @@
-"""Long heavy units give way to a local agent's timing (controller/yielding.py): real processes, real flock."""
+"""Long heavy units give way to a local agent's timing (controller/common/yielding.py): real processes, real flock."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from tuneqn.agent.quiet import QuietLock as AgentQuietLock
-from tuneqn.controller import yielding
-from tuneqn.controller.farm.local import QuietLock
+from tuneqn.controller.common import yielding
+from tuneqn.controller.farm.local import SharedQuietLock
 
 DEADLINE = 30.0
 
@@ -55,7 +55,7 @@ pytestmark = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="re
 
 
 def test_a_long_unit_is_stopped_while_the_agent_times_and_ends_with_its_result(tmp_path: Path) -> None:
-    lock = QuietLock(tmp_path / "quiet.lock")
+    lock = SharedQuietLock(tmp_path / "quiet.lock")
     out: dict[str, object] = {}
 
     def unit() -> None:
@@ -79,7 +79,7 @@ def test_a_long_unit_is_stopped_while_the_agent_times_and_ends_with_its_result(t
 
 
 def test_a_failing_unit_raises_its_error_and_without_a_hold_runs_in_this_process(tmp_path: Path) -> None:
-    with QuietLock(tmp_path / "quiet.lock").shared(), pytest.raises(ValueError, match="no such layer"):
+    with SharedQuietLock(tmp_path / "quiet.lock").shared(), pytest.raises(ValueError, match="no such layer"):
         yielding.run(_fail, "no such layer")
     (tmp_path / "done").write_text("")
     assert yielding.run(_spin, str(tmp_path)) == (os.getpid(), 0)  # no quiet lock held: in-process
@@ -90,10 +90,10 @@ def test_a_unit_stopped_for_timing_dies_with_a_killed_controller(tmp_path: Path)
         import sys
         sys.path.insert(0, {str(Path(__file__).parent)!r})
         from test_yielding import _spin
-        from tuneqn.controller import yielding
-        from tuneqn.controller.farm.local import QuietLock
+        from tuneqn.controller.common import yielding
+        from tuneqn.controller.farm.local import SharedQuietLock
         if __name__ == "__main__":
-            with QuietLock(__import__("pathlib").Path({str(tmp_path / "quiet.lock")!r})).shared():
+            with SharedQuietLock(__import__("pathlib").Path({str(tmp_path / "quiet.lock")!r})).shared():
                 yielding.run(_spin, {str(tmp_path)!r})
     """)
     (tmp_path / "controller.py").write_text(script)
@@ -131,7 +131,7 @@ def test_a_unit_runs_at_the_priority_asked_and_keeps_the_memory_it_frees(tmp_pat
     """A unit that is not the one the study waits for runs niced; a child keeps freed memory for reuse (the
     histogram calibrators free GBs, and faulting them back in cost seconds of system time)."""
     parent_nice, parent_kept = _priority_and_trim()
-    with QuietLock(tmp_path / "quiet.lock").shared():
+    with SharedQuietLock(tmp_path / "quiet.lock").shared():
         child_nice, kept = yielding.run(_priority_and_trim, nice=10)
         same, _ = yielding.run(_priority_and_trim)
     assert child_nice == min(parent_nice + 10, 19) and same == parent_nice

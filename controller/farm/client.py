@@ -27,7 +27,7 @@ import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 import tuneqn
-from tuneqn.controller.files import file_sha256
+from tuneqn.controller.common.files import file_sha256
 from tuneqn.v1 import agent_pb2 as pb
 from tuneqn.v1 import agent_pb2_grpc
 from tuneqn.v1.contract import CONTRACT_REVISION, CONTRACT_VERSION, MIN_AGENT_REVISION

@@ -5,7 +5,7 @@ controller ends in any way (even SIGKILL) the pipe closes and the agent stops, s
 outlives the controller holding its state-dir lock. It shares the controller's CPU, so it
 also gets ``--quiet-lock``: it holds that file's exclusive lock while timing latency, and
 the controller holds a shared lock around CPU-heavy work (candidate builds), so timing
-never competes with tuneqn's own work (:class:`QuietLock`).
+never competes with tuneqn's own work (:class:`SharedQuietLock`).
 """
 
 from __future__ import annotations
@@ -22,14 +22,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
 
-from tuneqn.controller import yielding
-from tuneqn.controller.errors import StudyFailed
+from tuneqn.controller.common import yielding
+from tuneqn.controller.common.errors import StudyFailed
 
 log = logging.getLogger(__name__)
 _LISTENING = re.compile(r"listening on (\S+:\d+)")
 
 
-class QuietLock:
+class SharedQuietLock:
     """The controller's side of the agent's ``--quiet-lock`` (protocol: ``tuneqn.agent.quiet``)."""
 
     def __init__(self, path: Path) -> None:
@@ -39,7 +39,7 @@ class QuietLock:
     def shared(self) -> Iterator[None]:
         """Hold the shared lock around one unit of CPU-heavy work (waits while the agent times).
 
-        A long unit in the body can give way to the agent's timing (:func:`tuneqn.controller.yielding.run`)."""
+        A long unit in the body can give way to the agent's timing (:func:`tuneqn.controller.common.yielding.run`)."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         hold = _SharedHold(self.path)
         try:

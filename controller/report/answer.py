@@ -15,7 +15,7 @@ no store, no files.  :func:`build_answer` gives::
 The rule: per (model, device) one pick over every recipe of the model, among its full results that are
 done and feasible: of the results meeting the constraint (accuracy loss ``1 − agreement`` ≤ ``max_loss``,
 size ≤ ``max_size_bytes``, median latency ≤ ``max_latency_ms``), the smallest file; equal sizes go to the
-lower loss, then to the lower latency by the fronts' tie rule (:mod:`tuneqn.controller.ties`: latencies
+lower loss, then to the lower latency by the fronts' tie rule (:mod:`tuneqn.controller.search.ties`: latencies
 whose p10–p90 intervals overlap tie; of the options no other one is faster than, the first in report
 order).  When nothing
 meets it, ``met`` is false and the pick is the lowest-loss result (then smallest, then fastest).  A model
@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tuneqn.controller.objectives import finite
-from tuneqn.controller.ties import Latency, faster
+from tuneqn.controller.search.ties import Latency, faster
 
 #: z of a two-sided 95 % normal interval.
 Z95 = 1.959963984540054
@@ -259,7 +259,7 @@ def _meets(o: _Option, c: Constraint) -> bool:
 
 def _fastest(group: list[_Option]) -> _Option:
     """The fastest of equally good options: the first in report order of those no other option is faster
-    than beyond the tie (:func:`tuneqn.controller.ties.faster`)."""
+    than beyond the tie (:func:`tuneqn.controller.search.ties.faster`)."""
     lat = [Latency.of(o.latency, o.p10, o.p90) for o in group]
     if len(group) == 1 or any(x is None for x in lat):
         return min(group, key=lambda o: o.order)

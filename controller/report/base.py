@@ -1,7 +1,7 @@
 """The base report: what the store holds, as one JSON-ready dict (no fronts yet).
 
 Only store read methods are used (no SQL here). Metrics are the ones stored with each
-result by :mod:`tuneqn.controller.metrics`; nothing is recomputed. The shape is
+result by :mod:`tuneqn.controller.accuracy`; nothing is recomputed. The shape is
 documented in :mod:`tuneqn.controller.report.finalize`.
 """
 
@@ -13,16 +13,13 @@ import logging
 from typing import Any
 
 from tuneqn import __version__
+from tuneqn.controller.accuracy import baseline_id
 from tuneqn.controller.config import StudyConfig
-from tuneqn.controller.metrics import baseline_id
 from tuneqn.controller.objectives import OBJECTIVES, finite
-from tuneqn.controller.store import Store
-from tuneqn.controller.ties import result_latency
+from tuneqn.controller.search.ties import result_latency
+from tuneqn.controller.store import FINAL_JOB_STATES, Store
 
 log = logging.getLogger(__name__)
-
-#: Job states after which nothing more happens to a job (``infeasible``: the device cannot run the model).
-FINAL_JOB_STATES = frozenset({"done", "failed", "unreachable", "infeasible"})
 
 #: Result status shown for a job state without a result (unknown live states show as running).
 _STATUS_OF_JOB_STATE = {"pending": "pending", "failed": "failed", "unreachable": "unreachable", "done": "pending",
@@ -183,7 +180,7 @@ class _Planning:
 
     def entries(self) -> list[dict[str, Any]]:
         """The report's ``feasibility`` section."""
-        from tuneqn.controller.feasibility import describe  # noqa: PLC0415 - onnx only when writing reports
+        from tuneqn.controller.quantize.feasibility import describe  # noqa: PLC0415 - onnx only when writing reports
 
         return [{"model": r["model"], "recipe": r["recipe"], "device": r["device_class"], "planned": r["planned"],
                  "status": r["status"], "unsupported": r["unsupported"], "tried": r["tried"],
@@ -242,7 +239,7 @@ def _skipped_inputs(store: Store) -> list[dict[str, str]]:
 def _dataset(store: Store, cfg: StudyConfig, models: list[dict[str, Any]]) -> dict[str, Any]:
     """The report's ``dataset``: sample sizes (of the first model's splits; every model uses the same images)
     and the preprocessing. ``labelled_eval_samples`` counts the evaluation samples with a label (the n of
-    every accuracy: :func:`tuneqn.controller.metrics.accuracy` leaves out negative labels)."""
+    every accuracy: :func:`tuneqn.controller.accuracy.accuracy` leaves out negative labels)."""
     def split(name: str) -> dict[str, Any] | None:
         return store.dataset(f"{models[0]['name']}/{name}") if models else None
 
@@ -250,7 +247,7 @@ def _dataset(store: Store, cfg: StudyConfig, models: list[dict[str, Any]]) -> di
         row = split(name)
         return None if row is None else len(row["items"])
 
-    from tuneqn.controller.dataset import describe_preprocess, model_hw, preprocess_settings  # noqa: PLC0415 - Pillow
+    from tuneqn.controller.prepare.dataset import describe_preprocess, model_hw, preprocess_settings  # noqa: PLC0415 - Pillow
 
     pp = cfg.dataset.preprocess
     hw = model_hw(models[0]["input_shape"], pp) if models and models[0].get("input_shape") else None

@@ -80,7 +80,7 @@ Objective values of a (candidate, device) result come from the one objectives ta
 ``accuracy`` = top-1 vs labels, ``accuracy_top5``, ``size = size_bytes`` and
 ``latency = latency_ms`` (the median).  Non-finite values count as missing.
 
-Latency within the measured noise is a tie (:mod:`tuneqn.controller.ties`): two results' latencies
+Latency within the measured noise is a tie (:mod:`tuneqn.controller.search.ties`): two results' latencies
 tie when their [p10, p90] intervals overlap, and one is better in latency only when its p90 is below
 the other's p10.  Dominance is pairwise with that comparison (every other objective compares
 exactly), so whether one result dominates another never depends on a third result or on the
@@ -202,7 +202,7 @@ import numpy as np
 from pymoo.indicators.hv import HV
 
 from tuneqn.controller.objectives import Objective, finite, objective
-from tuneqn.controller.ties import Latency
+from tuneqn.controller.search.ties import Latency
 
 from .answer import Constraint, build_answer, split_parts
 from .pareto import select_compromise, to_minimization, top_fronts
@@ -351,7 +351,7 @@ def _sort_fronts(
     """Fronts (as row positions) and the minimization table of ``vectors``.
 
     ``noise`` is each row's latency measurement (median and p10–p90); with a latency objective the
-    fronts compare latencies by the tie rule of :mod:`tuneqn.controller.ties`.
+    fronts compare latencies by the tie rule of :mod:`tuneqn.controller.search.ties`.
     """
     if not vectors:
         return [], np.zeros((0, len(objectives)))

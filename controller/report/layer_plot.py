@@ -9,7 +9,7 @@ from typing import Any
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from tuneqn.controller.files import atomic_write_bytes
+from tuneqn.controller.common.files import atomic_write_bytes
 
 
 def layer_errors_plot(layers: list[dict[str, Any]], path: Path) -> Path:
@@ -44,3 +44,8 @@ def layer_errors_plot(layers: list[dict[str, Any]], path: Path) -> Path:
     fig.savefig(buf, format="png")
     atomic_write_bytes(path, buf.getvalue())
     return path
+
+
+def write_layer_plot(layers: list[dict[str, Any]], out_dir: Path) -> Path | None:
+    """``layer_errors.png`` in ``out_dir`` from ``layers.json``'s entries (None without any)."""
+    return layer_errors_plot(layers, Path(out_dir) / "layer_errors.png") if layers else None

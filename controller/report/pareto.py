@@ -11,7 +11,7 @@ of front 1, and the member closest (Euclidean distance) to the ideal point (all
 zeros after normalization) wins; ties go to the lowest row index.
 
 Latency differences within the measured noise are ties: given each row's latency measurement,
-:func:`top_fronts` sorts with the pairwise dominance of :mod:`tuneqn.controller.ties` (two latencies
+:func:`top_fronts` sorts with the pairwise dominance of :mod:`tuneqn.controller.search.ties` (two latencies
 tie when their p10–p90 intervals overlap), through pymoo's ``NonDominatedSorting`` with a custom
 dominator (its fast non-dominated sort over that domination matrix).
 """
@@ -24,7 +24,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 from pymoo.util.nds.non_dominated_sorting import NonDominatedSorting
 
-from tuneqn.controller.ties import Latency, TieDominator
+from tuneqn.controller.search.ties import Latency, TieDominator
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ def top_fronts(F: np.ndarray, n_fronts: int = 3,
     Each front is a sorted list of row indices; front 1 is the Pareto front,
     front 2 the Pareto front once front 1 is removed, and so on.  Exact duplicate
     rows share a front.  An empty table gives ``[]``.  ``latency`` = (column, one measurement
-    per row): that column compares by the tie rule of :mod:`tuneqn.controller.ties` (a row
+    per row): that column compares by the tie rule of :mod:`tuneqn.controller.search.ties` (a row
     without a measurement compares its value exactly).
     """
     if isinstance(n_fronts, bool) or not isinstance(n_fronts, (int, np.integer)) or n_fronts < 1:

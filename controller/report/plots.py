@@ -19,7 +19,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from tuneqn.controller.files import atomic_write_bytes
+from tuneqn.controller.common.files import atomic_write_bytes
 from tuneqn.controller.objectives import OBJECTIVES
 
 logger = logging.getLogger(__name__)

@@ -24,10 +24,10 @@ from typing import Any
 import numpy as np
 from pydantic import ValidationError
 
-from tuneqn.controller import metrics
-from tuneqn.controller.files import atomic_write_bytes
+from tuneqn.controller import accuracy
+from tuneqn.controller.common.files import atomic_write_bytes
+from tuneqn.controller.common.versions import cpu_cores
 from tuneqn.controller.store import Store
-from tuneqn.controller.versions import cpu_cores
 
 from .answer import Constraint
 from .compute import compute_report
@@ -219,7 +219,7 @@ def write_checkpoint(store: Store, out_dir: Path, plot_models: set[str] | None =
     """:func:`write_json`, and the plots of ``plot_models`` from the same report (:func:`render_plots`), ahead of
     the full report. Returns the seconds report.json took (the plots aside)."""
     t0 = time.monotonic()
-    metrics.backfill(store)
+    accuracy.backfill(store)
     typed = validate_report(compute_report(store))
     _write_json_file(typed, Path(out_dir))
     took = time.monotonic() - t0
@@ -230,14 +230,14 @@ def write_checkpoint(store: Store, out_dir: Path, plot_models: set[str] | None =
 
 def write_json(store: Store, out_dir: Path) -> Path:
     """Rewrite ``report.json`` from the store (the cheap checkpoint view; no plots, no HTML)."""
-    metrics.backfill(store)
+    accuracy.backfill(store)
     return _write_json_file(compute_report(store), Path(out_dir))
 
 
 def write_full_report(store: Store, out_dir: Path, answer_constraint: Constraint | None = None) -> dict[str, Path]:
     """Write report.json, the plots and report.html from the store (see :func:`write_report`);
     ``answer_constraint`` replaces the study's constraint of the answer."""
-    metrics.backfill(store)
+    accuracy.backfill(store)
     return write_report(compute_report(store, answer_constraint), Path(out_dir), plot_workers=cpu_cores())
 
 

@@ -8,14 +8,14 @@ they are not full evaluations and are on no front. Size is known without a devic
 evaluations (device metrics) are counted.
 
 1. Every candidate's exact size is known right away: predicted from the recipe's fully quantized
-   model (static QDQ recipes, :mod:`tuneqn.controller.edits`), else by building it; the first and
+   model (static QDQ recipes, :mod:`tuneqn.controller.quantize.edits`), else by building it; the first and
    the last are evaluated in full.
 2. The rule. An unevaluated candidate c lies between its nearest evaluated neighbours a
    (lower k) and b (higher k). Its *optimistic point* on a device is its exact size and, for
    every device-measured objective (accuracy_loss, accuracy, accuracy_top5, latency), the
    better of a's and b's values on that device. c *can enter the top front* if, on some
    device, no evaluated candidate of this (model, recipe) is at least as good as that point
-   in every objective. Latency compares by the report's tie rule (:mod:`tuneqn.controller.ties`):
+   in every objective. Latency compares by the report's tie rule (:mod:`tuneqn.controller.search.ties`):
    the optimistic latency is the better of the neighbours' medians and p10–p90 intervals, and an
    evaluated candidate is at least as good there unless that point is faster beyond the tie
    (its p90 below the candidate's p10), so measurement noise alone never makes a flat segment
@@ -61,7 +61,7 @@ from typing import TYPE_CHECKING, Any
 from tuneqn.controller.objectives import Objective, objective
 from tuneqn.controller.search.base import Outcome, ReplayPair, Request
 from tuneqn.controller.search.measured import MeasuredRanking
-from tuneqn.controller.ties import Latency, compare
+from tuneqn.controller.search.ties import Latency, compare
 
 if TYPE_CHECKING:
     from tuneqn.controller.study import CandidatePlan

@@ -1,10 +1,7 @@
-"""Recipes chosen automatically (``[quantization] recipes = "auto"``, the default) and the recipe gate.
+"""The recipe gate of recipes chosen automatically (``[quantization] recipes = "auto"``, the default).
 
-Which recipes auto tries on a model (:func:`auto_recipes`): the static presets of
-:data:`~tuneqn.controller.config.AUTO_RECIPES` (per-tensor / per-channel weights × min/max /
-percentile activation ranges), plus ``dynamic`` when the model is MatMul/Gemm-heavy: at least
-:data:`DYNAMIC_SHARE` of the weight bytes of its searched layers (``search.layer_op_types``)
-belong to MatMul/Gemm nodes (weights = constant inputs).
+Which recipes auto tries on a model is decided when the study is prepared
+(:func:`tuneqn.controller.quantize.auto.auto_recipes`).
 
 The gate. Every auto recipe's fully quantized model is evaluated in full on every device first.
 Then, per model, recipe r goes on to the search unless, on every device where it has a result,
@@ -31,70 +28,22 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from tuneqn.controller.config import AUTO_DYNAMIC, AUTO_RECIPES
+from tuneqn.controller import accuracy
+from tuneqn.controller.quantize.auto import META
+from tuneqn.controller.store import FINAL_JOB_STATES, Store
 
-if TYPE_CHECKING:
-    from tuneqn.controller.store import Store
-
-#: ``dynamic`` joins auto when MatMul/Gemm hold at least this share of the searched layers' weight bytes.
-DYNAMIC_SHARE = 0.5
 #: z of the paired test: one-sided 97.5 % (the two-sided 95 % of McNemar's test).
 Z = 1.96
-#: Store meta key: ``{"auto": bool, "models": {model: [recipes]}, "notes": {model: str}}`` (Study.prepare).
-META = "recipe_selection"
-
 SEARCHED, STOPPED, PENDING = "searched", "stopped", "pending"
 
 RULE = ("every auto recipe's fully quantized model is evaluated on every device; a recipe goes on to the "
         "search unless, on every device, another recipe's fully quantized model is no larger and disagrees "
         "with FP32 on clearly fewer of the same images (b − c > 1.96·√(b + c), b and c the images only one "
         "of the two gets wrong: a paired 95 % test, at least 4 images)")
-
-
-# --------------------------------------------------------------------------- which recipes auto tries
-
-def matmul_share(model_path: Path, op_types: Iterable[str]) -> float:
-    """Share of the weight bytes of the nodes of ``op_types`` that belong to MatMul/Gemm (0 without weights)."""
-    import onnx  # noqa: PLC0415 - only when preparing a study
-    from onnx import numpy_helper  # noqa: PLC0415
-
-    model = onnx.load(str(model_path), load_external_data=False)
-    sizes = {i.name: numpy_helper.to_array(i).nbytes if not i.external_data else 0
-             for i in model.graph.initializer}
-    for node in model.graph.node:  # Constant nodes hold weights too
-        if node.op_type == "Constant":
-            for attr in node.attribute:
-                if attr.name == "value":
-                    sizes[node.output[0]] = numpy_helper.to_array(attr.t).nbytes
-    wanted = set(op_types)
-    total = mm = 0
-    for node in model.graph.node:
-        if node.op_type not in wanted:
-            continue
-        nbytes = sum(sizes.get(name, 0) for name in node.input[1:2])  # the weight input
-        if node.op_type == "MatMul":
-            nbytes = max(nbytes, sizes.get(node.input[0], 0))
-        total += nbytes
-        if node.op_type in ("MatMul", "Gemm"):
-            mm += nbytes
-    return mm / total if total else 0.0
-
-
-def auto_recipes(model_path: Path, op_types: Iterable[str]) -> tuple[list[str], str]:
-    """The recipes auto tries on a model and a one-line note saying why ``dynamic`` is in or out."""
-    share = matmul_share(model_path, op_types)
-    recipes = list(AUTO_RECIPES)
-    if share >= DYNAMIC_SHARE:
-        recipes.append(AUTO_DYNAMIC)
-        return recipes, (f"dynamic included: MatMul/Gemm hold {share:.0%} of the searched layers' weight bytes "
-                         f"(≥ {DYNAMIC_SHARE:.0%})")
-    return recipes, (f"dynamic left out: MatMul/Gemm hold {share:.0%} of the searched layers' weight bytes "
-                     f"(< {DYNAMIC_SHARE:.0%})")
 
 
 # --------------------------------------------------------------------------- the rule
@@ -107,7 +56,7 @@ class FqPoint:
     n: int  # samples of the evaluation
     wrong: frozenset[int]  # positions where its top-1 differs from FP32's
     candidate: str = ""
-    overlap: float | None = None  # mean share of FP32's top-k in its top-k (metrics.overlap)
+    overlap: float | None = None  # mean share of FP32's top-k in its top-k (accuracy.overlap)
 
     @property
     def loss(self) -> float:
@@ -225,12 +174,6 @@ def auto_models(store: Store) -> dict[str, list[str]]:
     return {str(m): [str(r) for r in rs] for m, rs in (info.get("models") or {}).items()} if info.get("auto") else {}
 
 
-def _final_states() -> frozenset[str]:
-    from tuneqn.controller.report.base import FINAL_JOB_STATES  # noqa: PLC0415 - report imports this module
-
-    return FINAL_JOB_STATES
-
-
 def fq_points(store: Store, model: str, recipes: Sequence[str], devices: Sequence[str],
               candidate_of: Callable[[str], str | None] | None = None) -> dict[str, dict[str, Point]]:
     """Each recipe's fully quantized point on each device class, from the store (``candidate_of``: the
@@ -241,11 +184,9 @@ def fq_points(store: Store, model: str, recipes: Sequence[str], devices: Sequenc
     the class counts: no job yet or not final → None; final without a result, or without an
     agreement because FP32 failed there → :class:`FqFailed`.
     """
-    from tuneqn.controller import metrics  # noqa: PLC0415 - metrics imports the store
-
-    final = _final_states()
+    final = FINAL_JOB_STATES
     planned = {(r["recipe"], r["device_class"]): r["planned"] for r in store.feasibility(model=model)}
-    base_jobs = _newest(store.jobs(level="full", candidate_id=metrics.baseline_id(model)))
+    base_jobs = _newest(store.jobs(level="full", candidate_id=accuracy.baseline_id(model)))
     out: dict[str, dict[str, Point]] = {}
     for recipe in recipes:
         per: dict[str, Point] = {}
@@ -270,8 +211,8 @@ def fq_points(store: Store, model: str, recipes: Sequence[str], devices: Sequenc
                 continue
             cand = store.candidate(cid)
             size = int(cand["size_bytes"]) if cand else 0
-            per[dev] = FqPoint(size, int(result["num_samples"] or 0),
-                               frozenset(metrics.disagreeing_of(store, result)), cid, metrics.overlap_of(store, result))
+            wrong = frozenset(accuracy.disagreeing_of(store, result))
+            per[dev] = FqPoint(size, int(result["num_samples"] or 0), wrong, cid, accuracy.overlap_of(store, result))
         out[recipe] = per
     return out
 

@@ -39,7 +39,7 @@ import onnxruntime as ort
 from onnx import helper, numpy_helper
 from onnxruntime.quantization import qdq_loss_debug
 
-from tuneqn.controller.quantize import ArrayReader, QuantSettings, quantized_nodes, quiet_ort_python_logs
+from tuneqn.controller.quantize.quantizer import ArrayReader, QuantSettings, quantized_nodes, quiet_ort_python_logs
 
 log = logging.getLogger(__name__)
 

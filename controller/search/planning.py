@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tuneqn.controller.feasibility import (
+from tuneqn.controller.quantize.feasibility import (
     ADAPTED,
     FEASIBLE,
     GAVE_UP,

@@ -43,8 +43,8 @@ from onnxruntime.quantization import (
 )
 from onnxruntime.quantization.registry import IntegerOpsRegistry, QDQRegistry, QLinearOpsRegistry
 
-from tuneqn.controller import histograms
 from tuneqn.controller.config import QuantizationSpec, QuantizerSettings, Recipe
+from tuneqn.controller.quantize import histograms
 
 __all__ = [
     "QTYPE", "WBQ", "ArrayReader", "QuantSettings", "calibrate", "calibration_reader", "default_op_types",

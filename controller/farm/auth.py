@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tuneqn.controller.errors import UserError
-from tuneqn.controller.files import read_user_file
+from tuneqn.controller.common.errors import UserError
+from tuneqn.controller.common.files import read_user_file
 
 
 def read_token(path: Path | str | None, what: str = "token file") -> str | None:

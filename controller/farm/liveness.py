@@ -23,7 +23,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from tuneqn.controller.errors import StudyFailed
+from tuneqn.controller.common.errors import StudyFailed
 from tuneqn.controller.farm.dispatcher import AgentState
 
 if TYPE_CHECKING:

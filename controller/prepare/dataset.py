@@ -23,10 +23,10 @@ from typing import Any
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from tuneqn.controller.common.errors import UserError
+from tuneqn.controller.common.files import atomic_write_bytes, atomic_write_text, file_sha256
+from tuneqn.controller.common.versions import cpu_cores, tool_versions
 from tuneqn.controller.config import PREPROCESS_PRESETS, PRESET_KEYS, DatasetSpec, PreprocessSpec
-from tuneqn.controller.errors import UserError
-from tuneqn.controller.files import atomic_write_bytes, atomic_write_text, file_sha256
-from tuneqn.controller.versions import cpu_cores, tool_versions
 
 log = logging.getLogger(__name__)
 

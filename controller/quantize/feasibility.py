@@ -117,7 +117,7 @@ def next_recipe(quantization: QuantizationSpec, recipe: str, unsupported_ops: li
     op types behind the unsupported quantized ops are left out of quantization
     (``<recipe>.float-<Op>-…``, merged with the float ops the recipe already leaves out).
     """
-    from tuneqn.controller.quantize import QuantSettings  # noqa: PLC0415 - ORT only where variants are planned
+    from tuneqn.controller.quantize.quantizer import QuantSettings  # noqa: PLC0415 - ORT only where variants are planned
 
     resolved = quantization.resolve(recipe)
     if resolved.mode == "static" and resolved.format == "qoperator" and QDQ_OPS <= supported:

@@ -1,7 +1,7 @@
 """Long units of CPU-heavy work that give way while a local agent times a model.
 
 A study with a local agent holds the quiet lock (shared) around each unit of its CPU-heavy work
-(:class:`tuneqn.controller.farm.local.QuietLock`), and the agent times a model only while no unit
+(:class:`tuneqn.controller.farm.local.SharedQuietLock`), and the agent times a model only while no unit
 runs. Most units are short (a candidate built by graph edits: milliseconds). A calibration is not:
 ORT's percentile calibrator on EfficientNet-Lite1 runs about 25 s in one call, and the agent's
 device sat idle all that time with a model loaded and waiting to be timed.
@@ -44,7 +44,7 @@ _local = threading.local()
 
 
 class Hold(Protocol):
-    """A held shared quiet lock that can give way to an agent (see :class:`~tuneqn.controller.farm.local.QuietLock`)."""
+    """A held shared quiet lock that can give way to an agent (see :class:`~tuneqn.controller.farm.local.SharedQuietLock`)."""
 
     def agent_waiting(self) -> bool:
         """Whether an agent waits for the lock (or holds it) to time a model."""

@@ -23,8 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from tuneqn.controller.errors import UserError
-from tuneqn.controller.files import atomic_write_bytes
+from tuneqn.controller.common.errors import UserError
+from tuneqn.controller.common.files import atomic_write_bytes
 
 if TYPE_CHECKING:
     from cryptography import x509

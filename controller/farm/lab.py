@@ -31,12 +31,12 @@ from typing import Annotated, Any
 import grpc
 from pydantic import Field, ValidationError
 
-from tuneqn.controller.auth import read_token
+from tuneqn.controller.common.errors import UserError
+from tuneqn.controller.common.files import read_user_file
 from tuneqn.controller.config import AgentSpec, _Strict, format_validation_error, resolve_agent_paths
-from tuneqn.controller.errors import UserError
+from tuneqn.controller.farm.auth import read_token
 from tuneqn.controller.farm.client import ContractMismatch
 from tuneqn.controller.farm.dispatcher import Endpoint
-from tuneqn.controller.files import read_user_file
 from tuneqn.v1 import agent_pb2 as pb
 from tuneqn.v1.contract import CONTRACT_REVISION, MIN_AGENT_REVISION
 

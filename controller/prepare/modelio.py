@@ -30,9 +30,9 @@ from onnx import shape_inference, version_converter
 from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
 from onnxruntime.quantization.quant_utils import add_pre_process_metadata
 
+from tuneqn.controller.common.errors import UserError
+from tuneqn.controller.common.files import atomic_write_bytes, file_sha256, read_user_file
 from tuneqn.controller.config import ModelSpec
-from tuneqn.controller.errors import UserError
-from tuneqn.controller.files import atomic_write_bytes, file_sha256, read_user_file
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from the fully quantized model ``fq`` of the same recipe, so it never quantizes 
   Flatten, (Un)Squeeze, Transpose and GlobalAveragePool stay quantized only while their input is;
 * graph outputs that are quantized get a DequantizeLinear at the end; initializers are the float
   model's still used (float order) followed by the created ones in creation order, as ONNX Runtime
-  writes them; node names are the float names (as :func:`tuneqn.controller.quantize.quantize_candidate`
+  writes them; node names are the float names (as :func:`tuneqn.controller.quantize.quantizer.quantize_candidate`
   restores them).
 
 The scale of a newly quantized tensor comes from ``fq`` (its own, or the one ONNX Runtime computed from
@@ -38,8 +38,8 @@ from onnxruntime.quantization.calibrate import load_tensors_data
 from onnxruntime.quantization.quant_utils import compute_scale_zp, get_qmin_qmax_for_qType
 from onnxruntime.quantization.registry import QLinearOpsRegistry
 
-from tuneqn.controller.edits import Derived, Unsupported
-from tuneqn.controller.quantize import QuantSettings
+from tuneqn.controller.quantize.edits import Derived, Unsupported
+from tuneqn.controller.quantize.quantizer import QuantSettings
 
 __all__ = ["QOperatorEditor", "derive_qoperator"]
 

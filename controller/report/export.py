@@ -35,11 +35,11 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from tuneqn.controller.errors import StudyFailed, UserError
-from tuneqn.controller.files import atomic_write_bytes, file_digest
-from tuneqn.controller.quantize import WBQ, runtime_options
+from tuneqn.controller.common.errors import StudyFailed, UserError
+from tuneqn.controller.common.files import atomic_write_bytes, file_digest
+from tuneqn.controller.common.versions import tool_versions
+from tuneqn.controller.quantize.quantizer import WBQ, runtime_options
 from tuneqn.controller.report.answer import candidate_file, float_layers, layer_order, wilson_interval
-from tuneqn.controller.versions import tool_versions
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +124,7 @@ def plain_form(model: onnx.ModelProto, excluded: list[str]) -> tuple[onnx.ModelP
 def needs_option(model: onnx.ModelProto, excluded: list[str]) -> list[str]:
     """The session option ``model`` needs so that ``excluded`` layers run in float (``[]``: none).
 
-    Like :func:`tuneqn.controller.quantize.runtime_options`, but a layer whose input DequantizeLinear has a
+    Like :func:`tuneqn.controller.quantize.quantizer.runtime_options`, but a layer whose input DequantizeLinear has a
     per-axis scale is safe (the transformer requires a scalar one).
     """
     inits = {i.name: i for i in model.graph.initializer}

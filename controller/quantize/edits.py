@@ -63,7 +63,7 @@ from onnxruntime.quantization.qdq_quantizer import QDQQuantizer
 from onnxruntime.quantization.quant_utils import tensor_proto_to_array
 from onnxruntime.quantization.registry import QDQRegistry
 
-from tuneqn.controller.quantize import (
+from tuneqn.controller.quantize.quantizer import (
     QTYPE,
     QuantSettings,
     default_op_types,

@@ -7,7 +7,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from tuneqn.controller.errors import UserError
+from tuneqn.controller.common.errors import UserError
 
 
 def _file_mode() -> int:

@@ -1,0 +1,1 @@
+"""Stage 1: models (local or ONNX Model Hub) and evaluation data, prepared once per study."""

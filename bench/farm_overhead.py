@@ -30,7 +30,7 @@ import benchlib
 import onnxruntime as ort
 
 from tuneqn.controller.config import parse_config
-from tuneqn.controller.farm.dispatcher import Endpoint, FarmSettings
+from tuneqn.controller.farm.jobs import Endpoint, FarmSettings
 from tuneqn.controller.farm.local import LocalAgent
 from tuneqn.controller.orchestrator import tune
 from tuneqn.controller.quantize.quantizer import calibration_reader, quantize_static_file

@@ -24,7 +24,7 @@ import numpy as np
 
 from tuneqn.controller.config import load_config
 from tuneqn.controller.farm.client import AgentClient
-from tuneqn.controller.farm.dispatcher import FarmSettings
+from tuneqn.controller.farm.jobs import FarmSettings
 from tuneqn.controller.orchestrator import StudyRun
 from tuneqn.controller.study import Study
 from tuneqn.v1 import agent_pb2 as pb

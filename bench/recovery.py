@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from onnx_models import cnn, write_images  # noqa: E402
 
 from tuneqn.controller.config import parse_config  # noqa: E402
-from tuneqn.controller.farm.dispatcher import Endpoint, FarmSettings  # noqa: E402
+from tuneqn.controller.farm.jobs import Endpoint, FarmSettings  # noqa: E402
 from tuneqn.controller.farm.local import LocalAgent  # noqa: E402
 from tuneqn.controller.orchestrator import tune  # noqa: E402
 from tuneqn.controller.study import Study  # noqa: E402

@@ -30,7 +30,7 @@ from tuneqn.agent.backends.ort import OrtBackend
 from tuneqn.agent.config import AgentConfig
 from tuneqn.agent.server import AgentServer
 from tuneqn.controller.config import parse_config
-from tuneqn.controller.farm.dispatcher import Endpoint, FarmSettings
+from tuneqn.controller.farm.jobs import Endpoint, FarmSettings
 from tuneqn.controller.orchestrator import tune
 from tuneqn.controller.study import Study
 

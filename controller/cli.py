@@ -474,7 +474,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_tune(args: argparse.Namespace) -> int:
     """Run the whole study on the agents; exit 0 when every job finished."""
     from tuneqn.controller.common.progress import Progress
-    from tuneqn.controller.farm.dispatcher import FarmSettings
+    from tuneqn.controller.farm.jobs import FarmSettings
     from tuneqn.controller.orchestrator import remeasure_token, tune
     from tuneqn.controller.study import Study
 

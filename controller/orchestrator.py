@@ -25,7 +25,9 @@ from typing import Any
 
 from tuneqn.controller import accuracy
 from tuneqn.controller.accuracy import baseline_id
-from tuneqn.controller.farm.dispatcher import AgentLink, AgentState, Endpoint, FarmSettings, JobBoard, make_job
+from tuneqn.controller.farm.board import JobBoard
+from tuneqn.controller.farm.jobs import Endpoint, FarmSettings, make_job
+from tuneqn.controller.farm.links import AgentLink, AgentState
 from tuneqn.controller.farm.liveness import GiveUp, Liveness, Release, Seen, StatusLine
 from tuneqn.controller.farm.local import LocalAgent, SharedQuietLock
 from tuneqn.controller.prepare.dataset import Split

@@ -365,7 +365,7 @@ def test_a_job_for_a_device_the_agent_does_not_list_is_a_gone_device_to_the_cont
     from tuneqn.agent.backends.ort import OrtBackend
     from tuneqn.agent.config import AgentConfig
     from tuneqn.agent.server import AgentServer
-    from tuneqn.controller.farm.dispatcher import _gone_device
+    from tuneqn.controller.farm.links import gone_device
 
     server = AgentServer(AgentConfig(state_dir=tmp_path / "agent", host="127.0.0.1", port=0), [OrtBackend("a1", "a")])
     server.start()
@@ -374,8 +374,8 @@ def test_a_job_for_a_device_the_agent_does_not_list_is_a_gone_device_to_the_cont
         model, data = client.upload_bytes(cnn_bytes), client.upload_bytes(npy_bytes(dataset(8)))
         with pytest.raises(grpc.RpcError) as err:
             client.submit(job_spec("x", model, data, device="a2"))
-        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and _gone_device(err.value.details())
-        assert not _gone_device("job 'x' is already known with a different spec")
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and gone_device(err.value.details())
+        assert not gone_device("job 'x' is already known with a different spec")
     finally:
         server.stop(grace=0.5)
 

@@ -113,7 +113,7 @@ def test_the_check_catches_a_wrong_name() -> None:
     mods = _modules()
     classes = {"StudyRun": [vars(mods["tuneqn.controller.orchestrator"])["StudyRun"]]}
     for wrong in ("Orchestrator._priority", "StudyRun._no_such_method", "metrics.no_such_function",
-                  "farm.dispatcher.no_such_name", "search.no_such_key", "JobSpec.no_such_field", "no_such_module.py"):
+                  "farm.board.no_such_name", "search.no_such_key", "JobSpec.no_such_field", "no_such_module.py"):
         assert _missing(wrong, mods, classes), wrong
     for right in ("StudyRun._priority", "accuracy.on_result", "search.layer_op_types", "JobSpec.backend_options",
                   "study.py", "store.put_result"):

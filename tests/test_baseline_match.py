@@ -14,7 +14,8 @@ import numpy as np
 from report_store import MODEL, add_candidate, add_model, cand_id, open_store, predictions
 
 from tuneqn.controller import accuracy
-from tuneqn.controller.farm.dispatcher import FarmSettings, JobBoard, JobPlan, make_job
+from tuneqn.controller.farm.board import JobBoard
+from tuneqn.controller.farm.jobs import FarmSettings, JobPlan, make_job
 from tuneqn.controller.store import Store
 from tuneqn.v1 import agent_pb2 as pb
 

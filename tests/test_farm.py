@@ -22,7 +22,7 @@ from conftest import write_study
 
 from tuneqn.controller.config import load_config
 from tuneqn.controller.farm.client import AgentClient
-from tuneqn.controller.farm.dispatcher import Endpoint, FarmSettings, make_job
+from tuneqn.controller.farm.jobs import Endpoint, FarmSettings, make_job
 from tuneqn.controller.farm.local import LocalAgent
 from tuneqn.controller.orchestrator import TuneOutcome, remeasure_token, tune
 from tuneqn.controller.study import Study

@@ -19,7 +19,7 @@ from agent_proxy import DeviceProxy, with_fields
 from conftest import exported_sha256, write_study
 from test_farm import FAST, _agent, _executions, _run_bounded
 
-from tuneqn.controller.farm.dispatcher import Endpoint
+from tuneqn.controller.farm.jobs import Endpoint
 from tuneqn.v1 import agent_pb2 as pb
 
 STANDARD_OPS = frozenset(s.name for s in onnx.defs.get_all_schemas() if s.domain == "")

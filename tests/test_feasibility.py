@@ -16,7 +16,8 @@ from conftest import write_study
 
 from tuneqn.controller.common.errors import UserError
 from tuneqn.controller.config import QuantizationSpec, load_config, variant_name
-from tuneqn.controller.farm.dispatcher import FarmSettings, JobBoard, JobPlan, make_job
+from tuneqn.controller.farm.board import JobBoard
+from tuneqn.controller.farm.jobs import FarmSettings, JobPlan, make_job
 from tuneqn.controller.quantize.feasibility import (
     QUANTIZED_TO_FLOAT,
     float_ops_of,

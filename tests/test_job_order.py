@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 from report_store import add_candidate, add_model, open_store
 
-from tuneqn.controller.farm.dispatcher import FarmSettings, JobBoard, JobPlan, make_job
+from tuneqn.controller.farm.board import JobBoard
+from tuneqn.controller.farm.jobs import FarmSettings, JobPlan, make_job
 from tuneqn.v1 import agent_pb2 as pb
 
 CLASS = "lab"

@@ -12,7 +12,7 @@ from conftest import write_study
 from prometheus_client.parser import text_string_to_metric_families
 
 from tuneqn.controller.config import load_config
-from tuneqn.controller.farm.dispatcher import Endpoint, FarmSettings
+from tuneqn.controller.farm.jobs import Endpoint, FarmSettings
 from tuneqn.controller.farm.local import LocalAgent
 from tuneqn.controller.orchestrator import remeasure_token, tune
 from tuneqn.controller.study import Study

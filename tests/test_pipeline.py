@@ -13,7 +13,7 @@ import pytest
 from conftest import write_study
 
 from tuneqn.controller.config import load_config
-from tuneqn.controller.farm.dispatcher import Endpoint, FarmSettings
+from tuneqn.controller.farm.jobs import Endpoint, FarmSettings
 from tuneqn.controller.farm.local import LocalAgent
 from tuneqn.controller.orchestrator import tune
 from tuneqn.controller.report import write

@@ -16,7 +16,7 @@ from conftest import exported_sha256, write_study
 
 from tuneqn.controller.cli import main
 from tuneqn.controller.config import load_config
-from tuneqn.controller.farm.dispatcher import Endpoint, FarmSettings
+from tuneqn.controller.farm.jobs import Endpoint, FarmSettings
 from tuneqn.controller.farm.local import LocalAgent
 from tuneqn.controller.orchestrator import tune
 from tuneqn.controller.study import Study

@@ -21,7 +21,7 @@ from conftest import write_study
 from test_farm import FAST, _run_bounded
 
 from tuneqn.controller.config import load_config
-from tuneqn.controller.farm.dispatcher import Endpoint
+from tuneqn.controller.farm.jobs import Endpoint
 from tuneqn.controller.study import Study, screen_positions
 from tuneqn.v1 import agent_pb2 as pb
 

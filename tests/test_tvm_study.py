@@ -23,7 +23,7 @@ from tvm_rpc import TvmLab, wait_for
 from tuneqn.agent.config import TvmSettings
 from tuneqn.controller.cli import main
 from tuneqn.controller.config import load_config
-from tuneqn.controller.farm.dispatcher import Endpoint, FarmSettings
+from tuneqn.controller.farm.jobs import Endpoint, FarmSettings
 from tuneqn.controller.farm.local import LocalAgent
 from tuneqn.controller.orchestrator import TuneOutcome, tune
 from tuneqn.controller.study import Study

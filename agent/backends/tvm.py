@@ -35,20 +35,16 @@ from __future__ import annotations
 import gc
 import hashlib
 import importlib.util
-import json
 import logging
-import os
 import platform
 import queue
 import re
-import socket
-import struct
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import CancelledError, Future
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from importlib import metadata
 from pathlib import Path
 from typing import Any, TypeVar
@@ -76,6 +72,14 @@ from tuneqn.agent.backends.tvm_build import (
     target_json,
     tvm_version,
 )
+from tuneqn.agent.backends.tvm_session import (
+    Lost,
+    Runtime,
+    TrackerLink,
+    cut_connections,
+    is_connection_error,
+    limit_socket_waits,
+)
 from tuneqn.agent.config import TvmSettings, hostport
 
 log = logging.getLogger(__name__)
@@ -84,7 +88,6 @@ T = TypeVar("T")
 
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 _CPU_DEVICE_TYPE = 1  # kDLCPU
-TRACKER_IO_TIMEOUT = 10.0  # connecting to the tracker and reading its answers
 
 
 def base_spec(settings: TvmSettings) -> BuildSpec:
@@ -94,97 +97,6 @@ def base_spec(settings: TvmSettings) -> BuildSpec:
 
 class NoFreeDevice(RuntimeError):
     """No server of the key became free within the request timeout."""
-
-
-class _Lost(Exception):
-    """The remote session is gone (connection error or a hung call) at ``where``."""
-
-    def __init__(self, message: str, where: str = "") -> None:
-        super().__init__(message)
-        self.where = where
-
-
-#: Words of TVM's errors when a session's connection fails: socket errors, and the endpoint
-#: reading the channel's end as the server's shutdown ("code=kShutdown").
-_CONNECTION_MARKERS = ("socket", "connection", "broken pipe", "kshutdown", "rpccode")
-
-
-def _is_connection_error(exc: BaseException) -> bool:
-    """Whether ``exc`` means the session's connection failed (not an error of the call)."""
-    import tvm
-
-    if isinstance(exc, OSError | EOFError | tvm.error.RPCSessionTimeoutError):
-        return True
-    if isinstance(exc, tvm.error.RPCError):  # raised by the remote function itself
-        return False
-    text = str(exc).lower()
-    return isinstance(exc, RuntimeError) and any(m in text for m in _CONNECTION_MARKERS)
-
-
-def _sockets_to(host: str, port: int) -> list[socket.socket]:
-    """This process's TCP connections to ``host:port``, as sockets on duplicated fds.
-
-    The RPC client's sockets belong to TVM's C++ side; options set and shutdowns made on a
-    duplicate act on the same connection, and closing the duplicate leaves TVM's fd open.
-    The caller closes the returned sockets.
-    """
-    try:
-        import psutil
-    except ImportError:
-        return []
-    try:
-        ips = {info[4][0] for info in socket.getaddrinfo(host, port, proto=socket.IPPROTO_TCP)}
-    except OSError:
-        ips = {host}
-    found = []
-    for conn in psutil.Process().net_connections(kind="inet"):
-        if conn.fd < 0 or not conn.raddr or conn.raddr.port != port or conn.raddr.ip not in ips:
-            continue
-        try:
-            found.append(socket.socket(fileno=os.dup(conn.fd)))
-        except OSError:
-            continue
-    return found
-
-
-def _limit_socket_waits(address: str, seconds: float) -> None:
-    """Bound every blocking send/recv on the connections to ``address`` ("HOST:PORT").
-
-    TVM frees remote objects with a blocking round trip while holding the GIL; on a hung
-    server that would stall all of the agent's threads for good. With SO_RCVTIMEO and
-    SO_SNDTIMEO such a wait ends after ``seconds`` (the call timeout) with an error.
-    """
-    host, _, port = address.rpartition(":")
-    timeval = struct.pack("ll", int(seconds), int((seconds % 1) * 1e6))
-    for sock in _sockets_to(host.strip("[]"), int(port)):
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
-        except OSError as exc:
-            log.debug("cannot set timeouts on the connection to %s: %s", address, exc)
-        finally:
-            sock.close()
-
-
-def _cut(address: str) -> int:
-    """Shut down the connections to ``address`` ("HOST:PORT"); returns how many.
-
-    A thread stuck in a remote call on a hung server gets an error at once, and so does
-    every later use of the abandoned session (freeing its remote objects included).
-    """
-    if not address:
-        return 0
-    host, _, port = address.rpartition(":")
-    count = 0
-    for sock in _sockets_to(host.strip("[]"), int(port)):
-        try:
-            sock.shutdown(socket.SHUT_RDWR)
-            count += 1
-        except OSError:
-            pass
-        finally:
-            sock.close()
-    return count
 
 
 def runtime_versions() -> dict[str, str]:
@@ -198,99 +110,6 @@ def runtime_versions() -> dict[str, str]:
     return versions
 
 
-# ---------------------------------------------------------------------- tracker protocol
-
-
-class _TrackerLink:
-    """A connection to a TVM RPC tracker with timeouts (TVM's client blocks without them)."""
-
-    def __init__(self, addr: tuple[str, int], timeout: float = TRACKER_IO_TIMEOUT) -> None:
-        from tvm.rpc import base
-
-        self._base = base
-        self.addr = addr
-        self.sock = socket.create_connection(addr, timeout=timeout)
-        try:
-            self.sock.sendall(struct.pack("<i", base.RPC_TRACKER_MAGIC))
-            magic = struct.unpack("<i", self.recv_exact(4))[0]
-            if magic != base.RPC_TRACKER_MAGIC:
-                raise ConnectionError(f"{hostport(addr)} is not a TVM RPC tracker")
-        except BaseException:
-            self.sock.close()
-            raise
-
-    def close(self) -> None:
-        """Close the connection (a pending request is dropped by the tracker)."""
-        self.sock.close()
-
-    def send(self, value: Any) -> None:
-        """Send one JSON message."""
-        data = json.dumps(value).encode("utf-8")
-        self.sock.sendall(struct.pack("<i", len(data)) + data)
-
-    def recv_exact(self, n: int, on_timeout: Callable[[], None] | None = None) -> bytes:
-        """Read ``n`` bytes; a socket timeout calls ``on_timeout`` (which may raise) and retries."""
-        buf = b""
-        while len(buf) < n:
-            try:
-                chunk = self.sock.recv(n - len(buf))
-            except TimeoutError:
-                if on_timeout is None:
-                    raise
-                on_timeout()
-                continue
-            if not chunk:
-                raise ConnectionError(f"tracker {hostport(self.addr)} closed the connection")
-            buf += chunk
-        return buf
-
-    def recv(self, on_timeout: Callable[[], None] | None = None) -> Any:
-        """Read one JSON message."""
-        size = struct.unpack("<i", self.recv_exact(4, on_timeout))[0]
-        return json.loads(self.recv_exact(size).decode("utf-8"))
-
-    def summary(self) -> dict[str, Any]:
-        """The tracker's summary: ``queue_info`` per key and ``server_info``."""
-        self.send([self._base.TrackerCode.SUMMARY])
-        value = self.recv()
-        if not isinstance(value, list) or value[0] != self._base.TrackerCode.SUCCESS:
-            raise ConnectionError(f"unexpected tracker answer {value!r}")
-        return dict(value[1])
-
-
-# ---------------------------------------------------------------------- prepared model
-
-
-@dataclass
-class _Runtime:
-    """An open device: (remote) session, device, loaded library, VM and its entry function."""
-
-    executed_on: str
-    session: Any
-    device: Any
-    library: Any
-    vm: Any
-    main: Any = None
-    inputs: dict[tuple[int, ...], Any] = field(default_factory=dict)  # reused input tensors
-
-    def input(self, x: np.ndarray) -> Any:
-        """A device tensor holding ``x`` (one per shape, reused: fewer remote frees)."""
-        import tvm
-
-        tensor = self.inputs.get(x.shape)
-        if tensor is None or str(tensor.dtype) != str(x.dtype):
-            tensor = tvm.runtime.tensor(x, self.device)
-            self.inputs[x.shape] = tensor
-        else:
-            tensor.copyfrom(x)
-        return tensor
-
-    def close(self) -> None:
-        """Drop every reference (the RPC session closes when the last one goes)."""
-        self.inputs = {}
-        self.main = self.vm = self.library = self.device = self.session = None
-
-
 @dataclass
 class TvmModel(PreparedModel):
     """A compiled model plus the open device running it."""
@@ -299,7 +118,7 @@ class TvmModel(PreparedModel):
     model_input: ModelInput | None = None
     library: bytes = b""
     timing: tuple[int, int, int] = (1, 0, 0)  # time_evaluator number, min_repeat_ms, cooldown ms
-    runtime: _Runtime | None = None
+    runtime: Runtime | None = None
     pinned: str = ""  # the compile-cache key this job pins until release ("" = none)
 
 
@@ -364,7 +183,7 @@ class TvmPool:
         self._builds: deque[BuildRecord] = deque(maxlen=1000)
         self._servers: list[str] = []  # tracker: servers registered under the key
         self._tracker_error = ""
-        self._link: _TrackerLink | None = None
+        self._link: TrackerLink | None = None
         self.lanes: list[TvmBackend] = []
         if settings.mode == "tracker":
             self.poll()
@@ -403,7 +222,7 @@ class TvmPool:
             return
         try:
             if self._link is None:
-                self._link = _TrackerLink(tracker)
+                self._link = TrackerLink(tracker)
             summary = self._link.summary()
         except (OSError, ValueError) as exc:
             if self._link is not None:
@@ -764,7 +583,7 @@ class TvmBackend(Backend):
         n = batch.shape[0]
         x = self._feed(model, batch)
 
-        def run(rt: _Runtime) -> np.ndarray:
+        def run(rt: Runtime) -> np.ndarray:
             out = rt.main(rt.input(x))
             if not hasattr(out, "numpy"):
                 out = out[0]
@@ -790,7 +609,7 @@ class TvmBackend(Backend):
         if repeats <= 0:
             return []
 
-        def measure(rt: _Runtime) -> list[float]:
+        def measure(rt: Runtime) -> list[float]:
             rt.vm.set_input("main", rt.input(x))
             timer = rt.vm.time_evaluator(
                 "invoke_stateful",
@@ -822,7 +641,7 @@ class TvmBackend(Backend):
         self,
         model: TvmModel,
         what: str,
-        fn: Callable[[_Runtime], T],
+        fn: Callable[[Runtime], T],
         stop: threading.Event | None,
     ) -> T:
         """Run ``fn`` on the model's open device, (re)opening it after a lost session.
@@ -846,11 +665,11 @@ class TvmBackend(Backend):
                         self._set_activity(f"running on {runtime.executed_on}")
                 opened = runtime
                 result = self._call(opened.executed_on, what, lambda: fn(opened), stop)  # noqa: B023 - called here
-            except _Lost as exc:
+            except Lost as exc:
                 where = exc.where or "the device"
                 model.runtime = None
                 if runtime is not None:
-                    _cut(runtime.executed_on)  # its remote objects now free without waiting
+                    cut_connections(runtime.executed_on)  # its remote objects now free without waiting
                     runtime.close()
                     runtime = None
                 failures += 1
@@ -881,7 +700,7 @@ class TvmBackend(Backend):
     ) -> T:
         """Run one remote call under the watchdog (local calls run directly).
 
-        A connection error or a call exceeding ``call_timeout`` raises :class:`_Lost`; a hung
+        A connection error or a call exceeding ``call_timeout`` raises :class:`Lost`; a hung
         call's connection is shut down so that its thread ends. A stop request abandons the
         call (:class:`Interrupted`; the session is released by the job's end).
         """
@@ -907,17 +726,17 @@ class TvmBackend(Backend):
                 raise Interrupted()
             if time.monotonic() >= deadline:
                 where = address or "the device"
-                _cut(address)
-                raise _Lost(f"{what} on {where} took longer than {limit:g} s (hung server)", address)
+                cut_connections(address)
+                raise Lost(f"{what} on {where} took longer than {limit:g} s (hung server)", address)
         if "error" in box:
             exc = box["error"]
-            if _is_connection_error(exc):
+            if is_connection_error(exc):
                 text = str(exc).strip()
-                raise _Lost(text.splitlines()[-1] if text else type(exc).__name__, address) from exc
+                raise Lost(text.splitlines()[-1] if text else type(exc).__name__, address) from exc
             raise exc
         return box["value"]
 
-    def _open(self, model: TvmModel, stop: threading.Event | None) -> _Runtime:
+    def _open(self, model: TvmModel, stop: threading.Event | None) -> Runtime:
         """Open the device (local, tracker session or direct RPC) and load the library on it."""
         import tvm
         from tvm import relax
@@ -929,7 +748,7 @@ class TvmBackend(Backend):
             device = tvm.device(self.pool.device_type, 0)
             library = tvm.runtime.load_module(str(model.built.path))
             vm = relax.VirtualMachine(library, device)
-            return _Runtime("", None, device, library, vm, vm["main"])
+            return Runtime("", None, device, library, vm, vm["main"])
         if s.mode == "tracker":
             url, port, matchkey = self._request(stop)
         else:
@@ -942,26 +761,26 @@ class TvmBackend(Backend):
 
         def connect() -> Any:
             session = rpc.connect(url, port, matchkey, session_timeout=timeout)
-            _limit_socket_waits(address, s.call_timeout)
+            limit_socket_waits(address, s.call_timeout)
             return session
 
         try:
             session = self._call(address, f"connecting to {address}", connect, stop)
         except (RuntimeError, OSError) as exc:  # any failure to connect is a lost device
-            raise _Lost(f"cannot connect to {address}: {exc}", address) from exc
+            raise Lost(f"cannot connect to {address}: {exc}", address) from exc
         name = f"tuneqn-{model.built.key[:16]}.so"
 
-        def upload_and_load() -> _Runtime:
+        def upload_and_load() -> Runtime:
             session.upload(bytearray(model.library), name)
             library = session.load_module(name)
             device = session.device(self.pool.device_type, 0)
             vm = relax.VirtualMachine(library, device)
-            return _Runtime(address, session, device, library, vm, vm["main"])
+            return Runtime(address, session, device, library, vm, vm["main"])
 
         try:
             runtime = self._call(address, f"loading the library on {address}", upload_and_load, stop)
         except BaseException:
-            _cut(address)  # nothing of this session is used again
+            cut_connections(address)  # nothing of this session is used again
             session = None
             raise
         log.info("%s: session on %s", self.device_name, address)
@@ -982,9 +801,9 @@ class TvmBackend(Backend):
         where = f"key {s.key!r} on tracker {hostport(tracker)}"
         start = time.monotonic()
         try:
-            link = _TrackerLink(tracker)
+            link = TrackerLink(tracker)
         except OSError as exc:
-            raise _Lost(f"cannot reach tracker {hostport(tracker)}: {exc}") from exc
+            raise Lost(f"cannot reach tracker {hostport(tracker)}: {exc}") from exc
         try:
             link.send([base.TrackerCode.REQUEST, s.key, f"tuneqn-agent {self.device_name}", s.priority])
             link.sock.settimeout(1.0)
@@ -1003,12 +822,12 @@ class TvmBackend(Backend):
             try:
                 value = link.recv(on_timeout=waiting)
             except OSError as exc:
-                raise _Lost(f"tracker {hostport(tracker)}: {exc}") from exc
+                raise Lost(f"tracker {hostport(tracker)}: {exc}") from exc
         finally:
             link.close()
             self._set_activity("")
         if not isinstance(value, list) or value[0] != base.TrackerCode.SUCCESS:
-            raise _Lost(f"unexpected tracker answer {value!r}")
+            raise Lost(f"unexpected tracker answer {value!r}")
         url, port, matchkey = value[1]
         return str(url), int(port), str(matchkey)
 

@@ -44,7 +44,8 @@ _local = threading.local()
 
 
 class Hold(Protocol):
-    """A held shared quiet lock that can give way to an agent (see :class:`~tuneqn.controller.farm.local.SharedQuietLock`)."""
+    """A held shared quiet lock that can give way to an agent
+    (see :class:`~tuneqn.controller.farm.local.SharedQuietLock`)."""
 
     def agent_waiting(self) -> bool:
         """Whether an agent waits for the lock (or holds it) to time a model."""

@@ -36,7 +36,7 @@ from tuneqn.controller.common.files import read_user_file
 from tuneqn.controller.config import AgentSpec, _Strict, format_validation_error, resolve_agent_paths
 from tuneqn.controller.farm.auth import read_token
 from tuneqn.controller.farm.client import ContractMismatch
-from tuneqn.controller.farm.dispatcher import Endpoint
+from tuneqn.controller.farm.jobs import Endpoint
 from tuneqn.v1 import agent_pb2 as pb
 from tuneqn.v1.contract import CONTRACT_REVISION, MIN_AGENT_REVISION
 

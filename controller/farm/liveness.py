@@ -24,10 +24,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from tuneqn.controller.common.errors import StudyFailed
-from tuneqn.controller.farm.dispatcher import AgentState
+from tuneqn.controller.farm.links import AgentState
 
 if TYPE_CHECKING:
-    from tuneqn.controller.farm.dispatcher import AgentLink, FarmSettings
+    from tuneqn.controller.farm.jobs import FarmSettings
+    from tuneqn.controller.farm.links import AgentLink
 
 
 @dataclass(frozen=True)

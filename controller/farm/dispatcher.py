@@ -248,7 +248,7 @@ class JobBoard:
                     self.store.update_job(plan.id, lease_until=max(float(row["lease_until"] or 0.0),
                                                                    time.time() + self.settings.lease_timeout_s))
             self.plans[plan.id] = plan
-            state = row["state"]
+            state: str = row["state"]
             if state in ("failed", "unreachable"):
                 self.store.update_job(plan.id, state="pending", error=None)
                 state = "pending"
@@ -259,9 +259,9 @@ class JobBoard:
                 self._follow(first, plan)
             self.cond.notify_all()
         if first is not None and measured:
-            row = self.store.result(first)
-            if row is not None:
-                self._copy(row, plan)
+            result = self.store.result(first)
+            if result is not None:
+                self._copy(result, plan)
         return state
 
     def _first_of(self, plan: JobPlan, state: str) -> tuple[str | None, bool]:
@@ -310,7 +310,10 @@ class JobBoard:
         self._first[twin_key(lead)] = lead.id
         if twins[1:]:
             self._twins[lead.id] = twins[1:]
-        if self.store.job(lead.id)["state"] == "pending":
+        lead_row = self.store.job(lead.id)
+        if lead_row is None:
+            raise LookupError(f"job {lead.id} is registered but not in the store")
+        if lead_row["state"] == "pending":
             self._enqueue(lead)
 
     def _enqueue(self, plan: JobPlan) -> None:
@@ -356,7 +359,8 @@ class JobBoard:
 
     def attempts_used(self, row: dict[str, Any]) -> int:
         """Attempts of this run (earlier runs' attempts are not counted again)."""
-        return row["attempts"] - self._base_attempts.get(row["id"], 0)
+        attempts: int = row["attempts"]
+        return attempts - self._base_attempts.get(row["id"], 0)
 
     # -------------------------------------------------------------- transitions
     def held_by(self, holder: str) -> list[tuple[JobPlan, int]]:
@@ -690,6 +694,11 @@ class AgentLink(threading.Thread):
                 with self.board.cond:
                     slot.update(slot.device, present=False)
 
+    def _incompatible_now(self) -> bool:
+        """Whether the agent is INCOMPATIBLE now (a call, so that the checker does not keep an earlier
+        narrowing of ``self.state`` across ``connect()``, which may change it)."""
+        return self.state == AgentState.INCOMPATIBLE
+
     def _set(self, state: AgentState, error: str | None) -> None:
         with self._lock:
             self.state, self.error = state, error
@@ -742,7 +751,7 @@ class AgentLink(threading.Thread):
                 backoff = 0.2
                 polled = time.monotonic()
                 continue
-            if self.state == AgentState.INCOMPATIBLE:
+            if self._incompatible_now():
                 log.error("agent %s unusable: %s", self.address, self.error)
                 break
             self.retry_at = time.monotonic() + backoff

@@ -13,6 +13,7 @@ import time
 from collections.abc import Iterable, Iterator
 from concurrent import futures
 from pathlib import Path
+from typing import NoReturn
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -109,6 +110,12 @@ def last_failure(state: AgentState) -> pb.JobFailure | None:
     return None
 
 
+def _abort(context: grpc.ServicerContext, code: grpc.StatusCode, details: str) -> NoReturn:
+    """``context.abort``, typed as not returning: grpc raises from it, its (missing) stubs don't say so."""
+    context.abort(code, details)
+    raise RuntimeError("grpc.ServicerContext.abort returned")  # unreachable: abort always raises
+
+
 class MetricsBindError(RuntimeError):
     """A side listener (``--metrics-listen``, ``--health-listen``: ``flag``) cannot bind its address."""
 
@@ -147,14 +154,16 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
         """Handshake: refuse clients of another contract, describe the agent otherwise."""
         if request.contract_version != CONTRACT_VERSION:
             spoken = request.contract_version or "nothing"
-            context.abort(
+            _abort(
+                context,
                 grpc.StatusCode.FAILED_PRECONDITION,
                 f"contract mismatch: client speaks {spoken!r}, this agent speaks "
                 f"{CONTRACT_VERSION!r} (revision {CONTRACT_REVISION}); "
                 "use a controller and agent of the same major contract",
             )
         if request.contract_revision < MIN_CLIENT_REVISION:
-            context.abort(
+            _abort(
+                context,
                 grpc.StatusCode.FAILED_PRECONDITION,
                 f"contract revision too old: client {request.client_version or '?'} speaks "
                 f"{CONTRACT_VERSION} revision {request.contract_revision}, this agent needs "
@@ -195,7 +204,7 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
         """Store a verified blob (temp file + atomic rename); nothing is kept on error."""
         first = next(request_iterator, None)
         if first is None:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "empty upload: no chunk received")
+            _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "empty upload: no chunk received")
         try:
             check_sha256(first.sha256)
             present_size = self._blobs.size(first.sha256)
@@ -215,12 +224,12 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
             finally:
                 upload.abort()
         except InvalidBlob as exc:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except BlobTooLarge as exc:
-            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+            _abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
         except OSError as exc:
             log.error("cannot store blob %s: %s", first.sha256, exc)
-            context.abort(grpc.StatusCode.INTERNAL, f"cannot store blob: {exc}")
+            _abort(context, grpc.StatusCode.INTERNAL, f"cannot store blob: {exc}")
         log.info("stored blob %s (%d bytes)", first.sha256, first.total_size)
         return pb.BlobRef(sha256=first.sha256, size=first.total_size, already_present=False)
 
@@ -231,7 +240,7 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
         try:
             present = [self._blobs.has(s) for s in request.sha256]
         except InvalidBlob as exc:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         return pb.HasBlobsResponse(present=present)
 
     def SubmitJob(self, request: pb.JobSpec, context: grpc.ServicerContext) -> pb.SubmitJobResponse:
@@ -239,13 +248,13 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
         try:
             return self._jobs.submit(request)
         except InvalidJob as exc:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except JobConflict as exc:
-            context.abort(grpc.StatusCode.ALREADY_EXISTS, str(exc))
+            _abort(context, grpc.StatusCode.ALREADY_EXISTS, str(exc))
         except MissingBlobs as exc:
-            context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+            _abort(context, grpc.StatusCode.FAILED_PRECONDITION, str(exc))
         except AgentStopping as exc:
-            context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+            _abort(context, grpc.StatusCode.UNAVAILABLE, str(exc))
 
     def WatchJob(
         self, request: pb.WatchJobRequest, context: grpc.ServicerContext
@@ -258,9 +267,9 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
         try:
             yield from self._jobs.watch(request.job_id, context.is_active, heartbeat_s)
         except JobNotFound:
-            context.abort(grpc.StatusCode.NOT_FOUND, f"unknown job {request.job_id!r}")
+            _abort(context, grpc.StatusCode.NOT_FOUND, f"unknown job {request.job_id!r}")
         except AgentStopping as exc:
-            context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+            _abort(context, grpc.StatusCode.UNAVAILABLE, str(exc))
 
     def CancelJob(
         self, request: pb.CancelJobRequest, context: grpc.ServicerContext
@@ -269,7 +278,7 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
         try:
             return pb.CancelJobResponse(state=self._jobs.cancel(request.job_id))
         except JobNotFound:
-            context.abort(grpc.StatusCode.NOT_FOUND, f"unknown job {request.job_id!r}")
+            _abort(context, grpc.StatusCode.NOT_FOUND, f"unknown job {request.job_id!r}")
 
 
 class AgentServer:

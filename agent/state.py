@@ -133,7 +133,7 @@ class AgentState:
 
     def _add_missing_columns(self) -> None:
         """Columns added after the first release (older state dirs lack them)."""
-        wanted = {
+        wanted: dict[str, dict[str, tuple[type, int | str]]] = {
             "jobs": {"attempt": (int, 0), "remeasure_token": (str, ""), "series_start": (int, 0),
                      "device_class": (str, "")},
             "executions": {"attempt": (int, 0)},
@@ -283,6 +283,8 @@ class AgentState:
                 },
                 pk="id",
             )
+            if table.last_pk is None:  # sqlite-utils sets it on every insert
+                raise RuntimeError("sqlite-utils gave no id for the inserted execution")
             return int(table.last_pk)
 
     def finish_execution(self, execution_id: int, outcome: str) -> None:

@@ -169,7 +169,7 @@ def preprocessing_lines(cfg: StudyConfig) -> list[str]:
     pp = cfg.dataset.preprocess
     lines: dict[str, list[str]] = {}
     for i, m in enumerate(cfg.models):
-        dims = m.input_shape
+        dims: Sequence[int | str] | None = m.input_shape
         if dims is None and m.path is not None and m.path.is_file():
             dims = _input_dims(m.path, f"models[{i}]")
         hw = model_hw(dims, pp) if dims is not None else None

@@ -415,7 +415,7 @@ class SearchRun(_Strict):
     def name(self) -> str:
         """``greedy/measured``, ``budget30/measured``, ``target1%/measured``, ``sweep/paper``; a search of some
         recipes only names them: ``sweep/paper[per-tensor]``."""
-        strategy = "sweep" if self.strategy == "decremental" else self.strategy
+        strategy: str = "sweep" if self.strategy == "decremental" else self.strategy
         if self.strategy == "budget" and self.budget is not None:
             strategy += str(self.budget)
         if self.strategy == "target" and self.max_loss is not None:

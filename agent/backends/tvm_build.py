@@ -439,8 +439,9 @@ class CompileCache:
         with _TVM_LOCK:
             inp = model_input(model)
             rest = inp.dims[1:]
+            fixed_rest = [d for d in rest if isinstance(d, int)]
             static_one = (
-                {inp.name: [1, *rest]} if all(isinstance(d, int) for d in rest) else None
+                {inp.name: [1, *fixed_rest]} if len(fixed_rest) == len(rest) else None
             )
             fixed = inp.fixed_batch
             if fixed is not None or not inp.dims:  # a fixed batch (or a scalar input): as it is

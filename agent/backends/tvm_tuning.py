@@ -33,6 +33,7 @@ import sys
 import tempfile
 import threading
 import time
+import types
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -199,10 +200,10 @@ def import_tensor_intrinsics() -> None:
             return
         slow = inspect.getmodule
 
-        def getmodule(obj: object, _filename: str | None = None) -> Any:
-            if inspect.isframe(obj) and obj.f_code.co_filename.startswith("<"):
+        def getmodule(object: object, _filename: str | None = None) -> types.ModuleType | None:  # inspect's names
+            if inspect.isframe(object) and object.f_code.co_filename.startswith("<"):
                 return None
-            return slow(obj, _filename)
+            return slow(object, _filename)
 
         inspect.getmodule = getmodule
         try:

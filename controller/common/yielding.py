@@ -113,7 +113,7 @@ def run(fn: Callable[..., T], *args: Any, nice: int = 0) -> T:
     if paused:
         log.info("%s gave way to timing for %.1f s", proc.name, paused)
     if ok:
-        return value  # type: ignore[no-any-return]
+        return value
     if isinstance(value, BaseException):
         raise value
     raise RuntimeError(f"{proc.name}: the child process ended without a result (exit code {proc.exitcode})")

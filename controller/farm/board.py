@@ -72,7 +72,7 @@ class JobBoard:
                     self.store.update_job(plan.id, lease_until=max(float(row["lease_until"] or 0.0),
                                                                    time.time() + self.settings.lease_timeout_s))
             self.plans[plan.id] = plan
-            state = row["state"]
+            state: str = row["state"]
             if state in ("failed", "unreachable"):
                 self.store.update_job(plan.id, state="pending", error=None)
                 state = "pending"
@@ -83,9 +83,9 @@ class JobBoard:
                 self._follow(first, plan)
             self.cond.notify_all()
         if first is not None and measured:
-            row = self.store.result(first)
-            if row is not None:
-                self._copy(row, plan)
+            result = self.store.result(first)
+            if result is not None:
+                self._copy(result, plan)
         return state
 
     def _first_of(self, plan: JobPlan, state: str) -> tuple[str | None, bool]:
@@ -134,7 +134,10 @@ class JobBoard:
         self._first[twin_key(lead)] = lead.id
         if twins[1:]:
             self._twins[lead.id] = twins[1:]
-        if self.store.job(lead.id)["state"] == "pending":
+        lead_row = self.store.job(lead.id)
+        if lead_row is None:
+            raise LookupError(f"job {lead.id} is registered but not in the store")
+        if lead_row["state"] == "pending":
             self._enqueue(lead)
 
     def _enqueue(self, plan: JobPlan) -> None:
@@ -180,7 +183,8 @@ class JobBoard:
 
     def attempts_used(self, row: dict[str, Any]) -> int:
         """Attempts of this run (earlier runs' attempts are not counted again)."""
-        return row["attempts"] - self._base_attempts.get(row["id"], 0)
+        attempts: int = row["attempts"]
+        return attempts - self._base_attempts.get(row["id"], 0)
 
     # -------------------------------------------------------------- transitions
     def held_by(self, holder: str) -> list[tuple[JobPlan, int]]:

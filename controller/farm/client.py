@@ -163,7 +163,8 @@ class AgentClient:
             self._channel = grpc.secure_channel(address, credentials, options=options)
         else:
             self._channel = grpc.insecure_channel(address, options=options)
-        self._stub = agent_pb2_grpc.AgentStub(self._channel)
+        # grpcio-tools generates the service stubs without annotations (no .pyi for *_pb2_grpc)
+        self._stub = agent_pb2_grpc.AgentStub(self._channel)  # type: ignore[no-untyped-call]
         self._health = health_pb2_grpc.HealthStub(self._channel)
 
     # ------------------------------------------------------------------ agent
@@ -181,7 +182,7 @@ class AgentClient:
             contract_revision=CONTRACT_REVISION,
         )
         try:
-            info = self._stub.GetInfo(request, timeout=self.timeout, metadata=self._metadata)
+            info: pb.AgentInfo = self._stub.GetInfo(request, timeout=self.timeout, metadata=self._metadata)
         except grpc.RpcError as exc:
             if exc.code() == grpc.StatusCode.FAILED_PRECONDITION:
                 raise ContractMismatch(f"{self.address}: {exc.details()}") from exc
@@ -206,7 +207,9 @@ class AgentClient:
             )
         except grpc.RpcError:
             return False
-        return response.status == health_pb2.HealthCheckResponse.SERVING
+        status: int = response.status  # grpc_health ships no stubs: name the int types here
+        serving: int = health_pb2.HealthCheckResponse.SERVING
+        return status == serving
 
     # ------------------------------------------------------------------ blobs
 
@@ -258,7 +261,8 @@ class AgentClient:
         attempt a FAILED/CANCELLED job last ran under) or a re-measure (a new non-empty
         ``spec.remeasure_token`` for a SUCCEEDED job); ``already_known`` is then false.
         """
-        return self._stub.SubmitJob(spec, timeout=self.timeout, metadata=self._metadata)
+        response: pb.SubmitJobResponse = self._stub.SubmitJob(spec, timeout=self.timeout, metadata=self._metadata)
+        return response
 
     def watch(
         self,
@@ -349,7 +353,8 @@ class AgentClient:
         response = self._stub.CancelJob(
             pb.CancelJobRequest(job_id=job_id), timeout=self.timeout, metadata=self._metadata
         )
-        return response.state
+        state: int = response.state
+        return state
 
     # ------------------------------------------------------------------ lifecycle
 

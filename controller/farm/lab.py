@@ -120,10 +120,10 @@ def choose_agents(study_agents: list[AgentSpec], addresses: list[str] | None, la
     if study_agents:
         return AgentSource(study_agents, f"{study_label}'s [[agents]]")
     if not no_lab:
-        path = default_lab_path()
-        if path is not None:
+        default = default_lab_path()
+        if default is not None:
             what = ENV_VAR if os.environ.get(ENV_VAR) else "default lab file"
-            return AgentSource(load_lab(path, what), f"lab file {path}", f"{path}: agents")
+            return AgentSource(load_lab(default, what), f"lab file {default}", f"{default}: agents")
     return AgentSource([], "")
 
 

@@ -169,6 +169,11 @@ class AgentLink(threading.Thread):
                 with self.board.cond:
                     slot.update(slot.device, present=False)
 
+    def _incompatible_now(self) -> bool:
+        """Whether the agent is INCOMPATIBLE now (a call, so that the checker does not keep an earlier
+        narrowing of ``self.state`` across ``connect()``, which may change it)."""
+        return self.state == AgentState.INCOMPATIBLE
+
     def _set(self, state: AgentState, error: str | None) -> None:
         with self._lock:
             self.state, self.error = state, error
@@ -221,7 +226,7 @@ class AgentLink(threading.Thread):
                 backoff = 0.2
                 polled = time.monotonic()
                 continue
-            if self.state == AgentState.INCOMPATIBLE:
+            if self._incompatible_now():
                 log.error("agent %s unusable: %s", self.address, self.error)
                 break
             self.retry_at = time.monotonic() + backoff

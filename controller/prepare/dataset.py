@@ -15,6 +15,7 @@ import itertools
 import json
 import logging
 import re
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -133,6 +134,8 @@ def _labels_for(files: list[Path], root: Path, spec: DatasetSpec) -> list[int] |
 def _geometry(pp: PreprocessSpec, hw: tuple[int, int]) -> tuple[int | None, tuple[int, int] | None]:
     """(short side to resize to, centre crop (w, h)) of a resolved spec for a model input of ``hw``."""
     h, w = hw
+    resize: int | None
+    crop: tuple[int, int] | None
     if pp.crop_fraction is not None:
         crop = (pp.crop, pp.crop) if pp.crop is not None else (w, h)
         resize = pp.resize if pp.resize is not None else max(1, round(min(crop) / pp.crop_fraction))
@@ -167,6 +170,7 @@ def preprocess_image(path: Path, pp: PreprocessSpec, hw: tuple[int, int]) -> np.
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         why = f"{exc.__class__.__name__}: {exc}" if str(exc) else exc.__class__.__name__
         raise UnreadableImage(path, why) from None
+    assert pp.interpolation is not None  # resolved() fills in the default interpolation
     resample = _RESAMPLE[pp.interpolation]
     h, w = hw
     resize, crop = _geometry(pp, hw)
@@ -182,7 +186,7 @@ def preprocess_image(path: Path, pp: PreprocessSpec, hw: tuple[int, int]) -> np.
         img = img.crop((left, top, left + cw, top + ch))
     if img.size != (w, h):
         img = img.resize((w, h), resample)
-    arr = np.asarray(img, dtype=np.float32)
+    arr: np.ndarray = np.asarray(img, dtype=np.float32)
     if pp.color == "BGR":
         arr = arr[..., ::-1]
     scale, offset = _normalization(pp)
@@ -236,7 +240,7 @@ def describe_preprocess(spec: PreprocessSpec, hw: tuple[int, int] | None) -> str
     ``hw``: the model input's (H, W); None when not known yet (the crop is then "the model's H×W").
     """
     pp = spec.resolved()
-    parts = [pp.color]
+    parts: list[str] = [pp.color]
     if hw is None and pp.crop_fraction is not None and pp.crop is None:
         geo = f"short side → crop/{_num(pp.crop_fraction)} ({pp.interpolation}), centre crop to the model's H×W"
         if pp.resize is not None:
@@ -270,7 +274,7 @@ def preprocess_settings(spec: PreprocessSpec, hw: tuple[int, int] | None) -> dic
     return out
 
 
-def model_hw(input_shape: list[int | str], pp: PreprocessSpec) -> tuple[int, int] | None:
+def model_hw(input_shape: Sequence[int | str], pp: PreprocessSpec) -> tuple[int, int] | None:
     """The (H, W) images are prepared for, from a model's input shape in ``pp``'s layout; None if not 4-D and fixed."""
     if len(input_shape) != 4:
         return None
@@ -433,7 +437,7 @@ def prepare_data(spec: DatasetSpec, input_shape: list[int | str], out_dir: Path)
     if eval_n < spec.eval or calib_n < spec.calibration:
         log.warning("dataset has %d samples: using %d for calibration and %d for evaluation", n, calib_n, eval_n)
     meta: dict[str, dict] = {}
-    splits: dict[str, Split] = {}
+    splits = {}
     for name, idx in (("calibration", calib_idx), ("eval", eval_idx), ("analysis", analysis_idx)):
         arr = load(idx)
         path, sha = save_split(out_dir, name, arr)

@@ -312,8 +312,8 @@ def _analyze_static(
                 post = np.concatenate([a.ravel() for a in entry["post_qdq"]])
                 producer = qproducers.get(key)
                 fused = layer.act is not None and (producer is None or producer.op_type not in _ACTIVATIONS)
-                ref = apply_activation(fmodel, layer.act, pre) if fused and layer.act is not None else pre
-                qdq[layer.node.name].add(ref, post)
+                expected = apply_activation(fmodel, layer.act, pre) if fused and layer.act is not None else pre
+                qdq[layer.node.name].add(expected, post)
                 if probe_sess is None:
                     xm[layer.node.name].add(f_acts[layer.output], post)
     return _to_errors(layers, qdq, xm)

@@ -40,7 +40,7 @@ import hashlib
 import logging
 import os
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -244,7 +244,8 @@ class QdqIndex:
         # the fully quantized model's pieces
         self._fq_nodes = {n.name: n for n in fg.node}
         self._fq_inits = {i.name: i for i in fq_model.graph.initializer}
-        self._piece: dict[tuple[object, ...], bytes] = {}
+        self._piece: dict[tuple[object, ...], bytes] = {}  # initializer pieces
+        self._node_pieces: dict[tuple[object, ...], tuple[bytes, onnx.NodeProto]] = {}
         self._head, self._tail = _model_frame(fq_model)
         self._graph_head, self._graph_tail = _graph_frame(fg)
         self._fq = self._replay(frozenset())
@@ -620,12 +621,12 @@ class QdqIndex:
         return self._own_tensor(name, own_key)
 
     def _node_piece(self, key: tuple[object, ...]) -> tuple[bytes, onnx.NodeProto]:
-        got = self._piece.get(key)
+        got = self._node_pieces.get(key)
         if got is None:
             node = self._make_node(key)
             got = (_field(_GRAPH_NODE, node.SerializeToString()), node)
-            self._piece[key] = got  # type: ignore[assignment]
-        return got  # type: ignore[return-value]
+            self._node_pieces[key] = got
+        return got
 
     def _make_node(self, key: tuple[object, ...]) -> onnx.NodeProto:
         if key[0] == "fq":
@@ -644,9 +645,9 @@ class QdqIndex:
                 if a.name == "beta":
                     a.f = 1.0
         del node.input[:]
-        node.input.extend(ins)  # type: ignore[arg-type]
+        node.input.extend(ins)
         del node.output[:]
-        node.output.extend(outs)  # type: ignore[arg-type]
+        node.output.extend(outs)
         return node
 
     def _init_piece(self, name: str, own_key: tuple[object, ...] | None) -> bytes:
@@ -656,7 +657,7 @@ class QdqIndex:
             src = self._own_tensor(name, own_key) if own_key is not None else self._tensor(name, None)
             got = _field(_GRAPH_INIT, src.SerializeToString())
             self._piece[key] = got
-        return got  # type: ignore[return-value]
+        return got
 
 
 def _model_frame(model: onnx.ModelProto) -> tuple[bytes, bytes]:
@@ -747,8 +748,8 @@ class CandidateIndex(Protocol):
     model (:class:`QdqIndex`; for QOperator recipes ``edits_qop.QOperatorEditor``), each raising
     :class:`Unsupported` where it cannot be exact."""
 
-    def derive(self, exclude: Iterable[str]) -> Derived: ...
-    def size(self, exclude: Iterable[str]) -> int: ...
+    def derive(self, exclude: Collection[str]) -> Derived: ...
+    def size(self, exclude: Collection[str]) -> int: ...
 
 
 class Derivations:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import onnx
 
@@ -136,7 +137,7 @@ def next_recipe(quantization: QuantizationSpec, recipe: str, unsupported_ops: li
 
 
 def describe(device: str, recipe: str, planned: str, status: str, unsupported_ops: list[str],
-             tried: list[dict[str, object]] | None = None) -> str:
+             tried: list[dict[str, Any]] | None = None) -> str:
     """One line saying what runs of a recipe on a device, e.g.
     ``pixel7: per-tensor-qop → per-tensor-qop.qdq: QLinearConv, QLinearAdd unsupported``."""
     ops = ", ".join(unsupported_ops)
@@ -146,7 +147,7 @@ def describe(device: str, recipe: str, planned: str, status: str, unsupported_op
         chain = " → ".join(str(t.get("recipe")) for t in tried or []) or recipe
         last = (tried or [{}])[-1]
         why = (f"{last.get('recipe')} does not build: {last['error']}" if last.get("error") else
-               f"{', '.join(str(o) for o in (last.get('unsupported') or unsupported_ops))} unsupported")  # type: ignore[union-attr]
+               f"{', '.join(str(o) for o in (last.get('unsupported') or unsupported_ops))} unsupported")
         return (f"{device}: {recipe} kept, no variant runs there ({chain}; {why}): "
                 "its candidates are infeasible on this device")
     return f"{device}: {recipe} runs as is"

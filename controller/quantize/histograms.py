@@ -135,5 +135,5 @@ def install() -> None:
     """Use :func:`collect_data` for ORT's percentile calibrations in this process (idempotent)."""
     with _lock:
         if PercentileCalibrater.collect_data is not collect_data:
-            PercentileCalibrater.collect_data = collect_data  # type: ignore[method-assign]
+            PercentileCalibrater.collect_data = collect_data
             log.debug("ORT's percentile calibration streamed in two passes")

@@ -36,7 +36,7 @@ import re
 import shlex
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from tuneqn.controller.objectives import finite
 from tuneqn.controller.search.ties import Latency, faster
@@ -296,7 +296,8 @@ def layer_order(report: dict[str, Any]) -> dict[tuple[str, str], dict[str, int]]
 def float_layers(cand: dict[str, Any], order: dict[tuple[str, str], dict[str, int]]) -> list[str]:
     """The candidate's excluded layers in the model's order (by the analysis of its recipe, or of any recipe
     of its model for a variant recipe; unknown names last, by name)."""
-    model, recipe = cand.get("model"), cand.get("recipe") or cand.get("mode")
+    # a report's candidate always names its model and recipe
+    model, recipe = cast(str, cand.get("model")), cast(str, cand.get("recipe") or cand.get("mode"))
     index = dict(order.get((model, recipe)) or {})
     for (m, _), idx in order.items():
         if m == model:
@@ -362,7 +363,7 @@ def _warnings(pick: _Option, met: bool, constraint: Constraint, fq: _Option | No
         out.append(f"no smaller than the FP32 model ({mb(pick.size)} vs {mb(fp32_size)}): no quantized file "
                    f"found here saves space; ship the FP32 model unless this one is faster")
     for dev, r in pick.results.items():
-        b = baselines.get((c.get("model"), dev)) or {}
+        b = baselines.get((cast(str, c.get("model")), dev)) or {}  # a candidate always names its model
         lat, base = finite(r.get("latency_ms")), finite(b.get("latency_ms"))
         if lat is None or base is None:
             continue

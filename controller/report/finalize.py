@@ -196,7 +196,7 @@ import copy
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 from pymoo.indicators.hv import HV
@@ -323,7 +323,8 @@ def _ordered(cands: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def _evaluated(c: dict[str, Any]) -> bool:
     """True for a candidate evaluated (or to be evaluated) in full; screened-only ones are never on fronts."""
-    return c.get("level", "full") == "full"
+    level: str = c.get("level", "full")
+    return level == "full"
 
 
 def _results_by_device(candidate: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -722,8 +723,9 @@ class _SearchWork:
         self.groups: dict[tuple[str, str], dict[str, dict[str, None]]] = {}
         for p in search.get("proposals") or []:
             c = cands.get(p.get("candidate_id"))
-            model = p.get("model") or (c or {}).get("model")
-            recipe = p.get("recipe") or p.get("mode") or (c or {}).get("mode")
+            # a proposal always names its model and recipe (NOT NULL columns of the store's proposals)
+            model = cast(str, p.get("model") or (c or {}).get("model"))
+            recipe = cast(str, p.get("recipe") or p.get("mode") or (c or {}).get("mode"))
             ids = self.groups.setdefault((model, recipe), {"build": {}, "screen": {}, "full": {}})
             if p.get("level") in ids:
                 ids[p["level"]][p.get("candidate_id")] = None
@@ -802,9 +804,9 @@ def _ablation(
                     "found_after_s": _since(found, started),
                     "front_done_after_s": _since(_latest(r.get("finished_at") for r in runs), started),
                 })
-    for row in rows:
-        ref = hv_of.get((SWEEP_SEARCH, row["model"], row["recipe"], row["device"]))
-        row["hv_vs_sweep"] = _ratio(row["hypervolume"], ref)
+    for summary in rows:
+        ref = hv_of.get((SWEEP_SEARCH, summary["model"], summary["recipe"], summary["device"]))
+        summary["hv_vs_sweep"] = _ratio(summary["hypervolume"], ref)
 
     totals: list[dict[str, Any]] = []
     for s, work in works:
@@ -827,8 +829,9 @@ def _ablation(
             "front_done_after_s": _since(_latest(r.get("finished_at") for r in runs), started),
         }
         if target is not None:
-            found = [t for t in target if t["id"] is not None]
-            total["found_after_s"] = _latest(t["found_after_s"] for t in found) if len(found) == len(target) else None
+            reached = [t for t in target if t["id"] is not None]
+            total["found_after_s"] = (_latest(t["found_after_s"] for t in reached) if len(reached) == len(target)
+                                      else None)
         totals.append(total)
         entry = dict(s)
         entry.update({

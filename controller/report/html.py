@@ -127,7 +127,8 @@ def _searches_of(c: dict[str, Any]) -> str:
 
 
 def _is_full(c: dict[str, Any]) -> bool:
-    return c.get("level", "full") == "full"
+    level: str = c.get("level", "full")
+    return level == "full"
 
 
 def _seconds(value: Any) -> Cell:

@@ -67,7 +67,7 @@ def top_fronts(F: np.ndarray, n_fronts: int = 3,
         if not 0 <= col < m or len(measured) != n:
             raise ValueError(f"latency column {col} and {len(measured)} measurements for a {n} x {m} table")
         raw = NonDominatedSorting(dominator=TieDominator(col, measured)).do(arr, n_fronts=int(n_fronts))
-        fronts = [sorted(int(i) for i in f) for f in list(raw)[: int(n_fronts)] if len(f)]
+        fronts: list[list[int]] = [sorted(int(i) for i in f) for f in list(raw)[: int(n_fronts)] if len(f)]
         logger.debug("top_fronts (latency ties): %d rows -> front sizes %s", n, [len(f) for f in fronts])
         return fronts
     # Sort the distinct rows only, then map every row back to its distinct row: this
@@ -75,7 +75,7 @@ def top_fronts(F: np.ndarray, n_fronts: int = 3,
     uniq, inverse = np.unique(arr, axis=0, return_inverse=True)
     inverse = np.asarray(inverse).reshape(-1)
     raw = NonDominatedSorting().do(uniq, n_fronts=int(n_fronts))
-    fronts: list[list[int]] = []
+    fronts = []
     for uniq_front in list(raw)[: int(n_fronts)]:
         members = np.flatnonzero(np.isin(inverse, np.asarray(uniq_front, dtype=int)))
         if members.size:

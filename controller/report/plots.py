@@ -11,6 +11,8 @@ from __future__ import annotations
 import io
 import json
 import logging
+import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -152,7 +154,7 @@ def _boxes_overlap(a: tuple[float, float, float, float], b: tuple[float, float, 
 
 def _place_labels(fig: Figure, ax: Any, labels: list[tuple[float, float, str]],
                   points: list[tuple[float, float]], fontsize: float = 7.0,
-                  big: list[tuple[float, float]] = ()) -> int:
+                  big: Sequence[tuple[float, float]] = ()) -> int:
     """Annotate ``labels`` (x, y, text) next to their points where the text overlaps no other label, no
     point and stays inside the axes (tried around the point in turn); a label without such a place is left
     out.  ``big``: points drawn with a large marker (selected, fully quantized, FP32).  Call after the layout is
@@ -404,7 +406,8 @@ def tradeoff_figure(report: dict[str, Any], model: str, mode: str, device: str) 
     points = [(x, y) for _, _, x, y in pts]
     big = sel[:1] + fq[:1]
     if orig is not None:
-        ax.scatter([OBJECTIVES["size"].display(orig)], [0.0], s=140, marker="*", color="gold", edgecolors="black",
+        fp32_x = OBJECTIVES["size"].display(orig)  # None (a non-finite size) is drawn as nothing, as NaN is
+        ax.scatter([math.nan if fp32_x is None else fp32_x], [0.0], s=140, marker="*", color="gold", edgecolors="black",
                    zorder=5, label="FP32 original (loss 0)")
         big.append((float(OBJECTIVES["size"].display(orig) or 0.0), 0.0))
 
@@ -449,7 +452,8 @@ def recipes_scatter(report: dict[str, Any], model: str, device: str, path: Path)
                    color=color, alpha=0.55, zorder=3, label=recipe)
         front = [(x, y) for x, y, f1 in mine if f1]
         if front:
-            ax.scatter(*zip(*front, strict=True), s=60, marker=marker, color=color, edgecolors="black",
+            xs, ys = zip(*front, strict=True)
+            ax.scatter(xs, ys, s=60, marker=marker, color=color, edgecolors="black",
                        linewidths=1.0, zorder=5, label=f"{recipe}: on front 1")
     front = sorted((x, y) for _, x, y, f1 in pts if f1)
     if front:
@@ -458,7 +462,8 @@ def recipes_scatter(report: dict[str, Any], model: str, device: str, path: Path)
                 label="front 1 over all recipes")
     orig = next((m.get("size_bytes") for m in report.get("models") or [] if m.get("name") == model), None)
     if orig is not None:
-        ax.scatter([OBJECTIVES["size"].display(orig)], [0.0], s=140, marker="*", color="gold", edgecolors="black",
+        fp32_x = OBJECTIVES["size"].display(orig)  # None (a non-finite size) is drawn as nothing, as NaN is
+        ax.scatter([math.nan if fp32_x is None else fp32_x], [0.0], s=140, marker="*", color="gold", edgecolors="black",
                    zorder=6, label="FP32 original (loss 0)")
     _finish_loss_vs_size(fig, ax, bool(pts), f"{model} on {device}: every recipe, accuracy loss vs size")
     return _save(fig, path)

@@ -23,11 +23,14 @@ from __future__ import annotations
 
 import abc
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
-    from tuneqn.controller.config import SearchRun, SearchSpec
+    from tuneqn.controller.config import SearchRun, SearchSpec, StudyConfig
+    from tuneqn.controller.prepare.modelio import PreparedModel
+    from tuneqn.controller.store import Store
     from tuneqn.controller.study import CandidatePlan
 
 LEVELS = ("build", "screen", "full")
@@ -101,10 +104,28 @@ class ViewSource(Protocol):
     def view_outcome(self, plan: CandidatePlan, level: str) -> Outcome | None: ...
 
 
+class ViewStudy(Protocol):
+    """What a :class:`SearchView` reads of the study (implemented by :class:`~tuneqn.controller.study.Study`)."""
+
+    @property
+    def cfg(self) -> StudyConfig: ...
+    @property
+    def models(self) -> Mapping[str, PreparedModel]: ...
+    @property
+    def store(self) -> Store: ...
+    def recipes(self) -> list[str]: ...
+    def layer_names(self, model: str, recipe: str) -> list[str]: ...
+    def ranking(self, model: str, recipe: str, name: str) -> list[str]: ...
+    def make_plan(self, model: str, recipe: str, excluded: tuple[str, ...] | list[str], label: str) -> CandidatePlan:
+        ...
+    def prefix_plans(self, model: str, recipe: str, order: list[str], label: str) -> list[CandidatePlan]: ...
+    def explicit_plans(self, model: str, recipe: str) -> list[CandidatePlan]: ...
+
+
 class SearchView:
     """What a strategy may look at: the study's layers, rankings and sizes, and the results so far."""
 
-    def __init__(self, study: Any, source: ViewSource) -> None:
+    def __init__(self, study: ViewStudy, source: ViewSource) -> None:
         self._study = study
         self._source = source
         self._widths: dict[tuple[str, str, str], dict[int, int]] = {}  # (search, model, recipe) -> step -> width

@@ -90,10 +90,10 @@ class BudgetPair(ReplayPair):
         view = self.view
         reqs = [Request(p, "full", p.label) for p in view.explicit_plans(self.model, self.recipe)]
         if self._measured is None:
-            order: list[str] | None = view.ranking(self.model, self.recipe, self.run.ranking)
+            order = view.ranking(self.model, self.recipe, self.run.ranking)
         else:
-            order = self._measured.order()
-            if order is None:
+            measured = self._measured.order()
+            if measured is None:
                 ends = self._ends()
                 covered = None if ends is None else self._covered_ends(ends)
                 if ends is not None and covered is not False:
@@ -103,6 +103,7 @@ class BudgetPair(ReplayPair):
                     self.chosen = list(ends)  # no candidate can enter: nothing to rank, nothing more to evaluate
                     return reqs + fulls, True
                 return reqs + self._measured.requests(), False
+            order = measured
         cands = view.prefix_plans(self.model, self.recipe, order, f"{self.run.ranking} k=")
         budget = self.run.budget or max(min(2, len(cands)), 3 * len(cands) // 10)
         # sizes are predicted without a build where the recipe's candidates are derived by graph edits

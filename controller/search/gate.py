@@ -144,10 +144,11 @@ def decide(points: dict[str, dict[str, Point]]) -> list[Decision]:
         mine = {d: p for d, p in points[r].items() if isinstance(p, FqPoint)}
         if not mine:
             fails = "; ".join(f"{d}: {p.reason}" for d, p in points[r].items() if isinstance(p, FqFailed))
-            why = f"its fully quantized model has no result on any device ({fails or 'no device'})"
-            out.append(Decision(r, STOPPED, why, points[r]))
+            nothing = f"its fully quantized model has no result on any device ({fails or 'no device'})"
+            out.append(Decision(r, STOPPED, nothing, points[r]))
             continue
-        kept, why = [], []
+        kept: list[str] = []
+        why: list[str] = []
         for d, p in mine.items():
             by = next((s for s in recipes if s != r
                        and isinstance(q := points[s].get(d), FqPoint) and covers(q, p)), None)

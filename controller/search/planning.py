@@ -167,7 +167,7 @@ class Planner:
         recipe, as far as the built candidates (``built_path(id)``: its file, None until built) tell."""
         if self.feasibility != "adapt":
             return []
-        out: list[Settle | Probe] = []
+        out: list[Settle | Probe | None] = []
         for cls, ops in self._restricted():
             for model in self.study.models:
                 for recipe in self.study.recipes(model):

@@ -22,11 +22,12 @@ class SweepPair(PairStrategy):
     def propose(self) -> list[Request]:
         """The measured ranking's screens until it is known, then every candidate."""
         if self._measured is None:
-            order: list[str] | None = self.view.ranking(self.model, self.recipe, self.run.ranking)
+            order = self.view.ranking(self.model, self.recipe, self.run.ranking)
         else:
-            order = self._measured.order()
-            if order is None:
+            measured = self._measured.order()
+            if measured is None:
                 return self._measured.requests()
+            order = measured
         label = f"{self.run.ranking} k="
         reqs = [Request(p, "full", p.label) for p in self.view.prefix_plans(self.model, self.recipe, order, label)]
         reqs += [Request(p, "full", p.label) for p in self.view.explicit_plans(self.model, self.recipe)]

@@ -41,8 +41,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import cast
 
-import numpy as np
-
 from tuneqn.agent.backends.base import (
     Backend,
     DeviceDescription,
@@ -50,19 +48,15 @@ from tuneqn.agent.backends.base import (
     Interrupted,
     LoadOptions,
     PreparedModel,
-    topk_indices,
 )
 from tuneqn.agent.blobs import BlobStore, check_sha256
+from tuneqn.agent.measure import measure, predicts_only
 from tuneqn.agent.quiet import QuietLock
 from tuneqn.agent.state import AgentState, JobRow
 from tuneqn.v1 import agent_pb2 as pb
 
 log = logging.getLogger(__name__)
 
-DEFAULT_TOP_K = 5
-DEFAULT_CHUNK_SIZE = 32
-DEFAULT_LATENCY_WARMUP = 3
-DEFAULT_LATENCY_REPEATS = 20
 MAX_JOB_ID_LENGTH = 256
 DEFAULT_MAX_EXECUTIONS = 3
 DEFAULT_HEARTBEAT_SECONDS = 5.0
@@ -107,55 +101,6 @@ def state_value(name: str) -> pb.JobState:
     return cast(pb.JobState, pb.JobState.Value(name))
 
 
-#: Warm-up continues in rounds until two consecutive rounds' medians agree within this ratio...
-WARMUP_STABLE_RATIO = 1.05
-#: ...or this many seconds of warm-up have passed (caches and clocks settle; a cap keeps slow
-#: candidates, e.g. 150 ms dynamic ConvInteger models, from spending seconds on warm-up).
-WARMUP_MAX_SECONDS = 1.0
-WARMUP_ROUND = 5
-
-
-def warm_up(measure: Callable[[int], list[float]], min_runs: int) -> int:
-    """Run ``measure(n)`` (timed runs, ms) until the device is at its steady speed; returns runs made.
-
-    At least ``min_runs`` runs; then rounds of :data:`WARMUP_ROUND` runs until the medians
-    of two consecutive rounds differ by less than :data:`WARMUP_STABLE_RATIO`, for at most
-    :data:`WARMUP_MAX_SECONDS`.
-    """
-    start = time.monotonic()
-    runs = 0
-    if min_runs > 0:
-        measure(min_runs)
-        runs += min_runs
-    previous = float(np.median(measure(WARMUP_ROUND)))
-    runs += WARMUP_ROUND
-    while time.monotonic() - start < WARMUP_MAX_SECONDS:
-        current = float(np.median(measure(WARMUP_ROUND)))
-        runs += WARMUP_ROUND
-        if max(current, previous) <= WARMUP_STABLE_RATIO * min(current, previous):
-            break
-        previous = current
-    return runs
-
-
-def latency_stats(times_ms: list[float]) -> pb.LatencyStats:
-    """Summary statistics of latency samples in milliseconds."""
-    if not times_ms:
-        return pb.LatencyStats()
-    a = np.asarray(times_ms, dtype=np.float64)
-    p10, median, p90 = np.percentile(a, [10, 50, 90])
-    return pb.LatencyStats(
-        median_ms=float(median),
-        p90_ms=float(p90),
-        p10_ms=float(p10),
-        mean_ms=float(a.mean()),
-        std_ms=float(a.std()),
-        min_ms=float(a.min()),
-        max_ms=float(a.max()),
-        count=len(times_ms),
-    )
-
-
 @dataclass
 class _Job:
     spec: pb.JobSpec  # the latest submitted spec
@@ -178,12 +123,6 @@ class DeviceStatus:
     running_job_id: str
     healthy: bool
     status: str
-
-
-def predicts_only(spec: pb.JobSpec) -> bool:
-    """Whether a job only predicts (a screen: ``latency_repeats`` set to 0), so it may share its device with others
-    like it (:meth:`Backend.prediction_slots`); a job that times latency always has the device to itself."""
-    return spec.HasField("latency_repeats") and spec.latency_repeats == 0
 
 
 def interrupted_reason(count: int) -> str:
@@ -789,7 +728,7 @@ class JobManager:
         started = time.time()
         clock = time.monotonic()
         try:
-            result = self._run(job, started)
+            result = self._measure(job, started)
         except Interrupted:
             if not job.cancel_requested:  # the agent is stopping: run it again after restart
                 self._state.finish_execution(execution_id, "interrupted")
@@ -836,98 +775,21 @@ class JobManager:
         if self._on_finished is not None:
             self._on_finished(device, state, seconds)
 
-    def _run(self, job: _Job, started: float) -> pb.JobResult:
-        """Load the job's model, run it, and release it (also when the run fails)."""
-        spec = job.spec
+    def _measure(self, job: _Job, started: float) -> pb.JobResult:
+        """The job measured on its device (:func:`tuneqn.agent.measure.measure`), as a SUCCEEDED result."""
         with self._cond:
             backend = self._backends[job.device]
-        model_path = self._blobs.path(spec.model_sha256)
-        dataset_path = self._blobs.path(spec.dataset_sha256)
-        for sha, path in ((spec.model_sha256, model_path), (spec.dataset_sha256, dataset_path)):
-            if not path.exists():
-                self._blobs.forget(sha)  # HasBlobs now says absent: the client uploads it again
-                raise FileNotFoundError(f"blob {sha} is no longer in the agent's cache")
-            self._blobs.touch(sha)
-        job.handle = None
-        handle = backend.load(
-            model_path,
-            LoadOptions(
-                input_name=spec.input_name,
-                backend_options=spec.backend_options,
-                stop=job.interrupt,
-                predicts_only=predicts_only(spec),
-            ),
-        )
-        job.handle = handle
-        try:
-            return self._run_loaded(job, backend, handle, started)
-        finally:
-            backend.release(handle)
 
-    def _run_loaded(
-        self, job: _Job, backend: Backend, handle: PreparedModel, started: float
-    ) -> pb.JobResult:
-        """Predictions and latency of a loaded model (see :meth:`_run`)."""
-        spec = job.spec
-        top_k = spec.top_k if spec.HasField("top_k") else DEFAULT_TOP_K
-        chunk_size = spec.chunk_size if spec.HasField("chunk_size") else DEFAULT_CHUNK_SIZE
-        warmup = spec.latency_warmup if spec.HasField("latency_warmup") else DEFAULT_LATENCY_WARMUP
-        repeats = (
-            spec.latency_repeats if spec.HasField("latency_repeats") else DEFAULT_LATENCY_REPEATS
-        )
-        model_size = self._blobs.path(spec.model_sha256).stat().st_size
-        dataset_path = self._blobs.path(spec.dataset_sha256)
-        data = np.load(dataset_path, mmap_mode="r", allow_pickle=False)
-        if not isinstance(data, np.ndarray) or data.ndim < 1 or data.shape[0] == 0:
-            raise ValueError("dataset must be a .npy array with at least one sample on axis 0")
-        n = int(data.shape[0])
-        chunk = handle.fixed_batch or chunk_size
-        with self._cond:
-            self._publish(job, pb.RUNNING, "predicting", done=0, total=n)
-
-        topk: np.ndarray | None = None
-        classes = 0
-        t0 = time.perf_counter()
-        for start in range(0, n, chunk):
-            if job.interrupt.is_set():
-                raise Interrupted()
-            batch = np.asarray(data[start : start + chunk])
-            scores = backend.predict(handle, batch, stop=job.interrupt)
-            if topk is None:
-                classes = int(scores.shape[1])
-                if classes == 0:
-                    raise ValueError("model output 0 is empty")
-                topk = np.empty((n, min(top_k, classes)), dtype="<i4")
-            elif scores.shape[1] != classes:
-                raise ValueError(f"output size changed from {classes} to {scores.shape[1]}")
-            topk[start : start + batch.shape[0]] = topk_indices(scores, topk.shape[1])
+        def progress(stage: str, done: int, total: int) -> None:
             with self._cond:
-                self._publish(
-                    job, pb.RUNNING, "predicting", done=start + batch.shape[0], total=n
-                )
-        inference_seconds = time.perf_counter() - t0
-        if topk is None:  # unreachable: n > 0
-            raise ValueError("no samples were predicted")
+                self._publish(job, pb.RUNNING, stage, done=done, total=total)
 
-        stats = pb.LatencyStats()
-        if repeats > 0:
-            if job.interrupt.is_set():
-                raise Interrupted()
-            with self._cond:
-                self._publish(job, pb.RUNNING, "latency", done=n, total=n)
-            one = np.asarray(data[:1])
-            with self._quiet(job):
-                warm_up(lambda k: backend.latency(handle, one, 0, k, stop=job.interrupt), warmup)
-                times = backend.latency(handle, one, 0, repeats, stop=job.interrupt)
-            stats = latency_stats(times)
+        def loaded(handle: PreparedModel | None) -> None:
+            job.handle = handle
 
+        measured = measure(job.spec, backend, self._blobs, job.interrupt, progress, lambda: self._quiet(job), loaded)
         result = self._result(job, pb.SUCCEEDED, "")
-        result.num_samples = n
-        result.top_k = topk.shape[1]
-        result.topk_indices = topk.astype("<i4", copy=False).tobytes(order="C")
-        result.model_size_bytes = model_size
-        result.latency.CopyFrom(stats)
-        result.inference_seconds = inference_seconds
+        measured.fill(result)
         result.started_at = started
         return result
 

@@ -42,7 +42,7 @@ def setup_logging(verbose: int) -> None:
     ort.set_default_logger_severity(0 if verbose >= 3 else 3)
 
 
-def _quick_config(args: argparse.Namespace) -> StudyConfig:
+def quick_config(args: argparse.Namespace) -> StudyConfig:
     """A study config from the quick-form flags (no TOML file)."""
     if args.model is None or args.images is None or args.out is None:
         raise UserError("give a STUDY.toml, or --model, --images and --out")
@@ -92,7 +92,7 @@ def study_config(args: argparse.Namespace) -> StudyConfig:
             update["dataset"] = cfg.dataset.model_copy(update={"preprocess": pp})
         cfg = cfg.model_copy(update=update) if update else cfg
     else:
-        cfg = _quick_config(args)
+        cfg = quick_config(args)
     _check_model_files(cfg, "--model" if args.study is None else None)
     return _search_overrides(cfg, args)
 
@@ -150,9 +150,9 @@ def _floats(value: str) -> list[float]:
 
 def _input_dims(path: Path, label: str) -> list[int | str] | None:
     """The first graph input's dims of an ONNX file (names for dynamic dims); None without an input."""
-    from tuneqn.controller.prepare.modelio import _load_bytes  # noqa: PLC0415 - only for the quick form and the printed line
+    from tuneqn.controller.prepare.modelio import load_bytes  # noqa: PLC0415 - only for the quick form and the printed line
 
-    m = _load_bytes(path, label)
+    m = load_bytes(path, label)
     inits = {i.name for i in m.graph.initializer}
     inp = [i for i in m.graph.input if i.name not in inits]
     if not inp:

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
-import socket
 import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
-import tomli_w
 from onnx_models import cnn, mlp, write_images
 
 # Without torch, here and in every process the tests start (tests/no_torch/sitecustomize.py says why).
@@ -17,12 +16,9 @@ sys.modules.setdefault("torch", None)
 _NO_TORCH = str(Path(__file__).parent / "no_torch")
 os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (_NO_TORCH, os.environ.get("PYTHONPATH")) if p)
 
-try:  # TVM tests: one tracker for the whole session, shared by every module (tests/tvm_rpc.py)
-    import tvm  # noqa: F401
-except ImportError:  # the tuneqn[tvm] extra is not installed: the TVM test modules skip themselves
-    pass
-else:
-    from tvm_rpc import tvm_agent, tvm_lab, tvm_models, tvm_session_lab, tvm_shared_cache  # noqa: F401
+# Fixtures of the agent tests (agent processes, clients) and, with the tuneqn[tvm] extra, of the TVM tests (one
+# RPC tracker per session, servers per test); without TVM the TVM test modules skip themselves.
+pytest_plugins = ["agent_fixtures", *(["tvm_rpc"] if importlib.util.find_spec("tvm") else [])]
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -49,43 +45,6 @@ def assets(tmp_path_factory: pytest.TempPathFactory) -> Path:
     write_images(d / "images", 40)
     write_images(d / "labelled", 24, labelled=True)
     return d
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now (bound, then released)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def exported_sha256(path: Path) -> str:
-    """The sha256 of the evaluated candidate that ``tuneqn export`` wrote to ``path`` (from its facts file,
-    whose own sha256 is checked against the written file)."""
-    import hashlib
-    import json
-
-    facts = json.loads(path.with_name(path.name + ".json").read_text())
-    assert facts["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
-    return str(facts["evaluated_sha256"])
-
-
-def write_study(tmp: Path, **overrides: Any) -> Path:
-    """A study TOML in ``tmp`` (tables in ``overrides`` replace the defaults)."""
-    data: dict[str, Any] = {
-        "out_dir": str(tmp / "out"),
-        "models": [{"path": str(overrides.pop("model"))}],
-        "dataset": {"images": str(overrides.pop("images")), "eval": 12, "calibration": 12, "analysis": 6},
-    }
-    # The farm/report tests run the paper's sweep (every k): their job counts are known.
-    data["search"] = {"strategy": "sweep", "ranking": "paper", **overrides.pop("search", {})}
-    data.update(overrides)
-    # Recipes chosen automatically (the default) try several: these tests name the one they need.
-    quant = data.setdefault("quantization", {})
-    if "recipes" not in quant and "modes" not in quant:
-        quant["modes"] = ["static"]
-    path = tmp / "study.toml"
-    path.write_text(tomli_w.dumps(data))
-    return path
 
 
 @pytest.fixture

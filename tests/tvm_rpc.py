@@ -26,7 +26,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import threading
 import time
 import uuid
@@ -36,6 +35,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from helpers import free_port
 
 tvm = pytest.importorskip("tvm", reason="Apache TVM (the tuneqn[tvm] extra) is not installed")
 
@@ -76,13 +76,6 @@ def wait_for(condition: Callable[[], Any], what: str, timeout: float = DEADLINE,
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
         time.sleep(every)
-
-
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((HOST, 0))
-        return int(s.getsockname()[1])
 
 
 @contextlib.contextmanager

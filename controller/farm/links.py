@@ -30,7 +30,7 @@ _FATAL = (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED, gr
 _JOB_REJECTED = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.ALREADY_EXISTS)
 
 
-def _gone_device(details: str | None) -> bool:
+def gone_device(details: str | None) -> bool:
     """Whether an INVALID_ARGUMENT answer says the job names a device the agent does not list (any agent
     revision words it ``unknown device '<name>'``)."""
     return (details or "").startswith("unknown device ")
@@ -319,7 +319,7 @@ class DeviceSlot(threading.Thread):
             except grpc.RpcError as exc:
                 if exc.code() in _FATAL:
                     self.link.incompatible(f"{exc.code().name}: {exc.details()}")
-                elif exc.code() == grpc.StatusCode.INVALID_ARGUMENT and _gone_device(exc.details()):
+                elif exc.code() == grpc.StatusCode.INVALID_ARGUMENT and gone_device(exc.details()):
                     # The agent no longer lists this device (it restarted with fewer TVM lanes): not the
                     # job's fault. The slot takes no job until the agent lists the device again; the job
                     # runs on another device of its class.

@@ -145,7 +145,7 @@ def hub_fetch(name: str, cache: Path, opset: int | None = None, repo: str = HUB_
     return local
 
 
-def _load_bytes(path: Path, label: str) -> onnx.ModelProto:
+def load_bytes(path: Path, label: str) -> onnx.ModelProto:
     data = read_user_file(path, "model file", "an .onnx file", label)
     if not data:
         raise UserError(f"{label}: {path} is empty")
@@ -160,7 +160,7 @@ def _load_bytes(path: Path, label: str) -> onnx.ModelProto:
 
 def load_checked(path: Path, label: str) -> onnx.ModelProto:
     """The ONNX model in ``path``, readable and passing the ONNX checker (else a one-line :class:`UserError`)."""
-    model = _load_bytes(path, label)
+    model = load_bytes(path, label)
     try:
         onnx.checker.check_model(model)
     except onnx.checker.ValidationError as exc:
@@ -223,7 +223,7 @@ def _name_nodes(model: onnx.ModelProto, notes: list[str]) -> None:
         notes.append(f"named {unnamed} unnamed nodes as <op_type>_<index>")
 
 
-def _restore_layer_names(before: onnx.ModelProto, after: onnx.ModelProto) -> int:
+def restore_layer_names(before: onnx.ModelProto, after: onnx.ModelProto) -> int:
     """Give layers the optimizer renamed their original names back; the number renamed.
 
     A Conv/ConvTranspose/Gemm/MatMul of ``after`` whose name is not an original layer's
@@ -259,7 +259,7 @@ def preprocess(model: onnx.ModelProto, label: str = "model") -> tuple[onnx.Model
     optimizations (constant folding, redundant-node elimination, Pad/BatchNorm/Mul/Add fused
     into Conv, …) without :data:`PREPROCESS_DISABLED_OPTIMIZERS`, then ONNX shape inference,
     and ORT's pre-process tag (so the quantizer no longer advises pre-processing). Layer
-    (Conv/ConvTranspose/Gemm/MatMul) names stay the original ones (:func:`_restore_layer_names`).
+    (Conv/ConvTranspose/Gemm/MatMul) names stay the original ones (:func:`restore_layer_names`).
     The result is numerically the float model (up to float rounding of folded constants).
     """
     before_bytes = model.ByteSize()
@@ -283,7 +283,7 @@ def preprocess(model: onnx.ModelProto, label: str = "model") -> tuple[onnx.Model
         out = shape_inference.infer_shapes(out, strict_mode=False)
     except (onnx.shape_inference.InferenceError, RuntimeError) as exc:
         raise UserError(f"{label}: shape inference after pre-processing failed: {exc}") from None
-    renamed = _restore_layer_names(model, out)
+    renamed = restore_layer_names(model, out)
     _name_nodes(out, [])
     add_pre_process_metadata(out)
     after_names = {n.name for n in out.graph.node}

@@ -13,7 +13,7 @@ minimum and maximum of the values and of their absolute values, the second adds 
 histogram over that common range (the absolute values in one reused buffer). A histogram with uniform
 bins counts each value on its own (its bin depends only on the value and the range), so the sum is
 ORT's histogram exactly, and the minima, maxima and edges are the same numpy values; the price is a
-second inference pass. Checked in the suite against ORT's own methods (``tests/test_histograms.py``)
+second inference pass. Checked in the suite against ORT's own methods (``tests/quantize/test_histograms.py``)
 and on Lite1 (125 tensors: every range identical).
 
 Only what ORT's first collection of a symmetric percentile calibration does is replaced (float32

@@ -13,9 +13,11 @@ TEST_WORKERS ?= $(shell $(PYTHON) -c "import os; print(len(os.sched_getaffinity(
 # each test module again (~4 s of CPU per worker) and every controller process the tests start compiles tuneqn.
 PYTEST := env -u PYTHONDONTWRITEBYTECODE $(PY) -m pytest -q -ra -n $(TEST_WORKERS) --dist worksteal
 EXAMPLE_DIR := examples/lite0
+SOURCES := controller agent tests bench examples
+TYPECHECK := $(VENV)/typecheck
 EXAMPLE_OUT ?= out/lite0
 
-.PHONY: demo test test-fast check venv example protos schema clean
+.PHONY: demo test test-fast check lint typecheck format venv example protos schema clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -39,14 +41,34 @@ demo: example
 test: example
 	TUNEQN_EXAMPLE_DIR=$(EXAMPLE_DIR)/work $(PYTEST)
 
-## Tests without the real-model ones.
+## The fast tests: without the real model (marker slow) and without the heavy end-to-end runs (marker heavy).
 test-fast: $(STAMP)
-	$(PYTEST) -m "not slow"
-
-## The inner loop: lint, then the tests without the real model and without the heavy end-to-end runs.
-check: $(STAMP)
-	$(VENV)/bin/ruff check controller agent tests bench examples
 	$(PYTEST) -m "not slow and not heavy"
+
+## The inner loop: lint, format and types, then the fast tests.
+check: lint test-fast
+
+## ruff (lint and format) and the type checker, each with zero findings (also run by .ci/run).
+lint: $(STAMP)
+	$(VENV)/bin/ruff check $(SOURCES)
+	$(VENV)/bin/ruff format --check $(SOURCES)
+	$(MAKE) --no-print-directory typecheck
+
+## Rewrite the sources in ruff's format and apply ruff's safe fixes.
+format: $(STAMP)
+	$(VENV)/bin/ruff check --fix $(SOURCES)
+	$(VENV)/bin/ruff format $(SOURCES)
+
+## mypy on the package as it is imported: the folders map into one `tuneqn` namespace, so it reads a tree of
+## links under the venv ([tool.mypy] in pyproject.toml: strict on the store, search, farm and report).
+typecheck: $(STAMP)
+	@mkdir -p $(TYPECHECK)/tuneqn
+	@ln -sfn $(CURDIR)/protos/tuneqn/__init__.py $(TYPECHECK)/tuneqn/__init__.py
+	@ln -sfn $(CURDIR)/protos/tuneqn/v1 $(TYPECHECK)/tuneqn/v1
+	@ln -sfn $(CURDIR)/controller $(TYPECHECK)/tuneqn/controller
+	@ln -sfn $(CURDIR)/agent $(TYPECHECK)/tuneqn/agent
+	cd $(TYPECHECK) && $(CURDIR)/$(VENV)/bin/mypy --config-file $(CURDIR)/pyproject.toml \
+		--cache-dir $(CURDIR)/.mypy_cache -p tuneqn
 
 ## Regenerate the checked-in gRPC stubs from protos/tuneqn/v1/*.proto.
 protos: $(STAMP)

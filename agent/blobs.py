@@ -64,9 +64,7 @@ class BlobUpload:
             return
         self._received += len(data)
         if self._received > self.total_size:
-            raise InvalidBlob(
-                f"blob {self.sha256}: received more than the announced {self.total_size} bytes"
-            )
+            raise InvalidBlob(f"blob {self.sha256}: received more than the announced {self.total_size} bytes")
         self._hash.update(data)
         self._file.write(data)
 
@@ -74,9 +72,7 @@ class BlobUpload:
         """Verify size and hash, then atomically move the blob into the cache."""
         self._file.close()
         if self._received != self.total_size:
-            raise InvalidBlob(
-                f"blob {self.sha256}: received {self._received} bytes, announced {self.total_size}"
-            )
+            raise InvalidBlob(f"blob {self.sha256}: received {self._received} bytes, announced {self.total_size}")
         actual = self._hash.hexdigest()
         if actual != self.sha256:
             raise InvalidBlob(f"blob sha256 mismatch: announced {self.sha256}, received {actual}")
@@ -164,9 +160,7 @@ class BlobStore:
         """Start an upload after checking the address format and the size cap."""
         check_sha256(sha256)
         if total_size > self.max_blob_bytes:
-            raise BlobTooLarge(
-                f"blob of {total_size} bytes exceeds the agent's cap of {self.max_blob_bytes} bytes"
-            )
+            raise BlobTooLarge(f"blob of {total_size} bytes exceeds the agent's cap of {self.max_blob_bytes} bytes")
         return BlobUpload(self, sha256, total_size)
 
     def pin_if_present(self, shas: Iterable[str]) -> list[str]:

@@ -55,7 +55,13 @@ from tuneqn.agent.config import (
 )
 
 __all__ = [
-    "OneLineParser", "UsageError", "build_parser", "is_loopback", "main", "parse_listen", "parse_size",
+    "OneLineParser",
+    "UsageError",
+    "build_parser",
+    "is_loopback",
+    "main",
+    "parse_listen",
+    "parse_size",
     "read_user_file",
 ]
 
@@ -121,8 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--listen",
         default=env("TUNEQN_AGENT_LISTEN", DEFAULT_LISTEN),
         metavar="HOST:PORT",
-        help="address to bind; port 0 picks a free port (env TUNEQN_AGENT_LISTEN, "
-        f"default {DEFAULT_LISTEN})",
+        help=f"address to bind; port 0 picks a free port (env TUNEQN_AGENT_LISTEN, default {DEFAULT_LISTEN})",
     )
     p.add_argument(
         "--token-file",
@@ -154,13 +159,24 @@ def build_parser() -> argparse.ArgumentParser:
         help="state directory (env TUNEQN_AGENT_STATE_DIR, default "
         "$XDG_STATE_HOME/tuneqn-agent or ~/.local/state/tuneqn-agent)",
     )
-    p.add_argument("--tls-cert", default=env("TUNEQN_AGENT_TLS_CERT"), metavar="F",
-                   help="server certificate chain, PEM (env TUNEQN_AGENT_TLS_CERT)")
-    p.add_argument("--tls-key", default=env("TUNEQN_AGENT_TLS_KEY"), metavar="F",
-                   help="server private key, PEM (env TUNEQN_AGENT_TLS_KEY)")
-    p.add_argument("--tls-ca", default=env("TUNEQN_AGENT_TLS_CA"), metavar="F",
-                   help="CA that client certificates must chain to; enables mTLS "
-                   "(env TUNEQN_AGENT_TLS_CA)")
+    p.add_argument(
+        "--tls-cert",
+        default=env("TUNEQN_AGENT_TLS_CERT"),
+        metavar="F",
+        help="server certificate chain, PEM (env TUNEQN_AGENT_TLS_CERT)",
+    )
+    p.add_argument(
+        "--tls-key",
+        default=env("TUNEQN_AGENT_TLS_KEY"),
+        metavar="F",
+        help="server private key, PEM (env TUNEQN_AGENT_TLS_KEY)",
+    )
+    p.add_argument(
+        "--tls-ca",
+        default=env("TUNEQN_AGENT_TLS_CA"),
+        metavar="F",
+        help="CA that client certificates must chain to; enables mTLS (env TUNEQN_AGENT_TLS_CA)",
+    )
     p.add_argument(
         "--insecure",
         action="store_true",
@@ -197,8 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=parse_size,
         default=env("TUNEQN_AGENT_BLOB_CACHE_BYTES", "20GiB"),
         metavar="N",
-        help="blob cache size before LRU eviction (env TUNEQN_AGENT_BLOB_CACHE_BYTES, "
-        "default 20GiB)",
+        help="blob cache size before LRU eviction (env TUNEQN_AGENT_BLOB_CACHE_BYTES, default 20GiB)",
     )
     p.add_argument(
         "--simulated-latency-ms",
@@ -258,48 +273,90 @@ def _add_tvm_arguments(p: argparse.ArgumentParser) -> None:
         "TVM backend (--backend tvm, needs the tuneqn[tvm] extra)",
         "Without --tvm-tracker or --tvm-rpc the models run on this host's CPU/GPU.",
     )
-    g.add_argument("--tvm-target", default=env("TUNEQN_AGENT_TVM_TARGET", '{"kind": "llvm"}'),
-                   metavar="JSON", help='TVM target as a JSON dict, e.g. \'{"kind": "llvm", '
-                   '"mtriple": "aarch64-linux-android", "mattr": ["+neon"]}\' (env '
-                   'TUNEQN_AGENT_TVM_TARGET, default {"kind": "llvm"})')
-    g.add_argument("--tvm-host", default=env("TUNEQN_AGENT_TVM_HOST"), metavar="JSON",
-                   help="host target for cross-compilation, a JSON dict; may also be the "
-                   'target\'s "host" (env TUNEQN_AGENT_TVM_HOST)')
-    g.add_argument("--tvm-cc", default=env("TUNEQN_AGENT_TVM_CC"), metavar="CMD",
-                   help="compiler command export_library links with, e.g. the NDK's "
-                   "aarch64-linux-android33-clang++ (env TUNEQN_AGENT_TVM_CC, default TVM's)")
-    g.add_argument("--tvm-tracker", default=env("TUNEQN_AGENT_TVM_TRACKER"), metavar="HOST:PORT",
-                   help="reach the devices through this TVM RPC tracker (env TUNEQN_AGENT_TVM_TRACKER)")
-    g.add_argument("--tvm-key", default=env("TUNEQN_AGENT_TVM_KEY"), metavar="KEY",
-                   help="device key at the tracker, required with --tvm-tracker; with "
-                   "--tvm-rpc the key the servers were started with, if any "
-                   "(env TUNEQN_AGENT_TVM_KEY)")
-    g.add_argument("--tvm-priority", type=int,
-                   default=env("TUNEQN_AGENT_TVM_PRIORITY", str(DEFAULT_TVM_PRIORITY)), metavar="N",
-                   help=f"tracker request priority (env TUNEQN_AGENT_TVM_PRIORITY, default "
-                   f"{DEFAULT_TVM_PRIORITY})")
-    g.add_argument("--tvm-session-timeout", type=float, metavar="S",
-                   default=env("TUNEQN_AGENT_TVM_SESSION_TIMEOUT", f"{DEFAULT_TVM_SESSION_TIMEOUT:g}"),
-                   help="remote session timeout the server enforces, 0 = none (env "
-                   f"TUNEQN_AGENT_TVM_SESSION_TIMEOUT, default {DEFAULT_TVM_SESSION_TIMEOUT:g})")
-    g.add_argument("--tvm-request-timeout", type=float, metavar="S",
-                   default=env("TUNEQN_AGENT_TVM_REQUEST_TIMEOUT", f"{DEFAULT_TVM_REQUEST_TIMEOUT:g}"),
-                   help="how long a job waits for a free device of the key; shown in the "
-                   "device status (env TUNEQN_AGENT_TVM_REQUEST_TIMEOUT, default "
-                   f"{DEFAULT_TVM_REQUEST_TIMEOUT:g})")
-    g.add_argument("--tvm-rpc", action="append", metavar="HOST:PORT",
-                   default=None,
-                   help="a direct TVM RPC server instead of a tracker; repeat for more devices "
-                   "(env TUNEQN_AGENT_TVM_RPC, comma-separated)")
-    g.add_argument("--tvm-call-timeout", type=float, metavar="S",
-                   default=env("TUNEQN_AGENT_TVM_CALL_TIMEOUT", f"{DEFAULT_TVM_CALL_TIMEOUT:g}"),
-                   help="a remote call (a chunk, a latency measurement) taking longer means a "
-                   "hung server (env TUNEQN_AGENT_TVM_CALL_TIMEOUT, default "
-                   f"{DEFAULT_TVM_CALL_TIMEOUT:g})")
-    g.add_argument("--tvm-cache-bytes", type=parse_size, metavar="N",
-                   default=env("TUNEQN_AGENT_TVM_CACHE_BYTES", "10GiB"),
-                   help="compiled-library cache size before LRU eviction "
-                   "(env TUNEQN_AGENT_TVM_CACHE_BYTES, default 10GiB)")
+    g.add_argument(
+        "--tvm-target",
+        default=env("TUNEQN_AGENT_TVM_TARGET", '{"kind": "llvm"}'),
+        metavar="JSON",
+        help='TVM target as a JSON dict, e.g. \'{"kind": "llvm", '
+        '"mtriple": "aarch64-linux-android", "mattr": ["+neon"]}\' (env '
+        'TUNEQN_AGENT_TVM_TARGET, default {"kind": "llvm"})',
+    )
+    g.add_argument(
+        "--tvm-host",
+        default=env("TUNEQN_AGENT_TVM_HOST"),
+        metavar="JSON",
+        help="host target for cross-compilation, a JSON dict; may also be the "
+        'target\'s "host" (env TUNEQN_AGENT_TVM_HOST)',
+    )
+    g.add_argument(
+        "--tvm-cc",
+        default=env("TUNEQN_AGENT_TVM_CC"),
+        metavar="CMD",
+        help="compiler command export_library links with, e.g. the NDK's "
+        "aarch64-linux-android33-clang++ (env TUNEQN_AGENT_TVM_CC, default TVM's)",
+    )
+    g.add_argument(
+        "--tvm-tracker",
+        default=env("TUNEQN_AGENT_TVM_TRACKER"),
+        metavar="HOST:PORT",
+        help="reach the devices through this TVM RPC tracker (env TUNEQN_AGENT_TVM_TRACKER)",
+    )
+    g.add_argument(
+        "--tvm-key",
+        default=env("TUNEQN_AGENT_TVM_KEY"),
+        metavar="KEY",
+        help="device key at the tracker, required with --tvm-tracker; with "
+        "--tvm-rpc the key the servers were started with, if any "
+        "(env TUNEQN_AGENT_TVM_KEY)",
+    )
+    g.add_argument(
+        "--tvm-priority",
+        type=int,
+        default=env("TUNEQN_AGENT_TVM_PRIORITY", str(DEFAULT_TVM_PRIORITY)),
+        metavar="N",
+        help=f"tracker request priority (env TUNEQN_AGENT_TVM_PRIORITY, default {DEFAULT_TVM_PRIORITY})",
+    )
+    g.add_argument(
+        "--tvm-session-timeout",
+        type=float,
+        metavar="S",
+        default=env("TUNEQN_AGENT_TVM_SESSION_TIMEOUT", f"{DEFAULT_TVM_SESSION_TIMEOUT:g}"),
+        help="remote session timeout the server enforces, 0 = none (env "
+        f"TUNEQN_AGENT_TVM_SESSION_TIMEOUT, default {DEFAULT_TVM_SESSION_TIMEOUT:g})",
+    )
+    g.add_argument(
+        "--tvm-request-timeout",
+        type=float,
+        metavar="S",
+        default=env("TUNEQN_AGENT_TVM_REQUEST_TIMEOUT", f"{DEFAULT_TVM_REQUEST_TIMEOUT:g}"),
+        help="how long a job waits for a free device of the key; shown in the "
+        "device status (env TUNEQN_AGENT_TVM_REQUEST_TIMEOUT, default "
+        f"{DEFAULT_TVM_REQUEST_TIMEOUT:g})",
+    )
+    g.add_argument(
+        "--tvm-rpc",
+        action="append",
+        metavar="HOST:PORT",
+        default=None,
+        help="a direct TVM RPC server instead of a tracker; repeat for more devices "
+        "(env TUNEQN_AGENT_TVM_RPC, comma-separated)",
+    )
+    g.add_argument(
+        "--tvm-call-timeout",
+        type=float,
+        metavar="S",
+        default=env("TUNEQN_AGENT_TVM_CALL_TIMEOUT", f"{DEFAULT_TVM_CALL_TIMEOUT:g}"),
+        help="a remote call (a chunk, a latency measurement) taking longer means a "
+        "hung server (env TUNEQN_AGENT_TVM_CALL_TIMEOUT, default "
+        f"{DEFAULT_TVM_CALL_TIMEOUT:g})",
+    )
+    g.add_argument(
+        "--tvm-cache-bytes",
+        type=parse_size,
+        metavar="N",
+        default=env("TUNEQN_AGENT_TVM_CACHE_BYTES", "10GiB"),
+        help="compiled-library cache size before LRU eviction (env TUNEQN_AGENT_TVM_CACHE_BYTES, default 10GiB)",
+    )
 
 
 def parse_listen(text: str, flag: str = "--listen") -> tuple[str, int]:
@@ -348,8 +405,9 @@ def _read_tls_pair(cert_path: str, key_path: str) -> tuple[bytes, bytes]:
         raise UsageError(f"--tls-key: {key_path} is not an unencrypted PEM private key") from None
 
     raw = serialization.PublicFormat.SubjectPublicKeyInfo
-    if (x509.load_pem_x509_certificates(cert)[0].public_key().public_bytes(serialization.Encoding.PEM, raw)
-            != private.public_key().public_bytes(serialization.Encoding.PEM, raw)):
+    if x509.load_pem_x509_certificates(cert)[0].public_key().public_bytes(
+        serialization.Encoding.PEM, raw
+    ) != private.public_key().public_bytes(serialization.Encoding.PEM, raw):
         raise UsageError(f"--tls-key: {key_path} is not the key of the certificate {cert_path} (--tls-cert)")
     return cert, key
 
@@ -414,8 +472,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             QuietLock(config.quiet_lock)
         except OSError as exc:
-            print(f"{PROG}: error: cannot use --quiet-lock {config.quiet_lock}: "
-                  f"{exc.strerror or exc}", file=sys.stderr)
+            print(f"{PROG}: error: cannot use --quiet-lock {config.quiet_lock}: {exc.strerror or exc}", file=sys.stderr)
             return 2
 
     if args.backend == "tvm":
@@ -458,8 +515,7 @@ def main(argv: list[str] | None = None) -> int:
         server.start()
     except MetricsBindError as exc:
         server.stop(grace=0)
-        print(f"{PROG}: error: cannot serve {exc.what}: {exc.flag} {exc.address}: {exc.reason}",
-              file=sys.stderr)
+        print(f"{PROG}: error: cannot serve {exc.what}: {exc.flag} {exc.address}: {exc.reason}", file=sys.stderr)
         return 2
     except RuntimeError as exc:
         print(f"{PROG}: error: cannot listen on {args.listen}: {exc}", file=sys.stderr)
@@ -535,9 +591,17 @@ def _validate_tvm(args: argparse.Namespace) -> None:
     """Cheap checks of the --tvm-* flags (before TVM is imported)."""
     rpcs = _tvm_rpc_list(args)
     if args.backend != "tvm":
-        given = [flag for flag, value in (("--tvm-tracker", args.tvm_tracker), ("--tvm-rpc", rpcs),
-                                          ("--tvm-key", args.tvm_key), ("--tvm-cc", args.tvm_cc),
-                                          ("--tvm-host", args.tvm_host)) if value]
+        given = [
+            flag
+            for flag, value in (
+                ("--tvm-tracker", args.tvm_tracker),
+                ("--tvm-rpc", rpcs),
+                ("--tvm-key", args.tvm_key),
+                ("--tvm-cc", args.tvm_cc),
+                ("--tvm-host", args.tvm_host),
+            )
+            if value
+        ]
         if given:
             raise UsageError(f"{', '.join(given)}: only for --backend tvm (the backend is {args.backend!r})")
         return
@@ -560,9 +624,11 @@ def _validate_tvm(args: argparse.Namespace) -> None:
         raise UsageError("--tvm-rpc names a server twice")
     if args.tvm_cc and not shlex.split(args.tvm_cc):
         raise UsageError("--tvm-cc is empty")
-    for flag, value, allow_zero in (("--tvm-session-timeout", args.tvm_session_timeout, True),
-                                    ("--tvm-request-timeout", args.tvm_request_timeout, False),
-                                    ("--tvm-call-timeout", args.tvm_call_timeout, False)):
+    for flag, value, allow_zero in (
+        ("--tvm-session-timeout", args.tvm_session_timeout, True),
+        ("--tvm-request-timeout", args.tvm_request_timeout, False),
+        ("--tvm-call-timeout", args.tvm_call_timeout, False),
+    ):
         if value < 0 or (value == 0 and not allow_zero):
             raise UsageError(f"{flag} must be {'>= 0' if allow_zero else '> 0'} seconds, got {value:g}")
 
@@ -616,9 +682,7 @@ def _validate(args: argparse.Namespace) -> tuple[AgentConfig, str, str]:
     """Check the arguments; returns the server configuration, device name and class."""
     host, port = parse_listen(args.listen)
     if args.backend not in BACKENDS:
-        raise UsageError(
-            f"unknown backend {args.backend!r} (available: {', '.join(BACKENDS)})"
-        )
+        raise UsageError(f"unknown backend {args.backend!r} (available: {', '.join(BACKENDS)})")
     if args.log_level.upper() not in _LOG_LEVELS:
         raise UsageError(f"unknown log level {args.log_level!r} (use {', '.join(_LOG_LEVELS)})")
     if args.simulated_latency_ms < 0:
@@ -628,9 +692,7 @@ def _validate(args: argparse.Namespace) -> tuple[AgentConfig, str, str]:
     metrics_host, metrics_port = (
         parse_listen(args.metrics_listen, "--metrics-listen") if args.metrics_listen else (None, 0)
     )
-    health_host, health_port = (
-        parse_listen(args.health_listen, "--health-listen") if args.health_listen else (None, 0)
-    )
+    health_host, health_port = parse_listen(args.health_listen, "--health-listen") if args.health_listen else (None, 0)
     problem = listen_problem(health_host, health_port, metrics_host, metrics_port, args.metrics_public)
     if problem is not None:
         raise UsageError(problem)
@@ -660,9 +722,7 @@ def _validate(args: argparse.Namespace) -> tuple[AgentConfig, str, str]:
     if args.quiet_lock:
         quiet_lock = Path(args.quiet_lock).expanduser()
         if not quiet_lock.parent.is_dir():
-            raise UsageError(
-                f"--quiet-lock {args.quiet_lock}: folder {quiet_lock.parent} does not exist"
-            )
+            raise UsageError(f"--quiet-lock {args.quiet_lock}: folder {quiet_lock.parent} does not exist")
         if quiet_lock.is_dir():
             raise UsageError(f"--quiet-lock {args.quiet_lock} is a folder, not a file")
     if args.backend == "tvm":  # last: importing TVM takes seconds

@@ -45,8 +45,9 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def listen_problem(health_host: str | None, health_port: int, metrics_host: str | None, metrics_port: int,
-                   metrics_public: bool) -> str | None:
+def listen_problem(
+    health_host: str | None, health_port: int, metrics_host: str | None, metrics_port: int, metrics_public: bool
+) -> str | None:
     """Why these side listeners are refused (None: allowed).
 
     The health listener is plaintext without auth and must stay on loopback (a container's
@@ -54,11 +55,15 @@ def listen_problem(health_host: str | None, health_port: int, metrics_host: str 
     loopback only with ``metrics_public`` (``--metrics-public``).
     """
     if health_host is not None and not is_loopback(health_host):
-        return (f"--health-listen {hostport((health_host, health_port))}: not a loopback address (the health "
-                "listener is plaintext for local checks only; use 127.0.0.1 or ::1)")
+        return (
+            f"--health-listen {hostport((health_host, health_port))}: not a loopback address (the health "
+            "listener is plaintext for local checks only; use 127.0.0.1 or ::1)"
+        )
     if metrics_host is not None and not metrics_public and not is_loopback(metrics_host):
-        return (f"--metrics-listen {hostport((metrics_host, metrics_port))}: not a loopback address and the "
-                "metrics have no authentication; add --metrics-public to serve them off loopback")
+        return (
+            f"--metrics-listen {hostport((metrics_host, metrics_port))}: not a loopback address and the "
+            "metrics have no authentication; add --metrics-public to serve them off loopback"
+        )
     return None
 
 
@@ -76,10 +81,7 @@ def security_problem(host: str, token: bool, tls: bool, client_ca: bool) -> str 
     if not tls and not token:
         return "without --token-file or TLS"
     if not tls:
-        return (
-            "with a token but without TLS (the token would travel in clear text; "
-            "add --tls-cert/--tls-key)"
-        )
+        return "with a token but without TLS (the token would travel in clear text; add --tls-cert/--tls-key)"
     return "with TLS but neither a token nor client certificates (add --token-file or --tls-ca)"
 
 

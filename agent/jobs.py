@@ -175,13 +175,9 @@ class JobManager:
             log.warning("%d execution(s) were interrupted by an unclean stop", dangling)
         for row in self._state.unfinished_jobs():
             spec = pb.JobSpec.FromString(row.spec)
-            job = _Job(
-                spec=spec, device=row.device, attempt=row.attempt, token=row.remeasure_token
-            )
+            job = _Job(spec=spec, device=row.device, attempt=row.attempt, token=row.remeasure_token)
             if row.device not in self._backends:
-                self._finish_unstarted(
-                    job, f"device {row.device!r} is no longer served by this agent"
-                )
+                self._finish_unstarted(job, f"device {row.device!r} is no longer served by this agent")
                 continue
             interrupted = self._state.count_executions(row.job_id) - row.series_start
             limit = spec.max_executions or DEFAULT_MAX_EXECUTIONS
@@ -206,9 +202,7 @@ class JobManager:
     def _start_worker(self, device: str) -> None:
         """The device's workers: one per job it runs at once (:meth:`Backend.prediction_slots`)."""
         for i in range(max(1, self._backends[device].prediction_slots())):
-            t = threading.Thread(
-                target=self._worker, args=(device,), name=f"tuneqn-worker-{device}-{i}", daemon=True
-            )
+            t = threading.Thread(target=self._worker, args=(device,), name=f"tuneqn-worker-{device}-{i}", daemon=True)
             t.start()
             self._threads.append(t)
 
@@ -237,9 +231,7 @@ class JobManager:
         """End a job left unfinished by a previous run as FAILED without running it."""
         result = self._result(job, pb.FAILED, reason)
         result.finished_at = time.time()
-        self._state.set_state(
-            job.spec.job_id, "FAILED", result=result.SerializeToString(), error=reason
-        )
+        self._state.set_state(job.spec.job_id, "FAILED", result=result.SerializeToString(), error=reason)
 
     def stop(self, timeout: float | None = 30.0, drain_seconds: float = 0.0) -> None:
         """Take no new work, let running jobs finish, interrupt what still runs, end the workers.
@@ -271,7 +263,9 @@ class JobManager:
                     if drain_seconds > 0 and not self._drain_cut:
                         log.warning(
                             "job %s on %s still running after the %g s drain: interrupting it",
-                            job_id, device, drain_seconds,
+                            job_id,
+                            device,
+                            drain_seconds,
                         )
                     self._active[job_id].interrupt.set()
             self._cond.notify_all()
@@ -354,12 +348,8 @@ class JobManager:
             self._check_same(pb.JobSpec.FromString(row.spec), spec, row.device_class)
             reason = self._rerun_reason(row, spec)
             if reason is None:
-                self._state.update_spec(
-                    spec.job_id, self._stored(spec, row.device).SerializeToString()
-                )
-                return pb.SubmitJobResponse(
-                    job_id=spec.job_id, state=state_value(row.state), already_known=True
-                )
+                self._state.update_spec(spec.job_id, self._stored(spec, row.device).SerializeToString())
+                return pb.SubmitJobResponse(job_id=spec.job_id, state=state_value(row.state), already_known=True)
             return self._requeue(row, spec, reason)
 
     def _class_of(self, device: str) -> str | None:
@@ -399,17 +389,28 @@ class JobManager:
         log.info("job %s moves from %s to %s (same class)", job.spec.job_id, job.device, device)
         job.device = device
         job.spec = self._stored(job.spec, device)
-        self._state.update_spec(job.spec.job_id, job.spec.SerializeToString(), device=device,
-                                device_class=self._class_of(device) or "")
+        self._state.update_spec(
+            job.spec.job_id, job.spec.SerializeToString(), device=device, device_class=self._class_of(device) or ""
+        )
         self._enqueue(job)
 
     def _queue_new(self, spec: pb.JobSpec) -> pb.SubmitJobResponse:
         """Queue a job id seen for the first time (call with ``self._cond`` held)."""
         device = self._resolve_device(spec.device)
         stored = self._stored(spec, device)
-        self._queue_pinned(spec, stored, device, lambda: self._state.insert_job(
-            spec.job_id, stored.SerializeToString(), device, spec.attempt, spec.remeasure_token,
-            device_class=self._class_of(device) or ""))
+        self._queue_pinned(
+            spec,
+            stored,
+            device,
+            lambda: self._state.insert_job(
+                spec.job_id,
+                stored.SerializeToString(),
+                device,
+                spec.attempt,
+                spec.remeasure_token,
+                device_class=self._class_of(device) or "",
+            ),
+        )
         log.info("job %s queued on %s", spec.job_id, device)
         return pb.SubmitJobResponse(job_id=spec.job_id, state=pb.QUEUED, already_known=False)
 
@@ -436,9 +437,7 @@ class JobManager:
         if job.state == pb.QUEUED:
             job.attempt = max(job.attempt, spec.attempt)
             job.token = spec.remeasure_token or job.token
-            self._state.update_spec(
-                spec.job_id, job.spec.SerializeToString(), job.attempt, job.token
-            )
+            self._state.update_spec(spec.job_id, job.spec.SerializeToString(), job.attempt, job.token)
         else:
             self._state.update_spec(spec.job_id, job.spec.SerializeToString())
         return pb.SubmitJobResponse(job_id=spec.job_id, state=job.state, already_known=True)
@@ -448,11 +447,7 @@ class JobManager:
         """Why a finished job executes again for this submission (None: it does not)."""
         if row.state in ("FAILED", "CANCELLED") and spec.attempt > row.attempt:
             return f"attempt {spec.attempt} after a {row.state} attempt {row.attempt}"
-        if (
-            row.state == "SUCCEEDED"
-            and spec.remeasure_token
-            and spec.remeasure_token != row.remeasure_token
-        ):
+        if row.state == "SUCCEEDED" and spec.remeasure_token and spec.remeasure_token != row.remeasure_token:
             return f"re-measure (token {spec.remeasure_token!r})"
         return None
 
@@ -465,8 +460,9 @@ class JobManager:
         def record() -> None:
             self._state.requeue_job(spec.job_id, stored.SerializeToString(), spec.attempt, spec.remeasure_token)
             if device != row.device:
-                self._state.update_spec(spec.job_id, stored.SerializeToString(), device=device,
-                                        device_class=self._class_of(device) or "")
+                self._state.update_spec(
+                    spec.job_id, stored.SerializeToString(), device=device, device_class=self._class_of(device) or ""
+                )
 
         self._queue_pinned(spec, stored, device, record)
         log.info("job %s queued again on %s: %s", spec.job_id, device, reason)
@@ -502,9 +498,7 @@ class JobManager:
                 now = time.time()
                 result = self._result(job, pb.CANCELLED, "cancelled while queued")
                 result.finished_at = now
-                self._state.set_state(
-                    job_id, "CANCELLED", result=result.SerializeToString(), error=result.error
-                )
+                self._state.set_state(job_id, "CANCELLED", result=result.SerializeToString(), error=result.error)
                 self._blobs.unpin([job.spec.model_sha256, job.spec.dataset_sha256])
                 self._backends[job.device].forget_ahead(
                     self._blobs.path(job.spec.model_sha256),
@@ -634,9 +628,7 @@ class JobManager:
         if not name:
             if len(self._backends) == 1:
                 return next(iter(self._backends))
-            raise InvalidJob(
-                "this agent has several devices; name one of: " + ", ".join(self._backends)
-            )
+            raise InvalidJob("this agent has several devices; name one of: " + ", ".join(self._backends))
         if name not in self._backends:
             raise InvalidJob(f"unknown device {name!r}; this agent has: " + ", ".join(self._backends))
         return name
@@ -702,9 +694,7 @@ class JobManager:
         if not running:
             return True
         jobs = [self._active[j] for j in (*running, queue[0])]
-        return len(running) < self._backends[device].prediction_slots() and all(
-            predicts_only(j.spec) for j in jobs
-        )
+        return len(running) < self._backends[device].prediction_slots() and all(predicts_only(j.spec) for j in jobs)
 
     def _worker(self, device: str) -> None:
         queue = self._queues[device]
@@ -738,8 +728,7 @@ class JobManager:
                     self._running[job.device].remove(spec.job_id)
                     self._status[job.device] = ""
                     self._cond.notify_all()
-                log.info("job %s on %s interrupted by shutdown; it stays queued",
-                         spec.job_id, job.device)
+                log.info("job %s on %s interrupted by shutdown; it stays queued", spec.job_id, job.device)
                 return
             result = self._result(job, pb.CANCELLED, "cancelled while running")
         except Infeasible as exc:
@@ -803,9 +792,7 @@ class JobManager:
 
         def blocked() -> None:
             with self._cond:
-                self._status[job.device] = (
-                    f"waiting for the quiet lock {lock.path} before timing job {job.spec.job_id}"
-                )
+                self._status[job.device] = f"waiting for the quiet lock {lock.path} before timing job {job.spec.job_id}"
 
         try:
             with lock.exclusive(stop=job.interrupt, on_blocked=blocked):

@@ -43,26 +43,24 @@ class _LiveCollector(Collector):
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         now = self._read()
-        queue = GaugeMetricFamily(
-            "tuneqn_agent_queue_length", "Jobs waiting to run, per device", labels=["device"]
-        )
+        queue = GaugeMetricFamily("tuneqn_agent_queue_length", "Jobs waiting to run, per device", labels=["device"])
         for device, length in sorted(now["queues"].items()):
             queue.add_metric([device], length)
         yield queue
-        running = GaugeMetricFamily(
-            "tuneqn_agent_running_jobs", "Jobs running now, per device", labels=["device"]
-        )
+        running = GaugeMetricFamily("tuneqn_agent_running_jobs", "Jobs running now, per device", labels=["device"])
         for device in sorted(now["queues"]):
             running.add_metric([device], 1 if device in now["running"] else 0)
         yield running
         caches = now["caches"]  # the agent's CacheUsage list, as GetInfo reports it
         blobs = next(c for c in caches if c.name == "blobs")
         yield GaugeMetricFamily(
-            "tuneqn_agent_blob_cache_bytes", "Bytes held by the blob cache",
+            "tuneqn_agent_blob_cache_bytes",
+            "Bytes held by the blob cache",
             value=blobs.used_bytes,
         )
         yield GaugeMetricFamily(
-            "tuneqn_agent_blob_cache_limit_bytes", "Blob cache size before LRU eviction",
+            "tuneqn_agent_blob_cache_limit_bytes",
+            "Blob cache size before LRU eviction",
             value=blobs.limit_bytes,
         )
         compiled = [c for c in caches if c.name == "tvm-compile"]
@@ -70,12 +68,14 @@ class _LiveCollector(Collector):
             used = sum(c.used_bytes for c in compiled)
             limit = sum(c.limit_bytes for c in compiled)
             yield GaugeMetricFamily(
-                "tuneqn_agent_compile_cache_bytes", "Bytes held by the TVM compile cache",
+                "tuneqn_agent_compile_cache_bytes",
+                "Bytes held by the TVM compile cache",
                 value=used,
             )
             yield GaugeMetricFamily(
                 "tuneqn_agent_compile_cache_limit_bytes",
-                "TVM compile cache size before LRU eviction", value=limit,
+                "TVM compile cache size before LRU eviction",
+                value=limit,
             )
 
 

@@ -53,8 +53,13 @@ def default_target() -> tuple[str, bool]:
     return default_address(), False
 
 
-def probe(address: str, tls_ca: bytes | None = None, tls_cert: bytes | None = None,
-          tls_key: bytes | None = None, timeout: float = DEFAULT_TIMEOUT) -> str | None:
+def probe(
+    address: str,
+    tls_ca: bytes | None = None,
+    tls_cert: bytes | None = None,
+    tls_key: bytes | None = None,
+    timeout: float = DEFAULT_TIMEOUT,
+) -> str | None:
     """None when the agent at ``address`` serves; otherwise why not, in one line."""
     if tls_ca is not None or tls_cert is not None:
         credentials = grpc.ssl_channel_credentials(
@@ -66,8 +71,7 @@ def probe(address: str, tls_ca: bytes | None = None, tls_cert: bytes | None = No
     with channel:
         stub = health_pb2_grpc.HealthStub(channel)
         try:
-            reply = stub.Check(health_pb2.HealthCheckRequest(service=SERVICE), timeout=timeout,
-                               wait_for_ready=False)
+            reply = stub.Check(health_pb2.HealthCheckRequest(service=SERVICE), timeout=timeout, wait_for_ready=False)
         except grpc.RpcError as exc:
             code = exc.code() if hasattr(exc, "code") else None
             details = (exc.details() if hasattr(exc, "details") else "") or str(exc)
@@ -82,17 +86,39 @@ def main(argv: list[str] | None = None) -> int:
     """Probe once; the exit code (0 serving, 1 not, 2 bad arguments)."""
     env = os.environ.get
     p = OneLineParser(prog=PROG, description="Exit 0 if the tuneqn agent at HOST:PORT is serving, 1 if not.")
-    p.add_argument("address", nargs="?", default=None, metavar="HOST:PORT",
-                   help="the agent (default: its loopback health listener TUNEQN_AGENT_HEALTH_LISTEN, "
-                   "plaintext; else TUNEQN_AGENT_LISTEN, localhost for 0.0.0.0)")
-    p.add_argument("--tls-ca", default=env("TUNEQN_PROBE_TLS_CA"), metavar="F",
-                   help="CA that signed the agent's certificate; enables TLS (env TUNEQN_PROBE_TLS_CA)")
-    p.add_argument("--tls-cert", default=env("TUNEQN_PROBE_TLS_CERT"), metavar="F",
-                   help="client certificate for an mTLS agent (env TUNEQN_PROBE_TLS_CERT)")
-    p.add_argument("--tls-key", default=env("TUNEQN_PROBE_TLS_KEY"), metavar="F",
-                   help="client key for an mTLS agent (env TUNEQN_PROBE_TLS_KEY)")
-    p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, metavar="S",
-                   help=f"seconds to wait for the answer (default {DEFAULT_TIMEOUT:g})")
+    p.add_argument(
+        "address",
+        nargs="?",
+        default=None,
+        metavar="HOST:PORT",
+        help="the agent (default: its loopback health listener TUNEQN_AGENT_HEALTH_LISTEN, "
+        "plaintext; else TUNEQN_AGENT_LISTEN, localhost for 0.0.0.0)",
+    )
+    p.add_argument(
+        "--tls-ca",
+        default=env("TUNEQN_PROBE_TLS_CA"),
+        metavar="F",
+        help="CA that signed the agent's certificate; enables TLS (env TUNEQN_PROBE_TLS_CA)",
+    )
+    p.add_argument(
+        "--tls-cert",
+        default=env("TUNEQN_PROBE_TLS_CERT"),
+        metavar="F",
+        help="client certificate for an mTLS agent (env TUNEQN_PROBE_TLS_CERT)",
+    )
+    p.add_argument(
+        "--tls-key",
+        default=env("TUNEQN_PROBE_TLS_KEY"),
+        metavar="F",
+        help="client key for an mTLS agent (env TUNEQN_PROBE_TLS_KEY)",
+    )
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=DEFAULT_TIMEOUT,
+        metavar="S",
+        help=f"seconds to wait for the answer (default {DEFAULT_TIMEOUT:g})",
+    )
     try:
         args = p.parse_args(argv)
     except SystemExit as exc:

@@ -87,17 +87,11 @@ def device_proto(desc: DeviceDescription, status: DeviceStatus | None = None) ->
 def cache_usage(blobs: BlobStore, backends: Iterable[Backend]) -> list[pb.CacheUsage]:
     """The agent's disk caches: the blob cache, and the TVM compile cache(s) if any."""
     usage = [
-        pb.CacheUsage(
-            name="blobs", used_bytes=blobs.total_bytes, limit_bytes=blobs.cache_bytes, entries=blobs.count
-        )
+        pb.CacheUsage(name="blobs", used_bytes=blobs.total_bytes, limit_bytes=blobs.cache_bytes, entries=blobs.count)
     ]
     for cache in compile_caches(backends):
         used, entries = cache.usage()
-        usage.append(
-            pb.CacheUsage(
-                name="tvm-compile", used_bytes=used, limit_bytes=cache.max_bytes, entries=entries
-            )
-        )
+        usage.append(pb.CacheUsage(name="tvm-compile", used_bytes=used, limit_bytes=cache.max_bytes, entries=entries))
     return usage
 
 
@@ -119,8 +113,9 @@ def _abort(context: grpc.ServicerContext, code: grpc.StatusCode, details: str) -
 class MetricsBindError(RuntimeError):
     """A side listener (``--metrics-listen``, ``--health-listen``: ``flag``) cannot bind its address."""
 
-    def __init__(self, host: str, port: int, reason: str, flag: str = "--metrics-listen",
-                 what: str = "metrics") -> None:
+    def __init__(
+        self, host: str, port: int, reason: str, flag: str = "--metrics-listen", what: str = "metrics"
+    ) -> None:
         self.address = hostport((host, port))
         self.reason = reason
         self.flag = flag
@@ -198,9 +193,7 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
                 info.last_failure.CopyFrom(failure)
         return info
 
-    def UploadBlob(
-        self, request_iterator: Iterator[pb.BlobChunk], context: grpc.ServicerContext
-    ) -> pb.BlobRef:
+    def UploadBlob(self, request_iterator: Iterator[pb.BlobChunk], context: grpc.ServicerContext) -> pb.BlobRef:
         """Store a verified blob (temp file + atomic rename); nothing is kept on error."""
         first = next(request_iterator, None)
         if first is None:
@@ -210,9 +203,7 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
             present_size = self._blobs.size(first.sha256)
             if present_size is not None:
                 if present_size != first.total_size:
-                    raise InvalidBlob(
-                        f"blob {first.sha256} is {present_size} bytes, announced {first.total_size}"
-                    )
+                    raise InvalidBlob(f"blob {first.sha256} is {present_size} bytes, announced {first.total_size}")
                 self._blobs.touch(first.sha256)
                 return pb.BlobRef(sha256=first.sha256, size=present_size, already_present=True)
             upload = self._blobs.begin_upload(first.sha256, first.total_size)
@@ -233,9 +224,7 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
         log.info("stored blob %s (%d bytes)", first.sha256, first.total_size)
         return pb.BlobRef(sha256=first.sha256, size=first.total_size, already_present=False)
 
-    def HasBlobs(
-        self, request: pb.HasBlobsRequest, context: grpc.ServicerContext
-    ) -> pb.HasBlobsResponse:
+    def HasBlobs(self, request: pb.HasBlobsRequest, context: grpc.ServicerContext) -> pb.HasBlobsResponse:
         """Presence of each requested blob."""
         try:
             present = [self._blobs.has(s) for s in request.sha256]
@@ -256,14 +245,10 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
         except AgentStopping as exc:
             _abort(context, grpc.StatusCode.UNAVAILABLE, str(exc))
 
-    def WatchJob(
-        self, request: pb.WatchJobRequest, context: grpc.ServicerContext
-    ) -> Iterator[pb.JobEvent]:
+    def WatchJob(self, request: pb.WatchJobRequest, context: grpc.ServicerContext) -> Iterator[pb.JobEvent]:
         """Stream a job's events until its final one, with heartbeats while nothing changes."""
         context.add_callback(self._jobs.wake_watchers)
-        heartbeat_s = (
-            request.heartbeat_ms / 1000.0 if request.heartbeat_ms else DEFAULT_HEARTBEAT_SECONDS
-        )
+        heartbeat_s = request.heartbeat_ms / 1000.0 if request.heartbeat_ms else DEFAULT_HEARTBEAT_SECONDS
         try:
             yield from self._jobs.watch(request.job_id, context.is_active, heartbeat_s)
         except JobNotFound:
@@ -271,9 +256,7 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
         except AgentStopping as exc:
             _abort(context, grpc.StatusCode.UNAVAILABLE, str(exc))
 
-    def CancelJob(
-        self, request: pb.CancelJobRequest, context: grpc.ServicerContext
-    ) -> pb.CancelJobResponse:
+    def CancelJob(self, request: pb.CancelJobRequest, context: grpc.ServicerContext) -> pb.CancelJobResponse:
         """Cancel a queued job now or a running one at its next chunk boundary."""
         try:
             return pb.CancelJobResponse(state=self._jobs.cancel(request.job_id))
@@ -294,8 +277,9 @@ class AgentServer:
         )
         if problem is not None and not config.insecure:
             raise ValueError(f"refusing to serve on non-loopback {config.host} {problem}")
-        side = listen_problem(config.health_host, config.health_port, config.metrics_host, config.metrics_port,
-                              config.metrics_public)
+        side = listen_problem(
+            config.health_host, config.health_port, config.metrics_host, config.metrics_port, config.metrics_public
+        )
         if side is not None:
             raise ValueError(side)
         self.config = config
@@ -346,9 +330,7 @@ class AgentServer:
         """What the metrics endpoint reads at each scrape (see :class:`AgentMetrics`)."""
         return {
             "queues": self.jobs.queue_lengths(),
-            "running": {
-                d.name for d in self.jobs.devices() if self.jobs.device_status(d.name).running_job_id
-            },
+            "running": {d.name for d in self.jobs.devices() if self.jobs.device_status(d.name).running_job_id},
             "caches": cache_usage(self.blobs, self.jobs.backends()),
         }
 
@@ -374,9 +356,7 @@ class AgentServer:
             [BearerTokenInterceptor(self.config.token)] if self.config.token else []
         )
         server = grpc.server(
-            futures.ThreadPoolExecutor(
-                max_workers=self.config.max_workers, thread_name_prefix="tuneqn-rpc"
-            ),
+            futures.ThreadPoolExecutor(max_workers=self.config.max_workers, thread_name_prefix="tuneqn-rpc"),
             interceptors=interceptors,
             options=[
                 ("grpc.so_reuseport", 0),
@@ -420,9 +400,7 @@ class AgentServer:
             self._health_server = health_server
         for service in ("", SERVICE_NAME):
             self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
-        log.info(
-            "agent %s on host %s listening on %s", self.agent_id, self.hostname, self.address
-        )
+        log.info("agent %s on host %s listening on %s", self.agent_id, self.hostname, self.address)
         if self.metrics.port:
             mhost = self.config.metrics_host or ""
             mhost = f"[{mhost}]" if ":" in mhost else mhost

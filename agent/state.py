@@ -134,8 +134,12 @@ class AgentState:
     def _add_missing_columns(self) -> None:
         """Columns added after the first release (older state dirs lack them)."""
         wanted: dict[str, dict[str, tuple[type, int | str]]] = {
-            "jobs": {"attempt": (int, 0), "remeasure_token": (str, ""), "series_start": (int, 0),
-                     "device_class": (str, "")},
+            "jobs": {
+                "attempt": (int, 0),
+                "remeasure_token": (str, ""),
+                "series_start": (int, 0),
+                "device_class": (str, ""),
+            },
             "executions": {"attempt": (int, 0)},
         }
         for table, columns in wanted.items():
@@ -232,9 +236,7 @@ class AgentState:
             rows = list(self.db.table("jobs").rows_where("job_id = ?", [job_id]))
         return _row(rows[0]) if rows else None
 
-    def set_state(
-        self, job_id: str, state: str, result: bytes | None = None, error: str | None = None
-    ) -> None:
+    def set_state(self, job_id: str, state: str, result: bytes | None = None, error: str | None = None) -> None:
         """Update a job's state (and, when finished, its result and error)."""
         updates: dict[str, object] = {"state": state, "updated": time.time()}
         if result is not None:
@@ -248,9 +250,7 @@ class AgentState:
         """Jobs left queued or running, in submission order."""
         with self._lock:
             rows = list(
-                self.db.table("jobs").rows_where(
-                    "state in (?, ?)", list(UNFINISHED), order_by="created, rowid"
-                )
+                self.db.table("jobs").rows_where("state in (?, ?)", list(UNFINISHED), order_by="created, rowid")
             )
         return [_row(r) for r in rows]
 
@@ -264,9 +264,7 @@ class AgentState:
         """The latest FAILED jobs, newest first."""
         with self._lock:
             rows = list(
-                self.db.table("jobs").rows_where(
-                    "state = 'FAILED'", order_by="updated desc, rowid desc", limit=limit
-                )
+                self.db.table("jobs").rows_where("state = 'FAILED'", order_by="updated desc, rowid desc", limit=limit)
             )
         return [_row(r) for r in rows]
 
@@ -290,16 +288,13 @@ class AgentState:
     def finish_execution(self, execution_id: int, outcome: str) -> None:
         """Record how an execution ended."""
         with self._lock, self.db.conn:
-            self.db.table("executions").update(
-                execution_id, {"finished": time.time(), "outcome": outcome}
-            )
+            self.db.table("executions").update(execution_id, {"finished": time.time(), "outcome": outcome})
 
     def close_dangling_executions(self) -> int:
         """Mark executions left open by a crash as ``interrupted``; returns how many."""
         with self._lock, self.db.conn:
             cur = self.db.execute(
-                "UPDATE executions SET finished = ?, outcome = 'interrupted' "
-                "WHERE finished IS NULL",
+                "UPDATE executions SET finished = ?, outcome = 'interrupted' WHERE finished IS NULL",
                 [time.time()],
             )
             return cur.rowcount

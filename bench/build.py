@@ -84,8 +84,10 @@ def _bench(study: Study, model: str, recipe: str, n_sets: int, prefixes: bool, t
         quantizer.append(time.perf_counter() - t0)
         identical += Path(row["path"]).read_bytes() == ref.read_bytes()
         ref.unlink()
-    print(f"{model} / {recipe}: {len(layers)} layers; fully quantized model (quantizer) {fq_s:.2f} s, "
-          f"indexed in {index_s * 1000:.0f} ms")
+    print(
+        f"{model} / {recipe}: {len(layers)} layers; fully quantized model (quantizer) {fq_s:.2f} s, "
+        f"indexed in {index_s * 1000:.0f} ms"
+    )
     print(f"  Study.build, graph edits : {_ms(derived)}   ({n_sets} random exclusion sets)")
     print(f"  quantize_static          : {_ms(quantizer)}")
     print(f"  derived == quantizer's bytes: {identical}/{n_sets}")

@@ -51,11 +51,19 @@ def main() -> int:
         t0 = time.perf_counter()
         for i, ex_list in enumerate(excludes):
             fresh = tmp / f"fresh-{i}.json"
-            quantize_static_file(pm.path, tmp / f"fresh-{i}.onnx", settings, ex_list, fresh,
-                                 calibration_reader(pm.input_name, calib, pm.input_shape[0], settings))
+            quantize_static_file(
+                pm.path,
+                tmp / f"fresh-{i}.onnx",
+                settings,
+                ex_list,
+                fresh,
+                calibration_reader(pm.input_name, calib, pm.input_shape[0], settings),
+            )
         recal = time.perf_counter() - t0
-        same = all((tmp / f"reuse-{i}.onnx").read_bytes() == (tmp / f"fresh-{i}.onnx").read_bytes()
-                   for i in range(len(excludes)))
+        same = all(
+            (tmp / f"reuse-{i}.onnx").read_bytes() == (tmp / f"fresh-{i}.onnx").read_bytes()
+            for i in range(len(excludes))
+        )
     n = len(excludes)
     print(f"model: {ex / 'model.onnx'}  calibration sample: {args.calibration} images  candidates: {n}")
     print(f"calibration reused : {reused:7.2f} s  ({reused / n:.2f} s/candidate, calibration included)")

@@ -79,8 +79,13 @@ from onnx_models import cnn, write_images  # noqa: E402
 log = logging.getLogger(__name__)
 
 HOST = "127.0.0.1"
-EVALUATION = {"lease_timeout_s": 10.0, "heartbeat_s": 1.0, "silent_after_s": 4.0, "unreachable_grace_s": 2.0,
-              "device_wait_s": 60.0}
+EVALUATION = {
+    "lease_timeout_s": 10.0,
+    "heartbeat_s": 1.0,
+    "silent_after_s": 4.0,
+    "unreachable_grace_s": 2.0,
+    "device_wait_s": 60.0,
+}
 TVM_FLAGS = ["--tvm-request-timeout", "30", "--tvm-call-timeout", "10", "--tvm-session-timeout", "300"]
 KINDS = ("agent-kill", "agent-stop", "agent-restart", "rpc-kill", "rpc-stop", "controller-kill")
 FINAL = ("done", "failed", "infeasible", "unreachable")
@@ -131,12 +136,33 @@ class Agent:
 
     def start(self) -> None:
         """Start the agent and wait (bounded) until it listens."""
-        cmd = [sys.executable, "-m", "tuneqn.agent", "--listen", self.address, "--state-dir", str(self.state),
-               "--device-name", self.name, "--device-class", self.device_class, "--drain-seconds", "0",
-               "--log-level", "WARNING", *self.extra]
+        cmd = [
+            sys.executable,
+            "-m",
+            "tuneqn.agent",
+            "--listen",
+            self.address,
+            "--state-dir",
+            str(self.state),
+            "--device-name",
+            self.name,
+            "--device-class",
+            self.device_class,
+            "--drain-seconds",
+            "0",
+            "--log-level",
+            "WARNING",
+            *self.extra,
+        ]
         with self.log_path.open("ab") as out:
-            self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                         env=self.env, preexec_fn=_die_with_parent)  # noqa: PLW1509
+            self.proc = subprocess.Popen(
+                cmd,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=self.env,
+                preexec_fn=_die_with_parent,
+            )  # noqa: PLW1509
         self.stopped = False
         deadline = time.monotonic() + 60
         while not _listening(self.port):
@@ -190,16 +216,27 @@ class Lab:
         self.stop_agents()
         sim = ["--simulated-latency-ms", str(self.sim_ms)]
         base = dict(os.environ)
-        specs = [("cpu-a", "cpu", sim, base), ("cpu-b", "cpu", sim, base),
-                 ("phone", "phone", ["--backend", "tvm", "--tvm-tracker", self.tvm.address, "--tvm-key", self.key,
-                                     *TVM_FLAGS], self.tvm.agent_env(base))]
-        self.agents = [Agent(name, cls, free_port(), folder / "agents" / name, extra, env,
-                             folder / f"agent-{name}.log") for name, cls, extra, env in specs]
+        specs = [
+            ("cpu-a", "cpu", sim, base),
+            ("cpu-b", "cpu", sim, base),
+            (
+                "phone",
+                "phone",
+                ["--backend", "tvm", "--tvm-tracker", self.tvm.address, "--tvm-key", self.key, *TVM_FLAGS],
+                self.tvm.agent_env(base),
+            ),
+        ]
+        self.agents = [
+            Agent(name, cls, free_port(), folder / "agents" / name, extra, env, folder / f"agent-{name}.log")
+            for name, cls, extra, env in specs
+        ]
         for agent in self.agents:
             agent.state.mkdir(parents=True, exist_ok=True)
         if warm_from is not None:  # the TVM agent's compiled libraries (only: no jobs, no blobs)
-            shutil.copytree(warm_from / "agents" / "phone" / "tvm" / "cache" / "entries",
-                            self.agents[2].state / "tvm" / "cache" / "entries")
+            shutil.copytree(
+                warm_from / "agents" / "phone" / "tvm" / "cache" / "entries",
+                self.agents[2].state / "tvm" / "cache" / "entries",
+            )
         for agent in self.agents:
             agent.start()
         return self.agents
@@ -221,8 +258,7 @@ class Lab:
         try:
             self.tvm.wait_servers(self.key, 2)
         except AssertionError as exc:  # tvm_rpc.wait_for's timeout: go on, the run shows what follows
-            log.warning("RPC servers not ready before the run: %s (registered: %s)", exc,
-                        self.tvm.registered(self.key))
+            log.warning("RPC servers not ready before the run: %s (registered: %s)", exc, self.tvm.registered(self.key))
 
     def close(self) -> None:
         self.stop_agents()
@@ -259,8 +295,11 @@ def done_jobs(db: Path) -> set[str]:
 
 def duplicates(db: Path) -> list[tuple[Any, ...]]:
     """(candidate, device class, level, split, count) stored more than once."""
-    return _query(db, "select candidate_id, device, coalesce(level, 'full'), coalesce(split, 'eval'), count(*) c "
-                      "from results group by 1, 2, 3, 4 having c > 1")
+    return _query(
+        db,
+        "select candidate_id, device, coalesce(level, 'full'), coalesce(split, 'eval'), count(*) c "
+        "from results group by 1, 2, 3, 4 having c > 1",
+    )
 
 
 def executions(agent_dbs: list[Path]) -> Counter[str]:
@@ -278,13 +317,21 @@ def store_snapshot(db: Path, agent_dbs: dict[str, Path]) -> list[str]:
     states = dict(_query(db, "select state, count(*) from jobs group by state"))
     lines = [f"jobs by state: {states}; results: {result_count(db)}"]
     for job_id, cand, device, state, agent, attempts, lease, level, error in _query(
-            db, "select id, candidate_id, device, state, agent, attempts, lease_until, level, error from jobs "
-                f"where state not in ({','.join('?' * len(FINAL))}) order by updated_at", FINAL):
-        on_agents = {name: r[0] for name, path in agent_dbs.items()
-                     for r in _query(path, "select state from jobs where job_id = ?", (job_id,))}
+        db,
+        "select id, candidate_id, device, state, agent, attempts, lease_until, level, error from jobs "
+        f"where state not in ({','.join('?' * len(FINAL))}) order by updated_at",
+        FINAL,
+    ):
+        on_agents = {
+            name: r[0]
+            for name, path in agent_dbs.items()
+            for r in _query(path, "select state from jobs where job_id = ?", (job_id,))
+        }
         lease_txt = "none" if lease is None else f"{lease - now:+.0f} s"
-        lines.append(f"  {state} {level or 'full'} {cand} on {device}: holder {agent}, attempts {attempts}, "
-                     f"lease {lease_txt}, agents: {on_agents or 'unknown'}" + (f", error {error}" if error else ""))
+        lines.append(
+            f"  {state} {level or 'full'} {cand} on {device}: holder {agent}, attempts {attempts}, "
+            f"lease {lease_txt}, agents: {on_agents or 'unknown'}" + (f", error {error}" if error else "")
+        )
     return lines
 
 
@@ -374,8 +421,20 @@ class RunResult:
 class Run:
     """One study run on the lab, with faults when ``rng`` is given."""
 
-    def __init__(self, lab: Lab, folder: Path, study: Path, flags: list[str], index: int, rng: random.Random | None,
-                 kinds: list[str], fault_every: float, max_faults: int, run_timeout: float, stall: float) -> None:
+    def __init__(
+        self,
+        lab: Lab,
+        folder: Path,
+        study: Path,
+        flags: list[str],
+        index: int,
+        rng: random.Random | None,
+        kinds: list[str],
+        fault_every: float,
+        max_faults: int,
+        run_timeout: float,
+        stall: float,
+    ) -> None:
         self.lab, self.folder, self.study, self.flags, self.rng, self.kinds = lab, folder, study, flags, rng, kinds
         self.fault_every, self.max_faults = fault_every, max_faults
         self.run_timeout, self.stall = run_timeout, stall
@@ -392,8 +451,14 @@ class Run:
         with (self.folder / "controller.log").open("ab") as out:
             out.write(f"\n=== {' '.join(cmd)} (start {self.result.controller_runs + 1})\n".encode())
             out.flush()
-            self.controller = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                               env={**os.environ, "COLUMNS": "120"}, preexec_fn=_die_with_parent)  # noqa: PLW1509
+            self.controller = subprocess.Popen(
+                cmd,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, "COLUMNS": "120"},
+                preexec_fn=_die_with_parent,
+            )  # noqa: PLW1509
         self.result.controller_runs += 1
 
     # -- faults
@@ -495,8 +560,11 @@ class Run:
                     self._recovered(now)
                     break
                 if now - self.t0 > self.run_timeout or now - last_progress > self.stall:
-                    why = (f"no end after {self.run_timeout:g} s" if now - self.t0 > self.run_timeout
-                           else f"no result and no fault for {self.stall:g} s")
+                    why = (
+                        f"no end after {self.run_timeout:g} s"
+                        if now - self.t0 > self.run_timeout
+                        else f"no result and no fault for {self.stall:g} s"
+                    )
                     dbs = {a.name: a.state / "agent.db" for a in self.lab.agents}
                     self.result.hang = [why, *self.result.fault_log[-3:], *store_snapshot(self.db, dbs)]
                     self.controller.kill()
@@ -504,8 +572,11 @@ class Run:
                     self._recovered(now)
                     break
                 self._heal(now)
-                if (self.rng is not None and now >= next_fault
-                        and (not self.max_faults or sum(self.result.faults.values()) < self.max_faults)):
+                if (
+                    self.rng is not None
+                    and now >= next_fault
+                    and (not self.max_faults or sum(self.result.faults.values()) < self.max_faults)
+                ):
                     self._inject(now)
                     next_fault = now + self._interval()
                     last_progress = max(last_progress, now)  # a stall is counted from the last fault too
@@ -537,8 +608,15 @@ def write_study(folder: Path, assets: Path, agents: list[Agent]) -> Path:
     return path
 
 
-def one_run(lab: Lab, root: Path, assets: Path, index: int, rng: random.Random | None,
-            args: argparse.Namespace, reference: RunResult | None) -> RunResult:
+def one_run(
+    lab: Lab,
+    root: Path,
+    assets: Path,
+    index: int,
+    rng: random.Random | None,
+    args: argparse.Namespace,
+    reference: RunResult | None,
+) -> RunResult:
     """Start fresh agents, run the study (with faults unless reference), compare."""
     folder = root / ("reference" if reference is None else f"run-{index:02d}")
     folder.mkdir(parents=True)
@@ -548,8 +626,9 @@ def one_run(lab: Lab, root: Path, assets: Path, index: int, rng: random.Random |
     study = write_study(folder, assets, agents)
     timeout = args.run_timeout if reference is None else max(args.run_timeout, 4 * reference.wall + 60)
     flags = [] if args.recipe == ["auto"] else [f for r in args.recipe for f in ("--recipe", r)]
-    res = Run(lab, folder, study, flags, index, rng, args.kinds, args.fault_every, args.faults, timeout,
-              args.stall).go()
+    res = Run(
+        lab, folder, study, flags, index, rng, args.kinds, args.fault_every, args.faults, timeout, args.stall
+    ).go()
     agent_dbs = [a.state / "agent.db" for a in lab.agents]
     lab.stop_agents()
     db = folder / "out" / "tuneqn.db"
@@ -570,8 +649,10 @@ def one_run(lab: Lab, root: Path, assets: Path, index: int, rng: random.Random |
         res.extra = len(res.done - reference.done)
         if not res.hang:
             res.diffs = differences(reference.outcome, res.outcome)
-        res.diffs += [f"answer on {d}: another result has the same size and loss (latency decided)"
-                      for d in ties_on_size_and_loss(report)]
+        res.diffs += [
+            f"answer on {d}: another result has the same size and loss (latency decided)"
+            for d in ties_on_size_and_loss(report)
+        ]
     return res
 
 
@@ -579,17 +660,22 @@ def describe(res: RunResult, with_faults: bool = True) -> list[str]:
     """The lines printed for a run."""
     name = "reference" if res.index == 0 else f"run {res.index}"
     kinds = ", ".join(f"{k} {n}" for k, n in sorted(res.faults.items())) or "none"
-    head = (f"{name}: {res.wall:.1f} s, exit {res.exit_code}, controller started {res.controller_runs}x, "
-            f"{res.results} results")
+    head = (
+        f"{name}: {res.wall:.1f} s, exit {res.exit_code}, controller started {res.controller_runs}x, "
+        f"{res.results} results"
+    )
     if with_faults:
-        head += (f"; faults {sum(res.faults.values())} ({kinds}); lost {len(res.lost)}, duplicated {len(res.dups)}, "
-                 f"extra {res.extra}, jobs executed more than once {res.reexecuted}; slowest recovery "
-                 f"{res.slowest[0]:.1f} s ({res.slowest[1] or '-'}); fronts and answer "
-                 f"{'equal' if not res.diffs and not res.hang else 'DIFFER' if res.diffs else 'not compared'}")
+        head += (
+            f"; faults {sum(res.faults.values())} ({kinds}); lost {len(res.lost)}, duplicated {len(res.dups)}, "
+            f"extra {res.extra}, jobs executed more than once {res.reexecuted}; slowest recovery "
+            f"{res.slowest[0]:.1f} s ({res.slowest[1] or '-'}); fronts and answer "
+            f"{'equal' if not res.diffs and not res.hang else 'DIFFER' if res.diffs else 'not compared'}"
+        )
     lines = [head]
     if res.hang:
-        lines.append(f"  HANG: {res.hang[0]}; {res.unfinished} job(s) of the reference not done; last faults and the "
-                     "store:")
+        lines.append(
+            f"  HANG: {res.hang[0]}; {res.unfinished} job(s) of the reference not done; last faults and the store:"
+        )
         lines += [f"    {line}" for line in res.hang[1:]]
     lines += [f"  lost: {job}" for job in res.lost[:10]]
     lines += [f"  duplicated: {d}" for d in res.dups[:10]]
@@ -605,22 +691,46 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runs", type=int, default=12, help="runs with faults (default 12)")
     ap.add_argument("--seed", type=int, default=1, help="seed of the fault schedule (default 1)")
     ap.add_argument("--fault-every", type=float, default=2.0, help="mean seconds between faults (default 2)")
-    ap.add_argument("--faults", type=int, default=10,
-                    help="faults per run, after which the run ends undisturbed (default 10; 0: faults until it ends)")
-    ap.add_argument("--recipe", action="append",
-                    help="recipe to search (repeatable; default per-tensor; 'auto': the four automatic ones, "
-                         "about 4x the jobs)")
-    ap.add_argument("--kinds", default=",".join(KINDS),
-                    help=f"comma-separated fault kinds to draw from (default all: {','.join(KINDS)})")
-    ap.add_argument("--sim-ms", type=float, default=40.0,
-                    help="ORT agents' simulated latency per sample (default 40: a job lasts about a second)")
-    ap.add_argument("--cold-tvm-cache", action="store_true",
-                    help="every run compiles on the TVM agent (default: runs start with the reference's compile "
-                         "cache; a compile takes 3-8 s here and would make each run ~50 s longer)")
-    ap.add_argument("--run-timeout", type=float, default=240.0,
-                    help="a run not ended after this many seconds is a hang (at least 4x the reference + 60)")
-    ap.add_argument("--stall", type=float, default=90.0,
-                    help="a run storing no result this long after its last result and fault is a hang (default 90)")
+    ap.add_argument(
+        "--faults",
+        type=int,
+        default=10,
+        help="faults per run, after which the run ends undisturbed (default 10; 0: faults until it ends)",
+    )
+    ap.add_argument(
+        "--recipe",
+        action="append",
+        help="recipe to search (repeatable; default per-tensor; 'auto': the four automatic ones, about 4x the jobs)",
+    )
+    ap.add_argument(
+        "--kinds",
+        default=",".join(KINDS),
+        help=f"comma-separated fault kinds to draw from (default all: {','.join(KINDS)})",
+    )
+    ap.add_argument(
+        "--sim-ms",
+        type=float,
+        default=40.0,
+        help="ORT agents' simulated latency per sample (default 40: a job lasts about a second)",
+    )
+    ap.add_argument(
+        "--cold-tvm-cache",
+        action="store_true",
+        help="every run compiles on the TVM agent (default: runs start with the reference's compile "
+        "cache; a compile takes 3-8 s here and would make each run ~50 s longer)",
+    )
+    ap.add_argument(
+        "--run-timeout",
+        type=float,
+        default=240.0,
+        help="a run not ended after this many seconds is a hang (at least 4x the reference + 60)",
+    )
+    ap.add_argument(
+        "--stall",
+        type=float,
+        default=90.0,
+        help="a run storing no result this long after its last result and fault is a hang (default 90)",
+    )
     ap.add_argument("--workdir", type=Path, help="keep everything here (default: a temp dir, kept when a run fails)")
     args = ap.parse_args(argv)
     args.recipe = args.recipe or ["per-tensor"]
@@ -630,9 +740,10 @@ def main(argv: list[str] | None = None) -> int:
     args.kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
     unknown = sorted(set(args.kinds) - set(KINDS))
     if unknown or not args.kinds:
-        print(f"chaos: --kinds: unknown fault kind(s) {', '.join(unknown) or '(none given)'}; "
-              f"known: {', '.join(KINDS)}",
-              file=sys.stderr)
+        print(
+            f"chaos: --kinds: unknown fault kind(s) {', '.join(unknown) or '(none given)'}; known: {', '.join(KINDS)}",
+            file=sys.stderr,
+        )
         return 2
     logging.basicConfig(level=logging.WARNING)
     root = args.workdir.resolve() if args.workdir else Path(tempfile.mkdtemp(prefix="tuneqn-chaos-"))
@@ -642,9 +753,11 @@ def main(argv: list[str] | None = None) -> int:
     cnn(assets / "cnn.onnx")
     write_images(assets / "images", 40)
     started = time.monotonic()
-    print(f"chaos: 3 agents (cpu-a, cpu-b: ORT class cpu; phone: TVM class phone, tracker + 2 RPC servers), "
-          f"search budget/measured, recipes {'+'.join(args.recipe)}, faults ({','.join(args.kinds)}) every "
-          f"~{args.fault_every:g} s (at most {args.faults or 'unlimited'} per run), seed {args.seed}, folder {root}")
+    print(
+        f"chaos: 3 agents (cpu-a, cpu-b: ORT class cpu; phone: TVM class phone, tracker + 2 RPC servers), "
+        f"search budget/measured, recipes {'+'.join(args.recipe)}, faults ({','.join(args.kinds)}) every "
+        f"~{args.fault_every:g} s (at most {args.faults or 'unlimited'} per run), seed {args.seed}, folder {root}"
+    )
     print(f"shortened timeouts: {EVALUATION}; TVM agent {' '.join(TVM_FLAGS)}; simulated latency {args.sim_ms:g} ms")
     rng = random.Random(args.seed)
     lab = Lab(root, args.sim_ms)
@@ -667,19 +780,36 @@ def main(argv: list[str] | None = None) -> int:
     for r in runs:
         total.update(r.faults)
     slowest = max(runs, key=lambda r: r.slowest[0], default=None)
-    print(f"\ntotal: {len(runs)} runs, {sum(total.values())} faults "
-          f"({', '.join(f'{k} {n}' for k, n in sorted(total.items()))}); "
-          f"results lost {sum(len(r.lost) for r in runs)}, duplicated {sum(len(r.dups) for r in runs)}; "
-          f"hangs {sum(1 for r in runs if r.hang)}, failed runs {sum(1 for r in runs if not r.hang and r.exit_code)}; "
-          f"runs whose fronts or answer differ {sum(1 for r in runs if r.diffs)}; slowest recovery "
-          + (f"{slowest.slowest[0]:.1f} s (run {slowest.index}, {slowest.slowest[1]})" if slowest else "-")
-          + f"; bench wall {time.monotonic() - started:.0f} s")
-    summary = [{"run": r.index, "wall_s": round(r.wall, 1), "exit": r.exit_code, "faults": dict(r.faults),
-                "fault_log": r.fault_log, "controller_starts": r.controller_runs, "results": r.results,
-                "lost": r.lost, "duplicated": [list(d) for d in r.dups], "extra": r.extra,
-                "reexecuted_jobs": r.reexecuted, "unfinished_at_hang": r.unfinished,
-                "slowest_recovery_s": round(r.slowest[0], 1),
-                "slowest_recovery_after": r.slowest[1], "hang": r.hang, "differences": r.diffs} for r in runs]
+    print(
+        f"\ntotal: {len(runs)} runs, {sum(total.values())} faults "
+        f"({', '.join(f'{k} {n}' for k, n in sorted(total.items()))}); "
+        f"results lost {sum(len(r.lost) for r in runs)}, duplicated {sum(len(r.dups) for r in runs)}; "
+        f"hangs {sum(1 for r in runs if r.hang)}, failed runs {sum(1 for r in runs if not r.hang and r.exit_code)}; "
+        f"runs whose fronts or answer differ {sum(1 for r in runs if r.diffs)}; slowest recovery "
+        + (f"{slowest.slowest[0]:.1f} s (run {slowest.index}, {slowest.slowest[1]})" if slowest else "-")
+        + f"; bench wall {time.monotonic() - started:.0f} s"
+    )
+    summary = [
+        {
+            "run": r.index,
+            "wall_s": round(r.wall, 1),
+            "exit": r.exit_code,
+            "faults": dict(r.faults),
+            "fault_log": r.fault_log,
+            "controller_starts": r.controller_runs,
+            "results": r.results,
+            "lost": r.lost,
+            "duplicated": [list(d) for d in r.dups],
+            "extra": r.extra,
+            "reexecuted_jobs": r.reexecuted,
+            "unfinished_at_hang": r.unfinished,
+            "slowest_recovery_s": round(r.slowest[0], 1),
+            "slowest_recovery_after": r.slowest[1],
+            "hang": r.hang,
+            "differences": r.diffs,
+        }
+        for r in runs
+    ]
     (root / "chaos.json").write_text(json.dumps(summary, indent=1))
     bad = any(r.bad for r in runs)
     if not bad and not args.workdir:

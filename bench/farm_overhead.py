@@ -39,11 +39,22 @@ from tuneqn.controller.study import Study
 
 def _config(example: Path, out: Path, step: int) -> dict[str, Any]:
     return {
-        "name": "bench", "out_dir": str(out),
+        "name": "bench",
+        "out_dir": str(out),
         "models": [{"name": "lite0", "path": str(example / "model.onnx"), "input_shape": [1, 3, 224, 224]}],
-        "dataset": {"images": str(example / "images"), "eval": 100, "calibration": 20, "analysis": 8,
-                    "preprocess": {"resize": 256, "crop": 224, "interpolation": "bicubic", "scale": 1 / 128,
-                                   "offset": -127 / 128}},
+        "dataset": {
+            "images": str(example / "images"),
+            "eval": 100,
+            "calibration": 20,
+            "analysis": 8,
+            "preprocess": {
+                "resize": 256,
+                "crop": 224,
+                "interpolation": "bicubic",
+                "scale": 1 / 128,
+                "offset": -127 / 128,
+            },
+        },
         "quantization": {"modes": ["static"]},
         "search": {"step": step},
         "evaluation": {"latency_repeats": 0, "latency_warmup": 0},
@@ -63,14 +74,19 @@ def _infer(path: str, x: Any, disabled: list[str]) -> None:
         sess.run(None, {name: x[i : i + 1]})
 
 
-def run_tune(cfg: dict[str, Any], endpoints: list[Endpoint] | None = None, sim_ms: float = 0.0,
-             threads: int = 0) -> float:
+def run_tune(
+    cfg: dict[str, Any], endpoints: list[Endpoint] | None = None, sim_ms: float = 0.0, threads: int = 0
+) -> float:
     """Wall seconds of one tune run."""
     study = Study(parse_config(cfg, Path.cwd()))
     t0 = time.perf_counter()
     try:
-        tune(study, endpoints or [], _settings(threads),
-             local_agent_args=["--simulated-latency-ms", str(sim_ms)] if sim_ms else None)
+        tune(
+            study,
+            endpoints or [],
+            _settings(threads),
+            local_agent_args=["--simulated-latency-ms", str(sim_ms)] if sim_ms else None,
+        )
     finally:
         study.close()
     return time.perf_counter() - t0
@@ -108,8 +124,14 @@ def paper_loop(cfg: dict[str, Any], ranking_from: Path) -> float:
         with tempfile.TemporaryDirectory() as tmp:
             for i, plan in enumerate(study.all_plans()):
                 out = Path(tmp) / f"c{i}.onnx"
-                quantize_static_file(pm.path, out, settings, list(plan.excluded), Path(tmp) / f"cal{i}.json",
-                                     calibration_reader(pm.input_name, calib, pm.input_shape[0], settings))
+                quantize_static_file(
+                    pm.path,
+                    out,
+                    settings,
+                    list(plan.excluded),
+                    Path(tmp) / f"cal{i}.json",
+                    calibration_reader(pm.input_name, calib, pm.input_shape[0], settings),
+                )
                 _infer(str(out), x, ["WeightBiasQuantization"] if plan.excluded else [])
     finally:
         study.close()
@@ -147,36 +169,53 @@ def main() -> int:
         t_tune = run_tune(_config(ex, tmp / "a-tune", args.step))
         t_ess = essential(_config(ex, tmp / "a-essential", args.step))
         n_jobs = sqlite3.connect(tmp / "a-tune" / "tuneqn.db").execute("select count(*) from results").fetchone()[0]
-        print(f"(a) tune, one local agent: {t_tune:.1f} s for {n_jobs} jobs; essential work alone: {t_ess:.1f} s; "
-              f"ratio {t_tune / t_ess:.3f} (target <= 1.15)")
+        print(
+            f"(a) tune, one local agent: {t_tune:.1f} s for {n_jobs} jobs; essential work alone: {t_ess:.1f} s; "
+            f"ratio {t_tune / t_ess:.3f} (target <= 1.15)"
+        )
 
         # (b) device-bound jobs: analysis stored, candidates built while the agent evaluates
         reset_evaluation(tmp / "a-tune", tmp / "b1")
         t_b1 = run_tune(_config(ex, tmp / "b1", args.step), sim_ms=args.sim_ms, threads=1)
         dev1 = device_seconds(tmp / "b1")
-        print(f"(b) SIMULATED {args.sim_ms:g} ms/sample: 1 agent wall {t_b1:.1f} s vs total device time {dev1:.1f} s; "
-              f"ratio {t_b1 / dev1:.3f} (target <= 1.1)")
+        print(
+            f"(b) SIMULATED {args.sim_ms:g} ms/sample: 1 agent wall {t_b1:.1f} s vs total device time {dev1:.1f} s; "
+            f"ratio {t_b1 / dev1:.3f} (target <= 1.1)"
+        )
         reset_evaluation(tmp / "a-tune", tmp / "b2")
-        agents = [LocalAgent(tmp / f"agent-{i}", device_name=f"sim{i}",
-                             extra_args=["--device-class", "sim", "--simulated-latency-ms", str(args.sim_ms)])
-                  for i in range(2)]
+        agents = [
+            LocalAgent(
+                tmp / f"agent-{i}",
+                device_name=f"sim{i}",
+                extra_args=["--device-class", "sim", "--simulated-latency-ms", str(args.sim_ms)],
+            )
+            for i in range(2)
+        ]
         for a in agents:
             a.start()
         try:
-            t_b2 = run_tune(_config(ex, tmp / "b2", args.step), endpoints=[Endpoint(address=a.address) for a in agents],
-                            threads=1)
+            t_b2 = run_tune(
+                _config(ex, tmp / "b2", args.step), endpoints=[Endpoint(address=a.address) for a in agents], threads=1
+            )
         finally:
             for a in agents:
                 a.stop()
         dev2 = device_seconds(tmp / "b2")
-        per_agent = sqlite3.connect(tmp / "b2" / "tuneqn.db").execute(
-            "select agent, count(*) from results group by agent").fetchall()
-        print(f"    2 agents of one device class: wall {t_b2:.1f} s (device time {dev2:.1f} s, jobs per agent "
-              f"{[n for _, n in per_agent]}); throughput x{t_b1 / t_b2:.2f} of 1 agent (target >= 1.8)")
+        per_agent = (
+            sqlite3.connect(tmp / "b2" / "tuneqn.db")
+            .execute("select agent, count(*) from results group by agent")
+            .fetchall()
+        )
+        print(
+            f"    2 agents of one device class: wall {t_b2:.1f} s (device time {dev2:.1f} s, jobs per agent "
+            f"{[n for _, n in per_agent]}); throughput x{t_b1 / t_b2:.2f} of 1 agent (target >= 1.8)"
+        )
 
         t_paper = paper_loop(_config(ex, tmp / "c-paper", args.step), tmp / "a-tune")
-        print(f"(c) paper loop (recalibrate + evaluate sequentially): {t_paper:.1f} s; tune: {t_tune:.1f} s; "
-              f"speed-up x{t_paper / t_tune:.2f}")
+        print(
+            f"(c) paper loop (recalibrate + evaluate sequentially): {t_paper:.1f} s; tune: {t_tune:.1f} s; "
+            f"speed-up x{t_paper / t_tune:.2f}"
+        )
     return 0
 
 

@@ -53,8 +53,10 @@ def main() -> None:
         box: list[object] = []
         t = threading.Thread(target=lambda: box.append(run.run()), daemon=True)
         t.start()
-        _wait(lambda: run.local is not None and run.local.address and run.board.counts().get("done", 0) >= 1,
-              "the study's first result")
+        _wait(
+            lambda: run.local is not None and run.local.address and run.board.counts().get("done", 0) >= 1,
+            "the study's first result",
+        )
         if args.no_quiet and run.quiet is not None:
             run.quiet = None  # builds no longer wait for the agent's timing
         assert run.local is not None
@@ -69,15 +71,30 @@ def main() -> None:
         for i in range(args.samples):
             done_before = run.board.counts().get("done", 0)
             jid = f"noise-{uuid.uuid4().hex[:8]}-{i}"
-            client.submit(pb.JobSpec(job_id=jid, device="local", model_sha256=model_sha, dataset_sha256=data_sha,
-                                     input_name=pm.input_name, latency_warmup=5, latency_repeats=30, attempt=1))
+            client.submit(
+                pb.JobSpec(
+                    job_id=jid,
+                    device="local",
+                    model_sha256=model_sha,
+                    dataset_sha256=data_sha,
+                    input_name=pm.input_name,
+                    latency_warmup=5,
+                    latency_repeats=30,
+                    attempt=1,
+                )
+            )
             res = client.wait_result(jid, timeout=600)
             medians.append(res.latency.median_ms)
-            print(f"sample {i + 1}: median {res.latency.median_ms:.2f} ms (p10 {res.latency.p10_ms:.2f}, "
-                  f"p90 {res.latency.p90_ms:.2f}); study jobs done: {run.board.counts().get('done', 0)}", flush=True)
+            print(
+                f"sample {i + 1}: median {res.latency.median_ms:.2f} ms (p10 {res.latency.p10_ms:.2f}, "
+                f"p90 {res.latency.p90_ms:.2f}); study jobs done: {run.board.counts().get('done', 0)}",
+                flush=True,
+            )
             if i + 1 < args.samples and t.is_alive():
-                _wait(lambda d=done_before: run.board.counts().get("done", 0) >= d + 6 or not t.is_alive(),
-                      "more study results")
+                _wait(
+                    lambda d=done_before: run.board.counts().get("done", 0) >= d + 6 or not t.is_alive(),
+                    "more study results",
+                )
         client.close()
         t.join()
         study.close()
@@ -85,8 +102,10 @@ def main() -> None:
     ratio = max(medians) / min(medians)
     mode = "builds NOT paused (--no-quiet)" if args.no_quiet else "builds pause while the agent times"
     print(f"{mode}: medians {', '.join(f'{m:.2f}' for m in medians)} ms; max/min = {ratio:.3f} (target <= 1.10)")
-    print(f"same candidate, idle machine, after the study: medians {', '.join(f'{m:.2f}' for m in idle)} ms; "
-          f"max/min = {max(idle) / min(idle):.3f} (the host's own noise floor)")
+    print(
+        f"same candidate, idle machine, after the study: medians {', '.join(f'{m:.2f}' for m in idle)} ms; "
+        f"max/min = {max(idle) / min(idle):.3f} (the host's own noise floor)"
+    )
 
 
 def _idle_medians(tmp: Path, model: Path, data: bytes, input_name: str, samples: int) -> list[float]:
@@ -99,8 +118,18 @@ def _idle_medians(tmp: Path, model: Path, data: bytes, input_name: str, samples:
         model_sha, data_sha = client.upload_file(model), client.upload_bytes(data)
         for i in range(samples):
             jid = f"idle-{uuid.uuid4().hex[:8]}-{i}"
-            client.submit(pb.JobSpec(job_id=jid, device="local", model_sha256=model_sha, dataset_sha256=data_sha,
-                                     input_name=input_name, latency_warmup=5, latency_repeats=30, attempt=1))
+            client.submit(
+                pb.JobSpec(
+                    job_id=jid,
+                    device="local",
+                    model_sha256=model_sha,
+                    dataset_sha256=data_sha,
+                    input_name=input_name,
+                    latency_warmup=5,
+                    latency_repeats=30,
+                    attempt=1,
+                )
+            )
             out.append(client.wait_result(jid, timeout=600).latency.median_ms)
         client.close()
     return out

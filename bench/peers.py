@@ -162,8 +162,9 @@ class _RevertedOps(logging.Handler):
             self.reverted = [line.strip() for line in m.group(3).splitlines() if line.strip()]
 
 
-def nncf_side(model_path: Path, calib: np.ndarray, evals: np.ndarray, workdir: Path,
-              ranking_subset: int | None = None) -> dict[str, Any]:
+def nncf_side(
+    model_path: Path, calib: np.ndarray, evals: np.ndarray, workdir: Path, ranking_subset: int | None = None
+) -> dict[str, Any]:
     """Run ``quantize_with_accuracy_control`` once (NNCF's defaults but ``max_drop``) and measure it.
 
     ``ranking_subset``: NNCF's ``ranking_subset_size`` (images each group of quantizers is ranked
@@ -190,8 +191,9 @@ def nncf_side(model_path: Path, calib: np.ndarray, evals: np.ndarray, workdir: P
         return float(np.mean(hits)), hits
 
     calibration = nncf.Dataset([calib[i : i + 1] for i in range(len(calib))], lambda x: {input_name: x})
-    validation = nncf.Dataset([(evals[i : i + 1], int(reference[i])) for i in range(len(evals))],
-                              lambda item: {input_name: item[0]})
+    validation = nncf.Dataset(
+        [(evals[i : i + 1], int(reference[i])) for i in range(len(evals))], lambda item: {input_name: item[0]}
+    )
 
     catcher = _RevertedOps()
     nncf_log = logging.getLogger("nncf")
@@ -200,10 +202,15 @@ def nncf_side(model_path: Path, calib: np.ndarray, evals: np.ndarray, workdir: P
     try:
         t0 = time.perf_counter()
         quantized = nncf.quantize_with_accuracy_control(
-            fp32, calibration, validation, validate,
-            max_drop=MAX_DROP, drop_type=nncf.DropType.ABSOLUTE,
+            fp32,
+            calibration,
+            validation,
+            validate,
+            max_drop=MAX_DROP,
+            drop_type=nncf.DropType.ABSOLUTE,
             advanced_accuracy_restorer_parameters=AdvancedAccuracyRestorerParameters(
-                ranking_subset_size=ranking_subset),
+                ranking_subset_size=ranking_subset
+            ),
         )
         seconds = time.perf_counter() - t0
         load_after = os.getloadavg()[0]
@@ -261,17 +268,26 @@ def ort_side(model_path: Path, calib: np.ndarray, evals: np.ndarray, workdir: Pa
         out = workdir / f"ort-{'per-channel' if per_channel else 'per-tensor'}.onnx"
         t0 = time.perf_counter()
         with contextlib.redirect_stdout(io.StringIO()):
-            quantize_static(str(pre), str(out), _Reader(input_name, calib), quant_format=QuantFormat.QDQ,
-                            per_channel=per_channel, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                            calibrate_method=CalibrationMethod.MinMax)
+            quantize_static(
+                str(pre),
+                str(out),
+                _Reader(input_name, calib),
+                quant_format=QuantFormat.QDQ,
+                per_channel=per_channel,
+                activation_type=QuantType.QUInt8,
+                weight_type=QuantType.QInt8,
+                calibrate_method=CalibrationMethod.MinMax,
+            )
         seconds = time.perf_counter() - t0
-        rows.append({
-            "recipe": "per-channel" if per_channel else "per-tensor",
-            "seconds": seconds,
-            "size_bytes": out.stat().st_size,
-            "agreement": float((top1(_session(out), evals) == reference).mean()),
-            "n": len(evals),
-        })
+        rows.append(
+            {
+                "recipe": "per-channel" if per_channel else "per-tensor",
+                "seconds": seconds,
+                "size_bytes": out.stat().st_size,
+                "agreement": float((top1(_session(out), evals) == reference).mean()),
+                "n": len(evals),
+            }
+        )
     return rows
 
 
@@ -291,12 +307,21 @@ def read_answer(report: dict[str, Any]) -> dict[str, Any] | None:
     pick = min(picks, key=lambda p: (bool(p.get("met")), -(p.get("size_bytes") or 0)))
     loss = pick.get("accuracy_loss")
     return {
-        "model": pick.get("model"), "device": pick.get("device"), "met": pick.get("met"),
-        "candidate": pick.get("candidate"), "recipe": pick.get("recipe"), "label": pick.get("label"),
-        "size_bytes": pick.get("size_bytes"), "accuracy_loss": loss,
-        "agreement": None if loss is None else 1 - loss, "n": pick.get("n"), "loss_ci95": pick.get("loss_ci95"),
-        "float_layers": pick.get("float_layers") or [], "runtime": pick.get("runtime") or {},
-        "warnings": pick.get("warnings") or [], "picks": len(picks),
+        "model": pick.get("model"),
+        "device": pick.get("device"),
+        "met": pick.get("met"),
+        "candidate": pick.get("candidate"),
+        "recipe": pick.get("recipe"),
+        "label": pick.get("label"),
+        "size_bytes": pick.get("size_bytes"),
+        "accuracy_loss": loss,
+        "agreement": None if loss is None else 1 - loss,
+        "n": pick.get("n"),
+        "loss_ci95": pick.get("loss_ci95"),
+        "float_layers": pick.get("float_layers") or [],
+        "runtime": pick.get("runtime") or {},
+        "warnings": pick.get("warnings") or [],
+        "picks": len(picks),
     }
 
 
@@ -330,6 +355,7 @@ def tuneqn_side(quick: list[str], out: Path, tuneqn: list[str]) -> dict[str, Any
     if answer is None:
         print("report.json has no answer section (a tuneqn before issue 16)", file=sys.stderr)
     cand = answer["candidate"] if answer else None
+
     def since_command(s: dict[str, Any], after: float) -> float:
         """Seconds from the command's start (a search starts after the model is prepared and calibrated)."""
         started = s.get("started_at")
@@ -338,10 +364,17 @@ def tuneqn_side(quick: list[str], out: Path, tuneqn: list[str]) -> dict[str, Any
     # When the pick had its full result on every device (whatever search asked for it), from the command's start.
     pick_row = next((c for c in report.get("candidates") or [] if c.get("id") == cand), None)
     done_at = [r.get("finished_at") for r in (pick_row or {}).get("results") or []]
-    found = ([max(done_at) - start_epoch] if done_at and all(isinstance(t, int | float) for t in done_at) else
-             [since_command(s, s["target"]["found_after_s"]) for s in searches
-              if cand is not None and (s.get("target") or {}).get("id") == cand
-              and s["target"].get("found_after_s") is not None])
+    found = (
+        [max(done_at) - start_epoch]
+        if done_at and all(isinstance(t, int | float) for t in done_at)
+        else [
+            since_command(s, s["target"]["found_after_s"])
+            for s in searches
+            if cand is not None
+            and (s.get("target") or {}).get("id") == cand
+            and s["target"].get("found_after_s") is not None
+        ]
+    )
     fronts = [since_command(s, s["front_done_after_s"]) for s in searches if s.get("front_done_after_s") is not None]
     return {
         **(answer or {}),
@@ -379,8 +412,9 @@ def _earlier_nncf_runs(files: list[Path], data: PreparedData) -> list[dict[str, 
     return runs
 
 
-def summary(model: str, nncf_runs: list[dict[str, Any]], tq: dict[str, Any] | None,
-            ort_rows: list[dict[str, Any]]) -> dict[str, Any]:
+def summary(
+    model: str, nncf_runs: list[dict[str, Any]], tq: dict[str, Any] | None, ort_rows: list[dict[str, Any]]
+) -> dict[str, Any]:
     """Print the side-by-side table and return the figures (JSON-ready)."""
     within = [r for r in nncf_runs if r["agreement"] >= 1 - MAX_DROP] or nncf_runs
     n = min(within, key=lambda r: r["size_bytes"])  # NNCF at its best
@@ -391,15 +425,27 @@ def summary(model: str, nncf_runs: list[dict[str, Any]], tq: dict[str, Any] | No
         ("wall time (s)", _fmt(nncf_s, ".1f"), _fmt(t.get("seconds"), ".1f")),
         ("  time to model (s)", _fmt(nncf_s, ".1f"), _fmt(t.get("found_after_s"), ".1f")),
         ("  whole front (s)", "–", _fmt(t.get("front_done_after_s"), ".1f")),
-        ("evaluations", f"{n['validation_calls']} calls / {n['validation_images']} images",
-         "–" if not t else f"{t['evaluations']} (+{t['screenings']} screenings)"),
+        (
+            "evaluations",
+            f"{n['validation_calls']} calls / {n['validation_images']} images",
+            "–" if not t else f"{t['evaluations']} (+{t['screenings']} screenings)",
+        ),
         ("size (MB)", _fmt(mb(n["size_bytes"]), ".2f"), _fmt(mb(t.get("size_bytes")), ".2f")),
-        ("agreement (n)", f"{n['agreement']:.3f} ({n['n']})",
-         "–" if t.get("agreement") is None else f"{t['agreement']:.3f} ({t.get('n')})"),
-        ("float ops", f"{len(n['reverted_ops'])} of {n['quantized_ops']}",
-         "–" if not t else str(len(t.get("float_layers", [])))),
-        ("load before/after", "/".join(f"{x:.1f}" for x in n["load"]),
-         "/".join(f"{x:.1f}" for x in t["load"]) if t else "–"),
+        (
+            "agreement (n)",
+            f"{n['agreement']:.3f} ({n['n']})",
+            "–" if t.get("agreement") is None else f"{t['agreement']:.3f} ({t.get('n')})",
+        ),
+        (
+            "float ops",
+            f"{len(n['reverted_ops'])} of {n['quantized_ops']}",
+            "–" if not t else str(len(t.get("float_layers", []))),
+        ),
+        (
+            "load before/after",
+            "/".join(f"{x:.1f}" for x in n["load"]),
+            "/".join(f"{x:.1f}" for x in t["load"]) if t else "–",
+        ),
     ]
     w = max(len(r[0]) for r in rows)
     print(f"\n{model} (FP32 {n['fp32_size_bytes'] / 1e6:.2f} MB)")
@@ -407,16 +453,22 @@ def summary(model: str, nncf_runs: list[dict[str, Any]], tq: dict[str, Any] | No
     for label, a, b in rows:
         print(f"{label:{w}}  {a:>28}  {b:>28}")
     for r in ort_rows:
-        print(f"ONNX Runtime {r['recipe']:12} fully quantized: {r['size_bytes'] / 1e6:.2f} MB, "
-              f"agreement {r['agreement']:.3f} (n {r['n']}), {r['seconds']:.1f} s")
+        print(
+            f"ONNX Runtime {r['recipe']:12} fully quantized: {r['size_bytes'] / 1e6:.2f} MB, "
+            f"agreement {r['agreement']:.3f} (n {r['n']}), {r['seconds']:.1f} s"
+        )
     if len(nncf_runs) > 1:
-        each = ", ".join(f"ranking subset {r['ranking_subset']}: {r['size_bytes'] / 1e6:.2f} MB, agreement "
-                         f"{r['agreement']:.3f}, {r['seconds']:.1f} s / {r['validation_calls']} calls"
-                         for r in nncf_runs)
+        each = ", ".join(
+            f"ranking subset {r['ranking_subset']}: {r['size_bytes'] / 1e6:.2f} MB, agreement "
+            f"{r['agreement']:.3f}, {r['seconds']:.1f} s / {r['validation_calls']} calls"
+            for r in nncf_runs
+        )
         print(f"NNCF runs: {each} (the smallest within the drop is NNCF's column; median time of its setting)")
     reverted = n["reverted_ops"]
-    print(f"NNCF (ranking subset {n['ranking_subset']} images) reverted {len(reverted)} of {n['quantized_ops']} "
-          f"quantized ops: {', '.join(reverted) or '–'}")
+    print(
+        f"NNCF (ranking subset {n['ranking_subset']} images) reverted {len(reverted)} of {n['quantized_ops']} "
+        f"quantized ops: {', '.join(reverted) or '–'}"
+    )
     ratios = {
         "size": _ratio(t.get("size_bytes"), n["size_bytes"]),
         "time_to_model": _ratio(t.get("found_after_s"), nncf_s),
@@ -427,18 +479,30 @@ def summary(model: str, nncf_runs: list[dict[str, Any]], tq: dict[str, Any] | No
     else:
         if t.get("same_samples") is not None:
             print(f"{'same samples as tuneqn stored':38} {'yes' if t['same_samples'] else 'NO'}")
-        for key, label, limit in (("size", "tuneqn size / NNCF size", 1.02),
-                                  ("time_to_model", "tuneqn time to model / NNCF time", 0.5),
-                                  ("run_time", "tuneqn whole run time / NNCF time", 1.0)):
+        for key, label, limit in (
+            ("size", "tuneqn size / NNCF size", 1.02),
+            ("time_to_model", "tuneqn time to model / NNCF time", 0.5),
+            ("run_time", "tuneqn whole run time / NNCF time", 1.0),
+        ):
             r = ratios[key]
             verdict = "–" if r is None else ("met" if r <= limit else "MISSED")
             print(f"{label:38} {_fmt(r, '.2f'):>6}  (target <= {limit}: {verdict})")
         loss = t.get("accuracy_loss")
         ok = loss is not None and loss <= MAX_LOSS + 1e-9  # 0.99 meets 1 - 0.01
-        print(f"{'tuneqn accuracy loss <= ' + str(MAX_LOSS):38} {_fmt(loss, '.3f'):>6}  "
-              f"({'met' if ok else 'MISSED'}; interval {t.get('loss_ci95') or '–'})")
-    return {"model": model, "nncf": nncf_runs, "nncf_seconds_median": nncf_s, "tuneqn": tq, "ort": ort_rows,
-            "ratios": ratios, "max_drop": MAX_DROP, "max_loss": MAX_LOSS}
+        print(
+            f"{'tuneqn accuracy loss <= ' + str(MAX_LOSS):38} {_fmt(loss, '.3f'):>6}  "
+            f"({'met' if ok else 'MISSED'}; interval {t.get('loss_ci95') or '–'})"
+        )
+    return {
+        "model": model,
+        "nncf": nncf_runs,
+        "nncf_seconds_median": nncf_s,
+        "tuneqn": tq,
+        "ort": ort_rows,
+        "ratios": ratios,
+        "max_drop": MAX_DROP,
+        "max_loss": MAX_LOSS,
+    }
 
 
 def main() -> int:
@@ -446,28 +510,46 @@ def main() -> int:
     argv = sys.argv[1:]
     extra = argv[argv.index("--") + 1 :] if "--" in argv else []
     argv = argv[: argv.index("--")] if "--" in argv else argv
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                 usage="%(prog)s (--model M.onnx --images DIR [--preprocess PRESET] | --study S.toml) "
-                                       "[options] [-- more tuneqn flags]")
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0],
+        usage="%(prog)s (--model M.onnx --images DIR [--preprocess PRESET] | --study S.toml) "
+        "[options] [-- more tuneqn flags]",
+    )
     ap.add_argument("--model", type=Path, help="ONNX model (the quick form)")
     ap.add_argument("--images", type=Path, help="image folder (the quick form)")
-    ap.add_argument("--preprocess", metavar="PRESET", help="tuneqn's --preprocess preset (imagenet, inception, "
-                    "lite, raw, unit)")
+    ap.add_argument(
+        "--preprocess", metavar="PRESET", help="tuneqn's --preprocess preset (imagenet, inception, lite, raw, unit)"
+    )
     ap.add_argument("--study", type=Path, help="a study TOML instead of the quick form")
     ap.add_argument("--json", type=Path, help="also write the figures to this JSON file")
     ap.add_argument("--runs", type=int, default=1, help="NNCF runs (the table uses the median time)")
-    ap.add_argument("--ranking-subset", type=int, nargs="+", default=RANKING_SUBSETS,
-                    help="NNCF's ranking_subset_size, one run each (default: 20 and 0, NNCF's own default, "
-                    "300, i.e. all evaluation images); the smallest model within the drop is NNCF's")
-    ap.add_argument("--nncf-from", type=Path, nargs="+", metavar="JSON",
-                    help="take NNCF's runs from earlier --json outputs instead of running NNCF again (their samples' "
-                         "sha256 must equal this command's)")
+    ap.add_argument(
+        "--ranking-subset",
+        type=int,
+        nargs="+",
+        default=RANKING_SUBSETS,
+        help="NNCF's ranking_subset_size, one run each (default: 20 and 0, NNCF's own default, "
+        "300, i.e. all evaluation images); the smallest model within the drop is NNCF's",
+    )
+    ap.add_argument(
+        "--nncf-from",
+        type=Path,
+        nargs="+",
+        metavar="JSON",
+        help="take NNCF's runs from earlier --json outputs instead of running NNCF again (their samples' "
+        "sha256 must equal this command's)",
+    )
     ap.add_argument("--skip-tuneqn", action="store_true", help="NNCF (and ONNX Runtime) side only")
     ap.add_argument("--no-ort", action="store_true", help="leave out ONNX Runtime's fully quantized models")
-    ap.add_argument("--keep", type=Path, metavar="DIR", help="keep tuneqn's study and the models here "
-                    "(default: a temporary folder)")
-    ap.add_argument("--tuneqn", nargs="+", default=[sys.executable, "-m", "tuneqn.controller"],
-                    help="command that runs tuneqn (default: this Python's tuneqn.controller)")
+    ap.add_argument(
+        "--keep", type=Path, metavar="DIR", help="keep tuneqn's study and the models here (default: a temporary folder)"
+    )
+    ap.add_argument(
+        "--tuneqn",
+        nargs="+",
+        default=[sys.executable, "-m", "tuneqn.controller"],
+        help="command that runs tuneqn (default: this Python's tuneqn.controller)",
+    )
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if args.runs < 1:
@@ -485,8 +567,14 @@ def main() -> int:
         print("give --model and --images (and --preprocess), or --study", file=sys.stderr)
         return 2
     else:
-        quick = ["--model", str(args.model), "--images", str(args.images),
-                 *(["--preprocess", args.preprocess] if args.preprocess else []), *extra]
+        quick = [
+            "--model",
+            str(args.model),
+            "--images",
+            str(args.images),
+            *(["--preprocess", args.preprocess] if args.preprocess else []),
+            *extra,
+        ]
     try:
         import nncf  # noqa: F401
     except ImportError:
@@ -505,16 +593,23 @@ def main() -> int:
         name = cfg.models[0].display_name
         calib, evals = data.calibration.load(), data.eval.load()
         pp = describe_preprocess(cfg.dataset.preprocess, model_hw(list(evals.shape), cfg.dataset.preprocess))
-        print(f"{name} ({model_path}): {len(calib)} calibration and {len(evals)} evaluation images "
-              f"(tuneqn's samples, seed {cfg.dataset.seed}); preprocessing: {pp}; "
-              f"load {os.getloadavg()[0]:.2f}", flush=True)
+        print(
+            f"{name} ({model_path}): {len(calib)} calibration and {len(evals)} evaluation images "
+            f"(tuneqn's samples, seed {cfg.dataset.seed}); preprocessing: {pp}; "
+            f"load {os.getloadavg()[0]:.2f}",
+            flush=True,
+        )
         runs = _earlier_nncf_runs(args.nncf_from, data) if args.nncf_from else []
-        for i, subset in enumerate([] if args.nncf_from else
-                                   [k for k in args.ranking_subset for _ in range(args.runs)]):
+        for i, subset in enumerate(
+            [] if args.nncf_from else [k for k in args.ranking_subset for _ in range(args.runs)]
+        ):
             r = nncf_side(model_path, calib, evals, tmp, subset or None)
-            print(f"NNCF run {i + 1}: {r['seconds']:.1f} s, {r['validation_calls']} validation calls, "
-                  f"{r['size_bytes'] / 1e6:.2f} MB, agreement {r['agreement']:.3f} (n {r['n']}), "
-                  f"reverted {len(r['reverted_ops'])}, ranking subset {r['ranking_subset']}", flush=True)
+            print(
+                f"NNCF run {i + 1}: {r['seconds']:.1f} s, {r['validation_calls']} validation calls, "
+                f"{r['size_bytes'] / 1e6:.2f} MB, agreement {r['agreement']:.3f} (n {r['n']}), "
+                f"reverted {len(r['reverted_ops'])}, ranking subset {r['ranking_subset']}",
+                flush=True,
+            )
             runs.append(r)
         ort_rows = [] if args.no_ort else ort_side(model_path, calib, evals, tmp)
         tq = None
@@ -523,10 +618,17 @@ def main() -> int:
             if tq is not None:
                 tq["same_samples"] = same_samples(data, tq_out)
         figures = summary(f"{name} ({args.model or args.study})", runs, tq, ort_rows)
-        figures.update(samples={"eval": len(evals), "calibration": len(calib), "seed": cfg.dataset.seed,
-                                "eval_sha256": data.eval.sha256, "calibration_sha256": data.calibration.sha256,
-                                "preprocess": pp},
-                       command=["tuneqn", *tuneqn_command(quick, Path("OUT"))])
+        figures.update(
+            samples={
+                "eval": len(evals),
+                "calibration": len(calib),
+                "seed": cfg.dataset.seed,
+                "eval_sha256": data.eval.sha256,
+                "calibration_sha256": data.calibration.sha256,
+                "preprocess": pp,
+            },
+            command=["tuneqn", *tuneqn_command(quick, Path("OUT"))],
+        )
     if args.json:
         args.json.write_text(json.dumps(figures, indent=2) + "\n")
         print(f"figures: {args.json}")

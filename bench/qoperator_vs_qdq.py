@@ -66,11 +66,13 @@ def main() -> int:
     rankings: dict[str, list[dict]] = {}
     with tempfile.TemporaryDirectory(prefix="tuneqn-bench-") as tmp:
         for fmt in ("qdq", "qoperator"):
-            cfg = base.model_copy(update={
-                "out_dir": Path(tmp) / fmt,
-                "quantization": base.quantization.model_copy(update={"modes": ["static"], "format": fmt}),
-                "dataset": base.dataset.model_copy(update={"eval": args.eval}),
-            })
+            cfg = base.model_copy(
+                update={
+                    "out_dir": Path(tmp) / fmt,
+                    "quantization": base.quantization.model_copy(update={"modes": ["static"], "format": fmt}),
+                    "dataset": base.dataset.model_copy(update={"eval": args.eval}),
+                }
+            )
             study = Study(cfg)
             try:
                 study.prepare()
@@ -81,8 +83,10 @@ def main() -> int:
                 t_an = time.perf_counter() - t0
                 x = study.eval_split(model).load()
                 ref = _top1(_session(str(pm.path), []), x)
-                print(f"{fmt}: analysis {t_an:.1f} s, {len(rankings[fmt])} layers; FP32 {pm.path.stat().st_size} B; "
-                      f"eval {len(x)} samples")
+                print(
+                    f"{fmt}: analysis {t_an:.1f} s, {len(rankings[fmt])} layers; FP32 {pm.path.stat().st_size} B; "
+                    f"eval {len(x)} samples"
+                )
                 plans = {p.k: p for p in study.plan(model, "static") if p.k is not None}
                 for k in args.k:
                     plan = plans.get(k) or next(p for p in study.plan(model, "static") if p.kind == "ranked")
@@ -92,12 +96,12 @@ def main() -> int:
                     sess = _session(row["path"], disabled, opt)
                     agree = float((_top1(sess, x) == ref).mean())
                     fl, ql = _conv_counts(onnx.load(str(opt)))
-                    excluded_convs = sum(
-                        1 for r in rankings[fmt][:k] if r["op_type"] == "Conv"
+                    excluded_convs = sum(1 for r in rankings[fmt][:k] if r["op_type"] == "Conv")
+                    print(
+                        f"  k={k:<3d} size {row['size_bytes']:>9d} B  top-1 agreement {agree:.3f}  "
+                        f"ORT runs {fl} float Conv (excluded {excluded_convs}) + {ql} QLinearConv  "
+                        f"disabled={disabled}"
                     )
-                    print(f"  k={k:<3d} size {row['size_bytes']:>9d} B  top-1 agreement {agree:.3f}  "
-                          f"ORT runs {fl} float Conv (excluded {excluded_convs}) + {ql} QLinearConv  "
-                          f"disabled={disabled}")
             finally:
                 study.close()
     a = {r["name"]: r for r in rankings["qdq"]}
@@ -109,9 +113,11 @@ def main() -> int:
     rho = float(np.corrcoef(ra, rb)[0, 1])
     top10 = len({r["name"] for r in rankings["qdq"][:10]} & {r["name"] for r in rankings["qoperator"][:10]})
     xr = np.array([b[n]["xmodel_err"] / a[n]["xmodel_err"] for n in common if a[n]["xmodel_err"] > 0])
-    print(f"rankings: {len(common)} common layers, max |qdq_err diff| {qdiff:.2e}, Spearman rho {rho:.3f}, "
-          f"top-10 overlap {top10}/10, xmodel_err QOperator/QDQ median {np.median(xr):.2f} "
-          f"(min {xr.min():.2f}, max {xr.max():.2f})")
+    print(
+        f"rankings: {len(common)} common layers, max |qdq_err diff| {qdiff:.2e}, Spearman rho {rho:.3f}, "
+        f"top-10 overlap {top10}/10, xmodel_err QOperator/QDQ median {np.median(xr):.2f} "
+        f"(min {xr.min():.2f}, max {xr.max():.2f})"
+    )
     return 0
 
 

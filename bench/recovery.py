@@ -32,11 +32,22 @@ def one(tmp: Path, sig: signal.Signals, sim_ms: float) -> tuple[float, int, int]
     """Seconds from the fault to the end of tune, jobs done, duplicate results."""
     cnn(tmp / "cnn.onnx")
     write_images(tmp / "images", 40)
-    cfg = parse_config({"out_dir": str(tmp / "out"), "models": [{"path": str(tmp / "cnn.onnx")}],
-                        "dataset": {"images": str(tmp / "images"), "eval": 24, "calibration": 12, "analysis": 6}},
-                       tmp)
-    agents = [LocalAgent(tmp / f"agent-{n}", device_name=n,
-                         extra_args=["--device-class", "lab", "--simulated-latency-ms", str(sim_ms)]) for n in "ab"]
+    cfg = parse_config(
+        {
+            "out_dir": str(tmp / "out"),
+            "models": [{"path": str(tmp / "cnn.onnx")}],
+            "dataset": {"images": str(tmp / "images"), "eval": 24, "calibration": 12, "analysis": 6},
+        },
+        tmp,
+    )
+    agents = [
+        LocalAgent(
+            tmp / f"agent-{n}",
+            device_name=n,
+            extra_args=["--device-class", "lab", "--simulated-latency-ms", str(sim_ms)],
+        )
+        for n in "ab"
+    ]
     for a in agents:
         a.start()
     db = tmp / "out" / "tuneqn.db"
@@ -45,16 +56,23 @@ def one(tmp: Path, sig: signal.Signals, sim_ms: float) -> tuple[float, int, int]
     def inject(counts: dict[str, int], total: int) -> None:
         if fault or not db.exists() or agents[0].proc is None:
             return
-        busy = sqlite3.connect(db).execute("select count(*) from jobs where state='submitted' and agent like ?",
-                                           [agents[0].address + "#%"]).fetchone()[0]
+        busy = (
+            sqlite3.connect(db)
+            .execute("select count(*) from jobs where state='submitted' and agent like ?", [agents[0].address + "#%"])
+            .fetchone()[0]
+        )
         if busy and counts.get("done", 0) >= 1:
             os.kill(agents[0].proc.pid, sig)
             fault.append(time.monotonic())
 
     study = Study(cfg)
     try:
-        outcome = tune(study, [Endpoint(address=a.address) for a in agents], FarmSettings.from_config(cfg.evaluation),
-                       on_progress=inject)
+        outcome = tune(
+            study,
+            [Endpoint(address=a.address) for a in agents],
+            FarmSettings.from_config(cfg.evaluation),
+            on_progress=inject,
+        )
         end = time.monotonic()
     finally:
         study.close()
@@ -71,8 +89,10 @@ def main() -> None:
     ap.add_argument("--sim-ms", type=float, default=40.0, help="simulated device latency per sample")
     args = ap.parse_args()
     d = FarmSettings()
-    print(f"defaults: heartbeat {d.heartbeat_s}s, silent after {d.silent_after_s}s, grace {d.unreachable_grace_s}s, "
-          f"lease {d.lease_timeout_s}s")
+    print(
+        f"defaults: heartbeat {d.heartbeat_s}s, silent after {d.silent_after_s}s, grace {d.unreachable_grace_s}s, "
+        f"lease {d.lease_timeout_s}s"
+    )
     for sig in (signal.SIGKILL, signal.SIGSTOP):
         with tempfile.TemporaryDirectory() as tmp:
             secs, done, dups = one(Path(tmp), sig, args.sim_ms)

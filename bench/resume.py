@@ -59,8 +59,14 @@ def _last_stored(db: Path) -> float:
 
 def one(tmp: Path, cmd_args: list[str], kill_after: int, timeout: float, sim_ms: float, delay: float = 0.0) -> str:
     """Run, SIGKILL at ``kill_after`` results with both agents busy, rerun; a line describing what happened."""
-    agents = [LocalAgent(tmp / f"agent-{n}", device_name=n,
-                         extra_args=["--device-class", "lab", "--simulated-latency-ms", str(sim_ms)]) for n in "ab"]
+    agents = [
+        LocalAgent(
+            tmp / f"agent-{n}",
+            device_name=n,
+            extra_args=["--device-class", "lab", "--simulated-latency-ms", str(sim_ms)],
+        )
+        for n in "ab"
+    ]
     for a in agents:
         a.start()
     out = tmp / "out"
@@ -71,8 +77,7 @@ def one(tmp: Path, cmd_args: list[str], kill_after: int, timeout: float, sim_ms:
     try:
         log1 = open(tmp / "run1.log", "wb")  # noqa: SIM115
         proc = subprocess.Popen(cmd, stdout=log1, stderr=subprocess.STDOUT)
-        busy_sql = ("select count(distinct substr(agent, 1, instr(agent, '#'))) from jobs "
-                    "where state = 'submitted'")
+        busy_sql = "select count(distinct substr(agent, 1, instr(agent, '#'))) from jobs where state = 'submitted'"
         while proc.poll() is None:
             done = _count(db, "select count(*) from results")
             if done >= kill_after and _count(db, busy_sql) >= 2:
@@ -109,10 +114,12 @@ def one(tmp: Path, cmd_args: list[str], kill_after: int, timeout: float, sim_ms:
             state, updated = con.execute("select state, updated_at from jobs where id = ?", [jid]).fetchone()
             collected.append(f"{state} {updated - started:.0f}s" if state == "done" else state)
         con.close()
-        return (f"kill after {kill_after}: {at_kill} results and {in_flight} jobs in flight at the kill; rerun "
-                f"{rc} after {ended - started:.0f}s, {total} results, ended {tail:.1f}s after its last result, "
-                f"{left} jobs left submitted; the jobs in flight at the kill: {', '.join(collected)} after the rerun "
-                f"started")
+        return (
+            f"kill after {kill_after}: {at_kill} results and {in_flight} jobs in flight at the kill; rerun "
+            f"{rc} after {ended - started:.0f}s, {total} results, ended {tail:.1f}s after its last result, "
+            f"{left} jobs left submitted; the jobs in flight at the kill: {', '.join(collected)} after the rerun "
+            f"started"
+        )
     finally:
         for a in agents:
             a.stop()
@@ -121,8 +128,9 @@ def one(tmp: Path, cmd_args: list[str], kill_after: int, timeout: float, sim_ms:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--example", type=Path, help="folder with model.onnx, images/, labels.csv (e.g. the Lite0 example)")
-    ap.add_argument("--study", type=Path,
-                    help="a study TOML to run instead of the quick form (its out_dir is replaced)")
+    ap.add_argument(
+        "--study", type=Path, help="a study TOML to run instead of the quick form (its out_dir is replaced)"
+    )
     ap.add_argument("--kill-after", type=int, nargs="+", default=[4, 8, 14], help="results stored before the kill")
     ap.add_argument("--timeout", type=float, default=300.0, help="seconds the rerun may take before it counts as hung")
     ap.add_argument("--sim-ms", type=float, default=20.0, help="simulated device latency per sample")
@@ -136,14 +144,37 @@ def main() -> None:
             cmd_args = [str(args.study.resolve())]
         elif args.example:
             ex = args.example.resolve()
-            cmd_args = ["--model", str(ex / "model.onnx"), "--images", str(ex / "images"),
-                        "--labels", str(ex / "labels.csv"), "--preprocess", "lite", "--eval", "100",
-                        "--calibration", "20", "--analysis", "8"]
+            cmd_args = [
+                "--model",
+                str(ex / "model.onnx"),
+                "--images",
+                str(ex / "images"),
+                "--labels",
+                str(ex / "labels.csv"),
+                "--preprocess",
+                "lite",
+                "--eval",
+                "100",
+                "--calibration",
+                "20",
+                "--analysis",
+                "8",
+            ]
         else:
             cnn(tmp / "cnn.onnx", wide_layer="conv2")
             write_images(tmp / "images", 40)
-            cmd_args = ["--model", str(tmp / "cnn.onnx"), "--images", str(tmp / "images"), "--eval", "24",
-                        "--calibration", "12", "--analysis", "6"]
+            cmd_args = [
+                "--model",
+                str(tmp / "cnn.onnx"),
+                "--images",
+                str(tmp / "images"),
+                "--eval",
+                "24",
+                "--calibration",
+                "12",
+                "--analysis",
+                "6",
+            ]
         if args.lease_timeout:
             cmd_args += ["--lease-timeout", str(args.lease_timeout)]
         print(one(tmp, cmd_args, n, args.timeout, args.sim_ms, args.rerun_delay), flush=True)

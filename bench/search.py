@@ -52,8 +52,17 @@ def _flags(search: str) -> list[str]:
 
 def _run(study: Path, recipe: str, search: str, out: Path) -> dict[str, Any]:
     """One ``tuneqn tune`` of one recipe and one search; its full results and counts."""
-    cmd = [str(Path(sys.executable).with_name("tuneqn")), "tune", str(study), "--out", str(out), "--recipe", recipe,
-           "--no-compare", *_flags(search)]
+    cmd = [
+        str(Path(sys.executable).with_name("tuneqn")),
+        "tune",
+        str(study),
+        "--out",
+        str(out),
+        "--recipe",
+        recipe,
+        "--no-compare",
+        *_flags(search),
+    ]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     wall = time.perf_counter() - t0
@@ -69,9 +78,16 @@ def _run(study: Path, recipe: str, search: str, out: Path) -> dict[str, Any]:
     fp32 = report["models"][0]["size_bytes"]
     searches = report.get("searches") or [{}]
     main = searches[0]
-    return {"wall_s": wall, "points": points, "fq": fq, "fp32_size": fp32,
-            "full": main.get("evaluations"), "screen": main.get("screenings"),
-            "target": main.get("target"), "front_done_after_s": main.get("front_done_after_s")}
+    return {
+        "wall_s": wall,
+        "points": points,
+        "fq": fq,
+        "fp32_size": fp32,
+        "full": main.get("evaluations"),
+        "screen": main.get("screenings"),
+        "target": main.get("target"),
+        "front_done_after_s": main.get("front_done_after_s"),
+    }
 
 
 def _front(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -123,25 +139,38 @@ def main() -> int:
                 front = _front(r["points"])
                 hv = _hv(front, fq_loss, fq_size, fp32)
                 good = [p for p in front if p["loss"] <= 0.01 + 1e-9]
-                rows.append({
-                    "recipe": recipe, "search": search, "hv": hv, "hv_vs_sweep": hv / ref_hv if ref_hv else math.nan,
-                    "full": r["full"] if r["full"] is not None else len(r["points"]), "screen": r["screen"] or 0,
-                    "eval_vs_sweep": (r["full"] or len(r["points"])) / (ref["full"] or len(ref["points"]))
-                    if ref else math.nan,
-                    "wall_s": r["wall_s"], "wall_vs_sweep": r["wall_s"] / ref["wall_s"] if ref else math.nan,
-                    "best_099_mb": min(p["size"] for p in good) / 1e6 if good else None,
-                    "front": [{"id": p["id"], "loss": p["loss"], "size": p["size"]} for p in front],
-                    "target": r["target"], "front_done_after_s": r["front_done_after_s"],
-                })
+                rows.append(
+                    {
+                        "recipe": recipe,
+                        "search": search,
+                        "hv": hv,
+                        "hv_vs_sweep": hv / ref_hv if ref_hv else math.nan,
+                        "full": r["full"] if r["full"] is not None else len(r["points"]),
+                        "screen": r["screen"] or 0,
+                        "eval_vs_sweep": (r["full"] or len(r["points"])) / (ref["full"] or len(ref["points"]))
+                        if ref
+                        else math.nan,
+                        "wall_s": r["wall_s"],
+                        "wall_vs_sweep": r["wall_s"] / ref["wall_s"] if ref else math.nan,
+                        "best_099_mb": min(p["size"] for p in good) / 1e6 if good else None,
+                        "front": [{"id": p["id"], "loss": p["loss"], "size": p["size"]} for p in front],
+                        "target": r["target"],
+                        "front_done_after_s": r["front_done_after_s"],
+                    }
+                )
     finally:
         if not args.keep:
             shutil.rmtree(base, ignore_errors=True)
-    print(f"{'recipe':12} {'search':18} {'HV':>6} {'HV/sweep':>8} {'full':>5} {'screen':>6} {'eval/sweep':>10} "
-          f"{'wall':>7} {'wall/sweep':>10} {'best≥0.99':>10}")
+    print(
+        f"{'recipe':12} {'search':18} {'HV':>6} {'HV/sweep':>8} {'full':>5} {'screen':>6} {'eval/sweep':>10} "
+        f"{'wall':>7} {'wall/sweep':>10} {'best≥0.99':>10}"
+    )
     for r in rows:
         best = f"{r['best_099_mb']:.2f} MB" if r["best_099_mb"] is not None else "-"
-        print(f"{r['recipe']:12} {r['search']:18} {r['hv']:6.3f} {r['hv_vs_sweep']:8.3f} {r['full']:5d} "
-              f"{r['screen']:6d} {r['eval_vs_sweep']:10.2f} {r['wall_s']:6.0f}s {r['wall_vs_sweep']:10.2f} {best:>10}")
+        print(
+            f"{r['recipe']:12} {r['search']:18} {r['hv']:6.3f} {r['hv_vs_sweep']:8.3f} {r['full']:5d} "
+            f"{r['screen']:6d} {r['eval_vs_sweep']:10.2f} {r['wall_s']:6.0f}s {r['wall_vs_sweep']:10.2f} {best:>10}"
+        )
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
     return 0

@@ -82,6 +82,7 @@ def _tuning_module() -> Any:
 
 # ---------------------------------------------------------------------------------------- inputs
 
+
 def _study_candidates(study_path: Path, work: Path) -> tuple[list[dict[str, Any]], np.ndarray, str]:
     """The prepared FP32 model and the first recipe's fully quantized candidate, and the eval sample."""
     from tuneqn.controller.config import load_config
@@ -96,11 +97,18 @@ def _study_candidates(study_path: Path, work: Path) -> tuple[list[dict[str, Any]
         recipe = study.recipes()[0]
         row = study.build(study.make_plan(model, recipe, []))
         x = study.eval_split(model).load()
-    return [
-        {"name": "fp32", "path": Path(pm.path), "disabled": []},
-        {"name": f"qdq {recipe} fq", "path": Path(row["path"]),
-         "disabled": list(row["runtime"].get("ort_disabled_optimizers", []))},
-    ], np.asarray(x, dtype=np.float32), model
+    return (
+        [
+            {"name": "fp32", "path": Path(pm.path), "disabled": []},
+            {
+                "name": f"qdq {recipe} fq",
+                "path": Path(row["path"]),
+                "disabled": list(row["runtime"].get("ort_disabled_optimizers", [])),
+            },
+        ],
+        np.asarray(x, dtype=np.float32),
+        model,
+    )
 
 
 def _export_inputs(args: argparse.Namespace, out: Path) -> None:
@@ -123,12 +131,14 @@ def _read_inputs(folder: Path) -> tuple[list[dict[str, Any]], np.ndarray, str]:
         x = np.load(folder / "eval.npy")
     except (OSError, ValueError) as e:
         raise BadInput(f"--inputs: {folder} has no readable inputs.json/eval.npy ({e})") from None
-    cands = [{"name": c["name"], "path": folder / c["file"], "disabled": list(c["disabled"])}
-             for c in meta["candidates"]]
+    cands = [
+        {"name": c["name"], "path": folder / c["file"], "disabled": list(c["disabled"])} for c in meta["candidates"]
+    ]
     return cands, np.asarray(x, dtype=np.float32), str(meta["model"])
 
 
 # ---------------------------------------------------------------------------------------- ORT
+
 
 def _ort(path: Path, disabled: list[str], x: np.ndarray, repeats: int, standalone: bool) -> dict[str, Any]:
     """Latency (median ms of single-sample runs after 3 warm-ups) and top-1, as the agent's ORT backend."""
@@ -150,7 +160,7 @@ def _ort(path: Path, disabled: list[str], x: np.ndarray, repeats: int, standalon
             t = time.perf_counter()
             run(x[:1])
             times.append(1000.0 * (time.perf_counter() - t))
-        top1 = np.array([int(run(x[i:i + 1]).argmax()) for i in range(len(x))])
+        top1 = np.array([int(run(x[i : i + 1]).argmax()) for i in range(len(x))])
         return {"latency_ms": float(np.median(times)), "top1": top1}
     from tuneqn.agent.backends.base import LoadOptions
     from tuneqn.agent.backends.ort import OrtBackend
@@ -161,12 +171,13 @@ def _ort(path: Path, disabled: list[str], x: np.ndarray, repeats: int, standalon
     handle = backend.load(path, options)
     times = backend.latency(handle, x[:1], ORT_WARMUP, repeats)
     step = handle.fixed_batch or len(x)
-    top1 = np.concatenate([backend.predict(handle, x[i:i + step]).argmax(axis=1) for i in range(0, len(x), step)])
+    top1 = np.concatenate([backend.predict(handle, x[i : i + step]).argmax(axis=1) for i in range(0, len(x), step)])
     backend.close()
     return {"latency_ms": float(np.median(times)), "top1": top1}
 
 
 # ---------------------------------------------------------------------------------------- TVM
+
 
 class _TvmRun:
     """Loads one compiled library and runs it as the agent's TVM backend does (locally)."""
@@ -189,7 +200,7 @@ class _TvmRun:
         step = batch or len(x)
         out = []
         for i in range(0, len(x), step):
-            chunk = x[i:i + step]
+            chunk = x[i : i + step]
             n = len(chunk)
             if batch and n < batch:
                 chunk = np.concatenate([chunk, np.zeros((batch - n, *chunk.shape[1:]), chunk.dtype)])
@@ -247,15 +258,20 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         cands, x_all, model = _study_candidates(args.study, work)
         how = f"built by the study in {time.perf_counter() - t0:.1f} s"
     x = x_all[: args.samples]
-    print(f"{model}: candidates {how}; TVM {tvm.__version__}, target {json.dumps(args.target)}; "
-          f"agreement on {len(x)} of {len(x_all)} evaluation images; latency median of {args.repeats} runs",
-          flush=True)
+    print(
+        f"{model}: candidates {how}; TVM {tvm.__version__}, target {json.dumps(args.target)}; "
+        f"agreement on {len(x)} of {len(x_all)} evaluation images; latency median of {args.repeats} runs",
+        flush=True,
+    )
     tuning_dir = work / "tuning" / _sha256(cands[0]["path"])[:16]
     rows = []
     for c in cands:
         ort_result = _ort(c["path"], c["disabled"], x, args.repeats, standalone)
-        row: dict[str, Any] = {"candidate": c["name"], "size_bytes": c["path"].stat().st_size,
-                               "ort_latency_ms": ort_result["latency_ms"]}
+        row: dict[str, Any] = {
+            "candidate": c["name"],
+            "size_bytes": c["path"].stat().st_size,
+            "ort_latency_ms": ort_result["latency_ms"],
+        }
         if standalone:
             direct = _DirectBuilder(work / "libs", args.target)
             t = time.perf_counter()
@@ -300,29 +316,41 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             del r
         rows.append(row)
         _print_row(row, args.trials)
-    return {"model": model, "tvm": tvm.__version__, "target": args.target, "trials": args.trials,
-            "samples": len(x), "repeats": args.repeats, "standalone": standalone, "rows": rows,
-            "wall_s": time.perf_counter() - t0}
+    return {
+        "model": model,
+        "tvm": tvm.__version__,
+        "target": args.target,
+        "trials": args.trials,
+        "samples": len(x),
+        "repeats": args.repeats,
+        "standalone": standalone,
+        "rows": rows,
+        "wall_s": time.perf_counter() - t0,
+    }
 
 
 def _print_row(row: dict[str, Any], trials: int) -> None:
     ort_ms = row["ort_latency_ms"]
-    cached = (f"cached {row['cached_s']:5.2f} s ({'hit' if row['cache_hit'] else 'MISS'})  "
-              if "cached_s" in row else "")
-    line = (f"  {row['candidate']:<18} {row['size_bytes'] / 1e6:6.2f} MB  compile {row['compile_s']:5.1f} s  "
-            f"{cached}ORT {ort_ms:7.2f} ms  "
-            f"TVM untuned {row['tvm_untuned_ms']:8.2f} ms ({row['tvm_untuned_ms'] / ort_ms:5.1f}x ORT)  "
-            f"top-1 = ORT {row['untuned_top1_eq_ort']:.3f}")
+    cached = f"cached {row['cached_s']:5.2f} s ({'hit' if row['cache_hit'] else 'MISS'})  " if "cached_s" in row else ""
+    line = (
+        f"  {row['candidate']:<18} {row['size_bytes'] / 1e6:6.2f} MB  compile {row['compile_s']:5.1f} s  "
+        f"{cached}ORT {ort_ms:7.2f} ms  "
+        f"TVM untuned {row['tvm_untuned_ms']:8.2f} ms ({row['tvm_untuned_ms'] / ort_ms:5.1f}x ORT)  "
+        f"top-1 = ORT {row['untuned_top1_eq_ort']:.3f}"
+    )
     if trials > 0:
-        line += (f"\n  {'':<18} {'':>9}  tuned ({trials} trials): tuning {row['tuning_s']:5.1f} s + compile "
-                 f"{row['tuned_compile_s']:5.1f} s, {row['new_records']} new records  "
-                 f"TVM tuned {row['tvm_tuned_ms']:8.2f} ms ({row['tvm_tuned_ms'] / ort_ms:5.1f}x ORT, "
-                 f"{row['tvm_untuned_ms'] / row['tvm_tuned_ms']:4.1f}x faster than untuned)  "
-                 f"top-1 = ORT {row['tuned_top1_eq_ort']:.3f}")
+        line += (
+            f"\n  {'':<18} {'':>9}  tuned ({trials} trials): tuning {row['tuning_s']:5.1f} s + compile "
+            f"{row['tuned_compile_s']:5.1f} s, {row['new_records']} new records  "
+            f"TVM tuned {row['tvm_tuned_ms']:8.2f} ms ({row['tvm_tuned_ms'] / ort_ms:5.1f}x ORT, "
+            f"{row['tvm_untuned_ms'] / row['tvm_tuned_ms']:4.1f}x faster than untuned)  "
+            f"top-1 = ORT {row['tuned_top1_eq_ort']:.3f}"
+        )
     print(line, flush=True)
 
 
 # ---------------------------------------------------------------------------------------- CLI
+
 
 def _args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -331,12 +359,17 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--trials", type=int, default=32, help="MetaSchedule trials per candidate (0 = no tuning)")
     ap.add_argument("--samples", type=int, default=50, help="evaluation images for the top-1 agreement")
     ap.add_argument("--repeats", type=int, default=20, help="timed runs per latency")
-    ap.add_argument("--work", type=Path, help="work dir (study out dir, compile cache, tuning database); "
-                                              "default a temporary one")
+    ap.add_argument(
+        "--work", type=Path, help="work dir (study out dir, compile cache, tuning database); default a temporary one"
+    )
     ap.add_argument("--json", type=Path, help="also write the figures here")
     ap.add_argument("--export-inputs", type=Path, metavar="DIR", help="only write the candidates and images to DIR")
-    ap.add_argument("--inputs", type=Path, metavar="DIR", help="measure the candidates --export-inputs wrote "
-                                                               "(no study, no tuneqn install needed)")
+    ap.add_argument(
+        "--inputs",
+        type=Path,
+        metavar="DIR",
+        help="measure the candidates --export-inputs wrote (no study, no tuneqn install needed)",
+    )
     args = ap.parse_args(argv)
     try:
         args.target = json.loads(args.target)

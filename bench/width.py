@@ -42,16 +42,22 @@ def deep_mlp(path: Path, layers: int, features: int = 32, seed: int = 0) -> Path
     for i in range(layers):
         out_dim = 10 if i == layers - 1 else features
         weights = rng.normal(0, 1.4 / np.sqrt(features), (features, out_dim)).astype(np.float32)
-        inits += [numpy_helper.from_array(weights, f"W{i}"),
-                  numpy_helper.from_array(rng.normal(0, 0.1, out_dim).astype(np.float32), f"B{i}")]
+        inits += [
+            numpy_helper.from_array(weights, f"W{i}"),
+            numpy_helper.from_array(rng.normal(0, 0.1, out_dim).astype(np.float32), f"B{i}"),
+        ]
         last = i == layers - 1
         nodes.append(helper.make_node("Gemm", [x, f"W{i}", f"B{i}"], ["logits" if last else f"s{i}"], name=f"gemm{i}"))
         if not last:
             nodes.append(helper.make_node("Relu", [f"s{i}"], [f"a{i}"], name=f"relu{i}"))
             x = f"a{i}"
-    graph = helper.make_graph(nodes, "deep_mlp",
-                              [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", features])],
-                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10])], inits)
+    graph = helper.make_graph(
+        nodes,
+        "deep_mlp",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", features])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10])],
+        inits,
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     onnx.save_model(model, path)
@@ -64,15 +70,20 @@ def one(tmp: Path, devices: int, sim_ms: float, layers: int, budget: int) -> dic
     data = np.random.default_rng(1).normal(0, 1, (120, 32)).astype(np.float32)
     data[:, 0] *= 30  # one wide feature: per-tensor int8 ranges crush the others (quantization costs accuracy)
     np.save(tmp / "data.npy", data)
-    cfg = parse_config({
-        "out_dir": str(tmp / "out"), "models": [{"path": str(tmp / "mlp.onnx")}],
-        "dataset": {"tensors": str(tmp / "data.npy"), "eval": 50, "calibration": 20, "analysis": 8},
-        "quantization": {"modes": ["static"]},
-        "search": {"strategy": "budget", "ranking": "paper", "budget": budget},
-        "evaluation": {"latency_repeats": 0, "intra_op_threads": 1},
-    }, tmp)
-    backends = [OrtBackend(f"phone{i}", "phones", simulated_latency_ms_per_sample=sim_ms)
-                for i in range(1, devices + 1)]
+    cfg = parse_config(
+        {
+            "out_dir": str(tmp / "out"),
+            "models": [{"path": str(tmp / "mlp.onnx")}],
+            "dataset": {"tensors": str(tmp / "data.npy"), "eval": 50, "calibration": 20, "analysis": 8},
+            "quantization": {"modes": ["static"]},
+            "search": {"strategy": "budget", "ranking": "paper", "budget": budget},
+            "evaluation": {"latency_repeats": 0, "intra_op_threads": 1},
+        },
+        tmp,
+    )
+    backends = [
+        OrtBackend(f"phone{i}", "phones", simulated_latency_ms_per_sample=sim_ms) for i in range(1, devices + 1)
+    ]
     server = AgentServer(AgentConfig(state_dir=tmp / "agent"), backends)
     server.start()
     study = Study(cfg)
@@ -82,17 +93,24 @@ def one(tmp: Path, devices: int, sim_ms: float, layers: int, budget: int) -> dic
         study.close()
         server.stop()
     con = sqlite3.connect(tmp / "out" / "tuneqn.db")
-    spans = [(f - s, f) for s, f in con.execute(
-        "select json_extract(info, '$.seconds'), finished_at from results where level = 'full'")]
+    spans = [
+        (f - s, f)
+        for s, f in con.execute("select json_extract(info, '$.seconds'), finished_at from results where level = 'full'")
+    ]
     edges = sorted([(s, 1) for s, _ in spans] + [(f, -1) for _, f in spans])
     most = now = 0
     for _, step in edges:
         now += step
         most = max(most, now)
-    return {"devices": devices, "wall_s": max(f for _, f in spans) - min(s for s, _ in spans),
-            "full": len(spans), "done": outcome.done, "failed": outcome.failed,
-            "widths": sorted({w for (w,) in con.execute("select width from search_widths")}),
-            "most_at_once": most}
+    return {
+        "devices": devices,
+        "wall_s": max(f for _, f in spans) - min(s for s, _ in spans),
+        "full": len(spans),
+        "done": outcome.done,
+        "failed": outcome.failed,
+        "widths": sorted({w for (w,) in con.execute("select width from search_widths")}),
+        "most_at_once": most,
+    }
 
 
 def main() -> None:
@@ -110,11 +128,15 @@ def main() -> None:
             row = one(Path(tmp), n, args.sim_ms, args.layers, args.budget)
             row["tune_s"] = time.perf_counter() - t0
         rows.append(row)
-        print(f"{n} device(s): evaluation phase {row['wall_s']:.1f} s (whole run {row['tune_s']:.1f} s), "
-              f"{row['full']} full evaluations, widths {row['widths']}, at most {row['most_at_once']} at once")
+        print(
+            f"{n} device(s): evaluation phase {row['wall_s']:.1f} s (whole run {row['tune_s']:.1f} s), "
+            f"{row['full']} full evaluations, widths {row['widths']}, at most {row['most_at_once']} at once"
+        )
     if len(rows) > 1:
-        print(f"speed-up {rows[-1]['devices']} vs {rows[0]['devices']} device(s): "
-              f"{rows[0]['wall_s'] / rows[-1]['wall_s']:.2f}x (evaluation phase)")
+        print(
+            f"speed-up {rows[-1]['devices']} vs {rows[0]['devices']} device(s): "
+            f"{rows[0]['wall_s'] / rows[-1]['wall_s']:.2f}x (evaluation phase)"
+        )
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
 

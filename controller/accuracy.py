@@ -131,15 +131,18 @@ def _matches(base: dict[str, Any], row: dict[str, Any]) -> bool:
 
 def _baselines(store: Store, model: str, device: str) -> list[dict[str, Any]]:
     """The model's full FP32 results on a device class, oldest first."""
-    return [b for b in store.results(candidate_id=baseline_id(model), device=device, level="full")
-            if _split(b) == "eval"]
+    return [
+        b for b in store.results(candidate_id=baseline_id(model), device=device, level="full") if _split(b) == "eval"
+    ]
 
 
-def _baseline(store: Store, model: str, row: dict[str, Any],
-              baselines: list[dict[str, Any]] | None = None) -> dict[str, Any] | None:
+def _baseline(
+    store: Store, model: str, row: dict[str, Any], baselines: list[dict[str, Any]] | None = None
+) -> dict[str, Any] | None:
     """The FP32 result a result's agreement is computed against (see the module docstring), or None."""
-    rows = [b for b in (_baselines(store, model, row["device"]) if baselines is None else baselines)
-            if _matches(b, row)]
+    rows = [
+        b for b in (_baselines(store, model, row["device"]) if baselines is None else baselines) if _matches(b, row)
+    ]
     return rows[-1] if rows else None  # newest
 
 
@@ -159,8 +162,9 @@ def _screen_indices(store: Store, model: str, split: str) -> list[int] | None:
     return [pos[name] for name in sub["items"]]
 
 
-def _reference(store: Store, model: str, row: dict[str, Any],
-               baselines: list[dict[str, Any]] | None = None) -> dict[str, Any] | None:
+def _reference(
+    store: Store, model: str, row: dict[str, Any], baselines: list[dict[str, Any]] | None = None
+) -> dict[str, Any] | None:
     """The FP32 result a result is compared with (:func:`_baseline`), restricted to the screening split's
     samples for a screening result (no FP32 screen is run); ``baselines``: :func:`_baselines`, if read."""
     base = _baseline(store, model, row, baselines)

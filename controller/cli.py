@@ -37,8 +37,13 @@ def setup_logging(verbose: int) -> None:
     from rich.logging import RichHandler
 
     level = logging.WARNING if verbose <= 0 else logging.INFO if verbose == 1 else logging.DEBUG
-    logging.basicConfig(level=level, format="%(message)s", datefmt="[%X]",
-                        handlers=[RichHandler(show_path=False, rich_tracebacks=False, markup=False)], force=True)
+    logging.basicConfig(
+        level=level,
+        format="%(message)s",
+        datefmt="[%X]",
+        handlers=[RichHandler(show_path=False, rich_tracebacks=False, markup=False)],
+        force=True,
+    )
     ort.set_default_logger_severity(0 if verbose >= 3 else 3)
 
 
@@ -56,8 +61,10 @@ def quick_config(args: argparse.Namespace) -> StudyConfig:
         "name": model_path.stem,
         "out_dir": str(Path(args.out).resolve()),
         "models": [{"path": str(model_path.resolve())}],
-        "dataset": {"images": str(Path(args.images).resolve()),
-                    "preprocess": preprocess.model_dump(mode="json", exclude_defaults=True)},
+        "dataset": {
+            "images": str(Path(args.images).resolve()),
+            "preprocess": preprocess.model_dump(mode="json", exclude_defaults=True),
+        },
         "quantization": {"format": args.format or "qdq"},
     }
     if args.mode:  # else the recipes are chosen automatically
@@ -82,8 +89,9 @@ def study_config(args: argparse.Namespace) -> StudyConfig:
             update["out_dir"] = Path(args.out).resolve()
         if args.mode:  # --mode wins over recipes = "auto" (not over the file's named recipes)
             q = cfg.quantization
-            update["quantization"] = q.model_copy(update={"modes": args.mode,
-                                                          "recipes": [] if q.recipes == "auto" else q.recipes})
+            update["quantization"] = q.model_copy(
+                update={"modes": args.mode, "recipes": [] if q.recipes == "auto" else q.recipes}
+            )
         if args.format:
             q = update.get("quantization", cfg.quantization)
             update["quantization"] = q.model_copy(update={"format": args.format})
@@ -108,15 +116,26 @@ def _check_model_files(cfg: StudyConfig, label: str | None) -> None:
 
 
 #: Preprocessing flags → their [dataset.preprocess] keys.
-_PREPROCESS_FLAGS = {"preprocess": "preset", "resize": "resize", "crop": "crop", "crop_fraction": "crop_fraction",
-                     "interpolation": "interpolation", "scale": "scale", "offset": "offset", "mean": "mean",
-                     "std": "std", "layout": "layout", "color": "color"}
+_PREPROCESS_FLAGS = {
+    "preprocess": "preset",
+    "resize": "resize",
+    "crop": "crop",
+    "crop_fraction": "crop_fraction",
+    "interpolation": "interpolation",
+    "scale": "scale",
+    "offset": "offset",
+    "mean": "mean",
+    "std": "std",
+    "layout": "layout",
+    "color": "color",
+}
 
 
 def _preprocess_flags(args: argparse.Namespace) -> dict[str, Any]:
     """The [dataset.preprocess] keys given as flags."""
-    return {key: getattr(args, dest) for dest, key in _PREPROCESS_FLAGS.items()
-            if getattr(args, dest, None) is not None}
+    return {
+        key: getattr(args, dest) for dest, key in _PREPROCESS_FLAGS.items() if getattr(args, dest, None) is not None
+    }
 
 
 def _preprocess_spec(base: dict[str, Any], args: argparse.Namespace) -> Any:
@@ -144,8 +163,9 @@ def _floats(value: str) -> list[float]:
     try:
         return [float(v) for v in value.split(",")]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers such as 0.485,0.456,0.406, "
-                                         f"got {value!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated numbers such as 0.485,0.456,0.406, got {value!r}"
+        ) from None
 
 
 def _input_dims(path: Path, label: str) -> list[int | str] | None:
@@ -202,8 +222,9 @@ def _search_overrides(cfg: StudyConfig, args: argparse.Namespace) -> StudyConfig
         data["budget"] = None
     if getattr(args, "no_compare", False):
         data["compare"] = []
-    answer = {k: getattr(args, k) for k in ("max_loss", "max_size_mb", "max_latency_ms")
-              if getattr(args, k, None) is not None}
+    answer = {
+        k: getattr(args, k) for k in ("max_loss", "max_size_mb", "max_latency_ms") if getattr(args, k, None) is not None
+    }
     if answer:
         try:
             cfg = cfg.model_copy(update={"answer": AnswerSpec.model_validate({**cfg.answer.model_dump(), **answer})})
@@ -266,8 +287,12 @@ def _positive(value: str) -> float:
 def _add_answer_args(p: argparse.ArgumentParser, prefix: str, max_loss: bool = True) -> None:
     """The answer's constraint flags (``--max-loss`` only where the study flags do not define it)."""
     if max_loss:
-        p.add_argument("--max-loss", type=_loss, help=f"{prefix}largest accuracy loss vs FP32 of the answer "
-                       "(0.01 = 1%%; default: the study's [answer] max_loss)")
+        p.add_argument(
+            "--max-loss",
+            type=_loss,
+            help=f"{prefix}largest accuracy loss vs FP32 of the answer "
+            "(0.01 = 1%%; default: the study's [answer] max_loss)",
+        )
     p.add_argument("--max-size-mb", type=_positive, help=f"{prefix}largest file size of the answer in MB")
     p.add_argument("--max-latency-ms", type=_positive, help=f"{prefix}largest median latency of the answer in ms")
 
@@ -285,36 +310,61 @@ def _add_study_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--analysis", type=int, help="quick form: analysis sample size")
     p.add_argument("--fresh", action="store_true", help="ignore and replace what the study stored")
     _add_preprocess_args(p)
-    p.add_argument("--recipe", action="append", metavar="NAME",
-                   help="quantization recipe to search (repeatable): one of the study's or a preset "
-                        "(per-tensor, per-channel, per-channel-percentile, dynamic, …); without --recipe, "
-                        "--mode or recipes in the study, they are chosen automatically (recipes = \"auto\")")
+    p.add_argument(
+        "--recipe",
+        action="append",
+        metavar="NAME",
+        help="quantization recipe to search (repeatable): one of the study's or a preset "
+        "(per-tensor, per-channel, per-channel-percentile, dynamic, …); without --recipe, "
+        '--mode or recipes in the study, they are chosen automatically (recipes = "auto")',
+    )
     p.add_argument("--ranking", choices=["paper", "qdq", "xmodel", "measured"], help="layer ranking")
-    p.add_argument("--strategy", choices=["sweep", "greedy", "budget", "target"],
-                   help="search strategy (sweep = the paper's)")
-    p.add_argument("--budget", type=int, help="budget strategy: full evaluations per (model, recipe, device) "
-                   "(default 30%% of the sweep's)")
+    p.add_argument(
+        "--strategy", choices=["sweep", "greedy", "budget", "target"], help="search strategy (sweep = the paper's)"
+    )
+    p.add_argument(
+        "--budget",
+        type=int,
+        help="budget strategy: full evaluations per (model, recipe, device) (default 30%% of the sweep's)",
+    )
     p.add_argument("--no-compare", action="store_true", help="run only the main search, not [[search.compare]]")
-    p.add_argument("--max-loss", type=_loss, help="largest accuracy loss vs FP32 (0.01 = 1%%) of the answer "
-                   "(default [answer] max_loss, else [search] max_loss, else 1%%); also the target strategy's limit")
+    p.add_argument(
+        "--max-loss",
+        type=_loss,
+        help="largest accuracy loss vs FP32 (0.01 = 1%%) of the answer "
+        "(default [answer] max_loss, else [search] max_loss, else 1%%); also the target strategy's limit",
+    )
     _add_answer_args(p, "", max_loss=False)
 
 
 def _add_preprocess_args(p: argparse.ArgumentParser) -> None:
     from tuneqn.controller.config import PREPROCESS_PRESETS
 
-    g = p.add_argument_group("image preprocessing (quick form, or over the study's [dataset.preprocess]); "
-                             "pixels 0-255 → resize/crop → (x·scale + offset − mean)/std")
-    g.add_argument("--preprocess", choices=list(PREPROCESS_PRESETS), metavar="PRESET",
-                   help="preset: lite (x−127)/128, inception (x−127.5)/127.5, imagenet x/255 then ImageNet "
-                        "mean/std, raw 0-255 (these four: short side → crop/0.875, centre crop), unit x/255 "
-                        "stretched to the model's size (the default); the flags below override its values")
+    g = p.add_argument_group(
+        "image preprocessing (quick form, or over the study's [dataset.preprocess]); "
+        "pixels 0-255 → resize/crop → (x·scale + offset − mean)/std"
+    )
+    g.add_argument(
+        "--preprocess",
+        choices=list(PREPROCESS_PRESETS),
+        metavar="PRESET",
+        help="preset: lite (x−127)/128, inception (x−127.5)/127.5, imagenet x/255 then ImageNet "
+        "mean/std, raw 0-255 (these four: short side → crop/0.875, centre crop), unit x/255 "
+        "stretched to the model's size (the default); the flags below override its values",
+    )
     g.add_argument("--resize", type=int, metavar="N", help="resize the short side to N pixels")
     g.add_argument("--crop", type=int, metavar="N", help="centre crop N×N (then resized to the model's size)")
-    g.add_argument("--crop-fraction", type=float, metavar="F",
-                   help="short side → crop/F, centre crop (the crop, else the model's H×W); presets: 0.875")
-    g.add_argument("--interpolation", choices=["bilinear", "bicubic", "nearest", "lanczos"],
-                   help="resampling filter (default: the preset's, else bilinear; lite: bicubic)")
+    g.add_argument(
+        "--crop-fraction",
+        type=float,
+        metavar="F",
+        help="short side → crop/F, centre crop (the crop, else the model's H×W); presets: 0.875",
+    )
+    g.add_argument(
+        "--interpolation",
+        choices=["bilinear", "bicubic", "nearest", "lanczos"],
+        help="resampling filter (default: the preset's, else bilinear; lite: bicubic)",
+    )
     g.add_argument("--scale", type=float, metavar="S", help="multiply pixels by S (default 1/255; 1 with --mean/--std)")
     g.add_argument("--offset", type=float, metavar="O", help="then add O (default 0)")
     g.add_argument("--mean", type=_floats, metavar="A,B,C", help="then subtract the per-channel mean")
@@ -354,14 +404,22 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     for r in rows:
         groups.setdefault((r["model"], r["mode"]), []).append(r)
     for (model, mode), layer_rows in groups.items():
-        table = Table(title=f"{model} — {mode}: {len(layer_rows)} layers ranked (score = "
-                            f"{cfg.search.xmodel_weight:g}·xmodel + {1 - cfg.search.xmodel_weight:g}·qdq)")
+        table = Table(
+            title=f"{model} — {mode}: {len(layer_rows)} layers ranked (score = "
+            f"{cfg.search.xmodel_weight:g}·xmodel + {1 - cfg.search.xmodel_weight:g}·qdq)"
+        )
         for col in ("rank", "layer", "op", "qdq_err", "xmodel_err", "score"):
             table.add_column(col, justify="right" if col not in ("layer", "op") else "left")
         shown = layer_rows if args.all else layer_rows[:25]
         for r in shown:
-            table.add_row(str(r["rank"]), r["name"], r["op_type"], f"{r['qdq_err']:.4f}", f"{r['xmodel_err']:.4f}",
-                          f"{r['score']:.3f}")
+            table.add_row(
+                str(r["rank"]),
+                r["name"],
+                r["op_type"],
+                f"{r['qdq_err']:.4f}",
+                f"{r['xmodel_err']:.4f}",
+                f"{r['score']:.3f}",
+            )
         console.print(table)
         if len(shown) < len(layer_rows):
             console.print(f"… {len(layer_rows) - len(shown)} more in layers.json (use --all)")
@@ -406,12 +464,15 @@ def _best_pick(report: dict[str, Any], model: str | None, device: str | None, cr
     if cross:
         pick = next((p for p in mine if p["scope"] == "cross-device"), None)
         if pick is None:
-            raise UserError(f"--cross-device: {model} was measured on one device only ({', '.join(devices)}); "
-                            "use --best alone")
+            raise UserError(
+                f"--cross-device: {model} was measured on one device only ({', '.join(devices)}); use --best alone"
+            )
     elif device is None:
         if len(devices) > 1:
-            raise UserError(f"--best: {model} was measured on several devices ({', '.join(devices)}); add --device D "
-                            "for that device's pick, or --cross-device for the pick that holds on every one")
+            raise UserError(
+                f"--best: {model} was measured on several devices ({', '.join(devices)}); add --device D "
+                "for that device's pick, or --cross-device for the pick that holds on every one"
+            )
         pick = mine[0]
     else:
         pick = next((p for p in mine if p["scope"] == "device" and p["device"] == device), None)
@@ -421,8 +482,10 @@ def _best_pick(report: dict[str, Any], model: str | None, device: str | None, cr
         raise UserError(f"--best: no pick for {model} on {', '.join(pick['devices'])}: {pick.get('reason')}")
     if len(pick.get("parts") or []) > 1:
         files = "; ".join(f"{', '.join(p['devices'])}: --candidate {p['candidate']}" for p in pick["parts"])
-        raise UserError(f"--cross-device: {model}'s pick is one file per device group (a recipe split by feasibility "
-                        f"planning); export each: {files}")
+        raise UserError(
+            f"--cross-device: {model}'s pick is one file per device group (a recipe split by feasibility "
+            f"planning); export each: {files}"
+        )
     return pick
 
 
@@ -442,8 +505,11 @@ def cmd_export(args: argparse.Namespace) -> int:
     if out.parent.exists() and not out.parent.is_dir():
         raise UserError(f"-o/--output: {out.parent} is a file, not a folder")
     if args.best == (args.candidate is not None):
-        raise UserError("give --candidate WHICH or --best (the report's answer), not both" if args.best else
-                        "give --candidate WHICH, or --best for the report's answer")
+        raise UserError(
+            "give --candidate WHICH or --best (the report's answer), not both"
+            if args.best
+            else "give --candidate WHICH, or --best for the report's answer"
+        )
     if not args.best and (args.device or args.cross_device):
         raise UserError("--device/--cross-device: only with --best")
     store = Store.open_readonly(out_dir)
@@ -480,17 +546,25 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
     cfg = study_config(args)
     if args.device_class:
-        cfg = cfg.model_copy(update={"evaluation": cfg.evaluation.model_copy(
-            update={"device_classes": list(dict.fromkeys(args.device_class))})})
+        cfg = cfg.model_copy(
+            update={
+                "evaluation": cfg.evaluation.model_copy(
+                    update={"device_classes": list(dict.fromkeys(args.device_class))}
+                )
+            }
+        )
     endpoints, origin = _agent_source(args, cfg.agents, args.study or "the study")
     _check_device_classes(cfg.evaluation.device_classes, endpoints, origin)
     print("\n".join(preprocessing_lines(cfg)))
     study = Study(cfg, fresh=args.fresh, command=_command_line(args))
     try:
-        settings = FarmSettings.from_config(cfg.evaluation, lease_timeout_s=args.lease_timeout,
-                                            device_wait_s=args.device_wait,
-                                            agent_connect_timeout_s=args.connect_timeout,
-                                            remeasure_token=remeasure_token(study, args.fresh))
+        settings = FarmSettings.from_config(
+            cfg.evaluation,
+            lease_timeout_s=args.lease_timeout,
+            device_wait_s=args.device_wait,
+            agent_connect_timeout_s=args.connect_timeout,
+            remeasure_token=remeasure_token(study, args.fresh),
+        )
         print(f"agents: {len(endpoints)} from {origin}" if endpoints else "agents: none given; starting a local agent")
         with Progress() as progress:
             task: list[int] = []
@@ -502,8 +576,12 @@ def cmd_tune(args: argparse.Namespace) -> int:
                 infeasible = counts.get("infeasible", 0)
                 notes = [f"{bad} failed"] if bad else []
                 notes += [f"{infeasible} infeasible on their device"] if infeasible else []
-                progress.update(task[0], total=total, completed=counts.get("done", 0) + bad + infeasible,
-                                description="evaluating candidates" + (f" ({', '.join(notes)})" if notes else ""))
+                progress.update(
+                    task[0],
+                    total=total,
+                    completed=counts.get("done", 0) + bad + infeasible,
+                    description="evaluating candidates" + (f" ({', '.join(notes)})" if notes else ""),
+                )
 
             shown: dict[str, tuple[str, float]] = {}
 
@@ -522,14 +600,23 @@ def cmd_tune(args: argparse.Namespace) -> int:
                         shown[line.key] = (line.state, now)
                         print(line.text, flush=True)
 
-            outcome = tune(study, endpoints, settings, on_progress=show,
-                           local_agent_args=["--simulated-latency-ms", str(args.simulated_latency_ms)]
-                           if args.simulated_latency_ms else None, on_status=status)
+            outcome = tune(
+                study,
+                endpoints,
+                settings,
+                on_progress=show,
+                local_agent_args=["--simulated-latency-ms", str(args.simulated_latency_ms)]
+                if args.simulated_latency_ms
+                else None,
+                on_status=status,
+            )
     finally:
         study.close()
-    print(f"jobs: {outcome.done} done, {outcome.failed} failed, {outcome.unreachable} unreachable"
-          + (f", {outcome.infeasible} infeasible on their device" if outcome.infeasible else "")
-          + f" of {outcome.total}")
+    print(
+        f"jobs: {outcome.done} done, {outcome.failed} failed, {outcome.unreachable} unreachable"
+        + (f", {outcome.infeasible} infeasible on their device" if outcome.infeasible else "")
+        + f" of {outcome.total}"
+    )
     print(f"report: {outcome.report.get('html')}\njson: {outcome.report.get('json')}")
     _print_tune_answer(outcome.report.get("json"))
     problems = list(outcome.errors)
@@ -576,15 +663,17 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
-def _agent_source(args: argparse.Namespace, study_agents: list[Any] | None = None,
-                  study_label: str = "the study") -> tuple[list[Any], str]:
+def _agent_source(
+    args: argparse.Namespace, study_agents: list[Any] | None = None, study_label: str = "the study"
+) -> tuple[list[Any], str]:
     """Endpoints of the agents a command uses (``--agent``, ``--lab``, the study's, the default lab file)
     and where they came from."""
     from tuneqn.controller.farm.lab import choose_agents, endpoints_from
 
     source = choose_agents(study_agents or [], args.agent, args.lab, args.no_lab, study_label)
-    endpoints = endpoints_from(source.agents, [], Path(args.token_file) if args.token_file else None,
-                               where=source.where)
+    endpoints = endpoints_from(
+        source.agents, [], Path(args.token_file) if args.token_file else None, where=source.where
+    )
     return endpoints, source.origin
 
 
@@ -596,8 +685,10 @@ def _check_device_classes(wanted: list[str], endpoints: list[Any], origin: str) 
     declared = sorted({ep.device_class for ep in endpoints})
     missing = [c for c in wanted if c not in declared]
     if missing:
-        raise UserError(f"--device-class/evaluation.device_classes: no agent of {origin} serves "
-                        f"{', '.join(missing)} (its classes: {', '.join(declared)})")
+        raise UserError(
+            f"--device-class/evaluation.device_classes: no agent of {origin} serves "
+            f"{', '.join(missing)} (its classes: {', '.join(declared)})"
+        )
 
 
 def _when(at: float) -> str:
@@ -616,12 +707,17 @@ def _agent_row(r: Any) -> list[str]:
     else:
         state = "serving" if r.serving else "draining"
     version = f"{r.agent_version} {r.contract}".strip() if r.contract else "-"
-    classes = sorted({d["device_class"] for d in r.devices}) or ([f"{r.declared_class} (lab)"] if r.declared_class
-                                                                  else [])
+    classes = sorted({d["device_class"] for d in r.devices}) or (
+        [f"{r.declared_class} (lab)"] if r.declared_class else []
+    )
     running = len(r.running_job_ids)
     queue = f"{r.queue_length} queued, {running} running" if r.reachable and not r.problem else "-"
-    caches = "; ".join(f"{c['name']} {decimal(c['used_bytes'])} of {decimal(c['limit_bytes'])} ({c['entries']})"
-                       for c in r.caches) or "-"
+    caches = (
+        "; ".join(
+            f"{c['name']} {decimal(c['used_bytes'])} of {decimal(c['limit_bytes'])} ({c['entries']})" for c in r.caches
+        )
+        or "-"
+    )
     jobs = ", ".join(f"{n} {state.lower()}" for state, n in sorted(r.jobs_by_state.items())) or "-"
     if r.problem:
         last = r.problem
@@ -641,10 +737,21 @@ def _device_rows(r: Any) -> list[list[str]]:
     for d in r.devices:
         remote = d["remote"] or ("agent host" if d["backend"] == "tvm" else "-")
         health = ("healthy" if d["healthy"] else "UNHEALTHY") + (f": {d['status']}" if d["status"] else "")
-        rows.append([r.name, d["name"], d["device_class"], d["backend"] + (" (simulated)" if d["simulated"] else ""),
-                     d["target"] or "-", d["rpc_key"] or "-", remote,
-                     str(d["remote_servers"]) if d["remote_servers"] else "-", health[:120],
-                     str(d["queue_length"]), d["running_job_id"] or "-"])
+        rows.append(
+            [
+                r.name,
+                d["name"],
+                d["device_class"],
+                d["backend"] + (" (simulated)" if d["simulated"] else ""),
+                d["target"] or "-",
+                d["rpc_key"] or "-",
+                remote,
+                str(d["remote_servers"]) if d["remote_servers"] else "-",
+                health[:120],
+                str(d["queue_length"]),
+                d["running_job_id"] or "-",
+            ]
+        )
     return rows
 
 
@@ -661,8 +768,10 @@ def cmd_agents(args: argparse.Namespace) -> int:
     study_agents = load_config(Path(args.study)).agents if args.study else []
     endpoints, origin = _agent_source(args, study_agents, args.study or "the study")
     if not endpoints:
-        raise UserError("no agents: give --lab LAB.toml, STUDY.toml with [[agents]], or --agent HOST:PORT "
-                        "(or write a default lab file, see docs/lab.md)")
+        raise UserError(
+            "no agents: give --lab LAB.toml, STUDY.toml with [[agents]], or --agent HOST:PORT "
+            "(or write a default lab file, see docs/lab.md)"
+        )
     reports = probe_all(endpoints, timeout=args.timeout)
     bad = sum(1 for r in reports if r.problem)
     if args.json:
@@ -672,12 +781,32 @@ def cmd_agents(args: argparse.Namespace) -> int:
     if not console.is_terminal:  # piped or captured: one line per row, nothing folded
         console = Console(width=400)
     agents = Table(title=f"agents ({origin})")
-    for col in ("agent", "state", "version", "host", "device classes", "queue", "caches (used of limit, entries)",
-                "jobs", "last error"):
+    for col in (
+        "agent",
+        "state",
+        "version",
+        "host",
+        "device classes",
+        "queue",
+        "caches (used of limit, entries)",
+        "jobs",
+        "last error",
+    ):
         agents.add_column(col, overflow="fold")
     devices = Table(title="devices")
-    for col in ("agent", "device", "class", "backend", "target", "rpc key", "remote", "servers",
-                "device health / status", "queue", "running"):
+    for col in (
+        "agent",
+        "device",
+        "class",
+        "backend",
+        "target",
+        "rpc key",
+        "remote",
+        "servers",
+        "device health / status",
+        "queue",
+        "running",
+    ):
         devices.add_column(col, overflow="fold")
     for r in reports:
         agents.add_row(*_agent_row(r))
@@ -687,8 +816,9 @@ def cmd_agents(args: argparse.Namespace) -> int:
     if devices.row_count:
         console.print(devices)
     if bad:
-        console.print(f"{bad} of {len(reports)} agents unreachable or unusable; see docs/lab.md "
-                      "('When an agent is unreachable')")
+        console.print(
+            f"{bad} of {len(reports)} agents unreachable or unusable; see docs/lab.md ('When an agent is unreachable')"
+        )
     return 1 if bad else 0
 
 
@@ -701,21 +831,28 @@ def cmd_certs(args: argparse.Namespace) -> int:
         if args.agent_host or args.ca_from:
             flag = "--agent-host" if args.agent_host else "--ca-from"
             raise UserError(f"{flag}: not with --host (--host adds hosts to OUT_DIR's own CA, one key pair each)")
-        return _print_host_certs(write_host_certs(Path(args.out_dir), args.host, days=args.days, force=args.force),
-                                 args.days)
+        return _print_host_certs(
+            write_host_certs(Path(args.out_dir), args.host, days=args.days, force=args.force), args.days
+        )
     hosts = args.agent_host or list(DEFAULT_AGENT_HOSTS)
     ca_from = Path(args.ca_from) if args.ca_from else None
     c = write_lab_certs(Path(args.out_dir), hosts, days=args.days, force=args.force, ca_from=ca_from)
     if ca_from is not None:
-        print(f"wrote {c.agent_cert}, {c.controller_cert} and their keys (mode 0600) for agent hosts "
-              f"{', '.join(hosts)}, signed by the CA of {ca_from} (copied to {c.ca_cert}); valid {args.days} days "
-              "or until the CA expires")
+        print(
+            f"wrote {c.agent_cert}, {c.controller_cert} and their keys (mode 0600) for agent hosts "
+            f"{', '.join(hosts)}, signed by the CA of {ca_from} (copied to {c.ca_cert}); valid {args.days} days "
+            "or until the CA expires"
+        )
     else:
-        print(f"wrote {c.ca_cert}, {c.agent_cert}, {c.controller_cert} and their keys (mode 0600) "
-              f"for agent hosts {', '.join(hosts)}; valid {args.days} days")
+        print(
+            f"wrote {c.ca_cert}, {c.agent_cert}, {c.controller_cert} and their keys (mode 0600) "
+            f"for agent hosts {', '.join(hosts)}; valid {args.days} days"
+        )
     print(f"agent:      tuneqn-agent --tls-cert {c.agent_cert} --tls-key {c.agent_key} --tls-ca {c.ca_cert} ...")
-    print(f"controller: [[agents]] tls_ca = \"{c.ca_cert.resolve()}\"  tls_cert = \"{c.controller_cert.resolve()}\"  "
-          f"tls_key = \"{c.controller_key.resolve()}\"")
+    print(
+        f'controller: [[agents]] tls_ca = "{c.ca_cert.resolve()}"  tls_cert = "{c.controller_cert.resolve()}"  '
+        f'tls_key = "{c.controller_key.resolve()}"'
+    )
     print(f"keep {c.ca_key} off the agents (it signs certificates); copy only ca.pem, agent.pem, agent.key there")
     print("one key pair per host instead: tuneqn certs OUT_DIR --host NAME [--host NAME]...")
     return 0
@@ -728,12 +865,16 @@ def _print_host_certs(lab: LabHosts, days: int) -> int:
     if kept:
         print(f"kept {' and '.join(kept)} (and their keys) in {lab.ca_cert.parent}")
     for host in lab.hosts:
-        print(f"host {host.name}: wrote {host.folder}/ (agent.pem, agent.key mode 0600, ca.pem) for "
-              f"{', '.join(host.names)}; valid {days} days or until the CA expires; copy only this folder there")
+        print(
+            f"host {host.name}: wrote {host.folder}/ (agent.pem, agent.key mode 0600, ca.pem) for "
+            f"{', '.join(host.names)}; valid {days} days or until the CA expires; copy only this folder there"
+        )
         print(f"  agent: tuneqn-agent --tls-cert {host.cert} --tls-key {host.key} --tls-ca {host.ca_cert} ...")
-    print(f"controller: [[agents]] tls_ca = \"{lab.ca_cert.resolve()}\"  "
-          f"tls_cert = \"{lab.controller_cert.resolve()}\"  "
-          f"tls_key = \"{lab.controller_key.resolve()}\"")
+    print(
+        f'controller: [[agents]] tls_ca = "{lab.ca_cert.resolve()}"  '
+        f'tls_cert = "{lab.controller_cert.resolve()}"  '
+        f'tls_key = "{lab.controller_key.resolve()}"'
+    )
     print(f"keep {lab.ca_key} and {lab.controller_key} off the agents")
     return 0
 
@@ -750,8 +891,12 @@ def _days(value: str) -> int:
 
 
 def _add_lab_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--lab", metavar="LAB.toml", help="lab file listing the agents (replaces the study's "
-                   "[[agents]]; default: $TUNEQN_LAB, else ~/.config/tuneqn/lab.toml when the study lists none)")
+    p.add_argument(
+        "--lab",
+        metavar="LAB.toml",
+        help="lab file listing the agents (replaces the study's "
+        "[[agents]]; default: $TUNEQN_LAB, else ~/.config/tuneqn/lab.toml when the study lists none)",
+    )
     p.add_argument("--no-lab", action="store_true", help="ignore the default lab file")
 
 
@@ -768,18 +913,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--candidates", action="store_true", help="also build every candidate")
     p.set_defaults(func=cmd_analyze)
 
-    p = sub.add_parser("export", help="write the answer's pick (--best) or any evaluated candidate to an ONNX file "
-                                      "(read-only; facts in FILE.json)")
+    p = sub.add_parser(
+        "export",
+        help="write the answer's pick (--best) or any evaluated candidate to an ONNX file "
+        "(read-only; facts in FILE.json)",
+    )
     p.add_argument("study_dir", help="the study's output directory")
     p.add_argument("--model", help="model name (default: the study's only model)")
     p.add_argument("--recipe", "--mode", dest="mode", help="recipe (default: the study's only one)")
-    p.add_argument("--candidate",
-                   help="candidate id (or its fq/x… tag), exclusion set name, label from the report, or a number k "
-                        "(top-k layers of the paper's ranking, or a search's 'k=<k>'; refused when several match)")
+    p.add_argument(
+        "--candidate",
+        help="candidate id (or its fq/x… tag), exclusion set name, label from the report, or a number k "
+        "(top-k layers of the paper's ranking, or a search's 'k=<k>'; refused when several match)",
+    )
     p.add_argument("--best", action="store_true", help="export the report's answer (the pick for --device)")
     p.add_argument("--device", help="--best: the device whose pick to export (needed when there are several)")
-    p.add_argument("--cross-device", action="store_true",
-                   help="--best: the pick that meets the constraint on every device (worst value over the devices)")
+    p.add_argument(
+        "--cross-device",
+        action="store_true",
+        help="--best: the pick that meets the constraint on every device (worst value over the devices)",
+    )
     _add_answer_args(p, "--best: ")
     p.add_argument("-o", "--output", required=True, help="output .onnx file (its facts go to OUTPUT.json)")
     p.set_defaults(func=cmd_export)
@@ -789,19 +942,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--agent", action="append", metavar="HOST:PORT", help="agent address (repeatable; overrides config)")
     _add_lab_args(p)
     p.add_argument("--token-file", help="file holding the agents' bearer token")
-    p.add_argument("--lease-timeout", type=_positive, help="seconds without any word from an agent before its job "
-                   "runs elsewhere (default: [evaluation] lease_timeout_s)")
-    p.add_argument("--device-wait", "--agent-wait", dest="device_wait", type=_positive,
-                   help="end a device class's jobs as unreachable after no agent of it answered this long "
-                        "(default: [evaluation] device_wait_s)")
-    p.add_argument("--connect-timeout", dest="connect_timeout", type=_positive,
-                   help="give up an agent that has not answered once since the study started after this many "
-                        "seconds (default: [evaluation] agent_connect_timeout_s, 60)")
-    p.add_argument("--device-class", action="append", metavar="CLASS",
-                   help="measure only on this device class (repeatable; default: [evaluation] device_classes, "
-                        "else every class the agents serve)")
-    p.add_argument("--simulated-latency-ms", type=float, default=0.0,
-                   help="local agent only: add this simulated device latency per sample (benchmarks)")
+    p.add_argument(
+        "--lease-timeout",
+        type=_positive,
+        help="seconds without any word from an agent before its job "
+        "runs elsewhere (default: [evaluation] lease_timeout_s)",
+    )
+    p.add_argument(
+        "--device-wait",
+        "--agent-wait",
+        dest="device_wait",
+        type=_positive,
+        help="end a device class's jobs as unreachable after no agent of it answered this long "
+        "(default: [evaluation] device_wait_s)",
+    )
+    p.add_argument(
+        "--connect-timeout",
+        dest="connect_timeout",
+        type=_positive,
+        help="give up an agent that has not answered once since the study started after this many "
+        "seconds (default: [evaluation] agent_connect_timeout_s, 60)",
+    )
+    p.add_argument(
+        "--device-class",
+        action="append",
+        metavar="CLASS",
+        help="measure only on this device class (repeatable; default: [evaluation] device_classes, "
+        "else every class the agents serve)",
+    )
+    p.add_argument(
+        "--simulated-latency-ms",
+        type=float,
+        default=0.0,
+        help="local agent only: add this simulated device latency per sample (benchmarks)",
+    )
     p.set_defaults(func=cmd_tune)
 
     p = sub.add_parser("report", help="regenerate report.json, plots and report.html from the checkpoint")
@@ -809,8 +983,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_answer_args(p, "", max_loss=True)
     p.set_defaults(func=cmd_report)
 
-    p = sub.add_parser("agents", help="probe the lab's agents: reachability, contract, devices, queues, caches, "
-                                      "last error")
+    p = sub.add_parser(
+        "agents", help="probe the lab's agents: reachability, contract, devices, queues, caches, last error"
+    )
     p.add_argument("study", nargs="?", help="study TOML file with [[agents]]")
     p.add_argument("--agent", action="append", metavar="HOST:PORT", help="agent address (repeatable)")
     _add_lab_args(p)
@@ -819,23 +994,44 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
     p.set_defaults(func=cmd_agents)
 
-    p = sub.add_parser("certs", help="create a lab CA, a controller certificate and one key pair per agent host "
-                                     "(--host) for mutual TLS")
-    p.add_argument("out_dir", metavar="OUT_DIR", help="the lab's folder: ca.pem/.key, controller.pem/.key and, per "
-                   "--host, hosts/NAME/ (agent.pem/.key, ca.pem); without --host: agent.pem/.key for every "
-                   "--agent-host")
-    p.add_argument("--host", action="append", metavar="NAME[,ALIAS...]",
-                   help="an agent host: its own key pair in OUT_DIR/hosts/NAME/ (subjectAltNames: NAME and the "
-                        "aliases, host names or IP addresses); repeatable; on an existing OUT_DIR its CA and "
-                        "controller certificate are kept and only the new hosts' files are written")
-    p.add_argument("--agent-host", action="append", metavar="NAME_OR_IP",
-                   help="older layout: one agent.pem/agent.key shared by the agents of these names (repeatable; "
-                        "default: 127.0.0.1 and localhost)")
+    p = sub.add_parser(
+        "certs",
+        help="create a lab CA, a controller certificate and one key pair per agent host (--host) for mutual TLS",
+    )
+    p.add_argument(
+        "out_dir",
+        metavar="OUT_DIR",
+        help="the lab's folder: ca.pem/.key, controller.pem/.key and, per "
+        "--host, hosts/NAME/ (agent.pem/.key, ca.pem); without --host: agent.pem/.key for every "
+        "--agent-host",
+    )
+    p.add_argument(
+        "--host",
+        action="append",
+        metavar="NAME[,ALIAS...]",
+        help="an agent host: its own key pair in OUT_DIR/hosts/NAME/ (subjectAltNames: NAME and the "
+        "aliases, host names or IP addresses); repeatable; on an existing OUT_DIR its CA and "
+        "controller certificate are kept and only the new hosts' files are written",
+    )
+    p.add_argument(
+        "--agent-host",
+        action="append",
+        metavar="NAME_OR_IP",
+        help="older layout: one agent.pem/agent.key shared by the agents of these names (repeatable; "
+        "default: 127.0.0.1 and localhost)",
+    )
     p.add_argument("--days", type=_days, default=365, help="validity in days (default 365)")
-    p.add_argument("--force", action="store_true", help="replace certificates already in OUT_DIR (with --host: "
-                   "only the named hosts' files)")
-    p.add_argument("--ca-from", metavar="DIR", help="sign with the CA of an earlier 'tuneqn certs' folder (adding a "
-                   "host to a lab: the other agents and the controller keep their certificates)")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="replace certificates already in OUT_DIR (with --host: only the named hosts' files)",
+    )
+    p.add_argument(
+        "--ca-from",
+        metavar="DIR",
+        help="sign with the CA of an earlier 'tuneqn certs' folder (adding a "
+        "host to a lab: the other agents and the controller keep their certificates)",
+    )
     p.set_defaults(func=cmd_certs)
     return parser
 

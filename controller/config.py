@@ -80,8 +80,7 @@ PresetName = Literal["imagenet", "inception", "lite", "raw", "unit"]
 #: crop / 0.875 (256 for 224) and the centre crop is the model's H×W. Normalization is
 #: ``((x · scale + offset) − mean) / std`` on 0–255 pixel values.
 PREPROCESS_PRESETS: dict[str, dict[str, Any]] = {
-    "imagenet": {"crop_fraction": 0.875, "scale": 1 / 255, "mean": [0.485, 0.456, 0.406],
-                 "std": [0.229, 0.224, 0.225]},
+    "imagenet": {"crop_fraction": 0.875, "scale": 1 / 255, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]},
     "inception": {"crop_fraction": 0.875, "scale": 1 / 127.5, "offset": -1.0},
     # EfficientNet-Lite's reference preprocessing resizes bicubic (bilinear changes 3 % of Lite0's top-1).
     "lite": {"crop_fraction": 0.875, "interpolation": "bicubic", "scale": 1 / 128, "offset": -127 / 128},
@@ -149,8 +148,11 @@ class PreprocessSpec(_Strict):
     def resolved(self) -> PreprocessSpec:
         """This spec with the preset's values filled in where no key was given (``preset`` kept), and the
         default interpolation where neither gives one."""
-        fill = {} if self.preset is None else {k: v for k, v in PREPROCESS_PRESETS[self.preset].items()
-                                               if getattr(self, k) is None}
+        fill = (
+            {}
+            if self.preset is None
+            else {k: v for k, v in PREPROCESS_PRESETS[self.preset].items() if getattr(self, k) is None}
+        )
         if self.interpolation is None:
             fill.setdefault("interpolation", DEFAULT_INTERPOLATION)
         return self.model_copy(update=fill) if fill else self
@@ -182,8 +184,12 @@ RECIPE_PRESETS: dict[str, dict[str, Any]] = {
     "dynamic": {"mode": "dynamic"},
     "per-tensor": {"mode": "static", "per_channel": False},
     "per-channel": {"mode": "static", "per_channel": True},
-    "per-channel-symmetric": {"mode": "static", "per_channel": True, "activation_type": "int8",
-                              "activation_symmetric": True},
+    "per-channel-symmetric": {
+        "mode": "static",
+        "per_channel": True,
+        "activation_type": "int8",
+        "activation_symmetric": True,
+    },
     "per-channel-percentile": {"mode": "static", "per_channel": True, "calibration_method": "percentile"},
     "per-channel-entropy": {"mode": "static", "per_channel": True, "calibration_method": "entropy"},
     "per-tensor-percentile": {"mode": "static", "per_channel": False, "calibration_method": "percentile"},
@@ -360,13 +366,15 @@ class QuantizationSpec(_Strict):
                 raise ValueError(f"recipe {name!r}: {base_name!r} is {base.mode}, only static recipes have a QDQ form")
             return replace(base, name=name, format="qdq")
         if suffix.startswith(VARIANT_FLOAT) and len(suffix) > len(VARIANT_FLOAT):
-            ops = suffix[len(VARIANT_FLOAT):].split("-")
+            ops = suffix[len(VARIANT_FLOAT) :].split("-")
             if not all(op and op.replace("_", "").isalnum() for op in ops):
-                raise ValueError(f"recipe {name!r}: bad op type list {suffix[len(VARIANT_FLOAT):]!r}")
+                raise ValueError(f"recipe {name!r}: bad op type list {suffix[len(VARIANT_FLOAT) :]!r}")
             return replace(base, name=name, exclude_op_types=tuple(sorted({*base.exclude_op_types, *ops})))
         known = sorted({*self.recipe_names(), *RECIPE_PRESETS})
-        raise ValueError(f"unknown recipe {name!r} (known: {', '.join(known)}; variants end in "
-                         f"'.{VARIANT_QDQ}' or '.{VARIANT_FLOAT}<OpType>')")
+        raise ValueError(
+            f"unknown recipe {name!r} (known: {', '.join(known)}; variants end in "
+            f"'.{VARIANT_QDQ}' or '.{VARIANT_FLOAT}<OpType>')"
+        )
 
     def with_recipes(self, names: list[str]) -> QuantizationSpec:
         """This section restricted to (or extended by presets to) the recipes ``names`` (``--recipe``)."""
@@ -374,9 +382,13 @@ class QuantizationSpec(_Strict):
         for name in names:
             r = self.resolve(name)  # ValueError naming the known recipes
             kept = {k: v for k, v in r.__dict__.items() if k not in ("op_types", "exclude_op_types")}
-            chosen.append(RecipeSpec(**kept,
-                                     op_types=list(r.op_types) if r.op_types else None,
-                                     exclude_op_types=list(r.exclude_op_types) or None))
+            chosen.append(
+                RecipeSpec(
+                    **kept,
+                    op_types=list(r.op_types) if r.op_types else None,
+                    exclude_op_types=list(r.exclude_op_types) or None,
+                )
+            )
         return self.model_copy(update={"recipes": chosen})
 
 
@@ -444,8 +456,16 @@ class SearchSpec(SearchRun):
     def runs(self) -> list[SearchRun]:
         """The main search, then the compared ones (without repeats)."""
         out: list[SearchRun] = []
-        for run in [SearchRun(ranking=self.ranking, strategy=self.strategy, budget=self.budget,
-                              max_loss=self.max_loss, recipes=self.recipes), *self.compare]:
+        for run in [
+            SearchRun(
+                ranking=self.ranking,
+                strategy=self.strategy,
+                budget=self.budget,
+                max_loss=self.max_loss,
+                recipes=self.recipes,
+            ),
+            *self.compare,
+        ]:
             if run.name not in {r.name for r in out}:
                 out.append(run)
         return out
@@ -575,8 +595,9 @@ class StudyConfig(_Strict):
         for run in self.search.runs():
             unknown = [r for r in run.recipes or [] if r not in known]
             if unknown:
-                raise ValueError(f"search {run.name}: unknown recipe {unknown[0]!r} in 'recipes' "
-                                 f"(known: {', '.join(known)})")
+                raise ValueError(
+                    f"search {run.name}: unknown recipe {unknown[0]!r} in 'recipes' (known: {', '.join(known)})"
+                )
         return self
 
     def fingerprint(self, *parts: str) -> str:
@@ -687,8 +708,9 @@ def _under(base: Path, p: Path | None) -> Path | None:
 def resolve_agent_paths(agents: list[AgentSpec], base: Path) -> list[AgentSpec]:
     """``[[agents]]`` with their token and TLS file paths resolved against ``base`` (a study's or lab file's folder)."""
     return [
-        a.model_copy(update={key: _under(base, getattr(a, key))
-                             for key in ("token_file", "tls_ca", "tls_cert", "tls_key")})
+        a.model_copy(
+            update={key: _under(base, getattr(a, key)) for key in ("token_file", "tls_ca", "tls_cert", "tls_key")}
+        )
         for a in agents
     ]
 

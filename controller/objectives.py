@@ -80,16 +80,49 @@ def _loss(candidate: Mapping[str, Any], result: Mapping[str, Any]) -> float | No
 OBJECTIVES: dict[str, Objective] = {
     o.name: o
     for o in (
-        Objective("accuracy_loss", "min", "fraction", "accuracy loss (1 − top-1 agreement with FP32)", "%", 100.0,
-                  "accuracy_loss not available (no agreement with FP32 measured)", _loss),
-        Objective("accuracy", "max", "fraction", "top-1 accuracy", "%", 100.0,
-                  "accuracy not available (no labels)", lambda c, r: r.get("accuracy")),
-        Objective("accuracy_top5", "max", "fraction", "top-5 accuracy", "%", 100.0,
-                  "accuracy_top5 not available (no labels or top-5 not measured)", lambda c, r: r.get("accuracy_top5")),
-        Objective("size", "min", "bytes", "model size", "MB", 1e-6,
-                  "size not available", lambda c, r: c.get("size_bytes")),
-        Objective("latency", "min", "ms", "median latency", "ms", 1.0,
-                  "latency not measured", lambda c, r: r.get("latency_ms")),
+        Objective(
+            "accuracy_loss",
+            "min",
+            "fraction",
+            "accuracy loss (1 − top-1 agreement with FP32)",
+            "%",
+            100.0,
+            "accuracy_loss not available (no agreement with FP32 measured)",
+            _loss,
+        ),
+        Objective(
+            "accuracy",
+            "max",
+            "fraction",
+            "top-1 accuracy",
+            "%",
+            100.0,
+            "accuracy not available (no labels)",
+            lambda c, r: r.get("accuracy"),
+        ),
+        Objective(
+            "accuracy_top5",
+            "max",
+            "fraction",
+            "top-5 accuracy",
+            "%",
+            100.0,
+            "accuracy_top5 not available (no labels or top-5 not measured)",
+            lambda c, r: r.get("accuracy_top5"),
+        ),
+        Objective(
+            "size", "min", "bytes", "model size", "MB", 1e-6, "size not available", lambda c, r: c.get("size_bytes")
+        ),
+        Objective(
+            "latency",
+            "min",
+            "ms",
+            "median latency",
+            "ms",
+            1.0,
+            "latency not measured",
+            lambda c, r: r.get("latency_ms"),
+        ),
     )
 }
 

@@ -93,10 +93,15 @@ def remeasure_token(study: Study, fresh: bool) -> str:
 class StudyRun:
     """The steps of one ``tune`` run over a prepared :class:`Study`."""
 
-    def __init__(self, study: Study, endpoints: list[Endpoint], settings: FarmSettings,
-                 on_progress: Callable[[dict[str, int], int], None] | None = None,
-                 local_agent_args: list[str] | None = None,
-                 on_status: Callable[[list[StatusLine]], None] | None = None) -> None:
+    def __init__(
+        self,
+        study: Study,
+        endpoints: list[Endpoint],
+        settings: FarmSettings,
+        on_progress: Callable[[dict[str, int], int], None] | None = None,
+        local_agent_args: list[str] | None = None,
+        on_status: Callable[[list[StatusLine]], None] | None = None,
+    ) -> None:
         self.study = study
         self.store = study.store
         self.endpoints = endpoints
@@ -237,8 +242,9 @@ class StudyRun:
                 self.study.finish_prepare()
             self.study.forget_stale_candidates(model)
             pm = prepared.model
-            self._add_built(_Built(baseline_id(model), model, pm.path, pm.sha256, {}, pm.path.stat().st_size),
-                            fp32=True)
+            self._add_built(
+                _Built(baseline_id(model), model, pm.path, pm.sha256, {}, pm.path.stat().st_size), fp32=True
+            )
             self._want(baseline_id(model), "full", model, "fp32")
             if not self.study.auto:
                 for recipe in self.study.recipes(model):
@@ -308,8 +314,9 @@ class StudyRun:
         """report.json (the checkpoint view) and the plots of the models just finished, on the reporter."""
         models = self._finished_models(strategies) - self._plotted
         self._plotted |= models
-        self._report_soon(lambda: write_checkpoint(self.store, self.study.out_dir, models,
-                                                   cancel=self._reporter_ending.is_set))
+        self._report_soon(
+            lambda: write_checkpoint(self.store, self.study.out_dir, models, cancel=self._reporter_ending.is_set)
+        )
 
     def _stop_reporter(self) -> None:
         """Let the reporter finish what it has, but no more plots ahead (the final report draws them)."""
@@ -332,8 +339,9 @@ class StudyRun:
         self._builder_thread.start()
         # two at once: a model's min/max and percentile calibrations overlap (the percentile one, the longer, is
         # then in about as soon as it would be alone; its recipes' fully quantized models gate the searches)
-        self._calibrator_threads = [threading.Thread(target=self._calibrator, name=f"calibrator-{i}", daemon=True)
-                                    for i in range(_CALIBRATORS)]
+        self._calibrator_threads = [
+            threading.Thread(target=self._calibrator, name=f"calibrator-{i}", daemon=True) for i in range(_CALIBRATORS)
+        ]
         for thread in self._calibrator_threads:
             thread.start()
 
@@ -346,8 +354,12 @@ class StudyRun:
         if wanted:
             skipped = [ep for ep in self.endpoints if ep.device_class and ep.device_class not in wanted]
             for ep in skipped:
-                log.info("agent %s (class %s) not used: the study measures on %s", ep.address, ep.device_class,
-                         ", ".join(sorted(wanted)))
+                log.info(
+                    "agent %s (class %s) not used: the study measures on %s",
+                    ep.address,
+                    ep.device_class,
+                    ", ".join(sorted(wanted)),
+                )
             self.endpoints = [ep for ep in self.endpoints if ep not in skipped]
             for cls in sorted(wanted):  # planned from the start: a class no agent serves ends as unreachable
                 self._register_class(cls, {"declared_by": "evaluation.device_classes"}, now)
@@ -437,8 +449,11 @@ class StudyRun:
             decisions = self.gate_decisions(m)
             if decisions is not None and any(d.status == gate.PENDING for d in decisions):
                 continue
-            searched = self.study.recipes(m) if decisions is None else \
-                [d.recipe for d in decisions if d.status == gate.SEARCHED]
+            searched = (
+                self.study.recipes(m)
+                if decisions is None
+                else [d.recipe for d in decisions if d.status == gate.SEARCHED]
+            )
             if all((m, r) in done for r in searched):
                 out.add(m)
         return out
@@ -451,8 +466,13 @@ class StudyRun:
             no_class = not self._classes
         if no_class and not any(link.live.is_set() for link in self.links):
             return True
-        return (not self.board.unfinished() and not self.board.settling() and self._idle()
-                and not self.planner.deciding() and not self._changed.is_set())
+        return (
+            not self.board.unfinished()
+            and not self.board.settling()
+            and self._idle()
+            and not self.planner.deciding()
+            and not self._changed.is_set()
+        )
 
     def _stuck(self, searches: list[str]) -> None:
         """The searches cannot go on: say why (the reasons already found, else what they wait for)."""
@@ -460,10 +480,14 @@ class StudyRun:
             if line not in self.errors:
                 self.errors.append(line)
         if not self.errors and not self.liveness.errors:
-            self.errors.append(f"searches {', '.join(searches) or '(done)'} wait for results that can no longer arrive "
-                               f"(device classes: {', '.join(self.view_devices()) or 'none'})")
-        log.error("%s; ending the run", f"the searches {', '.join(searches)} cannot go on" if searches
-                  else "no device class can run the builds")
+            self.errors.append(
+                f"searches {', '.join(searches) or '(done)'} wait for results that can no longer arrive "
+                f"(device classes: {', '.join(self.view_devices()) or 'none'})"
+            )
+        log.error(
+            "%s; ending the run",
+            f"the searches {', '.join(searches)} cannot go on" if searches else "no device class can run the builds",
+        )
 
     def _show_status(self) -> None:
         """Each agent's state and what the run waits for, to the live display."""
@@ -507,8 +531,7 @@ class StudyRun:
             why = self._lost(fq, cls)
             if why is None:
                 return []
-            reasons.append(f"device class {cls}: the fully quantized model of {recipe} {why}; "
-                           "nothing to search from")
+            reasons.append(f"device class {cls}: the fully quantized model of {recipe} {why}; nothing to search from")
         return reasons
 
     def _lost_lines(self) -> list[str]:
@@ -553,12 +576,19 @@ class StudyRun:
             if line not in self.errors:
                 self.errors.append(line)
         outcome = TuneOutcome(
-            total=self._total(), done=counts.get("done", 0), failed=counts.get("failed", 0),
-            unreachable=counts.get("unreachable", 0), infeasible=counts.get("infeasible", 0),
+            total=self._total(),
+            done=counts.get("done", 0),
+            failed=counts.get("failed", 0),
+            unreachable=counts.get("unreachable", 0),
+            infeasible=counts.get("infeasible", 0),
             submitted_here=sum(s.executed for link in self.links for s in link.slots.values()),
-            errors=list(self.errors) + list(self.liveness.errors)
-            + [f"agent {link.address} unusable: {link.error}" for link in self.links
-               if link.state == AgentState.INCOMPATIBLE],
+            errors=list(self.errors)
+            + list(self.liveness.errors)
+            + [
+                f"agent {link.address} unusable: {link.error}"
+                for link in self.links
+                if link.state == AgentState.INCOMPATIBLE
+            ],
         )
         if self.on_progress is not None:
             self.on_progress(counts, outcome.total)
@@ -620,8 +650,11 @@ class StudyRun:
                 continue
             self._screens[(model, recipe)] = split
             with self._lock:
-                todo = [(b, list(self._classes)) for cid, b in self._built.items()
-                        if b.model == model and b.recipe == recipe and "screen" in self._levels.get(cid, ())]
+                todo = [
+                    (b, list(self._classes))
+                    for cid, b in self._built.items()
+                    if b.model == model and b.recipe == recipe and "screen" in self._levels.get(cid, ())
+                ]
             # (_add_jobs adds them only on the classes the recipe is planned on)
             for b, classes in todo:
                 for cls in classes:
@@ -763,8 +796,11 @@ class StudyRun:
             decisions = self.gate_decisions(m)
             if decisions is not None and (any(d.status == gate.PENDING for d in decisions) or not self._ranked(m)):
                 return False
-            searched = self.study.recipes(m) if decisions is None else \
-                [d.recipe for d in decisions if d.status == gate.SEARCHED]
+            searched = (
+                self.study.recipes(m)
+                if decisions is None
+                else [d.recipe for d in decisions if d.status == gate.SEARCHED]
+            )
             if any((m, r) not in done for r in searched):
                 return False
         return True
@@ -789,8 +825,17 @@ class StudyRun:
             try:
                 with self._heavy_work():
                     row = self.study.build(plan)
-                self._add_built(_Built(plan.id, plan.model, Path(row["path"]), row["sha256"], row["runtime"],
-                                       int(row["size_bytes"]), plan.mode))
+                self._add_built(
+                    _Built(
+                        plan.id,
+                        plan.model,
+                        Path(row["path"]),
+                        row["sha256"],
+                        row["runtime"],
+                        int(row["size_bytes"]),
+                        plan.mode,
+                    )
+                )
             except Exception as exc:  # noqa: BLE001 - a variant checked for a device may not build: give it up
                 if not self.planner.is_probe(plan.id):
                     self._build_errors.append(exc)  # handed to the main thread, which raises it
@@ -851,11 +896,23 @@ class StudyRun:
     def _add_built(self, built: _Built, fp32: bool = False) -> None:
         if fp32:
             pm = self.study.models[built.model]
-            self.store.put_candidate({"id": built.candidate_id, "model": built.model, "mode": "fp32", "k": None,
-                                      "kind": "fp32", "label": "fp32", "excluded": [], "settings_key": "",
-                                      "build_key": pm.sha256, "path": str(built.path),
-                                      "size_bytes": built.size_bytes, "sha256": built.sha256,
-                                      "runtime": {}})
+            self.store.put_candidate(
+                {
+                    "id": built.candidate_id,
+                    "model": built.model,
+                    "mode": "fp32",
+                    "k": None,
+                    "kind": "fp32",
+                    "label": "fp32",
+                    "excluded": [],
+                    "settings_key": "",
+                    "build_key": pm.sha256,
+                    "path": str(built.path),
+                    "size_bytes": built.size_bytes,
+                    "sha256": built.sha256,
+                    "runtime": {},
+                }
+            )
         with self._lock:
             self._built[built.candidate_id] = built
             classes = list(self._classes)
@@ -874,9 +931,21 @@ class StudyRun:
         else:
             split = self.study.eval_split(built.model)
         pm = self.study.models[built.model]
-        plan = make_job(built.candidate_id, device_class, built.path, built.sha256, split.path, split.sha256,
-                        pm.input_name, built.runtime, self.settings, level, split.name, tuning_group=pm.sha256,
-                        sample_sha256=self.study.eval_split(built.model).sha256)
+        plan = make_job(
+            built.candidate_id,
+            device_class,
+            built.path,
+            built.sha256,
+            split.path,
+            split.sha256,
+            pm.input_name,
+            built.runtime,
+            self.settings,
+            level,
+            split.name,
+            tuning_group=pm.sha256,
+            sample_sha256=self.study.eval_split(built.model).sha256,
+        )
         plan = replace(plan, priority=self._priority(built.model, built.recipe))
         with self._lock:
             self._job_ids[(built.candidate_id, device_class, level)] = plan.id
@@ -916,8 +985,11 @@ class StudyRun:
                 self.study.search_layers(model, d.planned)
         self.planner.settle(d)
         with self._lock:
-            todo = [(b, sorted(self._levels.get(cid, ()))) for cid, b in self._built.items()
-                    if b.model == model and b.recipe == d.planned]
+            todo = [
+                (b, sorted(self._levels.get(cid, ())))
+                for cid, b in self._built.items()
+                if b.model == model and b.recipe == d.planned
+            ]
         if d.persist:
             self.store.put_feasibility(model, recipe, cls, d.planned, d.status, d.unsupported, d.tried, d.digest)
         line = describe(cls, recipe, d.planned, d.status, d.unsupported, d.tried)
@@ -1004,12 +1076,22 @@ class StudyRun:
                 failed.append(cls)  # FP32 failed there for good: nothing to compare with on this class
                 per_device[cls] = {}
                 continue
-            per_device[cls] = {"agreement": result["agreement"], "accuracy": result["accuracy"],
-                               "accuracy_top5": result["accuracy_top5"], **result_latency(result),
-                               "overlap": accuracy.overlap_of(self.store, result)}
+            per_device[cls] = {
+                "agreement": result["agreement"],
+                "accuracy": result["accuracy"],
+                "accuracy_top5": result["accuracy_top5"],
+                **result_latency(result),
+                "overlap": accuracy.overlap_of(self.store, result),
+            }
             wrong[cls] = accuracy.disagreeing_of(self.store, result)
-        out = Outcome(plan.id, built.size_bytes, per_device, tuple(failed), wrong,
-                      self.study.eval_split(built.model).size if level == "screen" else 0)
+        out = Outcome(
+            plan.id,
+            built.size_bytes,
+            per_device,
+            tuple(failed),
+            wrong,
+            self.study.eval_split(built.model).size if level == "screen" else 0,
+        )
         self._outcomes[key] = out
         return out
 
@@ -1025,8 +1107,9 @@ class StudyRun:
         return False
 
     # ------------------------------------------------------------------ devices and liveness
-    def _register_class(self, device_class: str, info: dict[str, Any], now: float,
-                        supported: frozenset[str] | None = None) -> bool:
+    def _register_class(
+        self, device_class: str, info: dict[str, Any], now: float, supported: frozenset[str] | None = None
+    ) -> bool:
         """A device class appears (declared, or a device of it connected with ``supported`` op types:
         empty = no known restriction); it gets every job built so far that may run there."""
         with self._lock:
@@ -1034,8 +1117,9 @@ class StudyRun:
             self._class_known.set()
             self._classes[device_class] = now
             first_ops = self.planner.register(device_class, supported)
-            todo = ([(b, sorted(self._levels.get(cid, ()))) for cid, b in self._built.items()]
-                    if new or first_ops else [])
+            todo = (
+                [(b, sorted(self._levels.get(cid, ()))) for cid, b in self._built.items()] if new or first_ops else []
+            )
         if new or info.get("backend"):
             self.store.put_device(device_class, device_class, info)
         for b, levels in todo:
@@ -1049,14 +1133,24 @@ class StudyRun:
         if self.settings.device_classes and device.device_class not in self.settings.device_classes:
             return  # the study does not measure on this class: no jobs are planned for it
         versions = dict(device.runtime_versions)
-        info = {"backend": device.backend, "cpu": device.cpu, "gpu": device.gpu,
-                "hostname": link.info.hostname if link.info else "", "agent": link.address,
-                "runtime_versions": versions, "simulated": device.simulated,
-                "simulated_latency_ms_per_sample": device.simulated_latency_ms_per_sample,
-                "device_name": device.name, "target": device.target, "rpc_key": device.rpc_key,
-                "remote": device.remote, "remote_servers": device.remote_servers,
-                "tvm_version": versions.get("tvm", ""), "supported_ops": len(device.supported_ops),
-                "capabilities": list(device.capabilities)}
+        info = {
+            "backend": device.backend,
+            "cpu": device.cpu,
+            "gpu": device.gpu,
+            "hostname": link.info.hostname if link.info else "",
+            "agent": link.address,
+            "runtime_versions": versions,
+            "simulated": device.simulated,
+            "simulated_latency_ms_per_sample": device.simulated_latency_ms_per_sample,
+            "device_name": device.name,
+            "target": device.target,
+            "rpc_key": device.rpc_key,
+            "remote": device.remote,
+            "remote_servers": device.remote_servers,
+            "tvm_version": versions.get("tvm", ""),
+            "supported_ops": len(device.supported_ops),
+            "capabilities": list(device.capabilities),
+        }
         if self._register_class(device.device_class, info, time.monotonic(), frozenset(device.supported_ops)):
             log.info("device class %s: first served by %s (%s)", device.device_class, link.address, device.name)
 
@@ -1109,11 +1203,16 @@ class StudyRun:
         self._changed.set()
 
 
-def tune(study: Study, endpoints: list[Endpoint], settings: FarmSettings,
-         on_progress: Callable[[dict[str, int], int], None] | None = None,
-         local_agent_args: list[str] | None = None,
-         on_status: Callable[[list[StatusLine]], None] | None = None) -> TuneOutcome:
+def tune(
+    study: Study,
+    endpoints: list[Endpoint],
+    settings: FarmSettings,
+    on_progress: Callable[[dict[str, int], int], None] | None = None,
+    local_agent_args: list[str] | None = None,
+    on_status: Callable[[list[StatusLine]], None] | None = None,
+) -> TuneOutcome:
     """Run the whole study on the agents (a local one when none is given); problems are in ``errors``;
     ``on_status`` gets each agent's state and what the run waits for, every half second."""
-    return StudyRun(study, endpoints, settings, on_progress=on_progress, local_agent_args=local_agent_args,
-                    on_status=on_status).run()
+    return StudyRun(
+        study, endpoints, settings, on_progress=on_progress, local_agent_args=local_agent_args, on_status=on_status
+    ).run()

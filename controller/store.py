@@ -35,8 +35,17 @@ _TABLES: dict[str, tuple[dict[str, type], str | tuple[str, ...]]] = {
     "meta": ({"key": str, "value": str}, "key"),
     "models": (
         {
-            "name": str, "source": str, "path": str, "sha256": str, "source_sha256": str, "size_bytes": int,
-            "opset_original": int, "opset_used": int, "upgraded": int, "input_name": str, "input_shape": str,
+            "name": str,
+            "source": str,
+            "path": str,
+            "sha256": str,
+            "source_sha256": str,
+            "size_bytes": int,
+            "opset_original": int,
+            "opset_used": int,
+            "upgraded": int,
+            "input_name": str,
+            "input_shape": str,
             "notes": str,
         },
         "name",
@@ -52,16 +61,37 @@ _TABLES: dict[str, tuple[dict[str, type], str | tuple[str, ...]]] = {
     ),
     "layers": (
         {
-            "model": str, "mode": str, "name": str, "op_type": str, "idx": int, "output": str,
-            "fused_activation": str, "qdq_err": float, "xmodel_err": float, "norm_qdq": float,
-            "norm_xmodel": float, "score": float, "rank": int,
+            "model": str,
+            "mode": str,
+            "name": str,
+            "op_type": str,
+            "idx": int,
+            "output": str,
+            "fused_activation": str,
+            "qdq_err": float,
+            "xmodel_err": float,
+            "norm_qdq": float,
+            "norm_xmodel": float,
+            "score": float,
+            "rank": int,
         },
         ("model", "mode", "name"),
     ),
     "candidates": (
         {
-            "id": str, "model": str, "mode": str, "k": int, "kind": str, "label": str, "excluded": str,
-            "settings_key": str, "build_key": str, "path": str, "size_bytes": int, "sha256": str, "runtime": str,
+            "id": str,
+            "model": str,
+            "mode": str,
+            "k": int,
+            "kind": str,
+            "label": str,
+            "excluded": str,
+            "settings_key": str,
+            "build_key": str,
+            "path": str,
+            "size_bytes": int,
+            "sha256": str,
+            "runtime": str,
             "created_at": float,
         },
         "id",
@@ -69,8 +99,17 @@ _TABLES: dict[str, tuple[dict[str, type], str | tuple[str, ...]]] = {
     "devices": ({"name": str, "device_class": str, "info": str, "updated_at": float}, "name"),
     "jobs": (
         {
-            "id": str, "candidate_id": str, "device": str, "state": str, "agent": str, "attempts": int,
-            "lease_until": float, "error": str, "created_at": float, "updated_at": float, "level": str,
+            "id": str,
+            "candidate_id": str,
+            "device": str,
+            "state": str,
+            "agent": str,
+            "attempts": int,
+            "lease_until": float,
+            "error": str,
+            "created_at": float,
+            "updated_at": float,
+            "level": str,
             # An ``infeasible`` job: the op types the device cannot run (JSON list), as the agent said.
             "unsupported_ops": str,
         },
@@ -78,21 +117,47 @@ _TABLES: dict[str, tuple[dict[str, type], str | tuple[str, ...]]] = {
     ),
     "results": (
         {
-            "job_id": str, "candidate_id": str, "device": str, "agent": str, "agent_id": str, "num_samples": int,
-            "top_k": int, "topk": bytes, "agreement": float, "accuracy": float, "accuracy_top5": float,
-            "latency_ms": float, "latency": str, "size_bytes": int, "simulated": float, "finished_at": float,
-            "info": str, "attempt": int, "level": str, "split": str,
+            "job_id": str,
+            "candidate_id": str,
+            "device": str,
+            "agent": str,
+            "agent_id": str,
+            "num_samples": int,
+            "top_k": int,
+            "topk": bytes,
+            "agreement": float,
+            "accuracy": float,
+            "accuracy_top5": float,
+            "latency_ms": float,
+            "latency": str,
+            "size_bytes": int,
+            "simulated": float,
+            "finished_at": float,
+            "info": str,
+            "attempt": int,
+            "level": str,
+            "split": str,
             # What the result is compared with: the prepared model its candidate was built from and
             # the evaluation sample (sha256s; a screen's is the sample it is a subset of), and the FP32
             # result (job id) its agreement was last computed against (see controller/accuracy.py).
-            "model_sha256": str, "sample_sha256": str, "baseline_job": str,
+            "model_sha256": str,
+            "sample_sha256": str,
+            "baseline_job": str,
         },
         "job_id",
     ),
     # What each search asked for: (search, candidate, level) with the label it gave the candidate.
     "proposals": (
-        {"search": str, "candidate_id": str, "level": str, "model": str, "mode": str, "label": str, "seq": int,
-         "created_at": float},
+        {
+            "search": str,
+            "candidate_id": str,
+            "level": str,
+            "model": str,
+            "mode": str,
+            "label": str,
+            "seq": int,
+            "created_at": float,
+        },
         ("search", "candidate_id", "level"),
     ),
     "searches": ({"name": str, "params": str, "started_at": float, "finished_at": float}, "name"),
@@ -100,8 +165,17 @@ _TABLES: dict[str, tuple[dict[str, type], str | tuple[str, ...]]] = {
     # the recipe planned there instead (itself, a variant, or itself after giving up), decided from
     # the op types of fully quantized candidates and the class's supported op types (``ops_digest``).
     "feasibility": (
-        {"model": str, "recipe": str, "device_class": str, "planned": str, "status": str, "unsupported": str,
-         "tried": str, "ops_digest": str, "created_at": float},
+        {
+            "model": str,
+            "recipe": str,
+            "device_class": str,
+            "planned": str,
+            "status": str,
+            "unsupported": str,
+            "tried": str,
+            "ops_digest": str,
+            "created_at": float,
+        },
         ("model", "recipe", "device_class"),
     ),
     # Rankings computed from evaluations (``measured``): per layer its gain and bytes, rank order.
@@ -198,15 +272,19 @@ class Store:
         live = path.with_name(path.name + "-wal").exists()
         with _not_a_store(path):
             try:
-                conn = sqlite3.connect(f"{uri}?{'mode=ro' if live else 'immutable=1'}", uri=True, timeout=30.0,
-                                       check_same_thread=False, isolation_level=None)
+                conn = sqlite3.connect(
+                    f"{uri}?{'mode=ro' if live else 'immutable=1'}",
+                    uri=True,
+                    timeout=30.0,
+                    check_same_thread=False,
+                    isolation_level=None,
+                )
                 conn.execute("select count(*) from sqlite_master").fetchone()
             except sqlite3.OperationalError:
                 if not live:
                     raise
                 # no -shm and a folder we cannot write: read the file as it is (the writer's last checkpoint)
-                conn = sqlite3.connect(f"{uri}?immutable=1", uri=True, check_same_thread=False,
-                                       isolation_level=None)
+                conn = sqlite3.connect(f"{uri}?immutable=1", uri=True, check_same_thread=False, isolation_level=None)
                 conn.execute("select count(*) from sqlite_master").fetchone()
         return cls(path, conn)
 
@@ -262,13 +340,25 @@ class Store:
         return out
 
     @_locked
-    def put_dataset(self, split: str, path: Path, sha256: str, items: list[str], labels: list[int] | None,
-                    skipped: list[dict[str, str]] | None = None) -> None:
+    def put_dataset(
+        self,
+        split: str,
+        path: Path,
+        sha256: str,
+        items: list[str],
+        labels: list[int] | None,
+        skipped: list[dict[str, str]] | None = None,
+    ) -> None:
         """Record a preprocessed split (``skipped``: unreadable inputs left out, ``{"file", "reason"}``)."""
         self.db.table("datasets").upsert(
             {
-                "split": split, "path": str(path), "sha256": sha256, "size": len(items),
-                "items": json.dumps(items), "labels": json.dumps(labels), "skipped": json.dumps(skipped or []),
+                "split": split,
+                "path": str(path),
+                "sha256": sha256,
+                "size": len(items),
+                "items": json.dumps(items),
+                "labels": json.dumps(labels),
+                "skipped": json.dumps(skipped or []),
             },
             pk="split",
         )
@@ -290,8 +380,13 @@ class Store:
     def put_calibration(self, key: str, model: str, settings: dict[str, Any], path: Path) -> None:
         """Record a calibration cache file."""
         self.db.table("calibrations").upsert(
-            {"key": key, "model": model, "settings": json.dumps(settings, sort_keys=True, default=list),
-             "path": str(path), "created_at": time.time()},
+            {
+                "key": key,
+                "model": model,
+                "settings": json.dumps(settings, sort_keys=True, default=list),
+                "path": str(path),
+                "created_at": time.time(),
+            },
             pk="key",
         )
 
@@ -302,8 +397,9 @@ class Store:
         return dict(rows[0]) if rows else None
 
     @_locked
-    def put_analysis(self, model: str, mode: str, key: str, fq_sha256: str, seconds: float,
-                     layers: list[dict[str, Any]]) -> None:
+    def put_analysis(
+        self, model: str, mode: str, key: str, fq_sha256: str, seconds: float, layers: list[dict[str, Any]]
+    ) -> None:
         """Replace the ranking of (model, mode) atomically."""
         with self.transaction():
             self.db.execute("delete from layers where model = ? and mode = ?", [model, mode])
@@ -315,8 +411,14 @@ class Store:
             if rows:
                 self.db.table("layers").insert_all(rows, pk=("model", "mode", "name"))
             self.db.table("analyses").upsert(
-                {"model": model, "mode": mode, "key": key, "fq_sha256": fq_sha256, "seconds": seconds,
-                 "created_at": time.time()},
+                {
+                    "model": model,
+                    "mode": mode,
+                    "key": key,
+                    "fq_sha256": fq_sha256,
+                    "seconds": seconds,
+                    "created_at": time.time(),
+                },
                 pk=("model", "mode"),
             )
 
@@ -368,9 +470,15 @@ class Store:
     @_locked
     def put_device(self, name: str, device_class: str, info: dict[str, Any]) -> None:
         """Insert or replace a device (a device class as the study schedules it)."""
-        self.db.table("devices").upsert({"name": name, "device_class": device_class,
-                                         "info": json.dumps(info, sort_keys=True), "updated_at": time.time()},
-                                        pk="name")
+        self.db.table("devices").upsert(
+            {
+                "name": name,
+                "device_class": device_class,
+                "info": json.dumps(info, sort_keys=True),
+                "updated_at": time.time(),
+            },
+            pk="name",
+        )
 
     @_locked
     def devices(self) -> list[dict[str, Any]]:
@@ -390,8 +498,13 @@ class Store:
         return dict(rows[0]) if rows else None
 
     @_locked
-    def jobs(self, state: str | None = None, agent: str | None = None, level: str | None = None,
-             candidate_id: str | None = None) -> list[dict[str, Any]]:
+    def jobs(
+        self,
+        state: str | None = None,
+        agent: str | None = None,
+        level: str | None = None,
+        candidate_id: str | None = None,
+    ) -> list[dict[str, Any]]:
         """Job rows, optionally of one state, agent, level and/or candidate (older rows count as full)."""
         rows = self._select("jobs", "created_at, id", state=state, agent=agent, candidate_id=candidate_id)
         for r in rows:
@@ -405,9 +518,19 @@ class Store:
         if row is None:
             now = time.time()
             self.db.table("jobs").insert(
-                {"id": job_id, "candidate_id": candidate_id, "device": device, "state": "pending", "agent": None,
-                 "attempts": 0, "lease_until": 0.0, "error": None, "created_at": now, "updated_at": now,
-                 "level": level},
+                {
+                    "id": job_id,
+                    "candidate_id": candidate_id,
+                    "device": device,
+                    "state": "pending",
+                    "agent": None,
+                    "attempts": 0,
+                    "lease_until": 0.0,
+                    "error": None,
+                    "created_at": now,
+                    "updated_at": now,
+                    "level": level,
+                },
                 pk="id",
             )
             row = self.job(job_id)
@@ -432,8 +555,9 @@ class Store:
     @_locked
     def expired_leases(self, now: float) -> list[dict[str, Any]]:
         """Submitted jobs whose lease ended before ``now``."""
-        return [dict(r) for r in self.db.query(
-            "select * from jobs where state = 'submitted' and lease_until < ?", [now])]
+        return [
+            dict(r) for r in self.db.query("select * from jobs where state = 'submitted' and lease_until < ?", [now])
+        ]
 
     @_locked
     def job_counts(self, ids: list[str] | None = None) -> dict[str, int]:
@@ -462,8 +586,9 @@ class Store:
             if list(self.db.query("select 1 from results where job_id = ?", [row["job_id"]])):
                 return False
             self.db.table("results").insert(row, pk="job_id")
-            self.db.table("jobs").update(row["job_id"], {"state": "done", "agent": row.get("agent"), "error": None,
-                                                         "updated_at": time.time()})
+            self.db.table("jobs").update(
+                row["job_id"], {"state": "done", "agent": row.get("agent"), "error": None, "updated_at": time.time()}
+            )
         return True
 
     @_locked
@@ -473,8 +598,9 @@ class Store:
         return dict(rows[0]) if rows else None
 
     @_locked
-    def results(self, candidate_id: str | None = None, device: str | None = None,
-                level: str | None = None) -> list[dict[str, Any]]:
+    def results(
+        self, candidate_id: str | None = None, device: str | None = None, level: str | None = None
+    ) -> list[dict[str, Any]]:
         """Result rows, optionally of one candidate, device and/or level (older rows count as full)."""
         rows = self._select("results", "finished_at", candidate_id=candidate_id, device=device)
         for r in rows:
@@ -487,14 +613,17 @@ class Store:
         """Record a search of the study (its start time is kept across runs)."""
         rows = list(self.db.query("select started_at from searches where name = ?", [name]))
         started = rows[0]["started_at"] if rows else time.time()
-        self.db.table("searches").upsert({"name": name, "params": json.dumps(params, sort_keys=True),
-                                          "started_at": started, "finished_at": None}, pk="name")
+        self.db.table("searches").upsert(
+            {"name": name, "params": json.dumps(params, sort_keys=True), "started_at": started, "finished_at": None},
+            pk="name",
+        )
 
     @_locked
     def finish_search(self, name: str) -> None:
         """Mark a search as done proposing."""
-        self.db.execute("update searches set finished_at = ? where name = ? and finished_at is null",
-                        [time.time(), name])
+        self.db.execute(
+            "update searches set finished_at = ? where name = ? and finished_at is null", [time.time(), name]
+        )
 
     @_locked
     def searches(self) -> list[dict[str, Any]]:
@@ -507,39 +636,74 @@ class Store:
     @_locked
     def put_proposal(self, search: str, candidate_id: str, level: str, model: str, mode: str, label: str) -> bool:
         """Record that ``search`` asked for a candidate at a level; False when it had before."""
-        if list(self.db.query("select 1 from proposals where search = ? and candidate_id = ? and level = ?",
-                              [search, candidate_id, level])):
+        if list(
+            self.db.query(
+                "select 1 from proposals where search = ? and candidate_id = ? and level = ?",
+                [search, candidate_id, level],
+            )
+        ):
             return False
         seq = next(iter(self.db.query("select count(*) c from proposals where search = ?", [search])))["c"]
-        self.db.table("proposals").insert({"search": search, "candidate_id": candidate_id, "level": level,
-                                           "model": model, "mode": mode, "label": label, "seq": seq,
-                                           "created_at": time.time()},
-                                          pk=("search", "candidate_id", "level"))
+        self.db.table("proposals").insert(
+            {
+                "search": search,
+                "candidate_id": candidate_id,
+                "level": level,
+                "model": model,
+                "mode": mode,
+                "label": label,
+                "seq": seq,
+                "created_at": time.time(),
+            },
+            pk=("search", "candidate_id", "level"),
+        )
         return True
 
     @_locked
-    def proposals(self, search: str | None = None, model: str | None = None,
-                  mode: str | None = None) -> list[dict[str, Any]]:
+    def proposals(
+        self, search: str | None = None, model: str | None = None, mode: str | None = None
+    ) -> list[dict[str, Any]]:
         """What the searches asked for, in order."""
         return self._select("proposals", "search, seq", search=search, model=model, mode=mode)
 
     @_locked
-    def put_feasibility(self, model: str, recipe: str, device_class: str, planned: str, status: str,
-                        unsupported: list[str], tried: list[dict[str, Any]], ops_digest: str) -> None:
+    def put_feasibility(
+        self,
+        model: str,
+        recipe: str,
+        device_class: str,
+        planned: str,
+        status: str,
+        unsupported: list[str],
+        tried: list[dict[str, Any]],
+        ops_digest: str,
+    ) -> None:
         """Record what runs of (model, recipe) on a device class: ``planned`` (the recipe or a variant),
         ``status`` (``feasible``, ``adapted``, ``gave-up``), the base recipe's unsupported op types and
         the recipes tried on the way (``[{"recipe", "unsupported"}]``)."""
-        self.db.table("feasibility").upsert({
-            "model": model, "recipe": recipe, "device_class": device_class, "planned": planned, "status": status,
-            "unsupported": json.dumps(sorted(unsupported)), "tried": json.dumps(tried), "ops_digest": ops_digest,
-            "created_at": time.time()}, pk=("model", "recipe", "device_class"))
+        self.db.table("feasibility").upsert(
+            {
+                "model": model,
+                "recipe": recipe,
+                "device_class": device_class,
+                "planned": planned,
+                "status": status,
+                "unsupported": json.dumps(sorted(unsupported)),
+                "tried": json.dumps(tried),
+                "ops_digest": ops_digest,
+                "created_at": time.time(),
+            },
+            pk=("model", "recipe", "device_class"),
+        )
 
     @_locked
-    def feasibility(self, model: str | None = None, recipe: str | None = None,
-                    device_class: str | None = None) -> list[dict[str, Any]]:
+    def feasibility(
+        self, model: str | None = None, recipe: str | None = None, device_class: str | None = None
+    ) -> list[dict[str, Any]]:
         """Feasibility decisions (``unsupported`` and ``tried`` decoded)."""
-        out = self._select("feasibility", "model, recipe, device_class", model=model, recipe=recipe,
-                           device_class=device_class)
+        out = self._select(
+            "feasibility", "model, recipe, device_class", model=model, recipe=recipe, device_class=device_class
+        )
         for r in out:
             r["unsupported"] = json.loads(r["unsupported"] or "[]")
             r["tried"] = json.loads(r["tried"] or "[]")
@@ -548,9 +712,17 @@ class Store:
     @_locked
     def put_ranking(self, model: str, mode: str, name: str, key: str, layers: list[dict[str, Any]]) -> None:
         """Store a ranking computed from evaluations (layers in rank order)."""
-        self.db.table("rankings").upsert({"model": model, "mode": mode, "name": name, "key": key,
-                                          "layers": json.dumps(layers), "created_at": time.time()},
-                                         pk=("model", "mode", "name"))
+        self.db.table("rankings").upsert(
+            {
+                "model": model,
+                "mode": mode,
+                "name": name,
+                "key": key,
+                "layers": json.dumps(layers),
+                "created_at": time.time(),
+            },
+            pk=("model", "mode", "name"),
+        )
 
     @_locked
     def rankings(self, model: str | None = None, mode: str | None = None) -> list[dict[str, Any]]:
@@ -564,17 +736,23 @@ class Store:
     def put_search_width(self, search: str, model: str, mode: str, step: int, width: int) -> bool:
         """Record the width ``search`` took decision ``step`` of (model, recipe) with; False (and the first
         record kept) when that step was recorded before."""
-        if list(self.db.query("select 1 from search_widths where search = ? and model = ? and mode = ? and step = ?",
-                              [search, model, mode, step])):
+        if list(
+            self.db.query(
+                "select 1 from search_widths where search = ? and model = ? and mode = ? and step = ?",
+                [search, model, mode, step],
+            )
+        ):
             return False
-        self.db.table("search_widths").insert({"search": search, "model": model, "mode": mode, "step": step,
-                                               "width": width, "created_at": time.time()},
-                                              pk=("search", "model", "mode", "step"))
+        self.db.table("search_widths").insert(
+            {"search": search, "model": model, "mode": mode, "step": step, "width": width, "created_at": time.time()},
+            pk=("search", "model", "mode", "step"),
+        )
         return True
 
     @_locked
-    def search_widths(self, search: str | None = None, model: str | None = None,
-                      mode: str | None = None) -> list[dict[str, Any]]:
+    def search_widths(
+        self, search: str | None = None, model: str | None = None, mode: str | None = None
+    ) -> list[dict[str, Any]]:
         """Recorded search widths, by search, model, recipe and step."""
         return self._select("search_widths", "search, model, mode, step", search=search, model=model, mode=mode)
 
@@ -582,10 +760,17 @@ class Store:
     def put_screen(self, model: str, mode: str, eval_sha256: str, positions: list[int], classes: list[str]) -> None:
         """Keep the screening sample chosen for (model, recipe): ``positions`` in the evaluation sample
         whose sha256 is ``eval_sha256``, chosen from the results of ``classes``."""
-        self.db.table("screens").upsert({"model": model, "mode": mode, "eval_sha256": eval_sha256,
-                                         "positions": json.dumps([int(i) for i in positions]),
-                                         "classes": json.dumps(sorted(classes)), "created_at": time.time()},
-                                        pk=("model", "mode"))
+        self.db.table("screens").upsert(
+            {
+                "model": model,
+                "mode": mode,
+                "eval_sha256": eval_sha256,
+                "positions": json.dumps([int(i) for i in positions]),
+                "classes": json.dumps(sorted(classes)),
+                "created_at": time.time(),
+            },
+            pk=("model", "mode"),
+        )
 
     @_locked
     def screen(self, model: str, mode: str) -> dict[str, Any] | None:

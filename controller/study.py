@@ -92,9 +92,15 @@ _SHORT_NICE = 10
 _YIELDING_WORK = 1e12
 
 
-def _calibrate_from(model_path: Path, input_name: str, model_batch: int | str, samples: Path,
-                    settings: QuantSettings, cache_path: Path,
-                    fully_quantized: tuple[tuple[Path, QuantSettings], ...] = ()) -> list[tuple[Path, str, int, Any]]:
+def _calibrate_from(
+    model_path: Path,
+    input_name: str,
+    model_batch: int | str,
+    samples: Path,
+    settings: QuantSettings,
+    cache_path: Path,
+    fully_quantized: tuple[tuple[Path, QuantSettings], ...] = (),
+) -> list[tuple[Path, str, int, Any]]:
     """:func:`calibrate` on the samples stored at ``samples`` (read where it runs: a yielding child gets the path,
     not 35 MB of pickled samples); then the fully quantized models ``(out, settings)`` of the recipes that share the
     calibration, each as the builder would write it (ORT's quantizer: 3 s for a per-channel Lite1), here where the
@@ -225,11 +231,16 @@ class StudyLock:
             if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                 raise UserError(f"{self.path}: cannot lock the study ({exc.strerror})") from None
             running = holder.describe() if holder else "another process"
-            raise StudyBusy(f"{out_dir}: the study is in use by {running}; wait for it to finish "
-                            "or use another --out") from None
+            raise StudyBusy(
+                f"{out_dir}: the study is in use by {running}; wait for it to finish or use another --out"
+            ) from None
         self._fd: int | None = fd
-        info = {"pid": os.getpid(), "command": command or default_command(), "started_at": time.time(),
-                "host": socket.gethostname()}
+        info = {
+            "pid": os.getpid(),
+            "command": command or default_command(),
+            "started_at": time.time(),
+            "host": socket.gethostname(),
+        }
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(info).encode(), 0)
 
@@ -265,8 +276,12 @@ def _read_holder(fd: int) -> LockHolder | None:
         return None
     pid = info.get("pid")
     started = info.get("started_at")
-    return LockHolder(pid if isinstance(pid, int) else None, str(info.get("command") or ""),
-                      float(started) if isinstance(started, int | float) else None, str(info.get("host") or ""))
+    return LockHolder(
+        pid if isinstance(pid, int) else None,
+        str(info.get("command") or ""),
+        float(started) if isinstance(started, int | float) else None,
+        str(info.get("host") or ""),
+    )
 
 
 class Study:
@@ -320,8 +335,9 @@ class Study:
     def __enter__(self) -> Study:
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.close()
 
     def quantizer_input(self, model: str, pm: PreparedModel | None = None) -> Path:
@@ -360,8 +376,13 @@ class Study:
         """Prepare model ``i`` of the study and its data samples (with the FP32 confidence check) without
         registering it: safe on a worker thread while other models are in use; :meth:`add_model` registers it."""
         spec = self.cfg.models[i]
-        pm = prepare_model(spec, self.out_dir / "models", self.cfg.hub_cache_dir, label=f"models[{i}]",
-                           preprocess_model=self.cfg.quantization.preprocess)
+        pm = prepare_model(
+            spec,
+            self.out_dir / "models",
+            self.cfg.hub_cache_dir,
+            label=f"models[{i}]",
+            preprocess_model=self.cfg.quantization.preprocess,
+        )
         data = prepare_data(self.cfg.dataset, pm.input_shape, self.out_dir / "data" / pm.name)
         warning = self.confidence_warning(pm, data)
         if warning is not None:
@@ -378,8 +399,9 @@ class Study:
         self.store.put_model(pm.to_row())
         for split in (data.eval, data.calibration, data.analysis):
             # Every split of a model carries the same list of images skipped while preparing its data.
-            self.store.put_dataset(f"{pm.name}/{split.name}", split.path, split.sha256, split.items, split.labels,
-                                   skipped=data.skipped)
+            self.store.put_dataset(
+                f"{pm.name}/{split.name}", split.path, split.sha256, split.items, split.labels, skipped=data.skipped
+            )
         self._choose_recipes(pm.name)
         self._check_exclusion_sets(pm)
 
@@ -403,9 +425,12 @@ class Study:
         if problem is None:
             return None
         pp = self.cfg.dataset.preprocess
-        fix = (f"(now {describe_preprocess(pp, model_hw(pm.input_shape, pp))}); give the model's with --preprocess "
-               f"({', '.join(PREPROCESS_PRESETS)}) or --scale/--offset/--mean/--std ([dataset.preprocess])"
-               if self.cfg.dataset.images is not None else "(check how dataset.tensors were prepared)")
+        fix = (
+            f"(now {describe_preprocess(pp, model_hw(pm.input_shape, pp))}); give the model's with --preprocess "
+            f"({', '.join(PREPROCESS_PRESETS)}) or --scale/--offset/--mean/--std ([dataset.preprocess])"
+            if self.cfg.dataset.images is not None
+            else "(check how dataset.tensors were prepared)"
+        )
         warning = f"{problem}, the usual sign of wrong preprocessing {fix}"
         log.warning("%s: %s", pm.name, warning)
         return warning
@@ -417,8 +442,9 @@ class Study:
             chosen, self._auto_notes[model] = auto_recipes(self.models[model].path, self.cfg.search.layer_op_types)
             self._auto = {**self._auto, model: chosen}
             log.info("%s: recipes chosen automatically: %s (%s)", model, ", ".join(chosen), self._auto_notes[model])
-        self.store.set_meta(GATE_META, json.dumps({"auto": self.cfg.quantization.auto, "models": self._auto,
-                                                   "notes": self._auto_notes}))
+        self.store.set_meta(
+            GATE_META, json.dumps({"auto": self.cfg.quantization.auto, "models": self._auto, "notes": self._auto_notes})
+        )
 
     def _check_exclusion_sets(self, pm: PreparedModel) -> None:
         if not self.cfg.search.exclusion_sets:
@@ -427,9 +453,7 @@ class Study:
         for i, ex in enumerate(self.cfg.search.exclusion_sets):
             unknown = [layer for layer in ex.layers if layer not in names]
             if unknown:
-                raise UserError(
-                    f"search.exclusion_sets[{i}].layers: unknown layer '{unknown[0]}' in model '{pm.name}'"
-                )
+                raise UserError(f"search.exclusion_sets[{i}].layers: unknown layer '{unknown[0]}' in model '{pm.name}'")
 
     def recipes(self, model: str | None = None) -> list[str]:
         """Names of the study's quantization recipes (``[[quantization.recipes]]``, else its modes); with
@@ -500,8 +524,14 @@ class Study:
         if settings.mode != "static":
             return None
         pm, data = self.models[model], self.data[model]
-        return _hash("calibration", pm.sha256, pm.preprocessed, data.calibration.sha256, settings.calibration_key(),
-                     tool_versions())
+        return _hash(
+            "calibration",
+            pm.sha256,
+            pm.preprocessed,
+            data.calibration.sha256,
+            settings.calibration_key(),
+            tool_versions(),
+        )
 
     def _calibration_file(self, model: str, key: str) -> Path:
         return self.out_dir / "calibration" / f"{model}-{key}.json"
@@ -511,15 +541,23 @@ class Study:
         t0 = time.perf_counter()
         source = self.quantizer_input(model)
         fq = [self.make_plan(model, r, ()) for r in self.recipes(model) if self._calibration_key(model, r) == key]
-        args = (source, pm.input_name, pm.input_shape[0], data.calibration.path, settings, path,
-                tuple((self.candidate_path(p), self.settings(p.mode)) for p in fq))
+        args = (
+            source,
+            pm.input_name,
+            pm.input_shape[0],
+            data.calibration.path,
+            settings,
+            path,
+            tuple((self.candidate_path(p), self.settings(p.mode)) for p in fq),
+        )
         # a long call (Lite1's percentile calibration: ~25 s) runs in a child process that pauses while a local
         # agent times (yielding.run); a small one here, where starting a child would cost more than the call
         if data.calibration.path.stat().st_size * source.stat().st_size >= _YIELDING_WORK:
             # min/max is the short one (Lite1: 5 s vs 20-30 s for percentile): it leaves the long one, which the
             # recipe gate waits for, its core
-            built = yielding.run(_calibrate_from, *args,
-                                 nice=_SHORT_NICE if settings.calibration_method == "minmax" else 0)
+            built = yielding.run(
+                _calibrate_from, *args, nice=_SHORT_NICE if settings.calibration_method == "minmax" else 0
+            )
         else:
             built = _calibrate_from(*args)
         log.info("%s: calibrated on %d samples in %.1fs", model, data.calibration.size, time.perf_counter() - t0)
@@ -539,10 +577,18 @@ class Study:
         """What the ranking of (model, mode) depends on."""
         pm, data = self.models[model], self.data[model]
         s = self.cfg.search
-        return _hash("analysis", pm.sha256, pm.preprocessed, data.calibration.sha256,
-                     self.calibration_sha256(model, mode),
-                     data.analysis.sha256, self.settings(mode).key(), s.layer_op_types, s.xmodel_weight,
-                     tool_versions())
+        return _hash(
+            "analysis",
+            pm.sha256,
+            pm.preprocessed,
+            data.calibration.sha256,
+            self.calibration_sha256(model, mode),
+            data.analysis.sha256,
+            self.settings(mode).key(),
+            s.layer_op_types,
+            s.xmodel_weight,
+            tool_versions(),
+        )
 
     def analyze(self, model: str, mode: str) -> list[dict[str, Any]]:
         """Ranked layers of (model, mode): stored ones when still valid, else measured now."""
@@ -576,8 +622,12 @@ class Study:
             fq_sha, _ = file_digest(fq)
         if not errors:
             if self.variant_base(mode) is not None:  # a variant that leaves every searched layer in float
-                log.warning("model %s: variant recipe %s quantizes no layer of types %s", model, mode,
-                            ", ".join(self.cfg.search.layer_op_types))
+                log.warning(
+                    "model %s: variant recipe %s quantizes no layer of types %s",
+                    model,
+                    mode,
+                    ", ".join(self.cfg.search.layer_op_types),
+                )
                 self._layers[(model, mode)] = []
                 return []
             raise UserError(
@@ -595,7 +645,7 @@ class Study:
         """Analyze every (model, recipe); write layers.json; forget stale candidates."""
         rows: list[dict[str, Any]] = []
         for model in self.models:
-            for mode in ([] if self.auto else self.recipes(model)):  # auto: once the gate passes them
+            for mode in [] if self.auto else self.recipes(model):  # auto: once the gate passes them
                 rows.extend(self.analyze(model, mode))
         self.write_layer_outputs(rows)
         self.forget_stale_candidates()
@@ -649,8 +699,9 @@ class Study:
         listed = self._listed.get((model, mode))
         if listed is None:
             row = self.build(self.make_plan(model, mode, ()))  # the builder's own build when it has one
-            layers = static_layers(onnx.load(str(self.quantizer_input(model))), onnx.load(row["path"]),
-                                   self.cfg.search.layer_op_types)
+            layers = static_layers(
+                onnx.load(str(self.quantizer_input(model))), onnx.load(row["path"]), self.cfg.search.layer_op_types
+            )
             if not layers:
                 return self.analyze(model, mode)  # says why (no quantized layer), as without this shortcut
             listed = [{"model": model, "mode": mode, **la} for la in layers]
@@ -659,8 +710,9 @@ class Study:
 
     def analyzed_rows(self) -> list[dict[str, Any]]:
         """The ranked layers of every (model, recipe) analyzed so far by this Study, in the study's order."""
-        return [r for model in self.models for recipe in self.recipes(model)
-                for r in self._layers.get((model, recipe), [])]
+        return [
+            r for model in self.models for recipe in self.recipes(model) for r in self._layers.get((model, recipe), [])
+        ]
 
     def write_layer_outputs(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """``layers.json`` (rank order within each (model, mode)); returns its entries, which the report draws
@@ -670,10 +722,19 @@ class Study:
             return []
         out = [
             {
-                "model": r["model"], "mode": r["mode"], "name": r["name"], "op_type": r["op_type"],
-                "index": r["idx"], "output": r["output"], "fused_activation": r["fused_activation"],
-                "qdq_err": r["qdq_err"], "xmodel_err": r["xmodel_err"], "norm_qdq": r["norm_qdq"],
-                "norm_xmodel": r["norm_xmodel"], "score": r["score"], "rank": r["rank"],
+                "model": r["model"],
+                "mode": r["mode"],
+                "name": r["name"],
+                "op_type": r["op_type"],
+                "index": r["idx"],
+                "output": r["output"],
+                "fused_activation": r["fused_activation"],
+                "qdq_err": r["qdq_err"],
+                "xmodel_err": r["xmodel_err"],
+                "norm_qdq": r["norm_qdq"],
+                "norm_xmodel": r["norm_xmodel"],
+                "score": r["score"],
+                "rank": r["rank"],
             }
             for r in rows
         ]
@@ -705,12 +766,14 @@ class Study:
             return [r["name"] for r in sorted(rows, key=lambda r: r["rank"])]
         return [r["name"] for r in sorted(rows, key=lambda r: (-_finite(r[key]), r["idx"]))]
 
-    def make_plan(self, model: str, recipe: str, excluded: tuple[str, ...] | list[str], label: str = "",
-                  kind: str = "set") -> CandidatePlan:
+    def make_plan(
+        self, model: str, recipe: str, excluded: tuple[str, ...] | list[str], label: str = "", kind: str = "set"
+    ) -> CandidatePlan:
         """The candidate of (model, recipe) that keeps ``excluded`` in float."""
         ex = tuple(sorted(set(excluded)))
-        return CandidatePlan(candidate_id(model, recipe, ex), model, recipe, len(ex), kind,
-                             label or (f"k={len(ex)}" if ex else "fq"), ex)
+        return CandidatePlan(
+            candidate_id(model, recipe, ex), model, recipe, len(ex), kind, label or (f"k={len(ex)}" if ex else "fq"), ex
+        )
 
     def prefix_plans(self, model: str, recipe: str, order: list[str], label: str = "k=") -> list[CandidatePlan]:
         """The paper's candidates over ``order``: k = 0, step, … ≤ max_k (every k with step 1)."""
@@ -720,8 +783,9 @@ class Study:
 
     def explicit_plans(self, model: str, recipe: str) -> list[CandidatePlan]:
         """The study's ``search.exclusion_sets`` as candidates of (model, recipe)."""
-        return [self.make_plan(model, recipe, ex.layers, ex.name, kind="explicit")
-                for ex in self.cfg.search.exclusion_sets]
+        return [
+            self.make_plan(model, recipe, ex.layers, ex.name, kind="explicit") for ex in self.cfg.search.exclusion_sets
+        ]
 
     def plan(self, model: str, mode: str) -> list[CandidatePlan]:
         """The paper's candidates of (model, recipe) over its error ranking, then the explicit sets."""
@@ -743,8 +807,15 @@ class Study:
 
     def _build_key(self, plan: CandidatePlan, calibration_sha: str | None) -> str:
         pm = self.models[plan.model]
-        return _hash("candidate", pm.sha256, pm.preprocessed, calibration_sha, self.settings(plan.mode).key(),
-                     sorted(plan.excluded), tool_versions())
+        return _hash(
+            "candidate",
+            pm.sha256,
+            pm.preprocessed,
+            calibration_sha,
+            self.settings(plan.mode).key(),
+            sorted(plan.excluded),
+            tool_versions(),
+        )
 
     def build(self, plan: CandidatePlan, out: Path | None = None) -> dict[str, Any]:
         """Build (or reuse) a candidate file and record it; returns its row.
@@ -766,19 +837,33 @@ class Study:
         stored = self.store.candidate(plan.id)
         path = out or self.candidate_path(plan)
         if (
-            out is None and stored is not None and stored.get("build_key") == key
-            and Path(stored["path"]) == path and path.is_file() and file_sha256(path) == stored["sha256"]
+            out is None
+            and stored is not None
+            and stored.get("build_key") == key
+            and Path(stored["path"]) == path
+            and path.is_file()
+            and file_sha256(path) == stored["sha256"]
         ):
             return stored
         derived = self.derive(plan) if plan.excluded else None
         with self._scratch_lock:
             prebuilt = self._prebuilt.pop(path, None) if out is None else None
-        if (derived is None and prebuilt is not None and prebuilt[0] == key and path.is_file()
-                and file_sha256(path) == prebuilt[1]):
+        if (
+            derived is None
+            and prebuilt is not None
+            and prebuilt[0] == key
+            and path.is_file()
+            and file_sha256(path) == prebuilt[1]
+        ):
             _, sha, size, runtime = prebuilt  # built with the calibration
         elif derived is None:
-            quantize_candidate(self.quantizer_input(plan.model), path, settings, list(plan.excluded),
-                               self.calibration_cache(plan.model, plan.mode))
+            quantize_candidate(
+                self.quantizer_input(plan.model),
+                path,
+                settings,
+                list(plan.excluded),
+                self.calibration_cache(plan.model, plan.mode),
+            )
             sha, size = file_digest(path)
             runtime = runtime_options(onnx.load(str(path), load_external_data=False), list(plan.excluded))
         else:
@@ -790,13 +875,24 @@ class Study:
             self.store.put_candidate(row)
         return row
 
-    def _row(self, plan: CandidatePlan, key: str, path: Path, size: int, sha: str,
-             runtime: dict[str, list[str]]) -> dict[str, Any]:
+    def _row(
+        self, plan: CandidatePlan, key: str, path: Path, size: int, sha: str, runtime: dict[str, list[str]]
+    ) -> dict[str, Any]:
         """A built candidate's row in the store."""
         return {
-            "id": plan.id, "model": plan.model, "mode": plan.mode, "k": plan.k, "kind": plan.kind,
-            "label": plan.label, "excluded": list(plan.excluded), "settings_key": self.settings(plan.mode).key(),
-            "build_key": key, "path": str(path), "size_bytes": size, "sha256": sha, "runtime": runtime,
+            "id": plan.id,
+            "model": plan.model,
+            "mode": plan.mode,
+            "k": plan.k,
+            "kind": plan.kind,
+            "label": plan.label,
+            "excluded": list(plan.excluded),
+            "settings_key": self.settings(plan.mode).key(),
+            "build_key": key,
+            "path": str(path),
+            "size_bytes": size,
+            "sha256": sha,
+            "runtime": runtime,
         }
 
     # ------------------------------------------------------------------ candidates by graph edits
@@ -819,10 +915,15 @@ class Study:
                 return None
             row = self.build(fq)
         fq_path, cache = Path(row["path"]), self.calibration_cache(model, recipe) or Path()
+
         def load() -> CandidateIndex:
             if settings.format == "qoperator":
-                return QOperatorEditor(onnx.load(str(fq_path)), onnx.load(str(self.quantizer_input(model))),
-                                       cache if cache.is_file() else None, settings)
+                return QOperatorEditor(
+                    onnx.load(str(fq_path)),
+                    onnx.load(str(self.quantizer_input(model))),
+                    cache if cache.is_file() else None,
+                    settings,
+                )
             return QdqIndex.load(self.quantizer_input(model), fq_path, cache, settings)
 
         index = self._derivations.index(model, recipe, key, load)
@@ -887,8 +988,14 @@ class Study:
         """The evaluation sample of a model."""
         return self.data[model].eval
 
-    def screen_split(self, model: str, recipe: str, fq_topk: list[np.ndarray], fp32_topk: list[np.ndarray],
-                     classes: list[str] | None = None) -> Split:
+    def screen_split(
+        self,
+        model: str,
+        recipe: str,
+        fq_topk: list[np.ndarray],
+        fp32_topk: list[np.ndarray],
+        classes: list[str] | None = None,
+    ) -> Split:
         """The screening sample of (model, recipe): ``search.screen_samples`` samples of the evaluation
         sample where the recipe's fully quantized model is weakest.
 
@@ -962,8 +1069,9 @@ def find_candidate(store: Store, which: str, model: str | None = None, recipe: s
     rows = [c for c in rows if model is None or c["model"] == model]
     recipes = list(dict.fromkeys(c["mode"] for c in rows))
     if recipe is not None and recipe not in recipes:
-        raise UserError(f"--recipe: no candidate of recipe '{recipe}' in the study (recipes: "
-                        f"{', '.join(recipes) or 'none'})")
+        raise UserError(
+            f"--recipe: no candidate of recipe '{recipe}' in the study (recipes: {', '.join(recipes) or 'none'})"
+        )
     rows = [c for c in rows if recipe is None or c["mode"] == recipe]
     by_id = {c["id"]: c for c in rows}
     if which in by_id:
@@ -998,12 +1106,17 @@ def find_candidate(store: Store, which: str, model: str | None = None, recipe: s
     if len(matches) == 1:
         return by_id[next(iter(matches))]
     if len(matches) > 1:
-        choices = "; ".join(f"{cid} ({', '.join(how)}, {_mb(by_id[cid]['size_bytes'])})"
-                            for cid, how in matches.items())
+        choices = "; ".join(
+            f"{cid} ({', '.join(how)}, {_mb(by_id[cid]['size_bytes'])})" for cid, how in matches.items()
+        )
         raise UserError(f"--candidate: {which!r} matches {len(matches)} candidates: {choices}; give one of these ids")
     if unbuilt:
-        raise UserError(f"--candidate: the paper's k={which} of {', '.join(unbuilt)} was never built or evaluated "
-                        "(give a candidate id or a label from the report)")
+        raise UserError(
+            f"--candidate: the paper's k={which} of {', '.join(unbuilt)} was never built or evaluated "
+            "(give a candidate id or a label from the report)"
+        )
     where = "/".join(x for x in (model, recipe) if x) or "the study"
-    raise UserError(f"--candidate: no candidate {which!r} in {where} (give a candidate id, its tag, an exclusion "
-                    "set's name, a label from the report or a number k)")
+    raise UserError(
+        f"--candidate: no candidate {which!r} in {where} (give a candidate id, its tag, an exclusion "
+        "set's name, a label from the report or a number k)"
+    )

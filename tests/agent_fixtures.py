@@ -118,9 +118,7 @@ def npy_bytes(arr: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def direct_topk(
-    model: bytes, data: np.ndarray, k: int = 5, disabled_optimizers: tuple[str, ...] = ()
-) -> np.ndarray:
+def direct_topk(model: bytes, data: np.ndarray, k: int = 5, disabled_optimizers: tuple[str, ...] = ()) -> np.ndarray:
     """Top-k class indices of a plain ORT run of the whole dataset (highest first)."""
     so = ort.SessionOptions()
     so.log_severity_level = 3
@@ -141,9 +139,7 @@ def job_spec(job_id: str, model_sha: str, data_sha: str, **kw: Any) -> pb.JobSpe
 def executions(state_dir: Path, job_id: str) -> int:
     """How often the job started executing, read from the agent's SQLite file."""
     with sqlite3.connect(state_dir / "agent.db") as conn:
-        (count,) = conn.execute(
-            "SELECT COUNT(*) FROM executions WHERE job_id = ?", [job_id]
-        ).fetchone()
+        (count,) = conn.execute("SELECT COUNT(*) FROM executions WHERE job_id = ?", [job_id]).fetchone()
     return int(count)
 
 
@@ -211,8 +207,18 @@ class AgentProcess:
         self._log = open(log_path, "ab")  # noqa: SIM115 - closed by kill()/terminate()
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tuneqn.agent", "--listen", "127.0.0.1:0",
-             "--state-dir", str(state_dir), "--device-name", DEVICE, *args],
+            [
+                sys.executable,
+                "-m",
+                "tuneqn.agent",
+                "--listen",
+                "127.0.0.1:0",
+                "--state-dir",
+                str(state_dir),
+                "--device-name",
+                DEVICE,
+                *args,
+            ],
             stdout=subprocess.PIPE,
             stderr=self._log,
             env=env,
@@ -235,7 +241,7 @@ class AgentProcess:
         if not line.startswith(prefix):
             self.kill()
             raise RuntimeError(f"unexpected agent output {line!r}: {self.log_path.read_text()}")
-        return line[len(prefix):]
+        return line[len(prefix) :]
 
     def kill(self) -> None:
         """SIGKILL the agent and reap it."""

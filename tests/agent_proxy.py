@@ -19,8 +19,13 @@ import grpc
 from tuneqn.v1 import agent_pb2 as pb
 
 _SERVICE = "tuneqn.v1.Agent"
-_PASS = {"UploadBlob": "stream_unary", "HasBlobs": "unary_unary", "SubmitJob": "unary_unary",
-         "WatchJob": "unary_stream", "CancelJob": "unary_unary"}
+_PASS = {
+    "UploadBlob": "stream_unary",
+    "HasBlobs": "unary_unary",
+    "SubmitJob": "unary_unary",
+    "WatchJob": "unary_stream",
+    "CancelJob": "unary_unary",
+}
 _SERVER_OPTIONS = [
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.min_recv_ping_interval_without_data_ms", 5000),
@@ -59,13 +64,20 @@ class DeviceProxy:
         self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=16), options=_SERVER_OPTIONS)
         handlers: dict[str, grpc.RpcMethodHandler] = {
             "GetInfo": grpc.unary_unary_rpc_method_handler(
-                self._get_info, request_deserializer=pb.GetInfoRequest.FromString,
-                response_serializer=pb.AgentInfo.SerializeToString)}
+                self._get_info,
+                request_deserializer=pb.GetInfoRequest.FromString,
+                response_serializer=pb.AgentInfo.SerializeToString,
+            )
+        }
         for method, kind in _PASS.items():
             handlers[method] = self._forwarder(method, kind)
         health = {"Check": self._forwarder("Check", "unary_unary", "grpc.health.v1.Health")}
-        self._server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(_SERVICE, handlers),
-                                               grpc.method_handlers_generic_handler("grpc.health.v1.Health", health)])
+        self._server.add_generic_rpc_handlers(
+            [
+                grpc.method_handlers_generic_handler(_SERVICE, handlers),
+                grpc.method_handlers_generic_handler("grpc.health.v1.Health", health),
+            ]
+        )
         self.port = self._server.add_insecure_port("127.0.0.1:0")
         self.address = f"127.0.0.1:{self.port}"
 
@@ -96,8 +108,11 @@ class DeviceProxy:
         return tuple((k, v) for k, v in context.invocation_metadata() if k == "authorization")
 
     def _get_info(self, request: pb.GetInfoRequest, context: grpc.ServicerContext) -> pb.AgentInfo:
-        call = self._channel.unary_unary(f"/{_SERVICE}/GetInfo", request_serializer=pb.GetInfoRequest.SerializeToString,
-                                         response_deserializer=pb.AgentInfo.FromString)
+        call = self._channel.unary_unary(
+            f"/{_SERVICE}/GetInfo",
+            request_serializer=pb.GetInfoRequest.SerializeToString,
+            response_deserializer=pb.AgentInfo.FromString,
+        )
         try:
             info = call(request, metadata=self._metadata(context), timeout=10)
         except grpc.RpcError as exc:
@@ -152,9 +167,11 @@ class DeviceProxy:
                 if exc.code() != grpc.StatusCode.CANCELLED:
                     context.abort(exc.code(), exc.details() or "")
 
-        handler = {"unary_unary": grpc.unary_unary_rpc_method_handler,
-                   "stream_unary": grpc.stream_unary_rpc_method_handler,
-                   "unary_stream": grpc.unary_stream_rpc_method_handler}[kind]
+        handler = {
+            "unary_unary": grpc.unary_unary_rpc_method_handler,
+            "stream_unary": grpc.stream_unary_rpc_method_handler,
+            "unary_stream": grpc.unary_stream_rpc_method_handler,
+        }[kind]
         fn = {"unary_unary": unary_unary, "stream_unary": stream_unary, "unary_stream": unary_stream}[kind]
         return handler(fn, request_deserializer=_identity, response_serializer=_identity)
 

@@ -7,8 +7,16 @@ import subprocess
 from pathlib import Path
 
 #: Flags for a quiet headless run as root on a machine without a network.
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
-                  "--disable-component-update", "--disable-sync", "--hide-scrollbars"]
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--hide-scrollbars",
+]
 SKIP_REASON = "no chromium/chromium-browser binary on PATH (apt-get install -y chromium)"
 
 
@@ -23,6 +31,11 @@ def chromium() -> str | None:
 
 def run_chromium(tmp: Path, window: tuple[int, int], args: list[str]) -> subprocess.CompletedProcess[str]:
     """Run headless Chromium with a fresh profile in ``tmp`` and a ``window``-sized viewport."""
-    cmd = [str(chromium()), *CHROMIUM_FLAGS, f"--user-data-dir={tmp / 'profile'}",
-           f"--window-size={window[0]},{window[1]}", *args]
+    cmd = [
+        str(chromium()),
+        *CHROMIUM_FLAGS,
+        f"--user-data-dir={tmp / 'profile'}",
+        f"--window-size={window[0]},{window[1]}",
+        *args,
+    ]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=180, check=False)

@@ -13,13 +13,20 @@ OPSET = 17
 
 def _conv(name: str, w: np.ndarray, b: np.ndarray, inp: str, out: str) -> tuple[onnx.NodeProto, list[onnx.TensorProto]]:
     node = helper.make_node("Conv", [inp, f"{name}.W", f"{name}.B"], [out], name=name, pads=[1, 1, 1, 1])
-    return node, [numpy_helper.from_array(w.astype(np.float32), f"{name}.W"),
-                  numpy_helper.from_array(b.astype(np.float32), f"{name}.B")]
+    return node, [
+        numpy_helper.from_array(w.astype(np.float32), f"{name}.W"),
+        numpy_helper.from_array(b.astype(np.float32), f"{name}.B"),
+    ]
 
 
 def cnn(
-    path: Path, seed: int = 0, wide_layer: str | None = None, batch: int | str = "N", size: int = 16,
-    opset: int = OPSET, activation: str = "Relu",
+    path: Path,
+    seed: int = 0,
+    wide_layer: str | None = None,
+    batch: int | str = "N",
+    size: int = 16,
+    opset: int = OPSET,
+    activation: str = "Relu",
 ) -> Path:
     """conv1+Relu → conv2+Relu → conv3+Clip(0,6) → conv4 → GlobalAveragePool → Flatten → fc (Gemm, 10 classes).
 
@@ -58,8 +65,10 @@ def cnn(
     inits += i
     n, i = _conv("conv3", w3, b3, "r2", "c3")
     inits += i
-    inits += [numpy_helper.from_array(np.array(0, np.float32), "zero"),
-              numpy_helper.from_array(np.array(6, np.float32), "six")]
+    inits += [
+        numpy_helper.from_array(np.array(0, np.float32), "zero"),
+        numpy_helper.from_array(np.array(6, np.float32), "six"),
+    ]
     nodes += [n, helper.make_node("Clip", ["c3", "zero", "six"], ["r3"], name="clip3")]
     n, i = _conv("conv4", rng.normal(0, 0.25, (c, c, 3, 3)), rng.normal(0, 0.1, c), "r3", "c4")
     nodes.append(n)
@@ -69,8 +78,10 @@ def cnn(
         helper.make_node("Flatten", ["gap"], ["flat"], name="flatten"),
         helper.make_node("Gemm", ["flat", "fc.W", "fc.B"], ["logits"], name="fc", transB=1),
     ]
-    inits += [numpy_helper.from_array(rng.normal(0, 0.5, (10, c)).astype(np.float32), "fc.W"),
-              numpy_helper.from_array(rng.normal(0, 0.1, 10).astype(np.float32), "fc.B")]
+    inits += [
+        numpy_helper.from_array(rng.normal(0, 0.5, (10, c)).astype(np.float32), "fc.W"),
+        numpy_helper.from_array(rng.normal(0, 0.1, 10).astype(np.float32), "fc.B"),
+    ]
     return _save_classifier(path, "cnn", nodes, inits, batch, size, opset)
 
 
@@ -93,7 +104,8 @@ def mlp(path: Path, seed: int = 1, features: int = 32, batch: int | str = "N") -
             nodes.append(helper.make_node("Relu", [f"s{li}"], [out], name=f"relu{li}"))
         x = out
     graph = helper.make_graph(
-        nodes, "mlp",
+        nodes,
+        "mlp",
         [helper.make_tensor_value_info("input", TensorProto.FLOAT, [batch, features])],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [batch, 10])],
         inits,
@@ -129,21 +141,29 @@ def padded_cnn(path: Path, seed: int = 2, batch: int | str = "N", size: int = 12
     c = 6
     f32 = np.float32
     nodes = [
-        helper.make_node("Constant", [], ["half"], name="half_const",
-                         value=numpy_helper.from_array(np.array(0.5, f32))),
+        helper.make_node(
+            "Constant", [], ["half"], name="half_const", value=numpy_helper.from_array(np.array(0.5, f32))
+        ),
         helper.make_node("Mul", ["conv1.Wraw", "half"], ["conv1.W"], name="scale_w1"),
         helper.make_node("Conv", ["input", "conv1.W", "conv1.B"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
         helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
-        helper.make_node("Constant", [], ["pads"], name="pads_const",
-                         value=numpy_helper.from_array(np.array([0, 0, 1, 1, 0, 0, 1, 1], np.int64))),
+        helper.make_node(
+            "Constant",
+            [],
+            ["pads"],
+            name="pads_const",
+            value=numpy_helper.from_array(np.array([0, 0, 1, 1, 0, 0, 1, 1], np.int64)),
+        ),
         helper.make_node("Pad", ["r1", "pads"], ["p1"], name="pad2", mode="constant"),
         helper.make_node("Conv", ["p1", "conv2.W", "conv2.B"], ["c2"], name="conv2"),
         helper.make_node("Relu", ["c2"], ["r2"], name="relu2"),
         helper.make_node("GlobalAveragePool", ["r2"], ["gap"], name="gap"),
-        helper.make_node("Constant", [], ["minus1"], name="minus1_const",
-                         value=numpy_helper.from_array(np.array([-1], np.int64))),
-        helper.make_node("Constant", [], ["chan"], name="chan_const",
-                         value=numpy_helper.from_array(np.array([c], np.int64))),
+        helper.make_node(
+            "Constant", [], ["minus1"], name="minus1_const", value=numpy_helper.from_array(np.array([-1], np.int64))
+        ),
+        helper.make_node(
+            "Constant", [], ["chan"], name="chan_const", value=numpy_helper.from_array(np.array([c], np.int64))
+        ),
         helper.make_node("Concat", ["minus1", "chan"], ["shape"], name="shape_concat", axis=0),
         helper.make_node("Reshape", ["gap", "shape"], ["flat"], name="flatten"),
         helper.make_node("Gemm", ["flat", "fc.W", "fc.B"], ["logits"], name="fc", transB=1),
@@ -159,11 +179,19 @@ def padded_cnn(path: Path, seed: int = 2, batch: int | str = "N", size: int = 12
     return _save_classifier(path, "padded_cnn", nodes, inits, batch, size, OPSET)
 
 
-def _save_classifier(path: Path, name: str, nodes: list[onnx.NodeProto], inits: list[onnx.TensorProto],
-                     batch: int | str, size: int, opset: int) -> Path:
+def _save_classifier(
+    path: Path,
+    name: str,
+    nodes: list[onnx.NodeProto],
+    inits: list[onnx.TensorProto],
+    batch: int | str,
+    size: int,
+    opset: int,
+) -> Path:
     """Check and save a graph ``input [batch, 3, size, size]`` → ``logits [batch, 10]``."""
     graph = helper.make_graph(
-        nodes, name,
+        nodes,
+        name,
         [helper.make_tensor_value_info("input", TensorProto.FLOAT, [batch, 3, size, size])],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [batch, 10])],
         inits,
@@ -205,8 +233,9 @@ def qdq_zoo(path: Path, seed: int = 3, batch: int | str = "N", size: int = 16, g
     nodes.append(helper.make_node("Relu", ["y1"], ["r1"], name="relu1"))
     nodes.append(helper.make_node("MaxPool", ["r1"], ["p1"], name="pool1", kernel_shape=[2, 2], strides=[2, 2]))
     conv("conv2", "p1", c, c, 3, "y2")
-    nodes.append(helper.make_node("Clip", ["y2", init("zero", np.float32(0)), init("six", np.float32(6))], ["r2"],
-                                  name="clip2"))
+    nodes.append(
+        helper.make_node("Clip", ["y2", init("zero", np.float32(0)), init("six", np.float32(6))], ["r2"], name="clip2")
+    )
     conv("conv3", "r2", c, c, 3, "y3")
     nodes.append(helper.make_node("Add", ["y3", "p1"], ["a3"], name="residual"))
     nodes.append(helper.make_node("Sigmoid", ["a3"], ["s3"], name="sigmoid"))
@@ -218,12 +247,23 @@ def qdq_zoo(path: Path, seed: int = 3, batch: int | str = "N", size: int = 16, g
     conv("conv5", "ap", c, 4, 1, "y5")
     conv("conv6", "ap", c, 4, 1, "y6", weight="conv5.W")
     # Split → Where → Resize | MaxPool (shared scales, conditional on their inputs)
-    nodes.append(helper.make_node("Split", ["m3", init("halves", np.array([4, 4], dtype=np.int64))], ["sa", "sb"],
-                                  name="split", axis=1))
-    nodes.append(helper.make_node("Where", [init("cond", rng.random((1, 4, 1, 1)) > 0.5), "sa", "sb"], ["wsel"],
-                                  name="where"))
-    nodes.append(helper.make_node("Resize", ["wsel", "", init("scales", np.array([1, 1, 0.5, 0.5], dtype=np.float32))],
-                                  ["rz"], name="resize", mode="nearest"))
+    nodes.append(
+        helper.make_node(
+            "Split", ["m3", init("halves", np.array([4, 4], dtype=np.int64))], ["sa", "sb"], name="split", axis=1
+        )
+    )
+    nodes.append(
+        helper.make_node("Where", [init("cond", rng.random((1, 4, 1, 1)) > 0.5), "sa", "sb"], ["wsel"], name="where")
+    )
+    nodes.append(
+        helper.make_node(
+            "Resize",
+            ["wsel", "", init("scales", np.array([1, 1, 0.5, 0.5], dtype=np.float32))],
+            ["rz"],
+            name="resize",
+            mode="nearest",
+        )
+    )
     nodes.append(helper.make_node("MaxPool", ["sb"], ["sbp"], name="pool2", kernel_shape=[2, 2], strides=[2, 2]))
     nodes.append(helper.make_node("Concat", ["a4", "y5", "y6", "rz", "sbp"], ["cat"], name="concat", axis=1))
     nodes.append(helper.make_node("GlobalAveragePool", ["cat"], ["gap"], name="gap"))
@@ -232,23 +272,40 @@ def qdq_zoo(path: Path, seed: int = 3, batch: int | str = "N", size: int = 16, g
     init("fc1.B", rng.normal(0, 0.1, 16).astype(np.float32))
     nodes.append(helper.make_node("Gemm", ["flat", "fc1.W", "fc1.B"], ["h"], name="fc1", transB=1, beta=0.5))
     nodes.append(helper.make_node("Relu", ["h"], ["hr"], name="relu_fc"))
-    nodes.append(helper.make_node("Gather", [init("table", rng.normal(0, 1, (3, 16)).astype(np.float32)),
-                                             init("row", np.array([1], dtype=np.int64))],
-                                  ["emb"], name="gather", axis=0))
+    nodes.append(
+        helper.make_node(
+            "Gather",
+            [init("table", rng.normal(0, 1, (3, 16)).astype(np.float32)), init("row", np.array([1], dtype=np.int64))],
+            ["emb"],
+            name="gather",
+            axis=0,
+        )
+    )
     nodes.append(helper.make_node("Add", ["hr", "emb"], ["he"], name="add_emb"))
     nodes.append(helper.make_node("Clip", ["he", "zero", "six"], ["hc"], name="clip_fc"))
-    nodes.append(helper.make_node("Reshape", ["hc", init("shape", np.array([-1, 16], dtype=np.int64))], ["rs"],
-                                  name="reshape"))
-    nodes.append(helper.make_node("MatMul", ["rs", init("fc2.W", rng.normal(0, 0.25, (16, 10)).astype(np.float32))],
-                                  ["mm"], name="fc2"))
-    nodes.append(helper.make_node("Add", ["mm", init("fc2.B", rng.normal(0, 0.1, 10).astype(np.float32))], ["logits"],
-                                  name="fc2_bias"))
+    nodes.append(
+        helper.make_node("Reshape", ["hc", init("shape", np.array([-1, 16], dtype=np.int64))], ["rs"], name="reshape")
+    )
+    nodes.append(
+        helper.make_node(
+            "MatMul", ["rs", init("fc2.W", rng.normal(0, 0.25, (16, 10)).astype(np.float32))], ["mm"], name="fc2"
+        )
+    )
+    nodes.append(
+        helper.make_node(
+            "Add", ["mm", init("fc2.B", rng.normal(0, 0.1, 10).astype(np.float32))], ["logits"], name="fc2_bias"
+        )
+    )
     outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [batch, 10])]
     if graph_output_conv:
         outputs.append(helper.make_tensor_value_info("y5", TensorProto.FLOAT, [batch, 4, size // 4, size // 4]))
-    graph = helper.make_graph(nodes, "qdq_zoo",
-                              [helper.make_tensor_value_info("input", TensorProto.FLOAT, [batch, 3, size, size])],
-                              outputs, inits)
+    graph = helper.make_graph(
+        nodes,
+        "qdq_zoo",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [batch, 3, size, size])],
+        outputs,
+        inits,
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
     model.ir_version = 8
     onnx.checker.check_model(model)

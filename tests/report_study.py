@@ -67,8 +67,13 @@ def make_study() -> dict[str, Any]:
                 "size_bytes": size,
                 "sha256": f"{k:064x}",
                 "results": [
-                    result_entry("cpu", agreement=cpu_agree, latency_ms=cpu_lat, latency_p10_ms=cpu_lat - 0.25,
-                            latency_p90_ms=cpu_lat + 0.5),
+                    result_entry(
+                        "cpu",
+                        agreement=cpu_agree,
+                        latency_ms=cpu_lat,
+                        latency_p10_ms=cpu_lat - 0.25,
+                        latency_p90_ms=cpu_lat + 0.5,
+                    ),
                     result_entry("gpu", **gpu),
                 ],
             }

@@ -15,8 +15,15 @@ from tuneqn.controller.orchestrator import TuneOutcome, remeasure_token, tune
 from tuneqn.controller.study import Study
 
 SIM_MS = "15"  # simulated per-sample device latency: gives every job a window to be killed in
-FAST = {"latency_repeats": 3, "latency_warmup": 1, "heartbeat_s": 0.5, "silent_after_s": 3.0,
-        "unreachable_grace_s": 1.0, "lease_timeout_s": 10.0, "device_wait_s": 30.0}
+FAST = {
+    "latency_repeats": 3,
+    "latency_warmup": 1,
+    "heartbeat_s": 0.5,
+    "silent_after_s": 3.0,
+    "unreachable_grace_s": 1.0,
+    "lease_timeout_s": 10.0,
+    "device_wait_s": 30.0,
+}
 
 
 BUSY_SQL = "select count(*) from jobs where state = 'submitted' and agent like ?"
@@ -41,8 +48,9 @@ def agent_executions(agent: LocalAgent) -> list[str]:
         return []
 
 
-def run_study(study_toml: Path, endpoints: list[Endpoint], on_progress: Any = None, fresh: bool = False,
-         **overrides: Any) -> TuneOutcome:
+def run_study(
+    study_toml: Path, endpoints: list[Endpoint], on_progress: Any = None, fresh: bool = False, **overrides: Any
+) -> TuneOutcome:
     cfg = load_config(study_toml)
     study = Study(cfg, fresh=fresh)
     try:

@@ -227,8 +227,21 @@ class TvmLab:
                 port = free_port()
                 worker.send(
                     tvm_server._popen_start_rpc_server,
-                    [HOST, port, port + 200, False, (HOST, self.port) if tracker else None, key,
-                     None, None, True, False, None, True, None],
+                    [
+                        HOST,
+                        port,
+                        port + 200,
+                        False,
+                        (HOST, self.port) if tracker else None,
+                        key,
+                        None,
+                        None,
+                        True,
+                        False,
+                        None,
+                        True,
+                        None,
+                    ],
                 )
                 workers.append(worker)
         started = [RpcServer(w, key) for w in workers]
@@ -246,9 +259,7 @@ class TvmLab:
     def registered(self, key: str) -> list[str]:
         """HOST:PORT of the servers registered under ``key``."""
         return sorted(
-            f"{s['addr'][0]}:{s['addr'][1]}"
-            for s in self.summary()["server_info"]
-            if s.get("key") == f"server:{key}"
+            f"{s['addr'][0]}:{s['addr'][1]}" for s in self.summary()["server_info"] if s.get("key") == f"server:{key}"
         )
 
     def free(self, key: str) -> int:
@@ -289,10 +300,10 @@ class TvmLab:
         """Stop the servers and the tracker; fail if a worker process is left."""
         self.stop_servers()
         self.tracker.terminate()
-        wait_for(lambda: _stat(self.tracker_pid) is None or _stat(self.tracker_pid)[2] == "Z",
-                 "the tracker to exit")
-        wait_for(lambda: not set(popen_workers_of(os.getpid())) - self._workers_before,
-                 "no TVM popen worker of the lab left")
+        wait_for(lambda: _stat(self.tracker_pid) is None or _stat(self.tracker_pid)[2] == "Z", "the tracker to exit")
+        wait_for(
+            lambda: not set(popen_workers_of(os.getpid())) - self._workers_before, "no TVM popen worker of the lab left"
+        )
 
 
 @pytest.fixture(scope="session")
@@ -346,8 +357,14 @@ def quantized_models(folder: Path, seed: int = 0) -> dict[str, Path]:
     out = {"fp32": fp32}
     for name, fmt in (("qdq", QuantFormat.QDQ), ("qoperator", QuantFormat.QOperator)):
         out[name] = folder / f"{name}.onnx"
-        quantize_static(str(fp32), str(out[name]), Reader(), quant_format=fmt,
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+        quantize_static(
+            str(fp32),
+            str(out[name]),
+            Reader(),
+            quant_format=fmt,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+        )
     return out
 
 
@@ -399,8 +416,13 @@ def tvm_agent(tmp_path: Path, tvm_shared_cache: Path) -> Iterator[Callable[..., 
 
     started: list[AgentServer] = []
 
-    def start(settings: TvmSettings | None = None, state_dir: Path | None = None,
-              name: str = "phone", device_class: str = "phone-class", shared_cache: bool = False) -> AgentServer:
+    def start(
+        settings: TvmSettings | None = None,
+        state_dir: Path | None = None,
+        name: str = "phone",
+        device_class: str = "phone-class",
+        shared_cache: bool = False,
+    ) -> AgentServer:
         state = state_dir or tmp_path / f"tvm-agent-{len(started)}"
         if shared_cache:  # the agent keeps its cache in <state>/tvm/cache (TvmPool)
             (state / "tvm").mkdir(parents=True, exist_ok=True)

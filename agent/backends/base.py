@@ -112,9 +112,7 @@ class Backend(abc.ABC):
         """Prepare the model at ``model_path`` for running."""
 
     @abc.abstractmethod
-    def predict(
-        self, handle: PreparedModel, batch: np.ndarray, stop: threading.Event | None = None
-    ) -> np.ndarray:
+    def predict(self, handle: PreparedModel, batch: np.ndarray, stop: threading.Event | None = None) -> np.ndarray:
         """Class scores ``[len(batch), classes]`` for one chunk of samples.
 
         With a fixed batch size the chunk may be shorter than the batch (it is padded

@@ -182,9 +182,7 @@ class OrtBackend(Backend):
         x = self._feed(handle, batch)
         return scores_of(self._session_run(handle, x), x.shape[0], n)
 
-    def predict(
-        self, handle: PreparedModel, batch: np.ndarray, stop: threading.Event | None = None
-    ) -> np.ndarray:
+    def predict(self, handle: PreparedModel, batch: np.ndarray, stop: threading.Event | None = None) -> np.ndarray:
         """Class scores for one chunk; sleeps the simulated latency per sample afterwards."""
         if not isinstance(handle, OrtModel):
             raise TypeError("handle was not prepared by the ORT backend")

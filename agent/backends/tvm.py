@@ -394,9 +394,7 @@ class TvmPool:
         with self._lock:
             return list(self._builds)
 
-    def built_for(
-        self, model_path: Path, options: LoadOptions, stop: threading.Event | None
-    ) -> Built:
+    def built_for(self, model_path: Path, options: LoadOptions, stop: threading.Event | None) -> Built:
         """The library for a job: its compile-ahead build, the cache, or a build now.
 
         The entry comes pinned in the cache (the compile-ahead build's pin passes to the job);
@@ -575,9 +573,7 @@ class TvmBackend(Backend):
         self._set_trouble("")
         self._set_activity("")
 
-    def predict(
-        self, handle: PreparedModel, batch: np.ndarray, stop: threading.Event | None = None
-    ) -> np.ndarray:
+    def predict(self, handle: PreparedModel, batch: np.ndarray, stop: threading.Event | None = None) -> np.ndarray:
         """Class scores of one chunk (padded to a fixed batch, padded rows dropped)."""
         model = self._check(handle)
         n = batch.shape[0]
@@ -675,9 +671,7 @@ class TvmBackend(Backend):
                 failures += 1
                 if failures > s.max_reconnects:
                     self._set_trouble("")
-                    raise RuntimeError(
-                        f"{what}: lost the device {failures} times, giving up; last: {exc}"
-                    ) from None
+                    raise RuntimeError(f"{what}: lost the device {failures} times, giving up; last: {exc}") from None
                 backoff = min(s.reconnect_backoff * 2 ** (failures - 1), 10.0)
                 self._set_trouble(
                     f"lost {where} while {what} ({exc}); reconnecting in {backoff:g} s "
@@ -695,9 +689,7 @@ class TvmBackend(Backend):
                 self._set_trouble("")
             return result
 
-    def _call(
-        self, address: str, what: str, fn: Callable[[], T], stop: threading.Event | None
-    ) -> T:
+    def _call(self, address: str, what: str, fn: Callable[[], T], stop: threading.Event | None) -> T:
         """Run one remote call under the watchdog (local calls run directly).
 
         A connection error or a call exceeding ``call_timeout`` raises :class:`Lost`; a hung

@@ -357,9 +357,7 @@ class CompileCache:
         model = onnx.load(str(model_path))
         ops = unsupported_ops(model)
         if ops:
-            raise Infeasible(
-                f"TVM {tvm_version()} has no ONNX converter for op types: {', '.join(ops)}", ops
-            )
+            raise Infeasible(f"TVM {tvm_version()} has no ONNX converter for op types: {', '.join(ops)}", ops)
         target = make_target(spec)
         tmp_root = self.root / "tmp"
         tmp_root.mkdir(parents=True, exist_ok=True)
@@ -396,7 +394,10 @@ class CompileCache:
                 shutil.rmtree(tmp, ignore_errors=True)
         log.info(
             "compiled %s for %s in %.2f s (tuning %.2f s, batch %s)",
-            model_sha256[:12], target_json(spec), compile_seconds, tuning_seconds,
+            model_sha256[:12],
+            target_json(spec),
+            compile_seconds,
+            tuning_seconds,
             "dynamic" if batch is None else batch,
         )
         self._evict(protect=key)
@@ -440,9 +441,7 @@ class CompileCache:
             inp = model_input(model)
             rest = inp.dims[1:]
             fixed_rest = [d for d in rest if isinstance(d, int)]
-            static_one = (
-                {inp.name: [1, *fixed_rest]} if len(fixed_rest) == len(rest) else None
-            )
+            static_one = {inp.name: [1, *fixed_rest]} if len(fixed_rest) == len(rest) else None
             fixed = inp.fixed_batch
             if fixed is not None or not inp.dims:  # a fixed batch (or a scalar input): as it is
                 return self._compile_as(model, None, fixed, target, spec, lib)

@@ -73,8 +73,10 @@ def environment_problem() -> str:
     """
     tvm_release, ffi_release = _release("apache-tvm"), _release("apache-tvm-ffi")
     if tvm_release[:2] == (0, 27) and ffi_release >= (0, 1, 15):
-        return (f"apache-tvm {tvm.__version__} with apache-tvm-ffi {importlib.metadata.version('apache-tvm-ffi')} "
-                "crashes serializing TIR (MetaSchedule tuning needs it): install 'apache-tvm-ffi<0.1.15'")
+        return (
+            f"apache-tvm {tvm.__version__} with apache-tvm-ffi {importlib.metadata.version('apache-tvm-ffi')} "
+            "crashes serializing TIR (MetaSchedule tuning needs it): install 'apache-tvm-ffi<0.1.15'"
+        )
     return ""
 
 
@@ -120,11 +122,13 @@ def prepare(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
     """The module as MetaSchedule sees it: decomposed, legalized, constants folded, operators fused
     (the first steps of ``relax.pipeline.static_shape_tuning_pipeline``)."""
     with target:
-        return tvm.transform.Sequential([
-            relax.transform.DecomposeOpsForInference(),
-            relax.transform.CanonicalizeBindings(),
-            relax.pipeline.zero_pipeline(),
-        ])(mod)
+        return tvm.transform.Sequential(
+            [
+                relax.transform.DecomposeOpsForInference(),
+                relax.transform.CanonicalizeBindings(),
+                relax.pipeline.zero_pipeline(),
+            ]
+        )(mod)
 
 
 def _physical_cores() -> int:
@@ -154,8 +158,10 @@ def tuning_target(target: tvm.target.Target, local: bool) -> tvm.target.Target:
     if target.kind.name not in ("llvm", "c") or "num-cores" in target.attrs:
         return target
     if not local:
-        raise ValueError('tuning a CPU target on a remote device needs its core count: add "num-cores": N '
-                         "(the cores the runtime's thread pool uses) to the target dict")
+        raise ValueError(
+            'tuning a CPU target on a remote device needs its core count: add "num-cores": N '
+            "(the cores the runtime's thread pool uses) to the target dict"
+        )
     spec = {**target.export(), "num-cores": _physical_cores()}
     spec.pop("host", None)
     return tvm.target.Target(spec, host=target.host)
@@ -275,8 +281,15 @@ def _quiet_meta_schedule() -> Iterator[None]:
         logger.setLevel(logging.NOTSET)
 
 
-def tune(mod: tvm.IRModule, target: tvm.target.Target, work_dir: Path, trials: int,
-         runner: Any | None = None, *, compiler: str = "") -> tuple[tvm.IRModule, float]:
+def tune(
+    mod: tvm.IRModule,
+    target: tvm.target.Target,
+    work_dir: Path,
+    trials: int,
+    runner: Any | None = None,
+    *,
+    compiler: str = "",
+) -> tuple[tvm.IRModule, float]:
     """MetaSchedule-tune `mod` (imported, before tvm.compile) with at most `trials` trials, records in work_dir's
     database (shared by all candidates of one model on one target); returns the module with the database's best
     schedules applied (ready for tvm.compile) and the tuning seconds.
@@ -295,8 +308,10 @@ def tune(mod: tvm.IRModule, target: tvm.target.Target, work_dir: Path, trials: i
     work_dir = Path(work_dir)
     t0 = time.perf_counter()
     if runner is None and trials > 0 and not runs_here(target):
-        raise ValueError(f"tuning for {target.kind.name} target {target} measures on the device: it needs an "
-                         "RPC runner (a tracker); this machine cannot run that code")
+        raise ValueError(
+            f"tuning for {target.kind.name} target {target} measures on the device: it needs an "
+            "RPC runner (a tracker); this machine cannot run that code"
+        )
     target = tuning_target(target, local=runner is None)
     mod = prepare(mod, target)
     with _locked(work_dir, exclusive=True), _quiet_meta_schedule():
@@ -309,8 +324,14 @@ def tune(mod: tvm.IRModule, target: tvm.target.Target, work_dir: Path, trials: i
             uncovered = [t for t in tasks if _records(db, t.dispatched[0]) < per_task]
             uncovered.sort(key=_work, reverse=True)
             todo = uncovered[: max(1, trials // per_task)]
-            log.info("%s: %d tasks, %d covered by the database, tuning %d with %d trials each",
-                     work_dir, len(tasks), len(tasks) - len(uncovered), len(todo), per_task)
+            log.info(
+                "%s: %d tasks, %d covered by the database, tuning %d with %d trials each",
+                work_dir,
+                len(tasks),
+                len(tasks) - len(uncovered),
+                len(todo),
+                per_task,
+            )
         if todo:
             _tune_tasks(todo, target, work_dir, db, trials, per_task, runner, compiler)
         import_tensor_intrinsics()  # the database's schedules may use them
@@ -338,8 +359,16 @@ def _named_handlers() -> Iterator[None]:
             logger.addHandler(h)
 
 
-def _tune_tasks(tasks: list[Any], target: tvm.target.Target, work_dir: Path, db: ms.database.JSONDatabase,
-                trials: int, per_task: int, runner: Any | None, compiler: str) -> None:
+def _tune_tasks(
+    tasks: list[Any],
+    target: tvm.target.Target,
+    work_dir: Path,
+    db: ms.database.JSONDatabase,
+    trials: int,
+    per_task: int,
+    runner: Any | None,
+    compiler: str,
+) -> None:
     own_runner = runner is None
     starting: concurrent.futures.Future[Any] | None = None
     if own_runner:  # its worker process starts (imports TVM) while this one imports the intrinsics
@@ -352,18 +381,28 @@ def _tune_tasks(tasks: list[Any], target: tvm.target.Target, work_dir: Path, db:
         # MetaSchedule's default population (512 schedules, evolved 4 times per batch) costs ~45 s
         # per task on 2 cores whatever the batch: a small budget gets a population in proportion.
         strategy = ms.search_strategy.EvolutionarySearch(
-            population_size=min(512, max(32, 16 * per_task)), init_min_unmeasured=min(50, max(8, 4 * per_task)),
-            genetic_num_iters=4 if per_task >= 16 else 2)
+            population_size=min(512, max(32, 16 * per_task)),
+            init_min_unmeasured=min(50, max(8, 4 * per_task)),
+            genetic_num_iters=4 if per_task >= 16 else 2,
+        )
         with _named_handlers():
             contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
-                tasks, str(work_dir), space="post-order-apply", strategy=strategy, seed=0)
+                tasks, str(work_dir), space="post-order-apply", strategy=strategy, seed=0
+            )
         if starting is not None:
             runner = starting.result()
         ms.tune.tune_tasks(
-            tasks=contexts, task_weights=weights, work_dir=str(work_dir),
-            max_trials_global=min(trials, per_task * len(tasks)), max_trials_per_task=per_task,
-            num_trials_per_iter=per_task, builder=builder, runner=runner, database=db,
-            cost_model=_cost_model(), task_scheduler="gradient",
+            tasks=contexts,
+            task_weights=weights,
+            work_dir=str(work_dir),
+            max_trials_global=min(trials, per_task * len(tasks)),
+            max_trials_per_task=per_task,
+            num_trials_per_iter=per_task,
+            builder=builder,
+            runner=runner,
+            database=db,
+            cost_model=_cost_model(),
+            task_scheduler="gradient",
         )
     finally:
         builder.close()
@@ -394,8 +433,9 @@ class TrackerRunner(PyRunner):
         """Measure on a device of the key (one RPC session per candidate)."""
         with self._lock:
             if self._inner is None:
-                self._inner = ms.runner.RPCRunner(rpc_config=self.rpc_config,
-                                                  evaluator_config=self.evaluator_config, max_workers=1)
+                self._inner = ms.runner.RPCRunner(
+                    rpc_config=self.rpc_config, evaluator_config=self.evaluator_config, max_workers=1
+                )
             inner = self._inner
         return inner.run(runner_inputs)
 
@@ -415,7 +455,12 @@ def rpc_runner(tracker_host: str, tracker_port: int, key: str, session_timeout: 
     candidate, MetaSchedule's defaults); :func:`tune` ends its worker process when tuning ends.
     """
     return TrackerRunner(
-        ms.runner.RPCConfig(tracker_host=tracker_host, tracker_port=int(tracker_port), tracker_key=key,
-                            session_priority=1, session_timeout_sec=max(1, int(math.ceil(session_timeout)))),
+        ms.runner.RPCConfig(
+            tracker_host=tracker_host,
+            tracker_port=int(tracker_port),
+            tracker_key=key,
+            session_priority=1,
+            session_timeout_sec=max(1, int(math.ceil(session_timeout))),
+        ),
         ms.runner.EvaluatorConfig(number=3, repeat=1, min_repeat_ms=100),
     )

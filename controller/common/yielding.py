@@ -80,8 +80,9 @@ def run(fn: Callable[..., T], *args: Any, nice: int = 0) -> T:
     ctx = multiprocessing.get_context("spawn")  # the controller has threads: no fork (and a forked child
     # of a fork server would not be stopped-and-orphaned with the controller: see the module docstring)
     receive, send = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_child, args=(send, fn, args, nice), name=f"tuneqn-{getattr(fn, '__name__', 'work')}",
-                       daemon=True)
+    proc = ctx.Process(
+        target=_child, args=(send, fn, args, nice), name=f"tuneqn-{getattr(fn, '__name__', 'work')}", daemon=True
+    )
     proc.start()
     send.close()
     paused = 0.0
@@ -119,8 +120,9 @@ def run(fn: Callable[..., T], *args: Any, nice: int = 0) -> T:
     raise RuntimeError(f"{proc.name}: the child process ended without a result (exit code {proc.exitcode})")
 
 
-def _child(send: multiprocessing.connection.Connection, fn: Callable[..., Any], args: tuple[Any, ...],
-           nice: int = 0) -> None:
+def _child(
+    send: multiprocessing.connection.Connection, fn: Callable[..., Any], args: tuple[Any, ...], nice: int = 0
+) -> None:
     """The child's side of :func:`run`: its own process group, gone with its parent, sends back (ok, value)."""
     os.setpgid(0, 0)  # a stopped child of a killed controller gets SIGHUP (an orphaned group with a stopped member)
     if nice:

@@ -38,9 +38,13 @@ log = logging.getLogger(__name__)
 class JobBoard:
     """The dispatcher's job table: in-memory queues over the store's ``jobs`` rows."""
 
-    def __init__(self, store: Store, settings: FarmSettings,
-                 on_result: Callable[[str], None] | None = None,
-                 on_final: Callable[[str], None] | None = None) -> None:
+    def __init__(
+        self,
+        store: Store,
+        settings: FarmSettings,
+        on_result: Callable[[str], None] | None = None,
+        on_final: Callable[[str], None] | None = None,
+    ) -> None:
         self.store = store
         self.settings = settings
         self.on_result = on_result
@@ -69,8 +73,10 @@ class JobBoard:
                     # ran, yet its holder may have the result. The holder gets a fresh lease to be
                     # re-collected (shortened to the grace when its agent is found unreachable), so a
                     # finished job is not run again elsewhere.
-                    self.store.update_job(plan.id, lease_until=max(float(row["lease_until"] or 0.0),
-                                                                   time.time() + self.settings.lease_timeout_s))
+                    self.store.update_job(
+                        plan.id,
+                        lease_until=max(float(row["lease_until"] or 0.0), time.time() + self.settings.lease_timeout_s),
+                    )
             self.plans[plan.id] = plan
             state: str = row["state"]
             if state in ("failed", "unreachable"):
@@ -121,8 +127,13 @@ class JobBoard:
         """Store a twin's result ``row`` as ``plan``'s too (the same file measured on the same sample and class)."""
         info = json.loads(row.get("info") or "{}")
         info["same_file_as"] = row["job_id"]
-        copy = {**row, "job_id": plan.id, "candidate_id": plan.candidate_id, "split": plan.split,
-                "info": json.dumps(info)}
+        copy = {
+            **row,
+            "job_id": plan.id,
+            "candidate_id": plan.candidate_id,
+            "split": plan.split,
+            "info": json.dumps(info),
+        }
         self._store_result(plan.id, copy)
 
     def _release_twins(self, first: str) -> None:
@@ -167,9 +178,13 @@ class JobBoard:
     def unfinished(self, device: str | None = None) -> list[str]:
         """Ids of this run's pending or submitted jobs (of one class, when given)."""
         with self.cond:
-            return [r["id"] for r in self.store.jobs()
-                    if r["id"] in self.plans and r["state"] in ("pending", "submitted")
-                    and (device is None or r["device"] == device)]
+            return [
+                r["id"]
+                for r in self.store.jobs()
+                if r["id"] in self.plans
+                and r["state"] in ("pending", "submitted")
+                and (device is None or r["device"] == device)
+            ]
 
     def finished(self) -> bool:
         """Closed, and every registered job is done, failed or unreachable."""
@@ -190,8 +205,11 @@ class JobBoard:
     def held_by(self, holder: str) -> list[tuple[JobPlan, int]]:
         """Jobs this holder has in flight (re-collect them first), with their attempt numbers."""
         with self.cond:
-            return [(self.plans[r["id"]], r["attempts"]) for r in self.store.jobs(state="submitted", agent=holder)
-                    if r["id"] in self.plans]
+            return [
+                (self.plans[r["id"]], r["attempts"])
+                for r in self.store.jobs(state="submitted", agent=holder)
+                if r["id"] in self.plans
+            ]
 
     def _lease_next(self, device: str, holder: str) -> tuple[JobPlan, int] | None:
         """Lease the first pending job of ``device`` to ``holder`` (stale queue entries are dropped)."""
@@ -202,13 +220,19 @@ class JobBoard:
             if row is None or row["state"] != "pending":
                 continue
             attempt = row["attempts"] + 1
-            self.store.update_job(jid, state="submitted", agent=holder, attempts=attempt,
-                                  lease_until=time.time() + self.settings.lease_timeout_s)
+            self.store.update_job(
+                jid,
+                state="submitted",
+                agent=holder,
+                attempts=attempt,
+                lease_until=time.time() + self.settings.lease_timeout_s,
+            )
             return self.plans[jid], attempt
         return None
 
-    def take(self, device: str, holder: str, timeout: float,
-             ready: Callable[[], bool] | None = None) -> tuple[JobPlan, int] | None:
+    def take(
+        self, device: str, holder: str, timeout: float, ready: Callable[[], bool] | None = None
+    ) -> tuple[JobPlan, int] | None:
         """The next job of ``device`` leased to ``holder``, with its attempt; None if none came in time
         (or once ``ready()``, checked under the board's lock, says the holder takes no job now)."""
         deadline = time.monotonic() + timeout
@@ -297,9 +321,12 @@ class JobBoard:
                 self._revoked.setdefault(address, set()).add(r["id"])
                 if self.attempts_used(r) >= self.settings.max_attempts:
                     log.warning("job %s: %s went silent on attempt %d; giving up", r["id"], r["agent"], r["attempts"])
-                    self.store.update_job(r["id"], state="failed",
-                                          error=f"{r['agent']} went silent (lease expired) on attempt "
-                                                f"{self.attempts_used(r)} of {self.settings.max_attempts}")
+                    self.store.update_job(
+                        r["id"],
+                        state="failed",
+                        error=f"{r['agent']} went silent (lease expired) on attempt "
+                        f"{self.attempts_used(r)} of {self.settings.max_attempts}",
+                    )
                     self._release_twins(r["id"])
                 else:
                     log.warning("job %s: %s went silent; running it elsewhere", r["id"], r["agent"])
@@ -367,8 +394,14 @@ class JobBoard:
             else:
                 self._release_twins(plan.id)
             self.cond.notify_all()
-            log.warning("job %s on %s: attempt %d failed (%s)%s", plan.id, holder, row["attempts"], error[:200],
-                        "" if final else "; will retry")
+            log.warning(
+                "job %s on %s: attempt %d failed (%s)%s",
+                plan.id,
+                holder,
+                row["attempts"],
+                error[:200],
+                "" if final else "; will retry",
+            )
         if final and self.on_final is not None:
             self.on_final(plan.id)
         return state

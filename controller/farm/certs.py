@@ -90,24 +90,41 @@ def _key() -> EllipticCurvePrivateKey:
 def _key_pem(key: EllipticCurvePrivateKey) -> bytes:
     from cryptography.hazmat.primitives import serialization
 
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                             serialization.NoEncryption())
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
 
 
-def _self_signed(key: EllipticCurvePrivateKey, name: x509.Name, start: dt.datetime,
-                 end: dt.datetime) -> x509.Certificate:
+def _self_signed(
+    key: EllipticCurvePrivateKey, name: x509.Name, start: dt.datetime, end: dt.datetime
+) -> x509.Certificate:
     """A self-signed CA certificate that signs leaf certificates only (path length 0)."""
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes
 
     return (
-        x509.CertificateBuilder().subject_name(name).issuer_name(name)
-        .public_key(key.public_key()).serial_number(x509.random_serial_number())
-        .not_valid_before(start).not_valid_after(end)
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(start)
+        .not_valid_after(end)
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
-                                     content_commitment=False, key_encipherment=False, data_encipherment=False,
-                                     key_agreement=False, encipher_only=False, decipher_only=False), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                key_cert_sign=True,
+                crl_sign=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         .sign(key, hashes.SHA256())
     )
@@ -125,11 +142,13 @@ def load_ca(ca_dir: Path, flag: str = "--ca-from") -> tuple[x509.Certificate, El
         cert = x509.load_pem_x509_certificate((ca_dir / "ca.pem").read_bytes())
         key = serialization.load_pem_private_key((ca_dir / "ca.key").read_bytes(), password=None)
     except FileNotFoundError as exc:
-        raise UserError(f"{flag}: {exc.filename}: file not found (the folder of an earlier "
-                        "'tuneqn certs', with ca.pem and ca.key)") from None
+        raise UserError(
+            f"{flag}: {exc.filename}: file not found (the folder of an earlier 'tuneqn certs', with ca.pem and ca.key)"
+        ) from None
     except (ValueError, TypeError) as exc:
-        raise UserError(f"{flag}: {ca_dir}: ca.pem/ca.key are not a PEM certificate and unencrypted key "
-                        f"({exc})") from None
+        raise UserError(
+            f"{flag}: {ca_dir}: ca.pem/ca.key are not a PEM certificate and unencrypted key ({exc})"
+        ) from None
     if not isinstance(key, EllipticCurvePrivateKey) or key.public_key() != cert.public_key():
         raise UserError(f"{flag}: {ca_dir}: ca.key is not the key of ca.pem")
     try:
@@ -147,27 +166,46 @@ def _subject(org: str, cn: str) -> x509.Name:
     from cryptography import x509
     from cryptography.x509.oid import NameOID
 
-    return x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, org),
-                      x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+    return x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, org), x509.NameAttribute(NameOID.COMMON_NAME, cn)])
 
 
-def _leaf(ca_cert: x509.Certificate, ca_key: EllipticCurvePrivateKey, subject: x509.Name,
-          usage: x509.ObjectIdentifier, san: list[x509.GeneralName] | None, start: dt.datetime,
-          end: dt.datetime) -> tuple[EllipticCurvePrivateKey, x509.Certificate]:
+def _leaf(
+    ca_cert: x509.Certificate,
+    ca_key: EllipticCurvePrivateKey,
+    subject: x509.Name,
+    usage: x509.ObjectIdentifier,
+    san: list[x509.GeneralName] | None,
+    start: dt.datetime,
+    end: dt.datetime,
+) -> tuple[EllipticCurvePrivateKey, x509.Certificate]:
     """A fresh key and its leaf certificate (server or client ``usage``) signed by the CA."""
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes
 
     key = _key()
     builder = (
-        x509.CertificateBuilder().subject_name(subject).issuer_name(ca_cert.subject)
-        .public_key(key.public_key()).serial_number(x509.random_serial_number())
-        .not_valid_before(start).not_valid_after(end)
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(start)
+        .not_valid_after(end)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=False, crl_sign=False,
-                                     content_commitment=False, key_encipherment=False,
-                                     data_encipherment=False, key_agreement=False, encipher_only=False,
-                                     decipher_only=False), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                key_cert_sign=False,
+                crl_sign=False,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
         .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
@@ -177,9 +215,12 @@ def _leaf(ca_cert: x509.Certificate, ca_key: EllipticCurvePrivateKey, subject: x
     return key, builder.sign(ca_key, hashes.SHA256())
 
 
-def build_lab_certs(agent_hosts: Sequence[str] = DEFAULT_AGENT_HOSTS, days: int = DEFAULT_DAYS,
-                    name: str = DEFAULT_ORG,
-                    ca: tuple[x509.Certificate, EllipticCurvePrivateKey] | None = None) -> dict[str, bytes]:
+def build_lab_certs(
+    agent_hosts: Sequence[str] = DEFAULT_AGENT_HOSTS,
+    days: int = DEFAULT_DAYS,
+    name: str = DEFAULT_ORG,
+    ca: tuple[x509.Certificate, EllipticCurvePrivateKey] | None = None,
+) -> dict[str, bytes]:
     """The PEM contents of :data:`FILES`: a CA (``ca``, an existing one, when given: then no
     ``ca.key`` is returned), an agent server and a controller client certificate."""
     from cryptography.x509.oid import ExtendedKeyUsageOID
@@ -199,10 +240,12 @@ def build_lab_certs(agent_hosts: Sequence[str] = DEFAULT_AGENT_HOSTS, days: int 
 
     from cryptography.hazmat.primitives.serialization import Encoding
 
-    agent_key, agent_cert = _leaf(ca_cert, ca_key, _subject(name, f"{name} agent"), ExtendedKeyUsageOID.SERVER_AUTH,
-                                  sans, start, end)
-    ctl_key, ctl_cert = _leaf(ca_cert, ca_key, _subject(name, f"{name} controller"),
-                              ExtendedKeyUsageOID.CLIENT_AUTH, None, start, end)
+    agent_key, agent_cert = _leaf(
+        ca_cert, ca_key, _subject(name, f"{name} agent"), ExtendedKeyUsageOID.SERVER_AUTH, sans, start, end
+    )
+    ctl_key, ctl_cert = _leaf(
+        ca_cert, ca_key, _subject(name, f"{name} controller"), ExtendedKeyUsageOID.CLIENT_AUTH, None, start, end
+    )
     return {
         "ca.pem": ca_cert.public_bytes(Encoding.PEM),
         **({} if ca is not None else {"ca.key": _key_pem(ca_key)}),
@@ -213,8 +256,13 @@ def build_lab_certs(agent_hosts: Sequence[str] = DEFAULT_AGENT_HOSTS, days: int 
     }
 
 
-def write_lab_certs(out_dir: Path, agent_hosts: Sequence[str] = DEFAULT_AGENT_HOSTS, days: int = DEFAULT_DAYS,
-                    force: bool = False, ca_from: Path | None = None) -> LabCerts:
+def write_lab_certs(
+    out_dir: Path,
+    agent_hosts: Sequence[str] = DEFAULT_AGENT_HOSTS,
+    days: int = DEFAULT_DAYS,
+    force: bool = False,
+    ca_from: Path | None = None,
+) -> LabCerts:
     """Create the CA, agent and controller certificates in ``out_dir`` (keys mode 0600).
 
     With ``ca_from`` (the folder of an earlier run) its CA signs the new certificates, so a host
@@ -234,8 +282,10 @@ def write_lab_certs(out_dir: Path, agent_hosts: Sequence[str] = DEFAULT_AGENT_HO
     if not force:
         existing = [f for f in names if (out_dir / f).exists() or (out_dir / f).is_symlink()]
         if existing:
-            raise UserError(f"{out_dir / existing[0]} exists ({len(existing)} of the files); "
-                            "give another folder or --force to replace them")
+            raise UserError(
+                f"{out_dir / existing[0]} exists ({len(existing)} of the files); "
+                "give another folder or --force to replace them"
+            )
     contents = build_lab_certs(agent_hosts, days, ca=ca)
     out_dir.mkdir(parents=True, exist_ok=True)
     for fname in names:
@@ -283,8 +333,7 @@ def parse_host(text: str) -> tuple[str, tuple[str, ...]]:
     return name, tuple(dict.fromkeys(n.strip("[]").rstrip(".").lower() for n in names if n))
 
 
-def write_host_certs(out_dir: Path, hosts: Sequence[str], days: int = DEFAULT_DAYS,
-                     force: bool = False) -> LabHosts:
+def write_host_certs(out_dir: Path, hosts: Sequence[str], days: int = DEFAULT_DAYS, force: bool = False) -> LabHosts:
     """One key pair per agent host: ``out_dir/hosts/NAME/{agent.pem,agent.key,ca.pem}``.
 
     The CA and the controller's client certificate in ``out_dir`` are made when missing and
@@ -323,8 +372,9 @@ def write_host_certs(out_dir: Path, hosts: Sequence[str], days: int = DEFAULT_DA
     else:
         stale = [f for f in ("controller.pem", "controller.key") if present(out_dir / f)]
         if stale:
-            raise UserError(f"{out_dir / stale[0]} exists but the CA that signed it (ca.pem, ca.key) does not; "
-                            "give another folder")
+            raise UserError(
+                f"{out_dir / stale[0]} exists but the CA that signed it (ca.pem, ca.key) does not; give another folder"
+            )
         ca_key = _key()
         ca_cert = _self_signed(ca_key, _subject(DEFAULT_ORG, f"{DEFAULT_ORG} CA"), start, end)
         writes[out_dir / "ca.pem"] = ca_cert.public_bytes(Encoding.PEM)
@@ -335,8 +385,15 @@ def write_host_certs(out_dir: Path, hosts: Sequence[str], days: int = DEFAULT_DA
         have, missing = ("controller.pem", "controller.key") if ctl[0] else ("controller.key", "controller.pem")
         raise UserError(f"{out_dir / have} exists without {missing}; restore it or give another folder")
     if not any(ctl):
-        ctl_key, ctl_cert = _leaf(ca_cert, ca_key, _subject(DEFAULT_ORG, f"{DEFAULT_ORG} controller"),
-                                  ExtendedKeyUsageOID.CLIENT_AUTH, None, start, end)
+        ctl_key, ctl_cert = _leaf(
+            ca_cert,
+            ca_key,
+            _subject(DEFAULT_ORG, f"{DEFAULT_ORG} controller"),
+            ExtendedKeyUsageOID.CLIENT_AUTH,
+            None,
+            start,
+            end,
+        )
         writes[out_dir / "controller.pem"] = ctl_cert.public_bytes(Encoding.PEM)
         writes[out_dir / "controller.key"] = _key_pem(ctl_key)
 
@@ -345,18 +402,32 @@ def write_host_certs(out_dir: Path, hosts: Sequence[str], days: int = DEFAULT_DA
         folder = out_dir / HOSTS_DIR / name
         existing = [f for f in HOST_FILES if present(folder / f)]
         if existing and not force:
-            raise UserError(f"{folder / existing[0]} exists (host {name!r} has its certificate); "
-                            "give a new host, or --force to replace that host's files only")
-        key, cert = _leaf(ca_cert, ca_key, _subject(DEFAULT_ORG, f"{DEFAULT_ORG} agent {name}"),
-                          ExtendedKeyUsageOID.SERVER_AUTH, _san_entries(names, "--host"), start, end)
+            raise UserError(
+                f"{folder / existing[0]} exists (host {name!r} has its certificate); "
+                "give a new host, or --force to replace that host's files only"
+            )
+        key, cert = _leaf(
+            ca_cert,
+            ca_key,
+            _subject(DEFAULT_ORG, f"{DEFAULT_ORG} agent {name}"),
+            ExtendedKeyUsageOID.SERVER_AUTH,
+            _san_entries(names, "--host"),
+            start,
+            end,
+        )
         writes[folder / "agent.pem"] = cert.public_bytes(Encoding.PEM)
         writes[folder / "agent.key"] = _key_pem(key)
         writes[folder / "ca.pem"] = ca_pem
-        results.append(HostCerts(name, names, folder, folder / "agent.pem", folder / "agent.key",
-                                 folder / "ca.pem"))
+        results.append(HostCerts(name, names, folder, folder / "agent.pem", folder / "agent.key", folder / "ca.pem"))
     for path, data in writes.items():
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(path, data, 0o600 if path.name.endswith(".key") else 0o644)
     log.info("wrote %s", ", ".join(str(p) for p in writes))
-    return LabHosts(out_dir / "ca.pem", out_dir / "ca.key", out_dir / "controller.pem", out_dir / "controller.key",
-                    tuple(results), tuple(writes))
+    return LabHosts(
+        out_dir / "ca.pem",
+        out_dir / "ca.key",
+        out_dir / "controller.pem",
+        out_dir / "controller.key",
+        tuple(results),
+        tuple(writes),
+    )

@@ -144,9 +144,7 @@ class AgentClient:
             raise ValueError("keepalive_time and keepalive_timeout must be positive")
         self.address = address
         self.timeout = timeout
-        self._metadata: tuple[tuple[str, str], ...] = (
-            (("authorization", f"Bearer {token}"),) if token else ()
-        )
+        self._metadata: tuple[tuple[str, str], ...] = (("authorization", f"Bearer {token}"),) if token else ()
         options = [
             ("grpc.max_receive_message_length", MAX_RECEIVE_MESSAGE_BYTES),
             ("grpc.keepalive_time_ms", int(keepalive_time * 1000)),
@@ -188,9 +186,7 @@ class AgentClient:
                 raise ContractMismatch(f"{self.address}: {exc.details()}") from exc
             raise
         if info.contract_version != CONTRACT_VERSION:
-            raise ContractMismatch(
-                f"{self.address} speaks {info.contract_version!r}, this client {CONTRACT_VERSION!r}"
-            )
+            raise ContractMismatch(f"{self.address} speaks {info.contract_version!r}, this client {CONTRACT_VERSION!r}")
         if check_revision and info.contract_revision < MIN_AGENT_REVISION:
             raise ContractMismatch(
                 f"{self.address} implements {CONTRACT_VERSION} revision {info.contract_revision}, "

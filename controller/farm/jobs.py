@@ -30,8 +30,14 @@ class Endpoint(AgentSpec):
 
     def client(self, timeout: float = 30.0) -> AgentClient:
         """A new client of this agent."""
-        return AgentClient(self.address, token=self.token, tls_ca=self.tls_ca, tls_cert=self.tls_cert,
-                           tls_key=self.tls_key, timeout=timeout)
+        return AgentClient(
+            self.address,
+            token=self.token,
+            tls_ca=self.tls_ca,
+            tls_cert=self.tls_cert,
+            tls_key=self.tls_key,
+            timeout=timeout,
+        )
 
 
 class FarmSettings(EvaluationSpec):
@@ -78,10 +84,21 @@ class JobPlan:
     priority: tuple[int, ...] = field(default=(), compare=False)
 
 
-def make_job(candidate_id: str, device_class: str, model_path: Path, model_sha256: str, dataset_path: Path,
-             dataset_sha256: str, input_name: str, runtime: dict[str, Any], settings: FarmSettings,
-             level: str = "full", split: str = "eval", tuning_group: str = "",
-             sample_sha256: str | None = None) -> JobPlan:
+def make_job(
+    candidate_id: str,
+    device_class: str,
+    model_path: Path,
+    model_sha256: str,
+    dataset_path: Path,
+    dataset_sha256: str,
+    input_name: str,
+    runtime: dict[str, Any],
+    settings: FarmSettings,
+    level: str = "full",
+    split: str = "eval",
+    tuning_group: str = "",
+    sample_sha256: str | None = None,
+) -> JobPlan:
     """The job of a candidate on a device class; its id covers everything that changes the result
     (and the candidate it is for).
 
@@ -95,24 +112,43 @@ def make_job(candidate_id: str, device_class: str, model_path: Path, model_sha25
     """
     screen = level == "screen"
     spec = pb.JobSpec(
-        model_sha256=model_sha256, dataset_sha256=dataset_sha256, input_name=input_name, top_k=settings.top_k,
-        chunk_size=settings.chunk_size, latency_warmup=0 if screen else settings.latency_warmup,
+        model_sha256=model_sha256,
+        dataset_sha256=dataset_sha256,
+        input_name=input_name,
+        top_k=settings.top_k,
+        chunk_size=settings.chunk_size,
+        latency_warmup=0 if screen else settings.latency_warmup,
         latency_repeats=0 if screen else settings.latency_repeats,
         backend_options=pb.BackendOptions(
-            ort=pb.OrtOptions(disabled_optimizers=list(runtime.get("ort_disabled_optimizers", [])),
-                              intra_op_threads=settings.intra_op_threads),
-            tvm=pb.TvmOptions(tuning_trials=settings.tvm_tuning_trials, tuning_group=tuning_group,
-                              latency_number=settings.tvm_latency_number,
-                              latency_min_repeat_ms=settings.tvm_min_repeat_ms,
-                              latency_cooldown_ms=settings.tvm_cooldown_ms)),
+            ort=pb.OrtOptions(
+                disabled_optimizers=list(runtime.get("ort_disabled_optimizers", [])),
+                intra_op_threads=settings.intra_op_threads,
+            ),
+            tvm=pb.TvmOptions(
+                tuning_trials=settings.tvm_tuning_trials,
+                tuning_group=tuning_group,
+                latency_number=settings.tvm_latency_number,
+                latency_min_repeat_ms=settings.tvm_min_repeat_ms,
+                latency_cooldown_ms=settings.tvm_cooldown_ms,
+            ),
+        ),
     )
     # The candidate id is part of the key: two candidates can have identical bytes (every layer
     # excluded under two recipes), and each must get its own job and result row.
     key = device_class.encode() + b"\0" + candidate_id.encode() + b"\0" + spec.SerializeToString(deterministic=True)
     spec.job_id = f"tq-{hashlib.sha256(key).hexdigest()[:32]}"
-    return JobPlan(spec.job_id, candidate_id, device_class, Path(model_path), Path(dataset_path), spec, level, split,
-                   source_sha256=tuning_group,
-                   sample_sha256=dataset_sha256 if sample_sha256 is None else sample_sha256)
+    return JobPlan(
+        spec.job_id,
+        candidate_id,
+        device_class,
+        Path(model_path),
+        Path(dataset_path),
+        spec,
+        level,
+        split,
+        source_sha256=tuning_group,
+        sample_sha256=dataset_sha256 if sample_sha256 is None else sample_sha256,
+    )
 
 
 def twin_key(plan: JobPlan) -> str:
@@ -137,24 +173,55 @@ def result_row(plan: JobPlan, holder: str, result: pb.JobResult, backend: str = 
     topk = decode_topk(result)
     lat = result.latency
     return {
-        "job_id": plan.id, "candidate_id": plan.candidate_id, "device": plan.device, "agent": holder,
-        "agent_id": result.agent_id, "num_samples": int(result.num_samples), "top_k": int(result.top_k),
-        "topk": topk.astype("<i4").tobytes(), "agreement": None, "accuracy": None, "accuracy_top5": None,
+        "job_id": plan.id,
+        "candidate_id": plan.candidate_id,
+        "device": plan.device,
+        "agent": holder,
+        "agent_id": result.agent_id,
+        "num_samples": int(result.num_samples),
+        "top_k": int(result.top_k),
+        "topk": topk.astype("<i4").tobytes(),
+        "agreement": None,
+        "accuracy": None,
+        "accuracy_top5": None,
         "latency_ms": lat.median_ms if lat.count else None,
-        "latency": json.dumps({"median_ms": lat.median_ms, "p90_ms": lat.p90_ms, "p10_ms": lat.p10_ms,
-                               "mean_ms": lat.mean_ms, "std_ms": lat.std_ms, "min_ms": lat.min_ms,
-                               "max_ms": lat.max_ms, "count": lat.count}),
-        "size_bytes": int(result.model_size_bytes), "simulated": float(result.simulated_latency_ms_per_sample),
-        "finished_at": float(result.finished_at) or time.time(), "attempt": int(result.attempt),
-        "level": plan.level, "split": plan.split,
-        "model_sha256": plan.source_sha256 or None, "sample_sha256": plan.sample_sha256 or None, "baseline_job": None,
-        "info": json.dumps({"device_name": result.device, "device_class": result.device_class,
-                            "inference_seconds": result.inference_seconds,
-                            "seconds": max(0.0, float(result.finished_at) - float(result.started_at))
-                            if result.started_at else None, "executions": result.executions,
-                            "runtime_versions": dict(result.runtime_versions), "backend": backend,
-                            "compile_seconds": float(result.compile_seconds),
-                            "tuning_seconds": float(result.tuning_seconds), "tuned": bool(result.tuned),
-                            "compile_cache_hit": bool(result.compile_cache_hit),
-                            "executed_on": result.executed_on}),
+        "latency": json.dumps(
+            {
+                "median_ms": lat.median_ms,
+                "p90_ms": lat.p90_ms,
+                "p10_ms": lat.p10_ms,
+                "mean_ms": lat.mean_ms,
+                "std_ms": lat.std_ms,
+                "min_ms": lat.min_ms,
+                "max_ms": lat.max_ms,
+                "count": lat.count,
+            }
+        ),
+        "size_bytes": int(result.model_size_bytes),
+        "simulated": float(result.simulated_latency_ms_per_sample),
+        "finished_at": float(result.finished_at) or time.time(),
+        "attempt": int(result.attempt),
+        "level": plan.level,
+        "split": plan.split,
+        "model_sha256": plan.source_sha256 or None,
+        "sample_sha256": plan.sample_sha256 or None,
+        "baseline_job": None,
+        "info": json.dumps(
+            {
+                "device_name": result.device,
+                "device_class": result.device_class,
+                "inference_seconds": result.inference_seconds,
+                "seconds": max(0.0, float(result.finished_at) - float(result.started_at))
+                if result.started_at
+                else None,
+                "executions": result.executions,
+                "runtime_versions": dict(result.runtime_versions),
+                "backend": backend,
+                "compile_seconds": float(result.compile_seconds),
+                "tuning_seconds": float(result.tuning_seconds),
+                "tuned": bool(result.tuned),
+                "compile_cache_hit": bool(result.compile_cache_hit),
+                "executed_on": result.executed_on,
+            }
+        ),
     }

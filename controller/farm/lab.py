@@ -109,8 +109,13 @@ def load_lab(path: Path, what: str = "--lab") -> list[AgentSpec]:
     return resolve_agent_paths(lab.agents, path.resolve().parent)
 
 
-def choose_agents(study_agents: list[AgentSpec], addresses: list[str] | None, lab: str | None,
-                  no_lab: bool = False, study_label: str = "the study") -> AgentSource:
+def choose_agents(
+    study_agents: list[AgentSpec],
+    addresses: list[str] | None,
+    lab: str | None,
+    no_lab: bool = False,
+    study_label: str = "the study",
+) -> AgentSource:
     """Which agents a command uses (see the module docstring for the order)."""
     if addresses:
         return AgentSource([AgentSpec(address=a) for a in addresses], "--agent", "--agent")
@@ -172,9 +177,12 @@ def _rpc_problem(exc: grpc.RpcError, timeout: float, tls: bool) -> str:
         if "handshake" in low or "ssl" in low or "certificate" in low:
             return f"unreachable: TLS handshake failed (check tls_ca/tls_cert/tls_key): {details}"
         if "socket closed" in low or "connection reset" in low:
-            hint = ("the agent closed the connection at the TLS handshake: it wants a client certificate of its "
-                    "CA (tls_cert/tls_key from the lab's `tuneqn certs`)" if tls else
-                    "the agent closed the connection: if it serves TLS, give tls_ca (and tls_cert/tls_key)")
+            hint = (
+                "the agent closed the connection at the TLS handshake: it wants a client certificate of its "
+                "CA (tls_cert/tls_key from the lab's `tuneqn certs`)"
+                if tls
+                else "the agent closed the connection: if it serves TLS, give tls_ca (and tls_cert/tls_key)"
+            )
             return f"unreachable: {hint}"
         return f"unreachable: {details or 'connection failed'}"
     return f"{code.name.lower()}: {details}"
@@ -182,8 +190,9 @@ def _rpc_problem(exc: grpc.RpcError, timeout: float, tls: bool) -> str:
 
 def probe(endpoint: Endpoint, timeout: float = 5.0) -> AgentReport:
     """Ask one agent for its health and info (one round trip each; never raises for the agent's faults)."""
-    report = AgentReport(name=endpoint.name or endpoint.address, address=endpoint.address,
-                         declared_class=endpoint.device_class)
+    report = AgentReport(
+        name=endpoint.name or endpoint.address, address=endpoint.address, declared_class=endpoint.device_class
+    )
     client = endpoint.client(timeout=timeout)
     try:
         try:
@@ -207,11 +216,15 @@ def _fill(report: AgentReport, info: pb.AgentInfo) -> None:
     report.contract = f"{info.contract_version} r{info.contract_revision}"
     report.contract_ok = info.contract_revision >= MIN_AGENT_REVISION
     if not report.contract_ok:
-        report.problem = (f"contract mismatch: the agent implements revision {info.contract_revision}, this "
-                          f"controller needs {MIN_AGENT_REVISION} or newer; upgrade the agent")
+        report.problem = (
+            f"contract mismatch: the agent implements revision {info.contract_revision}, this "
+            f"controller needs {MIN_AGENT_REVISION} or newer; upgrade the agent"
+        )
     elif info.contract_revision < CONTRACT_REVISION:
-        report.notes.append(f"agent implements revision {info.contract_revision} (this controller "
-                            f"{CONTRACT_REVISION}): no cache or failure figures; upgrade it to see them")
+        report.notes.append(
+            f"agent implements revision {info.contract_revision} (this controller "
+            f"{CONTRACT_REVISION}): no cache or failure figures; upgrade it to see them"
+        )
     if not report.serving and not report.problem:
         report.notes.append("not serving: the agent is stopping (draining its running jobs)")
     report.agent_version = info.agent_version
@@ -220,22 +233,37 @@ def _fill(report: AgentReport, info: pb.AgentInfo) -> None:
     report.queue_length = info.queue_length
     report.running_job_ids = list(info.running_job_ids)
     for d in info.devices:
-        report.devices.append({
-            "name": d.name, "device_class": d.device_class, "backend": d.backend, "simulated": d.simulated,
-            "target": d.target, "rpc_key": d.rpc_key, "remote": d.remote, "remote_servers": d.remote_servers,
-            "healthy": d.healthy, "status": d.status, "queue_length": d.queue_length,
-            "running_job_id": d.running_job_id, "runtime_versions": dict(d.runtime_versions),
-        })
-    report.caches = [{"name": c.name, "used_bytes": c.used_bytes, "limit_bytes": c.limit_bytes,
-                      "entries": c.entries} for c in info.caches]
+        report.devices.append(
+            {
+                "name": d.name,
+                "device_class": d.device_class,
+                "backend": d.backend,
+                "simulated": d.simulated,
+                "target": d.target,
+                "rpc_key": d.rpc_key,
+                "remote": d.remote,
+                "remote_servers": d.remote_servers,
+                "healthy": d.healthy,
+                "status": d.status,
+                "queue_length": d.queue_length,
+                "running_job_id": d.running_job_id,
+                "runtime_versions": dict(d.runtime_versions),
+            }
+        )
+    report.caches = [
+        {"name": c.name, "used_bytes": c.used_bytes, "limit_bytes": c.limit_bytes, "entries": c.entries}
+        for c in info.caches
+    ]
     report.jobs_by_state = dict(info.jobs_by_state)
     if info.HasField("last_failure"):
         f = info.last_failure
         report.last_failure = {"job_id": f.job_id, "device": f.device, "error": f.error, "at": f.at}
     served = {d.device_class for d in info.devices}
     if report.declared_class and served and report.declared_class not in served:
-        report.notes.append(f"lab says device_class {report.declared_class!r}, the agent serves "
-                            f"{', '.join(sorted(served))}: its jobs wait for an agent of {report.declared_class!r}")
+        report.notes.append(
+            f"lab says device_class {report.declared_class!r}, the agent serves "
+            f"{', '.join(sorted(served))}: its jobs wait for an agent of {report.declared_class!r}"
+        )
 
 
 def probe_all(endpoints: list[Endpoint], timeout: float = 5.0) -> list[AgentReport]:
@@ -246,8 +274,9 @@ def probe_all(endpoints: list[Endpoint], timeout: float = 5.0) -> list[AgentRepo
         return list(pool.map(lambda ep: probe(ep, timeout), endpoints))
 
 
-def endpoints_from(agents: list[AgentSpec], addresses: list[str], token_file: Path | None,
-                   where: str = "agents") -> list[Endpoint]:
+def endpoints_from(
+    agents: list[AgentSpec], addresses: list[str], token_file: Path | None, where: str = "agents"
+) -> list[Endpoint]:
     """Agents from the command line (they replace the given ones) or ``agents`` (a study's or a lab file's
     ``[[agents]]``, named ``where`` in errors); ``token_file`` serves the agents without their own."""
     tok = read_token(token_file, "--token-file")

@@ -57,8 +57,13 @@ LIVE_STATES = (AgentState.READY, AgentState.BUSY)
 class AgentLink(threading.Thread):
     """Connection and liveness of one agent; starts a :class:`DeviceSlot` per device it serves."""
 
-    def __init__(self, endpoint: Endpoint, board: JobBoard, stop: threading.Event,
-                 on_device: Callable[[AgentLink, pb.Device], None]) -> None:
+    def __init__(
+        self,
+        endpoint: Endpoint,
+        board: JobBoard,
+        stop: threading.Event,
+        on_device: Callable[[AgentLink, pb.Device], None],
+    ) -> None:
         super().__init__(name=f"agent-{endpoint.address}", daemon=True)
         self.endpoint = endpoint
         self.board = board
@@ -123,8 +128,10 @@ class AgentLink(threading.Thread):
         except ContractMismatch as exc:
             self._set(AgentState.INCOMPATIBLE, str(exc))
         except grpc.RpcError as exc:
-            self._set(AgentState.INCOMPATIBLE if exc.code() in _FATAL else AgentState.UNREACHABLE,
-                      f"{exc.code().name}: {exc.details()}")
+            self._set(
+                AgentState.INCOMPATIBLE if exc.code() in _FATAL else AgentState.UNREACHABLE,
+                f"{exc.code().name}: {exc.details()}",
+            )
         return None
 
     def refresh(self) -> bool:
@@ -281,8 +288,13 @@ class DeviceSlot(threading.Thread):
     def update(self, device: pb.Device, present: bool) -> None:
         """The agent's latest description of the device (and whether it still lists it)."""
         if device_available(device) != device_available(self.device) and present:
-            log.info("device %s: %s", self.holder, "healthy again" if device_available(device)
-                     else f"unhealthy ({device.status or 'no reason given'}); it takes no new job")
+            log.info(
+                "device %s: %s",
+                self.holder,
+                "healthy again"
+                if device_available(device)
+                else f"unhealthy ({device.status or 'no reason given'}); it takes no new job",
+            )
         self.device = device
         self.present = present
 
@@ -303,8 +315,11 @@ class DeviceSlot(threading.Thread):
                     return
                 stop.wait(0.5)
                 continue
-            job = held[0] if held else self.board.take(self.device.device_class, self.holder, timeout=1.0,
-                                                       ready=self.available)
+            job = (
+                held[0]
+                if held
+                else self.board.take(self.device.device_class, self.holder, timeout=1.0, ready=self.available)
+            )
             if job is None:
                 if self.board.finished():
                     return

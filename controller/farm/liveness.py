@@ -73,10 +73,16 @@ def short_reason(error: str | None) -> str:
     if not error:
         return "no answer yet"
     low = error.lower()
-    for needle, gist in (("connection refused", "connection refused"), ("deadline", "no answer in time"),
-                         ("name resolution", "unknown host"), ("dns", "unknown host"),
-                         ("handshake", "TLS handshake failed"), ("certificate", "TLS certificate refused"),
-                         ("no route", "no route to host"), ("timed out", "no answer in time")):
+    for needle, gist in (
+        ("connection refused", "connection refused"),
+        ("deadline", "no answer in time"),
+        ("name resolution", "unknown host"),
+        ("dns", "unknown host"),
+        ("handshake", "TLS handshake failed"),
+        ("certificate", "TLS certificate refused"),
+        ("no route", "no route to host"),
+        ("timed out", "no answer in time"),
+    ):
         if needle in low:
             return gist
     return re.sub(r"\s+", " ", error).strip()[:100]
@@ -121,17 +127,29 @@ class Liveness:
                 out.append(Seen(cls, now))
                 continue
             declaring = [link for link in links if link.endpoint.device_class == cls]
-            if (cls not in self.served and declaring
-                    and all(link.address in self.given_up or link.state == AgentState.INCOMPATIBLE
-                            for link in declaring)):
+            if (
+                cls not in self.served
+                and declaring
+                and all(link.address in self.given_up or link.state == AgentState.INCOMPATIBLE for link in declaring)
+            ):
                 who = ", ".join(link.address for link in declaring)
                 out.append(Release(cls))
-                out.append(GiveUp(cls, f"no agent of device class {cls} ever answered ({who})",
-                                  f"device class {cls}: its agent ({who}) never answered; {{n}} jobs unreachable"))
+                out.append(
+                    GiveUp(
+                        cls,
+                        f"no agent of device class {cls} ever answered ({who})",
+                        f"device class {cls}: its agent ({who}) never answered; {{n}} jobs unreachable",
+                    )
+                )
             elif now - last > wait:
                 out.append(Release(cls))
-                out.append(GiveUp(cls, f"no agent of device class {cls} was reachable for {wait:.0f}s",
-                                  f"device class {cls}: no live agent for {wait:.0f}s; {{n}} jobs unreachable"))
+                out.append(
+                    GiveUp(
+                        cls,
+                        f"no agent of device class {cls} was reachable for {wait:.0f}s",
+                        f"device class {cls}: no live agent for {wait:.0f}s; {{n}} jobs unreachable",
+                    )
+                )
         return out
 
     def awaited(self, links: Iterable[AgentLink], started: float, now: float) -> bool:
@@ -144,14 +162,17 @@ class Liveness:
                 continue
             if now - started > self.connect_timeout:
                 self.given_up.add(link.address)
-                self.errors.append(f"agent {link.address} never answered within {self.connect_timeout:.0f}s"
-                                   + (f" ({short_reason(link.error)})" if link.error else ""))
+                self.errors.append(
+                    f"agent {link.address} never answered within {self.connect_timeout:.0f}s"
+                    + (f" ({short_reason(link.error)})" if link.error else "")
+                )
                 continue
             waiting = True
         return waiting
 
-    def status(self, links: Iterable[AgentLink], classes: dict[str, float], waiting_classes: Iterable[str],
-               now: float) -> list[StatusLine]:
+    def status(
+        self, links: Iterable[AgentLink], classes: dict[str, float], waiting_classes: Iterable[str], now: float
+    ) -> list[StatusLine]:
         """Each agent's state and what the run waits for, with the time left.
 
         ``classes``: when each class last had a live agent; ``waiting_classes``: those with unfinished jobs."""
@@ -176,16 +197,25 @@ class Liveness:
                     out.append(StatusLine(key, f"unreachable: {reason}", f"{key}: unreachable ({reason}){retry}"))
                 else:
                     left = self.connect_timeout - (now - self.started)
-                    out.append(StatusLine(key, f"waiting: {reason}",
-                                          f"waiting for agent {link.address} ({reason}), giving up in {_secs(left)}"
-                                          f"{retry}"))
+                    out.append(
+                        StatusLine(
+                            key,
+                            f"waiting: {reason}",
+                            f"waiting for agent {link.address} ({reason}), giving up in {_secs(left)}{retry}",
+                        )
+                    )
         links = list(links)
         for cls in sorted(set(waiting_classes)):
             if cls not in classes or _served(links, cls):
                 continue
             left = self.settings.device_wait_s - (now - classes[cls])
-            out.append(StatusLine(f"class {cls}", "waiting",
-                                  f"waiting for device class {cls} (no live agent), giving up in {_secs(left)}"))
+            out.append(
+                StatusLine(
+                    f"class {cls}",
+                    "waiting",
+                    f"waiting for device class {cls} (no live agent), giving up in {_secs(left)}",
+                )
+            )
         return out
 
 

@@ -85,8 +85,14 @@ class _SharedHold:
 class LocalAgent:
     """``python -m tuneqn.agent --listen 127.0.0.1:0`` as a child process."""
 
-    def __init__(self, state_dir: Path, device_name: str = "local", extra_args: list[str] | None = None,
-                 start_timeout: float = 60.0, quiet_lock: Path | None = None) -> None:
+    def __init__(
+        self,
+        state_dir: Path,
+        device_name: str = "local",
+        extra_args: list[str] | None = None,
+        start_timeout: float = 60.0,
+        quiet_lock: Path | None = None,
+    ) -> None:
         self.state_dir = state_dir
         self.device_name = device_name
         self.extra_args = list(extra_args or [])
@@ -99,14 +105,29 @@ class LocalAgent:
     def start(self) -> str:
         """Start the agent and return its address once it listens."""
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        cmd = [sys.executable, "-m", "tuneqn.agent", "--listen", "127.0.0.1:0", "--state-dir", str(self.state_dir),
-               "--device-name", self.device_name, "--stop-on-stdin-eof",
-               "--drain-seconds", "0",  # a stopped study interrupts its jobs at once
-               *self.extra_args]
+        cmd = [
+            sys.executable,
+            "-m",
+            "tuneqn.agent",
+            "--listen",
+            "127.0.0.1:0",
+            "--state-dir",
+            str(self.state_dir),
+            "--device-name",
+            self.device_name,
+            "--stop-on-stdin-eof",
+            "--drain-seconds",
+            "0",  # a stopped study interrupts its jobs at once
+            *self.extra_args,
+        ]
         log.info("starting local agent: %s", " ".join(cmd))
         self.proc = subprocess.Popen(  # noqa: S603 - our own interpreter and module
-            cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=open(self.state_dir / "agent.log", "ab"),  # noqa: SIM115
-            text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            cmd,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=open(self.state_dir / "agent.log", "ab"),  # noqa: SIM115
+            text=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
         found: list[str] = []
         done = threading.Event()
@@ -145,6 +166,7 @@ class LocalAgent:
         self.start()
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.stop()

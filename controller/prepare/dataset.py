@@ -142,8 +142,10 @@ def _geometry(pp: PreprocessSpec, hw: tuple[int, int]) -> tuple[int | None, tupl
     else:
         resize, crop = pp.resize, (pp.crop, pp.crop) if pp.crop is not None else None
     if resize is not None and crop is not None and min(crop) > resize:
-        raise UserError(f"dataset.preprocess.resize: the short side ({resize}) is smaller than the centre crop "
-                        f"({crop[0]}×{crop[1]})")
+        raise UserError(
+            f"dataset.preprocess.resize: the short side ({resize}) is smaller than the centre crop "
+            f"({crop[0]}×{crop[1]})"
+        )
     return resize, crop
 
 
@@ -228,8 +230,9 @@ def _preset_label(pp: PreprocessSpec) -> str:
         given = [k for k in (*PRESET_KEYS, "resize", "crop") if getattr(pp, k) is not None]
         return "custom" if given else "unit (default)"
     preset = PREPROCESS_PRESETS[pp.preset]
-    changed = [k for k in (*PRESET_KEYS, "resize", "crop")
-               if getattr(pp, k) is not None and getattr(pp, k) != preset.get(k)]
+    changed = [
+        k for k in (*PRESET_KEYS, "resize", "crop") if getattr(pp, k) is not None and getattr(pp, k) != preset.get(k)
+    ]
     return pp.preset + (f" with your {', '.join(changed)}" if changed else "")
 
 
@@ -358,8 +361,10 @@ def _readable_images(
                 chosen.append(i)
     if not chosen:
         first = skipped[0]
-        raise UserError(f"dataset.images: none of the {len(files)} images in {root} can be read "
-                        f"({first['file']}: {first['reason']})")
+        raise UserError(
+            f"dataset.images: none of the {len(files)} images in {root} can be read "
+            f"({first['file']}: {first['reason']})"
+        )
     return chosen, arrays, skipped
 
 
@@ -379,13 +384,15 @@ def prepare_data(spec: DatasetSpec, input_shape: list[int | str], out_dir: Path)
             m = {}
         if m.get("key") == key and all((out_dir / f"{s}.npy").is_file() for s in ("eval", "calibration", "analysis")):
             splits = {
-                s: Split(s, out_dir / f"{s}.npy", m["splits"][s]["sha256"], m["splits"][s]["items"],
-                         m["splits"][s]["labels"])
+                s: Split(
+                    s, out_dir / f"{s}.npy", m["splits"][s]["sha256"], m["splits"][s]["items"], m["splits"][s]["labels"]
+                )
                 for s in ("eval", "calibration", "analysis")
             }
             if all(file_sha256(sp.path) == sp.sha256 for sp in splits.values()):
-                return PreparedData(splits["eval"], splits["calibration"], splits["analysis"], m["has_labels"],
-                                    m.get("skipped", []))
+                return PreparedData(
+                    splits["eval"], splits["calibration"], splits["analysis"], m["has_labels"], m.get("skipped", [])
+                )
 
     rng = np.random.default_rng(spec.seed)
     labels_all: list[int] | None

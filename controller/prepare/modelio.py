@@ -271,13 +271,24 @@ def preprocess(model: onnx.ModelProto, label: str = "model") -> tuple[onnx.Model
         so.optimized_model_filepath = str(opt)
         so.log_severity_level = 3
         try:
-            ort.InferenceSession(str(src), so, providers=["CPUExecutionProvider"],
-                                 disabled_optimizers=list(PREPROCESS_DISABLED_OPTIMIZERS))
-        except (ort_state.Fail, ort_state.InvalidGraph, ort_state.InvalidArgument, ort_state.NotImplemented,
-                RuntimeError) as exc:
+            ort.InferenceSession(
+                str(src),
+                so,
+                providers=["CPUExecutionProvider"],
+                disabled_optimizers=list(PREPROCESS_DISABLED_OPTIMIZERS),
+            )
+        except (
+            ort_state.Fail,
+            ort_state.InvalidGraph,
+            ort_state.InvalidArgument,
+            ort_state.NotImplemented,
+            RuntimeError,
+        ) as exc:
             first = (str(exc).strip().splitlines() or ["?"])[0]
-            raise UserError(f"{label}: ONNX Runtime cannot pre-process the model ({first}); "
-                            "set quantization.preprocess = false to skip pre-processing") from None
+            raise UserError(
+                f"{label}: ONNX Runtime cannot pre-process the model ({first}); "
+                "set quantization.preprocess = false to skip pre-processing"
+            ) from None
         out = onnx.load(str(opt))
     try:
         out = shape_inference.infer_shapes(out, strict_mode=False)
@@ -294,8 +305,10 @@ def preprocess(model: onnx.ModelProto, label: str = "model") -> tuple[onnx.Model
     parts.append(f"other nodes folded, fused or removed: {other}" if other >= 0 else f"nodes added: {-other}")
     if renamed:
         parts.append(f"{renamed} renamed layers given their original names back")
-    note = (f"pre-processed (ONNX Runtime shape inference + basic optimizations): {n0} nodes → {n1} nodes "
-            f"({'; '.join(parts)}), size {_mb(before_bytes)} → {_mb(out.ByteSize())}")
+    note = (
+        f"pre-processed (ONNX Runtime shape inference + basic optimizations): {n0} nodes → {n1} nodes "
+        f"({'; '.join(parts)}), size {_mb(before_bytes)} → {_mb(out.ByteSize())}"
+    )
     return out, note
 
 
@@ -303,8 +316,9 @@ def _mb(n: int) -> str:
     return f"{n / 1e6:.2f} MB" if n >= 100_000 else f"{n / 1e3:.1f} kB"
 
 
-def prepare_model(spec: ModelSpec, work_dir: Path, hub_cache: Path | None = None, label: str = "model",
-                  preprocess_model: bool = True) -> PreparedModel:
+def prepare_model(
+    spec: ModelSpec, work_dir: Path, hub_cache: Path | None = None, label: str = "model", preprocess_model: bool = True
+) -> PreparedModel:
     """Load, check, upgrade, fix and (unless ``preprocess_model`` is false) pre-process a model;
     save it as ``work_dir/<name>.onnx``."""
     name = spec.display_name
@@ -345,8 +359,9 @@ def prepare_model(spec: ModelSpec, work_dir: Path, hub_cache: Path | None = None
         atomic_write_bytes(out, data)
     inits = {i.name for i in model.graph.initializer}
     inp = next(i for i in model.graph.input if i.name not in inits)
-    shape: list[int | str] = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?")
-                              for d in inp.type.tensor_type.shape.dim]
+    shape: list[int | str] = [
+        d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in inp.type.tensor_type.shape.dim
+    ]
     for n in notes:
         log.info("%s: %s", name, n)
     return PreparedModel(

@@ -150,9 +150,17 @@ def static_layers(fmodel: onnx.ModelProto, qmodel: onnx.ModelProto, op_types: li
     quantized model ``qmodel`` runs quantized, in graph order (``name``, ``op_type``, ``idx``, ``output``,
     ``fused_activation``)."""
     quantized = quantized_nodes(qmodel, "static")
-    return [{"name": la.node.name, "op_type": la.node.op_type, "idx": la.index, "output": la.output,
-             "fused_activation": la.act.op_type if la.act is not None else None}
-            for la in find_layers(fmodel, op_types) if la.node.name in quantized]
+    return [
+        {
+            "name": la.node.name,
+            "op_type": la.node.op_type,
+            "idx": la.index,
+            "output": la.output,
+            "fused_activation": la.act.op_type if la.act is not None else None,
+        }
+        for la in find_layers(fmodel, op_types)
+        if la.node.name in quantized
+    ]
 
 
 def _augment(model_path: Path, out: Path) -> Path:
@@ -215,9 +223,7 @@ def analyze_qoperator(
 _QOP_OUTPUT_QPARAMS = {"QLinearConv": (6, 7), "QLinearMatMul": (6, 7), "QGemm": (7, 8)}
 
 
-def _qoperator_probe(
-    qop: onnx.ModelProto, layers: list[_Layer]
-) -> tuple[onnx.ModelProto, dict[str, tuple[str, str]]]:
+def _qoperator_probe(qop: onnx.ModelProto, layers: list[_Layer]) -> tuple[onnx.ModelProto, dict[str, tuple[str, str]]]:
     """The QOperator model with each layer's output dequantized and exposed as a graph output.
 
     Returns the model and, per layer name, (probe output name, float-model tensor it
@@ -511,11 +517,15 @@ class ConfidenceCheck:
         if not math.isfinite(self.mean_top1):
             return f"the FP32 model gives non-finite outputs (NaN or inf) on {self.samples} sample images"
         if self.mean_top1 < MIN_MEAN_TOP1:
-            return (f"the FP32 model looks confused on the sample: mean top-1 probability {self.mean_top1:.2f} over "
-                    f"{self.samples} images (below {MIN_MEAN_TOP1:g}; rescaled: 0 = chance, 1 = sure)")
+            return (
+                f"the FP32 model looks confused on the sample: mean top-1 probability {self.mean_top1:.2f} over "
+                f"{self.samples} images (below {MIN_MEAN_TOP1:g}; rescaled: 0 = chance, 1 = sure)"
+            )
         if self.classes >= 10 and self.samples >= 8 and self.one_class >= MAX_ONE_CLASS:
-            return (f"the FP32 model gives {self.one_class:.0%} of {self.samples} sample images the same class "
-                    f"({self.top_class}; at most {MAX_ONE_CLASS:.0%} expected unless the images are of one class)")
+            return (
+                f"the FP32 model gives {self.one_class:.0%} of {self.samples} sample images the same class "
+                f"({self.top_class}; at most {MAX_ONE_CLASS:.0%} expected unless the images are of one class)"
+            )
         return None
 
 
@@ -523,8 +533,9 @@ def _looks_like_probabilities(out: np.ndarray) -> bool:
     return bool(np.all(out >= -1e-6) and np.all(out <= 1 + 1e-6) and np.allclose(out.sum(axis=1), 1.0, atol=1e-3))
 
 
-def fp32_confidence(model_path: Path, input_name: str, data: np.ndarray,
-                    max_samples: int = CONFIDENCE_SAMPLES) -> ConfidenceCheck | None:
+def fp32_confidence(
+    model_path: Path, input_name: str, data: np.ndarray, max_samples: int = CONFIDENCE_SAMPLES
+) -> ConfidenceCheck | None:
     """Run the float model on the first ``max_samples`` samples; None unless its first output is classifier-like
     (2-D [batch, classes], classes ≥ 2). Softmax is applied unless the outputs already are probabilities."""
     data = data[:max_samples]
@@ -549,6 +560,11 @@ def fp32_confidence(model_path: Path, input_name: str, data: np.ndarray,
     classes = y.shape[1]
     top1 = float(np.mean(y.max(axis=1)))
     counts = np.bincount(y.argmax(axis=1), minlength=classes)
-    return ConfidenceCheck(samples=len(y), classes=classes, probabilities=probs,
-                           mean_top1=(top1 - 1 / classes) / (1 - 1 / classes),
-                           one_class=float(counts.max() / len(y)), top_class=int(counts.argmax()))
+    return ConfidenceCheck(
+        samples=len(y),
+        classes=classes,
+        probabilities=probs,
+        mean_top1=(top1 - 1 / classes) / (1 - 1 / classes),
+        one_class=float(counts.max() / len(y)),
+        top_class=int(counts.argmax()),
+    )

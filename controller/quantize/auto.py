@@ -26,8 +26,7 @@ def matmul_share(model_path: Path, op_types: Iterable[str]) -> float:
     from onnx import numpy_helper  # noqa: PLC0415
 
     model = onnx.load(str(model_path), load_external_data=False)
-    sizes = {i.name: numpy_helper.to_array(i).nbytes if not i.external_data else 0
-             for i in model.graph.initializer}
+    sizes = {i.name: numpy_helper.to_array(i).nbytes if not i.external_data else 0 for i in model.graph.initializer}
     for node in model.graph.node:  # Constant nodes hold weights too
         if node.op_type == "Constant":
             for attr in node.attribute:
@@ -53,7 +52,10 @@ def auto_recipes(model_path: Path, op_types: Iterable[str]) -> tuple[list[str], 
     recipes = list(AUTO_RECIPES)
     if share >= DYNAMIC_SHARE:
         recipes.append(AUTO_DYNAMIC)
-        return recipes, (f"dynamic included: MatMul/Gemm hold {share:.0%} of the searched layers' weight bytes "
-                         f"(≥ {DYNAMIC_SHARE:.0%})")
-    return recipes, (f"dynamic left out: MatMul/Gemm hold {share:.0%} of the searched layers' weight bytes "
-                     f"(< {DYNAMIC_SHARE:.0%})")
+        return recipes, (
+            f"dynamic included: MatMul/Gemm hold {share:.0%} of the searched layers' weight bytes "
+            f"(≥ {DYNAMIC_SHARE:.0%})"
+        )
+    return recipes, (
+        f"dynamic left out: MatMul/Gemm hold {share:.0%} of the searched layers' weight bytes (< {DYNAMIC_SHARE:.0%})"
+    )

@@ -34,11 +34,21 @@ from tuneqn.controller.config import VARIANT_FLOAT, QuantizationSpec, variant_na
 #: name (tuneqn restores the names the quantizers change, so most are found by name instead).
 #: ONNX Runtime's registries map float ops to quantizer classes, not to the op types they write.
 QUANTIZED_TO_FLOAT: dict[str, str] = {
-    "QLinearConv": "Conv", "ConvInteger": "Conv", "QLinearMatMul": "MatMul", "MatMulInteger": "MatMul",
-    "QGemm": "Gemm", "QLinearAdd": "Add", "QLinearMul": "Mul", "QLinearConcat": "Concat",
-    "QLinearGlobalAveragePool": "GlobalAveragePool", "QLinearAveragePool": "AveragePool",
-    "QLinearSigmoid": "Sigmoid", "QLinearLeakyRelu": "LeakyRelu", "QLinearSoftmax": "Softmax",
-    "QLinearWhere": "Where", "QAttention": "Attention",
+    "QLinearConv": "Conv",
+    "ConvInteger": "Conv",
+    "QLinearMatMul": "MatMul",
+    "MatMulInteger": "MatMul",
+    "QGemm": "Gemm",
+    "QLinearAdd": "Add",
+    "QLinearMul": "Mul",
+    "QLinearConcat": "Concat",
+    "QLinearGlobalAveragePool": "GlobalAveragePool",
+    "QLinearAveragePool": "AveragePool",
+    "QLinearSigmoid": "Sigmoid",
+    "QLinearLeakyRelu": "LeakyRelu",
+    "QLinearSoftmax": "Softmax",
+    "QLinearWhere": "Where",
+    "QAttention": "Attention",
 }
 
 #: What a device needs for the QDQ form.
@@ -105,12 +115,18 @@ def _split_float_suffix(recipe: str) -> tuple[str, tuple[str, ...]]:
     """``r.qdq.float-Add-Conv`` → (``r.qdq``, (Add, Conv)); a name without that suffix → (name, ())."""
     base, dot, suffix = recipe.rpartition(".")
     if dot and suffix.startswith(VARIANT_FLOAT):
-        return base, tuple(suffix[len(VARIANT_FLOAT):].split("-"))
+        return base, tuple(suffix[len(VARIANT_FLOAT) :].split("-"))
     return recipe, ()
 
 
-def next_recipe(quantization: QuantizationSpec, recipe: str, unsupported_ops: list[str], supported: frozenset[str],
-                candidate: Path, float_model: Path) -> str | None:
+def next_recipe(
+    quantization: QuantizationSpec,
+    recipe: str,
+    unsupported_ops: list[str],
+    supported: frozenset[str],
+    candidate: Path,
+    float_model: Path,
+) -> str | None:
     """The variant of ``recipe`` to try when its fully quantized ``candidate`` has ``unsupported_ops``;
     None when nothing can change (give up).
 
@@ -136,8 +152,14 @@ def next_recipe(quantization: QuantizationSpec, recipe: str, unsupported_ops: li
     return name
 
 
-def describe(device: str, recipe: str, planned: str, status: str, unsupported_ops: list[str],
-             tried: list[dict[str, Any]] | None = None) -> str:
+def describe(
+    device: str,
+    recipe: str,
+    planned: str,
+    status: str,
+    unsupported_ops: list[str],
+    tried: list[dict[str, Any]] | None = None,
+) -> str:
     """One line saying what runs of a recipe on a device, e.g.
     ``pixel7: per-tensor-qop → per-tensor-qop.qdq: QLinearConv, QLinearAdd unsupported``."""
     ops = ", ".join(unsupported_ops)
@@ -146,8 +168,13 @@ def describe(device: str, recipe: str, planned: str, status: str, unsupported_op
     if status == GAVE_UP:
         chain = " → ".join(str(t.get("recipe")) for t in tried or []) or recipe
         last = (tried or [{}])[-1]
-        why = (f"{last.get('recipe')} does not build: {last['error']}" if last.get("error") else
-               f"{', '.join(str(o) for o in (last.get('unsupported') or unsupported_ops))} unsupported")
-        return (f"{device}: {recipe} kept, no variant runs there ({chain}; {why}): "
-                "its candidates are infeasible on this device")
+        why = (
+            f"{last.get('recipe')} does not build: {last['error']}"
+            if last.get("error")
+            else f"{', '.join(str(o) for o in (last.get('unsupported') or unsupported_ops))} unsupported"
+        )
+        return (
+            f"{device}: {recipe} kept, no variant runs there ({chain}; {why}): "
+            "its candidates are infeasible on this device"
+        )
     return f"{device}: {recipe} runs as is"

@@ -82,16 +82,21 @@ def collect_data(self: PercentileCalibrater, data_reader: CalibrationDataReader)
         _ORT_COLLECT_DATA(self, data_reader)
         return
     batches: list[dict[str, np.ndarray]] = []
-    while (inputs := data_reader.get_next()):
+    while inputs := data_reader.get_next():
         batches.append(inputs)
     try:
         tensors = _histograms(self, batches)
     except _Stop:
         _ORT_COLLECT_DATA(self, _Replay(batches))
         return
-    collector = HistogramCollector(method=self.method, symmetric=self.symmetric, num_bins=self.num_bins,
-                                   num_quantized_bins=self.num_quantized_bins, percentile=self.percentile,
-                                   scenario=self.scenario)
+    collector = HistogramCollector(
+        method=self.method,
+        symmetric=self.symmetric,
+        num_bins=self.num_bins,
+        num_quantized_bins=self.num_quantized_bins,
+        percentile=self.percentile,
+        scenario=self.scenario,
+    )
     for name, t in tensors.items():
         collector.histogram_dict[name] = (t.hist, t.edges.astype(np.float32), t.low, t.high)
     self.collector = collector
@@ -125,8 +130,9 @@ def _histograms(self: PercentileCalibrater, batches: list[dict[str, np.ndarray]]
         outputs = self.infer_session.run(None, inputs)
         for i, name in wanted:
             t = tensors[name]
-            counts, t.edges = np.histogram(_magnitude(outputs[i], scratch), bins=self.num_bins,
-                                           range=(t.abs_low, t.abs_high))
+            counts, t.edges = np.histogram(
+                _magnitude(outputs[i], scratch), bins=self.num_bins, range=(t.abs_low, t.abs_high)
+            )
             t.hist = counts if t.hist is None else t.hist + counts
     return tensors
 

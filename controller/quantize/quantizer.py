@@ -47,9 +47,20 @@ from tuneqn.controller.config import QuantizationSpec, QuantizerSettings, Recipe
 from tuneqn.controller.quantize import histograms
 
 __all__ = [
-    "QTYPE", "WBQ", "ArrayReader", "QuantSettings", "calibrate", "calibration_reader", "default_op_types",
-    "quantize_candidate", "quantize_static_file", "quantized_nodes", "quiet_ort_python_logs", "runtime_options",
-    "runtime_options_of", "static_extra_options",
+    "QTYPE",
+    "WBQ",
+    "ArrayReader",
+    "QuantSettings",
+    "calibrate",
+    "calibration_reader",
+    "default_op_types",
+    "quantize_candidate",
+    "quantize_static_file",
+    "quantized_nodes",
+    "quiet_ort_python_logs",
+    "runtime_options",
+    "runtime_options_of",
+    "static_extra_options",
 ]
 
 log = logging.getLogger(__name__)
@@ -160,8 +171,9 @@ class _OrtAdviceFilter(logging.Filter):
         return not ("onnxruntime" in record.pathname and record.levelno < logging.ERROR)
 
 
-def calibration_reader(input_name: str, data: np.ndarray, model_batch: int | str,
-                       settings: QuantSettings) -> ArrayReader:
+def calibration_reader(
+    input_name: str, data: np.ndarray, model_batch: int | str, settings: QuantSettings
+) -> ArrayReader:
     """Batches of the model's fixed batch size; with a dynamic batch 8 at a time, except for the
     histogram calibrators (entropy, percentile), which stack every batch of a tensor into one
     array and fail on a shorter last batch: they get equal batches (of 1)."""
@@ -192,8 +204,14 @@ def calibrate(
     partial.unlink(missing_ok=True)
     # The histogram calibrators print their progress to stdout: keep the CLI's output clean.
     with tempfile.TemporaryDirectory(prefix="tuneqn-calib-") as tmp, contextlib.redirect_stdout(io.StringIO()):
-        quantize_static_file(model_path, Path(tmp) / "fq.onnx", settings, [], partial,
-                             calibration_reader(input_name, calib_data, model_batch, settings))
+        quantize_static_file(
+            model_path,
+            Path(tmp) / "fq.onnx",
+            settings,
+            [],
+            partial,
+            calibration_reader(input_name, calib_data, model_batch, settings),
+        )
     os.replace(partial, cache_path)
     return cache_path
 
@@ -313,8 +331,9 @@ def runtime_options(model: onnx.ModelProto, excluded: list[str]) -> dict[str, li
     return runtime_options_of(model.graph.node, {i.name for i in model.graph.initializer}, excluded)
 
 
-def runtime_options_of(nodes: Iterable[onnx.NodeProto], initializers: set[str] | frozenset[str],
-                       excluded: list[str]) -> dict[str, list[str]]:
+def runtime_options_of(
+    nodes: Iterable[onnx.NodeProto], initializers: set[str] | frozenset[str], excluded: list[str]
+) -> dict[str, list[str]]:
     """:func:`runtime_options` of a graph given as its nodes and its initializers' names."""
     nodes = list(nodes)
     producers = {o: n for n in nodes for o in n.output}
@@ -324,8 +343,10 @@ def runtime_options_of(nodes: Iterable[onnx.NodeProto], initializers: set[str] |
             continue
         src = producers.get(node.input[0])
         weight_src = producers.get(node.input[1])
-        if src is not None and src.op_type == "DequantizeLinear" and (
-            node.input[1] in initializers or (weight_src is not None and weight_src.op_type != "DequantizeLinear")
+        if (
+            src is not None
+            and src.op_type == "DequantizeLinear"
+            and (node.input[1] in initializers or (weight_src is not None and weight_src.op_type != "DequantizeLinear"))
         ):
             return {"ort_disabled_optimizers": [WBQ]}
     return {"ort_disabled_optimizers": []}

@@ -88,20 +88,25 @@ class Constraint:
         if max_loss is None:
             max_loss = finite((settings.get("search") or {}).get("max_loss"))
         size_mb = finite(answer.get("max_size_mb"))
-        return cls(DEFAULT_MAX_LOSS if max_loss is None else max_loss,
-                   None if size_mb is None else int(round(size_mb * 1e6)), finite(answer.get("max_latency_ms")))
+        return cls(
+            DEFAULT_MAX_LOSS if max_loss is None else max_loss,
+            None if size_mb is None else int(round(size_mb * 1e6)),
+            finite(answer.get("max_latency_ms")),
+        )
 
-    def override(self, max_loss: float | None = None, max_size_mb: float | None = None,
-                 max_latency_ms: float | None = None) -> Constraint:
+    def override(
+        self, max_loss: float | None = None, max_size_mb: float | None = None, max_latency_ms: float | None = None
+    ) -> Constraint:
         """This constraint with the given values replaced (None keeps the value)."""
-        return Constraint(self.max_loss if max_loss is None else float(max_loss),
-                          self.max_size_bytes if max_size_mb is None else int(round(max_size_mb * 1e6)),
-                          self.max_latency_ms if max_latency_ms is None else float(max_latency_ms))
+        return Constraint(
+            self.max_loss if max_loss is None else float(max_loss),
+            self.max_size_bytes if max_size_mb is None else int(round(max_size_mb * 1e6)),
+            self.max_latency_ms if max_latency_ms is None else float(max_latency_ms),
+        )
 
     def as_dict(self) -> dict[str, Any]:
         """The report's ``answer.constraint``."""
-        return {"max_loss": self.max_loss, "max_size_bytes": self.max_size_bytes,
-                "max_latency_ms": self.max_latency_ms}
+        return {"max_loss": self.max_loss, "max_size_bytes": self.max_size_bytes, "max_latency_ms": self.max_latency_ms}
 
     def describe(self) -> str:
         """``accuracy loss ≤ 1 %, size ≤ 6 MB, latency ≤ 20 ms``."""
@@ -138,12 +143,14 @@ def mb(n: float | None) -> str:
 
 def rule_text(constraint: Constraint) -> str:
     """The rule of the answer in one sentence."""
-    return (f"the smallest file meeting {constraint.describe()} (accuracy loss = 1 − top-1 agreement with FP32 on "
-            "the device), over every recipe's fully evaluated candidates; equal sizes go to the "
-            "lower loss, then the lower latency (within p10–p90 a tie); when nothing meets it, the lowest-loss "
-            "result. Across devices the worst value over the devices counts; a recipe that runs as a variant on some "
-            "devices (feasibility planning) counts as one option with one file per part. The loss's 95 % interval is "
-            "Wilson's for the evaluation sample's size.")
+    return (
+        f"the smallest file meeting {constraint.describe()} (accuracy loss = 1 − top-1 agreement with FP32 on "
+        "the device), over every recipe's fully evaluated candidates; equal sizes go to the "
+        "lower loss, then the lower latency (within p10–p90 a tie); when nothing meets it, the lowest-loss "
+        "result. Across devices the worst value over the devices counts; a recipe that runs as a variant on some "
+        "devices (feasibility planning) counts as one option with one file per part. The loss's 95 % interval is "
+        "Wilson's for the evaluation sample's size."
+    )
 
 
 @dataclass
@@ -173,8 +180,10 @@ def _option(cand: dict[str, Any], order: int, devices: list[str]) -> _Option | N
     """The candidate's worst values over ``devices``; None unless it is done and feasible on each."""
     by_dev = {r.get("device"): r for r in cand.get("results") or []}
     rows = [by_dev.get(d) for d in devices]
-    if any(r is None or r.get("status") != "done" or not r.get("feasible") or finite(r.get("agreement")) is None
-           for r in rows):
+    if any(
+        r is None or r.get("status") != "done" or not r.get("feasible") or finite(r.get("agreement")) is None
+        for r in rows
+    ):
         return None
     results = {d: r for d, r in zip(devices, rows, strict=True) if r is not None}
     agreement = min(float(r["agreement"]) for r in results.values())
@@ -187,9 +196,19 @@ def _option(cand: dict[str, Any], order: int, devices: list[str]) -> _Option | N
     accs = [finite(r.get("accuracy")) for r in results.values()]
     ns = [r.get("num_samples") for r in results.values() if isinstance(r.get("num_samples"), int)]
     size = finite(cand.get("size_bytes"))
-    return _Option(cand, order, results, agreement, None if size is None else int(size), latency, p10, p90, lat_dev,
-                   None if any(a is None for a in accs) else min(a for a in accs if a is not None),
-                   min(ns) if ns else None)
+    return _Option(
+        cand,
+        order,
+        results,
+        agreement,
+        None if size is None else int(size),
+        latency,
+        p10,
+        p90,
+        lat_dev,
+        None if any(a is None for a in accs) else min(a for a in accs if a is not None),
+        min(ns) if ns else None,
+    )
 
 
 def split_parts(report: dict[str, Any], model: str, devices: list[str]) -> list[list[tuple[str, list[str]]]]:
@@ -222,24 +241,37 @@ def _combined(parts: list[tuple[list[str], _Option]]) -> _Option:
     sizes = [o.size for o in options]
     accs = [o.accuracy for o in options]
     ns = [o.n for o in options if o.n is not None]
-    return _Option(largest.cand, min(o.order for o in options), {d: r for o in options for d, r in o.results.items()},
-                   min(o.agreement for o in options), None if None in sizes else max(s for s in sizes if s is not None),
-                   *((slowest.latency, slowest.p10, slowest.p90, slowest.latency_device) if slowest is not None
-                     else (None, None, None, None)),
-                   None if None in accs else min(a for a in accs if a is not None), min(ns) if ns else None,
-                   parts=list(parts))
+    return _Option(
+        largest.cand,
+        min(o.order for o in options),
+        {d: r for o in options for d, r in o.results.items()},
+        min(o.agreement for o in options),
+        None if None in sizes else max(s for s in sizes if s is not None),
+        *(
+            (slowest.latency, slowest.p10, slowest.p90, slowest.latency_device)
+            if slowest is not None
+            else (None, None, None, None)
+        ),
+        None if None in accs else min(a for a in accs if a is not None),
+        min(ns) if ns else None,
+        parts=list(parts),
+    )
 
 
-def split_options(report: dict[str, Any], model: str, cands: list[dict[str, Any]], devices: list[str],
-                  constraint: Constraint) -> list[_Option]:
+def split_options(
+    report: dict[str, Any], model: str, cands: list[dict[str, Any]], devices: list[str], constraint: Constraint
+) -> list[_Option]:
     """Cross-device options of the recipes split across ``devices``: per split, each part's pick (by the
     answer's rule, over the part recipe's candidates on the part's devices) combined into one option."""
     out: list[_Option] = []
     for parts in split_parts(report, model, devices):
         picked: list[tuple[list[str], _Option]] = []
         for recipe, devs in parts:
-            options = [o for i, c in enumerate(cands) if (c.get("recipe") or c.get("mode")) == recipe
-                       and (o := _option(c, i, devs)) is not None]
+            options = [
+                o
+                for i, c in enumerate(cands)
+                if (c.get("recipe") or c.get("mode")) == recipe and (o := _option(c, i, devs)) is not None
+            ]
             pick, _ = choose(options, constraint)
             if pick is None:
                 break
@@ -263,8 +295,11 @@ def _fastest(group: list[_Option]) -> _Option:
     lat = [Latency.of(o.latency, o.p10, o.p90) for o in group]
     if len(group) == 1 or any(x is None for x in lat):
         return min(group, key=lambda o: o.order)
-    unbeaten = [o for o, x in zip(group, lat, strict=True)
-                if not any(y is not None and x is not None and faster(y, x) for y in lat)]
+    unbeaten = [
+        o
+        for o, x in zip(group, lat, strict=True)
+        if not any(y is not None and x is not None and faster(y, x) for y in lat)
+    ]
     return min(unbeaten, key=lambda o: o.order)
 
 
@@ -311,15 +346,18 @@ def runtime_of(cand: dict[str, Any]) -> tuple[dict[str, Any], str | None]:
     disabled = list((cand.get("runtime") or {}).get(_RUNTIME_KEY) or [])
     if not disabled:
         return {}, None
-    return ({_RUNTIME_KEY: disabled},
-            f"the evaluated file needs ONNX Runtime session option disabled_optimizers={disabled} (without it "
-            "ONNX Runtime quantizes the weights of its float layers when loading it and the outputs differ); "
-            "'tuneqn export' writes a form that a plain onnxruntime.InferenceSession(path) runs with those "
-            "layers in float, and says so")
+    return (
+        {_RUNTIME_KEY: disabled},
+        f"the evaluated file needs ONNX Runtime session option disabled_optimizers={disabled} (without it "
+        "ONNX Runtime quantizes the weights of its float layers when loading it and the outputs differ); "
+        "'tuneqn export' writes a form that a plain onnxruntime.InferenceSession(path) runs with those "
+        "layers in float, and says so",
+    )
 
 
-def part_export_command(out_dir: str, model: str, cand: dict[str, Any], devices: list[str],
-                        several_models: bool) -> str:
+def part_export_command(
+    out_dir: str, model: str, cand: dict[str, Any], devices: list[str], several_models: bool
+) -> str:
     """The ``tuneqn export … --candidate ID`` command that writes one part of a split cross-device pick."""
     parts = ["tuneqn", "export", out_dir]
     if several_models:
@@ -351,17 +389,29 @@ def _spread(p10: float | None, p90: float | None) -> str:
     return "" if p10 is None or p90 is None else f" (p10–p90 {p10:.3g}–{p90:.3g})"
 
 
-def _warnings(pick: _Option, met: bool, constraint: Constraint, fq: _Option | None,
-              baselines: dict[tuple[str, str], dict[str, Any]], n: int | None, labelled: int | None,
-              ci: tuple[float, float] | None, fp32_size: int | None = None) -> list[str]:
+def _warnings(
+    pick: _Option,
+    met: bool,
+    constraint: Constraint,
+    fq: _Option | None,
+    baselines: dict[tuple[str, str], dict[str, Any]],
+    n: int | None,
+    labelled: int | None,
+    ci: tuple[float, float] | None,
+    fp32_size: int | None = None,
+) -> list[str]:
     c = pick.cand
     out: list[str] = []
     if not met:
-        out.append(f"nothing meets the constraint ({constraint.describe()}); this is the lowest-loss result "
-                   f"({pct(pick.loss)} loss)")
+        out.append(
+            f"nothing meets the constraint ({constraint.describe()}); this is the lowest-loss result "
+            f"({pct(pick.loss)} loss)"
+        )
     if fp32_size and pick.size is not None and pick.size >= fp32_size:
-        out.append(f"no smaller than the FP32 model ({mb(pick.size)} vs {mb(fp32_size)}): no quantized file "
-                   f"found here saves space; ship the FP32 model unless this one is faster")
+        out.append(
+            f"no smaller than the FP32 model ({mb(pick.size)} vs {mb(fp32_size)}): no quantized file "
+            f"found here saves space; ship the FP32 model unless this one is faster"
+        )
     for dev, r in pick.results.items():
         b = baselines.get((cast(str, c.get("model")), dev)) or {}  # a candidate always names its model
         lat, base = finite(r.get("latency_ms")), finite(b.get("latency_ms"))
@@ -371,31 +421,70 @@ def _warnings(pick: _Option, met: bool, constraint: Constraint, fq: _Option | No
         blo, bhi = finite(b.get("latency_p10_ms")), finite(b.get("latency_p90_ms"))
         mine, fp32 = Latency.of(lat, lo, hi), Latency.of(base, blo, bhi)
         if lat >= base or (mine is not None and fp32 is not None and not faster(mine, fp32)):
-            out.append(f"no faster than FP32 on {dev}: {_ms(lat)}{_spread(lo, hi)} vs FP32 {_ms(base)}"
-                       f"{_spread(blo, bhi)}")
+            out.append(
+                f"no faster than FP32 on {dev}: {_ms(lat)}{_spread(lo, hi)} vs FP32 {_ms(base)}{_spread(blo, bhi)}"
+            )
     if ci is not None and fq is not None and fq.cand.get("id") != c.get("id") and ci[0] <= fq.loss <= ci[1]:
-        out.append(f"within noise of its recipe's fully quantized model ({pct(fq.loss)} loss, {mb(fq.size)}): "
-                   f"that loss lies inside this pick's 95 % interval {pct(ci[0])}–{pct(ci[1])}; more photos "
-                   f"would tell whether its {len(c.get('excluded') or [])} float layers are needed")
+        out.append(
+            f"within noise of its recipe's fully quantized model ({pct(fq.loss)} loss, {mb(fq.size)}): "
+            f"that loss lies inside this pick's 95 % interval {pct(ci[0])}–{pct(ci[1])}; more photos "
+            f"would tell whether its {len(c.get('excluded') or [])} float layers are needed"
+        )
     if ci is not None and n:
         if 1.0 / n > constraint.max_loss + LOSS_TOLERANCE or ci[1] - ci[0] > constraint.max_loss:
-            out.append(f"the sample is too small to tell a {pct(constraint.max_loss)} loss apart: {n} images "
-                       f"(one image is {pct(1.0 / n)}), the loss's 95 % interval is {pct(ci[0])}–{pct(ci[1])}")
+            out.append(
+                f"the sample is too small to tell a {pct(constraint.max_loss)} loss apart: {n} images "
+                f"(one image is {pct(1.0 / n)}), the loss's 95 % interval is {pct(ci[0])}–{pct(ci[1])}"
+            )
     if pick.accuracy is not None and labelled is not None and 0 < labelled < FEW_LABELLED:
         lo, hi = wilson_interval(round(pick.accuracy * labelled), labelled)
-        out.append(f"accuracy {pct(pick.accuracy, 1)} is measured on only {labelled} labelled images "
-                   f"(95 % interval {pct(lo, 1)}–{pct(hi, 1)})")
+        out.append(
+            f"accuracy {pct(pick.accuracy, 1)} is measured on only {labelled} labelled images "
+            f"(95 % interval {pct(lo, 1)}–{pct(hi, 1)})"
+        )
     return out
 
 
 def _empty_pick(scope: str, model: str, devices: list[str], reason: str, fp32_size: int | None) -> dict[str, Any]:
-    keys = ("candidate", "recipe", "label", "k", "file", "sha256", "size_bytes", "fq_size_bytes", "agreement",
-            "accuracy_loss", "n", "loss_ci95", "accuracy", "accuracy_n", "fp32_accuracy", "latency_ms",
-            "latency_p10_ms", "latency_p90_ms", "fp32_latency_ms", "fp32_latency_p10_ms", "fp32_latency_p90_ms",
-            "runtime_note", "export_command")
-    return {"scope": scope, "model": model, "device": devices[0] if scope == "device" else None, "devices": devices,
-            "met": False, **dict.fromkeys(keys), "fp32_size_bytes": fp32_size, "float_layers": [], "runtime": {},
-            "parts": [], "warnings": [], "reason": reason}
+    keys = (
+        "candidate",
+        "recipe",
+        "label",
+        "k",
+        "file",
+        "sha256",
+        "size_bytes",
+        "fq_size_bytes",
+        "agreement",
+        "accuracy_loss",
+        "n",
+        "loss_ci95",
+        "accuracy",
+        "accuracy_n",
+        "fp32_accuracy",
+        "latency_ms",
+        "latency_p10_ms",
+        "latency_p90_ms",
+        "fp32_latency_ms",
+        "fp32_latency_p10_ms",
+        "fp32_latency_p90_ms",
+        "runtime_note",
+        "export_command",
+    )
+    return {
+        "scope": scope,
+        "model": model,
+        "device": devices[0] if scope == "device" else None,
+        "devices": devices,
+        "met": False,
+        **dict.fromkeys(keys),
+        "fp32_size_bytes": fp32_size,
+        "float_layers": [],
+        "runtime": {},
+        "parts": [],
+        "warnings": [],
+        "reason": reason,
+    }
 
 
 def candidate_file(cand: dict[str, Any]) -> str:
@@ -436,25 +525,57 @@ def build_answer(report: dict[str, Any], constraint: Constraint | None = None) -
                 options += split_options(report, model, cands, devs, constraint)
             pick, met = choose(options, constraint)
             if pick is None:
-                reason = ("no candidate is done and feasible on " + ", ".join(devs) if scope == "device" else
-                          "no candidate is done and feasible on every device (" + ", ".join(devs) + ")")
+                reason = (
+                    "no candidate is done and feasible on " + ", ".join(devs)
+                    if scope == "device"
+                    else "no candidate is done and feasible on every device (" + ", ".join(devs) + ")"
+                )
                 picks.append(_empty_pick(scope, model, devs, reason, None if fp32_size is None else int(fp32_size)))
                 continue
-            picks.append(_pick_entry(pick, met, scope, model, devs, options, constraint, baselines, labelled,
-                                     dataset.get("eval_samples"), order,
-                                     None if fp32_size is None else int(fp32_size), out_dir,
-                                     len(model_names) > 1, flags))
+            picks.append(
+                _pick_entry(
+                    pick,
+                    met,
+                    scope,
+                    model,
+                    devs,
+                    options,
+                    constraint,
+                    baselines,
+                    labelled,
+                    dataset.get("eval_samples"),
+                    order,
+                    None if fp32_size is None else int(fp32_size),
+                    out_dir,
+                    len(model_names) > 1,
+                    flags,
+                )
+            )
     return {"constraint": constraint.as_dict(), "rule": rule_text(constraint), "picks": picks}
 
 
-def _pick_entry(pick: _Option, met: bool, scope: str, model: str, devs: list[str], options: list[_Option],
-                constraint: Constraint, baselines: dict[tuple[str, str], dict[str, Any]], labelled: int | None,
-                eval_samples: int | None, order: dict[tuple[str, str], dict[str, int]], fp32_size: int | None,
-                out_dir: str, several_models: bool, flags: list[str]) -> dict[str, Any]:
+def _pick_entry(
+    pick: _Option,
+    met: bool,
+    scope: str,
+    model: str,
+    devs: list[str],
+    options: list[_Option],
+    constraint: Constraint,
+    baselines: dict[tuple[str, str], dict[str, Any]],
+    labelled: int | None,
+    eval_samples: int | None,
+    order: dict[tuple[str, str], dict[str, int]],
+    fp32_size: int | None,
+    out_dir: str,
+    several_models: bool,
+    flags: list[str],
+) -> dict[str, Any]:
     c = pick.cand
     recipe = c.get("recipe") or c.get("mode")
-    fq = next((o for o in options if o.cand.get("k") == 0 and (o.cand.get("recipe") or o.cand.get("mode")) == recipe),
-              None)
+    fq = next(
+        (o for o in options if o.cand.get("k") == 0 and (o.cand.get("recipe") or o.cand.get("mode")) == recipe), None
+    )
     n = pick.n or (eval_samples if isinstance(eval_samples, int) else None)
     ci = wilson_interval(round(pick.loss * n), n) if n else None
     # FP32 values: on the device, or across devices on the device where the pick is slowest
@@ -463,30 +584,58 @@ def _pick_entry(pick: _Option, met: bool, scope: str, model: str, devs: list[str
     fp32_acc = [finite((baselines.get((model, d)) or {}).get("accuracy")) for d in devs]
     runtime, note = runtime_of(c)
     has_labels = labelled is not None and labelled > 0 and pick.accuracy is not None
-    parts = [{"recipe": o.cand.get("recipe") or o.cand.get("mode"), "devices": pdevs, "candidate": o.cand.get("id"),
-              "label": o.cand.get("label"), "k": o.cand.get("k"), "file": candidate_file(o.cand),
-              "sha256": o.cand.get("sha256"), "size_bytes": o.size, "accuracy_loss": o.loss,
-              "float_layers": float_layers(o.cand, order),
-              "export_command": part_export_command(out_dir, model, o.cand, pdevs, several_models)}
-             for pdevs, o in pick.parts]
+    parts = [
+        {
+            "recipe": o.cand.get("recipe") or o.cand.get("mode"),
+            "devices": pdevs,
+            "candidate": o.cand.get("id"),
+            "label": o.cand.get("label"),
+            "k": o.cand.get("k"),
+            "file": candidate_file(o.cand),
+            "sha256": o.cand.get("sha256"),
+            "size_bytes": o.size,
+            "accuracy_loss": o.loss,
+            "float_layers": float_layers(o.cand, order),
+            "export_command": part_export_command(out_dir, model, o.cand, pdevs, several_models),
+        }
+        for pdevs, o in pick.parts
+    ]
     return {
-        "scope": scope, "model": model, "device": devs[0] if scope == "device" else None, "devices": devs,
-        "met": met, "candidate": c.get("id"), "recipe": recipe, "label": c.get("label"), "k": c.get("k"),
-        "file": candidate_file(c), "sha256": c.get("sha256"), "size_bytes": pick.size,
-        "fp32_size_bytes": fp32_size, "fq_size_bytes": None if fq is None else fq.size,
-        "agreement": pick.agreement, "accuracy_loss": pick.loss, "n": n,
+        "scope": scope,
+        "model": model,
+        "device": devs[0] if scope == "device" else None,
+        "devices": devs,
+        "met": met,
+        "candidate": c.get("id"),
+        "recipe": recipe,
+        "label": c.get("label"),
+        "k": c.get("k"),
+        "file": candidate_file(c),
+        "sha256": c.get("sha256"),
+        "size_bytes": pick.size,
+        "fp32_size_bytes": fp32_size,
+        "fq_size_bytes": None if fq is None else fq.size,
+        "agreement": pick.agreement,
+        "accuracy_loss": pick.loss,
+        "n": n,
         "loss_ci95": None if ci is None else [ci[0], ci[1]],
-        "accuracy": pick.accuracy, "accuracy_n": labelled if has_labels else 0,
+        "accuracy": pick.accuracy,
+        "accuracy_n": labelled if has_labels else 0,
         "fp32_accuracy": None if any(a is None for a in fp32_acc) else min(a for a in fp32_acc if a is not None),
-        "latency_ms": pick.latency, "latency_p10_ms": pick.p10, "latency_p90_ms": pick.p90,
-        "fp32_latency_ms": finite(base.get("latency_ms")), "fp32_latency_p10_ms": finite(base.get("latency_p10_ms")),
+        "latency_ms": pick.latency,
+        "latency_p10_ms": pick.p10,
+        "latency_p90_ms": pick.p90,
+        "fp32_latency_ms": finite(base.get("latency_ms")),
+        "fp32_latency_p10_ms": finite(base.get("latency_p10_ms")),
         "fp32_latency_p90_ms": finite(base.get("latency_p90_ms")),
-        "float_layers": float_layers(c, order), "runtime": runtime, "runtime_note": note,
-        "export_command": None if parts else export_command(out_dir, model, devs[0] if scope == "device" else None,
-                                                            several_models, flags),
+        "float_layers": float_layers(c, order),
+        "runtime": runtime,
+        "runtime_note": note,
+        "export_command": None
+        if parts
+        else export_command(out_dir, model, devs[0] if scope == "device" else None, several_models, flags),
         "parts": parts,
-        "warnings": _warnings(pick, met, constraint, fq, baselines, n, labelled if has_labels else None, ci,
-                              fp32_size),
+        "warnings": _warnings(pick, met, constraint, fq, baselines, n, labelled if has_labels else None, ci, fp32_size),
         "reason": None,
     }
 
@@ -516,11 +665,13 @@ def format_answer(answer: dict[str, Any] | None) -> list[str]:
         lines.append(f"{head}: {p['file']}" + ("" if p["met"] else "  (constraint NOT met)"))
         lines.append(f"    {p['recipe']}, {p.get('label')}; size {mb(p['size_bytes'])}{vs}")
         ci = p.get("loss_ci95")
-        lines.append(f"    agreement loss {pct(p['accuracy_loss'])}"
-                     + (f" (95 % interval {pct(ci[0])}–{pct(ci[1])}, n = {p['n']})" if ci else ""))
+        lines.append(
+            f"    agreement loss {pct(p['accuracy_loss'])}"
+            + (f" (95 % interval {pct(ci[0])}–{pct(ci[1])}, n = {p['n']})" if ci else "")
+        )
         if p.get("latency_ms") is not None:
             fp32 = f"; FP32 {_ms(p.get('fp32_latency_ms'))}" if p.get("fp32_latency_ms") is not None else ""
-            spread = _spread(p.get('latency_p10_ms'), p.get('latency_p90_ms'))
+            spread = _spread(p.get("latency_p10_ms"), p.get("latency_p90_ms"))
             lines.append(f"    latency {_ms(p['latency_ms'])}{spread}{fp32}")
         if p.get("accuracy") is not None:
             lines.append(f"    accuracy {pct(p['accuracy'], 1)} on {p.get('accuracy_n')} labelled images")
@@ -529,8 +680,10 @@ def format_answer(answer: dict[str, Any] | None) -> list[str]:
         if p.get("runtime_note"):
             lines.append(f"    runtime: {p['runtime_note']}")
         for part in p.get("parts") or []:
-            lines.append(f"    on {', '.join(part['devices'])}: {part['file']} ({part['recipe']}, {part.get('label')}; "
-                         f"size {mb(part['size_bytes'])}, loss {pct(part['accuracy_loss'])})")
+            lines.append(
+                f"    on {', '.join(part['devices'])}: {part['file']} ({part['recipe']}, {part.get('label')}; "
+                f"size {mb(part['size_bytes'])}, loss {pct(part['accuracy_loss'])})"
+            )
         for w in p.get("warnings") or []:
             lines.append(f"    warning: {w}")
         if p.get("export_command"):

@@ -22,8 +22,13 @@ from tuneqn.controller.store import FINAL_JOB_STATES, Store
 log = logging.getLogger(__name__)
 
 #: Result status shown for a job state without a result (unknown live states show as running).
-_STATUS_OF_JOB_STATE = {"pending": "pending", "failed": "failed", "unreachable": "unreachable", "done": "pending",
-                        "infeasible": "infeasible"}
+_STATUS_OF_JOB_STATE = {
+    "pending": "pending",
+    "failed": "failed",
+    "unreachable": "unreachable",
+    "done": "pending",
+    "infeasible": "infeasible",
+}
 
 
 def _job_status(job: dict[str, Any] | None) -> tuple[str, str | None]:
@@ -94,8 +99,11 @@ def _timing(row: dict[str, Any] | None) -> dict[str, Any]:
     """``seconds`` (job wall time on the agent), ``finished_at`` and ``num_samples`` of a result row."""
     if row is None:
         return {"seconds": None, "finished_at": None, "num_samples": None}
-    return {"seconds": finite(_info(row).get("seconds")), "finished_at": finite(row.get("finished_at")),
-            "num_samples": row.get("num_samples")}
+    return {
+        "seconds": finite(_info(row).get("seconds")),
+        "finished_at": finite(row.get("finished_at")),
+        "num_samples": row.get("num_samples"),
+    }
 
 
 def _details(row: dict[str, Any] | None) -> dict[str, Any]:
@@ -108,10 +116,16 @@ def _details(row: dict[str, Any] | None) -> dict[str, Any]:
     seconds = finite(info.get("seconds"))
     device_s = None if seconds is None else max(0.0, seconds - (compile_s or 0.0) - (tuning_s or 0.0))
     tuned = info.get("tuned")
-    return {"backend": backend or None, "compile_seconds": compile_s, "tuning_seconds": tuning_s,
-            "device_seconds": device_s, "tuned": bool(tuned) if tuned is not None else None,
-            "untuned": backend == "tvm" and not tuned,
-            "compile_cache_hit": info.get("compile_cache_hit"), "executed_on": info.get("executed_on") or None}
+    return {
+        "backend": backend or None,
+        "compile_seconds": compile_s,
+        "tuning_seconds": tuning_s,
+        "device_seconds": device_s,
+        "tuned": bool(tuned) if tuned is not None else None,
+        "untuned": backend == "tvm" and not tuned,
+        "compile_cache_hit": info.get("compile_cache_hit"),
+        "executed_on": info.get("executed_on") or None,
+    }
 
 
 def _screening(index: _Index, cid: str, dev_names: list[str]) -> list[dict[str, Any]]:
@@ -124,10 +138,16 @@ def _screening(index: _Index, cid: str, dev_names: list[str]) -> list[dict[str, 
         status, error = ("done", None) if r is not None else _job_status(job)
         if status == "infeasible":
             error = f"{error} ({', '.join(_unsupported_ops(job))})" if _unsupported_ops(job) else error
-        out.append({"device": dev, "status": status,
-                    "agreement": finite(r["agreement"]) if r else None,
-                    "accuracy": finite(r["accuracy"]) if r else None,
-                    **_timing(r), "error": error})
+        out.append(
+            {
+                "device": dev,
+                "status": status,
+                "agreement": finite(r["agreement"]) if r else None,
+                "accuracy": finite(r["accuracy"]) if r else None,
+                **_timing(r),
+                "error": error,
+            }
+        )
     return out
 
 
@@ -146,6 +166,7 @@ def _level(cid: str, full: _Index, screen: _Index, proposed: dict[str, set[str]]
 def _study_order(cands: list[dict[str, Any]], models: list[str], recipes: list[str]) -> list[dict[str, Any]]:
     """Candidates by model and recipe in the study's order (a variant recipe ``<recipe>.…`` right after its
     recipe; unknown ones after, by name), else as given."""
+
     def recipe_rank(name: str) -> int:
         while name not in recipes and "." in name:
             name = name.rpartition(".")[0]
@@ -182,31 +203,70 @@ class _Planning:
         """The report's ``feasibility`` section."""
         from tuneqn.controller.quantize.feasibility import describe  # noqa: PLC0415 - onnx only when writing reports
 
-        return [{"model": r["model"], "recipe": r["recipe"], "device": r["device_class"], "planned": r["planned"],
-                 "status": r["status"], "unsupported": r["unsupported"], "tried": r["tried"],
-                 "text": describe(r["device_class"], r["recipe"], r["planned"], r["status"], r["unsupported"],
-                                  r["tried"])}
-                for r in self.rows]
+        return [
+            {
+                "model": r["model"],
+                "recipe": r["recipe"],
+                "device": r["device_class"],
+                "planned": r["planned"],
+                "status": r["status"],
+                "unsupported": r["unsupported"],
+                "tried": r["tried"],
+                "text": describe(
+                    r["device_class"], r["recipe"], r["planned"], r["status"], r["unsupported"], r["tried"]
+                ),
+            }
+            for r in self.rows
+        ]
 
 
 def _searches(store: Store) -> list[dict[str, Any]]:
     """The study's searches with their parameters and what they asked for, in order."""
     by_search: dict[str, list[dict[str, Any]]] = {}
     for p in store.proposals():
-        by_search.setdefault(p["search"], []).append({
-            "candidate_id": p["candidate_id"], "level": p["level"], "model": p["model"], "mode": p["mode"],
-            "recipe": p["mode"], "label": p["label"], "seq": p["seq"], "created_at": p["created_at"]})
+        by_search.setdefault(p["search"], []).append(
+            {
+                "candidate_id": p["candidate_id"],
+                "level": p["level"],
+                "model": p["model"],
+                "mode": p["mode"],
+                "recipe": p["mode"],
+                "label": p["label"],
+                "seq": p["seq"],
+                "created_at": p["created_at"],
+            }
+        )
     out = []
     for s in store.searches():
         params = s.get("params") or {}
-        out.append({"name": s["name"], "strategy": params.get("strategy"), "ranking": params.get("ranking"),
-                    "budget": params.get("budget"), "max_loss": params.get("max_loss"), "params": params,
-                    "started_at": s.get("started_at"), "finished_at": s.get("finished_at"),
-                    "proposals": by_search.pop(s["name"], [])})
+        out.append(
+            {
+                "name": s["name"],
+                "strategy": params.get("strategy"),
+                "ranking": params.get("ranking"),
+                "budget": params.get("budget"),
+                "max_loss": params.get("max_loss"),
+                "params": params,
+                "started_at": s.get("started_at"),
+                "finished_at": s.get("finished_at"),
+                "proposals": by_search.pop(s["name"], []),
+            }
+        )
     for name, props in by_search.items():  # proposals of a search without its row (should not happen)
         log.warning("proposals of search %s, which is not recorded", name)
-        out.append({"name": name, "strategy": None, "ranking": None, "budget": None, "max_loss": None,
-                    "params": {}, "started_at": None, "finished_at": None, "proposals": props})
+        out.append(
+            {
+                "name": name,
+                "strategy": None,
+                "ranking": None,
+                "budget": None,
+                "max_loss": None,
+                "params": {},
+                "started_at": None,
+                "finished_at": None,
+                "proposals": props,
+            }
+        )
     return out
 
 
@@ -240,6 +300,7 @@ def _dataset(store: Store, cfg: StudyConfig, models: list[dict[str, Any]]) -> di
     """The report's ``dataset``: sample sizes (of the first model's splits; every model uses the same images)
     and the preprocessing. ``labelled_eval_samples`` counts the evaluation samples with a label (the n of
     every accuracy: :func:`tuneqn.controller.accuracy.accuracy` leaves out negative labels)."""
+
     def split(name: str) -> dict[str, Any] | None:
         return store.dataset(f"{models[0]['name']}/{name}") if models else None
 
@@ -288,7 +349,8 @@ def build_base(store: Store, *, partial: bool) -> dict[str, Any]:
         for p in s["proposals"]:
             proposed.setdefault(p["candidate_id"], set()).add(p["level"])
             proposed_by.setdefault(p["candidate_id"], []).append(
-                {"search": s["name"], "label": p["label"], "level": p["level"]})
+                {"search": s["name"], "label": p["label"], "level": p["level"]}
+            )
     any_proposals = bool(proposed)
 
     baselines: list[dict[str, Any]] = []
@@ -299,18 +361,31 @@ def build_base(store: Store, *, partial: bool) -> dict[str, Any]:
             r, job = index.current(baseline_id(m["name"]), dev)
             status, error = ("done", None) if r is not None else _job_status(job)
             baseline_state[(m["name"], dev)] = (status, error)
-            baselines.append({
-                "model": m["name"], "device": dev, "status": status,
-                "accuracy": finite(r["accuracy"]) if r else None,
-                "accuracy_top5": finite(r["accuracy_top5"]) if r else None,
-                **result_latency(r), "size_bytes": m["size_bytes"], "error": error,
-                "unsupported_ops": _unsupported_ops(job) if status == "infeasible" else [],
-                **_details(r),
-            })
+            baselines.append(
+                {
+                    "model": m["name"],
+                    "device": dev,
+                    "status": status,
+                    "accuracy": finite(r["accuracy"]) if r else None,
+                    "accuracy_top5": finite(r["accuracy_top5"]) if r else None,
+                    **result_latency(r),
+                    "size_bytes": m["size_bytes"],
+                    "error": error,
+                    "unsupported_ops": _unsupported_ops(job) if status == "infeasible" else [],
+                    **_details(r),
+                }
+            )
             if status == "infeasible":
-                infeasible.setdefault(dev, []).append({
-                    "candidate": baseline_id(m["name"]), "model": m["name"], "recipe": "fp32", "label": "fp32",
-                    "unsupported_ops": _unsupported_ops(job), "error": error})
+                infeasible.setdefault(dev, []).append(
+                    {
+                        "candidate": baseline_id(m["name"]),
+                        "model": m["name"],
+                        "recipe": "fp32",
+                        "label": "fp32",
+                        "unsupported_ops": _unsupported_ops(job),
+                        "error": error,
+                    }
+                )
 
     planning = _Planning(store)
     classes = {d["name"]: d.get("device_class") for d in devices}
@@ -326,28 +401,45 @@ def build_base(store: Store, *, partial: bool) -> dict[str, Any]:
             r, job = index.current(c["id"], dev)
             if dev not in planned and r is None and job is None:
                 continue  # another recipe runs on that device (feasibility planning)
-            entry: dict[str, Any] = {"device": dev, "agreement": None, "accuracy": None, "accuracy_top5": None,
-                                     **result_latency(None), **_timing(None), **_details(None), "error": None,
-                                     "unsupported_ops": []}
+            entry: dict[str, Any] = {
+                "device": dev,
+                "agreement": None,
+                "accuracy": None,
+                "accuracy_top5": None,
+                **result_latency(None),
+                **_timing(None),
+                **_details(None),
+                "error": None,
+                "unsupported_ops": [],
+            }
             if r is None:
                 entry["status"], entry["error"] = _job_status(job)
                 if entry["status"] == "infeasible":
                     entry["unsupported_ops"] = _unsupported_ops(job)
-                    infeasible.setdefault(dev, []).append({
-                        "candidate": c["id"], "model": c["model"], "recipe": c["mode"], "label": c["label"],
-                        "unsupported_ops": entry["unsupported_ops"], "error": entry["error"]})
+                    infeasible.setdefault(dev, []).append(
+                        {
+                            "candidate": c["id"],
+                            "model": c["model"],
+                            "recipe": c["mode"],
+                            "label": c["label"],
+                            "unsupported_ops": entry["unsupported_ops"],
+                            "error": entry["error"],
+                        }
+                    )
             else:
-                entry.update({
-                    "status": "done",
-                    "agreement": finite(r["agreement"]),
-                    "accuracy": finite(r["accuracy"]),
-                    "accuracy_top5": finite(r["accuracy_top5"]),
-                    **result_latency(r),
-                    **_timing(r),
-                    **_details(r),
-                    "latency": json.loads(r["latency"] or "{}"),
-                    "simulated_latency_ms_per_sample": r["simulated"] or 0.0,
-                })
+                entry.update(
+                    {
+                        "status": "done",
+                        "agreement": finite(r["agreement"]),
+                        "accuracy": finite(r["accuracy"]),
+                        "accuracy_top5": finite(r["accuracy_top5"]),
+                        **result_latency(r),
+                        **_timing(r),
+                        **_details(r),
+                        "latency": json.loads(r["latency"] or "{}"),
+                        "simulated_latency_ms_per_sample": r["simulated"] or 0.0,
+                    }
+                )
                 if entry["agreement"] is None:
                     base_status, base_error = baseline_state.get((c["model"], dev), ("pending", None))
                     if base_status in ("pending", "running"):
@@ -356,39 +448,102 @@ def build_base(store: Store, *, partial: bool) -> dict[str, Any]:
                     elif base_status != "done":
                         entry["error"] = f"FP32 baseline on this device {base_status}: {base_error}"
             res.append(entry)
-        cand_out.append({
-            "id": c["id"], "model": c["model"], "mode": c["mode"], "recipe": c["mode"], "k": c["k"],
-            "kind": c["kind"], "label": c["label"], "excluded": c["excluded"], "size_bytes": c["size_bytes"],
-            "sha256": c["sha256"], "runtime": c["runtime"], "level": level, "results": res,
-            "screening": _screening(screen, c["id"], dev_names), "proposed_by": proposed_by.get(c["id"], []),
-        })
+        cand_out.append(
+            {
+                "id": c["id"],
+                "model": c["model"],
+                "mode": c["mode"],
+                "recipe": c["mode"],
+                "k": c["k"],
+                "kind": c["kind"],
+                "label": c["label"],
+                "excluded": c["excluded"],
+                "size_bytes": c["size_bytes"],
+                "sha256": c["sha256"],
+                "runtime": c["runtime"],
+                "level": level,
+                "results": res,
+                "screening": _screening(screen, c["id"], dev_names),
+                "proposed_by": proposed_by.get(c["id"], []),
+            }
+        )
     return {
         "tuneqn_version": __version__,
         "generated_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "partial": partial,
-        "study": {"name": store.get_meta("name") or cfg.name or "study", "out_dir": str(store.path.parent),
-                  "settings": json.loads(cfg.model_dump_json())},
-        "objectives": [{"name": o.name, "direction": o.resolved_direction, "max": o.max, "min": o.min,
-                        "unit": OBJECTIVES[o.name].unit, "label": OBJECTIVES[o.name].label}
-                       for o in cfg.objectives],
+        "study": {
+            "name": store.get_meta("name") or cfg.name or "study",
+            "out_dir": str(store.path.parent),
+            "settings": json.loads(cfg.model_dump_json()),
+        },
+        "objectives": [
+            {
+                "name": o.name,
+                "direction": o.resolved_direction,
+                "max": o.max,
+                "min": o.min,
+                "unit": OBJECTIVES[o.name].unit,
+                "label": OBJECTIVES[o.name].label,
+            }
+            for o in cfg.objectives
+        ],
         "devices": [{"name": d["name"], "device_class": d["device_class"], "info": d["info"]} for d in devices],
-        "models": [{k: m[k] for k in ("name", "source", "size_bytes", "sha256", "opset_original", "opset_used",
-                                      "upgraded", "input_name", "input_shape", "notes")} for m in models],
+        "models": [
+            {
+                k: m[k]
+                for k in (
+                    "name",
+                    "source",
+                    "size_bytes",
+                    "sha256",
+                    "opset_original",
+                    "opset_used",
+                    "upgraded",
+                    "input_name",
+                    "input_shape",
+                    "notes",
+                )
+            }
+            for m in models
+        ],
         "skipped_inputs": _skipped_inputs(store),
         "dataset": _dataset(store, cfg, models),
-        "layers": [{"model": r["model"], "mode": r["mode"], "recipe": r["mode"], "name": r["name"],
-                    "op_type": r["op_type"], "index": r["idx"], "qdq_err": r["qdq_err"],
-                    "xmodel_err": r["xmodel_err"], "norm_qdq": r["norm_qdq"], "norm_xmodel": r["norm_xmodel"],
-                    "score": r["score"], "rank": r["rank"]} for r in store.layers()],
-        "rankings": [{"model": r["model"], "mode": r["mode"], "recipe": r["mode"], "name": r["name"],
-                      "layers": r["layers"], "created_at": r["created_at"]} for r in store.rankings()],
+        "layers": [
+            {
+                "model": r["model"],
+                "mode": r["mode"],
+                "recipe": r["mode"],
+                "name": r["name"],
+                "op_type": r["op_type"],
+                "index": r["idx"],
+                "qdq_err": r["qdq_err"],
+                "xmodel_err": r["xmodel_err"],
+                "norm_qdq": r["norm_qdq"],
+                "norm_xmodel": r["norm_xmodel"],
+                "score": r["score"],
+                "rank": r["rank"],
+            }
+            for r in store.layers()
+        ],
+        "rankings": [
+            {
+                "model": r["model"],
+                "mode": r["mode"],
+                "recipe": r["mode"],
+                "name": r["name"],
+                "layers": r["layers"],
+                "created_at": r["created_at"],
+            }
+            for r in store.rankings()
+        ],
         "searches": searches,
         "baselines": baselines,
         "candidates": cand_out,
         "feasibility": planning.entries(),
         "recipe_selection": _recipe_selection(store),
-        "infeasible_by_device": [{"device": dev, "candidates": infeasible[dev]} for dev in dev_names
-                                 if dev in infeasible],
+        "infeasible_by_device": [
+            {"device": dev, "candidates": infeasible[dev]} for dev in dev_names if dev in infeasible
+        ],
     }
 
 

@@ -90,8 +90,13 @@ def plain_form(model: onnx.ModelProto, excluded: list[str]) -> tuple[onnx.ModelP
         zp = inits.get(dq.input[2]) if len(dq.input) > 2 and dq.input[2] else None
         weight = inits.get(node.input[1])
         channels = None if weight is None else _input_channels(node, numpy_helper.to_array(weight))
-        if (opset < 13 or scale is None or channels is None or numpy_helper.to_array(scale).size != 1
-                or (len(dq.input) > 2 and dq.input[2] and zp is None)):
+        if (
+            opset < 13
+            or scale is None
+            or channels is None
+            or numpy_helper.to_array(scale).size != 1
+            or (len(dq.input) > 2 and dq.input[2] and zp is None)
+        ):
             remaining.append(node.name)
             continue
         axis, size = channels
@@ -103,8 +108,9 @@ def plain_form(model: onnx.ModelProto, excluded: list[str]) -> tuple[onnx.ModelP
             z = numpy_helper.to_array(zp).reshape(())
             g.initializer.append(numpy_helper.from_array(np.full(size, z, dtype=z.dtype), names[1]))
             dq_inputs.append(names[1])
-        inserts[pos] = helper.make_node("DequantizeLinear", dq_inputs, [names[2]], name=f"{node.name}{_SUFFIX}",
-                                        axis=axis)
+        inserts[pos] = helper.make_node(
+            "DequantizeLinear", dq_inputs, [names[2]], name=f"{node.name}{_SUFFIX}", axis=axis
+        )
         node.input[0] = names[2]
         rewritten.append(node.name)
     if inserts:
@@ -154,14 +160,18 @@ def evaluated_file(study_dir: Path, cand: dict[str, Any]) -> Path:
     """The evaluated candidate file in ``study_dir``, checked against the store's sha256 (one-line error)."""
     rel = candidate_file({**cand, "recipe": cand.get("mode") or cand.get("recipe")})
     path = Path(study_dir) / rel
-    rebuild = ("rebuild it with 'tuneqn tune' on the study (it rebuilds the candidates its searches evaluated "
-               "and reuses their results; 'tuneqn analyze STUDY.toml --candidates' rebuilds the paper's)")
+    rebuild = (
+        "rebuild it with 'tuneqn tune' on the study (it rebuilds the candidates its searches evaluated "
+        "and reuses their results; 'tuneqn analyze STUDY.toml --candidates' rebuilds the paper's)"
+    )
     if not path.is_file():
         raise StudyFailed(f"{path}: the evaluated candidate {cand['id']} is missing; {rebuild}")
     sha, _ = file_digest(path)
     if sha != cand["sha256"]:
-        raise StudyFailed(f"{path}: sha256 {sha[:12]}… is not the evaluated candidate's ({cand['sha256'][:12]}…): "
-                          f"the file changed since it was evaluated; {rebuild}")
+        raise StudyFailed(
+            f"{path}: sha256 {sha[:12]}… is not the evaluated candidate's ({cand['sha256'][:12]}…): "
+            f"the file changed since it was evaluated; {rebuild}"
+        )
     return path
 
 
@@ -174,48 +184,75 @@ def metrics_of(report_cand: dict[str, Any] | None, labelled: int | None) -> list
         n = r.get("num_samples")
         loss = 1.0 - float(r["agreement"])
         ci = wilson_interval(round(loss * n), n) if isinstance(n, int) and n > 0 else None
-        out.append({"device": r.get("device"), "agreement": r["agreement"], "accuracy_loss": loss, "n": n,
-                    "loss_ci95": None if ci is None else [ci[0], ci[1]],
-                    "accuracy": r.get("accuracy"), "accuracy_n": labelled if r.get("accuracy") is not None else 0,
-                    "latency_ms": r.get("latency_ms"), "latency_p10_ms": r.get("latency_p10_ms"),
-                    "latency_p90_ms": r.get("latency_p90_ms"), "backend": r.get("backend"),
-                    "feasible": r.get("feasible")})
+        out.append(
+            {
+                "device": r.get("device"),
+                "agreement": r["agreement"],
+                "accuracy_loss": loss,
+                "n": n,
+                "loss_ci95": None if ci is None else [ci[0], ci[1]],
+                "accuracy": r.get("accuracy"),
+                "accuracy_n": labelled if r.get("accuracy") is not None else 0,
+                "latency_ms": r.get("latency_ms"),
+                "latency_p10_ms": r.get("latency_p10_ms"),
+                "latency_p90_ms": r.get("latency_p90_ms"),
+                "backend": r.get("backend"),
+                "feasible": r.get("feasible"),
+            }
+        )
     return out
 
 
-def facts(cand: dict[str, Any], report: dict[str, Any], plain: bool, disabled: list[str],
-          pick: dict[str, Any] | None = None) -> dict[str, Any]:
+def facts(
+    cand: dict[str, Any], report: dict[str, Any], plain: bool, disabled: list[str], pick: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """The facts of an export (everything but the written file's own sha256)."""
     report_cand = next((c for c in report.get("candidates") or [] if c.get("id") == cand["id"]), None)
     labelled = (report.get("dataset") or {}).get("labelled_eval_samples")
     layers = float_layers({**cand, "recipe": cand["mode"]}, layer_order(report))
     if plain and cand.get("runtime", {}).get("ort_disabled_optimizers"):
-        graph = ("rewritten for a plain session: each float layer reads its own per-channel DequantizeLinear "
-                 "(same scale and zero point), which ONNX Runtime's WeightBiasQuantization leaves alone; "
-                 "outputs equal the evaluated file's run with disabled_optimizers=['WeightBiasQuantization']")
+        graph = (
+            "rewritten for a plain session: each float layer reads its own per-channel DequantizeLinear "
+            "(same scale and zero point), which ONNX Runtime's WeightBiasQuantization leaves alone; "
+            "outputs equal the evaluated file's run with disabled_optimizers=['WeightBiasQuantization']"
+        )
     else:
         graph = "the evaluated file's graph"
     out: dict[str, Any] = {
-        "candidate": cand["id"], "model": cand["model"], "recipe": cand["mode"], "label": cand.get("label"),
-        "k": cand.get("k"), "evaluated_file": candidate_file({**cand, "recipe": cand["mode"]}),
-        "evaluated_sha256": cand["sha256"], "evaluated_size_bytes": cand.get("size_bytes"),
-        "float_layers": layers, "graph": graph,
+        "candidate": cand["id"],
+        "model": cand["model"],
+        "recipe": cand["mode"],
+        "label": cand.get("label"),
+        "k": cand.get("k"),
+        "evaluated_file": candidate_file({**cand, "recipe": cand["mode"]}),
+        "evaluated_sha256": cand["sha256"],
+        "evaluated_size_bytes": cand.get("size_bytes"),
+        "float_layers": layers,
+        "graph": graph,
         "session_options": {"disabled_optimizers": disabled} if disabled else {},
-        "load": ("onnxruntime.InferenceSession(path)" if not disabled else
-                 f"onnxruntime.InferenceSession(path, disabled_optimizers={disabled})"),
+        "load": (
+            "onnxruntime.InferenceSession(path)"
+            if not disabled
+            else f"onnxruntime.InferenceSession(path, disabled_optimizers={disabled})"
+        ),
         "metrics": metrics_of(report_cand, labelled),
         "dataset": {k: (report.get("dataset") or {}).get(k) for k in ("eval_samples", "labelled_eval_samples")},
         "versions": dict(tool_versions()),
     }
     if pick is not None:
-        out["answer"] = {"scope": pick.get("scope"), "devices": pick.get("devices"), "met": pick.get("met"),
-                         "constraint": (report.get("answer") or {}).get("constraint"),
-                         "warnings": pick.get("warnings") or []}
+        out["answer"] = {
+            "scope": pick.get("scope"),
+            "devices": pick.get("devices"),
+            "met": pick.get("met"),
+            "constraint": (report.get("answer") or {}).get("constraint"),
+            "warnings": pick.get("warnings") or [],
+        }
     return out
 
 
-def export_candidate(study_dir: Path, cand: dict[str, Any], report: dict[str, Any], out: Path,
-                     pick: dict[str, Any] | None = None) -> Exported:
+def export_candidate(
+    study_dir: Path, cand: dict[str, Any], report: dict[str, Any], out: Path, pick: dict[str, Any] | None = None
+) -> Exported:
     """Write the evaluated candidate ``cand`` (a store row) of ``study_dir`` to ``out`` with its facts
     (``out`` + ``.json`` and the model's metadata); see the module docstring."""
     src = evaluated_file(study_dir, cand)
@@ -225,8 +262,11 @@ def export_candidate(study_dir: Path, cand: dict[str, Any], report: dict[str, An
     if disabled:
         rewritten, done, remaining = plain_form(model, list(cand.get("excluded") or []))
         if remaining or needs_option(rewritten, list(cand.get("excluded") or [])):
-            log.warning("cannot rewrite %s for a plain session (%s); keeping the evaluated graph",
-                        cand["id"], ", ".join(remaining) or "?")
+            log.warning(
+                "cannot rewrite %s for a plain session (%s); keeping the evaluated graph",
+                cand["id"],
+                ", ".join(remaining) or "?",
+            )
             plain = False
         else:
             model = rewritten
@@ -244,28 +284,46 @@ def export_candidate(study_dir: Path, cand: dict[str, Any], report: dict[str, An
         raise UserError(f"-o/--output: cannot write {out} ({exc.strerror or exc.__class__.__name__})") from None
     sha, size = file_digest(out)
     sidecar = out.with_name(out.name + ".json")
-    atomic_write_bytes(sidecar, (json.dumps({"file": out.name, "sha256": sha, "size_bytes": size, **info},
-                                            indent=2, sort_keys=True, ensure_ascii=False) + "\n").encode())
+    atomic_write_bytes(
+        sidecar,
+        (
+            json.dumps(
+                {"file": out.name, "sha256": sha, "size_bytes": size, **info},
+                indent=2,
+                sort_keys=True,
+                ensure_ascii=False,
+            )
+            + "\n"
+        ).encode(),
+    )
     return Exported(out, sidecar, sha, size, plain, info)
 
 
 def describe(exp: Exported) -> list[str]:
     """What ``tuneqn export`` prints about an export."""
     f = exp.facts
-    lines = [f"{exp.path}  sha256={exp.sha256}  size={exp.size_bytes}  candidate={f['candidate']} "
-             f"({f['recipe']}, {f.get('label')}; evaluated sha256={f['evaluated_sha256']})",
-             f"float layers ({len(f['float_layers'])}): " + (", ".join(f["float_layers"]) or "none")]
+    lines = [
+        f"{exp.path}  sha256={exp.sha256}  size={exp.size_bytes}  candidate={f['candidate']} "
+        f"({f['recipe']}, {f.get('label')}; evaluated sha256={f['evaluated_sha256']})",
+        f"float layers ({len(f['float_layers'])}): " + (", ".join(f["float_layers"]) or "none"),
+    ]
     for m in f["metrics"]:
         ci = m.get("loss_ci95")
-        lines.append(f"  {m['device']}: agreement loss {100 * m['accuracy_loss']:.2f} % "
-                     + (f"(95 % interval {100 * ci[0]:.2f}–{100 * ci[1]:.2f} %, n = {m['n']})" if ci else "")
-                     + (f", latency {m['latency_ms']:.3g} ms" if m.get("latency_ms") is not None else ""))
+        lines.append(
+            f"  {m['device']}: agreement loss {100 * m['accuracy_loss']:.2f} % "
+            + (f"(95 % interval {100 * ci[0]:.2f}–{100 * ci[1]:.2f} %, n = {m['n']})" if ci else "")
+            + (f", latency {m['latency_ms']:.3g} ms" if m.get("latency_ms") is not None else "")
+        )
     if f["session_options"]:
-        lines.append(f"load it with onnxruntime.InferenceSession(path, disabled_optimizers="
-                     f"{f['session_options']['disabled_optimizers']}): without that option ONNX Runtime quantizes "
-                     "its float layers when loading it")
+        lines.append(
+            f"load it with onnxruntime.InferenceSession(path, disabled_optimizers="
+            f"{f['session_options']['disabled_optimizers']}): without that option ONNX Runtime quantizes "
+            "its float layers when loading it"
+        )
     elif f["float_layers"]:
-        lines.append("load it with a plain onnxruntime.InferenceSession(path): its float layers stay float "
-                     "(no session option needed)")
+        lines.append(
+            "load it with a plain onnxruntime.InferenceSession(path): its float layers stay float "
+            "(no session option needed)"
+        )
     lines.append(f"facts: {exp.sidecar} (also in the model's metadata_props['{METADATA_KEY}'])")
     return lines

@@ -215,8 +215,11 @@ N_FRONTS = 3
 #: Result statuses; "failed", "unreachable" and "infeasible" are final without a result.
 STATUSES = ("done", "failed", "unreachable", "infeasible", "pending", "running")
 
-_NO_RESULT_REASON = {"failed": "evaluation failed (no error message)", "unreachable": "device unreachable",
-                     "infeasible": "infeasible on this device"}
+_NO_RESULT_REASON = {
+    "failed": "evaluation failed (no error message)",
+    "unreachable": "device unreachable",
+    "infeasible": "infeasible on this device",
+}
 
 
 @dataclass(frozen=True)
@@ -593,8 +596,7 @@ def _cross_device(
         "fronts": [[rows[i]["id"] for i in front] for front in fronts],
         "selected": rows[select_compromise(F, fronts[0])]["id"] if fronts else None,
         "candidates": [
-            {"id": c["id"], "k": c.get("k"), "label": c.get("label"), "worst": worst[i],
-             "front": front_of.get(i)}
+            {"id": c["id"], "k": c.get("k"), "label": c.get("label"), "worst": worst[i], "front": front_of.get(i)}
             for i, c in enumerate(rows)
         ],
         "excluded": excluded,
@@ -633,13 +635,15 @@ def _recipe_fronts(
             for n, front in enumerate(fronts, start=1):
                 for i in front:
                     by_dev[rows[i]["id"]][device]["recipe_front"] = n
-            out.append({
-                "model": model,
-                "device": device,
-                "recipes": recipes,
-                "fronts": [[rows[i]["id"] for i in front] for front in fronts],
-                "selected": rows[select_compromise(F, fronts[0])]["id"] if fronts else None,
-            })
+            out.append(
+                {
+                    "model": model,
+                    "device": device,
+                    "recipes": recipes,
+                    "fronts": [[rows[i]["id"] for i in front] for front in fronts],
+                    "selected": rows[select_compromise(F, fronts[0])]["id"] if fronts else None,
+                }
+            )
     return out
 
 
@@ -773,14 +777,15 @@ def _ablation(
     works = [(s, _SearchWork(s, cands)) for s in report.get("searches") or []]
     for s, work in works:
         started = finite(s.get("started_at"))
-        for (model, recipe) in work.groups:
+        for model, recipe in work.groups:
             full_ids = work.ids("full", (model, recipe))
             for device in _device_order(report, recipe_devices.get((model, recipe)) or model_devices.get(model, [])):
                 ids: list[str] = []
                 points: list[list[float]] = []
                 for cid in full_ids:
-                    r = next((x for x in (cands.get(cid) or {}).get("results") or [] if x.get("device") == device),
-                             None)
+                    r = next(
+                        (x for x in (cands.get(cid) or {}).get("results") or [] if x.get("device") == device), None
+                    )
                     if r is None or r.get("status") != "done" or not r.get("feasible"):
                         continue
                     row = _minimized(objectives, r.get("objectives") or {})
@@ -793,17 +798,28 @@ def _ablation(
                 hv = hypervolume(np.array([points[i] for i in front[0]]) if front else np.zeros((0, 0)), lo, span)
                 hv_of[(s["name"], model, recipe, device)] = hv
                 runs = work.runs(device, (model, recipe))
-                found = _latest(next((x.get("finished_at") for x in cands[cid]["results"]
-                                      if x.get("device") == device), None) for cid in members)
-                rows.append({
-                    "search": s["name"], "model": model, "recipe": recipe, "mode": recipe, "device": device,
-                    "front": members, "hypervolume": hv, "hv_vs_sweep": None,
-                    "evaluations": len(full_ids), "screenings": len(work.ids("screen", (model, recipe))),
-                    "builds": len(work.all_ids((model, recipe))),
-                    "seconds": float(sum(finite(r.get("seconds")) or 0.0 for r in runs)),
-                    "found_after_s": _since(found, started),
-                    "front_done_after_s": _since(_latest(r.get("finished_at") for r in runs), started),
-                })
+                found = _latest(
+                    next((x.get("finished_at") for x in cands[cid]["results"] if x.get("device") == device), None)
+                    for cid in members
+                )
+                rows.append(
+                    {
+                        "search": s["name"],
+                        "model": model,
+                        "recipe": recipe,
+                        "mode": recipe,
+                        "device": device,
+                        "front": members,
+                        "hypervolume": hv,
+                        "hv_vs_sweep": None,
+                        "evaluations": len(full_ids),
+                        "screenings": len(work.ids("screen", (model, recipe))),
+                        "builds": len(work.all_ids((model, recipe))),
+                        "seconds": float(sum(finite(r.get("seconds")) or 0.0 for r in runs)),
+                        "found_after_s": _since(found, started),
+                        "front_done_after_s": _since(_latest(r.get("finished_at") for r in runs), started),
+                    }
+                )
     for summary in rows:
         ref = hv_of.get((SWEEP_SEARCH, summary["model"], summary["recipe"], summary["device"]))
         summary["hv_vs_sweep"] = _ratio(summary["hypervolume"], ref)
@@ -817,12 +833,21 @@ def _ablation(
         recipes = list(dict.fromkeys(recipe for _, recipe in work.groups))
         target = _targets(s, work, cands, model_devices, report) if _is_target(s) else None
         total = {
-            "search": s["name"], "model": None, "recipe": None, "mode": None, "device": None, "front": None,
+            "search": s["name"],
+            "model": None,
+            "recipe": None,
+            "mode": None,
+            "device": None,
+            "front": None,
             "hypervolume": float(sum(r["hypervolume"] for r in mine)),
-            "hv_vs_sweep": _ratio(sum(r["hypervolume"] for r in shared),
-                                  sum(hv_of[(SWEEP_SEARCH, r["model"], r["recipe"], r["device"])] for r in shared))
-            if shared else None,
-            "evaluations": len(work.ids("full")), "screenings": len(work.ids("screen")),
+            "hv_vs_sweep": _ratio(
+                sum(r["hypervolume"] for r in shared),
+                sum(hv_of[(SWEEP_SEARCH, r["model"], r["recipe"], r["device"])] for r in shared),
+            )
+            if shared
+            else None,
+            "evaluations": len(work.ids("full")),
+            "screenings": len(work.ids("screen")),
             "builds": len(work.all_ids()),
             "seconds": float(sum(finite(r.get("seconds")) or 0.0 for r in runs)),
             "found_after_s": _latest(r["found_after_s"] for r in mine),
@@ -830,18 +855,34 @@ def _ablation(
         }
         if target is not None:
             reached = [t for t in target if t["id"] is not None]
-            total["found_after_s"] = (_latest(t["found_after_s"] for t in reached) if len(reached) == len(target)
-                                      else None)
+            total["found_after_s"] = (
+                _latest(t["found_after_s"] for t in reached) if len(reached) == len(target) else None
+            )
         totals.append(total)
         entry = dict(s)
-        entry.update({
-            "recipe": recipes[0] if len(recipes) == 1 else None,
-            "recipes": recipes,
-            **{k: total[k] for k in ("hypervolume", "hv_vs_sweep", "evaluations", "screenings", "builds", "seconds",
-                                     "found_after_s", "front_done_after_s")},
-            "targets": target,
-            "target": target[0] if target is not None and len(target) == 1 and target[0]["id"] is not None else None,
-        })
+        entry.update(
+            {
+                "recipe": recipes[0] if len(recipes) == 1 else None,
+                "recipes": recipes,
+                **{
+                    k: total[k]
+                    for k in (
+                        "hypervolume",
+                        "hv_vs_sweep",
+                        "evaluations",
+                        "screenings",
+                        "builds",
+                        "seconds",
+                        "found_after_s",
+                        "front_done_after_s",
+                    )
+                },
+                "targets": target,
+                "target": target[0]
+                if target is not None and len(target) == 1 and target[0]["id"] is not None
+                else None,
+            }
+        )
         searches.append(entry)
     return rows + totals, searches
 
@@ -880,17 +921,30 @@ def _targets(
                 if recipe is not None and c.get("mode") != recipe:
                     continue
                 by_dev = {r.get("device"): r for r in c.get("results") or []}
-                agreements = [finite((by_dev.get(d) or {}).get("agreement")) if (by_dev.get(d) or {}).get("status")
-                              == "done" else None for d in devs]
+                agreements = [
+                    finite((by_dev.get(d) or {}).get("agreement"))
+                    if (by_dev.get(d) or {}).get("status") == "done"
+                    else None
+                    for d in devs
+                ]
                 if any(a is None or 1.0 - a > max_loss + LOSS_TOLERANCE for a in agreements):
                     continue
                 worst = min(a for a in agreements if a is not None)
                 key = (float(c["size_bytes"]), -worst, cid)
                 if found is None or key < found[0]:
                     done = _latest(by_dev[d].get("finished_at") for d in devs)
-                    found = (key, {"id": cid, "recipe": c.get("mode"), "label": c.get("label"),
-                                   "size_bytes": c["size_bytes"], "worst_agreement": worst,
-                                   "found_after_s": _since(done, started), "_done": done})
+                    found = (
+                        key,
+                        {
+                            "id": cid,
+                            "recipe": c.get("mode"),
+                            "label": c.get("label"),
+                            "size_bytes": c["size_bytes"],
+                            "worst_agreement": worst,
+                            "found_after_s": _since(done, started),
+                            "_done": done,
+                        },
+                    )
             return None if found is None else found[1]
 
         options = [o for o in [best(devices)] if o is not None]
@@ -899,17 +953,27 @@ def _targets(
             if all(o is not None for _, o in picked):
                 largest = max((o for _, o in picked if o is not None), key=lambda o: float(o["size_bytes"]))
                 done = _latest(o["_done"] for _, o in picked if o is not None)
-                options.append({**largest, "size_bytes": max(o["size_bytes"] for _, o in picked if o is not None),
-                                "worst_agreement": min(o["worst_agreement"] for _, o in picked if o is not None),
-                                "found_after_s": _since(done, started), "_done": done,
-                                "parts": [{"devices": devs, **_public(o)} for devs, o in picked if o is not None]})
+                options.append(
+                    {
+                        **largest,
+                        "size_bytes": max(o["size_bytes"] for _, o in picked if o is not None),
+                        "worst_agreement": min(o["worst_agreement"] for _, o in picked if o is not None),
+                        "found_after_s": _since(done, started),
+                        "_done": done,
+                        "parts": [{"devices": devs, **_public(o)} for devs, o in picked if o is not None],
+                    }
+                )
         per_device = []
         for d in devices:
             o = best([d])
             per_device.append({"device": d, **(_public(o) if o is not None else dict.fromkeys(_TARGET_KEYS))})
         chosen = min(options, key=lambda o: (float(o["size_bytes"]), -o["worst_agreement"], o["id"]), default=None)
-        entry = {"model": model, **(_public(chosen) if chosen is not None else dict.fromkeys(_TARGET_KEYS)),
-                 "parts": (chosen or {}).get("parts") or [], "devices": per_device}
+        entry = {
+            "model": model,
+            **(_public(chosen) if chosen is not None else dict.fromkeys(_TARGET_KEYS)),
+            "parts": (chosen or {}).get("parts") or [],
+            "devices": per_device,
+        }
         out.append(entry)
     return out
 

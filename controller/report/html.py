@@ -206,8 +206,9 @@ class SampleSizes:
         full = {r.num_samples for c in rep.candidates for r in c.results if r.num_samples is not None}
         screen = {x.num_samples for c in rep.candidates for x in c.screening if x.num_samples is not None}
         n_eval = d.eval_samples if d and d.eval_samples is not None else (full.pop() if len(full) == 1 else None)
-        n_screen = d.screen_samples if d and d.screen_samples is not None else (
-            screen.pop() if len(screen) == 1 else None)
+        n_screen = (
+            d.screen_samples if d and d.screen_samples is not None else (screen.pop() if len(screen) == 1 else None)
+        )
         return cls(n_eval, d.labelled_eval_samples if d else None, n_screen)
 
     @property
@@ -275,16 +276,36 @@ def _pick(rep: Report, p: Pick, several_models: bool) -> dict[str, Any]:
         rows.append(("latency (median)", lat))
         rows.append(("recipe", f"{p.recipe} · {p.label or p.candidate}"))
         for part in p.parts:  # a recipe split across the devices: one file per part
-            rows.append((f"on {', '.join(part.devices)}",
-                         f"{part.file} · {part.recipe} · {part.label or part.candidate}, {_SIZE.fmt(part.size_bytes)}, "
-                         f"loss {_LOSS.fmt(part.accuracy_loss)}; export: {part.export_command}"))
-        rows.append(("runtime option", p.runtime_note or (
-            "session option disabled_optimizers=" + json.dumps(p.runtime.ort_disabled_optimizers)
-            if p.runtime.ort_disabled_optimizers else "none: a plain onnxruntime.InferenceSession(path)")))
+            rows.append(
+                (
+                    f"on {', '.join(part.devices)}",
+                    f"{part.file} · {part.recipe} · {part.label or part.candidate}, {_SIZE.fmt(part.size_bytes)}, "
+                    f"loss {_LOSS.fmt(part.accuracy_loss)}; export: {part.export_command}",
+                )
+            )
+        rows.append(
+            (
+                "runtime option",
+                p.runtime_note
+                or (
+                    "session option disabled_optimizers=" + json.dumps(p.runtime.ort_disabled_optimizers)
+                    if p.runtime.ort_disabled_optimizers
+                    else "none: a plain onnxruntime.InferenceSession(path)"
+                ),
+            )
+        )
     return {
-        "title": title, "scope": p.scope, "met": p.met, "candidate": p.candidate, "file": p.file,
-        "sha256": p.sha256, "rows": rows, "float_layers": p.float_layers, "warnings": p.warnings,
-        "export_command": p.export_command, "reason": p.reason,
+        "title": title,
+        "scope": p.scope,
+        "met": p.met,
+        "candidate": p.candidate,
+        "file": p.file,
+        "sha256": p.sha256,
+        "rows": rows,
+        "float_layers": p.float_layers,
+        "warnings": p.warnings,
+        "export_command": p.export_command,
+        "reason": p.reason,
     }
 
 
@@ -303,8 +324,7 @@ def _answer(rep: Report) -> dict[str, Any] | None:
         bounds.append(f"latency ≤ {_LAT.fmt(c.max_latency_ms)}")
     several = len({p.model for p in a.picks}) > 1
     picks = [p for p in a.picks if p.scope == "device"] + [p for p in a.picks if p.scope != "device"]
-    return {"constraint": ", ".join(bounds) or "none", "rule": a.rule,
-            "picks": [_pick(rep, p, several) for p in picks]}
+    return {"constraint": ", ".join(bounds) or "none", "rule": a.rule, "picks": [_pick(rep, p, several) for p in picks]}
 
 
 def _dataset(rep: Report, ns: SampleSizes) -> dict[str, Any] | None:
@@ -320,9 +340,11 @@ def _dataset(rep: Report, ns: SampleSizes) -> dict[str, Any] | None:
         ("analysis sample", d.analysis_samples),
     ]
     one = f"one image is {100.0 / d.eval_samples:.2g} % of the agreement" if d.eval_samples else None
-    return {"rows": [(k, "–" if v is None else str(v)) for k, v in rows], "one_image": one,
-            "preprocess": d.preprocess_description or (json.dumps(d.preprocess, sort_keys=True) if d.preprocess
-                                                       else None)}
+    return {
+        "rows": [(k, "–" if v is None else str(v)) for k, v in rows],
+        "one_image": one,
+        "preprocess": d.preprocess_description or (json.dumps(d.preprocess, sort_keys=True) if d.preprocess else None),
+    }
 
 
 def _recipe_selection(rep: Report, ns: SampleSizes) -> list[dict[str, Any]]:
@@ -333,8 +355,11 @@ def _recipe_selection(rep: Report, ns: SampleSizes) -> list[dict[str, Any]]:
         rows = []
         for r in sel.recipes:
             by_dev = {d.device: d for d in r.devices}
-            row = [Cell(r.recipe, left=True), Cell(r.status, left=True, span=f"rs-{r.status}"),
-                   Cell(r.reason or "–", left=True)]
+            row = [
+                Cell(r.recipe, left=True),
+                Cell(r.status, left=True, span=f"rs-{r.status}"),
+                Cell(r.reason or "–", left=True),
+            ]
             for dev in devices:
                 d = by_dev.get(dev)
                 row += [_obj(_LOSS, d.accuracy_loss if d else None), _obj(_SIZE, d.size_bytes if d else None)]
@@ -352,9 +377,17 @@ def _runtime_options(rep: Report) -> list[dict[str, Any]]:
         opts = tuple(c.runtime.ort_disabled_optimizers)
         if opts:
             groups.setdefault((c.model, c.mode, opts), []).append(c.name)
-    return [{"model": model, "recipe": recipe, "option": json.dumps(list(opts)), "count": len(names),
-             "total": totals[(model, recipe)], "names": names}
-            for (model, recipe, opts), names in groups.items()]
+    return [
+        {
+            "model": model,
+            "recipe": recipe,
+            "option": json.dumps(list(opts)),
+            "count": len(names),
+            "total": totals[(model, recipe)],
+            "names": names,
+        }
+        for (model, recipe, opts), names in groups.items()
+    ]
 
 
 def _summary(report: dict[str, Any], cands: dict[str, dict[str, Any]], ns: SampleSizes) -> dict[str, Any]:
@@ -379,15 +412,18 @@ def _summary(report: dict[str, Any], cands: dict[str, dict[str, Any]], ns: Sampl
             _num(s.get("size_decrease_pct")),
         ]
         if has_latency:
-            row += [_obj(_LAT, s.get("latency_ms")), _obj(_LAT, s.get("original_latency_ms")),
-                    _num(s.get("latency_decrease_pct"))]
+            row += [
+                _obj(_LAT, s.get("latency_ms")),
+                _obj(_LAT, s.get("original_latency_ms")),
+                _num(s.get("latency_decrease_pct")),
+            ]
         rows.append(row)
-    return {"rows": rows, "has_latency": has_latency, "loss": _LOSS, "size": _SIZE, "latency": _LAT,
-            "n": ns.agreement}
+    return {"rows": rows, "has_latency": has_latency, "loss": _LOSS, "size": _SIZE, "latency": _LAT, "n": ns.agreement}
 
 
-def _cross_device(report: dict[str, Any], cands: dict[str, dict[str, Any]], objs: list[Objective],
-                  ns: SampleSizes) -> list[dict[str, Any]]:
+def _cross_device(
+    report: dict[str, Any], cands: dict[str, dict[str, Any]], objs: list[Objective], ns: SampleSizes
+) -> list[dict[str, Any]]:
     """Cross-device fronts of the (model, recipe)s that ran on several devices (one device: none)."""
     out = []
     for x in report.get("cross_device") or []:
@@ -398,37 +434,49 @@ def _cross_device(report: dict[str, Any], cands: dict[str, dict[str, Any]], objs
         rows = []
         for c in members:
             sel = c.get("id") == x.get("selected")
-            rows.append([
-                _front(c["front"], sel=sel),
-                Cell(_cand_name(cands.get(c["id"]) or c), left=True, sel=sel, title=c.get("id")),
-                *(_obj(o, (c.get("worst") or {}).get(o.name), sel=sel) for o in objs),
-            ])
-        out.append({
-            "title": f"{x.get('model')} · {x.get('recipe') or x.get('mode')} · devices: "
-                     f"{', '.join(x.get('devices') or [])}",
-            "headers": ["front", "candidate", *(f"worst {ns.heading(o)}" for o in objs)],
-            "rows": rows,
-            "selected": _cand_name(cands.get(x.get("selected"))) if x.get("selected") else "–",
-            "excluded": [f"{_cand_name(cands.get(e.get('candidate')))}: {e.get('reason')}"
-                         for e in x.get("excluded") or []],
-        })
+            rows.append(
+                [
+                    _front(c["front"], sel=sel),
+                    Cell(_cand_name(cands.get(c["id"]) or c), left=True, sel=sel, title=c.get("id")),
+                    *(_obj(o, (c.get("worst") or {}).get(o.name), sel=sel) for o in objs),
+                ]
+            )
+        out.append(
+            {
+                "title": f"{x.get('model')} · {x.get('recipe') or x.get('mode')} · devices: "
+                f"{', '.join(x.get('devices') or [])}",
+                "headers": ["front", "candidate", *(f"worst {ns.heading(o)}" for o in objs)],
+                "rows": rows,
+                "selected": _cand_name(cands.get(x.get("selected"))) if x.get("selected") else "–",
+                "excluded": [
+                    f"{_cand_name(cands.get(e.get('candidate')))}: {e.get('reason')}" for e in x.get("excluded") or []
+                ],
+            }
+        )
     return out
 
 
-def _groups(report: dict[str, Any], images: dict[str, Path], cands: dict[str, dict[str, Any]],
-            objs: list[Objective], ns: SampleSizes) -> list[dict[str, Any]]:
+def _groups(
+    report: dict[str, Any],
+    images: dict[str, Path],
+    cands: dict[str, dict[str, Any]],
+    objs: list[Objective],
+    ns: SampleSizes,
+) -> list[dict[str, Any]]:
     summary = {(s.get("model"), s.get("mode"), s.get("device")): s for s in report.get("summary") or []}
     out = []
     for entry in report.get("fronts") or []:
         model, mode, device = entry.get("model"), entry.get("mode"), entry.get("device")
         figures = []
         for kind in PLOT_KINDS:
-            figures.append({
-                "kind": kind,
-                "uri": _data_uri(images.get(plot_key(kind, model, mode, device))),
-                "alt": f"{kind} plot for {model} {mode} {device}",
-                "caption": _PLOT_CAPTIONS.get(kind, kind),
-            })
+            figures.append(
+                {
+                    "kind": kind,
+                    "uri": _data_uri(images.get(plot_key(kind, model, mode, device))),
+                    "alt": f"{kind} plot for {model} {mode} {device}",
+                    "caption": _PLOT_CAPTIONS.get(kind, kind),
+                }
+            )
         selected = (summary.get((model, mode, device)) or {}).get("selected")
         rows = []
         for n, front in enumerate(entry.get("fronts") or [], start=1):
@@ -436,20 +484,28 @@ def _groups(report: dict[str, Any], images: dict[str, Path], cands: dict[str, di
                 c = cands.get(cid, {})
                 r: dict[str, Any] = next((x for x in c.get("results") or [] if x.get("device") == device), {})
                 sel = cid == selected
-                rows.append([
-                    _front(n, sel=sel),
-                    Cell(_cand_name(c or {"id": cid}), left=True, sel=sel, title=cid),
-                    Cell(str(len(c.get("excluded") or [])), sel=sel),
-                    *(_latency(r, (r.get("objectives") or {}).get(o.name), sel=sel) if o.name == "latency"
-                      else _obj(o, (r.get("objectives") or {}).get(o.name), sel=sel) for o in objs),
-                ])
-        out.append({
-            "title": f"{model} · {mode} · {device}",
-            "recipe": mode,
-            "figures": figures,
-            "headers": ["front", "candidate", "#excluded", *(ns.heading(o) for o in objs)],
-            "rows": rows,
-        })
+                rows.append(
+                    [
+                        _front(n, sel=sel),
+                        Cell(_cand_name(c or {"id": cid}), left=True, sel=sel, title=cid),
+                        Cell(str(len(c.get("excluded") or [])), sel=sel),
+                        *(
+                            _latency(r, (r.get("objectives") or {}).get(o.name), sel=sel)
+                            if o.name == "latency"
+                            else _obj(o, (r.get("objectives") or {}).get(o.name), sel=sel)
+                            for o in objs
+                        ),
+                    ]
+                )
+        out.append(
+            {
+                "title": f"{model} · {mode} · {device}",
+                "recipe": mode,
+                "figures": figures,
+                "headers": ["front", "candidate", "#excluded", *(ns.heading(o) for o in objs)],
+                "rows": rows,
+            }
+        )
     return out
 
 
@@ -457,16 +513,18 @@ def _baselines(report: dict[str, Any]) -> list[list[Cell]]:
     rows = []
     for b in report.get("baselines") or []:
         status = str(b.get("status"))
-        rows.append([
-            Cell(str(b.get("model")), left=True),
-            Cell(str(b.get("device")), left=True),
-            Cell(status, left=True, span=f"st-{status}", title=b.get("error")),
-            _obj(_ACC, b.get("accuracy")),
-            _obj(OBJECTIVES["accuracy_top5"], b.get("accuracy_top5")),
-            _latency(b, b.get("latency_ms")),
-            _spread(b),
-            _obj(_SIZE, b.get("size_bytes")),
-        ])
+        rows.append(
+            [
+                Cell(str(b.get("model")), left=True),
+                Cell(str(b.get("device")), left=True),
+                Cell(status, left=True, span=f"st-{status}", title=b.get("error")),
+                _obj(_ACC, b.get("accuracy")),
+                _obj(OBJECTIVES["accuracy_top5"], b.get("accuracy_top5")),
+                _latency(b, b.get("latency_ms")),
+                _spread(b),
+                _obj(_SIZE, b.get("size_bytes")),
+            ]
+        )
     return rows
 
 
@@ -481,11 +539,16 @@ def _candidates(report: dict[str, Any]) -> list[dict[str, Any]]:
     for (model, mode), members in groups.items():
         seen = [r.get("device") for c in members for r in c.get("results") or []]
         devices = [d for d in dev_order if d in seen] + [d for d in dict.fromkeys(seen) if d not in dev_order]
-        members = sorted(members, key=lambda c: (0, int(c["k"])) if c.get("kind") != "explicit"
-                         and c.get("k") is not None else (1, 0))
+        members = sorted(
+            members,
+            key=lambda c: (0, int(c["k"])) if c.get("kind") != "explicit" and c.get("k") is not None else (1, 0),
+        )
         # Compile and tuning time apart from the device's own time, where a backend compiles (TVM).
-        times = any(r.get("compile_seconds") or r.get("tuning_seconds") or r.get("backend") == "tvm"
-                    for c in members for r in c.get("results") or [])
+        times = any(
+            r.get("compile_seconds") or r.get("tuning_seconds") or r.get("backend") == "tvm"
+            for c in members
+            for r in c.get("results") or []
+        )
         per_device = 6 + (3 if times else 0)
         rows = []
         for c in members:
@@ -496,10 +559,18 @@ def _candidates(report: dict[str, Any]) -> list[dict[str, Any]]:
                 Cell(str(len(c.get("excluded") or []))),
                 _obj(_SIZE, c.get("size_bytes")),
                 Cell(_searches_of(c), left=True),
-                Cell("screened", left=True, span="badge scr",
-                     title="; ".join(f"{x.get('device')}: agreement {_pct(x.get('agreement')).text} % on "
-                                     f"{x.get('num_samples')} samples" for x in screened))
-                if screened else _missing(),
+                Cell(
+                    "screened",
+                    left=True,
+                    span="badge scr",
+                    title="; ".join(
+                        f"{x.get('device')}: agreement {_pct(x.get('agreement')).text} % on "
+                        f"{x.get('num_samples')} samples"
+                        for x in screened
+                    ),
+                )
+                if screened
+                else _missing(),
             ]
             by_dev = {r.get("device"): r for r in c.get("results") or []}
             for d in devices:
@@ -519,12 +590,16 @@ def _candidates(report: dict[str, Any]) -> list[dict[str, Any]]:
                     _front(r.get("front")),
                 ]
                 if times:
-                    row += [_seconds(r.get("device_seconds")), _seconds(r.get("compile_seconds")),
-                            _seconds(r.get("tuning_seconds"))]
+                    row += [
+                        _seconds(r.get("device_seconds")),
+                        _seconds(r.get("compile_seconds")),
+                        _seconds(r.get("tuning_seconds")),
+                    ]
                 row.append(Cell(shown, left=True, span=f"st-{status}", title=r.get("reason")))
             rows.append(row)
-        out.append({"title": f"{model} · {mode}", "devices": devices, "rows": rows, "times": times,
-                    "per_device": per_device})
+        out.append(
+            {"title": f"{model} · {mode}", "devices": devices, "rows": rows, "times": times, "per_device": per_device}
+        )
     return out
 
 
@@ -561,12 +636,16 @@ def _screened(report: dict[str, Any]) -> dict[str, Any]:
                     row += [_missing(), _missing()]
                     continue
                 status = str(x.get("status"))
-                row += [_pct(x.get("agreement")) if status == "done" else
-                        Cell(status, left=True, span=f"st-{status}", title=x.get("error")),
-                        Cell(str(x.get("num_samples"))) if x.get("num_samples") is not None else _missing()]
+                row += [
+                    _pct(x.get("agreement"))
+                    if status == "done"
+                    else Cell(status, left=True, span=f"st-{status}", title=x.get("error")),
+                    Cell(str(x.get("num_samples"))) if x.get("num_samples") is not None else _missing(),
+                ]
             rows.append(row)
-        out.append({"title": f"{model} · {mode}", "devices": devices, "rows": rows,
-                    "collapsed": len(rows) > SCREENED_OPEN})
+        out.append(
+            {"title": f"{model} · {mode}", "devices": devices, "rows": rows, "collapsed": len(rows) > SCREENED_OPEN}
+        )
     return {"groups": out, "screened_only": n_only, "built_only": built_only}
 
 
@@ -575,50 +654,73 @@ def _searches(report: dict[str, Any], ns: SampleSizes) -> dict[str, Any]:
     rows = []
     n_models = len({r.get("model") for r in report.get("ablation") or [] if r.get("model") is not None})
     order = {s.get("name"): i for i, s in enumerate(report.get("searches") or [])}
-    for a in sorted(report.get("ablation") or [], key=lambda a: (order.get(a.get("search"), len(order)),
-                                                                  a.get("model") is None)):
+    for a in sorted(
+        report.get("ablation") or [], key=lambda a: (order.get(a.get("search"), len(order)), a.get("model") is None)
+    ):
         total = a.get("model") is None
-        where = [Cell("all", left=True, sel=total, span="muted")] * 2 if total else [
-            Cell(f"{a.get('model')} · {a.get('recipe')}" if n_models > 1 else str(a.get("recipe")), left=True),
-            Cell(str(a.get("device")), left=True)]
-        rows.append([
-            Cell(str(a.get("search")), left=True, sel=total), *where,
-            _num(a.get("hypervolume"), "{:.4f}", sel=total),
-            _num(a.get("hv_vs_sweep"), "{:.3f}", sel=total),
-            Cell(str(len(a.get("front") or [])), sel=total) if not total else _missing(sel=total),
-            Cell(str(a.get("evaluations")), sel=total),
-            Cell(str(a.get("screenings")), sel=total),
-            Cell(str(a.get("builds")), sel=total),
-            _num(a.get("seconds"), "{:.1f}", sel=total),
-            _num(a.get("found_after_s"), "{:.1f}", sel=total),
-            _num(a.get("front_done_after_s"), "{:.1f}", sel=total),
-        ])
+        where = (
+            [Cell("all", left=True, sel=total, span="muted")] * 2
+            if total
+            else [
+                Cell(f"{a.get('model')} · {a.get('recipe')}" if n_models > 1 else str(a.get("recipe")), left=True),
+                Cell(str(a.get("device")), left=True),
+            ]
+        )
+        rows.append(
+            [
+                Cell(str(a.get("search")), left=True, sel=total),
+                *where,
+                _num(a.get("hypervolume"), "{:.4f}", sel=total),
+                _num(a.get("hv_vs_sweep"), "{:.3f}", sel=total),
+                Cell(str(len(a.get("front") or [])), sel=total) if not total else _missing(sel=total),
+                Cell(str(a.get("evaluations")), sel=total),
+                Cell(str(a.get("screenings")), sel=total),
+                Cell(str(a.get("builds")), sel=total),
+                _num(a.get("seconds"), "{:.1f}", sel=total),
+                _num(a.get("found_after_s"), "{:.1f}", sel=total),
+                _num(a.get("front_done_after_s"), "{:.1f}", sel=total),
+            ]
+        )
     targets = []
     for s in report.get("searches") or []:
         for t in s.get("targets") or []:
             loss = f"{100.0 * float(s['max_loss']):g} %" if s.get("max_loss") is not None else "?"
             if t.get("id") is None:
-                targets.append(f"{s.get('name')} ({t.get('model')}): no candidate with accuracy loss ≤ {loss} on "
-                               "every device")
+                targets.append(
+                    f"{s.get('name')} ({t.get('model')}): no candidate with accuracy loss ≤ {loss} on every device"
+                )
             elif len(t.get("parts") or []) > 1:  # a recipe split across the devices: one candidate per part
-                per_part = "; ".join(f"{', '.join(p.get('devices') or [])}: {p.get('label') or p.get('id')} "
-                                     f"[{p.get('recipe')}], {_SIZE.fmt(p.get('size_bytes'))}" for p in t["parts"])
+                per_part = "; ".join(
+                    f"{', '.join(p.get('devices') or [])}: {p.get('label') or p.get('id')} "
+                    f"[{p.get('recipe')}], {_SIZE.fmt(p.get('size_bytes'))}"
+                    for p in t["parts"]
+                )
                 targets.append(
                     f"{s.get('name')} ({t.get('model')}): {per_part}; worst agreement "
                     f"{_pct(t.get('worst_agreement')).text} % ({ns.agreement}), loss ≤ {loss} on every device; "
-                    f"found after {_seconds(t.get('found_after_s')).text} s")
+                    f"found after {_seconds(t.get('found_after_s')).text} s"
+                )
             else:
                 targets.append(
                     f"{s.get('name')} ({t.get('model')}): {t.get('label') or t.get('id')} [{t.get('recipe')}], "
                     f"{_SIZE.fmt(t.get('size_bytes'))}, worst agreement {_pct(t.get('worst_agreement')).text} % "
                     f"({ns.agreement}), "
-                    f"loss ≤ {loss} on every device; found after {_seconds(t.get('found_after_s')).text} s")
-    return {"rows": rows, "targets": targets,
-            "sweep": any(s.get("name") == SWEEP_SEARCH for s in report.get("searches") or [])}
+                    f"loss ≤ {loss} on every device; found after {_seconds(t.get('found_after_s')).text} s"
+                )
+    return {
+        "rows": rows,
+        "targets": targets,
+        "sweep": any(s.get("name") == SWEEP_SEARCH for s in report.get("searches") or []),
+    }
 
 
-def _recipe_fronts(report: dict[str, Any], images: dict[str, Path], cands: dict[str, dict[str, Any]],
-                   objs: list[Objective], ns: SampleSizes) -> list[dict[str, Any]]:
+def _recipe_fronts(
+    report: dict[str, Any],
+    images: dict[str, Path],
+    cands: dict[str, dict[str, Any]],
+    objs: list[Objective],
+    ns: SampleSizes,
+) -> list[dict[str, Any]]:
     """Per (model, device) with several recipes: the top fronts over all of them."""
     out = []
     for entry in report.get("recipe_fronts") or []:
@@ -631,20 +733,24 @@ def _recipe_fronts(report: dict[str, Any], images: dict[str, Path], cands: dict[
                 c = cands.get(cid, {})
                 r: dict[str, Any] = next((x for x in c.get("results") or [] if x.get("device") == device), {})
                 sel = cid == entry.get("selected")
-                rows.append([
-                    _front(n, sel=sel),
-                    Cell(str(c.get("recipe") or c.get("mode")), left=True, sel=sel),
-                    Cell(_cand_name(c or {"id": cid}), left=True, sel=sel, title=cid),
-                    Cell(str(len(c.get("excluded") or [])), sel=sel),
-                    *(_obj(o, (r.get("objectives") or {}).get(o.name), sel=sel) for o in objs),
-                ])
-        out.append({
-            "title": f"{model} · {device} · recipes: {', '.join(entry.get('recipes') or [])}",
-            "uri": _data_uri(images.get(recipe_plot_key(model, device))),
-            "alt": f"recipes plot for {model} {device}",
-            "headers": ["front", "recipe", "candidate", "#excluded", *(ns.heading(o) for o in objs)],
-            "rows": rows,
-        })
+                rows.append(
+                    [
+                        _front(n, sel=sel),
+                        Cell(str(c.get("recipe") or c.get("mode")), left=True, sel=sel),
+                        Cell(_cand_name(c or {"id": cid}), left=True, sel=sel, title=cid),
+                        Cell(str(len(c.get("excluded") or [])), sel=sel),
+                        *(_obj(o, (r.get("objectives") or {}).get(o.name), sel=sel) for o in objs),
+                    ]
+                )
+        out.append(
+            {
+                "title": f"{model} · {device} · recipes: {', '.join(entry.get('recipes') or [])}",
+                "uri": _data_uri(images.get(recipe_plot_key(model, device))),
+                "alt": f"recipes plot for {model} {device}",
+                "headers": ["front", "recipe", "candidate", "#excluded", *(ns.heading(o) for o in objs)],
+                "rows": rows,
+            }
+        )
     return out
 
 
@@ -654,19 +760,21 @@ def _devices(rep: Report) -> list[list[Cell]]:
     for d in rep.devices:
         info = d.details
         extra = info.model_extra or {}
-        rows.append([
-            Cell(d.name, left=True),
-            Cell(d.device_class or "–", left=True),
-            Cell((info.backend or "–") + (" (simulated)" if info.simulated else ""), left=True),
-            Cell(_runtime_text(d), left=True),
-            Cell(info.target or "–", left=True),
-            Cell(info.rpc_key or "–", left=True),
-            Cell(info.remote or ("agent host" if info.backend else "–"), left=True),
-            Cell(str(info.remote_servers)) if info.remote_servers else _missing(),
-            Cell(str(info.supported_ops)) if info.supported_ops else Cell("any", span="muted"),
-            Cell(str(info.agent or extra.get("declared_by") or "–"), left=True),
-            Cell((info.cpu or "–")[:48], left=True),
-        ])
+        rows.append(
+            [
+                Cell(d.name, left=True),
+                Cell(d.device_class or "–", left=True),
+                Cell((info.backend or "–") + (" (simulated)" if info.simulated else ""), left=True),
+                Cell(_runtime_text(d), left=True),
+                Cell(info.target or "–", left=True),
+                Cell(info.rpc_key or "–", left=True),
+                Cell(info.remote or ("agent host" if info.backend else "–"), left=True),
+                Cell(str(info.remote_servers)) if info.remote_servers else _missing(),
+                Cell(str(info.supported_ops)) if info.supported_ops else Cell("any", span="muted"),
+                Cell(str(info.agent or extra.get("declared_by") or "–"), left=True),
+                Cell((info.cpu or "–")[:48], left=True),
+            ]
+        )
     return rows
 
 
@@ -682,13 +790,15 @@ def _infeasible_by_device(report: dict[str, Any], cands: dict[str, dict[str, Any
         rows = []
         for it in entry.get("candidates") or []:
             c = cands.get(it.get("candidate")) or {"id": it.get("candidate"), "label": it.get("label")}
-            rows.append([
-                Cell(str(it.get("model")), left=True),
-                Cell(str(it.get("recipe")), left=True),
-                Cell(_cand_name(c), left=True, title=it.get("candidate")),
-                Cell(", ".join(it.get("unsupported_ops") or []) or "–", left=True),
-                Cell(str(it.get("error") or ""), left=True),
-            ])
+            rows.append(
+                [
+                    Cell(str(it.get("model")), left=True),
+                    Cell(str(it.get("recipe")), left=True),
+                    Cell(_cand_name(c), left=True, title=it.get("candidate")),
+                    Cell(", ".join(it.get("unsupported_ops") or []) or "–", left=True),
+                    Cell(str(it.get("error") or ""), left=True),
+                ]
+            )
         out.append({"device": entry.get("device"), "rows": rows})
     return out
 
@@ -697,13 +807,15 @@ def _infeasible(report: dict[str, Any], cands: dict[str, dict[str, Any]]) -> lis
     rows = []
     for it in report.get("infeasible") or []:
         c = cands.get(it.get("candidate")) or {}
-        rows.append([
-            Cell(str(c.get("model")), left=True),
-            Cell(str(c.get("recipe") or c.get("mode")), left=True),
-            Cell(_cand_name(c or {"id": it.get("candidate")}), left=True, title=it.get("candidate")),
-            Cell(str(it.get("device")), left=True),
-            Cell(str(it.get("reason")), left=True),
-        ])
+        rows.append(
+            [
+                Cell(str(c.get("model")), left=True),
+                Cell(str(c.get("recipe") or c.get("mode")), left=True),
+                Cell(_cand_name(c or {"id": it.get("candidate")}), left=True, title=it.get("candidate")),
+                Cell(str(it.get("device")), left=True),
+                Cell(str(it.get("reason")), left=True),
+            ]
+        )
     return rows
 
 
@@ -733,16 +845,19 @@ def _layers(report: dict[str, Any]) -> list[dict[str, Any]]:
                 -(L.get("score") or 0.0),
             ),
         )
-        out.append({
-            "title": f"{model} · {mode}: top {min(LAYERS_TOP, len(layers))} of {len(layers)}",
-            "top": [row(L) for L in layers[:LAYERS_TOP]],
-            "all": [row(L) for L in layers],
-        })
+        out.append(
+            {
+                "title": f"{model} · {mode}: top {min(LAYERS_TOP, len(layers))} of {len(layers)}",
+                "top": [row(L) for L in layers[:LAYERS_TOP]],
+                "all": [row(L) for L in layers],
+            }
+        )
     return out
 
 
 def _rankings(report: dict[str, Any]) -> list[dict[str, Any]]:
     """Rankings computed from evaluations (``measured``): per layer its gain per byte."""
+
     def row(layer: dict[str, Any]) -> list[Cell]:
         return [
             Cell(str(layer.get("rank"))),
@@ -755,12 +870,14 @@ def _rankings(report: dict[str, Any]) -> list[dict[str, Any]]:
     out = []
     for r in report.get("rankings") or []:
         layers = sorted(r.get("layers") or [], key=lambda L: (L.get("rank") is None, L.get("rank") or 0))
-        out.append({
-            "title": f"{r.get('model')} · {r.get('recipe') or r.get('mode')} · {r.get('name')}: "
-                     f"top {min(LAYERS_TOP, len(layers))} of {len(layers)}",
-            "top": [row(L) for L in layers[:LAYERS_TOP]],
-            "all": [row(L) for L in layers],
-        })
+        out.append(
+            {
+                "title": f"{r.get('model')} · {r.get('recipe') or r.get('mode')} · {r.get('name')}: "
+                f"top {min(LAYERS_TOP, len(layers))} of {len(layers)}",
+                "top": [row(L) for L in layers[:LAYERS_TOP]],
+                "all": [row(L) for L in layers],
+            }
+        )
     return out
 
 

@@ -30,8 +30,9 @@ def layer_errors_plot(layers: list[dict[str, Any]], path: Path) -> Path:
         top = sorted(rows, key=lambda r: r["rank"])[: min(5, len(rows))]
         for r in top:
             i = rows.index(r)
-            ax.annotate(f"#{r['rank']}", (i, r["score"]), textcoords="offset points", xytext=(0, 4),
-                        ha="center", fontsize=7)
+            ax.annotate(
+                f"#{r['rank']}", (i, r["score"]), textcoords="offset points", xytext=(0, 4), ha="center", fontsize=7
+            )
         ax.set_title(f"{model} — {mode} quantization: layer errors ({len(rows)} layers)", fontsize=10)
         ax.set_xlabel("layer (graph order)")
         ax.set_ylabel("normalized error")

@@ -44,8 +44,9 @@ def _as_objective_table(F: np.ndarray, *, allow_inf: bool = True) -> np.ndarray:
     return arr
 
 
-def top_fronts(F: np.ndarray, n_fronts: int = 3,
-               latency: tuple[int, Sequence[Latency | None]] | None = None) -> list[list[int]]:
+def top_fronts(
+    F: np.ndarray, n_fronts: int = 3, latency: tuple[int, Sequence[Latency | None]] | None = None
+) -> list[list[int]]:
     """Return the first ``n_fronts`` non-dominated fronts of ``F`` (all objectives minimized).
 
     Each front is a sorted list of row indices; front 1 is the Pareto front,

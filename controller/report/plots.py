@@ -152,9 +152,14 @@ def _boxes_overlap(a: tuple[float, float, float, float], b: tuple[float, float, 
     return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
 
 
-def _place_labels(fig: Figure, ax: Any, labels: list[tuple[float, float, str]],
-                  points: list[tuple[float, float]], fontsize: float = 7.0,
-                  big: Sequence[tuple[float, float]] = ()) -> int:
+def _place_labels(
+    fig: Figure,
+    ax: Any,
+    labels: list[tuple[float, float, str]],
+    points: list[tuple[float, float]],
+    fontsize: float = 7.0,
+    big: Sequence[tuple[float, float]] = (),
+) -> int:
     """Annotate ``labels`` (x, y, text) next to their points where the text overlaps no other label, no
     point and stays inside the axes (tried around the point in turn); a label without such a place is left
     out.  ``big``: points drawn with a large marker (selected, fully quantized, FP32).  Call after the layout is
@@ -174,17 +179,39 @@ def _place_labels(fig: Figure, ax: Any, labels: list[tuple[float, float, str]],
         w, h = len(text) * fontsize * 0.62 * px, fontsize * 1.2 * px
         own = (cx - r, cy - r, cx + r, cy + r)
         hp = fontsize * 1.2  # text height, points
-        for dx, dy in ((3, 2), (3, -2 - hp), (-3, 2), (-3, -2 - hp), (7, 6), (7, -6 - hp), (-7, 6), (-7, -6 - hp),
-                       (3, 9), (3, -9 - hp)):
+        for dx, dy in (
+            (3, 2),
+            (3, -2 - hp),
+            (-3, 2),
+            (-3, -2 - hp),
+            (7, 6),
+            (7, -6 - hp),
+            (-7, 6),
+            (-7, -6 - hp),
+            (3, 9),
+            (3, -9 - hp),
+        ):
             x0 = cx + dx * px - (w if dx < 0 else 0.0)
             y0 = cy + dy * px
             box = (x0, y0, x0 + w, y0 + h)
             inside = frame.x0 <= box[0] and box[2] <= frame.x1 and frame.y0 <= box[1] and box[3] <= frame.y1
-            if inside and not any(_boxes_overlap(box, m) for m in marks if m != own) \
-                    and not any(_boxes_overlap(box, t) for t in taken):
+            if (
+                inside
+                and not any(_boxes_overlap(box, m) for m in marks if m != own)
+                and not any(_boxes_overlap(box, t) for t in taken)
+            ):
                 taken.append(box)
-                ax.annotate(text, (x, y), xytext=(x0 - cx, y0 - cy), textcoords="offset pixels", fontsize=fontsize,
-                            color="#333333", ha="left", va="bottom", annotation_clip=False)
+                ax.annotate(
+                    text,
+                    (x, y),
+                    xytext=(x0 - cx, y0 - cy),
+                    textcoords="offset pixels",
+                    fontsize=fontsize,
+                    color="#333333",
+                    ha="left",
+                    va="bottom",
+                    annotation_clip=False,
+                )
                 break
         else:
             left_out += 1
@@ -396,19 +423,44 @@ def tradeoff_figure(report: dict[str, Any], model: str, mode: str, device: str) 
     selected = _selected_id(report, model, mode, device)
     sel = [(x, y) for c, _, x, y in pts if c["id"] == selected]
     if sel:
-        ax.scatter([sel[0][0]], [sel[0][1]], s=150, marker="s", facecolors="none", edgecolors="#2e7d32",
-                   linewidths=1.8, zorder=4, label="selected (compromise on front 1)")
+        ax.scatter(
+            [sel[0][0]],
+            [sel[0][1]],
+            s=150,
+            marker="s",
+            facecolors="none",
+            edgecolors="#2e7d32",
+            linewidths=1.8,
+            zorder=4,
+            label="selected (compromise on front 1)",
+        )
     fq = [(x, y) for c, _, x, y in pts if _is_ranked(c) and int(c["k"]) == 0]
     if fq:
-        ax.scatter([fq[0][0]], [fq[0][1]], s=160, facecolors="none", edgecolors="black", linewidths=1.5, zorder=4,
-                   label="fully quantized (k=0)")
+        ax.scatter(
+            [fq[0][0]],
+            [fq[0][1]],
+            s=160,
+            facecolors="none",
+            edgecolors="black",
+            linewidths=1.5,
+            zorder=4,
+            label="fully quantized (k=0)",
+        )
     orig = next((m.get("size_bytes") for m in report.get("models") or [] if m.get("name") == model), None)
     points = [(x, y) for _, _, x, y in pts]
     big = sel[:1] + fq[:1]
     if orig is not None:
         fp32_x = OBJECTIVES["size"].display(orig)  # None (a non-finite size) is drawn as nothing, as NaN is
-        ax.scatter([math.nan if fp32_x is None else fp32_x], [0.0], s=140, marker="*", color="gold", edgecolors="black",
-                   zorder=5, label="FP32 original (loss 0)")
+        ax.scatter(
+            [math.nan if fp32_x is None else fp32_x],
+            [0.0],
+            s=140,
+            marker="*",
+            color="gold",
+            edgecolors="black",
+            zorder=5,
+            label="FP32 original (loss 0)",
+        )
         big.append((float(OBJECTIVES["size"].display(orig) or 0.0), 0.0))
 
     _finish_loss_vs_size(fig, ax, bool(pts), f"{model} · recipe {mode} on {device}: accuracy loss vs size")
@@ -448,23 +500,54 @@ def recipes_scatter(report: dict[str, Any], model: str, device: str, path: Path)
         if not mine:
             continue
         color, marker = _RECIPE_COLORS[i % len(_RECIPE_COLORS)], _RECIPE_MARKERS[i % len(_RECIPE_MARKERS)]
-        ax.scatter([x for x, _, f1 in mine if not f1], [y for _, y, f1 in mine if not f1], s=18, marker=marker,
-                   color=color, alpha=0.55, zorder=3, label=recipe)
+        ax.scatter(
+            [x for x, _, f1 in mine if not f1],
+            [y for _, y, f1 in mine if not f1],
+            s=18,
+            marker=marker,
+            color=color,
+            alpha=0.55,
+            zorder=3,
+            label=recipe,
+        )
         front = [(x, y) for x, y, f1 in mine if f1]
         if front:
             xs, ys = zip(*front, strict=True)
-            ax.scatter(xs, ys, s=60, marker=marker, color=color, edgecolors="black",
-                       linewidths=1.0, zorder=5, label=f"{recipe}: on front 1")
+            ax.scatter(
+                xs,
+                ys,
+                s=60,
+                marker=marker,
+                color=color,
+                edgecolors="black",
+                linewidths=1.0,
+                zorder=5,
+                label=f"{recipe}: on front 1",
+            )
     front = sorted((x, y) for _, x, y, f1 in pts if f1)
     if front:
         color, style, width = FRONT_STYLES[1]
-        ax.plot(*zip(*front, strict=True), color=color, linestyle=style, linewidth=width, zorder=4,
-                label="front 1 over all recipes")
+        ax.plot(
+            *zip(*front, strict=True),
+            color=color,
+            linestyle=style,
+            linewidth=width,
+            zorder=4,
+            label="front 1 over all recipes",
+        )
     orig = next((m.get("size_bytes") for m in report.get("models") or [] if m.get("name") == model), None)
     if orig is not None:
         fp32_x = OBJECTIVES["size"].display(orig)  # None (a non-finite size) is drawn as nothing, as NaN is
-        ax.scatter([math.nan if fp32_x is None else fp32_x], [0.0], s=140, marker="*", color="gold", edgecolors="black",
-                   zorder=6, label="FP32 original (loss 0)")
+        ax.scatter(
+            [math.nan if fp32_x is None else fp32_x],
+            [0.0],
+            s=140,
+            marker="*",
+            color="gold",
+            edgecolors="black",
+            zorder=6,
+            label="FP32 original (loss 0)",
+        )
     _finish_loss_vs_size(fig, ax, bool(pts), f"{model} on {device}: every recipe, accuracy loss vs size")
     return _save(fig, path)
 

@@ -74,7 +74,8 @@ class DeviceInfo(_Open):
     hostname: str | None = None
     agent: str | None = None
     runtime_versions: dict[str, str] = Field(
-        default_factory=dict, description="runtime stack of the device, e.g. {'onnxruntime': '1.23.0', 'tvm': ''}")
+        default_factory=dict, description="runtime stack of the device, e.g. {'onnxruntime': '1.23.0', 'tvm': ''}"
+    )
     simulated: bool | None = None
     target: str | None = None
     rpc_key: str | None = None
@@ -119,7 +120,7 @@ class ModelInfo(_Strict):
     @property
     def warnings(self) -> list[str]:
         """The notes that are warnings, without their prefix."""
-        return [n[len(WARNING_PREFIX):] for n in self.notes if n.startswith(WARNING_PREFIX)]
+        return [n[len(WARNING_PREFIX) :] for n in self.notes if n.startswith(WARNING_PREFIX)]
 
 
 class SkippedInput(_Strict):
@@ -581,8 +582,11 @@ class RecipeDevicePoint(_Strict):
     accuracy_loss: float | None = None
     size_bytes: int | None = None
     n: int | None = Field(None, description="evaluation samples behind accuracy_loss")
-    candidate: str | None = Field(None, description="the fully quantized candidate measured on this device "
-                                                    "(a variant recipe's where feasibility planning chose one)")
+    candidate: str | None = Field(
+        None,
+        description="the fully quantized candidate measured on this device "
+        "(a variant recipe's where feasibility planning chose one)",
+    )
     error: str | None = Field(None, description="why this device has no point (its evaluation failed)")
 
 

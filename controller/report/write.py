@@ -120,10 +120,12 @@ def plot_input(report: dict[str, Any], model: str) -> dict[str, Any]:
     """What the plots of ``model`` read from a report (its JSON form): its candidates, its summary rows, its
     ``models`` entry and the objectives. A plot is rendered from this part alone, so it is the same picture
     whenever this part is the same (what :func:`render_plots` keys its cache by)."""
-    return {"candidates": [c for c in report.get("candidates") or [] if c.get("model") == model],
-            "summary": [s for s in report.get("summary") or [] if s.get("model") == model],
-            "models": [m for m in report.get("models") or [] if m.get("name") == model],
-            "objectives": report.get("objectives") or []}
+    return {
+        "candidates": [c for c in report.get("candidates") or [] if c.get("model") == model],
+        "summary": [s for s in report.get("summary") or [] if s.get("model") == model],
+        "models": [m for m in report.get("models") or [] if m.get("name") == model],
+        "objectives": report.get("objectives") or [],
+    }
 
 
 #: Fewer plots to draw than this are drawn in this process (starting a worker costs about as much as a few plots).
@@ -145,8 +147,13 @@ def _draw(what: tuple[str, ...], sub: dict[str, Any], png: Path) -> str | None:
     return None
 
 
-def render_plots(report: dict[str, Any], out_dir: Path, models: set[str] | None = None,
-                 workers: int = 1, cancel: Callable[[], bool] | None = None) -> dict[str, Path]:
+def render_plots(
+    report: dict[str, Any],
+    out_dir: Path,
+    models: set[str] | None = None,
+    workers: int = 1,
+    cancel: Callable[[], bool] | None = None,
+) -> dict[str, Path]:
     """The plots of a finalized report (its JSON form) under ``out_dir/plots``: per (model, recipe, device)
     each of ``PLOT_KINDS``, per (model, device) with several recipes the recipes plot; only those of
     ``models`` when given. A plot whose input (:func:`plot_input`, the tuneqn and matplotlib versions) is
@@ -174,27 +181,36 @@ def render_plots(report: dict[str, Any], out_dir: Path, models: set[str] | None 
         model, mode, device = entry["model"], entry["mode"], entry["device"]
         stem = _unique(f"{_slug(model)}__{_slug(mode)}__{_slug(device)}", used)
         if models is None or model in models:
-            wanted += [(plot_key(kind, model, mode, device), (kind, model, mode, device),
-                        out_dir / "plots" / f"{stem}__{kind}.png") for kind in PLOT_KINDS]
+            wanted += [
+                (
+                    plot_key(kind, model, mode, device),
+                    (kind, model, mode, device),
+                    out_dir / "plots" / f"{stem}__{kind}.png",
+                )
+                for kind in PLOT_KINDS
+            ]
     for entry in report.get("recipe_fronts") or []:
         if len(entry.get("recipes") or []) < 2:  # one recipe: the tradeoff plot shows it
             continue
         model, device = entry["model"], entry["device"]
         stem = _unique(f"{_slug(model)}__recipes__{_slug(device)}", used)
         if models is None or model in models:
-            wanted.append((recipe_plot_key(model, device), ("recipes", model, device),
-                           out_dir / "plots" / f"{stem}.png"))
+            wanted.append(
+                (recipe_plot_key(model, device), ("recipes", model, device), out_dir / "plots" / f"{stem}.png")
+            )
     todo: list[tuple[tuple[str, ...], dict[str, Any], Path, str]] = []  # (what, its input, png, cache key)
     for _, what, png in wanted:
         sub = inputs.setdefault(what[1], plot_input(report, what[1]))
-        key = hashlib.sha256(json.dumps([what, sub, __version__, matplotlib.__version__], sort_keys=True,
-                                        default=str).encode()).hexdigest()
+        key = hashlib.sha256(
+            json.dumps([what, sub, __version__, matplotlib.__version__], sort_keys=True, default=str).encode()
+        ).hexdigest()
         if index.get(png.name) != key or not png.is_file():
             todo.append((what, sub, png, key))
     if workers > 1 and len(todo) >= POOL_MIN_PLOTS:
         # spawn: the controller's threads (gRPC) must not be forked
-        with concurrent.futures.ProcessPoolExecutor(min(workers, len(todo)),
-                                                    mp_context=multiprocessing.get_context("spawn")) as pool:
+        with concurrent.futures.ProcessPoolExecutor(
+            min(workers, len(todo)), mp_context=multiprocessing.get_context("spawn")
+        ) as pool:
             problems = list(pool.map(_draw, *zip(*[(w, sub, png) for w, sub, png, _ in todo], strict=True)))
     else:
         problems = []
@@ -202,7 +218,7 @@ def render_plots(report: dict[str, Any], out_dir: Path, models: set[str] | None 
             if cancel is not None and cancel():
                 break
             problems.append(_draw(w, sub, png))
-    failed = {png for _, _, png, _ in todo[len(problems):]}  # not drawn (cancelled)
+    failed = {png for _, _, png, _ in todo[len(problems) :]}  # not drawn (cancelled)
     for (_, _, png, key), problem in zip(todo, problems):  # noqa: B905 - a cancelled call drew fewer
         if problem is None:
             index[png.name] = key
@@ -214,8 +230,9 @@ def render_plots(report: dict[str, Any], out_dir: Path, models: set[str] | None 
     return {key: png for key, _, png in wanted if png not in failed}
 
 
-def write_checkpoint(store: Store, out_dir: Path, plot_models: set[str] | None = None,
-                     cancel: Callable[[], bool] | None = None) -> float:
+def write_checkpoint(
+    store: Store, out_dir: Path, plot_models: set[str] | None = None, cancel: Callable[[], bool] | None = None
+) -> float:
     """:func:`write_json`, and the plots of ``plot_models`` from the same report (:func:`render_plots`), ahead of
     the full report. Returns the seconds report.json took (the plots aside)."""
     t0 = time.monotonic()

@@ -23,8 +23,11 @@ __all__ = ["LEVELS", "Outcome", "PairStrategy", "PerPair", "Request", "SearchVie
 
 #: strategy name -> "module:class" of its per-(model, recipe) part
 _PAIRS = {
-    "sweep": "sweep:SweepPair", "decremental": "sweep:SweepPair", "greedy": "greedy:GreedyPair",
-    "budget": "budget:BudgetPair", "target": "target:TargetPair",
+    "sweep": "sweep:SweepPair",
+    "decremental": "sweep:SweepPair",
+    "greedy": "greedy:GreedyPair",
+    "budget": "budget:BudgetPair",
+    "target": "target:TargetPair",
 }
 
 

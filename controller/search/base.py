@@ -116,8 +116,9 @@ class ViewStudy(Protocol):
     def recipes(self) -> list[str]: ...
     def layer_names(self, model: str, recipe: str) -> list[str]: ...
     def ranking(self, model: str, recipe: str, name: str) -> list[str]: ...
-    def make_plan(self, model: str, recipe: str, excluded: tuple[str, ...] | list[str], label: str) -> CandidatePlan:
-        ...
+    def make_plan(
+        self, model: str, recipe: str, excluded: tuple[str, ...] | list[str], label: str
+    ) -> CandidatePlan: ...
     def prefix_plans(self, model: str, recipe: str, order: list[str], label: str) -> list[CandidatePlan]: ...
     def explicit_plans(self, model: str, recipe: str) -> list[CandidatePlan]: ...
 
@@ -404,9 +405,14 @@ class PerPair(Strategy):
             return None
         self._sync()
         rank = self.view.recipe_rank(pair.model, pair.recipe)
-        return [p for p in self.pairs if p.model == pair.model and p is not pair
-                and self.view.base_recipe(p.recipe) == p.recipe
-                and self.view.recipe_rank(p.model, p.recipe) < rank]
+        return [
+            p
+            for p in self.pairs
+            if p.model == pair.model
+            and p is not pair
+            and self.view.base_recipe(p.recipe) == p.recipe
+            and self.view.recipe_rank(p.model, p.recipe) < rank
+        ]
 
     def open_models(self) -> set[str]:
         """Models with a pair whose search is not over (pairs that may still come are not counted)."""
@@ -421,5 +427,6 @@ class PerPair(Strategy):
         settled = self.view.pairs_settled()
         self._sync()
         # a handed pair is done (propose hands a pair's requests once it is)
-        return settled and all((p.model, p.recipe) in self._handed or self.view.blocked(p.model, p.recipe) is not None
-                               for p in self.pairs)
+        return settled and all(
+            (p.model, p.recipe) in self._handed or self.view.blocked(p.model, p.recipe) is not None for p in self.pairs
+        )

@@ -77,8 +77,7 @@ class BudgetPair(ReplayPair):
 
     def __init__(self, *args: Any) -> None:
         super().__init__(*args)
-        self._measured = (MeasuredRanking(self.view, self.model, self.recipe)
-                          if self.run.ranking == "measured" else None)
+        self._measured = MeasuredRanking(self.view, self.model, self.recipe) if self.run.ranking == "measured" else None
         self._objectives = [(objective(name), direction) for name, direction in self.view.objectives()]
         self._cache: dict[tuple[str, ...], dict[str, list[Value]]] = {}  # (id, devices) -> values
         self._chosen: list[int] = []  # indices of the prefixes chosen so far (each a function of the results)
@@ -137,8 +136,14 @@ class BudgetPair(ReplayPair):
             chosen.append(pick)
         return chosen, True
 
-    def _next(self, cands: list[CandidatePlan], sizes: list[Any], known: list[int], pending: list[int],
-              others: list[dict[str, list[Value]]]) -> int | None:
+    def _next(
+        self,
+        cands: list[CandidatePlan],
+        sizes: list[Any],
+        known: list[int],
+        pending: list[int],
+        others: list[dict[str, list[Value]]],
+    ) -> int | None:
         """The next candidate to evaluate from the results of ``known`` and of the earlier recipes (``others``;
         None: none can enter)."""
         outs = {i: self.view.outcome(cands[i], "full") for i in known}
@@ -153,8 +158,11 @@ class BudgetPair(ReplayPair):
                 continue
             a = max(e for e in evaluated if e <= lo)
             b = min(e for e in evaluated if e >= hi)
-            enterable = [i for i in range(lo + 1, hi)
-                         if self._can_enter(sizes[i], vectors[a], vectors[b], list(vectors.values()), others)]
+            enterable = [
+                i
+                for i in range(lo + 1, hi)
+                if self._can_enter(sizes[i], vectors[a], vectors[b], list(vectors.values()), others)
+            ]
             key = (sum(a < p < b for p in pending), -(hi - lo), lo)
             if enterable and (best is None or key < best[0]):
                 best = (key, enterable[(len(enterable) - 1) // 2])
@@ -209,13 +217,22 @@ class BudgetPair(ReplayPair):
         a :class:`Latency` with its p10–p90)."""
         key = (out.candidate_id, *sorted(out.per_device))
         if key not in self._cache:
-            self._cache[key] = {d: [_value(obj, direction, out.size_bytes, m) for obj, direction in self._objectives]
-                                for d, m in sorted(out.per_device.items()) if d not in out.failed}
+            self._cache[key] = {
+                d: [_value(obj, direction, out.size_bytes, m) for obj, direction in self._objectives]
+                for d, m in sorted(out.per_device.items())
+                if d not in out.failed
+            }
         return self._cache[key]
 
-    def _can_enter(self, size: int, a: dict[str, list[Value]], b: dict[str, list[Value]],
-                   evaluated: list[dict[str, list[Value]]], others: list[dict[str, list[Value]]],
-                   own: bool = True) -> bool:
+    def _can_enter(
+        self,
+        size: int,
+        a: dict[str, list[Value]],
+        b: dict[str, list[Value]],
+        evaluated: list[dict[str, list[Value]]],
+        others: list[dict[str, list[Value]]],
+        own: bool = True,
+    ) -> bool:
         """On some device (of ``evaluated``), no evaluated candidate (of this recipe, unless not ``own``, or of an
         earlier one: ``others``) is at least as good as c's optimistic point there."""
         exact = [obj.value({"size_bytes": size}, {}) for obj, _ in self._objectives]

@@ -40,13 +40,16 @@ from tuneqn.controller.store import FINAL_JOB_STATES, Store
 Z = 1.96
 SEARCHED, STOPPED, PENDING = "searched", "stopped", "pending"
 
-RULE = ("every auto recipe's fully quantized model is evaluated on every device; a recipe goes on to the "
-        "search unless, on every device, another recipe's fully quantized model is no larger and disagrees "
-        "with FP32 on clearly fewer of the same images (b − c > 1.96·√(b + c), b and c the images only one "
-        "of the two gets wrong: a paired 95 % test, at least 4 images)")
+RULE = (
+    "every auto recipe's fully quantized model is evaluated on every device; a recipe goes on to the "
+    "search unless, on every device, another recipe's fully quantized model is no larger and disagrees "
+    "with FP32 on clearly fewer of the same images (b − c > 1.96·√(b + c), b and c the images only one "
+    "of the two gets wrong: a paired 95 % test, at least 4 images)"
+)
 
 
 # --------------------------------------------------------------------------- the rule
+
 
 @dataclass(frozen=True)
 class FqPoint:
@@ -86,20 +89,31 @@ class Decision:
 
     def to_dict(self, model: str) -> dict[str, Any]:
         """The entry of ``report["recipe_selection"][].recipes``."""
-        fq = next((p.candidate for p in self.points.values() if p is not None and p.candidate),
-                  f"{model}:{self.recipe}:fq")
+        fq = next(
+            (p.candidate for p in self.points.values() if p is not None and p.candidate), f"{model}:{self.recipe}:fq"
+        )
         devices = []
         for dev, p in self.points.items():
-            entry: dict[str, Any] = {"device": dev, "accuracy_loss": None, "size_bytes": None, "n": None,
-                                     "candidate": None, "error": None}
+            entry: dict[str, Any] = {
+                "device": dev,
+                "accuracy_loss": None,
+                "size_bytes": None,
+                "n": None,
+                "candidate": None,
+                "error": None,
+            }
             if isinstance(p, FqPoint):
-                entry.update({"accuracy_loss": p.loss, "size_bytes": p.size_bytes, "n": p.n,
-                              "candidate": p.candidate})
+                entry.update({"accuracy_loss": p.loss, "size_bytes": p.size_bytes, "n": p.n, "candidate": p.candidate})
             elif isinstance(p, FqFailed):
                 entry.update({"error": p.reason, "candidate": p.candidate})
             devices.append(entry)
-        return {"recipe": self.recipe, "status": self.status, "reason": self.reason, "fq_candidate": fq,
-                "devices": devices}
+        return {
+            "recipe": self.recipe,
+            "status": self.status,
+            "reason": self.reason,
+            "fq_candidate": fq,
+            "devices": devices,
+        }
 
 
 def clearly_fewer(mine: frozenset[int], theirs: frozenset[int]) -> bool:
@@ -124,8 +138,9 @@ def _covered_by(by: str, q: Point, device: str, p: FqPoint) -> str:
     if not isinstance(q, FqPoint):
         return f"on {device} {by} covers it"
     how = f"wrong on clearly fewer of the same {p.n} images"
-    return (f"on {device} {by} is {_mb(q.size_bytes)} (≤ {_mb(p.size_bytes)}) at loss {q.loss:.1%} "
-            f"(vs {p.loss:.1%}; {how})")
+    return (
+        f"on {device} {by} is {_mb(q.size_bytes)} (≤ {_mb(p.size_bytes)}) at loss {q.loss:.1%} (vs {p.loss:.1%}; {how})"
+    )
 
 
 def decide(points: dict[str, dict[str, Point]]) -> list[Decision]:
@@ -137,8 +152,10 @@ def decide(points: dict[str, dict[str, Point]]) -> list[Decision]:
     recipes = list(points)
     if any(p is None for per in points.values() for p in per.values()):
         waiting = sorted({d for per in points.values() for d, p in per.items() if p is None})
-        return [Decision(r, PENDING, f"waiting for the fully quantized models' results on {', '.join(waiting)}",
-                         points[r]) for r in recipes]
+        return [
+            Decision(r, PENDING, f"waiting for the fully quantized models' results on {', '.join(waiting)}", points[r])
+            for r in recipes
+        ]
     out = []
     for r in recipes:
         mine = {d: p for d, p in points[r].items() if isinstance(p, FqPoint)}
@@ -150,8 +167,9 @@ def decide(points: dict[str, dict[str, Point]]) -> list[Decision]:
         kept: list[str] = []
         why: list[str] = []
         for d, p in mine.items():
-            by = next((s for s in recipes if s != r
-                       and isinstance(q := points[s].get(d), FqPoint) and covers(q, p)), None)
+            by = next(
+                (s for s in recipes if s != r and isinstance(q := points[s].get(d), FqPoint) and covers(q, p)), None
+            )
             if by is None:
                 kept.append(d)
             else:
@@ -159,14 +177,21 @@ def decide(points: dict[str, dict[str, Point]]) -> list[Decision]:
         failed = [d for d, p in points[r].items() if isinstance(p, FqFailed)]
         note = f"; no result on {', '.join(failed)}" if failed else ""
         if kept:
-            out.append(Decision(r, SEARCHED, f"on or near the front of the fully quantized models on "
-                                             f"{', '.join(kept)}{note}", points[r]))
+            out.append(
+                Decision(
+                    r,
+                    SEARCHED,
+                    f"on or near the front of the fully quantized models on {', '.join(kept)}{note}",
+                    points[r],
+                )
+            )
         else:
             out.append(Decision(r, STOPPED, "; ".join(why) + note, points[r]))
     return out
 
 
 # --------------------------------------------------------------------------- from the store
+
 
 def auto_models(store: Store) -> dict[str, list[str]]:
     """The recipes auto chose per model ({} when the study's recipes were explicit)."""
@@ -175,8 +200,13 @@ def auto_models(store: Store) -> dict[str, list[str]]:
     return {str(m): [str(r) for r in rs] for m, rs in (info.get("models") or {}).items()} if info.get("auto") else {}
 
 
-def fq_points(store: Store, model: str, recipes: Sequence[str], devices: Sequence[str],
-              candidate_of: Callable[[str], str | None] | None = None) -> dict[str, dict[str, Point]]:
+def fq_points(
+    store: Store,
+    model: str,
+    recipes: Sequence[str],
+    devices: Sequence[str],
+    candidate_of: Callable[[str], str | None] | None = None,
+) -> dict[str, dict[str, Point]]:
     """Each recipe's fully quantized point on each device class, from the store (``candidate_of``: the
     candidate id of another point of each recipe, e.g. its best case, instead of its fully quantized model).
 
@@ -218,8 +248,9 @@ def fq_points(store: Store, model: str, recipes: Sequence[str], devices: Sequenc
     return out
 
 
-def search_order(recipes: Sequence[str], fq: dict[str, dict[str, Point]],
-                 best: dict[str, dict[str, Point]]) -> list[str]:
+def search_order(
+    recipes: Sequence[str], fq: dict[str, dict[str, Point]], best: dict[str, dict[str, Point]]
+) -> list[str]:
     """The order in which a model's recipes are searched: the recipe whose *best case* loses least first
     (worst device; the best case is the candidate with every searched layer in float, the lowest loss its
     candidates can be expected to reach; without one, the fully quantized point stands for it), then the
@@ -231,6 +262,7 @@ def search_order(recipes: Sequence[str], fq: dict[str, dict[str, Point]],
     granularity have the same best case (no weight is quantized in it); their fully quantized models then
     decide, by top-k overlap first: on a small sample, top-1 loss moves one image at a time (1.4 % on 70)
     while the overlap counts each of the top k, so it tells apart what the loss cannot."""
+
     def worst(points: dict[str, Point]) -> tuple[float, int, float]:
         per = [p for p in points.values() if isinstance(p, FqPoint)]
         if not per:
@@ -266,6 +298,7 @@ def selection(store: Store) -> list[dict[str, Any]]:
     if not models:
         return []
     devices = [d["name"] for d in store.devices()]
-    return [{"model": model, "rule": RULE,
-             "recipes": [d.to_dict(model) for d in decisions(store, model, recipes, devices)]}
-            for model, recipes in models.items()]
+    return [
+        {"model": model, "rule": RULE, "recipes": [d.to_dict(model) for d in decisions(store, model, recipes, devices)]}
+        for model, recipes in models.items()
+    ]

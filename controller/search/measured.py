@@ -27,8 +27,9 @@ from tuneqn.controller.search.base import Request, SearchView
 class MeasuredRanking:
     """Screens S ∪ {l} for every remaining layer l and orders the layers by gain per byte."""
 
-    def __init__(self, view: SearchView, model: str, recipe: str, base: tuple[str, ...] = (),
-                 label: str = "ranking") -> None:
+    def __init__(
+        self, view: SearchView, model: str, recipe: str, base: tuple[str, ...] = (), label: str = "ranking"
+    ) -> None:
         self.view = view
         self.model = model
         self.recipe = recipe
@@ -66,13 +67,15 @@ class MeasuredRanking:
             agree, over = out.worst("agreement"), out.worst("overlap")
             ok = None not in (agree, over, b_agree, b_over)
             fixed[name] = b_wrong - out.disagreeing()
-            rows.append({
-                "name": name,
-                "gain": (agree - b_agree) if ok else None,  # type: ignore[operator]
-                "overlap_gain": (over - b_over) if ok else None,  # type: ignore[operator]
-                "bytes": max(1, out.size_bytes - base.size_bytes),
-                "fixes": len(fixed[name]),
-            })
+            rows.append(
+                {
+                    "name": name,
+                    "gain": (agree - b_agree) if ok else None,  # type: ignore[operator]
+                    "overlap_gain": (over - b_over) if ok else None,  # type: ignore[operator]
+                    "bytes": max(1, out.size_bytes - base.size_bytes),
+                    "fixes": len(fixed[name]),
+                }
+            )
         rows = _cover_order(sorted(rows, key=_rank_key), fixed)
         for i, r in enumerate(rows, 1):
             r["rank"] = i

@@ -149,8 +149,12 @@ class Planner:
             return False
         with self._lock:
             planned = set(self._planned)
-        return any((m, r, c) not in planned for c, _ in self._restricted()
-                   for m in self.study.models for r in self.study.recipes(m))
+        return any(
+            (m, r, c) not in planned
+            for c, _ in self._restricted()
+            for m in self.study.models
+            for r in self.study.recipes(m)
+        )
 
     # ------------------------------------------------------------------ probes (builds of variants)
     def is_probe(self, cid: str) -> bool:
@@ -192,8 +196,9 @@ class Planner:
             stored = self.study.store.feasibility(model, recipe, cls)
             if stored and stored[0]["ops_digest"] == digest:  # decided before on the same op types
                 row = stored[0]
-                return Settle(key, row["planned"], row["status"], row["unsupported"], row["tried"], digest,
-                              persist=False)
+                return Settle(
+                    key, row["planned"], row["status"], row["unsupported"], row["tried"], digest, persist=False
+                )
         tried = self._tried.setdefault(key, [])
         while True:
             current = self._trying.setdefault(key, recipe)

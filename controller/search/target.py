@@ -78,8 +78,11 @@ class TargetPair(ReplayPair):
     def found(self) -> CandidatePlan | None:
         """The smallest set evaluated in full that meets X on every device (None if none yet)."""
         self._search([])
-        ok = [(o.size_bytes, p.id, p) for p in self._fulls
-              if (o := self.view.outcome(p, "full")) is not None and self._meets(o)]
+        ok = [
+            (o.size_bytes, p.id, p)
+            for p in self._fulls
+            if (o := self.view.outcome(p, "full")) is not None and self._meets(o)
+        ]
         return min(ok, key=lambda t: t[:2])[2] if ok else None
 
     def _meets(self, out: Outcome | None) -> bool:
@@ -131,12 +134,16 @@ class TargetPair(ReplayPair):
             order = order[:hi] + self._measured_order(tuple(order[:hi]), f"target base k={hi}", reqs)
             lo = hi + 1
 
-    def _shrink(self, best: CandidatePlan, removable: set[str],
-                reqs: list[Request]) -> tuple[CandidatePlan | None, set[str]]:
+    def _shrink(
+        self, best: CandidatePlan, removable: set[str], reqs: list[Request]
+    ) -> tuple[CandidatePlan | None, set[str]]:
         """One round of shrinking: the smallest reduction of ``best`` that meets X in full (None if
         none does), and the layers that may still go (their removal met X so far)."""
-        singles = {name: self._plan([x for x in best.excluded if x != name], f"target -{name}")
-                   for name in best.excluded if name in removable}
+        singles = {
+            name: self._plan([x for x in best.excluded if x != name], f"target -{name}")
+            for name in best.excluded
+            if name in removable
+        }
         passing = self._screen(list(singles.values()), reqs)
         names = [name for name, p in singles.items() if p in passing]
         if len(names) > 1:
@@ -144,8 +151,11 @@ class TargetPair(ReplayPair):
             passing += self._screen([together], reqs)
         smaller = self._confirm_smallest(passing, reqs)
         asked = {p.id for p in self._fulls}  # only results this search waited for: replayable
-        return smaller, {name for name in names
-                         if singles[name].id not in asked or self._meets(self.view.outcome(singles[name], "full"))}
+        return smaller, {
+            name
+            for name in names
+            if singles[name].id not in asked or self._meets(self.view.outcome(singles[name], "full"))
+        }
 
     def _measured_order(self, base: tuple[str, ...], label: str, reqs: list[Request]) -> list[str]:
         ranking = self._ranking(base, label)
@@ -172,7 +182,7 @@ class TargetPair(ReplayPair):
             step, self._step = self._step, self._step + 1
             width = self._width(step)
             self._took(step, width)
-            batch = ordered[start:start + width]
+            batch = ordered[start : start + width]
             start += width
             reqs += [Request(p, "full", p.label) for p in batch]
             self._fulls += batch

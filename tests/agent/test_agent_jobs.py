@@ -258,9 +258,7 @@ def test_graceful_stop_requeues_and_restart_keeps_identity(
     assert executions(state_dir, "waiting") == 1
 
 
-def test_qdq_model_with_excluded_conv_and_disabled_optimizer(
-    agent_factory, client_factory, tmp_path: Path
-) -> None:
+def test_qdq_model_with_excluded_conv_and_disabled_optimizer(agent_factory, client_factory, tmp_path: Path) -> None:
     qdq = build_qdq_cnn(tmp_path, exclude=("conv2",))
     data = dataset(24, seed=5)
     client = client_factory(agent_factory())
@@ -279,16 +277,18 @@ def test_qdq_model_with_excluded_conv_and_disabled_optimizer(
     assert np.array_equal(decode_topk(result), expected)
 
 
-def test_a_job_resubmitted_for_another_device_of_its_class_is_the_same_job(tmp_path, client_factory,
-                                                                          cnn_bytes) -> None:
+def test_a_job_resubmitted_for_another_device_of_its_class_is_the_same_job(tmp_path, client_factory, cnn_bytes) -> None:
     """A controller re-leases a job to another device of the class (e.g. after the agent restarted and
     re-queued it): the agent takes it as the known job, moving it there while it waits; another class is a conflict."""
     from tuneqn.agent.backends.ort import OrtBackend
     from tuneqn.agent.config import AgentConfig
     from tuneqn.agent.server import AgentServer
 
-    backends = [OrtBackend("a1", "a", simulated_latency_ms_per_sample=25.0), OrtBackend("a2", "a"),
-                OrtBackend("b1", "b")]
+    backends = [
+        OrtBackend("a1", "a", simulated_latency_ms_per_sample=25.0),
+        OrtBackend("a2", "a"),
+        OrtBackend("b1", "b"),
+    ]
     server = AgentServer(AgentConfig(state_dir=tmp_path / "agent", host="127.0.0.1", port=0), backends)
     server.start()
     try:
@@ -325,8 +325,9 @@ def test_a_job_of_a_device_gone_after_a_restart_is_still_its_class(tmp_path, cli
     from tuneqn.agent.server import AgentServer
 
     state = tmp_path / "agent"
-    first = AgentServer(AgentConfig(state_dir=state, host="127.0.0.1", port=0),
-                        [OrtBackend("a1", "a"), OrtBackend("a2", "a")])
+    first = AgentServer(
+        AgentConfig(state_dir=state, host="127.0.0.1", port=0), [OrtBackend("a1", "a"), OrtBackend("a2", "a")]
+    )
     first.start()
     try:
         client = client_factory(first)
@@ -335,8 +336,9 @@ def test_a_job_of_a_device_gone_after_a_restart_is_still_its_class(tmp_path, cli
         assert client.wait_result("x", timeout=RESULT_TIMEOUT).state == pb.SUCCEEDED
     finally:
         first.stop(grace=0.5)
-    second = AgentServer(AgentConfig(state_dir=state, host="127.0.0.1", port=0),
-                         [OrtBackend("a1", "a"), OrtBackend("b1", "b")])
+    second = AgentServer(
+        AgentConfig(state_dir=state, host="127.0.0.1", port=0), [OrtBackend("a1", "a"), OrtBackend("b1", "b")]
+    )
     second.start()
     try:
         client = client_factory(second)
@@ -354,8 +356,9 @@ def test_a_job_of_a_device_gone_after_a_restart_is_still_its_class(tmp_path, cli
         second.stop(grace=0.5)
 
 
-def test_a_job_for_a_device_the_agent_does_not_list_is_a_gone_device_to_the_controller(tmp_path, client_factory,
-                                                                                       cnn_bytes) -> None:
+def test_a_job_for_a_device_the_agent_does_not_list_is_a_gone_device_to_the_controller(
+    tmp_path, client_factory, cnn_bytes
+) -> None:
     """The controller retries elsewhere (not a final rejection) when the agent answers that it does not list the
     device (a TVM lane gone with its RPC server after a restart: a lost result in bench/chaos.py); the agent's
     wording is what the controller reads."""
@@ -388,10 +391,12 @@ def test_screens_share_the_device_and_a_timed_job_has_it_alone(agent_factory, cl
     data_sha = client.upload_bytes(npy_bytes(data))
     # The timed job goes first: both screens queue behind it and start together when it ends; the last timed
     # job queues behind both screens.
-    specs = [job_spec("timed-1", model_sha, data_sha, chunk_size=64),
-             job_spec("screen-a", model_sha, data_sha, chunk_size=64, latency_repeats=0),
-             job_spec("screen-b", model_sha, data_sha, chunk_size=64, latency_repeats=0),
-             job_spec("timed-2", model_sha, data_sha, chunk_size=64)]
+    specs = [
+        job_spec("timed-1", model_sha, data_sha, chunk_size=64),
+        job_spec("screen-a", model_sha, data_sha, chunk_size=64, latency_repeats=0),
+        job_spec("screen-b", model_sha, data_sha, chunk_size=64, latency_repeats=0),
+        job_spec("timed-2", model_sha, data_sha, chunk_size=64),
+    ]
     for spec in specs:
         client.submit(spec)
     results = {s.job_id: list(client.watch(s.job_id, timeout=RESULT_TIMEOUT))[-1].result for s in specs}

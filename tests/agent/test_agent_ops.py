@@ -36,9 +36,7 @@ def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
 def stored_job(state_dir: Path, job_id: str) -> tuple[str, bytes | None]:
     """State and stored result of a job, read from the agent's SQLite file."""
     with sqlite3.connect(state_dir / "agent.db") as conn:
-        state, result = conn.execute(
-            "SELECT state, result FROM jobs WHERE job_id = ?", [job_id]
-        ).fetchone()
+        state, result = conn.execute("SELECT state, result FROM jobs WHERE job_id = ?", [job_id]).fetchone()
     return state, result
 
 
@@ -90,7 +88,9 @@ def test_sigterm_lets_a_running_job_finish_within_the_drain(
     agent = agent_process(state_dir, "--simulated-latency-ms", "20", "--drain-seconds", "120")
     client = client_factory(agent.address)
     spec = job_spec(
-        "short", client.upload_bytes(cnn_bytes), client.upload_bytes(npy_bytes(dataset(100))),
+        "short",
+        client.upload_bytes(cnn_bytes),
+        client.upload_bytes(npy_bytes(dataset(100))),
         chunk_size=4,
     )
     client.submit(spec)
@@ -114,13 +114,20 @@ def test_sigterm_lets_a_running_job_finish_within_the_drain(
     assert executions(state_dir, "short") == 1
 
 
-def start_long_job(agent_process: Callable[..., Any], client_factory: Callable[..., Any], cnn_bytes: bytes,
-                   state_dir: Path, drain_seconds: str) -> Any:
+def start_long_job(
+    agent_process: Callable[..., Any],
+    client_factory: Callable[..., Any],
+    cnn_bytes: bytes,
+    state_dir: Path,
+    drain_seconds: str,
+) -> Any:
     """An agent process (``--drain-seconds``) running job "long" (2000 samples at 25 ms each), past its first chunk."""
     agent = agent_process(state_dir, "--simulated-latency-ms", "25", "--drain-seconds", drain_seconds)
     client = client_factory(agent.address)
     spec = job_spec(
-        "long", client.upload_bytes(cnn_bytes), client.upload_bytes(npy_bytes(dataset(2000))),
+        "long",
+        client.upload_bytes(cnn_bytes),
+        client.upload_bytes(npy_bytes(dataset(2000))),
         chunk_size=4,
     )
     client.submit(spec)
@@ -130,8 +137,9 @@ def start_long_job(agent_process: Callable[..., Any], client_factory: Callable[.
     return agent
 
 
-def assert_requeued_and_runs_after_restart(agent_process: Callable[..., Any], client_factory: Callable[..., Any],
-                                           state_dir: Path) -> None:
+def assert_requeued_and_runs_after_restart(
+    agent_process: Callable[..., Any], client_factory: Callable[..., Any], state_dir: Path
+) -> None:
     """Job "long" was interrupted once and stays queued; a restarted agent runs it to the end."""
     assert stored_job(state_dir, "long") == ("QUEUED", None)
     assert executions(state_dir, "long") == 1
@@ -227,15 +235,27 @@ def test_a_metrics_port_in_use_is_one_line_naming_the_flag_exit_2(tmp_path: Path
         taken.listen(1)
         port = taken.getsockname()[1]
         proc = subprocess.run(
-            [sys.executable, "-m", "tuneqn.agent", "--listen", "127.0.0.1:0",
-             "--state-dir", str(tmp_path / "state"), "--device-name", DEVICE,
-             "--metrics-listen", f"127.0.0.1:{port}"],
-            capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL,
+            [
+                sys.executable,
+                "-m",
+                "tuneqn.agent",
+                "--listen",
+                "127.0.0.1:0",
+                "--state-dir",
+                str(tmp_path / "state"),
+                "--device-name",
+                DEVICE,
+                "--metrics-listen",
+                f"127.0.0.1:{port}",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            stdin=subprocess.DEVNULL,
         )
     assert proc.returncode == 2, proc.stderr
     assert proc.stdout == ""  # never announced itself as listening
     lines = proc.stderr.splitlines()
     assert lines == [
-        f"tuneqn-agent: error: cannot serve metrics: --metrics-listen 127.0.0.1:{port}: "
-        "Address already in use"
+        f"tuneqn-agent: error: cannot serve metrics: --metrics-listen 127.0.0.1:{port}: Address already in use"
     ], proc.stderr

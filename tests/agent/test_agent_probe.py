@@ -21,8 +21,14 @@ from tuneqn.controller.farm.local import LocalAgent
 
 def run_probe(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     """The probe as a HEALTHCHECK runs it: its own process, stdin closed."""
-    return subprocess.run([sys.executable, "-m", "tuneqn.agent.probe", *args], capture_output=True, text=True,
-                          timeout=60, stdin=subprocess.DEVNULL, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "tuneqn.agent.probe", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
+        env=env,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -45,22 +51,45 @@ def test_nothing_listening_is_one_line_exit_1() -> None:
         proc = run_probe(f"127.0.0.1:{port}", "--timeout", "10")
     assert proc.returncode == 1
     assert proc.stderr.count("\n") == 1 and proc.stderr.startswith(
-        f"python -m tuneqn.agent.probe: not serving: 127.0.0.1:{port}: UNAVAILABLE"), proc.stderr
+        f"python -m tuneqn.agent.probe: not serving: 127.0.0.1:{port}: UNAVAILABLE"
+    ), proc.stderr
 
 
 @pytest.mark.heavy
 def test_an_mtls_agent_is_serving_to_a_client_certificate_and_refuses_none(tmp_path: Path, pki: Path) -> None:
-    agent = LocalAgent(tmp_path / "agent", device_name="cpu-1", extra_args=[
-        "--tls-cert", str(pki / "agent.pem"), "--tls-key", str(pki / "agent.key"), "--tls-ca", str(pki / "ca.pem")])
+    agent = LocalAgent(
+        tmp_path / "agent",
+        device_name="cpu-1",
+        extra_args=[
+            "--tls-cert",
+            str(pki / "agent.pem"),
+            "--tls-key",
+            str(pki / "agent.key"),
+            "--tls-ca",
+            str(pki / "ca.pem"),
+        ],
+    )
     with agent:
-        ok = run_probe(agent.address, "--tls-ca", str(pki / "ca.pem"), "--tls-cert", str(pki / "controller.pem"),
-                       "--tls-key", str(pki / "controller.key"))
+        ok = run_probe(
+            agent.address,
+            "--tls-ca",
+            str(pki / "ca.pem"),
+            "--tls-cert",
+            str(pki / "controller.pem"),
+            "--tls-key",
+            str(pki / "controller.key"),
+        )
         # the same through the environment, as in the compose file's agents
         port = agent.address.rpartition(":")[2]
-        via_env = run_probe(env={**_base_env(), "TUNEQN_AGENT_LISTEN": f"0.0.0.0:{port}",
-                                 "TUNEQN_PROBE_TLS_CA": str(pki / "ca.pem"),
-                                 "TUNEQN_PROBE_TLS_CERT": str(pki / "controller.pem"),
-                                 "TUNEQN_PROBE_TLS_KEY": str(pki / "controller.key")})
+        via_env = run_probe(
+            env={
+                **_base_env(),
+                "TUNEQN_AGENT_LISTEN": f"0.0.0.0:{port}",
+                "TUNEQN_PROBE_TLS_CA": str(pki / "ca.pem"),
+                "TUNEQN_PROBE_TLS_CERT": str(pki / "controller.pem"),
+                "TUNEQN_PROBE_TLS_KEY": str(pki / "controller.key"),
+            }
+        )
         no_client_cert = run_probe(agent.address, "--tls-ca", str(pki / "ca.pem"), "--timeout", "10")
         plaintext = run_probe(agent.address, "--timeout", "10")
     assert ok.returncode == 0 and ok.stderr == "", ok.stderr
@@ -77,17 +106,32 @@ def test_the_loopback_health_listener_is_probed_without_any_key(tmp_path: Path) 
     lab = write_host_certs(tmp_path / "lab", ["localhost,127.0.0.1"])
     (host,) = lab.hosts
     health = f"127.0.0.1:{free_port()}"
-    agent = LocalAgent(tmp_path / "agent", device_name="cpu-1", extra_args=[
-        "--tls-cert", str(host.cert), "--tls-key", str(host.key), "--tls-ca", str(host.ca_cert),
-        "--health-listen", health])
+    agent = LocalAgent(
+        tmp_path / "agent",
+        device_name="cpu-1",
+        extra_args=[
+            "--tls-cert",
+            str(host.cert),
+            "--tls-key",
+            str(host.key),
+            "--tls-ca",
+            str(host.ca_cert),
+            "--health-listen",
+            health,
+        ],
+    )
     with agent:
         port = agent.address.rpartition(":")[2]
         env = {**_base_env(), "TUNEQN_AGENT_LISTEN": f"0.0.0.0:{port}", "TUNEQN_AGENT_HEALTH_LISTEN": health}
         ok = run_probe(env=env)
         # stale client-key settings are not used for the plaintext listener
         ok_stale = run_probe(env={**env, "TUNEQN_PROBE_TLS_CA": "/nonexistent/ca.pem"})
-        main_port = run_probe("--timeout", "10", env={k: v for k, v in env.items() if k != "TUNEQN_AGENT_HEALTH_LISTEN"}
-                              | {"TUNEQN_PROBE_TLS_CA": str(host.ca_cert)})
+        main_port = run_probe(
+            "--timeout",
+            "10",
+            env={k: v for k, v in env.items() if k != "TUNEQN_AGENT_HEALTH_LISTEN"}
+            | {"TUNEQN_PROBE_TLS_CA": str(host.ca_cert)},
+        )
     assert ok.returncode == 0 and ok.stderr == "", ok.stderr
     assert ok_stale.returncode == 0 and ok_stale.stderr == "", ok_stale.stderr
     assert main_port.returncode == 1 and "not serving" in main_port.stderr  # no client key: refused
@@ -95,11 +139,14 @@ def test_the_loopback_health_listener_is_probed_without_any_key(tmp_path: Path) 
     assert after.returncode == 1 and after.stderr.count("\n") == 1 and f"{health}: UNAVAILABLE" in after.stderr
 
 
-@pytest.mark.parametrize("args, message", [
-    (["127.0.0.1:1", "--tls-cert", "x.pem"], "--tls-cert and --tls-key must be given together"),
-    (["127.0.0.1:1", "--tls-ca", "/nonexistent/ca.pem"], "cannot read TLS CA /nonexistent/ca.pem"),
-    (["no-port"], "address must be HOST:PORT"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["127.0.0.1:1", "--tls-cert", "x.pem"], "--tls-cert and --tls-key must be given together"),
+        (["127.0.0.1:1", "--tls-ca", "/nonexistent/ca.pem"], "cannot read TLS CA /nonexistent/ca.pem"),
+        (["no-port"], "address must be HOST:PORT"),
+    ],
+)
 def test_bad_arguments_are_one_line_exit_2(args: list[str], message: str) -> None:
     proc = run_probe(*args)
     assert proc.returncode == 2
@@ -107,8 +154,7 @@ def test_bad_arguments_are_one_line_exit_2(args: list[str], message: str) -> Non
 
 
 def test_the_probe_never_imports_the_controller() -> None:
-    code = ("import sys, tuneqn.agent.probe; "
-            "print(sorted(m for m in sys.modules if m.startswith('tuneqn.controller')))")
+    code = "import sys, tuneqn.agent.probe; print(sorted(m for m in sys.modules if m.startswith('tuneqn.controller')))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
     assert out.stdout.strip() == "[]"
 

@@ -20,9 +20,7 @@ from tuneqn.controller.farm.client import AgentSilent, decode_topk
 from tuneqn.v1 import agent_pb2 as pb
 
 
-def test_result_survives_sigkill_and_is_not_rerun(
-    agent_process, client_factory, cnn_bytes, tmp_path: Path
-) -> None:
+def test_result_survives_sigkill_and_is_not_rerun(agent_process, client_factory, cnn_bytes, tmp_path: Path) -> None:
     state_dir = tmp_path / "state"
     data = dataset(12)
     first = agent_process(state_dir)

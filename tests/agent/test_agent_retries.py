@@ -21,9 +21,7 @@ def test_client_of_an_older_revision_is_refused(agent_factory) -> None:
     with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
         stub = agent_pb2_grpc.AgentStub(channel)
         for revision in (0, MIN_CLIENT_REVISION - 1):
-            request = pb.GetInfoRequest(
-                client_version="0.1", contract_version="tuneqn.v1", contract_revision=revision
-            )
+            request = pb.GetInfoRequest(client_version="0.1", contract_version="tuneqn.v1", contract_revision=revision)
             with pytest.raises(grpc.RpcError) as err:
                 stub.GetInfo(request, timeout=5)
             assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
@@ -41,9 +39,7 @@ def test_contract_mismatch_of_the_client_names_the_revision(agent_factory, clien
         client_factory(agent_factory()).info()
 
 
-def test_failed_job_runs_again_on_a_higher_attempt_after_reupload(
-    agent_factory, client_factory, cnn_bytes
-) -> None:
+def test_failed_job_runs_again_on_a_higher_attempt_after_reupload(agent_factory, client_factory, cnn_bytes) -> None:
     """A transient failure (the model blob vanished from the cache) is not permanent."""
     server = agent_factory(simulated_ms=25.0)
     client = client_factory(server)

@@ -82,11 +82,40 @@ def _openssl(*args: str, cwd: Path) -> None:
 
 
 def _issue(cwd: Path, name: str, ext: str) -> None:
-    _openssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-             "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN={name}", cwd=cwd)
+    _openssl(
+        "req",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+        "-keyout",
+        f"{name}.key",
+        "-out",
+        f"{name}.csr",
+        "-subj",
+        f"/CN={name}",
+        cwd=cwd,
+    )
     (cwd / f"{name}.ext").write_text(ext)
-    _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
-             "-CAcreateserial", "-out", f"{name}.pem", "-days", "1", "-extfile", f"{name}.ext", cwd=cwd)
+    _openssl(
+        "x509",
+        "-req",
+        "-in",
+        f"{name}.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        f"{name}.pem",
+        "-days",
+        "1",
+        "-extfile",
+        f"{name}.ext",
+        cwd=cwd,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -95,8 +124,24 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
     if shutil.which("openssl") is None:
         pytest.skip("openssl CLI not available to make test certificates")
     d = tmp_path_factory.mktemp("pki")
-    _openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-             "-keyout", "ca.key", "-out", "ca.pem", "-days", "1", "-subj", "/CN=tuneqn-test-ca", cwd=d)
+    _openssl(
+        "req",
+        "-x509",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-days",
+        "1",
+        "-subj",
+        "/CN=tuneqn-test-ca",
+        cwd=d,
+    )
     _issue(d, "server", "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n")
     _issue(d, "client", "extendedKeyUsage=clientAuth\n")
     return d
@@ -159,9 +204,19 @@ def test_off_loopback_bind_without_token_over_tls_or_mtls_is_refused(
 ) -> None:
     state_dir = tmp_path / "state"
     done = subprocess.run(
-        [sys.executable, "-m", "tuneqn.agent", "--listen", "0.0.0.0:0", "--state-dir", str(state_dir),
-         *_security_args(kind, pki, tmp_path)],
-        capture_output=True, text=True, timeout=30,
+        [
+            sys.executable,
+            "-m",
+            "tuneqn.agent",
+            "--listen",
+            "0.0.0.0:0",
+            "--state-dir",
+            str(state_dir),
+            *_security_args(kind, pki, tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
         env={k: v for k, v in os.environ.items() if not k.startswith("TUNEQN_AGENT_")},
     )
     assert done.returncode == 2 and done.stdout == ""
@@ -200,24 +255,40 @@ def test_agent_server_applies_the_rule_too(tmp_path: Path) -> None:
     assert not (tmp_path / "state").exists()
 
 
-@pytest.mark.parametrize(("flags", "needle"), [
-    (["--tls-cert", "{bad}", "--tls-key", "{pki}/server.key"], "--tls-cert: {bad} is not a PEM certificate"),
-    (["--tls-cert", "{pki}/server.pem", "--tls-key", "{bad}"], "--tls-key: {bad} is not an unencrypted PEM"),
-    (["--tls-cert", "{pki}/server.pem", "--tls-key", "{pki}/client.key"], "is not the key of the certificate"),
-    (["--tls-cert", "{pki}/server.pem", "--tls-key", "{pki}/server.key", "--tls-ca", "{bad}"],
-     "--tls-ca: {bad} is not a PEM certificate"),
-    (["--tls-cert", "{pki}/missing.pem", "--tls-key", "{pki}/server.key"], "cannot read --tls-cert"),
-])
+@pytest.mark.parametrize(
+    ("flags", "needle"),
+    [
+        (["--tls-cert", "{bad}", "--tls-key", "{pki}/server.key"], "--tls-cert: {bad} is not a PEM certificate"),
+        (["--tls-cert", "{pki}/server.pem", "--tls-key", "{bad}"], "--tls-key: {bad} is not an unencrypted PEM"),
+        (["--tls-cert", "{pki}/server.pem", "--tls-key", "{pki}/client.key"], "is not the key of the certificate"),
+        (
+            ["--tls-cert", "{pki}/server.pem", "--tls-key", "{pki}/server.key", "--tls-ca", "{bad}"],
+            "--tls-ca: {bad} is not a PEM certificate",
+        ),
+        (["--tls-cert", "{pki}/missing.pem", "--tls-key", "{pki}/server.key"], "cannot read --tls-cert"),
+    ],
+)
 def test_bad_tls_files_are_refused_before_binding(flags: list[str], needle: str, pki: Path, tmp_path: Path) -> None:
     bad = tmp_path / "notpem"
     bad.write_text("not a certificate\n")
     argv = [f.format(bad=bad, pki=pki) for f in flags]
     state_dir = tmp_path / "state"
     done = subprocess.run(
-        [sys.executable, "-m", "tuneqn.agent", "--listen", "127.0.0.1:0", "--state-dir", str(state_dir),
-         "--tls-ca" if "--tls-ca" not in flags else "--token-file", *([str(pki / "ca.pem")]
-         if "--tls-ca" not in flags else [str(_token(tmp_path))]), *argv],
-        capture_output=True, text=True, timeout=30,
+        [
+            sys.executable,
+            "-m",
+            "tuneqn.agent",
+            "--listen",
+            "127.0.0.1:0",
+            "--state-dir",
+            str(state_dir),
+            "--tls-ca" if "--tls-ca" not in flags else "--token-file",
+            *([str(pki / "ca.pem")] if "--tls-ca" not in flags else [str(_token(tmp_path))]),
+            *argv,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
         env={k: v for k, v in os.environ.items() if not k.startswith("TUNEQN_AGENT_")},
     )
     assert done.returncode == 2, done.stderr
@@ -236,12 +307,18 @@ def _token(tmp_path: Path) -> Path:
 
 
 def test_loopback_health_listener_needs_no_key_while_the_main_port_demands_mtls(
-        agent_factory, client_factory, pki: Path, tmp_path: Path) -> None:
+    agent_factory, client_factory, pki: Path, tmp_path: Path
+) -> None:
     def read(name: str) -> bytes:
         return (pki / name).read_bytes()
 
-    server = agent_factory(tls_cert=read("server.pem"), tls_key=read("server.key"), tls_ca=read("ca.pem"),
-                           health_host="127.0.0.1", health_port=0)
+    server = agent_factory(
+        tls_cert=read("server.pem"),
+        tls_key=read("server.key"),
+        tls_ca=read("ca.pem"),
+        health_host="127.0.0.1",
+        health_port=0,
+    )
     assert server.health_port and server.health_port != server.port
     with grpc.insecure_channel(f"127.0.0.1:{server.health_port}") as channel:  # no TLS, no key, no token
         health = health_pb2_grpc.HealthStub(channel)
@@ -268,20 +345,37 @@ def test_loopback_health_listener_needs_no_key_while_the_main_port_demands_mtls(
 
 def _agent_cli(tmp_path: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "tuneqn.agent", "--listen", "127.0.0.1:0", "--state-dir", str(tmp_path / "state"),
-         *args], capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL,
-        env={**{k: v for k, v in os.environ.items() if not k.startswith("TUNEQN_AGENT_")}, **(env or {})})
+        [
+            sys.executable,
+            "-m",
+            "tuneqn.agent",
+            "--listen",
+            "127.0.0.1:0",
+            "--state-dir",
+            str(tmp_path / "state"),
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        stdin=subprocess.DEVNULL,
+        env={**{k: v for k, v in os.environ.items() if not k.startswith("TUNEQN_AGENT_")}, **(env or {})},
+    )
 
 
-@pytest.mark.parametrize(("args", "env", "needle"), [
-    (["--metrics-listen", "0.0.0.0:9100"], {}, "--metrics-listen 0.0.0.0:9100: not a loopback address"),
-    ([], {"TUNEQN_AGENT_METRICS_LISTEN": "192.0.2.7:9100"}, "--metrics-listen 192.0.2.7:9100: not a loopback"),
-    (["--metrics-listen", "[::]:9100"], {}, "--metrics-listen [::]:9100: not a loopback address"),
-    (["--health-listen", "0.0.0.0:9101"], {}, "--health-listen 0.0.0.0:9101: not a loopback address"),
-    (["--health-listen", "0.0.0.0:9101", "--insecure"], {}, "--health-listen 0.0.0.0:9101: not a loopback"),
-])
+@pytest.mark.parametrize(
+    ("args", "env", "needle"),
+    [
+        (["--metrics-listen", "0.0.0.0:9100"], {}, "--metrics-listen 0.0.0.0:9100: not a loopback address"),
+        ([], {"TUNEQN_AGENT_METRICS_LISTEN": "192.0.2.7:9100"}, "--metrics-listen 192.0.2.7:9100: not a loopback"),
+        (["--metrics-listen", "[::]:9100"], {}, "--metrics-listen [::]:9100: not a loopback address"),
+        (["--health-listen", "0.0.0.0:9101"], {}, "--health-listen 0.0.0.0:9101: not a loopback address"),
+        (["--health-listen", "0.0.0.0:9101", "--insecure"], {}, "--health-listen 0.0.0.0:9101: not a loopback"),
+    ],
+)
 def test_side_listeners_off_loopback_are_refused_in_one_line(
-        args: list[str], env: dict[str, str], needle: str, tmp_path: Path) -> None:
+    args: list[str], env: dict[str, str], needle: str, tmp_path: Path
+) -> None:
     done = _agent_cli(tmp_path, *args, env=env)
     assert done.returncode == 2 and done.stdout == "", done.stderr
     (line,) = done.stderr.strip().splitlines()
@@ -291,14 +385,15 @@ def test_side_listeners_off_loopback_are_refused_in_one_line(
     assert not (tmp_path / "state").exists()
 
 
-def test_metrics_off_loopback_with_the_explicit_flag_and_on_loopback_without(
-        monkeypatch: pytest.MonkeyPatch) -> None:
+def test_metrics_off_loopback_with_the_explicit_flag_and_on_loopback_without(monkeypatch: pytest.MonkeyPatch) -> None:
     from tuneqn.agent import cli
 
     for name in [k for k in os.environ if k.startswith("TUNEQN_AGENT_")]:
         monkeypatch.delenv(name)
-    for argv, env in ((["--metrics-listen", "0.0.0.0:9100", "--metrics-public"], "0"),
-                      (["--metrics-listen", "0.0.0.0:9100"], "1")):
+    for argv, env in (
+        (["--metrics-listen", "0.0.0.0:9100", "--metrics-public"], "0"),
+        (["--metrics-listen", "0.0.0.0:9100"], "1"),
+    ):
         monkeypatch.setenv("TUNEQN_AGENT_METRICS_PUBLIC", env)
         config, _, _ = cli._validate(cli.build_parser().parse_args(argv))
         assert (config.metrics_host, config.metrics_port, config.metrics_public) == ("0.0.0.0", 9100, True)
@@ -313,8 +408,10 @@ def test_agent_server_refuses_side_listeners_off_loopback_too(tmp_path: Path) ->
     from tuneqn.agent.config import AgentConfig
     from tuneqn.agent.server import AgentServer
 
-    for fields, needle in (({"metrics_host": "0.0.0.0"}, "--metrics-public"),
-                           ({"health_host": "0.0.0.0"}, "--health-listen")):
+    for fields, needle in (
+        ({"metrics_host": "0.0.0.0"}, "--metrics-public"),
+        ({"health_host": "0.0.0.0"}, "--health-listen"),
+    ):
         with pytest.raises(ValueError, match=needle):
             AgentServer(AgentConfig(state_dir=tmp_path / "state", **fields), [OrtBackend(DEVICE)])
     assert not (tmp_path / "state").exists()

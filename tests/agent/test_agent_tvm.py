@@ -39,9 +39,7 @@ def topk(scores: np.ndarray, k: int) -> np.ndarray:
 
 
 @pytest.mark.heavy
-def test_local_predictions_cache_hit_and_compile_ahead(
-    tvm_agent, client_factory, tvm_models, tmp_path: Path
-) -> None:
+def test_local_predictions_cache_hit_and_compile_ahead(tvm_agent, client_factory, tvm_models, tmp_path: Path) -> None:
     server = tvm_agent(TvmSettings())
     (lane,) = server.backends.values()
     client = client_factory(server)
@@ -83,9 +81,7 @@ def test_local_predictions_cache_hit_and_compile_ahead(
     assert registry.get_sample_value("tuneqn_agent_compile_cache_limit_bytes") == compiled.limit_bytes
 
 
-def test_device_description_and_infeasible_qoperator(
-    tvm_agent, client_factory, tvm_models
-) -> None:
+def test_device_description_and_infeasible_qoperator(tvm_agent, client_factory, tvm_models) -> None:
     server = tvm_agent(TvmSettings(), name="box")
     client = client_factory(server)
     (device,) = client.info().devices
@@ -98,8 +94,9 @@ def test_device_description_and_infeasible_qoperator(
     assert ops == sorted(ops) and {"Conv", "QuantizeLinear", "DequantizeLinear", "MatMulInteger"} <= set(ops)
     assert not set(QOPERATOR_OPS) & set(ops)
 
-    spec = job_spec("qop", client.upload_bytes(tvm_models["qoperator"].read_bytes()),
-                    client.upload_bytes(npy_bytes(cnn_samples(4))))
+    spec = job_spec(
+        "qop", client.upload_bytes(tvm_models["qoperator"].read_bytes()), client.upload_bytes(npy_bytes(cnn_samples(4)))
+    )
     client.submit(spec)
     result = client.wait_result("qop", timeout=60)
     assert result.state == pb.FAILED and result.infeasible
@@ -118,7 +115,8 @@ def test_frontend_failure_is_infeasible_without_ops(tmp_path: Path) -> None:
         helper.make_node("Pad", ["x", "pads"], ["y"], mode="constant"),
     ]
     graph = helper.make_graph(
-        nodes, "dynamic_pad",
+        nodes,
+        "dynamic_pad",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["A", "B"])],
         [numpy_helper.from_array(np.array([4], np.int64), "four")],
@@ -225,8 +223,7 @@ def test_fixed_batch_model_runs_padded_chunks(tvm_agent, client_factory, tmp_pat
     server = tvm_agent(TvmSettings())
     client = client_factory(server)
     data = cnn_samples(10)
-    spec = job_spec("b4", client.upload_bytes(model.read_bytes()), client.upload_bytes(npy_bytes(data)),
-                    top_k=2)
+    spec = job_spec("b4", client.upload_bytes(model.read_bytes()), client.upload_bytes(npy_bytes(data)), top_k=2)
     client.submit(spec)
     result = client.wait_result("b4", timeout=60)
     assert result.state == pb.SUCCEEDED, result.error
@@ -246,8 +243,10 @@ def test_fixed_batch_model_runs_padded_chunks(tvm_agent, client_factory, tmp_pat
         (["--tvm-target", '{"kind": "nonsense"}'], 'TVM rejects it: Target kind "nonsense"'),
         (["--tvm-host", "{}"], '--tvm-host must be a JSON object with a "kind"'),
         (["--tvm-tracker", "127.0.0.1:9190"], "--tvm-tracker needs --tvm-key"),
-        (["--tvm-tracker", "127.0.0.1:9190", "--tvm-key", "k", "--tvm-rpc", "127.0.0.1:9091"],
-         "--tvm-tracker and --tvm-rpc exclude each other"),
+        (
+            ["--tvm-tracker", "127.0.0.1:9190", "--tvm-key", "k", "--tvm-rpc", "127.0.0.1:9091"],
+            "--tvm-tracker and --tvm-rpc exclude each other",
+        ),
         (["--tvm-tracker", "tracker-without-port", "--tvm-key", "k"], "--tvm-tracker must be HOST:PORT"),
         (["--tvm-rpc", "127.0.0.1:99999"], "--tvm-rpc must be HOST:PORT"),
         (["--tvm-request-timeout", "0"], "--tvm-request-timeout must be > 0"),
@@ -278,7 +277,10 @@ def test_backend_tvm_without_apache_tvm_installed(tmp_path: Path) -> None:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(shim), os.environ.get("PYTHONPATH")])))
     proc = subprocess.run(
         [sys.executable, "-m", "tuneqn.agent", "--backend", "tvm", "--state-dir", str(tmp_path / "s")],
-        env=env, capture_output=True, text=True, timeout=60,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert proc.returncode == 2
     (line,) = proc.stderr.strip().splitlines()

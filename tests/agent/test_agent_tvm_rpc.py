@@ -47,9 +47,19 @@ def test_tracker_runs_candidates_releases_sessions_and_bounds_the_wait(
     tvm_lab.wait_servers(key, 1)
     monkeypatch.setenv("PYTHONPATH", tvm_lab.agent_env()["PYTHONPATH"])  # TVM imported without torch
     agent = agent_process(
-        tmp_path / "state", "--backend", "tvm", "--device-class", "phone",
-        "--tvm-tracker", tvm_lab.address, "--tvm-key", key,
-        "--tvm-request-timeout", "4", "--tvm-session-timeout", "600",
+        tmp_path / "state",
+        "--backend",
+        "tvm",
+        "--device-class",
+        "phone",
+        "--tvm-tracker",
+        tvm_lab.address,
+        "--tvm-key",
+        key,
+        "--tvm-request-timeout",
+        "4",
+        "--tvm-session-timeout",
+        "600",
     )
     client = client_factory(agent.address)
     (device,) = client.info().devices
@@ -103,14 +113,14 @@ def test_joining_servers_add_lanes_that_run_at_once_and_a_killed_server_loses_no
     key = tvm_lab.new_key("phones")
     first = tvm_lab.start_servers(key, 1)
     tvm_lab.wait_servers(key, 1)
-    server = tvm_agent(TvmSettings(tracker=(HOST, tvm_lab.port), key=key, request_timeout=60,
-                                   poll_seconds=0.2), shared_cache=True)
+    server = tvm_agent(
+        TvmSettings(tracker=(HOST, tvm_lab.port), key=key, request_timeout=60, poll_seconds=0.2), shared_cache=True
+    )
     client = client_factory(server)
     assert list(devices(client)) == ["phone.0"]
 
     second = tvm_lab.start_servers(key, 1)  # a phone joins the tracker: a lane appears
-    wait_for(lambda: len(devices(client)) == 2 and devices(client)["phone.1"].remote_servers == 2,
-             "the second lane")
+    wait_for(lambda: len(devices(client)) == 2 and devices(client)["phone.1"].remote_servers == 2, "the second lane")
     assert devices(client)["phone.1"].healthy
     by_address = {s.address: s for s in first + second}
 
@@ -119,8 +129,10 @@ def test_joining_servers_add_lanes_that_run_at_once_and_a_killed_server_loses_no
     for job_id, lane in (("a", "phone.0"), ("b", "phone.1")):
         client.submit(job_spec(job_id, model, data_sha, chunk_size=1, device=lane))
     # both lanes hold a session on different servers at the same time
-    on = wait_for(lambda: (a := running_on(client, "phone.0")) and (b := running_on(client, "phone.1"))
-                  and (a, b), "both jobs running")
+    on = wait_for(
+        lambda: (a := running_on(client, "phone.0")) and (b := running_on(client, "phone.1")) and (a, b),
+        "both jobs running",
+    )
     assert on[0] != on[1] and set(on) == set(by_address)
 
     events: list[pb.JobEvent] = []
@@ -142,8 +154,10 @@ def test_joining_servers_add_lanes_that_run_at_once_and_a_killed_server_loses_no
     # SIGTERM to a server with an open session: all its processes end, none is left
     survivor = by_address[on[1]]
     client.submit(job_spec("c", model, data_sha, chunk_size=1, device="phone.0"))
-    wait_for(lambda: running_on(client, "phone.0") == survivor.address and len(survivor.processes()) >= 2,
-             "job c in a session on the last server")
+    wait_for(
+        lambda: running_on(client, "phone.0") == survivor.address and len(survivor.processes()) >= 2,
+        "job c in a session on the last server",
+    )
     survivor.kill(signal.SIGTERM)
     wait_for(lambda: not survivor.processes(), "every process of the SIGTERMed server to exit")
     client.cancel("c")
@@ -157,16 +171,19 @@ def test_hung_server_is_abandoned_and_the_job_continues_on_another(
     key = tvm_lab.new_key("hang")
     servers = {s.address: s for s in tvm_lab.start_servers(key, 2)}
     tvm_lab.wait_servers(key, 2)
-    server = tvm_agent(TvmSettings(tracker=(HOST, tvm_lab.port), key=key, request_timeout=60,
-                                   call_timeout=2.0), shared_cache=True)
+    server = tvm_agent(
+        TvmSettings(tracker=(HOST, tvm_lab.port), key=key, request_timeout=60, call_timeout=2.0), shared_cache=True
+    )
     client = client_factory(server)
     data_sha = client.upload_bytes(npy_bytes(cnn_samples(LONG)))
-    client.submit(job_spec("h", client.upload_bytes(tvm_models["fp32"].read_bytes()), data_sha,
-                           chunk_size=1, device="phone.0"))
+    client.submit(
+        job_spec("h", client.upload_bytes(tvm_models["fp32"].read_bytes()), data_sha, chunk_size=1, device="phone.0")
+    )
     hung = wait_for(lambda: running_on(client, "phone.0"), "job h running")
     servers[hung].freeze()  # SIGSTOP: connections stay open, nothing answers
-    status = wait_for(lambda: (d := devices(client)["phone.0"]) and not d.healthy and d.status,
-                      "the lane to report the hang")
+    status = wait_for(
+        lambda: (d := devices(client)["phone.0"]) and not d.healthy and d.status, "the lane to report the hang"
+    )
     assert f"on {hung} took longer than 2 s (hung server)" in status
     result = client.wait_result("h", timeout=120)
     assert result.state == pb.SUCCEEDED, result.error
@@ -180,8 +197,7 @@ def test_direct_rpc_servers_are_one_lane_each(tvm_lab: TvmLab, tvm_agent, client
     count = 2
     servers = tvm_lab.start_servers("direct", count, tracker=False)
     rpc = tuple((HOST, s.port) for s in servers)
-    server = tvm_agent(TvmSettings(rpc=rpc, key="direct", request_timeout=10), name="board",
-                       shared_cache=True)
+    server = tvm_agent(TvmSettings(rpc=rpc, key="direct", request_timeout=10), name="board", shared_cache=True)
     client = client_factory(server)
     info = devices(client)
     assert sorted(info) == ["board.0", "board.1"]
@@ -197,17 +213,18 @@ def test_direct_rpc_servers_are_one_lane_each(tvm_lab: TvmLab, tvm_agent, client
         assert np.array_equal(decode_topk(result), topk(ort_scores(tvm_models["fp32"], data), 2))
 
 
-def test_unreachable_server_fails_the_job_after_bounded_reconnects(
-    tvm_agent, client_factory, tvm_models
-) -> None:
+def test_unreachable_server_fails_the_job_after_bounded_reconnects(tvm_agent, client_factory, tvm_models) -> None:
     from helpers import free_port
 
     address = f"{HOST}:{free_port()}"  # nothing listens there
-    server = tvm_agent(TvmSettings(rpc=((HOST, int(address.rsplit(":", 1)[1])),), max_reconnects=2,
-                                   reconnect_backoff=0.01), name="gone")
+    server = tvm_agent(
+        TvmSettings(rpc=((HOST, int(address.rsplit(":", 1)[1])),), max_reconnects=2, reconnect_backoff=0.01),
+        name="gone",
+    )
     client = client_factory(server)
-    spec = job_spec("g", client.upload_bytes(tvm_models["fp32"].read_bytes()),
-                    client.upload_bytes(npy_bytes(cnn_samples(2))))
+    spec = job_spec(
+        "g", client.upload_bytes(tvm_models["fp32"].read_bytes()), client.upload_bytes(npy_bytes(cnn_samples(2)))
+    )
     client.submit(spec)
     result = client.wait_result("g", timeout=60)
     assert result.state == pb.FAILED and not result.infeasible

@@ -128,7 +128,7 @@ def local_program(argv: list[str]) -> list[str]:
     """The unit's argv with its /opt/tuneqn/bin program taken from this checkout's venv."""
     program = argv[0]
     assert program.startswith(INSTALL_BIN), program
-    return [str(VENV_BIN / program[len(INSTALL_BIN):]), *argv[1:]]
+    return [str(VENV_BIN / program[len(INSTALL_BIN) :]), *argv[1:]]
 
 
 @pytest.mark.parametrize("unit", ["tuneqn-agent.service", "tvm-rpc-tracker.service"])
@@ -149,15 +149,26 @@ def test_systemd_analyze_verify_accepts_the_unit(unit: str, tmp_path: Path) -> N
 def test_agent_unit_runs_the_agent_from_its_env_file(tmp_path: Path) -> None:
     unit = SYSTEMD / "tuneqn-agent.service"
     keys = [key for key, _ in unit_settings(unit)]
-    for needed in ("User", "StateDirectory", "CacheDirectory", "EnvironmentFile", "NoNewPrivileges",
-                   "ProtectSystem", "ProtectHome", "PrivateTmp"):
+    for needed in (
+        "User",
+        "StateDirectory",
+        "CacheDirectory",
+        "EnvironmentFile",
+        "NoNewPrivileges",
+        "ProtectSystem",
+        "ProtectHome",
+        "PrivateTmp",
+    ):
         assert needed in keys, needed
     assert ("Restart", "on-failure") in unit_settings(unit)
 
     env_file = tmp_path / "agent.env"
     example = read_env_file(SYSTEMD / "agent.env.example")
-    env_file.write_text((SYSTEMD / "agent.env.example").read_text().replace(
-        f"TUNEQN_AGENT_LISTEN={example['TUNEQN_AGENT_LISTEN']}", f"TUNEQN_AGENT_LISTEN={LOOPBACK_ANY}"))
+    env_file.write_text(
+        (SYSTEMD / "agent.env.example")
+        .read_text()
+        .replace(f"TUNEQN_AGENT_LISTEN={example['TUNEQN_AGENT_LISTEN']}", f"TUNEQN_AGENT_LISTEN={LOOPBACK_ANY}")
+    )
     state, cache = tmp_path / "var-lib", tmp_path / "var-cache"
     (state / "tuneqn-agent").mkdir(parents=True)  # what StateDirectory=/CacheDirectory= create
     (cache / "tuneqn-agent").mkdir(parents=True)
@@ -196,8 +207,15 @@ def test_tracker_unit_starts_a_tvm_tracker(tmp_path: Path) -> None:
     assert argv[1:3] == ["-m", "tvm.exec.rpc_tracker"] and f"{port}" in argv
     log = tmp_path / "tracker.log"
     with open(log, "wb") as out:  # its own process group, as systemd gives the unit its own cgroup
-        proc = subprocess.Popen(local_program(argv), env=env, cwd=workdir, stdin=subprocess.DEVNULL,
-                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            local_program(argv),
+            env=env,
+            cwd=workdir,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     try:
         summary = wait_for(lambda: tracker_summary(rpc, port), f"tracker on port {port}", proc, log)
         assert "queue_info" in summary
@@ -237,8 +255,24 @@ def dockerfile(path: Path) -> list[tuple[str, str]]:
     return instructions
 
 
-DOCKERFILE_INSTRUCTIONS = {"FROM", "ARG", "RUN", "COPY", "ADD", "USER", "WORKDIR", "ENV", "VOLUME", "EXPOSE",
-                           "STOPSIGNAL", "ENTRYPOINT", "CMD", "LABEL", "HEALTHCHECK", "SHELL"}
+DOCKERFILE_INSTRUCTIONS = {
+    "FROM",
+    "ARG",
+    "RUN",
+    "COPY",
+    "ADD",
+    "USER",
+    "WORKDIR",
+    "ENV",
+    "VOLUME",
+    "EXPOSE",
+    "STOPSIGNAL",
+    "ENTRYPOINT",
+    "CMD",
+    "LABEL",
+    "HEALTHCHECK",
+    "SHELL",
+}
 
 
 def image_config(path: Path) -> tuple[list[str], list[str], dict[str, str]]:
@@ -302,8 +336,11 @@ def test_compose_file_parses() -> None:
 
 
 AGENT_SERVICES = ("agent-cpu", "agent-phone")
-TLS_ENV = {"TUNEQN_AGENT_TLS_CERT": "/tls/agent.pem", "TUNEQN_AGENT_TLS_KEY": "/tls/agent.key",
-           "TUNEQN_AGENT_TLS_CA": "/tls/ca.pem"}
+TLS_ENV = {
+    "TUNEQN_AGENT_TLS_CERT": "/tls/agent.pem",
+    "TUNEQN_AGENT_TLS_KEY": "/tls/agent.key",
+    "TUNEQN_AGENT_TLS_CA": "/tls/ca.pem",
+}
 HOST_FILES = ["agent.key", "agent.pem", "ca.pem"]
 
 
@@ -331,8 +368,14 @@ def run_certs_service(compose: dict, root: Path) -> dict[str, Path]:
     volumes = {name: root / name for name in mounts.values()}
     for folder in volumes.values():
         folder.mkdir(parents=True, exist_ok=True)
-    done = subprocess.run(["sh", "-c", body], capture_output=True, text=True, timeout=READY_TIMEOUT,
-                          stdin=subprocess.DEVNULL, env={"PATH": f"{VENV_BIN}:/usr/bin:/bin", "HOME": str(root)})
+    done = subprocess.run(
+        ["sh", "-c", body],
+        capture_output=True,
+        text=True,
+        timeout=READY_TIMEOUT,
+        stdin=subprocess.DEVNULL,
+        env={"PATH": f"{VENV_BIN}:/usr/bin:/bin", "HOME": str(root)},
+    )
     assert done.returncode == 0, done.stderr
     return volumes
 
@@ -390,8 +433,12 @@ def test_compose_agents_hold_their_own_key_only_never_the_controllers(tmp_path: 
         assert not [v for v in env.values() if "controller" in v or "ca.key" in v], name
         mounts = named_mounts(service)
         assert "pki" not in mounts.values() and not set(mounts.values()) & set(controller_mounts.values()), name
-        seen = {f"{target}/{rel}": data for target, volume in mounts.items() if volume in volumes
-                for rel, data in tree(volumes[volume]).items()}
+        seen = {
+            f"{target}/{rel}": data
+            for target, volume in mounts.items()
+            if volume in volumes
+            for rel, data in tree(volumes[volume]).items()
+        }
         assert sorted(seen) == [f"/tls/{f}" for f in HOST_FILES], name
         assert not set(seen.values()) & set(secret.values()), name
         assert stat.S_IMODE((volumes[mounts["/tls"]] / "agent.key").stat().st_mode) == 0o600
@@ -427,7 +474,10 @@ def test_compose_lab_file_names_the_compose_agents() -> None:
         assert agent["name"] == env["TUNEQN_AGENT_DEVICE_NAME"]
         assert agent["device_class"] == env["TUNEQN_AGENT_DEVICE_CLASS"]
         assert (agent["tls_ca"], agent["tls_cert"], agent["tls_key"]) == (
-            "/tls/ca.pem", "/tls/controller.pem", "/tls/controller.key")
+            "/tls/ca.pem",
+            "/tls/controller.pem",
+            "/tls/controller.key",
+        )
         assert {Path(agent[k]).name for k in ("tls_ca", "tls_cert", "tls_key")} <= set(LAB_FILES)
 
 
@@ -436,8 +486,7 @@ def test_compose_lab_file_names_the_compose_agents() -> None:
 def test_agent_image_entrypoint_answers_health(service: str | None, tmp_path: Path) -> None:
     entrypoint, cmd, image_env = image_config(CONTAINER / "Dockerfile.agent")
     assert is_loopback_listen(image_env["TUNEQN_AGENT_HEALTH_LISTEN"])
-    env = {"PATH": f"{VENV_BIN}:/usr/local/bin:/usr/bin:/bin", "HOME": str(tmp_path), "LANG": "C.UTF-8",
-           **image_env}
+    env = {"PATH": f"{VENV_BIN}:/usr/local/bin:/usr/bin:/bin", "HOME": str(tmp_path), "LANG": "C.UTF-8", **image_env}
     if service is not None:  # the compose service's environment on top of the image's
         compose = compose_file()
         env.update({k: str(v) for k, v in compose["services"][service]["environment"].items()})
@@ -457,12 +506,24 @@ def test_agent_image_entrypoint_answers_health(service: str | None, tmp_path: Pa
     assert probe[0] == "python"
     assert not [k for k in env if k.startswith("TUNEQN_PROBE_")]
     port = agent.address.rpartition(":")[2]
-    check = subprocess.run([sys.executable, *probe[1:]], env={**env, "TUNEQN_AGENT_LISTEN": f"0.0.0.0:{port}"},
-                           capture_output=True, text=True, timeout=READY_TIMEOUT, stdin=subprocess.DEVNULL)
+    check = subprocess.run(
+        [sys.executable, *probe[1:]],
+        env={**env, "TUNEQN_AGENT_LISTEN": f"0.0.0.0:{port}"},
+        capture_output=True,
+        text=True,
+        timeout=READY_TIMEOUT,
+        stdin=subprocess.DEVNULL,
+    )
     assert check.returncode == 0, check.stderr
     if service is not None:  # mTLS on the agent's port: a plaintext probe there is refused
-        refused = subprocess.run([sys.executable, *probe[1:], "--timeout", "10", f"127.0.0.1:{port}"], env=env,
-                                 capture_output=True, text=True, timeout=READY_TIMEOUT, stdin=subprocess.DEVNULL)
+        refused = subprocess.run(
+            [sys.executable, *probe[1:], "--timeout", "10", f"127.0.0.1:{port}"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=READY_TIMEOUT,
+            stdin=subprocess.DEVNULL,
+        )
         assert refused.returncode == 1, refused.stderr
     assert (tmp_path / "state" / "agent.db").is_file()
     assert stop(agent) == 0  # STOPSIGNAL SIGTERM
@@ -476,10 +537,15 @@ def is_loopback_listen(text: str) -> bool:
 
 def test_agent_image_refuses_to_listen_off_loopback_without_tls(tmp_path: Path) -> None:
     entrypoint, cmd, image_env = image_config(CONTAINER / "Dockerfile.agent")
-    env = {"PATH": f"{VENV_BIN}:/usr/bin:/bin", "HOME": str(tmp_path), **image_env,
-           "TUNEQN_AGENT_STATE_DIR": str(tmp_path / "state")}
-    proc = subprocess.run([*entrypoint, *cmd], env=env, capture_output=True, text=True, timeout=READY_TIMEOUT,
-                          stdin=subprocess.DEVNULL)
+    env = {
+        "PATH": f"{VENV_BIN}:/usr/bin:/bin",
+        "HOME": str(tmp_path),
+        **image_env,
+        "TUNEQN_AGENT_STATE_DIR": str(tmp_path / "state"),
+    }
+    proc = subprocess.run(
+        [*entrypoint, *cmd], env=env, capture_output=True, text=True, timeout=READY_TIMEOUT, stdin=subprocess.DEVNULL
+    )
     assert proc.returncode == 2
     assert "refusing to listen on non-loopback 0.0.0.0:50051" in proc.stderr
     assert "Traceback" not in proc.stderr
@@ -504,7 +570,7 @@ def group_alive(pgid: int) -> bool:
             raw = Path(f"/proc/{entry}/stat").read_text()
         except OSError:
             continue
-        fields = raw[raw.rindex(")") + 2:].split()
+        fields = raw[raw.rindex(")") + 2 :].split()
         if int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
             return True
     return False
@@ -513,8 +579,7 @@ def group_alive(pgid: int) -> bool:
 def start(argv: list[str], env: dict[str, str], cwd: str | None, log: Path) -> Started:
     """Start the agent like the service manager does (stdin /dev/null) and read its ready line."""
     with open(log, "wb") as err:
-        proc = subprocess.Popen(argv, env=env, cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                stderr=err)
+        proc = subprocess.Popen(argv, env=env, cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err)
     lines: queue.Queue[bytes] = queue.Queue()
     assert proc.stdout is not None
     stdout = proc.stdout
@@ -530,7 +595,7 @@ def start(argv: list[str], env: dict[str, str], cwd: str | None, log: Path) -> S
         proc.kill()
         proc.wait()
         pytest.fail(f"unexpected agent output {line!r} (exit {proc.returncode}): {log.read_text()}")
-    return Started(proc, line[len(prefix):], log)
+    return Started(proc, line[len(prefix) :], log)
 
 
 def stop(agent: Started) -> int:

@@ -28,8 +28,10 @@ def _conv_relu(path: Path) -> Path:
     w = numpy_helper.from_array(rng.normal(0, 0.5, (4, 3, 3, 3)).astype(np.float32), "w")
     b = numpy_helper.from_array(rng.normal(0, 0.1, 4).astype(np.float32), "b")
     graph = helper.make_graph(
-        [helper.make_node("Conv", ["x", "w", "b"], ["c"], name="conv", pads=[1, 1, 1, 1]),
-         helper.make_node("Relu", ["c"], ["y"], name="relu")],
+        [
+            helper.make_node("Conv", ["x", "w", "b"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+            helper.make_node("Relu", ["c"], ["y"], name="relu"),
+        ],
         "conv_relu",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, SHAPE)],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 8, 8])],
@@ -75,8 +77,9 @@ def test_tuning_writes_records_reuses_them_and_matches_ort(tmp_path: Path) -> No
 
 def test_remote_cpu_target_needs_its_core_count(tmp_path: Path) -> None:
     phone = tvm.target.Target({"kind": "llvm", "mtriple": "aarch64-linux-android", "mattr": ["+neon"]})
-    mod = from_onnx(onnx.load(str(_conv_relu(tmp_path / "m.onnx"))), shape_dict={"x": SHAPE},
-                    keep_params_in_input=False)
+    mod = from_onnx(
+        onnx.load(str(_conv_relu(tmp_path / "m.onnx"))), shape_dict={"x": SHAPE}, keep_params_in_input=False
+    )
     with pytest.raises(ValueError, match="RPC runner"):  # no local runner can run phone code
         tvm_tuning.tune(mod, phone, tmp_path / "db", trials=2)
     assert tvm_tuning.database_digest(tmp_path / "db") == ""

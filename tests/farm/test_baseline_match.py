@@ -30,8 +30,18 @@ def _board(store: Store) -> JobBoard:
 
 def _job(tmp: Path, cid: str, sample_sha: str, settings: FarmSettings | None = None) -> JobPlan:
     """The full job of ``cid`` on the evaluation sample ``sample_sha`` (as the orchestrator makes it)."""
-    return make_job(cid, CLASS, tmp / f"{cid}.onnx", cid.encode().hex()[:64].ljust(64, "0"), tmp / "eval.npy",
-                    sample_sha, "x", {}, settings or FarmSettings(), tuning_group=MODEL_SHA)
+    return make_job(
+        cid,
+        CLASS,
+        tmp / f"{cid}.onnx",
+        cid.encode().hex()[:64].ljust(64, "0"),
+        tmp / "eval.npy",
+        sample_sha,
+        "x",
+        {},
+        settings or FarmSettings(),
+        tuning_group=MODEL_SHA,
+    )
 
 
 def _deliver(board: JobBoard, plan: JobPlan, topk: np.ndarray) -> str:
@@ -39,9 +49,19 @@ def _deliver(board: JobBoard, plan: JobPlan, topk: np.ndarray) -> str:
     board.add(plan)
     leased = board.take(CLASS, "127.0.0.1:1#cpu", timeout=1.0)
     assert leased is not None and leased[0].id == plan.id
-    result = pb.JobResult(job_id=plan.id, device="cpu", device_class=CLASS, agent_id="a", state=pb.SUCCEEDED,
-                          num_samples=topk.shape[0], top_k=topk.shape[1], topk_indices=topk.astype("<i4").tobytes(),
-                          model_size_bytes=1, attempt=1, finished_at=time.time())
+    result = pb.JobResult(
+        job_id=plan.id,
+        device="cpu",
+        device_class=CLASS,
+        agent_id="a",
+        state=pb.SUCCEEDED,
+        num_samples=topk.shape[0],
+        top_k=topk.shape[1],
+        topk_indices=topk.astype("<i4").tobytes(),
+        model_size_bytes=1,
+        attempt=1,
+        finished_at=time.time(),
+    )
     assert board.record(plan, "127.0.0.1:1#cpu", result) == "done"
     return plan.id
 

@@ -85,8 +85,9 @@ def test_two_agents_one_class_survive_sigkill(tmp_path: Path, assets: Path, refe
 
 
 @pytest.mark.heavy
-def test_sigstopped_agent_is_detected_and_its_job_runs_elsewhere(tmp_path: Path, assets: Path,
-                                                                   reference: dict[str, bytes]) -> None:
+def test_sigstopped_agent_is_detected_and_its_job_runs_elsewhere(
+    tmp_path: Path, assets: Path, reference: dict[str, bytes]
+) -> None:
     a, b = local_agent(tmp_path, "a", "lab", "40"), local_agent(tmp_path, "b", "lab", "40")
     stopped: list[int] = []
     with a, b:
@@ -110,13 +111,17 @@ def test_sigstopped_agent_is_detected_and_its_job_runs_elsewhere(tmp_path: Path,
 
 
 @pytest.mark.heavy
-def test_controller_killed_then_resumed_runs_only_missing_jobs(tmp_path: Path, assets: Path,
-                                                               reference: dict[str, bytes]) -> None:
+def test_controller_killed_then_resumed_runs_only_missing_jobs(
+    tmp_path: Path, assets: Path, reference: dict[str, bytes]
+) -> None:
     study_toml = _study(tmp_path, assets)
     db = tmp_path / "out" / "tuneqn.db"
     with local_agent(tmp_path, "solo", "lab", "40") as agent:
-        proc = subprocess.Popen([sys.executable, "-m", "tuneqn.controller", "tune", str(study_toml), "--agent",
-                                 agent.address], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "tuneqn.controller", "tune", str(study_toml), "--agent", agent.address],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and proc.poll() is None:
             if _state(db, "select count(*) from results") >= 2:
@@ -164,8 +169,18 @@ def test_a_retry_executes_again(tmp_path: Path, assets: Path) -> None:
     pm, split = study.models["cnn"], study.eval_split("cnn")
     settings = FarmSettings.from_config(cfg.evaluation)
     study.close()
-    plan = make_job("cnn:fp32", "lab", pm.path, pm.sha256, split.path, split.sha256, pm.input_name, {}, settings,
-                    tuning_group=pm.sha256)
+    plan = make_job(
+        "cnn:fp32",
+        "lab",
+        pm.path,
+        pm.sha256,
+        split.path,
+        split.sha256,
+        pm.input_name,
+        {},
+        settings,
+        tuning_group=pm.sha256,
+    )
     with local_agent(tmp_path, "solo", "lab", "40") as agent:
         client = AgentClient(agent.address)
         client.upload_file(pm.path)
@@ -173,8 +188,14 @@ def test_a_retry_executes_again(tmp_path: Path, assets: Path) -> None:
         # a long job occupies the device, so the target job waits in the queue with its blobs present ...
         blocker = io.BytesIO()
         np.save(blocker, np.zeros((100, *np.load(split.path).shape[1:]), dtype=np.float32))
-        busy = pb.JobSpec(job_id="blocker", model_sha256=pm.sha256, dataset_sha256=client.upload_bytes(
-            blocker.getvalue()), input_name=pm.input_name, latency_repeats=0, attempt=1)
+        busy = pb.JobSpec(
+            job_id="blocker",
+            model_sha256=pm.sha256,
+            dataset_sha256=client.upload_bytes(blocker.getvalue()),
+            input_name=pm.input_name,
+            latency_repeats=0,
+            attempt=1,
+        )
         client.submit(busy)
         next(e for e in client.watch("blocker", timeout=30) if e.state == pb.RUNNING)
         spec = pb.JobSpec()
@@ -196,9 +217,9 @@ def test_a_retry_executes_again(tmp_path: Path, assets: Path) -> None:
 
 @pytest.mark.heavy
 @pytest.mark.parametrize("when", ["its turn", "ahead"])
-def test_controller_side_error_fails_the_attempt_and_the_run_goes_on(tmp_path: Path, assets: Path,
-                                                                     monkeypatch: pytest.MonkeyPatch,
-                                                                     when: str) -> None:
+def test_controller_side_error_fails_the_attempt_and_the_run_goes_on(
+    tmp_path: Path, assets: Path, monkeypatch: pytest.MonkeyPatch, when: str
+) -> None:
     """An OSError while uploading (disk trouble on the controller) fails that attempt; no hang. The same whether
     the job is submitted at its turn or ahead, while the device runs the one before it."""
     real = AgentClient.upload_file
@@ -206,8 +227,7 @@ def test_controller_side_error_fails_the_attempt_and_the_run_goes_on(tmp_path: P
 
     def flaky_upload(self: AgentClient, path: Any, timeout: float | None = None) -> str:
         ahead = any(frame.function == "_submit_ahead" for frame in inspect.stack(0))
-        if (not broken and str(path).endswith(".onnx") and "candidates" in str(path)
-                and ahead == (when == "ahead")):
+        if not broken and str(path).endswith(".onnx") and "candidates" in str(path) and ahead == (when == "ahead"):
             broken.append(str(path))
             raise OSError(28, "No space left on device")
         return real(self, path, timeout)
@@ -222,7 +242,8 @@ def test_controller_side_error_fails_the_attempt_and_the_run_goes_on(tmp_path: P
 
 @pytest.mark.heavy
 def test_a_class_that_hangs_mid_study_ends_unreachable_while_others_finish(
-        tmp_path: Path, assets: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    tmp_path: Path, assets: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """The only agent of a class hangs (SIGSTOP) mid-job: its job uses up its attempts, the class's
     other jobs end as unreachable after device_wait_s, the other class finishes, tune exits 1 naming it."""
     from tuneqn.controller.cli import main
@@ -262,16 +283,21 @@ def test_a_class_that_hangs_mid_study_ends_unreachable_while_others_finish(
 
 @pytest.mark.heavy
 def test_a_declared_class_whose_agent_never_answers_ends_unreachable(
-        tmp_path: Path, assets: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    tmp_path: Path, assets: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     from tuneqn.controller.cli import main
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         dead = f"127.0.0.1:{s.getsockname()[1]}"  # nothing listens here
     with local_agent(tmp_path, "b", "cpu", "0") as b:
-        study_toml = write_study(tmp_path, model=assets / "cnn.onnx", images=assets / "images",
-                                 evaluation={**FAST, "device_wait_s": 3.0},
-                                 agents=[{"address": b.address}, {"address": dead, "device_class": "phone"}])
+        study_toml = write_study(
+            tmp_path,
+            model=assets / "cnn.onnx",
+            images=assets / "images",
+            evaluation={**FAST, "device_wait_s": 3.0},
+            agents=[{"address": b.address}, {"address": dead, "device_class": "phone"}],
+        )
         rc = main(["tune", str(study_toml)])
     err = capsys.readouterr().err
     assert rc == 1 and "device class phone" in err and dead in err and "Traceback" not in err
@@ -292,15 +318,30 @@ def test_a_class_whose_agent_comes_up_late_gets_its_jobs(tmp_path: Path, assets:
     def start_late(counts: dict[str, int], total: int) -> None:
         if not started and counts.get("done", 0) >= 2:
             started.append(True)
-            cmd = [sys.executable, "-m", "tuneqn.agent", "--listen", f"127.0.0.1:{port}", "--state-dir",
-                   str(late.state_dir), "--device-name", "late", "--device-class", "late"]
+            cmd = [
+                sys.executable,
+                "-m",
+                "tuneqn.agent",
+                "--listen",
+                f"127.0.0.1:{port}",
+                "--state-dir",
+                str(late.state_dir),
+                "--device-name",
+                "late",
+                "--device-class",
+                "late",
+            ]
             late.state_dir.mkdir(parents=True, exist_ok=True)
             late.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, text=True)
 
     with local_agent(tmp_path, "early", "early", "20") as early:
         try:
-            outcome = run_bounded(120, _study(tmp_path, assets), [Endpoint(address=early.address),
-                                                                   Endpoint(address=f"127.0.0.1:{port}")], start_late)
+            outcome = run_bounded(
+                120,
+                _study(tmp_path, assets),
+                [Endpoint(address=early.address), Endpoint(address=f"127.0.0.1:{port}")],
+                start_late,
+            )
         finally:
             late.stop()
     assert started and outcome.failed == 0
@@ -351,8 +392,11 @@ def test_local_agent_started_when_none_configured(tmp_path: Path, assets: Path) 
 def test_killed_controller_leaves_no_local_agent_behind(tmp_path: Path, assets: Path) -> None:
     study_toml = _study(tmp_path, assets)
     out = tmp_path / "out"
-    proc = subprocess.Popen([sys.executable, "-m", "tuneqn.controller", "tune", str(study_toml),
-                             "--simulated-latency-ms", "30"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tuneqn.controller", "tune", str(study_toml), "--simulated-latency-ms", "30"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     lock = out / "agents" / "local" / "agent.lock"
     deadline = time.monotonic() + 120
     agent_pid = 0
@@ -379,13 +423,21 @@ def test_killed_controller_leaves_no_local_agent_behind(tmp_path: Path, assets: 
 @pytest.mark.heavy
 def test_report_numbers_equal_the_database(tmp_path: Path, assets: Path) -> None:
 
-
     from tuneqn.controller.cli import main
 
-    study = write_study(tmp_path, model=assets / "cnn.onnx", images=assets / "labelled",
-                        dataset={"images": str(assets / "labelled"), "eval": 12, "calibration": 12, "analysis": 4,
-                                 "labels": {"regex": r"img_\d+_(\d)\.png"}},
-                        evaluation={"latency_repeats": 2, "latency_warmup": 1})
+    study = write_study(
+        tmp_path,
+        model=assets / "cnn.onnx",
+        images=assets / "labelled",
+        dataset={
+            "images": str(assets / "labelled"),
+            "eval": 12,
+            "calibration": 12,
+            "analysis": 4,
+            "labels": {"regex": r"img_\d+_(\d)\.png"},
+        },
+        evaluation={"latency_repeats": 2, "latency_warmup": 1},
+    )
     assert main(["tune", str(study)]) == 0
     out = tmp_path / "out"
     report = json.loads((out / "report.json").read_text())
@@ -395,8 +447,9 @@ def test_report_numbers_equal_the_database(tmp_path: Path, assets: Path) -> None
     for c in report["candidates"]:
         size, sha = con.execute("select size_bytes, sha256 from candidates where id = ?", [c["id"]]).fetchone()
         assert (c["size_bytes"], c["sha256"]) == (size, sha)
-        topk, k, lat = con.execute("select topk, top_k, latency_ms from results where candidate_id = ?",
-                                   [c["id"]]).fetchone()
+        topk, k, lat = con.execute(
+            "select topk, top_k, latency_ms from results where candidate_id = ?", [c["id"]]
+        ).fetchone()
         t = np.frombuffer(topk, "<i4").reshape(-1, k)
         (res,) = c["results"]
         assert res["agreement"] == pytest.approx(float((t[:, 0] == fp32.reshape(-1, k)[:, 0]).mean()))
@@ -430,7 +483,8 @@ def test_an_agent_with_several_devices_runs_a_job_on_each(tmp_path: Path, assets
     assert {r[0] for r in con.execute("select device from results")} == {"phones"}
     # the two devices overlapped in time: some job started on one before a job of the other ended
     with sqlite3.connect(tmp_path / "agent" / "agent.db") as adb:
-        runs = adb.execute("select j.device, e.started, e.finished from executions e join jobs j "
-                           "on j.job_id = e.job_id").fetchall()
+        runs = adb.execute(
+            "select j.device, e.started, e.finished from executions e join jobs j on j.job_id = e.job_id"
+        ).fetchall()
     spans = {d: [(s, f) for dd, s, f in runs if dd == d] for d in ("phone1", "phone2")}
     assert any(s1 < f2 and s2 < f1 for s1, f1 in spans["phone1"] for s2, f2 in spans["phone2"])

@@ -42,36 +42,72 @@ def test_adapt_plans_a_variant_per_device_and_sweeps_it_completely(tmp_path: Pat
     """A device without QLinearConv gets the QOperator recipe as QDQ, one without ConvInteger the dynamic
     recipe with Conv left in float; the other device runs the recipes themselves; the sweep over each
     variant is complete on its device; a rerun reuses the decisions and runs nothing again."""
-    study = write_study(tmp_path, model=assets / "cnn.onnx", images=assets / "images", evaluation=FAST,
-                        quantization={"recipes": RECIPES})
+    study = write_study(
+        tmp_path,
+        model=assets / "cnn.onnx",
+        images=assets / "images",
+        evaluation=FAST,
+        quantization={"recipes": RECIPES},
+    )
     db = tmp_path / "out" / "tuneqn.db"
-    with local_agent(tmp_path, "cpu", "cpu", "0") as cpu, local_agent(tmp_path, "phone", "phone", "0") as phone, \
-            DeviceProxy(phone.address, _restricted) as proxy:
+    with (
+        local_agent(tmp_path, "cpu", "cpu", "0") as cpu,
+        local_agent(tmp_path, "phone", "phone", "0") as phone,
+        DeviceProxy(phone.address, _restricted) as proxy,
+    ):
         endpoints = [Endpoint(address=cpu.address), Endpoint(address=proxy.address)]
         outcome = run_bounded(240, study, endpoints)
         assert outcome.failed == outcome.infeasible == outcome.unreachable == 0
         assert outcome.done == outcome.total
         runs = (len(agent_executions(cpu)), len(agent_executions(phone)))
-        decisions = _rows(db, "select model, recipe, device_class, planned, status, unsupported, created_at "
-                              "from feasibility order by recipe")
+        decisions = _rows(
+            db,
+            "select model, recipe, device_class, planned, status, unsupported, created_at "
+            "from feasibility order by recipe",
+        )
         # resumed: same decisions (not decided again), nothing runs again
         again = run_bounded(240, study, endpoints)
         assert again.done == outcome.done and again.failed == 0
         assert (len(agent_executions(cpu)), len(agent_executions(phone))) == runs
-        assert _rows(db, "select model, recipe, device_class, planned, status, unsupported, created_at "
-                         "from feasibility order by recipe") == decisions
-    assert [(r[1], r[2], r[3], r[4]) for r in decisions] == [("dyn", "phone", "dyn.float-Conv", "adapted"),
-                                                            ("qop", "phone", "qop.qdq", "adapted")]
+        assert (
+            _rows(
+                db,
+                "select model, recipe, device_class, planned, status, unsupported, created_at "
+                "from feasibility order by recipe",
+            )
+            == decisions
+        )
+    assert [(r[1], r[2], r[3], r[4]) for r in decisions] == [
+        ("dyn", "phone", "dyn.float-Conv", "adapted"),
+        ("qop", "phone", "qop.qdq", "adapted"),
+    ]
     assert json.loads(decisions[0][5]) == ["ConvInteger"]
     assert "QLinearConv" in json.loads(decisions[1][5])
-    recipes_on = {dev: {r[0] for r in _rows(db, "select c.mode from jobs j join candidates c on c.id = j.candidate_id "
-                                                "where j.device = ?", [dev])} for dev in ("cpu", "phone")}
+    recipes_on = {
+        dev: {
+            r[0]
+            for r in _rows(
+                db, "select c.mode from jobs j join candidates c on c.id = j.candidate_id where j.device = ?", [dev]
+            )
+        }
+        for dev in ("cpu", "phone")
+    }
     assert recipes_on == {"cpu": {"fp32", "qop", "dyn"}, "phone": {"fp32", "qop.qdq", "dyn.float-Conv"}}
     # the sweep of every recipe is complete on the devices it runs on: every k of its ranking, done there
-    for recipe, device, layers in (("qop", "cpu", 5), ("dyn", "cpu", 5), ("qop.qdq", "phone", 5),
-                                   ("dyn.float-Conv", "phone", 1)):
-        proposed = {r[0] for r in _rows(db, "select candidate_id from proposals where search = 'sweep/paper' and "
-                                            "mode = ? and level = 'full'", [recipe])}
+    for recipe, device, layers in (
+        ("qop", "cpu", 5),
+        ("dyn", "cpu", 5),
+        ("qop.qdq", "phone", 5),
+        ("dyn.float-Conv", "phone", 1),
+    ):
+        proposed = {
+            r[0]
+            for r in _rows(
+                db,
+                "select candidate_id from proposals where search = 'sweep/paper' and mode = ? and level = 'full'",
+                [recipe],
+            )
+        }
         done = {r[0] for r in _rows(db, "select candidate_id from jobs where device = ? and state = 'done'", [device])}
         assert len(proposed) == layers + 1 and proposed <= done, recipe
     report = json.loads((tmp_path / "out" / "report.json").read_text())
@@ -81,17 +117,26 @@ def test_adapt_plans_a_variant_per_device_and_sweeps_it_completely(tmp_path: Pat
     for c in report["candidates"]:
         assert {r["device"] for r in c["results"]} == ({"phone"} if "." in c["recipe"] else {"cpu"})
     assert {(f["recipe"], f["device"]) for f in report["fronts"] if f["fronts"]} == {
-        ("qop", "cpu"), ("dyn", "cpu"), ("qop.qdq", "phone"), ("dyn.float-Conv", "phone")}
+        ("qop", "cpu"),
+        ("dyn", "cpu"),
+        ("qop.qdq", "phone"),
+        ("dyn.float-Conv", "phone"),
+    }
     assert {(a["recipe"], a["device"]) for a in report["ablation"] if a["model"]} == {
-        ("qop", "cpu"), ("dyn", "cpu"), ("qop.qdq", "phone"), ("dyn.float-Conv", "phone")}
+        ("qop", "cpu"),
+        ("dyn", "cpu"),
+        ("qop.qdq", "phone"),
+        ("dyn.float-Conv", "phone"),
+    }
     html = (tmp_path / "out" / "report.html").read_text()
     assert "Feasibility planning" in html and "qop → qop.qdq" in html
     # a variant's candidates export like any recipe's (bit-identical to the stored one)
     from tuneqn.controller.cli import main
 
     out = tmp_path / "variant-fq.onnx"
-    assert main(["export", str(tmp_path / "out"), "--recipe", "dyn.float-Conv", "--candidate", "1",
-                 "-o", str(out)]) == 0
+    assert (
+        main(["export", str(tmp_path / "out"), "--recipe", "dyn.float-Conv", "--candidate", "1", "-o", str(out)]) == 0
+    )
     stored = _rows(db, "select sha256 from candidates where mode = 'dyn.float-Conv' and k = 1")
     assert stored == [(exported_sha256(out),)]
 
@@ -100,20 +145,39 @@ def test_adapt_plans_a_variant_per_device_and_sweeps_it_completely(tmp_path: Pat
 def test_the_default_search_screens_and_evaluates_variants_on_their_device_only(tmp_path: Path, assets: Path) -> None:
     """budget/measured: screens (whose sample is chosen from the fully quantized model's results on the classes
     the recipe runs on) and full evaluations of a variant run on its device; the base recipe's on the other."""
-    study = write_study(tmp_path, model=assets / "cnn.onnx", images=assets / "images", evaluation=FAST,
-                        quantization={"recipes": RECIPES}, search={"strategy": "budget", "ranking": "measured"})
-    with local_agent(tmp_path, "cpu", "cpu", "0") as cpu, local_agent(tmp_path, "phone", "phone", "0") as phone, \
-            DeviceProxy(phone.address, _restricted) as proxy:
+    study = write_study(
+        tmp_path,
+        model=assets / "cnn.onnx",
+        images=assets / "images",
+        evaluation=FAST,
+        quantization={"recipes": RECIPES},
+        search={"strategy": "budget", "ranking": "measured"},
+    )
+    with (
+        local_agent(tmp_path, "cpu", "cpu", "0") as cpu,
+        local_agent(tmp_path, "phone", "phone", "0") as phone,
+        DeviceProxy(phone.address, _restricted) as proxy,
+    ):
         outcome = run_bounded(240, study, [Endpoint(address=cpu.address), Endpoint(address=proxy.address)])
     assert outcome.failed == 0 and outcome.done == outcome.total
     db = tmp_path / "out" / "tuneqn.db"
-    rows = _rows(db, "select c.mode, j.level, group_concat(distinct j.device) from jobs j "
-                     "join candidates c on c.id = j.candidate_id group by 1, 2")
+    rows = _rows(
+        db,
+        "select c.mode, j.level, group_concat(distinct j.device) from jobs j "
+        "join candidates c on c.id = j.candidate_id group by 1, 2",
+    )
     where = {(r[0], r[1]): r[2] for r in rows}
-    assert where == {("fp32", "full"): "cpu,phone" if where[("fp32", "full")].startswith("cpu") else "phone,cpu",
-                     ("qop", "full"): "cpu", ("qop", "screen"): "cpu", ("dyn", "full"): "cpu",
-                     ("dyn", "screen"): "cpu", ("qop.qdq", "full"): "phone", ("qop.qdq", "screen"): "phone",
-                     ("dyn.float-Conv", "full"): "phone", ("dyn.float-Conv", "screen"): "phone"}
+    assert where == {
+        ("fp32", "full"): "cpu,phone" if where[("fp32", "full")].startswith("cpu") else "phone,cpu",
+        ("qop", "full"): "cpu",
+        ("qop", "screen"): "cpu",
+        ("dyn", "full"): "cpu",
+        ("dyn", "screen"): "cpu",
+        ("qop.qdq", "full"): "phone",
+        ("qop.qdq", "screen"): "phone",
+        ("dyn.float-Conv", "full"): "phone",
+        ("dyn.float-Conv", "screen"): "phone",
+    }
     splits = {r[0] for r in _rows(db, "select split from datasets")}
     assert splits >= {"cnn/screen/qop.qdq", "cnn/screen/dyn.float-Conv"}
 
@@ -122,17 +186,24 @@ def test_the_default_search_screens_and_evaluates_variants_on_their_device_only(
 def test_a_recipe_no_variant_fixes_is_kept_and_the_report_says_so(tmp_path: Path, assets: Path) -> None:
     """No DynamicQuantizeLinear on the device: nothing can be left in float to avoid it, so the dynamic
     recipe stays planned there (a TVM agent then answers infeasible; this ORT agent runs it)."""
+
     def no_dql(devices: list[pb.Device]) -> list[pb.Device]:
         return [with_fields(d, supported_ops=STANDARD_OPS - {"DynamicQuantizeLinear"}) for d in devices]
 
-    study = write_study(tmp_path, model=assets / "cnn.onnx", images=assets / "images", evaluation=FAST,
-                        quantization={"recipes": RECIPES[1:]})
+    study = write_study(
+        tmp_path,
+        model=assets / "cnn.onnx",
+        images=assets / "images",
+        evaluation=FAST,
+        quantization={"recipes": RECIPES[1:]},
+    )
     with local_agent(tmp_path, "phone", "phone", "0") as phone, DeviceProxy(phone.address, no_dql) as proxy:
         outcome = run_bounded(240, study, [Endpoint(address=proxy.address)])
     assert outcome.failed == 0 and outcome.done == outcome.total == 7
     db = tmp_path / "out" / "tuneqn.db"
     assert _rows(db, "select recipe, planned, status, unsupported from feasibility") == [
-        ("dyn", "dyn", "gave-up", '["DynamicQuantizeLinear"]')]
+        ("dyn", "dyn", "gave-up", '["DynamicQuantizeLinear"]')
+    ]
     (entry,) = json.loads((tmp_path / "out" / "report.json").read_text())["feasibility"]
     assert entry["text"].startswith("phone: dyn kept, no variant runs there")
     assert "DynamicQuantizeLinear" in entry["text"]
@@ -140,8 +211,13 @@ def test_a_recipe_no_variant_fixes_is_kept_and_the_report_says_so(tmp_path: Path
 
 @pytest.mark.heavy
 def test_report_mode_dispatches_everything(tmp_path: Path, assets: Path) -> None:
-    study = write_study(tmp_path, model=assets / "cnn.onnx", images=assets / "images",
-                        evaluation={**FAST, "feasibility": "report"}, quantization={"recipes": RECIPES[:1]})
+    study = write_study(
+        tmp_path,
+        model=assets / "cnn.onnx",
+        images=assets / "images",
+        evaluation={**FAST, "feasibility": "report"},
+        quantization={"recipes": RECIPES[:1]},
+    )
     db = tmp_path / "out" / "tuneqn.db"
     with local_agent(tmp_path, "phone", "phone", "0") as phone, DeviceProxy(phone.address, _restricted) as proxy:
         outcome = run_bounded(240, study, [Endpoint(address=proxy.address)])
@@ -149,7 +225,9 @@ def test_report_mode_dispatches_everything(tmp_path: Path, assets: Path) -> None
     assert outcome.failed == 0 and outcome.done == outcome.total == 7
     assert _rows(db, "select count(*) from feasibility") == [(0,)]
     assert {r[0] for r in _rows(db, "select c.mode from jobs j join candidates c on c.id = j.candidate_id")} == {
-        "fp32", "qop"}
+        "fp32",
+        "qop",
+    }
 
 
 def _two_device_agent(tmp: Path, sim_ms: float) -> Any:
@@ -166,8 +244,10 @@ def _two_device_agent(tmp: Path, sim_ms: float) -> Any:
 @pytest.mark.heavy
 def test_unhealthy_device_takes_no_job(tmp_path: Path, assets: Path) -> None:
     def phone1_unhealthy(devices: list[pb.Device]) -> list[pb.Device]:
-        return [with_fields(d, healthy=False, status="waiting for a free device of key pixel")
-                if d.name == "phone1" else d for d in devices]
+        return [
+            with_fields(d, healthy=False, status="waiting for a free device of key pixel") if d.name == "phone1" else d
+            for d in devices
+        ]
 
     server = _two_device_agent(tmp_path, 0.0)
     try:
@@ -196,14 +276,19 @@ def test_devices_that_appear_get_slots_and_vanished_ones_take_no_more_jobs(tmp_p
             shown.add("phone2")
             start = proxy.info_calls
             proxy.wait_info_calls(start + 2)  # the controller has applied a GetInfo without phone1
-            seen_gone.append({r[0] for r in _rows(db, "select id from jobs where agent = ?",
-                                                    [f"{proxy.address}#phone1"])})
+            seen_gone.append(
+                {r[0] for r in _rows(db, "select id from jobs where agent = ?", [f"{proxy.address}#phone1"])}
+            )
 
     try:
         with DeviceProxy(server.address, lambda devices: [d for d in devices if d.name in shown]) as proxy:
-            outcome = run_bounded(120, write_study(tmp_path, model=assets / "cnn.onnx", images=assets / "images",
-                                                    evaluation=FAST), [Endpoint(address=proxy.address)], switch,
-                                   info_poll_s=0.2)
+            outcome = run_bounded(
+                120,
+                write_study(tmp_path, model=assets / "cnn.onnx", images=assets / "images", evaluation=FAST),
+                [Endpoint(address=proxy.address)],
+                switch,
+                info_poll_s=0.2,
+            )
     finally:
         server.stop()
     assert seen_gone and outcome.failed == 0 and outcome.done == outcome.total == 7
@@ -218,11 +303,16 @@ def test_devices_that_appear_get_slots_and_vanished_ones_take_no_more_jobs(tmp_p
 def test_compile_ahead_submits_the_next_job_while_one_runs(tmp_path: Path, assets: Path) -> None:
     """A device with the compile-ahead capability is handed its next job while the current one runs; the
     queued job's lease is renewed meanwhile (a lease shorter than a job), and every job runs once."""
+
     def compile_ahead(devices: list[pb.Device]) -> list[pb.Device]:
         return [with_fields(d, capabilities=[*d.capabilities, "compile-ahead"]) for d in devices]
 
-    study = write_study(tmp_path, model=assets / "cnn.onnx", images=assets / "images",
-                        evaluation={**FAST, "lease_timeout_s": 1.0, "heartbeat_s": 0.25})
+    study = write_study(
+        tmp_path,
+        model=assets / "cnn.onnx",
+        images=assets / "images",
+        evaluation={**FAST, "lease_timeout_s": 1.0, "heartbeat_s": 0.25},
+    )
     with local_agent(tmp_path, "phone", "phone", "120") as agent, DeviceProxy(agent.address, compile_ahead) as proxy:
         outcome = run_bounded(180, study, [Endpoint(address=proxy.address)])
         runs = agent_executions(agent)
@@ -232,19 +322,33 @@ def test_compile_ahead_submits_the_next_job_while_one_runs(tmp_path: Path, asset
     assert _rows(db, "select max(attempts), count(error) from jobs") == [(1, 0)]  # no lease ran out
     # the agent received some job while another one was running on the device
     agent_db = agent.state_dir / "agent.db"
-    overlaps = _rows(agent_db, "select count(*) from jobs b join executions a on a.job_id != b.job_id "
-                               "where a.started < b.created and b.created < a.finished")
+    overlaps = _rows(
+        agent_db,
+        "select count(*) from jobs b join executions a on a.job_id != b.job_id "
+        "where a.started < b.created and b.created < a.finished",
+    )
     assert overlaps[0][0] >= 1
 
 
 def test_agents_command_shows_device_backend_target_key_remote_and_status(
-        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     from tuneqn.controller.cli import main
 
     def tvm_like(devices: list[pb.Device]) -> list[pb.Device]:
-        return [with_fields(d, backend="tvm", target='{"kind": "llvm"}', rpc_key="pixel",
-                            remote="tracker 127.0.0.1:9190", remote_servers=2, healthy=False,
-                            status="waiting for a free device") for d in devices]
+        return [
+            with_fields(
+                d,
+                backend="tvm",
+                target='{"kind": "llvm"}',
+                rpc_key="pixel",
+                remote="tracker 127.0.0.1:9190",
+                remote_servers=2,
+                healthy=False,
+                status="waiting for a free device",
+            )
+            for d in devices
+        ]
 
     with local_agent(tmp_path, "phone", "phone", "0") as agent, DeviceProxy(agent.address, tvm_like) as proxy:
         rc = main(["agents", "--agent", proxy.address])
@@ -257,7 +361,8 @@ def test_agents_command_shows_device_backend_target_key_remote_and_status(
 @pytest.mark.heavy
 @pytest.mark.parametrize("strategy", ["budget", "greedy", "target"])
 def test_a_class_whose_fp32_reference_failed_for_good_does_not_stall_a_search(
-        tmp_path: Path, assets: Path, strategy: str) -> None:
+    tmp_path: Path, assets: Path, strategy: str
+) -> None:
     """The FP32 job of one class ends failed (the agent refuses it): its candidates can never get an agreement
     there, so the searches treat that class as failed for them and the study ends instead of waiting."""
     import grpc
@@ -267,18 +372,21 @@ def test_a_class_whose_fp32_reference_failed_for_good_does_not_stall_a_search(
 
     search: dict[str, Any] = {"strategy": strategy, "ranking": "paper"}
     search.update({"budget": {"budget": 3}, "target": {"max_loss": 0.05}}.get(strategy, {}))
-    study = write_study(tmp_path, model=assets / "cnn.onnx", images=assets / "images", evaluation=FAST,
-                        search=search)
+    study = write_study(tmp_path, model=assets / "cnn.onnx", images=assets / "images", evaluation=FAST, search=search)
     prepared = Study(load_config(study))
     try:
         prepared.prepare()
         fp32 = next(iter(prepared.models.values())).sha256
     finally:
         prepared.close()
-    with local_agent(tmp_path, "cpu", "cpu", "0") as cpu, local_agent(tmp_path, "phone", "phone", "0") as phone, \
-            DeviceProxy(phone.address) as proxy:
-        proxy.refuse_submit = lambda spec: ((grpc.StatusCode.INVALID_ARGUMENT, "refused by the test")
-                                            if spec.model_sha256 == fp32 else None)
+    with (
+        local_agent(tmp_path, "cpu", "cpu", "0") as cpu,
+        local_agent(tmp_path, "phone", "phone", "0") as phone,
+        DeviceProxy(phone.address) as proxy,
+    ):
+        proxy.refuse_submit = lambda spec: (
+            (grpc.StatusCode.INVALID_ARGUMENT, "refused by the test") if spec.model_sha256 == fp32 else None
+        )
         outcome = run_bounded(120, study, [Endpoint(address=cpu.address), Endpoint(address=proxy.address)])
     assert outcome.failed == 1 and outcome.done >= 3  # FP32 on the phone only; the cpu's search ran
     searches = {s["name"]: s for s in json.loads((tmp_path / "out" / "report.json").read_text())["searches"]}

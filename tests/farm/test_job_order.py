@@ -61,15 +61,23 @@ def test_the_priority_is_not_part_of_a_jobs_identity(tmp_path: Path) -> None:
 
 def _twin(tmp: Path, cid: str, priority: tuple[int, ...], sha: str = "a" * 64) -> JobPlan:
     """The full job of a candidate whose file has sha256 ``sha`` (twins: the same file, two candidates)."""
-    plan = make_job(cid, CLASS, tmp / f"{cid}.onnx", sha, tmp / "eval.npy", "e" * 64, "x", {}, FarmSettings(),
-                    tuning_group="t")
+    plan = make_job(
+        cid, CLASS, tmp / f"{cid}.onnx", sha, tmp / "eval.npy", "e" * 64, "x", {}, FarmSettings(), tuning_group="t"
+    )
     return dataclasses.replace(plan, priority=priority)
 
 
 def _result(plan: JobPlan) -> pb.JobResult:
-    return pb.JobResult(job_id=plan.id, state=pb.SUCCEEDED, num_samples=2, top_k=1,
-                        topk_indices=np.array([[3], [4]], dtype="<i4").tobytes(), model_size_bytes=100,
-                        finished_at=time.time(), started_at=time.time() - 0.5)
+    return pb.JobResult(
+        job_id=plan.id,
+        state=pb.SUCCEEDED,
+        num_samples=2,
+        top_k=1,
+        topk_indices=np.array([[3], [4]], dtype="<i4").tobytes(),
+        model_size_bytes=100,
+        finished_at=time.time(),
+        started_at=time.time() - 0.5,
+    )
 
 
 def test_a_file_asked_for_twice_is_measured_once(tmp_path: Path) -> None:

@@ -24,8 +24,15 @@ from tuneqn.controller.farm.local import LocalAgent
 from tuneqn.v1 import agent_pb2 as pb
 from tuneqn.v1.contract import MIN_AGENT_REVISION
 
-FAST = {"latency_repeats": 2, "latency_warmup": 1, "heartbeat_s": 0.5, "silent_after_s": 3.0,
-        "unreachable_grace_s": 1.0, "lease_timeout_s": 10.0, "device_wait_s": 30.0}
+FAST = {
+    "latency_repeats": 2,
+    "latency_warmup": 1,
+    "heartbeat_s": 0.5,
+    "silent_after_s": 3.0,
+    "unreachable_grace_s": 1.0,
+    "lease_timeout_s": 10.0,
+    "device_wait_s": 30.0,
+}
 
 
 def _write_lab(path: Path, agents: list[dict[str, Any]]) -> Path:
@@ -38,10 +45,21 @@ def _write_lab(path: Path, agents: list[dict[str, Any]]) -> Path:
 
 
 def test_lab_paths_resolve_against_the_lab_files_folder(tmp_path: Path) -> None:
-    lab = _write_lab(tmp_path / "lab" / "lab.toml", [
-        {"name": "cpu-1", "address": "cpu-host:50051", "device_class": "x86", "token_file": "token",
-         "tls_ca": "certs/ca.pem", "tls_cert": "certs/controller.pem", "tls_key": "/abs/controller.key"},
-        {"address": "phone-host:50051"}])
+    lab = _write_lab(
+        tmp_path / "lab" / "lab.toml",
+        [
+            {
+                "name": "cpu-1",
+                "address": "cpu-host:50051",
+                "device_class": "x86",
+                "token_file": "token",
+                "tls_ca": "certs/ca.pem",
+                "tls_cert": "certs/controller.pem",
+                "tls_key": "/abs/controller.key",
+            },
+            {"address": "phone-host:50051"},
+        ],
+    )
     cpu, phone = load_lab(lab)
     assert (cpu.name, cpu.address, cpu.device_class) == ("cpu-1", "cpu-host:50051", "x86")
     assert cpu.token_file == tmp_path / "lab" / "token" and cpu.tls_ca == tmp_path / "lab" / "certs" / "ca.pem"
@@ -49,17 +67,23 @@ def test_lab_paths_resolve_against_the_lab_files_folder(tmp_path: Path) -> None:
     assert (phone.name, phone.token_file, phone.tls_ca) == (None, None, None)
 
 
-@pytest.mark.parametrize(("content", "parts"), [
-    (None, ("--lab", "lab file not found")),
-    ("[[agents]\n", ("not valid TOML",)),
-    ("agents = []\n", ("agents", "at least 1")),
-    ('[[agents]]\nadress = "h:1"\n', ("agents[0].adress", "unknown key")),
-    ('[[agents]]\nname = "x"\n', ("agents[0].address", "missing")),
-    ('[[agents]]\naddress = "h:1"\n[[agents]]\naddress = "h:1"\n',
-     ("agents[1].address: h:1 is listed twice (agents[0])",)),
-])
-def test_bad_lab_file_is_one_line_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str], content: str | None,
-                                         parts: tuple[str, ...]) -> None:
+@pytest.mark.parametrize(
+    ("content", "parts"),
+    [
+        (None, ("--lab", "lab file not found")),
+        ("[[agents]\n", ("not valid TOML",)),
+        ("agents = []\n", ("agents", "at least 1")),
+        ('[[agents]]\nadress = "h:1"\n', ("agents[0].adress", "unknown key")),
+        ('[[agents]]\nname = "x"\n', ("agents[0].address", "missing")),
+        (
+            '[[agents]]\naddress = "h:1"\n[[agents]]\naddress = "h:1"\n',
+            ("agents[1].address: h:1 is listed twice (agents[0])",),
+        ),
+    ],
+)
+def test_bad_lab_file_is_one_line_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], content: str | None, parts: tuple[str, ...]
+) -> None:
     lab = tmp_path / "lab.toml"
     if content is not None:
         lab.write_text(content)
@@ -109,11 +133,16 @@ def test_which_agents_a_command_uses(tmp_path: Path, monkeypatch: pytest.MonkeyP
 def test_agents_shows_each_agent_of_the_lab(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """Reachable or not, contract, devices, queue, blob cache use, job counts, last error (table and JSON)."""
     down = f"127.0.0.1:{free_port()}"
-    with LocalAgent(tmp_path / "agent", device_name="cpu-1",
-                    extra_args=["--device-class", "x86", "--simulated-latency-ms", "0"]) as agent:
-        lab = _write_lab(tmp_path / "lab.toml", [
-            {"name": "cpu-host", "address": agent.address, "device_class": "x86"},
-            {"name": "pixel", "address": down, "device_class": "pixel7"}])
+    with LocalAgent(
+        tmp_path / "agent", device_name="cpu-1", extra_args=["--device-class", "x86", "--simulated-latency-ms", "0"]
+    ) as agent:
+        lab = _write_lab(
+            tmp_path / "lab.toml",
+            [
+                {"name": "cpu-host", "address": agent.address, "device_class": "x86"},
+                {"name": "pixel", "address": down, "device_class": "pixel7"},
+            ],
+        )
         rc = main(["agents", "--lab", str(lab), "--json", "--timeout", "3"])
         data = json.loads(capsys.readouterr().out)
         rc_table = main(["agents", "--lab", str(lab), "--timeout", "3"])
@@ -123,25 +152,37 @@ def test_agents_shows_each_agent_of_the_lab(tmp_path: Path, capsys: pytest.Captu
     up, gone = data["agents"]
     assert (up["name"], up["reachable"], up["serving"], up["problem"]) == ("cpu-host", True, True, "")
     assert up["contract_ok"] and up["contract"].startswith("tuneqn.v1 r")
-    assert [(d["name"], d["device_class"], d["backend"], d["healthy"]) for d in up["devices"]] == \
-        [("cpu-1", "x86", "ort", True)]
+    assert [(d["name"], d["device_class"], d["backend"], d["healthy"]) for d in up["devices"]] == [
+        ("cpu-1", "x86", "ort", True)
+    ]
     assert up["queue_length"] == 0 and up["caches"][0]["name"] == "blobs" and up["caches"][0]["limit_bytes"] > 0
     assert up["jobs_by_state"] == {} and up["last_failure"] is None
     assert (gone["name"], gone["reachable"], gone["declared_class"]) == ("pixel", False, "pixel7")
     assert gone["problem"].startswith("unreachable")
-    for text in ("cpu-host", "serving", "cpu-1", "x86", "ort", "blobs", "pixel", "UNREACHABLE", "pixel7 (lab)",
-                 "1 of 2 agents unreachable", "docs/lab.md"):
+    for text in (
+        "cpu-host",
+        "serving",
+        "cpu-1",
+        "x86",
+        "ort",
+        "blobs",
+        "pixel",
+        "UNREACHABLE",
+        "pixel7 (lab)",
+        "1 of 2 agents unreachable",
+        "docs/lab.md",
+    ):
         assert text in table, text
 
 
-def test_agents_tells_an_older_agent_from_an_unusable_one(tmp_path: Path,
-                                                          capsys: pytest.CaptureFixture[str]) -> None:
+def test_agents_tells_an_older_agent_from_an_unusable_one(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     def revision(n: int) -> Any:
         def rewrite(info: pb.AgentInfo) -> pb.AgentInfo:
             info.contract_revision = n
             for name in ("caches", "jobs_by_state"):
                 info.ClearField(name)
             return info
+
         return rewrite
 
     with LocalAgent(tmp_path / "agent", device_name="old") as agent, DeviceProxy(agent.address) as proxy:
@@ -158,20 +199,45 @@ def test_agents_tells_an_older_agent_from_an_unusable_one(tmp_path: Path,
 
 
 @pytest.mark.heavy
-def test_a_study_and_agents_share_one_lab_file_over_mtls(tmp_path: Path, assets: Path,
-                                                           capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_study_and_agents_share_one_lab_file_over_mtls(
+    tmp_path: Path, assets: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """The lab file (relative TLS and token paths) carries a whole study; `tuneqn agents` then shows its jobs."""
     labdir = tmp_path / "lab"
     assert main(["certs", str(labdir / "certs")]) == 0
     (labdir / "token").write_text("s3cret-lab-token\n")
     capsys.readouterr()
     pki = labdir / "certs"
-    with LocalAgent(tmp_path / "agent", device_name="cpu-1", extra_args=[
-            "--device-class", "x86", "--token-file", str(labdir / "token"), "--tls-cert", str(pki / "agent.pem"),
-            "--tls-key", str(pki / "agent.key"), "--tls-ca", str(pki / "ca.pem")]) as agent:
-        lab = _write_lab(labdir / "lab.toml", [
-            {"name": "cpu-host", "address": agent.address, "device_class": "x86", "token_file": "token",
-             "tls_ca": "certs/ca.pem", "tls_cert": "certs/controller.pem", "tls_key": "certs/controller.key"}])
+    with LocalAgent(
+        tmp_path / "agent",
+        device_name="cpu-1",
+        extra_args=[
+            "--device-class",
+            "x86",
+            "--token-file",
+            str(labdir / "token"),
+            "--tls-cert",
+            str(pki / "agent.pem"),
+            "--tls-key",
+            str(pki / "agent.key"),
+            "--tls-ca",
+            str(pki / "ca.pem"),
+        ],
+    ) as agent:
+        lab = _write_lab(
+            labdir / "lab.toml",
+            [
+                {
+                    "name": "cpu-host",
+                    "address": agent.address,
+                    "device_class": "x86",
+                    "token_file": "token",
+                    "tls_ca": "certs/ca.pem",
+                    "tls_cert": "certs/controller.pem",
+                    "tls_key": "certs/controller.key",
+                }
+            ],
+        )
         study = write_study(tmp_path, model=assets / "cnn.onnx", images=assets / "images", evaluation=FAST)
         assert main(["tune", str(study), "--lab", str(lab)]) == 0
         assert f"agents: 1 from lab file {lab}" in capsys.readouterr().out
@@ -188,13 +254,18 @@ def test_a_study_and_agents_share_one_lab_file_over_mtls(tmp_path: Path, assets:
 
 
 @pytest.mark.heavy
-def test_a_study_measures_only_on_the_device_classes_it_names(tmp_path: Path, assets: Path,
-                                                              capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_study_measures_only_on_the_device_classes_it_names(
+    tmp_path: Path, assets: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """One lab, many studies: --device-class picks the lab's devices; a class nobody serves is exit 2 at once."""
-    with LocalAgent(tmp_path / "a", device_name="cpu-1", extra_args=["--device-class", "x86"]) as x86, \
-            LocalAgent(tmp_path / "b", device_name="arm-1", extra_args=["--device-class", "arm"]) as arm:
-        lab = _write_lab(tmp_path / "lab.toml", [{"address": x86.address, "device_class": "x86"},
-                                                 {"address": arm.address, "device_class": "arm"}])
+    with (
+        LocalAgent(tmp_path / "a", device_name="cpu-1", extra_args=["--device-class", "x86"]) as x86,
+        LocalAgent(tmp_path / "b", device_name="arm-1", extra_args=["--device-class", "arm"]) as arm,
+    ):
+        lab = _write_lab(
+            tmp_path / "lab.toml",
+            [{"address": x86.address, "device_class": "x86"}, {"address": arm.address, "device_class": "arm"}],
+        )
         study = write_study(tmp_path, model=assets / "cnn.onnx", images=assets / "images", evaluation=FAST)
         rc = main(["tune", str(study), "--lab", str(lab), "--device-class", "amr"])
         one_line_error(rc, capsys.readouterr().err, "--device-class", "amr", "its classes: arm, x86")
@@ -216,7 +287,7 @@ def test_the_loopback_walkthrough_of_docs_lab_md_matches_examples_lab() -> None:
     root = Path(__file__).resolve().parents[2]
     agents = load_lab(root / "examples" / "lab" / "lab.toml")
     doc = (root / "docs" / "lab.md").read_text()
-    walk = doc[doc.index("## Try it on loopback"):]
+    walk = doc[doc.index("## Try it on loopback") :]
     started = dict(re.findall(r"tuneqn-agent --listen (\S+) .*?--device-class (\S+)", walk, flags=re.S))
     assert {a.address: a.device_class for a in agents} == started
     assert {a.tls_cert.name for a in agents} == {"controller.pem"} and "tuneqn certs certs" in walk
@@ -225,26 +296,43 @@ def test_the_loopback_walkthrough_of_docs_lab_md_matches_examples_lab() -> None:
 
 
 @pytest.mark.heavy
-def test_agents_names_the_likely_fix_when_tls_or_the_token_is_wrong(tmp_path: Path,
-                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+def test_agents_names_the_likely_fix_when_tls_or_the_token_is_wrong(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert main(["certs", str(tmp_path / "pki")]) == 0
     assert main(["certs", str(tmp_path / "other")]) == 0
     (tmp_path / "token").write_text("right\n")
     (tmp_path / "wrong").write_text("wrong\n")
     capsys.readouterr()
     pki, other = tmp_path / "pki", tmp_path / "other"
-    mtls_args = ["--tls-cert", str(pki / "agent.pem"), "--tls-key", str(pki / "agent.key"), "--tls-ca",
-                 str(pki / "ca.pem")]
-    with LocalAgent(tmp_path / "mtls", device_name="m", extra_args=mtls_args) as mtls, \
-            LocalAgent(tmp_path / "mtls2", device_name="m2", extra_args=mtls_args) as mtls2, \
-            LocalAgent(tmp_path / "tok", device_name="t", extra_args=["--token-file", str(tmp_path / "token")]) as tok:
+    mtls_args = [
+        "--tls-cert",
+        str(pki / "agent.pem"),
+        "--tls-key",
+        str(pki / "agent.key"),
+        "--tls-ca",
+        str(pki / "ca.pem"),
+    ]
+    with (
+        LocalAgent(tmp_path / "mtls", device_name="m", extra_args=mtls_args) as mtls,
+        LocalAgent(tmp_path / "mtls2", device_name="m2", extra_args=mtls_args) as mtls2,
+        LocalAgent(tmp_path / "tok", device_name="t", extra_args=["--token-file", str(tmp_path / "token")]) as tok,
+    ):
         port = mtls.address.rpartition(":")[2]
         cases = {
-            "no client certificate": ({"address": mtls.address, "tls_ca": str(pki / "ca.pem")},
-                                      "wants a client certificate"),
-            "another lab's CA": ({"address": f"localhost:{port}", "tls_ca": str(other / "ca.pem"),
-                                  "tls_cert": str(pki / "controller.pem"), "tls_key": str(pki / "controller.key")},
-                                 "TLS handshake failed"),
+            "no client certificate": (
+                {"address": mtls.address, "tls_ca": str(pki / "ca.pem")},
+                "wants a client certificate",
+            ),
+            "another lab's CA": (
+                {
+                    "address": f"localhost:{port}",
+                    "tls_ca": str(other / "ca.pem"),
+                    "tls_cert": str(pki / "controller.pem"),
+                    "tls_key": str(pki / "controller.key"),
+                },
+                "TLS handshake failed",
+            ),
             "plaintext to TLS": ({"address": mtls2.address}, "if it serves TLS, give tls_ca"),
             "wrong token": ({"address": tok.address, "token_file": str(tmp_path / "wrong")}, "check token_file"),
         }

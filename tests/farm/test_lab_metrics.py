@@ -46,12 +46,12 @@ def scrape(port: int) -> dict[str, list[tuple[dict[str, str], float]]]:
 
 @pytest.mark.heavy
 def test_metrics_after_a_study_match_the_jobs_it_reports_done(tmp_path: Path, assets: Path) -> None:
-    agent = LocalAgent(tmp_path / "agent", device_name="cpu-1",
-                       extra_args=["--metrics-listen", "127.0.0.1:0", "--device-class", "lab"])
+    agent = LocalAgent(
+        tmp_path / "agent", device_name="cpu-1", extra_args=["--metrics-listen", "127.0.0.1:0", "--device-class", "lab"]
+    )
     with agent:
         port = metrics_port(agent.state_dir / "agent.log")
-        study_toml = write_study(tmp_path, model=assets / "cnn.onnx", images=assets / "images",
-                                 evaluation=FAST)
+        study_toml = write_study(tmp_path, model=assets / "cnn.onnx", images=assets / "images", evaluation=FAST)
         cfg = load_config(study_toml)
         study = Study(cfg, fresh=False)
         try:
@@ -62,13 +62,12 @@ def test_metrics_after_a_study_match_the_jobs_it_reports_done(tmp_path: Path, as
         assert outcome.failed == 0 and outcome.done == outcome.total > 0
 
         samples = scrape(port)
-    succeeded = [v for labels, v in samples["tuneqn_agent_jobs_finished_total"]
-                 if labels["state"] == "SUCCEEDED"]
+    succeeded = [v for labels, v in samples["tuneqn_agent_jobs_finished_total"] if labels["state"] == "SUCCEEDED"]
     assert sum(succeeded) == outcome.done
-    assert not [v for labels, v in samples["tuneqn_agent_jobs_finished_total"]
-                if labels["state"] != "SUCCEEDED" and v]
-    durations = [v for labels, v in samples["tuneqn_agent_job_duration_seconds_count"]
-                 if labels["state"] == "SUCCEEDED"]
+    assert not [v for labels, v in samples["tuneqn_agent_jobs_finished_total"] if labels["state"] != "SUCCEEDED" and v]
+    durations = [
+        v for labels, v in samples["tuneqn_agent_job_duration_seconds_count"] if labels["state"] == "SUCCEEDED"
+    ]
     assert sum(durations) == outcome.done
     assert [v for _, v in samples["tuneqn_agent_queue_length"]] == [0]
     assert samples["tuneqn_agent_blob_cache_bytes"][0][1] > 0

@@ -40,18 +40,39 @@ def _rows(db: Path, sql: str, args: tuple[object, ...] = ()) -> list[tuple[objec
 
 def _start_agents(tmp: Path, latency_ms: int = 40) -> list[LocalAgent]:
     """Two agents of one class; ``latency_ms`` per sample keeps jobs in flight long enough to be caught."""
-    agents = [LocalAgent(tmp / f"agent-{n}", device_name=n,
-                         extra_args=["--device-class", "lab", "--simulated-latency-ms", str(latency_ms)])
-              for n in "ab"]
+    agents = [
+        LocalAgent(
+            tmp / f"agent-{n}",
+            device_name=n,
+            extra_args=["--device-class", "lab", "--simulated-latency-ms", str(latency_ms)],
+        )
+        for n in "ab"
+    ]
     for a in agents:
         a.start()
     return agents
 
 
 def _tune(tmp: Path, assets: Path, agents: list[LocalAgent], *extra: str) -> list[str]:
-    cmd = [sys.executable, "-m", "tuneqn.controller", "tune", "--model", str(assets / "wide.onnx"), "--images",
-           str(assets / "images"), "--eval", "16", "--calibration", "12", "--analysis", "6", "--out",
-           str(tmp / "out"), *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "tuneqn.controller",
+        "tune",
+        "--model",
+        str(assets / "wide.onnx"),
+        "--images",
+        str(assets / "images"),
+        "--eval",
+        "16",
+        "--calibration",
+        "12",
+        "--analysis",
+        "6",
+        "--out",
+        str(tmp / "out"),
+        *extra,
+    ]
     for a in agents:
         cmd += ["--agent", a.address]
     return cmd
@@ -96,16 +117,18 @@ def test_a_study_killed_with_jobs_on_both_agents_resumes_and_collects_them(tmp_p
             agent = by_name[holder.split("#")[0]]
             assert executions(agent.state_dir, job_id) == 1
         assert _rows(db, "select count(*) from jobs where state != 'done'") == [(0,)]
-        dup = _rows(db, "select candidate_id, device, level, count(*) from results group by 1, 2, 3 "
-                        "having count(*) > 1")
+        dup = _rows(
+            db, "select candidate_id, device, level, count(*) from results group by 1, 2, 3 having count(*) > 1"
+        )
         assert dup == []
     finally:
         for a in agents:
             a.stop()
 
 
-def test_jobs_of_a_killed_run_that_the_rerun_does_not_ask_for_do_not_stay_submitted(tmp_path: Path,
-                                                                                       assets: Path) -> None:
+def test_jobs_of_a_killed_run_that_the_rerun_does_not_ask_for_do_not_stay_submitted(
+    tmp_path: Path, assets: Path
+) -> None:
     """A rerun asks for other work (here: one recipe instead of the automatic ones): the jobs the killed run had in
     flight have no holder any more. Once their lease runs out they are pending again in the store (before, they
     stayed ``submitted`` with a dead lease, for ever: nothing reported or retried them)."""
@@ -116,14 +139,23 @@ def test_jobs_of_a_killed_run_that_the_rerun_does_not_ask_for_do_not_stay_submit
         cmd = _tune(tmp_path, assets, agents, *lease)
         # Jobs of the automatic recipes other than per-tensor (their fully quantized models and best cases,
         # which the gate evaluates first), one on each agent.
-        flying = _kill_when_both_busy(cmd, db, min_results=1, where="and candidate_id not like '%:per-tensor:%' "
-                                      "and candidate_id not like '%:fp32'")
-        recipe = {j: str(_rows(db, "select candidate_id from jobs where id = ?", (j,))[0][0]).split(":")[1]
-                  for j, _ in flying}
+        flying = _kill_when_both_busy(
+            cmd,
+            db,
+            min_results=1,
+            where="and candidate_id not like '%:per-tensor:%' and candidate_id not like '%:fp32'",
+        )
+        recipe = {
+            j: str(_rows(db, "select candidate_id from jobs where id = ?", (j,))[0][0]).split(":")[1] for j, _ in flying
+        }
         orphans = [j for j, r in recipe.items() if r != "per-tensor"]
         assert orphans
-        rerun = subprocess.run(_tune(tmp_path, assets, agents, *lease, "--recipe", "per-tensor"), capture_output=True,
-                               text=True, timeout=RERUN_TIMEOUT)
+        rerun = subprocess.run(
+            _tune(tmp_path, assets, agents, *lease, "--recipe", "per-tensor"),
+            capture_output=True,
+            text=True,
+            timeout=RERUN_TIMEOUT,
+        )
         assert rerun.returncode == 0, rerun.stdout[-2000:] + rerun.stderr[-2000:]
         now = time.time()
         stale = _rows(db, "select id from jobs where state = 'submitted' and lease_until < ?", (now,))

@@ -34,8 +34,16 @@ STRATEGIES = {
     "target": {"strategy": "target", "ranking": "measured", "max_loss": 0.0, "screen_samples": 8},
 }
 #: Timing for the tests; ``device_wait_s`` stays long unless a case is about a class that vanished.
-FAST = {"latency_repeats": 2, "latency_warmup": 1, "heartbeat_s": 0.5, "silent_after_s": 3.0,
-        "unreachable_grace_s": 0.5, "lease_timeout_s": 10.0, "device_wait_s": 600.0, "max_attempts": 1}
+FAST = {
+    "latency_repeats": 2,
+    "latency_warmup": 1,
+    "heartbeat_s": 0.5,
+    "silent_after_s": 3.0,
+    "unreachable_grace_s": 0.5,
+    "lease_timeout_s": 10.0,
+    "device_wait_s": 600.0,
+    "max_attempts": 1,
+}
 LIMIT_S = 90.0  # a run that has not ended by then hangs
 
 
@@ -57,10 +65,17 @@ def _failure_line(err: str) -> str:
     return lines[0]
 
 
-def _study(tmp: Path, model: Path, images: Path, strategy: str, recipes: list[dict[str, Any]] | None = None,
-           **evaluation: Any) -> Path:
-    return write_study(tmp, model=model, images=images, evaluation={**FAST, **evaluation},
-                       search=STRATEGIES[strategy], quantization={"recipes": recipes or [{"name": "static"}]})
+def _study(
+    tmp: Path, model: Path, images: Path, strategy: str, recipes: list[dict[str, Any]] | None = None, **evaluation: Any
+) -> Path:
+    return write_study(
+        tmp,
+        model=model,
+        images=images,
+        evaluation={**FAST, **evaluation},
+        search=STRATEGIES[strategy],
+        quantization={"recipes": recipes or [{"name": "static"}]},
+    )
 
 
 @pytest.mark.heavy
@@ -89,9 +104,14 @@ def _tvm_phone(tvm_agent: Any, state: Path) -> str:
 
 
 @pytest.mark.parametrize("strategy", list(STRATEGIES))
-def test_fp32_refused_for_good_on_the_only_class(tmp_path: Path, assets: Path, strategy: str, tvm_state: Path,
-                                                 request: pytest.FixtureRequest,
-                                                 capsys: pytest.CaptureFixture[str]) -> None:
+def test_fp32_refused_for_good_on_the_only_class(
+    tmp_path: Path,
+    assets: Path,
+    strategy: str,
+    tvm_state: Path,
+    request: pytest.FixtureRequest,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     """The only class (TVM) cannot import the model's Celu: FP32 is infeasible there, nothing to compare with."""
     pytest.importorskip("tvm")
     tvm_agent = request.getfixturevalue("tvm_agent")
@@ -105,16 +125,27 @@ def test_fp32_refused_for_good_on_the_only_class(tmp_path: Path, assets: Path, s
 
 @pytest.mark.heavy
 @pytest.mark.parametrize("strategy", list(STRATEGIES))
-def test_fully_quantized_infeasible_everywhere(tmp_path: Path, assets: Path, strategy: str, tvm_state: Path,
-                                              request: pytest.FixtureRequest,
-                                              capsys: pytest.CaptureFixture[str]) -> None:
+def test_fully_quantized_infeasible_everywhere(
+    tmp_path: Path,
+    assets: Path,
+    strategy: str,
+    tvm_state: Path,
+    request: pytest.FixtureRequest,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     """feasibility = "report": the QOperator recipe's fully quantized model (QLinearConv) is infeasible on the
     only class; FP32 runs there. Nothing to search from."""
     pytest.importorskip("tvm")
     tvm_agent = request.getfixturevalue("tvm_agent")
     address = _tvm_phone(tvm_agent, tvm_state)
-    study = _study(tmp_path, assets / "cnn.onnx", assets / "images", strategy,
-                   recipes=[{"name": "qop", "format": "qoperator"}], feasibility="report")
+    study = _study(
+        tmp_path,
+        assets / "cnn.onnx",
+        assets / "images",
+        strategy,
+        recipes=[{"name": "qop", "format": "qoperator"}],
+        feasibility="report",
+    )
     rc, err = _tune_bounded(["tune", str(study), "--agent", address], capsys, limit=150)
     line = _failure_line(err)
     assert rc == 1 and "device class phone" in line and "fully quantized model of qop" in line, line
@@ -134,12 +165,14 @@ def _state(db: Path, sql: str, args: list[Any]) -> int:
 
 @pytest.mark.heavy
 @pytest.mark.parametrize("strategy", list(STRATEGIES))
-def test_the_only_class_dies_mid_ranking(tmp_path: Path, assets: Path, strategy: str,
-                                         capsys: pytest.CaptureFixture[str]) -> None:
+def test_the_only_class_dies_mid_ranking(
+    tmp_path: Path, assets: Path, strategy: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     """The only agent is SIGKILLed while its first jobs run: after device_wait_s its jobs end unreachable and
     the searches, which wait for the FP32 and fully quantized results, end too."""
-    agent = LocalAgent(tmp_path / "agent", device_name="cpu0",
-                       extra_args=["--device-class", "cpu", "--simulated-latency-ms", "300"])
+    agent = LocalAgent(
+        tmp_path / "agent", device_name="cpu0", extra_args=["--device-class", "cpu", "--simulated-latency-ms", "300"]
+    )
     study = _study(tmp_path, assets / "cnn.onnx", assets / "images", strategy, device_wait_s=2.0)
     db = tmp_path / "out" / "tuneqn.db"
     killed: list[int] = []
@@ -168,8 +201,22 @@ def test_quick_form_with_a_wrong_address_says_what_it_waits_for_and_ends(tmp_pat
     status lines while it waits (output is not a terminal: one line per change, on stdout with the log), then
     exit 1 and one line on stderr."""
     dead = f"127.0.0.1:{free_port()}"
-    cmd = [sys.executable, "-m", "tuneqn.controller", "tune", "--model", str(assets / "cnn.onnx"), "--images",
-           str(assets / "images"), "--out", str(tmp_path / "out"), "--agent", dead, "--connect-timeout", "3"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "tuneqn.controller",
+        "tune",
+        "--model",
+        str(assets / "cnn.onnx"),
+        "--images",
+        str(assets / "images"),
+        "--out",
+        str(tmp_path / "out"),
+        "--agent",
+        dead,
+        "--connect-timeout",
+        "3",
+    ]
     started = time.monotonic()
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=90)

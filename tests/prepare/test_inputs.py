@@ -28,16 +28,18 @@ def test_corrupt_model(tmp_path: Path, assets: Path, capsys: pytest.CaptureFixtu
     data = (assets / "cnn.onnx").read_bytes()
     bad = tmp_path / "truncated.onnx"
     bad.write_bytes(data[: len(data) // 2])
-    rc, err = _run(capsys, "analyze", "--model", str(bad), "--images", str(assets / "images"),
-                   "--out", str(tmp_path / "o"))
+    rc, err = _run(
+        capsys, "analyze", "--model", str(bad), "--images", str(assets / "images"), "--out", str(tmp_path / "o")
+    )
     one_line_error(rc, err, "truncated.onnx", "not a valid ONNX model")
 
 
 def test_non_onnx_file(tmp_path: Path, assets: Path, capsys: pytest.CaptureFixture[str]) -> None:
     bad = tmp_path / "photo.onnx"
     bad.write_bytes((assets / "images" / "img_000.png").read_bytes())
-    rc, err = _run(capsys, "analyze", "--model", str(bad), "--images", str(assets / "images"),
-                   "--out", str(tmp_path / "o"))
+    rc, err = _run(
+        capsys, "analyze", "--model", str(bad), "--images", str(assets / "images"), "--out", str(tmp_path / "o")
+    )
     one_line_error(rc, err, "photo.onnx")
 
 
@@ -60,14 +62,26 @@ def test_wrong_type_names_key_path(tmp_path: Path, assets: Path, capsys: pytest.
 
 def test_empty_image_folder(tmp_path: Path, assets: Path, capsys: pytest.CaptureFixture[str]) -> None:
     (tmp_path / "empty").mkdir()
-    rc, err = _run(capsys, "analyze", "--model", str(assets / "cnn.onnx"), "--images", str(tmp_path / "empty"),
-                   "--out", str(tmp_path / "o"))
+    rc, err = _run(
+        capsys,
+        "analyze",
+        "--model",
+        str(assets / "cnn.onnx"),
+        "--images",
+        str(tmp_path / "empty"),
+        "--out",
+        str(tmp_path / "o"),
+    )
     one_line_error(rc, err, "dataset.images", "no images")
 
 
 def test_unknown_layer_in_exclusion_set(tmp_path: Path, assets: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    study = write_study(tmp_path, model=assets / "cnn.onnx", images=assets / "images",
-                        search={"exclusion_sets": [{"name": "x", "layers": ["conv1", "nope"]}]})
+    study = write_study(
+        tmp_path,
+        model=assets / "cnn.onnx",
+        images=assets / "images",
+        search={"exclusion_sets": [{"name": "x", "layers": ["conv1", "nope"]}]},
+    )
     rc, err = _run(capsys, "analyze", str(study))
     one_line_error(rc, err, "search.exclusion_sets[0].layers", "'nope'")
 
@@ -85,8 +99,15 @@ def test_hub_name_not_cached(tmp_path: Path, assets: Path, capsys: pytest.Captur
 def _populate_hub(cache: Path, model: Path, name: str, with_file: bool = True) -> None:
     sha = hashlib.sha256(model.read_bytes()).hexdigest()
     rel = "vision/classification/tiny/model/tiny-7.onnx"
-    manifest = [{"model": name, "model_path": rel, "onnx_version": "1.14", "opset_version": 17,
-                 "metadata": {"model_sha": sha, "model_bytes": model.stat().st_size, "tags": ["vision"]}}]
+    manifest = [
+        {
+            "model": name,
+            "model_path": rel,
+            "onnx_version": "1.14",
+            "opset_version": 17,
+            "metadata": {"model_sha": sha, "model_bytes": model.stat().st_size, "tags": ["vision"]},
+        }
+    ]
     cache.mkdir(parents=True, exist_ok=True)
     (cache / "ONNX_HUB_MANIFEST.json").write_text(json.dumps(manifest))
     if with_file:
@@ -120,13 +141,31 @@ def test_old_opset_is_upgraded(tmp_path: Path, assets: Path) -> None:
     from onnx_models import cnn
 
     cnn(tmp_path / "old.onnx", opset=11)
-    rc = main(["analyze", "--model", str(tmp_path / "old.onnx"), "--images", str(assets / "images"),
-               "--out", str(tmp_path / "o"), "--calibration", "8", "--analysis", "4", "--mode", "static"])
+    rc = main(
+        [
+            "analyze",
+            "--model",
+            str(tmp_path / "old.onnx"),
+            "--images",
+            str(assets / "images"),
+            "--out",
+            str(tmp_path / "o"),
+            "--calibration",
+            "8",
+            "--analysis",
+            "4",
+            "--mode",
+            "static",
+        ]
+    )
     assert rc == 0
     import sqlite3
 
-    row = sqlite3.connect(tmp_path / "o" / "tuneqn.db").execute(
-        "select opset_original, opset_used, upgraded, notes from models").fetchone()
+    row = (
+        sqlite3.connect(tmp_path / "o" / "tuneqn.db")
+        .execute("select opset_original, opset_used, upgraded, notes from models")
+        .fetchone()
+    )
     assert row[:3] == (11, 13, 1)
     assert "upgraded opset 11 -> 13" in row[3]
 
@@ -136,17 +175,32 @@ def test_cli_subprocess_has_no_traceback(tmp_path: Path) -> None:
     bad = tmp_path / "x.onnx"
     bad.write_text("not a model")
     (tmp_path / "imgs").mkdir()
-    r = subprocess.run([sys.executable, "-m", "tuneqn.controller", "analyze", "--model", str(bad), "--images",
-                        str(tmp_path / "imgs"), "--out", str(tmp_path / "o")],
-                       capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tuneqn.controller",
+            "analyze",
+            "--model",
+            str(bad),
+            "--images",
+            str(tmp_path / "imgs"),
+            "--out",
+            str(tmp_path / "o"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 2
     assert r.stderr.strip().count("\n") == 0 and "Traceback" not in r.stderr
     assert r.stderr.startswith("tuneqn: error:")
 
 
 def test_seeded_disjoint_samples_and_labels(tmp_path: Path, assets: Path) -> None:
-    spec = DatasetSpec(images=assets / "labelled", eval=10, calibration=8, analysis=3, seed=7,
-                       labels={"regex": r"img_\d+_(\d)\.png"})
+    spec = DatasetSpec(
+        images=assets / "labelled", eval=10, calibration=8, analysis=3, seed=7, labels={"regex": r"img_\d+_(\d)\.png"}
+    )
     a = prepare_data(spec, [1, 3, 16, 16], tmp_path / "a")
     b = prepare_data(spec, [1, 3, 16, 16], tmp_path / "b")
     assert a.eval.items == b.eval.items and a.calibration.items == b.calibration.items
@@ -205,8 +259,9 @@ def test_out_naming_a_file(tmp_path: Path, assets: Path, capsys: pytest.CaptureF
 def test_quick_form_out_naming_a_file(tmp_path: Path, assets: Path, capsys: pytest.CaptureFixture[str]) -> None:
     afile = tmp_path / "taken"
     afile.write_text("keep me")
-    rc, err = _run(capsys, "analyze", "--model", str(assets / "cnn.onnx"), "--images", str(assets / "images"),
-                   "--out", str(afile))
+    rc, err = _run(
+        capsys, "analyze", "--model", str(assets / "cnn.onnx"), "--images", str(assets / "images"), "--out", str(afile)
+    )
     one_line_error(rc, err, str(afile))
     assert afile.read_text() == "keep me"
 
@@ -245,8 +300,12 @@ def test_agents_token_file_missing(tmp_path: Path, capsys: pytest.CaptureFixture
 
 def test_agents_token_file_in_study_missing(tmp_path: Path, assets: Path, capsys: pytest.CaptureFixture[str]) -> None:
     missing = tmp_path / "gone"
-    study = write_study(tmp_path, model=assets / "cnn.onnx", images=assets / "images",
-                        agents=[{"address": "127.0.0.1:1", "token_file": str(missing)}])
+    study = write_study(
+        tmp_path,
+        model=assets / "cnn.onnx",
+        images=assets / "images",
+        agents=[{"address": "127.0.0.1:1", "token_file": str(missing)}],
+    )
     rc, err = _run(capsys, "agents", str(study))
     one_line_error(rc, err, "agents[0].token_file", str(missing))
 
@@ -279,8 +338,25 @@ def test_unreadable_image_is_skipped_and_recorded(tmp_path: Path, capsys: pytest
     images = write_images(tmp_path / "images", 30)
     bad = _damage(images, "img_004.png", "img_017.png")
     # Sizes that draw every image, so both damaged ones are met.
-    rc = main(["analyze", "--model", str(model), "--images", str(images), "--out", str(tmp_path / "o"),
-               "--calibration", "14", "--eval", "16", "--analysis", "4", "--mode", "static"])
+    rc = main(
+        [
+            "analyze",
+            "--model",
+            str(model),
+            "--images",
+            str(images),
+            "--out",
+            str(tmp_path / "o"),
+            "--calibration",
+            "14",
+            "--eval",
+            "16",
+            "--analysis",
+            "4",
+            "--mode",
+            "static",
+        ]
+    )
     assert rc == 0
     con = sqlite3.connect(tmp_path / "o" / "tuneqn.db")
     rows = con.execute("select split, items, skipped from datasets").fetchall()
@@ -319,18 +395,25 @@ def test_no_readable_image_is_refused(tmp_path: Path, capsys: pytest.CaptureFixt
     one_line_error(rc, err, "none of the 3 images", "can be read")
 
 
-@pytest.mark.parametrize(("command", "flag", "value", "needle"), [
-    ("report", "--max-loss", "abc", "not a number: 'abc'"),
-    ("report", "--max-loss", "1.5", "must be a fraction in [0, 1)"),
-    ("report", "--max-size-mb", "-1", "must be positive"),
-    ("export", "--max-latency-ms", "0", "must be positive"),
-    ("tune", "--max-loss", "-0.1", "must be a fraction in [0, 1)"),
-])
-def test_bad_answer_constraint(tmp_path: Path, capsys: pytest.CaptureFixture[str], command: str, flag: str,
-                               value: str, needle: str) -> None:
+@pytest.mark.parametrize(
+    ("command", "flag", "value", "needle"),
+    [
+        ("report", "--max-loss", "abc", "not a number: 'abc'"),
+        ("report", "--max-loss", "1.5", "must be a fraction in [0, 1)"),
+        ("report", "--max-size-mb", "-1", "must be positive"),
+        ("export", "--max-latency-ms", "0", "must be positive"),
+        ("tune", "--max-loss", "-0.1", "must be a fraction in [0, 1)"),
+    ],
+)
+def test_bad_answer_constraint(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], command: str, flag: str, value: str, needle: str
+) -> None:
     """The answer's constraint flags: one line naming the flag, exit 2, nothing written."""
-    args = [str(tmp_path / "study")] if command in ("report", "export") else ["--model", "m.onnx", "--images", "i",
-                                                                              "--out", str(tmp_path / "o")]
+    args = (
+        [str(tmp_path / "study")]
+        if command in ("report", "export")
+        else ["--model", "m.onnx", "--images", "i", "--out", str(tmp_path / "o")]
+    )
     if command == "export":
         args += ["--best", "-o", str(tmp_path / "x.onnx")]
     with pytest.raises(SystemExit) as exc:
@@ -351,26 +434,39 @@ def test_corrupt_study_store(command: list[str], tmp_path: Path, capsys: pytest.
 
 @pytest.mark.parametrize("flag", ["--lease-timeout", "--device-wait"])
 @pytest.mark.parametrize("value", ["-1", "0"])
-def test_tune_waits_must_be_positive(flag: str, value: str, tmp_path: Path, assets: Path,
-                                     capsys: pytest.CaptureFixture[str]) -> None:
+def test_tune_waits_must_be_positive(
+    flag: str, value: str, tmp_path: Path, assets: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     out = tmp_path / "o"
     with pytest.raises(SystemExit) as exc:
-        main(["tune", "--model", str(assets / "cnn.onnx"), "--images", str(assets / "images"), "--out", str(out),
-              f"{flag}={value}"])
+        main(
+            [
+                "tune",
+                "--model",
+                str(assets / "cnn.onnx"),
+                "--images",
+                str(assets / "images"),
+                "--out",
+                str(out),
+                f"{flag}={value}",
+            ]
+        )
     one_line_error(exc.value.code, capsys.readouterr().err.strip(), flag, "must be positive")
     assert not out.exists()
 
 
-def test_tune_quick_form_checks_the_model_before_anything(tmp_path: Path, assets: Path,
-                                                          capsys: pytest.CaptureFixture[str]) -> None:
+def test_tune_quick_form_checks_the_model_before_anything(
+    tmp_path: Path, assets: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     import onnx
     from onnx import TensorProto, helper
 
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, 8, 8])
     bad = tmp_path / "model.onnx"
-    onnx.save(helper.make_model(helper.make_graph([helper.make_node("NoSuchOp", ["x"], ["y"])], "g", [x], [y])),
-              str(bad))
+    onnx.save(
+        helper.make_model(helper.make_graph([helper.make_node("NoSuchOp", ["x"], ["y"])], "g", [x], [y])), str(bad)
+    )
     for model in (bad, tmp_path / "missing.onnx"):
         out = tmp_path / "o"
         rc, err = _run(capsys, "tune", "--model", str(model), "--images", str(assets / "images"), "--out", str(out))
@@ -385,9 +481,11 @@ def test_a_file_the_user_names_fails_in_one_line(tmp_path: Path) -> None:
     plain = tmp_path / "plain.txt"
     plain.write_bytes(b"x")
     assert read_user_file(plain, "lab file", "a lab TOML file", "--lab") == b"x"
-    for path, message in ((tmp_path / "nope.toml", f"--lab: lab file not found: {tmp_path / 'nope.toml'}"),
-                          (tmp_path, f"--lab: {tmp_path} is a folder, expected a lab TOML file"),
-                          (plain / "below", f"--lab: cannot read {plain / 'below'} (Not a directory)")):
+    for path, message in (
+        (tmp_path / "nope.toml", f"--lab: lab file not found: {tmp_path / 'nope.toml'}"),
+        (tmp_path, f"--lab: {tmp_path} is a folder, expected a lab TOML file"),
+        (plain / "below", f"--lab: cannot read {plain / 'below'} (Not a directory)"),
+    ):
         with pytest.raises(UserError) as err:
             read_user_file(path, "lab file", "a lab TOML file", "--lab")
         assert str(err.value) == message

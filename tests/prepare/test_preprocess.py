@@ -68,10 +68,24 @@ def test_matmul_layers_stay_matmul_for_the_dynamic_quantizer(tmp_path: Path) -> 
 
 
 def test_renamed_layers_get_their_names_back() -> None:
-    before = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"], name="mm"),
-                                helper.make_node("Conv", ["y", "k"], ["z"], name="conv")], "g", [], [])
-    after = helper.make_graph([helper.make_node("Gemm", ["x", "w", "b"], ["s"], name="mm/MatMulAddFusion"),
-                               helper.make_node("Conv", ["s", "k"], ["z"], name="Conv_fused_7")], "g", [], [])
+    before = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["x", "w"], ["y"], name="mm"),
+            helper.make_node("Conv", ["y", "k"], ["z"], name="conv"),
+        ],
+        "g",
+        [],
+        [],
+    )
+    after = helper.make_graph(
+        [
+            helper.make_node("Gemm", ["x", "w", "b"], ["s"], name="mm/MatMulAddFusion"),
+            helper.make_node("Conv", ["s", "k"], ["z"], name="Conv_fused_7"),
+        ],
+        "g",
+        [],
+        [],
+    )
     a = helper.make_model(after)
     assert restore_layer_names(helper.make_model(before), a) == 2
     assert [n.name for n in a.graph.node] == ["mm", "conv"]
@@ -81,8 +95,9 @@ def _quantizer_advice(model: Path, tmp: Path, caplog: pytest.LogCaptureFixture) 
     data = np.random.default_rng(0).normal(size=(4, 3, 12, 12)).astype(np.float32)
     caplog.clear()
     with caplog.at_level(logging.WARNING):
-        quantize_static(str(model), str(tmp / "q.onnx"), ArrayReader("input", data, batch=1),
-                        quant_format=QuantFormat.QDQ)
+        quantize_static(
+            str(model), str(tmp / "q.onnx"), ArrayReader("input", data, batch=1), quant_format=QuantFormat.QDQ
+        )
     return [r.getMessage() for r in caplog.records if "pre-processing" in r.getMessage()]
 
 

@@ -47,13 +47,19 @@ def colour_classifier(path: Path, softmax: bool = False, batch: int | str = "N")
     ]
     if softmax:
         nodes.append(helper.make_node("Softmax", ["z"], ["logits"], name="softmax", axis=1))
-    inits = [numpy_helper.from_array(np.eye(3, dtype=np.float32).reshape(3, 3, 1, 1), "conv.W"),
-             numpy_helper.from_array(np.zeros(3, np.float32), "conv.B"),
-             numpy_helper.from_array(rng.normal(0, 0.3, (10, 3)).astype(np.float32), "fc.W"),
-             numpy_helper.from_array(np.zeros(10, np.float32), "fc.B")]
-    graph = helper.make_graph(nodes, "colours",
-                              [helper.make_tensor_value_info("input", TensorProto.FLOAT, [batch, 3, SIZE, SIZE])],
-                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [batch, 10])], inits)
+    inits = [
+        numpy_helper.from_array(np.eye(3, dtype=np.float32).reshape(3, 3, 1, 1), "conv.W"),
+        numpy_helper.from_array(np.zeros(3, np.float32), "conv.B"),
+        numpy_helper.from_array(rng.normal(0, 0.3, (10, 3)).astype(np.float32), "fc.W"),
+        numpy_helper.from_array(np.zeros(10, np.float32), "fc.B"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "colours",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [batch, 3, SIZE, SIZE])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [batch, 10])],
+        inits,
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     onnx.checker.check_model(model)
@@ -80,20 +86,24 @@ def _solid(path: Path, rgb: tuple[int, int, int], size: tuple[int, int] = (40, 3
 PIXEL = np.array([255.0, 0.0, 127.0])
 
 
-@pytest.mark.parametrize(("preset", "expected"), [
-    ("lite", (PIXEL - 127) / 128),
-    ("inception", (PIXEL - 127.5) / 127.5),
-    ("imagenet", (PIXEL / 255 - [0.485, 0.456, 0.406]) / [0.229, 0.224, 0.225]),
-    ("raw", PIXEL),
-    ("unit", PIXEL / 255),
-    (None, PIXEL / 255),  # no preset: what the quick form always fed
-])
+@pytest.mark.parametrize(
+    ("preset", "expected"),
+    [
+        ("lite", (PIXEL - 127) / 128),
+        ("inception", (PIXEL - 127.5) / 127.5),
+        ("imagenet", (PIXEL / 255 - [0.485, 0.456, 0.406]) / [0.229, 0.224, 0.225]),
+        ("raw", PIXEL),
+        ("unit", PIXEL / 255),
+        (None, PIXEL / 255),  # no preset: what the quick form always fed
+    ],
+)
 def test_presets_normalize_pixels(tmp_path: Path, preset: str | None, expected: np.ndarray) -> None:
     img = _solid(tmp_path / "c.png", (255, 0, 127))
     x = preprocess_image(img, PreprocessSpec(preset=preset), (SIZE, SIZE))
     assert x.shape == (3, SIZE, SIZE) and x.dtype == np.float32
-    np.testing.assert_allclose(x, np.broadcast_to(np.asarray(expected, np.float32)[:, None, None], x.shape),
-                               rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(
+        x, np.broadcast_to(np.asarray(expected, np.float32)[:, None, None], x.shape), rtol=1e-6, atol=1e-6
+    )
 
 
 def _stripes(path: Path) -> Path:
@@ -114,8 +124,9 @@ def test_named_presets_resize_the_short_side_and_centre_crop(tmp_path: Path) -> 
     unit = preprocess_image(img, PreprocessSpec(preset="unit"), (SIZE, SIZE))
     np.testing.assert_allclose(unit, (squash / 255).transpose(2, 0, 1), atol=1e-6)
     # explicit keys override the preset's: resize, interpolation, layout, colour
-    custom = preprocess_image(img, PreprocessSpec(preset="raw", resize=10, interpolation="nearest", layout="NHWC",
-                                                  color="BGR"), (SIZE, SIZE))
+    custom = preprocess_image(
+        img, PreprocessSpec(preset="raw", resize=10, interpolation="nearest", layout="NHWC", color="BGR"), (SIZE, SIZE)
+    )
     with Image.open(img) as im:
         want = np.asarray(im.resize((20, 10), Image.Resampling.NEAREST).crop((6, 1, 14, 9)), np.float32)[..., ::-1]
     np.testing.assert_allclose(custom, want)
@@ -133,15 +144,18 @@ def test_scale_offset_then_mean_std(tmp_path: Path) -> None:
 
 def test_describe_preprocess() -> None:
     assert describe_preprocess(PreprocessSpec(preset="lite"), (224, 224)) == (
-        "lite: RGB, short side → 256 (bicubic), centre crop 224, (x − 127)/128 ∈ [-0.9922, 1], NCHW")
+        "lite: RGB, short side → 256 (bicubic), centre crop 224, (x − 127)/128 ∈ [-0.9922, 1], NCHW"
+    )
     assert describe_preprocess(PreprocessSpec(preset="imagenet", interpolation="bicubic"), (240, 240)) == (
         "imagenet with your interpolation: RGB, short side → 274 (bicubic), centre crop 240, "
-        "(x/255 − [0.485, 0.456, 0.406])/[0.229, 0.224, 0.225], NCHW")
+        "(x/255 − [0.485, 0.456, 0.406])/[0.229, 0.224, 0.225], NCHW"
+    )
     assert describe_preprocess(PreprocessSpec(), (224, 224)) == (
-        "unit (default): RGB, resized to 224×224 (bilinear, aspect ratio not kept), x/255 ∈ [0, 1], NCHW")
+        "unit (default): RGB, resized to 224×224 (bilinear, aspect ratio not kept), x/255 ∈ [0, 1], NCHW"
+    )
     assert describe_preprocess(PreprocessSpec(preset="raw", color="BGR", layout="NHWC", resize=300), None) == (
-        "raw with your resize: BGR, short side → 300 (bilinear), centre crop to the model's H×W, "
-        "x ∈ [0, 255], NHWC")
+        "raw with your resize: BGR, short side → 300 (bilinear), centre crop to the model's H×W, x ∈ [0, 255], NHWC"
+    )
 
 
 def _legacy_key(spec: DatasetSpec, shape: list[int | str]) -> str:
@@ -151,8 +165,12 @@ def _legacy_key(spec: DatasetSpec, shape: list[int | str]) -> str:
     dump["preprocess"]["interpolation"] = dump["preprocess"]["interpolation"] or "bilinear"  # the old default
     assert spec.images is not None
     files = sorted(p for p in spec.images.rglob("*.png"))
-    parts = [dump, shape, tool_versions(), [[p.relative_to(spec.images).as_posix(),
-                                             hashlib.sha256(p.read_bytes()).hexdigest()] for p in files]]
+    parts = [
+        dump,
+        shape,
+        tool_versions(),
+        [[p.relative_to(spec.images).as_posix(), hashlib.sha256(p.read_bytes()).hexdigest()] for p in files],
+    ]
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
@@ -167,8 +185,20 @@ def test_resolved_settings_feed_the_data_key(tmp_path: Path) -> None:
     for pp in ({}, {"resize": 10, "crop": 8, "scale": 0.5, "interpolation": "bicubic"}):
         spec = DatasetSpec(images=images, preprocess=PreprocessSpec.model_validate(pp))
         assert data_key(spec, shape) == _legacy_key(spec, shape)
-    assert len({key(), key(preset="lite"), key(preset="imagenet"), key(preset="raw"), key(preset="inception"),
-                key(preset="lite", interpolation="bilinear"), key(preset="lite", offset=0.0)}) == 7
+    assert (
+        len(
+            {
+                key(),
+                key(preset="lite"),
+                key(preset="imagenet"),
+                key(preset="raw"),
+                key(preset="inception"),
+                key(preset="lite", interpolation="bilinear"),
+                key(preset="lite", offset=0.0),
+            }
+        )
+        == 7
+    )
     # the same pixels, however they are spelt, are the same data
     assert key(preset="lite") == key(crop_fraction=0.875, interpolation="bicubic", scale=1 / 128, offset=-127 / 128)
     assert key(preset="unit") == key(scale=1 / 255)
@@ -177,8 +207,22 @@ def test_resolved_settings_feed_the_data_key(tmp_path: Path) -> None:
 def _study_args(tmp_path: Path, *flags: str) -> list[str]:
     model = colour_classifier(tmp_path / "m.onnx")
     images = colour_images(tmp_path / "img", 24)
-    return ["analyze", "--model", str(model), "--images", str(images), "--out", str(tmp_path / "out"),
-            "--calibration", "12", "--eval", "12", "--analysis", "6", *flags]
+    return [
+        "analyze",
+        "--model",
+        str(model),
+        "--images",
+        str(images),
+        "--out",
+        str(tmp_path / "out"),
+        "--calibration",
+        "12",
+        "--eval",
+        "12",
+        "--analysis",
+        "6",
+        *flags,
+    ]
 
 
 def _config(argv: list[str]) -> PreprocessSpec:
@@ -193,20 +237,53 @@ def test_quick_form_flags_override_the_preset(tmp_path: Path) -> None:
     pp = _config([*argv, "--preprocess", "lite", "--scale", "0.5", "--interpolation", "bicubic", "--color", "BGR"])
     r = pp.resolved()
     assert (r.preset, r.scale, r.offset, r.crop_fraction, r.interpolation, r.color) == (
-        "lite", 0.5, -127 / 128, 0.875, "bicubic", "BGR")
-    pp = _config([*argv, "--mean", "0.5,0.5,0.5", "--std", "0.25,0.25,0.25", "--scale", "0.00392156862745098",
-                  "--resize", "9", "--crop", "8", "--layout", "NCHW"])
+        "lite",
+        0.5,
+        -127 / 128,
+        0.875,
+        "bicubic",
+        "BGR",
+    )
+    pp = _config(
+        [
+            *argv,
+            "--mean",
+            "0.5,0.5,0.5",
+            "--std",
+            "0.25,0.25,0.25",
+            "--scale",
+            "0.00392156862745098",
+            "--resize",
+            "9",
+            "--crop",
+            "8",
+            "--layout",
+            "NCHW",
+        ]
+    )
     assert (pp.preset, pp.mean, pp.std, pp.resize, pp.crop) == (None, [0.5] * 3, [0.25] * 3, 9, 8)
 
 
 def test_quick_form_keeps_nhwc_detection(tmp_path: Path) -> None:
-    graph = helper.make_graph([helper.make_node("ReduceMean", ["input"], ["y"], axes=[1, 2], keepdims=0)], "nhwc",
-                              [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, SIZE, SIZE, 3])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3])])
+    graph = helper.make_graph(
+        [helper.make_node("ReduceMean", ["input"], ["y"], axes=[1, 2], keepdims=0)],
+        "nhwc",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, SIZE, SIZE, 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3])],
+    )
     model = tmp_path / "nhwc.onnx"
     onnx.save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), model)
-    argv = ["analyze", "--model", str(model), "--images", str(colour_images(tmp_path / "img", 4)), "--out",
-            str(tmp_path / "o"), "--preprocess", "lite"]
+    argv = [
+        "analyze",
+        "--model",
+        str(model),
+        "--images",
+        str(colour_images(tmp_path / "img", 4)),
+        "--out",
+        str(tmp_path / "o"),
+        "--preprocess",
+        "lite",
+    ]
     assert (_config(argv).layout, _config(argv).preset) == ("NHWC", "lite")
     assert _config([*argv, "--layout", "NCHW"]).layout == "NCHW"
 
@@ -216,28 +293,36 @@ def test_flags_apply_over_a_study_file(tmp_path: Path) -> None:
     images = colour_images(tmp_path / "img", 4)
     study = write_study(tmp_path, model=model, images=images)
     assert _config(["analyze", str(study)]) == PreprocessSpec()
-    write_study(tmp_path, model=model, images=images,
-                dataset={"images": str(images), "preprocess": {"preset": "imagenet", "color": "BGR"}})
+    write_study(
+        tmp_path,
+        model=model,
+        images=images,
+        dataset={"images": str(images), "preprocess": {"preset": "imagenet", "color": "BGR"}},
+    )
     pp = _config(["analyze", str(study), "--preprocess", "lite"])
     assert (pp.preset, pp.color, pp.resolved().mean) == ("lite", "BGR", None)  # the study's own key stays
     assert _config(["analyze", str(study), "--color", "RGB"]).color == "RGB"
     assert _config(["analyze", str(study)]).resolved().std == [0.229, 0.224, 0.225]
 
 
-@pytest.mark.parametrize(("flags", "needles"), [
-    (["--mean", "1,2"], ["--mean:", "1 or 3 values", "got 2"]),
-    (["--std", "0,1,1", "--mean", "0,0,0"], ["--std:", "must not contain 0"]),
-    (["--mean", "0.4,0.4,0.4"], ["--mean:", "'std'"]),
-    (["--preprocess", "vgg"], ["--preprocess", "invalid choice: 'vgg'"]),
-    (["--mean", "a,b,c"], ["--mean", "comma-separated numbers"]),
-    (["--scale", "0"], ["--scale:", "must not be 0"]),
-    (["--resize", "100", "--crop", "200"], ["--crop:", "larger than 'resize'"]),
-    (["--preprocess", "lite", "--crop-fraction", "1.5"], ["--crop-fraction:", "less than or equal to 1"]),
-    (["--crop", "0"], ["--crop:", "greater than or equal to 1"]),
-    (["--layout", "HWC"], ["--layout", "invalid choice"]),
-])
-def test_bad_values_are_one_line_naming_the_flag(tmp_path: Path, capsys: pytest.CaptureFixture[str],
-                                                 flags: list[str], needles: list[str]) -> None:
+@pytest.mark.parametrize(
+    ("flags", "needles"),
+    [
+        (["--mean", "1,2"], ["--mean:", "1 or 3 values", "got 2"]),
+        (["--std", "0,1,1", "--mean", "0,0,0"], ["--std:", "must not contain 0"]),
+        (["--mean", "0.4,0.4,0.4"], ["--mean:", "'std'"]),
+        (["--preprocess", "vgg"], ["--preprocess", "invalid choice: 'vgg'"]),
+        (["--mean", "a,b,c"], ["--mean", "comma-separated numbers"]),
+        (["--scale", "0"], ["--scale:", "must not be 0"]),
+        (["--resize", "100", "--crop", "200"], ["--crop:", "larger than 'resize'"]),
+        (["--preprocess", "lite", "--crop-fraction", "1.5"], ["--crop-fraction:", "less than or equal to 1"]),
+        (["--crop", "0"], ["--crop:", "greater than or equal to 1"]),
+        (["--layout", "HWC"], ["--layout", "invalid choice"]),
+    ],
+)
+def test_bad_values_are_one_line_naming_the_flag(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], flags: list[str], needles: list[str]
+) -> None:
     argv = _study_args(tmp_path, *flags)
     try:
         rc = main(argv)
@@ -252,8 +337,12 @@ def test_bad_values_are_one_line_naming_the_flag(tmp_path: Path, capsys: pytest.
 
 def test_bad_value_from_a_flag_over_a_study_names_the_flag(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     images = colour_images(tmp_path / "img", 4)
-    study = write_study(tmp_path, model=colour_classifier(tmp_path / "m.onnx"), images=images,
-                        dataset={"images": str(images), "preprocess": {"resize": 100}})
+    study = write_study(
+        tmp_path,
+        model=colour_classifier(tmp_path / "m.onnx"),
+        images=images,
+        dataset={"images": str(images), "preprocess": {"resize": 100}},
+    )
     assert main(["analyze", str(study), "--crop", "200"]) == 2
     err = capsys.readouterr().err.strip()
     assert err == "tuneqn: error: --crop: 'crop' (200) is larger than 'resize' (100)", err
@@ -270,13 +359,15 @@ def _notes(out: Path) -> list[str]:
 
 @pytest.mark.heavy
 def test_analyze_prints_the_line_and_warns_when_the_model_looks_confused(
-        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     argv = _study_args(tmp_path)
     # x/255 on a model that needs 0–255 pixels: near-uniform softmax
     assert main(argv) == 0
     captured = capsys.readouterr()
-    assert captured.out.splitlines()[0] == ("preprocessing: unit (default): RGB, resized to 8×8 (bilinear, aspect "
-                                            "ratio not kept), x/255 ∈ [0, 1], NCHW")
+    assert captured.out.splitlines()[0] == (
+        "preprocessing: unit (default): RGB, resized to 8×8 (bilinear, aspect ratio not kept), x/255 ∈ [0, 1], NCHW"
+    )
     console = " ".join((captured.out + captured.err).split())  # the console warning (folded by rich)
     assert "WARNING m: the FP32 model looks confused on the sample: mean top-1 probability 0.0" in console
     assert "--preprocess" in console
@@ -291,7 +382,8 @@ def test_analyze_prints_the_line_and_warns_when_the_model_looks_confused(
     assert main([*argv, "--preprocess", "raw"]) == 0
     captured = capsys.readouterr()
     assert captured.out.splitlines()[0] == (
-        "preprocessing: raw: RGB, short side → 9 (bilinear), centre crop 8, x ∈ [0, 255], NCHW")
+        "preprocessing: raw: RGB, short side → 9 (bilinear), centre crop 8, x ∈ [0, 255], NCHW"
+    )
     assert "WARNING" not in captured.out + captured.err
     assert not [n for n in _notes(tmp_path / "out") if n.startswith("WARNING: ")]
 
@@ -322,9 +414,12 @@ def test_confidence_check_catches_one_class_for_all(tmp_path: Path) -> None:
 
 def test_confidence_check_skips_outputs_that_are_not_classes(tmp_path: Path) -> None:
     def save(name: str, out_shape: list[int | str], nodes: list[onnx.NodeProto]) -> Path:
-        graph = helper.make_graph(nodes, name, [helper.make_tensor_value_info("input", TensorProto.FLOAT,
-                                                                              ["N", 3, SIZE, SIZE])],
-                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, out_shape)])
+        graph = helper.make_graph(
+            nodes,
+            name,
+            [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, SIZE, SIZE])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, out_shape)],
+        )
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
         model.ir_version = 8
         onnx.save_model(model, tmp_path / f"{name}.onnx")
@@ -332,8 +427,14 @@ def test_confidence_check_skips_outputs_that_are_not_classes(tmp_path: Path) -> 
 
     x = np.random.default_rng(0).uniform(0, 1, (4, 3, SIZE, SIZE)).astype(np.float32)
     feature_map = save("fm", ["N", 3, SIZE, SIZE], [helper.make_node("Relu", ["input"], ["y"])])
-    one_score = save("one", ["N", 1], [helper.make_node("ReduceMean", ["input"], ["m"], axes=[1, 2, 3], keepdims=0),
-                                       helper.make_node("Unsqueeze", ["m", "ax"], ["y"])])
+    one_score = save(
+        "one",
+        ["N", 1],
+        [
+            helper.make_node("ReduceMean", ["input"], ["m"], axes=[1, 2, 3], keepdims=0),
+            helper.make_node("Unsqueeze", ["m", "ax"], ["y"]),
+        ],
+    )
     assert fp32_confidence(feature_map, "input", x) is None
     onnx_model = onnx.load(one_score)
     onnx_model.graph.initializer.append(numpy_helper.from_array(np.array([1], np.int64), "ax"))

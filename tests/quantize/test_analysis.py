@@ -13,9 +13,25 @@ from tuneqn.controller.cli import main
 
 def _analyze(tmp: Path, model: Path, images: Path, *extra: str) -> list[dict]:
     out = tmp / "out"
-    rc = main(["analyze", "--model", str(model), "--images", str(images), "--out", str(out),
-               "--calibration", "12", "--eval", "12", "--analysis", "6",
-               *(() if "--mode" in extra else ("--mode", "static")), *extra])
+    rc = main(
+        [
+            "analyze",
+            "--model",
+            str(model),
+            "--images",
+            str(images),
+            "--out",
+            str(out),
+            "--calibration",
+            "12",
+            "--eval",
+            "12",
+            "--analysis",
+            "6",
+            *(() if "--mode" in extra else ("--mode", "static")),
+            *extra,
+        ]
+    )
     assert rc == 0
     return json.loads((out / "layers.json").read_text())
 
@@ -64,8 +80,9 @@ def test_matmul_model_both_modes(tmp_path: Path, assets: Path) -> None:
 
     x = np.random.default_rng(0).normal(size=(40, 32)).astype(np.float32)
     np.save(tmp_path / "x.npy", x)
-    study = write_study(tmp_path, model=assets / "mlp.onnx", images=tmp_path,
-                        quantization={"modes": ["static", "dynamic"]})
+    study = write_study(
+        tmp_path, model=assets / "mlp.onnx", images=tmp_path, quantization={"modes": ["static", "dynamic"]}
+    )
     text = study.read_text().replace(f'images = "{tmp_path}"', f'tensors = "{tmp_path / "x.npy"}"')
     study.write_text(text)
     assert main(["analyze", str(study)]) == 0

@@ -43,7 +43,9 @@ def built(tmp_path_factory: pytest.TempPathFactory, assets: Path) -> Path:
     """One study's candidates, built once for the module's tests (read-only: they write to their own tmp_path)."""
     tmp_path = tmp_path_factory.mktemp("built-candidates")
     study = write_study(
-        tmp_path, model=assets / "wide.onnx", images=assets / "images",
+        tmp_path,
+        model=assets / "wide.onnx",
+        images=assets / "images",
         search={"exclusion_sets": [{"name": "head", "layers": ["fc", "conv4"]}]},
     )
     assert main(["analyze", str(study), "--candidates"]) == 0
@@ -152,18 +154,26 @@ def test_calibration_runs_once_for_all_candidates(tmp_path: Path, assets: Path, 
 
 @pytest.mark.parametrize("child", [False, True], ids=["in-process", "in a yielding child"])
 def test_a_calibration_builds_the_fully_quantized_models_of_the_recipes_sharing_it(
-        tmp_path: Path, assets: Path, monkeypatch: pytest.MonkeyPatch, child: bool) -> None:
+    tmp_path: Path, assets: Path, monkeypatch: pytest.MonkeyPatch, child: bool
+) -> None:
     """Where the calibration runs (a child process for a large model), it also builds the fully quantized model of
     every recipe that shares it: the builder then reuses them, and they are the files it would have built."""
     from tuneqn.controller import study as study_module
     from tuneqn.controller.config import load_config
     from tuneqn.controller.farm.local import SharedQuietLock
 
-    toml = write_study(tmp_path, model=assets / "cnn.onnx", images=assets / "images",
-                       quantization={"recipes": [{"name": "pt", "mode": "static", "per_channel": False},
-                                                 {"name": "pc", "mode": "static", "per_channel": True},
-                                                 {"name": "pct", "mode": "static",
-                                                  "calibration_method": "percentile"}]})
+    toml = write_study(
+        tmp_path,
+        model=assets / "cnn.onnx",
+        images=assets / "images",
+        quantization={
+            "recipes": [
+                {"name": "pt", "mode": "static", "per_channel": False},
+                {"name": "pc", "mode": "static", "per_channel": True},
+                {"name": "pct", "mode": "static", "calibration_method": "percentile"},
+            ]
+        },
+    )
     study = Study(load_config(toml))
     study.prepare()
     if child:
@@ -172,7 +182,8 @@ def test_a_calibration_builds_the_fully_quantized_models_of_the_recipes_sharing_
         study.calibration_cache("cnn", "pc")
     plans = {r: study.make_plan("cnn", r, (), label="k=0") for r in ("pt", "pc", "pct")}
     assert {study.candidate_path(p) for p in plans.values()} - set(study._prebuilt) == {
-        study.candidate_path(plans["pct"])}  # another calibration: built with that one
+        study.candidate_path(plans["pct"])
+    }  # another calibration: built with that one
     alone = {r: study.build(plans[r], out=tmp_path / f"{r}.onnx") for r in ("pt", "pc")}  # what the builder writes
 
     def no_quantizer(*args: object) -> None:
@@ -189,8 +200,9 @@ def test_a_calibration_builds_the_fully_quantized_models_of_the_recipes_sharing_
 
 
 def test_dynamic_candidates_keep_node_names(tmp_path: Path, assets: Path) -> None:
-    study = write_study(tmp_path, model=assets / "cnn.onnx", images=assets / "images",
-                        quantization={"modes": ["dynamic"]})
+    study = write_study(
+        tmp_path, model=assets / "cnn.onnx", images=assets / "images", quantization={"modes": ["dynamic"]}
+    )
     assert main(["analyze", str(study), "--candidates"]) == 0
     cands = [c for c in _candidates(tmp_path / "out") if c["mode"] == "dynamic"]
     for c in cands:
@@ -203,15 +215,24 @@ def test_dynamic_candidates_keep_node_names(tmp_path: Path, assets: Path) -> Non
         assert len(integer) + len(excluded & {"conv1", "conv2", "conv3", "conv4", "fc"}) == 5
 
 
-def test_per_tensor_and_per_channel_share_one_calibration(tmp_path: Path, assets: Path,
-                                                          calibrations: list[int]) -> None:
+def test_per_tensor_and_per_channel_share_one_calibration(
+    tmp_path: Path, assets: Path, calibrations: list[int]
+) -> None:
     """The ranges do not depend on the weights' granularity: one calibration serves both recipes, and its
     content is what calibrating for the per-channel recipe alone gives."""
     from tuneqn.controller.quantize.quantizer import QuantSettings, calibrate
 
-    study = write_study(tmp_path, model=assets / "cnn.onnx", images=assets / "images",
-                        quantization={"recipes": [{"name": "pt", "mode": "static", "per_channel": False},
-                                                  {"name": "pc", "mode": "static", "per_channel": True}]})
+    study = write_study(
+        tmp_path,
+        model=assets / "cnn.onnx",
+        images=assets / "images",
+        quantization={
+            "recipes": [
+                {"name": "pt", "mode": "static", "per_channel": False},
+                {"name": "pc", "mode": "static", "per_channel": True},
+            ]
+        },
+    )
     assert main(["analyze", str(study), "--candidates"]) == 0
     assert len(calibrations) == 1
     caches = list((tmp_path / "out" / "calibration").glob("*.json"))
@@ -219,8 +240,15 @@ def test_per_tensor_and_per_channel_share_one_calibration(tmp_path: Path, assets
     cands = _candidates(tmp_path / "out")
     assert {c["mode"] for c in cands} == {"pt", "pc"}
 
-    base = dict(mode="static", format="qdq", reduce_range=False, activation_type="uint8", weight_type="int8",
-                calibration_method="minmax", op_types=None)
+    base = dict(
+        mode="static",
+        format="qdq",
+        reduce_range=False,
+        activation_type="uint8",
+        weight_type="int8",
+        calibration_method="minmax",
+        op_types=None,
+    )
     pt, pc = QuantSettings(per_channel=False, **base), QuantSettings(per_channel=True, **base)
     assert pt.calibration_key() == pc.calibration_key() and pt.key() != pc.key()
     data = np.load(tmp_path / "out" / "data" / "cnn" / "calibration.npy")

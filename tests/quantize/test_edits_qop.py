@@ -27,8 +27,16 @@ from tuneqn.controller.quantize.quantizer import (
     runtime_options,
 )
 
-PER_TENSOR = QuantSettings(mode="static", format="qoperator", per_channel=False, reduce_range=False,
-                           activation_type="uint8", weight_type="int8", calibration_method="minmax", op_types=None)
+PER_TENSOR = QuantSettings(
+    mode="static",
+    format="qoperator",
+    per_channel=False,
+    reduce_range=False,
+    activation_type="uint8",
+    weight_type="int8",
+    calibration_method="minmax",
+    op_types=None,
+)
 #: Layers (what tuneqn excludes) and other quantized nodes of :func:`_zoo`.
 LAYERS = ["conv1", "conv2", "conv3", "conv4", "conv5", "fc", "proj"]
 OTHERS = ["add3", "mul4", "sigmoid4", "cat", "avgpool", "gap", "pool", "flat", "reshape"]
@@ -45,12 +53,19 @@ def _zoo(path: Path, seed: int = 0) -> Path:
         return name
 
     def conv(name: str, cin: int, cout: int, inp: str) -> onnx.NodeProto:
-        return helper.make_node("Conv", [inp, w(f"{name}.W", cout, cin, 3, 3), w(f"{name}.B", cout, scale=0.1)],
-                                [f"{name}_out"], name=name, pads=[1, 1, 1, 1])
+        return helper.make_node(
+            "Conv",
+            [inp, w(f"{name}.W", cout, cin, 3, 3), w(f"{name}.B", cout, scale=0.1)],
+            [f"{name}_out"],
+            name=name,
+            pads=[1, 1, 1, 1],
+        )
 
-    inits += [numpy_helper.from_array(np.array(0.0, np.float32), "zero"),
-              numpy_helper.from_array(np.array(6.0, np.float32), "six"),
-              numpy_helper.from_array(np.array([-1, 16], np.int64), "shape")]
+    inits += [
+        numpy_helper.from_array(np.array(0.0, np.float32), "zero"),
+        numpy_helper.from_array(np.array(6.0, np.float32), "six"),
+        numpy_helper.from_array(np.array([-1, 16], np.int64), "shape"),
+    ]
     nodes = [
         conv("conv1", 3, 8, "input"),
         helper.make_node("Relu", ["conv1_out"], ["r1"], name="relu1"),
@@ -73,8 +88,12 @@ def _zoo(path: Path, seed: int = 0) -> Path:
         helper.make_node("MatMul", ["rs", w("proj.W", 16, 10)], ["logits"], name="proj"),
     ]
     graph = helper.make_graph(
-        nodes, "zoo", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, 8, 8])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10])], inits)
+        nodes,
+        "zoo",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, 8, 8])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10])],
+        inits,
+    )
     model = onnx.shape_inference.infer_shapes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
     onnx.save(model, str(path))
     return path
@@ -113,8 +132,9 @@ def _run(model: onnx.ModelProto, x: np.ndarray, exclude: list[str], batch: int |
     so.log_severity_level = 3
     so.intra_op_num_threads = 1  # the same outputs; a second thread only spins on a busy two-core machine
     disabled = runtime_options(model, exclude)["ort_disabled_optimizers"]
-    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"],
-                                disabled_optimizers=disabled)
+    sess = ort.InferenceSession(
+        model.SerializeToString(), so, providers=["CPUExecutionProvider"], disabled_optimizers=disabled
+    )
     name, step = sess.get_inputs()[0].name, batch or len(x)
     return np.concatenate([sess.run(None, {name: x[i : i + step]})[0] for i in range(0, len(x), step)])
 
@@ -125,14 +145,38 @@ def test_random_exclusions_are_bit_identical(zoo: dict, per_channel: bool, tmp_p
     settings, cache, fq = zoo["recipes"][per_channel]
     # every rule is exercised: these are what ORT made of the zoo (Relu/Clip fused, 8-bit MaxPool/Flatten/Reshape)
     assert {n.op_type for n in fq.graph.node} == {
-        "QuantizeLinear", "QLinearConv", "MaxPool", "QLinearAdd", "QLinearSigmoid", "QLinearMul", "QLinearConcat",
-        "QLinearAveragePool", "QLinearGlobalAveragePool", "Flatten", "QGemm", "Reshape", "QLinearMatMul",
-        "DequantizeLinear"}
+        "QuantizeLinear",
+        "QLinearConv",
+        "MaxPool",
+        "QLinearAdd",
+        "QLinearSigmoid",
+        "QLinearMul",
+        "QLinearConcat",
+        "QLinearAveragePool",
+        "QLinearGlobalAveragePool",
+        "Flatten",
+        "QGemm",
+        "Reshape",
+        "QLinearMatMul",
+        "DequantizeLinear",
+    }
     float_model = onnx.load(str(zoo["path"]))
     editor = QOperatorEditor(fq, float_model, cache, settings)
     rng = random.Random(18 + per_channel)
-    sets = [[], list(LAYERS), LAYERS + OTHERS, ["conv1"], ["conv5"], ["conv2", "conv4"], ["fc"], ["proj"],
-            ["conv5", "fc"], ["cat"], ["gap"], ["add3", "conv4"]]
+    sets = [
+        [],
+        list(LAYERS),
+        LAYERS + OTHERS,
+        ["conv1"],
+        ["conv5"],
+        ["conv2", "conv4"],
+        ["fc"],
+        ["proj"],
+        ["conv5", "fc"],
+        ["cat"],
+        ["gap"],
+        ["add3", "conv4"],
+    ]
     sets += [rng.sample(LAYERS, rng.randint(1, len(LAYERS))) for _ in range(14)]
     sets += [rng.sample(LAYERS + OTHERS, rng.randint(1, 8)) for _ in range(10)]
     for exclude in sets:
@@ -147,10 +191,14 @@ def test_random_exclusions_are_bit_identical(zoo: dict, per_channel: bool, tmp_p
     assert candidate.initializer_names == {t.name for t in model.graph.initializer}
 
 
-@pytest.mark.parametrize("op_types", [
-    sorted(set(default_op_types("static")) - {"Conv"}),  # feasibility's `<recipe>.float-Conv` variant
-    ["Conv", "Gemm", "MatMul"],
-], ids=["float-Conv", "layers-only"])
+@pytest.mark.parametrize(
+    "op_types",
+    [
+        sorted(set(default_op_types("static")) - {"Conv"}),  # feasibility's `<recipe>.float-Conv` variant
+        ["Conv", "Gemm", "MatMul"],
+    ],
+    ids=["float-Conv", "layers-only"],
+)
 def test_recipes_with_fewer_op_types(zoo: dict, op_types: list[str], tmp_path: Path) -> None:
     """Op types a recipe leaves in float stay float in every candidate, as in ONNX Runtime's own output."""
     settings = replace(PER_TENSOR, op_types=tuple(op_types))
@@ -228,8 +276,9 @@ def test_lite0_derived_candidates_match_the_quantizer(example_dir: Path, tmp_pat
     fp32_top1 = _run(float_model, x, [], batch=1).argmax(1)
     rng = random.Random(18)
     # per-tensor and per-channel share their calibration (QuantSettings.calibration_key)
-    cache = calibrate(pm.path, pm.input_name, pm.input_shape[0], data.calibration.load(), PER_TENSOR,
-                      tmp_path / "calib.json")
+    cache = calibrate(
+        pm.path, pm.input_name, pm.input_shape[0], data.calibration.load(), PER_TENSOR, tmp_path / "calib.json"
+    )
     for per_channel, n_sets in ((False, 5), (True, 2)):
         settings = replace(PER_TENSOR, per_channel=per_channel)
         quantize_candidate(pm.path, tmp_path / "fq.onnx", settings, [], cache)

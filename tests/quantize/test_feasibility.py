@@ -39,8 +39,9 @@ RECIPES = [{"name": "qop", "format": "qoperator"}, {"name": "dyn", "mode": "dyna
 
 
 def _study(tmp: Path, assets: Path, **extra: Any) -> Path:
-    return write_study(tmp, model=assets / "cnn.onnx", images=assets / "images",
-                       quantization={"recipes": RECIPES}, **extra)
+    return write_study(
+        tmp, model=assets / "cnn.onnx", images=assets / "images", quantization={"recipes": RECIPES}, **extra
+    )
 
 
 # ---------------------------------------------------------------------------- config and recipes
@@ -59,39 +60,79 @@ def test_variant_recipe_names_resolve_to_the_changed_settings() -> None:
     assert dyn.mode == "dynamic" and set(dyn.op_types or ()) == set(default_op_types("dynamic")) - {"Conv"}
     # the base recipe's settings (and so its calibration and candidates) do not change
     assert QuantSettings.from_spec(q, "qop").op_types is None
-    for bad, says in (("dyn.qdq", "only static recipes"), ("qop.bogus", "variants end in"),
-                      ("nope.qdq", "unknown recipe 'nope'")):
+    for bad, says in (
+        ("dyn.qdq", "only static recipes"),
+        ("qop.bogus", "variants end in"),
+        ("nope.qdq", "unknown recipe 'nope'"),
+    ):
         with pytest.raises(ValueError, match=says):
             q.resolve(bad)
 
 
 def test_feasibility_option_is_validated_in_one_line(tmp_path: Path, assets: Path) -> None:
-    study = write_study(tmp_path, model=assets / "cnn.onnx", images=assets / "images",
-                        evaluation={"feasibility": "sometimes"})
+    study = write_study(
+        tmp_path, model=assets / "cnn.onnx", images=assets / "images", evaluation={"feasibility": "sometimes"}
+    )
     with pytest.raises(UserError) as err:
         load_config(study)
     assert str(err.value) == "evaluation.feasibility: expected one of 'adapt', 'report'"
-    study = write_study(tmp_path, model=assets / "cnn.onnx", images=assets / "images",
-                        evaluation={"tvm_latency_number": 0})
+    study = write_study(
+        tmp_path, model=assets / "cnn.onnx", images=assets / "images", evaluation={"tvm_latency_number": 0}
+    )
     with pytest.raises(UserError, match=r"^evaluation.tvm_latency_number: "):
         load_config(study)
     assert load_config(_study(tmp_path, assets)).evaluation.feasibility == "adapt"
 
 
 def test_tvm_study_options_fill_the_job_spec(tmp_path: Path, assets: Path) -> None:
-    cfg = load_config(write_study(tmp_path, model=assets / "cnn.onnx", images=assets / "images",
-                                  evaluation={"tvm_tuning_trials": 64, "tvm_latency_number": 5,
-                                              "tvm_min_repeat_ms": 200, "tvm_cooldown_ms": 10}))
+    cfg = load_config(
+        write_study(
+            tmp_path,
+            model=assets / "cnn.onnx",
+            images=assets / "images",
+            evaluation={
+                "tvm_tuning_trials": 64,
+                "tvm_latency_number": 5,
+                "tvm_min_repeat_ms": 200,
+                "tvm_cooldown_ms": 10,
+            },
+        )
+    )
     settings = FarmSettings.from_config(cfg.evaluation)
-    plan = make_job("m:static:fq", "phone", tmp_path / "m.onnx", "c" * 64, tmp_path / "d.npy", "d" * 64, "x",
-                    {"ort_disabled_optimizers": ["WeightBiasQuantization"]}, settings, tuning_group="f" * 64)
+    plan = make_job(
+        "m:static:fq",
+        "phone",
+        tmp_path / "m.onnx",
+        "c" * 64,
+        tmp_path / "d.npy",
+        "d" * 64,
+        "x",
+        {"ort_disabled_optimizers": ["WeightBiasQuantization"]},
+        settings,
+        tuning_group="f" * 64,
+    )
     tvm = plan.spec.backend_options.tvm
-    assert (tvm.tuning_trials, tvm.tuning_group, tvm.latency_number, tvm.latency_min_repeat_ms,
-            tvm.latency_cooldown_ms) == (64, "f" * 64, 5, 200, 10)
+    assert (
+        tvm.tuning_trials,
+        tvm.tuning_group,
+        tvm.latency_number,
+        tvm.latency_min_repeat_ms,
+        tvm.latency_cooldown_ms,
+    ) == (64, "f" * 64, 5, 200, 10)
     assert list(plan.spec.backend_options.ort.disabled_optimizers) == ["WeightBiasQuantization"]
     default = FarmSettings.from_config(load_config(_study(tmp_path, assets)).evaluation)
-    other = make_job("m:static:fq", "phone", tmp_path / "m.onnx", "c" * 64, tmp_path / "d.npy", "d" * 64, "x",
-                     {"ort_disabled_optimizers": ["WeightBiasQuantization"]}, default, tuning_group="f" * 64)
+    other = make_job(
+        "m:static:fq",
+        "phone",
+        tmp_path / "m.onnx",
+        "c" * 64,
+        tmp_path / "d.npy",
+        "d" * 64,
+        "x",
+        {"ort_disabled_optimizers": ["WeightBiasQuantization"]},
+        default,
+        tuning_group="f" * 64,
+    )
     assert other.spec.backend_options.tvm.latency_number == 1 and other.id != plan.id  # the id covers the spec
 
 
@@ -139,8 +180,21 @@ def test_variants_for_devices_without_qlinearconv_or_convinteger(tmp_path: Path,
         assert next_recipe(study.cfg.quantization, "dyn", bad, no_dql, fq("dyn"), fp32) is None
     finally:
         study.close()
-    assert set(QUANTIZED_TO_FLOAT.values()) <= {"Conv", "MatMul", "Gemm", "Add", "Mul", "Concat", "GlobalAveragePool",
-                                                "AveragePool", "Sigmoid", "LeakyRelu", "Softmax", "Where", "Attention"}
+    assert set(QUANTIZED_TO_FLOAT.values()) <= {
+        "Conv",
+        "MatMul",
+        "Gemm",
+        "Add",
+        "Mul",
+        "Concat",
+        "GlobalAveragePool",
+        "AveragePool",
+        "Sigmoid",
+        "LeakyRelu",
+        "Softmax",
+        "Where",
+        "Attention",
+    }
 
 
 # ---------------------------------------------------------------------------- infeasible jobs
@@ -152,9 +206,17 @@ def _plan(tmp: Path, cid: str = "net:static:fq", device: str = "phone") -> JobPl
 
 
 def _infeasible_result(plan: JobPlan) -> pb.JobResult:
-    return pb.JobResult(job_id=plan.id, device="phone.0", device_class="phone", agent_id="a", state=pb.FAILED,
-                        error="TVM cannot import the model: QLinearConv, QGemm", infeasible=True,
-                        unsupported_ops=["QLinearConv", "QGemm"], attempt=1)
+    return pb.JobResult(
+        job_id=plan.id,
+        device="phone.0",
+        device_class="phone",
+        agent_id="a",
+        state=pb.FAILED,
+        error="TVM cannot import the model: QLinearConv, QGemm",
+        infeasible=True,
+        unsupported_ops=["QLinearConv", "QGemm"],
+        attempt=1,
+    )
 
 
 def test_an_infeasible_result_ends_the_job_for_good(tmp_path: Path) -> None:
@@ -236,9 +298,19 @@ def test_report_lists_infeasible_candidates_per_device_and_keeps_them_off_fronts
     add_model(store)
     add_eval_split(store, [1, 2, 3, 4])
     add_device(store, "cpu")
-    store.put_device("phone", "phone", {"backend": "tvm", "target": '{"kind": "llvm"}', "rpc_key": "pixel",
-                                        "remote": "tracker 127.0.0.1:9190", "remote_servers": 2,
-                                        "tvm_version": "0.27.0", "supported_ops": 164})
+    store.put_device(
+        "phone",
+        "phone",
+        {
+            "backend": "tvm",
+            "target": '{"kind": "llvm"}',
+            "rpc_key": "pixel",
+            "remote": "tracker 127.0.0.1:9190",
+            "remote_servers": 2,
+            "tvm_version": "0.27.0",
+            "supported_ops": 164,
+        },
+    )
     rng = np.random.default_rng(0)
     base = predictions(4, rng)
     fq, k1 = add_candidate(store, k=0), add_candidate(store, k=1)
@@ -246,8 +318,14 @@ def test_report_lists_infeasible_candidates_per_device_and_keeps_them_off_fronts
         add_result(store, "net:fp32", dev, base)
     add_result(store, fq, "cpu", base)
     add_result(store, k1, "cpu", base)
-    tvm = {"backend": "tvm", "tuned": False, "compile_seconds": 4.25, "tuning_seconds": 0.0,
-           "compile_cache_hit": False, "executed_on": "127.0.0.1:9091"}
+    tvm = {
+        "backend": "tvm",
+        "tuned": False,
+        "compile_seconds": 4.25,
+        "tuning_seconds": 0.0,
+        "compile_cache_hit": False,
+        "executed_on": "127.0.0.1:9091",
+    }
     add_result(store, k1, "phone", base, latency=(230.0, 229.0, 235.0), seconds=10.0, info=tvm)
     board = JobBoard(store, FarmSettings())
     plan = make_job(fq, "phone", tmp_path / "c.onnx", "c" * 64, tmp_path / "d.npy", "d" * 64, "x", {}, FarmSettings())
@@ -260,9 +338,16 @@ def test_report_lists_infeasible_candidates_per_device_and_keeps_them_off_fronts
     report = compute_report(store)
     (entry,) = report["infeasible_by_device"]
     assert entry["device"] == "phone"
-    assert entry["candidates"] == [{"candidate": fq, "model": "net", "recipe": "static", "label": "k=0",
-                                    "unsupported_ops": ["QGemm", "QLinearConv"],
-                                    "error": "TVM cannot import the model: QLinearConv, QGemm"}]
+    assert entry["candidates"] == [
+        {
+            "candidate": fq,
+            "model": "net",
+            "recipe": "static",
+            "label": "k=0",
+            "unsupported_ops": ["QGemm", "QLinearConv"],
+            "error": "TVM cannot import the model: QLinearConv, QGemm",
+        }
+    ]
     res = next(r for c in report["candidates"] if c["id"] == fq for r in c["results"] if r["device"] == "phone")
     assert res["status"] == "infeasible" and res["front"] is None and res["feasible"] is False
     assert res["reason"] == "infeasible on this device: unsupported QGemm, QLinearConv"
@@ -271,8 +356,13 @@ def test_report_lists_infeasible_candidates_per_device_and_keeps_them_off_fronts
     assert fq in on_fronts and fq not in on_phone  # on the cpu front, never on the phone's
     # how the TVM result was produced: compile time apart from device time, untuned latency
     tvm_res = next(r for c in report["candidates"] if c["id"] == k1 for r in c["results"] if r["device"] == "phone")
-    assert (tvm_res["backend"], tvm_res["untuned"], tvm_res["compile_seconds"], tvm_res["device_seconds"],
-            tvm_res["executed_on"]) == ("tvm", True, 4.25, 5.75, "127.0.0.1:9091")
+    assert (
+        tvm_res["backend"],
+        tvm_res["untuned"],
+        tvm_res["compile_seconds"],
+        tvm_res["device_seconds"],
+        tvm_res["executed_on"],
+    ) == ("tvm", True, 4.25, 5.75, "127.0.0.1:9091")
     cpu_res = next(r for c in report["candidates"] if c["id"] == k1 for r in c["results"] if r["device"] == "cpu")
     assert cpu_res["untuned"] is False
     paths = write_full_report(store, tmp_path / "out")

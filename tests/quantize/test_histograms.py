@@ -17,8 +17,9 @@ from tuneqn.controller.quantize.quantizer import ArrayReader, QuantSettings, cal
 
 
 def _calibrator(model: Path, tmp: Path, name: str) -> PercentileCalibrater:
-    cal = create_calibrator(model, augmented_model_path=str(tmp / f"{name}.onnx"),
-                            calibrate_method=CalibrationMethod.Percentile)
+    cal = create_calibrator(
+        model, augmented_model_path=str(tmp / f"{name}.onnx"), calibrate_method=CalibrationMethod.Percentile
+    )
     assert isinstance(cal, PercentileCalibrater) and cal.symmetric
     return cal
 
@@ -67,8 +68,12 @@ def test_what_it_does_not_cover_goes_to_orts_method(zoo: Path, tmp_path: Path) -
     """A second collection merges into the first's histograms (ORT's rebinning); batches of different shapes fail
     as in ORT."""
     first, second = _data(1, 4), _data(2, 4) * 3
-    lean, ort = _both(zoo, tmp_path, (ArrayReader("input", first, 2), ArrayReader("input", first, 2)),
-                      (ArrayReader("input", second, 2), ArrayReader("input", second, 2)))
+    lean, ort = _both(
+        zoo,
+        tmp_path,
+        (ArrayReader("input", first, 2), ArrayReader("input", first, 2)),
+        (ArrayReader("input", second, 2), ArrayReader("input", second, 2)),
+    )
     _assert_same(lean, ort)
     uneven = _data(3, 5)  # batches of 2, 2 and 1
     with pytest.raises(ValueError) as ours:
@@ -82,8 +87,10 @@ def test_nan_fails_as_in_ort(tmp_path: Path) -> None:
     """ORT skips NaN in a tensor's minimum and maximum, then np.histogram fails on the range: so does this."""
     graph = helper.make_graph(
         [helper.make_node("Log", ["input"], ["log"], name="log"), helper.make_node("Relu", ["log"], ["out"], name="r")],
-        "nan", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 4])],
-        [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["N", 4])])
+        "nan",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 4])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["N", 4])],
+    )
     model = tmp_path / "nan.onnx"
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), model)
     data = np.array([[1.0, 2.0, -1.0, 3.0]] * 2, np.float32)
@@ -94,14 +101,20 @@ def test_nan_fails_as_in_ort(tmp_path: Path) -> None:
     assert str(ours.value) == str(theirs.value) and "range" in str(ours.value)
 
 
-def test_a_percentile_calibration_gives_orts_ranges(zoo: Path, tmp_path: Path,
-                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_percentile_calibration_gives_orts_ranges(zoo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The whole calibration (quantize_static's calibrator): the same cache content with ORT's own method as with
     this one, which ``calibrate`` installs."""
     data = _data(4, 12)
-    settings = QuantSettings(mode="per-tensor-percentile", format="qdq", per_channel=False, reduce_range=False,
-                             activation_type="uint8", weight_type="int8", calibration_method="percentile",
-                             op_types=None)
+    settings = QuantSettings(
+        mode="per-tensor-percentile",
+        format="qdq",
+        per_channel=False,
+        reduce_range=False,
+        activation_type="uint8",
+        weight_type="int8",
+        calibration_method="percentile",
+        op_types=None,
+    )
     lean = calibrate(zoo, "input", "N", data, settings, tmp_path / "lean.json")
     assert PercentileCalibrater.collect_data is histograms.collect_data
     monkeypatch.setattr(PercentileCalibrater, "collect_data", histograms._ORT_COLLECT_DATA)

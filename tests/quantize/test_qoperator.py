@@ -24,9 +24,25 @@ QOPS = {"QLinearConv", "QGemm", "QLinearMatMul"}
 
 def _analyze(tmp: Path, model: Path, images: Path, *extra: str) -> list[dict]:
     out = tmp / "out"
-    rc = main(["analyze", "--model", str(model), "--images", str(images), "--out", str(out),
-               "--calibration", "12", "--eval", "12", "--analysis", "6",
-               *(() if "--mode" in extra else ("--mode", "static")), *extra])
+    rc = main(
+        [
+            "analyze",
+            "--model",
+            str(model),
+            "--images",
+            str(images),
+            "--out",
+            str(out),
+            "--calibration",
+            "12",
+            "--eval",
+            "12",
+            "--analysis",
+            "6",
+            *(() if "--mode" in extra else ("--mode", "static")),
+            *extra,
+        ]
+    )
     assert rc == 0
     return json.loads((out / "layers.json").read_text())
 
@@ -70,8 +86,16 @@ def test_qoperator_errors_are_the_qdq_quantities(tmp_path: Path, assets: Path) -
     # Every quantized layer has the same output scale / zero point and weight scale in both formats.
     out = tmp_path / "qop" / "out"
     (cache,) = (out / "calibration").glob("*.json")
-    settings = QuantSettings(mode="static", format="qoperator", per_channel=False, reduce_range=False,
-                             activation_type="uint8", weight_type="int8", calibration_method="minmax", op_types=None)
+    settings = QuantSettings(
+        mode="static",
+        format="qoperator",
+        per_channel=False,
+        reduce_range=False,
+        activation_type="uint8",
+        weight_type="int8",
+        calibration_method="minmax",
+        op_types=None,
+    )
     model = out / "models" / "cnn.onnx"
     quantize_candidate(model, tmp_path / "fq-qop.onnx", settings, [], cache)
     quantize_candidate(model, tmp_path / "fq-qdq.onnx", replace(settings, format="qdq"), [], cache)
@@ -108,7 +132,9 @@ def built(tmp_path_factory: pytest.TempPathFactory, assets: Path) -> Path:
     """One study's candidates, built once for the module's tests (read-only: they write to their own tmp_path)."""
     tmp_path = tmp_path_factory.mktemp("built-qoperator")
     study = write_study(
-        tmp_path, model=assets / "wide.onnx", images=assets / "images",
+        tmp_path,
+        model=assets / "wide.onnx",
+        images=assets / "images",
         quantization={"format": "qoperator"},
         search={"exclusion_sets": [{"name": "head", "layers": ["fc", "conv4"]}]},
     )
@@ -134,8 +160,12 @@ def test_candidate_k_leaves_exactly_top_k_float(built: Path, tmp_path: Path) -> 
         runtime = json.loads(c["runtime"])
         ran = op_counts(ran_graph(c["path"], tmp_path, runtime["ort_disabled_optimizers"]))
         float_convs = len(top - {"fc"})
-        assert ran == {"float_conv": float_convs, "float_gemm": int("fc" in top),
-                       "QLinearConv": 4 - float_convs, "QGemm": int("fc" not in top)}, c["id"]
+        assert ran == {
+            "float_conv": float_convs,
+            "float_gemm": int("fc" in top),
+            "QLinearConv": 4 - float_convs,
+            "QGemm": int("fc" not in top),
+        }, c["id"]
     explicit = next(c for c in _candidates(built) if c["kind"] == "explicit")
     by_name = {n.name: n for n in onnx.load(explicit["path"]).graph.node}
     assert by_name["fc"].op_type == "Gemm" and by_name["conv4"].op_type == "Conv"
@@ -174,8 +204,10 @@ def test_export_reproduces_sha256(built: Path, tmp_path: Path) -> None:
     stored = {c["label"]: c for c in _candidates(built)}
     for cand in ("0", "2", "head"):
         out = tmp_path / f"exported-{cand}.onnx"
-        assert main(["export", str(built), "--model", "wide", "--mode", "static", "--candidate", cand,
-                     "-o", str(out)]) == 0
+        assert (
+            main(["export", str(built), "--model", "wide", "--mode", "static", "--candidate", cand, "-o", str(out)])
+            == 0
+        )
         label = cand if cand == "head" else f"k={cand}"
         assert exported_sha256(out) == stored[label]["sha256"]
 
@@ -184,9 +216,34 @@ def test_export_reproduces_sha256(built: Path, tmp_path: Path) -> None:
 def test_tune_qoperator_quick_form(tmp_path: Path, assets: Path) -> None:
     """The whole study in QOperator format on a local agent (the CLI starts it)."""
     out = tmp_path / "out"
-    assert main(["tune", "--model", str(assets / "cnn.onnx"), "--images", str(assets / "images"), "--out", str(out),
-                 "--format", "qoperator", "--mode", "static", "--eval", "12", "--calibration", "12", "--analysis", "6",
-                 "--strategy", "sweep", "--ranking", "paper"]) == 0
+    assert (
+        main(
+            [
+                "tune",
+                "--model",
+                str(assets / "cnn.onnx"),
+                "--images",
+                str(assets / "images"),
+                "--out",
+                str(out),
+                "--format",
+                "qoperator",
+                "--mode",
+                "static",
+                "--eval",
+                "12",
+                "--calibration",
+                "12",
+                "--analysis",
+                "6",
+                "--strategy",
+                "sweep",
+                "--ranking",
+                "paper",
+            ]
+        )
+        == 0
+    )
     report = json.loads((out / "report.json").read_text())
     cands = [c for c in report["candidates"] if c["mode"] == "static"]
     assert len(cands) == 6

@@ -15,8 +15,10 @@ from tuneqn.controller.config import QuantizationSpec, load_config, parse_config
 
 
 def test_recipes_inherit_the_section_and_override_it() -> None:
-    q = QuantizationSpec(calibration_method="percentile", recipes=[
-        {"name": "pc", "mode": "static", "per_channel": True}, {"name": "dyn", "mode": "dynamic"}])
+    q = QuantizationSpec(
+        calibration_method="percentile",
+        recipes=[{"name": "pc", "mode": "static", "per_channel": True}, {"name": "dyn", "mode": "dynamic"}],
+    )
     assert q.recipe_names() == ["pc", "dyn"]
     pc = q.resolve("pc")
     assert pc.per_channel and pc.calibration_method == "percentile" and pc.mode == "static"
@@ -30,8 +32,14 @@ def test_recipes_inherit_the_section_and_override_it() -> None:
 
 def test_repeated_recipe_names_are_refused(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="recipe names must be unique"):
-        parse_config({"models": [{"path": "m.onnx"}], "dataset": {"images": "i"},
-                      "quantization": {"recipes": [{"name": "a"}, {"name": "a"}]}}, tmp_path)
+        parse_config(
+            {
+                "models": [{"path": "m.onnx"}],
+                "dataset": {"images": "i"},
+                "quantization": {"recipes": [{"name": "a"}, {"name": "a"}]},
+            },
+            tmp_path,
+        )
 
 
 def _scales(path: str) -> int:
@@ -41,10 +49,17 @@ def _scales(path: str) -> int:
 
 
 def test_each_recipe_gets_its_calibration_ranking_and_candidates(tmp_path: Path, assets: Path) -> None:
-    study = write_study(tmp_path, model=assets / "wide.onnx", images=assets / "images",
-                        quantization={"recipes": [{"name": "pt", "mode": "static"},
-                                                  {"name": "pc", "mode": "static", "per_channel": True,
-                                                   "calibration_method": "percentile"}]})
+    study = write_study(
+        tmp_path,
+        model=assets / "wide.onnx",
+        images=assets / "images",
+        quantization={
+            "recipes": [
+                {"name": "pt", "mode": "static"},
+                {"name": "pc", "mode": "static", "per_channel": True, "calibration_method": "percentile"},
+            ]
+        },
+    )
     assert main(["analyze", str(study), "--candidates"]) == 0
     con = sqlite3.connect(tmp_path / "out" / "tuneqn.db")
     assert con.execute("select count(*) from calibrations").fetchone()[0] == 2

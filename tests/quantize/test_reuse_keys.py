@@ -116,8 +116,9 @@ def test_changed_quantization_setting_rebuilds(tmp_path: Path, inputs: tuple[Pat
     _export_matches(out, tmp_path, 1)
 
 
-def test_unchanged_inputs_reuse_everything(tmp_path: Path, inputs: tuple[Path, Path],
-                                           monkeypatch: pytest.MonkeyPatch) -> None:
+def test_unchanged_inputs_reuse_everything(
+    tmp_path: Path, inputs: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
     model, images = inputs
     study = write_study(tmp_path, model=model, images=images)
     out = tmp_path / "out"
@@ -137,8 +138,9 @@ def test_unchanged_inputs_reuse_everything(tmp_path: Path, inputs: tuple[Path, P
     assert _candidates(out) == before
 
 
-def test_tool_version_change_rebuilds(tmp_path: Path, inputs: tuple[Path, Path],
-                                      monkeypatch: pytest.MonkeyPatch) -> None:
+def test_tool_version_change_rebuilds(
+    tmp_path: Path, inputs: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
     model, images = inputs
     study = write_study(tmp_path, model=model, images=images)
     out = tmp_path / "out"

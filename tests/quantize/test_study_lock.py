@@ -43,8 +43,13 @@ class Holder:
     """A child process that opens the Study (taking its lock) and waits for a line on stdin."""
 
     def __init__(self, study_toml: Path) -> None:
-        self.proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(study_toml)], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", HOLDER, str(study_toml)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         self.expect("locked")
 
     def expect(self, word: str, timeout: float = 120.0) -> None:

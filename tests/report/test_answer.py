@@ -12,35 +12,79 @@ from tuneqn.controller.report.answer import Constraint, build_answer, format_ans
 N = 100
 
 
-def _res(device: str, loss: float, latency: tuple[float, float, float] | None = (10.0, 9.5, 10.5), *,
-         accuracy: float | None = None, status: str = "done", feasible: bool = True) -> dict[str, Any]:
+def _res(
+    device: str,
+    loss: float,
+    latency: tuple[float, float, float] | None = (10.0, 9.5, 10.5),
+    *,
+    accuracy: float | None = None,
+    status: str = "done",
+    feasible: bool = True,
+) -> dict[str, Any]:
     med, p10, p90 = latency if latency else (None, None, None)
-    return {"device": device, "status": status, "feasible": feasible, "agreement": 1.0 - loss,
-            "accuracy": accuracy, "latency_ms": med, "latency_p10_ms": p10, "latency_p90_ms": p90,
-            "num_samples": N}
+    return {
+        "device": device,
+        "status": status,
+        "feasible": feasible,
+        "agreement": 1.0 - loss,
+        "accuracy": accuracy,
+        "latency_ms": med,
+        "latency_p10_ms": p10,
+        "latency_p90_ms": p90,
+        "num_samples": N,
+    }
 
 
-def _cand(recipe: str, k: int, size: int, results: list[dict[str, Any]], *, runtime: bool = True,
-          level: str = "full") -> dict[str, Any]:
+def _cand(
+    recipe: str, k: int, size: int, results: list[dict[str, Any]], *, runtime: bool = True, level: str = "full"
+) -> dict[str, Any]:
     excluded = [f"conv_{i}" for i in range(k)][::-1]  # stored order is not the model's order
-    return {"id": f"net:{recipe}:{'fq' if k == 0 else f'x{recipe}{k}'}", "model": "net", "mode": recipe,
-            "recipe": recipe, "k": k, "label": f"measured k={k}", "excluded": excluded, "size_bytes": size,
-            "sha256": "s" * 64, "level": level, "results": results,
-            "runtime": {"ort_disabled_optimizers": ["WeightBiasQuantization"] if runtime and k else []}}
+    return {
+        "id": f"net:{recipe}:{'fq' if k == 0 else f'x{recipe}{k}'}",
+        "model": "net",
+        "mode": recipe,
+        "recipe": recipe,
+        "k": k,
+        "label": f"measured k={k}",
+        "excluded": excluded,
+        "size_bytes": size,
+        "sha256": "s" * 64,
+        "level": level,
+        "results": results,
+        "runtime": {"ort_disabled_optimizers": ["WeightBiasQuantization"] if runtime and k else []},
+    }
 
 
-def _report(cands: list[dict[str, Any]], *, devices: tuple[str, ...] = ("cpu",), settings: dict[str, Any] | None = None,
-            labelled: int = 0, fp32_latency: tuple[float, float, float] = (30.0, 29.0, 31.0)) -> dict[str, Any]:
+def _report(
+    cands: list[dict[str, Any]],
+    *,
+    devices: tuple[str, ...] = ("cpu",),
+    settings: dict[str, Any] | None = None,
+    labelled: int = 0,
+    fp32_latency: tuple[float, float, float] = (30.0, 29.0, 31.0),
+) -> dict[str, Any]:
     med, p10, p90 = fp32_latency
     return {
         "study": {"name": "t", "out_dir": "/studies/my out", "settings": settings or {}},
         "devices": [{"name": d} for d in devices],
         "models": [{"name": "net", "size_bytes": 20_000_000}],
         "dataset": {"eval_samples": N, "labelled_eval_samples": labelled},
-        "layers": [{"model": "net", "recipe": r, "name": f"conv_{i}", "index": i}
-                   for r in ("per-tensor", "per-channel") for i in range(30)],
-        "baselines": [{"model": "net", "device": d, "latency_ms": med, "latency_p10_ms": p10, "latency_p90_ms": p90,
-                       "accuracy": 0.8} for d in devices],
+        "layers": [
+            {"model": "net", "recipe": r, "name": f"conv_{i}", "index": i}
+            for r in ("per-tensor", "per-channel")
+            for i in range(30)
+        ],
+        "baselines": [
+            {
+                "model": "net",
+                "device": d,
+                "latency_ms": med,
+                "latency_p10_ms": p10,
+                "latency_p90_ms": p90,
+                "accuracy": 0.8,
+            }
+            for d in devices
+        ],
         "candidates": cands,
     }
 
@@ -116,8 +160,11 @@ def test_latency_ties_in_the_pick_are_the_fronts_rule() -> None:
 
 
 def test_nothing_meets_the_constraint_gives_the_lowest_loss_with_a_warning() -> None:
-    cands = [_cand("a", 0, 5_000_000, [_res("cpu", 0.09)]), _cand("a", 5, 9_000_000, [_res("cpu", 0.03)]),
-             _cand("a", 6, 8_000_000, [_res("cpu", 0.03)])]
+    cands = [
+        _cand("a", 0, 5_000_000, [_res("cpu", 0.09)]),
+        _cand("a", 5, 9_000_000, [_res("cpu", 0.03)]),
+        _cand("a", 6, 8_000_000, [_res("cpu", 0.03)]),
+    ]
     (pick,) = _picks(_report(cands))
     assert pick["met"] is False and pick["k"] == 6  # equal loss: the smaller file
     assert any(w.startswith("nothing meets the constraint") for w in pick["warnings"])
@@ -148,7 +195,10 @@ def test_cross_device_pick_uses_the_worst_device() -> None:
     ]
     picks = _picks(_report(cands, devices=("cpu", "phone"), fp32_latency=(60.0, 59.0, 61.0)))
     assert [(p["scope"], p["device"], p["k"]) for p in picks] == [
-        ("device", "cpu", 0), ("device", "phone", 2), ("cross-device", None, 2)]
+        ("device", "cpu", 0),
+        ("device", "phone", 2),
+        ("cross-device", None, 2),
+    ]
     cross = picks[2]
     assert cross["devices"] == ["cpu", "phone"] and cross["accuracy_loss"] == pytest.approx(0.01)
     assert cross["latency_ms"] == 40.0 and cross["latency_p90_ms"] == 41.0  # the slower device's
@@ -156,8 +206,10 @@ def test_cross_device_pick_uses_the_worst_device() -> None:
 
 
 def test_warnings_no_faster_within_noise_of_fq_small_sample_few_labels() -> None:
-    cands = [_cand("a", 0, 5_000_000, [_res("cpu", 0.02, accuracy=0.7)]),
-             _cand("a", 2, 6_000_000, [_res("cpu", 0.01, (29.5, 28.0, 31.0), accuracy=0.8)])]
+    cands = [
+        _cand("a", 0, 5_000_000, [_res("cpu", 0.02, accuracy=0.7)]),
+        _cand("a", 2, 6_000_000, [_res("cpu", 0.01, (29.5, 28.0, 31.0), accuracy=0.8)]),
+    ]
     (pick,) = _picks(_report(cands, labelled=14))
     text = "\n".join(pick["warnings"])
     assert "no faster than FP32 on cpu" in text
@@ -177,8 +229,9 @@ def test_warnings_no_faster_within_noise_of_fq_small_sample_few_labels() -> None
 def test_constraint_from_settings_falls_back_to_the_search_then_one_percent() -> None:
     assert Constraint.from_settings({}).max_loss == 0.01
     assert Constraint.from_settings({"search": {"max_loss": 0.02}}).max_loss == 0.02
-    c = Constraint.from_settings({"search": {"max_loss": 0.02}, "answer": {"max_loss": 0.005, "max_size_mb": 6,
-                                                                           "max_latency_ms": 20}})
+    c = Constraint.from_settings(
+        {"search": {"max_loss": 0.02}, "answer": {"max_loss": 0.005, "max_size_mb": 6, "max_latency_ms": 20}}
+    )
     assert c == Constraint(0.005, 6_000_000, 20.0)
 
 
@@ -206,16 +259,22 @@ def test_cross_device_pick_of_a_recipe_split_across_devices() -> None:
         _cand("qop.qdq", 3, 4_800_000, [_res("phone", 0.0)]),
     ]
     report = _report(cands, devices=("cpu", "phone"), fp32_latency=(60.0, 59.0, 61.0))
-    report["feasibility"] = [{"model": "net", "recipe": "qop", "device": "phone", "planned": "qop.qdq",
-                              "status": "adapted"},
-                             {"model": "net", "recipe": "qop", "device": "cpu", "planned": "qop", "status": "feasible"}]
+    report["feasibility"] = [
+        {"model": "net", "recipe": "qop", "device": "phone", "planned": "qop.qdq", "status": "adapted"},
+        {"model": "net", "recipe": "qop", "device": "cpu", "planned": "qop", "status": "feasible"},
+    ]
     picks = _picks(report)
     assert [(p["scope"], p["device"], p["k"]) for p in picks] == [
-        ("device", "cpu", 2), ("device", "phone", 0), ("cross-device", None, 2)]
+        ("device", "cpu", 2),
+        ("device", "phone", 0),
+        ("cross-device", None, 2),
+    ]
     cross = picks[2]
     assert cross["met"] is True and cross["candidate"] == "net:qop:xqop2"  # the part with the larger file
     assert [(p["recipe"], p["devices"], p["candidate"]) for p in cross["parts"]] == [
-        ("qop", ["cpu"], "net:qop:xqop2"), ("qop.qdq", ["phone"], "net:qop.qdq:fq")]
+        ("qop", ["cpu"], "net:qop:xqop2"),
+        ("qop.qdq", ["phone"], "net:qop.qdq:fq"),
+    ]
     assert cross["size_bytes"] == 4_500_000 and cross["accuracy_loss"] == pytest.approx(0.01)
     assert cross["latency_ms"] == 40.0  # the slower part's
     assert cross["export_command"] is None and "--candidate net:qop.qdq:fq" in cross["parts"][1]["export_command"]

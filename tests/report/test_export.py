@@ -87,8 +87,9 @@ def test_tune_ends_with_the_answer_and_report_has_answer_and_dataset(template: t
     assert (study / pick["file"]).is_file()
 
 
-def test_report_recomputes_the_answer_for_another_constraint(template: tuple[Path, str, Path], tmp_path: Path,
-                                                             capsys: pytest.CaptureFixture[str]) -> None:
+def test_report_recomputes_the_answer_for_another_constraint(
+    template: tuple[Path, str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     study = _copy(template, tmp_path / "s")
     assert main(["report", str(study), "--max-loss", "0.5", "--max-size-mb", "0.0095"]) == 0
     out = capsys.readouterr().out.rstrip().splitlines()
@@ -132,8 +133,9 @@ def test_export_from_a_read_only_study(template: tuple[Path, str, Path], tmp_pat
     assert _sidecar(dest)["candidate"] == report["answer"]["picks"][0]["candidate"]
 
 
-def test_export_best_exports_the_answers_pick_with_facts(template: tuple[Path, str, Path], tmp_path: Path,
-                                                        capsys: pytest.CaptureFixture[str]) -> None:
+def test_export_best_exports_the_answers_pick_with_facts(
+    template: tuple[Path, str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     study = template[0]
     dest = tmp_path / "pick.onnx"
     assert main(["export", str(study), "--best", "--device", "local", "--max-loss", "0.5", "-o", str(dest)]) == 0
@@ -199,8 +201,9 @@ def test_exported_float_layers_stay_float_in_a_plain_session(template: tuple[Pat
     assert _float_convs(default_graph) < 2
 
 
-def test_export_refuses_a_changed_candidate_file(template: tuple[Path, str, Path], tmp_path: Path,
-                                                 capsys: pytest.CaptureFixture[str]) -> None:
+def test_export_refuses_a_changed_candidate_file(
+    template: tuple[Path, str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     study = _copy(template, tmp_path / "s")
     cand = _candidate_with_float_layers(study)
     path = study / "candidates" / "wide" / "static" / f"{cand['id'].rsplit(':', 1)[-1]}.onnx"
@@ -221,10 +224,29 @@ def test_a_bare_k_matching_several_candidates_is_refused_with_the_choices(
     store = open_store(tmp_path)
     add_model(store)
     order = layers(4)
-    store.put_analysis("net", "static", "key", "f" * 64, 1.0, [
-        {"name": n, "op_type": "Conv", "index": i, "output": f"{n}_out", "fused_activation": "", "qdq_err": 1.0,
-         "xmodel_err": 1.0, "norm_qdq": 1.0, "norm_xmodel": 1.0, "score": 1.0, "rank": i + 1}
-        for i, n in enumerate(order)])
+    store.put_analysis(
+        "net",
+        "static",
+        "key",
+        "f" * 64,
+        1.0,
+        [
+            {
+                "name": n,
+                "op_type": "Conv",
+                "index": i,
+                "output": f"{n}_out",
+                "fused_activation": "",
+                "qdq_err": 1.0,
+                "xmodel_err": 1.0,
+                "norm_qdq": 1.0,
+                "norm_xmodel": 1.0,
+                "score": 1.0,
+                "rank": i + 1,
+            }
+            for i, n in enumerate(order)
+        ],
+    )
     paper = add_candidate(store, k=2, label="paper k=2", size=14_300_000)  # conv_0, conv_1
     measured = add_candidate(store, excluded=["conv_2", "conv_3"], label="measured k=2", size=5_930_000)
     add_search(store, "budget/measured", strategy="budget", ranking="measured")
@@ -247,8 +269,9 @@ def test_a_bare_k_matching_several_candidates_is_refused_with_the_choices(
         ro.close()
 
 
-def test_export_needs_candidate_or_best(template: tuple[Path, str, Path], tmp_path: Path,
-                                        capsys: pytest.CaptureFixture[str]) -> None:
+def test_export_needs_candidate_or_best(
+    template: tuple[Path, str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert main(["export", str(template[0]), "-o", str(tmp_path / "x.onnx")]) == 2
     assert "--best" in _one_line(capsys)
     assert main(["export", str(template[0]), "--best", "--cross-device", "-o", str(tmp_path / "x.onnx")]) == 2

@@ -218,8 +218,11 @@ def _contains(written: Any, given: Any) -> bool:
     if isinstance(given, dict):
         return isinstance(written, dict) and all(k in written and _contains(written[k], v) for k, v in given.items())
     if isinstance(given, list):
-        return isinstance(written, list) and len(written) == len(given) and all(
-            _contains(w, g) for w, g in zip(written, given, strict=True))
+        return (
+            isinstance(written, list)
+            and len(written) == len(given)
+            and all(_contains(w, g) for w, g in zip(written, given, strict=True))
+        )
     return written == given
 
 
@@ -318,8 +321,9 @@ def test_latency_difference_outside_the_noise_still_counts() -> None:
 def _sized(rows: list[tuple[int, float, float, float, float, float]]) -> dict[str, Any]:
     """One device, objectives loss, size, latency; rows (k, size, agreement, median, p10, p90)."""
     base = make_study()
-    base["objectives"] = [{"name": n, "direction": "min", "max": None, "min": None}
-                          for n in ("accuracy_loss", "size", "latency")]
+    base["objectives"] = [
+        {"name": n, "direction": "min", "max": None, "min": None} for n in ("accuracy_loss", "size", "latency")
+    ]
     base["devices"] = base["devices"][:1]
     by_k = {c["k"]: c for c in base["candidates"] if c["kind"] == "set"}
     base["candidates"] = []
@@ -341,8 +345,11 @@ NOISY_FAST = (3, 6_000_000, 0.90, 6.0, 1.0, 10.5)
 def test_a_noisy_fast_candidate_ties_no_other_pair() -> None:
     """k1 and k2 differ in latency beyond the noise: both are on front 1 whatever else was measured. Today's
     main tied them through the noisy k3 (both inside its p10–p90), so the smaller k1 pushed k2 off front 1."""
-    for rows in ([STABLE_SMALL, FAST_LARGE], [STABLE_SMALL, FAST_LARGE, NOISY_FAST],
-                 [NOISY_FAST, FAST_LARGE, STABLE_SMALL]):
+    for rows in (
+        [STABLE_SMALL, FAST_LARGE],
+        [STABLE_SMALL, FAST_LARGE, NOISY_FAST],
+        [NOISY_FAST, FAST_LARGE, STABLE_SMALL],
+    ):
         fronts = finalize_report(_sized(rows))["fronts"][0]["fronts"]
         assert set(fronts[0]) == {cid(1), cid(2)}, rows
     # the noisy one itself ties with both (its interval overlaps theirs) and is behind k1 and k2 in loss

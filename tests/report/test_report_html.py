@@ -149,8 +149,22 @@ def test_tables(written: tuple[dict[str, Any], dict[str, Path]]) -> None:
             "10.00",
             "30.00",
         ],
-        ["toynet", "static", "gpu", "paper k=2", "15.00", "20.00", "25.00", "4.00", "2.50", "10.00", "60.00",
-         "–", "–", "–"],
+        [
+            "toynet",
+            "static",
+            "gpu",
+            "paper k=2",
+            "15.00",
+            "20.00",
+            "25.00",
+            "4.00",
+            "2.50",
+            "10.00",
+            "60.00",
+            "–",
+            "–",
+            "–",
+        ],
     ]
     (infeasible,) = [t for t in page.tables if t["class"] == "infeasible"]
     assert infeasible["rows"][1:] == [
@@ -166,16 +180,28 @@ def test_tables(written: tuple[dict[str, Any], dict[str, Path]]) -> None:
     # per-device front tables: cpu fronts (k1 k3 k4 | k2 k5 E), gpu fronts (k0 k2 k3 | k4 | k5)
     fronts = [t for t in page.tables if t["rows"] and t["rows"][0][:3] == ["front", "candidate", "#excluded"]]
     assert [[r[:2] for r in t["rows"][1:]] for t in fronts] == [
-        [["1", "paper k=1"], ["1", "paper k=3"], ["1", "paper k=4"], ["2", "paper k=2"], ["2", "paper k=5"],
-         ["2", "keep <stem> & head"]],
+        [
+            ["1", "paper k=1"],
+            ["1", "paper k=3"],
+            ["1", "paper k=4"],
+            ["2", "paper k=2"],
+            ["2", "paper k=5"],
+            ["2", "keep <stem> & head"],
+        ],
         [["1", "paper k=0"], ["1", "paper k=2"], ["1", "paper k=3"], ["2", "paper k=4"], ["3", "paper k=5"]],
     ]
     # full candidate table: header rows + 7 candidates, 6 + 6 per device cells each
     (cands,) = [t for t in page.tables if t["class"] == "candidates"]
     assert cands["rows"][0][:6] == ["k", "label", "#excluded", "size (MB)", "searches", "screening"]
     assert len(cands["rows"]) == 2 + 7
-    assert cands["rows"][1][:6] == ["agreement (%, n = ?)", "accuracy (%, labelled samples only)", "latency (ms)",
-                                    "p10–p90 (ms)", "front", "status"]
+    assert cands["rows"][1][:6] == [
+        "agreement (%, n = ?)",
+        "accuracy (%, labelled samples only)",
+        "latency (ms)",
+        "p10–p90 (ms)",
+        "front",
+        "status",
+    ]
     assert all(len(r) == 6 + 2 * 6 for r in cands["rows"][2:])
     assert cands["rows"][3] == [
         "1",

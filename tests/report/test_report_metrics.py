@@ -52,8 +52,9 @@ def _fill(tmp: Path, order: list[tuple[str, str]], call_on_result: bool = True) 
 
 
 def _stored(store: Store) -> dict[tuple[str, str], tuple[Any, Any, Any]]:
-    return {(r["candidate_id"], r["device"]): (r["agreement"], r["accuracy"], r["accuracy_top5"])
-            for r in store.results()}
+    return {
+        (r["candidate_id"], r["device"]): (r["agreement"], r["accuracy"], r["accuracy_top5"]) for r in store.results()
+    }
 
 
 def _independent(
@@ -100,9 +101,9 @@ def test_order_of_arrival_gives_the_same_numbers(tmp_path: Path, order: str) -> 
     if order == "baseline_first":
         seq = ALL
     elif order == "baseline_last":
-        seq = ALL[len(DEVICES):] + ALL[: len(DEVICES)]
+        seq = ALL[len(DEVICES) :] + ALL[: len(DEVICES)]
     else:  # one device's baseline in the middle, the other's last
-        cands = ALL[len(DEVICES):]
+        cands = ALL[len(DEVICES) :]
         seq = cands[:3] + [ALL[0]] + cands[3:] + [ALL[1]]
     assert sorted(seq) == sorted(ALL)
     store = _fill(tmp_path / order, seq)
@@ -194,8 +195,10 @@ def test_baseline_and_result_arriving_on_two_threads(tmp_path: Path) -> None:
             except BaseException as exc:  # noqa: BLE001 - thread boundary: handed to the test thread
                 errors.append(exc)
 
-        threads = [threading.Thread(target=arrive, args=(cid, barrier, store, errors))
-                   for cid in (f"{MODEL}:fp32", CANDIDATES[0])]
+        threads = [
+            threading.Thread(target=arrive, args=(cid, barrier, store, errors))
+            for cid in (f"{MODEL}:fp32", CANDIDATES[0])
+        ]
         for t in threads:
             t.start()
         for t in threads:

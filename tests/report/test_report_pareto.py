@@ -139,8 +139,7 @@ def latency_table(draw: st.DrawFn) -> tuple[np.ndarray, list[Latency | None]]:
 def _tie_fronts_by_brute_force(F: np.ndarray, lat: list[Latency | None]) -> list[set[int]]:
     remaining, fronts = set(range(len(F))), []
     while remaining and len(fronts) < 3:
-        front = {i for i in remaining
-                 if not any(dominates(F[j], F[i], 1, lat[j], lat[i]) for j in remaining if j != i)}
+        front = {i for i in remaining if not any(dominates(F[j], F[i], 1, lat[j], lat[i]) for j in remaining if j != i)}
         fronts.append(front)
         remaining -= front
     return fronts

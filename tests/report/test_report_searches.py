@@ -35,14 +35,21 @@ SWEEP, GREEDY, TARGET = "sweep/paper", "greedy/measured", "target1%/measured"
 class _Study:
     """A store filled like the orchestrator fills it; candidates agree with FP32 on a chosen share of samples."""
 
-    def __init__(self, tmp: Path, n: int = 10, screen: int = 4, devices: tuple[str, ...] = ("cpu",),
-                 recipes: list[str] | None = None) -> None:
+    def __init__(
+        self,
+        tmp: Path,
+        n: int = 10,
+        screen: int = 4,
+        devices: tuple[str, ...] = ("cpu",),
+        recipes: list[str] | None = None,
+    ) -> None:
         self.n, self.screen = n, screen
         self.rng = np.random.default_rng(0)
         self.store = open_store(tmp, recipes=recipes)
         add_model(self.store, size=10 * MB)
-        add_eval_split(self.store, [int(x) for x in self.rng.integers(0, 10, n)], screen=screen,
-                       recipes=recipes or ["static"])
+        add_eval_split(
+            self.store, [int(x) for x in self.rng.integers(0, 10, n)], screen=screen, recipes=recipes or ["static"]
+        )
         self.base = predictions(n, self.rng)
         for dev in devices:
             add_device(self.store, dev)
@@ -55,13 +62,27 @@ class _Study:
         return t
 
     def full(self, cid: str, device: str, agreement: float, *, seconds: float = 2.0, at: float | None = None) -> None:
-        accuracy.on_result(self.store, add_result(self.store, cid, device, self._topk(agreement, self.n),
-                                                 seconds=seconds, finished_at=at))
+        accuracy.on_result(
+            self.store,
+            add_result(self.store, cid, device, self._topk(agreement, self.n), seconds=seconds, finished_at=at),
+        )
 
-    def screened(self, cid: str, device: str, agreement: float, *, seconds: float = 0.5,
-                 at: float | None = None) -> None:
-        accuracy.on_result(self.store, add_result(self.store, cid, device, self._topk(agreement, self.screen),
-                                                 level="screen", latency=None, seconds=seconds, finished_at=at))
+    def screened(
+        self, cid: str, device: str, agreement: float, *, seconds: float = 0.5, at: float | None = None
+    ) -> None:
+        accuracy.on_result(
+            self.store,
+            add_result(
+                self.store,
+                cid,
+                device,
+                self._topk(agreement, self.screen),
+                level="screen",
+                latency=None,
+                seconds=seconds,
+                finished_at=at,
+            ),
+        )
 
 
 def _cand(report: dict[str, Any], cid: str) -> dict[str, Any]:
@@ -91,26 +112,50 @@ def test_screening_results_are_never_on_a_front(tmp_path: Path) -> None:
     s.full(big, "cpu", 0.9, at=t0 + 4)
     # the FP32 model's newer screening job (pending) must not hide its full result
     s.store.add_job("tq-fp32-screen-again", f"{MODEL}:fp32", "cpu", "screen")
-    s.store.put_ranking(MODEL, "static", "measured", "", [
-        {"name": "conv_9", "gain": 0.25, "overlap_gain": 0.1, "bytes": 1000, "rank": 1},
-        {"name": "conv_8", "gain": 0.0, "overlap_gain": 0.0, "bytes": 2000, "rank": 2}])
+    s.store.put_ranking(
+        MODEL,
+        "static",
+        "measured",
+        "",
+        [
+            {"name": "conv_9", "gain": 0.25, "overlap_gain": 0.1, "bytes": 1000, "rank": 1},
+            {"name": "conv_8", "gain": 0.0, "overlap_gain": 0.0, "bytes": 2000, "rank": 2},
+        ],
+    )
 
     report = compute_report(s.store)
     assert [b["status"] for b in report["baselines"]] == ["done"]
     assert report["fronts"][0]["fronts"] == [[fq, big]]
-    assert report["recipe_fronts"] == [{"model": MODEL, "device": "cpu", "recipes": ["static"], "fronts": [[fq, big]],
-                                        "selected": report["recipe_fronts"][0]["selected"]}]
-    listed = {i["candidate"] for i in report["infeasible"]} | {c["id"] for x in report["cross_device"]
-                                                                 for c in x["candidates"]}
+    assert report["recipe_fronts"] == [
+        {
+            "model": MODEL,
+            "device": "cpu",
+            "recipes": ["static"],
+            "fronts": [[fq, big]],
+            "selected": report["recipe_fronts"][0]["selected"],
+        }
+    ]
+    listed = {i["candidate"] for i in report["infeasible"]} | {
+        c["id"] for x in report["cross_device"] for c in x["candidates"]
+    }
     assert tiny not in listed and built not in listed
     assert {x["selected"] for x in report["summary"]} <= {fq, big}
     assert report["summary"][0]["fq_candidate"] == fq
 
     t, b, f = _cand(report, tiny), _cand(report, built), _cand(report, fq)
     assert (t["level"], t["results"]) == ("screen", [])
-    assert t["screening"] == [{"device": "cpu", "status": "done", "agreement": 1.0,
-                               "accuracy": t["screening"][0]["accuracy"], "num_samples": s.screen, "seconds": 0.5,
-                               "finished_at": t0 + 2, "error": None}]
+    assert t["screening"] == [
+        {
+            "device": "cpu",
+            "status": "done",
+            "agreement": 1.0,
+            "accuracy": t["screening"][0]["accuracy"],
+            "num_samples": s.screen,
+            "seconds": 0.5,
+            "finished_at": t0 + 2,
+            "error": None,
+        }
+    ]
     assert t["proposed_by"] == [{"search": GREEDY, "label": "ranking +conv_9", "level": "screen"}]
     assert (b["level"], b["results"], b["screening"]) == ("build", [], [])
     assert f["level"] == "full" and f["screening"][0]["agreement"] == 0.5  # vs the FP32 screening result
@@ -120,7 +165,10 @@ def test_screening_results_are_never_on_a_front(tmp_path: Path) -> None:
     assert f["recipe"] == f["mode"] == "static"
     (ranking,) = report["rankings"]
     assert (ranking["recipe"], ranking["name"], [x["name"] for x in ranking["layers"]]) == (
-        "static", "measured", ["conv_9", "conv_8"])
+        "static",
+        "measured",
+        ["conv_9", "conv_8"],
+    )
 
     paths = write_full_report(s.store, tmp_path / "out")
     html = paths["html"].read_text(encoding="utf-8")
@@ -152,15 +200,19 @@ def test_fronts_compare_across_recipes(tmp_path: Path) -> None:
         s.full(cid, "phone", a)
     report = compute_report(s.store)
     assert [(f["recipe"], f["device"], f["fronts"]) for f in report["fronts"]] == [
-        ("per-tensor", "cpu", [[t, t3]]), ("per-tensor", "phone", [[t], [t3]]),
-        ("per-channel", "cpu", [[c, c1]]), ("per-channel", "phone", [[c], [c1]]),
+        ("per-tensor", "cpu", [[t, t3]]),
+        ("per-tensor", "phone", [[t], [t3]]),
+        ("per-channel", "cpu", [[c, c1]]),
+        ("per-channel", "phone", [[c], [c1]]),
     ]
     cpu, phone = report["recipe_fronts"]
     assert (cpu["model"], cpu["device"], cpu["recipes"]) == (MODEL, "cpu", ["per-tensor", "per-channel"])
     assert cpu["fronts"] == [[t, c, c1], [t3]]
     assert phone["fronts"] == [[t], [c], [c1]]
-    assert {cid: next(r["recipe_front"] for r in _cand(report, cid)["results"] if r["device"] == "cpu")
-            for cid in (t, t3, c, c1)} == {t: 1, t3: 2, c: 1, c1: 1}
+    assert {
+        cid: next(r["recipe_front"] for r in _cand(report, cid)["results"] if r["device"] == "cpu")
+        for cid in (t, t3, c, c1)
+    } == {t: 1, t3: 2, c: 1, c1: 1}
     assert [x["fq_candidate"] for x in report["summary"]] == [t, t, c, c]  # each recipe's own k = 0
 
     paths = write_full_report(s.store, tmp_path / "out")
@@ -183,8 +235,10 @@ def _ablation_study(tmp: Path) -> tuple[_Study, dict[str, str], dict[str, float]
       greedy {fq, C, D}: [0, .25) x (1.1 - .75) + [.25, 1) x (1.1 - .25) + [1, 1.1) x 1.1 = .0875 + .6375 + .11 = .835
     """
     s = _Study(tmp)
-    start = {SWEEP: add_search(s.store, SWEEP, strategy="sweep", ranking="paper"),
-             GREEDY: add_search(s.store, GREEDY, strategy="greedy", ranking="measured")}
+    start = {
+        SWEEP: add_search(s.store, SWEEP, strategy="sweep", ranking="paper"),
+        GREEDY: add_search(s.store, GREEDY, strategy="greedy", ranking="measured"),
+    }
     ids = {
         "fq": add_candidate(s.store, k=0, size=2 * MB, label="paper k=0"),
         "A": add_candidate(s.store, k=1, size=3 * MB, label="paper k=1"),
@@ -251,8 +305,22 @@ def test_ablation_hypervolume_counts_and_times(tmp_path: Path) -> None:
     by_name = {x["name"]: x for x in report["searches"]}
     assert list(by_name) == [SWEEP, GREEDY]
     for x in report["searches"]:
-        assert {"name", "strategy", "ranking", "recipe", "evaluations", "screenings", "seconds", "target",
-                "front_done_after_s", "found_after_s", "hypervolume", "hv_vs_sweep", "builds", "proposals"} <= set(x)
+        assert {
+            "name",
+            "strategy",
+            "ranking",
+            "recipe",
+            "evaluations",
+            "screenings",
+            "seconds",
+            "target",
+            "front_done_after_s",
+            "found_after_s",
+            "hypervolume",
+            "hv_vs_sweep",
+            "builds",
+            "proposals",
+        } <= set(x)
     g = by_name[GREEDY]
     assert (g["strategy"], g["ranking"], g["recipe"], g["recipes"]) == ("greedy", "measured", "static", ["static"])
     assert (g["evaluations"], g["screenings"], g["seconds"], g["target"], g["targets"]) == (3, 4, 8.0, None, None)
@@ -299,14 +367,36 @@ def test_target_is_the_smallest_candidate_within_the_loss_on_every_device(tmp_pa
     report = compute_report(s.store)
     target = next(x for x in report["searches"] if x["name"] == TARGET)
     assert target["max_loss"] == 0.01 and target["strategy"] == "target"
-    assert target["target"] == {"model": MODEL, "id": found, "recipe": "static", "label": "target step 2",
-                                "size_bytes": 3_500_000, "worst_agreement": pytest.approx(0.99),
-                                "found_after_s": pytest.approx(7.0), "parts": [], "devices": [
-                                    {"device": "cpu", "id": fails, "recipe": "static", "label": "target step 1",
-                                     "size_bytes": 3 * MB, "worst_agreement": 1.0, "found_after_s": pytest.approx(3.0)},
-                                    {"device": "phone", "id": found, "recipe": "static", "label": "target step 2",
-                                     "size_bytes": 3_500_000, "worst_agreement": 1.0,
-                                     "found_after_s": pytest.approx(7.0)}]}
+    assert target["target"] == {
+        "model": MODEL,
+        "id": found,
+        "recipe": "static",
+        "label": "target step 2",
+        "size_bytes": 3_500_000,
+        "worst_agreement": pytest.approx(0.99),
+        "found_after_s": pytest.approx(7.0),
+        "parts": [],
+        "devices": [
+            {
+                "device": "cpu",
+                "id": fails,
+                "recipe": "static",
+                "label": "target step 1",
+                "size_bytes": 3 * MB,
+                "worst_agreement": 1.0,
+                "found_after_s": pytest.approx(3.0),
+            },
+            {
+                "device": "phone",
+                "id": found,
+                "recipe": "static",
+                "label": "target step 2",
+                "size_bytes": 3_500_000,
+                "worst_agreement": 1.0,
+                "found_after_s": pytest.approx(7.0),
+            },
+        ],
+    }
     assert target["targets"] == [target["target"]]
     assert target["found_after_s"] == pytest.approx(7.0)
     assert target["front_done_after_s"] == pytest.approx(9.0)

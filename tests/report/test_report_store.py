@@ -33,8 +33,10 @@ from tuneqn.controller.store import Store
 
 REPORT_DIR = Path(__file__).parents[2] / "controller" / "report"
 N = 24
-SKIPPED = [{"file": "images/broken <1>.png", "reason": "cannot identify image file"},
-           {"file": "images/empty.jpg", "reason": "truncated"}]
+SKIPPED = [
+    {"file": "images/broken <1>.png", "reason": "cannot identify image file"},
+    {"file": "images/empty.jpg", "reason": "truncated"},
+]
 UNREACHABLE = "no live agent of device class phone for 30 s"
 
 
@@ -53,8 +55,12 @@ def _study(tmp: Path) -> Store:
     base = predictions(N, rng)
     k0 = base.copy()
     k0[: N // 2, 0] = (k0[: N // 2, 0] + 1) % 10  # half the samples change class
-    runs = [(f"{MODEL}:fp32", base, (9.0, 8.8, 9.4)), (cand_id(0), k0, (5.0, 4.9, 5.2)),
-            (cand_id(1), base, (6.0, 5.8, 6.4)), (cand_id(2), base, (6.3, 6.1, 6.6))]
+    runs = [
+        (f"{MODEL}:fp32", base, (9.0, 8.8, 9.4)),
+        (cand_id(0), k0, (5.0, 4.9, 5.2)),
+        (cand_id(1), base, (6.0, 5.8, 6.4)),
+        (cand_id(2), base, (6.3, 6.1, 6.6)),
+    ]
     for cid, topk, lat in runs:
         accuracy.on_result(store, add_result(store, cid, "cpu", topk, latency=lat))
     for cid in [f"{MODEL}:fp32"] + [cand_id(k) for k in range(3)]:
@@ -80,16 +86,47 @@ def test_report_json_from_the_store(store: Store, tmp_path: Path) -> None:
     assert path == tmp_path / "out" / "report.json"
     report = json.loads(path.read_text(encoding="utf-8"))
     # the stable keys of docs/reference.md (Report, Outputs)
-    for key in ("candidates", "summary", "fronts", "cross_device", "infeasible", "baselines", "layers",
-                "recipe_fronts", "searches", "ablation", "rankings"):
+    for key in (
+        "candidates",
+        "summary",
+        "fronts",
+        "cross_device",
+        "infeasible",
+        "baselines",
+        "layers",
+        "recipe_fronts",
+        "searches",
+        "ablation",
+        "rankings",
+    ):
         assert key in report, key
     for c in report["candidates"]:
-        assert {"model", "mode", "recipe", "k", "kind", "excluded", "size_bytes", "sha256", "results", "screening",
-                "proposed_by", "level"} <= set(c)
+        assert {
+            "model",
+            "mode",
+            "recipe",
+            "k",
+            "kind",
+            "excluded",
+            "size_bytes",
+            "sha256",
+            "results",
+            "screening",
+            "proposed_by",
+            "level",
+        } <= set(c)
         assert c["recipe"] == c["mode"] == "static" and c["kind"] == "set" and c["level"] == "full"
         for r in c["results"]:
-            assert {"device", "agreement", "accuracy", "latency_ms", "front", "status",
-                    "latency_p10_ms", "latency_p90_ms"} <= set(r)
+            assert {
+                "device",
+                "agreement",
+                "accuracy",
+                "latency_ms",
+                "front",
+                "status",
+                "latency_p10_ms",
+                "latency_p90_ms",
+            } <= set(r)
     assert report["skipped_inputs"] == SKIPPED  # each (file, reason) once, whatever the splits
     assert [(o["name"], o["unit"]) for o in report["objectives"]] == [("accuracy_loss", "fraction"), ("latency", "ms")]
 
@@ -109,8 +146,13 @@ def test_report_json_from_the_store(store: Store, tmp_path: Path) -> None:
         r = _result(report, cand_id(k), "phone")
         assert (r["status"], r["reason"], r["front"], r["feasible"]) == ("unreachable", UNREACHABLE, None, False)
         assert {"candidate": cand_id(k), "device": "phone", "reason": UNREACHABLE} in report["infeasible"]
-    assert report["fronts"][1] == {"model": MODEL, "mode": "static", "recipe": "static", "device": "phone",
-                                   "fronts": []}
+    assert report["fronts"][1] == {
+        "model": MODEL,
+        "mode": "static",
+        "recipe": "static",
+        "device": "phone",
+        "fronts": [],
+    }
 
 
 def test_full_report_shows_skipped_inputs_unreachable_and_dispersion(store: Store, tmp_path: Path) -> None:
@@ -170,7 +212,7 @@ def test_objectives_come_from_one_table(tmp_path: Path) -> None:
             continue
         text = path.read_text(encoding="utf-8")
         assert not re.search(r'"accuracy_top5"\s*[,:]\s*"?(min|max)', text), path
-        assert "Literal[\"accuracy_loss\"" not in text, path
+        assert 'Literal["accuracy_loss"' not in text, path
 
 
 @pytest.mark.heavy

@@ -35,17 +35,39 @@ WBQ_NOTE = 'run with ONNX Runtime session option disabled_optimizers=["WeightBia
 def _pick(device: str | None, k: int, **kw: Any) -> dict[str, Any]:
     """An answer pick as the answer helper writes it (CONTRACTS.md §2)."""
     pick = {
-        "scope": "device" if device else "cross-device", "model": "toynet", "device": device,
-        "devices": [device] if device else ["cpu", "gpu"], "met": True, "candidate": cand(k), "recipe": "static",
-        "label": f"paper k={k}", "k": k, "file": FILE, "sha256": "ab" * 32, "size_bytes": 5_000_000,
-        "fp32_size_bytes": 10_000_000, "fq_size_bytes": 2_500_000, "agreement": 0.9, "accuracy_loss": 0.1,
-        "n": 100, "loss_ci95": [0.0552, 0.1744], "accuracy": 0.857, "accuracy_n": 14, "fp32_accuracy": 0.857,
-        "latency_ms": 7.0, "latency_p10_ms": 6.75, "latency_p90_ms": 7.5, "fp32_latency_ms": 10.0,
-        "fp32_latency_p10_ms": 9.5, "fp32_latency_p90_ms": 10.5,
+        "scope": "device" if device else "cross-device",
+        "model": "toynet",
+        "device": device,
+        "devices": [device] if device else ["cpu", "gpu"],
+        "met": True,
+        "candidate": cand(k),
+        "recipe": "static",
+        "label": f"paper k={k}",
+        "k": k,
+        "file": FILE,
+        "sha256": "ab" * 32,
+        "size_bytes": 5_000_000,
+        "fp32_size_bytes": 10_000_000,
+        "fq_size_bytes": 2_500_000,
+        "agreement": 0.9,
+        "accuracy_loss": 0.1,
+        "n": 100,
+        "loss_ci95": [0.0552, 0.1744],
+        "accuracy": 0.857,
+        "accuracy_n": 14,
+        "fp32_accuracy": 0.857,
+        "latency_ms": 7.0,
+        "latency_p10_ms": 6.75,
+        "latency_p90_ms": 7.5,
+        "fp32_latency_ms": 10.0,
+        "fp32_latency_p10_ms": 9.5,
+        "fp32_latency_p90_ms": 10.5,
         "float_layers": [f"conv_{i}" for i in range(k)],
-        "runtime": {"ort_disabled_optimizers": ["WeightBiasQuantization"]}, "runtime_note": WBQ_NOTE,
+        "runtime": {"ort_disabled_optimizers": ["WeightBiasQuantization"]},
+        "runtime_note": WBQ_NOTE,
         "export_command": EXPORT if device else "tuneqn export /tmp/toy --best -o toynet.onnx",
-        "warnings": ["no faster than FP32 on gpu"] if device is None else [], "reason": None,
+        "warnings": ["no faster than FP32 on gpu"] if device is None else [],
+        "reason": None,
     }
     pick.update(kw)
     return pick
@@ -57,31 +79,53 @@ def full_report(*, devices: tuple[str, ...] = ("cpu", "gpu")) -> dict[str, Any]:
     base["devices"] = [d for d in base["devices"] if d["name"] in devices]
     base["devices"][0]["info"] = {"backend": "ort", "runtime_versions": {"onnxruntime": "1.32.0", "python": "3.11"}}
     if "gpu" in devices:
-        base["devices"][1]["info"] = {"backend": "tvm", "tvm_version": "0.20.0",
-                                      "runtime_versions": {"tvm": "0.20.0"}}
+        base["devices"][1]["info"] = {"backend": "tvm", "tvm_version": "0.20.0", "runtime_versions": {"tvm": "0.20.0"}}
     base["baselines"] = [b for b in base["baselines"] if b["device"] in devices]
     for c in base["candidates"]:
         c["results"] = [r for r in c["results"] if r["device"] in devices]
         c["runtime"] = {"ort_disabled_optimizers": ["WeightBiasQuantization"] if c["k"] else []}
-    base["models"][0]["notes"] = ["pre-processed", "WARNING: the FP32 model looks confused on the sample "
-                                  "(mean top-1 probability 0.08): check the preprocessing"]
+    base["models"][0]["notes"] = [
+        "pre-processed",
+        "WARNING: the FP32 model looks confused on the sample (mean top-1 probability 0.08): check the preprocessing",
+    ]
     base = finalize_report(base)  # the sections below are the contract's examples, not computed ones
-    base["dataset"] = {"eval_samples": 100, "labelled_eval_samples": 14, "calibration_samples": 20,
-                       "analysis_samples": 8, "screen_samples": 32, "preprocess": {"preset": "lite"},
-                       "preprocess_description": "lite: RGB, short side → 256 (bicubic), centre crop 224, "
-                                                 "(x − 127)/128, NCHW"}
+    base["dataset"] = {
+        "eval_samples": 100,
+        "labelled_eval_samples": 14,
+        "calibration_samples": 20,
+        "analysis_samples": 8,
+        "screen_samples": 32,
+        "preprocess": {"preset": "lite"},
+        "preprocess_description": "lite: RGB, short side → 256 (bicubic), centre crop 224, (x − 127)/128, NCHW",
+    }
     picks = [_pick(d, 3) for d in devices] + ([_pick(None, 4)] if len(devices) > 1 else [])
-    base["answer"] = {"constraint": {"max_loss": 0.1, "max_size_bytes": None, "max_latency_ms": None},
-                      "rule": "smallest file whose accuracy loss is ≤ 10 % on the device", "picks": picks}
-    base["recipe_selection"] = [{
-        "model": "toynet", "rule": "every preset's fully quantized model is evaluated; …",
-        "recipes": [
-            {"recipe": "static", "status": "searched", "reason": "on the front of the fully quantized models",
-             "fq_candidate": cand(0), "devices": [{"device": "cpu", "accuracy_loss": 0.4, "size_bytes": 2_500_000}]},
-            {"recipe": "per-channel", "status": "stopped", "reason": "dominated by static on cpu",
-             "fq_candidate": "toynet:per-channel:fq",
-             "devices": [{"device": "cpu", "accuracy_loss": 0.5, "size_bytes": 2_600_000}]},
-        ]}]
+    base["answer"] = {
+        "constraint": {"max_loss": 0.1, "max_size_bytes": None, "max_latency_ms": None},
+        "rule": "smallest file whose accuracy loss is ≤ 10 % on the device",
+        "picks": picks,
+    }
+    base["recipe_selection"] = [
+        {
+            "model": "toynet",
+            "rule": "every preset's fully quantized model is evaluated; …",
+            "recipes": [
+                {
+                    "recipe": "static",
+                    "status": "searched",
+                    "reason": "on the front of the fully quantized models",
+                    "fq_candidate": cand(0),
+                    "devices": [{"device": "cpu", "accuracy_loss": 0.4, "size_bytes": 2_500_000}],
+                },
+                {
+                    "recipe": "per-channel",
+                    "status": "stopped",
+                    "reason": "dominated by static on cpu",
+                    "fq_candidate": "toynet:per-channel:fq",
+                    "devices": [{"device": "cpu", "accuracy_loss": 0.5, "size_bytes": 2_600_000}],
+                },
+            ],
+        }
+    ]
     return base
 
 
@@ -93,8 +137,16 @@ def test_checked_in_json_schema_is_the_generated_one() -> None:
     assert SCHEMA_FILE.read_text(encoding="utf-8") == json_schema_text(), "run `make schema` and commit the result"
     schema = json.loads(SCHEMA_FILE.read_text(encoding="utf-8"))
     assert schema["additionalProperties"] is False
-    assert {"schema_version", "candidates", "fronts", "summary", "layers", "dataset", "answer",
-            "recipe_selection"} <= set(schema["properties"])
+    assert {
+        "schema_version",
+        "candidates",
+        "fronts",
+        "summary",
+        "layers",
+        "dataset",
+        "answer",
+        "recipe_selection",
+    } <= set(schema["properties"])
     assert SCHEMA_VERSION in schema["$comment"]
 
 
@@ -118,8 +170,9 @@ def test_reports_with_and_without_the_new_sections_validate(tmp_path: Path) -> N
     assert written["answer"]["picks"][0]["loss_ci95"] == [0.0552, 0.1744]
 
 
-@pytest.mark.parametrize("breakage", ["unknown top-level key", "unknown status", "pick scope", "pick extra key",
-                                      "size as text"])
+@pytest.mark.parametrize(
+    "breakage", ["unknown top-level key", "unknown status", "pick scope", "pick extra key", "size as text"]
+)
 def test_a_malformed_report_is_refused_and_nothing_is_written(tmp_path: Path, breakage: str) -> None:
     report = full_report()
     if breakage == "unknown top-level key":
@@ -217,8 +270,16 @@ def test_answer_box_comes_first_with_what_to_ship() -> None:
 def test_table_of_contents_links_every_section() -> None:
     page = _sections(render_html(full_report(), {}))
     assert page.toc[0] == "answer"
-    assert {"dataset", "recipe-selection", "runtime-options", "summary", "cross-device", "per-device",
-            "candidates", "devices"} <= set(page.toc)
+    assert {
+        "dataset",
+        "recipe-selection",
+        "runtime-options",
+        "summary",
+        "cross-device",
+        "per-device",
+        "candidates",
+        "devices",
+    } <= set(page.toc)
     assert set(page.toc) <= set(page.order)  # every link has its target
 
 
@@ -239,8 +300,10 @@ def test_runtime_option_is_named_with_the_candidates_that_need_it() -> None:
     html = render_html(full_report(), {})
     assert 'id="runtime-options"' in html
     text = " ".join(re.sub(r"<[^>]+>", " ", html).split())
-    assert ('toynet · static: 6 of 7 candidates need the ONNX Runtime session option '
-            'disabled_optimizers=["WeightBiasQuantization"]') in text.replace("&#34;", '"')
+    assert (
+        "toynet · static: 6 of 7 candidates need the ONNX Runtime session option "
+        'disabled_optimizers=["WeightBiasQuantization"]'
+    ) in text.replace("&#34;", '"')
     assert "InferenceSession(path, disabled_optimizers=" in html
 
 
@@ -294,14 +357,16 @@ addEventListener("load", () => {
 def test_answer_box_is_the_first_thing_a_browser_shows(tmp_path: Path) -> None:
     paths = write_report(full_report(), tmp_path / "out")
     probe_page = tmp_path / "probe.html"
-    probe_page.write_text(paths["html"].read_text(encoding="utf-8").replace("</body>", PROBE + "</body>"),
-                          encoding="utf-8")
+    probe_page.write_text(
+        paths["html"].read_text(encoding="utf-8").replace("</body>", PROBE + "</body>"), encoding="utf-8"
+    )
     proc = run_chromium(tmp_path, WINDOW, ["--dump-dom", probe_page.as_uri()])
     assert proc.returncode == 0, proc.stderr[-2000:]
     found = re.search(r'<pre id="probe">(.*?)</pre>', proc.stdout, re.S)
     assert found, proc.stdout[-2000:]
-    box = json.loads(found.group(1).replace("&quot;", '"').replace("&lt;", "<").replace("&gt;", ">")
-                     .replace("&amp;", "&"))
+    box = json.loads(
+        found.group(1).replace("&quot;", '"').replace("&lt;", "<").replace("&gt;", ">").replace("&amp;", "&")
+    )
     assert box["first"] == "answer" and box["visible"]
     assert 0 <= box["top"] < box["inner"] / 2, box  # starts in the top half of the first screen
     assert box["file_bottom"] < box["inner"], box  # the first pick's file is on the first screen
@@ -332,9 +397,12 @@ def _two_rankings() -> dict[str, Any]:
             continue
         c["proposed_by"] = [{"search": "sweep/paper", "label": c["label"], "level": "full"}]
         m = json.loads(json.dumps(c))
-        m.update(id=c["id"].replace("static:", "static:m"), label=f"measured k={c['k']}",
-                 size_bytes=c["size_bytes"] + 30_000,
-                 proposed_by=[{"search": "budget3/measured", "label": f"measured k={c['k']}", "level": "full"}])
+        m.update(
+            id=c["id"].replace("static:", "static:m"),
+            label=f"measured k={c['k']}",
+            size_bytes=c["size_bytes"] + 30_000,
+            proposed_by=[{"search": "budget3/measured", "label": f"measured k={c['k']}", "level": "full"}],
+        )
         m["results"][0]["agreement"] = (c["results"][0]["agreement"] or 0) + 0.002
         measured.append(m)
     base["candidates"] += measured
@@ -355,9 +423,10 @@ def test_tradeoff_plot_tells_the_rankings_apart_and_its_labels_do_not_overlap() 
     assert {t.get_text() for t in labels} & {"p3", "m3", "p1", "m1"}  # labels name the ranking
     boxes = [t.get_window_extent(renderer) for t in labels]
     for i, a in enumerate(boxes):
-        assert all(not a.overlaps(b) for b in boxes[i + 1:]), labels[i].get_text()
+        assert all(not a.overlaps(b) for b in boxes[i + 1 :]), labels[i].get_text()
     frame, legend_box = ax.get_window_extent(renderer), ax.get_legend().get_window_extent(renderer)
     assert not frame.overlaps(legend_box)  # the legend covers no point
-    objectives_legend = [t.get_text() for t in objectives_figure(report, "toynet", "static", "cpu").axes[0]
-                         .get_legend().get_texts()]
+    objectives_legend = [
+        t.get_text() for t in objectives_figure(report, "toynet", "static", "cpu").axes[0].get_legend().get_texts()
+    ]
     assert {"paper ranking (sweep/paper)", "measured ranking (budget3/measured)"} <= set(objectives_legend)

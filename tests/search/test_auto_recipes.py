@@ -27,11 +27,19 @@ from tuneqn.controller.search.gate import FqFailed, FqPoint, decide
 from tuneqn.controller.store import Store
 from tuneqn.controller.study import Study
 
-FAST = {"latency_repeats": 2, "latency_warmup": 1, "heartbeat_s": 0.5, "silent_after_s": 5.0,
-        "unreachable_grace_s": 1.0, "lease_timeout_s": 10.0, "device_wait_s": 30.0}
+FAST = {
+    "latency_repeats": 2,
+    "latency_warmup": 1,
+    "heartbeat_s": 0.5,
+    "silent_after_s": 5.0,
+    "unreachable_grace_s": 1.0,
+    "lease_timeout_s": 10.0,
+    "device_wait_s": 30.0,
+}
 
 
 # --------------------------------------------------------------------------- the rule (pure)
+
 
 def _p(size: int, wrong: set[int], n: int = 100) -> FqPoint:
     return FqPoint(size, n, frozenset(wrong))
@@ -42,22 +50,31 @@ def _status(points: dict[str, Any]) -> dict[str, str]:
 
 
 def test_a_point_on_the_front_continues_and_a_clearly_dominated_one_stops() -> None:
-    small_bad = _p(4_800_000, set(range(30)))          # smallest: on the front whatever its loss
-    big_good = _p(5_100_000, {1, 2})                   # most accurate: on the front
-    dominated = _p(5_100_500, set(range(3, 13)))       # larger than big_good, wrong on 10 others, right on 2
-    out = decide({"per-tensor": {"cpu": small_bad}, "per-channel": {"cpu": big_good},
-                  "per-channel-percentile": {"cpu": dominated}})
+    small_bad = _p(4_800_000, set(range(30)))  # smallest: on the front whatever its loss
+    big_good = _p(5_100_000, {1, 2})  # most accurate: on the front
+    dominated = _p(5_100_500, set(range(3, 13)))  # larger than big_good, wrong on 10 others, right on 2
+    out = decide(
+        {
+            "per-tensor": {"cpu": small_bad},
+            "per-channel": {"cpu": big_good},
+            "per-channel-percentile": {"cpu": dominated},
+        }
+    )
     assert [d.status for d in out] == ["searched", "searched", "stopped"]
     assert "per-channel" in out[2].reason and "clearly fewer" in out[2].reason and "cpu" in out[2].reason
 
 
 def test_a_point_behind_the_front_within_noise_continues() -> None:
     # 3 images more wrong and none fewer: b - c = 3 < 1.96 * sqrt(3): within the sample's noise
-    assert _status({"a": {"cpu": _p(100, {1})}, "b": {"cpu": _p(100, {1, 2, 3, 4})}}) == {"a": "searched",
-                                                                                          "b": "searched"}
+    assert _status({"a": {"cpu": _p(100, {1})}, "b": {"cpu": _p(100, {1, 2, 3, 4})}}) == {
+        "a": "searched",
+        "b": "searched",
+    }
     # 4 more: 4 > 1.96 * 2 -> clearly worse at no smaller size
-    assert _status({"a": {"cpu": _p(100, {1})}, "b": {"cpu": _p(100, {1, 2, 3, 4, 5})}}) == {"a": "searched",
-                                                                                             "b": "stopped"}
+    assert _status({"a": {"cpu": _p(100, {1})}, "b": {"cpu": _p(100, {1, 2, 3, 4, 5})}}) == {
+        "a": "searched",
+        "b": "stopped",
+    }
     # more wrong but on different images (b=5, c=3): not clearly worse
     assert _status({"a": {"cpu": _p(100, {1, 2, 3})}, "b": {"cpu": _p(100, {4, 5, 6, 7, 8})}})["b"] == "searched"
     # a smaller file stays whatever its loss
@@ -70,21 +87,30 @@ def test_equal_points_do_not_stop_each_other() -> None:
     finds 5.93 MB)."""
     same = _p(100, {3, 7})
     assert _status({"a": {"cpu": same}, "b": {"cpu": _p(110, {3, 7})}, "c": {"cpu": same}}) == {
-        "a": "searched", "b": "searched", "c": "searched"}
+        "a": "searched",
+        "b": "searched",
+        "c": "searched",
+    }
     # one image fewer wrong (a subset) at no larger size is within noise too
     assert _status({"a": {"cpu": _p(101, {3, 4})}, "b": {"cpu": _p(100, {3})}}) == {"a": "searched", "b": "searched"}
 
 
 def test_a_recipe_on_the_front_of_one_device_continues() -> None:
-    points = {"a": {"cpu": _p(100, set()), "gpu": _p(100, set(range(20)))},
-              "b": {"cpu": _p(100, set(range(20))), "gpu": _p(100, set())}}
+    points = {
+        "a": {"cpu": _p(100, set()), "gpu": _p(100, set(range(20)))},
+        "b": {"cpu": _p(100, set(range(20))), "gpu": _p(100, set())},
+    }
     assert _status(points) == {"a": "searched", "b": "searched"}
 
 
 def test_a_failed_fully_quantized_model_is_decided_without_that_device() -> None:
-    out = decide({"a": {"cpu": _p(100, set()), "npu": FqFailed("failed: out of memory")},
-                  "b": {"cpu": _p(100, set(range(10))), "npu": _p(100, set())},
-                  "c": {"cpu": FqFailed("infeasible: no QLinearConv"), "npu": FqFailed("unreachable: gone")}})
+    out = decide(
+        {
+            "a": {"cpu": _p(100, set()), "npu": FqFailed("failed: out of memory")},
+            "b": {"cpu": _p(100, set(range(10))), "npu": _p(100, set())},
+            "c": {"cpu": FqFailed("infeasible: no QLinearConv"), "npu": FqFailed("unreachable: gone")},
+        }
+    )
     by = {d.recipe: d for d in out}
     assert by["a"].status == "searched" and "npu" in by["a"].reason  # decided on cpu; npu named
     assert by["b"].status == "searched"  # alone on npu's front
@@ -99,18 +125,33 @@ def test_nothing_is_decided_while_a_point_is_not_final() -> None:
 
 # --------------------------------------------------------------------------- which recipes, which wins
 
+
 def test_auto_is_the_default_and_explicit_recipes_win(tmp_path: Path, assets: Path) -> None:
     assert QuantizationSpec().auto and QuantizationSpec(recipes="auto", modes=["static"]).auto
     assert not QuantizationSpec(modes=["static"]).auto
     assert not QuantizationSpec(recipes=[{"name": "pc", "per_channel": True}]).auto
-    assert QuantizationSpec().recipe_names()[:len(AUTO_RECIPES)] == list(AUTO_RECIPES)
+    assert QuantizationSpec().recipe_names()[: len(AUTO_RECIPES)] == list(AUTO_RECIPES)
     assert {"per-tensor", "per-channel"} <= set(AUTO_RECIPES)  # per-channel is always tried
 
     def args(**kw: Any) -> argparse.Namespace:
-        base = {"study": None, "model": str(assets / "cnn.onnx"), "images": str(assets / "images"),
-                "out": str(tmp_path / "o"), "mode": None, "format": None, "labels": None, "eval": None,
-                "calibration": None, "analysis": None, "recipe": None, "ranking": None, "strategy": None,
-                "budget": None, "max_loss": None, "no_compare": False}
+        base = {
+            "study": None,
+            "model": str(assets / "cnn.onnx"),
+            "images": str(assets / "images"),
+            "out": str(tmp_path / "o"),
+            "mode": None,
+            "format": None,
+            "labels": None,
+            "eval": None,
+            "calibration": None,
+            "analysis": None,
+            "recipe": None,
+            "ranking": None,
+            "strategy": None,
+            "budget": None,
+            "max_loss": None,
+            "no_compare": False,
+        }
         return argparse.Namespace(**{**base, **kw})
 
     # The quick form: auto unless --mode or --recipe says otherwise (issue 16: it searched per-tensor only).
@@ -150,6 +191,7 @@ def test_dynamic_is_tried_only_on_matmul_heavy_models(tmp_path: Path, assets: Pa
 
 # --------------------------------------------------------------------------- end to end
 
+
 def _selection(out: Path) -> list[dict[str, Any]]:
     return json.loads((out / "report.json").read_text())["recipe_selection"]
 
@@ -163,8 +205,13 @@ def test_auto_study_stops_dominated_recipes_and_resumes_to_the_same_decisions(tm
     x = np.random.default_rng(0).normal(size=(40, 32)).astype(np.float32)
     x[::8] *= 60
     np.save(tmp_path / "x.npy", x)
-    toml = write_study(tmp_path, model=assets / "mlp.onnx", images=tmp_path, quantization={"recipes": "auto"},
-                       evaluation={**FAST, "chunk_size": 1})
+    toml = write_study(
+        tmp_path,
+        model=assets / "mlp.onnx",
+        images=tmp_path,
+        quantization={"recipes": "auto"},
+        evaluation={**FAST, "chunk_size": 1},
+    )
     data = tomllib.loads(toml.read_text())
     data["dataset"] = {"tensors": str(tmp_path / "x.npy"), "eval": 24, "calibration": 12, "analysis": 4}
     toml.write_text(tomli_w.dumps(data))
@@ -200,8 +247,9 @@ def test_auto_study_stops_dominated_recipes_and_resumes_to_the_same_decisions(tm
     # are measured once; the twin takes that result and is never sent to the agent.
     by_file: dict[str, list[tuple[str, dict[str, Any], bytes, int]]] = {}
     for sha, jid, info, topk, attempts in con.execute(
-            "select c.sha256, r.job_id, r.info, r.topk, j.attempts from results r join candidates c "
-            "on c.id = r.candidate_id join jobs j on j.id = r.job_id where r.level = 'full'"):
+        "select c.sha256, r.job_id, r.info, r.topk, j.attempts from results r join candidates c "
+        "on c.id = r.candidate_id join jobs j on j.id = r.job_id where r.level = 'full'"
+    ):
         by_file.setdefault(sha, []).append((jid, json.loads(info), topk, attempts))
     twins = [rows for rows in by_file.values() if len(rows) > 1]
     assert len(twins) == 2  # the best cases of the min/max pair and of the percentile pair
@@ -226,9 +274,34 @@ def test_auto_study_stops_dominated_recipes_and_resumes_to_the_same_decisions(tm
 @pytest.mark.heavy
 def test_explicit_recipes_have_no_selection(tmp_path: Path, assets: Path) -> None:
     out = tmp_path / "out"
-    assert main(["tune", "--model", str(assets / "cnn.onnx"), "--images", str(assets / "images"), "--out", str(out),
-                 "--eval", "8", "--calibration", "8", "--analysis", "4", "--no-lab", "--recipe", "per-channel",
-                 "--strategy", "sweep", "--ranking", "paper", "--no-compare"]) == 0
+    assert (
+        main(
+            [
+                "tune",
+                "--model",
+                str(assets / "cnn.onnx"),
+                "--images",
+                str(assets / "images"),
+                "--out",
+                str(out),
+                "--eval",
+                "8",
+                "--calibration",
+                "8",
+                "--analysis",
+                "4",
+                "--no-lab",
+                "--recipe",
+                "per-channel",
+                "--strategy",
+                "sweep",
+                "--ranking",
+                "paper",
+                "--no-compare",
+            ]
+        )
+        == 0
+    )
     report = json.loads((out / "report.json").read_text())
     assert report["recipe_selection"] == []
     assert {c["recipe"] for c in report["candidates"]} == {"per-channel"}

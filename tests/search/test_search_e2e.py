@@ -21,18 +21,38 @@ from tuneqn.controller.farm.local import LocalAgent
 from tuneqn.controller.orchestrator import tune
 from tuneqn.controller.study import Study
 
-FAST = {"latency_repeats": 2, "latency_warmup": 1, "heartbeat_s": 0.5, "silent_after_s": 5.0,
-        "unreachable_grace_s": 1.0, "lease_timeout_s": 10.0, "device_wait_s": 30.0}
-SEARCH = {"strategy": "greedy", "ranking": "measured", "regain_every": 2, "screen_samples": 8,
-          "compare": [{"strategy": "budget", "ranking": "measured", "budget": 3},
-                      {"strategy": "target", "ranking": "measured", "max_loss": 0.0},
-                      {"strategy": "sweep", "ranking": "paper"}]}
+FAST = {
+    "latency_repeats": 2,
+    "latency_warmup": 1,
+    "heartbeat_s": 0.5,
+    "silent_after_s": 5.0,
+    "unreachable_grace_s": 1.0,
+    "lease_timeout_s": 10.0,
+    "device_wait_s": 30.0,
+}
+SEARCH = {
+    "strategy": "greedy",
+    "ranking": "measured",
+    "regain_every": 2,
+    "screen_samples": 8,
+    "compare": [
+        {"strategy": "budget", "ranking": "measured", "budget": 3},
+        {"strategy": "target", "ranking": "measured", "max_loss": 0.0},
+        {"strategy": "sweep", "ranking": "paper"},
+    ],
+}
 RECIPES = [{"name": "per-tensor", "mode": "static"}, {"name": "per-channel", "mode": "static", "per_channel": True}]
 
 
 def _study(tmp: Path, assets: Path) -> Path:
-    return write_study(tmp, model=assets / "wide.onnx", images=assets / "images", evaluation=FAST, search=SEARCH,
-                       quantization={"recipes": RECIPES})
+    return write_study(
+        tmp,
+        model=assets / "wide.onnx",
+        images=assets / "images",
+        evaluation=FAST,
+        search=SEARCH,
+        quantization={"recipes": RECIPES},
+    )
 
 
 def _proposals(out: Path) -> set[tuple[str, str, str]]:
@@ -66,8 +86,11 @@ def test_searches_resume_mid_search_to_the_same_outcome(tmp_path: Path, assets: 
         assert reference.failed == 0 and reference.done == reference.total
         cut_toml = _study(cut_dir, assets)
         db = cut_dir / "out" / "tuneqn.db"
-        proc = subprocess.Popen([sys.executable, "-m", "tuneqn.controller", "tune", str(cut_toml), "--agent",
-                                 agent.address], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "tuneqn.controller", "tune", str(cut_toml), "--agent", agent.address],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         deadline = time.monotonic() + 120
         done = 0
         while time.monotonic() < deadline and proc.poll() is None:
@@ -93,8 +116,13 @@ def test_searches_resume_mid_search_to_the_same_outcome(tmp_path: Path, assets: 
 @pytest.mark.heavy
 def test_every_evaluated_set_exports_bit_identically(tmp_path: Path, assets: Path) -> None:
     """Any candidate a search evaluated is reproduced by `tuneqn export` from its id or its label."""
-    study_toml = write_study(tmp_path, model=assets / "wide.onnx", images=assets / "images", evaluation=FAST,
-                             search={"strategy": "sweep", "ranking": "measured", "screen_samples": 8})
+    study_toml = write_study(
+        tmp_path,
+        model=assets / "wide.onnx",
+        images=assets / "images",
+        evaluation=FAST,
+        search={"strategy": "sweep", "ranking": "measured", "screen_samples": 8},
+    )
     assert main(["tune", str(study_toml)]) == 0
     out = tmp_path / "out"
     report = json.loads((out / "report.json").read_text())
@@ -109,8 +137,9 @@ def test_every_evaluated_set_exports_bit_identically(tmp_path: Path, assets: Pat
         assert exported_sha256(dest) == c["sha256"], which
 
 
-def test_unknown_recipe_and_missing_target_are_one_line_errors(tmp_path: Path, assets: Path,
-                                                               capsys: pytest.CaptureFixture[str]) -> None:
+def test_unknown_recipe_and_missing_target_are_one_line_errors(
+    tmp_path: Path, assets: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     study_toml = write_study(tmp_path, model=assets / "cnn.onnx", images=assets / "images")
     assert main(["tune", str(study_toml), "--recipe", "nope"]) == 2
     err = capsys.readouterr().err.strip()
@@ -126,10 +155,14 @@ def test_a_compared_search_of_one_recipe_searches_only_that_recipe(tmp_path: Pat
     """``recipes`` on a search: the paper's sweep beside the default search on the paper's recipe only (the
     demo's setting). Its proposals are of that recipe alone, every k of it; the main search covers both."""
     compare = [{"strategy": "sweep", "ranking": "paper", "recipes": ["per-tensor"]}]
-    study_toml = write_study(tmp_path, model=assets / "cnn.onnx", images=assets / "images", evaluation=FAST,
-                             search={"strategy": "budget", "ranking": "measured", "screen_samples": 8,
-                                     "compare": compare},
-                             quantization={"recipes": RECIPES})
+    study_toml = write_study(
+        tmp_path,
+        model=assets / "cnn.onnx",
+        images=assets / "images",
+        evaluation=FAST,
+        search={"strategy": "budget", "ranking": "measured", "screen_samples": 8, "compare": compare},
+        quantization={"recipes": RECIPES},
+    )
     assert main(["tune", str(study_toml)]) == 0
     con = sqlite3.connect(tmp_path / "out" / "tuneqn.db")
     modes: dict[str, set[str]] = {}
@@ -143,11 +176,17 @@ def test_a_compared_search_of_one_recipe_searches_only_that_recipe(tmp_path: Pat
     assert {s["name"] for s in report["searches"]} == {"budget/measured", "sweep/paper[per-tensor]"}
 
 
-def test_a_search_naming_an_unknown_recipe_is_a_one_line_error(tmp_path: Path, assets: Path,
-                                                               capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_search_naming_an_unknown_recipe_is_a_one_line_error(
+    tmp_path: Path, assets: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     compare = [{"strategy": "sweep", "ranking": "paper", "recipes": ["per-tensr"]}]
-    study_toml = write_study(tmp_path, model=assets / "cnn.onnx", images=assets / "images",
-                             search={"compare": compare}, quantization={"recipes": RECIPES})
+    study_toml = write_study(
+        tmp_path,
+        model=assets / "cnn.onnx",
+        images=assets / "images",
+        search={"compare": compare},
+        quantization={"recipes": RECIPES},
+    )
     assert main(["tune", str(study_toml)]) == 2
     err = capsys.readouterr().err.strip()
     assert "per-tensr" in err and "sweep/paper[per-tensr]" in err and "\n" not in err, err

@@ -50,9 +50,13 @@ class Problem:
         for device in sorted(self.damage):
             loss = self.loss(device, plan.excluded)
             agreement = 1.0 - loss if level == "full" else round((1.0 - loss) * SCREEN) / SCREEN
-            per[device] = {"agreement": agreement, "overlap": 1.0 - loss / 2, "accuracy": None,
-                           "accuracy_top5": None,
-                           "latency_ms": 10.0 + 0.5 * len(plan.excluded) if level == "full" else None}
+            per[device] = {
+                "agreement": agreement,
+                "overlap": 1.0 - loss / 2,
+                "accuracy": None,
+                "accuracy_top5": None,
+                "latency_ms": 10.0 + 0.5 * len(plan.excluded) if level == "full" else None,
+            }
         return Outcome(plan.id, self.size(plan.excluded), per)
 
 
@@ -81,9 +85,12 @@ def monotone_problem(n: int = 60) -> Problem:
     random.Random(7).shuffle(ranking)
     nbytes = {name: 60 + (i * 37) % 90 for i, name in enumerate(layers)}
     r = ranking
-    return Problem(layers, ranking, nbytes,
-                   damage={"cpu": {r[2]: 0.05, r[n // 3]: 0.03},
-                           "npu": {r[2]: 0.05, r[n // 3]: 0.03, r[3 * n // 4]: 0.02}})
+    return Problem(
+        layers,
+        ranking,
+        nbytes,
+        damage={"cpu": {r[2]: 0.05, r[n // 3]: 0.03}, "npu": {r[2]: 0.05, r[n // 3]: 0.03, r[3 * n // 4]: 0.02}},
+    )
 
 
 # --------------------------------------------------------------------------- study, farm and driver
@@ -206,10 +213,21 @@ def drive(strategy: Strategy, farm: Farm, stop_after: int | None = None) -> None
     raise RuntimeError("the strategy never ended")
 
 
-def setup(tmp_path: Path, problem: Problem, width: int = 2, seed: int = 0, objectives: tuple[str, ...] = (),
-          study_cls: type[FakeStudy] = FakeStudy, **search: Any) -> tuple[Strategy, Farm, FakeStudy]:
-    data: dict[str, Any] = {"models": [{"path": "m.onnx", "name": "m"}], "dataset": {"images": "images"},
-                            "quantization": {"modes": ["static"]}, "search": search}
+def setup(
+    tmp_path: Path,
+    problem: Problem,
+    width: int = 2,
+    seed: int = 0,
+    objectives: tuple[str, ...] = (),
+    study_cls: type[FakeStudy] = FakeStudy,
+    **search: Any,
+) -> tuple[Strategy, Farm, FakeStudy]:
+    data: dict[str, Any] = {
+        "models": [{"path": "m.onnx", "name": "m"}],
+        "dataset": {"images": "images"},
+        "quantization": {"modes": ["static"]},
+        "search": search,
+    }
     if objectives:
         data["objectives"] = [{"name": name} for name in objectives]
     cfg = parse_config(data, tmp_path)
@@ -239,6 +257,7 @@ def final_state(strategy: Strategy) -> Any:
 
 def front(points: dict[str, tuple[float, ...]]) -> set[str]:
     """Ids of the points no other point is at least as good as in every objective (all minimised)."""
+
     def covers(p: tuple[float, ...], q: tuple[float, ...]) -> bool:
         return all(a <= b for a, b in zip(p, q, strict=True)) and p != q
 
@@ -249,9 +268,14 @@ def full_front(problem: Problem, farm: Farm, ids: set[str]) -> set[str]:
     """The union over devices of the fronts (accuracy loss, size, latency) of ``ids``' full results."""
     out: set[str] = set()
     for device in sorted(problem.damage):
-        pts = {cid: (1.0 - farm.results[(cid, "full")].per_device[device]["agreement"],  # type: ignore[operator]
-                     float(farm.results[(cid, "full")].size_bytes),
-                     farm.results[(cid, "full")].per_device[device]["latency_ms"]) for cid in ids}
+        pts = {
+            cid: (
+                1.0 - farm.results[(cid, "full")].per_device[device]["agreement"],  # type: ignore[operator]
+                float(farm.results[(cid, "full")].size_bytes),
+                farm.results[(cid, "full")].per_device[device]["latency_ms"],
+            )
+            for cid in ids
+        }
         out |= front(pts)  # type: ignore[arg-type]
     return out
 
@@ -282,8 +306,15 @@ def _flat_budget(tmp_path: Path, noise: float, spread: float) -> int:
     base = monotone_problem(80)
     problem = FlatLatencyProblem(base.layers, base.error_ranking, base.nbytes, base.damage)
     problem.noise, problem.spread = noise, spread
-    budget, farm, _ = setup(tmp_path, problem, 2, objectives=("accuracy_loss", "size", "latency"),
-                            strategy="budget", ranking="paper", budget=len(problem.layers) + 1)
+    budget, farm, _ = setup(
+        tmp_path,
+        problem,
+        2,
+        objectives=("accuracy_loss", "size", "latency"),
+        strategy="budget",
+        ranking="paper",
+        budget=len(problem.layers) + 1,
+    )
     drive(budget, farm)
     return farm.answered["full"]
 
@@ -300,11 +331,13 @@ def test_budget_does_not_bisect_a_segment_flat_within_the_noise(tmp_path: Path) 
 def test_budget_finds_the_sweeps_front_with_30_percent_of_its_evaluations(tmp_path: Path, width: int) -> None:
     problem = monotone_problem(80)
     objectives = ("accuracy_loss", "size", "latency")
-    sweep, sweep_farm, _ = setup(tmp_path / "sweep", problem, width, objectives=objectives,
-                                 strategy="sweep", ranking="paper")
+    sweep, sweep_farm, _ = setup(
+        tmp_path / "sweep", problem, width, objectives=objectives, strategy="sweep", ranking="paper"
+    )
     drive(sweep, sweep_farm)
-    budget, farm, _ = setup(tmp_path / "budget", problem, width, objectives=objectives,
-                            strategy="budget", ranking="paper")
+    budget, farm, _ = setup(
+        tmp_path / "budget", problem, width, objectives=objectives, strategy="budget", ranking="paper"
+    )
     drive(budget, farm)
 
     assert sweep_farm.answered["full"] == len(problem.layers) + 1
@@ -341,8 +374,9 @@ def test_budget_builds_nothing_for_the_sizes_it_can_predict(tmp_path: Path, rank
     built, built_farm, _ = setup(tmp_path / "built", problem, 2, strategy="budget", ranking=ranking)
     drive(built, built_farm)
     assert built_farm.answered["build"] > 0
-    predicted, farm, _ = setup(tmp_path / "predicted", problem, 2, study_cls=PredictingStudy, strategy="budget",
-                               ranking=ranking)
+    predicted, farm, _ = setup(
+        tmp_path / "predicted", problem, 2, study_cls=PredictingStudy, strategy="budget", ranking=ranking
+    )
     drive(predicted, farm)
     assert farm.answered["build"] == 0
     assert fulls(farm) == fulls(built_farm)
@@ -379,8 +413,11 @@ def test_target_finds_the_smallest_set_and_confirms_it_in_full(tmp_path: Path) -
     confirmed = farm.results[(answer.id, "full")]
     assert confirmed.loss is not None and confirmed.loss <= 0.01 + 1e-9
     # it is the smallest of all sets that meet 1 % on both devices (exhaustively over 2^12 sets)
-    best = min(problem.size(tuple(s)) for s in _subsets(problem.layers)
-               if all(problem.loss(d, tuple(s)) <= 0.01 for d in problem.damage))
+    best = min(
+        problem.size(tuple(s))
+        for s in _subsets(problem.layers)
+        if all(problem.loss(d, tuple(s)) <= 0.01 for d in problem.damage)
+    )
     assert confirmed.size_bytes == best
     assert set(answer.excluded) not in [set(problem.error_ranking[:k]) for k in range(13)]
     assert farm.answered["full"] < 10
@@ -406,16 +443,20 @@ def test_target_on_many_small_losses_ends_in_a_set_no_layer_can_leave(tmp_path: 
     layers = [f"L{i:02d}" for i in range(40)]
     rng = random.Random(1)
     damage = {name: rng.choice([0.0, 0.0, 0.0, 0.002, 0.004, 0.01, 0.03]) for name in layers}
-    problem = Problem(layers, layers[::-1], {name: rng.randint(50, 5000) for name in layers},
-                      damage={"cpu": damage, "npu": damage})
+    problem = Problem(
+        layers, layers[::-1], {name: rng.randint(50, 5000) for name in layers}, damage={"cpu": damage, "npu": damage}
+    )
     target, farm, _ = setup(tmp_path, problem, 4, strategy="target", ranking=ranking, max_loss=0.01)
     drive(target, farm)
     answer = target.pairs[0].found()  # type: ignore[attr-defined]
     assert answer is not None and problem.loss("cpu", answer.excluded) <= 0.01
     for name in answer.excluded:
         assert problem.loss("cpu", tuple(x for x in answer.excluded if x != name)) > 0.01, name
-    meeting = [out.size_bytes for (cid, level), out in farm.results.items()
-               if level == "full" and out.loss is not None and out.loss <= 0.01 + 1e-9]
+    meeting = [
+        out.size_bytes
+        for (cid, level), out in farm.results.items()
+        if level == "full" and out.loss is not None and out.loss <= 0.01 + 1e-9
+    ]
     assert farm.results[(answer.id, "full")].size_bytes == min(meeting)
     assert farm.answered["full"] <= 1.5 * len(layers)  # a layer that could not leave is not tried again
 
@@ -431,8 +472,9 @@ def test_target_extends_a_misleading_order_by_measured_gains(tmp_path: Path) -> 
 
 
 def test_target_without_an_answer_is_done_with_none(tmp_path: Path) -> None:
-    target, farm, _ = setup(tmp_path, interaction_problem(), 2, strategy="target", ranking="paper",
-                            max_loss=0.01, max_k=2)
+    target, farm, _ = setup(
+        tmp_path, interaction_problem(), 2, strategy="target", ranking="paper", max_loss=0.01, max_k=2
+    )
     drive(target, farm)
     assert target.done() and target.pairs[0].found() is None  # type: ignore[attr-defined]
 
@@ -580,15 +622,16 @@ def test_a_resumed_search_takes_its_past_decisions_with_their_widths(tmp_path: P
     second = fresh(study, farm_b)
     drive(second, farm_b)
     assert not farm_b.stored  # everything stored was asked for again
-    assert _fulls_asked(second)[:len(before)] == before
-    assert [(r["step"], r["width"]) for r in study.store.search_widths()][:len(widths)] == \
-        [(r["step"], r["width"]) for r in widths]
+    assert _fulls_asked(second)[: len(before)] == before
+    assert [(r["step"], r["width"]) for r in study.store.search_widths()][: len(widths)] == [
+        (r["step"], r["width"]) for r in widths
+    ]
     # the record matters: the same results replayed without it at another width (1) decide otherwise
     blank, _, _ = setup(tmp_path / "blank", problem, 1, **search)
     other = Farm(problem, 1)
     other.results, other.sizes = dict(farm_a.results), dict(farm_a.sizes)
     blank = make_strategy(blank.run, SearchView(blank.view._study, other))  # type: ignore[attr-defined]
-    assert _fulls_asked(blank)[:len(before)] != before
+    assert _fulls_asked(blank)[: len(before)] != before
 
 
 @pytest.mark.parametrize("name", sorted(WIDTH_STRATEGIES))
@@ -699,13 +742,20 @@ class RankedFarm(Farm):
         return (self.ranks or {}).get(recipe, 0)
 
 
-def _two_recipe_budget(tmp_path: Path, ranked: bool, ranking: str = "paper",
-                       seed: int = 0) -> tuple[Strategy, RankedFarm, FakeStudy]:
+def _two_recipe_budget(
+    tmp_path: Path, ranked: bool, ranking: str = "paper", seed: int = 0
+) -> tuple[Strategy, RankedFarm, FakeStudy]:
     base = monotone_problem()
     problem = WorseB(base.layers, base.error_ranking, base.nbytes, base.damage)
-    cfg = parse_config({"models": [{"path": "m.onnx", "name": "m"}], "dataset": {"images": "images"},
-                        "quantization": {"modes": ["static"]},
-                        "search": {"strategy": "budget", "ranking": ranking}}, tmp_path)
+    cfg = parse_config(
+        {
+            "models": [{"path": "m.onnx", "name": "m"}],
+            "dataset": {"images": "images"},
+            "quantization": {"modes": ["static"]},
+            "search": {"strategy": "budget", "ranking": ranking},
+        },
+        tmp_path,
+    )
     study = TwoRecipeStudy(cfg, problem, Store(tmp_path / "tuneqn.db"))
     farm = RankedFarm(problem, 2, seed)
     farm.ranks = {"a": 0, "b": 1} if ranked else None

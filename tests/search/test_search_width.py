@@ -37,8 +37,9 @@ def local_agent(tmp: Path, name: str, device_class: str, devices: int, sim_ms: f
     from tuneqn.agent.config import AgentConfig
     from tuneqn.agent.server import AgentServer
 
-    backends = [OrtBackend(f"{name}{i}", device_class, simulated_latency_ms_per_sample=sim_ms)
-                for i in range(1, devices + 1)]
+    backends = [
+        OrtBackend(f"{name}{i}", device_class, simulated_latency_ms_per_sample=sim_ms) for i in range(1, devices + 1)
+    ]
     server = AgentServer(AgentConfig(state_dir=tmp / f"agent-{name}"), backends)
     server.start()
     try:
@@ -65,13 +66,19 @@ def _most_at_once(intervals: list[tuple[float, float]]) -> int:
 def _chosen_in_flight(db: Path) -> int:
     """How many of the budget's own choices (every full evaluation but its first and last: those two and
     FP32 always start together) ran at once, from the results' start and end times."""
-    ks = {cid: len(json.loads(excluded)) for cid, excluded in _rows(
-        db, "select c.id, c.excluded from proposals p join candidates c on c.id = p.candidate_id "
-            "where p.level = 'full' and c.kind != 'fp32'")}
+    ks = {
+        cid: len(json.loads(excluded))
+        for cid, excluded in _rows(
+            db,
+            "select c.id, c.excluded from proposals p join candidates c on c.id = p.candidate_id "
+            "where p.level = 'full' and c.kind != 'fp32'",
+        )
+    }
     inner = {cid for cid, k in ks.items() if min(ks.values()) < k < max(ks.values())}
     spans = []
-    for cid, info, finished in _rows(db, "select candidate_id, json_extract(info, '$.seconds'), finished_at "
-                                         "from results where level = 'full'"):
+    for cid, info, finished in _rows(
+        db, "select candidate_id, json_extract(info, '$.seconds'), finished_at from results where level = 'full'"
+    ):
         if cid in inner:
             spans.append((finished - info, finished))
     assert len(spans) >= 3, "the budget chose too few candidates to show its width"
@@ -82,8 +89,14 @@ def _chosen_in_flight(db: Path) -> int:
 def test_an_agent_with_three_devices_of_a_class_gets_three_evaluations_at_once(tmp_path: Path, assets: Path) -> None:
     """One agent fronting three devices of one class (a TVM agent with three phones): width 3, recorded per
     decision, and the budget's choices run together (one endpoint gave width 1 before: one at a time)."""
-    study = write_study(tmp_path, model=assets / "cnn.onnx", images=assets / "images", evaluation=FAST,
-                        search=SEARCH, objectives=OBJECTIVES)
+    study = write_study(
+        tmp_path,
+        model=assets / "cnn.onnx",
+        images=assets / "images",
+        evaluation=FAST,
+        search=SEARCH,
+        objectives=OBJECTIVES,
+    )
     db = tmp_path / "out" / "tuneqn.db"
     with local_agent(tmp_path, "phone", "phones", 3, 60.0) as server:
         outcome = run_bounded(240, study, [Endpoint(address=server.address)], info_poll_s=0.2)
@@ -118,8 +131,9 @@ def test_the_screening_sample_is_kept_when_a_class_is_gone_on_resume(tmp_path: P
     """The screening sample is chosen from classes A and B (B's arithmetic differs from A's on some samples);
     rerun with only A connected, the study screens on the same sample (recomputing it from A alone would
     choose another one and change what the searches see)."""
-    study_toml = write_study(tmp_path, model=assets / "wide.onnx", images=assets / "images", evaluation=FAST,
-                             search=SEARCH)
+    study_toml = write_study(
+        tmp_path, model=assets / "wide.onnx", images=assets / "images", evaluation=FAST, search=SEARCH
+    )
     db = tmp_path / "out" / "tuneqn.db"
     cfg = load_config(study_toml)
     prepared = Study(cfg)
@@ -135,8 +149,11 @@ def test_the_screening_sample_is_kept_when_a_class_is_gone_on_resume(tmp_path: P
         if spec is not None and spec.model_sha256 != fp32_sha:
             swap_top2(result, differs_on)
 
-    with local_agent(tmp_path, "a", "A", 1, 0.0) as a, local_agent(tmp_path, "b", "B", 1, 0.0) as b, \
-            DeviceProxy(b.address) as proxy_b:
+    with (
+        local_agent(tmp_path, "a", "A", 1, 0.0) as a,
+        local_agent(tmp_path, "b", "B", 1, 0.0) as b,
+        DeviceProxy(b.address) as proxy_b,
+    ):
         proxy_b.rewrite_result = device_b
         first = run_bounded(240, study_toml, [Endpoint(address=a.address), Endpoint(address=proxy_b.address)])
         assert first.failed == 0
@@ -144,13 +161,22 @@ def test_the_screening_sample_is_kept_when_a_class_is_gone_on_resume(tmp_path: P
         assert classes == '["A", "B"]'
         items = _rows(db, "select items from datasets where split like '%/screen/%'")
         # precondition: A's results alone choose another sample
-        fq = _rows(db, "select r.device, r.topk, r.num_samples, r.top_k from results r join candidates c "
-                       "on c.id = r.candidate_id where c.mode = ? and c.excluded = '[]' and r.level = 'full'",
-                   [recipe])
-        base = _rows(db, "select r.device, r.topk, r.num_samples, r.top_k from results r join candidates c "
-                         "on c.id = r.candidate_id where c.kind = 'fp32'")
-        arrays = {(dev, i): np.frombuffer(t, "<i4").reshape(n, k) for i, rows in enumerate((fq, base))
-                  for dev, t, n, k in rows}
+        fq = _rows(
+            db,
+            "select r.device, r.topk, r.num_samples, r.top_k from results r join candidates c "
+            "on c.id = r.candidate_id where c.mode = ? and c.excluded = '[]' and r.level = 'full'",
+            [recipe],
+        )
+        base = _rows(
+            db,
+            "select r.device, r.topk, r.num_samples, r.top_k from results r join candidates c "
+            "on c.id = r.candidate_id where c.kind = 'fp32'",
+        )
+        arrays = {
+            (dev, i): np.frombuffer(t, "<i4").reshape(n, k)
+            for i, rows in enumerate((fq, base))
+            for dev, t, n, k in rows
+        }
         both = screen_positions([arrays[("A", 0)], arrays[("B", 0)]], [arrays[("A", 1)], arrays[("B", 1)]], 4)
         alone = screen_positions([arrays[("A", 0)]], [arrays[("A", 1)]], 4)
         assert json.loads(kept) == both and alone != both
@@ -169,8 +195,14 @@ def test_a_study_started_with_a_fixed_width_keeps_it(tmp_path: Path, assets: Pat
     deciding with that width, so a resumed study replays them as they were."""
     from tuneqn.controller.store import Store
 
-    study = write_study(tmp_path, model=assets / "cnn.onnx", images=assets / "images", evaluation=FAST,
-                        search=SEARCH, objectives=OBJECTIVES)
+    study = write_study(
+        tmp_path,
+        model=assets / "cnn.onnx",
+        images=assets / "images",
+        evaluation=FAST,
+        search=SEARCH,
+        objectives=OBJECTIVES,
+    )
     db = tmp_path / "out" / "tuneqn.db"
     old = Store(db)
     old.set_meta("search_concurrency", "2")
@@ -191,8 +223,14 @@ def test_a_search_killed_three_wide_resumes_one_wide_and_replays_with_any_width(
     import sys
     import time
 
-    study = write_study(tmp_path, model=assets / "cnn.onnx", images=assets / "images", evaluation=FAST,
-                        search=SEARCH, objectives=OBJECTIVES)
+    study = write_study(
+        tmp_path,
+        model=assets / "cnn.onnx",
+        images=assets / "images",
+        evaluation=FAST,
+        search=SEARCH,
+        objectives=OBJECTIVES,
+    )
     db = tmp_path / "out" / "tuneqn.db"
 
     def widths() -> list[tuple[Any, ...]]:
@@ -202,8 +240,11 @@ def test_a_search_killed_three_wide_resumes_one_wide_and_replays_with_any_width(
             return []
 
     with local_agent(tmp_path, "phone", "phones", 3, 50.0) as server:
-        proc = subprocess.Popen([sys.executable, "-m", "tuneqn.controller", "tune", str(study), "--agent",
-                                 server.address], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "tuneqn.controller", "tune", str(study), "--agent", server.address],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and proc.poll() is None and not widths():
             time.sleep(0.05)  # polling the checkpoint for a condition
@@ -216,8 +257,8 @@ def test_a_search_killed_three_wide_resumes_one_wide_and_replays_with_any_width(
             resumed = run_bounded(240, study, [Endpoint(address=proxy.address)], info_poll_s=0.2)
         assert resumed.failed == 0 and resumed.done == resumed.total
         after = widths()
-        assert after[:len(before)] == before and len(after) > len(before)
-        assert {w for *_, w in after[len(before):]} == {1}
+        assert after[: len(before)] == before and len(after) > len(before)
+        assert {w for *_, w in after[len(before) :]} == {1}
         proposals = _rows(db, "select search, candidate_id, level from proposals order by search, seq")
         again = run_bounded(120, study, [Endpoint(address=server.address)], info_poll_s=0.2)
     assert again.submitted_here == 0 and again.done == again.total == resumed.total

@@ -112,9 +112,22 @@ def test_every_code_name_the_architecture_document_cites_exists() -> None:
 def test_the_check_catches_a_wrong_name() -> None:
     mods = _modules()
     classes = {"StudyRun": [vars(mods["tuneqn.controller.orchestrator"])["StudyRun"]]}
-    for wrong in ("Orchestrator._priority", "StudyRun._no_such_method", "metrics.no_such_function",
-                  "farm.board.no_such_name", "search.no_such_key", "JobSpec.no_such_field", "no_such_module.py"):
+    for wrong in (
+        "Orchestrator._priority",
+        "StudyRun._no_such_method",
+        "metrics.no_such_function",
+        "farm.board.no_such_name",
+        "search.no_such_key",
+        "JobSpec.no_such_field",
+        "no_such_module.py",
+    ):
         assert _missing(wrong, mods, classes), wrong
-    for right in ("StudyRun._priority", "accuracy.on_result", "search.layer_op_types", "JobSpec.backend_options",
-                  "study.py", "store.put_result"):
+    for right in (
+        "StudyRun._priority",
+        "accuracy.on_result",
+        "search.layer_op_types",
+        "JobSpec.backend_options",
+        "study.py",
+        "store.put_result",
+    ):
         assert not _missing(right, mods, classes), right

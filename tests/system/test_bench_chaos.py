@@ -22,13 +22,24 @@ from tuneqn.controller.store import Store  # noqa: E402
 
 def _report(cpu_front: list[list[str]], cpu_pick: str | None, met: bool = True) -> dict[str, Any]:
     return {
-        "fronts": [{"model": "m", "mode": "per-tensor", "recipe": "per-tensor", "device": "cpu", "fronts": cpu_front},
-                   {"model": "m", "mode": "per-tensor", "recipe": "per-tensor", "device": "phone",
-                    "fronts": [["m:per-tensor:fq"]]}],
+        "fronts": [
+            {"model": "m", "mode": "per-tensor", "recipe": "per-tensor", "device": "cpu", "fronts": cpu_front},
+            {
+                "model": "m",
+                "mode": "per-tensor",
+                "recipe": "per-tensor",
+                "device": "phone",
+                "fronts": [["m:per-tensor:fq"]],
+            },
+        ],
         "cross_device": [{"model": "m", "mode": "per-tensor", "recipe": "per-tensor", "fronts": [["a", "b"]]}],
         "recipe_fronts": [{"model": "m", "device": "cpu", "fronts": cpu_front}],
-        "answer": {"picks": [{"scope": "device", "model": "m", "device": "cpu", "candidate": cpu_pick, "met": met},
-                             {"scope": "cross-device", "model": "m", "candidate": "a", "met": True}]},
+        "answer": {
+            "picks": [
+                {"scope": "device", "model": "m", "device": "cpu", "candidate": cpu_pick, "met": met},
+                {"scope": "cross-device", "model": "m", "candidate": "a", "met": True},
+            ]
+        },
     }
 
 
@@ -38,12 +49,16 @@ def test_equal_means_the_same_front_members_per_level_and_the_same_picks() -> No
     assert chaos.differences(ref, chaos.outcome(_report([["b", "a"], ["c"]], "a"))) == []
     # a member moved to another level, another pick, a pick that no longer meets the constraint
     moved = chaos.differences(ref, chaos.outcome(_report([["a"], ["b", "c"]], "a")))
-    assert moved == ["fronts m/per-tensor@cpu: [['a'], ['b', 'c']] (reference [['a', 'b'], ['c']])",
-                     "recipe fronts m@cpu: [['a'], ['b', 'c']] (reference [['a', 'b'], ['c']])"]
+    assert moved == [
+        "fronts m/per-tensor@cpu: [['a'], ['b', 'c']] (reference [['a', 'b'], ['c']])",
+        "recipe fronts m@cpu: [['a'], ['b', 'c']] (reference [['a', 'b'], ['c']])",
+    ]
     assert chaos.differences(ref, chaos.outcome(_report([["a", "b"], ["c"]], "c"))) == [
-        "answer m@cpu: ('c', True) (reference ('a', True))"]
+        "answer m@cpu: ('c', True) (reference ('a', True))"
+    ]
     assert chaos.differences(ref, chaos.outcome(_report([["a", "b"], ["c"]], "a", met=False))) == [
-        "answer m@cpu: ('a', False) (reference ('a', True))"]
+        "answer m@cpu: ('a', False) (reference ('a', True))"
+    ]
     # a run without a report (it hung or failed before writing one) differs everywhere
     missing = chaos.differences(ref, chaos.outcome({}))
     assert len(missing) == 6 and all(line.endswith(": missing") for line in missing)
@@ -53,8 +68,9 @@ def test_a_tie_on_size_and_loss_is_named() -> None:
     report = _report([["a"]], "a")
     report["answer"]["picks"][0].update(size_bytes=100, agreement=0.9)
     report["candidates"] = [
-        {"id": cid, "model": "m", "size_bytes": 100,
-         "results": [{"device": "cpu", "status": "done", "agreement": 0.9}]} for cid in ("a", "b")]
+        {"id": cid, "model": "m", "size_bytes": 100, "results": [{"device": "cpu", "status": "done", "agreement": 0.9}]}
+        for cid in ("a", "b")
+    ]
     assert chaos.ties_on_size_and_loss(report) == ["m@cpu"]
     report["candidates"][1]["size_bytes"] = 101
     assert chaos.ties_on_size_and_loss(report) == []
@@ -62,8 +78,17 @@ def test_a_tie_on_size_and_loss_is_named() -> None:
 
 def _result(store: Store, job_id: str, candidate: str, level: str = "full") -> None:
     store.add_job(job_id, candidate, "cpu", level=level)
-    assert store.put_result({"job_id": job_id, "candidate_id": candidate, "device": "cpu", "agent": "x#cpu",
-                             "level": level, "split": "eval", "finished_at": time.time()})
+    assert store.put_result(
+        {
+            "job_id": job_id,
+            "candidate_id": candidate,
+            "device": "cpu",
+            "agent": "x#cpu",
+            "level": level,
+            "split": "eval",
+            "finished_at": time.time(),
+        }
+    )
 
 
 def test_lost_duplicated_and_unfinished_jobs_are_read_from_real_stores(tmp_path: Path) -> None:
@@ -107,8 +132,9 @@ def test_a_short_run_with_faults_is_measured_and_compared(tmp_path: Path, capsys
     # ORT jobs of 10 ms per sample (the bench's 40 ms makes a job last a second, for faults to hit mid-job over 12
     # runs): the faulted run is ~4 s shorter and still ends seconds after its second fault (seed 3: at ~4 s, a
     # controller SIGKILL whose rerun prepares and evaluates again); what is asserted does not depend on the length
-    code = chaos.main(["--runs", "1", "--faults", "2", "--fault-every", "2", "--seed", "3", "--sim-ms", "10",
-                       "--workdir", str(work)])
+    code = chaos.main(
+        ["--runs", "1", "--faults", "2", "--fault-every", "2", "--seed", "3", "--sim-ms", "10", "--workdir", str(work)]
+    )
     out = capsys.readouterr().out
     assert re.search(r"^reference: [\d.]+ s, exit 0, controller started 1x, [1-9]\d* results$", out, re.M), out
     assert "run 1: " in out and "total: 1 runs, 2 faults" in out, out

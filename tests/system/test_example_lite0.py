@@ -14,9 +14,25 @@ pytestmark = pytest.mark.slow
 
 
 def test_lite0_static_ranking(example_dir: Path, tmp_path: Path) -> None:
-    rc = main(["analyze", "--model", str(example_dir / "model.onnx"), "--images", str(example_dir / "images"),
-               "--out", str(tmp_path / "out"), "--calibration", "16", "--eval", "40", "--analysis", "4",
-               "--mode", "static"])
+    rc = main(
+        [
+            "analyze",
+            "--model",
+            str(example_dir / "model.onnx"),
+            "--images",
+            str(example_dir / "images"),
+            "--out",
+            str(tmp_path / "out"),
+            "--calibration",
+            "16",
+            "--eval",
+            "40",
+            "--analysis",
+            "4",
+            "--mode",
+            "static",
+        ]
+    )
     assert rc == 0
     layers = json.loads((tmp_path / "out" / "layers.json").read_text())
     assert len(layers) == 50  # 49 Conv + 1 Gemm
@@ -41,17 +57,36 @@ def test_lite0_measured_search_beats_the_paper_ranking(example_dir: Path, tmp_pa
     # Greedy reaches >= 0.98 agreement at its third step (measured: 0.93, 0.95, 0.97, 0.98, 0.99 at k = 0 … 4;
     # without a cap it stops after a fourth round): three rounds say all this test asserts, a fourth adds 47 screens.
     # Screens on 16 photos instead of 32 (a third less CPU): the same ranking's top and the same steps (measured).
-    text = re.sub(r"^\[search\].*$", "[search]\nmax_k = 3\nscreen_samples = 16",
-                  (example_dir.parent / "study.toml").read_text(), flags=re.M)
+    text = re.sub(
+        r"^\[search\].*$",
+        "[search]\nmax_k = 3\nscreen_samples = 16",
+        (example_dir.parent / "study.toml").read_text(),
+        flags=re.M,
+    )
     study.write_text(
-        text.replace('"work/', f'"{example_dir}/')
-        .replace('out_dir = "../../out/lite0"', f'out_dir = "{tmp_path / "out"}"')
+        text.replace('"work/', f'"{example_dir}/').replace(
+            'out_dir = "../../out/lite0"', f'out_dir = "{tmp_path / "out"}"'
+        )
         # latency is not what this test checks: one timed run per evaluation instead of 3 + 20, on one
         # ONNX Runtime thread (a second one only spins on a two-core machine running two tests)
         + "\n[evaluation]\nlatency_warmup = 0\nlatency_repeats = 1\nintra_op_threads = 1\n"
     )
-    assert main(["tune", str(study), "--recipe", "per-tensor", "--strategy", "greedy", "--ranking", "measured",
-                 "--no-compare"]) == 0
+    assert (
+        main(
+            [
+                "tune",
+                str(study),
+                "--recipe",
+                "per-tensor",
+                "--strategy",
+                "greedy",
+                "--ranking",
+                "measured",
+                "--no-compare",
+            ]
+        )
+        == 0
+    )
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     # a measured search runs no error analysis: the paper's ranking of the same study comes from `tuneqn analyze`
     assert main(["analyze", str(study), "--recipe", "per-tensor", "--no-compare"]) == 0
@@ -61,7 +96,10 @@ def test_lite0_measured_search_beats_the_paper_ranking(example_dir: Path, tmp_pa
     assert {"/_conv_stem/Conv", "/_blocks.0/_depthwise_conv/Conv"} & set(top)
     assert paper.index("/_conv_stem/Conv") >= 40 and paper.index("/_blocks.0/_depthwise_conv/Conv") >= 40
     fq = next(c for c in report["candidates"] if c["k"] == 0)
-    full = [(c["size_bytes"], c["results"][0]["agreement"]) for c in report["candidates"]
-            if c["level"] == "full" and c["results"] and c["results"][0]["agreement"] is not None]
+    full = [
+        (c["size_bytes"], c["results"][0]["agreement"])
+        for c in report["candidates"]
+        if c["level"] == "full" and c["results"] and c["results"][0]["agreement"] is not None
+    ]
     best = min(size for size, agreement in full if agreement >= 0.98)
     assert best <= fq["size_bytes"] * 1.01  # ≥ 0.98 agreement for at most 1 % more bytes than fully quantized

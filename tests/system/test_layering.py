@@ -12,8 +12,21 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-STAGES = ["common", "objectives", "config", "store", "accuracy", "prepare", "quantize", "study", "search", "farm",
-          "report", "orchestrator", "cli"]
+STAGES = [
+    "common",
+    "objectives",
+    "config",
+    "store",
+    "accuracy",
+    "prepare",
+    "quantize",
+    "study",
+    "search",
+    "farm",
+    "report",
+    "orchestrator",
+    "cli",
+]
 
 
 def _stage(module: str) -> str | None:

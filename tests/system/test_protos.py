@@ -42,9 +42,7 @@ def test_checked_in_descriptor_matches_the_proto(tmp_path: Path) -> None:
 
 def test_checked_in_stubs_are_regenerated_bytes(tmp_path: Path) -> None:
     """Byte-for-byte check with the grpcio-tools version the stubs were made with."""
-    stamped = re.search(
-        r"GRPC_GENERATED_VERSION = '([^']+)'", (PROTOS / "tuneqn/v1/agent_pb2_grpc.py").read_text()
-    )
+    stamped = re.search(r"GRPC_GENERATED_VERSION = '([^']+)'", (PROTOS / "tuneqn/v1/agent_pb2_grpc.py").read_text())
     assert stamped is not None
     installed = importlib.metadata.version("grpcio-tools")
     if installed != stamped.group(1):
@@ -59,9 +57,7 @@ def test_contract_identity() -> None:
     assert agent_pb2.DESCRIPTOR.package == CONTRACT_VERSION == "tuneqn.v1"
     assert 1 <= MIN_CLIENT_REVISION <= CONTRACT_REVISION
     service = agent_pb2.DESCRIPTOR.services_by_name["Agent"]
-    assert set(service.methods_by_name) == {
-        "GetInfo", "UploadBlob", "HasBlobs", "SubmitJob", "WatchJob", "CancelJob"
-    }
+    assert set(service.methods_by_name) == {"GetInfo", "UploadBlob", "HasBlobs", "SubmitJob", "WatchJob", "CancelJob"}
     assert hasattr(agent_pb2_grpc, "AgentStub") and hasattr(agent_pb2_grpc, "AgentServicer")
 
 
@@ -72,5 +68,10 @@ def test_job_spec_defaults_are_unset_not_zero() -> None:
     spec.latency_repeats = 0
     assert spec.HasField("latency_repeats")  # 0 = "no latency measurement", distinct from unset
     assert [agent_pb2.JobState.Name(s) for s in range(6)] == [
-        "JOB_STATE_UNSPECIFIED", "QUEUED", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED"
+        "JOB_STATE_UNSPECIFIED",
+        "QUEUED",
+        "RUNNING",
+        "SUCCEEDED",
+        "FAILED",
+        "CANCELLED",
     ]

@@ -28,17 +28,29 @@ from tuneqn.controller.farm.local import LocalAgent
 from tuneqn.controller.orchestrator import TuneOutcome, tune
 from tuneqn.controller.study import Study
 
-FAST = {"latency_repeats": 3, "latency_warmup": 1, "heartbeat_s": 0.5, "silent_after_s": 5.0,
-        "unreachable_grace_s": 1.0, "lease_timeout_s": 20.0, "device_wait_s": 60.0}
+FAST = {
+    "latency_repeats": 3,
+    "latency_warmup": 1,
+    "heartbeat_s": 0.5,
+    "silent_after_s": 5.0,
+    "unreachable_grace_s": 1.0,
+    "lease_timeout_s": 20.0,
+    "device_wait_s": 60.0,
+}
 RECIPES = [{"name": "qdq", "format": "qdq"}, {"name": "qop", "format": "qoperator"}]
 
 pytestmark = pytest.mark.heavy  # whole studies on ORT and TVM agents, servers killed mid-study
 
 
 def _study(tmp: Path, assets: Path, feasibility: str, step: int = 1) -> Path:
-    return write_study(tmp, model=assets / "cnn.onnx", images=assets / "images",
-                       quantization={"recipes": RECIPES}, search={"step": step},
-                       evaluation={**FAST, "feasibility": feasibility})
+    return write_study(
+        tmp,
+        model=assets / "cnn.onnx",
+        images=assets / "images",
+        quantization={"recipes": RECIPES},
+        search={"step": step},
+        evaluation={**FAST, "feasibility": feasibility},
+    )
 
 
 def _tune(study_toml: Path, endpoints: list[Endpoint], on_progress: Any = None) -> TuneOutcome:
@@ -77,9 +89,12 @@ def _tvm_agent(tvm_lab: TvmLab, tvm_agent: Any, servers: int, shared_cache: bool
     key = tvm_lab.new_key("android")
     started = tvm_lab.start_servers(key, servers)
     tvm_lab.wait_servers(key, servers)
-    agent = tvm_agent(TvmSettings(tracker=("127.0.0.1", tvm_lab.port), key=key, request_timeout=60.0,
-                                  poll_seconds=0.2), name="pixel", device_class="phone",
-                      shared_cache=shared_cache)
+    agent = tvm_agent(
+        TvmSettings(tracker=("127.0.0.1", tvm_lab.port), key=key, request_timeout=60.0, poll_seconds=0.2),
+        name="pixel",
+        device_class="phone",
+        shared_cache=shared_cache,
+    )
     wait_for(lambda: len(agent.jobs.backends()) == servers, "a lane per server")
     return agent, started
 
@@ -93,8 +108,10 @@ def test_ort_and_tvm_agents_give_per_device_and_cross_device_fronts(
     try:
         # every other k of the sweep: each candidate is compiled for TVM (seconds each), and no claim here
         # needs every k (the adapted study below sweeps every k)
-        outcome = _tune(_study(tmp_path, assets, "report", step=2),
-                        [Endpoint(address=ort_agent.start()), Endpoint(address=agent.address)])
+        outcome = _tune(
+            _study(tmp_path, assets, "report", step=2),
+            [Endpoint(address=ort_agent.start()), Endpoint(address=agent.address)],
+        )
     finally:
         ort_agent.stop()
     out = tmp_path / "out"
@@ -131,8 +148,9 @@ def test_ort_and_tvm_agents_give_per_device_and_cross_device_fronts(
     assert "cpu" not in listed or not listed["cpu"]
 
     # TVM result details: untuned builds, compile time, which server ran them; both servers used
-    phone_results = [r for c in cands.values() for r in c["results"]
-                     if r["device"] == "phone" and r["status"] == "done"]
+    phone_results = [
+        r for c in cands.values() for r in c["results"] if r["device"] == "phone" and r["status"] == "done"
+    ]
     assert all(r["backend"] == "tvm" and r["untuned"] for r in phone_results)
     assert any((r["compile_seconds"] or 0) > 0 for r in phone_results)
     assert len({r["executed_on"] for r in phone_results}) == 2
@@ -189,10 +207,14 @@ def test_target_answer_across_a_recipe_split_between_ort_and_tvm(
     then one candidate per part, each meeting the loss on its devices (main: ``id: None``, no pick)."""
     agent, _ = _tvm_agent(tvm_lab, tvm_agent, 1)
     ort_agent = LocalAgent(tmp_path / "ort-agent", device_name="cpu", extra_args=["--device-class", "cpu"])
-    study = write_study(tmp_path, model=assets / "cnn.onnx", images=assets / "images",
-                        quantization={"recipes": [{"name": "qop", "format": "qoperator"}]},
-                        search={"strategy": "target", "ranking": "paper", "max_loss": 0.25},
-                        evaluation={**FAST, "feasibility": "adapt"})
+    study = write_study(
+        tmp_path,
+        model=assets / "cnn.onnx",
+        images=assets / "images",
+        quantization={"recipes": [{"name": "qop", "format": "qoperator"}]},
+        search={"strategy": "target", "ranking": "paper", "max_loss": 0.25},
+        evaluation={**FAST, "feasibility": "adapt"},
+    )
     try:
         outcome = _tune(study, [Endpoint(address=ort_agent.start()), Endpoint(address=agent.address)])
     finally:

@@ -21,7 +21,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict, Unpack
 
 from tuneqn.controller import accuracy
 from tuneqn.controller.accuracy import baseline_id
@@ -90,25 +90,27 @@ def remeasure_token(study: Study, fresh: bool) -> str:
     return study.store.get_meta(REMEASURE_META) or ""
 
 
+class RunHooks(TypedDict, total=False):
+    """What a caller of :func:`tune` may add: progress and status callbacks, the local agent's arguments."""
+
+    on_progress: Callable[[dict[str, int], int], None] | None
+    local_agent_args: list[str] | None
+    on_status: Callable[[list[StatusLine]], None] | None
+
+
 class StudyRun:
     """The steps of one ``tune`` run over a prepared :class:`Study`."""
 
     def __init__(
-        self,
-        study: Study,
-        endpoints: list[Endpoint],
-        settings: FarmSettings,
-        on_progress: Callable[[dict[str, int], int], None] | None = None,
-        local_agent_args: list[str] | None = None,
-        on_status: Callable[[list[StatusLine]], None] | None = None,
+        self, study: Study, endpoints: list[Endpoint], settings: FarmSettings, **hooks: Unpack[RunHooks]
     ) -> None:
         self.study = study
         self.store = study.store
         self.endpoints = endpoints
         self.settings = settings
-        self.on_progress = on_progress
-        self.on_status = on_status
-        self.local_agent_args = local_agent_args
+        self.on_progress = hooks.get("on_progress")
+        self.on_status = hooks.get("on_status")
+        self.local_agent_args = hooks.get("local_agent_args")
         self.board = JobBoard(self.store, settings, on_result=self._on_result, on_final=self._on_final)
         self.stop = threading.Event()
         self.links: list[AgentLink] = []
@@ -1203,16 +1205,7 @@ class StudyRun:
         self._changed.set()
 
 
-def tune(
-    study: Study,
-    endpoints: list[Endpoint],
-    settings: FarmSettings,
-    on_progress: Callable[[dict[str, int], int], None] | None = None,
-    local_agent_args: list[str] | None = None,
-    on_status: Callable[[list[StatusLine]], None] | None = None,
-) -> TuneOutcome:
+def tune(study: Study, endpoints: list[Endpoint], settings: FarmSettings, **hooks: Unpack[RunHooks]) -> TuneOutcome:
     """Run the whole study on the agents (a local one when none is given); problems are in ``errors``;
     ``on_status`` gets each agent's state and what the run waits for, every half second."""
-    return StudyRun(
-        study, endpoints, settings, on_progress=on_progress, local_agent_args=local_agent_args, on_status=on_status
-    ).run()
+    return StudyRun(study, endpoints, settings, **hooks).run()

@@ -13,7 +13,7 @@ import logging
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
@@ -30,6 +30,29 @@ SCHEMA_VERSION = 3
 DB_NAME = "tuneqn.db"
 #: Job states after which nothing more happens to a job (``infeasible``: the device cannot run the model).
 FINAL_JOB_STATES = frozenset({"done", "failed", "unreachable", "infeasible"})
+
+#: A ranked layer's fields as ``layers.json`` and the report name them (``index`` is the store's ``idx`` column).
+LAYER_KEYS = (
+    "model",
+    "mode",
+    "name",
+    "op_type",
+    "index",
+    "output",
+    "fused_activation",
+    "qdq_err",
+    "xmodel_err",
+    "norm_qdq",
+    "norm_xmodel",
+    "score",
+    "rank",
+)
+
+
+def layer_entry(row: dict[str, Any], keys: Sequence[str] = LAYER_KEYS) -> dict[str, Any]:
+    """A stored layer row (:meth:`Store.layers`) with the ``keys`` of :data:`LAYER_KEYS` it shows."""
+    return {k: row["idx" if k == "index" else k] for k in keys}
+
 
 _TABLES: dict[str, tuple[dict[str, type], str | tuple[str, ...]]] = {
     "meta": ({"key": str, "value": str}, "key"),

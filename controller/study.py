@@ -80,7 +80,7 @@ from tuneqn.controller.quantize.quantizer import (
     runtime_options,
     runtime_options_of,
 )
-from tuneqn.controller.store import Store
+from tuneqn.controller.store import Store, layer_entry
 
 log = logging.getLogger(__name__)
 
@@ -720,24 +720,7 @@ class Study:
         whose searches all measure their ranking analyzes no layer, see :attr:`error_ranked`)."""
         if not rows:
             return []
-        out = [
-            {
-                "model": r["model"],
-                "mode": r["mode"],
-                "name": r["name"],
-                "op_type": r["op_type"],
-                "index": r["idx"],
-                "output": r["output"],
-                "fused_activation": r["fused_activation"],
-                "qdq_err": r["qdq_err"],
-                "xmodel_err": r["xmodel_err"],
-                "norm_qdq": r["norm_qdq"],
-                "norm_xmodel": r["norm_xmodel"],
-                "score": r["score"],
-                "rank": r["rank"],
-            }
-            for r in rows
-        ]
+        out = [layer_entry(r) for r in rows]
         atomic_write_text(self.out_dir / "layers.json", json.dumps(out, indent=1, allow_nan=True))
         return out
 

@@ -17,9 +17,12 @@ from tuneqn.controller.accuracy import baseline_id
 from tuneqn.controller.config import StudyConfig
 from tuneqn.controller.objectives import OBJECTIVES, finite
 from tuneqn.controller.search.ties import result_latency
-from tuneqn.controller.store import FINAL_JOB_STATES, Store
+from tuneqn.controller.store import FINAL_JOB_STATES, LAYER_KEYS, Store, layer_entry
 
 log = logging.getLogger(__name__)
+
+#: The fields of a ranked layer in the report (layers.json has the fused activation and output tensor too).
+_REPORT_LAYER_KEYS = tuple(k for k in LAYER_KEYS if k not in ("output", "fused_activation"))
 
 #: Result status shown for a job state without a result (unknown live states show as running).
 _STATUS_OF_JOB_STATE = {
@@ -508,23 +511,7 @@ def build_base(store: Store, *, partial: bool) -> dict[str, Any]:
         ],
         "skipped_inputs": _skipped_inputs(store),
         "dataset": _dataset(store, cfg, models),
-        "layers": [
-            {
-                "model": r["model"],
-                "mode": r["mode"],
-                "recipe": r["mode"],
-                "name": r["name"],
-                "op_type": r["op_type"],
-                "index": r["idx"],
-                "qdq_err": r["qdq_err"],
-                "xmodel_err": r["xmodel_err"],
-                "norm_qdq": r["norm_qdq"],
-                "norm_xmodel": r["norm_xmodel"],
-                "score": r["score"],
-                "rank": r["rank"],
-            }
-            for r in store.layers()
-        ],
+        "layers": [{**layer_entry(r, _REPORT_LAYER_KEYS), "recipe": r["mode"]} for r in store.layers()],
         "rankings": [
             {
                 "model": r["model"],

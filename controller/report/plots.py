@@ -64,6 +64,21 @@ def _save(fig: Figure, path: Path) -> Path:
     return Path(path)
 
 
+def _fp32_star(ax: Any, size_bytes: float, zorder: int) -> None:
+    """The FP32 original on a (size, loss) plot: a gold star at its size and no loss."""
+    fp32_x = OBJECTIVES["size"].display(size_bytes)  # None (a non-finite size) is drawn as nothing, as NaN is
+    ax.scatter(
+        [math.nan if fp32_x is None else fp32_x],
+        [0.0],
+        s=140,
+        marker="*",
+        color="gold",
+        edgecolors="black",
+        zorder=zorder,
+        label="FP32 original (loss 0)",
+    )
+
+
 def recipe_plot_key(model: str, device: str) -> str:
     """Key of the plot of every recipe's results of (model, device) (:func:`recipes_scatter`)."""
     return plot_key("recipes", model, "", device)
@@ -450,17 +465,7 @@ def tradeoff_figure(report: dict[str, Any], model: str, mode: str, device: str) 
     points = [(x, y) for _, _, x, y in pts]
     big = sel[:1] + fq[:1]
     if orig is not None:
-        fp32_x = OBJECTIVES["size"].display(orig)  # None (a non-finite size) is drawn as nothing, as NaN is
-        ax.scatter(
-            [math.nan if fp32_x is None else fp32_x],
-            [0.0],
-            s=140,
-            marker="*",
-            color="gold",
-            edgecolors="black",
-            zorder=5,
-            label="FP32 original (loss 0)",
-        )
+        _fp32_star(ax, orig, zorder=5)
         big.append((float(OBJECTIVES["size"].display(orig) or 0.0), 0.0))
 
     _finish_loss_vs_size(fig, ax, bool(pts), f"{model} · recipe {mode} on {device}: accuracy loss vs size")
@@ -537,17 +542,7 @@ def recipes_scatter(report: dict[str, Any], model: str, device: str, path: Path)
         )
     orig = next((m.get("size_bytes") for m in report.get("models") or [] if m.get("name") == model), None)
     if orig is not None:
-        fp32_x = OBJECTIVES["size"].display(orig)  # None (a non-finite size) is drawn as nothing, as NaN is
-        ax.scatter(
-            [math.nan if fp32_x is None else fp32_x],
-            [0.0],
-            s=140,
-            marker="*",
-            color="gold",
-            edgecolors="black",
-            zorder=6,
-            label="FP32 original (loss 0)",
-        )
+        _fp32_star(ax, orig, zorder=6)
     _finish_loss_vs_size(fig, ax, bool(pts), f"{model} on {device}: every recipe, accuracy loss vs size")
     return _save(fig, path)
 

@@ -62,6 +62,8 @@ class LabCerts:
 
 def _key_usage(ca: bool) -> x509.KeyUsage:
     """Digital signatures, and for the CA signing certificates and CRLs: nothing else."""
+    from cryptography import x509
+
     return x509.KeyUsage(
         digital_signature=True,
         key_cert_sign=ca,

@@ -43,13 +43,17 @@ def test_lite0_static_ranking(example_dir: Path, tmp_path: Path) -> None:
     # like with like: a fused Conv+Clip's own 8-bit error is small (naively it is ~0.4-1.0)
     assert max(layer["qdq_err"] for layer in fused) < 0.1
     assert (tmp_path / "out" / "layer_errors.png").stat().st_size > 30_000
+    # The paper's score ranks the stem and the first depthwise conv among the last ten (measured: 50th and 49th);
+    # the measured ranking puts one of them in its top six (test_lite0_measured_search_beats_the_paper_ranking)
+    paper = [layer["name"] for layer in layers]
+    assert paper.index("/_conv_stem/Conv") >= 40 and paper.index("/_blocks.0/_depthwise_conv/Conv") >= 40
 
 
 def test_lite0_measured_search_beats_the_paper_ranking(example_dir: Path, tmp_path: Path) -> None:
     """Greedy on the measured ranking (per-tensor recipe) finds a small model the paper's sweep cannot.
 
-    The paper's score ranks the stem and the first depthwise conv last; excluding exactly those
-    layers is what gives agreement back. Measured here: 0.99 agreement at 4.83 MB (the fully
+    The paper's score ranks the stem and the first depthwise conv last (test_lite0_static_ranking); excluding
+    exactly those layers is what gives agreement back. Measured here: 0.99 agreement at 4.83 MB (the fully
     quantized model: 0.93 at 4.81 MB; the paper's sweep reaches 0.99 only at k = 50, 18.6 MB).
     """
     study = tmp_path / "study.toml"
@@ -88,13 +92,11 @@ def test_lite0_measured_search_beats_the_paper_ranking(example_dir: Path, tmp_pa
         == 0
     )
     report = json.loads((tmp_path / "out" / "report.json").read_text())
-    # a measured search runs no error analysis: the paper's ranking of the same study comes from `tuneqn analyze`
-    assert main(["analyze", str(study), "--recipe", "per-tensor", "--no-compare"]) == 0
-    paper = [layer["name"] for layer in json.loads((tmp_path / "out" / "layers.json").read_text())]
+    # a measured search runs no error analysis (the paper's ranks of these layers: test_lite0_static_ranking)
+    assert not (tmp_path / "out" / "layers.json").exists()
     measured = next(r for r in report["rankings"] if r["name"] == "measured")["layers"]
     top = [layer["name"] for layer in measured[:6]]
     assert {"/_conv_stem/Conv", "/_blocks.0/_depthwise_conv/Conv"} & set(top)
-    assert paper.index("/_conv_stem/Conv") >= 40 and paper.index("/_blocks.0/_depthwise_conv/Conv") >= 40
     fq = next(c for c in report["candidates"] if c["k"] == 0)
     full = [
         (c["size_bytes"], c["results"][0]["agreement"])

@@ -52,3 +52,31 @@ def one_line_error(rc: int, err: str, *needles: str) -> None:
     assert "Traceback" not in err
     for n in needles:
         assert n in err, (n, err)
+
+
+def analyze_quick(tmp: Path, model: Path, images: Path, *extra: str) -> list[dict[str, Any]]:
+    """`tuneqn analyze` in the quick form on small samples (static unless ``extra`` names a mode); its layers.json."""
+    out = tmp / "out"
+    from tuneqn.controller.cli import main
+
+    rc = main(
+        [
+            "analyze",
+            "--model",
+            str(model),
+            "--images",
+            str(images),
+            "--out",
+            str(out),
+            "--calibration",
+            "12",
+            "--eval",
+            "12",
+            "--analysis",
+            "6",
+            *(() if "--mode" in extra else ("--mode", "static")),
+            *extra,
+        ]
+    )
+    assert rc == 0
+    return json.loads((out / "layers.json").read_text())

@@ -6,39 +6,14 @@ import json
 from pathlib import Path
 
 import pytest
-from helpers import write_study
+from helpers import analyze_quick, write_study
 
 from tuneqn.controller.cli import main
 
 
-def _analyze(tmp: Path, model: Path, images: Path, *extra: str) -> list[dict]:
-    out = tmp / "out"
-    rc = main(
-        [
-            "analyze",
-            "--model",
-            str(model),
-            "--images",
-            str(images),
-            "--out",
-            str(out),
-            "--calibration",
-            "12",
-            "--eval",
-            "12",
-            "--analysis",
-            "6",
-            *(() if "--mode" in extra else ("--mode", "static")),
-            *extra,
-        ]
-    )
-    assert rc == 0
-    return json.loads((out / "layers.json").read_text())
-
-
 @pytest.mark.parametrize("mode", ["static", "dynamic"])
 def test_wide_activation_layer_ranks_first(tmp_path: Path, assets: Path, mode: str) -> None:
-    layers = _analyze(tmp_path, assets / "wide.onnx", assets / "images", "--mode", mode)
+    layers = analyze_quick(tmp_path, assets / "wide.onnx", assets / "images", "--mode", mode)
     assert [layer["rank"] for layer in layers] == [1, 2, 3, 4, 5]
     assert layers[0]["name"] == "conv2"
     assert layers[0]["score"] == pytest.approx(1.0)
@@ -48,7 +23,7 @@ def test_wide_activation_layer_ranks_first(tmp_path: Path, assets: Path, mode: s
 
 
 def test_plain_cnn_ranking_fields_and_normalization(tmp_path: Path, assets: Path) -> None:
-    layers = _analyze(tmp_path, assets / "cnn.onnx", assets / "images")
+    layers = analyze_quick(tmp_path, assets / "cnn.onnx", assets / "images")
     assert {layer["name"] for layer in layers} == {"conv1", "conv2", "conv3", "conv4", "fc"}
     for layer in layers:
         for key in ("model", "mode", "name", "op_type", "qdq_err", "xmodel_err", "score", "rank"):
@@ -65,7 +40,7 @@ def test_plain_cnn_ranking_fields_and_normalization(tmp_path: Path, assets: Path
 
 def test_fused_activation_compared_like_with_like(tmp_path: Path, assets: Path) -> None:
     """The quantizer fuses Relu/Clip into the Conv; qdq_err must not charge the activation itself."""
-    layers = {layer["name"]: layer for layer in _analyze(tmp_path, assets / "cnn.onnx", assets / "images")}
+    layers = {layer["name"]: layer for layer in analyze_quick(tmp_path, assets / "cnn.onnx", assets / "images")}
     assert layers["conv1"]["fused_activation"] == "Relu"
     assert layers["conv3"]["fused_activation"] == "Clip"
     assert layers["conv4"]["fused_activation"] is None
@@ -96,11 +71,11 @@ def test_matmul_model_both_modes(tmp_path: Path, assets: Path) -> None:
 def test_rerun_reuses_stored_analysis(tmp_path: Path, assets: Path) -> None:
     import sqlite3
 
-    first = _analyze(tmp_path, assets / "cnn.onnx", assets / "images")
+    first = analyze_quick(tmp_path, assets / "cnn.onnx", assets / "images")
     db = tmp_path / "out" / "tuneqn.db"
     created = sqlite3.connect(db).execute("select created_at from analyses").fetchone()[0]
-    second = _analyze(tmp_path, assets / "cnn.onnx", assets / "images")
+    second = analyze_quick(tmp_path, assets / "cnn.onnx", assets / "images")
     assert second == first
     assert sqlite3.connect(db).execute("select created_at from analyses").fetchone()[0] == created
-    _analyze(tmp_path, assets / "cnn.onnx", assets / "images", "--fresh")
+    analyze_quick(tmp_path, assets / "cnn.onnx", assets / "images", "--fresh")
     assert sqlite3.connect(db).execute("select created_at from analyses").fetchone()[0] > created

@@ -13,6 +13,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 from helpers import exported_sha256, write_study
+from ort_graphs import ran_graph
 
 from tuneqn.controller.cli import main
 from tuneqn.controller.common.files import file_sha256
@@ -70,14 +71,6 @@ def test_candidate_k_leaves_exactly_top_k_float(built: Path) -> None:
     assert {n for n, q in fed.items() if not q} == {"fc", "conv4"}
 
 
-def _optimized_graph(model_path: str, tmp: Path, disabled: list[str]) -> onnx.ModelProto:
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    so.optimized_model_filepath = str(tmp / "optimized.onnx")
-    ort.InferenceSession(model_path, so, providers=["CPUExecutionProvider"], disabled_optimizers=disabled)
-    return onnx.load(str(tmp / "optimized.onnx"))
-
-
 def _float_convs(model: onnx.ModelProto) -> int:
     floats = {i.name for i in model.graph.initializer if i.data_type == onnx.TensorProto.FLOAT}
     return sum(1 for n in model.graph.node if n.op_type == "Conv" and len(n.input) > 1 and n.input[1] in floats)
@@ -89,11 +82,11 @@ def test_excluded_layer_really_runs_float(built: Path, tmp_path: Path) -> None:
     assert json.loads(cand["excluded"]) == ["conv2"]
     runtime = json.loads(cand["runtime"])
     assert runtime["ort_disabled_optimizers"] == ["WeightBiasQuantization"]
-    ran = _optimized_graph(cand["path"], tmp_path, runtime["ort_disabled_optimizers"])
+    ran = ran_graph(cand["path"], tmp_path, runtime["ort_disabled_optimizers"])
     assert _float_convs(ran) == 1
     assert sum(1 for n in ran.graph.node if n.op_type == "QLinearConv") == 3
     # Without the carried setting this ORT quantizes the excluded Conv's weights at load time.
-    default = _optimized_graph(cand["path"], tmp_path, [])
+    default = ran_graph(cand["path"], tmp_path, [])
     if _float_convs(default) == 0:
         assert sum(1 for n in default.graph.node if n.op_type == "QLinearConv") == 4
     # k = 0 needs nothing special

@@ -19,6 +19,7 @@ import onnxruntime as ort
 import pytest
 from helpers import write_study
 from onnx_models import cnn, qdq_zoo
+from ort_graphs import ran_graph
 
 from tuneqn.controller.config import RECIPE_PRESETS, QuantizationSpec, load_config, parse_config
 from tuneqn.controller.quantize.edits import QdqIndex, Unsupported, varint_size
@@ -202,11 +203,7 @@ def test_qoperator_recipes_are_derived_and_dynamic_ones_built_by_the_quantizer(t
 
 def _float_layers(path: Path, disabled: list[str], tmp: Path) -> set[str]:
     """The Conv/Gemm nodes ONNX Runtime runs with float weights (its optimized graph, ``disabled`` optimizers off)."""
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    so.optimized_model_filepath = str(tmp / "optimized.onnx")
-    ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"], disabled_optimizers=disabled)
-    ran = onnx.load(str(tmp / "optimized.onnx"))
+    ran = ran_graph(str(path), tmp, disabled)
     floats = {i.name for i in ran.graph.initializer if i.data_type == onnx.TensorProto.FLOAT}
     return {
         n.name

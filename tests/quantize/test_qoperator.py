@@ -11,7 +11,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from helpers import exported_sha256, write_study
+from helpers import analyze_quick, exported_sha256, write_study
 from onnx import numpy_helper
 from ort_graphs import op_counts, ran_graph
 
@@ -20,31 +20,6 @@ from tuneqn.controller.quantize.quantizer import WBQ, QuantSettings, quantize_ca
 
 LAYERS = {"conv1", "conv2", "conv3", "conv4", "fc"}
 QOPS = {"QLinearConv", "QGemm", "QLinearMatMul"}
-
-
-def _analyze(tmp: Path, model: Path, images: Path, *extra: str) -> list[dict]:
-    out = tmp / "out"
-    rc = main(
-        [
-            "analyze",
-            "--model",
-            str(model),
-            "--images",
-            str(images),
-            "--out",
-            str(out),
-            "--calibration",
-            "12",
-            "--eval",
-            "12",
-            "--analysis",
-            "6",
-            *(() if "--mode" in extra else ("--mode", "static")),
-            *extra,
-        ]
-    )
-    assert rc == 0
-    return json.loads((out / "layers.json").read_text())
 
 
 def _candidates(out: Path) -> list[dict]:
@@ -62,7 +37,7 @@ def _no_opt() -> ort.SessionOptions:
 
 def test_qoperator_analysis_ranks_wide_layer_first(tmp_path: Path, assets: Path) -> None:
     """Fails before the fix: analyze --format qoperator exited 2 ("no quantized layer")."""
-    layers = _analyze(tmp_path, assets / "wide.onnx", assets / "images", "--format", "qoperator")
+    layers = analyze_quick(tmp_path, assets / "wide.onnx", assets / "images", "--format", "qoperator")
     assert {layer["name"] for layer in layers} == LAYERS
     assert [layer["rank"] for layer in layers] == [1, 2, 3, 4, 5]
     assert layers[0]["name"] == "conv2"
@@ -75,8 +50,8 @@ def test_qoperator_analysis_ranks_wide_layer_first(tmp_path: Path, assets: Path)
 
 def test_qoperator_errors_are_the_qdq_quantities(tmp_path: Path, assets: Path) -> None:
     """qdq_err equals the QDQ format's (same scales); xmodel_err is measured on the real QOperator model."""
-    qdq = {r["name"]: r for r in _analyze(tmp_path / "qdq", assets / "cnn.onnx", assets / "images")}
-    qop_rows = _analyze(tmp_path / "qop", assets / "cnn.onnx", assets / "images", "--format", "qoperator")
+    qdq = {r["name"]: r for r in analyze_quick(tmp_path / "qdq", assets / "cnn.onnx", assets / "images")}
+    qop_rows = analyze_quick(tmp_path / "qop", assets / "cnn.onnx", assets / "images", "--format", "qoperator")
     qop = {r["name"]: r for r in qop_rows}
     assert set(qop) == set(qdq) == LAYERS
     for name in LAYERS:

@@ -24,6 +24,7 @@ neither token nor client CA, unless ``--insecure`` is given (then it warns).
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import json
 import logging
@@ -58,6 +59,7 @@ __all__ = [
     "OneLineParser",
     "UsageError",
     "build_parser",
+    "env_option",
     "is_loopback",
     "main",
     "parse_listen",
@@ -113,9 +115,28 @@ def default_state_dir() -> Path:
     return Path(base) / "tuneqn-agent"
 
 
+def env_option(
+    parser: argparse.ArgumentParser | argparse._ArgumentGroup,
+    flag: str,
+    env: str,
+    help: str,  # noqa: A002 - argparse's name
+    *,
+    default: str | None = None,
+    **kwargs: Any,
+) -> None:
+    """Add ``flag`` with its default from the environment variable ``env`` (else ``default``).
+
+    ``help`` gains ``(env NAME, default D)``; a ``store_true`` flag is on when ``env`` is 1/true/yes/on.
+    """
+    if kwargs.get("action") == "store_true":
+        parser.add_argument(flag, default=_env_flag(env), help=f"{help} (env {env}=1)", **kwargs)
+        return
+    shown = f", default {default}" if default is not None else ""
+    parser.add_argument(flag, default=os.environ.get(env, default), help=f"{help} (env {env}{shown})", **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser; defaults come from ``TUNEQN_AGENT_*`` environment variables."""
-    env = os.environ.get
     p = OneLineParser(
         prog=PROG,
         description="Run tuneqn evaluation jobs for the devices attached to this host.",
@@ -123,143 +144,102 @@ def build_parser() -> argparse.ArgumentParser:
         "with --tls-cert/--tls-key) or mutual TLS (--tls-ca, with or without a token); "
         "anything else is refused unless --insecure.",
     )
-    p.add_argument(
+    opt = functools.partial(env_option, p)
+    opt(
         "--listen",
-        default=env("TUNEQN_AGENT_LISTEN", DEFAULT_LISTEN),
+        "TUNEQN_AGENT_LISTEN",
+        "address to bind; port 0 picks a free port",
+        default=DEFAULT_LISTEN,
         metavar="HOST:PORT",
-        help=f"address to bind; port 0 picks a free port (env TUNEQN_AGENT_LISTEN, default {DEFAULT_LISTEN})",
     )
-    p.add_argument(
-        "--token-file",
-        default=env("TUNEQN_AGENT_TOKEN_FILE"),
-        metavar="F",
-        help="file holding the bearer token clients must send (env TUNEQN_AGENT_TOKEN_FILE)",
-    )
-    p.add_argument(
-        "--backend",
-        default=env("TUNEQN_AGENT_BACKEND", "ort"),
-        help="execution backend: " + ", ".join(BACKENDS) + " (env TUNEQN_AGENT_BACKEND)",
-    )
-    p.add_argument(
-        "--device-name",
-        default=env("TUNEQN_AGENT_DEVICE_NAME"),
-        metavar="NAME",
-        help="device name (env TUNEQN_AGENT_DEVICE_NAME, default the hostname)",
-    )
-    p.add_argument(
-        "--device-class",
-        default=env("TUNEQN_AGENT_DEVICE_CLASS"),
-        metavar="NAME",
-        help="device class (env TUNEQN_AGENT_DEVICE_CLASS, default the device name)",
-    )
-    p.add_argument(
+    opt("--token-file", "TUNEQN_AGENT_TOKEN_FILE", "file holding the bearer token clients must send", metavar="F")
+    opt("--backend", "TUNEQN_AGENT_BACKEND", "execution backend: " + ", ".join(BACKENDS), default="ort")
+    opt("--device-name", "TUNEQN_AGENT_DEVICE_NAME", "device name; the hostname unless given", metavar="NAME")
+    opt("--device-class", "TUNEQN_AGENT_DEVICE_CLASS", "device class; the device name unless given", metavar="NAME")
+    opt(
         "--state-dir",
-        default=env("TUNEQN_AGENT_STATE_DIR"),
+        "TUNEQN_AGENT_STATE_DIR",
+        "state directory; $XDG_STATE_HOME/tuneqn-agent or ~/.local/state/tuneqn-agent unless given",
         metavar="DIR",
-        help="state directory (env TUNEQN_AGENT_STATE_DIR, default "
-        "$XDG_STATE_HOME/tuneqn-agent or ~/.local/state/tuneqn-agent)",
     )
-    p.add_argument(
-        "--tls-cert",
-        default=env("TUNEQN_AGENT_TLS_CERT"),
-        metavar="F",
-        help="server certificate chain, PEM (env TUNEQN_AGENT_TLS_CERT)",
-    )
-    p.add_argument(
-        "--tls-key",
-        default=env("TUNEQN_AGENT_TLS_KEY"),
-        metavar="F",
-        help="server private key, PEM (env TUNEQN_AGENT_TLS_KEY)",
-    )
-    p.add_argument(
-        "--tls-ca",
-        default=env("TUNEQN_AGENT_TLS_CA"),
-        metavar="F",
-        help="CA that client certificates must chain to; enables mTLS (env TUNEQN_AGENT_TLS_CA)",
-    )
-    p.add_argument(
+    opt("--tls-cert", "TUNEQN_AGENT_TLS_CERT", "server certificate chain, PEM", metavar="F")
+    opt("--tls-key", "TUNEQN_AGENT_TLS_KEY", "server private key, PEM", metavar="F")
+    opt("--tls-ca", "TUNEQN_AGENT_TLS_CA", "CA that client certificates must chain to; enables mTLS", metavar="F")
+    opt(
         "--insecure",
-        action="store_true",
-        default=_env_flag("TUNEQN_AGENT_INSECURE"),
-        help="allow a non-loopback bind without a token over TLS or mTLS "
-        "(env TUNEQN_AGENT_INSECURE=1); off loopback the agent otherwise needs "
+        "TUNEQN_AGENT_INSECURE",
+        "allow a non-loopback bind without a token over TLS or mTLS; off loopback the agent otherwise needs "
         "--token-file with --tls-cert/--tls-key, or --tls-ca",
+        action="store_true",
     )
-    p.add_argument(
+    opt(
         "--stop-on-stdin-eof",
+        "TUNEQN_AGENT_STOP_ON_STDIN_EOF",
+        "stop gracefully (like SIGTERM) when stdin reaches end of file, e.g. when the process that started "
+        "the agent with a stdin pipe dies",
         action="store_true",
-        default=_env_flag("TUNEQN_AGENT_STOP_ON_STDIN_EOF"),
-        help="stop gracefully (like SIGTERM) when stdin reaches end of file, e.g. when the "
-        "process that started the agent with a stdin pipe dies "
-        "(env TUNEQN_AGENT_STOP_ON_STDIN_EOF=1)",
     )
-    p.add_argument(
+    opt(
         "--quiet-lock",
-        default=env("TUNEQN_AGENT_QUIET_LOCK"),
+        "TUNEQN_AGENT_QUIET_LOCK",
+        "hold an exclusive flock on FILE (created if missing) while timing latency, so that co-located "
+        "tuneqn work holding shared locks pauses (protocol in tuneqn.agent.quiet)",
         metavar="FILE",
-        help="hold an exclusive flock on FILE (created if missing) while timing latency, "
-        "so that co-located tuneqn work holding shared locks pauses "
-        "(env TUNEQN_AGENT_QUIET_LOCK; protocol in tuneqn.agent.quiet)",
     )
-    p.add_argument(
+    opt(
         "--max-blob-bytes",
+        "TUNEQN_AGENT_MAX_BLOB_BYTES",
+        "largest blob accepted",
+        default="2GiB",
         type=parse_size,
-        default=env("TUNEQN_AGENT_MAX_BLOB_BYTES", "2GiB"),
         metavar="N",
-        help="largest blob accepted (env TUNEQN_AGENT_MAX_BLOB_BYTES, default 2GiB)",
     )
-    p.add_argument(
+    opt(
         "--blob-cache-bytes",
+        "TUNEQN_AGENT_BLOB_CACHE_BYTES",
+        "blob cache size before LRU eviction",
+        default="20GiB",
         type=parse_size,
-        default=env("TUNEQN_AGENT_BLOB_CACHE_BYTES", "20GiB"),
         metavar="N",
-        help="blob cache size before LRU eviction (env TUNEQN_AGENT_BLOB_CACHE_BYTES, default 20GiB)",
     )
-    p.add_argument(
+    opt(
         "--simulated-latency-ms",
+        "TUNEQN_AGENT_SIMULATED_LATENCY_MS",
+        "sleep X ms per predicted sample to emulate a slow device; reported as simulated",
+        default="0",
         type=float,
-        default=env("TUNEQN_AGENT_SIMULATED_LATENCY_MS", "0"),
         metavar="X",
-        help="sleep X ms per predicted sample to emulate a slow device; reported as "
-        "simulated (env TUNEQN_AGENT_SIMULATED_LATENCY_MS, default 0)",
     )
-    p.add_argument(
-        "--log-level",
-        default=env("TUNEQN_AGENT_LOG_LEVEL", "INFO"),
-        metavar="LEVEL",
-        help="DEBUG, INFO, WARNING or ERROR (env TUNEQN_AGENT_LOG_LEVEL, default INFO)",
-    )
-    p.add_argument(
+    opt("--log-level", "TUNEQN_AGENT_LOG_LEVEL", "DEBUG, INFO, WARNING or ERROR", default="INFO", metavar="LEVEL")
+    opt(
         "--drain-seconds",
+        "TUNEQN_AGENT_DRAIN_SECONDS",
+        "on SIGTERM/SIGINT a running job gets S seconds to finish before it is interrupted and kept queued; "
+        "0 = interrupt at once; keep a service manager's stop timeout above it",
+        default=f"{DEFAULT_DRAIN_SECONDS:g}",
         type=float,
-        default=env("TUNEQN_AGENT_DRAIN_SECONDS", f"{DEFAULT_DRAIN_SECONDS:g}"),
         metavar="S",
-        help="on SIGTERM/SIGINT a running job gets S seconds to finish before it is "
-        "interrupted and kept queued; 0 = interrupt at once (env TUNEQN_AGENT_DRAIN_SECONDS, "
-        f"default {DEFAULT_DRAIN_SECONDS:g}; keep a service manager's stop timeout above it)",
     )
-    p.add_argument(
+    opt(
         "--metrics-listen",
-        default=env("TUNEQN_AGENT_METRICS_LISTEN"),
+        "TUNEQN_AGENT_METRICS_LISTEN",
+        "serve Prometheus metrics at http://HOST:PORT/metrics (jobs by state and device, queue lengths, "
+        "cache bytes, job durations); off unless given; off loopback only with --metrics-public",
         metavar="HOST:PORT",
-        help="serve Prometheus metrics at http://HOST:PORT/metrics (jobs by state and "
-        "device, queue lengths, cache bytes, job durations); off unless given "
-        "(env TUNEQN_AGENT_METRICS_LISTEN); off loopback only with --metrics-public",
     )
-    p.add_argument(
+    opt(
         "--metrics-public",
+        "TUNEQN_AGENT_METRICS_PUBLIC",
+        "allow --metrics-listen off loopback; the endpoint has no authentication, so keep it behind a firewall",
         action="store_true",
-        default=_env_flag("TUNEQN_AGENT_METRICS_PUBLIC"),
-        help="allow --metrics-listen off loopback; the endpoint has no authentication, so keep it "
-        "behind a firewall (env TUNEQN_AGENT_METRICS_PUBLIC=1)",
     )
-    p.add_argument(
+    opt(
         "--health-listen",
-        default=env("TUNEQN_AGENT_HEALTH_LISTEN"),
+        "TUNEQN_AGENT_HEALTH_LISTEN",
+        "also serve the standard gRPC health service (and nothing else) in plaintext on this loopback "
+        "address, for local health checks that hold no client key (python -m tuneqn.agent.probe uses it); "
+        "off unless given",
         metavar="HOST:PORT",
-        help="also serve the standard gRPC health service (and nothing else) in plaintext on this "
-        "loopback address, for local health checks that hold no client key "
-        "(python -m tuneqn.agent.probe uses it); off unless given (env TUNEQN_AGENT_HEALTH_LISTEN)",
     )
     _add_tvm_arguments(p)
     p.add_argument("--version", action="version", version=f"%(prog)s {tuneqn.__version__}")
@@ -268,71 +248,73 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_tvm_arguments(p: argparse.ArgumentParser) -> None:
     """The ``--tvm-*`` flags of ``--backend tvm``."""
-    env = os.environ.get
     g = p.add_argument_group(
         "TVM backend (--backend tvm, needs the tuneqn[tvm] extra)",
         "Without --tvm-tracker or --tvm-rpc the models run on this host's CPU/GPU.",
     )
-    g.add_argument(
+    opt = functools.partial(env_option, g)
+    opt(
         "--tvm-target",
-        default=env("TUNEQN_AGENT_TVM_TARGET", '{"kind": "llvm"}'),
+        "TUNEQN_AGENT_TVM_TARGET",
+        'TVM target as a JSON dict, e.g. \'{"kind": "llvm", "mtriple": "aarch64-linux-android", "mattr": ["+neon"]}\'',
+        default='{"kind": "llvm"}',
         metavar="JSON",
-        help='TVM target as a JSON dict, e.g. \'{"kind": "llvm", '
-        '"mtriple": "aarch64-linux-android", "mattr": ["+neon"]}\' (env '
-        'TUNEQN_AGENT_TVM_TARGET, default {"kind": "llvm"})',
     )
-    g.add_argument(
+    opt(
         "--tvm-host",
-        default=env("TUNEQN_AGENT_TVM_HOST"),
+        "TUNEQN_AGENT_TVM_HOST",
+        'host target for cross-compilation, a JSON dict; may also be the target\'s "host"',
         metavar="JSON",
-        help="host target for cross-compilation, a JSON dict; may also be the "
-        'target\'s "host" (env TUNEQN_AGENT_TVM_HOST)',
     )
-    g.add_argument(
+    opt(
         "--tvm-cc",
-        default=env("TUNEQN_AGENT_TVM_CC"),
+        "TUNEQN_AGENT_TVM_CC",
+        "compiler command export_library links with, e.g. the NDK's aarch64-linux-android33-clang++; "
+        "TVM's unless given",
         metavar="CMD",
-        help="compiler command export_library links with, e.g. the NDK's "
-        "aarch64-linux-android33-clang++ (env TUNEQN_AGENT_TVM_CC, default TVM's)",
     )
-    g.add_argument(
+    opt(
         "--tvm-tracker",
-        default=env("TUNEQN_AGENT_TVM_TRACKER"),
+        "TUNEQN_AGENT_TVM_TRACKER",
+        "reach the devices through this TVM RPC tracker",
         metavar="HOST:PORT",
-        help="reach the devices through this TVM RPC tracker (env TUNEQN_AGENT_TVM_TRACKER)",
     )
-    g.add_argument(
+    opt(
         "--tvm-key",
-        default=env("TUNEQN_AGENT_TVM_KEY"),
+        "TUNEQN_AGENT_TVM_KEY",
+        "device key at the tracker, required with --tvm-tracker; with --tvm-rpc the key the servers were "
+        "started with, if any",
         metavar="KEY",
-        help="device key at the tracker, required with --tvm-tracker; with "
-        "--tvm-rpc the key the servers were started with, if any "
-        "(env TUNEQN_AGENT_TVM_KEY)",
     )
-    g.add_argument(
+    opt(
         "--tvm-priority",
+        "TUNEQN_AGENT_TVM_PRIORITY",
+        "tracker request priority",
+        default=str(DEFAULT_TVM_PRIORITY),
         type=int,
-        default=env("TUNEQN_AGENT_TVM_PRIORITY", str(DEFAULT_TVM_PRIORITY)),
         metavar="N",
-        help=f"tracker request priority (env TUNEQN_AGENT_TVM_PRIORITY, default {DEFAULT_TVM_PRIORITY})",
     )
-    g.add_argument(
-        "--tvm-session-timeout",
-        type=float,
-        metavar="S",
-        default=env("TUNEQN_AGENT_TVM_SESSION_TIMEOUT", f"{DEFAULT_TVM_SESSION_TIMEOUT:g}"),
-        help="remote session timeout the server enforces, 0 = none (env "
-        f"TUNEQN_AGENT_TVM_SESSION_TIMEOUT, default {DEFAULT_TVM_SESSION_TIMEOUT:g})",
-    )
-    g.add_argument(
-        "--tvm-request-timeout",
-        type=float,
-        metavar="S",
-        default=env("TUNEQN_AGENT_TVM_REQUEST_TIMEOUT", f"{DEFAULT_TVM_REQUEST_TIMEOUT:g}"),
-        help="how long a job waits for a free device of the key; shown in the "
-        "device status (env TUNEQN_AGENT_TVM_REQUEST_TIMEOUT, default "
-        f"{DEFAULT_TVM_REQUEST_TIMEOUT:g})",
-    )
+    for flag, env, text, value in (
+        (
+            "--tvm-session-timeout",
+            "SESSION_TIMEOUT",
+            "remote session timeout the server enforces, 0 = none",
+            DEFAULT_TVM_SESSION_TIMEOUT,
+        ),
+        (
+            "--tvm-request-timeout",
+            "REQUEST_TIMEOUT",
+            "how long a job waits for a free device of the key; shown in the device status",
+            DEFAULT_TVM_REQUEST_TIMEOUT,
+        ),
+        (
+            "--tvm-call-timeout",
+            "CALL_TIMEOUT",
+            "a remote call (a chunk, a latency measurement) taking longer means a hung server",
+            DEFAULT_TVM_CALL_TIMEOUT,
+        ),
+    ):
+        opt(flag, f"TUNEQN_AGENT_TVM_{env}", text, default=f"{value:g}", type=float, metavar="S")
     g.add_argument(
         "--tvm-rpc",
         action="append",
@@ -341,21 +323,13 @@ def _add_tvm_arguments(p: argparse.ArgumentParser) -> None:
         help="a direct TVM RPC server instead of a tracker; repeat for more devices "
         "(env TUNEQN_AGENT_TVM_RPC, comma-separated)",
     )
-    g.add_argument(
-        "--tvm-call-timeout",
-        type=float,
-        metavar="S",
-        default=env("TUNEQN_AGENT_TVM_CALL_TIMEOUT", f"{DEFAULT_TVM_CALL_TIMEOUT:g}"),
-        help="a remote call (a chunk, a latency measurement) taking longer means a "
-        "hung server (env TUNEQN_AGENT_TVM_CALL_TIMEOUT, default "
-        f"{DEFAULT_TVM_CALL_TIMEOUT:g})",
-    )
-    g.add_argument(
+    opt(
         "--tvm-cache-bytes",
+        "TUNEQN_AGENT_TVM_CACHE_BYTES",
+        "compiled-library cache size before LRU eviction",
+        default="10GiB",
         type=parse_size,
         metavar="N",
-        default=env("TUNEQN_AGENT_TVM_CACHE_BYTES", "10GiB"),
-        help="compiled-library cache size before LRU eviction (env TUNEQN_AGENT_TVM_CACHE_BYTES, default 10GiB)",
     )
 
 

@@ -24,7 +24,7 @@ import sys
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tuneqn.agent.cli import OneLineParser, UsageError, parse_listen, read_user_file
+from tuneqn.agent.cli import OneLineParser, UsageError, env_option, parse_listen, read_user_file
 
 __all__ = ["default_address", "default_target", "main", "probe"]
 
@@ -84,7 +84,6 @@ def probe(
 
 def main(argv: list[str] | None = None) -> int:
     """Probe once; the exit code (0 serving, 1 not, 2 bad arguments)."""
-    env = os.environ.get
     p = OneLineParser(prog=PROG, description="Exit 0 if the tuneqn agent at HOST:PORT is serving, 1 if not.")
     p.add_argument(
         "address",
@@ -94,24 +93,9 @@ def main(argv: list[str] | None = None) -> int:
         help="the agent (default: its loopback health listener TUNEQN_AGENT_HEALTH_LISTEN, "
         "plaintext; else TUNEQN_AGENT_LISTEN, localhost for 0.0.0.0)",
     )
-    p.add_argument(
-        "--tls-ca",
-        default=env("TUNEQN_PROBE_TLS_CA"),
-        metavar="F",
-        help="CA that signed the agent's certificate; enables TLS (env TUNEQN_PROBE_TLS_CA)",
-    )
-    p.add_argument(
-        "--tls-cert",
-        default=env("TUNEQN_PROBE_TLS_CERT"),
-        metavar="F",
-        help="client certificate for an mTLS agent (env TUNEQN_PROBE_TLS_CERT)",
-    )
-    p.add_argument(
-        "--tls-key",
-        default=env("TUNEQN_PROBE_TLS_KEY"),
-        metavar="F",
-        help="client key for an mTLS agent (env TUNEQN_PROBE_TLS_KEY)",
-    )
+    env_option(p, "--tls-ca", "TUNEQN_PROBE_TLS_CA", "CA that signed the agent's certificate; enables TLS", metavar="F")
+    env_option(p, "--tls-cert", "TUNEQN_PROBE_TLS_CERT", "client certificate for an mTLS agent", metavar="F")
+    env_option(p, "--tls-key", "TUNEQN_PROBE_TLS_KEY", "client key for an mTLS agent", metavar="F")
     p.add_argument(
         "--timeout",
         type=float,

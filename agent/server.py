@@ -7,6 +7,7 @@ itself, so dead peers on either side are noticed; ``WatchJob`` streams carry hea
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import socket
 import time
@@ -59,23 +60,7 @@ KEEPALIVE_OPTIONS: list[tuple[str, int]] = [
 
 def device_proto(desc: DeviceDescription, status: DeviceStatus | None = None) -> pb.Device:
     """``tuneqn.v1.Device`` for a backend's description and (optionally) its current status."""
-    device = pb.Device(
-        name=desc.name,
-        device_class=desc.device_class,
-        backend=desc.backend,
-        runtime_versions=desc.runtime_versions,
-        cpu=desc.cpu,
-        gpu=desc.gpu,
-        capabilities=list(desc.capabilities),
-        simulated=desc.simulated,
-        simulated_latency_ms_per_sample=desc.simulated_latency_ms_per_sample,
-        target=desc.target,
-        rpc_key=desc.rpc_key,
-        remote=desc.remote,
-        supported_ops=list(desc.supported_ops),
-        remote_servers=desc.remote_servers,
-        prediction_slots=desc.prediction_slots,
-    )
+    device = pb.Device(**dataclasses.asdict(desc))
     if status is not None:
         device.queue_length = status.queue_length
         device.running_job_id = status.running_job_id

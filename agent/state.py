@@ -101,32 +101,10 @@ class AgentState:
         self.db.enable_wal()
         with self._lock:
             self.db.table("meta").create({"key": str, "value": str}, pk="key", if_not_exists=True)
-            self.db.table("jobs").create(
-                {
-                    "job_id": str,
-                    "spec": bytes,
-                    "device": str,
-                    "state": str,
-                    "result": bytes,
-                    "error": str,
-                    "created": float,
-                    "updated": float,
-                },
-                pk="job_id",
-                if_not_exists=True,
-            )
-            self.db.table("executions").create(
-                {
-                    "id": int,
-                    "job_id": str,
-                    "started": float,
-                    "finished": float,
-                    "outcome": str,
-                    "attempt": int,
-                },
-                pk="id",
-                if_not_exists=True,
-            )
+            jobs = {"job_id": str, "spec": bytes, "device": str, "state": str, "result": bytes, "error": str}
+            self.db.table("jobs").create({**jobs, "created": float, "updated": float}, pk="job_id", if_not_exists=True)
+            executions = {"id": int, "job_id": str, "started": float, "finished": float, "outcome": str, "attempt": int}
+            self.db.table("executions").create(executions, pk="id", if_not_exists=True)
             self._add_missing_columns()
             self.db.table("executions").create_index(["job_id"], if_not_exists=True)
             self.db.table("jobs").create_index(["state"], if_not_exists=True)

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 import onnxruntime as ort
 
 from tuneqn.controller.config import DatasetSpec, ModelSpec, PreprocessSpec
+from tuneqn.controller.farm.local import LocalAgent
 from tuneqn.controller.prepare.dataset import prepare_data
 from tuneqn.controller.prepare.modelio import prepare_model
 
@@ -46,3 +47,19 @@ def calibration_sample(ex: Path, tmp: Path, images: int = 20) -> tuple[PreparedM
     pm = prepare_model(ModelSpec(path=ex / "model.onnx", input_shape=[1, 3, 224, 224]), tmp / "models")
     spec = DatasetSpec(images=ex / "images", eval=1, calibration=images, analysis=1, preprocess=LITE_PREPROCESS)
     return pm, prepare_data(spec, pm.input_shape, tmp / "data").calibration.load()
+
+
+def lab_agents(tmp: Path, sim_ms: float, names: str = "ab") -> list[LocalAgent]:
+    """Started local agents of one device class ``lab`` (one per letter of ``names``), each predicting with
+    ``sim_ms`` of simulated latency per sample."""
+    agents = [
+        LocalAgent(
+            tmp / f"agent-{n}",
+            device_name=n,
+            extra_args=["--device-class", "lab", "--simulated-latency-ms", str(sim_ms)],
+        )
+        for n in names
+    ]
+    for a in agents:
+        a.start()
+    return agents

@@ -14,7 +14,6 @@ import statistics
 import sys
 import tempfile
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import benchlib
@@ -50,7 +49,7 @@ def main() -> int:
             op_types=None,
         )
         print(f"model: {ex / 'model.onnx'} ({len(layers)} layers)  candidates: {len(sets)} random sets of 1-25 layers")
-        for name, settings in (("per-tensor", base), ("per-channel", replace(base, per_channel=True))):
+        for name, settings in (("per-tensor", base), ("per-channel", base.model_copy(update={"per_channel": True}))):
             cache = calibrate(pm.path, pm.input_name, pm.input_shape[0], calib, settings, tmp / f"{name}.json")
             quantize_candidate(pm.path, tmp / "fq.onnx", settings, [], cache)
             t0 = time.perf_counter()

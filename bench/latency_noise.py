@@ -71,18 +71,7 @@ def main() -> None:
         for i in range(args.samples):
             done_before = run.board.counts().get("done", 0)
             jid = f"noise-{uuid.uuid4().hex[:8]}-{i}"
-            client.submit(
-                pb.JobSpec(
-                    job_id=jid,
-                    device="local",
-                    model_sha256=model_sha,
-                    dataset_sha256=data_sha,
-                    input_name=pm.input_name,
-                    latency_warmup=5,
-                    latency_repeats=30,
-                    attempt=1,
-                )
-            )
+            client.submit(_latency_job(jid, model_sha, data_sha, pm.input_name))
             res = client.wait_result(jid, timeout=600)
             medians.append(res.latency.median_ms)
             print(
@@ -108,6 +97,20 @@ def main() -> None:
     )
 
 
+def _latency_job(job_id: str, model_sha: str, data_sha: str, input_name: str) -> pb.JobSpec:
+    """The latency job both phases time (5 warm-up runs, 30 timed)."""
+    return pb.JobSpec(
+        job_id=job_id,
+        device="local",
+        model_sha256=model_sha,
+        dataset_sha256=data_sha,
+        input_name=input_name,
+        latency_warmup=5,
+        latency_repeats=30,
+        attempt=1,
+    )
+
+
 def _idle_medians(tmp: Path, model: Path, data: bytes, input_name: str, samples: int) -> list[float]:
     """The same latency job on a fresh agent with nothing else running."""
     from tuneqn.controller.farm.local import LocalAgent
@@ -118,18 +121,7 @@ def _idle_medians(tmp: Path, model: Path, data: bytes, input_name: str, samples:
         model_sha, data_sha = client.upload_file(model), client.upload_bytes(data)
         for i in range(samples):
             jid = f"idle-{uuid.uuid4().hex[:8]}-{i}"
-            client.submit(
-                pb.JobSpec(
-                    job_id=jid,
-                    device="local",
-                    model_sha256=model_sha,
-                    dataset_sha256=data_sha,
-                    input_name=input_name,
-                    latency_warmup=5,
-                    latency_repeats=30,
-                    attempt=1,
-                )
-            )
+            client.submit(_latency_job(jid, model_sha, data_sha, input_name))
             out.append(client.wait_result(jid, timeout=600).latency.median_ms)
         client.close()
     return out

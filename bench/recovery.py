@@ -19,11 +19,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
+import benchlib  # noqa: E402
 from onnx_models import cnn, write_images  # noqa: E402
 
 from tuneqn.controller.config import parse_config  # noqa: E402
 from tuneqn.controller.farm.jobs import Endpoint, FarmSettings  # noqa: E402
-from tuneqn.controller.farm.local import LocalAgent  # noqa: E402
 from tuneqn.controller.orchestrator import tune  # noqa: E402
 from tuneqn.controller.study import Study  # noqa: E402
 
@@ -40,16 +40,7 @@ def one(tmp: Path, sig: signal.Signals, sim_ms: float) -> tuple[float, int, int]
         },
         tmp,
     )
-    agents = [
-        LocalAgent(
-            tmp / f"agent-{n}",
-            device_name=n,
-            extra_args=["--device-class", "lab", "--simulated-latency-ms", str(sim_ms)],
-        )
-        for n in "ab"
-    ]
-    for a in agents:
-        a.start()
+    agents = benchlib.lab_agents(tmp, sim_ms)
     db = tmp / "out" / "tuneqn.db"
     fault: list[float] = []
 

@@ -33,9 +33,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
+import benchlib  # noqa: E402
 from onnx_models import cnn, write_images  # noqa: E402
-
-from tuneqn.controller.farm.local import LocalAgent  # noqa: E402
 
 
 def _count(db: Path, sql: str, args: tuple[object, ...] = ()) -> int:
@@ -59,16 +58,7 @@ def _last_stored(db: Path) -> float:
 
 def one(tmp: Path, cmd_args: list[str], kill_after: int, timeout: float, sim_ms: float, delay: float = 0.0) -> str:
     """Run, SIGKILL at ``kill_after`` results with both agents busy, rerun; a line describing what happened."""
-    agents = [
-        LocalAgent(
-            tmp / f"agent-{n}",
-            device_name=n,
-            extra_args=["--device-class", "lab", "--simulated-latency-ms", str(sim_ms)],
-        )
-        for n in "ab"
-    ]
-    for a in agents:
-        a.start()
+    agents = benchlib.lab_agents(tmp, sim_ms)
     out = tmp / "out"
     db = out / "tuneqn.db"
     cmd = [sys.executable, "-m", "tuneqn.controller", "tune", *cmd_args, "--out", str(out)]

@@ -7,14 +7,20 @@ errors become a single line naming the key path, e.g.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import tomllib
-from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    ValidationError,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 from tuneqn.controller.common.errors import UserError
 from tuneqn.controller.common.files import read_user_file
@@ -211,22 +217,57 @@ AUTO = "auto"
 _RECIPE_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
 
 
-class RecipeSpec(_Strict):
-    """A named quantization recipe: the ``[quantization]`` settings with some of them overridden."""
+class QuantizerKeys(_Strict):
+    """The settings of ONNX Runtime's quantizer a recipe decides besides its mode: written once here, they are
+    the ``[quantization]`` section's defaults, a recipe's overrides and a resolved recipe's values."""
+
+    format: Literal["qdq", "qoperator"] = "qdq"
+    per_channel: bool = False
+    reduce_range: bool = False
+    activation_type: QuantTypeName = "uint8"
+    weight_type: QuantTypeName = "int8"
+    calibration_method: Literal["minmax", "entropy", "percentile"] = "minmax"
+    #: Symmetric activation ranges (ORT ``ActivationSymmetric``); weights are symmetric by default.
+    activation_symmetric: bool = False
+    weight_symmetric: bool = True
+    #: The op types to quantize (None: the quantizer's defaults for the mode).
+    op_types: tuple[str, ...] | None = None
+
+
+class QuantizerSettings(QuantizerKeys):
+    """Every setting of ONNX Runtime's quantizer that a recipe decides (its name and exclusions aside)."""
+
+    mode: Mode = "static"
+
+
+class RecipeSpec(QuantizerSettings):
+    """A named quantization recipe (``[[quantization.recipes]]``): the ``[quantization]`` settings with the
+    ones it gives overridden. Only the given settings count (and are written back): the others, and a None,
+    mean the section's value."""
 
     name: Annotated[str, Field(pattern=_RECIPE_NAME)]
-    mode: Mode | None = None
-    format: Literal["qdq", "qoperator"] | None = None
-    per_channel: bool | None = None
-    reduce_range: bool | None = None
-    activation_type: QuantTypeName | None = None
-    weight_type: QuantTypeName | None = None
-    calibration_method: Literal["minmax", "entropy", "percentile"] | None = None
-    activation_symmetric: bool | None = None
-    weight_symmetric: bool | None = None
-    op_types: list[str] | None = None
     #: Op types left in float (taken out of ``op_types``, or of the quantizer's defaults).
-    exclude_op_types: list[Annotated[str, Field(pattern=r"^[A-Za-z0-9_]+$")]] | None = None
+    exclude_op_types: tuple[Annotated[str, Field(pattern=r"^[A-Za-z0-9_]+$")], ...] = ()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _none_is_not_given(cls, data: Any) -> Any:
+        return {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) else data
+
+    @model_serializer(mode="wrap")
+    def _given_only(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data: dict[str, Any] = handler(self)
+        return {k: v for k, v in data.items() if k in self.model_fields_set or k == "name"}
+
+    def overrides(self) -> dict[str, Any]:
+        """The settings this recipe gives (its name aside)."""
+        return {k: getattr(self, k) for k in self.model_fields_set if k != "name"}
+
+
+class Recipe(RecipeSpec):
+    """A resolved recipe: every quantizer setting of one search dimension value (variant names included)."""
+
+    name: str
 
 
 #: Suffix of a variant recipe that switches a QOperator recipe to QDQ (``<recipe>.qdq``).
@@ -244,32 +285,7 @@ def variant_name(base: str, *, qdq: bool = False, float_ops: tuple[str, ...] | l
     return f"{base}.{VARIANT_FLOAT}{'-'.join(sorted(set(float_ops)))}"
 
 
-@dataclass(frozen=True, kw_only=True)
-class QuantizerSettings:
-    """Every setting of ONNX Runtime's quantizer that a recipe decides (its name and exclusions aside)."""
-
-    mode: str
-    format: str
-    per_channel: bool
-    reduce_range: bool
-    activation_type: str
-    weight_type: str
-    calibration_method: str
-    op_types: tuple[str, ...] | None
-    activation_symmetric: bool = False
-    weight_symmetric: bool = True
-
-
-@dataclass(frozen=True, kw_only=True)
-class Recipe(QuantizerSettings):
-    """A resolved recipe: every quantizer setting of one search dimension value."""
-
-    name: str
-    #: Op types left in float (a variant recipe's ``.float-…``, or a recipe's ``exclude_op_types``).
-    exclude_op_types: tuple[str, ...] = ()
-
-
-class QuantizationSpec(_Strict):
+class QuantizationSpec(QuantizerKeys):
     """How candidates are quantized (ONNX Runtime quantizer settings).
 
     The study's recipes are ``recipes`` when it is a list, else one per entry of ``modes`` (named
@@ -279,16 +295,6 @@ class QuantizationSpec(_Strict):
     """
 
     modes: list[Mode] | None = None
-    format: Literal["qdq", "qoperator"] = "qdq"
-    per_channel: bool = False
-    reduce_range: bool = False
-    activation_type: QuantTypeName = "uint8"
-    weight_type: QuantTypeName = "int8"
-    calibration_method: Literal["minmax", "entropy", "percentile"] = "minmax"
-    #: Symmetric activation ranges (ORT ``ActivationSymmetric``); weights are symmetric by default.
-    activation_symmetric: bool = False
-    weight_symmetric: bool = True
-    op_types: list[str] | None = None
     #: Pre-process every model as ONNX Runtime advises before analysis and quantization (shape
     #: inference, constant folding, Pad fused into Conv, …); layer names stay the original ones.
     preprocess: bool = True
@@ -342,8 +348,7 @@ class QuantizationSpec(_Strict):
         them (``<recipe>.qdq``, ``<recipe>.float-Conv``; see :func:`variant_name`) (ValueError if none)."""
         spec = next((r for r in self.recipe_specs if r.name == name), None)
         if spec is not None:
-            over = spec.model_dump(exclude={"name"}, exclude_none=True)
-            over.setdefault("mode", "static")
+            over = spec.overrides()
         elif name in RECIPE_PRESETS:
             over = dict(RECIPE_PRESETS[name])
         elif "." in name:
@@ -351,11 +356,10 @@ class QuantizationSpec(_Strict):
         else:
             known = sorted({*self.recipe_names(), *RECIPE_PRESETS})
             raise ValueError(f"unknown recipe {name!r} (known: {', '.join(known)})")
-        base = {f.name: getattr(self, f.name) for f in fields(QuantizerSettings) if f.name != "mode"}
-        base.update(over)
-        ops = base.pop("op_types")
-        excluded = tuple(sorted(set(base.pop("exclude_op_types", None) or ())))
-        return Recipe(name=name, op_types=tuple(ops) if ops else None, exclude_op_types=excluded, **base)
+        values = {**{k: getattr(self, k) for k in QuantizerKeys.model_fields}, "mode": "static", **over}
+        values["op_types"] = values["op_types"] or None
+        values["exclude_op_types"] = tuple(sorted(set(values.get("exclude_op_types") or ())))
+        return Recipe(name=name, **values)
 
     def _resolve_variant(self, name: str) -> Recipe:
         """A variant recipe planned for a device (``<base>.qdq`` or ``<base>.float-<Op>-…``)."""
@@ -364,12 +368,14 @@ class QuantizationSpec(_Strict):
         if suffix == VARIANT_QDQ:
             if base.mode != "static":
                 raise ValueError(f"recipe {name!r}: {base_name!r} is {base.mode}, only static recipes have a QDQ form")
-            return replace(base, name=name, format="qdq")
+            return base.model_copy(update={"name": name, "format": "qdq"})
         if suffix.startswith(VARIANT_FLOAT) and len(suffix) > len(VARIANT_FLOAT):
             ops = suffix[len(VARIANT_FLOAT) :].split("-")
             if not all(op and op.replace("_", "").isalnum() for op in ops):
                 raise ValueError(f"recipe {name!r}: bad op type list {suffix[len(VARIANT_FLOAT) :]!r}")
-            return replace(base, name=name, exclude_op_types=tuple(sorted({*base.exclude_op_types, *ops})))
+            return base.model_copy(
+                update={"name": name, "exclude_op_types": tuple(sorted({*base.exclude_op_types, *ops}))}
+            )
         known = sorted({*self.recipe_names(), *RECIPE_PRESETS})
         raise ValueError(
             f"unknown recipe {name!r} (known: {', '.join(known)}; variants end in "
@@ -378,17 +384,8 @@ class QuantizationSpec(_Strict):
 
     def with_recipes(self, names: list[str]) -> QuantizationSpec:
         """This section restricted to (or extended by presets to) the recipes ``names`` (``--recipe``)."""
-        chosen: list[RecipeSpec] = []
-        for name in names:
-            r = self.resolve(name)  # ValueError naming the known recipes
-            kept = {k: v for k, v in r.__dict__.items() if k not in ("op_types", "exclude_op_types")}
-            chosen.append(
-                RecipeSpec(
-                    **kept,
-                    op_types=list(r.op_types) if r.op_types else None,
-                    exclude_op_types=list(r.exclude_op_types) or None,
-                )
-            )
+        # ValueError naming the known recipes; every setting given, so each reads the same in the stored config
+        chosen = [RecipeSpec(**self.resolve(name).model_dump()) for name in names]
         return self.model_copy(update={"recipes": chosen})
 
 
@@ -599,12 +596,6 @@ class StudyConfig(_Strict):
                     f"search {run.name}: unknown recipe {unknown[0]!r} in 'recipes' (known: {', '.join(known)})"
                 )
         return self
-
-    def fingerprint(self, *parts: str) -> str:
-        """Stable hash of selected top-level sections (for cache keys)."""
-        data = self.model_dump(mode="json")
-        chosen = {p: data[p] for p in parts} if parts else data
-        return hashlib.sha256(json.dumps(chosen, sort_keys=True).encode()).hexdigest()[:16]
 
 
 # --------------------------------------------------------------------------- errors

@@ -197,6 +197,16 @@ class StudyRun:
         self._preparer_thread = threading.Thread(target=self._preparer, name="preparer", daemon=True)
         self._preparer_thread.start()
 
+    def _wake_board(self) -> None:
+        """Wake whoever waits on the job board (the dispatch loop and the end-of-run check)."""
+        with self.board.cond:
+            self.board.cond.notify_all()
+
+    def _wake(self) -> None:
+        """A preparer or builder task ended: wake the run loop and the job board."""
+        self._changed.set()
+        self._wake_board()
+
     def _prep_task(self, priority: int, item: int | tuple[str, str]) -> None:
         with self._lock:
             self._preparing += 1
@@ -223,9 +233,7 @@ class StudyRun:
             finally:
                 with self._lock:
                     self._preparing -= 1
-                self._changed.set()
-                with self.board.cond:
-                    self.board.cond.notify_all()
+                self._wake()
 
     def _admit(self) -> None:
         """Models the preparer finished (in the study's order): registered, their FP32 baselines wanted; with
@@ -309,8 +317,7 @@ class StudyRun:
                     self._reported_at = time.monotonic()
                     if took is not None:
                         self._report_took = took
-                with self.board.cond:
-                    self.board.cond.notify_all()
+                self._wake_board()
 
     def _checkpoint(self, strategies: list[Any]) -> None:
         """report.json (the checkpoint view) and the plots of the models just finished, on the reporter."""
@@ -841,22 +848,18 @@ class StudyRun:
             except Exception as exc:  # noqa: BLE001 - a variant checked for a device may not build: give it up
                 if not self.planner.is_probe(plan.id):
                     self._build_errors.append(exc)  # handed to the main thread, which raises it
-                    with self.board.cond:
-                        self.board.cond.notify_all()
+                    self._wake_board()
                     return
                 log.warning("variant %s does not build: %s", plan.mode, exc)
                 self.planner.probe_failed(plan.id, f"{type(exc).__name__}: {exc}")
             except BaseException as exc:  # noqa: BLE001 - handed to the main thread, which raises it
                 self._build_errors.append(exc)
-                with self.board.cond:
-                    self.board.cond.notify_all()
+                self._wake_board()
                 return
             finally:
                 with self._lock:
                     self._building -= 1
-                self._changed.set()
-                with self.board.cond:
-                    self.board.cond.notify_all()
+                self._wake()
 
     def _calibration_pending(self, plan: CandidatePlan) -> bool:
         """Whether ``plan`` needs a calibration not made yet: then it waits (deferred) for the calibrator, which is

@@ -322,6 +322,10 @@ class Store:
         with self.lock, self.db.atomic():
             yield
 
+    def _one(self, sql: str, params: list[Any]) -> dict[str, Any] | None:
+        """The first row of a query (the caller holds the lock), or None."""
+        return next((dict(r) for r in self.db.query(sql, params)), None)
+
     # ------------------------------------------------------------------ meta
     @_locked
     def get_meta(self, key: str) -> str | None:
@@ -416,8 +420,7 @@ class Store:
     @_locked
     def calibration(self, key: str) -> dict[str, Any] | None:
         """A calibration row."""
-        rows = list(self.db.query("select * from calibrations where key = ?", [key]))
-        return dict(rows[0]) if rows else None
+        return self._one("select * from calibrations where key = ?", [key])
 
     @_locked
     def put_analysis(
@@ -448,8 +451,7 @@ class Store:
     @_locked
     def analysis(self, model: str, mode: str) -> dict[str, Any] | None:
         """The analysis row of (model, mode)."""
-        rows = list(self.db.query("select * from analyses where model = ? and mode = ?", [model, mode]))
-        return dict(rows[0]) if rows else None
+        return self._one("select * from analyses where model = ? and mode = ?", [model, mode])
 
     @_locked
     def layers(self, model: str | None = None, mode: str | None = None) -> list[dict[str, Any]]:
@@ -517,8 +519,7 @@ class Store:
     @_locked
     def job(self, job_id: str) -> dict[str, Any] | None:
         """One job row."""
-        rows = list(self.db.query("select * from jobs where id = ?", [job_id]))
-        return dict(rows[0]) if rows else None
+        return self._one("select * from jobs where id = ?", [job_id])
 
     @_locked
     def jobs(
@@ -617,8 +618,7 @@ class Store:
     @_locked
     def result(self, job_id: str) -> dict[str, Any] | None:
         """One result row."""
-        rows = list(self.db.query("select * from results where job_id = ?", [job_id]))
-        return dict(rows[0]) if rows else None
+        return self._one("select * from results where job_id = ?", [job_id])
 
     @_locked
     def results(

@@ -28,7 +28,7 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -613,7 +613,7 @@ class Study:
                 # qdq_err from the QDQ form (same settings and calibration cache → same scales),
                 # xmodel_err from the real QOperator model (see analysis.analyze_qoperator).
                 fq_qdq = Path(tmp) / "fq-qdq.onnx"
-                quantize_candidate(src, fq_qdq, replace(settings, format="qdq"), [], cache)
+                quantize_candidate(src, fq_qdq, settings.model_copy(update={"format": "qdq"}), [], cache)
                 errors = analyze_qoperator(src, fq_qdq, fq, pm.input_name, analysis_data, op_types)
             elif settings.mode == "static":
                 errors = analyze_static(src, fq, pm.input_name, analysis_data, op_types)
@@ -917,7 +917,7 @@ class Study:
         """Why a recipe's candidates are not derived by graph edits (None: they are): static QDQ recipes by
         :class:`edits.QdqIndex`, static QOperator recipes by ``edits_qop.QOperatorEditor``."""
         if settings.mode == "static" and settings.format == "qoperator":
-            return unsupported_settings(replace(settings, format="qdq"))  # the same type limits
+            return unsupported_settings(settings.model_copy(update={"format": "qdq"}))  # the same type limits
         return unsupported_settings(settings)
 
     def derive(self, plan: CandidatePlan) -> Derived | None:

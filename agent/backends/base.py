@@ -121,14 +121,9 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     def latency(
-        self,
-        handle: PreparedModel,
-        one_sample: np.ndarray,
-        warmup: int,
-        repeats: int,
-        stop: threading.Event | None = None,
+        self, handle: PreparedModel, sample: np.ndarray, warmup: int, repeats: int, stop: threading.Event | None = None
     ) -> list[float]:
-        """Milliseconds of ``repeats`` timed runs on ``one_sample`` after ``warmup`` runs."""
+        """Milliseconds of ``repeats`` timed runs on ``sample`` after ``warmup`` runs."""
 
     def health(self) -> tuple[bool, str]:
         """Whether the device can take jobs now, and a status text.

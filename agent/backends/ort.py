@@ -196,17 +196,12 @@ class OrtBackend(Backend):
         return scores
 
     def latency(
-        self,
-        handle: PreparedModel,
-        one_sample: np.ndarray,
-        warmup: int,
-        repeats: int,
-        stop: threading.Event | None = None,
+        self, handle: PreparedModel, sample: np.ndarray, warmup: int, repeats: int, stop: threading.Event | None = None
     ) -> list[float]:
         """Real wall-clock milliseconds per run of one sample (``time.perf_counter``)."""
         if not isinstance(handle, OrtModel):
             raise TypeError("handle was not prepared by the ORT backend")
-        x = self._feed(handle, one_sample[:1])
+        x = self._feed(handle, sample[:1])
         for _ in range(warmup):
             if stop is not None and stop.is_set():
                 raise Interrupted()

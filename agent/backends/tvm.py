@@ -589,19 +589,14 @@ class TvmBackend(Backend):
         return scores_of(out, x.shape[0], n)
 
     def latency(
-        self,
-        handle: PreparedModel,
-        one_sample: np.ndarray,
-        warmup: int,
-        repeats: int,
-        stop: threading.Event | None = None,
+        self, handle: PreparedModel, sample: np.ndarray, warmup: int, repeats: int, stop: threading.Event | None = None
     ) -> list[float]:
         """Milliseconds per repeat of ``time_evaluator`` (``warmup`` untimed runs first)."""
         model = self._check(handle)
-        x = self._feed(model, one_sample[:1])
+        x = self._feed(model, sample[:1])
         number, min_repeat_ms, cooldown_ms = model.timing
         for _ in range(warmup):
-            self.predict(model, one_sample[:1], stop)
+            self.predict(model, sample[:1], stop)
         if repeats <= 0:
             return []
 

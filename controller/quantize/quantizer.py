@@ -27,7 +27,6 @@ import os
 import tempfile
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -77,7 +76,6 @@ _WBQ_OPS = {"Conv", "ConvTranspose", "Gemm"}
 _WEIGHTED_OPS = {"Conv", "ConvTranspose", "Gemm", "MatMul"}
 
 
-@dataclass(frozen=True, kw_only=True)
 class QuantSettings(QuantizerSettings):
     """Everything that determines a quantized candidate besides the exclusion list: a recipe's quantizer
     settings (:class:`~tuneqn.controller.config.QuantizerSettings`), with its float op types taken out of
@@ -97,7 +95,7 @@ class QuantSettings(QuantizerSettings):
             op_types = tuple(sorted(set(op_types or default_op_types(r.mode)) - set(r.exclude_op_types)))
             if not op_types:
                 raise ValueError(f"recipe {r.name!r} leaves every op type in float")
-        values = {f.name: getattr(r, f.name) for f in fields(QuantizerSettings)}
+        values = {k: getattr(r, k) for k in QuantizerSettings.model_fields}
         return cls(**{**values, "op_types": op_types})
 
     def key(self) -> str:

@@ -445,6 +445,17 @@ def _warnings(
     return out
 
 
+def _pick_head(scope: str, model: str, devices: list[str], met: bool) -> dict[str, Any]:
+    """The keys every pick starts with: for whom it is and whether it meets the constraint."""
+    return {
+        "scope": scope,
+        "model": model,
+        "device": devices[0] if scope == "device" else None,
+        "devices": devices,
+        "met": met,
+    }
+
+
 def _empty_pick(scope: str, model: str, devices: list[str], reason: str, fp32_size: int | None) -> dict[str, Any]:
     keys = (
         "candidate",
@@ -472,11 +483,7 @@ def _empty_pick(scope: str, model: str, devices: list[str], reason: str, fp32_si
         "export_command",
     )
     return {
-        "scope": scope,
-        "model": model,
-        "device": devices[0] if scope == "device" else None,
-        "devices": devices,
-        "met": False,
+        **_pick_head(scope, model, devices, False),
         **dict.fromkeys(keys),
         "fp32_size_bytes": fp32_size,
         "float_layers": [],
@@ -601,11 +608,7 @@ def _pick_entry(
         for pdevs, o in pick.parts
     ]
     return {
-        "scope": scope,
-        "model": model,
-        "device": devs[0] if scope == "device" else None,
-        "devices": devs,
-        "met": met,
+        **_pick_head(scope, model, devs, met),
         "candidate": c.get("id"),
         "recipe": recipe,
         "label": c.get("label"),

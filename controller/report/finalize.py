@@ -366,6 +366,34 @@ def _sort_fronts(
     return top_fronts(F, N_FRONTS, latency), F
 
 
+def _device_fronts(
+    ordered: list[dict[str, Any]],
+    by_dev: dict[str, dict[str, dict[str, Any]]],
+    device: str,
+    objectives: list[_Objective],
+    rank_key: str,
+) -> tuple[list[dict[str, Any]], list[list[int]], np.ndarray]:
+    """The top fronts on ``device`` over the candidates of ``ordered`` with a done and feasible result there.
+
+    Returns those candidates, the fronts (as positions among them) and the minimization table; writes each
+    front member's front number (1, 2, 3) into its result under ``rank_key``.
+    """
+    rows: list[dict[str, Any]] = []
+    vectors: list[dict[str, float]] = []
+    noise: list[Latency | None] = []
+    for c in ordered:
+        r = by_dev[c["id"]].get(device)
+        if r is not None and r["status"] == "done" and r["feasible"]:
+            rows.append(c)
+            vectors.append(r["objectives"])
+            noise.append(_noise(r))
+    fronts, F = _sort_fronts(vectors, noise, objectives)
+    for n, front in enumerate(fronts, start=1):
+        for i in front:
+            by_dev[rows[i]["id"]][device][rank_key] = n
+    return rows, fronts, F
+
+
 def _noise(result: dict[str, Any]) -> Latency | None:
     return Latency.of_result(result)
 
@@ -434,23 +462,13 @@ def finalize_report(base: dict[str, Any], answer_constraint: Constraint | None =
             by_dev[fq["id"]] = _results_by_device(fq)
 
         for device in group_devices:
-            rows: list[dict[str, Any]] = []
-            vectors: list[dict[str, float]] = []
-            noise: list[Latency | None] = []
             for c in ordered:
                 r = by_dev[c["id"]].get(device)
                 if r is None:
                     infeasible.append({"candidate": c["id"], "device": device, "reason": "not evaluated (no result)"})
-                elif r["status"] == "done" and r["feasible"]:
-                    rows.append(c)
-                    vectors.append(r["objectives"])
-                    noise.append(_noise(r))
-                else:
+                elif not (r["status"] == "done" and r["feasible"]):
                     infeasible.append({"candidate": c["id"], "device": device, "reason": r["reason"]})
-            fronts, F = _sort_fronts(vectors, noise, objectives)
-            for n, front in enumerate(fronts, start=1):
-                for i in front:
-                    by_dev[rows[i]["id"]][device]["front"] = n
+            rows, fronts, F = _device_fronts(ordered, by_dev, device, objectives, "front")
             fronts_out.append(
                 {
                     "model": model,
@@ -622,19 +640,7 @@ def _recipe_fronts(
         ordered = [c for recipe in recipes for c in _ordered(m for m in members if m["mode"] == recipe)]
         by_dev = {c["id"]: _results_by_device(c) for c in ordered}
         for device in _device_order(report, model_devices.get(model, [])):
-            rows: list[dict[str, Any]] = []
-            vectors: list[dict[str, float]] = []
-            noise: list[Latency | None] = []
-            for c in ordered:
-                r = by_dev[c["id"]].get(device)
-                if r is not None and r["status"] == "done" and r["feasible"]:
-                    rows.append(c)
-                    vectors.append(r["objectives"])
-                    noise.append(_noise(r))
-            fronts, F = _sort_fronts(vectors, noise, objectives)
-            for n, front in enumerate(fronts, start=1):
-                for i in front:
-                    by_dev[rows[i]["id"]][device]["recipe_front"] = n
+            rows, fronts, F = _device_fronts(ordered, by_dev, device, objectives, "recipe_front")
             out.append(
                 {
                     "model": model,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -421,12 +422,32 @@ def _summary(report: dict[str, Any], cands: dict[str, dict[str, Any]], ns: Sampl
     return {"rows": rows, "has_latency": has_latency, "loss": _LOSS, "size": _SIZE, "latency": _LAT, "n": ns.agreement}
 
 
-def _cross_device(
-    report: dict[str, Any], cands: dict[str, dict[str, Any]], objs: list[Objective], ns: SampleSizes
-) -> list[dict[str, Any]]:
+@dataclass(frozen=True)
+class _Page:
+    """What the front sections of the page read: the report, its figures, candidates by id and objectives."""
+
+    report: dict[str, Any]
+    images: dict[str, Path]
+    cands: dict[str, dict[str, Any]]
+    objs: list[Objective]
+    ns: SampleSizes
+
+    def front_members(
+        self, entry: dict[str, Any], device: str | None, selected: str | None
+    ) -> Iterator[tuple[int, str, dict[str, Any], dict[str, Any], bool]]:
+        """Per member of ``entry``'s fronts: its front number, id, candidate, result on ``device``, selected."""
+        for n, front in enumerate(entry.get("fronts") or [], start=1):
+            for cid in front:
+                c = self.cands.get(cid, {})
+                r: dict[str, Any] = next((x for x in c.get("results") or [] if x.get("device") == device), {})
+                yield n, cid, c, r, cid == selected
+
+
+def _cross_device(page: _Page) -> list[dict[str, Any]]:
     """Cross-device fronts of the (model, recipe)s that ran on several devices (one device: none)."""
+    cands, objs, ns = page.cands, page.objs, page.ns
     out = []
-    for x in report.get("cross_device") or []:
+    for x in page.report.get("cross_device") or []:
         if len(x.get("devices") or []) < 2:
             continue
         members = [c for c in x.get("candidates") or [] if c.get("front") is not None]
@@ -456,16 +477,11 @@ def _cross_device(
     return out
 
 
-def _groups(
-    report: dict[str, Any],
-    images: dict[str, Path],
-    cands: dict[str, dict[str, Any]],
-    objs: list[Objective],
-    ns: SampleSizes,
-) -> list[dict[str, Any]]:
-    summary = {(s.get("model"), s.get("mode"), s.get("device")): s for s in report.get("summary") or []}
+def _groups(page: _Page) -> list[dict[str, Any]]:
+    images, objs, ns = page.images, page.objs, page.ns
+    summary = {(s.get("model"), s.get("mode"), s.get("device")): s for s in page.report.get("summary") or []}
     out = []
-    for entry in report.get("fronts") or []:
+    for entry in page.report.get("fronts") or []:
         model, mode, device = entry.get("model"), entry.get("mode"), entry.get("device")
         figures = []
         for kind in PLOT_KINDS:
@@ -478,25 +494,20 @@ def _groups(
                 }
             )
         selected = (summary.get((model, mode, device)) or {}).get("selected")
-        rows = []
-        for n, front in enumerate(entry.get("fronts") or [], start=1):
-            for cid in front:
-                c = cands.get(cid, {})
-                r: dict[str, Any] = next((x for x in c.get("results") or [] if x.get("device") == device), {})
-                sel = cid == selected
-                rows.append(
-                    [
-                        _front(n, sel=sel),
-                        Cell(_cand_name(c or {"id": cid}), left=True, sel=sel, title=cid),
-                        Cell(str(len(c.get("excluded") or [])), sel=sel),
-                        *(
-                            _latency(r, (r.get("objectives") or {}).get(o.name), sel=sel)
-                            if o.name == "latency"
-                            else _obj(o, (r.get("objectives") or {}).get(o.name), sel=sel)
-                            for o in objs
-                        ),
-                    ]
-                )
+        rows = [
+            [
+                _front(n, sel=sel),
+                Cell(_cand_name(c or {"id": cid}), left=True, sel=sel, title=cid),
+                Cell(str(len(c.get("excluded") or [])), sel=sel),
+                *(
+                    _latency(r, (r.get("objectives") or {}).get(o.name), sel=sel)
+                    if o.name == "latency"
+                    else _obj(o, (r.get("objectives") or {}).get(o.name), sel=sel)
+                    for o in objs
+                ),
+            ]
+            for n, cid, c, r, sel in page.front_members(entry, device, selected)
+        ]
         out.append(
             {
                 "title": f"{model} · {mode} · {device}",
@@ -714,38 +725,28 @@ def _searches(report: dict[str, Any], ns: SampleSizes) -> dict[str, Any]:
     }
 
 
-def _recipe_fronts(
-    report: dict[str, Any],
-    images: dict[str, Path],
-    cands: dict[str, dict[str, Any]],
-    objs: list[Objective],
-    ns: SampleSizes,
-) -> list[dict[str, Any]]:
+def _recipe_fronts(page: _Page) -> list[dict[str, Any]]:
     """Per (model, device) with several recipes: the top fronts over all of them."""
+    objs, ns = page.objs, page.ns
     out = []
-    for entry in report.get("recipe_fronts") or []:
+    for entry in page.report.get("recipe_fronts") or []:
         if len(entry.get("recipes") or []) < 2:  # one recipe: the per-device fronts say it all
             continue
         model, device = entry.get("model"), entry.get("device")
-        rows = []
-        for n, front in enumerate(entry.get("fronts") or [], start=1):
-            for cid in front:
-                c = cands.get(cid, {})
-                r: dict[str, Any] = next((x for x in c.get("results") or [] if x.get("device") == device), {})
-                sel = cid == entry.get("selected")
-                rows.append(
-                    [
-                        _front(n, sel=sel),
-                        Cell(str(c.get("recipe") or c.get("mode")), left=True, sel=sel),
-                        Cell(_cand_name(c or {"id": cid}), left=True, sel=sel, title=cid),
-                        Cell(str(len(c.get("excluded") or [])), sel=sel),
-                        *(_obj(o, (r.get("objectives") or {}).get(o.name), sel=sel) for o in objs),
-                    ]
-                )
+        rows = [
+            [
+                _front(n, sel=sel),
+                Cell(str(c.get("recipe") or c.get("mode")), left=True, sel=sel),
+                Cell(_cand_name(c or {"id": cid}), left=True, sel=sel, title=cid),
+                Cell(str(len(c.get("excluded") or [])), sel=sel),
+                *(_obj(o, (r.get("objectives") or {}).get(o.name), sel=sel) for o in objs),
+            ]
+            for n, cid, c, r, sel in page.front_members(entry, device, entry.get("selected"))
+        ]
         out.append(
             {
                 "title": f"{model} · {device} · recipes: {', '.join(entry.get('recipes') or [])}",
-                "uri": _data_uri(images.get(recipe_plot_key(model, device))),
+                "uri": _data_uri(page.images.get(recipe_plot_key(model, device))),
                 "alt": f"recipes plot for {model} {device}",
                 "headers": ["front", "recipe", "candidate", "#excluded", *(ns.heading(o) for o in objs)],
                 "rows": rows,
@@ -953,6 +954,7 @@ def render_html(report: dict[str, Any] | Report, images: dict[str, Path]) -> str
     cands = {c.get("id"): c for c in report.get("candidates") or []}
     objs = _study_objectives(report)
     ns = SampleSizes.of(rep)
+    page = _Page(report, images, cands, objs, ns)
     context = {
         "header": _header(rep),
         "warnings": rep.warnings(),
@@ -963,14 +965,14 @@ def render_html(report: dict[str, Any] | Report, images: dict[str, Path]) -> str
         "ns": ns,
         "skipped": report.get("skipped_inputs") or [],
         "summary": _summary(report, cands, ns),
-        "cross_device": _cross_device(report, cands, objs, ns),
-        "groups": _groups(report, images, cands, objs, ns),
+        "cross_device": _cross_device(page),
+        "groups": _groups(page),
         "latency_ties": any(o.name == "latency" for o in objs),
         "baselines": _baselines(report),
         "candidates": _candidates(report),
         "screened": _screened(report),
         "searches": _searches(report, ns),
-        "recipe_fronts": _recipe_fronts(report, images, cands, objs, ns),
+        "recipe_fronts": _recipe_fronts(page),
         "rankings": _rankings(report),
         "ranking_headers": ["rank", "layer", "gain (agreement, %)", "gain (top-k overlap, %)", "bytes added"],
         "infeasible": _infeasible(report, cands),

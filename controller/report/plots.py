@@ -104,6 +104,11 @@ def _group(
     return ranked + [p for p in pairs if not _is_ranked(p[0])]
 
 
+def _ring(ax: Any, point: tuple[float, float], **style: Any) -> None:
+    """An unfilled marker around one plotted point (the selected or the fully quantized candidate)."""
+    ax.scatter([point[0]], [point[1]], facecolors="none", zorder=4, **style)
+
+
 def _selected_id(report: dict[str, Any], model: str, mode: str, device: str) -> str | None:
     for s in report.get("summary") or []:
         if (s.get("model"), s.get("mode"), s.get("device")) == (model, mode, device):
@@ -438,29 +443,18 @@ def tradeoff_figure(report: dict[str, Any], model: str, mode: str, device: str) 
     selected = _selected_id(report, model, mode, device)
     sel = [(x, y) for c, _, x, y in pts if c["id"] == selected]
     if sel:
-        ax.scatter(
-            [sel[0][0]],
-            [sel[0][1]],
+        _ring(
+            ax,
+            sel[0],
             s=150,
             marker="s",
-            facecolors="none",
             edgecolors="#2e7d32",
             linewidths=1.8,
-            zorder=4,
             label="selected (compromise on front 1)",
         )
     fq = [(x, y) for c, _, x, y in pts if _is_ranked(c) and int(c["k"]) == 0]
     if fq:
-        ax.scatter(
-            [fq[0][0]],
-            [fq[0][1]],
-            s=160,
-            facecolors="none",
-            edgecolors="black",
-            linewidths=1.5,
-            zorder=4,
-            label="fully quantized (k=0)",
-        )
+        _ring(ax, fq[0], s=160, edgecolors="black", linewidths=1.5, label="fully quantized (k=0)")
     orig = next((m.get("size_bytes") for m in report.get("models") or [] if m.get("name") == model), None)
     points = [(x, y) for _, _, x, y in pts]
     big = sel[:1] + fq[:1]

@@ -182,41 +182,34 @@ class Proposal(_Strict):
     created_at: float | None = None
 
 
-class TargetPart(_Strict):
-    """One part of a target across a recipe split: the smallest candidate meeting ``max_loss`` on its devices."""
+class _Found(_Strict):
+    """The smallest candidate a target search found meeting ``max_loss`` (``id`` None: none), and when."""
+
+    id: str | None = None
+    recipe: str | None = None
+    label: str | None = None
+    size_bytes: int | None = None
+    worst_agreement: float | None = None
+    found_after_s: float | None = None
+
+
+class TargetPart(_Found):
+    """One part of a target across a recipe split: the candidate found for its devices."""
 
     devices: list[str] = Field(default_factory=list)
-    id: str | None = None
-    recipe: str | None = None
-    label: str | None = None
-    size_bytes: int | None = None
-    worst_agreement: float | None = None
-    found_after_s: float | None = None
 
 
-class TargetDevice(_Strict):
-    """A target search's smallest candidate meeting ``max_loss`` on one device (``id`` None: none)."""
+class TargetDevice(_Found):
+    """A target search's candidate found for one device."""
 
     device: str
-    id: str | None = None
-    recipe: str | None = None
-    label: str | None = None
-    size_bytes: int | None = None
-    worst_agreement: float | None = None
-    found_after_s: float | None = None
 
 
-class Target(_Strict):
-    """A target search's answer for one model (``id`` None: nothing met ``max_loss``); across a recipe split
-    (a variant planned on some devices) one candidate per part (``parts``)."""
+class Target(_Found):
+    """A target search's answer for one model; across a recipe split (a variant planned on some devices) one
+    candidate per part (``parts``)."""
 
     model: str
-    id: str | None = None
-    recipe: str | None = None
-    label: str | None = None
-    size_bytes: int | None = None
-    worst_agreement: float | None = None
-    found_after_s: float | None = None
     parts: list[TargetPart] = Field(default_factory=list)
     devices: list[TargetDevice] = Field(default_factory=list)
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import random
 import tomllib
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -107,7 +106,7 @@ def zoo(tmp_path_factory: pytest.TempPathFactory) -> dict:
     calib = np.random.default_rng(1).uniform(-1, 1, (16, 3, 8, 8)).astype(np.float32)
     out: dict = {"path": path, "data": calib[:4], "recipes": {}}
     for per_channel in (False, True):
-        settings = replace(PER_TENSOR, per_channel=per_channel)
+        settings = PER_TENSOR.model_copy(update={"per_channel": per_channel})
         cache = calibrate(path, "input", "N", calib, settings, d / f"calib-{per_channel}.json")
         quantize_candidate(path, d / f"fq-{per_channel}.onnx", settings, [], cache)
         out["recipes"][per_channel] = (settings, cache, onnx.load(str(d / f"fq-{per_channel}.onnx")))
@@ -201,7 +200,7 @@ def test_random_exclusions_are_bit_identical(zoo: dict, per_channel: bool, tmp_p
 )
 def test_recipes_with_fewer_op_types(zoo: dict, op_types: list[str], tmp_path: Path) -> None:
     """Op types a recipe leaves in float stay float in every candidate, as in ONNX Runtime's own output."""
-    settings = replace(PER_TENSOR, op_types=tuple(op_types))
+    settings = PER_TENSOR.model_copy(update={"op_types": tuple(op_types)})
     calib = np.random.default_rng(1).uniform(-1, 1, (16, 3, 8, 8)).astype(np.float32)
     cache = calibrate(zoo["path"], "input", "N", calib, settings, tmp_path / "calib.json")
     quantize_candidate(zoo["path"], tmp_path / "fq.onnx", settings, [], cache)
@@ -280,7 +279,7 @@ def test_lite0_derived_candidates_match_the_quantizer(example_dir: Path, tmp_pat
         pm.path, pm.input_name, pm.input_shape[0], data.calibration.load(), PER_TENSOR, tmp_path / "calib.json"
     )
     for per_channel, n_sets in ((False, 5), (True, 2)):
-        settings = replace(PER_TENSOR, per_channel=per_channel)
+        settings = PER_TENSOR.model_copy(update={"per_channel": per_channel})
         quantize_candidate(pm.path, tmp_path / "fq.onnx", settings, [], cache)
         editor = QOperatorEditor(onnx.load(str(tmp_path / "fq.onnx")), float_model, cache, settings)
         sets = [["/_conv_head/Conv", "/_fc/Gemm"]] + [rng.sample(layers, rng.randint(1, 12)) for _ in range(n_sets)]

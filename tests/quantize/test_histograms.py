@@ -105,16 +105,7 @@ def test_a_percentile_calibration_gives_orts_ranges(zoo: Path, tmp_path: Path, m
     """The whole calibration (quantize_static's calibrator): the same cache content with ORT's own method as with
     this one, which ``calibrate`` installs."""
     data = _data(4, 12)
-    settings = QuantSettings(
-        mode="per-tensor-percentile",
-        format="qdq",
-        per_channel=False,
-        reduce_range=False,
-        activation_type="uint8",
-        weight_type="int8",
-        calibration_method="percentile",
-        op_types=None,
-    )
+    settings = QuantSettings(calibration_method="percentile")  # per tensor, static, QDQ
     lean = calibrate(zoo, "input", "N", data, settings, tmp_path / "lean.json")
     assert PercentileCalibrater.collect_data is histograms.collect_data
     monkeypatch.setattr(PercentileCalibrater, "collect_data", histograms._ORT_COLLECT_DATA)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -73,7 +72,7 @@ def test_qoperator_errors_are_the_qdq_quantities(tmp_path: Path, assets: Path) -
     )
     model = out / "models" / "cnn.onnx"
     quantize_candidate(model, tmp_path / "fq-qop.onnx", settings, [], cache)
-    quantize_candidate(model, tmp_path / "fq-qdq.onnx", replace(settings, format="qdq"), [], cache)
+    quantize_candidate(model, tmp_path / "fq-qdq.onnx", settings.model_copy(update={"format": "qdq"}), [], cache)
     mqop, mqdq = onnx.load(str(tmp_path / "fq-qop.onnx")), onnx.load(str(tmp_path / "fq-qdq.onnx"))
     iop = {i.name: numpy_helper.to_array(i) for i in mqop.graph.initializer}
     idq = {i.name: numpy_helper.to_array(i) for i in mqdq.graph.initializer}

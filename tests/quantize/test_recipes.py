@@ -30,6 +30,23 @@ def test_recipes_inherit_the_section_and_override_it() -> None:
         q.resolve("nope")
 
 
+def test_a_stored_config_resolves_its_recipes_the_same() -> None:
+    """A recipe writes back only the settings it gives (the others stay the section's after a reload); a config
+    stored by an earlier version, with None for the settings a recipe does not give, still reads the same."""
+    q = QuantizationSpec(calibration_method="percentile", recipes=[{"name": "pc", "per_channel": True}])
+    stored = q.model_dump(mode="json")
+    assert stored["recipes"] == [{"name": "pc", "per_channel": True}]
+    again = QuantizationSpec.model_validate_json(q.model_dump_json())
+    assert again.resolve("pc") == q.resolve("pc")
+    assert again.resolve("pc").calibration_method == "percentile" and again.resolve("pc").per_channel
+    older = {**stored, "recipes": [{"name": "pc", "mode": None, "per_channel": True, "calibration_method": None}]}
+    assert QuantizationSpec.model_validate(older).resolve("pc") == q.resolve("pc")
+    chosen = q.with_recipes(["pc", "per-tensor.qdq"])  # --recipe: every setting written, variants included
+    assert [r.name for r in chosen.recipe_specs] == ["pc", "per-tensor.qdq"]
+    assert chosen.resolve("pc") == q.resolve("pc")
+    assert chosen.resolve("per-tensor.qdq") == q.resolve("per-tensor.qdq")
+
+
 def test_repeated_recipe_names_are_refused(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="recipe names must be unique"):
         parse_config(

@@ -109,6 +109,7 @@ _TABLES: dict[str, tuple[dict[str, type], str | tuple[str, ...]]] = {
             "kind": str,
             "label": str,
             "excluded": str,
+            "levels": str,
             "settings_key": str,
             "build_key": str,
             "path": str,
@@ -464,6 +465,7 @@ class Store:
         """Insert or replace a candidate."""
         row = dict(row)
         row["excluded"] = json.dumps(row["excluded"])
+        row["levels"] = json.dumps(row.get("levels") or {}, sort_keys=True)
         row["runtime"] = json.dumps(row.get("runtime") or {})
         row.setdefault("created_at", time.time())
         self.db.table("candidates").upsert(row, pk="id")
@@ -471,6 +473,7 @@ class Store:
     def _decode_candidate(self, r: dict[str, Any]) -> dict[str, Any]:
         r = dict(r)
         r["excluded"] = json.loads(r["excluded"])
+        r["levels"] = json.loads(r.get("levels") or "{}")  # a store of before the precision levels has none
         r["runtime"] = json.loads(r["runtime"] or "{}")
         return r
 

@@ -28,6 +28,8 @@ import sys
 import tempfile
 import threading
 import time
+from collections import Counter
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import TracebackType
@@ -73,6 +75,7 @@ from tuneqn.controller.quantize.edits import (
     unsupported_settings,
 )
 from tuneqn.controller.quantize.edits_qop import QOperatorEditor
+from tuneqn.controller.quantize.levels import Int4Cache, apply_levels, float_layers, level_tag, normalize_levels
 from tuneqn.controller.quantize.quantizer import (
     QuantSettings,
     calibrate,
@@ -121,7 +124,8 @@ def _calibrate_from(
 
 @dataclass(frozen=True)
 class CandidatePlan:
-    """A candidate to build: which layers of (model, mode) stay in float."""
+    """A candidate to build: which layers of (model, mode) stay in float, and the precision levels
+    (:mod:`tuneqn.controller.quantize.levels`) of the layers that are neither fp32 nor the recipe's int8."""
 
     id: str
     model: str
@@ -129,23 +133,32 @@ class CandidatePlan:
     k: int  # how many layers stay in float
     kind: str  # "set" (proposed by a search) | "explicit" (search.exclusion_sets)
     label: str
-    excluded: tuple[str, ...]  # sorted
+    excluded: tuple[str, ...]  # sorted: the float layers (fp32 and fp16)
+    levels: tuple[tuple[str, str], ...] = ()  # sorted (layer, level) of the fp16 and int4 layers
+
+    def level_map(self) -> dict[str, str]:
+        """Every layer whose level is not the recipe's int8: ``{layer: level}``."""
+        return {**dict.fromkeys(self.excluded, "fp32"), **dict(self.levels)}
 
 
-def set_tag(excluded: tuple[str, ...] | list[str]) -> str:
-    """``fq`` for the fully quantized model, else ``x`` + 10 hex digits of the sorted set's sha256."""
-    if not excluded:
+def set_tag(excluded: tuple[str, ...] | list[str], levels: tuple[tuple[str, str], ...] = ()) -> str:
+    """``fq`` for the fully quantized model, else ``x`` + 10 hex digits of the sha256 of the sorted set (and of
+    the other levels, when a layer has one: an exclusion set alone is tagged as it always was)."""
+    if not excluded and not levels:
         return "fq"
-    return "x" + hashlib.sha256("\n".join(sorted(excluded)).encode()).hexdigest()[:10]
+    text = "\n".join(sorted(excluded)) + (f"\n#levels\n{level_tag(levels)}" if levels else "")
+    return "x" + hashlib.sha256(text.encode()).hexdigest()[:10]
 
 
-def candidate_id(model: str, recipe: str, excluded: tuple[str, ...] | list[str]) -> str:
+def candidate_id(
+    model: str, recipe: str, excluded: tuple[str, ...] | list[str], levels: tuple[tuple[str, str], ...] = ()
+) -> str:
     """Stable candidate id from its content: ``model:recipe:fq`` or ``model:recipe:x1a2b3c4d5e``.
 
-    One exclusion set of one recipe is one candidate, whichever search (or how many)
+    One exclusion set (with its levels) of one recipe is one candidate, whichever search (or how many)
     proposed it, so it is built and evaluated once.
     """
-    return f"{model}:{recipe}:{set_tag(excluded)}"
+    return f"{model}:{recipe}:{set_tag(excluded, levels)}"
 
 
 def _finite(x: float | None) -> float:
@@ -321,6 +334,9 @@ class Study:
         self._listed: dict[tuple[str, str], list[dict[str, Any]]] = {}  # quantized_layers (not analyzed)
         self._derivations = Derivations()
         self._sizes: dict[str, int | str] = {}  # candidate id -> predicted size, or "build" (see _predict)
+        self._float_protos: dict[str, onnx.ModelProto] = {}  # model -> its prepared float model (precision levels)
+        self._int4_cache: dict[str, Int4Cache] = {}  # model -> its int4 weights so far (levels.apply_levels)
+        self._levels_lock = threading.Lock()
 
     def close(self) -> None:
         """Close the store, remove scratch files and release the out dir's lock."""
@@ -661,7 +677,9 @@ class Study:
                 continue
             if model is not None and row["model"] != model:
                 continue
-            plan = self.make_plan(row["model"], row["mode"], row["excluded"], row["label"], row["kind"])
+            plan = self.make_plan(
+                row["model"], row["mode"], row["excluded"], row["label"], row["kind"], row.get("levels") or {}
+            )
             if plan.id != row["id"] or self.build_key(plan) != row.get("build_key"):
                 self.store.delete_candidate(row["id"])
                 Path(row["path"]).unlink(missing_ok=True)
@@ -750,13 +768,25 @@ class Study:
         return [r["name"] for r in sorted(rows, key=lambda r: (-_finite(r[key]), r["idx"]))]
 
     def make_plan(
-        self, model: str, recipe: str, excluded: tuple[str, ...] | list[str], label: str = "", kind: str = "set"
+        self,
+        model: str,
+        recipe: str,
+        excluded: tuple[str, ...] | list[str],
+        label: str = "",
+        kind: str = "set",
+        levels: Mapping[str, str] | None = None,
     ) -> CandidatePlan:
-        """The candidate of (model, recipe) that keeps ``excluded`` in float."""
-        ex = tuple(sorted(set(excluded)))
-        return CandidatePlan(
-            candidate_id(model, recipe, ex), model, recipe, len(ex), kind, label or (f"k={len(ex)}" if ex else "fq"), ex
-        )
+        """The candidate of (model, recipe) that keeps ``excluded`` in float and gives the layers of ``levels`` their
+        level (``fp32``, ``fp16``, ``int8``, ``int4``; a layer in both takes its level)."""
+        chosen = {**dict.fromkeys(excluded, "fp32"), **(levels or {})}
+        pairs = normalize_levels(chosen)
+        ex = float_layers(pairs)
+        other = tuple((layer, lv) for layer, lv in pairs if lv != "fp32")
+        if not label:
+            label = f"k={len(ex)}" if ex else "fq"
+            counts = Counter(lv for _, lv in other)
+            label += "".join(f" +{n} {lv}" for lv, n in sorted(counts.items()))
+        return CandidatePlan(candidate_id(model, recipe, ex, other), model, recipe, len(ex), kind, label, ex, other)
 
     def prefix_plans(self, model: str, recipe: str, order: list[str], label: str = "k=") -> list[CandidatePlan]:
         """The paper's candidates over ``order``: k = 0, step, … ≤ max_k (every k with step 1)."""
@@ -780,7 +810,7 @@ class Study:
 
     def candidate_path(self, plan: CandidatePlan) -> Path:
         """Where a candidate's file lives in the study."""
-        return self.out_dir / "candidates" / plan.model / plan.mode / f"{set_tag(plan.excluded)}.onnx"
+        return self.out_dir / "candidates" / plan.model / plan.mode / f"{set_tag(plan.excluded, plan.levels)}.onnx"
 
     def build_key(self, plan: CandidatePlan) -> str:
         """What a candidate's bytes depend on: the prepared model (and whether it was pre-processed),
@@ -790,7 +820,7 @@ class Study:
 
     def _build_key(self, plan: CandidatePlan, calibration_sha: str | None) -> str:
         pm = self.models[plan.model]
-        return _hash(
+        parts: tuple[object, ...] = (
             "candidate",
             pm.sha256,
             pm.preprocessed,
@@ -799,6 +829,7 @@ class Study:
             sorted(plan.excluded),
             tool_versions(),
         )
+        return _hash(*parts, [list(p) for p in plan.levels]) if plan.levels else _hash(*parts)
 
     def build(self, plan: CandidatePlan, out: Path | None = None) -> dict[str, Any]:
         """Build (or reuse) a candidate file and record it; returns its row.
@@ -828,7 +859,7 @@ class Study:
             and file_sha256(path) == stored["sha256"]
         ):
             return stored
-        derived = self.derive(plan) if plan.excluded else None
+        derived = self.derive(plan) if plan.excluded or plan.levels else None
         with self._scratch_lock:
             prebuilt = self._prebuilt.pop(path, None) if out is None else None
         if (
@@ -847,6 +878,8 @@ class Study:
                 list(plan.excluded),
                 self.calibration_cache(plan.model, plan.mode),
             )
+            if plan.levels:
+                self._with_levels(plan, onnx.load(str(path))).write(path)
             sha, size = file_digest(path)
             runtime = runtime_options(onnx.load(str(path), load_external_data=False), list(plan.excluded))
         else:
@@ -870,6 +903,7 @@ class Study:
             "kind": plan.kind,
             "label": plan.label,
             "excluded": list(plan.excluded),
+            "levels": dict(plan.levels),
             "settings_key": self.settings(plan.mode).key(),
             "build_key": key,
             "path": str(path),
@@ -932,10 +966,23 @@ class Study:
             log.debug("%s: built by the quantizer (%s)", plan.id, index)
             return None
         try:
-            return index.derive(plan.excluded)
+            derived = index.derive(plan.excluded)
         except Unsupported as exc:
             log.debug("%s: built by the quantizer (%s)", plan.id, exc)
             return None
+        return self._with_levels(plan, onnx.load_from_string(derived.to_bytes())) if plan.levels else derived
+
+    def _with_levels(self, plan: CandidatePlan, model: onnx.ModelProto) -> Derived:
+        """``model`` (the candidate of ``plan``'s float layers) with ``plan``'s other levels applied; a level that
+        does not fit a layer raises :class:`~tuneqn.controller.quantize.edits.Unsupported`."""
+        if self.settings(plan.mode).format != "qdq" or self.settings(plan.mode).mode != "static":
+            raise Unsupported(f"precision levels need a static QDQ recipe ({plan.mode} is not)")
+        with self._levels_lock:
+            float_model = self._float_protos.get(plan.model)
+            if float_model is None:
+                float_model = self._float_protos[plan.model] = onnx.load(str(self.models[plan.model].path))
+            cache = self._int4_cache.setdefault(plan.model, {})
+        return Derived.of_model(apply_levels(model, float_model, dict(plan.levels), cache))
 
     def predicted_size(self, plan: CandidatePlan) -> int | None:
         """A candidate's exact file size without building it (None: not predictable now, see
@@ -954,6 +1001,8 @@ class Study:
         known = self._sizes.get(plan.id)
         if known is not None:
             return known
+        if plan.levels:
+            return "build"  # only a build tells (the levels' weights and scales)
         index = self._edit_index(plan.model, plan.mode, build_fq=False)
         if index is None:
             return "pending"

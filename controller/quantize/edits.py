@@ -170,6 +170,13 @@ class Derived:
     nodes: list[onnx.NodeProto] = field(repr=False)
     initializer_names: set[str] = field(repr=False)
 
+    @classmethod
+    def of_model(cls, model: onnx.ModelProto) -> Derived:
+        """A candidate given as a whole model (one piece: its serialization)."""
+        data = model.SerializeToString()
+        names = {i.name for i in model.graph.initializer}
+        return cls([data], len(data), list(model.graph.node), names)
+
     def write(self, path: Path) -> None:
         """Write the candidate file atomically (``path`` + ``.part``, then renamed)."""
         path.parent.mkdir(parents=True, exist_ok=True)

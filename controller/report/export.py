@@ -89,6 +89,9 @@ def plain_form(model: onnx.ModelProto, excluded: list[str]) -> tuple[onnx.ModelP
         scale = inits.get(dq.input[1])
         zp = inits.get(dq.input[2]) if len(dq.input) > 2 and dq.input[2] else None
         weight = inits.get(node.input[1])
+        cast = producers.get(node.input[1])
+        if weight is None and cast is not None and cast.op_type == "Cast":  # a weight stored as fp16 (levels)
+            weight = inits.get(cast.input[0])
         channels = None if weight is None else _input_channels(node, numpy_helper.to_array(weight))
         if (
             opset < 13

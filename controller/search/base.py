@@ -117,7 +117,13 @@ class ViewStudy(Protocol):
     def layer_names(self, model: str, recipe: str) -> list[str]: ...
     def ranking(self, model: str, recipe: str, name: str) -> list[str]: ...
     def make_plan(
-        self, model: str, recipe: str, excluded: tuple[str, ...] | list[str], label: str
+        self,
+        model: str,
+        recipe: str,
+        excluded: tuple[str, ...] | list[str],
+        label: str = "",
+        kind: str = "set",
+        levels: Mapping[str, str] | None = None,
     ) -> CandidatePlan: ...
     def prefix_plans(self, model: str, recipe: str, order: list[str], label: str) -> list[CandidatePlan]: ...
     def explicit_plans(self, model: str, recipe: str) -> list[CandidatePlan]: ...
@@ -177,9 +183,17 @@ class SearchView:
         """An error ranking (``paper``, ``qdq``, ``xmodel``) of (model, recipe), most sensitive first."""
         return self._study.ranking(model, recipe, name)
 
-    def plan(self, model: str, recipe: str, excluded: tuple[str, ...] | list[str], label: str = "") -> CandidatePlan:
-        """The candidate of (model, recipe) keeping ``excluded`` in float (id from its content)."""
-        return self._study.make_plan(model, recipe, excluded, label)
+    def plan(
+        self,
+        model: str,
+        recipe: str,
+        excluded: tuple[str, ...] | list[str],
+        label: str = "",
+        levels: Mapping[str, str] | None = None,
+    ) -> CandidatePlan:
+        """The candidate of (model, recipe) keeping ``excluded`` in float and the layers of ``levels`` at their
+        precision level (:mod:`tuneqn.controller.quantize.levels`; id from its content)."""
+        return self._study.make_plan(model, recipe, excluded, label, levels=levels)
 
     def prefix_plans(self, model: str, recipe: str, order: list[str], label: str = "k=") -> list[CandidatePlan]:
         """The paper's candidates over ``order`` (k = 0, step, … ≤ max_k)."""

@@ -1,0 +1,269 @@
+"""Precision levels per layer: beyond "quantized with the recipe" or "left in float".
+
+A candidate of a static QDQ recipe gives each searched layer one level (:data:`LEVELS`, most precise first):
+
+* ``fp32``: left in float (the paper's exclusion);
+* ``fp16``: left in float, its weight stored as float16 behind a ``Cast`` to float (ONNX Runtime folds the
+  Cast when the session loads: the layer runs the fp32 kernel on fp16-rounded weights, at half the bytes of an
+  fp32 exclusion);
+* ``int8``: the recipe's quantization (every layer's level unless said otherwise);
+* ``int4``: the recipe's activations, the weight quantized to 4 bits per output channel (symmetric, ONNX
+  Runtime's ``compute_data_quant_params``/``quantize_onnx_initializer``), its bias re-quantized with the new
+  weight scales. A 4-bit ``DequantizeLinear`` is standard from opset 21; before that it is ONNX Runtime's
+  ``com.microsoft`` one, as its quantizer writes it. ONNX Runtime's CPU provider has no 4-bit convolution
+  kernel: the layer runs in float on the dequantized weight (smaller file, not faster).
+
+:func:`apply_levels` rewrites a candidate derived for its float layers (``fp32`` and ``fp16`` ones excluded,
+:mod:`tuneqn.controller.quantize.edits`) into the one with every level; it is deterministic, so a candidate's
+bytes are a function of (recipe, levels). What does not fit a level raises :class:`edits.Unsupported`
+(a weight shared with another node, a layer without its weight's DequantizeLinear, …).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+from onnxruntime.quantization.quant_utils import get_qmin_qmax_for_qType, pack_bytes_to_4bit
+
+from tuneqn.controller.quantize.edits import Unsupported
+
+__all__ = [
+    "DEFAULT_LEVEL",
+    "FLOAT_LEVELS",
+    "Int4Cache",
+    "LEVELS",
+    "Level",
+    "apply_levels",
+    "float_layers",
+    "int4_per_channel",
+    "level_tag",
+    "normalize_levels",
+]
+
+MS_DOMAIN = "com.microsoft"
+
+
+@dataclass(frozen=True)
+class Level:
+    """One precision a layer can take."""
+
+    name: str
+    #: Shown in reports and labels.
+    description: str
+    #: The layer runs in float (its weight in the file as float32 or float16).
+    is_float: bool
+
+
+#: Every level, most precise first (moving a layer "up" goes towards the front).
+LEVELS: dict[str, Level] = {
+    lv.name: lv
+    for lv in (
+        Level("fp32", "float (fp32 weights)", True),
+        Level("fp16", "float (weights stored as fp16)", True),
+        Level("int8", "the recipe's int8", False),
+        Level("int4", "int4 weights per channel, the recipe's activations", False),
+    )
+}
+#: A layer's level unless a candidate says otherwise.
+DEFAULT_LEVEL = "int8"
+FLOAT_LEVELS = frozenset(name for name, lv in LEVELS.items() if lv.is_float)
+
+
+def normalize_levels(levels: Mapping[str, str] | Iterable[tuple[str, str]]) -> tuple[tuple[str, str], ...]:
+    """``(layer, level)`` pairs sorted by layer, the default level left out (ValueError for an unknown level)."""
+    pairs = dict(levels.items() if isinstance(levels, Mapping) else levels)
+    unknown = sorted({lv for lv in pairs.values() if lv not in LEVELS})
+    if unknown:
+        raise ValueError(f"unknown precision level {unknown[0]!r} (known: {', '.join(LEVELS)})")
+    return tuple(sorted((layer, lv) for layer, lv in pairs.items() if lv != DEFAULT_LEVEL))
+
+
+def float_layers(levels: Iterable[tuple[str, str]]) -> tuple[str, ...]:
+    """The layers a candidate keeps in float (``fp32`` and ``fp16``), sorted."""
+    return tuple(sorted(layer for layer, lv in levels if lv in FLOAT_LEVELS))
+
+
+def level_tag(levels: Iterable[tuple[str, str]]) -> str:
+    """The levels as text for a candidate's content hash: ``layer=level`` lines of the non-fp32 ones (an
+    exclusion set alone hashes as before)."""
+    return "\n".join(f"{layer}={lv}" for layer, lv in sorted(levels) if lv != "fp32")
+
+
+#: A model's int4 weights computed so far: (float weight name, axis) -> (scales, packed INT4 tensor).
+Int4Cache = dict[tuple[str, int], tuple[np.ndarray, TensorProto]]
+
+
+def apply_levels(
+    model: onnx.ModelProto, float_model: onnx.ModelProto, levels: Mapping[str, str], cache: Int4Cache | None = None
+) -> onnx.ModelProto:
+    """``model`` (a QDQ candidate whose ``fp32``/``fp16`` layers are already in float) with every other level
+    applied: ``fp16`` weights stored as float16, ``int4`` weights re-quantized (kept in ``cache``, which belongs
+    to ``float_model``). Returns a new model."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    edits = _Graph(out, float_model, {} if cache is None else cache)
+    for layer, level in sorted(levels.items()):
+        if level == "fp16":
+            edits.fp16_weight(layer)
+        elif level == "int4":
+            edits.int4_weight(layer)
+        elif level not in ("fp32", DEFAULT_LEVEL):
+            raise ValueError(f"unknown precision level {level!r} (known: {', '.join(LEVELS)})")
+    edits.finish()
+    return out
+
+
+class _Graph:
+    """One candidate's graph, indexed for the level edits."""
+
+    def __init__(self, model: onnx.ModelProto, float_model: onnx.ModelProto, cache: Int4Cache) -> None:
+        self.model = model
+        self.cache = cache
+        self.graph = model.graph
+        self.nodes = {n.name: n for n in self.graph.node}
+        self.producer = {o: n for n in self.graph.node for o in n.output}
+        self.users: dict[str, int] = {}
+        for n in self.graph.node:
+            for i in n.input:
+                self.users[i] = self.users.get(i, 0) + 1
+        self.inits = {t.name: t for t in self.graph.initializer}
+        self.float_nodes = {n.name: n for n in float_model.graph.node}
+        self.float_inits = {t.name: t for t in float_model.graph.initializer}
+        self.opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+        self.needs_ms_domain = False
+
+    def _layer(self, name: str, what: str) -> onnx.NodeProto:
+        node = self.nodes.get(name)
+        if node is None or node.op_type not in ("Conv", "Gemm", "MatMul") or len(node.input) < 2:
+            raise Unsupported(f"{what} of {name!r}: not a Conv/Gemm/MatMul layer of the candidate")
+        return node
+
+    def _float_weight(self, name: str) -> TensorProto:
+        fnode = self.float_nodes.get(name)
+        weight = self.float_inits.get(fnode.input[1]) if fnode is not None and len(fnode.input) > 1 else None
+        if weight is None or weight.data_type != TensorProto.FLOAT:
+            raise Unsupported(f"layer {name!r}: its float weight is not a float32 initializer")
+        return weight
+
+    def _only_use(self, tensor: str, name: str) -> None:
+        if self.users.get(tensor, 0) != 1:
+            raise Unsupported(f"layer {name!r}: tensor {tensor!r} is shared with another node")
+
+    def fp16_weight(self, name: str) -> None:
+        """The float layer's weight as a float16 initializer and a Cast to float in front of the layer."""
+        node = self._layer(name, "fp16")
+        weight = self.inits.get(node.input[1])
+        if weight is None or weight.data_type != TensorProto.FLOAT:
+            raise Unsupported(f"fp16 of {name!r}: the layer does not read a float32 weight (is it in float?)")
+        self._only_use(weight.name, name)
+        half = numpy_helper.from_array(numpy_helper.to_array(weight).astype(np.float16), f"{weight.name}_fp16")
+        weight.CopyFrom(half)
+        cast = helper.make_node(
+            "Cast", [half.name], [node.input[1]], name=f"{name}_weight_fp16_cast", to=TensorProto.FLOAT
+        )
+        self.graph.node.insert(list(self.graph.node).index(node), cast)
+
+    def int4_weight(self, name: str) -> None:
+        """The quantized layer's weight at 4 bits per output channel, its bias re-quantized to match."""
+        node = self._layer(name, "int4")
+        w_dq = self.producer.get(node.input[1])
+        if w_dq is None or w_dq.op_type != "DequantizeLinear" or w_dq.input[0] not in self.inits:
+            raise Unsupported(f"int4 of {name!r}: the layer's weight is not a quantized initializer (is it in float?)")
+        x_dq = self.producer.get(node.input[0])
+        x_scale = self.inits.get(x_dq.input[1]) if x_dq is not None and x_dq.op_type == "DequantizeLinear" else None
+        if x_scale is None:
+            raise Unsupported(f"int4 of {name!r}: its input is not dequantized from a constant scale")
+        for tensor in (node.input[1], *w_dq.input):
+            self._only_use(tensor, name)
+        weight = self._float_weight(name)
+        axis = _weight_axis(node)
+        key = (weight.name, axis)
+        if key not in self.cache:
+            self.cache[key] = int4_per_channel(numpy_helper.to_array(weight), axis)
+        scale_arr, packed = self.cache[key]
+        q = TensorProto()
+        q.CopyFrom(packed)
+        q.name = w_dq.input[0]
+        self.inits[w_dq.input[0]].CopyFrom(q)
+        scale_name = w_dq.input[1]
+        self.inits[scale_name].CopyFrom(numpy_helper.from_array(scale_arr, scale_name))
+        zp_name = f"{w_dq.input[0]}_zero_point_int4"
+        channels = len(scale_arr)
+        zp_tensor = helper.make_tensor(zp_name, TensorProto.INT4, [channels], bytes((channels + 1) // 2), raw=True)
+        if len(w_dq.input) > 2:
+            old_zp = self.inits.pop(w_dq.input[2])
+            self.graph.initializer.remove(old_zp)
+            w_dq.input[2] = zp_name
+        else:
+            w_dq.input.append(zp_name)
+        self.graph.initializer.append(zp_tensor)
+        self.inits[zp_name] = zp_tensor
+        _set_axis(w_dq, axis)
+        if self.opset < 21:
+            w_dq.domain = MS_DOMAIN
+            self.needs_ms_domain = True
+        if len(node.input) > 2 and node.input[2]:
+            self._requantize_bias(name, node, float(numpy_helper.to_array(x_scale)), scale_arr)
+
+    def _requantize_bias(self, name: str, node: onnx.NodeProto, x_scale: float, w_scales: np.ndarray) -> None:
+        """The int32 bias with scale ``x_scale · w_scale[c]`` per channel (as ORT's ``quantize_bias_static``)."""
+        b_dq = self.producer.get(node.input[2])
+        if b_dq is None or b_dq.op_type != "DequantizeLinear" or b_dq.input[0] not in self.inits:
+            raise Unsupported(f"int4 of {name!r}: its bias is not a quantized initializer")
+        for tensor in (node.input[2], *b_dq.input):
+            self._only_use(tensor, name)
+        fnode = self.float_nodes[name]
+        bias = self.float_inits.get(fnode.input[2]) if len(fnode.input) > 2 else None
+        if bias is None:
+            raise Unsupported(f"int4 of {name!r}: its float bias is not an initializer")
+        b = numpy_helper.to_array(bias).astype(np.float64)
+        scale = (x_scale * w_scales.astype(np.float64)).astype(np.float32)
+        info = np.iinfo(np.int32)
+        q = np.clip(np.round(b / scale.astype(np.float64)), info.min, info.max).astype(np.int32)
+        self.inits[b_dq.input[0]].CopyFrom(numpy_helper.from_array(q, b_dq.input[0]))
+        self.inits[b_dq.input[1]].CopyFrom(numpy_helper.from_array(scale, b_dq.input[1]))
+        if len(b_dq.input) > 2:
+            self.inits[b_dq.input[2]].CopyFrom(numpy_helper.from_array(np.zeros(len(q), np.int32), b_dq.input[2]))
+        _set_axis(b_dq, 0)
+
+    def finish(self) -> None:
+        """Declare the com.microsoft opset when a 4-bit DequantizeLinear uses it."""
+        if self.needs_ms_domain and not any(o.domain == MS_DOMAIN for o in self.model.opset_import):
+            self.model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
+
+
+def int4_per_channel(w: np.ndarray, axis: int) -> tuple[np.ndarray, TensorProto]:
+    """A float weight quantized to symmetric int4 per channel along ``axis``: the scales (float32) and the packed
+    INT4 tensor (zero points 0). The same values as ONNX Runtime's ``compute_data_quant_params`` and
+    ``quantize_onnx_initializer`` channel by channel (a test compares them), computed for all channels at once."""
+    qmin, qmax = (int(v) for v in get_qmin_qmax_for_qType(TensorProto.INT4, symmetric=True))
+    moved = np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1)
+    absmax = np.maximum(np.abs(np.minimum(moved.min(axis=1), 0)), np.abs(np.maximum(moved.max(axis=1), 0)))
+    wide = (2.0 * absmax.astype(np.float64)) / float(qmax - qmin)
+    scale = np.where(wide < np.finfo(np.float32).tiny, 1.0, wide).astype(np.float32)
+    zero = int(np.round((qmin + qmax) / 2.0))
+    shape = [1] * w.ndim
+    shape[axis] = -1
+    q = np.clip((w.astype(np.float32) / scale.reshape(shape)).round() + zero, qmin, qmax).astype(np.int8)
+    packed = bytes(pack_bytes_to_4bit(q.tobytes()))
+    return scale, helper.make_tensor("w_int4", TensorProto.INT4, list(w.shape), packed, raw=True)
+
+
+def _weight_axis(node: onnx.NodeProto) -> int:
+    """The output-channel axis of a layer's weight (Conv: 0; Gemm: 0 with transB, else 1; MatMul: 1)."""
+    if node.op_type == "Gemm":
+        trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
+        return 0 if trans_b else 1
+    return 1 if node.op_type == "MatMul" else 0
+
+
+def _set_axis(node: onnx.NodeProto, axis: int) -> None:
+    for a in node.attribute:
+        if a.name == "axis":
+            a.i = axis
+            return
+    node.attribute.append(helper.make_attribute("axis", axis))

@@ -400,6 +400,11 @@ Ranking = Literal["paper", "qdq", "xmodel", "measured"]
 StrategyName = Literal["sweep", "decremental", "greedy", "budget", "target"]
 
 
+#: The precision levels the default search gives layers (see ``SearchRun.levels``).
+SearchLevel = Literal["fp32", "int8", "int4"]
+DEFAULT_SEARCH_LEVELS: tuple[SearchLevel, ...] = ("fp32", "int8", "int4")
+
+
 class SearchRun(_Strict):
     """One search over the study's recipes: a layer ranking and a strategy (and their parameters)."""
 
@@ -413,11 +418,17 @@ class SearchRun(_Strict):
     #: Only these of the study's recipes (and the variants planned from them for a device); None: every recipe.
     #: E.g. the paper's sweep beside the main search on the paper's recipe only.
     recipes: Annotated[list[str], Field(min_length=1)] | None = None
+    #: ``budget``: the precision levels its candidates give layers (``controller/quantize/levels.py``): ``fp32``
+    #: (left in float) and ``int8`` (the recipe's), plus ``int4`` weights where measurement shows they cost no
+    #: agreement (static QDQ recipes); ``["fp32", "int8"]``: the paper's in-or-out candidates only.
+    levels: list[SearchLevel] = list(DEFAULT_SEARCH_LEVELS)
 
     @model_validator(mode="after")
     def _params(self) -> SearchRun:
         if self.strategy == "target" and self.max_loss is None:
             raise ValueError("strategy 'target' needs 'max_loss' (e.g. 0.01)")
+        if not {"fp32", "int8"} <= set(self.levels) or len(set(self.levels)) != len(self.levels):
+            raise ValueError("'levels' lists fp32 and int8 (a layer left in float or quantized), each once")
         return self
 
     @property
@@ -430,7 +441,13 @@ class SearchRun(_Strict):
         if self.strategy == "target" and self.max_loss is not None:
             strategy += f"{self.max_loss * 100:g}%"
         only = f"[{','.join(self.recipes)}]" if self.recipes else ""
-        return f"{strategy}/{self.ranking}{only}"
+        levels = "" if self.strategy != "budget" or set(self.levels) == set(DEFAULT_SEARCH_LEVELS) else "{binary}"
+        return f"{strategy}/{self.ranking}{only}{levels}"
+
+    @property
+    def int4(self) -> bool:
+        """Whether the search may give layers int4 weights (``budget`` with ``int4`` in ``levels``)."""
+        return self.strategy == "budget" and "int4" in self.levels
 
 
 class SearchSpec(SearchRun):
@@ -453,16 +470,8 @@ class SearchSpec(SearchRun):
     def runs(self) -> list[SearchRun]:
         """The main search, then the compared ones (without repeats)."""
         out: list[SearchRun] = []
-        for run in [
-            SearchRun(
-                ranking=self.ranking,
-                strategy=self.strategy,
-                budget=self.budget,
-                max_loss=self.max_loss,
-                recipes=self.recipes,
-            ),
-            *self.compare,
-        ]:
+        main = SearchRun(**{name: getattr(self, name) for name in SearchRun.model_fields})
+        for run in [main, *self.compare]:
             if run.name not in {r.name for r in out}:
                 out.append(run)
         return out

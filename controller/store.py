@@ -13,7 +13,7 @@ import logging
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
@@ -47,6 +47,12 @@ LAYER_KEYS = (
     "score",
     "rank",
 )
+
+
+def is_fully_quantized(cand: Mapping[str, Any]) -> bool:
+    """A candidate (row or report entry) is its recipe's fully quantized model: no layer in float, none at another
+    precision level."""
+    return cand.get("k") == 0 and not cand.get("levels")
 
 
 def layer_entry(row: dict[str, Any], keys: Sequence[str] = LAYER_KEYS) -> dict[str, Any]:

@@ -75,7 +75,14 @@ from tuneqn.controller.quantize.edits import (
     unsupported_settings,
 )
 from tuneqn.controller.quantize.edits_qop import QOperatorEditor
-from tuneqn.controller.quantize.levels import Int4Cache, apply_levels, float_layers, level_tag, normalize_levels
+from tuneqn.controller.quantize.levels import (
+    Int4Cache,
+    apply_levels,
+    fits,
+    float_layers,
+    level_tag,
+    normalize_levels,
+)
 from tuneqn.controller.quantize.quantizer import (
     QuantSettings,
     calibrate,
@@ -337,6 +344,8 @@ class Study:
         self._float_protos: dict[str, onnx.ModelProto] = {}  # model -> its prepared float model (precision levels)
         self._int4_cache: dict[str, Int4Cache] = {}  # model -> its int4 weights so far (levels.apply_levels)
         self._levels_lock = threading.Lock()
+        self._fits: dict[tuple[str, str, str, str], bool] = {}  # (model, recipe, layer, level) -> level_fits
+        self._fq_protos: dict[tuple[str, str], tuple[str, onnx.ModelProto]] = {}  # (model, recipe) -> (sha256, fq)
 
     def close(self) -> None:
         """Close the store, remove scratch files and release the out dir's lock."""
@@ -788,11 +797,23 @@ class Study:
             label += "".join(f" +{n} {lv}" for lv, n in sorted(counts.items()))
         return CandidatePlan(candidate_id(model, recipe, ex, other), model, recipe, len(ex), kind, label, ex, other)
 
-    def prefix_plans(self, model: str, recipe: str, order: list[str], label: str = "k=") -> list[CandidatePlan]:
-        """The paper's candidates over ``order``: k = 0, step, … ≤ max_k (every k with step 1)."""
+    def prefix_plans(
+        self, model: str, recipe: str, order: list[str], label: str = "k=", base: Mapping[str, str] | None = None
+    ) -> list[CandidatePlan]:
+        """The paper's candidates over ``order``: k = 0, step, … ≤ max_k (every k with step 1); with ``base``
+        (precision levels of some layers) each keeps those levels but for its float layers."""
         s = self.cfg.search
         top = len(order) if s.max_k is None else min(s.max_k, len(order))
-        return [self.make_plan(model, recipe, order[:k], f"{label}{k}") for k in range(0, top + 1, s.step)]
+        if not base:
+            return [self.make_plan(model, recipe, order[:k], f"{label}{k}") for k in range(0, top + 1, s.step)]
+        out = []
+        for k in range(0, top + 1, s.step):
+            levels = {**base, **dict.fromkeys(order[:k], "fp32")}
+            tail = "".join(
+                f" +{n} {lv}" for lv, n in sorted(Counter(v for v in levels.values() if v != "fp32").items())
+            )
+            out.append(self.make_plan(model, recipe, (), f"{label}{k}{tail}", levels=levels))
+        return out
 
     def explicit_plans(self, model: str, recipe: str) -> list[CandidatePlan]:
         """The study's ``search.exclusion_sets`` as candidates of (model, recipe)."""
@@ -971,6 +992,31 @@ class Study:
             log.debug("%s: built by the quantizer (%s)", plan.id, exc)
             return None
         return self._with_levels(plan, onnx.load_from_string(derived.to_bytes())) if plan.levels else derived
+
+    def level_fits(self, model: str, recipe: str, layer: str, level: str) -> bool:
+        """Whether ``layer`` can take ``level`` in (model, recipe)'s candidates (checked once on its fully quantized
+        model, built first if need be; fp32 and int8 always fit)."""
+        if level in ("fp32", "int8"):
+            return True
+        settings = self.settings(recipe)
+        if settings.mode != "static" or settings.format != "qdq":
+            return False
+        key = (model, recipe, layer, level)
+        known = self._fits.get(key)
+        if known is None:
+            row = self.build(self.make_plan(model, recipe, ()))
+            with self._levels_lock:
+                float_model = self._float_protos.get(model)
+                if float_model is None:
+                    float_model = self._float_protos[model] = onnx.load(str(self.models[model].path))
+                fq = self._fq_protos.get((model, recipe))
+                if fq is None or fq[0] != row["sha256"]:
+                    fq = self._fq_protos[(model, recipe)] = (row["sha256"], onnx.load(row["path"]))
+            why = fits(fq[1], float_model, layer, level)
+            if why is not None:
+                log.debug("%s/%s: %s", model, recipe, why)
+            known = self._fits[key] = why is None
+        return known
 
     def _with_levels(self, plan: CandidatePlan, model: onnx.ModelProto) -> Derived:
         """``model`` (the candidate of ``plan``'s float layers) with ``plan``'s other levels applied; a level that

@@ -38,6 +38,7 @@ __all__ = [
     "LEVELS",
     "Level",
     "apply_levels",
+    "fits",
     "float_layers",
     "int4_per_channel",
     "level_tag",
@@ -115,6 +116,16 @@ def apply_levels(
             raise ValueError(f"unknown precision level {level!r} (known: {', '.join(LEVELS)})")
     edits.finish()
     return out
+
+
+def fits(model: onnx.ModelProto, float_model: onnx.ModelProto, layer: str, level: str) -> str | None:
+    """Why ``layer`` of ``model`` cannot take ``level`` (None: it can), e.g. int4 on a layer whose weight another
+    node shares."""
+    try:
+        apply_levels(model, float_model, {layer: level})
+    except Unsupported as exc:
+        return str(exc)
+    return None
 
 
 class _Graph:

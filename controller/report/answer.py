@@ -8,9 +8,11 @@ no store, no files.  :func:`build_answer` gives::
                 "recipe", "label", "k", "file", "sha256", "size_bytes", "fp32_size_bytes", "fq_size_bytes",
                 "agreement", "accuracy_loss", "n", "loss_ci95", "accuracy", "accuracy_n", "fp32_accuracy",
                 "latency_ms", "latency_p10_ms", "latency_p90_ms", "fp32_latency_ms", "fp32_latency_p10_ms",
-                "fp32_latency_p90_ms", "float_layers", "runtime", "runtime_note", "export_command",
+                "fp32_latency_p90_ms", "float_layers", "levels", "runtime", "runtime_note", "export_command",
                 "parts": [{"recipe", "devices", "candidate", "label", "k", "file", "sha256", "size_bytes",
-                           "accuracy_loss", "float_layers", "export_command"}], "warnings", "reason"}]}
+                           "accuracy_loss", "float_layers", "levels", "export_command"}], "warnings", "reason"}]}
+
+``levels``: the pick's layers at a precision other than fp32 (``float_layers``) or the recipe's int8.
 
 The rule: per (model, device) one pick over every recipe of the model, among its full results that are
 done and feasible: of the results meeting the constraint (accuracy loss ``1 − agreement`` ≤ ``max_loss``,
@@ -40,6 +42,7 @@ from typing import Any, cast
 
 from tuneqn.controller.objectives import finite
 from tuneqn.controller.search.ties import Latency, faster
+from tuneqn.controller.store import is_fully_quantized
 
 #: z of a two-sided 95 % normal interval.
 Z95 = 1.959963984540054
@@ -487,6 +490,7 @@ def _empty_pick(scope: str, model: str, devices: list[str], reason: str, fp32_si
         **dict.fromkeys(keys),
         "fp32_size_bytes": fp32_size,
         "float_layers": [],
+        "levels": {},
         "runtime": {},
         "parts": [],
         "warnings": [],
@@ -581,7 +585,8 @@ def _pick_entry(
     c = pick.cand
     recipe = c.get("recipe") or c.get("mode")
     fq = next(
-        (o for o in options if o.cand.get("k") == 0 and (o.cand.get("recipe") or o.cand.get("mode")) == recipe), None
+        (o for o in options if is_fully_quantized(o.cand) and (o.cand.get("recipe") or o.cand.get("mode")) == recipe),
+        None,
     )
     n = pick.n or (eval_samples if isinstance(eval_samples, int) else None)
     ci = wilson_interval(round(pick.loss * n), n) if n else None
@@ -603,6 +608,7 @@ def _pick_entry(
             "size_bytes": o.size,
             "accuracy_loss": o.loss,
             "float_layers": float_layers(o.cand, order),
+            "levels": dict(sorted((o.cand.get("levels") or {}).items())),
             "export_command": part_export_command(out_dir, model, o.cand, pdevs, several_models),
         }
         for pdevs, o in pick.parts
@@ -632,6 +638,7 @@ def _pick_entry(
         "fp32_latency_p10_ms": finite(base.get("latency_p10_ms")),
         "fp32_latency_p90_ms": finite(base.get("latency_p90_ms")),
         "float_layers": float_layers(c, order),
+        "levels": dict(sorted((c.get("levels") or {}).items())),
         "runtime": runtime,
         "runtime_note": note,
         "export_command": None

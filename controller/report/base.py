@@ -461,6 +461,7 @@ def build_base(store: Store, *, partial: bool) -> dict[str, Any]:
                 "kind": c["kind"],
                 "label": c["label"],
                 "excluded": c["excluded"],
+                "levels": c.get("levels") or {},
                 "size_bytes": c["size_bytes"],
                 "sha256": c["sha256"],
                 "runtime": c["runtime"],

@@ -231,6 +231,7 @@ def facts(
         "evaluated_sha256": cand["sha256"],
         "evaluated_size_bytes": cand.get("size_bytes"),
         "float_layers": layers,
+        "levels": dict(sorted((cand.get("levels") or {}).items())),
         "graph": graph,
         "session_options": {"disabled_optimizers": disabled} if disabled else {},
         "load": (
@@ -310,6 +311,8 @@ def describe(exp: Exported) -> list[str]:
         f"({f['recipe']}, {f.get('label')}; evaluated sha256={f['evaluated_sha256']})",
         f"float layers ({len(f['float_layers'])}): " + (", ".join(f["float_layers"]) or "none"),
     ]
+    if f.get("levels"):
+        lines.append("precision levels: " + ", ".join(f"{layer} {lv}" for layer, lv in f["levels"].items()))
     for m in f["metrics"]:
         ci = m.get("loss_ci95")
         lines.append(

@@ -203,6 +203,7 @@ from pymoo.indicators.hv import HV
 
 from tuneqn.controller.objectives import Objective, finite, objective
 from tuneqn.controller.search.ties import Latency
+from tuneqn.controller.store import is_fully_quantized
 
 from .answer import Constraint, build_answer, split_parts
 from .pareto import select_compromise, to_minimization, top_fronts
@@ -454,9 +455,10 @@ def finalize_report(base: dict[str, Any], answer_constraint: Constraint | None =
         ordered = _ordered(members)
         by_dev = {c["id"]: _results_by_device(c) for c in ordered}
         group_devices = _device_order(report, (d for c in ordered for d in by_dev[c["id"]]))
-        fq_list = _ordered(c for c in all_of_group[(model, mode)] if c.get("k") == 0)
+        fq_list = _ordered(c for c in all_of_group[(model, mode)] if is_fully_quantized(c))
         if len(fq_list) > 1:
-            logger.warning("%s/%s: %d candidates with k == 0; using %s", model, mode, len(fq_list), fq_list[0]["id"])
+            n, first = len(fq_list), fq_list[0]["id"]
+            logger.warning("%s/%s: %d fully quantized candidates; using %s", model, mode, n, first)
         fq = fq_list[0] if fq_list else None
         if fq is not None and fq["id"] not in by_dev:
             by_dev[fq["id"]] = _results_by_device(fq)

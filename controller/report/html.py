@@ -304,6 +304,7 @@ def _pick(rep: Report, p: Pick, several_models: bool) -> dict[str, Any]:
         "sha256": p.sha256,
         "rows": rows,
         "float_layers": p.float_layers,
+        "levels": sorted(p.levels.items()),
         "warnings": p.warnings,
         "export_command": p.export_command,
         "reason": p.reason,

@@ -23,6 +23,7 @@ from matplotlib.ticker import MaxNLocator
 
 from tuneqn.controller.common.files import atomic_write_bytes
 from tuneqn.controller.objectives import OBJECTIVES
+from tuneqn.controller.store import is_fully_quantized
 
 logger = logging.getLogger(__name__)
 
@@ -102,6 +103,11 @@ def _group(
                 pairs.append((c, r))
     ranked = sorted((p for p in pairs if _is_ranked(p[0])), key=lambda p: int(p[0]["k"]))
     return ranked + [p for p in pairs if not _is_ranked(p[0])]
+
+
+def _min_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The points (both coordinates minimized) no other point beats, by the first coordinate."""
+    return sorted({p for p in points if not any(q[0] <= p[0] and q[1] <= p[1] and q != p for q in points)})
 
 
 def _ring(ax: Any, point: tuple[float, float], **style: Any) -> None:
@@ -388,7 +394,8 @@ def tradeoff_figure(report: dict[str, Any], model: str, mode: str, device: str) 
     Points are labelled with k (``p18`` / ``m18`` when several rankings share the plot; explicit
     candidates with their label) where the label overlaps nothing; the legend sits outside the
     axes.  The FP32 model (size from ``models[]``, loss 0 by definition) and the fully quantized
-    model (k = 0) are marked.
+    model (k = 0) are marked; so are candidates with precision levels (int4 twins, purple diamonds), with a
+    dotted line for the front the in-or-out candidates alone make.
     """
     fig = _new_figure()
     ax = fig.add_subplot(1, 1, 1)
@@ -430,6 +437,15 @@ def tradeoff_figure(report: dict[str, Any], model: str, mode: str, device: str) 
             xs, ys = zip(*members, strict=False)
             ax.plot(xs, ys, color=color, linestyle=style, linewidth=width, label=f"front {n}", zorder=2)
 
+    leveled = [(x, y) for c, r, x, y in pts if c.get("levels") and r.get("feasible") is not False]
+    if leveled:  # precision levels: mark them, and draw the front the in-or-out candidates alone make
+        xs, ys = zip(*leveled, strict=True)
+        ax.scatter(xs, ys, s=70, marker="D", facecolors="none", edgecolors="#6a1b9a", linewidths=1.0, zorder=4)
+        ax.scatter([], [], s=40, marker="D", facecolors="none", edgecolors="#6a1b9a", label="int4 twin (4-bit weights)")
+        binary = _min_front([(x, y) for c, r, x, y in pts if not c.get("levels") and r.get("feasible") is not False])
+        if binary:
+            bx, by = zip(*binary, strict=True)
+            ax.plot(bx, by, color="#9e9e9e", linestyle=":", linewidth=1.2, label="front without int4", zorder=1)
     if any(r.get("front") not in FRONT_STYLES and r.get("feasible") is not False for _, r, _, _ in pts):
         ax.scatter([], [], s=28, color="#7f7f7f", label="other evaluated")
     if any(r.get("feasible") is False for _, r, _, _ in pts):
@@ -452,7 +468,7 @@ def tradeoff_figure(report: dict[str, Any], model: str, mode: str, device: str) 
             linewidths=1.8,
             label="selected (compromise on front 1)",
         )
-    fq = [(x, y) for c, _, x, y in pts if _is_ranked(c) and int(c["k"]) == 0]
+    fq = [(x, y) for c, _, x, y in pts if _is_ranked(c) and is_fully_quantized(c)]
     if fq:
         _ring(ax, fq[0], s=160, edgecolors="black", linewidths=1.5, label="fully quantized (k=0)")
     orig = next((m.get("size_bytes") for m in report.get("models") or [] if m.get("name") == model), None)

@@ -331,6 +331,11 @@ class Candidate(_Strict):
     kind: str | None = Field(None, description="set (a search's k), explicit, ranked (old reports)")
     label: str | None = None
     excluded: list[str] = Field(default_factory=list, description="layers kept in float, by name")
+    levels: dict[str, str] = Field(
+        default_factory=dict,
+        description="precision levels other than fp32 and the recipe's int8, by layer name (fp16: float with its "
+        "weight stored as float16; int4: 4-bit weights per channel)",
+    )
     size_bytes: int | None = None
     sha256: str | None = None
     runtime: CandidateRuntime = Field(default_factory=CandidateRuntime)
@@ -522,6 +527,7 @@ class PickPart(_Strict):
     size_bytes: int | None = None
     accuracy_loss: float | None = None
     float_layers: list[str] = Field(default_factory=list)
+    levels: dict[str, str] = Field(default_factory=dict, description="layers at fp16 or int4, by name")
     export_command: str | None = None
 
 
@@ -556,6 +562,9 @@ class Pick(_Strict):
     fp32_latency_p10_ms: float | None = None
     fp32_latency_p90_ms: float | None = None
     float_layers: list[str] = Field(default_factory=list)
+    levels: dict[str, str] = Field(
+        default_factory=dict, description="layers at another precision than fp32 (float) or int8 (fp16, int4), by name"
+    )
     runtime: PickRuntime = Field(default_factory=PickRuntime)
     runtime_note: str | None = None
     export_command: str | None = None

@@ -125,7 +125,9 @@ class ViewStudy(Protocol):
         kind: str = "set",
         levels: Mapping[str, str] | None = None,
     ) -> CandidatePlan: ...
-    def prefix_plans(self, model: str, recipe: str, order: list[str], label: str) -> list[CandidatePlan]: ...
+    def prefix_plans(
+        self, model: str, recipe: str, order: list[str], label: str = "k=", base: Mapping[str, str] | None = None
+    ) -> list[CandidatePlan]: ...
     def explicit_plans(self, model: str, recipe: str) -> list[CandidatePlan]: ...
 
 
@@ -195,9 +197,24 @@ class SearchView:
         precision level (:mod:`tuneqn.controller.quantize.levels`; id from its content)."""
         return self._study.make_plan(model, recipe, excluded, label, levels=levels)
 
-    def prefix_plans(self, model: str, recipe: str, order: list[str], label: str = "k=") -> list[CandidatePlan]:
-        """The paper's candidates over ``order`` (k = 0, step, … ≤ max_k)."""
-        return self._study.prefix_plans(model, recipe, order, label)
+    def prefix_plans(
+        self, model: str, recipe: str, order: list[str], label: str = "k=", base: Mapping[str, str] | None = None
+    ) -> list[CandidatePlan]:
+        """The paper's candidates over ``order`` (k = 0, step, … ≤ max_k); with ``base``, each on top of those
+        precision levels (its float layers aside)."""
+        return self._study.prefix_plans(model, recipe, order, label, base)
+
+    def levels_supported(self, recipe: str) -> bool:
+        """Whether ``recipe``'s candidates can take precision levels other than fp32 and int8 (static QDQ)."""
+        get = getattr(self._study, "settings", None)  # optional in a ViewStudy (a study without levels)
+        settings = None if get is None else get(recipe)
+        return settings is not None and settings.mode == "static" and settings.format == "qdq"
+
+    def level_fits(self, model: str, recipe: str, layer: str, level: str) -> bool:
+        """Whether ``layer`` of (model, recipe) can take precision ``level`` (builds the fully quantized model
+        first if need be)."""
+        fits = getattr(self._study, "level_fits", None)  # optional in a ViewStudy, as settings
+        return fits is not None and bool(fits(model, recipe, layer, level))
 
     def explicit_plans(self, model: str, recipe: str) -> list[CandidatePlan]:
         """The study's explicit exclusion sets as candidates of (model, recipe)."""

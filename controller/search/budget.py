@@ -60,6 +60,7 @@ from typing import TYPE_CHECKING, Any
 
 from tuneqn.controller.objectives import Objective, objective
 from tuneqn.controller.search.base import Outcome, ReplayPair, Request
+from tuneqn.controller.search.int4 import Int4Twins
 from tuneqn.controller.search.measured import MeasuredRanking
 from tuneqn.controller.search.ties import Latency, compare
 
@@ -78,6 +79,7 @@ class BudgetPair(ReplayPair):
     def __init__(self, *args: Any) -> None:
         super().__init__(*args)
         self._measured = MeasuredRanking(self.view, self.model, self.recipe) if self.run.ranking == "measured" else None
+        self._int4: Int4Twins | None = None  # made once the in-or-out search is over (it reads the fq model)
         self._objectives = [(objective(name), direction) for name, direction in self.view.objectives()]
         self._cache: dict[tuple[str, ...], dict[str, list[Value]]] = {}  # (id, devices) -> values
         self._chosen: list[int] = []  # indices of the prefixes chosen so far (each a function of the results)
@@ -110,7 +112,47 @@ class BudgetPair(ReplayPair):
         chosen, stopped = self._choose(cands, budget)
         self.chosen = [cands[i] for i in chosen]
         reqs += [Request(p, "full", p.label) for p in self.chosen]
-        return reqs, stopped and all(view.outcome(p, "full") is not None for p in self.chosen)
+        done = stopped and all(view.outcome(p, "full") is not None for p in self.chosen)
+        if not done or not self.run.int4 or not view.levels_supported(self.recipe):
+            return reqs, done
+        return self._int4_twins(reqs)
+
+    def _int4_twins(self, reqs: list[Request]) -> tuple[list[Request], bool]:
+        """The level phase (:mod:`tuneqn.controller.search.int4`): each candidate of this search's top front gets
+        its int4 twin — the same float layers, the largest free prefix of the int4 order at int4 — evaluated in
+        full. Runs once the in-or-out search is over, so it only ever adds points below the front it found."""
+        if self._int4 is None:
+            rows = (self._measured.gains() if self._measured is not None else None) or []
+            cover = tuple(r["name"] for r in rows if r.get("cover"))
+            self._int4 = Int4Twins(self.view, self.model, self.recipe, cover)
+        order, more = self._int4.order()
+        reqs += more
+        if order is None:
+            return reqs, False
+        done = True
+        for plan in self._front(self.chosen):
+            twin, more, known = self._int4.twin(plan, order)
+            reqs += more
+            if twin is not None:
+                self.chosen.append(twin)
+                reqs.append(Request(twin, "full", twin.label))
+            done = done and known and (twin is None or self.view.outcome(twin, "full") is not None)
+        return reqs, done
+
+    def _front(self, plans: list[CandidatePlan]) -> list[CandidatePlan]:
+        """The evaluated ``plans`` no other one beats in size and worst agreement (ties: the first), by size."""
+        points = []
+        for p in plans:
+            out = self.view.outcome(p, "full")
+            if out is not None and out.loss is not None:
+                points.append((out.size_bytes, out.loss, p))
+        front = [
+            (size, loss, p)
+            for size, loss, p in points
+            if not any(s <= size and lo <= loss and (s, lo) != (size, loss) for s, lo, _ in points)
+        ]
+        unique = {(size, loss): p for size, loss, p in reversed(front)}  # the first of equal points
+        return [p for _, p in sorted(unique.items(), key=lambda kv: kv[0])]
 
     def _choose(self, cands: list[CandidatePlan], budget: int) -> tuple[list[int], bool]:
         """The indices chosen for a full evaluation so far, and whether the choosing stopped."""

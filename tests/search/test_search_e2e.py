@@ -137,6 +137,34 @@ def test_every_evaluated_set_exports_bit_identically(tmp_path: Path, assets: Pat
         assert exported_sha256(dest) == c["sha256"], which
 
 
+@pytest.mark.heavy
+def test_the_default_search_adds_int4_twins_and_exports_them(tmp_path: Path, assets: Path) -> None:
+    """The default search (budget, measured, levels fp32/int8/int4) on real agents: its front keeps the in-or-out
+    candidates and adds int4 twins, evaluated in full; the report and the export carry each twin's levels."""
+    study_toml = write_study(
+        tmp_path,
+        model=assets / "wide.onnx",
+        images=assets / "images",
+        evaluation=FAST,
+        search={"strategy": "budget", "ranking": "measured", "screen_samples": 8},
+    )
+    assert main(["tune", str(study_toml)]) == 0
+    out = tmp_path / "out"
+    report = json.loads((out / "report.json").read_text())
+    full = [c for c in report["candidates"] if any(r["status"] == "done" for r in c["results"])]
+    twins = [c for c in full if c["levels"]]
+    assert twins and all(set(c["levels"].values()) == {"int4"} for c in twins), [c["label"] for c in full]
+    assert all(c["label"].endswith("int4") and not set(c["levels"]) & set(c["excluded"]) for c in twins)
+    plain = {(tuple(c["excluded"]), c["recipe"]): c for c in full if not c["levels"]}
+    for c in twins:  # each twin is a front candidate with int4 weights: smaller than it
+        assert c["size_bytes"] < plain[(tuple(c["excluded"]), c["recipe"])]["size_bytes"]
+    dest = tmp_path / "twin.onnx"
+    assert main(["export", str(out), "--candidate", twins[0]["id"], "-o", str(dest)]) == 0
+    assert exported_sha256(dest) == twins[0]["sha256"]
+    assert json.loads(dest.with_name("twin.onnx.json").read_text())["levels"] == twins[0]["levels"]
+    assert "levels" in report["answer"]["picks"][0]
+
+
 def test_unknown_recipe_and_missing_target_are_one_line_errors(
     tmp_path: Path, assets: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

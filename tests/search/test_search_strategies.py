@@ -12,6 +12,7 @@ import random
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -44,6 +45,9 @@ class Problem:
 
     def size(self, excluded: tuple[str, ...]) -> int:
         return self.base + sum(self.nbytes[name] for name in excluded)
+
+    def plan_size(self, plan: CandidatePlan) -> int:
+        return self.size(plan.excluded)
 
     def outcome(self, plan: CandidatePlan, level: str) -> Outcome:
         per: dict[str, dict[str, float | None]] = {}
@@ -172,13 +176,13 @@ class Farm:
         builds = [r for r in self.queue if r.level == "build"]
         if builds:
             for req in builds:
-                self.sizes[req.plan.id] = self.problem.size(req.plan.excluded)
+                self.sizes[req.plan.id] = self.problem.plan_size(req.plan)
                 self.answered["build"] += 1
             self.queue = [r for r in self.queue if r.level != "build"]
             return
         req = self.queue.pop(self.rng.randrange(min(self.width, len(self.queue))))
         self.results[(req.plan.id, req.level)] = self.problem.outcome(req.plan, req.level)
-        self.sizes[req.plan.id] = self.problem.size(req.plan.excluded)
+        self.sizes[req.plan.id] = self.problem.plan_size(req.plan)
         self.answered[req.level] += 1
 
     def evaluations(self) -> int:
@@ -786,3 +790,88 @@ def test_budget_does_not_evaluate_what_an_earlier_recipes_results_cover(tmp_path
     again = make_strategy(study.cfg.search.runs()[0], SearchView(study, resumed))
     drive(again, resumed)
     assert _fulls_asked(again) == _fulls_asked(strategy)
+
+
+# --------------------------------------------------------------------------- precision levels
+@dataclass
+class LevelProblem(Problem):
+    """Samples each quantized layer gets wrong at int8 and at int4; int4 halves a layer's bytes. The screen is
+    samples 0–31 of 100 (where the fully quantized model is wrong)."""
+
+    breaks: dict[str, set[int]] = field(default_factory=dict)  # at int8
+    breaks4: dict[str, set[int]] = field(default_factory=dict)  # at int4 (int8's breaks when absent)
+
+    def wrong(self, plan: CandidatePlan) -> set[int]:
+        levels = plan.level_map()
+        out: set[int] = set()
+        for name in self.layers:
+            level = levels.get(name, "int8")
+            if level == "int8":
+                out |= self.breaks.get(name, set())
+            elif level == "int4":
+                out |= self.breaks4.get(name, self.breaks.get(name, set()))
+        return out
+
+    def plan_size(self, plan: CandidatePlan) -> int:
+        levels = plan.level_map()
+        return self.size(plan.excluded) - sum(self.nbytes[n] // 8 for n, lv in levels.items() if lv == "int4")
+
+    def outcome(self, plan: CandidatePlan, level: str) -> Outcome:
+        n = 100 if level == "full" else SCREEN
+        wrong = sorted(i for i in self.wrong(plan) if i < n)
+        per: dict[str, dict[str, float | None]] = {
+            "cpu": {
+                "agreement": 1.0 - len(wrong) / n,
+                "overlap": 1.0 - len(wrong) / (2 * n),
+                "accuracy": None,
+                "accuracy_top5": None,
+                "latency_ms": 10.0 if level == "full" else None,
+            }
+        }
+        full = 100 if level == "screen" else 0
+        return Outcome(plan.id, self.plan_size(plan), per, wrong={"cpu": tuple(wrong)}, full_samples=full)
+
+
+class LevelStudy(FakeStudy):
+    """A study whose recipe is static QDQ: every layer can take int4."""
+
+    def settings(self, recipe: str) -> Any:
+        return SimpleNamespace(mode="static", format="qdq")
+
+    def level_fits(self, model: str, recipe: str, layer: str, level: str) -> bool:
+        return True
+
+
+def test_budget_gives_its_front_int4_twins_where_int4_costs_nothing(tmp_path: Path) -> None:
+    """The default search: the in-or-out budget search, then an int4 twin of each front candidate. Free layers are
+    measured next to the reference (the cover layers in float), not next to the fully quantized model, where
+    int4's damage hides behind the samples it already gets wrong: ``big1``/``big2`` are free; ``noisy`` breaks a
+    new sample; ``masked`` breaks only what ``stem`` (a cover layer) already breaks, so it looks free next to the
+    fully quantized model and is not once ``stem`` is in float. The front keeps every in-or-out point."""
+    layers = ["stem", "a", "big1", "noisy", "masked", "big2", "head"]
+    nbytes = {"stem": 8, "a": 80, "big1": 4000, "noisy": 3000, "masked": 2000, "big2": 3600, "head": 120}
+    problem = LevelProblem(
+        layers=layers,
+        error_ranking=list(layers),
+        nbytes=nbytes,
+        damage={"cpu": {}},
+        base=20_000,
+        breaks={"stem": {1, 2}, "a": {3}},
+        breaks4={"noisy": {9}, "masked": {1}},
+    )
+    strategy, farm, _ = setup(tmp_path, problem, study_cls=LevelStudy, budget=8)
+    drive(strategy, farm)
+    plans = {r.plan.id: r.plan for batch in farm.batches for r in batch}
+    full = {rid: o for (rid, level), o in farm.results.items() if level == "full"}
+    twins = [plans[cid] for cid in full if plans[cid].levels]
+    assert sorted(p.k for p in twins) == [0, 1, 2]  # one per front candidate: fq, stem, stem + a
+    assert all(dict(p.levels) == {"big1": "int4", "big2": "int4"} for p in twins), [p.label for p in twins]
+    best = min((o for o in full.values() if o.loss == 0.0), key=lambda o: o.size_bytes)
+    binary = problem.size(("stem", "a"))
+    assert plans[best.candidate_id].excluded == ("a", "stem") and best.size_bytes == binary - (4000 + 3600) // 8
+
+    strategy, farm, _ = setup(tmp_path / "binary", problem, study_cls=LevelStudy, budget=8, levels=["fp32", "int8"])
+    drive(strategy, farm)
+    binary_full = {rid for (rid, level) in farm.results if level == "full"}
+    assert binary_full <= set(full)  # the in-or-out points are all there
+    assert min(o.size_bytes for (_, level), o in farm.results.items() if level == "full" and o.loss == 0.0) == binary

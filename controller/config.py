@@ -389,11 +389,16 @@ class QuantizationSpec(QuantizerKeys):
         return self.model_copy(update={"recipes": chosen})
 
 
+LevelName = Literal["fp32", "fp16", "int8", "int4"]
+
+
 class ExclusionSet(_Strict):
-    """An explicit candidate: exactly these layers stay in float."""
+    """An explicit candidate: exactly these layers stay in float (and the layers of ``levels`` take that
+    precision: ``fp16`` float with its weight stored as float16, ``int4`` 4-bit weights; static QDQ recipes)."""
 
     name: str
-    layers: list[str]
+    layers: list[str] = []
+    levels: dict[str, LevelName] = {}
 
 
 Ranking = Literal["paper", "qdq", "xmodel", "measured"]

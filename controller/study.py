@@ -344,6 +344,7 @@ class Study:
         self._float_protos: dict[str, onnx.ModelProto] = {}  # model -> its prepared float model (precision levels)
         self._int4_cache: dict[str, Int4Cache] = {}  # model -> its int4 weights so far (levels.apply_levels)
         self._levels_lock = threading.Lock()
+        self._warned_sets: set[tuple[str, str, str]] = set()  # explicit sets left out of a recipe (said once)
         self._fits: dict[tuple[str, str, str, str], bool] = {}  # (model, recipe, layer, level) -> level_fits
         self._fq_protos: dict[tuple[str, str], tuple[str, onnx.ModelProto]] = {}  # (model, recipe) -> (sha256, fq)
 
@@ -817,9 +818,24 @@ class Study:
 
     def explicit_plans(self, model: str, recipe: str) -> list[CandidatePlan]:
         """The study's ``search.exclusion_sets`` as candidates of (model, recipe)."""
-        return [
-            self.make_plan(model, recipe, ex.layers, ex.name, kind="explicit") for ex in self.cfg.search.exclusion_sets
-        ]
+        out = []
+        for ex in self.cfg.search.exclusion_sets:
+            misfit = [
+                f"{layer} ({lv})" for layer, lv in ex.levels.items() if not self.level_fits(model, recipe, layer, lv)
+            ]
+            if misfit:  # a recipe without levels (dynamic, QOperator), or a layer that cannot take its level
+                if (model, recipe, ex.name) not in self._warned_sets:
+                    self._warned_sets.add((model, recipe, ex.name))
+                    log.warning(
+                        "%s/%s: exclusion set %s left out: %s cannot take those levels here",
+                        model,
+                        recipe,
+                        ex.name,
+                        ", ".join(misfit),
+                    )
+                continue
+            out.append(self.make_plan(model, recipe, ex.layers, ex.name, kind="explicit", levels=ex.levels))
+        return out
 
     def plan(self, model: str, mode: str) -> list[CandidatePlan]:
         """The paper's candidates of (model, recipe) over its error ranking, then the explicit sets."""

@@ -122,7 +122,12 @@ def fits(model: onnx.ModelProto, float_model: onnx.ModelProto, layer: str, level
     """Why ``layer`` of ``model`` cannot take ``level`` (None: it can), e.g. int4 on a layer whose weight another
     node shares."""
     try:
-        apply_levels(model, float_model, {layer: level})
+        if level == "fp16":  # a float layer: its float weight must be its own float32 initializer
+            probe = onnx.ModelProto()
+            probe.CopyFrom(float_model)
+            _Graph(probe, probe, {}).fp16_weight(layer)
+        else:
+            apply_levels(model, float_model, {layer: level})
     except Unsupported as exc:
         return str(exc)
     return None

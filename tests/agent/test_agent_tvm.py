@@ -104,6 +104,24 @@ def test_device_description_and_infeasible_qoperator(tvm_agent, client_factory, 
     assert "QLinearConv" in result.error
 
 
+def test_a_candidate_with_int4_weights_is_infeasible_naming_them(
+    tvm_agent, client_factory, tvm_models, tmp_path
+) -> None:
+    """TVM cannot load 4-bit tensors: a candidate with a layer at the int4 precision level is answered infeasible,
+    naming them (not retried, reported per device), so a TVM class keeps the in-or-out candidates."""
+    from tuneqn.controller.quantize.levels import apply_levels
+
+    model = apply_levels(onnx.load(tvm_models["qdq"]), onnx.load(tvm_models["fp32"]), {"conv3": "int4"})
+    assert tvm_build.unsupported_ops(model) == ["INT4 tensors"]
+    assert tvm_build.unsupported_ops(onnx.load(tvm_models["qdq"])) == []
+    client = client_factory(tvm_agent(TvmSettings()))
+    data = client.upload_bytes(npy_bytes(cnn_samples(4)))
+    client.submit(job_spec("int4", client.upload_bytes(model.SerializeToString()), data))
+    result = client.wait_result("int4", timeout=60)
+    assert result.state == pb.FAILED and result.infeasible
+    assert list(result.unsupported_ops) == ["INT4 tensors"] and "INT4 tensors" in result.error
+
+
 def test_frontend_failure_is_infeasible_without_ops(tmp_path: Path) -> None:
     """Supported op types that the frontend still cannot import: a Pad with computed pads."""
     from onnx import TensorProto, helper, numpy_helper

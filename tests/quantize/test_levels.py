@@ -178,3 +178,31 @@ def test_level_candidates_export_bit_identical(
     plain = ran_graph(str(files[0]), tmp_path, [])
     floats = {i.name for i in plain.graph.initializer if i.data_type == TensorProto.FLOAT}
     assert sum(1 for n in plain.graph.node if n.op_type in ("Conv", "FusedConv") and n.input[1] in floats) == 2
+
+
+def test_an_explicit_set_takes_levels_where_its_recipe_can(
+    tmp_path: Path, assets: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``[[search.exclusion_sets]] levels``: an explicit candidate with fp16 and int4 layers on a static QDQ recipe;
+    left out, with one warning, on a recipe that cannot take them (dynamic)."""
+    toml = write_study(
+        tmp_path,
+        model=assets / "cnn.onnx",
+        images=assets / "images",
+        quantization={"recipes": [{"name": "q", "mode": "static"}, {"name": "d", "mode": "dynamic"}]},
+        search={"exclusion_sets": [{"name": "mixed", "layers": ["conv2"], "levels": {"conv4": "fp16", "fc": "int4"}}]},
+    )
+    s = Study(load_config(toml))
+    s.prepare()
+    try:
+        (plan,) = s.explicit_plans("cnn", "q")
+        assert (plan.label, plan.excluded, plan.levels) == (
+            "mixed",
+            ("conv2", "conv4"),
+            (("conv4", "fp16"), ("fc", "int4")),
+        )
+        assert s.build(plan)["levels"] == {"conv4": "fp16", "fc": "int4"}
+        assert s.explicit_plans("cnn", "d") == [] and s.explicit_plans("cnn", "d") == []
+        assert sum("exclusion set mixed left out" in r.getMessage() for r in caplog.records) == 1
+    finally:
+        s.close()

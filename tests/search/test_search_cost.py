@@ -52,7 +52,9 @@ def test_a_measured_search_needs_no_layer_analysis(tmp_path: Path, assets: Path)
     finally:
         study.close()
     assert len(analyzed) > 2
-    assert screened == {"ranking base", *(f"ranking +{name}" for name in analyzed)}
+    ranking = {label for label in screened if label.startswith("ranking")}
+    assert ranking == {"ranking base", *(f"ranking +{name}" for name in analyzed)}
+    assert all("int4" in label for label in screened - ranking)  # the int4 twins' screens (levels, the default)
     proposals = _rows(out, "select search, candidate_id, level from proposals order by seq")
     jobs = _rows(out, "select count(*) from jobs")
     # the check above analyzed (its row is now stored): drop it, the rerun must again do without

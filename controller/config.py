@@ -389,12 +389,13 @@ class QuantizationSpec(QuantizerKeys):
         return self.model_copy(update={"recipes": chosen})
 
 
-LevelName = Literal["fp32", "fp16", "int8", "int4"]
+LevelName = Literal["fp32", "fp16", "a16", "int8", "int4"]
 
 
 class ExclusionSet(_Strict):
     """An explicit candidate: exactly these layers stay in float (and the layers of ``levels`` take that
-    precision: ``fp16`` float with its weight stored as float16, ``int4`` 4-bit weights; static QDQ recipes)."""
+    precision: ``fp16`` float with its weight stored as float16, ``a16`` its input at 16 bits, ``int4`` 4-bit
+    weights; static QDQ recipes)."""
 
     name: str
     layers: list[str] = []

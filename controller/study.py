@@ -37,6 +37,7 @@ from typing import Any
 
 import numpy as np
 import onnx
+from onnxruntime.quantization.calibrate import load_tensors_data
 
 from tuneqn import __version__
 from tuneqn.controller.common import yielding
@@ -76,6 +77,7 @@ from tuneqn.controller.quantize.edits import (
 )
 from tuneqn.controller.quantize.edits_qop import QOperatorEditor
 from tuneqn.controller.quantize.levels import (
+    Activations16,
     Int4Cache,
     apply_levels,
     fits,
@@ -345,6 +347,7 @@ class Study:
         self._int4_cache: dict[str, Int4Cache] = {}  # model -> its int4 weights so far (levels.apply_levels)
         self._levels_lock = threading.Lock()
         self._warned_sets: set[tuple[str, str, str]] = set()  # explicit sets left out of a recipe (said once)
+        self._ranges: dict[tuple[str, str], tuple[Path, dict[str, tuple[float, float]]]] = {}  # calibrated, a16
         self._fits: dict[tuple[str, str, str, str], bool] = {}  # (model, recipe, layer, level) -> level_fits
         self._fq_protos: dict[tuple[str, str], tuple[str, onnx.ModelProto]] = {}  # (model, recipe) -> (sha256, fq)
 
@@ -1028,7 +1031,8 @@ class Study:
                 fq = self._fq_protos.get((model, recipe))
                 if fq is None or fq[0] != row["sha256"]:
                     fq = self._fq_protos[(model, recipe)] = (row["sha256"], onnx.load(row["path"]))
-            why = fits(fq[1], float_model, layer, level)
+            a16 = self._activations16(model, recipe) if level == "a16" else None
+            why = fits(fq[1], float_model, layer, level, a16)
             if why is not None:
                 log.debug("%s/%s: %s", model, recipe, why)
             known = self._fits[key] = why is None
@@ -1044,7 +1048,25 @@ class Study:
             if float_model is None:
                 float_model = self._float_protos[plan.model] = onnx.load(str(self.models[plan.model].path))
             cache = self._int4_cache.setdefault(plan.model, {})
-        return Derived.of_model(apply_levels(model, float_model, dict(plan.levels), cache))
+        a16 = self._activations16(plan.model, plan.mode) if "a16" in dict(plan.levels).values() else None
+        return Derived.of_model(apply_levels(model, float_model, dict(plan.levels), cache, a16))
+
+    def _activations16(self, model: str, recipe: str) -> Activations16 | None:
+        """The calibrated ranges the ``a16`` level quantizes a layer's input with (None: the recipe has none)."""
+        cache = self.calibration_cache(model, recipe)
+        if cache is None or not cache.is_file():
+            return None
+        with self._levels_lock:
+            known = self._ranges.get((model, recipe))
+            if known is None or known[0] != cache:
+                data = load_tensors_data(cache)
+                ranges = {
+                    name: (float(np.asarray(td.range_value[0]).min()), float(np.asarray(td.range_value[1]).max()))
+                    for name, td in data.data.items()
+                }
+                known = self._ranges[(model, recipe)] = (cache, ranges)
+        settings = self.settings(recipe)
+        return Activations16(known[1], settings.activation_type == "int8", settings.activation_symmetric)
 
     def predicted_size(self, plan: CandidatePlan) -> int | None:
         """A candidate's exact file size without building it (None: not predictable now, see

@@ -6,6 +6,13 @@ A candidate of a static QDQ recipe gives each searched layer one level (:data:`L
 * ``fp16``: left in float, its weight stored as float16 behind a ``Cast`` to float (ONNX Runtime folds the
   Cast when the session loads: the layer runs the fp32 kernel on fp16-rounded weights, at half the bytes of an
   fp32 exclusion);
+* ``a16``: the recipe's int8 weights, the layer's input read at 16 bits: a QuantizeLinear/DequantizeLinear pair
+  of its own on its input activation (uint16, or int16 for int8 activations), scale and zero point from the
+  recipe's calibrated range by ONNX Runtime's ``compute_scale_zp``; the other readers of that activation keep
+  8 bits. ONNX Runtime's CPU provider has no 16-bit convolution: the layer runs in float (same bytes as int8,
+  more accuracy where the activation's quantization is the error, slower), and so does the producer of that
+  activation when the layer was its only reader (its output is then quantized at 16 bits only, as ONNX Runtime's
+  quantizer does with a 16-bit ``TensorQuantOverrides`` entry);
 * ``int8``: the recipe's quantization (every layer's level unless said otherwise);
 * ``int4``: the recipe's activations, the weight quantized to 4 bits per output channel (symmetric, ONNX
   Runtime's ``compute_data_quant_params``/``quantize_onnx_initializer``), its bias re-quantized with the new
@@ -27,12 +34,13 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
-from onnxruntime.quantization.quant_utils import get_qmin_qmax_for_qType, pack_bytes_to_4bit
+from onnxruntime.quantization.quant_utils import compute_scale_zp, get_qmin_qmax_for_qType, pack_bytes_to_4bit
 
 from tuneqn.controller.quantize.edits import Unsupported
 
 __all__ = [
     "DEFAULT_LEVEL",
+    "Activations16",
     "FLOAT_LEVELS",
     "Int4Cache",
     "LEVELS",
@@ -65,6 +73,7 @@ LEVELS: dict[str, Level] = {
     for lv in (
         Level("fp32", "float (fp32 weights)", True),
         Level("fp16", "float (weights stored as fp16)", True),
+        Level("a16", "int8 weights, 16-bit input activation", False),
         Level("int8", "the recipe's int8", False),
         Level("int4", "int4 weights per channel, the recipe's activations", False),
     )
@@ -98,12 +107,26 @@ def level_tag(levels: Iterable[tuple[str, str]]) -> str:
 Int4Cache = dict[tuple[str, int], tuple[np.ndarray, TensorProto]]
 
 
+@dataclass(frozen=True)
+class Activations16:
+    """What the ``a16`` level needs: the recipe's calibrated ranges by tensor name, its activation type and
+    symmetry."""
+
+    ranges: Mapping[str, tuple[float, float]]
+    signed: bool = False
+    symmetric: bool = False
+
+
 def apply_levels(
-    model: onnx.ModelProto, float_model: onnx.ModelProto, levels: Mapping[str, str], cache: Int4Cache | None = None
+    model: onnx.ModelProto,
+    float_model: onnx.ModelProto,
+    levels: Mapping[str, str],
+    cache: Int4Cache | None = None,
+    a16: Activations16 | None = None,
 ) -> onnx.ModelProto:
     """``model`` (a QDQ candidate whose ``fp32``/``fp16`` layers are already in float) with every other level
     applied: ``fp16`` weights stored as float16, ``int4`` weights re-quantized (kept in ``cache``, which belongs
-    to ``float_model``). Returns a new model."""
+    to ``float_model``), ``a16`` inputs at 16 bits (from ``a16``'s ranges). Returns a new model."""
     out = onnx.ModelProto()
     out.CopyFrom(model)
     edits = _Graph(out, float_model, {} if cache is None else cache)
@@ -112,13 +135,19 @@ def apply_levels(
             edits.fp16_weight(layer)
         elif level == "int4":
             edits.int4_weight(layer)
+        elif level == "a16":
+            if a16 is None:
+                raise Unsupported(f"a16 of {layer!r}: no calibrated ranges (a static recipe's calibration)")
+            edits.a16_input(layer, a16)
         elif level not in ("fp32", DEFAULT_LEVEL):
             raise ValueError(f"unknown precision level {level!r} (known: {', '.join(LEVELS)})")
     edits.finish()
     return out
 
 
-def fits(model: onnx.ModelProto, float_model: onnx.ModelProto, layer: str, level: str) -> str | None:
+def fits(
+    model: onnx.ModelProto, float_model: onnx.ModelProto, layer: str, level: str, a16: Activations16 | None = None
+) -> str | None:
     """Why ``layer`` of ``model`` cannot take ``level`` (None: it can), e.g. int4 on a layer whose weight another
     node shares."""
     try:
@@ -127,7 +156,7 @@ def fits(model: onnx.ModelProto, float_model: onnx.ModelProto, layer: str, level
             probe.CopyFrom(float_model)
             _Graph(probe, probe, {}).fp16_weight(layer)
         else:
-            apply_levels(model, float_model, {layer: level})
+            apply_levels(model, float_model, {layer: level}, a16=a16)
     except Unsupported as exc:
         return str(exc)
     return None
@@ -245,6 +274,54 @@ class _Graph:
         if len(b_dq.input) > 2:
             self.inits[b_dq.input[2]].CopyFrom(numpy_helper.from_array(np.zeros(len(q), np.int32), b_dq.input[2]))
         _set_axis(b_dq, 0)
+
+    def a16_input(self, name: str, a16: Activations16) -> None:
+        """The quantized layer reads its input through a 16-bit QuantizeLinear/DequantizeLinear pair of its own;
+        the 8-bit pair goes when the layer was its only reader."""
+        node = self._layer(name, "a16")
+        w_dq = self.producer.get(node.input[1])
+        x_dq = self.producer.get(node.input[0])
+        x_q = self.producer.get(x_dq.input[0]) if x_dq is not None and x_dq.op_type == "DequantizeLinear" else None
+        if w_dq is None or w_dq.op_type != "DequantizeLinear" or x_q is None or x_q.op_type != "QuantizeLinear":
+            raise Unsupported(f"a16 of {name!r}: not a quantized layer reading a quantized activation")
+        tensor = x_q.input[0]
+        if tensor not in a16.ranges:
+            raise Unsupported(f"a16 of {name!r}: no calibrated range for its input {tensor!r}")
+        qtype = TensorProto.INT16 if a16.signed else TensorProto.UINT16
+        qmin, qmax = get_qmin_qmax_for_qType(qtype, symmetric=a16.symmetric)
+        low, high = (np.array(v, dtype=np.float32) for v in a16.ranges[tensor])
+        zero, scale = compute_scale_zp(low, high, qmin, qmax, a16.symmetric)
+        base = f"{tensor}_{name}_a16"
+        inits = [
+            numpy_helper.from_array(np.asarray(scale, dtype=np.float32), f"{base}_scale"),
+            numpy_helper.from_array(np.asarray(zero).astype(qmin.dtype), f"{base}_zero_point"),
+        ]
+        domain = MS_DOMAIN if self.opset < 21 else ""
+        self.needs_ms_domain |= bool(domain)
+        q = helper.make_node("QuantizeLinear", [tensor, inits[0].name, inits[1].name], [f"{base}_q"], name=f"{base}_q")
+        dq = helper.make_node(
+            "DequantizeLinear", [q.output[0], inits[0].name, inits[1].name], [f"{base}_dq"], name=f"{base}_dq"
+        )
+        q.domain = dq.domain = domain
+        old = node.input[0]
+        node.input[0] = dq.output[0]
+        self.users[old] -= 1
+        at = list(self.graph.node).index(node)
+        self.graph.node.insert(at, dq)
+        self.graph.node.insert(at, q)
+        self.graph.initializer.extend(inits)
+        if x_dq is not None and not self.users[old] and not any(o.name == old for o in self.graph.output):
+            self._drop(x_dq)  # the layer was the 8-bit pair's only reader
+            if self.users.get(x_q.output[0], 0) == 0:
+                self._drop(x_q)
+
+    def _drop(self, node: onnx.NodeProto) -> None:
+        """Remove a node and its initializers that nothing else reads."""
+        self.graph.node.remove(node)
+        for i in node.input:
+            self.users[i] -= 1
+            if not self.users[i] and i in self.inits:
+                self.graph.initializer.remove(self.inits.pop(i))
 
     def finish(self) -> None:
         """Declare the com.microsoft opset when a 4-bit DequantizeLinear uses it."""

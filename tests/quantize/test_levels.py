@@ -206,3 +206,45 @@ def test_an_explicit_set_takes_levels_where_its_recipe_can(
         assert sum("exclusion set mixed left out" in r.getMessage() for r in caplog.records) == 1
     finally:
         s.close()
+
+
+def test_a16_reads_the_layers_input_at_16_bits(study: Study, tmp_path: Path) -> None:
+    """``a16``: the layer reads its input through a 16-bit QuantizeLinear/DequantizeLinear pair of its own (the
+    8-bit pair gone when it was the only reader), ONNX Runtime runs it as a float convolution on that input, and
+    its outputs are those of ONNX Runtime's quantizer told to quantize that activation to uint16
+    (``TensorQuantOverrides``; the bias then differs by its rounding only)."""
+    row = study.build(study.make_plan("cnn", "static", [], levels={"conv3": "a16"}), out=tmp_path / "a16.onnx")
+    model = onnx.load(row["path"])
+    producers = {o: n for n in model.graph.node for o in n.output}
+    inits = {i.name: i for i in model.graph.initializer}
+    conv3 = next(n for n in model.graph.node if n.name == "conv3")
+    dq = producers[conv3.input[0]]
+    assert dq.op_type == "DequantizeLinear" and inits[dq.input[2]].data_type == TensorProto.UINT16
+    assert producers[dq.input[0]].op_type == "QuantizeLinear" and dq.domain == "com.microsoft"
+    assert [n.name for n in model.graph.node if n.op_type == "QuantizeLinear" and n.input[0] == "r2"] == [dq.input[0]]
+    ran = ran_graph(row["path"], tmp_path, row["runtime"]["ort_disabled_optimizers"])
+    # conv1 and conv4 stay QLinearConv; conv3 runs float on its 16-bit input, and so does conv2, whose output is
+    # now quantized at 16 bits only (ONNX Runtime has no 16-bit convolution kernel on the CPU)
+    assert sum(1 for n in ran.graph.node if n.op_type == "QLinearConv") == 2
+    assert any(n.op_type in ("Conv", "FusedConv") for n in ran.graph.node)
+
+    x = np.load(study.eval_split("cnn").path)
+    quantize_static(
+        str(study.quantizer_input("cnn")),
+        str(tmp_path / "orts.onnx"),
+        _Reader(x),
+        quant_format=QuantFormat.QDQ,
+        per_channel=False,
+        extra_options={"TensorQuantOverrides": {"r2": [{"quant_type": QuantType.QUInt16}]}},
+        calibration_cache_path=str(study.calibration_cache("cnn", "static")),
+    )
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+
+    def run(path: Path | str) -> np.ndarray:
+        return ort.InferenceSession(str(path), so).run(None, {"input": x})[0]
+
+    ours, orts, fp32 = run(row["path"]), run(tmp_path / "orts.onnx"), run(study.quantizer_input("cnn"))
+    fq = run(study.build(study.make_plan("cnn", "static", ()))["path"])
+    assert np.abs(ours - orts).max() < 0.05 * np.abs(fq - fp32).max()
+    assert np.abs(ours - fp32).mean() < np.abs(fq - fp32).mean()

@@ -19,7 +19,10 @@ done and feasible: of the results meeting the constraint (accuracy loss ``1 − 
 size ≤ ``max_size_bytes``, median latency ≤ ``max_latency_ms``), the smallest file; equal sizes go to the
 lower loss, then to the lower latency by the fronts' tie rule (:mod:`tuneqn.controller.search.ties`: latencies
 whose p10–p90 intervals overlap tie; of the options no other one is faster than, the first in report
-order).  When nothing
+order).  A candidate with precision levels (an int4 twin) is the pick only where it pays off on the device: not
+when the pick among the in-or-out candidates (no levels) meeting the constraint is faster beyond the tie (on
+ONNX Runtime's CPU provider a 4-bit layer runs in float); the pick then says that a smaller file exists and how
+to export it.  When nothing
 meets it, ``met`` is false and the pick is the lowest-loss result (then smallest, then fastest).  A model
 measured on several devices also gets a ``cross-device`` pick over the candidates with such a result on
 every one of its devices, each value being the worst over the devices (highest loss and latency, lowest
@@ -306,16 +309,54 @@ def _fastest(group: list[_Option]) -> _Option:
     return min(unbeaten, key=lambda o: o.order)
 
 
+def _lat(o: _Option) -> Latency | None:
+    return Latency.of(o.latency, o.p10, o.p90)
+
+
+def _smallest(meeting: list[_Option]) -> _Option:
+    """The smallest of options meeting the constraint; equal sizes: the lower loss, then the faster (tie rule)."""
+    size = min(o.size if o.size is not None else math.inf for o in meeting)
+    same = [o for o in meeting if (o.size if o.size is not None else math.inf) == size]
+    loss = min(o.loss for o in same)
+    return _fastest([o for o in same if o.loss <= loss + LOSS_TOLERANCE])
+
+
+def _slower_levels(pick: _Option, options: list[_Option], constraint: Constraint, met: bool) -> list[str]:
+    """A warning naming the smallest precision-level candidate left out of the pick for being slower than its
+    in-or-out sibling (:func:`_paying`), when it meets the constraint with a smaller file than the pick."""
+    if not met or pick.size is None or pick.cand.get("levels"):
+        return []
+    skipped = [
+        o
+        for o in options
+        if o.cand.get("levels") and _meets(o, constraint) and o.size is not None and o.size < pick.size
+    ]
+    if not skipped:
+        return []
+    o = _smallest(skipped)
+    lat = "" if o.latency is None else f" ({o.latency:.3g} ms)"
+    return [
+        f"a smaller file meets the constraint too: {o.cand.get('label')} ({mb(o.size)}, {pct(o.loss)} loss, "
+        f"precision levels {', '.join(sorted(set((o.cand.get('levels') or {}).values())))}) but is slower on this "
+        f"device{lat} than this pick; ship it where size matters more "
+        f"(tuneqn export --candidate {o.cand.get('id')})"
+    ]
+
+
 def choose(options: list[_Option], constraint: Constraint) -> tuple[_Option | None, bool]:
     """(pick, met): the smallest option meeting ``constraint``, else the lowest-loss one (see module doc)."""
     if not options:
         return None, False
     meeting = [o for o in options if _meets(o, constraint)]
     if meeting:
-        size = min(o.size if o.size is not None else math.inf for o in meeting)
-        same = [o for o in meeting if (o.size if o.size is not None else math.inf) == size]
-        loss = min(o.loss for o in same)
-        return _fastest([o for o in same if o.loss <= loss + LOSS_TOLERANCE]), True
+        best = _smallest(meeting)
+        plain = [o for o in meeting if not o.cand.get("levels")]
+        if best.cand.get("levels") and plain:  # a level pays off only where it costs no time (see module doc)
+            alt = _smallest(plain)
+            mine, theirs = _lat(best), _lat(alt)
+            if mine is not None and theirs is not None and faster(theirs, mine):
+                return alt, True
+        return best, True
     loss = min(o.loss for o in options)
     same = [o for o in options if o.loss <= loss + LOSS_TOLERANCE]
     size = min(o.size if o.size is not None else math.inf for o in same)
@@ -645,7 +686,8 @@ def _pick_entry(
         if parts
         else export_command(out_dir, model, devs[0] if scope == "device" else None, several_models, flags),
         "parts": parts,
-        "warnings": _warnings(pick, met, constraint, fq, baselines, n, labelled if has_labels else None, ci, fp32_size),
+        "warnings": _warnings(pick, met, constraint, fq, baselines, n, labelled if has_labels else None, ci, fp32_size)
+        + _slower_levels(pick, options, constraint, met),
         "reason": None,
     }
 

@@ -283,3 +283,29 @@ def test_cross_device_pick_of_a_recipe_split_across_devices() -> None:
     # a candidate with results everywhere still competes: a smaller one wins over the split
     cands.append(_cand("other", 1, 4_400_000, [_res("cpu", 0.0), _res("phone", 0.0)]))
     assert _picks(report)[2]["candidate"] == "net:other:xother1" and _picks(report)[2]["parts"] == []
+
+
+def test_a_level_candidate_slower_than_its_in_or_out_sibling_is_not_the_pick() -> None:
+    """An int4 twin (smaller file) is the pick only where it is not slower beyond the tie than the pick among the
+    in-or-out candidates: on a device where its 4-bit layers run in float and cost time, the pick is the in-or-out
+    one and a warning names the smaller file; within the noise the smaller file wins; and with no in-or-out
+    candidate meeting the constraint, the twin."""
+    sibling = _cand("a", 2, 5_000_000, [_res("cpu", 0.01, (5.0, 4.8, 5.2))])
+    twin = {
+        **_cand("a", 2, 4_100_000, [_res("cpu", 0.01, (11.0, 10.5, 11.5))]),
+        "id": "net:a:xtwin",
+        "label": "measured k=2 +4 int4",
+        "levels": {"conv_9": "int4", "conv_8": "int4"},
+    }
+    (pick,) = _picks(_report([sibling, twin]))
+    assert pick["candidate"] == sibling["id"] and pick["levels"] == {}
+    (note,) = [w for w in pick["warnings"] if "smaller file meets the constraint" in w]
+    assert "4.1 MB" in note and "int4" in note and "--candidate net:a:xtwin" in note
+    twin["results"] = [_res("cpu", 0.01, (5.1, 4.9, 5.3))]  # as fast within the noise: the smaller file
+    (pick,) = _picks(_report([sibling, twin]))
+    assert pick["candidate"] == "net:a:xtwin" and pick["levels"] == {"conv_8": "int4", "conv_9": "int4"}
+    assert not any("smaller file meets" in w for w in pick["warnings"])
+    twin["results"] = [_res("cpu", 0.01, (11.0, 10.5, 11.5))]
+    sibling["results"] = [_res("cpu", 0.03, (5.0, 4.8, 5.2))]  # the in-or-out candidates miss the 1 %: the twin
+    (pick,) = _picks(_report([sibling, twin]))
+    assert pick["candidate"] == "net:a:xtwin"

@@ -126,6 +126,19 @@ class _Reader(CalibrationDataReader):
         return {"input": self.x[self.i - 1 : self.i]} if self.i <= len(self.x) else None
 
 
+def _orts(study: Study, out: Path, x: np.ndarray, overrides: dict[str, list[dict[str, object]]]) -> None:
+    """The oracle: ONNX Runtime's quantizer on the study's model, same recipe and calibration, with overrides."""
+    quantize_static(
+        str(study.quantizer_input("cnn")),
+        str(out),
+        _Reader(x),
+        quant_format=QuantFormat.QDQ,
+        per_channel=False,
+        extra_options={"TensorQuantOverrides": overrides},
+        calibration_cache_path=str(study.calibration_cache("cnn", "static")),
+    )
+
+
 def test_int4_layers_compute_what_onnxruntimes_int4_quantization_does(study: Study, tmp_path: Path) -> None:
     """The oracle: ONNX Runtime's own quantizer told to quantize those weights to int4 per channel
     (``TensorQuantOverrides``) from the same calibration gives the very same outputs."""
@@ -133,15 +146,7 @@ def test_int4_layers_compute_what_onnxruntimes_int4_quantization_does(study: Stu
     ours = study.build(plan, out=tmp_path / "ours.onnx")
     x = np.load(study.eval_split("cnn").path)
     int4 = [{"quant_type": QuantType.QInt4, "axis": 0, "symmetric": True}]
-    quantize_static(
-        str(study.quantizer_input("cnn")),
-        str(tmp_path / "orts.onnx"),
-        _Reader(x),
-        quant_format=QuantFormat.QDQ,
-        per_channel=False,
-        extra_options={"TensorQuantOverrides": {"conv3.W": int4, "fc.W": int4}},
-        calibration_cache_path=str(study.calibration_cache("cnn", "static")),
-    )
+    _orts(study, tmp_path / "orts.onnx", x, {"conv3.W": int4, "fc.W": int4})
     so = ort.SessionOptions()
     so.log_severity_level = 3
 
@@ -229,15 +234,7 @@ def test_a16_reads_the_layers_input_at_16_bits(study: Study, tmp_path: Path) -> 
     assert any(n.op_type in ("Conv", "FusedConv") for n in ran.graph.node)
 
     x = np.load(study.eval_split("cnn").path)
-    quantize_static(
-        str(study.quantizer_input("cnn")),
-        str(tmp_path / "orts.onnx"),
-        _Reader(x),
-        quant_format=QuantFormat.QDQ,
-        per_channel=False,
-        extra_options={"TensorQuantOverrides": {"r2": [{"quant_type": QuantType.QUInt16}]}},
-        calibration_cache_path=str(study.calibration_cache("cnn", "static")),
-    )
+    _orts(study, tmp_path / "orts.onnx", x, {"r2": [{"quant_type": QuantType.QUInt16}]})
     so = ort.SessionOptions()
     so.log_severity_level = 3
 

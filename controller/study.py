@@ -84,6 +84,7 @@ from tuneqn.controller.quantize.levels import (
     float_layers,
     level_tag,
     normalize_levels,
+    runtime_float,
 )
 from tuneqn.controller.quantize.quantizer import (
     QuantSettings,
@@ -921,11 +922,13 @@ class Study:
             if plan.levels:
                 self._with_levels(plan, onnx.load(str(path))).write(path)
             sha, size = file_digest(path)
-            runtime = runtime_options(onnx.load(str(path), load_external_data=False), list(plan.excluded))
+            floats = runtime_float(plan.excluded, dict(plan.levels))
+            runtime = runtime_options(onnx.load(str(path), load_external_data=False), floats)
         else:
             derived.write(path)
             sha, size = derived.sha256(), derived.size
-            runtime = runtime_options_of(derived.nodes, derived.initializer_names, list(plan.excluded))
+            floats = runtime_float(plan.excluded, dict(plan.levels))
+            runtime = runtime_options_of(derived.nodes, derived.initializer_names, floats)
         row = self._row(plan, key, path, size, sha, runtime)
         if out is None:
             self.store.put_candidate(row)

@@ -27,6 +27,7 @@ def cnn(
     size: int = 16,
     opset: int = OPSET,
     activation: str = "Relu",
+    channels: int = 8,
 ) -> Path:
     """conv1+Relu → conv2+Relu → conv3+Clip(0,6) → conv4 → GlobalAveragePool → Flatten → fc (Gemm, 10 classes).
 
@@ -38,7 +39,7 @@ def cnn(
     Runtime runs and TVM's ONNX frontend cannot import).
     """
     rng = np.random.default_rng(seed)
-    c = 8
+    c = channels
     nodes: list[onnx.NodeProto] = []
     inits: list[onnx.TensorProto] = []
     w1 = rng.normal(0, 0.4, (c, 3, 3, 3))

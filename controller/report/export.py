@@ -38,6 +38,7 @@ from onnx import helper, numpy_helper
 from tuneqn.controller.common.errors import StudyFailed, UserError
 from tuneqn.controller.common.files import atomic_write_bytes, file_digest
 from tuneqn.controller.common.versions import tool_versions
+from tuneqn.controller.quantize.levels import runtime_float
 from tuneqn.controller.quantize.quantizer import WBQ, runtime_options
 from tuneqn.controller.report.answer import candidate_file, float_layers, layer_order, wilson_interval
 
@@ -53,15 +54,31 @@ def _attrs(node: onnx.NodeProto) -> dict[str, Any]:
     return {a.name: helper.get_attribute_value(a) for a in node.attribute}
 
 
-def _input_channels(node: onnx.NodeProto, weight: np.ndarray) -> tuple[int, int] | None:
+def _input_channels(node: onnx.NodeProto, shape: tuple[int, ...]) -> tuple[int, int] | None:
     """(axis, size) of the channel axis of a Conv/ConvTranspose/Gemm's input 0, from its weight's shape."""
     a = _attrs(node)
-    if node.op_type == "Conv" and weight.ndim >= 3:
-        return 1, int(weight.shape[1]) * int(a.get("group", 1))
-    if node.op_type == "ConvTranspose" and weight.ndim >= 3:
-        return 1, int(weight.shape[0])
-    if node.op_type == "Gemm" and weight.ndim == 2:
-        return (0 if a.get("transA", 0) else 1), int(weight.shape[1] if a.get("transB", 0) else weight.shape[0])
+    if node.op_type == "Conv" and len(shape) >= 3:
+        return 1, int(shape[1]) * int(a.get("group", 1))
+    if node.op_type == "ConvTranspose" and len(shape) >= 3:
+        return 1, int(shape[0])
+    if node.op_type == "Gemm" and len(shape) == 2:
+        return (0 if a.get("transA", 0) else 1), int(shape[1] if a.get("transB", 0) else shape[0])
+    return None
+
+
+def _weight_shape(
+    name: str, inits: dict[str, onnx.TensorProto], producers: dict[str, onnx.NodeProto]
+) -> tuple[int, ...] | None:
+    """The shape of a layer's weight: an initializer, one stored as fp16 behind a Cast, or int4 values unpacked
+    and scaled (``Mul`` of a ``Reshape`` to a constant shape; precision levels)."""
+    if name in inits:
+        return tuple(inits[name].dims)
+    p = producers.get(name)
+    if p is not None and p.op_type == "Cast" and p.input[0] in inits:
+        return tuple(inits[p.input[0]].dims)
+    r = producers.get(p.input[0]) if p is not None and p.op_type == "Mul" else None
+    if r is not None and r.op_type == "Reshape" and r.input[1] in inits:
+        return tuple(int(d) for d in numpy_helper.to_array(inits[r.input[1]]))
     return None
 
 
@@ -88,11 +105,8 @@ def plain_form(model: onnx.ModelProto, excluded: list[str]) -> tuple[onnx.ModelP
         dq = producers[node.input[0]]
         scale = inits.get(dq.input[1])
         zp = inits.get(dq.input[2]) if len(dq.input) > 2 and dq.input[2] else None
-        weight = inits.get(node.input[1])
-        cast = producers.get(node.input[1])
-        if weight is None and cast is not None and cast.op_type == "Cast":  # a weight stored as fp16 (levels)
-            weight = inits.get(cast.input[0])
-        channels = None if weight is None else _input_channels(node, numpy_helper.to_array(weight))
+        shape = _weight_shape(node.input[1], inits, producers)
+        channels = None if shape is None else _input_channels(node, shape)
         if (
             opset < 13
             or scale is None
@@ -264,8 +278,9 @@ def export_candidate(
     disabled = list((cand.get("runtime") or {}).get("ort_disabled_optimizers") or [])
     plain = True
     if disabled:
-        rewritten, done, remaining = plain_form(model, list(cand.get("excluded") or []))
-        if remaining or needs_option(rewritten, list(cand.get("excluded") or [])):
+        floats = runtime_float(cand.get("excluded") or [], cand.get("levels") or {})
+        rewritten, done, remaining = plain_form(model, floats)
+        if remaining or needs_option(rewritten, floats):
             log.warning(
                 "cannot rewrite %s for a plain session (%s); keeping the evaluated graph",
                 cand["id"],

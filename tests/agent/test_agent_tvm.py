@@ -104,22 +104,47 @@ def test_device_description_and_infeasible_qoperator(tvm_agent, client_factory, 
     assert "QLinearConv" in result.error
 
 
-def test_a_candidate_with_int4_weights_is_infeasible_naming_them(
-    tvm_agent, client_factory, tvm_models, tmp_path
+def test_a_candidate_with_int4_weights_runs_and_4bit_tensors_are_infeasible(
+    tvm_agent, client_factory, tvm_models
 ) -> None:
-    """TVM cannot load 4-bit tensors: a candidate with a layer at the int4 precision level is answered infeasible,
-    naming them (not retried, reported per device), so a TVM class keeps the in-or-out candidates."""
-    from tuneqn.controller.quantize.levels import apply_levels
+    """A candidate with a layer at the int4 precision level stores its weight at 4 bits and unpacks it with plain
+    operators: TVM runs it and predicts as ONNX Runtime does. A 4-bit tensor itself (ONNX Runtime's own int4
+    DequantizeLinear) is answered infeasible, naming it (TVM cannot load one)."""
+    from onnx import TensorProto, helper
+
+    from tuneqn.controller.quantize.levels import apply_levels, int4_tensor
 
     model = apply_levels(onnx.load(tvm_models["qdq"]), onnx.load(tvm_models["fp32"]), {"conv3": "int4"})
-    assert tvm_build.unsupported_ops(model) == ["INT4 tensors"]
-    assert tvm_build.unsupported_ops(onnx.load(tvm_models["qdq"])) == []
+    assert tvm_build.unsupported_ops(model) == []
     client = client_factory(tvm_agent(TvmSettings()))
-    data = client.upload_bytes(npy_bytes(cnn_samples(4)))
-    client.submit(job_spec("int4", client.upload_bytes(model.SerializeToString()), data))
-    result = client.wait_result("int4", timeout=60)
-    assert result.state == pb.FAILED and result.infeasible
-    assert list(result.unsupported_ops) == ["INT4 tensors"] and "INT4 tensors" in result.error
+    data = cnn_samples(16)
+    data_sha = client.upload_bytes(npy_bytes(data))
+    path = tvm_models["qdq"].with_name("int4-level.onnx")
+    onnx.save(model, path)
+    client.submit(job_spec("int4", client.upload_bytes(path.read_bytes()), data_sha, top_k=1))
+    result = client.wait_result("int4", timeout=120)
+    assert result.state == pb.SUCCEEDED, result.error
+    top1 = decode_topk(result)[:, 0]
+    assert np.mean(top1 == topk(ort_scores(path, data), 1)[:, 0]) >= 0.9
+
+    graph = helper.make_graph(
+        [
+            helper.make_node("DequantizeLinear", ["w", "s"], ["d"], domain="com.microsoft"),
+            helper.make_node("Add", ["x", "d"], ["y"]),
+        ],
+        "int4",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])],
+        [int4_tensor(np.array([1, -2, 3, -4], np.int8), "w"), helper.make_tensor("s", TensorProto.FLOAT, [], [0.5])],
+    )
+    four_bit = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
+    )
+    assert tvm_build.unsupported_ops(four_bit) == ["INT4 tensors"]
+    rows = client.upload_bytes(npy_bytes(np.ones((2, 4), np.float32)))
+    client.submit(job_spec("four-bit", client.upload_bytes(four_bit.SerializeToString()), rows))
+    refused = client.wait_result("four-bit", timeout=60)
+    assert refused.state == pb.FAILED and refused.infeasible and list(refused.unsupported_ops) == ["INT4 tensors"]
 
 
 def test_frontend_failure_is_infeasible_without_ops(tmp_path: Path) -> None:

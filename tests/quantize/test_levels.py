@@ -17,7 +17,7 @@ from ort_graphs import ran_graph
 from tuneqn.controller.cli import main
 from tuneqn.controller.config import load_config
 from tuneqn.controller.quantize.edits import Unsupported
-from tuneqn.controller.quantize.levels import int4_per_channel, normalize_levels
+from tuneqn.controller.quantize.levels import int4_per_channel, int4_tensor, normalize_levels
 from tuneqn.controller.study import Study
 
 LEVELS = {"conv1": "int4", "conv2": "fp32", "conv4": "fp16", "fc": "int4"}
@@ -48,7 +48,8 @@ def test_int4_weights_are_onnxruntimes_own(shape: tuple[int, ...], axis: int) ->
     ref = quantize_onnx_initializer(
         numpy_helper.from_array(w, "w"), TensorProto.INT4, np.asarray(zps), np.asarray(scales, np.float32), axis, "q"
     )
-    ours_scale, ours = int4_per_channel(w, axis)
+    ours_scale, values = int4_per_channel(w, axis)
+    ours = int4_tensor(values, "q")
     assert np.array_equal(ours_scale, np.asarray(scales, np.float32))
     assert (ours.raw_data, list(ours.dims), ours.data_type) == (ref.raw_data, list(ref.dims), ref.data_type)
 
@@ -89,8 +90,11 @@ def test_each_level_runs_as_labelled(study: Study, tmp_path: Path) -> None:
     model = onnx.load(row["path"])
     assert _weight_source(model, "conv4") == ("Cast", TensorProto.FLOAT16, "")
     assert _weight_source(model, "conv2") == ("initializer", TensorProto.FLOAT, "")
-    assert _weight_source(model, "conv1") == ("DequantizeLinear", TensorProto.INT4, "com.microsoft")
-    assert _weight_source(model, "fc") == ("DequantizeLinear", TensorProto.INT4, "com.microsoft")
+    inits = {i.name: i for i in model.graph.initializer}
+    for layer, weights in (("conv1", 8 * 3 * 3 * 3), ("fc", 10 * 8)):  # 4-bit values, two to a byte
+        assert _weight_source(model, layer)[0] == "Mul"
+        packed = inits[f"{layer}_int4_packed"]
+        assert packed.data_type == TensorProto.UINT8 and list(packed.dims) == [(weights + 1) // 2]
     assert _weight_source(model, "conv3") == ("DequantizeLinear", TensorProto.INT8, "")
     assert row["runtime"]["ort_disabled_optimizers"] == ["WeightBiasQuantization"]
 
@@ -106,15 +110,16 @@ def test_each_level_runs_as_labelled(study: Study, tmp_path: Path) -> None:
             if w is None:
                 kinds.setdefault("float", "")
                 kinds["float"] += "f" if inits[n.input[1]].data_type == TensorProto.FLOAT else "?"
-            elif w.op_type == "DequantizeLinear" and inits[w.input[0]].data_type == TensorProto.INT4:
-                kinds["int4"] = kinds.get("int4", "") + "4"
-    # conv4 (fp16, its Cast folded at load), conv2 (fp32): float; conv1 and fc: int4 weights; conv3: QLinearConv
-    assert kinds == {"float": "ff", "int4": "44", "QLinearConv": "q"}, kinds
+            else:
+                kinds[w.op_type] = kinds.get(w.op_type, "") + "?"
+    # conv4 (fp16: its Cast folded at load), conv2 (fp32) and conv1, fc (int4: their unpacking folded at load, so
+    # nothing is dequantized per run) run as float layers on their weights; conv3 (int8) as a QLinearConv
+    assert kinds == {"float": "ffff", "QLinearConv": "q"}, kinds
+    assert not {"BitShift", "Slice", "Cast"} & {n.op_type for n in ran.graph.node}
 
-    assert (
-        row["size_bytes"]
-        < study.build(study.make_plan("cnn", "static", ["conv2", "conv4"]), out=tmp_path / "b.onnx")["size_bytes"]
-    )  # fp16 and int4 weights: fewer bytes than the same layers' binary candidate
+    # the bytes: conv4's weight at half its fp32 size; the int4 weights two to a byte (checked above)
+    fp16 = next(i for i in model.graph.initializer if i.name.endswith("_fp16"))
+    assert fp16.data_type == TensorProto.FLOAT16 and len(fp16.raw_data) == 2 * 8 * 8 * 3 * 3
 
 
 class _Reader(CalibrationDataReader):
@@ -166,8 +171,8 @@ def test_a_level_that_does_not_fit_is_refused(study: Study, tmp_path: Path) -> N
 def test_level_candidates_export_bit_identical(
     tmp_path: Path, assets: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """A stored level candidate exports with its sha256, twice the same, and a plain session keeps its fp16 and
-    fp32 layers float (export rewrites what WeightBiasQuantization would quantize)."""
+    """A stored level candidate exports with its sha256, twice the same, and a plain session keeps its fp16, fp32
+    and int4 layers float (export rewrites what WeightBiasQuantization would quantize)."""
     s = Study(load_config(write_study(tmp_path, model=assets / "cnn.onnx", images=assets / "images")))
     s.prepare()
     row = s.build(s.make_plan("cnn", "static", [], levels=LEVELS))
@@ -182,7 +187,8 @@ def test_level_candidates_export_bit_identical(
     assert exported_sha256(files[0]) == row["sha256"]
     plain = ran_graph(str(files[0]), tmp_path, [])
     floats = {i.name for i in plain.graph.initializer if i.data_type == TensorProto.FLOAT}
-    assert sum(1 for n in plain.graph.node if n.op_type in ("Conv", "FusedConv") and n.input[1] in floats) == 2
+    # conv2 (fp32), conv4 (fp16) and conv1 (int4, unpacked at load) run as float convolutions; conv3 quantized
+    assert sum(1 for n in plain.graph.node if n.op_type in ("Conv", "FusedConv") and n.input[1] in floats) == 3
 
 
 def test_an_explicit_set_takes_levels_where_its_recipe_can(

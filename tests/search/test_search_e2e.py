@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 from helpers import exported_sha256, write_study
+from onnx_models import cnn
 
 from tuneqn.controller.cli import main
 from tuneqn.controller.config import load_config
@@ -141,9 +142,10 @@ def test_every_evaluated_set_exports_bit_identically(tmp_path: Path, assets: Pat
 def test_the_default_search_adds_int4_twins_and_exports_them(tmp_path: Path, assets: Path) -> None:
     """The default search (budget, measured, levels fp32/int8/int4) on real agents: its front keeps the in-or-out
     candidates and adds int4 twins, evaluated in full; the report and the export carry each twin's levels."""
+    model = cnn(tmp_path / "cnn32.onnx", channels=32)  # layers whose int4 saves more than its unpacking costs
     study_toml = write_study(
         tmp_path,
-        model=assets / "wide.onnx",
+        model=model,
         images=assets / "images",
         evaluation=FAST,
         search={"strategy": "budget", "ranking": "measured", "screen_samples": 8},

@@ -22,7 +22,8 @@ disagrees on 75. So the search measures it, as the ``measured`` ranking measures
    do not simply add up, and what is free next to R need not be next to F: on Lite0 per-channel, four int4
    layers free next to R cost 6 of 100 photos next to 12 float layers). The twins are evaluated in full.
    So the search's front holds every point the in-or-out search found, and below each one its twin where
-   int4 costs nothing measurable.
+   int4 costs nothing measurable. A device that cannot run a twin answers it infeasible; a failed screen is
+   never free.
 
 Everything is a function of the stored builds and screens, so a resumed study takes the same decisions.
 """

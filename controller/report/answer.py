@@ -729,6 +729,10 @@ def format_answer(answer: dict[str, Any] | None) -> list[str]:
             lines.append(f"    accuracy {pct(p['accuracy'], 1)} on {p.get('accuracy_n')} labelled images")
         layers = p.get("float_layers") or []
         lines.append(f"    float layers ({len(layers)}): {_names(layers) if layers else 'none'}")
+        levels = p.get("levels") or {}
+        for level in sorted(set(levels.values())):
+            named = [layer for layer, lv in levels.items() if lv == level]
+            lines.append(f"    {level} layers ({len(named)}): {_names(named)}")
         if p.get("runtime_note"):
             lines.append(f"    runtime: {p['runtime_note']}")
         for part in p.get("parts") or []:

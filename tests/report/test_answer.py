@@ -305,6 +305,7 @@ def test_a_level_candidate_slower_than_its_in_or_out_sibling_is_not_the_pick() -
     (pick,) = _picks(_report([sibling, twin]))
     assert pick["candidate"] == "net:a:xtwin" and pick["levels"] == {"conv_8": "int4", "conv_9": "int4"}
     assert not any("smaller file meets" in w for w in pick["warnings"])
+    assert "    int4 layers (2): conv_8, conv_9" in format_answer(build_answer(_report([sibling, twin])))
     twin["results"] = [_res("cpu", 0.01, (11.0, 10.5, 11.5))]
     sibling["results"] = [_res("cpu", 0.03, (5.0, 4.8, 5.2))]  # the in-or-out candidates miss the 1 %: the twin
     (pick,) = _picks(_report([sibling, twin]))

@@ -38,16 +38,7 @@ def main() -> int:
         layers = [n.name for n in float_model.graph.node if n.op_type in ("Conv", "Gemm")]
         rng = random.Random(0)
         sets = [rng.sample(layers, rng.randint(1, 25)) for _ in range(args.candidates)]
-        base = QuantSettings(
-            mode="static",
-            format="qoperator",
-            per_channel=False,
-            reduce_range=False,
-            activation_type="uint8",
-            weight_type="int8",
-            calibration_method="minmax",
-            op_types=None,
-        )
+        base = QuantSettings(format="qoperator")  # otherwise the defaults: static, per tensor, u8/s8, min/max
         print(f"model: {ex / 'model.onnx'} ({len(layers)} layers)  candidates: {len(sets)} random sets of 1-25 layers")
         for name, settings in (("per-tensor", base), ("per-channel", base.model_copy(update={"per_channel": True}))):
             cache = calibrate(pm.path, pm.input_name, pm.input_shape[0], calib, settings, tmp / f"{name}.json")

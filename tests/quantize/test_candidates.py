@@ -233,16 +233,7 @@ def test_per_tensor_and_per_channel_share_one_calibration(
     cands = _candidates(tmp_path / "out")
     assert {c["mode"] for c in cands} == {"pt", "pc"}
 
-    base = dict(
-        mode="static",
-        format="qdq",
-        reduce_range=False,
-        activation_type="uint8",
-        weight_type="int8",
-        calibration_method="minmax",
-        op_types=None,
-    )
-    pt, pc = QuantSettings(per_channel=False, **base), QuantSettings(per_channel=True, **base)
+    pt, pc = QuantSettings(per_channel=False), QuantSettings(per_channel=True)  # the recipes' other settings
     assert pt.calibration_key() == pc.calibration_key() and pt.key() != pc.key()
     data = np.load(tmp_path / "out" / "data" / "cnn" / "calibration.npy")
     alone = calibrate(assets / "cnn.onnx", "input", 1, data, pc, tmp_path / "alone.json")

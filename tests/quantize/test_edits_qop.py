@@ -26,16 +26,7 @@ from tuneqn.controller.quantize.quantizer import (
     runtime_options,
 )
 
-PER_TENSOR = QuantSettings(
-    mode="static",
-    format="qoperator",
-    per_channel=False,
-    reduce_range=False,
-    activation_type="uint8",
-    weight_type="int8",
-    calibration_method="minmax",
-    op_types=None,
-)
+PER_TENSOR = QuantSettings(format="qoperator")  # otherwise the defaults: static, per tensor, u8/s8, min/max
 #: Layers (what tuneqn excludes) and other quantized nodes of :func:`_zoo`.
 LAYERS = ["conv1", "conv2", "conv3", "conv4", "conv5", "fc", "proj"]
 OTHERS = ["add3", "mul4", "sigmoid4", "cat", "avgpool", "gap", "pool", "flat", "reshape"]

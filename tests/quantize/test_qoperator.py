@@ -60,16 +60,7 @@ def test_qoperator_errors_are_the_qdq_quantities(tmp_path: Path, assets: Path) -
     # Every quantized layer has the same output scale / zero point and weight scale in both formats.
     out = tmp_path / "qop" / "out"
     (cache,) = (out / "calibration").glob("*.json")
-    settings = QuantSettings(
-        mode="static",
-        format="qoperator",
-        per_channel=False,
-        reduce_range=False,
-        activation_type="uint8",
-        weight_type="int8",
-        calibration_method="minmax",
-        op_types=None,
-    )
+    settings = QuantSettings(format="qoperator")  # otherwise the defaults: static, per tensor, u8/s8, min/max
     model = out / "models" / "cnn.onnx"
     quantize_candidate(model, tmp_path / "fq-qop.onnx", settings, [], cache)
     quantize_candidate(model, tmp_path / "fq-qdq.onnx", settings.model_copy(update={"format": "qdq"}), [], cache)

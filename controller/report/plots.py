@@ -23,6 +23,7 @@ from matplotlib.ticker import MaxNLocator
 
 from tuneqn.controller.common.files import atomic_write_bytes
 from tuneqn.controller.objectives import OBJECTIVES
+from tuneqn.controller.report.pareto import top_fronts
 from tuneqn.controller.store import is_fully_quantized
 
 logger = logging.getLogger(__name__)
@@ -103,11 +104,6 @@ def _group(
                 pairs.append((c, r))
     ranked = sorted((p for p in pairs if _is_ranked(p[0])), key=lambda p: int(p[0]["k"]))
     return ranked + [p for p in pairs if not _is_ranked(p[0])]
-
-
-def _min_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
-    """The points (both coordinates minimized) no other point beats, by the first coordinate."""
-    return sorted({p for p in points if not any(q[0] <= p[0] and q[1] <= p[1] and q != p for q in points)})
 
 
 def _ring(ax: Any, point: tuple[float, float], **style: Any) -> None:
@@ -442,7 +438,8 @@ def tradeoff_figure(report: dict[str, Any], model: str, mode: str, device: str) 
         xs, ys = zip(*leveled, strict=True)
         ax.scatter(xs, ys, s=70, marker="D", facecolors="none", edgecolors="#6a1b9a", linewidths=1.0, zorder=4)
         ax.scatter([], [], s=40, marker="D", facecolors="none", edgecolors="#6a1b9a", label="int4 twin (4-bit weights)")
-        binary = _min_front([(x, y) for c, r, x, y in pts if not c.get("levels") and r.get("feasible") is not False])
+        plain = [(x, y) for c, r, x, y in pts if not c.get("levels") and r.get("feasible") is not False]
+        binary = sorted({plain[i] for i in top_fronts(np.array(plain), 1)[0]}) if plain else []
         if binary:
             bx, by = zip(*binary, strict=True)
             ax.plot(bx, by, color="#9e9e9e", linestyle=":", linewidth=1.2, label="front without int4", zorder=1)

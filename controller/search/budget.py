@@ -58,6 +58,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+from pymoo.util.nds.non_dominated_sorting import NonDominatedSorting
+
 from tuneqn.controller.objectives import Objective, objective
 from tuneqn.controller.search.base import Outcome, ReplayPair, Request
 from tuneqn.controller.search.int4 import Int4Twins
@@ -140,19 +143,18 @@ class BudgetPair(ReplayPair):
         return reqs, done
 
     def _front(self, plans: list[CandidatePlan]) -> list[CandidatePlan]:
-        """The evaluated ``plans`` no other one beats in size and worst agreement (ties: the first), by size."""
-        points = []
+        """The evaluated ``plans`` no other one beats in size and worst agreement (pymoo's non-dominated sort;
+        equal points: the first), by size."""
+        points: dict[tuple[int, float], CandidatePlan] = {}
         for p in plans:
             out = self.view.outcome(p, "full")
             if out is not None and out.loss is not None:
-                points.append((out.size_bytes, out.loss, p))
-        front = [
-            (size, loss, p)
-            for size, loss, p in points
-            if not any(s <= size and lo <= loss and (s, lo) != (size, loss) for s, lo, _ in points)
-        ]
-        unique = {(size, loss): p for size, loss, p in reversed(front)}  # the first of equal points
-        return [p for _, p in sorted(unique.items(), key=lambda kv: kv[0])]
+                points.setdefault((out.size_bytes, out.loss), p)
+        if not points:
+            return []
+        keys = list(points)
+        front = NonDominatedSorting().do(np.array(keys, dtype=float), only_non_dominated_front=True)
+        return [points[k] for k in sorted(keys[int(i)] for i in front)]
 
     def _choose(self, cands: list[CandidatePlan], budget: int) -> tuple[list[int], bool]:
         """The indices chosen for a full evaluation so far, and whether the choosing stopped."""

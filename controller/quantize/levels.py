@@ -33,12 +33,14 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import get_args
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 from onnxruntime.quantization.quant_utils import compute_scale_zp, get_qmin_qmax_for_qType, pack_bytes_to_4bit
 
+from tuneqn.controller.config import LevelName
 from tuneqn.controller.quantize.edits import Unsupported
 
 __all__ = [
@@ -47,7 +49,6 @@ __all__ = [
     "FLOAT_LEVELS",
     "Int4Cache",
     "LEVELS",
-    "Level",
     "apply_levels",
     "fits",
     "float_layers",
@@ -61,31 +62,12 @@ __all__ = [
 MS_DOMAIN = "com.microsoft"
 
 
-@dataclass(frozen=True)
-class Level:
-    """One precision a layer can take."""
-
-    name: str
-    #: Shown in reports and labels.
-    description: str
-    #: The layer runs in float (its weight in the file as float32 or float16).
-    is_float: bool
-
-
-#: Every level, most precise first (moving a layer "up" goes towards the front).
-LEVELS: dict[str, Level] = {
-    lv.name: lv
-    for lv in (
-        Level("fp32", "float (fp32 weights)", True),
-        Level("fp16", "float (weights stored as fp16)", True),
-        Level("a16", "int8 weights, 16-bit input activation", False),
-        Level("int8", "the recipe's int8", False),
-        Level("int4", "int4 weights per channel, the recipe's activations", False),
-    )
-}
+#: Every level, most precise first: the names of ``config.LevelName``, declared once there.
+LEVELS: tuple[str, ...] = get_args(LevelName)
 #: A layer's level unless a candidate says otherwise.
 DEFAULT_LEVEL = "int8"
-FLOAT_LEVELS = frozenset(name for name, lv in LEVELS.items() if lv.is_float)
+#: The levels that leave a layer in float (its weight in the file as float32 or float16).
+FLOAT_LEVELS = frozenset({"fp32", "fp16"})
 
 
 def normalize_levels(levels: Mapping[str, str] | Iterable[tuple[str, str]]) -> tuple[tuple[str, str], ...]:

@@ -1015,22 +1015,32 @@ class Study:
             return None
         return self._with_levels(plan, onnx.load_from_string(derived.to_bytes())) if plan.levels else derived
 
+    def takes_levels(self, recipe: str) -> bool:
+        """Whether ``recipe``'s candidates can take precision levels other than fp32 and int8 (static QDQ)."""
+        settings = self.settings(recipe)
+        return settings.mode == "static" and settings.format == "qdq"
+
+    def _float_proto(self, model: str) -> onnx.ModelProto:
+        """The prepared float model, loaded once (the levels read its weights; never changed)."""
+        with self._levels_lock:
+            known = self._float_protos.get(model)
+            if known is None:
+                known = self._float_protos[model] = onnx.load(str(self.models[model].path))
+            return known
+
     def level_fits(self, model: str, recipe: str, layer: str, level: str) -> bool:
         """Whether ``layer`` can take ``level`` in (model, recipe)'s candidates (checked once on its fully quantized
         model, built first if need be; fp32 and int8 always fit)."""
         if level in ("fp32", "int8"):
             return True
-        settings = self.settings(recipe)
-        if settings.mode != "static" or settings.format != "qdq":
+        if not self.takes_levels(recipe):
             return False
         key = (model, recipe, layer, level)
         known = self._fits.get(key)
         if known is None:
             row = self.build(self.make_plan(model, recipe, ()))
+            float_model = self._float_proto(model)
             with self._levels_lock:
-                float_model = self._float_protos.get(model)
-                if float_model is None:
-                    float_model = self._float_protos[model] = onnx.load(str(self.models[model].path))
                 fq = self._fq_protos.get((model, recipe))
                 if fq is None or fq[0] != row["sha256"]:
                     fq = self._fq_protos[(model, recipe)] = (row["sha256"], onnx.load(row["path"]))
@@ -1044,12 +1054,10 @@ class Study:
     def _with_levels(self, plan: CandidatePlan, model: onnx.ModelProto) -> Derived:
         """``model`` (the candidate of ``plan``'s float layers) with ``plan``'s other levels applied; a level that
         does not fit a layer raises :class:`~tuneqn.controller.quantize.edits.Unsupported`."""
-        if self.settings(plan.mode).format != "qdq" or self.settings(plan.mode).mode != "static":
+        if not self.takes_levels(plan.mode):
             raise Unsupported(f"precision levels need a static QDQ recipe ({plan.mode} is not)")
+        float_model = self._float_proto(plan.model)
         with self._levels_lock:
-            float_model = self._float_protos.get(plan.model)
-            if float_model is None:
-                float_model = self._float_protos[plan.model] = onnx.load(str(self.models[plan.model].path))
             cache = self._int4_cache.setdefault(plan.model, {})
         a16 = self._activations16(plan.model, plan.mode) if "a16" in dict(plan.levels).values() else None
         return Derived.of_model(apply_levels(model, float_model, dict(plan.levels), cache, a16))

@@ -206,9 +206,8 @@ class SearchView:
 
     def levels_supported(self, recipe: str) -> bool:
         """Whether ``recipe``'s candidates can take precision levels other than fp32 and int8 (static QDQ)."""
-        get = getattr(self._study, "settings", None)  # optional in a ViewStudy (a study without levels)
-        settings = None if get is None else get(recipe)
-        return settings is not None and settings.mode == "static" and settings.format == "qdq"
+        takes = getattr(self._study, "takes_levels", None)  # optional in a ViewStudy (a study without levels)
+        return takes is not None and bool(takes(recipe))
 
     def level_fits(self, model: str, recipe: str, layer: str, level: str) -> bool:
         """Whether ``layer`` of (model, recipe) can take precision ``level`` (builds the fully quantized model

@@ -12,7 +12,6 @@ import random
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -835,8 +834,8 @@ class LevelProblem(Problem):
 class LevelStudy(FakeStudy):
     """A study whose recipe is static QDQ: every layer can take int4."""
 
-    def settings(self, recipe: str) -> Any:
-        return SimpleNamespace(mode="static", format="qdq")
+    def takes_levels(self, recipe: str) -> bool:
+        return True
 
     def level_fits(self, model: str, recipe: str, layer: str, level: str) -> bool:
         return True
